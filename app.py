@@ -1,0 +1,145 @@
+"""The Flask app: `create_app(settings=None)` and thin routes over the gateway services.
+
+Run locally with `python app.py` (development server); in production with
+`gunicorn -c gunicorn.conf.py 'app:create_app()'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+import redis
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from config.settings import Settings, SettingsError, load_settings
+from services import errors
+from services.callback import StoreUnavailable
+from services.errors import CallbackError
+from services.gateway import Gateway, build_gateway
+from utils.logging import log_context, setup_logging
+
+logger = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app for `settings` (default: read from the environment; a bad value exits with one line)."""
+    if settings is None:
+        settings = load_settings_or_exit()
+    setup_logging(
+        settings.log_level,
+        settings.log_format or "text",
+        settings.instance_id,
+        secrets=[settings.wecom_token, settings.wecom_encoding_aes_key, settings.dify_api_key, settings.auth_api_key],
+    )
+    if settings.demo_mode:
+        logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
+
+    app = Flask(__name__, instance_relative_config=True)
+    app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
+    gateway = build_gateway(settings)
+    app.extensions["gateway"] = gateway
+
+    path = settings.wecom_callback_path
+    app.add_url_rule(path, "verify_url", verify_url, methods=["GET"])
+    app.add_url_rule(path, "callback", callback, methods=["POST"])
+    app.add_url_rule("/healthz", "healthz", healthz)
+    app.add_url_rule("/readyz", "readyz", readyz)
+    _register_error_handlers(app)
+    logger.info("gateway ready: callback %s, instance %s", path, settings.instance_id)
+    return app
+
+
+def load_settings_or_exit() -> Settings:
+    """Settings from the environment, or one clear line on stderr and exit status 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+        raise SystemExit(2) from None
+
+
+def gateway() -> Gateway:
+    return current_app.extensions["gateway"]
+
+
+def _json(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+# --- routes -----------------------------------------------------------------------------------------------------
+
+
+def verify_url():
+    """WeCom's URL check: answer the decrypted echostr as plain text."""
+    with log_context():
+        echo = gateway().callback.verify_url(request.args)
+        logger.info("callback URL verified")
+        return Response(echo, mimetype="text/plain")
+
+
+def callback():
+    """A message, stream poll or event: answer with the encrypted reply (or an empty body)."""
+    with log_context():
+        try:
+            body = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise errors.body_too_large(gateway().settings.wecom_max_body_bytes) from None
+        envelope = gateway().callback.handle(request.args, body)
+        if envelope is None:
+            return Response(b"", status=200)
+        return _json(envelope)
+
+
+def healthz():
+    """Liveness: the process can serve requests."""
+    return _json({"status": "ok"})
+
+
+def readyz():
+    """Readiness: 200 only when Redis answers (and the database, once there is one); 503 names what failed."""
+    failed = {}
+    try:
+        gateway().redis.ping()
+    except redis.RedisError as exc:
+        failed["redis"] = type(exc).__name__
+    if not gateway().runner.accepting:
+        failed["shutdown"] = "draining"
+    if failed:
+        return _json(
+            {"error": "not_ready", "message": ", ".join(f"{k}: {v}" for k, v in failed.items()), "failed": failed}, 503
+        )
+    return _json({"status": "ready"})
+
+
+# --- errors -----------------------------------------------------------------------------------------------------
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CallbackError)
+    def _callback_error(exc: CallbackError):
+        logger.warning("rejected callback from %s: %s (%s)", request.remote_addr, exc.error, exc.message)
+        return _json(exc.body(), exc.status)
+
+    @app.errorhandler(StoreUnavailable)
+    def _store_unavailable(exc: StoreUnavailable):
+        return _json({"error": "store_unavailable", "message": "state store unavailable, retry shortly"}, 503)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if isinstance(exc, RequestEntityTooLarge):
+            return _callback_error(errors.body_too_large(app.config["MAX_CONTENT_LENGTH"]))
+        name = (exc.name or "error").lower().replace(" ", "_")
+        return _json({"error": name, "message": exc.description or exc.name}, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        logger.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+        return _json({"error": "internal_error", "message": "internal error"}, 500)
+
+
+if __name__ == "__main__":
+    _settings = load_settings_or_exit()
+    create_app(_settings).run(host=_settings.host, port=_settings.port, threaded=True)

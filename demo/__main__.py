@@ -1,0 +1,37 @@
+"""`python -m demo`: run the gateway on embedded defaults and chat with it in this terminal.
+
+Starts the app (development server, in-process), which in demo mode brings up the built-in Dify stand-in, then
+opens the WeCom simulator's chat loop against it. Nothing external is needed: no WeCom account, Redis, MySQL
+or Dify key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from werkzeug.serving import make_server
+
+from app import create_app, load_settings_or_exit
+from demo.wecom_simulator import WeComSimulator, chat_loop
+
+
+def main() -> None:
+    settings = load_settings_or_exit()
+    app = create_app(settings)
+    logging.getLogger().setLevel("WARNING")  # keep the chat readable; the app logs warnings and errors only
+    server = make_server(settings.host, settings.port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"Gateway running at {url}{settings.wecom_callback_path} (demo mode).")
+    simulator = WeComSimulator(
+        url, settings.wecom_token, settings.wecom_encoding_aes_key, callback_path=settings.wecom_callback_path
+    )
+    try:
+        chat_loop(simulator, "alice")
+    finally:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""A Dify stand-in: the Service API's streaming chat endpoint over real HTTP, with Dify's real SSE framing.
+
+Events go out as `data: {json}\\n\\n`, keep-alives as the bare `event: ping\\n\\n` frame, each write flushed as
+its own HTTP chunk. Tests script what the next request(s) get with `script([...steps])`: deltas, pings,
+JSON split across network writes, raw garbage, stalls, HTTP errors, clean closes and cuts. Without a script it
+answers like a friendly demo bot, so the local run has something to talk to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from demo.http_server import Conn, Request, StandInServer
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+# --- scenario steps ----------------------------------------------------------------------------------------------
+
+
+def event(kind: str, **fields) -> tuple:
+    """Any Dify event; task/message/conversation ids are filled in per request."""
+    return ("event", {"event": kind, **fields})
+
+
+def message(text: str) -> tuple:
+    return event("message", answer=text)
+
+
+def agent_message(text: str) -> tuple:
+    return event("agent_message", answer=text)
+
+
+def replace(text: str) -> tuple:
+    return event("message_replace", answer=text)
+
+
+def thought(text: str, position: int = 1) -> tuple:
+    return event("agent_thought", thought=text, position=position, observation="", tool="", tool_input="")
+
+
+def message_file(url: str, file_type: str = "image") -> tuple:
+    return event("message_file", type=file_type, belongs_to="assistant", url=url, id=str(uuid.uuid4()))
+
+
+def workflow_finished(status: str = "succeeded", error: str | None = None) -> tuple:
+    return event("workflow_finished", data={"status": status, "error": error, "outputs": {}})
+
+
+def end(total_tokens: int = 42) -> tuple:
+    return event("message_end", metadata={"usage": {"total_tokens": total_tokens, "latency": 0.5}})
+
+
+def error(code: str = "internal_server_error", text: str = "Internal Server Error", status: int = 500) -> tuple:
+    return event("error", code=code, message=text, status=status)
+
+
+def ping() -> tuple:
+    return ("ping",)
+
+
+def raw(data: bytes) -> tuple:
+    """Bytes written as one chunk, unframed (for garbage or hand-made frames)."""
+    return ("raw", data)
+
+
+def split(step: tuple, parts: int = 3, gap: float = 0.02) -> tuple:
+    """Send an event step's frame in `parts` network writes, `gap` seconds apart (splits JSON and UTF-8)."""
+    return ("split", step, parts, gap)
+
+
+def sleep(seconds: float) -> tuple:
+    """Wait, sending `event: ping` frames at the stand-in's ping interval meanwhile, like Dify does."""
+    return ("sleep", seconds)
+
+
+def stall(seconds: float) -> tuple:
+    """Wait without sending anything at all (a stuck upstream)."""
+    return ("stall", seconds)
+
+
+def close() -> tuple:
+    """End the HTTP body cleanly, whether or not message_end was sent."""
+    return ("close",)
+
+
+def cut() -> tuple:
+    """Drop the TCP connection mid-body."""
+    return ("cut",)
+
+
+def http_error(status: int, code: str, text: str = "") -> tuple:
+    """Answer the request itself with a Dify-shaped JSON error instead of a stream."""
+    return ("http", status, {"code": code, "message": text or code, "status": status})
+
+
+def first_byte_delay(seconds: float) -> tuple:
+    """Wait before sending the response head (slow first byte)."""
+    return ("delay_head", seconds)
+
+
+def answer(text: str, pieces: int | None = None, delay: float = 0.0) -> list[tuple]:
+    """Message deltas that spell `text` (one per word/character group), then message_end."""
+    parts = _pieces(text, pieces)
+    steps: list[tuple] = []
+    for part in parts:
+        steps.append(message(part))
+        if delay:
+            steps.append(sleep(delay))
+    steps.append(end())
+    return steps
+
+
+def _pieces(text: str, count: int | None) -> list[str]:
+    if count is None:
+        return re.findall(r"\S+\s*|\s+", text) or [text]
+    size = max(1, -(-len(text) // max(1, count)))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# --- the server --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Script:
+    steps: list[tuple]
+    match: str | None
+    times: int | None
+
+
+class DifyStandIn:
+    """Serves `/v1/chat-messages` (+ stop). Records every request it gets in `requests`."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        ping_interval: float = 10.0,
+        demo_delay: float = 0.06,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
+        self.api_key = api_key
+        self.ping_interval = ping_interval
+        self.demo_delay = demo_delay
+        self.server = StandInServer(self.handle, host, port)
+        self.requests: list[dict] = []
+        self.stops: list[tuple[str, dict]] = []
+        self.open_streams = 0
+        self._scripts: list[_Script] = []
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.url}/v1"
+
+    def start(self) -> DifyStandIn:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def script(self, steps: list[tuple], match: str | None = None, times: int | None = 1) -> None:
+        """The next `times` chat requests (whose query contains `match`, if given) play `steps`."""
+        with self._lock:
+            self._scripts.append(_Script(list(steps), match, times))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._scripts.clear()
+            self.requests.clear()
+            self.stops.clear()
+
+    def chat_requests(self) -> list[dict]:
+        """Bodies of the chat requests received so far."""
+        with self._lock:
+            return [r["body"] for r in self.requests]
+
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.requests) >= count:
+                break
+            time.sleep(0.01)
+        return self.chat_requests()
+
+    # --- request handling ---------------------------------------------------------------------------------
+
+    async def handle(self, request: Request, conn: Conn) -> None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            await conn.send(401, {"code": "unauthorized", "message": "Access token is invalid", "status": 401})
+            return
+        path = request.path
+        if request.method == "POST" and path == "/v1/chat-messages":
+            await self._chat(request, conn)
+        elif request.method == "POST" and path.startswith("/v1/chat-messages/") and path.endswith("/stop"):
+            task_id = path.split("/")[3]
+            self.stops.append((task_id, request.json() or {}))
+            await conn.send(200, {"result": "success"})
+        else:
+            await conn.send(404, {"code": "not_found", "message": "The requested URL was not found", "status": 404})
+
+    async def _chat(self, request: Request, conn: Conn) -> None:
+        try:
+            body = request.json()
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            await conn.send(400, {"code": "invalid_param", "message": "body must be JSON", "status": 400})
+            return
+        with self._lock:
+            self.requests.append({"body": body, "headers": dict(request.headers), "at": time.time()})
+        problem = _validate_chat(body)
+        if problem:
+            await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
+            return
+        ids = {
+            "task_id": str(uuid.uuid4()),
+            "message_id": str(uuid.uuid4()),
+            "conversation_id": body.get("conversation_id") or str(uuid.uuid4()),
+        }
+        steps = self._take_script(body.get("query", "")) or demo_reply(body.get("query", ""), self.demo_delay)
+        self.open_streams += 1
+        try:
+            await self._play(steps, ids, conn)
+        finally:
+            self.open_streams -= 1
+
+    def _take_script(self, query: str) -> list[tuple] | None:
+        with self._lock:
+            for script in self._scripts:
+                if script.match is None or script.match in query:
+                    if script.times is not None:
+                        script.times -= 1
+                        if script.times <= 0:
+                            self._scripts.remove(script)
+                    return script.steps
+        return None
+
+    async def _play(self, steps: list[tuple], ids: dict, conn: Conn) -> None:
+        started = False
+        for step in steps:
+            kind = step[0]
+            if kind == "delay_head":
+                await asyncio.sleep(step[1])
+                continue
+            if kind == "http":
+                await conn.send(step[1], step[2])
+                return
+            if not started:
+                await conn.start_stream(headers={"X-Accel-Buffering": "no"})
+                started = True
+            if kind == "event":
+                await conn.write_chunk(_frame(step[1], ids))
+            elif kind == "ping":
+                await conn.write_chunk(b"event: ping\n\n")
+            elif kind == "raw":
+                await conn.write_chunk(step[1])
+            elif kind == "split":
+                await _write_split(conn, _frame(step[1][1], ids), step[2], step[3])
+            elif kind == "sleep":
+                await self._sleep_with_pings(conn, step[1])
+            elif kind == "stall":
+                await asyncio.sleep(step[1])
+            elif kind == "cut":
+                conn.abort()
+                return
+            elif kind == "close":
+                break
+        if not started:
+            await conn.start_stream()
+        await conn.end_stream()
+
+    async def _sleep_with_pings(self, conn: Conn, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if left > self.ping_interval:
+                await asyncio.sleep(self.ping_interval)
+                await conn.write_chunk(b"event: ping\n\n")
+            else:
+                await asyncio.sleep(left)
+
+
+def _frame(payload: dict, ids: dict) -> bytes:
+    data = {**payload}
+    for name, value in ids.items():
+        data.setdefault(name, value)
+    data.setdefault("id", ids["message_id"])
+    data.setdefault("created_at", int(time.time()))
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _write_split(conn: Conn, frame: bytes, parts: int, gap: float) -> None:
+    size = max(1, -(-len(frame) // max(1, parts)))
+    for start in range(0, len(frame), size):
+        await conn.write_chunk(frame[start : start + size])
+        await asyncio.sleep(gap)
+
+
+def _validate_chat(body: dict) -> str:
+    """Dify's own checks on a chat request: the message it answers 400 invalid_param with, or ''."""
+    if not isinstance(body.get("user"), str) or not body["user"]:
+        return "Arg user must be provided."
+    if not isinstance(body.get("query"), str):
+        return "query is required"
+    if not isinstance(body.get("inputs"), dict):
+        return "inputs is required"
+    if body.get("response_mode") not in ("streaming", "blocking"):
+        return "response_mode must be streaming or blocking"
+    conversation_id = body.get("conversation_id")
+    if conversation_id and not (isinstance(conversation_id, str) and _UUID.fullmatch(conversation_id)):
+        return "conversation_id must be a valid UUID"
+    return ""
+
+
+def demo_reply(query: str, delay: float) -> list[tuple]:
+    """What the stand-in says without a script: a short markdown answer streamed word by word.
+
+    A few words in the question show how failures look in the bubble: 'error', 'cut', 'slow'.
+    """
+    lowered = query.lower()
+    intro = f"**本地演示回答**（Dify 替身）\n\n你刚才说：「{query[:200]}」\n\n"
+    if "error" in lowered:
+        return [ping(), *answer(intro, delay=delay)[:-1], error("completion_request_error", "model failed", 400)]
+    if "cut" in lowered:
+        return [ping(), *answer(intro + "这段回答会在中途断开……", delay=delay)[:-1], cut()]
+    body = (
+        "这是一个流式回答：每个词都是 Dify 的一个 `message` 事件，网关把它们写入 Redis，"
+        "企业微信每秒轮询一次，看到的总是到目前为止的完整文本。\n\n"
+        "- 发送 `error` 看看出错时的提示\n- 发送 `cut` 看看连接中断时的提示\n- 发送 `slow` 看一个较长的回答\n"
+    )
+    if "slow" in lowered:
+        body += "\n" + "".join(f"{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n" for i in range(1, 31))
+    return [ping(), *answer(intro + body, delay=delay)]
+
+
+_builtin: DifyStandIn | None = None
+_builtin_lock = threading.Lock()
+
+
+def start_builtin_standin() -> str:
+    """Start (once per process) the stand-in the demo mode answers with; returns its Dify base URL."""
+    global _builtin
+    with _builtin_lock:
+        if _builtin is None:
+            _builtin = DifyStandIn().start()
+        return _builtin.base_url
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the Dify stand-in on its own.")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--api-key", default=None, help="require this key (default: accept any)")
+    options = parser.parse_args()
+    standin = DifyStandIn(api_key=options.api_key, port=options.port).start()
+    print(f"Dify stand-in listening on {standin.base_url} (Ctrl-C to stop)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        standin.stop()

@@ -1,0 +1,289 @@
+"""A WeCom stand-in on the sending side: encrypts callbacks, posts them, checks and decrypts the replies, and
+polls a stream about once a second like WeCom does, until `finish:true` or the 6-minute window.
+
+Used by the tests (with a short poll interval) and by people: `python -m demo.wecom_simulator` chats with a
+running gateway in the terminal and prints the growing answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from services.crypto import WeComCrypto
+
+WECOM_POLL_WINDOW = 360.0
+
+
+class ReplyError(Exception):
+    """The gateway answered with something WeCom would reject (status, signature, shape)."""
+
+
+@dataclass
+class Conversation:
+    """One message and the polls that followed it."""
+
+    stream_id: str
+    frames: list[dict] = field(default_factory=list)
+    polls: int = 0
+
+    @property
+    def last(self) -> dict:
+        return self.frames[-1]["stream"]
+
+    @property
+    def text(self) -> str:
+        return self.last.get("content", "")
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.last.get("finish"))
+
+    def contents(self) -> list[str]:
+        return [f["stream"].get("content", "") for f in self.frames]
+
+
+class WeComSimulator:
+    """Talks to one gateway (or, with `urls`, spreads requests over several replicas) as WeCom would."""
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        token: str,
+        encoding_aes_key: str,
+        *,
+        callback_path: str = "/wecom/callback",
+        aibotid: str = "demo-bot",
+        poll_interval: float = 1.0,
+        timeout: float = 10.0,
+    ):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.crypto = WeComCrypto(token, encoding_aes_key, "")
+        self.callback_path = callback_path
+        self.aibotid = aibotid
+        self.poll_interval = poll_interval
+        self.http = httpx.Client(timeout=timeout, trust_env=False)
+        self._next_url = itertools.cycle(range(len(self.urls)))
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- payloads -----------------------------------------------------------------------------------------
+
+    def text_message(
+        self, content: str, userid: str = "alice", chatid: str = "", msgid: str | None = None, quote: dict | None = None
+    ) -> dict:
+        payload = self._common(userid, chatid, msgid)
+        payload.update({"msgtype": "text", "text": {"content": content}})
+        if quote:
+            payload["quote"] = quote
+        return payload
+
+    def message(
+        self, msgtype: str, body: dict, userid: str = "alice", chatid: str = "", msgid: str | None = None
+    ) -> dict:
+        payload = self._common(userid, chatid, msgid)
+        payload.update({"msgtype": msgtype, msgtype: body})
+        return payload
+
+    def poll_message(self, stream_id: str, userid: str = "alice", chatid: str = "") -> dict:
+        payload = self._common(userid, chatid, None)
+        payload.pop("response_url", None)
+        payload.update({"msgtype": "stream", "stream": {"id": stream_id}})
+        return payload
+
+    def event_message(self, eventtype: str, payload: dict | None = None, userid: str = "alice") -> dict:
+        message = self._common(userid, "", None)
+        message.pop("response_url", None)
+        message.update(
+            {
+                "msgtype": "event",
+                "create_time": int(time.time()),
+                "event": {"eventtype": eventtype, eventtype: payload or {}},
+            }
+        )
+        return message
+
+    def _common(self, userid: str, chatid: str, msgid: str | None) -> dict:
+        payload = {
+            "msgid": msgid or secrets.token_hex(16),
+            "aibotid": self.aibotid,
+            "chattype": "group" if chatid else "single",
+            "from": {"userid": userid},
+            "response_url": f"https://qyapi.weixin.qq.com/cgi-bin/aibot/response?response_code={secrets.token_hex(8)}",
+        }
+        if chatid:
+            payload["chatid"] = chatid
+        return payload
+
+    # --- transport ----------------------------------------------------------------------------------------
+
+    def url(self, replica: int | None = None) -> str:
+        index = next(self._next_url) if replica is None else replica
+        return self.urls[index].rstrip("/") + self.callback_path
+
+    def envelope(self, payload: dict, timestamp: int | None = None, nonce: str | None = None) -> tuple[dict, bytes]:
+        """(query params, body) of a signed, encrypted callback for `payload`."""
+        timestamp = int(time.time()) if timestamp is None else timestamp
+        nonce = nonce or secrets.token_hex(8)
+        encrypted = self.crypto.encrypt(orjson.dumps(payload).decode())
+        query = {
+            "msg_signature": self.crypto.sign(str(timestamp), nonce, encrypted),
+            "timestamp": str(timestamp),
+            "nonce": nonce,
+        }
+        return query, orjson.dumps({"encrypt": encrypted})
+
+    def post(self, payload: dict, replica: int | None = None) -> httpx.Response:
+        """POST a callback and return the raw HTTP response."""
+        query, body = self.envelope(payload)
+        return self.http.post(
+            self.url(replica), params=query, content=body, headers={"Content-Type": "application/json"}
+        )
+
+    def send(self, payload: dict, replica: int | None = None) -> dict | None:
+        """POST a callback and return the decrypted reply (None for an empty reply).
+
+        Raises:
+            ReplyError: a non-200 status, a bad reply signature or nonce, or a reply that does not decrypt.
+        """
+        query, body = self.envelope(payload)
+        response = self.http.post(
+            self.url(replica), params=query, content=body, headers={"Content-Type": "application/json"}
+        )
+        if response.status_code != 200:
+            raise ReplyError(f"HTTP {response.status_code}: {response.text[:300]}")
+        if not response.content:
+            return None
+        return self.open_reply(response.json(), query["nonce"])
+
+    def open_reply(self, envelope: dict, nonce: str) -> dict:
+        """Check a reply envelope the way WeCom would and decrypt it."""
+        try:
+            encrypted = envelope["encrypt"]
+            timestamp = str(envelope["timestamp"])
+            if envelope["nonce"] != nonce:
+                raise ReplyError("reply nonce differs from the request's")
+            self.crypto.check_signature(envelope["msgsignature"], timestamp, nonce, encrypted)
+            return orjson.loads(self.crypto.decrypt(encrypted))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReplyError(f"malformed reply: {exc}") from exc
+
+    def verify_url(self, replica: int | None = None) -> httpx.Response:
+        """WeCom's GET URL check with a random echostr; returns the raw response."""
+        echo = secrets.token_hex(12)
+        timestamp, nonce = str(int(time.time())), secrets.token_hex(8)
+        echostr = self.crypto.encrypt(echo)
+        query = {
+            "msg_signature": self.crypto.sign(timestamp, nonce, echostr),
+            "timestamp": timestamp,
+            "nonce": nonce,
+            "echostr": echostr,
+        }
+        response = self.http.get(self.url(replica), params=query)
+        response.expected_echo = echo  # type: ignore[attr-defined]
+        return response
+
+    # --- conversations ------------------------------------------------------------------------------------
+
+    def follow(
+        self,
+        first_reply: dict,
+        userid: str = "alice",
+        chatid: str = "",
+        window: float = WECOM_POLL_WINDOW,
+        on_frame: Callable[[dict], None] | None = None,
+    ) -> Conversation:
+        """Poll the stream of `first_reply` until finish or the window, like WeCom."""
+        stream = first_reply["stream"]
+        conversation = Conversation(stream_id=stream["id"], frames=[first_reply])
+        if on_frame:
+            on_frame(first_reply)
+        deadline = time.monotonic() + window
+        while not conversation.finished and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)
+            reply = self.send(self.poll_message(conversation.stream_id, userid, chatid))
+            conversation.polls += 1
+            if reply is None or reply.get("msgtype") != "stream" or reply["stream"].get("id") != conversation.stream_id:
+                raise ReplyError(f"unexpected poll reply: {reply!r}")
+            conversation.frames.append(reply)
+            if on_frame:
+                on_frame(reply)
+        return conversation
+
+    def ask(self, content: str, userid: str = "alice", chatid: str = "", **kwargs) -> Conversation:
+        """Send a text message and follow its stream to the end."""
+        first = self.send(self.text_message(content, userid, chatid))
+        if first is None:
+            raise ReplyError("empty reply to a text message")
+        return self.follow(first, userid, chatid, **kwargs)
+
+
+class _GrowingPrinter:
+    """Prints each frame's new suffix while the bubble grows, or the whole text when it was replaced."""
+
+    def __init__(self) -> None:
+        self.shown = ""
+
+    def __call__(self, frame: dict) -> None:
+        content = frame["stream"].get("content", "")
+        if content.startswith(self.shown):
+            print(content[len(self.shown) :], end="", flush=True)
+        else:
+            print("\n" + content, end="", flush=True)
+        self.shown = content
+
+
+def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
+    """Read questions from the terminal and print each answer as it grows."""
+    print(f"Chatting as '{userid}'{' in group ' + chatid if chatid else ''}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not question:
+            return
+        print("bot> ", end="", flush=True)
+        try:
+            conversation = simulator.ask(question, userid, chatid, on_frame=_GrowingPrinter())
+        except (ReplyError, httpx.HTTPError) as exc:
+            print(f"\n[error: {exc}]")
+            continue
+        state = "finished" if conversation.finished else "still running when WeCom stopped polling"
+        print(f"\n[{state} after {conversation.polls} polls]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from config.settings import load_settings
+
+    settings = load_settings()
+    parser = argparse.ArgumentParser(description="Chat with a running gateway as WeCom would.")
+    parser.add_argument(
+        "--url", default=f"http://127.0.0.1:{settings.port}", help="gateway base URL(s), comma separated"
+    )
+    parser.add_argument("--user", default="alice", help="WeCom userid to send as")
+    parser.add_argument("--group", default="", help="chatid: send as a group message")
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    options = parser.parse_args(argv)
+    simulator = WeComSimulator(
+        options.url.split(","),
+        settings.wecom_token,
+        settings.wecom_encoding_aes_key,
+        callback_path=settings.wecom_callback_path,
+        poll_interval=options.poll_interval,
+    )
+    chat_loop(simulator, options.user, options.group)
+
+
+if __name__ == "__main__":
+    main()

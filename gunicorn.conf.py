@@ -1,0 +1,45 @@
+"""Gunicorn settings: `gunicorn -c gunicorn.conf.py 'app:create_app()'`.
+
+Threaded workers (gthread): a callback is short (decrypt, one Redis round trip, encrypt), the Dify streams run
+in background threads of the same worker, and polls for any stream can land on any worker of any replica.
+Numbers come from the environment so a Deployment can tune them without a new image.
+"""
+
+import os
+import sys
+
+from config.settings import SettingsError, load_settings
+
+bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
+workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+# A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+keepalive = 5
+# Restarting workers after N requests would cut the Dify streams they run; leave it off.
+max_requests = 0
+# Each worker builds its own app after the fork: threads and connection pools do not survive a fork.
+preload_app = False
+
+# JSON logs under gunicorn unless the environment says otherwise.
+os.environ.setdefault("LOG_FORMAT", "json")
+
+
+def on_starting(server):
+    """Check the settings once in the master, so a bad value is one line and not a worker boot loop."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        _exit_with(str(exc))
+    if settings.redis_url.startswith("memory://") and server.cfg.workers > 1:
+        _exit_with(
+            "REDIS_URL=memory:// keeps state inside one process; "
+            f"set REDIS_URL to a Redis server to run {server.cfg.workers} workers"
+        )
+
+
+def _exit_with(problem: str) -> None:
+    print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+    sys.exit(2)

@@ -1,0 +1,135 @@
+"""The callback endpoint's logic, without Flask: check, decrypt, dispatch by msgtype, encrypt the reply.
+
+Anything wrong with the request itself raises CallbackError (a 4xx). Once a callback is authentic, every failure
+behind it becomes an encrypted, finished stream reply with a short note, so the user's bubble never spins;
+the one exception is a poll while Redis is down, answered 503 so WeCom polls again and the bubble keeps its text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import orjson
+import redis
+
+from services import errors
+from services.crypto import CryptoError, WeComCrypto
+from services.messages import Inbound, parse_inbound, stream_reply
+from services.streams import StreamService, new_stream_id
+from services.texts import Texts
+from utils.logging import bind_log_context
+
+logger = logging.getLogger(__name__)
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer while serving a poll; the route answers 503 and WeCom polls again."""
+
+
+class CallbackHandler:
+    """Turns one raw callback into the bytes to answer with."""
+
+    def __init__(self, crypto: WeComCrypto, streams: StreamService, texts: Texts, timestamp_tolerance: int):
+        self.crypto = crypto
+        self.streams = streams
+        self.texts = texts
+        self.timestamp_tolerance = timestamp_tolerance
+
+    # --- GET: URL verification ----------------------------------------------------------------------------
+
+    def verify_url(self, query: Mapping[str, str]) -> str:
+        """The plaintext echo for WeCom's URL check.
+
+        Raises:
+            CallbackError: missing parameters, bad signature or an undecryptable echostr.
+        """
+        signature, timestamp, nonce = self._envelope_params(query)
+        echostr = query.get("echostr")
+        if not echostr:
+            raise errors.missing_parameter("echostr")
+        try:
+            return self.crypto.verify_url(signature, timestamp, nonce, echostr)
+        except CryptoError as exc:
+            raise errors.from_crypto_error(exc) from None
+
+    # --- POST: messages, polls and events -----------------------------------------------------------------
+
+    def handle(self, query: Mapping[str, str], body: bytes) -> dict | None:
+        """The encrypted reply envelope for a POST callback, or None for an empty reply.
+
+        Raises:
+            CallbackError: the request is malformed, unsigned, stale or undecryptable.
+            StoreUnavailable: a poll could not reach Redis.
+        """
+        signature, timestamp, nonce = self._envelope_params(query)
+        encrypted = _encrypt_field(body)
+        try:
+            plaintext = self.crypto.open_envelope(signature, timestamp, nonce, encrypted)
+        except CryptoError as exc:
+            raise errors.from_crypto_error(exc) from None
+        message = parse_inbound(plaintext)
+        bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
+        reply = self.dispatch(message)
+        if reply is None:
+            return None
+        return self.crypto.seal_reply(orjson.dumps(reply).decode(), nonce, int(time.time()))
+
+    def dispatch(self, message: Inbound) -> dict | None:
+        """The plaintext reply for an authentic message; failures behind it become finished replies."""
+        try:
+            if message.msgtype == "stream":
+                bind_log_context(stream=message.stream_id)
+                return self.streams.poll(message.stream_id)
+            if message.msgtype == "event":
+                return self._on_event(message)
+            return self._on_message(message)
+        except redis.RedisError as exc:
+            if message.msgtype == "stream":
+                logger.warning("Redis unavailable while answering a poll: %s", exc)
+                raise StoreUnavailable from exc
+            logger.warning("Redis unavailable while taking a message: %s", exc)
+            return stream_reply(new_stream_id(), self.texts.say("store_unavailable"), finish=True)
+        except Exception:
+            logger.exception("failed to handle a %s callback", message.msgtype)
+            if message.msgtype == "event":
+                return None
+            return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
+
+    def _on_message(self, message: Inbound) -> dict:
+        query = message.text.strip()
+        if not query:
+            return self.streams.finish_at_once(self.texts.say("empty_query"))
+        return self.streams.open(message, query)
+
+    def _on_event(self, message: Inbound) -> dict | None:
+        logger.info("event %s received", message.event_type)
+        return None
+
+    # --- request checks -----------------------------------------------------------------------------------
+
+    def _envelope_params(self, query: Mapping[str, str]) -> tuple[str, str, str]:
+        values = []
+        for name in ("msg_signature", "timestamp", "nonce"):
+            value = query.get(name)
+            if not value:
+                raise errors.missing_parameter(name)
+            values.append(value)
+        signature, timestamp, nonce = values
+        if not timestamp.isdigit() or len(timestamp) > 12:
+            raise errors.invalid_timestamp()
+        if abs(time.time() - int(timestamp)) > self.timestamp_tolerance:
+            raise errors.timestamp_out_of_window(self.timestamp_tolerance)
+        return signature, timestamp, nonce
+
+
+def _encrypt_field(body: bytes) -> str:
+    """The `encrypt` string of a POST body, or CallbackError."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise errors.invalid_body("body is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("encrypt"), str) or not data["encrypt"]:
+        raise errors.invalid_body("body must be a JSON object with an 'encrypt' string")
+    return data["encrypt"]

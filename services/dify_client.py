@@ -1,0 +1,271 @@
+"""Dify Service API client: the streaming chat call turned into typed events, and the small side endpoints.
+
+`stream_chat()` yields one list of events per network read (possibly empty, e.g. a ping), so the caller can
+write each read's deltas to Redis in one batch and check its own deadline between reads. Every way the call can
+fail raises a `DifyError` subclass; a stream that ends without `message_end` or `error` raises `DifyStreamCut`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from utils.sse import SSEParser
+
+logger = logging.getLogger(__name__)
+
+TEXT_EVENTS = frozenset({"message", "agent_message"})
+END_EVENT = "message_end"
+ERROR_EVENT = "error"
+REPLACE_EVENT = "message_replace"
+FILE_EVENT = "message_file"
+THOUGHT_EVENT = "agent_thought"
+WORKFLOW_FINISHED = "workflow_finished"
+# Events that carry nothing for a text relay; anything not listed anywhere is ignored too, at debug level.
+_QUIET_EVENTS = frozenset(
+    {
+        "ping",
+        "tts_message",
+        "tts_message_end",
+        "workflow_started",
+        "node_started",
+        "node_finished",
+        "node_retry",
+        "iteration_started",
+        "iteration_next",
+        "iteration_completed",
+        "loop_started",
+        "loop_next",
+        "loop_completed",
+        "parallel_branch_started",
+        "parallel_branch_finished",
+        "agent_log",
+        "text_chunk",
+        "text_replace",
+    }
+)
+_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+_MAX_ERROR_BODY = 2048
+
+
+class DifyError(Exception):
+    """Any failure of a Dify call. `code` is a short machine-readable reason for logs, metrics and the hash."""
+
+    code = "dify_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.status = status
+
+
+class DifyHTTPError(DifyError):
+    """Dify answered the request with a non-2xx status before any stream began."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message, code=code or f"http_{status}", status=status)
+
+
+class DifyConnectionError(DifyError):
+    """Dify could not be reached (DNS, refused, TLS, connect timeout)."""
+
+    code = "connect_error"
+
+
+class DifyTimeout(DifyError):
+    """Dify sent nothing for longer than the read timeout, or the answer ran past the total limit."""
+
+    code = "timeout"
+
+
+class DifyStreamError(DifyError):
+    """Dify sent an `error` event mid-stream (the HTTP status was already 200)."""
+
+
+class DifyStreamCut(DifyError):
+    """The stream ended, or the connection broke, before `message_end`."""
+
+    code = "stream_cut"
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """One call to `POST /chat-messages`."""
+
+    query: str
+    user: str
+    inputs: dict = field(default_factory=dict)
+    conversation_id: str = ""
+    files: list = field(default_factory=list)
+
+    def body(self) -> dict:
+        body = {
+            "query": self.query,
+            "inputs": self.inputs,
+            "response_mode": "streaming",
+            "user": self.user,
+            "auto_generate_name": True,
+        }
+        if self.conversation_id:
+            body["conversation_id"] = self.conversation_id
+        if self.files:
+            body["files"] = self.files
+        return body
+
+
+@dataclass(slots=True)
+class DifyEvent:
+    """One decoded SSE event: `kind` is Dify's `event` field; `data` the whole JSON object."""
+
+    kind: str
+    data: dict
+
+    @property
+    def answer(self) -> str:
+        return self.data.get("answer") or ""
+
+    def get(self, name: str, default=None):
+        return self.data.get(name, default)
+
+
+def decode_event(event_name: str, payload: str) -> DifyEvent | None:
+    """Turn one SSE frame into a DifyEvent; None for pings, empty frames and data that is not a JSON object."""
+    if event_name == "ping" or not payload:
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        logger.warning("ignored an SSE frame whose data is not JSON (%d bytes)", len(payload))
+        return None
+    if not isinstance(data, dict):
+        logger.warning("ignored an SSE frame whose data is not a JSON object")
+        return None
+    kind = data.get("event") or (event_name if event_name != "message" else "")
+    if not isinstance(kind, str) or not kind:
+        logger.warning("ignored an SSE frame without an event name")
+        return None
+    return DifyEvent(kind, data)
+
+
+class DifyClient:
+    """One per process; thread-safe. Holds the HTTP connection pool to Dify."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_retries: int = 2,
+        retry_backoff: float = 1.0,
+    ):
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=connect_timeout)
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            trust_env=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[list[DifyEvent]]:
+        """Run a streaming chat; yields the events of each network read. Ends after `message_end` or raises.
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout, DifyStreamError, DifyStreamCut.
+        """
+        body = orjson.dumps(request.body())
+        attempt = 0
+        while True:
+            try:
+                yield from self._stream_once(body)
+                return
+            except (DifyHTTPError, DifyConnectionError) as exc:
+                retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
+                if not retryable or attempt >= self.max_retries:
+                    raise
+                attempt += 1
+                delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+                logger.warning(
+                    "Dify call failed (%s), retry %d of %d in %.1fs", exc.code, attempt, self.max_retries, delay
+                )
+                time.sleep(delay)
+
+    def _stream_once(self, body: bytes) -> Iterator[list[DifyEvent]]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        started = False
+        try:
+            with self._http.stream("POST", "chat-messages", content=body, headers=headers) as response:
+                if response.status_code != 200:
+                    raise _http_error(response)
+                started = True
+                parser = SSEParser()
+                for chunk in response.iter_bytes():
+                    batch = []
+                    for sse in parser.feed(chunk):
+                        event = decode_event(sse.event, sse.data)
+                        if event is None:
+                            continue
+                        if event.kind == ERROR_EVENT:
+                            if batch:
+                                yield batch
+                            raise DifyStreamError(
+                                str(event.get("message") or "Dify reported an error"),
+                                code=str(event.get("code") or "stream_error"),
+                                status=event.get("status"),
+                            )
+                        if event.kind not in _QUIET_EVENTS:
+                            batch.append(event)
+                        if event.kind == END_EVENT:
+                            yield batch
+                            return
+                    yield batch
+        except httpx.TimeoutException as exc:
+            if not started and isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+                raise DifyConnectionError("could not connect to Dify in time") from exc
+            raise DifyTimeout("Dify sent nothing within the read timeout") from exc
+        except httpx.TransportError as exc:
+            if not started:
+                raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
+            raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
+        raise DifyStreamCut("Dify closed the stream before message_end")
+
+    def stop(self, task_id: str, user: str) -> None:
+        """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""
+        try:
+            response = self._http.post(f"chat-messages/{task_id}/stop", json={"user": user}, timeout=5.0)
+            if response.status_code >= 400:
+                logger.warning("Dify stop returned HTTP %d", response.status_code)
+        except httpx.HTTPError as exc:
+            logger.warning("Dify stop failed: %s", type(exc).__name__)
+
+
+def _http_error(response: httpx.Response) -> DifyHTTPError:
+    """Read Dify's `{code, message, status}` error body (or whatever a proxy sent) into a DifyHTTPError."""
+    raw = b""
+    for piece in response.iter_bytes():
+        raw += piece
+        if len(raw) > _MAX_ERROR_BODY:
+            break
+    code, message = "", ""
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict):
+            code, message = str(data.get("code") or ""), str(data.get("message") or "")
+    except orjson.JSONDecodeError:
+        message = raw[:200].decode("utf-8", errors="replace").strip()
+    return DifyHTTPError(response.status_code, code, message or f"HTTP {response.status_code}")

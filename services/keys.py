@@ -1,0 +1,52 @@
+"""The only place that knows Redis key names (CONTRACT.md §4) and the fixed TTLs; every key has a TTL.
+
+Keys are namespaced by the optional REDIS_KEY_PREFIX. Other modules call these functions and never format a
+key string themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# WeCom may retry a message callback for a few minutes and polls a stream for 6 minutes; keep the msgid map
+# well past both so a late retry still finds its stream.
+MSGID_TTL_SECONDS = 15 * 60
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds every Redis key of the gateway under one prefix."""
+
+    prefix: str = ""
+
+    # --- streams (hash + the Redis message list + the owner's lease) ----------------------------------------
+
+    def stream(self, stream_id: str) -> str:
+        """Hash with the stream's status, ids, owner and timestamps."""
+        return f"{self.prefix}dify_stream:{stream_id}"
+
+    def stream_chunks(self, stream_id: str) -> str:
+        """List of answer deltas in arrival order."""
+        return f"{self.prefix}dify_stream:{stream_id}:chunks"
+
+    def stream_lease(self, stream_id: str) -> str:
+        """String holding the owning replica's id while it consumes Dify; expires if that replica dies."""
+        return f"{self.prefix}dify_stream:{stream_id}:lease"
+
+    def stream_pattern(self) -> str:
+        """Pattern matching the stream hashes (for SCAN in operator commands)."""
+        return f"{self.prefix}dify_stream:*"
+
+    def stream_id_from_key(self, key: str) -> str | None:
+        """The stream id of a stream hash key, or None for its sub-keys (chunks, lease)."""
+        head = f"{self.prefix}dify_stream:"
+        if not key.startswith(head):
+            return None
+        rest = key[len(head) :]
+        return None if ":" in rest else rest
+
+    # --- WeCom message dedup --------------------------------------------------------------------------------
+
+    def wecom_msg(self, msgid: str) -> str:
+        """String: the stream id created for a WeCom msgid."""
+        return f"{self.prefix}wecom_msg:{msgid}"

@@ -1,0 +1,112 @@
+"""Runs stream workers in background threads and keeps this replica's leases on their streams alive.
+
+One keeper thread per process renews the leases of all running streams in a single Redis call every third of the
+lease time, so a worker blocked on a quiet Dify socket still holds its stream, and a dead process loses all of
+its streams within one lease time. A stream whose lease was lost (another replica took it over) is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from services.stream_store import StreamStore
+
+logger = logging.getLogger(__name__)
+
+_RENEW_BATCH = 500
+
+
+class StreamRunner:
+    """Starts one daemon thread per stream; tracks them for capacity, lease renewal and draining."""
+
+    def __init__(self, store: StreamStore, owner: str, max_active: int, lease_seconds: int):
+        self.store = store
+        self.owner = owner
+        self.max_active = max_active
+        self.renew_interval = max(0.5, lease_seconds / 3)
+        self._active: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._keeper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.accepting = True
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def active_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    def has_capacity(self) -> bool:
+        """True while this process takes new streams (below the cap and not draining)."""
+        return self.accepting and len(self._active) < self.max_active
+
+    def start(self, stream_id: str, work: Callable[[threading.Event], None]) -> None:
+        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease is lost."""
+        cancelled = threading.Event()
+        with self._lock:
+            self._active[stream_id] = cancelled
+        self._ensure_keeper()
+        thread = threading.Thread(
+            target=self._run, args=(stream_id, work, cancelled), name=f"stream-{stream_id}", daemon=True
+        )
+        thread.start()
+
+    def _run(self, stream_id: str, work: Callable[[threading.Event], None], cancelled: threading.Event) -> None:
+        try:
+            work(cancelled)
+        except Exception:
+            # Workers record their own final state; this only guards the bookkeeping below.
+            logger.exception("stream worker crashed outside its own error handling")
+        finally:
+            with self._lock:
+                self._active.pop(stream_id, None)
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> list[str]:
+        """Stop taking streams and wait up to `timeout` s for running ones; returns the ids still running."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            return list(self._active)
+
+    def stop(self) -> None:
+        """Stop the lease keeper (running workers are left to their own ends)."""
+        self._stopping.set()
+
+    def _ensure_keeper(self) -> None:
+        if self._keeper is not None and self._keeper.is_alive():
+            return
+        with self._lock:
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+                self._keeper.start()
+
+    def _keep_leases(self) -> None:
+        while not self._stopping.wait(self.renew_interval):
+            ids = self.active_ids()
+            for start in range(0, len(ids), _RENEW_BATCH):
+                batch = ids[start : start + _RENEW_BATCH]
+                try:
+                    lost = self.store.renew_leases(batch, self.owner)
+                except redis.RedisError as exc:
+                    logger.warning("could not renew %d stream leases: %s", len(batch), exc)
+                    continue
+                for stream_id in lost:
+                    logger.warning("lease lost for stream %s; stopping its worker", stream_id)
+                    with self._lock:
+                        event = self._active.get(stream_id)
+                    if event is not None:
+                        event.set()

@@ -1,0 +1,246 @@
+"""Stream state in Redis, shared by every replica: the hash, the Redis message list of deltas, and the owner lease.
+
+Each operation that touches more than one key, or that reads before it writes, is one Lua script, so replicas
+never race: creating a stream is atomic with the msgid dedup, only the owner may append or finish, and a poll
+folds the unread deltas into the cumulative text in one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services.keys import MSGID_TTL_SECONDS, Keys
+
+PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
+ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
+FINAL_STATUSES = frozenset({DONE, ERROR, EXPIRED})
+
+# KEYS: msgid, stream, lease. ARGV: stream_id, msgid_ttl, stream_ttl, lease_ms, owner, now, field/value pairs...
+_CREATE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'pending', 'owner', ARGV[5], 'created_at', ARGV[6], 'updated_at', ARGV[6],
+           'folded', 0, 'text', '', unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
+return {1, ARGV[1]}
+"""
+
+# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, field/value pairs..., deltas...
+# The expected length makes a retried call (reply lost after it ran) a no-op instead of a duplicate.
+_APPEND = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[5])
+local first = 6 + 2 * n
+local count = #ARGV - first + 1
+if count > 0 then
+  local length = redis.call('LLEN', KEYS[2])
+  if length == tonumber(ARGV[4]) + count then return 1 end
+  if length ~= tonumber(ARGV[4]) then return -1 end
+end
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, first - 1)) end
+if count > 0 then
+  if redis.call('RPUSH', KEYS[2], unpack(ARGV, first)) == count then
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+  end
+end
+redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3])
+return 1
+"""
+
+# KEYS: stream, chunks. ARGV: owner, ttl, now, answer.
+_REPLACE = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'replaced_at', ARGV[3],
+           'updated_at', ARGV[3])
+return 1
+"""
+
+# KEYS: stream, chunks, lease. ARGV: owner, status, now, ttl, field/value pairs...
+_FINISH = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# KEYS: stream, chunks, lease. ARGV: now, window seconds, orphan note, orphan error.
+# Returns false for an unknown stream, else {status, text, note, closed_at}.
+_POLL = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'closed_at')
+local status = h[1]
+if not status then return false end
+local text = h[3] or ''
+local folded = tonumber(h[2]) or 0
+local fresh = redis.call('LRANGE', KEYS[2], folded, -1)
+if #fresh > 0 then
+  text = text .. table.concat(fresh)
+  redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
+end
+local note = h[4] or ''
+local closed = h[6] or ''
+if status == 'pending' or status == 'streaming' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    status = 'expired'
+    note = ARGV[3]
+    redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', ARGV[4], 'finished_at', ARGV[1])
+  elseif closed == '' and tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
+    closed = ARGV[1]
+    redis.call('HSET', KEYS[1], 'closed_at', closed)
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'polls', 1)
+return {status, text, note, closed}
+"""
+
+# KEYS: lease1, stream1, lease2, stream2, ... ARGV: owner, lease_ms. Returns the 1-based pair indexes lost.
+_RENEW = """
+local lost = {}
+for i = 1, #KEYS, 2 do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  else
+    local h = redis.call('HMGET', KEYS[i + 1], 'status', 'owner')
+    if holder == false and h[2] == ARGV[1] and (h[1] == 'pending' or h[1] == 'streaming') then
+      redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    else
+      table.insert(lost, (i + 1) / 2)
+    end
+  end
+end
+return lost
+"""
+
+
+class StreamConflict(Exception):
+    """The chunk list of a stream is not what its owner wrote: another writer interfered."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a poll sees: the status, the cumulative answer text, the user note, and whether the bubble closed."""
+
+    status: str
+    text: str
+    note: str
+    closed: bool
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class StreamStore:
+    """All Redis operations on streams. Stateless apart from the client and the registered scripts."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, key_ttl: int, lease_seconds: int):
+        self.client = client
+        self.keys = keys
+        self.key_ttl = key_ttl
+        self.lease_ms = lease_seconds * 1000
+        self._create = client.register_script(_CREATE)
+        self._append = client.register_script(_APPEND)
+        self._replace = client.register_script(_REPLACE)
+        self._finish = client.register_script(_FINISH)
+        self._poll = client.register_script(_POLL)
+        self._renew = client.register_script(_RENEW)
+
+    def create(self, stream_id: str, msgid: str, owner: str, fields: dict[str, str]) -> tuple[bool, str]:
+        """Create a pending stream for `msgid` unless one exists; returns (created, the msgid's stream id)."""
+        k = self.keys
+        args = [stream_id, MSGID_TTL_SECONDS, self.key_ttl, self.lease_ms, owner, _now(), *_pairs(fields)]
+        created, existing = self._create(
+            keys=[k.wecom_msg(msgid), k.stream(stream_id), k.stream_lease(stream_id)], args=args
+        )
+        return bool(created), existing
+
+    def append(
+        self, stream_id: str, owner: str, deltas: list[str], written: int, fields: dict[str, str] | None = None
+    ) -> bool:
+        """Append deltas after the `written` ones already in the list (and set fields).
+
+        Returns False if this replica no longer owns an active stream.
+        Raises:
+            StreamConflict: the list does not hold `written` deltas (someone else wrote to it).
+        """
+        fields = fields or {}
+        args = [owner, self.key_ttl, _now(), written, len(fields), *_pairs(fields), *deltas]
+        result = self._append(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
+        if result == -1:
+            raise StreamConflict(stream_id)
+        return bool(result)
+
+    def replace(self, stream_id: str, owner: str, answer: str) -> bool:
+        """Replace the whole answer (Dify's message_replace); False if no longer the owner of an active stream."""
+        args = [owner, self.key_ttl, _now(), answer]
+        return bool(self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args))
+
+    def finish(self, stream_id: str, owner: str, status: str, fields: dict[str, str] | None = None) -> bool:
+        """Move an active stream to a final status and drop the lease; False if it was not ours or not active."""
+        k = self.keys
+        args = [owner, status, _now(), self.key_ttl, *_pairs(fields or {})]
+        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
+        return bool(self._finish(keys=keys, args=args))
+
+    def poll(self, stream_id: str, window_seconds: int, orphan_note: str) -> Snapshot | None:
+        """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
+
+        An active stream whose lease is gone (its replica died) becomes `expired` here, with `orphan_note`.
+        An active stream older than `window_seconds` is marked closed (the bubble must finish now).
+        """
+        k = self.keys
+        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
+        row = self._poll(keys=keys, args=[_now(), window_seconds, orphan_note, "owner_lost"])
+        if not row:
+            return None
+        status, text, note, closed = row
+        return Snapshot(status=status, text=text, note=note, closed=bool(closed))
+
+    def renew_leases(self, stream_ids: list[str], owner: str) -> list[str]:
+        """Extend this replica's leases; returns the ids whose lease now belongs to someone else or is over."""
+        if not stream_ids:
+            return []
+        keys: list[str] = []
+        for stream_id in stream_ids:
+            keys += [self.keys.stream_lease(stream_id), self.keys.stream(stream_id)]
+        lost = self._renew(keys=keys, args=[owner, self.lease_ms])
+        return [stream_ids[int(i) - 1] for i in lost]
+
+    def stream_for_msgid(self, msgid: str) -> str | None:
+        """The stream id recorded for a WeCom msgid, if any."""
+        return self.client.get(self.keys.wecom_msg(msgid))
+
+    def meta(self, stream_id: str) -> dict[str, str]:
+        """The whole stream hash (empty if unknown)."""
+        return self.client.hgetall(self.keys.stream(stream_id))
+
+    def chunks(self, stream_id: str) -> list[str]:
+        """Every delta of the stream, in order."""
+        return self.client.lrange(self.keys.stream_chunks(stream_id), 0, -1)
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+def _pairs(fields: dict[str, str]) -> list[str]:
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat += [name, "" if value is None else str(value)]
+    return flat

@@ -1,0 +1,155 @@
+"""Shared fixtures: the real Redis (a dedicated DB index, flushed around each test), the Dify stand-in over real
+sockets, app instances (in-process test client or served on a real port), and the WeCom simulator."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import pytest
+import redis
+from flask import Flask
+from werkzeug.serving import make_server
+
+from app import create_app
+from config.settings import Settings
+from demo.dify_standin import DifyStandIn
+from demo.wecom_simulator import WeComSimulator
+
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TOKEN = "test-token-Zq8"
+AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+DIFY_KEY = "app-test-key-0001"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis URL, once it is known to answer (otherwise the run stops with how to start it)."""
+    probe = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
+    try:
+        probe.ping()
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"Redis is not reachable at {TEST_REDIS_URL} ({exc}). Start it, e.g. "
+            "`redis-server --daemonize yes --port 6379 --save '' --appendonly no`, or set TEST_REDIS_URL.",
+            returncode=3,
+        )
+    finally:
+        probe.close()
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A client on the test DB, flushed before and after the test."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def dify_server():
+    server = DifyStandIn(api_key=DIFY_KEY, ping_interval=0.2, demo_delay=0.005).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dify(dify_server) -> DifyStandIn:
+    """The Dify stand-in with no scripts and no recorded requests."""
+    dify_server.reset()
+    yield dify_server
+    dify_server.reset()
+
+
+@pytest.fixture
+def settings(redis_client, dify) -> Settings:
+    return Settings(
+        wecom_token=TOKEN,
+        wecom_encoding_aes_key=AES_KEY,
+        dify_base_url=dify.base_url,
+        dify_api_key=DIFY_KEY,
+        dify_read_timeout=3.0,
+        dify_retry_backoff=0.01,
+        redis_url=TEST_REDIS_URL,
+        auth_mode="none",
+        replica_id="replica-a",
+        stream_lease_seconds=3,
+        log_format="text",
+    )
+
+
+@pytest.fixture
+def make_app(settings):
+    """Build app instances (`make_app(replica_id="replica-b", ...)`); all are drained and closed afterwards."""
+    apps: list[Flask] = []
+
+    def factory(**changes) -> Flask:
+        app = create_app(settings.replace(**changes) if changes else settings)
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        gateway = app.extensions["gateway"]
+        gateway.runner.drain(10)
+        gateway.close()
+
+
+@pytest.fixture
+def app(make_app) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@dataclass
+class LiveServer:
+    app: Flask
+    url: str
+    server: object
+
+    @property
+    def gateway(self):
+        return self.app.extensions["gateway"]
+
+
+@pytest.fixture
+def serve():
+    """Serve apps on real ports: `serve(app)` -> LiveServer (stopped after the test)."""
+    servers = []
+
+    def start(app: Flask) -> LiveServer:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return LiveServer(app, f"http://127.0.0.1:{server.server_port}", server)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def live(app, serve) -> LiveServer:
+    return serve(app)
+
+
+def make_simulator(urls, **kwargs) -> WeComSimulator:
+    kwargs.setdefault("poll_interval", 0.05)
+    return WeComSimulator(urls, TOKEN, AES_KEY, **kwargs)
+
+
+@pytest.fixture
+def simulator(live):
+    sim = make_simulator(live.url)
+    yield sim
+    sim.close()

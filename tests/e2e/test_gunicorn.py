@@ -1,0 +1,67 @@
+"""The production command, `gunicorn -c gunicorn.conf.py 'app:create_app()'` with two workers, serving whole
+conversations from the simulator against the real Redis and the Dify stand-in."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from demo import dify_standin as d
+from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN, make_simulator
+from tests.e2e.processes import GunicornReplica
+
+pytestmark = pytest.mark.e2e
+
+
+def replica_env(dify) -> dict[str, str]:
+    return {
+        "DEMO_MODE": "false",
+        "WECOM_TOKEN": TOKEN,
+        "WECOM_ENCODING_AES_KEY": AES_KEY,
+        "DIFY_BASE_URL": dify.base_url,
+        "DIFY_API_KEY": DIFY_KEY,
+        "REDIS_URL": TEST_REDIS_URL,
+        "AUTH_MODE": "none",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture
+def replica(dify, redis_client, tmp_path):
+    server = GunicornReplica(replica_env(dify), tmp_path, "gunicorn-a", workers=2).start()
+    yield server
+    server.stop()
+
+
+def test_two_workers_serve_whole_conversations(replica, dify, redis_client):
+    dify.script(d.answer("Answered by a gunicorn worker, polled by any worker.", delay=0.02), times=None)
+    sim = make_simulator(replica.url, poll_interval=0.05)
+    with ThreadPoolExecutor(6) as pool:
+        conversations = list(pool.map(lambda i: sim.ask(f"question {i}", userid=f"user{i}"), range(6)))
+    assert all(c.finished and c.text == "Answered by a gunicorn worker, polled by any worker." for c in conversations)
+    assert len(dify.chat_requests()) == 6
+    statuses = {redis_client.hget(f"dify_stream:{c.stream_id}", "status") for c in conversations}
+    assert statuses == {"done"}
+    owners = {redis_client.hget(f"dify_stream:{c.stream_id}", "owner") for c in conversations}
+    assert all(owner.startswith("gunicorn-a:") for owner in owners)  # one per worker process that took messages
+    sim.close()
+
+
+def test_logs_are_json_lines_under_gunicorn(replica, dify):
+    dify.script(d.answer("logged"))
+    sim = make_simulator(replica.url)
+    conversation = sim.ask("log me")
+    sim.close()
+    replica.stop()
+    entries = [json.loads(line) for line in replica.logs().splitlines() if line.startswith("{")]
+    mine = [e for e in entries if e.get("stream") == conversation.stream_id]
+    assert mine and all(e["replica"].startswith("gunicorn-a:") for e in mine)
+    assert TOKEN not in replica.logs() and AES_KEY not in replica.logs() and DIFY_KEY not in replica.logs()
+
+
+def test_memory_store_is_refused_with_several_workers(dify, tmp_path):
+    env = {**replica_env(dify), "REDIS_URL": "memory://"}
+    server = GunicornReplica(env, tmp_path, "refused", workers=2)
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start(timeout=15)
+    assert "configuration error: REDIS_URL=memory://" in server.logs()

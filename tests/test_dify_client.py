@@ -1,0 +1,228 @@
+"""The Dify client against the stand-in over real sockets: events, framing, and every way a call fails."""
+
+import time
+
+import pytest
+
+from demo import dify_standin as d
+from services.dify_client import (
+    ChatRequest,
+    DifyClient,
+    DifyConnectionError,
+    DifyHTTPError,
+    DifyStreamCut,
+    DifyStreamError,
+    DifyTimeout,
+    decode_event,
+)
+from tests.conftest import DIFY_KEY
+
+
+@pytest.fixture
+def client(dify):
+    client = DifyClient(dify.base_url, DIFY_KEY, read_timeout=1.0, max_retries=2, retry_backoff=0.01)
+    yield client
+    client.close()
+
+
+def run(client, query="hi"):
+    """All events of one call, flattened, and the number of reads that carried any."""
+    events = []
+    for batch in client.stream_chat(ChatRequest(query=query, user="wecom:bot:alice")):
+        events += batch
+    return events
+
+
+def answer_text(events):
+    return "".join(e.answer for e in events if e.kind in ("message", "agent_message"))
+
+
+def test_streams_deltas_and_ends_at_message_end(client, dify):
+    dify.script([d.ping(), *d.answer("Hello there, WeCom!", delay=0.01)])
+    events = run(client)
+    assert answer_text(events) == "Hello there, WeCom!"
+    assert events[-1].kind == "message_end"
+    assert all(e.get("task_id") for e in events)
+
+
+def test_request_shape(client, dify):
+    dify.script(d.answer("ok"))
+    list(
+        client.stream_chat(
+            ChatRequest(
+                query="q", user="wecom:bot:bob", inputs={"a": 1}, conversation_id="0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11"
+            )
+        )
+    )
+    [request] = dify.requests
+    body = request["body"]
+    assert request["headers"]["authorization"] == f"Bearer {DIFY_KEY}"
+    assert body["response_mode"] == "streaming"
+    assert body["user"] == "wecom:bot:bob" and body["inputs"] == {"a": 1} and body["query"] == "q"
+    assert body["conversation_id"] == "0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11"
+
+
+def test_json_and_utf8_split_across_network_reads(client, dify):
+    dify.script(
+        [
+            d.split(d.message("你好，"), parts=7, gap=0.01),
+            d.split(d.message("世界🌏"), parts=5),
+            d.split(d.end(), parts=4),
+        ]
+    )
+    assert answer_text(run(client)) == "你好，世界🌏"
+
+
+def test_pings_between_deltas_are_ignored(client, dify):
+    dify.script([d.ping(), d.message("a"), d.sleep(0.5), d.ping(), d.message("b"), d.end()])
+    assert answer_text(run(client)) == "ab"
+
+
+def test_agent_events_and_unknown_events(client, dify):
+    dify.script(
+        [
+            d.thought(""),
+            d.agent_message("step "),
+            d.event("agent_log", data={}),
+            d.event("brand_new_event_type", x=1),
+            d.thought("done thinking"),
+            d.agent_message("two"),
+            d.end(),
+        ]
+    )
+    events = run(client)
+    assert answer_text(events) == "step two"
+    assert "brand_new_event_type" in [e.kind for e in events]
+
+
+def test_workflow_and_file_events_pass_through(client, dify):
+    dify.script(
+        [
+            d.event("workflow_started", data={}),
+            d.event("node_started", data={}),
+            d.message("x"),
+            d.message_file("https://dify.example/files/a.png"),
+            d.workflow_finished("succeeded"),
+            d.end(),
+        ]
+    )
+    kinds = [e.kind for e in run(client)]
+    assert kinds == ["message", "message_file", "workflow_finished", "message_end"]
+
+
+def test_garbage_frames_are_skipped(client, dify):
+    dify.script(
+        [d.raw(b"data: {not json\n\n"), d.raw(b"data: [1,2]\n\n"), d.raw(b"data: {}\n\n"), d.message("fine"), d.end()]
+    )
+    assert answer_text(run(client)) == "fine"
+
+
+def test_error_event_raises_after_earlier_deltas(client, dify):
+    dify.script([d.message("partial"), d.error("completion_request_error", "model failed", 400)])
+    seen = []
+    with pytest.raises(DifyStreamError) as caught:
+        for batch in client.stream_chat(ChatRequest(query="q", user="u")):
+            seen += batch
+    assert answer_text(seen) == "partial"
+    assert caught.value.code == "completion_request_error" and caught.value.status == 400
+
+
+def test_clean_close_without_message_end_is_a_cut(client, dify):
+    dify.script([d.message("half"), d.close()])
+    with pytest.raises(DifyStreamCut):
+        run(client)
+
+
+def test_connection_dropped_mid_stream_is_a_cut(client, dify):
+    dify.script([d.message("half"), d.sleep(0.05), d.cut()])
+    with pytest.raises(DifyStreamCut):
+        run(client)
+
+
+def test_read_stall_is_a_timeout(client, dify):
+    dify.script([d.message("x"), d.stall(3)])
+    started = time.monotonic()
+    with pytest.raises(DifyTimeout):
+        run(client)
+    assert time.monotonic() - started < 2.5
+
+
+def test_slow_first_byte_past_read_timeout(client, dify):
+    dify.script([d.first_byte_delay(2.5), *d.answer("late")])
+    with pytest.raises(DifyTimeout):
+        run(client)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(400, "invalid_param"), (401, "unauthorized"), (404, "not_found"), (500, "internal_server_error")],
+)
+def test_http_errors_are_not_retried_except_gateway_errors(client, dify, status, code):
+    dify.script([d.http_error(status, code, "nope")], times=None)
+    with pytest.raises(DifyHTTPError) as caught:
+        run(client)
+    assert caught.value.status == status and caught.value.code == code
+    assert len(dify.requests) == 1
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_busy_and_gateway_errors_are_retried_then_raised(client, dify, status):
+    dify.script([d.http_error(status, "too_many_requests" if status == 429 else "bad_gateway")], times=None)
+    with pytest.raises(DifyHTTPError) as caught:
+        run(client)
+    assert caught.value.status == status
+    assert len(dify.requests) == 3
+
+
+def test_retry_succeeds_after_a_429(client, dify):
+    dify.script([d.http_error(429, "too_many_requests")])
+    dify.script(d.answer("second time lucky"))
+    assert answer_text(run(client)) == "second time lucky"
+    assert len(dify.requests) == 2
+
+
+def test_wrong_api_key_is_401(dify):
+    bad = DifyClient(dify.base_url, "app-wrong", read_timeout=1.0)
+    with pytest.raises(DifyHTTPError) as caught:
+        run(bad)
+    assert caught.value.status == 401
+    bad.close()
+
+
+def test_non_json_error_body_from_a_proxy(client, dify):
+    async def proxy(request, conn):
+        await conn.send(502, "<html>Bad Gateway</html>", content_type="text/html")
+
+    from demo.http_server import StandInServer
+
+    server = StandInServer(proxy).start()
+    try:
+        proxied = DifyClient(server.url + "/v1", "k", max_retries=0)
+        with pytest.raises(DifyHTTPError) as caught:
+            run(proxied)
+        assert caught.value.status == 502 and "Bad Gateway" in caught.value.message
+        proxied.close()
+    finally:
+        server.stop()
+
+
+def test_unreachable_dify_is_a_connection_error():
+    dead = DifyClient("http://127.0.0.1:9/v1", "k", connect_timeout=0.5, max_retries=1, retry_backoff=0.01)
+    with pytest.raises(DifyConnectionError):
+        run(dead)
+    dead.close()
+
+
+def test_stop_is_sent_with_the_same_user(client, dify):
+    client.stop("task-1", "wecom:bot:alice")
+    assert dify.stops == [("task-1", {"user": "wecom:bot:alice"})]
+
+
+def test_decode_event_rules():
+    assert decode_event("ping", "") is None
+    assert decode_event("message", "") is None
+    assert decode_event("message", "nope") is None
+    assert decode_event("message", '"string"') is None
+    assert decode_event("message", "{}") is None
+    assert decode_event("message", '{"event": "message", "answer": "x"}').answer == "x"
+    assert decode_event("custom", '{"a": 1}').kind == "custom"

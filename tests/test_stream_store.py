@@ -1,0 +1,172 @@
+"""The Redis side of streams, against the real Redis: atomic dedup, owner-only writes, the poll fold, TTLs."""
+
+import threading
+import time
+
+import pytest
+
+from services.keys import MSGID_TTL_SECONDS, Keys
+from services.stream_store import StreamConflict, StreamStore
+
+TTL = 3600
+
+
+@pytest.fixture
+def store(redis_client):
+    return StreamStore(redis_client, Keys(), TTL, lease_seconds=2)
+
+
+def open_stream(store, stream_id="s1", msgid="m1", owner="A"):
+    created, existing = store.create(stream_id, msgid, owner, {"userid": "alice", "chatid": ""})
+    assert created and existing == stream_id
+    return stream_id
+
+
+def poll(store, stream_id="s1", window=330):
+    return store.poll(stream_id, window, "orphan note")
+
+
+def test_create_is_deduplicated_by_msgid(store, redis_client):
+    open_stream(store)
+    created, existing = store.create("s2", "m1", "B", {})
+    assert (created, existing) == (False, "s1")
+    assert not redis_client.exists("dify_stream:s2")
+    assert store.stream_for_msgid("m1") == "s1"
+
+
+def test_concurrent_creates_for_one_msgid_make_one_stream(store):
+    results = []
+    barrier = threading.Barrier(8)
+
+    def attempt(i):
+        barrier.wait()
+        results.append(store.create(f"s{i}", "same-msgid", f"R{i}", {}))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [sid for created, sid in results if created]
+    assert len(winners) == 1
+    assert {sid for _, sid in results} == set(winners)
+
+
+def test_every_key_has_a_ttl(store, redis_client):
+    open_stream(store)
+    store.append("s1", "A", ["a", "b"], 0)
+    for key in ("dify_stream:s1", "dify_stream:s1:chunks", "dify_stream:s1:lease", "wecom_msg:m1"):
+        assert redis_client.ttl(key) > 0, key
+    assert 0 < redis_client.ttl("wecom_msg:m1") <= MSGID_TTL_SECONDS
+    assert redis_client.pttl("dify_stream:s1:lease") <= 2000
+    store.finish("s1", "A", "done")
+    assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
+
+
+def test_poll_folds_unread_chunks_into_the_cumulative_text(store, redis_client):
+    open_stream(store)
+    assert poll(store).text == "" and poll(store).status == "pending"
+    store.append("s1", "A", ["Hel", "lo"], 0)
+    snap = poll(store)
+    assert (snap.status, snap.text) == ("streaming", "Hello")
+    store.append("s1", "A", [", ", "world"], 2)
+    assert poll(store).text == "Hello, world"
+    assert redis_client.hget("dify_stream:s1", "folded") == "4"
+    assert redis_client.lrange("dify_stream:s1:chunks", 0, -1) == ["Hel", "lo", ", ", "world"]
+    assert redis_client.hget("dify_stream:s1", "polls") == "4"
+
+
+def test_append_is_idempotent_when_a_call_is_retried(store, redis_client):
+    open_stream(store)
+    assert store.append("s1", "A", ["x", "y"], 0)
+    assert store.append("s1", "A", ["x", "y"], 0)  # the retry of a call whose reply was lost
+    assert redis_client.lrange("dify_stream:s1:chunks", 0, -1) == ["x", "y"]
+    with pytest.raises(StreamConflict):
+        store.append("s1", "A", ["z"], 5)
+
+
+def test_only_the_owner_writes(store):
+    open_stream(store)
+    assert not store.append("s1", "B", ["intruder"], 0)
+    assert not store.replace("s1", "B", "intruder")
+    assert not store.finish("s1", "B", "done")
+    assert poll(store).text == ""
+
+
+def test_fields_are_set_with_an_append(store, redis_client):
+    open_stream(store)
+    store.append("s1", "A", [], 0, {"task_id": "t-1", "conversation_id": "c-1"})
+    meta = store.meta("s1")
+    assert meta["task_id"] == "t-1" and meta["conversation_id"] == "c-1" and meta["status"] == "streaming"
+    assert "first_token_at" not in meta
+    store.append("s1", "A", ["a"], 0)
+    assert "first_token_at" in store.meta("s1")
+
+
+def test_replace_resets_the_text(store):
+    open_stream(store)
+    store.append("s1", "A", ["bad ", "words"], 0)
+    assert poll(store).text == "bad words"
+    store.replace("s1", "A", "[moderated]")
+    assert poll(store).text == "[moderated]"
+    store.append("s1", "A", [" more"], 1)
+    assert poll(store).text == "[moderated] more"
+    assert store.chunks("s1") == ["[moderated]", " more"]
+
+
+def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client):
+    open_stream(store)
+    store.append("s1", "A", ["done text"], 0)
+    assert store.finish("s1", "A", "error", {"note": "oops", "error": "stream_cut: x"})
+    snap = poll(store)
+    assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
+    assert not redis_client.exists("dify_stream:s1:lease")
+    assert not store.finish("s1", "A", "done")
+    assert not store.append("s1", "A", ["late"], 1)
+
+
+def test_unknown_stream_polls_as_none(store):
+    assert poll(store, "nope") is None
+
+
+def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_client):
+    open_stream(store)
+    store.append("s1", "A", ["partial"], 0)
+    redis_client.delete("dify_stream:s1:lease")  # the owner died and its lease ran out
+    snap = poll(store)
+    assert (snap.status, snap.text, snap.note) == ("expired", "partial", "orphan note")
+    assert redis_client.hget("dify_stream:s1", "error") == "owner_lost"
+    assert not store.append("s1", "A", ["zombie"], 1)
+
+
+def test_window_close_is_flagged_once_the_stream_is_too_old(store, redis_client):
+    open_stream(store)
+    assert not poll(store, window=330).closed
+    redis_client.hset("dify_stream:s1", "created_at", f"{time.time() - 400:.3f}")
+    snap = poll(store, window=330)
+    assert snap.closed and snap.active
+    assert redis_client.hget("dify_stream:s1", "closed_at")
+
+
+def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
+    open_stream(store, "s1", "m1", "A")
+    open_stream(store, "s2", "m2", "A")
+    open_stream(store, "s3", "m3", "A")
+    redis_client.delete("dify_stream:s2:lease")  # expired, nobody else took it: ours again
+    redis_client.set("dify_stream:s3:lease", "B")  # taken over by replica B
+    lost = store.renew_leases(["s1", "s2", "s3"], "A")
+    assert lost == ["s3"]
+    assert redis_client.get("dify_stream:s2:lease") == "A"
+    assert redis_client.pttl("dify_stream:s1:lease") > 1500
+
+
+def test_key_prefix_namespaces_every_key(redis_client):
+    store = StreamStore(redis_client, Keys("tenant1:"), TTL, 2)
+    store.create("s1", "m1", "A", {})
+    store.append("s1", "A", ["x"], 0)
+    assert set(redis_client.keys("*")) == {
+        "tenant1:dify_stream:s1",
+        "tenant1:dify_stream:s1:chunks",
+        "tenant1:dify_stream:s1:lease",
+        "tenant1:wecom_msg:m1",
+    }

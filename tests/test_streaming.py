@@ -1,0 +1,290 @@
+"""End to end over real sockets: the WeCom simulator -> app instance(s) -> the real Redis -> the Dify stand-in.
+
+Covers the whole stream life, a WeCom retry landing on a second instance, polls alternating between two
+instances, and every failure behind the bubble ending in a finished reply with the partial text and a note.
+"""
+
+import threading
+import time
+
+import pytest
+
+from demo import dify_standin as d
+from demo.wecom_simulator import ReplyError
+from services.messages import MAX_CONTENT_BYTES
+from services.texts import CATALOGUE
+from tests.conftest import make_simulator
+
+ZH = CATALOGUE["zh"]
+
+
+@pytest.fixture
+def pair(make_app, serve):
+    """Two app instances (two replicas) sharing the test Redis."""
+    return serve(make_app(replica_id="replica-a")), serve(make_app(replica_id="replica-b"))
+
+
+def stream_meta(redis_client, stream_id):
+    return redis_client.hgetall(f"dify_stream:{stream_id}")
+
+
+def test_a_whole_conversation(simulator, dify, redis_client):
+    dify.script([d.ping(), *d.answer("Streaming answers arrive piece by piece.", delay=0.03)])
+    conversation = simulator.ask("How do answers arrive?", userid="alice")
+    assert conversation.finished
+    assert conversation.text == "Streaming answers arrive piece by piece."
+    contents = conversation.contents()
+    assert contents[0] == ZH["placeholder"]
+    growing = [c for c in contents[1:-1] if c != ZH["placeholder"]]
+    assert growing and all(conversation.text.startswith(c) for c in growing)  # cumulative, never only the new part
+
+    [request] = dify.chat_requests()
+    assert request["query"] == "How do answers arrive?" and request["user"] == "wecom:demo-bot:alice"
+    meta = stream_meta(redis_client, conversation.stream_id)
+    assert meta["status"] == "done" and meta["owner"].startswith("replica-a:") and meta["userid"] == "alice"
+    assert meta["task_id"] and meta["message_id"] and meta["conversation_id"] and meta["finished_at"]
+    chunks = redis_client.lrange(f"dify_stream:{conversation.stream_id}:chunks", 0, -1)
+    assert "".join(chunks) == conversation.text and len(chunks) > 3
+    assert all(redis_client.ttl(key) > 0 for key in redis_client.keys("*"))
+
+
+def test_a_group_message_records_the_chat(simulator, dify, redis_client):
+    dify.script(d.answer("hi group"))
+    conversation = simulator.ask("hello", userid="bob", chatid="group-1")
+    assert conversation.text == "hi group"
+    meta = stream_meta(redis_client, conversation.stream_id)
+    assert meta["chatid"] == "group-1" and meta["chattype"] == "group"
+
+
+def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
+    first, second = pair
+    sim = make_simulator([first.url, second.url])
+    dify.script([d.message("one "), d.sleep(0.3), d.message("two"), d.end()])
+    payload = sim.text_message("retry me", msgid="msg-retry-1")
+
+    reply_a = sim.send(payload, replica=0)
+    time.sleep(0.15)
+    reply_b = sim.send(payload, replica=1)  # WeCom did not get reply_a in time and retries elsewhere
+    assert reply_b["stream"]["id"] == reply_a["stream"]["id"]
+    assert reply_b["stream"]["content"] == "one " and reply_b["stream"]["finish"] is False
+
+    conversation = sim.follow(reply_a)
+    assert conversation.text == "one two"
+    late_retry = sim.send(payload, replica=1)
+    assert late_retry["stream"] == {"id": reply_a["stream"]["id"], "finish": True, "content": "one two"}
+    assert len(dify.chat_requests()) == 1
+    sim.close()
+
+
+def test_simultaneous_duplicates_on_two_instances_make_one_dify_call(pair, dify):
+    sim = make_simulator([pair[0].url, pair[1].url])
+    dify.script(d.answer("only once", delay=0.05), times=None)
+    payload = sim.text_message("dup", msgid="msg-dup-burst")
+    replies = []
+    barrier = threading.Barrier(6)
+
+    def send(i):
+        barrier.wait()
+        replies.append(sim.send(payload, replica=i % 2))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r["stream"]["id"] for r in replies}) == 1
+    sim.follow(replies[0])
+    assert len(dify.chat_requests()) == 1
+    sim.close()
+
+
+def test_polls_alternating_between_two_instances(pair, dify, redis_client):
+    sim = make_simulator([pair[0].url, pair[1].url])
+    dify.script(d.answer("one two three four five six seven", delay=0.04))
+    conversation = sim.ask("alternate")
+    assert conversation.finished and conversation.text == "one two three four five six seven"
+    assert conversation.polls >= 4
+    contents = [c for c in conversation.contents() if c != ZH["placeholder"]]
+    assert all(b.startswith(a) for a, b in zip(contents, contents[1:], strict=False))
+    assert int(redis_client.hget(f"dify_stream:{conversation.stream_id}", "polls")) == conversation.polls
+    sim.close()
+
+
+def test_unknown_stream_id_finishes_with_a_note(simulator):
+    reply = simulator.send(simulator.poll_message("NoSuchStream123"))
+    assert reply["stream"] == {"id": "NoSuchStream123", "finish": True, "content": ZH["unknown_stream"]}
+
+
+def test_long_answers_are_cut_to_20480_bytes_at_a_character_boundary(simulator, dify):
+    text = "汉字" * 4000  # 24000 bytes of 3-byte characters
+    dify.script([d.message(text[:3000]), d.message(text[3000:]), d.end()])
+    conversation = simulator.ask("long one")
+    content = conversation.text
+    assert len(content.encode()) <= MAX_CONTENT_BYTES
+    assert len(content.encode()) > MAX_CONTENT_BYTES - 3
+    assert text.startswith(content)
+
+
+def test_message_replace_replaces_the_bubble(simulator, dify):
+    dify.script(
+        [d.message("something "), d.message("unsafe"), d.sleep(0.2), d.replace("[removed by moderation]"), d.end()]
+    )
+    assert simulator.ask("moderate me").text == "[removed by moderation]"
+
+
+def test_agent_answer_only_in_thoughts_is_used(simulator, dify):
+    dify.script([d.thought(""), d.thought("The answer is 42."), d.end()])
+    assert simulator.ask("agent").text == "The answer is 42."
+
+
+def test_empty_answer_says_so(simulator, dify, redis_client):
+    dify.script([d.message(""), d.end()])
+    conversation = simulator.ask("say nothing")
+    assert conversation.finished and conversation.text == ZH["empty_answer"]
+    assert stream_meta(redis_client, conversation.stream_id)["status"] == "done"
+
+
+def test_an_empty_question_is_answered_at_once_without_dify(simulator, dify):
+    reply = simulator.send(simulator.text_message("   "))
+    assert reply["stream"]["finish"] is True and reply["stream"]["content"] == ZH["empty_query"]
+    assert dify.chat_requests() == []
+
+
+def test_voice_transcript_is_the_query(simulator, dify):
+    dify.script(d.answer("heard you"))
+    first = simulator.send(simulator.message("voice", {"content": "what time is it"}))
+    assert simulator.follow(first).text == "heard you"
+    assert dify.chat_requests()[0]["query"] == "what time is it"
+
+
+# --- failures behind the bubble -------------------------------------------------------------------------------
+
+
+def ends_with_note(conversation, partial, note_key):
+    assert conversation.finished
+    expected = f"{partial}\n\n{ZH[note_key]}" if partial else ZH[note_key]
+    assert conversation.text == expected
+
+
+@pytest.mark.parametrize(
+    ("steps", "partial", "note"),
+    [
+        ([d.http_error(500, "internal_server_error")], "", "dify_unavailable"),
+        ([d.http_error(401, "unauthorized", "Access token is invalid")], "", "dify_rejected"),
+        ([d.http_error(400, "provider_quota_exceeded")], "", "dify_rejected"),
+        ([d.http_error(400, "invalid_param", "bad")], "", "dify_failed"),
+        (
+            [d.message("Half an "), d.message("answer"), d.error("completion_request_error", "boom", 400)],
+            "Half an answer",
+            "dify_failed",
+        ),
+        ([d.message("Half "), d.error("rate_limit_error", "slow down", 429)], "Half", "dify_busy"),
+        ([d.message("Cut "), d.message("here"), d.sleep(0.1), d.cut()], "Cut here", "stream_cut"),
+        ([d.message("Closed early"), d.close()], "Closed early", "stream_cut"),
+        ([d.message("Stalled"), d.stall(3)], "Stalled", "timeout"),
+        ([d.message("Flow"), d.workflow_finished("failed", "node exploded"), d.close()], "Flow", "dify_failed"),
+        ([d.raw(b"data: {{{garbage\n\n"), d.raw(b"\x00\xff garbage without newline")], "", "stream_cut"),
+    ],
+)
+def test_failures_finish_the_bubble_with_partial_text_and_a_note(
+    make_app, serve, dify, redis_client, steps, partial, note
+):
+    live = serve(make_app(dify_read_timeout=1.0, dify_max_retries=0))
+    sim = make_simulator(live.url)
+    dify.script(steps)
+    conversation = sim.ask("fail please")
+    ends_with_note(conversation, partial, note)
+    meta = stream_meta(redis_client, conversation.stream_id)
+    assert meta["status"] == "error" and meta["error"]
+    sim.close()
+
+
+def test_429_is_retried_before_giving_up(make_app, serve, dify):
+    live = serve(make_app(dify_max_retries=2))
+    sim = make_simulator(live.url)
+    dify.script([d.http_error(429, "too_many_requests")], times=3)
+    ends_with_note(sim.ask("busy"), "", "dify_busy")
+    assert len(dify.chat_requests()) == 3
+    sim.close()
+
+
+def test_unreachable_dify(make_app, serve):
+    live = serve(make_app(dify_base_url="http://127.0.0.1:9/v1", dify_connect_timeout=0.3, dify_max_retries=0))
+    sim = make_simulator(live.url)
+    ends_with_note(sim.ask("anyone there?"), "", "dify_unavailable")
+    sim.close()
+
+
+def test_answer_past_the_total_limit_is_stopped(make_app, serve, dify, redis_client):
+    live = serve(make_app(dify_max_stream_seconds=1))
+    sim = make_simulator(live.url)
+    dify.script([d.message("a"), *[s for i in range(40) for s in (d.sleep(0.1), d.message(" more"))], d.end()])
+    conversation = sim.ask("never ends")
+    assert conversation.finished and conversation.text.endswith(ZH["timeout"])
+    assert stream_meta(redis_client, conversation.stream_id)["error"].startswith("total_timeout")
+    deadline = time.monotonic() + 3
+    while not dify.stops and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dify.stops and dify.stops[0][1]["user"] == "wecom:demo-bot:alice"
+    sim.close()
+
+
+def test_a_worker_that_dies_still_finishes_the_bubble(live, dify, redis_client):
+    def explode(job):
+        raise RuntimeError("bug in preparing the request")
+
+    live.gateway.streams.worker.prepare = explode
+    sim = make_simulator(live.url)
+    conversation = sim.ask("crash")
+    ends_with_note(conversation, "", "internal_error")
+    assert stream_meta(redis_client, conversation.stream_id)["error"] == "internal_error"
+    assert dify.chat_requests() == []
+    sim.close()
+
+
+def test_the_window_closes_a_slow_answer(make_app, serve, dify):
+    live = serve(make_app(stream_window_seconds=1))
+    sim = make_simulator(live.url)
+    dify.script([d.message("slow start"), d.sleep(3), d.message(" and the rest"), d.end()])
+    conversation = sim.ask("take your time")
+    assert conversation.finished
+    assert conversation.text == f"slow start\n\n{ZH['window_closed']}"
+    sim.close()
+
+
+def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_client):
+    store = live.gateway.store
+    store.create("orphan01", "msg-orphan", "dead-replica", {"userid": "alice"})
+    store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
+    redis_client.delete("dify_stream:orphan01:lease")  # the dead replica's lease ran out
+    reply = simulator.send(simulator.poll_message("orphan01"))
+    assert reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == f"what was said before the crash\n\n{ZH['orphaned']}"
+    assert stream_meta(redis_client, "orphan01")["status"] == "expired"
+
+
+def test_a_message_while_redis_is_down_gets_a_finished_reply(make_app, serve, dify):
+    live = serve(make_app(redis_url="redis://127.0.0.1:1/0", redis_socket_timeout=0.2))
+    sim = make_simulator(live.url)
+    reply = sim.send(sim.text_message("hello?"))
+    assert reply["stream"]["finish"] is True and reply["stream"]["content"] == ZH["store_unavailable"]
+    with pytest.raises(ReplyError, match="HTTP 503"):
+        sim.send(sim.poll_message("SomeStream"))
+    assert dify.chat_requests() == []
+    sim.close()
+
+
+def test_no_stream_threads_are_left_behind(live, simulator, dify):
+    dify.script(d.answer("done", delay=0.01), times=None)
+    for i in range(5):
+        simulator.ask(f"q{i}")
+    assert live.gateway.runner.drain(5) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("stream-")]
+
+
+def test_english_catalogue(make_app, serve, dify):
+    live = serve(make_app(bot_language="en"))
+    sim = make_simulator(live.url)
+    dify.script([d.http_error(503, "unavailable")], times=None)
+    assert sim.ask("hi").text == CATALOGUE["en"]["dify_unavailable"]
+    sim.close()
