@@ -1,0 +1,109 @@
+"""Typed settings: sources and precedence, demo defaults, and one clear line for every bad value."""
+
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import DEMO_DEFAULTS, PROJECT_ROOT, Settings, SettingsError, load_settings
+
+VALID = {
+    "WECOM_TOKEN": "tok-Secret-1",
+    "WECOM_ENCODING_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "DIFY_BASE_URL": "https://dify.example/v1",
+    "DIFY_API_KEY": "app-xyz",
+    "AUTH_MODE": "none",
+}
+
+
+def load(env, files=()):
+    return load_settings(env, env_files=files)
+
+
+def test_valid_production_settings():
+    settings = load(VALID)
+    assert settings.demo_mode is False
+    assert settings.dify_base_url == "https://dify.example/v1"
+    assert settings.wecom_callback_path == "/wecom/callback"
+    assert settings.redis_url == "memory://"
+
+
+def test_types_are_parsed():
+    settings = load({**VALID, "DIFY_READ_TIMEOUT": "12.5", "STREAM_LEASE_SECONDS": "9", "DEMO_MODE": "no"})
+    assert settings.dify_read_timeout == 12.5 and settings.stream_lease_seconds == 9 and settings.demo_mode is False
+
+
+def test_dotenv_then_demo_env_and_the_real_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    demo = tmp_path / "demo.env"
+    dotenv.write_text("DIFY_API_KEY=app-from-dotenv\nBOT_LANGUAGE=en\n")
+    demo.write_text("DIFY_API_KEY=app-from-demo\nBOT_LANGUAGE=zh\nWECOM_CALLBACK_PATH=/from-demo\n")
+    env = {k: v for k, v in VALID.items() if k != "DIFY_API_KEY"}
+    settings = load({**env, "BOT_LANGUAGE": "zh"}, files=(dotenv, demo))
+    assert settings.dify_api_key == "app-from-dotenv"  # .env beats demo.env
+    assert settings.bot_language == "zh"  # the real environment beats both
+    assert settings.wecom_callback_path == "/from-demo"  # demo.env fills what nothing else sets
+
+
+def test_missing_files_are_fine(tmp_path):
+    assert load(VALID, files=(tmp_path / "nope.env",)).wecom_token == "tok-Secret-1"
+
+
+def test_demo_mode_fills_credentials_and_needs_no_dify():
+    settings = load({"DEMO_MODE": "true"})
+    assert settings.wecom_token == DEMO_DEFAULTS["wecom_token"]
+    assert settings.dify_base_url == ""  # the built-in stand-in is started instead
+
+
+@pytest.mark.parametrize(
+    ("change", "variable"),
+    [
+        ({"WECOM_TOKEN": ""}, "WECOM_TOKEN"),
+        ({"WECOM_ENCODING_AES_KEY": "too-short"}, "WECOM_ENCODING_AES_KEY"),
+        ({"WECOM_ENCODING_AES_KEY": "!" * 43}, "WECOM_ENCODING_AES_KEY"),
+        ({"DIFY_BASE_URL": ""}, "DIFY_BASE_URL"),
+        ({"DIFY_BASE_URL": "ftp://dify"}, "DIFY_BASE_URL"),
+        ({"DIFY_API_KEY": ""}, "DIFY_API_KEY"),
+        ({"DIFY_READ_TIMEOUT": "soon"}, "DIFY_READ_TIMEOUT"),
+        ({"DIFY_READ_TIMEOUT": "0"}, "DIFY_READ_TIMEOUT"),
+        ({"STREAM_LEASE_SECONDS": "1.5"}, "STREAM_LEASE_SECONDS"),
+        ({"STREAM_WINDOW_SECONDS": "400"}, "STREAM_WINDOW_SECONDS"),
+        ({"REDIS_URL": "http://redis"}, "REDIS_URL"),
+        ({"DATABASE_URL": "postgres://db"}, "DATABASE_URL"),
+        ({"AUTH_MODE": "maybe"}, "AUTH_MODE"),
+        ({"AUTH_MODE": "external"}, "AUTH_API_URL"),
+        ({"DEMO_MODE": "perhaps"}, "DEMO_MODE"),
+        ({"WECOM_CALLBACK_PATH": "wecom"}, "WECOM_CALLBACK_PATH"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"BOT_LANGUAGE": "fr"}, "BOT_LANGUAGE"),
+        ({"PORT": "70000"}, "PORT"),
+    ],
+)
+def test_bad_values_name_the_variable_in_one_line(change, variable):
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, **change})
+    message = str(caught.value)
+    assert message.startswith(variable + " ") and "\n" not in message
+
+
+def test_secrets_stay_out_of_repr():
+    settings = load({**VALID, "REDIS_URL": "redis://:hunter2@redis:6379/0", "AUTH_API_KEY": "auth-secret"})
+    text = repr(settings)
+    for secret in ("tok-Secret-1", VALID["WECOM_ENCODING_AES_KEY"], "app-xyz", "hunter2", "auth-secret"):
+        assert secret not in text
+
+
+def test_instance_id_is_replica_plus_pid():
+    settings = Settings(**{k.lower(): v for k, v in VALID.items()}, replica_id="pod-7")
+    assert settings.instance_id.startswith("pod-7:") and settings.instance_id.split(":")[1].isdigit()
+
+
+def test_start_up_with_a_bad_value_prints_one_line_and_exits_2():
+    env = {"PATH": "/usr/bin:/bin", **VALID, "WECOM_ENCODING_AES_KEY": "abc"}
+    result = subprocess.run(
+        [sys.executable, "app.py"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: WECOM_ENCODING_AES_KEY must be 43 characters from A-Z, a-z, 0-9 (got 3 characters)"
+    ]
