@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import orjson
 import redis
 from flask import Flask, Response, current_app, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from cli import register_commands
 from config.settings import Settings, SettingsError, load_settings
-from services import errors
+from services import db, errors
 from services.callback import StoreUnavailable
 from services.errors import CallbackError
 from services.gateway import Gateway, build_gateway
@@ -39,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app = Flask(__name__, instance_relative_config=True)
     app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, Path(app.instance_path))
     app.extensions["gateway"] = gateway
 
     path = settings.wecom_callback_path
@@ -48,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     _register_error_handlers(app)
+    register_commands(app)
     logger.info("gateway ready: callback %s, instance %s", path, settings.instance_id)
     return app
 
@@ -99,12 +103,17 @@ def healthz():
 
 
 def readyz():
-    """Readiness: 200 only when Redis answers (and the database, once there is one); 503 names what failed."""
+    """Readiness: 200 only when Redis and (with AUTH_MODE=external) the database answer; 503 names what failed."""
     failed = {}
     try:
         gateway().redis.ping()
     except redis.RedisError as exc:
         failed["redis"] = type(exc).__name__
+    if gateway().authorizer is not None:
+        try:
+            db.ping(gateway().engine)
+        except SQLAlchemyError as exc:
+            failed["database"] = type(exc).__name__
     if not gateway().runner.accepting:
         failed["shutdown"] = "draining"
     if failed:

@@ -83,6 +83,9 @@ class Settings:
     auth_mode: str = "external"
     auth_api_url: str = ""
     auth_api_key: str = _secret()
+    auth_timeout: float = 5.0
+    auth_token_margin: int = 60
+    database_timeout: float = 5.0
 
     # --- streams --------------------------------------------------------------------------------------------
     stream_window_seconds: int = 330
@@ -158,6 +161,9 @@ def _validate(s: Settings) -> None:
             db_scheme.startswith(("mysql", "sqlite")), "DATABASE_URL", "must be mysql+pymysql://... or sqlite:///..."
         )
     _require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
+    _require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
+    _require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
+    _require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
     if s.auth_mode == "external" and (production or s.auth_api_url):
         _require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
 

@@ -152,6 +152,7 @@ class DifyStandIn:
         self.requests: list[dict] = []
         self.stops: list[tuple[str, dict]] = []
         self.open_streams = 0
+        self.parameters = default_parameters()
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
 
@@ -176,6 +177,7 @@ class DifyStandIn:
             self._scripts.clear()
             self.requests.clear()
             self.stops.clear()
+            self.parameters = default_parameters()
 
     def chat_requests(self) -> list[dict]:
         """Bodies of the chat requests received so far."""
@@ -199,6 +201,8 @@ class DifyStandIn:
         path = request.path
         if request.method == "POST" and path == "/v1/chat-messages":
             await self._chat(request, conn)
+        elif request.method == "GET" and path == "/v1/parameters":
+            await conn.send(200, self.parameters)
         elif request.method == "POST" and path.startswith("/v1/chat-messages/") and path.endswith("/stop"):
             task_id = path.split("/")[3]
             self.stops.append((task_id, request.json() or {}))
@@ -288,6 +292,18 @@ class DifyStandIn:
                 await conn.write_chunk(b"event: ping\n\n")
             else:
                 await asyncio.sleep(left)
+
+
+def default_parameters() -> dict:
+    """A plain chat app's `/parameters`: no opening statement, no declared inputs, images allowed."""
+    return {
+        "opening_statement": "",
+        "suggested_questions": [],
+        "suggested_questions_after_answer": {"enabled": False},
+        "user_input_form": [],
+        "file_upload": {"image": {"enabled": True, "number_limits": 3, "transfer_methods": ["local_file"]}},
+        "system_parameters": {"image_file_size_limit": 10, "file_size_limit": 15},
+    }
 
 
 def _frame(payload: dict, ids: dict) -> bytes:

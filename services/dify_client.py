@@ -244,6 +244,26 @@ class DifyClient:
             raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
         raise DifyStreamCut("Dify closed the stream before message_end")
 
+    def parameters(self) -> dict:
+        """The app's `/parameters` (opening statement, suggested questions, declared inputs, upload limits).
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout.
+        """
+        try:
+            response = self._http.get("parameters", timeout=10.0)
+        except httpx.TimeoutException as exc:
+            raise DifyTimeout("Dify /parameters timed out") from exc
+        except httpx.HTTPError as exc:
+            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise _http_error(response)
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise DifyHTTPError(response.status_code, "malformed", "Dify /parameters is not JSON") from None
+        return data if isinstance(data, dict) else {}
+
     def stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""
         try:

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # WeCom may retry a message callback for a few minutes and polls a stream for 6 minutes; keep the msgid map
 # well past both so a late retry still finds its stream.
 MSGID_TTL_SECONDS = 15 * 60
+# How long a refusal (unknown, disabled or refused user) is remembered, so a burst of messages asks once.
+AUTH_DENIAL_TTL_SECONDS = 30
+# How long "the auth API or database is down" is remembered for the other messages of that burst.
+AUTH_OUTAGE_TTL_SECONDS = 3
 
 
 @dataclass(frozen=True)
@@ -50,3 +54,17 @@ class Keys:
     def wecom_msg(self, msgid: str) -> str:
         """String: the stream id created for a WeCom msgid."""
         return f"{self.prefix}wecom_msg:{msgid}"
+
+    # --- user authorization -----------------------------------------------------------------------------
+
+    def user_token(self, userid: str) -> str:
+        """String: the user's current auth token (TTL = token lifetime minus a margin)."""
+        return f"{self.prefix}authorization:wechatid:{userid}"
+
+    def token_info(self, token: str) -> str:
+        """String (JSON): the user info the auth API returned for that token (same TTL)."""
+        return f"{self.prefix}authorization:token:{token}"
+
+    def auth_flight(self, userid: str) -> str:
+        """String: 'running' while one request exchanges the user's token, then briefly the refusal/outage code."""
+        return f"{self.prefix}authorization:flight:{userid}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from services.auth import AuthError
 from services.dify_client import (
     END_EVENT,
     FILE_EVENT,
@@ -42,15 +43,6 @@ _FINISH_ATTEMPTS = 4
 
 class StreamAborted(Exception):
     """This replica no longer owns the stream (taken over or closed elsewhere): stop without writing."""
-
-
-class UserFacingRefusal(Exception):
-    """A refusal decided before Dify is called (e.g. unknown user); `note` is shown, `code` is recorded."""
-
-    def __init__(self, note: str, code: str):
-        super().__init__(code)
-        self.note = note
-        self.code = code
 
 
 @dataclass(slots=True)
@@ -94,7 +86,7 @@ class _Progress:
 
 
 class StreamWorker:
-    """Answers one StreamJob. `prepare(job)` returns the Dify `inputs` or raises UserFacingRefusal."""
+    """Answers one StreamJob. `prepare(job)` returns the Dify `inputs` or raises AuthError (no Dify call then)."""
 
     def __init__(
         self,
@@ -120,9 +112,9 @@ class StreamWorker:
                 self._answer(job, cancelled, progress)
             except StreamAborted:
                 logger.info("stream is owned or closed elsewhere now; worker stops")
-            except UserFacingRefusal as refusal:
-                logger.info("refused before calling Dify: %s", refusal.code)
-                self._finish(job, ERROR, note=refusal.note, error=refusal.code)
+            except AuthError as refusal:
+                logger.info("not asking Dify: %s", refusal.code)
+                self._finish(job, ERROR, note=self.texts.failure_note(refusal), error=refusal.code)
             except DifyError as exc:
                 self._fail(job, exc, progress)
             except Exception:

@@ -6,6 +6,7 @@ the bubble to the short note the user sees; the technical reason goes to the log
 
 from __future__ import annotations
 
+from services.auth import AuthError
 from services.dify_client import (
     DifyConnectionError,
     DifyError,
@@ -33,6 +34,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "store_unavailable": "服务暂时不可用，请稍后重新发送这条消息。",
         "busy": "当前正在处理的消息较多，请稍后再试。",
         "shutting_down": "服务正在重启，请稍后重新发送这条消息。",
+        "unknown_user": "抱歉，你还没有开通 AI 助手的使用权限，请联系管理员开通。",
+        "user_disabled": "你的 AI 助手使用权限已被停用，如有疑问请联系管理员。",
+        "auth_refused": "身份认证未通过，暂时无法使用 AI 助手，请联系管理员。",
+        "auth_unavailable": "身份认证服务暂时不可用，请稍后再试。",
+        "database_unavailable": "用户信息服务暂时不可用，请稍后再试。",
     },
     "en": {
         "placeholder": "Thinking…",
@@ -51,6 +57,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "store_unavailable": "The service is temporarily unavailable. Please send your message again shortly.",
         "busy": "Too many messages are being answered right now. Please try again shortly.",
         "shutting_down": "The service is restarting. Please send your message again shortly.",
+        "unknown_user": "Sorry, you do not have access to this assistant yet. Please ask your admin to add you.",
+        "user_disabled": "Your access to this assistant has been disabled. Please contact your admin.",
+        "auth_refused": "Authentication was refused, so the assistant cannot answer you. Please contact your admin.",
+        "auth_unavailable": "The authentication service is unavailable right now. Please try again later.",
+        "database_unavailable": "The user directory is unavailable right now. Please try again later.",
     },
 }
 
@@ -86,6 +97,8 @@ class Texts:
 
 def failure_key(exc: BaseException) -> str:
     """Which catalogue entry describes `exc` to a user."""
+    if isinstance(exc, AuthError):
+        return exc.code if exc.code in CATALOGUE["en"] else "auth_unavailable"
     if isinstance(exc, DifyHTTPError):
         if exc.status == 429 or exc.code in _BUSY_CODES:
             return "dify_busy"

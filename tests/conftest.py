@@ -4,23 +4,29 @@ sockets, app instances (in-process test client or served on a real port), and th
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from dataclasses import dataclass
 
+import pymysql
 import pytest
 import redis
 from flask import Flask
+from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
 from app import create_app
 from config.settings import Settings
+from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.wecom_simulator import WeComSimulator
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+pymysql://root@127.0.0.1:3306")
 TOKEN = "test-token-Zq8"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
+AUTH_KEY = "svc-auth-key-0001"
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +54,50 @@ def redis_client(redis_url):
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """A MariaDB/MySQL database created for this test run (dropped at the end)."""
+    server = make_url(TEST_MYSQL_SERVER)
+    name = f"gw_test_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        admin = pymysql.connect(
+            host=server.host,
+            port=server.port or 3306,
+            user=server.username,
+            password=server.password or "",
+            connect_timeout=3,
+            autocommit=True,
+        )
+    except pymysql.MySQLError as exc:
+        pytest.exit(
+            f"MariaDB/MySQL is not reachable at {server.host}:{server.port} ({exc}). Start it, e.g. "
+            "`start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`, or set "
+            "TEST_MYSQL_SERVER.",
+            returncode=3,
+        )
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def auth_server():
+    server = AuthStandIn(api_key=AUTH_KEY).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def auth(auth_server) -> AuthStandIn:
+    """The auth API stand-in, answering normally, with no recorded calls."""
+    auth_server.reset()
+    yield auth_server
+    auth_server.reset()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,23 @@
+"""`flask --app app db init`: create the schema (safe to run again; existing rows are kept)."""
+
+from __future__ import annotations
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+from sqlalchemy.exc import SQLAlchemyError
+
+from services import db
+
+db_cli = AppGroup("db", help="Database schema.")
+
+
+@db_cli.command("init")
+def init_command() -> None:
+    """Create the wecom_users table if it does not exist."""
+    engine = current_app.extensions["gateway"].engine
+    try:
+        db.init_schema(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database unavailable: {type(exc).__name__}: {exc.__cause__ or exc}") from None
+    click.echo(f"schema ready on {engine.url.render_as_string(hide_password=True)}: wecom_users")

@@ -1,0 +1,71 @@
+"""`flask --app app users ...`: add, disable, enable and list the WeCom users allowed to use the bot."""
+
+from __future__ import annotations
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from services.users import UserExists
+
+users_cli = AppGroup("users", help="Who may use the bot (the wecom_users table).")
+
+
+def _gateway():
+    return current_app.extensions["gateway"]
+
+
+@users_cli.command("add")
+@click.argument("userid")
+@click.argument("account")
+@click.option("--name", "display_name", default=None, help="display name")
+@click.option("--disabled", is_flag=True, help="add the user disabled")
+def add_command(userid: str, account: str, display_name: str | None, disabled: bool) -> None:
+    """Allow USERID (the WeCom userid), known to the auth API as ACCOUNT."""
+    if len(userid) > 64 or len(account) > 128:
+        raise click.BadParameter("userid is at most 64 characters, account at most 128")
+    try:
+        _gateway().users.add(userid, account, display_name, enabled=not disabled)
+    except UserExists:
+        raise click.ClickException(f"user {userid} already exists (use enable/disable)") from None
+    click.echo(f"added {userid} ({account}){' disabled' if disabled else ''}")
+
+
+@users_cli.command("disable")
+@click.argument("userid")
+def disable_command(userid: str) -> None:
+    """Stop USERID from using the bot now (its cached token is revoked too)."""
+    _set_enabled(userid, False)
+
+
+@users_cli.command("enable")
+@click.argument("userid")
+def enable_command(userid: str) -> None:
+    """Let USERID use the bot again."""
+    _set_enabled(userid, True)
+
+
+def _set_enabled(userid: str, enabled: bool) -> None:
+    gateway = _gateway()
+    if not gateway.users.set_enabled(userid, enabled):
+        raise click.ClickException(f"no user {userid}")
+    if gateway.authorizer is not None:
+        gateway.authorizer.revoke(userid)
+    click.echo(f"{'enabled' if enabled else 'disabled'} {userid}")
+
+
+@users_cli.command("list")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--offset", default=0, show_default=True)
+def list_command(limit: int, offset: int) -> None:
+    """List users, ordered by userid."""
+    rows = [
+        (u.userid, u.account, u.display_name or "", "yes" if u.enabled else "no")
+        for u in _gateway().users.list(limit, offset)
+    ]
+    header = ("USERID", "ACCOUNT", "NAME", "ENABLED")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        click.echo("(no users)")

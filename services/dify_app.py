@@ -1,0 +1,54 @@
+"""What the Dify app declares about itself (`/parameters`), fetched lazily and cached per process for a while:
+the input variables to fill for each user, and (for enter_chat) the opening statement."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from services.dify_client import DifyClient, DifyError
+
+logger = logging.getLogger(__name__)
+
+_FORM_TYPES = ("text-input", "paragraph", "select", "number")
+
+
+class DifyAppProfile:
+    """A cached view of `/parameters`; a failed refresh keeps the last good copy (or empty) and retries later."""
+
+    def __init__(self, dify: DifyClient, ttl_seconds: float = 300.0, retry_seconds: float = 30.0):
+        self.dify = dify
+        self.ttl_seconds = ttl_seconds
+        self.retry_seconds = retry_seconds
+        self._parameters: dict = {}
+        self._next_refresh = 0.0
+        self._lock = threading.Lock()
+
+    def parameters(self) -> dict:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return self._parameters
+        with self._lock:
+            if now < self._next_refresh:
+                return self._parameters
+            try:
+                self._parameters = self.dify.parameters()
+                self._next_refresh = now + self.ttl_seconds
+            except DifyError as exc:
+                logger.warning("could not read the Dify app's parameters: %s", exc.code)
+                self._next_refresh = now + self.retry_seconds
+            return self._parameters
+
+    def declared_inputs(self) -> dict[str, object]:
+        """Variable name -> default for each input the app declares in its user input form."""
+        declared: dict[str, object] = {}
+        form = self.parameters().get("user_input_form")
+        for item in form if isinstance(form, list) else []:
+            if not isinstance(item, dict):
+                continue
+            for kind in _FORM_TYPES:
+                spec = item.get(kind)
+                if isinstance(spec, dict) and isinstance(spec.get("variable"), str):
+                    declared[spec["variable"]] = spec.get("default")
+        return declared

@@ -1,0 +1,292 @@
+"""Authentication end to end: Redis token cache -> the real MariaDB user table -> the auth API stand-in.
+
+Each outcome is checked in the user's bubble (finished, with the right note) and at Dify (called or not).
+"""
+
+import logging
+import threading
+
+import orjson
+import pytest
+from sqlalchemy import delete
+
+from demo import auth_standin
+from demo import dify_standin as d
+from services import db
+from services.auth import token_ttl
+from services.texts import CATALOGUE
+from services.users import UserDirectory, UserExists
+from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
+
+ZH = CATALOGUE["zh"]
+
+
+@pytest.fixture
+def directory(mysql_url):
+    """The test database's user table, emptied, with alice (enabled) and dave (disabled)."""
+    engine = db.make_engine(mysql_url, timeout=3)
+    db.init_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(delete(db.wecom_users))
+    users = UserDirectory(engine)
+    users.add("alice", "alice@corp.example", "Alice")
+    users.add("dave", "dave@corp.example", "Dave", enabled=False)
+    yield users
+    engine.dispose()
+
+
+@pytest.fixture
+def auth_app(make_app, mysql_url, auth, directory):
+    def build(**changes):
+        options = dict(
+            auth_mode="external",
+            auth_api_url=auth.url,
+            auth_api_key=AUTH_KEY,
+            database_url=mysql_url,
+            auth_timeout=1.0,
+            database_timeout=1.0,
+            auth_token_margin=60,
+        )
+        return make_app(**{**options, **changes})
+
+    return build
+
+
+@pytest.fixture
+def sim(auth_app, serve):
+    live = serve(auth_app())
+    simulator = make_simulator(live.url)
+    simulator.live = live
+    yield simulator
+    simulator.close()
+
+
+def finished_with(conversation, note_key):
+    assert conversation.finished and conversation.text == ZH[note_key]
+
+
+def test_a_known_user_gets_a_token_passed_to_dify(sim, dify, auth, redis_client):
+    dify.script(d.answer("hello Alice"))
+    assert sim.ask("hi", userid="alice").text == "hello Alice"
+
+    [call] = auth.calls
+    assert call["authorization"] == f"Bearer {AUTH_KEY}"
+    assert call["body"] == {"account": "alice@corp.example", "wecom_userid": "alice"}
+    token = redis_client.get("authorization:wechatid:alice")
+    assert token.startswith("tok_")
+    info = orjson.loads(redis_client.get(f"authorization:token:{token}"))
+    assert info["account"] == "alice@corp.example" and info["user"]["department"] == "R&D"
+    [request] = dify.chat_requests()
+    assert request["inputs"] == {"user_token": token, "user_account": "alice@corp.example"}
+
+
+def test_token_ttl_is_expires_in_minus_the_margin(sim, dify, auth, redis_client):
+    auth.expires_in = 3600
+    dify.script(d.answer("ok"))
+    sim.ask("hi", userid="alice")
+    token = redis_client.get("authorization:wechatid:alice")
+    for key in ("authorization:wechatid:alice", f"authorization:token:{token}"):
+        assert 3530 <= redis_client.ttl(key) <= 3540
+
+
+def test_short_lived_tokens_are_cached_for_half_their_life():
+    assert token_ttl(3600, 60) == 3540
+    assert token_ttl(100, 60) == 50
+    assert token_ttl(1, 60) == 1
+
+
+def test_the_next_message_uses_the_cached_token(sim, dify, auth):
+    dify.script(d.answer("ok"), times=None)
+    sim.ask("one", userid="alice")
+    sim.ask("two", userid="alice")
+    assert len(auth.calls) == 1
+    tokens = {r["inputs"]["user_token"] for r in dify.chat_requests()}
+    assert len(tokens) == 1
+
+
+def test_unknown_user(sim, dify, auth):
+    finished_with(sim.ask("hi", userid="mallory"), "unknown_user")
+    assert dify.chat_requests() == [] and auth.calls == []
+
+
+def test_disabled_user(sim, dify, auth):
+    finished_with(sim.ask("hi", userid="dave"), "user_disabled")
+    assert dify.chat_requests() == [] and auth.calls == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_refused_by_the_auth_api(sim, dify, auth, redis_client, status):
+    auth.refuse("alice@corp.example", status)
+    finished_with(sim.ask("hi", userid="alice"), "auth_refused")
+    assert dify.chat_requests() == []
+    assert not redis_client.exists("authorization:wechatid:alice")
+
+
+@pytest.mark.parametrize("mode", [auth_standin.DOWN, auth_standin.SLOW, auth_standin.MALFORMED, auth_standin.NO_TOKEN])
+def test_auth_api_unavailable(sim, dify, auth, mode):
+    auth.mode = mode
+    finished_with(sim.ask("hi", userid="alice"), "auth_unavailable")
+    assert dify.chat_requests() == []
+
+
+def test_auth_api_unreachable(auth_app, serve, dify):
+    live = serve(auth_app(auth_api_url="http://127.0.0.1:9/auth/token"))
+    simulator = make_simulator(live.url)
+    finished_with(simulator.ask("hi", userid="alice"), "auth_unavailable")
+    assert dify.chat_requests() == []
+    simulator.close()
+
+
+def test_database_down(auth_app, serve, dify, auth):
+    live = serve(auth_app(database_url="mysql+pymysql://root@127.0.0.1:1/nowhere"))
+    simulator = make_simulator(live.url)
+    finished_with(simulator.ask("hi", userid="alice"), "database_unavailable")
+    assert dify.chat_requests() == [] and auth.calls == []
+    simulator.close()
+
+
+def seed_token(redis_client, userid="alice", token="tok_cached_before_the_outage"):
+    info = {"userid": userid, "account": f"{userid}@corp.example", "display_name": "Alice", "user": {}}
+    redis_client.set(f"authorization:wechatid:{userid}", token, ex=600)
+    redis_client.set(f"authorization:token:{token}", orjson.dumps(info), ex=600)
+    return token
+
+
+def test_cached_users_keep_working_while_the_database_is_down(auth_app, serve, dify, auth, redis_client):
+    token = seed_token(redis_client)
+    live = serve(auth_app(database_url="mysql+pymysql://root@127.0.0.1:1/nowhere"))
+    simulator = make_simulator(live.url)
+    dify.script(d.answer("still here"))
+    assert simulator.ask("hi", userid="alice").text == "still here"
+    assert dify.chat_requests()[0]["inputs"]["user_token"] == token
+    simulator.close()
+
+
+def test_cached_users_keep_working_while_the_auth_api_is_down(sim, dify, auth, redis_client):
+    seed_token(redis_client)
+    auth.mode = auth_standin.DOWN
+    dify.script(d.answer("still here"))
+    assert sim.ask("hi", userid="alice").text == "still here"
+    assert auth.calls == []
+
+
+def test_single_flight_across_two_replicas(auth_app, serve, dify, auth):
+    """Ten messages of one user arriving at once on two replicas make one auth API call."""
+    auth.delay = 0.4
+    replicas = [serve(auth_app(replica_id="replica-a")), serve(auth_app(replica_id="replica-b"))]
+    simulator = make_simulator([r.url for r in replicas])
+    dify.script(d.answer("answered"), times=None)
+    results = []
+    barrier = threading.Barrier(10)
+
+    def ask(i):
+        barrier.wait()
+        results.append(simulator.ask(f"question {i}", userid="alice"))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c.text for c in results] == ["answered"] * 10
+    assert len(auth.calls) == 1
+    assert len({r["inputs"]["user_token"] for r in dify.chat_requests()}) == 1
+    simulator.close()
+
+
+def test_a_burst_from_a_refused_user_asks_once(sim, dify, auth):
+    auth.refuse("alice@corp.example", 403)
+    auth.delay = 0.3
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(sim.ask(f"q{i}", userid="alice"))) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(c.text == ZH["auth_refused"] for c in results)
+    assert len(auth.calls) == 1
+
+
+def test_declared_inputs_are_filled_from_the_user_info(sim, dify, auth):
+    dify.parameters["user_input_form"] = [
+        {"text-input": {"variable": "department", "label": "Dept", "required": False}},
+        {"text-input": {"variable": "display_name", "label": "Name", "required": False}},
+        {"select": {"variable": "tone", "label": "Tone", "required": True, "default": "formal", "options": []}},
+        {"paragraph": {"variable": "not_known", "label": "x", "required": False}},
+    ]
+    dify.script(d.answer("ok"))
+    sim.ask("hi", userid="alice")
+    inputs = dify.chat_requests()[0]["inputs"]
+    assert inputs["department"] == "R&D" and inputs["display_name"] == "Alice" and inputs["tone"] == "formal"
+    assert "not_known" not in inputs and inputs["user_account"] == "alice@corp.example"
+
+
+def test_auth_mode_none_asks_nobody(make_app, serve, dify, auth):
+    live = serve(make_app(auth_mode="none"))
+    simulator = make_simulator(live.url)
+    dify.script(d.answer("open to all"))
+    assert simulator.ask("hi", userid="anyone").text == "open to all"
+    assert auth.calls == [] and dify.chat_requests()[0]["inputs"] == {}
+    simulator.close()
+
+
+def test_no_token_key_or_secret_in_any_log_line(sim, dify, auth, redis_client, caplog):
+    dify.script(d.answer("logged"), times=None)
+    with caplog.at_level(logging.DEBUG):
+        sim.ask("hi", userid="alice")
+        sim.ask("again", userid="alice")
+        finished_with(sim.ask("hi", userid="mallory"), "unknown_user")
+    token = redis_client.get("authorization:wechatid:alice")
+    assert token and caplog.records
+    for secret in (token, AUTH_KEY, DIFY_KEY, TOKEN, AES_KEY):
+        assert secret not in caplog.text
+        assert all(secret not in str(r.args) for r in caplog.records)
+
+
+def test_readiness_names_the_database(auth_app):
+    client = auth_app(database_url="mysql+pymysql://root@127.0.0.1:1/nowhere").test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503 and "database" in response.get_json()["failed"]
+    assert auth_app().test_client().get("/readyz").status_code == 200
+
+
+# --- the user directory and the operator commands -----------------------------------------------------------
+
+
+def test_directory_on_mariadb(directory):
+    assert directory.find("alice").enabled and not directory.find("dave").enabled
+    assert directory.find("nobody") is None
+    with pytest.raises(UserExists):
+        directory.add("alice", "other@corp.example")
+    assert directory.set_enabled("alice", True)  # unchanged value still counts as found
+    assert not directory.set_enabled("nobody", True)
+    assert [u.userid for u in directory.list()] == ["alice", "dave"]
+    directory.add("张三", "zhangsan@corp.example", "张三")
+    assert directory.find("张三").display_name == "张三"
+
+
+def test_cli_schema_init_is_safe_twice_and_users_can_be_managed(auth_app, dify, auth, redis_client, serve):
+    app = auth_app()
+    runner = app.test_cli_runner()
+    for _ in range(2):
+        result = runner.invoke(args=["db", "init"])
+        assert result.exit_code == 0 and "schema ready" in result.output
+    result = runner.invoke(args=["users", "add", "erin", "erin@corp.example", "--name", "Erin"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(args=["users", "add", "erin", "x"]).exit_code != 0
+    listing = runner.invoke(args=["users", "list"]).output
+    assert "erin@corp.example" in listing and "alice" in listing
+
+    simulator = make_simulator(serve(app).url)
+    dify.script(d.answer("welcome Erin"))
+    assert simulator.ask("hi", userid="erin").text == "welcome Erin"
+    assert redis_client.exists("authorization:wechatid:erin")
+
+    assert runner.invoke(args=["users", "disable", "erin"]).exit_code == 0
+    assert not redis_client.exists("authorization:wechatid:erin")  # disabling revokes the cached token
+    finished_with(simulator.ask("still allowed?", userid="erin"), "user_disabled")
+    assert runner.invoke(args=["users", "enable", "erin"]).exit_code == 0
+    dify.script(d.answer("back again"))
+    assert simulator.ask("and now?", userid="erin").text == "back again"
+    assert runner.invoke(args=["users", "disable", "ghost"]).exit_code != 0
+    simulator.close()
