@@ -63,6 +63,8 @@ class Settings:
     wecom_receive_id: str = ""
     wecom_timestamp_tolerance: int = 300
     wecom_max_body_bytes: int = 256 * 1024
+    wecom_bot_name: str = ""
+    welcome_message: str = ""
 
     # --- Dify -----------------------------------------------------------------------------------------------
     dify_base_url: str = ""
@@ -93,6 +95,7 @@ class Settings:
     stream_lease_seconds: int = 15
     stream_max_active: int = 1000
     stream_placeholder: str = ""
+    conversation_ttl_seconds: int = 7 * 24 * 3600
 
     # --- logging --------------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -175,6 +178,7 @@ def _validate(s: Settings) -> None:
     _require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
     _require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
     _require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
+    _require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
 
     _require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -9,7 +9,10 @@ answers like a friendly demo bot, so the local run has something to talk to.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -153,6 +156,12 @@ class DifyStandIn:
         self.stops: list[tuple[str, dict]] = []
         self.open_streams = 0
         self.parameters = default_parameters()
+        self.conversations: dict[str, str] = {}  # conversation id -> the end-user it belongs to
+        self.completed: set[str] = set()  # conversations Dify reports as ended
+        self.messages: dict[str, str] = {}  # message id -> end-user
+        self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
+        self.feedbacks: list[tuple[str, dict]] = []
+        self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
 
@@ -178,6 +187,16 @@ class DifyStandIn:
             self.requests.clear()
             self.stops.clear()
             self.parameters = default_parameters()
+            for registry in (self.conversations, self.messages, self.uploads, self.files):
+                registry.clear()
+            self.completed.clear()
+            self.feedbacks.clear()
+
+    def host_file(self, data: bytes, extension: str = "png") -> str:
+        """Serve a tool-made file and return the relative URL Dify would put in a message_file event."""
+        name = f"{uuid.uuid4().hex}.{extension}"
+        self.files[name] = data
+        return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
 
     def chat_requests(self) -> list[dict]:
         """Bodies of the chat requests received so far."""
@@ -195,7 +214,12 @@ class DifyStandIn:
     # --- request handling ---------------------------------------------------------------------------------
 
     async def handle(self, request: Request, conn: Conn) -> None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        signed_file = request.method == "GET" and request.path.startswith("/files/")  # signed URLs need no key
+        if (
+            self.api_key is not None
+            and not signed_file
+            and request.headers.get("authorization") != f"Bearer {self.api_key}"
+        ):
             await conn.send(401, {"code": "unauthorized", "message": "Access token is invalid", "status": 401})
             return
         path = request.path
@@ -203,6 +227,12 @@ class DifyStandIn:
             await self._chat(request, conn)
         elif request.method == "GET" and path == "/v1/parameters":
             await conn.send(200, self.parameters)
+        elif request.method == "POST" and path == "/v1/files/upload":
+            await self._upload(request, conn)
+        elif request.method == "POST" and path.startswith("/v1/messages/") and path.endswith("/feedbacks"):
+            await self._feedback(path.split("/")[3], request, conn)
+        elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
+            await conn.send(200, self.files[path.rsplit("/", 1)[-1]], content_type="image/png")
         elif request.method == "POST" and path.startswith("/v1/chat-messages/") and path.endswith("/stop"):
             task_id = path.split("/")[3]
             self.stops.append((task_id, request.json() or {}))
@@ -220,21 +250,83 @@ class DifyStandIn:
             return
         with self._lock:
             self.requests.append({"body": body, "headers": dict(request.headers), "at": time.time()})
-        problem = _validate_chat(body)
+        problem = _validate_chat(body) or self._check_files(body)
         if problem:
             await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
+            return
+        conversation_id = body.get("conversation_id")
+        if conversation_id and self.conversations.get(conversation_id) != body["user"]:
+            await conn.send(404, {"code": "not_found", "message": "Conversation Not Exists.", "status": 404})
+            return
+        if conversation_id in self.completed:
+            await conn.send(
+                400,
+                {
+                    "code": "conversation_completed",
+                    "status": 400,
+                    "message": "The conversation has ended. Please start a new conversation.",
+                },
+            )
             return
         ids = {
             "task_id": str(uuid.uuid4()),
             "message_id": str(uuid.uuid4()),
-            "conversation_id": body.get("conversation_id") or str(uuid.uuid4()),
+            "conversation_id": conversation_id or str(uuid.uuid4()),
         }
+        with self._lock:
+            self.conversations[ids["conversation_id"]] = body["user"]
+            self.messages[ids["message_id"]] = body["user"]
         steps = self._take_script(body.get("query", "")) or demo_reply(body.get("query", ""), self.demo_delay)
         self.open_streams += 1
         try:
             await self._play(steps, ids, conn)
         finally:
             self.open_streams -= 1
+
+    def _check_files(self, body: dict) -> str:
+        for item in body.get("files") or []:
+            upload = self.uploads.get(item.get("upload_file_id", "")) if isinstance(item, dict) else None
+            if upload is None or upload["user"] != body["user"] or item.get("transfer_method") != "local_file":
+                return "files: unknown upload_file_id for this user"
+        return ""
+
+    async def _upload(self, request: Request, conn: Conn) -> None:
+        fields, file_part = _multipart(request)
+        if file_part is None:
+            await conn.send(400, {"code": "no_file_uploaded", "message": "Please upload your file.", "status": 400})
+            return
+        if not fields.get("user"):
+            await conn.send(400, {"code": "invalid_param", "message": "Arg user must be provided.", "status": 400})
+            return
+        name, mime_type, data = file_part
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if extension not in _UPLOAD_EXTENSIONS:
+            await conn.send(415, {"code": "unsupported_file_type", "message": "File type not allowed.", "status": 415})
+            return
+        file_id = str(uuid.uuid4())
+        with self._lock:
+            self.uploads[file_id] = {"name": name, "mime_type": mime_type, "data": data, "user": fields["user"]}
+        await conn.send(
+            201,
+            {
+                "id": file_id,
+                "name": name,
+                "size": len(data),
+                "extension": extension,
+                "mime_type": mime_type,
+                "created_by": fields["user"],
+                "created_at": int(time.time()),
+            },
+        )
+
+    async def _feedback(self, message_id: str, request: Request, conn: Conn) -> None:
+        body = request.json() or {}
+        if self.messages.get(message_id) != body.get("user"):
+            await conn.send(404, {"code": "not_found", "message": "Message Not Exists.", "status": 404})
+            return
+        with self._lock:
+            self.feedbacks.append((message_id, body))
+        await conn.send(200, {"result": "success"})
 
     def _take_script(self, query: str) -> list[tuple] | None:
         with self._lock:
@@ -292,6 +384,27 @@ class DifyStandIn:
                 await conn.write_chunk(b"event: ping\n\n")
             else:
                 await asyncio.sleep(left)
+
+
+_UPLOAD_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "png", "gif", "webp", "pdf", "docx", "xlsx", "pptx", "txt", "md", "csv", "mp4", "mov"}
+)
+
+
+def _multipart(request: Request) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:
+    """(form fields, (filename, mime type, bytes) of the `file` part) of a multipart/form-data request."""
+    head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + request.body)
+    fields: dict[str, str] = {}
+    file_part = None
+    for part in message.iter_parts() if message.is_multipart() else []:
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "file":
+            file_part = (part.get_filename() or "", part.get_content_type(), payload)
+        elif name:
+            fields[name] = payload.decode()
+    return fields, file_part
 
 
 def default_parameters() -> dict:

@@ -206,6 +206,8 @@ class StandInServer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             logger.debug("stand-in connection ended: %s", type(exc).__name__)
+        except asyncio.CancelledError:
+            logger.debug("stand-in connection cancelled at shutdown")
         finally:
             self._connections.discard(writer)
             with contextlib.suppress(Exception):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import httpx
 import orjson
 
+from demo.http_server import Conn, Request, StandInServer
 from services.crypto import WeComCrypto
 
 WECOM_POLL_WINDOW = 360.0
@@ -49,6 +52,76 @@ class Conversation:
         return [f["stream"].get("content", "") for f in self.frames]
 
 
+class WeComInbox:
+    """WeCom's side of the active-reply and media URLs, served locally: `response_url` accepts one message per
+    code (a second use is refused), and `/media/<name>` serves files encrypted with the bot key, like WeCom's COS."""
+
+    def __init__(self, crypto: WeComCrypto):
+        self.crypto = crypto
+        self.messages: dict[str, list[dict]] = {}
+        self.media: dict[str, bytes] = {}
+        self.media_headers: dict[str, dict[str, str]] = {}
+        self.on_message: Callable[[dict], None] | None = None
+        self.server = StandInServer(self.handle)
+        self._lock = threading.Lock()
+
+    def start(self) -> WeComInbox:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def new_response_url(self) -> str:
+        return f"{self.server.url}/cgi-bin/aibot/response?response_code={secrets.token_hex(8)}"
+
+    def host(self, data: bytes, filename: str | None = None, encrypt: bool = True) -> str:
+        """Serve `data` (encrypted with the bot key, as WeCom does) and return its URL."""
+        body = self.crypto.encrypt_media(data) if encrypt else data
+        name = secrets.token_hex(6)
+        self.media[name] = body
+        if filename:
+            self.media_headers[name] = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}"}
+        return f"{self.server.url}/media/{name}?sign={secrets.token_hex(4)}"
+
+    def received(self, response_url: str) -> list[dict]:
+        code = response_url.rsplit("response_code=", 1)[-1]
+        return self.messages.get(code, [])
+
+    def wait_for(self, response_url: str, timeout: float = 5.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.received(response_url)
+            if got:
+                return got[0]
+            time.sleep(0.02)
+        return None
+
+    async def handle(self, request: Request, conn: Conn) -> None:
+        if request.method == "POST" and request.path == "/cgi-bin/aibot/response":
+            code = request.query.get("response_code", "")
+            with self._lock:
+                used = code in self.messages
+                body = orjson.loads(request.body) if request.body else {}
+                self.messages.setdefault(code, []).append(body)
+            if used:
+                await conn.send(200, {"errcode": 600001, "errmsg": "response_code already used"})
+                return
+            if self.on_message:
+                self.on_message(body)
+            await conn.send(200, {"errcode": 0, "errmsg": "ok"})
+        elif request.method == "GET" and request.path.startswith("/media/"):
+            name = request.path.rsplit("/", 1)[-1]
+            if name not in self.media:
+                await conn.send(404, {"errcode": 404, "errmsg": "expired"})
+                return
+            await conn.send(
+                200, self.media[name], content_type="application/octet-stream", headers=self.media_headers.get(name)
+            )
+        else:
+            await conn.send(404, {"errcode": 404})
+
+
 class WeComSimulator:
     """Talks to one gateway (or, with `urls`, spreads requests over several replicas) as WeCom would."""
 
@@ -70,9 +143,11 @@ class WeComSimulator:
         self.poll_interval = poll_interval
         self.http = httpx.Client(timeout=timeout, trust_env=False)
         self._next_url = itertools.cycle(range(len(self.urls)))
+        self.inbox = WeComInbox(self.crypto).start()
 
     def close(self) -> None:
         self.http.close()
+        self.inbox.stop()
 
     # --- payloads -----------------------------------------------------------------------------------------
 
@@ -116,7 +191,7 @@ class WeComSimulator:
             "aibotid": self.aibotid,
             "chattype": "group" if chatid else "single",
             "from": {"userid": userid},
-            "response_url": f"https://qyapi.weixin.qq.com/cgi-bin/aibot/response?response_code={secrets.token_hex(8)}",
+            "response_url": self.inbox.new_response_url(),
         }
         if chatid:
             payload["chatid"] = chatid
@@ -240,9 +315,15 @@ class _GrowingPrinter:
         self.shown = content
 
 
+def _print_separate_message(body: dict) -> None:
+    content = (body.get("markdown") or {}).get("content", "")
+    print(f"\n[separate message through response_url]\n{content}\n", flush=True)
+
+
 def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
     """Read questions from the terminal and print each answer as it grows."""
     print(f"Chatting as '{userid}'{' in group ' + chatid if chatid else ''}. Empty line or Ctrl-D to quit.")
+    simulator.inbox.on_message = _print_separate_message
     while True:
         try:
             question = input("\nyou> ").strip()

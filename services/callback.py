@@ -15,8 +15,13 @@ import orjson
 import redis
 
 from services import errors
+from services.conversations import ConversationStore
 from services.crypto import CryptoError, WeComCrypto
-from services.messages import Inbound, parse_inbound, stream_reply
+from services.dify_app import DifyAppProfile
+from services.feedback import FeedbackService
+from services.media import DOCUMENT, IMAGE, VIDEO
+from services.messages import Inbound, parse_inbound, stream_reply, text_reply
+from services.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
 from services.streams import StreamService, new_stream_id
 from services.texts import Texts
 from utils.logging import bind_log_context
@@ -31,11 +36,27 @@ class StoreUnavailable(Exception):
 class CallbackHandler:
     """Turns one raw callback into the bytes to answer with."""
 
-    def __init__(self, crypto: WeComCrypto, streams: StreamService, texts: Texts, timestamp_tolerance: int):
+    def __init__(
+        self,
+        crypto: WeComCrypto,
+        streams: StreamService,
+        texts: Texts,
+        timestamp_tolerance: int,
+        conversations: ConversationStore,
+        profile: DifyAppProfile,
+        feedback: FeedbackService,
+        bot_name: str = "",
+        welcome_message: str = "",
+    ):
         self.crypto = crypto
         self.streams = streams
         self.texts = texts
         self.timestamp_tolerance = timestamp_tolerance
+        self.conversations = conversations
+        self.profile = profile
+        self.feedback = feedback
+        self.bot_name = bot_name
+        self.welcome_message = welcome_message
 
     # --- GET: URL verification ----------------------------------------------------------------------------
 
@@ -98,14 +119,50 @@ class CallbackHandler:
             return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
 
     def _on_message(self, message: Inbound) -> dict:
-        query = message.text.strip()
-        if not query:
+        text = strip_mention(message.text, self.bot_name) if message.is_group else message.text.strip()
+        command = parse_command(text)
+        if command is not None:
+            name, text = command
+            if name == HELP:
+                return self.streams.finish_at_once(self.texts.say("help"))
+            if name == NEW_CONVERSATION:
+                self.conversations.forget(message.aibotid, message.chatid, message.userid)
+                logger.info("conversation reset by the user")
+                if not text:
+                    return self.streams.finish_at_once(self.texts.say("new_conversation"))
+
+        attachments = [(IMAGE, url) for url in message.image_urls]
+        if message.quote:
+            attachments += [(IMAGE, url) for url in quoted_image_urls(message.quote)]
+        if message.msgtype in ("file", "video") and message.file_url:
+            attachments.append((DOCUMENT if message.msgtype == "file" else VIDEO, message.file_url))
+        if not text and not attachments:
             return self.streams.finish_at_once(self.texts.say("empty_query"))
-        return self.streams.open(message, query)
+        query = text or self.texts.say("image_query" if message.image_urls else "file_query")
+        query = with_quote(query, message.quote, self.texts)
+        return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
 
     def _on_event(self, message: Inbound) -> dict | None:
         logger.info("event %s received", message.event_type)
+        if message.event_type == "enter_chat":
+            welcome = self.welcome_text()
+            return text_reply(welcome) if welcome else None
+        if message.event_type == "feedback_event":
+            self.feedback.submit(message.event)
         return None
+
+    def welcome_text(self) -> str:
+        """WELCOME_MESSAGE, else the Dify app's opening statement with its suggested questions, else nothing."""
+        if self.welcome_message:
+            return self.welcome_message
+        parameters = self.profile.parameters(timeout=2.0)
+        opening = str(parameters.get("opening_statement") or "").strip()
+        questions = [q for q in parameters.get("suggested_questions") or [] if isinstance(q, str) and q.strip()]
+        if not opening:
+            return ""
+        if questions:
+            opening += "\n\n" + self.texts.say("welcome_suggestions") + "\n" + "\n".join(f"- {q}" for q in questions)
+        return opening
 
     # --- request checks -----------------------------------------------------------------------------------
 

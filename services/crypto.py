@@ -145,6 +145,11 @@ class WeComCrypto:
         """
         return unpad32(self._decrypt_blocks(data))
 
+    def encrypt_media(self, data: bytes) -> bytes:
+        """The inverse of decrypt_media (what WeCom does to uploads; used by the simulator and tests)."""
+        encryptor = self._cipher.encryptor()
+        return encryptor.update(pad32(data)) + encryptor.finalize()
+
     def _decrypt_blocks(self, data: bytes) -> bytes:
         if not data or len(data) % 16:
             raise CryptoError(DECRYPT_AES_ERROR, "ciphertext is not a whole number of AES blocks")

@@ -25,7 +25,8 @@ class DifyAppProfile:
         self._next_refresh = 0.0
         self._lock = threading.Lock()
 
-    def parameters(self) -> dict:
+    def parameters(self, timeout: float = 10.0) -> dict:
+        """The cached parameters, refreshed when stale (waiting at most `timeout` seconds for Dify)."""
         now = time.monotonic()
         if now < self._next_refresh:
             return self._parameters
@@ -33,7 +34,7 @@ class DifyAppProfile:
             if now < self._next_refresh:
                 return self._parameters
             try:
-                self._parameters = self.dify.parameters()
+                self._parameters = self.dify.parameters(timeout)
                 self._next_refresh = now + self.ttl_seconds
             except DifyError as exc:
                 logger.warning("could not read the Dify app's parameters: %s", exc.code)

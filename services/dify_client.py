@@ -244,14 +244,14 @@ class DifyClient:
             raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
         raise DifyStreamCut("Dify closed the stream before message_end")
 
-    def parameters(self) -> dict:
+    def parameters(self, timeout: float = 10.0) -> dict:
         """The app's `/parameters` (opening statement, suggested questions, declared inputs, upload limits).
 
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout.
         """
         try:
-            response = self._http.get("parameters", timeout=10.0)
+            response = self._http.get("parameters", timeout=timeout)
         except httpx.TimeoutException as exc:
             raise DifyTimeout("Dify /parameters timed out") from exc
         except httpx.HTTPError as exc:
@@ -263,6 +263,46 @@ class DifyClient:
         except orjson.JSONDecodeError:
             raise DifyHTTPError(response.status_code, "malformed", "Dify /parameters is not JSON") from None
         return data if isinstance(data, dict) else {}
+
+    def upload_file(self, data: bytes, filename: str, mime_type: str, user: str) -> str:
+        """Upload a file for `user` (`POST /files/upload`); returns its id for `files[].upload_file_id`.
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout.
+        """
+        try:
+            response = self._http.post(
+                "files/upload", files={"file": (filename, data, mime_type)}, data={"user": user}, timeout=60.0
+            )
+        except httpx.TimeoutException as exc:
+            raise DifyTimeout("Dify file upload timed out") from exc
+        except httpx.HTTPError as exc:
+            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
+        if response.status_code not in (200, 201):
+            raise _http_error(response)
+        try:
+            file_id = orjson.loads(response.content).get("id")
+        except (orjson.JSONDecodeError, AttributeError):
+            file_id = None
+        if not isinstance(file_id, str) or not file_id:
+            raise DifyHTTPError(response.status_code, "malformed", "Dify upload answered without a file id")
+        return file_id
+
+    def feedback(self, message_id: str, rating: str | None, user: str, content: str = "") -> None:
+        """Rate a message (`like`, `dislike`, or None to withdraw), as the user who got it.
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout.
+        """
+        body = {"rating": rating, "user": user, "content": content}
+        try:
+            response = self._http.post(f"messages/{message_id}/feedbacks", json=body, timeout=10.0)
+        except httpx.TimeoutException as exc:
+            raise DifyTimeout("Dify feedback timed out") from exc
+        except httpx.HTTPError as exc:
+            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise _http_error(response)
 
     def stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""

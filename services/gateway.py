@@ -13,20 +13,28 @@ from config.settings import Settings
 from services import db
 from services.auth import Authorizer
 from services.auth_api import AuthApiClient
+from services.bubble import BubbleRenderer
 from services.callback import CallbackHandler
+from services.conversations import ConversationStore
 from services.crypto import WeComCrypto
 from services.dify_app import DifyAppProfile
 from services.dify_client import DifyClient
+from services.feedback import FeedbackService
 from services.keys import Keys
+from services.media import MediaService
 from services.redis_conn import connect_redis
+from services.response_url import ResponseUrlClient
 from services.runner import StreamRunner
 from services.stream_store import StreamStore
-from services.stream_worker import StreamWorker
+from services.stream_worker import StreamWorker, WorkerDeps
 from services.streams import StreamService
 from services.texts import Texts
 from services.users import UserDirectory
 
 logger = logging.getLogger(__name__)
+
+# Seeded into the database in demo mode, so the local chat works with AUTH_MODE=external out of the box.
+DEMO_USERS = (("alice", "alice@example.com", "Alice", True), ("bob", "bob@example.com", "Bob", False))
 
 
 @dataclass
@@ -38,28 +46,31 @@ class Gateway:
     keys: Keys
     store: StreamStore
     dify: DifyClient
+    dify_base_url: str
+    profile: DifyAppProfile
+    engine: Engine
+    users: UserDirectory
+    authorizer: Authorizer | None
+    conversations: ConversationStore
+    media: MediaService
+    feedback: FeedbackService
+    responder: ResponseUrlClient
     runner: StreamRunner
     streams: StreamService
     callback: CallbackHandler
     texts: Texts
-    dify_base_url: str
-    engine: Engine
-    users: UserDirectory
-    profile: DifyAppProfile
-    authorizer: Authorizer | None
 
     def close(self) -> None:
         """Release pooled connections (running stream threads are left to finish on their own)."""
         self.runner.stop()
+        self.feedback.close()
+        self.media.close()
+        self.responder.close()
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
         self.engine.dispose()
         self.redis.close()
-
-
-# Seeded into the database in demo mode, so the local chat works with AUTH_MODE=external out of the box.
-DEMO_USERS = (("alice", "alice@example.com", "Alice", True), ("bob", "bob@example.com", "Bob", False))
 
 
 def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
@@ -68,74 +79,99 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     client = connect_redis(settings.redis_url, settings.redis_socket_timeout)
     keys = Keys(settings.redis_key_prefix)
     store = StreamStore(client, keys, settings.stream_key_ttl_seconds, settings.stream_lease_seconds)
-
-    dify_base_url = settings.dify_base_url
-    if not dify_base_url:
-        from demo.dify_standin import start_builtin_standin  # demo mode only (settings enforce it)
-
-        dify_base_url = start_builtin_standin()
-        logger.warning("demo mode: answering with the built-in Dify stand-in at %s", dify_base_url)
-    dify = DifyClient(
-        dify_base_url,
-        settings.dify_api_key,
-        connect_timeout=settings.dify_connect_timeout,
-        read_timeout=settings.dify_read_timeout,
-        max_retries=settings.dify_max_retries,
-        retry_backoff=settings.dify_retry_backoff,
-    )
-
+    dify_base_url, dify = _dify(settings)
     profile = DifyAppProfile(dify)
+    crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
 
     engine = db.make_engine(settings.database_url or db.default_sqlite_url(instance_path), settings.database_timeout)
     users = UserDirectory(engine)
     if settings.demo_mode:
         seed_demo_users(engine, users)
-    authorizer = None
-    prepare = None
-    if settings.auth_mode == "external":
-        auth_url = settings.auth_api_url
-        if not auth_url:
-            from demo.auth_standin import start_builtin_auth_standin  # demo mode only (settings enforce it)
+    authorizer = _authorizer(settings, client, keys, users, profile)
 
-            auth_url = start_builtin_auth_standin(settings.auth_api_key)
-            logger.warning("demo mode: authenticating with the built-in auth stand-in at %s", auth_url)
-        api = AuthApiClient(auth_url, settings.auth_api_key, settings.auth_timeout)
-        authorizer = Authorizer(
-            client,
-            keys,
-            users,
-            api,
-            settings.auth_token_margin,
-            exchange_timeout=settings.auth_timeout + settings.database_timeout,
-            declared_inputs=profile.declared_inputs,
-        )
-
-        def prepare(job):
-            return authorizer.inputs_for(job.userid)
+    conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
+    media = MediaService(crypto, dify, profile, dify_base_url)
+    feedback = FeedbackService(client, keys, dify)
+    responder = ResponseUrlClient()
+    bubble = BubbleRenderer(texts, settings.stream_placeholder)
 
     owner = settings.instance_id
     runner = StreamRunner(store, owner, settings.stream_max_active, settings.stream_lease_seconds)
-    worker = StreamWorker(store, dify, texts, owner, settings.dify_max_stream_seconds, prepare)
-    streams = StreamService(
-        store, runner, worker, texts, owner, settings.stream_window_seconds, settings.stream_placeholder
+    deps = WorkerDeps(conversations=conversations, media=media, feedback=feedback, responder=responder, bubble=bubble)
+    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
+    worker = StreamWorker(store, dify, texts, owner, settings.dify_max_stream_seconds, deps, prepare)
+    streams = StreamService(store, runner, worker, texts, bubble, owner, settings.stream_window_seconds)
+    callback = CallbackHandler(
+        crypto,
+        streams,
+        texts,
+        settings.wecom_timestamp_tolerance,
+        conversations,
+        profile,
+        feedback,
+        bot_name=settings.wecom_bot_name,
+        welcome_message=settings.welcome_message,
     )
-    crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
-    callback = CallbackHandler(crypto, streams, texts, settings.wecom_timestamp_tolerance)
     return Gateway(
         settings=settings,
         redis=client,
         keys=keys,
         store=store,
         dify=dify,
+        dify_base_url=dify_base_url,
+        profile=profile,
+        engine=engine,
+        users=users,
+        authorizer=authorizer,
+        conversations=conversations,
+        media=media,
+        feedback=feedback,
+        responder=responder,
         runner=runner,
         streams=streams,
         callback=callback,
         texts=texts,
-        dify_base_url=dify_base_url,
-        engine=engine,
-        users=users,
-        profile=profile,
-        authorizer=authorizer,
+    )
+
+
+def _dify(settings: Settings) -> tuple[str, DifyClient]:
+    base_url = settings.dify_base_url
+    if not base_url:
+        from demo.dify_standin import start_builtin_standin  # demo mode only (settings enforce it)
+
+        base_url = start_builtin_standin()
+        logger.warning("demo mode: answering with the built-in Dify stand-in at %s", base_url)
+    client = DifyClient(
+        base_url,
+        settings.dify_api_key,
+        connect_timeout=settings.dify_connect_timeout,
+        read_timeout=settings.dify_read_timeout,
+        max_retries=settings.dify_max_retries,
+        retry_backoff=settings.dify_retry_backoff,
+    )
+    return base_url, client
+
+
+def _authorizer(
+    settings: Settings, client: redis.Redis, keys: Keys, users: UserDirectory, profile: DifyAppProfile
+) -> Authorizer | None:
+    if settings.auth_mode != "external":
+        return None
+    auth_url = settings.auth_api_url
+    if not auth_url:
+        from demo.auth_standin import start_builtin_auth_standin  # demo mode only (settings enforce it)
+
+        auth_url = start_builtin_auth_standin(settings.auth_api_key)
+        logger.warning("demo mode: authenticating with the built-in auth stand-in at %s", auth_url)
+    api = AuthApiClient(auth_url, settings.auth_api_key, settings.auth_timeout)
+    return Authorizer(
+        client,
+        keys,
+        users,
+        api,
+        settings.auth_token_margin,
+        exchange_timeout=settings.auth_timeout + settings.database_timeout,
+        declared_inputs=profile.declared_inputs,
     )
 
 

@@ -15,6 +15,10 @@ MSGID_TTL_SECONDS = 15 * 60
 AUTH_DENIAL_TTL_SECONDS = 30
 # How long "the auth API or database is down" is remembered for the other messages of that burst.
 AUTH_OUTAGE_TTL_SECONDS = 3
+# A user may rate an answer long after its stream hash expired; keep the Dify message it maps to this long.
+FEEDBACK_TTL_SECONDS = 7 * 24 * 3600
+# The in-flight set of a user outlives WeCom's 6-minute polling window of its newest member.
+INFLIGHT_TTL_SECONDS = 420
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class Keys:
         """String holding the owning replica's id while it consumes Dify; expires if that replica dies."""
         return f"{self.prefix}dify_stream:{stream_id}:lease"
 
+    def stream_images(self, stream_id: str) -> str:
+        """List of JSON {base64, md5} images Dify produced, sent as msg_item with the final reply."""
+        return f"{self.prefix}dify_stream:{stream_id}:images"
+
     def stream_pattern(self) -> str:
         """Pattern matching the stream hashes (for SCAN in operator commands)."""
         return f"{self.prefix}dify_stream:*"
@@ -54,6 +62,20 @@ class Keys:
     def wecom_msg(self, msgid: str) -> str:
         """String: the stream id created for a WeCom msgid."""
         return f"{self.prefix}wecom_msg:{msgid}"
+
+    def inflight(self, aibotid: str, userid: str) -> str:
+        """Sorted set of the user's streams whose bubble is still open (score: when it closes at the latest)."""
+        return f"{self.prefix}inflight:{aibotid}:{userid}"
+
+    # --- conversations and feedback -------------------------------------------------------------------------
+
+    def conversation(self, aibotid: str, chat: str, userid: str) -> str:
+        """String: the Dify conversation_id that continues this user's chat (1:1 chat = "single")."""
+        return f"{self.prefix}conversation:{aibotid}:{chat}:{userid}"
+
+    def feedback(self, feedback_id: str) -> str:
+        """String (JSON): the Dify message and end-user a WeCom feedback id refers to."""
+        return f"{self.prefix}feedback:{feedback_id}"
 
     # --- user authorization -----------------------------------------------------------------------------
 

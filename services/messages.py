@@ -18,7 +18,6 @@ KNOWN_TYPES = MESSAGE_TYPES | {"stream", "event"}
 # Stream ids are ours (see new_stream_id); anything else cannot be one of our streams and must not reach a key.
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_ID_LENGTH = 256
-MAX_CONTENT_BYTES = 20480
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,23 +10,31 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import orjson
 import redis
 
-from services.keys import MSGID_TTL_SECONDS, Keys
+from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, Keys
+from services.wecom_limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
 FINAL_STATUSES = frozenset({DONE, ERROR, EXPIRED})
 
-# KEYS: msgid, stream, lease. ARGV: stream_id, msgid_ttl, stream_ttl, lease_ms, owner, now, field/value pairs...
+# KEYS: msgid, stream, lease, inflight. ARGV: stream_id, msgid_ttl, stream_ttl, lease_ms, owner, now,
+# max_inflight, inflight_until, inflight_ttl, field/value pairs... Returns {1, id} created, {0, existing id} for a
+# msgid seen before, {2, ''} when the user already has max_inflight open bubbles.
 _CREATE = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return {2, ''} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'pending', 'owner', ARGV[5], 'created_at', ARGV[6], 'updated_at', ARGV[6],
-           'folded', 0, 'text', '', unpack(ARGV, 7))
+           'folded', 0, 'text', '', 'inflight_key', KEYS[4], unpack(ARGV, 10))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[9])
 return {1, ARGV[1]}
 """
 
@@ -68,21 +76,26 @@ redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'rep
 return 1
 """
 
-# KEYS: stream, chunks, lease. ARGV: owner, status, now, ttl, field/value pairs...
+# KEYS: stream, chunks, lease, images. ARGV: owner, status, now, ttl, stream_id, field/value pairs...
+# Returns 0 if not ours or not active, else {1, close_reason, closed_bytes} of a bubble closed early.
 _FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes')
 if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], unpack(ARGV, 6))
+for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+redis.call('EXPIRE', KEYS[4], ARGV[4])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-return 1
+if h[3] then redis.call('ZREM', h[3], ARGV[5]) end
+return {1, h[4] or '', h[5] or ''}
 """
 
-# KEYS: stream, chunks, lease. ARGV: now, window seconds, orphan note, orphan error.
-# Returns false for an unknown stream, else {status, text, note, closed_at}.
+# KEYS: stream, chunks, lease. ARGV: now, window seconds, overflow bytes, orphan note, stream_id.
+# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url}.
+# An active stream whose lease is gone becomes expired; one past the window, or longer than the bubble can
+# show, is closed (the bubble finishes now, the worker goes on and sends the rest through response_url).
 _POLL = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'closed_at')
+local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
+                     'closed_bytes', 'response_url', 'inflight_key')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -92,20 +105,35 @@ if #fresh > 0 then
   text = text .. table.concat(fresh)
   redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
 end
-local note = h[4] or ''
-local closed = h[6] or ''
+local note, reason, closed_bytes = h[4] or '', h[6] or '', h[7] or ''
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     status = 'expired'
-    note = ARGV[3]
-    redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', ARGV[4], 'finished_at', ARGV[1])
-  elseif closed == '' and tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
-    closed = ARGV[1]
-    redis.call('HSET', KEYS[1], 'closed_at', closed)
+    note = ARGV[4]
+    redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
+    if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
+  elseif reason == '' then
+    if tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
+      reason = 'window'
+    elseif #text > tonumber(ARGV[3]) then
+      reason = 'overflow'
+    end
+    if reason ~= '' then
+      closed_bytes = tostring(#text)
+      redis.call('HSET', KEYS[1], 'closed_at', ARGV[1], 'close_reason', reason, 'closed_bytes', closed_bytes)
+      if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
+    end
   end
 end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
-return {status, text, note, closed}
+return {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or ''}
+"""
+
+# KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 # KEYS: lease1, stream1, lease2, stream2, ... ARGV: owner, lease_ms. Returns the 1-based pair indexes lost.
@@ -134,16 +162,29 @@ class StreamConflict(Exception):
 
 @dataclass(slots=True)
 class Snapshot:
-    """What a poll sees: the status, the cumulative answer text, the user note, and whether the bubble closed."""
+    """What a poll sees: status, the cumulative answer, the final note, and whether the bubble closed early."""
 
     status: str
     text: str
     note: str
-    closed: bool
+    close_reason: str = ""
+    closed_bytes: int = 0
+    has_response_url: bool = False
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+
+CREATED, EXISTING, LIMITED = "created", "existing", "limited"
+
+
+@dataclass(slots=True)
+class Finished:
+    """The worker's view of a finished stream: whether its bubble had closed early, and with how much text."""
+
+    close_reason: str
+    closed_bytes: int
 
 
 class StreamStore:
@@ -160,15 +201,32 @@ class StreamStore:
         self._finish = client.register_script(_FINISH)
         self._poll = client.register_script(_POLL)
         self._renew = client.register_script(_RENEW)
+        self._record = client.register_script(_RECORD)
 
-    def create(self, stream_id: str, msgid: str, owner: str, fields: dict[str, str]) -> tuple[bool, str]:
-        """Create a pending stream for `msgid` unless one exists; returns (created, the msgid's stream id)."""
+    def create(
+        self, stream_id: str, msgid: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]
+    ) -> tuple[str, str]:
+        """Create a pending stream for `msgid`, unless the msgid has one or the user has too many open bubbles.
+
+        Returns (CREATED, stream_id), (EXISTING, the msgid's stream id) or (LIMITED, "").
+        """
         k = self.keys
-        args = [stream_id, MSGID_TTL_SECONDS, self.key_ttl, self.lease_ms, owner, _now(), *_pairs(fields)]
-        created, existing = self._create(
-            keys=[k.wecom_msg(msgid), k.stream(stream_id), k.stream_lease(stream_id)], args=args
-        )
-        return bool(created), existing
+        now = time.time()
+        args = [
+            stream_id,
+            MSGID_TTL_SECONDS,
+            self.key_ttl,
+            self.lease_ms,
+            owner,
+            f"{now:.3f}",
+            MAX_IN_FLIGHT_PER_USER,
+            f"{now + POLL_WINDOW_SECONDS:.3f}",
+            INFLIGHT_TTL_SECONDS,
+            *_pairs(fields),
+        ]
+        keys = [k.wecom_msg(msgid), k.stream(stream_id), k.stream_lease(stream_id), k.inflight(aibotid, userid)]
+        code, existing = self._create(keys=keys, args=args)
+        return {1: CREATED, 0: EXISTING, 2: LIMITED}[int(code)], existing
 
     def append(
         self, stream_id: str, owner: str, deltas: list[str], written: int, fields: dict[str, str] | None = None
@@ -191,26 +249,61 @@ class StreamStore:
         args = [owner, self.key_ttl, _now(), answer]
         return bool(self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args))
 
-    def finish(self, stream_id: str, owner: str, status: str, fields: dict[str, str] | None = None) -> bool:
-        """Move an active stream to a final status and drop the lease; False if it was not ours or not active."""
-        k = self.keys
-        args = [owner, status, _now(), self.key_ttl, *_pairs(fields or {})]
-        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
-        return bool(self._finish(keys=keys, args=args))
+    def finish(self, stream_id: str, owner: str, status: str, fields: dict[str, str] | None = None) -> Finished | None:
+        """Move an active stream to a final status, drop the lease and its in-flight slot.
 
-    def poll(self, stream_id: str, window_seconds: int, orphan_note: str) -> Snapshot | None:
+        Returns None if it was not ours or not active; else whether (and with how much text) the bubble had
+        already closed early.
+        """
+        k = self.keys
+        args = [owner, status, _now(), self.key_ttl, stream_id, *_pairs(fields or {})]
+        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
+        row = self._finish(keys=keys, args=args)
+        if not row:
+            return None
+        return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0))
+
+    def poll(self, stream_id: str, window_seconds: int, overflow_bytes: int, orphan_note: str) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
-        An active stream whose lease is gone (its replica died) becomes `expired` here, with `orphan_note`.
-        An active stream older than `window_seconds` is marked closed (the bubble must finish now).
+        An active stream whose lease is gone (its replica died) becomes `expired` here, with `orphan_note`. An
+        active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
-        row = self._poll(keys=keys, args=[_now(), window_seconds, orphan_note, "owner_lost"])
+        row = self._poll(keys=keys, args=[_now(), window_seconds, overflow_bytes, orphan_note, stream_id])
         if not row:
             return None
-        status, text, note, closed = row
-        return Snapshot(status=status, text=text, note=note, closed=bool(closed))
+        status, text, note, reason, closed_bytes, has_url = row
+        return Snapshot(
+            status=status,
+            text=text,
+            note=note,
+            close_reason=reason,
+            closed_bytes=int(closed_bytes or 0),
+            has_response_url=bool(has_url),
+        )
+
+    def record(self, stream_id: str, fields: dict[str, str]) -> bool:
+        """Set informational fields on an existing stream (no-op if it has expired)."""
+        return bool(self._record(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
+
+    def add_image(self, stream_id: str, image: dict) -> None:
+        """Keep one reply image ({base64, md5}) for the final reply."""
+        key = self.keys.stream_images(stream_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(key, orjson.dumps(image))
+        pipe.expire(key, self.key_ttl)
+        pipe.execute()
+
+    def images(self, stream_id: str) -> list[dict]:
+        """The reply images of a stream, in the order Dify sent them."""
+        return [orjson.loads(raw) for raw in self.client.lrange(self.keys.stream_images(stream_id), 0, -1)]
+
+    def in_flight(self, aibotid: str, userid: str) -> int:
+        """How many of the user's bubbles are open now."""
+        key = self.keys.inflight(aibotid, userid)
+        return self.client.zcount(key, f"{time.time():.3f}", "+inf")
 
     def renew_leases(self, stream_ids: list[str], owner: str) -> list[str]:
         """Extend this replica's leases; returns the ids whose lease now belongs to someone else or is over."""

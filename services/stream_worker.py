@@ -2,7 +2,8 @@
 
 Runs in a thread started by the runner. Every outcome ends in `finish()`: `done` with the answer, or `error` with
 the partial text kept and a short note for the user. If another replica took the stream over (lease lost, or
-the stream was closed as orphaned), the worker stops writing at once, so there are never two answers.
+the stream was closed as orphaned), the worker stops writing at once, so there are never two answers. When the
+bubble had to close early (WeCom's window or size limit), the worker sends the rest once through response_url.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import redis
 
 from services.auth import AuthError
+from services.bubble import BubbleRenderer, remainder_message, text_at_close
+from services.conversations import ConversationStore
 from services.dify_client import (
     END_EVENT,
     FILE_EVENT,
@@ -27,12 +30,17 @@ from services.dify_client import (
     DifyClient,
     DifyError,
     DifyEvent,
+    DifyHTTPError,
     DifyStreamCut,
     DifyStreamError,
     DifyTimeout,
 )
-from services.stream_store import DONE, ERROR, StreamStore
+from services.feedback import FeedbackService
+from services.media import IMAGE, MediaService
+from services.response_url import ResponseUrlClient
+from services.stream_store import DONE, ERROR, Finished, StreamStore
 from services.texts import Texts
+from services.wecom_limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context, log_context
 
 logger = logging.getLogger(__name__)
@@ -45,9 +53,18 @@ class StreamAborted(Exception):
     """This replica no longer owns the stream (taken over or closed elsewhere): stop without writing."""
 
 
+class Declined(Exception):
+    """The message cannot be answered as sent (e.g. a file the app does not take): finish with a note, no Dify."""
+
+    def __init__(self, note_key: str, status: str = DONE):
+        super().__init__(note_key)
+        self.note_key = note_key
+        self.status = status
+
+
 @dataclass(slots=True)
 class StreamJob:
-    """Everything a worker needs to answer one message (any replica can rebuild it from the stream hash)."""
+    """Everything a worker needs to answer one message."""
 
     stream_id: str
     msgid: str
@@ -55,7 +72,9 @@ class StreamJob:
     aibotid: str = ""
     chatid: str = ""
     query: str = ""
-    files: list = field(default_factory=list)
+    typed_query: bool = True
+    response_url: str = ""
+    attachments: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def dify_user(self) -> str:
@@ -69,11 +88,14 @@ class _Progress:
     message_id: str = ""
     conversation_id: str = ""
     written: int = 0
+    text: str = ""
     ended: bool = False
     last_thought: str = ""
     workflow_error: str = ""
+    images: int = 0
     usage: dict = field(default_factory=dict)
     new_fields: dict = field(default_factory=dict)
+    conversation_saved: str = ""
 
     def note_ids(self, event: DifyEvent) -> None:
         for name in ("task_id", "message_id", "conversation_id"):
@@ -83,6 +105,17 @@ class _Progress:
                 self.new_fields[name] = value
                 if name == "task_id":
                     bind_log_context(task=value)
+
+
+@dataclass
+class WorkerDeps:
+    """The services a worker uses besides the store and Dify."""
+
+    conversations: ConversationStore
+    media: MediaService
+    feedback: FeedbackService
+    responder: ResponseUrlClient
+    bubble: BubbleRenderer
 
 
 class StreamWorker:
@@ -95,6 +128,7 @@ class StreamWorker:
         texts: Texts,
         owner: str,
         max_seconds: float,
+        deps: WorkerDeps,
         prepare: Callable[[StreamJob], dict] | None = None,
     ):
         self.store = store
@@ -102,11 +136,12 @@ class StreamWorker:
         self.texts = texts
         self.owner = owner
         self.max_seconds = max_seconds
+        self.deps = deps
         self.prepare = prepare or (lambda job: {})
 
     def run(self, job: StreamJob, cancelled: threading.Event) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
-        with log_context(stream=job.stream_id, msgid=job.msgid, user=job.userid):
+        with log_context(stream=job.stream_id, msgid=job.msgid, user=job.userid, chat=job.chatid or None):
             progress = _Progress()
             try:
                 self._answer(job, cancelled, progress)
@@ -114,27 +149,70 @@ class StreamWorker:
                 logger.info("stream is owned or closed elsewhere now; worker stops")
             except AuthError as refusal:
                 logger.info("not asking Dify: %s", refusal.code)
-                self._finish(job, ERROR, note=self.texts.failure_note(refusal), error=refusal.code)
+                self._finish(job, progress, ERROR, note=self.texts.failure_note(refusal), error=refusal.code)
+            except Declined as declined:
+                logger.info("declined: %s", declined.note_key)
+                self._finish(
+                    job,
+                    progress,
+                    declined.status,
+                    note=self.texts.say(declined.note_key),
+                    error="" if declined.status == DONE else declined.note_key,
+                )
             except DifyError as exc:
                 self._fail(job, exc, progress)
             except Exception:
                 logger.exception("stream worker failed")
-                self._finish(job, ERROR, note=self.texts.say("internal_error"), error="internal_error")
+                self._finish(job, progress, ERROR, note=self.texts.say("internal_error"), error="internal_error")
+
+    # --- the Dify call ----------------------------------------------------------------------------------------
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, progress: _Progress) -> None:
         inputs = self.prepare(job)
-        request = ChatRequest(query=job.query, user=job.dify_user, inputs=inputs, files=job.files)
+        files, attachment_note = self._attachments(job)
+        conversations = self.deps.conversations
+        conversation_id = conversations.current(job.aibotid, job.chatid, job.userid)
         deadline = time.monotonic() + self.max_seconds
-        logger.info("calling Dify")
+        while True:
+            request = ChatRequest(
+                query=job.query, user=job.dify_user, inputs=inputs, conversation_id=conversation_id, files=files
+            )
+            logger.info("calling Dify%s", " (continuing the conversation)" if conversation_id else "")
+            try:
+                self._consume(job, request, cancelled, progress, deadline)
+                break
+            except DifyHTTPError as exc:
+                if not conversation_id or not (exc.status == 404 or exc.code == "conversation_completed"):
+                    raise
+                logger.info("Dify no longer has the conversation (%s); starting a new one", exc.code)
+                conversations.forget(job.aibotid, job.chatid, job.userid)
+                conversation_id = ""
+        self._complete(job, progress, attachment_note)
+
+    def _consume(
+        self, job: StreamJob, request: ChatRequest, cancelled: threading.Event, progress: _Progress, deadline: float
+    ) -> None:
         for batch in self.dify.stream_chat(request):
             if cancelled.is_set():
                 raise StreamAborted
             self._apply(job, batch, progress)
             if progress.ended:
-                break
+                return
             if time.monotonic() > deadline:
                 raise DifyTimeout(f"answer ran past {self.max_seconds:.0f}s", code="total_timeout")
-        self._complete(job, progress)
+
+    def _attachments(self, job: StreamJob) -> tuple[list[dict], str]:
+        """The Dify files for the job's images/file, and a note for what had to be left out."""
+        if not job.attachments:
+            return [], ""
+        prepared = self.deps.media.prepare(job.attachments, job.dify_user)
+        if not prepared.files and not job.typed_query:
+            if prepared.failed:
+                raise Declined("media_failed", ERROR)
+            raise Declined("images_unsupported" if IMAGE in prepared.refused else "files_unsupported")
+        if prepared.refused:
+            return prepared.files, self.texts.say("images_ignored" if IMAGE in prepared.refused else "media_partial")
+        return prepared.files, self.texts.say("media_partial") if prepared.failed else ""
 
     def _apply(self, job: StreamJob, batch: list[DifyEvent], progress: _Progress) -> None:
         """Write one network read's worth of events: deltas in one append, a replace in its own call."""
@@ -150,6 +228,7 @@ class StreamWorker:
                 deltas = []
                 self._owned(self.store.replace(job.stream_id, self.owner, event.answer))
                 progress.written = 1 if event.answer else 0
+                progress.text = event.answer
             elif kind == END_EVENT:
                 progress.ended = True
                 metadata = event.get("metadata")
@@ -164,10 +243,11 @@ class StreamWorker:
                 if data.get("status") == "failed":
                     progress.workflow_error = str(data.get("error") or "workflow failed")[:300]
             elif kind == FILE_EVENT:
-                logger.debug("Dify sent a file (%s); files are not relayed yet", event.get("type"))
+                self._keep_reply_image(job, event, progress)
             else:
                 logger.debug("ignored Dify event %s", kind)
         self._write(job, deltas, progress)
+        self._remember_conversation(job, progress)
 
     def _write(self, job: StreamJob, deltas: list[str], progress: _Progress) -> None:
         if not deltas and not progress.new_fields:
@@ -177,14 +257,32 @@ class StreamWorker:
             self._owned(self.store.append(job.stream_id, self.owner, piece, progress.written, progress.new_fields))
             progress.written += len(piece)
             progress.new_fields = {}
+        progress.text += "".join(deltas)
 
-    def _complete(self, job: StreamJob, progress: _Progress) -> None:
-        note = ""
+    def _remember_conversation(self, job: StreamJob, progress: _Progress) -> None:
+        if progress.conversation_id and progress.conversation_id != progress.conversation_saved:
+            self.deps.conversations.remember(job.aibotid, job.chatid, job.userid, progress.conversation_id)
+            progress.conversation_saved = progress.conversation_id
+
+    def _keep_reply_image(self, job: StreamJob, event: DifyEvent, progress: _Progress) -> None:
+        url = event.get("url")
+        if event.get("type") != "image" or event.get("belongs_to", "assistant") != "assistant":
+            return
+        if not isinstance(url, str) or progress.images >= MAX_REPLY_IMAGES:
+            return
+        image = self.deps.media.fetch_reply_image(url)
+        if image is not None:
+            self.store.add_image(job.stream_id, image)
+            progress.images += 1
+
+    # --- endings ----------------------------------------------------------------------------------------------
+
+    def _complete(self, job: StreamJob, progress: _Progress, note: str) -> None:
         if not progress.written:
             if progress.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.
                 self._write(job, [progress.last_thought], progress)
-            else:
+            elif not progress.images:
                 note = self.texts.say("empty_answer")
         fields = {
             "note": note,
@@ -192,7 +290,9 @@ class StreamWorker:
             "dify_latency": progress.usage.get("latency", ""),
         }
         logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
-        self._finish(job, DONE, **{k: v for k, v in fields.items() if v != ""})
+        finished = self._finish(job, progress, DONE, **{k: v for k, v in fields.items() if v != ""})
+        if finished is not None and progress.message_id:
+            self.deps.feedback.remember(job.stream_id, progress.message_id, job.dify_user)
 
     def _fail(self, job: StreamJob, exc: DifyError, progress: _Progress) -> None:
         if isinstance(exc, DifyStreamCut) and progress.workflow_error:
@@ -200,20 +300,43 @@ class StreamWorker:
         logger.warning("Dify failed: %s (%s)", exc.code, exc.message[:200])
         if isinstance(exc, DifyTimeout) and progress.task_id:
             self.dify.stop(progress.task_id, job.dify_user)
-        self._finish(job, ERROR, note=self.texts.failure_note(exc), error=f"{exc.code}: {exc.message[:200]}")
+        self._finish(job, progress, ERROR, note=self.texts.failure_note(exc), error=f"{exc.code}: {exc.message[:200]}")
 
-    def _finish(self, job: StreamJob, status: str, **fields: str) -> None:
+    def _finish(self, job: StreamJob, progress: _Progress, status: str, **fields: str) -> Finished | None:
         """Record the final state, retrying through a short Redis outage; if Redis stays away, the lease
         expires once this thread is gone and the next poll closes the bubble instead."""
         for attempt in range(_FINISH_ATTEMPTS):
             try:
-                if not self.store.finish(job.stream_id, self.owner, status, fields):
-                    logger.info("stream was already closed elsewhere; final state not written")
-                return
+                finished = self.store.finish(job.stream_id, self.owner, status, fields)
             except redis.RedisError as exc:
                 logger.warning("could not record final state (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.5 * 2**attempt)
+                continue
+            if finished is None:
+                logger.info("stream was already closed elsewhere; final state not written")
+            else:
+                self._send_rest(job, progress, finished, fields.get("note", ""))
+            return finished
         logger.error("gave up recording the final state; the lease will expire and a poll will close the bubble")
+        return None
+
+    def _send_rest(self, job: StreamJob, progress: _Progress, finished: Finished, note: str) -> None:
+        """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""
+        if not job.response_url:
+            return
+        bubble = self.deps.bubble
+        if finished.close_reason:
+            shown_text = text_at_close(progress.text, finished.closed_bytes)
+            shown = bubble.closed(shown_text, finished.close_reason, True)[1]
+            message = remainder_message(self.texts, progress.text[shown:], note)
+        else:
+            shown = bubble.final(progress.text, note, True)[1]
+            if shown >= len(progress.text):
+                return
+            message = remainder_message(self.texts, progress.text[shown:])
+        delivered = self.deps.responder.send_markdown(job.response_url, message)
+        logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
+        self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"})
 
     @staticmethod
     def _owned(still_owner: bool) -> None:

@@ -46,6 +46,7 @@ def test_streams_deltas_and_ends_at_message_end(client, dify):
 
 
 def test_request_shape(client, dify):
+    dify.conversations["0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11"] = "wecom:bot:bob"
     dify.script(d.answer("ok"))
     list(
         client.stream_chat(
@@ -226,3 +227,31 @@ def test_decode_event_rules():
     assert decode_event("message", "{}") is None
     assert decode_event("message", '{"event": "message", "answer": "x"}').answer == "x"
     assert decode_event("custom", '{"a": 1}').kind == "custom"
+
+
+def test_unknown_conversation_is_404(client, dify):
+    request = ChatRequest(query="q", user="u", conversation_id="0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11")
+    with pytest.raises(DifyHTTPError) as caught:
+        list(client.stream_chat(request))
+    assert caught.value.status == 404 and caught.value.message == "Conversation Not Exists."
+
+
+def test_upload_and_feedback(client, dify):
+    file_id = client.upload_file(b"\x89PNG\r\n\x1a\n" + b"0" * 100, "photo.png", "image/png", "wecom:bot:alice")
+    assert dify.uploads[file_id]["name"] == "photo.png" and dify.uploads[file_id]["user"] == "wecom:bot:alice"
+    with pytest.raises(DifyHTTPError) as caught:
+        client.upload_file(b"MZ...", "tool.exe", "application/octet-stream", "wecom:bot:alice")
+    assert caught.value.status == 415
+
+    dify.script(d.answer("ok"))
+    events = run(client)
+    message_id = events[-1].get("message_id")
+    # the feedback's user must be the one who got the message
+    with pytest.raises(DifyHTTPError):
+        client.feedback(message_id, "like", "someone-else")
+    client.feedback(message_id, "like", "wecom:bot:alice")
+    assert dify.feedbacks == [(message_id, {"rating": "like", "user": "wecom:bot:alice", "content": ""})]
+
+
+def test_parameters(client, dify):
+    assert client.parameters()["file_upload"]["image"]["enabled"] is True

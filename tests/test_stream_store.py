@@ -6,7 +6,7 @@ import time
 import pytest
 
 from services.keys import MSGID_TTL_SECONDS, Keys
-from services.stream_store import StreamConflict, StreamStore
+from services.stream_store import CREATED, EXISTING, LIMITED, StreamConflict, StreamStore
 
 TTL = 3600
 
@@ -16,20 +16,23 @@ def store(redis_client):
     return StreamStore(redis_client, Keys(), TTL, lease_seconds=2)
 
 
-def open_stream(store, stream_id="s1", msgid="m1", owner="A"):
-    created, existing = store.create(stream_id, msgid, owner, {"userid": "alice", "chatid": ""})
-    assert created and existing == stream_id
+def create(store, stream_id, msgid, owner="A", userid="alice", fields=None):
+    return store.create(stream_id, msgid, owner, "bot1", userid, fields or {"userid": userid})
+
+
+def open_stream(store, stream_id="s1", msgid="m1", owner="A", userid="alice"):
+    outcome, existing = create(store, stream_id, msgid, owner, userid)
+    assert (outcome, existing) == (CREATED, stream_id)
     return stream_id
 
 
-def poll(store, stream_id="s1", window=330):
-    return store.poll(stream_id, window, "orphan note")
+def poll(store, stream_id="s1", window=330, overflow=20000):
+    return store.poll(stream_id, window, overflow, "orphan note")
 
 
 def test_create_is_deduplicated_by_msgid(store, redis_client):
     open_stream(store)
-    created, existing = store.create("s2", "m1", "B", {})
-    assert (created, existing) == (False, "s1")
+    assert create(store, "s2", "m1", "B") == (EXISTING, "s1")
     assert not redis_client.exists("dify_stream:s2")
     assert store.stream_for_msgid("m1") == "s1"
 
@@ -40,14 +43,14 @@ def test_concurrent_creates_for_one_msgid_make_one_stream(store):
 
     def attempt(i):
         barrier.wait()
-        results.append(store.create(f"s{i}", "same-msgid", f"R{i}", {}))
+        results.append(create(store, f"s{i}", "same-msgid", f"R{i}"))
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    winners = [sid for created, sid in results if created]
+    winners = [sid for outcome, sid in results if outcome == CREATED]
     assert len(winners) == 1
     assert {sid for _, sid in results} == set(winners)
 
@@ -55,10 +58,17 @@ def test_concurrent_creates_for_one_msgid_make_one_stream(store):
 def test_every_key_has_a_ttl(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["a", "b"], 0)
-    for key in ("dify_stream:s1", "dify_stream:s1:chunks", "dify_stream:s1:lease", "wecom_msg:m1"):
+    for key in (
+        "dify_stream:s1",
+        "dify_stream:s1:chunks",
+        "dify_stream:s1:lease",
+        "wecom_msg:m1",
+        "inflight:bot1:alice",
+    ):
         assert redis_client.ttl(key) > 0, key
     assert 0 < redis_client.ttl("wecom_msg:m1") <= MSGID_TTL_SECONDS
     assert redis_client.pttl("dify_stream:s1:lease") <= 2000
+    store.add_image("s1", {"base64": "AA==", "md5": "x"})
     store.finish("s1", "A", "done")
     assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
 
@@ -89,7 +99,7 @@ def test_only_the_owner_writes(store):
     open_stream(store)
     assert not store.append("s1", "B", ["intruder"], 0)
     assert not store.replace("s1", "B", "intruder")
-    assert not store.finish("s1", "B", "done")
+    assert store.finish("s1", "B", "done") is None
     assert poll(store).text == ""
 
 
@@ -117,11 +127,12 @@ def test_replace_resets_the_text(store):
 def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["done text"], 0)
-    assert store.finish("s1", "A", "error", {"note": "oops", "error": "stream_cut: x"})
+    finished = store.finish("s1", "A", "error", {"note": "oops", "error": "stream_cut: x"})
+    assert finished is not None and finished.close_reason == "" and finished.closed_bytes == 0
     snap = poll(store)
     assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
     assert not redis_client.exists("dify_stream:s1:lease")
-    assert not store.finish("s1", "A", "done")
+    assert store.finish("s1", "A", "done") is None
     assert not store.append("s1", "A", ["late"], 1)
 
 
@@ -141,11 +152,53 @@ def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_clien
 
 def test_window_close_is_flagged_once_the_stream_is_too_old(store, redis_client):
     open_stream(store)
-    assert not poll(store, window=330).closed
+    store.append("s1", "A", ["so far"], 0)
+    assert not poll(store, window=330).close_reason
     redis_client.hset("dify_stream:s1", "created_at", f"{time.time() - 400:.3f}")
     snap = poll(store, window=330)
-    assert snap.closed and snap.active
+    assert (snap.close_reason, snap.closed_bytes, snap.active) == ("window", 6, True)
     assert redis_client.hget("dify_stream:s1", "closed_at")
+    assert redis_client.zcard("inflight:bot1:alice") == 0  # the bubble is done for WeCom
+    store.append("s1", "A", [" and later"], 1)
+    assert poll(store, window=330).closed_bytes == 6  # closed once, with the text it had then
+    finished = store.finish("s1", "A", "done")
+    assert (finished.close_reason, finished.closed_bytes) == ("window", 6)
+
+
+def test_overflow_closes_the_bubble(store):
+    open_stream(store)
+    store.append("s1", "A", ["x" * 50], 0)
+    assert poll(store, overflow=100).close_reason == ""
+    store.append("s1", "A", ["y" * 60], 1)
+    snap = poll(store, overflow=100)
+    assert (snap.close_reason, snap.closed_bytes) == ("overflow", 110)
+
+
+def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
+    for i in range(3):
+        open_stream(store, f"s{i}", f"m{i}")
+    assert create(store, "s3", "m3") == (LIMITED, "")
+    assert not redis_client.exists("dify_stream:s3") and not redis_client.exists("wecom_msg:m3")
+    assert create(store, "s0-again", "m0") == (EXISTING, "s0")  # a retry is never refused
+    assert create(store, "t1", "n1", userid="bob")[0] == CREATED  # other users are not affected
+    store.finish("s0", "A", "done")
+    assert store.in_flight("bot1", "alice") == 2
+    assert create(store, "s4", "m4")[0] == CREATED
+
+
+def test_stale_in_flight_entries_expire_by_score(store, redis_client):
+    for i in range(3):
+        open_stream(store, f"s{i}", f"m{i}")
+    redis_client.zadd("inflight:bot1:alice", {"s0": time.time() - 1})  # e.g. its replica died long ago
+    assert create(store, "s3", "m3")[0] == CREATED
+
+
+def test_record_only_touches_existing_streams(store, redis_client):
+    open_stream(store)
+    assert store.record("s1", {"rest_sent": "yes"})
+    assert redis_client.hget("dify_stream:s1", "rest_sent") == "yes"
+    assert not store.record("gone", {"rest_sent": "yes"})
+    assert not redis_client.exists("dify_stream:gone")
 
 
 def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
@@ -162,11 +215,12 @@ def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
 
 def test_key_prefix_namespaces_every_key(redis_client):
     store = StreamStore(redis_client, Keys("tenant1:"), TTL, 2)
-    store.create("s1", "m1", "A", {})
+    create(store, "s1", "m1")
     store.append("s1", "A", ["x"], 0)
     assert set(redis_client.keys("*")) == {
         "tenant1:dify_stream:s1",
         "tenant1:dify_stream:s1:chunks",
         "tenant1:dify_stream:s1:lease",
         "tenant1:wecom_msg:m1",
+        "tenant1:inflight:bot1:alice",
     }

@@ -11,8 +11,8 @@ import pytest
 
 from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
-from services.messages import MAX_CONTENT_BYTES
 from services.texts import CATALOGUE
+from services.wecom_limits import MAX_CONTENT_BYTES
 from tests.conftest import make_simulator
 
 ZH = CATALOGUE["zh"]
@@ -71,7 +71,13 @@ def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
     conversation = sim.follow(reply_a)
     assert conversation.text == "one two"
     late_retry = sim.send(payload, replica=1)
-    assert late_retry["stream"] == {"id": reply_a["stream"]["id"], "finish": True, "content": "one two"}
+    stream_id = reply_a["stream"]["id"]
+    assert late_retry["stream"] == {
+        "id": stream_id,
+        "finish": True,
+        "content": "one two",
+        "feedback": {"id": stream_id},
+    }
     assert len(dify.chat_requests()) == 1
     sim.close()
 
@@ -115,14 +121,44 @@ def test_unknown_stream_id_finishes_with_a_note(simulator):
     assert reply["stream"] == {"id": "NoSuchStream123", "finish": True, "content": ZH["unknown_stream"]}
 
 
-def test_long_answers_are_cut_to_20480_bytes_at_a_character_boundary(simulator, dify):
+def ask_with_url(sim, content, userid="alice", chatid=""):
+    """Ask, follow the stream, and return (conversation, the message's response_url)."""
+    payload = sim.text_message(content, userid, chatid)
+    conversation = sim.follow(sim.send(payload), userid, chatid)
+    return conversation, payload["response_url"]
+
+
+def split_remainder(message):
+    header = ZH["continued"] + "\n\n"
+    content = message["markdown"]["content"]
+    assert message["msgtype"] == "markdown" and content.startswith(header)
+    return content[len(header) :]
+
+
+def test_a_long_answer_fills_one_bubble_and_the_rest_follows_once(simulator, dify):
     text = "汉字" * 4000  # 24000 bytes of 3-byte characters
     dify.script([d.message(text[:3000]), d.message(text[3000:]), d.end()])
-    conversation = simulator.ask("long one")
+    conversation, response_url = ask_with_url(simulator, "long one")
     content = conversation.text
-    assert len(content.encode()) <= MAX_CONTENT_BYTES
-    assert len(content.encode()) > MAX_CONTENT_BYTES - 3
-    assert text.startswith(content)
+    assert conversation.finished and len(content.encode()) <= MAX_CONTENT_BYTES
+    shown, note = content.split("\n\n")
+    assert note == ZH["overflow_continues"] and text.startswith(shown)
+    assert len(content.encode()) > MAX_CONTENT_BYTES - 10  # filled, not cut short
+
+    message = simulator.inbox.wait_for(response_url)
+    assert shown + split_remainder(message) == text
+    assert len(simulator.inbox.received(response_url)) == 1
+
+
+def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):
+    text = "word " * 5000
+    dify.script([d.message(text), d.end()])
+    payload = simulator.text_message("long, no url")
+    del payload["response_url"]
+    conversation = simulator.follow(simulator.send(payload))
+    shown, note = conversation.text.rsplit("\n\n", 1)
+    assert note == ZH["overflow_truncated"] and text.startswith(shown)
+    assert len(conversation.text.encode()) <= MAX_CONTENT_BYTES
 
 
 def test_message_replace_replaces_the_bubble(simulator, dify):
@@ -242,19 +278,45 @@ def test_a_worker_that_dies_still_finishes_the_bubble(live, dify, redis_client):
     sim.close()
 
 
-def test_the_window_closes_a_slow_answer(make_app, serve, dify):
+def test_an_answer_outliving_the_window_closes_the_bubble_and_follows_up(make_app, serve, dify, redis_client):
     live = serve(make_app(stream_window_seconds=1))
     sim = make_simulator(live.url)
-    dify.script([d.message("slow start"), d.sleep(3), d.message(" and the rest"), d.end()])
-    conversation = sim.ask("take your time")
+    dify.script([d.message("slow start"), d.sleep(2), d.message(" and the rest"), d.end()])
+    conversation, response_url = ask_with_url(sim, "take your time")
     assert conversation.finished
+    assert conversation.text == f"slow start\n\n{ZH['window_continues']}"
+    message = sim.inbox.wait_for(response_url)
+    assert message is not None and split_remainder(message) == "and the rest"
+    meta = stream_meta(redis_client, conversation.stream_id)
+    assert meta["close_reason"] == "window" and meta["status"] == "done" and meta["rest_sent"] == "yes"
+    sim.close()
+
+
+def test_a_failure_after_the_window_still_follows_up_with_the_note(make_app, serve, dify):
+    live = serve(make_app(stream_window_seconds=1, dify_max_retries=0))
+    sim = make_simulator(live.url)
+    dify.script([d.message("begun"), d.sleep(1.6), d.message(" more"), d.cut()])
+    conversation, response_url = ask_with_url(sim, "fragile")
+    assert conversation.text == f"begun\n\n{ZH['window_continues']}"
+    content = sim.inbox.wait_for(response_url)["markdown"]["content"]
+    assert content.endswith(ZH["stream_cut"]) and "more" in content
+    sim.close()
+
+
+def test_without_response_url_the_window_just_closes(make_app, serve, dify):
+    live = serve(make_app(stream_window_seconds=1))
+    sim = make_simulator(live.url)
+    dify.script([d.message("slow start"), d.sleep(2), d.message(" and the rest"), d.end()])
+    payload = sim.text_message("no url")
+    del payload["response_url"]
+    conversation = sim.follow(sim.send(payload))
     assert conversation.text == f"slow start\n\n{ZH['window_closed']}"
     sim.close()
 
 
 def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_client):
     store = live.gateway.store
-    store.create("orphan01", "msg-orphan", "dead-replica", {"userid": "alice"})
+    store.create("orphan01", "msg-orphan", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
     redis_client.delete("dify_stream:orphan01:lease")  # the dead replica's lease ran out
     reply = simulator.send(simulator.poll_message("orphan01"))

@@ -1,0 +1,62 @@
+"""What the user's bubble shows at each stage of a stream.
+
+The poll renders with it, and the worker uses the same functions to learn which part of the answer the bubble
+could not show, so the two always agree on the remainder sent through `response_url`.
+"""
+
+from __future__ import annotations
+
+from services.texts import Texts
+from services.wecom_limits import MAX_CONTENT_BYTES, fit_bubble, fits
+from utils.text import cut_utf8, utf8_len
+
+WINDOW, OVERFLOW = "window", "overflow"
+
+
+class BubbleRenderer:
+    def __init__(self, texts: Texts, placeholder: str = ""):
+        self.texts = texts
+        self.placeholder = placeholder or texts.say("placeholder")
+
+    def live(self, text: str) -> str:
+        """While the answer streams: the text so far (cut to the limit), or the placeholder."""
+        return fit_bubble(text, "", self.placeholder)[0]
+
+    def close_note(self, reason: str, has_response_url: bool) -> str:
+        """The note of a bubble closed early (window or overflow), promising the rest only when we can send it."""
+        if reason == WINDOW:
+            return self.texts.say("window_continues" if has_response_url else "window_closed")
+        return self.texts.say("overflow_continues" if has_response_url else "overflow_truncated")
+
+    def closed(self, text_at_close: str, reason: str, has_response_url: bool) -> tuple[str, int]:
+        """A bubble finished early: (content, characters of the text it shows)."""
+        return fit_bubble(text_at_close, self.close_note(reason, has_response_url), self.placeholder)
+
+    def final(self, text: str, note: str, has_response_url: bool) -> tuple[str, int]:
+        """The finished answer with its note; an answer too long for one bubble says the rest follows."""
+        if fits(text, note):
+            return fit_bubble(text, note, self.placeholder)
+        overflow = self.close_note(OVERFLOW, has_response_url)
+        return fit_bubble(text, f"{note} {overflow}" if note else overflow, self.placeholder)
+
+
+def text_at_close(text: str, closed_bytes: int) -> str:
+    """The answer as it stood when the bubble closed (the Lua script records its length in bytes)."""
+    return text.encode()[:closed_bytes].decode("utf-8", errors="ignore")
+
+
+def overflow_threshold(renderer: BubbleRenderer) -> int:
+    """Bytes of answer a live bubble can show before it must close with the (longest) overflow note."""
+    notes = (renderer.close_note(OVERFLOW, True), renderer.close_note(OVERFLOW, False))
+    return MAX_CONTENT_BYTES - max(utf8_len("\n\n" + note) for note in notes)
+
+
+def remainder_message(texts: Texts, remainder: str, note: str = "") -> str:
+    """The markdown sent through response_url: the part the bubble could not show, plus a closing note."""
+    header = texts.say("continued")
+    tail = f"\n\n{note}" if note else ""
+    body = f"{header}\n\n{remainder.lstrip()}" if remainder.strip() else texts.say("nothing_more")
+    if utf8_len(body + tail) > MAX_CONTENT_BYTES:
+        tail = f"\n\n{texts.say('remainder_truncated')}{' ' + note if note else ''}"
+        body = cut_utf8(body, MAX_CONTENT_BYTES - utf8_len(tail))
+    return body + tail

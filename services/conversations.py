@@ -1,0 +1,35 @@
+"""Conversation continuity: which Dify conversation a user's next message in a chat continues.
+
+One conversation per user per chat (a 1:1 chat is "single", a group its chatid), so two people in one group
+never share a thread. The id is remembered as soon as Dify names it, and refreshed on every use.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from services.keys import Keys
+
+SINGLE_CHAT = "single"
+
+
+class ConversationStore:
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_seconds: int):
+        self.redis = client
+        self.keys = keys
+        self.ttl_seconds = ttl_seconds
+
+    def _key(self, aibotid: str, chatid: str, userid: str) -> str:
+        return self.keys.conversation(aibotid or "bot", chatid or SINGLE_CHAT, userid)
+
+    def current(self, aibotid: str, chatid: str, userid: str) -> str:
+        """The conversation to continue, or "" to start a new one."""
+        return self.redis.get(self._key(aibotid, chatid, userid)) or ""
+
+    def remember(self, aibotid: str, chatid: str, userid: str, conversation_id: str) -> None:
+        """Continue `conversation_id` next time (Dify may change it: the latest one wins)."""
+        self.redis.set(self._key(aibotid, chatid, userid), conversation_id, ex=self.ttl_seconds)
+
+    def forget(self, aibotid: str, chatid: str, userid: str) -> bool:
+        """Start afresh next time; True if there was a conversation to forget."""
+        return bool(self.redis.delete(self._key(aibotid, chatid, userid)))

@@ -1,0 +1,85 @@
+"""Likes and dislikes from WeCom (feedback_event) forwarded to Dify's message feedback API.
+
+Every stream reply carries `feedback.id` = its stream id. When an answer finishes, that id is mapped to the Dify
+message and end-user (kept for a week, long after the stream hash is gone), so a later rating reaches the right
+message as the right user.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import redis
+
+from services.dify_client import DifyClient, DifyError
+from services.keys import FEEDBACK_TTL_SECONDS, Keys
+from utils.logging import current_log_context, log_context
+
+logger = logging.getLogger(__name__)
+
+ACCURATE, INACCURATE, CANCELLED = 1, 2, 3
+_RATINGS = {ACCURATE: "like", INACCURATE: "dislike", CANCELLED: None}
+# WeCom's inaccurate_reason_list codes, written out for the Dify app's owners reading the feedback.
+REASONS = {
+    1: "内容不相关 (unrelated)",
+    2: "内容不完整 (incomplete)",
+    3: "内容有误 (wrong)",
+    4: "数据分析有误 (analysis error)",
+}
+
+
+def feedback_content(event: dict) -> str:
+    """The dislike's reasons and the user's own words, as one line for Dify."""
+    reasons = [
+        REASONS.get(code, str(code)) for code in event.get("inaccurate_reason_list") or [] if isinstance(code, int)
+    ]
+    words = str(event.get("content") or "").strip()
+    return "; ".join([*reasons, words] if words else reasons)
+
+
+class FeedbackService:
+    def __init__(self, client: redis.Redis, keys: Keys, dify: DifyClient, workers: int = 4):
+        self.redis = client
+        self.keys = keys
+        self.dify = dify
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="feedback")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def remember(self, feedback_id: str, message_id: str, dify_user: str) -> None:
+        """Map a feedback id to the Dify message it rates."""
+        value = orjson.dumps({"message_id": message_id, "user": dify_user})
+        self.redis.set(self.keys.feedback(feedback_id), value, ex=FEEDBACK_TTL_SECONDS)
+
+    def submit(self, event: dict) -> None:
+        """Forward a feedback_event in the background (the callback answers at once with an empty body)."""
+        context = current_log_context()
+        self._pool.submit(self._forward_logged, event, context)
+
+    def _forward_logged(self, event: dict, context: dict) -> None:
+        with log_context(**context):
+            try:
+                self.forward(event)
+            except (DifyError, redis.RedisError) as exc:
+                logger.warning("feedback not forwarded: %s", exc)
+            except Exception:
+                logger.exception("feedback forwarding failed")
+
+    def forward(self, event: dict) -> bool:
+        """Send one rating to Dify; False when the event is unusable or its answer is unknown."""
+        feedback_id, kind = event.get("id"), event.get("type")
+        if not isinstance(feedback_id, str) or kind not in _RATINGS:
+            logger.warning("ignored a malformed feedback event")
+            return False
+        raw = self.redis.get(self.keys.feedback(feedback_id))
+        if raw is None:
+            logger.info("feedback for an unknown or expired answer %s", feedback_id)
+            return False
+        target = orjson.loads(raw)
+        content = feedback_content(event) if kind == INACCURATE else ""
+        self.dify.feedback(target["message_id"], _RATINGS[kind], target["user"], content)
+        logger.info("feedback %s forwarded to Dify", _RATINGS[kind] or "withdrawn")
+        return True

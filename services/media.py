@@ -1,0 +1,188 @@
+"""Files in both directions: WeCom's encrypted uploads (download, decrypt, hand to Dify) and the images Dify
+produces (download, check, turn into msg_item entries for the final reply).
+
+Downloads use their own HTTP client, without the Dify key, since the URLs point at WeCom's and Dify's storage.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from email.message import Message
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from services.crypto import CryptoError, WeComCrypto
+from services.dify_app import DifyAppProfile
+from services.dify_client import DifyClient, DifyError
+from services.wecom_limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+IMAGE, DOCUMENT, VIDEO = "image", "document", "video"
+_MB = 1024 * 1024
+_DEFAULT_LIMITS_MB = {IMAGE: 10, DOCUMENT: 15, VIDEO: 100}
+_LIMIT_FIELDS = {IMAGE: "image_file_size_limit", DOCUMENT: "file_size_limit", VIDEO: "video_file_size_limit"}
+
+
+class MediaError(Exception):
+    """A file could not be fetched or used."""
+
+
+@dataclass
+class PreparedFiles:
+    """The Dify `files` for a message, and whether some were refused by the app or failed to load."""
+
+    files: list[dict] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+    failed: int = 0
+
+
+def sniff(data: bytes) -> tuple[str, str]:
+    """(extension, MIME type) from the first bytes; ("bin", "application/octet-stream") when unknown."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg", "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png", "image/png"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif", "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", "image/webp"
+    if data.startswith(b"%PDF"):
+        return "pdf", "application/pdf"
+    if data[4:8] == b"ftyp":
+        return "mp4", "video/mp4"
+    if data.startswith(b"PK\x03\x04"):
+        return _office_type(data)
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return "bin", "application/octet-stream"
+    return "txt", "text/plain"
+
+
+def _office_type(data: bytes) -> tuple[str, str]:
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return "zip", "application/zip"
+    prefixes = {
+        "word/": ("docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
+        "xl/": ("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+        "ppt/": ("pptx", "application/vnd.openxmlformats-officedocument.presentationml.presentation"),
+    }
+    for prefix, kind in prefixes.items():
+        if any(name.startswith(prefix) for name in names):
+            return kind
+    return "zip", "application/zip"
+
+
+def accepts(parameters: dict, kind: str) -> bool:
+    """Whether the Dify app takes files of this kind (old `file_upload.image` or newer `allowed_file_types`)."""
+    upload = parameters.get("file_upload") if isinstance(parameters.get("file_upload"), dict) else {}
+    if kind == IMAGE and isinstance(upload.get("image"), dict) and upload["image"].get("enabled"):
+        return True
+    types = upload.get("allowed_file_types") or []
+    return bool(upload.get("enabled")) and (kind in types or "custom" in types)
+
+
+class MediaService:
+    def __init__(
+        self, crypto: WeComCrypto, dify: DifyClient, profile: DifyAppProfile, dify_base_url: str, timeout: float = 20.0
+    ):
+        self.crypto = crypto
+        self.dify = dify
+        self.profile = profile
+        self.dify_origin = "{0.scheme}://{0.netloc}".format(urlsplit(dify_base_url))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), follow_redirects=True, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- WeCom -> Dify ----------------------------------------------------------------------------------------
+
+    def prepare(self, attachments: list[tuple[str, str]], dify_user: str) -> PreparedFiles:
+        """Download, decrypt and upload each (kind, url) the app accepts; refusals and failures are counted."""
+        result = PreparedFiles()
+        if not attachments:
+            return result
+        parameters = self.profile.parameters()
+        for kind, url in attachments[: self._count_limit(parameters)]:
+            if not accepts(parameters, kind):
+                result.refused.add(kind)
+                continue
+            try:
+                data, name = self.fetch_inbound(url, self._size_limit(parameters, kind))
+                extension, mime = sniff(data)
+                filename = name or f"{kind}.{extension}"
+                file_id = self.dify.upload_file(data, filename, mime, dify_user)
+            except (MediaError, DifyError) as exc:
+                logger.warning("could not pass a %s to Dify: %s", kind, exc)
+                result.failed += 1
+                continue
+            result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
+        return result
+
+    def fetch_inbound(self, url: str, max_bytes: int) -> tuple[bytes, str | None]:
+        """Download a WeCom media URL and decrypt it with the bot key; returns (bytes, filename if given).
+
+        Raises:
+            MediaError: not http(s), too large, unreachable, non-200 or undecryptable.
+        """
+        encrypted, headers = self._download(url, max_bytes + 32)
+        try:
+            data = self.crypto.decrypt_media(encrypted)
+        except CryptoError as exc:
+            raise MediaError(f"media does not decrypt ({exc.code})") from None
+        disposition = Message()
+        disposition["content-disposition"] = headers.get("content-disposition", "")
+        return data, disposition.get_filename()
+
+    # --- Dify -> WeCom ----------------------------------------------------------------------------------------
+
+    def fetch_reply_image(self, url: str) -> dict | None:
+        """A Dify image as a msg_item payload ({base64, md5}), or None if it is not a JPG/PNG within 10 MB."""
+        try:
+            data, _ = self._download(urljoin(self.dify_origin + "/", url), MAX_REPLY_IMAGE_BYTES)
+        except MediaError as exc:
+            logger.warning("could not fetch a Dify image: %s", exc)
+            return None
+        if sniff(data)[0] not in ("jpg", "png"):
+            logger.info("skipped a Dify file that is not a JPG or PNG")
+            return None
+        return {"base64": base64.b64encode(data).decode(), "md5": hashlib.md5(data).hexdigest()}
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _download(self, url: str, max_bytes: int) -> tuple[bytes, httpx.Headers]:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise MediaError("not an http(s) URL")
+        try:
+            with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise MediaError(f"download answered HTTP {response.status_code}")
+                body = bytearray()
+                for piece in response.iter_bytes():
+                    body += piece
+                    if len(body) > max_bytes:
+                        raise MediaError(f"larger than {max_bytes} bytes")
+                return bytes(body), response.headers
+        except httpx.HTTPError as exc:
+            raise MediaError(f"download failed: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _size_limit(parameters: dict, kind: str) -> int:
+        system = parameters.get("system_parameters") if isinstance(parameters.get("system_parameters"), dict) else {}
+        megabytes = system.get(_LIMIT_FIELDS[kind]) or _DEFAULT_LIMITS_MB[kind]
+        return min(int(megabytes * _MB), MAX_INBOUND_FILE_BYTES)
+
+    @staticmethod
+    def _count_limit(parameters: dict) -> int:
+        upload = parameters.get("file_upload") if isinstance(parameters.get("file_upload"), dict) else {}
+        image = upload.get("image") if isinstance(upload.get("image"), dict) else {}
+        return int(image.get("number_limits") or upload.get("number_limits") or 3)

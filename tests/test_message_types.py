@@ -1,0 +1,276 @@
+"""Everything a WeCom user can send, and the extras of a reply: images and files in, enter_chat, feedback,
+Dify's images out as msg_item, and the per-user in-flight limit."""
+
+import base64
+import hashlib
+import threading
+import time
+
+import pytest
+
+from demo import dify_standin as d
+from services.texts import CATALOGUE
+from tests.conftest import make_simulator
+
+ZH = CATALOGUE["zh"]
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
+PDF = b"%PDF-1.7\n" + b"1 0 obj << >> endobj\n" * 20
+
+
+def accept_documents(dify, video=False):
+    dify.parameters["file_upload"] = {
+        "enabled": True,
+        "allowed_file_types": ["document", "image"] + (["video"] if video else []),
+        "image": {"enabled": True, "number_limits": 3},
+    }
+
+
+def follow_payload(sim, payload):
+    return sim.follow(sim.send(payload))
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+def test_an_image_is_decrypted_uploaded_and_sent_as_a_file(simulator, dify):
+    url = simulator.inbox.host(PNG)
+    dify.script(d.answer("a nice chart"))
+    conversation = follow_payload(simulator, simulator.message("image", {"url": url}))
+    assert conversation.text == "a nice chart"
+    [upload] = dify.uploads.values()
+    assert upload["data"] == PNG and upload["mime_type"] == "image/png" and upload["user"] == "wecom:demo-bot:alice"
+    [request] = dify.chat_requests()
+    assert request["query"] == ZH["image_query"]
+    [file_id] = dify.uploads
+    assert request["files"] == [{"type": "image", "transfer_method": "local_file", "upload_file_id": file_id}]
+
+
+def test_mixed_text_and_images(simulator, dify):
+    urls = [simulator.inbox.host(PNG), simulator.inbox.host(JPEG)]
+    items = [{"msgtype": "text", "text": {"content": "compare these two"}}]
+    items += [{"msgtype": "image", "image": {"url": u}} for u in urls]
+    dify.script(d.answer("the second is a photo"))
+    conversation = follow_payload(simulator, simulator.message("mixed", {"msg_item": items}))
+    assert conversation.text == "the second is a photo"
+    request = dify.chat_requests()[0]
+    assert request["query"] == "compare these two" and len(request["files"]) == 2
+    assert sorted(u["mime_type"] for u in dify.uploads.values()) == ["image/jpeg", "image/png"]
+
+
+def test_images_when_the_app_takes_none(simulator, dify):
+    dify.parameters["file_upload"] = {"image": {"enabled": False}}
+    only_image = follow_payload(simulator, simulator.message("image", {"url": simulator.inbox.host(PNG)}))
+    assert only_image.text == ZH["images_unsupported"]
+    assert dify.chat_requests() == []
+
+    dify.script(d.answer("text answered"))
+    items = [
+        {"msgtype": "text", "text": {"content": "what about this"}},
+        {"msgtype": "image", "image": {"url": simulator.inbox.host(PNG)}},
+    ]
+    mixed = follow_payload(simulator, simulator.message("mixed", {"msg_item": items}, msgid="mixed-1"))
+    assert mixed.text == f"text answered\n\n{ZH['images_ignored']}"
+    assert "files" not in dify.chat_requests()[0] and dify.uploads == {}
+
+
+def test_an_expired_image_url(simulator, dify):
+    dead = simulator.inbox.server.url + "/media/expired"
+    conversation = follow_payload(simulator, simulator.message("image", {"url": dead}))
+    assert conversation.text == ZH["media_failed"]
+    dify.script(d.answer("answered anyway"))
+    items = [{"msgtype": "text", "text": {"content": "and this"}}, {"msgtype": "image", "image": {"url": dead}}]
+    mixed = follow_payload(simulator, simulator.message("mixed", {"msg_item": items}))
+    assert mixed.text == f"answered anyway\n\n{ZH['media_partial']}"
+
+
+def test_an_image_that_does_not_decrypt(simulator, dify):
+    url = simulator.inbox.host(PNG, encrypt=False)
+    assert follow_payload(simulator, simulator.message("image", {"url": url})).text == ZH["media_failed"]
+
+
+def test_a_quoted_image_is_attached(simulator, dify):
+    url = simulator.inbox.host(PNG)
+    dify.script(d.answer("it is a PNG"))
+    quote = {"msgtype": "image", "image": {"url": url}}
+    follow_payload(simulator, simulator.text_message("what is in it?", quote=quote))
+    request = dify.chat_requests()[0]
+    assert len(request["files"]) == 1 and f"> {ZH['quoted_image']}" in request["query"]
+
+
+# --- files and videos -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "video"])
+def test_files_and_videos_get_a_clear_reply_by_default(simulator, dify, kind):
+    url = simulator.inbox.host(PDF)
+    conversation = follow_payload(simulator, simulator.message(kind, {"url": url}))
+    assert conversation.text == ZH["files_unsupported"]
+    assert dify.chat_requests() == [] and dify.uploads == {}
+
+
+def test_documents_go_to_an_app_that_takes_them(simulator, dify):
+    accept_documents(dify)
+    url = simulator.inbox.host(PDF, filename="季度报告.pdf")
+    dify.script(d.answer("the report says..."))
+    conversation = follow_payload(simulator, simulator.message("file", {"url": url}))
+    assert conversation.text == "the report says..."
+    [upload] = dify.uploads.values()
+    assert upload["name"] == "季度报告.pdf" and upload["data"] == PDF and upload["mime_type"] == "application/pdf"
+    request = dify.chat_requests()[0]
+    assert request["query"] == ZH["file_query"] and request["files"][0]["type"] == "document"
+
+
+MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(200)
+
+
+def test_a_video_is_unsupported_by_an_app_that_takes_only_documents(simulator, dify):
+    accept_documents(dify, video=False)
+    conversation = follow_payload(simulator, simulator.message("video", {"url": simulator.inbox.host(MP4)}))
+    assert conversation.text == ZH["files_unsupported"]
+
+
+def test_a_video_goes_to_an_app_that_takes_video(simulator, dify):
+    accept_documents(dify, video=True)
+    dify.script(d.answer("a short clip"))
+    conversation = follow_payload(simulator, simulator.message("video", {"url": simulator.inbox.host(MP4)}))
+    assert conversation.text == "a short clip"
+    assert dify.chat_requests()[0]["files"][0]["type"] == "video"
+
+
+# --- enter_chat ---------------------------------------------------------------------------------------------
+
+
+def test_enter_chat_uses_the_dify_opening_statement(simulator, dify):
+    dify.parameters["opening_statement"] = "你好，我是差旅助手。"
+    dify.parameters["suggested_questions"] = ["怎么报销？", "出差标准是什么？"]
+    reply = simulator.send(simulator.event_message("enter_chat"))
+    assert reply == {
+        "msgtype": "text",
+        "text": {"content": "你好，我是差旅助手。\n\n你可以这样问我：\n- 怎么报销？\n- 出差标准是什么？"},
+    }
+
+
+def test_enter_chat_prefers_the_configured_welcome(make_app, serve, dify):
+    sim = make_simulator(serve(make_app(welcome_message="欢迎使用 AI 助手！")).url)
+    dify.parameters["opening_statement"] = "ignored"
+    assert sim.send(sim.event_message("enter_chat"))["text"]["content"] == "欢迎使用 AI 助手！"
+    sim.close()
+
+
+def test_enter_chat_without_any_welcome_is_an_empty_reply(simulator, dify):
+    assert simulator.send(simulator.event_message("enter_chat")) is None
+
+
+# --- feedback -----------------------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_every_stream_reply_carries_the_feedback_id(simulator, dify):
+    dify.script(d.answer("rate me", delay=0.02))
+    conversation = simulator.ask("hello")
+    assert all(f["stream"]["feedback"] == {"id": conversation.stream_id} for f in conversation.frames)
+
+
+@pytest.mark.parametrize(
+    ("event", "rating", "content"),
+    [
+        ({"type": 1}, "like", ""),
+        (
+            {"type": 2, "content": "数据过时了", "inaccurate_reason_list": [2, 3]},
+            "dislike",
+            "内容不完整 (incomplete); 内容有误 (wrong); 数据过时了",
+        ),
+        ({"type": 3}, None, ""),
+    ],
+)
+def test_feedback_reaches_the_right_dify_message_as_the_right_user(simulator, dify, event, rating, content):
+    dify.script(d.answer("an answer"))
+    conversation = simulator.ask("question")
+    message_id = next(iter(dify.messages))
+    reply = simulator.send(simulator.event_message("feedback_event", {"id": conversation.stream_id, **event}))
+    assert reply is None  # WeCom wants an empty body here
+    assert wait_for(lambda: dify.feedbacks)
+    assert dify.feedbacks == [(message_id, {"rating": rating, "user": "wecom:demo-bot:alice", "content": content})]
+
+
+def test_feedback_for_an_unknown_answer_is_dropped(simulator, dify):
+    reply = simulator.send(simulator.event_message("feedback_event", {"id": "NoSuchAnswer", "type": 1}))
+    assert reply is None
+    time.sleep(0.2)
+    assert dify.feedbacks == []
+
+
+def test_feedback_outlives_the_stream_hash(simulator, dify, redis_client):
+    dify.script(d.answer("an answer"))
+    conversation = simulator.ask("question")
+    redis_client.delete(f"dify_stream:{conversation.stream_id}")
+    assert redis_client.ttl(f"feedback:{conversation.stream_id}") > 6 * 24 * 3600
+    simulator.send(simulator.event_message("feedback_event", {"id": conversation.stream_id, "type": 1}))
+    assert wait_for(lambda: dify.feedbacks)
+
+
+# --- images from Dify -----------------------------------------------------------------------------------------
+
+
+def test_images_dify_sends_arrive_as_msg_item_on_the_final_reply(simulator, dify):
+    png_url, jpeg_url = dify.host_file(PNG), dify.host_file(JPEG, "jpg")
+    gif_url = dify.host_file(b"GIF89a" + bytes(100), "gif")
+    dify.script(
+        [
+            d.message("here is your chart"),
+            d.message_file(png_url),
+            d.message_file(gif_url),
+            d.message_file(jpeg_url),
+            d.message_file("/files/tools/missing.png"),
+            d.end(),
+        ]
+    )
+    conversation = simulator.ask("draw")
+    assert conversation.text == "here is your chart"
+    assert all("msg_item" not in f["stream"] for f in conversation.frames[:-1])
+    items = conversation.last["msg_item"]
+    assert [i["msgtype"] for i in items] == ["image", "image"]
+    for item, raw in zip(items, (PNG, JPEG), strict=True):
+        assert base64.b64decode(item["image"]["base64"]) == raw
+        assert item["image"]["md5"] == hashlib.md5(raw).hexdigest()
+
+
+def test_at_most_ten_images(simulator, dify):
+    urls = [dify.host_file(PNG) for _ in range(12)]
+    dify.script([d.message("many"), *[d.message_file(u) for u in urls], d.end()])
+    assert len(simulator.ask("lots").last["msg_item"]) == 10
+
+
+def test_an_image_only_answer_is_not_called_empty(simulator, dify):
+    dify.script([d.message_file(dify.host_file(PNG)), d.end()])
+    conversation = simulator.ask("just draw")
+    assert conversation.text == ZH["placeholder"] and len(conversation.last["msg_item"]) == 1
+
+
+# --- WeCom's in-flight limit ----------------------------------------------------------------------------------
+
+
+def test_a_fourth_open_bubble_gets_a_polite_refusal(simulator, dify):
+    gate = threading.Event()
+    dify.script([d.message("slow"), d.sleep(1.0), d.end()], times=3)
+    firsts = [simulator.send(simulator.text_message(f"q{i}")) for i in range(3)]
+    assert all(not f["stream"]["finish"] for f in firsts)
+    fourth = simulator.send(simulator.text_message("q4"))
+    assert fourth["stream"]["finish"] is True and fourth["stream"]["content"] == ZH["too_many_in_flight"]
+    dify.script(d.answer("bob is fine"))
+    assert simulator.ask("me too", userid="bob").text == "bob is fine"
+    for first in firsts:
+        simulator.follow(first)
+    gate.set()
+    dify.script(d.answer("room again"))
+    assert simulator.ask("q5").text == "room again"
+    assert len(dify.chat_requests()) == 5
