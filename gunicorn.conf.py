@@ -16,7 +16,8 @@ worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 # A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+# A stopping worker gives its running answers this long to finish (see worker_exit), then hands them over.
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "120"))
 keepalive = 5
 # Restarting workers after N requests would cut the Dify streams they run; leave it off.
 max_requests = 0
@@ -43,3 +44,16 @@ def on_starting(server):
 def _exit_with(problem: str) -> None:
     print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
     sys.exit(2)
+
+
+# Seconds of the graceful timeout kept back for handing unfinished streams over and exiting before the SIGKILL.
+DRAIN_MARGIN_SECONDS = 5
+
+
+def worker_exit(server, worker):
+    """On SIGTERM (rolling update, scale-down): once this worker has stopped taking requests, let its streams
+    finish, then hand the rest to the other replicas (see Gateway.drain)."""
+    app = getattr(worker, "wsgi", None)
+    gateway = getattr(app, "extensions", {}).get("gateway") if app is not None else None
+    if gateway is not None:
+        gateway.drain(max(1.0, server.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS))

@@ -51,9 +51,9 @@ def overflow_threshold(renderer: BubbleRenderer) -> int:
     return MAX_CONTENT_BYTES - max(utf8_len("\n\n" + note) for note in notes)
 
 
-def remainder_message(texts: Texts, remainder: str, note: str = "") -> str:
+def remainder_message(texts: Texts, remainder: str, note: str = "", header_key: str = "continued") -> str:
     """The markdown sent through response_url: the part the bubble could not show, plus a closing note."""
-    header = texts.say("continued")
+    header = texts.say(header_key)
     tail = f"\n\n{note}" if note else ""
     body = f"{header}\n\n{remainder.lstrip()}" if remainder.strip() else texts.say("nothing_more")
     if utf8_len(body + tail) > MAX_CONTENT_BYTES:

@@ -60,6 +60,24 @@ class Gateway:
     callback: CallbackHandler
     texts: Texts
 
+    def drain(self, timeout: float) -> list[str]:
+        """Graceful shutdown: take no new streams, let running ones finish for up to `timeout` seconds, then hand
+        what remains to the other replicas (a poll there restarts it if nothing was shown, else finishes the
+        bubble with the partial text and a note). Returns the ids handed over."""
+        logger.info("draining %d running streams (up to %.0fs)", self.runner.active_count, timeout)
+        remaining = self.runner.drain(timeout)
+        if not remaining:
+            logger.info("all streams finished; nothing to hand over")
+            return []
+        self.runner.cancel(remaining)
+        try:
+            released = self.store.release_leases(remaining, self.settings.instance_id)
+        except redis.RedisError as exc:
+            logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
+            released = 0
+        logger.warning("handed %d unfinished streams over to other replicas", released)
+        return remaining
+
     def close(self) -> None:
         """Release pooled connections (running stream threads are left to finish on their own)."""
         self.runner.stop()

@@ -9,7 +9,7 @@ from redis.retry import Retry
 
 def connect_redis(url: str, socket_timeout: float = 2.0) -> redis.Redis:
     """A client with short timeouts (a Redis outage fails requests fast instead of hanging threads) and a couple
-    of quick retries for a dropped connection."""
+    of quick retries for a dropped connection only: retrying a timeout would just multiply the wait."""
     if url.startswith("memory://"):
         import fakeredis  # only the embedded default needs it
 
@@ -20,6 +20,5 @@ def connect_redis(url: str, socket_timeout: float = 2.0) -> redis.Redis:
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-        retry_on_error=[redis.ConnectionError],
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,)),
     )

@@ -19,6 +19,7 @@ from services.stream_store import StreamStore
 logger = logging.getLogger(__name__)
 
 _RENEW_BATCH = 500
+_RETRY_INTERVAL = 0.5
 
 
 class StreamRunner:
@@ -82,6 +83,13 @@ class StreamRunner:
                 self._idle.wait(left)
             return list(self._active)
 
+    def cancel(self, stream_ids: list[str]) -> None:
+        """Tell these streams' workers to stop writing (their streams are being handed to other replicas)."""
+        with self._lock:
+            events = [self._active[i] for i in stream_ids if i in self._active]
+        for event in events:
+            event.set()
+
     def stop(self) -> None:
         """Stop the lease keeper (running workers are left to their own ends)."""
         self._stopping.set()
@@ -95,18 +103,22 @@ class StreamRunner:
                 self._keeper.start()
 
     def _keep_leases(self) -> None:
-        while not self._stopping.wait(self.renew_interval):
-            ids = self.active_ids()
-            for start in range(0, len(ids), _RENEW_BATCH):
-                batch = ids[start : start + _RENEW_BATCH]
-                try:
-                    lost = self.store.renew_leases(batch, self.owner)
-                except redis.RedisError as exc:
-                    logger.warning("could not renew %d stream leases: %s", len(batch), exc)
-                    continue
-                for stream_id in lost:
-                    logger.warning("lease lost for stream %s; stopping its worker", stream_id)
-                    with self._lock:
-                        event = self._active.get(stream_id)
-                    if event is not None:
-                        event.set()
+        interval = self.renew_interval
+        while not self._stopping.wait(interval):
+            renewed = self._renew_all()
+            # After a failure (Redis away), try again soon: leases that ran out meanwhile are taken back at once.
+            interval = self.renew_interval if renewed else min(_RETRY_INTERVAL, self.renew_interval)
+
+    def _renew_all(self) -> bool:
+        ids = self.active_ids()
+        for start in range(0, len(ids), _RENEW_BATCH):
+            batch = ids[start : start + _RENEW_BATCH]
+            try:
+                lost = self.store.renew_leases(batch, self.owner)
+            except redis.RedisError as exc:
+                logger.warning("could not renew %d stream leases: %s", len(batch), exc)
+                return False
+            for stream_id in lost:
+                logger.warning("stream %s was taken over by another replica; stopping its worker here", stream_id)
+            self.cancel(lost)
+        return True

@@ -38,18 +38,31 @@ redis.call('EXPIRE', KEYS[4], ARGV[9])
 return {1, ARGV[1]}
 """
 
+# Shared by the writing scripts: may `owner` write to the stream? 'ok'; 'closed' when it is gone or final (the
+# bubble was finished by someone else); 'taken' when another replica owns it now and is answering.
+_OWNERSHIP = """
+local function ownership(key, owner)
+  local h = redis.call('HMGET', key, 'status', 'owner')
+  if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
+  if h[2] ~= owner then return 'taken' end
+  return 'ok'
+end
+"""
+
 # KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, field/value pairs..., deltas...
 # The expected length makes a retried call (reply lost after it ran) a no-op instead of a duplicate.
-_APPEND = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+_APPEND = (
+    _OWNERSHIP
+    + """
+local state = ownership(KEYS[1], ARGV[1])
+if state ~= 'ok' then return state end
 local n = tonumber(ARGV[5])
 local first = 6 + 2 * n
 local count = #ARGV - first + 1
 if count > 0 then
   local length = redis.call('LLEN', KEYS[2])
-  if length == tonumber(ARGV[4]) + count then return 1 end
-  if length ~= tonumber(ARGV[4]) then return -1 end
+  if length == tonumber(ARGV[4]) + count then return 'ok' end
+  if length ~= tonumber(ARGV[4]) then return 'conflict' end
 end
 if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, first - 1)) end
 if count > 0 then
@@ -59,13 +72,16 @@ if count > 0 then
   end
 end
 redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3])
-return 1
+return 'ok'
 """
+)
 
 # KEYS: stream, chunks. ARGV: owner, ttl, now, answer.
-_REPLACE = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+_REPLACE = (
+    _OWNERSHIP
+    + """
+local state = ownership(KEYS[1], ARGV[1])
+if state ~= 'ok' then return state end
 redis.call('DEL', KEYS[2])
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
@@ -73,8 +89,9 @@ if ARGV[4] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'replaced_at', ARGV[3],
            'updated_at', ARGV[3])
-return 1
+return 'ok'
 """
+)
 
 # KEYS: stream, chunks, lease, images. ARGV: owner, status, now, ttl, stream_id, field/value pairs...
 # Returns 0 if not ours or not active, else {1, close_reason, closed_bytes} of a bubble closed early.
@@ -89,13 +106,15 @@ if h[3] then redis.call('ZREM', h[3], ARGV[5]) end
 return {1, h[4] or '', h[5] or ''}
 """
 
-# KEYS: stream, chunks, lease. ARGV: now, window seconds, overflow bytes, orphan note, stream_id.
-# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url}.
-# An active stream whose lease is gone becomes expired; one past the window, or longer than the bubble can
-# show, is closed (the bubble finishes now, the worker goes on and sends the rest through response_url).
+# KEYS: stream, chunks, lease. ARGV: now, window seconds, overflow bytes, orphan note, stream_id, taker, lease_ms.
+# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
+# taken_over}. An active stream whose lease is gone (its replica died or handed it over) is restarted by the
+# polling replica (`taker`, if not empty) when nothing was shown yet and it was never restarted; otherwise it
+# becomes expired with the note. One past the window, or longer than a bubble can show, is closed early (the
+# bubble finishes now, the worker goes on and sends the rest through response_url).
 _POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
-                     'closed_bytes', 'response_url', 'inflight_key')
+                     'closed_bytes', 'response_url', 'inflight_key', 'restarts')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -105,13 +124,22 @@ if #fresh > 0 then
   text = text .. table.concat(fresh)
   redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
 end
-local note, reason, closed_bytes = h[4] or '', h[6] or '', h[7] or ''
+local note, reason, closed_bytes, taken = h[4] or '', h[6] or '', h[7] or '', ''
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
-    status = 'expired'
-    note = ARGV[4]
-    redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
-    if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
+    if text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[6] ~= '' then
+      redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
+      redis.call('DEL', KEYS[2])
+      redis.call('HSET', KEYS[1], 'owner', ARGV[6], 'status', 'pending', 'restarts', 1, 'folded', 0,
+                 'taken_over_at', ARGV[1], 'updated_at', ARGV[1])
+      status = 'pending'
+      taken = '1'
+    else
+      status = 'expired'
+      note = ARGV[4]
+      redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
+      if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
+    end
   elseif reason == '' then
     if tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
       reason = 'window'
@@ -126,7 +154,7 @@ if status == 'pending' or status == 'streaming' then
   end
 end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
-return {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or ''}
+return {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', taken}
 """
 
 # KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.
@@ -136,23 +164,44 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS: lease1, stream1, lease2, stream2, ... ARGV: owner, lease_ms. Returns the 1-based pair indexes lost.
-_RENEW = """
+# KEYS: lease1, stream1, lease2, stream2, ... ARGV: owner, lease_ms. Returns the 1-based pair indexes taken by
+# another replica. A lease that ran out (e.g. through a Redis outage) is taken back while the stream is still ours;
+# a stream that is gone or final needs no lease, and its worker learns that on its next write.
+_RENEW = (
+    _OWNERSHIP
+    + """
 local lost = {}
 for i = 1, #KEYS, 2 do
   local holder = redis.call('GET', KEYS[i])
   if holder == ARGV[1] then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  elseif holder then
+    table.insert(lost, (i + 1) / 2)
   else
-    local h = redis.call('HMGET', KEYS[i + 1], 'status', 'owner')
-    if holder == false and h[2] == ARGV[1] and (h[1] == 'pending' or h[1] == 'streaming') then
+    local state = ownership(KEYS[i + 1], ARGV[1])
+    if state == 'ok' then
       redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
-    else
+    elseif state == 'taken' then
       table.insert(lost, (i + 1) / 2)
     end
   end
 end
 return lost
+"""
+)
+
+# KEYS: lease1, stream1, ... ARGV: owner, now. Drops this replica's leases (graceful shutdown), so the next poll on
+# another replica takes each stream over. Returns how many were released.
+_RELEASE = """
+local released = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    redis.call('HSET', KEYS[i + 1], 'handed_over_at', ARGV[2])
+    released = released + 1
+  end
+end
+return released
 """
 
 
@@ -170,6 +219,7 @@ class Snapshot:
     close_reason: str = ""
     closed_bytes: int = 0
     has_response_url: bool = False
+    taken_over: bool = False
 
     @property
     def active(self) -> bool:
@@ -177,6 +227,9 @@ class Snapshot:
 
 
 CREATED, EXISTING, LIMITED = "created", "existing", "limited"
+# Outcomes of a write by a stream's owner: written; the stream was closed or lost by someone else (keep the answer
+# and deliver it another way); or another replica has taken it over (stop at once: never two answers).
+WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
 
 
 @dataclass(slots=True)
@@ -202,6 +255,7 @@ class StreamStore:
         self._poll = client.register_script(_POLL)
         self._renew = client.register_script(_RENEW)
         self._record = client.register_script(_RECORD)
+        self._release = client.register_script(_RELEASE)
 
     def create(
         self, stream_id: str, msgid: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]
@@ -230,24 +284,24 @@ class StreamStore:
 
     def append(
         self, stream_id: str, owner: str, deltas: list[str], written: int, fields: dict[str, str] | None = None
-    ) -> bool:
+    ) -> str:
         """Append deltas after the `written` ones already in the list (and set fields).
 
-        Returns False if this replica no longer owns an active stream.
+        Returns WRITTEN, CLOSED or TAKEN.
         Raises:
             StreamConflict: the list does not hold `written` deltas (someone else wrote to it).
         """
         fields = fields or {}
         args = [owner, self.key_ttl, _now(), written, len(fields), *_pairs(fields), *deltas]
         result = self._append(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
-        if result == -1:
+        if result == "conflict":
             raise StreamConflict(stream_id)
-        return bool(result)
+        return result
 
-    def replace(self, stream_id: str, owner: str, answer: str) -> bool:
-        """Replace the whole answer (Dify's message_replace); False if no longer the owner of an active stream."""
+    def replace(self, stream_id: str, owner: str, answer: str) -> str:
+        """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""
         args = [owner, self.key_ttl, _now(), answer]
-        return bool(self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args))
+        return self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
 
     def finish(self, stream_id: str, owner: str, status: str, fields: dict[str, str] | None = None) -> Finished | None:
         """Move an active stream to a final status, drop the lease and its in-flight slot.
@@ -263,18 +317,22 @@ class StreamStore:
             return None
         return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0))
 
-    def poll(self, stream_id: str, window_seconds: int, overflow_bytes: int, orphan_note: str) -> Snapshot | None:
+    def poll(
+        self, stream_id: str, window_seconds: int, overflow_bytes: int, orphan_note: str, taker: str = ""
+    ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
-        An active stream whose lease is gone (its replica died) becomes `expired` here, with `orphan_note`. An
-        active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
+        An active stream whose lease is gone (its replica died) is taken over by `taker` when nothing was shown yet
+        (`taken_over` is then set and the caller must start a worker), else becomes `expired` with `orphan_note`.
+        An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
-        row = self._poll(keys=keys, args=[_now(), window_seconds, overflow_bytes, orphan_note, stream_id])
+        args = [_now(), window_seconds, overflow_bytes, orphan_note, stream_id, taker, self.lease_ms]
+        row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url = row
+        status, text, note, reason, closed_bytes, has_url, taken = row
         return Snapshot(
             status=status,
             text=text,
@@ -282,6 +340,7 @@ class StreamStore:
             close_reason=reason,
             closed_bytes=int(closed_bytes or 0),
             has_response_url=bool(has_url),
+            taken_over=bool(taken),
         )
 
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
@@ -306,14 +365,23 @@ class StreamStore:
         return self.client.zcount(key, f"{time.time():.3f}", "+inf")
 
     def renew_leases(self, stream_ids: list[str], owner: str) -> list[str]:
-        """Extend this replica's leases; returns the ids whose lease now belongs to someone else or is over."""
+        """Extend this replica's leases; returns the ids another replica has taken over."""
         if not stream_ids:
             return []
+        lost = self._renew(keys=self._lease_pairs(stream_ids), args=[owner, self.lease_ms])
+        return [stream_ids[int(i) - 1] for i in lost]
+
+    def release_leases(self, stream_ids: list[str], owner: str) -> int:
+        """Give up this replica's leases (graceful shutdown): the next poll elsewhere takes each stream over."""
+        if not stream_ids:
+            return 0
+        return int(self._release(keys=self._lease_pairs(stream_ids), args=[owner, _now()]))
+
+    def _lease_pairs(self, stream_ids: list[str]) -> list[str]:
         keys: list[str] = []
         for stream_id in stream_ids:
             keys += [self.keys.stream_lease(stream_id), self.keys.stream(stream_id)]
-        lost = self._renew(keys=keys, args=[owner, self.lease_ms])
-        return [stream_ids[int(i) - 1] for i in lost]
+        return keys
 
     def stream_for_msgid(self, msgid: str) -> str | None:
         """The stream id recorded for a WeCom msgid, if any."""

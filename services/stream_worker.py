@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
 import redis
 
 from services.auth import AuthError
@@ -38,7 +39,7 @@ from services.dify_client import (
 from services.feedback import FeedbackService
 from services.media import IMAGE, MediaService
 from services.response_url import ResponseUrlClient
-from services.stream_store import DONE, ERROR, Finished, StreamStore
+from services.stream_store import DONE, ERROR, TAKEN, WRITTEN, Finished, StreamStore
 from services.texts import Texts
 from services.wecom_limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context, log_context
@@ -81,14 +82,41 @@ class StreamJob:
         """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts."""
         return f"wecom:{self.aibotid or 'bot'}:{self.userid}"
 
+    def request_fields(self) -> dict[str, str]:
+        """What the stream hash keeps so that another replica can restart this job (see `from_meta`)."""
+        return {
+            "query": self.query,
+            "typed_query": "1" if self.typed_query else "",
+            "attachments": orjson.dumps(self.attachments).decode() if self.attachments else "",
+        }
+
+    @classmethod
+    def from_meta(cls, stream_id: str, meta: dict[str, str]) -> StreamJob:
+        """Rebuild the job of a stream from its hash (a takeover on another replica)."""
+        return cls(
+            stream_id=stream_id,
+            msgid=meta.get("msgid", ""),
+            userid=meta.get("userid", ""),
+            aibotid=meta.get("aibotid", ""),
+            chatid=meta.get("chatid", ""),
+            query=meta.get("query", ""),
+            typed_query=bool(meta.get("typed_query")),
+            response_url=meta.get("response_url", ""),
+            attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
+        )
+
 
 @dataclass(slots=True)
 class _Progress:
     task_id: str = ""
     message_id: str = ""
     conversation_id: str = ""
-    written: int = 0
-    text: str = ""
+    written: int = 0  # deltas in the Redis list
+    text: str = ""  # the whole answer so far
+    pending: list[str] = field(default_factory=list)  # deltas not yet in Redis
+    pending_replace: str | None = None  # a message_replace not yet in Redis
+    outage_since: float | None = None
+    detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url
     ended: bool = False
     last_thought: str = ""
     workflow_error: str = ""
@@ -96,6 +124,15 @@ class _Progress:
     usage: dict = field(default_factory=dict)
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
+
+    def queue(self, deltas: list[str]) -> None:
+        self.text += "".join(deltas)
+        self.pending.extend(deltas)
+
+    def replace_with(self, answer: str) -> None:
+        self.text = answer
+        self.pending.clear()
+        self.pending_replace = answer
 
     def note_ids(self, event: DifyEvent) -> None:
         for name in ("task_id", "message_id", "conversation_id"):
@@ -224,11 +261,8 @@ class StreamWorker:
                 if event.answer:
                     deltas.append(event.answer)
             elif kind == REPLACE_EVENT:
-                self._write(job, deltas, progress)
                 deltas = []
-                self._owned(self.store.replace(job.stream_id, self.owner, event.answer))
-                progress.written = 1 if event.answer else 0
-                progress.text = event.answer
+                progress.replace_with(event.answer)
             elif kind == END_EVENT:
                 progress.ended = True
                 metadata = event.get("metadata")
@@ -250,14 +284,47 @@ class StreamWorker:
         self._remember_conversation(job, progress)
 
     def _write(self, job: StreamJob, deltas: list[str], progress: _Progress) -> None:
-        if not deltas and not progress.new_fields:
+        """Queue deltas and write what is queued; through a Redis outage the answer waits in memory."""
+        progress.queue(deltas)
+        try:
+            self._flush(job, progress)
+        except redis.RedisError as exc:
+            if progress.outage_since is None:
+                progress.outage_since = time.monotonic()
+                logger.warning("Redis unavailable; keeping the answer in memory until it returns: %s", exc)
             return
-        for start in range(0, max(len(deltas), 1), _MAX_DELTAS_PER_WRITE):
-            piece = deltas[start : start + _MAX_DELTAS_PER_WRITE]
-            self._owned(self.store.append(job.stream_id, self.owner, piece, progress.written, progress.new_fields))
+        if progress.outage_since is not None:
+            logger.info("Redis is back after %.1fs; answer written", time.monotonic() - progress.outage_since)
+            progress.outage_since = None
+
+    def _flush(self, job: StreamJob, progress: _Progress) -> None:
+        """Write the queued replace and deltas in order; raises RedisError, leaving the queue for the next try."""
+        if progress.detached:
+            return
+        if progress.pending_replace is not None:
+            answer = progress.pending_replace
+            if not self._accepted(self.store.replace(job.stream_id, self.owner, answer), progress):
+                return
+            progress.written, progress.pending_replace = (1 if answer else 0), None
+        while progress.pending or progress.new_fields:
+            piece = progress.pending[:_MAX_DELTAS_PER_WRITE]
+            result = self.store.append(job.stream_id, self.owner, piece, progress.written, progress.new_fields)
+            if not self._accepted(result, progress):
+                return
             progress.written += len(piece)
+            del progress.pending[: len(piece)]
             progress.new_fields = {}
-        progress.text += "".join(deltas)
+
+    @staticmethod
+    def _accepted(result: str, progress: _Progress) -> bool:
+        """Act on a write's outcome: go on, stop at once (taken over), or go on without Redis (closed elsewhere)."""
+        if result == WRITTEN:
+            return True
+        if result == TAKEN:
+            raise StreamAborted
+        logger.warning("the stream was closed elsewhere; the answer will be sent through response_url")
+        progress.detached = True
+        return False
 
     def _remember_conversation(self, job: StreamJob, progress: _Progress) -> None:
         if progress.conversation_id and progress.conversation_id != progress.conversation_saved:
@@ -278,7 +345,7 @@ class StreamWorker:
     # --- endings ----------------------------------------------------------------------------------------------
 
     def _complete(self, job: StreamJob, progress: _Progress, note: str) -> None:
-        if not progress.written:
+        if not progress.text:
             if progress.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.
                 self._write(job, [progress.last_thought], progress)
@@ -303,22 +370,36 @@ class StreamWorker:
         self._finish(job, progress, ERROR, note=self.texts.failure_note(exc), error=f"{exc.code}: {exc.message[:200]}")
 
     def _finish(self, job: StreamJob, progress: _Progress, status: str, **fields: str) -> Finished | None:
-        """Record the final state, retrying through a short Redis outage; if Redis stays away, the lease
-        expires once this thread is gone and the next poll closes the bubble instead."""
+        """Write what is queued and record the final state, retrying through a short Redis outage. If the stream
+        was closed elsewhere, or Redis stays away, the whole answer goes out through response_url instead."""
+        note = fields.get("note", "")
         for attempt in range(_FINISH_ATTEMPTS):
             try:
-                finished = self.store.finish(job.stream_id, self.owner, status, fields)
+                self._flush(job, progress)
+                finished = None if progress.detached else self.store.finish(job.stream_id, self.owner, status, fields)
             except redis.RedisError as exc:
-                logger.warning("could not record final state (attempt %d): %s", attempt + 1, exc)
+                logger.warning("could not record the final state (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.5 * 2**attempt)
                 continue
-            if finished is None:
-                logger.info("stream was already closed elsewhere; final state not written")
+            if finished is not None:
+                self._send_rest(job, progress, finished, note)
+            elif progress.detached:
+                self._send_whole(job, progress, note)
             else:
-                self._send_rest(job, progress, finished, fields.get("note", ""))
+                logger.info("stream was already closed elsewhere; final state not written")
             return finished
-        logger.error("gave up recording the final state; the lease will expire and a poll will close the bubble")
+        logger.error("Redis stayed unavailable; sending the answer through response_url instead")
+        self._send_whole(job, progress, note)
         return None
+
+    def _send_whole(self, job: StreamJob, progress: _Progress, note: str) -> None:
+        """The bubble was finished by someone else (or cannot be updated): send the whole answer once."""
+        if not job.response_url:
+            logger.warning("the answer could not be delivered: no response_url")
+            return
+        message = remainder_message(self.texts, progress.text, note, header_key="full_answer")
+        delivered = self.deps.responder.send_markdown(job.response_url, message)
+        logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
 
     def _send_rest(self, job: StreamJob, progress: _Progress, finished: Finished, note: str) -> None:
         """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""
@@ -337,8 +418,3 @@ class StreamWorker:
         delivered = self.deps.responder.send_markdown(job.response_url, message)
         logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
         self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"})
-
-    @staticmethod
-    def _owned(still_owner: bool) -> None:
-        if not still_owner:
-            raise StreamAborted

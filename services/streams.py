@@ -65,6 +65,18 @@ class StreamService:
             logger.warning("not taking a new stream: %s", key)
             return self.finish_at_once(self.texts.say(key))
 
+        proposed = new_stream_id()
+        job = StreamJob(
+            stream_id=proposed,
+            msgid=message.msgid,
+            userid=message.userid,
+            aibotid=message.aibotid,
+            chatid=message.chatid,
+            query=query,
+            typed_query=typed_query,
+            response_url=message.response_url,
+            attachments=attachments or [],
+        )
         fields = {
             "msgid": message.msgid,
             "userid": message.userid,
@@ -72,8 +84,8 @@ class StreamService:
             "chattype": message.chattype,
             "aibotid": message.aibotid,
             "response_url": message.response_url,
+            **job.request_fields(),
         }
-        proposed = new_stream_id()
         outcome, stream_id = self.store.create(
             proposed, message.msgid, self.owner, message.aibotid, message.userid, fields
         )
@@ -84,31 +96,31 @@ class StreamService:
         if outcome == EXISTING and stream_id != proposed:
             logger.info("repeated msgid; answering with its stream %s", stream_id)
             return self.poll(stream_id)
-
-        job = StreamJob(
-            stream_id=stream_id,
-            msgid=message.msgid,
-            userid=message.userid,
-            aibotid=message.aibotid,
-            chatid=message.chatid,
-            query=query,
-            typed_query=typed_query,
-            response_url=message.response_url,
-            attachments=attachments or [],
-        )
-        self.runner.start(stream_id, lambda cancelled: self.worker.run(job, cancelled))
+        self._start(job)
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
+
+    def _start(self, job: StreamJob) -> None:
+        self.runner.start(job.stream_id, lambda cancelled: self.worker.run(job, cancelled))
 
     def finish_at_once(self, note: str) -> dict:
         """A finished reply to a new message that needs no stream (a command, a refusal)."""
         return stream_reply(new_stream_id(), note, finish=True)
 
     def poll(self, stream_id: str) -> dict:
-        """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done."""
-        snapshot = self.store.poll(stream_id, self.window_seconds, self.overflow_bytes, self.texts.say("orphaned"))
+        """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done.
+
+        A stream whose replica died before showing anything is restarted here, once, if this replica has room.
+        """
+        taker = self.owner if self.runner.has_capacity() else ""
+        snapshot = self.store.poll(
+            stream_id, self.window_seconds, self.overflow_bytes, self.texts.say("orphaned"), taker
+        )
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
+        if snapshot.taken_over:
+            logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
+            self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]

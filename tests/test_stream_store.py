@@ -6,7 +6,7 @@ import time
 import pytest
 
 from services.keys import MSGID_TTL_SECONDS, Keys
-from services.stream_store import CREATED, EXISTING, LIMITED, StreamConflict, StreamStore
+from services.stream_store import CLOSED, CREATED, EXISTING, LIMITED, TAKEN, WRITTEN, StreamConflict, StreamStore
 
 TTL = 3600
 
@@ -88,8 +88,8 @@ def test_poll_folds_unread_chunks_into_the_cumulative_text(store, redis_client):
 
 def test_append_is_idempotent_when_a_call_is_retried(store, redis_client):
     open_stream(store)
-    assert store.append("s1", "A", ["x", "y"], 0)
-    assert store.append("s1", "A", ["x", "y"], 0)  # the retry of a call whose reply was lost
+    assert store.append("s1", "A", ["x", "y"], 0) == WRITTEN
+    assert store.append("s1", "A", ["x", "y"], 0) == WRITTEN  # the retry of a call whose reply was lost
     assert redis_client.lrange("dify_stream:s1:chunks", 0, -1) == ["x", "y"]
     with pytest.raises(StreamConflict):
         store.append("s1", "A", ["z"], 5)
@@ -97,8 +97,8 @@ def test_append_is_idempotent_when_a_call_is_retried(store, redis_client):
 
 def test_only_the_owner_writes(store):
     open_stream(store)
-    assert not store.append("s1", "B", ["intruder"], 0)
-    assert not store.replace("s1", "B", "intruder")
+    assert store.append("s1", "B", ["intruder"], 0) == TAKEN
+    assert store.replace("s1", "B", "intruder") == TAKEN
     assert store.finish("s1", "B", "done") is None
     assert poll(store).text == ""
 
@@ -133,7 +133,8 @@ def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client)
     assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
     assert not redis_client.exists("dify_stream:s1:lease")
     assert store.finish("s1", "A", "done") is None
-    assert not store.append("s1", "A", ["late"], 1)
+    assert store.append("s1", "A", ["late"], 1) == CLOSED
+    assert store.append("never-existed", "A", ["x"], 0) == CLOSED
 
 
 def test_unknown_stream_polls_as_none(store):
@@ -147,7 +148,54 @@ def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_clien
     snap = poll(store)
     assert (snap.status, snap.text, snap.note) == ("expired", "partial", "orphan note")
     assert redis_client.hget("dify_stream:s1", "error") == "owner_lost"
-    assert not store.append("s1", "A", ["zombie"], 1)
+    assert store.append("s1", "A", ["zombie"], 1) == CLOSED
+
+
+def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, redis_client):
+    open_stream(store, owner="A")
+    redis_client.delete("dify_stream:s1:lease")
+    snap = store.poll("s1", 330, 20000, "orphan note", taker="B")
+    assert snap.taken_over and snap.status == "pending" and snap.text == ""
+    meta = redis_client.hgetall("dify_stream:s1")
+    assert meta["owner"] == "B" and meta["restarts"] == "1" and meta["taken_over_at"]
+    assert redis_client.get("dify_stream:s1:lease") == "B"
+    assert store.append("s1", "A", ["old owner"], 0) == TAKEN  # the old owner, if alive, must stop
+    assert store.append("s1", "B", ["new owner"], 0) == WRITTEN
+
+
+def test_a_stream_is_restarted_only_once(store, redis_client):
+    open_stream(store, owner="A")
+    redis_client.delete("dify_stream:s1:lease")
+    assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
+    redis_client.delete("dify_stream:s1:lease")  # B dies too
+    snap = store.poll("s1", 330, 20000, "orphan note", taker="C")
+    assert not snap.taken_over and snap.status == "expired"
+
+
+def test_no_takeover_once_something_was_shown_or_without_a_taker(store, redis_client):
+    open_stream(store, "s1", "m1")
+    store.append("s1", "A", ["shown"], 0)
+    redis_client.delete("dify_stream:s1:lease")
+    assert store.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
+    open_stream(store, "s2", "m2")
+    redis_client.delete("dify_stream:s2:lease")
+    assert store.poll("s2", 330, 20000, "orphan note", taker="").status == "expired"
+
+
+def test_release_hands_streams_over(store, redis_client):
+    open_stream(store, "s1", "m1", owner="A")
+    open_stream(store, "s2", "m2", owner="A")
+    redis_client.set("dify_stream:s2:lease", "B")
+    assert store.release_leases(["s1", "s2"], "A") == 1
+    assert not redis_client.exists("dify_stream:s1:lease") and redis_client.get("dify_stream:s2:lease") == "B"
+    assert redis_client.hget("dify_stream:s1", "handed_over_at")
+
+
+def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
+    open_stream(store, "s1", "m1")
+    store.finish("s1", "A", "done")
+    assert store.renew_leases(["s1", "gone"], "A") == []
+    assert not redis_client.exists("dify_stream:s1:lease") and not redis_client.exists("dify_stream:gone:lease")
 
 
 def test_window_close_is_flagged_once_the_stream_is_too_old(store, redis_client):

@@ -1,0 +1,172 @@
+"""Many replicas, in one process: stream ownership and takeover, detaching when a stream is closed elsewhere,
+graceful draining, and Redis outages (against a redis-server of the test's own that it stops and pauses)."""
+
+import time
+
+import pytest
+
+from demo import dify_standin as d
+from services.texts import CATALOGUE
+from tests.conftest import make_simulator
+
+ZH = CATALOGUE["zh"]
+
+
+@pytest.fixture
+def pair(make_app, serve):
+    """Two replicas with a short lease, sharing the test Redis."""
+    options = dict(stream_lease_seconds=2, dify_read_timeout=4.0)
+    return serve(make_app(replica_id="replica-a", **options)), serve(make_app(replica_id="replica-b", **options))
+
+
+def kill(replica):
+    """Make a replica look dead to the others: its lease keeper stops, so its leases run out."""
+    replica.gateway.runner.stop()
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewhere(pair, dify, redis_client):
+    first, second = pair
+    dify.script([d.stall(8)])  # the dead replica's Dify call never yields anything
+    dify.script(d.answer("answered after the takeover"))
+    opener = make_simulator(first.url)
+    reply = opener.send(opener.text_message("hello", msgid="takeover-1"))
+    stream_id = reply["stream"]["id"]
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)  # WeCom's polls now land on the healthy replica
+    started = time.monotonic()
+    conversation = poller.follow(reply)
+    assert conversation.text == "answered after the takeover"
+    assert time.monotonic() - started < 2 + 5  # within the lease time, plus the answer
+    meta = redis_client.hgetall(f"dify_stream:{stream_id}")
+    assert meta["owner"].startswith("replica-b:") and meta["restarts"] == "1" and meta["status"] == "done"
+    assert len(dify.chat_requests()) == 2
+    # the first replica's worker wakes up later and must not write a second answer
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
+    assert redis_client.hget(f"dify_stream:{stream_id}", "status") == "done"
+    assert "".join(redis_client.lrange(f"dify_stream:{stream_id}:chunks", 0, -1)) == "answered after the takeover"
+    opener.close()
+    poller.close()
+
+
+def test_a_stream_whose_replica_died_after_showing_text_finishes_with_it(pair, dify, redis_client):
+    first, second = pair
+    dify.script([d.message("what was shown"), d.stall(8)])
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello")
+    reply = opener.send(payload)
+    assert wait_until(lambda: redis_client.llen(f"dify_stream:{reply['stream']['id']}:chunks") == 1)
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    conversation = poller.follow(reply)
+    assert conversation.text == f"what was shown\n\n{ZH['orphaned']}"
+    assert len(dify.chat_requests()) == 1  # text was shown: no restart, no second answer
+    opener.close()
+    poller.close()
+
+
+def test_a_replica_that_was_only_cut_off_sends_its_full_answer_once_its_bubble_closed(pair, dify, redis_client):
+    """The owner was alive but could not renew its lease (e.g. a network partition): another replica closed the
+    bubble with the partial text; the owner keeps the answer and sends it whole through response_url."""
+    first, second = pair
+    dify.script([d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()])
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello")
+    reply = opener.send(payload)
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    assert poller.follow(reply).text == f"part one\n\n{ZH['orphaned']}"
+    message = opener.inbox.wait_for(payload["response_url"], timeout=8)
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\npart one and part two"
+    opener.close()
+    poller.close()
+
+
+def test_drain_lets_short_answers_finish(live, simulator, dify):
+    dify.script(d.answer("finished during the drain", delay=0.05))
+    first = simulator.send(simulator.text_message("quick"))
+    assert live.gateway.drain(5) == []
+    assert simulator.follow(first).text == "finished during the drain"
+    assert live.gateway.runner.accepting is False
+    refused = simulator.send(simulator.text_message("one more"))
+    assert refused["stream"]["finish"] and refused["stream"]["content"] == ZH["shutting_down"]
+
+
+def test_drain_hands_unfinished_streams_to_another_replica(pair, dify, redis_client):
+    first, second = pair
+    dify.script([d.stall(6)])
+    dify.script(d.answer("finished by the other replica"))
+    sim_a, sim_b = make_simulator(first.url), make_simulator(second.url, poll_interval=0.1)
+    reply = sim_a.send(sim_a.text_message("slow"))
+    handed = first.gateway.drain(0.3)
+    assert handed == [reply["stream"]["id"]]
+    assert redis_client.hget(f"dify_stream:{handed[0]}", "handed_over_at")
+    conversation = sim_b.follow(reply)  # the released lease lets the next poll restart it at once
+    assert conversation.text == "finished by the other replica"
+    sim_a.close()
+    sim_b.close()
+
+
+def test_readiness_turns_503_while_draining(live, dify):
+    client = live.app.test_client()
+    assert client.get("/readyz").status_code == 200
+    live.gateway.drain(0)
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.get_json()["failed"]["shutdown"] == "draining"
+
+
+# --- Redis outages -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outage_app(make_app, serve, private_redis):
+    return serve(make_app(redis_url=private_redis.url, redis_socket_timeout=0.5, stream_lease_seconds=5))
+
+
+def test_a_redis_pause_keeps_the_answer_in_memory_and_writes_it_after(outage_app, private_redis, dify, caplog):
+    dify.script([d.message("before "), d.sleep(1.0), d.message("during "), d.sleep(2.5), d.message("after"), d.end()])
+    sim = make_simulator(outage_app.url, poll_interval=0.1)
+    reply = sim.send(sim.text_message("survive a blip"))
+    stream_id = reply["stream"]["id"]
+    assert sim.send(sim.poll_message(stream_id)) is not None
+    time.sleep(0.5)  # "before " is written; "during " arrives while Redis is paused
+    private_redis.pause()
+    started = time.monotonic()
+    response = sim.post(sim.poll_message(stream_id))
+    assert response.status_code == 503 and time.monotonic() - started < 2.5  # fails fast, nothing hangs
+    assert response.json()["error"] == "store_unavailable"
+    time.sleep(1.5)
+    private_redis.resume()
+    conversation = sim.follow(reply)
+    assert conversation.text == "before during after"
+    assert "keeping the answer in memory" in caplog.text and "Redis is back" in caplog.text
+    sim.close()
+
+
+def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
+    """Redis comes back without its data: the bubble learns the stream is gone, the worker sends the whole answer
+    through response_url, and new messages work again without a restart of the app."""
+    dify.script([d.message("first half, "), d.sleep(2.5), d.message("second half"), d.end()])
+    sim = make_simulator(outage_app.url, poll_interval=0.1)
+    payload = sim.text_message("during the restart")
+    reply = sim.send(payload)
+    time.sleep(0.3)
+    private_redis.stop()
+    down = sim.send(sim.text_message("anyone?"))
+    assert down["stream"]["finish"] and down["stream"]["content"] == ZH["store_unavailable"]
+    private_redis.start()
+    conversation = sim.follow(reply)
+    assert conversation.finished and conversation.text == ZH["unknown_stream"]
+    message = sim.inbox.wait_for(payload["response_url"], timeout=8)
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nfirst half, second half"
+    dify.script(d.answer("back to normal"))
+    assert sim.ask("and now?").text == "back to normal"
+    sim.close()
