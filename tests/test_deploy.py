@@ -1,0 +1,125 @@
+"""The Docker image and the Kubernetes manifests, checked offline: hadolint, the kustomizations built with
+kubectl, every object validated against the Kubernetes schemas, and the settings they carry checked against
+the app's own."""
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config.settings import PROJECT_ROOT, Settings
+
+K8S = PROJECT_ROOT / "k8s"
+KUSTOMIZATIONS = ["base", "jobs/db-init", "overlays/test-cluster"]
+KUBERNETES_VERSIONS = ["1.30.0", "1.32.0"]
+SETTING_NAMES = {f.name.upper() for f in dataclasses.fields(Settings)}
+GUNICORN_NAMES = {"GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "GUNICORN_GRACEFUL_TIMEOUT", "PORT",
+                  "BIND_HOST"}
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A tool's path; skipped locally when missing, a failure in CI (.ci/run sets REQUIRE_DEPLOY_TOOLS=1)."""
+    path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if path is None:
+        if os.environ.get("REQUIRE_DEPLOY_TOOLS"):
+            pytest.fail(f"{name} is required to check the deployment files")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def build(kustomization: str) -> list[dict]:
+    result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / kustomization)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kustomizations_build_and_validate_against_the_schemas(kustomization, version, tmp_path):
+    objects = build(kustomization)
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(objects))
+    result = subprocess.run([tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", str(rendered)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_secret_example_validates_and_stays_out_of_the_base(tmp_path):
+    result = subprocess.run([tool("kubernetes-validate"), "-k", "1.32.0", "--strict", "--quiet",
+                             str(K8S / "base" / "secret.example.yaml")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(o["kind"] != "Secret" for o in build("base"))
+
+
+def test_the_deployment_fits_the_app():
+    objects = build("base")
+    deployment = find(objects, "Deployment", "wecom-gateway")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    graceful = int(config["GUNICORN_GRACEFUL_TIMEOUT"])
+    # the pod must outlive the preStop sleep plus gunicorn's drain, or Kubernetes kills answers mid-drain
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + graceful + 5
+    service = find(objects, "Service", "wecom-gateway")
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    pdb = find(objects, "PodDisruptionBudget", "wecom-gateway")
+    assert pdb["spec"]["minAvailable"] < spec["replicas"]
+    assert find(objects, "HorizontalPodAutoscaler", "wecom-gateway")["spec"]["minReplicas"] == spec["replicas"]
+
+
+def test_config_and_secret_keys_are_settings_the_app_reads():
+    objects = build("overlays/test-cluster")
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    secret_keys = set(find(objects, "Secret", "wecom-gateway")["data"])
+    example_keys = set(yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())["stringData"])
+    assert set(config) <= SETTING_NAMES | GUNICORN_NAMES
+    assert example_keys <= SETTING_NAMES and secret_keys == example_keys
+    assert not set(config) & example_keys  # no secret sits in the ConfigMap
+
+
+def test_the_test_cluster_overlay_brings_its_own_redis_mariadb_and_standins():
+    objects = build("overlays/test-cluster")
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    assert deployments == {"wecom-gateway", "redis", "mariadb", "standins"}
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {"wecom-gateway-test"}
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    for url in (config["DIFY_BASE_URL"], config["AUTH_API_URL"]):
+        assert re.match(r"http://([a-z-]+):\d+/", url).group(1) in services
+
+
+def test_the_dockerfile_lints_clean():
+    result = subprocess.run([tool("hadolint"), str(PROJECT_ROOT / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_runs_unprivileged_without_demo_files():
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    gateway_stage = dockerfile.split("AS gateway", 1)[1].split("AS standins", 1)[0]
+    assert re.search(r"^USER 10001", gateway_stage, re.M)
+    assert "DEMO_MODE=false" in gateway_stage and "COPY demo" not in gateway_stage
+    assert re.search(r"^FROM gateway\s*$", dockerfile.strip().splitlines()[-1])  # the default target
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    assert {"demo.env", ".env", ".git", "tests/", ".venv"} <= set(ignored)
