@@ -19,8 +19,14 @@ K8S = PROJECT_ROOT / "k8s"
 KUSTOMIZATIONS = ["base", "jobs/db-init", "overlays/test-cluster"]
 KUBERNETES_VERSIONS = ["1.30.0", "1.32.0"]
 SETTING_NAMES = {f.name.upper() for f in dataclasses.fields(Settings)}
-GUNICORN_NAMES = {"GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "GUNICORN_GRACEFUL_TIMEOUT", "PORT",
-                  "BIND_HOST"}
+GUNICORN_NAMES = {
+    "GUNICORN_WORKERS",
+    "GUNICORN_THREADS",
+    "GUNICORN_TIMEOUT",
+    "GUNICORN_GRACEFUL_TIMEOUT",
+    "PORT",
+    "BIND_HOST",
+}
 BIN = Path(sys.executable).parent
 
 
@@ -35,8 +41,9 @@ def tool(name: str) -> str:
 
 
 def build(kustomization: str) -> list[dict]:
-    result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / kustomization)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(K8S / kustomization)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -51,14 +58,22 @@ def test_kustomizations_build_and_validate_against_the_schemas(kustomization, ve
     objects = build(kustomization)
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(objects))
-    result = subprocess.run([tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", str(rendered)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_secret_example_validates_and_stays_out_of_the_base(tmp_path):
-    result = subprocess.run([tool("kubernetes-validate"), "-k", "1.32.0", "--strict", "--quiet",
-                             str(K8S / "base" / "secret.example.yaml")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "-k", "1.32.0", "--strict", "--quiet", str(K8S / "base" / "secret.example.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(o["kind"] != "Secret" for o in build("base"))
 
@@ -110,8 +125,9 @@ def test_the_test_cluster_overlay_brings_its_own_redis_mariadb_and_standins():
 
 
 def test_the_dockerfile_lints_clean():
-    result = subprocess.run([tool("hadolint"), str(PROJECT_ROOT / "Dockerfile")], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tool("hadolint"), str(PROJECT_ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
