@@ -12,13 +12,17 @@ from config.settings import SettingsError, load_settings
 
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-worker_class = "gthread"
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 # A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # A stopping worker gives its running answers this long to finish (see worker_exit), then hands them over.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "120"))
 keepalive = 5
+# Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over the workers.
+# With one shared socket, the few long-lived keep-alive connections of a proxy (or a load generator) were seen
+# all landing on one worker, leaving the other core idle (BENCHMARKS.md, "gunicorn settings").
+reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "true").lower() in ("1", "true", "yes")
 # Restarting workers after N requests would cut the Dify streams they run; leave it off.
 max_requests = 0
 # Each worker builds its own app after the fork: threads and connection pools do not survive a fork.

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from config.settings import Settings
 from services import db
+from services.append_batcher import AppendBatcher
 from services.auth import Authorizer
 from services.auth_api import AuthApiClient
 from services.bubble import BubbleRenderer
@@ -115,7 +116,14 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
 
     owner = settings.instance_id
     runner = StreamRunner(store, owner, settings.stream_max_active, settings.stream_lease_seconds)
-    deps = WorkerDeps(conversations=conversations, media=media, feedback=feedback, responder=responder, bubble=bubble)
+    deps = WorkerDeps(
+        conversations=conversations,
+        media=media,
+        feedback=feedback,
+        responder=responder,
+        bubble=bubble,
+        appender=AppendBatcher(store, owner),
+    )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
     worker = StreamWorker(store, dify, texts, owner, settings.dify_max_stream_seconds, deps, prepare)
     streams = StreamService(store, runner, worker, texts, bubble, owner, settings.stream_window_seconds)

@@ -7,8 +7,9 @@ folds the unread deltas into the cumulative text in one round trip.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import redis
@@ -49,30 +50,40 @@ local function ownership(key, owner)
 end
 """
 
-# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, field/value pairs..., deltas...
+# KEYS: stream1, chunks1, stream2, chunks2, ... ARGV: owner, ttl, now, then for each stream: expected list length,
+# n_fields, n_deltas, field/value pairs..., deltas... Returns one result per stream: ok, closed, taken or conflict.
 # The expected length makes a retried call (reply lost after it ran) a no-op instead of a duplicate.
-_APPEND = (
+_APPEND_MANY = (
     _OWNERSHIP
     + """
-local state = ownership(KEYS[1], ARGV[1])
-if state ~= 'ok' then return state end
-local n = tonumber(ARGV[5])
-local first = 6 + 2 * n
-local count = #ARGV - first + 1
-if count > 0 then
-  local length = redis.call('LLEN', KEYS[2])
-  if length == tonumber(ARGV[4]) + count then return 'ok' end
-  if length ~= tonumber(ARGV[4]) then return 'conflict' end
-end
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, first - 1)) end
-if count > 0 then
-  if redis.call('RPUSH', KEYS[2], unpack(ARGV, first)) == count then
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-    redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+local results = {}
+local p = 4
+for i = 1, #KEYS, 2 do
+  local expected, nf, nd = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  local first_field = p + 3
+  local first_delta = first_field + 2 * nf
+  p = first_delta + nd
+  local state = ownership(KEYS[i], ARGV[1])
+  local applied = false
+  if state == 'ok' and nd > 0 then
+    local length = redis.call('LLEN', KEYS[i + 1])
+    if length == expected + nd then
+      applied = true
+    elseif length ~= expected then
+      state = 'conflict'
+    end
   end
+  if state == 'ok' and not applied then
+    if nf > 0 then redis.call('HSET', KEYS[i], unpack(ARGV, first_field, first_delta - 1)) end
+    if nd > 0 and redis.call('RPUSH', KEYS[i + 1], unpack(ARGV, first_delta, p - 1)) == nd then
+      redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
+      redis.call('HSETNX', KEYS[i], 'first_token_at', ARGV[3])
+    end
+    redis.call('HSET', KEYS[i], 'status', 'streaming', 'updated_at', ARGV[3])
+  end
+  results[#results + 1] = state
 end
-redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3])
-return 'ok'
+return results
 """
 )
 
@@ -106,10 +117,11 @@ if h[3] then redis.call('ZREM', h[3], ARGV[5]) end
 return {1, h[4] or '', h[5] or ''}
 """
 
-# KEYS: stream, chunks, lease. ARGV: now, window seconds, overflow bytes, orphan note, stream_id, taker, lease_ms.
-# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
-# taken_over}. An active stream whose lease is gone (its replica died or handed it over) is restarted by the
-# polling replica (`taker`, if not empty) when nothing was shown yet and it was never restarted; otherwise it
+# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, stream_id, taker,
+# lease_ms. Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes,
+# has_response_url, taken_over, images...} (the reply images only once the stream is done). An active stream
+# whose lease is gone (its replica died or handed it over) is restarted by the polling replica (`taker`, if not
+# empty) when nothing was shown yet and it was never restarted; otherwise it
 # becomes expired with the note. One past the window, or longer than a bubble can show, is closed early (the
 # bubble finishes now, the worker goes on and sends the rest through response_url).
 _POLL = """
@@ -154,7 +166,11 @@ if status == 'pending' or status == 'streaming' then
   end
 end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
-return {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', taken}
+local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', taken}
+if status == 'done' then
+  for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
+end
+return row
 """
 
 # KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.
@@ -205,8 +221,43 @@ return released
 """
 
 
+class LuaScript:
+    """Runs one Lua script by its SHA (EVALSHA), loading it once when Redis does not know it yet.
+
+    Leaner than redis-py's registered Script object: on the poll path its bookkeeping cost as much CPU as the
+    call itself (bench/profile_poll.py).
+    """
+
+    def __init__(self, client: redis.Redis, source: str):
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, keys: list[str], args: list) -> object:
+        try:
+            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(self.source)
+            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
 class StreamConflict(Exception):
     """The chunk list of a stream is not what its owner wrote: another writer interfered."""
+
+
+@dataclass(slots=True)
+class AppendRequest:
+    """One stream's append: `deltas` go after the `written` ones already in its list; `fields` are set too."""
+
+    stream_id: str
+    deltas: list[str]
+    written: int
+    fields: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """How many script arguments it takes."""
+        return 3 + 2 * len(self.fields) + len(self.deltas)
 
 
 @dataclass(slots=True)
@@ -220,6 +271,7 @@ class Snapshot:
     closed_bytes: int = 0
     has_response_url: bool = False
     taken_over: bool = False
+    images: list[dict] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -248,14 +300,14 @@ class StreamStore:
         self.keys = keys
         self.key_ttl = key_ttl
         self.lease_ms = lease_seconds * 1000
-        self._create = client.register_script(_CREATE)
-        self._append = client.register_script(_APPEND)
-        self._replace = client.register_script(_REPLACE)
-        self._finish = client.register_script(_FINISH)
-        self._poll = client.register_script(_POLL)
-        self._renew = client.register_script(_RENEW)
-        self._record = client.register_script(_RECORD)
-        self._release = client.register_script(_RELEASE)
+        self._create = LuaScript(client, _CREATE)
+        self._append_many = LuaScript(client, _APPEND_MANY)
+        self._replace = LuaScript(client, _REPLACE)
+        self._finish = LuaScript(client, _FINISH)
+        self._poll = LuaScript(client, _POLL)
+        self._renew = LuaScript(client, _RENEW)
+        self._record = LuaScript(client, _RECORD)
+        self._release = LuaScript(client, _RELEASE)
 
     def create(
         self, stream_id: str, msgid: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]
@@ -291,12 +343,29 @@ class StreamStore:
         Raises:
             StreamConflict: the list does not hold `written` deltas (someone else wrote to it).
         """
-        fields = fields or {}
-        args = [owner, self.key_ttl, _now(), written, len(fields), *_pairs(fields), *deltas]
-        result = self._append(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
-        if result == "conflict":
-            raise StreamConflict(stream_id)
+        [result] = self.append_many([AppendRequest(stream_id, deltas, written, fields or {})], owner)
+        if isinstance(result, StreamConflict):
+            raise result
         return result
+
+    def append_many(self, requests: list[AppendRequest], owner: str) -> list[str | StreamConflict]:
+        """Several streams' appends in one script call: a result (or a StreamConflict) per request, in order."""
+        keys: list[str] = []
+        args: list = [owner, self.key_ttl, _now()]
+        for request in requests:
+            keys += [self.keys.stream(request.stream_id), self.keys.stream_chunks(request.stream_id)]
+            args += [
+                request.written,
+                len(request.fields),
+                len(request.deltas),
+                *_pairs(request.fields),
+                *request.deltas,
+            ]
+        results = self._append_many(keys=keys, args=args)
+        return [
+            StreamConflict(r.stream_id) if result == "conflict" else result
+            for r, result in zip(requests, results, strict=True)
+        ]
 
     def replace(self, stream_id: str, owner: str, answer: str) -> str:
         """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""
@@ -327,12 +396,12 @@ class StreamStore:
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         """
         k = self.keys
-        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
+        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
         args = [_now(), window_seconds, overflow_bytes, orphan_note, stream_id, taker, self.lease_ms]
         row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, taken = row
+        status, text, note, reason, closed_bytes, has_url, taken, *images = row
         return Snapshot(
             status=status,
             text=text,
@@ -341,6 +410,7 @@ class StreamStore:
             closed_bytes=int(closed_bytes or 0),
             has_response_url=bool(has_url),
             taken_over=bool(taken),
+            images=[orjson.loads(image) for image in images],
         )
 
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
@@ -354,10 +424,6 @@ class StreamStore:
         pipe.rpush(key, orjson.dumps(image))
         pipe.expire(key, self.key_ttl)
         pipe.execute()
-
-    def images(self, stream_id: str) -> list[dict]:
-        """The reply images of a stream, in the order Dify sent them."""
-        return [orjson.loads(raw) for raw in self.client.lrange(self.keys.stream_images(stream_id), 0, -1)]
 
     def in_flight(self, aibotid: str, userid: str) -> int:
         """How many of the user's bubbles are open now."""

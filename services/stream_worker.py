@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis
 
+from services.append_batcher import AppendBatcher
 from services.auth import AuthError
 from services.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.conversations import ConversationStore
@@ -153,6 +154,7 @@ class WorkerDeps:
     feedback: FeedbackService
     responder: ResponseUrlClient
     bubble: BubbleRenderer
+    appender: AppendBatcher
 
 
 class StreamWorker:
@@ -308,7 +310,7 @@ class StreamWorker:
             progress.written, progress.pending_replace = (1 if answer else 0), None
         while progress.pending or progress.new_fields:
             piece = progress.pending[:_MAX_DELTAS_PER_WRITE]
-            result = self.store.append(job.stream_id, self.owner, piece, progress.written, progress.new_fields)
+            result = self.deps.appender.append(job.stream_id, piece, progress.written, progress.new_fields)
             if not self._accepted(result, progress):
                 return
             progress.written += len(piece)

@@ -14,7 +14,7 @@ import secrets
 from services.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.messages import Inbound, stream_reply
 from services.runner import StreamRunner
-from services.stream_store import DONE, EXISTING, LIMITED, Snapshot, StreamStore
+from services.stream_store import EXISTING, LIMITED, Snapshot, StreamStore
 from services.stream_worker import StreamJob, StreamWorker
 from services.texts import Texts
 
@@ -131,5 +131,5 @@ class StreamService:
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
-        images = image_items(self.store.images(stream_id)) if snapshot.status == DONE else []
+        images = image_items(snapshot.images)
         return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images)

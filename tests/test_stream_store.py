@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from services.keys import MSGID_TTL_SECONDS, Keys
 from services.stream_store import CLOSED, CREATED, EXISTING, LIMITED, TAKEN, WRITTEN, StreamConflict, StreamStore
@@ -272,3 +273,63 @@ def test_key_prefix_namespaces_every_key(redis_client):
         "tenant1:wecom_msg:m1",
         "tenant1:inflight:bot1:alice",
     }
+
+
+def test_append_many_gives_each_stream_its_own_result(store, redis_client):
+    from services.stream_store import AppendRequest
+
+    open_stream(store, "a", "ma")
+    open_stream(store, "b", "mb", owner="B")
+    open_stream(store, "c", "mc")
+    store.finish("c", "A", "done")
+    open_stream(store, "d", "md")
+    requests = [
+        AppendRequest("a", ["a1", "a2"], 0, {"task_id": "t"}),
+        AppendRequest("b", ["x"], 0, {}),
+        AppendRequest("c", ["late"], 0, {}),
+        AppendRequest("d", ["d1"], 5, {}),
+        AppendRequest("gone", ["?"], 0, {}),
+    ]
+    results = store.append_many(requests, "A")
+    assert results[:3] == [WRITTEN, TAKEN, CLOSED] and isinstance(results[3], StreamConflict)
+    assert results[4] == CLOSED
+    assert store.chunks("a") == ["a1", "a2"] and redis_client.hget("dify_stream:a", "task_id") == "t"
+    assert store.append_many(requests[:1], "A") == [WRITTEN]  # the retry of an applied call changes nothing
+    assert store.chunks("a") == ["a1", "a2"]
+
+
+def test_the_batcher_writes_concurrent_appends_together(store, redis_client):
+    from services.append_batcher import AppendBatcher
+
+    streams = [f"s{i}" for i in range(40)]
+    for i, stream_id in enumerate(streams):
+        open_stream(store, stream_id, f"m{i}", userid=f"u{i}")
+    batcher = AppendBatcher(store, "A")
+    barrier = threading.Barrier(len(streams))
+    results = []
+
+    def write(stream_id):
+        barrier.wait()
+        for n in range(5):
+            results.append(batcher.append(stream_id, [f"{stream_id}-{n}"], n, {}))
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [WRITTEN] * 200
+    assert all(store.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
+    assert batcher.appends == 200 and batcher.batches < 200  # appends that queued together went together
+
+
+def test_the_batcher_hands_a_redis_failure_to_every_waiter(redis_client):
+    from services.append_batcher import AppendBatcher
+    from services.redis_conn import connect_redis
+
+    dead = StreamStore(connect_redis("redis://127.0.0.1:1/0", 0.2), Keys(), TTL, 2)
+    batcher = AppendBatcher(dead, "A", timeout=5)
+    with pytest.raises(redis.ConnectionError):
+        batcher.append("s1", ["x"], 0, {})
+    with pytest.raises(redis.ConnectionError):  # and keeps serving afterwards
+        batcher.append("s1", ["x"], 0, {})

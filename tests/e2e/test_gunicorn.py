@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from demo import dify_standin as d
+from demo.replicas import GunicornReplica
 from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN, make_simulator
-from tests.e2e.processes import GunicornReplica
 
 pytestmark = pytest.mark.e2e
 

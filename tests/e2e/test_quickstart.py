@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from config.settings import PROJECT_ROOT
-from tests.e2e.processes import free_port
+from demo.replicas import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import delete
 
 from demo import dify_standin as d
+from demo.replicas import GunicornReplica
 from services import db
 from services.texts import CATALOGUE
 from services.users import UserDirectory
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
-from tests.e2e.processes import GunicornReplica
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
