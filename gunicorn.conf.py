@@ -13,7 +13,7 @@ from config.settings import SettingsError, load_settings
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # A stopping worker gives its running answers this long to finish (see worker_exit), then hands them over.

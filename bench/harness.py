@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+import httpx
 import psutil
 import redis
 
@@ -126,8 +127,15 @@ class Environment:
         replica.kill()
         self.replicas.remove(replica)
 
-    def simulator(self, url: str, poll_interval: float = 1.0) -> WeComSimulator:
-        return WeComSimulator(url, TOKEN, AES_KEY, poll_interval=poll_interval, timeout=30)
+    def simulator(self, url: str, poll_interval: float = 1.0, keep_alive: bool = True) -> WeComSimulator:
+        """The WeCom simulator for this setup; without keep-alive every request opens a fresh connection, so that
+        (with reuse_port) the kernel spreads them over the workers as WeCom's many connections would be."""
+        simulator = WeComSimulator(url, TOKEN, AES_KEY, poll_interval=poll_interval, timeout=30)
+        if not keep_alive:
+            simulator.http.close()
+            simulator.http = httpx.Client(timeout=30, trust_env=False,
+                                          limits=httpx.Limits(max_keepalive_connections=0))
+        return simulator
 
     def close(self) -> None:
         for replica in list(self.replicas):

@@ -64,6 +64,18 @@ def error(code: str = "internal_server_error", text: str = "Internal Server Erro
     return event("error", code=code, message=text, status=status)
 
 
+def clock_message(prefix: str = "") -> tuple:
+    """A delta whose text is its own send time, `<prefix><unix seconds>;`, stamped as it is written (for
+    measuring how long a delta takes to reach a poll reply)."""
+    return ("clock", prefix)
+
+
+def clocked_answer(deltas: int, per_second: float) -> list[tuple]:
+    """`deltas` clock messages at `per_second`, then message_end."""
+    gap = 1 / per_second
+    return [step for _ in range(deltas) for step in (clock_message(), sleep(gap))] + [end()]
+
+
 def ping() -> tuple:
     return ("ping",)
 
@@ -354,6 +366,8 @@ class DifyStandIn:
                 started = True
             if kind == "event":
                 await conn.write_chunk(_frame(step[1], ids))
+            elif kind == "clock":
+                await conn.write_chunk(_frame({"event": "message", "answer": f"{step[1]}{time.time():.6f};"}, ids))
             elif kind == "ping":
                 await conn.write_chunk(b"event: ping\n\n")
             elif kind == "raw":

@@ -1,99 +1,167 @@
-"""Batched chunk appends: the deltas of every stream in this process go to Redis together, in one script call.
+"""Batched chunk appends without blocking the stream workers.
 
-Like a database's group commit, there is no deliberate wait: a lone append is sent at once, and whatever other
-streams queue while a batch is in flight goes out in the next one. Under load this turns thousands of Redis
-round trips per second into a few hundred, at the cost of at most one round trip of extra delay.
+Each stream has a StreamWriter with at most one append in flight: deltas that arrive meanwhile wait in the
+writer and go out together in its next append, so a busy stream's appends grow larger and fewer by themselves.
+One AppendBatcher thread per process sends the appends of all streams that have something to write in one Lua
+call (a group commit: no deliberate wait, batches form under load). A stream worker never waits for Redis while
+it streams; it reads the writer's state (taken over, closed elsewhere, Redis failing) and waits once, at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections import deque
-from dataclasses import dataclass, field
 
 import redis
 
-from services.stream_store import AppendRequest, StreamStore
+from services.stream_store import WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
 
 _MAX_ARGS_PER_BATCH = 4000  # keeps Lua's unpack() and one reply well within limits
+_MAX_DELTAS_PER_APPEND = 1000
 
 
-@dataclass(slots=True)
-class _Pending:
-    request: AppendRequest
-    done: threading.Event = field(default_factory=threading.Event)
-    result: str = ""
-    error: BaseException | None = None
+class StreamWriter:
+    """The ordered Redis writes of one stream. Its worker calls `add` and `flush`; the batcher thread calls
+    `take` and `settle`. `state` is WRITTEN until the stream is TAKEN by another replica or CLOSED elsewhere."""
+
+    def __init__(self, batcher: AppendBatcher, stream_id: str, written: int = 0):
+        self.batcher = batcher
+        self.stream_id = stream_id
+        self.written = written  # deltas confirmed in the Redis list
+        self.state = WRITTEN
+        self.error: BaseException | None = None  # the last failed append's error, until one succeeds
+        self._pending: list[str] = []
+        self._fields: dict[str, str] = {}
+        self._in_flight = False
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    def add(self, deltas: list[str], fields: dict[str, str] | None = None) -> None:
+        """Queue deltas (and fields to set) behind what is already queued; returns at once."""
+        with self._lock:
+            self._pending.extend(deltas)
+            if fields:
+                self._fields.update(fields)
+            submit = self._claim()
+        if submit:
+            self.batcher.submit(self)
+
+    def flush(self, timeout: float) -> None:
+        """Wait until everything queued is written (or the stream was taken or closed).
+
+        Raises:
+            redis.RedisError: the last append failed and something is still unwritten, or the wait timed out.
+            StreamConflict: the stream's chunk list is not what this writer wrote.
+        """
+        with self._lock:
+            submit = self._claim()
+        if submit:
+            self.batcher.submit(self)
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._in_flight, timeout):
+                raise redis.TimeoutError("appends did not complete in time")
+            if isinstance(self.error, StreamConflict):
+                raise self.error
+            if self.state == WRITTEN and (self._pending or self._fields):
+                raise self.error or redis.RedisError("appends left unwritten")
+
+    def reset(self, written: int) -> None:
+        """After a message_replace, written directly: the list now holds `written` deltas and nothing is queued."""
+        with self._lock:
+            self.written = written
+            self._pending.clear()
+
+    def _claim(self) -> bool:
+        """Under the lock: mark an append in flight if one should start now."""
+        if self._in_flight or self.state != WRITTEN or not (self._pending or self._fields):
+            return False
+        self._in_flight = True
+        return True
+
+    # --- the batcher's side -----------------------------------------------------------------------------------
+
+    def take(self) -> AppendRequest:
+        with self._lock:
+            deltas = self._pending[:_MAX_DELTAS_PER_APPEND]
+            del self._pending[: len(deltas)]
+            fields, self._fields = self._fields, {}
+            return AppendRequest(self.stream_id, deltas, self.written, fields)
+
+    def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
+        """Record an append's outcome; True if this writer has more to send right away."""
+        with self._lock:
+            if isinstance(outcome, BaseException):
+                self._pending[:0] = request.deltas  # back in front, in order, for the next try
+                self._fields = {**request.fields, **self._fields}
+                self.error = outcome
+            else:
+                self.error = None
+                if outcome == WRITTEN:
+                    self.written += len(request.deltas)
+                else:
+                    self.state = outcome  # TAKEN or CLOSED: nothing more goes to Redis
+                    self._pending.clear()
+            again = self.error is None and self.state == WRITTEN and bool(self._pending or self._fields)
+            if not again:
+                self._in_flight = False
+                self._idle.notify_all()
+            return again
 
 
 class AppendBatcher:
-    """Shared by the stream workers of one process; `append` blocks until its batch is written."""
+    """One per process: sends the pending appends of every stream together."""
 
-    def __init__(self, store: StreamStore, owner: str, timeout: float = 10.0):
+    def __init__(self, store: StreamStore, owner: str):
         self.store = store
         self.owner = owner
-        self.timeout = timeout
-        self._queue: deque[_Pending] = deque()
-        self._ready = threading.Condition()
+        self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self.batches = 0
         self.appends = 0
 
-    def append(self, stream_id: str, deltas: list[str], written: int, fields: dict[str, str]) -> str:
-        """Append like StreamStore.append (WRITTEN, CLOSED or TAKEN), batched with other streams' appends.
+    def writer(self, stream_id: str, written: int = 0) -> StreamWriter:
+        return StreamWriter(self, stream_id, written)
 
-        Raises:
-            redis.RedisError: the batch could not be written (or did not finish within the timeout).
-            StreamConflict: this stream's chunk list is not what its owner wrote.
-        """
-        pending = _Pending(AppendRequest(stream_id, deltas, written, fields))
-        with self._ready:
-            self._queue.append(pending)
-            self._ready.notify()
+    def submit(self, writer: StreamWriter) -> None:
         self._ensure_thread()
-        if not pending.done.wait(self.timeout):
-            raise redis.TimeoutError("batched append did not complete in time")
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
+        self._queue.put(writer)
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        with self._ready:
+        with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="append-batcher", daemon=True)
                 self._thread.start()
 
-    def _take_batch(self) -> list[_Pending]:
-        with self._ready:
-            while not self._queue:
-                self._ready.wait()
-            batch, size = [], 0
-            while self._queue and (not batch or size + self._queue[0].request.size <= _MAX_ARGS_PER_BATCH):
-                pending = self._queue.popleft()
-                batch.append(pending)
-                size += pending.request.size
-            return batch
+    def _take_batch(self) -> list[tuple[StreamWriter, AppendRequest]]:
+        """Every writer queued now (at least one, waiting for it), up to the size limit."""
+        first = self._queue.get()
+        batch = [(first, first.take())]
+        size = batch[0][1].size
+        while size < _MAX_ARGS_PER_BATCH:
+            try:
+                writer = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            request = writer.take()
+            batch.append((writer, request))
+            size += request.size
+        return batch
 
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             try:
-                results = self.store.append_many([p.request for p in batch], self.owner)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting worker, which decides what to do
-                for pending in batch:
-                    pending.error = exc
-            else:
-                for pending, result in zip(batch, results, strict=True):
-                    if isinstance(result, Exception):
-                        pending.error = result
-                    else:
-                        pending.result = result
+                outcomes: list = self.store.append_many([request for _, request in batch], self.owner)
+            except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
+                outcomes = [exc] * len(batch)
             self.batches += 1
             self.appends += len(batch)
-            for pending in batch:
-                pending.done.set()
+            for (writer, request), outcome in zip(batch, outcomes, strict=True):
+                if writer.settle(request, outcome):
+                    self._queue.put(writer)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
 
+from utils.http_stream import StreamConnectError, post_stream
 from utils.sse import SSEParser
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def decode_event(event_name: str, payload: str) -> DifyEvent | None:
 
 
 class DifyClient:
-    """One per process; thread-safe. Holds the HTTP connection pool to Dify."""
+    """One per process; thread-safe. The streaming chat call has its own lean HTTP client (utils/http_stream.py);
+    the other endpoints share an httpx connection pool."""
 
     def __init__(
         self,
@@ -170,6 +172,14 @@ class DifyClient:
     ):
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._chat_url = base_url.rstrip("/") + "/chat-messages"
+        self._stream_headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=connect_timeout)
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + "/",
@@ -206,42 +216,28 @@ class DifyClient:
                 time.sleep(delay)
 
     def _stream_once(self, body: bytes) -> Iterator[list[DifyEvent]]:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        started = False
         try:
-            with self._http.stream("POST", "chat-messages", content=body, headers=headers) as response:
-                if response.status_code != 200:
-                    raise _http_error(response)
-                started = True
-                parser = SSEParser()
-                for chunk in response.iter_bytes():
-                    batch = []
-                    for sse in parser.feed(chunk):
-                        event = decode_event(sse.event, sse.data)
-                        if event is None:
-                            continue
-                        if event.kind == ERROR_EVENT:
-                            if batch:
-                                yield batch
-                            raise DifyStreamError(
-                                str(event.get("message") or "Dify reported an error"),
-                                code=str(event.get("code") or "stream_error"),
-                                status=event.get("status"),
-                            )
-                        if event.kind not in _QUIET_EVENTS:
-                            batch.append(event)
-                        if event.kind == END_EVENT:
-                            yield batch
-                            return
-                    yield batch
-        except httpx.TimeoutException as exc:
-            if not started and isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-                raise DifyConnectionError("could not connect to Dify in time") from exc
-            raise DifyTimeout("Dify sent nothing within the read timeout") from exc
-        except httpx.TransportError as exc:
-            if not started:
-                raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
-            raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
+            response = post_stream(self._chat_url, body, self._stream_headers, self.connect_timeout, self.read_timeout)
+        except StreamConnectError as exc:
+            raise DifyConnectionError(f"could not reach Dify: {exc}") from exc
+        except TimeoutError as exc:
+            raise DifyTimeout("Dify sent no response within the read timeout") from exc
+        except OSError as exc:
+            raise DifyConnectionError(f"Dify closed the connection before answering: {type(exc).__name__}") from exc
+        with response:
+            if response.status != 200:
+                try:
+                    raw = response.read(_MAX_ERROR_BODY)
+                except OSError:
+                    raw = b""
+                raise _http_error(response.status, raw)
+            try:
+                if (yield from _events(response.iter_body())):
+                    return
+            except TimeoutError as exc:
+                raise DifyTimeout("Dify sent nothing within the read timeout") from exc
+            except OSError as exc:
+                raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
         raise DifyStreamCut("Dify closed the stream before message_end")
 
     def parameters(self, timeout: float = 10.0) -> dict:
@@ -257,7 +253,7 @@ class DifyClient:
         except httpx.HTTPError as exc:
             raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
         if response.status_code != 200:
-            raise _http_error(response)
+            raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -279,7 +275,7 @@ class DifyClient:
         except httpx.HTTPError as exc:
             raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
         if response.status_code not in (200, 201):
-            raise _http_error(response)
+            raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
         try:
             file_id = orjson.loads(response.content).get("id")
         except (orjson.JSONDecodeError, AttributeError):
@@ -302,7 +298,7 @@ class DifyClient:
         except httpx.HTTPError as exc:
             raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
         if response.status_code != 200:
-            raise _http_error(response)
+            raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
 
     def stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""
@@ -314,13 +310,35 @@ class DifyClient:
             logger.warning("Dify stop failed: %s", type(exc).__name__)
 
 
-def _http_error(response: httpx.Response) -> DifyHTTPError:
+def _events(body: Iterator[bytes]) -> Generator[list[DifyEvent], None, bool]:
+    """Yields the events of each network read of an SSE body. Returns True after message_end, False when the body
+    ended without it; raises DifyStreamError on an error event."""
+    parser = SSEParser()
+    for chunk in body:
+        batch = []
+        for sse in parser.feed(chunk):
+            event = decode_event(sse.event, sse.data)
+            if event is None:
+                continue
+            if event.kind == ERROR_EVENT:
+                if batch:
+                    yield batch
+                raise DifyStreamError(
+                    str(event.get("message") or "Dify reported an error"),
+                    code=str(event.get("code") or "stream_error"),
+                    status=event.get("status"),
+                )
+            if event.kind not in _QUIET_EVENTS:
+                batch.append(event)
+            if event.kind == END_EVENT:
+                yield batch
+                return True
+        yield batch
+    return False
+
+
+def _http_error(status: int, raw: bytes) -> DifyHTTPError:
     """Read Dify's `{code, message, status}` error body (or whatever a proxy sent) into a DifyHTTPError."""
-    raw = b""
-    for piece in response.iter_bytes():
-        raw += piece
-        if len(raw) > _MAX_ERROR_BODY:
-            break
     code, message = "", ""
     try:
         data = orjson.loads(raw)
@@ -328,4 +346,4 @@ def _http_error(response: httpx.Response) -> DifyHTTPError:
             code, message = str(data.get("code") or ""), str(data.get("message") or "")
     except orjson.JSONDecodeError:
         message = raw[:200].decode("utf-8", errors="replace").strip()
-    return DifyHTTPError(response.status_code, code, message or f"HTTP {response.status_code}")
+    return DifyHTTPError(status, code, message or f"HTTP {status}")

@@ -52,7 +52,8 @@ end
 
 # KEYS: stream1, chunks1, stream2, chunks2, ... ARGV: owner, ttl, now, then for each stream: expected list length,
 # n_fields, n_deltas, field/value pairs..., deltas... Returns one result per stream: ok, closed, taken or conflict.
-# The expected length makes a retried call (reply lost after it ran) a no-op instead of a duplicate.
+# The expected length makes a retry safe: a call whose reply was lost may still have run (even after a later,
+# longer retry was sent), so deltas already in the list are skipped and only the rest is pushed.
 _APPEND_MANY = (
     _OWNERSHIP
     + """
@@ -64,18 +65,14 @@ for i = 1, #KEYS, 2 do
   local first_delta = first_field + 2 * nf
   p = first_delta + nd
   local state = ownership(KEYS[i], ARGV[1])
-  local applied = false
+  local skip = 0
   if state == 'ok' and nd > 0 then
-    local length = redis.call('LLEN', KEYS[i + 1])
-    if length == expected + nd then
-      applied = true
-    elseif length ~= expected then
-      state = 'conflict'
-    end
+    skip = redis.call('LLEN', KEYS[i + 1]) - expected
+    if skip < 0 or skip > nd then state = 'conflict' end
   end
-  if state == 'ok' and not applied then
+  if state == 'ok' then
     if nf > 0 then redis.call('HSET', KEYS[i], unpack(ARGV, first_field, first_delta - 1)) end
-    if nd > 0 and redis.call('RPUSH', KEYS[i + 1], unpack(ARGV, first_delta, p - 1)) == nd then
+    if nd > skip and redis.call('RPUSH', KEYS[i + 1], unpack(ARGV, first_delta + skip, p - 1)) == nd - skip then
       redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
       redis.call('HSETNX', KEYS[i], 'first_token_at', ARGV[3])
     end

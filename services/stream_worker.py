@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis
 
-from services.append_batcher import AppendBatcher
+from services.append_batcher import AppendBatcher, StreamWriter
 from services.auth import AuthError
 from services.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.conversations import ConversationStore
@@ -40,14 +40,14 @@ from services.dify_client import (
 from services.feedback import FeedbackService
 from services.media import IMAGE, MediaService
 from services.response_url import ResponseUrlClient
-from services.stream_store import DONE, ERROR, TAKEN, WRITTEN, Finished, StreamStore
+from services.stream_store import CLOSED, DONE, ERROR, TAKEN, Finished, StreamConflict, StreamStore
 from services.texts import Texts
 from services.wecom_limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context, log_context
 
 logger = logging.getLogger(__name__)
 
-_MAX_DELTAS_PER_WRITE = 1000
+_FLUSH_TIMEOUT = 10.0
 _FINISH_ATTEMPTS = 4
 
 
@@ -112,10 +112,8 @@ class _Progress:
     task_id: str = ""
     message_id: str = ""
     conversation_id: str = ""
-    written: int = 0  # deltas in the Redis list
+    writer: StreamWriter | None = None  # this stream's ordered Redis writes (see services/append_batcher.py)
     text: str = ""  # the whole answer so far
-    pending: list[str] = field(default_factory=list)  # deltas not yet in Redis
-    pending_replace: str | None = None  # a message_replace not yet in Redis
     outage_since: float | None = None
     detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url
     ended: bool = False
@@ -125,15 +123,6 @@ class _Progress:
     usage: dict = field(default_factory=dict)
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
-
-    def queue(self, deltas: list[str]) -> None:
-        self.text += "".join(deltas)
-        self.pending.extend(deltas)
-
-    def replace_with(self, answer: str) -> None:
-        self.text = answer
-        self.pending.clear()
-        self.pending_replace = answer
 
     def note_ids(self, event: DifyEvent) -> None:
         for name in ("task_id", "message_id", "conversation_id"):
@@ -212,6 +201,7 @@ class StreamWorker:
         conversations = self.deps.conversations
         conversation_id = conversations.current(job.aibotid, job.chatid, job.userid)
         deadline = time.monotonic() + self.max_seconds
+        progress.writer = self.deps.appender.writer(job.stream_id)
         while True:
             request = ChatRequest(
                 query=job.query, user=job.dify_user, inputs=inputs, conversation_id=conversation_id, files=files
@@ -263,8 +253,9 @@ class StreamWorker:
                 if event.answer:
                     deltas.append(event.answer)
             elif kind == REPLACE_EVENT:
+                self._write(job, deltas, progress)
                 deltas = []
-                progress.replace_with(event.answer)
+                self._replace(job, event.answer, progress)
             elif kind == END_EVENT:
                 progress.ended = True
                 metadata = event.get("metadata")
@@ -286,47 +277,50 @@ class StreamWorker:
         self._remember_conversation(job, progress)
 
     def _write(self, job: StreamJob, deltas: list[str], progress: _Progress) -> None:
-        """Queue deltas and write what is queued; through a Redis outage the answer waits in memory."""
-        progress.queue(deltas)
-        try:
-            self._flush(job, progress)
-        except redis.RedisError as exc:
-            if progress.outage_since is None:
-                progress.outage_since = time.monotonic()
-                logger.warning("Redis unavailable; keeping the answer in memory until it returns: %s", exc)
+        """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""
+        progress.text += "".join(deltas)
+        if progress.detached or not (deltas or progress.new_fields):
             return
-        if progress.outage_since is not None:
+        progress.writer.add(deltas, progress.new_fields)
+        progress.new_fields = {}
+        self._check_writer(progress)
+
+    def _check_writer(self, progress: _Progress) -> None:
+        """Act on what the writer has learnt: stop at once (taken over), go on without Redis (closed elsewhere),
+        or note a Redis outage (the writer keeps the deltas and sends them when Redis is back)."""
+        writer = progress.writer
+        if writer.state == TAKEN:
+            raise StreamAborted
+        if writer.state == CLOSED and not progress.detached:
+            logger.warning("the stream was closed elsewhere; the answer will be sent through response_url")
+            progress.detached = True
+        if isinstance(writer.error, StreamConflict):
+            raise writer.error
+        if writer.error is not None and progress.outage_since is None:
+            progress.outage_since = time.monotonic()
+            logger.warning("Redis unavailable; keeping the answer in memory until it returns: %s", writer.error)
+        elif writer.error is None and progress.outage_since is not None:
             logger.info("Redis is back after %.1fs; answer written", time.monotonic() - progress.outage_since)
             progress.outage_since = None
 
-    def _flush(self, job: StreamJob, progress: _Progress) -> None:
-        """Write the queued replace and deltas in order; raises RedisError, leaving the queue for the next try."""
+    def _replace(self, job: StreamJob, answer: str, progress: _Progress) -> None:
+        """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
+        progress.text = answer
         if progress.detached:
             return
-        if progress.pending_replace is not None:
-            answer = progress.pending_replace
-            if not self._accepted(self.store.replace(job.stream_id, self.owner, answer), progress):
-                return
-            progress.written, progress.pending_replace = (1 if answer else 0), None
-        while progress.pending or progress.new_fields:
-            piece = progress.pending[:_MAX_DELTAS_PER_WRITE]
-            result = self.deps.appender.append(job.stream_id, piece, progress.written, progress.new_fields)
-            if not self._accepted(result, progress):
-                return
-            progress.written += len(piece)
-            del progress.pending[: len(piece)]
-            progress.new_fields = {}
-
-    @staticmethod
-    def _accepted(result: str, progress: _Progress) -> bool:
-        """Act on a write's outcome: go on, stop at once (taken over), or go on without Redis (closed elsewhere)."""
-        if result == WRITTEN:
-            return True
+        try:
+            progress.writer.flush(_FLUSH_TIMEOUT)
+            result = self.store.replace(job.stream_id, self.owner, answer)
+        except redis.RedisError as exc:
+            logger.warning("could not replace the answer in Redis (%s); it will be sent through response_url", exc)
+            progress.detached = True
+            return
         if result == TAKEN:
             raise StreamAborted
-        logger.warning("the stream was closed elsewhere; the answer will be sent through response_url")
-        progress.detached = True
-        return False
+        if result == CLOSED:
+            progress.detached = True
+            return
+        progress.writer.reset(1 if answer else 0)
 
     def _remember_conversation(self, job: StreamJob, progress: _Progress) -> None:
         if progress.conversation_id and progress.conversation_id != progress.conversation_saved:
@@ -377,7 +371,12 @@ class StreamWorker:
         note = fields.get("note", "")
         for attempt in range(_FINISH_ATTEMPTS):
             try:
-                self._flush(job, progress)
+                if progress.writer is not None and not progress.detached:
+                    progress.writer.flush(_FLUSH_TIMEOUT)
+                    if progress.writer.state == TAKEN:
+                        logger.info("stream was taken over by another replica; final state not written")
+                        return None
+                    self._check_writer(progress)
                 finished = None if progress.detached else self.store.finish(job.stream_id, self.owner, status, fields)
             except redis.RedisError as exc:
                 logger.warning("could not record the final state (attempt %d): %s", attempt + 1, exc)

@@ -298,7 +298,7 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
     assert store.chunks("a") == ["a1", "a2"]
 
 
-def test_the_batcher_writes_concurrent_appends_together(store, redis_client):
+def test_writers_send_concurrent_streams_together(store, redis_client):
     from services.append_batcher import AppendBatcher
 
     streams = [f"s{i}" for i in range(40)]
@@ -306,30 +306,63 @@ def test_the_batcher_writes_concurrent_appends_together(store, redis_client):
         open_stream(store, stream_id, f"m{i}", userid=f"u{i}")
     batcher = AppendBatcher(store, "A")
     barrier = threading.Barrier(len(streams))
-    results = []
 
     def write(stream_id):
+        writer = batcher.writer(stream_id)
         barrier.wait()
         for n in range(5):
-            results.append(batcher.append(stream_id, [f"{stream_id}-{n}"], n, {}))
+            writer.add([f"{stream_id}-{n}"], {"task_id": f"t{n}"} if n == 0 else None)
+        writer.flush(5)
+        assert writer.written == 5 and writer.state == WRITTEN and writer.error is None
 
     threads = [threading.Thread(target=write, args=(s,)) for s in streams]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [WRITTEN] * 200
     assert all(store.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
-    assert batcher.appends == 200 and batcher.batches < 200  # appends that queued together went together
+    assert redis_client.hget("dify_stream:s0", "task_id") == "t0"
+    # deltas that arrived while a stream's append was in flight went out together, in batches of many streams
+    assert batcher.appends < 200 and batcher.batches < batcher.appends
 
 
-def test_the_batcher_hands_a_redis_failure_to_every_waiter(redis_client):
+def test_a_writer_reports_taken_and_closed(store):
+    from services.append_batcher import AppendBatcher
+
+    open_stream(store, "mine", "m1", owner="A")
+    open_stream(store, "theirs", "m2", owner="B")
+    batcher = AppendBatcher(store, "A")
+    taken, closed = batcher.writer("theirs"), batcher.writer("gone")
+    for writer in (taken, closed):
+        writer.add(["x"])
+        writer.flush(5)
+    assert taken.state == TAKEN and closed.state == CLOSED
+    taken.add(["more"])  # nothing more goes to Redis
+    taken.flush(5)
+    assert store.chunks("theirs") == []
+
+
+def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client, private_redis):
     from services.append_batcher import AppendBatcher
     from services.redis_conn import connect_redis
 
-    dead = StreamStore(connect_redis("redis://127.0.0.1:1/0", 0.2), Keys(), TTL, 2)
-    batcher = AppendBatcher(dead, "A", timeout=5)
-    with pytest.raises(redis.ConnectionError):
-        batcher.append("s1", ["x"], 0, {})
-    with pytest.raises(redis.ConnectionError):  # and keeps serving afterwards
-        batcher.append("s1", ["x"], 0, {})
+    store = StreamStore(connect_redis(private_redis.url, 0.3), Keys(), TTL, 30)
+    open_stream(store, "s1", "m1")
+    writer = AppendBatcher(store, "A").writer("s1")
+    writer.add(["one "])
+    writer.flush(5)
+    private_redis.pause()
+    writer.add(["two "])
+    with pytest.raises(redis.RedisError):
+        writer.flush(5)
+    writer.add(["three"])
+    private_redis.resume()
+    writer.flush(5)
+    assert store.chunks("s1") == ["one ", "two ", "three"] and writer.error is None
+
+
+def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):
+    open_stream(store)
+    assert store.append("s1", "A", ["a", "b"], 0) == WRITTEN  # ran, but its reply was lost
+    assert store.append("s1", "A", ["a", "b", "c"], 0) == WRITTEN  # the retry carries what arrived meanwhile
+    assert store.chunks("s1") == ["a", "b", "c"]

@@ -1,0 +1,208 @@
+"""Many concurrent streams on one replica (BENCHMARKS.md §2).
+
+The Dify stand-in streams to `--streams` simultaneous conversations at `--rate` deltas/s each; every stream is
+polled like WeCom does (every `--poll-interval` s, staggered). Each delta carries its own send time, so the
+poller records when it first appears in a poll reply. Reported: the replica's peak RSS (gunicorn master and
+workers), the delta-to-poll delay, errors, Redis commands per delta, and Redis memory per finished stream.
+
+    python -m bench.streams_load --streams 1000 --rate 20 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import threading
+import time
+from urllib.parse import urlencode
+
+import orjson
+import psutil
+
+from bench import harness
+from demo import dify_standin as d
+
+_STAMP = re.compile(r"(\d{10}\.\d{6});")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its children."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def redis_calls(client) -> dict[str, int]:
+    """Calls per command since the server started (INFO commandstats)."""
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+class RssSampler(threading.Thread):
+    """Samples the replica's resident memory (all its processes) until stopped; keeps the peak."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak_mb = pid, every, 0.0
+        self.samples: list[float] = []
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        while not self._finished.wait(self.every):
+            rss = harness.process_rss_mb(self.pid)
+            self.samples.append(rss)
+            self.peak_mb = max(self.peak_mb, rss)
+
+    def stop(self) -> None:
+        self._finished.set()
+        self.join()
+
+
+async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval: float, deadline: float) -> dict:
+    """Poll every stream about once per `interval` until it finishes; record each stamp's first appearance."""
+    delays: list[float] = []
+    errors: list[str] = []
+    finals: dict[str, str] = {}
+    polls = 0
+
+    async def follow(stream_id: str, userid: str) -> None:
+        nonlocal polls
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        seen_length = 0
+        await asyncio.sleep(random.random() * interval)  # WeCom's polls for different users are not in step
+        while time.time() < deadline:
+            query, body = sim.envelope(sim.poll_message(stream_id, userid))
+            request = (
+                f"POST {harness.CALLBACK}?{urlencode(query)} HTTP/1.1\r\nHost: bench\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            received = time.time()
+            polls += 1
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append(f"HTTP {head[9:12].decode()} for {stream_id}")
+                await asyncio.sleep(interval)
+                continue
+            stream = sim.open_reply(orjson.loads(payload), query["nonce"])["stream"]
+            content = stream["content"]
+            for stamp in _STAMP.findall(content, max(0, seen_length - 20)):
+                delays.append(received - float(stamp))
+            seen_length = max(seen_length, len(content))
+            if stream["finish"]:
+                finals[stream_id] = content
+                break
+            await asyncio.sleep(interval)
+        writer.close()
+
+    await asyncio.gather(*(follow(stream_id, userid) for stream_id, userid in streams))
+    return {"delays": delays, "errors": errors, "finals": finals, "polls": polls}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=20.0, help="deltas per second per stream")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long each answer streams")
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--worker-class", default="gthread")
+    parser.add_argument("--json", help="also write the figures to this file")
+    options = parser.parse_args(argv)
+
+    env = harness.start_environment()
+    deltas_each = int(options.rate * options.seconds)
+    try:
+        gateway = env.start_gateway(
+            "streams",
+            workers=options.workers,
+            GUNICORN_THREADS=str(options.threads),
+            GUNICORN_WORKER_CLASS=options.worker_class,
+            STREAM_MAX_ACTIVE=str(options.streams + 100),
+        )
+        client = env.redis.client()
+        rss_idle = harness.process_rss_mb(gateway.process.pid)
+        memory_before = client.info("memory")["used_memory"]
+        env.dify.script(d.clocked_answer(deltas_each, options.rate), match="load", times=None)
+        sim = env.simulator(gateway.url, keep_alive=False)
+        sampler = RssSampler(gateway.process.pid)
+        sampler.start()
+        calls_before = redis_calls(client)
+        cpu_before = {
+            "gateway": cpu_seconds(gateway.process.pid),
+            "redis": cpu_seconds(env.redis.process.pid),
+            "bench (stand-in + poller)": psutil.Process().cpu_times().user + psutil.Process().cpu_times().system,
+        }
+        opened = time.time()
+        streams = []
+        for i in range(options.streams):
+            reply = sim.send(sim.text_message("load", userid=f"u{i}"))
+            streams.append((reply["stream"]["id"], f"u{i}"))
+        open_seconds = time.time() - opened
+        deadline = time.time() + options.seconds + 120
+        outcome = asyncio.run(poll_streams(sim, gateway.port, streams, options.poll_interval, deadline))
+        sampler.stop()
+        elapsed = time.time() - opened
+        cpu_after = {
+            "gateway": cpu_seconds(gateway.process.pid),
+            "redis": cpu_seconds(env.redis.process.pid),
+            "bench (stand-in + poller)": psutil.Process().cpu_times().user + psutil.Process().cpu_times().system,
+        }
+        calls_after = redis_calls(client)
+        time.sleep(1)
+        memory_after = client.info("memory")["used_memory"]
+        sim.close()
+    finally:
+        env.close()
+
+    total_deltas = options.streams * deltas_each
+    evalsha = calls_after.get("evalsha", 0) - calls_before.get("evalsha", 0)
+    all_calls = sum(calls_after.values()) - sum(calls_before.values())
+    polls = outcome["polls"]
+    complete = [c for c in outcome["finals"].values() if len(_STAMP.findall(c)) == deltas_each]
+    delays_ms = sorted(x * 1000 for x in outcome["delays"])
+    result = {
+        "streams": options.streams,
+        "deltas_per_s_each": options.rate,
+        "seconds": options.seconds,
+        "poll_interval_s": options.poll_interval,
+        "gunicorn": f"{options.worker_class} {options.workers}x{options.threads}",
+        "opening_all_streams_s": round(open_seconds, 1),
+        "rss_idle_mb": round(rss_idle, 1),
+        "rss_peak_mb": round(sampler.peak_mb, 1),
+        "delay_p50_ms": round(statistics.median(delays_ms), 1) if delays_ms else None,
+        "delay_p99_ms": round(delays_ms[int(0.99 * (len(delays_ms) - 1))], 1) if delays_ms else None,
+        "delay_max_ms": round(delays_ms[-1], 1) if delays_ms else None,
+        "deltas_seen": len(delays_ms),
+        "deltas_sent": total_deltas,
+        "polls": polls,
+        "errors": len(outcome["errors"]) + (options.streams - len(complete)),
+        "error_samples": outcome["errors"][:5],
+        "streams_complete": len(complete),
+        "redis_round_trips_per_delta": round((evalsha - polls) / total_deltas, 3),
+        "redis_commands_per_delta_incl_polls": round(all_calls / total_deltas, 2),
+        "redis_bytes_per_finished_stream": round((memory_after - memory_before) / options.streams),
+        "wall_s": round(elapsed, 1),
+        "cpu_cores_used": {k: round((cpu_after[k] - cpu_before[k]) / elapsed, 2) for k in cpu_before},
+        "gateway_cpu_us_per_delta": round(
+            (cpu_after["gateway"] - cpu_before["gateway"]) / max(1, len(delays_ms)) * 1e6, 1
+        ),
+        "machine": harness.machine(),
+    }
+    print(json.dumps(result, indent=2))
+    if options.json:
+        with open(options.json, "w") as out:
+            json.dump(result, out, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
