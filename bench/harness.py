@@ -133,8 +133,7 @@ class Environment:
         simulator = WeComSimulator(url, TOKEN, AES_KEY, poll_interval=poll_interval, timeout=30)
         if not keep_alive:
             simulator.http.close()
-            simulator.http = httpx.Client(timeout=30, trust_env=False,
-                                          limits=httpx.Limits(max_keepalive_connections=0))
+            simulator.http = httpx.Client(timeout=30, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
         return simulator
 
     def close(self) -> None:
