@@ -118,7 +118,13 @@ class Environment:
     def start_gateway(
         self, name: str, workers: int = 2, app: str = "app:create_app()", **extra: str
     ) -> GunicornReplica:
-        replica = GunicornReplica(self.gateway_env(**extra), self.log_dir, name, workers=workers, app=app)
+        # BENCH_APP_DIR runs another checkout's app (an earlier commit, for before/after figures) under this
+        # harness; BENCH_GUNICORN_ARGS adds gunicorn options that checkout's gunicorn.conf.py lacks.
+        cwd = Path(os.environ.get("BENCH_APP_DIR", PROJECT_ROOT))
+        extra_args = tuple(os.environ.get("BENCH_GUNICORN_ARGS", "").split())
+        replica = GunicornReplica(
+            self.gateway_env(**extra), self.log_dir, name, workers=workers, app=app, cwd=cwd, extra_args=extra_args
+        )
         self.replicas.append(replica.start())
         return replica
 

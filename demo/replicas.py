@@ -26,10 +26,21 @@ def free_port() -> int:
 class GunicornReplica:
     """One replica: `gunicorn -c gunicorn.conf.py <app>` with its own port and environment."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str, workers: int = 2, app: str = "app:create_app()"):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str,
+        workers: int = 2,
+        app: str = "app:create_app()",
+        cwd: Path = PROJECT_ROOT,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.port = free_port()
         self.name = name
         self.app = app
+        self.cwd = cwd  # another checkout of the project, e.g. to benchmark an earlier commit
+        self.extra_args = extra_args
         self.log_path = log_dir / f"{name}.log"
         self.env = {
             **os.environ,
@@ -50,8 +61,8 @@ class GunicornReplica:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         gunicorn = str(Path(sys.executable).with_name("gunicorn"))
         self.process = subprocess.Popen(
-            [gunicorn, "-c", "gunicorn.conf.py", self.app],
-            cwd=PROJECT_ROOT,
+            [gunicorn, "-c", "gunicorn.conf.py", *self.extra_args, self.app],
+            cwd=self.cwd,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

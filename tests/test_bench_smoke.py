@@ -1,0 +1,40 @@
+"""A few seconds of each benchmark, so the scripts in bench/ keep working (the real runs are by hand)."""
+
+import shutil
+
+import pytest
+
+from bench import gunicorn_matrix, new_message, poll_load, profile_poll, streams_load
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_poll_load(tmp_path):
+    result = poll_load.main(["--seconds", "1", "--rounds", "1", "--live", "2", "--finished", "2", "--rate", "50",
+                             "--json", str(tmp_path / "poll.json")])
+    assert result["polls_per_s"] > 0 and result["ceiling_per_s"] > 0 and result["errors"] == 0
+    assert (tmp_path / "poll.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_gunicorn_matrix_runs_a_configuration(monkeypatch):
+    monkeypatch.setattr(gunicorn_matrix, "CONFIGS", [("gthread", 1, 2)])
+    [row] = gunicorn_matrix.main(["--seconds", "1", "--rounds", "1", "--live", "1", "--finished", "1"])
+    assert row["polls_per_s"] > 0
+
+
+def test_streams_load():
+    result = streams_load.main(["--streams", "4", "--rate", "5", "--seconds", "2"])
+    assert result["errors"] == 0 and result["streams_complete"] == 4
+    assert result["delay_p99_ms"] is not None and result["rss_peak_mb"] > 0
+
+
+def test_new_message():
+    result = new_message.main(["--rate", "10", "--seconds", "1"])
+    assert result["errors"] == 0 and result["requests"] == 10 and result["auth_api_calls"] == 0
+
+
+def test_profile_poll(capsys):
+    profile_poll.main(["--polls", "100", "--rounds", "1"])
+    assert "gateway poll:" in capsys.readouterr().out
