@@ -11,8 +11,22 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_poll_load(tmp_path):
-    result = poll_load.main(["--seconds", "1", "--rounds", "1", "--live", "2", "--finished", "2", "--rate", "50",
-                             "--json", str(tmp_path / "poll.json")])
+    result = poll_load.main(
+        [
+            "--seconds",
+            "1",
+            "--rounds",
+            "1",
+            "--live",
+            "2",
+            "--finished",
+            "2",
+            "--rate",
+            "50",
+            "--json",
+            str(tmp_path / "poll.json"),
+        ]
+    )
     assert result["polls_per_s"] > 0 and result["ceiling_per_s"] > 0 and result["errors"] == 0
     assert (tmp_path / "poll.json").exists()
 
