@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
 from config.settings import Settings, SettingsError, load_settings
-from services import db, errors
+from services import db, errors, metrics
 from services.callback import StoreUnavailable
 from services.errors import CallbackError
 from services.gateway import Gateway, build_gateway
@@ -50,8 +50,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.add_url_rule(path, "callback", callback, methods=["POST"])
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
+    app.add_url_rule("/metrics", "metrics", metrics_endpoint)
     _register_error_handlers(app)
     register_commands(app)
+    if settings.demo_mode:
+        from demo.console import console  # the local console exists only in demo mode
+
+        app.register_blueprint(console)
     logger.info("gateway ready: callback %s, instance %s", path, settings.instance_id)
     return app
 
@@ -78,7 +83,7 @@ def _json(body: dict, status: int = 200) -> Response:
 
 def verify_url():
     """WeCom's URL check: answer the decrypted echostr as plain text."""
-    with log_context():
+    with log_context(replica=gateway().settings.instance_id):
         echo = gateway().callback.verify_url(request.args)
         logger.info("callback URL verified")
         return Response(echo, mimetype="text/plain")
@@ -86,7 +91,7 @@ def verify_url():
 
 def callback():
     """A message, stream poll or event: answer with the encrypted reply (or an empty body)."""
-    with log_context():
+    with log_context(replica=gateway().settings.instance_id):
         try:
             body = request.get_data(cache=False)
         except RequestEntityTooLarge:
@@ -123,12 +128,19 @@ def readyz():
     return _json({"status": "ready"})
 
 
+def metrics_endpoint():
+    """Prometheus text format (all gunicorn workers' values under gunicorn)."""
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
+
+
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(CallbackError)
     def _callback_error(exc: CallbackError):
+        metrics.CALLBACKS.labels("invalid", exc.error).inc()
         logger.warning("rejected callback from %s: %s (%s)", request.remote_addr, exc.error, exc.message)
         return _json(exc.body(), exc.status)
 

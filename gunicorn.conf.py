@@ -7,6 +7,8 @@ Numbers come from the environment so a Deployment can tune them without a new im
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from config.settings import SettingsError, load_settings
 
@@ -30,6 +32,9 @@ preload_app = False
 
 # JSON logs under gunicorn unless the environment says otherwise.
 os.environ.setdefault("LOG_FORMAT", "json")
+# Prometheus multiprocess mode: every worker writes its metrics to files here, and /metrics on any worker adds
+# them up. Set before the workers start (they import prometheus_client after the fork).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
 
 
 def on_starting(server):
@@ -38,6 +43,8 @@ def on_starting(server):
         settings = load_settings()
     except SettingsError as exc:
         _exit_with(str(exc))
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()  # an operator-provided directory may hold a previous run's files
     if settings.redis_url.startswith("memory://") and server.cfg.workers > 1:
         _exit_with(
             "REDIS_URL=memory:// keeps state inside one process; "
@@ -61,3 +68,10 @@ def worker_exit(server, worker):
     gateway = getattr(app, "extensions", {}).get("gateway") if app is not None else None
     if gateway is not None:
         gateway.drain(max(1.0, server.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS))
+
+
+def child_exit(server, worker):
+    """A worker died or stopped: its live gauges (streams_active) must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -6,6 +6,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from services.stream_inspector import StreamInspector
 from services.users import UserExists
 
 users_cli = AppGroup("users", help="Who may use the bot (the wecom_users table).")
@@ -69,3 +70,21 @@ def list_command(limit: int, offset: int) -> None:
         click.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
     if not rows:
         click.echo("(no users)")
+
+
+@users_cli.command("token")
+@click.argument("userid")
+def token_command(userid: str) -> None:
+    """Whether USERID has a cached auth token (never shown), and the Dify conversations it continues."""
+    gateway = _gateway()
+    if gateway.authorizer is None:
+        click.echo("AUTH_MODE=none: no tokens")
+    else:
+        status = gateway.authorizer.token_status(userid)
+        cached = f"cached, expires in {status['ttl']}s" if status["cached"] else "not cached"
+        click.echo(f"token: {cached}; single flight: {status['flight'] or '-'}")
+    conversations = StreamInspector(gateway.redis, gateway.keys).conversations_of(userid)
+    if not conversations:
+        click.echo("conversations: none")
+    for key, conversation_id, ttl in conversations:
+        click.echo(f"conversation {conversation_id}  ({key}, expires in {ttl}s)")

@@ -24,6 +24,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
     print(f"Gateway running at {url}{settings.wecom_callback_path} (demo mode).")
+    print(f"Open the console in a browser to chat there too: {url}/console")
     simulator = WeComSimulator(
         url, settings.wecom_token, settings.wecom_encoding_aes_key, callback_path=settings.wecom_callback_path
     )

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import orjson
 import redis
 
+from services import metrics
 from services.auth_api import AuthApiClient, AuthApiRefused, AuthApiUnavailable
 from services.keys import AUTH_DENIAL_TTL_SECONDS, AUTH_OUTAGE_TTL_SECONDS, Keys
 from services.users import DatabaseUnavailable, UserDirectory
@@ -92,8 +93,20 @@ class Authorizer:
             AuthError: UnknownUser, UserDisabled, UserRefused, AuthUnavailable or DirectoryUnavailable.
         """
         cached = self._cached(userid)
+        metrics.TOKEN_CACHE.labels("hit" if cached is not None else "miss").inc()
         if cached is not None:
+            metrics.AUTH_OUTCOMES.labels("ok").inc()
             return self._inputs(*cached)
+        try:
+            inputs = self._exchange_once(userid)
+        except AuthError as exc:
+            metrics.AUTH_OUTCOMES.labels(exc.code).inc()
+            raise
+        metrics.AUTH_OUTCOMES.labels("ok").inc()
+        return inputs
+
+    def _exchange_once(self, userid: str) -> dict:
+        """The single flight: one request per user does the exchange, the others wait for its result."""
         deadline = time.monotonic() + self.wait_seconds
         flight = self.keys.auth_flight(userid)
         while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import orjson
 import redis
 
-from services import errors
+from services import errors, metrics
 from services.conversations import ConversationStore
 from services.crypto import CryptoError, WeComCrypto
 from services.dify_app import DifyAppProfile
@@ -92,7 +92,16 @@ class CallbackHandler:
             raise errors.from_crypto_error(exc) from None
         message = parse_inbound(plaintext)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
-        reply = self.dispatch(message)
+        kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
+        started = time.perf_counter()
+        try:
+            reply = self.dispatch(message)
+        except StoreUnavailable:
+            metrics.CALLBACKS.labels(kind, "store_unavailable").inc()
+            raise
+        metrics.CALLBACKS.labels(kind, "ok").inc()
+        if message.msgtype == "stream":
+            metrics.POLL_SECONDS.observe(time.perf_counter() - started)
         if reply is None:
             return None
         return self.crypto.seal_reply(orjson.dumps(reply).decode(), nonce, int(time.time()))
@@ -123,6 +132,7 @@ class CallbackHandler:
         command = parse_command(text)
         if command is not None:
             name, text = command
+            metrics.MESSAGES.labels("command").inc()
             if name == HELP:
                 return self.streams.finish_at_once(self.texts.say("help"))
             if name == NEW_CONVERSATION:
@@ -137,6 +147,7 @@ class CallbackHandler:
         if message.msgtype in ("file", "video") and message.file_url:
             attachments.append((DOCUMENT if message.msgtype == "file" else VIDEO, message.file_url))
         if not text and not attachments:
+            metrics.MESSAGES.labels("empty").inc()
             return self.streams.finish_at_once(self.texts.say("empty_query"))
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)

@@ -10,7 +10,7 @@ import redis
 from sqlalchemy import Engine
 
 from config.settings import Settings
-from services import db
+from services import db, metrics
 from services.append_batcher import AppendBatcher
 from services.auth import Authorizer
 from services.auth_api import AuthApiClient
@@ -76,6 +76,7 @@ class Gateway:
         except redis.RedisError as exc:
             logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
             released = 0
+        metrics.STREAM_OUTCOMES.labels("handed_over").inc(released)
         logger.warning("handed %d unfinished streams over to other replicas", released)
         return remaining
 

@@ -73,6 +73,10 @@ class Keys:
         """String: the Dify conversation_id that continues this user's chat (1:1 chat = "single")."""
         return f"{self.prefix}conversation:{aibotid}:{chat}:{userid}"
 
+    def conversation_pattern(self, userid: str) -> str:
+        """Pattern matching every conversation key of one user (for SCAN in operator commands)."""
+        return f"{self.prefix}conversation:*:*:{userid}"
+
     def feedback(self, feedback_id: str) -> str:
         """String (JSON): the Dify message and end-user a WeCom feedback id refers to."""
         return f"{self.prefix}feedback:{feedback_id}"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import redis
 
+from services import metrics
 from services.stream_store import StreamStore
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,14 @@ class StreamRunner:
         thread.start()
 
     def _run(self, stream_id: str, work: Callable[[threading.Event], None], cancelled: threading.Event) -> None:
+        metrics.ACTIVE_STREAMS.inc()
         try:
             work(cancelled)
         except Exception:
             # Workers record their own final state; this only guards the bookkeeping below.
             logger.exception("stream worker crashed outside its own error handling")
         finally:
+            metrics.ACTIVE_STREAMS.dec()
             with self._lock:
                 self._active.pop(stream_id, None)
                 self._idle.notify_all()

@@ -116,7 +116,8 @@ return {1, h[4] or '', h[5] or ''}
 
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, stream_id, taker,
 # lease_ms. Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes,
-# has_response_url, taken_over, images...} (the reply images only once the stream is done). An active stream
+# has_response_url, event, images...}: `event` names what this call just did (taken_over, expired,
+# closed_window, closed_overflow, or ''), and the reply images come only once the stream is done. An active stream
 # whose lease is gone (its replica died or handed it over) is restarted by the polling replica (`taker`, if not
 # empty) when nothing was shown yet and it was never restarted; otherwise it
 # becomes expired with the note. One past the window, or longer than a bubble can show, is closed early (the
@@ -133,7 +134,7 @@ if #fresh > 0 then
   text = text .. table.concat(fresh)
   redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
 end
-local note, reason, closed_bytes, taken = h[4] or '', h[6] or '', h[7] or '', ''
+local note, reason, closed_bytes, event = h[4] or '', h[6] or '', h[7] or '', ''
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     if text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[6] ~= '' then
@@ -142,9 +143,10 @@ if status == 'pending' or status == 'streaming' then
       redis.call('HSET', KEYS[1], 'owner', ARGV[6], 'status', 'pending', 'restarts', 1, 'folded', 0,
                  'taken_over_at', ARGV[1], 'updated_at', ARGV[1])
       status = 'pending'
-      taken = '1'
+      event = 'taken_over'
     else
       status = 'expired'
+      event = 'expired'
       note = ARGV[4]
       redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
       if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
@@ -156,6 +158,7 @@ if status == 'pending' or status == 'streaming' then
       reason = 'overflow'
     end
     if reason ~= '' then
+      event = 'closed_' .. reason
       closed_bytes = tostring(#text)
       redis.call('HSET', KEYS[1], 'closed_at', ARGV[1], 'close_reason', reason, 'closed_bytes', closed_bytes)
       if h[9] then redis.call('ZREM', h[9], ARGV[5]) end
@@ -163,7 +166,7 @@ if status == 'pending' or status == 'streaming' then
   end
 end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
-local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', taken}
+local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event}
 if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
@@ -267,8 +270,12 @@ class Snapshot:
     close_reason: str = ""
     closed_bytes: int = 0
     has_response_url: bool = False
-    taken_over: bool = False
+    event: str = ""  # what this poll just did: taken_over, expired, closed_window, closed_overflow, or ""
     images: list[dict] = field(default_factory=list)
+
+    @property
+    def taken_over(self) -> bool:
+        return self.event == "taken_over"
 
     @property
     def active(self) -> bool:
@@ -398,7 +405,7 @@ class StreamStore:
         row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, taken, *images = row
+        status, text, note, reason, closed_bytes, has_url, event, *images = row
         return Snapshot(
             status=status,
             text=text,
@@ -406,7 +413,7 @@ class StreamStore:
             close_reason=reason,
             closed_bytes=int(closed_bytes or 0),
             has_response_url=bool(has_url),
-            taken_over=bool(taken),
+            event=event,
             images=[orjson.loads(image) for image in images],
         )
 

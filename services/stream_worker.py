@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis
 
+from services import metrics
 from services.append_batcher import AppendBatcher, StreamWriter
 from services.auth import AuthError
 from services.bubble import BubbleRenderer, remainder_message, text_at_close
@@ -77,6 +78,7 @@ class StreamJob:
     typed_query: bool = True
     response_url: str = ""
     attachments: list[tuple[str, str]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)  # when the user's message arrived
 
     @property
     def dify_user(self) -> str:
@@ -104,6 +106,7 @@ class StreamJob:
             typed_query=bool(meta.get("typed_query")),
             response_url=meta.get("response_url", ""),
             attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
+            created_at=float(meta.get("created_at") or time.time()),
         )
 
 
@@ -169,11 +172,14 @@ class StreamWorker:
 
     def run(self, job: StreamJob, cancelled: threading.Event) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
-        with log_context(stream=job.stream_id, msgid=job.msgid, user=job.userid, chat=job.chatid or None):
+        with log_context(
+            replica=self.owner, stream=job.stream_id, msgid=job.msgid, user=job.userid, chat=job.chatid or None
+        ):
             progress = _Progress()
             try:
                 self._answer(job, cancelled, progress)
             except StreamAborted:
+                metrics.STREAM_OUTCOMES.labels("taken_over_elsewhere").inc()
                 logger.info("stream is owned or closed elsewhere now; worker stops")
             except AuthError as refusal:
                 logger.info("not asking Dify: %s", refusal.code)
@@ -278,6 +284,8 @@ class StreamWorker:
 
     def _write(self, job: StreamJob, deltas: list[str], progress: _Progress) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""
+        if deltas and not progress.text:
+            metrics.FIRST_TOKEN_SECONDS.observe(max(0.0, time.time() - job.created_at))
         progress.text += "".join(deltas)
         if progress.detached or not (deltas or progress.new_fields):
             return
@@ -360,6 +368,7 @@ class StreamWorker:
     def _fail(self, job: StreamJob, exc: DifyError, progress: _Progress) -> None:
         if isinstance(exc, DifyStreamCut) and progress.workflow_error:
             exc = DifyStreamError(progress.workflow_error, code="workflow_failed")
+        metrics.DIFY_ERRORS.labels(exc.code).inc()
         logger.warning("Dify failed: %s (%s)", exc.code, exc.message[:200])
         if isinstance(exc, DifyTimeout) and progress.task_id:
             self.dify.stop(progress.task_id, job.dify_user)
@@ -383,8 +392,11 @@ class StreamWorker:
                 time.sleep(0.5 * 2**attempt)
                 continue
             if finished is not None:
+                metrics.STREAM_OUTCOMES.labels(status).inc()
+                metrics.STREAM_SECONDS.observe(max(0.0, time.time() - job.created_at))
                 self._send_rest(job, progress, finished, note)
             elif progress.detached:
+                metrics.STREAM_OUTCOMES.labels("closed_elsewhere").inc()
                 self._send_whole(job, progress, note)
             else:
                 logger.info("stream was already closed elsewhere; final state not written")
@@ -400,6 +412,7 @@ class StreamWorker:
             return
         message = remainder_message(self.texts, progress.text, note, header_key="full_answer")
         delivered = self.deps.responder.send_markdown(job.response_url, message)
+        metrics.RESPONSE_URL.labels("whole_answer", "sent" if delivered else "failed").inc()
         logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
 
     def _send_rest(self, job: StreamJob, progress: _Progress, finished: Finished, note: str) -> None:
@@ -417,5 +430,6 @@ class StreamWorker:
                 return
             message = remainder_message(self.texts, progress.text[shown:])
         delivered = self.deps.responder.send_markdown(job.response_url, message)
+        metrics.RESPONSE_URL.labels("rest", "sent" if delivered else "failed").inc()
         logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
         self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"})

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import secrets
 
+from services import metrics
 from services.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.messages import Inbound, stream_reply
 from services.runner import StreamRunner
 from services.stream_store import EXISTING, LIMITED, Snapshot, StreamStore
 from services.stream_worker import StreamJob, StreamWorker
 from services.texts import Texts
+from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ class StreamService:
         if not self.runner.has_capacity():
             existing = self.store.stream_for_msgid(message.msgid)
             if existing:
+                self._count("dedup")
+                metrics.DEDUP_HITS.inc()
                 return self.poll(existing)
             key = "busy" if self.runner.accepting else "shutting_down"
+            self._count(key)
             logger.warning("not taking a new stream: %s", key)
             return self.finish_at_once(self.texts.say(key))
 
@@ -90,15 +95,24 @@ class StreamService:
             proposed, message.msgid, self.owner, message.aibotid, message.userid, fields
         )
         if outcome == LIMITED:
+            self._count("in_flight_limit")
             logger.info("user already has the maximum of open answers")
             return self.finish_at_once(self.texts.say("too_many_in_flight"))
         # A retried create whose first reply was lost returns our own id: it is still ours to start.
         if outcome == EXISTING and stream_id != proposed:
+            self._count("dedup")
+            metrics.DEDUP_HITS.inc()
             logger.info("repeated msgid; answering with its stream %s", stream_id)
             return self.poll(stream_id)
         self._start(job)
+        self._count("opened")
+        bind_log_context(stream=stream_id)
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
+
+    @staticmethod
+    def _count(outcome: str) -> None:
+        metrics.MESSAGES.labels(outcome).inc()
 
     def _start(self, job: StreamJob) -> None:
         self.runner.start(job.stream_id, lambda cancelled: self.worker.run(job, cancelled))
@@ -118,12 +132,15 @@ class StreamService:
         )
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
+        if snapshot.event:
+            metrics.STREAM_OUTCOMES.labels(snapshot.event).inc()
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]
+            logger.info("bubble finished early (%s); the answer goes on", snapshot.close_reason)
             return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
         if snapshot.active:
             return stream_reply(stream_id, self.bubble.live(snapshot.text), finish=False, feedback_id=stream_id)
@@ -131,5 +148,6 @@ class StreamService:
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
+        logger.info("bubble finished: %s", snapshot.status)
         images = image_items(snapshot.images)
         return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images)

@@ -1,7 +1,8 @@
 """One logging setup for the whole process: JSON or readable text, with a per-conversation context on every line.
 
 `log_context(stream=..., msgid=...)` binds fields for the current request or stream thread; every record logged
-inside it carries them, plus the replica id, so one answer's life can be followed across replicas.
+inside it carries them, plus the replica id (bound too, as `replica`, by whoever handles the request or stream),
+so one answer's life can be followed across replicas.
 Configured secrets are masked in the output as a last line of defence; code must not log them in the first place.
 """
 
@@ -46,8 +47,10 @@ class _ContextFilter(logging.Filter):
         self.replica_id = replica_id
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.ctx = _context.get()
-        record.replica = self.replica_id
+        ctx = _context.get()
+        # A request or stream binds the replica of the app handling it; the process's id covers the rest.
+        record.replica = ctx.get("replica", self.replica_id)
+        record.ctx = {k: v for k, v in ctx.items() if k != "replica"} if "replica" in ctx else ctx
         return True
 
 

@@ -65,3 +65,32 @@ def test_memory_store_is_refused_with_several_workers(dify, tmp_path):
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     assert "configuration error: REDIS_URL=memory://" in server.logs()
+
+
+def test_metrics_add_up_every_worker(replica, dify):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dify.script(d.answer("counted", delay=0.01), times=None)
+    sim = make_simulator(replica.url, poll_interval=0.05)
+    sim.http.close()  # a fresh connection per request, so requests reach both workers
+    sim.http = httpx.Client(timeout=10, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+    for i in range(8):
+        sim.ask(f"q{i}", userid=f"m{i}")
+    sim.close()
+
+    def opened() -> float:
+        text = httpx.get(f"{replica.url}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "wecom_messages_total" and sample.labels == {"outcome": "opened"}:
+                    return sample.value
+        return 0.0
+
+    owners = {
+        e["replica"]
+        for e in [json.loads(x) for x in replica.logs().splitlines() if x.startswith("{")]
+        if "opened" in e.get("msg", "")
+    }
+    assert len(owners) == 2  # both workers took messages
+    assert {opened() for _ in range(6)} == {8.0}  # whichever worker answers /metrics, the sum is the same

@@ -1,0 +1,312 @@
+// The local console: this page plays WeCom. It encrypts and signs callbacks with the bot's Token and
+// EncodingAESKey (demo credentials), posts them to the real callback endpoint, checks and decrypts the replies,
+// and polls each stream about once a second, rendering the cumulative markdown as WeCom's bubble would.
+"use strict";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const POLL_INTERVAL_MS = 1000;
+const POLL_WINDOW_MS = 6 * 60 * 1000;
+let config = null;
+let aesKey = null;
+let aesIv = null;
+
+// --- bytes and base64 ---------------------------------------------------------------------------------------
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) { out.set(part, offset); offset += part.length; }
+  return out;
+}
+
+function toBase64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(binary);
+}
+
+function fromBase64(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+function randomHex(n) {
+  return Array.from(crypto.getRandomValues(new Uint8Array(n)), b => b.toString(16).padStart(2, "0")).join("");
+}
+
+// --- WeCom crypto: SHA-1 signature; AES-256-CBC with PKCS#7 padding to 32 bytes ----------------------------
+
+async function sign(timestamp, nonce, encrypted) {
+  const joined = [config.token, String(timestamp), nonce, encrypted].sort().join("");
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(joined)));
+  return Array.from(digest, b => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function encrypt(message) {
+  const body = encoder.encode(message);
+  const length = new Uint8Array(4);
+  new DataView(length.buffer).setUint32(0, body.length);  // big-endian
+  let plain = concat(crypto.getRandomValues(new Uint8Array(16)), length, body);  // receiveid is "" for a bot
+  const pad = 32 - (plain.length % 32);
+  plain = concat(plain, new Uint8Array(pad).fill(pad));
+  // WebCrypto always adds its own 16-byte padding block: CBC makes the blocks before it exactly ours.
+  const sealed = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-CBC", iv: aesIv }, aesKey, plain));
+  return toBase64(sealed.subarray(0, plain.length));
+}
+
+async function decrypt(encrypted) {
+  const sealed = fromBase64(encrypted);
+  // WebCrypto insists on removing a 16-byte PKCS#7 block: append one that decrypts to exactly that. Encrypting
+  // 16 x 0x10 with the last ciphertext block as IV yields it (CBC: P = D(E) xor previous block).
+  const previous = sealed.subarray(sealed.length - 16);
+  const extra = new Uint8Array(await crypto.subtle.encrypt(
+    { name: "AES-CBC", iv: previous }, aesKey, new Uint8Array(16).fill(16))).subarray(0, 16);
+  const plain = new Uint8Array(await crypto.subtle.decrypt(
+    { name: "AES-CBC", iv: aesIv }, aesKey, concat(sealed, extra)));
+  const unpadded = plain.subarray(0, plain.length - plain[plain.length - 1]);
+  const length = new DataView(unpadded.buffer, unpadded.byteOffset + 16, 4).getUint32(0);
+  return decoder.decode(unpadded.subarray(20, 20 + length));
+}
+
+// --- the callback exchange -------------------------------------------------------------------------------------
+
+async function callback(payload) {
+  const timestamp = String(Math.floor(Date.now() / 1000));
+  const nonce = randomHex(8);
+  const encrypted = await encrypt(JSON.stringify(payload));
+  const signature = await sign(timestamp, nonce, encrypted);
+  const url = `${config.callback_path}?msg_signature=${signature}&timestamp=${timestamp}&nonce=${nonce}`;
+  const entry = logExchange(payload);
+  let response;
+  try {
+    response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify({ encrypt: encrypted }) });
+  } catch (error) {
+    entry.fail(`network error: ${error}`);
+    throw error;
+  }
+  const text = await response.text();
+  if (response.status !== 200) {
+    entry.fail(`HTTP ${response.status} ${text}`);
+    throw new Error(`HTTP ${response.status}`);
+  }
+  if (!text) { entry.done("(empty reply)"); return null; }
+  const envelope = JSON.parse(text);
+  const expected = await sign(envelope.timestamp, envelope.nonce, envelope.encrypt);
+  if (envelope.nonce !== nonce || envelope.msgsignature !== expected) {
+    entry.fail("reply signature or nonce does not match");
+    throw new Error("bad reply signature");
+  }
+  const reply = JSON.parse(await decrypt(envelope.encrypt));
+  entry.done(reply, envelope);
+  return reply;
+}
+
+function basePayload(msgtype) {
+  const userid = document.getElementById("userid").value.trim() || "alice";
+  const chatid = document.getElementById("chatid").value.trim();
+  const payload = { msgid: randomHex(16), aibotid: config.aibotid, chattype: chatid ? "group" : "single",
+                    from: { userid }, msgtype };
+  if (chatid) payload.chatid = chatid;
+  return payload;
+}
+
+// --- the chat -----------------------------------------------------------------------------------------------------
+
+function addMessage(kind, html) {
+  const element = document.createElement("div");
+  element.className = `msg ${kind}`;
+  element.innerHTML = html;
+  const list = document.getElementById("messages");
+  list.appendChild(element);
+  list.scrollTop = list.scrollHeight;
+  return element;
+}
+
+function showBubble(bubble, stream, finished, note) {
+  let html = renderMarkdown(stream.content || "");
+  for (const item of stream.msg_item || []) {
+    if (item.msgtype === "image") html += `<img alt="image" src="data:image/png;base64,${item.image.base64}">`;
+  }
+  if (note) html += `<div class="status">${escapeHtml(note)}</div>`;
+  bubble.innerHTML = html;
+  bubble.classList.toggle("streaming", !finished);
+  bubble.dataset.finished = finished ? "true" : "false";
+  bubble.dataset.streamId = stream.id;
+}
+
+async function send(content) {
+  addMessage("user", escapeHtml(content));
+  const payload = basePayload("text");
+  payload.text = { content };
+  const responseUrl = await (await fetch("/console/api/response-url", { method: "POST" })).json();
+  payload.response_url = responseUrl.url;
+  const bubble = addMessage("bot streaming", "…");
+  let reply;
+  try {
+    reply = await callback(payload);
+  } catch (error) {
+    bubble.classList.add("failed");
+    showBubble(bubble, { id: "", content: "" }, true, `callback failed: ${error.message}`);
+    return;
+  }
+  const stream = reply.stream;
+  showBubble(bubble, stream, stream.finish);
+  const started = Date.now();
+  let finished = stream.finish;
+  let polls = 0;
+  while (!finished && Date.now() - started < POLL_WINDOW_MS) {
+    await new Promise(resolve => setTimeout(resolve, POLL_INTERVAL_MS));
+    const poll = basePayload("stream");
+    poll.stream = { id: stream.id };
+    try {
+      const next = await callback(poll);
+      polls += 1;
+      finished = next.stream.finish;
+      showBubble(bubble, next.stream, finished, finished ? `finished after ${polls} poll${polls === 1 ? "" : "s"}` : "");
+    } catch (error) {
+      showBubble(bubble, { id: stream.id, content: bubble.textContent }, false, `poll failed (${error.message}); retrying`);
+    }
+    refreshRedis(stream.id);
+  }
+  if (!finished) showBubble(bubble, { id: stream.id, content: bubble.textContent }, true, "WeCom stopped polling (6 minutes)");
+  refreshRedis(stream.id);
+  watchResponseUrl(responseUrl.code);
+}
+
+async function watchResponseUrl(code) {
+  for (let i = 0; i < 60; i++) {
+    const { messages } = await (await fetch(`/console/api/response/${code}`)).json();
+    if (messages.length) {
+      const markdown = messages[0].markdown ? messages[0].markdown.content : JSON.stringify(messages[0]);
+      addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (response_url)</div>');
+      return;
+    }
+    await new Promise(resolve => setTimeout(resolve, 2000));
+  }
+}
+
+async function enterChat() {
+  const payload = basePayload("event");
+  payload.create_time = Math.floor(Date.now() / 1000);
+  payload.event = { eventtype: "enter_chat", enter_chat: {} };
+  const reply = await callback(payload);
+  addMessage("system", reply ? escapeHtml(reply.text.content) : "(no welcome message configured)");
+}
+
+async function refreshRedis(streamId) {
+  const response = await fetch(`/console/api/stream/${encodeURIComponent(streamId)}`);
+  document.getElementById("redis").textContent = JSON.stringify(await response.json(), null, 2);
+}
+
+function logExchange(payload) {
+  const element = document.createElement("div");
+  element.className = "entry";
+  element.innerHTML = `<div>→ ${escapeHtml(payload.msgtype)} ${new Date().toLocaleTimeString()}</div>` +
+    `<pre>${escapeHtml(JSON.stringify(payload))}</pre>`;
+  const list = document.getElementById("exchange");
+  list.prepend(element);
+  while (list.children.length > 30) list.lastChild.remove();
+  return {
+    done(reply, envelope) {
+      const sealed = envelope ? `<pre>encrypted reply: ${escapeHtml(JSON.stringify(envelope).slice(0, 160))}…</pre>` : "";
+      element.innerHTML += `${sealed}<div>← reply</div><pre>${escapeHtml(typeof reply === "string" ? reply : JSON.stringify(reply))}</pre>`;
+    },
+    fail(message) {
+      element.classList.add("error");
+      element.innerHTML += `<div>← error</div><pre>${escapeHtml(message)}</pre>`;
+    },
+  };
+}
+
+// --- markdown, the subset WeCom renders (HTML is escaped first, so answers cannot inject markup) ----------------
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function inline(text) {
+  return text
+    .replace(/`([^`]+)`/g, "<code>$1</code>")
+    .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>")
+    .replace(/\*([^*]+)\*/g, "<em>$1</em>")
+    .replace(/!\[([^\]]*)\]\((https?:[^)\s]+)\)/g, '<img alt="$1" src="$2">')
+    .replace(/\[([^\]]+)\]\((https?:[^)\s]+)\)/g, '<a href="$2" target="_blank" rel="noopener">$1</a>');
+}
+
+function renderMarkdown(source) {
+  let text = escapeHtml(source);
+  text = text.replace(/&lt;think&gt;([\s\S]*?)(&lt;\/think&gt;|$)/g,
+                      (_, inner) => `<details class="think"><summary>thinking</summary>${inner}</details>`);
+  const out = [];
+  let list = null;
+  let table = null;
+  const closeBlocks = () => {
+    if (list) { out.push(`</${list}>`); list = null; }
+    if (table) { out.push("</table>"); table = null; }
+  };
+  const lines = text.split("\n");
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if (line.startsWith("```")) {
+      closeBlocks();
+      const code = [];
+      for (i++; i < lines.length && !lines[i].startsWith("```"); i++) code.push(lines[i]);
+      out.push(`<pre><code>${code.join("\n")}</code></pre>`);
+      continue;
+    }
+    let match;
+    if ((match = line.match(/^(#{1,6})\s+(.*)$/))) {
+      closeBlocks(); out.push(`<h${match[1].length}>${inline(match[2])}</h${match[1].length}>`);
+    } else if ((match = line.match(/^\s*[-*+]\s+(.*)$/)) || (match = line.match(/^\s*\d+[.)]\s+(.*)$/))) {
+      const kind = /^\s*\d/.test(line) ? "ol" : "ul";
+      if (table) { out.push("</table>"); table = null; }
+      if (list !== kind) { if (list) out.push(`</${list}>`); out.push(`<${kind}>`); list = kind; }
+      out.push(`<li>${inline(match[1])}</li>`);
+    } else if ((match = line.match(/^&gt;\s?(.*)$/))) {
+      closeBlocks(); out.push(`<blockquote>${inline(match[1])}</blockquote>`);
+    } else if (/^\s*(-{3,}|\*{3,})\s*$/.test(line)) {
+      closeBlocks(); out.push("<hr>");
+    } else if (/^\s*\|.*\|\s*$/.test(line)) {
+      if (/^\s*\|[\s:|-]+\|\s*$/.test(line)) continue;  // the header separator row
+      if (list) { out.push(`</${list}>`); list = null; }
+      if (!table) { out.push("<table>"); table = true; }
+      const cells = line.trim().slice(1, -1).split("|").map(cell => `<td>${inline(cell.trim())}</td>`);
+      out.push(`<tr>${cells.join("")}</tr>`);
+    } else if (line.trim() === "") {
+      closeBlocks();
+    } else {
+      closeBlocks(); out.push(`<p>${inline(line)}</p>`);
+    }
+  }
+  closeBlocks();
+  return out.join("");
+}
+
+// --- start -------------------------------------------------------------------------------------------------------------
+
+async function start() {
+  config = await (await fetch("/console/api/config")).json();
+  const keyBytes = fromBase64(config.encoding_aes_key + "=");
+  aesIv = keyBytes.slice(0, 16);
+  aesKey = await crypto.subtle.importKey("raw", keyBytes, "AES-CBC", false, ["encrypt", "decrypt"]);
+  const form = document.getElementById("composer");
+  const input = document.getElementById("input");
+  form.addEventListener("submit", event => {
+    event.preventDefault();
+    const content = input.value.trim();
+    if (!content) return;
+    input.value = "";
+    send(content);
+  });
+  input.addEventListener("keydown", event => {
+    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
+  });
+  document.getElementById("enter").addEventListener("click", enterChat);
+  document.body.dataset.ready = "true";
+}
+
+start();

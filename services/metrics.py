@@ -1,0 +1,68 @@
+"""Prometheus metrics, all defined here; `render()` answers GET /metrics.
+
+Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers start: each worker then writes
+its values to files there and /metrics, on any worker, adds them up (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+CALLBACKS = Counter("wecom_callbacks_total", "WeCom callbacks by message type and outcome", ["type", "outcome"])
+POLL_SECONDS = Histogram(
+    "wecom_poll_seconds",
+    "Time to answer a stream poll (decrypt, one Redis call, encrypt)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+FIRST_TOKEN_SECONDS = Histogram(
+    "stream_first_token_seconds",
+    "From the user's message to Dify's first delta",
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
+)
+STREAM_SECONDS = Histogram(
+    "stream_duration_seconds",
+    "From the user's message to the answer's final state",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 240, 330, 600, 1200),
+)
+ACTIVE_STREAMS = Gauge("streams_active", "Answers being streamed from Dify right now", multiprocess_mode="livesum")
+MESSAGES = Counter(
+    "wecom_messages_total",
+    "User messages by what the gateway did: opened (a stream), dedup (a WeCom retry), in_flight_limit, "
+    "busy, shutting_down, command, empty",
+    ["outcome"],
+)
+DEDUP_HITS = Counter(
+    "wecom_msgid_dedup_hits_total", "Repeated message callbacks (WeCom retries) answered with their existing stream"
+)
+STREAM_OUTCOMES = Counter(
+    "stream_outcomes_total",
+    "Stream endings and hand-offs: done, error, expired (its replica died after showing text), taken_over "
+    "(restarted here after its replica died), taken_over_elsewhere (this worker stopped for another replica), "
+    "handed_over (at shutdown), closed_elsewhere (answer sent through response_url), closed_window, "
+    "closed_overflow (bubble finished early)",
+    ["outcome"],
+)
+DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["code"])
+AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["outcome"])
+TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["result"])
+RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["kind", "result"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type: every worker's values under gunicorn, this process's else."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

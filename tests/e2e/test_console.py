@@ -1,0 +1,105 @@
+"""The local console in headless Chromium (Debian's chromium and chromium-driver): the page plays WeCom with
+WebCrypto against the real callback endpoint, and shows the finished answer, the exchange and the Redis keys.
+A screenshot is kept in test-artifacts/console.png."""
+
+import os
+import shutil
+
+import pytest
+
+from config.settings import PROJECT_ROOT
+from demo import dify_standin as d
+
+pytestmark = pytest.mark.e2e
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromium-driver are required for the console test")
+        pytest.skip("chromium / chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def console_url(make_app, serve):
+    live = serve(make_app(demo_mode=True, auth_mode="none"))
+    return f"{live.url}/console"
+
+
+def wait_until(driver, script, timeout=20):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda drv: drv.execute_script(script))
+
+
+def test_the_console_chats_through_the_real_callback_endpoint(browser, console_url, dify):
+    from selenium.webdriver.common.by import By
+
+    dify.script(d.answer("## 你好\n\n这是 **流式** 回答：\n\n- 一\n- 二\n\n`done`", delay=0.05))
+    browser.get(console_url)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("hello console")
+    browser.find_element(By.ID, "send").click()
+
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
+    assert bubble.find_element(By.TAG_NAME, "h2").text == "你好"
+    assert bubble.find_element(By.TAG_NAME, "strong").text == "流式"
+    assert [li.text for li in bubble.find_elements(By.TAG_NAME, "li")] == ["一", "二"]
+    assert "finished after" in bubble.text and "failed" not in bubble.get_attribute("class")
+    assert dify.chat_requests()[0]["query"] == "hello console"
+
+    wait_until(browser, "return document.getElementById('redis').textContent.includes('dify_stream:')")
+    redis_panel = browser.find_element(By.ID, "redis").text
+    assert '"status": "done"' in redis_panel and "dify_stream:" in redis_panel
+    exchange = browser.find_element(By.ID, "exchange").text
+    assert "→ text" in exchange and "→ stream" in exchange and "← reply" in exchange
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "console.png"))
+    assert (ARTIFACTS / "console.png").stat().st_size > 10_000
+
+
+def test_the_console_shows_failures_as_finished_bubbles(browser, console_url, dify):
+    from selenium.webdriver.common.by import By
+
+    dify.script([d.message("部分回答"), d.cut()])
+    browser.get(console_url)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("break please")
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    text = browser.find_element(By.CSS_SELECTOR, ".msg.bot").text
+    assert "部分回答" in text and "回答中断" in text
+
+
+def test_the_console_exists_only_in_demo_mode(client):
+    assert client.get("/console").status_code == 404
+    assert client.get("/console/api/config").status_code == 404

@@ -1,0 +1,178 @@
+"""What operators see: /metrics after conversations, one conversation's JSON logs joined across two instances by
+stream id, and the streams/users operator commands."""
+
+import json
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from demo import dify_standin as d
+from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
+
+
+def scrape(client) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} from /metrics."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def moved(before, after, name, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_move_with_a_conversation(live, simulator, dify):
+    client = live.app.test_client()
+    before = scrape(client)
+    dify.script(d.answer("counted", delay=0.02))
+    payload = simulator.text_message("count me")
+    first = simulator.send(payload)
+    simulator.send(payload)  # a WeCom retry
+    conversation = simulator.follow(first)
+    dify.script([d.message("x"), d.cut()])
+    simulator.ask("and fail")
+    client.post("/wecom/callback", query_string={"msg_signature": "x", "timestamp": "1", "nonce": "n"}, data=b"{}")
+    after = scrape(client)
+
+    assert moved(before, after, "wecom_callbacks_total", type="text", outcome="ok") == 3
+    assert moved(before, after, "wecom_callbacks_total", type="stream", outcome="ok") >= conversation.polls + 1
+    assert moved(before, after, "wecom_callbacks_total", type="invalid", outcome="timestamp_out_of_window") == 1
+    assert moved(before, after, "wecom_messages_total", outcome="opened") == 2
+    assert moved(before, after, "wecom_messages_total", outcome="dedup") == 1
+    assert moved(before, after, "wecom_msgid_dedup_hits_total") == 1
+    assert moved(before, after, "wecom_poll_seconds_count") >= conversation.polls
+    assert moved(before, after, "stream_first_token_seconds_count") == 2
+    assert moved(before, after, "stream_duration_seconds_count") == 2
+    assert moved(before, after, "stream_outcomes_total", outcome="done") == 1
+    assert moved(before, after, "stream_outcomes_total", outcome="error") == 1
+    assert moved(before, after, "dify_errors_total", code="stream_cut") == 1
+    assert after[("streams_active", ())] == 0
+
+
+def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client):
+    client = live.app.test_client()
+    before = scrape(client)
+    store = live.gateway.store
+    store.create("orphan02", "msg-orphan-2", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
+    store.append("orphan02", "dead-replica", ["shown"], 0)
+    redis_client.delete("dify_stream:orphan02:lease")
+    for _ in range(3):
+        simulator.send(simulator.poll_message("orphan02"))
+    assert moved(before, scrape(client), "stream_outcomes_total", outcome="expired") == 1
+
+
+def test_auth_metrics(make_app, serve, dify, auth, mysql_url, redis_client):
+    from services import db
+    from services.users import UserDirectory
+    from tests.conftest import AUTH_KEY
+
+    engine = db.make_engine(mysql_url)
+    db.init_schema(engine)
+    users = UserDirectory(engine)
+    if users.find("metric-user") is None:
+        users.add("metric-user", "metric@corp.example")
+    live = serve(make_app(auth_mode="external", auth_api_url=auth.url, auth_api_key=AUTH_KEY, database_url=mysql_url))
+    client = live.app.test_client()
+    sim = make_simulator(live.url)
+    before = scrape(client)
+    dify.script(d.answer("ok"), times=None)
+    sim.ask("one", userid="metric-user")
+    sim.ask("two", userid="metric-user")
+    sim.ask("who?", userid="nobody-here")
+    after = scrape(client)
+    assert moved(before, after, "auth_token_cache_total", result="miss") == 2
+    assert moved(before, after, "auth_token_cache_total", result="hit") == 1
+    assert moved(before, after, "auth_outcomes_total", outcome="ok") == 2
+    assert moved(before, after, "auth_outcomes_total", outcome="unknown_user") == 1
+    sim.close()
+    engine.dispose()
+
+
+def test_one_conversations_logs_join_across_two_instances_by_stream_id(make_app, serve, dify, capsys):
+    first = serve(make_app(replica_id="replica-a", log_format="json"))
+    second = serve(make_app(replica_id="replica-b", log_format="json"))
+    opener, poller = make_simulator(first.url), make_simulator(second.url)
+    dify.script([d.message("logged "), d.sleep(0.3), d.message("everywhere"), d.end()])
+    conversation = poller.follow(opener.send(opener.text_message("trace me")))  # opened on A, polled on B
+    first.gateway.runner.drain(5)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    mine = [entry for entry in lines if entry.get("stream") == conversation.stream_id]
+    assert {entry["replica"].split(":")[0] for entry in mine} == {"replica-a", "replica-b"}
+    messages = [entry["msg"] for entry in mine]
+    assert any("opened" in m for m in messages) and any("calling Dify" in m for m in messages)
+    assert any(e["msg"] == "bubble finished: done" and e["replica"].startswith("replica-b") for e in mine)
+    worker_lines = [entry for entry in mine if entry["logger"] == "services.stream_worker"]
+    assert worker_lines and all(entry.get("msgid") and entry.get("user") == "alice" for entry in worker_lines)
+    assert any(entry.get("task") for entry in worker_lines)
+    assert all(
+        TOKEN not in json.dumps(entry) and AES_KEY not in json.dumps(entry) and DIFY_KEY not in json.dumps(entry)
+        for entry in lines
+    )
+    opener.close()
+    poller.close()
+
+
+# --- operator commands ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+def test_streams_list_show_and_purge(live, simulator, dify, runner, redis_client):
+    dify.script(d.answer("the answer operators look at"))
+    conversation = simulator.ask("inspect me", userid="carol")
+    dify.script([d.message("half"), d.cut()])
+    failed = simulator.ask("break", userid="dave")
+
+    listing = runner.invoke(args=["streams", "list"]).output
+    assert conversation.stream_id in listing and failed.stream_id in listing and "STATUS" in listing
+    only_errors = runner.invoke(args=["streams", "list", "--status", "error"]).output
+    assert failed.stream_id in only_errors and conversation.stream_id not in only_errors
+    by_user = runner.invoke(args=["streams", "list", "--user", "carol"]).output
+    assert conversation.stream_id in by_user and failed.stream_id not in by_user
+
+    shown = runner.invoke(args=["streams", "show", conversation.stream_id])
+    assert shown.exit_code == 0
+    assert "the answer operators look at" in shown.output and "status           done" in shown.output
+    assert "first token" in shown.output and "TTLs:" in shown.output and "http" not in shown.output
+    assert runner.invoke(args=["streams", "show", "nope"]).exit_code != 0
+
+    purged = runner.invoke(args=["streams", "purge", "--yes", conversation.stream_id]).output
+    assert "deleted" in purged and not redis_client.exists(f"dify_stream:{conversation.stream_id}")
+    assert not redis_client.exists(f"dify_stream:{conversation.stream_id}:chunks")
+
+
+def test_streams_tail_follows_a_live_answer(live, simulator, dify, runner):
+    dify.script([d.message("one "), d.sleep(0.4), d.message("two "), d.sleep(0.4), d.message("three"), d.end()])
+    first = simulator.send(simulator.text_message("tail me"))
+    result = {}
+    tail = threading.Thread(
+        target=lambda: result.update(
+            out=runner.invoke(args=["streams", "tail", first["stream"]["id"], "--interval", "0.1"]).output
+        )
+    )
+    tail.start()
+    simulator.follow(first)
+    tail.join(10)
+    assert result["out"] == "one two three\n[done]\n"
+
+
+def test_users_token_shows_status_never_the_token(make_app, dify, auth, mysql_url, redis_client):
+    from tests.conftest import AUTH_KEY
+
+    app = make_app(auth_mode="external", auth_api_url=auth.url, auth_api_key=AUTH_KEY, database_url=mysql_url)
+    runner = app.test_cli_runner()
+    redis_client.set("authorization:wechatid:erin", "tok_secret_value", ex=500)
+    redis_client.set("conversation:demo-bot:single:erin", "c0ffee00-0000-0000-0000-000000000001", ex=600)
+    out = runner.invoke(args=["users", "token", "erin"]).output
+    assert "cached, expires in" in out and "tok_secret_value" not in out
+    assert "c0ffee00-0000-0000-0000-000000000001" in out
+    assert "not cached" in runner.invoke(args=["users", "token", "frank"]).output
