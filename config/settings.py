@@ -96,6 +96,7 @@ class Settings:
     stream_max_active: int = 1000
     stream_placeholder: str = ""
     conversation_ttl_seconds: int = 7 * 24 * 3600
+    rate_limit_per_minute: int = 20
 
     # --- logging --------------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -179,6 +180,7 @@ def _validate(s: Settings) -> None:
     _require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
     _require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
     _require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
+    _require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
 
     _require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -8,6 +8,7 @@ the one exception is a poll while Redis is down, answered 503 so WeCom polls aga
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 
@@ -22,11 +23,15 @@ from services.feedback import FeedbackService
 from services.media import DOCUMENT, IMAGE, VIDEO
 from services.messages import Inbound, parse_inbound, stream_reply, text_reply
 from services.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
+from services.replay_guard import ReplayGuard
 from services.streams import StreamService, new_stream_id
 from services.texts import Texts
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
+
+
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
 class StoreUnavailable(Exception):
@@ -45,6 +50,7 @@ class CallbackHandler:
         conversations: ConversationStore,
         profile: DifyAppProfile,
         feedback: FeedbackService,
+        replays: ReplayGuard,
         bot_name: str = "",
         welcome_message: str = "",
     ):
@@ -55,6 +61,7 @@ class CallbackHandler:
         self.conversations = conversations
         self.profile = profile
         self.feedback = feedback
+        self.replays = replays
         self.bot_name = bot_name
         self.welcome_message = welcome_message
 
@@ -93,6 +100,10 @@ class CallbackHandler:
         message = parse_inbound(plaintext)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
+        if message.msgtype == "event" and not self._first_time(signature):
+            metrics.CALLBACKS.labels(kind, "replayed").inc()
+            logger.info("repeated event callback: answered without doing it again")
+            return self._seal(self._replayed_event(message), nonce)
         started = time.perf_counter()
         try:
             reply = self.dispatch(message)
@@ -102,9 +113,27 @@ class CallbackHandler:
         metrics.CALLBACKS.labels(kind, "ok").inc()
         if message.msgtype == "stream":
             metrics.POLL_SECONDS.observe(time.perf_counter() - started)
+        return self._seal(reply, nonce)
+
+    def _seal(self, reply: dict | None, nonce: str) -> dict | None:
         if reply is None:
             return None
         return self.crypto.seal_reply(orjson.dumps(reply).decode(), nonce, int(time.time()))
+
+    def _first_time(self, signature: str) -> bool:
+        try:
+            return self.replays.first_time(signature)
+        except redis.RedisError as exc:
+            logger.warning("replay check unavailable (%s); handling the event", exc)
+            return True
+
+    def _replayed_event(self, message: Inbound) -> dict | None:
+        """The reply to a repeated event, without its side effects (the welcome is the same; feedback is not
+        forwarded twice)."""
+        if message.event_type == "enter_chat":
+            welcome = self.welcome_text()
+            return text_reply(welcome) if welcome else None
+        return None
 
     def dispatch(self, message: Inbound) -> dict | None:
         """The plaintext reply for an authentic message; failures behind it become finished replies."""
@@ -185,7 +214,7 @@ class CallbackHandler:
                 raise errors.missing_parameter(name)
             values.append(value)
         signature, timestamp, nonce = values
-        if not timestamp.isdigit() or len(timestamp) > 12:
+        if not _TIMESTAMP.fullmatch(timestamp):  # ASCII digits: str.isdigit() also accepts the digit '²'
             raise errors.invalid_timestamp()
         if abs(time.time() - int(timestamp)) > self.timestamp_tolerance:
             raise errors.timestamp_out_of_window(self.timestamp_tolerance)

@@ -43,6 +43,13 @@ class CryptoError(Exception):
         self.message = message
 
 
+class PaddingError(CryptoError):
+    """ILLEGAL_BUFFER because of the PKCS#7 padding itself (rather than the length or framing)."""
+
+    def __init__(self, message: str):
+        super().__init__(ILLEGAL_BUFFER, message)
+
+
 def pad32(data: bytes) -> bytes:
     """PKCS#7 padding to a multiple of 32 bytes; a full block of 32 is added when already aligned."""
     amount = BLOCK_SIZE - len(data) % BLOCK_SIZE
@@ -56,10 +63,10 @@ def unpad32(data: bytes) -> bytes:
         CryptoError: ILLEGAL_BUFFER when the padding is malformed.
     """
     if not data:
-        raise CryptoError(ILLEGAL_BUFFER, "empty plaintext")
+        raise PaddingError("empty plaintext")
     amount = data[-1]
     if not 1 <= amount <= BLOCK_SIZE or amount > len(data) or data[-amount:] != bytes([amount]) * amount:
-        raise CryptoError(ILLEGAL_BUFFER, "bad padding")
+        raise PaddingError("bad padding")
     return data[:-amount]
 
 

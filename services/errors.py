@@ -23,13 +23,15 @@ _CRYPTO_ERRORS = {
     crypto.PARSE_JSON_ERROR: ("invalid_body", 400, "body is not a JSON object with an 'encrypt' string"),
     crypto.VALIDATE_RECEIVE_ID_ERROR: ("invalid_receiveid", 400, "decrypted receiveid does not match"),
     crypto.DECRYPT_AES_ERROR: ("decrypt_failed", 400, "ciphertext could not be decrypted"),
-    crypto.ILLEGAL_BUFFER: ("invalid_padding", 400, "decrypted buffer is malformed (padding or length)"),
+    crypto.ILLEGAL_BUFFER: ("invalid_buffer", 400, "decrypted message is malformed (length or framing)"),
     crypto.DECODE_BASE64_ERROR: ("invalid_base64", 400, "encrypt is not valid base64"),
 }
 
 
 def from_crypto_error(exc: crypto.CryptoError) -> CallbackError:
     """The CallbackError for a crypto failure; the message names WeCom's official code."""
+    if isinstance(exc, crypto.PaddingError):
+        return CallbackError("invalid_padding", f"decrypted buffer has bad padding ({exc.code})")
     error, status, text = _CRYPTO_ERRORS.get(exc.code, ("crypto_error", 400, "crypto failure"))
     return CallbackError(error, f"{text} ({exc.code})", status)
 

@@ -24,6 +24,7 @@ from services.feedback import FeedbackService
 from services.keys import Keys
 from services.media import MediaService
 from services.redis_conn import connect_redis
+from services.replay_guard import ReplayGuard
 from services.response_url import ResponseUrlClient
 from services.runner import StreamRunner
 from services.stream_store import StreamStore
@@ -98,7 +99,9 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     texts = Texts(settings.bot_language)
     client = connect_redis(settings.redis_url, settings.redis_socket_timeout)
     keys = Keys(settings.redis_key_prefix)
-    store = StreamStore(client, keys, settings.stream_key_ttl_seconds, settings.stream_lease_seconds)
+    store = StreamStore(
+        client, keys, settings.stream_key_ttl_seconds, settings.stream_lease_seconds, settings.rate_limit_per_minute
+    )
     dify_base_url, dify = _dify(settings)
     profile = DifyAppProfile(dify)
     crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
@@ -136,6 +139,7 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
         conversations,
         profile,
         feedback,
+        ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
         bot_name=settings.wecom_bot_name,
         welcome_message=settings.welcome_message,
     )

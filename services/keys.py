@@ -19,6 +19,8 @@ AUTH_OUTAGE_TTL_SECONDS = 3
 FEEDBACK_TTL_SECONDS = 7 * 24 * 3600
 # The in-flight set of a user outlives WeCom's 6-minute polling window of its newest member.
 INFLIGHT_TTL_SECONDS = 420
+# Per-user rate limits count messages in fixed windows of this length.
+RATE_WINDOW_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,14 @@ class Keys:
     def inflight(self, aibotid: str, userid: str) -> str:
         """Sorted set of the user's streams whose bubble is still open (score: when it closes at the latest)."""
         return f"{self.prefix}inflight:{aibotid}:{userid}"
+
+    def rate(self, aibotid: str, userid: str, window: int) -> str:
+        """Counter of the user's messages in one rate window (expires with the window)."""
+        return f"{self.prefix}ratelimit:{aibotid}:{userid}:{window}"
+
+    def replay(self, signature: str) -> str:
+        """Marker of an authentic callback already handled (events are not processed twice)."""
+        return f"{self.prefix}replay:{signature}"
 
     # --- conversations and feedback -------------------------------------------------------------------------
 

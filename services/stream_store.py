@@ -14,24 +14,30 @@ from dataclasses import dataclass, field
 import orjson
 import redis
 
-from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, Keys
+from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
 from services.wecom_limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
 FINAL_STATUSES = frozenset({DONE, ERROR, EXPIRED})
 
-# KEYS: msgid, stream, lease, inflight. ARGV: stream_id, msgid_ttl, stream_ttl, lease_ms, owner, now,
-# max_inflight, inflight_until, inflight_ttl, field/value pairs... Returns {1, id} created, {0, existing id} for a
-# msgid seen before, {2, ''} when the user already has max_inflight open bubbles.
+# KEYS: msgid, stream, lease, inflight, rate. ARGV: stream_id, msgid_ttl, stream_ttl, lease_ms, owner, now,
+# max_inflight, inflight_until, inflight_ttl, rate_limit (0 = none), rate_window, field/value pairs...
+# Returns {1, id} created, {0, existing id} for a msgid seen before (a retry is never limited), {2, ''} when the
+# user already has max_inflight open bubbles, {3, ''} when the user sent rate_limit messages this window.
 _CREATE = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return {2, ''} end
+if tonumber(ARGV[10]) > 0 then
+  local sent = redis.call('INCR', KEYS[5])
+  if sent == 1 then redis.call('EXPIRE', KEYS[5], ARGV[11]) end
+  if sent > tonumber(ARGV[10]) then return {3, ''} end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'pending', 'owner', ARGV[5], 'created_at', ARGV[6], 'updated_at', ARGV[6],
-           'folded', 0, 'text', '', 'inflight_key', KEYS[4], unpack(ARGV, 10))
+           'folded', 0, 'text', '', 'inflight_key', KEYS[4], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
@@ -282,7 +288,7 @@ class Snapshot:
         return self.status in ACTIVE_STATUSES
 
 
-CREATED, EXISTING, LIMITED = "created", "existing", "limited"
+CREATED, EXISTING, LIMITED, RATE_LIMITED = "created", "existing", "limited", "rate_limited"
 # Outcomes of a write by a stream's owner: written; the stream was closed or lost by someone else (keep the answer
 # and deliver it another way); or another replica has taken it over (stop at once: never two answers).
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
@@ -299,7 +305,8 @@ class Finished:
 class StreamStore:
     """All Redis operations on streams. Stateless apart from the client and the registered scripts."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, key_ttl: int, lease_seconds: int):
+    def __init__(self, client: redis.Redis, keys: Keys, key_ttl: int, lease_seconds: int, rate_limit: int = 0):
+        self.rate_limit = rate_limit  # messages per user per RATE_WINDOW_SECONDS; 0 = no limit
         self.client = client
         self.keys = keys
         self.key_ttl = key_ttl
@@ -316,9 +323,10 @@ class StreamStore:
     def create(
         self, stream_id: str, msgid: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]
     ) -> tuple[str, str]:
-        """Create a pending stream for `msgid`, unless the msgid has one or the user has too many open bubbles.
+        """Create a pending stream for `msgid`, unless the msgid has one, the user has too many open bubbles, or
+        the user sent too many messages this minute (across all replicas).
 
-        Returns (CREATED, stream_id), (EXISTING, the msgid's stream id) or (LIMITED, "").
+        Returns (CREATED, stream_id), (EXISTING, the msgid's stream id), (LIMITED, "") or (RATE_LIMITED, "").
         """
         k = self.keys
         now = time.time()
@@ -332,11 +340,20 @@ class StreamStore:
             MAX_IN_FLIGHT_PER_USER,
             f"{now + POLL_WINDOW_SECONDS:.3f}",
             INFLIGHT_TTL_SECONDS,
+            self.rate_limit,
+            RATE_WINDOW_SECONDS,
             *_pairs(fields),
         ]
-        keys = [k.wecom_msg(msgid), k.stream(stream_id), k.stream_lease(stream_id), k.inflight(aibotid, userid)]
+        window = int(now // RATE_WINDOW_SECONDS)
+        keys = [
+            k.wecom_msg(msgid),
+            k.stream(stream_id),
+            k.stream_lease(stream_id),
+            k.inflight(aibotid, userid),
+            k.rate(aibotid, userid, window),
+        ]
         code, existing = self._create(keys=keys, args=args)
-        return {1: CREATED, 0: EXISTING, 2: LIMITED}[int(code)], existing
+        return {1: CREATED, 0: EXISTING, 2: LIMITED, 3: RATE_LIMITED}[int(code)], existing
 
     def append(
         self, stream_id: str, owner: str, deltas: list[str], written: int, fields: dict[str, str] | None = None

@@ -15,7 +15,7 @@ from services import metrics
 from services.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.messages import Inbound, stream_reply
 from services.runner import StreamRunner
-from services.stream_store import EXISTING, LIMITED, Snapshot, StreamStore
+from services.stream_store import EXISTING, LIMITED, RATE_LIMITED, Snapshot, StreamStore
 from services.stream_worker import StreamJob, StreamWorker
 from services.texts import Texts
 from utils.logging import bind_log_context
@@ -98,6 +98,10 @@ class StreamService:
             self._count("in_flight_limit")
             logger.info("user already has the maximum of open answers")
             return self.finish_at_once(self.texts.say("too_many_in_flight"))
+        if outcome == RATE_LIMITED:
+            self._count("rate_limited")
+            logger.warning("user is over the message rate limit")
+            return self.finish_at_once(self.texts.say("rate_limited"))
         # A retried create whose first reply was lost returns our own id: it is still ours to start.
         if outcome == EXISTING and stream_id != proposed:
             self._count("dedup")

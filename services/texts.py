@@ -47,6 +47,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "nothing_more": "（上条回答已完整，没有更多内容。）",
         "remainder_truncated": "（内容过长，已截断。）",
         "too_many_in_flight": "你还有 3 条消息正在回答中，请等其中一条完成后再发送。",
+        "rate_limited": "你发送消息太频繁了，请稍等一分钟再试。",
         "new_conversation": "好的，已开始新的对话。",
         "help": "可以直接向我提问，也可以发送图片或语音。\n\n命令：\n"
         "/new 或 /reset：开始新的对话（之前的上下文不再使用）\n/help：显示本帮助",
@@ -93,6 +94,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "nothing_more": "(The previous answer was complete; nothing more to add.)",
         "remainder_truncated": "(Too long; the rest was cut.)",
         "too_many_in_flight": "You have 3 questions being answered. Please wait for one to finish before sending more.",
+        "rate_limited": "You are sending messages too quickly. Please wait a minute and try again.",
         "new_conversation": "OK, a new conversation has started.",
         "help": "Ask me anything, or send a picture or a voice message.\n\nCommands:\n/new or /reset: start a "
         "new conversation (earlier context is dropped)\n/help: show this help",

@@ -97,7 +97,7 @@ def test_timestamp_outside_the_window(client, sim, offset):
     assert_error(post(client, query, body), 403, "timestamp_out_of_window")
 
 
-@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "9" * 20])
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "9" * 20, "²", "١٧٠٠٠٠٠٠٠٠", " 1700000000"])
 def test_malformed_timestamp(client, sim, value):
     query, body = sim.envelope(sim.text_message("hi"))
     query["timestamp"] = value
@@ -136,6 +136,11 @@ def test_ciphertext_not_whole_blocks(client, sim):
 
 def test_bad_padding(client, sim):
     assert_error(post(client, *signed(sim, aes_raw(b"r" * 32 + b"\x00" * 32))), 400, "invalid_padding")
+
+
+def test_length_field_beyond_the_plaintext(client, sim):
+    plain = b"r" * 16 + struct.pack(">I", 5000) + b'{"msgtype":"text"}'
+    assert_error(post(client, *signed(sim, aes_raw(pad32(plain)))), 400, "invalid_buffer")
 
 
 def test_wrong_receiveid(client, sim):

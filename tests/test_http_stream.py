@@ -55,6 +55,11 @@ def test_byte_by_byte_chunked():
     assert b"".join(response.iter_body()) == PAYLOAD
 
 
+def test_malformed_content_length():
+    with pytest.raises(StreamProtocolError):
+        body_of(PAYLOAD, {"content-length": "\u00b2"})
+
+
 def test_sized_and_read_to_close_bodies():
     assert body_of(PAYLOAD, {"content-length": str(len(PAYLOAD))}, [5, 50]) == PAYLOAD
     assert body_of(PAYLOAD, {}, [3, 90]) == PAYLOAD
@@ -106,9 +111,13 @@ def test_request_and_response_over_a_real_socket():
     assert "Connection: close" in head and received["body"] == b'{"q":1}'
 
 
-def test_malformed_status_line_and_refused_connection():
-    url, _ = serve_once(b"garbage\r\n\r\n")
+@pytest.mark.parametrize("head", [b"garbage\r\n\r\n", b"HTTP/1.1 \xb200 OK\r\n\r\n", b"HTTP/1.1 20 OK\r\n\r\n"])
+def test_malformed_status_lines(head):
+    url, _ = serve_once(head)
     with pytest.raises(StreamProtocolError):
         post_stream(url, b"{}", {}, 2, 2)
+
+
+def test_refused_connection():
     with pytest.raises(StreamConnectError):
         post_stream("http://127.0.0.1:9/x", b"{}", {}, 0.5, 0.5)

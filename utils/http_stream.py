@@ -8,6 +8,7 @@ request per connection, identity encoding, timeouts as socket timeouts.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from urllib.parse import urlsplit
 _MAX_HEAD_BYTES = 64 * 1024
 _READ_SIZE = 64 * 1024
 _TLS_CONTEXT: ssl.SSLContext | None = None
+_LENGTH = re.compile(r"[0-9]{1,12}")
+_STATUS = re.compile(r"[0-9]{3}")  # ASCII only: str.isdigit() also accepts '²', which int() rejects
 
 
 class StreamConnectError(OSError):
@@ -58,7 +61,10 @@ class StreamingResponse:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             yield from self._chunked()
         elif "content-length" in self.headers:
-            yield from self._sized(int(self.headers["content-length"]))
+            length = self.headers["content-length"]
+            if not _LENGTH.fullmatch(length):
+                raise StreamProtocolError("malformed Content-Length")
+            yield from self._sized(int(length))
         else:
             yield from self._until_close()
 
@@ -191,7 +197,7 @@ def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     head, _, rest = buffer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     fields = lines[0].split(" ", 2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
+    if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not _STATUS.fullmatch(fields[1]):
         raise StreamProtocolError("malformed status line")
     headers = {}
     for line in lines[1:]:
