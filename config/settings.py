@@ -1,6 +1,7 @@
 """Typed settings, read once at start-up from the environment, `.env` and `demo.env` (the real environment wins).
 
 Every field maps to the environment variable of the same name in upper case (`dify_api_key` <- `DIFY_API_KEY`).
+A secret (a field kept out of repr) may instead come from a file named by `<VARIABLE>_FILE`, e.g. a mounted Secret.
 A bad or missing value raises `SettingsError` whose message is one line naming the variable.
 """
 
@@ -240,6 +241,22 @@ def load_settings(environ: Mapping[str, str] | None = None, env_files=ENV_FILES)
     kwargs = {}
     for f in dataclasses.fields(Settings):
         variable = f.name.upper()
+        if not f.repr:
+            _read_secret_file(variable, values)
         if variable in values:
             kwargs[f.name] = _parse(variable, values[variable], _FIELD_TYPES[str(f.type)])
     return Settings(**kwargs)
+
+
+def _read_secret_file(variable: str, values: dict[str, str]) -> None:
+    """`DIFY_API_KEY_FILE=/run/secrets/dify-api-key` (a mounted Kubernetes Secret) stands for `DIFY_API_KEY`."""
+    path = values.get(f"{variable}_FILE")
+    if not path:
+        return
+    if values.get(variable):
+        raise SettingsError(f"{variable}_FILE and {variable} are both set; keep one")
+    try:
+        values[variable] = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise SettingsError(f"{variable}_FILE cannot be read ({path}: {reason})") from None

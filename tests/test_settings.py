@@ -107,3 +107,35 @@ def test_start_up_with_a_bad_value_prints_one_line_and_exits_2():
     assert result.stderr.strip().splitlines() == [
         "configuration error: WECOM_ENCODING_AES_KEY must be 43 characters from A-Z, a-z, 0-9 (got 3 characters)"
     ]
+
+
+def test_a_secret_can_come_from_a_mounted_file(tmp_path):
+    secret = tmp_path / "dify-api-key"
+    secret.write_text("app-from-a-secret-volume\n")
+    env = {k: v for k, v in VALID.items() if k != "DIFY_API_KEY"}
+    settings = load({**env, "DIFY_API_KEY_FILE": str(secret)})
+    assert settings.dify_api_key == "app-from-a-secret-volume"
+    assert "app-from-a-secret-volume" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"DIFY_API_KEY_FILE": "/nonexistent/dify-api-key"}, "DIFY_API_KEY_FILE cannot be read (/nonexistent/"),
+        ({"DIFY_API_KEY_FILE": "{file}", "DIFY_API_KEY": "app-xyz"}, "DIFY_API_KEY_FILE and DIFY_API_KEY are both set"),
+    ],
+)
+def test_a_bad_secret_file_is_one_clear_line(tmp_path, extra, expected):
+    secret = tmp_path / "key"
+    secret.write_text("app-file")
+    env = {k: v for k, v in VALID.items() if k != "DIFY_API_KEY"}
+    env.update({k: v.replace("{file}", str(secret)) for k, v in extra.items()})
+    with pytest.raises(SettingsError) as error:
+        load(env)
+    assert expected in str(error.value) and "app-file" not in str(error.value)
+
+
+def test_only_secrets_can_come_from_files(tmp_path):
+    path = tmp_path / "lang"
+    path.write_text("en")
+    assert load({**VALID, "BOT_LANGUAGE_FILE": str(path)}).bot_language == "zh"
