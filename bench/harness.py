@@ -5,6 +5,7 @@ fixed rate, timed from each request's scheduled send so queueing shows up in the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import re
@@ -19,11 +20,11 @@ from urllib.parse import urlencode
 
 import httpx
 import psutil
-import redis
 
 from config.settings import PROJECT_ROOT
 from demo.dify_standin import DifyStandIn
-from demo.replicas import GunicornReplica, free_port
+from demo.redis_server import PrivateRedisServer
+from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 
 TOKEN = "bench-token"
@@ -42,53 +43,11 @@ def machine() -> str:
     )
 
 
-class PrivateRedisServer:
-    """A redis-server of the benchmark's own (no persistence), so runs never disturb other Redis users."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedisServer:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = self.client()
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, decode_responses=True)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(5)
+def report(result, json_path: str | None) -> None:
+    """Print a benchmark's result, and keep it as JSON when `--json PATH` was given."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 @dataclass

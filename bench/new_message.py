@@ -7,7 +7,6 @@ reply), with external auth and every user's token already cached, at a steady ra
 from __future__ import annotations
 
 import argparse
-import json
 from urllib.parse import urlencode
 
 import orjson
@@ -67,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         **latency.summary(),
         "machine": harness.machine(),
     }
-    print(json.dumps(result, indent=2))
-    if options.json:
-        with open(options.json, "w") as out:
-            json.dump(result, out, indent=2)
+    harness.report(result, options.json)
     return result
 
 

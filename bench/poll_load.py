@@ -14,7 +14,6 @@ Starts the gateway under gunicorn with the real Redis (a private redis-server) a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         env.close()
     result.update({"machine": harness.machine(), "took_s": round(time.time() - started, 1)})
-    print(json.dumps(result, indent=2))
-    if options.json:
-        with open(options.json, "w") as out:
-            json.dump(result, out, indent=2)
+    harness.report(result, options.json)
     return result
 
 

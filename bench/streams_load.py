@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import statistics
@@ -197,10 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "machine": harness.machine(),
     }
-    print(json.dumps(result, indent=2))
-    if options.json:
-        with open(options.json, "w") as out:
-            json.dump(result, out, indent=2)
+    harness.report(result, options.json)
     return result
 
 

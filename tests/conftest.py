@@ -19,6 +19,7 @@ from app import create_app
 from config.settings import Settings
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
+from demo.redis_server import PrivateRedisServer
 from demo.wecom_simulator import WeComSimulator
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -205,74 +206,8 @@ def simulator(live):
     sim.close()
 
 
-class PrivateRedis:
-    """A redis-server of our own on a free port, which a test may stop, pause and restart."""
-
-    def __init__(self, tmp_path):
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.dir = tmp_path
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        import shutil
-        import subprocess
-        import time
-
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-    def pause(self) -> None:
-        import signal
-
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        import signal
-
-        self.process.send_signal(signal.SIGCONT)
-
-
 @pytest.fixture
 def private_redis(tmp_path):
-    server = PrivateRedis(tmp_path).start()
+    server = PrivateRedisServer(tmp_path).start()
     yield server
-    if server.process and server.process.poll() is None:
-        server.resume()  # a stopped (SIGSTOP) process must run again to die
     server.stop()

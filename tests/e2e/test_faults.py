@@ -26,10 +26,11 @@ from sqlalchemy import delete
 from config.settings import PROJECT_ROOT
 from demo import auth_standin
 from demo import dify_standin as d
+from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica, free_port
 from services import db
 from services.texts import CATALOGUE
-from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, PrivateRedis, make_simulator
+from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
@@ -126,7 +127,7 @@ def private_db():
 
 @pytest.fixture(scope="module")
 def module_redis():
-    server = PrivateRedis(Path(tempfile.mkdtemp(prefix="fault-redis-"))).start()
+    server = PrivateRedisServer().start()
     yield server
     server.stop()
 
