@@ -246,14 +246,7 @@ class DifyClient:
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout.
         """
-        try:
-            response = self._http.get("parameters", timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise DifyTimeout("Dify /parameters timed out") from exc
-        except httpx.HTTPError as exc:
-            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
+        response = self._request("GET", "parameters", "/parameters", timeout=timeout)
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -266,16 +259,9 @@ class DifyClient:
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout.
         """
-        try:
-            response = self._http.post(
-                "files/upload", files={"file": (filename, data, mime_type)}, data={"user": user}, timeout=60.0
-            )
-        except httpx.TimeoutException as exc:
-            raise DifyTimeout("Dify file upload timed out") from exc
-        except httpx.HTTPError as exc:
-            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
-        if response.status_code not in (200, 201):
-            raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
+        response = self._request(
+            "POST", "files/upload", "file upload", files={"file": (filename, data, mime_type)}, data={"user": user}
+        )
         try:
             file_id = orjson.loads(response.content).get("id")
         except (orjson.JSONDecodeError, AttributeError):
@@ -291,14 +277,23 @@ class DifyClient:
             DifyHTTPError, DifyConnectionError, DifyTimeout.
         """
         body = {"rating": rating, "user": user, "content": content}
+        self._request("POST", f"messages/{message_id}/feedbacks", "feedback", json=body, timeout=10.0)
+
+    def _request(self, method: str, path: str, what: str, timeout: float = 60.0, **kwargs) -> httpx.Response:
+        """One plain (non-streaming) call, its failures mapped to our errors.
+
+        Raises:
+            DifyHTTPError (any status but 200/201), DifyConnectionError, DifyTimeout.
+        """
         try:
-            response = self._http.post(f"messages/{message_id}/feedbacks", json=body, timeout=10.0)
+            response = self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.TimeoutException as exc:
-            raise DifyTimeout("Dify feedback timed out") from exc
+            raise DifyTimeout(f"Dify {what} timed out") from exc
         except httpx.HTTPError as exc:
             raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
-        if response.status_code != 200:
+        if response.status_code not in (200, 201):
             raise _http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
+        return response
 
     def stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""
