@@ -43,6 +43,13 @@ def machine() -> str:
     )
 
 
+def add_gunicorn_arguments(parser) -> None:
+    """The gunicorn settings a benchmark's replica runs with (defaults: those of gunicorn.conf.py)."""
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--worker-class", default="gthread")
+
+
 def report(result, json_path: str | None) -> None:
     """Print a benchmark's result, and keep it as JSON when `--json PATH` was given."""
     print(json.dumps(result, indent=2))

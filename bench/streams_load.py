@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=20.0, help="deltas per second per stream")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long each answer streams")
     parser.add_argument("--poll-interval", type=float, default=1.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--worker-class", default="gthread")
+    harness.add_gunicorn_arguments(parser)
     parser.add_argument("--json", help="also write the figures to this file")
     options = parser.parse_args(argv)
 
