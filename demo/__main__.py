@@ -7,24 +7,26 @@ or Dify key.
 
 from __future__ import annotations
 
-import logging
 import threading
+from pathlib import Path
 
 from werkzeug.serving import make_server
 
 from app import create_app, load_settings_or_exit
 from demo.wecom_simulator import WeComSimulator, chat_loop
+from utils.logging import send_logs_to
 
 
 def main() -> None:
     settings = load_settings_or_exit()
     app = create_app(settings)
-    logging.getLogger().setLevel("WARNING")  # keep the chat readable; the app logs warnings and errors only
+    log_path = _log_to_file(Path(app.instance_path) / "demo.log")
     server = make_server(settings.host, settings.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
     print(f"Gateway running at {url}{settings.wecom_callback_path} (demo mode).")
     print(f"Open the console in a browser to chat there too: {url}/console")
+    print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")
     simulator = WeComSimulator(
         url, settings.wecom_token, settings.wecom_encoding_aes_key, callback_path=settings.wecom_callback_path
     )
@@ -32,6 +34,13 @@ def main() -> None:
         chat_loop(simulator, "alice")
     finally:
         server.shutdown()
+
+
+def _log_to_file(path: Path) -> Path:
+    """Keep the chat readable: the gateway logs into `path` instead of this terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    send_logs_to(path.open("a", encoding="utf-8"))  # open for the life of the process
+    return path
 
 
 if __name__ == "__main__":

@@ -101,16 +101,26 @@ class TextFormatter(logging.Formatter):
         return self.redact(super().format(record))
 
 
+_HANDLER_NAME = "wecom-gateway"
+
+
+def send_logs_to(stream) -> None:
+    """Write the gateway's log lines to `stream` from now on (set up by `setup_logging`)."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == _HANDLER_NAME:
+            handler.setStream(stream)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", replica_id: str = "", secrets: list[str] = ()) -> None:
     """Configure the root logger once for this process (called again, it replaces the previous setup)."""
     redact = _Redactor(list(secrets))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
     handler.addFilter(_ContextFilter(replica_id))
-    handler.set_name("wecom-gateway")
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for existing in list(root.handlers):
-        if existing.get_name() == "wecom-gateway":
+        if existing.get_name() == _HANDLER_NAME:
             root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
