@@ -21,4 +21,5 @@ class ReplayGuard:
 
     def first_time(self, signature: str) -> bool:
         """True the first time this signed request is seen (across all replicas), False for a repeat."""
-        return bool(self.redis.set(self.keys.replay(signature), "1", nx=True, ex=self.ttl_seconds))
+        key = self.keys.replay(signature.lower())  # the signature is hex, checked case-insensitively
+        return bool(self.redis.set(key, "1", nx=True, ex=self.ttl_seconds))
