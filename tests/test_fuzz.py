@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import create_app
-from config.settings import PROJECT_ROOT, Settings
+from config.settings import PROJECT_ROOT
 from services.crypto import WeComCrypto, pad32
-from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN
-from tests.fuzz.checks import check
+from tests.conftest import AES_KEY, TEST_REDIS_URL, TOKEN
+from tests.fuzz.checks import check, fuzz_settings
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -29,21 +29,7 @@ PATH = "/wecom/callback"
 
 @pytest.fixture(scope="module")
 def client(redis_url):
-    # Dify is unreachable on purpose: opened streams end at once, and the fuzzing stays about the callback.
-    app = create_app(
-        Settings(
-            wecom_token=TOKEN,
-            wecom_encoding_aes_key=AES_KEY,
-            dify_base_url="http://127.0.0.1:9/v1",
-            dify_api_key=DIFY_KEY,
-            dify_connect_timeout=0.2,
-            dify_max_retries=0,
-            redis_url=TEST_REDIS_URL,
-            auth_mode="none",
-            log_level="ERROR",
-            rate_limit_per_minute=0,
-        )
-    )
+    app = create_app(fuzz_settings(TEST_REDIS_URL, dify_connect_timeout=0.2))
     yield app.test_client()
     app.extensions["gateway"].runner.drain(10)
     app.extensions["gateway"].close()

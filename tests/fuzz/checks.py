@@ -1,14 +1,33 @@
-"""What every answer to a fuzzed callback must be: a clear 4xx with a short JSON error, or a 200 that is empty or
-a valid encrypted reply (right signature, the request's nonce, decrypting to a stream or text reply). Never a
-5xx, never a secret."""
+"""What both fuzzers share: the gateway's settings under fuzzing, and what every answer to a fuzzed callback must
+be: a clear 4xx with a short JSON error, or a 200 that is empty or a valid encrypted reply (right signature, the
+request's nonce, decrypting to a stream or text reply). Never a 5xx, never a secret."""
 
 from __future__ import annotations
 
 import orjson
 
+from config.settings import Settings
 from services.crypto import WeComCrypto
 
 SECRETS = ("test-token-Zq8", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "app-test-key-0001")
+
+
+def fuzz_settings(redis_url: str, dify_connect_timeout: float) -> Settings:
+    """The gateway under fuzzing: Dify unreachable on purpose (opened streams end at once, so the fuzzing stays
+    about the callback), no auth, no rate limit, quiet logs."""
+    token, aes_key, dify_key = SECRETS
+    return Settings(
+        wecom_token=token,
+        wecom_encoding_aes_key=aes_key,
+        dify_base_url="http://127.0.0.1:9/v1",
+        dify_api_key=dify_key,
+        dify_connect_timeout=dify_connect_timeout,
+        dify_max_retries=0,
+        redis_url=redis_url,
+        auth_mode="none",
+        log_level="ERROR",
+        rate_limit_per_minute=0,
+    )
 
 
 class Violation(AssertionError):

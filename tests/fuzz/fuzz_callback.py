@@ -19,27 +19,13 @@ import orjson
 
 with atheris.instrument_imports(include=["app", "services", "utils", "config"]):
     from app import create_app
-    from config.settings import Settings
     from services.crypto import WeComCrypto
 
-from tests.fuzz.checks import SECRETS, check
+from tests.fuzz.checks import SECRETS, check, fuzz_settings
 
-TOKEN, AES_KEY, DIFY_KEY = SECRETS
+TOKEN, AES_KEY, _ = SECRETS
 CRYPTO = WeComCrypto(TOKEN, AES_KEY, "")
-APP = create_app(
-    Settings(
-        wecom_token=TOKEN,
-        wecom_encoding_aes_key=AES_KEY,
-        dify_base_url="http://127.0.0.1:9/v1",
-        dify_api_key=DIFY_KEY,
-        dify_connect_timeout=0.05,
-        dify_max_retries=0,
-        redis_url="memory://",
-        auth_mode="none",
-        log_level="ERROR",
-        rate_limit_per_minute=0,
-    )
-)
+APP = create_app(fuzz_settings("memory://", dify_connect_timeout=0.05))
 logging.getLogger().setLevel(logging.CRITICAL)
 CLIENT = APP.test_client()
 
