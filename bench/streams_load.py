@@ -72,7 +72,7 @@ async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval:
 
     async def follow(stream_id: str, userid: str) -> None:
         nonlocal polls
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connection = None
         seen_length = 0
         await asyncio.sleep(random.random() * interval)  # WeCom's polls for different users are not in step
         while time.time() < deadline:
@@ -81,9 +81,17 @@ async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval:
                 f"POST {harness.CALLBACK}?{urlencode(query)} HTTP/1.1\r\nHost: bench\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            try:
+                connection = connection or await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = connection
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                errors.append(f"{type(exc).__name__} polling {stream_id}")
+                connection = None
+                await asyncio.sleep(interval)
+                continue
             received = time.time()
             polls += 1
             if not head.startswith(b"HTTP/1.1 200"):
@@ -92,14 +100,15 @@ async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval:
                 continue
             stream = sim.open_reply(orjson.loads(payload), query["nonce"])["stream"]
             content = stream["content"]
-            for stamp in _STAMP.findall(content, max(0, seen_length - 20)):
-                delays.append(received - float(stamp))
+            for stamp in _STAMP.finditer(content, seen_length):  # deltas are appended whole: new ones start here
+                delays.append(received - float(stamp.group(1)))
             seen_length = max(seen_length, len(content))
             if stream["finish"]:
                 finals[stream_id] = content
                 break
             await asyncio.sleep(interval)
-        writer.close()
+        if connection is not None:
+            connection[1].close()
 
     await asyncio.gather(*(follow(stream_id, userid) for stream_id, userid in streams))
     return {"delays": delays, "errors": errors, "finals": finals, "polls": polls}

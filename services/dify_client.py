@@ -1,8 +1,10 @@
 """Dify Service API client: the streaming chat call turned into typed events, and the small side endpoints.
 
 `stream_chat()` yields one list of events per network read (possibly empty, e.g. a ping), so the caller can
-write each read's deltas to Redis in one batch and check its own deadline between reads. Every way the call can
-fail raises a `DifyError` subclass; a stream that ends without `message_end` or `error` raises `DifyStreamCut`.
+write each read's deltas to Redis in one batch and check its own deadline between reads. Its socket is read by the
+process's read pump (utils/read_pump.py): a `relay` callback may handle the plain batches right there, in the
+pump's thread, and only the rest wake the caller. Every way the call can fail raises a `DifyError` subclass; a
+stream that ends without `message_end` or `error` raises `DifyStreamCut`.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
 
-from utils.http_stream import StreamConnectError, post_stream
+from utils.http_stream import StreamConnectError, StreamingResponse, post_stream
+from utils.read_pump import ReadPump
 from utils.sse import SSEParser
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ _QUIET_EVENTS = frozenset(
 )
 _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _MAX_ERROR_BODY = 2048
+_PROCESS_PUMP = ReadPump()
 
 
 class DifyError(Exception):
@@ -137,6 +141,9 @@ class DifyEvent:
         return self.data.get(name, default)
 
 
+Relay = Callable[[list[DifyEvent]], bool]
+
+
 def decode_event(event_name: str, payload: str) -> DifyEvent | None:
     """Turn one SSE frame into a DifyEvent; None for pings, empty frames and data that is not a JSON object."""
     if event_name == "ping" or not payload:
@@ -169,7 +176,9 @@ class DifyClient:
         read_timeout: float = 60.0,
         max_retries: int = 2,
         retry_backoff: float = 1.0,
+        pump: ReadPump = _PROCESS_PUMP,
     ):
+        self.pump = pump
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.connect_timeout = connect_timeout
@@ -192,8 +201,11 @@ class DifyClient:
     def close(self) -> None:
         self._http.close()
 
-    def stream_chat(self, request: ChatRequest) -> Iterator[list[DifyEvent]]:
+    def stream_chat(self, request: ChatRequest, relay: Relay | None = None) -> Iterator[list[DifyEvent]]:
         """Run a streaming chat; yields the events of each network read. Ends after `message_end` or raises.
+
+        `relay(batch)`, if given, runs in the read pump's thread for each read before the last one; when it
+        returns True it has handled the batch and the caller is not woken for it. It must not block.
 
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout, DifyStreamError, DifyStreamCut.
@@ -202,7 +214,7 @@ class DifyClient:
         attempt = 0
         while True:
             try:
-                yield from self._stream_once(body)
+                yield from self._stream_once(body, relay)
                 return
             except (DifyHTTPError, DifyConnectionError) as exc:
                 retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
@@ -215,7 +227,7 @@ class DifyClient:
                 )
                 time.sleep(delay)
 
-    def _stream_once(self, body: bytes) -> Iterator[list[DifyEvent]]:
+    def _stream_once(self, body: bytes, relay: Relay | None) -> Iterator[list[DifyEvent]]:
         try:
             response = post_stream(self._chat_url, body, self._stream_headers, self.connect_timeout, self.read_timeout)
         except StreamConnectError as exc:
@@ -231,14 +243,35 @@ class DifyClient:
                 except OSError:
                     raw = b""
                 raise _http_error(response.status, raw)
+            events = _EventReader()
             try:
-                if (yield from _events(response.iter_body())):
-                    return
+                while not events.stopped and not response.complete:
+                    yield self._next_batch(response, events, relay)
             except TimeoutError as exc:
                 raise DifyTimeout("Dify sent nothing within the read timeout") from exc
             except OSError as exc:
                 raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
+            if events.failure is not None:
+                raise events.failure
+            if events.ended:
+                return
         raise DifyStreamCut("Dify closed the stream before message_end")
+
+    def _next_batch(self, response: StreamingResponse, events: _EventReader, relay: Relay | None) -> list[DifyEvent]:
+        """The events of the next read that `relay` does not handle (or of the last read)."""
+        if response.buffered:  # came in with the response head
+            return events.feed(response.read_some())
+        handed_back: list[list[DifyEvent]] = []
+
+        def on_data(data: bytes) -> bool:
+            batch = events.feed(response.feed(data))
+            if events.stopped or response.complete or relay is None or not relay(batch):
+                handed_back.append(batch)
+                return False
+            return True
+
+        self.pump.wait(response.socket, on_data, self.read_timeout)
+        return handed_back[0] if handed_back else []
 
     def parameters(self, timeout: float = 10.0) -> dict:
         """The app's `/parameters` (opening statement, suggested questions, declared inputs, upload limits).
@@ -305,31 +338,42 @@ class DifyClient:
             logger.warning("Dify stop failed: %s", type(exc).__name__)
 
 
-def _events(body: Iterator[bytes]) -> Generator[list[DifyEvent], None, bool]:
-    """Yields the events of each network read of an SSE body. Returns True after message_end, False when the body
-    ended without it; raises DifyStreamError on an error event."""
-    parser = SSEParser()
-    for chunk in body:
+class _EventReader:
+    """Turns the SSE body, read by read, into batches of events; stops at `message_end` or an `error` event."""
+
+    __slots__ = ("_parser", "ended", "failure")
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self.ended = False
+        self.failure: DifyStreamError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.ended or self.failure is not None
+
+    def feed(self, body: bytes) -> list[DifyEvent]:
+        """The events of one read worth passing on (pings and quiet events left out)."""
         batch = []
-        for sse in parser.feed(chunk):
+        if self.stopped:
+            return batch
+        for sse in self._parser.feed(body):
             event = decode_event(sse.event, sse.data)
             if event is None:
                 continue
             if event.kind == ERROR_EVENT:
-                if batch:
-                    yield batch
-                raise DifyStreamError(
+                self.failure = DifyStreamError(
                     str(event.get("message") or "Dify reported an error"),
                     code=str(event.get("code") or "stream_error"),
                     status=event.get("status"),
                 )
+                break
             if event.kind not in _QUIET_EVENTS:
                 batch.append(event)
             if event.kind == END_EVENT:
-                yield batch
-                return True
-        yield batch
-    return False
+                self.ended = True
+                break
+        return batch
 
 
 def _http_error(status: int, raw: bytes) -> DifyHTTPError:

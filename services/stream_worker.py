@@ -41,7 +41,7 @@ from services.dify_client import (
 from services.feedback import FeedbackService
 from services.media import IMAGE, MediaService
 from services.response_url import ResponseUrlClient
-from services.stream_store import CLOSED, DONE, ERROR, TAKEN, Finished, StreamConflict, StreamStore
+from services.stream_store import CLOSED, DONE, ERROR, TAKEN, WRITTEN, Finished, StreamConflict, StreamStore
 from services.texts import Texts
 from services.wecom_limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context, log_context
@@ -137,6 +137,46 @@ class _Progress:
                     bind_log_context(task=value)
 
 
+class _TextRelay:
+    """The common case of a read, handled in the read pump's thread without waking the worker: a batch of text
+    deltas (or nothing, like a ping) while all is well. Anything else (new ids, the first delta, another event,
+    a writer that has news, cancellation, the deadline) returns False, and the worker's `_apply` handles it."""
+
+    __slots__ = ("progress", "cancelled", "deadline")
+
+    def __init__(self, progress: _Progress, cancelled: threading.Event, deadline: float):
+        self.progress = progress
+        self.cancelled = cancelled
+        self.deadline = deadline
+
+    def __call__(self, batch: list[DifyEvent]) -> bool:
+        progress = self.progress
+        writer = progress.writer
+        if not progress.text or progress.detached or writer.state != WRITTEN or writer.error is not None:
+            return False
+        if self.cancelled.is_set() or time.monotonic() > self.deadline:
+            return False
+        deltas = []
+        for event in batch:
+            data = event.data
+            if event.kind not in TEXT_EVENTS or _brings_new_ids(data, progress):
+                return False
+            if answer := data.get("answer"):
+                deltas.append(answer)
+        if deltas:
+            progress.text += "".join(deltas)
+            writer.add(deltas)
+        return True
+
+
+def _brings_new_ids(data: dict, progress: _Progress) -> bool:
+    return (
+        data.get("task_id", progress.task_id) != progress.task_id
+        or data.get("message_id", progress.message_id) != progress.message_id
+        or data.get("conversation_id", progress.conversation_id) != progress.conversation_id
+    )
+
+
 @dataclass
 class WorkerDeps:
     """The services a worker uses besides the store and Dify."""
@@ -227,7 +267,8 @@ class StreamWorker:
     def _consume(
         self, job: StreamJob, request: ChatRequest, cancelled: threading.Event, progress: _Progress, deadline: float
     ) -> None:
-        for batch in self.dify.stream_chat(request):
+        relay = _TextRelay(progress, cancelled, deadline)
+        for batch in self.dify.stream_chat(request, relay):
             if cancelled.is_set():
                 raise StreamAborted
             self._apply(job, batch, progress)

@@ -1,5 +1,6 @@
 """The Dify client against the stand-in over real sockets: events, framing, and every way a call fails."""
 
+import threading
 import time
 
 import pytest
@@ -43,6 +44,25 @@ def test_streams_deltas_and_ends_at_message_end(client, dify):
     assert answer_text(events) == "Hello there, WeCom!"
     assert events[-1].kind == "message_end"
     assert all(e.get("task_id") for e in events)
+
+
+def test_a_relay_handles_plain_reads_in_the_read_pump_and_the_caller_gets_the_rest(client, dify):
+    dify.script([d.message("first "), *d.answer("and the rest, piece by piece", pieces=6, delay=0.02)])
+    relayed, relay_threads = [], set()
+
+    def relay(batch):
+        if not all(event.kind == "message" for event in batch):
+            return False
+        relay_threads.add(threading.current_thread().name)
+        relayed.extend(batch)
+        return True
+
+    yielded = []
+    for batch in client.stream_chat(ChatRequest(query="q", user="wecom:bot:alice"), relay):
+        yielded.append(batch)
+    assert relay_threads == {"read-pump"} and len(relayed) >= 5
+    assert answer_text(relayed) + answer_text([e for b in yielded for e in b]) == "first and the rest, piece by piece"
+    assert yielded[-1][-1].kind == "message_end"  # the last read always reaches the caller
 
 
 def test_request_shape(client, dify):

@@ -1,9 +1,10 @@
 """A minimal HTTP/1.1 client for one long streaming POST (the Dify SSE call), lean on the hot path.
 
 httpx's per-read cost (httpcore + h11) was measured at about 120 us of CPU per network read, the largest cost
-of relaying a delta (BENCHMARKS.md). Here a read is one recv() into a buffer and an in-place chunked decode.
-Only what the streaming call needs: http and https, Content-Length / chunked / read-to-close bodies, one
-request per connection, identity encoding, timeouts as socket timeouts.
+of relaying a delta (BENCHMARKS.md). Here a read is one recv() and a push decode of the body framing, which the
+read pump (utils/read_pump.py) can also drive. Only what the streaming call needs: http and https,
+Content-Length / chunked / read-to-close bodies, one request per connection, identity encoding, timeouts as
+socket timeouts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 _MAX_HEAD_BYTES = 64 * 1024
-_READ_SIZE = 64 * 1024
+READ_SIZE = 64 * 1024
 _TLS_CONTEXT: ssl.SSLContext | None = None
 _LENGTH = re.compile(r"[0-9]{1,12}")
 _STATUS = re.compile(r"[0-9]{3}")  # ASCII only: str.isdigit() also accepts '²', which int() rejects
@@ -30,13 +31,18 @@ class StreamProtocolError(OSError):
 
 
 class StreamingResponse:
-    """Status, headers and a body read piece by piece; close() it when done (or use it as a context manager)."""
+    """Status, headers and a body read piece by piece; close() it when done (or use it as a context manager).
+
+    The body can be read here (`read_some`, blocking on the socket) or by whoever waits on `socket` for it and
+    passes each recv() to `feed`: both go through the same decoder, so they can take turns on one body.
+    """
 
     def __init__(self, sock: socket.socket, status: int, headers: dict[str, str], buffered: bytes):
-        self._sock = sock
+        self.socket = sock
         self.status = status
         self.headers = headers
-        self._buffer = bytearray(buffered)
+        self.buffered = buffered  # body bytes that came in with the head, not yet fed
+        self._decoder: _BodyDecoder | None = None
 
     def __enter__(self) -> StreamingResponse:
         return self
@@ -46,27 +52,47 @@ class StreamingResponse:
 
     def close(self) -> None:
         try:
-            self._sock.close()
+            self.socket.close()
         except OSError:
             return
 
-    def iter_body(self) -> Iterator[bytes]:
-        """The body's bytes as they arrive, without framing. Ends at the end of the body.
+    @property
+    def complete(self) -> bool:
+        """True once the whole body has been fed (its framing says it ended, or the connection closed)."""
+        return self._decoder is not None and self._decoder.complete
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes in `data`, freshly received from the socket (b"" when the connection closed).
+
+        Raises:
+            StreamProtocolError: the connection ended inside a chunked or sized body, or bad framing.
+        """
+        if self._decoder is None:
+            self._decoder = _decoder_for(self.headers)
+        return self._decoder.feed(data)
+
+    def read_some(self) -> bytes:
+        """Body bytes from what came with the head, or else from one blocking recv(); b"" once `complete`.
 
         Raises:
             socket.timeout: nothing arrived within the read timeout.
-            StreamProtocolError: the connection ended inside a chunked or sized body, or bad chunk framing.
+            StreamProtocolError: see `feed`.
             OSError: the connection broke.
         """
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            yield from self._chunked()
-        elif "content-length" in self.headers:
-            length = self.headers["content-length"]
-            if not _LENGTH.fullmatch(length):
-                raise StreamProtocolError("malformed Content-Length")
-            yield from self._sized(int(length))
+        if self.complete:
+            return b""
+        if self.buffered:
+            data, self.buffered = self.buffered, b""
         else:
-            yield from self._until_close()
+            data = self.socket.recv(READ_SIZE)
+        return self.feed(data)
+
+    def iter_body(self) -> Iterator[bytes]:
+        """The body's bytes as they arrive, without framing. Ends at the end of the body (raises as read_some)."""
+        while not self.complete:
+            piece = self.read_some()
+            if piece:
+                yield piece
 
     def read(self, limit: int) -> bytes:
         """Up to `limit` bytes of the body (for error bodies)."""
@@ -77,66 +103,89 @@ class StreamingResponse:
                 break
         return bytes(collected[:limit])
 
-    # --- body framings ---------------------------------------------------------------------------------------
 
-    def _recv(self) -> bytes:
-        return self._sock.recv(_READ_SIZE)
+# --- body framings: push decoders, fed what each recv() returned ----------------------------------------------
 
-    def _until_close(self) -> Iterator[bytes]:
-        if self._buffer:
-            yield bytes(self._buffer)
-            self._buffer.clear()
-        while data := self._recv():
-            yield data
 
-    def _sized(self, length: int) -> Iterator[bytes]:
-        remaining = length
-        if self._buffer:
-            piece = bytes(self._buffer[:remaining])
-            self._buffer.clear()
-            remaining -= len(piece)
-            yield piece
-        while remaining > 0:
-            data = self._recv()
-            if not data:
-                raise StreamProtocolError("connection closed before the end of the body")
-            piece = data[:remaining]
-            remaining -= len(piece)
-            yield piece
+class _BodyDecoder:
+    complete = False
 
-    def _chunked(self) -> Iterator[bytes]:
+    def feed(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+
+class _UntilClose(_BodyDecoder):
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            self.complete = True
+        return data
+
+
+class _Sized(_BodyDecoder):
+    def __init__(self, length: int):
+        self.remaining = length
+        self.complete = length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.complete:
+            return b""
+        if not data:
+            raise StreamProtocolError("connection closed before the end of the body")
+        piece = data[: self.remaining]
+        self.remaining -= len(piece)
+        self.complete = self.remaining == 0
+        return piece
+
+
+class _Chunked(_BodyDecoder):
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._left = 0  # bytes of the current chunk's data still to come
+
+    def feed(self, data: bytes) -> bytes:
+        if self.complete:
+            return b""
+        if not data:
+            raise StreamProtocolError("connection closed inside a chunked body")
         buffer = self._buffer
-        left = 0  # bytes of the current chunk's data still to come
-        while True:
-            if left:
-                if buffer:
-                    piece = bytes(buffer[:left])
-                    del buffer[: len(piece)]
-                    left -= len(piece)
-                    yield piece
-                    continue
-            else:
-                end = buffer.find(b"\r\n")
-                if end >= 0:
-                    line = bytes(buffer[:end])
-                    if not line:  # the CRLF that closes a chunk's data
-                        del buffer[:2]
-                        continue
-                    try:
-                        size = int(line.split(b";", 1)[0], 16)
-                    except ValueError:
-                        raise StreamProtocolError("bad chunk size line") from None
-                    del buffer[: end + 2]
-                    if size == 0:
-                        return
-                    left = size
-                    continue
+        buffer += data
+        out = bytearray()
+        while buffer:
+            if self._left:
+                piece = buffer[: self._left]
+                del buffer[: len(piece)]
+                self._left -= len(piece)
+                out += piece
+                continue
+            end = buffer.find(b"\r\n")
+            if end < 0:
                 if len(buffer) > 1024:
                     raise StreamProtocolError("chunk size line too long")
-            data = self._recv()
-            if not data:
-                raise StreamProtocolError("connection closed inside a chunked body")
-            buffer += data
+                break
+            line = bytes(buffer[:end])
+            del buffer[: end + 2]
+            if not line:  # the CRLF that closes a chunk's data
+                continue
+            try:
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise StreamProtocolError("bad chunk size line") from None
+            if size == 0:
+                self.complete = True
+                break
+            self._left = size
+        return bytes(out)
+
+
+def _decoder_for(headers: dict[str, str]) -> _BodyDecoder:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _Chunked()
+    if "content-length" in headers:
+        length = headers["content-length"]
+        if not _LENGTH.fullmatch(length):
+            raise StreamProtocolError("malformed Content-Length")
+        return _Sized(int(length))
+    return _UntilClose()
 
 
 def post_stream(
@@ -188,7 +237,7 @@ def post_stream(
 def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     buffer = b""
     while b"\r\n\r\n" not in buffer:
-        data = sock.recv(_READ_SIZE)
+        data = sock.recv(READ_SIZE)
         if not data:
             raise StreamProtocolError("connection closed before the response head")
         buffer += data
