@@ -2,8 +2,10 @@
 
 The Dify stand-in streams to `--streams` simultaneous conversations at `--rate` deltas/s each; every stream is
 polled like WeCom does (every `--poll-interval` s, staggered). Each delta carries its own send time, so the
-poller records when it first appears in a poll reply. Reported: the replica's peak RSS (gunicorn master and
-workers), the delta-to-poll delay, errors, Redis commands per delta, and Redis memory per finished stream.
+poller records when it first appears in a poll reply. The stand-in runs in a process of its own, as Dify would,
+so that it and the poller do not queue behind each other for one interpreter lock. Reported: the replica's peak
+RSS (gunicorn master and workers), the delta-to-poll delay, errors, Redis commands per delta, Redis memory per
+finished stream, and the CPU each process used.
 
     python -m bench.streams_load --streams 1000 --rate 20 --seconds 30
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import random
 import re
 import statistics
@@ -24,15 +28,16 @@ import psutil
 
 from bench import harness
 from demo import dify_standin as d
+from demo.dify_standin import DifyStandIn
 
 _STAMP = re.compile(r"(\d{10}\.\d{6});")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and its children."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time (user + system) used so far by a process and (unless told not to) its children."""
     root = psutil.Process(pid)
     total = 0.0
-    for process in [root, *root.children(recursive=True)]:
+    for process in [root, *(root.children(recursive=True) if children else [])]:
         times = process.cpu_times()
         total += times.user + times.system
     return total
@@ -61,6 +66,31 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._finished.set()
         self.join()
+
+
+class StandInProcess:
+    """The Dify stand-in in a child process, playing the clocked answer to every chat request that asks "load"."""
+
+    def __init__(self, deltas: int, rate: float):
+        context = multiprocessing.get_context("spawn")
+        self._urls = context.Queue()
+        self.process = context.Process(target=_serve_clocked_answers, args=(deltas, rate, self._urls), daemon=True)
+
+    def start(self) -> str:
+        """Start it; returns its base URL."""
+        self.process.start()
+        return self._urls.get(timeout=30)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+
+
+def _serve_clocked_answers(deltas: int, rate: float, urls) -> None:
+    standin = DifyStandIn(api_key=harness.DIFY_KEY).start()
+    standin.script(d.clocked_answer(deltas, rate), match="load", times=None)
+    urls.put(standin.base_url)
+    threading.Event().wait()
 
 
 async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval: float, deadline: float) -> dict:
@@ -126,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = harness.start_environment()
     deltas_each = int(options.rate * options.seconds)
+    standin = StandInProcess(deltas_each, options.rate)
     try:
         gateway = env.start_gateway(
             "streams",
@@ -133,20 +164,22 @@ def main(argv: list[str] | None = None) -> dict:
             GUNICORN_THREADS=str(options.threads),
             GUNICORN_WORKER_CLASS=options.worker_class,
             STREAM_MAX_ACTIVE=str(options.streams + 100),
+            DIFY_BASE_URL=standin.start(),
         )
         client = env.redis.client()
         rss_idle = harness.process_rss_mb(gateway.process.pid)
         memory_before = client.info("memory")["used_memory"]
-        env.dify.script(d.clocked_answer(deltas_each, options.rate), match="load", times=None)
         sim = env.simulator(gateway.url, keep_alive=False)
         sampler = RssSampler(gateway.process.pid)
         sampler.start()
         calls_before = redis_calls(client)
-        cpu_before = {
-            "gateway": cpu_seconds(gateway.process.pid),
-            "redis": cpu_seconds(env.redis.process.pid),
-            "bench (stand-in + poller)": psutil.Process().cpu_times().user + psutil.Process().cpu_times().system,
+        processes = {
+            "gateway": gateway.process.pid,
+            "redis": env.redis.process.pid,
+            "dify stand-in": standin.process.pid,
         }
+        processes["poller"] = os.getpid()  # its children are the processes above: counted without them
+        cpu_before = {name: cpu_seconds(pid, children=name != "poller") for name, pid in processes.items()}
         opened = time.time()
         streams = []
         for i in range(options.streams):
@@ -157,16 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
         outcome = asyncio.run(poll_streams(sim, gateway.port, streams, options.poll_interval, deadline))
         sampler.stop()
         elapsed = time.time() - opened
-        cpu_after = {
-            "gateway": cpu_seconds(gateway.process.pid),
-            "redis": cpu_seconds(env.redis.process.pid),
-            "bench (stand-in + poller)": psutil.Process().cpu_times().user + psutil.Process().cpu_times().system,
-        }
+        cpu_after = {name: cpu_seconds(pid, children=name != "poller") for name, pid in processes.items()}
         calls_after = redis_calls(client)
         time.sleep(1)
         memory_after = client.info("memory")["used_memory"]
         sim.close()
     finally:
+        standin.stop()
         env.close()
 
     total_deltas = options.streams * deltas_each
