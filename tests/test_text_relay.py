@@ -1,0 +1,78 @@
+"""Which reads the worker's relay handles in the read pump's thread, and which wake the worker (pure logic)."""
+
+import threading
+import time
+
+import pytest
+
+from services.dify_client import DifyEvent
+from services.stream_store import CLOSED, TAKEN, WRITTEN
+from services.stream_worker import _Progress, _TextRelay
+
+IDS = {"task_id": "t1", "message_id": "m1", "conversation_id": "c1"}
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.state = WRITTEN
+        self.error = None
+        self.added = []
+
+    def add(self, deltas, fields=None):
+        self.added.append((list(deltas), fields))
+
+
+def message(answer, **ids):
+    return DifyEvent("message", {"event": "message", "answer": answer, **IDS, **ids})
+
+
+@pytest.fixture
+def relay():
+    progress = _Progress(task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi")
+    return _TextRelay(progress, threading.Event(), time.monotonic() + 60)
+
+
+def test_plain_deltas_go_straight_to_the_writer(relay):
+    assert relay([message(" there"), message(""), message("!")])
+    assert relay([])  # a read with nothing to pass on (a ping)
+    assert relay.progress.text == "Hi there!" and relay.progress.writer.added == [([" there", "!"], None)]
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        [message("a"), DifyEvent("message_end", {"event": "message_end", **IDS})],
+        [DifyEvent("message_replace", {"event": "message_replace", "answer": "x", **IDS})],
+        [DifyEvent("agent_thought", {"event": "agent_thought", "thought": "hm", **IDS})],
+        [message("a", conversation_id="c2")],
+        [message("a", task_id="t2")],
+    ],
+    ids=["end", "replace", "thought", "new conversation id", "new task id"],
+)
+def test_anything_but_plain_deltas_wakes_the_worker_and_changes_nothing(relay, batch):
+    assert not relay(batch)
+    assert relay.progress.text == "Hi" and relay.progress.writer.added == []
+
+
+def test_the_first_delta_wakes_the_worker(relay):
+    relay.progress.text = ""
+    assert not relay([message("a")])
+
+
+@pytest.mark.parametrize("news", ["taken", "closed", "redis error", "cancelled", "deadline", "detached"])
+def test_news_for_the_worker_wakes_it(relay, news):
+    progress = relay.progress
+    if news == "taken":
+        progress.writer.state = TAKEN
+    elif news == "closed":
+        progress.writer.state = CLOSED
+    elif news == "redis error":
+        progress.writer.error = ConnectionError("redis down")
+    elif news == "cancelled":
+        relay.cancelled.set()
+    elif news == "deadline":
+        relay.deadline = time.monotonic() - 1
+    else:
+        progress.detached = True
+    assert not relay([message("a")]) and not relay([])
+    assert progress.writer.added == []
