@@ -95,7 +95,7 @@ def _serve_clocked_answers(deltas: int, rate: float, urls) -> None:
 
 async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval: float, deadline: float) -> dict:
     """Poll every stream about once per `interval` until it finishes; record each stamp's first appearance."""
-    delays: list[float] = []
+    delays: list[tuple[float, float]] = []  # (when the delta was sent, its delay)
     errors: list[str] = []
     finals: dict[str, str] = {}
     polls = 0
@@ -131,7 +131,8 @@ async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval:
             stream = sim.open_reply(orjson.loads(payload), query["nonce"])["stream"]
             content = stream["content"]
             for stamp in _STAMP.finditer(content, seen_length):  # deltas are appended whole: new ones start here
-                delays.append(received - float(stamp.group(1)))
+                sent = float(stamp.group(1))
+                delays.append((sent, received - sent))
             seen_length = max(seen_length, len(content))
             if stream["finish"]:
                 finals[stream_id] = content
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     all_calls = sum(calls_after.values()) - sum(calls_before.values())
     polls = outcome["polls"]
     complete = [c for c in outcome["finals"].values() if len(_STAMP.findall(c)) == deltas_each]
-    delays_ms = sorted(x * 1000 for x in outcome["delays"])
+    delays_ms = sorted(delay * 1000 for _, delay in outcome["delays"])
+    all_open = opened + open_seconds
+    steady_ms = sorted(delay * 1000 for sent, delay in outcome["delays"] if sent >= all_open)
     result = {
         "streams": options.streams,
         "deltas_per_s_each": options.rate,
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         "delay_p50_ms": round(statistics.median(delays_ms), 1) if delays_ms else None,
         "delay_p99_ms": round(delays_ms[int(0.99 * (len(delays_ms) - 1))], 1) if delays_ms else None,
         "delay_max_ms": round(delays_ms[-1], 1) if delays_ms else None,
+        # the same for the deltas sent once every stream was open (no new messages arriving meanwhile)
+        "steady_delay_p50_ms": round(statistics.median(steady_ms), 1) if steady_ms else None,
+        "steady_delay_p99_ms": round(steady_ms[int(0.99 * (len(steady_ms) - 1))], 1) if steady_ms else None,
         "deltas_seen": len(delays_ms),
         "deltas_sent": total_deltas,
         "polls": polls,

@@ -10,7 +10,7 @@ import pytest
 
 from demo import dify_standin as d
 from services.texts import CATALOGUE
-from tests.conftest import make_simulator
+from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
@@ -165,15 +165,6 @@ def test_enter_chat_without_any_welcome_is_an_empty_reply(simulator, dify):
 # --- feedback -----------------------------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_every_stream_reply_carries_the_feedback_id(simulator, dify):
     dify.script(d.answer("rate me", delay=0.02))
     conversation = simulator.ask("hello")
@@ -198,7 +189,7 @@ def test_feedback_reaches_the_right_dify_message_as_the_right_user(simulator, di
     message_id = next(iter(dify.messages))
     reply = simulator.send(simulator.event_message("feedback_event", {"id": conversation.stream_id, **event}))
     assert reply is None  # WeCom wants an empty body here
-    assert wait_for(lambda: dify.feedbacks)
+    assert wait_until(lambda: dify.feedbacks, timeout=5)
     assert dify.feedbacks == [(message_id, {"rating": rating, "user": "wecom:demo-bot:alice", "content": content})]
 
 
@@ -215,7 +206,7 @@ def test_feedback_outlives_the_stream_hash(simulator, dify, redis_client):
     redis_client.delete(f"dify_stream:{conversation.stream_id}")
     assert redis_client.ttl(f"feedback:{conversation.stream_id}") > 6 * 24 * 3600
     simulator.send(simulator.event_message("feedback_event", {"id": conversation.stream_id, "type": 1}))
-    assert wait_for(lambda: dify.feedbacks)
+    assert wait_until(lambda: dify.feedbacks, timeout=5)
 
 
 # --- images from Dify -----------------------------------------------------------------------------------------

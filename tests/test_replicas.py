@@ -7,7 +7,7 @@ import pytest
 
 from demo import dify_standin as d
 from services.texts import CATALOGUE
-from tests.conftest import make_simulator
+from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -22,15 +22,6 @@ def pair(make_app, serve):
 def kill(replica):
     """Make a replica look dead to the others: its lease keeper stops, so its leases run out."""
     replica.gateway.runner.stop()
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewhere(pair, dify, redis_client):

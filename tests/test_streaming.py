@@ -13,7 +13,7 @@ from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
 from services.texts import CATALOGUE
 from services.wecom_limits import MAX_CONTENT_BYTES
-from tests.conftest import make_simulator
+from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -287,6 +287,8 @@ def test_an_answer_outliving_the_window_closes_the_bubble_and_follows_up(make_ap
     assert conversation.text == f"slow start\n\n{ZH['window_continues']}"
     message = sim.inbox.wait_for(response_url)
     assert message is not None and split_remainder(message) == "and the rest"
+    # the worker records the delivery right after it, so the record may lag the message by a moment
+    assert wait_until(lambda: "rest_sent" in stream_meta(redis_client, conversation.stream_id), timeout=5)
     meta = stream_meta(redis_client, conversation.stream_id)
     assert meta["close_reason"] == "window" and meta["status"] == "done" and meta["rest_sent"] == "yes"
     sim.close()

@@ -136,6 +136,8 @@ def test_sigkill_of_a_streams_owner(replicas, dify, store_client):
 
     shown = sim.send(sim.text_message("shown-then-killed", userid="user0"), replica=0)
     silent = sim.send(sim.text_message("killed-before-anything", userid="user1"), replica=0)
+    # the victim must have made both Dify calls (taking both slow scripts) before it dies
+    assert len(dify.wait_for_requests(2)) == 2
     deadline = time.monotonic() + 5
     while store_client.llen(f"dify_stream:{shown['stream']['id']}:chunks") == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
