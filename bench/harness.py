@@ -136,6 +136,14 @@ def signed_polls(simulator: WeComSimulator, stream_ids: list[str], count: int) -
 # --- load generators -------------------------------------------------------------------------------------------
 
 
+def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank `p`th percentile of `values` (NaN when there are none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
 @dataclass
 class LoadResult:
     requests: int
@@ -148,10 +156,7 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
     def percentile(self, p: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+        return percentile(self.latencies_ms, p)
 
     def summary(self) -> dict:
         return {

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import random
 import re
-import statistics
 import threading
 import time
 from urllib.parse import urlencode
@@ -205,9 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     all_calls = sum(calls_after.values()) - sum(calls_before.values())
     polls = outcome["polls"]
     complete = [c for c in outcome["finals"].values() if len(_STAMP.findall(c)) == deltas_each]
-    delays_ms = sorted(delay * 1000 for _, delay in outcome["delays"])
+    delays_ms = [delay * 1000 for _, delay in outcome["delays"]]
     all_open = opened + open_seconds
-    steady_ms = sorted(delay * 1000 for sent, delay in outcome["delays"] if sent >= all_open)
+    steady_ms = [delay * 1000 for sent, delay in outcome["delays"] if sent >= all_open]
+
+    def quantile(values: list[float], p: float) -> float | None:
+        return round(harness.percentile(values, p), 1) if values else None
+
     result = {
         "streams": options.streams,
         "deltas_per_s_each": options.rate,
@@ -217,12 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
         "opening_all_streams_s": round(open_seconds, 1),
         "rss_idle_mb": round(rss_idle, 1),
         "rss_peak_mb": round(sampler.peak_mb, 1),
-        "delay_p50_ms": round(statistics.median(delays_ms), 1) if delays_ms else None,
-        "delay_p99_ms": round(delays_ms[int(0.99 * (len(delays_ms) - 1))], 1) if delays_ms else None,
-        "delay_max_ms": round(delays_ms[-1], 1) if delays_ms else None,
+        "delay_p50_ms": quantile(delays_ms, 50),
+        "delay_p99_ms": quantile(delays_ms, 99),
+        "delay_max_ms": quantile(delays_ms, 100),
         # the same for the deltas sent once every stream was open (no new messages arriving meanwhile)
-        "steady_delay_p50_ms": round(statistics.median(steady_ms), 1) if steady_ms else None,
-        "steady_delay_p99_ms": round(steady_ms[int(0.99 * (len(steady_ms) - 1))], 1) if steady_ms else None,
+        "steady_delay_p50_ms": quantile(steady_ms, 50),
+        "steady_delay_p99_ms": quantile(steady_ms, 99),
         "deltas_seen": len(delays_ms),
         "deltas_sent": total_deltas,
         "polls": polls,
