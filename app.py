@@ -83,7 +83,7 @@ def _json(body: dict, status: int = 200) -> Response:
 
 def verify_url():
     """WeCom's URL check: answer the decrypted echostr as plain text."""
-    with log_context(replica=gateway().settings.instance_id):
+    with log_context(replica=gateway().owner):
         echo = gateway().callback.verify_url(request.args)
         logger.info("callback URL verified")
         return Response(echo, mimetype="text/plain")
@@ -91,7 +91,7 @@ def verify_url():
 
 def callback():
     """A message, stream poll or event: answer with the encrypted reply (or an empty body)."""
-    with log_context(replica=gateway().settings.instance_id):
+    with log_context(replica=gateway().owner):
         try:
             body = request.get_data(cache=False)
         except RequestEntityTooLarge:

@@ -44,6 +44,7 @@ class Gateway:
     """Everything one app instance serves with; reached from Flask as `app.extensions["gateway"]`."""
 
     settings: Settings
+    owner: str  # this process as a stream owner and in log lines: Settings.instance_id, taken once per worker
     redis: redis.Redis
     keys: Keys
     store: StreamStore
@@ -73,7 +74,7 @@ class Gateway:
             return []
         self.runner.cancel(remaining)
         try:
-            released = self.store.release_leases(remaining, self.settings.instance_id)
+            released = self.store.release_leases(remaining, self.owner)
         except redis.RedisError as exc:
             logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
             released = 0
@@ -91,6 +92,7 @@ class Gateway:
         if self.authorizer is not None:
             self.authorizer.api.close()
         self.engine.dispose()
+        self.store.close()
         self.redis.close()
 
 
@@ -145,6 +147,7 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     )
     return Gateway(
         settings=settings,
+        owner=owner,
         redis=client,
         keys=keys,
         store=store,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
 import redis
 
 from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
+from services.redis_conn import HotPathConnections
 from services.wecom_limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
@@ -231,20 +233,21 @@ class LuaScript:
     """Runs one Lua script by its SHA (EVALSHA), loading it once when Redis does not know it yet.
 
     Leaner than redis-py's registered Script object: on the poll path its bookkeeping cost as much CPU as the
-    call itself (bench/profile_poll.py).
+    call itself (bench/profile_poll.py). `execute` sends the command (default: the client's pooled connections).
     """
 
-    def __init__(self, client: redis.Redis, source: str):
+    def __init__(self, client: redis.Redis, source: str, execute: Callable[..., object] | None = None):
         self.client = client
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._execute = execute or client.execute_command
 
     def __call__(self, keys: list[str], args: list) -> object:
         try:
-            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return self._execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             self.client.script_load(self.source)
-            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return self._execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class StreamConflict(Exception):
@@ -315,10 +318,16 @@ class StreamStore:
         self._append_many = LuaScript(client, _APPEND_MANY)
         self._replace = LuaScript(client, _REPLACE)
         self._finish = LuaScript(client, _FINISH)
-        self._poll = LuaScript(client, _POLL)
+        # Polls come from the request threads, thousands a second: a leaner path than the pool's.
+        self._poll_connections = HotPathConnections(client)
+        self._poll = LuaScript(client, _POLL, self._poll_connections.execute)
         self._renew = LuaScript(client, _RENEW)
         self._record = LuaScript(client, _RECORD)
         self._release = LuaScript(client, _RELEASE)
+
+    def close(self) -> None:
+        """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
+        self._poll_connections.close()
 
     def create(
         self, stream_id: str, msgid: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]

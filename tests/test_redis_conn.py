@@ -1,0 +1,96 @@
+"""HotPathConnections against the real Redis: reuse, one connection per concurrent caller, reconnecting, timeouts,
+closing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from services.redis_conn import HotPathConnections, connect_redis
+
+
+@pytest.fixture
+def client(redis_url, redis_client):
+    client = connect_redis(redis_url, socket_timeout=0.3)
+    yield client
+    client.close()
+
+
+def test_replies_are_decoded_as_the_clients_are(client):
+    connections = HotPathConnections(client)
+    assert connections.execute("SET", "k", "値") == "OK"
+    assert connections.execute("GET", "k") == client.get("k") == "値"
+    with pytest.raises(redis.ResponseError):
+        connections.execute("INCR", "k")
+    assert connections.execute("PING") == "PONG"  # an error reply leaves the connection usable
+    connections.close()
+
+
+def test_sequential_calls_share_one_connection_and_concurrent_ones_get_their_own(redis_url, redis_client):
+    client = connect_redis(redis_url, socket_timeout=3.0)
+    connections = HotPathConnections(client)
+    ids = [connections.execute("CLIENT", "ID") for _ in range(3)]
+    from_thread: list[int] = []
+    thread = threading.Thread(target=lambda: from_thread.append(connections.execute("CLIENT", "ID")))
+    thread.start()
+    thread.join()
+    assert len(set(ids + from_thread)) == 1
+
+    before = len(client.client_list())
+    waiting = [threading.Thread(target=connections.execute, args=("BLPOP", "nothing", "1")) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    for thread in waiting:
+        thread.join()
+    assert len(client.client_list()) == before + 2  # three at once: the idle one and two more
+    connections.close()
+    assert len(client.client_list()) == before - 1
+    client.close()
+
+
+def test_a_connection_the_server_dropped_is_reconnected_once(client):
+    connections = HotPathConnections(client)
+    first = connections.execute("CLIENT", "ID")
+    client.execute_command("CLIENT", "KILL", "ID", first)
+    second = connections.execute("CLIENT", "ID")
+    assert second != first
+    connections.close()
+
+
+def test_a_timeout_is_raised_and_the_late_reply_is_not_read_as_the_next(client):
+    connections = HotPathConnections(client)
+    with pytest.raises(redis.TimeoutError):
+        connections.execute("BLPOP", "nothing-here", "1")  # blocks longer than the 0.3 s socket timeout
+    assert connections.execute("PING") == "PONG"
+    connections.close()
+
+
+def test_redis_down_raises_connection_error_then_recovers(private_redis):
+    client = connect_redis(private_redis.url, socket_timeout=0.5)
+    connections = HotPathConnections(client)
+    assert connections.execute("PING") == "PONG"
+    private_redis.stop()
+    with pytest.raises(redis.ConnectionError):
+        connections.execute("PING")
+    private_redis.start()
+    assert connections.execute("PING") == "PONG"
+    connections.close()
+    client.close()
+
+
+def test_close_disconnects_the_idle_connections(client):
+    connections = HotPathConnections(client)
+    first = connections.execute("CLIENT", "ID")
+    connections.close()
+    assert first not in {int(entry["id"]) for entry in client.client_list()}
+    assert connections.execute("PING") == "PONG"  # a later call connects again
+
+
+def test_the_embedded_store_works_the_same():
+    client = connect_redis("memory://")
+    connections = HotPathConnections(client)
+    assert connections.execute("SET", "k", "v") == "OK"
+    assert client.get("k") == "v"
+    assert connections.execute("GET", "k") == "v"
