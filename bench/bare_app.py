@@ -1,9 +1,20 @@
-"""The framework's ceiling: a bare Flask app whose POST handler returns a constant, served with the same
-gunicorn settings as the gateway. Poll throughput is reported as a ratio of this app's."""
+"""Reference apps for the poll benchmark, served with the same gunicorn settings as the gateway.
+
+* `create_app()`, the framework's ceiling: a bare Flask app whose POST handler returns a constant. Poll
+  throughput is reported as a ratio of this app's.
+* `create_floor_app()`, the floor of any poll: Flask reading the request's body and query, plus one Redis round
+  trip (a trivial Lua script, on the cheapest connection path this project has), then a constant. A poll cannot
+  do less: it must read the stream's state from Redis. The gateway's distance from this app is what its own
+  work costs (crypto, the poll script, the reply); the distance from this app to the ceiling is one round trip.
+"""
 
 from __future__ import annotations
 
-from flask import Flask, Response
+import os
+
+from flask import Flask, Response, request
+
+from services.redis_conn import HotPathConnections, connect_redis
 
 _BODY = b'{"encrypt":"constant","msgsignature":"0","timestamp":0,"nonce":"0"}'
 
@@ -13,6 +24,26 @@ def create_app() -> Flask:
 
     @app.post("/wecom/callback")
     def constant():
+        return Response(_BODY, mimetype="application/json")
+
+    @app.get("/readyz")
+    def ready():
+        return {"status": "ready"}
+
+    return app
+
+
+def create_floor_app() -> Flask:
+    """Needs REDIS_URL."""
+    app = Flask(__name__)
+    client = connect_redis(os.environ["REDIS_URL"])
+    connections = HotPathConnections(client)
+    echo = client.script_load("return ARGV[1]")
+
+    @app.post("/wecom/callback")
+    def one_round_trip():
+        request.get_data(cache=False)
+        connections.execute("EVALSHA", echo, 0, request.args.get("msg_signature", ""))
         return Response(_BODY, mimetype="application/json")
 
     @app.get("/readyz")

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 32,
                 options.deltas_per_second,
                 options.rounds,
+                floor=False,
             )
             print(json.dumps(row), flush=True)
             rows.append(row)

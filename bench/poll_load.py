@@ -6,7 +6,8 @@ Starts the gateway under gunicorn with the real Redis (a private redis-server) a
 
 1. wrk, closed loop: the most polls/s the gateway serves, rotating through signed polls of those streams;
 2. the same wrk run against a bare Flask app returning a constant, same gunicorn settings: the ceiling;
-3. an open-loop run at `--rate` polls/s: p50/p99 latency measured from each poll's scheduled send time.
+3. the same against Flask plus one Redis round trip (`bench/bare_app.py`): the floor of any poll;
+4. an open-loop run at `--rate` polls/s: p50/p99 latency measured from each poll's scheduled send time.
 
     python -m bench.poll_load --seconds 15 --rate 500
 """
@@ -50,26 +51,34 @@ def measure(
     connections: int,
     deltas_per_second: float = 1.0,
     rounds: int = 3,
+    floor: bool = True,
 ) -> dict:
     """Measure one gunicorn configuration in `rounds` alternating rounds (this machine is shared and noisy) and
     return the medians, with every sample kept.
 
-    Each round measures the ceiling (bare Flask) first, on a quiet machine, then the gateway, whose live streams
-    write `deltas_per_second` each in the background meanwhile.
+    Each round measures the ceiling (bare Flask) first, on a quiet machine, then (with `floor`) Flask plus one
+    Redis round trip, then the gateway, whose live streams write `deltas_per_second` each in the background
+    meanwhile.
     """
     extra = {"GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class}
     name = f"{worker_class}-{workers}x{threads}"
     sim = env.simulator("http://unused")
-    samples: dict[str, list] = {"ceiling": [], "ours": [], "ratio": [], "p50": [], "p99": [], "errors": []}
+    samples: dict[str, list] = {"ceiling": [], "floor": [], "ours": [], "ratio": [], "p50": [], "p99": [], "errors": []}
+
+    def reference(app: str, label: str) -> harness.LoadResult:
+        replica = env.start_gateway(f"{label}-{name}-{round_number}", workers=workers, app=app, **extra)
+        try:
+            return harness.wrk(replica.url, harness.signed_polls(sim, ["x"], 100), seconds, connections)
+        finally:
+            env.stop_gateway(replica)
+
     try:
         for round_number in range(rounds):
-            bare = env.start_gateway(
-                f"bare-{name}-{round_number}", workers=workers, app="bench.bare_app:create_app()", **extra
-            )
-            try:
-                ceiling = harness.wrk(bare.url, harness.signed_polls(sim, ["x"], 100), seconds, connections)
-            finally:
-                env.stop_gateway(bare)
+            ceiling = reference("bench.bare_app:create_app()", "bare")
+            references = [ceiling]
+            if floor:
+                references.append(reference("bench.bare_app:create_floor_app()", "floor"))
+                samples["floor"].append(round(references[-1].rate, 1))
             gateway = env.start_gateway(f"gateway-{name}-{round_number}", workers=workers, **extra)
             try:
                 live_ids, finished_ids = open_streams(
@@ -87,7 +96,7 @@ def measure(
             samples["ratio"].append(round(ours.rate / ceiling.rate, 3))
             samples["p50"].append(round(latency.percentile(50), 2))
             samples["p99"].append(round(latency.percentile(99), 2))
-            samples["errors"].append(ours.errors + latency.errors + ceiling.errors)
+            samples["errors"].append(ours.errors + latency.errors + sum(run.errors for run in references))
     finally:
         sim.close()
     return {
@@ -104,10 +113,23 @@ def measure(
         "polls_per_s": statistics.median(samples["ours"]),
         "ceiling_per_s": statistics.median(samples["ceiling"]),
         "ratio": statistics.median(samples["ratio"]),
+        **_floor_figures(samples),
         "p50_ms": statistics.median(samples["p50"]),
         "p99_ms": statistics.median(samples["p99"]),
         "errors": sum(samples["errors"]),
         "samples": samples,
+    }
+
+
+def _floor_figures(samples: dict[str, list]) -> dict:
+    """The floor's polls/s, its ratio to the ceiling, and ours to the floor (medians of the per-round ratios)."""
+    if not samples["floor"]:
+        return {}
+    rounds = list(zip(samples["ceiling"], samples["floor"], samples["ours"], strict=True))
+    return {
+        "floor_per_s": statistics.median(samples["floor"]),
+        "floor_ratio": statistics.median(round(f / c, 3) for c, f, _ in rounds),
+        "ratio_to_floor": statistics.median(round(o / f, 3) for _, f, o in rounds),
     }
 
 
