@@ -120,6 +120,12 @@ class Authorizer:
         raise AuthUnavailable("timed out waiting for another request's token exchange")
 
     def _exchange_as_leader(self, userid: str, flight: str) -> dict:
+        # A leader that cached its token and let go of the flight between our cache miss and taking the flight
+        # has done the work already: a second exchange would issue the user a second token.
+        cached = self._cached(userid)
+        if cached is not None:
+            self.redis.delete(flight)
+            return self._inputs(*cached)
         try:
             token, info = self._exchange(userid)
         except AuthError as exc:

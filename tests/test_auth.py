@@ -217,6 +217,16 @@ def test_single_flight_under_many_concurrent_lookups(auth_app, auth):
     assert len(auth.calls) == 1
 
 
+def test_a_request_that_takes_the_flight_just_after_the_leader_finished_does_not_ask_again(auth_app, auth):
+    """The race behind single flight: a waiter misses the cache, then the leader caches its token and lets go of
+    the flight, then the waiter takes the flight. It must use the leader's token, not ask for a second one."""
+    authorizer = auth_app().extensions["gateway"].authorizer
+    first = authorizer.inputs_for("alice")["user_token"]
+    assert authorizer._exchange_once("alice")["user_token"] == first  # the waiter's path after its cache miss
+    assert len(auth.calls) == 1
+    assert authorizer.token_status("alice")["flight"] is None
+
+
 def test_a_burst_from_a_refused_user_asks_once(sim, dify, auth):
     auth.refuse("alice@corp.example", 403)
     auth.delay = 0.3
