@@ -29,24 +29,27 @@ def test_replies_are_decoded_as_the_clients_are(client):
 
 
 def test_sequential_calls_share_one_connection_and_concurrent_ones_get_their_own(redis_url, redis_client):
-    client = connect_redis(redis_url, socket_timeout=3.0)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3.0, client_name="hot-path-test")
     connections = HotPathConnections(client)
+
+    def ours() -> int:
+        return sum(1 for entry in redis_client.client_list() if entry["name"] == "hot-path-test")
+
     ids = [connections.execute("CLIENT", "ID") for _ in range(3)]
     from_thread: list[int] = []
     thread = threading.Thread(target=lambda: from_thread.append(connections.execute("CLIENT", "ID")))
     thread.start()
     thread.join()
-    assert len(set(ids + from_thread)) == 1
+    assert len(set(ids + from_thread)) == 1 and ours() == 1
 
-    before = len(client.client_list())
     waiting = [threading.Thread(target=connections.execute, args=("BLPOP", "nothing", "1")) for _ in range(3)]
     for thread in waiting:
         thread.start()
     for thread in waiting:
         thread.join()
-    assert len(client.client_list()) == before + 2  # three at once: the idle one and two more
+    assert ours() == 3  # three at once: the idle one and two more, all kept for the next callers
     connections.close()
-    assert len(client.client_list()) == before - 1
+    assert ours() == 0
     client.close()
 
 
