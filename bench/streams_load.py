@@ -1,11 +1,11 @@
 """Many concurrent streams on one replica (BENCHMARKS.md §2).
 
 The Dify stand-in streams to `--streams` simultaneous conversations at `--rate` deltas/s each; every stream is
-polled like WeCom does (every `--poll-interval` s, staggered). Each delta carries its own send time, so the
-poller records when it first appears in a poll reply. The stand-in runs in a process of its own, as Dify would,
-so that it and the poller do not queue behind each other for one interpreter lock. Reported: the replica's peak
-RSS (gunicorn master and workers), the delta-to-poll delay, errors, Redis commands per delta, Redis memory per
-finished stream, and the CPU each process used.
+polled like WeCom does (from its first reply on, every `--poll-interval` s). Each delta carries its own send
+time, so the poller records when it first appears in a poll reply. The stand-in runs in a process of its own, as
+Dify would, so that it and the poller do not queue behind each other for one interpreter lock. Reported: the
+replica's peak RSS (gunicorn master and workers), the delta-to-poll delay, errors, Redis commands per delta, Redis
+memory per finished stream, and the CPU each process used.
 
     python -m bench.streams_load --streams 1000 --rate 20 --seconds 30
 """
@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import random
 import re
 import threading
 import time
@@ -30,6 +29,7 @@ from demo import dify_standin as d
 from demo.dify_standin import DifyStandIn
 
 _STAMP = re.compile(r"(\d{10}\.\d{6});")
+OPENING_CONCURRENCY = 32  # new messages in flight at once while the conversations open
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
@@ -92,40 +92,55 @@ def _serve_clocked_answers(deltas: int, rate: float, urls) -> None:
     threading.Event().wait()
 
 
-async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval: float, deadline: float) -> dict:
-    """Poll every stream about once per `interval` until it finishes; record each stamp's first appearance."""
+async def _post(port: int, query: dict, body: bytes, connection=None):
+    """POST one signed callback over `connection` (or a new one); returns (connection, status line, body)."""
+    request = (
+        f"POST {harness.CALLBACK}?{urlencode(query)} HTTP/1.1\r\nHost: bench\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    connection = connection or await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = connection
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+    return connection, head, payload
+
+
+async def open_and_poll(sim, port: int, count: int, interval: float, seconds: float) -> dict:
+    """Send `count` new messages from as many users, `OPENING_CONCURRENCY` at a time (each on a fresh connection,
+    as WeCom's are), and poll each stream from the moment its first reply arrives, about once per `interval`, until
+    it finishes, as WeCom does; record each stamp's first appearance in a poll reply."""
     delays: list[tuple[float, float]] = []  # (when the delta was sent, its delay)
     errors: list[str] = []
     finals: dict[str, str] = {}
     polls = 0
+    poll_seconds: list[float] = []  # each poll's request-to-reply time
+    poll_gaps: list[float] = []  # time between one stream's consecutive polls
+    deadline = time.time() + seconds + 120
 
     async def follow(stream_id: str, userid: str) -> None:
         nonlocal polls
         connection = None
         seen_length = 0
-        await asyncio.sleep(random.random() * interval)  # WeCom's polls for different users are not in step
+        previous = None
         while time.time() < deadline:
+            await asyncio.sleep(interval)  # WeCom's first refresh, and each next one, comes about `interval` later
+            asked = time.time()
+            if previous is not None:
+                poll_gaps.append(asked - previous)
+            previous = asked
             query, body = sim.envelope(sim.poll_message(stream_id, userid))
-            request = (
-                f"POST {harness.CALLBACK}?{urlencode(query)} HTTP/1.1\r\nHost: bench\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode() + body
             try:
-                connection = connection or await asyncio.open_connection("127.0.0.1", port)
-                reader, writer = connection
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+                connection, head, payload = await _post(port, query, body, connection)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 errors.append(f"{type(exc).__name__} polling {stream_id}")
                 connection = None
-                await asyncio.sleep(interval)
                 continue
             received = time.time()
             polls += 1
+            poll_seconds.append(received - asked)
             if not head.startswith(b"HTTP/1.1 200"):
                 errors.append(f"HTTP {head[9:12].decode()} for {stream_id}")
-                await asyncio.sleep(interval)
                 continue
             stream = sim.open_reply(orjson.loads(payload), query["nonce"])["stream"]
             content = stream["content"]
@@ -136,12 +151,39 @@ async def poll_streams(sim, port: int, streams: list[tuple[str, str]], interval:
             if stream["finish"]:
                 finals[stream_id] = content
                 break
-            await asyncio.sleep(interval)
         if connection is not None:
             connection[1].close()
 
-    await asyncio.gather(*(follow(stream_id, userid) for stream_id, userid in streams))
-    return {"delays": delays, "errors": errors, "finals": finals, "polls": polls}
+    async def converse(i: int) -> None:
+        userid = f"u{i}"
+        async with opening:
+            query, body = sim.envelope(sim.text_message("load", userid=userid))
+            try:
+                connection, head, payload = await _post(port, query, body)
+                connection[1].close()
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise ConnectionError(f"HTTP {head[9:12].decode()}")
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                errors.append(f"{type(exc).__name__} sending message {i}: {exc}")
+                return
+            stream_id = sim.open_reply(orjson.loads(payload), query["nonce"])["stream"]["id"]
+            opened_at.append(time.time())
+        await follow(stream_id, userid)
+
+    opening = asyncio.Semaphore(OPENING_CONCURRENCY)
+    opened_at: list[float] = []
+    started = time.time()
+    await asyncio.gather(*(converse(i) for i in range(count)))
+    return {
+        "delays": delays,
+        "errors": errors,
+        "finals": finals,
+        "polls": polls,
+        "poll_seconds": poll_seconds,
+        "poll_gaps": poll_gaps,
+        "started": started,
+        "open_seconds": max(opened_at, default=started) - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         client = env.redis.client()
         rss_idle = harness.process_rss_mb(gateway.process.pid)
         memory_before = client.info("memory")["used_memory"]
-        sim = env.simulator(gateway.url, keep_alive=False)
+        sim = env.simulator(gateway.url)
         sampler = RssSampler(gateway.process.pid)
         sampler.start()
         calls_before = redis_calls(client)
@@ -180,15 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         processes["poller"] = os.getpid()  # its children are the processes above: counted without them
         cpu_before = {name: cpu_seconds(pid, children=name != "poller") for name, pid in processes.items()}
-        opened = time.time()
-        streams = []
-        for i in range(options.streams):
-            reply = sim.send(sim.text_message("load", userid=f"u{i}"))
-            streams.append((reply["stream"]["id"], f"u{i}"))
-        open_seconds = time.time() - opened
-        deadline = time.time() + options.seconds + 120
-        outcome = asyncio.run(poll_streams(sim, gateway.port, streams, options.poll_interval, deadline))
+        outcome = asyncio.run(open_and_poll(sim, gateway.port, options.streams, options.poll_interval, options.seconds))
         sampler.stop()
+        opened, open_seconds = outcome["started"], outcome["open_seconds"]
         elapsed = time.time() - opened
         cpu_after = {name: cpu_seconds(pid, children=name != "poller") for name, pid in processes.items()}
         calls_after = redis_calls(client)
@@ -203,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     evalsha = calls_after.get("evalsha", 0) - calls_before.get("evalsha", 0)
     all_calls = sum(calls_after.values()) - sum(calls_before.values())
     polls = outcome["polls"]
-    complete = [c for c in outcome["finals"].values() if len(_STAMP.findall(c)) == deltas_each]
+    stamps = [[float(stamp) for stamp in _STAMP.findall(content)] for content in outcome["finals"].values()]
+    complete = [each for each in stamps if len(each) == deltas_each]
+    # The rate each answer was really sent at: the stand-in's clock slips when the machine is saturated.
+    sent_rates = [(len(each) - 1) / (each[-1] - each[0]) for each in complete if len(each) > 1 and each[-1] > each[0]]
     delays_ms = [delay * 1000 for _, delay in outcome["delays"]]
     all_open = opened + open_seconds
     steady_ms = [delay * 1000 for sent, delay in outcome["delays"] if sent >= all_open]
@@ -214,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "streams": options.streams,
         "deltas_per_s_each": options.rate,
+        "sent_deltas_per_s_each_p50": quantile(sent_rates, 50),
+        "sent_deltas_per_s_all": round(sum(sent_rates), 1),
         "seconds": options.seconds,
         "poll_interval_s": options.poll_interval,
         "gunicorn": f"{options.worker_class} {options.workers}x{options.threads}",
@@ -226,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
         # the same for the deltas sent once every stream was open (no new messages arriving meanwhile)
         "steady_delay_p50_ms": quantile(steady_ms, 50),
         "steady_delay_p99_ms": quantile(steady_ms, 99),
+        # where a delay comes from: the wait for the next poll (one poll gap at most) plus that poll's reply time
+        "poll_reply_p50_ms": quantile([t * 1000 for t in outcome["poll_seconds"]], 50),
+        "poll_reply_p99_ms": quantile([t * 1000 for t in outcome["poll_seconds"]], 99),
+        "poll_gap_p99_ms": quantile([t * 1000 for t in outcome["poll_gaps"]], 99),
         "deltas_seen": len(delays_ms),
         "deltas_sent": total_deltas,
         "polls": polls,

@@ -71,9 +71,10 @@ def clock_message(prefix: str = "") -> tuple:
 
 
 def clocked_answer(deltas: int, per_second: float) -> list[tuple]:
-    """`deltas` clock messages at `per_second`, then message_end."""
+    """`deltas` clock messages at `per_second`, then message_end. The k-th is due k / per_second after the body
+    began, so a late write (a busy machine) is made up for, not carried into every later gap."""
     gap = 1 / per_second
-    return [step for _ in range(deltas) for step in (clock_message(), sleep(gap))] + [end()]
+    return [step for k in range(deltas) for step in (clock_message(), until((k + 1) * gap))] + [end()]
 
 
 def ping() -> tuple:
@@ -93,6 +94,11 @@ def split(step: tuple, parts: int = 3, gap: float = 0.02) -> tuple:
 def sleep(seconds: float) -> tuple:
     """Wait, sending `event: ping` frames at the stand-in's ping interval meanwhile, like Dify does."""
     return ("sleep", seconds)
+
+
+def until(seconds: float) -> tuple:
+    """Like `sleep`, up to `seconds` after the body began (no wait once that is past)."""
+    return ("until", seconds)
 
 
 def stall(seconds: float) -> tuple:
@@ -352,7 +358,7 @@ class DifyStandIn:
         return None
 
     async def _play(self, steps: list[tuple], ids: dict, conn: Conn) -> None:
-        started = False
+        began: float | None = None  # when the body began (monotonic)
         for step in steps:
             kind = step[0]
             if kind == "delay_head":
@@ -361,9 +367,9 @@ class DifyStandIn:
             if kind == "http":
                 await conn.send(step[1], step[2])
                 return
-            if not started:
+            if began is None:
                 await conn.start_stream(headers={"X-Accel-Buffering": "no"})
-                started = True
+                began = time.monotonic()
             if kind == "event":
                 await conn.write_chunk(_frame(step[1], ids))
             elif kind == "clock":
@@ -376,6 +382,8 @@ class DifyStandIn:
                 await _write_split(conn, _frame(step[1][1], ids), step[2], step[3])
             elif kind == "sleep":
                 await self._sleep_with_pings(conn, step[1])
+            elif kind == "until":
+                await self._sleep_with_pings(conn, began + step[1] - time.monotonic())
             elif kind == "stall":
                 await asyncio.sleep(step[1])
             elif kind == "cut":
@@ -383,7 +391,7 @@ class DifyStandIn:
                 return
             elif kind == "close":
                 break
-        if not started:
+        if began is None:
             await conn.start_stream()
         await conn.end_stream()
 

@@ -43,6 +43,8 @@ def test_streams_load():
     result = streams_load.main(["--streams", "4", "--rate", "5", "--seconds", "2"])
     assert result["errors"] == 0 and result["streams_complete"] == 4
     assert result["delay_p99_ms"] is not None and result["rss_peak_mb"] > 0
+    assert result["poll_reply_p99_ms"] is not None
+    assert result["sent_deltas_per_s_each_p50"] > 2.5  # the stand-in keeps (roughly) to the asked 5/s
 
 
 def test_new_message():
