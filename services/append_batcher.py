@@ -3,8 +3,10 @@
 Each stream has a StreamWriter with at most one append in flight: deltas that arrive meanwhile wait in the
 writer and go out together in its next append, so a busy stream's appends grow larger and fewer by themselves.
 One AppendBatcher thread per process sends the appends of all streams that have something to write in one Lua
-call (a group commit: no deliberate wait, batches form under load). A stream worker never waits for Redis while
-it streams; it reads the writer's state (taken over, closed elsewhere, Redis failing) and waits once, at the end.
+call (a group commit), at most one call per `BATCH_INTERVAL_SECONDS`: what arrives meanwhile joins the next
+call without waking the batcher, a delay a 1-second poll interval does not notice. A stream worker never waits
+for Redis while it streams; it reads the writer's state (taken over, closed elsewhere, Redis failing) and waits
+once, at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import redis
 
@@ -21,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_ARGS_PER_BATCH = 4000  # keeps Lua's unpack() and one reply well within limits
 _MAX_DELTAS_PER_APPEND = 1000
+BATCH_INTERVAL_SECONDS = 0.01
 
 
 class StreamWriter:
@@ -156,6 +160,7 @@ class AppendBatcher:
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
+            started = time.monotonic()
             try:
                 outcomes: list = self.store.append_many([request for _, request in batch], self.owner)
             except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
@@ -165,3 +170,4 @@ class AppendBatcher:
             for (writer, request), outcome in zip(batch, outcomes, strict=True):
                 if writer.settle(request, outcome):
                     self._queue.put(writer)
+            time.sleep(max(0.0, started + BATCH_INTERVAL_SECONDS - time.monotonic()))
