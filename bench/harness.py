@@ -234,17 +234,10 @@ async def _open_loop(host, port, requests, rate, seconds, max_connections) -> Lo
             opened += 1
             idle.put_nowait(await asyncio.open_connection(host, port))
         path, body = requests[i % len(requests)]
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
         for attempt in (1, 2):  # a kept-alive connection the server has closed meanwhile is replaced once
             reader, writer = await idle.get()
             try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
-                await reader.readexactly(length)
+                _, head, _ = await post(host, port, path, body, (reader, writer))
             except (OSError, asyncio.IncompleteReadError, AttributeError):
                 writer.close()
                 idle.put_nowait(await asyncio.open_connection(host, port))
@@ -274,6 +267,20 @@ async def _open_loop(host, port, requests, rate, seconds, max_connections) -> Lo
         _, writer = idle.get_nowait()
         writer.close()
     return LoadResult(requests=total, errors=errors, seconds=elapsed, latencies_ms=latencies)
+
+
+async def post(host: str, port: int, path: str, body: bytes, connection=None):
+    """POST a JSON body over `connection` (a (reader, writer) pair; a new one if None) and read the whole response.
+    Returns (connection, response head, response body)."""
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    connection = connection or await asyncio.open_connection(host, port)
+    reader, writer = connection
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+    return connection, head, payload
 
 
 def process_rss_mb(pid: int) -> float:

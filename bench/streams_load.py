@@ -92,18 +92,8 @@ def _serve_clocked_answers(deltas: int, rate: float, urls) -> None:
     threading.Event().wait()
 
 
-async def _post(port: int, query: dict, body: bytes, connection=None):
-    """POST one signed callback over `connection` (or a new one); returns (connection, status line, body)."""
-    request = (
-        f"POST {harness.CALLBACK}?{urlencode(query)} HTTP/1.1\r\nHost: bench\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    connection = connection or await asyncio.open_connection("127.0.0.1", port)
-    reader, writer = connection
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    payload = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
-    return connection, head, payload
+async def _callback(port: int, query: dict, body: bytes, connection=None):
+    return await harness.post("127.0.0.1", port, f"{harness.CALLBACK}?{urlencode(query)}", body, connection)
 
 
 async def open_and_poll(sim, port: int, count: int, interval: float, seconds: float) -> dict:
@@ -131,7 +121,7 @@ async def open_and_poll(sim, port: int, count: int, interval: float, seconds: fl
             previous = asked
             query, body = sim.envelope(sim.poll_message(stream_id, userid))
             try:
-                connection, head, payload = await _post(port, query, body, connection)
+                connection, head, payload = await _callback(port, query, body, connection)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 errors.append(f"{type(exc).__name__} polling {stream_id}")
                 connection = None
@@ -159,7 +149,7 @@ async def open_and_poll(sim, port: int, count: int, interval: float, seconds: fl
         async with opening:
             query, body = sim.envelope(sim.text_message("load", userid=userid))
             try:
-                connection, head, payload = await _post(port, query, body)
+                connection, head, payload = await _callback(port, query, body)
                 connection[1].close()
                 if not head.startswith(b"HTTP/1.1 200"):
                     raise ConnectionError(f"HTTP {head[9:12].decode()}")
