@@ -59,11 +59,14 @@ def test_a_group_message_records_the_chat(simulator, dify, redis_client):
 def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
     first, second = pair
     sim = make_simulator([first.url, second.url])
-    dify.script([d.message("one "), d.sleep(0.3), d.message("two"), d.end()])
+    dify.script([d.message("one "), d.sleep(2.0), d.message("two"), d.end()])
     payload = sim.text_message("retry me", msgid="msg-retry-1")
 
     reply_a = sim.send(payload, replica=0)
-    time.sleep(0.15)
+    poll = sim.poll_message(reply_a["stream"]["id"])
+    deadline = time.monotonic() + 5
+    while sim.send(poll, replica=0)["stream"]["content"] != "one " and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the first delta is shown: the retry then comes while the answer streams
     reply_b = sim.send(payload, replica=1)  # WeCom did not get reply_a in time and retries elsewhere
     assert reply_b["stream"]["id"] == reply_a["stream"]["id"]
     assert reply_b["stream"]["content"] == "one " and reply_b["stream"]["finish"] is False
