@@ -64,9 +64,8 @@ def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
 
     reply_a = sim.send(payload, replica=0)
     poll = sim.poll_message(reply_a["stream"]["id"])
-    deadline = time.monotonic() + 5
-    while sim.send(poll, replica=0)["stream"]["content"] != "one " and time.monotonic() < deadline:
-        time.sleep(0.02)  # until the first delta is shown: the retry then comes while the answer streams
+    # Once the first delta is shown, the retry comes while the answer still streams.
+    assert wait_until(lambda: sim.send(poll, replica=0)["stream"]["content"] == "one ", timeout=5)
     reply_b = sim.send(payload, replica=1)  # WeCom did not get reply_a in time and retries elsewhere
     assert reply_b["stream"]["id"] == reply_a["stream"]["id"]
     assert reply_b["stream"]["content"] == "one " and reply_b["stream"]["finish"] is False
