@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             options.finished,
             options.connections,
             options.deltas_per_second,
+            options.rounds,
         )
     finally:
         env.close()
