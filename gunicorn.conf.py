@@ -12,14 +12,39 @@ from pathlib import Path
 
 from config.settings import SettingsError, load_settings
 
+# The worker classes this image ships: gevent and eventlet are not installed, and the stream threads and read pump
+# have only been checked under real threads (BENCHMARKS.md §4).
+SHIPPED_WORKER_CLASSES = ("gthread", "sync")
+
+
+def _exit_with(problem: str) -> None:
+    print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+    sys.exit(2)
+
+
+def _whole_number(name: str, default: int) -> int:
+    """A positive integer from the environment, or one clear line and exit status 2 (not gunicorn's traceback)."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # isdigit alone also accepts digits like '٣'
+        _exit_with(f"{name} must be a whole number of at least 1 (got {raw!r})")
+    return int(raw)
+
+
+def _worker_class() -> str:
+    name = os.environ.get("GUNICORN_WORKER_CLASS", "").strip() or "gthread"
+    if name not in SHIPPED_WORKER_CLASSES:
+        _exit_with(f"GUNICORN_WORKER_CLASS must be one of {', '.join(SHIPPED_WORKER_CLASSES)} (got {name!r})")
+    return name
+
+
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
-workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+workers = _whole_number("GUNICORN_WORKERS", 2)
+worker_class = _worker_class()
+threads = _whole_number("GUNICORN_THREADS", 4)
 # A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+timeout = _whole_number("GUNICORN_TIMEOUT", 30)
 # A stopping worker gives its running answers this long to finish (see worker_exit), then hands them over.
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "120"))
+graceful_timeout = _whole_number("GUNICORN_GRACEFUL_TIMEOUT", 120)
 keepalive = 5
 # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over the workers.
 # With one shared socket, the few long-lived keep-alive connections of a proxy (or a load generator) were seen
@@ -50,11 +75,6 @@ def on_starting(server):
             "REDIS_URL=memory:// keeps state inside one process; "
             f"set REDIS_URL to a Redis server to run {server.cfg.workers} workers"
         )
-
-
-def _exit_with(problem: str) -> None:
-    print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
-    sys.exit(2)
 
 
 # Seconds of the graceful timeout kept back for handing unfinished streams over and exiting before the SIGKILL.

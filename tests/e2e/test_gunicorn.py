@@ -67,6 +67,21 @@ def test_memory_store_is_refused_with_several_workers(dify, tmp_path):
     assert "configuration error: REDIS_URL=memory://" in server.logs()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("GUNICORN_WORKER_CLASS", "gevent", "GUNICORN_WORKER_CLASS must be one of gthread, sync (got 'gevent')"),
+        ("GUNICORN_THREADS", "four", "GUNICORN_THREADS must be a whole number of at least 1 (got 'four')"),
+        ("GUNICORN_TIMEOUT", "0", "GUNICORN_TIMEOUT must be a whole number of at least 1 (got '0')"),
+    ],
+)
+def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, variable, value, line):
+    server = GunicornReplica({**replica_env(dify), variable: value}, tmp_path, "refused", workers=2)
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start(timeout=15)
+    assert server.logs().strip() == f"configuration error: {line}"
+
+
 def test_metrics_add_up_every_worker(replica, dify):
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
