@@ -4,16 +4,22 @@
   throughput is reported as a ratio of this app's.
 * `create_floor_app()`, the floor of any poll: Flask reading the request's body and query, plus one Redis round
   trip (a trivial Lua script, on the cheapest connection path this project has), then a constant. A poll cannot
-  do less: it must read the stream's state from Redis. The gateway's distance from this app is what its own
-  work costs (crypto, the poll script, the reply); the distance from this app to the ceiling is one round trip.
+  do less: it must read the stream's state from Redis. The distance from this app to the ceiling is one round
+  trip.
+* `create_protocol_floor_app()`, the floor plus what WeCom's protocol forces on every poll: check the signature,
+  decrypt, and encrypt and sign a (constant) reply. The gateway's distance from this app is what its own work
+  costs (the real poll script, the bubble, metrics, logging context, checks).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
+import orjson
 from flask import Flask, Response, request
 
+from services.crypto import WeComCrypto
 from services.redis_conn import HotPathConnections, connect_redis
 
 _BODY = b'{"encrypt":"constant","msgsignature":"0","timestamp":0,"nonce":"0"}'
@@ -45,6 +51,32 @@ def create_floor_app() -> Flask:
         request.get_data(cache=False)
         connections.execute("EVALSHA", echo, 0, request.args.get("msg_signature", ""))
         return Response(_BODY, mimetype="application/json")
+
+    @app.get("/readyz")
+    def ready():
+        return {"status": "ready"}
+
+    return app
+
+
+def create_protocol_floor_app() -> Flask:
+    """Needs REDIS_URL, WECOM_TOKEN and WECOM_ENCODING_AES_KEY. What the protocol forces on any poll, and no more:
+    check the signature and decrypt the callback, one Redis round trip (the trivial script), then encrypt and sign
+    a constant stream reply."""
+    app = Flask(__name__)
+    client = connect_redis(os.environ["REDIS_URL"])
+    connections = HotPathConnections(client)
+    echo = client.script_load("return ARGV[1]")
+    crypto = WeComCrypto(os.environ["WECOM_TOKEN"], os.environ["WECOM_ENCODING_AES_KEY"])
+    reply = orjson.dumps({"msgtype": "stream", "stream": {"id": "x", "finish": False, "content": "constant"}})
+
+    @app.post("/wecom/callback")
+    def protocol_only():
+        query = request.args
+        encrypted = orjson.loads(request.get_data(cache=False))["encrypt"]
+        crypto.open_envelope(query["msg_signature"], query["timestamp"], query["nonce"], encrypted)
+        connections.execute("EVALSHA", echo, 0, query["msg_signature"])
+        return Response(orjson.dumps(crypto.seal_reply(reply.decode(), query["nonce"], int(time.time()))))
 
     @app.get("/readyz")
     def ready():

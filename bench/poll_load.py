@@ -7,7 +7,9 @@ Starts the gateway under gunicorn with the real Redis (a private redis-server) a
 1. wrk, closed loop: the most polls/s the gateway serves, rotating through signed polls of those streams;
 2. the same wrk run against a bare Flask app returning a constant, same gunicorn settings: the ceiling;
 3. the same against Flask plus one Redis round trip (`bench/bare_app.py`): the floor of any poll;
-4. an open-loop run at `--rate` polls/s: p50/p99 latency measured from each poll's scheduled send time.
+4. the same against the protocol floor: that round trip plus what WeCom's protocol forces on every poll (check
+   the signature, decrypt, encrypt and sign a constant reply), and nothing of the gateway's own;
+5. an open-loop run at `--rate` polls/s: p50/p99 latency measured from each poll's scheduled send time.
 
     python -m bench.poll_load --seconds 15 --rate 500
 """
@@ -20,6 +22,8 @@ import time
 
 from bench import harness
 from demo import dify_standin as d
+
+FLOORS = ("floor", "protocol_floor")  # the reference apps below the ceiling, in bench/bare_app.py
 
 
 def open_streams(
@@ -57,13 +61,22 @@ def measure(
     return the medians, with every sample kept.
 
     Each round measures the ceiling (bare Flask) first, on a quiet machine, then (with `floor`) Flask plus one
-    Redis round trip, then the gateway, whose live streams write `deltas_per_second` each in the background
-    meanwhile.
+    Redis round trip and the protocol floor, then the gateway, whose live streams write `deltas_per_second` each in
+    the background meanwhile.
     """
     extra = {"GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class}
     name = f"{worker_class}-{workers}x{threads}"
     sim = env.simulator("http://unused")
-    samples: dict[str, list] = {"ceiling": [], "floor": [], "ours": [], "ratio": [], "p50": [], "p99": [], "errors": []}
+    samples: dict[str, list] = {
+        "ceiling": [],
+        "floor": [],
+        "protocol_floor": [],
+        "ours": [],
+        "ratio": [],
+        "p50": [],
+        "p99": [],
+        "errors": [],
+    }
 
     def reference(app: str, label: str) -> harness.LoadResult:
         replica = env.start_gateway(f"{label}-{name}-{round_number}", workers=workers, app=app, **extra)
@@ -77,8 +90,9 @@ def measure(
             ceiling = reference("bench.bare_app:create_app()", "bare")
             references = [ceiling]
             if floor:
-                references.append(reference("bench.bare_app:create_floor_app()", "floor"))
-                samples["floor"].append(round(references[-1].rate, 1))
+                for kind in FLOORS:
+                    references.append(reference(f"bench.bare_app:create_{kind}_app()", kind))
+                    samples[kind].append(round(references[-1].rate, 1))
             gateway = env.start_gateway(f"gateway-{name}-{round_number}", workers=workers, **extra)
             try:
                 live_ids, finished_ids = open_streams(
@@ -122,15 +136,16 @@ def measure(
 
 
 def _floor_figures(samples: dict[str, list]) -> dict:
-    """The floor's polls/s, its ratio to the ceiling, and ours to the floor (medians of the per-round ratios)."""
-    if not samples["floor"]:
-        return {}
-    rounds = list(zip(samples["ceiling"], samples["floor"], samples["ours"], strict=True))
-    return {
-        "floor_per_s": statistics.median(samples["floor"]),
-        "floor_ratio": statistics.median(round(f / c, 3) for c, f, _ in rounds),
-        "ratio_to_floor": statistics.median(round(o / f, 3) for _, f, o in rounds),
-    }
+    """Each floor's polls/s, its ratio to the ceiling, and ours to it (medians of the per-round ratios)."""
+    figures = {}
+    for kind in FLOORS:
+        if not samples[kind]:
+            continue
+        rounds = list(zip(samples["ceiling"], samples[kind], samples["ours"], strict=True))
+        figures[f"{kind}_per_s"] = statistics.median(samples[kind])
+        figures[f"{kind}_ratio"] = statistics.median(round(f / c, 3) for c, f, _ in rounds)
+        figures[f"ratio_to_{kind}"] = statistics.median(round(o / f, 3) for _, f, o in rounds)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,6 +29,7 @@ def test_poll_load(tmp_path):
     )
     assert result["polls_per_s"] > 0 and result["ceiling_per_s"] > 0 and result["errors"] == 0
     assert result["floor_per_s"] > 0 and result["ratio_to_floor"] > 0
+    assert result["protocol_floor_per_s"] > 0 and result["ratio_to_protocol_floor"] > 0
     assert (tmp_path / "poll.json").exists()
 
 
