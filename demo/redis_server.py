@@ -20,6 +20,7 @@ class PrivateRedisServer:
 
     def __init__(self, directory: Path | None = None) -> None:
         self.port = free_port()
+        self._made_dir = directory is None  # a directory of our own is removed again by stop()
         self.dir = Path(directory or tempfile.mkdtemp(prefix="private-redis-"))
         self.process: subprocess.Popen | None = None
 
@@ -31,6 +32,7 @@ class PrivateRedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=0.2)
 
     def start(self) -> PrivateRedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(
@@ -54,6 +56,8 @@ class PrivateRedisServer:
             self.resume()  # a frozen (SIGSTOP) process must run again to die
             self.process.kill()
             self.process.wait(5)
+        if self._made_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def pause(self) -> None:
         self.process.send_signal(signal.SIGSTOP)
