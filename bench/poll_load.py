@@ -67,16 +67,7 @@ def measure(
     extra = {"GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class}
     name = f"{worker_class}-{workers}x{threads}"
     sim = env.simulator("http://unused")
-    samples: dict[str, list] = {
-        "ceiling": [],
-        "floor": [],
-        "protocol_floor": [],
-        "ours": [],
-        "ratio": [],
-        "p50": [],
-        "p99": [],
-        "errors": [],
-    }
+    samples: dict[str, list] = {key: [] for key in ("ceiling", *FLOORS, "ours", "ratio", "p50", "p99", "errors")}
 
     def reference(app: str, label: str) -> harness.LoadResult:
         replica = env.start_gateway(f"{label}-{name}-{round_number}", workers=workers, app=app, **extra)
