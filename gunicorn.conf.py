@@ -40,7 +40,9 @@ def _worker_class() -> str:
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"
 workers = _whole_number("GUNICORN_WORKERS", 2)
 worker_class = _worker_class()
-threads = _whole_number("GUNICORN_THREADS", 4)
+threads = _whole_number("GUNICORN_THREADS", 1 if worker_class == "sync" else 4)
+if worker_class == "sync" and threads > 1:  # gunicorn would quietly run gthread instead
+    _exit_with(f"GUNICORN_WORKER_CLASS=sync takes one thread per worker (got GUNICORN_THREADS={threads})")
 # A request never blocks on Dify (streams run in their own threads), so a worker silent for 30 s is stuck.
 timeout = _whole_number("GUNICORN_TIMEOUT", 30)
 # A stopping worker gives its running answers this long to finish (see worker_exit), then hands them over.

@@ -68,18 +68,36 @@ def test_memory_store_is_refused_with_several_workers(dify, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("variable", "value", "line"),
+    ("settings", "line"),
     [
-        ("GUNICORN_WORKER_CLASS", "gevent", "GUNICORN_WORKER_CLASS must be one of gthread, sync (got 'gevent')"),
-        ("GUNICORN_THREADS", "four", "GUNICORN_THREADS must be a whole number of at least 1 (got 'four')"),
-        ("GUNICORN_TIMEOUT", "0", "GUNICORN_TIMEOUT must be a whole number of at least 1 (got '0')"),
+        ({"GUNICORN_WORKER_CLASS": "gevent"}, "GUNICORN_WORKER_CLASS must be one of gthread, sync (got 'gevent')"),
+        ({"GUNICORN_THREADS": "four"}, "GUNICORN_THREADS must be a whole number of at least 1 (got 'four')"),
+        ({"GUNICORN_TIMEOUT": "0"}, "GUNICORN_TIMEOUT must be a whole number of at least 1 (got '0')"),
+        (
+            {"GUNICORN_WORKER_CLASS": "sync", "GUNICORN_THREADS": "4"},
+            "GUNICORN_WORKER_CLASS=sync takes one thread per worker (got GUNICORN_THREADS=4)",
+        ),
     ],
 )
-def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, variable, value, line):
-    server = GunicornReplica({**replica_env(dify), variable: value}, tmp_path, "refused", workers=2)
+def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, settings, line):
+    server = GunicornReplica({**replica_env(dify), **settings}, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     assert server.logs().strip() == f"configuration error: {line}"
+
+
+def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path):
+    dify.script(d.answer("Answered by a sync worker.", delay=0.02))
+    server = GunicornReplica({**replica_env(dify), "GUNICORN_WORKER_CLASS": "sync"}, tmp_path, "sync", workers=2)
+    server.start()
+    try:
+        sim = make_simulator(server.url, poll_interval=0.05)
+        conversation = sim.ask("question")
+        sim.close()
+    finally:
+        server.stop()
+    assert conversation.finished and conversation.text == "Answered by a sync worker."
+    assert "Using worker: sync" in server.logs()
 
 
 def test_metrics_add_up_every_worker(replica, dify):
