@@ -18,10 +18,12 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
 from config.settings import Settings, SettingsError, load_settings
-from services import db, errors, metrics
-from services.callback import StoreUnavailable
-from services.errors import CallbackError
+from services import metrics
+from services.auth import db
 from services.gateway import Gateway, build_gateway
+from services.wecom import errors
+from services.wecom.callback import StoreUnavailable
+from services.wecom.errors import CallbackError
 from utils.logging import log_context, setup_logging
 
 logger = logging.getLogger("app")

@@ -19,8 +19,8 @@ import time
 import orjson
 from flask import Flask, Response, request
 
-from services.crypto import WeComCrypto
 from services.redis_conn import HotPathConnections, connect_redis
+from services.wecom.crypto import WeComCrypto
 
 _BODY = b'{"encrypt":"constant","msgsignature":"0","timestamp":0,"nonce":"0"}'
 

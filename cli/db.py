@@ -7,7 +7,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
-from services import db
+from services.auth import db
 
 db_cli = AppGroup("db", help="Database schema.")
 

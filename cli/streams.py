@@ -8,7 +8,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from services.stream_inspector import StreamInspector
+from services.streams.inspector import StreamInspector
 
 streams_cli = AppGroup("streams", help="Answers in Redis (the dify_stream:* keys).")
 

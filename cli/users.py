@@ -6,8 +6,8 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from services.stream_inspector import StreamInspector
-from services.users import UserExists
+from services.auth.users import UserExists
+from services.streams.inspector import StreamInspector
 
 users_cli = AppGroup("users", help="Who may use the bot (the wecom_users table).")
 

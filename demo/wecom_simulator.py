@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 from demo.http_server import Conn, Request, StandInServer
-from services.crypto import WeComCrypto
+from services.wecom.crypto import WeComCrypto
 
 WECOM_POLL_WINDOW = 360.0
 

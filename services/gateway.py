@@ -10,28 +10,29 @@ import redis
 from sqlalchemy import Engine
 
 from config.settings import Settings
-from services import db, metrics
-from services.append_batcher import AppendBatcher
-from services.auth import Authorizer
-from services.auth_api import AuthApiClient
-from services.bubble import BubbleRenderer
-from services.callback import CallbackHandler
-from services.conversations import ConversationStore
-from services.crypto import WeComCrypto
-from services.dify_app import DifyAppProfile
-from services.dify_client import DifyClient
-from services.feedback import FeedbackService
+from services import metrics
+from services.auth import db
+from services.auth.api import AuthApiClient
+from services.auth.authorizer import Authorizer
+from services.auth.users import UserDirectory
+from services.chat.conversations import ConversationStore
+from services.chat.media import MediaService
+from services.chat.texts import Texts
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import DifyClient
+from services.dify.feedback import FeedbackService
 from services.keys import Keys
-from services.media import MediaService
 from services.redis_conn import connect_redis
-from services.replay_guard import ReplayGuard
-from services.response_url import ResponseUrlClient
-from services.runner import StreamRunner
-from services.stream_store import StreamStore
-from services.stream_worker import StreamWorker, WorkerDeps
-from services.streams import StreamService
-from services.texts import Texts
-from services.users import UserDirectory
+from services.streams.bubble import BubbleRenderer
+from services.streams.runner import StreamRunner
+from services.streams.service import StreamService
+from services.streams.store import StreamStore
+from services.streams.worker import StreamWorker, WorkerDeps
+from services.streams.writer import AppendBatcher
+from services.wecom.callback import CallbackHandler
+from services.wecom.crypto import WeComCrypto
+from services.wecom.replay_guard import ReplayGuard
+from services.wecom.response_url import ResponseUrlClient
 
 logger = logging.getLogger(__name__)
 

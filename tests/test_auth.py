@@ -12,10 +12,10 @@ from sqlalchemy import delete
 
 from demo import auth_standin
 from demo import dify_standin as d
-from services import db
-from services.auth import token_ttl
-from services.texts import CATALOGUE
-from services.users import UserDirectory, UserExists
+from services.auth import db
+from services.auth.authorizer import token_ttl
+from services.auth.users import UserDirectory, UserExists
+from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
 ZH = CATALOGUE["zh"]

@@ -8,7 +8,7 @@ import time
 import orjson
 import pytest
 
-from services.crypto import WeComCrypto, pad32
+from services.wecom.crypto import WeComCrypto, pad32
 from tests.conftest import AES_KEY, TOKEN, make_simulator
 
 PATH = "/wecom/callback"

@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services import crypto
-from services.crypto import CryptoError, WeComCrypto, pad32, unpad32
+from services.wecom import crypto
+from services.wecom.crypto import CryptoError, WeComCrypto, pad32, unpad32
 
 # Vector from Tencent's official C# sample (Sample.cs of the WXBizMsgCrypt download): a signed, encrypted callback
 # and its plaintext; the receiveid is the corpid there.

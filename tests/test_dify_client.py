@@ -6,7 +6,7 @@ import time
 import pytest
 
 from demo import dify_standin as d
-from services.dify_client import (
+from services.dify.client import (
     ChatRequest,
     DifyClient,
     DifyConnectionError,

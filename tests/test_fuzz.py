@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from app import create_app
 from config.settings import PROJECT_ROOT
-from services.crypto import WeComCrypto, pad32
+from services.wecom.crypto import WeComCrypto, pad32
 from tests.conftest import AES_KEY, TEST_REDIS_URL, TOKEN
 from tests.fuzz.checks import check, fuzz_settings
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from demo import dify_standin as d
-from services.texts import CATALOGUE
+from services.chat.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]

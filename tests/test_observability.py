@@ -68,8 +68,8 @@ def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client
 
 
 def test_auth_metrics(make_app, serve, dify, auth, mysql_url, redis_client):
-    from services import db
-    from services.users import UserDirectory
+    from services.auth import db
+    from services.auth.users import UserDirectory
     from tests.conftest import AUTH_KEY
 
     engine = db.make_engine(mysql_url)
@@ -107,7 +107,7 @@ def test_one_conversations_logs_join_across_two_instances_by_stream_id(make_app,
     messages = [entry["msg"] for entry in mine]
     assert any("opened" in m for m in messages) and any("calling Dify" in m for m in messages)
     assert any(e["msg"] == "bubble finished: done" and e["replica"].startswith("replica-b") for e in mine)
-    worker_lines = [entry for entry in mine if entry["logger"] == "services.stream_worker"]
+    worker_lines = [entry for entry in mine if entry["logger"] == "services.streams.worker"]
     assert worker_lines and all(entry.get("msgid") and entry.get("user") == "alice" for entry in worker_lines)
     assert any(entry.get("task") for entry in worker_lines)
     assert all(

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from utils.read_pump import ReadPump
+from services.dify.transport.read_pump import ReadPump
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_tls_through_the_pump_with_records_larger_than_a_read(pump, tmp_path, mo
     record leaves the rest decrypted inside the SSL object where the selector cannot see it: the pump must read
     that before going back to the selector. (With the real 64 KiB reads and records of at most 16 KiB that
     second case is rare; a 64-byte read makes it happen on every record.)"""
-    monkeypatch.setattr("utils.read_pump.READ_SIZE", 64)
+    monkeypatch.setattr("services.dify.transport.read_pump.READ_SIZE", 64)
     cert_file, key_file = self_signed(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_file, key_file)

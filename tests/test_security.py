@@ -6,7 +6,7 @@ import time
 import pytest
 
 from demo import dify_standin as d
-from services.texts import CATALOGUE
+from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
 
 ZH = CATALOGUE["zh"]

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from services.keys import MSGID_TTL_SECONDS, Keys
-from services.stream_store import CLOSED, CREATED, EXISTING, LIMITED, TAKEN, WRITTEN, StreamConflict, StreamStore
+from services.streams.store import CLOSED, CREATED, EXISTING, LIMITED, TAKEN, WRITTEN, StreamConflict, StreamStore
 
 TTL = 3600
 
@@ -276,7 +276,7 @@ def test_key_prefix_namespaces_every_key(redis_client):
 
 
 def test_append_many_gives_each_stream_its_own_result(store, redis_client):
-    from services.stream_store import AppendRequest
+    from services.streams.store import AppendRequest
 
     open_stream(store, "a", "ma")
     open_stream(store, "b", "mb", owner="B")
@@ -299,7 +299,7 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
 
 
 def test_writers_send_concurrent_streams_together(store, redis_client):
-    from services.append_batcher import AppendBatcher
+    from services.streams.writer import AppendBatcher
 
     streams = [f"s{i}" for i in range(40)]
     for i, stream_id in enumerate(streams):
@@ -327,7 +327,7 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
 
 
 def test_a_writer_reports_taken_and_closed(store):
-    from services.append_batcher import AppendBatcher
+    from services.streams.writer import AppendBatcher
 
     open_stream(store, "mine", "m1", owner="A")
     open_stream(store, "theirs", "m2", owner="B")
@@ -343,8 +343,8 @@ def test_a_writer_reports_taken_and_closed(store):
 
 
 def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client, private_redis):
-    from services.append_batcher import AppendBatcher
     from services.redis_conn import connect_redis
+    from services.streams.writer import AppendBatcher
 
     store = StreamStore(connect_redis(private_redis.url, 0.3), Keys(), TTL, 30)
     open_stream(store, "s1", "m1")

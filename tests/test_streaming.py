@@ -11,8 +11,8 @@ import pytest
 
 from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
-from services.texts import CATALOGUE
-from services.wecom_limits import MAX_CONTENT_BYTES
+from services.chat.texts import CATALOGUE
+from services.wecom.limits import MAX_CONTENT_BYTES
 from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from services.dify_client import DifyEvent
-from services.stream_store import CLOSED, TAKEN, WRITTEN
-from services.stream_worker import _Progress, _TextRelay
+from services.dify.client import DifyEvent
+from services.streams.store import CLOSED, TAKEN, WRITTEN
+from services.streams.worker import _Progress, _TextRelay
 
 IDS = {"task_id": "t1", "message_id": "m1", "conversation_id": "c1"}
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from flask import Blueprint, current_app, jsonify, render_template, request
 
-from services.stream_inspector import StreamInspector
+from services.streams.inspector import StreamInspector
 
 console = Blueprint("console", __name__, url_prefix="/console", static_folder="static", template_folder="templates")
 

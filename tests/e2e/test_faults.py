@@ -28,8 +28,8 @@ from demo import auth_standin
 from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica, free_port
-from services import db
-from services.texts import CATALOGUE
+from services.auth import db
+from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
 pytestmark = pytest.mark.e2e

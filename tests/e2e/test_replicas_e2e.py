@@ -12,9 +12,9 @@ from sqlalchemy import delete
 
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
-from services import db
-from services.texts import CATALOGUE
-from services.users import UserDirectory
+from services.auth import db
+from services.auth.users import UserDirectory
+from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
 pytestmark = pytest.mark.e2e

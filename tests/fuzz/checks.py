@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 
 from config.settings import Settings
-from services.crypto import WeComCrypto
+from services.wecom.crypto import WeComCrypto
 
 SECRETS = ("test-token-Zq8", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "app-test-key-0001")
 

@@ -19,7 +19,7 @@ import orjson
 
 with atheris.instrument_imports(include=["app", "services", "utils", "config"]):
     from app import create_app
-    from services.crypto import WeComCrypto
+    from services.wecom.crypto import WeComCrypto
 
 from tests.fuzz.checks import SECRETS, check, fuzz_settings
 

@@ -16,9 +16,9 @@ import orjson
 import redis
 
 from services import metrics
-from services.auth_api import AuthApiClient, AuthApiRefused, AuthApiUnavailable
+from services.auth.api import AuthApiClient, AuthApiRefused, AuthApiUnavailable
+from services.auth.users import DatabaseUnavailable, UserDirectory
 from services.keys import AUTH_DENIAL_TTL_SECONDS, AUTH_OUTAGE_TTL_SECONDS, Keys
-from services.users import DatabaseUnavailable, UserDirectory
 
 logger = logging.getLogger(__name__)
 

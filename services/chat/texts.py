@@ -6,8 +6,8 @@ the bubble to the short note the user sees; the technical reason goes to the log
 
 from __future__ import annotations
 
-from services.auth import AuthError
-from services.dify_client import (
+from services.auth.authorizer import AuthError
+from services.dify.client import (
     DifyConnectionError,
     DifyError,
     DifyHTTPError,

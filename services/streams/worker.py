@@ -18,11 +18,11 @@ import orjson
 import redis
 
 from services import metrics
-from services.append_batcher import AppendBatcher, StreamWriter
-from services.auth import AuthError
-from services.bubble import BubbleRenderer, remainder_message, text_at_close
-from services.conversations import ConversationStore
-from services.dify_client import (
+from services.auth.authorizer import AuthError
+from services.chat.conversations import ConversationStore
+from services.chat.media import IMAGE, MediaService
+from services.chat.texts import Texts
+from services.dify.client import (
     END_EVENT,
     FILE_EVENT,
     REPLACE_EVENT,
@@ -38,12 +38,12 @@ from services.dify_client import (
     DifyStreamError,
     DifyTimeout,
 )
-from services.feedback import FeedbackService
-from services.media import IMAGE, MediaService
-from services.response_url import ResponseUrlClient
-from services.stream_store import CLOSED, DONE, ERROR, TAKEN, WRITTEN, Finished, StreamConflict, StreamStore
-from services.texts import Texts
-from services.wecom_limits import MAX_REPLY_IMAGES
+from services.dify.feedback import FeedbackService
+from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
+from services.streams.store import CLOSED, DONE, ERROR, TAKEN, WRITTEN, Finished, StreamConflict, StreamStore
+from services.streams.writer import AppendBatcher, StreamWriter
+from services.wecom.limits import MAX_REPLY_IMAGES
+from services.wecom.response_url import ResponseUrlClient
 from utils.logging import bind_log_context, log_context
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class _Progress:
     task_id: str = ""
     message_id: str = ""
     conversation_id: str = ""
-    writer: StreamWriter | None = None  # this stream's ordered Redis writes (see services/append_batcher.py)
+    writer: StreamWriter | None = None  # this stream's ordered Redis writes (see services/streams/writer.py)
     text: str = ""  # the whole answer so far
     outage_since: float | None = None
     detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url

@@ -17,7 +17,7 @@ import redis
 
 from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
 from services.redis_conn import HotPathConnections
-from services.wecom_limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
+from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})

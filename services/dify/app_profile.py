@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 
-from services.dify_client import DifyClient, DifyError
+from services.dify.client import DifyClient, DifyError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 httpx's per-read cost (httpcore + h11) was measured at about 120 us of CPU per network read, the largest cost
 of relaying a delta (BENCHMARKS.md). Here a read is one recv() and a push decode of the body framing, which the
-read pump (utils/read_pump.py) can also drive. Only what the streaming call needs: http and https,
+read pump (transport/read_pump.py) can also drive. Only what the streaming call needs: http and https,
 Content-Length / chunked / read-to-close bodies, one request per connection, identity encoding, timeouts as
 socket timeouts.
 """

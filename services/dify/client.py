@@ -2,7 +2,7 @@
 
 `stream_chat()` yields one list of events per network read (possibly empty, e.g. a ping), so the caller can
 write each read's deltas to Redis in one batch and check its own deadline between reads. Its socket is read by the
-process's read pump (utils/read_pump.py): a `relay` callback may handle the plain batches right there, in the
+process's read pump (transport/read_pump.py): a `relay` callback may handle the plain batches right there, in the
 pump's thread, and only the rest wake the caller. Every way the call can fail raises a `DifyError` subclass; a
 stream that ends without `message_end` or `error` raises `DifyStreamCut`.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from utils.http_stream import StreamConnectError, StreamingResponse, post_stream
-from utils.read_pump import ReadPump
-from utils.sse import SSEParser
+from services.dify.transport.http_stream import StreamConnectError, StreamingResponse, post_stream
+from services.dify.transport.read_pump import ReadPump
+from services.dify.transport.sse import SSEParser
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def decode_event(event_name: str, payload: str) -> DifyEvent | None:
 
 
 class DifyClient:
-    """One per process; thread-safe. The streaming chat call has its own lean HTTP client (utils/http_stream.py);
+    """One per process; thread-safe. The streaming chat call has its own lean HTTP client (transport/http_stream.py);
     the other endpoints share an httpx connection pool."""
 
     def __init__(

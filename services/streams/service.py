@@ -12,12 +12,12 @@ import logging
 import secrets
 
 from services import metrics
-from services.bubble import BubbleRenderer, overflow_threshold, text_at_close
-from services.messages import Inbound, stream_reply
-from services.runner import StreamRunner
-from services.stream_store import EXISTING, LIMITED, RATE_LIMITED, Snapshot, StreamStore
-from services.stream_worker import StreamJob, StreamWorker
-from services.texts import Texts
+from services.chat.texts import Texts
+from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
+from services.streams.runner import StreamRunner
+from services.streams.store import EXISTING, LIMITED, RATE_LIMITED, Snapshot, StreamStore
+from services.streams.worker import StreamJob, StreamWorker
+from services.wecom.messages import Inbound, stream_reply
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ could not show, so the two always agree on the remainder sent through `response_
 
 from __future__ import annotations
 
-from services.texts import Texts
-from services.wecom_limits import MAX_CONTENT_BYTES, fit_bubble, fits
+from services.chat.texts import Texts
+from services.wecom.limits import MAX_CONTENT_BYTES, fit_bubble, fits
 from utils.text import cut_utf8, utf8_len
 
 WINDOW, OVERFLOW = "window", "overflow"

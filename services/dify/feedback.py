@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 import redis
 
-from services.dify_client import DifyClient, DifyError
+from services.dify.client import DifyClient, DifyError
 from services.keys import FEEDBACK_TTL_SECONDS, Keys
 from utils.logging import current_log_context, log_context
 

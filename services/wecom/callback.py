@@ -15,17 +15,18 @@ from collections.abc import Mapping
 import orjson
 import redis
 
-from services import errors, metrics
-from services.conversations import ConversationStore
-from services.crypto import CryptoError, WeComCrypto
-from services.dify_app import DifyAppProfile
-from services.feedback import FeedbackService
-from services.media import DOCUMENT, IMAGE, VIDEO
-from services.messages import Inbound, parse_inbound, stream_reply, text_reply
-from services.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
-from services.replay_guard import ReplayGuard
-from services.streams import StreamService, new_stream_id
-from services.texts import Texts
+from services import metrics
+from services.chat.conversations import ConversationStore
+from services.chat.media import DOCUMENT, IMAGE, VIDEO
+from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
+from services.chat.texts import Texts
+from services.dify.app_profile import DifyAppProfile
+from services.dify.feedback import FeedbackService
+from services.streams.service import StreamService, new_stream_id
+from services.wecom import errors
+from services.wecom.crypto import CryptoError, WeComCrypto
+from services.wecom.messages import Inbound, parse_inbound, stream_reply, text_reply
+from services.wecom.replay_guard import ReplayGuard
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)

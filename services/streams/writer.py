@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from services.stream_store import WRITTEN, AppendRequest, StreamConflict, StreamStore
+from services.streams.store import WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
 

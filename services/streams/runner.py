@@ -15,7 +15,7 @@ from collections.abc import Callable
 import redis
 
 from services import metrics
-from services.stream_store import StreamStore
+from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from services.crypto import CryptoError, WeComCrypto
-from services.dify_app import DifyAppProfile
-from services.dify_client import DifyClient, DifyError
-from services.wecom_limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import DifyClient, DifyError
+from services.wecom.crypto import CryptoError, WeComCrypto
+from services.wecom.limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from services.db import wecom_users
+from services.auth.db import wecom_users
 
 
 class DatabaseUnavailable(Exception):

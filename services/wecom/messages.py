@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from services import errors
+from services.wecom import errors
 
 MESSAGE_TYPES = frozenset({"text", "image", "mixed", "voice", "file", "video"})
 KNOWN_TYPES = MESSAGE_TYPES | {"stream", "event"}

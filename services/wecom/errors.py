@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services import crypto
+from services.wecom import crypto
 
 
 class CallbackError(Exception):
