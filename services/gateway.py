@@ -16,14 +16,17 @@ from services.auth.api import AuthApiClient
 from services.auth.authorizer import Authorizer
 from services.auth.users import UserDirectory
 from services.chat.conversations import ConversationStore
+from services.chat.intake import MessageIntake
 from services.chat.media import MediaService
 from services.chat.texts import Texts
+from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
 from services.keys import Keys
 from services.redis_conn import connect_redis
 from services.streams.bubble import BubbleRenderer
+from services.streams.finisher import Finisher
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamService
 from services.streams.store import StreamStore
@@ -31,6 +34,8 @@ from services.streams.worker import StreamWorker, WorkerDeps
 from services.streams.writer import AppendBatcher
 from services.wecom.callback import CallbackHandler
 from services.wecom.crypto import WeComCrypto
+from services.wecom.envelope import Envelope
+from services.wecom.events import EventHandler
 from services.wecom.replay_guard import ReplayGuard
 from services.wecom.response_url import ResponseUrlClient
 
@@ -124,27 +129,28 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     owner = settings.instance_id
     runner = StreamRunner(store, owner, settings.stream_max_active, settings.stream_lease_seconds)
     deps = WorkerDeps(
+        store=store,
+        dify=dify,
         conversations=conversations,
         media=media,
-        feedback=feedback,
-        responder=responder,
-        bubble=bubble,
         appender=AppendBatcher(store, owner),
+        finisher=Finisher(store, owner, responder, bubble, texts),
+        texts=texts,
     )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
-    worker = StreamWorker(store, dify, texts, owner, settings.dify_max_stream_seconds, deps, prepare)
+    worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare)
     streams = StreamService(store, runner, worker, texts, bubble, owner, settings.stream_window_seconds)
-    callback = CallbackHandler(
-        crypto,
-        streams,
-        texts,
-        settings.wecom_timestamp_tolerance,
-        conversations,
-        profile,
+    events = EventHandler(
+        Welcome(profile, texts, settings.welcome_message),
         feedback,
         ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
-        bot_name=settings.wecom_bot_name,
-        welcome_message=settings.welcome_message,
+    )
+    callback = CallbackHandler(
+        Envelope(crypto, settings.wecom_timestamp_tolerance),
+        MessageIntake(streams, conversations, texts, settings.wecom_bot_name),
+        streams,
+        events,
+        texts,
     )
     return Gateway(
         settings=settings,

@@ -6,16 +6,9 @@ import time
 import pytest
 
 from demo import dify_standin as d
-from services.dify.client import (
-    ChatRequest,
-    DifyClient,
-    DifyConnectionError,
-    DifyHTTPError,
-    DifyStreamCut,
-    DifyStreamError,
-    DifyTimeout,
-    decode_event,
-)
+from services.dify.client import ChatRequest, DifyClient
+from services.dify.errors import DifyConnectionError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
+from services.dify.events import decode_event
 from tests.conftest import DIFY_KEY
 
 

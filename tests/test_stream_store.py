@@ -69,8 +69,8 @@ def test_every_key_has_a_ttl(store, redis_client):
         assert redis_client.ttl(key) > 0, key
     assert 0 < redis_client.ttl("wecom_msg:m1") <= MSGID_TTL_SECONDS
     assert redis_client.pttl("dify_stream:s1:lease") <= 2000
-    store.add_image("s1", {"base64": "AA==", "md5": "x"})
-    store.finish("s1", "A", "done")
+    store.finish("s1", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
+    assert redis_client.exists("dify_stream:s1:images", "feedback:s1") == 2
     assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
 
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from services.dify.client import DifyEvent
+from services.dify.events import DifyEvent
+from services.streams.recorder import Answer, TextRelay
 from services.streams.store import CLOSED, TAKEN, WRITTEN
-from services.streams.worker import _Progress, _TextRelay
 
 IDS = {"task_id": "t1", "message_id": "m1", "conversation_id": "c1"}
 
@@ -28,14 +28,14 @@ def message(answer, **ids):
 
 @pytest.fixture
 def relay():
-    progress = _Progress(task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi")
-    return _TextRelay(progress, threading.Event(), time.monotonic() + 60)
+    answer = Answer(task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi")
+    return TextRelay(answer, threading.Event(), time.monotonic() + 60)
 
 
 def test_plain_deltas_go_straight_to_the_writer(relay):
     assert relay([message(" there"), message(""), message("!")])
     assert relay([])  # a read with nothing to pass on (a ping)
-    assert relay.progress.text == "Hi there!" and relay.progress.writer.added == [([" there", "!"], None)]
+    assert relay.answer.text == "Hi there!" and relay.answer.writer.added == [([" there", "!"], None)]
 
 
 @pytest.mark.parametrize(
@@ -51,28 +51,28 @@ def test_plain_deltas_go_straight_to_the_writer(relay):
 )
 def test_anything_but_plain_deltas_wakes_the_worker_and_changes_nothing(relay, batch):
     assert not relay(batch)
-    assert relay.progress.text == "Hi" and relay.progress.writer.added == []
+    assert relay.answer.text == "Hi" and relay.answer.writer.added == []
 
 
 def test_the_first_delta_wakes_the_worker(relay):
-    relay.progress.text = ""
+    relay.answer.text = ""
     assert not relay([message("a")])
 
 
 @pytest.mark.parametrize("news", ["taken", "closed", "redis error", "cancelled", "deadline", "detached"])
 def test_news_for_the_worker_wakes_it(relay, news):
-    progress = relay.progress
+    answer = relay.answer
     if news == "taken":
-        progress.writer.state = TAKEN
+        answer.writer.state = TAKEN
     elif news == "closed":
-        progress.writer.state = CLOSED
+        answer.writer.state = CLOSED
     elif news == "redis error":
-        progress.writer.error = ConnectionError("redis down")
+        answer.writer.error = ConnectionError("redis down")
     elif news == "cancelled":
         relay.cancelled.set()
     elif news == "deadline":
         relay.deadline = time.monotonic() - 1
     else:
-        progress.detached = True
+        answer.detached = True
     assert not relay([message("a")]) and not relay([])
-    assert progress.writer.added == []
+    assert answer.writer.added == []

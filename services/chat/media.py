@@ -18,7 +18,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from services.dify.app_profile import DifyAppProfile
-from services.dify.client import DifyClient, DifyError
+from services.dify.client import DifyClient
+from services.dify.errors import DifyError
 from services.wecom.crypto import CryptoError, WeComCrypto
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
 
@@ -32,6 +33,16 @@ _LIMIT_FIELDS = {IMAGE: "image_file_size_limit", DOCUMENT: "file_size_limit", VI
 
 class MediaError(Exception):
     """A file could not be fetched or used."""
+
+
+class Declined(Exception):
+    """The message cannot be answered as sent (e.g. a file the app does not take): a note instead, no Dify call.
+    `failed` when it went wrong on the way (the file could not be read), not by the app's choice."""
+
+    def __init__(self, note_key: str, failed: bool = False):
+        super().__init__(note_key)
+        self.note_key = note_key
+        self.failed = failed
 
 
 @dataclass
@@ -127,6 +138,25 @@ class MediaService:
                 continue
             result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
         return result
+
+    def files_for_question(
+        self, attachments: list[tuple[str, str]], typed_query: bool, dify_user: str
+    ) -> tuple[list[dict], str]:
+        """The Dify `files` for a question's attachments, and the key of a note on what had to be left out ("").
+
+        Raises:
+            Declined: nothing usable is left and the user typed no words to ask with.
+        """
+        if not attachments:
+            return [], ""
+        prepared = self.prepare(attachments, dify_user)
+        if not prepared.files and not typed_query:
+            if prepared.failed:
+                raise Declined("media_failed", failed=True)
+            raise Declined("images_unsupported" if IMAGE in prepared.refused else "files_unsupported")
+        if prepared.refused:
+            return prepared.files, "images_ignored" if IMAGE in prepared.refused else "media_partial"
+        return prepared.files, "media_partial" if prepared.failed else ""
 
     def fetch_inbound(self, url: str, max_bytes: int) -> tuple[bytes, str | None]:
         """Download a WeCom media URL and decrypt it with the bot key; returns (bytes, filename if given).

@@ -7,7 +7,7 @@ the bubble to the short note the user sees; the technical reason goes to the log
 from __future__ import annotations
 
 from services.auth.authorizer import AuthError
-from services.dify.client import (
+from services.dify.errors import (
     DifyConnectionError,
     DifyError,
     DifyHTTPError,

@@ -7,7 +7,8 @@ import logging
 import threading
 import time
 
-from services.dify.client import DifyClient, DifyError
+from services.dify.client import DifyClient
+from services.dify.errors import DifyError
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Likes and dislikes from WeCom (feedback_event) forwarded to Dify's message feedback API.
 
 Every stream reply carries `feedback.id` = its stream id. When an answer finishes, that id is mapped to the Dify
-message and end-user (kept for a week, long after the stream hash is gone), so a later rating reaches the right
-message as the right user.
+message and end-user with the final state (StreamStore.finish; kept for a week, long after the stream hash is gone),
+so a later rating reaches the right message as the right user.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 import redis
 
-from services.dify.client import DifyClient, DifyError
-from services.keys import FEEDBACK_TTL_SECONDS, Keys
+from services.dify.client import DifyClient
+from services.dify.errors import DifyError
+from services.keys import Keys
 from utils.logging import current_log_context, log_context
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,6 @@ class FeedbackService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-
-    def remember(self, feedback_id: str, message_id: str, dify_user: str) -> None:
-        """Map a feedback id to the Dify message it rates."""
-        value = orjson.dumps({"message_id": message_id, "user": dify_user})
-        self.redis.set(self.keys.feedback(feedback_id), value, ex=FEEDBACK_TTL_SECONDS)
 
     def submit(self, event: dict) -> None:
         """Forward a feedback_event in the background (the callback answers at once with an empty body)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis
 
-from services.keys import INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
+from services.keys import FEEDBACK_TTL_SECONDS, INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
 from services.redis_conn import HotPathConnections
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
@@ -109,14 +109,23 @@ return 'ok'
 """
 )
 
-# KEYS: stream, chunks, lease, images. ARGV: owner, status, now, ttl, stream_id, field/value pairs...
-# Returns 0 if not ours or not active, else {1, close_reason, closed_bytes} of a bubble closed early.
+# KEYS: stream, chunks, lease, images, feedback. ARGV: owner, status, now, ttl, stream_id, feedback value ('' for
+# none), feedback ttl, image count, images..., field/value pairs... Returns 0 if not ours or not active, else
+# {1, close_reason, closed_bytes} of a bubble closed early. The reply images and the feedback mapping are written with
+# the final state, so a finished answer always has both or neither.
 _FINISH = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes')
 if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], unpack(ARGV, 6))
+local images = tonumber(ARGV[8])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3],
+           unpack(ARGV, 9 + images))
+if images > 0 then
+  redis.call('DEL', KEYS[4])
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 9, 8 + images))
+end
 for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 redis.call('EXPIRE', KEYS[4], ARGV[4])
+if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[7]) end
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 if h[3] then redis.call('ZREM', h[3], ARGV[5]) end
 return {1, h[4] or '', h[5] or ''}
@@ -402,15 +411,42 @@ class StreamStore:
         args = [owner, self.key_ttl, _now(), answer]
         return self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
 
-    def finish(self, stream_id: str, owner: str, status: str, fields: dict[str, str] | None = None) -> Finished | None:
-        """Move an active stream to a final status, drop the lease and its in-flight slot.
+    def finish(
+        self,
+        stream_id: str,
+        owner: str,
+        status: str,
+        fields: dict[str, str] | None = None,
+        images: list[dict] = (),
+        feedback: dict[str, str] | None = None,
+    ) -> Finished | None:
+        """Move an active stream to a final status, drop the lease and its in-flight slot; with it, keep the reply
+        `images` ({base64, md5}) for the final poll and map the stream (its feedback id) to `feedback`
+        ({message_id, user}: the Dify message a rating of this answer goes to).
 
         Returns None if it was not ours or not active; else whether (and with how much text) the bubble had
         already closed early.
         """
         k = self.keys
-        args = [owner, status, _now(), self.key_ttl, stream_id, *_pairs(fields or {})]
-        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
+        args = [
+            owner,
+            status,
+            _now(),
+            self.key_ttl,
+            stream_id,
+            orjson.dumps(feedback).decode() if feedback else "",
+            FEEDBACK_TTL_SECONDS,
+            len(images),
+            *(orjson.dumps(image).decode() for image in images),
+            *_pairs(fields or {}),
+        ]
+        keys = [
+            k.stream(stream_id),
+            k.stream_chunks(stream_id),
+            k.stream_lease(stream_id),
+            k.stream_images(stream_id),
+            k.feedback(stream_id),
+        ]
         row = self._finish(keys=keys, args=args)
         if not row:
             return None
@@ -446,14 +482,6 @@ class StreamStore:
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired)."""
         return bool(self._record(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
-
-    def add_image(self, stream_id: str, image: dict) -> None:
-        """Keep one reply image ({base64, md5}) for the final reply."""
-        key = self.keys.stream_images(stream_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.rpush(key, orjson.dumps(image))
-        pipe.expire(key, self.key_ttl)
-        pipe.execute()
 
     def in_flight(self, aibotid: str, userid: str) -> int:
         """How many of the user's bubbles are open now."""

@@ -189,9 +189,14 @@ def _decoder_for(headers: dict[str, str]) -> _BodyDecoder:
 
 
 def post_stream(
-    url: str, body: bytes, headers: dict[str, str], connect_timeout: float, read_timeout: float
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    connect_timeout: float,
+    read_timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> StreamingResponse:
-    """POST `body` to `url` and return once the response head is in.
+    """POST `body` to `url` and return once the response head is in (https with `tls`, else the system's CAs).
 
     Raises:
         StreamConnectError: could not connect, set up TLS, or send the request (nothing reached the server).
@@ -210,7 +215,7 @@ def post_stream(
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if https:
-            sock = _tls_context().wrap_socket(sock, server_hostname=host)
+            sock = (tls or _tls_context()).wrap_socket(sock, server_hostname=host)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = host if parts.port is None else f"{host}:{port}"
         lines = [

@@ -1,0 +1,57 @@
+"""What a user's message becomes: a command (/new, /reset, /help) answered at once, a polite refusal of an
+empty message, or a question (the words, the quote as context, the images and files) that opens a stream."""
+
+from __future__ import annotations
+
+import logging
+
+from services import metrics
+from services.chat.conversations import ConversationStore
+from services.chat.media import DOCUMENT, IMAGE, VIDEO
+from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
+from services.chat.texts import Texts
+from services.streams.service import StreamService
+from services.wecom.messages import Inbound
+
+logger = logging.getLogger(__name__)
+
+
+class MessageIntake:
+    def __init__(self, streams: StreamService, conversations: ConversationStore, texts: Texts, bot_name: str = ""):
+        self.streams = streams
+        self.conversations = conversations
+        self.texts = texts
+        self.bot_name = bot_name
+
+    def take(self, message: Inbound) -> dict:
+        """The plaintext reply to a user's message (text, voice, image, mixed, file, video)."""
+        text = strip_mention(message.text, self.bot_name) if message.is_group else message.text.strip()
+        command = parse_command(text)
+        if command is not None:
+            name, text = command
+            metrics.MESSAGES.labels("command").inc()
+            if name == HELP:
+                return self.streams.finish_at_once(self.texts.say("help"))
+            if name == NEW_CONVERSATION:
+                self.conversations.forget(message.aibotid, message.chatid, message.userid)
+                logger.info("conversation reset by the user")
+                if not text:
+                    return self.streams.finish_at_once(self.texts.say("new_conversation"))
+
+        attachments = _attachments(message)
+        if not text and not attachments:
+            metrics.MESSAGES.labels("empty").inc()
+            return self.streams.finish_at_once(self.texts.say("empty_query"))
+        query = text or self.texts.say("image_query" if message.image_urls else "file_query")
+        query = with_quote(query, message.quote, self.texts)
+        return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
+
+
+def _attachments(message: Inbound) -> list[tuple[str, str]]:
+    """(kind, url) of every image, quoted image and file the message carries."""
+    attachments = [(IMAGE, url) for url in message.image_urls]
+    if message.quote:
+        attachments += [(IMAGE, url) for url in quoted_image_urls(message.quote)]
+    if message.msgtype in ("file", "video") and message.file_url:
+        attachments.append((DOCUMENT if message.msgtype == "file" else VIDEO, message.file_url))
+    return attachments

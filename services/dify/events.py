@@ -1,0 +1,116 @@
+"""Dify's SSE events as typed values: the event names the gateway acts on, and a reader that turns the events of
+one network read into a batch, stopping at `message_end` or an `error` event."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+
+from services.dify.errors import DifyStreamError
+from services.dify.transport import SSEEvent
+
+logger = logging.getLogger(__name__)
+
+TEXT_EVENTS = frozenset({"message", "agent_message"})
+END_EVENT = "message_end"
+ERROR_EVENT = "error"
+REPLACE_EVENT = "message_replace"
+FILE_EVENT = "message_file"
+THOUGHT_EVENT = "agent_thought"
+WORKFLOW_FINISHED = "workflow_finished"
+# Events that carry nothing for a text relay; anything not listed anywhere is ignored too, at debug level.
+QUIET_EVENTS = frozenset(
+    {
+        "ping",
+        "tts_message",
+        "tts_message_end",
+        "workflow_started",
+        "node_started",
+        "node_finished",
+        "node_retry",
+        "iteration_started",
+        "iteration_next",
+        "iteration_completed",
+        "loop_started",
+        "loop_next",
+        "loop_completed",
+        "parallel_branch_started",
+        "parallel_branch_finished",
+        "agent_log",
+        "text_chunk",
+        "text_replace",
+    }
+)
+
+
+@dataclass(slots=True)
+class DifyEvent:
+    """One decoded SSE event: `kind` is Dify's `event` field; `data` the whole JSON object."""
+
+    kind: str
+    data: dict
+
+    @property
+    def answer(self) -> str:
+        return self.data.get("answer") or ""
+
+    def get(self, name: str, default=None):
+        return self.data.get(name, default)
+
+
+def decode_event(event_name: str, payload: str) -> DifyEvent | None:
+    """Turn one SSE frame into a DifyEvent; None for pings, empty frames and data that is not a JSON object."""
+    if event_name == "ping" or not payload:
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        logger.warning("ignored an SSE frame whose data is not JSON (%d bytes)", len(payload))
+        return None
+    if not isinstance(data, dict):
+        logger.warning("ignored an SSE frame whose data is not a JSON object")
+        return None
+    kind = data.get("event") or (event_name if event_name != "message" else "")
+    if not isinstance(kind, str) or not kind:
+        logger.warning("ignored an SSE frame without an event name")
+        return None
+    return DifyEvent(kind, data)
+
+
+class EventReader:
+    """Turns the SSE events of each read into a batch of Dify events; stops at `message_end` or `error`."""
+
+    __slots__ = ("ended", "failure")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.failure: DifyStreamError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.ended or self.failure is not None
+
+    def read(self, events: list[SSEEvent]) -> list[DifyEvent]:
+        """The events of one read worth passing on (pings and quiet events left out)."""
+        batch = []
+        if self.stopped:
+            return batch
+        for sse in events:
+            event = decode_event(sse.event, sse.data)
+            if event is None:
+                continue
+            if event.kind == ERROR_EVENT:
+                self.failure = DifyStreamError(
+                    str(event.get("message") or "Dify reported an error"),
+                    code=str(event.get("code") or "stream_error"),
+                    status=event.get("status"),
+                )
+                break
+            if event.kind not in QUIET_EVENTS:
+                batch.append(event)
+            if event.kind == END_EVENT:
+                self.ended = True
+                break
+        return batch

@@ -1,0 +1,117 @@
+"""The end of every answer: its final state in Redis, and whatever the bubble could not show sent through the
+message's response_url, exactly once.
+
+The final state is retried through a short Redis outage. If the stream was closed elsewhere (its bubble finished
+by another replica's poll), or Redis stays away, the whole answer goes through response_url instead, so nothing a
+user was promised is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from services import metrics
+from services.chat.texts import Texts
+from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
+from services.streams.job import StreamJob
+from services.streams.outage import best_effort, through_outage
+from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted
+from services.streams.store import DONE, Finished, StreamStore
+from services.wecom.response_url import ResponseUrlClient
+
+logger = logging.getLogger(__name__)
+
+
+class Finisher:
+    """Records how an answer ended and delivers the rest."""
+
+    def __init__(
+        self, store: StreamStore, owner: str, responder: ResponseUrlClient, bubble: BubbleRenderer, texts: Texts
+    ):
+        self.store = store
+        self.owner = owner
+        self.responder = responder
+        self.bubble = bubble
+        self.texts = texts
+
+    def finish(self, job: StreamJob, answer: Answer, status: str, **fields: str) -> Finished | None:
+        """Write what is queued and record the final state (with the reply images, and for a done answer its
+        feedback target). Returns how the bubble ended, or None when another replica or a poll ended it."""
+        note = fields.get("note", "")
+        try:
+            finished = through_outage(
+                lambda: self._record(job, answer, status, fields), "recording the final state of the answer"
+            )
+        except StreamAborted:
+            logger.info("stream was taken over by another replica; final state not written")
+            return None
+        except redis.RedisError:
+            logger.error("Redis stayed unavailable; sending the answer through response_url instead")
+            self._send_whole(job, answer, note)
+            return None
+        if finished is not None:
+            metrics.STREAM_OUTCOMES.labels(status).inc()
+            metrics.STREAM_SECONDS.observe(max(0.0, time.time() - job.created_at))
+            self._send_rest(job, answer, finished, note)
+        elif answer.detached:
+            metrics.STREAM_OUTCOMES.labels("closed_elsewhere").inc()
+            self._send_whole(job, answer, note)
+        else:
+            logger.info("stream was already closed elsewhere; final state not written")
+        return finished
+
+    def _record(self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str]) -> Finished | None:
+        """One attempt: flush the writer, then the final state (None if the stream is no longer ours to end).
+
+        Raises:
+            redis.RedisError: Redis did not answer (the caller tries again).
+            StreamAborted: another replica owns the stream now.
+        """
+        if answer.writer is not None and not answer.detached:
+            answer.writer.flush(FLUSH_TIMEOUT)
+            answer.check_writer()
+        if answer.detached:
+            return None
+        feedback = {"message_id": answer.message_id, "user": job.dify_user} if status == DONE else None
+        return self.store.finish(
+            job.stream_id,
+            self.owner,
+            status,
+            fields,
+            images=answer.images,
+            feedback=feedback if answer.message_id else None,
+        )
+
+    def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> None:
+        """The bubble was finished by someone else (or cannot be updated): send the whole answer once."""
+        if not job.response_url:
+            logger.warning("the answer could not be delivered: no response_url")
+            return
+        message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
+        delivered = self.responder.send_markdown(job.response_url, message)
+        metrics.RESPONSE_URL.labels("whole_answer", "sent" if delivered else "failed").inc()
+        logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
+
+    def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
+        """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""
+        if not job.response_url:
+            return
+        if finished.close_reason:
+            shown_text = text_at_close(answer.text, finished.closed_bytes)
+            shown = self.bubble.closed(shown_text, finished.close_reason, True)[1]
+            message = remainder_message(self.texts, answer.text[shown:], note)
+        else:
+            shown = self.bubble.final(answer.text, note, True)[1]
+            if shown >= len(answer.text):
+                return
+            message = remainder_message(self.texts, answer.text[shown:])
+        delivered = self.responder.send_markdown(job.response_url, message)
+        metrics.RESPONSE_URL.labels("rest", "sent" if delivered else "failed").inc()
+        logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
+        best_effort(
+            lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),
+            "recording the response_url delivery",
+        )

@@ -1,0 +1,54 @@
+"""One answer to produce: what the user asked, and where the answer goes (kept in the stream hash, so another
+replica can take the job over)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+
+@dataclass(slots=True)
+class StreamJob:
+    """Everything a worker needs to answer one message."""
+
+    stream_id: str
+    msgid: str
+    userid: str
+    aibotid: str = ""
+    chatid: str = ""
+    query: str = ""
+    typed_query: bool = True
+    response_url: str = ""
+    attachments: list[tuple[str, str]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)  # when the user's message arrived
+
+    @property
+    def dify_user(self) -> str:
+        """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts."""
+        return f"wecom:{self.aibotid or 'bot'}:{self.userid}"
+
+    def request_fields(self) -> dict[str, str]:
+        """What the stream hash keeps so that another replica can restart this job (see `from_meta`)."""
+        return {
+            "query": self.query,
+            "typed_query": "1" if self.typed_query else "",
+            "attachments": orjson.dumps(self.attachments).decode() if self.attachments else "",
+        }
+
+    @classmethod
+    def from_meta(cls, stream_id: str, meta: dict[str, str]) -> StreamJob:
+        """Rebuild the job of a stream from its hash (a takeover on another replica)."""
+        return cls(
+            stream_id=stream_id,
+            msgid=meta.get("msgid", ""),
+            userid=meta.get("userid", ""),
+            aibotid=meta.get("aibotid", ""),
+            chatid=meta.get("chatid", ""),
+            query=meta.get("query", ""),
+            typed_query=bool(meta.get("typed_query")),
+            response_url=meta.get("response_url", ""),
+            attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
+            created_at=float(meta.get("created_at") or time.time()),
+        )

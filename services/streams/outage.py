@@ -1,0 +1,48 @@
+"""How a stream worker lives through a Redis outage, in one place.
+
+Every Redis call a worker makes goes through `through_outage` (the call must succeed: a short outage is waited
+out, a longer one raises) or `best_effort` (the answer goes on without it). So a blip never fails an answer that
+Dify completed: the deltas wait in the stream's writer, the final state is retried, and what cannot be written at
+all (the bubble is gone) is sent whole through response_url.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Waits between attempts: about 7.5 s in all, longer than a Redis restart or a Sentinel failover usually takes.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+def through_outage(call: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """`call()`, tried again after each delay while Redis fails.
+
+    Raises:
+        redis.RedisError: the last failure, once every delay has passed.
+    """
+    for delay in delays:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            logger.warning("Redis unavailable while %s (%s); trying again in %.1fs", what, exc, delay)
+            time.sleep(delay)
+    return call()
+
+
+def best_effort(call: Callable[[], object], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> bool:
+    """`through_outage`, but a lasting failure is logged instead of raised; True if the call succeeded."""
+    try:
+        through_outage(call, what, delays)
+    except redis.RedisError as exc:
+        logger.warning("gave up %s: Redis stayed unavailable (%s)", what, exc)
+        return False
+    return True

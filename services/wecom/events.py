@@ -1,0 +1,51 @@
+"""WeCom's event callbacks: `enter_chat` gets the welcome, `feedback_event` goes to Dify, others are noted.
+
+An event with side effects must not happen twice when WeCom resends it or someone replays it: the replay guard
+remembers each signed request, and a repeat gets the same reply without the side effect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from services.chat.welcome import Welcome
+from services.dify.feedback import FeedbackService
+from services.wecom.messages import Inbound, text_reply
+from services.wecom.replay_guard import ReplayGuard
+
+logger = logging.getLogger(__name__)
+
+
+class EventHandler:
+    def __init__(self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard):
+        self.welcome = welcome
+        self.feedback = feedback
+        self.replays = replays
+
+    def first_time(self, signature: str) -> bool:
+        """False for a repeat of a request already handled (a Redis outage counts as first time)."""
+        try:
+            return self.replays.first_time(signature)
+        except redis.RedisError as exc:
+            logger.warning("replay check unavailable (%s); handling the event", exc)
+            return True
+
+    def handle(self, message: Inbound) -> dict | None:
+        """The reply to an event (only enter_chat has one), after doing what it asks."""
+        logger.info("event %s received", message.event_type)
+        if message.event_type == "feedback_event":
+            self.feedback.submit(message.event)
+        return self._reply(message)
+
+    def replayed(self, message: Inbound) -> dict | None:
+        """The reply to a repeated event, without its side effects (the welcome is the same; feedback is not
+        forwarded twice)."""
+        return self._reply(message)
+
+    def _reply(self, message: Inbound) -> dict | None:
+        if message.event_type == "enter_chat":
+            welcome = self.welcome.text()
+            return text_reply(welcome) if welcome else None
+        return None
