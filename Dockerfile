@@ -29,7 +29,8 @@ COPY cli/ cli/
 # The instance folder holds the embedded SQLite default; on Kubernetes it is an emptyDir (read-only root fs).
 RUN mkdir -p /app/instance && chown gateway:gateway /app/instance
 USER 10001:10001
-EXPOSE 8080
+# 8080: the callback, /healthz, /readyz; 9090: /metrics when METRICS_PORT=9090 (k8s/base/configmap.yaml).
+EXPOSE 8080 9090
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
 
 FROM gateway AS standins

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 import redis
@@ -21,6 +22,7 @@ from config.settings import Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
 from services.gateway import Gateway, build_gateway
+from services.redis_conn import EmbeddedStoreUnavailable
 from services.wecom import errors
 from services.wecom.callback import StoreUnavailable
 from services.wecom.errors import CallbackError
@@ -44,7 +46,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app = Flask(__name__, instance_relative_config=True)
     app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
-    gateway = build_gateway(settings, Path(app.instance_path))
+    try:
+        gateway = build_gateway(settings, Path(app.instance_path))
+    except EmbeddedStoreUnavailable as exc:
+        exit_with_problems([str(exc)])
     app.extensions["gateway"] = gateway
 
     path = settings.wecom_callback_path
@@ -52,24 +57,27 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.add_url_rule(path, "callback", callback, methods=["POST"])
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
-    app.add_url_rule("/metrics", "metrics", metrics_endpoint)
+    if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach
+        app.add_url_rule("/metrics", "metrics", metrics_endpoint)
     _register_error_handlers(app)
     register_commands(app)
-    if settings.demo_mode:
-        from demo.console import console  # the local console exists only in demo mode
-
-        app.register_blueprint(console)
     logger.info("gateway ready: callback %s, instance %s", path, settings.instance_id)
     return app
 
 
 def load_settings_or_exit() -> Settings:
-    """Settings from the environment, or one clear line on stderr and exit status 2."""
+    """Settings from the environment, or one clear line per problem on stderr and exit status 2."""
     try:
         return load_settings()
     except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
-        raise SystemExit(2) from None
+        exit_with_problems(exc.problems)
+
+
+def exit_with_problems(problems: list[str]) -> NoReturn:
+    """Print `configuration error: <problem>` once per problem and exit with status 2 (no traceback)."""
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+    raise SystemExit(2)
 
 
 def gateway() -> Gateway:
@@ -110,7 +118,7 @@ def healthz():
 
 
 def readyz():
-    """Readiness: 200 only when Redis and (with AUTH_MODE=external) the database answer; 503 names what failed."""
+    """Readiness: 200 only when Redis and (with AUTH_MODE=external) the user table answer; 503 names what failed."""
     failed = {}
     try:
         gateway().redis.ping()
@@ -118,7 +126,9 @@ def readyz():
         failed["redis"] = type(exc).__name__
     if gateway().authorizer is not None:
         try:
-            db.ping(gateway().engine)
+            db.check_user_table(gateway().engine)
+        except db.SchemaMissing as exc:
+            failed["database"] = str(exc)
         except SQLAlchemyError as exc:
             failed["database"] = type(exc).__name__
     if not gateway().runner.accepting:
@@ -165,4 +175,7 @@ def _register_error_handlers(app: Flask) -> None:
 
 if __name__ == "__main__":
     _settings = load_settings_or_exit()
-    create_app(_settings).run(host=_settings.host, port=_settings.port, threaded=True)
+    _app = create_app(_settings)
+    if _settings.metrics_port:
+        metrics.serve(_settings.host, _settings.metrics_port)
+    _app.run(host=_settings.host, port=_settings.port, threaded=True)

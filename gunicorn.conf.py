@@ -17,8 +17,9 @@ from config.settings import SettingsError, load_settings
 SHIPPED_WORKER_CLASSES = ("gthread", "sync")
 
 
-def _exit_with(problem: str) -> None:
-    print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+def _exit_with(*problems: str) -> None:
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
     sys.exit(2)
 
 
@@ -69,10 +70,10 @@ def on_starting(server):
     try:
         settings = load_settings()
     except SettingsError as exc:
-        _exit_with(str(exc))
+        _exit_with(*exc.problems)
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()  # an operator-provided directory may hold a previous run's files
-    if settings.redis_url.startswith("memory://") and server.cfg.workers > 1:
+    if settings.redis_url.startswith("memory://") and server.cfg.workers > 1:  # demo mode only (settings)
         _exit_with(
             "REDIS_URL=memory:// keeps state inside one process; "
             f"set REDIS_URL to a Redis server to run {server.cfg.workers} workers"
@@ -81,6 +82,15 @@ def on_starting(server):
 
 # Seconds of the graceful timeout kept back for handing unfinished streams over and exiting before the SIGKILL.
 DRAIN_MARGIN_SECONDS = 5
+
+
+def when_ready(server):
+    """With METRICS_PORT set, the master serves every worker's metrics there (and the public port does not)."""
+    port = load_settings().metrics_port  # checked by on_starting
+    if port:
+        from services import metrics
+
+        metrics.serve(os.environ.get("BIND_HOST", "0.0.0.0"), port)
 
 
 def worker_exit(server, worker):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Flask
+import click
+from flask import Flask, current_app
 
 
 def register_commands(app: Flask) -> None:
@@ -14,3 +15,16 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(db_cli)
     app.cli.add_command(streams_cli)
     app.cli.add_command(users_cli)
+
+
+def gateway():
+    """The app's Gateway (services/gateway.py)."""
+    return current_app.extensions["gateway"]
+
+
+def user_table():
+    """The gateway's user directory, or a clear error when this deployment has none."""
+    users = gateway().users
+    if users is None:
+        raise click.ClickException("no user table here: AUTH_MODE=none and DATABASE_URL is not set")
+    return users

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
+from cli import user_table
 from services.auth import db
 
 db_cli = AppGroup("db", help="Database schema.")
@@ -15,7 +15,7 @@ db_cli = AppGroup("db", help="Database schema.")
 @db_cli.command("init")
 def init_command() -> None:
     """Create the wecom_users table if it does not exist."""
-    engine = current_app.extensions["gateway"].engine
+    engine = user_table().engine
     try:
         db.init_schema(engine)
     except SQLAlchemyError as exc:

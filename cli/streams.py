@@ -5,17 +5,16 @@ from __future__ import annotations
 import time
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
+from cli import gateway
 from services.streams.inspector import StreamInspector
 
 streams_cli = AppGroup("streams", help="Answers in Redis (the dify_stream:* keys).")
 
 
 def _inspector() -> StreamInspector:
-    gateway = current_app.extensions["gateway"]
-    return StreamInspector(gateway.redis, gateway.keys)
+    return StreamInspector(gateway().redis, gateway().keys)
 
 
 def _when(timestamp: float | None) -> str:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
+from cli import gateway, user_table
 from services.auth.users import UserExists
 from services.streams.inspector import StreamInspector
 
 users_cli = AppGroup("users", help="Who may use the bot (the wecom_users table).")
-
-
-def _gateway():
-    return current_app.extensions["gateway"]
 
 
 @users_cli.command("add")
@@ -26,7 +22,7 @@ def add_command(userid: str, account: str, display_name: str | None, disabled: b
     if len(userid) > 64 or len(account) > 128:
         raise click.BadParameter("userid is at most 64 characters, account at most 128")
     try:
-        _gateway().users.add(userid, account, display_name, enabled=not disabled)
+        user_table().add(userid, account, display_name, enabled=not disabled)
     except UserExists:
         raise click.ClickException(f"user {userid} already exists (use enable/disable)") from None
     click.echo(f"added {userid} ({account}){' disabled' if disabled else ''}")
@@ -47,11 +43,10 @@ def enable_command(userid: str) -> None:
 
 
 def _set_enabled(userid: str, enabled: bool) -> None:
-    gateway = _gateway()
-    if not gateway.users.set_enabled(userid, enabled):
+    if not user_table().set_enabled(userid, enabled):
         raise click.ClickException(f"no user {userid}")
-    if gateway.authorizer is not None:
-        gateway.authorizer.revoke(userid)
+    if gateway().authorizer is not None:
+        gateway().authorizer.revoke(userid)
     click.echo(f"{'enabled' if enabled else 'disabled'} {userid}")
 
 
@@ -62,7 +57,7 @@ def list_command(limit: int, offset: int) -> None:
     """List users, ordered by userid."""
     rows = [
         (u.userid, u.account, u.display_name or "", "yes" if u.enabled else "no")
-        for u in _gateway().users.list(limit, offset)
+        for u in user_table().list(limit, offset)
     ]
     header = ("USERID", "ACCOUNT", "NAME", "ENABLED")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
@@ -76,14 +71,13 @@ def list_command(limit: int, offset: int) -> None:
 @click.argument("userid")
 def token_command(userid: str) -> None:
     """Whether USERID has a cached auth token (never shown), and the Dify conversations it continues."""
-    gateway = _gateway()
-    if gateway.authorizer is None:
+    if gateway().authorizer is None:
         click.echo("AUTH_MODE=none: no tokens")
     else:
-        status = gateway.authorizer.token_status(userid)
+        status = gateway().authorizer.token_status(userid)
         cached = f"cached, expires in {status['ttl']}s" if status["cached"] else "not cached"
         click.echo(f"token: {cached}; single flight: {status['flight'] or '-'}")
-    conversations = StreamInspector(gateway.redis, gateway.keys).conversations_of(userid)
+    conversations = StreamInspector(gateway().redis, gateway().keys).conversations_of(userid)
     if not conversations:
         click.echo("conversations: none")
     for key, conversation_id, ttl in conversations:

@@ -2,7 +2,9 @@
 
 Every field maps to the environment variable of the same name in upper case (`dify_api_key` <- `DIFY_API_KEY`).
 A secret (a field kept out of repr) may instead come from a file named by `<VARIABLE>_FILE`, e.g. a mounted Secret.
-A bad or missing value raises `SettingsError` whose message is one line naming the variable.
+A bad or missing value raises `SettingsError`, which names every problem found, one line each, each naming its
+variable. Outside demo mode nothing falls back to an embedded store: a Redis server is required, and with
+`AUTH_MODE=external` the database and the auth API's key too (CONTRACT.md §7).
 """
 
 from __future__ import annotations
@@ -21,20 +23,30 @@ from dotenv import dotenv_values
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILES = (PROJECT_ROOT / ".env", PROJECT_ROOT / "demo.env")
 
-_AES_KEY_PATTERN = re.compile(r"[A-Za-z0-9]{43}")
-# Demo mode only: fixed local credentials so the simulator and the bot agree with no setup.
+_AES_KEY_ALPHABET = re.compile(r"[A-Za-z0-9]*")
+EMBEDDED_REDIS = "memory://"
+# Demo mode only: fixed local credentials so the simulator and the bot agree with no setup, the embedded store,
+# and the local addresses where the demo (`python -m demo`) starts its Dify and auth API stand-ins.
 DEMO_DEFAULTS = {
     "wecom_token": "demo-token",
     "wecom_encoding_aes_key": "DemoKeyForLocalRunsOnly0123456789abcdefghij",
     "dify_api_key": "app-demo",
     "auth_api_key": "demo-auth-key",
+    "redis_url": EMBEDDED_REDIS,
+    "dify_base_url": "http://127.0.0.1:18081/v1",
+    "auth_api_url": "http://127.0.0.1:18082/auth/token",
 }
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
 class SettingsError(ValueError):
-    """A setting is missing or malformed; the message is one line that names the variable."""
+    """Settings are missing or malformed: `problems` holds one line per problem, each naming its variable."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def _secret() -> str:
@@ -77,12 +89,12 @@ class Settings:
     dify_retry_backoff: float = 1.0
 
     # --- Redis ----------------------------------------------------------------------------------------------
-    redis_url: str = field(default="memory://", repr=False)
+    redis_url: str = field(default="", repr=False)  # demo mode: memory://, the embedded store
     redis_key_prefix: str = ""
     redis_socket_timeout: float = 2.0
 
     # --- database and auth ----------------------------------------------------------------------------------
-    database_url: str = field(default="", repr=False)
+    database_url: str = field(default="", repr=False)  # demo mode: a SQLite file in the instance folder
     auth_mode: str = "external"
     auth_api_url: str = ""
     auth_api_key: str = _secret()
@@ -99,9 +111,10 @@ class Settings:
     conversation_ttl_seconds: int = 7 * 24 * 3600
     rate_limit_per_minute: int = 20
 
-    # --- logging --------------------------------------------------------------------------------------------
+    # --- logging and metrics --------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: str = ""
+    metrics_port: int = 0  # 0: /metrics on the main port; else on this port only
 
     def __post_init__(self) -> None:
         if self.demo_mode:
@@ -120,75 +133,117 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _require(condition: bool, variable: str, problem: str) -> None:
-    if not condition:
-        raise SettingsError(f"{variable} {problem}")
+class _Problems(list):
+    """The problems found so far, one line each."""
+
+    def require(self, condition: bool, variable: str, problem: str) -> None:
+        if not condition:
+            self.append(f"{variable} {problem}")
 
 
 def _validate(s: Settings) -> None:
-    """Check every value; the first problem found raises `SettingsError`."""
+    """Check every value.
+
+    Raises:
+        SettingsError: every problem found, one line each.
+    """
+    problems = _Problems()
     production = not s.demo_mode
-    _require(s.bot_language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
-    _require(bool(s.replica_id), "REPLICA_ID", "must not be empty")
-    _require(0 < s.port < 65536, "PORT", "must be a TCP port number")
-    _require(bool(s.wecom_token), "WECOM_TOKEN", "is required (the Token from the bot's API settings)")
-    _require(
-        bool(_AES_KEY_PATTERN.fullmatch(s.wecom_encoding_aes_key)),
-        "WECOM_ENCODING_AES_KEY",
-        f"must be 43 characters from A-Z, a-z, 0-9 (got {len(s.wecom_encoding_aes_key)} characters)",
-    )
-    _require(s.wecom_callback_path.startswith("/"), "WECOM_CALLBACK_PATH", "must start with '/'")
-    _require(s.wecom_timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds")
-    _require(s.wecom_max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
-
-    if production or s.dify_base_url:
-        _require(
-            _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
-        )
-    _require(bool(s.dify_api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
-    _require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
-    _require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
-    _require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")
-    _require(s.dify_max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
-    _require(s.dify_retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
-
-    scheme = urlsplit(s.redis_url).scheme
-    _require(
-        scheme in ("redis", "rediss", "unix", "memory"),
-        "REDIS_URL",
-        "must be redis://, rediss://, unix:// or memory://",
-    )
-    _require(s.redis_socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
-
-    if s.database_url:
-        db_scheme = urlsplit(s.database_url).scheme
-        _require(
-            db_scheme.startswith(("mysql", "sqlite")), "DATABASE_URL", "must be mysql+pymysql://... or sqlite:///..."
-        )
-    _require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
-    _require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
-    _require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
-    _require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
-    if s.auth_mode == "external" and (production or s.auth_api_url):
-        _require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
-
-    _require(
+    problems.require(s.bot_language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
+    problems.require(bool(s.replica_id), "REPLICA_ID", "must not be empty")
+    problems.require(0 < s.port < 65536, "PORT", "must be a TCP port number")
+    problems.require(0 <= s.metrics_port < 65536, "METRICS_PORT", "must be a TCP port number (or 0: none)")
+    problems.require(not s.metrics_port or s.metrics_port != s.port, "METRICS_PORT", "must differ from PORT (or be 0)")
+    _check_wecom(s, problems)
+    _check_dify(s, problems)
+    _check_stores(s, problems, production)
+    problems.require(
         1 <= s.stream_window_seconds <= 355,
         "STREAM_WINDOW_SECONDS",
         "must be between 1 and 355 (WeCom polls for 360 s)",
     )
-    _require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
-    _require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
-    _require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
-    _require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
-    _require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
-
-    _require(
+    problems.require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
+    problems.require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
+    problems.require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
+    problems.require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
+    problems.require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
+    problems.require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "LOG_LEVEL",
         "must be DEBUG, INFO, WARNING or ERROR",
     )
-    _require(s.log_format in ("", "json", "text"), "LOG_FORMAT", "must be 'json' or 'text'")
+    problems.require(s.log_format in ("", "json", "text"), "LOG_FORMAT", "must be 'json' or 'text'")
+    if problems:
+        raise SettingsError(problems)
+
+
+def _check_wecom(s: Settings, problems: _Problems) -> None:
+    problems.require(bool(s.wecom_token), "WECOM_TOKEN", "is required (the Token from the bot's API settings)")
+    key = s.wecom_encoding_aes_key
+    if len(key) != 43:
+        problems.append(f"WECOM_ENCODING_AES_KEY must be 43 characters (got {len(key)} characters)")
+    elif not _AES_KEY_ALPHABET.fullmatch(key):
+        others = "".join(sorted({c for c in key if not _AES_KEY_ALPHABET.fullmatch(c)}))
+        problems.append(
+            f"WECOM_ENCODING_AES_KEY may hold only the letters A-Z, a-z and the digits 0-9 (found {others!r}); "
+            "copy it again from the bot's API settings"
+        )
+    problems.require(s.wecom_callback_path.startswith("/"), "WECOM_CALLBACK_PATH", "must start with '/'")
+    problems.require(
+        s.wecom_timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds"
+    )
+    problems.require(s.wecom_max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
+
+
+def _check_dify(s: Settings, problems: _Problems) -> None:
+    problems.require(
+        _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
+    )
+    problems.require(bool(s.dify_api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
+    problems.require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
+    problems.require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
+    problems.require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")
+    problems.require(s.dify_max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
+    problems.require(s.dify_retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
+
+
+def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
+    """Redis, the user table and the auth API: outside demo mode, nothing falls back to an embedded store."""
+    scheme = urlsplit(s.redis_url).scheme
+    if not s.redis_url:
+        problems.append("REDIS_URL is required: the Redis every replica shares, e.g. redis://redis:6379/0")
+    elif scheme == "memory":
+        if production:
+            problems.append(
+                "REDIS_URL=memory:// is the demo's embedded store and keeps state inside one process; "
+                "outside demo mode set the Redis every replica shares, e.g. redis://redis:6379/0"
+            )
+    else:
+        problems.require(scheme in ("redis", "rediss", "unix"), "REDIS_URL", "must be redis://, rediss:// or unix://")
+    problems.require(s.redis_socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
+
+    external = s.auth_mode == "external"
+    problems.require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
+    if s.database_url:
+        db_scheme = urlsplit(s.database_url).scheme
+        problems.require(
+            db_scheme.startswith(("mysql", "sqlite")), "DATABASE_URL", "must be mysql+pymysql://... or sqlite:///..."
+        )
+    elif production and external:
+        problems.append(
+            "DATABASE_URL is required with AUTH_MODE=external: the wecom_users table every replica reads, "
+            "e.g. mysql+pymysql://user:pass@mysql/db"
+        )
+    if external:
+        problems.require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
+        problems.require(
+            bool(s.auth_api_key),
+            "AUTH_API_KEY",
+            "is required with AUTH_MODE=external (our credential for the auth API)",
+        )
+    problems.require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
+    problems.require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
+    problems.require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
 
 
 def _is_http_url(value: str) -> bool:
@@ -235,17 +290,27 @@ def load_settings(environ: Mapping[str, str] | None = None, env_files=ENV_FILES)
     """Build `Settings` from the environment and env files.
 
     Raises:
-        SettingsError: one line naming the first bad or missing variable.
+        SettingsError: every bad or missing variable, one line each.
     """
     values = read_environment(environ, env_files)
     kwargs = {}
+    problems: list[str] = []
     for f in dataclasses.fields(Settings):
         variable = f.name.upper()
-        if not f.repr:
-            _read_secret_file(variable, values)
-        if variable in values:
-            kwargs[f.name] = _parse(variable, values[variable], _FIELD_TYPES[str(f.type)])
-    return Settings(**kwargs)
+        try:
+            if not f.repr:
+                _read_secret_file(variable, values)
+            if variable in values:
+                kwargs[f.name] = _parse(variable, values[variable], _FIELD_TYPES[str(f.type)])
+        except SettingsError as exc:
+            problems += exc.problems
+    try:
+        settings = Settings(**kwargs)
+    except SettingsError as exc:
+        problems += exc.problems
+    if problems:
+        raise SettingsError(problems)
+    return settings
 
 
 def _read_secret_file(variable: str, values: dict[str, str]) -> None:

@@ -1,8 +1,8 @@
 """`python -m demo`: run the gateway on embedded defaults and chat with it in this terminal.
 
-Starts the app (development server, in-process), which in demo mode brings up the built-in Dify stand-in, then
-opens the WeCom simulator's chat loop against it. Nothing external is needed: no WeCom account, Redis, MySQL
-or Dify key.
+Starts the demo app (demo/app.py: the gateway plus its Dify and auth stand-ins) on the development server,
+in-process, then opens the WeCom simulator's chat loop against it. Nothing external is needed: no WeCom account,
+Redis, MySQL or Dify key.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 from werkzeug.serving import make_server
 
-from app import create_app, load_settings_or_exit
+from demo.app import create_app
 from demo.wecom_simulator import WeComSimulator, chat_loop
 from utils.logging import send_logs_to
 
 
 def main() -> None:
-    settings = load_settings_or_exit()
-    app = create_app(settings)
+    app = create_app()
+    settings = app.extensions["gateway"].settings
     log_path = _log_to_file(Path(app.instance_path) / "demo.log")
     server = make_server(settings.host, settings.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()

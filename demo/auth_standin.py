@@ -84,16 +84,3 @@ class AuthStandIn:
             "employee_id": f"E{abs(hash(account)) % 100000:05d}",
         }
         await conn.send(200, {"token": token, "expires_in": self.expires_in, "user": user})
-
-
-_builtin: AuthStandIn | None = None
-_builtin_lock = threading.Lock()
-
-
-def start_builtin_auth_standin(api_key: str) -> str:
-    """Start (once per process) the auth stand-in the demo mode uses; returns its URL."""
-    global _builtin
-    with _builtin_lock:
-        if _builtin is None:
-            _builtin = AuthStandIn(api_key=api_key).start()
-        return _builtin.url

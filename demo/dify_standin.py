@@ -165,8 +165,10 @@ class DifyStandIn:
         demo_delay: float = 0.06,
         host: str = "127.0.0.1",
         port: int = 0,
+        language: str = "zh",
     ):
         self.api_key = api_key
+        self.language = language  # of the unscripted demo answers
         self.ping_interval = ping_interval
         self.demo_delay = demo_delay
         self.server = StandInServer(self.handle, host, port)
@@ -175,6 +177,7 @@ class DifyStandIn:
         self.open_streams = 0
         self.parameters = default_parameters()
         self.conversations: dict[str, str] = {}  # conversation id -> the end-user it belongs to
+        self.questions: dict[str, list[str]] = {}  # conversation id -> its questions so far
         self.completed: set[str] = set()  # conversations Dify reports as ended
         self.messages: dict[str, str] = {}  # message id -> end-user
         self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
@@ -205,7 +208,7 @@ class DifyStandIn:
             self.requests.clear()
             self.stops.clear()
             self.parameters = default_parameters()
-            for registry in (self.conversations, self.messages, self.uploads, self.files):
+            for registry in (self.conversations, self.questions, self.messages, self.uploads, self.files):
                 registry.clear()
             self.completed.clear()
             self.feedbacks.clear()
@@ -291,10 +294,13 @@ class DifyStandIn:
             "message_id": str(uuid.uuid4()),
             "conversation_id": conversation_id or str(uuid.uuid4()),
         }
+        query = body.get("query", "")
         with self._lock:
             self.conversations[ids["conversation_id"]] = body["user"]
             self.messages[ids["message_id"]] = body["user"]
-        steps = self._take_script(body.get("query", "")) or demo_reply(body.get("query", ""), self.demo_delay)
+            earlier = list(self.questions.get(ids["conversation_id"], []))
+            self.questions.setdefault(ids["conversation_id"], []).append(query)
+        steps = self._take_script(query) or demo_reply(query, self.demo_delay, self.language, earlier)
         self.open_streams += 1
         try:
             await self._play(steps, ids, conn)
@@ -473,38 +479,49 @@ def _validate_chat(body: dict) -> str:
     return ""
 
 
-def demo_reply(query: str, delay: float) -> list[tuple]:
-    """What the stand-in says without a script: a short markdown answer streamed word by word.
+_DEMO_TEXTS = {
+    "zh": {
+        "intro": "**本地演示回答**（Dify 替身）\n\n你刚才说：「{query}」\n\n",
+        "turn": "这是本次对话的第 {turn} 轮，上一轮你问的是：「{previous}」。\n\n",
+        "cut": "这段回答会在中途断开……",
+        "body": "这是一个流式回答：每个词都是 Dify 的一个 `message` 事件，网关把它们写入 Redis，"
+        "企业微信每秒轮询一次，看到的总是到目前为止的完整文本。\n\n"
+        "- 发送 `error` 看看出错时的提示\n- 发送 `cut` 看看连接中断时的提示\n- 发送 `slow` 看一个较长的回答\n"
+        "- 发送 `/new` 开始新的对话\n",
+        "slow": "{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n",
+    },
+    "en": {
+        "intro": "**Local demo answer** (Dify stand-in)\n\nYou said: “{query}”\n\n",
+        "turn": "This is turn {turn} of our conversation; last time you asked: “{previous}”.\n\n",
+        "cut": "This answer will break off halfway…",
+        "body": "This answer streams: every word is one Dify `message` event, the gateway writes them to Redis, "
+        "and WeCom polls once a second, always seeing the whole text so far.\n\n"
+        "- send `error` to see how a failure looks\n- send `cut` to see a broken connection\n"
+        "- send `slow` for a longer answer\n- send `/new` to start a new conversation\n",
+        "slow": "{i}. Paragraph {i} of a longer answer, to watch the bubble grow.\n",
+    },
+}
+
+
+def demo_reply(query: str, delay: float, language: str = "zh", earlier: list[str] | None = None) -> list[tuple]:
+    """What the stand-in says without a script: a short markdown answer streamed word by word, in the bot's
+    language, saying which turn of the conversation it is (`earlier`: the questions before this one).
 
     A few words in the question show how failures look in the bubble: 'error', 'cut', 'slow'.
     """
+    texts = _DEMO_TEXTS.get(language, _DEMO_TEXTS["zh"])
     lowered = query.lower()
-    intro = f"**本地演示回答**（Dify 替身）\n\n你刚才说：「{query[:200]}」\n\n"
+    intro = texts["intro"].format(query=query[:200])
+    if earlier:
+        intro += texts["turn"].format(turn=len(earlier) + 1, previous=earlier[-1][:200])
     if "error" in lowered:
         return [ping(), *answer(intro, delay=delay)[:-1], error("completion_request_error", "model failed", 400)]
     if "cut" in lowered:
-        return [ping(), *answer(intro + "这段回答会在中途断开……", delay=delay)[:-1], cut()]
-    body = (
-        "这是一个流式回答：每个词都是 Dify 的一个 `message` 事件，网关把它们写入 Redis，"
-        "企业微信每秒轮询一次，看到的总是到目前为止的完整文本。\n\n"
-        "- 发送 `error` 看看出错时的提示\n- 发送 `cut` 看看连接中断时的提示\n- 发送 `slow` 看一个较长的回答\n"
-    )
+        return [ping(), *answer(intro + texts["cut"], delay=delay)[:-1], cut()]
+    body = texts["body"]
     if "slow" in lowered:
-        body += "\n" + "".join(f"{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n" for i in range(1, 31))
+        body += "\n" + "".join(texts["slow"].format(i=i) for i in range(1, 31))
     return [ping(), *answer(intro + body, delay=delay)]
-
-
-_builtin: DifyStandIn | None = None
-_builtin_lock = threading.Lock()
-
-
-def start_builtin_standin() -> str:
-    """Start (once per process) the stand-in the demo mode answers with; returns its Dify base URL."""
-    global _builtin
-    with _builtin_lock:
-        if _builtin is None:
-            _builtin = DifyStandIn().start()
-        return _builtin.base_url
 
 
 if __name__ == "__main__":

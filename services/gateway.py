@@ -41,9 +41,6 @@ from services.wecom.response_url import ResponseUrlClient
 
 logger = logging.getLogger(__name__)
 
-# Seeded into the database in demo mode, so the local chat works with AUTH_MODE=external out of the box.
-DEMO_USERS = (("alice", "alice@example.com", "Alice", True), ("bob", "bob@example.com", "Bob", False))
-
 
 @dataclass
 class Gateway:
@@ -57,8 +54,8 @@ class Gateway:
     dify: DifyClient
     dify_base_url: str
     profile: DifyAppProfile
-    engine: Engine
-    users: UserDirectory
+    engine: Engine | None  # None when no user table is needed (AUTH_MODE=none and no DATABASE_URL)
+    users: UserDirectory | None
     authorizer: Authorizer | None
     conversations: ConversationStore
     media: MediaService
@@ -97,27 +94,26 @@ class Gateway:
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
         self.store.close()
         self.redis.close()
 
 
 def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
-    """Create the clients and services for `settings` (starting the built-in stand-ins in demo mode)."""
+    """Create the clients and services for `settings`; `instance_path` holds the demo's embedded stores."""
     texts = Texts(settings.bot_language)
-    client = connect_redis(settings.redis_url, settings.redis_socket_timeout)
+    client = connect_redis(settings.redis_url, settings.redis_socket_timeout, instance_path)
     keys = Keys(settings.redis_key_prefix)
     store = StreamStore(
         client, keys, settings.stream_key_ttl_seconds, settings.stream_lease_seconds, settings.rate_limit_per_minute
     )
-    dify_base_url, dify = _dify(settings)
+    dify_base_url, dify = settings.dify_base_url, _dify(settings)
     profile = DifyAppProfile(dify)
     crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
 
-    engine = db.make_engine(settings.database_url or db.default_sqlite_url(instance_path), settings.database_timeout)
-    users = UserDirectory(engine)
-    if settings.demo_mode:
-        seed_demo_users(engine, users)
+    engine = _engine(settings, instance_path)
+    users = UserDirectory(engine) if engine is not None else None
     authorizer = _authorizer(settings, client, keys, users, profile)
 
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
@@ -175,36 +171,30 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     )
 
 
-def _dify(settings: Settings) -> tuple[str, DifyClient]:
-    base_url = settings.dify_base_url
-    if not base_url:
-        from demo.dify_standin import start_builtin_standin  # demo mode only (settings enforce it)
+def _engine(settings: Settings, instance_path: Path) -> Engine | None:
+    """The user table's engine: DATABASE_URL, the demo's embedded SQLite file, or none where none is needed
+    (settings require DATABASE_URL outside demo mode when AUTH_MODE=external)."""
+    url = settings.database_url or (db.default_sqlite_url(instance_path) if settings.demo_mode else "")
+    return db.make_engine(url, settings.database_timeout) if url else None
 
-        base_url = start_builtin_standin()
-        logger.warning("demo mode: answering with the built-in Dify stand-in at %s", base_url)
-    client = DifyClient(
-        base_url,
+
+def _dify(settings: Settings) -> DifyClient:
+    return DifyClient(
+        settings.dify_base_url,
         settings.dify_api_key,
         connect_timeout=settings.dify_connect_timeout,
         read_timeout=settings.dify_read_timeout,
         max_retries=settings.dify_max_retries,
         retry_backoff=settings.dify_retry_backoff,
     )
-    return base_url, client
 
 
 def _authorizer(
-    settings: Settings, client: redis.Redis, keys: Keys, users: UserDirectory, profile: DifyAppProfile
+    settings: Settings, client: redis.Redis, keys: Keys, users: UserDirectory | None, profile: DifyAppProfile
 ) -> Authorizer | None:
-    if settings.auth_mode != "external":
+    if settings.auth_mode != "external" or users is None:
         return None
-    auth_url = settings.auth_api_url
-    if not auth_url:
-        from demo.auth_standin import start_builtin_auth_standin  # demo mode only (settings enforce it)
-
-        auth_url = start_builtin_auth_standin(settings.auth_api_key)
-        logger.warning("demo mode: authenticating with the built-in auth stand-in at %s", auth_url)
-    api = AuthApiClient(auth_url, settings.auth_api_key, settings.auth_timeout)
+    api = AuthApiClient(settings.auth_api_url, settings.auth_api_key, settings.auth_timeout)
     return Authorizer(
         client,
         keys,
@@ -214,11 +204,3 @@ def _authorizer(
         exchange_timeout=settings.auth_timeout + settings.database_timeout,
         declared_inputs=profile.declared_inputs,
     )
-
-
-def seed_demo_users(engine: Engine, users: UserDirectory) -> None:
-    """Create the schema and the demo users (alice enabled, bob disabled) if they are missing."""
-    db.init_schema(engine)
-    for userid, account, name, enabled in DEMO_USERS:
-        if users.find(userid) is None:
-            users.add(userid, account, name, enabled)

@@ -1,4 +1,4 @@
-"""Prometheus metrics, all defined here; `render()` answers GET /metrics.
+"""Prometheus metrics, all defined here; `render()` answers GET /metrics, `serve()` serves them on METRICS_PORT.
 
 Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers start: each worker then writes
 its values to files there and /metrics, on any worker, adds them up (prometheus-client's multiprocess mode).
@@ -17,6 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 
 CALLBACKS = Counter("wecom_callbacks_total", "WeCom callbacks by message type and outcome", ["type", "outcome"])
@@ -59,10 +60,21 @@ TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["result"
 RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["kind", "result"])
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text and its content type: every worker's values under gunicorn, this process's else."""
+def _registry() -> CollectorRegistry:
+    """Every worker's values under gunicorn (multiprocess mode), this process's else."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type (GET /metrics on the main port)."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def serve(host: str, port: int) -> None:
+    """Serve /metrics on a port of its own (METRICS_PORT), in a daemon thread: under gunicorn the master serves
+    every worker's values there, so a scraper can reach the pod without the public port exposing them."""
+    start_http_server(port, addr=host, registry=_registry())

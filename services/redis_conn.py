@@ -1,19 +1,33 @@
-"""Create the Redis client for a REDIS_URL: a real server, or `memory://`, an embedded store for one process."""
+"""Create the Redis client for a REDIS_URL: a real server, or `memory://`, the demo's embedded store."""
 
 from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from pathlib import Path
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+logger = logging.getLogger(__name__)
 
-def connect_redis(url: str, socket_timeout: float = 2.0) -> redis.Redis:
+EMBEDDED_PORT_FILE = "embedded-redis.port"
+
+
+class EmbeddedStoreUnavailable(RuntimeError):
+    """memory:// was asked for where the demo extras (fakeredis, lupa) are not installed."""
+
+
+def connect_redis(url: str, socket_timeout: float = 2.0, instance_path: Path | None = None) -> redis.Redis:
     """A client with short timeouts (a Redis outage fails requests fast instead of hanging threads) and a couple
-    of quick retries for a dropped connection only: retrying a timeout would just multiply the wait."""
-    if url.startswith("memory://"):
-        import fakeredis  # only the embedded default needs it
+    of quick retries for a dropped connection only: retrying a timeout would just multiply the wait.
 
-        return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    `memory://` (demo mode only; settings refuse it elsewhere) is the embedded store, see `connect_embedded`.
+    """
+    if url.startswith("memory://"):
+        return connect_embedded(instance_path or Path("instance"))
     return redis.Redis.from_url(
         url,
         decode_responses=True,
@@ -22,6 +36,58 @@ def connect_redis(url: str, socket_timeout: float = 2.0) -> redis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,)),
     )
+
+
+def connect_embedded(instance_path: Path) -> redis.Redis:
+    """The demo's embedded store, shared by the processes of one checkout: the first process hosts it (an
+    in-process fakeredis, also served on a loopback port named in `instance/embedded-redis.port`), and the
+    others, such as `flask --app app streams list` while `make demo` runs, connect to it there.
+
+    Raises:
+        EmbeddedStoreUnavailable: fakeredis is not installed (the production image does not ship it).
+    """
+    port_file = instance_path / EMBEDDED_PORT_FILE
+    hosted = _attach(port_file)
+    if hosted is not None:
+        return hosted
+    try:
+        import fakeredis  # the demo extras only (requirements-demo.txt)
+    except ImportError:
+        raise EmbeddedStoreUnavailable(
+            "REDIS_URL=memory:// needs the demo extras: pip install -r requirements-demo.txt"
+        ) from None
+    server = fakeredis.TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    server.daemon_threads = True  # a connected CLI must not keep the demo from exiting
+    threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True).start()
+    port = str(server.server_address[1])
+    instance_path.mkdir(parents=True, exist_ok=True)
+    port_file.write_text(port)
+    atexit.register(_forget_port, port_file, port)
+    logger.info("embedded store (memory://) served to this checkout's other processes on 127.0.0.1:%s", port)
+    return fakeredis.FakeRedis(server=server.fake_server, decode_responses=True)
+
+
+def _attach(port_file: Path) -> redis.Redis | None:
+    """A client of the embedded store another process of this checkout hosts, if it still answers."""
+    try:
+        port = int(port_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_connect_timeout=0.5)
+    try:
+        client.ping()
+    except redis.RedisError:
+        client.close()
+        return None
+    return client
+
+
+def _forget_port(port_file: Path, port: str) -> None:
+    try:
+        if port_file.read_text().strip() == port:
+            port_file.unlink()
+    except OSError:
+        return
 
 
 class HotPathConnections:

@@ -279,8 +279,19 @@ def test_no_token_key_or_secret_in_any_log_line(sim, dify, auth, redis_client, c
 def test_readiness_names_the_database(auth_app):
     client = auth_app(database_url="mysql+pymysql://root@127.0.0.1:1/nowhere").test_client()
     response = client.get("/readyz")
-    assert response.status_code == 503 and "database" in response.get_json()["failed"]
+    assert response.status_code == 503
+    assert "database" in response.get_json()["failed"]
     assert auth_app().test_client().get("/readyz").status_code == 200
+
+
+def test_readiness_fails_until_the_user_table_exists(auth_app, tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    client = auth_app(database_url=url).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["failed"] == {"database": "no wecom_users table: run `flask --app app db init`"}
+    db.init_schema(db.make_engine(url))
+    assert client.get("/readyz").status_code == 200
 
 
 # --- the user directory and the operator commands -----------------------------------------------------------

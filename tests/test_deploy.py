@@ -2,6 +2,7 @@
 kubectl, every object validated against the Kubernetes schemas, and the settings they carry checked against
 the app's own."""
 
+import ast
 import dataclasses
 import os
 import re
@@ -103,6 +104,26 @@ def test_the_deployment_fits_the_app():
     assert find(objects, "HorizontalPodAutoscaler", "wecom-gateway")["spec"]["minReplicas"] == spec["replicas"]
 
 
+def test_only_the_callback_path_is_exposed_outside_the_cluster():
+    objects = build("base")
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    ingress = find(objects, "Ingress", "wecom-gateway")
+    paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert [(p["path"], p["pathType"]) for p in paths] == [(config["WECOM_CALLBACK_PATH"], "Exact")]
+    backend = paths[0]["backend"]["service"]
+    assert backend == {"name": "wecom-gateway", "port": {"name": "http"}}
+
+
+def test_metrics_are_served_on_a_pod_port_the_service_does_not_expose():
+    objects = build("base")
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    [container] = find(objects, "Deployment", "wecom-gateway")["spec"]["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == int(config["METRICS_PORT"])
+    service = find(objects, "Service", "wecom-gateway")
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
+
+
 def test_config_and_secret_keys_are_settings_the_app_reads():
     objects = build("overlays/test-cluster")
     config = find(objects, "ConfigMap", "wecom-gateway")["data"]
@@ -139,3 +160,55 @@ def test_the_image_runs_unprivileged_without_demo_files():
     assert re.search(r"^FROM gateway\s*$", dockerfile.strip().splitlines()[-1])  # the default target
     ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
     assert {"demo.env", ".env", ".git", "tests/", ".venv"} <= set(ignored)
+
+
+def _image_files() -> list[Path]:
+    """The Python files the gateway image ships: what the gateway stage COPYs from the build context."""
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    gateway_stage = dockerfile.split("AS gateway", 1)[1].split("AS standins", 1)[0]
+    files: list[Path] = []
+    for line in gateway_stage.splitlines():
+        words = line.split()
+        if words[:1] != ["COPY"] or any(word.startswith("--from") for word in words):
+            continue
+        for source in words[1:-1]:
+            path = PROJECT_ROOT / source
+            files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.suffix == ".py" else []
+    return files
+
+
+def _requirements(path: Path) -> set[str]:
+    """Package names a requirements file installs, following its `-r` includes."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r"):
+            names |= _requirements(path.parent / line[2:].strip())
+        elif line:
+            names.add(re.split(r"[=<>~!\[ ]", line, maxsplit=1)[0].lower())
+    return names
+
+
+def test_the_image_installs_no_demo_extras():
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    installed = re.findall(r"pip install [^\n]*-r (\S+)", dockerfile)
+    copied = dict(re.findall(r"^COPY (requirements[\w-]*\.txt) (\S+)$", dockerfile, re.M))
+    assert installed == ["/tmp/requirements.txt"] and copied == {"requirements.txt": "/tmp/requirements.txt"}
+    packages = _requirements(PROJECT_ROOT / "requirements.txt")
+    assert {"flask", "gunicorn", "redis"} <= packages
+    assert not packages & {"fakeredis", "lupa"}
+    assert {"fakeredis", "lupa"} <= _requirements(PROJECT_ROOT / "requirements-demo.txt")
+
+
+def test_no_module_of_the_image_imports_the_demo():
+    files = _image_files()
+    assert PROJECT_ROOT / "app.py" in files and PROJECT_ROOT / "services" / "gateway.py" in files
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(name == "demo" or name.startswith("demo.") for name in names):
+                offenders.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
+    assert offenders == []

@@ -205,9 +205,9 @@ def test_timestamps(client, timestamp):
     )
 
 
-def test_coverage_guided_fuzzing_with_atheris(tmp_path):
-    """atheris (libFuzzer) mutates inputs towards new code paths for FUZZ_SECONDS (default 20); any violation of
-    the checks, or any unhandled exception, fails it."""
+def test_coverage_guided_fuzzing_with_atheris(tmp_path, redis_url, redis_client):
+    """atheris (libFuzzer) mutates inputs towards new code paths for FUZZ_SECONDS (default 20), against the test
+    Redis; any violation of the checks, or any unhandled exception, fails it."""
     import re
     import subprocess
     import sys
@@ -224,6 +224,7 @@ def test_coverage_guided_fuzzing_with_atheris(tmp_path):
             f"-artifact_prefix={tmp_path}/",
         ],
         cwd=PROJECT_ROOT,
+        env={**os.environ, "FUZZ_REDIS_URL": redis_url},
         capture_output=True,
         text=True,
         timeout=seconds + 120,

@@ -4,10 +4,13 @@ stream id, and the streams/users operator commands."""
 import json
 import threading
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo import dify_standin as d
+from demo.replicas import free_port
+from services import metrics
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
 
 
@@ -176,3 +179,13 @@ def test_users_token_shows_status_never_the_token(make_app, dify, auth, mysql_ur
     assert "cached, expires in" in out and "tok_secret_value" not in out
     assert "c0ffee00-0000-0000-0000-000000000001" in out
     assert "not cached" in runner.invoke(args=["users", "token", "frank"]).output
+
+
+def test_with_a_metrics_port_the_public_port_has_no_metrics(make_app):
+    port = free_port()
+    client = make_app(metrics_port=port).test_client()
+    assert client.get("/metrics").status_code == 404
+    metrics.serve("127.0.0.1", port)
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert scraped.status_code == 200
+    assert "wecom_callbacks_total" in scraped.text

@@ -92,8 +92,8 @@ def test_close_disconnects_the_idle_connections(client):
     assert connections.execute("PING") == "PONG"  # a later call connects again
 
 
-def test_the_embedded_store_works_the_same():
-    client = connect_redis("memory://")
+def test_the_embedded_store_works_the_same(tmp_path):
+    client = connect_redis("memory://", instance_path=tmp_path)
     connections = HotPathConnections(client)
     assert connections.execute("SET", "k", "v") == "OK"
     assert client.get("k") == "v"

@@ -12,7 +12,14 @@ VALID = {
     "WECOM_ENCODING_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
     "DIFY_BASE_URL": "https://dify.example/v1",
     "DIFY_API_KEY": "app-xyz",
+    "REDIS_URL": "redis://redis:6379/0",
     "AUTH_MODE": "none",
+}
+EXTERNAL_AUTH = {
+    "AUTH_MODE": "external",
+    "AUTH_API_URL": "https://auth.example/token",
+    "AUTH_API_KEY": "svc-key",
+    "DATABASE_URL": "mysql+pymysql://gw:pw@mysql/gw",
 }
 
 
@@ -25,7 +32,13 @@ def test_valid_production_settings():
     assert settings.demo_mode is False
     assert settings.dify_base_url == "https://dify.example/v1"
     assert settings.wecom_callback_path == "/wecom/callback"
-    assert settings.redis_url == "memory://"
+    assert settings.redis_url == "redis://redis:6379/0"
+
+
+def test_valid_production_settings_with_external_auth():
+    settings = load({**VALID, **EXTERNAL_AUTH})
+    assert settings.auth_mode == "external"
+    assert settings.database_url == EXTERNAL_AUTH["DATABASE_URL"]
 
 
 def test_types_are_parsed():
@@ -49,10 +62,60 @@ def test_missing_files_are_fine(tmp_path):
     assert load(VALID, files=(tmp_path / "nope.env",)).wecom_token == "tok-Secret-1"
 
 
-def test_demo_mode_fills_credentials_and_needs_no_dify():
+def test_demo_mode_fills_credentials_the_embedded_stores_and_the_standins_addresses():
     settings = load({"DEMO_MODE": "true"})
     assert settings.wecom_token == DEMO_DEFAULTS["wecom_token"]
-    assert settings.dify_base_url == ""  # the built-in stand-in is started instead
+    assert settings.redis_url == "memory://"
+    assert settings.database_url == ""  # the gateway puts a SQLite file in its instance folder
+    assert settings.dify_base_url == DEMO_DEFAULTS["dify_base_url"]  # where `python -m demo` starts its stand-in
+    assert settings.auth_api_url == DEMO_DEFAULTS["auth_api_url"]
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        (
+            {"REDIS_URL": ""},
+            "REDIS_URL is required: the Redis every replica shares, e.g. redis://redis:6379/0",
+        ),
+        (
+            {"REDIS_URL": "memory://"},
+            "REDIS_URL=memory:// is the demo's embedded store and keeps state inside one process; outside demo "
+            "mode set the Redis every replica shares, e.g. redis://redis:6379/0",
+        ),
+        (
+            {**EXTERNAL_AUTH, "DATABASE_URL": ""},
+            "DATABASE_URL is required with AUTH_MODE=external: the wecom_users table every replica reads, "
+            "e.g. mysql+pymysql://user:pass@mysql/db",
+        ),
+        (
+            {**EXTERNAL_AUTH, "AUTH_API_KEY": ""},
+            "AUTH_API_KEY is required with AUTH_MODE=external (our credential for the auth API)",
+        ),
+    ],
+)
+def test_production_fails_closed_instead_of_falling_back_to_an_embedded_store(change, line):
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, **change})
+    assert caught.value.problems == [line]
+
+
+def test_every_problem_is_reported_at_once():
+    env = {"REDIS_URL": "", "WECOM_TOKEN": "", "DIFY_API_KEY": "", "DIFY_READ_TIMEOUT": "soon", "PORT": "0"}
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, **env})
+    named = [problem.split(" ", 1)[0] for problem in caught.value.problems]
+    assert sorted(named) == ["DIFY_API_KEY", "DIFY_READ_TIMEOUT", "PORT", "REDIS_URL", "WECOM_TOKEN"]
+
+
+def test_an_aes_key_of_the_right_length_with_other_characters_says_which_are_allowed():
+    key = "abcdefghijklmnopqrstuvwxyz0123456789ABCD+/G"
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, "WECOM_ENCODING_AES_KEY": key})
+    assert caught.value.problems == [
+        "WECOM_ENCODING_AES_KEY may hold only the letters A-Z, a-z and the digits 0-9 (found '+/'); "
+        "copy it again from the bot's API settings"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -71,7 +134,8 @@ def test_demo_mode_fills_credentials_and_needs_no_dify():
         ({"REDIS_URL": "http://redis"}, "REDIS_URL"),
         ({"DATABASE_URL": "postgres://db"}, "DATABASE_URL"),
         ({"AUTH_MODE": "maybe"}, "AUTH_MODE"),
-        ({"AUTH_MODE": "external"}, "AUTH_API_URL"),
+        ({**EXTERNAL_AUTH, "AUTH_API_URL": ""}, "AUTH_API_URL"),
+        ({"METRICS_PORT": "8080"}, "METRICS_PORT"),
         ({"DEMO_MODE": "perhaps"}, "DEMO_MODE"),
         ({"WECOM_CALLBACK_PATH": "wecom"}, "WECOM_CALLBACK_PATH"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
@@ -82,8 +146,9 @@ def test_demo_mode_fills_credentials_and_needs_no_dify():
 def test_bad_values_name_the_variable_in_one_line(change, variable):
     with pytest.raises(SettingsError) as caught:
         load({**VALID, **change})
-    message = str(caught.value)
-    assert message.startswith(variable + " ") and "\n" not in message
+    [problem] = caught.value.problems
+    assert problem.startswith(variable + " ")
+    assert "\n" not in problem
 
 
 def test_secrets_stay_out_of_repr():
@@ -105,8 +170,20 @@ def test_start_up_with_a_bad_value_prints_one_line_and_exits_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "configuration error: WECOM_ENCODING_AES_KEY must be 43 characters from A-Z, a-z, 0-9 (got 3 characters)"
+        "configuration error: WECOM_ENCODING_AES_KEY must be 43 characters (got 3 characters)"
     ]
+
+
+def test_start_up_with_several_bad_values_prints_a_line_for_each():
+    env = {"PATH": "/usr/bin:/bin", **VALID, "DEMO_MODE": "false", "REDIS_URL": "", "DIFY_API_KEY": ""}
+    result = subprocess.run(
+        [sys.executable, "app.py"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("configuration error: DIFY_API_KEY is required")
+    assert lines[1].startswith("configuration error: REDIS_URL is required")
 
 
 def test_a_secret_can_come_from_a_mounted_file(tmp_path):

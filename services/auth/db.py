@@ -15,7 +15,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     func,
-    text,
+    inspect,
     true,
 )
 from sqlalchemy.engine import make_url
@@ -67,7 +67,17 @@ def init_schema(engine: Engine) -> None:
     metadata.create_all(engine, checkfirst=True)
 
 
-def ping(engine: Engine) -> None:
-    """Raise if the database does not answer `SELECT 1`."""
+class SchemaMissing(Exception):
+    """The database answers but has no wecom_users table: `flask --app app db init` has not been run."""
+
+
+def check_user_table(engine: Engine) -> None:
+    """Raise unless the database answers and holds the wecom_users table.
+
+    Raises:
+        SchemaMissing: the table does not exist.
+        SQLAlchemyError: the database does not answer.
+    """
     with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
+        if not inspect(connection).has_table(wecom_users.name):
+            raise SchemaMissing("no wecom_users table: run `flask --app app db init`")

@@ -9,6 +9,7 @@ import pytest
 
 from config.settings import PROJECT_ROOT
 from demo import dify_standin as d
+from demo.app import create_app as create_demo_app
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -48,9 +49,11 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def console_url(make_app, serve):
-    live = serve(make_app(demo_mode=True, auth_mode="none"))
-    return f"{live.url}/console"
+def console_url(settings, serve):
+    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none"))
+    yield f"{serve(app).url}/console"
+    app.extensions["gateway"].runner.drain(10)
+    app.extensions["gateway"].close()
 
 
 def wait_until(driver, script, timeout=20):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from demo import dify_standin as d
-from demo.replicas import GunicornReplica
+from demo.replicas import GunicornReplica, free_port
 from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN, make_simulator
 
 pytestmark = pytest.mark.e2e
@@ -59,12 +59,33 @@ def test_logs_are_json_lines_under_gunicorn(replica, dify):
     assert TOKEN not in replica.logs() and AES_KEY not in replica.logs() and DIFY_KEY not in replica.logs()
 
 
-def test_memory_store_is_refused_with_several_workers(dify, tmp_path):
-    env = {**replica_env(dify), "REDIS_URL": "memory://"}
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        ({"REDIS_URL": "memory://"}, "configuration error: REDIS_URL=memory:// is the demo's embedded store"),
+        ({"REDIS_URL": ""}, "configuration error: REDIS_URL is required"),
+        (
+            {"AUTH_MODE": "external", "AUTH_API_URL": "http://127.0.0.1:9/token", "AUTH_API_KEY": "k"},
+            "configuration error: DATABASE_URL is required with AUTH_MODE=external",
+        ),
+    ],
+    ids=["memory-store", "no-redis", "no-database"],
+)
+def test_production_settings_without_shared_stores_stop_even_with_one_worker(dify, tmp_path, change, line):
+    server = GunicornReplica({**replica_env(dify), **change}, tmp_path, "refused", workers=1)
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start(timeout=15)
+    problems = [entry for entry in server.logs().splitlines() if entry.startswith("configuration error:")]
+    assert len(problems) == 1
+    assert problems[0].startswith(line)
+
+
+def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(dify, tmp_path):
+    env = {**replica_env(dify), "DEMO_MODE": "true", "REDIS_URL": "memory://"}
     server = GunicornReplica(env, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
-    assert "configuration error: REDIS_URL=memory://" in server.logs()
+    assert "configuration error: REDIS_URL=memory:// keeps state inside one process" in server.logs()
 
 
 @pytest.mark.parametrize(
@@ -127,3 +148,22 @@ def test_metrics_add_up_every_worker(replica, dify):
     }
     assert len(owners) == 2  # both workers took messages
     assert {opened() for _ in range(6)} == {8.0}  # whichever worker answers /metrics, the sum is the same
+
+
+def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, redis_client, tmp_path):
+    import httpx
+
+    metrics_port = free_port()
+    env = {**replica_env(dify), "METRICS_PORT": str(metrics_port)}
+    server = GunicornReplica(env, tmp_path, "metrics-port", workers=2).start()
+    try:
+        dify.script(d.answer("counted"))
+        sim = make_simulator(server.url, poll_interval=0.05)
+        sim.ask("count me")
+        sim.close()
+        assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 404
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert scraped.status_code == 200
+        assert 'wecom_messages_total{outcome="opened"} 1.0' in scraped.text
+    finally:
+        server.stop()

@@ -4,22 +4,22 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
-from config.settings import PROJECT_ROOT
+from config.settings import DEMO_DEFAULTS, PROJECT_ROOT
 from demo.replicas import free_port
+from demo.wecom_simulator import WeComSimulator
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_chat_answers_in_the_terminal():
-    env = {**os.environ, "PORT": str(free_port())}
-    for name in ("REDIS_URL", "DIFY_BASE_URL", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY", "DEMO_MODE", "AUTH_MODE"):
-        env.pop(name, None)
     result = subprocess.run(
         [sys.executable, "-m", "demo"],
         cwd=PROJECT_ROOT,
-        env=env,
+        env=demo_env(),
         input="hello there\nerror\n\n",
         capture_output=True,
         text=True,
@@ -32,3 +32,63 @@ def test_quickstart_chat_answers_in_the_terminal():
     assert "抱歉，生成回答时出错了" in out
     # once the chat starts, the gateway's log goes to instance/demo.log instead of the terminal
     assert "Dify failed" not in out + result.stderr
+
+
+def demo_env(**changes: str) -> dict[str, str]:
+    """The environment of a newcomer's shell: only demo.env's settings, a free port for the gateway."""
+    env = {**os.environ, "PORT": str(free_port())}
+    for name in ("REDIS_URL", "DIFY_BASE_URL", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY", "DEMO_MODE", "AUTH_MODE"):
+        env.pop(name, None)
+    return {**env, **changes}
+
+
+def test_the_demo_answers_in_the_bots_language_and_shows_that_the_conversation_goes_on():
+    result = subprocess.run(
+        [sys.executable, "-m", "demo"],
+        cwd=PROJECT_ROOT,
+        env=demo_env(BOT_LANGUAGE="en"),
+        input="hello there\nand then?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.split("you> ")[1:3]
+    assert "You said: “hello there”" in first
+    assert "turn" not in first
+    assert "You said: “and then?”" in second
+    assert "This is turn 2 of our conversation; last time you asked: “hello there”." in second
+
+
+def test_operator_commands_reach_the_running_demos_streams(tmp_path):
+    env = demo_env()
+    log = (tmp_path / "demo.log").open("wb")
+    demo = subprocess.Popen([sys.executable, "-m", "demo.serve"], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        assert wait_until(lambda: _answers(f"{url}/readyz"), timeout=30), (tmp_path / "demo.log").read_text()
+        simulator = WeComSimulator(url, DEMO_DEFAULTS["wecom_token"], DEMO_DEFAULTS["wecom_encoding_aes_key"])
+        simulator.poll_interval = 0.1
+        conversation = simulator.ask("what do operators see?")
+        simulator.close()
+        listed = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "app", "streams", "list"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert conversation.stream_id in listed.stdout
+    finally:
+        demo.terminate()
+        demo.wait(10)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -5,12 +5,14 @@
 Each input is split by a FuzzedDataProvider into one of three shapes: a raw request (query and body from the
 fuzzer's bytes), a validly signed request around a fuzzed `encrypt` value, or a valid envelope around a fuzzed
 plaintext message. The answer must pass tests/fuzz/checks.py; a violation or an unhandled exception is a crash.
-The gateway runs in-process on the embedded store, with Dify unreachable (streams end at once).
+The gateway runs in-process on the Redis named by FUZZ_REDIS_URL (the test Redis), with Dify unreachable (streams
+end at once).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -25,7 +27,7 @@ from tests.fuzz.checks import SECRETS, check, fuzz_settings
 
 TOKEN, AES_KEY, _ = SECRETS
 CRYPTO = WeComCrypto(TOKEN, AES_KEY, "")
-APP = create_app(fuzz_settings("memory://", dify_connect_timeout=0.05))
+APP = create_app(fuzz_settings(os.environ["FUZZ_REDIS_URL"], dify_connect_timeout=0.05))
 logging.getLogger().setLevel(logging.CRITICAL)
 CLIENT = APP.test_client()
 

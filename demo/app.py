@@ -1,0 +1,83 @@
+"""The demo around the production app: `create_app()` here wraps `app.create_app()` and adds what a local run
+needs and production never has: the Dify and auth API stand-ins (started where the demo settings point:
+DEMO_DEFAULTS in config/settings.py), the seeded demo users, and the browser console.
+
+    python -m demo          the gateway plus a chat in this terminal (`make demo`)
+    python -m demo.serve    the gateway alone, on the development server
+    flask --app demo.app …  the operator commands, with the demo's settings
+
+Production code never imports this package; this package builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+import app as gateway_app
+from config.settings import Settings
+from demo.auth_standin import AuthStandIn
+from demo.console import console
+from demo.dify_standin import DifyStandIn
+from services.auth import db
+from services.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+# alice may use the bot; bob is disabled; anyone else (e.g. eve) is unknown.
+DEMO_USERS = (("alice", "alice@example.com", "Alice", True), ("bob", "bob@example.com", "Bob", False))
+_started: dict[str, object] = {}  # url -> the stand-in this process started there
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The gateway in demo mode, with its stand-ins, demo users and console."""
+    settings = settings or gateway_app.load_settings_or_exit()
+    if settings.demo_mode:
+        start_standins(settings)
+    app = gateway_app.create_app(settings)
+    gateway: Gateway = app.extensions["gateway"]
+    if settings.demo_mode and gateway.users is not None:
+        seed_demo_users(gateway)
+    app.register_blueprint(console)
+    return app
+
+
+def start_standins(settings: Settings) -> None:
+    """Start the Dify and auth API stand-ins at the loopback addresses the settings name, unless something
+    answers there already (another demo process, or `python -m demo.standins`)."""
+    if _needs_standin(settings.dify_base_url):
+        host, port = _address(settings.dify_base_url)
+        _started[settings.dify_base_url] = DifyStandIn(host=host, port=port, language=settings.bot_language).start()
+        logger.warning("demo: answering with the built-in Dify stand-in at %s", settings.dify_base_url)
+    if settings.auth_mode == "external" and _needs_standin(settings.auth_api_url):
+        host, port = _address(settings.auth_api_url)
+        _started[settings.auth_api_url] = AuthStandIn(api_key=settings.auth_api_key, host=host, port=port).start()
+        logger.warning("demo: authenticating with the built-in auth stand-in at %s", settings.auth_api_url)
+
+
+def seed_demo_users(gateway: Gateway) -> None:
+    """Create the schema and the demo users if they are missing."""
+    db.init_schema(gateway.users.engine)
+    for userid, account, name, enabled in DEMO_USERS:
+        if gateway.users.find(userid) is None:
+            gateway.users.add(userid, account, name, enabled)
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _needs_standin(url: str) -> bool:
+    """A loopback URL that nothing answers yet (and that this process has not served already)."""
+    host, port = _address(url)
+    if url in _started or host not in ("127.0.0.1", "localhost"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return False
+    except OSError:
+        return True

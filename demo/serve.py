@@ -1,0 +1,21 @@
+"""`python -m demo.serve`: the gateway in demo mode on the development server (stand-ins and console included),
+without the terminal chat; talk to it from the console page or `python -m demo.wecom_simulator`."""
+
+from __future__ import annotations
+
+from demo.app import create_app
+from services import metrics
+
+
+def main() -> None:
+    app = create_app()
+    settings = app.extensions["gateway"].settings
+    if settings.metrics_port:
+        metrics.serve(settings.host, settings.metrics_port)
+    print(f"Gateway running at http://{settings.host}:{settings.port}{settings.wecom_callback_path} (demo mode).")
+    print(f"Console: http://{settings.host}:{settings.port}/console")
+    app.run(host=settings.host, port=settings.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()
