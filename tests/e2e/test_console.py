@@ -103,6 +103,35 @@ def test_the_console_shows_failures_as_finished_bubbles(browser, console_url, di
     assert "部分回答" in text and "回答中断" in text
 
 
+AT_THE_END = (
+    "const m = document.getElementById('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight <= 40;"
+)
+
+
+def test_the_console_follows_a_growing_answer_unless_the_user_scrolled_up(browser, console_url, dify):
+    from selenium.webdriver.common.by import By
+
+    long_answer = "".join(f"{i}. line {i} of a long answer\n\n" for i in range(1, 61))
+    dify.script(d.answer(long_answer, pieces=60, delay=0.05))
+    dify.script(d.answer(long_answer, pieces=60, delay=0.05))
+    browser.get(console_url)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("a long one")
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    assert browser.execute_script(
+        "const m = document.getElementById('messages'); return m.scrollHeight > m.clientHeight;"
+    )
+    assert browser.execute_script(AT_THE_END)  # followed the answer down as it grew
+
+    browser.find_element(By.ID, "input").send_keys("another long one")
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "return document.querySelectorAll('.msg.bot').length === 2;")
+    browser.execute_script("document.getElementById('messages').scrollTop = 0;")  # the user scrolls up to read
+    wait_until(browser, "return document.querySelectorAll('.msg.bot')[1].dataset.finished === 'true';")
+    assert browser.execute_script("return document.getElementById('messages').scrollTop;") == 0
+
+
 def test_the_console_exists_only_in_demo_mode(client):
     assert client.get("/console").status_code == 404
     assert client.get("/console/api/config").status_code == 404

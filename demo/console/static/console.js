@@ -116,17 +116,36 @@ function basePayload(msgtype) {
 
 // --- the chat -----------------------------------------------------------------------------------------------------
 
-function addMessage(kind, html) {
-  const element = document.createElement("div");
-  element.className = `msg ${kind}`;
-  element.innerHTML = html;
+// Follow the conversation as it grows, unless the user has scrolled up to read something earlier.
+const FOLLOW_SLACK_PX = 40;
+
+function followingTheEnd(list) {
+  return list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
+}
+
+function changeMessages(change) {
   const list = document.getElementById("messages");
-  list.appendChild(element);
-  list.scrollTop = list.scrollHeight;
-  return element;
+  const follow = followingTheEnd(list);
+  const result = change(list);
+  if (follow) list.scrollTop = list.scrollHeight;
+  return result;
+}
+
+function addMessage(kind, html) {
+  return changeMessages((list) => {
+    const element = document.createElement("div");
+    element.className = `msg ${kind}`;
+    element.innerHTML = html;
+    list.appendChild(element);
+    return element;
+  });
 }
 
 function showBubble(bubble, stream, finished, note) {
+  changeMessages(() => renderBubble(bubble, stream, finished, note));
+}
+
+function renderBubble(bubble, stream, finished, note) {
   let html = renderMarkdown(stream.content || "");
   for (const item of stream.msg_item || []) {
     if (item.msgtype === "image") html += `<img alt="image" src="data:image/png;base64,${item.image.base64}">`;
