@@ -14,6 +14,7 @@ import orjson
 from bench import harness
 from demo import dify_standin as d
 from demo.auth_standin import AuthStandIn
+from services.auth import db
 
 
 def seed_tokens(client, users: list[str]) -> None:
@@ -40,12 +41,14 @@ def main(argv: list[str] | None = None) -> dict:
     users = [f"user{i}" for i in range(count)]
     try:
         seed_tokens(env.redis.client(), users)
+        database_url = f"sqlite:///{env.log_dir}/users.db"
+        db.init_schema(db.make_engine(database_url))  # the gateway is ready only once its user table exists
         gateway = env.start_gateway(
             "new-messages",
             AUTH_MODE="external",
             AUTH_API_URL=auth.url,
             AUTH_API_KEY="bench-auth",
-            DATABASE_URL=f"sqlite:///{env.log_dir}/users.db",
+            DATABASE_URL=database_url,
         )
         env.dify.script(d.answer("A short answer.", delay=0.05), times=None)
         sim = env.simulator(gateway.url)

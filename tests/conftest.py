@@ -13,6 +13,7 @@ import pymysql
 import pytest
 import redis
 from flask import Flask
+from sqlalchemy import delete
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
@@ -22,6 +23,8 @@ from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.redis_server import PrivateRedisServer
 from demo.wecom_simulator import WeComSimulator
+from services.auth import db
+from services.auth.users import UserDirectory
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+pymysql://root@127.0.0.1:3306")
@@ -195,6 +198,32 @@ def live(app, serve) -> LiveServer:
     return serve(app)
 
 
+@pytest.fixture
+def make_pair(make_app, serve):
+    """Two replicas on real ports sharing the test Redis: `make_pair(**setting changes)` -> (replica-a, replica-b)."""
+
+    def start(**changes) -> tuple[LiveServer, LiveServer]:
+        return tuple(serve(make_app(replica_id=f"replica-{name}", **changes)) for name in "ab")
+
+    return start
+
+
+@pytest.fixture
+def pair(make_pair) -> tuple[LiveServer, LiveServer]:
+    return make_pair()
+
+
+@pytest.fixture
+def user_table(mysql_url):
+    """The test database's wecom_users table, created if needed and emptied: add the users a test needs."""
+    engine = db.make_engine(mysql_url, timeout=3)
+    db.init_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(delete(db.wecom_users))
+    yield UserDirectory(engine)
+    engine.dispose()
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
@@ -203,6 +232,11 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def wait_idle(*servers: LiveServer, timeout: float = 10.0) -> None:
+    """Wait until no stream runs on any of these replicas: every Dify call they will make has been made."""
+    assert wait_until(lambda: all(s.gateway.runner.active_count == 0 for s in servers), timeout), "streams still run"
 
 
 def make_simulator(urls, **kwargs) -> WeComSimulator:

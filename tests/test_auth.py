@@ -8,13 +8,12 @@ import threading
 
 import orjson
 import pytest
-from sqlalchemy import delete
 
 from demo import auth_standin
 from demo import dify_standin as d
 from services.auth import db
 from services.auth.authorizer import token_ttl
-from services.auth.users import UserDirectory, UserExists
+from services.auth.users import UserExists
 from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
@@ -22,17 +21,11 @@ ZH = CATALOGUE["zh"]
 
 
 @pytest.fixture
-def directory(mysql_url):
-    """The test database's user table, emptied, with alice (enabled) and dave (disabled)."""
-    engine = db.make_engine(mysql_url, timeout=3)
-    db.init_schema(engine)
-    with engine.begin() as connection:
-        connection.execute(delete(db.wecom_users))
-    users = UserDirectory(engine)
-    users.add("alice", "alice@corp.example", "Alice")
-    users.add("dave", "dave@corp.example", "Dave", enabled=False)
-    yield users
-    engine.dispose()
+def directory(user_table):
+    """The user table with alice (enabled) and dave (disabled)."""
+    user_table.add("alice", "alice@corp.example", "Alice")
+    user_table.add("dave", "dave@corp.example", "Dave", enabled=False)
+    return user_table
 
 
 @pytest.fixture
@@ -62,7 +55,8 @@ def sim(auth_app, serve):
 
 
 def finished_with(conversation, note_key):
-    assert conversation.finished and conversation.text == ZH[note_key]
+    assert conversation.finished
+    assert conversation.text == ZH[note_key]
 
 
 def test_a_known_user_gets_a_token_passed_to_dify(sim, dify, auth, redis_client):
@@ -75,7 +69,8 @@ def test_a_known_user_gets_a_token_passed_to_dify(sim, dify, auth, redis_client)
     token = redis_client.get("authorization:wechatid:alice")
     assert token.startswith("tok_")
     info = orjson.loads(redis_client.get(f"authorization:token:{token}"))
-    assert info["account"] == "alice@corp.example" and info["user"]["department"] == "R&D"
+    assert info["account"] == "alice@corp.example"
+    assert info["user"]["department"] == "R&D"
     [request] = dify.chat_requests()
     assert request["inputs"] == {"user_token": token, "user_account": "alice@corp.example"}
 
@@ -106,12 +101,14 @@ def test_the_next_message_uses_the_cached_token(sim, dify, auth):
 
 def test_unknown_user(sim, dify, auth):
     finished_with(sim.ask("hi", userid="mallory"), "unknown_user")
-    assert dify.chat_requests() == [] and auth.calls == []
+    assert dify.chat_requests() == []
+    assert auth.calls == []
 
 
 def test_disabled_user(sim, dify, auth):
     finished_with(sim.ask("hi", userid="dave"), "user_disabled")
-    assert dify.chat_requests() == [] and auth.calls == []
+    assert dify.chat_requests() == []
+    assert auth.calls == []
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
@@ -141,7 +138,8 @@ def test_database_down(auth_app, serve, dify, auth):
     live = serve(auth_app(database_url="mysql+pymysql://root@127.0.0.1:1/nowhere"))
     simulator = make_simulator(live.url)
     finished_with(simulator.ask("hi", userid="alice"), "database_unavailable")
-    assert dify.chat_requests() == [] and auth.calls == []
+    assert dify.chat_requests() == []
+    assert auth.calls == []
     simulator.close()
 
 
@@ -213,7 +211,9 @@ def test_single_flight_under_many_concurrent_lookups(auth_app, auth):
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(results) == 20 and len(set(results)) == 1
+    assert errors == []
+    assert len(results) == 20
+    assert len(set(results)) == 1
     assert len(auth.calls) == 1
 
 
@@ -250,8 +250,11 @@ def test_declared_inputs_are_filled_from_the_user_info(sim, dify, auth):
     dify.script(d.answer("ok"))
     sim.ask("hi", userid="alice")
     inputs = dify.chat_requests()[0]["inputs"]
-    assert inputs["department"] == "R&D" and inputs["display_name"] == "Alice" and inputs["tone"] == "formal"
-    assert "not_known" not in inputs and inputs["user_account"] == "alice@corp.example"
+    assert inputs["department"] == "R&D"
+    assert inputs["display_name"] == "Alice"
+    assert inputs["tone"] == "formal"
+    assert "not_known" not in inputs
+    assert inputs["user_account"] == "alice@corp.example"
 
 
 def test_auth_mode_none_asks_nobody(make_app, serve, dify, auth):
@@ -259,7 +262,8 @@ def test_auth_mode_none_asks_nobody(make_app, serve, dify, auth):
     simulator = make_simulator(live.url)
     dify.script(d.answer("open to all"))
     assert simulator.ask("hi", userid="anyone").text == "open to all"
-    assert auth.calls == [] and dify.chat_requests()[0]["inputs"] == {}
+    assert auth.calls == []
+    assert dify.chat_requests()[0]["inputs"] == {}
     simulator.close()
 
 
@@ -270,7 +274,8 @@ def test_no_token_key_or_secret_in_any_log_line(sim, dify, auth, redis_client, c
         sim.ask("again", userid="alice")
         finished_with(sim.ask("hi", userid="mallory"), "unknown_user")
     token = redis_client.get("authorization:wechatid:alice")
-    assert token and caplog.records
+    assert token
+    assert caplog.records
     for secret in (token, AUTH_KEY, DIFY_KEY, TOKEN, AES_KEY):
         assert secret not in caplog.text
         assert all(secret not in str(r.args) for r in caplog.records)
@@ -298,7 +303,8 @@ def test_readiness_fails_until_the_user_table_exists(auth_app, tmp_path):
 
 
 def test_directory_on_mariadb(directory):
-    assert directory.find("alice").enabled and not directory.find("dave").enabled
+    assert directory.find("alice").enabled
+    assert not directory.find("dave").enabled
     assert directory.find("nobody") is None
     with pytest.raises(UserExists):
         directory.add("alice", "other@corp.example")
@@ -314,12 +320,14 @@ def test_cli_schema_init_is_safe_twice_and_users_can_be_managed(auth_app, dify, 
     runner = app.test_cli_runner()
     for _ in range(2):
         result = runner.invoke(args=["db", "init"])
-        assert result.exit_code == 0 and "schema ready" in result.output
+        assert result.exit_code == 0
+        assert "schema ready" in result.output
     result = runner.invoke(args=["users", "add", "erin", "erin@corp.example", "--name", "Erin"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(args=["users", "add", "erin", "x"]).exit_code != 0
     listing = runner.invoke(args=["users", "list"]).output
-    assert "erin@corp.example" in listing and "alice" in listing
+    assert "erin@corp.example" in listing
+    assert "alice" in listing
 
     simulator = make_simulator(serve(app).url)
     dify.script(d.answer("welcome Erin"))

@@ -36,7 +36,8 @@ def test_conversations_survive_a_restart_and_other_replicas(make_app, serve, dif
     sim.ask("still there?")
     first, second = dify.chat_requests()
     [created] = dify.conversations  # the one conversation Dify made for the first message
-    assert "conversation_id" not in first and second["conversation_id"] == created
+    assert "conversation_id" not in first
+    assert second["conversation_id"] == created
     sim.close()
 
 
@@ -61,9 +62,11 @@ def test_a_lost_conversation_is_dropped_and_the_question_retried_once(simulator,
     assert simulator.ask("two").text == "fresh start"
     requests = dify.chat_requests()
     assert len(requests) == 3
-    assert requests[1]["conversation_id"] == old and "conversation_id" not in requests[2]
+    assert requests[1]["conversation_id"] == old
+    assert "conversation_id" not in requests[2]
     new = redis_client.get("conversation:demo-bot:single:alice")
-    assert new and new != old
+    assert new
+    assert new != old
 
 
 def test_the_conversation_is_remembered_even_if_the_answer_fails(simulator, dify, redis_client):
@@ -77,7 +80,8 @@ def test_new_starts_a_fresh_conversation_and_says_so(simulator, dify, redis_clie
     dify.script(d.answer("first"))
     simulator.ask("one")
     reply = simulator.send(simulator.text_message(command))
-    assert reply["stream"]["finish"] is True and reply["stream"]["content"] == ZH["new_conversation"]
+    assert reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == ZH["new_conversation"]
     assert not redis_client.exists("conversation:demo-bot:single:alice")
     assert len(dify.chat_requests()) == 1
     dify.script(d.answer("second"))
@@ -91,12 +95,14 @@ def test_new_with_a_question_asks_it_in_a_fresh_conversation(simulator, dify):
     dify.script(d.answer("fresh answer"))
     assert simulator.ask("/new what is new?").text == "fresh answer"
     last = dify.chat_requests()[-1]
-    assert last["query"] == "what is new?" and "conversation_id" not in last
+    assert last["query"] == "what is new?"
+    assert "conversation_id" not in last
 
 
 def test_help(simulator, dify):
     reply = simulator.send(simulator.text_message("/help"))
-    assert reply["stream"]["content"] == ZH["help"] and reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == ZH["help"]
+    assert reply["stream"]["finish"] is True
     assert dify.chat_requests() == []
 
 

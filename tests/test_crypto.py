@@ -178,7 +178,8 @@ def test_pad32_and_unpad32():
     for size in range(70):
         data = b"z" * size
         padded = pad32(data)
-        assert len(padded) % 32 == 0 and len(padded) > len(data)
+        assert len(padded) % 32 == 0
+        assert len(padded) > len(data)
         assert unpad32(padded) == data
     with pytest.raises(CryptoError):
         unpad32(b"")
@@ -195,4 +196,5 @@ def test_media_decryption(bot):
 
 
 def test_repr_hides_the_key(bot):
-    assert KEY not in repr(bot) and "token-1" not in repr(bot)
+    assert KEY not in repr(bot)
+    assert "token-1" not in repr(bot)

@@ -89,9 +89,11 @@ def test_the_deployment_fits_the_app():
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+    assert container["resources"]["limits"]["memory"]
+    assert container["resources"]["requests"]["cpu"]
     config = find(objects, "ConfigMap", "wecom-gateway")["data"]
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     graceful = int(config["GUNICORN_GRACEFUL_TIMEOUT"])
@@ -130,7 +132,8 @@ def test_config_and_secret_keys_are_settings_the_app_reads():
     secret_keys = set(find(objects, "Secret", "wecom-gateway")["data"])
     example_keys = set(yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())["stringData"])
     assert set(config) <= SETTING_NAMES | GUNICORN_NAMES
-    assert example_keys <= SETTING_NAMES and secret_keys == example_keys
+    assert example_keys <= SETTING_NAMES
+    assert secret_keys == example_keys
     assert not set(config) & example_keys  # no secret sits in the ConfigMap
 
 
@@ -156,7 +159,8 @@ def test_the_image_runs_unprivileged_without_demo_files():
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
     gateway_stage = dockerfile.split("AS gateway", 1)[1].split("AS standins", 1)[0]
     assert re.search(r"^USER 10001", gateway_stage, re.M)
-    assert "DEMO_MODE=false" in gateway_stage and "COPY demo" not in gateway_stage
+    assert "DEMO_MODE=false" in gateway_stage
+    assert "COPY demo" not in gateway_stage
     assert re.search(r"^FROM gateway\s*$", dockerfile.strip().splitlines()[-1])  # the default target
     ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
     assert {"demo.env", ".env", ".git", "tests/", ".venv"} <= set(ignored)
@@ -193,7 +197,8 @@ def test_the_image_installs_no_demo_extras():
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
     installed = re.findall(r"pip install [^\n]*-r (\S+)", dockerfile)
     copied = dict(re.findall(r"^COPY (requirements[\w-]*\.txt) (\S+)$", dockerfile, re.M))
-    assert installed == ["/tmp/requirements.txt"] and copied == {"requirements.txt": "/tmp/requirements.txt"}
+    assert installed == ["/tmp/requirements.txt"]
+    assert copied == {"requirements.txt": "/tmp/requirements.txt"}
     packages = _requirements(PROJECT_ROOT / "requirements.txt")
     assert {"flask", "gunicorn", "redis"} <= packages
     assert not packages & {"fakeredis", "lupa"}
@@ -202,7 +207,8 @@ def test_the_image_installs_no_demo_extras():
 
 def test_no_module_of_the_image_imports_the_demo():
     files = _image_files()
-    assert PROJECT_ROOT / "app.py" in files and PROJECT_ROOT / "services" / "gateway.py" in files
+    assert PROJECT_ROOT / "app.py" in files
+    assert PROJECT_ROOT / "services" / "gateway.py" in files
     offenders = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -55,9 +55,11 @@ def test_a_relay_handles_plain_reads_in_the_read_pump_and_the_caller_gets_the_re
     for batch in client.stream_chat(ChatRequest(query="q", user="wecom:bot:alice"), relay):
         arrived.append(("yielded", batch))
     relayed = [event for source, batch in arrived if source == "relayed" for event in batch]
-    assert relay_threads == {"read-pump"} and len(relayed) >= 5
+    assert relay_threads == {"read-pump"}
+    assert len(relayed) >= 5
     assert answer_text([event for _, batch in arrived for event in batch]) == "first and the rest, piece by piece"
-    assert arrived[-1][0] == "yielded" and arrived[-1][1][-1].kind == "message_end"  # the last read reaches the caller
+    assert arrived[-1][0] == "yielded"
+    assert arrived[-1][1][-1].kind == "message_end"  # the last read reaches the caller
 
 
 def test_request_shape(client, dify):
@@ -74,7 +76,9 @@ def test_request_shape(client, dify):
     body = request["body"]
     assert request["headers"]["authorization"] == f"Bearer {DIFY_KEY}"
     assert body["response_mode"] == "streaming"
-    assert body["user"] == "wecom:bot:bob" and body["inputs"] == {"a": 1} and body["query"] == "q"
+    assert body["user"] == "wecom:bot:bob"
+    assert body["inputs"] == {"a": 1}
+    assert body["query"] == "q"
     assert body["conversation_id"] == "0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11"
 
 
@@ -140,7 +144,8 @@ def test_error_event_raises_after_earlier_deltas(client, dify):
         for batch in client.stream_chat(ChatRequest(query="q", user="u")):
             seen += batch
     assert answer_text(seen) == "partial"
-    assert caught.value.code == "completion_request_error" and caught.value.status == 400
+    assert caught.value.code == "completion_request_error"
+    assert caught.value.status == 400
 
 
 def test_clean_close_without_message_end_is_a_cut(client, dify):
@@ -177,7 +182,8 @@ def test_http_errors_are_not_retried_except_gateway_errors(client, dify, status,
     dify.script([d.http_error(status, code, "nope")], times=None)
     with pytest.raises(DifyHTTPError) as caught:
         run(client)
-    assert caught.value.status == status and caught.value.code == code
+    assert caught.value.status == status
+    assert caught.value.code == code
     assert len(dify.requests) == 1
 
 
@@ -216,7 +222,8 @@ def test_non_json_error_body_from_a_proxy(client, dify):
         proxied = DifyClient(server.url + "/v1", "k", max_retries=0)
         with pytest.raises(DifyHTTPError) as caught:
             run(proxied)
-        assert caught.value.status == 502 and "Bad Gateway" in caught.value.message
+        assert caught.value.status == 502
+        assert "Bad Gateway" in caught.value.message
         proxied.close()
     finally:
         server.stop()
@@ -248,12 +255,14 @@ def test_unknown_conversation_is_404(client, dify):
     request = ChatRequest(query="q", user="u", conversation_id="0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11")
     with pytest.raises(DifyHTTPError) as caught:
         list(client.stream_chat(request))
-    assert caught.value.status == 404 and caught.value.message == "Conversation Not Exists."
+    assert caught.value.status == 404
+    assert caught.value.message == "Conversation Not Exists."
 
 
 def test_upload_and_feedback(client, dify):
     file_id = client.upload_file(b"\x89PNG\r\n\x1a\n" + b"0" * 100, "photo.png", "image/png", "wecom:bot:alice")
-    assert dify.uploads[file_id]["name"] == "photo.png" and dify.uploads[file_id]["user"] == "wecom:bot:alice"
+    assert dify.uploads[file_id]["name"] == "photo.png"
+    assert dify.uploads[file_id]["user"] == "wecom:bot:alice"
     with pytest.raises(DifyHTTPError) as caught:
         client.upload_file(b"MZ...", "tool.exe", "application/octet-stream", "wecom:bot:alice")
     assert caught.value.status == 415

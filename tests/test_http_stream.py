@@ -105,10 +105,13 @@ def serve_once(response: bytes):
 def test_request_and_response_over_a_real_socket():
     url, received = serve_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD))
     with post_stream(url, b'{"q":1}', {"Authorization": "Bearer k"}, 2, 2) as response:
-        assert response.status == 200 and b"".join(response.iter_body()) == PAYLOAD
+        assert response.status == 200
+        assert b"".join(response.iter_body()) == PAYLOAD
     head = received["head"]
-    assert head.startswith("POST /v1/chat-messages?x=1 HTTP/1.1\r\n") and "Authorization: Bearer k" in head
-    assert "Connection: close" in head and received["body"] == b'{"q":1}'
+    assert head.startswith("POST /v1/chat-messages?x=1 HTTP/1.1\r\n")
+    assert "Authorization: Bearer k" in head
+    assert "Connection: close" in head
+    assert received["body"] == b'{"q":1}'
 
 
 @pytest.mark.parametrize("head", [b"garbage\r\n\r\n", b"HTTP/1.1 \xb200 OK\r\n\r\n", b"HTTP/1.1 20 OK\r\n\r\n"])

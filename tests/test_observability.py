@@ -17,7 +17,8 @@ from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
 def scrape(client) -> dict[tuple, float]:
     """{(sample name, sorted labels): value} from /metrics."""
     response = client.get("/metrics")
-    assert response.status_code == 200 and response.mimetype == "text/plain"
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
     samples = {}
     for family in text_string_to_metric_families(response.get_data(as_text=True)):
         for sample in family.samples:
@@ -70,16 +71,10 @@ def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client
     assert moved(before, scrape(client), "stream_outcomes_total", outcome="expired") == 1
 
 
-def test_auth_metrics(make_app, serve, dify, auth, mysql_url, redis_client):
-    from services.auth import db
-    from services.auth.users import UserDirectory
+def test_auth_metrics(make_app, serve, dify, auth, mysql_url, user_table, redis_client):
     from tests.conftest import AUTH_KEY
 
-    engine = db.make_engine(mysql_url)
-    db.init_schema(engine)
-    users = UserDirectory(engine)
-    if users.find("metric-user") is None:
-        users.add("metric-user", "metric@corp.example")
+    user_table.add("metric-user", "metric@corp.example")
     live = serve(make_app(auth_mode="external", auth_api_url=auth.url, auth_api_key=AUTH_KEY, database_url=mysql_url))
     client = live.app.test_client()
     sim = make_simulator(live.url)
@@ -94,7 +89,6 @@ def test_auth_metrics(make_app, serve, dify, auth, mysql_url, redis_client):
     assert moved(before, after, "auth_outcomes_total", outcome="ok") == 2
     assert moved(before, after, "auth_outcomes_total", outcome="unknown_user") == 1
     sim.close()
-    engine.dispose()
 
 
 def test_one_conversations_logs_join_across_two_instances_by_stream_id(make_app, serve, dify, capsys):
@@ -108,10 +102,12 @@ def test_one_conversations_logs_join_across_two_instances_by_stream_id(make_app,
     mine = [entry for entry in lines if entry.get("stream") == conversation.stream_id]
     assert {entry["replica"].split(":")[0] for entry in mine} == {"replica-a", "replica-b"}
     messages = [entry["msg"] for entry in mine]
-    assert any("opened" in m for m in messages) and any("calling Dify" in m for m in messages)
+    assert any("opened" in m for m in messages)
+    assert any("calling Dify" in m for m in messages)
     assert any(e["msg"] == "bubble finished: done" and e["replica"].startswith("replica-b") for e in mine)
     worker_lines = [entry for entry in mine if entry["logger"] == "services.streams.worker"]
-    assert worker_lines and all(entry.get("msgid") and entry.get("user") == "alice" for entry in worker_lines)
+    assert worker_lines
+    assert all(entry.get("msgid") and entry.get("user") == "alice" for entry in worker_lines)
     assert any(entry.get("task") for entry in worker_lines)
     assert all(
         TOKEN not in json.dumps(entry) and AES_KEY not in json.dumps(entry) and DIFY_KEY not in json.dumps(entry)
@@ -136,20 +132,28 @@ def test_streams_list_show_and_purge(live, simulator, dify, runner, redis_client
     failed = simulator.ask("break", userid="dave")
 
     listing = runner.invoke(args=["streams", "list"]).output
-    assert conversation.stream_id in listing and failed.stream_id in listing and "STATUS" in listing
+    assert conversation.stream_id in listing
+    assert failed.stream_id in listing
+    assert "STATUS" in listing
     only_errors = runner.invoke(args=["streams", "list", "--status", "error"]).output
-    assert failed.stream_id in only_errors and conversation.stream_id not in only_errors
+    assert failed.stream_id in only_errors
+    assert conversation.stream_id not in only_errors
     by_user = runner.invoke(args=["streams", "list", "--user", "carol"]).output
-    assert conversation.stream_id in by_user and failed.stream_id not in by_user
+    assert conversation.stream_id in by_user
+    assert failed.stream_id not in by_user
 
     shown = runner.invoke(args=["streams", "show", conversation.stream_id])
     assert shown.exit_code == 0
-    assert "the answer operators look at" in shown.output and "status           done" in shown.output
-    assert "first token" in shown.output and "TTLs:" in shown.output and "http" not in shown.output
+    assert "the answer operators look at" in shown.output
+    assert "status           done" in shown.output
+    assert "first token" in shown.output
+    assert "TTLs:" in shown.output
+    assert "http" not in shown.output
     assert runner.invoke(args=["streams", "show", "nope"]).exit_code != 0
 
     purged = runner.invoke(args=["streams", "purge", "--yes", conversation.stream_id]).output
-    assert "deleted" in purged and not redis_client.exists(f"dify_stream:{conversation.stream_id}")
+    assert "deleted" in purged
+    assert not redis_client.exists(f"dify_stream:{conversation.stream_id}")
     assert not redis_client.exists(f"dify_stream:{conversation.stream_id}:chunks")
 
 
@@ -168,7 +172,7 @@ def test_streams_tail_follows_a_live_answer(live, simulator, dify, runner):
     assert result["out"] == "one two three\n[done]\n"
 
 
-def test_users_token_shows_status_never_the_token(make_app, dify, auth, mysql_url, redis_client):
+def test_users_token_shows_status_never_the_token(make_app, dify, auth, mysql_url, user_table, redis_client):
     from tests.conftest import AUTH_KEY
 
     app = make_app(auth_mode="external", auth_api_url=auth.url, auth_api_key=AUTH_KEY, database_url=mysql_url)
@@ -176,7 +180,8 @@ def test_users_token_shows_status_never_the_token(make_app, dify, auth, mysql_ur
     redis_client.set("authorization:wechatid:erin", "tok_secret_value", ex=500)
     redis_client.set("conversation:demo-bot:single:erin", "c0ffee00-0000-0000-0000-000000000001", ex=600)
     out = runner.invoke(args=["users", "token", "erin"]).output
-    assert "cached, expires in" in out and "tok_secret_value" not in out
+    assert "cached, expires in" in out
+    assert "tok_secret_value" not in out
     assert "c0ffee00-0000-0000-0000-000000000001" in out
     assert "not cached" in runner.invoke(args=["users", "token", "frank"]).output
 

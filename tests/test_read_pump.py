@@ -53,7 +53,8 @@ def test_reads_run_in_the_pump_thread_until_handed_back(pump, pair):
 
     threading.Timer(0.05, send).start()
     pump.wait(ours, collector, idle_timeout=5)
-    assert collector.data == b"abstop" and collector.threads == {"read-pump"}
+    assert collector.data == b"abstop"
+    assert collector.threads == {"read-pump"}
     assert ours.gettimeout() == 7.0  # blocking again, as before
     theirs.sendall(b"more")
     assert ours.recv(10) == b"more"  # the caller reads on where the pump stopped
@@ -64,7 +65,8 @@ def test_the_end_of_the_connection_is_fed_as_empty_bytes(pump, pair):
     seen = []
     threading.Timer(0.05, lambda: (theirs.sendall(b"last"), theirs.shutdown(socket.SHUT_WR))).start()
     pump.wait(ours, lambda data: seen.append(data) or True, idle_timeout=5)
-    assert b"".join(seen) == b"last" and seen[-1] == b""
+    assert b"".join(seen) == b"last"
+    assert seen[-1] == b""
 
 
 def test_silence_past_the_idle_timeout_raises(pump, pair):

@@ -41,7 +41,8 @@ def test_sequential_calls_share_one_connection_and_concurrent_ones_get_their_own
     thread = threading.Thread(target=lambda: from_thread.append(connections.execute("CLIENT", "ID")))
     thread.start()
     thread.join()
-    assert len(set(ids + from_thread)) == 1 and ours() == 1
+    assert len(set(ids + from_thread)) == 1
+    assert ours() == 1
 
     waiting = [threading.Thread(target=connections.execute, args=("BLPOP", "nothing", "1")) for _ in range(3)]
     for thread in waiting:

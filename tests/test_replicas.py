@@ -7,16 +7,15 @@ import pytest
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import make_simulator, wait_until
+from tests.conftest import make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
 
 @pytest.fixture
-def pair(make_app, serve):
-    """Two replicas with a short lease, sharing the test Redis."""
-    options = dict(stream_lease_seconds=2, dify_read_timeout=4.0)
-    return serve(make_app(replica_id="replica-a", **options)), serve(make_app(replica_id="replica-b", **options))
+def pair(make_pair):
+    """The two replicas, with a short lease."""
+    return make_pair(stream_lease_seconds=2, dify_read_timeout=4.0)
 
 
 def kill(replica):
@@ -38,7 +37,9 @@ def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewh
     assert conversation.text == "answered after the takeover"
     assert time.monotonic() - started < 2 + 5  # within the lease time, plus the answer
     meta = redis_client.hgetall(f"dify_stream:{stream_id}")
-    assert meta["owner"].startswith("replica-b:") and meta["restarts"] == "1" and meta["status"] == "done"
+    assert meta["owner"].startswith("replica-b:")
+    assert meta["restarts"] == "1"
+    assert meta["status"] == "done"
     assert len(dify.chat_requests()) == 2
     # the first replica's worker wakes up later and must not write a second answer
     assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
@@ -59,6 +60,7 @@ def test_a_stream_whose_replica_died_after_showing_text_finishes_with_it(pair, d
     poller = make_simulator(second.url, poll_interval=0.2)
     conversation = poller.follow(reply)
     assert conversation.text == f"what was shown\n\n{ZH['orphaned']}"
+    wait_idle(second)
     assert len(dify.chat_requests()) == 1  # text was shown: no restart, no second answer
     opener.close()
     poller.close()
@@ -88,7 +90,8 @@ def test_drain_lets_short_answers_finish(live, simulator, dify):
     assert simulator.follow(first).text == "finished during the drain"
     assert live.gateway.runner.accepting is False
     refused = simulator.send(simulator.text_message("one more"))
-    assert refused["stream"]["finish"] and refused["stream"]["content"] == ZH["shutting_down"]
+    assert refused["stream"]["finish"]
+    assert refused["stream"]["content"] == ZH["shutting_down"]
 
 
 def test_drain_hands_unfinished_streams_to_another_replica(pair, dify, redis_client):
@@ -111,7 +114,8 @@ def test_readiness_turns_503_while_draining(live, dify):
     assert client.get("/readyz").status_code == 200
     live.gateway.drain(0)
     response = client.get("/readyz")
-    assert response.status_code == 503 and response.get_json()["failed"]["shutdown"] == "draining"
+    assert response.status_code == 503
+    assert response.get_json()["failed"]["shutdown"] == "draining"
 
 
 # --- Redis outages -----------------------------------------------------------------------------------------------
@@ -128,17 +132,20 @@ def test_a_redis_pause_keeps_the_answer_in_memory_and_writes_it_after(outage_app
     reply = sim.send(sim.text_message("survive a blip"))
     stream_id = reply["stream"]["id"]
     assert sim.send(sim.poll_message(stream_id)) is not None
-    time.sleep(0.5)  # "before " is written; "during " arrives while Redis is paused
-    private_redis.pause()
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(f"dify_stream:{stream_id}:chunks") == 1)  # "before " is written
+    private_redis.pause()  # "during " arrives while Redis is paused
     started = time.monotonic()
     response = sim.post(sim.poll_message(stream_id))
-    assert response.status_code == 503 and time.monotonic() - started < 2.5  # fails fast, nothing hangs
+    assert response.status_code == 503
+    assert time.monotonic() - started < 2.5  # fails fast, nothing hangs
     assert response.json()["error"] == "store_unavailable"
-    time.sleep(1.5)
+    assert wait_until(lambda: "keeping the answer in memory" in caplog.text, timeout=5)
     private_redis.resume()
     conversation = sim.follow(reply)
     assert conversation.text == "before during after"
-    assert "keeping the answer in memory" in caplog.text and "Redis is back" in caplog.text
+    assert "keeping the answer in memory" in caplog.text
+    assert "Redis is back" in caplog.text
     sim.close()
 
 
@@ -149,13 +156,16 @@ def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
     sim = make_simulator(outage_app.url, poll_interval=0.1)
     payload = sim.text_message("during the restart")
     reply = sim.send(payload)
-    time.sleep(0.3)
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(f"dify_stream:{reply['stream']['id']}:chunks") == 1)  # "first half, "
     private_redis.stop()
     down = sim.send(sim.text_message("anyone?"))
-    assert down["stream"]["finish"] and down["stream"]["content"] == ZH["store_unavailable"]
+    assert down["stream"]["finish"]
+    assert down["stream"]["content"] == ZH["store_unavailable"]
     private_redis.start()
     conversation = sim.follow(reply)
-    assert conversation.finished and conversation.text == ZH["unknown_stream"]
+    assert conversation.finished
+    assert conversation.text == ZH["unknown_stream"]
     message = sim.inbox.wait_for(payload["response_url"], timeout=8)
     assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nfirst half, second half"
     dify.script(d.answer("back to normal"))

@@ -43,7 +43,9 @@ def test_valid_production_settings_with_external_auth():
 
 def test_types_are_parsed():
     settings = load({**VALID, "DIFY_READ_TIMEOUT": "12.5", "STREAM_LEASE_SECONDS": "9", "DEMO_MODE": "no"})
-    assert settings.dify_read_timeout == 12.5 and settings.stream_lease_seconds == 9 and settings.demo_mode is False
+    assert settings.dify_read_timeout == 12.5
+    assert settings.stream_lease_seconds == 9
+    assert settings.demo_mode is False
 
 
 def test_dotenv_then_demo_env_and_the_real_environment_wins(tmp_path):
@@ -160,7 +162,8 @@ def test_secrets_stay_out_of_repr():
 
 def test_instance_id_is_replica_plus_pid():
     settings = Settings(**{k.lower(): v for k, v in VALID.items()}, replica_id="pod-7")
-    assert settings.instance_id.startswith("pod-7:") and settings.instance_id.split(":")[1].isdigit()
+    assert settings.instance_id.startswith("pod-7:")
+    assert settings.instance_id.split(":")[1].isdigit()
 
 
 def test_start_up_with_a_bad_value_prints_one_line_and_exits_2():
@@ -209,7 +212,8 @@ def test_a_bad_secret_file_is_one_clear_line(tmp_path, extra, expected):
     env.update({k: v.replace("{file}", str(secret)) for k, v in extra.items()})
     with pytest.raises(SettingsError) as error:
         load(env)
-    assert expected in str(error.value) and "app-file" not in str(error.value)
+    assert expected in str(error.value)
+    assert "app-file" not in str(error.value)
 
 
 def test_only_secrets_can_come_from_files(tmp_path):

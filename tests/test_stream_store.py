@@ -76,7 +76,8 @@ def test_every_key_has_a_ttl(store, redis_client):
 
 def test_poll_folds_unread_chunks_into_the_cumulative_text(store, redis_client):
     open_stream(store)
-    assert poll(store).text == "" and poll(store).status == "pending"
+    assert poll(store).text == ""
+    assert poll(store).status == "pending"
     store.append("s1", "A", ["Hel", "lo"], 0)
     snap = poll(store)
     assert (snap.status, snap.text) == ("streaming", "Hello")
@@ -108,7 +109,9 @@ def test_fields_are_set_with_an_append(store, redis_client):
     open_stream(store)
     store.append("s1", "A", [], 0, {"task_id": "t-1", "conversation_id": "c-1"})
     meta = store.meta("s1")
-    assert meta["task_id"] == "t-1" and meta["conversation_id"] == "c-1" and meta["status"] == "streaming"
+    assert meta["task_id"] == "t-1"
+    assert meta["conversation_id"] == "c-1"
+    assert meta["status"] == "streaming"
     assert "first_token_at" not in meta
     store.append("s1", "A", ["a"], 0)
     assert "first_token_at" in store.meta("s1")
@@ -129,7 +132,9 @@ def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client)
     open_stream(store)
     store.append("s1", "A", ["done text"], 0)
     finished = store.finish("s1", "A", "error", {"note": "oops", "error": "stream_cut: x"})
-    assert finished is not None and finished.close_reason == "" and finished.closed_bytes == 0
+    assert finished is not None
+    assert finished.close_reason == ""
+    assert finished.closed_bytes == 0
     snap = poll(store)
     assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
     assert not redis_client.exists("dify_stream:s1:lease")
@@ -156,9 +161,13 @@ def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, re
     open_stream(store, owner="A")
     redis_client.delete("dify_stream:s1:lease")
     snap = store.poll("s1", 330, 20000, "orphan note", taker="B")
-    assert snap.taken_over and snap.status == "pending" and snap.text == ""
+    assert snap.taken_over
+    assert snap.status == "pending"
+    assert snap.text == ""
     meta = redis_client.hgetall("dify_stream:s1")
-    assert meta["owner"] == "B" and meta["restarts"] == "1" and meta["taken_over_at"]
+    assert meta["owner"] == "B"
+    assert meta["restarts"] == "1"
+    assert meta["taken_over_at"]
     assert redis_client.get("dify_stream:s1:lease") == "B"
     assert store.append("s1", "A", ["old owner"], 0) == TAKEN  # the old owner, if alive, must stop
     assert store.append("s1", "B", ["new owner"], 0) == WRITTEN
@@ -170,7 +179,8 @@ def test_a_stream_is_restarted_only_once(store, redis_client):
     assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
     redis_client.delete("dify_stream:s1:lease")  # B dies too
     snap = store.poll("s1", 330, 20000, "orphan note", taker="C")
-    assert not snap.taken_over and snap.status == "expired"
+    assert not snap.taken_over
+    assert snap.status == "expired"
 
 
 def test_no_takeover_once_something_was_shown_or_without_a_taker(store, redis_client):
@@ -188,7 +198,8 @@ def test_release_hands_streams_over(store, redis_client):
     open_stream(store, "s2", "m2", owner="A")
     redis_client.set("dify_stream:s2:lease", "B")
     assert store.release_leases(["s1", "s2"], "A") == 1
-    assert not redis_client.exists("dify_stream:s1:lease") and redis_client.get("dify_stream:s2:lease") == "B"
+    assert not redis_client.exists("dify_stream:s1:lease")
+    assert redis_client.get("dify_stream:s2:lease") == "B"
     assert redis_client.hget("dify_stream:s1", "handed_over_at")
 
 
@@ -196,7 +207,8 @@ def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
     open_stream(store, "s1", "m1")
     store.finish("s1", "A", "done")
     assert store.renew_leases(["s1", "gone"], "A") == []
-    assert not redis_client.exists("dify_stream:s1:lease") and not redis_client.exists("dify_stream:gone:lease")
+    assert not redis_client.exists("dify_stream:s1:lease")
+    assert not redis_client.exists("dify_stream:gone:lease")
 
 
 def test_window_close_is_flagged_once_the_stream_is_too_old(store, redis_client):
@@ -227,7 +239,8 @@ def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
     for i in range(3):
         open_stream(store, f"s{i}", f"m{i}")
     assert create(store, "s3", "m3") == (LIMITED, "")
-    assert not redis_client.exists("dify_stream:s3") and not redis_client.exists("wecom_msg:m3")
+    assert not redis_client.exists("dify_stream:s3")
+    assert not redis_client.exists("wecom_msg:m3")
     assert create(store, "s0-again", "m0") == (EXISTING, "s0")  # a retry is never refused
     assert create(store, "t1", "n1", userid="bob")[0] == CREATED  # other users are not affected
     store.finish("s0", "A", "done")
@@ -291,9 +304,11 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
         AppendRequest("gone", ["?"], 0, {}),
     ]
     results = store.append_many(requests, "A")
-    assert results[:3] == [WRITTEN, TAKEN, CLOSED] and isinstance(results[3], StreamConflict)
+    assert results[:3] == [WRITTEN, TAKEN, CLOSED]
+    assert isinstance(results[3], StreamConflict)
     assert results[4] == CLOSED
-    assert store.chunks("a") == ["a1", "a2"] and redis_client.hget("dify_stream:a", "task_id") == "t"
+    assert store.chunks("a") == ["a1", "a2"]
+    assert redis_client.hget("dify_stream:a", "task_id") == "t"
     assert store.append_many(requests[:1], "A") == [WRITTEN]  # the retry of an applied call changes nothing
     assert store.chunks("a") == ["a1", "a2"]
 
@@ -313,7 +328,9 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
         for n in range(5):
             writer.add([f"{stream_id}-{n}"], {"task_id": f"t{n}"} if n == 0 else None)
         writer.flush(5)
-        assert writer.written == 5 and writer.state == WRITTEN and writer.error is None
+        assert writer.written == 5
+        assert writer.state == WRITTEN
+        assert writer.error is None
 
     threads = [threading.Thread(target=write, args=(s,)) for s in streams]
     for t in threads:
@@ -323,7 +340,8 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
     assert all(store.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
     assert redis_client.hget("dify_stream:s0", "task_id") == "t0"
     # deltas that arrived while a stream's append was in flight went out together, in batches of many streams
-    assert batcher.appends < 200 and batcher.batches < batcher.appends
+    assert batcher.appends < 200
+    assert batcher.batches < batcher.appends
 
 
 def test_a_writer_reports_taken_and_closed(store):
@@ -336,7 +354,8 @@ def test_a_writer_reports_taken_and_closed(store):
     for writer in (taken, closed):
         writer.add(["x"])
         writer.flush(5)
-    assert taken.state == TAKEN and closed.state == CLOSED
+    assert taken.state == TAKEN
+    assert closed.state == CLOSED
     taken.add(["more"])  # nothing more goes to Redis
     taken.flush(5)
     assert store.chunks("theirs") == []
@@ -358,7 +377,8 @@ def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client
     writer.add(["three"])
     private_redis.resume()
     writer.flush(5)
-    assert store.chunks("s1") == ["one ", "two ", "three"] and writer.error is None
+    assert store.chunks("s1") == ["one ", "two ", "three"]
+    assert writer.error is None
 
 
 def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):

@@ -5,7 +5,6 @@ instances, and every failure behind the bubble ending in a finished reply with t
 """
 
 import threading
-import time
 
 import pytest
 
@@ -13,15 +12,9 @@ from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
 from services.chat.texts import CATALOGUE
 from services.wecom.limits import MAX_CONTENT_BYTES
-from tests.conftest import make_simulator, wait_until
+from tests.conftest import make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
-
-
-@pytest.fixture
-def pair(make_app, serve):
-    """Two app instances (two replicas) sharing the test Redis."""
-    return serve(make_app(replica_id="replica-a")), serve(make_app(replica_id="replica-b"))
 
 
 def stream_meta(redis_client, stream_id):
@@ -36,15 +29,23 @@ def test_a_whole_conversation(simulator, dify, redis_client):
     contents = conversation.contents()
     assert contents[0] == ZH["placeholder"]
     growing = [c for c in contents[1:-1] if c != ZH["placeholder"]]
-    assert growing and all(conversation.text.startswith(c) for c in growing)  # cumulative, never only the new part
+    assert growing
+    assert all(conversation.text.startswith(c) for c in growing)  # cumulative, never only the new part
 
     [request] = dify.chat_requests()
-    assert request["query"] == "How do answers arrive?" and request["user"] == "wecom:demo-bot:alice"
+    assert request["query"] == "How do answers arrive?"
+    assert request["user"] == "wecom:demo-bot:alice"
     meta = stream_meta(redis_client, conversation.stream_id)
-    assert meta["status"] == "done" and meta["owner"].startswith("replica-a:") and meta["userid"] == "alice"
-    assert meta["task_id"] and meta["message_id"] and meta["conversation_id"] and meta["finished_at"]
+    assert meta["status"] == "done"
+    assert meta["owner"].startswith("replica-a:")
+    assert meta["userid"] == "alice"
+    assert meta["task_id"]
+    assert meta["message_id"]
+    assert meta["conversation_id"]
+    assert meta["finished_at"]
     chunks = redis_client.lrange(f"dify_stream:{conversation.stream_id}:chunks", 0, -1)
-    assert "".join(chunks) == conversation.text and len(chunks) > 3
+    assert "".join(chunks) == conversation.text
+    assert len(chunks) > 3
     assert all(redis_client.ttl(key) > 0 for key in redis_client.keys("*"))
 
 
@@ -53,7 +54,8 @@ def test_a_group_message_records_the_chat(simulator, dify, redis_client):
     conversation = simulator.ask("hello", userid="bob", chatid="group-1")
     assert conversation.text == "hi group"
     meta = stream_meta(redis_client, conversation.stream_id)
-    assert meta["chatid"] == "group-1" and meta["chattype"] == "group"
+    assert meta["chatid"] == "group-1"
+    assert meta["chattype"] == "group"
 
 
 def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
@@ -68,7 +70,8 @@ def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
     assert wait_until(lambda: sim.send(poll, replica=0)["stream"]["content"] == "one ", timeout=5)
     reply_b = sim.send(payload, replica=1)  # WeCom did not get reply_a in time and retries elsewhere
     assert reply_b["stream"]["id"] == reply_a["stream"]["id"]
-    assert reply_b["stream"]["content"] == "one " and reply_b["stream"]["finish"] is False
+    assert reply_b["stream"]["content"] == "one "
+    assert reply_b["stream"]["finish"] is False
 
     conversation = sim.follow(reply_a)
     assert conversation.text == "one two"
@@ -80,6 +83,7 @@ def test_a_wecom_retry_on_another_instance_gets_the_same_stream(pair, dify):
         "content": "one two",
         "feedback": {"id": stream_id},
     }
+    wait_idle(*pair)
     assert len(dify.chat_requests()) == 1
     sim.close()
 
@@ -102,6 +106,7 @@ def test_simultaneous_duplicates_on_two_instances_make_one_dify_call(pair, dify)
         t.join()
     assert len({r["stream"]["id"] for r in replies}) == 1
     sim.follow(replies[0])
+    wait_idle(*pair)
     assert len(dify.chat_requests()) == 1
     sim.close()
 
@@ -110,7 +115,8 @@ def test_polls_alternating_between_two_instances(pair, dify, redis_client):
     sim = make_simulator([pair[0].url, pair[1].url])
     dify.script(d.answer("one two three four five six seven", delay=0.04))
     conversation = sim.ask("alternate")
-    assert conversation.finished and conversation.text == "one two three four five six seven"
+    assert conversation.finished
+    assert conversation.text == "one two three four five six seven"
     assert conversation.polls >= 4
     contents = [c for c in conversation.contents() if c != ZH["placeholder"]]
     assert all(b.startswith(a) for a, b in zip(contents, contents[1:], strict=False))
@@ -133,7 +139,8 @@ def ask_with_url(sim, content, userid="alice", chatid=""):
 def split_remainder(message):
     header = ZH["continued"] + "\n\n"
     content = message["markdown"]["content"]
-    assert message["msgtype"] == "markdown" and content.startswith(header)
+    assert message["msgtype"] == "markdown"
+    assert content.startswith(header)
     return content[len(header) :]
 
 
@@ -142,9 +149,11 @@ def test_a_long_answer_fills_one_bubble_and_the_rest_follows_once(simulator, dif
     dify.script([d.message(text[:3000]), d.message(text[3000:]), d.end()])
     conversation, response_url = ask_with_url(simulator, "long one")
     content = conversation.text
-    assert conversation.finished and len(content.encode()) <= MAX_CONTENT_BYTES
+    assert conversation.finished
+    assert len(content.encode()) <= MAX_CONTENT_BYTES
     shown, note = content.split("\n\n")
-    assert note == ZH["overflow_continues"] and text.startswith(shown)
+    assert note == ZH["overflow_continues"]
+    assert text.startswith(shown)
     assert len(content.encode()) > MAX_CONTENT_BYTES - 10  # filled, not cut short
 
     message = simulator.inbox.wait_for(response_url)
@@ -159,7 +168,8 @@ def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):
     del payload["response_url"]
     conversation = simulator.follow(simulator.send(payload))
     shown, note = conversation.text.rsplit("\n\n", 1)
-    assert note == ZH["overflow_truncated"] and text.startswith(shown)
+    assert note == ZH["overflow_truncated"]
+    assert text.startswith(shown)
     assert len(conversation.text.encode()) <= MAX_CONTENT_BYTES
 
 
@@ -178,13 +188,15 @@ def test_agent_answer_only_in_thoughts_is_used(simulator, dify):
 def test_empty_answer_says_so(simulator, dify, redis_client):
     dify.script([d.message(""), d.end()])
     conversation = simulator.ask("say nothing")
-    assert conversation.finished and conversation.text == ZH["empty_answer"]
+    assert conversation.finished
+    assert conversation.text == ZH["empty_answer"]
     assert stream_meta(redis_client, conversation.stream_id)["status"] == "done"
 
 
 def test_an_empty_question_is_answered_at_once_without_dify(simulator, dify):
     reply = simulator.send(simulator.text_message("   "))
-    assert reply["stream"]["finish"] is True and reply["stream"]["content"] == ZH["empty_query"]
+    assert reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == ZH["empty_query"]
     assert dify.chat_requests() == []
 
 
@@ -233,7 +245,8 @@ def test_failures_finish_the_bubble_with_partial_text_and_a_note(
     conversation = sim.ask("fail please")
     ends_with_note(conversation, partial, note)
     meta = stream_meta(redis_client, conversation.stream_id)
-    assert meta["status"] == "error" and meta["error"]
+    assert meta["status"] == "error"
+    assert meta["error"]
     sim.close()
 
 
@@ -258,12 +271,11 @@ def test_answer_past_the_total_limit_is_stopped(make_app, serve, dify, redis_cli
     sim = make_simulator(live.url)
     dify.script([d.message("a"), *[s for i in range(40) for s in (d.sleep(0.1), d.message(" more"))], d.end()])
     conversation = sim.ask("never ends")
-    assert conversation.finished and conversation.text.endswith(ZH["timeout"])
+    assert conversation.finished
+    assert conversation.text.endswith(ZH["timeout"])
     assert stream_meta(redis_client, conversation.stream_id)["error"].startswith("total_timeout")
-    deadline = time.monotonic() + 3
-    while not dify.stops and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert dify.stops and dify.stops[0][1]["user"] == "wecom:demo-bot:alice"
+    assert wait_until(lambda: dify.stops, timeout=3)
+    assert dify.stops[0][1]["user"] == "wecom:demo-bot:alice"
     sim.close()
 
 
@@ -288,11 +300,14 @@ def test_an_answer_outliving_the_window_closes_the_bubble_and_follows_up(make_ap
     assert conversation.finished
     assert conversation.text == f"slow start\n\n{ZH['window_continues']}"
     message = sim.inbox.wait_for(response_url)
-    assert message is not None and split_remainder(message) == "and the rest"
+    assert message is not None
+    assert split_remainder(message) == "and the rest"
     # the worker records the delivery right after it, so the record may lag the message by a moment
     assert wait_until(lambda: "rest_sent" in stream_meta(redis_client, conversation.stream_id), timeout=5)
     meta = stream_meta(redis_client, conversation.stream_id)
-    assert meta["close_reason"] == "window" and meta["status"] == "done" and meta["rest_sent"] == "yes"
+    assert meta["close_reason"] == "window"
+    assert meta["status"] == "done"
+    assert meta["rest_sent"] == "yes"
     sim.close()
 
 
@@ -303,7 +318,8 @@ def test_a_failure_after_the_window_still_follows_up_with_the_note(make_app, ser
     conversation, response_url = ask_with_url(sim, "fragile")
     assert conversation.text == f"begun\n\n{ZH['window_continues']}"
     content = sim.inbox.wait_for(response_url)["markdown"]["content"]
-    assert content.endswith(ZH["stream_cut"]) and "more" in content
+    assert content.endswith(ZH["stream_cut"])
+    assert "more" in content
     sim.close()
 
 
@@ -333,7 +349,8 @@ def test_a_message_while_redis_is_down_gets_a_finished_reply(make_app, serve, di
     live = serve(make_app(redis_url="redis://127.0.0.1:1/0", redis_socket_timeout=0.2))
     sim = make_simulator(live.url)
     reply = sim.send(sim.text_message("hello?"))
-    assert reply["stream"]["finish"] is True and reply["stream"]["content"] == ZH["store_unavailable"]
+    assert reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == ZH["store_unavailable"]
     with pytest.raises(ReplyError, match="HTTP 503"):
         sim.send(sim.poll_message("SomeStream"))
     assert dify.chat_requests() == []

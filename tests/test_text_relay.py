@@ -35,7 +35,8 @@ def relay():
 def test_plain_deltas_go_straight_to_the_writer(relay):
     assert relay([message(" there"), message(""), message("!")])
     assert relay([])  # a read with nothing to pass on (a ping)
-    assert relay.answer.text == "Hi there!" and relay.answer.writer.added == [([" there", "!"], None)]
+    assert relay.answer.text == "Hi there!"
+    assert relay.answer.writer.added == [([" there", "!"], None)]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,8 @@ def test_plain_deltas_go_straight_to_the_writer(relay):
 )
 def test_anything_but_plain_deltas_wakes_the_worker_and_changes_nothing(relay, batch):
     assert not relay(batch)
-    assert relay.answer.text == "Hi" and relay.answer.writer.added == []
+    assert relay.answer.text == "Hi"
+    assert relay.answer.writer.added == []
 
 
 def test_the_first_delta_wakes_the_worker(relay):
@@ -74,5 +76,6 @@ def test_news_for_the_worker_wakes_it(relay, news):
         relay.deadline = time.monotonic() - 1
     else:
         answer.detached = True
-    assert not relay([message("a")]) and not relay([])
+    assert not relay([message("a")])
+    assert not relay([])
     assert answer.writer.added == []

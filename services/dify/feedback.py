@@ -47,8 +47,9 @@ class FeedbackService:
         self.dify = dify
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="feedback")
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
+    def close(self, wait: bool = False) -> None:
+        """Take no more feedback; with `wait`, return once every forward already taken has finished."""
+        self._pool.shutdown(wait=wait)
 
     def submit(self, event: dict) -> None:
         """Forward a feedback_event in the background (the callback answers at once with an empty body)."""

@@ -30,7 +30,8 @@ from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica, free_port
 from services.auth import db
 from services.chat.texts import CATALOGUE
-from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
+from tests.conftest import AUTH_KEY, make_simulator, wait_until
+from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
@@ -135,27 +136,22 @@ def module_redis():
 @pytest.fixture(scope="module")
 def replicas(dify_server, auth_server, module_redis, private_db):
     log_dir = Path(tempfile.mkdtemp(prefix="fault-logs-"))
-    env = {
-        "DEMO_MODE": "false",
-        "WECOM_TOKEN": TOKEN,
-        "WECOM_ENCODING_AES_KEY": AES_KEY,
-        "DIFY_BASE_URL": dify_server.base_url,
-        "DIFY_API_KEY": DIFY_KEY,
-        "DIFY_READ_TIMEOUT": "2",
-        "DIFY_MAX_RETRIES": "1",
-        "DIFY_RETRY_BACKOFF": "0.05",
-        "REDIS_URL": module_redis.url,
-        "REDIS_SOCKET_TIMEOUT": "0.5",
-        "AUTH_MODE": "external",
-        "AUTH_API_URL": auth_server.url,
-        "AUTH_API_KEY": AUTH_KEY,
-        "AUTH_TIMEOUT": "1",
-        "DATABASE_URL": private_db.url,
-        "DATABASE_TIMEOUT": "1",
-        "STREAM_LEASE_SECONDS": "3",
-        "LOG_LEVEL": "INFO",
-        "RATE_LIMIT_PER_MINUTE": "0",
-    }
+    env = replica_env(
+        dify_server.base_url,
+        module_redis.url,
+        DIFY_READ_TIMEOUT="2",
+        DIFY_MAX_RETRIES="1",
+        DIFY_RETRY_BACKOFF="0.05",
+        REDIS_SOCKET_TIMEOUT="0.5",
+        AUTH_MODE="external",
+        AUTH_API_URL=auth_server.url,
+        AUTH_API_KEY=AUTH_KEY,
+        AUTH_TIMEOUT="1",
+        DATABASE_URL=private_db.url,
+        DATABASE_TIMEOUT="1",
+        STREAM_LEASE_SECONDS="3",
+        RATE_LIMIT_PER_MINUTE="0",
+    )
     started = [GunicornReplica(env, log_dir, f"fault-{i}", workers=2).start() for i in range(2)]
     yield started
     for replica in started:
@@ -195,12 +191,7 @@ def active_streams(replica) -> float:
 
 def settle(replicas, timeout: float = 15.0) -> None:
     """Wait until no replica streams anything any more."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(active_streams(r) == 0 for r in replicas):
-            return
-        time.sleep(0.2)
-    raise AssertionError("streams still active after the fault")
+    assert wait_until(lambda: all(active_streams(r) == 0 for r in replicas), timeout), "streams still active"
 
 
 def ask_like_wecom(sim, content: str, userid: str, window: float = 30.0) -> str:
@@ -337,10 +328,8 @@ def test_mariadb_stopped(replicas, sim, dify, private_db, baseline):
         assert all(r.status_code == 503 and "database" in r.json()["failed"] for r in not_ready)
     finally:
         private_db.start()
-    deadline = time.monotonic() + 20
-    while any(httpx.get(f"{r.url}/readyz", timeout=5).status_code != 200 for r in replicas):
-        assert time.monotonic() < deadline, "replicas did not become ready again"
-        time.sleep(0.3)
+    ready = lambda: all(httpx.get(f"{r.url}/readyz", timeout=5).status_code == 200 for r in replicas)  # noqa: E731
+    assert wait_until(ready, timeout=20), "replicas did not become ready again"
     settle(replicas)
     record(
         "MariaDB stopped",
@@ -355,12 +344,15 @@ def test_redis_stopped_and_restarted(replicas, sim, dify, module_redis, baseline
     dify.script(d.answer("a long answer during the Redis outage " * 2, delay=0.15), match="during", times=None)
     payloads = [sim.text_message("during", userid=fresh_user()) for _ in range(3)]
     firsts = [sim.send(p) for p in payloads]
-    time.sleep(0.5)
+    store = module_redis.client()
+    written = lambda: all(store.llen(f"dify_stream:{f['stream']['id']}:chunks") for f in firsts)  # noqa: E731
+    assert wait_until(written, timeout=10)  # every answer has begun
     module_redis.stop()
     refused = sim.send(sim.text_message("hello?", userid=fresh_user()))
-    assert refused["stream"]["finish"] and refused["stream"]["content"] == ZH["store_unavailable"]
+    assert refused["stream"]["finish"]
+    assert refused["stream"]["content"] == ZH["store_unavailable"]
     assert sim.post(sim.poll_message(firsts[0]["stream"]["id"])).status_code == 503
-    time.sleep(1.0)
+    time.sleep(1.0)  # the outage lasts a second
     module_redis.start()
     for first, payload in zip(firsts, payloads, strict=True):
         stream = first["stream"]
@@ -371,9 +363,11 @@ def test_redis_stopped_and_restarted(replicas, sim, dify, module_redis, baseline
                 stream = sim.send(sim.poll_message(stream["id"], payload["from"]["userid"]))["stream"]
             except Exception:
                 continue
-        assert stream["finish"] and stream["content"] == ZH["unknown_stream"]
+        assert stream["finish"]
+        assert stream["content"] == ZH["unknown_stream"]
         message = sim.inbox.wait_for(payload["response_url"], timeout=20)
-        assert message and message["markdown"]["content"].rstrip().endswith("during the Redis outage")
+        assert message
+        assert message["markdown"]["content"].rstrip().endswith("during the Redis outage")
     settle(replicas)
     record(
         "Redis stopped, restarted empty",

@@ -9,26 +9,18 @@ import pytest
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica, free_port
 from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN, make_simulator
+from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
 
 
-def replica_env(dify) -> dict[str, str]:
-    return {
-        "DEMO_MODE": "false",
-        "WECOM_TOKEN": TOKEN,
-        "WECOM_ENCODING_AES_KEY": AES_KEY,
-        "DIFY_BASE_URL": dify.base_url,
-        "DIFY_API_KEY": DIFY_KEY,
-        "REDIS_URL": TEST_REDIS_URL,
-        "AUTH_MODE": "none",
-        "LOG_LEVEL": "INFO",
-    }
+def gunicorn_env(dify, **settings: str) -> dict[str, str]:
+    return replica_env(dify.base_url, TEST_REDIS_URL, **settings)
 
 
 @pytest.fixture
 def replica(dify, redis_client, tmp_path):
-    server = GunicornReplica(replica_env(dify), tmp_path, "gunicorn-a", workers=2).start()
+    server = GunicornReplica(gunicorn_env(dify), tmp_path, "gunicorn-a", workers=2).start()
     yield server
     server.stop()
 
@@ -55,8 +47,11 @@ def test_logs_are_json_lines_under_gunicorn(replica, dify):
     replica.stop()
     entries = [json.loads(line) for line in replica.logs().splitlines() if line.startswith("{")]
     mine = [e for e in entries if e.get("stream") == conversation.stream_id]
-    assert mine and all(e["replica"].startswith("gunicorn-a:") for e in mine)
-    assert TOKEN not in replica.logs() and AES_KEY not in replica.logs() and DIFY_KEY not in replica.logs()
+    assert mine
+    assert all(e["replica"].startswith("gunicorn-a:") for e in mine)
+    assert TOKEN not in replica.logs()
+    assert AES_KEY not in replica.logs()
+    assert DIFY_KEY not in replica.logs()
 
 
 @pytest.mark.parametrize(
@@ -72,7 +67,7 @@ def test_logs_are_json_lines_under_gunicorn(replica, dify):
     ids=["memory-store", "no-redis", "no-database"],
 )
 def test_production_settings_without_shared_stores_stop_even_with_one_worker(dify, tmp_path, change, line):
-    server = GunicornReplica({**replica_env(dify), **change}, tmp_path, "refused", workers=1)
+    server = GunicornReplica({**gunicorn_env(dify), **change}, tmp_path, "refused", workers=1)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     problems = [entry for entry in server.logs().splitlines() if entry.startswith("configuration error:")]
@@ -81,7 +76,7 @@ def test_production_settings_without_shared_stores_stop_even_with_one_worker(dif
 
 
 def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(dify, tmp_path):
-    env = {**replica_env(dify), "DEMO_MODE": "true", "REDIS_URL": "memory://"}
+    env = {**gunicorn_env(dify), "DEMO_MODE": "true", "REDIS_URL": "memory://"}
     server = GunicornReplica(env, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
@@ -101,7 +96,7 @@ def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(di
     ],
 )
 def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, settings, line):
-    server = GunicornReplica({**replica_env(dify), **settings}, tmp_path, "refused", workers=2)
+    server = GunicornReplica({**gunicorn_env(dify), **settings}, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     assert server.logs().strip() == f"configuration error: {line}"
@@ -109,7 +104,7 @@ def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, settings, line
 
 def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path):
     dify.script(d.answer("Answered by a sync worker.", delay=0.02))
-    server = GunicornReplica({**replica_env(dify), "GUNICORN_WORKER_CLASS": "sync"}, tmp_path, "sync", workers=2)
+    server = GunicornReplica({**gunicorn_env(dify), "GUNICORN_WORKER_CLASS": "sync"}, tmp_path, "sync", workers=2)
     server.start()
     try:
         sim = make_simulator(server.url, poll_interval=0.05)
@@ -117,7 +112,8 @@ def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path):
         sim.close()
     finally:
         server.stop()
-    assert conversation.finished and conversation.text == "Answered by a sync worker."
+    assert conversation.finished
+    assert conversation.text == "Answered by a sync worker."
     assert "Using worker: sync" in server.logs()
 
 
@@ -154,7 +150,7 @@ def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, red
     import httpx
 
     metrics_port = free_port()
-    env = {**replica_env(dify), "METRICS_PORT": str(metrics_port)}
+    env = {**gunicorn_env(dify), "METRICS_PORT": str(metrics_port)}
     server = GunicornReplica(env, tmp_path, "metrics-port", workers=2).start()
     try:
         dify.script(d.answer("counted"))

@@ -8,14 +8,12 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import delete
 
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
-from services.auth import db
-from services.auth.users import UserDirectory
 from services.chat.texts import CATALOGUE
-from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
+from tests.conftest import AUTH_KEY, make_simulator, wait_until
+from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
@@ -25,37 +23,26 @@ GRACEFUL_SECONDS = 10  # the drain budget is this minus gunicorn.conf.py's 5 s m
 
 
 @pytest.fixture
-def users(mysql_url):
-    engine = db.make_engine(mysql_url)
-    db.init_schema(engine)
-    with engine.begin() as connection:
-        connection.execute(delete(db.wecom_users))
-    directory = UserDirectory(engine)
+def users(user_table):
     for userid in USERS:
-        directory.add(userid, f"{userid}@corp.example")
-    yield USERS
-    engine.dispose()
+        user_table.add(userid, f"{userid}@corp.example")
+    return USERS
 
 
 @pytest.fixture
 def replicas(dify, auth, private_redis, mysql_url, users, tmp_path):
-    env = {
-        "DEMO_MODE": "false",
-        "WECOM_TOKEN": TOKEN,
-        "WECOM_ENCODING_AES_KEY": AES_KEY,
-        "DIFY_BASE_URL": dify.base_url,
-        "DIFY_API_KEY": DIFY_KEY,
-        "DIFY_READ_TIMEOUT": "20",
-        "REDIS_URL": private_redis.url,
-        "REDIS_SOCKET_TIMEOUT": "0.5",
-        "AUTH_MODE": "external",
-        "AUTH_API_URL": auth.url,
-        "AUTH_API_KEY": AUTH_KEY,
-        "DATABASE_URL": mysql_url,
-        "STREAM_LEASE_SECONDS": str(LEASE_SECONDS),
-        "GUNICORN_GRACEFUL_TIMEOUT": str(GRACEFUL_SECONDS),
-        "LOG_LEVEL": "INFO",
-    }
+    env = replica_env(
+        dify.base_url,
+        private_redis.url,
+        DIFY_READ_TIMEOUT="20",
+        REDIS_SOCKET_TIMEOUT="0.5",
+        AUTH_MODE="external",
+        AUTH_API_URL=auth.url,
+        AUTH_API_KEY=AUTH_KEY,
+        DATABASE_URL=mysql_url,
+        STREAM_LEASE_SECONDS=str(LEASE_SECONDS),
+        GUNICORN_GRACEFUL_TIMEOUT=str(GRACEFUL_SECONDS),
+    )
     started = []
     for name in ("replica-0", "replica-1", "replica-2"):
         started.append(GunicornReplica(env, tmp_path, name, workers=2))
@@ -138,9 +125,7 @@ def test_sigkill_of_a_streams_owner(replicas, dify, store_client):
     silent = sim.send(sim.text_message("killed-before-anything", userid="user1"), replica=0)
     # the victim must have made both Dify calls (taking both slow scripts) before it dies
     assert len(dify.wait_for_requests(2)) == 2
-    deadline = time.monotonic() + 5
-    while store_client.llen(f"dify_stream:{shown['stream']['id']}:chunks") == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: store_client.llen(f"dify_stream:{shown['stream']['id']}:chunks") > 0, timeout=5)
     assert owner_replica(store_client, shown["stream"]["id"]) == "replica-0"
 
     victim.signal(signal.SIGKILL)
@@ -173,7 +158,7 @@ def test_sigterm_drains_then_hands_over(replicas, dify, store_client):
     dify.script([d.message("too long for the drain"), d.sleep(60), d.end()], match="long")
     short = sim.send(sim.text_message("short", userid="user2"), replica=0)
     long = sim.send(sim.text_message("long", userid="user3"), replica=0)
-    time.sleep(0.5)
+    assert wait_until(lambda: store_client.llen(f"dify_stream:{long['stream']['id']}:chunks") > 0, timeout=10)
 
     draining.signal(signal.SIGTERM)
     signalled = time.monotonic()
@@ -208,11 +193,14 @@ def test_redis_restarted_under_load(replicas, dify, private_redis):
     threads = [threading.Thread(target=follow, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    store = private_redis.client()
+    began = lambda: all(store.llen(f"dify_stream:{f['stream']['id']}:chunks") for f in firsts)  # noqa: E731
+    assert wait_until(began, timeout=10)  # every answer is streaming
     private_redis.stop()
     during = sim.send(sim.text_message("while Redis is down", userid=USERS[6]), replica=1)
-    assert during["stream"]["finish"] and during["stream"]["content"] == ZH["store_unavailable"]
-    time.sleep(1.5)
+    assert during["stream"]["finish"]
+    assert during["stream"]["content"] == ZH["store_unavailable"]
+    time.sleep(1.5)  # the outage lasts a moment
     private_redis.start()
     for t in threads:
         t.join()
@@ -222,7 +210,8 @@ def test_redis_restarted_under_load(replicas, dify, private_redis):
     full = ("a long answer that keeps streaming " * 3).strip()
     for payload in payloads:
         message = sim.inbox.wait_for(payload["response_url"], timeout=20)
-        assert message is not None and message["markdown"]["content"].rstrip().endswith(full)
+        assert message is not None
+        assert message["markdown"]["content"].rstrip().endswith(full)
     # the replicas reconnected by themselves: new conversations work everywhere, nothing died
     dify.script(d.answer("after the restart"), times=None)
     for i, replica in enumerate(replicas):
