@@ -13,6 +13,7 @@ import email.parser
 import email.policy
 import re
 import secrets
+import ssl
 import threading
 import time
 import uuid
@@ -166,12 +167,13 @@ class DifyStandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         language: str = "zh",
+        tls: ssl.SSLContext | None = None,
     ):
         self.api_key = api_key
         self.language = language  # of the unscripted demo answers
         self.ping_interval = ping_interval
         self.demo_delay = demo_delay
-        self.server = StandInServer(self.handle, host, port)
+        self.server = StandInServer(self.handle, host, port, tls)
         self.requests: list[dict] = []
         self.stops: list[tuple[str, dict]] = []
         self.open_streams = 0

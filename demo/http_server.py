@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -116,12 +117,13 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 
 
 class StandInServer:
-    """Serves `handler` on host:port (0 = any free port) from a background event loop."""
+    """Serves `handler` on host:port (0 = any free port) from a background event loop; over TLS with `tls`."""
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
         self.handler = handler
         self.host = host
         self.port = port
+        self.tls = tls
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -129,7 +131,7 @@ class StandInServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> StandInServer:
         """Start serving in a daemon thread; returns once the port is bound."""
@@ -142,7 +144,12 @@ class StandInServer:
             try:
                 self._server = self.loop.run_until_complete(
                     asyncio.start_server(
-                        self._serve_connection, self.host, self.port, backlog=4096, limit=_MAX_HEADER_BYTES
+                        self._serve_connection,
+                        self.host,
+                        self.port,
+                        backlog=4096,
+                        limit=_MAX_HEADER_BYTES,
+                        ssl=self.tls,
                     )
                 )
                 self.port = self._server.sockets[0].getsockname()[1]

@@ -3,8 +3,11 @@ sockets, app instances (in-process test client or served on a real port), and th
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -256,3 +259,59 @@ def private_redis(tmp_path):
     server = PrivateRedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@dataclass
+class TestTLS:
+    """A private CA and a server certificate it signed, for 127.0.0.1 and dify.test."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """Trusts the private CA only, and checks the host name, as a client in production does."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> TestTLS:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject, issuer, public_key, signing_key, ca: bool, names=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("test CA", "test CA", ca_key.public_key(), ca_key, ca=True)
+    names = (x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("dify.test"))
+    cert = certificate("dify.test", "test CA", key.public_key(), ca_key, ca=False, names=names)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return TestTLS(str(folder / "ca.pem"), str(folder / "cert.pem"), str(folder / "key.pem"))

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from demo import dify_standin as d
+from demo.dify_standin import DifyStandIn
 from services.dify.client import ChatRequest, DifyClient
 from services.dify.errors import DifyConnectionError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import decode_event
@@ -279,3 +280,22 @@ def test_upload_and_feedback(client, dify):
 
 def test_parameters(client, dify):
     assert client.parameters()["file_upload"]["image"]["enabled"] is True
+
+
+def test_the_streaming_call_over_https_verifies_the_server(tls):
+    """The streaming call's own client (services/dify/transport) over TLS: certificate and host name checked,
+    JSON split across TLS records, pings, a stream; the side endpoints (httpx) trust the same CA."""
+    server = DifyStandIn(api_key=DIFY_KEY, ping_interval=0.05, tls=tls.server_context()).start()
+    try:
+        assert server.base_url.startswith("https://127.0.0.1:")
+        server.script([d.ping(), d.split(d.message("加密的"), parts=5), d.sleep(0.12), *d.answer(" answer")])
+        client = DifyClient(server.base_url, DIFY_KEY, read_timeout=2.0, tls=tls.client_context())
+        assert answer_text(run(client)) == "加密的 answer"
+        assert client.parameters()["file_upload"]
+        client.close()
+        untrusting = DifyClient(server.base_url, DIFY_KEY, read_timeout=2.0, max_retries=0)
+        with pytest.raises(DifyConnectionError):
+            run(untrusting)  # the system's CAs do not know the private one
+        untrusting.close()
+    finally:
+        server.stop()

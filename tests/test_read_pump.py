@@ -1,16 +1,10 @@
 """The read pump over real sockets: plain TCP socket pairs and a real TLS session."""
 
-import datetime
 import socket
-import ssl
 import threading
 import time
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from services.dify.transport.read_pump import ReadPump
 
@@ -132,51 +126,25 @@ def test_many_waiting_threads_get_their_own_bytes_in_order(pump):
         theirs.close()
 
 
-def self_signed(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dify.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
-def test_tls_through_the_pump_with_records_larger_than_a_read(pump, tmp_path, monkeypatch):
+def test_tls_through_the_pump_with_records_larger_than_a_read(pump, tls, monkeypatch):
     """Over TLS a readable socket may hold only part of a record (nothing to read yet), and a read smaller than a
     record leaves the rest decrypted inside the SSL object where the selector cannot see it: the pump must read
     that before going back to the selector. (With the real 64 KiB reads and records of at most 16 KiB that
     second case is rare; a 64-byte read makes it happen on every record.)"""
     monkeypatch.setattr("services.dify.transport.read_pump.READ_SIZE", 64)
-    cert_file, key_file = self_signed(tmp_path)
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(cert_file, key_file)
-    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_context.check_hostname = False
-    client_context.verify_mode = ssl.CERT_NONE
+    server_context = tls.server_context()
+    client_context = tls.client_context()
     listener = socket.create_server(("127.0.0.1", 0))
     records = [b"record %03d;" % n * 50 for n in range(20)]
 
     def serve():
         raw, _ = listener.accept()
-        with server_context.wrap_socket(raw, server_side=True) as tls:
+        with server_context.wrap_socket(raw, server_side=True) as connection:
             time.sleep(0.2)  # the client is waiting in the pump by now
             for record in records:
-                tls.sendall(record)  # one TLS record each
+                connection.sendall(record)  # one TLS record each
                 time.sleep(0.01)
-            tls.sendall(b"x" * 8000 + b"stop")  # one record, and nothing after it
+            connection.sendall(b"x" * 8000 + b"stop")  # one record, and nothing after it
             time.sleep(3)  # stay open: bytes left inside the SSL object would wait for the idle timeout
 
     threading.Thread(target=serve, daemon=True).start()

@@ -19,6 +19,11 @@ _MAX_HEAD_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
 _TLS_CONTEXT: ssl.SSLContext | None = None
 _LENGTH = re.compile(r"[0-9]{1,12}")
+# A chunk size (hex, at most 16 digits), extensions after ';', optional whitespace: RFC 9112 §7.1.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_MAX_LINE_BYTES = 4096
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(r"\r?\n")
 _STATUS = re.compile(r"[0-9]{3}")  # ASCII only: str.isdigit() also accepts '²', which int() rejects
 
 
@@ -68,7 +73,7 @@ class StreamingResponse:
             StreamProtocolError: the connection ended inside a chunked or sized body, or bad framing.
         """
         if self._decoder is None:
-            self._decoder = _decoder_for(self.headers)
+            self._decoder = body_decoder(self.headers)
         return self._decoder.feed(data)
 
     def read_some(self) -> bytes:
@@ -138,8 +143,14 @@ class _Sized(_BodyDecoder):
 
 
 class _Chunked(_BodyDecoder):
+    """RFC 9112 §7.1: size line (hex, optional extensions), data, CRLF; ..., a zero-size chunk, trailer fields, an
+    empty line. Anything else is a framing error (tests/test_http_stream.py checks it against h11)."""
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._state = self._SIZE
         self._left = 0  # bytes of the current chunk's data still to come
 
     def feed(self, data: bytes) -> bytes:
@@ -150,34 +161,47 @@ class _Chunked(_BodyDecoder):
         buffer = self._buffer
         buffer += data
         out = bytearray()
-        while buffer:
-            if self._left:
+        while buffer and not self.complete:
+            if self._state == self._DATA:
                 piece = buffer[: self._left]
                 del buffer[: len(piece)]
                 self._left -= len(piece)
                 out += piece
+                if not self._left:
+                    self._state = self._DATA_END
                 continue
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > 1024:
-                    raise StreamProtocolError("chunk size line too long")
+            line = self._line(buffer)
+            if line is None:
                 break
-            line = bytes(buffer[:end])
-            del buffer[: end + 2]
-            if not line:  # the CRLF that closes a chunk's data
-                continue
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise StreamProtocolError("bad chunk size line") from None
-            if size == 0:
+            if self._state == self._DATA_END:
+                if line:
+                    raise StreamProtocolError("chunk data not followed by CRLF")
+                self._state = self._SIZE
+            elif self._state == self._SIZE:
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
+                    raise StreamProtocolError("bad chunk size line")
+                self._left = int(match.group(1), 16)
+                self._state = self._DATA if self._left else self._TRAILER
+            elif not line:  # the empty line that ends the trailer section, and the body
                 self.complete = True
-                break
-            self._left = size
         return bytes(out)
 
+    @staticmethod
+    def _line(buffer: bytearray) -> bytes | None:
+        """The next CRLF-terminated line (taken out of `buffer`), or None until it is all in."""
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            if len(buffer) > _MAX_LINE_BYTES:
+                raise StreamProtocolError("chunk line too long")
+            return None
+        line = bytes(buffer[:end])
+        del buffer[: end + 2]
+        return line
 
-def _decoder_for(headers: dict[str, str]) -> _BodyDecoder:
+
+def body_decoder(headers: dict[str, str]) -> _BodyDecoder:
+    """The push decoder of a response body with these (lower-cased) headers: chunked, sized or until-close."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         return _Chunked()
     if "content-length" in headers:
@@ -241,15 +265,32 @@ def post_stream(
 
 def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     buffer = b""
-    while b"\r\n\r\n" not in buffer:
+    while (parts := split_head(buffer)) is None:
         data = sock.recv(READ_SIZE)
         if not data:
             raise StreamProtocolError("connection closed before the response head")
         buffer += data
         if len(buffer) > _MAX_HEAD_BYTES:
             raise StreamProtocolError("response head too large")
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    head, rest = parts
+    status, headers = parse_head(head)
+    return status, headers, rest
+
+
+def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """(head, what follows it) once `buffer` holds the whole response head, else None. Lines may end in CRLF or,
+    as some servers send, a bare LF (RFC 9112 §2.2)."""
+    end = _HEAD_END.search(buffer)
+    return None if end is None else (buffer[: end.start()], buffer[end.end() :])
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and (lower-cased) headers of a response head, without its final blank line.
+
+    Raises:
+        StreamProtocolError: a malformed status line.
+    """
+    lines = _LINE_END.split(head.decode("latin-1"))
     fields = lines[0].split(" ", 2)
     if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not _STATUS.fullmatch(fields[1]):
         raise StreamProtocolError("malformed status line")
@@ -258,7 +299,7 @@ def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
-    return int(fields[1]), headers, rest
+    return int(fields[1]), headers
 
 
 def _tls_context() -> ssl.SSLContext:
