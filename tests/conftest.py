@@ -35,6 +35,9 @@ TOKEN = "test-token-Zq8"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
 AUTH_KEY = "svc-auth-key-0001"
+# File heads the gateway sniffs (services/chat/media.py), with bodies of no meaning.
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,9 @@ import pytest
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import make_simulator, wait_until
+from tests.conftest import JPEG, PNG, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
-JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
 PDF = b"%PDF-1.7\n" + b"1 0 obj << >> endobj\n" * 20
 
 

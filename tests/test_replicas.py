@@ -4,10 +4,11 @@ graceful draining, and Redis outages (against a redis-server of the test's own t
 import time
 
 import pytest
+import redis
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import make_simulator, wait_idle, wait_until
+from tests.conftest import PNG, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -171,3 +172,43 @@ def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
     dify.script(d.answer("back to normal"))
     assert sim.ask("and now?").text == "back to normal"
     sim.close()
+
+
+class Blip:
+    """Makes one Redis call fail as a short outage would: the first `times` calls raise, the rest go through."""
+
+    def __init__(self, call, times: int = 1):
+        self.call = call
+        self.left = times
+
+    def __call__(self, *args, **kwargs):
+        if self.left > 0:
+            self.left -= 1
+            raise redis.ConnectionError("Redis blinked")
+        return self.call(*args, **kwargs)
+
+
+def test_a_redis_blip_in_a_side_write_never_fails_an_answer_dify_completed(make_app, serve, dify, redis_client):
+    """The conversation, the reply image, the feedback mapping and the response_url record are written beside the
+    answer; a blip in any of them leaves the answer done and whole (each is retried, or written with the final
+    state)."""
+    live = serve(make_app(stream_window_seconds=1))
+    gateway = live.gateway
+    image = dify.host_file(PNG)
+    dify.script([d.message("slow start"), d.sleep(1.5), d.message_file(image), d.message(" and the rest"), d.end()])
+    conversations, store = gateway.conversations, gateway.store
+    conversations.remember = Blip(conversations.remember, times=2)
+    store.record = Blip(store.record)
+    store.finish = Blip(store.finish)
+    sim = make_simulator(live.url)
+    payload = sim.text_message("blip please")
+    conversation = sim.follow(sim.send(payload))
+    assert conversation.finished
+    assert sim.inbox.wait_for(payload["response_url"]) is not None  # the rest, after the window closed the bubble
+    wait_idle(live)
+    meta = redis_client.hgetall(f"dify_stream:{conversation.stream_id}")
+    assert meta["status"] == "done"
+    assert meta["rest_sent"] == "yes"
+    assert redis_client.get("conversation:demo-bot:single:alice") == meta["conversation_id"]
+    assert redis_client.llen(f"dify_stream:{conversation.stream_id}:images") == 1
+    assert redis_client.exists(f"feedback:{conversation.stream_id}")
