@@ -21,8 +21,8 @@ from cli import register_commands
 from config.settings import Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
+from services.embedded_store import EmbeddedStoreUnavailable
 from services.gateway import Gateway, build_gateway
-from services.redis_conn import EmbeddedStoreUnavailable
 from services.wecom import errors
 from services.wecom.callback import StoreUnavailable
 from services.wecom.errors import CallbackError

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILES = (PROJECT_ROOT / ".env", PROJECT_ROOT / "demo.env")
 
@@ -90,11 +92,14 @@ class Settings:
 
     # --- Redis ----------------------------------------------------------------------------------------------
     redis_url: str = field(default="", repr=False)  # demo mode: memory://, the embedded store
+    redis_sentinel_password: str = _secret()
     redis_key_prefix: str = ""
     redis_socket_timeout: float = 2.0
+    redis_claim_wait_ms: int = 200  # Sentinel/Cluster: wait for a replica to hold a msgid claim (0 = do not)
 
     # --- database and auth ----------------------------------------------------------------------------------
     database_url: str = field(default="", repr=False)  # demo mode: a SQLite file in the instance folder
+    database_read_url: str = field(default="", repr=False)  # a read replica for the user table; "" = the primary
     auth_mode: str = "external"
     auth_api_url: str = ""
     auth_api_key: str = _secret()
@@ -209,31 +214,44 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
 
 def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
     """Redis, the user table and the auth API: outside demo mode, nothing falls back to an embedded store."""
-    scheme = urlsplit(s.redis_url).scheme
     if not s.redis_url:
         problems.append("REDIS_URL is required: the Redis every replica shares, e.g. redis://redis:6379/0")
-    elif scheme == "memory":
-        if production:
-            problems.append(
-                "REDIS_URL=memory:// is the demo's embedded store and keeps state inside one process; "
-                "outside demo mode set the Redis every replica shares, e.g. redis://redis:6379/0"
-            )
     else:
-        problems.require(scheme in ("redis", "rediss", "unix"), "REDIS_URL", "must be redis://, rediss:// or unix://")
+        try:
+            target = parse_redis_url(s.redis_url)
+        except RedisUrlError as exc:
+            problems.append(f"REDIS_URL {exc}")
+        else:
+            if target.kind == EMBEDDED and production:
+                problems.append(
+                    "REDIS_URL=memory:// is the demo's embedded store and keeps state inside one process; "
+                    "outside demo mode set the Redis every replica shares, e.g. redis://redis:6379/0"
+                )
     problems.require(s.redis_socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
+    problems.require(s.redis_claim_wait_ms >= 0, "REDIS_CLAIM_WAIT_MS", "must be 0 (do not wait) or more")
+    problems.require(
+        not {"{", "}"} & set(s.redis_key_prefix),
+        "REDIS_KEY_PREFIX",
+        "must not contain { or } (they would make one Redis Cluster hash slot of every key)",
+    )
 
     external = s.auth_mode == "external"
     problems.require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
-    if s.database_url:
-        db_scheme = urlsplit(s.database_url).scheme
-        problems.require(
-            db_scheme.startswith(("mysql", "sqlite")), "DATABASE_URL", "must be mysql+pymysql://... or sqlite:///..."
-        )
-    elif production and external:
+    for variable, url in (("DATABASE_URL", s.database_url), ("DATABASE_READ_URL", s.database_read_url)):
+        if url:
+            problems.require(
+                urlsplit(url).scheme.startswith(("mysql", "sqlite")),
+                variable,
+                "must be mysql+pymysql://... or sqlite:///...",
+            )
+    if not s.database_url and production and external:
         problems.append(
             "DATABASE_URL is required with AUTH_MODE=external: the wecom_users table every replica reads, "
             "e.g. mysql+pymysql://user:pass@mysql/db"
         )
+    problems.require(
+        not s.database_read_url or bool(s.database_url), "DATABASE_READ_URL", "needs DATABASE_URL (the primary)"
+    )
     if external:
         problems.require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
         problems.require(

@@ -25,6 +25,7 @@ from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
 from services.keys import Keys
 from services.redis_conn import connect_redis
+from services.redis_url import parse_redis_url
 from services.streams.bubble import BubbleRenderer
 from services.streams.finisher import Finisher
 from services.streams.runner import StreamRunner
@@ -103,10 +104,17 @@ class Gateway:
 def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     """Create the clients and services for `settings`; `instance_path` holds the demo's embedded stores."""
     texts = Texts(settings.bot_language)
-    client = connect_redis(settings.redis_url, settings.redis_socket_timeout, instance_path)
+    client = connect_redis(
+        settings.redis_url, settings.redis_socket_timeout, instance_path, settings.redis_sentinel_password
+    )
     keys = Keys(settings.redis_key_prefix)
     store = StreamStore(
-        client, keys, settings.stream_key_ttl_seconds, settings.stream_lease_seconds, settings.rate_limit_per_minute
+        client,
+        keys,
+        settings.stream_key_ttl_seconds,
+        settings.stream_lease_seconds,
+        settings.rate_limit_per_minute,
+        claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
     dify_base_url, dify = settings.dify_base_url, _dify(settings)
     profile = DifyAppProfile(dify)

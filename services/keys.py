@@ -2,10 +2,16 @@
 
 Keys are namespaced by the optional REDIS_KEY_PREFIX. Other modules call these functions and never format a
 key string themselves.
+
+Keys that one script touches together share a hash tag (the part in braces), so they hash to one Redis Cluster
+slot (CONTRACT.md §7): a stream's keys and its feedback mapping are tagged with the stream id
+(`dify_stream:{<id>}`, `dify_stream:{<id>}:chunks`, ...), a user's admission keys with the bot and user
+(`inflight:{<bot>:<user>}`, `ratelimit:{<bot>:<user>}:<window>`). Every other key is used alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 # WeCom may retry a message callback for a few minutes and polls a stream for 6 minutes; keep the msgid map
@@ -33,31 +39,30 @@ class Keys:
 
     def stream(self, stream_id: str) -> str:
         """Hash with the stream's status, ids, owner and timestamps."""
-        return f"{self.prefix}dify_stream:{stream_id}"
+        return f"{self.prefix}dify_stream:{{{stream_id}}}"
 
     def stream_chunks(self, stream_id: str) -> str:
         """List of answer deltas in arrival order."""
-        return f"{self.prefix}dify_stream:{stream_id}:chunks"
+        return f"{self.prefix}dify_stream:{{{stream_id}}}:chunks"
 
     def stream_lease(self, stream_id: str) -> str:
         """String holding the owning replica's id while it consumes Dify; expires if that replica dies."""
-        return f"{self.prefix}dify_stream:{stream_id}:lease"
+        return f"{self.prefix}dify_stream:{{{stream_id}}}:lease"
 
     def stream_images(self, stream_id: str) -> str:
         """List of JSON {base64, md5} images Dify produced, sent as msg_item with the final reply."""
-        return f"{self.prefix}dify_stream:{stream_id}:images"
+        return f"{self.prefix}dify_stream:{{{stream_id}}}:images"
 
     def stream_pattern(self) -> str:
         """Pattern matching the stream hashes (for SCAN in operator commands)."""
-        return f"{self.prefix}dify_stream:*"
+        return f"{self.prefix}dify_stream:{{*}}"
 
     def stream_id_from_key(self, key: str) -> str | None:
         """The stream id of a stream hash key, or None for its sub-keys (chunks, lease)."""
-        head = f"{self.prefix}dify_stream:"
-        if not key.startswith(head):
+        head = f"{self.prefix}dify_stream:{{"
+        if not key.startswith(head) or not key.endswith("}"):
             return None
-        rest = key[len(head) :]
-        return None if ":" in rest else rest
+        return key[len(head) : -1]
 
     # --- WeCom message dedup --------------------------------------------------------------------------------
 
@@ -67,11 +72,11 @@ class Keys:
 
     def inflight(self, aibotid: str, userid: str) -> str:
         """Sorted set of the user's streams whose bubble is still open (score: when it closes at the latest)."""
-        return f"{self.prefix}inflight:{aibotid}:{userid}"
+        return f"{self.prefix}inflight:{{{_tag(aibotid, userid)}}}"
 
     def rate(self, aibotid: str, userid: str, window: int) -> str:
         """Counter of the user's messages in one rate window (expires with the window)."""
-        return f"{self.prefix}ratelimit:{aibotid}:{userid}:{window}"
+        return f"{self.prefix}ratelimit:{{{_tag(aibotid, userid)}}}:{window}"
 
     def replay(self, signature: str) -> str:
         """Marker of an authentic callback already handled (events are not processed twice)."""
@@ -88,8 +93,9 @@ class Keys:
         return f"{self.prefix}conversation:*:*:{userid}"
 
     def feedback(self, feedback_id: str) -> str:
-        """String (JSON): the Dify message and end-user a WeCom feedback id refers to."""
-        return f"{self.prefix}feedback:{feedback_id}"
+        """String (JSON): the Dify message and end-user a WeCom feedback id (a stream id) refers to; tagged as the
+        stream's keys, since it is written with the stream's final state."""
+        return f"{self.prefix}feedback:{{{feedback_id}}}"
 
     # --- user authorization -----------------------------------------------------------------------------
 
@@ -104,3 +110,11 @@ class Keys:
     def auth_flight(self, userid: str) -> str:
         """String: 'running' while one request exchanges the user's token, then briefly the refusal/outage code."""
         return f"{self.prefix}authorization:flight:{userid}"
+
+
+def _tag(*parts: str) -> str:
+    """A hash tag made of `parts`; one that would hold a brace (which ends a tag early) is replaced by a digest."""
+    value = ":".join(parts)
+    if "{" in value or "}" in value:
+        return hashlib.sha1(value.encode()).hexdigest()[:16]
+    return value

@@ -58,6 +58,11 @@ DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["code"])
 AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["outcome"])
 TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["result"])
 RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["kind", "result"])
+UNREPLICATED_CLAIMS = Counter(
+    "redis_claims_unreplicated_total",
+    "msgid claims no replica confirmed within REDIS_CLAIM_WAIT_MS (Sentinel/Cluster): a failover right then could "
+    "lose them",
+)
 
 
 def _registry() -> CollectorRegistry:

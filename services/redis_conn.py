@@ -1,93 +1,64 @@
-"""Create the Redis client for a REDIS_URL: a real server, or `memory://`, the demo's embedded store."""
+"""The Redis client for a REDIS_URL (services/redis_url.py): one server, a Sentinel-monitored master, a Cluster,
+or the demo's embedded store; and the poll path's own connections on each of them.
+
+Sentinel and Cluster are redis-py's own clients (`Sentinel.master_for`, `RedisCluster`): they find the master,
+follow a failover and refresh the slot map themselves. Every topology gets the same short timeouts and the same
+retry policy, so an outage fails a request fast instead of hanging a thread.
+"""
 
 from __future__ import annotations
 
-import atexit
-import logging
-import threading
 from pathlib import Path
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-logger = logging.getLogger(__name__)
-
-EMBEDDED_PORT_FILE = "embedded-redis.port"
-
-
-class EmbeddedStoreUnavailable(RuntimeError):
-    """memory:// was asked for where the demo extras (fakeredis, lupa) are not installed."""
+from services.embedded_store import connect_embedded
+from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
 
 
-def connect_redis(url: str, socket_timeout: float = 2.0, instance_path: Path | None = None) -> redis.Redis:
-    """A client with short timeouts (a Redis outage fails requests fast instead of hanging threads) and a couple
-    of quick retries for a dropped connection only: retrying a timeout would just multiply the wait.
-
-    `memory://` (demo mode only; settings refuse it elsewhere) is the embedded store, see `connect_embedded`.
-    """
-    if url.startswith("memory://"):
+def connect_redis(
+    url: str, socket_timeout: float = 2.0, instance_path: Path | None = None, sentinel_password: str = ""
+) -> redis.Redis:
+    """A client for `url`. A couple of quick retries for a dropped connection only: retrying a timeout would just
+    multiply the wait. (A RedisCluster has the same commands as a Redis client, and is typed as one here.)"""
+    target = parse_redis_url(url)
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,))
+    if target.kind == EMBEDDED:
         return connect_embedded(instance_path or Path("instance"))
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,)),
-    )
-
-
-def connect_embedded(instance_path: Path) -> redis.Redis:
-    """The demo's embedded store, shared by the processes of one checkout: the first process hosts it (an
-    in-process fakeredis, also served on a loopback port named in `instance/embedded-redis.port`), and the
-    others, such as `flask --app app streams list` while `make demo` runs, connect to it there.
-
-    Raises:
-        EmbeddedStoreUnavailable: fakeredis is not installed (the production image does not ship it).
-    """
-    port_file = instance_path / EMBEDDED_PORT_FILE
-    hosted = _attach(port_file)
-    if hosted is not None:
-        return hosted
-    try:
-        import fakeredis  # the demo extras only (requirements-demo.txt)
-    except ImportError:
-        raise EmbeddedStoreUnavailable(
-            "REDIS_URL=memory:// needs the demo extras: pip install -r requirements-demo.txt"
-        ) from None
-    server = fakeredis.TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    server.daemon_threads = True  # a connected CLI must not keep the demo from exiting
-    threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True).start()
-    port = str(server.server_address[1])
-    instance_path.mkdir(parents=True, exist_ok=True)
-    port_file.write_text(port)
-    atexit.register(_forget_port, port_file, port)
-    logger.info("embedded store (memory://) served to this checkout's other processes on 127.0.0.1:%s", port)
-    return fakeredis.FakeRedis(server=server.fake_server, decode_responses=True)
-
-
-def _attach(port_file: Path) -> redis.Redis | None:
-    """A client of the embedded store another process of this checkout hosts, if it still answers."""
-    try:
-        port = int(port_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_connect_timeout=0.5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        client.close()
-        return None
-    return client
-
-
-def _forget_port(port_file: Path, port: str) -> None:
-    try:
-        if port_file.read_text().strip() == port:
-            port_file.unlink()
-    except OSError:
-        return
+    if target.kind == SENTINEL:
+        sentinel = Sentinel(
+            list(target.nodes),
+            sentinel_kwargs={**timeouts, "password": sentinel_password or None, "ssl": target.tls},
+            **timeouts,
+        )
+        return sentinel.master_for(
+            target.service_name,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            decode_responses=True,
+            health_check_interval=30,
+            retry=retry,
+        )
+    if target.kind == CLUSTER:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            decode_responses=True,
+            health_check_interval=30,
+            retry=retry,
+            **timeouts,
+        )
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=retry, **timeouts)
 
 
 class HotPathConnections:
@@ -101,17 +72,51 @@ class HotPathConnections:
     development server's thread per request).
 
     The connections are redis-py's own, made with the pool's class and settings (TLS, AUTH, timeouts, health
-    checks, the embedded store). redis-py closes a connection on any socket error or timeout, so one is always fit
-    to push back: a closed one connects again when next used. A dropped connection gets the command once more,
-    as the client's retry does; a timeout is not retried. Make it after the fork, as the gateway is.
+    checks, Sentinel's master discovery, the embedded store). redis-py closes a connection on any socket error or
+    timeout, so one is always fit to push back: a closed one connects again when next used (to the new master,
+    after a Sentinel failover). A dropped connection gets the command once more, as the client's retry does; a
+    timeout is not retried. On a Cluster there is a stack per node, picked by the slot of the command's key (an
+    EVALSHA's first key, else its first argument); a redirect (MOVED, ASK), a node that is down or a cluster
+    that is reconfiguring sends the command through the cluster client instead, which follows the redirect and
+    refreshes its slot map. Make it after the fork, as the gateway is.
     """
 
     def __init__(self, client: redis.Redis):
-        self._pool = client.connection_pool
-        self._idle: list = []
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._stacks: dict[str, _ConnectionStack] = {}
+        self._single = None if self._cluster else _ConnectionStack(client.connection_pool)
 
     def execute(self, *args):
         """Send one command and return its reply (errors as the client raises them)."""
+        if self._single is not None:
+            return self._single.execute(args)
+        key = args[3] if args[0] == "EVALSHA" and int(args[2]) > 0 else args[1]
+        node = self._client.nodes_manager.get_node_from_slot(self._client.keyslot(key))
+        stack = self._stacks.get(node.name)
+        if stack is None:
+            pool = self._client.get_redis_connection(node).connection_pool
+            stack = self._stacks.setdefault(node.name, _ConnectionStack(pool))
+        try:
+            return stack.execute(args)
+        except (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError):
+            return self._client.execute_command(*args)
+
+    def close(self) -> None:
+        """Disconnect the idle connections (call when no more commands are coming)."""
+        for stack in [self._single, *self._stacks.values()]:
+            if stack is not None:
+                stack.close()
+
+
+class _ConnectionStack:
+    """The idle connections of one pool's kind (see HotPathConnections)."""
+
+    def __init__(self, pool: redis.ConnectionPool):
+        self._pool = pool
+        self._idle: list = []
+
+    def execute(self, args: tuple):
         try:
             connection = self._idle.pop()
         except IndexError:
@@ -125,7 +130,6 @@ class HotPathConnections:
             self._idle.append(connection)
 
     def close(self) -> None:
-        """Disconnect the idle connections (call when no more commands are coming)."""
         while self._idle:
             self._idle.pop().disconnect()
 

@@ -28,6 +28,7 @@ from demo.redis_server import PrivateRedisServer
 from demo.wecom_simulator import WeComSimulator
 from services.auth import db
 from services.auth.users import UserDirectory
+from services.keys import Keys
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+pymysql://root@127.0.0.1:3306")
@@ -35,6 +36,7 @@ TOKEN = "test-token-Zq8"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
 AUTH_KEY = "svc-auth-key-0001"
+KEYS = Keys()  # the key names, as the gateway builds them (no prefix)
 # File heads the gateway sniffs (services/chat/media.py), with bodies of no meaning.
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)

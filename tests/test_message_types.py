@@ -9,7 +9,7 @@ import pytest
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import JPEG, PNG, make_simulator, wait_until
+from tests.conftest import JPEG, KEYS, PNG, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 PDF = b"%PDF-1.7\n" + b"1 0 obj << >> endobj\n" * 20
@@ -209,8 +209,8 @@ def test_feedback_for_an_unknown_answer_is_dropped(live, simulator, dify):
 def test_feedback_outlives_the_stream_hash(simulator, dify, redis_client):
     dify.script(d.answer("an answer"))
     conversation = simulator.ask("question")
-    redis_client.delete(f"dify_stream:{conversation.stream_id}")
-    assert redis_client.ttl(f"feedback:{conversation.stream_id}") > 6 * 24 * 3600
+    redis_client.delete(KEYS.stream(conversation.stream_id))
+    assert redis_client.ttl(KEYS.feedback(conversation.stream_id)) > 6 * 24 * 3600
     simulator.send(simulator.event_message("feedback_event", {"id": conversation.stream_id, "type": 1}))
     assert wait_until(lambda: dify.feedbacks, timeout=5)
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from demo import dify_standin as d
 from demo.replicas import free_port
 from services import metrics
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
+from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator
 
 
 def scrape(client) -> dict[tuple, float]:
@@ -65,7 +65,7 @@ def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client
     store = live.gateway.store
     store.create("orphan02", "msg-orphan-2", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan02", "dead-replica", ["shown"], 0)
-    redis_client.delete("dify_stream:orphan02:lease")
+    redis_client.delete(KEYS.stream_lease("orphan02"))
     for _ in range(3):
         simulator.send(simulator.poll_message("orphan02"))
     assert moved(before, scrape(client), "stream_outcomes_total", outcome="expired") == 1
@@ -153,8 +153,8 @@ def test_streams_list_show_and_purge(live, simulator, dify, runner, redis_client
 
     purged = runner.invoke(args=["streams", "purge", "--yes", conversation.stream_id]).output
     assert "deleted" in purged
-    assert not redis_client.exists(f"dify_stream:{conversation.stream_id}")
-    assert not redis_client.exists(f"dify_stream:{conversation.stream_id}:chunks")
+    assert not redis_client.exists(KEYS.stream(conversation.stream_id))
+    assert not redis_client.exists(KEYS.stream_chunks(conversation.stream_id))
 
 
 def test_streams_tail_follows_a_live_answer(live, simulator, dify, runner):

@@ -8,7 +8,7 @@ import redis
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import PNG, make_simulator, wait_idle, wait_until
+from tests.conftest import KEYS, PNG, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -37,15 +37,15 @@ def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewh
     conversation = poller.follow(reply)
     assert conversation.text == "answered after the takeover"
     assert time.monotonic() - started < 2 + 5  # within the lease time, plus the answer
-    meta = redis_client.hgetall(f"dify_stream:{stream_id}")
+    meta = redis_client.hgetall(KEYS.stream(stream_id))
     assert meta["owner"].startswith("replica-b:")
     assert meta["restarts"] == "1"
     assert meta["status"] == "done"
     assert len(dify.chat_requests()) == 2
     # the first replica's worker wakes up later and must not write a second answer
     assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
-    assert redis_client.hget(f"dify_stream:{stream_id}", "status") == "done"
-    assert "".join(redis_client.lrange(f"dify_stream:{stream_id}:chunks", 0, -1)) == "answered after the takeover"
+    assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"
+    assert "".join(redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1)) == "answered after the takeover"
     opener.close()
     poller.close()
 
@@ -56,7 +56,7 @@ def test_a_stream_whose_replica_died_after_showing_text_finishes_with_it(pair, d
     opener = make_simulator(first.url)
     payload = opener.text_message("hello")
     reply = opener.send(payload)
-    assert wait_until(lambda: redis_client.llen(f"dify_stream:{reply['stream']['id']}:chunks") == 1)
+    assert wait_until(lambda: redis_client.llen(KEYS.stream_chunks(reply["stream"]["id"])) == 1)
     kill(first)
     poller = make_simulator(second.url, poll_interval=0.2)
     conversation = poller.follow(reply)
@@ -103,7 +103,7 @@ def test_drain_hands_unfinished_streams_to_another_replica(pair, dify, redis_cli
     reply = sim_a.send(sim_a.text_message("slow"))
     handed = first.gateway.drain(0.3)
     assert handed == [reply["stream"]["id"]]
-    assert redis_client.hget(f"dify_stream:{handed[0]}", "handed_over_at")
+    assert redis_client.hget(KEYS.stream(handed[0]), "handed_over_at")
     conversation = sim_b.follow(reply)  # the released lease lets the next poll restart it at once
     assert conversation.text == "finished by the other replica"
     sim_a.close()
@@ -134,7 +134,7 @@ def test_a_redis_pause_keeps_the_answer_in_memory_and_writes_it_after(outage_app
     stream_id = reply["stream"]["id"]
     assert sim.send(sim.poll_message(stream_id)) is not None
     store = private_redis.client()
-    assert wait_until(lambda: store.llen(f"dify_stream:{stream_id}:chunks") == 1)  # "before " is written
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)  # "before " is written
     private_redis.pause()  # "during " arrives while Redis is paused
     started = time.monotonic()
     response = sim.post(sim.poll_message(stream_id))
@@ -158,7 +158,7 @@ def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
     payload = sim.text_message("during the restart")
     reply = sim.send(payload)
     store = private_redis.client()
-    assert wait_until(lambda: store.llen(f"dify_stream:{reply['stream']['id']}:chunks") == 1)  # "first half, "
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(reply["stream"]["id"])) == 1)  # "first half, "
     private_redis.stop()
     down = sim.send(sim.text_message("anyone?"))
     assert down["stream"]["finish"]
@@ -206,9 +206,9 @@ def test_a_redis_blip_in_a_side_write_never_fails_an_answer_dify_completed(make_
     assert conversation.finished
     assert sim.inbox.wait_for(payload["response_url"]) is not None  # the rest, after the window closed the bubble
     wait_idle(live)
-    meta = redis_client.hgetall(f"dify_stream:{conversation.stream_id}")
+    meta = redis_client.hgetall(KEYS.stream(conversation.stream_id))
     assert meta["status"] == "done"
     assert meta["rest_sent"] == "yes"
     assert redis_client.get("conversation:demo-bot:single:alice") == meta["conversation_id"]
-    assert redis_client.llen(f"dify_stream:{conversation.stream_id}:images") == 1
-    assert redis_client.exists(f"feedback:{conversation.stream_id}")
+    assert redis_client.llen(KEYS.stream_images(conversation.stream_id)) == 1
+    assert redis_client.exists(KEYS.feedback(conversation.stream_id))

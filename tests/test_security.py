@@ -5,7 +5,7 @@ import pytest
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator, wait_idle
+from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, wait_idle
 
 ZH = CATALOGUE["zh"]
 
@@ -24,7 +24,7 @@ def test_the_rate_limit_is_per_user_and_shared_across_replicas(make_pair, dify, 
     retry = sim.send(payloads[0], replica=0)  # a WeCom retry of an answered message is never limited
     assert retry["stream"]["content"] == "ok"
     assert sim.ask("me too", userid="calm").text == "ok"  # other users are not affected
-    [counter] = redis_client.keys("ratelimit:demo-bot:eager:*")
+    [counter] = redis_client.keys(KEYS.rate("demo-bot", "eager", "*"))
     assert 0 < redis_client.ttl(counter) <= 60
     sim.close()
 

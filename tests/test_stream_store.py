@@ -34,7 +34,7 @@ def poll(store, stream_id="s1", window=330, overflow=20000):
 def test_create_is_deduplicated_by_msgid(store, redis_client):
     open_stream(store)
     assert create(store, "s2", "m1", "B") == (EXISTING, "s1")
-    assert not redis_client.exists("dify_stream:s2")
+    assert not redis_client.exists("dify_stream:{s2}")
     assert store.stream_for_msgid("m1") == "s1"
 
 
@@ -60,17 +60,17 @@ def test_every_key_has_a_ttl(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["a", "b"], 0)
     for key in (
-        "dify_stream:s1",
-        "dify_stream:s1:chunks",
-        "dify_stream:s1:lease",
+        "dify_stream:{s1}",
+        "dify_stream:{s1}:chunks",
+        "dify_stream:{s1}:lease",
         "wecom_msg:m1",
-        "inflight:bot1:alice",
+        "inflight:{bot1:alice}",
     ):
         assert redis_client.ttl(key) > 0, key
     assert 0 < redis_client.ttl("wecom_msg:m1") <= MSGID_TTL_SECONDS
-    assert redis_client.pttl("dify_stream:s1:lease") <= 2000
+    assert redis_client.pttl("dify_stream:{s1}:lease") <= 2000
     store.finish("s1", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
-    assert redis_client.exists("dify_stream:s1:images", "feedback:s1") == 2
+    assert redis_client.exists("dify_stream:{s1}:images", "feedback:{s1}") == 2
     assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
 
 
@@ -83,16 +83,16 @@ def test_poll_folds_unread_chunks_into_the_cumulative_text(store, redis_client):
     assert (snap.status, snap.text) == ("streaming", "Hello")
     store.append("s1", "A", [", ", "world"], 2)
     assert poll(store).text == "Hello, world"
-    assert redis_client.hget("dify_stream:s1", "folded") == "4"
-    assert redis_client.lrange("dify_stream:s1:chunks", 0, -1) == ["Hel", "lo", ", ", "world"]
-    assert redis_client.hget("dify_stream:s1", "polls") == "4"
+    assert redis_client.hget("dify_stream:{s1}", "folded") == "4"
+    assert redis_client.lrange("dify_stream:{s1}:chunks", 0, -1) == ["Hel", "lo", ", ", "world"]
+    assert redis_client.hget("dify_stream:{s1}", "polls") == "4"
 
 
 def test_append_is_idempotent_when_a_call_is_retried(store, redis_client):
     open_stream(store)
     assert store.append("s1", "A", ["x", "y"], 0) == WRITTEN
     assert store.append("s1", "A", ["x", "y"], 0) == WRITTEN  # the retry of a call whose reply was lost
-    assert redis_client.lrange("dify_stream:s1:chunks", 0, -1) == ["x", "y"]
+    assert redis_client.lrange("dify_stream:{s1}:chunks", 0, -1) == ["x", "y"]
     with pytest.raises(StreamConflict):
         store.append("s1", "A", ["z"], 5)
 
@@ -137,7 +137,7 @@ def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client)
     assert finished.closed_bytes == 0
     snap = poll(store)
     assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
-    assert not redis_client.exists("dify_stream:s1:lease")
+    assert not redis_client.exists("dify_stream:{s1}:lease")
     assert store.finish("s1", "A", "done") is None
     assert store.append("s1", "A", ["late"], 1) == CLOSED
     assert store.append("never-existed", "A", ["x"], 0) == CLOSED
@@ -150,34 +150,34 @@ def test_unknown_stream_polls_as_none(store):
 def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["partial"], 0)
-    redis_client.delete("dify_stream:s1:lease")  # the owner died and its lease ran out
+    redis_client.delete("dify_stream:{s1}:lease")  # the owner died and its lease ran out
     snap = poll(store)
     assert (snap.status, snap.text, snap.note) == ("expired", "partial", "orphan note")
-    assert redis_client.hget("dify_stream:s1", "error") == "owner_lost"
+    assert redis_client.hget("dify_stream:{s1}", "error") == "owner_lost"
     assert store.append("s1", "A", ["zombie"], 1) == CLOSED
 
 
 def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, redis_client):
     open_stream(store, owner="A")
-    redis_client.delete("dify_stream:s1:lease")
+    redis_client.delete("dify_stream:{s1}:lease")
     snap = store.poll("s1", 330, 20000, "orphan note", taker="B")
     assert snap.taken_over
     assert snap.status == "pending"
     assert snap.text == ""
-    meta = redis_client.hgetall("dify_stream:s1")
+    meta = redis_client.hgetall("dify_stream:{s1}")
     assert meta["owner"] == "B"
     assert meta["restarts"] == "1"
     assert meta["taken_over_at"]
-    assert redis_client.get("dify_stream:s1:lease") == "B"
+    assert redis_client.get("dify_stream:{s1}:lease") == "B"
     assert store.append("s1", "A", ["old owner"], 0) == TAKEN  # the old owner, if alive, must stop
     assert store.append("s1", "B", ["new owner"], 0) == WRITTEN
 
 
 def test_a_stream_is_restarted_only_once(store, redis_client):
     open_stream(store, owner="A")
-    redis_client.delete("dify_stream:s1:lease")
+    redis_client.delete("dify_stream:{s1}:lease")
     assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
-    redis_client.delete("dify_stream:s1:lease")  # B dies too
+    redis_client.delete("dify_stream:{s1}:lease")  # B dies too
     snap = store.poll("s1", 330, 20000, "orphan note", taker="C")
     assert not snap.taken_over
     assert snap.status == "expired"
@@ -186,40 +186,42 @@ def test_a_stream_is_restarted_only_once(store, redis_client):
 def test_no_takeover_once_something_was_shown_or_without_a_taker(store, redis_client):
     open_stream(store, "s1", "m1")
     store.append("s1", "A", ["shown"], 0)
-    redis_client.delete("dify_stream:s1:lease")
+    redis_client.delete("dify_stream:{s1}:lease")
     assert store.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
     open_stream(store, "s2", "m2")
-    redis_client.delete("dify_stream:s2:lease")
+    redis_client.delete("dify_stream:{s2}:lease")
     assert store.poll("s2", 330, 20000, "orphan note", taker="").status == "expired"
 
 
 def test_release_hands_streams_over(store, redis_client):
     open_stream(store, "s1", "m1", owner="A")
     open_stream(store, "s2", "m2", owner="A")
-    redis_client.set("dify_stream:s2:lease", "B")
+    redis_client.set("dify_stream:{s2}:lease", "B")
     assert store.release_leases(["s1", "s2"], "A") == 1
-    assert not redis_client.exists("dify_stream:s1:lease")
-    assert redis_client.get("dify_stream:s2:lease") == "B"
-    assert redis_client.hget("dify_stream:s1", "handed_over_at")
+    assert not redis_client.exists("dify_stream:{s1}:lease")
+    assert redis_client.get("dify_stream:{s2}:lease") == "B"
+    assert redis_client.hget("dify_stream:{s1}", "handed_over_at")
 
 
 def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
     open_stream(store, "s1", "m1")
     store.finish("s1", "A", "done")
     assert store.renew_leases(["s1", "gone"], "A") == []
-    assert not redis_client.exists("dify_stream:s1:lease")
-    assert not redis_client.exists("dify_stream:gone:lease")
+    assert not redis_client.exists("dify_stream:{s1}:lease")
+    assert not redis_client.exists("dify_stream:{gone}:lease")
 
 
 def test_window_close_is_flagged_once_the_stream_is_too_old(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["so far"], 0)
     assert not poll(store, window=330).close_reason
-    redis_client.hset("dify_stream:s1", "created_at", f"{time.time() - 400:.3f}")
+    redis_client.hset("dify_stream:{s1}", "created_at", f"{time.time() - 400:.3f}")
     snap = poll(store, window=330)
     assert (snap.close_reason, snap.closed_bytes, snap.active) == ("window", 6, True)
-    assert redis_client.hget("dify_stream:s1", "closed_at")
-    assert redis_client.zcard("inflight:bot1:alice") == 0  # the bubble is done for WeCom
+    assert redis_client.hget("dify_stream:{s1}", "closed_at")
+    assert snap.freed_inflight_key == "inflight:{bot1:alice}"  # the bubble is done for WeCom: its slot is free
+    store.release_inflight(snap.freed_inflight_key, "s1")
+    assert redis_client.zcard("inflight:{bot1:alice}") == 0
     store.append("s1", "A", [" and later"], 1)
     assert poll(store, window=330).closed_bytes == 6  # closed once, with the text it had then
     finished = store.finish("s1", "A", "done")
@@ -238,12 +240,13 @@ def test_overflow_closes_the_bubble(store):
 def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
     for i in range(3):
         open_stream(store, f"s{i}", f"m{i}")
-    assert create(store, "s3", "m3") == (LIMITED, "")
-    assert not redis_client.exists("dify_stream:s3")
-    assert not redis_client.exists("wecom_msg:m3")
+    assert create(store, "s3", "m3") == (LIMITED, "s3")  # the stream exists; the caller ends it with the reason
+    assert store.stream_for_msgid("m3") == "s3"  # so a retry of that message gets the same refusal
+    assert store.in_flight("bot1", "alice") == 3
     assert create(store, "s0-again", "m0") == (EXISTING, "s0")  # a retry is never refused
     assert create(store, "t1", "n1", userid="bob")[0] == CREATED  # other users are not affected
-    store.finish("s0", "A", "done")
+    finished = store.finish("s0", "A", "done")
+    store.release_inflight(finished.inflight_key, "s0")
     assert store.in_flight("bot1", "alice") == 2
     assert create(store, "s4", "m4")[0] == CREATED
 
@@ -251,28 +254,28 @@ def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
 def test_stale_in_flight_entries_expire_by_score(store, redis_client):
     for i in range(3):
         open_stream(store, f"s{i}", f"m{i}")
-    redis_client.zadd("inflight:bot1:alice", {"s0": time.time() - 1})  # e.g. its replica died long ago
+    redis_client.zadd("inflight:{bot1:alice}", {"s0": time.time() - 1})  # e.g. its replica died long ago
     assert create(store, "s3", "m3")[0] == CREATED
 
 
 def test_record_only_touches_existing_streams(store, redis_client):
     open_stream(store)
     assert store.record("s1", {"rest_sent": "yes"})
-    assert redis_client.hget("dify_stream:s1", "rest_sent") == "yes"
+    assert redis_client.hget("dify_stream:{s1}", "rest_sent") == "yes"
     assert not store.record("gone", {"rest_sent": "yes"})
-    assert not redis_client.exists("dify_stream:gone")
+    assert not redis_client.exists("dify_stream:{gone}")
 
 
 def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
     open_stream(store, "s1", "m1", "A")
     open_stream(store, "s2", "m2", "A")
     open_stream(store, "s3", "m3", "A")
-    redis_client.delete("dify_stream:s2:lease")  # expired, nobody else took it: ours again
-    redis_client.set("dify_stream:s3:lease", "B")  # taken over by replica B
+    redis_client.delete("dify_stream:{s2}:lease")  # expired, nobody else took it: ours again
+    redis_client.set("dify_stream:{s3}:lease", "B")  # taken over by replica B
     lost = store.renew_leases(["s1", "s2", "s3"], "A")
     assert lost == ["s3"]
-    assert redis_client.get("dify_stream:s2:lease") == "A"
-    assert redis_client.pttl("dify_stream:s1:lease") > 1500
+    assert redis_client.get("dify_stream:{s2}:lease") == "A"
+    assert redis_client.pttl("dify_stream:{s1}:lease") > 1500
 
 
 def test_key_prefix_namespaces_every_key(redis_client):
@@ -280,11 +283,11 @@ def test_key_prefix_namespaces_every_key(redis_client):
     create(store, "s1", "m1")
     store.append("s1", "A", ["x"], 0)
     assert set(redis_client.keys("*")) == {
-        "tenant1:dify_stream:s1",
-        "tenant1:dify_stream:s1:chunks",
-        "tenant1:dify_stream:s1:lease",
+        "tenant1:dify_stream:{s1}",
+        "tenant1:dify_stream:{s1}:chunks",
+        "tenant1:dify_stream:{s1}:lease",
         "tenant1:wecom_msg:m1",
-        "tenant1:inflight:bot1:alice",
+        "tenant1:inflight:{bot1:alice}",
     }
 
 
@@ -295,7 +298,7 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
     open_stream(store, "b", "mb", owner="B")
     open_stream(store, "c", "mc")
     store.finish("c", "A", "done")
-    open_stream(store, "d", "md")
+    open_stream(store, "d", "md", userid="bob")
     requests = [
         AppendRequest("a", ["a1", "a2"], 0, {"task_id": "t"}),
         AppendRequest("b", ["x"], 0, {}),
@@ -308,7 +311,7 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
     assert isinstance(results[3], StreamConflict)
     assert results[4] == CLOSED
     assert store.chunks("a") == ["a1", "a2"]
-    assert redis_client.hget("dify_stream:a", "task_id") == "t"
+    assert redis_client.hget("dify_stream:{a}", "task_id") == "t"
     assert store.append_many(requests[:1], "A") == [WRITTEN]  # the retry of an applied call changes nothing
     assert store.chunks("a") == ["a1", "a2"]
 
@@ -338,7 +341,7 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
     for t in threads:
         t.join()
     assert all(store.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
-    assert redis_client.hget("dify_stream:s0", "task_id") == "t0"
+    assert redis_client.hget("dify_stream:{s0}", "task_id") == "t0"
     # deltas that arrived while a stream's append was in flight went out together, in batches of many streams
     assert batcher.appends < 200
     assert batcher.batches < batcher.appends

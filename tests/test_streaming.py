@@ -12,13 +12,13 @@ from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
 from services.chat.texts import CATALOGUE
 from services.wecom.limits import MAX_CONTENT_BYTES
-from tests.conftest import make_simulator, wait_idle, wait_until
+from tests.conftest import KEYS, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
 
 def stream_meta(redis_client, stream_id):
-    return redis_client.hgetall(f"dify_stream:{stream_id}")
+    return redis_client.hgetall(KEYS.stream(stream_id))
 
 
 def test_a_whole_conversation(simulator, dify, redis_client):
@@ -43,7 +43,7 @@ def test_a_whole_conversation(simulator, dify, redis_client):
     assert meta["message_id"]
     assert meta["conversation_id"]
     assert meta["finished_at"]
-    chunks = redis_client.lrange(f"dify_stream:{conversation.stream_id}:chunks", 0, -1)
+    chunks = redis_client.lrange(KEYS.stream_chunks(conversation.stream_id), 0, -1)
     assert "".join(chunks) == conversation.text
     assert len(chunks) > 3
     assert all(redis_client.ttl(key) > 0 for key in redis_client.keys("*"))
@@ -120,7 +120,7 @@ def test_polls_alternating_between_two_instances(pair, dify, redis_client):
     assert conversation.polls >= 4
     contents = [c for c in conversation.contents() if c != ZH["placeholder"]]
     assert all(b.startswith(a) for a, b in zip(contents, contents[1:], strict=False))
-    assert int(redis_client.hget(f"dify_stream:{conversation.stream_id}", "polls")) == conversation.polls
+    assert int(redis_client.hget(KEYS.stream(conversation.stream_id), "polls")) == conversation.polls
     sim.close()
 
 
@@ -338,7 +338,7 @@ def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_
     store = live.gateway.store
     store.create("orphan01", "msg-orphan", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
-    redis_client.delete("dify_stream:orphan01:lease")  # the dead replica's lease ran out
+    redis_client.delete(KEYS.stream_lease("orphan01"))  # the dead replica's lease ran out
     reply = simulator.send(simulator.poll_message("orphan01"))
     assert reply["stream"]["finish"] is True
     assert reply["stream"]["content"] == f"what was said before the crash\n\n{ZH['orphaned']}"

@@ -172,9 +172,11 @@ class Authorizer:
             raise AuthUnavailable(str(exc)) from exc
         info = {"userid": userid, "account": user.account, "display_name": user.display_name, "user": grant.user}
         ttl = token_ttl(grant.expires_in, self.token_margin)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.user_token(userid), grant.token, ex=ttl)
+        # Two slots on a cluster, so not one transaction: the info goes first, so a reader that finds the token
+        # always finds its info (a reader in between finds no token and waits for the flight).
+        pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.token_info(grant.token), orjson.dumps(info), ex=ttl)
+        pipe.set(self.keys.user_token(userid), grant.token, ex=ttl)
         pipe.execute()
         logger.info("token obtained and cached for %ds", ttl)
         return grant.token, info

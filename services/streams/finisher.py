@@ -55,6 +55,11 @@ class Finisher:
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(status).inc()
             metrics.STREAM_SECONDS.observe(max(0.0, time.time() - job.created_at))
+            if finished.inflight_key:
+                best_effort(
+                    lambda: self.store.release_inflight(finished.inflight_key, job.stream_id),
+                    "freeing the user's open-bubble slot",
+                )
             self._send_rest(job, answer, finished, note)
         elif answer.detached:
             metrics.STREAM_OUTCOMES.labels("closed_elsewhere").inc()

@@ -16,7 +16,7 @@ from services.chat.texts import Texts
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.job import StreamJob
 from services.streams.runner import StreamRunner
-from services.streams.store import EXISTING, LIMITED, RATE_LIMITED, Snapshot, StreamStore
+from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore
 from services.streams.worker import StreamWorker
 from services.wecom.messages import Inbound, stream_reply
 from utils.logging import bind_log_context
@@ -63,17 +63,14 @@ class StreamService:
         if not self.runner.has_capacity():
             existing = self.store.stream_for_msgid(message.msgid)
             if existing:
-                self._count("dedup")
-                metrics.DEDUP_HITS.inc()
-                return self.poll(existing)
+                return self._dedup(existing)
             key = "busy" if self.runner.accepting else "shutting_down"
             self._count(key)
             logger.warning("not taking a new stream: %s", key)
             return self.finish_at_once(self.texts.say(key))
 
-        proposed = new_stream_id()
         job = StreamJob(
-            stream_id=proposed,
+            stream_id=new_stream_id(),
             msgid=message.msgid,
             userid=message.userid,
             aibotid=message.aibotid,
@@ -83,6 +80,7 @@ class StreamService:
             response_url=message.response_url,
             attachments=attachments or [],
         )
+        stream_id = job.stream_id
         fields = {
             "msgid": message.msgid,
             "userid": message.userid,
@@ -93,27 +91,33 @@ class StreamService:
             **job.request_fields(),
         }
         outcome, stream_id = self.store.create(
-            proposed, message.msgid, self.owner, message.aibotid, message.userid, fields
+            stream_id, message.msgid, self.owner, message.aibotid, message.userid, fields
         )
-        if outcome == LIMITED:
-            self._count("in_flight_limit")
-            logger.info("user already has the maximum of open answers")
-            return self.finish_at_once(self.texts.say("too_many_in_flight"))
-        if outcome == RATE_LIMITED:
-            self._count("rate_limited")
-            logger.warning("user is over the message rate limit")
-            return self.finish_at_once(self.texts.say("rate_limited"))
-        # A retried create whose first reply was lost returns our own id: it is still ours to start.
-        if outcome == EXISTING and stream_id != proposed:
-            self._count("dedup")
-            metrics.DEDUP_HITS.inc()
-            logger.info("repeated msgid; answering with its stream %s", stream_id)
-            return self.poll(stream_id)
+        if outcome == EXISTING:
+            return self._dedup(stream_id)
+        if outcome != CREATED:
+            return self._refuse(stream_id, outcome)
         self._start(job)
         self._count("opened")
         bind_log_context(stream=stream_id)
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
+
+    def _dedup(self, stream_id: str) -> dict:
+        """A WeCom retry of a message whose stream exists: the same stream, as far as it has come."""
+        self._count("dedup")
+        metrics.DEDUP_HITS.inc()
+        logger.info("repeated msgid; answering with its stream %s", stream_id)
+        return self.poll(stream_id)
+
+    def _refuse(self, stream_id: str, outcome: str) -> dict:
+        """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of
+        the message (which finds it through its msgid) gets the same answer."""
+        self._count(outcome)
+        note = self.texts.say("too_many_in_flight" if outcome == LIMITED else "rate_limited")
+        logger.info("not answering: %s", outcome)
+        self.store.finish(stream_id, self.owner, DONE, {"note": note, "error": outcome})
+        return stream_reply(stream_id, note, finish=True)
 
     @staticmethod
     def _count(outcome: str) -> None:
@@ -139,6 +143,8 @@ class StreamService:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
         if snapshot.event:
             metrics.STREAM_OUTCOMES.labels(snapshot.event).inc()
+        if snapshot.freed_inflight_key:
+            self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))

@@ -30,7 +30,7 @@ from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica, free_port
 from services.auth import db
 from services.chat.texts import CATALOGUE
-from tests.conftest import AUTH_KEY, make_simulator, wait_until
+from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
@@ -345,7 +345,7 @@ def test_redis_stopped_and_restarted(replicas, sim, dify, module_redis, baseline
     payloads = [sim.text_message("during", userid=fresh_user()) for _ in range(3)]
     firsts = [sim.send(p) for p in payloads]
     store = module_redis.client()
-    written = lambda: all(store.llen(f"dify_stream:{f['stream']['id']}:chunks") for f in firsts)  # noqa: E731
+    written = lambda: all(store.llen(KEYS.stream_chunks(f["stream"]["id"])) for f in firsts)  # noqa: E731
     assert wait_until(written, timeout=10)  # every answer has begun
     module_redis.stop()
     refused = sim.send(sim.text_message("hello?", userid=fresh_user()))

@@ -8,7 +8,7 @@ import pytest
 
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica, free_port
-from tests.conftest import AES_KEY, DIFY_KEY, TEST_REDIS_URL, TOKEN, make_simulator
+from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TEST_REDIS_URL, TOKEN, make_simulator
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
@@ -32,9 +32,9 @@ def test_two_workers_serve_whole_conversations(replica, dify, redis_client):
         conversations = list(pool.map(lambda i: sim.ask(f"question {i}", userid=f"user{i}"), range(6)))
     assert all(c.finished and c.text == "Answered by a gunicorn worker, polled by any worker." for c in conversations)
     assert len(dify.chat_requests()) == 6
-    statuses = {redis_client.hget(f"dify_stream:{c.stream_id}", "status") for c in conversations}
+    statuses = {redis_client.hget(KEYS.stream(c.stream_id), "status") for c in conversations}
     assert statuses == {"done"}
-    owners = {redis_client.hget(f"dify_stream:{c.stream_id}", "owner") for c in conversations}
+    owners = {redis_client.hget(KEYS.stream(c.stream_id), "owner") for c in conversations}
     assert all(owner.startswith("gunicorn-a:") for owner in owners)  # one per worker process that took messages
     sim.close()
 

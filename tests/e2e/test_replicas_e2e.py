@@ -12,7 +12,7 @@ import pytest
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
 from services.chat.texts import CATALOGUE
-from tests.conftest import AUTH_KEY, make_simulator, wait_until
+from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +54,7 @@ def replicas(dify, auth, private_redis, mysql_url, users, tmp_path):
 
 
 def owner_replica(redis_client_for, stream_id):
-    owner = redis_client_for.hget(f"dify_stream:{stream_id}", "owner") or ""
+    owner = redis_client_for.hget(KEYS.stream(stream_id), "owner") or ""
     return owner.split(":")[0]
 
 
@@ -125,7 +125,7 @@ def test_sigkill_of_a_streams_owner(replicas, dify, store_client):
     silent = sim.send(sim.text_message("killed-before-anything", userid="user1"), replica=0)
     # the victim must have made both Dify calls (taking both slow scripts) before it dies
     assert len(dify.wait_for_requests(2)) == 2
-    assert wait_until(lambda: store_client.llen(f"dify_stream:{shown['stream']['id']}:chunks") > 0, timeout=5)
+    assert wait_until(lambda: store_client.llen(KEYS.stream_chunks(shown["stream"]["id"])) > 0, timeout=5)
     assert owner_replica(store_client, shown["stream"]["id"]) == "replica-0"
 
     victim.signal(signal.SIGKILL)
@@ -158,7 +158,7 @@ def test_sigterm_drains_then_hands_over(replicas, dify, store_client):
     dify.script([d.message("too long for the drain"), d.sleep(60), d.end()], match="long")
     short = sim.send(sim.text_message("short", userid="user2"), replica=0)
     long = sim.send(sim.text_message("long", userid="user3"), replica=0)
-    assert wait_until(lambda: store_client.llen(f"dify_stream:{long['stream']['id']}:chunks") > 0, timeout=10)
+    assert wait_until(lambda: store_client.llen(KEYS.stream_chunks(long["stream"]["id"])) > 0, timeout=10)
 
     draining.signal(signal.SIGTERM)
     signalled = time.monotonic()
@@ -170,7 +170,7 @@ def test_sigterm_drains_then_hands_over(replicas, dify, store_client):
     assert time.monotonic() - signalled < GRACEFUL_SECONDS + 5
     logs = draining.logs()
     assert "handed 1 unfinished streams over" in logs
-    assert store_client.hget(f"dify_stream:{long['stream']['id']}", "handed_over_at")
+    assert store_client.hget(KEYS.stream(long["stream"]["id"]), "handed_over_at")
     # new messages are answered by the others meanwhile
     dify.script(d.answer("served elsewhere"))
     assert (
@@ -194,7 +194,7 @@ def test_redis_restarted_under_load(replicas, dify, private_redis):
     for t in threads:
         t.start()
     store = private_redis.client()
-    began = lambda: all(store.llen(f"dify_stream:{f['stream']['id']}:chunks") for f in firsts)  # noqa: E731
+    began = lambda: all(store.llen(KEYS.stream_chunks(f["stream"]["id"])) for f in firsts)  # noqa: E731
     assert wait_until(began, timeout=10)  # every answer is streaming
     private_redis.stop()
     during = sim.send(sim.text_message("while Redis is down", userid=USERS[6]), replica=1)

@@ -1,0 +1,278 @@
+"""The Lua scripts of the stream store, and how they are run.
+
+Every script touches only keys passed in KEYS, and the keys of one call share a hash tag, so one call is one
+Redis Cluster slot: the same scripts run on one server, under Sentinel, on a Cluster and on managed cluster proxies
+that refuse anything else (tests/test_scripts.py checks both). A script may read a key's *name* from a hash and
+return it to the caller (the in-flight set of a stream's user), but never touches a key that is not in KEYS.
+Work on many streams is a pipeline of one call per stream (StreamStore), one round trip per node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import redis
+
+# KEYS: stream, lease. ARGV: owner, now, ttl, lease_ms, inflight key (a name kept for later), field/value pairs...
+# A new pending stream, owned by `owner`. Its msgid is claimed next, and its user's slot admitted after that.
+OPEN = """
+redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2],
+           'folded', 0, 'text', '', 'inflight_key', ARGV[5], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS: the user's in-flight set, the user's rate counter of this window. ARGV: stream_id, now, max_inflight,
+# inflight_until, inflight_ttl, rate_limit (0 = none), rate_window.
+# Returns 1 admitted, 2 when the user already has max_inflight open bubbles, 3 when the user sent rate_limit
+# messages this window. A stream admitted before (a retried call whose reply was lost) is admitted again.
+ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 2 end
+if tonumber(ARGV[6]) > 0 then
+  local sent = redis.call('INCR', KEYS[2])
+  if sent == 1 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
+  if sent > tonumber(ARGV[6]) then return 3 end
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+# Shared by the writing scripts: may `owner` write to the stream? 'ok'; 'closed' when it is gone or final (the
+# bubble was finished by someone else); 'taken' when another replica owns it now and is answering.
+_OWNERSHIP = """
+local function ownership(key, owner)
+  local h = redis.call('HMGET', key, 'status', 'owner')
+  if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
+  if h[2] ~= owner then return 'taken' end
+  return 'ok'
+end
+"""
+
+# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, field/value pairs...,
+# deltas... Returns ok, closed, taken or conflict. The expected length makes a retry safe: a call whose reply was
+# lost may still have run (even after a later, longer retry was sent), so deltas already in the list are skipped
+# and only the rest is pushed.
+APPEND = (
+    _OWNERSHIP
+    + """
+local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local first_delta = 7 + 2 * nf
+local state = ownership(KEYS[1], ARGV[1])
+if state ~= 'ok' then return state end
+local skip = 0
+if nd > 0 then
+  skip = redis.call('LLEN', KEYS[2]) - expected
+  if skip < 0 or skip > nd then return 'conflict' end
+end
+if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, first_delta - 1)) end
+if nd > skip and redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta + skip, first_delta + nd - 1)) == nd - skip then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3])
+return 'ok'
+"""
+)
+
+# KEYS: stream, chunks. ARGV: owner, ttl, now, answer.
+REPLACE = (
+    _OWNERSHIP
+    + """
+local state = ownership(KEYS[1], ARGV[1])
+if state ~= 'ok' then return state end
+redis.call('DEL', KEYS[2])
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'replaced_at', ARGV[3],
+           'updated_at', ARGV[3])
+return 'ok'
+"""
+)
+
+# KEYS: stream, chunks, lease, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
+# feedback ttl, image count, images..., field/value pairs... Returns 0 if not ours or not active, else
+# {1, close_reason, closed_bytes, inflight key}: whether the bubble had closed early, and the in-flight set the caller
+# takes the stream out of. The reply images and the feedback mapping are written with the final state, so a
+# finished answer always has both or neither.
+FINISH = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes')
+if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+local images = tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3],
+           unpack(ARGV, 8 + images))
+if images > 0 then
+  redis.call('DEL', KEYS[4])
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 8, 7 + images))
+end
+for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6]) end
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return {1, h[4] or '', h[5] or '', h[3] or ''}
+"""
+
+# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms.
+# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
+# event, inflight key, images...}: `event` names what this call just did (taken_over, expired, closed_window,
+# closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the user's
+# slot), and the reply images come only once the stream is done. An active stream whose lease is gone (its replica
+# died or handed it over) is restarted by the polling replica (`taker`, if not empty) when nothing was shown yet
+# and it was never restarted; otherwise it becomes expired with the note. One past the window, or longer than a
+# bubble can show, is closed early (the bubble finishes now, the worker goes on and sends the rest through
+# response_url).
+POLL = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
+                     'closed_bytes', 'response_url', 'inflight_key', 'restarts')
+local status = h[1]
+if not status then return false end
+local text = h[3] or ''
+local folded = tonumber(h[2]) or 0
+local fresh = redis.call('LRANGE', KEYS[2], folded, -1)
+if #fresh > 0 then
+  text = text .. table.concat(fresh)
+  redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
+end
+local note, reason, closed_bytes, event = h[4] or '', h[6] or '', h[7] or '', ''
+if status == 'pending' or status == 'streaming' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    if text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[5] ~= '' then
+      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+      redis.call('DEL', KEYS[2])
+      redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'status', 'pending', 'restarts', 1, 'folded', 0,
+                 'taken_over_at', ARGV[1], 'updated_at', ARGV[1])
+      status = 'pending'
+      event = 'taken_over'
+    else
+      status = 'expired'
+      event = 'expired'
+      note = ARGV[4]
+      redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
+    end
+  elseif reason == '' then
+    if tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
+      reason = 'window'
+    elseif #text > tonumber(ARGV[3]) then
+      reason = 'overflow'
+    end
+    if reason ~= '' then
+      event = 'closed_' .. reason
+      closed_bytes = tostring(#text)
+      redis.call('HSET', KEYS[1], 'closed_at', ARGV[1], 'close_reason', reason, 'closed_bytes', closed_bytes)
+    end
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'polls', 1)
+local freed = ''
+if event ~= '' and event ~= 'taken_over' then freed = h[9] or '' end
+local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed}
+if status == 'done' then
+  for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
+end
+return row
+"""
+
+# KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.
+RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: lease, stream. ARGV: owner, lease_ms. Returns 1 if another replica has taken the stream over, else 0. A
+# lease that ran out (e.g. through a Redis outage) is taken back while the stream is still ours; a stream that is
+# gone or final needs no lease, and its worker learns that on its next write.
+RENEW = (
+    _OWNERSHIP
+    + """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
+if holder then return 1 end
+local state = ownership(KEYS[2], ARGV[1])
+if state == 'ok' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 0
+end
+if state == 'taken' then return 1 end
+return 0
+"""
+)
+
+# KEYS: lease, stream. ARGV: owner, now. Drops this replica's lease (graceful shutdown), so the next poll on
+# another replica takes the stream over. Returns 1 if released.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'handed_over_at', ARGV[2])
+return 1
+"""
+
+ALL = {
+    "OPEN": OPEN,
+    "ADMIT": ADMIT,
+    "APPEND": APPEND,
+    "REPLACE": REPLACE,
+    "FINISH": FINISH,
+    "POLL": POLL,
+    "RECORD": RECORD,
+    "RENEW": RENEW,
+    "RELEASE": RELEASE,
+}
+
+
+class LuaScript:
+    """Runs one Lua script by its SHA (EVALSHA), loading it when Redis does not know it yet (a new server, or a
+    replica just promoted: script caches are not replicated).
+
+    Leaner than redis-py's registered Script object: on the poll path its bookkeeping cost as much CPU as the
+    call itself (bench/profile_poll.py). `execute` sends the command (default: the client's pooled connections).
+    """
+
+    def __init__(self, client: redis.Redis, source: str, execute: Callable[..., object] | None = None):
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._execute = execute or client.execute_command
+
+    def __call__(self, keys: list[str], args: list) -> object:
+        try:
+            return self._execute(*self.command(keys, args))
+        except redis.exceptions.NoScriptError:
+            self.load()
+            return self._execute(*self.command(keys, args))
+
+    def command(self, keys: list[str], args: list) -> tuple:
+        """The EVALSHA command of one call (for a pipeline)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def load(self) -> None:
+        """Load the script (on a cluster, on every master)."""
+        self.client.script_load(self.source)
+
+    def run_each(self, calls: list[tuple[list[str], list]]) -> list:
+        """One call per (keys, args), in one pipeline (on a cluster, one round trip per node); the results in
+        order, each a reply or the exception that call raised."""
+        if not calls:
+            return []
+        results = self._pipeline(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
+        if missing:
+            self.load()
+            for i, result in zip(missing, self._pipeline([calls[i] for i in missing]), strict=True):
+                results[i] = result
+        return results
+
+    def _pipeline(self, calls: list[tuple[list[str], list]]) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command(*self.command(keys, args))
+        return pipe.execute(raise_on_error=False)
