@@ -1,25 +1,48 @@
-"""A redis-server of our own on a free port (no persistence), for the end-to-end tests and benchmarks that must
-stop, pause or restart Redis without disturbing anyone else's."""
+"""Redis of our own on private loopback ports and temporary directories (no persistence), for the end-to-end tests
+and benchmarks that must stop, pause, restart or fail over Redis without disturbing anyone else's: one server, a
+Sentinel set, or a Cluster. Each `url` is a REDIS_URL the gateway takes (CONTRACT.md §7)."""
 
 from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from demo.replicas import free_port
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except redis.RedisError:
+            pass  # not up yet
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} within {timeout:.0f}s")
 
 
 class PrivateRedisServer:
     """`start()` runs it, `stop()` kills it (its data is gone), `pause()`/`resume()` freeze and thaw it."""
 
-    def __init__(self, directory: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        directory: Path | None = None,
+        extra: tuple[str, ...] = (),
+        binary: str = "redis-server",
+        port: int | None = None,
+    ):
+        self.port = port or free_port()
+        self.extra = extra
+        self.binary = binary
         self._made_dir = directory is None  # a directory of our own is removed again by stop()
         self.dir = Path(directory or tempfile.mkdtemp(prefix="private-redis-"))
         self.process: subprocess.Popen | None = None
@@ -29,33 +52,33 @@ class PrivateRedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=0.2)
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_connect_timeout=0.2)
 
     def start(self) -> PrivateRedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(
-            [*command, "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        binary = shutil.which(self.binary) or f"/usr/bin/{self.binary}"
+        command = [binary, *self.extra, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        if self.binary == "redis-server" and "--sentinel" not in self.extra:
+            command += ["--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+        _wait(client.ping, 10, f"{self.binary} did not start on port {self.port}")
+        client.close()
+        return self
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a node loss would (the data directory stays, for a restart)."""
         if self.running:
-            self.resume()  # a frozen (SIGSTOP) process must run again to die
+            self.resume()
             self.process.kill()
             self.process.wait(5)
+
+    def stop(self) -> None:
+        self.kill()
         if self._made_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -64,3 +87,215 @@ class PrivateRedisServer:
 
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
+
+
+class PrivateSentinelSet:
+    """A master, two replicas and three sentinels (quorum 2) watching it, with a short `down_after_ms`, so a
+    killed master fails over in a few seconds. `sentinel_password` makes the sentinels require one."""
+
+    def __init__(self, service_name: str = "gateway", down_after_ms: int = 1000, sentinel_password: str = ""):
+        self.service_name = service_name
+        self.down_after_ms = down_after_ms
+        self.sentinel_password = sentinel_password
+        self.root = Path(tempfile.mkdtemp(prefix="private-sentinel-"))
+        self.master = PrivateRedisServer(self.root / "master")
+        self.replicas = [PrivateRedisServer(self.root / f"replica{i}") for i in range(2)]
+        self.sentinels: list[PrivateRedisServer] = []
+
+    @property
+    def servers(self) -> list[PrivateRedisServer]:
+        return [self.master, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service_name}"
+
+    def start(self) -> PrivateSentinelSet:
+        self.master.start()
+        for replica in self.replicas:
+            replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+            replica.start()
+        for i in range(3):
+            directory = self.root / f"sentinel{i}"
+            directory.mkdir()
+            lines = [
+                f"sentinel monitor {self.service_name} 127.0.0.1 {self.master.port} 2",
+                f"sentinel down-after-milliseconds {self.service_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.service_name} {max(3000, 3 * self.down_after_ms)}",
+                f"sentinel parallel-syncs {self.service_name} 2",
+            ]
+            if self.sentinel_password:
+                lines.append(f"requirepass {self.sentinel_password}")
+            (directory / "sentinel.conf").write_text("\n".join(lines) + "\n")
+            sentinel = PrivateRedisServer(directory, extra=(str(directory / "sentinel.conf"), "--sentinel"))
+            self.sentinels.append(sentinel)
+            self._start_sentinel(sentinel)
+        _wait(self._fully_watched, 30, "the sentinels did not see the master's replicas and each other")
+        return self
+
+    def _start_sentinel(self, sentinel: PrivateRedisServer) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        command = [binary, *sentinel.extra, "--port", str(sentinel.port), "--bind", "127.0.0.1"]
+        sentinel.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: self.sentinel_client(sentinel).ping(), 10, "a sentinel did not start")
+
+    def sentinel_client(self, sentinel: PrivateRedisServer) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=sentinel.port,
+            password=self.sentinel_password or None,
+            decode_responses=True,
+            socket_connect_timeout=0.2,
+            socket_timeout=1,
+        )
+
+    def _fully_watched(self) -> bool:
+        for sentinel in self.sentinels:
+            info = self.sentinel_client(sentinel).sentinel_master(self.service_name)
+            if int(info["num-slaves"]) < 2 or int(info["num-other-sentinels"]) < 2:
+                return False
+        return True
+
+    def master_address(self) -> tuple[str, int]:
+        """The master as the sentinels see it now."""
+        for sentinel in self.sentinels:
+            try:
+                return self.sentinel_client(sentinel).sentinel_get_master_addr_by_name(self.service_name)
+            except redis.RedisError:
+                continue
+        raise RuntimeError("no sentinel answers")
+
+    def current_master(self) -> PrivateRedisServer:
+        _, port = self.master_address()
+        return next(server for server in self.servers if server.port == int(port))
+
+    def kill_master(self) -> PrivateRedisServer:
+        """SIGKILL the current master; returns it (for `restart`)."""
+        master = self.current_master()
+        master.kill()
+        return master
+
+    def wait_for_failover(self, old: PrivateRedisServer, timeout: float = 30) -> PrivateRedisServer:
+        """Wait until the sentinels name another master, and it takes writes."""
+        _wait(lambda: int(self.master_address()[1]) != old.port, timeout, "no failover")
+        master = self.current_master()
+        _wait(lambda: master.client().set("failover-probe", "1", ex=5), timeout, "the new master took no writes")
+        return master
+
+    def restart(self, server: PrivateRedisServer) -> None:
+        """Start a killed server again; the sentinels make it a replica of the current master."""
+        server.extra = ()
+        server.start()
+
+    def flush(self) -> None:
+        self.current_master().client().flushall()
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above it) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of three masters, each with one replica (`redis-cli --cluster create`), and a short node
+    timeout, so a killed master fails over in a few seconds."""
+
+    def __init__(self, node_timeout_ms: int = 2000):
+        self.root = Path(tempfile.mkdtemp(prefix="private-cluster-"))
+        options = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms))
+        self.nodes = [PrivateRedisServer(self.root / f"node{i}", options, port=_cluster_port()) for i in range(6)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
+
+    def start(self) -> PrivateRedisCluster:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait(self._healthy, 30, "the cluster did not become healthy")
+        return self
+
+    def _healthy(self) -> bool:
+        for node in self.nodes:
+            if node.running and node.client().execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                return False
+        client = self.client()
+        try:
+            return len(client.get_primaries()) == 3 and len(client.get_replicas()) == 3
+        finally:
+            client.close()
+
+    def client(self) -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", node.port) for node in self.nodes if node.running],
+            decode_responses=True,
+            socket_connect_timeout=0.5,
+        )
+
+    def node_of(self, key: str) -> PrivateRedisServer:
+        """The master that holds `key`'s slot now."""
+        client = self.client()
+        try:
+            port = client.get_node_from_key(key).port
+        finally:
+            client.close()
+        return next(node for node in self.nodes if node.port == port)
+
+    def kill_master_of(self, key: str) -> PrivateRedisServer:
+        master = self.node_of(key)
+        master.kill()
+        return master
+
+    def wait_for_failover(self, key: str, old: PrivateRedisServer, timeout: float = 30) -> PrivateRedisServer:
+        """Wait until another node holds `key`'s slot as a master and takes writes there."""
+
+        def moved() -> bool:
+            client = self.client()
+            try:
+                return client.get_node_from_key(key).port != old.port and client.set(key, "probe", ex=5)
+            finally:
+                client.close()
+
+        _wait(moved, timeout, "no failover")
+        return self.node_of(key)
+
+    def restart(self, node: PrivateRedisServer) -> None:
+        """Start a killed node again; it rejoins as a replica of the master that replaced it."""
+        node.start()
+        _wait(self._healthy, 30, "the cluster did not heal")
+
+    def flush(self) -> None:
+        client = self.client()
+        try:
+            for node in client.get_primaries():
+                client.get_redis_connection(node).flushall()
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -135,5 +135,9 @@ class _ConnectionStack:
 
     @staticmethod
     def _round_trip(connection, args: tuple):
+        # connect() first, as the pool does when it hands a connection out: sending on a closed connection
+        # reconnects to the connection's own address, which bypasses Sentinel's discovery of the master.
+        # On an open connection it returns at once.
+        connection.connect()
         connection.send_command(*args)
         return connection.read_response()

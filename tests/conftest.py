@@ -24,7 +24,7 @@ from app import create_app
 from config.settings import Settings
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
-from demo.redis_server import PrivateRedisServer
+from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.wecom_simulator import WeComSimulator
 from services.auth import db
 from services.auth.users import UserDirectory
@@ -264,6 +264,69 @@ def private_redis(tmp_path):
     server = PrivateRedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+SENTINEL_PASSWORD = "sentinel-secret-77"
+
+
+@pytest.fixture(scope="session")
+def sentinel_set():
+    """A master, two replicas and three sentinels on private ports (the sentinels require a password)."""
+    topology = PrivateSentinelSet(sentinel_password=SENTINEL_PASSWORD).start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A Redis Cluster of three masters with a replica each, on private ports."""
+    topology = PrivateRedisCluster().start()
+    yield topology
+    topology.stop()
+
+
+@dataclass
+class Topology:
+    """A Redis topology as a test uses it: its REDIS_URL, a client, and the settings that reach it."""
+
+    name: str
+    url: str
+    server: object  # PrivateRedisServer, PrivateSentinelSet or PrivateRedisCluster
+
+    @property
+    def settings(self) -> dict:
+        return {"redis_url": self.url, "redis_sentinel_password": SENTINEL_PASSWORD}
+
+    def client(self):
+        """A client of the topology (redis-py's own kind for it)."""
+        from services.redis_conn import connect_redis
+
+        return connect_redis(self.url, sentinel_password=SENTINEL_PASSWORD)
+
+    def flush(self) -> None:
+        """Empty it: every master of a private topology, the test database of the shared server."""
+        if self.server is not None:
+            self.server.flush()
+            return
+        client = self.client()
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(params=["standalone", "sentinel", "cluster"])
+def topology(request, redis_url) -> Topology:
+    """Each Redis topology in turn, flushed before and after the test."""
+    if request.param == "standalone":
+        found = Topology("standalone", redis_url, None)
+    elif request.param == "sentinel":
+        server = request.getfixturevalue("sentinel_set")
+        found = Topology("sentinel", server.url, server)
+    else:
+        server = request.getfixturevalue("redis_cluster")
+        found = Topology("cluster", server.url, server)
+    found.flush()
+    yield found
+    found.flush()
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""The gateway on every Redis topology (CONTRACT.md §7), each started for real on private ports: one server, a
+Sentinel set (a master, two replicas, three sentinels requiring a password) and a Cluster (three masters with a
+replica each). Whole conversations, retries, the in-flight limit, the operator commands and readiness behave the
+same on all three."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from demo import dify_standin as d
+from services.chat.texts import CATALOGUE
+from tests.conftest import KEYS, make_simulator, wait_idle
+
+ZH = CATALOGUE["zh"]
+
+
+@pytest.fixture
+def on_topology(topology, make_pair):
+    """Two replicas on the topology under test."""
+    return make_pair(**topology.settings)
+
+
+def test_a_conversation_streams_and_continues(topology, on_topology, dify):
+    first, second = on_topology
+    dify.script(d.answer("Hello from every topology.", pieces=5, delay=0.02))
+    dify.script(d.answer("And the second turn."))
+    sim = make_simulator([first.url, second.url])
+    conversation = sim.ask("hi")
+    assert conversation.text == "Hello from every topology."
+    assert len(conversation.frames) > 2  # it grew over several polls, alternating between the replicas
+    assert sim.ask("again").text == "And the second turn."
+    [first_request, second_request] = dify.chat_requests()
+    assert second_request["conversation_id"]  # the second message continued the conversation
+    client = topology.client()
+    meta = client.hgetall(KEYS.stream(conversation.stream_id))
+    assert meta["status"] == "done"
+    assert client.exists(KEYS.feedback(conversation.stream_id))
+    client.close()
+    sim.close()
+
+
+def test_simultaneous_retries_on_two_replicas_make_one_dify_call(topology, on_topology, dify):
+    sim = make_simulator([r.url for r in on_topology])
+    dify.script(d.answer("only once", delay=0.05), times=None)
+    payload = sim.text_message("dup", msgid="msg-dup-topology")
+    replies, barrier = [], threading.Barrier(6)
+
+    def send(i):
+        barrier.wait()
+        replies.append(sim.send(payload, replica=i % 2))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r["stream"]["id"] for r in replies}) == 1
+    sim.follow(replies[0])
+    wait_idle(*on_topology)
+    assert len(dify.chat_requests()) == 1
+    sim.close()
+
+
+def test_at_most_three_open_bubbles_per_user_across_replicas(topology, on_topology, dify):
+    sim = make_simulator([r.url for r in on_topology])
+    dify.script([d.message("busy"), d.sleep(3), d.end()], times=3)
+    replies = [sim.send(sim.text_message(f"q{i}", userid="eager"), replica=i % 2) for i in range(4)]
+    assert [r["stream"]["finish"] for r in replies] == [False, False, False, True]
+    assert replies[3]["stream"]["content"] == ZH["too_many_in_flight"]
+    retry = sim.send(sim.text_message("q3", userid="eager", msgid=None), replica=0)  # a new message, still refused
+    assert retry["stream"]["content"] == ZH["too_many_in_flight"]
+    for reply in replies[:3]:
+        assert sim.follow(reply, userid="eager").text == "busy"
+    dify.script(d.answer("room again"))
+    assert sim.ask("q4", userid="eager").text == "room again"  # finished answers freed their slots
+    sim.close()
+
+
+def test_operator_commands_and_readiness(topology, on_topology, dify):
+    live = on_topology[0]
+    dify.script(d.answer("inspect me"))
+    sim = make_simulator(live.url)
+    conversation = sim.ask("for the operators")
+    sim.close()
+    runner = live.app.test_cli_runner()
+    assert conversation.stream_id in runner.invoke(args=["streams", "list"]).output
+    shown = runner.invoke(args=["streams", "show", conversation.stream_id]).output
+    assert "inspect me" in shown
+    assert "status           done" in shown
+    tail = runner.invoke(args=["streams", "tail", conversation.stream_id]).output
+    assert tail.strip().endswith("[done]")
+    assert "conversation" in runner.invoke(args=["users", "token", "alice"]).output
+    purged = runner.invoke(args=["streams", "purge", conversation.stream_id, "--yes"]).output
+    assert purged.startswith("deleted ")
+    assert conversation.stream_id not in runner.invoke(args=["streams", "list"]).output
+    assert live.app.test_client().get("/readyz").status_code == 200
