@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import orjson
-import redis
 from flask import Flask, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -23,6 +22,7 @@ from services import metrics
 from services.auth import db
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.gateway import Gateway, build_gateway
+from services.redis_conn import REDIS_FAILURES
 from services.wecom import errors
 from services.wecom.callback import StoreUnavailable
 from services.wecom.errors import CallbackError
@@ -122,7 +122,7 @@ def readyz():
     failed = {}
     try:
         gateway().redis.ping()
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         failed["redis"] = type(exc).__name__
     if gateway().authorizer is not None:
         try:

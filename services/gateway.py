@@ -24,7 +24,7 @@ from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
 from services.keys import Keys
-from services.redis_conn import connect_redis
+from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
 from services.streams.bubble import BubbleRenderer
 from services.streams.finisher import Finisher
@@ -79,7 +79,7 @@ class Gateway:
         self.runner.cancel(remaining)
         try:
             released = self.store.release_leases(remaining, self.owner)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
             released = 0
         metrics.STREAM_OUTCOMES.labels("handed_over").inc(released)

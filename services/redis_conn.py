@@ -13,12 +13,16 @@ from pathlib import Path
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from services.embedded_store import connect_embedded
 from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
+
+# Everything a Redis call may raise when Redis is down, slow, failing over or reconfiguring: redis-py's cluster
+# client raises some of its errors (a slot with no node while the cluster reconfigures) outside RedisError.
+REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 
 
 def connect_redis(

@@ -212,3 +212,19 @@ def test_a_redis_blip_in_a_side_write_never_fails_an_answer_dify_completed(make_
     assert redis_client.get("conversation:demo-bot:single:alice") == meta["conversation_id"]
     assert redis_client.llen(KEYS.stream_images(conversation.stream_id)) == 1
     assert redis_client.exists(KEYS.feedback(conversation.stream_id))
+
+
+def test_deltas_a_failover_lost_are_written_again_from_memory(live, dify, redis_client, caplog):
+    """Replication is asynchronous: a new master may lack the last appends. The next append sees the list shorter
+    than what was written (a conflict), and the owner writes the whole answer again."""
+    dify.script([d.message("one "), d.sleep(0.6), d.message("two "), d.sleep(0.6), d.message("three"), d.end()])
+    sim = make_simulator(live.url)
+    reply = sim.send(sim.text_message("survive a failover"))
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: redis_client.llen(KEYS.stream_chunks(stream_id)) == 2)  # "one ", "two "
+    redis_client.ltrim(KEYS.stream_chunks(stream_id), 0, 0)  # the promoted replica had only "one "
+    redis_client.hset(KEYS.stream(stream_id), mapping={"folded": 0, "text": ""})
+    conversation = sim.follow(reply)
+    assert conversation.text == "one two three"
+    assert "writing the answer whole" in caplog.text
+    assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"

@@ -16,6 +16,7 @@ import redis
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
 from services.keys import Keys
+from services.redis_conn import REDIS_FAILURES
 from utils.logging import current_log_context, log_context
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class FeedbackService:
         with log_context(**context):
             try:
                 self.forward(event)
-            except (DifyError, redis.RedisError) as exc:
+            except (DifyError, *REDIS_FAILURES) as exc:
                 logger.warning("feedback not forwarded: %s", exc)
             except Exception:
                 logger.exception("feedback forwarding failed")

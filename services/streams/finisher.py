@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
-
 from services import metrics
 from services.chat.texts import Texts
+from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.streams.job import StreamJob
 from services.streams.outage import best_effort, through_outage
-from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted
+from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.wecom.response_url import ResponseUrlClient
 
@@ -48,7 +47,7 @@ class Finisher:
         except StreamAborted:
             logger.info("stream was taken over by another replica; final state not written")
             return None
-        except redis.RedisError:
+        except REDIS_FAILURES:
             logger.error("Redis stayed unavailable; sending the answer through response_url instead")
             self._send_whole(job, answer, note)
             return None
@@ -77,7 +76,7 @@ class Finisher:
         """
         if answer.writer is not None and not answer.detached:
             answer.writer.flush(FLUSH_TIMEOUT)
-            answer.check_writer()
+            keep_in_step(answer, self.store, self.owner, job.stream_id)
         if answer.detached:
             return None
         feedback = {"message_id": answer.message_id, "user": job.dify_user} if status == DONE else None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import redis
+from services.redis_conn import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ def through_outage(call: Callable[[], T], what: str, delays: tuple[float, ...] =
     """`call()`, tried again after each delay while Redis fails.
 
     Raises:
-        redis.RedisError: the last failure, once every delay has passed.
+        redis.RedisError (or a cluster error): the last failure, once every delay has passed.
     """
     for delay in delays:
         try:
             return call()
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             logger.warning("Redis unavailable while %s (%s); trying again in %.1fs", what, exc, delay)
             time.sleep(delay)
     return call()
@@ -42,7 +42,7 @@ def best_effort(call: Callable[[], object], what: str, delays: tuple[float, ...]
     """`through_outage`, but a lasting failure is logged instead of raised; True if the call succeeded."""
     try:
         through_outage(call, what, delays)
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         logger.warning("gave up %s: Redis stayed unavailable (%s)", what, exc)
         return False
     return True

@@ -13,8 +13,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import redis
-
 from services import metrics
 from services.chat.conversations import ConversationStore
 from services.chat.media import MediaService
@@ -27,9 +25,10 @@ from services.dify.events import (
     WORKFLOW_FINISHED,
     DifyEvent,
 )
+from services.redis_conn import REDIS_FAILURES
 from services.streams.job import StreamJob
 from services.streams.outage import RETRY_DELAYS, best_effort
-from services.streams.store import CLOSED, TAKEN, WRITTEN, StreamConflict, StreamStore
+from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore
 from services.streams.writer import StreamWriter
 from services.wecom.limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context
@@ -78,7 +77,6 @@ class Answer:
 
         Raises:
             StreamAborted: another replica owns the stream now.
-            StreamConflict: the stream's chunk list is not what this writer wrote.
         """
         writer = self.writer
         if writer.state == TAKEN:
@@ -86,14 +84,50 @@ class Answer:
         if writer.state == CLOSED and not self.detached:
             logger.warning("the stream was closed elsewhere; the answer will be sent through response_url")
             self.detached = True
-        if isinstance(writer.error, StreamConflict):
-            raise writer.error
         if writer.error is not None and self.outage_since is None:
             self.outage_since = time.monotonic()
             logger.warning("Redis unavailable; keeping the answer in memory until it returns: %s", writer.error)
         elif writer.error is None and self.outage_since is not None:
             logger.info("Redis is back after %.1fs; answer written", time.monotonic() - self.outage_since)
             self.outage_since = None
+
+
+def keep_in_step(answer: Answer, store: StreamStore, owner: str, stream_id: str) -> None:
+    """Act on what the stream's writer has learnt (Answer.check_writer); and when its list lost deltas (a Redis
+    failover: replication is asynchronous, so the new master may lack the last appends), write the answer whole
+    again from memory, so the bubble shows it all, once.
+
+    Raises:
+        StreamAborted: another replica owns the stream now.
+    """
+    answer.check_writer()
+    if answer.writer.state == CONFLICT and not answer.detached:
+        logger.warning("the stream's list lost deltas it had taken (a Redis failover?); writing the answer whole")
+        write_whole(answer, store, owner, stream_id)
+
+
+def write_whole(answer: Answer, store: StreamStore, owner: str, stream_id: str) -> None:
+    """Replace the stream's list with the whole answer (`answer.text`), after what is queued. If Redis will not
+    take it, or the stream was closed elsewhere, the answer goes through response_url at the end instead.
+
+    Raises:
+        StreamAborted: another replica owns the stream now.
+    """
+    if answer.detached:
+        return
+    try:
+        answer.writer.flush(FLUSH_TIMEOUT)
+        result = store.replace(stream_id, owner, answer.text)
+    except REDIS_FAILURES as exc:
+        logger.warning("could not write the answer whole (%s); it will be sent through response_url", exc)
+        answer.detached = True
+        return
+    if result == TAKEN:
+        raise StreamAborted
+    if result == CLOSED:
+        answer.detached = True
+        return
+    answer.writer.reset(1 if answer.text else 0)
 
 
 class TextRelay:
@@ -200,27 +234,12 @@ class AnswerRecorder:
             return
         answer.writer.add(deltas, answer.new_fields)
         answer.new_fields = {}
-        answer.check_writer()
+        keep_in_step(answer, self.store, self.owner, self.job.stream_id)
 
     def _replace(self, text: str) -> None:
         """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
-        answer = self.answer
-        answer.text = text
-        if answer.detached:
-            return
-        try:
-            answer.writer.flush(FLUSH_TIMEOUT)
-            result = self.store.replace(self.job.stream_id, self.owner, text)
-        except redis.RedisError as exc:
-            logger.warning("could not replace the answer in Redis (%s); it will be sent through response_url", exc)
-            answer.detached = True
-            return
-        if result == TAKEN:
-            raise StreamAborted
-        if result == CLOSED:
-            answer.detached = True
-            return
-        answer.writer.reset(1 if text else 0)
+        self.answer.text = text
+        write_whole(self.answer, self.store, self.owner, self.job.stream_id)
 
     def save_conversation(self, retry: bool = True) -> None:
         """Remember the conversation Dify named, so the user's next message continues it. Mid-stream one try is

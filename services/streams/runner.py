@@ -12,9 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
-
 from services import metrics
+from services.redis_conn import REDIS_FAILURES
 from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class StreamRunner:
             batch = ids[start : start + _RENEW_BATCH]
             try:
                 lost = self.store.renew_leases(batch, self.owner)
-            except redis.RedisError as exc:
+            except REDIS_FAILURES as exc:
                 logger.warning("could not renew %d stream leases: %s", len(batch), exc)
                 return False
             for stream_id in lost:

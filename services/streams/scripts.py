@@ -42,11 +42,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# Shared by the writing scripts: may `owner` write to the stream? 'ok'; 'closed' when it is gone or final (the
-# bubble was finished by someone else); 'taken' when another replica owns it now and is answering.
+# Shared by the writing scripts, whose KEYS[1] is the stream: may `owner` write to it? 'ok'; 'closed' when it is
+# gone or final (the bubble was finished by someone else); 'taken' when another replica owns it now and is answering.
 _OWNERSHIP = """
-local function ownership(key, owner)
-  local h = redis.call('HMGET', key, 'status', 'owner')
+local function ownership(owner)
+  local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
   if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
   if h[2] ~= owner then return 'taken' end
   return 'ok'
@@ -62,7 +62,7 @@ APPEND = (
     + """
 local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local first_delta = 7 + 2 * nf
-local state = ownership(KEYS[1], ARGV[1])
+local state = ownership(ARGV[1])
 if state ~= 'ok' then return state end
 local skip = 0
 if nd > 0 then
@@ -83,7 +83,7 @@ return 'ok'
 REPLACE = (
     _OWNERSHIP
     + """
-local state = ownership(KEYS[1], ARGV[1])
+local state = ownership(ARGV[1])
 if state ~= 'ok' then return state end
 redis.call('DEL', KEYS[2])
 if ARGV[4] ~= '' then
@@ -185,21 +185,21 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS: lease, stream. ARGV: owner, lease_ms. Returns 1 if another replica has taken the stream over, else 0. A
+# KEYS: stream, lease. ARGV: owner, lease_ms. Returns 1 if another replica has taken the stream over, else 0. A
 # lease that ran out (e.g. through a Redis outage) is taken back while the stream is still ours; a stream that is
 # gone or final needs no lease, and its worker learns that on its next write.
 RENEW = (
     _OWNERSHIP
     + """
-local holder = redis.call('GET', KEYS[1])
+local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return 0
 end
 if holder then return 1 end
-local state = ownership(KEYS[2], ARGV[1])
+local state = ownership(ARGV[1])
 if state == 'ok' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   return 0
 end
 if state == 'taken' then return 1 end
@@ -207,12 +207,12 @@ return 0
 """
 )
 
-# KEYS: lease, stream. ARGV: owner, now. Drops this replica's lease (graceful shutdown), so the next poll on
+# KEYS: stream, lease. ARGV: owner, now. Drops this replica's lease (graceful shutdown), so the next poll on
 # another replica takes the stream over. Returns 1 if released.
 RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], 'handed_over_at', ARGV[2])
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'handed_over_at', ARGV[2])
 return 1
 """
 

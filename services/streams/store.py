@@ -88,6 +88,7 @@ CREATED, EXISTING, ADMITTED, LIMITED, RATE_LIMITED = (
 # Outcomes of a write by a stream's owner: written; the stream was closed or lost by someone else (keep the answer
 # and deliver it another way); or another replica has taken it over (stop at once: never two answers).
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
+CONFLICT = "conflict"  # a writer's state: the list does not hold what it wrote (services/streams/writer.py)
 
 
 @dataclass(slots=True)
@@ -350,7 +351,7 @@ class StreamStore:
         return sum(int(released) for released in results)
 
     def _lease_keys(self, stream_id: str) -> list[str]:
-        return [self.keys.stream_lease(stream_id), self.keys.stream(stream_id)]
+        return [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
 
     # --- reads --------------------------------------------------------------------------------------------------
 

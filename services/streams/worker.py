@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
-
 from services import metrics
 from services.auth.authorizer import AuthError
 from services.chat.conversations import ConversationStore
@@ -23,6 +21,7 @@ from services.chat.media import Declined, MediaService
 from services.chat.texts import Texts
 from services.dify.client import ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
+from services.redis_conn import REDIS_FAILURES
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
 from services.streams.outage import through_outage
@@ -83,7 +82,7 @@ class StreamWorker:
                 self.deps.finisher.finish(job, answer, status, note=texts.say(declined.note_key), error=error)
             except DifyError as exc:
                 self._fail(job, answer, exc)
-            except redis.RedisError as exc:
+            except REDIS_FAILURES as exc:
                 logger.warning("Redis stayed unavailable before the answer could start: %s", exc)
                 self.deps.finisher.finish(
                     job, answer, ERROR, note=texts.say("store_unavailable"), error="redis_unavailable"

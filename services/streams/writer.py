@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from services.streams.store import WRITTEN, AppendRequest, StreamConflict, StreamStore
+from services.streams.store import CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ BATCH_INTERVAL_SECONDS = 0.01
 
 class StreamWriter:
     """The ordered Redis writes of one stream. Its worker calls `add` and `flush`; the batcher thread calls
-    `take` and `settle`. `state` is WRITTEN until the stream is TAKEN by another replica or CLOSED elsewhere."""
+    `take` and `settle`. `state` is WRITTEN until the stream is TAKEN by another replica or CLOSED elsewhere, or
+    in CONFLICT: its list no longer holds what this writer wrote (a Redis failover lost the last appends), and
+    nothing more is appended until the owner has rewritten the answer whole and called `reset`."""
 
     def __init__(self, batcher: AppendBatcher, stream_id: str, written: int = 0):
         self.batcher = batcher
@@ -54,11 +56,10 @@ class StreamWriter:
             self.batcher.submit(self)
 
     def flush(self, timeout: float) -> None:
-        """Wait until everything queued is written (or the stream was taken or closed).
+        """Wait until everything queued is written (or the stream was taken, closed, or is in conflict).
 
         Raises:
             redis.RedisError: the last append failed and something is still unwritten, or the wait timed out.
-            StreamConflict: the stream's chunk list is not what this writer wrote.
         """
         with self._lock:
             submit = self._claim()
@@ -67,16 +68,17 @@ class StreamWriter:
         with self._idle:
             if not self._idle.wait_for(lambda: not self._in_flight, timeout):
                 raise redis.TimeoutError("appends did not complete in time")
-            if isinstance(self.error, StreamConflict):
-                raise self.error
             if self.state == WRITTEN and (self._pending or self._fields):
                 raise self.error or redis.RedisError("appends left unwritten")
 
     def reset(self, written: int) -> None:
-        """After a message_replace, written directly: the list now holds `written` deltas and nothing is queued."""
+        """After the answer was written whole (a message_replace, or a rewrite after a conflict): the list now
+        holds `written` deltas, and nothing is queued."""
         with self._lock:
             self.written = written
             self._pending.clear()
+            if self.state == CONFLICT:
+                self.state, self.error = WRITTEN, None
 
     def _claim(self) -> bool:
         """Under the lock: mark an append in flight if one should start now."""
@@ -97,7 +99,11 @@ class StreamWriter:
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
         with self._lock:
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, StreamConflict):
+                self.state = CONFLICT  # the owner rewrites the answer whole
+                self._pending.clear()
+                self._fields = {**request.fields, **self._fields}
+            elif isinstance(outcome, BaseException):
                 self._pending[:0] = request.deltas  # back in front, in order, for the next try
                 self._fields = {**request.fields, **self._fields}
                 self.error = outcome

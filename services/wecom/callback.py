@@ -11,11 +11,10 @@ import logging
 import time
 from collections.abc import Mapping
 
-import redis
-
 from services import metrics
 from services.chat.intake import MessageIntake
 from services.chat.texts import Texts
+from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
 from services.wecom.envelope import Envelope
 from services.wecom.events import EventHandler
@@ -80,7 +79,7 @@ class CallbackHandler:
             if message.msgtype == "event":
                 return self.events.handle(message)
             return self.intake.take(message)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             if message.msgtype == "stream":
                 logger.warning("Redis unavailable while answering a poll: %s", exc)
                 raise StoreUnavailable from exc

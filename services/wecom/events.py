@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 
-import redis
-
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService
+from services.redis_conn import REDIS_FAILURES
 from services.wecom.messages import Inbound, text_reply
 from services.wecom.replay_guard import ReplayGuard
 
@@ -28,7 +27,7 @@ class EventHandler:
         """False for a repeat of a request already handled (a Redis outage counts as first time)."""
         try:
             return self.replays.first_time(signature)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             logger.warning("replay check unavailable (%s); handling the event", exc)
             return True
 

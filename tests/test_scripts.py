@@ -1,0 +1,77 @@
+"""The store's Lua scripts run unchanged on a Redis Cluster and on managed cluster proxies: every key a script
+touches comes from KEYS (read statically from each script's source), and the keys of every call the store makes
+hash to one slot (checked on the calls a whole set of store operations really makes)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from redis.crc import key_slot
+
+from services.keys import Keys
+from services.streams import scripts
+from services.streams.scripts import LuaScript
+from services.streams.store import AppendRequest, StreamStore
+
+CALL = re.compile(r"redis\.call\(\s*'([A-Z]+)'\s*,\s*([^,)]+)")
+KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
+# The commands the scripts use, each taking one key, in first position.
+SINGLE_KEY_COMMANDS = {
+    "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
+    "HSET", "HSETNX", "HMGET", "HINCRBY", "RPUSH", "LRANGE", "LLEN",
+    "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZREMRANGEBYSCORE",
+}  # fmt: skip
+
+
+def keys_not_from_keys(source: str) -> list[str]:
+    """Each `redis.call` of `source` whose key is not a KEYS entry (or whose command is not a known one-key one)."""
+    found = []
+    for command, first_argument in CALL.findall(source):
+        if command not in SINGLE_KEY_COMMANDS or not KEY_ARGUMENT.fullmatch(first_argument.strip()):
+            found.append(f"{command} {first_argument.strip()}")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(scripts.ALL))
+def test_every_key_a_script_touches_comes_from_keys(name):
+    source = scripts.ALL[name]
+    assert CALL.findall(source), "a script that calls nothing"
+    assert keys_not_from_keys(source) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "redis.call('GET', 'dify_stream:' .. ARGV[1])",  # a key built inside the script
+        "local h = redis.call('HMGET', KEYS[1], 'inflight_key') redis.call('ZREM', h[1], ARGV[1])",  # read from data
+        "redis.call('MGET', KEYS[1], KEYS[2])",  # a command of several keys
+    ],
+)
+def test_the_check_finds_keys_that_do_not_come_from_keys(bad):
+    assert keys_not_from_keys(bad)
+
+
+def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
+    calls: list[tuple[str, list[str]]] = []
+    real_command = LuaScript.command
+
+    def recording(self, keys, args):
+        calls.append((self.source, list(keys)))
+        return real_command(self, keys, args)
+
+    monkeypatch.setattr(LuaScript, "command", recording)
+    store = StreamStore(redis_client, Keys("tenant:"), 3600, lease_seconds=2, rate_limit=5)
+    for n, user in enumerate(["alice", "b{o}b"]):  # a userid with braces gets a digest for a hash tag
+        store.create(f"s{n}", f"m{n}", "A", "bot1", user, {"userid": user})
+    store.append_many([AppendRequest("s0", ["a"], 0, {"task_id": "t"}), AppendRequest("s1", ["b"], 0, {})], "A")
+    store.replace("s0", "A", "replaced")
+    store.poll("s0", 330, 20000, "orphan", "A")
+    store.record("s0", {"rest_sent": "yes"})
+    store.renew_leases(["s0", "s1"], "A")
+    store.release_leases(["s1"], "A")
+    store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
+    names = {source: name for name, source in scripts.ALL.items()}
+    assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called
+    for source, keys in calls:
+        assert len({key_slot(key.encode()) for key in keys}) == 1, f"{names[source]}: {keys}"
