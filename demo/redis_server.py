@@ -211,6 +211,14 @@ def _cluster_port() -> int:
         return port
 
 
+def _probe_for(key: str) -> str:
+    """Another key in `key`'s slot: braced around the part that `key`'s slot is computed from."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    tag = key[start + 1 : end] if start >= 0 and end > start + 1 else key
+    return f"{{{tag}}}:failover-probe"
+
+
 class PrivateRedisCluster:
     """A Redis Cluster of three masters, each with one replica (`redis-cli --cluster create`), and a short node
     timeout, so a killed master fails over in a few seconds."""
@@ -275,7 +283,7 @@ class PrivateRedisCluster:
         def moved() -> bool:
             client = self.client()
             try:
-                return client.get_node_from_key(key).port != old.port and client.set(key, "probe", ex=5)
+                return client.get_node_from_key(key).port != old.port and client.set(_probe_for(key), "1", ex=5)
             finally:
                 client.close()
 

@@ -31,6 +31,9 @@ from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 logger = logging.getLogger(__name__)
 
+# What a direct connection to a cluster node meets when the slot is no longer there.
+CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, redis.TimeoutError)
+
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
 FINAL_STATUSES = frozenset({DONE, ERROR, EXPIRED})
@@ -175,7 +178,11 @@ class StreamStore:
             pipe.execute_command("WAIT", 1, self.claim_wait_ms)
         try:
             _, holder, *waited = pipe.execute()
-        except (MovedError, AskError, ClusterDownError):  # the slot moved: through the cluster client, no WAIT
+        except CLUSTER_MOVES:
+            if not isinstance(self.client, RedisCluster):
+                raise
+            # The slot moved, or its node died (a failover): the cluster client refreshes its map and goes to the
+            # new master. Without WAIT there, as that would be a connection of its own.
             self.client.set(key, stream_id, nx=True, ex=MSGID_TTL_SECONDS)
             holder, waited = self.client.get(key), [0] if self.claim_wait_ms else []
         if waited and waited[0] < 1 and holder == stream_id:

@@ -93,7 +93,7 @@ class StreamWorker:
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         deps = self.deps
-        inputs = self.prepare(job)
+        inputs = through_outage(lambda: self.prepare(job), "authorizing the user")
         files, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
         conversation_id = through_outage(
             lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"

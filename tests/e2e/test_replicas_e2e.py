@@ -1,7 +1,9 @@
 """Three replicas as in production: separate gunicorn processes (two workers each) on separate ports, sharing one
-Redis (the test's own, so it can be restarted) and the real MariaDB, with external auth. The simulator spreads
-retries and polls over all three; then a stream's owner is killed with SIGKILL, another replica is drained with
-SIGTERM, and Redis is restarted under load."""
+Redis and the real MariaDB, with external auth; on each Redis topology in turn (one server of the test's own, a
+Sentinel set, a Cluster). The simulator spreads retries and polls over all three; a user's fourth open bubble is
+refused; a long answer overflows into response_url; a stream's owner is killed with SIGKILL, another replica is
+drained with SIGTERM; and Redis itself fails: restarted empty (one server), its master killed (Sentinel,
+Cluster). No log line of any replica may show a cross-slot script."""
 
 import signal
 import threading
@@ -10,9 +12,10 @@ import time
 import pytest
 
 from demo import dify_standin as d
+from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica
 from services.chat.texts import CATALOGUE
-from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
+from tests.conftest import AUTH_KEY, KEYS, SENTINEL_PASSWORD, Topology, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
@@ -29,11 +32,30 @@ def users(user_table):
     return USERS
 
 
+# What a script touching keys of several slots gets from a Redis Cluster, or from a managed cluster proxy.
+CROSS_SLOT_ERRORS = ("CROSSSLOT", "non local key", "accessing a non local key", "Lua script attempted to access")
+
+
+@pytest.fixture(params=["standalone", "sentinel", "cluster"])
+def e2e_topology(request, tmp_path):
+    """One Redis topology: a server of this test's own, or the session's Sentinel set or Cluster (flushed)."""
+    if request.param == "standalone":
+        server = PrivateRedisServer(tmp_path / "redis").start()
+        yield Topology("standalone", server.url, server)
+        server.stop()
+        return
+    server = request.getfixturevalue("sentinel_set" if request.param == "sentinel" else "redis_cluster")
+    server.flush()
+    yield Topology(request.param, server.url, server)
+    server.flush()
+
+
 @pytest.fixture
-def replicas(dify, auth, private_redis, mysql_url, users, tmp_path):
+def replicas(dify, auth, e2e_topology, mysql_url, users, tmp_path):
     env = replica_env(
         dify.base_url,
-        private_redis.url,
+        e2e_topology.url,
+        REDIS_SENTINEL_PASSWORD=SENTINEL_PASSWORD,
         DIFY_READ_TIMEOUT="20",
         REDIS_SOCKET_TIMEOUT="0.5",
         AUTH_MODE="external",
@@ -51,6 +73,8 @@ def replicas(dify, auth, private_redis, mysql_url, users, tmp_path):
     yield started
     for replica in started:
         replica.stop()
+    logs = "\n".join(replica.logs() for replica in started)
+    assert not [error for error in CROSS_SLOT_ERRORS if error in logs]
 
 
 def owner_replica(redis_client_for, stream_id):
@@ -59,10 +83,8 @@ def owner_replica(redis_client_for, stream_id):
 
 
 @pytest.fixture
-def store_client(private_redis):
-    import redis
-
-    client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+def store_client(e2e_topology):
+    client = e2e_topology.client()
     yield client
     client.close()
 
@@ -180,7 +202,9 @@ def test_sigterm_drains_then_hands_over(replicas, dify, store_client):
     sim.close()
 
 
-def test_redis_restarted_under_load(replicas, dify, private_redis):
+@pytest.mark.parametrize("e2e_topology", ["standalone"], indirect=True)
+def test_redis_restarted_under_load(replicas, dify, e2e_topology):
+    private_redis = e2e_topology.server
     sim = make_simulator([r.url for r in replicas], poll_interval=0.2)
     dify.script(d.answer("a long answer that keeps streaming " * 3, delay=0.15), match="under load", times=None)
     payloads = [sim.text_message("under load", userid=u) for u in USERS[:6]]
@@ -218,4 +242,81 @@ def test_redis_restarted_under_load(replicas, dify, private_redis):
         answer = follow_like_wecom(sim, sim.send(sim.text_message("again", userid=USERS[7]), replica=i))[1]
         assert answer["stream"]["content"] == "after the restart"
         assert replica.process.poll() is None
+    sim.close()
+
+
+def test_a_long_answer_fills_the_bubble_and_the_rest_follows(replicas, dify):
+    text = "".join(f"段落 {i}：企业微信一个气泡最多显示 20480 字节，其余通过 response_url 发送。\n" for i in range(400))
+    dify.script(d.answer(text, pieces=40, delay=0.02))
+    sim = make_simulator([r.url for r in replicas], poll_interval=0.2)
+    payload = sim.text_message("a long one", userid="user5")
+    _, final = follow_like_wecom(sim, sim.send(payload, replica=0))
+    shown, note = final["stream"]["content"].rsplit("\n\n", 1)
+    assert note == ZH["overflow_continues"]
+    message = sim.inbox.wait_for(payload["response_url"], timeout=10)
+    assert message is not None
+    header = ZH["continued"] + "\n\n"
+    assert message["markdown"]["content"].startswith(header)
+    assert shown + message["markdown"]["content"][len(header) :] == text
+    sim.close()
+
+
+def test_a_users_fourth_open_bubble_is_refused_whichever_replicas_take_them(replicas, dify):
+    dify.script([d.message("taking a while"), d.sleep(3), d.end()], match="slow", times=3)
+    sim = make_simulator([r.url for r in replicas], poll_interval=0.2)
+    firsts = [sim.send(sim.text_message(f"slow {i}", userid="user6"), replica=i % 3) for i in range(4)]
+    assert [first["stream"]["finish"] for first in firsts] == [False, False, False, True]
+    assert firsts[3]["stream"]["content"] == ZH["too_many_in_flight"]
+    for first in firsts[:3]:
+        assert follow_like_wecom(sim, first)[1]["stream"]["content"] == "taking a while"
+    assert len(dify.chat_requests()) == 3
+    sim.close()
+
+
+@pytest.mark.parametrize("e2e_topology", ["sentinel", "cluster"], indirect=True)
+def test_a_master_failover_mid_answer(replicas, dify, e2e_topology, store_client):
+    """The master (or, on a Cluster, the master of a streaming answer's slot) is killed mid-answer: polls fail
+    meanwhile (WeCom polls again), the replicas reconnect to the new master by themselves, every bubble finishes,
+    every user gets the whole answer (in the bubble, or through response_url), and no message is asked twice:
+    not even one claimed just before the failover and retried after it."""
+    full = "".join(f"第 {i} 句。" for i in range(40))
+    dify.script(d.answer(full, pieces=40, delay=0.15), match="during the failover", times=None)
+    sim = make_simulator([r.url for r in replicas], poll_interval=0.2)
+    payloads = [sim.text_message("during the failover", userid=user) for user in USERS[:4]]
+    firsts = [sim.send(payload, replica=i % 3) for i, payload in enumerate(payloads)]
+    began = lambda: all(store_client.llen(KEYS.stream_chunks(f["stream"]["id"])) for f in firsts)  # noqa: E731
+    assert wait_until(began, timeout=10)
+    claimed = sim.text_message("during the failover", userid=USERS[4])
+    claimed_first = sim.send(claimed, replica=0)  # claimed just before the master dies
+
+    server = e2e_topology.server
+    if e2e_topology.name == "sentinel":
+        killed = server.kill_master()
+        server.wait_for_failover(killed)
+    else:  # the master holding that claim
+        key = KEYS.wecom_msg(claimed["msgid"])
+        killed = server.kill_master_of(key)
+        server.wait_for_failover(key, killed)
+    retried = sim.send(claimed, replica=1)  # WeCom's retry of that message, after the failover
+    assert retried["stream"]["id"] == claimed_first["stream"]["id"]
+
+    results = {}
+
+    def follow(i, first):
+        results[i] = follow_like_wecom(sim, first)
+
+    threads = [threading.Thread(target=follow, args=(i, f)) for i, f in enumerate([*firsts, claimed_first])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, payload in enumerate([*payloads, claimed]):
+        final = results[i][1]["stream"]
+        assert final["finish"]
+        if final["content"] != full:  # the bubble was cut short: the whole answer came through response_url
+            message = sim.inbox.wait_for(payload["response_url"], timeout=20)
+            assert message is not None, final["content"]
+            assert message["markdown"]["content"].rstrip().endswith(full[-20:])
+    assert len(dify.chat_requests()) == 5  # no message was asked twice
+    server.restart(killed)  # the next test gets the whole topology back
     sim.close()
