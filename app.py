@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.log_level,
         settings.log_format or "text",
         settings.instance_id,
-        secrets=[settings.wecom_token, settings.wecom_encoding_aes_key, settings.dify_api_key, settings.auth_api_key],
+        secrets=settings.secrets(),
     )
     if settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -132,6 +132,14 @@ class Settings:
     def instance_id(self) -> str:
         """This process's identity as a stream owner: the replica (pod) name plus the worker's pid."""
         return f"{self.replica_id}:{os.getpid()}"
+
+    def secrets(self) -> list[str]:
+        """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
+        found = [self.wecom_token, self.wecom_encoding_aes_key, self.dify_api_key, self.auth_api_key]
+        found.append(self.redis_sentinel_password)
+        for url in (self.redis_url, self.database_url, self.database_read_url):
+            found.append(_url_password(url))
+        return [secret for secret in found if secret]
 
     def replace(self, **changes) -> Settings:
         """A copy with some fields changed (validated again)."""
@@ -262,6 +270,12 @@ def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
     problems.require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
     problems.require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
     problems.require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
+
+
+def _url_password(url: str) -> str:
+    """The password in a URL's user info ('' if none), also for the comma-separated hosts of Sentinel/Cluster."""
+    userinfo, at, _ = url.partition("://")[2].partition("/")[0].rpartition("@")
+    return unquote(userinfo.partition(":")[2]) if at else ""
 
 
 def _is_http_url(value: str) -> bool:

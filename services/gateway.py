@@ -95,8 +95,8 @@ class Gateway:
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
-        if self.engine is not None:
-            self.engine.dispose()
+        if self.users is not None:
+            self.users.close()
         self.store.close()
         self.redis.close()
 
@@ -121,7 +121,14 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
     crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
 
     engine = _engine(settings, instance_path)
-    users = UserDirectory(engine) if engine is not None else None
+    users = None
+    if engine is not None:
+        read_engine = (
+            db.make_engine(settings.database_read_url, settings.database_timeout)
+            if settings.database_read_url
+            else None
+        )
+        users = UserDirectory(engine, read_engine)
     authorizer = _authorizer(settings, client, keys, users, profile)
 
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)

@@ -70,10 +70,10 @@ def redis_client(redis_url):
 
 
 @pytest.fixture(scope="session")
-def mysql_url() -> str:
-    """A MariaDB/MySQL database created for this test run (dropped at the end)."""
+def mysql_databases():
+    """Databases on the test MariaDB/MySQL server, created for this run and dropped at its end:
+    `mysql_databases(role)` -> the URL of the run's database for that role ("primary", "replica", ...)."""
     server = make_url(TEST_MYSQL_SERVER)
-    name = f"gw_test_{os.getpid()}_{secrets.token_hex(3)}"
     try:
         admin = pymysql.connect(
             host=server.host,
@@ -90,12 +90,27 @@ def mysql_url() -> str:
             "TEST_MYSQL_SERVER.",
             returncode=3,
         )
+    created: dict[str, str] = {}
+
+    def database(role: str) -> str:
+        if role not in created:
+            name = f"gw_test_{os.getpid()}_{secrets.token_hex(3)}_{role}"
+            with admin.cursor() as cursor:
+                cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+            created[role] = name
+        return server.set(database=created[role]).render_as_string(hide_password=False)
+
+    yield database
     with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        for name in created.values():
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_url(mysql_databases) -> str:
+    """The run's database (the primary, where a test has a replica too)."""
+    return mysql_databases("primary")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from demo import auth_standin
 from demo import dify_standin as d
 from services.auth import db
 from services.auth.authorizer import token_ttl
-from services.auth.users import UserExists
+from services.auth.users import UserDirectory, UserExists
 from services.chat.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
 
@@ -342,3 +342,24 @@ def test_cli_schema_init_is_safe_twice_and_users_can_be_managed(auth_app, dify, 
     assert simulator.ask("and now?", userid="erin").text == "back again"
     assert runner.invoke(args=["users", "disable", "ghost"]).exit_code != 0
     simulator.close()
+
+
+def test_reads_go_to_the_read_replica_and_fall_back_to_the_primary(user_table, mysql_databases, caplog):
+    replica_url = mysql_databases("replica")
+    replica_engine = db.make_engine(replica_url, timeout=2)
+    db.init_schema(replica_engine)
+    replica = UserDirectory(replica_engine)
+    if replica.find("only-on-the-replica") is None:
+        replica.add("only-on-the-replica", "r@corp.example")
+    users = UserDirectory(user_table.engine, db.make_engine(replica_url, timeout=2))
+    assert users.find("only-on-the-replica") is not None  # read from the replica
+    users.add("written", "w@corp.example")
+    assert user_table.find("written") is not None  # written to the primary
+    assert replica.find("written") is None
+
+    down = UserDirectory(user_table.engine, db.make_engine("mysql+pymysql://root@127.0.0.1:1/gone", timeout=1))
+    assert down.find("written") is not None  # the replica is down: the primary answers
+    assert "read replica unavailable" in caplog.text
+    assert [u.userid for u in down.list()] == ["written"]  # and keeps answering without trying the replica again
+    assert caplog.text.count("read replica unavailable") == 1
+    replica_engine.dispose()

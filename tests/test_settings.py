@@ -134,6 +134,13 @@ def test_an_aes_key_of_the_right_length_with_other_characters_says_which_are_all
         ({"STREAM_LEASE_SECONDS": "1.5"}, "STREAM_LEASE_SECONDS"),
         ({"STREAM_WINDOW_SECONDS": "400"}, "STREAM_WINDOW_SECONDS"),
         ({"REDIS_URL": "http://redis"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+sentinel://s1:26379,s2:26379"}, "REDIS_URL"),  # no service name
+        ({"REDIS_URL": "redis+cluster://n1:7000,n2:x"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+cluster://n1:7000/3"}, "REDIS_URL"),
+        ({"REDIS_KEY_PREFIX": "{gw}:"}, "REDIS_KEY_PREFIX"),
+        ({"REDIS_CLAIM_WAIT_MS": "-1"}, "REDIS_CLAIM_WAIT_MS"),
+        ({"DATABASE_READ_URL": "mysql+pymysql://ro@replica/gw"}, "DATABASE_READ_URL"),  # without DATABASE_URL
+        ({"DATABASE_URL": "mysql+pymysql://gw@db/gw", "DATABASE_READ_URL": "postgres://r/gw"}, "DATABASE_READ_URL"),
         ({"DATABASE_URL": "postgres://db"}, "DATABASE_URL"),
         ({"AUTH_MODE": "maybe"}, "AUTH_MODE"),
         ({**EXTERNAL_AUTH, "AUTH_API_URL": ""}, "AUTH_API_URL"),
@@ -153,10 +160,39 @@ def test_bad_values_name_the_variable_in_one_line(change, variable):
     assert "\n" not in problem
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster",
+        "rediss+sentinel://:pw@s1:26379/mymaster/2",
+        "redis+cluster://n1:7000,n2:7001,n3:7002",
+        "rediss+cluster://user:pw@n1",
+    ],
+)
+def test_sentinel_and_cluster_urls_are_settings(url):
+    assert load({**VALID, "REDIS_URL": url}).redis_url == url
+
+
+def test_a_bad_redis_url_never_shows_its_password():
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, "REDIS_URL": "redis+cluster://:hunter2@n1:notaport"})
+    assert "hunter2" not in str(caught.value)
+
+
 def test_secrets_stay_out_of_repr():
-    settings = load({**VALID, "REDIS_URL": "redis://:hunter2@redis:6379/0", "AUTH_API_KEY": "auth-secret"})
+    settings = load(
+        {
+            **VALID,
+            "REDIS_URL": "redis://:hunter2@redis:6379/0",
+            "AUTH_API_KEY": "auth-secret",
+            "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+            "DATABASE_URL": "mysql+pymysql://gw:db-secret@db/gw",
+            "DATABASE_READ_URL": "mysql+pymysql://ro:replica-secret@replica/gw",
+        }
+    )
     text = repr(settings)
-    for secret in ("tok-Secret-1", VALID["WECOM_ENCODING_AES_KEY"], "app-xyz", "hunter2", "auth-secret"):
+    secrets = ("tok-Secret-1", VALID["WECOM_ENCODING_AES_KEY"], "app-xyz", "hunter2", "auth-secret")
+    for secret in (*secrets, "sentinel-secret", "db-secret", "replica-secret"):
         assert secret not in text
 
 
@@ -220,3 +256,17 @@ def test_only_secrets_can_come_from_files(tmp_path):
     path = tmp_path / "lang"
     path.write_text("en")
     assert load({**VALID, "BOT_LANGUAGE_FILE": str(path)}).bot_language == "zh"
+
+
+def test_every_secret_is_known_to_the_log_redactor():
+    settings = load(
+        {
+            **VALID,
+            "REDIS_URL": "redis+sentinel://:redis-pw@s1:26379,s2:26379/mymaster",
+            "REDIS_SENTINEL_PASSWORD": "sentinel-pw",
+            "DATABASE_URL": "mysql+pymysql://gw:db-pw@db/gw",
+            "DATABASE_READ_URL": "mysql+pymysql://ro:replica-pw@replica/gw",
+        }
+    )
+    expected = {"tok-Secret-1", VALID["WECOM_ENCODING_AES_KEY"], "app-xyz", "redis-pw", "sentinel-pw", "db-pw"}
+    assert set(settings.secrets()) == expected | {"replica-pw"}

@@ -1,10 +1,19 @@
-"""The user directory: who may use the bot, read from and managed in the `wecom_users` table."""
+"""The user directory: who may use the bot, read from and managed in the `wecom_users` table.
+
+With a read replica (DATABASE_READ_URL), reads go there and writes to the primary; a replica that fails is left
+alone for a while (REPLICA_RETRY_SECONDS) and its reads go to the primary meanwhile, so a dead replica costs one
+timeout, not one per message.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services.auth.db import wecom_users
@@ -26,25 +35,58 @@ class User:
     enabled: bool
 
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REPLICA_RETRY_SECONDS = 30.0
+
+
 def _user(row) -> User:
     return User(userid=row.wecom_userid, account=row.account, display_name=row.display_name, enabled=bool(row.enabled))
 
 
 class UserDirectory:
-    """Reads and writes `wecom_users`; every database failure surfaces as DatabaseUnavailable."""
+    """Reads and writes `wecom_users`; every database failure of a lookup surfaces as DatabaseUnavailable."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, read_engine: Engine | None = None):
+        self.engine = engine  # the primary: writes, and reads while the replica is away
+        self.read_engine = read_engine
+        self._replica_away_until = 0.0
 
     def find(self, userid: str) -> User | None:
-        """The user with this WeCom userid, or None."""
+        """The user with this WeCom userid, or None.
+
+        Raises:
+            DatabaseUnavailable: neither the replica nor the primary answered.
+        """
         query = select(wecom_users).where(wecom_users.c.wecom_userid == userid)
         try:
-            with self.engine.connect() as connection:
-                row = connection.execute(query).first()
+            row = self._read(lambda connection: connection.execute(query).first())
         except SQLAlchemyError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return _user(row) if row is not None else None
+
+    def _read(self, query: Callable[[Connection], T]) -> T:
+        """`query` on the read replica, or on the primary when there is none or it failed lately."""
+        if self.read_engine is not None and time.monotonic() >= self._replica_away_until:
+            try:
+                with self.read_engine.connect() as connection:
+                    return query(connection)
+            except SQLAlchemyError as exc:
+                self._replica_away_until = time.monotonic() + REPLICA_RETRY_SECONDS
+                logger.warning(
+                    "read replica unavailable (%s); reading from the primary for %.0fs",
+                    type(exc).__name__,
+                    REPLICA_RETRY_SECONDS,
+                )
+        with self.engine.connect() as connection:
+            return query(connection)
+
+    def close(self) -> None:
+        """Release the pooled connections."""
+        self.engine.dispose()
+        if self.read_engine is not None:
+            self.read_engine.dispose()
 
     def add(self, userid: str, account: str, display_name: str | None = None, enabled: bool = True) -> User:
         """Insert a user.
@@ -69,5 +111,4 @@ class UserDirectory:
     def list(self, limit: int = 100, offset: int = 0) -> list[User]:
         """Users ordered by userid."""
         query = select(wecom_users).order_by(wecom_users.c.wecom_userid).limit(limit).offset(offset)
-        with self.engine.connect() as connection:
-            return [_user(row) for row in connection.execute(query)]
+        return self._read(lambda connection: [_user(row) for row in connection.execute(query)])
