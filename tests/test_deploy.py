@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from config.settings import PROJECT_ROOT, Settings
+from services.redis_url import CLUSTER, SENTINEL, parse_redis_url
 
 K8S = PROJECT_ROOT / "k8s"
-KUSTOMIZATIONS = ["base", "jobs/db-init", "overlays/test-cluster"]
+KUSTOMIZATIONS = ["base", "jobs/db-init", "overlays/test-cluster", "overlays/redis-sentinel", "overlays/redis-cluster"]
 KUBERNETES_VERSIONS = ["1.30.0", "1.32.0"]
 SETTING_NAMES = {f.name.upper() for f in dataclasses.fields(Settings)}
 GUNICORN_NAMES = {
@@ -68,15 +69,30 @@ def test_kustomizations_build_and_validate_against_the_schemas(kustomization, ve
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_secret_example_validates_and_stays_out_of_the_base(tmp_path):
+SECRET_EXAMPLES = ["base", "overlays/redis-sentinel", "overlays/redis-cluster"]
+
+
+@pytest.mark.parametrize("folder", SECRET_EXAMPLES)
+def test_the_secret_examples_validate_and_stay_out_of_the_kustomizations(folder):
     result = subprocess.run(
-        [tool("kubernetes-validate"), "-k", "1.32.0", "--strict", "--quiet", str(K8S / "base" / "secret.example.yaml")],
+        [tool("kubernetes-validate"), "-k", "1.32.0", "--strict", "--quiet", str(K8S / folder / "secret.example.yaml")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert all(o["kind"] != "Secret" for o in build("base"))
+    assert all(o["kind"] != "Secret" for o in build(folder))
+
+
+@pytest.mark.parametrize(
+    ("folder", "kind"), [("overlays/redis-sentinel", SENTINEL), ("overlays/redis-cluster", CLUSTER)]
+)
+def test_the_topology_overlays_name_their_redis_in_a_url_the_app_takes(folder, kind):
+    example = yaml.safe_load((K8S / folder / "secret.example.yaml").read_text())["stringData"]
+    assert set(example) <= SETTING_NAMES
+    assert parse_redis_url(example["REDIS_URL"]).kind == kind
+    config = find(build(folder), "ConfigMap", "wecom-gateway")["data"]
+    assert int(config["REDIS_CLAIM_WAIT_MS"]) > 0
 
 
 def test_the_deployment_fits_the_app():
