@@ -59,7 +59,8 @@ class PrivateRedisServer:
         binary = shutil.which(self.binary) or f"/usr/bin/{self.binary}"
         command = [binary, *self.extra, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         if self.binary == "redis-server" and "--sentinel" not in self.extra:
-            command += ["--save", "", "--appendonly", "no"]
+            # no persistence; a replica's first sync starts at once (not after the default 5 s wait for others)
+            command += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         _wait(client.ping, 10, f"{self.binary} did not start on port {self.port}")
@@ -81,6 +82,11 @@ class PrivateRedisServer:
         self.kill()
         if self._made_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def replicating(self) -> bool:
+        """True for a replica whose link to its master is up (its first sync done)."""
+        replication = self.client().info("replication")
+        return replication["role"] == "slave" and replication.get("master_link_status") == "up"
 
     def pause(self) -> None:
         self.process.send_signal(signal.SIGSTOP)
@@ -132,6 +138,7 @@ class PrivateSentinelSet:
             self.sentinels.append(sentinel)
             self._start_sentinel(sentinel)
         _wait(self._fully_watched, 30, "the sentinels did not see the master's replicas and each other")
+        _wait(lambda: all(r.replicating() for r in self.replicas), 30, "the replicas did not sync")
         return self
 
     def _start_sentinel(self, sentinel: PrivateRedisServer) -> None:
@@ -184,9 +191,10 @@ class PrivateSentinelSet:
         return master
 
     def restart(self, server: PrivateRedisServer) -> None:
-        """Start a killed server again; the sentinels make it a replica of the current master."""
+        """Start a killed server again; the sentinels make it a replica of the current master (waited for)."""
         server.extra = ()
         server.start()
+        _wait(server.replicating, 60, "the restarted server did not become a replica in sync")
 
     def flush(self) -> None:
         self.current_master().client().flushall()
@@ -252,9 +260,13 @@ class PrivateRedisCluster:
                 return False
         client = self.client()
         try:
-            return len(client.get_primaries()) == 3 and len(client.get_replicas()) == 3
+            replicas = client.get_replicas()
+            if len(client.get_primaries()) != 3 or len(replicas) != 3:
+                return False
         finally:
             client.close()
+        ports = {replica.port for replica in replicas}
+        return all(node.replicating() for node in self.nodes if node.port in ports)
 
     def client(self) -> RedisCluster:
         return RedisCluster(
