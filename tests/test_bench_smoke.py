@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from bench import gunicorn_matrix, new_message, poll_load, profile_poll, streams_load
+from bench import failover, gunicorn_matrix, new_message, poll_load, profile_poll, streams_load, topologies
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +64,21 @@ def test_new_message():
 def test_profile_poll(capsys):
     profile_poll.main(["--polls", "100", "--rounds", "1"])
     assert "gateway poll:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_topologies():
+    arguments = ["--rounds", "1", "--seconds", "1", "--finished", "4", "--streams", "4", "--stream-seconds", "1"]
+    result = topologies.main([*arguments, "--rate", "50", "--message-rate", "10"])
+    for name in ("standalone", "sentinel", "cluster"):
+        assert result[name]["errors"] == 0, name
+        assert result[name]["polls_per_s"] > 0, name
+        assert result[name]["commands_per_delta"] > 0, name
+    assert result["cluster"]["polls_ratio_to_standalone"] > 0
+
+
+def test_failover():
+    result = failover.main(["--failovers", "1", "--answers", "2", "--deltas", "10", "--answer-seconds", "4"])
+    for name in ("sentinel", "cluster"):
+        assert result[name]["answers_lost"] == 0, name
+        assert result[name]["seconds_to_first_good_poll_max"] is not None, name
