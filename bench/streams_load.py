@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
         "errors": len(outcome["errors"]) + (options.streams - len(complete)),
         "error_samples": outcome["errors"][:5],
         "streams_complete": len(complete),
-        "redis_round_trips_per_delta": round((evalsha - polls) / total_deltas, 3),
+        # Script calls other than polls (appends, leases, finishes), per delta. Until the per-stream appends of
+        # 2026-11-22 (one call per stream, pipelined), one call carried a whole batch: then it counted round trips.
+        "redis_script_calls_per_delta": round((evalsha - polls) / total_deltas, 3),
         "redis_commands_per_delta_incl_polls": round(all_calls / total_deltas, 2),
         "redis_bytes_per_finished_stream": round((memory_after - memory_before) / options.streams),
         "wall_s": round(elapsed, 1),

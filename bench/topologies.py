@@ -22,6 +22,7 @@ import statistics
 import time
 from urllib.parse import urlencode
 
+import psutil
 import redis
 
 from bench import harness
@@ -62,6 +63,19 @@ class Topology:
         finally:
             client.close()
 
+    def processes(self) -> list[psutil.Process]:
+        """Every redis-server of the topology (masters, replicas, sentinels)."""
+        server = self.server
+        servers = {
+            "standalone": lambda: [server],
+            "sentinel": lambda: [*server.servers, *server.sentinels],
+            "cluster": lambda: server.nodes,
+        }[self.name]()
+        return [psutil.Process(s.process.pid) for s in servers if s.running]
+
+    def cpu_seconds(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes())
+
     def commands(self) -> int:
         """Commands the masters have processed (the INFO and the probes of this count included: a handful)."""
         return sum(int(master.info("stats")["total_commands_processed"]) for master in self.masters())
@@ -89,7 +103,9 @@ def measure_round(env: harness.Environment, topology: Topology, options, round_n
         before = topology.commands()
         throughput = harness.wrk(gateway.url, polls, options.seconds, options.connections)
         figures["commands_per_poll"] = round((topology.commands() - before) / max(1, throughput.requests), 2)
+        cpu_before = topology.cpu_seconds()
         latency = harness.open_loop("127.0.0.1", gateway.port, polls, options.rate, options.seconds)
+        figures["redis_cores_during_latency_run"] = round((topology.cpu_seconds() - cpu_before) / latency.seconds, 3)
         figures.update(
             polls_per_s=round(throughput.rate, 1),
             poll_p50_ms=round(latency.percentile(50), 2),

@@ -81,13 +81,9 @@ class Snapshot:
         return self.status in ACTIVE_STATUSES
 
 
-CREATED, EXISTING, ADMITTED, LIMITED, RATE_LIMITED = (
-    "created",
-    "existing",
-    "admitted",
-    "in_flight_limit",
-    "rate_limited",
-)
+# What opening a stream came to (create), and admitting its user (admit).
+CREATED, EXISTING = "created", "existing"
+ADMITTED, LIMITED, RATE_LIMITED = "admitted", "in_flight_limit", "rate_limited"
 # Outcomes of a write by a stream's owner: written; the stream was closed or lost by someone else (keep the answer
 # and deliver it another way); or another replica has taken it over (stop at once: never two answers).
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"

@@ -2,11 +2,12 @@
 
 Each stream has a StreamWriter with at most one append in flight: deltas that arrive meanwhile wait in the
 writer and go out together in its next append, so a busy stream's appends grow larger and fewer by themselves.
-One AppendBatcher thread per process sends the appends of all streams that have something to write in one Lua
-call (a group commit), at most one call per `BATCH_INTERVAL_SECONDS`: what arrives meanwhile joins the next
-call without waking the batcher, a delay a 1-second poll interval does not notice. A stream worker never waits
-for Redis while it streams; it reads the writer's state (taken over, closed elsewhere, Redis failing) and waits
-once, at the end.
+One AppendBatcher thread per process sends the appends of all streams that have something to write in one round
+trip (a group commit: a pipeline of one script call per stream, since each stream is its own Redis Cluster slot;
+on a cluster, one round trip per node), at most one batch per `BATCH_INTERVAL_SECONDS`: what arrives meanwhile
+joins the next batch without waking the batcher, a delay a 1-second poll interval does not notice. A stream
+worker never waits for Redis while it streams; it reads the writer's state (taken over, closed elsewhere, in
+conflict, Redis failing) and waits once, at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from services.streams.store import CONFLICT, WRITTEN, AppendRequest, StreamConfl
 
 logger = logging.getLogger(__name__)
 
-_MAX_ARGS_PER_BATCH = 4000  # keeps Lua's unpack() and one reply well within limits
+_MAX_ARGS_PER_BATCH = 4000  # keeps one pipeline, and Lua's unpack() of one stream's deltas, well within limits
 _MAX_DELTAS_PER_APPEND = 1000
 BATCH_INTERVAL_SECONDS = 0.01
 

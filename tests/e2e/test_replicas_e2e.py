@@ -89,8 +89,9 @@ def store_client(e2e_topology):
     client.close()
 
 
-def follow_like_wecom(sim, first, window=60.0, replicas=None):
-    """Poll until finish like WeCom: any replica, about every poll interval, shrugging off failed polls."""
+def follow_like_wecom(sim, first, window=60.0, replicas=None, failures=None):
+    """Poll until finish like WeCom: any replica, about every poll interval, shrugging off failed polls (kept in
+    `failures`, if given)."""
     stream_id = first["stream"]["id"]
     contents = [first["stream"]["content"]]
     deadline = time.monotonic() + window
@@ -101,7 +102,9 @@ def follow_like_wecom(sim, first, window=60.0, replicas=None):
         index += 1
         try:
             reply = sim.send(sim.poll_message(stream_id), replica=replica)
-        except Exception:  # a 503 or a refused connection: WeCom simply polls again
+        except Exception as exc:  # a 503 or a refused connection: WeCom simply polls again
+            if failures is not None:
+                failures.append(str(exc))
             continue
         contents.append(reply["stream"]["content"])
         if reply["stream"]["finish"]:
@@ -300,10 +303,10 @@ def test_a_master_failover_mid_answer(replicas, dify, e2e_topology, store_client
     retried = sim.send(claimed, replica=1)  # WeCom's retry of that message, after the failover
     assert retried["stream"]["id"] == claimed_first["stream"]["id"]
 
-    results = {}
+    results, failures = {}, []
 
     def follow(i, first):
-        results[i] = follow_like_wecom(sim, first)
+        results[i] = follow_like_wecom(sim, first, failures=failures)
 
     threads = [threading.Thread(target=follow, args=(i, f)) for i, f in enumerate([*firsts, claimed_first])]
     for t in threads:
@@ -318,5 +321,6 @@ def test_a_master_failover_mid_answer(replicas, dify, e2e_topology, store_client
             assert message is not None, final["content"]
             assert message["markdown"]["content"].rstrip().endswith(full[-20:])
     assert len(dify.chat_requests()) == 5  # no message was asked twice
+    assert [f for f in failures if not f.startswith("HTTP 503")] == []  # polls meanwhile: 503s, never another 5xx
     server.restart(killed)  # the next test gets the whole topology back
     sim.close()
