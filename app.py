@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
+from config.bots import load_bots
 from config.settings import Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
@@ -32,14 +33,16 @@ logger = logging.getLogger("app")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app for `settings` (default: read from the environment; a bad value exits with one line)."""
+    """Build the app for `settings` (default: read from the environment) and its bots (BOTS_FILE, or the one the
+    settings define); a bad value exits with one line per problem."""
     if settings is None:
         settings = load_settings_or_exit()
+    bots = load_bots_or_exit(settings)
     setup_logging(
         settings.log_level,
         settings.log_format or "text",
         settings.instance_id,
-        secrets=settings.secrets(),
+        secrets=[secret for bot in bots for secret in bot.secrets()],
     )
     if settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
@@ -47,21 +50,30 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
     try:
-        gateway = build_gateway(settings, Path(app.instance_path))
+        gateway = build_gateway(settings, bots, Path(app.instance_path))
     except EmbeddedStoreUnavailable as exc:
         exit_with_problems([str(exc)])
     app.extensions["gateway"] = gateway
 
-    path = settings.wecom_callback_path
-    app.add_url_rule(path, "verify_url", verify_url, methods=["GET"])
-    app.add_url_rule(path, "callback", callback, methods=["POST"])
+    for bot in bots:  # each bot at its own path: another bot's signature fails there (invalid_signature)
+        if bot.wecom_mode == "long_connection":
+            continue  # its messages come over the WebSocket (services/longconn)
+        path, name = bot.wecom_callback_path, bot.bot_name
+        app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
+        app.add_url_rule(path, f"callback.{name}", callback, methods=["POST"], defaults={"bot": name})
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach
         app.add_url_rule("/metrics", "metrics", metrics_endpoint)
     _register_error_handlers(app)
     register_commands(app)
-    logger.info("gateway ready: callback %s, instance %s", path, settings.instance_id)
+    served = ", ".join(
+        f"{bot.bot_name} at {bot.wecom_callback_path}"
+        if bot.wecom_mode == "callback"
+        else f"{bot.bot_name} over WebSocket"
+        for bot in bots
+    )
+    logger.info("gateway ready: %s; instance %s", served, settings.instance_id)
     return app
 
 
@@ -69,6 +81,14 @@ def load_settings_or_exit() -> Settings:
     """Settings from the environment, or one clear line per problem on stderr and exit status 2."""
     try:
         return load_settings()
+    except SettingsError as exc:
+        exit_with_problems(exc.problems)
+
+
+def load_bots_or_exit(settings: Settings) -> tuple[Settings, ...]:
+    """The bots of the deployment (config/bots.py), or one clear line per problem and exit status 2."""
+    try:
+        return load_bots(settings)
     except SettingsError as exc:
         exit_with_problems(exc.problems)
 
@@ -91,22 +111,22 @@ def _json(body: dict, status: int = 200) -> Response:
 # --- routes -----------------------------------------------------------------------------------------------------
 
 
-def verify_url():
+def verify_url(bot: str):
     """WeCom's URL check: answer the decrypted echostr as plain text."""
-    with log_context(replica=gateway().owner):
-        echo = gateway().callback.verify_url(request.args)
+    with log_context(replica=gateway().owner, bot=bot):
+        echo = gateway().bots[bot].callback.verify_url(request.args)
         logger.info("callback URL verified")
         return Response(echo, mimetype="text/plain")
 
 
-def callback():
-    """A message, stream poll or event: answer with the encrypted reply (or an empty body)."""
-    with log_context(replica=gateway().owner):
+def callback(bot: str):
+    """A message, stream poll or event for `bot`: answer with the encrypted reply (or an empty body)."""
+    with log_context(replica=gateway().owner, bot=bot):
         try:
             body = request.get_data(cache=False)
         except RequestEntityTooLarge:
             raise errors.body_too_large(gateway().settings.wecom_max_body_bytes) from None
-        envelope = gateway().callback.handle(request.args, body)
+        envelope = gateway().bots[bot].callback.handle(request.args, body)
         if envelope is None:
             return Response(b"", status=200)
         return _json(envelope)
@@ -118,13 +138,14 @@ def healthz():
 
 
 def readyz():
-    """Readiness: 200 only when Redis and (with AUTH_MODE=external) the user table answer; 503 names what failed."""
+    """Readiness: 200 only when Redis and (with a bot of AUTH_MODE=external) the user table answer; 503 names what
+    failed. The body lists each bot: one bot's Dify being down makes no replica unready for the others."""
     failed = {}
     try:
         gateway().redis.ping()
     except REDIS_FAILURES as exc:
         failed["redis"] = type(exc).__name__
-    if gateway().authorizer is not None:
+    if any(bot.authorizer is not None for bot in gateway().bots.values()):
         try:
             db.check_user_table(gateway().engine)
         except db.SchemaMissing as exc:
@@ -133,11 +154,20 @@ def readyz():
             failed["database"] = type(exc).__name__
     if not gateway().runner.accepting:
         failed["shutdown"] = "draining"
+    bots = {
+        name: {
+            "mode": bot.settings.wecom_mode,
+            "path": bot.settings.wecom_callback_path if bot.holder is None else "",
+            **(bot.holder.report() if bot.holder is not None else {}),
+            "auth": bot.settings.auth_mode,
+            **bot.health.report(),
+        }
+        for name, bot in gateway().bots.items()
+    }
     if failed:
-        return _json(
-            {"error": "not_ready", "message": ", ".join(f"{k}: {v}" for k, v in failed.items()), "failed": failed}, 503
-        )
-    return _json({"status": "ready"})
+        message = ", ".join(f"{k}: {v}" for k, v in failed.items())
+        return _json({"error": "not_ready", "message": message, "failed": failed, "bots": bots}, 503)
+    return _json({"status": "ready", "bots": bots})
 
 
 def metrics_endpoint():
@@ -152,7 +182,8 @@ def metrics_endpoint():
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(CallbackError)
     def _callback_error(exc: CallbackError):
-        metrics.CALLBACKS.labels("invalid", exc.error).inc()
+        bot = (request.view_args or {}).get("bot", "")
+        metrics.CALLBACKS.labels(bot, "invalid", exc.error).inc()
         logger.warning("rejected callback from %s: %s (%s)", request.remote_addr, exc.error, exc.message)
         return _json(exc.body(), exc.status)
 

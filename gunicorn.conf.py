@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from config import bots
 from config.settings import SettingsError, load_settings
 
 # The worker classes this image ships: gevent and eventlet are not installed, and the stream threads and read pump
@@ -69,6 +70,8 @@ def on_starting(server):
     """Check the settings once in the master, so a bad value is one line and not a worker boot loop."""
     try:
         settings = load_settings()
+        bots.keep_last_good(None)
+        server.gateway_bots = bots.load_bots(settings)
     except SettingsError as exc:
         _exit_with(*exc.problems)
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
@@ -78,6 +81,19 @@ def on_starting(server):
             "REDIS_URL=memory:// keeps state inside one process; "
             f"set REDIS_URL to a Redis server to run {server.cfg.workers} workers"
         )
+
+
+def on_reload(server):
+    """HUP: the new workers read the settings and BOTS_FILE again (the old ones drain as on SIGTERM). A bad file
+    would stop every new worker, and with them the replica: keep serving the last good bots, and say why."""
+    bots.keep_last_good(None)
+    try:
+        server.gateway_bots = bots.load_bots(load_settings())
+    except SettingsError as exc:
+        for problem in exc.problems:
+            server.log.error("configuration error (HUP): %s", problem)
+        server.log.error("the new settings are not used: the workers keep serving the last good bots")
+        bots.keep_last_good(server.gateway_bots)
 
 
 # Seconds of the graceful timeout kept back for handing unfinished streams over and exiting before the SIGKILL.

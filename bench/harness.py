@@ -69,6 +69,7 @@ class Environment:
     def gateway_env(self, **extra: str) -> dict[str, str]:
         env = {
             "DEMO_MODE": "false",
+            "BOTS_FILE": "",  # demo.env names the demo's bots; a benchmark's gateway is the environment's one bot
             "WECOM_TOKEN": TOKEN,
             "WECOM_ENCODING_AES_KEY": AES_KEY,
             "DIFY_BASE_URL": self.dify.base_url,
@@ -129,7 +130,7 @@ def signed_polls(simulator: WeComSimulator, stream_ids: list[str], count: int) -
     requests = []
     for i in range(count):
         query, body = simulator.envelope(simulator.poll_message(stream_ids[i % len(stream_ids)]))
-        requests.append((f"{CALLBACK}?{urlencode(query)}", body))
+        requests.append((f"{simulator.callback_path}?{urlencode(query)}", body))
     return requests
 
 
@@ -286,7 +287,13 @@ async def post(host: str, port: int, path: str, body: bytes, connection=None):
 def process_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its children (a gunicorn master and its workers), in MiB."""
     root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:  # a child that exited since it was listed
+            continue
+    return total / 2**20
 
 
 def project_root() -> Path:

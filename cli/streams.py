@@ -7,14 +7,23 @@ import time
 import click
 from flask.cli import AppGroup
 
-from cli import gateway
+from cli import bot_option, chosen_bots, gateway, table
 from services.streams.inspector import StreamInspector
 
 streams_cli = AppGroup("streams", help="Answers in Redis (the dify_stream:* keys).")
 
 
-def _inspector() -> StreamInspector:
-    return StreamInspector(gateway().redis, gateway().keys)
+def _inspectors(bot_name: str | None) -> list[tuple[str, StreamInspector]]:
+    """(bot, its inspector) for the bot named, or for every bot."""
+    return [(bot.name, StreamInspector(gateway().redis, bot.keys)) for bot in chosen_bots(bot_name)]
+
+
+def _inspector_of(stream_id: str, bot_name: str | None) -> StreamInspector:
+    """The inspector of the bot whose stream `stream_id` is (looked for in every bot without `--bot`)."""
+    for _, inspector in _inspectors(bot_name):
+        if inspector.exists(stream_id):
+            return inspector
+    raise click.ClickException(f"no stream {stream_id} (unknown or expired)")
 
 
 def _when(timestamp: float | None) -> str:
@@ -25,13 +34,20 @@ def _when(timestamp: float | None) -> str:
 @click.option("--status", default="", help="pending, streaming, done, error or expired")
 @click.option("--user", "userid", default="", help="only this WeCom userid's streams")
 @click.option("--limit", default=20, show_default=True)
-def list_command(status: str, userid: str, limit: int) -> None:
+@bot_option
+def list_command(status: str, userid: str, limit: int, bot_name: str | None) -> None:
     """The most recent streams, newest first."""
-    rows = [("STREAM", "STATUS", "USER", "CHAT", "CREATED", "TOOK", "POLLS", "OWNER", "ERROR")]
-    for s in _inspector().list(status, userid, limit):
+    found = [(bot, s) for bot, inspector in _inspectors(bot_name) for s in inspector.list(status, userid, limit)]
+    found = sorted(found, key=lambda pair: pair[1].created_at, reverse=True)[:limit]
+    if not found:
+        click.echo("(no streams)")
+        return
+    rows = [("BOT", "STREAM", "STATUS", "USER", "CHAT", "CREATED", "TOOK", "POLLS", "OWNER", "ERROR")]
+    for bot, s in found:
         took = f"{s.finished_at - s.created_at:.1f}s" if s.finished_at else "-"
         rows.append(
             (
+                bot,
                 s.stream_id,
                 s.status,
                 s.userid,
@@ -43,19 +59,15 @@ def list_command(status: str, userid: str, limit: int) -> None:
                 s.error[:40] or "-",
             )
         )
-    if len(rows) == 1:
-        click.echo("(no streams)")
-        return
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    table(rows)
 
 
 @streams_cli.command("show")
 @click.argument("stream_id")
-def show_command(stream_id: str) -> None:
+@bot_option
+def show_command(stream_id: str, bot_name: str | None) -> None:
     """One stream: its fields, timings, key TTLs, deltas and text."""
-    info = _inspector().describe(stream_id)
+    info = _inspector_of(stream_id, bot_name).describe(stream_id)
     if info is None:
         raise click.ClickException(f"no stream {stream_id} (unknown or expired)")
     meta = info["meta"]
@@ -76,9 +88,10 @@ def show_command(stream_id: str) -> None:
 @streams_cli.command("tail")
 @click.argument("stream_id")
 @click.option("--interval", default=0.5, show_default=True, help="seconds between reads")
-def tail_command(stream_id: str, interval: float) -> None:
+@bot_option
+def tail_command(stream_id: str, interval: float, bot_name: str | None) -> None:
     """Print a stream's deltas as they arrive, until it ends."""
-    for kind, value in _inspector().follow(stream_id, interval):
+    for kind, value in _inspector_of(stream_id, bot_name).follow(stream_id, interval):
         if kind == "delta":
             click.echo(value, nl=False)
         elif kind == "replaced":
@@ -92,9 +105,11 @@ def tail_command(stream_id: str, interval: float) -> None:
 @streams_cli.command("purge")
 @click.argument("stream_id")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
-def purge_command(stream_id: str, yes: bool) -> None:
+@bot_option
+def purge_command(stream_id: str, yes: bool, bot_name: str | None) -> None:
     """Delete a stream's keys (its bubble then finishes as 'expired or unknown' at the next poll)."""
+    inspector = _inspector_of(stream_id, bot_name)
     if not yes:
         click.confirm(f"Delete stream {stream_id}?", abort=True)
-    deleted = _inspector().purge(stream_id)
+    deleted = inspector.purge(stream_id)
     click.echo(f"deleted {len(deleted)} keys" + (": " + ", ".join(deleted) if deleted else ""))

@@ -1,11 +1,16 @@
-"""`flask --app app users ...`: add, disable, enable and list the WeCom users allowed to use the bot."""
+"""`flask --app app users ...`: add, disable, enable and list the WeCom users allowed to use the bots.
+
+One user table serves every bot of the deployment: a WeCom userid is the same person in every bot of the
+enterprise, and operators keep one list. What differs per bot (a cached token, the conversations) is shown per
+bot by `users token`.
+"""
 
 from __future__ import annotations
 
 import click
 from flask.cli import AppGroup
 
-from cli import gateway, user_table
+from cli import bot_option, chosen_bots, gateway, table, user_table
 from services.auth.users import UserExists
 from services.streams.inspector import StreamInspector
 
@@ -31,22 +36,23 @@ def add_command(userid: str, account: str, display_name: str | None, disabled: b
 @users_cli.command("disable")
 @click.argument("userid")
 def disable_command(userid: str) -> None:
-    """Stop USERID from using the bot now (its cached token is revoked too)."""
+    """Stop USERID from using the bots now (the tokens cached for every bot are revoked too)."""
     _set_enabled(userid, False)
 
 
 @users_cli.command("enable")
 @click.argument("userid")
 def enable_command(userid: str) -> None:
-    """Let USERID use the bot again."""
+    """Let USERID use the bots again."""
     _set_enabled(userid, True)
 
 
 def _set_enabled(userid: str, enabled: bool) -> None:
     if not user_table().set_enabled(userid, enabled):
         raise click.ClickException(f"no user {userid}")
-    if gateway().authorizer is not None:
-        gateway().authorizer.revoke(userid)
+    for bot in gateway().bots.values():
+        if bot.authorizer is not None:
+            bot.authorizer.revoke(userid)
     click.echo(f"{'enabled' if enabled else 'disabled'} {userid}")
 
 
@@ -59,26 +65,27 @@ def list_command(limit: int, offset: int) -> None:
         (u.userid, u.account, u.display_name or "", "yes" if u.enabled else "no")
         for u in user_table().list(limit, offset)
     ]
-    header = ("USERID", "ACCOUNT", "NAME", "ENABLED")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    table([("USERID", "ACCOUNT", "NAME", "ENABLED"), *rows])
     if not rows:
         click.echo("(no users)")
 
 
 @users_cli.command("token")
 @click.argument("userid")
-def token_command(userid: str) -> None:
-    """Whether USERID has a cached auth token (never shown), and the Dify conversations it continues."""
-    if gateway().authorizer is None:
-        click.echo("AUTH_MODE=none: no tokens")
-    else:
-        status = gateway().authorizer.token_status(userid)
-        cached = f"cached, expires in {status['ttl']}s" if status["cached"] else "not cached"
-        click.echo(f"token: {cached}; single flight: {status['flight'] or '-'}")
-    conversations = StreamInspector(gateway().redis, gateway().keys).conversations_of(userid)
-    if not conversations:
-        click.echo("conversations: none")
-    for key, conversation_id, ttl in conversations:
-        click.echo(f"conversation {conversation_id}  ({key}, expires in {ttl}s)")
+@bot_option
+def token_command(userid: str, bot_name: str | None) -> None:
+    """Whether USERID has a cached auth token (never shown), and the Dify conversations it continues, per bot."""
+    several = len(gateway().bots) > 1
+    for bot in chosen_bots(bot_name):
+        heading = f"[{bot.name}] " if several else ""
+        if bot.authorizer is None:
+            click.echo(f"{heading}AUTH_MODE=none: no tokens")
+        else:
+            status = bot.authorizer.token_status(userid)
+            cached = f"cached, expires in {status['ttl']}s" if status["cached"] else "not cached"
+            click.echo(f"{heading}token: {cached}; single flight: {status['flight'] or '-'}")
+        conversations = StreamInspector(gateway().redis, bot.keys).conversations_of(userid)
+        if not conversations:
+            click.echo(f"{heading}conversations: none")
+        for key, conversation_id, ttl in conversations:
+            click.echo(f"{heading}conversation {conversation_id}  ({key}, expires in {ttl}s)")

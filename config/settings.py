@@ -60,6 +60,10 @@ def _default_replica_id() -> str:
     return socket.gethostname()
 
 
+# DIFY_APP_TYPE's values (CONTRACT.md §10): auto, then Dify's own names for its app modes.
+DIFY_APP_TYPES = ("auto", "chat", "advanced-chat", "agent-chat", "agent", "workflow", "completion")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration of one app instance. Tests build it directly; production uses `load_settings()`."""
@@ -72,6 +76,13 @@ class Settings:
     port: int = 8080
 
     # --- WeCom ----------------------------------------------------------------------------------------------
+    wecom_mode: str = "callback"  # how WeCom reaches the bot: callback, or long_connection (CONTRACT.md §9)
+    wecom_bot_id: str = ""  # long_connection: the bot's BotID
+    wecom_bot_secret: str = _secret()  # long_connection: the bot's Secret
+    wecom_ws_url: str = "wss://openws.work.weixin.qq.com"
+    wecom_ws_heartbeat_seconds: float = 30.0
+    wecom_ws_lease_seconds: int = 10  # the connection holder's lease: a dead holder is replaced within this
+    wecom_ws_kick_cooldown_seconds: int = 300  # after a foreign subscriber kicked us: no reconnect for this long
     wecom_token: str = _secret()
     wecom_encoding_aes_key: str = _secret()
     wecom_callback_path: str = "/wecom/callback"
@@ -89,6 +100,10 @@ class Settings:
     dify_max_stream_seconds: int = 900
     dify_max_retries: int = 2
     dify_retry_backoff: float = 1.0
+    dify_app_type: str = "auto"  # CONTRACT.md §10; auto reads the app's mode from GET /info
+    dify_workflow_input: str = "query"  # workflow apps: the input variable the question goes into
+    dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
+    show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
 
     # --- Redis ----------------------------------------------------------------------------------------------
     redis_url: str = field(default="", repr=False)  # demo mode: memory://, the embedded store
@@ -116,6 +131,12 @@ class Settings:
     conversation_ttl_seconds: int = 7 * 24 * 3600
     rate_limit_per_minute: int = 20
 
+    # --- bots (CONTRACT.md §8) -------------------------------------------------------------------------------
+    bots_file: str = ""  # a TOML file of bots (config/bots.py); without it the environment defines one bot
+    # Which bot these settings are ("default" without a bots file); "" for a bots file's deployment settings,
+    # which are no bot of their own. Set by the loaders, never read from the environment.
+    bot_name: str = "default"
+
     # --- logging and metrics --------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: str = ""
@@ -135,7 +156,8 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
-        found = [self.wecom_token, self.wecom_encoding_aes_key, self.dify_api_key, self.auth_api_key]
+        found = [self.wecom_token, self.wecom_encoding_aes_key, self.wecom_bot_secret, self.dify_api_key]
+        found.append(self.auth_api_key)
         found.append(self.redis_sentinel_password)
         for url in (self.redis_url, self.database_url, self.database_read_url):
             found.append(_url_password(url))
@@ -155,42 +177,72 @@ class _Problems(list):
 
 
 def _validate(s: Settings) -> None:
-    """Check every value.
+    """Check every value: the deployment's, and (unless these are a bots file's deployment settings, which are no
+    bot of their own) the bot's.
 
     Raises:
         SettingsError: every problem found, one line each.
     """
     problems = _Problems()
+    _check_deployment(s, problems)
+    if s.bot_name:
+        _check_bot(s, problems)
+    if problems:
+        raise SettingsError(problems)
+
+
+def _check_deployment(s: Settings, problems: _Problems) -> None:
+    """What every bot of the deployment shares: the process, Redis, the database, streams, logging."""
     production = not s.demo_mode
-    problems.require(s.bot_language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
     problems.require(bool(s.replica_id), "REPLICA_ID", "must not be empty")
     problems.require(0 < s.port < 65536, "PORT", "must be a TCP port number")
     problems.require(0 <= s.metrics_port < 65536, "METRICS_PORT", "must be a TCP port number (or 0: none)")
     problems.require(not s.metrics_port or s.metrics_port != s.port, "METRICS_PORT", "must differ from PORT (or be 0)")
-    _check_wecom(s, problems)
-    _check_dify(s, problems)
-    _check_stores(s, problems, production)
+    problems.require(s.wecom_max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
+    _check_redis(s, problems, production)
+    for variable, url in (("DATABASE_URL", s.database_url), ("DATABASE_READ_URL", s.database_read_url)):
+        if url:
+            problems.require(
+                urlsplit(url).scheme.startswith(("mysql", "sqlite")),
+                variable,
+                "must be mysql+pymysql://... or sqlite:///...",
+            )
     problems.require(
-        1 <= s.stream_window_seconds <= 355,
-        "STREAM_WINDOW_SECONDS",
-        "must be between 1 and 355 (WeCom polls for 360 s)",
+        not s.database_read_url or bool(s.database_url), "DATABASE_READ_URL", "needs DATABASE_URL (the primary)"
     )
+    problems.require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
+
     problems.require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
     problems.require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
     problems.require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
-    problems.require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
-    problems.require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
     problems.require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "LOG_LEVEL",
         "must be DEBUG, INFO, WARNING or ERROR",
     )
     problems.require(s.log_format in ("", "json", "text"), "LOG_FORMAT", "must be 'json' or 'text'")
-    if problems:
-        raise SettingsError(problems)
+
+
+def _check_bot(s: Settings, problems: _Problems) -> None:
+    """What one bot has of its own: WeCom's credentials, its Dify app, who may ask it, its streams' limits."""
+    problems.require(s.bot_language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
+    _check_wecom(s, problems)
+    _check_dify(s, problems)
+    _check_auth(s, problems)
+    problems.require(
+        1 <= s.stream_window_seconds <= 355,
+        "STREAM_WINDOW_SECONDS",
+        "must be between 1 and 355 (WeCom polls for 360 s)",
+    )
+    problems.require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
+    problems.require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
 
 
 def _check_wecom(s: Settings, problems: _Problems) -> None:
+    if s.wecom_mode == "long_connection":
+        _check_long_connection(s, problems)
+        return
+    problems.require(s.wecom_mode == "callback", "WECOM_MODE", "must be 'callback' or 'long_connection'")
     problems.require(bool(s.wecom_token), "WECOM_TOKEN", "is required (the Token from the bot's API settings)")
     key = s.wecom_encoding_aes_key
     if len(key) != 43:
@@ -205,10 +257,24 @@ def _check_wecom(s: Settings, problems: _Problems) -> None:
     problems.require(
         s.wecom_timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds"
     )
-    problems.require(s.wecom_max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
+
+
+def _check_long_connection(s: Settings, problems: _Problems) -> None:
+    problems.require(bool(s.wecom_bot_id), "WECOM_BOT_ID", "is required with WECOM_MODE=long_connection")
+    problems.require(bool(s.wecom_bot_secret), "WECOM_BOT_SECRET", "is required with WECOM_MODE=long_connection")
+    problems.require(
+        urlsplit(s.wecom_ws_url).scheme in ("ws", "wss") and bool(urlsplit(s.wecom_ws_url).hostname),
+        "WECOM_WS_URL",
+        "must be a ws:// or wss:// URL",
+    )
+    problems.require(s.wecom_ws_heartbeat_seconds > 0, "WECOM_WS_HEARTBEAT_SECONDS", "must be positive")
+    problems.require(2 <= s.wecom_ws_lease_seconds <= 60, "WECOM_WS_LEASE_SECONDS", "must be between 2 and 60")
+    problems.require(s.wecom_ws_kick_cooldown_seconds >= 0, "WECOM_WS_KICK_COOLDOWN_SECONDS", "must be 0 or more")
 
 
 def _check_dify(s: Settings, problems: _Problems) -> None:
+    problems.require(s.dify_app_type in DIFY_APP_TYPES, "DIFY_APP_TYPE", f"must be one of {', '.join(DIFY_APP_TYPES)}")
+    problems.require(bool(s.dify_workflow_input), "DIFY_WORKFLOW_INPUT", "must name the workflow's input variable")
     problems.require(
         _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
     )
@@ -220,8 +286,8 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
     problems.require(s.dify_retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
 
 
-def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
-    """Redis, the user table and the auth API: outside demo mode, nothing falls back to an embedded store."""
+def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:
+    """Outside demo mode, nothing falls back to an embedded store."""
     if not s.redis_url:
         problems.append("REDIS_URL is required: the Redis every replica shares, e.g. redis://redis:6379/0")
     else:
@@ -235,6 +301,12 @@ def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
                     "REDIS_URL=memory:// is the demo's embedded store and keeps state inside one process; "
                     "outside demo mode set the Redis every replica shares, e.g. redis://redis:6379/0"
                 )
+            if target.replicated:  # the claim waits for a replica only on Sentinel and Cluster
+                problems.require(
+                    s.redis_claim_wait_ms < s.redis_socket_timeout * 1000,
+                    "REDIS_CLAIM_WAIT_MS",
+                    "must be below REDIS_SOCKET_TIMEOUT (a longer WAIT would time the connection out)",
+                )
     problems.require(s.redis_socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
     problems.require(s.redis_claim_wait_ms >= 0, "REDIS_CLAIM_WAIT_MS", "must be 0 (do not wait) or more")
     problems.require(
@@ -243,23 +315,16 @@ def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
         "must not contain { or } (they would make one Redis Cluster hash slot of every key)",
     )
 
+
+def _check_auth(s: Settings, problems: _Problems) -> None:
+    """Who may ask the bot; with AUTH_MODE=external, outside demo mode, the user table must be a real one."""
     external = s.auth_mode == "external"
     problems.require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
-    for variable, url in (("DATABASE_URL", s.database_url), ("DATABASE_READ_URL", s.database_read_url)):
-        if url:
-            problems.require(
-                urlsplit(url).scheme.startswith(("mysql", "sqlite")),
-                variable,
-                "must be mysql+pymysql://... or sqlite:///...",
-            )
-    if not s.database_url and production and external:
+    if not s.database_url and not s.demo_mode and external:
         problems.append(
             "DATABASE_URL is required with AUTH_MODE=external: the wecom_users table every replica reads, "
             "e.g. mysql+pymysql://user:pass@mysql/db"
         )
-    problems.require(
-        not s.database_read_url or bool(s.database_url), "DATABASE_READ_URL", "needs DATABASE_URL (the primary)"
-    )
     if external:
         problems.require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
         problems.require(
@@ -269,7 +334,6 @@ def _check_stores(s: Settings, problems: _Problems, production: bool) -> None:
         )
     problems.require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
     problems.require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
-    problems.require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
 
 
 def _url_password(url: str) -> str:
@@ -325,9 +389,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_files=ENV_FILES)
         SettingsError: every bad or missing variable, one line each.
     """
     values = read_environment(environ, env_files)
-    kwargs = {}
+    kwargs: dict = {"bot_name": "" if values.get("BOTS_FILE") else "default"}
     problems: list[str] = []
     for f in dataclasses.fields(Settings):
+        if f.name == "bot_name":
+            continue
         variable = f.name.upper()
         try:
             if not f.repr:

@@ -1,4 +1,5 @@
-"""`python -m demo`: run the gateway on embedded defaults and chat with it in this terminal.
+"""`python -m demo [--bot NAME]`: run the gateway on embedded defaults and chat with one of its bots in this
+terminal (the first of demo/bots.toml unless `--bot` names another).
 
 Starts the demo app (demo/app.py: the gateway plus its Dify and auth stand-ins) on the development server,
 in-process, then opens the WeCom simulator's chat loop against it. Nothing external is needed: no WeCom account,
@@ -7,6 +8,7 @@ Redis, MySQL or Dify key.
 
 from __future__ import annotations
 
+import argparse
 import threading
 from pathlib import Path
 
@@ -17,19 +19,36 @@ from demo.wecom_simulator import WeComSimulator, chat_loop
 from utils.logging import send_logs_to
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the gateway locally and chat with one of its bots.")
+    parser.add_argument("--bot", default=None, help="the bot to chat with (default: the first)")
+    options = parser.parse_args(argv)
     app = create_app()
-    settings = app.extensions["gateway"].settings
+    gateway = app.extensions["gateway"]
+    if options.bot is not None and options.bot not in gateway.bots:
+        parser.error(f"no bot {options.bot!r}: the bots are {', '.join(gateway.bots)}")
+    if options.bot is not None and gateway.bots[options.bot].holder is not None:
+        parser.error(f"{options.bot!r} is a long-connection bot: chat with it in the console (/console)")
+    callback_bots = [each for each in gateway.bots.values() if each.holder is None]
+    bot = gateway.bots[options.bot] if options.bot else callback_bots[0]
+    settings = gateway.settings
     log_path = _log_to_file(Path(app.instance_path) / "demo.log")
     server = make_server(settings.host, settings.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
-    print(f"Gateway running at {url}{settings.wecom_callback_path} (demo mode).")
+    for name, each in gateway.bots.items():
+        where = f"at {url}{each.settings.wecom_callback_path}" if each.holder is None else "over WeCom's WebSocket"
+        print(f"Bot {name!r} {where} (demo mode).")
     print(f"Open the console in a browser to chat there too: {url}/console")
     print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")
     simulator = WeComSimulator(
-        url, settings.wecom_token, settings.wecom_encoding_aes_key, callback_path=settings.wecom_callback_path
+        url,
+        bot.settings.wecom_token,
+        bot.settings.wecom_encoding_aes_key,
+        callback_path=bot.settings.wecom_callback_path,
+        aibotid=f"demo-{bot.name}",
     )
+    print(f"Chatting with {bot.name!r}{' (--bot picks another)' if len(gateway.bots) > 1 else ''}.")
     try:
         chat_loop(simulator, "alice")
     finally:

@@ -22,6 +22,7 @@ from config.settings import Settings
 from demo.auth_standin import AuthStandIn
 from demo.console import console
 from demo.dify_standin import DifyStandIn
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.gateway import Gateway
 
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The gateway in demo mode, with its stand-ins, demo users and console."""
     settings = settings or gateway_app.load_settings_or_exit()
     if settings.demo_mode:
-        start_standins(settings)
+        start_standins(gateway_app.load_bots_or_exit(settings))
     app = gateway_app.create_app(settings)
     gateway: Gateway = app.extensions["gateway"]
     if settings.demo_mode and gateway.users is not None:
@@ -45,17 +46,33 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def start_standins(settings: Settings) -> None:
-    """Start the Dify and auth API stand-ins at the loopback addresses the settings name, unless something
-    answers there already (another demo process, or `python -m demo.standins`)."""
-    if _needs_standin(settings.dify_base_url):
-        host, port = _address(settings.dify_base_url)
-        _started[settings.dify_base_url] = DifyStandIn(host=host, port=port, language=settings.bot_language).start()
-        logger.warning("demo: answering with the built-in Dify stand-in at %s", settings.dify_base_url)
-    if settings.auth_mode == "external" and _needs_standin(settings.auth_api_url):
-        host, port = _address(settings.auth_api_url)
-        _started[settings.auth_api_url] = AuthStandIn(api_key=settings.auth_api_key, host=host, port=port).start()
-        logger.warning("demo: authenticating with the built-in auth stand-in at %s", settings.auth_api_url)
+def start_standins(bots: tuple[Settings, ...]) -> None:
+    """Start the Dify and auth API stand-ins at the loopback addresses the bots' settings name, unless something
+    answers there already (another demo process, or `python -m demo.standins`). The Dify stand-in answers each
+    bot (told apart by its API key) as that bot, in its language."""
+    for url in {bot.dify_base_url for bot in bots}:
+        if _needs_standin(url):
+            host, port = _address(url)
+            personas = {bot.dify_api_key: (bot.bot_name, bot.bot_language) for bot in bots if bot.dify_base_url == url}
+            _started[url] = DifyStandIn(host=host, port=port, personas=personas).start()
+            logger.warning("demo: answering with the built-in Dify stand-in at %s", url)
+    for bot in bots:
+        if bot.wecom_mode == "long_connection" and _needs_standin(bot.wecom_ws_url):
+            host, port = _address(bot.wecom_ws_url)
+            standin = WeComWebSocketStandIn({bot.wecom_bot_id: bot.wecom_bot_secret}, host=host, port=port)
+            _started[bot.wecom_ws_url] = standin.start()
+            logger.warning("demo: WeCom's long connection played by the built-in stand-in at %s", bot.wecom_ws_url)
+        if bot.auth_mode == "external" and _needs_standin(bot.auth_api_url):
+            host, port = _address(bot.auth_api_url)
+            _started[bot.auth_api_url] = AuthStandIn(api_key=bot.auth_api_key, host=host, port=port).start()
+            logger.warning("demo: authenticating with the built-in auth stand-in at %s", bot.auth_api_url)
+
+
+def websocket_standin(url: str) -> WeComWebSocketStandIn | None:
+    """The WeCom WebSocket stand-in this process started at `url` (the console talks to a long-connection bot
+    through it)."""
+    standin = _started.get(url)
+    return standin if isinstance(standin, WeComWebSocketStandIn) else None
 
 
 def seed_demo_users(gateway: Gateway) -> None:

@@ -1,4 +1,8 @@
-"""A Dify stand-in: the Service API's streaming chat endpoint over real HTTP, with Dify's real SSE framing.
+"""A Dify stand-in: the Service API's streaming endpoints over real HTTP, with Dify's real SSE framing.
+
+Each API key may be an app of its own type (`app_types`, else `mode`, default chat): `/info` names it, chat-like
+apps answer `/chat-messages`, workflow apps `/workflows/run`, completion apps `/completion-messages`, and the runs
+of chatflow and workflow apps can be streamed again from `/workflow/{run id}/events` (demo/dify_runs.py).
 
 Events go out as `data: {json}\\n\\n`, keep-alives as the bare `event: ping\\n\\n` frame, each write flushed as
 its own HTTP chunk. Tests script what the next request(s) get with `script([...steps])`: deltas, pings,
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from demo.dify_runs import RunConn, RunLog
 from demo.http_server import Conn, Request, StandInServer
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -168,9 +173,18 @@ class DifyStandIn:
         port: int = 0,
         language: str = "zh",
         tls: ssl.SSLContext | None = None,
+        personas: dict[str, tuple[str, str]] | None = None,
+        app_types: dict[str, str] | None = None,
     ):
         self.api_key = api_key
+        self.app_types = app_types or {}  # API key -> the app's mode, for keys other than `api_key`'s
+        self.mode = "chat"  # the mode of `api_key`'s app (and of any key, without `api_key`)
+        self.runs: dict[str, RunLog] = {}
+        self.reattaches: list[dict] = []
+        self.info_requests = 0
         self.language = language  # of the unscripted demo answers
+        # API key -> (the bot's name, its language): whose Dify app the unscripted demo answer speaks as
+        self.personas = personas or {}
         self.ping_interval = ping_interval
         self.demo_delay = demo_delay
         self.server = StandInServer(self.handle, host, port, tls)
@@ -214,6 +228,10 @@ class DifyStandIn:
                 registry.clear()
             self.completed.clear()
             self.feedbacks.clear()
+            self.runs.clear()
+            self.reattaches.clear()
+            self.info_requests = 0
+            self.mode = "chat"
 
     def host_file(self, data: bytes, extension: str = "png") -> str:
         """Serve a tool-made file and return the relative URL Dify would put in a message_file event."""
@@ -238,16 +256,24 @@ class DifyStandIn:
 
     async def handle(self, request: Request, conn: Conn) -> None:
         signed_file = request.method == "GET" and request.path.startswith("/files/")  # signed URLs need no key
-        if (
-            self.api_key is not None
-            and not signed_file
-            and request.headers.get("authorization") != f"Bearer {self.api_key}"
-        ):
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is not None and not signed_file and key != self.api_key and key not in self.app_types:
             await conn.send(401, {"code": "unauthorized", "message": "Access token is invalid", "status": 401})
             return
         path = request.path
-        if request.method == "POST" and path == "/v1/chat-messages":
-            await self._chat(request, conn)
+        mode = self.app_types.get(key, self.mode)
+        if request.method == "POST" and path in _APP_PATHS:
+            if _APP_PATHS[path] != _family(mode):
+                await conn.send(400, {"code": "app_unavailable", "message": f"App mode {mode} mismatch", "status": 400})
+            elif path == "/v1/chat-messages":
+                await self._chat(request, conn, mode)
+            else:
+                await self._run(request, conn, mode)
+        elif request.method == "GET" and path == "/v1/info":
+            self.info_requests += 1
+            await conn.send(200, {"name": "stand-in app", "description": "", "tags": [], "mode": mode})
+        elif request.method == "GET" and path.startswith("/v1/workflow/") and path.endswith("/events"):
+            await self._reattach(path.split("/")[3], request, conn)
         elif request.method == "GET" and path == "/v1/parameters":
             await conn.send(200, self.parameters)
         elif request.method == "POST" and path == "/v1/files/upload":
@@ -256,20 +282,16 @@ class DifyStandIn:
             await self._feedback(path.split("/")[3], request, conn)
         elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
             await conn.send(200, self.files[path.rsplit("/", 1)[-1]], content_type="image/png")
-        elif request.method == "POST" and path.startswith("/v1/chat-messages/") and path.endswith("/stop"):
-            task_id = path.split("/")[3]
+        elif request.method == "POST" and path.endswith("/stop") and path.startswith(_STOP_PATHS):
+            task_id = path.split("/")[-2]
             self.stops.append((task_id, request.json() or {}))
             await conn.send(200, {"result": "success"})
         else:
             await conn.send(404, {"code": "not_found", "message": "The requested URL was not found", "status": 404})
 
-    async def _chat(self, request: Request, conn: Conn) -> None:
-        try:
-            body = request.json()
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            await conn.send(400, {"code": "invalid_param", "message": "body must be JSON", "status": 400})
+    async def _chat(self, request: Request, conn: Conn, mode: str = "chat") -> None:
+        body = await _json_body(request, conn)
+        if body is None:
             return
         with self._lock:
             self.requests.append({"body": body, "headers": dict(request.headers), "at": time.time()})
@@ -296,18 +318,79 @@ class DifyStandIn:
             "message_id": str(uuid.uuid4()),
             "conversation_id": conversation_id or str(uuid.uuid4()),
         }
+        if mode == "advanced-chat":
+            ids["workflow_run_id"] = str(uuid.uuid4())
         query = body.get("query", "")
         with self._lock:
             self.conversations[ids["conversation_id"]] = body["user"]
             self.messages[ids["message_id"]] = body["user"]
             earlier = list(self.questions.get(ids["conversation_id"], []))
             self.questions.setdefault(ids["conversation_id"], []).append(query)
-        steps = self._take_script(query) or demo_reply(query, self.demo_delay, self.language, earlier)
+        persona = self.personas.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        name, language = persona or ("", self.language)
+        from demo.dify_apps import demo_extra  # the steps module builds on this one's
+
+        steps = (
+            self._take_script(query)
+            or demo_extra(query, language)
+            or demo_reply(query, self.demo_delay, language, earlier, name)
+        )
+        await self._play_run(steps, ids, conn, body["user"])
+
+    async def _run(self, request: Request, conn: Conn, mode: str) -> None:
+        """A workflow app's run (`/workflows/run`) or a completion app's answer (`/completion-messages`)."""
+        body = await _json_body(request, conn)
+        if body is None:
+            return
+        with self._lock:
+            self.requests.append({"body": body, "headers": dict(request.headers), "at": time.time(), "mode": mode})
+        inputs = body.get("inputs")
+        problem = "" if isinstance(body.get("user"), str) and body["user"] else "Arg user must be provided."
+        if not isinstance(inputs, dict) or not inputs:
+            problem = problem or "inputs is required"
+        if problem:
+            await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
+            return
+        query = str(inputs.get("query") or next((v for v in inputs.values() if isinstance(v, str)), ""))
+        ids = {"task_id": str(uuid.uuid4())}
+        if mode == "workflow":
+            from demo.dify_apps import demo_workflow  # the steps module builds on this one's
+
+            ids["workflow_run_id"] = str(uuid.uuid4())
+            steps = self._take_script(query) or demo_workflow(query, self.language)
+        else:
+            ids["message_id"] = str(uuid.uuid4())
+            steps = self._take_script(query) or demo_reply(query, self.demo_delay, self.language)
+        await self._play_run(steps, ids, conn, body["user"])
+
+    async def _play_run(self, steps: list[tuple], ids: dict, conn: Conn, user: str) -> None:
+        """Play `steps`; a chatflow's or workflow's run is logged, goes on without its reader, and can be
+        streamed again."""
+        run_id = ids.get("workflow_run_id")
+        if run_id:
+            log = self.runs[run_id] = RunLog(user)
+            conn = RunConn(conn, log)
         self.open_streams += 1
         try:
             await self._play(steps, ids, conn)
         finally:
             self.open_streams -= 1
+            if run_id:
+                log.end()
+
+    async def _reattach(self, run_id: str, request: Request, conn: Conn) -> None:
+        """`GET /workflow/{run id}/events?user=`: the run's events again, from its start (a finished run: its
+        workflow_finished alone)."""
+        log = self.runs.get(run_id)
+        with self._lock:
+            self.reattaches.append({"run_id": run_id, "user": request.query.get("user", ""), "at": time.time()})
+        if log is None or log.user != request.query.get("user"):
+            await conn.send(404, {"code": "not_found", "message": "Workflow run not found", "status": 404})
+            return
+        await conn.start_stream(headers={"X-Accel-Buffering": "no"})
+        async for frame in log.follow():
+            await conn.write_chunk(frame)
+        await conn.end_stream()
 
     def _check_files(self, body: dict) -> str:
         for item in body.get("files") or []:
@@ -416,6 +499,28 @@ class DifyStandIn:
                 await asyncio.sleep(left)
 
 
+async def _json_body(request: Request, conn: Conn) -> dict | None:
+    """The request's JSON object, or None after answering 400 as Dify does."""
+    try:
+        body = request.json()
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        await conn.send(400, {"code": "invalid_param", "message": "body must be JSON", "status": 400})
+        return None
+    return body
+
+
+# Which app modes each endpoint serves.
+_APP_PATHS = {"/v1/chat-messages": "chat", "/v1/workflows/run": "workflow", "/v1/completion-messages": "completion"}
+_STOP_PATHS = ("/v1/chat-messages/", "/v1/workflows/tasks/", "/v1/completion-messages/")
+
+
+def _family(mode: str) -> str:
+    """The endpoint family of an app mode: chat, workflow or completion."""
+    return mode if mode in ("workflow", "completion") else "chat"
+
+
 _UPLOAD_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "gif", "webp", "pdf", "docx", "xlsx", "pptx", "txt", "md", "csv", "mp4", "mov"}
 )
@@ -453,7 +558,8 @@ def _frame(payload: dict, ids: dict) -> bytes:
     data = {**payload}
     for name, value in ids.items():
         data.setdefault(name, value)
-    data.setdefault("id", ids["message_id"])
+    if "message_id" in ids:
+        data.setdefault("id", ids["message_id"])
     data.setdefault("created_at", int(time.time()))
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
@@ -483,37 +589,41 @@ def _validate_chat(body: dict) -> str:
 
 _DEMO_TEXTS = {
     "zh": {
-        "intro": "**本地演示回答**（Dify 替身）\n\n你刚才说：「{query}」\n\n",
+        "intro": "**本地演示回答**（Dify 替身{app}）\n\n你刚才说：「{query}」\n\n",
         "turn": "这是本次对话的第 {turn} 轮，上一轮你问的是：「{previous}」。\n\n",
         "cut": "这段回答会在中途断开……",
         "body": "这是一个流式回答：每个词都是 Dify 的一个 `message` 事件，网关把它们写入 Redis，"
         "企业微信每秒轮询一次，看到的总是到目前为止的完整文本。\n\n"
         "- 发送 `error` 看看出错时的提示\n- 发送 `cut` 看看连接中断时的提示\n- 发送 `slow` 看一个较长的回答\n"
-        "- 发送 `/new` 开始新的对话\n",
+        "- 发送 `think`、`agent` 或 `form` 看看推理过程、智能体应用和需要填表的应用\n- 发送 `/new` 开始新的对话\n",
         "slow": "{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n",
     },
     "en": {
-        "intro": "**Local demo answer** (Dify stand-in)\n\nYou said: “{query}”\n\n",
+        "intro": "**Local demo answer** (Dify stand-in{app})\n\nYou said: “{query}”\n\n",
         "turn": "This is turn {turn} of our conversation; last time you asked: “{previous}”.\n\n",
         "cut": "This answer will break off halfway…",
         "body": "This answer streams: every word is one Dify `message` event, the gateway writes them to Redis, "
         "and WeCom polls once a second, always seeing the whole text so far.\n\n"
         "- send `error` to see how a failure looks\n- send `cut` to see a broken connection\n"
-        "- send `slow` for a longer answer\n- send `/new` to start a new conversation\n",
+        "- send `slow` for a longer answer\n- send `think`, `agent` or `form` for reasoning, an agent app and an app "
+        "that needs a form\n- send `/new` to start a new conversation\n",
         "slow": "{i}. Paragraph {i} of a longer answer, to watch the bubble grow.\n",
     },
 }
 
 
-def demo_reply(query: str, delay: float, language: str = "zh", earlier: list[str] | None = None) -> list[tuple]:
+def demo_reply(
+    query: str, delay: float, language: str = "zh", earlier: list[str] | None = None, app: str = ""
+) -> list[tuple]:
     """What the stand-in says without a script: a short markdown answer streamed word by word, in the bot's
-    language, saying which turn of the conversation it is (`earlier`: the questions before this one).
+    language, as the Dify app `app` (a bot's name), saying which turn of the conversation it is (`earlier`: the
+    questions before this one).
 
     A few words in the question show how failures look in the bubble: 'error', 'cut', 'slow'.
     """
     texts = _DEMO_TEXTS.get(language, _DEMO_TEXTS["zh"])
     lowered = query.lower()
-    intro = texts["intro"].format(query=query[:200])
+    intro = texts["intro"].format(query=query[:200], app=f" · {app}" if app else "")
     if earlier:
         intro += texts["turn"].format(turn=len(earlier) + 1, previous=earlier[-1][:200])
     if "error" in lowered:

@@ -101,6 +101,12 @@ class GunicornReplica:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
 
+    def reload(self) -> None:
+        """SIGHUP to gunicorn's master only (as `kill -HUP <master>`): new workers on fresh settings, the old ones
+        drain. Sent to the whole group it would kill the workers outright (a worker's SIGHUP is the default one)."""
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL the whole replica (master and workers) and wait for it."""
         self.signal(signal.SIGKILL)

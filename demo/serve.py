@@ -12,7 +12,9 @@ def main() -> None:
     settings = app.extensions["gateway"].settings
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
-    print(f"Gateway running at http://{settings.host}:{settings.port}{settings.wecom_callback_path} (demo mode).")
+    for name, bot in app.extensions["gateway"].bots.items():
+        where = f"http://{settings.host}:{settings.port}{bot.settings.wecom_callback_path}"
+        print(f"Bot {name!r} {'at ' + where if bot.holder is None else 'over WeCom WebSocket'} (demo mode).")
     print(f"Console: http://{settings.host}:{settings.port}/console")
     app.run(host=settings.host, port=settings.port, threaded=True)
 

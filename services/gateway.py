@@ -1,4 +1,5 @@
-"""Builds and holds the services of one app instance: each external resource is created once, here."""
+"""Builds and holds the services of one app instance: each external resource is created once, here; what the bots
+of a deployment share once, and each bot's own once per bot."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import Engine
 
+from config.bots import DEFAULT_BOT, bot_keys
 from config.settings import Settings
 from services import metrics
 from services.auth import db
@@ -23,11 +25,17 @@ from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
+from services.dify.health import DifyHealth
 from services.keys import Keys
+from services.longconn.holder import ConnectionHolder
+from services.longconn.jobs import JobConsumer, JobQueue
+from services.longconn.lease import BotLease
+from services.longconn.outbox import Outbox
 from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
 from services.streams.bubble import BubbleRenderer
 from services.streams.finisher import Finisher
+from services.streams.recorder import AnswerOptions
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamService
 from services.streams.store import StreamStore
@@ -44,82 +52,109 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Gateway:
-    """Everything one app instance serves with; reached from Flask as `app.extensions["gateway"]`."""
+class Bot:
+    """One bot's services: its WeCom credentials, its Dify app, who may ask it, its keys, streams and callback."""
 
-    settings: Settings
-    owner: str  # this process as a stream owner and in log lines: Settings.instance_id, taken once per worker
-    redis: redis.Redis
+    name: str
+    settings: Settings  # the bot's own (config/bots.py), the deployment's beside them
     keys: Keys
     store: StreamStore
     dify: DifyClient
-    dify_base_url: str
     profile: DifyAppProfile
-    engine: Engine | None  # None when no user table is needed (AUTH_MODE=none and no DATABASE_URL)
-    users: UserDirectory | None
     authorizer: Authorizer | None
     conversations: ConversationStore
     media: MediaService
     feedback: FeedbackService
     responder: ResponseUrlClient
-    runner: StreamRunner
     streams: StreamService
     callback: CallbackHandler
     texts: Texts
-
-    def drain(self, timeout: float) -> list[str]:
-        """Graceful shutdown: take no new streams, let running ones finish for up to `timeout` seconds, then hand
-        what remains to the other replicas (a poll there restarts it if nothing was shown, else finishes the
-        bubble with the partial text and a note). Returns the ids handed over."""
-        logger.info("draining %d running streams (up to %.0fs)", self.runner.active_count, timeout)
-        remaining = self.runner.drain(timeout)
-        if not remaining:
-            logger.info("all streams finished; nothing to hand over")
-            return []
-        self.runner.cancel(remaining)
-        try:
-            released = self.store.release_leases(remaining, self.owner)
-        except REDIS_FAILURES as exc:
-            logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
-            released = 0
-        metrics.STREAM_OUTCOMES.labels("handed_over").inc(released)
-        logger.warning("handed %d unfinished streams over to other replicas", released)
-        return remaining
+    health: DifyHealth
+    holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
+    consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
     def close(self) -> None:
-        """Release pooled connections (running stream threads are left to finish on their own)."""
-        self.runner.stop()
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self.holder is not None:
+            self.holder.stop()
         self.feedback.close()
         self.media.close()
         self.responder.close()
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
+        self.store.close()
+
+
+@dataclass
+class Gateway:
+    """Everything one app instance serves with; reached from Flask as `app.extensions["gateway"]`. What the bots
+    share (Redis, the user table, the stream threads and their writes) is here; each bot's own is in `bots`."""
+
+    settings: Settings  # the deployment's
+    owner: str  # this process as a stream owner and in log lines: Settings.instance_id, taken once per worker
+    redis: redis.Redis
+    engine: Engine | None  # None when no user table is needed (no bot with AUTH_MODE=external, no DATABASE_URL)
+    users: UserDirectory | None
+    runner: StreamRunner
+    appender: AppendBatcher
+    bots: dict[str, Bot]
+
+    def bot(self, name: str | None = None) -> Bot:
+        """The bot of that name; without one, the deployment's only bot (or `default`).
+
+        Raises:
+            KeyError: no such bot (or no name given with several bots and none called `default`).
+        """
+        if name is None:
+            if len(self.bots) == 1:
+                return next(iter(self.bots.values()))
+            name = DEFAULT_BOT
+        return self.bots[name]
+
+    def drain(self, timeout: float) -> list[str]:
+        """Graceful shutdown: take no new streams, let running ones finish for up to `timeout` seconds, then hand
+        what remains to the other replicas (a poll there restarts it if nothing was shown, else finishes the
+        bubble with the partial text and a note). Returns the ids handed over."""
+        for bot in self.bots.values():  # long-connection bots: another replica holds the connection at once
+            if bot.holder is not None:
+                bot.consumer.stop()
+                bot.holder.stop()
+        logger.info("draining %d running streams (up to %.0fs)", self.runner.active_count, timeout)
+        remaining = self.runner.drain(timeout)
+        if not remaining:
+            logger.info("all streams finished; nothing to hand over")
+            return []
+        self.runner.cancel(remaining)
+        released = 0
+        for bot, stream_ids in self.runner.by_bot(remaining).items():
+            try:
+                handed = self.bots[bot].store.release_leases(stream_ids, self.owner)
+            except REDIS_FAILURES as exc:
+                logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
+                continue
+            metrics.STREAM_OUTCOMES.labels(bot, "handed_over").inc(handed)
+            released += handed
+        logger.warning("handed %d unfinished streams over to other replicas", released)
+        return remaining
+
+    def close(self) -> None:
+        """Release pooled connections (running stream threads are left to finish on their own)."""
+        self.runner.stop()
+        for bot in self.bots.values():
+            bot.close()
         if self.users is not None:
             self.users.close()
-        self.store.close()
         self.redis.close()
 
 
-def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
-    """Create the clients and services for `settings`; `instance_path` holds the demo's embedded stores."""
-    texts = Texts(settings.bot_language)
+def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path: Path) -> Gateway:
+    """Create the clients and services of the deployment (`settings`) and of each bot; `instance_path` holds the
+    demo's embedded stores."""
     client = connect_redis(
         settings.redis_url, settings.redis_socket_timeout, instance_path, settings.redis_sentinel_password
     )
-    keys = Keys(settings.redis_key_prefix)
-    store = StreamStore(
-        client,
-        keys,
-        settings.stream_key_ttl_seconds,
-        settings.stream_lease_seconds,
-        settings.rate_limit_per_minute,
-        claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
-    )
-    dify_base_url, dify = settings.dify_base_url, _dify(settings)
-    profile = DifyAppProfile(dify)
-    crypto = WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
-
     engine = _engine(settings, instance_path)
     users = None
     if engine is not None:
@@ -129,28 +164,87 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
             else None
         )
         users = UserDirectory(engine, read_engine)
-    authorizer = _authorizer(settings, client, keys, users, profile)
+    owner = settings.instance_id
+    shared = _Shared(
+        client=client,
+        users=users,
+        owner=owner,
+        runner=StreamRunner(owner, settings.stream_max_active, settings.stream_lease_seconds),
+        appender=AppendBatcher(owner),
+        claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
+    )
+    return Gateway(
+        settings=settings,
+        owner=owner,
+        redis=client,
+        engine=engine,
+        users=users,
+        runner=shared.runner,
+        appender=shared.appender,
+        bots={bot.bot_name: _bot(bot, shared) for bot in bots},
+    )
 
+
+@dataclass
+class _Shared:
+    """What every bot's services are built on."""
+
+    client: redis.Redis
+    users: UserDirectory | None
+    owner: str
+    runner: StreamRunner
+    appender: AppendBatcher
+    claim_wait_ms: int
+
+
+def _bot(settings: Settings, shared: _Shared) -> Bot:
+    """One bot's services, on the shared resources."""
+    name = settings.bot_name
+    client, owner = shared.client, shared.owner
+    texts = Texts(settings.bot_language)
+    keys = Keys(settings.redis_key_prefix + bot_keys(name))
+    store = StreamStore(
+        client,
+        keys,
+        settings.stream_key_ttl_seconds,
+        settings.stream_lease_seconds,
+        settings.rate_limit_per_minute,
+        claim_wait_ms=shared.claim_wait_ms,
+        bot=name,
+    )
+    dify = _dify(settings)
+    profile = DifyAppProfile(dify, app_type=settings.dify_app_type)
+    long_connection = settings.wecom_mode == "long_connection"
+    crypto = (
+        None
+        if long_connection
+        else WeComCrypto(settings.wecom_token, settings.wecom_encoding_aes_key, settings.wecom_receive_id)
+    )
+    authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
-    media = MediaService(crypto, dify, profile, dify_base_url)
+    media = MediaService(crypto, dify, profile, settings.dify_base_url)
     feedback = FeedbackService(client, keys, dify)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
-
-    owner = settings.instance_id
-    runner = StreamRunner(store, owner, settings.stream_max_active, settings.stream_lease_seconds)
     deps = WorkerDeps(
         store=store,
         dify=dify,
         conversations=conversations,
         media=media,
-        appender=AppendBatcher(store, owner),
-        finisher=Finisher(store, owner, responder, bubble, texts),
+        appender=shared.appender,
+        finisher=Finisher(store, owner, responder, bubble, texts, name),
         texts=texts,
+        health=DifyHealth(),
+        profile=profile,
     )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
-    worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare)
-    streams = StreamService(store, runner, worker, texts, bubble, owner, settings.stream_window_seconds)
+    options = AnswerOptions(
+        show_reasoning=settings.show_reasoning,
+        workflow_input=settings.dify_workflow_input,
+        workflow_output=settings.dify_workflow_output,
+    )
+    worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=name, options=options)
+    streams = StreamService(store, shared.runner, worker, texts, bubble, owner, settings.stream_window_seconds, name)
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message),
         feedback,
@@ -163,27 +257,44 @@ def build_gateway(settings: Settings, instance_path: Path) -> Gateway:
         events,
         texts,
     )
-    return Gateway(
+    return Bot(
+        name=name,
         settings=settings,
-        owner=owner,
-        redis=client,
         keys=keys,
         store=store,
         dify=dify,
-        dify_base_url=dify_base_url,
         profile=profile,
-        engine=engine,
-        users=users,
         authorizer=authorizer,
         conversations=conversations,
         media=media,
         feedback=feedback,
         responder=responder,
-        runner=runner,
         streams=streams,
         callback=callback,
         texts=texts,
+        health=deps.health,
+        consumer=_consumer(settings, shared, keys, streams) if long_connection else None,  # first: the queue
+        holder=_holder(settings, shared, keys, callback) if long_connection else None,
     )
+
+
+def _holder(settings: Settings, shared: _Shared, keys: Keys, callback: CallbackHandler) -> ConnectionHolder:
+    """A long-connection bot's connection holder in this process, started (it stands by until it has the lease)."""
+    lease = BotLease(shared.client, keys, settings.wecom_bot_id, shared.owner, settings.wecom_ws_lease_seconds)
+    outbox = Outbox(shared.client, keys, callback.streams.store, settings.wecom_bot_id)
+    holder = ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner)
+    holder.start()
+    return holder
+
+
+def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:
+    """A long-connection bot's answer queue: the holder queues, every process's consumer runs (started)."""
+    queue = JobQueue(shared.client, keys, settings.wecom_bot_id)
+    streams.queue = queue
+    block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
+    consumer = JobConsumer(queue, streams, shared.owner, block_ms)
+    consumer.start()
+    return consumer
 
 
 def _engine(settings: Settings, instance_path: Path) -> Engine | None:
@@ -218,4 +329,5 @@ def _authorizer(
         settings.auth_token_margin,
         exchange_timeout=settings.auth_timeout + settings.database_timeout,
         declared_inputs=profile.declared_inputs,
+        bot=settings.bot_name,
     )

@@ -35,6 +35,36 @@ class Keys:
 
     prefix: str = ""
 
+    # --- long-connection mode: who holds a bot's WebSocket ------------------------------------------------------
+
+    def ws_lease(self, bot_id: str) -> str:
+        """String `<holder> <generation>` of the process holding the bot's WebSocket; expires if it dies."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:lease"
+
+    def ws_cooldown(self, bot_id: str) -> str:
+        """Set while no process may connect the bot: a subscriber that is not ours took it (a cool-down)."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:cooldown"
+
+    def ws_open(self, bot_id: str) -> str:
+        """Sorted set of the bot's streams answered over its WebSocket and not yet delivered whole (score: when)."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:open"
+
+    def ws_outbox(self, stream_id: str) -> str:
+        """`sending`/`sent`: the rest of a stream whose req_id died goes out once through aibot_send_msg."""
+        return f"{self.prefix}wecom_ws_outbox:{{{stream_id}}}"
+
+    def ws_jobs(self, bot_id: str) -> str:
+        """Redis Stream of the streams a holder opened, for any replica to answer (consumer group `answers`)."""
+        return f"{self.prefix}wecom_ws_jobs:{{{bot_id}}}"
+
+    def ws_status(self, bot_id: str) -> str:
+        """The bot's connection as its holder last saw it (holding, bad_credentials, cooling_down), for /readyz."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:status"
+
+    def ws_generation(self, bot_id: str) -> str:
+        """Counter bumped at every new holder: the fencing token a holder's frames are checked against."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:generation"
+
     # --- streams (hash + the Redis message list + the owner's lease) ----------------------------------------
 
     def stream(self, stream_id: str) -> str:

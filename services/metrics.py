@@ -1,4 +1,5 @@
-"""Prometheus metrics, all defined here; `render()` answers GET /metrics, `serve()` serves them on METRICS_PORT.
+"""Prometheus metrics, all defined here, each labelled with the `bot` it concerns (a deployment may have several);
+`render()` answers GET /metrics, `serve()` serves them on METRICS_PORT.
 
 Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers start: each worker then writes
 its values to files there and /metrics, on any worker, adds them up (prometheus-client's multiprocess mode).
@@ -20,48 +21,93 @@ from prometheus_client import (
     start_http_server,
 )
 
-CALLBACKS = Counter("wecom_callbacks_total", "WeCom callbacks by message type and outcome", ["type", "outcome"])
+CALLBACKS = Counter(
+    "wecom_callbacks_total", "WeCom callbacks by bot, message type and outcome", ["bot", "type", "outcome"]
+)
 POLL_SECONDS = Histogram(
     "wecom_poll_seconds",
     "Time to answer a stream poll (decrypt, one Redis call, encrypt)",
+    labelnames=["bot"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 FIRST_TOKEN_SECONDS = Histogram(
     "stream_first_token_seconds",
     "From the user's message to Dify's first delta",
+    labelnames=["bot"],
     buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
 )
 STREAM_SECONDS = Histogram(
     "stream_duration_seconds",
     "From the user's message to the answer's final state",
+    labelnames=["bot"],
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 240, 330, 600, 1200),
 )
-ACTIVE_STREAMS = Gauge("streams_active", "Answers being streamed from Dify right now", multiprocess_mode="livesum")
+ACTIVE_STREAMS = Gauge(
+    "streams_active", "Answers being streamed from Dify right now", ["bot"], multiprocess_mode="livesum"
+)
 MESSAGES = Counter(
     "wecom_messages_total",
     "User messages by what the gateway did: opened (a stream), dedup (a WeCom retry), in_flight_limit, "
     "busy, shutting_down, command, empty",
-    ["outcome"],
+    ["bot", "outcome"],
 )
 DEDUP_HITS = Counter(
-    "wecom_msgid_dedup_hits_total", "Repeated message callbacks (WeCom retries) answered with their existing stream"
+    "wecom_msgid_dedup_hits_total",
+    "Repeated message callbacks (WeCom retries) answered with their existing stream",
+    ["bot"],
 )
 STREAM_OUTCOMES = Counter(
     "stream_outcomes_total",
     "Stream endings and hand-offs: done, error, expired (its replica died after showing text), taken_over "
-    "(restarted here after its replica died), taken_over_elsewhere (this worker stopped for another replica), "
+    "(restarted here after its replica died), resumed (its Dify run streamed again here), taken_over_elsewhere "
+    "(this worker stopped for another replica), "
     "handed_over (at shutdown), closed_elsewhere (answer sent through response_url), closed_window, "
     "closed_overflow (bubble finished early)",
-    ["outcome"],
+    ["bot", "outcome"],
 )
-DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["code"])
-AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["outcome"])
-TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["result"])
-RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["kind", "result"])
+DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["bot", "code"])
+WS_CONNECTED = Gauge(
+    "wecom_ws_connected",
+    "Long-connection mode: 1 while this process holds the bot's WebSocket (summed over processes: should be 1)",
+    ["bot"],
+    multiprocess_mode="livesum",
+)
+WS_HOLDER_CHANGES = Counter(
+    "wecom_ws_holder_changes_total",
+    "Long-connection mode: times this process became the bot's connection holder",
+    ["bot"],
+)
+WS_FOREIGN_KICKS = Counter(
+    "wecom_ws_foreign_kicks_total",
+    "Long-connection mode: connections taken by a subscriber that is not one of ours (then a cool-down)",
+    ["bot"],
+)
+WS_OUTBOX = Counter(
+    "wecom_ws_outbox_total",
+    "Long-connection mode: rests of answers whose req_id died, sent through aibot_send_msg, by result",
+    ["bot", "result"],
+)
+WS_FRAMES = Counter("wecom_ws_frames_total", "Long-connection mode: stream frames sent", ["bot"])
+WS_ERRCODES = Counter(
+    "wecom_ws_errcodes_total", "Long-connection mode: frames WeCom refused, by errcode", ["bot", "errcode"]
+)
+WS_ACK_SECONDS = Histogram(
+    "wecom_ws_ack_seconds",
+    "Long-connection mode: from sending a frame to its ack",
+    labelnames=["bot"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+DIFY_UNKNOWN_EVENTS = Counter(
+    "dify_unknown_events_total", "Dify stream events the gateway does not know (ignored), by name", ["bot", "event"]
+)
+AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["bot", "outcome"])
+TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["bot", "result"])
+RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["bot", "kind", "result"])
 UNREPLICATED_CLAIMS = Counter(
     "redis_claims_unreplicated_total",
     "msgid claims no replica confirmed within REDIS_CLAIM_WAIT_MS (Sentinel/Cluster): a failover right then could "
     "lose them",
+    ["bot"],
 )
 
 

@@ -195,7 +195,7 @@ def test_single_flight_across_two_replicas(auth_app, serve, dify, auth):
 def test_single_flight_under_many_concurrent_lookups(auth_app, auth):
     """Twenty concurrent lookups of one user on two app instances (e.g. several bots): one auth call."""
     auth.delay = 0.3
-    authorizers = [auth_app(replica_id=f"replica-{i}").extensions["gateway"].authorizer for i in range(2)]
+    authorizers = [auth_app(replica_id=f"replica-{i}").extensions["gateway"].bot().authorizer for i in range(2)]
     results, errors = [], []
     barrier = threading.Barrier(20)
 
@@ -220,7 +220,7 @@ def test_single_flight_under_many_concurrent_lookups(auth_app, auth):
 def test_a_request_that_takes_the_flight_just_after_the_leader_finished_does_not_ask_again(auth_app, auth):
     """The race behind single flight: a waiter misses the cache, then the leader caches its token and lets go of
     the flight, then the waiter takes the flight. It must use the leader's token, not ask for a second one."""
-    authorizer = auth_app().extensions["gateway"].authorizer
+    authorizer = auth_app().extensions["gateway"].bot().authorizer
     first = authorizer.inputs_for("alice")["user_token"]
     assert authorizer._exchange_once("alice")["user_token"] == first  # the waiter's path after its cache miss
     assert len(auth.calls) == 1

@@ -82,3 +82,31 @@ def test_failover():
     for name in ("sentinel", "cluster"):
         assert result[name]["answers_lost"] == 0, name
         assert result[name]["seconds_to_first_good_poll_max"] is not None, name
+
+
+def test_bots():
+    from bench import bots
+
+    arguments = ["--rounds", "1", "--seconds", "1", "--finished", "4", "--bots", "3", "--startup-bots", "5"]
+    result = bots.main([*arguments, "--rate", "50"])
+    assert result["many_bots_file"]["errors"] == 0
+    assert result["many_bots_file"]["polls_per_s"] > 0
+    assert result["startup_5_bots"]["ready_s"] > 0
+
+
+def test_resume():
+    from bench import resume
+
+    result = resume.main(["--kills", "1", "--lease", "2", "--poll-interval", "0.5", "--answer-seconds", "6"])
+    assert result["exact_answers"] == 1
+    assert result["taken_over_after_s"][0] is not None
+    assert result["new_text_after_s"]
+
+
+def test_longconn():
+    from bench import longconn
+
+    arguments = ["--replicas", "2", "--kills", "1", "--drains", "1", "--streams", "4", "--deltas", "5"]
+    result = longconn.main([*arguments, "--stream-seconds", "1", "--lease", "3"])
+    assert result["frames"]["complete"] == 4
+    assert result["kill_to_new_holder_s"]["max"] < 10

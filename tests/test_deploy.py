@@ -14,11 +14,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.settings import PROJECT_ROOT, Settings
+from config.bots import load_bots
+from config.settings import PROJECT_ROOT, Settings, load_settings
 from services.redis_url import CLUSTER, SENTINEL, parse_redis_url
 
 K8S = PROJECT_ROOT / "k8s"
-KUSTOMIZATIONS = ["base", "jobs/db-init", "overlays/test-cluster", "overlays/redis-sentinel", "overlays/redis-cluster"]
+KUSTOMIZATIONS = [
+    "base",
+    "jobs/db-init",
+    "overlays/test-cluster",
+    "overlays/redis-sentinel",
+    "overlays/redis-cluster",
+    "overlays/two-bots",
+]
 KUBERNETES_VERSIONS = ["1.30.0", "1.32.0"]
 SETTING_NAMES = {f.name.upper() for f in dataclasses.fields(Settings)}
 GUNICORN_NAMES = {
@@ -69,7 +77,7 @@ def test_kustomizations_build_and_validate_against_the_schemas(kustomization, ve
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-SECRET_EXAMPLES = ["base", "overlays/redis-sentinel", "overlays/redis-cluster"]
+SECRET_EXAMPLES = ["base", "overlays/redis-sentinel", "overlays/redis-cluster", "overlays/two-bots"]
 
 
 @pytest.mark.parametrize("folder", SECRET_EXAMPLES)
@@ -234,3 +242,44 @@ def test_no_module_of_the_image_imports_the_demo():
             if any(name == "demo" or name.startswith("demo.") for name in names):
                 offenders.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
+    """Each `*_file` of the bots file is a key of a bot's Secret mounted at that folder; the Ingress exposes each
+    bot's path and no other; and with the Secrets' files in place the file loads (config/bots.py)."""
+    objects = build("overlays/two-bots")
+    config = find(objects, "ConfigMap", "wecom-gateway")["data"]
+    bots_map = next(
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("wecom-gateway-bots")
+    )
+    pod = find(objects, "Deployment", "wecom-gateway")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts[str(Path(config["BOTS_FILE"]).parent)]["configMap"]["name"] == bots_map["metadata"]["name"]
+
+    examples = {
+        s["metadata"]["name"]: s["stringData"]
+        for s in yaml.safe_load_all((K8S / "overlays/two-bots/secret.example.yaml").read_text())
+    }
+    text = bots_map["data"]["bots.toml"]
+    for path in re.findall(r'_file = "([^"]+)"', text):
+        secret = mounts[str(Path(path).parent)]["secret"]["secretName"]
+        assert Path(path).name in examples[secret]
+        local = tmp_path / Path(path).relative_to("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text({"encoding-aes-key": "A" * 43}.get(local.name, "secret-value"))
+    assert set(examples["wecom-gateway"]) <= SETTING_NAMES
+    assert "WECOM_TOKEN" not in examples["wecom-gateway"]
+
+    bots_file = tmp_path / "bots.toml"
+    bots_file.write_text(text.replace('"/run/', f'"{tmp_path}/run/'))
+    env = {
+        **{k: v for k, v in config.items() if k in SETTING_NAMES},
+        **examples["wecom-gateway"],
+        "BOTS_FILE": str(bots_file),
+    }
+    bots = load_bots(load_settings(env, env_files=()))
+    ingress = find(objects, "Ingress", "wecom-gateway")
+    paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert paths == [(bot.wecom_callback_path, "Exact") for bot in bots]

@@ -3,9 +3,11 @@ Dify's images out as msg_item, and the per-user in-flight limit."""
 
 import base64
 import hashlib
+import io
 import threading
 
 import pytest
+from PIL import Image
 
 from demo import dify_standin as d
 from services.chat.texts import CATALOGUE
@@ -202,7 +204,7 @@ def test_feedback_reaches_the_right_dify_message_as_the_right_user(simulator, di
 def test_feedback_for_an_unknown_answer_is_dropped(live, simulator, dify):
     reply = simulator.send(simulator.event_message("feedback_event", {"id": "NoSuchAnswer", "type": 1}))
     assert reply is None
-    live.gateway.feedback.close(wait=True)  # the forward it started has finished
+    live.gateway.bot().feedback.close(wait=True)  # the forward it started has finished
     assert dify.feedbacks == []
 
 
@@ -220,7 +222,9 @@ def test_feedback_outlives_the_stream_hash(simulator, dify, redis_client):
 
 def test_images_dify_sends_arrive_as_msg_item_on_the_final_reply(simulator, dify):
     png_url, jpeg_url = dify.host_file(PNG), dify.host_file(JPEG, "jpg")
-    gif_url = dify.host_file(b"GIF89a" + bytes(100), "gif")
+    gif = io.BytesIO()
+    Image.new("RGB", (40, 30), "orange").save(gif, "GIF")
+    gif_url = dify.host_file(gif.getvalue(), "gif")
     dify.script(
         [
             d.message("here is your chart"),
@@ -232,12 +236,15 @@ def test_images_dify_sends_arrive_as_msg_item_on_the_final_reply(simulator, dify
         ]
     )
     conversation = simulator.ask("draw")
-    assert conversation.text == "here is your chart"
+    assert conversation.text == "here is your chart\n\n" + CATALOGUE["zh"]["image_left_out"]  # the missing one
     assert all("msg_item" not in f["stream"] for f in conversation.frames[:-1])
     items = conversation.last["msg_item"]
-    assert [i["msgtype"] for i in items] == ["image", "image"]
-    for item, raw in zip(items, (PNG, JPEG), strict=True):
-        assert base64.b64decode(item["image"]["base64"]) == raw
+    assert [i["msgtype"] for i in items] == ["image", "image", "image"]
+    shown = [base64.b64decode(item["image"]["base64"]) for item in items]
+    assert shown[0] == PNG  # small JPGs and PNGs go as they are
+    assert shown[2] == JPEG
+    assert Image.open(io.BytesIO(shown[1])).format == "JPEG"  # a GIF becomes a JPEG
+    for item, raw in zip(items, shown, strict=True):
         assert item["image"]["md5"] == hashlib.md5(raw).hexdigest()
 
 

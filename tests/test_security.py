@@ -55,7 +55,7 @@ def test_a_replayed_feedback_event_is_forwarded_once(live, simulator, dify):
         response = simulator.http.post(url, params={**query, "msg_signature": signature}, content=body)
         assert response.status_code == 200
         assert response.content == b""
-    live.gateway.feedback.close(wait=True)  # every forward the three requests started has finished
+    live.gateway.bot().feedback.close(wait=True)  # every forward the three requests started has finished
     assert len(dify.feedbacks) == 1
 
 

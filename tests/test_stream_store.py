@@ -322,11 +322,11 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
     streams = [f"s{i}" for i in range(40)]
     for i, stream_id in enumerate(streams):
         open_stream(store, stream_id, f"m{i}", userid=f"u{i}")
-    batcher = AppendBatcher(store, "A")
+    batcher = AppendBatcher("A")
     barrier = threading.Barrier(len(streams))
 
     def write(stream_id):
-        writer = batcher.writer(stream_id)
+        writer = batcher.writer(store, stream_id)
         barrier.wait()
         for n in range(5):
             writer.add([f"{stream_id}-{n}"], {"task_id": f"t{n}"} if n == 0 else None)
@@ -352,8 +352,8 @@ def test_a_writer_reports_taken_and_closed(store):
 
     open_stream(store, "mine", "m1", owner="A")
     open_stream(store, "theirs", "m2", owner="B")
-    batcher = AppendBatcher(store, "A")
-    taken, closed = batcher.writer("theirs"), batcher.writer("gone")
+    batcher = AppendBatcher("A")
+    taken, closed = batcher.writer(store, "theirs"), batcher.writer(store, "gone")
     for writer in (taken, closed):
         writer.add(["x"])
         writer.flush(5)
@@ -370,7 +370,7 @@ def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client
 
     store = StreamStore(connect_redis(private_redis.url, 0.3), Keys(), TTL, 30)
     open_stream(store, "s1", "m1")
-    writer = AppendBatcher(store, "A").writer("s1")
+    writer = AppendBatcher("A").writer(store, "s1")
     writer.add(["one "])
     writer.flush(5)
     private_redis.pause()

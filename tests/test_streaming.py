@@ -211,8 +211,10 @@ def test_voice_transcript_is_the_query(simulator, dify):
 
 
 def ends_with_note(conversation, partial, note_key):
+    """The bubble ends with `partial` and the note `note_key` names (or that is the note itself)."""
     assert conversation.finished
-    expected = f"{partial}\n\n{ZH[note_key]}" if partial else ZH[note_key]
+    note = ZH.get(note_key, note_key)
+    expected = f"{partial}\n\n{note}" if partial else note
     assert conversation.text == expected
 
 
@@ -232,7 +234,11 @@ def ends_with_note(conversation, partial, note_key):
         ([d.message("Cut "), d.message("here"), d.sleep(0.1), d.cut()], "Cut here", "stream_cut"),
         ([d.message("Closed early"), d.close()], "Closed early", "stream_cut"),
         ([d.message("Stalled"), d.stall(3)], "Stalled", "timeout"),
-        ([d.message("Flow"), d.workflow_finished("failed", "node exploded"), d.close()], "Flow", "dify_failed"),
+        (
+            [d.message("Flow"), d.workflow_finished("failed", "node exploded"), d.close()],
+            "Flow",
+            ZH["workflow_failed"].format(reason="node exploded"),
+        ),
         ([d.raw(b"data: {{{garbage\n\n"), d.raw(b"\x00\xff garbage without newline")], "", "stream_cut"),
     ],
 )
@@ -283,7 +289,7 @@ def test_a_worker_that_dies_still_finishes_the_bubble(live, dify, redis_client):
     def explode(job):
         raise RuntimeError("bug in preparing the request")
 
-    live.gateway.streams.worker.prepare = explode
+    live.gateway.bot().streams.worker.prepare = explode
     sim = make_simulator(live.url)
     conversation = sim.ask("crash")
     ends_with_note(conversation, "", "internal_error")
@@ -335,7 +341,7 @@ def test_without_response_url_the_window_just_closes(make_app, serve, dify):
 
 
 def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_client):
-    store = live.gateway.store
+    store = live.gateway.bot().store
     store.create("orphan01", "msg-orphan", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
     redis_client.delete(KEYS.stream_lease("orphan01"))  # the dead replica's lease ran out

@@ -28,7 +28,9 @@ def message(answer, **ids):
 
 @pytest.fixture
 def relay():
-    answer = Answer(task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi")
+    answer = Answer(
+        task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi", answered=True
+    )
     return TextRelay(answer, threading.Event(), time.monotonic() + 60)
 
 
@@ -57,7 +59,7 @@ def test_anything_but_plain_deltas_wakes_the_worker_and_changes_nothing(relay, b
 
 
 def test_the_first_delta_wakes_the_worker(relay):
-    relay.answer.text = ""
+    relay.answer.text, relay.answer.answered = "", False
     assert not relay([message("a")])
 
 
@@ -79,3 +81,21 @@ def test_news_for_the_worker_wakes_it(relay, news):
     assert not relay([message("a")])
     assert not relay([])
     assert answer.writer.added == []
+
+
+def test_a_workflows_text_chunks_are_relayed(relay):
+    chunk = DifyEvent("text_chunk", {"event": "text_chunk", "data": {"text": " more"}, **IDS})
+    assert relay([chunk])
+    assert relay.answer.text == "Hi more"
+
+
+def test_after_agent_messages_a_message_wakes_the_worker(relay):
+    """The newer agent app's closing `message` repeats the whole answer: the recorder decides what it is."""
+    relay.answer.agent_messages = True
+    assert not relay([message("Hi")])
+    assert relay.answer.text == "Hi"
+
+
+def test_an_open_think_block_wakes_the_worker(relay):
+    relay.answer.thinking = True
+    assert not relay([message(" answer")])

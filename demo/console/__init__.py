@@ -3,7 +3,9 @@
 The browser does WeCom's part itself, with WebCrypto: it encrypts and signs each callback, posts it to the
 callback URL, checks and decrypts the reply, and polls about once a second, rendering the cumulative markdown.
 This blueprint only serves the page, the demo credentials, the Redis keys of a stream for the side panel, and a
-stand-in for WeCom's response_url (so "the rest follows" messages show up in the chat too).
+stand-in for WeCom's response_url (so "the rest follows" messages show up in the chat too). A long-connection bot
+has no callback URL: the page hands its messages to the WeCom WebSocket stand-in the demo started, and reads back
+the frames the bot sent on each message's req_id.
 """
 
 from __future__ import annotations
@@ -34,20 +36,68 @@ def page():
 
 @console.get("/api/config")
 def config():
-    """What the page needs to play WeCom: the demo Token and EncodingAESKey, and where to post."""
-    settings = _gateway().settings
-    return jsonify(
-        token=settings.wecom_token,
-        encoding_aes_key=settings.wecom_encoding_aes_key,
-        callback_path=settings.wecom_callback_path,
-        aibotid="demo-bot",
-    )
+    """What the page needs to play WeCom for each bot: its demo Token and EncodingAESKey, and where to post."""
+    bots = [
+        {
+            "name": bot.name,
+            "mode": bot.settings.wecom_mode,
+            "token": bot.settings.wecom_token,
+            "encoding_aes_key": bot.settings.wecom_encoding_aes_key,
+            "callback_path": bot.settings.wecom_callback_path if bot.holder is None else "WebSocket",
+            "aibotid": "demo-bot" if len(_gateway().bots) == 1 else f"demo-{bot.name}",
+        }
+        for bot in _gateway().bots.values()
+    ]
+    return jsonify(bots=bots)
+
+
+def _websocket(bot_name: str):
+    """(the long-connection bot's settings, the WebSocket stand-in playing WeCom for it), or a 404 reply."""
+    from demo.app import websocket_standin  # the demo app imports this blueprint
+
+    bot = _gateway().bots.get(bot_name)
+    standin = websocket_standin(bot.settings.wecom_ws_url) if bot is not None and bot.holder is not None else None
+    if standin is None:
+        return None, (jsonify(error="not_found", message="no long-connection bot of that name here"), 404)
+    return (bot.settings, standin), None
+
+
+@console.post("/api/ws/<bot_name>/message")
+def ws_message(bot_name: str):
+    """Deliver a text (or `enter_chat`) over the long connection, as WeCom would; returns the callback's req_id."""
+    found, failure = _websocket(bot_name)
+    if failure:
+        return failure
+    settings, standin = found
+    body = request.get_json(silent=True) or {}
+    try:
+        if body.get("event") == "enter_chat":
+            req_id = standin.deliver_event(settings.wecom_bot_id, "enter_chat", body.get("userid") or "alice")
+        else:
+            req_id = standin.deliver_text(
+                settings.wecom_bot_id, str(body.get("text") or ""), body.get("userid") or "alice"
+            )
+    except RuntimeError:
+        return jsonify(error="not_connected", message="the bot has not connected yet; try again in a moment"), 409
+    return jsonify(req_id=req_id)
+
+
+@console.get("/api/ws/<bot_name>/frames/<req_id>")
+def ws_frames(bot_name: str, req_id: str):
+    """The frames the bot sent on a req_id (stream frames, or the welcome), and what it sent proactively."""
+    found, failure = _websocket(bot_name)
+    if failure:
+        return failure
+    _, standin = found
+    return jsonify(frames=standin.frames(req_id), welcome=standin.welcome(req_id), proactive=standin.proactive)
 
 
 @console.get("/api/stream/<stream_id>")
 def stream(stream_id: str):
     """The stream's Redis keys and fields, for the side panel."""
-    info = StreamInspector(_gateway().redis, _gateway().keys).describe(stream_id)
+    bots = _gateway().bots
+    bot = bots.get(request.args.get("bot", "")) or next(iter(bots.values()))
+    info = StreamInspector(_gateway().redis, bot.keys).describe(stream_id)
     if info is None:
         return jsonify(error="not_found", message="no such stream (unknown or expired)"), 404
     info.pop("chunks")

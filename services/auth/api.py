@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
+from utils.tls import default_tls_context
+
 logger = logging.getLogger(__name__)
 
 _REFUSED = frozenset({401, 403, 404})
@@ -42,6 +44,7 @@ class AuthApiClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
             headers={"Authorization": f"Bearer {api_key}"},
             trust_env=False,
+            verify=default_tls_context(),
         )
 
     def close(self) -> None:

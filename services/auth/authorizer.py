@@ -75,7 +75,9 @@ class Authorizer:
         token_margin: int = 60,
         exchange_timeout: float = 5.0,
         declared_inputs: Callable[[], dict[str, object]] | None = None,
+        bot: str = "default",
     ):
+        self.bot = bot
         self.redis = client
         self.keys = keys
         self.users = users
@@ -93,16 +95,16 @@ class Authorizer:
             AuthError: UnknownUser, UserDisabled, UserRefused, AuthUnavailable or DirectoryUnavailable.
         """
         cached = self._cached(userid)
-        metrics.TOKEN_CACHE.labels("hit" if cached is not None else "miss").inc()
+        metrics.TOKEN_CACHE.labels(self.bot, "hit" if cached is not None else "miss").inc()
         if cached is not None:
-            metrics.AUTH_OUTCOMES.labels("ok").inc()
+            metrics.AUTH_OUTCOMES.labels(self.bot, "ok").inc()
             return self._inputs(*cached)
         try:
             inputs = self._exchange_once(userid)
         except AuthError as exc:
-            metrics.AUTH_OUTCOMES.labels(exc.code).inc()
+            metrics.AUTH_OUTCOMES.labels(self.bot, exc.code).inc()
             raise
-        metrics.AUTH_OUTCOMES.labels("ok").inc()
+        metrics.AUTH_OUTCOMES.labels(self.bot, "ok").inc()
         return inputs
 
     def _exchange_once(self, userid: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from services import metrics
 from services.chat.conversations import ConversationStore
 from services.chat.media import DOCUMENT, IMAGE, VIDEO
 from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
@@ -29,7 +28,7 @@ class MessageIntake:
         command = parse_command(text)
         if command is not None:
             name, text = command
-            metrics.MESSAGES.labels("command").inc()
+            self.streams.count("command")
             if name == HELP:
                 return self.streams.finish_at_once(self.texts.say("help"))
             if name == NEW_CONVERSATION:
@@ -40,18 +39,20 @@ class MessageIntake:
 
         attachments = _attachments(message)
         if not text and not attachments:
-            metrics.MESSAGES.labels("empty").inc()
+            self.streams.count("empty")
             return self.streams.finish_at_once(self.texts.say("empty_query"))
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)
         return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
 
 
-def _attachments(message: Inbound) -> list[tuple[str, str]]:
-    """(kind, url) of every image, quoted image and file the message carries."""
+def _attachments(message: Inbound) -> list[tuple[str, ...]]:
+    """(kind, url) of every image, quoted image and file the message carries; (kind, url, aeskey) for media that
+    carry their own key (long-connection mode)."""
     attachments = [(IMAGE, url) for url in message.image_urls]
     if message.quote:
         attachments += [(IMAGE, url) for url in quoted_image_urls(message.quote)]
     if message.msgtype in ("file", "video") and message.file_url:
         attachments.append((DOCUMENT if message.msgtype == "file" else VIDEO, message.file_url))
-    return attachments
+    keys = message.media_keys
+    return [(kind, url, keys[url]) if url in keys else (kind, url) for kind, url in attachments]

@@ -17,11 +17,13 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from services.chat.images import fit_inline_image
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
-from services.wecom.crypto import CryptoError, WeComCrypto
+from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
+from utils.tls import default_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -104,31 +106,41 @@ def accepts(parameters: dict, kind: str) -> bool:
 
 class MediaService:
     def __init__(
-        self, crypto: WeComCrypto, dify: DifyClient, profile: DifyAppProfile, dify_base_url: str, timeout: float = 20.0
+        self,
+        crypto: WeComCrypto | None,
+        dify: DifyClient,
+        profile: DifyAppProfile,
+        dify_base_url: str,
+        timeout: float = 20.0,
     ):
         self.crypto = crypto
         self.dify = dify
         self.profile = profile
         self.dify_origin = "{0.scheme}://{0.netloc}".format(urlsplit(dify_base_url))
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), follow_redirects=True, trust_env=False)
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            follow_redirects=True,
+            trust_env=False,
+            verify=default_tls_context(),
+        )
 
     def close(self) -> None:
         self._http.close()
 
     # --- WeCom -> Dify ----------------------------------------------------------------------------------------
 
-    def prepare(self, attachments: list[tuple[str, str]], dify_user: str) -> PreparedFiles:
-        """Download, decrypt and upload each (kind, url) the app accepts; refusals and failures are counted."""
+    def prepare(self, attachments: list[tuple[str, ...]], dify_user: str) -> PreparedFiles:
+        """Download, decrypt and upload each (kind, url[, aeskey]) the app accepts; count refusals and failures."""
         result = PreparedFiles()
         if not attachments:
             return result
         parameters = self.profile.parameters()
-        for kind, url in attachments[: self._count_limit(parameters)]:
+        for kind, url, *aeskey in attachments[: self._count_limit(parameters)]:
             if not accepts(parameters, kind):
                 result.refused.add(kind)
                 continue
             try:
-                data, name = self.fetch_inbound(url, self._size_limit(parameters, kind))
+                data, name = self.fetch_inbound(url, self._size_limit(parameters, kind), *aeskey)
                 extension, mime = sniff(data)
                 filename = name or f"{kind}.{extension}"
                 file_id = self.dify.upload_file(data, filename, mime, dify_user)
@@ -140,7 +152,7 @@ class MediaService:
         return result
 
     def files_for_question(
-        self, attachments: list[tuple[str, str]], typed_query: bool, dify_user: str
+        self, attachments: list[tuple[str, ...]], typed_query: bool, dify_user: str
     ) -> tuple[list[dict], str]:
         """The Dify `files` for a question's attachments, and the key of a note on what had to be left out ("").
 
@@ -158,15 +170,18 @@ class MediaService:
             return prepared.files, "images_ignored" if IMAGE in prepared.refused else "media_partial"
         return prepared.files, "media_partial" if prepared.failed else ""
 
-    def fetch_inbound(self, url: str, max_bytes: int) -> tuple[bytes, str | None]:
-        """Download a WeCom media URL and decrypt it with the bot key; returns (bytes, filename if given).
+    def fetch_inbound(self, url: str, max_bytes: int, aeskey: str = "") -> tuple[bytes, str | None]:
+        """Download a WeCom media URL and decrypt it (with its own `aeskey` in long-connection mode, else with the
+        bot's EncodingAESKey); returns (bytes, filename if given).
 
         Raises:
             MediaError: not http(s), too large, unreachable, non-200 or undecryptable.
         """
+        if not aeskey and self.crypto is None:
+            raise MediaError("the medium carries no aeskey")
         encrypted, headers = self._download(url, max_bytes + 32)
         try:
-            data = self.crypto.decrypt_media(encrypted)
+            data = decrypt_media_with(aeskey, encrypted) if aeskey else self.crypto.decrypt_media(encrypted)
         except CryptoError as exc:
             raise MediaError(f"media does not decrypt ({exc.code})") from None
         disposition = Message()
@@ -176,16 +191,19 @@ class MediaService:
     # --- Dify -> WeCom ----------------------------------------------------------------------------------------
 
     def fetch_reply_image(self, url: str) -> dict | None:
-        """A Dify image as a msg_item payload ({base64, md5}), or None if it is not a JPG/PNG within 10 MB."""
+        """A Dify image as a msg_item payload ({base64, md5}) within WeCom's inline limit (services/chat/images.py),
+        or None: it could not be fetched (within 10 MB), read as an image, or brought under the limit."""
         try:
             data, _ = self._download(urljoin(self.dify_origin + "/", url), MAX_REPLY_IMAGE_BYTES)
         except MediaError as exc:
             logger.warning("could not fetch a Dify image: %s", exc)
             return None
-        if sniff(data)[0] not in ("jpg", "png"):
-            logger.info("skipped a Dify file that is not a JPG or PNG")
+        fitted = fit_inline_image(data)
+        if fitted is None:
             return None
-        return {"base64": base64.b64encode(data).decode(), "md5": hashlib.md5(data).hexdigest()}
+        if len(fitted) != len(data):
+            logger.info("recompressed a reply image from %d to %d bytes", len(data), len(fitted))
+        return {"base64": base64.b64encode(fitted).decode(), "md5": hashlib.md5(fitted).hexdigest()}
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

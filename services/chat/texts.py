@@ -29,6 +29,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "stream_cut": "（回答中断：与 AI 服务的连接意外断开，请重新提问。）",
         "timeout": "（回答超时：AI 服务长时间没有响应，请稍后再试。）",
         "empty_answer": "（AI 没有返回任何内容。）",
+        "workflow_failed": "（工作流运行失败：{reason}）",
+        "input_required": "（这个 AI 应用需要你填写信息后才能继续，本机器人暂时无法提供这一步，"
+        "请在 Dify 网页端继续。）",
+        "image_left_out": "（有图片过大或无法读取，未能在企业微信中显示。）",
         "empty_query": "请输入你的问题。",
         "internal_error": "抱歉，处理消息时出现内部错误，请稍后再试。",
         "store_unavailable": "服务暂时不可用，请稍后重新发送这条消息。",
@@ -76,6 +80,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "stream_cut": "(Answer interrupted: the connection to the AI service broke. Please ask again.)",
         "timeout": "(The answer timed out: the AI service stopped responding. Please try again later.)",
         "empty_answer": "(The AI returned no content.)",
+        "workflow_failed": "(The workflow failed: {reason})",
+        "input_required": "(This AI app needs you to fill in a form to go on, which this bot cannot show yet; please "
+        "continue in Dify's web app.)",
+        "image_left_out": "(An image was too large or unreadable and could not be shown in WeCom.)",
         "empty_query": "Please type your question.",
         "internal_error": "Sorry, an internal error occurred while handling your message. Please try again later.",
         "store_unavailable": "The service is temporarily unavailable. Please send your message again shortly.",
@@ -140,7 +148,9 @@ class Texts:
         return self._catalogue[key]
 
     def failure_note(self, exc: BaseException) -> str:
-        """The note shown to the user for a failure behind the bubble."""
+        """The note shown to the user for a failure behind the bubble (a failed workflow's says why)."""
+        if isinstance(exc, DifyStreamError) and exc.code == "workflow_failed":
+            return self.say("workflow_failed").format(reason=exc.message[:200])
         return self.say(failure_key(exc))
 
 

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import quote, urlencode
 
 import httpx
 import orjson
@@ -29,6 +30,7 @@ from services.dify.errors import (
 from services.dify.events import DifyEvent, EventReader
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
 from services.dify.transport.read_pump import ReadPump
+from utils.tls import default_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +38,37 @@ _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _MAX_ERROR_BODY = 2048
 
 
+WORKFLOW, COMPLETION = "workflow", "completion"
+
+
 @dataclass(slots=True)
 class ChatRequest:
-    """One call to `POST /chat-messages`."""
+    """One question to the app, as the call its type takes (CONTRACT.md §10): chat-like apps `POST
+    /chat-messages`, workflow apps `POST /workflows/run` with the question in the input `workflow_input`,
+    completion apps `POST /completion-messages` with the question in `inputs.query`."""
 
     query: str
     user: str
     inputs: dict = field(default_factory=dict)
     conversation_id: str = ""
     files: list = field(default_factory=list)
+    app_type: str = "chat"
+    workflow_input: str = "query"
+
+    @property
+    def path(self) -> str:
+        return {WORKFLOW: "/workflows/run", COMPLETION: "/completion-messages"}.get(self.app_type, "/chat-messages")
 
     def body(self) -> dict:
-        body = {
-            "query": self.query,
-            "inputs": self.inputs,
-            "response_mode": "streaming",
-            "user": self.user,
-            "auto_generate_name": True,
-        }
-        if self.conversation_id:
-            body["conversation_id"] = self.conversation_id
+        body: dict = {"inputs": self.inputs, "response_mode": "streaming", "user": self.user}
+        if self.app_type == WORKFLOW:
+            body["inputs"] = {**self.inputs, self.workflow_input: self.query}
+        elif self.app_type == COMPLETION:
+            body["inputs"] = {**self.inputs, "query": self.query}
+        else:
+            body.update(query=self.query, auto_generate_name=True)
+            if self.conversation_id:
+                body["conversation_id"] = self.conversation_id
         if self.files:
             body["files"] = self.files
         return body
@@ -81,12 +94,12 @@ class DifyClient:
         tls: ssl.SSLContext | None = None,
     ):
         self.pump = pump
-        self.tls = tls or ssl.create_default_context()
+        self.tls = tls or default_tls_context()
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._chat_url = base_url.rstrip("/") + "/chat-messages"
+        self._base_url = base_url.rstrip("/")
         self._stream_headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -114,11 +127,29 @@ class DifyClient:
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout, DifyStreamError, DifyStreamCut.
         """
-        body = orjson.dumps(request.body())
+        url, body = self._base_url + request.path, orjson.dumps(request.body())
+        yield from self._with_retries(lambda: self._stream_once(url, body, EventReader(request.app_type), relay))
+
+    def stream_run(
+        self, run_id: str, user: str, app_type: str, relay: Relay | None = None
+    ) -> Iterator[list[DifyEvent]]:
+        """Stream a chatflow's or workflow's run again (`GET /workflow/{run_id}/events`), from its first event;
+        a finished run gives its `workflow_finished` alone. As `stream_chat` otherwise.
+
+        Raises:
+            DifyHTTPError (404: no such run, or not this user's), DifyConnectionError, DifyTimeout,
+            DifyStreamError, DifyStreamCut.
+        """
+        url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode({'user': user})}"
+        # A re-attached chatflow's stream ends at workflow_finished too: a finished run sends nothing else.
+        yield from self._with_retries(lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay))
+
+    def _with_retries(self, stream: Callable[[], Iterator[list[DifyEvent]]]) -> Iterator[list[DifyEvent]]:
+        """Retry a call that failed before its stream began (429/502/503/504, connection errors)."""
         attempt = 0
         while True:
             try:
-                yield from self._stream_once(body, relay)
+                yield from stream()
                 return
             except (DifyHTTPError, DifyConnectionError) as exc:
                 retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
@@ -131,10 +162,12 @@ class DifyClient:
                 )
                 time.sleep(delay)
 
-    def _stream_once(self, body: bytes, relay: Relay | None) -> Iterator[list[DifyEvent]]:
+    def _stream_once(
+        self, url: str, body: bytes | None, reader: EventReader, relay: Relay | None
+    ) -> Iterator[list[DifyEvent]]:
         try:
             stream = open_event_stream(
-                self._chat_url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump
+                url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump
             )
         except StreamConnectError as exc:
             raise DifyConnectionError(f"could not reach Dify: {exc}") from exc
@@ -145,7 +178,6 @@ class DifyClient:
         with stream:
             if stream.status != 200:
                 raise http_error(stream.status, stream.read_body(_MAX_ERROR_BODY))
-            reader = EventReader()
             try:
                 while not reader.stopped and not stream.complete:
                     yield self._next_batch(stream, reader, relay)
@@ -157,7 +189,7 @@ class DifyClient:
                 raise reader.failure
             if reader.ended:
                 return
-        raise DifyStreamCut("Dify closed the stream before message_end")
+        raise DifyStreamCut(f"Dify closed the stream before {reader.end_name}")
 
     @staticmethod
     def _next_batch(stream: EventStream, reader: EventReader, relay: Relay | None) -> list[DifyEvent]:
@@ -177,17 +209,29 @@ class DifyClient:
         stream.pump_events(on_events)
         return handed_back[0] if handed_back else []
 
+    def info(self, timeout: float = 10.0) -> dict:
+        """The app's `/info` (name, description, tags, `mode`: its app type).
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout.
+        """
+        return self._get_object("info", timeout)
+
     def parameters(self, timeout: float = 10.0) -> dict:
         """The app's `/parameters` (opening statement, suggested questions, declared inputs, upload limits).
 
         Raises:
             DifyHTTPError, DifyConnectionError, DifyTimeout.
         """
-        response = self._request("GET", "parameters", "/parameters", timeout=timeout)
+        return self._get_object("parameters", timeout)
+
+    def _get_object(self, name: str, timeout: float) -> dict:
+        """`GET /<name>` as a JSON object (empty if it is another JSON value)."""
+        response = self._request("GET", name, f"/{name}", timeout=timeout)
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
-            raise DifyHTTPError(response.status_code, "malformed", "Dify /parameters is not JSON") from None
+            raise DifyHTTPError(response.status_code, "malformed", f"Dify /{name} is not JSON") from None
         return data if isinstance(data, dict) else {}
 
     def upload_file(self, data: bytes, filename: str, mime_type: str, user: str) -> str:
@@ -232,10 +276,11 @@ class DifyClient:
             raise http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
         return response
 
-    def stop(self, task_id: str, user: str) -> None:
+    def stop(self, task_id: str, user: str, app_type: str = "chat") -> None:
         """Ask Dify to stop a running task (best effort; failures are logged, not raised)."""
+        path = {WORKFLOW: "workflows/tasks", COMPLETION: "completion-messages"}.get(app_type, "chat-messages")
         try:
-            response = self._http.post(f"chat-messages/{task_id}/stop", json={"user": user}, timeout=5.0)
+            response = self._http.post(f"{path}/{quote(task_id, safe='')}/stop", json={"user": user}, timeout=5.0)
             if response.status_code >= 400:
                 logger.warning("Dify stop returned HTTP %d", response.status_code)
         except httpx.HTTPError as exc:

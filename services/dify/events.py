@@ -1,5 +1,6 @@
 """Dify's SSE events as typed values: the event names the gateway acts on, and a reader that turns the events of
-one network read into a batch, stopping at `message_end` or an `error` event."""
+one network read into a batch, stopping at the end of the answer (`message_end`; `workflow_finished` for a
+workflow app; `workflow_paused` for any app that waits for a person) or at an `error` event."""
 
 from __future__ import annotations
 
@@ -13,13 +14,21 @@ from services.dify.transport import SSEEvent
 
 logger = logging.getLogger(__name__)
 
-TEXT_EVENTS = frozenset({"message", "agent_message"})
+MESSAGE_EVENT = "message"
+AGENT_MESSAGE_EVENT = "agent_message"
+TEXT_EVENTS = frozenset({MESSAGE_EVENT, AGENT_MESSAGE_EVENT})
 END_EVENT = "message_end"
 ERROR_EVENT = "error"
 REPLACE_EVENT = "message_replace"
 FILE_EVENT = "message_file"
 THOUGHT_EVENT = "agent_thought"
+WORKFLOW_STARTED = "workflow_started"
 WORKFLOW_FINISHED = "workflow_finished"
+WORKFLOW_TEXT = "text_chunk"  # a workflow app's answer delta, in data.text
+WORKFLOW_REPLACE = "text_replace"
+REASONING_EVENT = "reasoning_chunk"
+INPUT_REQUIRED = "human_input_required"
+PAUSED = "workflow_paused"  # the run waits for a person's input: the stream ends here
 # Events that carry nothing for a text relay; anything not listed anywhere is ignored too, at debug level.
 QUIET_EVENTS = frozenset(
     {
@@ -39,8 +48,6 @@ QUIET_EVENTS = frozenset(
         "parallel_branch_started",
         "parallel_branch_finished",
         "agent_log",
-        "text_chunk",
-        "text_replace",
     }
 )
 
@@ -54,7 +61,14 @@ class DifyEvent:
 
     @property
     def answer(self) -> str:
-        return self.data.get("answer") or ""
+        answer = self.data.get("answer")
+        return answer if isinstance(answer, str) else ""
+
+    @property
+    def body(self) -> dict:
+        """The event's `data` object (workflow events), or an empty one."""
+        body = self.data.get("data")
+        return body if isinstance(body, dict) else {}
 
     def get(self, name: str, default=None):
         return self.data.get(name, default)
@@ -80,13 +94,16 @@ def decode_event(event_name: str, payload: str) -> DifyEvent | None:
 
 
 class EventReader:
-    """Turns the SSE events of each read into a batch of Dify events; stops at `message_end` or `error`."""
+    """Turns the SSE events of each read into a batch of Dify events; stops at the end of the answer (for an app
+    of type `app_type`) or at `error`."""
 
-    __slots__ = ("ended", "failure")
+    __slots__ = ("ended", "failure", "end_name", "_ends")
 
-    def __init__(self) -> None:
+    def __init__(self, app_type: str = "chat") -> None:
         self.ended = False
         self.failure: DifyStreamError | None = None
+        self.end_name = WORKFLOW_FINISHED if app_type == "workflow" else END_EVENT
+        self._ends = frozenset({self.end_name, PAUSED})
 
     @property
     def stopped(self) -> bool:
@@ -110,7 +127,7 @@ class EventReader:
                 break
             if event.kind not in QUIET_EVENTS:
                 batch.append(event)
-            if event.kind == END_EVENT:
+            if event.kind in self._ends:
                 self.ended = True
                 break
         return batch

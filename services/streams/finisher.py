@@ -28,8 +28,15 @@ class Finisher:
     """Records how an answer ended and delivers the rest."""
 
     def __init__(
-        self, store: StreamStore, owner: str, responder: ResponseUrlClient, bubble: BubbleRenderer, texts: Texts
+        self,
+        store: StreamStore,
+        owner: str,
+        responder: ResponseUrlClient,
+        bubble: BubbleRenderer,
+        texts: Texts,
+        bot: str = "default",
     ):
+        self.bot = bot
         self.store = store
         self.owner = owner
         self.responder = responder
@@ -52,8 +59,8 @@ class Finisher:
             self._send_whole(job, answer, note)
             return None
         if finished is not None:
-            metrics.STREAM_OUTCOMES.labels(status).inc()
-            metrics.STREAM_SECONDS.observe(max(0.0, time.time() - job.created_at))
+            metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
+            metrics.STREAM_SECONDS.labels(self.bot).observe(max(0.0, time.time() - job.created_at))
             if finished.inflight_key:
                 best_effort(
                     lambda: self.store.release_inflight(finished.inflight_key, job.stream_id),
@@ -61,7 +68,7 @@ class Finisher:
                 )
             self._send_rest(job, answer, finished, note)
         elif answer.detached:
-            metrics.STREAM_OUTCOMES.labels("closed_elsewhere").inc()
+            metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
             self._send_whole(job, answer, note)
         else:
             logger.info("stream was already closed elsewhere; final state not written")
@@ -96,7 +103,7 @@ class Finisher:
             return
         message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
         delivered = self.responder.send_markdown(job.response_url, message)
-        metrics.RESPONSE_URL.labels("whole_answer", "sent" if delivered else "failed").inc()
+        metrics.RESPONSE_URL.labels(self.bot, "whole_answer", "sent" if delivered else "failed").inc()
         logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
@@ -113,7 +120,7 @@ class Finisher:
                 return
             message = remainder_message(self.texts, answer.text[shown:])
         delivered = self.responder.send_markdown(job.response_url, message)
-        metrics.RESPONSE_URL.labels("rest", "sent" if delivered else "failed").inc()
+        metrics.RESPONSE_URL.labels(self.bot, "rest", "sent" if delivered else "failed").inc()
         logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
         best_effort(
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),

@@ -70,6 +70,10 @@ class StreamInspector:
         summaries.sort(key=lambda s: s.created_at, reverse=True)
         return summaries[:limit]
 
+    def exists(self, stream_id: str) -> bool:
+        """Whether the stream's hash is there."""
+        return bool(self.redis.exists(self.keys.stream(stream_id)))
+
     def describe(self, stream_id: str) -> dict | None:
         """Everything about one stream: its hash, deltas, the text so far, TTLs and timings; None if unknown."""
         k = self.keys

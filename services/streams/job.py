@@ -21,8 +21,9 @@ class StreamJob:
     query: str = ""
     typed_query: bool = True
     response_url: str = ""
-    attachments: list[tuple[str, str]] = field(default_factory=list)
+    attachments: list[tuple[str, ...]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # when the user's message arrived
+    resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
 
     @property
     def dify_user(self) -> str:
@@ -52,3 +53,10 @@ class StreamJob:
             attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
             created_at=float(meta.get("created_at") or time.time()),
         )
+
+    @classmethod
+    def resumed(cls, stream_id: str, meta: dict[str, str]) -> StreamJob:
+        """The job of a stream whose Dify run this replica streams again, from where the text stopped."""
+        job = cls.from_meta(stream_id, meta)
+        job.resume_run = meta.get("workflow_run_id", "")
+        return job

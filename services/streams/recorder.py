@@ -16,13 +16,21 @@ from dataclasses import dataclass, field
 from services import metrics
 from services.chat.conversations import ConversationStore
 from services.chat.media import MediaService
+from services.dify.client import WORKFLOW
 from services.dify.events import (
+    AGENT_MESSAGE_EVENT,
     END_EVENT,
     FILE_EVENT,
+    INPUT_REQUIRED,
+    MESSAGE_EVENT,
+    PAUSED,
+    REASONING_EVENT,
     REPLACE_EVENT,
-    TEXT_EVENTS,
     THOUGHT_EVENT,
     WORKFLOW_FINISHED,
+    WORKFLOW_REPLACE,
+    WORKFLOW_STARTED,
+    WORKFLOW_TEXT,
     DifyEvent,
 )
 from services.redis_conn import REDIS_FAILURES
@@ -36,6 +44,22 @@ from utils.logging import bind_log_context
 logger = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT = 10.0
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+# Workflow statuses that end a run without its answer.
+_FAILED_RUNS = frozenset({"failed", "stopped"})
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerOptions:
+    """How a bot's answers are made from its app's events (README: Configuration)."""
+
+    app_type: str = "chat"  # the app's type, resolved (never "auto")
+    show_reasoning: bool = False  # a model's reasoning before the answer, in a <think> block
+    workflow_input: str = "query"  # workflow apps: the input variable the question goes into
+    workflow_output: str = ""  # workflow apps: the output read when no text_chunk came ("" = first string)
+
+
+DEFAULT_OPTIONS = AnswerOptions()
 
 
 class StreamAborted(Exception):
@@ -54,16 +78,26 @@ class Answer:
     outage_since: float | None = None
     detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url
     ended: bool = False
+    answered: bool = False  # answer text (not reasoning) has arrived
+    thinking: bool = False  # a <think> block of reasoning is open in the text
+    agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
+    paused: bool = False  # the app asked for a person's input (human_input_required / workflow_paused)
+    app_type: str = "chat"
+    resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
+    shown: str = ""  # resumed: the text the bubble had before
+    skip: int = 0  # resumed: characters of the replayed text still to skip (the bubble has them)
+    workflow_run_id: str = ""
     last_thought: str = ""
     workflow_error: str = ""
     images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
+    images_left_out: int = 0  # images Dify made that could not be shown (fetch failed, unreadable, too large)
     usage: dict = field(default_factory=dict)
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
 
     def note_ids(self, event: DifyEvent) -> None:
         """Take the task, message and conversation ids an event names (new ones go to the hash too)."""
-        for name in ("task_id", "message_id", "conversation_id"):
+        for name in ("task_id", "message_id", "conversation_id", "workflow_run_id"):
             value = event.get(name)
             if isinstance(value, str) and value and value != getattr(self, name):
                 setattr(self, name, value)
@@ -145,16 +179,24 @@ class TextRelay:
     def __call__(self, batch: list[DifyEvent]) -> bool:
         answer = self.answer
         writer = answer.writer
-        if not answer.text or answer.detached or writer.state != WRITTEN or writer.error is not None:
+        if not answer.answered or answer.thinking or answer.detached or answer.skip:
+            return False
+        if writer.state != WRITTEN or writer.error is not None:
             return False
         if self.cancelled.is_set() or time.monotonic() > self.deadline:
             return False
         deltas = []
         for event in batch:
             data = event.data
-            if event.kind not in TEXT_EVENTS or _brings_new_ids(data, answer):
+            if _brings_new_ids(data, answer):
                 return False
-            if text := data.get("answer"):
+            if event.kind == AGENT_MESSAGE_EVENT or (event.kind == MESSAGE_EVENT and not answer.agent_messages):
+                text = data.get("answer")
+            elif event.kind == WORKFLOW_TEXT:
+                text = event.body.get("text")
+            else:
+                return False
+            if text and isinstance(text, str):
                 deltas.append(text)
         if deltas:
             answer.text += "".join(deltas)
@@ -171,8 +213,9 @@ def _brings_new_ids(data: dict, answer: Answer) -> bool:
 
 
 class AnswerRecorder:
-    """Applies one stream's Dify events: deltas to its writer, a replace, ids, the agent's thoughts, a failed
-    workflow, usage, reply images, and the conversation to continue next time."""
+    """Applies one stream's Dify events (DIFY_API.md, every event): deltas to its writer, a replace, ids, the
+    agent's thoughts and closing message, reasoning, a workflow's text and outputs, a failed or paused run, usage,
+    reply images, and the conversation to continue next time."""
 
     def __init__(
         self,
@@ -182,7 +225,11 @@ class AnswerRecorder:
         owner: str,
         conversations: ConversationStore,
         media: MediaService,
+        bot: str = "default",
+        options: AnswerOptions = DEFAULT_OPTIONS,
     ):
+        self.bot = bot
+        self.options = options
         self.job = job
         self.answer = answer
         self.store = store
@@ -197,13 +244,26 @@ class AnswerRecorder:
         for event in batch:
             answer.note_ids(event)
             kind = event.kind
-            if kind in TEXT_EVENTS:
-                if event.answer:
-                    deltas.append(event.answer)
-            elif kind == REPLACE_EVENT:
-                self.write(deltas)
-                deltas = []
-                self._replace(event.answer)
+            if kind == AGENT_MESSAGE_EVENT:
+                answer.agent_messages = True
+                self._answer_text(deltas, event.answer)
+            elif kind == MESSAGE_EVENT and answer.agent_messages:
+                # Dify's newer agent app closes with one `message` holding the whole answer again.
+                if event.answer and event.answer != self._answer_so_far(deltas):
+                    deltas = self._replace_with(deltas, event.answer)
+            elif kind == MESSAGE_EVENT:
+                self._answer_text(deltas, event.answer)
+            elif kind == FILE_EVENT:
+                # After an assistant file, Dify labels the message's later text chunks message_file.
+                self._answer_text(deltas, event.answer)
+                self._keep_image(event)
+            elif kind == WORKFLOW_TEXT:
+                self._answer_text(deltas, str(event.body.get("text") or ""))
+            elif kind in (REPLACE_EVENT, WORKFLOW_REPLACE):
+                text = event.answer if kind == REPLACE_EVENT else str(event.body.get("text") or "")
+                deltas = self._replace_with(deltas, text)
+            elif kind == REASONING_EVENT:
+                self._reasoning(deltas, event)
             elif kind == END_EVENT:
                 answer.ended = True
                 metadata = event.get("metadata")
@@ -214,22 +274,93 @@ class AnswerRecorder:
                 if isinstance(thought, str) and thought.strip():
                     answer.last_thought = thought
             elif kind == WORKFLOW_FINISHED:
-                data = event.get("data") if isinstance(event.get("data"), dict) else {}
-                if data.get("status") == "failed":
-                    answer.workflow_error = str(data.get("error") or "workflow failed")[:300]
-            elif kind == FILE_EVENT:
-                self._keep_image(event)
-            else:
+                self._run_finished(deltas, event.body)
+            elif kind in (INPUT_REQUIRED, PAUSED):
+                answer.paused = True
+                answer.ended = answer.ended or kind == PAUSED
+            elif kind != WORKFLOW_STARTED:
+                metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, kind[:40]).inc()
                 logger.debug("ignored Dify event %s", kind)
         self.write(deltas)
         self.save_conversation(retry=False)
 
+    def _finished_while_away(self, deltas: list[str], data: dict) -> None:
+        """A resumed run had ended: Dify gives its workflow_finished alone, whose outputs hold the whole answer
+        (a chatflow's in `answer`). The bubble gets the rest of it; if what it shows is not where that answer
+        begins, the whole answer replaces it."""
+        answer = self.answer
+        name = self.options.workflow_output if self.options.app_type == WORKFLOW else "answer"
+        whole = workflow_answer(data.get("outputs"), name)
+        answer.skip, answer.answered, answer.ended = 0, True, True
+        if whole.startswith(answer.shown):
+            answer.text = answer.shown
+            if rest := whole[len(answer.shown) :]:
+                deltas.append(rest)
+        elif whole:
+            self._replace_with(deltas, whole)
+
+    def _answer_text(self, deltas: list[str], text: str) -> None:
+        """Answer text: after reasoning shown in a <think> block, the block is closed first."""
+        if not text:
+            return
+        if self.answer.thinking:
+            deltas.append(THINK_CLOSE)
+            self.answer.thinking = False
+        self.answer.answered = True
+        deltas.append(text)
+
+    def _reasoning(self, deltas: list[str], event: DifyEvent) -> None:
+        """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
+        reasoning = event.body.get("reasoning", event.get("reasoning"))
+        if not self.options.show_reasoning or self.answer.answered or not isinstance(reasoning, str) or not reasoning:
+            return
+        if not self.answer.thinking:
+            deltas.append(THINK_OPEN)
+            self.answer.thinking = True
+        deltas.append(reasoning)
+
+    def _answer_so_far(self, deltas: list[str]) -> str:
+        """The answer text (without a <think> block) including `deltas` not yet written."""
+        text = self.answer.text + "".join(deltas)
+        return text.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in text else text
+
+    def _replace_with(self, deltas: list[str], text: str) -> list[str]:
+        """Write what came before, then replace the whole answer by `text`; returns the (new, empty) deltas."""
+        self.write(deltas)
+        self._replace(text)
+        self.answer.answered = self.answer.answered or bool(text)
+        self.answer.thinking = False
+        return []
+
+    def _run_finished(self, deltas: list[str], data: dict) -> None:
+        """A chatflow's or workflow's run ended: a failed or stopped run is the answer's error; a workflow app's
+        answer is its outputs when no text_chunk came."""
+        answer = self.answer
+        status = data.get("status")
+        if status in _FAILED_RUNS:
+            answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
+        elif answer.skip and not answer.text:
+            self._finished_while_away(deltas, data)
+            return
+        if self.options.app_type != WORKFLOW:
+            return
+        answer.ended = True
+        if isinstance(data.get("total_tokens"), int):
+            answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
+        if status not in _FAILED_RUNS and not answer.answered:
+            self._answer_text(deltas, workflow_answer(data.get("outputs"), self.options.workflow_output))
+
     def write(self, deltas: list[str]) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""
         answer = self.answer
-        if deltas and not answer.text:
-            metrics.FIRST_TOKEN_SECONDS.observe(max(0.0, time.time() - self.job.created_at))
+        if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
+            metrics.FIRST_TOKEN_SECONDS.labels(self.bot).observe(max(0.0, time.time() - self.job.created_at))
         answer.text += "".join(deltas)
+        if answer.skip:  # a resumed run's events come again from the start: the bubble has this part
+            joined = "".join(deltas)
+            skipped = min(answer.skip, len(joined))
+            answer.skip -= skipped
+            deltas = [joined[skipped:]] if skipped < len(joined) else []
         if answer.detached or not (deltas or answer.new_fields):
             return
         answer.writer.add(deltas, answer.new_fields)
@@ -266,5 +397,17 @@ class AnswerRecorder:
         if not isinstance(url, str) or len(answer.images) >= MAX_REPLY_IMAGES:
             return
         image = self.media.fetch_reply_image(url)
-        if image is not None:
+        if image is None:
+            answer.images_left_out += 1
+        else:
             answer.images.append(image)
+
+
+def workflow_answer(outputs, name: str) -> str:
+    """A workflow's answer from its outputs: the output `name`, or (no name) the first string output."""
+    if not isinstance(outputs, dict):
+        return ""
+    if name:
+        value = outputs.get(name)
+        return value if isinstance(value, str) else ("" if value is None else str(value))
+    return next((value for value in outputs.values() if isinstance(value, str) and value), "")

@@ -1,8 +1,9 @@
 """Runs stream workers in background threads and keeps this replica's leases on their streams alive.
 
-One keeper thread per process renews the leases of all running streams in a single Redis call every third of the
-lease time, so a worker blocked on a quiet Dify socket still holds its stream, and a dead process loses all of
-its streams within one lease time. A stream whose lease was lost (another replica took it over) is cancelled.
+One runner per process, for every bot's streams. One keeper thread renews the leases of all running streams every
+third of the lease time (one round trip per bot's store), so a worker blocked on a quiet Dify socket still holds
+its stream, and a dead process loses all of its streams within one lease time. A stream whose lease was lost
+(another replica took it over) is cancelled.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from services import metrics
 from services.redis_conn import REDIS_FAILURES
@@ -22,15 +24,23 @@ _RENEW_BATCH = 500
 _RETRY_INTERVAL = 0.5
 
 
+@dataclass(slots=True)
+class _Running:
+    """A running stream: how to cancel it, and where its lease lives."""
+
+    cancelled: threading.Event
+    store: StreamStore
+    bot: str
+
+
 class StreamRunner:
     """Starts one daemon thread per stream; tracks them for capacity, lease renewal and draining."""
 
-    def __init__(self, store: StreamStore, owner: str, max_active: int, lease_seconds: int):
-        self.store = store
+    def __init__(self, owner: str, max_active: int, lease_seconds: int):
         self.owner = owner
         self.max_active = max_active
         self.renew_interval = max(0.5, lease_seconds / 3)
-        self._active: dict[str, threading.Event] = {}
+        self._active: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._keeper: threading.Thread | None = None
@@ -49,26 +59,27 @@ class StreamRunner:
         """True while this process takes new streams (below the cap and not draining)."""
         return self.accepting and len(self._active) < self.max_active
 
-    def start(self, stream_id: str, work: Callable[[threading.Event], None]) -> None:
-        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease is lost."""
-        cancelled = threading.Event()
+    def start(self, stream_id: str, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> None:
+        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease (in `store`) is lost."""
+        running = _Running(threading.Event(), store, bot)
         with self._lock:
-            self._active[stream_id] = cancelled
+            self._active[stream_id] = running
         self._ensure_keeper()
         thread = threading.Thread(
-            target=self._run, args=(stream_id, work, cancelled), name=f"stream-{stream_id}", daemon=True
+            target=self._run, args=(stream_id, work, running), name=f"stream-{stream_id}", daemon=True
         )
         thread.start()
 
-    def _run(self, stream_id: str, work: Callable[[threading.Event], None], cancelled: threading.Event) -> None:
-        metrics.ACTIVE_STREAMS.inc()
+    def _run(self, stream_id: str, work: Callable[[threading.Event], None], running: _Running) -> None:
+        gauge = metrics.ACTIVE_STREAMS.labels(running.bot)
+        gauge.inc()
         try:
-            work(cancelled)
+            work(running.cancelled)
         except Exception:
             # Workers record their own final state; this only guards the bookkeeping below.
             logger.exception("stream worker crashed outside its own error handling")
         finally:
-            metrics.ACTIVE_STREAMS.dec()
+            gauge.dec()
             with self._lock:
                 self._active.pop(stream_id, None)
                 self._idle.notify_all()
@@ -88,9 +99,18 @@ class StreamRunner:
     def cancel(self, stream_ids: list[str]) -> None:
         """Tell these streams' workers to stop writing (their streams are being handed to other replicas)."""
         with self._lock:
-            events = [self._active[i] for i in stream_ids if i in self._active]
-        for event in events:
-            event.set()
+            running = [self._active[i] for i in stream_ids if i in self._active]
+        for each in running:
+            each.cancelled.set()
+
+    def by_bot(self, stream_ids: list[str]) -> dict[str, list[str]]:
+        """These running streams, by the bot they answer for."""
+        grouped: dict[str, list[str]] = {}
+        with self._lock:
+            for stream_id in stream_ids:
+                if stream_id in self._active:
+                    grouped.setdefault(self._active[stream_id].bot, []).append(stream_id)
+        return grouped
 
     def stop(self) -> None:
         """Stop the lease keeper (running workers are left to their own ends)."""
@@ -112,15 +132,19 @@ class StreamRunner:
             interval = self.renew_interval if renewed else min(_RETRY_INTERVAL, self.renew_interval)
 
     def _renew_all(self) -> bool:
-        ids = self.active_ids()
-        for start in range(0, len(ids), _RENEW_BATCH):
-            batch = ids[start : start + _RENEW_BATCH]
-            try:
-                lost = self.store.renew_leases(batch, self.owner)
-            except REDIS_FAILURES as exc:
-                logger.warning("could not renew %d stream leases: %s", len(batch), exc)
-                return False
-            for stream_id in lost:
-                logger.warning("stream %s was taken over by another replica; stopping its worker here", stream_id)
-            self.cancel(lost)
+        with self._lock:
+            by_store: dict[int, tuple[StreamStore, list[str]]] = {}
+            for stream_id, running in self._active.items():
+                by_store.setdefault(id(running.store), (running.store, []))[1].append(stream_id)
+        for store, ids in by_store.values():
+            for start in range(0, len(ids), _RENEW_BATCH):
+                batch = ids[start : start + _RENEW_BATCH]
+                try:
+                    lost = store.renew_leases(batch, self.owner)
+                except REDIS_FAILURES as exc:
+                    logger.warning("could not renew %d stream leases: %s", len(batch), exc)
+                    return False
+                for stream_id in lost:
+                    logger.warning("stream %s was taken over by another replica; stopping its worker here", stream_id)
+                self.cancel(lost)
         return True

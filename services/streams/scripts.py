@@ -120,16 +120,17 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms.
 # Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
-# event, inflight key, images...}: `event` names what this call just did (taken_over, expired, closed_window,
-# closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the user's
-# slot), and the reply images come only once the stream is done. An active stream whose lease is gone (its replica
-# died or handed it over) is restarted by the polling replica (`taker`, if not empty) when nothing was shown yet
-# and it was never restarted; otherwise it becomes expired with the note. One past the window, or longer than a
-# bubble can show, is closed early (the bubble finishes now, the worker goes on and sends the rest through
-# response_url).
+# event, inflight key, images...}: `event` names what this call just did (taken_over, resumed, expired,
+# closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees
+# the user's slot), and the reply images come only once the stream is done. An active stream whose lease is gone
+# (its replica died or handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its
+# Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else
+# restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. One
+# past the window, or longer than a bubble can show, is closed early (the bubble finishes now, the worker goes on
+# and sends the rest through response_url).
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
-                     'closed_bytes', 'response_url', 'inflight_key', 'restarts')
+                     'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -142,7 +143,13 @@ end
 local note, reason, closed_bytes, event = h[4] or '', h[6] or '', h[7] or '', ''
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
-    if text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[5] ~= '' then
+    local resumes = tonumber(h[12]) or 0
+    if ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
+      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+      redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'resumes', resumes + 1, 'resumed_at', ARGV[1],
+                 'updated_at', ARGV[1])
+      event = 'resumed'
+    elseif text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[5] ~= '' then
       redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
       redis.call('DEL', KEYS[2])
       redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'status', 'pending', 'restarts', 1, 'folded', 0,
@@ -170,7 +177,7 @@ if status == 'pending' or status == 'streaming' then
 end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
 local freed = ''
-if event ~= '' and event ~= 'taken_over' then freed = h[9] or '' end
+if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9] or '' end
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed}
 if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
@@ -216,6 +223,18 @@ redis.call('HSET', KEYS[1], 'handed_over_at', ARGV[2])
 return 1
 """
 
+# KEYS: stream, lease. ARGV: opener, taker, lease_ms, now. A stream opened by one process and queued for any
+# (long-connection mode: the connection holder queues its messages' answers) is taken by `taker` while it is still
+# pending and its opener's; 1 if taken, else 0 (taken already, or restarted by a poll after the opener's lease ran
+# out).
+TAKE = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if h[1] ~= 'pending' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'updated_at', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -226,6 +245,7 @@ ALL = {
     "RECORD": RECORD,
     "RENEW": RENEW,
     "RELEASE": RELEASE,
+    "TAKE": TAKE,
 }
 
 

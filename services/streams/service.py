@@ -25,8 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 def new_stream_id() -> str:
-    """A fresh, unguessable stream id (also the id WeCom polls with, and the answer's feedback id)."""
-    return secrets.token_urlsafe(16)
+    """A fresh, unguessable stream id (also the id WeCom polls with, and the answer's feedback id); never one that
+    begins with "-", which an operator's command line would take for an option."""
+    while True:
+        stream_id = secrets.token_urlsafe(16)
+        if not stream_id.startswith("-"):
+            return stream_id
 
 
 def image_items(images: list[dict]) -> list[dict]:
@@ -46,7 +50,9 @@ class StreamService:
         bubble: BubbleRenderer,
         owner: str,
         window_seconds: int,
+        bot: str = "default",
     ):
+        self.bot = bot
         self.store = store
         self.runner = runner
         self.worker = worker
@@ -55,9 +61,10 @@ class StreamService:
         self.owner = owner
         self.window_seconds = window_seconds
         self.overflow_bytes = overflow_threshold(bubble)
+        self.queue = None  # long-connection bots: a JobQueue; answers then run on whichever replica takes them
 
     def open(
-        self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, str]] | None = None
+        self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
     ) -> dict:
         """Start answering `message` (or, for a retried msgid, show the stream already started for it)."""
         if not self.runner.has_capacity():
@@ -65,7 +72,7 @@ class StreamService:
             if existing:
                 return self._dedup(existing)
             key = "busy" if self.runner.accepting else "shutting_down"
-            self._count(key)
+            self.count(key)
             logger.warning("not taking a new stream: %s", key)
             return self.finish_at_once(self.texts.say(key))
 
@@ -97,34 +104,44 @@ class StreamService:
             return self._dedup(stream_id)
         if outcome != CREATED:
             return self._refuse(stream_id, outcome)
-        self._start(job)
-        self._count("opened")
+        if self.queue is not None:
+            self.queue.submit(stream_id, self.owner)  # any replica's consumer takes it (services/longconn/jobs.py)
+        else:
+            self._start(job)
+        self.count("opened")
         bind_log_context(stream=stream_id)
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
 
+    def run_queued(self, stream_id: str, opener: str) -> bool:
+        """Answer a stream another process opened and queued, here, if it is still waiting for someone."""
+        if not self.runner.has_capacity() or not self.store.take(stream_id, opener, self.owner):
+            return False
+        self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
+        return True
+
     def _dedup(self, stream_id: str) -> dict:
         """A WeCom retry of a message whose stream exists: the same stream, as far as it has come."""
-        self._count("dedup")
-        metrics.DEDUP_HITS.inc()
+        self.count("dedup")
+        metrics.DEDUP_HITS.labels(self.bot).inc()
         logger.info("repeated msgid; answering with its stream %s", stream_id)
         return self.poll(stream_id)
 
     def _refuse(self, stream_id: str, outcome: str) -> dict:
         """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of
         the message (which finds it through its msgid) gets the same answer."""
-        self._count(outcome)
+        self.count(outcome)
         note = self.texts.say("too_many_in_flight" if outcome == LIMITED else "rate_limited")
         logger.info("not answering: %s", outcome)
         self.store.finish(stream_id, self.owner, DONE, {"note": note, "error": outcome})
         return stream_reply(stream_id, note, finish=True)
 
-    @staticmethod
-    def _count(outcome: str) -> None:
-        metrics.MESSAGES.labels(outcome).inc()
+    def count(self, outcome: str) -> None:
+        """Count what became of a user's message (wecom_messages_total)."""
+        metrics.MESSAGES.labels(self.bot, outcome).inc()
 
     def _start(self, job: StreamJob) -> None:
-        self.runner.start(job.stream_id, lambda cancelled: self.worker.run(job, cancelled))
+        self.runner.start(job.stream_id, lambda cancelled: self.worker.run(job, cancelled), self.store, self.bot)
 
     def finish_at_once(self, note: str) -> dict:
         """A finished reply to a new message that needs no stream (a command, a refusal)."""
@@ -142,12 +159,15 @@ class StreamService:
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
         if snapshot.event:
-            metrics.STREAM_OUTCOMES.labels(snapshot.event).inc()
+            metrics.STREAM_OUTCOMES.labels(self.bot, snapshot.event).inc()
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
+        elif snapshot.resumed:
+            logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
+            self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id)))
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]

@@ -68,13 +68,17 @@ class Snapshot:
     close_reason: str = ""
     closed_bytes: int = 0
     has_response_url: bool = False
-    event: str = ""  # what this poll just did: taken_over, expired, closed_window, closed_overflow, or ""
+    event: str = ""  # what this poll just did: taken_over, resumed, expired, closed_window, closed_overflow, or ""
     freed_inflight_key: str = ""  # the bubble just closed: the user's in-flight set the stream must leave
     images: list[dict] = field(default_factory=list)
 
     @property
     def taken_over(self) -> bool:
         return self.event == "taken_over"
+
+    @property
+    def resumed(self) -> bool:
+        return self.event == "resumed"
 
     @property
     def active(self) -> bool:
@@ -110,7 +114,9 @@ class StreamStore:
         lease_seconds: int,
         rate_limit: int = 0,
         claim_wait_ms: int = 0,
+        bot: str = "default",
     ):
+        self.bot = bot  # whose streams these are (metrics)
         self.rate_limit = rate_limit  # messages per user per RATE_WINDOW_SECONDS; 0 = no limit
         self.claim_wait_ms = claim_wait_ms  # wait this long for a replica to hold a msgid claim; 0 = do not
         self.client = client
@@ -128,6 +134,7 @@ class StreamStore:
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
         self._release = LuaScript(client, scripts.RELEASE)
+        self._take = LuaScript(client, scripts.TAKE)
 
     def close(self) -> None:
         """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
@@ -182,7 +189,7 @@ class StreamStore:
             self.client.set(key, stream_id, nx=True, ex=MSGID_TTL_SECONDS)
             holder, waited = self.client.get(key), [0] if self.claim_wait_ms else []
         if waited and waited[0] < 1 and holder == stream_id:
-            metrics.UNREPLICATED_CLAIMS.inc()
+            metrics.UNREPLICATED_CLAIMS.labels(self.bot).inc()
             logger.debug("msgid claim not yet held by a replica after %d ms", self.claim_wait_ms)
         return holder or stream_id
 
@@ -300,6 +307,11 @@ class StreamStore:
             return None
         return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0), inflight_key=row[3])
 
+    def take(self, stream_id: str, opener: str, taker: str) -> bool:
+        """Take a queued stream over from the process that opened it (see scripts.TAKE)."""
+        keys = [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
+        return bool(int(self._take(keys=keys, args=[opener, taker, self.lease_ms, _now()])))
+
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired)."""
         return bool(self._record(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
@@ -312,7 +324,8 @@ class StreamStore:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
         An active stream whose lease is gone (its replica died) is taken over by `taker` when nothing was shown yet
-        (`taken_over` is then set and the caller must start a worker), else becomes `expired` with `orphan_note`.
+        (`taken_over` is then set and the caller must start a worker), or resumed when its Dify run can be streamed
+        again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         """
         k = self.keys

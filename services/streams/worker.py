@@ -11,21 +11,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
 
 from services import metrics
 from services.auth.authorizer import AuthError
 from services.chat.conversations import ConversationStore
 from services.chat.media import Declined, MediaService
 from services.chat.texts import Texts
-from services.dify.client import ChatRequest, DifyClient
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
+from services.dify.events import DifyEvent
+from services.dify.health import DifyHealth
 from services.redis_conn import REDIS_FAILURES
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
 from services.streams.outage import through_outage
-from services.streams.recorder import Answer, AnswerRecorder, StreamAborted, TextRelay
+from services.streams.recorder import (
+    DEFAULT_OPTIONS,
+    THINK_CLOSE,
+    Answer,
+    AnswerOptions,
+    AnswerRecorder,
+    StreamAborted,
+    TextRelay,
+)
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.writer import AppendBatcher
 from utils.logging import log_context
@@ -39,11 +51,13 @@ class WorkerDeps:
 
     store: StreamStore
     dify: DifyClient
+    profile: DifyAppProfile
     conversations: ConversationStore
     media: MediaService
     appender: AppendBatcher
     finisher: Finisher
     texts: Texts
+    health: DifyHealth
 
 
 class StreamWorker:
@@ -55,23 +69,32 @@ class StreamWorker:
         owner: str,
         max_seconds: float,
         prepare: Callable[[StreamJob], dict] | None = None,
+        bot: str = "default",
+        options: AnswerOptions = DEFAULT_OPTIONS,
     ):
         self.deps = deps
+        self.options = options
         self.owner = owner
+        self.bot = bot
         self.max_seconds = max_seconds
         self.prepare = prepare or (lambda job: {})
 
     def run(self, job: StreamJob, cancelled: threading.Event) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
         with log_context(
-            replica=self.owner, stream=job.stream_id, msgid=job.msgid, user=job.userid, chat=job.chatid or None
+            replica=self.owner,
+            bot=self.bot,
+            stream=job.stream_id,
+            msgid=job.msgid,
+            user=job.userid,
+            chat=job.chatid or None,
         ):
             answer = Answer()
             texts = self.deps.texts
             try:
                 self._answer(job, cancelled, answer)
             except StreamAborted:
-                metrics.STREAM_OUTCOMES.labels("taken_over_elsewhere").inc()
+                metrics.STREAM_OUTCOMES.labels(self.bot, "taken_over_elsewhere").inc()
                 logger.info("stream is owned or closed elsewhere now; worker stops")
             except AuthError as refusal:
                 logger.info("not asking Dify: %s", refusal.code)
@@ -92,22 +115,37 @@ class StreamWorker:
                 self.deps.finisher.finish(job, answer, ERROR, note=texts.say("internal_error"), error="internal_error")
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
+        if job.resume_run:
+            self._resume(job, cancelled, answer)
+            return
         deps = self.deps
         inputs = through_outage(lambda: self.prepare(job), "authorizing the user")
         files, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
-        conversation_id = through_outage(
-            lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"
-        )
+        options = replace(self.options, app_type=deps.profile.app_type())
+        conversation_id = ""
+        if options.app_type != WORKFLOW:  # workflows keep no conversations
+            conversation_id = through_outage(
+                lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"
+            )
         deadline = time.monotonic() + self.max_seconds
-        answer.writer = deps.appender.writer(job.stream_id)
-        recorder = AnswerRecorder(job, answer, deps.store, self.owner, deps.conversations, deps.media)
+        answer.writer = deps.appender.writer(deps.store, job.stream_id)
+        answer.app_type = options.app_type
+        recorder = AnswerRecorder(
+            job, answer, deps.store, self.owner, deps.conversations, deps.media, self.bot, options
+        )
         while True:
             request = ChatRequest(
-                query=job.query, user=job.dify_user, inputs=inputs, conversation_id=conversation_id, files=files
+                query=job.query,
+                user=job.dify_user,
+                inputs=inputs,
+                conversation_id=conversation_id,
+                files=files,
+                app_type=options.app_type,
+                workflow_input=options.workflow_input,
             )
             logger.info("calling Dify%s", " (continuing the conversation)" if conversation_id else "")
             try:
-                self._consume(request, recorder, cancelled, deadline)
+                self._consume(partial(deps.dify.stream_chat, request), recorder, cancelled, deadline)
                 break
             except DifyHTTPError as exc:
                 if not conversation_id or not (exc.status == 404 or exc.code == "conversation_completed"):
@@ -118,15 +156,38 @@ class StreamWorker:
                     "forgetting the conversation",
                 )
                 conversation_id = ""
-        recorder.save_conversation()
         self._complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
 
+    def _resume(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
+        """Stream again the Dify run of a stream whose replica is gone (a chatflow's or workflow's) and go on from
+        where its text stopped: the run's events come again from its start, and what the bubble already has is
+        skipped (a run that had ended gives its outputs, which hold the whole answer)."""
+        deps = self.deps
+        options = replace(self.options, app_type=deps.profile.app_type())
+        shown = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, written=len(shown))
+        answer.resumed, answer.shown = True, "".join(shown)
+        answer.skip = len(answer.shown)
+        answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
+        recorder = AnswerRecorder(
+            job, answer, deps.store, self.owner, deps.conversations, deps.media, self.bot, options
+        )
+        logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
+        deadline = job.created_at + self.max_seconds
+        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user)
+        self._consume(events, recorder, cancelled, deadline)
+        self._complete(job, answer, recorder, "")
+
     def _consume(
-        self, request: ChatRequest, recorder: AnswerRecorder, cancelled: threading.Event, deadline: float
+        self,
+        open_events: Callable[[TextRelay], Iterator[list[DifyEvent]]],
+        recorder: AnswerRecorder,
+        cancelled: threading.Event,
+        deadline: float,
     ) -> None:
-        """One Dify call, its events recorded as they come; returns at message_end."""
+        """One Dify call (`open_events(relay)`), its events recorded as they come; returns at the answer's end."""
         relay = TextRelay(recorder.answer, cancelled, deadline)
-        for batch in self.deps.dify.stream_chat(request, relay):
+        for batch in open_events(relay):
             if cancelled.is_set():
                 raise StreamAborted
             recorder.apply(batch)
@@ -136,26 +197,43 @@ class StreamWorker:
                 raise DifyTimeout(f"answer ran past {self.max_seconds:.0f}s", code="total_timeout")
 
     def _complete(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, note: str) -> None:
-        if not answer.text:
+        """Dify's answer ended: a failed run is an error (raised for `run` to finish it); else the final state.
+
+        Raises:
+            DifyStreamError: the chatflow's or workflow's run failed or was stopped.
+        """
+        if answer.workflow_error:
+            raise DifyStreamError(answer.workflow_error, code="workflow_failed")
+        recorder.save_conversation()
+        if answer.thinking:  # reasoning with no answer after it
+            recorder.write([THINK_CLOSE.rstrip()])
+            answer.thinking = False
+        if answer.paused:
+            note = self.deps.texts.say("input_required")
+        elif not answer.answered:
             if answer.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.
                 recorder.write([answer.last_thought])
             elif not answer.images:
                 note = self.deps.texts.say("empty_answer")
+        if answer.images_left_out:
+            note = "\n".join(filter(None, (note, self.deps.texts.say("image_left_out"))))
         fields = {
             "note": note,
             "tokens": answer.usage.get("total_tokens", ""),
             "dify_latency": answer.usage.get("latency", ""),
         }
         logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
+        self.deps.health.answered()
         self.deps.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
 
     def _fail(self, job: StreamJob, answer: Answer, exc: DifyError) -> None:
         if isinstance(exc, DifyStreamCut) and answer.workflow_error:
             exc = DifyStreamError(answer.workflow_error, code="workflow_failed")
-        metrics.DIFY_ERRORS.labels(exc.code).inc()
+        metrics.DIFY_ERRORS.labels(self.bot, exc.code).inc()
+        self.deps.health.failed(exc.code)
         logger.warning("Dify failed: %s (%s)", exc.code, exc.message[:200])
         if isinstance(exc, DifyTimeout) and answer.task_id:
-            self.deps.dify.stop(answer.task_id, job.dify_user)
+            self.deps.dify.stop(answer.task_id, job.dify_user, answer.app_type)
         note = self.deps.texts.failure_note(exc)
         self.deps.finisher.finish(job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")

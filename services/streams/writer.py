@@ -34,8 +34,9 @@ class StreamWriter:
     in CONFLICT: its list no longer holds what this writer wrote (a Redis failover lost the last appends), and
     nothing more is appended until the owner has rewritten the answer whole and called `reset`."""
 
-    def __init__(self, batcher: AppendBatcher, stream_id: str, written: int = 0):
+    def __init__(self, batcher: AppendBatcher, store: StreamStore, stream_id: str, written: int = 0):
         self.batcher = batcher
+        self.store = store  # its bot's
         self.stream_id = stream_id
         self.written = written  # deltas confirmed in the Redis list
         self.state = WRITTEN
@@ -123,10 +124,9 @@ class StreamWriter:
 
 
 class AppendBatcher:
-    """One per process: sends the pending appends of every stream together."""
+    """One per process: sends the pending appends of every stream together (every bot's: one round trip per bot)."""
 
-    def __init__(self, store: StreamStore, owner: str):
-        self.store = store
+    def __init__(self, owner: str):
         self.owner = owner
         self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -134,8 +134,8 @@ class AppendBatcher:
         self.batches = 0
         self.appends = 0
 
-    def writer(self, stream_id: str, written: int = 0) -> StreamWriter:
-        return StreamWriter(self, stream_id, written)
+    def writer(self, store: StreamStore, stream_id: str, written: int = 0) -> StreamWriter:
+        return StreamWriter(self, store, stream_id, written)
 
     def submit(self, writer: StreamWriter) -> None:
         self._ensure_thread()
@@ -168,13 +168,21 @@ class AppendBatcher:
         while True:
             batch = self._take_batch()
             started = time.monotonic()
-            try:
-                outcomes: list = self.store.append_many([request for _, request in batch], self.owner)
-            except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
-                outcomes = [exc] * len(batch)
+            by_store: dict[int, list[tuple[StreamWriter, AppendRequest]]] = {}
+            for writer, request in batch:
+                by_store.setdefault(id(writer.store), []).append((writer, request))
+            for group in by_store.values():
+                self._send(group)
             self.batches += 1
             self.appends += len(batch)
-            for (writer, request), outcome in zip(batch, outcomes, strict=True):
-                if writer.settle(request, outcome):
-                    self._queue.put(writer)
             time.sleep(max(0.0, started + BATCH_INTERVAL_SECONDS - time.monotonic()))
+
+    def _send(self, group: list[tuple[StreamWriter, AppendRequest]]) -> None:
+        """One store's appends in one round trip; each writer learns its own outcome."""
+        try:
+            outcomes: list = group[0][0].store.append_many([request for _, request in group], self.owner)
+        except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
+            outcomes = [exc] * len(group)
+        for (writer, request), outcome in zip(group, outcomes, strict=True):
+            if writer.settle(request, outcome):
+                self._queue.put(writer)

@@ -37,6 +37,7 @@ class CallbackHandler:
         self.envelope = envelope
         self.intake = intake
         self.streams = streams
+        self.bot = streams.bot
         self.events = events
         self.texts = texts
 
@@ -56,18 +57,18 @@ class CallbackHandler:
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
         if message.msgtype == "event" and not self.events.first_time(opened.signature):
-            metrics.CALLBACKS.labels(kind, "replayed").inc()
+            metrics.CALLBACKS.labels(self.bot, kind, "replayed").inc()
             logger.info("repeated event callback: answered without doing it again")
             return self.envelope.seal(self.events.replayed(message), opened.nonce)
         started = time.perf_counter()
         try:
             reply = self.dispatch(message)
         except StoreUnavailable:
-            metrics.CALLBACKS.labels(kind, "store_unavailable").inc()
+            metrics.CALLBACKS.labels(self.bot, kind, "store_unavailable").inc()
             raise
-        metrics.CALLBACKS.labels(kind, "ok").inc()
+        metrics.CALLBACKS.labels(self.bot, kind, "ok").inc()
         if message.msgtype == "stream":
-            metrics.POLL_SECONDS.observe(time.perf_counter() - started)
+            metrics.POLL_SECONDS.labels(self.bot).observe(time.perf_counter() - started)
         return self.envelope.seal(reply, opened.nonce)
 
     def dispatch(self, message: Inbound) -> dict | None:

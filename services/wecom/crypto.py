@@ -87,6 +87,34 @@ def decode_aes_key(encoding_aes_key: str) -> bytes:
     return key
 
 
+def media_cipher(aeskey: str) -> Cipher:
+    """The cipher of one long-connection message's media: its own `aeskey` (base64 of 32 bytes), AES-256-CBC with
+    the key's first 16 bytes as IV, as for callback media with the EncodingAESKey (WECOM_AIBOT_PROTOCOL.md §11).
+
+    Raises:
+        CryptoError: ILLEGAL_AES_KEY when it does not decode to 32 bytes.
+    """
+    try:
+        key = base64.b64decode(aeskey + "=" * (-len(aeskey) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise CryptoError(ILLEGAL_AES_KEY, "the media aeskey is not base64") from None
+    if len(key) != 32:
+        raise CryptoError(ILLEGAL_AES_KEY, "the media aeskey is not 32 bytes")
+    return Cipher(algorithms.AES(key), modes.CBC(key[:16]))
+
+
+def decrypt_media_with(aeskey: str, data: bytes) -> bytes:
+    """Decrypt a long-connection message's media with its own aeskey (PKCS#7-32, no framing).
+
+    Raises:
+        CryptoError: ILLEGAL_AES_KEY, DECRYPT_AES_ERROR or ILLEGAL_BUFFER.
+    """
+    if not data or len(data) % 16:
+        raise CryptoError(DECRYPT_AES_ERROR, "ciphertext is not a whole number of AES blocks")
+    decryptor = media_cipher(aeskey).decryptor()
+    return unpad32(decryptor.update(data) + decryptor.finalize())
+
+
 class WeComCrypto:
     """Signs, encrypts and decrypts WeCom callback payloads for one bot (Token + EncodingAESKey)."""
 

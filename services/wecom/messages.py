@@ -34,6 +34,7 @@ class Inbound:
     text: str = ""
     image_urls: tuple[str, ...] = ()
     file_url: str = ""
+    media_keys: dict[str, str] = field(default_factory=dict)  # long-connection mode: media url -> its own aeskey
     stream_id: str = ""
     quote: dict | None = None
     event_type: str = ""
@@ -92,7 +93,8 @@ def parse_inbound(plaintext: str) -> Inbound:
         raise errors.invalid_message(f"'{msgtype}' body is missing")
     text, images, file_url = _content_of(msgtype, body)
     quote = data.get("quote") if isinstance(data.get("quote"), dict) else None
-    return Inbound(text=text, image_urls=images, file_url=file_url, quote=quote, **common)
+    keys = media_keys(data) | (media_keys(quote) if quote else {})
+    return Inbound(text=text, image_urls=images, file_url=file_url, quote=quote, media_keys=keys, **common)
 
 
 def _content_of(msgtype: str, body: dict) -> tuple[str, tuple[str, ...], str]:
@@ -115,6 +117,23 @@ def _content_of(msgtype: str, body: dict) -> tuple[str, tuple[str, ...], str]:
         elif kind == "image" and _string(inner.get("url")):
             images.append(_string(inner.get("url")))
     return "\n".join(texts), tuple(images), ""
+
+
+def media_keys(message: dict) -> dict[str, str]:
+    """url -> aeskey of every medium a message (or a quote) carries its own key for (long-connection mode)."""
+    found: dict[str, str] = {}
+
+    def take(item) -> None:
+        if isinstance(item, dict) and isinstance(item.get("url"), str) and isinstance(item.get("aeskey"), str):
+            found[item["url"]] = item["aeskey"]
+
+    for kind in ("image", "file", "video"):
+        take(message.get(kind))
+    mixed = message.get("mixed") if isinstance(message.get("mixed"), dict) else {}
+    for item in mixed.get("msg_item") or []:
+        if isinstance(item, dict):
+            take(item.get("image"))
+    return found
 
 
 def _string(value) -> str:

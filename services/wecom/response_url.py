@@ -7,12 +7,14 @@ import logging
 import httpx
 import orjson
 
+from utils.tls import default_tls_context
+
 logger = logging.getLogger(__name__)
 
 
 class ResponseUrlClient:
     def __init__(self, timeout: float = 10.0):
-        self._http = httpx.Client(timeout=timeout, trust_env=False)
+        self._http = httpx.Client(timeout=timeout, trust_env=False, verify=default_tls_context())
 
     def close(self) -> None:
         self._http.close()

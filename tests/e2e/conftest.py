@@ -10,6 +10,7 @@ def replica_env(dify_url: str, redis_url: str, **settings: str) -> dict[str, str
     override it (e.g. AUTH_MODE="external" with the auth API and the database)."""
     return {
         "DEMO_MODE": "false",
+        "BOTS_FILE": "",  # demo.env names the demo's bots file; these replicas are the environment's one bot
         "WECOM_TOKEN": TOKEN,
         "WECOM_ENCODING_AES_KEY": AES_KEY,
         "DIFY_BASE_URL": dify_url,

@@ -140,3 +140,41 @@ def test_the_console_follows_a_growing_answer_unless_the_user_scrolled_up(browse
 def test_the_console_exists_only_in_demo_mode(client):
     assert client.get("/console").status_code == 404
     assert client.get("/console/api/config").status_code == 404
+
+
+@pytest.fixture
+def long_connection_console(settings, serve, tmp_path):
+    """The demo with a long-connection bot `ops`; the demo starts the WeCom WebSocket stand-in for it."""
+    from demo.replicas import free_port
+
+    path = tmp_path / "bots.toml"
+    path.write_text(
+        f"""
+[bots.ops]
+mode = "long_connection"
+bot_id = "console-ops"
+secret = "console-secret"
+wecom_ws_url = "ws://127.0.0.1:{free_port()}"
+welcome_message = "ops here"
+"""
+    )
+    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", bots_file=str(path), bot_name=""))
+    yield f"{serve(app).url}/console"
+    app.extensions["gateway"].runner.drain(10)
+    app.extensions["gateway"].close()
+
+
+def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_console, dify):
+    from selenium.webdriver.common.by import By
+
+    dify.script(d.answer("answered over the **WebSocket**", delay=0.05))
+    browser.get(long_connection_console)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "enter").click()
+    wait_until(browser, "return [...document.querySelectorAll('.msg.system')].some(m => m.textContent === 'ops here');")
+    browser.find_element(By.ID, "input").send_keys("hello ws")
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
+    assert bubble.find_element(By.TAG_NAME, "strong").text == "WebSocket"
+    assert "frames over the WebSocket" in bubble.text

@@ -133,7 +133,7 @@ def test_metrics_add_up_every_worker(replica, dify):
         text = httpx.get(f"{replica.url}/metrics", timeout=5).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "wecom_messages_total" and sample.labels == {"outcome": "opened"}:
+                if sample.name == "wecom_messages_total" and sample.labels == {"bot": "default", "outcome": "opened"}:
                     return sample.value
         return 0.0
 
@@ -160,6 +160,6 @@ def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, red
         assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 404
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
         assert scraped.status_code == 200
-        assert 'wecom_messages_total{outcome="opened"} 1.0' in scraped.text
+        assert 'wecom_messages_total{bot="default",outcome="opened"} 1.0' in scraped.text
     finally:
         server.stop()

@@ -7,7 +7,8 @@ const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const POLL_INTERVAL_MS = 1000;
 const POLL_WINDOW_MS = 6 * 60 * 1000;
-let config = null;
+let bots = [];
+let config = null;  // the bot this page talks to (the picker chooses among several)
 let aesKey = null;
 let aesIv = null;
 
@@ -158,6 +159,7 @@ function renderBubble(bubble, stream, finished, note) {
 }
 
 async function send(content) {
+  if (config.mode === "long_connection") return sendOverWebSocket(content);
   addMessage("user", escapeHtml(content));
   const payload = basePayload("text");
   payload.text = { content };
@@ -196,6 +198,44 @@ async function send(content) {
   watchResponseUrl(responseUrl.code);
 }
 
+// A long-connection bot has no callback URL: WeCom's WebSocket stand-in (started by the demo) delivers the message,
+// and the page shows the frames the bot answered on its req_id, as WeCom's client would.
+async function sendOverWebSocket(content) {
+  addMessage("user", escapeHtml(content));
+  const bubble = addMessage("bot streaming", "…");
+  const response = await fetch(`/console/api/ws/${encodeURIComponent(config.name)}/message`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: content }),
+  });
+  const sent = await response.json();
+  if (!response.ok) {
+    showBubble(bubble, { id: "", content: "" }, true, sent.message || "the message was not delivered");
+    return;
+  }
+  const proactiveBefore = (await wsFrames(sent.req_id)).proactive.length;
+  const started = Date.now();
+  let last = null;
+  while (Date.now() - started < POLL_WINDOW_MS) {
+    await new Promise(resolve => setTimeout(resolve, POLL_INTERVAL_MS / 2));
+    const { frames, proactive } = await wsFrames(sent.req_id);
+    if (frames.length) {
+      last = frames[frames.length - 1].stream;
+      showBubble(bubble, last, last.finish, last.finish ? `${frames.length} frames over the WebSocket` : "");
+      refreshRedis(last.id);
+    }
+    if (last && last.finish) return;
+    if (proactive.length > proactiveBefore) {  // the req_id died: the rest came as aibot_send_msg
+      const markdown = proactive[proactive.length - 1].markdown.content;
+      addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
+      return;
+    }
+  }
+}
+
+async function wsFrames(reqId) {
+  const url = `/console/api/ws/${encodeURIComponent(config.name)}/frames/${encodeURIComponent(reqId)}`;
+  return (await fetch(url)).json();
+}
+
 async function watchResponseUrl(code) {
   for (let i = 0; i < 60; i++) {
     const { messages } = await (await fetch(`/console/api/response/${code}`)).json();
@@ -209,6 +249,18 @@ async function watchResponseUrl(code) {
 }
 
 async function enterChat() {
+  if (config.mode === "long_connection") {
+    const response = await fetch(`/console/api/ws/${encodeURIComponent(config.name)}/message`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ event: "enter_chat" }),
+    });
+    const sent = await response.json();
+    for (let i = 0; i < 20 && response.ok; i++) {
+      await new Promise(resolve => setTimeout(resolve, 250));
+      const { welcome } = await wsFrames(sent.req_id);
+      if (welcome) return addMessage("system", escapeHtml(welcome.text.content));
+    }
+    return addMessage("system", sent.message || "(no welcome message configured)");
+  }
   const payload = basePayload("event");
   payload.create_time = Math.floor(Date.now() / 1000);
   payload.event = { eventtype: "enter_chat", enter_chat: {} };
@@ -217,7 +269,7 @@ async function enterChat() {
 }
 
 async function refreshRedis(streamId) {
-  const response = await fetch(`/console/api/stream/${encodeURIComponent(streamId)}`);
+  const response = await fetch(`/console/api/stream/${encodeURIComponent(streamId)}?bot=${encodeURIComponent(config.name)}`);
   document.getElementById("redis").textContent = JSON.stringify(await response.json(), null, 2);
 }
 
@@ -307,11 +359,24 @@ function renderMarkdown(source) {
 
 // --- start -------------------------------------------------------------------------------------------------------------
 
-async function start() {
-  config = await (await fetch("/console/api/config")).json();
+async function useBot(index) {
+  config = bots[index];
+  if (config.mode === "long_connection") return;  // no callback crypto: WeCom's WebSocket carries it
   const keyBytes = fromBase64(config.encoding_aes_key + "=");
   aesIv = keyBytes.slice(0, 16);
   aesKey = await crypto.subtle.importKey("raw", keyBytes, "AES-CBC", false, ["encrypt", "decrypt"]);
+}
+
+async function start() {
+  bots = (await (await fetch("/console/api/config")).json()).bots;
+  await useBot(0);
+  const picker = document.getElementById("bot");
+  bots.forEach((bot, index) => picker.add(new Option(`${bot.name} (${bot.callback_path})`, index)));
+  document.getElementById("bot-picker").hidden = bots.length < 2;
+  picker.addEventListener("change", async () => {
+    await useBot(Number(picker.value));
+    addMessage("system", `now talking to ${escapeHtml(config.name)}`);
+  });
   const form = document.getElementById("composer");
   const input = document.getElementById("input");
   form.addEventListener("submit", event => {

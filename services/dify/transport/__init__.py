@@ -83,14 +83,14 @@ class EventStream:
 
 def open_event_stream(
     url: str,
-    body: bytes,
+    body: bytes | None,
     headers: dict[str, str],
     connect_timeout: float,
     read_timeout: float,
     tls: ssl.SSLContext | None = None,
     pump: ReadPump = PROCESS_PUMP,
 ) -> EventStream:
-    """POST `body` and return the response once its head is in.
+    """POST `body` (GET when it is None) and return the response once its head is in.
 
     Raises:
         StreamConnectError: nothing reached the server (connect, TLS or sending failed).

@@ -15,9 +15,10 @@ import ssl
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from utils.tls import default_tls_context
+
 _MAX_HEAD_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
-_TLS_CONTEXT: ssl.SSLContext | None = None
 _LENGTH = re.compile(r"[0-9]{1,12}")
 # A chunk size (hex, at most 16 digits), extensions after ';', optional whitespace: RFC 9112 §7.1.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
@@ -214,13 +215,14 @@ def body_decoder(headers: dict[str, str]) -> _BodyDecoder:
 
 def post_stream(
     url: str,
-    body: bytes,
+    body: bytes | None,
     headers: dict[str, str],
     connect_timeout: float,
     read_timeout: float,
     tls: ssl.SSLContext | None = None,
 ) -> StreamingResponse:
-    """POST `body` to `url` and return once the response head is in (https with `tls`, else the system's CAs).
+    """POST `body` to `url` (GET when `body` is None) and return once the response head is in (https with `tls`,
+    else the system's CAs).
 
     Raises:
         StreamConnectError: could not connect, set up TLS, or send the request (nothing reached the server).
@@ -239,18 +241,19 @@ def post_stream(
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if https:
-            sock = (tls or _tls_context()).wrap_socket(sock, server_hostname=host)
+            sock = (tls or default_tls_context()).wrap_socket(sock, server_hostname=host)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = host if parts.port is None else f"{host}:{port}"
         lines = [
-            f"POST {target} HTTP/1.1",
+            f"{'GET' if body is None else 'POST'} {target} HTTP/1.1",
             f"Host: {host_header}",
-            f"Content-Length: {len(body)}",
             "Connection: close",
             "Accept-Encoding: identity",
         ]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
     except OSError as exc:
         sock.close()
         raise StreamConnectError(f"sending the request failed: {type(exc).__name__}") from exc
@@ -300,10 +303,3 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         if sep:
             headers[name.strip().lower()] = value.strip()
     return int(fields[1]), headers
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _TLS_CONTEXT
-    if _TLS_CONTEXT is None:
-        _TLS_CONTEXT = ssl.create_default_context()
-    return _TLS_CONTEXT

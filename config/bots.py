@@ -1,0 +1,252 @@
+"""Several bots in one deployment (CONTRACT.md §8): `BOTS_FILE` names a TOML file with one table per bot.
+
+    [bots.hr]
+    callback_path = "/wecom/callback/hr"      # default /wecom/callback/<name>
+    token_file = "/run/secrets/hr/token"      # or token = "..."
+    encoding_aes_key_file = "/run/secrets/hr/aes-key"
+    dify_api_key_file = "/run/secrets/hr/dify-api-key"
+    bot_language = "zh"
+
+Each bot becomes a whole `Settings`: the per-bot settings of its table (the README's names in lower case, or the
+short names above), every other one from the environment, as without the file. Without `BOTS_FILE` the environment
+alone defines one bot, `default`, unchanged. A bad file is one line per problem, naming the bot and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+from config.settings import Settings, SettingsError
+
+DEFAULT_BOT = "default"
+NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/console")
+
+# Settings each bot may set for itself; the rest (Redis, the database, the process, logging) is the deployment's.
+PER_BOT_FIELDS = frozenset(
+    {
+        "bot_language",
+        "wecom_mode",
+        "wecom_bot_id",
+        "wecom_bot_secret",
+        "wecom_ws_url",
+        "wecom_ws_heartbeat_seconds",
+        "wecom_ws_lease_seconds",
+        "wecom_ws_kick_cooldown_seconds",
+        "wecom_token",
+        "wecom_encoding_aes_key",
+        "wecom_callback_path",
+        "wecom_receive_id",
+        "wecom_timestamp_tolerance",
+        "wecom_bot_name",
+        "welcome_message",
+        "dify_base_url",
+        "dify_api_key",
+        "dify_connect_timeout",
+        "dify_read_timeout",
+        "dify_max_stream_seconds",
+        "dify_max_retries",
+        "dify_retry_backoff",
+        "dify_app_type",
+        "dify_workflow_input",
+        "dify_workflow_output",
+        "show_reasoning",
+        "auth_mode",
+        "auth_api_url",
+        "auth_api_key",
+        "auth_timeout",
+        "auth_token_margin",
+        "stream_window_seconds",
+        "stream_placeholder",
+        "conversation_ttl_seconds",
+        "rate_limit_per_minute",
+    }
+)
+# The short names CONTRACT.md §8 uses in a bot's table, for the settings' own names.
+ALIASES = {
+    "mode": "wecom_mode",
+    "bot_id": "wecom_bot_id",
+    "secret": "wecom_bot_secret",
+    "token": "wecom_token",
+    "encoding_aes_key": "wecom_encoding_aes_key",
+    "callback_path": "wecom_callback_path",
+}
+_KEY_OF = {field: alias for alias, field in ALIASES.items()}
+_SECRETS = frozenset(f.name for f in dataclasses.fields(Settings) if not f.repr)
+_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+
+
+def bot_keys(name: str) -> str:
+    """The Redis key prefix of a bot's keys (after REDIS_KEY_PREFIX): none for `default`, so a deployment that
+    moves from the environment to a file, keeping its bot as `default`, keeps its keys."""
+    return "" if name == DEFAULT_BOT else f"bot:{name}:"
+
+
+# Under gunicorn, the bots of the last good file, set by the master when a HUP found the new file bad: the
+# workers it forks then serve these (see gunicorn.conf.py on_reload) instead of failing to boot, which would stop
+# the whole replica.
+_last_good: tuple[Settings, ...] | None = None
+
+
+def keep_last_good(bots: tuple[Settings, ...] | None) -> None:
+    """Serve `bots` instead of reading the file (None: read the file again)."""
+    global _last_good
+    _last_good = bots
+
+
+def load_bots(settings: Settings) -> tuple[Settings, ...]:
+    """The settings of each bot of the deployment (`settings` alone, as `default`, without BOTS_FILE).
+
+    Raises:
+        SettingsError: every problem of the file, one line each, naming the bot and the key.
+    """
+    if _last_good is not None:
+        return _last_good
+    if not settings.bots_file:
+        return (settings,)
+    tables = _read(settings.bots_file)
+    problems: list[str] = []
+    bots: list[Settings] = []
+    for name, table in tables.items():
+        where = f"BOTS_FILE bots.{name}"
+        if not NAME_PATTERN.fullmatch(name):
+            problems.append(f"{where}: the name must be 1 to 32 of a-z, 0-9, _ and -")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table ([bots.{name}])")
+            continue
+        values, found = _values(table, where, Path(settings.bots_file).parent)
+        problems += found
+        values.setdefault("wecom_callback_path", f"/wecom/callback/{name}")
+        try:
+            bots.append(settings.replace(bot_name=name, **values))
+        except SettingsError as exc:
+            reported = {_key(field) for field in found.fields}  # e.g. a secret whose file could not be read
+            for problem in (_in_file_terms(p) for p in exc.problems):
+                if problem.partition(" ")[0] not in reported:
+                    problems.append(f"{where}: {problem}")
+    problems += _clashes(bots)
+    if not tables:
+        problems.append("BOTS_FILE names no bot: add a table such as [bots.hr]")
+    if problems:
+        raise SettingsError(problems)
+    return tuple(bots)
+
+
+def _read(path: str) -> dict:
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"BOTS_FILE cannot be read ({path}: {exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"BOTS_FILE is not UTF-8 text ({path})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"BOTS_FILE is not valid TOML ({path}: {exc})") from None
+    unknown = sorted(set(document) - {"bots"})
+    if unknown:
+        raise SettingsError(f"BOTS_FILE has tables other than [bots.<name>]: {', '.join(unknown)}")
+    bots = document.get("bots", {})
+    if not isinstance(bots, dict):
+        raise SettingsError("BOTS_FILE: bots must be tables ([bots.<name>])")
+    return bots
+
+
+class _Found(list):
+    """A table's problems, and the settings they concern (not reported again as missing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fields: set[str] = set()
+
+    def add(self, field: str, problem: str) -> None:
+        self.append(problem)
+        self.fields.add(field)
+
+
+def _values(table: dict, where: str, folder: Path) -> tuple[dict, _Found]:
+    """A bot table's settings as Settings fields (secrets read from their files), and its problems."""
+    values: dict = {}
+    problems = _Found()
+    for key, value in table.items():
+        from_file = key.endswith("_file")
+        name = ALIASES.get(key.removesuffix("_file"), key.removesuffix("_file"))
+        if name not in PER_BOT_FIELDS or (from_file and name not in _SECRETS):
+            problems.append(f"{where}: unknown key {key!r}")
+        elif name in values:
+            problems.add(name, f"{where}: {key!r} sets {_key(name)!r} a second time")
+        elif from_file:
+            secret, problem = _secret_from(value, folder)
+            if problem:
+                problems.add(name, f"{where}: {key} {problem}")
+            else:
+                values[name] = secret
+        elif (parsed := _typed(value, _TYPES[name])) is None:
+            problems.add(name, f"{where}: {key} must be {_KINDS[_TYPES[name]]}")
+        else:
+            values[name] = parsed
+    return values, problems
+
+
+def _secret_from(path, folder: Path) -> tuple[str, str]:
+    """(the secret in the file at `path`, relative to the bots file's folder; or "" and why it cannot be read)."""
+    if not isinstance(path, str) or not path:
+        return "", "must be a file path"
+    try:
+        return (folder / path).read_text(encoding="utf-8").strip(), ""  # an absolute path stays as it is
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        return "", f"cannot be read ({path}: {reason})"
+
+
+_KINDS = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false"}
+
+
+def _typed(value, kind: str):
+    """`value` as the field's type, or None when TOML gave something else (a bool is not a number here)."""
+    if kind == "str":
+        return value if isinstance(value, str) else None
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if kind == "int":
+        return value if isinstance(value, int) else None
+    return float(value)
+
+
+def _key(field: str) -> str:
+    """How a setting is spelled in a bot's table."""
+    return _KEY_OF.get(field, field)
+
+
+def _in_file_terms(problem: str) -> str:
+    """A settings problem ("DIFY_API_KEY is required ...") in the bot table's terms ("dify_api_key is ...")."""
+    variable, _, rest = problem.partition(" ")
+    field = variable.lower()
+    if field in PER_BOT_FIELDS:
+        return f"{_key(field)} {rest}"
+    return problem  # a deployment-wide setting, e.g. DATABASE_URL that this bot's AUTH_MODE needs
+
+
+def _clashes(bots: list[Settings]) -> list[str]:
+    """Two bots at one callback path (or one at a path the gateway serves itself), or two on one BotID."""
+    problems = []
+    owners: dict[str, str] = {}
+    bot_ids: dict[str, str] = {}
+    for bot in bots:
+        if bot.wecom_mode == "long_connection":  # no callback path; one connection per BotID
+            if bot.wecom_bot_id in bot_ids:
+                problems.append(f"BOTS_FILE bots.{bot.bot_name}: bot_id is bots.{bot_ids[bot.wecom_bot_id]}'s already")
+            bot_ids.setdefault(bot.wecom_bot_id, bot.bot_name)
+            continue
+        path = bot.wecom_callback_path.rstrip("/") or "/"
+        if path in owners:
+            problems.append(f"BOTS_FILE bots.{bot.bot_name}: callback_path {path} is bots.{owners[path]}'s already")
+        elif path == "/" or path.startswith(RESERVED_PATHS):
+            problems.append(f"BOTS_FILE bots.{bot.bot_name}: callback_path {path} is the gateway's own")
+        else:
+            owners[path] = bot.bot_name
+    return problems

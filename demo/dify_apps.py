@@ -1,0 +1,114 @@
+"""Scenario steps for Dify's newer app types and events (DIFY_API.md, the section added 2026-11-22), for the Dify
+stand-in (demo/dify_standin.py): the agent app's closing message, text chunks labelled message_file, reasoning,
+annotation replies, a run paused for a person, workflow runs with and without text chunks, chatflow answers."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from demo.dify_standin import end, event, message, sleep
+
+# --- scenario steps ------------------------------------------------------------------------------------------
+
+
+def agent_answer(text: str, pieces: int = 4) -> list[tuple]:
+    """Dify's newer Agent app: agent_message deltas, then one `message` carrying the whole answer again."""
+    size = max(1, -(-len(text) // pieces))
+    deltas = [event("agent_message", answer=text[i : i + size]) for i in range(0, len(text), size)]
+    return [*deltas, message(text), end()]
+
+
+def file_then_text(url: str, text: str, pieces: int = 3) -> list[tuple]:
+    """An assistant file first, so every later text chunk of the message arrives labelled `message_file`."""
+    size = max(1, -(-len(text) // pieces))
+    chunks = [
+        event("message_file", answer=text[i : i + size], belongs_to="assistant") for i in range(0, len(text), size)
+    ]
+    file = event("message_file", type="image", belongs_to="assistant", url=url, id="file-1")
+    return [file, *chunks, end()]
+
+
+def reasoning(text: str, final: bool = False) -> tuple:
+    """A chatflow LLM node's separated reasoning (not answer text)."""
+    return event("reasoning_chunk", data={"reasoning": text, "is_final": final, "node_id": "llm"})
+
+
+def annotation_answer(text: str) -> list[tuple]:
+    """An annotation reply: the stored answer, one character per chunk every 10 ms, then message_end naming it."""
+    steps: list[tuple] = []
+    for character in text:
+        steps += [message(character), sleep(0.01)]
+    metadata = {"annotation_reply": {"id": "annotation-1", "account": {"id": "a1", "name": "admin"}}, "usage": {}}
+    return [*steps, event("message_end", metadata=metadata)]
+
+
+def input_required(before: str = "") -> list[tuple]:
+    """A run that stops for a person: some text, human_input_required, workflow_paused, and the stream ends."""
+    form = {"form_token": "form-1", "form_content": "Approve?", "expiration_time": int(time.time()) + 3600}
+    return [*([message(before)] if before else []), event("human_input_required", data=form), paused()]
+
+
+def paused() -> tuple:
+    return event("workflow_paused", data={"paused_nodes": ["human"], "reasons": ["human_input_required"]})
+
+
+def workflow_started() -> tuple:
+    return event("workflow_started", data={"workflow_id": "wf-1", "inputs": {}})
+
+
+def text_chunk(text: str) -> tuple:
+    return event("text_chunk", data={"text": text, "from_variable_selector": ["llm", "text"]})
+
+
+def workflow_done(outputs: dict | None = None, status: str = "succeeded", error: str | None = None) -> tuple:
+    data = {"status": status, "outputs": outputs or {}, "error": error, "elapsed_time": 0.4, "total_tokens": 21}
+    return event("workflow_finished", data=data)
+
+
+def workflow_run(text: str, pieces: int = 4, chunks: bool = True, output: str = "text", delay: float = 0.0):
+    """A workflow app's run: its answer in text_chunks (or, without `chunks`, only in the output `output`)."""
+    size = max(1, -(-len(text) // pieces))
+    steps: list[tuple] = [workflow_started(), event("node_started", data={"node_id": "llm", "node_type": "llm"})]
+    if chunks:
+        for i in range(0, len(text), size):
+            steps.append(text_chunk(text[i : i + size]))
+            if delay:
+                steps.append(sleep(delay))
+    return [*steps, workflow_done({output: text, "other": 7})]
+
+
+def chatflow_answer(text: str, pieces: int = 4, delay: float = 0.0) -> list[tuple]:
+    """A chatflow (advanced-chat) answer: workflow events around message deltas, outputs.answer at the end."""
+    size = max(1, -(-len(text) // pieces))
+    steps: list[tuple] = [workflow_started()]
+    for i in range(0, len(text), size):
+        steps.append(message(text[i : i + size]))
+        if delay:
+            steps.append(sleep(delay))
+    return [*steps, workflow_done({"answer": text}), end()]
+
+
+def demo_workflow(query: str, language: str) -> list[tuple]:
+    """The unscripted answer of a workflow app."""
+    if language == "en":
+        text = f"**Workflow run** (Dify stand-in)\n\nThe workflow read your input “{query[:200]}” and produced this."
+    else:
+        text = f"**工作流运行结果**（Dify 替身）\n\n工作流读取了你的输入「{query[:200]}」，生成了这段结果。"
+    return workflow_run(text, pieces=12, delay=0.05)
+
+
+def demo_extra(query: str, language: str) -> list[tuple] | None:
+    """Unscripted demo answers that show the newer events: 'think' (reasoning first: shown with
+    SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' (a run that waits for a person)."""
+    words = set(re.findall(r"[a-z]+", query.lower()))
+    english = language == "en"
+    if "think" in words:
+        thought = "The user wants to see reasoning. " if english else "用户想看看推理过程。"
+        answer = "Here is the answer after thinking." if english else "这是思考之后的回答。"
+        return [reasoning(thought), reasoning("…", final=True), message(answer), end()]
+    if "agent" in words:
+        return agent_answer("An agent app's answer, shown once." if english else "智能体应用的回答，只显示一次。")
+    if "form" in words:
+        return input_required("I need an approval first." if english else "需要先审批。")
+    return None

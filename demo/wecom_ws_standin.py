@@ -1,0 +1,220 @@
+"""A WeCom long-connection stand-in: the AI-bot WebSocket server (WECOM_AIBOT_PROTOCOL.md §11) on loopback.
+
+It plays what the live service was seen doing: `aibot_subscribe` acked (853000 for a wrong bot_id or secret, the
+socket left open), one connection per bot (a second subscriber makes the server send the first a
+`disconnected_event` and close it a little later), `ping` acked, every stream frame acked, 846605 for a req_id
+that is not the connection's, 846608 for a frame past the stream's window. Tests deliver messages and events to
+whichever connection holds a bot, and read back the frames each req_id got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+BAD_CREDENTIALS, DEAD_REQ_ID, STREAM_EXPIRED = 853000, 846605, 846608
+
+
+@dataclass
+class _Delivery:
+    """A callback the server sent: on which connection, when, and the frames answered on its req_id."""
+
+    connection: ServerConnection
+    at: float
+    frames: list[dict] = field(default_factory=list)
+    welcome: dict | None = None
+
+
+class WeComWebSocketStandIn:
+    def __init__(
+        self,
+        bots: dict[str, str],
+        window_seconds: float = 360.0,
+        kick_close_delay: float = 0.5,
+        stamp_frames: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
+        self.host = host
+        self.bots = dict(bots)  # bot_id -> secret
+        self.stamp_frames = stamp_frames  # keep when each frame arrived, as `_received_at` (for benchmarks)
+        self.window_seconds = window_seconds
+        self.kick_close_delay = kick_close_delay
+        self.holders: dict[str, ServerConnection] = {}  # bot_id -> its subscribed connection
+        self.subscribes: list[tuple[str, float]] = []  # (bot_id, when) of every accepted subscription
+        self.refused: list[str] = []
+        self.deliveries: dict[str, _Delivery] = {}  # req_id -> delivery
+        self.proactive: list[dict] = []  # aibot_send_msg bodies
+        self.pings = 0
+        self._loop = asyncio.new_event_loop()
+        self._server = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self) -> WeComWebSocketStandIn:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main():
+            async with serve(self._connection, self.host, self.port) as server:
+                self._server = server
+                self.port = server.sockets[0].getsockname()[1]
+                self._ready.set()
+                await server.wait_closed()
+
+        self._loop.run_until_complete(main())
+
+    # --- what tests do ---------------------------------------------------------------------------------------
+
+    def subscribed(self, bot_id: str) -> int:
+        """How many open connections hold `bot_id` now (the server allows one)."""
+        connection = self.holders.get(bot_id)
+        return 1 if connection is not None and connection.state.name == "OPEN" else 0
+
+    def deliver_text(self, bot_id: str, content: str, userid: str = "alice", msgid: str | None = None) -> str:
+        """Send an aibot_msg_callback with a text message to the bot's connection; returns its req_id."""
+        body = _message(bot_id, userid, "text", {"content": content}, msgid)
+        body["response_url"] = f"http://127.0.0.1:9/response/{secrets.token_hex(4)}"
+        return self._deliver(bot_id, "aibot_msg_callback", body)
+
+    def deliver_image(self, bot_id: str, url: str, aeskey: str, userid: str = "alice") -> str:
+        """Send an image message whose medium (at `url`, encrypted with its own `aeskey`) the bot must fetch."""
+        body = _message(bot_id, userid, "image", {"url": url, "aeskey": aeskey})
+        return self._deliver(bot_id, "aibot_msg_callback", body)
+
+    def deliver_event(self, bot_id: str, eventtype: str, userid: str = "alice") -> str:
+        body = _message(bot_id, userid, "event", {"eventtype": eventtype})
+        return self._deliver(bot_id, "aibot_event_callback", body)
+
+    def kick(self, bot_id: str) -> None:
+        """A subscriber that is not the gateway (an old deployment, a laptop) takes the bot."""
+        asyncio.run_coroutine_threadsafe(self._kick(bot_id), self._loop).result(5)
+
+    def frames(self, req_id: str) -> list[dict]:
+        delivery = self.deliveries.get(req_id)
+        return list(delivery.frames) if delivery else []
+
+    def welcome(self, req_id: str) -> dict | None:
+        delivery = self.deliveries.get(req_id)
+        return delivery.welcome if delivery else None
+
+    def final(self, req_id: str, timeout: float = 30.0) -> dict | None:
+        """The frame with finish=true answered on `req_id` (waiting for it), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.frames(req_id):
+                if body.get("stream", {}).get("finish"):
+                    return body
+            time.sleep(0.05)
+        return None
+
+    def _deliver(self, bot_id: str, cmd: str, body: dict) -> str:
+        req_id = f"{cmd}_{uuid.uuid4().hex[:12]}"
+        future = asyncio.run_coroutine_threadsafe(self._push(bot_id, cmd, req_id, body), self._loop)
+        future.result(5)
+        return req_id
+
+    # --- the server ------------------------------------------------------------------------------------------
+
+    async def _push(self, bot_id: str, cmd: str, req_id: str, body: dict) -> None:
+        connection = self.holders.get(bot_id)
+        if connection is None:
+            raise RuntimeError(f"no connection holds bot {bot_id}")
+        self.deliveries[req_id] = _Delivery(connection, time.monotonic())
+        await connection.send(_dump({"cmd": cmd, "headers": {"req_id": req_id}, "body": body}))
+
+    async def _kick(self, bot_id: str) -> None:
+        connection = self.holders.pop(bot_id, None)
+        if connection is not None:
+            await self._disconnect(connection)
+
+    async def _disconnect(self, connection: ServerConnection) -> None:
+        event = {"msgtype": "event", "event": {"eventtype": "disconnected_event"}}
+        req_id = f"aibot_event_callback_{uuid.uuid4().hex[:12]}"
+        try:
+            await connection.send(_dump({"cmd": "aibot_event_callback", "headers": {"req_id": req_id}, "body": event}))
+        except ConnectionClosed:
+            return
+        self._loop.call_later(self.kick_close_delay, lambda: asyncio.ensure_future(connection.close()))
+
+    async def _connection(self, connection: ServerConnection) -> None:
+        try:
+            async for text in connection:
+                data = orjson.loads(text)
+                await self._frame(connection, data)
+        except ConnectionClosed:
+            pass
+        finally:
+            for bot_id, holder in list(self.holders.items()):
+                if holder is connection:
+                    del self.holders[bot_id]
+
+    async def _frame(self, connection: ServerConnection, data: dict) -> None:
+        cmd = data.get("cmd")
+        req_id = (data.get("headers") or {}).get("req_id", "")
+        body = data.get("body") or {}
+        errcode = 0
+        if cmd == "aibot_subscribe":
+            bot_id = body.get("bot_id", "")
+            if self.bots.get(bot_id) != body.get("secret"):
+                self.refused.append(bot_id)
+                errcode = BAD_CREDENTIALS  # and the socket stays open
+            else:
+                previous = self.holders.get(bot_id)
+                self.holders[bot_id] = connection
+                self.subscribes.append((bot_id, time.monotonic()))
+                if previous is not None and previous is not connection:
+                    await self._disconnect(previous)
+        elif cmd == "ping":
+            self.pings += 1
+        elif cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg"):
+            delivery = self.deliveries.get(req_id)
+            if delivery is None or delivery.connection is not connection:
+                errcode = DEAD_REQ_ID
+            elif cmd == "aibot_respond_welcome_msg":
+                delivery.welcome = body
+            elif time.monotonic() - delivery.at > self.window_seconds:
+                errcode = STREAM_EXPIRED
+            else:
+                delivery.frames.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
+        elif cmd == "aibot_send_msg":
+            self.proactive.append(body)
+        ack = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": "ok" if not errcode else "refused"}
+        await connection.send(_dump(ack))
+
+
+def _message(bot_id: str, userid: str, msgtype: str, content: dict, msgid: str | None = None) -> dict:
+    """A 1:1 message (or event) body as WeCom sends it, its content under its msgtype."""
+    return {
+        "msgid": msgid or uuid.uuid4().hex,
+        "aibotid": bot_id,
+        "chattype": "single",
+        "from": {"userid": userid},
+        "msgtype": msgtype,
+        msgtype: content,
+    }
+
+
+def _dump(data: dict) -> str:
+    return orjson.dumps(data).decode()

@@ -1,0 +1,126 @@
+"""Exactly one holder per bot: a lease in Redis with a generation number as fencing token.
+
+A process takes the lease when nobody holds it, which bumps the bot's generation; it keeps the lease by renewing it
+with that generation, and a renewal that finds another holder or generation fails, so the process stops sending at
+once. Asynchronous replication (Sentinel, Cluster) can roll the lease and the counter back after a failover, so
+two processes may briefly both believe they hold it: WeCom then kicks the older connection, and the kicked process
+compares generations (`is_current`) to recognise its own successor and yield, never a kick loop. A generation is
+never below the current time in milliseconds, so one issued after a rollback is still newer than the lost ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services.keys import Keys
+from services.streams.scripts import LuaScript
+
+GENERATION_TTL_SECONDS = 30 * 24 * 3600
+
+# KEYS: lease, generation, cooldown. ARGV: holder, lease_ms, generation ttl, now (ms). Returns the generation now
+# held by `holder`, or 0 when another process holds the lease or the bot is cooling down after a foreign kick.
+ACQUIRE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local holder, generation = string.match(current, '^(.*) (%d+)$')
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(generation)
+  end
+  return 0
+end
+local generation = redis.call('INCR', KEYS[2])
+if generation < tonumber(ARGV[4]) then
+  generation = tonumber(ARGV[4])
+  redis.call('SET', KEYS[2], generation)
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. generation, 'PX', ARGV[2])
+return generation
+"""
+
+# KEYS: lease. ARGV: holder, generation, lease_ms. Returns 1 if the lease is still this holder's, else 0.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: lease. ARGV: holder, generation. Drops the lease if it is this holder's (a drain hands over at once).
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+@dataclass
+class Holding:
+    """What the current holder knows of itself."""
+
+    holder: str
+    generation: int
+
+
+class BotLease:
+    """One bot's connection lease, from one process's point of view (`holder`)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, bot_id: str, holder: str, lease_seconds: int):
+        self.client = client
+        self.lease_key = keys.ws_lease(bot_id)
+        self.generation_key = keys.ws_generation(bot_id)
+        self.cooldown_key = keys.ws_cooldown(bot_id)
+        self.status_key = keys.ws_status(bot_id)
+        self.holder = holder
+        self.lease_ms = lease_seconds * 1000
+        self._acquire = LuaScript(client, ACQUIRE)
+        self._renew = LuaScript(client, RENEW)
+        self._release = LuaScript(client, RELEASE)
+
+    def acquire(self) -> Holding | None:
+        """Take (or keep) the lease; None while another process holds it.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        generation = int(
+            self._acquire(
+                keys=[self.lease_key, self.generation_key, self.cooldown_key],
+                args=[self.holder, self.lease_ms, GENERATION_TTL_SECONDS, int(time.time() * 1000)],
+            )
+        )
+        return Holding(self.holder, generation) if generation else None
+
+    def renew(self, holding: Holding) -> bool:
+        """Keep the lease; False when it is not ours any more (stop sending at once).
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        return bool(int(self._renew(keys=[self.lease_key], args=[holding.holder, holding.generation, self.lease_ms])))
+
+    def release(self, holding: Holding) -> bool:
+        """Hand the lease over at once (a drain); True if it was ours."""
+        return bool(int(self._release(keys=[self.lease_key], args=[holding.holder, holding.generation])))
+
+    def cool_down(self, holding: Holding, seconds: int) -> None:
+        """No process of ours connects the bot for `seconds` (a foreign subscriber has it); the lease is dropped."""
+        if seconds > 0:
+            self.client.set(self.cooldown_key, holding.holder, ex=seconds)
+        self.release(holding)
+
+    def set_status(self, status: str, seconds: int) -> None:
+        """What every replica's /readyz says of the bot's connection, for `seconds`."""
+        self.client.set(self.status_key, status, ex=max(1, seconds))
+
+    def status(self) -> str:
+        return self.client.get(self.status_key) or "no_holder"
+
+    def is_current(self, holding: Holding) -> bool:
+        """Whether `holding` is still the newest generation (a kicked process asks this before yielding)."""
+        generation = self.client.get(self.generation_key)
+        return generation is not None and int(generation) <= holding.generation

@@ -1,0 +1,88 @@
+"""Answers whose stream can no longer be updated over the WebSocket: its req_id died with the connection that
+received it (846605: the holder changed) or its window passed (846608). Such a stream's rest reaches the user once,
+as a proactive markdown message (`aibot_send_msg`) when the answer is final.
+
+Every stream answered over the WebSocket is tracked in the bot's open set, with the generation of the connection
+that answers it and the content its last acknowledged frame showed (in the stream hash). A holder delivers, once
+the answer is final, the rest of every tracked stream that is not one of its own live replies. A marker per stream
+(`sending` for 30 s, then `sent` for a day) makes the delivery happen once across processes; a send that fails
+clears it, so the next pass tries again (a holder that dies between sending and marking may, 30 s later, leave
+the message to be sent a second time: the one window where at-least-once wins over at-most-once).
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from services.keys import Keys
+from services.streams.store import StreamStore
+
+SENDING_SECONDS = 30
+SENT_SECONDS = 24 * 3600
+MAX_TRACKED_SECONDS = 2 * 3600  # a stream is given up after this (its keys expire too)
+
+
+class Outbox:
+    def __init__(self, client: redis.Redis, keys: Keys, store: StreamStore, bot_id: str):
+        self.client = client
+        self.keys = keys
+        self.store = store
+        self.open_key = keys.ws_open(bot_id)
+
+    def track(self, stream_id: str, req_id: str, generation: int, chatid: str, single: bool) -> None:
+        """A stream is answered on `req_id` of the connection of `generation`."""
+        fields = {"ws_req_id": req_id, "ws_generation": str(generation), "ws_chat": chatid}
+        fields["ws_single"] = "1" if single else ""
+        self.store.record(stream_id, fields)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.open_key, {stream_id: time.time()})
+        pipe.expire(self.open_key, MAX_TRACKED_SECONDS)
+        pipe.execute()
+
+    def shown(self, stream_id: str, content: str) -> None:
+        """The user's bubble shows `content` (its frame was acknowledged)."""
+        self.store.record(stream_id, {"ws_shown": content})
+
+    def delivered(self, stream_id: str) -> None:
+        """The bubble got its final frame: nothing left to send."""
+        self.client.zrem(self.open_key, stream_id)
+
+    def orphan(self, stream_id: str) -> None:
+        """The stream's req_id can no longer be used (846605, 846608)."""
+        self.store.record(stream_id, {"ws_dead": "1"})
+
+    def orphans(self, generation: int, live: set[str], limit: int = 100) -> list[tuple[str, dict]]:
+        """Tracked streams that no live reply of this connection covers: (stream id, its hash)."""
+        self.client.zremrangebyscore(self.open_key, "-inf", time.time() - MAX_TRACKED_SECONDS)
+        found = []
+        for stream_id in self.client.zrange(self.open_key, 0, limit - 1):
+            if stream_id in live:
+                continue
+            meta = self.store.meta(stream_id)
+            if not meta:
+                self.client.zrem(self.open_key, stream_id)
+                continue
+            if meta.get("ws_generation") == str(generation) and not meta.get("ws_dead"):
+                continue  # being answered on this connection (its reply is registered a moment later)
+            found.append((stream_id, meta))
+        return found
+
+    def claim(self, stream_id: str, holder: str) -> bool:
+        """Take the sending of a stream's rest (False: sent, or being sent, elsewhere)."""
+        return bool(self.client.set(self.keys.ws_outbox(stream_id), f"sending {holder}", nx=True, ex=SENDING_SECONDS))
+
+    def sent(self, stream_id: str) -> None:
+        self.client.set(self.keys.ws_outbox(stream_id), "sent", ex=SENT_SECONDS)
+        self.delivered(stream_id)
+
+    def failed(self, stream_id: str) -> None:
+        self.client.delete(self.keys.ws_outbox(stream_id))
+
+
+def rest_of(final: str, shown: str) -> str:
+    """What the user has not seen of the final bubble `final`, given the bubble showed `shown`."""
+    if shown and final.startswith(shown):
+        return final[len(shown) :]
+    return final

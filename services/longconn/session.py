@@ -1,0 +1,120 @@
+"""One WebSocket connection to WeCom for one bot: subscribe, send frames and match their acks by req_id, hand the
+server's callbacks to the holder, and say why it ended. Built on the `websockets` library's sync client."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+
+from services.longconn import frames
+
+logger = logging.getLogger(__name__)
+
+Ack = Callable[[dict], None]
+
+
+class SubscribeRefused(Exception):
+    """WeCom refused the subscription (853000: wrong bot_id or secret)."""
+
+    def __init__(self, errcode: int, errmsg: str):
+        super().__init__(f"subscribe refused: errcode {errcode} ({errmsg})")
+        self.errcode = errcode
+
+
+class SessionFailed(Exception):
+    """The connection could not be opened or broke before it was subscribed."""
+
+
+KICKED, CLOSED, STOPPED = "kicked", "closed", "stopped"
+
+
+class Session:
+    """A subscribed connection. `run()` reads until the connection ends and returns why: KICKED (another subscriber
+    took the bot: `disconnected_event`), CLOSED (the connection broke), STOPPED (we closed it)."""
+
+    def __init__(self, url: str, bot_id: str, secret: str, on_callback: Callable[[dict], None], timeout: float = 10.0):
+        self.url = url
+        self.bot_id = bot_id
+        self.secret = secret
+        self.on_callback = on_callback
+        self.timeout = timeout
+        self._ws: ClientConnection | None = None
+        self._acks: dict[str, Ack] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def open(self) -> None:
+        """Connect and subscribe.
+
+        Raises:
+            SubscribeRefused: WeCom answered the subscription with an errcode.
+            SessionFailed: no connection, or no answer to the subscription within the timeout.
+        """
+        try:
+            self._ws = connect(self.url, open_timeout=self.timeout, close_timeout=2, max_size=4 * 1024 * 1024)
+            req_id, text = frames.subscribe(self.bot_id, self.secret)
+            self._ws.send(text)
+            while True:
+                data = frames.parse(self._ws.recv(timeout=self.timeout))
+                if data is not None and frames.req_id_of(data) == req_id:
+                    break
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+            self.close()
+            raise SessionFailed(f"{type(exc).__name__}: {exc}") from None
+        errcode = int(data.get("errcode") or 0)
+        if errcode:
+            self.close()  # WeCom leaves the socket open after 853000: read the ack, then close it ourselves
+            raise SubscribeRefused(errcode, str(data.get("errmsg") or ""))
+
+    def send(self, text: str, req_id: str = "", on_ack: Ack | None = None) -> bool:
+        """Send one frame; `on_ack(ack)` runs (in the reader's thread) when its ack arrives. False if closed."""
+        if on_ack is not None:
+            with self._lock:
+                self._acks[req_id] = on_ack
+        try:
+            self._ws.send(text)
+        except (ConnectionClosed, OSError, AttributeError):
+            with self._lock:
+                self._acks.pop(req_id, None)
+            return False
+        return True
+
+    def run(self) -> str:
+        """Read frames until the connection ends; returns KICKED, CLOSED or STOPPED."""
+        while True:
+            try:
+                text = self._ws.recv()
+            except (ConnectionClosed, OSError):
+                return STOPPED if self._stopped else CLOSED
+            data = frames.parse(text) if isinstance(text, str) else None
+            if data is None:
+                continue
+            cmd = data.get("cmd")
+            if not cmd:
+                with self._lock:
+                    on_ack = self._acks.pop(frames.req_id_of(data), None)
+                if on_ack is not None:
+                    on_ack(data)
+                continue
+            if cmd == frames.EVENT_CALLBACK and _event_type(data) == "disconnected_event":
+                self.close()
+                return KICKED
+            try:
+                self.on_callback(data)
+            except Exception:
+                logger.exception("failed to handle a %s frame", cmd)
+
+    def close(self) -> None:
+        self._stopped = True
+        if self._ws is not None:
+            self._ws.close()
+
+
+def _event_type(data: dict) -> str:
+    body = data.get("body") if isinstance(data.get("body"), dict) else {}
+    event = body.get("event") if isinstance(body.get("event"), dict) else {}
+    return str(event.get("eventtype") or "")

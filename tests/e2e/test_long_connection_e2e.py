@@ -1,0 +1,219 @@
+"""Long-connection mode as in production: three gunicorn replicas (two workers each) share the test Redis; the
+WeCom long-connection stand-in plays the server. Exactly one process holds the bot's connection; the others take
+over when it is killed or drained; a foreign subscriber does not start a kick loop."""
+
+import base64
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from demo import dify_apps as apps
+from demo import dify_standin as d
+from demo.replicas import GunicornReplica
+from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.wecom.crypto import media_cipher, pad32
+from tests.conftest import PNG, wait_until
+from tests.e2e.conftest import replica_env
+
+pytestmark = pytest.mark.e2e
+BOT_ID, SECRET = "lc-bot-1", "lc-secret-1"
+LEASE_SECONDS = 3
+
+
+@pytest.fixture
+def wecom():
+    server = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(dify, wecom, redis_url, redis_client, tmp_path):
+    started = []
+
+    def start(count: int = 3, **settings: str) -> list[GunicornReplica]:
+        mode = {
+            "WECOM_MODE": "long_connection",
+            "WECOM_BOT_ID": BOT_ID,
+            "WECOM_BOT_SECRET": SECRET,
+            "WECOM_WS_URL": wecom.url,
+            "WECOM_WS_LEASE_SECONDS": str(LEASE_SECONDS),
+            "WELCOME_MESSAGE": "Hello from the long connection",
+            "GUNICORN_GRACEFUL_TIMEOUT": "10",
+        }
+        env = replica_env(dify.base_url, redis_url, **{**mode, **settings})
+        for i in range(count):
+            started.append(GunicornReplica(env, tmp_path, f"replica-{i}", workers=2).start())
+        return started
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+def holder_replica(replicas, redis_client) -> GunicornReplica:
+    value = redis_client.get(f"wecom_ws:{{{BOT_ID}}}:lease") or ""
+    holder = value.rpartition(" ")[0].split(":")[0]
+    return next(r for r in replicas if r.name == holder)
+
+
+def connected(replica) -> float:
+    text = httpx.get(f"{replica.url}/metrics", timeout=5).text
+    lines = [line for line in text.splitlines() if line.startswith('wecom_ws_connected{bot="default"}')]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def sample_subscribers(wecom, seconds: float) -> set[int]:
+    seen = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(wecom.subscribed(BOT_ID))
+        time.sleep(0.02)
+    return seen
+
+
+def test_one_process_holds_the_connection_and_answers_stream(replicas, wecom, dify):
+    replicas_started = replicas()
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    assert sample_subscribers(wecom, 3) == {1}
+    assert len(wecom.subscribes) == 1  # nobody else subscribed: the six workers stand by
+    assert sum(connected(r) for r in replicas_started) == 1  # wecom_ws_connected, over all processes
+    ready = httpx.get(f"{replicas_started[0].url}/readyz", timeout=5).json()
+    assert ready["bots"]["default"]["connection"] == "holding"
+
+    dify.script(d.answer("An answer that streams over the WebSocket.", pieces=8, delay=0.1))
+    req_id = wecom.deliver_text(BOT_ID, "hello over ws")
+    final = wecom.final(req_id)
+    assert final is not None
+    assert final["stream"]["content"] == "An answer that streams over the WebSocket."
+    contents = [frame["stream"]["content"] for frame in wecom.frames(req_id)]
+    assert len(contents) >= 2
+    shown = contents[1:]  # the first frame is the placeholder
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:], strict=False))
+    assert [frame["stream"]["finish"] for frame in wecom.frames(req_id)].count(True) == 1
+
+
+def test_a_redelivered_message_is_answered_once(replicas, wecom, dify):
+    replicas(count=2)
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    dify.script(d.answer("once", delay=0.05))
+    first = wecom.deliver_text(BOT_ID, "twice?", msgid="m-redelivered")
+    second = wecom.deliver_text(BOT_ID, "twice?", msgid="m-redelivered")
+    assert wecom.final(first)["stream"]["content"] == "once"
+    assert wecom.final(second)["stream"]["content"] == "once"
+    assert len(dify.chat_requests()) == 1
+
+
+def test_a_killed_holder_is_replaced_within_the_lease(replicas, wecom, redis_client):
+    started = replicas()
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    holder = holder_replica(started, redis_client)
+    holder.kill()
+    killed = time.monotonic()
+    assert wait_until(lambda: len(wecom.subscribes) == 2, timeout=15)
+    assert wecom.subscribes[1][1] - killed <= LEASE_SECONDS + 2
+    assert sample_subscribers(wecom, 2) == {1}
+
+
+def test_a_drained_holder_hands_over_at_once(replicas, wecom, redis_client):
+    started = replicas()
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    holder = holder_replica(started, redis_client)
+    holder.signal(signal.SIGTERM)
+    drained = time.monotonic()
+    assert wait_until(lambda: len(wecom.subscribes) == 2, timeout=10)
+    assert wecom.subscribes[1][1] - drained <= 3
+    assert sample_subscribers(wecom, 2) == {1}
+
+
+def test_a_foreign_subscriber_does_not_start_a_kick_loop(replicas, wecom, redis_client):
+    started = replicas(count=2)
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    wecom.kick(BOT_ID)
+    time.sleep(LEASE_SECONDS * 3)
+    assert len(wecom.subscribes) == 1  # cooling down, not reconnecting
+    assert redis_client.ttl(f"wecom_ws:{{{BOT_ID}}}:cooldown") > 250  # every process of ours, for 300 s
+    logs = "\n".join(r.logs() for r in started)
+    assert "not one of ours" in logs
+
+
+def test_a_wrong_secret_is_one_clear_error_and_a_backoff(replicas, wecom):
+    started = replicas(count=1, WECOM_BOT_SECRET="wrong")
+    time.sleep(4)
+    assert wecom.subscribes == []
+    assert 1 <= len(wecom.refused) <= 6  # backing off, not hammering
+    assert "subscription (errcode 853000): check its bot_id and secret" in started[0].logs()
+    ready = httpx.get(f"{started[0].url}/readyz", timeout=5).json()
+    assert ready["bots"]["default"]["connection"] == "bad_credentials"  # the replica itself stays ready
+
+
+def test_the_welcome_goes_out_within_five_seconds(replicas, wecom):
+    replicas(count=1)
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    req_id = wecom.deliver_event(BOT_ID, "enter_chat")
+    assert wait_until(lambda: wecom.welcome(req_id) is not None, timeout=5)
+    assert wecom.welcome(req_id)["text"]["content"] == "Hello from the long connection"
+
+
+def test_a_stream_whose_window_passed_gets_its_rest_once_through_send_msg(replicas, wecom, dify):
+    replicas(count=2)
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    wecom.window_seconds = 0.8
+    dify.script([d.message("slow "), d.sleep(2), d.message("answer, all of it"), d.end()])
+    req_id = wecom.deliver_text(BOT_ID, "slow one", userid="bob")
+    assert wait_until(lambda: wecom.proactive, timeout=15)
+    time.sleep(3)  # nothing more comes
+    (sent,) = wecom.proactive
+    assert sent["chatid"] == "bob"
+    assert sent["markdown"]["content"].rstrip().endswith("answer, all of it")
+    assert not [f for f in wecom.frames(req_id) if f["stream"]["finish"]]
+
+
+def test_a_killed_holders_answer_is_completed_once_through_send_msg(replicas, wecom, dify, redis_client):
+    """The new holder cannot use the dead connection's req_id: the chatflow answer goes on on another replica and
+    its rest reaches the user once, as a proactive message."""
+    dify.mode = "advanced-chat"
+    started = replicas(DIFY_APP_TYPE="advanced-chat")
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    words = [f"part{i} " for i in range(30)]
+    steps = [apps.workflow_started()]
+    for word in words:
+        steps += [d.message(word), d.sleep(0.15)]
+    dify.script([*steps, apps.workflow_done({"answer": "".join(words)}), d.end()])
+    req_id = wecom.deliver_text(BOT_ID, "a long one", userid="carol")
+    assert wait_until(lambda: any("part3" in f["stream"]["content"] for f in wecom.frames(req_id)), timeout=10)
+    holder_replica(started, redis_client).kill()
+    assert wait_until(lambda: len(wecom.subscribes) == 2, timeout=15)
+    assert wait_until(lambda: wecom.proactive, timeout=30)
+    time.sleep(4)  # and never a second time
+    (sent,) = wecom.proactive
+    assert sent["chatid"] == "carol"
+    assert sent["markdown"]["content"].rstrip().endswith("part29")
+
+
+def test_answers_run_on_every_replica_not_only_the_holders(replicas, wecom, dify, redis_client):
+    started = replicas()
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    dify.script(d.answer("spread out", delay=0.3), match="spread", times=None)
+    req_ids = [wecom.deliver_text(BOT_ID, f"spread {i}", userid=f"user{i}") for i in range(12)]
+    finals = [wecom.final(req_id) for req_id in req_ids]
+    assert [f["stream"]["content"] for f in finals] == ["spread out"] * 12
+    owners = {redis_client.hget(f"dify_stream:{{{f['stream']['id']}}}", "owner").split(":")[0] for f in finals}
+    assert len(owners) >= 2  # the holder queued them; consumers on other replicas ran them
+    assert holder_replica(started, redis_client).name in {r.name for r in started}
+
+
+def test_an_image_arrives_decrypted_with_its_own_aeskey(replicas, wecom, dify):
+    replicas(count=1)
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    aeskey = base64.b64encode(os.urandom(32)).decode().rstrip("=")
+    encryptor = media_cipher(aeskey).encryptor()
+    url = dify.server.url + dify.host_file(encryptor.update(pad32(PNG)) + encryptor.finalize())
+    dify.script(d.answer("a nice picture"))
+    req_id = wecom.deliver_image(BOT_ID, url, aeskey)
+    assert wecom.final(req_id)["stream"]["content"] == "a nice picture"
+    (upload,) = dify.uploads.values()
+    assert upload["data"] == PNG

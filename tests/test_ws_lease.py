@@ -1,0 +1,83 @@
+"""The connection lease of long-connection mode (services/longconn/lease.py) on every Redis topology, and after a
+real Sentinel failover that loses it: one holder at a time, fencing by generation, a cool-down for all."""
+
+import time
+
+import pytest
+from redis.crc import key_slot
+
+from services.keys import Keys
+from services.longconn.lease import ACQUIRE, RELEASE, RENEW, BotLease
+from services.redis_conn import connect_redis
+from tests.conftest import SENTINEL_PASSWORD
+from tests.test_scripts import keys_not_from_keys
+
+KEYS = Keys()
+BOT = "lease-bot"
+
+
+def lease_pair(url: str, seconds: int = 5):
+    client = connect_redis(url, 2.0, sentinel_password=SENTINEL_PASSWORD)
+    return client, BotLease(client, KEYS, BOT, "A", seconds), BotLease(client, KEYS, BOT, "B", seconds)
+
+
+def test_one_holder_at_a_time_on_every_topology(topology):
+    client, a, b = lease_pair(topology.url)
+    held = a.acquire()
+    assert held is not None
+    assert b.acquire() is None
+    assert a.acquire() == held  # keeping it is not a new generation
+    assert a.renew(held)
+    assert a.release(held)
+    taken = b.acquire()
+    assert taken.generation > held.generation
+    assert not a.renew(held)  # the old holder learns at once that it must stop
+    assert not a.is_current(held)
+    assert b.is_current(taken)
+    client.close()
+
+
+def test_a_lease_that_is_not_renewed_runs_out(topology):
+    client, a, b = lease_pair(topology.url, seconds=2)
+    assert a.acquire() is not None
+    time.sleep(2.2)
+    assert b.acquire() is not None
+    client.close()
+
+
+def test_a_cool_down_keeps_every_process_away(topology):
+    client, a, b = lease_pair(topology.url)
+    held = a.acquire()
+    a.cool_down(held, 2)
+    assert a.acquire() is None
+    assert b.acquire() is None
+    time.sleep(2.2)
+    assert b.acquire() is not None
+    client.close()
+
+
+@pytest.mark.e2e
+def test_after_a_failover_that_lost_the_lease_the_new_holder_is_newer(sentinel_set):
+    """Asynchronous replication can lose the lease and roll the counter back; the holder that acquires next still
+    gets a newer generation (never below the clock in ms), so the old holder recognises its successor."""
+    sentinel_set.flush()
+    client, a, b = lease_pair(sentinel_set.url)
+    held = a.acquire()
+    killed = sentinel_set.kill_master()
+    sentinel_set.wait_for_failover(killed)
+    client.delete(KEYS.ws_lease(BOT))  # what a failover that lost the last writes leaves
+    client.set(KEYS.ws_generation(BOT), 1)  # ... and a counter rolled back
+    taken = b.acquire()
+    assert taken is not None
+    assert taken.generation > held.generation
+    assert not a.renew(held)
+    assert not a.is_current(held)  # a kick now is our own successor's: yield, never a loop
+    client.close()
+    sentinel_set.restart(killed)
+
+
+@pytest.mark.parametrize("source", [ACQUIRE, RENEW, RELEASE], ids=["acquire", "renew", "release"])
+def test_the_lease_scripts_touch_only_their_keys_in_one_slot(source):
+    assert keys_not_from_keys(source) == []
+    keys = [KEYS.ws_lease(BOT), KEYS.ws_generation(BOT), KEYS.ws_cooldown(BOT)]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
