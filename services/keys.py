@@ -6,7 +6,7 @@ key string themselves.
 Keys that one script touches together share a hash tag (the part in braces), so they hash to one Redis Cluster
 slot (CONTRACT.md §7): a stream's keys and its feedback mapping are tagged with the stream id
 (`dify_stream:{<id>}`, `dify_stream:{<id>}:chunks`, ...), a user's admission keys with the bot and user
-(`inflight:{<bot>:<user>}`, `ratelimit:{<bot>:<user>}:<window>`). Every other key is used alone.
+(`inflight:{<bot>:<user>}`, `ratelimit:{<bot>:<user>}`). Every other key is used alone.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ class Keys:
         """Sorted set of the user's streams whose bubble is still open (score: when it closes at the latest)."""
         return f"{self.prefix}inflight:{{{_tag(aibotid, userid)}}}"
 
-    def rate(self, aibotid: str, userid: str, window: int) -> str:
-        """Counter of the user's messages in one rate window (expires with the window)."""
-        return f"{self.prefix}ratelimit:{{{_tag(aibotid, userid)}}}:{window}"
+    def rate(self, aibotid: str, userid: str) -> str:
+        """Sorted set of the user's streams admitted in the last rate window (score: when), for the rate limit."""
+        return f"{self.prefix}ratelimit:{{{_tag(aibotid, userid)}}}"
 
     def replay(self, signature: str) -> str:
         """Marker of an authentic callback already handled (events are not processed twice)."""

@@ -7,7 +7,17 @@ import pytest
 import redis
 
 from services.keys import MSGID_TTL_SECONDS, Keys
-from services.streams.store import CLOSED, CREATED, EXISTING, LIMITED, TAKEN, WRITTEN, StreamConflict, StreamStore
+from services.streams.store import (
+    CLOSED,
+    CREATED,
+    EXISTING,
+    LIMITED,
+    RATE_LIMITED,
+    TAKEN,
+    WRITTEN,
+    StreamConflict,
+    StreamStore,
+)
 
 TTL = 3600
 
@@ -256,6 +266,21 @@ def test_stale_in_flight_entries_expire_by_score(store, redis_client):
         open_stream(store, f"s{i}", f"m{i}")
     redis_client.zadd("inflight:{bot1:alice}", {"s0": time.time() - 1})  # e.g. its replica died long ago
     assert create(store, "s3", "m3")[0] == CREATED
+
+
+def test_the_rate_limit_is_a_sliding_window(redis_client):
+    store = StreamStore(redis_client, Keys(), TTL, lease_seconds=2, rate_limit=2)
+    for i in range(2):
+        finished = store.finish(open_stream(store, f"s{i}", f"m{i}"), "A", "done")
+        store.release_inflight(finished.inflight_key, f"s{i}")
+    assert create(store, "s2", "m2") == (RATE_LIMITED, "s2")
+    assert redis_client.zcard("ratelimit:{bot1:alice}") == 2  # a refused message is not counted
+    # s0 was admitted 59 s ago: still inside the window, wherever the minute's edge lies
+    redis_client.zadd("ratelimit:{bot1:alice}", {"s0": time.time() - 59})
+    assert create(store, "s3", "m3") == (RATE_LIMITED, "s3")
+    redis_client.zadd("ratelimit:{bot1:alice}", {"s0": time.time() - 61})  # now it has left the window
+    assert create(store, "s4", "m4")[0] == CREATED
+    assert 0 < redis_client.ttl("ratelimit:{bot1:alice}") <= 60
 
 
 def test_record_only_touches_existing_streams(store, redis_client):

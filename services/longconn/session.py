@@ -55,7 +55,10 @@ class Session:
             SessionFailed: no connection, or no answer to the subscription within the timeout.
         """
         try:
-            self._ws = connect(self.url, open_timeout=self.timeout, close_timeout=2, max_size=4 * 1024 * 1024)
+            # legacy=True: the connection outlives this call (run() reads it, close() ends it), not a `with` block
+            self._ws = connect(
+                self.url, open_timeout=self.timeout, close_timeout=2, max_size=4 * 1024 * 1024, legacy=True
+            )
             req_id, text = frames.subscribe(self.bot_id, self.secret)
             self._ws.send(text)
             while True:

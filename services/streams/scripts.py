@@ -24,18 +24,20 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1
 """
 
-# KEYS: the user's in-flight set, the user's rate counter of this window. ARGV: stream_id, now, max_inflight,
-# inflight_until, inflight_ttl, rate_limit (0 = none), rate_window.
-# Returns 1 admitted, 2 when the user already has max_inflight open bubbles, 3 when the user sent rate_limit
-# messages this window. A stream admitted before (a retried call whose reply was lost) is admitted again.
+# KEYS: the user's in-flight set, the user's rate log. ARGV: stream_id, now, max_inflight, inflight_until,
+# inflight_ttl, rate_limit (0 = none), rate_window (seconds).
+# Returns 1 admitted, 2 when the user already has max_inflight open bubbles, 3 when the user was admitted rate_limit
+# times in the last rate_window seconds (a sliding window: no burst of twice the limit across a minute's edge).
+# A stream admitted before (a retried call whose reply was lost) is admitted again.
 ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 2 end
 if tonumber(ARGV[6]) > 0 then
-  local sent = redis.call('INCR', KEYS[2])
-  if sent == 1 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
-  if sent > tonumber(ARGV[6]) then return 3 end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[7]))
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 3 end
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])

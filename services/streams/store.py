@@ -117,7 +117,7 @@ class StreamStore:
         bot: str = "default",
     ):
         self.bot = bot  # whose streams these are (metrics)
-        self.rate_limit = rate_limit  # messages per user per RATE_WINDOW_SECONDS; 0 = no limit
+        self.rate_limit = rate_limit  # messages per user in any RATE_WINDOW_SECONDS; 0 = no limit
         self.claim_wait_ms = claim_wait_ms  # wait this long for a replica to hold a msgid claim; 0 = do not
         self.client = client
         self.keys = keys
@@ -208,8 +208,7 @@ class StreamStore:
             self.rate_limit,
             RATE_WINDOW_SECONDS,
         ]
-        window = int(now // RATE_WINDOW_SECONDS)
-        code = self._admit(keys=[k.inflight(aibotid, userid), k.rate(aibotid, userid, window)], args=args)
+        code = self._admit(keys=[k.inflight(aibotid, userid), k.rate(aibotid, userid)], args=args)
         return {1: ADMITTED, 2: LIMITED, 3: RATE_LIMITED}[int(code)]
 
     def discard(self, stream_id: str) -> None:
