@@ -7,9 +7,10 @@ import pytest
 from bench import failover, gunicorn_matrix, new_message, poll_load, profile_poll, streams_load, topologies
 
 pytestmark = pytest.mark.e2e
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+@needs_wrk
 def test_poll_load(tmp_path):
     result = poll_load.main(
         [
@@ -37,7 +38,7 @@ def test_poll_load(tmp_path):
     assert (tmp_path / "poll.json").exists()
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+@needs_wrk
 def test_gunicorn_matrix_runs_a_configuration(monkeypatch):
     monkeypatch.setattr(gunicorn_matrix, "CONFIGS", [("gthread", 1, 2)])
     [row] = gunicorn_matrix.main(["--seconds", "1", "--rounds", "1", "--live", "1", "--finished", "1"])
@@ -66,7 +67,7 @@ def test_profile_poll(capsys):
     assert "gateway poll:" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+@needs_wrk
 def test_topologies():
     arguments = ["--rounds", "1", "--seconds", "1", "--finished", "4", "--streams", "4", "--stream-seconds", "1"]
     result = topologies.main([*arguments, "--rate", "50", "--message-rate", "10"])
@@ -84,6 +85,7 @@ def test_failover():
         assert result[name]["seconds_to_first_good_poll_max"] is not None, name
 
 
+@needs_wrk
 def test_bots():
     from bench import bots
 
