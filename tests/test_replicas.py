@@ -84,6 +84,26 @@ def test_a_replica_that_was_only_cut_off_sends_its_full_answer_once_its_bubble_c
     poller.close()
 
 
+def test_an_owner_whose_bubble_was_given_up_after_its_last_words_still_sends_the_answer(pair, dify):
+    """As above, but every word was already in the bubble when a poll gave it up (a lease rolled back by a Redis
+    failover does this to a live owner): the bubble says the answer was interrupted, so the owner, finding its
+    stream orphaned when it finishes, sends the whole answer through response_url after all."""
+    first, second = pair
+    dify.script([d.message("every word"), d.sleep(3.5), d.end()])
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello")
+    reply = opener.send(payload)
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    assert poller.follow(reply).text == f"every word\n\n{ZH['orphaned']}"
+    message = opener.inbox.wait_for(payload["response_url"], timeout=8)
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nevery word"
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
+    assert len(opener.inbox.received(payload["response_url"])) == 1
+    opener.close()
+    poller.close()
+
+
 def test_drain_lets_short_answers_finish(live, simulator, dify):
     dify.script(d.answer("finished during the drain", delay=0.05))
     first = simulator.send(simulator.text_message("quick"))

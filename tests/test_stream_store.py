@@ -167,6 +167,19 @@ def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_clien
     assert store.append("s1", "A", ["zombie"], 1) == CLOSED
 
 
+def test_finishing_a_stream_a_poll_gave_up_tells_its_owner_so(store, redis_client):
+    open_stream(store)
+    store.append("s1", "A", ["every word"], 0)
+    redis_client.delete("dify_stream:{s1}:lease")  # lost in a failover, though the owner lives
+    assert poll(store).status == "expired"
+    assert store.finish("s1", "A", "done").orphaned
+    assert store.finish("s1", "B", "done") is None  # not B's to end
+    assert redis_client.hget("dify_stream:{s1}", "status") == "expired"  # nothing else was written
+    finished = store.finish(open_stream(store, "s2", "m2"), "A", "done")
+    assert not finished.orphaned
+    assert store.finish("s2", "A", "done") is None  # a retried finish whose reply was lost sends nothing again
+
+
 def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, redis_client):
     open_stream(store, owner="A")
     redis_client.delete("dify_stream:{s1}:lease")

@@ -58,6 +58,13 @@ class Finisher:
             logger.error("Redis stayed unavailable; sending the answer through response_url instead")
             self._send_whole(job, answer, note)
             return None
+        if finished is not None and finished.orphaned:
+            # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its
+            # lease (a Redis failover can roll one back), so the user gets the whole answer after all.
+            logger.warning("a poll gave this answer up as orphaned while it was still running here")
+            metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
+            self._send_whole(job, answer, note)
+            return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
             metrics.STREAM_SECONDS.labels(self.bot).observe(max(0.0, time.time() - job.created_at))

@@ -99,13 +99,16 @@ return 'ok'
 )
 
 # KEYS: stream, chunks, lease, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
-# feedback ttl, image count, images..., field/value pairs... Returns 0 if not ours or not active, else
-# {1, close_reason, closed_bytes, inflight key}: whether the bubble had closed early, and the in-flight set the caller
-# takes the stream out of. The reply images and the feedback mapping are written with the final state, so a
+# feedback ttl, image count, images..., field/value pairs... Returns 0 if not ours or not active; 2 if a poll gave it
+# up as orphaned while it was still ours (its lease was gone, e.g. lost in a Redis failover, though its owner lived);
+# else {1, close_reason, closed_bytes, inflight key}: whether the bubble had closed early, and the in-flight set the
+# caller takes the stream out of. The reply images and the feedback mapping are written with the final state, so a
 # finished answer always has both or neither.
 FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes')
-if (h[1] ~= 'pending' and h[1] ~= 'streaming') or h[2] ~= ARGV[1] then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error')
+if h[2] ~= ARGV[1] then return 0 end
+if h[1] == 'expired' and h[6] == 'owner_lost' then return 2 end
+if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 0 end
 local images = tonumber(ARGV[7])
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3],
            unpack(ARGV, 8 + images))

@@ -101,6 +101,7 @@ class Finished:
     close_reason: str
     closed_bytes: int
     inflight_key: str = ""  # the user's in-flight set, which the stream must now leave
+    orphaned: bool = False  # a poll had given the stream up (its lease was gone) while it was still ours
 
 
 class StreamStore:
@@ -279,8 +280,9 @@ class StreamStore:
         the Dify message a rating of this answer goes to). The caller then frees the user's in-flight slot
         (`Finished.inflight_key`).
 
-        Returns None if it was not ours or not active; else whether (and with how much text) the bubble had
-        already closed early.
+        Returns None if it was not ours or not active; `orphaned` if a poll had given it up while it was still
+        ours (nothing else is written then); else whether (and with how much text) the bubble had already closed
+        early.
         """
         k = self.keys
         args = [
@@ -304,6 +306,8 @@ class StreamStore:
         row = self._finish(keys=keys, args=args)
         if not row:
             return None
+        if row == 2:
+            return Finished(close_reason="", closed_bytes=0, orphaned=True)
         return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0), inflight_key=row[3])
 
     def take(self, stream_id: str, opener: str, taker: str) -> bool:
