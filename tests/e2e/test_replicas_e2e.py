@@ -283,9 +283,11 @@ def test_a_users_fourth_open_bubble_is_refused_whichever_replicas_take_them(repl
 
 
 @pytest.mark.parametrize("e2e_topology", ["sentinel", "cluster"], indirect=True)
-# Longer than a failover (a Cluster's takes up to 4 s here), as the overlays advise: a lease that ran out meanwhile
-# would let a poll restart an answer whose owner is alive but could not reach Redis, a second Dify call.
-@pytest.mark.lease(10)
+# Longer than a failover plus the age of the lease's copy on the new master (up to a third of a lease), as the
+# overlays advise: a Cluster's failover takes up to 4 s here, a Sentinel election that splits its votes is tried
+# again after 2 x failover-timeout (6 s). A lease that ran out meanwhile would let a poll restart an answer whose
+# owner is alive but could not reach Redis, a second Dify call.
+@pytest.mark.lease(20)
 def test_a_master_failover_mid_answer(replicas, dify, e2e_topology, store_client):
     """The master (or, on a Cluster, the master of a streaming answer's slot) is killed mid-answer: polls fail
     meanwhile (WeCom polls again), the replicas reconnect to the new master by themselves, every bubble finishes,
