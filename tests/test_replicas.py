@@ -67,37 +67,34 @@ def test_a_stream_whose_replica_died_after_showing_text_finishes_with_it(pair, d
     poller.close()
 
 
-def test_a_replica_that_was_only_cut_off_sends_its_full_answer_once_its_bubble_closed(pair, dify, redis_client):
-    """The owner was alive but could not renew its lease (e.g. a network partition): another replica closed the
-    bubble with the partial text; the owner keeps the answer and sends it whole through response_url."""
+@pytest.mark.parametrize(
+    ("script", "shown", "whole"),
+    [
+        # it was cut off mid-answer: its next write finds the bubble closed
+        (
+            [d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()],
+            "part one",
+            "part one and part two",
+        ),
+        # every word was shown before the bubble was given up: finishing tells it so
+        ([d.message("every word"), d.sleep(3.5), d.end()], "every word", "every word"),
+    ],
+    ids=["cut_off_mid_answer", "after_its_last_words"],
+)
+def test_a_live_owner_whose_bubble_was_given_up_sends_its_full_answer_once(pair, dify, script, shown, whole):
+    """The owner was alive but could not renew its lease (a network partition; or a Redis failover rolled the lease
+    back): another replica finished the bubble with the text so far and "interrupted"; the owner keeps the answer
+    and sends it whole through response_url, once."""
     first, second = pair
-    dify.script([d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()])
+    dify.script(script)
     opener = make_simulator(first.url)
     payload = opener.text_message("hello")
     reply = opener.send(payload)
     kill(first)
     poller = make_simulator(second.url, poll_interval=0.2)
-    assert poller.follow(reply).text == f"part one\n\n{ZH['orphaned']}"
+    assert poller.follow(reply).text == f"{shown}\n\n{ZH['orphaned']}"
     message = opener.inbox.wait_for(payload["response_url"], timeout=8)
-    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\npart one and part two"
-    opener.close()
-    poller.close()
-
-
-def test_an_owner_whose_bubble_was_given_up_after_its_last_words_still_sends_the_answer(pair, dify):
-    """As above, but every word was already in the bubble when a poll gave it up (a lease rolled back by a Redis
-    failover does this to a live owner): the bubble says the answer was interrupted, so the owner, finding its
-    stream orphaned when it finishes, sends the whole answer through response_url after all."""
-    first, second = pair
-    dify.script([d.message("every word"), d.sleep(3.5), d.end()])
-    opener = make_simulator(first.url)
-    payload = opener.text_message("hello")
-    reply = opener.send(payload)
-    kill(first)
-    poller = make_simulator(second.url, poll_interval=0.2)
-    assert poller.follow(reply).text == f"every word\n\n{ZH['orphaned']}"
-    message = opener.inbox.wait_for(payload["response_url"], timeout=8)
-    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nevery word"
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\n{whole}"
     assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
     assert len(opener.inbox.received(payload["response_url"])) == 1
     opener.close()
