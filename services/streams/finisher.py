@@ -58,13 +58,6 @@ class Finisher:
             logger.error("Redis stayed unavailable; sending the answer through response_url instead")
             self._send_whole(job, answer, note)
             return None
-        if finished is not None and finished.orphaned:
-            # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its
-            # lease (a Redis failover can roll one back), so the user gets the whole answer after all.
-            logger.warning("a poll gave this answer up as orphaned while it was still running here")
-            metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
-            self._send_whole(job, answer, note)
-            return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
             metrics.STREAM_SECONDS.labels(self.bot).observe(max(0.0, time.time() - job.created_at))
@@ -94,7 +87,7 @@ class Finisher:
         if answer.detached:
             return None
         feedback = {"message_id": answer.message_id, "user": job.dify_user} if status == DONE else None
-        return self.store.finish(
+        finished = self.store.finish(
             job.stream_id,
             self.owner,
             status,
@@ -102,6 +95,13 @@ class Finisher:
             images=answer.images,
             feedback=feedback if answer.message_id else None,
         )
+        if finished is not None and finished.orphaned:
+            # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its
+            # lease (a Redis failover can roll one back). Closed elsewhere, then: the whole answer goes out.
+            logger.warning("a poll gave this answer up as orphaned while it was still running here")
+            answer.detached = True
+            return None
+        return finished
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> None:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once."""
