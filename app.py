@@ -1,7 +1,9 @@
 """The Flask app: `create_app(settings=None)` and thin routes over the gateway services.
 
 Run locally with `python app.py` (development server); in production with
-`gunicorn -c gunicorn.conf.py 'app:create_app()'`.
+`gunicorn -c gunicorn.conf.py 'app:create_app()'`. Those two serve, so they start the gateway's background work
+(`Gateway.start()`: long-connection holders and answer consumers); building the app, as every `flask --app app`
+command does, starts none.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
-from config.bots import load_bots
-from config.settings import Settings, SettingsError, load_settings
+from config.bots import load_bots, shared_dify_keys
+from config.settings import ENV_FILES, Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
 from services.embedded_store import EmbeddedStoreUnavailable
@@ -44,6 +46,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.instance_id,
         secrets=[secret for bot in bots for secret in bot.secrets()],
     )
+    for warning in shared_dify_keys(bots):
+        logger.warning("%s", warning)
     if settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
 
@@ -77,10 +81,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def load_settings_or_exit() -> Settings:
-    """Settings from the environment, or one clear line per problem on stderr and exit status 2."""
+def load_settings_or_exit(env_files=ENV_FILES) -> Settings:
+    """Settings from the environment and `env_files` (production: `.env` only), or one clear line per problem on
+    stderr and exit status 2."""
     try:
-        return load_settings()
+        return load_settings(env_files=env_files)
     except SettingsError as exc:
         exit_with_problems(exc.problems)
 
@@ -207,6 +212,7 @@ def _register_error_handlers(app: Flask) -> None:
 if __name__ == "__main__":
     _settings = load_settings_or_exit()
     _app = create_app(_settings)
+    _app.extensions["gateway"].start()  # a serving process: the long-connection bots' background work runs here
     if _settings.metrics_port:
         metrics.serve(_settings.host, _settings.metrics_port)
     _app.run(host=_settings.host, port=_settings.port, threaded=True)

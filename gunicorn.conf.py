@@ -109,6 +109,14 @@ def when_ready(server):
         metrics.serve(os.environ.get("BIND_HOST", "0.0.0.0"), port)
 
 
+def post_worker_init(worker):
+    """A worker that serves starts the gateway's background work (long-connection holders, answer consumers); the
+    app alone, as `flask` commands build it, starts none."""
+    gateway = getattr(worker.wsgi, "extensions", {}).get("gateway")
+    if gateway is not None:
+        gateway.start()
+
+
 def worker_exit(server, worker):
     """On SIGTERM (rolling update, scale-down): once this worker has stopped taking requests, let its streams
     finish, then hand the rest to the other replicas (see Gateway.drain)."""

@@ -231,9 +231,40 @@ def _in_file_terms(problem: str) -> str:
     return problem  # a deployment-wide setting, e.g. DATABASE_URL that this bot's AUTH_MODE needs
 
 
+# A bot's own WeCom credentials: two bots with one of them would answer each other's callbacks (a table that does
+# not set one inherits the environment's, so two such tables would share it without a word).
+_OWN_SECRETS = {"wecom_token": "token", "wecom_encoding_aes_key": "encoding_aes_key", "wecom_bot_secret": "secret"}
+
+
+def shared_dify_keys(bots: tuple[Settings, ...]) -> list[str]:
+    """One line per Dify API key that several bots use (allowed, but usually a table that forgot its own key)."""
+    users: dict[tuple[str, str], list[str]] = {}
+    for bot in bots:
+        users.setdefault((bot.dify_base_url, bot.dify_api_key), []).append(bot.bot_name)
+    return [
+        f"bots {', '.join(names)} share one Dify app (the same dify_api_key): set dify_api_key in each bot's table "
+        "if that is not meant"
+        for names in users.values()
+        if len(names) > 1
+    ]
+
+
 def _clashes(bots: list[Settings]) -> list[str]:
-    """Two bots at one callback path (or one at a path the gateway serves itself), or two on one BotID."""
+    """Two bots at one callback path (or one at a path the gateway serves itself), on one BotID, or with one WeCom
+    credential."""
     problems = []
+    for field, key in _OWN_SECRETS.items():
+        holders: dict[str, Settings] = {}
+        for bot in bots:
+            secret = getattr(bot, field)
+            if not secret or (field == "wecom_bot_secret") != (bot.wecom_mode == "long_connection"):
+                continue
+            first = holders.setdefault(secret, bot)
+            if first is not bot and not (field == "wecom_bot_secret" and first.wecom_bot_id == bot.wecom_bot_id):
+                problems.append(  # (one BotID twice is named below)
+                    f"BOTS_FILE bots.{bot.bot_name}: {key} is bots.{first.bot_name}'s too (a table without its "
+                    f"own {key} takes the environment's): give each bot its own"
+                )
     owners: dict[str, str] = {}
     bot_ids: dict[str, str] = {}
     for bot in bots:

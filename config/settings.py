@@ -1,10 +1,15 @@
-"""Typed settings, read once at start-up from the environment, `.env` and `demo.env` (the real environment wins).
+"""Typed settings, read once at start-up from the environment and `.env` (the real environment wins).
+
+`demo.env` belongs to the demo: only its entry points (`make demo`, `python -m demo`, `python -m demo.serve`) read
+it, through `DEMO_ENV_FILES`. The production app (`app.py`, gunicorn, every `flask --app app` command) never does,
+so a checkout's demo bots and credentials cannot reach a production process, and `DEMO_MODE` stays off unless
+the environment or `.env` turns it on.
 
 Every field maps to the environment variable of the same name in upper case (`dify_api_key` <- `DIFY_API_KEY`).
 A secret (a field kept out of repr) may instead come from a file named by `<VARIABLE>_FILE`, e.g. a mounted Secret.
 A bad or missing value raises `SettingsError`, which names every problem found, one line each, each naming its
 variable. Outside demo mode nothing falls back to an embedded store: a Redis server is required, and with
-`AUTH_MODE=external` the database and the auth API's key too (CONTRACT.md §7).
+`AUTH_MODE=external` the database and the auth API's key too (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dotenv import dotenv_values
 from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ENV_FILES = (PROJECT_ROOT / ".env", PROJECT_ROOT / "demo.env")
+ENV_FILES = (PROJECT_ROOT / ".env",)  # the production app's
+DEMO_ENV_FILES = (PROJECT_ROOT / ".env", PROJECT_ROOT / "demo.env")  # the demo's entry points only
 
 _AES_KEY_ALPHABET = re.compile(r"[A-Za-z0-9]*")
 EMBEDDED_REDIS = "memory://"

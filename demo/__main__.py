@@ -9,11 +9,14 @@ Redis, MySQL or Dify key.
 from __future__ import annotations
 
 import argparse
+import socket
 import threading
 from pathlib import Path
 
 from werkzeug.serving import make_server
 
+from app import load_settings_or_exit
+from config.settings import DEMO_ENV_FILES
 from demo.app import create_app
 from demo.wecom_simulator import WeComSimulator, chat_loop
 from utils.logging import send_logs_to
@@ -23,7 +26,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the gateway locally and chat with one of its bots.")
     parser.add_argument("--bot", default=None, help="the bot to chat with (default: the first)")
     options = parser.parse_args(argv)
-    app = create_app()
+    settings = load_settings_or_exit(DEMO_ENV_FILES)
+    if not _port_is_free(settings.host, settings.port):
+        bot = f" --bot {options.bot}" if options.bot else ""
+        parser.exit(
+            2,
+            f"Port {settings.port} is in use: is a demo running already? Chat with it from another terminal with "
+            f"`.venv/bin/python -m demo.wecom_simulator{bot}`, or start this one on another port: "
+            f"`PORT=8081 .venv/bin/python -m demo{bot}`.\n",
+        )
+    app = create_app(settings)
     gateway = app.extensions["gateway"]
     if options.bot is not None and options.bot not in gateway.bots:
         parser.error(f"no bot {options.bot!r}: the bots are {', '.join(gateway.bots)}")
@@ -31,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{options.bot!r} is a long-connection bot: chat with it in the console (/console)")
     callback_bots = [each for each in gateway.bots.values() if each.holder is None]
     bot = gateway.bots[options.bot] if options.bot else callback_bots[0]
-    settings = gateway.settings
+    gateway.start()
     log_path = _log_to_file(Path(app.instance_path) / "demo.log")
     server = make_server(settings.host, settings.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
@@ -53,6 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         chat_loop(simulator, "alice")
     finally:
         server.shutdown()
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _log_to_file(path: Path) -> Path:

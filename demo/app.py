@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 import app as gateway_app
-from config.settings import Settings
+from config.settings import DEMO_ENV_FILES, Settings
 from demo.auth_standin import AuthStandIn
 from demo.console import console
 from demo.dify_standin import DifyStandIn
@@ -35,7 +35,7 @@ _started: dict[str, object] = {}  # url -> the stand-in this process started the
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The gateway in demo mode, with its stand-ins, demo users and console."""
-    settings = settings or gateway_app.load_settings_or_exit()
+    settings = settings or gateway_app.load_settings_or_exit(DEMO_ENV_FILES)
     if settings.demo_mode:
         start_standins(gateway_app.load_bots_or_exit(settings))
     app = gateway_app.create_app(settings)

@@ -122,6 +122,11 @@ def cut() -> tuple:
     return ("cut",)
 
 
+def drop() -> tuple:
+    """Close the connection after reading the whole request, before any answer (it may have been taken)."""
+    return ("drop",)
+
+
 def http_error(status: int, code: str, text: str = "") -> tuple:
     """Answer the request itself with a Dify-shaped JSON error instead of a stream."""
     return ("http", status, {"code": code, "message": text or code, "status": status})
@@ -457,6 +462,9 @@ class DifyStandIn:
                 continue
             if kind == "http":
                 await conn.send(step[1], step[2])
+                return
+            if kind == "drop":
+                conn.abort()
                 return
             if began is None:
                 await conn.start_stream(headers={"X-Accel-Buffering": "no"})

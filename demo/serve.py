@@ -9,6 +9,7 @@ from services import metrics
 
 def main() -> None:
     app = create_app()
+    app.extensions["gateway"].start()
     settings = app.extensions["gateway"].settings
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)

@@ -345,10 +345,13 @@ def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from config.settings import load_settings
+    from config.bots import load_bots
+    from config.settings import DEMO_ENV_FILES, load_settings
 
-    settings = load_settings()
+    settings = load_settings(env_files=DEMO_ENV_FILES)
+    bots = {bot.bot_name: bot for bot in load_bots(settings) if bot.wecom_mode == "callback"}
     parser = argparse.ArgumentParser(description="Chat with a running gateway as WeCom would.")
+    parser.add_argument("--bot", default=next(iter(bots)), choices=sorted(bots), help="the callback bot to chat with")
     parser.add_argument(
         "--url", default=f"http://127.0.0.1:{settings.port}", help="gateway base URL(s), comma separated"
     )
@@ -356,11 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group", default="", help="chatid: send as a group message")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     options = parser.parse_args(argv)
+    bot = bots[options.bot]
     simulator = WeComSimulator(
         options.url.split(","),
-        settings.wecom_token,
-        settings.wecom_encoding_aes_key,
-        callback_path=settings.wecom_callback_path,
+        bot.wecom_token,
+        bot.wecom_encoding_aes_key,
+        callback_path=bot.wecom_callback_path,
+        aibotid=f"demo-{bot.bot_name}",
         poll_interval=options.poll_interval,
     )
     chat_loop(simulator, options.user, options.group)

@@ -51,6 +51,7 @@ class WeComWebSocketStandIn:
         self.holders: dict[str, ServerConnection] = {}  # bot_id -> its subscribed connection
         self.subscribes: list[tuple[str, float]] = []  # (bot_id, when) of every accepted subscription
         self.refused: list[str] = []
+        self.connections = 0  # sockets ever opened to the stand-in
         self.deliveries: dict[str, _Delivery] = {}  # req_id -> delivery
         self.proactive: list[dict] = []  # aibot_send_msg bodies
         self.pings = 0
@@ -159,6 +160,7 @@ class WeComWebSocketStandIn:
         self._loop.call_later(self.kick_close_delay, lambda: asyncio.ensure_future(connection.close()))
 
     async def _connection(self, connection: ServerConnection) -> None:
+        self.connections += 1
         try:
             async for text in connection:
                 data = orjson.loads(text)

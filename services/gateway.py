@@ -1,5 +1,9 @@
 """Builds and holds the services of one app instance: each external resource is created once, here; what the bots
-of a deployment share once, and each bot's own once per bot."""
+of a deployment share once, and each bot's own once per bot.
+
+Building starts no background work. Only a serving process (a gunicorn worker, `python app.py`, the demo) calls
+`Gateway.start()`, which starts each long-connection bot's connection holder and answer consumer; a one-shot
+process (every `flask` command, the db-init Job) never takes a bot's connection lease or a queued answer."""
 
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class Gateway:
     runner: StreamRunner
     appender: AppendBatcher
     bots: dict[str, Bot]
+    started: bool = False  # start() ran: this is a serving process
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -112,6 +117,17 @@ class Gateway:
                 return next(iter(self.bots.values()))
             name = DEFAULT_BOT
         return self.bots[name]
+
+    def start(self) -> None:
+        """Start the background work of a serving process: each long-connection bot's answer consumer (first: the
+        holder queues into it) and connection holder. Once only."""
+        if self.started:
+            return
+        self.started = True
+        for bot in self.bots.values():
+            if bot.holder is not None:
+                bot.consumer.start()
+                bot.holder.start()
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: take no new streams, let running ones finish for up to `timeout` seconds, then hand
@@ -279,22 +295,19 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
 
 
 def _holder(settings: Settings, shared: _Shared, keys: Keys, callback: CallbackHandler) -> ConnectionHolder:
-    """A long-connection bot's connection holder in this process, started (it stands by until it has the lease)."""
+    """A long-connection bot's connection holder in this process (once started, it stands by until it has the
+    lease)."""
     lease = BotLease(shared.client, keys, settings.wecom_bot_id, shared.owner, settings.wecom_ws_lease_seconds)
     outbox = Outbox(shared.client, keys, callback.streams.store, settings.wecom_bot_id)
-    holder = ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner)
-    holder.start()
-    return holder
+    return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner)
 
 
 def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:
-    """A long-connection bot's answer queue: the holder queues, every process's consumer runs (started)."""
+    """A long-connection bot's answer queue: the holder queues, every serving process's consumer runs."""
     queue = JobQueue(shared.client, keys, settings.wecom_bot_id)
     streams.queue = queue
     block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
-    consumer = JobConsumer(queue, streams, shared.owner, block_ms)
-    consumer.start()
-    return consumer
+    return JobConsumer(queue, streams, shared.owner, block_ms)
 
 
 def _engine(settings: Settings, instance_path: Path) -> Engine | None:

@@ -25,7 +25,7 @@ AUTH_OUTAGE_TTL_SECONDS = 3
 FEEDBACK_TTL_SECONDS = 7 * 24 * 3600
 # The in-flight set of a user outlives WeCom's 6-minute polling window of its newest member.
 INFLIGHT_TTL_SECONDS = 420
-# Per-user rate limits count messages in fixed windows of this length.
+# Per-user rate limits count the messages admitted in a sliding window of this length.
 RATE_WINDOW_SECONDS = 60
 
 
@@ -44,6 +44,14 @@ class Keys:
     def ws_cooldown(self, bot_id: str) -> str:
         """Set while no process may connect the bot: a subscriber that is not ours took it (a cool-down)."""
         return f"{self.prefix}wecom_ws:{{{bot_id}}}:cooldown"
+
+    def ws_backoff(self, bot_id: str) -> str:
+        """Set while no process may try the bot's credentials again: WeCom refused them (bot-wide back-off)."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:backoff"
+
+    def ws_refusals(self, bot_id: str) -> str:
+        """Counter of WeCom's refusals of the bot's credentials in a row (the back-off grows with it)."""
+        return f"{self.prefix}wecom_ws:{{{bot_id}}}:refusals"
 
     def ws_open(self, bot_id: str) -> str:
         """Sorted set of the bot's streams answered over its WebSocket and not yet delivered whole (score: when)."""
@@ -134,8 +142,9 @@ class Keys:
         return f"{self.prefix}authorization:wechatid:{userid}"
 
     def token_info(self, token: str) -> str:
-        """String (JSON): the user info the auth API returned for that token (same TTL)."""
-        return f"{self.prefix}authorization:token:{token}"
+        """String (JSON): the user info the auth API returned for that token (same TTL). The name holds the token's
+        SHA-256, not the token: key names are what SCAN, MONITOR and slow logs show."""
+        return f"{self.prefix}authorization:token:{hashlib.sha256(token.encode()).hexdigest()}"
 
     def auth_flight(self, userid: str) -> str:
         """String: 'running' while one request exchanges the user's token, then briefly the refusal/outage code."""

@@ -109,6 +109,16 @@ UNREPLICATED_CLAIMS = Counter(
     "lose them",
     ["bot"],
 )
+BACKGROUND_ERRORS = Counter(
+    "background_errors_total",
+    "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
+    ["loop"],
+)
+WS_SUBSCRIBE_REFUSALS = Counter(
+    "wecom_ws_subscribe_refusals_total",
+    "Long-connection mode: subscriptions WeCom refused (bad bot_id or secret); the deployment backs off",
+    ["bot"],
+)
 
 
 def _registry() -> CollectorRegistry:

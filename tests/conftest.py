@@ -1,5 +1,6 @@
-"""Shared fixtures: the real Redis (a dedicated DB index, flushed around each test), the Dify stand-in over real
-sockets, app instances (in-process test client or served on a real port), and the WeCom simulator."""
+"""Shared fixtures: the real Redis and MariaDB (private servers this run starts, tests/servers.py; Redis on a
+dedicated DB index, flushed around each test), the Dify stand-in over real sockets, app instances (in-process test
+client or served on a real port), and the WeCom simulator."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import shutil
 import ssl
 import threading
 import time
@@ -29,9 +31,11 @@ from demo.wecom_simulator import WeComSimulator
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.keys import Keys
+from tests.servers import MISSING, PrivateMariaDB, mariadb_binaries
 
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+pymysql://root@127.0.0.1:3306")
+# Servers of your choice instead of the private ones the suite starts (tests/servers.py); their data is flushed.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
+TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "")
 TOKEN = "test-token-Zq8"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
@@ -43,20 +47,37 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The test Redis URL, once it is known to answer (otherwise the run stops with how to start it)."""
-    probe = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
+def redis_url(tmp_path_factory):
+    """The tests' Redis (DB 15): TEST_REDIS_URL if set, else a private redis-server of this run's own."""
+    if TEST_REDIS_URL:
+        _check_answers(lambda: redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2).ping(), "TEST_REDIS_URL")
+        yield TEST_REDIS_URL
+        return
+    if shutil.which("redis-server") is None:
+        pytest.exit(MISSING.format(what="redis-server"), returncode=3)
+    server = PrivateRedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield f"redis://127.0.0.1:{server.port}/15"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> str:
+    """The tests' MariaDB/MySQL server (no database): TEST_MYSQL_SERVER if set, else a private MariaDB."""
+    if TEST_MYSQL_SERVER:
+        yield TEST_MYSQL_SERVER
+        return
+    if mariadb_binaries() is None:
+        pytest.exit(MISSING.format(what="MariaDB's server (mariadb-server)"), returncode=3)
+    server = PrivateMariaDB().start()
+    yield server.url
+    server.stop()
+
+
+def _check_answers(probe, variable: str) -> None:
     try:
-        probe.ping()
-    except redis.RedisError as exc:
-        pytest.exit(
-            f"Redis is not reachable at {TEST_REDIS_URL} ({exc}). Start it, e.g. "
-            "`redis-server --daemonize yes --port 6379 --save '' --appendonly no`, or set TEST_REDIS_URL.",
-            returncode=3,
-        )
-    finally:
-        probe.close()
-    return TEST_REDIS_URL
+        probe()
+    except Exception as exc:
+        pytest.exit(f"{variable} does not answer ({exc}); unset it to let the suite start its own", returncode=3)
 
 
 @pytest.fixture
@@ -70,10 +91,10 @@ def redis_client(redis_url):
 
 
 @pytest.fixture(scope="session")
-def mysql_databases():
+def mysql_databases(mysql_server):
     """Databases on the test MariaDB/MySQL server, created for this run and dropped at its end:
     `mysql_databases(role)` -> the URL of the run's database for that role ("primary", "replica", ...)."""
-    server = make_url(TEST_MYSQL_SERVER)
+    server = make_url(mysql_server)
     try:
         admin = pymysql.connect(
             host=server.host,
@@ -85,9 +106,8 @@ def mysql_databases():
         )
     except pymysql.MySQLError as exc:
         pytest.exit(
-            f"MariaDB/MySQL is not reachable at {server.host}:{server.port} ({exc}). Start it, e.g. "
-            "`start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`, or set "
-            "TEST_MYSQL_SERVER.",
+            f"MariaDB/MySQL does not answer at {server.host}:{server.port} ({exc}); unset TEST_MYSQL_SERVER to let "
+            "the suite start its own",
             returncode=3,
         )
     created: dict[str, str] = {}
@@ -144,7 +164,7 @@ def dify(dify_server) -> DifyStandIn:
 
 
 @pytest.fixture
-def settings(redis_client, dify) -> Settings:
+def settings(redis_url, redis_client, dify) -> Settings:
     return Settings(
         wecom_token=TOKEN,
         wecom_encoding_aes_key=AES_KEY,
@@ -152,7 +172,7 @@ def settings(redis_client, dify) -> Settings:
         dify_api_key=DIFY_KEY,
         dify_read_timeout=3.0,
         dify_retry_backoff=0.01,
-        redis_url=TEST_REDIS_URL,
+        redis_url=redis_url,
         auth_mode="none",
         replica_id="replica-a",
         stream_lease_seconds=3,
@@ -167,6 +187,7 @@ def make_app(settings):
 
     def factory(**changes) -> Flask:
         app = create_app(settings.replace(**changes) if changes else settings)
+        app.extensions["gateway"].start()  # served, as a gunicorn worker is
         app.config["TESTING"] = True
         apps.append(app)
         return app

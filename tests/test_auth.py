@@ -3,6 +3,7 @@
 Each outcome is checked in the user's bubble (finished, with the right note) and at Dify (called or not).
 """
 
+import hashlib
 import logging
 import threading
 
@@ -15,7 +16,7 @@ from services.auth import db
 from services.auth.authorizer import token_ttl
 from services.auth.users import UserDirectory, UserExists
 from services.chat.texts import CATALOGUE
-from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, make_simulator
+from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -68,11 +69,14 @@ def test_a_known_user_gets_a_token_passed_to_dify(sim, dify, auth, redis_client)
     assert call["body"] == {"account": "alice@corp.example", "wecom_userid": "alice"}
     token = redis_client.get("authorization:wechatid:alice")
     assert token.startswith("tok_")
-    info = orjson.loads(redis_client.get(f"authorization:token:{token}"))
+    info = orjson.loads(redis_client.get(KEYS.token_info(token)))
     assert info["account"] == "alice@corp.example"
     assert info["user"]["department"] == "R&D"
     [request] = dify.chat_requests()
     assert request["inputs"] == {"user_token": token, "user_account": "alice@corp.example"}
+    # the token is a value (with a TTL), never part of a key name, which SCAN and MONITOR show
+    assert not [key for key in redis_client.scan_iter("*") if token in key]
+    assert KEYS.token_info(token) == f"authorization:token:{hashlib.sha256(token.encode()).hexdigest()}"
 
 
 def test_token_ttl_is_expires_in_minus_the_margin(sim, dify, auth, redis_client):
@@ -80,7 +84,7 @@ def test_token_ttl_is_expires_in_minus_the_margin(sim, dify, auth, redis_client)
     dify.script(d.answer("ok"))
     sim.ask("hi", userid="alice")
     token = redis_client.get("authorization:wechatid:alice")
-    for key in ("authorization:wechatid:alice", f"authorization:token:{token}"):
+    for key in ("authorization:wechatid:alice", KEYS.token_info(token)):
         assert 3530 <= redis_client.ttl(key) <= 3540
 
 
@@ -146,7 +150,7 @@ def test_database_down(auth_app, serve, dify, auth):
 def seed_token(redis_client, userid="alice", token="tok_cached_before_the_outage"):
     info = {"userid": userid, "account": f"{userid}@corp.example", "display_name": "Alice", "user": {}}
     redis_client.set(f"authorization:wechatid:{userid}", token, ex=600)
-    redis_client.set(f"authorization:token:{token}", orjson.dumps(info), ex=600)
+    redis_client.set(KEYS.token_info(token), orjson.dumps(info), ex=600)
     return token
 
 
@@ -225,6 +229,21 @@ def test_a_request_that_takes_the_flight_just_after_the_leader_finished_does_not
     assert authorizer._exchange_once("alice")["user_token"] == first  # the waiter's path after its cache miss
     assert len(auth.calls) == 1
     assert authorizer.token_status("alice")["flight"] is None
+
+
+def test_a_leader_whose_lock_ran_out_leaves_the_next_leaders_flight_alone(auth_app, auth, redis_client):
+    """A slow exchange outlives its lock and another request leads the user's flight now: the first leader's end
+    (success or refusal) must neither delete nor overwrite the second's lock."""
+    authorizer = auth_app().extensions["gateway"].bot().authorizer
+    flight = KEYS.auth_flight("alice")
+    auth.delay = 0.5
+    done = threading.Event()
+    threading.Thread(target=lambda: (authorizer.inputs_for("alice"), done.set()), daemon=True).start()
+    assert wait_until(lambda: (redis_client.get(flight) or "").startswith("running "))
+    redis_client.set(flight, "running next-leader", px=10_000)  # the lock ran out; another leader took it
+    assert done.wait(10)
+    assert redis_client.get(flight) == "running next-leader"
+    assert redis_client.pttl(flight) > 5_000
 
 
 def test_a_burst_from_a_refused_user_asks_once(sim, dify, auth):

@@ -91,6 +91,34 @@ def test_a_secret_missing_from_a_table_comes_from_the_environment(folder):
     assert hr.dify_api_key == "app-from-env"
 
 
+def test_two_bots_may_not_share_a_wecom_credential(folder):
+    """A table without its own token takes the environment's: a second such table would silently share it, and
+    each bot would then accept the other's callbacks."""
+    tables = """
+[bots.a]
+encoding_aes_key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+dify_api_key = "app-a"
+
+[bots.b]
+encoding_aes_key = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefg"
+dify_api_key = "app-b"
+"""
+    [problem] = problems_of(folder, tables, WECOM_TOKEN="env-token")
+    assert problem.startswith("BOTS_FILE bots.b: token is bots.a's too")
+    assert "env-token" not in problem
+
+
+def test_two_bots_sharing_one_dify_app_are_named_in_one_warning(folder):
+    from config.bots import shared_dify_keys
+
+    bots = bots_from(folder, HR + IT.replace('dify_api_key_file = "secrets/it-dify-key"\n', ""), DIFY_API_KEY="app-hr")
+    assert shared_dify_keys(bots) == []  # different Dify hosts: different apps
+    same_host = IT.replace('dify_api_key_file = "secrets/it-dify-key"\n', "").replace("it-dify", "dify")
+    [warning] = shared_dify_keys(bots_from(folder, HR + same_host, DIFY_API_KEY="app-hr"))
+    assert warning.startswith("bots hr, it share one Dify app")
+    assert "app-hr" not in warning
+
+
 BAD_FILES = [
     pytest.param(HR + 'colour = "blue"\n', "BOTS_FILE bots.hr: unknown key 'colour'", id="unknown-key"),
     pytest.param(HR + 'redis_url = "redis://x"\n', "BOTS_FILE bots.hr: unknown key 'redis_url'", id="deployment-key"),

@@ -188,13 +188,32 @@ def test_http_errors_are_not_retried_except_gateway_errors(client, dify, status,
     assert len(dify.requests) == 1
 
 
-@pytest.mark.parametrize("status", [429, 502, 503, 504])
-def test_busy_and_gateway_errors_are_retried_then_raised(client, dify, status):
-    dify.script([d.http_error(status, "too_many_requests" if status == 429 else "bad_gateway")], times=None)
+@pytest.mark.parametrize("status", [429, 503])
+def test_refusals_are_retried_then_raised(client, dify, status):
+    dify.script([d.http_error(status, "too_many_requests" if status == 429 else "unavailable")], times=None)
     with pytest.raises(DifyHTTPError) as caught:
         run(client)
     assert caught.value.status == status
     assert len(dify.requests) == 3
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_chat_behind_a_gateway_error_is_not_sent_again(client, dify, status):
+    """A proxy's 502/504 may come after Dify took the request: sending it again could make a second answer."""
+    dify.script([d.http_error(status, "bad_gateway")], times=None)
+    with pytest.raises(DifyHTTPError) as caught:
+        run(client)
+    assert caught.value.status == status
+    assert len(dify.requests) == 1
+
+
+def test_a_chat_whose_connection_ends_before_the_answer_is_not_sent_again(client, dify):
+    """The whole request went out and the connection closed before any answer: Dify may be answering it."""
+    dify.script([d.drop()], times=None)
+    with pytest.raises(DifyConnectionError) as caught:
+        run(client)
+    assert caught.value.request_sent
+    assert len(dify.requests) == 1
 
 
 def test_retry_succeeds_after_a_429(client, dify):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from app import create_app
 from config.settings import PROJECT_ROOT
 from services.wecom.crypto import WeComCrypto, pad32
-from tests.conftest import AES_KEY, TEST_REDIS_URL, TOKEN
+from tests.conftest import AES_KEY, TOKEN
 from tests.fuzz.checks import check, fuzz_settings
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
@@ -29,7 +29,7 @@ PATH = "/wecom/callback"
 
 @pytest.fixture(scope="module")
 def client(redis_url):
-    app = create_app(fuzz_settings(TEST_REDIS_URL, dify_connect_timeout=0.2))
+    app = create_app(fuzz_settings(redis_url, dify_connect_timeout=0.2))
     yield app.test_client()
     app.extensions["gateway"].runner.drain(10)
     app.extensions["gateway"].close()

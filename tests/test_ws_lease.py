@@ -7,7 +7,7 @@ import pytest
 from redis.crc import key_slot
 
 from services.keys import Keys
-from services.longconn.lease import ACQUIRE, RELEASE, RENEW, BotLease
+from services.longconn.lease import ACQUIRE, BACK_OFF, FIRST_BACKOFF_SECONDS, RELEASE, RENEW, BotLease
 from services.redis_conn import connect_redis
 from tests.conftest import SENTINEL_PASSWORD
 from tests.test_scripts import keys_not_from_keys
@@ -45,6 +45,24 @@ def test_a_lease_that_is_not_renewed_runs_out(topology):
     client.close()
 
 
+def test_refused_credentials_back_every_process_off_for_a_growing_interval(topology):
+    """WeCom refused the secret: nobody tries again until the interval passes; each refusal in a row doubles it up
+    to the longest; an accepted subscription starts over from the first."""
+    client, a, b = lease_pair(topology.url)
+    intervals = []
+    for _ in range(7):
+        held = a.acquire()
+        assert held is not None
+        intervals.append(a.back_off(held))
+        assert a.acquire() is None and b.acquire() is None  # the lease is dropped, and nobody may take it
+        assert FIRST_BACKOFF_SECONDS - 1 <= client.ttl(KEYS.ws_backoff(BOT)) <= intervals[-1]
+        client.delete(KEYS.ws_backoff(BOT))  # the interval passed
+    assert intervals == [15, 30, 60, 120, 240, 300, 300]
+    a.accepted()
+    assert a.back_off(a.acquire()) == FIRST_BACKOFF_SECONDS
+    client.close()
+
+
 def test_a_cool_down_keeps_every_process_away(topology):
     client, a, b = lease_pair(topology.url)
     held = a.acquire()
@@ -76,8 +94,9 @@ def test_after_a_failover_that_lost_the_lease_the_new_holder_is_newer(sentinel_s
     sentinel_set.restart(killed)
 
 
-@pytest.mark.parametrize("source", [ACQUIRE, RENEW, RELEASE], ids=["acquire", "renew", "release"])
+@pytest.mark.parametrize("source", [ACQUIRE, RENEW, RELEASE, BACK_OFF], ids=["acquire", "renew", "release", "back-off"])
 def test_the_lease_scripts_touch_only_their_keys_in_one_slot(source):
     assert keys_not_from_keys(source) == []
     keys = [KEYS.ws_lease(BOT), KEYS.ws_generation(BOT), KEYS.ws_cooldown(BOT)]
+    keys += [KEYS.ws_backoff(BOT), KEYS.ws_refusals(BOT)]
     assert len({key_slot(key.encode()) for key in keys}) == 1

@@ -2,13 +2,16 @@
 
 A cached token answers without touching the database or the auth API, so users with a live token keep working
 through an outage of either. On a miss, one request per user (on any replica) does the exchange while the
-others wait for its result: the `authorization:flight:{userid}` key is the lock, and afterwards briefly holds a
-refusal or outage so the rest of a burst shares that outcome instead of asking again.
+others wait for its result: the `authorization:flight:{userid}` key is the lock (`running <leader's own mark>`), and
+afterwards briefly holds a refusal or outage so the rest of a burst shares that outcome instead of asking again.
+A leader settles the flight only while it is still its own: one whose lock ran out during a slow exchange never
+deletes or overwrites the next leader's.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -19,11 +22,20 @@ from services import metrics
 from services.auth.api import AuthApiClient, AuthApiRefused, AuthApiUnavailable
 from services.auth.users import DatabaseUnavailable, UserDirectory
 from services.keys import AUTH_DENIAL_TTL_SECONDS, AUTH_OUTAGE_TTL_SECONDS, Keys
+from services.streams.scripts import LuaScript
 
 logger = logging.getLogger(__name__)
 
 _RUNNING = "running"
 _WAIT_STEP = 0.05
+
+# KEYS: flight. ARGV: the leader's mark, the outcome to leave ("" to delete the flight), its TTL (s). Settles the
+# flight only if it is still this leader's. Returns 1 if it was.
+SETTLE_FLIGHT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+return 1
+"""
 
 
 class AuthError(Exception):
@@ -87,6 +99,7 @@ class Authorizer:
         self.lock_ms = int((2 * exchange_timeout + 5) * 1000)
         self.wait_seconds = 2 * exchange_timeout + 6
         self.declared_inputs = declared_inputs or (dict)
+        self._settle = LuaScript(client, SETTLE_FLIGHT)
 
     def inputs_for(self, userid: str) -> dict:
         """The Dify inputs carrying this user's token and account.
@@ -112,8 +125,9 @@ class Authorizer:
         deadline = time.monotonic() + self.wait_seconds
         flight = self.keys.auth_flight(userid)
         while time.monotonic() < deadline:
-            if self.redis.set(flight, _RUNNING, nx=True, px=self.lock_ms):
-                return self._exchange_as_leader(userid, flight)
+            mark = f"{_RUNNING} {secrets.token_hex(8)}"
+            if self.redis.set(flight, mark, nx=True, px=self.lock_ms):
+                return self._exchange_as_leader(userid, flight, mark)
             outcome = self._await_leader(userid, flight, deadline)
             if isinstance(outcome, tuple):
                 return self._inputs(*outcome)
@@ -121,24 +135,29 @@ class Authorizer:
                 raise _BY_CODE.get(outcome, AuthUnavailable)(f"{outcome} (shared outcome)")
         raise AuthUnavailable("timed out waiting for another request's token exchange")
 
-    def _exchange_as_leader(self, userid: str, flight: str) -> dict:
+    def _exchange_as_leader(self, userid: str, flight: str, mark: str) -> dict:
         # A leader that cached its token and let go of the flight between our cache miss and taking the flight
         # has done the work already: a second exchange would issue the user a second token.
         cached = self._cached(userid)
         if cached is not None:
-            self.redis.delete(flight)
+            self._settle_flight(flight, mark)
             return self._inputs(*cached)
         try:
             token, info = self._exchange(userid)
         except AuthError as exc:
             ttl = AUTH_DENIAL_TTL_SECONDS if exc.code in _DENIALS else AUTH_OUTAGE_TTL_SECONDS
-            self.redis.set(flight, exc.code, ex=ttl)
+            self._settle_flight(flight, mark, exc.code, ttl)
             raise
         except BaseException:
-            self.redis.delete(flight)
+            self._settle_flight(flight, mark)
             raise
-        self.redis.delete(flight)
+        self._settle_flight(flight, mark)
         return self._inputs(token, info)
+
+    def _settle_flight(self, flight: str, mark: str, outcome: str = "", ttl: int = 0) -> None:
+        """Let go of the flight (leaving `outcome` for `ttl` seconds), if it is still ours."""
+        if not int(self._settle(keys=[flight], args=[mark, outcome, ttl])):
+            logger.warning("the token exchange outlasted its lock; another request leads the user's flight now")
 
     def _await_leader(self, userid: str, flight: str, deadline: float):
         """Wait for the request holding the flight: (token, info) on success, its error code, or None to retry."""
@@ -150,7 +169,7 @@ class Authorizer:
             state = self.redis.get(flight)
             if state is None:
                 return None
-            if state != _RUNNING:
+            if not state.startswith(_RUNNING):
                 return state
         return None
 
@@ -220,5 +239,5 @@ class Authorizer:
         return {
             "cached": bool(self.redis.exists(token_key)),
             "ttl": self.redis.ttl(token_key),
-            "flight": self.redis.get(self.keys.auth_flight(userid)),
+            "flight": (self.redis.get(self.keys.auth_flight(userid)) or "").partition(" ")[0] or None,
         }

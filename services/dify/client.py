@@ -35,6 +35,10 @@ from utils.tls import default_tls_context
 logger = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+# A POST is retried only when Dify (or its proxy) said it did not take the request: a 502 or 504 from a proxy, or a
+# connection that broke after the request was sent, may come after Dify began to answer it, and a second call
+# would be a second answer (and a second bill).
+_REFUSED_STATUS = frozenset({429, 503})
 _MAX_ERROR_BODY = 2048
 
 
@@ -128,7 +132,9 @@ class DifyClient:
             DifyHTTPError, DifyConnectionError, DifyTimeout, DifyStreamError, DifyStreamCut.
         """
         url, body = self._base_url + request.path, orjson.dumps(request.body())
-        yield from self._with_retries(lambda: self._stream_once(url, body, EventReader(request.app_type), relay))
+        yield from self._with_retries(
+            lambda: self._stream_once(url, body, EventReader(request.app_type), relay), idempotent=False
+        )
 
     def stream_run(
         self, run_id: str, user: str, app_type: str, relay: Relay | None = None
@@ -142,17 +148,25 @@ class DifyClient:
         """
         url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode({'user': user})}"
         # A re-attached chatflow's stream ends at workflow_finished too: a finished run sends nothing else.
-        yield from self._with_retries(lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay))
+        yield from self._with_retries(
+            lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay), idempotent=True
+        )
 
-    def _with_retries(self, stream: Callable[[], Iterator[list[DifyEvent]]]) -> Iterator[list[DifyEvent]]:
-        """Retry a call that failed before its stream began (429/502/503/504, connection errors)."""
+    def _with_retries(
+        self, stream: Callable[[], Iterator[list[DifyEvent]]], idempotent: bool
+    ) -> Iterator[list[DifyEvent]]:
+        """Retry a call that failed before its stream began: 429/502/503/504 and connection errors for a GET; for a
+        POST (`idempotent` false) only what cannot have reached Dify (429, 503, no connection, request not sent)."""
         attempt = 0
         while True:
             try:
                 yield from stream()
                 return
             except (DifyHTTPError, DifyConnectionError) as exc:
-                retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
+                if isinstance(exc, DifyConnectionError):
+                    retryable = idempotent or not exc.request_sent
+                else:
+                    retryable = exc.status in (_RETRYABLE_STATUS if idempotent else _REFUSED_STATUS)
                 if not retryable or attempt >= self.max_retries:
                     raise
                 attempt += 1
@@ -173,8 +187,10 @@ class DifyClient:
             raise DifyConnectionError(f"could not reach Dify: {exc}") from exc
         except TimeoutError as exc:
             raise DifyTimeout("Dify sent no response within the read timeout") from exc
-        except OSError as exc:
-            raise DifyConnectionError(f"Dify closed the connection before answering: {type(exc).__name__}") from exc
+        except OSError as exc:  # the request was sent whole: Dify may be answering it
+            raise DifyConnectionError(
+                f"Dify closed the connection before answering: {type(exc).__name__}", request_sent=True
+            ) from exc
         with stream:
             if stream.status != 200:
                 raise http_error(stream.status, stream.read_body(_MAX_ERROR_BODY))

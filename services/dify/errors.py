@@ -26,9 +26,14 @@ class DifyHTTPError(DifyError):
 
 
 class DifyConnectionError(DifyError):
-    """Dify could not be reached (DNS, refused, TLS, connect timeout)."""
+    """Dify could not be reached (DNS, refused, TLS, connect timeout), or (`request_sent`) the connection ended after
+    the whole request was sent and before any answer: Dify may have taken it, so it is not sent again."""
 
     code = "connect_error"
+
+    def __init__(self, message: str, request_sent: bool = False):
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class DifyTimeout(DifyError):

@@ -16,7 +16,9 @@ import threading
 import redis
 
 from services.keys import Keys
+from services.loops import guarded, run_until
 from services.redis_conn import REDIS_FAILURES
+from services.streams.outage import best_effort
 from services.streams.service import StreamService
 from utils.logging import log_context
 
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 GROUP = "answers"
 MAX_JOBS = 10_000  # the Redis Stream is trimmed to about this many entries
 JOBS_TTL_SECONDS = 24 * 3600
+# A consumer idle this long with nothing pending is a process that died without leaving the group.
+DEAD_CONSUMER_IDLE_MS = 3600 * 1000
 
 
 class JobQueue:
@@ -47,7 +51,9 @@ class JobQueue:
 
 
 class JobConsumer:
-    """A thread in every worker process: takes queued streams of one bot and runs them here."""
+    """A thread in every serving process: takes queued streams of one bot and runs them here. It joins the queue's
+    consumer group under this process's name and leaves it when it stops; consumers that died without leaving are
+    removed by the next consumer to start once they have been idle for a while with nothing pending."""
 
     def __init__(self, queue: JobQueue, streams: StreamService, owner: str, block_ms: int):
         self.queue = queue
@@ -61,31 +67,40 @@ class JobConsumer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop taking answers, and leave the consumer group (once the last read has returned)."""
         self._stop.set()
+        if not self._thread.is_alive():
+            return
+        self._thread.join(self.block_ms / 1000 + 1.0)
+        best_effort(self._leave, "leaving the answer queue's group", delays=())
 
     def _run(self) -> None:
-        client, key = self.queue.client, self.queue.key
         with log_context(replica=self.owner, bot=self.streams.bot):
-            while not self._stop.is_set():
-                if not self.streams.runner.has_capacity():
-                    self._stop.wait(0.5)
-                    continue
-                try:
-                    entries = client.xreadgroup(GROUP, self.owner, {key: ">"}, count=10, block=self.block_ms)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        self._create_group()
-                    else:
-                        logger.warning("the answer queue refused a read: %s", exc)
-                        self._stop.wait(1.0)
-                    continue
-                except REDIS_FAILURES as exc:
-                    logger.warning("Redis unavailable for the answer queue: %s", exc)
-                    self._stop.wait(1.0)
-                    continue
-                for _, messages in entries or []:
-                    for entry_id, fields in messages:
-                        self._take(entry_id, fields)
+            guarded(self._join, "wecom_ws_jobs", self._stop)
+            run_until(self._stop, self._step, "wecom_ws_jobs")
+
+    def _step(self) -> None:
+        """Read a few queued answers (blocking a moment) and take each."""
+        if not self.streams.runner.has_capacity():
+            self._stop.wait(0.5)
+            return
+        try:
+            entries = self.queue.client.xreadgroup(
+                GROUP, self.owner, {self.queue.key: ">"}, count=10, block=self.block_ms
+            )
+        except redis.ResponseError:
+            # No group (yet, or again: the queue expired when idle). How a store words that differs (NOGROUP on
+            # Redis, another text on the demo's embedded store), so create it whatever the text says.
+            if not self._join():
+                self._stop.wait(1.0)
+            return
+        except REDIS_FAILURES as exc:
+            logger.warning("Redis unavailable for the answer queue: %s", exc)
+            self._stop.wait(1.0)
+            return
+        for _, messages in entries or []:
+            for entry_id, fields in messages:
+                self._take(entry_id, fields)
 
     def _take(self, entry_id: str, fields: dict) -> None:
         try:
@@ -95,7 +110,8 @@ class JobConsumer:
         except REDIS_FAILURES as exc:
             logger.warning("could not take a queued answer (%s); its opener's lease will restart it", exc)
 
-    def _create_group(self) -> None:
+    def _join(self) -> bool:
+        """Make sure the queue and its group exist, and remove long-dead consumers; False if Redis refused."""
         client, key = self.queue.client, self.queue.key
         try:
             if not client.exists(key):  # MKSTREAM, without relying on it (the demo's embedded store lacks it)
@@ -105,7 +121,18 @@ class JobConsumer:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 logger.warning("could not create the answer queue's group: %s", exc)
-                self._stop.wait(1.0)
+                return False
         except REDIS_FAILURES as exc:
             logger.warning("Redis unavailable for the answer queue: %s", exc)
-            self._stop.wait(1.0)
+            return False
+        best_effort(self._remove_dead_consumers, "removing dead consumers of the answer queue", delays=())
+        return True
+
+    def _remove_dead_consumers(self) -> None:
+        client, key = self.queue.client, self.queue.key
+        for consumer in client.xinfo_consumers(key, GROUP):
+            if int(consumer.get("pending", 0)) == 0 and int(consumer.get("idle", 0)) > DEAD_CONSUMER_IDLE_MS:
+                client.xgroup_delconsumer(key, GROUP, consumer["name"])
+
+    def _leave(self) -> None:
+        self.queue.client.xgroup_delconsumer(self.queue.key, GROUP, self.owner)

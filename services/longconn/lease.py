@@ -19,11 +19,16 @@ from services.keys import Keys
 from services.streams.scripts import LuaScript
 
 GENERATION_TTL_SECONDS = 30 * 24 * 3600
+# After WeCom refuses the bot's credentials, the whole deployment waits this long before the next try, doubling
+# with each refusal in a row up to the longest (a wrong secret costs WeCom one subscription per interval).
+FIRST_BACKOFF_SECONDS = 15
+LONGEST_BACKOFF_SECONDS = 300
 
-# KEYS: lease, generation, cooldown. ARGV: holder, lease_ms, generation ttl, now (ms). Returns the generation now
-# held by `holder`, or 0 when another process holds the lease or the bot is cooling down after a foreign kick.
+# KEYS: lease, generation, cooldown, backoff. ARGV: holder, lease_ms, generation ttl, now (ms). Returns the
+# generation now held by `holder`, or 0 when another process holds the lease, the bot is cooling down after a
+# foreign kick, or its credentials were refused and the bot-wide back-off has not passed yet.
 ACQUIRE = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local current = redis.call('GET', KEYS[1])
 if current then
   local holder, generation = string.match(current, '^(.*) (%d+)$')
@@ -50,6 +55,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS: backoff, refusals, lease. ARGV: first interval (s), longest interval (s), holder, generation. WeCom refused
+# the bot's credentials: no process of the deployment tries again for an interval that doubles with each refusal
+# in a row, and the lease is dropped. Returns the interval.
+BACK_OFF = """
+local refusals = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
+local interval = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) * 2 ^ math.min(refusals - 1, 16))
+redis.call('SET', KEYS[1], refusals, 'EX', interval)
+if redis.call('GET', KEYS[3]) == ARGV[3] .. ' ' .. ARGV[4] then redis.call('DEL', KEYS[3]) end
+return interval
+"""
+
 # KEYS: lease. ARGV: holder, generation. Drops the lease if it is this holder's (a drain hands over at once).
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then return 0 end
@@ -74,12 +91,15 @@ class BotLease:
         self.lease_key = keys.ws_lease(bot_id)
         self.generation_key = keys.ws_generation(bot_id)
         self.cooldown_key = keys.ws_cooldown(bot_id)
+        self.backoff_key = keys.ws_backoff(bot_id)
+        self.refusals_key = keys.ws_refusals(bot_id)
         self.status_key = keys.ws_status(bot_id)
         self.holder = holder
         self.lease_ms = lease_seconds * 1000
         self._acquire = LuaScript(client, ACQUIRE)
         self._renew = LuaScript(client, RENEW)
         self._release = LuaScript(client, RELEASE)
+        self._back_off = LuaScript(client, BACK_OFF)
 
     def acquire(self) -> Holding | None:
         """Take (or keep) the lease; None while another process holds it.
@@ -89,7 +109,7 @@ class BotLease:
         """
         generation = int(
             self._acquire(
-                keys=[self.lease_key, self.generation_key, self.cooldown_key],
+                keys=[self.lease_key, self.generation_key, self.cooldown_key, self.backoff_key],
                 args=[self.holder, self.lease_ms, GENERATION_TTL_SECONDS, int(time.time() * 1000)],
             )
         )
@@ -112,6 +132,24 @@ class BotLease:
         if seconds > 0:
             self.client.set(self.cooldown_key, holding.holder, ex=seconds)
         self.release(holding)
+
+    def back_off(self, holding: Holding) -> int:
+        """WeCom refused the bot's credentials: no process of ours subscribes again for the returned number of
+        seconds (growing with each refusal in a row), and the lease is dropped.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        return int(
+            self._back_off(
+                keys=[self.backoff_key, self.refusals_key, self.lease_key],
+                args=[FIRST_BACKOFF_SECONDS, LONGEST_BACKOFF_SECONDS, holding.holder, holding.generation],
+            )
+        )
+
+    def accepted(self) -> None:
+        """WeCom accepted the credentials: the next refusal starts the back-off from its first interval."""
+        self.client.delete(self.refusals_key)
 
     def set_status(self, status: str, seconds: int) -> None:
         """What every replica's /readyz says of the bot's connection, for `seconds`."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import metrics
+from services.loops import guarded
 from services.redis_conn import REDIS_FAILURES
 from services.streams.store import StreamStore
 
@@ -127,7 +128,7 @@ class StreamRunner:
     def _keep_leases(self) -> None:
         interval = self.renew_interval
         while not self._stopping.wait(interval):
-            renewed = self._renew_all()
+            renewed = guarded(self._renew_all, "stream_lease_keeper", self._stopping)
             # After a failure (Redis away), try again soon: leases that ran out meanwhile are taken back at once.
             interval = self.renew_interval if renewed else min(_RETRY_INTERVAL, self.renew_interval)
 

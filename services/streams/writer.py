@@ -19,6 +19,7 @@ import time
 
 import redis
 
+from services.loops import guarded
 from services.streams.store import CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
@@ -166,16 +167,20 @@ class AppendBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
-            started = time.monotonic()
-            by_store: dict[int, list[tuple[StreamWriter, AppendRequest]]] = {}
-            for writer, request in batch:
-                by_store.setdefault(id(writer.store), []).append((writer, request))
-            for group in by_store.values():
-                self._send(group)
-            self.batches += 1
-            self.appends += len(batch)
-            time.sleep(max(0.0, started + BATCH_INTERVAL_SECONDS - time.monotonic()))
+            guarded(self._send_batch, "append_batcher")
+
+    def _send_batch(self) -> None:
+        """Send every append queued now (waiting for one), then pause so the next batch can gather."""
+        batch = self._take_batch()
+        started = time.monotonic()
+        by_store: dict[int, list[tuple[StreamWriter, AppendRequest]]] = {}
+        for writer, request in batch:
+            by_store.setdefault(id(writer.store), []).append((writer, request))
+        for group in by_store.values():
+            self._send(group)
+        self.batches += 1
+        self.appends += len(batch)
+        time.sleep(max(0.0, started + BATCH_INTERVAL_SECONDS - time.monotonic()))
 
     def _send(self, group: list[tuple[StreamWriter, AppendRequest]]) -> None:
         """One store's appends in one round trip; each writer learns its own outcome."""

@@ -8,19 +8,21 @@ import pytest
 
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica, free_port
-from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TEST_REDIS_URL, TOKEN, make_simulator
+from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
 
 
-def gunicorn_env(dify, **settings: str) -> dict[str, str]:
-    return replica_env(dify.base_url, TEST_REDIS_URL, **settings)
+@pytest.fixture
+def gunicorn_env(dify, redis_url):
+    """`gunicorn_env(**settings)`: a replica's environment against the test's Dify stand-in and Redis."""
+    return lambda **settings: replica_env(dify.base_url, redis_url, **settings)
 
 
 @pytest.fixture
-def replica(dify, redis_client, tmp_path):
-    server = GunicornReplica(gunicorn_env(dify), tmp_path, "gunicorn-a", workers=2).start()
+def replica(dify, redis_client, tmp_path, gunicorn_env):
+    server = GunicornReplica(gunicorn_env(), tmp_path, "gunicorn-a", workers=2).start()
     yield server
     server.stop()
 
@@ -66,8 +68,10 @@ def test_logs_are_json_lines_under_gunicorn(replica, dify):
     ],
     ids=["memory-store", "no-redis", "no-database"],
 )
-def test_production_settings_without_shared_stores_stop_even_with_one_worker(dify, tmp_path, change, line):
-    server = GunicornReplica({**gunicorn_env(dify), **change}, tmp_path, "refused", workers=1)
+def test_production_settings_without_shared_stores_stop_even_with_one_worker(
+    dify, tmp_path, change, line, gunicorn_env
+):
+    server = GunicornReplica({**gunicorn_env(), **change}, tmp_path, "refused", workers=1)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     problems = [entry for entry in server.logs().splitlines() if entry.startswith("configuration error:")]
@@ -75,8 +79,8 @@ def test_production_settings_without_shared_stores_stop_even_with_one_worker(dif
     assert problems[0].startswith(line)
 
 
-def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(dify, tmp_path):
-    env = {**gunicorn_env(dify), "DEMO_MODE": "true", "REDIS_URL": "memory://"}
+def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(dify, tmp_path, gunicorn_env):
+    env = {**gunicorn_env(), "DEMO_MODE": "true", "REDIS_URL": "memory://"}
     server = GunicornReplica(env, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
@@ -95,16 +99,16 @@ def test_the_embedded_store_is_refused_with_several_workers_even_in_demo_mode(di
         ),
     ],
 )
-def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, settings, line):
-    server = GunicornReplica({**gunicorn_env(dify), **settings}, tmp_path, "refused", workers=2)
+def test_a_bad_gunicorn_setting_is_one_clear_line(dify, tmp_path, settings, line, gunicorn_env):
+    server = GunicornReplica({**gunicorn_env(), **settings}, tmp_path, "refused", workers=2)
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start(timeout=15)
     assert server.logs().strip() == f"configuration error: {line}"
 
 
-def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path):
+def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path, gunicorn_env):
     dify.script(d.answer("Answered by a sync worker.", delay=0.02))
-    server = GunicornReplica({**gunicorn_env(dify), "GUNICORN_WORKER_CLASS": "sync"}, tmp_path, "sync", workers=2)
+    server = GunicornReplica({**gunicorn_env(), "GUNICORN_WORKER_CLASS": "sync"}, tmp_path, "sync", workers=2)
     server.start()
     try:
         sim = make_simulator(server.url, poll_interval=0.05)
@@ -146,11 +150,11 @@ def test_metrics_add_up_every_worker(replica, dify):
     assert {opened() for _ in range(6)} == {8.0}  # whichever worker answers /metrics, the sum is the same
 
 
-def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, redis_client, tmp_path):
+def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, redis_client, tmp_path, gunicorn_env):
     import httpx
 
     metrics_port = free_port()
-    env = {**gunicorn_env(dify), "METRICS_PORT": str(metrics_port)}
+    env = {**gunicorn_env(), "METRICS_PORT": str(metrics_port)}
     server = GunicornReplica(env, tmp_path, "metrics-port", workers=2).start()
     try:
         dify.script(d.answer("counted"))

@@ -140,14 +140,24 @@ def test_a_foreign_subscriber_does_not_start_a_kick_loop(replicas, wecom, redis_
     assert "not one of ours" in logs
 
 
-def test_a_wrong_secret_is_one_clear_error_and_a_backoff(replicas, wecom):
-    started = replicas(count=1, WECOM_BOT_SECRET="wrong")
-    time.sleep(4)
+def test_a_wrong_secret_backs_the_whole_deployment_off(replicas, wecom):
+    """Two replicas of two workers with a wrong secret: one subscription attempt per back-off interval for the whole
+    deployment (kept in Redis), not one per process, with one ERROR line per attempt and every replica's /readyz
+    saying bad_credentials."""
+    started = replicas(count=2, WECOM_BOT_SECRET="wrong")
+    assert wait_until(lambda: len(wecom.refused) >= 1, timeout=10)
+    first = time.monotonic()
+    time.sleep(30)
     assert wecom.subscribes == []
-    assert 1 <= len(wecom.refused) <= 6  # backing off, not hammering
-    assert "subscription (errcode 853000): check its bot_id and secret" in started[0].logs()
-    ready = httpx.get(f"{started[0].url}/readyz", timeout=5).json()
-    assert ready["bots"]["default"]["connection"] == "bad_credentials"  # the replica itself stays ready
+    assert 1 <= len(wecom.refused) <= 2, f"{len(wecom.refused)} subscription attempts in 30 s"
+    assert wecom.connections <= 2, f"{wecom.connections} sockets opened"
+    errors = sum(r.logs().count("check its bot_id and secret") for r in started)
+    assert errors == len(wecom.refused)  # one ERROR line per attempt, which is one per interval
+    for replica in started:
+        ready = httpx.get(f"{replica.url}/readyz", timeout=5)
+        assert ready.status_code == 200  # the replicas themselves stay ready (other bots may be fine)
+        assert ready.json()["bots"]["default"]["connection"] == "bad_credentials"
+    assert time.monotonic() - first >= 30
 
 
 def test_the_welcome_goes_out_within_five_seconds(replicas, wecom):

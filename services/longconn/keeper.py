@@ -1,0 +1,85 @@
+"""The keeper of one held connection, a thread for as long as it lasts: renews the bot's lease (and closes the
+connection at once when the lease is lost), pings WeCom, runs the frame pump and, every few seconds, the outbox."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from services.longconn import frames
+from services.longconn.lease import BotLease, Holding
+from services.longconn.orphans import OrphanDelivery
+from services.longconn.replies import ReplyPump
+from services.longconn.session import Session
+from services.loops import guarded
+from services.redis_conn import REDIS_FAILURES
+
+logger = logging.getLogger(__name__)
+
+FRAME_INTERVAL = 0.5
+OUTBOX_INTERVAL = 2.0
+
+
+class ConnectionKeeper:
+    """Keeps `session` (held as `holding`) alive and its frames moving until it ends or `stop` is set."""
+
+    def __init__(
+        self,
+        session: Session,
+        holding: Holding,
+        lease: BotLease,
+        replies: ReplyPump,
+        orphans: OrphanDelivery,
+        settings,
+        stop: threading.Event,
+    ):
+        self.session = session
+        self.holding = holding
+        self.lease = lease
+        self.replies = replies
+        self.orphans = orphans
+        self.settings = settings
+        self._stop = stop
+        self._ended = threading.Event()
+        self._next_lease = self._next_ping = self._next_outbox = time.monotonic()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"wecom-ws-keeper-{self.replies.bot}", daemon=True).start()
+
+    def end(self) -> None:
+        """The connection ended: stop keeping it."""
+        self._ended.set()
+
+    def _run(self) -> None:
+        while not (self._ended.is_set() or self._stop.is_set()):
+            guarded(self.step, "wecom_ws_keeper", self._ended)
+            self._stop.wait(FRAME_INTERVAL)
+
+    def step(self) -> None:
+        """One pass: what is due of the lease, the ping, the frames and the outbox."""
+        now = time.monotonic()
+        if now >= self._next_lease:
+            self._next_lease = now + self.settings.wecom_ws_lease_seconds / 3
+            if not self._renew():
+                return
+        if now >= self._next_ping:
+            self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
+            self.session.send(frames.ping()[1])
+        self.replies.pump()
+        if now >= self._next_outbox:
+            self._next_outbox = now + OUTBOX_INTERVAL
+            self.orphans.deliver(self.session, self.holding.generation, self.replies.live_streams())
+
+    def _renew(self) -> bool:
+        """Renew the lease; False (and the connection closed) when another process has it now."""
+        try:
+            if not self.lease.renew(self.holding):
+                logger.warning("the connection lease is another process's now; closing this connection")
+                self._ended.set()
+                self.session.close()
+                return False
+            self.lease.set_status("holding", self.settings.wecom_ws_lease_seconds * 3)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not renew the connection lease: %s", exc)
+        return True

@@ -1,0 +1,122 @@
+"""The frame pump of one connection: each message answered on the WebSocket is a reply on its req_id, whose
+bubble grows as its stream does. One frame in flight per req_id, waiting for its ack (5 s); intermediate states are
+skipped while one is pending, the final frame is always sent. Acks keep the outbox in step (what the bubble
+shows, a final frame delivered, a req_id that died)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services import metrics
+from services.longconn import frames
+from services.longconn.outbox import Outbox
+from services.longconn.session import Session
+from services.redis_conn import REDIS_FAILURES
+from services.streams.service import StreamService
+
+logger = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 5.0
+
+
+@dataclass
+class _Reply:
+    """One message's stream, answered on its req_id."""
+
+    stream_id: str
+    content: str = ""
+    pending_since: float = 0.0  # a frame is waiting for its ack
+    final_sent: bool = False
+
+
+class ReplyPump:
+    """The open replies of this process's connection (at most one connection at a time)."""
+
+    def __init__(self, bot: str, streams: StreamService, outbox: Outbox, session: Callable[[], Session | None]):
+        self.bot = bot
+        self.streams = streams
+        self.outbox = outbox
+        self._session = session  # the connection frames go out on now (None: none)
+        self._replies: dict[str, _Reply] = {}
+        self._lock = threading.Lock()
+
+    def open(self, req_id: str, stream_id: str, reply: dict) -> None:
+        """Answer a message's `req_id` with its first stream `reply`, and follow the stream from there."""
+        with self._lock:
+            self._replies[req_id] = _Reply(stream_id, content=(reply.get("stream") or {}).get("content", ""))
+        self.send(req_id, reply)
+
+    def clear(self) -> None:
+        """The connection ended: its req_ids died with it."""
+        with self._lock:
+            self._replies.clear()
+
+    def live_streams(self) -> set[str]:
+        with self._lock:
+            return {reply.stream_id for reply in self._replies.values()}
+
+    def pump(self) -> None:
+        """One pass over the open replies: a frame for each whose bubble changed and has no frame in flight."""
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                (req_id, reply)
+                for req_id, reply in self._replies.items()
+                if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
+            ]
+        for req_id, reply in due:
+            try:
+                polled = self.streams.poll(reply.stream_id)
+            except REDIS_FAILURES:
+                continue  # the next pass tries again
+            stream = polled.get("stream") or {}
+            if stream.get("content") == reply.content and not stream.get("finish"):
+                continue
+            reply.content = stream.get("content", "")
+            self.send(req_id, polled)
+
+    def send(self, req_id: str, reply: dict) -> None:
+        """Send one stream frame on `req_id`; its ack clears the way for the next (and tells the outbox)."""
+        stream = reply.get("stream") or {}
+        finish, content = bool(stream.get("finish")), stream.get("content", "")
+        entry = self._replies.get(req_id)
+        if entry is not None:
+            entry.pending_since = time.monotonic()
+            entry.final_sent = finish
+        sent_at = time.monotonic()
+
+        def on_ack(ack: dict) -> None:
+            metrics.WS_ACK_SECONDS.labels(self.bot).observe(time.monotonic() - sent_at)
+            errcode = int(ack.get("errcode") or 0)
+            if errcode:
+                metrics.WS_ERRCODES.labels(self.bot, str(errcode)).inc()
+                logger.warning("WeCom refused a stream frame: errcode %s (%s)", errcode, ack.get("errmsg", ""))
+            with self._lock:
+                current = self._replies.get(req_id)
+                if current is None:
+                    return
+                current.pending_since = 0.0
+                dead = errcode in (frames.DEAD_REQ_ID, frames.STREAM_EXPIRED)
+                if dead or (current.final_sent and not errcode):
+                    del self._replies[req_id]
+            self._after_ack(current.stream_id, content, finish, errcode, dead)
+
+        metrics.WS_FRAMES.labels(self.bot).inc()
+        session = self._session()
+        if session is not None:
+            session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack)
+
+    def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool) -> None:
+        try:
+            if dead:
+                self.outbox.orphan(stream_id)
+            elif not errcode and finish:
+                self.outbox.delivered(stream_id)
+            elif not errcode:
+                self.outbox.shown(stream_id, content)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not update the stream's delivery state: %s", exc)

@@ -1,0 +1,102 @@
+"""The suite's own database servers: a private MariaDB (and, through demo/redis_server.py, a private Redis), each
+started on a free loopback port with a temporary data directory and removed at the end of the run. The tests never
+touch a developer's own Redis or MariaDB, and need neither running. TEST_REDIS_URL / TEST_MYSQL_SERVER point the
+suite at servers of your choice instead."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pymysql
+
+from demo.replicas import free_port
+
+MARIADBD = "/usr/sbin/mariadbd"
+MISSING = (
+    "{what} is not installed: `make test` installs it when run as root; otherwise run "
+    "`sudo apt-get install redis-server mariadb-server` (or set TEST_REDIS_URL / TEST_MYSQL_SERVER)"
+)
+
+
+def mariadb_binaries() -> tuple[str, str] | None:
+    """(mariadb-install-db, mariadbd), or None when MariaDB's server is not installed."""
+    install = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    server = shutil.which("mariadbd") or (MARIADBD if Path(MARIADBD).exists() else None)
+    return (install, server) if install and server else None
+
+
+class PrivateMariaDB:
+    """A MariaDB server of the run's own: root with no password over TCP (grant tables skipped), no binary log,
+    relaxed durability (a test database is thrown away). `start()` runs it, `stop()` removes it."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="private-mariadb-"))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mysql+pymysql://root@127.0.0.1:{self.port}"
+
+    def start(self) -> PrivateMariaDB:
+        binaries = mariadb_binaries()
+        if binaries is None:
+            raise RuntimeError(MISSING.format(what="MariaDB's server (mariadb-server)"))
+        install, server = binaries
+        data, user = self.dir / "data", getpass.getuser()
+        subprocess.run(
+            [install, "--no-defaults", f"--datadir={data}", f"--user={user}", "--skip-test-db"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.process = subprocess.Popen(
+            [
+                server,
+                "--no-defaults",
+                f"--datadir={data}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                f"--socket={self.dir / 'mysqld.sock'}",
+                f"--pid-file={self.dir / 'mysqld.pid'}",
+                f"--log-error={self.dir / 'error.log'}",
+                f"--user={user}",
+                "--skip-grant-tables",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_ready(60)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1).close()
+                return
+            except pymysql.MySQLError:
+                time.sleep(0.1)
+        log = (self.dir / "error.log").read_text(errors="replace")[-2000:] if (self.dir / "error.log").exists() else ""
+        self.stop()
+        raise RuntimeError(f"the private MariaDB did not start on port {self.port}:\n{log}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""What each way of starting the gateway may do. The production app (`app.py`, gunicorn, every `flask --app app`
+command) reads the environment and `.env` only: no value of `demo.env` reaches it, no demo bot loads and demo mode
+is never entered unless the environment says so. One-shot processes (`flask` commands, the db-init Job) start no
+background work: they leave a long-connection bot's lease and its queued answers alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import redis
+
+from app import create_app
+from config.settings import DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_settings
+from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.keys import Keys
+from services.longconn.jobs import GROUP, JobQueue
+from services.longconn.lease import BotLease
+from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
+
+BOT_ID, SECRET = "cli-bot", "cli-secret"
+KEYS = Keys()
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    """A shell's environment with none of the gateway's settings, plus `settings`."""
+    ours = {"DEMO_MODE", "BOTS_FILE", "REDIS_URL", "DATABASE_URL", "AUTH_MODE", "DIFY_BASE_URL", "DIFY_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith(("WECOM_", "AUTH_"))}
+    return {**env, "LOG_FORMAT": "text", **settings}
+
+
+def flask(env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    """`python -m flask --app app <command>` from the checkout, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", *command],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def production(redis_url: str, dify_url: str, **more: str) -> dict[str, str]:
+    """One callback bot's production settings, as a VM or systemd deployment from a checkout would set them."""
+    return clean_environment(
+        WECOM_TOKEN=TOKEN,
+        WECOM_ENCODING_AES_KEY=AES_KEY,
+        DIFY_BASE_URL=dify_url,
+        DIFY_API_KEY=DIFY_KEY,
+        REDIS_URL=redis_url,
+        AUTH_MODE="none",
+        **more,
+    )
+
+
+@pytest.mark.parametrize("demo_mode", [None, "0"], ids=["DEMO_MODE-unset", "DEMO_MODE-0"])
+def test_a_checkout_with_production_settings_uses_nothing_of_demo_env(demo_mode, redis_url, dify):
+    extra = {} if demo_mode is None else {"DEMO_MODE": demo_mode}
+    listed = flask(production(redis_url, dify.base_url, **extra), "bots", "list")
+    assert listed.returncode == 0, listed.stderr
+    bots = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
+    assert bots == ["default"]  # demo.env's BOTS_FILE (assistant, helpdesk, ops) is not read
+    assert "DEMO MODE" not in listed.stderr + listed.stdout
+
+
+def test_without_settings_the_production_app_refuses_to_start_instead_of_entering_demo_mode():
+    """demo.env would have made this a demo (embedded store, demo credentials); the production app says what is
+    missing instead."""
+    result = flask(clean_environment(), "bots", "list")
+    assert result.returncode == 2
+    assert "configuration error: REDIS_URL is required" in result.stderr
+    assert "DEMO MODE" not in result.stderr
+
+
+def test_only_the_demos_entry_points_read_demo_env():
+    with pytest.raises(SettingsError, match="REDIS_URL is required"):
+        load_settings({})  # the production app's files: .env only
+    demo = load_settings({}, env_files=DEMO_ENV_FILES)
+    assert demo.demo_mode
+    assert demo.bots_file == "demo/bots.toml"
+
+
+@pytest.fixture
+def long_connection_bot(redis_url, redis_client, dify):
+    """The settings of a long-connection bot whose WeCom server (the stand-in) counts the connections it gets."""
+    wecom = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+    env = production(
+        redis_url,
+        dify.base_url,
+        WECOM_MODE="long_connection",
+        WECOM_BOT_ID=BOT_ID,
+        WECOM_BOT_SECRET=SECRET,
+        WECOM_WS_URL=wecom.url,
+        WECOM_WS_LEASE_SECONDS="3",
+    )
+    yield env, wecom
+    wecom.stop()
+
+
+def test_flask_commands_leave_the_lease_and_the_queued_answers_alone(long_connection_bot, redis_client, redis_url):
+    """`db init` run before the replicas start, and an operator's `streams list` while they run, must neither take
+    the bot's connection (its lease, a subscription) nor a queued answer."""
+    env, wecom = long_connection_bot
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = JobQueue(client, KEYS, BOT_ID)
+    queue.submit("queued-stream", "replica-x:1")
+    client.xgroup_create(queue.key, GROUP, id="0")
+
+    for command in (("streams", "list"), ("bots", "list")):  # nobody holds the lease: a serving process would
+        result = flask(env, *command)
+        assert result.returncode == 0, result.stderr
+    assert not redis_client.exists(KEYS.ws_lease(BOT_ID))
+    assert not redis_client.exists(KEYS.ws_generation(BOT_ID))
+    assert wecom.connections == 0
+
+    holding = BotLease(client, KEYS, BOT_ID, "replica-x:1", 30).acquire()  # now a serving process holds it
+    before = redis_client.get(KEYS.ws_lease(BOT_ID))
+    result = flask(env, "streams", "list")
+    assert result.returncode == 0, result.stderr
+    assert redis_client.get(KEYS.ws_lease(BOT_ID)) == before == f"replica-x:1 {holding.generation}"
+    [group] = redis_client.xinfo_groups(queue.key)
+    assert group["consumers"] == 0 and group["pending"] == 0  # nothing read, nothing taken
+    assert wecom.connections == 0
+    client.close()
+
+
+def test_building_the_app_starts_no_thread_and_serving_it_does(settings, dify):
+    wecom = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+    bot = settings.replace(
+        wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url
+    )
+    before = {thread.name for thread in threading.enumerate()}
+    app = create_app(bot)
+    gateway = app.extensions["gateway"]
+    try:
+        assert not {thread.name for thread in threading.enumerate()} - before
+        assert not gateway.started
+        gateway.start()
+        started = {thread.name for thread in threading.enumerate()} - before
+        assert {"wecom-ws-default", "wecom-ws-jobs-default"} <= started
+    finally:
+        gateway.drain(1)
+        gateway.close()
+        wecom.stop()
