@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-demo demo test test-fast lint format
+.PHONY: setup setup-demo demo test test-fast test-servers lint format
 
 # The demo needs the runtime and the demo extras only; the tests add their tool chain on top.
 $(BIN)/.demo-installed: requirements.txt requirements-demo.txt
@@ -23,16 +23,22 @@ setup: $(BIN)/.dev-installed
 demo: setup-demo
 	$(BIN)/python -m demo
 
-# Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (README: Tests).
-test: setup lint
+# The suite starts its own Redis and MariaDB (tests/servers.py); this makes sure their programs are installed
+# (with apt-get when run as root), and the tools some tests drive (Chromium, wrk, kubectl, promtool).
+test-servers:
+	@tests/install_test_tools.sh
+
+# Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (docs/development.md).
+test: setup lint test-servers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast tier: no gunicorn, no end-to-end tests (the `e2e` marker).
-test-fast: setup lint
+test-fast: setup lint test-servers
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
+# ruff, and the import layers of services/ (pyproject.toml, [tool.importlinter]).
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

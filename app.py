@@ -23,11 +23,11 @@ from config.bots import load_bots, shared_dify_keys
 from config.settings import ENV_FILES, Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
+from services.callback.handler import StoreUnavailable
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.gateway import Gateway, build_gateway
 from services.redis_conn import REDIS_FAILURES
 from services.wecom import errors
-from services.wecom.callback import StoreUnavailable
 from services.wecom.errors import CallbackError
 from utils.logging import log_context, setup_logging
 

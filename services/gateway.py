@@ -21,10 +21,11 @@ from services.auth import db
 from services.auth.api import AuthApiClient
 from services.auth.authorizer import Authorizer
 from services.auth.users import UserDirectory
-from services.chat.conversations import ConversationStore
+from services.callback.envelope import Envelope
+from services.callback.events import EventHandler
+from services.callback.handler import CallbackHandler
+from services.callback.replay_guard import ReplayGuard
 from services.chat.intake import MessageIntake
-from services.chat.media import MediaService
-from services.chat.texts import Texts
 from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
@@ -35,9 +36,11 @@ from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
+from services.media.service import MediaService
 from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
 from services.streams.bubble import BubbleRenderer
+from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.recorder import AnswerOptions
 from services.streams.runner import StreamRunner
@@ -45,11 +48,8 @@ from services.streams.service import StreamService
 from services.streams.store import StreamStore
 from services.streams.worker import StreamWorker, WorkerDeps
 from services.streams.writer import AppendBatcher
-from services.wecom.callback import CallbackHandler
+from services.texts import Texts
 from services.wecom.crypto import WeComCrypto
-from services.wecom.envelope import Envelope
-from services.wecom.events import EventHandler
-from services.wecom.replay_guard import ReplayGuard
 from services.wecom.response_url import ResponseUrlClient
 
 logger = logging.getLogger(__name__)

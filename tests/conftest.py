@@ -41,7 +41,7 @@ AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
 AUTH_KEY = "svc-auth-key-0001"
 KEYS = Keys()  # the key names, as the gateway builds them (no prefix)
-# File heads the gateway sniffs (services/chat/media.py), with bodies of no meaning.
+# File heads the gateway sniffs (services/media/service.py), with bodies of no meaning.
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
 

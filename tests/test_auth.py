@@ -15,7 +15,7 @@ from demo import dify_standin as d
 from services.auth import db
 from services.auth.authorizer import token_ttl
 from services.auth.users import UserDirectory, UserExists
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from demo import dify_standin as d
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import make_simulator
 
 ZH = CATALOGUE["zh"]

@@ -4,6 +4,7 @@ the app's own."""
 
 import ast
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -268,7 +269,8 @@ def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
         assert Path(path).name in examples[secret]
         local = tmp_path / Path(path).relative_to("/")
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text({"encoding-aes-key": "A" * 43}.get(local.name, "secret-value"))
+        own = hashlib.sha256(path.encode()).hexdigest()  # each bot's secrets its own, as the bots file requires
+        local.write_text(own[:43] if local.name == "encoding-aes-key" else f"secret-{own[:8]}")
     assert set(examples["wecom-gateway"]) <= SETTING_NAMES
     assert "WECOM_TOKEN" not in examples["wecom-gateway"]
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from demo import dify_apps as apps
 from demo import dify_standin as d
-from services.chat.images import MAX_INLINE_IMAGE_BYTES
-from services.chat.texts import CATALOGUE
+from services.media.images import MAX_INLINE_IMAGE_BYTES
+from services.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]

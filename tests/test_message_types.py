@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from demo import dify_standin as d
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import JPEG, KEYS, PNG, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from demo import dify_standin as d
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import KEYS, PNG, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]

@@ -10,8 +10,8 @@ import pytest
 from redis.crc import key_slot
 
 from services.keys import Keys
+from services.lua import LuaScript
 from services.streams import scripts
-from services.streams.scripts import LuaScript
 from services.streams.store import AppendRequest, StreamStore
 
 CALL = re.compile(r"redis\.call\(\s*'([A-Z]+)'\s*,\s*([^,)]+)")

@@ -4,7 +4,7 @@ and nothing secret in any error body."""
 import pytest
 
 from demo import dify_standin as d
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, wait_idle
 
 ZH = CATALOGUE["zh"]

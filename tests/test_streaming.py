@@ -10,7 +10,7 @@ import pytest
 
 from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from services.wecom.limits import MAX_CONTENT_BYTES
 from tests.conftest import KEYS, make_simulator, wait_idle, wait_until
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from demo import dify_standin as d
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import KEYS, make_simulator, wait_idle
 
 ZH = CATALOGUE["zh"]

@@ -22,7 +22,7 @@ from services import metrics
 from services.auth.api import AuthApiClient, AuthApiRefused, AuthApiUnavailable
 from services.auth.users import DatabaseUnavailable, UserDirectory
 from services.keys import AUTH_DENIAL_TTL_SECONDS, AUTH_OUTAGE_TTL_SECONDS, Keys
-from services.streams.scripts import LuaScript
+from services.lua import LuaScript
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 
-from services.chat.conversations import ConversationStore
-from services.chat.media import DOCUMENT, IMAGE, VIDEO
 from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
-from services.chat.texts import Texts
+from services.media.service import DOCUMENT, IMAGE, VIDEO
+from services.streams.conversations import ConversationStore
 from services.streams.service import StreamService
+from services.texts import Texts
 from services.wecom.messages import Inbound
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from services.chat.texts import Texts
+from services.texts import Texts
 
 NEW_CONVERSATION, HELP = "new", "help"
 COMMANDS = {"/new": NEW_CONVERSATION, "/reset": NEW_CONVERSATION, "/help": HELP, "/新对话": NEW_CONVERSATION}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.chat.texts import Texts
 from services.dify.app_profile import DifyAppProfile
+from services.texts import Texts
 
 
 class Welcome:

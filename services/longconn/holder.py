@@ -15,6 +15,7 @@ import logging
 import threading
 
 from services import metrics
+from services.callback.handler import CallbackHandler
 from services.longconn.inbound import InboundHandler
 from services.longconn.keeper import ConnectionKeeper
 from services.longconn.lease import BotLease, Holding
@@ -25,7 +26,6 @@ from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, Su
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 from services.streams.outage import best_effort
-from services.wecom.callback import CallbackHandler
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)

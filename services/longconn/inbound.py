@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import orjson
 
+from services.callback.handler import CallbackHandler
 from services.longconn import frames
 from services.longconn.lease import Holding
 from services.longconn.outbox import Outbox
 from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
 from services.redis_conn import REDIS_FAILURES
-from services.wecom.callback import CallbackHandler
 from services.wecom.errors import CallbackError
 from services.wecom.messages import parse_inbound
 from utils.logging import log_context

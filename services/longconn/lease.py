@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from services.keys import Keys
-from services.streams.scripts import LuaScript
+from services.lua import LuaScript
 
 GENERATION_TTL_SECONDS = 30 * 24 * 3600
 # After WeCom refuses the bot's credentials, the whole deployment waits this long before the next try, doubling

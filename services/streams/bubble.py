@@ -6,7 +6,7 @@ could not show, so the two always agree on the remainder sent through `response_
 
 from __future__ import annotations
 
-from services.chat.texts import Texts
+from services.texts import Texts
 from services.wecom.limits import MAX_CONTENT_BYTES, fit_bubble, fits
 from utils.text import cut_utf8, utf8_len
 

@@ -12,13 +12,13 @@ import logging
 import time
 
 from services import metrics
-from services.chat.texts import Texts
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.streams.job import StreamJob
 from services.streams.outage import best_effort, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
+from services.texts import Texts
 from services.wecom.response_url import ResponseUrlClient
 
 logger = logging.getLogger(__name__)

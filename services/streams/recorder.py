@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 from services import metrics
-from services.chat.conversations import ConversationStore
-from services.chat.media import MediaService
 from services.dify.client import WORKFLOW
 from services.dify.events import (
     AGENT_MESSAGE_EVENT,
@@ -33,7 +31,9 @@ from services.dify.events import (
     WORKFLOW_TEXT,
     DifyEvent,
 )
+from services.media.service import MediaService
 from services.redis_conn import REDIS_FAILURES
+from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
 from services.streams.outage import RETRY_DELAYS, best_effort
 from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore

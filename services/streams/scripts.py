@@ -1,4 +1,4 @@
-"""The Lua scripts of the stream store, and how they are run.
+"""The Lua scripts of the stream store (run through services/lua.py).
 
 Every script touches only keys passed in KEYS, and the keys of one call share a hash tag, so one call is one
 Redis Cluster slot: the same scripts run on one server, under Sentinel, on a Cluster and on managed cluster proxies
@@ -8,11 +8,6 @@ Work on many streams is a pipeline of one call per stream (StreamStore), one rou
 """
 
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Callable
-
-import redis
 
 # KEYS: stream, lease. ARGV: owner, now, ttl, lease_ms, inflight key (a name kept for later), field/value pairs...
 # A new pending stream, owned by `owner`. Its msgid is claimed next, and its user's slot admitted after that.
@@ -252,52 +247,3 @@ ALL = {
     "RELEASE": RELEASE,
     "TAKE": TAKE,
 }
-
-
-class LuaScript:
-    """Runs one Lua script by its SHA (EVALSHA), loading it when Redis does not know it yet (a new server, or a
-    replica just promoted: script caches are not replicated).
-
-    Leaner than redis-py's registered Script object: on the poll path its bookkeeping cost as much CPU as the
-    call itself (bench/profile_poll.py). `execute` sends the command (default: the client's pooled connections).
-    """
-
-    def __init__(self, client: redis.Redis, source: str, execute: Callable[..., object] | None = None):
-        self.client = client
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self._execute = execute or client.execute_command
-
-    def __call__(self, keys: list[str], args: list) -> object:
-        try:
-            return self._execute(*self.command(keys, args))
-        except redis.exceptions.NoScriptError:
-            self.load()
-            return self._execute(*self.command(keys, args))
-
-    def command(self, keys: list[str], args: list) -> tuple:
-        """The EVALSHA command of one call (for a pipeline)."""
-        return ("EVALSHA", self.sha, len(keys), *keys, *args)
-
-    def load(self) -> None:
-        """Load the script (on a cluster, on every master)."""
-        self.client.script_load(self.source)
-
-    def run_each(self, calls: list[tuple[list[str], list]]) -> list:
-        """One call per (keys, args), in one pipeline (on a cluster, one round trip per node); the results in
-        order, each a reply or the exception that call raised."""
-        if not calls:
-            return []
-        results = self._pipeline(calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
-        if missing:
-            self.load()
-            for i, result in zip(missing, self._pipeline([calls[i] for i in missing]), strict=True):
-                results[i] = result
-        return results
-
-    def _pipeline(self, calls: list[tuple[list[str], list]]) -> list:
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.execute_command(*self.command(keys, args))
-        return pipe.execute(raise_on_error=False)

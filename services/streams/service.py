@@ -12,12 +12,12 @@ import logging
 import secrets
 
 from services import metrics
-from services.chat.texts import Texts
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.job import StreamJob
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore
 from services.streams.worker import StreamWorker
+from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
 from utils.logging import bind_log_context
 

@@ -24,9 +24,9 @@ from redis.exceptions import AskError, ClusterDownError, MovedError
 
 from services import metrics
 from services.keys import FEEDBACK_TTL_SECONDS, INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
+from services.lua import LuaScript
 from services.redis_conn import HotPathConnections
 from services.streams import scripts
-from services.streams.scripts import LuaScript
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 logger = logging.getLogger(__name__)

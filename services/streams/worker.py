@@ -17,15 +17,14 @@ from functools import partial
 
 from services import metrics
 from services.auth.authorizer import AuthError
-from services.chat.conversations import ConversationStore
-from services.chat.media import Declined, MediaService
-from services.chat.texts import Texts
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent
 from services.dify.health import DifyHealth
+from services.media.service import Declined, MediaService
 from services.redis_conn import REDIS_FAILURES
+from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
 from services.streams.outage import through_outage
@@ -40,6 +39,7 @@ from services.streams.recorder import (
 )
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.writer import AppendBatcher
+from services.texts import Texts
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)

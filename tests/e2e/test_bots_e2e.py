@@ -13,7 +13,7 @@ from demo import dify_standin as d
 from demo.dify_standin import DifyStandIn
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import ReplyError, WeComSimulator
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, TOKEN, wait_until
 from tests.e2e.conftest import replica_env
 
@@ -264,10 +264,12 @@ def _answers(sim) -> bool:
 
 def test_a_bad_bots_file_on_hup_keeps_the_last_good_bots(deployment, sims, dify):
     replicas, path = deployment(sales=False)
+    booted = replicas[0].logs().count("Booting worker")
     path.write_text(path.read_text() + '\n[bots.hr2]\ncolour = "blue"\n')
     replicas[0].reload()
     assert wait_until(lambda: "configuration error (HUP)" in replicas[0].logs(), timeout=10)
-    time.sleep(2)  # the new workers are up
+    # the HUP's two new workers are up (gunicorn logs each boot), serving the last good bots
+    assert wait_until(lambda: replicas[0].logs().count("Booting worker") >= booted + 2, timeout=20)
     assert replicas[0].process.poll() is None
     dify.script(d.answer("still serving"), match="hr")
     hr = sims(replicas[:1], "hr")

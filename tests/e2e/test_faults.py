@@ -29,7 +29,7 @@ from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica, free_port
 from services.auth import db
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
 

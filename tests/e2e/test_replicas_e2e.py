@@ -14,7 +14,7 @@ import pytest
 from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica
-from services.chat.texts import CATALOGUE
+from services.texts import CATALOGUE
 from tests.conftest import AUTH_KEY, KEYS, SENTINEL_PASSWORD, Topology, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
 

@@ -17,10 +17,10 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from services.chat.images import fit_inline_image
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
+from services.media.images import fit_inline_image
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
 from utils.tls import default_tls_context
@@ -191,7 +191,7 @@ class MediaService:
     # --- Dify -> WeCom ----------------------------------------------------------------------------------------
 
     def fetch_reply_image(self, url: str) -> dict | None:
-        """A Dify image as a msg_item payload ({base64, md5}) within WeCom's inline limit (services/chat/images.py),
+        """A Dify image as a msg_item payload ({base64, md5}) within WeCom's inline limit (services/media/images.py),
         or None: it could not be fetched (within 10 MB), read as an image, or brought under the limit."""
         try:
             data, _ = self._download(urljoin(self.dify_origin + "/", url), MAX_REPLY_IMAGE_BYTES)

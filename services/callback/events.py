@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.messages import Inbound, text_reply
-from services.wecom.replay_guard import ReplayGuard
 
 logger = logging.getLogger(__name__)
 

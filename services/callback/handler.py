@@ -12,12 +12,12 @@ import time
 from collections.abc import Mapping
 
 from services import metrics
+from services.callback.envelope import Envelope
+from services.callback.events import EventHandler
 from services.chat.intake import MessageIntake
-from services.chat.texts import Texts
 from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
-from services.wecom.envelope import Envelope
-from services.wecom.events import EventHandler
+from services.texts import Texts
 from services.wecom.messages import Inbound, parse_inbound, stream_reply
 from utils.logging import bind_log_context
 

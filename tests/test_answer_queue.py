@@ -1,0 +1,94 @@
+"""The long-connection answer queue (services/longconn/jobs.py): its consumer group is created whatever the store
+(Redis says NOGROUP, the demo's embedded store words it otherwise), a consumer leaves the group when it stops, and
+consumers that died without leaving are removed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+
+from app import create_app
+from demo import dify_standin as d
+from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.longconn import jobs
+from services.longconn.jobs import GROUP
+from tests.conftest import wait_until
+
+BOT_ID, SECRET = "queue-bot", "queue-secret"
+
+
+@pytest.fixture
+def wecom():
+    server = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+    yield server
+    server.stop()
+
+
+def served(settings, wecom, tmp_path, **changes):
+    bot = settings.replace(
+        wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url, **changes
+    )
+    app = create_app(bot)
+    app.instance_path = str(tmp_path)
+    gateway = app.extensions["gateway"]
+    gateway.start()
+    return gateway
+
+
+@pytest.mark.parametrize("store", ["redis", "embedded"])
+def test_answers_are_queued_and_taken_without_a_warning_on_either_store(store, settings, wecom, dify, tmp_path, caplog):
+    changes = {"demo_mode": True, "redis_url": "memory://"} if store == "embedded" else {}
+    gateway = served(settings, wecom, tmp_path, **changes)
+    try:
+        assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+        with caplog.at_level(logging.WARNING, logger="services.longconn"):
+            for i in range(3):
+                dify.script(d.answer(f"answer {i}"), match=f"question {i}")
+                final = wecom.final(wecom.deliver_text(BOT_ID, f"question {i}"), timeout=20)
+                assert final is not None and final["stream"]["content"] == f"answer {i}"
+        assert not [r for r in caplog.records if "answer queue" in r.getMessage()]
+    finally:
+        gateway.drain(5)
+        gateway.close()
+
+
+def test_a_stopping_consumer_leaves_the_group(settings, wecom, tmp_path, redis_client):
+    gateway = served(settings, wecom, tmp_path)
+    consumer = gateway.bot().consumer
+    try:
+        assert wait_until(lambda: gateway.owner in names(redis_client, consumer.queue.key))
+        consumer.stop()
+        assert gateway.owner not in names(redis_client, consumer.queue.key)
+    finally:
+        gateway.drain(5)
+        gateway.close()
+
+
+def test_consumers_of_dead_processes_are_removed_unless_they_hold_an_answer(
+    settings, wecom, tmp_path, redis_client, monkeypatch
+):
+    monkeypatch.setattr(jobs, "DEAD_CONSUMER_IDLE_MS", -1)  # idle "long enough" at once
+    gateway = served(settings, wecom, tmp_path)
+    consumer = gateway.bot().consumer
+    key = consumer.queue.key
+    try:
+        assert wait_until(lambda: gateway.owner in names(redis_client, key))
+        consumer.stop()  # (so it reads nothing itself)
+        redis_client.xadd(key, {"stream": "held-by-the-dead"})
+        redis_client.xgroup_createconsumer(key, GROUP, "gone:1")
+        redis_client.xreadgroup(GROUP, "gone-holding:1", {key: ">"}, count=1)  # read, never acknowledged
+        consumer._remove_dead_consumers()
+        assert names(redis_client, key) == {"gone-holding:1"}
+    finally:
+        gateway.drain(5)
+        gateway.close()
+
+
+def names(client, key: str) -> set[str]:
+    """The consumers in the queue's group (none before the group exists)."""
+    try:
+        return {each["name"] for each in client.xinfo_consumers(key, GROUP)}
+    except redis.ResponseError:
+        return set()
