@@ -1,4 +1,4 @@
-"""Several bots in one deployment (CONTRACT.md §8): `BOTS_FILE` names a TOML file with one table per bot.
+"""Several bots in one deployment (docs/configuration.md): `BOTS_FILE` names a TOML file with one table per bot.
 
     [bots.hr]
     callback_path = "/wecom/callback/hr"      # default /wecom/callback/<name>
@@ -7,9 +7,10 @@
     dify_api_key_file = "/run/secrets/hr/dify-api-key"
     bot_language = "zh"
 
-Each bot becomes a whole `Settings`: the per-bot settings of its table (the README's names in lower case, or the
-short names above), every other one from the environment, as without the file. Without `BOTS_FILE` the environment
-alone defines one bot, `default`, unchanged. A bad file is one line per problem, naming the bot and the key.
+Each bot becomes a whole `Settings`: the per-bot settings of its table (the setting names in lower case, or the
+short names above; docs/configuration.md), every other one from the environment, as without the file. Without
+`BOTS_FILE` the environment alone defines one bot, `default`, unchanged. A bad file is one line per problem, naming
+the bot and the key. Two bots may not share a WeCom credential (a table without its own takes the environment's).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ PER_BOT_FIELDS = frozenset(
         "rate_limit_per_minute",
     }
 )
-# The short names CONTRACT.md §8 uses in a bot's table, for the settings' own names.
+# The short names a bot's table may use (docs/configuration.md), for the settings' own names.
 ALIASES = {
     "mode": "wecom_mode",
     "bot_id": "wecom_bot_id",

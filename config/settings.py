@@ -66,7 +66,7 @@ def _default_replica_id() -> str:
     return socket.gethostname()
 
 
-# DIFY_APP_TYPE's values (CONTRACT.md §10): auto, then Dify's own names for its app modes.
+# DIFY_APP_TYPE's values (docs/protocol.md, Dify): auto, then Dify's own names for its app modes.
 DIFY_APP_TYPES = ("auto", "chat", "advanced-chat", "agent-chat", "agent", "workflow", "completion")
 
 
@@ -82,7 +82,7 @@ class Settings:
     port: int = 8080
 
     # --- WeCom ----------------------------------------------------------------------------------------------
-    wecom_mode: str = "callback"  # how WeCom reaches the bot: callback, or long_connection (CONTRACT.md §9)
+    wecom_mode: str = "callback"  # how WeCom reaches the bot: callback, or long_connection (docs/configuration.md)
     wecom_bot_id: str = ""  # long_connection: the bot's BotID
     wecom_bot_secret: str = _secret()  # long_connection: the bot's Secret
     wecom_ws_url: str = "wss://openws.work.weixin.qq.com"
@@ -106,7 +106,7 @@ class Settings:
     dify_max_stream_seconds: int = 900
     dify_max_retries: int = 2
     dify_retry_backoff: float = 1.0
-    dify_app_type: str = "auto"  # CONTRACT.md §10; auto reads the app's mode from GET /info
+    dify_app_type: str = "auto"  # docs/protocol.md; auto reads the app's mode from GET /info
     dify_workflow_input: str = "query"  # workflow apps: the input variable the question goes into
     dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
     show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
@@ -137,7 +137,7 @@ class Settings:
     conversation_ttl_seconds: int = 7 * 24 * 3600
     rate_limit_per_minute: int = 20
 
-    # --- bots (CONTRACT.md §8) -------------------------------------------------------------------------------
+    # --- bots (docs/configuration.md) -----------------------------------------------------------------------
     bots_file: str = ""  # a TOML file of bots (config/bots.py); without it the environment defines one bot
     # Which bot these settings are ("default" without a bots file); "" for a bots file's deployment settings,
     # which are no bot of their own. Set by the loaders, never read from the environment.

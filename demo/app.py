@@ -4,7 +4,9 @@ DEMO_DEFAULTS in config/settings.py), the seeded demo users, and the browser con
 
     python -m demo          the gateway plus a chat in this terminal (`make demo`)
     python -m demo.serve    the gateway alone, on the development server
-    flask --app demo.app …  the operator commands, with the demo's settings
+    flask --app demo.app …  the operator commands, with the demo's settings (they start no background work)
+
+Only these read demo.env (config.settings.DEMO_ENV_FILES); the production app never does.
 
 Production code never imports this package; this package builds on it.
 """

@@ -1,4 +1,4 @@
-"""An auth API stand-in speaking CONTRACT.md §5 over real HTTP: POST {account, wecom_userid} with a Bearer service
+"""An auth API stand-in, over real HTTP: POST {account, wecom_userid} with a Bearer service
 key -> 200 {token, expires_in, user}; 401/403/404 refusals; and faults on demand (down, slow, malformed)."""
 
 from __future__ import annotations

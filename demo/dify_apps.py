@@ -1,4 +1,4 @@
-"""Scenario steps for Dify's newer app types and events (DIFY_API.md, the section added 2026-11-22), for the Dify
+"""Scenario steps for Dify's newer app types and events (docs/protocol.md, Dify), for the Dify
 stand-in (demo/dify_standin.py): the agent app's closing message, text chunks labelled message_file, reasoning,
 annotation replies, a run paused for a person, workflow runs with and without text chunks, chatflow answers."""
 

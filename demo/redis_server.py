@@ -1,6 +1,6 @@
 """Redis of our own on private loopback ports and temporary directories (no persistence), for the end-to-end tests
 and benchmarks that must stop, pause, restart or fail over Redis without disturbing anyone else's: one server, a
-Sentinel set, or a Cluster. Each `url` is a REDIS_URL the gateway takes (CONTRACT.md §7)."""
+Sentinel set, or a Cluster. Each `url` is a REDIS_URL the gateway takes (docs/configuration.md)."""
 
 from __future__ import annotations
 

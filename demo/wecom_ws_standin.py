@@ -1,4 +1,4 @@
-"""A WeCom long-connection stand-in: the AI-bot WebSocket server (WECOM_AIBOT_PROTOCOL.md §11) on loopback.
+"""A WeCom long-connection stand-in: the AI-bot WebSocket server (docs/protocol.md) on loopback.
 
 It plays what the live service was seen doing: `aibot_subscribe` acked (853000 for a wrong bot_id or secret, the
 socket left open), one connection per bot (a second subscriber makes the server send the first a

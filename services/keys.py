@@ -1,10 +1,10 @@
-"""The only place that knows Redis key names (CONTRACT.md §4) and the fixed TTLs; every key has a TTL.
+"""The only place that knows Redis key names (docs/redis-keys.md) and the fixed TTLs; every key has a TTL.
 
 Keys are namespaced by the optional REDIS_KEY_PREFIX. Other modules call these functions and never format a
 key string themselves.
 
 Keys that one script touches together share a hash tag (the part in braces), so they hash to one Redis Cluster
-slot (CONTRACT.md §7): a stream's keys and its feedback mapping are tagged with the stream id
+slot (docs/configuration.md): a stream's keys and its feedback mapping are tagged with the stream id
 (`dify_stream:{<id>}`, `dify_stream:{<id>}:chunks`, ...), a user's admission keys with the bot and user
 (`inflight:{<bot>:<user>}`, `ratelimit:{<bot>:<user>}`). Every other key is used alone.
 """

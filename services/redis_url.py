@@ -1,5 +1,5 @@
-"""REDIS_URL, read into what to connect to (CONTRACT.md §7): one server, a Sentinel-monitored master, a Cluster, or
-the demo's embedded store.
+"""REDIS_URL, read into what to connect to (docs/configuration.md): one server, a Sentinel-monitored master, a
+Cluster, or the demo's embedded store.
 
     redis://[[user]:password@]host:port[/db]              one server (rediss:// over TLS, unix:///path.sock)
     redis+sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/db]     rediss+sentinel:// TLS

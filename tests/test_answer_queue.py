@@ -9,9 +9,9 @@ import logging
 import pytest
 import redis
 
-from app import create_app
 from demo import dify_standin as d
 from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.gateway import build_gateway
 from services.longconn import jobs
 from services.longconn.jobs import GROUP
 from tests.conftest import wait_until
@@ -30,9 +30,7 @@ def served(settings, wecom, tmp_path, **changes):
     bot = settings.replace(
         wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url, **changes
     )
-    app = create_app(bot)
-    app.instance_path = str(tmp_path)
-    gateway = app.extensions["gateway"]
+    gateway = build_gateway(bot, (bot,), tmp_path)  # the embedded store's port file in tmp_path, not the checkout's
     gateway.start()
     return gateway
 

@@ -285,3 +285,79 @@ def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
     ingress = find(objects, "Ingress", "wecom-gateway")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
     assert paths == [(bot.wecom_callback_path, "Exact") for bot in bots]
+
+
+WALKTHROUGH = PROJECT_ROOT / "docs" / "deployment.md"
+
+
+def walkthrough_steps() -> list[tuple[str, list[str]]]:
+    """The `kubectl create secret` and `kubectl apply -k` commands of docs/deployment.md's first walkthrough (up to
+    its Upgrades section), in order: (command, its words)."""
+    text = WALKTHROUGH.read_text().split("## Upgrades")[0]
+    steps = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            words = line.split("#")[0].split()
+            if words[:3] == ["kubectl", "create", "secret"] or words[:3] == ["kubectl", "apply", "-k"]:
+                steps.append((line.strip(), words))
+    return steps
+
+
+def needs(obj: dict) -> set[tuple[str, str]]:
+    """The ConfigMaps and Secrets an object needs to exist (optional references left out)."""
+    found: set[tuple[str, str]] = set()
+    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        for source in container.get("envFrom", []):
+            for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                ref = source.get(key)
+                if ref and not ref.get("optional"):
+                    found.add((kind, ref["name"]))
+        for env in container.get("env", []):
+            for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                ref = env.get("valueFrom", {}).get(key)
+                if ref and not ref.get("optional"):
+                    found.add((kind, ref["name"]))
+    for volume in pod.get("volumes", []):
+        if volume.get("configMap") and not volume["configMap"].get("optional"):
+            found.add(("ConfigMap", volume["configMap"]["name"]))
+        if volume.get("secret") and not volume["secret"].get("optional"):
+            found.add(("Secret", volume["secret"]["secretName"]))
+    for tls in obj.get("spec", {}).get("tls", []) if obj.get("kind") == "Ingress" else []:
+        found.add(("Secret", tls["secretName"]))
+    return found
+
+
+def test_the_walkthrough_creates_what_each_object_needs_before_it():
+    """docs/deployment.md, applied in its order: every ConfigMap and Secret an object needs was created by an
+    earlier step (or by the same `kubectl apply -k`, which creates ConfigMaps before the objects using them)."""
+    steps = walkthrough_steps()
+    assert [words[:3] for _, words in steps][:3] == [["kubectl", "create", "secret"]] * 2 + [["kubectl", "apply", "-k"]]
+    created: set[tuple[str, str]] = set()
+    applied = []
+    for line, words in steps:
+        if words[2] == "secret":
+            created.add(("Secret", words[4]))
+            continue
+        path = words[3]
+        assert path.startswith("k8s/"), line
+        objects = build(path.removeprefix("k8s/"))
+        ours = {(o["kind"], o["metadata"]["name"]) for o in objects}
+        for obj in objects:
+            missing = needs(obj) - created - ours
+            assert not missing, f"{line}: {obj['kind']} {obj['metadata']['name']} needs {missing}, created later"
+        created |= ours
+        applied.append(path)
+    assert applied == ["k8s/base", "k8s/jobs/db-init"]
+
+
+def test_the_image_tag_is_set_in_one_place():
+    tags = {
+        container["image"]
+        for path in ("base", "jobs/db-init")
+        for obj in build(path)
+        for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    }
+    assert tags == {"registry.example.com/wecom-gateway:0.1.0"}
+    mentions = [p for p in K8S.rglob("kustomization.yaml") if "registry.example.com/wecom-gateway\n" in p.read_text()]
+    assert [str(p.relative_to(K8S)) for p in mentions] == ["components/image/kustomization.yaml"]

@@ -1,4 +1,4 @@
-"""Every Dify app type and event (DIFY_API.md, the section added 2026-11-22), over real sockets: the gateway against
+"""Every Dify app type and event (docs/protocol.md, Dify), over real sockets: the gateway against
 the Dify stand-in playing each behaviour, the bubble read back through the WeCom simulator."""
 
 import base64

@@ -1,4 +1,4 @@
-"""The gateway on every Redis topology (CONTRACT.md §7), each started for real on private ports: one server, a
+"""The gateway on every Redis topology (docs/configuration.md), each started for real on private ports: one server, a
 Sentinel set (a master, two replicas, three sentinels requiring a password) and a Cluster (three masters with a
 replica each). Whole conversations, retries, the in-flight limit, the operator commands and readiness behave the
 same on all three."""

@@ -1,4 +1,4 @@
-"""Client of the external auth API (CONTRACT.md §5): exchange a user's account for a token, with our service
+"""Client of the external auth API (docs/protocol.md): exchange a user's account for a token, with our service
 credential. 401/403/404 mean this user is refused; anything else that is not a usable 200 means unavailable."""
 
 from __future__ import annotations

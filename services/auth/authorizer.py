@@ -1,4 +1,4 @@
-"""Who may ask, and with which token: Redis token cache -> MySQL user table -> external auth API (CONTRACT.md §5).
+"""Who may ask, and with which token: Redis token cache -> MySQL user table -> external auth API (docs/protocol.md).
 
 A cached token answers without touching the database or the auth API, so users with a live token keep working
 through an outage of either. On a miss, one request per user (on any replica) does the exchange while the

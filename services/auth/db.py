@@ -1,5 +1,5 @@
 """The database: one SQLAlchemy Core engine per process (MySQL via PyMySQL, or the embedded SQLite default), the
-`wecom_users` table of CONTRACT.md §5, and schema creation that is safe to run any number of times."""
+`wecom_users` table (docs/protocol.md), and schema creation that is safe to run any number of times."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ WORKFLOW, COMPLETION = "workflow", "completion"
 
 @dataclass(slots=True)
 class ChatRequest:
-    """One question to the app, as the call its type takes (CONTRACT.md §10): chat-like apps `POST
+    """One question to the app, as the call its type takes (docs/protocol.md, Dify): chat-like apps `POST
     /chat-messages`, workflow apps `POST /workflows/run` with the question in the input `workflow_input`,
     completion apps `POST /completion-messages` with the question in `inputs.query`."""
 

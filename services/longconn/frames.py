@@ -1,4 +1,4 @@
-"""The frames of WeCom's long-connection protocol (WECOM_AIBOT_PROTOCOL.md §11): `{cmd, headers: {req_id}, body}`
+"""The frames of WeCom's long-connection protocol (docs/protocol.md): `{cmd, headers: {req_id}, body}`
 out, the same or an ack `{headers: {req_id}, errcode, errmsg}` in."""
 
 from __future__ import annotations

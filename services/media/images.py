@@ -1,5 +1,5 @@
 """Reply images made to fit WeCom's inline limit: a finish reply whose `msg_item` image is over about 512 KB is
-rejected (WECOM_AIBOT_PROTOCOL.md §12: WeCom keeps polling and the user sees a cut bubble), so a larger image is
+rejected (measured: WeCom keeps polling and the user sees a cut bubble), so a larger image is
 recompressed as JPEG, and scaled down step by step, until it fits; one that cannot be brought under the cap (or is
 not an image Pillow can read) is left out, and the caller says so in the answer's note."""
 

@@ -51,7 +51,7 @@ _FAILED_RUNS = frozenset({"failed", "stopped"})
 
 @dataclass(frozen=True, slots=True)
 class AnswerOptions:
-    """How a bot's answers are made from its app's events (README: Configuration)."""
+    """How a bot's answers are made from its app's events (docs/configuration.md)."""
 
     app_type: str = "chat"  # the app's type, resolved (never "auto")
     show_reasoning: bool = False  # a model's reasoning before the answer, in a <think> block
@@ -213,7 +213,7 @@ def _brings_new_ids(data: dict, answer: Answer) -> bool:
 
 
 class AnswerRecorder:
-    """Applies one stream's Dify events (DIFY_API.md, every event): deltas to its writer, a replace, ids, the
+    """Applies one stream's Dify events (every event of Dify's streaming API): deltas to its writer, a replace, ids, the
     agent's thoughts and closing message, reasoning, a workflow's text and outputs, a failed or paused run, usage,
     reply images, and the conversation to continue next time."""
 

@@ -4,8 +4,8 @@ Each operation that touches more than one key, or that reads before it writes, i
 keys (services/streams/scripts.py), so replicas never race and every topology runs the same calls: only the owner
 may append or finish, and a poll folds the unread deltas into the cumulative text in one round trip.
 
-A new message becomes a stream in three steps, each atomic on its own slot (README: "Opening a stream on any
-topology"): the stream is created pending, its msgid is claimed (SET NX: one stream per msgid, whoever comes
+A new message becomes a stream in three steps, each atomic on its own slot (docs/architecture.md, "Opening a stream
+on any topology"): the stream is created pending, its msgid is claimed (SET NX: one stream per msgid, whoever comes
 second answers with the first's stream), and its user is admitted (at most MAX_IN_FLIGHT_PER_USER open bubbles,
 the rate limit). Only a claimed and admitted stream gets a worker, so there is never a second Dify call for one
 msgid, whatever the topology.

@@ -89,7 +89,7 @@ def decode_aes_key(encoding_aes_key: str) -> bytes:
 
 def media_cipher(aeskey: str) -> Cipher:
     """The cipher of one long-connection message's media: its own `aeskey` (base64 of 32 bytes), AES-256-CBC with
-    the key's first 16 bytes as IV, as for callback media with the EncodingAESKey (WECOM_AIBOT_PROTOCOL.md §11).
+    the key's first 16 bytes as IV, as for callback media with the EncodingAESKey (docs/protocol.md).
 
     Raises:
         CryptoError: ILLEGAL_AES_KEY when it does not decode to 32 bytes.

@@ -1,4 +1,4 @@
-"""WeCom's limits on AI-bot replies, in one place (WECOM_AIBOT_PROTOCOL.md §3-§5), and the arithmetic that
+"""WeCom's limits on AI-bot replies, in one place (docs/protocol.md), and the arithmetic that
 fits an answer into them."""
 
 from __future__ import annotations

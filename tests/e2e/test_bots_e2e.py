@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 ZH, EN = CATALOGUE["zh"], CATALOGUE["en"]
 IT_TOKEN, IT_AES_KEY, IT_DIFY_KEY = "it-token-9", "ITkeyForTheHelpdeskBot0123456789abcdefghijk", "app-it"
 SALES_TOKEN, SALES_AES_KEY = "sales-token-3", "SalesBotKey0123456789abcdefghijklmnopqrstuv"
+BROKEN_AES_KEY = "BrokenBotKey0123456789abcdefghijklmnopqrstu"  # each bot its own: config/bots.py refuses a shared one
 GRACEFUL_SECONDS = 12
 
 
@@ -55,7 +56,7 @@ dify_api_key = "{DIFY_KEY}"
         text += f"""
 [bots.broken]
 token = "broken-token"
-encoding_aes_key = "{SALES_AES_KEY}"
+encoding_aes_key = "{BROKEN_AES_KEY}"
 dify_base_url = "{hr_dify}"
 dify_api_key = "app-revoked-key"
 """
@@ -119,7 +120,7 @@ def sims():
             "hr": (TOKEN, AES_KEY, "/wecom/callback/hr"),
             "it": (IT_TOKEN, IT_AES_KEY, "/wecom/it"),
             "sales": (SALES_TOKEN, SALES_AES_KEY, "/wecom/callback/sales"),
-            "broken": ("broken-token", SALES_AES_KEY, "/wecom/callback/broken"),
+            "broken": ("broken-token", BROKEN_AES_KEY, "/wecom/callback/broken"),
         }[bot]
         sim = simulator(replicas, token, key, path, f"aibot-{bot}")
         opened.append(sim)

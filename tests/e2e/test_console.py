@@ -159,6 +159,7 @@ welcome_message = "ops here"
 """
     )
     app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", bots_file=str(path), bot_name=""))
+    app.extensions["gateway"].start()  # served, as the demo's entry points do: the long-connection bot connects
     yield f"{serve(app).url}/console"
     app.extensions["gateway"].runner.drain(10)
     app.extensions["gateway"].close()

@@ -12,7 +12,8 @@ from demo.replicas import free_port
 from demo.wecom_simulator import WeComSimulator
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.e2e
+# The demo's stand-ins listen on fixed loopback ports: these tests run one at a time, on one xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("demo-ports")]
 
 
 def test_quickstart_chat_answers_in_the_terminal():
@@ -72,7 +73,7 @@ def test_operator_commands_reach_the_running_demos_streams(tmp_path):
         conversation = simulator.ask("what do operators see?")
         simulator.close()
         listed = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "app", "streams", "list"],
+            [sys.executable, "-m", "flask", "--app", "demo.app", "streams", "list"],
             cwd=PROJECT_ROOT,
             env=env,
             capture_output=True,
@@ -81,10 +82,26 @@ def test_operator_commands_reach_the_running_demos_streams(tmp_path):
         )
         assert listed.returncode == 0, listed.stderr
         assert conversation.stream_id in listed.stdout
+        assert "answer queue" not in listed.stderr  # the long-connection bot's queue works on the embedded store
+
+        second = subprocess.run(  # a second demo next to this one says what to do instead
+            [sys.executable, "-m", "demo", "--bot", "helpdesk"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert f"Port {env['PORT']} is in use" in second.stderr
+        assert "python -m demo.wecom_simulator --bot helpdesk" in second.stderr
+        assert "gateway ready" not in second.stdout + second.stderr
     finally:
         demo.terminate()
         demo.wait(10)
         log.close()
+    assert "answer queue" not in (tmp_path / "demo.log").read_text()  # no warning flood in the demo's log
 
 
 def _answers(url: str) -> bool:
