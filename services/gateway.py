@@ -135,8 +135,8 @@ class Gateway:
         bubble with the partial text and a note). Returns the ids handed over."""
         for bot in self.bots.values():  # long-connection bots: another replica holds the connection at once
             if bot.holder is not None:
-                bot.consumer.stop()
                 bot.holder.stop()
+                bot.consumer.stop()
         logger.info("draining %d running streams (up to %.0fs)", self.runner.active_count, timeout)
         remaining = self.runner.drain(timeout)
         if not remaining:

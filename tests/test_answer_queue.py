@@ -58,7 +58,7 @@ def test_a_stopping_consumer_leaves_the_group(settings, wecom, tmp_path, redis_c
     try:
         assert wait_until(lambda: gateway.owner in names(redis_client, consumer.queue.key))
         consumer.stop()
-        assert gateway.owner not in names(redis_client, consumer.queue.key)
+        assert wait_until(lambda: gateway.owner not in names(redis_client, consumer.queue.key), timeout=5)
     finally:
         gateway.drain(5)
         gateway.close()
@@ -74,6 +74,7 @@ def test_consumers_of_dead_processes_are_removed_unless_they_hold_an_answer(
     try:
         assert wait_until(lambda: gateway.owner in names(redis_client, key))
         consumer.stop()  # (so it reads nothing itself)
+        assert wait_until(lambda: gateway.owner not in names(redis_client, key), timeout=5)
         redis_client.xadd(key, {"stream": "held-by-the-dead"})
         redis_client.xgroup_createconsumer(key, GROUP, "gone:1")
         redis_client.xreadgroup(GROUP, "gone-holding:1", {key: ">"}, count=1)  # read, never acknowledged

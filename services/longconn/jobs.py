@@ -67,17 +67,15 @@ class JobConsumer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop taking answers, and leave the consumer group (once the last read has returned)."""
+        """Stop taking answers; the thread leaves the consumer group once its last read has returned (within
+        `block_ms`). Returns at once, so a draining process hands its connection over without waiting."""
         self._stop.set()
-        if not self._thread.is_alive():
-            return
-        self._thread.join(self.block_ms / 1000 + 1.0)
-        best_effort(self._leave, "leaving the answer queue's group", delays=())
 
     def _run(self) -> None:
         with log_context(replica=self.owner, bot=self.streams.bot):
             guarded(self._join, "wecom_ws_jobs", self._stop)
             run_until(self._stop, self._step, "wecom_ws_jobs")
+            best_effort(self._leave, "leaving the answer queue's group", delays=())
 
     def _step(self) -> None:
         """Read a few queued answers (blocking a moment) and take each."""

@@ -1,0 +1,58 @@
+"""The project's docs hold together: every relative link of the README and docs/ reaches a file of the repository
+and, with an anchor, one of its headings; the README stays a front page; and no file points at documents that are
+not in the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from config.settings import PROJECT_ROOT
+
+PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").rglob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", path.read_text(), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_every_relative_link_reaches_a_file_and_heading(page):
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target} does not exist"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: no heading #{anchor} in {linked.name}"
+
+
+def test_the_readme_is_a_front_page():
+    text = (PROJECT_ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "## Contents" in text
+    assert "make demo" in text and "make test" in text
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    outside = re.compile(r"CONTRACT\.md|WECOM_AIBOT_PROTOCOL\.md|DIFY_API\.md|\.\./shared|shared/docs")
+    text_files = {".py", ".md", ".toml", ".yaml", ".yml", ".txt", ".env", ".sh", ".cfg", ""}
+    citing = [
+        name
+        for name in tracked.stdout.split()
+        if (PROJECT_ROOT / name).suffix in text_files
+        and (PROJECT_ROOT / name).is_file()
+        and name != "tests/test_docs.py"
+        and outside.search((PROJECT_ROOT / name).read_text(errors="replace"))
+    ]
+    assert citing == []
