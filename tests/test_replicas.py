@@ -245,3 +245,49 @@ def test_deltas_a_failover_lost_are_written_again_from_memory(live, dify, redis_
     assert conversation.text == "one two three"
     assert "writing the answer whole" in caplog.text
     assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"
+
+
+def test_a_poll_on_the_live_owner_whose_lease_was_lost_starts_no_second_answer(live, dify, redis_client):
+    """The lease is lost while its owner lives (a failover rolling it back, a Redis pause, a stopped process) and
+    WeCom's next poll lands on the owner's own process: it takes its lease back instead of restarting the answer
+    in a second worker beside the first (a second Dify call)."""
+    dify.script([d.sleep(1.5), *d.answer("the one answer")])  # nothing shown for a while: a restart would be allowed
+    sim = make_simulator(live.url, poll_interval=0.1)
+    reply = sim.send(sim.text_message("hello", msgid="lost-lease-1"))
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: len(dify.chat_requests()) == 1)
+    redis_client.delete(KEYS.stream_lease(stream_id))
+    conversation = sim.follow(reply)
+    assert conversation.text == "the one answer"
+    wait_idle(live)
+    assert len(dify.chat_requests()) == 1
+    meta = redis_client.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and "restarts" not in meta
+    sim.close()
+
+
+def test_a_poll_on_the_live_owner_of_a_chatflow_whose_lease_was_lost_does_not_resume_it_beside_itself(
+    make_app, serve, dify, redis_client
+):
+    """The same with a chatflow, whose run could be streamed again: a second worker in the owner's process would
+    write the answer a second time into the bubble."""
+    from demo import dify_apps as apps
+
+    words = [f"w{i} " for i in range(20)]
+    steps = [apps.workflow_started()]
+    for word in words:
+        steps += [d.message(word), d.sleep(0.1)]
+    dify.mode = "advanced-chat"
+    dify.script([*steps, apps.workflow_done({"answer": "".join(words)}), d.end()])
+    live = serve(make_app(dify_app_type="advanced-chat"))
+    sim = make_simulator(live.url, poll_interval=0.1)
+    reply = sim.send(sim.text_message("a chatflow answer", msgid="lost-lease-2"))
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: redis_client.hget(KEYS.stream(stream_id), "workflow_run_id"))
+    redis_client.delete(KEYS.stream_lease(stream_id))
+    conversation = sim.follow(reply)
+    assert conversation.text == "".join(words)
+    wait_idle(live)
+    assert dify.reattaches == []
+    assert "resumes" not in redis_client.hgetall(KEYS.stream(stream_id))
+    sim.close()

@@ -196,6 +196,18 @@ def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, re
     assert store.append("s1", "B", ["new owner"], 0) == WRITTEN
 
 
+def test_the_live_owners_own_poll_takes_its_lost_lease_back_and_starts_nothing(store, redis_client):
+    """Its process still runs the stream (it lost only its lease): no take-over, no second attempt beside it."""
+    open_stream(store)
+    redis_client.delete("dify_stream:{s1}:lease")
+    snap = store.poll("s1", 330, 20000, "orphan note", taker="A", taker_runs_it=True)
+    assert not snap.taken_over and not snap.resumed and snap.event == "" and snap.active
+    assert redis_client.get("dify_stream:{s1}:lease") == "A"
+    assert "restarts" not in redis_client.hgetall("dify_stream:{s1}")
+    redis_client.delete("dify_stream:{s1}:lease")  # another process's poll still takes it over
+    assert store.poll("s1", 330, 20000, "orphan note", taker="B", taker_runs_it=False).taken_over
+
+
 def test_a_stream_is_restarted_only_once(store, redis_client):
     open_stream(store, owner="A")
     redis_client.delete("dify_stream:{s1}:lease")

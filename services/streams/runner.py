@@ -60,16 +60,27 @@ class StreamRunner:
         """True while this process takes new streams (below the cap and not draining)."""
         return self.accepting and len(self._active) < self.max_active
 
-    def start(self, stream_id: str, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> None:
-        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease (in `store`) is lost."""
+    def is_running(self, stream_id: str) -> bool:
+        """Whether this process runs an attempt at the stream now (and has not been told to stop it)."""
+        with self._lock:
+            running = self._active.get(stream_id)
+        return running is not None and not running.cancelled.is_set()
+
+    def start(self, stream_id: str, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> bool:
+        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease (in `store`) is lost.
+        A process never runs two attempts at one stream: False (and nothing started) while one runs here."""
         running = _Running(threading.Event(), store, bot)
         with self._lock:
+            if stream_id in self._active:
+                logger.error("stream %s already runs in this process; not starting a second attempt", stream_id)
+                return False
             self._active[stream_id] = running
         self._ensure_keeper()
         thread = threading.Thread(
             target=self._run, args=(stream_id, work, running), name=f"stream-{stream_id}", daemon=True
         )
         thread.start()
+        return True
 
     def _run(self, stream_id: str, work: Callable[[threading.Event], None], running: _Running) -> None:
         gauge = metrics.ACTIVE_STREAMS.labels(running.bot)

@@ -118,19 +118,23 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
-# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms.
+# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms,
+# '1' when the taker runs this stream already (its own attempt is alive in the polling process).
 # Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
 # event, inflight key, images...}: `event` names what this call just did (taken_over, resumed, expired,
 # closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees
 # the user's slot), and the reply images come only once the stream is done. An active stream whose lease is gone
 # (its replica died or handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its
 # Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else
-# restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. One
+# restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. The
+# owner's own process, still running it (its lease was lost while it lived: a failover rolled it back, Redis paused),
+# takes its lease back instead: never a second attempt beside the first. One
 # past the window, or longer than a bubble can show, is closed early (the bubble finishes now, the worker goes on
 # and sends the rest through response_url).
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
-                     'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes')
+                     'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
+                     'owner')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -144,7 +148,9 @@ local note, reason, closed_bytes, event = h[4] or '', h[6] or '', h[7] or '', ''
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     local resumes = tonumber(h[12]) or 0
-    if ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
+    if ARGV[7] == '1' and ARGV[5] ~= '' and h[13] == ARGV[5] then
+      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+    elseif ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
       redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
       redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'resumes', resumes + 1, 'resumed_at', ARGV[1],
                  'updated_at', ARGV[1])

@@ -154,7 +154,12 @@ class StreamService:
         """
         taker = self.owner if self.runner.has_capacity() else ""
         snapshot = self.store.poll(
-            stream_id, self.window_seconds, self.overflow_bytes, self.texts.say("orphaned"), taker
+            stream_id,
+            self.window_seconds,
+            self.overflow_bytes,
+            self.texts.say("orphaned"),
+            taker,
+            taker_runs_it=self.runner.is_running(stream_id),
         )
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)

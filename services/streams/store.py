@@ -322,7 +322,13 @@ class StreamStore:
     # --- polls --------------------------------------------------------------------------------------------------
 
     def poll(
-        self, stream_id: str, window_seconds: int, overflow_bytes: int, orphan_note: str, taker: str = ""
+        self,
+        stream_id: str,
+        window_seconds: int,
+        overflow_bytes: int,
+        orphan_note: str,
+        taker: str = "",
+        taker_runs_it: bool = False,
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -330,10 +336,11 @@ class StreamStore:
         (`taken_over` is then set and the caller must start a worker), or resumed when its Dify run can be streamed
         again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
+        When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
-        args = [_now(), window_seconds, overflow_bytes, orphan_note, taker, self.lease_ms]
+        args = [_now(), window_seconds, overflow_bytes, orphan_note, taker, self.lease_ms, "1" if taker_runs_it else ""]
         row = self._poll(keys=keys, args=args)
         if not row:
             return None
