@@ -76,13 +76,13 @@ class HotPathConnections:
     development server's thread per request).
 
     The connections are redis-py's own, made with the pool's class and settings (TLS, AUTH, timeouts, health
-    checks, Sentinel's master discovery, the embedded store). redis-py closes a connection on any socket error or
-    timeout, so one is always fit to push back: a closed one connects again when next used (to the new master,
-    after a Sentinel failover). A dropped connection gets the command once more, as the client's retry does; a
-    timeout is not retried. On a Cluster there is a stack per node, picked by the slot of the command's key (an
-    EVALSHA's first key, else its first argument); a redirect (MOVED, ASK), a node that is down or a cluster
-    that is reconfiguring sends the command through the cluster client instead, which follows the redirect and
-    refreshes its slot map. Make it after the fork, as the gateway is.
+    checks, Sentinel's master discovery, the embedded store). A connection that failed (a socket error, a timeout)
+    is disconnected before it goes back, so one is always fit to push back: a closed one connects again when next
+    used (to the new master, after a Sentinel failover). A dropped connection gets the command once more, as the
+    client's retry does; a timeout is not retried. On a Cluster there is a stack per node, picked by the slot of
+    the command's key (an EVALSHA's first key, else its first argument); a redirect (MOVED, ASK), a node that is
+    down or a cluster that is reconfiguring sends the command through the cluster client instead, which follows
+    the redirect and refreshes its slot map. Make it after the fork, as the gateway is.
     """
 
     def __init__(self, client: redis.Redis):
@@ -129,7 +129,16 @@ class _ConnectionStack:
             try:
                 return self._round_trip(connection, args)
             except redis.ConnectionError:
-                return self._round_trip(connection, args)  # the socket was closed; sending connects again
+                # The socket was closed (a master demoted or gone, a failover's CLIENT KILL): send once more on a
+                # new one. Disconnect first: a Sentinel-managed connection keeps its dead socket after an error,
+                # and connect() on it would return at once.
+                connection.disconnect()
+                return self._round_trip(connection, args)
+        except redis.ResponseError:
+            raise  # an error reply: the connection is in step and fit for the next command
+        except BaseException:
+            connection.disconnect()  # a timeout leaves a reply in flight: never reuse such a socket
+            raise
         finally:
             self._idle.append(connection)
 

@@ -11,7 +11,7 @@ import pytest
 
 from demo import dify_standin as d
 from services.texts import CATALOGUE
-from tests.conftest import KEYS, make_simulator, wait_idle
+from tests.conftest import KEYS, SENTINEL_PASSWORD, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -96,3 +96,39 @@ def test_operator_commands_and_readiness(topology, on_topology, dify):
     assert purged.startswith("deleted ")
     assert conversation.stream_id not in runner.invoke(args=["streams", "list"]).output
     assert live.app.test_client().get("/readyz").status_code == 200
+
+
+def planned_failover(topology: str, server) -> None:
+    """A maintenance failover, waited for until the new masters take writes: `SENTINEL FAILOVER`, or
+    `CLUSTER FAILOVER` on every replica of a Cluster (each shard's master changes)."""
+    if topology == "sentinel":
+        old = server.current_master()
+        server.sentinel_client(server.sentinels[0]).execute_command("SENTINEL", "FAILOVER", server.service_name)
+        server.wait_for_failover(old)
+        assert wait_until(lambda: old.client().info("replication")["role"] == "slave", timeout=30)
+        return
+    replicas = [node for node in server.nodes if node.client().info("replication")["role"] == "slave"]
+    for replica in replicas:
+        replica.client().execute_command("CLUSTER", "FAILOVER")
+    assert wait_until(lambda: all(r.client().info("replication")["role"] == "master" for r in replicas), timeout=30)
+    assert wait_until(server._healthy, timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["sentinel", "cluster"])
+def test_after_a_planned_failover_no_message_is_refused_and_no_poll_fails(kind, request, make_pair, dify):
+    """Once the new masters take writes, every message is answered and every poll succeeds, on connections that
+    pointed at the old masters until then (a Sentinel-managed connection kept its dead socket after the failover's
+    CLIENT KILL, so the poll path's one retry went to the same dead socket: a 503 for each such poll)."""
+    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
+    server.flush()
+    replicas = make_pair(redis_url=server.url, redis_sentinel_password=SENTINEL_PASSWORD)
+    sim = make_simulator([r.url for r in replicas])
+    dify.script(d.answer("answered"), times=None)
+    for i in range(4):  # every process and path holds connections to the old masters now
+        assert sim.ask(f"warm-up {i}", userid=f"warm{i}").text == "answered"
+    planned_failover(kind, server)
+    for i in range(8):
+        conversation = sim.ask(f"after the failover {i}", userid=f"user{i}")  # a 503 would raise ReplyError
+        assert conversation.text == "answered", conversation.text
+    wait_idle(*replicas)
+    sim.close()
