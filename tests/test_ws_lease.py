@@ -26,7 +26,10 @@ def test_one_holder_at_a_time_on_every_topology(topology):
     held = a.acquire()
     assert held is not None
     assert b.acquire() is None
-    assert a.acquire() == held  # keeping it is not a new generation
+    again = a.acquire()  # a new connection of the same process: a new generation, the old one is over
+    assert again.generation > held.generation
+    assert not a.renew(held)
+    held = again
     assert a.renew(held)
     assert a.release(held)
     taken = b.acquire()

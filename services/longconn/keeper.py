@@ -65,7 +65,8 @@ class ConnectionKeeper:
                 return
         if now >= self._next_ping:
             self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
-            self.session.send(frames.ping()[1])
+            req_id, ping = frames.ping()
+            self.session.send(ping, req_id)
         self.replies.pump()
         if now >= self._next_outbox:
             self._next_outbox = now + OUTBOX_INTERVAL

@@ -24,20 +24,15 @@ GENERATION_TTL_SECONDS = 30 * 24 * 3600
 FIRST_BACKOFF_SECONDS = 15
 LONGEST_BACKOFF_SECONDS = 300
 
-# KEYS: lease, generation, cooldown, backoff. ARGV: holder, lease_ms, generation ttl, now (ms). Returns the
-# generation now held by `holder`, or 0 when another process holds the lease, the bot is cooling down after a
-# foreign kick, or its credentials were refused and the bot-wide back-off has not passed yet.
+# KEYS: lease, generation, cooldown, backoff. ARGV: holder, lease_ms, generation ttl, now (ms). Returns the new
+# generation `holder` now holds the lease with, or 0 when another process holds it, the bot is cooling down after a
+# foreign kick, or its credentials were refused and the bot-wide back-off has not passed yet. Every acquisition is
+# for a new connection, so it always gets a new generation, even when `holder` still held the lease (its last
+# connection ended and the release did not reach Redis): a connection's req_ids are told apart by it.
 ACQUIRE = """
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local current = redis.call('GET', KEYS[1])
-if current then
-  local holder, generation = string.match(current, '^(.*) (%d+)$')
-  if holder == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(generation)
-  end
-  return 0
-end
+if current and string.match(current, '^(.*) %d+$') ~= ARGV[1] then return 0 end
 local generation = redis.call('INCR', KEYS[2])
 if generation < tonumber(ARGV[4]) then
   generation = tonumber(ARGV[4])
@@ -102,7 +97,8 @@ class BotLease:
         self._back_off = LuaScript(client, BACK_OFF)
 
     def acquire(self) -> Holding | None:
-        """Take (or keep) the lease; None while another process holds it.
+        """Take the lease for a new connection, with a new generation (also when this process held it already);
+        None while another process holds it.
 
         Raises:
             redis.RedisError: Redis did not answer.

@@ -22,6 +22,7 @@ from services.streams.store import StreamStore
 SENDING_SECONDS = 30
 SENT_SECONDS = 24 * 3600
 MAX_TRACKED_SECONDS = 2 * 3600  # a stream is given up after this (its keys expire too)
+PAGE = 100  # tracked streams read per round trip
 
 
 class Outbox:
@@ -53,20 +54,26 @@ class Outbox:
         """The stream's req_id can no longer be used (846605, 846608)."""
         self.store.record(stream_id, {"ws_dead": "1"})
 
-    def orphans(self, generation: int, live: set[str], limit: int = 100) -> list[tuple[str, dict]]:
-        """Tracked streams that no live reply of this connection covers: (stream id, its hash)."""
+    def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[tuple[str, dict]]:
+        """Every tracked stream that no live reply of this connection covers: (stream id, its hash). Read a page
+        at a time (one round trip for a page's hashes), however many streams are open."""
         self.client.zremrangebyscore(self.open_key, "-inf", time.time() - MAX_TRACKED_SECONDS)
-        found = []
-        for stream_id in self.client.zrange(self.open_key, 0, limit - 1):
-            if stream_id in live:
-                continue
-            meta = self.store.meta(stream_id)
-            if not meta:
-                self.client.zrem(self.open_key, stream_id)
-                continue
-            if meta.get("ws_generation") == str(generation) and not meta.get("ws_dead"):
-                continue  # being answered on this connection (its reply is registered a moment later)
-            found.append((stream_id, meta))
+        found, gone = [], []
+        start = 0
+        while True:
+            ids = self.client.zrange(self.open_key, start, start + page - 1)
+            waiting = [i for i in ids if i not in live]
+            for stream_id, meta in zip(waiting, self.store.metas(waiting), strict=True):
+                if not meta:
+                    gone.append(stream_id)
+                elif meta.get("ws_generation") != str(generation) or meta.get("ws_dead"):
+                    found.append((stream_id, meta))
+                # else: being answered on this connection (its reply is registered a moment later)
+            if len(ids) < page:
+                break
+            start += page
+        if gone:
+            self.client.zrem(self.open_key, *gone)
         return found
 
     def claim(self, stream_id: str, holder: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -43,7 +44,7 @@ class Session:
         self.on_callback = on_callback
         self.timeout = timeout
         self._ws: ClientConnection | None = None
-        self._acks: dict[str, Ack] = {}
+        self._acks: dict[str, deque[Ack | None]] = {}  # req_id -> its frames' callbacks, oldest first
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -74,16 +75,23 @@ class Session:
             raise SubscribeRefused(errcode, str(data.get("errmsg") or ""))
 
     def send(self, text: str, req_id: str = "", on_ack: Ack | None = None) -> bool:
-        """Send one frame; `on_ack(ack)` runs (in the reader's thread) when its ack arrives. False if closed."""
-        if on_ack is not None:
-            with self._lock:
-                self._acks[req_id] = on_ack
-        try:
-            self._ws.send(text)
-        except (ConnectionClosed, OSError, AttributeError):
-            with self._lock:
-                self._acks.pop(req_id, None)
-            return False
+        """Send one frame; `on_ack(ack)` runs (in the reader's thread) when its ack arrives. False if closed.
+
+        Several frames share a req_id (every frame of one stream reply uses its message's), and an ack names only
+        the req_id: the acks of one req_id are matched to its frames in the order they were sent, so a late ack
+        (one that came after a later frame was sent) reaches its own frame's callback, not the later one's."""
+        with self._lock:
+            waiting = self._acks.setdefault(req_id, deque()) if req_id else None
+            if waiting is not None:
+                waiting.append(on_ack)
+            try:
+                self._ws.send(text)  # under the lock: the order sent is the order registered
+            except (ConnectionClosed, OSError, AttributeError):
+                if waiting is not None:
+                    waiting.pop()
+                    if not waiting:
+                        del self._acks[req_id]
+                return False
         return True
 
     def run(self) -> str:
@@ -98,8 +106,7 @@ class Session:
                 continue
             cmd = data.get("cmd")
             if not cmd:
-                with self._lock:
-                    on_ack = self._acks.pop(frames.req_id_of(data), None)
+                on_ack = self._take_ack(frames.req_id_of(data))
                 if on_ack is not None:
                     on_ack(data)
                 continue
@@ -110,6 +117,17 @@ class Session:
                 self.on_callback(data)
             except Exception:
                 logger.exception("failed to handle a %s frame", cmd)
+
+    def _take_ack(self, req_id: str) -> Ack | None:
+        """The callback of the oldest frame of `req_id` still waiting for its ack (None if it has none)."""
+        with self._lock:
+            waiting = self._acks.get(req_id)
+            if not waiting:
+                return None
+            on_ack = waiting.popleft()
+            if not waiting:
+                del self._acks[req_id]
+        return on_ack
 
     def close(self) -> None:
         self._stopped = True

@@ -390,6 +390,15 @@ class StreamStore:
         """The stream id recorded for a WeCom msgid, if any."""
         return self.client.get(self.keys.wecom_msg(msgid))
 
+    def metas(self, stream_ids: list[str]) -> list[dict[str, str]]:
+        """The hashes of several streams, in one pipeline (an empty dict for a stream that is gone)."""
+        if not stream_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for stream_id in stream_ids:
+            pipe.hgetall(self.keys.stream(stream_id))
+        return pipe.execute()
+
     def meta(self, stream_id: str) -> dict[str, str]:
         """The whole stream hash (empty if unknown)."""
         return self.client.hgetall(self.keys.stream(stream_id))
