@@ -3,11 +3,17 @@ without the terminal chat; talk to it from the console page or `python -m demo.w
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from demo.app import create_app
 from services import metrics
 
 
 def main() -> None:
+    # SIGTERM (a terminal closed, a test ending the demo) exits through atexit, which removes the embedded store's
+    # port file, so the next demo does not look for this one.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = create_app()
     app.extensions["gateway"].start()
     settings = app.extensions["gateway"].settings

@@ -17,6 +17,9 @@ import redis
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PORT_FILE = "embedded-redis.port"
+# Set by the hosting process in its store, so another process attaches only to a checkout's embedded store, never
+# to whatever else came to listen on a port a stale port file names (a demo killed before it could remove it).
+HOST_MARKER_KEY = "embedded-store:host"
 
 
 class EmbeddedStoreUnavailable(RuntimeError):
@@ -45,11 +48,13 @@ def connect_embedded(instance_path: Path) -> redis.Redis:
     server.daemon_threads = True  # a connected CLI must not keep the demo from exiting
     threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True).start()
     port = str(server.server_address[1])
+    hosted = fakeredis.FakeRedis(server=server.fake_server, decode_responses=True)
+    hosted.set(HOST_MARKER_KEY, str(instance_path.resolve()))
     instance_path.mkdir(parents=True, exist_ok=True)
     port_file.write_text(port)
     atexit.register(_forget_port, port_file, port)
     logger.info("embedded store (memory://) served to this checkout's other processes on 127.0.0.1:%s", port)
-    return fakeredis.FakeRedis(server=server.fake_server, decode_responses=True)
+    return hosted
 
 
 def _attach(port_file: Path) -> redis.Redis | None:
@@ -60,8 +65,10 @@ def _attach(port_file: Path) -> redis.Redis | None:
         return None
     client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_connect_timeout=0.5)
     try:
-        client.ping()
+        ours = client.get(HOST_MARKER_KEY) == str(port_file.parent.resolve())
     except redis.RedisError:
+        ours = False
+    if not ours:
         client.close()
         return None
     return client

@@ -99,3 +99,16 @@ def test_the_embedded_store_works_the_same(tmp_path):
     assert connections.execute("SET", "k", "v") == "OK"
     assert client.get("k") == "v"
     assert connections.execute("GET", "k") == "v"
+
+
+def test_a_stale_port_file_never_attaches_to_another_server(tmp_path, private_redis):
+    """A demo killed before it removed its port file: the next process must not take whatever Redis listens on that
+    port now (a test's private server, a developer's own) for the checkout's embedded store."""
+    from services.embedded_store import EMBEDDED_PORT_FILE
+
+    (tmp_path / EMBEDDED_PORT_FILE).write_text(str(private_redis.port))
+    client = connect_redis("memory://", instance_path=tmp_path)
+    client.set("demo-key", "1")
+    assert private_redis.client().get("demo-key") is None  # a store of its own, not the server on that port
+    other = connect_redis("memory://", instance_path=tmp_path)  # a second process of this checkout attaches
+    assert other.get("demo-key") == "1"
