@@ -28,6 +28,7 @@ from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.wecom_simulator import WeComSimulator
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.keys import Keys
@@ -293,6 +294,22 @@ def simulator(live):
     sim = make_simulator(live.url)
     yield sim
     sim.close()
+
+
+@pytest.fixture
+def wecom_ws():
+    """WeCom's long-connection server, played by the stand-in: `wecom_ws({bot_id: secret})` starts one (stopped
+    after the test)."""
+    started = []
+
+    def start(bots: dict[str, str]) -> WeComWebSocketStandIn:
+        server = WeComWebSocketStandIn(bots).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

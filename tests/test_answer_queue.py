@@ -10,7 +10,6 @@ import pytest
 import redis
 
 from demo import dify_standin as d
-from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.gateway import build_gateway
 from services.longconn import jobs
 from services.longconn.jobs import GROUP
@@ -20,10 +19,8 @@ BOT_ID, SECRET = "queue-bot", "queue-secret"
 
 
 @pytest.fixture
-def wecom():
-    server = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
-    yield server
-    server.stop()
+def wecom(wecom_ws):
+    return wecom_ws({BOT_ID: SECRET})
 
 
 def served(settings, wecom, tmp_path, **changes):
@@ -46,7 +43,8 @@ def test_answers_are_queued_and_taken_without_a_warning_on_either_store(store, s
                 dify.script(d.answer(f"answer {i}"), match=f"question {i}")
                 final = wecom.final(wecom.deliver_text(BOT_ID, f"question {i}"), timeout=20)
                 assert final is not None and final["stream"]["content"] == f"answer {i}"
-        assert not [r for r in caplog.records if "answer queue" in r.getMessage()]
+        flood = ("could not create the answer queue's group", "XGROUP", "NOGROUP")  # the demo's log flood
+        assert not [r for r in caplog.records if any(words in r.getMessage() for words in flood)]
     finally:
         gateway.drain(5)
         gateway.close()

@@ -12,7 +12,6 @@ import pytest
 
 from app import create_app
 from demo import dify_standin as d
-from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services import metrics
 from services.loops import run_until
 from tests.conftest import wait_until
@@ -39,10 +38,8 @@ def errors(loop: str) -> float:
 
 
 @pytest.fixture
-def wecom():
-    server = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
-    yield server
-    server.stop()
+def wecom(wecom_ws):
+    return wecom_ws({BOT_ID: SECRET})
 
 
 @pytest.fixture
@@ -89,20 +86,24 @@ def test_run_until_logs_counts_and_goes_on(caplog):
     assert record.exc_info is not None  # the traceback is in the log
 
 
-def test_the_connection_holder_survives_a_failure(gateway, wecom, dify):
-    holder = gateway.bot().holder
-    holder.lease.acquire = fail_once(holder.lease.acquire)
-    before = errors("wecom_ws_holder")
-    assert ask(gateway, wecom, dify)["stream"]["content"] == "answered"
-    assert errors("wecom_ws_holder") == before + 1
+def fail_first_call(obj, name: str) -> None:
+    setattr(obj, name, fail_once(getattr(obj, name)))
 
 
-def test_the_connection_keeper_survives_a_failure(gateway, wecom, dify):
-    holder = gateway.bot().holder
-    holder.replies.pump = fail_once(holder.replies.pump)
-    before = errors("wecom_ws_keeper")
+@pytest.mark.parametrize(
+    ("loop", "inject"),
+    [
+        ("wecom_ws_holder", lambda gateway: fail_first_call(gateway.bot().holder.lease, "acquire")),
+        ("wecom_ws_keeper", lambda gateway: fail_first_call(gateway.bot().holder.replies, "pump")),
+        ("append_batcher", lambda gateway: fail_first_call(gateway.appender, "_take_batch")),
+    ],
+    ids=["connection-holder", "connection-keeper", "append-batcher"],
+)
+def test_the_loop_survives_a_failure(loop, inject, gateway, wecom, dify):
+    inject(gateway)
+    before = errors(loop)
     assert ask(gateway, wecom, dify)["stream"]["content"] == "answered"
-    assert errors("wecom_ws_keeper") == before + 1
+    assert errors(loop) == before + 1
 
 
 def test_the_answer_queue_consumer_survives_a_failure(gateway, wecom, dify):
@@ -127,10 +128,3 @@ def test_the_stream_lease_keeper_survives_a_failure(gateway, wecom, dify, redis_
     assert final is not None and "answer" in final["stream"]["content"]
     assert len(dify.chat_requests()) == 1
     assert errors("stream_lease_keeper") == before + 1
-
-
-def test_the_append_batcher_survives_a_failure(gateway, wecom, dify):
-    gateway.appender._take_batch = fail_once(gateway.appender._take_batch)
-    before = errors("append_batcher")
-    assert ask(gateway, wecom, dify)["stream"]["content"] == "answered"
-    assert errors("append_batcher") == before + 1

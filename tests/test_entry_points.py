@@ -15,7 +15,6 @@ import redis
 
 from app import create_app
 from config.settings import DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_settings
-from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.keys import Keys
 from services.longconn.jobs import GROUP, JobQueue
 from services.longconn.lease import BotLease
@@ -85,9 +84,9 @@ def test_only_the_demos_entry_points_read_demo_env():
 
 
 @pytest.fixture
-def long_connection_bot(redis_url, redis_client, dify):
+def long_connection_bot(redis_url, redis_client, dify, wecom_ws):
     """The settings of a long-connection bot whose WeCom server (the stand-in) counts the connections it gets."""
-    wecom = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+    wecom = wecom_ws({BOT_ID: SECRET})
     env = production(
         redis_url,
         dify.base_url,
@@ -97,8 +96,7 @@ def long_connection_bot(redis_url, redis_client, dify):
         WECOM_WS_URL=wecom.url,
         WECOM_WS_LEASE_SECONDS="3",
     )
-    yield env, wecom
-    wecom.stop()
+    return env, wecom
 
 
 def test_flask_commands_leave_the_lease_and_the_queued_answers_alone(long_connection_bot, redis_client, redis_url):
@@ -128,8 +126,8 @@ def test_flask_commands_leave_the_lease_and_the_queued_answers_alone(long_connec
     client.close()
 
 
-def test_building_the_app_starts_no_thread_and_serving_it_does(settings, dify):
-    wecom = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
+def test_building_the_app_starts_no_thread_and_serving_it_does(settings, dify, wecom_ws):
+    wecom = wecom_ws({BOT_ID: SECRET})
     bot = settings.replace(
         wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url
     )
@@ -145,4 +143,3 @@ def test_building_the_app_starts_no_thread_and_serving_it_does(settings, dify):
     finally:
         gateway.drain(1)
         gateway.close()
-        wecom.stop()

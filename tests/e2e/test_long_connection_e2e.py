@@ -13,7 +13,6 @@ import pytest
 from demo import dify_apps as apps
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
-from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import PNG, wait_until
 from tests.e2e.conftest import replica_env
@@ -24,10 +23,8 @@ LEASE_SECONDS = 3
 
 
 @pytest.fixture
-def wecom():
-    server = WeComWebSocketStandIn({BOT_ID: SECRET}).start()
-    yield server
-    server.stop()
+def wecom(wecom_ws):
+    return wecom_ws({BOT_ID: SECRET})
 
 
 @pytest.fixture

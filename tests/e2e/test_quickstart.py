@@ -82,7 +82,7 @@ def test_operator_commands_reach_the_running_demos_streams(tmp_path):
         )
         assert listed.returncode == 0, listed.stderr
         assert conversation.stream_id in listed.stdout
-        assert "answer queue" not in listed.stderr  # the long-connection bot's queue works on the embedded store
+        assert "XGROUP" not in listed.stderr  # the long-connection bot's queue works on the embedded store
 
         second = subprocess.run(  # a second demo next to this one says what to do instead
             [sys.executable, "-m", "demo", "--bot", "helpdesk"],
@@ -101,7 +101,7 @@ def test_operator_commands_reach_the_running_demos_streams(tmp_path):
         demo.terminate()
         demo.wait(10)
         log.close()
-    assert "answer queue" not in (tmp_path / "demo.log").read_text()  # no warning flood in the demo's log
+    assert "XGROUP" not in (tmp_path / "demo.log").read_text()  # no warning flood in the demo's log
 
 
 def _answers(url: str) -> bool:
