@@ -71,7 +71,7 @@ def mysql_server() -> str:
         pytest.exit(MISSING.format(what="MariaDB's server (mariadb-server)"), returncode=3)
     server = PrivateMariaDB().start()
     yield server.url
-    server.stop()
+    server.remove()
 
 
 def _check_answers(probe, variable: str) -> None:

@@ -32,7 +32,9 @@ def mariadb_binaries() -> tuple[str, str] | None:
 
 class PrivateMariaDB:
     """A MariaDB server of the run's own: root with no password over TCP (grant tables skipped), no binary log,
-    relaxed durability (a test database is thrown away). `start()` runs it, `stop()` removes it."""
+    relaxed durability (a test database is thrown away), temporary files in its own folder (concurrent
+    bootstraps in one /tmp collide). `start()` runs it (installing its data directory the first time), `stop()`
+    stops it and keeps its data (a test may start it again), `remove()` stops it and deletes everything."""
 
     def __init__(self):
         self.port = free_port()
@@ -48,18 +50,21 @@ class PrivateMariaDB:
         if binaries is None:
             raise RuntimeError(MISSING.format(what="MariaDB's server (mariadb-server)"))
         install, server = binaries
-        data, user = self.dir / "data", getpass.getuser()
-        subprocess.run(
-            [install, "--no-defaults", f"--datadir={data}", f"--user={user}", "--skip-test-db"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        data, tmp, user = self.dir / "data", self.dir / "tmp", getpass.getuser()
+        if not data.exists():
+            tmp.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [install, "--no-defaults", f"--datadir={data}", f"--tmpdir={tmp}", f"--user={user}", "--skip-test-db"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         self.process = subprocess.Popen(
             [
                 server,
                 "--no-defaults",
                 f"--datadir={data}",
+                f"--tmpdir={tmp}",
                 f"--port={self.port}",
                 "--bind-address=127.0.0.1",
                 f"--socket={self.dir / 'mysqld.sock'}",
@@ -87,11 +92,13 @@ class PrivateMariaDB:
                 return
             except pymysql.MySQLError:
                 time.sleep(0.1)
-        log = (self.dir / "error.log").read_text(errors="replace")[-2000:] if (self.dir / "error.log").exists() else ""
-        self.stop()
-        raise RuntimeError(f"the private MariaDB did not start on port {self.port}:\n{log}")
+        log = self.dir / "error.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        self.remove()
+        raise RuntimeError(f"the private MariaDB did not start on port {self.port}:\n{tail}")
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 30 s); its data stays for a later start()."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -99,4 +106,7 @@ class PrivateMariaDB:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+    def remove(self) -> None:
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

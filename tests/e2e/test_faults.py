@@ -10,15 +10,13 @@ table of faults and outcomes is written to test-artifacts/fault-report.md.
 from __future__ import annotations
 
 import itertools
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import psutil
+import pymysql
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete
@@ -27,11 +25,12 @@ from config.settings import PROJECT_ROOT
 from demo import auth_standin
 from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
-from demo.replicas import GunicornReplica, free_port
+from demo.replicas import GunicornReplica
 from services.auth import db
 from services.texts import CATALOGUE
 from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
+from tests.servers import PrivateMariaDB
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
@@ -39,79 +38,15 @@ ROWS: list[tuple[str, str, str, str]] = []
 USER_IDS = itertools.count()
 
 
-class PrivateMariaDB:
-    """A mariadbd of the tests' own (its own data directory and port), which a test may stop and start."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, free_port(), None
-        subprocess.run(
-            [
-                "mariadb-install-db",
-                "--no-defaults",
-                f"--datadir={root / 'data'}",
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"mysql+pymysql://root@127.0.0.1:{self.port}/gateway"
-
-    def start(self) -> PrivateMariaDB:
-        self.process = subprocess.Popen(
-            [
-                "/usr/sbin/mariadbd",
-                "--no-defaults",
-                f"--datadir={self.root / 'data'}",
-                f"--port={self.port}",
-                f"--socket={self.root / 'mysqld.sock'}",
-                "--bind-address=127.0.0.1",
-                "--user=root",
-                "--skip-log-bin",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("private mariadbd did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
-
-
 @pytest.fixture(scope="module")
 def private_db():
-    if not shutil.which("mariadb-install-db"):
-        pytest.skip("mariadb-install-db is not installed")
-    root = Path(tempfile.mkdtemp(prefix="fault-mariadb-"))
-    server = PrivateMariaDB(root).start()
-    subprocess.run(
-        [
-            "mariadb",
-            "--protocol=tcp",
-            "-h127.0.0.1",
-            f"-P{server.port}",
-            "-uroot",
-            "-e",
-            "CREATE DATABASE gateway CHARACTER SET utf8mb4",
-        ],
-        check=True,
-        timeout=30,
-    )
-    engine = db.make_engine(server.url)
+    """A MariaDB of this module's own, which its tests stop and start; the users every scenario needs."""
+    server = PrivateMariaDB().start()
+    admin = pymysql.connect(host="127.0.0.1", port=server.port, user="root", autocommit=True)
+    with admin.cursor() as cursor:
+        cursor.execute("CREATE DATABASE gateway CHARACTER SET utf8mb4")
+    admin.close()
+    engine = db.make_engine(f"{server.url}/gateway")
     db.init_schema(engine)
     with engine.begin() as connection:
         connection.execute(delete(db.wecom_users))
@@ -122,8 +57,7 @@ def private_db():
         )
     engine.dispose()
     yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    server.remove()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +81,7 @@ def replicas(dify_server, auth_server, module_redis, private_db):
         AUTH_API_URL=auth_server.url,
         AUTH_API_KEY=AUTH_KEY,
         AUTH_TIMEOUT="1",
-        DATABASE_URL=private_db.url,
+        DATABASE_URL=f"{private_db.url}/gateway",
         DATABASE_TIMEOUT="1",
         STREAM_LEASE_SECONDS="3",
         RATE_LIMIT_PER_MINUTE="0",
