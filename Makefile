@@ -28,13 +28,18 @@ demo: setup-demo
 test-servers:
 	@tests/install_test_tools.sh
 
+# The suite runs on this many pytest-xdist workers, each with private servers of its own (0: in this process);
+# tests that share fixed ports run on one worker (xdist_group). docs/development.md has the timings.
+PYTEST_WORKERS ?= 3
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+
 # Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (docs/development.md).
 test: setup lint test-servers
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier: no gunicorn, no end-to-end tests (the `e2e` marker).
 test-fast: setup lint test-servers
-	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
 
 # ruff, and the import layers of services/ (pyproject.toml, [tool.importlinter]).
 lint: setup

@@ -130,9 +130,10 @@ class Gateway:
                 bot.holder.start()
 
     def drain(self, timeout: float) -> list[str]:
-        """Graceful shutdown: take no new streams, let running ones finish for up to `timeout` seconds, then hand
-        what remains to the other replicas (a poll there restarts it if nothing was shown, else finishes the
-        bubble with the partial text and a note). Returns the ids handed over."""
+        """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let
+        running ones finish for up to `timeout` seconds, then hand what remains to the other replicas (a poll there
+        resumes it, restarts it, or finishes its bubble with what it showed: docs/architecture.md). Returns the ids
+        handed over."""
         for bot in self.bots.values():  # long-connection bots: another replica holds the connection at once
             if bot.holder is not None:
                 bot.holder.stop()
