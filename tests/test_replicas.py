@@ -291,3 +291,25 @@ def test_a_poll_on_the_live_owner_of_a_chatflow_whose_lease_was_lost_does_not_re
     assert dify.reattaches == []
     assert "resumes" not in redis_client.hgetall(KEYS.stream(stream_id))
     sim.close()
+
+
+def test_a_redis_pause_longer_than_the_retries_at_an_answers_end_delivers_it_once(outage_app, private_redis, dify):
+    """Redis pauses as the answer ends, for longer than the finisher's first retries: it keeps the answer and
+    waits for Redis while WeCom may still poll the bubble, instead of sending the whole answer through response_url
+    and leaving a bubble that a later poll would end as interrupted (the answer twice, once with 'ask again')."""
+    dify.script([d.message("before "), d.sleep(1.0), d.message("after"), d.end()])
+    sim = make_simulator(outage_app.url, poll_interval=0.2)
+    payload = sim.text_message("a pause at the end")
+    reply = sim.send(payload)
+    stream_id = reply["stream"]["id"]
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)  # "before " is written
+    private_redis.pause()  # the rest, the end and the final state come while Redis is paused
+    time.sleep(15)  # past the first retries (about 7.5 s, plus a 0.5 s timeout each) and the 5 s lease
+    private_redis.resume()
+    conversation = sim.follow(reply)
+    assert conversation.text == "before after"
+    assert wait_until(lambda: outage_app.gateway.runner.active_count == 0, timeout=10)
+    assert sim.inbox.wait_for(payload["response_url"], timeout=2) is None  # nothing sent a second time
+    assert len(dify.chat_requests()) == 1
+    sim.close()

@@ -1,21 +1,24 @@
 """The end of every answer: its final state in Redis, and whatever the bubble could not show sent through the
 message's response_url, exactly once.
 
-The final state is retried through a short Redis outage. If the stream was closed elsewhere (its bubble finished
-by another replica's poll), or Redis stays away, the whole answer goes through response_url instead, so nothing a
-user was promised is lost.
+The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
+window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
+Cluster failover among them, costs the user nothing but the wait. If the stream was closed elsewhere (its bubble
+finished by another replica's poll), or Redis stays away past the window, the whole answer goes through
+response_url instead, so nothing a user was promised is lost.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, through_outage
+from services.streams.outage import best_effort, delays_for, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
@@ -35,8 +38,12 @@ class Finisher:
         bubble: BubbleRenderer,
         texts: Texts,
         bot: str = "default",
+        window_seconds: int = 330,
+        draining: Callable[[], bool] = lambda: False,
     ):
         self.bot = bot
+        self.window_seconds = window_seconds
+        self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
         self.store = store
         self.owner = owner
         self.responder = responder
@@ -47,15 +54,19 @@ class Finisher:
         """Write what is queued and record the final state (with the reply images, and for a done answer its
         feedback target). Returns how the bubble ended, or None when another replica or a poll ended it."""
         note = fields.get("note", "")
+        patience = job.created_at + self.window_seconds - time.time()  # while WeCom may still poll the bubble
         try:
             finished = through_outage(
-                lambda: self._record(job, answer, status, fields), "recording the final state of the answer"
+                lambda: self._record(job, answer, status, fields),
+                "recording the final state of the answer",
+                delays_for(patience),
+                give_up=self.draining,
             )
         except StreamAborted:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            logger.error("Redis stayed unavailable; sending the answer through response_url instead")
+            logger.error("Redis stayed unavailable past the bubble's window; sending the answer through response_url")
             self._send_whole(job, answer, note)
             return None
         if finished is not None:

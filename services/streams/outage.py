@@ -21,18 +21,36 @@ T = TypeVar("T")
 
 # Waits between attempts: about 7.5 s in all, longer than a Redis restart or a Sentinel failover usually takes.
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+LONGEST_DELAY = 10.0
 
 
-def through_outage(call: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
-    """`call()`, tried again after each delay while Redis fails.
+def delays_for(seconds: float) -> tuple[float, ...]:
+    """Waits between attempts that add up to at least `seconds` (and to RETRY_DELAYS at the least), growing from
+    half a second to LONGEST_DELAY: for a write that is worth waiting for as long as it is of use."""
+    delays, total = list(RETRY_DELAYS), sum(RETRY_DELAYS)
+    while total < seconds:
+        delays.append(min(LONGEST_DELAY, delays[-1] * 2))
+        total += delays[-1]
+    return tuple(delays)
+
+
+def through_outage(
+    call: Callable[[], T],
+    what: str,
+    delays: tuple[float, ...] = RETRY_DELAYS,
+    give_up: Callable[[], bool] | None = None,
+) -> T:
+    """`call()`, tried again after each delay while Redis fails (no more once `give_up()` says so).
 
     Raises:
-        redis.RedisError (or a cluster error): the last failure, once every delay has passed.
+        redis.RedisError (or a cluster error): the last failure, once every delay has passed (or `give_up()`).
     """
     for delay in delays:
         try:
             return call()
         except REDIS_FAILURES as exc:
+            if give_up is not None and give_up():
+                raise
             logger.warning("Redis unavailable while %s (%s); trying again in %.1fs", what, exc, delay)
             time.sleep(delay)
     return call()
