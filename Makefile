@@ -28,10 +28,11 @@ demo: setup-demo
 test-servers:
 	@tests/install_test_tools.sh
 
-# The suite runs on this many pytest-xdist workers, each with private servers of its own (0: in this process);
-# tests that share fixed ports run on one worker (xdist_group). docs/development.md has the timings.
+# The suite runs on this many pytest-xdist workers, each with private servers of its own (0: in this process).
+# A test module runs whole on one worker (loadfile): the quickstart tests, which share the demo's fixed ports, never
+# run at once. docs/development.md has the timings.
 PYTEST_WORKERS ?= 3
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 # Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (docs/development.md).
 test: setup lint test-servers

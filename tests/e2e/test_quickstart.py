@@ -12,8 +12,9 @@ from demo.replicas import free_port
 from demo.wecom_simulator import WeComSimulator
 from tests.conftest import wait_until
 
-# The demo's stand-ins listen on fixed loopback ports: these tests run one at a time, on one xdist worker.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("demo-ports")]
+# The demo's stand-ins listen on fixed loopback ports: these tests must run one at a time. `make test` distributes
+# whole modules over its workers (--dist loadfile), so they do. (xdist_group marks are not honoured with pytest 9.)
+pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_chat_answers_in_the_terminal():
