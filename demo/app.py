@@ -26,6 +26,7 @@ from demo.console import console
 from demo.dify_standin import DifyStandIn
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
+from services.auth.users import UserExists
 from services.gateway import Gateway
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ def seed_demo_users(gateway: Gateway) -> None:
     db.init_schema(gateway.users.engine)
     for userid, account, name, enabled in DEMO_USERS:
         if gateway.users.find(userid) is None:
-            gateway.users.add(userid, account, name, enabled)
+            try:
+                gateway.users.add(userid, account, name, enabled)
+            except UserExists:
+                continue  # another demo process of this checkout seeded it a moment ago
 
 
 def _address(url: str) -> tuple[str, int]:

@@ -49,8 +49,9 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def console_url(settings, serve):
-    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none"))
+def console_url(settings, serve, tmp_path):
+    users = f"sqlite:///{tmp_path / 'users.db'}"  # not the checkout's instance/, which a running demo may use
+    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", database_url=users))
     yield f"{serve(app).url}/console"
     app.extensions["gateway"].runner.drain(10)
     app.extensions["gateway"].close()
@@ -158,7 +159,10 @@ wecom_ws_url = "ws://127.0.0.1:{free_port()}"
 welcome_message = "ops here"
 """
     )
-    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", bots_file=str(path), bot_name=""))
+    users = f"sqlite:///{tmp_path / 'users.db'}"  # not the checkout's instance/, which a running demo may use
+    app = create_demo_app(
+        settings.replace(demo_mode=True, auth_mode="none", bots_file=str(path), bot_name="", database_url=users)
+    )
     app.extensions["gateway"].start()  # served, as the demo's entry points do: the long-connection bot connects
     yield f"{serve(app).url}/console"
     app.extensions["gateway"].runner.drain(10)
