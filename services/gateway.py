@@ -145,9 +145,9 @@ class Gateway:
             return []
         self.runner.cancel(remaining)
         released = 0
-        for bot, stream_ids in self.runner.by_bot(remaining).items():
+        for bot, attempts in self.runner.by_bot(remaining).items():
             try:
-                handed = self.bots[bot].store.release_leases(stream_ids, self.owner)
+                handed = self.bots[bot].store.release_leases(attempts)
             except REDIS_FAILURES as exc:
                 logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
                 continue
@@ -186,8 +186,8 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         client=client,
         users=users,
         owner=owner,
-        runner=StreamRunner(owner, settings.stream_max_active, settings.stream_lease_seconds),
-        appender=AppendBatcher(owner),
+        runner=StreamRunner(settings.stream_max_active, settings.stream_lease_seconds),
+        appender=AppendBatcher(),
         claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
     return Gateway(
@@ -251,7 +251,6 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         appender=shared.appender,
         finisher=Finisher(
             store,
-            owner,
             responder,
             bubble,
             texts,

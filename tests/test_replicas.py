@@ -313,3 +313,63 @@ def test_a_redis_pause_longer_than_the_retries_at_an_answers_end_delivers_it_onc
     assert sim.inbox.wait_for(payload["response_url"], timeout=2) is None  # nothing sent a second time
     assert len(dify.chat_requests()) == 1
     sim.close()
+
+
+
+def test_a_superseded_attempt_writes_nothing_even_from_a_process_of_the_same_name(make_app, serve, dify, redis_client):
+    """Fencing per attempt. An answer's first attempt loses its lease while it lives, before showing anything; a
+    poll on another process restarts it as the stream's second attempt. Both processes have the same name (a
+    container restarted in its pod keeps the pod's name and, often, its pid): with owners named by process, the
+    first attempt's late write passed the owner check, took the second's delta for its own and ended the bubble
+    with it, and the second's answer went out again through response_url. Its token is superseded now: its first
+    write is refused and it stops."""
+    dify.script([d.sleep(1.5), d.message("the first attempt's answer"), d.end()])
+    dify.script([d.message("the second "), d.sleep(2.5), d.message("attempt's answer"), d.end()])
+    first, second = (serve(make_app(replica_id="same-name", stream_lease_seconds=2)) for _ in range(2))
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello", msgid="superseded-1")
+    reply = opener.send(payload)
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: len(dify.chat_requests()) == 1)
+    first.gateway.runner.stop()  # its keeper stops: the lease runs out while the first attempt waits for Dify
+    redis_client.delete(KEYS.stream_lease(stream_id))
+    poller = make_simulator(second.url, poll_interval=0.1)
+    conversation = poller.follow(reply)
+    assert conversation.text == "the second attempt's answer"
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
+    assert poller.inbox.wait_for(payload["response_url"], timeout=1) is None  # nothing went out a second time
+    meta = redis_client.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and meta["restarts"] == "1"
+    assert meta["owner"].endswith("#2")
+    opener.close()
+    poller.close()
+
+
+def test_an_answer_sent_through_response_url_in_an_outage_is_never_shown_again(outage_app, private_redis, dify):
+    """A draining process meets Redis away at an answer's end: it sends the whole answer through response_url at
+    once. The stream is marked so when Redis is back, and the bubble ends saying the answer was sent separately:
+    no poll resumes, restarts or ends it as 'interrupted, ask again' after the user has it whole."""
+    dify.script([d.message("before "), d.sleep(1.0), d.message("after"), d.end()])
+    sim = make_simulator(outage_app.url, poll_interval=0.2)
+    payload = sim.text_message("a pause while draining")
+    reply = sim.send(payload)
+    stream_id = reply["stream"]["id"]
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)  # "before " is written
+    private_redis.pause()
+    outage_app.gateway.runner.accepting = False  # the process drains: its finisher waits no longer for Redis
+    sent = sim.inbox.wait_for(payload["response_url"], timeout=15)
+    assert sent is not None and "before after" in sent["markdown"]["content"]
+    time.sleep(6)  # past the 5 s lease
+    private_redis.resume()
+    conversation = sim.follow(reply)
+    # The append in flight when Redis paused still runs when it resumes (its reply was lost, not the command), so
+    # the bubble may show "after" too; nothing is written after it.
+    assert conversation.text in (f"before \n\n{ZH['sent_separately']}", f"before after\n\n{ZH['sent_separately']}")
+    assert ZH["orphaned"] not in conversation.text
+    assert wait_until(lambda: outage_app.gateway.runner.active_count == 0, timeout=10)
+    meta = store.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and meta["delivered"] == "response_url"
+    assert "resumes" not in meta and "restarts" not in meta
+    assert len(dify.chat_requests()) == 1
+    sim.close()

@@ -64,12 +64,12 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store = StreamStore(redis_client, Keys("tenant:"), 3600, lease_seconds=2, rate_limit=5)
     for n, user in enumerate(["alice", "b{o}b"]):  # a userid with braces gets a digest for a hash tag
         store.create(f"s{n}", f"m{n}", "A", "bot1", user, {"userid": user})
-    store.append_many([AppendRequest("s0", ["a"], 0, {"task_id": "t"}), AppendRequest("s1", ["b"], 0, {})], "A")
+    store.append_many([AppendRequest("s0", "A", ["a"], 0, {"task_id": "t"}), AppendRequest("s1", "A", ["b"], 0, {})])
     store.replace("s0", "A", "replaced")
     store.poll("s0", 330, 20000, "orphan", "A")
     store.record("s0", {"rest_sent": "yes"})
-    store.renew_leases(["s0", "s1"], "A")
-    store.release_leases(["s1"], "A")
+    store.renew_leases({"s0": "A", "s1": "A"})
+    store.release_leases({"s1": "A"})
     store.take("s1", "A", "B")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
     names = {source: name for name, source in scripts.ALL.items()}

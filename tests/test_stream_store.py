@@ -188,12 +188,12 @@ def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, re
     assert snap.status == "pending"
     assert snap.text == ""
     meta = redis_client.hgetall("dify_stream:{s1}")
-    assert meta["owner"] == "B"
+    assert snap.attempt == meta["owner"] == "B#2"  # the stream's second attempt, made by B
     assert meta["restarts"] == "1"
     assert meta["taken_over_at"]
-    assert redis_client.get("dify_stream:{s1}:lease") == "B"
+    assert redis_client.get("dify_stream:{s1}:lease") == "B#2"
     assert store.append("s1", "A", ["old owner"], 0) == TAKEN  # the old owner, if alive, must stop
-    assert store.append("s1", "B", ["new owner"], 0) == WRITTEN
+    assert store.append("s1", "B#2", ["new owner"], 0) == WRITTEN
 
 
 def test_the_live_owners_own_poll_takes_its_lost_lease_back_and_starts_nothing(store, redis_client):
@@ -206,6 +206,35 @@ def test_the_live_owners_own_poll_takes_its_lost_lease_back_and_starts_nothing(s
     assert "restarts" not in redis_client.hgetall("dify_stream:{s1}")
     redis_client.delete("dify_stream:{s1}:lease")  # another process's poll still takes it over
     assert store.poll("s1", 330, 20000, "orphan note", taker="B", taker_runs_it=False).taken_over
+
+
+def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_nothing(store, redis_client):
+    """Fencing: the same process's earlier attempt is refused once a later one took the stream (its token is not
+    the process's name, which both share)."""
+    open_stream(store, owner="P#1")
+    redis_client.delete("dify_stream:{s1}:lease")
+    own_process = store.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=True)
+    assert own_process.event == "" and redis_client.get("dify_stream:{s1}:lease") == "P#1"  # the same attempt
+    redis_client.delete("dify_stream:{s1}:lease")
+    snap = store.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=False)  # P no longer runs it
+    assert snap.taken_over and snap.attempt == "P#2"
+    assert store.append("s1", "P#1", ["late"], 0) == TAKEN
+    assert store.replace("s1", "P#1", "late") == TAKEN
+    assert store.renew_leases({"s1": "P#1"}) == ["s1"]
+    assert store.release_leases({"s1": "P#1"}) == 0
+    assert store.finish("s1", "P#1", "done") is None
+    assert store.superseded("s1", "P#1") and not store.superseded("s1", "P#2")
+    assert store.append("s1", "P#2", ["answer"], 0) == WRITTEN
+    assert store.finish("s1", "P#2", "done") is not None
+
+
+def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
+    open_stream(store, owner="P#1")
+    assert store.take("s1", "P#1", "Q") == "Q#2"
+    assert store.take("s1", "P#1", "R") is None  # taken already
+    assert redis_client.get("dify_stream:{s1}:lease") == "Q#2"
+    assert store.append("s1", "P#1", ["opener"], 0) == TAKEN
+    assert store.append("s1", "Q#2", ["taker"], 0) == WRITTEN
 
 
 def test_a_stream_is_restarted_only_once(store, redis_client):
@@ -232,7 +261,7 @@ def test_release_hands_streams_over(store, redis_client):
     open_stream(store, "s1", "m1", owner="A")
     open_stream(store, "s2", "m2", owner="A")
     redis_client.set("dify_stream:{s2}:lease", "B")
-    assert store.release_leases(["s1", "s2"], "A") == 1
+    assert store.release_leases({"s1": "A", "s2": "A"}) == 1
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert redis_client.get("dify_stream:{s2}:lease") == "B"
     assert redis_client.hget("dify_stream:{s1}", "handed_over_at")
@@ -241,7 +270,7 @@ def test_release_hands_streams_over(store, redis_client):
 def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
     open_stream(store, "s1", "m1")
     store.finish("s1", "A", "done")
-    assert store.renew_leases(["s1", "gone"], "A") == []
+    assert store.renew_leases({"s1": "A", "gone": "A"}) == []
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert not redis_client.exists("dify_stream:{gone}:lease")
 
@@ -322,7 +351,7 @@ def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
     open_stream(store, "s3", "m3", "A")
     redis_client.delete("dify_stream:{s2}:lease")  # expired, nobody else took it: ours again
     redis_client.set("dify_stream:{s3}:lease", "B")  # taken over by replica B
-    lost = store.renew_leases(["s1", "s2", "s3"], "A")
+    lost = store.renew_leases({"s1": "A", "s2": "A", "s3": "A"})
     assert lost == ["s3"]
     assert redis_client.get("dify_stream:{s2}:lease") == "A"
     assert redis_client.pttl("dify_stream:{s1}:lease") > 1500
@@ -350,19 +379,19 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
     store.finish("c", "A", "done")
     open_stream(store, "d", "md", userid="bob")
     requests = [
-        AppendRequest("a", ["a1", "a2"], 0, {"task_id": "t"}),
-        AppendRequest("b", ["x"], 0, {}),
-        AppendRequest("c", ["late"], 0, {}),
-        AppendRequest("d", ["d1"], 5, {}),
-        AppendRequest("gone", ["?"], 0, {}),
+        AppendRequest("a", "A", ["a1", "a2"], 0, {"task_id": "t"}),
+        AppendRequest("b", "A", ["x"], 0, {}),
+        AppendRequest("c", "A", ["late"], 0, {}),
+        AppendRequest("d", "A", ["d1"], 5, {}),
+        AppendRequest("gone", "A", ["?"], 0, {}),
     ]
-    results = store.append_many(requests, "A")
+    results = store.append_many(requests)
     assert results[:3] == [WRITTEN, TAKEN, CLOSED]
     assert isinstance(results[3], StreamConflict)
     assert results[4] == CLOSED
     assert store.chunks("a") == ["a1", "a2"]
     assert redis_client.hget("dify_stream:{a}", "task_id") == "t"
-    assert store.append_many(requests[:1], "A") == [WRITTEN]  # the retry of an applied call changes nothing
+    assert store.append_many(requests[:1]) == [WRITTEN]  # the retry of an applied call changes nothing
     assert store.chunks("a") == ["a1", "a2"]
 
 
@@ -372,11 +401,11 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
     streams = [f"s{i}" for i in range(40)]
     for i, stream_id in enumerate(streams):
         open_stream(store, stream_id, f"m{i}", userid=f"u{i}")
-    batcher = AppendBatcher("A")
+    batcher = AppendBatcher()
     barrier = threading.Barrier(len(streams))
 
     def write(stream_id):
-        writer = batcher.writer(store, stream_id)
+        writer = batcher.writer(store, stream_id, "A")
         barrier.wait()
         for n in range(5):
             writer.add([f"{stream_id}-{n}"], {"task_id": f"t{n}"} if n == 0 else None)
@@ -402,8 +431,8 @@ def test_a_writer_reports_taken_and_closed(store):
 
     open_stream(store, "mine", "m1", owner="A")
     open_stream(store, "theirs", "m2", owner="B")
-    batcher = AppendBatcher("A")
-    taken, closed = batcher.writer(store, "theirs"), batcher.writer(store, "gone")
+    batcher = AppendBatcher()
+    taken, closed = batcher.writer(store, "theirs", "A"), batcher.writer(store, "gone", "A")
     for writer in (taken, closed):
         writer.add(["x"])
         writer.flush(5)
@@ -420,7 +449,7 @@ def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client
 
     store = StreamStore(connect_redis(private_redis.url, 0.3), Keys(), TTL, 30)
     open_stream(store, "s1", "m1")
-    writer = AppendBatcher("A").writer(store, "s1")
+    writer = AppendBatcher().writer(store, "s1", "A")
     writer.add(["one "])
     writer.flush(5)
     private_redis.pause()

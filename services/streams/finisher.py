@@ -3,9 +3,11 @@ message's response_url, exactly once.
 
 The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
 window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
-Cluster failover among them, costs the user nothing but the wait. If the stream was closed elsewhere (its bubble
-finished by another replica's poll), or Redis stays away past the window, the whole answer goes through
-response_url instead, so nothing a user was promised is lost.
+Cluster failover among them (their overlays budget 30 s), costs the user nothing but the wait. If the stream was
+closed elsewhere (its bubble finished by another replica's poll), or Redis stays away past that patience, the
+whole answer goes through response_url instead, so nothing a user was promised is lost. The stream is then
+finished, as soon as Redis is back, with a note that the answer was sent separately: no poll resumes, restarts or
+ends it as interrupted after the user has it whole.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from services.wecom.response_url import ResponseUrlClient
 
 logger = logging.getLogger(__name__)
 
+# How long past the bubble's window the stream is still marked as sent separately, should Redis come back late.
+MARK_GRACE_SECONDS = 60.0
+
 
 class Finisher:
     """Records how an answer ended and delivers the rest."""
@@ -33,7 +38,6 @@ class Finisher:
     def __init__(
         self,
         store: StreamStore,
-        owner: str,
         responder: ResponseUrlClient,
         bubble: BubbleRenderer,
         texts: Texts,
@@ -45,7 +49,6 @@ class Finisher:
         self.window_seconds = window_seconds
         self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
         self.store = store
-        self.owner = owner
         self.responder = responder
         self.bubble = bubble
         self.texts = texts
@@ -66,17 +69,16 @@ class Finisher:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            logger.error("Redis stayed unavailable past the bubble's window; sending the answer through response_url")
-            self._send_whole(job, answer, note)
+            logger.error("Redis stayed unavailable; sending the answer through response_url")
+            if answer.writer is not None:
+                answer.writer.abandon()  # the bubble shows no more of it: the user gets it whole, once
+            if self._send_whole(job, answer, note):
+                self._mark_sent_separately(job, status, fields)
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
             metrics.STREAM_SECONDS.labels(self.bot).observe(max(0.0, time.time() - job.created_at))
-            if finished.inflight_key:
-                best_effort(
-                    lambda: self.store.release_inflight(finished.inflight_key, job.stream_id),
-                    "freeing the user's open-bubble slot",
-                )
+            self._free_slot(job, finished)
             self._send_rest(job, answer, finished, note)
         elif answer.detached:
             metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
@@ -84,6 +86,13 @@ class Finisher:
         else:
             logger.info("stream was already closed elsewhere; final state not written")
         return finished
+
+    def _free_slot(self, job: StreamJob, finished: Finished) -> None:
+        if finished.inflight_key:
+            best_effort(
+                lambda: self.store.release_inflight(finished.inflight_key, job.stream_id),
+                "freeing the user's open-bubble slot",
+            )
 
     def _record(self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str]) -> Finished | None:
         """One attempt: flush the writer, then the final state (None if the stream is no longer ours to end).
@@ -94,13 +103,13 @@ class Finisher:
         """
         if answer.writer is not None and not answer.detached:
             answer.writer.flush(FLUSH_TIMEOUT)
-            keep_in_step(answer, self.store, self.owner, job.stream_id)
+            keep_in_step(answer, self.store, job.attempt, job.stream_id)
         if answer.detached:
             return None
         feedback = {"message_id": answer.message_id, "user": job.dify_user} if status == DONE else None
         finished = self.store.finish(
             job.stream_id,
-            self.owner,
+            job.attempt,
             status,
             fields,
             images=answer.images,
@@ -114,15 +123,33 @@ class Finisher:
             return None
         return finished
 
-    def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> None:
-        """The bubble was finished by someone else (or cannot be updated): send the whole answer once."""
+    def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
+        """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
+        WeCom took it."""
         if not job.response_url:
             logger.warning("the answer could not be delivered: no response_url")
-            return
+            return False
         message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
         delivered = self.responder.send_markdown(job.response_url, message)
         metrics.RESPONSE_URL.labels(self.bot, "whole_answer", "sent" if delivered else "failed").inc()
         logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
+        return delivered
+
+    def _mark_sent_separately(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        """The answer went out whole through response_url while Redis was away: finish the stream, once Redis is
+        back, with a note saying so (this thread keeps the mark meanwhile, and its lease stays renewed), so that no
+        poll resumes or restarts it, or ends it as interrupted."""
+        fields = {**fields, "note": self.texts.say("sent_separately"), "delivered": "response_url"}
+        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        marks: list[Finished | None] = []
+        best_effort(
+            lambda: marks.append(self.store.finish(job.stream_id, job.attempt, status, fields)),
+            "marking the stream as sent through response_url",
+            delays_for(patience),
+        )
+        if marks and marks[0] is not None and marks[0].inflight_key:
+            logger.info("stream marked as sent through response_url")
+            self._free_slot(job, marks[0])
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
         """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""

@@ -24,6 +24,7 @@ class StreamJob:
     attachments: list[tuple[str, ...]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # when the user's message arrived
     resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
+    attempt: str = ""  # this attempt's fencing token, carried by every write it makes (scripts.py, "Fencing")
 
     @property
     def dify_user(self) -> str:
@@ -39,10 +40,11 @@ class StreamJob:
         }
 
     @classmethod
-    def from_meta(cls, stream_id: str, meta: dict[str, str]) -> StreamJob:
-        """Rebuild the job of a stream from its hash (a takeover on another replica)."""
+    def from_meta(cls, stream_id: str, meta: dict[str, str], attempt: str) -> StreamJob:
+        """Rebuild the job of a stream from its hash, for a new `attempt` (a takeover on another replica)."""
         return cls(
             stream_id=stream_id,
+            attempt=attempt,
             msgid=meta.get("msgid", ""),
             userid=meta.get("userid", ""),
             aibotid=meta.get("aibotid", ""),
@@ -55,8 +57,8 @@ class StreamJob:
         )
 
     @classmethod
-    def resumed(cls, stream_id: str, meta: dict[str, str]) -> StreamJob:
+    def resumed(cls, stream_id: str, meta: dict[str, str], attempt: str) -> StreamJob:
         """The job of a stream whose Dify run this replica streams again, from where the text stopped."""
-        job = cls.from_meta(stream_id, meta)
+        job = cls.from_meta(stream_id, meta, attempt)
         job.resume_run = meta.get("workflow_run_id", "")
         return job

@@ -126,7 +126,7 @@ class Answer:
             self.outage_since = None
 
 
-def keep_in_step(answer: Answer, store: StreamStore, owner: str, stream_id: str) -> None:
+def keep_in_step(answer: Answer, store: StreamStore, attempt: str, stream_id: str) -> None:
     """Act on what the stream's writer has learnt (Answer.check_writer); and when its list lost deltas (a Redis
     failover: replication is asynchronous, so the new master may lack the last appends), write the answer whole
     again from memory, so the bubble shows it all, once.
@@ -137,10 +137,10 @@ def keep_in_step(answer: Answer, store: StreamStore, owner: str, stream_id: str)
     answer.check_writer()
     if answer.writer.state == CONFLICT and not answer.detached:
         logger.warning("the stream's list lost deltas it had taken (a Redis failover?); writing the answer whole")
-        write_whole(answer, store, owner, stream_id)
+        write_whole(answer, store, attempt, stream_id)
 
 
-def write_whole(answer: Answer, store: StreamStore, owner: str, stream_id: str) -> None:
+def write_whole(answer: Answer, store: StreamStore, attempt: str, stream_id: str) -> None:
     """Replace the stream's list with the whole answer (`answer.text`), after what is queued. If Redis will not
     take it, or the stream was closed elsewhere, the answer goes through response_url at the end instead.
 
@@ -151,7 +151,7 @@ def write_whole(answer: Answer, store: StreamStore, owner: str, stream_id: str) 
         return
     try:
         answer.writer.flush(FLUSH_TIMEOUT)
-        result = store.replace(stream_id, owner, answer.text)
+        result = store.replace(stream_id, attempt, answer.text)
     except REDIS_FAILURES as exc:
         logger.warning("could not write the answer whole (%s); it will be sent through response_url", exc)
         answer.detached = True
@@ -222,7 +222,6 @@ class AnswerRecorder:
         job: StreamJob,
         answer: Answer,
         store: StreamStore,
-        owner: str,
         conversations: ConversationStore,
         media: MediaService,
         bot: str = "default",
@@ -233,7 +232,6 @@ class AnswerRecorder:
         self.job = job
         self.answer = answer
         self.store = store
-        self.owner = owner
         self.conversations = conversations
         self.media = media
 
@@ -365,12 +363,12 @@ class AnswerRecorder:
             return
         answer.writer.add(deltas, answer.new_fields)
         answer.new_fields = {}
-        keep_in_step(answer, self.store, self.owner, self.job.stream_id)
+        keep_in_step(answer, self.store, self.job.attempt, self.job.stream_id)
 
     def _replace(self, text: str) -> None:
         """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
         self.answer.text = text
-        write_whole(self.answer, self.store, self.owner, self.job.stream_id)
+        write_whole(self.answer, self.store, self.job.attempt, self.job.stream_id)
 
     def save_conversation(self, retry: bool = True) -> None:
         """Remember the conversation Dify named, so the user's next message continues it. Mid-stream one try is
@@ -380,11 +378,15 @@ class AnswerRecorder:
         if not conversation_id or conversation_id == answer.conversation_saved:
             return
         job = self.job
-        saved = best_effort(
-            lambda: self.conversations.remember(job.aibotid, job.chatid, job.userid, conversation_id),
-            "remembering the conversation",
-            delays=RETRY_DELAYS if retry else (),
-        )
+
+        def remember() -> None:
+            # Only the stream's current attempt: a superseded one's conversation must not replace its successor's.
+            if self.store.superseded(job.stream_id, job.attempt):
+                logger.info("another attempt answers this stream now; its conversation is not remembered")
+                return
+            self.conversations.remember(job.aibotid, job.chatid, job.userid, conversation_id)
+
+        saved = best_effort(remember, "remembering the conversation", delays=RETRY_DELAYS if retry else ())
         if saved:
             answer.conversation_saved = conversation_id
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from services import metrics
 from services.loops import guarded
 from services.redis_conn import REDIS_FAILURES
+from services.streams.job import StreamJob
 from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ _RETRY_INTERVAL = 0.5
 
 @dataclass(slots=True)
 class _Running:
-    """A running stream: how to cancel it, and where its lease lives."""
+    """A running attempt at a stream: how to cancel it, its fencing token, and where its lease lives."""
 
     cancelled: threading.Event
+    attempt: str
     store: StreamStore
     bot: str
 
@@ -37,8 +39,7 @@ class _Running:
 class StreamRunner:
     """Starts one daemon thread per stream; tracks them for capacity, lease renewal and draining."""
 
-    def __init__(self, owner: str, max_active: int, lease_seconds: int):
-        self.owner = owner
+    def __init__(self, max_active: int, lease_seconds: int):
         self.max_active = max_active
         self.renew_interval = max(0.5, lease_seconds / 3)
         self._active: dict[str, _Running] = {}
@@ -66,10 +67,12 @@ class StreamRunner:
             running = self._active.get(stream_id)
         return running is not None and not running.cancelled.is_set()
 
-    def start(self, stream_id: str, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> bool:
-        """Run `work(cancelled)` in a new thread; `cancelled` is set if the stream's lease (in `store`) is lost.
-        A process never runs two attempts at one stream: False (and nothing started) while one runs here."""
-        running = _Running(threading.Event(), store, bot)
+    def start(self, job: StreamJob, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> bool:
+        """Run `work(cancelled)`, the job's attempt, in a new thread; `cancelled` is set if the attempt's lease (in
+        `store`) is lost. A process never runs two attempts at one stream: False (and nothing started) while one
+        runs here."""
+        stream_id = job.stream_id
+        running = _Running(threading.Event(), job.attempt, store, bot)
         with self._lock:
             if stream_id in self._active:
                 logger.error("stream %s already runs in this process; not starting a second attempt", stream_id)
@@ -115,13 +118,13 @@ class StreamRunner:
         for each in running:
             each.cancelled.set()
 
-    def by_bot(self, stream_ids: list[str]) -> dict[str, list[str]]:
-        """These running streams, by the bot they answer for."""
-        grouped: dict[str, list[str]] = {}
+    def by_bot(self, stream_ids: list[str]) -> dict[str, dict[str, str]]:
+        """These running streams' attempts ({stream id: attempt}), by the bot they answer for."""
+        grouped: dict[str, dict[str, str]] = {}
         with self._lock:
             for stream_id in stream_ids:
-                if stream_id in self._active:
-                    grouped.setdefault(self._active[stream_id].bot, []).append(stream_id)
+                if running := self._active.get(stream_id):
+                    grouped.setdefault(running.bot, {})[stream_id] = running.attempt
         return grouped
 
     def stop(self) -> None:
@@ -145,14 +148,14 @@ class StreamRunner:
 
     def _renew_all(self) -> bool:
         with self._lock:
-            by_store: dict[int, tuple[StreamStore, list[str]]] = {}
+            by_store: dict[int, tuple[StreamStore, list[tuple[str, str]]]] = {}
             for stream_id, running in self._active.items():
-                by_store.setdefault(id(running.store), (running.store, []))[1].append(stream_id)
-        for store, ids in by_store.values():
-            for start in range(0, len(ids), _RENEW_BATCH):
-                batch = ids[start : start + _RENEW_BATCH]
+                by_store.setdefault(id(running.store), (running.store, []))[1].append((stream_id, running.attempt))
+        for store, attempts in by_store.values():
+            for start in range(0, len(attempts), _RENEW_BATCH):
+                batch = dict(attempts[start : start + _RENEW_BATCH])
                 try:
-                    lost = store.renew_leases(batch, self.owner)
+                    lost = store.renew_leases(batch)
                 except REDIS_FAILURES as exc:
                     logger.warning("could not renew %d stream leases: %s", len(batch), exc)
                     return False

@@ -9,11 +9,18 @@ Work on many streams is a pipeline of one call per stream (StreamStore), one rou
 
 from __future__ import annotations
 
-# KEYS: stream, lease. ARGV: owner, now, ttl, lease_ms, inflight key (a name kept for later), field/value pairs...
-# A new pending stream, owned by `owner`. Its msgid is claimed next, and its user's slot admitted after that.
+# Fencing. A stream's `owner` is the attempt now answering it, `<process>#<run>`: `run` counts the stream's
+# attempts (1 for the first; each take-over, resume or queued take adds one), so every attempt's token is new, and
+# each writing script refuses a token that is not the current owner. A superseded attempt (its lease lost while it
+# lived, its process stopped past the lease) can then never write again, even from the process now running the
+# next attempt.
+
+# KEYS: stream, lease. ARGV: attempt (the first: `<process>#1`), now, ttl, lease_ms, inflight key (a name kept for
+# later), field/value pairs... A new pending stream, owned by its first attempt. Its msgid is claimed next, and its
+# user's slot admitted after that.
 OPEN = """
-redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2],
-           'folded', 0, 'text', '', 'inflight_key', ARGV[5], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', ARGV[1], 'run', 1, 'created_at', ARGV[2],
+           'updated_at', ARGV[2], 'folded', 0, 'text', '', 'inflight_key', ARGV[5], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1
@@ -39,8 +46,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# Shared by the writing scripts, whose KEYS[1] is the stream: may `owner` write to it? 'ok'; 'closed' when it is
-# gone or final (the bubble was finished by someone else); 'taken' when another replica owns it now and is answering.
+# Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok'; 'closed'
+# when it is gone or final (the bubble was finished by someone else); 'taken' when another attempt owns it now.
 _OWNERSHIP = """
 local function ownership(owner)
   local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
@@ -121,14 +128,15 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms,
 # '1' when the taker runs this stream already (its own attempt is alive in the polling process).
 # Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
-# event, inflight key, images...}: `event` names what this call just did (taken_over, resumed, expired,
+# event, inflight key, attempt, images...}: `event` names what this call just did (taken_over, resumed, expired,
 # closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees
-# the user's slot), and the reply images come only once the stream is done. An active stream whose lease is gone
+# the user's slot), `attempt` is the new attempt's token when the taker must start one (taken_over, resumed), and
+# the reply images come only once the stream is done. An active stream whose lease is gone
 # (its replica died or handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its
 # Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else
 # restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. The
 # owner's own process, still running it (its lease was lost while it lived: a failover rolled it back, Redis paused),
-# takes its lease back instead: never a second attempt beside the first. One
+# takes its lease back for that attempt instead: never a second attempt beside the first. One
 # past the window, or longer than a bubble can show, is closed early (the bubble finishes now, the worker goes on
 # and sends the rest through response_url).
 POLL = """
@@ -144,21 +152,26 @@ if #fresh > 0 then
   text = text .. table.concat(fresh)
   redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
 end
-local note, reason, closed_bytes, event = h[4] or '', h[6] or '', h[7] or '', ''
+local note, reason, closed_bytes, event, attempt = h[4] or '', h[6] or '', h[7] or '', '', ''
+local function next_attempt()
+  attempt = ARGV[5] .. '#' .. redis.call('HINCRBY', KEYS[1], 'run', 1)
+  redis.call('SET', KEYS[3], attempt, 'PX', ARGV[6])
+  return attempt
+end
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     local resumes = tonumber(h[12]) or 0
-    if ARGV[7] == '1' and ARGV[5] ~= '' and h[13] == ARGV[5] then
-      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+    local owner = h[13] or ''
+    local ours = ARGV[5] ~= '' and (owner == ARGV[5] or string.sub(owner, 1, #ARGV[5] + 1) == ARGV[5] .. '#')
+    if ARGV[7] == '1' and ours then
+      redis.call('SET', KEYS[3], owner, 'PX', ARGV[6])
     elseif ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
-      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
-      redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'resumes', resumes + 1, 'resumed_at', ARGV[1],
+      redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', ARGV[1],
                  'updated_at', ARGV[1])
       event = 'resumed'
     elseif text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[5] ~= '' then
-      redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
       redis.call('DEL', KEYS[2])
-      redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'status', 'pending', 'restarts', 1, 'folded', 0,
+      redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'status', 'pending', 'restarts', 1, 'folded', 0,
                  'taken_over_at', ARGV[1], 'updated_at', ARGV[1])
       status = 'pending'
       event = 'taken_over'
@@ -184,7 +197,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'polls', 1)
 local freed = ''
 if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9] or '' end
-local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed}
+local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt}
 if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
@@ -198,9 +211,9 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS: stream, lease. ARGV: owner, lease_ms. Returns 1 if another replica has taken the stream over, else 0. A
-# lease that ran out (e.g. through a Redis outage) is taken back while the stream is still ours; a stream that is
-# gone or final needs no lease, and its worker learns that on its next write.
+# KEYS: stream, lease. ARGV: attempt, lease_ms. Returns 1 if another attempt has taken the stream over, else 0. A
+# lease that ran out (e.g. through a Redis outage) is taken back while the stream is still this attempt's; a stream
+# that is gone or final needs no lease, and its worker learns that on its next write.
 RENEW = (
     _OWNERSHIP
     + """
@@ -220,7 +233,7 @@ return 0
 """
 )
 
-# KEYS: stream, lease. ARGV: owner, now. Drops this replica's lease (graceful shutdown), so the next poll on
+# KEYS: stream, lease. ARGV: attempt, now. Drops this attempt's lease (graceful shutdown), so the next poll on
 # another replica takes the stream over. Returns 1 if released.
 RELEASE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -229,16 +242,17 @@ redis.call('HSET', KEYS[1], 'handed_over_at', ARGV[2])
 return 1
 """
 
-# KEYS: stream, lease. ARGV: opener, taker, lease_ms, now. A stream opened by one process and queued for any
-# (long-connection mode: the connection holder queues its messages' answers) is taken by `taker` while it is still
-# pending and its opener's; 1 if taken, else 0 (taken already, or restarted by a poll after the opener's lease ran
-# out).
+# KEYS: stream, lease. ARGV: opener (its first attempt), taker (a process), lease_ms, now. A stream opened by one
+# process and queued for any (long-connection mode: the connection holder queues its messages' answers) is taken by
+# `taker` while it is still pending and its opener's. Returns the taker's attempt, or false (taken already, or
+# restarted by a poll after the opener's lease ran out).
 TAKE = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if h[1] ~= 'pending' or h[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'updated_at', ARGV[4])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return 1
+if h[1] ~= 'pending' or h[2] ~= ARGV[1] then return false end
+local attempt = ARGV[2] .. '#' .. redis.call('HINCRBY', KEYS[1], 'run', 1)
+redis.call('HSET', KEYS[1], 'owner', attempt, 'updated_at', ARGV[4])
+redis.call('SET', KEYS[2], attempt, 'PX', ARGV[3])
+return attempt
 """
 
 ALL = {

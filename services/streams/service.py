@@ -15,7 +15,7 @@ from services import metrics
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.job import StreamJob
 from services.streams.runner import StreamRunner
-from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore
+from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
@@ -86,6 +86,7 @@ class StreamService:
             typed_query=typed_query,
             response_url=message.response_url,
             attachments=attachments or [],
+            attempt=first_attempt(self.owner),
         )
         stream_id = job.stream_id
         fields = {
@@ -98,14 +99,14 @@ class StreamService:
             **job.request_fields(),
         }
         outcome, stream_id = self.store.create(
-            stream_id, message.msgid, self.owner, message.aibotid, message.userid, fields
+            stream_id, message.msgid, job.attempt, message.aibotid, message.userid, fields
         )
         if outcome == EXISTING:
             return self._dedup(stream_id)
         if outcome != CREATED:
-            return self._refuse(stream_id, outcome)
+            return self._refuse(job, outcome)
         if self.queue is not None:
-            self.queue.submit(stream_id, self.owner)  # any replica's consumer takes it (services/longconn/jobs.py)
+            self.queue.submit(stream_id, job.attempt)  # any replica's consumer takes it (services/longconn/jobs.py)
         else:
             self._start(job)
         self.count("opened")
@@ -114,10 +115,14 @@ class StreamService:
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
 
     def run_queued(self, stream_id: str, opener: str) -> bool:
-        """Answer a stream another process opened and queued, here, if it is still waiting for someone."""
-        if not self.runner.has_capacity() or not self.store.take(stream_id, opener, self.owner):
+        """Answer a stream another process opened and queued (`opener`: its first attempt), here, if it is still
+        waiting for someone."""
+        if not self.runner.has_capacity():
             return False
-        self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
+        attempt = self.store.take(stream_id, opener, self.owner)
+        if attempt is None:
+            return False
+        self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), attempt))
         return True
 
     def _dedup(self, stream_id: str) -> dict:
@@ -127,21 +132,21 @@ class StreamService:
         logger.info("repeated msgid; answering with its stream %s", stream_id)
         return self.poll(stream_id)
 
-    def _refuse(self, stream_id: str, outcome: str) -> dict:
+    def _refuse(self, job: StreamJob, outcome: str) -> dict:
         """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of
         the message (which finds it through its msgid) gets the same answer."""
         self.count(outcome)
         note = self.texts.say("too_many_in_flight" if outcome == LIMITED else "rate_limited")
         logger.info("not answering: %s", outcome)
-        self.store.finish(stream_id, self.owner, DONE, {"note": note, "error": outcome})
-        return stream_reply(stream_id, note, finish=True)
+        self.store.finish(job.stream_id, job.attempt, DONE, {"note": note, "error": outcome})
+        return stream_reply(job.stream_id, note, finish=True)
 
     def count(self, outcome: str) -> None:
         """Count what became of a user's message (wecom_messages_total)."""
         metrics.MESSAGES.labels(self.bot, outcome).inc()
 
     def _start(self, job: StreamJob) -> None:
-        self.runner.start(job.stream_id, lambda cancelled: self.worker.run(job, cancelled), self.store, self.bot)
+        self.runner.start(job, lambda cancelled: self.worker.run(job, cancelled), self.store, self.bot)
 
     def finish_at_once(self, note: str) -> dict:
         """A finished reply to a new message that needs no stream (a command, a refusal)."""
@@ -169,10 +174,10 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
-            self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id)))
+            self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))
         elif snapshot.resumed:
             logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
-            self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id)))
+            self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id), snapshot.attempt))
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]

@@ -43,11 +43,18 @@ class StreamConflict(Exception):
     """The chunk list of a stream is not what its owner wrote: another writer interfered."""
 
 
+def first_attempt(process: str) -> str:
+    """The fencing token of a stream's first attempt, made by `process` (scripts.py, "Fencing")."""
+    return f"{process}#1"
+
+
 @dataclass(slots=True)
 class AppendRequest:
-    """One stream's append: `deltas` go after the `written` ones already in its list; `fields` are set too."""
+    """One stream's append by its attempt `owner`: `deltas` go after the `written` ones already in its list;
+    `fields` are set too."""
 
     stream_id: str
+    owner: str
     deltas: list[str]
     written: int
     fields: dict[str, str]
@@ -70,6 +77,7 @@ class Snapshot:
     has_response_url: bool = False
     event: str = ""  # what this poll just did: taken_over, resumed, expired, closed_window, closed_overflow, or ""
     freed_inflight_key: str = ""  # the bubble just closed: the user's in-flight set the stream must leave
+    attempt: str = ""  # taken over or resumed: the fencing token of the attempt the poller must start
     images: list[dict] = field(default_factory=list)
 
     @property
@@ -148,9 +156,10 @@ class StreamStore:
     ) -> tuple[str, str]:
         """Open a stream for `msgid`: create it pending, claim the msgid, admit the user.
 
-        Returns (CREATED, stream_id): start a worker; (EXISTING, the msgid's stream id): a retry, answer with
-        that stream (ours is deleted again); (LIMITED or RATE_LIMITED, stream_id): the user may not open another
-        bubble now, and the caller ends the stream with the reason (a retry of the message then finds it).
+        `owner` is the stream's first attempt (first_attempt). Returns (CREATED, stream_id): start a worker;
+        (EXISTING, the msgid's stream id): a retry, answer with that stream (ours is deleted again); (LIMITED or
+        RATE_LIMITED, stream_id): the user may not open another bubble now, and the caller ends the stream with the
+        reason (a retry of the message then finds it).
         """
         self.open_stream(stream_id, owner, aibotid, userid, fields)
         holder = self.claim_msgid(msgid, stream_id)
@@ -161,7 +170,8 @@ class StreamStore:
         return (CREATED if outcome == ADMITTED else outcome), stream_id
 
     def open_stream(self, stream_id: str, owner: str, aibotid: str, userid: str, fields: dict[str, str]) -> None:
-        """Create a pending stream owned by `owner`, with its lease (not yet claimed for a msgid nor admitted)."""
+        """Create a pending stream owned by its first attempt `owner`, with its lease (not yet claimed for a msgid
+        nor admitted)."""
         k = self.keys
         args = [owner, _now(), self.key_ttl, self.lease_ms, k.inflight(aibotid, userid), *_pairs(fields)]
         self._open(keys=[k.stream(stream_id), k.stream_lease(stream_id)], args=args)
@@ -240,19 +250,19 @@ class StreamStore:
             StreamConflict: the list does not hold `written` deltas (someone else wrote to it).
             redis.RedisError: Redis did not answer.
         """
-        [result] = self.append_many([AppendRequest(stream_id, deltas, written, fields or {})], owner)
+        [result] = self.append_many([AppendRequest(stream_id, owner, deltas, written, fields or {})])
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def append_many(self, requests: list[AppendRequest], owner: str) -> list[str | BaseException]:
+    def append_many(self, requests: list[AppendRequest]) -> list[str | BaseException]:
         """Several streams' appends in one round trip (one script call per stream): a result per request, in
         order, each WRITTEN, CLOSED, TAKEN, a StreamConflict, or the Redis error that call met."""
         now = _now()
         calls = [
             (
                 [self.keys.stream(r.stream_id), self.keys.stream_chunks(r.stream_id)],
-                [owner, self.key_ttl, now, r.written, len(r.fields), len(r.deltas), *_pairs(r.fields), *r.deltas],
+                [r.owner, self.key_ttl, now, r.written, len(r.fields), len(r.deltas), *_pairs(r.fields), *r.deltas],
             )
             for r in requests
         ]
@@ -310,10 +320,17 @@ class StreamStore:
             return Finished(close_reason="", closed_bytes=0, orphaned=True)
         return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0), inflight_key=row[3])
 
-    def take(self, stream_id: str, opener: str, taker: str) -> bool:
-        """Take a queued stream over from the process that opened it (see scripts.TAKE)."""
+    def take(self, stream_id: str, opener: str, taker: str) -> str | None:
+        """Take a queued stream over from the attempt that opened it (see scripts.TAKE): the taker's attempt, or
+        None if the stream is no longer waiting for someone."""
         keys = [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
-        return bool(int(self._take(keys=keys, args=[opener, taker, self.lease_ms, _now()])))
+        return self._take(keys=keys, args=[opener, taker, self.lease_ms, _now()]) or None
+
+    def superseded(self, stream_id: str, attempt: str) -> bool:
+        """Whether another attempt has taken the stream over from `attempt` (a read, for a write outside the
+        stream's slot, such as the user's conversation, which no script can fence together with the stream)."""
+        owner = self.client.hget(self.keys.stream(stream_id), "owner")
+        return owner is not None and owner != attempt
 
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired)."""
@@ -344,7 +361,7 @@ class StreamStore:
         row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, event, freed, *images = row
+        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, *images = row
         return Snapshot(
             status=status,
             text=text,
@@ -354,25 +371,29 @@ class StreamStore:
             has_response_url=bool(has_url),
             event=event,
             freed_inflight_key=freed,
+            attempt=attempt,
             images=[orjson.loads(image) for image in images],
         )
 
     # --- leases -------------------------------------------------------------------------------------------------
 
-    def renew_leases(self, stream_ids: list[str], owner: str) -> list[str]:
-        """Extend this replica's leases (one round trip); returns the ids another replica has taken over.
+    def renew_leases(self, attempts: dict[str, str]) -> list[str]:
+        """Extend the leases of these attempts ({stream id: attempt}, one round trip); returns the ids another
+        attempt has taken over.
 
         Raises:
             redis.RedisError: Redis did not answer (for any of them).
         """
-        calls = [(self._lease_keys(stream_id), [owner, self.lease_ms]) for stream_id in stream_ids]
+        calls = [(self._lease_keys(stream_id), [attempt, self.lease_ms]) for stream_id, attempt in attempts.items()]
         results = self._renew.run_each(calls)
         _raise_first_error(results)
-        return [stream_id for stream_id, lost in zip(stream_ids, results, strict=True) if int(lost)]
+        return [stream_id for stream_id, lost in zip(attempts, results, strict=True) if int(lost)]
 
-    def release_leases(self, stream_ids: list[str], owner: str) -> int:
-        """Give up this replica's leases (graceful shutdown): the next poll elsewhere takes each stream over."""
-        results = self._release.run_each([(self._lease_keys(stream_id), [owner, _now()]) for stream_id in stream_ids])
+    def release_leases(self, attempts: dict[str, str]) -> int:
+        """Give up these attempts' leases ({stream id: attempt}; graceful shutdown): the next poll elsewhere takes
+        each stream over."""
+        calls = [(self._lease_keys(stream_id), [attempt, _now()]) for stream_id, attempt in attempts.items()]
+        results = self._release.run_each(calls)
         _raise_first_error(results)
         return sum(int(released) for released in results)
 

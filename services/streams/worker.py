@@ -128,11 +128,9 @@ class StreamWorker:
                 lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"
             )
         deadline = time.monotonic() + self.max_seconds
-        answer.writer = deps.appender.writer(deps.store, job.stream_id)
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt)
         answer.app_type = options.app_type
-        recorder = AnswerRecorder(
-            job, answer, deps.store, self.owner, deps.conversations, deps.media, self.bot, options
-        )
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
         while True:
             request = ChatRequest(
                 query=job.query,
@@ -165,13 +163,11 @@ class StreamWorker:
         deps = self.deps
         options = replace(self.options, app_type=deps.profile.app_type())
         shown = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
-        answer.writer = deps.appender.writer(deps.store, job.stream_id, written=len(shown))
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(shown))
         answer.resumed, answer.shown = True, "".join(shown)
         answer.skip = len(answer.shown)
         answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
-        recorder = AnswerRecorder(
-            job, answer, deps.store, self.owner, deps.conversations, deps.media, self.bot, options
-        )
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
         logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
         deadline = job.created_at + self.max_seconds
         events = partial(deps.dify.stream_run, job.resume_run, job.dify_user)

@@ -20,7 +20,7 @@ import time
 import redis
 
 from services.loops import guarded
-from services.streams.store import CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
+from services.streams.store import CLOSED, CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,17 @@ BATCH_INTERVAL_SECONDS = 0.01
 
 
 class StreamWriter:
-    """The ordered Redis writes of one stream. Its worker calls `add` and `flush`; the batcher thread calls
-    `take` and `settle`. `state` is WRITTEN until the stream is TAKEN by another replica or CLOSED elsewhere, or
-    in CONFLICT: its list no longer holds what this writer wrote (a Redis failover lost the last appends), and
-    nothing more is appended until the owner has rewritten the answer whole and called `reset`."""
+    """The ordered Redis writes of one attempt at a stream (`attempt`, its fencing token). Its worker calls `add`
+    and `flush`; the batcher thread calls `take` and `settle`. `state` is WRITTEN until the stream is TAKEN by
+    another attempt or CLOSED elsewhere, or in CONFLICT: its list no longer holds what this writer wrote (a Redis
+    failover lost the last appends), and nothing more is appended until the owner has rewritten the answer whole
+    and called `reset`."""
 
-    def __init__(self, batcher: AppendBatcher, store: StreamStore, stream_id: str, written: int = 0):
+    def __init__(self, batcher: AppendBatcher, store: StreamStore, stream_id: str, attempt: str, written: int = 0):
         self.batcher = batcher
         self.store = store  # its bot's
         self.stream_id = stream_id
+        self.attempt = attempt
         self.written = written  # deltas confirmed in the Redis list
         self.state = WRITTEN
         self.error: BaseException | None = None  # the last failed append's error, until one succeeds
@@ -83,6 +85,15 @@ class StreamWriter:
             if self.state == CONFLICT:
                 self.state, self.error = WRITTEN, None
 
+    def abandon(self) -> None:
+        """Send nothing more (the answer went out another way): what is queued is dropped, and an append that is in
+        flight is the last."""
+        with self._lock:
+            self._pending.clear()
+            self._fields.clear()
+            if self.state == WRITTEN:
+                self.state = CLOSED
+
     def _claim(self) -> bool:
         """Under the lock: mark an append in flight if one should start now."""
         if self._in_flight or self.state != WRITTEN or not (self._pending or self._fields):
@@ -97,7 +108,7 @@ class StreamWriter:
             deltas = self._pending[:_MAX_DELTAS_PER_APPEND]
             del self._pending[: len(deltas)]
             fields, self._fields = self._fields, {}
-            return AppendRequest(self.stream_id, deltas, self.written, fields)
+            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields)
 
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
@@ -127,16 +138,15 @@ class StreamWriter:
 class AppendBatcher:
     """One per process: sends the pending appends of every stream together (every bot's: one round trip per bot)."""
 
-    def __init__(self, owner: str):
-        self.owner = owner
+    def __init__(self):
         self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.batches = 0
         self.appends = 0
 
-    def writer(self, store: StreamStore, stream_id: str, written: int = 0) -> StreamWriter:
-        return StreamWriter(self, store, stream_id, written)
+    def writer(self, store: StreamStore, stream_id: str, attempt: str, written: int = 0) -> StreamWriter:
+        return StreamWriter(self, store, stream_id, attempt, written)
 
     def submit(self, writer: StreamWriter) -> None:
         self._ensure_thread()
@@ -185,7 +195,7 @@ class AppendBatcher:
     def _send(self, group: list[tuple[StreamWriter, AppendRequest]]) -> None:
         """One store's appends in one round trip; each writer learns its own outcome."""
         try:
-            outcomes: list = group[0][0].store.append_many([request for _, request in group], self.owner)
+            outcomes: list = group[0][0].store.append_many([request for _, request in group])
         except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
             outcomes = [exc] * len(group)
         for (writer, request), outcome in zip(group, outcomes, strict=True):
