@@ -132,6 +132,7 @@ class Settings:
     stream_window_seconds: int = 330
     stream_key_ttl_seconds: int = 3600
     stream_lease_seconds: int = 15
+    stream_takeover_grace_seconds: float = 3.0
     stream_max_active: int = 1000
     stream_placeholder: str = ""
     conversation_ttl_seconds: int = 7 * 24 * 3600
@@ -220,6 +221,9 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
 
     problems.require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
     problems.require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
+    problems.require(
+        0 <= s.stream_takeover_grace_seconds <= 60, "STREAM_TAKEOVER_GRACE_SECONDS", "must be between 0 and 60"
+    )
     problems.require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
     problems.require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -251,10 +251,10 @@ class PrivateRedisCluster:
             capture_output=True,
             timeout=60,
         )
-        _wait(self._healthy, 30, "the cluster did not become healthy")
+        _wait(self.healthy, 30, "the cluster did not become healthy")
         return self
 
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
         for node in self.nodes:
             if node.running and node.client().execute_command("CLUSTER INFO")["cluster_state"] != "ok":
                 return False
@@ -305,7 +305,7 @@ class PrivateRedisCluster:
     def restart(self, node: PrivateRedisServer) -> None:
         """Start a killed node again; it rejoins as a replica of the master that replaced it."""
         node.start()
-        _wait(self._healthy, 30, "the cluster did not heal")
+        _wait(self.healthy, 30, "the cluster did not heal")
 
     def flush(self) -> None:
         client = self.client()

@@ -228,6 +228,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         settings.rate_limit_per_minute,
         claim_wait_ms=shared.claim_wait_ms,
         bot=name,
+        takeover_grace_seconds=settings.stream_takeover_grace_seconds,
     )
     dify = _dify(settings)
     profile = DifyAppProfile(dify, app_type=settings.dify_app_type)

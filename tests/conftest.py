@@ -177,6 +177,7 @@ def settings(redis_url, redis_client, dify) -> Settings:
         auth_mode="none",
         replica_id="replica-a",
         stream_lease_seconds=3,
+        stream_takeover_grace_seconds=0,  # take-over tests time it from the lease; the grace has tests of its own
         log_format="text",
     )
 

@@ -19,7 +19,7 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 # The commands the scripts use, each taking one key, in first position.
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
-    "HSET", "HSETNX", "HMGET", "HINCRBY", "RPUSH", "LRANGE", "LLEN",
+    "HSET", "HSETNX", "HMGET", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN",
     "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZREMRANGEBYSCORE",
 }  # fmt: skip
 

@@ -228,6 +228,35 @@ def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_noth
     assert store.finish("s1", "P#2", "done") is not None
 
 
+def test_a_superseded_attempt_learns_it_was_taken_even_once_its_successor_finished(store, redis_client):
+    """Not 'closed' (which would make it send its whole answer through response_url again): its successor
+    answered the user."""
+    open_stream(store, owner="P#1")
+    redis_client.delete("dify_stream:{s1}:lease")
+    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").attempt == "Q#2"
+    assert store.finish("s1", "Q#2", "done") is not None
+    assert store.append("s1", "P#1", ["late"], 0) == TAKEN
+    assert store.replace("s1", "P#1", "late") == TAKEN
+    assert store.append("gone", "P#1", ["late"], 0) == CLOSED  # a stream that is gone: the answer goes another way
+
+
+def test_a_missing_lease_is_taken_over_only_after_the_grace_its_living_owner_has_to_take_it_back(redis_client):
+    store = StreamStore(redis_client, Keys(), TTL, 2, takeover_grace_seconds=0.5)
+    open_stream(store, owner="P#1")
+    redis_client.delete("dify_stream:{s1}:lease")  # a Redis pause outlasted the lease; its owner lives
+    noted = store.poll("s1", 330, 20000, "orphan note", taker="Q")
+    assert noted.event == "" and noted.active
+    assert redis_client.hget("dify_stream:{s1}", "lease_missing_at")
+    assert store.renew_leases({"s1": "P#1"}) == []  # the owner's keeper takes it back
+    assert redis_client.get("dify_stream:{s1}:lease") == "P#1"
+    assert not redis_client.hget("dify_stream:{s1}", "lease_missing_at")
+    redis_client.delete("dify_stream:{s1}:lease")  # now its owner is dead
+    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""
+    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""  # within the grace
+    time.sleep(0.6)
+    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").taken_over
+
+
 def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
     open_stream(store, owner="P#1")
     assert store.take("s1", "P#1", "Q") == "Q#2"

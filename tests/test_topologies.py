@@ -111,7 +111,7 @@ def planned_failover(topology: str, server) -> None:
     for replica in replicas:
         replica.client().execute_command("CLUSTER", "FAILOVER")
     assert wait_until(lambda: all(r.client().info("replication")["role"] == "master" for r in replicas), timeout=30)
-    assert wait_until(server._healthy, timeout=30)
+    assert wait_until(server.healthy, timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["sentinel", "cluster"])

@@ -46,13 +46,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok'; 'closed'
-# when it is gone or final (the bubble was finished by someone else); 'taken' when another attempt owns it now.
+# Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok'; 'taken'
+# when another attempt owns it now (whatever its status: the successor answers, or has answered, the user); 'closed'
+# when it is gone, or final while still this attempt's (a poll gave its bubble up: the answer goes another way).
 _OWNERSHIP = """
 local function ownership(owner)
   local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
-  if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
+  if not h[1] then return 'closed' end
   if h[2] ~= owner then return 'taken' end
+  if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
   return 'ok'
 end
 """
@@ -126,7 +128,7 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms,
-# '1' when the taker runs this stream already (its own attempt is alive in the polling process).
+# '1' when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds.
 # Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
 # event, inflight key, attempt, images...}: `event` names what this call just did (taken_over, resumed, expired,
 # closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees
@@ -136,13 +138,16 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else
 # restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. The
 # owner's own process, still running it (its lease was lost while it lived: a failover rolled it back, Redis paused),
-# takes its lease back for that attempt instead: never a second attempt beside the first. One
+# takes its lease back for that attempt instead: never a second attempt beside the first. A lease found missing is
+# only noted at first (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace`
+# seconds later if it is still missing, so that an owner that lived through a Redis pause or failover (its lease
+# ran out while it could not renew it) takes its lease back first. One
 # past the window, or longer than a bubble can show, is closed early (the bubble finishes now, the worker goes on
 # and sends the rest through response_url).
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
-                     'owner')
+                     'owner', 'lease_missing_at')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -156,6 +161,7 @@ local note, reason, closed_bytes, event, attempt = h[4] or '', h[6] or '', h[7] 
 local function next_attempt()
   attempt = ARGV[5] .. '#' .. redis.call('HINCRBY', KEYS[1], 'run', 1)
   redis.call('SET', KEYS[3], attempt, 'PX', ARGV[6])
+  redis.call('HDEL', KEYS[1], 'lease_missing_at')
   return attempt
 end
 if status == 'pending' or status == 'streaming' then
@@ -165,6 +171,11 @@ if status == 'pending' or status == 'streaming' then
     local ours = ARGV[5] ~= '' and (owner == ARGV[5] or string.sub(owner, 1, #ARGV[5] + 1) == ARGV[5] .. '#')
     if ARGV[7] == '1' and ours then
       redis.call('SET', KEYS[3], owner, 'PX', ARGV[6])
+      redis.call('HDEL', KEYS[1], 'lease_missing_at')
+    elseif not h[14] and tonumber(ARGV[8]) > 0 then
+      redis.call('HSET', KEYS[1], 'lease_missing_at', ARGV[1])
+    elseif h[14] and tonumber(ARGV[1]) - tonumber(h[14]) < tonumber(ARGV[8]) then
+      -- noted already: its owner has until the grace is over to take its lease back
     elseif ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
       redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', ARGV[1],
                  'updated_at', ARGV[1])
@@ -226,6 +237,7 @@ if holder then return 1 end
 local state = ownership(ARGV[1])
 if state == 'ok' then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'lease_missing_at')
   return 0
 end
 if state == 'taken' then return 1 end

@@ -124,6 +124,7 @@ class StreamStore:
         rate_limit: int = 0,
         claim_wait_ms: int = 0,
         bot: str = "default",
+        takeover_grace_seconds: float = 0.0,
     ):
         self.bot = bot  # whose streams these are (metrics)
         self.rate_limit = rate_limit  # messages per user in any RATE_WINDOW_SECONDS; 0 = no limit
@@ -132,6 +133,9 @@ class StreamStore:
         self.keys = keys
         self.key_ttl = key_ttl
         self.lease_ms = lease_seconds * 1000
+        # A lease found missing is taken over only this much later (scripts.POLL): time for a living owner to take
+        # it back after a Redis pause or failover. 0 takes over at once.
+        self.takeover_grace_seconds = takeover_grace_seconds
         self._open = LuaScript(client, scripts.OPEN)
         self._admit = LuaScript(client, scripts.ADMIT)
         self._append = LuaScript(client, scripts.APPEND)
@@ -357,7 +361,16 @@ class StreamStore:
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
-        args = [_now(), window_seconds, overflow_bytes, orphan_note, taker, self.lease_ms, "1" if taker_runs_it else ""]
+        args = [
+            _now(),
+            window_seconds,
+            overflow_bytes,
+            orphan_note,
+            taker,
+            self.lease_ms,
+            "1" if taker_runs_it else "",
+            self.takeover_grace_seconds,
+        ]
         row = self._poll(keys=keys, args=args)
         if not row:
             return None

@@ -1,0 +1,150 @@
+"""Run the fault campaign: for each Redis topology in turn (one server, Sentinel, Cluster, started on loopback),
+three gateway replicas under gunicorn (two workers each) serve a chat bot and a chatflow bot; users converse
+while a seeded nemesis kills, stops and restarts replicas and pauses or kills Redis; then the checker reads the
+history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
+
+    python -m bench.faults --minutes 3 --topology sentinel --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench import harness
+from bench.faults.checker import COUNTS, check
+from bench.faults.history import History
+from bench.faults.nemesis import Nemesis
+from bench.faults.workload import Bot, Users, Workload
+from demo.dify_standin import DifyStandIn
+from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
+from demo.replicas import GunicornReplica
+from demo.wecom_simulator import WeComSimulator
+
+TOPOLOGIES = ("standalone", "sentinel", "cluster")
+# (name, callback path, token, EncodingAESKey, Dify API key, chatflow?): the campaign's own, used nowhere else
+BOTS = (
+    ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", False),
+    ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", True),
+)
+
+
+def bots_file(directory: Path) -> Path:
+    path = directory / "bots.toml"
+    path.write_text(
+        "".join(
+            f'[bots.{name}]\ncallback_path = "{callback}"\ntoken = "{token}"\nencoding_aes_key = "{key}"\n'
+            f'dify_api_key = "{api_key}"\n\n'
+            for name, callback, token, key, api_key, _ in BOTS
+        )
+    )
+    return path
+
+
+def start_topology(kind: str):
+    return {"standalone": PrivateRedisServer, "sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind]()
+
+
+def run_topology(kind: str, options, out_dir: Path) -> dict:
+    rng = random.Random(f"{options.seed}:{kind}")
+    directory = out_dir / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    lease = options.lease_seconds or (5 if kind == "standalone" else 10)
+    topology = start_topology(kind).start()
+    dify = DifyStandIn(api_key="app-chat", app_types={"app-flow": "advanced-chat"}, ping_interval=2.0).start()
+    env = {
+        "DEMO_MODE": "false",
+        "BOTS_FILE": str(bots_file(directory)),
+        "DIFY_BASE_URL": dify.base_url,
+        "DIFY_READ_TIMEOUT": "8",
+        "REDIS_URL": topology.url,
+        "AUTH_MODE": "none",
+        "LOG_LEVEL": "INFO",
+        "STREAM_LEASE_SECONDS": str(lease),
+        "STREAM_WINDOW_SECONDS": str(options.window),
+        "GUNICORN_GRACEFUL_TIMEOUT": "20",
+    }
+    replicas = [GunicornReplica(env, directory, f"replica-{n}", workers=options.workers) for n in range(3)]
+    for replica in replicas:
+        replica.start(timeout=60)
+    urls = [replica.url for replica in replicas]
+    bots = [
+        Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), chatflow)
+        for name, callback, token, key, _, chatflow in BOTS
+    ]
+    history = History()
+    workload = Workload(bots, replicas, dify, history, rng, window_seconds=options.window + 20)
+    users = Users(workload, options.users)
+    nemesis = Nemesis(topology, replicas, history, random.Random(f"{options.seed}:{kind}:nemesis"), lease)
+    started = time.time()
+    try:
+        users.start()
+        nemesis.start()
+        time.sleep(options.minutes * 60)
+        nemesis.finish()
+        users.finish(timeout=options.window + 60)
+        collect(history, dify, bots)
+    finally:
+        for replica in replicas:
+            replica.kill()
+        for bot in bots:
+            bot.simulator.close()
+        dify.stop()
+        topology.stop()
+    history.write(directory / "history.jsonl")
+    result = check(history.events)
+    result["took_s"] = round(time.time() - started, 1)
+    result["lease_seconds"] = lease
+    result["tracebacks_in_logs"] = sum(r.logs().count("Traceback") for r in replicas)
+    result["history"] = str(directory / "history.jsonl")
+    return result
+
+
+def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
+    """What only the stand-ins saw: Dify's chat requests, and the messages posted to each response_url."""
+    with dify._lock:
+        requests = list(dify.requests)
+    for request in requests:
+        query = request["body"].get("query", "")
+        history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])
+    inboxes = {bot.name: bot.simulator.inbox for bot in bots}
+    for message in history.of("message"):
+        for number, body in enumerate(inboxes[message["bot"]].received(message["response_url"])):
+            content = (body.get("markdown") or {}).get("content", "")
+            history.add("response_url", msgid=message["msgid"], content=content, accepted=number == 0)
+
+
+def versions() -> dict:
+    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"redis": redis, "machine": harness.machine()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="of faults, per topology")
+    parser.add_argument("--topology", choices=[*TOPOLOGIES, "all"], default="all")
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per replica")
+    parser.add_argument("--window", type=int, default=90, help="STREAM_WINDOW_SECONDS (WeCom polls 20 s longer)")
+    parser.add_argument("--lease-seconds", type=int, default=0, help="default: 5 on one server, 10 on Sentinel/Cluster")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", help="directory for histories and replica logs (default: a new temporary one)")
+    parser.add_argument("--json", help="also write the result to this file")
+    options = parser.parse_args(argv)
+    out_dir = Path(options.out or tempfile.mkdtemp(prefix="faults-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"seed": options.seed, "minutes": options.minutes, "users": options.users, **versions()}
+    for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
+        result[kind] = run_topology(kind, options, out_dir)
+        counts = ", ".join(f"{name} {result[kind][name]}" for name in COUNTS)
+        print(f"{kind}: {result[kind]['messages']} messages, {result[kind]['faults']} faults: {counts}", flush=True)
+    harness.report(result, options.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Reads a campaign's history and counts what went wrong, per message, in the model of Jepsen's queue checker but
+stricter where the gateway promises more (FAULTS.md has the definitions):
+
+- lost: the user got neither the whole answer (the bubble, plus whatever came through response_url) nor a clear
+  note that it failed;
+- extra_dify_calls: Dify calls for one message beyond the first, except the one documented restart of an answer
+  whose bubble had shown nothing yet;
+- duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url;
+- unexpected: text of another message;
+- stuck: the bubble still unfinished when WeCom stopped polling it.
+
+Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
+also broken down by the faults that were active while the message was open.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from bench.faults.answers import repeats, sentences_in
+from services.texts import CATALOGUE
+
+COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck")
+# Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending.
+_NOT_NOTES = {"placeholder", "continued", "full_answer", "help", "image_query", "file_query", "quote_context"}
+CLEAR_NOTES = {
+    key: text.split("{", 1)[0].strip()
+    for key, text in CATALOGUE["zh"].items()
+    if key not in _NOT_NOTES and text.split("{", 1)[0].strip()
+}
+
+
+@dataclass
+class Verdict:
+    msgid: str
+    faults: list[str]
+    problems: dict[str, str] = field(default_factory=dict)  # count name -> what was seen
+    notes: list[str] = field(default_factory=list)
+    extra_calls: int = 0
+    first_text_s: float | None = None
+    last_text_s: float | None = None
+
+
+def check(events: list[dict]) -> dict:
+    """The counts of one campaign run (one topology), with every non-zero one explained."""
+    by_msgid: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for event in events:
+        if "msgid" in event:
+            by_msgid[event["msgid"]][event["kind"]].append(event)
+    calls_by_tag: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if event["kind"] == "dify_call":
+            calls_by_tag[event["tag"]].append(event["t"])
+    faults = [event for event in events if event["kind"] == "fault"]
+    verdicts = [
+        judge(kinds["message"][0], kinds, calls_by_tag[kinds["message"][0]["tag"]], faults)
+        for kinds in by_msgid.values()
+        if kinds.get("message")
+    ]
+    return summarize(verdicts, faults)
+
+
+def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], faults: list[dict]) -> Verdict:
+    """One message: what its user was shown, and what Dify was asked."""
+    tag, expected = message["tag"], message["sentences"]
+    frames = sorted(
+        [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
+    )
+    ended = max([e["t"] for e in frames] + [message["t"]])
+    verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended))
+    posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
+    finals = [e for e in frames if e["finish"]]
+    final = finals[-1]["content"] if finals else ""
+    shown: list[tuple[str, int]] = []
+    for frame in frames:
+        found = sentences_in(frame["content"])
+        if twice := repeats([n for t, n in found if t == tag]):
+            verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
+        shown += found
+    delivered = sentences_in(final) + [s for post in posts for s in sentences_in(post)]
+    if others := {t for t, _ in shown + delivered if t != tag}:
+        verdict.problems["unexpected"] = f"text of other messages: {sorted(others)}"
+    own = [n for t, n in delivered if t == tag]
+    if twice := repeats(own):
+        verdict.problems.setdefault(
+            "duplicate_deliveries", f"sentences {twice[:5]} reached the user twice (bubble and response_url)"
+        )
+    complete = set(range(expected)) <= set(own)
+    verdict.notes = [key for key, note in CLEAR_NOTES.items() if any(note in text for text in [final, *posts])]
+    if not finals:
+        verdict.problems["stuck"] = "the bubble never finished while WeCom polled it"
+    if not complete and not verdict.notes:
+        verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences and no note; final bubble {final[:80]!r}"
+    verdict.extra_calls = max(0, len(calls) - allowed_calls(calls, frames, tag))
+    if verdict.extra_calls:
+        verdict.problems["extra_dify_calls"] = f"{len(calls)} Dify calls"
+    with_text = [e["t"] for e in frames if any(t == tag for t, _ in sentences_in(e["content"]))]
+    if with_text:
+        verdict.first_text_s = with_text[0] - message["t"]
+    if complete and finals:
+        verdict.last_text_s = finals[-1]["t"] - message["t"]
+    return verdict
+
+
+def allowed_calls(calls: list[float], frames: list[dict], tag: str) -> int:
+    """One call, and a second (the documented restart) if the bubble had shown nothing of the answer before it."""
+    if len(calls) < 2:
+        return len(calls) or 1
+    restart_at = sorted(calls)[1]
+    shown_before = any(e["t"] < restart_at and any(t == tag for t, _ in sentences_in(e["content"])) for e in frames)
+    return 1 if shown_before else 2
+
+
+def active_faults(faults: list[dict], start: float, end: float) -> list[str]:
+    """The kinds of the faults that overlapped [start, end] (a message's life), or ["none"]."""
+    kinds = sorted({f["fault"] for f in faults if f.get("start", f["t"]) <= end and f.get("end", f["t"]) >= start})
+    return kinds or ["none"]
+
+
+def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
+    result: dict = {"messages": len(verdicts)}
+    for name in COUNTS:
+        result[name] = sum(v.extra_calls if name == "extra_dify_calls" else name in v.problems for v in verdicts)
+    endings: dict[str, int] = defaultdict(int)
+    for verdict in verdicts:
+        for note in verdict.notes:
+            endings[note] += 1
+    result["ended_with_note"] = dict(sorted(endings.items()))
+    by_fault: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
+    for verdict in verdicts:
+        for kind in verdict.faults:
+            row = by_fault[kind]
+            row["messages"] += 1
+            for name in COUNTS:
+                row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
+    result["by_fault"] = dict(sorted(by_fault.items()))
+    result["latency_s"] = {
+        "first_text": _quantiles([v.first_text_s for v in verdicts if v.first_text_s is not None]),
+        "last_text": _quantiles([v.last_text_s for v in verdicts if v.last_text_s is not None]),
+    }
+    result["faults"] = len(faults)
+    result["problems"] = [{"msgid": v.msgid, "faults": v.faults, **v.problems} for v in verdicts if v.problems]
+    return result
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "p50": round(statistics.median(ordered), 2),
+        "p95": round(ordered[min(len(ordered) - 1, int(0.95 * (len(ordered) - 1) + 0.5))], 2),
+        "max": round(ordered[-1], 2),
+    }

@@ -1,0 +1,174 @@
+"""The campaign's users: each sends a message, follows its bubble like WeCom (a poll about once a second, on any
+replica, until it finishes or WeCom's window ends), and sends the next one. WeCom's own behaviour is played too: a
+delivery that fails is retried on another replica, and some deliveries are repeated on another replica although
+the first got through (WeCom retries when a reply is slow). Some messages get a Dify fault of their own: a slow
+first byte, a cut stream, a 5xx, a stalled stream."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from bench.faults.answers import answer_text
+from bench.faults.history import History
+from demo import dify_apps as apps
+from demo import dify_standin as d
+from demo.dify_standin import DifyStandIn
+from demo.wecom_simulator import WeComSimulator
+
+DIFY_FAULTS = ("slow", "cut", "http_500", "stalled")
+
+
+@dataclass
+class Bot:
+    """One of the campaign's bots: how WeCom reaches it, and its Dify app's mode."""
+
+    name: str
+    simulator: WeComSimulator
+    chatflow: bool
+
+
+@dataclass
+class Workload:
+    bots: list[Bot]
+    replicas: list  # GunicornReplica, some of them down at times
+    dify: DifyStandIn
+    history: History
+    rng: random.Random
+    window_seconds: float  # how long WeCom polls a bubble
+    dify_fault_share: float = 0.15
+    retry_share: float = 0.15
+    stalled_seconds: float = 20.0  # longer than the gateways' DIFY_READ_TIMEOUT
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def pick(self, items):
+        with self._lock:
+            return self.rng.choice(items)
+
+    def chance(self, share: float) -> bool:
+        with self._lock:
+            return self.rng.random() < share
+
+    def uniform(self, low: float, high: float) -> float:
+        with self._lock:
+            return self.rng.uniform(low, high)
+
+    # --- one message ------------------------------------------------------------------------------------------
+
+    def converse(self, userid: str) -> None:
+        """One message of `userid`, from sending it to the end of its bubble."""
+        bot = self.pick(self.bots)
+        tag = secrets.token_hex(3)
+        sentences = int(self.uniform(8, 24))
+        fault = self.pick(DIFY_FAULTS) if self.chance(self.dify_fault_share) else ""
+        self.dify.script(self._steps(bot, tag, sentences, fault), match=tag, times=None)
+        payload = bot.simulator.text_message(f"question {tag}", userid=userid)
+        msgid = payload["msgid"]
+        self.history.add(
+            "message",
+            msgid=msgid,
+            tag=tag,
+            sentences=sentences,
+            bot=bot.name,
+            dify_fault=fault,
+            userid=userid,
+            response_url=payload["response_url"],
+        )
+        reply = self._deliver(bot, payload)
+        if reply is not None and self.chance(self.retry_share):
+            time.sleep(self.uniform(0.0, 2.0))
+            reply = self._deliver(bot, payload, repeat=True) or reply
+        if reply is not None:
+            self._follow(bot, msgid, reply, userid)
+
+    def _steps(self, bot: Bot, tag: str, sentences: int, fault: str) -> list[tuple]:
+        text = answer_text(tag, sentences)
+        seconds = self.uniform(3, 15)
+        if bot.chatflow:
+            steps = apps.chatflow_answer(text, pieces=sentences, delay=seconds / sentences)
+        else:
+            steps = d.answer(text, pieces=sentences, delay=seconds / sentences)
+        if fault == "slow":
+            return [d.first_byte_delay(self.uniform(2, 6)), *steps]
+        if fault == "cut":
+            return [*steps[: len(steps) // 2], d.cut()]
+        if fault == "http_500":
+            return [d.http_error(500, "internal_server_error", "Internal Server Error")]
+        if fault == "stalled":
+            return [*steps[: len(steps) // 3], d.stall(self.stalled_seconds)]
+        return steps
+
+    def _deliver(self, bot: Bot, payload: dict, repeat: bool = False) -> dict | None:
+        """Deliver the message to a replica, retrying on others like WeCom (three tries in all); the reply."""
+        for attempt in range(3):
+            replica = self.pick(range(len(self.replicas)))
+            ok, reply, error = self._send(bot, payload, replica)
+            self.history.add(
+                "delivery",
+                msgid=payload["msgid"],
+                replica=replica,
+                repeat=repeat,
+                attempt=attempt,
+                ok=ok,
+                error=error,
+                **_frame(reply),
+            )
+            if ok and reply is not None:
+                return reply
+            time.sleep(1.0)
+        return None
+
+    def _follow(self, bot: Bot, msgid: str, first: dict, userid: str) -> None:
+        stream_id = first["stream"]["id"]
+        finished = first["stream"].get("finish", False)
+        deadline = time.monotonic() + self.window_seconds
+        while not finished and time.monotonic() < deadline:
+            time.sleep(1.0)
+            replica = self.pick(range(len(self.replicas)))
+            ok, reply, error = self._send(bot, bot.simulator.poll_message(stream_id, userid), replica)
+            self.history.add("poll", msgid=msgid, replica=replica, ok=ok, error=error, **_frame(reply))
+            if ok and reply is not None and reply.get("stream"):
+                finished = bool(reply["stream"].get("finish"))
+
+    @staticmethod
+    def _send(bot: Bot, payload: dict, replica: int) -> tuple[bool, dict | None, str]:
+        try:
+            return True, bot.simulator.send(payload, replica=replica), ""
+        except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout, a 5xx: WeCom tries again
+            return False, None, f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _frame(reply: dict | None) -> dict:
+    stream = (reply or {}).get("stream") or {}
+    return {"stream": stream.get("id", ""), "content": stream.get("content", ""), "finish": bool(stream.get("finish"))}
+
+
+class Users:
+    """`count` users, each conversing in a loop until `stop` is set, with a short pause between messages."""
+
+    def __init__(self, workload: Workload, count: int):
+        self.workload = workload
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(f"user{n}",), name=f"user{n}", daemon=True) for n in range(count)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, userid: str) -> None:
+        while not self.stop.is_set():
+            self.workload.converse(userid)
+            self.stop.wait(self.workload.uniform(0.2, 2.0))
+
+    def finish(self, timeout: float) -> None:
+        """Send nothing new, and wait for the messages in flight to end."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout)
