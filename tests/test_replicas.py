@@ -315,7 +315,6 @@ def test_a_redis_pause_longer_than_the_retries_at_an_answers_end_delivers_it_onc
     sim.close()
 
 
-
 def test_a_superseded_attempt_writes_nothing_even_from_a_process_of_the_same_name(make_app, serve, dify, redis_client):
     """Fencing per attempt. An answer's first attempt loses its lease while it lives, before showing anything; a
     poll on another process restarts it as the stream's second attempt. Both processes have the same name (a
