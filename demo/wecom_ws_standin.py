@@ -201,7 +201,7 @@ class WeComWebSocketStandIn:
             else:
                 delivery.frames.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
         elif cmd == "aibot_send_msg":
-            self.proactive.append(body)
+            self.proactive.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
         ack = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": "ok" if not errcode else "refused"}
         await connection.send(_dump(ack))
 

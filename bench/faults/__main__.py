@@ -1,5 +1,6 @@
 """Run the fault campaign: for each Redis topology in turn (one server, Sentinel, Cluster, started on loopback),
-three gateway replicas under gunicorn (two workers each) serve a chat bot and a chatflow bot; users converse
+three gateway replicas under gunicorn (two workers each) serve a chat bot and a chatflow bot in callback mode and a
+chat bot in long-connection mode; users converse
 while a seeded nemesis kills, stops and restarts replicas and pauses or kills Redis; then the checker reads the
 history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench import harness
+from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.nemesis import Nemesis
@@ -24,6 +26,7 @@ from demo.dify_standin import DifyStandIn
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
 # (name, callback path, token, EncodingAESKey, Dify API key, chatflow?): the campaign's own, used nowhere else
@@ -31,17 +34,21 @@ BOTS = (
     ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", False),
     ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", True),
 )
+WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 
 
-def bots_file(directory: Path) -> Path:
+def bots_file(directory: Path, ws_url: str) -> Path:
     path = directory / "bots.toml"
-    path.write_text(
-        "".join(
-            f'[bots.{name}]\ncallback_path = "{callback}"\ntoken = "{token}"\nencoding_aes_key = "{key}"\n'
-            f'dify_api_key = "{api_key}"\n\n'
-            for name, callback, token, key, api_key, _ in BOTS
-        )
+    callbacks = "".join(
+        f'[bots.{name}]\ncallback_path = "{callback}"\ntoken = "{token}"\nencoding_aes_key = "{key}"\n'
+        f'dify_api_key = "{api_key}"\n\n'
+        for name, callback, token, key, api_key, _ in BOTS
     )
+    websocket = (
+        f'[bots.ws]\nmode = "long_connection"\nbot_id = "{WS_BOT}"\nsecret = "{WS_SECRET}"\n'
+        f'wecom_ws_url = "{ws_url}"\ndify_api_key = "app-ws"\n'
+    )
+    path.write_text(callbacks + websocket)
     return path
 
 
@@ -55,10 +62,12 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     lease = options.lease_seconds or (5 if kind == "standalone" else 10)
     topology = start_topology(kind).start()
-    dify = DifyStandIn(api_key="app-chat", app_types={"app-flow": "advanced-chat"}, ping_interval=2.0).start()
+    app_types = {"app-flow": "advanced-chat", "app-ws": "chat"}
+    dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0).start()
+    standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     env = {
         "DEMO_MODE": "false",
-        "BOTS_FILE": str(bots_file(directory)),
+        "BOTS_FILE": str(bots_file(directory, standin.url)),
         "DIFY_BASE_URL": dify.base_url,
         "DIFY_READ_TIMEOUT": "8",
         "REDIS_URL": topology.url,
@@ -76,6 +85,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), chatflow)
         for name, callback, token, key, _, chatflow in BOTS
     ]
+    ws_simulator = WeComSimulator(urls, "unused", BOTS[0][3])  # only for msgids and its (unused) inbox
+    bots.append(Bot("ws", ws_simulator, chatflow=False, standin=standin, bot_id=WS_BOT))
     history = History()
     workload = Workload(bots, replicas, dify, history, rng, window_seconds=options.window + 20)
     users = Users(workload, options.users)
@@ -94,6 +105,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         for bot in bots:
             bot.simulator.close()
         dify.stop()
+        standin.stop()
         topology.stop()
     history.write(directory / "history.jsonl")
     result = check(history.events)
@@ -112,10 +124,25 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
         query = request["body"].get("query", "")
         history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])
     inboxes = {bot.name: bot.simulator.inbox for bot in bots}
-    for message in history.of("message"):
+    messages = history.of("message")
+    for message in messages:
         for number, body in enumerate(inboxes[message["bot"]].received(message["response_url"])):
             content = (body.get("markdown") or {}).get("content", "")
             history.add("response_url", msgid=message["msgid"], content=content, accepted=number == 0)
+    standin = next(bot.standin for bot in bots if bot.standin is not None)
+    for delivery in history.of("delivery"):
+        for frame in standin.frames(delivery.get("req_id", "")):
+            stream = frame.get("stream") or {}
+            content, finish = stream.get("content", ""), bool(stream.get("finish"))
+            at = frame["_received_at"]
+            history.add(
+                "poll", msgid=delivery["msgid"], t=at, ok=True, stream=stream.get("id"), content=content, finish=finish
+            )
+    by_tag = {message["tag"]: message["msgid"] for message in messages if message.get("mode") == "long_connection"}
+    for body in list(standin.proactive):
+        content = (body.get("markdown") or {}).get("content", "")
+        for tag in {tag for tag, _ in sentences_in(content)} & by_tag.keys():
+            history.add("response_url", msgid=by_tag[tag], t=body["_received_at"], content=content, accepted=True)
 
 
 def versions() -> dict:

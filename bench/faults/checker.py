@@ -89,7 +89,8 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         )
     complete = set(range(expected)) <= set(own)
     verdict.notes = [key for key, note in CLEAR_NOTES.items() if any(note in text for text in [final, *posts])]
-    if not finals:
+    if not finals and not (message.get("mode") == "long_connection" and posts):
+        # (a long-connection stream whose req_id died with its connection ends with the rest sent proactively)
         verdict.problems["stuck"] = "the bubble never finished while WeCom polled it"
     if not complete and not verdict.notes:
         verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences and no note; final bubble {final[:80]!r}"

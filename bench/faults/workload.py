@@ -1,8 +1,9 @@
 """The campaign's users: each sends a message, follows its bubble like WeCom (a poll about once a second, on any
 replica, until it finishes or WeCom's window ends), and sends the next one. WeCom's own behaviour is played too: a
 delivery that fails is retried on another replica, and some deliveries are repeated on another replica although
-the first got through (WeCom retries when a reply is slow). Some messages get a Dify fault of their own: a slow
-first byte, a cut stream, a 5xx, a stalled stream."""
+the first got through (WeCom retries when a reply is slow). A long-connection bot's messages go down the WebSocket
+of whichever replica holds it (the WeCom stand-in records every frame answered, and every proactive message).
+Some messages get a Dify fault of their own: a slow first byte, a cut stream, a 5xx, a stalled stream."""
 
 from __future__ import annotations
 
@@ -18,17 +19,25 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from demo.dify_standin import DifyStandIn
 from demo.wecom_simulator import WeComSimulator
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 
 DIFY_FAULTS = ("slow", "cut", "http_500", "stalled")
 
 
 @dataclass
 class Bot:
-    """One of the campaign's bots: how WeCom reaches it, and its Dify app's mode."""
+    """One of the campaign's bots: how WeCom reaches it (callbacks through `simulator`, or the WebSocket of
+    `standin` for `bot_id`), and its Dify app's mode."""
 
     name: str
     simulator: WeComSimulator
     chatflow: bool
+    standin: WeComWebSocketStandIn | None = None
+    bot_id: str = ""
+
+    @property
+    def mode(self) -> str:
+        return "long_connection" if self.standin is not None else "callback"
 
 
 @dataclass
@@ -75,10 +84,14 @@ class Workload:
             tag=tag,
             sentences=sentences,
             bot=bot.name,
+            mode=bot.mode,
             dify_fault=fault,
             userid=userid,
             response_url=payload["response_url"],
         )
+        if bot.standin is not None:
+            self._converse_on_the_websocket(bot, msgid, tag, userid)
+            return
         reply = self._deliver(bot, payload)
         if reply is not None and self.chance(self.retry_share):
             time.sleep(self.uniform(0.0, 2.0))
@@ -135,12 +148,39 @@ class Workload:
             if ok and reply is not None and reply.get("stream"):
                 finished = bool(reply["stream"].get("finish"))
 
+    def _converse_on_the_websocket(self, bot: Bot, msgid: str, tag: str, userid: str) -> None:
+        """Push the message down the bot's WebSocket (once a replica holds it), then wait for its stream's last
+        frame, or for the rest of the answer as a proactive message (its req_id died with its connection)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                req_id = bot.standin.deliver_text(bot.bot_id, f"question {tag}", userid=userid, msgid=msgid)
+                break
+            except Exception as exc:  # noqa: BLE001 - no replica holds the bot right now: WeCom waits
+                self.history.add("delivery", msgid=msgid, ok=False, error=str(exc)[:120], stream="", content="")
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(1.0)
+        self.history.add("delivery", msgid=msgid, ok=True, req_id=req_id, stream="", content="", finish=False)
+        deadline = time.monotonic() + self.window_seconds
+        while time.monotonic() < deadline:
+            if any(frame.get("stream", {}).get("finish") for frame in bot.standin.frames(req_id)):
+                return
+            if any(tag in _markdown(body) for body in list(bot.standin.proactive)):
+                time.sleep(2.0)  # anything that follows it
+                return
+            time.sleep(0.5)
+
     @staticmethod
     def _send(bot: Bot, payload: dict, replica: int) -> tuple[bool, dict | None, str]:
         try:
             return True, bot.simulator.send(payload, replica=replica), ""
         except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout, a 5xx: WeCom tries again
             return False, None, f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _markdown(body: dict) -> str:
+    return (body.get("markdown") or {}).get("content", "")
 
 
 def _frame(reply: dict | None) -> dict:

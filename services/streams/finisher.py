@@ -82,7 +82,7 @@ class Finisher:
             self._send_rest(job, answer, finished, note)
         elif answer.detached:
             metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
-            self._send_whole(job, answer, note)
+            self._send_unshown(job, answer, note)
         else:
             logger.info("stream was already closed elsewhere; final state not written")
         return finished
@@ -122,6 +122,21 @@ class Finisher:
             answer.detached = True
             return None
         return finished
+
+    def _send_unshown(self, job: StreamJob, answer: Answer, note: str) -> None:
+        """The bubble was finished by a poll that gave the answer up (its lease was gone): send what it did not
+        show, once; the whole answer if what it showed cannot be read (Redis lost it) or is not where the answer
+        begins."""
+        shown: list[str | None] = []
+        best_effort(lambda: shown.append(self.store.shown_when_given_up(job.stream_id)), "reading what was shown")
+        text = shown[0] if shown else None
+        if not text or not answer.text.startswith(text) or not job.response_url:
+            self._send_whole(job, answer, note)
+            return
+        message = remainder_message(self.texts, answer.text[len(text) :], note)
+        delivered = self.responder.send_markdown(job.response_url, message)
+        metrics.RESPONSE_URL.labels(self.bot, "rest", "sent" if delivered else "failed").inc()
+        logger.info("rest of the given-up answer %s through response_url", "sent" if delivered else "NOT sent")
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if

@@ -336,6 +336,12 @@ class StreamStore:
         owner = self.client.hget(self.keys.stream(stream_id), "owner")
         return owner is not None and owner != attempt
 
+    def shown_when_given_up(self, stream_id: str) -> str | None:
+        """The text a stream's bubble ended with when a poll gave it up as orphaned (its lease was gone); None if
+        the stream is gone, or ended some other way."""
+        status, error, text = self.client.hmget(self.keys.stream(stream_id), "status", "error", "text")
+        return text if status == EXPIRED and error == "owner_lost" else None
+
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired)."""
         return bool(self._record(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
