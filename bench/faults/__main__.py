@@ -138,11 +138,16 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             history.add(
                 "poll", msgid=delivery["msgid"], t=at, ok=True, stream=stream.get("id"), content=content, finish=finish
             )
-    by_tag = {message["tag"]: message["msgid"] for message in messages if message.get("mode") == "long_connection"}
+    websocket = sorted((m for m in messages if m.get("mode") == "long_connection"), key=lambda m: m["t"])
+    by_tag = {message["tag"]: message["msgid"] for message in websocket}
     for body in list(standin.proactive):
-        content = (body.get("markdown") or {}).get("content", "")
-        for tag in {tag for tag, _ in sentences_in(content)} & by_tag.keys():
-            history.add("response_url", msgid=by_tag[tag], t=body["_received_at"], content=content, accepted=True)
+        content, at = (body.get("markdown") or {}).get("content", ""), body["_received_at"]
+        tags = {tag for tag, _ in sentences_in(content)} & by_tag.keys()
+        if not tags:  # only a note: the user's message that was open then
+            earlier = [m for m in websocket if m["userid"] == body.get("chatid") and m["t"] <= at]
+            tags = {earlier[-1]["tag"]} if earlier else set()
+        for tag in tags:
+            history.add("response_url", msgid=by_tag[tag], t=at, content=content, accepted=True)
 
 
 def versions() -> dict:

@@ -25,6 +25,7 @@ from services.texts import CATALOGUE
 COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck")
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending.
 _NOT_NOTES = {"placeholder", "continued", "full_answer", "help", "image_query", "file_query", "quote_context"}
+HEADERS = [CATALOGUE["zh"][key] for key in ("continued", "full_answer", "placeholder")]
 CLEAR_NOTES = {
     key: text.split("{", 1)[0].strip()
     for key, text in CATALOGUE["zh"].items()
@@ -68,18 +69,22 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     frames = sorted(
         [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
     )
-    ended = max([e["t"] for e in frames] + [message["t"]])
+    ended = max([e["t"] for e in frames + kinds["ended"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended))
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""
+    websocket = message.get("mode") == "long_connection"
+    if websocket and not finals and frames:
+        final = frames[-1]["content"]  # a stream whose req_id died keeps showing its last frame
     shown: list[tuple[str, int]] = []
     for frame in frames:
         found = sentences_in(frame["content"])
         if twice := repeats([n for t, n in found if t == tag]):
             verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
         shown += found
-    delivered = sentences_in(final) + [s for post in posts for s in sentences_in(post)]
+    # what the user has: the bubble's answer, then each message after it (a rest continues where the bubble stopped)
+    delivered = sentences_in("".join(answer_part(text) for text in [final, *posts]))
     if others := {t for t, _ in shown + delivered if t != tag}:
         verdict.problems["unexpected"] = f"text of other messages: {sorted(others)}"
     own = [n for t, n in delivered if t == tag]
@@ -89,7 +94,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         )
     complete = set(range(expected)) <= set(own)
     verdict.notes = [key for key, note in CLEAR_NOTES.items() if any(note in text for text in [final, *posts])]
-    if not finals and not (message.get("mode") == "long_connection" and posts):
+    if not finals and not (websocket and posts):
         # (a long-connection stream whose req_id died with its connection ends with the rest sent proactively)
         verdict.problems["stuck"] = "the bubble never finished while WeCom polled it"
     if not complete and not verdict.notes:
@@ -103,6 +108,13 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     if complete and finals:
         verdict.last_text_s = finals[-1]["t"] - message["t"]
     return verdict
+
+
+def answer_part(text: str) -> str:
+    """`text` without the gateway's notes and headers (what is left is answer text)."""
+    for words in [*CLEAR_NOTES.values(), *HEADERS]:
+        text = text.replace(words, "")
+    return text.strip()
 
 
 def allowed_calls(calls: list[float], frames: list[dict], tag: str) -> int:

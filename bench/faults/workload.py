@@ -91,13 +91,14 @@ class Workload:
         )
         if bot.standin is not None:
             self._converse_on_the_websocket(bot, msgid, tag, userid)
-            return
-        reply = self._deliver(bot, payload)
-        if reply is not None and self.chance(self.retry_share):
-            time.sleep(self.uniform(0.0, 2.0))
-            reply = self._deliver(bot, payload, repeat=True) or reply
-        if reply is not None:
-            self._follow(bot, msgid, reply, userid)
+        else:
+            reply = self._deliver(bot, payload)
+            if reply is not None and self.chance(self.retry_share):
+                time.sleep(self.uniform(0.0, 2.0))
+                reply = self._deliver(bot, payload, repeat=True) or reply
+            if reply is not None:
+                self._follow(bot, msgid, reply, userid)
+        self.history.add("ended", msgid=msgid)
 
     def _steps(self, bot: Bot, tag: str, sentences: int, fault: str) -> list[tuple]:
         text = answer_text(tag, sentences)
@@ -161,12 +162,13 @@ class Workload:
                 if time.monotonic() > deadline:
                     return
                 time.sleep(1.0)
-        self.history.add("delivery", msgid=msgid, ok=True, req_id=req_id, stream="", content="", finish=False)
+        delivered = self.history.add("delivery", msgid=msgid, ok=True, req_id=req_id, stream="", content="")["t"]
         deadline = time.monotonic() + self.window_seconds
         while time.monotonic() < deadline:
             if any(frame.get("stream", {}).get("finish") for frame in bot.standin.frames(req_id)):
                 return
-            if any(tag in _markdown(body) for body in list(bot.standin.proactive)):
+            to_the_user = (b for b in list(bot.standin.proactive) if b.get("chatid") == userid)
+            if any(body["_received_at"] >= delivered for body in to_the_user):
                 time.sleep(2.0)  # anything that follows it
                 return
             time.sleep(0.5)
@@ -177,10 +179,6 @@ class Workload:
             return True, bot.simulator.send(payload, replica=replica), ""
         except Exception as exc:  # noqa: BLE001 - a refused connection, a timeout, a 5xx: WeCom tries again
             return False, None, f"{type(exc).__name__}: {str(exc)[:120]}"
-
-
-def _markdown(body: dict) -> str:
-    return (body.get("markdown") or {}).get("content", "")
 
 
 def _frame(reply: dict | None) -> dict:
