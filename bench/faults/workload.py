@@ -118,9 +118,13 @@ class Workload:
         return steps
 
     def _deliver(self, bot: Bot, payload: dict, repeat: bool = False) -> dict | None:
-        """Deliver the message to a replica, retrying on others like WeCom (three tries in all); the reply."""
+        """Deliver the message to a replica, retrying on the others like WeCom behind a load balancer (three tries
+        in all, each on another replica); the reply."""
+        order = list(range(len(self.replicas)))
+        with self._lock:
+            self.rng.shuffle(order)
         for attempt in range(3):
-            replica = self.pick(range(len(self.replicas)))
+            replica = order[attempt % len(order)]
             ok, reply, error = self._send(bot, payload, replica)
             self.history.add(
                 "delivery",
