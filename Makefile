@@ -23,7 +23,7 @@ setup: $(BIN)/.dev-installed
 demo: setup-demo
 	$(BIN)/python -m demo
 
-# The suite starts its own Redis and MariaDB (tests/servers.py); this makes sure their programs are installed
+# The suite starts its own Redis and MariaDB (demo/mariadb_server.py); this makes sure their programs are installed
 # (with apt-get when run as root), and the tools some tests drive (Chromium, wrk, kubectl, promtool).
 test-servers:
 	@tests/install_test_tools.sh

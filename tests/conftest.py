@@ -1,4 +1,4 @@
-"""Shared fixtures: the real Redis and MariaDB (private servers this run starts, tests/servers.py; Redis on a
+"""Shared fixtures: the real Redis and MariaDB (private servers this run starts, demo/mariadb_server.py; Redis on a
 dedicated DB index, flushed around each test), the Dify stand-in over real sockets, app instances (in-process test
 client or served on a real port), and the WeCom simulator."""
 
@@ -26,15 +26,15 @@ from app import create_app
 from config.settings import Settings
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
+from demo.mariadb_server import MISSING, PrivateMariaDB, mariadb_binaries
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.keys import Keys
-from tests.servers import MISSING, PrivateMariaDB, mariadb_binaries
 
-# Servers of your choice instead of the private ones the suite starts (tests/servers.py); their data is flushed.
+# Servers of your choice instead of the private ones the suite starts (demo/); their data is flushed.
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 TEST_MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "")
 TOKEN = "test-token-Zq8"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond the virtualenv: redis-server and MariaDB's server (the suite starts private ones
-# of its own, tests/servers.py), and the tools some tests drive: Chromium and its driver (the console test, with a
+# of its own, demo/mariadb_server.py), and the tools some tests drive: Chromium and its driver (the console test, with a
 # CJK font for its screenshot), wrk (the benchmark smoke tests) and kubectl (the deployment tests).
 # Missing ones are installed with apt-get when run as root; otherwise this stops with the one command to run.
 set -euo pipefail

@@ -1,8 +1,8 @@
 """Run the fault campaign: for each Redis topology in turn (one server, Sentinel, Cluster, started on loopback),
 three gateway replicas under gunicorn (two workers each) serve a chat bot and a chatflow bot in callback mode and a
-chat bot in long-connection mode; users converse
-while a seeded nemesis kills, stops and restarts replicas and pauses or kills Redis; then the checker reads the
-history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
+chat bot in long-connection mode, authorizing users through MariaDB and the auth API stand-in. Users converse
+while a seeded nemesis kills, stops and restarts replicas, pauses or kills Redis and restarts MariaDB; then the
+checker reads the history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
 
     python -m bench.faults --minutes 3 --topology sentinel --json out.json
 """
@@ -22,11 +22,15 @@ from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.nemesis import Nemesis
 from bench.faults.workload import Bot, Users, Workload
+from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
+from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.auth import db
+from services.auth.users import UserDirectory
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
 # (name, callback path, token, EncodingAESKey, Dify API key, chatflow?): the campaign's own, used nowhere else
@@ -35,6 +39,24 @@ BOTS = (
     ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", True),
 )
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
+AUTH_KEY = "faults-auth-key"
+TOKEN_SECONDS = 20  # short-lived tokens: users are looked up in MariaDB again and again, restarts and all
+
+
+def user_database(server: PrivateMariaDB, users: int) -> str:
+    """The campaign's user table, with its users; returns its DATABASE_URL."""
+    engine = db.make_engine(server.url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE DATABASE IF NOT EXISTS faults")
+    engine.dispose()
+    url = f"{server.url}/faults"
+    engine = db.make_engine(url)
+    db.init_schema(engine)
+    directory = UserDirectory(engine)
+    for n in range(users):
+        directory.add(f"user{n}", f"account{n}")
+    engine.dispose()
+    return url
 
 
 def bots_file(directory: Path, ws_url: str) -> Path:
@@ -65,13 +87,19 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     app_types = {"app-flow": "advanced-chat", "app-ws": "chat"}
     dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0).start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
+    database = PrivateMariaDB().start()
+    auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
     env = {
         "DEMO_MODE": "false",
         "BOTS_FILE": str(bots_file(directory, standin.url)),
         "DIFY_BASE_URL": dify.base_url,
         "DIFY_READ_TIMEOUT": "8",
         "REDIS_URL": topology.url,
-        "AUTH_MODE": "none",
+        "AUTH_MODE": "external",
+        "DATABASE_URL": user_database(database, options.users),
+        "AUTH_API_URL": auth.url,
+        "AUTH_API_KEY": AUTH_KEY,
+        "AUTH_TOKEN_MARGIN": "5",
         "LOG_LEVEL": "INFO",
         "STREAM_LEASE_SECONDS": str(lease),
         "STREAM_WINDOW_SECONDS": str(options.window),
@@ -90,7 +118,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     history = History()
     workload = Workload(bots, replicas, dify, history, rng, window_seconds=options.window + 20)
     users = Users(workload, options.users)
-    nemesis = Nemesis(topology, replicas, history, random.Random(f"{options.seed}:{kind}:nemesis"), lease)
+    nemesis = Nemesis(topology, replicas, history, random.Random(f"{options.seed}:{kind}:nemesis"), lease, database)
     started = time.time()
     try:
         users.start()
@@ -106,6 +134,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
             bot.simulator.close()
         dify.stop()
         standin.stop()
+        auth.stop()
+        database.remove()
         topology.stop()
     history.write(directory / "history.jsonl")
     result = check(history.events)

@@ -1,7 +1,8 @@
 """The campaign's nemesis: one fault at a time, picked at random (seeded) at random intervals, each logged in the
 history with its start and end. Replica faults: SIGKILL or SIGTERM then a restart, SIGSTOP past the stream leases
 then SIGCONT. Redis faults: the master paused (SIGSTOP) for 2-15 s and, on Sentinel and Cluster, killed (a
-failover) and restarted as a replica. Dify's faults are the workload's, per message."""
+failover) and restarted as a replica. MariaDB (the user table) stopped for 2-8 s and started again. Dify's faults
+are the workload's, per message."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import threading
 import time
 
 from bench.faults.history import History
+from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 
 logger = logging.getLogger(__name__)
 
 REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop")
 REDIS_FAULTS = ("redis_pause", "redis_kill_master")
+DATABASE_FAULTS = ("mariadb_restart",)
 
 
 class Nemesis:
@@ -28,6 +31,7 @@ class Nemesis:
         history: History,
         rng: random.Random,
         lease_seconds: float,
+        database: PrivateMariaDB | None = None,
         gap: tuple[float, float] = (3.0, 10.0),
         kinds: tuple[str, ...] | None = None,
     ):
@@ -36,9 +40,11 @@ class Nemesis:
         self.history = history
         self.rng = rng
         self.lease_seconds = lease_seconds
+        self.database = database
         self.gap = gap
         standalone = isinstance(topology, PrivateRedisServer)
         available = [*REPLICA_FAULTS, *(k for k in REDIS_FAULTS if not (standalone and k == "redis_kill_master"))]
+        available += DATABASE_FAULTS if database is not None else ()
         self.kinds = [k for k in available if kinds is None or k in kinds]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
@@ -87,6 +93,15 @@ class Nemesis:
         time.sleep(self.lease_seconds + self.rng.uniform(1, 5))
         replica.signal(signal.SIGCONT)
         return f"replica {index}"
+
+    # --- MariaDB ------------------------------------------------------------------------------------------------
+
+    def mariadb_restart(self) -> str:
+        seconds = self.rng.uniform(2, 8)
+        self.database.stop()
+        time.sleep(seconds)
+        self.database.start()
+        return f"mariadb down for {seconds:.1f}s"
 
     # --- Redis --------------------------------------------------------------------------------------------------
 

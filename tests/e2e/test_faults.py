@@ -24,13 +24,13 @@ from sqlalchemy import delete
 from config.settings import PROJECT_ROOT
 from demo import auth_standin
 from demo import dify_standin as d
+from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica
 from services.auth import db
 from services.texts import CATALOGUE
 from tests.conftest import AUTH_KEY, KEYS, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
-from tests.servers import PrivateMariaDB
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]

@@ -1,7 +1,6 @@
-"""The suite's own database servers: a private MariaDB (and, through demo/redis_server.py, a private Redis), each
-started on a free loopback port with a temporary data directory and removed at the end of the run. The tests never
-touch a developer's own Redis or MariaDB, and need neither running. TEST_REDIS_URL / TEST_MYSQL_SERVER point the
-suite at servers of your choice instead."""
+"""A private MariaDB server (as demo/redis_server.py runs a private Redis): started on a free loopback port with a
+temporary data directory, removed at the end. The test suite's database (tests/conftest.py), so the tests never
+touch a developer's own MariaDB and need none running, and the fault campaign's (bench/faults), which restarts it."""
 
 from __future__ import annotations
 
