@@ -218,6 +218,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     """One bot's services, on the shared resources."""
     name = settings.bot_name
     client, owner = shared.client, shared.owner
+    metrics.initialise(name, long_connection=settings.wecom_mode == "long_connection")
     texts = Texts(settings.bot_language)
     keys = Keys(settings.redis_key_prefix + bot_keys(name))
     store = StreamStore(

@@ -1,5 +1,7 @@
 """Prometheus metrics, all defined here, each labelled with the `bot` it concerns (a deployment may have several);
-`render()` answers GET /metrics, `serve()` serves them on METRICS_PORT.
+`render()` answers GET /metrics, `serve()` serves them on METRICS_PORT. `initialise(bot)` creates every series a bot
+will have, at zero, when the gateway is built, so that rates, ratios and absent() work from start-up (the alerts of
+k8s/monitoring rely on it).
 
 Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers start: each worker then writes
 its values to files there and /metrics, on any worker, adds them up (prometheus-client's multiprocess mode).
@@ -66,6 +68,13 @@ STREAM_OUTCOMES = Counter(
     ["bot", "outcome"],
 )
 DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["bot", "code"])
+DIFY_CALLS = Counter(
+    "dify_calls_total",
+    "Dify calls for users' messages: new (a message's first), restart (the one documented restart of an answer "
+    "whose replica died before it showed anything), resume (a run streamed again), duplicate (a second new call for "
+    "one message: never expected)",
+    ["bot", "kind"],
+)
 WS_CONNECTED = Gauge(
     "wecom_ws_connected",
     "Long-connection mode: 1 while this process holds the bot's WebSocket (summed over processes: should be 1)",
@@ -119,6 +128,54 @@ WS_SUBSCRIBE_REFUSALS = Counter(
     "Long-connection mode: subscriptions WeCom refused (bad bot_id or secret); the deployment backs off",
     ["bot"],
 )
+
+
+# The label values each bot's series start with (the values the code counts; codes from Dify's HTTP errors come on
+# top when they happen).
+MESSAGE_OUTCOMES = (
+    "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty",
+)  # fmt: skip
+CALLBACK_KINDS = ("text", "stream")
+CALLBACK_OUTCOMES = ("ok", "store_unavailable")
+STREAM_EVENTS = (
+    "done", "error", "expired", "taken_over", "resumed", "closed_window", "closed_overflow", "handed_over",
+    "taken_over_elsewhere", "closed_elsewhere",
+)  # fmt: skip
+DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
+DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate")
+AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
+RESPONSE_URL_KINDS = ("rest", "whole_answer")
+SENT = ("sent", "failed")
+
+
+def initialise(bot: str, long_connection: bool = False) -> None:
+    """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
+    for outcome in MESSAGE_OUTCOMES:
+        MESSAGES.labels(bot, outcome)
+    for kind in CALLBACK_KINDS:
+        for outcome in CALLBACK_OUTCOMES:
+            CALLBACKS.labels(bot, kind, outcome)
+    for event in STREAM_EVENTS:
+        STREAM_OUTCOMES.labels(bot, event)
+    for code in DIFY_ERROR_CODES:
+        DIFY_ERRORS.labels(bot, code)
+    for kind in DIFY_CALL_KINDS:
+        DIFY_CALLS.labels(bot, kind)
+    for outcome in AUTH_RESULTS:
+        AUTH_OUTCOMES.labels(bot, outcome)
+    for result in ("hit", "miss"):
+        TOKEN_CACHE.labels(bot, result)
+    for kind in RESPONSE_URL_KINDS:
+        for result in SENT:
+            RESPONSE_URL.labels(bot, kind, result)
+    for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
+        metric.labels(bot)
+    if long_connection:
+        for metric in (WS_CONNECTED, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
+            metric.labels(bot)
+        WS_SUBSCRIBE_REFUSALS.labels(bot)
+        for result in SENT:
+            WS_OUTBOX.labels(bot, result)
 
 
 def _registry() -> CollectorRegistry:

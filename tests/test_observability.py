@@ -203,3 +203,30 @@ def test_with_a_metrics_port_the_public_port_has_no_metrics(make_app):
     scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     assert scraped.status_code == 200
     assert "wecom_callbacks_total" in scraped.text
+
+
+def test_every_series_of_every_bot_exists_at_zero_from_start_up(make_app):
+    """Before any traffic: rates, ratios and absent() in the alerts need the series to exist (k8s/monitoring)."""
+    app = make_app(bot_name="fresh-bot")
+    samples = scrape(app.test_client())
+    bot = ("bot", "fresh-bot")
+    assert samples[("stream_outcomes_total", (bot, ("outcome", "done")))] == 0
+    assert samples[("stream_outcomes_total", (bot, ("outcome", "closed_window")))] == 0
+    assert samples[("dify_calls_total", (bot, ("kind", "duplicate")))] == 0
+    assert samples[("wecom_messages_total", (bot, ("outcome", "opened")))] == 0
+    assert samples[("dify_errors_total", (bot, ("code", "timeout")))] == 0
+    assert samples[("wecom_callbacks_total", (bot, ("outcome", "store_unavailable"), ("type", "text")))] == 0
+    assert samples[("redis_claims_unreplicated_total", (bot,))] == 0
+    assert samples[("stream_first_token_seconds_count", (bot,))] == 0
+
+
+def test_dify_calls_are_counted_by_kind(live, dify):
+    client = live.app.test_client()
+    before = scrape(client)
+    dify.script(d.answer("one answer"))
+    sim = make_simulator(live.url)
+    assert sim.ask("hello").text == "one answer"
+    after = scrape(client)
+    assert moved(before, after, "dify_calls_total", kind="new") == 1
+    assert moved(before, after, "dify_calls_total", kind="duplicate") == 0
+    sim.close()

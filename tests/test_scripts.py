@@ -19,7 +19,7 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 # The commands the scripts use, each taking one key, in first position.
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
-    "HSET", "HSETNX", "HMGET", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN",
+    "HSET", "HSETNX", "HGET", "HMGET", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN",
     "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZREMRANGEBYSCORE",
 }  # fmt: skip
 
@@ -71,6 +71,7 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.renew_leases({"s0": "A", "s1": "A"})
     store.release_leases({"s1": "A"})
     store.take("s1", "A", "B")
+    store.count_dify_call("s1")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
     names = {source: name for name, source in scripts.ALL.items()}
     assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called

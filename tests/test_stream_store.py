@@ -497,3 +497,14 @@ def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):
     assert store.append("s1", "A", ["a", "b"], 0) == WRITTEN  # ran, but its reply was lost
     assert store.append("s1", "A", ["a", "b", "c"], 0) == WRITTEN  # the retry carries what arrived meanwhile
     assert store.chunks("s1") == ["a", "b", "c"]
+
+
+def test_dify_calls_are_counted_by_kind(store, redis_client):
+    open_stream(store, owner="A#1")
+    assert store.count_dify_call("s1") == "new"
+    redis_client.delete("dify_stream:{s1}:lease")
+    assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
+    assert store.count_dify_call("s1") == "restart"  # the documented restart of an answer that showed nothing
+    assert store.count_dify_call("s1") == "duplicate"
+    assert store.count_dify_call("gone") == "new"  # a stream that is gone keeps no count
+    assert not redis_client.exists("dify_stream:{gone}")

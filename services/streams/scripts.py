@@ -267,6 +267,14 @@ redis.call('SET', KEYS[2], attempt, 'PX', ARGV[3])
 return attempt
 """
 
+# KEYS: stream. A new Dify call (not a resume) for the stream: counts it; returns {calls so far, restarts}, or
+# {0, 0} for a stream that is gone.
+CALLED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local calls = redis.call('HINCRBY', KEYS[1], 'dify_calls', 1)
+return {calls, tonumber(redis.call('HGET', KEYS[1], 'restarts')) or 0}
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -278,4 +286,5 @@ ALL = {
     "RENEW": RENEW,
     "RELEASE": RELEASE,
     "TAKE": TAKE,
+    "CALLED": CALLED,
 }

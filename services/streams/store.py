@@ -148,6 +148,7 @@ class StreamStore:
         self._record = LuaScript(client, scripts.RECORD)
         self._release = LuaScript(client, scripts.RELEASE)
         self._take = LuaScript(client, scripts.TAKE)
+        self._called = LuaScript(client, scripts.CALLED)
 
     def close(self) -> None:
         """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
@@ -341,6 +342,14 @@ class StreamStore:
         the stream is gone, or ended some other way."""
         status, error, text = self.client.hmget(self.keys.stream(stream_id), "status", "error", "text")
         return text if status == EXPIRED and error == "owner_lost" else None
+
+    def count_dify_call(self, stream_id: str) -> str:
+        """Count a new Dify call for the stream (not a resume): "new" for its first, "restart" for the one allowed
+        restart of an answer that had shown nothing, "duplicate" for any other (never expected: an alert)."""
+        calls, restarts = (int(n) for n in self._called(keys=[self.keys.stream(stream_id)], args=[]))
+        if calls <= 1:
+            return "new"
+        return "restart" if calls == 2 and restarts == 1 else "duplicate"
 
     def record(self, stream_id: str, fields: dict[str, str]) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired)."""

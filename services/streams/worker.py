@@ -27,7 +27,7 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.outage import through_outage
+from services.streams.outage import best_effort, through_outage
 from services.streams.recorder import (
     DEFAULT_OPTIONS,
     THINK_CLOSE,
@@ -128,6 +128,7 @@ class StreamWorker:
                 lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"
             )
         deadline = time.monotonic() + self.max_seconds
+        self._count_call(job)
         answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt)
         answer.app_type = options.app_type
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
@@ -169,10 +170,23 @@ class StreamWorker:
         answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
         logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
+        metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
         events = partial(deps.dify.stream_run, job.resume_run, job.dify_user)
         self._consume(events, recorder, cancelled, deadline)
         self._complete(job, answer, recorder, "")
+
+    def _count_call(self, job: StreamJob) -> None:
+        """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is
+        counted as a duplicate, which the monitoring bundle alerts on."""
+        kinds: list[str] = []
+        best_effort(
+            lambda: kinds.append(self.deps.store.count_dify_call(job.stream_id)), "counting the Dify call", delays=()
+        )
+        kind = kinds[0] if kinds else "new"
+        if kind == "duplicate":
+            logger.error("a second Dify call for this message (not a documented restart)")
+        metrics.DIFY_CALLS.labels(self.bot, kind).inc()
 
     def _consume(
         self,
