@@ -150,6 +150,7 @@ def readyz():
         gateway().redis.ping()
     except REDIS_FAILURES as exc:
         failed["redis"] = type(exc).__name__
+    metrics.DEPENDENCY_UP.labels("redis").set(0 if "redis" in failed else 1)
     if any(bot.authorizer is not None for bot in gateway().bots.values()):
         try:
             db.check_user_table(gateway().engine)
@@ -157,6 +158,7 @@ def readyz():
             failed["database"] = str(exc)
         except SQLAlchemyError as exc:
             failed["database"] = type(exc).__name__
+        metrics.DEPENDENCY_UP.labels("database").set(0 if "database" in failed else 1)
     if not gateway().runner.accepting:
         failed["shutdown"] = "draining"
     bots = {
@@ -169,6 +171,7 @@ def readyz():
         }
         for name, bot in gateway().bots.items()
     }
+    metrics.READY.set(0 if failed else 1)
     if failed:
         message = ", ".join(f"{k}: {v}" for k, v in failed.items())
         return _json({"error": "not_ready", "message": message, "failed": failed, "bots": bots}, 503)

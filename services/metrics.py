@@ -81,6 +81,12 @@ WS_CONNECTED = Gauge(
     ["bot"],
     multiprocess_mode="livesum",
 )
+WS_HOLDING_SINCE = Gauge(
+    "wecom_ws_holding_since_timestamp_seconds",
+    "Long-connection mode: when this process became the bot's connection holder (Unix time; 0 while it is not)",
+    ["bot"],
+    multiprocess_mode="livemax",
+)
 WS_HOLDER_CHANGES = Counter(
     "wecom_ws_holder_changes_total",
     "Long-connection mode: times this process became the bot's connection holder",
@@ -123,6 +129,17 @@ BACKGROUND_ERRORS = Counter(
     "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
     ["loop"],
 )
+READY = Gauge(
+    "gateway_ready",
+    "1 while this replica's last readiness check (/readyz) passed, 0 while it fails",
+    multiprocess_mode="livemostrecent",
+)
+DEPENDENCY_UP = Gauge(
+    "gateway_dependency_up",
+    "1 while the last readiness check reached the dependency (redis; database with AUTH_MODE=external), else 0",
+    ["dependency"],
+    multiprocess_mode="livemostrecent",
+)
 WS_SUBSCRIBE_REFUSALS = Counter(
     "wecom_ws_subscribe_refusals_total",
     "Long-connection mode: subscriptions WeCom refused (bad bot_id or secret); the deployment backs off",
@@ -145,11 +162,15 @@ DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
 DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 RESPONSE_URL_KINDS = ("rest", "whole_answer")
+BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
+WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
 SENT = ("sent", "failed")
 
 
 def initialise(bot: str, long_connection: bool = False) -> None:
     """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
+    for loop in BACKGROUND_LOOPS:
+        BACKGROUND_ERRORS.labels(loop)
     for outcome in MESSAGE_OUTCOMES:
         MESSAGES.labels(bot, outcome)
     for kind in CALLBACK_KINDS:
@@ -171,11 +192,13 @@ def initialise(bot: str, long_connection: bool = False) -> None:
     for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
         metric.labels(bot)
     if long_connection:
-        for metric in (WS_CONNECTED, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
+        for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
             metric.labels(bot)
         WS_SUBSCRIBE_REFUSALS.labels(bot)
         for result in SENT:
             WS_OUTBOX.labels(bot, result)
+        for errcode in WS_ERRCODES_SEEN:
+            WS_ERRCODES.labels(bot, errcode)
 
 
 def _registry() -> CollectorRegistry:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond the virtualenv: redis-server and MariaDB's server (the suite starts private ones
-# of its own, demo/mariadb_server.py), and the tools some tests drive: Chromium and its driver (the console test, with a
-# CJK font for its screenshot), wrk (the benchmark smoke tests) and kubectl (the deployment tests).
+# of its own, demo/mariadb_server.py), and the tools some tests drive: Chromium and its driver (the console test,
+# with a CJK font for its screenshot), wrk (the benchmark smoke tests), kubectl (the deployment tests), and
+# Prometheus with promtool (the monitoring bundle's tests).
 # Missing ones are installed with apt-get when run as root; otherwise this stops with the one command to run.
 set -euo pipefail
 
@@ -16,6 +17,7 @@ command -v chromedriver >/dev/null 2>&1 || optional+=(chromium-driver)
 [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || optional+=(fonts-wqy-zenhei)
 command -v wrk >/dev/null 2>&1 || optional+=(wrk)
 command -v kubectl >/dev/null 2>&1 || optional+=(kubectl)
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || optional+=(prometheus)
 
 [ ${#need[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from services import metrics
 from services.callback.handler import CallbackHandler
@@ -125,6 +126,7 @@ class ConnectionHolder:
         self._set_state("holding", self.settings.wecom_ws_lease_seconds * 3)
         metrics.WS_HOLDER_CHANGES.labels(self.bot).inc()
         metrics.WS_CONNECTED.labels(self.bot).set(1)
+        metrics.WS_HOLDING_SINCE.labels(self.bot).set(time.time())
         logger.info("holding the bot's WeCom connection (generation %d)", holding.generation)
         keeper = ConnectionKeeper(session, holding, self.lease, self.replies, self.orphans, self.settings, self._stop)
         keeper.start()
@@ -134,6 +136,7 @@ class ConnectionHolder:
             keeper.end()
             self._session = None
             metrics.WS_CONNECTED.labels(self.bot).set(0)
+            metrics.WS_HOLDING_SINCE.labels(self.bot).set(0)
             self.replies.clear()  # req_ids die with their connection
         if outcome != KICKED:
             self._release(holding)
