@@ -386,7 +386,7 @@ def test_a_real_prometheus_sees_the_bot_lose_its_holder(tmp_path, rules_file, di
     replicas = []
     for n in range(2):
         port = free_port()
-        env = replica_env(dify.base_url, redis_url, BOT_NAME="ops", METRICS_PORT=str(port), **settings)
+        env = replica_env(dify.base_url, redis_url, METRICS_PORT=str(port), **settings)
         replicas.append((GunicornReplica(env, tmp_path, f"replica-{n}", workers=2).start(), port))
     web = free_port()
     config = {
@@ -420,10 +420,10 @@ def test_a_real_prometheus_sees_the_bot_lose_its_holder(tmp_path, rules_file, di
             found = httpx.get(f"{api}/alerts", timeout=2).json()["data"]["alerts"]
         except (httpx.HTTPError, KeyError, ValueError):
             return set()
-        return {a["state"] for a in found if a["labels"]["alertname"] == name and a["labels"].get("bot") == "ops"}
+        return {a["state"] for a in found if a["labels"]["alertname"] == name and a["labels"].get("bot") == "default"}
 
     try:
-        holders = 'sum by (bot) (wecom_ws_connected{bot="ops"})'
+        holders = 'sum by (bot) (wecom_ws_connected{bot="default"})'
         assert wait_until(lambda: [r["value"][1] for r in query(holders)] == ["1"], timeout=60)
         assert wait_until(lambda: query('dify_calls_total{kind="duplicate"}'), timeout=10)  # at zero, yet there
         assert alert_states("WecomGatewayLongConnectionNoHolder") == set()
