@@ -5,6 +5,7 @@ consumers that died without leaving are removed."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import redis
@@ -89,3 +90,30 @@ def names(client, key: str) -> set[str]:
         return {each["name"] for each in client.xinfo_consumers(key, GROUP)}
     except redis.ResponseError:
         return set()
+
+
+def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_follows(settings, wecom, tmp_path):
+    """Its req_id died with the holder's connection after the last words, before the final frame: the new holder
+    cannot finish the bubble, so the user is told, once, that the answer was complete."""
+    from services.streams.store import DONE, first_attempt
+    from services.texts import CATALOGUE
+
+    gateway = served(settings, wecom, tmp_path)
+    try:
+        assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+        bot = gateway.bots["default"]
+        store, attempt = bot.store, first_attempt("gone-holder:1")
+        store.create("every-word", "m-every-word", attempt, BOT_ID, "carol", {"userid": "carol"})
+        store.append("every-word", attempt, ["the whole answer"], 0)
+        assert store.finish("every-word", attempt, DONE) is not None
+        outbox = bot.holder.orphans.outbox
+        outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation
+        outbox.shown("every-word", "the whole answer")
+        assert wait_until(lambda: wecom.proactive, timeout=15)
+        time.sleep(2)  # and never a second time
+        (sent,) = wecom.proactive
+        assert sent["chatid"] == "carol"
+        assert sent["markdown"]["content"] == CATALOGUE["zh"]["nothing_more"]
+    finally:
+        gateway.drain(5)
+        gateway.close()

@@ -1,6 +1,7 @@
 """The outbox's sender: the rest of every tracked stream that no live reply of this connection covers (its req_id
 died with another connection, or its window passed) goes out once, as a markdown message (`aibot_send_msg`),
-when the answer is final. The bookkeeping that makes it once lives in outbox.py."""
+when the answer is final; a stream whose bubble had shown every word, but never its end, gets a note that nothing
+more follows (its bubble can no longer be finished). The bookkeeping that makes it once lives in outbox.py."""
 
 from __future__ import annotations
 
@@ -42,10 +43,7 @@ class OrphanDelivery:
             except REDIS_FAILURES:
                 continue
             rest = rest_of(polled["stream"].get("content", ""), meta.get("ws_shown", ""))
-            if not rest.strip():
-                self.outbox.sent(stream_id)
-                continue
-            message = remainder_message(self.streams.texts, rest)
+            message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty
             req_id, text = frames.send_markdown(meta.get("ws_chat", ""), bool(meta.get("ws_single")), message)
             if not session.send(text, req_id, self._on_sent(stream_id)):
                 self.outbox.failed(stream_id)
