@@ -33,7 +33,3 @@ class History:
     def write(self, path: Path) -> None:
         with self._lock:
             path.write_bytes(b"".join(orjson.dumps(event) + b"\n" for event in self.events))
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]

@@ -19,7 +19,6 @@ from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSe
 logger = logging.getLogger(__name__)
 
 REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop")
-REDIS_FAULTS = ("redis_pause", "redis_kill_master")
 DATABASE_FAULTS = ("mariadb_restart",)
 
 
@@ -33,7 +32,6 @@ class Nemesis:
         lease_seconds: float,
         database: PrivateMariaDB | None = None,
         gap: tuple[float, float] = (3.0, 10.0),
-        kinds: tuple[str, ...] | None = None,
     ):
         self.topology = topology
         self.replicas = replicas
@@ -42,10 +40,9 @@ class Nemesis:
         self.lease_seconds = lease_seconds
         self.database = database
         self.gap = gap
-        standalone = isinstance(topology, PrivateRedisServer)
-        available = [*REPLICA_FAULTS, *(k for k in REDIS_FAULTS if not (standalone and k == "redis_kill_master"))]
-        available += DATABASE_FAULTS if database is not None else ()
-        self.kinds = [k for k in available if kinds is None or k in kinds]
+        standalone = isinstance(topology, PrivateRedisServer)  # one server has no failover to test
+        self.kinds = [*REPLICA_FAULTS, "redis_pause", *(() if standalone else ("redis_kill_master",))]
+        self.kinds += DATABASE_FAULTS if database is not None else ()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
 
