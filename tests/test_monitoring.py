@@ -213,6 +213,11 @@ CASES = {
         [series("gateway_ready", "0x10", pod="a"), series("gateway_ready", "0x10", pod="b")],
         {"3m": None, "7m": {}},
     ),
+    "no replica reporting at all for five minutes": case(
+        "WecomGatewayNotReady",
+        [series("wecom_messages_total", "0x10", bot="b", outcome="opened")],
+        {"3m": None, "7m": {}},
+    ),
     "one replica ready is enough": case(
         "WecomGatewayNotReady",
         [series("gateway_ready", "0x10", pod="a"), series("gateway_ready", "1x10", pod="b")],
