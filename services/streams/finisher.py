@@ -84,7 +84,8 @@ class Finisher:
             metrics.STREAM_OUTCOMES.labels(self.bot, "closed_elsewhere").inc()
             self._send_unshown(job, answer, note)
         else:
-            logger.info("stream was already closed elsewhere; final state not written")
+            # closed elsewhere, or already final: an earlier try of this write ran, and only its reply was lost
+            logger.info("stream was already final; final state not written again")
         return finished
 
     def _free_slot(self, job: StreamJob, finished: Finished) -> None:
