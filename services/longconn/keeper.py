@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 FRAME_INTERVAL = 0.5
 OUTBOX_INTERVAL = 2.0
+# A new connection sends the rests of the previous connection's streams only this long after it began: WeCom
+# accepted that connection's last frames until our subscription replaced it, and their acks are recorded (what the
+# bubble shows, outbox.py) by the old holder a moment later. Sent at once, a rest could repeat what they showed
+# (the fault campaign saw it, FAULTS.md).
+OUTBOX_SETTLE_SECONDS = 3.0
 
 
 class ConnectionKeeper:
@@ -42,7 +47,8 @@ class ConnectionKeeper:
         self.settings = settings
         self._stop = stop
         self._ended = threading.Event()
-        self._next_lease = self._next_ping = self._next_outbox = time.monotonic()
+        self._next_lease = self._next_ping = time.monotonic()
+        self._next_outbox = self._next_lease + OUTBOX_SETTLE_SECONDS
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"wecom-ws-keeper-{self.replies.bot}", daemon=True).start()
