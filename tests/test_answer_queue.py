@@ -109,6 +109,8 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
         outbox = bot.holder.orphans.outbox
         outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation
         outbox.shown("every-word", "the whole answer")
+        time.sleep(1)
+        assert not wecom.proactive  # not in the connection's first seconds: the old holder's acks come first
         assert wait_until(lambda: wecom.proactive, timeout=15)
         time.sleep(2)  # and never a second time
         (sent,) = wecom.proactive
