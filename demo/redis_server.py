@@ -191,8 +191,11 @@ class PrivateSentinelSet:
         return master
 
     def restart(self, server: PrivateRedisServer) -> None:
-        """Start a killed server again; the sentinels make it a replica of the current master (waited for)."""
-        server.extra = ()
+        """Start a killed server again, as a replica of the current master (as a deployment's start-up script
+        does: a master restarted empty and on its own would take clients a stale sentinel still points at, and its
+        empty data set, until the sentinels demote it); waits until it is in sync."""
+        host, port = self.master_address()
+        server.extra = ("--replicaof", host, str(port))
         server.start()
         _wait(server.replicating, 60, "the restarted server did not become a replica in sync")
 
