@@ -25,6 +25,23 @@ from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
 REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 
 
+class _DroppedConnectionRetry(Retry):
+    """Retries a dropped connection a couple of times, never a timeout; but a timed-out command's connection is
+    closed too (the failure handler redis-py passes in closes it), for its reply may still come, and the next
+    command on that connection would read it as its own. redis-py's Sentinel connections do not close themselves
+    on a timeout, unlike its other connections (tests/test_topologies.py, the late-reply test)."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        try:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        except redis.TimeoutError as error:
+            if with_failure_count:
+                fail(error, 1)
+            else:
+                fail(error)
+            raise
+
+
 def connect_redis(
     url: str, socket_timeout: float = 2.0, instance_path: Path | None = None, sentinel_password: str = ""
 ) -> redis.Redis:
@@ -32,7 +49,9 @@ def connect_redis(
     multiply the wait. (A RedisCluster has the same commands as a Redis client, and is typed as one here.)"""
     target = parse_redis_url(url)
     timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
-    retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,))
+    retry = _DroppedConnectionRetry(
+        ExponentialBackoff(cap=0.2, base=0.02), retries=2, supported_errors=(redis.ConnectionError,)
+    )
     if target.kind == EMBEDDED:
         return connect_embedded(instance_path or Path("instance"))
     if target.kind == SENTINEL:

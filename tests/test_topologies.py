@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import redis
 
 from demo import dify_standin as d
 from services.texts import CATALOGUE
@@ -132,3 +133,22 @@ def test_after_a_planned_failover_no_message_is_refused_and_no_poll_fails(kind, 
         assert conversation.text == "answered", conversation.text
     wait_idle(*replicas)
     sim.close()
+
+
+def test_a_timed_out_command_never_hands_its_late_reply_to_the_next_one(topology):
+    """A command that times out may still be answered. redis-py's Sentinel connections do not close themselves on
+    a timeout, and the client's retry (for dropped connections only) did not close them either: the pooled
+    connection went back with the reply in flight, and the next command on it read that reply as its own (the
+    fault campaign on Sentinel saw a GET return a number, and the long connection's lease script return nil)."""
+    from services.redis_conn import connect_redis
+
+    client = connect_redis(topology.url, socket_timeout=0.3, sentinel_password=SENTINEL_PASSWORD)
+    try:
+        client.set("{t}a", "A")
+        client.set("{t}b", "B")
+        with pytest.raises(redis.TimeoutError):
+            client.execute_command("BLPOP", "{t}nothing", 1)  # answered (nil) after 1 s, past the 0.3 s timeout
+        assert client.get("{t}a") == "A"
+        assert client.get("{t}b") == "B"
+    finally:
+        client.close()
