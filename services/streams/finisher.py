@@ -20,7 +20,7 @@ from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, delays_for, through_outage
+from services.streams.outage import best_effort, best_effort_value, delays_for, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
@@ -128,16 +128,11 @@ class Finisher:
         """The bubble was finished by a poll that gave the answer up (its lease was gone): send what it did not
         show, once; the whole answer if what it showed cannot be read (Redis lost it) or is not where the answer
         begins."""
-        shown: list[str | None] = []
-        best_effort(lambda: shown.append(self.store.shown_when_given_up(job.stream_id)), "reading what was shown")
-        text = shown[0] if shown else None
+        text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
         if not text or not answer.text.startswith(text) or not job.response_url:
             self._send_whole(job, answer, note)
             return
-        message = remainder_message(self.texts, answer.text[len(text) :], note)
-        delivered = self.responder.send_markdown(job.response_url, message)
-        metrics.RESPONSE_URL.labels(self.bot, "rest", "sent" if delivered else "failed").inc()
-        logger.info("rest of the given-up answer %s through response_url", "sent" if delivered else "NOT sent")
+        self._respond(job, remainder_message(self.texts, answer.text[len(text) :], note), "rest")
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
@@ -146,9 +141,13 @@ class Finisher:
             logger.warning("the answer could not be delivered: no response_url")
             return False
         message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
+        return self._respond(job, message, "whole_answer")
+
+    def _respond(self, job: StreamJob, message: str, kind: str) -> bool:
+        """Send `message` (the answer's `kind`: rest or whole_answer) through response_url; True if WeCom took it."""
         delivered = self.responder.send_markdown(job.response_url, message)
-        metrics.RESPONSE_URL.labels(self.bot, "whole_answer", "sent" if delivered else "failed").inc()
-        logger.info("whole answer %s through response_url", "sent" if delivered else "NOT sent")
+        metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
+        logger.info("%s of the answer %s through response_url", kind, "sent" if delivered else "NOT sent")
         return delivered
 
     def _mark_sent_separately(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
@@ -157,15 +156,14 @@ class Finisher:
         poll resumes or restarts it, or ends it as interrupted."""
         fields = {**fields, "note": self.texts.say("sent_separately"), "delivered": "response_url"}
         patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
-        marks: list[Finished | None] = []
-        best_effort(
-            lambda: marks.append(self.store.finish(job.stream_id, job.attempt, status, fields)),
+        marked = best_effort_value(
+            lambda: self.store.finish(job.stream_id, job.attempt, status, fields),
             "marking the stream as sent through response_url",
             delays_for(patience),
         )
-        if marks and marks[0] is not None and marks[0].inflight_key:
+        if marked is not None and marked.inflight_key:
             logger.info("stream marked as sent through response_url")
-            self._free_slot(job, marks[0])
+            self._free_slot(job, marked)
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
         """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""
@@ -180,9 +178,7 @@ class Finisher:
             if shown >= len(answer.text):
                 return
             message = remainder_message(self.texts, answer.text[shown:])
-        delivered = self.responder.send_markdown(job.response_url, message)
-        metrics.RESPONSE_URL.labels(self.bot, "rest", "sent" if delivered else "failed").inc()
-        logger.info("rest of the answer %s through response_url", "sent" if delivered else "NOT sent")
+        delivered = self._respond(job, message, "rest")
         best_effort(
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),
             "recording the response_url delivery",

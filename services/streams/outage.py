@@ -64,3 +64,12 @@ def best_effort(call: Callable[[], object], what: str, delays: tuple[float, ...]
         logger.warning("gave up %s: Redis stayed unavailable (%s)", what, exc)
         return False
     return True
+
+
+def best_effort_value(call: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T | None:
+    """`best_effort` for a call whose reply is wanted: the reply, or None when Redis stayed away."""
+    try:
+        return through_outage(call, what, delays)
+    except REDIS_FAILURES as exc:
+        logger.warning("gave up %s: Redis stayed unavailable (%s)", what, exc)
+        return None

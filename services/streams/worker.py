@@ -27,7 +27,7 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, through_outage
+from services.streams.outage import best_effort_value, through_outage
 from services.streams.recorder import (
     DEFAULT_OPTIONS,
     THINK_CLOSE,
@@ -179,11 +179,8 @@ class StreamWorker:
     def _count_call(self, job: StreamJob) -> None:
         """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is
         counted as a duplicate, which the monitoring bundle alerts on."""
-        kinds: list[str] = []
-        best_effort(
-            lambda: kinds.append(self.deps.store.count_dify_call(job.stream_id)), "counting the Dify call", delays=()
-        )
-        kind = kinds[0] if kinds else "new"
+        store = self.deps.store
+        kind = best_effort_value(lambda: store.count_dify_call(job.stream_id), "counting the Dify call", ()) or "new"
         if kind == "duplicate":
             logger.error("a second Dify call for this message (not a documented restart)")
         metrics.DIFY_CALLS.labels(self.bot, kind).inc()
