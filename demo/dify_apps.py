@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from demo.dify_standin import end, event, message, sleep
+from demo.dify_standin import answer, end, event, message, sleep
 
 # --- scenario steps ------------------------------------------------------------------------------------------
 
@@ -44,9 +44,56 @@ def annotation_answer(text: str) -> list[tuple]:
 
 
 def input_required(before: str = "") -> list[tuple]:
-    """A run that stops for a person: some text, human_input_required, workflow_paused, and the stream ends."""
-    form = {"form_token": "form-1", "form_content": "Approve?", "expiration_time": int(time.time()) + 3600}
+    """A run that stops for a person, whose form the service API cannot drive (a null form_token: delivered by
+    e-mail): some text, human_input_required, workflow_paused, and the stream ends."""
+    form = {"form_token": None, "form_content": "Approve?", "expiration_time": int(time.time()) + 3600}
     return [*([message(before)] if before else []), event("human_input_required", data=form), paused()]
+
+
+APPROVE_REJECT = (("approve", "Approve", "primary"), ("reject", "Reject", "default"))
+
+
+def form(
+    content: str = "Approve the purchase of 3 laptops?",
+    actions=APPROVE_REJECT,
+    branches: dict | None = None,
+    inputs: list | None = None,
+    **spec,
+) -> tuple:
+    """A Human Input node: the run pauses here for a form (the stand-in serves it at /form/human_input/{token});
+    after its answer, the run goes on with `branches[action]` (or `branches["*"]`)."""
+    if branches is None:
+        branches = {"*": [sleep(0.3), message(" The request was handled."), workflow_done({"answer": "ok"}), end()]}
+    return ("form", {"content": content, "actions": actions, "branches": branches, "inputs": inputs or [], **spec})
+
+
+def text_input(name: str, label: str = "") -> dict:
+    """A form input the user types."""
+    return {"type": "paragraph", "output_variable_name": name, "label": label or name, "default": ""}
+
+
+def select_input(name: str, options: list[str], label: str = "") -> dict:
+    """A form input chosen from options."""
+    return {"type": "select", "output_variable_name": name, "label": label or name, "options": options}
+
+
+def approval_run(before: str, english: bool) -> list[tuple]:
+    """The demo's approval app: a chatflow that asks for an approval and answers after it."""
+    if english:
+        content, approved, rejected = "**Purchase request**: 3 laptops, 21,000 CNY. Approve?", "Approved", "Rejected"
+        actions = APPROVE_REJECT
+    else:
+        content, approved, rejected = "**采购申请**：笔记本电脑 3 台，共 21,000 元。是否同意？", "已同意", "已拒绝"
+        actions = (("approve", "同意", "primary"), ("reject", "拒绝", "default"))
+
+    def after(verdict: str) -> list[tuple]:
+        text = f"\n\n**{verdict}**. " + ("The requester has been told." if english else "已通知申请人。")
+        deltas = answer(text, pieces=4)[:-1]  # without its message_end: the run's end comes after its outputs
+        return [sleep(0.4), *deltas, workflow_done({"answer": text}), end()]
+
+    branches = {"approve": after(approved), "reject": after(rejected)}
+    title = "Approval" if english else "审批"
+    return [workflow_started(), message(before), form(content, actions, branches, title=title)]
 
 
 def paused() -> tuple:
@@ -100,7 +147,8 @@ def demo_workflow(query: str, language: str) -> list[tuple]:
 
 def demo_extra(query: str, language: str) -> list[tuple] | None:
     """Unscripted demo answers that show the newer events: 'think' (reasoning first: shown with
-    SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' (a run that waits for a person)."""
+    SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' or '审批' (a run that waits for a
+    person's approval, shown as a card)."""
     words = set(re.findall(r"[a-z]+", query.lower()))
     english = language == "en"
     if "think" in words:
@@ -109,6 +157,6 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
         return [reasoning(thought), reasoning("…", final=True), message(answer), end()]
     if "agent" in words:
         return agent_answer("An agent app's answer, shown once." if english else "智能体应用的回答，只显示一次。")
-    if "form" in words:
-        return input_required("I need an approval first." if english else "需要先审批。")
+    if "form" in words or "approve" in words or "审批" in query:
+        return approval_run("I need an approval first." if english else "需要先审批。", english)
     return None

@@ -16,6 +16,7 @@ class RunLog:
         self.frames: list[bytes] = []
         self.finished_frame = b""
         self.ended = False
+        self.paused = False  # waiting for a person's form (a reader without continue_on_pause stops here)
         self._changed = asyncio.Event()
 
     def add(self, frame: bytes) -> None:
@@ -28,12 +29,17 @@ class RunLog:
         self.ended = True
         self._wake()
 
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self._wake()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def follow(self):
-        """The frames for a reader that attaches now."""
+    async def follow(self, continue_on_pause: bool = False):
+        """The frames for a reader that attaches now; without `continue_on_pause`, up to the pause of a run that
+        waits for a form."""
         if self.ended:
             if self.finished_frame:
                 yield self.finished_frame
@@ -43,7 +49,7 @@ class RunLog:
             while sent < len(self.frames):
                 yield self.frames[sent]
                 sent += 1
-            if self.ended:
+            if self.ended or (self.paused and not continue_on_pause):
                 return
             await self._changed.wait()
 
@@ -69,6 +75,11 @@ class RunConn:
         self.log.end()
         await self._guard(self.conn.end_stream())
 
+    async def pause(self) -> None:
+        """The run waits for a form: its HTTP stream ends, the run does not."""
+        self.log.pause(True)
+        await self._guard(self.conn.end_stream())
+
     async def send(self, *args, **kwargs) -> None:
         self.log.end()
         await self._guard(self.conn.send(*args, **kwargs))
@@ -85,3 +96,30 @@ class RunConn:
             await write
         except (ConnectionError, OSError):
             self.gone = True
+
+
+class LogOnly:
+    """Where a run's frames go after a form's answer: into its log only (readers re-attach to follow it)."""
+
+    def __init__(self, log: RunLog):
+        self.log = log
+        log.pause(False)
+
+    async def start_stream(self, **kwargs) -> None:
+        return None
+
+    async def write_chunk(self, data: bytes) -> None:
+        if data.startswith(b"data: "):
+            self.log.add(data)
+
+    async def end_stream(self) -> None:
+        self.log.end()
+
+    async def pause(self) -> None:
+        self.log.pause(True)
+
+    async def send(self, *args, **kwargs) -> None:
+        self.log.end()
+
+    def abort(self) -> None:
+        self.log.end()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from demo.dify_runs import RunConn, RunLog
+from demo.dify_runs import LogOnly, RunConn, RunLog
 from demo.http_server import Conn, Request, StandInServer
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -204,6 +204,8 @@ class DifyStandIn:
         self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
         self.feedbacks: list[tuple[str, dict]] = []
         self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
+        self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
+        self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
 
@@ -235,6 +237,8 @@ class DifyStandIn:
             self.feedbacks.clear()
             self.runs.clear()
             self.reattaches.clear()
+            self.forms.clear()
+            self.form_submissions.clear()
             self.info_requests = 0
             self.mode = "chat"
 
@@ -277,6 +281,8 @@ class DifyStandIn:
         elif request.method == "GET" and path == "/v1/info":
             self.info_requests += 1
             await conn.send(200, {"name": "stand-in app", "description": "", "tags": [], "mode": mode})
+        elif path.startswith("/v1/form/human_input/") and request.method in ("GET", "POST"):
+            await self._form(path.rsplit("/", 1)[-1], request, conn)
         elif request.method == "GET" and path.startswith("/v1/workflow/") and path.endswith("/events"):
             await self._reattach(path.split("/")[3], request, conn)
         elif request.method == "GET" and path == "/v1/parameters":
@@ -323,8 +329,6 @@ class DifyStandIn:
             "message_id": str(uuid.uuid4()),
             "conversation_id": conversation_id or str(uuid.uuid4()),
         }
-        if mode == "advanced-chat":
-            ids["workflow_run_id"] = str(uuid.uuid4())
         query = body.get("query", "")
         with self._lock:
             self.conversations[ids["conversation_id"]] = body["user"]
@@ -340,6 +344,8 @@ class DifyStandIn:
             or demo_extra(query, language)
             or demo_reply(query, self.demo_delay, language, earlier, name)
         )
+        if mode == "advanced-chat" or any(step[0] == "form" for step in steps):  # a run with a Human Input node
+            ids["workflow_run_id"] = str(uuid.uuid4())
         await self._play_run(steps, ids, conn, body["user"])
 
     async def _run(self, request: Request, conn: Conn, mode: str) -> None:
@@ -376,12 +382,47 @@ class DifyStandIn:
             log = self.runs[run_id] = RunLog(user)
             conn = RunConn(conn, log)
         self.open_streams += 1
+        paused = None
         try:
-            await self._play(steps, ids, conn)
+            paused = await self._play(steps, ids, conn)
         finally:
             self.open_streams -= 1
-            if run_id:
+            if run_id and paused is None:
                 log.end()
+        if paused is not None and run_id:
+            self.forms[paused["token"]] = {**paused, "ids": ids, "user": user, "log": log, "status": "open"}
+
+    async def _form(self, token: str, request: Request, conn: Conn) -> None:
+        """`GET /form/human_input/{token}` (the form) and `POST` (its answer: the run goes on in its log, for
+        readers that re-attach with continue_on_pause). 404 unknown; 412 answered already or expired."""
+        form = self.forms.get(token)
+        body = (request.json() or {}) if request.method == "POST" else {}
+        status = 404 if form is None else 412 if form["status"] != "open" or time.time() >= form["expires"] else 200
+        if request.method == "POST":
+            if status == 200 and (body.get("user") != form["user"] or body.get("action") not in form["actions"]):
+                status = 400
+            with self._lock:
+                self.form_submissions.append({"token": token, "body": body, "status": status, "at": time.time()})
+        if status != 200:
+            codes = {404: "not_found", 412: "human_input_form_submitted", 400: "invalid_param"}
+            await conn.send(status, {"code": codes[status], "message": "form not available", "status": status})
+            return
+        if request.method == "GET":
+            await conn.send(200, form["public"])
+            return
+        form["status"] = "submitted"
+        await conn.send(200, {})
+        asyncio.ensure_future(self._after_form(form, body["action"]))
+
+    async def _after_form(self, form: dict, action: str) -> None:
+        """The run after its form's answer: human_input_form_filled, then the branch of the action taken."""
+        log, ids = form["log"], form["ids"]
+        conn = LogOnly(log)
+        filled = {"event": "human_input_form_filled", "data": {"form_token": form["token"], "action": action}}
+        await conn.write_chunk(_frame(filled, ids))
+        paused = await self._play(form["branches"].get(action, form["branches"].get("*", [])), ids, conn)
+        if paused is not None:
+            self.forms[paused["token"]] = {**paused, "ids": ids, "user": form["user"], "log": log, "status": "open"}
 
     async def _reattach(self, run_id: str, request: Request, conn: Conn) -> None:
         """`GET /workflow/{run id}/events?user=`: the run's events again, from its start (a finished run: its
@@ -393,7 +434,7 @@ class DifyStandIn:
             await conn.send(404, {"code": "not_found", "message": "Workflow run not found", "status": 404})
             return
         await conn.start_stream(headers={"X-Accel-Buffering": "no"})
-        async for frame in log.follow():
+        async for frame in log.follow(request.query.get("continue_on_pause") == "true"):
             await conn.write_chunk(frame)
         await conn.end_stream()
 
@@ -453,7 +494,8 @@ class DifyStandIn:
                     return script.steps
         return None
 
-    async def _play(self, steps: list[tuple], ids: dict, conn: Conn) -> None:
+    async def _play(self, steps: list[tuple], ids: dict, conn: Conn) -> dict | None:
+        """Play `steps` on `conn`; a run that pauses for a form returns the form (its stream ends there)."""
         began: float | None = None  # when the body began (monotonic)
         for step in steps:
             kind = step[0]
@@ -462,10 +504,10 @@ class DifyStandIn:
                 continue
             if kind == "http":
                 await conn.send(step[1], step[2])
-                return
+                return None
             if kind == "drop":
                 conn.abort()
-                return
+                return None
             if began is None:
                 await conn.start_stream(headers={"X-Accel-Buffering": "no"})
                 began = time.monotonic()
@@ -487,12 +529,19 @@ class DifyStandIn:
                 await asyncio.sleep(step[1])
             elif kind == "cut":
                 conn.abort()
-                return
+                return None
             elif kind == "close":
                 break
+            elif kind == "form":
+                form = _human_input(step[1], ids)
+                for frame in form.pop("frames"):
+                    await conn.write_chunk(frame)
+                await (conn.pause() if hasattr(conn, "pause") else conn.end_stream())
+                return form
         if began is None:
             await conn.start_stream()
         await conn.end_stream()
+        return None
 
     async def _sleep_with_pings(self, conn: Conn, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -505,6 +554,39 @@ class DifyStandIn:
                 await conn.write_chunk(b"event: ping\n\n")
             else:
                 await asyncio.sleep(left)
+
+
+def _human_input(spec: dict, ids: dict) -> dict:
+    """A form step's frames (human_input_required, workflow_paused) and what the form API serves for it. `spec`:
+    content, title, actions [(id, title, style)], inputs [Dify input objects], expires_in, branches {action id (or
+    "*"): steps after the answer}, bare (the event's data holds the token alone, as in Dify 1.14.0-rc1)."""
+    token = spec.get("token") or uuid.uuid4().hex
+    expires = time.time() + spec.get("expires_in", 3600)
+    actions = [{"id": a, "title": t, "button_style": s} for a, t, s in spec.get("actions", [])]
+    public = {
+        "form_content": spec.get("content", ""),
+        "inputs": spec.get("inputs", []),
+        "user_actions": actions,
+        "expiration_time": int(expires),
+        "resolved_default_values": {},
+    }
+    data = {"form_token": token, "node_id": "human", "node_title": spec.get("title", "")}
+    if not spec.get("bare"):
+        data |= {"form_content": public["form_content"], "inputs": public["inputs"], "actions": actions}
+        data["expiration_time"] = public["expiration_time"]
+    paused = {"paused_nodes": ["human"], "reasons": ["human_input_required"]}
+    frames = [
+        _frame({"event": "human_input_required", "data": data}, ids),
+        _frame({"event": "workflow_paused", "data": paused}, ids),
+    ]
+    return {
+        "token": token,
+        "frames": frames,
+        "public": public,
+        "actions": [a["id"] for a in actions],
+        "expires": expires,
+        "branches": spec.get("branches", {}),
+    }
 
 
 async def _json_body(request: Request, conn: Conn) -> dict | None:

@@ -35,6 +35,7 @@ class Conversation:
     stream_id: str
     frames: list[dict] = field(default_factory=list)
     polls: int = 0
+    cards: list[dict] = field(default_factory=list)  # template cards that rode on the stream (WeCom takes one)
 
     @property
     def last(self) -> dict:
@@ -185,6 +186,33 @@ class WeComSimulator:
         )
         return message
 
+    def card_click(
+        self,
+        card: dict,
+        action: str = "",
+        userid: str = "alice",
+        chatid: str = "",
+        selected: dict[str, str] | None = None,
+    ) -> dict:
+        """A `template_card_event`: `userid` taps the button of `action` on `card` (for a card with selectors,
+        its submit button, with `selected` {question_key: option id})."""
+        if card.get("card_type") == "multiple_interaction":
+            key = card["submit_button"]["key"]
+        else:
+            key = next(b["key"] for b in card["button_list"] if b["key"].endswith(f"#{action}")) if action else ""
+            key = key or card["button_list"][0]["key"]
+        event = {"card_type": card.get("card_type", ""), "event_key": key, "task_id": card.get("task_id", "")}
+        items = [{"question_key": q, "option_ids": {"option_id": [o]}} for q, o in (selected or {}).items()]
+        if items:
+            event["selected_items"] = {"selected_item": items}
+        message = self._common(userid, chatid, None)
+        message.pop("msgid", None)
+        message.update(
+            {"msgtype": "event", "create_time": int(time.time()), "event": {"eventtype": "template_card_event"}}
+        )
+        message["event"]["template_card_event"] = event
+        return message
+
     def _common(self, userid: str, chatid: str, msgid: str | None) -> dict:
         payload = {
             "msgid": msgid or secrets.token_hex(16),
@@ -285,8 +313,16 @@ class WeComSimulator:
             time.sleep(self.poll_interval)
             reply = self.send(self.poll_message(conversation.stream_id, userid, chatid))
             conversation.polls += 1
-            if reply is None or reply.get("msgtype") != "stream" or reply["stream"].get("id") != conversation.stream_id:
+            if (
+                reply is None
+                or reply.get("msgtype") not in ("stream", "stream_with_template_card")
+                or reply["stream"].get("id") != conversation.stream_id
+            ):
                 raise ReplyError(f"unexpected poll reply: {reply!r}")
+            if "template_card" in reply:
+                if conversation.cards:
+                    raise ReplyError("a second template card for one message (WeCom refuses it)")
+                conversation.cards.append(reply["template_card"])
             conversation.frames.append(reply)
             if on_frame:
                 on_frame(reply)

@@ -31,6 +31,8 @@ from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
 from services.dify.health import DifyHealth
+from services.forms.service import FormService
+from services.forms.store import FormStore
 from services.keys import Keys
 from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
@@ -243,6 +245,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
     media = MediaService(crypto, dify, profile, settings.dify_base_url)
     feedback = FeedbackService(client, keys, dify)
+    forms = FormService(FormStore(client, keys), dify, texts, name)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
     deps = WorkerDeps(
@@ -263,6 +266,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         texts=texts,
         health=DifyHealth(),
         profile=profile,
+        forms=forms,
     )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
     options = AnswerOptions(
@@ -272,14 +276,16 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=name, options=options)
     streams = StreamService(store, shared.runner, worker, texts, bubble, owner, settings.stream_window_seconds, name)
+    forms.go_on_separately = streams.continue_form
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message),
         feedback,
         ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
+        forms,
     )
     callback = CallbackHandler(
         Envelope(crypto, settings.wecom_timestamp_tolerance),
-        MessageIntake(streams, conversations, texts, settings.wecom_bot_name),
+        MessageIntake(streams, conversations, texts, settings.wecom_bot_name, forms),
         streams,
         events,
         texts,
@@ -310,6 +316,7 @@ def _holder(settings: Settings, shared: _Shared, keys: Keys, callback: CallbackH
     lease)."""
     lease = BotLease(shared.client, keys, settings.wecom_bot_id, shared.owner, settings.wecom_ws_lease_seconds)
     outbox = Outbox(shared.client, keys, callback.streams.store, settings.wecom_bot_id)
+    callback.streams.outbox = outbox  # answers with no bubble (the rest of a run after a form) go out through it
     return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner)
 
 

@@ -102,6 +102,17 @@ class Keys:
             return None
         return key[len(head) : -1]
 
+    # --- human-input forms (services/forms) ------------------------------------------------------------------
+
+    def form(self, stream_id: str, form_digest: str) -> str:
+        """Hash of one form of a stream's Dify run: the form, its card, who may answer it, and what became of it
+        (TTL: the form's expiry and a day more). Tagged as the stream's keys: a click reads both at once."""
+        return f"{self.prefix}dify_form:{{{stream_id}}}:{form_digest}"
+
+    def form_typing(self, aibotid: str, chat: str, userid: str) -> str:
+        """String: the task id of the form whose values (or action) this user types in this chat next."""
+        return f"{self.prefix}dify_form_typing:{aibotid}:{chat}:{userid}"
+
     # --- WeCom message dedup --------------------------------------------------------------------------------
 
     def wecom_msg(self, msgid: str) -> str:

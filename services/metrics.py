@@ -115,6 +115,21 @@ WS_ACK_SECONDS = Histogram(
 DIFY_UNKNOWN_EVENTS = Counter(
     "dify_unknown_events_total", "Dify stream events the gateway does not know (ignored), by name", ["bot", "event"]
 )
+FORM_CARDS = Counter("wecom_form_cards_total", "Human-input forms shown as template cards", ["bot"])
+FORM_CLICKS = Counter(
+    "wecom_form_clicks_total",
+    "Clicks on form cards (and typed answers) by outcome: claimed, already, not_yours, expired, unknown, needs_text",
+    ["bot", "outcome"],
+)
+FORM_SUBMISSIONS = Counter(
+    "dify_form_submissions_total", "Form submissions to Dify by result: submitted, expired, failed", ["bot", "result"]
+)
+FORM_WAIT_SECONDS = Histogram(
+    "wecom_form_wait_seconds",
+    "From a form shown to its answer (click or typed)",
+    ["bot"],
+    buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 24 * 3600),
+)
 AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["bot", "outcome"])
 TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["bot", "result"])
 RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["bot", "kind", "result"])
@@ -150,7 +165,7 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 # The label values each bot's series start with (the values the code counts; codes from Dify's HTTP errors come on
 # top when they happen).
 MESSAGE_OUTCOMES = (
-    "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty",
+    "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
 )  # fmt: skip
 CALLBACK_KINDS = ("text", "stream")
 CALLBACK_OUTCOMES = ("ok", "store_unavailable")
@@ -159,12 +174,14 @@ STREAM_EVENTS = (
     "taken_over_elsewhere", "closed_elsewhere",
 )  # fmt: skip
 DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
-DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate")
+DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
-RESPONSE_URL_KINDS = ("rest", "whole_answer")
+RESPONSE_URL_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
 WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
 SENT = ("sent", "failed")
+FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
+FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
 
 
 def initialise(bot: str, long_connection: bool = False) -> None:
@@ -191,6 +208,12 @@ def initialise(bot: str, long_connection: bool = False) -> None:
             RESPONSE_URL.labels(bot, kind, result)
     for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
         metric.labels(bot)
+    for metric in (FORM_CARDS, FORM_WAIT_SECONDS):
+        metric.labels(bot)
+    for outcome in FORM_CLICK_OUTCOMES:
+        FORM_CLICKS.labels(bot, outcome)
+    for result in FORM_SUBMISSION_RESULTS:
+        FORM_SUBMISSIONS.labels(bot, result)
     if long_connection:
         for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
             metric.labels(bot)

@@ -69,13 +69,6 @@ def test_an_annotation_reply_arrives_whole(ask, dify):
     assert ask("vpn?").text == "请使用 VPN 客户端 3.2 版本。"
 
 
-def test_a_run_that_waits_for_a_person_ends_the_bubble_with_a_note(ask, dify):
-    dify.script(apps.input_required(before="I need your approval first."))
-    conversation = ask("book the trip")
-    assert conversation.text == "I need your approval first.\n\n" + ZH["input_required"]
-    assert conversation.last["finish"] is True
-
-
 def test_unknown_events_are_ignored_and_counted(make_app, serve, dify):
     live = serve(make_app())
     dify.script([d.event("brand_new_event", data={"x": 1}), *d.answer("still fine")])

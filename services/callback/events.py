@@ -1,4 +1,5 @@
-"""WeCom's event callbacks: `enter_chat` gets the welcome, `feedback_event` goes to Dify, others are noted.
+"""WeCom's event callbacks: `enter_chat` gets the welcome, `feedback_event` goes to Dify, a `template_card_event`
+(a click on a form's card) to the forms, others are noted.
 
 An event with side effects must not happen twice when WeCom resends it or someone replays it: the replay guard
 remembers each signed request, and a repeat gets the same reply without the side effect.
@@ -11,6 +12,7 @@ import logging
 from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService
+from services.forms.service import FormService
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.messages import Inbound, text_reply
 
@@ -18,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 class EventHandler:
-    def __init__(self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard):
+    def __init__(
+        self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard, forms: FormService | None = None
+    ):
         self.welcome = welcome
         self.feedback = feedback
         self.replays = replays
+        self.forms = forms
 
     def first_time(self, signature: str) -> bool:
         """False for a repeat of a request already handled (a Redis outage counts as first time)."""
@@ -40,10 +45,16 @@ class EventHandler:
 
     def replayed(self, message: Inbound) -> dict | None:
         """The reply to a repeated event, without its side effects (the welcome is the same; feedback is not
-        forwarded twice)."""
+        forwarded twice; a click claims its form once, whatever the number of times it comes)."""
         return self._reply(message)
 
     def _reply(self, message: Inbound) -> dict | None:
+        if message.event_type == "template_card_event" and self.forms is not None:
+            try:
+                return self.forms.click(message)
+            except REDIS_FAILURES as exc:
+                logger.warning("Redis unavailable while answering a click: %s", exc)
+                return None
         if message.event_type == "enter_chat":
             welcome = self.welcome.text()
             return text_reply(welcome) if welcome else None

@@ -1,11 +1,13 @@
 """What a user's message becomes: a command (/new, /reset, /help) answered at once, a polite refusal of an
-empty message, or a question (the words, the quote as context, the images and files) that opens a stream."""
+empty message, the typed value of a form that waits for it, or a question (the words, the quote as context, the
+images and files) that opens a stream."""
 
 from __future__ import annotations
 
 import logging
 
 from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
+from services.forms.service import FormService
 from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.streams.conversations import ConversationStore
 from services.streams.service import StreamService
@@ -16,11 +18,19 @@ logger = logging.getLogger(__name__)
 
 
 class MessageIntake:
-    def __init__(self, streams: StreamService, conversations: ConversationStore, texts: Texts, bot_name: str = ""):
+    def __init__(
+        self,
+        streams: StreamService,
+        conversations: ConversationStore,
+        texts: Texts,
+        bot_name: str = "",
+        forms: FormService | None = None,
+    ):
         self.streams = streams
         self.conversations = conversations
         self.texts = texts
         self.bot_name = bot_name
+        self.forms = forms
 
     def take(self, message: Inbound) -> dict:
         """The plaintext reply to a user's message (text, voice, image, mixed, file, video)."""
@@ -37,6 +47,9 @@ class MessageIntake:
                 if not text:
                     return self.streams.finish_at_once(self.texts.say("new_conversation"))
 
+        form = self.forms.waiting_for(message) if self.forms is not None and text else None
+        if form is not None:  # the value of a form's field, or its choice: not a question for Dify
+            return self.streams.answer_at_once(message, lambda: self.forms.typed(form, message, text))
         attachments = _attachments(message)
         if not text and not attachments:
             self.streams.count("empty")

@@ -27,7 +27,7 @@ from services.dify.errors import (
     DifyTimeout,
     http_error,
 )
-from services.dify.events import DifyEvent, EventReader
+from services.dify.events import DifyEvent, EventReader, FormsSeen
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
 from services.dify.transport.read_pump import ReadPump
 from utils.tls import default_tls_context
@@ -137,20 +137,44 @@ class DifyClient:
         )
 
     def stream_run(
-        self, run_id: str, user: str, app_type: str, relay: Relay | None = None
+        self, run_id: str, user: str, relay: Relay | None = None, forms: FormsSeen | None = None
     ) -> Iterator[list[DifyEvent]]:
         """Stream a chatflow's or workflow's run again (`GET /workflow/{run_id}/events`), from its first event;
-        a finished run gives its `workflow_finished` alone. As `stream_chat` otherwise.
+        a finished run gives its `workflow_finished` alone. As `stream_chat` otherwise. With `forms` (a run that
+        paused for a person), the stream goes on past a pause (`continue_on_pause`), the forms already answered
+        are passed over, and with `forms.after` everything up to that form's answer is left out.
 
         Raises:
             DifyHTTPError (404: no such run, or not this user's), DifyConnectionError, DifyTimeout,
             DifyStreamError, DifyStreamCut.
         """
-        url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode({'user': user})}"
+        query = {"user": user}
+        if forms is not None and forms.after:
+            query["continue_on_pause"] = "true"
+        url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode(query)}"
         # A re-attached chatflow's stream ends at workflow_finished too: a finished run sends nothing else.
         yield from self._with_retries(
-            lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay), idempotent=True
+            lambda: self._stream_once(url, None, EventReader(WORKFLOW, forms), relay), idempotent=True
         )
+
+    def human_input_form(self, form_token: str, timeout: float = 10.0) -> dict:
+        """A paused run's form (`GET /form/human_input/{token}`): form_content, inputs, user_actions,
+        expiration_time.
+
+        Raises:
+            DifyHTTPError (404 unknown; 412 answered or expired), DifyConnectionError, DifyTimeout.
+        """
+        return self._get_object(f"form/human_input/{quote(form_token, safe='')}", timeout)
+
+    def submit_human_input(self, form_token: str, inputs: dict, action: str, user: str) -> None:
+        """Answer a paused run's form (`POST /form/human_input/{token}`) as the run's own `user`; the run goes on.
+
+        Raises:
+            DifyHTTPError (412: answered already or expired; 400: an input Dify refused), DifyConnectionError,
+            DifyTimeout.
+        """
+        body = {"inputs": inputs, "action": action, "user": user}
+        self._request("POST", f"form/human_input/{quote(form_token, safe='')}", "form submission", json=body)
 
     def _with_retries(
         self, stream: Callable[[], Iterator[list[DifyEvent]]], idempotent: bool
@@ -243,7 +267,7 @@ class DifyClient:
 
     def _get_object(self, name: str, timeout: float) -> dict:
         """`GET /<name>` as a JSON object (empty if it is another JSON value)."""
-        response = self._request("GET", name, f"/{name}", timeout=timeout)
+        response = self._request("GET", name, f"/{name.split('/', 1)[0]}", timeout=timeout)
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:

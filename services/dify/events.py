@@ -29,6 +29,8 @@ WORKFLOW_REPLACE = "text_replace"
 REASONING_EVENT = "reasoning_chunk"
 INPUT_REQUIRED = "human_input_required"
 PAUSED = "workflow_paused"  # the run waits for a person's input: the stream ends here
+FORM_FILLED = "human_input_form_filled"  # a re-attached run: the form was answered, the run goes on
+FORM_TIMEOUT = "human_input_form_timeout"  # ... or it expired unanswered, and the node's timeout path ran
 # Events that carry nothing for a text relay; anything not listed anywhere is ignored too, at debug level.
 QUIET_EVENTS = frozenset(
     {
@@ -48,8 +50,20 @@ QUIET_EVENTS = frozenset(
         "parallel_branch_started",
         "parallel_branch_finished",
         "agent_log",
+        FORM_FILLED,
     }
 )
+
+
+@dataclass(slots=True)
+class FormsSeen:
+    """What a reader of a re-attached run knows of its forms: the tokens of those answered already (their
+    `human_input_required` and the pause after it are history, passed over), and `after`, the form just answered:
+    everything up to its `human_input_form_filled` (or `_timeout`) is left out, as Dify may send the run from its
+    start."""
+
+    answered: frozenset[str] = frozenset()
+    after: str = ""
 
 
 @dataclass(slots=True)
@@ -97,13 +111,36 @@ class EventReader:
     """Turns the SSE events of each read into a batch of Dify events; stops at the end of the answer (for an app
     of type `app_type`) or at `error`."""
 
-    __slots__ = ("ended", "failure", "end_name", "_ends")
+    __slots__ = ("ended", "failure", "end_name", "_ends", "_forms", "_waiting_for", "_past_pause")
 
-    def __init__(self, app_type: str = "chat") -> None:
+    def __init__(self, app_type: str = "chat", forms: FormsSeen | None = None) -> None:
         self.ended = False
         self.failure: DifyStreamError | None = None
         self.end_name = WORKFLOW_FINISHED if app_type == "workflow" else END_EVENT
         self._ends = frozenset({self.end_name, PAUSED})
+        self._forms = forms or FormsSeen()
+        self._waiting_for = self._forms.after  # leave everything out until this form's answer
+        self._past_pause = False  # an answered form's pause is coming: not an end
+
+    def _history(self, event: DifyEvent) -> bool:
+        """Whether a re-attached run's event is one already seen (before the form just answered, or an answered
+        form's request and pause)."""
+        token = event.body.get("form_token") or event.get("form_token")
+        if self._waiting_for:
+            if event.kind in (FORM_FILLED, FORM_TIMEOUT) and token in (self._waiting_for, None):
+                self._waiting_for = ""
+                return event.kind == FORM_FILLED  # a timeout is news for the user; a filled form is not
+            if event.kind == self.end_name or event.kind == WORKFLOW_FINISHED:  # it ended before we re-attached
+                self._waiting_for = ""
+                return False
+            return event.kind != ERROR_EVENT
+        if event.kind == INPUT_REQUIRED and token in self._forms.answered:
+            self._past_pause = True
+            return True
+        if event.kind == PAUSED and self._past_pause:
+            self._past_pause = False
+            return True
+        return False
 
     @property
     def stopped(self) -> bool:
@@ -116,7 +153,7 @@ class EventReader:
             return batch
         for sse in events:
             event = decode_event(sse.event, sse.data)
-            if event is None:
+            if event is None or self._history(event):
                 continue
             if event.kind == ERROR_EVENT:
                 self.failure = DifyStreamError(

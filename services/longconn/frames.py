@@ -13,6 +13,7 @@ PING = "ping"
 EVENT_CALLBACK = "aibot_event_callback"
 RESPOND = "aibot_respond_msg"
 RESPOND_WELCOME = "aibot_respond_welcome_msg"
+RESPOND_UPDATE = "aibot_respond_update_msg"  # a template_card_event's answer: the card updated
 SEND = "aibot_send_msg"
 
 BAD_CREDENTIALS = 853000  # wrong bot_id or secret (the server leaves the socket open)

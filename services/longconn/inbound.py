@@ -54,8 +54,9 @@ class InboundHandler:
             return
         session, holding = self._connection()
         if message.msgtype == "event":
+            command = frames.RESPOND_UPDATE if message.event_type == "template_card_event" else frames.RESPOND_WELCOME
             if session is not None:
-                session.send(frames.frame(frames.RESPOND_WELCOME, req_id, reply), req_id)
+                session.send(frames.frame(command, req_id, reply), req_id)
             return
         stream = reply.get("stream") or {}
         stream_id = stream.get("id", "")

@@ -12,7 +12,7 @@ from services.longconn import frames
 from services.longconn.outbox import Outbox, rest_of
 from services.longconn.session import Session
 from services.redis_conn import REDIS_FAILURES
-from services.streams.bubble import remainder_message
+from services.streams.bubble import remainder_message, separate_message
 from services.streams.outage import best_effort
 from services.streams.service import StreamService
 
@@ -43,7 +43,10 @@ class OrphanDelivery:
             except REDIS_FAILURES:
                 continue
             rest = rest_of(polled["stream"].get("content", ""), meta.get("ws_shown", ""))
-            message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty
+            if meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
+                message = separate_message(self.streams.texts, rest, "")
+            else:
+                message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty
             req_id, text = frames.send_markdown(meta.get("ws_chat", ""), bool(meta.get("ws_single")), message)
             if not session.send(text, req_id, self._on_sent(stream_id)):
                 self.outbox.failed(stream_id)

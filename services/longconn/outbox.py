@@ -37,6 +37,15 @@ class Outbox:
         fields = {"ws_req_id": req_id, "ws_generation": str(generation), "ws_chat": chatid}
         fields["ws_single"] = "1" if single else ""
         self.store.record(stream_id, fields)
+        self._add(stream_id)
+
+    def track_separate(self, stream_id: str, chatid: str, single: bool) -> None:
+        """A stream with no bubble (the rest of a run after a form's answer): sent whole, once, when final."""
+        fields = {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
+        self.store.record(stream_id, fields)
+        self._add(stream_id)
+
+    def _add(self, stream_id: str) -> None:
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(self.open_key, {stream_id: time.time()})
         pipe.expire(self.open_key, MAX_TRACKED_SECONDS)

@@ -74,7 +74,7 @@ class ReplyPump:
             except REDIS_FAILURES:
                 continue  # the next pass tries again
             stream = polled.get("stream") or {}
-            if stream.get("content") == reply.content and not stream.get("finish"):
+            if stream.get("content") == reply.content and not stream.get("finish") and "template_card" not in polled:
                 continue
             reply.content = stream.get("content", "")
             self.send(req_id, polled)

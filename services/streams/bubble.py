@@ -18,8 +18,11 @@ class BubbleRenderer:
         self.texts = texts
         self.placeholder = placeholder or texts.say("placeholder")
 
-    def live(self, text: str) -> str:
-        """While the answer streams: the text so far (cut to the limit), or the placeholder."""
+    def live(self, text: str, prompt: str = "") -> str:
+        """While the answer streams: the text so far (cut to the limit), or the placeholder; below it, the `prompt`
+        of a form waiting for its answer."""
+        if prompt:
+            return fit_bubble(text, prompt, prompt)[0]
         return fit_bubble(text, "", self.placeholder)[0]
 
     def close_note(self, reason: str, has_response_url: bool) -> str:
@@ -60,3 +63,10 @@ def remainder_message(texts: Texts, remainder: str, note: str = "", header_key: 
         tail = f"\n\n{texts.say('remainder_truncated')}{' ' + note if note else ''}"
         body = cut_utf8(body, MAX_CONTENT_BYTES - utf8_len(tail))
     return body + tail
+
+
+def separate_message(texts: Texts, text: str, note: str) -> str:
+    """The markdown of an answer that has no bubble (the rest of a run after a form's answer): a header, the text
+    and the note, cut to what one message holds."""
+    body = "\n\n".join(part for part in (texts.say("form_rest"), text.strip(), note) if part)
+    return cut_utf8(body, MAX_CONTENT_BYTES)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from services import metrics
 from services.redis_conn import REDIS_FAILURES
-from services.streams.bubble import BubbleRenderer, remainder_message, text_at_close
+from services.streams.bubble import BubbleRenderer, remainder_message, separate_message, text_at_close
 from services.streams.job import StreamJob
 from services.streams.outage import best_effort, best_effort_value, delays_for, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
@@ -166,8 +166,12 @@ class Finisher:
             self._free_slot(job, marked)
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
-        """Send through response_url, once, what the bubble could not show (it closed early or overflowed)."""
+        """Send through response_url, once, what the bubble could not show (it closed early or overflowed); an
+        answer with no bubble (the rest of a run after a form) goes out whole."""
         if not job.response_url:
+            return
+        if job.separate:
+            self._respond(job, separate_message(self.texts, answer.text, note), "form_rest")
             return
         if finished.close_reason:
             shown_text = text_at_close(answer.text, finished.closed_bytes)

@@ -25,6 +25,14 @@ class StreamJob:
     created_at: float = field(default_factory=time.time)  # when the user's message arrived
     resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
     attempt: str = ""  # this attempt's fencing token, carried by every write it makes (scripts.py, "Fencing")
+    form_task: str = ""  # the rest of a run after this form's answer, sent as a message of its own (no bubble)
+    forms_answered: tuple[str, ...] = ()  # the tokens of the run's forms answered so far (a resumed run's history)
+    card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
+
+    @property
+    def separate(self) -> bool:
+        """Whether the answer goes out as a message of its own, with no bubble polling it."""
+        return bool(self.form_task)
 
     @property
     def dify_user(self) -> str:
@@ -54,6 +62,9 @@ class StreamJob:
             response_url=meta.get("response_url", ""),
             attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
             created_at=float(meta.get("created_at") or time.time()),
+            form_task=meta.get("form_task", ""),
+            forms_answered=tuple(meta.get("forms_answered", "").split()),
+            card_placed=bool(meta.get("card")),
         )
 
     @classmethod

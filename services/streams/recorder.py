@@ -19,6 +19,7 @@ from services.dify.events import (
     AGENT_MESSAGE_EVENT,
     END_EVENT,
     FILE_EVENT,
+    FORM_TIMEOUT,
     INPUT_REQUIRED,
     MESSAGE_EVENT,
     PAUSED,
@@ -82,6 +83,11 @@ class Answer:
     thinking: bool = False  # a <think> block of reasoning is open in the text
     agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
     paused: bool = False  # the app asked for a person's input (human_input_required / workflow_paused)
+    form_event: dict | None = None  # the human_input_required data of the pause (its form_token, content...)
+    forms_answered: list[str] = field(default_factory=list)  # tokens of the run's forms answered so far
+    form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
+    form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
+    after_form: bool = False  # following a run on from a form's answer, and no text of it has come yet
     app_type: str = "chat"
     resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
     shown: str = ""  # resumed: the text the bubble had before
@@ -179,7 +185,7 @@ class TextRelay:
     def __call__(self, batch: list[DifyEvent]) -> bool:
         answer = self.answer
         writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or answer.skip:
+        if not answer.answered or answer.thinking or answer.detached or answer.skip or answer.after_form:
             return False
         if writer.state != WRITTEN or writer.error is not None:
             return False
@@ -276,6 +282,10 @@ class AnswerRecorder:
             elif kind in (INPUT_REQUIRED, PAUSED):
                 answer.paused = True
                 answer.ended = answer.ended or kind == PAUSED
+                if kind == INPUT_REQUIRED:
+                    answer.form_event = {**event.data, **event.body}
+            elif kind == FORM_TIMEOUT:
+                answer.form_timed_out = True
             elif kind != WORKFLOW_STARTED:
                 metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, kind[:40]).inc()
                 logger.debug("ignored Dify event %s", kind)
@@ -297,10 +307,21 @@ class AnswerRecorder:
         elif whole:
             self._replace_with(deltas, whole)
 
+    def _finished_after_form(self, deltas: list[str], data: dict) -> None:
+        """A run followed on from a form's answer had ended before we re-attached (Dify then gives its
+        workflow_finished alone): what its outputs hold beyond the text shown is the rest."""
+        name = self.options.workflow_output if self.options.app_type == WORKFLOW else "answer"
+        whole = workflow_answer(data.get("outputs"), name)
+        so_far = self._answer_so_far(deltas)
+        rest = whole[len(so_far) :] if whole.startswith(so_far) else whole
+        self._answer_text(deltas, rest)
+        self.answer.ended = True
+
     def _answer_text(self, deltas: list[str], text: str) -> None:
         """Answer text: after reasoning shown in a <think> block, the block is closed first."""
         if not text:
             return
+        self.answer.after_form = False
         if self.answer.thinking:
             deltas.append(THINK_CLOSE)
             self.answer.thinking = False
@@ -337,6 +358,8 @@ class AnswerRecorder:
         status = data.get("status")
         if status in _FAILED_RUNS:
             answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
+        elif answer.after_form:
+            self._finished_after_form(deltas, data)
         elif answer.skip and not answer.text:
             self._finished_while_away(deltas, data)
             return
@@ -347,6 +370,11 @@ class AnswerRecorder:
             answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
         if status not in _FAILED_RUNS and not answer.answered:
             self._answer_text(deltas, workflow_answer(data.get("outputs"), self.options.workflow_output))
+
+    def write_fields(self, fields: dict[str, str]) -> None:
+        """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card)."""
+        self.answer.new_fields.update(fields)
+        self.write([])
 
     def write(self, deltas: list[str]) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""

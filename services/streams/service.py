@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 from services import metrics
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
@@ -62,6 +63,7 @@ class StreamService:
         self.window_seconds = window_seconds
         self.overflow_bytes = overflow_threshold(bubble)
         self.queue = None  # long-connection bots: a JobQueue; answers then run on whichever replica takes them
+        self.outbox = None  # long-connection bots: the Outbox, which sends the answers that have no bubble
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
@@ -113,6 +115,51 @@ class StreamService:
         bind_log_context(stream=stream_id)
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
+
+    def continue_form(self, form, response_url: str) -> None:
+        """Go on with a run after its form's answer as a message of its own (its bubble no longer waits): a stream
+        no WeCom bubble polls, whose answer goes out through `response_url` (callback mode) or the outbox's
+        aibot_send_msg (long-connection mode). `form`: the claimed FormRecord."""
+        job = StreamJob(
+            stream_id=new_stream_id(),
+            msgid=f"form:{form.task_id}",
+            userid=form.userid,
+            aibotid=form.aibotid,
+            chatid=form.chatid,
+            response_url="" if self.outbox is not None else response_url,
+            attempt=first_attempt(self.owner),
+            form_task=form.task_id,
+        )
+        fields = {
+            "msgid": job.msgid,
+            "userid": job.userid,
+            "chatid": job.chatid,
+            "aibotid": job.aibotid,
+            "response_url": job.response_url,
+            "form_task": form.task_id,
+            "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
+        }
+        self.store.open_stream(job.stream_id, job.attempt, job.aibotid, job.userid, fields)
+        if self.outbox is not None:
+            self.outbox.track_separate(job.stream_id, job.chatid or job.userid, not job.chatid)
+        bind_log_context(stream=job.stream_id)
+        logger.info("the run goes on after form %s as a message of its own", form.task_id)
+        self._start(job)
+
+    def answer_at_once(self, message: Inbound, answer: Callable[[], str]) -> dict:
+        """A finished reply to a message that opens no Dify call (a typed form value), made once per msgid: a WeCom
+        retry of the message, on any replica, gets the same reply and does nothing again."""
+        stream_id, attempt = new_stream_id(), first_attempt(self.owner)
+        fields = {"msgid": message.msgid, "userid": message.userid, "chatid": message.chatid}
+        self.store.open_stream(stream_id, attempt, message.aibotid, message.userid, fields)
+        holder = self.store.claim_msgid(message.msgid, stream_id)
+        if holder != stream_id:
+            self.store.discard(stream_id)
+            return self._dedup(holder)
+        note = answer()
+        self.store.finish(stream_id, attempt, DONE, {"note": note})
+        self.count("form_value")
+        return stream_reply(stream_id, note, finish=True)
 
     def run_queued(self, stream_id: str, opener: str) -> bool:
         """Answer a stream another process opened and queued (`opener`: its first attempt), here, if it is still
@@ -184,7 +231,11 @@ class StreamService:
             logger.info("bubble finished early (%s); the answer goes on", snapshot.close_reason)
             return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
         if snapshot.active:
-            return stream_reply(stream_id, self.bubble.live(snapshot.text), finish=False, feedback_id=stream_id)
+            if snapshot.card:
+                metrics.FORM_CARDS.labels(self.bot).inc()
+                logger.info("the form's card goes out with this reply")
+            content = self.bubble.live(snapshot.text, snapshot.prompt)
+            return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
         return self._final(stream_id, snapshot)
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:

@@ -78,6 +78,8 @@ class Snapshot:
     event: str = ""  # what this poll just did: taken_over, resumed, expired, closed_window, closed_overflow, or ""
     freed_inflight_key: str = ""  # the bubble just closed: the user's in-flight set the stream must leave
     attempt: str = ""  # taken over or resumed: the fencing token of the attempt the poller must start
+    prompt: str = ""  # shown below a live bubble's text: a form waiting for its answer says what to do
+    card: dict | None = None  # a template card this reply carries (given once per stream)
     images: list[dict] = field(default_factory=list)
 
     @property
@@ -389,7 +391,7 @@ class StreamStore:
         row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, *images = row
+        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, *images = row
         return Snapshot(
             status=status,
             text=text,
@@ -400,6 +402,8 @@ class StreamStore:
             event=event,
             freed_inflight_key=freed,
             attempt=attempt,
+            prompt=prompt,
+            card=orjson.loads(card) if card else None,
             images=[orjson.loads(image) for image in images],
         )
 

@@ -15,13 +15,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
+import orjson
+
 from services import metrics
 from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
-from services.dify.events import DifyEvent
+from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
+from services.forms.service import BUBBLE_OVER, CANCELLED, EXPIRED, WINDOW_MARGIN, FormService
+from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
@@ -58,6 +62,7 @@ class WorkerDeps:
     finisher: Finisher
     texts: Texts
     health: DifyHealth
+    forms: FormService | None = None  # human-input forms answered in WeCom (None: the bubble says the app waits)
 
 
 class StreamWorker:
@@ -115,6 +120,9 @@ class StreamWorker:
                 self.deps.finisher.finish(job, answer, ERROR, note=texts.say("internal_error"), error="internal_error")
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
+        if job.separate:
+            self._continue_form(job, cancelled, answer)
+            return
         if job.resume_run:
             self._resume(job, cancelled, answer)
             return
@@ -155,6 +163,7 @@ class StreamWorker:
                     "forgetting the conversation",
                 )
                 conversation_id = ""
+        self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
 
     def _resume(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
@@ -168,13 +177,91 @@ class StreamWorker:
         answer.resumed, answer.shown = True, "".join(shown)
         answer.skip = len(answer.shown)
         answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
+        answer.forms_answered = list(job.forms_answered)
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
         logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
-        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user)
+        seen = FormsSeen(frozenset(job.forms_answered))
+        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user, forms=seen)
         self._consume(events, recorder, cancelled, deadline)
+        self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, "")
+
+    def _continue_form(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
+        """The rest of a run after a form's answer, as a message of its own (the bubble no longer waited for it):
+        submit the form (once: a resumed attempt finds it submitted), then follow the run from there."""
+        deps = self.deps
+        record = through_outage(lambda: deps.forms.store.load(job.form_task), "reading the form")
+        if record is None:
+            deps.finisher.finish(job, answer, DONE, note=deps.texts.say("form_expired"))
+            return
+        options = replace(self.options, app_type=deps.profile.app_type())
+        shown = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(shown))
+        answer.shown, answer.skip = "".join(shown), len("".join(shown))
+        answer.resumed = bool(shown)
+        answer.app_type, answer.workflow_run_id = options.app_type, record.form.run_id
+        answer.forms_answered = list(job.forms_answered)
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
+        if self._submit(job, answer, record.task_id):
+            self._after_form(job, answer, recorder, cancelled, record.form.token)
+            self._through_forms(job, answer, recorder, cancelled)
+        self._complete(job, answer, recorder, "")
+
+    def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:
+        """A run that paused for a person: each form shown (its card riding on the bubble, once per message), its
+        answer awaited while WeCom still polls the bubble, submitted once, and the run followed on to its end or
+        its next form. Where the bubble can no longer wait, the answer's final note says what to do, and the rest
+        comes as a message of its own (services/forms)."""
+        forms = self.deps.forms
+        while answer.paused and answer.form_event is not None and forms is not None:
+            event, answer.form_event = answer.form_event, None
+            opening = partial(forms.open, job, event, answer.workflow_run_id, not job.separate and not job.card_placed)
+            ticket = through_outage(opening, "opening the form")
+            if ticket is None:
+                key = "form_expired" if event.get("form_token") else "form_by_email"
+                answer.form_note = self.deps.texts.say(key)
+                return
+            fields = {"prompt": ticket.prompt}
+            if ticket.card is not None:
+                fields["card"] = orjson.dumps(ticket.card).decode()
+                job.card_placed = True
+            recorder.write_fields(fields)
+            waited = time.time()
+            until = 0.0 if job.separate else job.created_at + self.deps.finisher.window_seconds - WINDOW_MARGIN
+            outcome = forms.wait(ticket, until, cancelled)
+            logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
+            if outcome == CANCELLED:
+                raise StreamAborted
+            if outcome != BUBBLE_OVER and outcome != EXPIRED and self._submit(job, answer, ticket.task_id):
+                self._after_form(job, answer, recorder, cancelled, ticket.record.form.token)
+                continue
+            if outcome == BUBBLE_OVER:
+                waiting = "" if job.separate else self.deps.texts.say("form_waiting")
+                answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
+            elif outcome == EXPIRED:
+                answer.form_note = self.deps.texts.say("form_expired")
+            return
+
+    def _submit(self, job: StreamJob, answer: Answer, task_id: str) -> bool:
+        """Submit the answered form; False (with the final note saying why) if Dify did not take it."""
+        result = through_outage(lambda: self.deps.forms.submit(task_id), "submitting the form")
+        if result == SUBMITTED:
+            return True
+        answer.paused = True
+        answer.form_note = self.deps.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
+        return False
+
+    def _after_form(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> None:
+        """Follow the run on from the form just answered, in the same bubble (or message)."""
+        answer.forms_answered.append(token)
+        answer.paused, answer.ended, answer.after_form = False, False, True
+        recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
+        seen = FormsSeen(frozenset(answer.forms_answered[:-1]), after=token)
+        metrics.DIFY_CALLS.labels(self.bot, "form").inc()
+        events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, forms=seen)
+        self._consume(events, recorder, cancelled, time.monotonic() + self.max_seconds)
 
     def _count_call(self, job: StreamJob) -> None:
         """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is
@@ -216,7 +303,7 @@ class StreamWorker:
             recorder.write([THINK_CLOSE.rstrip()])
             answer.thinking = False
         if answer.paused:
-            note = self.deps.texts.say("input_required")
+            note = answer.form_note or self.deps.texts.say("input_required")
         elif not answer.answered:
             if answer.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.
@@ -225,6 +312,8 @@ class StreamWorker:
                 note = self.deps.texts.say("empty_answer")
         if answer.images_left_out:
             note = "\n".join(filter(None, (note, self.deps.texts.say("image_left_out"))))
+        if answer.form_timed_out:
+            note = "\n".join(filter(None, (self.deps.texts.say("form_timed_out"), note)))
         fields = {
             "note": note,
             "tokens": answer.usage.get("total_tokens", ""),

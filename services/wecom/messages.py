@@ -154,14 +154,23 @@ def _short_id(value, name: str, required: bool = False) -> str:
 
 
 def stream_reply(
-    stream_id: str, content: str, finish: bool, *, feedback_id: str = "", images: list[dict] | None = None
+    stream_id: str,
+    content: str,
+    finish: bool,
+    *,
+    feedback_id: str = "",
+    images: list[dict] | None = None,
+    card: dict | None = None,
 ) -> dict:
-    """A `stream` reply: the full text so far (WeCom replaces the bubble), finish=True ends the polls."""
+    """A `stream` reply: the full text so far (WeCom replaces the bubble), finish=True ends the polls. With a
+    template `card`, a `stream_with_template_card` reply (WeCom takes one card per message)."""
     stream: dict = {"id": stream_id, "finish": finish, "content": content}
     if images and finish:
         stream["msg_item"] = images
     if feedback_id:
         stream["feedback"] = {"id": feedback_id}
+    if card:
+        return {"msgtype": "stream_with_template_card", "stream": stream, "template_card": card}
     return {"msgtype": "stream", "stream": stream}
 
 

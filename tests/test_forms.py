@@ -1,0 +1,260 @@
+"""Dify's human-input forms as WeCom template cards (docs/architecture.md, "Forms"), callback mode, over real
+sockets: two gateway replicas on the test Redis, the Dify stand-in serving the form API, the WeCom simulator
+polling the bubble and tapping the card. Long-connection mode and gunicorn replicas: tests/e2e/test_forms_e2e.py.
+"""
+
+import time
+
+import pytest
+
+from demo import dify_apps as apps
+from demo import dify_standin as d
+from services.forms.cards import ACTION_QUESTION
+from services.forms.form import read_form
+from services.texts import CATALOGUE
+from tests.conftest import make_simulator
+
+ZH = CATALOGUE["zh"]
+DONE = " The request was handled."
+
+
+@pytest.fixture
+def sims(pair):
+    """Simulators for replica a and replica b of one deployment."""
+    a, b = pair
+    made = [make_simulator(a.url), make_simulator(b.url)]
+    yield made
+    for sim in made:
+        sim.close()
+
+
+def approval(**spec) -> list[tuple]:
+    return [apps.workflow_started(), d.message("Need approval."), apps.form(**spec)]
+
+
+def ask_and_click(sim, clicker, question="buy laptops", action="approve", userid="alice", chatid="", **click):
+    """Ask on `sim`; when the card arrives, tap it on `clicker` (as `click.get('by', userid)`); returns (the
+    conversation, the click's reply, seconds the click took)."""
+    clicks = []
+    by = click.pop("by", userid)
+
+    def on_frame(frame):
+        if "template_card" in frame and not clicks:
+            started = time.monotonic()
+            reply = clicker.send(clicker.card_click(frame["template_card"], action, by, chatid, **click))
+            clicks.append((reply, time.monotonic() - started))
+
+    conversation = sim.ask(question, userid, chatid, on_frame=on_frame)
+    reply, took = clicks[0] if clicks else (None, None)
+    return conversation, reply, took
+
+
+def test_the_form_rides_as_a_card_and_a_click_on_the_other_replica_goes_on_in_the_bubble(sims, dify):
+    dify.script(approval())
+    conversation, reply, took = ask_and_click(sims[0], sims[1])
+    assert len(conversation.cards) == 1
+    card = conversation.cards[0]
+    assert card["card_type"] == "button_interaction"
+    assert [b["text"] for b in card["button_list"]] == ["Approve", "Reject"]
+    assert card["task_id"].startswith(conversation.stream_id + "@")
+    assert "Approve the purchase" in card["sub_title_text"]
+    # The click is answered with the card updated (WeCom drops a click left unanswered 5 s).
+    assert reply["response_type"] == "update_template_card"
+    assert reply["template_card"]["task_id"] == card["task_id"]
+    assert reply["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    assert [b["key"].rsplit("#", 1)[1] for b in reply["template_card"]["button_list"]] == ["done"]
+    assert took < 5
+    # Dify got one submission, as the run's own user; the rest of the run came into the same bubble.
+    [submission] = dify.form_submissions
+    assert submission["status"] == 200
+    assert submission["body"]["action"] == "approve"
+    assert submission["body"]["user"] == dify.chat_requests()[0]["user"]
+    assert conversation.finished
+    assert conversation.text == "Need approval." + DONE
+    # While the form waited, the bubble showed what it asks and what to do.
+    waiting = [c for c in conversation.contents() if "Approve the purchase" in c]
+    assert waiting and ZH["form_choose"] in waiting[-1]
+
+
+def test_double_clicks_and_other_members_submit_nothing_more(sims, dify):
+    dify.script(approval())
+    clicks = []
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            card = frame["template_card"]
+            clicks.append(sims[1].send(sims[1].card_click(card, "reject", "bob", "team")))  # not the asker
+            clicks.append(sims[0].send(sims[0].card_click(card, "approve", "alice", "team")))
+            clicks.append(sims[1].send(sims[1].card_click(card, "reject", "alice", "team")))  # a second tap
+            clicks.append(sims[0].send(sims[0].card_click(card, "approve", "alice", "team")))
+
+    conversation = sims[0].ask("buy laptops", "alice", "team", on_frame=on_frame)
+    stranger, first, second, third = clicks
+    assert stranger["userids"] == ["bob"]  # only the stranger's card changes
+    assert stranger["template_card"]["main_title"]["desc"] == ZH["form_not_yours"]
+    assert "userids" not in first
+    for later in (second, third):
+        assert later["template_card"]["main_title"]["desc"] == ZH["form_answered"].format(choice="Approve")
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    assert conversation.text == "Need approval." + DONE
+
+
+def test_a_form_that_expired_updates_the_card_and_submits_nothing(sims, dify):
+    dify.script(approval(expires_in=1))
+
+    def late(frame):
+        if "template_card" in frame:
+            time.sleep(1.2)
+
+    clicks = []
+
+    def on_frame(frame):
+        late(frame)
+        if "template_card" in frame:
+            clicks.append(sims[1].send(sims[1].card_click(frame["template_card"], "approve")))
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert clicks[0]["template_card"]["main_title"]["desc"] == ZH["form_expired_card"]
+    assert dify.form_submissions == []
+    assert conversation.finished
+    assert conversation.text.endswith(ZH["form_expired"])
+
+
+def test_dify_refusing_the_answer_412_ends_the_bubble_saying_so(sims, dify):
+    dify.script(approval())
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            for form in dify.forms.values():
+                form["status"] = "submitted"  # answered elsewhere (Dify's web app): Dify answers 412
+            sims[1].send(sims[1].card_click(frame["template_card"], "approve"))
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert [s["status"] for s in dify.form_submissions] == [412]
+    assert conversation.text.endswith(ZH["form_expired"])
+
+
+def test_text_inputs_are_taken_from_the_next_messages(sims, dify):
+    inputs = [apps.text_input("reason", "Reason"), apps.text_input("budget", "Budget code")]
+    dify.script(approval(actions=(("submit", "Send", "primary"),), inputs=inputs))
+    notes = []
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            for value in ("new hires", "CC-42"):
+                notes.append(sims[1].send(sims[1].text_message(value))["stream"]["content"])
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert notes[0].startswith(ZH["form_value_noted"].format(label="Reason"))
+    assert ZH["form_type_value"].format(label="Budget code") in notes[0]
+    assert ZH["form_submitted"].format(choice="Send") in notes[1]
+    [submission] = dify.form_submissions
+    assert submission["body"]["inputs"] == {"reason": "new hires", "budget": "CC-42"}
+    assert submission["body"]["action"] == "submit"
+    assert len(dify.chat_requests()) == 1  # the values were never questions for Dify
+    assert conversation.text == "Need approval." + DONE
+
+
+def test_a_click_before_the_text_inputs_asks_for_them_first(sims, dify):
+    dify.script(approval(inputs=[apps.text_input("reason", "Reason")]))
+    replies = []
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            replies.append(sims[1].send(sims[1].card_click(frame["template_card"], "approve")))
+            sims[0].send(sims[0].text_message("team growth"))
+            replies.append(sims[1].send(sims[1].card_click(frame["template_card"], "approve")))
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert replies[0]["template_card"]["main_title"]["desc"] == ZH["form_needs_values"].format(label="Reason")
+    assert replies[0]["userids"] == ["alice"]
+    assert replies[1]["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    assert dify.form_submissions[0]["body"]["inputs"] == {"reason": "team growth"}
+    assert conversation.text == "Need approval." + DONE
+
+
+def test_select_inputs_become_a_multiple_interaction_card(sims, dify):
+    dify.script(approval(inputs=[apps.select_input("size", ["13 inch", "15 inch"], "Size")]))
+    selected = {"size": "15 inch", ACTION_QUESTION: "reject"}
+    conversation, reply, _ = ask_and_click(sims[0], sims[1], selected=selected)
+    card = conversation.cards[0]
+    assert card["card_type"] == "multiple_interaction"
+    assert [s["question_key"] for s in card["select_list"]] == ["size", ACTION_QUESTION]
+    assert reply["template_card"]["select_list"][0]["disable"] is True
+    [submission] = dify.form_submissions
+    assert submission["body"]["action"] == "reject"
+    assert submission["body"]["inputs"] == {"size": "15 inch"}
+
+
+def test_a_click_after_the_bubble_ended_sends_the_rest_through_the_clicks_response_url(make_pair, dify):
+    a, b = make_pair(stream_window_seconds=22)  # the bubble waits 2 s for the click, then ends
+    sim, other = make_simulator(a.url), make_simulator(b.url)
+    dify.script(approval())
+    conversation = sim.ask("buy laptops")
+    assert conversation.finished
+    assert ZH["form_waiting"] in conversation.text
+    click = other.card_click(conversation.cards[0], "approve")
+    reply = other.send(click)
+    assert reply["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    message = other.inbox.wait_for(click["response_url"], timeout=10)
+    assert message is not None
+    assert message["markdown"]["content"] == ZH["form_rest"] + "\n\n" + DONE.strip()
+    assert len(dify.form_submissions) == 1
+    sim.close()
+    other.close()
+
+
+def test_a_second_form_in_one_run_is_answered_by_typing_its_choice(sims, dify):
+    second = apps.form("Confirm delivery address?", actions=(("yes", "Yes", "primary"), ("no", "No", "default")))
+    dify.script(approval(branches={"*": [d.sleep(0.2), d.message(" Approved."), second]}))
+    typed = []
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            sims[1].send(sims[1].card_click(frame["template_card"], "approve"))
+        elif "Confirm delivery" in frame["stream"]["content"] and not typed:
+            typed.append(sims[1].send(sims[1].text_message("yes"))["stream"]["content"])
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert len(conversation.cards) == 1  # one card per message: the second form is answered by typing
+    assert typed == [ZH["form_submitted"].format(choice="Yes")]
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve", "yes"]
+    assert conversation.text == "Need approval. Approved." + DONE
+
+
+def test_a_form_delivered_by_email_says_so(sims, dify):
+    dify.script(apps.input_required(before="I need your approval first."))
+    conversation = sims[0].ask("book the trip")
+    assert conversation.text == "I need your approval first.\n\n" + ZH["form_by_email"]
+
+
+def test_an_event_with_empty_data_is_read_from_the_form_api(sims, dify):
+    dify.script(approval(bare=True))
+    conversation, reply, _ = ask_and_click(sims[0], sims[1])
+    assert [b["text"] for b in conversation.cards[0]["button_list"]] == ["Approve", "Reject"]
+    assert conversation.text == "Need approval." + DONE
+
+
+@pytest.mark.parametrize(
+    "task_id, key",
+    [("forged", "forged#approve"), ("AAAAAAAAAAAAAAAAAAAAAA@0123456789ab", "AAAAAAAAAAAAAAAAAAAAAA@0123456789ab#x")],
+)
+def test_clicks_on_unknown_or_forged_cards_get_an_empty_200(sims, task_id, key):
+    click = sims[0].card_click({"task_id": task_id, "button_list": [{"key": key}]})
+    response = sims[0].post(click)
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_read_form_takes_the_form_apis_answer_over_the_events():
+    event = {"form_token": "t", "form_content": "old", "node_title": "Step"}
+    fetched = {
+        "form_content": "new",
+        "user_actions": [{"id": "ok", "title": "OK", "button_style": "primary"}],
+        "inputs": [{"type": "select", "output_variable_name": "s", "options": [{"value": "1", "label": "One"}]}],
+        "expiration_time": 2_000_000_000_000,  # milliseconds
+    }
+    form = read_form(event, fetched, "run-1")
+    assert (form.content, form.title, form.expires_at) == ("new", "Step", 2_000_000_000.0)
+    assert form.selects[0].options == (("1", "One"),)
+    assert form.action("ok").title == "OK" and form.action("1").id == "ok" and form.action("ok ").id == "ok"
