@@ -123,6 +123,21 @@ class WeComInbox:
             await conn.send(404, {"errcode": 404})
 
 
+def template_card_event(card: dict, action: str = "", selected: dict[str, str] | None = None) -> dict:
+    """What WeCom sends when a user taps `card`: the button whose key ends with `#<action>` (the first without
+    one), or for a card with selectors its submit button, with `selected` ({question_key: option id})."""
+    if card.get("card_type") == "multiple_interaction":
+        key = card["submit_button"]["key"]
+    else:
+        keys = [b["key"] for b in card["button_list"]]
+        key = next((k for k in keys if action and k.endswith(f"#{action}")), keys[0])
+    event = {"card_type": card.get("card_type", ""), "event_key": key, "task_id": card.get("task_id", "")}
+    items = [{"question_key": q, "option_ids": {"option_id": [o]}} for q, o in (selected or {}).items()]
+    if items:
+        event["selected_items"] = {"selected_item": items}
+    return event
+
+
 class WeComSimulator:
     """Talks to one gateway (or, with `urls`, spreads requests over several replicas) as WeCom would."""
 
@@ -194,17 +209,9 @@ class WeComSimulator:
         chatid: str = "",
         selected: dict[str, str] | None = None,
     ) -> dict:
-        """A `template_card_event`: `userid` taps the button of `action` on `card` (for a card with selectors,
-        its submit button, with `selected` {question_key: option id})."""
-        if card.get("card_type") == "multiple_interaction":
-            key = card["submit_button"]["key"]
-        else:
-            key = next(b["key"] for b in card["button_list"] if b["key"].endswith(f"#{action}")) if action else ""
-            key = key or card["button_list"][0]["key"]
-        event = {"card_type": card.get("card_type", ""), "event_key": key, "task_id": card.get("task_id", "")}
-        items = [{"question_key": q, "option_ids": {"option_id": [o]}} for q, o in (selected or {}).items()]
-        if items:
-            event["selected_items"] = {"selected_item": items}
+        """A `template_card_event` callback: `userid` taps the button of `action` on `card` (see
+        template_card_event)."""
+        event = template_card_event(card, action, selected)
         message = self._common(userid, chatid, None)
         message.pop("msgid", None)
         message.update(

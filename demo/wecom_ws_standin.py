@@ -20,6 +20,8 @@ import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from demo.wecom_simulator import template_card_event
+
 BAD_CREDENTIALS, DEAD_REQ_ID, STREAM_EXPIRED = 853000, 846605, 846608
 
 
@@ -31,6 +33,7 @@ class _Delivery:
     at: float
     frames: list[dict] = field(default_factory=list)
     welcome: dict | None = None
+    update: dict | None = None  # the answer to a template_card_event (aibot_respond_update_msg)
 
 
 class WeComWebSocketStandIn:
@@ -107,6 +110,28 @@ class WeComWebSocketStandIn:
     def deliver_event(self, bot_id: str, eventtype: str, userid: str = "alice") -> str:
         body = _message(bot_id, userid, "event", {"eventtype": eventtype})
         return self._deliver(bot_id, "aibot_event_callback", body)
+
+    def deliver_card_click(
+        self, bot_id: str, card: dict, action: str = "", userid: str = "alice", selected: dict | None = None
+    ) -> str:
+        """`userid` taps `card` (demo/wecom_simulator.py, template_card_event); returns the event's req_id."""
+        click = template_card_event(card, action, selected)
+        body = _message(bot_id, userid, "event", {"eventtype": "template_card_event", "template_card_event": click})
+        return self._deliver(bot_id, "aibot_event_callback", body)
+
+    def updated(self, req_id: str, timeout: float = 5.0) -> dict | None:
+        """The card update a click got on its req_id (waiting for it), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            delivery = self.deliveries.get(req_id)
+            if delivery is not None and delivery.update is not None:
+                return delivery.update
+            time.sleep(0.02)
+        return None
+
+    def cards(self, req_id: str) -> list[dict]:
+        """The template cards that rode on a message's stream frames."""
+        return [frame["template_card"] for frame in self.frames(req_id) if "template_card" in frame]
 
     def kick(self, bot_id: str) -> None:
         """A subscriber that is not the gateway (an old deployment, a laptop) takes the bot."""
@@ -190,12 +215,14 @@ class WeComWebSocketStandIn:
                     await self._disconnect(previous)
         elif cmd == "ping":
             self.pings += 1
-        elif cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg"):
+        elif cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg", "aibot_respond_update_msg"):
             delivery = self.deliveries.get(req_id)
             if delivery is None or delivery.connection is not connection:
                 errcode = DEAD_REQ_ID
             elif cmd == "aibot_respond_welcome_msg":
                 delivery.welcome = body
+            elif cmd == "aibot_respond_update_msg":
+                delivery.update = body
             elif time.monotonic() - delivery.at > self.window_seconds:
                 errcode = STREAM_EXPIRED
             else:

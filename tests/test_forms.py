@@ -11,8 +11,9 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
+from services.gateway import build_gateway
 from services.texts import CATALOGUE
-from tests.conftest import make_simulator
+from tests.conftest import make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 DONE = " The request was handled."
@@ -258,3 +259,65 @@ def test_read_form_takes_the_form_apis_answer_over_the_events():
     assert (form.content, form.title, form.expires_at) == ("new", "Step", 2_000_000_000.0)
     assert form.selects[0].options == (("1", "One"),)
     assert form.action("ok").title == "OK" and form.action("1").id == "ok" and form.action("ok ").id == "ok"
+
+
+# --- long-connection mode --------------------------------------------------------------------------------------
+
+WS_BOT, WS_SECRET = "forms-bot", "forms-secret"
+
+
+@pytest.fixture
+def ws_gateway(settings, wecom_ws, tmp_path):
+    """A long-connection gateway holding the bot's WebSocket: `ws_gateway(**settings)` -> (gateway, stand-in)."""
+    started = []
+
+    def start(**changes):
+        wecom = wecom_ws({WS_BOT: WS_SECRET})
+        bot = settings.replace(
+            wecom_mode="long_connection", wecom_bot_id=WS_BOT, wecom_bot_secret=WS_SECRET, wecom_ws_url=wecom.url
+        ).replace(**changes)
+        gateway = build_gateway(bot, (bot,), tmp_path)
+        gateway.start()
+        started.append(gateway)
+        assert wait_until(lambda: wecom.subscribed(WS_BOT) == 1, timeout=10)
+        return gateway, wecom
+
+    yield start
+    for gateway in started:
+        gateway.drain(5)
+        gateway.close()
+
+
+def test_on_a_long_connection_the_card_rides_on_a_frame_and_the_click_is_answered_on_its_req_id(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script(approval())
+    message = wecom.deliver_text(WS_BOT, "buy laptops")
+    assert wait_until(lambda: wecom.cards(message), timeout=10)
+    [card] = wecom.cards(message)
+    started = time.monotonic()
+    click = wecom.deliver_card_click(WS_BOT, card, "approve")
+    update = wecom.updated(click)
+    assert time.monotonic() - started < 5
+    assert update["response_type"] == "update_template_card"
+    assert update["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    final = wecom.final(message, timeout=20)
+    assert final["stream"]["content"] == "Need approval." + DONE
+    assert len(wecom.cards(message)) == 1
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    assert wecom.proactive == []
+
+
+def test_on_a_long_connection_a_late_click_sends_the_rest_with_send_msg_once(ws_gateway, dify):
+    _, wecom = ws_gateway(stream_window_seconds=22)
+    dify.script(approval())
+    message = wecom.deliver_text(WS_BOT, "buy laptops")
+    final = wecom.final(message, timeout=20)
+    assert ZH["form_waiting"] in final["stream"]["content"]
+    click = wecom.deliver_card_click(WS_BOT, wecom.cards(message)[0], "reject")
+    assert wecom.updated(click)["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Reject")
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    time.sleep(1)
+    [sent] = wecom.proactive
+    assert sent["msgtype"] == "markdown" and sent["chatid"] == "alice"
+    assert sent["markdown"]["content"] == ZH["form_rest"] + "\n\n" + DONE.strip()
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
