@@ -206,6 +206,7 @@ class DifyStandIn:
         self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
         self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
         self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
+        self.suggestions: list[str] = ["What else can you do?", "Tell me more", "Give an example"]
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
 
@@ -239,6 +240,7 @@ class DifyStandIn:
             self.reattaches.clear()
             self.forms.clear()
             self.form_submissions.clear()
+            self.suggestions = ["What else can you do?", "Tell me more", "Give an example"]
             self.info_requests = 0
             self.mode = "chat"
 
@@ -289,6 +291,8 @@ class DifyStandIn:
             await conn.send(200, self.parameters)
         elif request.method == "POST" and path == "/v1/files/upload":
             await self._upload(request, conn)
+        elif request.method == "GET" and path.startswith("/v1/messages/") and path.endswith("/suggested"):
+            await self._suggested(path.split("/")[3], request, conn)
         elif request.method == "POST" and path.startswith("/v1/messages/") and path.endswith("/feedbacks"):
             await self._feedback(path.split("/")[3], request, conn)
         elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
@@ -473,6 +477,15 @@ class DifyStandIn:
                 "created_at": int(time.time()),
             },
         )
+
+    async def _suggested(self, message_id: str, request: Request, conn: Conn) -> None:
+        """`GET /messages/{id}/suggested?user=`: follow-up questions (400 where the app does not enable them)."""
+        if self.messages.get(message_id) != request.query.get("user"):
+            await conn.send(404, {"code": "not_found", "message": "Message Not Exists.", "status": 404})
+        elif not self.parameters["suggested_questions_after_answer"].get("enabled"):
+            await conn.send(400, {"code": "bad_request", "message": "Suggested Questions Is Disabled.", "status": 400})
+        else:
+            await conn.send(200, {"result": "success", "data": list(self.suggestions)})
 
     async def _feedback(self, message_id: str, request: Request, conn: Conn) -> None:
         body = request.json() or {}

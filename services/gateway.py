@@ -278,7 +278,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     streams = StreamService(store, shared.runner, worker, texts, bubble, owner, settings.stream_window_seconds, name)
     forms.go_on_separately = streams.continue_form
     events = EventHandler(
-        Welcome(profile, texts, settings.welcome_message),
+        Welcome(profile, texts, settings.welcome_message, name),
         feedback,
         ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
         forms,

@@ -115,7 +115,9 @@ WS_ACK_SECONDS = Histogram(
 DIFY_UNKNOWN_EVENTS = Counter(
     "dify_unknown_events_total", "Dify stream events the gateway does not know (ignored), by name", ["bot", "event"]
 )
-FORM_CARDS = Counter("wecom_form_cards_total", "Human-input forms shown as template cards", ["bot"])
+CARDS = Counter(
+    "wecom_template_cards_total", "Template cards sent, by kind: form, suggestions, welcome", ["bot", "kind"]
+)
 FORM_CLICKS = Counter(
     "wecom_form_clicks_total",
     "Clicks on form cards (and typed answers) by outcome: claimed, already, not_yours, expired, unknown, needs_text",
@@ -180,6 +182,7 @@ RESPONSE_URL_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
 WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
 SENT = ("sent", "failed")
+CARD_KINDS = ("form", "suggestions", "welcome")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
 
@@ -208,8 +211,9 @@ def initialise(bot: str, long_connection: bool = False) -> None:
             RESPONSE_URL.labels(bot, kind, result)
     for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
         metric.labels(bot)
-    for metric in (FORM_CARDS, FORM_WAIT_SECONDS):
-        metric.labels(bot)
+    FORM_WAIT_SECONDS.labels(bot)
+    for kind in CARD_KINDS:
+        CARDS.labels(bot, kind)
     for outcome in FORM_CLICK_OUTCOMES:
         FORM_CLICKS.labels(bot, outcome)
     for result in FORM_SUBMISSION_RESULTS:

@@ -261,6 +261,34 @@ def test_read_form_takes_the_form_apis_answer_over_the_events():
     assert form.action("ok").title == "OK" and form.action("1").id == "ok" and form.action("ok ").id == "ok"
 
 
+# --- cards beyond forms ------------------------------------------------------------------------------------------
+
+
+def test_questions_suggested_after_an_answer_ride_on_its_final_reply(sims, dify):
+    dify.parameters["suggested_questions_after_answer"] = {"enabled": True}
+    dify.script(d.answer("Laptops are ordered through the IT portal."))
+    conversation = sims[0].ask("how do I order a laptop?")
+    assert conversation.finished and conversation.text == "Laptops are ordered through the IT portal."
+    [card] = conversation.cards
+    assert "template_card" in conversation.frames[-1]  # on the final reply
+    assert card["card_type"] == "text_notice"
+    assert [j["question"] for j in card["jump_list"]] == dify.suggestions
+    assert all(j["type"] == 3 for j in card["jump_list"])
+
+
+def test_without_suggestions_enabled_the_answer_carries_no_card(sims, dify):
+    dify.script(d.answer("Plain answer."))
+    conversation = sims[0].ask("hello")
+    assert conversation.cards == [] and conversation.text == "Plain answer."
+
+
+def test_an_answer_after_a_form_gets_no_second_card(sims, dify):
+    dify.parameters["suggested_questions_after_answer"] = {"enabled": True}
+    dify.script(approval())
+    conversation, _, _ = ask_and_click(sims[0], sims[1])
+    assert len(conversation.cards) == 1 and conversation.cards[0]["card_type"] == "button_interaction"
+
+
 # --- long-connection mode --------------------------------------------------------------------------------------
 
 WS_BOT, WS_SECRET = "forms-bot", "forms-secret"

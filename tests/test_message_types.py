@@ -149,14 +149,27 @@ def test_a_video_goes_to_an_app_that_takes_video(simulator, dify):
 # --- enter_chat ---------------------------------------------------------------------------------------------
 
 
-def test_enter_chat_uses_the_dify_opening_statement(simulator, dify):
-    dify.parameters["opening_statement"] = "你好，我是差旅助手。"
-    dify.parameters["suggested_questions"] = ["怎么报销？", "出差标准是什么？"]
+def test_enter_chat_shows_the_opening_statement_with_its_questions_as_a_card(simulator, dify):
+    dify.parameters["opening_statement"] = "你好，我是差旅助手。\n出差、报销的问题都可以问我。"
+    dify.parameters["suggested_questions"] = ["怎么报销？", "出差标准是什么？", "住宿标准？", "第四个问题"]
     reply = simulator.send(simulator.event_message("enter_chat"))
     assert reply == {
-        "msgtype": "text",
-        "text": {"content": "你好，我是差旅助手。\n\n你可以这样问我：\n- 怎么报销？\n- 出差标准是什么？"},
+        "msgtype": "template_card",
+        "template_card": {
+            "card_type": "text_notice",
+            "main_title": {"title": "你好，我是差旅助手。"},
+            "sub_title_text": "出差、报销的问题都可以问我。",
+            "jump_list": [  # tapping one sends it as the user's question (WeCom takes three)
+                {"type": 3, "title": q, "question": q} for q in ["怎么报销？", "出差标准是什么？", "住宿标准？"]
+            ],
+        },
     }
+
+
+def test_enter_chat_without_suggested_questions_is_the_opening_statement_as_text(simulator, dify):
+    dify.parameters["opening_statement"] = "你好，我是差旅助手。"
+    reply = simulator.send(simulator.event_message("enter_chat"))
+    assert reply == {"msgtype": "text", "text": {"content": "你好，我是差旅助手。"}}
 
 
 def test_enter_chat_prefers_the_configured_welcome(make_app, serve, dify):

@@ -14,7 +14,7 @@ from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService
 from services.forms.service import FormService
 from services.redis_conn import REDIS_FAILURES
-from services.wecom.messages import Inbound, text_reply
+from services.wecom.messages import Inbound
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,5 @@ class EventHandler:
                 logger.warning("Redis unavailable while answering a click: %s", exc)
                 return None
         if message.event_type == "enter_chat":
-            welcome = self.welcome.text()
-            return text_reply(welcome) if welcome else None
+            return self.welcome.reply()
         return None

@@ -70,6 +70,11 @@ class DifyAppProfile:
             self._app_type = mode
             return mode
 
+    def suggests_after_answer(self) -> bool:
+        """Whether the app offers follow-up questions after each answer (`suggested_questions_after_answer`)."""
+        setting = self.parameters().get("suggested_questions_after_answer")
+        return isinstance(setting, dict) and setting.get("enabled") is True
+
     def declared_inputs(self) -> dict[str, object]:
         """Variable name -> default for each input the app declares in its user input form."""
         declared: dict[str, object] = {}

@@ -291,6 +291,20 @@ class DifyClient:
             raise DifyHTTPError(response.status_code, "malformed", "Dify upload answered without a file id")
         return file_id
 
+    def suggested(self, message_id: str, user: str, timeout: float = 3.0) -> list[str]:
+        """The questions Dify suggests after an answer (`GET /messages/{id}/suggested`), for apps that enable them.
+
+        Raises:
+            DifyHTTPError, DifyConnectionError, DifyTimeout.
+        """
+        path = f"messages/{quote(message_id, safe='')}/suggested"
+        response = self._request("GET", path, "suggested questions", timeout=timeout, params={"user": user})
+        try:
+            data = orjson.loads(response.content).get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            data = None
+        return [q for q in data if isinstance(q, str) and q.strip()] if isinstance(data, list) else []
+
     def feedback(self, message_id: str, rating: str | None, user: str, content: str = "") -> None:
         """Rate a message (`like`, `dislike`, or None to withdraw), as the user who got it.
 

@@ -127,25 +127,24 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
-# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms,
-# '1' when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds.
-# Returns false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url,
-# event, inflight key, attempt, prompt, card, images...}: `event` names what this call just did (taken_over,
-# resumed, expired, closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed
-# (the caller frees the user's slot), `attempt` is the new attempt's token when the taker must start one
-# (taken_over, resumed), `prompt` is what a live bubble shows below its text (a form waiting for its answer), `card`
-# a template card to send with this reply (a form's: given once, as WeCom takes one card per message), and the
-# reply images come only once the stream is done. An active stream whose lease is gone
-# (its replica died or handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its
-# Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else
-# restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired with the note. The
-# owner's own process, still running it (its lease was lost while it lived: a failover rolled it back, Redis paused),
-# takes its lease back for that attempt instead: never a second attempt beside the first. A lease found missing is
-# only noted at first (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace`
-# seconds later if it is still missing, so that an owner that lived through a Redis pause or failover (its lease
-# ran out while it could not renew it) takes its lease back first. One
-# past the window, or longer than a bubble can show, is closed early (the bubble finishes now, the worker goes on
-# and sends the rest through response_url).
+# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1'
+# when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds. Returns
+# false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url, event, inflight
+# key, attempt, prompt, card, images...}: `event` names what this call just did (taken_over, resumed, expired,
+# closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the
+# user's slot), `attempt` is the new attempt's token when the taker must start one (taken_over, resumed), `prompt` is
+# what a live bubble shows below its text (a form waiting for its answer), `card` a template card to send with this
+# reply (a form's, or the questions suggested after a done answer: given once, as WeCom takes one card per message),
+# and the reply images come only once the stream is done. An active stream whose lease is gone (its replica died or
+# handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its Dify run can be streamed
+# again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else restarted when nothing was
+# shown yet and it was never restarted; otherwise it becomes expired with the note. The owner's own process, still
+# running it (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back for
+# that attempt instead: never a second attempt beside the first. A lease found missing is only noted at first
+# (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is
+# still missing, so that an owner that lived through a Redis pause or failover (its lease ran out while it could not
+# renew it) takes its lease back first. One past the window, or longer than a bubble can show, is closed early (the
+# bubble finishes now, the worker goes on and sends the rest through response_url).
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
@@ -211,12 +210,11 @@ redis.call('HINCRBY', KEYS[1], 'polls', 1)
 local freed = ''
 if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9] or '' end
 local prompt, card = '', ''
-if (status == 'pending' or status == 'streaming') and reason == '' then
-  prompt = h[15] or ''
-  if h[16] and h[16] ~= '' and not h[17] then
-    card = h[16]
-    redis.call('HSET', KEYS[1], 'card_shown', ARGV[1])
-  end
+local live = (status == 'pending' or status == 'streaming') and reason == ''
+if live then prompt = h[15] or '' end
+if (live or status == 'done') and h[16] and h[16] ~= '' and not h[17] then
+  card = h[16]
+  redis.call('HSET', KEYS[1], 'card_shown', ARGV[1])
 end
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
              prompt, card}

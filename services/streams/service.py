@@ -232,7 +232,7 @@ class StreamService:
             return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
         if snapshot.active:
             if snapshot.card:
-                metrics.FORM_CARDS.labels(self.bot).inc()
+                metrics.CARDS.labels(self.bot, "form").inc()
                 logger.info("the form's card goes out with this reply")
             content = self.bubble.live(snapshot.text, snapshot.prompt)
             return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
@@ -242,4 +242,6 @@ class StreamService:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
         logger.info("bubble finished: %s", snapshot.status)
         images = image_items(snapshot.images)
-        return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images)
+        if snapshot.card:
+            metrics.CARDS.labels(self.bot, "suggestions").inc()
+        return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images, card=snapshot.card)

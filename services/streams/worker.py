@@ -20,7 +20,7 @@ import orjson
 from services import metrics
 from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
-from services.dify.client import WORKFLOW, ChatRequest, DifyClient
+from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
@@ -44,6 +44,7 @@ from services.streams.recorder import (
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
+from services.wecom.cards import question_card
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
@@ -318,10 +319,27 @@ class StreamWorker:
             "note": note,
             "tokens": answer.usage.get("total_tokens", ""),
             "dify_latency": answer.usage.get("latency", ""),
+            "card": self._suggestions(job, answer),
         }
         logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
         self.deps.health.answered()
         self.deps.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
+
+    def _suggestions(self, job: StreamJob, answer: Answer) -> str:
+        """The follow-up questions Dify suggests after a chat answer, as a card for the final reply (JSON; "" for
+        none): only where the app enables them, the answer has a bubble, and no form's card rode on it."""
+        if answer.paused or not answer.message_id or job.separate or job.card_placed:
+            return ""
+        if answer.app_type in (WORKFLOW, COMPLETION) or not self.deps.profile.suggests_after_answer():
+            return ""
+        try:
+            questions = self.deps.dify.suggested(answer.message_id, job.dify_user)
+        except DifyError as exc:
+            logger.info("no suggested questions: %s", exc.code)
+            return ""
+        if not questions:
+            return ""
+        return orjson.dumps(question_card(self.deps.texts.say("suggestions_title"), "", questions)).decode()
 
     def _fail(self, job: StreamJob, answer: Answer, exc: DifyError) -> None:
         if isinstance(exc, DifyStreamCut) and answer.workflow_error:
