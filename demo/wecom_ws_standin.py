@@ -107,17 +107,17 @@ class WeComWebSocketStandIn:
         body = _message(bot_id, userid, "image", {"url": url, "aeskey": aeskey})
         return self._deliver(bot_id, "aibot_msg_callback", body)
 
-    def deliver_event(self, bot_id: str, eventtype: str, userid: str = "alice") -> str:
-        body = _message(bot_id, userid, "event", {"eventtype": eventtype})
-        return self._deliver(bot_id, "aibot_event_callback", body)
+    def deliver_event(self, bot_id: str, eventtype: str, userid: str = "alice", payload: dict | None = None) -> str:
+        """Send an aibot_event_callback (its `payload` under the event type's name); returns its req_id."""
+        event = {"eventtype": eventtype, **({eventtype: payload} if payload is not None else {})}
+        return self._deliver(bot_id, "aibot_event_callback", _message(bot_id, userid, "event", event))
 
     def deliver_card_click(
         self, bot_id: str, card: dict, action: str = "", userid: str = "alice", selected: dict | None = None
     ) -> str:
         """`userid` taps `card` (demo/wecom_simulator.py, template_card_event); returns the event's req_id."""
         click = template_card_event(card, action, selected)
-        body = _message(bot_id, userid, "event", {"eventtype": "template_card_event", "template_card_event": click})
-        return self._deliver(bot_id, "aibot_event_callback", body)
+        return self.deliver_event(bot_id, "template_card_event", userid, payload=click)
 
     def updated(self, req_id: str, timeout: float = 5.0) -> dict | None:
         """The card update a click got on its req_id (waiting for it), or None."""

@@ -3,9 +3,10 @@
 The browser does WeCom's part itself, with WebCrypto: it encrypts and signs each callback, posts it to the
 callback URL, checks and decrypts the reply, and polls about once a second, rendering the cumulative markdown.
 This blueprint only serves the page, the demo credentials, the Redis keys of a stream for the side panel, and a
-stand-in for WeCom's response_url (so "the rest follows" messages show up in the chat too). A long-connection bot
-has no callback URL: the page hands its messages to the WeCom WebSocket stand-in the demo started, and reads back
-the frames the bot sent on each message's req_id.
+stand-in for WeCom's response_url (so "the rest follows" messages show up in the chat too). Template cards are
+drawn with their buttons, selectors and questions; a tap goes back as WeCom sends it (a `template_card_event`). A
+long-connection bot has no callback URL: the page hands its messages (and taps) to the WeCom WebSocket stand-in the
+demo started, and reads back the frames the bot sent on each req_id.
 """
 
 from __future__ import annotations
@@ -89,7 +90,31 @@ def ws_frames(bot_name: str, req_id: str):
     if failure:
         return failure
     _, standin = found
-    return jsonify(frames=standin.frames(req_id), welcome=standin.welcome(req_id), proactive=standin.proactive)
+    delivery = standin.deliveries.get(req_id)
+    return jsonify(
+        frames=standin.frames(req_id),
+        welcome=standin.welcome(req_id),
+        update=delivery.update if delivery is not None else None,
+        proactive=standin.proactive,
+    )
+
+
+@console.post("/api/ws/<bot_name>/click")
+def ws_click(bot_name: str):
+    """Send a tap on a card (its template_card_event, built by the page) down the long connection."""
+    found, failure = _websocket(bot_name)
+    if failure:
+        return failure
+    settings, standin = found
+    body = request.get_json(silent=True) or {}
+    event = body.get("event") if isinstance(body.get("event"), dict) else {}
+    try:
+        req_id = standin.deliver_event(
+            settings.wecom_bot_id, "template_card_event", body.get("userid") or "alice", payload=event
+        )
+    except RuntimeError:
+        return jsonify(error="not_connected", message="the bot is not connected"), 409
+    return jsonify(req_id=req_id)
 
 
 @console.get("/api/stream/<stream_id>")

@@ -8,10 +8,13 @@ action. Each button's (or the submit button's) key names the card's task and the
 
 from __future__ import annotations
 
+import re
+
 from services.forms.form import MAX_SELECTORS, Form
 from services.texts import Texts
 from utils.text import cut_utf8
 
+_MARKUP = re.compile(r"\*\*|__|`|^#{1,6}\s*|^>\s?", re.MULTILINE)
 ACTION_QUESTION = "__action__"  # the selector of the action, on a multiple_interaction card
 DONE_KEY = "done"  # the one (spent) button of an answered card
 _STYLES = {"primary": 1, "default": 2, "accent": 3, "ghost": 4}
@@ -104,7 +107,7 @@ def _head(form: Form, texts: Texts, status: str) -> dict:
     head = {"main_title": {"title": cut_utf8(form.title or texts.say("form_title"), _TITLE)}}
     if status:
         head["main_title"]["desc"] = cut_utf8(status, _DESC)
-    summary = " ".join(form.content.split())
+    summary = " ".join(_MARKUP.sub("", form.content).split())  # a card shows plain text
     if summary:
         head["sub_title_text"] = cut_utf8(summary, _SUBTITLE)
     return head

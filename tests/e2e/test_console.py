@@ -183,3 +183,42 @@ def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_con
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "strong").text == "WebSocket"
     assert "frames over the WebSocket" in bubble.text
+
+
+def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, console_url, dify):
+    from selenium.webdriver.common.by import By
+
+    browser.get(console_url)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("请审批这个 form")  # the stand-in's approval app
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "return document.querySelector('.msg.card .card-button') !== null;")
+    card = browser.find_element(By.CSS_SELECTOR, ".msg.card")
+    assert "采购申请" in card.text
+    assert [b.text for b in card.find_elements(By.CSS_SELECTOR, ".card-button")] == ["同意", "拒绝"]
+    card.find_elements(By.CSS_SELECTOR, ".card-button")[0].click()  # the tap is a real template_card_event
+    wait_until(browser, "return document.querySelector('.msg.card .card-desc') !== null;")
+    assert "已提交：同意" in browser.find_element(By.CSS_SELECTOR, ".msg.card .card-desc").text
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)")
+    assert "需要先审批" in bubble.text and "已同意" in bubble.text
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    assert "→ event" in browser.find_element(By.ID, "exchange").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "console-card.png"))
+
+
+def test_the_console_taps_a_card_of_a_long_connection_bot(browser, long_connection_console, dify):
+    from selenium.webdriver.common.by import By
+
+    browser.get(long_connection_console)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("审批 form")
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "return document.querySelector('.msg.card .card-button') !== null;")
+    browser.find_elements(By.CSS_SELECTOR, ".msg.card .card-button")[1].click()  # 拒绝, over the WebSocket
+    wait_until(browser, "return document.querySelector('.msg.card .card-desc') !== null;")
+    assert "已提交：拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.card .card-desc").text
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    assert "已拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)").text
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]

@@ -176,6 +176,7 @@ async function send(content) {
   }
   const stream = reply.stream;
   showBubble(bubble, stream, stream.finish);
+  if (reply.template_card) showCard(reply.template_card, bubble);
   const started = Date.now();
   let finished = stream.finish;
   let polls = 0;
@@ -187,6 +188,7 @@ async function send(content) {
       const next = await callback(poll);
       polls += 1;
       finished = next.stream.finish;
+      if (next.template_card) showCard(next.template_card, bubble);
       showBubble(bubble, next.stream, finished, finished ? `finished after ${polls} poll${polls === 1 ? "" : "s"}` : "");
     } catch (error) {
       showBubble(bubble, { id: stream.id, content: bubble.textContent }, false, `poll failed (${error.message}); retrying`);
@@ -217,6 +219,9 @@ async function sendOverWebSocket(content) {
   while (Date.now() - started < POLL_WINDOW_MS) {
     await new Promise(resolve => setTimeout(resolve, POLL_INTERVAL_MS / 2));
     const { frames, proactive } = await wsFrames(sent.req_id);
+    for (const frame of frames) {
+      if (frame.template_card && !bubble.dataset.card) showCard(frame.template_card, bubble);
+    }
     if (frames.length) {
       last = frames[frames.length - 1].stream;
       showBubble(bubble, last, last.finish, last.finish ? `${frames.length} frames over the WebSocket` : "");
@@ -257,15 +262,129 @@ async function enterChat() {
     for (let i = 0; i < 20 && response.ok; i++) {
       await new Promise(resolve => setTimeout(resolve, 250));
       const { welcome } = await wsFrames(sent.req_id);
-      if (welcome) return addMessage("system", escapeHtml(welcome.text.content));
+      if (welcome) return showWelcome(welcome);
     }
     return addMessage("system", sent.message || "(no welcome message configured)");
   }
   const payload = basePayload("event");
   payload.create_time = Math.floor(Date.now() / 1000);
   payload.event = { eventtype: "enter_chat", enter_chat: {} };
+  showWelcome(await callback(payload));
+}
+
+function showWelcome(reply) {
+  if (!reply) return addMessage("system", "(no welcome message configured)");
+  if (reply.template_card) return showCard(reply.template_card, null);
+  return addMessage("system", escapeHtml(reply.text.content));
+}
+
+// --- template cards: drawn as WeCom shows them; a tap goes back the way WeCom sends it ------------------------
+
+function showCard(card, bubble) {
+  if (bubble) bubble.dataset.card = "shown";
+  const element = addMessage("bot card", "");
+  drawCard(element, card);
+  return element;
+}
+
+function drawCard(element, card) {
+  changeMessages(() => {
+    element.innerHTML = "";
+    element.dataset.taskId = card.task_id || "";
+    const title = card.main_title || {};
+    const head = document.createElement("div");
+    head.className = "card-title";
+    head.textContent = title.title || "";
+    element.appendChild(head);
+    if (title.desc) {
+      const desc = document.createElement("div");
+      desc.className = "card-desc";
+      desc.textContent = title.desc;
+      element.appendChild(desc);
+    }
+    if (card.sub_title_text) {
+      const text = document.createElement("div");
+      text.className = "card-text";
+      text.textContent = card.sub_title_text;
+      element.appendChild(text);
+    }
+    const selects = [];
+    for (const selector of card.select_list || []) {
+      const label = document.createElement("label");
+      label.textContent = `${selector.title || selector.question_key} `;
+      const select = document.createElement("select");
+      select.dataset.questionKey = selector.question_key;
+      select.disabled = !!selector.disable;
+      for (const option of selector.option_list) select.add(new Option(option.text, option.id));
+      if (selector.selected_id) select.value = selector.selected_id;
+      label.appendChild(select);
+      element.appendChild(label);
+      selects.push(select);
+    }
+    const buttons = card.button_list || (card.submit_button ? [card.submit_button] : []);
+    for (const spec of buttons) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "card-button";
+      button.textContent = spec.text;
+      button.addEventListener("click", () => tapCard(element, card, spec.key, selects));
+      element.appendChild(button);
+    }
+    for (const jump of card.jump_list || []) {
+      const link = document.createElement("a");
+      link.href = "#";
+      link.className = "card-question";
+      link.textContent = jump.title;
+      link.addEventListener("click", (event) => { event.preventDefault(); send(jump.question || jump.title); });
+      element.appendChild(link);
+    }
+  });
+}
+
+function cardEvent(card, key, selects) {
+  const event = { card_type: card.card_type, event_key: key, task_id: card.task_id || "" };
+  const items = selects.map(s => ({ question_key: s.dataset.questionKey, option_ids: { option_id: [s.value] } }));
+  if (items.length) event.selected_items = { selected_item: items };
+  return event;
+}
+
+// A tap is a template_card_event: WeCom posts it to the callback URL with a fresh response_url (or, for a
+// long-connection bot, sends it down the WebSocket); the answer updates the card.
+async function tapCard(element, card, key, selects) {
+  const event = cardEvent(card, key, selects);
+  if (config.mode === "long_connection") {
+    const response = await fetch(`/console/api/ws/${encodeURIComponent(config.name)}/click`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ event }),
+    });
+    const sent = await response.json();
+    const proactiveBefore = response.ok ? (await wsFrames(sent.req_id)).proactive.length : 0;
+    for (let i = 0; i < 40 && response.ok; i++) {
+      await new Promise(resolve => setTimeout(resolve, 125));
+      const { update } = await wsFrames(sent.req_id);
+      if (update) { drawCard(element, update.template_card); break; }
+    }
+    return watchProactive(sent.req_id, proactiveBefore);
+  }
+  const payload = basePayload("event");
+  delete payload.msgid;
+  payload.create_time = Math.floor(Date.now() / 1000);
+  payload.event = { eventtype: "template_card_event", template_card_event: event };
+  const responseUrl = await (await fetch("/console/api/response-url", { method: "POST" })).json();
+  payload.response_url = responseUrl.url;
   const reply = await callback(payload);
-  addMessage("system", reply ? escapeHtml(reply.text.content) : "(no welcome message configured)");
+  if (reply && reply.template_card) drawCard(element, reply.template_card);
+  watchResponseUrl(responseUrl.code);  // a late tap: the rest of the run comes as a separate message
+}
+
+async function watchProactive(reqId, before) {
+  for (let i = 0; i < 60; i++) {
+    const { proactive } = await wsFrames(reqId);
+    if (proactive.length > before) {
+      const markdown = proactive[proactive.length - 1].markdown.content;
+      return addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
+    }
+    await new Promise(resolve => setTimeout(resolve, 2000));
+  }
 }
 
 async function refreshRedis(streamId) {
