@@ -394,7 +394,27 @@ class DifyStandIn:
             if run_id and paused is None:
                 log.end()
         if paused is not None and run_id:
-            self.forms[paused["token"]] = {**paused, "ids": ids, "user": user, "log": log, "status": "open"}
+            self._register_form(paused, ids, user, log)
+
+    def _register_form(self, form: dict, ids: dict, user: str, log: RunLog) -> None:
+        """A run paused at `form`: the form API serves it until it is answered or expires (the run then goes on
+        with its timeout path, as Dify's Human Input node does)."""
+        self.forms[form["token"]] = {**form, "ids": ids, "user": user, "log": log, "status": "open"}
+        delay = max(0.0, form["expires"] - time.time())
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._form_timeout(form["token"])))
+
+    async def _form_timeout(self, token: str) -> None:
+        form = self.forms.get(token)
+        if form is None or form["status"] != "open":
+            return
+        form["status"] = "expired"
+        conn = LogOnly(form["log"])
+        timeout = {"event": "human_input_form_timeout", "data": {"form_token": token}}
+        await conn.write_chunk(_frame(timeout, form["ids"]))
+        steps = form["timeout"] or [workflow_finished(), end()]
+        paused = await self._play(steps, form["ids"], conn)
+        if paused is not None:
+            self._register_form(paused, form["ids"], form["user"], form["log"])
 
     async def _form(self, token: str, request: Request, conn: Conn) -> None:
         """`GET /form/human_input/{token}` (the form) and `POST` (its answer: the run goes on in its log, for
@@ -426,7 +446,7 @@ class DifyStandIn:
         await conn.write_chunk(_frame(filled, ids))
         paused = await self._play(form["branches"].get(action, form["branches"].get("*", [])), ids, conn)
         if paused is not None:
-            self.forms[paused["token"]] = {**paused, "ids": ids, "user": form["user"], "log": log, "status": "open"}
+            self._register_form(paused, ids, form["user"], log)
 
     async def _reattach(self, run_id: str, request: Request, conn: Conn) -> None:
         """`GET /workflow/{run id}/events?user=`: the run's events again, from its start (a finished run: its
@@ -572,7 +592,8 @@ class DifyStandIn:
 def _human_input(spec: dict, ids: dict) -> dict:
     """A form step's frames (human_input_required, workflow_paused) and what the form API serves for it. `spec`:
     content, title, actions [(id, title, style)], inputs [Dify input objects], expires_in, branches {action id (or
-    "*"): steps after the answer}, bare (the event's data holds the token alone, as in Dify 1.14.0-rc1)."""
+    "*"): steps after the answer}, timeout (steps after it expired unanswered), bare (the event's data holds the
+    token alone, as in Dify 1.14.0-rc1)."""
     token = spec.get("token") or uuid.uuid4().hex
     expires = time.time() + spec.get("expires_in", 3600)
     actions = [{"id": a, "title": t, "button_style": s} for a, t, s in spec.get("actions", [])]
@@ -599,6 +620,7 @@ def _human_input(spec: dict, ids: dict) -> dict:
         "actions": [a["id"] for a in actions],
         "expires": expires,
         "branches": spec.get("branches", {}),
+        "timeout": spec.get("timeout", []),
     }
 
 

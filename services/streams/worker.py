@@ -238,12 +238,25 @@ class StreamWorker:
             if outcome != BUBBLE_OVER and outcome != EXPIRED and self._submit(job, answer, ticket.task_id):
                 self._after_form(job, answer, recorder, cancelled, ticket.record.form.token)
                 continue
+            if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, ticket.record.form.token):
+                continue
             if outcome == BUBBLE_OVER:
                 waiting = "" if job.separate else self.deps.texts.say("form_waiting")
                 answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
             elif outcome == EXPIRED:
                 answer.form_note = self.deps.texts.say("form_expired")
             return
+
+    def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
+        """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
+        follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
+        try:
+            self._after_form(job, answer, recorder, cancelled, token)
+        except DifyError as exc:
+            logger.info("no timeout path followed the expired form: %s", exc.code)
+            answer.paused = True
+            return False
+        return True
 
     def _submit(self, job: StreamJob, answer: Answer, task_id: str) -> bool:
         """Submit the answered form; False (with the final note saying why) if Dify did not take it."""
