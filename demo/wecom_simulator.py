@@ -358,6 +358,34 @@ class _GrowingPrinter:
         self.shown = content
 
 
+class _CardTapper:
+    """Shows a card that rides on the bubble and taps the button the user picks in the terminal (in WeCom the
+    user would tap it while the bubble waits)."""
+
+    def __init__(self, simulator: WeComSimulator, userid: str, chatid: str):
+        self.simulator, self.userid, self.chatid = simulator, userid, chatid
+
+    def __call__(self, frame: dict) -> None:
+        card = frame.get("template_card")
+        if not card:
+            return
+        title = (card.get("main_title") or {}).get("title", "")
+        print(f"\n[card] {title}\n{card.get('sub_title_text', '')}")
+        buttons = card.get("button_list") or []
+        for number, button in enumerate(buttons, 1):
+            print(f"  {number}. {button['text']}")
+        for jump in card.get("jump_list") or []:
+            print(f"  - {jump['title']}")
+        if not buttons:
+            return
+        choice = input("tap> ").strip()
+        index = int(choice) - 1 if choice.isdigit() and 0 < int(choice) <= len(buttons) else 0
+        action = buttons[index]["key"].rpartition("#")[2]
+        reply = self.simulator.send(self.simulator.card_click(card, action, self.userid, self.chatid))
+        status = ((reply or {}).get("template_card") or {}).get("main_title", {}).get("desc", "")
+        print(f"[card updated: {status}]\nbot> ", end="", flush=True)
+
+
 def _print_separate_message(body: dict) -> None:
     content = (body.get("markdown") or {}).get("content", "")
     print(f"\n[separate message through response_url]\n{content}\n", flush=True)
@@ -376,8 +404,14 @@ def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
         if not question:
             return
         print("bot> ", end="", flush=True)
+        printer, tapper = _GrowingPrinter(), _CardTapper(simulator, userid, chatid)
+
+        def on_frame(frame: dict, printer=printer, tapper=tapper) -> None:
+            printer(frame)
+            tapper(frame)
+
         try:
-            conversation = simulator.ask(question, userid, chatid, on_frame=_GrowingPrinter())
+            conversation = simulator.ask(question, userid, chatid, on_frame=on_frame)
         except (ReplyError, httpx.HTTPError) as exc:
             print(f"\n[error: {exc}]")
             continue
