@@ -105,7 +105,7 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--forms", type=int, default=200)
     parser.add_argument("--rate", type=float, default=20.0, help="taps a second")
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         env.close()
     harness.report(result, options.json)
+    return result
 
 
 if __name__ == "__main__":

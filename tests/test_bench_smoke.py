@@ -112,3 +112,11 @@ def test_longconn():
     result = longconn.main([*arguments, "--stream-seconds", "1", "--lease", "3"])
     assert result["frames"]["complete"] == 4
     assert result["kill_to_new_holder_s"]["max"] < 10
+
+
+def test_forms():
+    from bench import forms
+
+    result = forms.main(["--forms", "4", "--rate", "10", "--poll-interval", "0.2"])
+    assert result["forms_open"] == 4 and result["submissions"] == 4 and result["failures"] == 0
+    assert result["click_to_card_update"]["p99_ms"] < 1000
