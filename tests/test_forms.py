@@ -350,3 +350,43 @@ def test_on_a_long_connection_a_late_click_sends_the_rest_with_send_msg_once(ws_
     assert sent["msgtype"] == "markdown" and sent["chatid"] == "alice"
     assert sent["markdown"]["content"] == ZH["form_rest"] + "\n\n" + DONE.strip()
     assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
+
+
+def test_on_a_long_connection_double_taps_and_strangers_submit_nothing_more(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script(approval())
+    message = wecom.deliver_text(WS_BOT, "buy laptops")
+    assert wait_until(lambda: wecom.cards(message), timeout=10)
+    [card] = wecom.cards(message)
+    stranger = wecom.updated(wecom.deliver_card_click(WS_BOT, card, "reject", userid="bob"))
+    first = wecom.updated(wecom.deliver_card_click(WS_BOT, card, "approve"))
+    second = wecom.updated(wecom.deliver_card_click(WS_BOT, card, "reject"))
+    assert stranger["userids"] == ["bob"] and stranger["template_card"]["main_title"]["desc"] == ZH["form_not_yours"]
+    assert first["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    assert second["template_card"]["main_title"]["desc"] == ZH["form_answered"].format(choice="Approve")
+    assert wecom.final(message, timeout=20)["stream"]["content"] == "Need approval." + DONE
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+
+
+def test_on_a_long_connection_text_inputs_come_from_the_next_messages(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script(approval(actions=(("submit", "Send", "primary"),), inputs=[apps.text_input("reason", "Reason")]))
+    message = wecom.deliver_text(WS_BOT, "buy laptops")
+    assert wait_until(lambda: wecom.cards(message), timeout=10)
+    reply = wecom.final(wecom.deliver_text(WS_BOT, "new hires"), timeout=10)
+    assert ZH["form_submitted"].format(choice="Send") in reply["stream"]["content"]
+    assert wecom.final(message, timeout=20)["stream"]["content"] == "Need approval." + DONE
+    [submission] = dify.form_submissions
+    assert submission["body"]["inputs"] == {"reason": "new hires"} and len(dify.chat_requests()) == 1
+
+
+def test_on_a_long_connection_an_expired_form_updates_the_card(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script(approval(expires_in=1))
+    message = wecom.deliver_text(WS_BOT, "buy laptops")
+    assert wait_until(lambda: wecom.cards(message), timeout=10)
+    time.sleep(1.2)
+    update = wecom.updated(wecom.deliver_card_click(WS_BOT, wecom.cards(message)[0], "approve"))
+    assert update["template_card"]["main_title"]["desc"] == ZH["form_expired_card"]
+    assert ZH["form_timed_out"] in wecom.final(message, timeout=20)["stream"]["content"]
+    assert dify.form_submissions == []

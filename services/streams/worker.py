@@ -250,11 +250,12 @@ class StreamWorker:
     def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
         """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
         follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
+        answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
         try:
             self._after_form(job, answer, recorder, cancelled, token)
         except DifyError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
-            answer.paused = True
+            answer.paused, answer.form_timed_out = True, False
             return False
         return True
 
