@@ -37,7 +37,6 @@ from services.forms.store import (
     task_id_for,
 )
 from services.redis_conn import REDIS_FAILURES
-from services.streams.job import StreamJob
 from services.texts import Texts
 from services.wecom.messages import Inbound
 
@@ -51,6 +50,18 @@ BUBBLE_OVER, CANCELLED = "bubble_over", "cancelled"
 
 # Goes on with a form's run as a new message (the bubble is gone): the form, and where the message goes.
 GoOnSeparately = Callable[[FormRecord, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Who a form is for: the stream whose run paused, and its user (only they may answer; Dify wants the run's
+    own `dify_user`)."""
+
+    stream_id: str
+    userid: str
+    chatid: str
+    aibotid: str
+    dify_user: str
 
 
 @dataclass(slots=True)
@@ -84,7 +95,7 @@ class FormService:
 
     # --- the stream's worker ------------------------------------------------------------------------------------
 
-    def open(self, job: StreamJob, event: dict, run_id: str, card_allowed: bool) -> Ticket | None:
+    def open(self, asker: Asker, event: dict, run_id: str, card_allowed: bool) -> Ticket | None:
         """The form a run paused at (`event`: the human_input_required data), written once for every replica.
         None when there is nothing to answer here (delivered by e-mail, or gone already); `card_allowed`: whether
         a card may still ride on the stream (once per message).
@@ -104,14 +115,14 @@ class FormService:
                 return None
             raise
         form = read_form(event, fetched, run_id)
-        task_id = task_id_for(job.stream_id, token)
+        task_id = task_id_for(asker.stream_id, token)
         card = form_card(form, task_id, self.texts) if card_allowed else None
         fields = {
-            "userid": job.userid,
-            "chatid": job.chatid,
-            "aibotid": job.aibotid,
-            "dify_user": job.dify_user,
-            "stream_id": job.stream_id,
+            "userid": asker.userid,
+            "chatid": asker.chatid,
+            "aibotid": asker.aibotid,
+            "dify_user": asker.dify_user,
+            "stream_id": asker.stream_id,
             "card_rides": "1" if card else "",
         }
         status, _ = self.store.open(task_id, form, fields)

@@ -24,7 +24,7 @@ from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
-from services.forms.service import BUBBLE_OVER, CANCELLED, EXPIRED, WINDOW_MARGIN, FormService
+from services.forms.service import BUBBLE_OVER, CANCELLED, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
 from services.redis_conn import REDIS_FAILURES
@@ -218,7 +218,9 @@ class StreamWorker:
         forms = self.deps.forms
         while answer.paused and answer.form_event is not None and forms is not None:
             event, answer.form_event = answer.form_event, None
-            opening = partial(forms.open, job, event, answer.workflow_run_id, not job.separate and not job.card_placed)
+            asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
+            card_allowed = not job.separate and not job.card_placed  # one card per message
+            opening = partial(forms.open, asker, event, answer.workflow_run_id, card_allowed)
             ticket = through_outage(opening, "opening the form")
             if ticket is None:
                 key = "form_expired" if event.get("form_token") else "form_by_email"
