@@ -101,7 +101,8 @@ def test_double_clicks_and_other_members_submit_nothing_more(sims, dify):
 
 
 def test_a_form_that_expired_updates_the_card_and_submits_nothing(sims, dify):
-    timeout_path = [d.message(" Nobody approved; the request was dropped."), apps.workflow_done(), d.end()]
+    dropped = " Nobody approved; the request was dropped."
+    timeout_path = [d.message(dropped), apps.workflow_done({"answer": dropped}), d.end()]
     dify.script(approval(expires_in=1, timeout=timeout_path))
 
     def late(frame):
@@ -222,6 +223,26 @@ def test_a_second_form_in_one_run_is_answered_by_typing_its_choice(sims, dify):
     assert typed == [ZH["form_submitted"].format(choice="Yes")]
     assert [s["body"]["action"] for s in dify.form_submissions] == ["approve", "yes"]
     assert conversation.text == "Need approval. Approved." + DONE
+
+
+def test_a_draining_replica_hands_a_waiting_form_over_at_once(pair, dify):
+    a, b = pair
+    sim = make_simulator([a.url, b.url])  # the message on a (its worker waits there), polls on both
+    dify.script(approval())
+    drained = []
+
+    def on_frame(frame):
+        if "template_card" in frame:
+            started = time.monotonic()
+            a.gateway.drain(10)  # SIGTERM: a stopping replica waits for no form
+            drained.append(time.monotonic() - started)
+            sim.send(sim.card_click(frame["template_card"], "approve"), replica=1)
+
+    conversation = sim.ask("buy laptops", on_frame=on_frame)
+    assert drained[0] < 2
+    assert conversation.text == "Need approval." + DONE  # b resumed the run to its pause, then went on
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    sim.close()
 
 
 def test_a_form_delivered_by_email_says_so(sims, dify):

@@ -276,14 +276,23 @@ def test_a_stream_is_restarted_only_once(store, redis_client):
     assert snap.status == "expired"
 
 
-def test_no_takeover_once_something_was_shown_or_without_a_taker(store, redis_client):
+def test_no_takeover_once_something_was_shown(store, redis_client):
     open_stream(store, "s1", "m1")
     store.append("s1", "A", ["shown"], 0)
     redis_client.delete("dify_stream:{s1}:lease")
     assert store.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
+
+
+def test_a_process_that_takes_no_stream_leaves_an_orphan_to_one_that_does_within_the_window(store, redis_client):
     open_stream(store, "s2", "m2")
     redis_client.delete("dify_stream:{s2}:lease")
-    assert store.poll("s2", 330, 20000, "orphan note", taker="").status == "expired"
+    left = store.poll("s2", 330, 20000, "orphan note", taker="")  # draining, or at STREAM_MAX_ACTIVE
+    assert (left.status, left.event) == ("pending", "")
+    assert store.poll("s2", 330, 20000, "orphan note", taker="C").taken_over
+    open_stream(store, "s3", "m3")
+    redis_client.delete("dify_stream:{s3}:lease")
+    redis_client.hset("dify_stream:{s3}", "created_at", time.time() - 400)  # WeCom stops polling: end it
+    assert store.poll("s3", 330, 20000, "orphan note", taker="").status == "expired"
 
 
 def test_release_hands_streams_over(store, redis_client):

@@ -46,7 +46,7 @@ WAIT_INTERVAL = 0.25  # how often a waiting worker looks at its form
 WINDOW_MARGIN = 20.0  # a worker stops waiting in the bubble this long before WeCom stops polling it
 SUBMIT_TRIES = 3
 # What a wait came to, besides CLAIMED and EXPIRED.
-BUBBLE_OVER, CANCELLED = "bubble_over", "cancelled"
+BUBBLE_OVER, CANCELLED, DRAINING = "bubble_over", "cancelled", "draining"
 
 # Goes on with a form's run as a new message (the bubble is gone): the form, and where the message goes.
 GoOnSeparately = Callable[[FormRecord, str], None]
@@ -151,14 +151,16 @@ class FormService:
         choices = " / ".join(f"{n}. {a.title}" for n, a in enumerate(form.actions, 1))
         return self.texts.say("form_choose_typed").format(choices=choices)
 
-    def wait(self, ticket: Ticket, until: float, cancelled: threading.Event) -> str:
+    def wait(self, ticket: Ticket, until: float, cancelled: threading.Event, draining: Callable[[], bool]) -> str:
         """Wait for the form's answer while the bubble lasts (`until`, epoch seconds): CLAIMED (this worker goes
-        on: submit, then the rest of the run), EXPIRED, BUBBLE_OVER (a claim from now on goes on separately), or
-        CANCELLED (this attempt must stop: drained, or taken over)."""
+        on: submit, then the rest of the run), EXPIRED, BUBBLE_OVER (a claim from now on goes on separately),
+        CANCELLED (this attempt must stop: taken over), or DRAINING (this process stops: the wait is handed over)."""
         task_id, expires_at = ticket.task_id, ticket.record.form.expires_at
         while True:
             if cancelled.is_set():
                 return CANCELLED
+            if draining():
+                return DRAINING
             try:
                 status, way = self.store.status(task_id)
                 if status in (CLAIMED, SUBMITTING, SUBMITTED):

@@ -67,6 +67,10 @@ class StreamAborted(Exception):
     """This replica no longer owns the stream (taken over or closed elsewhere): stop without writing."""
 
 
+class HandedOver(StreamAborted):
+    """This process is stopping and released the stream's lease: another replica's next poll takes it over."""
+
+
 @dataclass(slots=True)
 class Answer:
     """Everything known about one answer so far."""

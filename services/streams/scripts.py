@@ -143,8 +143,10 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # that attempt instead: never a second attempt beside the first. A lease found missing is only noted at first
 # (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is
 # still missing, so that an owner that lived through a Redis pause or failover (its lease ran out while it could not
-# renew it) takes its lease back first. One past the window, or longer than a bubble can show, is closed early (the
-# bubble finishes now, the worker goes on and sends the rest through response_url).
+# renew it) takes its lease back first. A process that takes no stream now (draining, or at STREAM_MAX_ACTIVE) leaves
+# one it could resume or restart to a poll on another, within the window. One past the window, or longer than a
+# bubble can show, is closed early (the bubble finishes now, the worker goes on and sends the rest through
+# response_url).
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
@@ -168,8 +170,11 @@ end
 if status == 'pending' or status == 'streaming' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     local resumes = tonumber(h[12]) or 0
+    local taker = ARGV[5] ~= ''
+    local resumable = (h[11] or '') ~= '' and resumes < 3
+    local restartable = text == '' and reason == '' and (tonumber(h[10]) or 0) == 0
     local owner = h[13] or ''
-    local ours = ARGV[5] ~= '' and (owner == ARGV[5] or string.sub(owner, 1, #ARGV[5] + 1) == ARGV[5] .. '#')
+    local ours = taker and (owner == ARGV[5] or string.sub(owner, 1, #ARGV[5] + 1) == ARGV[5] .. '#')
     if ARGV[7] == '1' and ours then
       redis.call('SET', KEYS[3], owner, 'PX', ARGV[6])
       redis.call('HDEL', KEYS[1], 'lease_missing_at')
@@ -177,11 +182,13 @@ if status == 'pending' or status == 'streaming' then
       redis.call('HSET', KEYS[1], 'lease_missing_at', ARGV[1])
     elseif h[14] and tonumber(ARGV[1]) - tonumber(h[14]) < tonumber(ARGV[8]) then
       -- noted already: its owner has until the grace is over to take its lease back
-    elseif ARGV[5] ~= '' and (h[11] or '') ~= '' and resumes < 3 then
+    elseif not taker and (resumable or restartable) and tonumber(ARGV[1]) - tonumber(h[5]) < tonumber(ARGV[2]) then
+      -- this process takes no stream now (it drains, or runs STREAM_MAX_ACTIVE): a poll on one that can will
+    elseif taker and resumable then
       redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', ARGV[1],
                  'updated_at', ARGV[1])
       event = 'resumed'
-    elseif text == '' and reason == '' and (tonumber(h[10]) or 0) == 0 and ARGV[5] ~= '' then
+    elseif taker and restartable then
       redis.call('DEL', KEYS[2])
       redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'status', 'pending', 'restarts', 1, 'folded', 0,
                  'taken_over_at', ARGV[1], 'updated_at', ARGV[1])

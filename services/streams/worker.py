@@ -24,20 +24,21 @@ from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
-from services.forms.service import BUBBLE_OVER, CANCELLED, EXPIRED, WINDOW_MARGIN, Asker, FormService
+from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort_value, through_outage
+from services.streams.outage import best_effort, best_effort_value, through_outage
 from services.streams.recorder import (
     DEFAULT_OPTIONS,
     THINK_CLOSE,
     Answer,
     AnswerOptions,
     AnswerRecorder,
+    HandedOver,
     StreamAborted,
     TextRelay,
 )
@@ -99,6 +100,9 @@ class StreamWorker:
             texts = self.deps.texts
             try:
                 self._answer(job, cancelled, answer)
+            except HandedOver:
+                metrics.STREAM_OUTCOMES.labels(self.bot, "handed_over").inc()
+                logger.info("this process stops: the form's wait was handed over to another replica")
             except StreamAborted:
                 metrics.STREAM_OUTCOMES.labels(self.bot, "taken_over_elsewhere").inc()
                 logger.info("stream is owned or closed elsewhere now; worker stops")
@@ -233,10 +237,12 @@ class StreamWorker:
             recorder.write_fields(fields)
             waited = time.time()
             until = 0.0 if job.separate else job.created_at + self.deps.finisher.window_seconds - WINDOW_MARGIN
-            outcome = forms.wait(ticket, until, cancelled)
+            outcome = forms.wait(ticket, until, cancelled, self.deps.finisher.draining)
             logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
             if outcome == CANCELLED:
                 raise StreamAborted
+            if outcome == DRAINING:
+                self._hand_over(job)
             if outcome != BUBBLE_OVER and outcome != EXPIRED and self._submit(job, answer, ticket.task_id):
                 self._after_form(job, answer, recorder, cancelled, ticket.record.form.token)
                 continue
@@ -248,6 +254,17 @@ class StreamWorker:
             elif outcome == EXPIRED:
                 answer.form_note = self.deps.texts.say("form_expired")
             return
+
+    def _hand_over(self, job: StreamJob) -> None:
+        """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
+        another replica resumes the run up to its pause and waits there instead.
+
+        Raises:
+            HandedOver: always.
+        """
+        store = self.deps.store
+        best_effort(lambda: store.release_leases({job.stream_id: job.attempt}), "handing the form's wait over")
+        raise HandedOver
 
     def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
         """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
