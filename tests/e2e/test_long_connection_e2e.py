@@ -224,3 +224,22 @@ def test_an_image_arrives_decrypted_with_its_own_aeskey(replicas, wecom, dify):
     assert wecom.final(req_id)["stream"]["content"] == "a nice picture"
     (upload,) = dify.uploads.values()
     assert upload["data"] == PNG
+
+
+def test_forms_waiting_on_other_replicas_are_answered_by_taps_on_the_holder(replicas, wecom, dify, redis_client):
+    started = replicas()
+    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
+    rest = [d.message(" Approved."), apps.workflow_done({"answer": " Approved."}), d.end()]
+    approval = [apps.workflow_started(), d.message("Need approval."), apps.form(branches={"*": rest})]
+    dify.script(approval, match="approve", times=None)
+    messages = [wecom.deliver_text(BOT_ID, f"approve {i}", userid=f"user{i}") for i in range(8)]
+    assert wait_until(lambda: all(wecom.cards(m) for m in messages), timeout=20)
+    streams = [wecom.frames(m)[0]["stream"]["id"] for m in messages]
+    owners = {redis_client.hget(f"dify_stream:{{{s}}}", "owner").split(":")[0] for s in streams}
+    assert len(owners) >= 2  # the forms wait on several replicas; every tap arrives at the holder
+    for number, message in enumerate(messages):
+        click = wecom.deliver_card_click(BOT_ID, wecom.cards(message)[0], "approve", userid=f"user{number}")
+        assert wecom.updated(click)["template_card"]["main_title"]["desc"].endswith("Approve")
+    finals = [wecom.final(m, timeout=20) for m in messages]
+    assert [f["stream"]["content"] for f in finals] == ["Need approval. Approved."] * 8
+    assert len(dify.form_submissions) == 8 and holder_replica(started, redis_client) in started
