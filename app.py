@@ -25,6 +25,7 @@ from services import metrics
 from services.auth import db
 from services.callback.handler import StoreUnavailable
 from services.embedded_store import EmbeddedStoreUnavailable
+from services.files.delivery import FILE_PATH
 from services.gateway import Gateway, build_gateway
 from services.redis_conn import REDIS_FAILURES
 from services.wecom import errors
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         logger.warning("%s", warning)
     if settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
+    if not settings.public_base_url:
+        logger.warning("PUBLIC_BASE_URL is not set: files Dify makes are named in answers, not linked")
 
     app = Flask(__name__, instance_relative_config=True)
     app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         path, name = bot.wecom_callback_path, bot.bot_name
         app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
         app.add_url_rule(path, f"callback.{name}", callback, methods=["POST"], defaults={"bot": name})
+    app.add_url_rule(FILE_PATH + "<token>", "file_link", file_link)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach
@@ -135,6 +139,15 @@ def callback(bot: str):
         if envelope is None:
             return Response(b"", status=200)
         return _json(envelope)
+
+
+def file_link(token: str):
+    """A file Dify made, behind a signed link: streamed from Dify on whichever replica gets the request."""
+    with log_context(replica=gateway().owner):
+        served = gateway().files.serve(token)
+        if served.error is not None:
+            return _json(served.error, served.status)
+        return Response(served.body, status=200, headers=served.headers, direct_passthrough=True)
 
 
 def healthz():

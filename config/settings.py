@@ -43,6 +43,8 @@ DEMO_DEFAULTS = {
     "redis_url": EMBEDDED_REDIS,
     "dify_base_url": "http://127.0.0.1:18081/v1",
     "auth_api_url": "http://127.0.0.1:18082/auth/token",
+    "public_base_url": "http://127.0.0.1:8080",
+    "file_link_secret": "demo-file-link-secret-for-local-runs-only",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -110,6 +112,13 @@ class Settings:
     dify_workflow_input: str = "query"  # workflow apps: the input variable the question goes into
     dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
     show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
+    dify_files_url: str = ""  # where Dify's relative file URLs point ("" = the scheme and host of DIFY_BASE_URL)
+
+    # --- files Dify makes, served by signed links (docs/configuration.md) --------------------------------------
+    public_base_url: str = ""  # where users reach the gateway, e.g. https://bot.example.com ("" = no links)
+    file_link_secret: str = _secret()  # signs the links; the same on every replica
+    file_link_ttl_seconds: int = 3600
+    file_max_bytes: int = 20 * 1024 * 1024  # the largest file a link serves, or a long connection uploads
 
     # --- Redis ----------------------------------------------------------------------------------------------
     redis_url: str = field(default="", repr=False)  # demo mode: memory://, the embedded store
@@ -165,6 +174,7 @@ class Settings:
         """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
         found = [self.wecom_token, self.wecom_encoding_aes_key, self.wecom_bot_secret, self.dify_api_key]
         found.append(self.auth_api_key)
+        found.append(self.file_link_secret)
         found.append(self.redis_sentinel_password)
         for url in (self.redis_url, self.database_url, self.database_read_url):
             found.append(_url_password(url))
@@ -231,6 +241,24 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
         "must be DEBUG, INFO, WARNING or ERROR",
     )
     problems.require(s.log_format in ("", "json", "text"), "LOG_FORMAT", "must be 'json' or 'text'")
+    _check_file_links(s, problems)
+
+
+def _check_file_links(s: Settings, problems: _Problems) -> None:
+    problems.require(
+        not s.public_base_url or _is_http_url(s.public_base_url),
+        "PUBLIC_BASE_URL",
+        "must be an http(s) URL such as https://bot.example.com",
+    )
+    problems.require(
+        not s.public_base_url or len(s.file_link_secret) >= 16,
+        "FILE_LINK_SECRET",
+        "is required with PUBLIC_BASE_URL: at least 16 characters, the same on every replica",
+    )
+    problems.require(
+        60 <= s.file_link_ttl_seconds <= 7 * 24 * 3600, "FILE_LINK_TTL_SECONDS", "must be between 60 and 604800"
+    )
+    problems.require(s.file_max_bytes > 0, "FILE_MAX_BYTES", "must be positive")
 
 
 def _check_bot(s: Settings, problems: _Problems) -> None:
@@ -289,6 +317,9 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
         _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
     )
     problems.require(bool(s.dify_api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
+    problems.require(
+        not s.dify_files_url or _is_http_url(s.dify_files_url), "DIFY_FILES_URL", "must be an http(s) URL"
+    )
     problems.require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
     problems.require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
     problems.require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")

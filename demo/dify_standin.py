@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import mimetypes
 import re
 import secrets
 import ssl
@@ -54,8 +55,23 @@ def thought(text: str, position: int = 1) -> tuple:
     return event("agent_thought", thought=text, position=position, observation="", tool="", tool_input="")
 
 
-def message_file(url: str, file_type: str = "image") -> tuple:
-    return event("message_file", type=file_type, belongs_to="assistant", url=url, id=str(uuid.uuid4()))
+def message_file(url: str, file_type: str = "image", **fields) -> tuple:
+    """An assistant's file (`fields`: e.g. filename, mime_type, as newer Dify versions send)."""
+    return event("message_file", type=file_type, belongs_to="assistant", url=url, id=str(uuid.uuid4()), **fields)
+
+
+def file_object(url: str, filename: str, mime_type: str, size: int, kind: str = "document") -> dict:
+    """A file in a workflow's outputs, as Dify serialises one."""
+    return {
+        "dify_model_identity": "__dify__file__",
+        "type": kind,
+        "transfer_method": "tool_file",
+        "url": url,
+        "filename": filename,
+        "extension": "." + filename.rsplit(".", 1)[-1],
+        "mime_type": mime_type,
+        "size": size,
+    }
 
 
 def workflow_finished(status: str = "succeeded", error: str | None = None) -> tuple:
@@ -204,6 +220,7 @@ class DifyStandIn:
         self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
         self.feedbacks: list[tuple[str, dict]] = []
         self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
+        self.file_fetches: list[str] = []  # the names of the tool files fetched, in order
         self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
         self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
         self.suggestions: list[str] = ["What else can you do?", "Tell me more", "Give an example"]
@@ -232,6 +249,7 @@ class DifyStandIn:
             self.requests.clear()
             self.stops.clear()
             self.parameters = default_parameters()
+            self.file_fetches.clear()
             for registry in (self.conversations, self.questions, self.messages, self.uploads, self.files):
                 registry.clear()
             self.completed.clear()
@@ -296,7 +314,7 @@ class DifyStandIn:
         elif request.method == "POST" and path.startswith("/v1/messages/") and path.endswith("/feedbacks"):
             await self._feedback(path.split("/")[3], request, conn)
         elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
-            await conn.send(200, self.files[path.rsplit("/", 1)[-1]], content_type="image/png")
+            await self._tool_file(path.rsplit("/", 1)[-1], request, conn)
         elif request.method == "POST" and path.endswith("/stop") and path.startswith(_STOP_PATHS):
             task_id = path.split("/")[-2]
             self.stops.append((task_id, request.json() or {}))
@@ -497,6 +515,16 @@ class DifyStandIn:
                 "created_at": int(time.time()),
             },
         )
+
+    async def _tool_file(self, name: str, request: Request, conn: Conn) -> None:
+        """A tool-made file at its signed URL (Dify answers 403 without the signature)."""
+        with self._lock:
+            self.file_fetches.append(name)
+        if not all(request.query.get(part) for part in ("timestamp", "nonce", "sign")):
+            await conn.send(403, {"code": "forbidden", "message": "Invalid request.", "status": 403})
+            return
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        await conn.send(200, self.files[name], content_type=mime)
 
     async def _suggested(self, message_id: str, request: Request, conn: Conn) -> None:
         """`GET /messages/{id}/suggested?user=`: follow-up questions (400 where the app does not enable them)."""

@@ -31,6 +31,11 @@ from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
 from services.dify.health import DifyHealth
+from services.files.delivery import FileDelivery
+from services.files.fetch import FileFetcher
+from services.files.links import LinkSigner
+from services.files.server import BotFiles, FileServer
+from services.files.store import FileRefs
 from services.forms.service import FormService
 from services.forms.store import FormStore
 from services.keys import Keys
@@ -76,6 +81,7 @@ class Bot:
     callback: CallbackHandler
     texts: Texts
     health: DifyHealth
+    files: FileDelivery  # the files Dify makes: inline, linked, or uploaded
     holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
@@ -86,6 +92,7 @@ class Bot:
             self.holder.stop()
         self.feedback.close()
         self.media.close()
+        self.files.fetcher.close()
         self.responder.close()
         self.dify.close()
         if self.authorizer is not None:
@@ -106,6 +113,7 @@ class Gateway:
     runner: StreamRunner
     appender: AppendBatcher
     bots: dict[str, Bot]
+    files: FileServer  # serves the signed links to the files Dify makes, for every bot
     started: bool = False  # start() ran: this is a serving process
 
     def bot(self, name: str | None = None) -> Bot:
@@ -192,6 +200,7 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         appender=AppendBatcher(),
         claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
+    built = {bot.bot_name: _bot(bot, shared) for bot in bots}
     return Gateway(
         settings=settings,
         owner=owner,
@@ -200,7 +209,11 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         users=users,
         runner=shared.runner,
         appender=shared.appender,
-        bots={bot.bot_name: _bot(bot, shared) for bot in bots},
+        bots=built,
+        files=FileServer(
+            _link_signer(settings),
+            {name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in built.items()},
+        ),
     )
 
 
@@ -243,7 +256,18 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
-    media = MediaService(crypto, dify, profile, settings.dify_base_url)
+    media = MediaService(crypto, dify, profile)
+    fetcher = FileFetcher(settings.dify_base_url, settings.dify_files_url)
+    files = FileDelivery(
+        name,
+        fetcher,
+        FileRefs(client, keys),
+        texts,
+        signer=_link_signer(settings),
+        public_base_url=settings.public_base_url,
+        max_bytes=settings.file_max_bytes,
+        long_connection=long_connection,
+    )
     feedback = FeedbackService(client, keys, dify)
     forms = FormService(FormStore(client, keys), dify, texts, name)
     responder = ResponseUrlClient()
@@ -267,6 +291,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         health=DifyHealth(),
         profile=profile,
         forms=forms,
+        files=files,
     )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
     options = AnswerOptions(
@@ -306,6 +331,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         callback=callback,
         texts=texts,
         health=deps.health,
+        files=files,
         consumer=_consumer(settings, shared, keys, streams) if long_connection else None,  # first: the queue
         holder=_holder(settings, shared, keys, callback) if long_connection else None,
     )
@@ -326,6 +352,13 @@ def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamSe
     streams.queue = queue
     block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
     return JobConsumer(queue, streams, shared.owner, block_ms)
+
+
+def _link_signer(settings: Settings) -> LinkSigner | None:
+    """Signs and checks the links to files (the deployment's secret), or None without PUBLIC_BASE_URL: no links."""
+    if not settings.public_base_url:
+        return None
+    return LinkSigner(settings.file_link_secret, settings.file_link_ttl_seconds)
 
 
 def _engine(settings: Settings, instance_path: Path) -> Engine | None:

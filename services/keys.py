@@ -113,6 +113,16 @@ class Keys:
         """String: the task id of the form whose values (or action) this user types in this chat next."""
         return f"{self.prefix}dify_form_typing:{aibotid}:{chat}:{userid}"
 
+    # --- files Dify makes, served by signed links (services/files) -------------------------------------------
+
+    def file_ref(self, ref: str) -> str:
+        """String (JSON): the URL, name, type and size of a file a link serves (TTL: the link's)."""
+        return f"{self.prefix}dify_file:{ref}"
+
+    def ws_files(self, stream_id: str) -> str:
+        """`sending`/`sent`: a long-connection answer's files were uploaded and sent once."""
+        return f"{self.prefix}wecom_ws_files:{{{stream_id}}}"
+
     # --- WeCom message dedup --------------------------------------------------------------------------------
 
     def wecom_msg(self, msgid: str) -> str:

@@ -115,6 +115,15 @@ WS_ACK_SECONDS = Histogram(
 DIFY_UNKNOWN_EVENTS = Counter(
     "dify_unknown_events_total", "Dify stream events the gateway does not know (ignored), by name", ["bot", "event"]
 )
+FILES = Counter(
+    "dify_files_total",
+    "Files Dify made, by what became of them: inline, linked, named (no PUBLIC_BASE_URL), uploaded (long "
+    "connection), too_large, failed",
+    ["bot", "outcome"],
+)
+FILE_DOWNLOADS = Counter(
+    "wecom_file_downloads_total", "Signed file links served, by result: ok, refused, gone, failed", ["result"]
+)
 CARDS = Counter(
     "wecom_template_cards_total", "Template cards sent, by kind: form, suggestions, welcome", ["bot", "kind"]
 )
@@ -183,6 +192,7 @@ BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", 
 WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
 SENT = ("sent", "failed")
 CARD_KINDS = ("form", "suggestions", "welcome")
+FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
 
@@ -212,6 +222,8 @@ def initialise(bot: str, long_connection: bool = False) -> None:
     for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
         metric.labels(bot)
     FORM_WAIT_SECONDS.labels(bot)
+    for outcome in FILE_OUTCOMES:
+        FILES.labels(bot, outcome)
     for kind in CARD_KINDS:
         CARDS.labels(bot, kind)
     for outcome in FORM_CLICK_OUTCOMES:

@@ -32,7 +32,6 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "workflow_failed": "（工作流运行失败：{reason}）",
         "input_required": "（这个 AI 应用需要你填写信息后才能继续，本机器人暂时无法提供这一步，"
         "请在 Dify 网页端继续。）",
-        "image_left_out": "（有图片过大或无法读取，未能在企业微信中显示。）",
         "empty_query": "请输入你的问题。",
         "internal_error": "抱歉，处理消息时出现内部错误，请稍后再试。",
         "store_unavailable": "服务暂时不可用，请稍后重新发送这条消息。",
@@ -88,7 +87,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "form_timed_out": "（等待确认超时，应用按超时流程继续。）",
         "form_submit_failed": "（提交失败，请稍后再试或在 Dify 网页端处理。）",
         "form_rest": "**（确认后的结果）**",
-        "form_unknown": "这张卡片已失效。",
+        "file_link": "📎 [{name}]({url})",
+        "file_original": "📎 [{name}]({url})（原图）",
+        "file_named": "📎 {name}",
+        "file_failed": "（文件 {name} 未能送达。）",
+        "file_too_large": "（文件 {name} 超过 {size}，未能送达。）",
     },
     "en": {
         "placeholder": "Thinking…",
@@ -105,7 +108,6 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "workflow_failed": "(The workflow failed: {reason})",
         "input_required": "(This AI app needs you to fill in a form to go on, which this bot cannot show yet; please "
         "continue in Dify's web app.)",
-        "image_left_out": "(An image was too large or unreadable and could not be shown in WeCom.)",
         "empty_query": "Please type your question.",
         "internal_error": "Sorry, an internal error occurred while handling your message. Please try again later.",
         "store_unavailable": "The service is temporarily unavailable. Please send your message again shortly.",
@@ -162,7 +164,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "form_timed_out": "(Nobody answered in time; the app went on with its timeout path.)",
         "form_submit_failed": "(The answer could not be submitted; please try again later or use Dify's web app.)",
         "form_rest": "**(After your answer)**",
-        "form_unknown": "This card is no longer valid.",
+        "file_link": "📎 [{name}]({url})",
+        "file_original": "📎 [{name}]({url}) (original)",
+        "file_named": "📎 {name}",
+        "file_failed": "(The file {name} could not be delivered.)",
+        "file_too_large": "(The file {name} is larger than {size} and could not be delivered.)",
     },
 }
 

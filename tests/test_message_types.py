@@ -249,7 +249,8 @@ def test_images_dify_sends_arrive_as_msg_item_on_the_final_reply(simulator, dify
         ]
     )
     conversation = simulator.ask("draw")
-    assert conversation.text == "here is your chart\n\n" + CATALOGUE["zh"]["image_left_out"]  # the missing one
+    failed = CATALOGUE["zh"]["file_failed"].format(name="missing.png")  # the missing one, said in one line
+    assert conversation.text == "here is your chart\n\n" + failed
     assert all("msg_item" not in f["stream"] for f in conversation.frames[:-1])
     items = conversation.last["msg_item"]
     assert [i["msgtype"] for i in items] == ["image", "image", "image"]

@@ -1,28 +1,25 @@
-"""Files in both directions: WeCom's encrypted uploads (download, decrypt, hand to Dify) and the images Dify
-produces (download, check, turn into msg_item entries for the final reply).
+"""Files from WeCom to Dify: a user's encrypted uploads (download, decrypt, hand to Dify). The files Dify makes go
+the other way through services/files.
 
 Downloads use their own HTTP client, without the Dify key, since the URLs point at WeCom's and Dify's storage.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import logging
 import zipfile
 from dataclasses import dataclass, field
 from email.message import Message
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
-from services.media.images import fit_inline_image
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
-from services.wecom.limits import MAX_INBOUND_FILE_BYTES, MAX_REPLY_IMAGE_BYTES
+from services.wecom.limits import MAX_INBOUND_FILE_BYTES
 from utils.tls import default_tls_context
 
 logger = logging.getLogger(__name__)
@@ -110,13 +107,11 @@ class MediaService:
         crypto: WeComCrypto | None,
         dify: DifyClient,
         profile: DifyAppProfile,
-        dify_base_url: str,
         timeout: float = 20.0,
     ):
         self.crypto = crypto
         self.dify = dify
         self.profile = profile
-        self.dify_origin = "{0.scheme}://{0.netloc}".format(urlsplit(dify_base_url))
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=5.0),
             follow_redirects=True,
@@ -189,21 +184,6 @@ class MediaService:
         return data, disposition.get_filename()
 
     # --- Dify -> WeCom ----------------------------------------------------------------------------------------
-
-    def fetch_reply_image(self, url: str) -> dict | None:
-        """A Dify image as a msg_item payload ({base64, md5}) within WeCom's inline limit (services/media/images.py),
-        or None: it could not be fetched (within 10 MB), read as an image, or brought under the limit."""
-        try:
-            data, _ = self._download(urljoin(self.dify_origin + "/", url), MAX_REPLY_IMAGE_BYTES)
-        except MediaError as exc:
-            logger.warning("could not fetch a Dify image: %s", exc)
-            return None
-        fitted = fit_inline_image(data)
-        if fitted is None:
-            return None
-        if len(fitted) != len(data):
-            logger.info("recompressed a reply image from %d to %d bytes", len(data), len(fitted))
-        return {"base64": base64.b64encode(fitted).decode(), "md5": hashlib.md5(fitted).hexdigest()}
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

@@ -32,14 +32,13 @@ from services.dify.events import (
     WORKFLOW_TEXT,
     DifyEvent,
 )
-from services.media.service import MediaService
+from services.files.model import DifyFile, file_of_event, files_in_outputs
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
 from services.streams.outage import RETRY_DELAYS, best_effort
 from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore
 from services.streams.writer import StreamWriter
-from services.wecom.limits import MAX_REPLY_IMAGES
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class Answer:
     last_thought: str = ""
     workflow_error: str = ""
     images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
-    images_left_out: int = 0  # images Dify made that could not be shown (fetch failed, unreadable, too large)
+    files: list[DifyFile] = field(default_factory=list)  # files Dify made for the answer (services/files)
     usage: dict = field(default_factory=dict)
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
@@ -225,7 +224,7 @@ def _brings_new_ids(data: dict, answer: Answer) -> bool:
 class AnswerRecorder:
     """Applies one stream's Dify events (every event of Dify's streaming API): deltas to its writer, a replace, ids, the
     agent's thoughts and closing message, reasoning, a workflow's text and outputs, a failed or paused run, usage,
-    reply images, and the conversation to continue next time."""
+    the files Dify made (services/files delivers them at the end), and the conversation to continue next time."""
 
     def __init__(
         self,
@@ -233,7 +232,6 @@ class AnswerRecorder:
         answer: Answer,
         store: StreamStore,
         conversations: ConversationStore,
-        media: MediaService,
         bot: str = "default",
         options: AnswerOptions = DEFAULT_OPTIONS,
     ):
@@ -243,7 +241,6 @@ class AnswerRecorder:
         self.answer = answer
         self.store = store
         self.conversations = conversations
-        self.media = media
 
     def apply(self, batch: list[DifyEvent]) -> None:
         """Record one network read's worth of events: deltas in one append, a replace in its own call."""
@@ -264,7 +261,8 @@ class AnswerRecorder:
             elif kind == FILE_EVENT:
                 # After an assistant file, Dify labels the message's later text chunks message_file.
                 self._answer_text(deltas, event.answer)
-                self._keep_image(event)
+                if (file := file_of_event(event.data)) is not None:
+                    answer.files.append(file)
             elif kind == WORKFLOW_TEXT:
                 self._answer_text(deltas, str(event.body.get("text") or ""))
             elif kind in (REPLACE_EVENT, WORKFLOW_REPLACE):
@@ -360,6 +358,7 @@ class AnswerRecorder:
         answer is its outputs when no text_chunk came."""
         answer = self.answer
         status = data.get("status")
+        answer.files += files_in_outputs(data.get("outputs"))
         if status in _FAILED_RUNS:
             answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
         elif answer.after_form:
@@ -421,20 +420,6 @@ class AnswerRecorder:
         saved = best_effort(remember, "remembering the conversation", delays=RETRY_DELAYS if retry else ())
         if saved:
             answer.conversation_saved = conversation_id
-
-    def _keep_image(self, event: DifyEvent) -> None:
-        """An image Dify made for the answer: fetched now, attached to the final reply as msg_item."""
-        answer = self.answer
-        url = event.get("url")
-        if event.get("type") != "image" or event.get("belongs_to", "assistant") != "assistant":
-            return
-        if not isinstance(url, str) or len(answer.images) >= MAX_REPLY_IMAGES:
-            return
-        image = self.media.fetch_reply_image(url)
-        if image is None:
-            answer.images_left_out += 1
-        else:
-            answer.images.append(image)
 
 
 def workflow_answer(outputs, name: str) -> str:

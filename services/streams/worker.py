@@ -24,6 +24,7 @@ from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
+from services.files.delivery import FileDelivery
 from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
@@ -65,6 +66,7 @@ class WorkerDeps:
     texts: Texts
     health: DifyHealth
     forms: FormService | None = None  # human-input forms answered in WeCom (None: the bubble says the app waits)
+    files: FileDelivery | None = None  # the files Dify makes, delivered at the answer's end
 
 
 class StreamWorker:
@@ -144,7 +146,7 @@ class StreamWorker:
         self._count_call(job)
         answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt)
         answer.app_type = options.app_type
-        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
         while True:
             request = ChatRequest(
                 query=job.query,
@@ -183,7 +185,7 @@ class StreamWorker:
         answer.skip = len(answer.shown)
         answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
         answer.forms_answered = list(job.forms_answered)
-        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
         logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
@@ -208,7 +210,7 @@ class StreamWorker:
         answer.resumed = bool(shown)
         answer.app_type, answer.workflow_run_id = options.app_type, record.form.run_id
         answer.forms_answered = list(job.forms_answered)
-        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, deps.media, self.bot, options)
+        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
         if self._submit(job, answer, record.task_id):
             self._after_form(job, answer, recorder, cancelled, record.form.token)
             self._through_forms(job, answer, recorder, cancelled)
@@ -336,6 +338,7 @@ class StreamWorker:
         if answer.thinking:  # reasoning with no answer after it
             recorder.write([THINK_CLOSE.rstrip()])
             answer.thinking = False
+        uploads = self._deliver_files(answer, recorder)
         if answer.paused:
             note = answer.form_note or self.deps.texts.say("input_required")
         elif not answer.answered:
@@ -344,8 +347,6 @@ class StreamWorker:
                 recorder.write([answer.last_thought])
             elif not answer.images:
                 note = self.deps.texts.say("empty_answer")
-        if answer.images_left_out:
-            note = "\n".join(filter(None, (note, self.deps.texts.say("image_left_out"))))
         if answer.form_timed_out:
             note = "\n".join(filter(None, (self.deps.texts.say("form_timed_out"), note)))
         fields = {
@@ -353,10 +354,23 @@ class StreamWorker:
             "tokens": answer.usage.get("total_tokens", ""),
             "dify_latency": answer.usage.get("latency", ""),
             "card": self._suggestions(job, answer),
+            "files": orjson.dumps(uploads).decode() if uploads else "",
         }
         logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
         self.deps.health.answered()
         self.deps.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
+
+    def _deliver_files(self, answer: Answer, recorder: AnswerRecorder) -> list[dict]:
+        """The files Dify made: images inline on the final reply, links (or names, or why not) as lines of the
+        answer; in long-connection mode, the uploads the connection's holder makes after the answer."""
+        if not answer.files or self.deps.files is None:
+            return []
+        delivered = self.deps.files.deliver(answer.files)
+        answer.images = delivered.images
+        if delivered.lines:
+            recorder.write([("\n\n" if answer.text else "") + "\n".join(delivered.lines)])
+            answer.answered = True
+        return delivered.uploads
 
     def _suggestions(self, job: StreamJob, answer: Answer) -> str:
         """The follow-up questions Dify suggests after a chat answer, as a card for the final reply (JSON; "" for

@@ -1,0 +1,134 @@
+"""What becomes of each file of an answer (docs/architecture.md, "Files Dify makes").
+
+Callback mode: an image goes inline on the final reply (shrunk under WeCom's 512 KB if it must be, its original
+then linked too); any other file becomes a line in the answer with a signed link to the gateway
+(`PUBLIC_BASE_URL/wecom/files/<token>`), or its name alone without PUBLIC_BASE_URL. Long-connection mode: a file
+within WeCom's caps is left to the connection holder to upload and send after the answer (`uploads`); a larger one
+is linked. A file that cannot be fetched, or is over FILE_MAX_BYTES, becomes one line saying so; the answer itself
+always completes, and every other file still goes out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from services import metrics
+from services.files.fetch import FetchError, FileFetcher
+from services.files.links import LinkSigner
+from services.files.model import DifyFile
+from services.files.store import FileRefs
+from services.media.images import fit_inline_image
+from services.redis_conn import REDIS_FAILURES
+from services.texts import Texts
+from services.wecom.limits import MAX_REPLY_IMAGE_BYTES, MAX_REPLY_IMAGES
+
+logger = logging.getLogger(__name__)
+
+# WeCom's caps on a long connection's uploads, by message type (the official plugin's).
+UPLOAD_CAPS = {"image": 10 * 1024 * 1024, "file": 20 * 1024 * 1024}
+FILE_PATH = "/wecom/files/"
+
+
+@dataclass
+class Delivered:
+    images: list[dict] = field(default_factory=list)  # msg_item payloads for the final reply
+    lines: list[str] = field(default_factory=list)  # markdown lines for the answer: links, names, failures
+    uploads: list[dict] = field(default_factory=list)  # long connection: {ref, name, type, size} for the holder
+
+
+class FileDelivery:
+    def __init__(
+        self,
+        bot: str,
+        fetcher: FileFetcher,
+        refs: FileRefs,
+        texts: Texts,
+        *,
+        signer: LinkSigner | None,
+        public_base_url: str,
+        max_bytes: int,
+        long_connection: bool,
+    ):
+        self.bot = bot
+        self.fetcher = fetcher
+        self.refs = refs
+        self.texts = texts
+        self.signer = signer if public_base_url else None
+        self.public_base_url = public_base_url.rstrip("/")
+        self.max_bytes = max_bytes
+        self.long_connection = long_connection
+
+    def deliver(self, files: list[DifyFile]) -> Delivered:
+        delivered = Delivered()
+        seen: set[str] = set()
+        for file in files:
+            if (file.url or file.file_id) in seen:
+                continue
+            seen.add(file.url or file.file_id)
+            try:
+                self._one(file, delivered)
+            except FetchError as exc:
+                self._count("too_large" if exc.reason == "too_large" else "failed")
+                logger.warning("a file Dify made could not be delivered: %s", exc.reason)
+                key = "file_too_large" if exc.reason == "too_large" else "file_failed"
+                delivered.lines.append(self.texts.say(key).format(name=file.name, size=size_text(self.max_bytes)))
+            except REDIS_FAILURES as exc:
+                self._count("failed")
+                logger.warning("a file's link could not be recorded: %s", exc)
+                delivered.lines.append(self.texts.say("file_failed").format(name=file.name))
+        return delivered
+
+    def _one(self, file: DifyFile, delivered: Delivered) -> None:
+        url = self.fetcher.resolve(file.url)
+        if self.long_connection:
+            kind = "image" if file.is_image else "file"
+            size = self._probe(url)
+            if size <= UPLOAD_CAPS[kind]:
+                ref = self.refs.put(file, url, self.signer.ttl_seconds if self.signer else 3600)
+                delivered.uploads.append({"ref": ref, "name": file.name, "type": kind, "size": size})
+                self._count("uploaded")
+                return
+            delivered.lines.append(self._link_line(file, url, "file_link"))
+            return
+        if file.is_image and len(delivered.images) < MAX_REPLY_IMAGES:
+            data, _ = self.fetcher.read(url, min(self.max_bytes, MAX_REPLY_IMAGE_BYTES))
+            fitted = fit_inline_image(data)
+            if fitted is not None:
+                encoded = base64.b64encode(fitted).decode()
+                delivered.images.append({"base64": encoded, "md5": hashlib.md5(fitted).hexdigest()})
+                self._count("inline")
+                if fitted is not data and self.signer is not None:  # shrunk: the original is a tap away
+                    delivered.lines.append(self._link_line(file, url, "file_original"))
+                return
+        self._probe(url)
+        delivered.lines.append(self._link_line(file, url, "file_link"))
+
+    def _probe(self, url: str) -> int:
+        """The file's size, having checked that Dify serves it within FILE_MAX_BYTES (its headers only)."""
+        with self.fetcher.stream(url, self.max_bytes) as (headers, _):
+            return int(headers.get("content-length") or 0)
+
+    def _link_line(self, file: DifyFile, url: str, key: str) -> str:
+        if self.signer is None:
+            self._count("named")
+            return self.texts.say("file_named").format(name=file.name)
+        ref = self.refs.put(file, url, self.signer.ttl_seconds)
+        link = f"{self.public_base_url}{FILE_PATH}{self.signer.sign(self.bot, ref)}"
+        self._count("linked")
+        return self.texts.say(key).format(name=_markdown_text(file.name), url=link)
+
+    def _count(self, outcome: str) -> None:
+        metrics.FILES.labels(self.bot, outcome).inc()
+
+
+def _markdown_text(name: str) -> str:
+    """A file name safe inside a markdown link's text."""
+    return name.replace("[", "(").replace("]", ")")
+
+
+def size_text(size: int) -> str:
+    """A size as people say it: 20 MB, 512 KB."""
+    return f"{size / 2**20:.0f} MB" if size >= 2**20 else f"{max(1, size // 1024)} KB"

@@ -1,0 +1,166 @@
+"""Files Dify makes reach the user (docs/architecture.md, "Files Dify makes"), over real sockets: two gateway
+replicas on the test Redis, the Dify stand-in serving tool files at signed relative URLs, the WeCom simulator
+(callback mode) and the WebSocket stand-in (long connection)."""
+
+import base64
+import io
+import logging
+import os
+import re
+import time
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from demo import dify_apps as apps
+from demo import dify_standin as d
+from services.files.links import LinkSigner
+from services.media.images import MAX_INLINE_IMAGE_BYTES
+from services.texts import CATALOGUE
+from tests.conftest import DIFY_KEY, make_simulator
+
+ZH = CATALOGUE["zh"]
+SECRET = "test-file-link-secret-0123456789"
+PUBLIC = "https://bot.example.com"
+PDF = b"%PDF-1.7\n" + os.urandom(300_000) + b"\n%%EOF\n"
+LINK = re.compile(r"\[([^\]]+)\]\(https://bot\.example\.com(/wecom/files/[^)\s]+)\)")
+
+
+@pytest.fixture
+def linked(make_pair):
+    """Two replicas that link files (PUBLIC_BASE_URL, FILE_LINK_SECRET): (replica a, replica b)."""
+    return make_pair(public_base_url=PUBLIC, file_link_secret=SECRET)
+
+
+def links(text: str) -> dict[str, str]:
+    """File name -> the link's path, from an answer's markdown."""
+    return {name: path for name, path in LINK.findall(text)}
+
+
+def noise_png(width: int, height: int) -> bytes:
+    encoded = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+def test_a_tool_file_and_a_workflow_output_file_download_exactly_on_the_other_replica(linked, dify, caplog):
+    a, b = linked
+    report, sheet = PDF, b"name,total\nalice,3\n" * 1000
+    report_url, sheet_url = dify.host_file(report, "pdf"), dify.host_file(sheet, "csv")
+    outputs = {"answer": "Done.", "files": [d.file_object(sheet_url, "季度报表.csv", "text/csv", len(sheet))]}
+    dify.script(
+        [
+            apps.workflow_started(),
+            d.message("Here you are."),
+            d.message_file(report_url, "document", filename="report.pdf", mime_type="application/pdf"),
+            apps.workflow_done(outputs),
+            d.end(),
+        ]
+    )
+    sim = make_simulator(a.url)
+    with caplog.at_level(logging.DEBUG):
+        conversation = sim.ask("the quarterly report")
+    found = links(conversation.text)
+    assert conversation.text.startswith("Here you are.\n\n📎 [report.pdf]")
+    assert set(found) == {"report.pdf", "季度报表.csv"}
+    for name, body, mime in (("report.pdf", report, "application/pdf"), ("季度报表.csv", sheet, "text/csv")):
+        response = httpx.get(b.url + found[name], timeout=10)  # any replica serves any link
+        assert response.status_code == 200
+        assert response.content == body
+        assert response.headers["content-type"].startswith(mime)
+        assert (
+            "filename*=UTF-8''" + httpx.URL("/" + name).raw_path.decode()[1:] in response.headers["content-disposition"]
+        )
+    # The link holds no Dify key or signature; nothing secret reaches the answer or the logs.
+    for secret in (SECRET, DIFY_KEY, "sign=", "nonce="):
+        assert secret not in conversation.text
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert SECRET not in logged and DIFY_KEY not in logged
+    sim.close()
+
+
+def test_a_tampered_or_expired_link_gets_403_with_a_short_json_body(linked, dify):
+    a, _ = linked
+    dify.script([d.message("File:"), d.message_file(dify.host_file(PDF, "pdf"), "document"), d.end()])
+    sim = make_simulator(a.url)
+    path = next(iter(links(sim.ask("file please").text).values()))
+    token = path.rsplit("/", 1)[1]
+    bot, ref, _, mac = token.split(".")
+    tampered = f"{bot}.{ref}.{int(time.time()) + 10**6}.{mac}"  # a later expiry, the old signature
+    expired = LinkSigner(SECRET, 60).sign(bot, ref, now=time.time() - 3600)
+    foreign = LinkSigner("another-secret-of-16+chars", 60).sign(bot, ref)
+    for bad in (tampered, expired, foreign, "garbage", token[:-2]):
+        response = httpx.get(f"{a.url}/wecom/files/{bad}", timeout=5)
+        assert response.status_code == 403
+        assert response.json() == {"error": "link_refused", "message": "this link is not valid or has expired"}
+    assert httpx.get(a.url + path, timeout=5).status_code == 200
+    sim.close()
+
+
+def test_a_big_photo_is_inline_under_512_kb_and_its_original_linked(linked, dify):
+    a, b = linked
+    photo = noise_png(900, 800)
+    assert len(photo) > 2_000_000
+    dify.script([d.message("A photo."), d.message_file(dify.host_file(photo, "png")), d.end()])
+    conversation = make_simulator(a.url).ask("photo")
+    (item,) = conversation.last["msg_item"]
+    assert len(base64.b64decode(item["image"]["base64"])) <= MAX_INLINE_IMAGE_BYTES
+    (name, path), *_ = links(conversation.text).items()
+    assert ZH["file_original"].split("]")[1].split(")")[1] in conversation.text  # "（原图）"
+    assert httpx.get(b.url + path, timeout=10).content == photo
+
+
+def test_a_file_dify_no_longer_has_is_one_line_and_the_rest_arrives(linked, dify):
+    a, _ = linked
+    good = dify.host_file(PDF, "pdf")
+    missing = "/files/tools/gone.pdf?timestamp=1&nonce=2&sign=3"
+    dify.script(
+        [d.message("Two files."), d.message_file(missing, "document"), d.message_file(good, "document"), d.end()]
+    )
+    text = make_simulator(a.url).ask("files").text
+    assert ZH["file_failed"].format(name="gone.pdf") in text
+    assert set(links(text)) == {good.split("?")[0].rsplit("/", 1)[1]}
+    assert text.startswith("Two files.")
+
+
+def test_a_file_over_the_cap_is_refused_with_a_note(make_pair, dify):
+    a, _ = make_pair(public_base_url=PUBLIC, file_link_secret=SECRET, file_max_bytes=100_000)
+    big = d.message_file(dify.host_file(PDF, "pdf"), "document", filename="big.pdf")
+    dify.script([d.message("Big:"), big, d.end()])
+    text = make_simulator(a.url).ask("big").text
+    assert text == "Big:\n\n" + ZH["file_too_large"].format(name="big.pdf", size="97 KB")
+
+
+def test_without_public_base_url_files_are_named_not_linked(make_pair, dify):
+    a, _ = make_pair()
+    dify.script(
+        [d.message("See"), d.message_file(dify.host_file(PDF, "pdf"), "document", filename="plan.pdf"), d.end()]
+    )
+    assert make_simulator(a.url).ask("plan").text == "See\n\n" + ZH["file_named"].format(name="plan.pdf")
+
+
+def test_files_are_fetched_only_from_difys_own_hosts(linked, dify):
+    a, _ = linked
+    dify.script([d.message("x"), d.message_file("http://169.254.169.254/latest/meta-data", "document"), d.end()])
+    text = make_simulator(a.url).ask("metadata").text
+    assert ZH["file_failed"].format(name="meta-data") in text
+    assert "bot.example.com" not in text
+
+
+def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
+    a, _ = make_pair(public_base_url=PUBLIC, file_link_secret=SECRET, file_max_bytes=64 * 2**20)
+    big = os.urandom(50 * 2**20)
+    dify.script([d.message("Archive:"), d.message_file(dify.host_file(big, "zip"), "document"), d.end()])
+    path = next(iter(links(make_simulator(a.url).ask("archive").text).values()))
+    process = psutil.Process()
+    before = process.memory_info().rss
+    received = 0
+    with httpx.stream("GET", a.url + path, timeout=30) as response:
+        assert response.status_code == 200
+        for piece in response.iter_bytes(256 * 1024):
+            received += len(piece)
+    grown = process.memory_info().rss - before
+    assert received == len(big)
+    assert grown < 20 * 2**20  # never the whole 50 MB (the server and this client share the process)
