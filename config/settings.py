@@ -317,9 +317,7 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
         _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
     )
     problems.require(bool(s.dify_api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
-    problems.require(
-        not s.dify_files_url or _is_http_url(s.dify_files_url), "DIFY_FILES_URL", "must be an http(s) URL"
-    )
+    problems.require(not s.dify_files_url or _is_http_url(s.dify_files_url), "DIFY_FILES_URL", "must be an http(s) URL")
     problems.require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
     problems.require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
     problems.require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")

@@ -10,6 +10,8 @@ whichever connection holds a bot, and read back the frames each req_id got.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import secrets
 import threading
 import time
@@ -23,6 +25,8 @@ from websockets.exceptions import ConnectionClosed
 from demo.wecom_simulator import template_card_event
 
 BAD_CREDENTIALS, DEAD_REQ_ID, STREAM_EXPIRED = 853000, 846605, 846608
+INVALID_UPLOAD = 40009  # a stand-in's code for an upload WeCom would refuse
+UPLOAD_CAPS = {"image": 10 * 2**20, "file": 20 * 2**20, "voice": 2 * 2**20, "video": 10 * 2**20}
 
 
 @dataclass
@@ -57,6 +61,8 @@ class WeComWebSocketStandIn:
         self.connections = 0  # sockets ever opened to the stand-in
         self.deliveries: dict[str, _Delivery] = {}  # req_id -> delivery
         self.proactive: list[dict] = []  # aibot_send_msg bodies
+        self.media: dict[str, dict] = {}  # media_id -> {type, filename, data, chunks}: uploads finished
+        self._uploads: dict[str, dict] = {}  # upload_id -> an upload in progress
         self.pings = 0
         self._loop = asyncio.new_event_loop()
         self._server = None
@@ -201,7 +207,7 @@ class WeComWebSocketStandIn:
         cmd = data.get("cmd")
         req_id = (data.get("headers") or {}).get("req_id", "")
         body = data.get("body") or {}
-        errcode = 0
+        errcode, answer = 0, None
         if cmd == "aibot_subscribe":
             bot_id = body.get("bot_id", "")
             if self.bots.get(bot_id) != body.get("secret"):
@@ -229,8 +235,42 @@ class WeComWebSocketStandIn:
                 delivery.frames.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
         elif cmd == "aibot_send_msg":
             self.proactive.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
+        elif cmd.startswith("aibot_upload_media_"):
+            errcode, answer = self._upload(cmd, body)
         ack = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": "ok" if not errcode else "refused"}
+        if answer:
+            ack["body"] = answer
         await connection.send(_dump(ack))
+
+    def _upload(self, cmd: str, body: dict) -> tuple[int, dict | None]:
+        """The three steps of a media upload (init -> upload_id, chunks of at most 512 KB, finish -> media_id), with
+        the checks WeCom makes: chunk count and size, the total size and the MD5."""
+        if cmd == "aibot_upload_media_init":
+            if not 1 <= int(body.get("total_chunks") or 0) <= 100 or body.get("type") not in UPLOAD_CAPS:
+                return INVALID_UPLOAD, None
+            if int(body.get("total_size") or 0) > UPLOAD_CAPS[body["type"]]:
+                return INVALID_UPLOAD, None
+            upload_id = uuid.uuid4().hex
+            self._uploads[upload_id] = {**body, "chunks": {}}
+            return 0, {"upload_id": upload_id}
+        upload = self._uploads.get(body.get("upload_id", ""))
+        if upload is None:
+            return INVALID_UPLOAD, None
+        if cmd == "aibot_upload_media_chunk":
+            data = base64.b64decode(body.get("base64_data") or "")
+            if len(data) > 512 * 1024:
+                return INVALID_UPLOAD, None
+            upload["chunks"][int(body.get("chunk_index", -1))] = data
+            return 0, None
+        data = b"".join(upload["chunks"][i] for i in sorted(upload["chunks"]))
+        whole = len(upload["chunks"]) == upload["total_chunks"] and len(data) == upload["total_size"]
+        if not whole or hashlib.md5(data).hexdigest() != upload["md5"]:
+            return INVALID_UPLOAD, None
+        media_id = uuid.uuid4().hex
+        del self._uploads[body["upload_id"]]
+        self.media[media_id] = {"type": upload["type"], "filename": upload["filename"], "data": data}
+        self.media[media_id]["chunks"] = len(upload["chunks"])
+        return 0, {"media_id": media_id}
 
 
 def _message(bot_id: str, userid: str, msgtype: str, content: dict, msgid: str | None = None) -> dict:

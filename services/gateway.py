@@ -43,6 +43,7 @@ from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
+from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
@@ -333,17 +334,26 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         health=deps.health,
         files=files,
         consumer=_consumer(settings, shared, keys, streams) if long_connection else None,  # first: the queue
-        holder=_holder(settings, shared, keys, callback) if long_connection else None,
+        holder=_holder(settings, shared, keys, callback, files) if long_connection else None,
     )
 
 
-def _holder(settings: Settings, shared: _Shared, keys: Keys, callback: CallbackHandler) -> ConnectionHolder:
+def _holder(
+    settings: Settings, shared: _Shared, keys: Keys, callback: CallbackHandler, files: FileDelivery
+) -> ConnectionHolder:
     """A long-connection bot's connection holder in this process (once started, it stands by until it has the
     lease)."""
     lease = BotLease(shared.client, keys, settings.wecom_bot_id, shared.owner, settings.wecom_ws_lease_seconds)
-    outbox = Outbox(shared.client, keys, callback.streams.store, settings.wecom_bot_id)
+    store = callback.streams.store
+    outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
     callback.streams.outbox = outbox  # answers with no bubble (the rest of a run after a form) go out through it
-    return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner)
+
+    def sender(session) -> FileSender:
+        return FileSender(
+            settings.bot_name, shared.client, keys, files.refs, files.fetcher, callback.texts, store.meta, session
+        )
+
+    return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner, sender)
 
 
 def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:

@@ -121,6 +121,11 @@ FILES = Counter(
     "connection), too_large, failed",
     ["bot", "outcome"],
 )
+WS_FILES = Counter(
+    "wecom_ws_files_total",
+    "Long-connection mode: files uploaded and sent after an answer, by result",
+    ["bot", "result"],
+)
 FILE_DOWNLOADS = Counter(
     "wecom_file_downloads_total", "Signed file links served, by result: ok, refused, gone, failed", ["result"]
 )
@@ -238,6 +243,8 @@ def initialise(bot: str, long_connection: bool = False) -> None:
             WS_OUTBOX.labels(bot, result)
         for errcode in WS_ERRCODES_SEEN:
             WS_ERRCODES.labels(bot, errcode)
+        for result in SENT:
+            WS_FILES.labels(bot, result)
 
 
 def _registry() -> CollectorRegistry:

@@ -17,9 +17,10 @@ from PIL import Image
 from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.files.links import LinkSigner
+from services.gateway import build_gateway
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
-from tests.conftest import DIFY_KEY, make_simulator
+from tests.conftest import DIFY_KEY, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 SECRET = "test-file-link-secret-0123456789"
@@ -164,3 +165,63 @@ def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
     grown = process.memory_info().rss - before
     assert received == len(big)
     assert grown < 20 * 2**20  # never the whole 50 MB (the server and this client share the process)
+
+
+# --- long-connection mode --------------------------------------------------------------------------------------
+
+WS_BOT, WS_SECRET = "files-bot", "files-secret"
+
+
+@pytest.fixture
+def ws_gateway(settings, wecom_ws, tmp_path):
+    """A long-connection gateway holding its bot's WebSocket, linking files too: (gateway, the stand-in)."""
+    wecom = wecom_ws({WS_BOT: WS_SECRET})
+    bot = settings.replace(
+        wecom_mode="long_connection",
+        wecom_bot_id=WS_BOT,
+        wecom_bot_secret=WS_SECRET,
+        wecom_ws_url=wecom.url,
+        public_base_url=PUBLIC,
+        file_link_secret=SECRET,
+    )
+    gateway = build_gateway(bot, (bot,), tmp_path)
+    gateway.start()
+    assert wait_until(lambda: wecom.subscribed(WS_BOT) == 1, timeout=10)
+    yield gateway, wecom
+    gateway.drain(5)
+    gateway.close()
+
+
+def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_answer(ws_gateway, dify):
+    _, wecom = ws_gateway
+    photo = noise_png(900, 800)  # over 2 MB: four chunks of at most 512 KB
+    report = dify.host_file(PDF, "pdf")
+    dify.script(
+        [
+            d.message("Photo and report."),
+            d.message_file(dify.host_file(photo, "png")),
+            d.message_file(report, "document", filename="report.pdf"),
+            d.end(),
+        ]
+    )
+    message = wecom.deliver_text(WS_BOT, "photo and report")
+    final = wecom.final(message, timeout=20)
+    assert final["stream"]["content"] == "Photo and report."
+    assert "msg_item" not in final["stream"]  # the photo goes whole, uploaded, not shrunk inline
+    assert wait_until(lambda: len(wecom.proactive) == 2, timeout=20)
+    sent = {body["msgtype"]: body for body in wecom.proactive}
+    image, document = wecom.media[sent["image"]["image"]["media_id"]], wecom.media[sent["file"]["file"]["media_id"]]
+    assert image["data"] == photo and image["chunks"] == -(-len(photo) // (512 * 1024)) >= 4
+    assert document["data"] == PDF and document["filename"] == "report.pdf"
+    assert all(body["chatid"] == "alice" and body["chat_type"] == 1 for body in wecom.proactive)
+    time.sleep(1)
+    assert len(wecom.proactive) == 2  # once
+
+
+def test_on_a_long_connection_a_file_that_fails_is_one_line(ws_gateway, dify):
+    _, wecom = ws_gateway
+    dify.script(
+        [d.message("Here."), d.message_file("/files/tools/gone.pdf?timestamp=1&nonce=2&sign=3", "document")] + [d.end()]
+    )
+    final = wecom.final(wecom.deliver_text(WS_BOT, "gone"), timeout=20)
+    assert final["stream"]["content"] == "Here.\n\n" + ZH["file_failed"].format(name="gone.pdf")

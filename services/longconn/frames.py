@@ -15,6 +15,11 @@ RESPOND = "aibot_respond_msg"
 RESPOND_WELCOME = "aibot_respond_welcome_msg"
 RESPOND_UPDATE = "aibot_respond_update_msg"  # a template_card_event's answer: the card updated
 SEND = "aibot_send_msg"
+UPLOAD_INIT, UPLOAD_CHUNK, UPLOAD_FINISH = (
+    "aibot_upload_media_init",
+    "aibot_upload_media_chunk",
+    "aibot_upload_media_finish",
+)
 
 BAD_CREDENTIALS = 853000  # wrong bot_id or secret (the server leaves the socket open)
 DEAD_REQ_ID = 846605  # a req_id of another (or an earlier) connection

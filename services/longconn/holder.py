@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from services import metrics
 from services.callback.handler import CallbackHandler
@@ -24,6 +25,7 @@ from services.longconn.orphans import OrphanDelivery
 from services.longconn.outbox import Outbox
 from services.longconn.replies import ReplyPump
 from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, SubscribeRefused
+from services.longconn.uploads import FileSender
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 from services.streams.outage import best_effort
@@ -38,7 +40,16 @@ RECONNECT_PAUSE = 1.0  # after a connection that could not be opened
 class ConnectionHolder:
     """Holds (or stands by for) one bot's WebSocket in this process."""
 
-    def __init__(self, bot: str, settings, lease: BotLease, callback: CallbackHandler, outbox: Outbox, owner: str):
+    def __init__(
+        self,
+        bot: str,
+        settings,
+        lease: BotLease,
+        callback: CallbackHandler,
+        outbox: Outbox,
+        owner: str,
+        files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
+    ):
         self.bot = bot
         self.settings = settings
         self.lease = lease
@@ -47,8 +58,9 @@ class ConnectionHolder:
         self._stop = threading.Event()
         self._session: Session | None = None
         self._holding: Holding | None = None
-        self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session)
-        self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner)
+        uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
+        self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads)
+        self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, uploads)
         self.inbound = InboundHandler(callback, self.replies, outbox, lambda: (self._session, self._holding))
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)
 

@@ -11,6 +11,7 @@ from services import metrics
 from services.longconn import frames
 from services.longconn.outbox import Outbox, rest_of
 from services.longconn.session import Session
+from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import remainder_message, separate_message
 from services.streams.outage import best_effort
@@ -22,8 +23,9 @@ logger = logging.getLogger(__name__)
 class OrphanDelivery:
     """Sends the rests of a bot's orphaned streams over the connection this process holds."""
 
-    def __init__(self, bot: str, streams: StreamService, outbox: Outbox, owner: str):
+    def __init__(self, bot: str, streams: StreamService, outbox: Outbox, owner: str, files: FileSender | None = None):
         self.bot = bot
+        self.files = files  # sends an answer's files once its rest is out
         self.streams = streams
         self.outbox = outbox
         self.owner = owner
@@ -58,6 +60,8 @@ class OrphanDelivery:
             record = self.outbox.sent if ok else self.outbox.failed
             # If Redis does not answer, `sending` runs out and the next pass sends again.
             best_effort(lambda: record(stream_id), "recording the delivery", delays=())
+            if ok and self.files is not None:
+                self.files.after_answer(stream_id)
             logger.info("rest of stream %s %s through aibot_send_msg", stream_id, "sent" if ok else "NOT sent")
 
         return on_sent

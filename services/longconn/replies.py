@@ -15,6 +15,7 @@ from services import metrics
 from services.longconn import frames
 from services.longconn.outbox import Outbox
 from services.longconn.session import Session
+from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService
 
@@ -36,8 +37,16 @@ class _Reply:
 class ReplyPump:
     """The open replies of this process's connection (at most one connection at a time)."""
 
-    def __init__(self, bot: str, streams: StreamService, outbox: Outbox, session: Callable[[], Session | None]):
+    def __init__(
+        self,
+        bot: str,
+        streams: StreamService,
+        outbox: Outbox,
+        session: Callable[[], Session | None],
+        files: FileSender | None = None,
+    ):
         self.bot = bot
+        self.files = files  # sends an answer's files once its bubble is finished
         self.streams = streams
         self.outbox = outbox
         self._session = session  # the connection frames go out on now (None: none)
@@ -116,6 +125,8 @@ class ReplyPump:
                 self.outbox.orphan(stream_id)
             elif not errcode and finish:
                 self.outbox.delivered(stream_id)
+                if self.files is not None:
+                    self.files.after_answer(stream_id)
             elif not errcode:
                 self.outbox.shown(stream_id, content)
         except REDIS_FAILURES as exc:
