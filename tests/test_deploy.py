@@ -17,6 +17,7 @@ import yaml
 
 from config.bots import load_bots
 from config.settings import PROJECT_ROOT, Settings, load_settings
+from services.files.delivery import FILE_PATH
 from services.redis_url import CLUSTER, SENTINEL, parse_redis_url
 
 K8S = PROJECT_ROOT / "k8s"
@@ -131,14 +132,17 @@ def test_the_deployment_fits_the_app():
     assert find(objects, "HorizontalPodAutoscaler", "wecom-gateway")["spec"]["minReplicas"] == spec["replicas"]
 
 
-def test_only_the_callback_path_is_exposed_outside_the_cluster():
+def test_only_the_callback_path_and_the_file_links_are_exposed_outside_the_cluster():
     objects = build("base")
     config = find(objects, "ConfigMap", "wecom-gateway")["data"]
     ingress = find(objects, "Ingress", "wecom-gateway")
     paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
-    assert [(p["path"], p["pathType"]) for p in paths] == [(config["WECOM_CALLBACK_PATH"], "Exact")]
-    backend = paths[0]["backend"]["service"]
-    assert backend == {"name": "wecom-gateway", "port": {"name": "http"}}
+    expected = [(config["WECOM_CALLBACK_PATH"], "Exact"), (FILE_PATH, "Prefix")]
+    assert [(p["path"], p["pathType"]) for p in paths] == expected
+    for path in paths:
+        assert path["backend"]["service"] == {"name": "wecom-gateway", "port": {"name": "http"}}
+    host = ingress["spec"]["rules"][0]["host"]
+    assert config["PUBLIC_BASE_URL"] == f"https://{host}"  # the links point at the Ingress
 
 
 def test_metrics_are_served_on_a_pod_port_the_service_does_not_expose():
@@ -284,7 +288,7 @@ def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
     bots = load_bots(load_settings(env, env_files=()))
     ingress = find(objects, "Ingress", "wecom-gateway")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert paths == [(bot.wecom_callback_path, "Exact") for bot in bots]
+    assert paths == [(bot.wecom_callback_path, "Exact") for bot in bots] + [(FILE_PATH, "Prefix")]
 
 
 WALKTHROUGH = PROJECT_ROOT / "docs" / "deployment.md"
