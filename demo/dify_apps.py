@@ -4,10 +4,13 @@ annotation replies, a run paused for a person, workflow runs with and without te
 
 from __future__ import annotations
 
+import io
 import re
 import time
 
-from demo.dify_standin import answer, end, event, message, sleep
+from PIL import Image, ImageDraw
+
+from demo.dify_standin import answer, end, event, message, sleep, tool_file
 
 # --- scenario steps ------------------------------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ def demo_workflow(query: str, language: str) -> list[tuple]:
 def demo_extra(query: str, language: str) -> list[tuple] | None:
     """Unscripted demo answers that show the newer events: 'think' (reasoning first: shown with
     SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' or '审批' (a run that waits for a
-    person's approval, shown as a card)."""
+    person's approval, shown as a card), 'report' or '报告' (an agent that makes a chart and a PDF)."""
     words = set(re.findall(r"[a-z]+", query.lower()))
     english = language == "en"
     if "think" in words:
@@ -157,6 +160,56 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
         return [reasoning(thought), reasoning("…", final=True), message(answer), end()]
     if "agent" in words:
         return agent_answer("An agent app's answer, shown once." if english else "智能体应用的回答，只显示一次。")
+    if "report" in words or "报告" in query:
+        return report_answer(english)
     if "form" in words or "approve" in words or "审批" in query:
         return approval_run("I need an approval first." if english else "需要先审批。", english)
     return None
+
+
+def report_answer(english: bool) -> list[tuple]:
+    """An agent that makes files: a chart (an image, shown in the bubble) and a PDF report (a link that downloads
+    it)."""
+    text = "Here is the quarterly report, with a chart." if english else "这是季度报告，附图表。"
+    name = "quarterly-report.pdf" if english else "季度报告.pdf"
+    return [
+        *answer(text, pieces=4)[:-1],
+        tool_file(bar_chart([3, 5, 4, 7]), "png", "image", "chart.png"),
+        tool_file(pdf_document(text), "pdf", "document", name),
+        end(),
+    ]
+
+
+def bar_chart(values: list[int]) -> bytes:
+    """A small PNG bar chart."""
+    image = Image.new("RGB", (320, 200), "white")
+    draw = ImageDraw.Draw(image)
+    for index, value in enumerate(values):
+        left = 30 + index * 70
+        draw.rectangle([left, 190 - value * 22, left + 40, 190], fill=(7, 193, 96))
+    draw.line([20, 190, 310, 190], fill="black")
+    encoded = io.BytesIO()
+    image.save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+def pdf_document(text: str) -> bytes:
+    """A one-page PDF (ASCII text only: a demo file to download)."""
+    line = "".join(c for c in text if c.isascii()) or "Quarterly report"
+    stream = f"BT /F1 18 Tf 72 720 Td ({line}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    body, offsets = b"%PDF-1.4\n", []
+    for number, obj in enumerate(objects, 1):
+        offsets.append(len(body))
+        body += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
+    xref = len(body)
+    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return body + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)

@@ -60,6 +60,11 @@ def message_file(url: str, file_type: str = "image", **fields) -> tuple:
     return event("message_file", type=file_type, belongs_to="assistant", url=url, id=str(uuid.uuid4()), **fields)
 
 
+def tool_file(data: bytes, extension: str, file_type: str = "document", filename: str = "") -> tuple:
+    """A file a tool made: the stand-in serves it at a signed relative URL and sends its message_file event."""
+    return ("tool_file", data, extension, file_type, filename)
+
+
 def file_object(url: str, filename: str, mime_type: str, size: int, kind: str = "document") -> dict:
     """A file in a workflow's outputs, as Dify serialises one."""
     return {
@@ -593,6 +598,12 @@ class DifyStandIn:
                 return None
             elif kind == "close":
                 break
+            elif kind == "tool_file":
+                _, data, extension, file_type, filename = step
+                fields = {"filename": filename} if filename else {}
+                await conn.write_chunk(
+                    _frame(message_file(self.host_file(data, extension), file_type, **fields)[1], ids)
+                )
             elif kind == "form":
                 form = _human_input(step[1], ids)
                 for frame in form.pop("frames"):

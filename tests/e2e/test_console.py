@@ -222,3 +222,56 @@ def test_the_console_taps_a_card_of_a_long_connection_bot(browser, long_connecti
     wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
     assert "已拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)").text
     assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
+
+
+@pytest.fixture
+def console_with_links(settings, tmp_path):
+    """The demo console on a port of its own, PUBLIC_BASE_URL pointing at it, so the file links it shows work."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from demo.replicas import free_port
+
+    port = free_port()
+    users = f"sqlite:///{tmp_path / 'users.db'}"
+    app = create_demo_app(
+        settings.replace(
+            demo_mode=True, auth_mode="none", database_url=users, public_base_url=f"http://127.0.0.1:{port}"
+        )
+    )
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{port}/console"
+    server.shutdown()
+    app.extensions["gateway"].runner.drain(10)
+    app.extensions["gateway"].close()
+
+
+def test_the_console_shows_a_chart_and_downloads_the_report_through_its_link(browser, console_with_links, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.get(console_with_links)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("季度报告 report")  # the stand-in's agent makes a chart and a PDF
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
+    assert bubble.find_elements(By.CSS_SELECTOR, "img[alt=image]")  # the chart, inline
+    link = bubble.find_element(By.PARTIAL_LINK_TEXT, "季度报告.pdf")
+    assert "/wecom/files/" in link.get_attribute("href")
+    link.click()
+    wait_until(browser, "return true", timeout=1)
+    import time
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not list(downloads.glob("*.pdf")):
+        time.sleep(0.2)
+    [saved] = list(downloads.glob("*.pdf"))
+    assert saved.name == "季度报告.pdf"
+    assert saved.read_bytes().startswith(b"%PDF-1.4")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "console-files.png"))
