@@ -120,3 +120,10 @@ def test_forms():
     result = forms.main(["--forms", "4", "--rate", "10", "--poll-interval", "0.2"])
     assert result["forms_open"] == 4 and result["submissions"] == 4 and result["failures"] == 0
     assert result["click_to_card_update"]["p99_ms"] < 1000
+
+
+def test_file_links():
+    from bench import file_links
+
+    result = file_links.main(["--megabytes", "1", "--downloaders", "2", "--rounds", "1"])
+    assert result["downloads"] == 2 and result["throughput_mb_per_s"] > 0
