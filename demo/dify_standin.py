@@ -318,6 +318,8 @@ class DifyStandIn:
             await self._suggested(path.split("/")[3], request, conn)
         elif request.method == "POST" and path.startswith("/v1/messages/") and path.endswith("/feedbacks"):
             await self._feedback(path.split("/")[3], request, conn)
+        elif request.method == "GET" and path == "/files/redirect":  # a file that moved (tests: where to)
+            await conn.send(302, b"", headers={"Location": request.query.get("to", "/")})
         elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
             await self._tool_file(path.rsplit("/", 1)[-1], request, conn)
         elif request.method == "POST" and path.endswith("/stop") and path.startswith(_STOP_PATHS):

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import time
+from urllib.parse import quote
 
 import httpx
 import psutil
@@ -148,6 +149,22 @@ def test_files_are_fetched_only_from_difys_own_hosts(linked, dify):
     text = make_simulator(a.url).ask("metadata").text
     assert ZH["file_failed"].format(name="meta-data") in text
     assert "bot.example.com" not in text
+
+
+def test_a_redirect_is_followed_only_within_difys_own_hosts(linked, dify):
+    a, b = linked
+    here = dify.host_file(PDF, "pdf")
+    elsewhere = f"{b.url}/healthz"  # another host (port): never fetched
+    moved_here = "/files/redirect?to=" + quote(here, safe="")
+    moved_away = "/files/redirect?to=" + quote(elsewhere, safe="")
+    dify.script(
+        [d.message("Two."), d.message_file(moved_here, "document", filename="here.pdf")]
+        + [d.message_file(moved_away, "document", filename="away.pdf"), d.end()]
+    )
+    text = make_simulator(a.url).ask("redirects").text
+    assert set(links(text)) == {"here.pdf"}
+    assert ZH["file_failed"].format(name="away.pdf") in text
+    assert httpx.get(b.url + links(text)["here.pdf"], timeout=5).content == PDF
 
 
 def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
