@@ -347,6 +347,7 @@ def _holder(
     store = callback.streams.store
     outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
     callback.streams.outbox = outbox  # answers with no bubble (the rest of a run after a form) go out through it
+    callback.streams.worker.deps.finisher.send_separately = callback.streams.send_separately  # never response_url
 
     def sender(session) -> FileSender:
         return FileSender(

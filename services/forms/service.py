@@ -107,6 +107,10 @@ class FormService:
         token = event.get("form_token")
         if not isinstance(token, str) or not token:
             return None
+        task_id = task_id_for(asker.stream_id, token)
+        known = self.store.load(task_id)
+        if known is not None:  # a resumed attempt meets the form again: as it is now (claimed, even submitted)
+            return Ticket(known, self.prompt(known), None)
         try:
             fetched = self.dify.human_input_form(token)
         except DifyHTTPError as exc:
@@ -115,7 +119,6 @@ class FormService:
                 return None
             raise
         form = read_form(event, fetched, run_id)
-        task_id = task_id_for(asker.stream_id, token)
         card = form_card(form, task_id, self.texts) if card_allowed else None
         fields = {
             "userid": asker.userid,

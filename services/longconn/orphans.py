@@ -45,7 +45,9 @@ class OrphanDelivery:
             except REDIS_FAILURES:
                 continue
             rest = rest_of(polled["stream"].get("content", ""), meta.get("ws_shown", ""))
-            if meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
+            if meta.get("ws_as_is"):  # a message made whole already (an answer's rest the finisher handed over)
+                message = rest
+            elif meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
                 message = separate_message(self.streams.texts, rest, "")
             else:
                 message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty

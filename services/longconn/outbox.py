@@ -39,9 +39,12 @@ class Outbox:
         self.store.record(stream_id, fields)
         self._add(stream_id)
 
-    def track_separate(self, stream_id: str, chatid: str, single: bool) -> None:
-        """A stream with no bubble (the rest of a run after a form's answer): sent whole, once, when final."""
+    def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None:
+        """A stream with no bubble (the rest of a run after a form's answer; with `as_is`, a message made whole
+        already, such as an answer's rest): sent whole, once, when final."""
         fields = {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
+        if as_is:
+            fields["ws_as_is"] = "1"
         self.store.record(stream_id, fields)
         self._add(stream_id)
 

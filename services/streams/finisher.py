@@ -5,7 +5,8 @@ The final state is retried through a Redis outage for as long as WeCom may still
 window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
 Cluster failover among them (their overlays budget 30 s), costs the user nothing but the wait. If the stream was
 closed elsewhere (its bubble finished by another replica's poll), or Redis stays away past that patience, the
-whole answer goes through response_url instead, so nothing a user was promised is lost. The stream is then
+whole answer goes through response_url instead, so nothing a user was promised is lost (on a long connection, whose
+response_url is not documented, through the connection's outbox: `aibot_send_msg`). The stream is then
 finished, as soon as Redis is back, with a note that the answer was sent separately: no poll resumes, restarts or
 ends it as interrupted after the user has it whole.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 from services import metrics
 from services.redis_conn import REDIS_FAILURES
@@ -52,6 +54,13 @@ class Finisher:
         self.responder = responder
         self.bubble = bubble
         self.texts = texts
+        # Long-connection bots: a message of the answer's own goes out through the connection's outbox
+        # (aibot_send_msg), not response_url; set by the gateway (StreamService.send_separately).
+        self.send_separately: Callable[[StreamJob, str], bool] | None = None
+
+    def _reachable(self, job: StreamJob) -> bool:
+        """Whether anything can reach the user besides the bubble."""
+        return self.send_separately is not None or bool(job.response_url)
 
     def finish(self, job: StreamJob, answer: Answer, status: str, **fields: str) -> Finished | None:
         """Write what is queued and record the final state (with the reply images, and for a done answer its
@@ -129,7 +138,7 @@ class Finisher:
         show, once; the whole answer if what it showed cannot be read (Redis lost it) or is not where the answer
         begins."""
         text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
-        if not text or not answer.text.startswith(text) or not job.response_url:
+        if not text or not answer.text.startswith(text) or not self._reachable(job):
             self._send_whole(job, answer, note)
             return
         self._respond(job, remainder_message(self.texts, answer.text[len(text) :], note), "rest")
@@ -137,17 +146,24 @@ class Finisher:
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
         WeCom took it."""
-        if not job.response_url:
+        if not self._reachable(job):
             logger.warning("the answer could not be delivered: no response_url")
             return False
         message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
         return self._respond(job, message, "whole_answer")
 
     def _respond(self, job: StreamJob, message: str, kind: str) -> bool:
-        """Send `message` (the answer's `kind`: rest or whole_answer) through response_url; True if WeCom took it."""
-        delivered = self.responder.send_markdown(job.response_url, message)
+        """Send `message` (the answer's `kind`: rest or whole_answer) through response_url (or, on a long
+        connection, the outbox); True if it went out."""
+        if self.send_separately is not None:
+            patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+            sending = partial(self.send_separately, job, message)
+            delivered = bool(best_effort_value(sending, "handing the message to the outbox", delays_for(patience)))
+            way = "the outbox (aibot_send_msg)"
+        else:
+            delivered, way = self.responder.send_markdown(job.response_url, message), "response_url"
         metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
-        logger.info("%s of the answer %s through response_url", kind, "sent" if delivered else "NOT sent")
+        logger.info("%s of the answer %s through %s", kind, "sent" if delivered else "NOT sent", way)
         return delivered
 
     def _mark_sent_separately(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
@@ -168,10 +184,11 @@ class Finisher:
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
         """Send through response_url, once, what the bubble could not show (it closed early or overflowed); an
         answer with no bubble (the rest of a run after a form) goes out whole."""
-        if not job.response_url:
-            return
         if job.separate:
-            self._respond(job, separate_message(self.texts, answer.text, note), "form_rest")
+            if self.send_separately is None and job.response_url:  # on a long connection the outbox sends it
+                self._respond(job, separate_message(self.texts, answer.text, note), "form_rest")
+            return
+        if not self._reachable(job):
             return
         if finished.close_reason:
             shown_text = text_at_close(answer.text, finished.closed_bytes)

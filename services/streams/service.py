@@ -146,6 +146,26 @@ class StreamService:
         logger.info("the run goes on after form %s as a message of its own", form.task_id)
         self._start(job)
 
+    def send_separately(self, job: StreamJob, markdown: str) -> bool:
+        """Long connection: send `markdown` (what the bubble of `job` could not show, or the whole answer when its
+        stream was lost) as a message of its own, through the outbox (aibot_send_msg by the connection's holder),
+        once: the stream's outbox marker is claimed first, so its rest is never also sent by the outbox's own pass.
+
+        Raises:
+            redis.RedisError: Redis did not answer (the caller tries again while it may).
+        """
+        if not self.outbox.claim(job.stream_id, self.owner):
+            logger.info("the outbox sends this answer's rest already")
+            return True
+        message_id, attempt = new_stream_id(), first_attempt(self.owner)
+        fields = {"msgid": f"rest:{job.stream_id}", "userid": job.userid, "chatid": job.chatid, "aibotid": job.aibotid}
+        self.store.open_stream(message_id, attempt, job.aibotid, job.userid, fields)
+        self.store.replace(message_id, attempt, markdown)
+        self.store.finish(message_id, attempt, DONE, {})
+        self.outbox.track_separate(message_id, job.chatid or job.userid, not job.chatid, as_is=True)
+        self.outbox.sent(job.stream_id)
+        return True
+
     def answer_at_once(self, message: Inbound, answer: Callable[[], str]) -> dict:
         """A finished reply to a message that opens no Dify call (a typed form value), made once per msgid: a WeCom
         retry of the message, on any replica, gets the same reply and does nothing again."""
