@@ -32,6 +32,7 @@ from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.auth.users import UserDirectory
+from services.gateway import build_gateway
 from services.keys import Keys
 
 # Servers of your choice instead of the private ones the suite starts (demo/); their data is flushed.
@@ -311,6 +312,31 @@ def wecom_ws():
     yield start
     for server in started:
         server.stop()
+
+
+WS_BOT_ID, WS_BOT_SECRET = "test-ws-bot", "test-ws-secret"
+
+
+@pytest.fixture
+def ws_gateway(settings, wecom_ws, tmp_path):
+    """A long-connection gateway holding its bot's WebSocket (WeCom played by the stand-in):
+    `ws_gateway(**setting changes)` -> (gateway, stand-in); drained and closed after the test."""
+    started = []
+
+    def start(**changes):
+        wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
+        mode = {"wecom_bot_id": WS_BOT_ID, "wecom_bot_secret": WS_BOT_SECRET, "wecom_ws_url": wecom.url}
+        bot = settings.replace(wecom_mode="long_connection", **mode, **changes)
+        gateway = build_gateway(bot, (bot,), tmp_path)
+        gateway.start()
+        started.append(gateway)
+        assert wait_until(lambda: wecom.subscribed(WS_BOT_ID) == 1, timeout=10)
+        return gateway, wecom
+
+    yield start
+    for gateway in started:
+        gateway.drain(5)
+        gateway.close()
 
 
 @pytest.fixture

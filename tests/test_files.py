@@ -18,10 +18,9 @@ from PIL import Image
 from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.files.links import LinkSigner
-from services.gateway import build_gateway
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
-from tests.conftest import DIFY_KEY, make_simulator, wait_until
+from tests.conftest import DIFY_KEY, WS_BOT_ID, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 SECRET = "test-file-link-secret-0123456789"
@@ -186,31 +185,17 @@ def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
 
 # --- long-connection mode --------------------------------------------------------------------------------------
 
-WS_BOT, WS_SECRET = "files-bot", "files-secret"
+WS_BOT = WS_BOT_ID
 
 
 @pytest.fixture
-def ws_gateway(settings, wecom_ws, tmp_path):
-    """A long-connection gateway holding its bot's WebSocket, linking files too: (gateway, the stand-in)."""
-    wecom = wecom_ws({WS_BOT: WS_SECRET})
-    bot = settings.replace(
-        wecom_mode="long_connection",
-        wecom_bot_id=WS_BOT,
-        wecom_bot_secret=WS_SECRET,
-        wecom_ws_url=wecom.url,
-        public_base_url=PUBLIC,
-        file_link_secret=SECRET,
-    )
-    gateway = build_gateway(bot, (bot,), tmp_path)
-    gateway.start()
-    assert wait_until(lambda: wecom.subscribed(WS_BOT) == 1, timeout=10)
-    yield gateway, wecom
-    gateway.drain(5)
-    gateway.close()
+def linking_ws_gateway(ws_gateway):
+    """A long-connection gateway that links files too: (gateway, the stand-in)."""
+    return ws_gateway(public_base_url=PUBLIC, file_link_secret=SECRET)
 
 
-def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_answer(ws_gateway, dify):
-    _, wecom = ws_gateway
+def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_answer(linking_ws_gateway, dify):
+    _, wecom = linking_ws_gateway
     photo = noise_png(900, 800)  # over 2 MB: four chunks of at most 512 KB
     report = dify.host_file(PDF, "pdf")
     dify.script(
@@ -235,8 +220,8 @@ def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_a
     assert len(wecom.proactive) == 2  # once
 
 
-def test_on_a_long_connection_a_file_that_fails_is_one_line(ws_gateway, dify):
-    _, wecom = ws_gateway
+def test_on_a_long_connection_a_file_that_fails_is_one_line(linking_ws_gateway, dify):
+    _, wecom = linking_ws_gateway
     dify.script(
         [d.message("Here."), d.message_file("/files/tools/gone.pdf?timestamp=1&nonce=2&sign=3", "document")] + [d.end()]
     )

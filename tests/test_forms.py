@@ -11,9 +11,8 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
-from services.gateway import build_gateway
 from services.texts import CATALOGUE
-from tests.conftest import make_simulator, wait_until
+from tests.conftest import WS_BOT_ID, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 DONE = " The request was handled."
@@ -313,29 +312,7 @@ def test_an_answer_after_a_form_gets_no_second_card(sims, dify):
 
 # --- long-connection mode --------------------------------------------------------------------------------------
 
-WS_BOT, WS_SECRET = "forms-bot", "forms-secret"
-
-
-@pytest.fixture
-def ws_gateway(settings, wecom_ws, tmp_path):
-    """A long-connection gateway holding the bot's WebSocket: `ws_gateway(**settings)` -> (gateway, stand-in)."""
-    started = []
-
-    def start(**changes):
-        wecom = wecom_ws({WS_BOT: WS_SECRET})
-        bot = settings.replace(
-            wecom_mode="long_connection", wecom_bot_id=WS_BOT, wecom_bot_secret=WS_SECRET, wecom_ws_url=wecom.url
-        ).replace(**changes)
-        gateway = build_gateway(bot, (bot,), tmp_path)
-        gateway.start()
-        started.append(gateway)
-        assert wait_until(lambda: wecom.subscribed(WS_BOT) == 1, timeout=10)
-        return gateway, wecom
-
-    yield start
-    for gateway in started:
-        gateway.drain(5)
-        gateway.close()
+WS_BOT = WS_BOT_ID
 
 
 def test_on_a_long_connection_the_card_rides_on_a_frame_and_the_click_is_answered_on_its_req_id(ws_gateway, dify):

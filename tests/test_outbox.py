@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from demo import dify_standin as d
-from services.gateway import build_gateway
 from services.keys import Keys
 from services.longconn.outbox import PAGE, Outbox
 from services.streams.store import StreamStore
-from tests.conftest import wait_until
+from tests.conftest import WS_BOT_ID, wait_until
 
 
 def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client):
@@ -34,29 +31,12 @@ def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client
     assert redis_client.zcard(keys.ws_open("bot-1")) == live_count
 
 
-BOT_ID, SECRET = "outbox-bot", "outbox-secret"
-
-
-@pytest.fixture
-def ws_gateway(settings, wecom_ws, tmp_path):
-    wecom = wecom_ws({BOT_ID: SECRET})
-    bot = settings.replace(
-        wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url
-    )
-    gateway = build_gateway(bot, (bot,), tmp_path)
-    gateway.start()
-    assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
-    yield gateway, wecom
-    gateway.drain(5)
-    gateway.close()
-
-
 def test_an_answer_whose_stream_was_lost_reaches_the_user_once_through_send_msg(ws_gateway, dify, redis_client):
     """A failover can lose a stream's hash a moment after it was made (FAULTS.md): its worker, finding the stream
     gone, hands the whole answer to the outbox, never to a response_url that a long connection cannot count on."""
-    _, wecom = ws_gateway
+    _, wecom = ws_gateway()
     dify.script([d.message("The first words, "), d.sleep(1.0), d.message("and the rest."), d.end()])
-    message = wecom.deliver_text(BOT_ID, "lose my stream")
+    message = wecom.deliver_text(WS_BOT_ID, "lose my stream")
     assert wait_until(lambda: len(wecom.frames(message)) >= 2, timeout=10)
     stream_id = wecom.frames(message)[0]["stream"]["id"]
     keys = Keys()
