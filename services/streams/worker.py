@@ -25,14 +25,14 @@ from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifySt
 from services.dify.events import DifyEvent, FormsSeen
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
-from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
-from services.forms.store import SUBMITTED
+from services.forms.service import FormService
 from services.media.service import Declined, MediaService
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
+from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, best_effort_value, through_outage
+from services.streams.outage import best_effort_value, through_outage
 from services.streams.recorder import (
     DEFAULT_OPTIONS,
     THINK_CLOSE,
@@ -87,6 +87,9 @@ class StreamWorker:
         self.bot = bot
         self.max_seconds = max_seconds
         self.prepare = prepare or (lambda job: {})
+        self.form_steps = (
+            FormSteps(deps.forms, deps.store, deps.finisher, deps.texts, self._follow_run) if deps.forms else None
+        )
 
     def run(self, job: StreamJob, cancelled: threading.Event) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
@@ -178,14 +181,8 @@ class StreamWorker:
         where its text stopped: the run's events come again from its start, and what the bubble already has is
         skipped (a run that had ended gives its outputs, which hold the whole answer)."""
         deps = self.deps
-        options = replace(self.options, app_type=deps.profile.app_type())
-        shown = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
-        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(shown))
-        answer.resumed, answer.shown = True, "".join(shown)
-        answer.skip = len(answer.shown)
-        answer.app_type, answer.workflow_run_id = options.app_type, job.resume_run
-        answer.forms_answered = list(job.forms_answered)
-        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
+        recorder = self._attach(job, answer, job.resume_run)
+        answer.resumed = True
         logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
@@ -203,98 +200,32 @@ class StreamWorker:
         if record is None:
             deps.finisher.finish(job, answer, DONE, note=deps.texts.say("form_expired"))
             return
-        options = replace(self.options, app_type=deps.profile.app_type())
-        shown = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
-        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(shown))
-        answer.shown, answer.skip = "".join(shown), len("".join(shown))
-        answer.resumed = bool(shown)
-        answer.app_type, answer.workflow_run_id = options.app_type, record.form.run_id
-        answer.forms_answered = list(job.forms_answered)
-        recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
-        if self._submit(job, answer, record.task_id):
-            self._after_form(job, answer, recorder, cancelled, record.form.token)
+        recorder = self._attach(job, answer, record.form.run_id)
+        answer.resumed = bool(answer.shown)
+        if self.form_steps.submit(answer, record.task_id):
+            self.form_steps.follow_on(job, answer, recorder, cancelled, record.form.token)
             self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, "")
 
+    def _attach(self, job: StreamJob, answer: Answer, run_id: str) -> AnswerRecorder:
+        """Make `answer` follow a Dify run already under way (`run_id`), for this attempt at its stream: its writer
+        goes on after the chunks the stream has, and the text they hold is skipped when Dify sends it again."""
+        deps = self.deps
+        options = replace(self.options, app_type=deps.profile.app_type())
+        chunks = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(chunks))
+        answer.shown = "".join(chunks)
+        answer.skip = len(answer.shown)
+        answer.app_type, answer.workflow_run_id = options.app_type, run_id
+        answer.forms_answered = list(job.forms_answered)
+        return AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
+
     def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:
-        """A run that paused for a person: each form shown (its card riding on the bubble, once per message), its
-        answer awaited while WeCom still polls the bubble, submitted once, and the run followed on to its end or
-        its next form. Where the bubble can no longer wait, the answer's final note says what to do, and the rest
-        comes as a message of its own (services/forms)."""
-        forms = self.deps.forms
-        while answer.paused and answer.form_event is not None and forms is not None:
-            event, answer.form_event = answer.form_event, None
-            asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
-            card_allowed = not job.separate and not job.card_placed  # one card per message
-            opening = partial(forms.open, asker, event, answer.workflow_run_id, card_allowed)
-            ticket = through_outage(opening, "opening the form")
-            if ticket is None:
-                key = "form_expired" if event.get("form_token") else "form_by_email"
-                answer.form_note = self.deps.texts.say(key)
-                return
-            fields = {"prompt": ticket.prompt}
-            if ticket.card is not None:
-                fields["card"] = orjson.dumps(ticket.card).decode()
-                job.card_placed = True
-            recorder.write_fields(fields)
-            waited = time.time()
-            until = 0.0 if job.separate else job.created_at + self.deps.finisher.window_seconds - WINDOW_MARGIN
-            outcome = forms.wait(ticket, until, cancelled, self.deps.finisher.draining)
-            logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
-            if outcome == CANCELLED:
-                raise StreamAborted
-            if outcome == DRAINING:
-                self._hand_over(job)
-            if outcome != BUBBLE_OVER and outcome != EXPIRED and self._submit(job, answer, ticket.task_id):
-                self._after_form(job, answer, recorder, cancelled, ticket.record.form.token)
-                continue
-            if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, ticket.record.form.token):
-                continue
-            if outcome == BUBBLE_OVER:
-                waiting = "" if job.separate else self.deps.texts.say("form_waiting")
-                answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
-            elif outcome == EXPIRED:
-                answer.form_note = self.deps.texts.say("form_expired")
-            return
+        if self.form_steps is not None:
+            self.form_steps.through(job, answer, recorder, cancelled)
 
-    def _hand_over(self, job: StreamJob) -> None:
-        """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
-        another replica resumes the run up to its pause and waits there instead.
-
-        Raises:
-            HandedOver: always.
-        """
-        store = self.deps.store
-        best_effort(lambda: store.release_leases({job.stream_id: job.attempt}), "handing the form's wait over")
-        raise HandedOver
-
-    def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
-        """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
-        follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
-        answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
-        try:
-            self._after_form(job, answer, recorder, cancelled, token)
-        except DifyError as exc:
-            logger.info("no timeout path followed the expired form: %s", exc.code)
-            answer.paused, answer.form_timed_out = True, False
-            return False
-        return True
-
-    def _submit(self, job: StreamJob, answer: Answer, task_id: str) -> bool:
-        """Submit the answered form; False (with the final note saying why) if Dify did not take it."""
-        result = through_outage(lambda: self.deps.forms.submit(task_id), "submitting the form")
-        if result == SUBMITTED:
-            return True
-        answer.paused = True
-        answer.form_note = self.deps.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
-        return False
-
-    def _after_form(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> None:
-        """Follow the run on from the form just answered, in the same bubble (or message)."""
-        answer.forms_answered.append(token)
-        answer.paused, answer.ended, answer.after_form = False, False, True
-        recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
-        seen = FormsSeen(frozenset(answer.forms_answered[:-1]), after=token)
+    def _follow_run(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, seen) -> None:
+        """Follow the answer's Dify run on from a form (`seen`: what of it is history), recording its events."""
         metrics.DIFY_CALLS.labels(self.bot, "form").inc()
         events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, forms=seen)
         self._consume(events, recorder, cancelled, time.monotonic() + self.max_seconds)

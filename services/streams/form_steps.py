@@ -1,0 +1,115 @@
+"""What a stream's worker does when its Dify run pauses for a person (docs/architecture.md, "Forms"): each form
+opened (its card riding on the bubble, once per message), its answer awaited while WeCom still polls the bubble,
+submitted once, and the run followed on to its end or its next form. Where the bubble can no longer wait, the
+answer's final note says what to do, and the rest comes as a message of its own (services/forms)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import orjson
+
+from services.dify.errors import DifyError
+from services.dify.events import FormsSeen
+from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
+from services.forms.store import SUBMITTED
+from services.streams.finisher import Finisher
+from services.streams.job import StreamJob
+from services.streams.outage import best_effort, through_outage
+from services.streams.recorder import Answer, AnswerRecorder, HandedOver, StreamAborted
+from services.streams.store import StreamStore
+from services.texts import Texts
+
+logger = logging.getLogger(__name__)
+
+# Follows the answer's run on from a form: (job, answer, recorder, cancelled, what of the run is history).
+FollowRun = Callable[[StreamJob, Answer, AnswerRecorder, threading.Event, FormsSeen], None]
+
+
+class FormSteps:
+    def __init__(self, forms: FormService, store: StreamStore, finisher: Finisher, texts: Texts, follow: FollowRun):
+        self.forms = forms
+        self.store = store
+        self.finisher = finisher
+        self.texts = texts
+        self.follow = follow
+
+    def through(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled: threading.Event) -> None:
+        """Take the answer through every form its run pauses at; returns when the run ended, or waits for a form
+        the bubble can no longer wait for (`answer.form_note` says why)."""
+        while answer.paused and answer.form_event is not None:
+            event, answer.form_event = answer.form_event, None
+            asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
+            card_allowed = not job.separate and not job.card_placed  # one card per message
+            opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed)
+            ticket = through_outage(opening, "opening the form")
+            if ticket is None:
+                answer.form_note = self.texts.say("form_expired" if event.get("form_token") else "form_by_email")
+                return
+            fields = {"prompt": ticket.prompt}
+            if ticket.card is not None:
+                fields["card"] = orjson.dumps(ticket.card).decode()
+                job.card_placed = True
+            recorder.write_fields(fields)
+            waited = time.time()
+            until = 0.0 if job.separate else job.created_at + self.finisher.window_seconds - WINDOW_MARGIN
+            outcome = self.forms.wait(ticket, until, cancelled, self.finisher.draining)
+            logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
+            token = ticket.record.form.token
+            if outcome == CANCELLED:
+                raise StreamAborted
+            if outcome == DRAINING:
+                self._hand_over(job)
+            if outcome not in (BUBBLE_OVER, EXPIRED) and self.submit(answer, ticket.task_id):
+                self.follow_on(job, answer, recorder, cancelled, token)
+                continue
+            if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, token):
+                continue
+            if outcome == BUBBLE_OVER:
+                waiting = "" if job.separate else self.texts.say("form_waiting")
+                answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
+            elif outcome == EXPIRED:
+                answer.form_note = self.texts.say("form_expired")
+            return
+
+    def submit(self, answer: Answer, task_id: str) -> bool:
+        """Submit the answered form; False (with the final note saying why) if Dify did not take it."""
+        result = through_outage(lambda: self.forms.submit(task_id), "submitting the form")
+        if result == SUBMITTED:
+            return True
+        answer.paused = True
+        answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
+        return False
+
+    def follow_on(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> None:
+        """Follow the run on from the form just answered (`token`), in the same bubble (or message)."""
+        answer.forms_answered.append(token)
+        answer.paused, answer.ended, answer.after_form = False, False, True
+        recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
+        self.follow(job, answer, recorder, cancelled, FormsSeen(frozenset(answer.forms_answered[:-1]), after=token))
+
+    def _hand_over(self, job: StreamJob) -> None:
+        """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
+        another replica resumes the run up to its pause and waits there instead.
+
+        Raises:
+            HandedOver: always.
+        """
+        best_effort(lambda: self.store.release_leases({job.stream_id: job.attempt}), "handing the form's wait over")
+        raise HandedOver
+
+    def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
+        """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
+        follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
+        answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
+        try:
+            self.follow_on(job, answer, recorder, cancelled, token)
+        except DifyError as exc:
+            logger.info("no timeout path followed the expired form: %s", exc.code)
+            answer.paused, answer.form_timed_out = True, False
+            return False
+        return True
