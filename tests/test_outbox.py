@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import redis
+
 from demo import dify_standin as d
 from services.keys import Keys
 from services.longconn.outbox import PAGE, Outbox
@@ -46,3 +48,20 @@ def test_an_answer_whose_stream_was_lost_reaches_the_user_once_through_send_msg(
     [sent] = wecom.proactive
     assert sent["msgtype"] == "markdown" and sent["chatid"] == "alice"
     assert sent["markdown"]["content"].endswith("The first words, and the rest.")
+
+
+def test_a_kick_redis_cannot_explain_cools_nothing_down(ws_gateway, redis_client, monkeypatch):
+    """A failover often changes the connection's holder while Redis cannot answer: a kicked holder that cannot tell
+    whether the newcomer is ours must not lock every process out for the cool-down (FAULTS.md: five minutes
+    without a holder, 35 messages lost, in a Sentinel run); it stands by, and the connection is held again."""
+    gateway, wecom = ws_gateway(wecom_ws_kick_cooldown_seconds=300)
+    lease = gateway.bot().holder.lease
+
+    def redis_away(*args, **kwargs):
+        raise redis.ConnectionError("Redis unavailable (injected)")
+
+    monkeypatch.setattr(lease, "cool_down", redis_away)
+    subscribes = len(wecom.subscribes)
+    wecom.kick(WS_BOT_ID)  # a subscriber we cannot place takes the bot
+    assert wait_until(lambda: len(wecom.subscribes) > subscribes and wecom.subscribed(WS_BOT_ID) == 1, timeout=20)
+    assert not redis_client.exists(Keys().ws_cooldown(WS_BOT_ID))

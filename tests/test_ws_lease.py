@@ -7,7 +7,7 @@ import pytest
 from redis.crc import key_slot
 
 from services.keys import Keys
-from services.longconn.lease import ACQUIRE, BACK_OFF, FIRST_BACKOFF_SECONDS, RELEASE, RENEW, BotLease
+from services.longconn.lease import ACQUIRE, BACK_OFF, COOL_DOWN, FIRST_BACKOFF_SECONDS, RELEASE, RENEW, BotLease
 from services.redis_conn import connect_redis
 from tests.conftest import SENTINEL_PASSWORD
 from tests.test_scripts import keys_not_from_keys
@@ -35,8 +35,8 @@ def test_one_holder_at_a_time_on_every_topology(topology):
     taken = b.acquire()
     assert taken.generation > held.generation
     assert not a.renew(held)  # the old holder learns at once that it must stop
-    assert not a.is_current(held)
-    assert b.is_current(taken)
+    assert not a.cool_down(held, 300)  # kicked by its successor: no cool-down
+    assert b.renew(taken) and not client.exists(KEYS.ws_cooldown(BOT))
     client.close()
 
 
@@ -69,7 +69,7 @@ def test_refused_credentials_back_every_process_off_for_a_growing_interval(topol
 def test_a_cool_down_keeps_every_process_away(topology):
     client, a, b = lease_pair(topology.url)
     held = a.acquire()
-    a.cool_down(held, 2)
+    assert a.cool_down(held, 2)  # the newest holder, kicked by a subscriber that is not ours
     assert a.acquire() is None
     assert b.acquire() is None
     time.sleep(2.2)
@@ -92,12 +92,16 @@ def test_after_a_failover_that_lost_the_lease_the_new_holder_is_newer(sentinel_s
     assert taken is not None
     assert taken.generation > held.generation
     assert not a.renew(held)
-    assert not a.is_current(held)  # a kick now is our own successor's: yield, never a loop
+    assert not a.cool_down(held, 300)  # a kick now is our own successor's: yield, never a loop
     client.close()
     sentinel_set.restart(killed)
 
 
-@pytest.mark.parametrize("source", [ACQUIRE, RENEW, RELEASE, BACK_OFF], ids=["acquire", "renew", "release", "back-off"])
+@pytest.mark.parametrize(
+    "source",
+    [ACQUIRE, RENEW, RELEASE, BACK_OFF, COOL_DOWN],
+    ids=["acquire", "renew", "release", "back-off", "cool-down"],
+)
 def test_the_lease_scripts_touch_only_their_keys_in_one_slot(source):
     assert keys_not_from_keys(source) == []
     keys = [KEYS.ws_lease(BOT), KEYS.ws_generation(BOT), KEYS.ws_cooldown(BOT)]

@@ -28,10 +28,13 @@ from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, Su
 from services.longconn.uploads import FileSender
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
-from services.streams.outage import best_effort
+from services.streams.outage import best_effort, best_effort_value
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
+
+# Retries of the kicked holder's look at who took the connection, through a Redis blip (a failover).
+KICK_CHECK = (0.2, 0.5, 1.0, 2.0)
 
 STANDBY_INTERVAL = 0.5  # how often a process standing by tries the lease (one small script call)
 RECONNECT_PAUSE = 1.0  # after a connection that could not be opened
@@ -178,27 +181,27 @@ class ConnectionHolder:
 
     def _after_kick(self, holding: Holding) -> None:
         """Another subscriber took the bot. Our own successor (a newer generation) is fine; a foreign one (an old
-        deployment, a laptop) gets the bot for a cool-down, never a kick loop."""
-        try:
-            ours = not self.lease.is_current(holding)
-        except REDIS_FAILURES:
-            ours = False
-        if ours:
-            logger.info("our connection was replaced by a newer holder of ours")
-            return
-        metrics.WS_FOREIGN_KICKS.labels(self.bot).inc()
-        cooldown = self.settings.wecom_ws_kick_cooldown_seconds
-        logger.warning(
-            "another subscriber took bot %s's WeCom connection (not one of ours): not reconnecting for %ds",
-            self.bot,
-            cooldown,
-        )
-        self._set_state("cooling_down", cooldown)
+        deployment, a laptop) gets the bot for a cool-down, never a kick loop. The cool-down is bot-wide only when
+        Redis confirms, in one script, that no holder of ours came since; when Redis cannot tell (a failover
+        usually changes holders too), this process stands by as after any lost connection, and a foreign
+        subscriber that is really there kicks it again, and is then recognised."""
         self._holding = None
-        try:
-            self.lease.cool_down(holding, cooldown)  # every process of ours waits, not only this one
-        except REDIS_FAILURES:
-            self._stop.wait(cooldown)
+        cooldown = self.settings.wecom_ws_kick_cooldown_seconds
+        cooled = best_effort_value(
+            lambda: self.lease.cool_down(holding, cooldown), "checking who took the connection", delays=KICK_CHECK
+        )
+        if cooled is None:
+            logger.warning("could not tell who took the connection (Redis unavailable); no cool-down")
+        elif not cooled:
+            logger.info("our connection was replaced by a newer holder of ours")
+        else:
+            metrics.WS_FOREIGN_KICKS.labels(self.bot).inc()
+            logger.warning(
+                "another subscriber took bot %s's WeCom connection (not one of ours): not reconnecting for %ds",
+                self.bot,
+                cooldown,
+            )
+            self._set_state("cooling_down", cooldown)
 
     def _release(self, holding: Holding) -> None:
         self._holding = None

@@ -4,7 +4,8 @@ A process takes the lease when nobody holds it, which bumps the bot's generation
 with that generation, and a renewal that finds another holder or generation fails, so the process stops sending at
 once. Asynchronous replication (Sentinel, Cluster) can roll the lease and the counter back after a failover, so
 two processes may briefly both believe they hold it: WeCom then kicks the older connection, and the kicked process
-compares generations (`is_current`) to recognise its own successor and yield, never a kick loop. A generation is
+compares generations (`cool_down`, which cools down only for a subscriber that is not ours) to recognise its own
+successor and yield, never a kick loop. A generation is
 never below the current time in milliseconds, so one issued after a rollback is still newer than the lost ones.
 """
 
@@ -62,6 +63,18 @@ if redis.call('GET', KEYS[3]) == ARGV[3] .. ' ' .. ARGV[4] then redis.call('DEL'
 return interval
 """
 
+# KEYS: cooldown, generation, lease. ARGV: holder, generation, seconds. A kicked holder that is still the newest
+# generation (no process of ours subscribed since) yields to a foreign subscriber: no process of ours connects for
+# `seconds`, and its lease is dropped. Returns 1, or 0 (a newer holder of ours exists: it took the connection, and
+# nothing cools down). In one script, so a successor's acquisition can never slip between the check and the cool-down.
+COOL_DOWN = """
+local newest = tonumber(redis.call('GET', KEYS[2]) or '0')
+if newest > tonumber(ARGV[2]) then return 0 end
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3]) end
+if redis.call('GET', KEYS[3]) == ARGV[1] .. ' ' .. ARGV[2] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
 # KEYS: lease. ARGV: holder, generation. Drops the lease if it is this holder's (a drain hands over at once).
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then return 0 end
@@ -95,6 +108,7 @@ class BotLease:
         self._renew = LuaScript(client, RENEW)
         self._release = LuaScript(client, RELEASE)
         self._back_off = LuaScript(client, BACK_OFF)
+        self._cool_down = LuaScript(client, COOL_DOWN)
 
     def acquire(self) -> Holding | None:
         """Take the lease for a new connection, with a new generation (also when this process held it already);
@@ -123,11 +137,15 @@ class BotLease:
         """Hand the lease over at once (a drain); True if it was ours."""
         return bool(int(self._release(keys=[self.lease_key], args=[holding.holder, holding.generation])))
 
-    def cool_down(self, holding: Holding, seconds: int) -> None:
-        """No process of ours connects the bot for `seconds` (a foreign subscriber has it); the lease is dropped."""
-        if seconds > 0:
-            self.client.set(self.cooldown_key, holding.holder, ex=seconds)
-        self.release(holding)
+    def cool_down(self, holding: Holding, seconds: int) -> bool:
+        """No process of ours connects the bot for `seconds` (a foreign subscriber has it) and the lease is dropped,
+        if `holding` is still the newest generation; False (and nothing done) when a newer holder of ours exists.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        keys = [self.cooldown_key, self.generation_key, self.lease_key]
+        return bool(int(self._cool_down(keys=keys, args=[holding.holder, holding.generation, seconds])))
 
     def back_off(self, holding: Holding) -> int:
         """WeCom refused the bot's credentials: no process of ours subscribes again for the returned number of
@@ -153,8 +171,3 @@ class BotLease:
 
     def status(self) -> str:
         return self.client.get(self.status_key) or "no_holder"
-
-    def is_current(self, holding: Holding) -> bool:
-        """Whether `holding` is still the newest generation (a kicked process asks this before yielding)."""
-        generation = self.client.get(self.generation_key)
-        return generation is not None and int(generation) <= holding.generation
