@@ -54,6 +54,11 @@ def test_a_partial_answer_without_a_note_is_lost():
     assert counts(history([(2.0, answer_text(TAG, 2), True)]))["lost"] == 1
 
 
+def test_the_words_of_a_card_or_a_file_line_are_no_failure_note():
+    for words in ("提交", "已过期", "📎 report.pdf", "你好"):  # card texts, a file's line: they end nothing
+        assert counts(history([(2.0, f"{answer_text(TAG, 2)}\n\n{words}", True)]))["lost"] == 1
+
+
 def test_a_bubble_that_never_finished_is_stuck():
     result = counts(history([(1.0, answer_text(TAG, 2), False)]))
     assert result["stuck"] == 1 and result["lost"] == 1

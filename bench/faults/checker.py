@@ -23,8 +23,15 @@ from bench.faults.answers import repeats, sentences_in
 from services.texts import CATALOGUE
 
 COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck")
-# Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending.
-_NOT_NOTES = {"placeholder", "continued", "full_answer", "help", "image_query", "file_query", "quote_context"}
+# Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
+# the texts of cards, headers and prompts, which end nothing (and, short, would match inside any answer).
+_NOT_NOTES = {
+    "placeholder", "continued", "full_answer", "help", "image_query", "file_query", "quote_context",
+    "form_title", "form_choose", "form_choose_typed", "form_type_value", "form_value_noted", "form_then_choose",
+    "form_submitted", "form_answered", "form_submit_button", "form_action_question", "form_needs_values",
+    "form_not_yours", "form_expired_card", "form_rest", "file_link", "file_original", "file_named",
+    "welcome_title", "suggestions_title",
+}  # fmt: skip
 HEADERS = [CATALOGUE["zh"][key] for key in ("continued", "full_answer", "placeholder")]
 CLEAR_NOTES = {
     key: text.split("{", 1)[0].strip()
