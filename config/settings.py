@@ -125,7 +125,7 @@ class Settings:
     redis_sentinel_password: str = _secret()
     redis_key_prefix: str = ""
     redis_socket_timeout: float = 2.0
-    redis_claim_wait_ms: int = 200  # Sentinel/Cluster: wait for a replica to hold a msgid claim (0 = do not)
+    redis_claim_wait_ms: int = 200  # Sentinel/Cluster: wait for a replica to hold a durable write (0 = do not)
 
     # --- database and auth ----------------------------------------------------------------------------------
     database_url: str = field(default="", repr=False)  # demo mode: a SQLite file in the instance folder

@@ -95,16 +95,22 @@ class PrivateRedisServer:
         self.process.send_signal(signal.SIGCONT)
 
 
+# How a Sentinel set's servers should run (docs/architecture.md): a master that has lost its replicas for 10 s
+# refuses writes, instead of acknowledging what a failover would then take back.
+DURABLE_WRITES = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+
+
 class PrivateSentinelSet:
     """A master, two replicas and three sentinels (quorum 2) watching it, with a short `down_after_ms`, so a
-    killed master fails over in a few seconds. `sentinel_password` makes the sentinels require one."""
+    killed master fails over in a few seconds. `sentinel_password` makes the sentinels require one. The servers run
+    as a deployment should (DURABLE_WRITES)."""
 
     def __init__(self, service_name: str = "gateway", down_after_ms: int = 1000, sentinel_password: str = ""):
         self.service_name = service_name
         self.down_after_ms = down_after_ms
         self.sentinel_password = sentinel_password
         self.root = Path(tempfile.mkdtemp(prefix="private-sentinel-"))
-        self.master = PrivateRedisServer(self.root / "master")
+        self.master = PrivateRedisServer(self.root / "master", extra=DURABLE_WRITES)
         self.replicas = [PrivateRedisServer(self.root / f"replica{i}") for i in range(2)]
         self.sentinels: list[PrivateRedisServer] = []
 
@@ -120,7 +126,7 @@ class PrivateSentinelSet:
     def start(self) -> PrivateSentinelSet:
         self.master.start()
         for replica in self.replicas:
-            replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+            replica.extra = (*DURABLE_WRITES, "--replicaof", "127.0.0.1", str(self.master.port))
             replica.start()
         for i in range(3):
             directory = self.root / f"sentinel{i}"
@@ -195,7 +201,7 @@ class PrivateSentinelSet:
         does: a master restarted empty and on its own would take clients a stale sentinel still points at, and its
         empty data set, until the sentinels demote it); waits until it is in sync."""
         host, port = self.master_address()
-        server.extra = ("--replicaof", host, str(port))
+        server.extra = (*DURABLE_WRITES, "--replicaof", host, str(port))
         server.start()
         _wait(server.replicating, 60, "the restarted server did not become a replica in sync")
 

@@ -47,6 +47,7 @@ from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
+from services.replication import Replication
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
@@ -91,6 +92,8 @@ class Bot:
             self.consumer.stop()
         if self.holder is not None:
             self.holder.stop()
+        if self.consumer is not None:
+            self.consumer.join()  # its last Redis calls before the pool closes
         self.feedback.close()
         self.media.close()
         self.files.fetcher.close()
@@ -199,7 +202,7 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         owner=owner,
         runner=StreamRunner(settings.stream_max_active, settings.stream_lease_seconds),
         appender=AppendBatcher(),
-        claim_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
+        replica_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
     built = {bot.bot_name: _bot(bot, shared) for bot in bots}
     return Gateway(
@@ -227,7 +230,7 @@ class _Shared:
     owner: str
     runner: StreamRunner
     appender: AppendBatcher
-    claim_wait_ms: int
+    replica_wait_ms: int  # how long a write that must outlive a failover waits for a replica (0: none to wait for)
 
 
 def _bot(settings: Settings, shared: _Shared) -> Bot:
@@ -243,8 +246,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         settings.stream_key_ttl_seconds,
         settings.stream_lease_seconds,
         settings.rate_limit_per_minute,
-        claim_wait_ms=shared.claim_wait_ms,
-        bot=name,
+        durable=Replication(client, shared.replica_wait_ms, name),
         takeover_grace_seconds=settings.stream_takeover_grace_seconds,
     )
     dify = _dify(settings)
@@ -359,7 +361,7 @@ def _holder(
 
 def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:
     """A long-connection bot's answer queue: the holder queues, every serving process's consumer runs."""
-    queue = JobQueue(shared.client, keys, settings.wecom_bot_id)
+    queue = JobQueue(streams.store.replication, keys, settings.wecom_bot_id)
     streams.queue = queue
     block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
     return JobConsumer(queue, streams, shared.owner, block_ms)

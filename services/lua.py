@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import redis
 
+from services.replication import Replication
+
 
 class LuaScript:
     """Runs one Lua script by its SHA (EVALSHA), loading it when Redis does not know it yet (a new server, or a
@@ -16,20 +18,38 @@ class LuaScript:
 
     Leaner than redis-py's registered Script object: on the poll path its bookkeeping cost as much CPU as the
     call itself (bench/profile_poll.py). `execute` sends the command (default: the client's pooled connections).
+    With `replication`, every call is a write that must outlive a failover, named `write` (services/replication.py).
     """
 
-    def __init__(self, client: redis.Redis, source: str, execute: Callable[..., object] | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        source: str,
+        execute: Callable[..., object] | None = None,
+        replication: Replication | None = None,
+        write: str = "",
+    ):
         self.client = client
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._execute = execute or client.execute_command
+        self._replication = replication
+        self._write = write
 
     def __call__(self, keys: list[str], args: list) -> object:
         try:
-            return self._execute(*self.command(keys, args))
+            return self._send(keys, args)
         except redis.exceptions.NoScriptError:
             self.load()
+            return self._send(keys, args)
+
+    def _send(self, keys: list[str], args: list) -> object:
+        if self._replication is None:
             return self._execute(*self.command(keys, args))
+        [reply] = self._replication.execute(keys[0], [self.command(keys, args)], self._write)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     def command(self, keys: list[str], args: list) -> tuple:
         """The EVALSHA command of one call (for a pipeline)."""

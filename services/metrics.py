@@ -149,11 +149,11 @@ FORM_WAIT_SECONDS = Histogram(
 AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["bot", "outcome"])
 TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["bot", "result"])
 RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["bot", "kind", "result"])
-UNREPLICATED_CLAIMS = Counter(
-    "redis_claims_unreplicated_total",
-    "msgid claims no replica confirmed within REDIS_CLAIM_WAIT_MS (Sentinel/Cluster): a failover right then could "
-    "lose them",
-    ["bot"],
+UNREPLICATED_WRITES = Counter(
+    "redis_writes_unreplicated_total",
+    "Writes that must outlive a failover (services/replication.py) no replica confirmed within REDIS_CLAIM_WAIT_MS "
+    "(Sentinel/Cluster), by write: a failover right then could lose them",
+    ["bot", "write"],
 )
 BACKGROUND_ERRORS = Counter(
     "background_errors_total",
@@ -197,6 +197,8 @@ BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", 
 WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
 SENT = ("sent", "failed")
 CARD_KINDS = ("form", "suggestions", "welcome")
+# The writes that wait for a Redis replica (services/replication.py).
+REPLICATED_WRITES = ("msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox")
 FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
@@ -224,9 +226,11 @@ def initialise(bot: str, long_connection: bool = False) -> None:
     for kind in RESPONSE_URL_KINDS:
         for result in SENT:
             RESPONSE_URL.labels(bot, kind, result)
-    for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, UNREPLICATED_CLAIMS):
+    for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
         metric.labels(bot)
     FORM_WAIT_SECONDS.labels(bot)
+    for write in REPLICATED_WRITES:
+        UNREPLICATED_WRITES.labels(bot, write)
     for outcome in FILE_OUTCOMES:
         FILES.labels(bot, outcome)
     for kind in CARD_KINDS:

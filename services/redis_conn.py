@@ -15,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from services.embedded_store import connect_embedded
 from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
@@ -40,6 +40,48 @@ class _DroppedConnectionRetry(Retry):
             else:
                 fail(error)
             raise
+
+
+class _FollowsFailovers:
+    """A Sentinel master connection that points itself at the new master when it meets a failover, so the client's
+    retry of the command goes there.
+
+    redis-py disconnects a master connection that meets READONLY (the master was demoted), so that its next
+    `connect()` asks the sentinels where the master is now. But the client's retry sends again on the same
+    connection, and sending on a disconnected one reconnects to its old address: to the old master again. Here the
+    connection asks the sentinels at once and keeps the answer, for a failed read (READONLY, a dropped socket) and for
+    NOREPLICAS: a master run with `min-replicas-to-write` (docs/architecture.md) that has lost its replicas, most
+    likely because it was paused or cut off and a replica was promoted meanwhile, and that the sentinels have not
+    demoted yet (they wait a few seconds before they do). Such a write goes to the new master instead of failing, or
+    of being acknowledged by the old one and lost."""
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as error:
+            if not (self.connection_pool.is_master and str(error).startswith("NOREPLICAS")):
+                raise
+            self._point_at_the_master()
+            raise redis.ConnectionError("the Redis master lost its replicas (a failover under way)") from error
+        except redis.ConnectionError:
+            if self.connection_pool.is_master:
+                self._point_at_the_master()
+            raise
+
+    def _point_at_the_master(self) -> None:
+        self.disconnect()
+        try:
+            self.host, self.port = self.connection_pool.get_master_address()
+        except redis.ConnectionError:
+            pass  # no sentinel names a master yet: the next connect() asks again
+
+
+class _SentinelMasterConnection(_FollowsFailovers, SentinelManagedConnection):
+    pass
+
+
+class _SentinelMasterSSLConnection(_FollowsFailovers, SentinelManagedSSLConnection):
+    pass
 
 
 def connect_redis(
@@ -69,6 +111,7 @@ def connect_redis(
             decode_responses=True,
             health_check_interval=30,
             retry=retry,
+            connection_class=_SentinelMasterSSLConnection if target.tls else _SentinelMasterConnection,
         )
     if target.kind == CLUSTER:
         return RedisCluster(

@@ -18,6 +18,7 @@ from config.settings import DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_se
 from services.keys import Keys
 from services.longconn.jobs import GROUP, JobQueue
 from services.longconn.lease import BotLease
+from services.replication import Replication
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
 
 BOT_ID, SECRET = "cli-bot", "cli-secret"
@@ -104,7 +105,7 @@ def test_flask_commands_leave_the_lease_and_the_queued_answers_alone(long_connec
     the bot's connection (its lease, a subscription) nor a queued answer."""
     env, wecom = long_connection_bot
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    queue = JobQueue(client, KEYS, BOT_ID)
+    queue = JobQueue(Replication(client), KEYS, BOT_ID)
     queue.submit("queued-stream", "replica-x:1")
     client.xgroup_create(queue.key, GROUP, id="0")
 

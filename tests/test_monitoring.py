@@ -67,11 +67,11 @@ def series(name: str, values: str, **labels: str) -> dict:
 
 
 def expected(alertname: str, **labels: str) -> dict:
-    """An alert as promtool must see it: its labels, and its annotations with the bot filled in."""
+    """An alert as promtool must see it: its labels, and its annotations with the labels filled in."""
     rule = alerts()[alertname]
-    annotations = {
-        key: value.replace("{{ $labels.bot }}", labels.get("bot", "")) for key, value in rule["annotations"].items()
-    }
+    annotations = dict(rule["annotations"])
+    for name, value in labels.items():
+        annotations = {key: text.replace(f"{{{{ $labels.{name} }}}}", value) for key, text in annotations.items()}
     return {"exp_labels": {**rule["labels"], **labels}, "exp_annotations": annotations}
 
 
@@ -179,10 +179,10 @@ CASES = {
         [series("wecom_ws_foreign_kicks_total", "0 0 1 1", bot="ops")],
         {"1m": None, "2m": {"bot": "ops"}},
     ),
-    "claims a replica did not confirm": case(
-        "WecomGatewayClaimsNotReplicated",
-        [series("redis_claims_unreplicated_total", "0 0 2 2", bot="b")],
-        {"1m": None, "3m": {"bot": "b"}},
+    "writes a replica did not confirm": case(
+        "WecomGatewayWritesNotReplicated",
+        [series("redis_writes_unreplicated_total", "0 0 2 2", bot="b", write="msgid_claim")],
+        {"1m": None, "3m": {"bot": "b", "write": "msgid_claim"}},
     ),
     "a replica that cannot reach Redis": case(
         "WecomGatewayRedisUnavailable",

@@ -216,7 +216,8 @@ def test_every_series_of_every_bot_exists_at_zero_from_start_up(make_app):
     assert samples[("wecom_messages_total", (bot, ("outcome", "opened")))] == 0
     assert samples[("dify_errors_total", (bot, ("code", "timeout")))] == 0
     assert samples[("wecom_callbacks_total", (bot, ("outcome", "store_unavailable"), ("type", "text")))] == 0
-    assert samples[("redis_claims_unreplicated_total", (bot,))] == 0
+    assert samples[("redis_writes_unreplicated_total", (bot, ("write", "msgid_claim")))] == 0
+    assert samples[("redis_writes_unreplicated_total", (bot, ("write", "outbox")))] == 0
     assert samples[("stream_first_token_seconds_count", (bot,))] == 0
 
 

@@ -18,6 +18,7 @@ import redis
 from services.keys import Keys
 from services.loops import guarded, run_until
 from services.redis_conn import REDIS_FAILURES
+from services.replication import ANSWER_QUEUE, Replication, raise_first_error
 from services.streams.outage import best_effort
 from services.streams.service import StreamService
 from utils.logging import log_context
@@ -34,8 +35,9 @@ DEAD_CONSUMER_IDLE_MS = 3600 * 1000
 class JobQueue:
     """Where a holder queues the streams it opened."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, bot_id: str):
-        self.client = client
+    def __init__(self, durable: Replication, keys: Keys, bot_id: str):
+        self.durable = durable  # a queued answer must outlive a failover (services/replication.py)
+        self.client = durable.client
         self.key = keys.ws_jobs(bot_id)
 
     def submit(self, stream_id: str, opener: str) -> None:
@@ -44,10 +46,9 @@ class JobQueue:
         Raises:
             redis.RedisError: Redis did not answer (the message gets the store-unavailable note).
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.key, {"stream": stream_id, "opener": opener}, maxlen=MAX_JOBS, approximate=True)
-        pipe.expire(self.key, JOBS_TTL_SECONDS)
-        pipe.execute()
+        entry = ("XADD", self.key, "MAXLEN", "~", MAX_JOBS, "*", "stream", stream_id, "opener", opener)
+        replies = self.durable.execute(self.key, [entry, ("EXPIRE", self.key, JOBS_TTL_SECONDS)], ANSWER_QUEUE)
+        raise_first_error(replies)
 
 
 class JobConsumer:
@@ -70,6 +71,11 @@ class JobConsumer:
         """Stop taking answers; the thread leaves the consumer group once its last read has returned (within
         `block_ms`). Returns at once, so a draining process hands its connection over without waiting."""
         self._stop.set()
+
+    def join(self) -> None:
+        """Wait for a stopped consumer's thread to leave the group (at most its last read, and the leaving)."""
+        if self._thread.is_alive():
+            self._thread.join(self.block_ms / 1000 + 2.0)
 
     def _run(self) -> None:
         with log_context(replica=self.owner, bot=self.streams.bot):

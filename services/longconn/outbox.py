@@ -8,6 +8,9 @@ the answer is final, the rest of every tracked stream that is not one of its own
 (`sending` for 30 s, then `sent` for a day) makes the delivery happen once across processes; a send that fails
 clears it, so the next pass tries again (a holder that dies between sending and marking may, 30 s later, leave
 the message to be sent a second time: the one window where at-least-once wins over at-most-once).
+
+Every record here must outlive a Redis failover (a lost one sends a rest again, or never), so each waits for a
+replica to hold it (services/replication.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import redis
 
 from services.keys import Keys
+from services.replication import OUTBOX, raise_first_error
 from services.streams.store import StreamStore
 
 SENDING_SECONDS = 30
@@ -30,13 +34,14 @@ class Outbox:
         self.client = client
         self.keys = keys
         self.store = store
+        self.durable = store.replication
         self.open_key = keys.ws_open(bot_id)
 
     def track(self, stream_id: str, req_id: str, generation: int, chatid: str, single: bool) -> None:
         """A stream is answered on `req_id` of the connection of `generation`."""
         fields = {"ws_req_id": req_id, "ws_generation": str(generation), "ws_chat": chatid}
         fields["ws_single"] = "1" if single else ""
-        self.store.record(stream_id, fields)
+        self.store.record(stream_id, fields, durable=True)
         self._add(stream_id)
 
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None:
@@ -45,26 +50,24 @@ class Outbox:
         fields = {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
         if as_is:
             fields["ws_as_is"] = "1"
-        self.store.record(stream_id, fields)
+        self.store.record(stream_id, fields, durable=True)
         self._add(stream_id)
 
     def _add(self, stream_id: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.open_key, {stream_id: time.time()})
-        pipe.expire(self.open_key, MAX_TRACKED_SECONDS)
-        pipe.execute()
+        commands = [("ZADD", self.open_key, time.time(), stream_id), ("EXPIRE", self.open_key, MAX_TRACKED_SECONDS)]
+        self._write(self.open_key, commands)
 
     def shown(self, stream_id: str, content: str) -> None:
         """The user's bubble shows `content` (its frame was acknowledged)."""
-        self.store.record(stream_id, {"ws_shown": content})
+        self.store.record(stream_id, {"ws_shown": content}, durable=True)
 
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""
-        self.client.zrem(self.open_key, stream_id)
+        self._write(self.open_key, [("ZREM", self.open_key, stream_id)])
 
     def orphan(self, stream_id: str) -> None:
         """The stream's req_id can no longer be used (846605, 846608)."""
-        self.store.record(stream_id, {"ws_dead": "1"})
+        self.store.record(stream_id, {"ws_dead": "1"}, durable=True)
 
     def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[tuple[str, dict]]:
         """Every tracked stream that no live reply of this connection covers: (stream id, its hash). Read a page
@@ -90,14 +93,22 @@ class Outbox:
 
     def claim(self, stream_id: str, holder: str) -> bool:
         """Take the sending of a stream's rest (False: sent, or being sent, elsewhere)."""
-        return bool(self.client.set(self.keys.ws_outbox(stream_id), f"sending {holder}", nx=True, ex=SENDING_SECONDS))
+        key = self.keys.ws_outbox(stream_id)
+        [claimed] = self._write(key, [("SET", key, f"sending {holder}", "NX", "EX", SENDING_SECONDS)])
+        return bool(claimed)
 
     def sent(self, stream_id: str) -> None:
-        self.client.set(self.keys.ws_outbox(stream_id), "sent", ex=SENT_SECONDS)
+        key = self.keys.ws_outbox(stream_id)
+        self._write(key, [("SET", key, "sent", "EX", SENT_SECONDS)])
         self.delivered(stream_id)
 
     def failed(self, stream_id: str) -> None:
         self.client.delete(self.keys.ws_outbox(stream_id))
+
+    def _write(self, key: str, commands: list[tuple]) -> list:
+        replies = self.durable.execute(key, commands, OUTBOX)
+        raise_first_error(replies)
+        return replies
 
 
 def rest_of(final: str, shown: str) -> str:

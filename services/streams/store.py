@@ -19,20 +19,16 @@ from dataclasses import dataclass, field
 
 import orjson
 import redis
-from redis.cluster import RedisCluster
-from redis.exceptions import AskError, ClusterDownError, MovedError
 
-from services import metrics
+from services import replication
 from services.keys import FEEDBACK_TTL_SECONDS, INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
 from services.lua import LuaScript
 from services.redis_conn import HotPathConnections
+from services.replication import Replication, raise_first_error
 from services.streams import scripts
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 logger = logging.getLogger(__name__)
-
-# What a direct connection to a cluster node meets when the slot is no longer there.
-CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, redis.TimeoutError)
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
@@ -124,13 +120,12 @@ class StreamStore:
         key_ttl: int,
         lease_seconds: int,
         rate_limit: int = 0,
-        claim_wait_ms: int = 0,
-        bot: str = "default",
+        durable: Replication | None = None,
         takeover_grace_seconds: float = 0.0,
     ):
-        self.bot = bot  # whose streams these are (metrics)
         self.rate_limit = rate_limit  # messages per user in any RATE_WINDOW_SECONDS; 0 = no limit
-        self.claim_wait_ms = claim_wait_ms  # wait this long for a replica to hold a msgid claim; 0 = do not
+        # The writes that must outlive a failover wait for a replica through this (services/replication.py).
+        self.replication = durable or Replication(client)
         self.client = client
         self.keys = keys
         self.key_ttl = key_ttl
@@ -138,16 +133,17 @@ class StreamStore:
         # A lease found missing is taken over only this much later (scripts.POLL): time for a living owner to take
         # it back after a Redis pause or failover. 0 takes over at once.
         self.takeover_grace_seconds = takeover_grace_seconds
-        self._open = LuaScript(client, scripts.OPEN)
+        self._open = LuaScript(client, scripts.OPEN, replication=self.replication, write=replication.STREAM_OPEN)
         self._admit = LuaScript(client, scripts.ADMIT)
         self._append = LuaScript(client, scripts.APPEND)
         self._replace = LuaScript(client, scripts.REPLACE)
-        self._finish = LuaScript(client, scripts.FINISH)
+        self._finish = LuaScript(client, scripts.FINISH, replication=self.replication, write=replication.STREAM_END)
         # Polls come from the request threads, thousands a second: a leaner path than the pool's.
         self._poll_connections = HotPathConnections(client)
         self._poll = LuaScript(client, scripts.POLL, self._poll_connections.execute)
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
+        self._record_durably = LuaScript(client, scripts.RECORD, replication=self.replication, write=replication.OUTBOX)
         self._release = LuaScript(client, scripts.RELEASE)
         self._take = LuaScript(client, scripts.TAKE)
         self._called = LuaScript(client, scripts.CALLED)
@@ -188,27 +184,13 @@ class StreamStore:
         call (or an earlier try of it whose reply was lost) claimed it, else the stream of whoever came first.
 
         Under Sentinel or on a Cluster, a claim is only as durable as its replication: a failover right after it
-        could lose it, and a WeCom retry would then open a second stream. So, with `claim_wait_ms`, the claim
-        waits (WAIT, on the same connection) until one replica holds it, or that long (BENCHMARKS.md has the cost).
+        could lose it, and a WeCom retry would then open a second stream. So the claim waits for a replica to hold
+        it (services/replication.py; BENCHMARKS.md has the cost).
         """
         key = self.keys.wecom_msg(msgid)
-        pipe = self._pipeline_on_the_node_of(key)
-        pipe.set(key, stream_id, nx=True, ex=MSGID_TTL_SECONDS)
-        pipe.get(key)
-        if self.claim_wait_ms:
-            pipe.execute_command("WAIT", 1, self.claim_wait_ms)
-        try:
-            _, holder, *waited = pipe.execute()
-        except CLUSTER_MOVES:
-            if not isinstance(self.client, RedisCluster):
-                raise
-            # The slot moved, or its node died (a failover): the cluster client refreshes its map and goes to the
-            # new master. Without WAIT there, as that would be a connection of its own.
-            self.client.set(key, stream_id, nx=True, ex=MSGID_TTL_SECONDS)
-            holder, waited = self.client.get(key), [0] if self.claim_wait_ms else []
-        if waited and waited[0] < 1 and holder == stream_id:
-            metrics.UNREPLICATED_CLAIMS.labels(self.bot).inc()
-            logger.debug("msgid claim not yet held by a replica after %d ms", self.claim_wait_ms)
+        commands = [("SET", key, stream_id, "NX", "EX", MSGID_TTL_SECONDS), ("GET", key)]
+        _, holder = self.replication.execute(key, commands, replication.MSGID_CLAIM)
+        raise_first_error([holder])
         return holder or stream_id
 
     def admit(self, stream_id: str, aibotid: str, userid: str) -> str:
@@ -237,13 +219,6 @@ class StreamStore:
         """Take a stream out of its user's in-flight set (its bubble closed). The set's scores expire it anyway
         when WeCom's polling window ends, should this call be lost."""
         self.client.zrem(inflight_key, stream_id)
-
-    def _pipeline_on_the_node_of(self, key: str) -> redis.client.Pipeline:
-        """A pipeline whose commands share one connection, to the node holding `key` (WAIT needs that)."""
-        if isinstance(self.client, RedisCluster):
-            node = self.client.get_node_from_key(key)
-            return self.client.get_redis_connection(node).pipeline(transaction=False)
-        return self.client.pipeline(transaction=False)
 
     # --- the owner's writes -----------------------------------------------------------------------------------
 
@@ -353,9 +328,11 @@ class StreamStore:
             return "new"
         return "restart" if calls == 2 and restarts == 1 else "duplicate"
 
-    def record(self, stream_id: str, fields: dict[str, str]) -> bool:
-        """Set informational fields on an existing stream (no-op if it has expired)."""
-        return bool(self._record(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
+    def record(self, stream_id: str, fields: dict[str, str], durable: bool = False) -> bool:
+        """Set informational fields on an existing stream (no-op if it has expired); `durable` for the
+        long-connection outbox's records, which must outlive a failover (services/replication.py)."""
+        script = self._record_durably if durable else self._record
+        return bool(script(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
 
     # --- polls --------------------------------------------------------------------------------------------------
 
@@ -418,7 +395,7 @@ class StreamStore:
         """
         calls = [(self._lease_keys(stream_id), [attempt, self.lease_ms]) for stream_id, attempt in attempts.items()]
         results = self._renew.run_each(calls)
-        _raise_first_error(results)
+        raise_first_error(results)
         return [stream_id for stream_id, lost in zip(attempts, results, strict=True) if int(lost)]
 
     def release_leases(self, attempts: dict[str, str]) -> int:
@@ -426,7 +403,7 @@ class StreamStore:
         each stream over."""
         calls = [(self._lease_keys(stream_id), [attempt, _now()]) for stream_id, attempt in attempts.items()]
         results = self._release.run_each(calls)
-        _raise_first_error(results)
+        raise_first_error(results)
         return sum(int(released) for released in results)
 
     def _lease_keys(self, stream_id: str) -> list[str]:
@@ -459,12 +436,6 @@ class StreamStore:
     def chunks(self, stream_id: str) -> list[str]:
         """Every delta of the stream, in order."""
         return self.client.lrange(self.keys.stream_chunks(stream_id), 0, -1)
-
-
-def _raise_first_error(results: list) -> None:
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 def _now() -> str:

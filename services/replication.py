@@ -1,0 +1,93 @@
+"""Writes that must outlive a failover.
+
+Sentinel and Cluster replicate asynchronously: a master acknowledges a write before any replica holds it, and when
+the master dies or is demoted, a replica takes over without its last writes. For most of the gateway's writes that
+does no harm: a lease is renewed again within seconds, and a lost delta is met as a conflict and written again. For
+a few it does:
+- a msgid claim: a WeCom retry would open a second answer;
+- a stream's opening and its end: the new master would hold no stream, or an open one a poll would give up;
+- a long-connection answer queued for the workers: nobody would run it;
+- the long-connection outbox's records: what a bubble showed, that its answer was delivered, that a rest was sent
+  or is being sent; without them, the rest goes out again.
+
+`Replication.execute` sends such a write, then `WAIT 1 <wait_ms>` on the same connection (WAIT counts the replicas
+holding what that connection wrote), so it returns once a replica holds the write. Sentinel promotes the replica
+that is furthest ahead, and a Cluster master has its own replica, so the write survives a failover. A write no
+replica confirmed within `wait_ms` stands all the same, unconfirmed, and is counted
+(`redis_writes_unreplicated_total`): waiting longer would only stall the message. With `wait_ms` 0 (one server,
+the demo's embedded store), a write is an ordinary pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import AskError, ClusterDownError, MovedError
+
+from services import metrics
+
+logger = logging.getLogger(__name__)
+
+# What a direct connection to a cluster node meets when the slot is no longer there.
+CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, redis.TimeoutError)
+
+# The writes that wait for a replica (the `write` label of redis_writes_unreplicated_total).
+MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX = metrics.REPLICATED_WRITES
+
+
+class Replication:
+    """Runs a durable write's commands on one connection to the node of their key, followed by WAIT."""
+
+    def __init__(self, client: redis.Redis, wait_ms: int = 0, bot: str = "default"):
+        self.client = client
+        self.wait_ms = wait_ms  # 0: do not wait (no replicas)
+        self.bot = bot  # whose writes these are (metrics)
+
+    def execute(self, key: str, commands: list[tuple], write: str) -> list:
+        """Send `commands` (each a tuple of a command's words, all on `key`'s slot) in one round trip and wait for
+        a replica to hold them. Returns their replies in order, an error in the place of the command that met it
+        (NOSCRIPT, say).
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        if not self.wait_ms:
+            return self._pipeline(self.client, commands)
+        cluster = isinstance(self.client, RedisCluster)
+        try:
+            *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
+            if cluster and any(isinstance(reply, CLUSTER_MOVES) for reply in replies):
+                raise next(reply for reply in replies if isinstance(reply, CLUSTER_MOVES))
+        except CLUSTER_MOVES:
+            if not cluster:
+                raise
+            # The slot moved, or its node died or became a replica (a failover): the cluster client refreshes its
+            # map and goes to the new master. Without WAIT there, which would run on a connection of its own.
+            replies, replicas = self._pipeline(self.client, commands), 0
+        wrote = not any(isinstance(reply, BaseException) for reply in replies)  # an error reply wrote nothing
+        if wrote and (isinstance(replicas, BaseException) or int(replicas) < 1):
+            metrics.UNREPLICATED_WRITES.labels(self.bot, write).inc()
+            logger.debug("%s not yet held by a replica after %d ms", write, self.wait_ms)
+        return replies
+
+    def _node_of(self, key: str):
+        """A client whose pipeline keeps to one connection, to the node holding `key` (WAIT needs that)."""
+        if isinstance(self.client, RedisCluster):
+            return self.client.get_redis_connection(self.client.get_node_from_key(key))
+        return self.client
+
+    @staticmethod
+    def _pipeline(client, commands: list[tuple]) -> list:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+
+
+def raise_first_error(replies: list) -> None:
+    """Raise the first error among a pipeline's replies, if any."""
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply

@@ -1,0 +1,90 @@
+"""Writes that must outlive a failover (services/replication.py), on a real Sentinel set and a real Cluster: each
+waits for a replica to hold it, and a master that comes back after its failover loses nothing it acknowledged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services import metrics
+from services.keys import Keys
+from services.longconn.jobs import JobQueue
+from services.longconn.outbox import Outbox
+from services.redis_conn import connect_redis
+from services.replication import Replication
+from services.streams.store import DONE, StreamStore, first_attempt
+from tests.conftest import SENTINEL_PASSWORD, wait_until
+
+WAIT_MS = 100
+
+
+def unconfirmed(bot: str) -> dict[str, float]:
+    return {write: metrics.UNREPLICATED_WRITES.labels(bot, write)._value.get() for write in metrics.REPLICATED_WRITES}
+
+
+def replicas_of(kind: str, server) -> list:
+    """The servers that replicate a master now (failovers in other tests may have moved the roles)."""
+    if kind == "sentinel":
+        master = server.current_master()
+        return [s for s in server.servers if s is not master and s.running]
+    return [node for node in server.nodes if node.client().info("replication")["role"] == "slave"]
+
+
+@pytest.mark.parametrize("kind", ["sentinel", "cluster"])
+def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request):
+    """With every replica frozen, each such write reports that no replica holds it; the deltas, which a failover may
+    lose without harm, do not wait."""
+    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
+    client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
+    bot = f"durable-{kind}"
+    keys = Keys(f"durable-{kind}:")
+    store = StreamStore(client, keys, 3600, 30, durable=Replication(client, WAIT_MS, bot))
+    outbox = Outbox(client, keys, store, "bot-1")
+    queue = JobQueue(store.replication, keys, "bot-1")
+    owner = first_attempt("holder:1")
+    before = unconfirmed(bot)
+    frozen = replicas_of(kind, server)
+    assert frozen
+    for replica in frozen:
+        replica.pause()
+    try:
+        store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"})
+        outbox.track("s1", "req-1", 3, "alice", True)
+        queue.submit("s1", owner)
+        store.append("s1", owner, ["Hello"], 0)
+        outbox.shown("s1", "Hello")
+        assert outbox.claim("s1", "holder:1")
+        outbox.sent("s1")
+        assert store.finish("s1", owner, DONE) is not None
+    finally:
+        for replica in frozen:
+            replica.resume()
+    after = unconfirmed(bot)
+    counted = {write: after[write] - before[write] for write in after}
+    assert counted == {"msgid_claim": 1, "stream_open": 1, "stream_end": 1, "answer_queue": 1, "outbox": 6}
+    client.close()
+
+
+def test_a_master_back_from_a_pause_past_its_failover_loses_no_acknowledged_write(sentinel_set):
+    """A master frozen past its failover comes back still a master in its own eyes, and clients' pooled connections
+    still point at it. It has lost its replicas, so (min-replicas-to-write) it refuses writes, and the gateway's
+    connection treats that as the failover it is: the write goes to the new master. Without that, the old master
+    would acknowledge the write, and lose it when the sentinels demote it."""
+    client = connect_redis(sentinel_set.url, 2.0, sentinel_password=SENTINEL_PASSWORD)
+    keys = Keys("comeback:")
+    store = StreamStore(client, keys, 3600, 30, durable=Replication(client, WAIT_MS, "comeback"))
+    owner = first_attempt("replica-a:1")
+    store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"})  # the pool now holds a connection to it
+    old = sentinel_set.current_master()
+    old.pause()
+    try:
+        assert wait_until(lambda: int(sentinel_set.master_address()[1]) != old.port, timeout=30)
+    finally:
+        old.resume()
+    time.sleep(0.3)  # the old master reads its replicas' goodbyes first
+    store.record("s1", {"ws_shown": "after the failover"}, durable=True)
+    new = sentinel_set.current_master()
+    assert wait_until(lambda: old.client().info("replication")["role"] == "slave", timeout=30)
+    assert new.client().hget(keys.stream("s1"), "ws_shown") == "after the failover"
+    client.close()
