@@ -7,8 +7,9 @@ For each topology, in alternating rounds, the same gateway (gunicorn, same setti
 2. Redis commands per poll: the masters' `total_commands_processed` over the wrk run, divided by its polls;
 3. Redis commands per delta: `--streams` answers streaming `--deltas-per-second` each for `--stream-seconds`,
    not polled, the masters' commands divided by the deltas sent (appends, leases, the final state);
-4. new-message latency at `--message-rate` messages/s, on Sentinel and Cluster both with the msgid claim's WAIT
-   (REDIS_CLAIM_WAIT_MS=200, the default) and without it (0), which is its cost.
+4. new-message latency at `--message-rate` messages/s, on Sentinel and Cluster both with the waits for a replica
+   (WAIT) of the writes a failover must not lose, the msgid claim and the stream's opening among them
+   (REDIS_CLAIM_WAIT_MS=200, the default; services/replication.py), and without them (0), which is their cost.
 
 Throughput and p99 are reported as ratios to the one server's, measured in the same round.
 
