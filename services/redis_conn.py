@@ -15,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from services.embedded_store import connect_embedded
 from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
@@ -168,6 +168,20 @@ class HotPathConnections:
         except (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError):
             return self._client.execute_command(*args)
 
+    def follow_failover(self) -> bool:
+        """Under Sentinel: ask the sentinels where the master is, and disconnect the idle connections that point
+        elsewhere (they connect to the master when next used); True if there were any. For a reply that may come
+        from a master that was failed over but not yet demoted (paused, cut off): it still answers reads, from its
+        old data set. A round trip to a sentinel, so only for the rare reply that needs it (a stream not found)."""
+        pool = self._client.connection_pool
+        if self._single is None or not isinstance(pool, SentinelConnectionPool):
+            return False
+        try:
+            host, port = pool.get_master_address()
+        except redis.ConnectionError:
+            return False
+        return self._single.disconnect_unless_at((host, int(port)))
+
     def close(self) -> None:
         """Disconnect the idle connections (call when no more commands are coming)."""
         for stack in [self._single, *self._stacks.values()]:
@@ -207,6 +221,13 @@ class _ConnectionStack:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().disconnect()
+
+    def disconnect_unless_at(self, address: tuple) -> bool:
+        """Disconnect the idle connections connected to another address than `address`; True if there were any."""
+        stale = [c for c in list(self._idle) if c._sock is not None and (c.host, int(c.port)) != address]
+        for connection in stale:
+            connection.disconnect()
+        return bool(stale)
 
     @staticmethod
     def _round_trip(connection, args: tuple):

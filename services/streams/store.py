@@ -366,6 +366,10 @@ class StreamStore:
             self.takeover_grace_seconds,
         ]
         row = self._poll(keys=keys, args=args)
+        if not row and self._poll_connections.follow_failover():
+            # A master that came back after its failover still answers reads, from its old data set: ask the new
+            # master before telling the user the answer cannot be found.
+            row = self._poll(keys=keys, args=args)
         if not row:
             return None
         status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, *images = row
