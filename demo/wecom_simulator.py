@@ -35,6 +35,7 @@ class Conversation:
     stream_id: str
     frames: list[dict] = field(default_factory=list)
     polls: int = 0
+    dropped_polls: int = 0  # polls whose connection broke before a reply (WeCom just polls again)
     cards: list[dict] = field(default_factory=list)  # template cards that rode on the stream (WeCom takes one)
 
     @property
@@ -318,7 +319,13 @@ class WeComSimulator:
         deadline = time.monotonic() + window
         while not conversation.finished and time.monotonic() < deadline:
             time.sleep(self.poll_interval)
-            reply = self.send(self.poll_message(conversation.stream_id, userid, chatid))
+            try:
+                reply = self.send(self.poll_message(conversation.stream_id, userid, chatid))
+            except httpx.TransportError:
+                # A kept-alive connection the server closed as the poll went out (a worker replaced on HUP or
+                # draining): no reply, and WeCom polls again a second later. A reply, even a 503, is checked.
+                conversation.dropped_polls += 1
+                continue
             conversation.polls += 1
             if (
                 reply is None
