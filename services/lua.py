@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import redis
 
-from services.replication import Replication
+from services.replication import Replication, raise_first_error
 
 
 class LuaScript:
@@ -46,10 +46,9 @@ class LuaScript:
     def _send(self, keys: list[str], args: list) -> object:
         if self._replication is None:
             return self._execute(*self.command(keys, args))
-        [reply] = self._replication.execute(keys[0], [self.command(keys, args)], self._write)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        replies = self._replication.execute(keys[0], [self.command(keys, args)], self._write)
+        raise_first_error(replies)
+        return replies[0]
 
     def command(self, keys: list[str], args: list) -> tuple:
         """The EVALSHA command of one call (for a pipeline)."""

@@ -52,8 +52,8 @@ class _FollowsFailovers:
     connection asks the sentinels at once and keeps the answer, for a failed read (READONLY, a dropped socket) and for
     NOREPLICAS: a master run with `min-replicas-to-write` (docs/architecture.md) that has lost its replicas, most
     likely because it was paused or cut off and a replica was promoted meanwhile, and that the sentinels have not
-    demoted yet (they wait a few seconds before they do). Such a write goes to the new master instead of failing, or
-    of being acknowledged by the old one and lost."""
+    demoted yet (they wait a few seconds before they do). Such a write goes to the new master, or at worst fails (and
+    the caller's outage handling tries again); it is never acknowledged by the old master alone, and then lost."""
 
     def read_response(self, *args, **kwargs):
         try:
