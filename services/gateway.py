@@ -361,7 +361,7 @@ def _holder(
 
 def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:
     """A long-connection bot's answer queue: the holder queues, every serving process's consumer runs."""
-    queue = JobQueue(streams.store.replication, keys, settings.wecom_bot_id)
+    queue = JobQueue(streams.store.durable, keys, settings.wecom_bot_id)
     streams.queue = queue
     block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
     return JobConsumer(queue, streams, shared.owner, block_ms)

@@ -58,11 +58,12 @@ class Replication:
         cluster = isinstance(self.client, RedisCluster)
         try:
             *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
-            if cluster and any(isinstance(reply, CLUSTER_MOVES) for reply in replies):
-                raise next(reply for reply in replies if isinstance(reply, CLUSTER_MOVES))
+            moved = cluster and any(isinstance(reply, CLUSTER_MOVES) for reply in replies)
         except CLUSTER_MOVES:
             if not cluster:
                 raise
+            moved = True
+        if moved:
             # The slot moved, or its node died or became a replica (a failover): the cluster client refreshes its
             # map and goes to the new master. Without WAIT there, which would run on a connection of its own.
             replies, replicas = self._pipeline(self.client, commands), 0

@@ -34,7 +34,7 @@ class Outbox:
         self.client = client
         self.keys = keys
         self.store = store
-        self.durable = store.replication
+        self.durable = store.durable
         self.open_key = keys.ws_open(bot_id)
 
     def track(self, stream_id: str, req_id: str, generation: int, chatid: str, single: bool) -> None:

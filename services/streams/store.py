@@ -13,7 +13,6 @@ msgid, whatever the topology.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +26,6 @@ from services.redis_conn import HotPathConnections
 from services.replication import Replication, raise_first_error
 from services.streams import scripts
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
-
-logger = logging.getLogger(__name__)
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
@@ -125,7 +122,7 @@ class StreamStore:
     ):
         self.rate_limit = rate_limit  # messages per user in any RATE_WINDOW_SECONDS; 0 = no limit
         # The writes that must outlive a failover wait for a replica through this (services/replication.py).
-        self.replication = durable or Replication(client)
+        self.durable = durable or Replication(client)
         self.client = client
         self.keys = keys
         self.key_ttl = key_ttl
@@ -133,17 +130,17 @@ class StreamStore:
         # A lease found missing is taken over only this much later (scripts.POLL): time for a living owner to take
         # it back after a Redis pause or failover. 0 takes over at once.
         self.takeover_grace_seconds = takeover_grace_seconds
-        self._open = LuaScript(client, scripts.OPEN, replication=self.replication, write=replication.STREAM_OPEN)
+        self._open = LuaScript(client, scripts.OPEN, replication=self.durable, write=replication.STREAM_OPEN)
         self._admit = LuaScript(client, scripts.ADMIT)
         self._append = LuaScript(client, scripts.APPEND)
         self._replace = LuaScript(client, scripts.REPLACE)
-        self._finish = LuaScript(client, scripts.FINISH, replication=self.replication, write=replication.STREAM_END)
+        self._finish = LuaScript(client, scripts.FINISH, replication=self.durable, write=replication.STREAM_END)
         # Polls come from the request threads, thousands a second: a leaner path than the pool's.
         self._poll_connections = HotPathConnections(client)
         self._poll = LuaScript(client, scripts.POLL, self._poll_connections.execute)
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
-        self._record_durably = LuaScript(client, scripts.RECORD, replication=self.replication, write=replication.OUTBOX)
+        self._record_durably = LuaScript(client, scripts.RECORD, replication=self.durable, write=replication.OUTBOX)
         self._release = LuaScript(client, scripts.RELEASE)
         self._take = LuaScript(client, scripts.TAKE)
         self._called = LuaScript(client, scripts.CALLED)
@@ -189,7 +186,7 @@ class StreamStore:
         """
         key = self.keys.wecom_msg(msgid)
         commands = [("SET", key, stream_id, "NX", "EX", MSGID_TTL_SECONDS), ("GET", key)]
-        _, holder = self.replication.execute(key, commands, replication.MSGID_CLAIM)
+        _, holder = self.durable.execute(key, commands, replication.MSGID_CLAIM)
         raise_first_error([holder])
         return holder or stream_id
 
