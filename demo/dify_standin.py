@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from demo.dify_runs import LogOnly, RunConn, RunLog
+from demo.dify_runs import CHATFLOW, PING, WORKFLOW, Run
 from demo.http_server import Conn, Request, StandInServer
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -205,8 +205,12 @@ class DifyStandIn:
         self.api_key = api_key
         self.app_types = app_types or {}  # API key -> the app's mode, for keys other than `api_key`'s
         self.mode = "chat"  # the mode of `api_key`'s app (and of any key, without `api_key`)
-        self.runs: dict[str, RunLog] = {}
-        self.reattaches: list[dict] = []
+        self.runs: dict[str, Run] = {}
+        self.reattaches: list[dict] = []  # every GET /workflow/{run}/events: run_id, user, at, and its two flags
+        self.flows: dict = {}  # API key -> a graph app it runs (demo/dify_flows.py) when no script matches
+        self.answer_bug = True  # Dify #38432: after a pause that followed streamed text, answers are not streamed
+        self.resume_delay = 0.05  # from a form's answer to its run going on (Dify's worker takes the resumption)
+        self.idle_timeout = 300.0  # a reader of a run's events is closed after this long without an event
         self.info_requests = 0
         self.language = language  # of the unscripted demo answers
         # API key -> (the bot's name, its language): whose Dify app the unscripted demo answer speaks as
@@ -261,11 +265,26 @@ class DifyStandIn:
             self.feedbacks.clear()
             self.runs.clear()
             self.reattaches.clear()
+            for key in self.flows:
+                self.app_types.pop(key, None)
+            self.flows.clear()
+            self.answer_bug = True
             self.forms.clear()
             self.form_submissions.clear()
             self.suggestions = ["What else can you do?", "Tell me more", "Give an example"]
             self.info_requests = 0
             self.mode = "chat"
+
+    def serve_flow(self, flow, key: str | None = None) -> None:
+        """Requests with API key `key` (default: the stand-in's own) run `flow` (demo/dify_flows.py) when no
+        script matches: the app is of the flow's mode."""
+        key = key or self.api_key or ""
+        with self._lock:
+            self.flows[key] = flow
+            if key == self.api_key:
+                self.mode = flow.mode
+            else:
+                self.app_types[key] = flow.mode
 
     def host_file(self, data: bytes, extension: str = "png") -> str:
         """Serve a tool-made file and return the relative URL Dify would put in a message_file event."""
@@ -364,18 +383,22 @@ class DifyStandIn:
             self.messages[ids["message_id"]] = body["user"]
             earlier = list(self.questions.get(ids["conversation_id"], []))
             self.questions.setdefault(ids["conversation_id"], []).append(query)
-        persona = self.personas.get(request.headers.get("authorization", "").removeprefix("Bearer "))
-        name, language = persona or ("", self.language)
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        name, language = self.personas.get(key) or ("", self.language)
         from demo.dify_apps import demo_extra  # the steps module builds on this one's
 
+        flow = self.flows.get(key)
         steps = (
             self._take_script(query)
+            or (flow.steps(query) if flow is not None else None)
             or demo_extra(query, language)
             or demo_reply(query, self.demo_delay, language, earlier, name)
         )
-        if mode == "advanced-chat" or any(step[0] == "form" for step in steps):  # a run with a Human Input node
-            ids["workflow_run_id"] = str(uuid.uuid4())
-        await self._play_run(steps, ids, conn, body["user"])
+        if mode == CHATFLOW or any(step[0] == "form" for step in steps):  # a run with a Human Input node
+            inputs = {"sys.query": query, "sys.user_id": body["user"], "sys.conversation_id": ids["conversation_id"]}
+            await self._play_run(steps, ids, conn, body["user"], CHATFLOW, inputs)
+        else:
+            await self._play(steps, _ConnSink(conn, ids))
 
     async def _run(self, request: Request, conn: Conn, mode: str) -> None:
         """A workflow app's run (`/workflows/run`) or a completion app's answer (`/completion-messages`)."""
@@ -391,101 +414,183 @@ class DifyStandIn:
         if problem:
             await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
             return
-        query = str(inputs.get("query") or next((v for v in inputs.values() if isinstance(v, str)), ""))
+        flow = self.flows.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        query_input = flow.query_input if flow is not None else "query"
+        query = str(inputs.get(query_input) or next((v for v in inputs.values() if isinstance(v, str)), ""))
         ids = {"task_id": str(uuid.uuid4())}
-        if mode == "workflow":
+        if mode == WORKFLOW:
             from demo.dify_apps import demo_workflow  # the steps module builds on this one's
 
-            ids["workflow_run_id"] = str(uuid.uuid4())
-            steps = self._take_script(query) or demo_workflow(query, self.language)
+            steps = (
+                self._take_script(query)
+                or (flow.steps(query, inputs) if flow is not None else None)
+                or demo_workflow(query, self.language)
+            )
+            await self._play_run(steps, ids, conn, body["user"], WORKFLOW, inputs)
         else:
             ids["message_id"] = str(uuid.uuid4())
             steps = self._take_script(query) or demo_reply(query, self.demo_delay, self.language)
-        await self._play_run(steps, ids, conn, body["user"])
+            await self._play(steps, _ConnSink(conn, ids))
 
-    async def _play_run(self, steps: list[tuple], ids: dict, conn: Conn, user: str) -> None:
-        """Play `steps`; a chatflow's or workflow's run is logged, goes on without its reader, and can be
-        streamed again."""
-        run_id = ids.get("workflow_run_id")
-        if run_id:
-            log = self.runs[run_id] = RunLog(user)
-            conn = RunConn(conn, log)
+    async def _play_run(self, steps: list[tuple], ids: dict, conn: Conn, user: str, mode: str, inputs: dict) -> None:
+        """Play a chatflow's or workflow's run: it is published by its Run (demo/dify_runs.py), goes on without
+        its first reader, and can be followed again at `/workflow/{run id}/events`."""
+        run_id = str(uuid.uuid4())
+        run = Run(
+            run_id,
+            ids["task_id"],
+            user,
+            mode,
+            ids.get("message_id", ""),
+            ids.get("conversation_id", ""),
+            inputs,
+            self.answer_bug,
+        )
+        with self._lock:
+            self.runs[run_id] = run
         self.open_streams += 1
-        paused = None
         try:
-            paused = await self._play(steps, ids, conn)
+            await self._play(steps, _RunSink(run, conn))
         finally:
             self.open_streams -= 1
-            if run_id and paused is None:
-                log.end()
-        if paused is not None and run_id:
-            self._register_form(paused, ids, user, log)
+            if not run.frames:  # refused before it began (an HTTP error): Dify has no such run
+                with self._lock:
+                    self.runs.pop(run_id, None)
 
-    def _register_form(self, form: dict, ids: dict, user: str, log: RunLog) -> None:
-        """A run paused at `form`: the form API serves it until it is answered or expires (the run then goes on
-        with its timeout path, as Dify's Human Input node does)."""
-        self.forms[form["token"]] = {**form, "ids": ids, "user": user, "log": log, "status": "open"}
-        delay = max(0.0, form["expires"] - time.time())
-        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._form_timeout(form["token"])))
+    def _register_form(self, spec: dict, run: Run) -> dict:
+        """A run pausing at a form: the form API serves it until it is answered or expires (the run then goes on
+        with the node's timeout path, as Dify's Human Input node does). `spec`: content (rendered), template
+        (raw; default the content), title, node_id, actions [(id, title, style)], inputs [Dify input objects],
+        expires_in, then (action, inputs -> steps) or branches {action id (or "*"): steps}, timeout (steps),
+        bare (the event's data holds the token alone, as in Dify 1.14.0-rc1)."""
+        token = spec.get("token") or secrets.token_urlsafe(16)[:22]
+        expires = time.time() + spec.get("expires_in", 3600)
+        actions = [{"id": a, "title": t, "button_style": s} for a, t, s in spec.get("actions", [])]
+        inputs = list(spec.get("inputs", []))
+        content = spec.get("content", "")
+        node = {"id": spec.get("node_id", "human"), "type": "human-input", "title": spec.get("title", "")}
+        public = {
+            "form_content": content,
+            "inputs": inputs,
+            "resolved_default_values": {},
+            "user_actions": actions,
+            "expiration_time": int(expires),
+        }
+        event_data = {"form_token": token, "node_id": node["id"], "node_title": node["title"]}
+        if not spec.get("bare"):
+            event_data = {
+                "form_id": str(uuid.uuid4()),
+                **event_data,
+                "form_content": content,
+                "inputs": inputs,
+                "actions": actions,
+                "display_in_ui": True,
+                "resolved_default_values": {},
+                "expiration_time": int(expires),
+            }
+        form = {
+            "token": token,
+            "run": run,
+            "node": node,
+            "event_data": event_data,
+            "template": spec.get("template", content),
+            "public": public,
+            "actions": [a["id"] for a in actions],
+            "titles": {a["id"]: a["title"] for a in actions},
+            "input_names": [i.get("output_variable_name") for i in inputs if isinstance(i, dict)],
+            "expires": expires,
+            "then": spec.get("then"),
+            "branches": spec.get("branches", {}),
+            "timeout": spec.get("timeout"),
+            "status": "open",
+            "user": run.user,
+        }
+        self.forms[token] = form
+        delay = max(0.0, expires - time.time())
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._form_timeout(token)))
+        return form
+
+    async def _pause(self, spec: dict, sink: _RunSink) -> None:
+        """A run reaches a Human Input node: it pauses there, and the first reader's stream ends."""
+        form = self._register_form(spec, sink.run)
+        for payload in sink.run.paused(form):
+            await sink.event(payload)
+        await sink.close()
 
     async def _form_timeout(self, token: str) -> None:
         form = self.forms.get(token)
         if form is None or form["status"] != "open":
             return
         form["status"] = "expired"
-        conn = LogOnly(form["log"])
-        timeout = {"event": "human_input_form_timeout", "data": {"form_token": token}}
-        await conn.write_chunk(_frame(timeout, form["ids"]))
-        steps = form["timeout"] or [workflow_finished(), end()]
-        paused = await self._play(steps, form["ids"], conn)
-        if paused is not None:
-            self._register_form(paused, form["ids"], form["user"], form["log"])
+        timed_out = {"event": "human_input_form_timeout", "data": {**_node_fields(form), "form_token": token}}
+        steps = form["timeout"]
+        steps = steps("", {}) if callable(steps) else steps or [workflow_finished()]
+        await self._go_on(form, timed_out, steps)
 
     async def _form(self, token: str, request: Request, conn: Conn) -> None:
-        """`GET /form/human_input/{token}` (the form) and `POST` (its answer: the run goes on in its log, for
-        readers that re-attach with continue_on_pause). 404 unknown; 412 answered already or expired."""
+        """`GET /form/human_input/{token}` (the form) and `POST` (its answer: the run goes on a moment later).
+        Errors as Dify 1.14.2 gives them: 404 unknown; 412 answered already (or expired); 400 without `user`,
+        with an unknown action, or with an input left out (even one with a default)."""
         form = self.forms.get(token)
         body = (request.json() or {}) if request.method == "POST" else {}
-        status = 404 if form is None else 412 if form["status"] != "open" or time.time() >= form["expires"] else 200
+        status, code, message = _form_refusal(form, request.method, body)
         if request.method == "POST":
-            if status == 200 and (body.get("user") != form["user"] or body.get("action") not in form["actions"]):
-                status = 400
             with self._lock:
                 self.form_submissions.append({"token": token, "body": body, "status": status, "at": time.time()})
         if status != 200:
-            codes = {404: "not_found", 412: "human_input_form_submitted", 400: "invalid_param"}
-            await conn.send(status, {"code": codes[status], "message": "form not available", "status": status})
+            await conn.send(status, {"code": code, "message": message, "status": status})
             return
         if request.method == "GET":
             await conn.send(200, form["public"])
             return
         form["status"] = "submitted"
         await conn.send(200, {})
-        asyncio.ensure_future(self._after_form(form, body["action"]))
+        action, values = body["action"], dict(body.get("inputs") or {})
+        filled = {
+            "event": "human_input_form_filled",
+            "data": {
+                **_node_fields(form),
+                "rendered_content": form["public"]["form_content"],
+                "action_id": action,
+                "action_text": form["titles"].get(action, action),
+                "submitted_data": values,
+            },
+        }
+        then = form["then"]
+        steps = then(action, values) if callable(then) else form["branches"].get(action, form["branches"].get("*", []))
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.resume_delay, lambda: asyncio.ensure_future(self._go_on(form, filled, steps)))
 
-    async def _after_form(self, form: dict, action: str) -> None:
-        """The run after its form's answer: human_input_form_filled, then the branch of the action taken."""
-        log, ids = form["log"], form["ids"]
-        conn = LogOnly(log)
-        filled = {"event": "human_input_form_filled", "data": {"form_token": form["token"], "action": action}}
-        await conn.write_chunk(_frame(filled, ids))
-        paused = await self._play(form["branches"].get(action, form["branches"].get("*", [])), ids, conn)
-        if paused is not None:
-            self._register_form(paused, ids, form["user"], log)
+    async def _go_on(self, form: dict, filled: dict, steps: list[tuple]) -> None:
+        """A paused run goes on (its worker takes the resumption): the resumption's events, then `steps`."""
+        sink = _RunSink(form["run"])
+        for payload in form["run"].resumption(form, filled):
+            await sink.event(payload)
+        await self._play(steps, sink)
 
     async def _reattach(self, run_id: str, request: Request, conn: Conn) -> None:
-        """`GET /workflow/{run id}/events?user=`: the run's events again, from its start (a finished run: its
-        workflow_finished alone)."""
-        log = self.runs.get(run_id)
+        """`GET /workflow/{run id}/events?user=`: what the run publishes from now on; with
+        `include_state_snapshot=true` its past first; a finished run's workflow_finished alone (dify_runs.py)."""
+        run = self.runs.get(run_id)
+        flags = {name: request.query.get(name, "false").lower() == "true" for name in _REATTACH_FLAGS}
+        user = request.query.get("user", "")
         with self._lock:
-            self.reattaches.append({"run_id": run_id, "user": request.query.get("user", ""), "at": time.time()})
-        if log is None or log.user != request.query.get("user"):
+            self.reattaches.append({"run_id": run_id, "user": user, "at": time.time(), **flags})
+        if not request.query.get("user"):
+            await conn.send(400, {"code": "invalid_param", "message": "Arg user must be provided.", "status": 400})
+            return
+        if run is None or run.user != request.query.get("user"):
             await conn.send(404, {"code": "not_found", "message": "Workflow run not found", "status": 404})
             return
-        await conn.start_stream(headers={"X-Accel-Buffering": "no"})
-        async for frame in log.follow(request.query.get("continue_on_pause") == "true"):
-            await conn.write_chunk(frame)
-        await conn.end_stream()
+        paused_at = next((f for f in self.forms.values() if f["run"] is run and f["status"] == "open"), None)
+        await run.follow(
+            conn,
+            snapshot=flags["include_state_snapshot"],
+            continue_on_pause=flags["continue_on_pause"],
+            form=paused_at,
+            ping_interval=self.ping_interval,
+            idle_timeout=self.idle_timeout,
+        )
 
     def _check_files(self, body: dict) -> str:
         for item in body.get("files") or []:
@@ -562,8 +667,8 @@ class DifyStandIn:
                     return script.steps
         return None
 
-    async def _play(self, steps: list[tuple], ids: dict, conn: Conn) -> dict | None:
-        """Play `steps` on `conn`; a run that pauses for a form returns the form (its stream ends there)."""
+    async def _play(self, steps: list[tuple], sink: _ConnSink | _RunSink) -> None:
+        """Play `steps` into `sink`: a plain answer's HTTP response, or a run (which relays to its readers)."""
         began: float | None = None  # when the body began (monotonic)
         for step in steps:
             kind = step[0]
@@ -571,53 +676,48 @@ class DifyStandIn:
                 await asyncio.sleep(step[1])
                 continue
             if kind == "http":
-                await conn.send(step[1], step[2])
-                return None
+                await sink.send(step[1], step[2])
+                return
             if kind == "drop":
-                conn.abort()
-                return None
+                sink.abort()
+                return
             if began is None:
-                await conn.start_stream(headers={"X-Accel-Buffering": "no"})
+                await sink.start()
                 began = time.monotonic()
             if kind == "event":
-                await conn.write_chunk(_frame(step[1], ids))
+                await sink.event(step[1])
             elif kind == "clock":
-                await conn.write_chunk(_frame({"event": "message", "answer": f"{step[1]}{time.time():.6f};"}, ids))
+                await sink.event({"event": "message", "answer": f"{step[1]}{time.time():.6f};"})
             elif kind == "ping":
-                await conn.write_chunk(b"event: ping\n\n")
+                await sink.write(PING)
             elif kind == "raw":
-                await conn.write_chunk(step[1])
+                await sink.write(step[1])
             elif kind == "split":
-                await _write_split(conn, _frame(step[1][1], ids), step[2], step[3])
+                await sink.event(step[1][1], parts=step[2], gap=step[3])
             elif kind == "sleep":
-                await self._sleep_with_pings(conn, step[1])
+                await self._sleep_with_pings(sink, step[1])
             elif kind == "until":
-                await self._sleep_with_pings(conn, began + step[1] - time.monotonic())
+                await self._sleep_with_pings(sink, began + step[1] - time.monotonic())
             elif kind == "stall":
                 await asyncio.sleep(step[1])
             elif kind == "cut":
-                conn.abort()
-                return None
+                sink.abort()
+                return
             elif kind == "close":
-                break
+                await sink.close()
+                return
             elif kind == "tool_file":
                 _, data, extension, file_type, filename = step
                 fields = {"filename": filename} if filename else {}
-                await conn.write_chunk(
-                    _frame(message_file(self.host_file(data, extension), file_type, **fields)[1], ids)
-                )
+                await sink.event(message_file(self.host_file(data, extension), file_type, **fields)[1])
             elif kind == "form":
-                form = _human_input(step[1], ids)
-                for frame in form.pop("frames"):
-                    await conn.write_chunk(frame)
-                await (conn.pause() if hasattr(conn, "pause") else conn.end_stream())
-                return form
+                await self._pause(step[1], sink)
+                return
         if began is None:
-            await conn.start_stream()
-        await conn.end_stream()
-        return None
+            await sink.start()
+        await sink.finish()
 
-    async def _sleep_with_pings(self, conn: Conn, seconds: float) -> None:
+    async def _sleep_with_pings(self, sink: _ConnSink | _RunSink, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
@@ -625,44 +725,128 @@ class DifyStandIn:
                 return
             if left > self.ping_interval:
                 await asyncio.sleep(self.ping_interval)
-                await conn.write_chunk(b"event: ping\n\n")
+                await sink.write(PING)
             else:
                 await asyncio.sleep(left)
 
 
-def _human_input(spec: dict, ids: dict) -> dict:
-    """A form step's frames (human_input_required, workflow_paused) and what the form API serves for it. `spec`:
-    content, title, actions [(id, title, style)], inputs [Dify input objects], expires_in, branches {action id (or
-    "*"): steps after the answer}, timeout (steps after it expired unanswered), bare (the event's data holds the
-    token alone, as in Dify 1.14.0-rc1)."""
-    token = spec.get("token") or uuid.uuid4().hex
-    expires = time.time() + spec.get("expires_in", 3600)
-    actions = [{"id": a, "title": t, "button_style": s} for a, t, s in spec.get("actions", [])]
-    public = {
-        "form_content": spec.get("content", ""),
-        "inputs": spec.get("inputs", []),
-        "user_actions": actions,
-        "expiration_time": int(expires),
-        "resolved_default_values": {},
-    }
-    data = {"form_token": token, "node_id": "human", "node_title": spec.get("title", "")}
-    if not spec.get("bare"):
-        data |= {"form_content": public["form_content"], "inputs": public["inputs"], "actions": actions}
-        data["expiration_time"] = public["expiration_time"]
-    paused = {"paused_nodes": ["human"], "reasons": ["human_input_required"]}
-    frames = [
-        _frame({"event": "human_input_required", "data": data}, ids),
-        _frame({"event": "workflow_paused", "data": paused}, ids),
-    ]
-    return {
-        "token": token,
-        "frames": frames,
-        "public": public,
-        "actions": [a["id"] for a in actions],
-        "expires": expires,
-        "branches": spec.get("branches", {}),
-        "timeout": spec.get("timeout", []),
-    }
+class _ConnSink:
+    """Where a plain chat or completion answer's steps go: straight into its HTTP response."""
+
+    def __init__(self, conn: Conn, ids: dict):
+        self.conn = conn
+        self.ids = ids
+
+    async def start(self) -> None:
+        await self.conn.start_stream(headers={"X-Accel-Buffering": "no"})
+
+    async def event(self, payload: dict, parts: int = 1, gap: float = 0.0) -> None:
+        await _write_split(self.conn, _frame(payload, self.ids), parts, gap)
+
+    async def write(self, data: bytes) -> None:
+        await self.conn.write_chunk(data)
+
+    async def send(self, status: int, body: dict) -> None:
+        await self.conn.send(status, body)
+
+    def abort(self) -> None:
+        self.conn.abort()
+
+    async def close(self) -> None:
+        await self.conn.end_stream()
+
+    finish = close
+
+
+class _RunSink:
+    """Where a chatflow's or workflow's steps go: its Run publishes them (and relays them to the readers that
+    attached), and the first reader's HTTP response gets them while it is there; a reader that went away (its
+    replica was killed) does not stop the run. The order Dify keeps is kept whatever a script says: a run opens
+    with workflow_started, and a chatflow's message_end comes before its workflow_finished."""
+
+    def __init__(self, run: Run, conn: Conn | None = None):
+        self.run = run
+        self.conn = conn
+        self.gone = conn is None
+
+    async def start(self) -> None:
+        """The first reader's stream begins, with a ping at once (as Dify's does)."""
+        await self._guard(lambda: self.conn.start_stream(headers={"X-Accel-Buffering": "no"}))
+        await self.write(PING)
+
+    async def event(self, payload: dict, parts: int = 1, gap: float = 0.0) -> None:
+        run, kind = self.run, payload["event"]
+        if not run.started and kind != "workflow_started":
+            await self._publish({"event": "workflow_started"})
+        if run.chatflow and kind == "workflow_finished" and not run.message_ended:
+            await self._publish(end()[1])
+        if kind == "message_end" and run.message_ended:
+            return
+        await self._publish(payload, parts, gap)
+
+    async def _publish(self, payload: dict, parts: int = 1, gap: float = 0.0) -> None:
+        encoded = self.run.publish(payload)
+        if encoded is not None:
+            await self._guard(lambda: _write_split(self.conn, encoded, parts, gap))
+
+    async def write(self, data: bytes) -> None:
+        await self._guard(lambda: self.conn.write_chunk(data))
+
+    async def send(self, status: int, body: dict) -> None:
+        await self._guard(lambda: self.conn.send(status, body))
+
+    def abort(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+        self.gone = True
+
+    async def close(self) -> None:
+        """The first reader's stream ends (a pause, or a script's clean close); the run does not."""
+        await self._guard(lambda: self.conn.end_stream())
+
+    async def finish(self) -> None:
+        """The steps ran out: a run that neither paused nor failed ends as Dify ends one (workflow_finished)."""
+        if not self.run.ended and self.run.status == "running":
+            await self.event(workflow_finished()[1])
+        await self.close()
+
+    async def _guard(self, write) -> None:
+        if self.gone:
+            return
+        try:
+            await write()
+        except (ConnectionError, OSError):
+            self.gone = True
+
+
+def _node_fields(form: dict) -> dict:
+    return {"node_id": form["node"]["id"], "node_title": form["node"]["title"]}
+
+
+_REATTACH_FLAGS = ("include_state_snapshot", "continue_on_pause")
+
+
+def _form_refusal(form: dict | None, method: str, body: dict) -> tuple[int, str, str]:
+    """Dify 1.14.2's answer to a form request that it refuses, else (200, "", "")."""
+    if method == "POST" and not body.get("user"):
+        return 400, "invalid_param", "Arg user must be provided."
+    if form is None:
+        return 404, "not_found", "Form not found"
+    if form["status"] == "submitted":
+        return 412, "human_input_form_submitted", "This form has already been submitted by another user"
+    if form["status"] != "open" or time.time() >= form["expires"]:
+        return 412, "human_input_form_expired", "This form has expired"
+    if method == "GET":
+        return 200, "", ""
+    if body.get("user") != form["user"]:
+        return 404, "not_found", "Form not found"
+    if body.get("action") not in form["actions"]:
+        return 400, "invalid_form_data", f"Invalid action: {body.get('action')}"
+    inputs = body.get("inputs") if isinstance(body.get("inputs"), dict) else {}
+    missing = [name for name in form["input_names"] if name not in inputs]
+    if missing:
+        return 400, "invalid_form_data", f"Missing required inputs: {', '.join(missing)}"
+    return 200, "", ""
 
 
 async def _json_body(request: Request, conn: Conn) -> dict | None:
