@@ -70,9 +70,12 @@ def form(
     return ("form", {"content": content, "actions": actions, "branches": branches, "inputs": inputs or [], **spec})
 
 
-def text_input(name: str, label: str = "") -> dict:
-    """A form input the user types."""
-    return {"type": "paragraph", "output_variable_name": name, "label": label or name, "default": ""}
+def text_input(name: str, label: str = "", default: str = "") -> dict:
+    """A form input the user types, as Dify 1.14 describes it (`default`: a constant default, which the gateway
+    submits without asking). Dify gives no label; a test may add one (the gateway shows it instead of the name)."""
+    spec = {"type": "paragraph", "output_variable_name": name}
+    spec["default"] = {"type": "constant", "selector": [], "value": default}
+    return spec | ({"label": label} if label else {})
 
 
 def select_input(name: str, options: list[str], label: str = "") -> dict:

@@ -27,7 +27,7 @@ from services.dify.errors import (
     DifyTimeout,
     http_error,
 )
-from services.dify.events import DifyEvent, EventReader, FormsSeen
+from services.dify.events import DifyEvent, EventReader
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
 from services.dify.transport.read_pump import ReadPump
 from utils.tls import default_tls_context
@@ -123,7 +123,8 @@ class DifyClient:
         self._http.close()
 
     def stream_chat(self, request: ChatRequest, relay: Relay | None = None) -> Iterator[list[DifyEvent]]:
-        """Run a streaming chat; yields the events of each network read. Ends after `message_end` or raises.
+        """Run a streaming chat; yields the events of each network read. Ends after the answer's end (EventReader)
+        or raises.
 
         `relay(batch)`, if given, runs in the read pump's thread for each read before the last one; when it
         returns True it has handled the batch and the caller is not woken for it. It must not block.
@@ -137,24 +138,35 @@ class DifyClient:
         )
 
     def stream_run(
-        self, run_id: str, user: str, relay: Relay | None = None, forms: FormsSeen | None = None
+        self,
+        run_id: str,
+        user: str,
+        relay: Relay | None = None,
+        *,
+        snapshot: bool = False,
+        continue_on_pause: bool = False,
+        on_open: Callable[[], bool] | None = None,
     ) -> Iterator[list[DifyEvent]]:
-        """Stream a chatflow's or workflow's run again (`GET /workflow/{run_id}/events`), from its first event;
-        a finished run gives its `workflow_finished` alone. As `stream_chat` otherwise. With `forms` (a run that
-        paused for a person), the stream goes on past a pause (`continue_on_pause`), the forms already answered
-        are passed over, and with `forms.after` everything up to that form's answer is left out.
+        """Follow a chatflow's or workflow's run (`GET /workflow/{run_id}/events`), as `stream_chat` otherwise; ends
+        at `workflow_finished` or `workflow_paused`. Dify relays only what the run publishes from then on; with
+        `snapshot` (`include_state_snapshot`) it first rebuilds what the run did: `workflow_started`, ONE
+        `message_replace` with the answer it saved at a pause (`""` mid-run), the nodes run, and a pause's form with
+        its raw template. A finished run gives its `workflow_finished` alone. `continue_on_pause` keeps Dify's side
+        open past a pause. `on_open()`, if given, runs once Dify answered 200 (so the reader is subscribed): a form
+        submitted there cannot resume the run before we listen; when it returns False, nothing is read.
 
         Raises:
             DifyHTTPError (404: no such run, or not this user's), DifyConnectionError, DifyTimeout,
             DifyStreamError, DifyStreamCut.
         """
         query = {"user": user}
-        if forms is not None and forms.after:
+        if snapshot:
+            query["include_state_snapshot"] = "true"
+        if continue_on_pause:
             query["continue_on_pause"] = "true"
         url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode(query)}"
-        # A re-attached chatflow's stream ends at workflow_finished too: a finished run sends nothing else.
         yield from self._with_retries(
-            lambda: self._stream_once(url, None, EventReader(WORKFLOW, forms), relay), idempotent=True
+            lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay, on_open), idempotent=True
         )
 
     def human_input_form(self, form_token: str, timeout: float = 10.0) -> dict:
@@ -201,7 +213,12 @@ class DifyClient:
                 time.sleep(delay)
 
     def _stream_once(
-        self, url: str, body: bytes | None, reader: EventReader, relay: Relay | None
+        self,
+        url: str,
+        body: bytes | None,
+        reader: EventReader,
+        relay: Relay | None,
+        on_open: Callable[[], bool] | None = None,
     ) -> Iterator[list[DifyEvent]]:
         try:
             stream = open_event_stream(
@@ -218,6 +235,8 @@ class DifyClient:
         with stream:
             if stream.status != 200:
                 raise http_error(stream.status, stream.read_body(_MAX_ERROR_BODY))
+            if on_open is not None and not on_open():
+                return
             try:
                 while not reader.stopped and not stream.complete:
                     yield self._next_batch(stream, reader, relay)
@@ -227,7 +246,7 @@ class DifyClient:
                 raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
             if reader.failure is not None:
                 raise reader.failure
-            if reader.ended:
+            if reader.ended or reader.answer_ended:  # a chatflow's stream may close right after message_end
                 return
         raise DifyStreamCut(f"Dify closed the stream before {reader.end_name}")
 

@@ -1,6 +1,6 @@
 """Dify's SSE events as typed values: the event names the gateway acts on, and a reader that turns the events of
 one network read into a batch, stopping at the end of the answer (`message_end`; `workflow_finished` for a
-workflow app; `workflow_paused` for any app that waits for a person) or at an `error` event."""
+chatflow or workflow run; `workflow_paused` for a run that waits for a person) or at an `error` event."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ THOUGHT_EVENT = "agent_thought"
 WORKFLOW_STARTED = "workflow_started"
 WORKFLOW_FINISHED = "workflow_finished"
 WORKFLOW_TEXT = "text_chunk"  # a workflow app's answer delta, in data.text
+RUN_APPS = frozenset({"advanced-chat", "workflow"})  # the app types whose answers are runs (re-attachable)
 WORKFLOW_REPLACE = "text_replace"
 REASONING_EVENT = "reasoning_chunk"
 INPUT_REQUIRED = "human_input_required"
@@ -37,7 +38,6 @@ QUIET_EVENTS = frozenset(
         "ping",
         "tts_message",
         "tts_message_end",
-        "workflow_started",
         "node_started",
         "node_finished",
         "node_retry",
@@ -50,20 +50,8 @@ QUIET_EVENTS = frozenset(
         "parallel_branch_started",
         "parallel_branch_finished",
         "agent_log",
-        FORM_FILLED,
     }
 )
-
-
-@dataclass(slots=True)
-class FormsSeen:
-    """What a reader of a re-attached run knows of its forms: the tokens of those answered already (their
-    `human_input_required` and the pause after it are history, passed over), and `after`, the form just answered:
-    everything up to its `human_input_form_filled` (or `_timeout`) is left out, as Dify may send the run from its
-    start."""
-
-    answered: frozenset[str] = frozenset()
-    after: str = ""
 
 
 @dataclass(slots=True)
@@ -108,39 +96,23 @@ def decode_event(event_name: str, payload: str) -> DifyEvent | None:
 
 
 class EventReader:
-    """Turns the SSE events of each read into a batch of Dify events; stops at the end of the answer (for an app
-    of type `app_type`) or at `error`."""
+    """Turns the SSE events of each read into a batch of Dify events; stops at the end of the answer or at `error`.
 
-    __slots__ = ("ended", "failure", "end_name", "_ends", "_forms", "_waiting_for", "_past_pause")
+    The end is `message_end` for a chat, agent or completion app, and `workflow_finished` for a chatflow or a
+    workflow run (a chatflow's `message_end` comes first, and the rest of a resumed run may only be in the
+    outputs: docs/protocol.md); a run's stream also stops at `workflow_paused`, where the run waits for a person
+    (a reader with `continue_on_pause` would otherwise never see Dify close it). A chatflow stream that closes
+    cleanly after `message_end` is still whole (`answer_ended`). Quiet events are left out, except the first one
+    to name the run (`workflow_run_id`, which only workflow events carry)."""
 
-    def __init__(self, app_type: str = "chat", forms: FormsSeen | None = None) -> None:
+    __slots__ = ("ended", "failure", "end_name", "answer_ended", "run_id")
+
+    def __init__(self, app_type: str = "chat") -> None:
         self.ended = False
         self.failure: DifyStreamError | None = None
-        self.end_name = WORKFLOW_FINISHED if app_type == "workflow" else END_EVENT
-        self._ends = frozenset({self.end_name, PAUSED})
-        self._forms = forms or FormsSeen()
-        self._waiting_for = self._forms.after  # leave everything out until this form's answer
-        self._past_pause = False  # an answered form's pause is coming: not an end
-
-    def _history(self, event: DifyEvent) -> bool:
-        """Whether a re-attached run's event is one already seen (before the form just answered, or an answered
-        form's request and pause)."""
-        token = event.body.get("form_token") or event.get("form_token")
-        if self._waiting_for:
-            if event.kind in (FORM_FILLED, FORM_TIMEOUT) and token in (self._waiting_for, None):
-                self._waiting_for = ""
-                return event.kind == FORM_FILLED  # a timeout is news for the user; a filled form is not
-            if event.kind == self.end_name or event.kind == WORKFLOW_FINISHED:  # it ended before we re-attached
-                self._waiting_for = ""
-                return False
-            return event.kind != ERROR_EVENT
-        if event.kind == INPUT_REQUIRED and token in self._forms.answered:
-            self._past_pause = True
-            return True
-        if event.kind == PAUSED and self._past_pause:
-            self._past_pause = False
-            return True
-        return False
+        self.end_name = WORKFLOW_FINISHED if app_type in RUN_APPS else END_EVENT
+        self.answer_ended = False  # message_end came
+        self.run_id = ""
 
     @property
     def stopped(self) -> bool:
@@ -153,7 +125,7 @@ class EventReader:
             return batch
         for sse in events:
             event = decode_event(sse.event, sse.data)
-            if event is None or self._history(event):
+            if event is None:
                 continue
             if event.kind == ERROR_EVENT:
                 self.failure = DifyStreamError(
@@ -162,9 +134,17 @@ class EventReader:
                     status=event.get("status"),
                 )
                 break
-            if event.kind not in QUIET_EVENTS:
+            if event.kind not in QUIET_EVENTS or self._names_the_run(event):
                 batch.append(event)
-            if event.kind in self._ends:
+            self.answer_ended = self.answer_ended or event.kind == END_EVENT
+            if event.kind in (self.end_name, PAUSED):
                 self.ended = True
                 break
         return batch
+
+    def _names_the_run(self, event: DifyEvent) -> bool:
+        run_id = event.get("workflow_run_id")
+        if isinstance(run_id, str) and run_id and run_id != self.run_id:
+            self.run_id = run_id
+            return True
+        return False

@@ -31,7 +31,7 @@ class Input:
     kind: str
     label: str
     options: tuple[tuple[str, str], ...] = ()
-    default: str = ""
+    default: str = ""  # Dify's default: submitted when the user is not asked (a text input with one is not)
 
     @property
     def is_select(self) -> bool:
@@ -140,9 +140,16 @@ def _input(raw: dict) -> Input:
             value = option.get("value", option.get("id"))
             if value is not None:
                 options.append((str(value), str(option.get("label") or option.get("text") or value)))
-    return Input(
-        name, SELECT if kind == SELECT else kind, label, tuple(options[:MAX_OPTIONS]), str(raw.get("default") or "")
-    )
+    return Input(name, SELECT if kind == SELECT else kind, label, tuple(options[:MAX_OPTIONS]), _default(raw))
+
+
+def _default(raw: dict) -> str:
+    """An input's default as Dify 1.14 describes it: `{"type": "constant", "value": ...}` (a `variable` default is
+    resolved by Dify into `resolved_default_values`, which read_form applies), or a plain value (older builds)."""
+    default = raw.get("default")
+    if isinstance(default, dict):
+        default = default.get("value") if default.get("type", "constant") == "constant" else None
+    return "" if default is None or isinstance(default, (dict, list)) else str(default)
 
 
 def _objects(value) -> list[dict]:

@@ -95,10 +95,10 @@ class FormService:
 
     # --- the stream's worker ------------------------------------------------------------------------------------
 
-    def open(self, asker: Asker, event: dict, run_id: str, card_allowed: bool) -> Ticket | None:
+    def open(self, asker: Asker, event: dict, run_id: str, card_allowed: bool, before: str = "") -> Ticket | None:
         """The form a run paused at (`event`: the human_input_required data), written once for every replica.
         None when there is nothing to answer here (delivered by e-mail, or gone already); `card_allowed`: whether
-        a card may still ride on the stream (once per message).
+        a card may still ride on the stream (once per message); `before`: the answer the run gave before it.
 
         Raises:
             DifyError: the form could not be read.
@@ -127,6 +127,7 @@ class FormService:
             "dify_user": asker.dify_user,
             "stream_id": asker.stream_id,
             "card_rides": "1" if card else "",
+            "before": before,
         }
         status, _ = self.store.open(task_id, form, fields)
         record = self.store.load(task_id)
@@ -197,7 +198,8 @@ class FormService:
 
     def _submit_to_dify(self, record: FormRecord, retried: bool) -> str:
         form = record.form
-        inputs = {i.name: i.default for i in form.inputs if i.default}
+        # Dify refuses a submission that leaves out any input (even one with a default): every one is sent.
+        inputs = {i.name: i.default for i in form.inputs}
         inputs |= {name: value for name, value in record.values.items() if name != ACTION_QUESTION}
         for attempt in range(SUBMIT_TRIES):
             try:

@@ -107,13 +107,14 @@ class FormRecord:
     choice: str = ""
     way: str = ""
     card_rides: bool = False  # the card was put on the stream (a second form's cannot be: once per message)
+    before: str = ""  # the run's answer before the pause: a message of its own after the form leaves it out
     opened_at: float = 0.0
     claimed_at: float = 0.0
 
     @property
     def missing_texts(self) -> list:
-        """The typed inputs still without a value, in the form's order."""
-        return [i for i in self.form.texts if i.name not in self.values]
+        """The typed inputs still without a value, in the form's order (one with a default is not asked for)."""
+        return [i for i in self.form.texts if i.name not in self.values and not i.default]
 
 
 class FormStore:
@@ -156,6 +157,7 @@ class FormStore:
             choice=data.get("choice", ""),
             way=data.get("way", ""),
             card_rides=bool(data.get("card_rides")),
+            before=data.get("before", ""),
             opened_at=float(data.get("opened_at") or 0),
             claimed_at=float(data.get("claimed_at") or 0),
         )

@@ -14,7 +14,6 @@ from functools import partial
 import orjson
 
 from services.dify.errors import DifyError
-from services.dify.events import FormsSeen
 from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
 from services.streams.finisher import Finisher
@@ -26,8 +25,9 @@ from services.texts import Texts
 
 logger = logging.getLogger(__name__)
 
-# Follows the answer's run on from a form: (job, answer, recorder, cancelled, what of the run is history).
-FollowRun = Callable[[StreamJob, Answer, AnswerRecorder, threading.Event, FormsSeen], None]
+# Follows the answer's run on from a form: (job, answer, recorder, cancelled, on_open: runs once Dify relays the
+# run's events, and says whether to read them).
+FollowRun = Callable[[StreamJob, Answer, AnswerRecorder, threading.Event, Callable[[], bool]], None]
 
 
 class FormSteps:
@@ -45,7 +45,8 @@ class FormSteps:
             event, answer.form_event = answer.form_event, None
             asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
             card_allowed = not job.separate and not job.card_placed  # one card per message
-            opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed)
+            before = answer.earlier + recorder.answer_so_far()
+            opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed, before)
             ticket = through_outage(opening, "opening the form")
             if ticket is None:
                 answer.form_note = self.texts.say("form_expired" if event.get("form_token") else "form_by_email")
@@ -64,8 +65,8 @@ class FormSteps:
                 raise StreamAborted
             if outcome == DRAINING:
                 self._hand_over(job)
-            if outcome not in (BUBBLE_OVER, EXPIRED) and self.submit(answer, ticket.task_id):
-                self.follow_on(job, answer, recorder, cancelled, token)
+            answered = outcome not in (BUBBLE_OVER, EXPIRED)
+            if answered and self.go_on(job, answer, recorder, cancelled, ticket.task_id, token):
                 continue
             if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, token):
                 continue
@@ -85,12 +86,30 @@ class FormSteps:
         answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
         return False
 
-    def follow_on(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> None:
-        """Follow the run on from the form just answered (`token`), in the same bubble (or message)."""
-        answer.forms_answered.append(token)
-        answer.paused, answer.ended, answer.after_form = False, False, True
+    def go_on(
+        self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, task_id: str, token: str
+    ) -> bool:
+        """Submit the answered form and follow the run on from it, in the same bubble (or message). Dify relays
+        only what a run publishes once one listens, and a resumed run may end 0.1 s after the submission: so the
+        run's events are subscribed first, and the form is submitted once Dify answered. False (the final note
+        says why) when Dify did not take the form."""
+        taken: list[bool] = []
+
+        def submit() -> bool:
+            taken.append(self.submit(answer, task_id))
+            if taken[-1]:
+                self._following(answer, recorder, token)
+            return taken[-1]
+
+        self.follow(job, answer, recorder, cancelled, submit)
+        return bool(taken) and taken[-1]
+
+    def _following(self, answer: Answer, recorder: AnswerRecorder, token: str) -> None:
+        """The run goes on from the form `token`: the bubble no longer shows its prompt."""
+        if token not in answer.forms_answered:
+            answer.forms_answered.append(token)
+        answer.paused, answer.ended, answer.reattached = False, False, True
         recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
-        self.follow(job, answer, recorder, cancelled, FormsSeen(frozenset(answer.forms_answered[:-1]), after=token))
 
     def _hand_over(self, job: StreamJob) -> None:
         """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
@@ -107,7 +126,7 @@ class FormSteps:
         follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
         answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
         try:
-            self.follow_on(job, answer, recorder, cancelled, token)
+            self.follow(job, answer, recorder, cancelled, lambda: self._following(answer, recorder, token) or True)
         except DifyError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
             answer.paused, answer.form_timed_out = True, False

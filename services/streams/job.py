@@ -26,7 +26,9 @@ class StreamJob:
     resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
     attempt: str = ""  # this attempt's fencing token, carried by every write it makes (scripts.py, "Fencing")
     form_task: str = ""  # the rest of a run after this form's answer, sent as a message of its own (no bubble)
-    forms_answered: tuple[str, ...] = ()  # the tokens of the run's forms answered so far (a resumed run's history)
+    # The tokens of the run's forms answered so far: still written to the hash, for the pods of the release before
+    # during a rolling update (they read it); this release no longer needs it (docs/architecture.md, rolling updates).
+    forms_answered: tuple[str, ...] = ()
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
 
     @property

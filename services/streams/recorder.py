@@ -19,6 +19,7 @@ from services.dify.events import (
     AGENT_MESSAGE_EVENT,
     END_EVENT,
     FILE_EVENT,
+    FORM_FILLED,
     FORM_TIMEOUT,
     INPUT_REQUIRED,
     MESSAGE_EVENT,
@@ -90,11 +91,12 @@ class Answer:
     forms_answered: list[str] = field(default_factory=list)  # tokens of the run's forms answered so far
     form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
     form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
-    after_form: bool = False  # following a run on from a form's answer, and no text of it has come yet
     app_type: str = "chat"
     resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
-    shown: str = ""  # resumed: the text the bubble had before
-    skip: int = 0  # resumed: characters of the replayed text still to skip (the bubble has them)
+    reattached: bool = False  # the events come from following a run (GET /workflow/{run}/events): reconciled
+    shown: str = ""  # reattached: the text the bubble had when this attempt began
+    echo: str = ""  # text Dify is sending again (a resumed run repeats its answer before the pause): left out
+    earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
     workflow_run_id: str = ""
     last_thought: str = ""
     workflow_error: str = ""
@@ -188,7 +190,7 @@ class TextRelay:
     def __call__(self, batch: list[DifyEvent]) -> bool:
         answer = self.answer
         writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or answer.skip or answer.after_form:
+        if not answer.answered or answer.thinking or answer.detached or answer.echo:
             return False
         if writer.state != WRITTEN or writer.error is not None:
             return False
@@ -218,6 +220,7 @@ def _brings_new_ids(data: dict, answer: Answer) -> bool:
         data.get("task_id", answer.task_id) != answer.task_id
         or data.get("message_id", answer.message_id) != answer.message_id
         or data.get("conversation_id", answer.conversation_id) != answer.conversation_id
+        or data.get("workflow_run_id", answer.workflow_run_id) != answer.workflow_run_id
     )
 
 
@@ -267,11 +270,11 @@ class AnswerRecorder:
                 self._answer_text(deltas, str(event.body.get("text") or ""))
             elif kind in (REPLACE_EVENT, WORKFLOW_REPLACE):
                 text = event.answer if kind == REPLACE_EVENT else str(event.body.get("text") or "")
-                deltas = self._replace_with(deltas, text)
+                deltas = self._reconcile(deltas, text) if answer.reattached else self._replace_with(deltas, text)
             elif kind == REASONING_EVENT:
                 self._reasoning(deltas, event)
             elif kind == END_EVENT:
-                answer.ended = True
+                answer.ended = not answer.workflow_run_id  # a run's answer ends at workflow_finished
                 metadata = event.get("metadata")
                 if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
                     answer.usage = metadata["usage"]
@@ -280,50 +283,31 @@ class AnswerRecorder:
                 if isinstance(thought, str) and thought.strip():
                     answer.last_thought = thought
             elif kind == WORKFLOW_FINISHED:
-                self._run_finished(deltas, event.body)
+                deltas = self._run_finished(deltas, event.body)
             elif kind in (INPUT_REQUIRED, PAUSED):
                 answer.paused = True
                 answer.ended = answer.ended or kind == PAUSED
                 if kind == INPUT_REQUIRED:
                     answer.form_event = {**event.data, **event.body}
-            elif kind == FORM_TIMEOUT:
-                answer.form_timed_out = True
-            elif kind != WORKFLOW_STARTED:
+            elif kind == WORKFLOW_STARTED:
+                if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
+                    answer.echo = self._known(deltas)
+            elif kind in (FORM_FILLED, FORM_TIMEOUT):
+                answer.echo = ""  # what follows the form's node is new
+                answer.form_timed_out = answer.form_timed_out or kind == FORM_TIMEOUT
+            else:
                 metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, kind[:40]).inc()
                 logger.debug("ignored Dify event %s", kind)
         self.write(deltas)
         self.save_conversation(retry=False)
 
-    def _finished_while_away(self, deltas: list[str], data: dict) -> None:
-        """A resumed run had ended: Dify gives its workflow_finished alone, whose outputs hold the whole answer
-        (a chatflow's in `answer`). The bubble gets the rest of it; if what it shows is not where that answer
-        begins, the whole answer replaces it."""
-        answer = self.answer
-        name = self.options.workflow_output if self.options.app_type == WORKFLOW else "answer"
-        whole = workflow_answer(data.get("outputs"), name)
-        answer.skip, answer.answered, answer.ended = 0, True, True
-        if whole.startswith(answer.shown):
-            answer.text = answer.shown
-            if rest := whole[len(answer.shown) :]:
-                deltas.append(rest)
-        elif whole:
-            self._replace_with(deltas, whole)
-
-    def _finished_after_form(self, deltas: list[str], data: dict) -> None:
-        """A run followed on from a form's answer had ended before we re-attached (Dify then gives its
-        workflow_finished alone): what its outputs hold beyond the text shown is the rest."""
-        name = self.options.workflow_output if self.options.app_type == WORKFLOW else "answer"
-        whole = workflow_answer(data.get("outputs"), name)
-        so_far = self._answer_so_far(deltas)
-        rest = whole[len(so_far) :] if whole.startswith(so_far) else whole
-        self._answer_text(deltas, rest)
-        self.answer.ended = True
-
     def _answer_text(self, deltas: list[str], text: str) -> None:
-        """Answer text: after reasoning shown in a <think> block, the block is closed first."""
+        """Answer text: after reasoning shown in a <think> block, the block is closed first. What a resumed run
+        sends again (`echo`) is left out."""
+        if self.answer.echo:
+            text = self._past_echo(text)
         if not text:
             return
-        self.answer.after_form = False
         if self.answer.thinking:
             deltas.append(THINK_CLOSE)
             self.answer.thinking = False
@@ -340,6 +324,38 @@ class AnswerRecorder:
             self.answer.thinking = True
         deltas.append(reasoning)
 
+    def _past_echo(self, text: str) -> str:
+        """The part of `text` that is not Dify repeating the answer, compared by text: while `text` is where the
+        repeat is up to, it is left out; once it differs, the repeat is over and it is new."""
+        answer = self.answer
+        if answer.echo.startswith(text):
+            answer.echo = answer.echo[len(text) :]
+            return ""
+        echo, answer.echo = answer.echo, ""
+        return text[len(echo) :] if text.startswith(echo) else text
+
+    def _reconcile(self, deltas: list[str], text: str) -> list[str]:
+        """A followed run's word on its whole answer (a snapshot's message_replace, the outputs at its end) against
+        the text so far, compared by text: what it adds is appended; what the bubble has already (the `""` of a
+        snapshot taken mid-run, what was shown) changes nothing; a different answer (moderation) replaces it."""
+        known, earlier = self._known(deltas), self.answer.earlier
+        if known.startswith(text):
+            return deltas
+        self.answer.echo = ""
+        if text.startswith(known):
+            self._answer_text(deltas, text[len(known) :])
+            return deltas
+        logger.info("the run's answer differs from the text shown; it replaces it")
+        return self._replace_with(deltas, text[len(earlier) :] if text.startswith(earlier) else text)
+
+    def _known(self, deltas: list[str]) -> str:
+        """The run's answer so far as Dify knows it: what came before this message (`earlier`), then its text."""
+        return self.answer.earlier + self._answer_so_far(deltas)
+
+    def answer_so_far(self) -> str:
+        """The answer text written so far (without a <think> block)."""
+        return self._answer_so_far([])
+
     def _answer_so_far(self, deltas: list[str]) -> str:
         """The answer text (without a <think> block) including `deltas` not yet written."""
         text = self.answer.text + "".join(deltas)
@@ -353,26 +369,33 @@ class AnswerRecorder:
         self.answer.thinking = False
         return []
 
-    def _run_finished(self, deltas: list[str], data: dict) -> None:
-        """A chatflow's or workflow's run ended: a failed or stopped run is the answer's error; a workflow app's
-        answer is its outputs when no text_chunk came."""
+    def _run_finished(self, deltas: list[str], data: dict) -> list[str]:
+        """A chatflow's or workflow's run ended: a failed or stopped run is the answer's error. A run followed
+        after its first reader (a resume, the rest after a form) takes from its outputs what no event carried (Dify
+        #38432 streams nothing after a form that followed streamed text; a late reader missed what came before);
+        a workflow app's answer is its outputs when no text_chunk came. Returns the deltas to write."""
         answer = self.answer
         status = data.get("status")
-        answer.files += files_in_outputs(data.get("outputs"))
+        outputs = data.get("outputs")
+        answer.files += files_in_outputs(outputs)
+        answer.ended = True
+        if self.options.app_type == WORKFLOW and isinstance(data.get("total_tokens"), int):
+            answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
         if status in _FAILED_RUNS:
             answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
-        elif answer.after_form:
-            self._finished_after_form(deltas, data)
-        elif answer.skip and not answer.text:
-            self._finished_while_away(deltas, data)
-            return
+            return deltas
+        if answer.reattached:
+            return self._reconcile(deltas, self._whole_answer(outputs, bool(self._known(deltas))))
+        if self.options.app_type == WORKFLOW and not answer.answered:
+            self._answer_text(deltas, workflow_answer(outputs, self.options.workflow_output))
+        return deltas
+
+    def _whole_answer(self, outputs, shown: bool) -> str:
+        """The whole answer a run's outputs hold: a chatflow's `answer`; a workflow's outputs as its text chunks
+        spell them (joined by newlines), or, when nothing was shown, the output the bot reads."""
         if self.options.app_type != WORKFLOW:
-            return
-        answer.ended = True
-        if isinstance(data.get("total_tokens"), int):
-            answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
-        if status not in _FAILED_RUNS and not answer.answered:
-            self._answer_text(deltas, workflow_answer(data.get("outputs"), self.options.workflow_output))
+            return workflow_answer(outputs, "answer")
+        return streamed_outputs(outputs) if shown else workflow_answer(outputs, self.options.workflow_output)
 
     def write_fields(self, fields: dict[str, str]) -> None:
         """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card)."""
@@ -385,11 +408,6 @@ class AnswerRecorder:
         if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
             metrics.FIRST_TOKEN_SECONDS.labels(self.bot).observe(max(0.0, time.time() - self.job.created_at))
         answer.text += "".join(deltas)
-        if answer.skip:  # a resumed run's events come again from the start: the bubble has this part
-            joined = "".join(deltas)
-            skipped = min(answer.skip, len(joined))
-            answer.skip -= skipped
-            deltas = [joined[skipped:]] if skipped < len(joined) else []
         if answer.detached or not (deltas or answer.new_fields):
             return
         answer.writer.add(deltas, answer.new_fields)
@@ -420,6 +438,13 @@ class AnswerRecorder:
         saved = best_effort(remember, "remembering the conversation", delays=RETRY_DELAYS if retry else ())
         if saved:
             answer.conversation_saved = conversation_id
+
+
+def streamed_outputs(outputs) -> str:
+    """A workflow's outputs as Dify streams them in text chunks: each value, joined by newlines."""
+    if not isinstance(outputs, dict):
+        return ""
+    return "\n".join(str(v) for v in outputs.values() if isinstance(v, (str, int, float)) and not isinstance(v, bool))
 
 
 def workflow_answer(outputs, name: str) -> str:

@@ -22,7 +22,7 @@ from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
-from services.dify.events import DifyEvent, FormsSeen
+from services.dify.events import DifyEvent
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.forms.service import FormService
@@ -177,17 +177,17 @@ class StreamWorker:
         self._complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
 
     def _resume(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
-        """Stream again the Dify run of a stream whose replica is gone (a chatflow's or workflow's) and go on from
-        where its text stopped: the run's events come again from its start, and what the bubble already has is
-        skipped (a run that had ended gives its outputs, which hold the whole answer)."""
+        """Follow again the Dify run of a stream whose replica is gone (a chatflow's or workflow's), from where the
+        bubble's text stopped. Dify relays only what a run does from the moment one listens, so its saved state
+        comes first (`snapshot`): the answer saved at a pause with the pause's form, or a finished run's outputs;
+        the recorder compares them with what the bubble shows, by text (AnswerRecorder._reconcile)."""
         deps = self.deps
         recorder = self._attach(job, answer, job.resume_run)
         answer.resumed = True
-        logger.info("streaming the Dify run again, after the %d characters shown", answer.skip)
+        logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
-        seen = FormsSeen(frozenset(job.forms_answered))
-        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user, forms=seen)
+        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user, snapshot=True)
         self._consume(events, recorder, cancelled, deadline)
         self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, "")
@@ -201,21 +201,20 @@ class StreamWorker:
             deps.finisher.finish(job, answer, DONE, note=deps.texts.say("form_expired"))
             return
         recorder = self._attach(job, answer, record.form.run_id)
-        answer.resumed = bool(answer.shown)
-        if self.form_steps.submit(answer, record.task_id):
-            self.form_steps.follow_on(job, answer, recorder, cancelled, record.form.token)
+        answer.resumed, answer.earlier = bool(answer.shown), record.before
+        if self.form_steps.go_on(job, answer, recorder, cancelled, record.task_id, record.form.token):
             self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, "")
 
     def _attach(self, job: StreamJob, answer: Answer, run_id: str) -> AnswerRecorder:
-        """Make `answer` follow a Dify run already under way (`run_id`), for this attempt at its stream: its writer
-        goes on after the chunks the stream has, and the text they hold is skipped when Dify sends it again."""
+        """Make `answer` follow a Dify run already under way (`run_id`), for this attempt at its stream: it starts
+        from the text the stream's chunks hold (what the bubble shows), and its writer goes on after them."""
         deps = self.deps
         options = replace(self.options, app_type=deps.profile.app_type())
         chunks = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
         answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(chunks))
-        answer.shown = "".join(chunks)
-        answer.skip = len(answer.shown)
+        answer.shown = answer.text = "".join(chunks)
+        answer.answered, answer.reattached = bool(answer.shown), True
         answer.app_type, answer.workflow_run_id = options.app_type, run_id
         answer.forms_answered = list(job.forms_answered)
         return AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
@@ -224,10 +223,15 @@ class StreamWorker:
         if self.form_steps is not None:
             self.form_steps.through(job, answer, recorder, cancelled)
 
-    def _follow_run(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, seen) -> None:
-        """Follow the answer's Dify run on from a form (`seen`: what of it is history), recording its events."""
+    def _follow_run(
+        self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, on_open: Callable[[], bool]
+    ) -> None:
+        """Follow the answer's Dify run on from its pause, recording its events: `on_open()` runs once Dify
+        relays them (it submits the form), and when it returns False nothing is read."""
         metrics.DIFY_CALLS.labels(self.bot, "form").inc()
-        events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, forms=seen)
+        events = partial(
+            self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, continue_on_pause=True, on_open=on_open
+        )
         self._consume(events, recorder, cancelled, time.monotonic() + self.max_seconds)
 
     def _count_call(self, job: StreamJob) -> None:
