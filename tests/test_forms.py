@@ -11,8 +11,10 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
+from services.forms.store import FormRecord
 from services.texts import CATALOGUE
 from tests.conftest import WS_BOT_ID, make_simulator, wait_until
+from tests.dify_captures import capture, form_reply
 
 ZH = CATALOGUE["zh"]
 DONE = " The request was handled."
@@ -280,6 +282,19 @@ def test_read_form_takes_the_form_apis_answer_over_the_events():
     assert (form.content, form.title, form.expires_at) == ("new", "Step", 2_000_000_000.0)
     assert form.selects[0].options == (("1", "One"),)
     assert form.action("ok").title == "OK" and form.action("1").id == "ok" and form.action("ok ").id == "ok"
+
+
+def test_a_snapshots_form_is_read_with_the_rendered_text_and_difys_defaults():
+    """A resumed run's snapshot gives the form's raw template (03); the form's GET (04) has the text rendered, and
+    Dify 1.14's defaults are objects: the text input with one is not asked for, and its value is submitted."""
+    snapshot = next(
+        e for e in capture("03-events-paused-snapshot.sse") if e != "ping" and e["event"].startswith("human")
+    )
+    form = read_form(snapshot["data"], form_reply(), "run-1")
+    assert form.content == "Please review the request: deploy v2 to prod"
+    assert [(i.name, i.default) for i in form.texts] == [("comment", "looks good")]
+    record = FormRecord("s@0", form, "open", "alice", "", "", "", "u", "s", values={})
+    assert record.missing_texts == []
 
 
 # --- cards beyond forms ------------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Chatflow and workflow runs as a real Dify 1.14.2 runs them, played by the faithful stand-in with the captured
+apps (demo/dify_flows.py), through two gateway replicas on the test Redis (callback mode; gunicorn replicas that
+are killed, and long-connection mode: tests/e2e/test_dify_runs_e2e.py). Every case also reads the stand-in's
+records: one chat call per message, and one form submission per answered form."""
+
+from __future__ import annotations
+
+import pytest
+
+from demo import dify_flows as flows
+from demo.dify_apps import text_input
+from services.texts import CATALOGUE
+from tests.conftest import make_simulator, wait_until
+from tests.test_dify_apps import follow_growing
+from tests.test_forms import ask_and_click
+
+ZH = CATALOGUE["zh"]
+
+
+@pytest.fixture
+def sims(pair):
+    made = [make_simulator(server.url) for server in pair]
+    yield made
+    for sim in made:
+        sim.close()
+
+
+def only_grows(contents: list[str]) -> bool:
+    """The bubble's text only ever grew (nothing withdrawn, nothing shown twice)."""
+    shown = [c for c in contents if c != ZH["placeholder"]]
+    return all(later.startswith(earlier.split("\n\n")[0]) for earlier, later in zip(shown, shown[1:], strict=False))
+
+
+@pytest.mark.parametrize("answer_bug", [True, False], ids=["dify-1.14.2", "bug-fixed"])
+def test_the_rest_after_an_answer_before_the_pause_reaches_the_bubble_once(sims, dify, answer_bug):
+    """hitl-chatflow: Dify #38432 streams nothing after the form (the rest is only in the outputs), and the
+    resumption repeats the answer before the pause; the bubble shows each part once. The text input has a
+    default: it is submitted as Dify gives it, and the user is not asked to type it."""
+    dify.serve_flow(flows.hitl_chatflow())
+    dify.answer_bug = answer_bug
+    conversation, reply, _ = ask_and_click(sims[0], sims[1], "buy laptops")
+    assert reply["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
+    assert only_grows(conversation.contents())
+    prompts = [c for c in conversation.contents() if "Please review the request" in c]
+    assert prompts and all("buy laptops" in c and "{{#" not in c for c in prompts)  # rendered, never the template
+    [submission] = dify.form_submissions
+    assert (submission["status"], submission["body"]["inputs"]) == (200, {"comment": "looks good"})
+    assert len(dify.chat_requests()) == 1
+    # The run's events were subscribed before the submission: nothing of the resumption could be missed.
+    [follow] = dify.reattaches
+    assert follow["continue_on_pause"] and not follow["include_state_snapshot"]
+    assert follow["at"] < submission["at"]
+
+
+def test_the_rest_streamed_after_a_form_with_nothing_before_it(sims, dify):
+    """hitl-chatflow-b: nothing answered before the pause; the rest streams after the form's answer."""
+    dify.serve_flow(flows.hitl_chatflow_b())
+    conversation, _, _ = ask_and_click(sims[0], sims[1], "variant b", action="reject")
+    assert conversation.text == "AFTER-RESUME action=reject comment=looks good"
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
+
+
+def test_a_workflow_apps_form(sims, dify):
+    """hitl-workflow: the End's outputs, streamed as text chunks after the form."""
+    dify.serve_flow(flows.hitl_workflow())
+    conversation, _, _ = ask_and_click(sims[0], sims[1], "rotate keys")
+    assert conversation.text == "approve\nlooks good"
+    assert dify.chat_requests()[0]["inputs"] == {"query": "rotate keys"}  # the bot's configured input
+
+
+def test_a_text_field_without_a_default_is_typed_in_the_next_message(sims, dify):
+    typed = flows.Approval(
+        "approval",
+        flows.REVIEW,
+        (("send", "Send", "primary"),),
+        (text_input("reason"),),
+        then=(flows.Answer("done", " reason={{#approval.reason#}}"),),
+    )
+    dify.serve_flow(flows.Flow("typed", "advanced-chat", (flows.INTRO, typed)))
+    notes = []
+
+    def on_frame(frame):
+        if "template_card" in frame and not notes:
+            notes.append(sims[1].send(sims[1].text_message("new hires"))["stream"]["content"])
+
+    conversation = sims[0].ask("buy laptops", on_frame=on_frame)
+    assert ZH["form_submitted"].format(choice="Send") in notes[0]
+    [submission] = dify.form_submissions
+    assert submission["body"]["inputs"] == {"reason": "new hires"}
+    assert conversation.text == "You said: buy laptops. Waiting for approval... reason=new hires"
+    assert len(dify.chat_requests()) == 1  # the typed value was never a question for Dify
+
+
+def test_a_form_nobody_answers_follows_difys_timeout_branch(sims, dify):
+    late = flows.Answer("late", " Nobody answered in time.")
+    expiring = flows.Approval(
+        "approval", flows.REVIEW, flows.APPROVE_REJECT, (flows.comment_input(),), on_timeout=(late,), expires_in=1.5
+    )
+    dify.serve_flow(flows.Flow("expiring", "advanced-chat", (flows.INTRO, expiring)))
+    conversation = sims[0].ask("buy laptops")
+    assert conversation.text == (
+        "You said: buy laptops. Waiting for approval... Nobody answered in time.\n\n" + ZH["form_timed_out"]
+    )
+    assert dify.form_submissions == []
+
+
+def test_a_paused_run_handed_over_by_a_draining_replica_is_resumed_from_its_snapshot(pair, dify):
+    """The waiting worker's replica drains: the other's next poll resumes the run, which Dify only rebuilds with
+    include_state_snapshot (a plain re-attach to a paused run only pings); the card came once, and a click goes on
+    in the same bubble."""
+    dify.serve_flow(flows.hitl_chatflow())
+    owner, other = pair
+    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
+    first = to_owner.send(to_owner.text_message("buy laptops"))
+    stream_id = first["stream"]["id"]
+    card = None
+    while card is None:
+        card = to_owner.send(to_owner.poll_message(stream_id)).get("template_card")
+    owner.gateway.drain(0.01)
+
+    def resumed() -> bool:
+        to_other.send(to_other.poll_message(stream_id))  # WeCom polls on; the next poll takes the stream over
+        return any(r["include_state_snapshot"] for r in dify.reattaches)
+
+    assert wait_until(resumed, timeout=15)
+    to_other.send(to_other.card_click(card, "approve"))
+    conversation = to_other.follow(first)
+    assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
+    assert conversation.cards == []  # never a second card for the message
+    assert len(dify.form_submissions) == 1 and len(dify.chat_requests()) == 1
+    to_owner.close()
+    to_other.close()
+
+
+def test_a_run_handed_over_mid_run_goes_on_from_what_the_bubble_showed(make_pair, dify):
+    """slow-chatflow, drained while its HTTP node waits: the other replica attaches (with the snapshot, whose
+    message_replace of "" wipes nothing) and shows the second part once."""
+    dify.serve_flow(flows.slow_chatflow(seconds=3))
+    owner, other = make_pair()
+    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
+    first = to_owner.send(to_owner.text_message("mid-run"))
+    stream_id = first["stream"]["id"]
+    assert wait_until(lambda: "part one" in to_owner.send(to_owner.poll_message(stream_id))["stream"]["content"])
+    owner.gateway.drain(0.01)
+    assert follow_growing(to_other, first, stream_id) == "part one (mid-run). SLEPT (part two)"
+    assert [r["include_state_snapshot"] for r in dify.reattaches] == [True]
+    assert len(dify.chat_requests()) == 1
+    to_owner.close()
+    to_other.close()
+
+
+def test_a_chatflow_conversation_carries_on_on_the_other_replica(sims, dify):
+    dify.serve_flow(flows.PLAIN_CHATFLOW)
+    assert sims[0].ask("one").text == "hello one"
+    assert sims[1].ask("two").text == "hello two"
+    first, second = dify.chat_requests()
+    assert "conversation_id" not in first and second["conversation_id"]

@@ -1,0 +1,165 @@
+"""What the gateway makes of a real Dify 1.14.2's streams (tests/fixtures/dify-1.14.2), byte for byte as captured:
+the captured SSE bytes go through the event reader and the answer recorder, and what the bubble would show is read
+from the recorder's writes. Pure logic: the writer and the store are small recording stand-ins; the same paths run
+end to end against the faithful stand-in in tests/test_dify_runs.py and tests/e2e/test_dify_runs_e2e.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.dify.events import EventReader
+from services.dify.transport.sse import SSEParser
+from services.streams.job import StreamJob
+from services.streams.recorder import DEFAULT_OPTIONS, Answer, AnswerOptions, AnswerRecorder
+from services.streams.store import WRITTEN
+from tests.dify_captures import FIXTURES
+
+BEFORE = "You said: deploy v2 to prod. Waiting for approval..."
+WHOLE = BEFORE + "APPROVED. comment=ship it"
+PART_ONE, SLOW_WHOLE = "part one (mid-run). ", "part one (mid-run). SLEPT (part two)"
+
+
+class Bubble:
+    """The stream's writer and store in one: what the bubble shows is every delta written, after the last time
+    the whole text was replaced."""
+
+    def __init__(self, shown: str = ""):
+        self.chunks = [shown] if shown else []
+        self.state, self.error = WRITTEN, None
+        self.fields: dict = {}
+        self.replaced = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def add(self, deltas, fields=None):
+        self.chunks += [d for d in deltas if d]
+        self.fields |= fields or {}
+
+    def flush(self, timeout):
+        return None
+
+    def reset(self, written):
+        return None
+
+    def replace(self, stream_id, attempt, text):
+        self.chunks, self.replaced = [text], self.replaced + 1
+        return WRITTEN
+
+    def superseded(self, stream_id, attempt):
+        return False
+
+
+class Conversations:
+    def remember(self, *args):
+        return None
+
+
+def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: bool = True):
+    bubble = Bubble(shown)
+    answer = Answer(writer=bubble, text=shown, shown=shown, answered=bool(shown), app_type=app_type)
+    answer.reattached, answer.workflow_run_id = reattached, "run" if reattached else ""
+    options = AnswerOptions(app_type=app_type) if app_type != "chat" else DEFAULT_OPTIONS
+    job = StreamJob(stream_id="s", msgid="m", userid="u", attempt="a#1")
+    return AnswerRecorder(job, answer, bubble, Conversations(), options=options), bubble
+
+
+def play(recorder: AnswerRecorder, capture: str, app_type: str = "workflow", drop: str = "") -> EventReader:
+    """Feed a captured stream to the recorder as the gateway reads it (`drop`: leave out the message events whose
+    answer is this, as if they had been published before the reader attached)."""
+    reader = EventReader(app_type)
+    events = SSEParser().feed((FIXTURES / capture).read_bytes())
+    if drop:
+        events = [e for e in events if f'"answer":"{drop}"' not in e.data]
+    for sse in events:
+        recorder.apply(reader.read([sse]))
+        if reader.stopped:
+            break
+    return reader
+
+
+def test_a_chatflow_answer_ends_at_workflow_finished_not_at_message_end():
+    recorder, bubble = recorder_for(reattached=False)
+    reader = play(recorder, "80-plain-chatflow-chat-messages.sse", app_type="advanced-chat")
+    assert reader.ended and recorder.answer.ended
+    assert bubble.text == "hello kit test"
+
+
+def test_the_run_id_is_noted_from_workflow_events_though_messages_carry_none():
+    recorder, bubble = recorder_for(reattached=False)
+    play(recorder, "01-chat-messages.sse", app_type="advanced-chat")
+    assert bubble.fields["workflow_run_id"] == "f52c9d2d-36b3-4136-a663-f5c15fa09ee0"
+    assert recorder.answer.paused and bubble.text == BEFORE
+
+
+@pytest.mark.parametrize("shown", [BEFORE, "You said: deploy"], ids=["all-shown", "owner-died-mid-write"])
+def test_a_snapshot_of_a_paused_run_completes_the_bubble_and_brings_its_form(shown):
+    """03: the snapshot's one message_replace holds the answer saved at the pause: what it adds is appended, what
+    the bubble has stays; the form comes with its raw template (the gateway reads the form's GET for the text)."""
+    recorder, bubble = recorder_for(shown)
+    play(recorder, "03-events-paused-snapshot.sse")
+    assert bubble.text == BEFORE and bubble.replaced == 0
+    assert recorder.answer.paused
+    assert recorder.answer.form_event["form_token"] == "XjJIX1Q2PiL6cHZwph6CmS"
+
+
+@pytest.mark.parametrize(
+    "capture", ["05-events-live-continue.sse", "09-wait-events-live-continue.sse"], ids=["live", "after-a-wait"]
+)
+def test_the_rest_after_a_form_comes_from_the_outputs_once_and_the_repeat_is_left_out(capture):
+    """05, 09: the resumption streams the answer before the pause again, and (Dify #38432) never the rest, which
+    only workflow_finished's outputs hold; message_end comes first and is not the end."""
+    query = "deploy v2 to prod" if capture.startswith("05") else "bug 1"
+    comment = "ship it" if capture.startswith("05") else "c1"
+    before = f"You said: {query}. Waiting for approval..."
+    recorder, bubble = recorder_for(before)
+    play(recorder, capture)
+    assert bubble.text == f"{before}APPROVED. comment={comment}"
+    assert bubble.replaced == 0  # appended, never rewritten
+
+
+def test_the_rest_streamed_after_the_form_is_shown_once():
+    """20: nothing before the pause; the rest streams as message chunks, and the outputs add nothing."""
+    recorder, bubble = recorder_for("")
+    play(recorder, "20-events-live-continue.sse")
+    assert bubble.text == "AFTER-RESUME action=approve comment=ship it"
+
+
+def test_a_finished_run_re_attached_gives_the_rest_from_its_outputs():
+    """05-after-finish: the run ended before the reader came; its workflow_finished alone."""
+    recorder, bubble = recorder_for(BEFORE)
+    play(recorder, "05-events-after-finish.sse")
+    assert bubble.text == WHOLE and recorder.answer.ended
+
+
+@pytest.mark.parametrize(
+    "capture", ["71-slow-events-live-midrun.sse", "72-slow-events-snapshot-midrun.sse"], ids=["live", "snapshot"]
+)
+def test_a_run_re_attached_mid_run_goes_on_after_the_text_shown(capture):
+    """71, 72: only what comes next; the snapshot's message_replace is "" mid-run and wipes nothing."""
+    recorder, bubble = recorder_for(PART_ONE)
+    play(recorder, capture)
+    assert bubble.text == SLOW_WHOLE and bubble.replaced == 0
+
+
+def test_what_a_late_reader_missed_is_filled_in_from_the_outputs():
+    """A reader that attached after part of the rest was published (the 'SLEPT' delta) still ends with the whole
+    answer: the outputs, which begin with what the bubble showed, replace the text."""
+    recorder, bubble = recorder_for(PART_ONE)
+    play(recorder, "71-slow-events-live-midrun.sse", drop="SLEPT")
+    assert bubble.text == SLOW_WHOLE
+
+
+def test_a_workflow_apps_rest_after_its_form_is_its_text_chunks():
+    """40: a workflow app's End outputs stream as text chunks joined by newlines; the outputs add nothing."""
+    recorder, bubble = recorder_for("", app_type="workflow")
+    play(recorder, "40-events-live-continue.sse")
+    assert bubble.text == "approve\nship it"
+
+
+def test_the_first_chat_stream_of_a_paused_run_stops_at_the_pause():
+    recorder, bubble = recorder_for(reattached=False)
+    reader = play(recorder, "20-chat-messages.sse", app_type="advanced-chat")
+    assert reader.ended and recorder.answer.paused and bubble.text == ""
+    assert recorder.answer.form_event["form_content"] == "Please review the request: variant b"
