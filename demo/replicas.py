@@ -101,6 +101,11 @@ class GunicornReplica:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
 
+    def signal_worker(self, pid: int, sig: int) -> None:
+        """Signal one worker process (gunicorn's master starts a new one in its place after a SIGKILL)."""
+        if self.process and self.process.poll() is None:
+            os.kill(pid, sig)
+
     def reload(self) -> None:
         """SIGHUP to gunicorn's master only (as `kill -HUP <master>`): new workers on fresh settings, the old ones
         drain. Sent to the whole group it would kill the workers outright (a worker's SIGHUP is the default one)."""

@@ -9,7 +9,7 @@ import redis
 
 from demo import dify_standin as d
 from services.keys import Keys
-from services.longconn.outbox import PAGE, Outbox
+from services.longconn.outbox import PAGE, Outbox, rest_of
 from services.streams.store import StreamStore
 from tests.conftest import WS_BOT_ID, wait_until
 
@@ -65,3 +65,13 @@ def test_a_kick_redis_cannot_explain_cools_nothing_down(ws_gateway, redis_client
     wecom.kick(WS_BOT_ID)  # a subscriber we cannot place takes the bot
     assert wait_until(lambda: len(wecom.subscribes) > subscribes and wecom.subscribed(WS_BOT_ID) == 1, timeout=20)
     assert not redis_client.exists(Keys().ws_cooldown(WS_BOT_ID))
+
+
+def test_the_rest_of_a_bubble_that_showed_a_note_below_its_text_is_only_the_rest():
+    """A bubble whose last frame showed a form's prompt under its text: the final text does not begin with that
+    frame, and before, the whole answer went out again (pure logic)."""
+    shown = "You said: hi. Waiting...\n\nPlease review: hi\n\nChoose below."
+    assert rest_of("You said: hi. Waiting...APPROVED.", shown) == "APPROVED."
+    assert rest_of("Part one.\n\nPart two.", "Part one.\n\nPart") == " two."
+    assert rest_of("Thinking done.", "正在思考…") == "Thinking done."  # only the placeholder was shown
+    assert rest_of("All of it.", "All of it.") == ""

@@ -22,6 +22,7 @@ import redis
 from services.keys import Keys
 from services.replication import OUTBOX, raise_first_error
 from services.streams.store import StreamStore
+from services.wecom.limits import NOTE_SEPARATOR
 
 SENDING_SECONDS = 30
 SENT_SECONDS = 24 * 3600
@@ -112,7 +113,13 @@ class Outbox:
 
 
 def rest_of(final: str, shown: str) -> str:
-    """What the user has not seen of the final bubble `final`, given the bubble showed `shown`."""
-    if shown and final.startswith(shown):
-        return final[len(shown) :]
+    """What the user has not seen of the final bubble `final`, given the bubble showed `shown`. A live bubble shows
+    its text and, joined on with NOTE_SEPARATOR, a note (a form's prompt, say) that the final bubble no longer has:
+    compared by text, `shown` loses its last part until `final` begins with what is left (an answer that ends in
+    paragraphs may then repeat one, never lose one); `final` whole when nothing of it was shown."""
+    seen = shown
+    while seen:
+        if final.startswith(seen):
+            return final[len(seen) :]
+        seen = seen[: max(0, seen.rfind(NOTE_SEPARATOR))]
     return final

@@ -1,0 +1,286 @@
+"""The cases a real Dify 1.14.2 was tried with (docs/protocol.md, "Dify versions"), through two gunicorn replicas
+(two workers each) in production settings, in callback and long-connection mode, on the faithful Dify stand-in
+running the captured apps (demo/dify_flows.py): a plain chatflow and its conversation across replicas; a card
+clicked on another replica; the card's replica SIGKILLed before the click; the answer's replica SIGKILLed or
+drained mid-run; the rest after a form that followed streamed text (Dify #38432); a typed field; a form nobody
+answers. Each reads the stand-in's records too: one chat call per message, one submission per answered form."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from demo import dify_flows as flows
+from demo.dify_apps import text_input
+from demo.replicas import GunicornReplica
+from demo.wecom_simulator import WeComSimulator
+from services.texts import CATALOGUE
+from tests.conftest import wait_until
+from tests.e2e.conftest import replica_env
+
+pytestmark = pytest.mark.e2e
+ZH = CATALOGUE["zh"]
+SLOW_SECONDS = 6.0
+TYPED = flows.Approval(
+    "approval",
+    flows.REVIEW,
+    (("send", "Send", "primary"),),
+    (text_input("reason"),),
+    then=(flows.Answer("done", " reason={{#approval.reason#}}"),),
+)
+EXPIRING = flows.Approval(
+    "approval",
+    flows.REVIEW,
+    flows.APPROVE_REJECT,
+    (flows.comment_input(),),
+    on_timeout=(flows.Answer("late", " Nobody answered in time."),),
+    expires_in=3,
+)
+FLOWS = {
+    "plain": flows.PLAIN_CHATFLOW,
+    "hitl": flows.hitl_chatflow(),
+    "slow": flows.slow_chatflow(SLOW_SECONDS),
+    "typed": flows.Flow("typed", "advanced-chat", (flows.INTRO, TYPED)),
+    "expiring": flows.Flow("expiring", "advanced-chat", (flows.INTRO, EXPIRING)),
+}
+APPROVED = "You said: {}. Waiting for approval...APPROVED. comment=looks good"
+SLOW_WHOLE = "part one ({}). SLEPT (part two)"
+
+
+def key_of(name: str) -> str:
+    return f"Dify{name.capitalize()}Key".ljust(43, "0")
+
+
+class Deployment:
+    """Two gunicorn replicas serving a callback bot and a long-connection bot per captured app."""
+
+    def __init__(self, dify, wecom, redis_client, replicas: list[GunicornReplica]):
+        self.dify, self.wecom, self.redis, self.replicas = dify, wecom, redis_client, replicas
+        urls = [r.url for r in replicas]
+        self.sims = {
+            name: WeComSimulator(urls, f"tok-{name}", key_of(name), callback_path=f"/wecom/callback/{name}")
+            for name in FLOWS
+        }
+        for sim in self.sims.values():
+            sim.poll_interval = 0.2
+
+    def owner(self, bot: str, stream_id: str) -> tuple[GunicornReplica, int]:
+        """The replica, and the worker's pid, running a stream's answer now (`bot`: the bot's name)."""
+        owner = self.redis.hget(f"bot:{bot}:dify_stream:{{{stream_id}}}", "owner") or ""
+        name, _, pid = owner.partition("#")[0].partition(":")
+        return next(r for r in self.replicas if r.name == name), int(pid)
+
+    def holder(self, bot: str) -> GunicornReplica:
+        value = self.redis.get(f"bot:ws-{bot}:wecom_ws:{{ws-{bot}}}:lease") or ""
+        return next(r for r in self.replicas if r.name == value.rpartition(" ")[0].split(":")[0])
+
+    def close(self) -> None:
+        for sim in self.sims.values():
+            sim.close()
+
+
+@pytest.fixture
+def deployment(dify, wecom_ws, redis_url, redis_client, tmp_path):
+    for name, flow in FLOWS.items():
+        dify.serve_flow(flow, key=f"app-{name}")
+    wecom = wecom_ws({f"ws-{name}": f"secret-{name}" for name in FLOWS})
+    bots = tmp_path / "bots.toml"
+    bots.write_text(
+        "".join(
+            f'[bots.{name}]\ncallback_path = "/wecom/callback/{name}"\ntoken = "tok-{name}"\n'
+            f'encoding_aes_key = "{key_of(name)}"\ndify_api_key = "app-{name}"\n\n'
+            f'[bots.ws-{name}]\nmode = "long_connection"\nbot_id = "ws-{name}"\nsecret = "secret-{name}"\n'
+            f'wecom_ws_url = "{wecom.url}"\ndify_api_key = "app-{name}"\n\n'
+            for name in FLOWS
+        )
+    )
+    env = replica_env(
+        dify.base_url,
+        redis_url,
+        BOTS_FILE=str(bots),
+        STREAM_LEASE_SECONDS="2",
+        STREAM_TAKEOVER_GRACE_SECONDS="1",
+        WECOM_WS_LEASE_SECONDS="3",
+        GUNICORN_GRACEFUL_TIMEOUT="9",
+    )
+    started = [GunicornReplica(env, tmp_path, f"replica-{n}", workers=2).start() for n in range(2)]
+    made = Deployment(dify, wecom, redis_client, started)
+    assert wait_until(lambda: all(wecom.subscribed(f"ws-{name}") for name in FLOWS), timeout=20)
+    yield made
+    made.close()
+    for replica in started:
+        replica.kill()
+
+
+def seen_on_the_long_connection(deployment: Deployment, req_id: str, timeout: float = 30.0) -> str:
+    """What the user saw of a long-connection message: its bubble's last frame, then every message sent to them
+    on their own (the rest of an answer whose bubble was lost)."""
+    wecom = deployment.wecom
+    final = wecom.final(req_id, timeout=timeout)
+    frames = wecom.frames(req_id)
+    bubble = (final or (frames[-1] if frames else {})).get("stream", {}).get("content", "")
+    time.sleep(0.5)
+    sent = [m.get("markdown", {}).get("content", "") for m in wecom.proactive]
+    return "\n".join([bubble, *sent])
+
+
+def assert_one_call_and_submissions(dify, submissions: int) -> None:
+    assert len(dify.chat_requests()) == 1, "one Dify call for the message"
+    assert [s["status"] for s in dify.form_submissions] == [200] * submissions
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_a_chatflow_answer_and_its_conversation_across_replicas(deployment, mode):
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["plain"]
+        assert sim.follow(sim.send(sim.text_message("one"), replica=0)).text == "hello one"
+        assert sim.follow(sim.send(sim.text_message("two"), replica=1)).text == "hello two"
+    else:
+        wecom = deployment.wecom
+        for word in ("one", "two"):
+            final = wecom.final(wecom.deliver_text("ws-plain", word))
+            assert final["stream"]["content"] == f"hello {word}"
+    first, second = dify.chat_requests()
+    assert second["conversation_id"] and "conversation_id" not in first
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_a_card_clicked_on_another_replica_goes_on_once(deployment, mode):
+    """The rest after a form that followed streamed text reaches the user once (only Dify's outputs hold it),
+    the comment is Dify's default, submitted without asking."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["hitl"]
+        first = sim.send(sim.text_message("buy laptops"), replica=0)
+        clicks = []
+
+        def on_frame(frame):
+            if "template_card" in frame and not clicks:
+                clicks.append(sim.send(sim.card_click(frame["template_card"], "approve"), replica=1))
+
+        conversation = sim.follow(first, on_frame=on_frame)
+        assert clicks[0]["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+        assert conversation.text == APPROVED.format("buy laptops")
+    else:
+        wecom = deployment.wecom
+        req_id = wecom.deliver_text("ws-hitl", "buy laptops")
+        assert wait_until(lambda: wecom.cards(req_id), timeout=15)
+        click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve")
+        assert wecom.updated(click)["template_card"]["main_title"]["desc"].endswith("Approve")
+        assert wecom.final(req_id)["stream"]["content"] == APPROVED.format("buy laptops")
+    assert_one_call_and_submissions(dify, 1)
+    assert dify.form_submissions[0]["body"]["inputs"] == {"comment": "looks good"}
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deployment, mode):
+    """The waiting worker's replica is SIGKILLed before the click: the survivor resumes the paused run from
+    Dify's snapshot (a plain re-attach would only ever ping), and the click goes on with the same bubble."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["hitl"]
+        first = sim.send(sim.text_message("buy laptops"), replica=0)
+        stream_id = first["stream"]["id"]
+        card = None
+        while card is None:
+            card = sim.send(sim.poll_message(stream_id), replica=0).get("template_card")
+            time.sleep(0.2)
+        victim, _ = deployment.owner("hitl", stream_id)
+        survivor = 1 - deployment.replicas.index(victim)
+        victim.signal(signal.SIGKILL)
+        sim.send(sim.card_click(card, "approve"), replica=survivor)
+        sim.urls = [deployment.replicas[survivor].url] * 2
+        conversation = sim.follow(first)
+        assert conversation.text == APPROVED.format("buy laptops")
+        assert conversation.cards == []  # the card came once
+    else:
+        wecom = deployment.wecom
+        req_id = wecom.deliver_text("ws-hitl", "buy laptops")
+        assert wait_until(lambda: wecom.cards(req_id), timeout=15)
+        stream_id = wecom.frames(req_id)[0]["stream"]["id"]
+        victim, pid = deployment.owner("ws-hitl", stream_id)
+        if victim is deployment.holder("hitl"):
+            victim.signal_worker(pid, signal.SIGKILL)  # the waiting worker only: the holder's connection stays
+        else:
+            victim.signal(signal.SIGKILL)
+        assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
+        click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve")
+        assert wecom.updated(click) is not None
+        seen = seen_on_the_long_connection(deployment, req_id)
+        assert seen.count("APPROVED. comment=looks good") == 1 and seen.count("Waiting for approval...") == 1
+    assert any(r["include_state_snapshot"] for r in dify.reattaches)
+    assert_one_call_and_submissions(dify, 1)
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_an_answer_whose_replica_is_killed_mid_run_is_finished_from_its_run(deployment, mode):
+    """slow-chatflow: the answer's replica is SIGKILLed while Dify's HTTP node waits; the survivor re-attaches
+    and shows the second part; both parts once, no 'interrupted' note."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["slow"]
+        first = sim.send(sim.text_message("mid-run"), replica=0)
+        stream_id = first["stream"]["id"]
+        assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id), replica=0)["stream"]["content"])
+        victim, _ = deployment.owner("slow", stream_id)
+        victim.signal(signal.SIGKILL)
+        sim.urls = [r.url for r in deployment.replicas if r is not victim] * 2
+        conversation = sim.follow(first)
+        assert conversation.text == SLOW_WHOLE.format("mid-run")
+    else:
+        wecom = deployment.wecom
+        req_id = wecom.deliver_text("ws-slow", "mid-run")
+        assert wait_until(lambda: "part one" in str(wecom.frames(req_id)), timeout=15)
+        stream_id = wecom.frames(req_id)[0]["stream"]["id"]
+        victim, pid = deployment.owner("ws-slow", stream_id)
+        if victim is deployment.holder("slow"):
+            victim.signal_worker(pid, signal.SIGKILL)
+        else:
+            victim.signal(signal.SIGKILL)
+        seen = seen_on_the_long_connection(deployment, req_id, timeout=SLOW_SECONDS + 20)
+        assert seen.count("part one (mid-run). ") == 1 and seen.count("SLEPT (part two)") == 1
+        assert ZH["orphaned"] not in seen
+    assert len(dify.reattaches) == 1
+    assert_one_call_and_submissions(dify, 0)
+
+
+def test_an_answer_whose_replica_drains_mid_run_is_finished_on_the_other(deployment):
+    """SIGTERM (a rolling update): the replica lets its answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, then
+    hands the stream over; the other replica re-attaches to the run."""
+    dify = deployment.dify
+    sim = deployment.sims["slow"]
+    first = sim.send(sim.text_message("drained"), replica=0)
+    stream_id = first["stream"]["id"]
+    assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id), replica=0)["stream"]["content"])
+    victim, _ = deployment.owner("slow", stream_id)
+    victim.signal(signal.SIGTERM)
+    sim.urls = [r.url for r in deployment.replicas if r is not victim] * 2
+    conversation = sim.follow(first)
+    assert conversation.text == SLOW_WHOLE.format("drained")
+    assert_one_call_and_submissions(dify, 0)
+
+
+def test_a_typed_field_and_a_form_nobody_answers(deployment):
+    """A text input without a default is the user's next message; a form nobody answers follows Dify's timeout
+    branch, and the bubble says so."""
+    dify = deployment.dify
+    typed, expiring = deployment.sims["typed"], deployment.sims["expiring"]
+    notes = []
+
+    def on_frame(frame):
+        if "template_card" in frame and not notes:
+            notes.append(typed.send(typed.text_message("new hires"), replica=1)["stream"]["content"])
+
+    conversation = typed.follow(typed.send(typed.text_message("buy laptops"), replica=0), on_frame=on_frame)
+    assert ZH["form_submitted"].format(choice="Send") in notes[0]
+    assert conversation.text == "You said: buy laptops. Waiting for approval... reason=new hires"
+    assert dify.form_submissions[0]["body"]["inputs"] == {"reason": "new hires"}
+    nobody = expiring.follow(expiring.send(expiring.text_message("buy laptops"), replica=1))
+    assert (
+        nobody.text
+        == "You said: buy laptops. Waiting for approval... Nobody answered in time.\n\n" + ZH["form_timed_out"]
+    )
+    assert len(dify.chat_requests()) == 2 and len(dify.form_submissions) == 1
