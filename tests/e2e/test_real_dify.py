@@ -1,0 +1,86 @@
+"""The optional tier: the cases of tests/e2e/test_dify_runs_e2e.py against a running real Dify instead of the
+stand-in (docs/protocol.md, "Dify versions"). Import the apps of tests/fixtures/dify-1.14.2/apps into any Dify
+≥ 1.14.2 (console, "Import DSL"; publish each and make it an API key), then set:
+
+    DIFY_REAL_URL                  its Service API, e.g. http://127.0.0.1:5001/v1
+    DIFY_REAL_KEY_PLAIN_CHATFLOW   the keys of plain-chatflow.yml, hitl-chatflow.yml and slow-chatflow.yml
+    DIFY_REAL_KEY_HITL_CHATFLOW
+    DIFY_REAL_KEY_SLOW_CHATFLOW
+    DIFY_REAL_SLOW_PORT            where this tier answers slow-chatflow's HTTP node (default 18769: the DSL's
+                                   SLOW_URL default is http://127.0.0.1:18769/slow, so Dify must reach this host)
+
+The gateway's replicas talk to Dify through a recording proxy (demo/dify_recorder.py), so the cases read the same
+records as on the stand-in: one chat call per message, one submission per answered form, how runs were followed.
+Without DIFY_REAL_URL the tier is skipped with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+URL = os.environ.get("DIFY_REAL_URL", "")
+APPS = ("plain-chatflow", "hitl-chatflow", "slow-chatflow")
+MISSING = [f"DIFY_REAL_KEY_{app.upper().replace('-', '_')}" for app in APPS]
+MISSING = [name for name in MISSING if not os.environ.get(name)]
+if not URL or MISSING:
+    pytest.skip(
+        f"no real Dify to test against: set DIFY_REAL_URL and {', '.join(MISSING) or 'the app keys'} "
+        "(docs/protocol.md, Dify versions)",
+        allow_module_level=True,
+    )
+
+from demo.dify_recorder import DifyRecorder  # noqa: E402
+from tests.e2e.test_dify_runs_e2e import (  # noqa: E402, F401 - the cases, run here against the real Dify
+    SLOW_SECONDS,
+    deployment,
+    test_a_card_clicked_on_another_replica_goes_on_once,
+    test_a_chatflow_answer_and_its_conversation_across_replicas,
+    test_an_answer_whose_replica_drains_mid_run_is_finished_on_the_other,
+    test_an_answer_whose_replica_is_killed_mid_run_is_finished_from_its_run,
+    test_the_card_still_works_after_the_replica_waiting_for_it_is_killed,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+class RealDify(DifyRecorder):
+    """The real Dify behind the recorder; a case's flows are its imported apps, found by name."""
+
+    def serve_flow(self, flow, key: str) -> None:
+        real = os.environ.get(f"DIFY_REAL_KEY_{flow.name.upper().replace('-', '_')}")
+        if real:
+            self.alias(key, real)
+
+
+class _Slow(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        threading.Event().wait(SLOW_SECONDS)
+        body = b"SLEPT"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_server():
+    """What slow-chatflow's HTTP node calls: it answers 'SLEPT' after SLOW_SECONDS."""
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("DIFY_REAL_SLOW_PORT", "18769"))), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def dify():
+    recorder = RealDify(URL).start()
+    yield recorder
+    recorder.stop()
