@@ -280,6 +280,27 @@ def hitl_chatflow(wait_seconds: float = 0.0, expires_in: float = 3600) -> Flow:
     return Flow(name, "advanced-chat", (INTRO, approval))
 
 
+def typed_chatflow() -> Flow:
+    """Start → Answer → Human Input whose text input has no default (the user types it) → Answer."""
+    approval = Approval(
+        "approval",
+        REVIEW,
+        (("send", "Send", "primary"),),
+        ({"output_variable_name": "reason", "type": "paragraph", "default": {"type": "constant", "value": ""}},),
+        then=(Answer("done", " reason={{#approval.reason#}}"),),
+    )
+    return Flow("typed-chatflow", "advanced-chat", (INTRO, approval))
+
+
+def expiring_chatflow(expires_in: float) -> Flow:
+    """As hitl-chatflow, whose form expires after `expires_in` seconds into its timeout branch."""
+    late = Answer("late", " Nobody answered in time.")
+    approval = Approval(
+        "approval", REVIEW, APPROVE_REJECT, (comment_input(),), on_timeout=(late,), expires_in=expires_in
+    )
+    return Flow("expiring-chatflow", "advanced-chat", (INTRO, approval))
+
+
 def hitl_chatflow_b(expires_in: float = 3600) -> Flow:
     """Start → Human Input → Answer: nothing answered before the pause (`hitl-chatflow-b.yml`)."""
     text = "AFTER-RESUME action={{#approval.__action_id#}} comment={{#approval.comment#}}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from demo import dify_flows as flows
-from demo.dify_apps import text_input
 from services.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
 from tests.test_dify_apps import follow_growing
@@ -70,14 +69,7 @@ def test_a_workflow_apps_form(sims, dify):
 
 
 def test_a_text_field_without_a_default_is_typed_in_the_next_message(sims, dify):
-    typed = flows.Approval(
-        "approval",
-        flows.REVIEW,
-        (("send", "Send", "primary"),),
-        (text_input("reason"),),
-        then=(flows.Answer("done", " reason={{#approval.reason#}}"),),
-    )
-    dify.serve_flow(flows.Flow("typed", "advanced-chat", (flows.INTRO, typed)))
+    dify.serve_flow(flows.typed_chatflow())
     notes = []
 
     def on_frame(frame):
@@ -93,11 +85,7 @@ def test_a_text_field_without_a_default_is_typed_in_the_next_message(sims, dify)
 
 
 def test_a_form_nobody_answers_follows_difys_timeout_branch(sims, dify):
-    late = flows.Answer("late", " Nobody answered in time.")
-    expiring = flows.Approval(
-        "approval", flows.REVIEW, flows.APPROVE_REJECT, (flows.comment_input(),), on_timeout=(late,), expires_in=1.5
-    )
-    dify.serve_flow(flows.Flow("expiring", "advanced-chat", (flows.INTRO, expiring)))
+    dify.serve_flow(flows.expiring_chatflow(expires_in=1.5))
     conversation = sims[0].ask("buy laptops")
     assert conversation.text == (
         "You said: buy laptops. Waiting for approval... Nobody answered in time.\n\n" + ZH["form_timed_out"]

@@ -7,7 +7,7 @@ import pytest
 
 from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
-from bench.faults.checker import CLEAR_NOTES, check
+from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from services.texts import CATALOGUE
 
 TAG, OTHER = "a1b2c3", "d4e5f6"
@@ -29,10 +29,10 @@ def history(frames: list[tuple[float, str, bool]], posts: list[str] = (), calls:
 
 def counts(events: list) -> dict:
     result = check(events)
-    return {name: result[name] for name in ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck")}
+    return {name: result[name] for name in COUNTS}
 
 
-ZERO = {"lost": 0, "extra_dify_calls": 0, "duplicate_deliveries": 0, "unexpected": 0, "stuck": 0}
+ZERO = dict.fromkeys(COUNTS, 0)
 
 
 def test_an_answer_shown_whole_counts_nothing():
@@ -84,6 +84,13 @@ def test_a_second_dify_call_is_extra_unless_it_restarted_an_answer_that_had_show
     restarted = history([(1.0, "正在思考…", False), (3.0, WHOLE, True)], calls=[0.1, 2.0])
     assert counts(restarted)["extra_dify_calls"] == 0
     assert counts(history([(3.0, WHOLE, True)], calls=[0.1, 2.0, 2.5]))["extra_dify_calls"] == 1
+
+
+def test_a_form_dify_took_twice_is_counted():
+    events = history([(3.0, WHOLE, True)])
+    taken = [{"kind": "form_submission", "t": 1.0, "tag": TAG, "status": status} for status in (200, 412, 200)]
+    assert counts(events + taken[:2])["extra_form_submissions"] == 0  # a refused second try took nothing
+    assert counts(events + taken)["extra_form_submissions"] == 1
 
 
 def test_counts_are_broken_down_by_the_faults_active_during_the_message():

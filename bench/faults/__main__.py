@@ -21,7 +21,7 @@ from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.nemesis import Nemesis
-from bench.faults.workload import Bot, Users, Workload
+from bench.faults.workload import CHAT, CHATFLOW, FORM, Bot, Users, Workload
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.mariadb_server import PrivateMariaDB
@@ -33,10 +33,11 @@ from services.auth import db
 from services.auth.users import UserDirectory
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
-# (name, callback path, token, EncodingAESKey, Dify API key, chatflow?): the campaign's own, used nowhere else
+# (name, callback path, token, EncodingAESKey, Dify API key, its app): the campaign's own, used nowhere else
 BOTS = (
-    ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", False),
-    ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", True),
+    ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", CHAT),
+    ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", CHATFLOW),
+    ("form", "/wecom/callback/form", "faults-form-token", "FaultsFormKey" + "0123456789" * 3, "app-form", FORM),
 )
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
@@ -84,7 +85,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     lease = options.lease_seconds or (5 if kind == "standalone" else 10)
     topology = start_topology(kind).start()
-    app_types = {"app-flow": "advanced-chat", "app-ws": "chat"}
+    app_types = {"app-flow": "advanced-chat", "app-form": "advanced-chat", "app-ws": "chat"}
     dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0).start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     database = PrivateMariaDB().start()
@@ -110,11 +111,11 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         replica.start(timeout=60)
     urls = [replica.url for replica in replicas]
     bots = [
-        Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), chatflow)
-        for name, callback, token, key, _, chatflow in BOTS
+        Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), app)
+        for name, callback, token, key, _, app in BOTS
     ]
     ws_simulator = WeComSimulator(urls, "unused", BOTS[0][3])  # only for msgids and its (unused) inbox
-    bots.append(Bot("ws", ws_simulator, chatflow=False, standin=standin, bot_id=WS_BOT))
+    bots.append(Bot("ws", ws_simulator, CHAT, standin=standin, bot_id=WS_BOT))
     history = History()
     workload = Workload(bots, replicas, dify, history, rng, window_seconds=options.window + 20)
     users = Users(workload, options.users)
@@ -147,18 +148,29 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
 
 
 def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
-    """What only the stand-ins saw: Dify's chat requests, and the messages posted to each response_url."""
+    """What only the stand-ins saw: Dify's chat requests and form submissions, and the messages posted to each
+    response_url (a message's, and its card taps')."""
     with dify._lock:
         requests = list(dify.requests)
+        submissions = list(dify.form_submissions)
     for request in requests:
         query = request["body"].get("query", "")
         history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])
+    for submission in submissions:
+        content = dify.forms[submission["token"]]["public"]["form_content"]  # "Approve <tag>?"
+        tag = content.split()[-1].rstrip("?")
+        history.add("form_submission", tag=tag, status=submission["status"], t=submission["at"])
     inboxes = {bot.name: bot.simulator.inbox for bot in bots}
     messages = history.of("message")
+    taps: dict[str, list[str]] = {}
+    for click in history.of("click"):
+        taps.setdefault(click["msgid"], []).append(click["response_url"])
     for message in messages:
-        for number, body in enumerate(inboxes[message["bot"]].received(message["response_url"])):
-            content = (body.get("markdown") or {}).get("content", "")
-            history.add("response_url", msgid=message["msgid"], content=content, accepted=number == 0)
+        inbox = inboxes[message["bot"]]
+        for url in [message["response_url"], *taps.get(message["msgid"], [])]:
+            for number, body in enumerate(inbox.received(url)):
+                content = (body.get("markdown") or {}).get("content", "")
+                history.add("response_url", msgid=message["msgid"], content=content, accepted=number == 0)
     standin = next(bot.standin for bot in bots if bot.standin is not None)
     for delivery in history.of("delivery"):
         for frame in standin.frames(delivery.get("req_id", "")):

@@ -7,7 +7,8 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   whose bubble had shown nothing yet;
 - duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url;
 - unexpected: text of another message;
-- stuck: the bubble still unfinished when WeCom stopped polling it.
+- stuck: the bubble still unfinished when WeCom stopped polling it;
+- extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile).
 
 Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
 also broken down by the faults that were active while the message was open.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from bench.faults.answers import repeats, sentences_in
 from services.texts import CATALOGUE
 
-COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck")
+COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck", "extra_form_submissions")
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
 # the texts of cards, headers and prompts, which end nothing (and, short, would match inside any answer).
 _NOT_NOTES = {
@@ -44,6 +45,7 @@ CLEAR_NOTES = {
 class Verdict:
     msgid: str
     faults: list[str]
+    tag: str = ""
     problems: dict[str, str] = field(default_factory=dict)  # count name -> what was seen
     notes: list[str] = field(default_factory=list)
     extra_calls: int = 0
@@ -58,15 +60,21 @@ def check(events: list[dict]) -> dict:
         if "msgid" in event:
             by_msgid[event["msgid"]][event["kind"]].append(event)
     calls_by_tag: dict[str, list[float]] = defaultdict(list)
+    taken_by_tag: dict[str, int] = defaultdict(int)
     for event in events:
         if event["kind"] == "dify_call":
             calls_by_tag[event["tag"]].append(event["t"])
+        elif event["kind"] == "form_submission" and event["status"] == 200:
+            taken_by_tag[event["tag"]] += 1
     faults = [event for event in events if event["kind"] == "fault"]
     verdicts = [
         judge(kinds["message"][0], kinds, calls_by_tag[kinds["message"][0]["tag"]], faults)
         for kinds in by_msgid.values()
         if kinds.get("message")
     ]
+    for verdict in verdicts:
+        if (taken := taken_by_tag[verdict.tag]) > 1:
+            verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
     return summarize(verdicts, faults)
 
 
@@ -77,7 +85,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
     )
     ended = max([e["t"] for e in frames + kinds["ended"]] + [message["t"]])
-    verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended))
+    verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag)
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""

@@ -3,7 +3,10 @@ replica, until it finishes or WeCom's window ends), and sends the next one. WeCo
 delivery that fails is retried on another replica, and some deliveries are repeated on another replica although
 the first got through (WeCom retries when a reply is slow). A long-connection bot's messages go down the WebSocket
 of whichever replica holds it (the WeCom stand-in records every frame answered, and every proactive message).
-Some messages get a Dify fault of their own: a slow first byte, a cut stream, a 5xx, a stalled stream."""
+Some messages get a Dify fault of their own: a slow first byte, a cut stream, a 5xx, a stalled stream. A form bot's
+answers pause halfway for an approval (Dify's Human Input node, after streamed text: the rest only in the run's
+outputs, as Dify 1.14.2 has it), and the user taps the card when it comes, on any replica, tapping again if the tap
+got no answer."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bench.faults.answers import answer_text
+from bench.faults.answers import answer_text, sentence
 from bench.faults.history import History
 from demo import dify_apps as apps
 from demo import dify_standin as d
@@ -24,14 +27,17 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 DIFY_FAULTS = ("slow", "cut", "http_500", "stalled")
 
 
+CHAT, CHATFLOW, FORM = "chat", "chatflow", "form"  # a bot's Dify app: its answers are runs; forms pause them
+
+
 @dataclass
 class Bot:
     """One of the campaign's bots: how WeCom reaches it (callbacks through `simulator`, or the WebSocket of
-    `standin` for `bot_id`), and its Dify app's mode."""
+    `standin` for `bot_id`), and its Dify app (CHAT, CHATFLOW or FORM)."""
 
     name: str
     simulator: WeComSimulator
-    chatflow: bool
+    app: str
     standin: WeComWebSocketStandIn | None = None
     bot_id: str = ""
 
@@ -103,7 +109,9 @@ class Workload:
     def _steps(self, bot: Bot, tag: str, sentences: int, fault: str) -> list[tuple]:
         text = answer_text(tag, sentences)
         seconds = self.uniform(3, 15)
-        if bot.chatflow:
+        if bot.app == FORM:
+            steps = self._form_steps(tag, sentences, seconds)
+        elif bot.app == CHATFLOW:
             steps = apps.chatflow_answer(text, pieces=sentences, delay=seconds / sentences)
         else:
             steps = d.answer(text, pieces=sentences, delay=seconds / sentences)
@@ -116,6 +124,32 @@ class Workload:
         if fault == "stalled":
             return [*steps[: len(steps) // 3], d.stall(self.stalled_seconds)]
         return steps
+
+    def _form_steps(self, tag: str, sentences: int, seconds: float) -> list[tuple]:
+        """A chatflow run that streams half its sentences, pauses for an approval, then answers the rest (which,
+        after streamed text, Dify 1.14.2 never streams: only the run's outputs hold it)."""
+        half, delay = sentences // 2, seconds / sentences
+        before = [step for n in range(half) for step in (d.message(sentence(tag, n)), d.sleep(delay))]
+        after = [step for n in range(half, sentences) for step in (d.message(sentence(tag, n)), d.sleep(delay))]
+        form = apps.form(f"Approve {tag}?", actions=(("approve", "Approve", "primary"),), branches={"*": after})
+        return [apps.workflow_started(), *before, form]
+
+    def _tap(self, bot: Bot, msgid: str, card: dict, userid: str) -> None:
+        """The user taps the card a moment after it shows, on any replica; with no answer (WeCom drops a click that
+        gets none within 5 s), again, three times at most. The tap's response_url is where a rest may come."""
+        time.sleep(self.uniform(0.5, 4.0))
+        for attempt in range(3):
+            click = bot.simulator.card_click(card, "approve", userid)
+            replica = self.pick(range(len(self.replicas)))
+            ok, reply, error = self._send(bot, click, replica)
+            desc = ((reply or {}).get("template_card") or {}).get("main_title", {}).get("desc", "")
+            self.history.add(
+                "click", msgid=msgid, replica=replica, attempt=attempt, ok=ok and reply is not None, error=error,
+                desc=desc, response_url=click["response_url"],
+            )  # fmt: skip
+            if ok and reply is not None:
+                return
+            time.sleep(1.0)
 
     def _deliver(self, bot: Bot, payload: dict, repeat: bool = False) -> dict | None:
         """Deliver the message to a replica, retrying on the others like WeCom behind a load balancer (three tries
@@ -145,6 +179,7 @@ class Workload:
         stream_id = first["stream"]["id"]
         finished = first["stream"].get("finish", False)
         deadline = time.monotonic() + self.window_seconds
+        tapping: threading.Thread | None = None
         while not finished and time.monotonic() < deadline:
             time.sleep(1.0)
             replica = self.pick(range(len(self.replicas)))
@@ -152,6 +187,11 @@ class Workload:
             self.history.add("poll", msgid=msgid, replica=replica, ok=ok, error=error, **_frame(reply))
             if ok and reply is not None and reply.get("stream"):
                 finished = bool(reply["stream"].get("finish"))
+            if ok and reply is not None and "template_card" in reply and tapping is None:
+                tapping = threading.Thread(target=self._tap, args=(bot, msgid, reply["template_card"], userid))
+                tapping.start()
+        if tapping is not None:
+            tapping.join(30)
 
     def _converse_on_the_websocket(self, bot: Bot, msgid: str, tag: str, userid: str) -> None:
         """Push the message down the bot's WebSocket (once a replica holds it), then wait for its stream's last

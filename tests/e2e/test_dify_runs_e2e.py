@@ -13,7 +13,6 @@ import time
 import pytest
 
 from demo import dify_flows as flows
-from demo.dify_apps import text_input
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from services.texts import CATALOGUE
@@ -23,27 +22,12 @@ from tests.e2e.conftest import replica_env
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
 SLOW_SECONDS = 6.0
-TYPED = flows.Approval(
-    "approval",
-    flows.REVIEW,
-    (("send", "Send", "primary"),),
-    (text_input("reason"),),
-    then=(flows.Answer("done", " reason={{#approval.reason#}}"),),
-)
-EXPIRING = flows.Approval(
-    "approval",
-    flows.REVIEW,
-    flows.APPROVE_REJECT,
-    (flows.comment_input(),),
-    on_timeout=(flows.Answer("late", " Nobody answered in time."),),
-    expires_in=3,
-)
 FLOWS = {
     "plain": flows.PLAIN_CHATFLOW,
     "hitl": flows.hitl_chatflow(),
     "slow": flows.slow_chatflow(SLOW_SECONDS),
-    "typed": flows.Flow("typed", "advanced-chat", (flows.INTRO, TYPED)),
-    "expiring": flows.Flow("expiring", "advanced-chat", (flows.INTRO, EXPIRING)),
+    "typed": flows.typed_chatflow(),
+    "expiring": flows.expiring_chatflow(expires_in=3),
 }
 APPROVED = "You said: {}. Waiting for approval...APPROVED. comment=looks good"
 SLOW_WHOLE = "part one ({}). SLEPT (part two)"
@@ -71,6 +55,15 @@ class Deployment:
         owner = self.redis.hget(f"bot:{bot}:dify_stream:{{{stream_id}}}", "owner") or ""
         name, _, pid = owner.partition("#")[0].partition(":")
         return next(r for r in self.replicas if r.name == name), int(pid)
+
+    def kill_owner(self, bot: str, stream_id: str) -> None:
+        """SIGKILL the process answering a long-connection bot's stream: its whole replica, or only its worker
+        where that replica holds the bot's connection (which then stays where it is)."""
+        victim, pid = self.owner(f"ws-{bot}", stream_id)
+        if victim is self.holder(bot):
+            victim.signal_worker(pid, signal.SIGKILL)
+        else:
+            victim.signal(signal.SIGKILL)
 
     def holder(self, bot: str) -> GunicornReplica:
         value = self.redis.get(f"bot:ws-{bot}:wecom_ws:{{ws-{bot}}}:lease") or ""
@@ -201,11 +194,7 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
         req_id = wecom.deliver_text("ws-hitl", "buy laptops")
         assert wait_until(lambda: wecom.cards(req_id), timeout=15)
         stream_id = wecom.frames(req_id)[0]["stream"]["id"]
-        victim, pid = deployment.owner("ws-hitl", stream_id)
-        if victim is deployment.holder("hitl"):
-            victim.signal_worker(pid, signal.SIGKILL)  # the waiting worker only: the holder's connection stays
-        else:
-            victim.signal(signal.SIGKILL)
+        deployment.kill_owner("hitl", stream_id)
         assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
         click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve")
         assert wecom.updated(click) is not None
@@ -215,10 +204,15 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
     assert_one_call_and_submissions(dify, 1)
 
 
-@pytest.mark.parametrize("mode", ["callback", "long_connection"])
-def test_an_answer_whose_replica_is_killed_mid_run_is_finished_from_its_run(deployment, mode):
-    """slow-chatflow: the answer's replica is SIGKILLed while Dify's HTTP node waits; the survivor re-attaches
-    and shows the second part; both parts once, no 'interrupted' note."""
+@pytest.mark.parametrize(
+    ("mode", "stop"),
+    [("callback", signal.SIGKILL), ("callback", signal.SIGTERM), ("long_connection", signal.SIGKILL)],
+    ids=["callback-killed", "callback-drained", "long-connection-killed"],
+)
+def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployment, mode, stop):
+    """slow-chatflow: the answer's replica is SIGKILLed, or drained (SIGTERM, a rolling update: it lets its
+    answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, then hands them over), while Dify's HTTP node waits; the other
+    replica re-attaches and shows the second part: both parts once, no 'interrupted' note."""
     dify = deployment.dify
     if mode == "callback":
         sim = deployment.sims["slow"]
@@ -226,40 +220,18 @@ def test_an_answer_whose_replica_is_killed_mid_run_is_finished_from_its_run(depl
         stream_id = first["stream"]["id"]
         assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id), replica=0)["stream"]["content"])
         victim, _ = deployment.owner("slow", stream_id)
-        victim.signal(signal.SIGKILL)
+        victim.signal(stop)
         sim.urls = [r.url for r in deployment.replicas if r is not victim] * 2
-        conversation = sim.follow(first)
-        assert conversation.text == SLOW_WHOLE.format("mid-run")
+        assert sim.follow(first).text == SLOW_WHOLE.format("mid-run")
     else:
         wecom = deployment.wecom
         req_id = wecom.deliver_text("ws-slow", "mid-run")
         assert wait_until(lambda: "part one" in str(wecom.frames(req_id)), timeout=15)
-        stream_id = wecom.frames(req_id)[0]["stream"]["id"]
-        victim, pid = deployment.owner("ws-slow", stream_id)
-        if victim is deployment.holder("slow"):
-            victim.signal_worker(pid, signal.SIGKILL)
-        else:
-            victim.signal(signal.SIGKILL)
+        deployment.kill_owner("slow", wecom.frames(req_id)[0]["stream"]["id"])
         seen = seen_on_the_long_connection(deployment, req_id, timeout=SLOW_SECONDS + 20)
         assert seen.count("part one (mid-run). ") == 1 and seen.count("SLEPT (part two)") == 1
         assert ZH["orphaned"] not in seen
     assert len(dify.reattaches) == 1
-    assert_one_call_and_submissions(dify, 0)
-
-
-def test_an_answer_whose_replica_drains_mid_run_is_finished_on_the_other(deployment):
-    """SIGTERM (a rolling update): the replica lets its answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, then
-    hands the stream over; the other replica re-attaches to the run."""
-    dify = deployment.dify
-    sim = deployment.sims["slow"]
-    first = sim.send(sim.text_message("drained"), replica=0)
-    stream_id = first["stream"]["id"]
-    assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id), replica=0)["stream"]["content"])
-    victim, _ = deployment.owner("slow", stream_id)
-    victim.signal(signal.SIGTERM)
-    sim.urls = [r.url for r in deployment.replicas if r is not victim] * 2
-    conversation = sim.follow(first)
-    assert conversation.text == SLOW_WHOLE.format("drained")
     assert_one_call_and_submissions(dify, 0)
 
 

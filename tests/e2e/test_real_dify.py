@@ -39,8 +39,7 @@ from tests.e2e.test_dify_runs_e2e import (  # noqa: E402, F401 - the cases, run 
     deployment,
     test_a_card_clicked_on_another_replica_goes_on_once,
     test_a_chatflow_answer_and_its_conversation_across_replicas,
-    test_an_answer_whose_replica_drains_mid_run_is_finished_on_the_other,
-    test_an_answer_whose_replica_is_killed_mid_run_is_finished_from_its_run,
+    test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run,
     test_the_card_still_works_after_the_replica_waiting_for_it_is_killed,
 )
 
