@@ -96,7 +96,7 @@ def deployment(dify, wecom_ws, redis_url, redis_client, tmp_path):
         STREAM_LEASE_SECONDS="2",
         STREAM_TAKEOVER_GRACE_SECONDS="1",
         WECOM_WS_LEASE_SECONDS="3",
-        GUNICORN_GRACEFUL_TIMEOUT="9",
+        GUNICORN_GRACEFUL_TIMEOUT="6",  # a drain lets answers run 1 s, then hands them over
     )
     started = [GunicornReplica(env, tmp_path, f"replica-{n}", workers=2).start() for n in range(2)]
     made = Deployment(dify, wecom, redis_client, started)
@@ -211,7 +211,7 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
 )
 def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployment, mode, stop):
     """slow-chatflow: the answer's replica is SIGKILLed, or drained (SIGTERM, a rolling update: it lets its
-    answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, then hands them over), while Dify's HTTP node waits; the other
+    answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, here 1 s, then hands them over), while Dify's HTTP node waits; the other
     replica re-attaches and shows the second part: both parts once, no 'interrupted' note."""
     dify = deployment.dify
     if mode == "callback":
