@@ -1,13 +1,15 @@
 """A Dify stand-in: the Service API's streaming endpoints over real HTTP, with Dify's real SSE framing.
 
 Each API key may be an app of its own type (`app_types`, else `mode`, default chat): `/info` names it, chat-like
-apps answer `/chat-messages`, workflow apps `/workflows/run`, completion apps `/completion-messages`, and the runs
-of chatflow and workflow apps can be streamed again from `/workflow/{run id}/events` (demo/dify_runs.py).
+apps answer `/chat-messages`, workflow apps `/workflows/run`, completion apps `/completion-messages`. The runs of
+chatflow and workflow apps, their re-attaches (`/workflow/{run id}/events`) and their forms behave as a real Dify
+1.14.2 was measured to (demo/dify_runs.py; tests/test_dify_fidelity.py holds them to the captured streams).
 
 Events go out as `data: {json}\\n\\n`, keep-alives as the bare `event: ping\\n\\n` frame, each write flushed as
 its own HTTP chunk. Tests script what the next request(s) get with `script([...steps])`: deltas, pings,
-JSON split across network writes, raw garbage, stalls, HTTP errors, clean closes and cuts. Without a script it
-answers like a friendly demo bot, so the local run has something to talk to.
+JSON split across network writes, raw garbage, stalls, HTTP errors, clean closes and cuts; or serve a whole app as
+a graph (`serve_flow`, demo/dify_flows.py). Without either it answers like a friendly demo bot, so the local run has
+something to talk to.
 """
 
 from __future__ import annotations

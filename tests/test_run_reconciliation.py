@@ -28,6 +28,7 @@ class Bubble:
         self.state, self.error = WRITTEN, None
         self.fields: dict = {}
         self.replaced = 0
+        self.seen = [self.text]  # every text the bubble showed, in order
 
     @property
     def text(self) -> str:
@@ -36,6 +37,8 @@ class Bubble:
     def add(self, deltas, fields=None):
         self.chunks += [d for d in deltas if d]
         self.fields |= fields or {}
+        if self.text != self.seen[-1]:
+            self.seen.append(self.text)
 
     def flush(self, timeout):
         return None
@@ -56,10 +59,13 @@ class Conversations:
         return None
 
 
-def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: bool = True):
+def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: bool = True, resumed: bool = False):
+    """A recorder for an answer whose bubble shows `shown`: following a run (`reattached`), and with `resumed`,
+    as a replica that took a lost stream over (its live text held until it can be placed)."""
     bubble = Bubble(shown)
     answer = Answer(writer=bubble, text=shown, shown=shown, answered=bool(shown), app_type=app_type)
     answer.reattached, answer.workflow_run_id = reattached, "run" if reattached else ""
+    answer.resumed = answer.holding = resumed
     options = AnswerOptions(app_type=app_type) if app_type != "chat" else DEFAULT_OPTIONS
     job = StreamJob(stream_id="s", msgid="m", userid="u", attempt="a#1")
     return AnswerRecorder(job, answer, bubble, Conversations(), options=options), bubble
@@ -97,7 +103,7 @@ def test_the_run_id_is_noted_from_workflow_events_though_messages_carry_none():
 def test_a_snapshot_of_a_paused_run_completes_the_bubble_and_brings_its_form(shown):
     """03: the snapshot's one message_replace holds the answer saved at the pause: what it adds is appended, what
     the bubble has stays; the form comes with its raw template (the gateway reads the form's GET for the text)."""
-    recorder, bubble = recorder_for(shown)
+    recorder, bubble = recorder_for(shown, resumed=True)
     play(recorder, "03-events-paused-snapshot.sse")
     assert bubble.text == BEFORE and bubble.replaced == 0
     assert recorder.answer.paused
@@ -107,13 +113,15 @@ def test_a_snapshot_of_a_paused_run_completes_the_bubble_and_brings_its_form(sho
 @pytest.mark.parametrize(
     "capture", ["05-events-live-continue.sse", "09-wait-events-live-continue.sse"], ids=["live", "after-a-wait"]
 )
-def test_the_rest_after_a_form_comes_from_the_outputs_once_and_the_repeat_is_left_out(capture):
+@pytest.mark.parametrize("resumed", [False, True], ids=["its-own-worker", "a-resumed-attempt"])
+def test_the_rest_after_a_form_comes_from_the_outputs_once_and_the_repeat_is_left_out(capture, resumed):
     """05, 09: the resumption streams the answer before the pause again, and (Dify #38432) never the rest, which
-    only workflow_finished's outputs hold; message_end comes first and is not the end."""
+    only workflow_finished's outputs hold; message_end comes first and is not the end. A resumed attempt that
+    sees the run start again after the form holds nothing back from there."""
     query = "deploy v2 to prod" if capture.startswith("05") else "bug 1"
     comment = "ship it" if capture.startswith("05") else "c1"
     before = f"You said: {query}. Waiting for approval..."
-    recorder, bubble = recorder_for(before)
+    recorder, bubble = recorder_for(before, resumed=resumed)
     play(recorder, capture)
     assert bubble.text == f"{before}APPROVED. comment={comment}"
     assert bubble.replaced == 0  # appended, never rewritten
@@ -128,7 +136,7 @@ def test_the_rest_streamed_after_the_form_is_shown_once():
 
 def test_a_finished_run_re_attached_gives_the_rest_from_its_outputs():
     """05-after-finish: the run ended before the reader came; its workflow_finished alone."""
-    recorder, bubble = recorder_for(BEFORE)
+    recorder, bubble = recorder_for(BEFORE, resumed=True)
     play(recorder, "05-events-after-finish.sse")
     assert bubble.text == WHOLE and recorder.answer.ended
 
@@ -137,15 +145,25 @@ def test_a_finished_run_re_attached_gives_the_rest_from_its_outputs():
     "capture", ["71-slow-events-live-midrun.sse", "72-slow-events-snapshot-midrun.sse"], ids=["live", "snapshot"]
 )
 def test_a_run_re_attached_mid_run_goes_on_after_the_text_shown(capture):
-    """71, 72: only what comes next; the snapshot's message_replace is "" mid-run and wipes nothing."""
-    recorder, bubble = recorder_for(PART_ONE)
+    """71, 72: only what comes next; the snapshot's message_replace is "" mid-run and wipes nothing. Resumed, the
+    text that comes waits until the run's end says it follows on (nothing fell in between)."""
+    recorder, bubble = recorder_for(PART_ONE, resumed=True)
     play(recorder, capture)
     assert bubble.text == SLOW_WHOLE and bubble.replaced == 0
+    assert bubble.seen == [PART_ONE, SLOW_WHOLE]
 
 
 def test_what_a_late_reader_missed_is_filled_in_from_the_outputs():
-    """A reader that attached after part of the rest was published (the 'SLEPT' delta) still ends with the whole
-    answer: the outputs, which begin with what the bubble showed, replace the text."""
+    """A replica that took the stream over after part of the rest was published (the 'SLEPT' delta) never shows
+    the text that followed the hole: the bubble goes from what it showed to the whole answer of the outputs."""
+    recorder, bubble = recorder_for(PART_ONE, resumed=True)
+    play(recorder, "71-slow-events-live-midrun.sse", drop="SLEPT")
+    assert bubble.seen == [PART_ONE, SLOW_WHOLE] and bubble.replaced == 0
+
+
+def test_a_reader_that_is_not_resuming_fills_a_hole_from_the_outputs_too():
+    """Following a run without holding (the rest after a form, where the run was subscribed first), a missed
+    part is still filled in at the end: the outputs, which begin with what the bubble showed, replace the text."""
     recorder, bubble = recorder_for(PART_ONE)
     play(recorder, "71-slow-events-live-midrun.sse", drop="SLEPT")
     assert bubble.text == SLOW_WHOLE

@@ -97,6 +97,11 @@ class Answer:
     shown: str = ""  # reattached: the text the bubble had when this attempt began
     echo: str = ""  # text Dify is sending again (a resumed run repeats its answer before the pause): left out
     earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
+    # Resumed after its replica was lost: Dify relays only what the run publishes from the moment one listens, so
+    # live text may follow a hole. It is held back (`held`) until it can be placed: the run ends (its outputs say
+    # the whole answer) or is seen starting again after a form (everything after that is whole).
+    holding: bool = False
+    held: str = ""
     workflow_run_id: str = ""
     last_thought: str = ""
     workflow_error: str = ""
@@ -190,7 +195,7 @@ class TextRelay:
     def __call__(self, batch: list[DifyEvent]) -> bool:
         answer = self.answer
         writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or answer.echo:
+        if not answer.answered or answer.thinking or answer.detached or answer.echo or answer.holding:
             return False
         if writer.state != WRITTEN or writer.error is not None:
             return False
@@ -292,6 +297,7 @@ class AnswerRecorder:
             elif kind == WORKFLOW_STARTED:
                 if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
                     answer.echo = self._known(deltas)
+                    answer.holding, answer.held = False, ""  # the repeat then the rest: nothing missing from here
             elif kind in (FORM_FILLED, FORM_TIMEOUT):
                 answer.echo = ""  # what follows the form's node is new
                 answer.form_timed_out = answer.form_timed_out or kind == FORM_TIMEOUT
@@ -302,10 +308,17 @@ class AnswerRecorder:
         self.save_conversation(retry=False)
 
     def _answer_text(self, deltas: list[str], text: str) -> None:
-        """Answer text: after reasoning shown in a <think> block, the block is closed first. What a resumed run
-        sends again (`echo`) is left out."""
+        """Answer text as Dify streams it: what a resumed run sends again (`echo`) is left out, and while
+        `holding`, it waits in `held` (Answer.holding)."""
         if self.answer.echo:
             text = self._past_echo(text)
+        if self.answer.holding:
+            self.answer.held += text
+            return
+        self._append(deltas, text)
+
+    def _append(self, deltas: list[str], text: str) -> None:
+        """Text for the bubble: after reasoning shown in a <think> block, the block is closed first."""
         if not text:
             return
         if self.answer.thinking:
@@ -343,7 +356,7 @@ class AnswerRecorder:
             return deltas
         self.answer.echo = ""
         if text.startswith(known):
-            self._answer_text(deltas, text[len(known) :])
+            self._append(deltas, text[len(known) :])
             return deltas
         logger.info("the run's answer differs from the text shown; it replaces it")
         return self._replace_with(deltas, text[len(earlier) :] if text.startswith(earlier) else text)
@@ -385,7 +398,11 @@ class AnswerRecorder:
             answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
             return deltas
         if answer.reattached:
-            return self._reconcile(deltas, self._whole_answer(outputs, bool(self._known(deltas))))
+            whole = self._whole_answer(outputs, bool(self._known(deltas)))
+            held, answer.holding, answer.held = answer.held, False, ""
+            if not whole and held:  # outputs without the answer: what came is all there is
+                self._append(deltas, held)
+            return self._reconcile(deltas, whole)
         if self.options.app_type == WORKFLOW and not answer.answered:
             self._answer_text(deltas, workflow_answer(outputs, self.options.workflow_output))
         return deltas

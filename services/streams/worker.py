@@ -183,12 +183,18 @@ class StreamWorker:
         the recorder compares them with what the bubble shows, by text (AnswerRecorder._reconcile)."""
         deps = self.deps
         recorder = self._attach(job, answer, job.resume_run)
-        answer.resumed = True
+        answer.resumed = answer.holding = True
         logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
         deadline = job.created_at + self.max_seconds
         events = partial(deps.dify.stream_run, job.resume_run, job.dify_user, snapshot=True)
         self._consume(events, recorder, cancelled, deadline)
+        if answer.paused and answer.held:
+            # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
+            logger.info("the run paused after text that followed a gap; reading its saved state again")
+            answer.paused, answer.ended, answer.held = False, False, ""
+            self._consume(events, recorder, cancelled, deadline)
+        answer.holding = False
         self._through_forms(job, answer, recorder, cancelled)
         self._complete(job, answer, recorder, "")
 
