@@ -153,6 +153,9 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
     with dify._lock:
         requests = list(dify.requests)
         submissions = list(dify.form_submissions)
+        reattaches = list(dify.reattaches)
+    for reattach in reattaches:  # a run followed again: a resume (with the snapshot) or a form's rest (live)
+        history.add("dify_reattach", snapshot=reattach["include_state_snapshot"], t=reattach["at"])
     for request in requests:
         query = request["body"].get("query", "")
         history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])

@@ -46,6 +46,7 @@ class Verdict:
     msgid: str
     faults: list[str]
     tag: str = ""
+    bot: str = ""
     problems: dict[str, str] = field(default_factory=dict)  # count name -> what was seen
     notes: list[str] = field(default_factory=list)
     extra_calls: int = 0
@@ -72,10 +73,14 @@ def check(events: list[dict]) -> dict:
         for kinds in by_msgid.values()
         if kinds.get("message")
     ]
+    reattaches = [event["snapshot"] for event in events if event["kind"] == "dify_reattach"]
     for verdict in verdicts:
         if (taken := taken_by_tag[verdict.tag]) > 1:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
-    return summarize(verdicts, faults)
+    result = summarize(verdicts, faults)
+    result["runs_followed_again"] = {"resumed": sum(reattaches), "after_a_form": len(reattaches) - sum(reattaches)}
+    result["form_submissions"] = sum(taken_by_tag.values())
+    return result
 
 
 def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], faults: list[dict]) -> Verdict:
@@ -85,7 +90,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
     )
     ended = max([e["t"] for e in frames + kinds["ended"]] + [message["t"]])
-    verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag)
+    verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""
@@ -164,6 +169,13 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
             for name in COUNTS:
                 row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
     result["by_fault"] = dict(sorted(by_fault.items()))
+    by_bot: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
+    for verdict in verdicts:
+        row = by_bot[verdict.bot or "?"]
+        row["messages"] += 1
+        for name in COUNTS:
+            row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
+    result["by_bot"] = dict(sorted(by_bot.items()))
     result["latency_s"] = {
         "first_text": _quantiles([v.first_text_s for v in verdicts if v.first_text_s is not None]),
         "last_text": _quantiles([v.last_text_s for v in verdicts if v.last_text_s is not None]),
