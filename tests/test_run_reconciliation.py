@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from services import metrics
 from services.dify.events import EventReader
 from services.dify.transport.sse import SSEParser
 from services.streams.job import StreamJob
@@ -147,10 +148,13 @@ def test_a_finished_run_re_attached_gives_the_rest_from_its_outputs():
 def test_a_run_re_attached_mid_run_goes_on_after_the_text_shown(capture):
     """71, 72: only what comes next; the snapshot's message_replace is "" mid-run and wipes nothing. Resumed, the
     text that comes waits until the run's end says it follows on (nothing fell in between)."""
+    unknown = metrics.DIFY_UNKNOWN_EVENTS.labels("default", "node_finished")
+    counted = unknown._value.get()
     recorder, bubble = recorder_for(PART_ONE, resumed=True)
     play(recorder, capture)
     assert bubble.text == SLOW_WHOLE and bubble.replaced == 0
     assert bubble.seen == [PART_ONE, SLOW_WHOLE]
+    assert unknown._value.get() == counted  # a node event that named the run is no unknown event
 
 
 def test_what_a_late_reader_missed_is_filled_in_from_the_outputs():

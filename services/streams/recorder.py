@@ -24,6 +24,7 @@ from services.dify.events import (
     INPUT_REQUIRED,
     MESSAGE_EVENT,
     PAUSED,
+    QUIET_EVENTS,
     REASONING_EVENT,
     REPLACE_EVENT,
     THOUGHT_EVENT,
@@ -301,7 +302,7 @@ class AnswerRecorder:
             elif kind in (FORM_FILLED, FORM_TIMEOUT):
                 answer.echo = ""  # what follows the form's node is new
                 answer.form_timed_out = answer.form_timed_out or kind == FORM_TIMEOUT
-            else:
+            elif kind not in QUIET_EVENTS:  # a quiet event comes only to name the run (note_ids took it)
                 metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, kind[:40]).inc()
                 logger.debug("ignored Dify event %s", kind)
         self.write(deltas)
