@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _port_is_free(host: str, port: int) -> bool:
+    """Whether nothing listens on the port. SO_REUSEADDR, as the demo's own server binds: a demo stopped a moment
+    ago leaves connections in TIME-WAIT there, which must not keep the next one from starting."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:

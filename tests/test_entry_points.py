@@ -6,6 +6,7 @@ background work: they leave a long-connection bot's lease and its queued answers
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -144,3 +145,22 @@ def test_building_the_app_starts_no_thread_and_serving_it_does(settings, dify, w
     finally:
         gateway.drain(1)
         gateway.close()
+
+
+def test_a_port_left_in_time_wait_by_a_demo_just_stopped_is_free_again():
+    """`make demo` right after Ctrl-C: the old server's closed connections sit in TIME-WAIT on its port; the
+    demo's check must not call that port in use (it was refused for up to a minute), while a listener still is."""
+    from demo.__main__ import _port_is_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection goes to TIME-WAIT
+    client.close()
+    assert not _port_is_free("127.0.0.1", port)  # still listening
+    listener.close()
+    assert _port_is_free("127.0.0.1", port)

@@ -211,8 +211,8 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
 )
 def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployment, mode, stop):
     """slow-chatflow: the answer's replica is SIGKILLed, or drained (SIGTERM, a rolling update: it lets its
-    answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, here 1 s, then hands them over), while Dify's HTTP node waits; the other
-    replica re-attaches and shows the second part: both parts once, no 'interrupted' note."""
+    answers run for GUNICORN_GRACEFUL_TIMEOUT − 5 s, here 1 s, then hands them over), while Dify's HTTP node
+    waits; the other replica re-attaches and shows the second part: both parts once, no 'interrupted' note."""
     dify = deployment.dify
     if mode == "callback":
         sim = deployment.sims["slow"]
