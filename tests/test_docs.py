@@ -56,3 +56,38 @@ def test_no_file_cites_a_document_outside_the_repository():
         and outside.search((PROJECT_ROOT / name).read_text(errors="replace"))
     ]
     assert citing == []
+
+
+DOCS = [*PAGES, PROJECT_ROOT / "BENCHMARKS.md", PROJECT_ROOT / "FAULTS.md"]
+REPO_PATH = re.compile(r"`((?:services|demo|tests|bench|docs|k8s|config|utils|cli|\.ci)/[^`\s<>{}*…]*)`")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_code_fences_are_closed(page):
+    """An unclosed ``` turns the rest of a page into code (operations.md lost three sections so)."""
+    fences = re.findall(r"^\s*```", page.read_text(), re.M)
+    assert len(fences) % 2 == 0, f"{page.name}: {len(fences)} code fences, one is never closed"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_every_path_a_page_names_exists(page):
+    """A backticked path of the repository (`services/forms/`, `tests/x.py::test_y`) names a file or folder that
+    is there, and a test it names is in that file."""
+    for named in REPO_PATH.findall(page.read_text()):
+        path, _, test = named.rstrip(".,:;)").partition("::")
+        path = re.sub(r":\d+(-\d+)?$", "", path)  # file:line
+        assert (PROJECT_ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
+        if test:
+            assert f"def {test}(" in (PROJECT_ROOT / path).read_text(), f"{page.name}: no {test} in {path}"
+
+
+def test_the_code_layout_names_every_module_of_services():
+    """docs/development.md's tree of the code names every package and module of services/."""
+    text = (PROJECT_ROOT / "docs" / "development.md").read_text()
+    layout = text[text.index("## The code") :]
+    services = PROJECT_ROOT / "services"
+    modules = [p for p in services.rglob("*.py") if p.name != "__init__.py"]
+    packages = [p for p in services.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    missing = [str(p.relative_to(PROJECT_ROOT)) for p in modules if p.name not in layout]
+    missing += [str(p.relative_to(PROJECT_ROOT)) for p in packages if f"{p.name}/" not in layout]
+    assert missing == [], f"docs/development.md's layout does not name: {missing}"
