@@ -422,6 +422,9 @@ def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
         except (ReplyError, httpx.HTTPError) as exc:
             print(f"\n[error: {exc}]")
             continue
+        images = len(conversation.last.get("msg_item") or [])
+        if images:  # the bubble shows them under its text; a terminal cannot
+            print(f"\n[{images} image{'s' if images > 1 else ''} in the bubble: see them in the console, /console]")
         state = "finished" if conversation.finished else "still running when WeCom stopped polling"
         print(f"\n[{state} after {conversation.polls} polls]")
 

@@ -22,7 +22,7 @@ def test_quickstart_chat_answers_in_the_terminal():
         [sys.executable, "-m", "demo"],
         cwd=PROJECT_ROOT,
         env=demo_env(),
-        input="hello there\nerror\n\n",
+        input="hello there\nerror\nreport\n\n",
         capture_output=True,
         text=True,
         timeout=90,
@@ -30,8 +30,9 @@ def test_quickstart_chat_answers_in_the_terminal():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "你刚才说：「hello there」" in out
-    assert out.count("[finished after") == 2
+    assert out.count("[finished after") == 3
     assert "抱歉，生成回答时出错了" in out
+    assert "[1 image in the bubble" in out  # the report's chart, which a terminal cannot draw
     # once the chat starts, the gateway's log goes to instance/demo.log instead of the terminal
     assert "Dify failed" not in out + result.stderr
 
