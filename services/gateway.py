@@ -138,6 +138,14 @@ class Gateway:
         if self.started:
             return
         self.started = True
+        try:
+            self.redis.ping()
+        except REDIS_FAILURES as exc:  # one line now, rather than a silence that only /readyz explains
+            logger.warning(
+                "Redis (REDIS_URL) does not answer: %s. Until it does, polls get 503, new messages a note asking to "
+                "resend, and GET /readyz says 503",
+                exc,
+            )
         for bot in self.bots.values():
             if bot.holder is not None:
                 bot.consumer.start()

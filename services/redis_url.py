@@ -63,8 +63,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     if not sep or scheme.lower() not in _SCHEMES:
         raise RedisUrlError(f"must be {FORMS}")
     kind, tls = _SCHEMES[scheme.lower()]
-    if kind in (SERVER, EMBEDDED):
-        return RedisTarget(kind, tls)  # redis-py reads the rest of a server URL itself
+    if kind == EMBEDDED:
+        return RedisTarget(kind, tls)
+    if kind == SERVER:
+        return _server(scheme.lower(), rest, tls)
     location, _, path = rest.partition("/")
     path = path.split("?", 1)[0]
     userinfo, at, hosts = location.rpartition("@")
@@ -80,6 +82,19 @@ def parse_redis_url(url: str) -> RedisTarget:
     if _db(parts) != 0:
         raise RedisUrlError("names a database other than 0, which a Redis Cluster does not have")
     return RedisTarget(kind, tls, nodes, "", 0, username, password)
+
+
+def _server(scheme: str, rest: str, tls: bool) -> RedisTarget:
+    """One server's URL, checked here because redis-py would not say: a port that is not a number fails only at the
+    first connection (in every worker), and a database that is not one is silently database 0."""
+    parts = urlsplit(f"{scheme}://{rest}")
+    query = dict(item.partition("=")[::2] for item in parts.query.split("&") if item)
+    if scheme == "unix":
+        if not parts.path:
+            raise RedisUrlError("names no socket: unix:///path/to/redis.sock[?db=N]")
+        return RedisTarget(SERVER, tls, db=_db([query["db"]] if "db" in query else []))
+    host, port = _node(parts.netloc.rpartition("@")[2] or "", 6379)
+    return RedisTarget(SERVER, tls, ((host, port),), db=_db([p for p in parts.path.split("/") if p]))
 
 
 def _credentials(userinfo: str) -> tuple[str | None, str | None]:

@@ -119,3 +119,20 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
     finally:
         gateway.drain(5)
         gateway.close()
+
+
+def test_an_idle_consumer_on_the_embedded_store_waits_its_block(settings, wecom, tmp_path, monkeypatch):
+    """The demo's embedded store answers a blocking XREADGROUP at once: the idle demo's consumer spun a whole core
+    on it. It now waits out the rest of the block, as Redis would have."""
+    gateway = served(settings, wecom, tmp_path, demo_mode=True, redis_url="memory://")
+    try:
+        consumer = gateway.bot().consumer
+        client = consumer.queue.client
+        reads = []
+        original = client.xreadgroup
+        monkeypatch.setattr(client, "xreadgroup", lambda *a, **k: reads.append(1) or original(*a, **k))
+        time.sleep(2.0)
+        assert len(reads) <= 2 / (consumer.block_ms / 1000) + 2  # about one read a block, not thousands
+    finally:
+        gateway.drain(5)
+        gateway.close()

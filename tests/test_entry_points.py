@@ -5,6 +5,7 @@ background work: they leave a long-connection bot's lease and its queued answers
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -164,3 +165,19 @@ def test_a_port_left_in_time_wait_by_a_demo_just_stopped_is_free_again():
     assert not _port_is_free("127.0.0.1", port)  # still listening
     listener.close()
     assert _port_is_free("127.0.0.1", port)
+
+
+def test_a_serving_process_says_at_once_when_redis_does_not_answer(settings, caplog):
+    """An unreachable Redis left only 'gateway ready' in the log (for 24 s, until a request came); a serving
+    process now says it in one line at start-up, without the URL's password."""
+    from demo.replicas import free_port
+
+    closed = settings.replace(redis_url=f"redis://:hunter2@127.0.0.1:{free_port()}/0", redis_socket_timeout=0.5)
+    gateway = create_app(closed).extensions["gateway"]
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.gateway"):
+            gateway.start()
+        [line] = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+        assert line.startswith("Redis (REDIS_URL) does not answer") and "hunter2" not in line
+    finally:
+        gateway.close()

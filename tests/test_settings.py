@@ -137,6 +137,10 @@ def test_an_aes_key_of_the_right_length_with_other_characters_says_which_are_all
         ({"REDIS_URL": "redis+sentinel://s1:26379,s2:26379"}, "REDIS_URL"),  # no service name
         ({"REDIS_URL": "redis+cluster://n1:7000,n2:x"}, "REDIS_URL"),
         ({"REDIS_URL": "redis+cluster://n1:7000/3"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:63a79/0"}, "REDIS_URL"),  # else a traceback in every worker
+        ({"REDIS_URL": "redis://:pw@redis:6379/abc"}, "REDIS_URL"),  # else silently database 0
+        ({"REDIS_URL": "redis:///0"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://?db=1"}, "REDIS_URL"),
         ({"REDIS_KEY_PREFIX": "{gw}:"}, "REDIS_KEY_PREFIX"),
         ({"REDIS_CLAIM_WAIT_MS": "-1"}, "REDIS_CLAIM_WAIT_MS"),
         (
@@ -175,6 +179,9 @@ def test_bad_values_name_the_variable_in_one_line(change, variable):
         "rediss+sentinel://:pw@s1:26379/mymaster/2",
         "redis+cluster://n1:7000,n2:7001,n3:7002",
         "rediss+cluster://user:pw@n1",
+        "redis://:pw@redis:6379/3",
+        "rediss://redis",
+        "unix:///run/redis.sock?db=2",
     ],
 )
 def test_sentinel_and_cluster_urls_are_settings(url):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
@@ -88,6 +89,7 @@ class JobConsumer:
         if not self.streams.runner.has_capacity():
             self._stop.wait(0.5)
             return
+        asked = time.monotonic()
         try:
             entries = self.queue.client.xreadgroup(
                 GROUP, self.owner, {self.queue.key: ">"}, count=10, block=self.block_ms
@@ -102,7 +104,12 @@ class JobConsumer:
             logger.warning("Redis unavailable for the answer queue: %s", exc)
             self._stop.wait(1.0)
             return
-        for _, messages in entries or []:
+        if not entries:
+            # Redis blocks for block_ms when nothing is queued; a store that answers at once (the demo's embedded
+            # one) would make this loop spin a whole core: the rest of the block is waited here.
+            self._stop.wait(max(0.0, self.block_ms / 1000 - (time.monotonic() - asked)))
+            return
+        for _, messages in entries:
             for entry_id, fields in messages:
                 self._take(entry_id, fields)
 
