@@ -4,8 +4,10 @@ Per kill: a gateway replica (gunicorn) opens a chatflow answer that streams for 
 bubble shows some of it, the replica is SIGKILLed (master and workers). WeCom's polls, `--poll-interval` apart,
 then go to a second replica, which takes the stream over once its lease has run out and streams the Dify run again.
 Measured: from the kill to the takeover (the poll that finds the lease gone and resumes the run: target within the
-lease period plus one poll), to the first poll whose bubble shows more than at the kill (one poll later: the
-takeover poll answers with what the bubble had), and whether the finished bubble holds the exact answer.
+lease period plus one poll), to the first poll whose bubble shows more than at the kill, whether the finished bubble
+holds the exact answer, and whether every poll's bubble began with the one before (nothing withdrawn, no text after
+a hole: Dify relays only what a run publishes once one listens, so a resumed answer holds what comes until it can
+be placed, at the run's end).
 
     python -m bench.resume --kills 10
 """
@@ -49,10 +51,12 @@ def one_kill(env: harness.Environment, survivor, number: int, options) -> dict:
     sim = env.simulator(survivor.url, poll_interval=options.poll_interval)
     resumed_after = None
     polls = 0
+    contents = [shown]
     while True:
         time.sleep(options.poll_interval)
         reply = sim.send(sim.poll_message(stream_id, userid=f"user{number}"))["stream"]
         polls += 1
+        contents.append(reply["content"])
         if resumed_after is None and len(reply["content"]) > len(shown) and reply["content"].startswith(shown):
             resumed_after = time.monotonic() - killed
         if reply["finish"]:
@@ -65,6 +69,7 @@ def one_kill(env: harness.Environment, survivor, number: int, options) -> dict:
         "taken_over_after_s": round(float(resumed_at) - killed_at, 2) if resumed_at else None,
         "resumed_after_s": round(resumed_after, 2) if resumed_after is not None else None,
         "exact": reply["content"] == "".join(words),
+        "only_grew": all(later.startswith(earlier) for earlier, later in zip(contents, contents[1:], strict=False)),
         "polls_after_kill": polls,
     }
 
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "new_text_after_s": shown,
         "new_text_median_s": round(statistics.median(shown), 2) if shown else None,
         "exact_answers": sum(1 for k in kills if k["exact"]),
+        "bubbles_that_only_grew": sum(1 for k in kills if k["only_grew"]),
         "seconds": round(time.time() - started, 1),
         "machine": harness.machine(),
     }
