@@ -2,12 +2,12 @@
 
 Per kill: a gateway replica (gunicorn) opens a chatflow answer that streams for `--answer-seconds`; once the
 bubble shows some of it, the replica is SIGKILLed (master and workers). WeCom's polls, `--poll-interval` apart,
-then go to a second replica, which takes the stream over once its lease has run out and streams the Dify run again.
+then go to a second replica, which takes the stream over once its lease has run out and follows the Dify run again.
 Measured: from the kill to the takeover (the poll that finds the lease gone and resumes the run: target within the
-lease period plus one poll), to the first poll whose bubble shows more than at the kill, whether the finished bubble
-holds the exact answer, and whether every poll's bubble began with the one before (nothing withdrawn, no text after
-a hole: Dify relays only what a run publishes once one listens, so a resumed answer holds what comes until it can
-be placed, at the run's end).
+lease period and the take-over grace plus one poll), to the first poll whose bubble shows more than at the kill,
+whether the finished bubble holds the exact answer, and whether every poll's bubble began with the one before
+(nothing withdrawn, no text after a hole: Dify relays only what a run publishes once one listens, so a resumed
+answer holds what comes until it can be placed, at the run's end).
 
     python -m bench.resume --kills 10
 """
@@ -36,7 +36,11 @@ def chatflow_steps(words: list[str], gap: float) -> list[tuple]:
 def one_kill(env: harness.Environment, survivor, number: int, options) -> dict:
     words = [f"w{number}-{i} " for i in range(int(options.answer_seconds / 0.1))]
     env.dify.script(chatflow_steps(words, 0.1), match=f"resume {number}")
-    extra = {"STREAM_LEASE_SECONDS": str(options.lease), "DIFY_APP_TYPE": "advanced-chat"}
+    extra = {
+        "STREAM_LEASE_SECONDS": str(options.lease),
+        "STREAM_TAKEOVER_GRACE_SECONDS": str(options.grace),
+        "DIFY_APP_TYPE": "advanced-chat",
+    }
     owner = env.start_gateway(f"owner-{number}", workers=1, **extra)
     sim = env.simulator(owner.url, poll_interval=options.poll_interval)
     first = sim.send(sim.text_message(f"resume {number}", userid=f"user{number}"))
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--lease", type=int, default=15, help="STREAM_LEASE_SECONDS (the default)")
+    parser.add_argument("--grace", type=float, default=3.0, help="STREAM_TAKEOVER_GRACE_SECONDS (the default)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="WeCom polls about once a second")
     parser.add_argument("--answer-seconds", type=float, default=20.0)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -86,7 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     env = harness.start_environment()
     env.dify.mode = "advanced-chat"
     survivor = env.start_gateway(
-        "survivor", workers=2, STREAM_LEASE_SECONDS=str(options.lease), DIFY_APP_TYPE="advanced-chat"
+        "survivor",
+        workers=2,
+        STREAM_LEASE_SECONDS=str(options.lease),
+        STREAM_TAKEOVER_GRACE_SECONDS=str(options.grace),
+        DIFY_APP_TYPE="advanced-chat",
     )
     kills = []
     try:
@@ -96,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
         env.close()
     times = [k["taken_over_after_s"] for k in kills if k["taken_over_after_s"] is not None]
     shown = [k["resumed_after_s"] for k in kills if k["resumed_after_s"] is not None]
-    target = options.lease + options.poll_interval
+    target = options.lease + options.grace + options.poll_interval  # a lease found gone is taken after the grace
     result = {
         "kills": options.kills,
         "lease_s": options.lease,
+        "grace_s": options.grace,
         "poll_interval_s": options.poll_interval,
         "target_s": target,
         "taken_over_after_s": [k["taken_over_after_s"] for k in kills],
