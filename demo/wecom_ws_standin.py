@@ -108,6 +108,10 @@ class WeComWebSocketStandIn:
         body["response_url"] = f"http://127.0.0.1:9/response/{secrets.token_hex(4)}"
         return self._deliver(bot_id, "aibot_msg_callback", body)
 
+    def deliver_message(self, bot_id: str, msgtype: str, content: dict, userid: str = "alice") -> str:
+        """Send an aibot_msg_callback of any msgtype (`content` under its name); returns its req_id."""
+        return self._deliver(bot_id, "aibot_msg_callback", _message(bot_id, userid, msgtype, content))
+
     def deliver_image(self, bot_id: str, url: str, aeskey: str, userid: str = "alice") -> str:
         """Send an image message whose medium (at `url`, encrypted with its own `aeskey`) the bot must fetch."""
         body = _message(bot_id, userid, "image", {"url": url, "aeskey": aeskey})

@@ -182,6 +182,7 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 # top when they happen).
 MESSAGE_OUTCOMES = (
     "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
+    "unsupported",
 )  # fmt: skip
 CALLBACK_KINDS = ("text", "stream")
 CALLBACK_OUTCOMES = ("ok", "store_unavailable")

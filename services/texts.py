@@ -33,6 +33,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "input_required": "（这个 AI 应用需要你填写信息后才能继续，本机器人暂时无法提供这一步，"
         "请在 Dify 网页端继续。）",
         "empty_query": "请输入你的问题。",
+        "unsupported_message": "暂不支持这种消息。可以发送文字、语音、图片或文件。",
         "internal_error": "抱歉，处理消息时出现内部错误，请稍后再试。",
         "store_unavailable": "服务暂时不可用，请稍后重新发送这条消息。",
         "busy": "当前正在处理的消息较多，请稍后再试。",
@@ -109,6 +110,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "input_required": "(This AI app needs you to fill in a form to go on, which this bot cannot show yet; please "
         "continue in Dify's web app.)",
         "empty_query": "Please type your question.",
+        "unsupported_message": "This kind of message is not supported yet. Send text, voice, an image or a file.",
         "internal_error": "Sorry, an internal error occurred while handling your message. Please try again later.",
         "store_unavailable": "The service is temporarily unavailable. Please send your message again shortly.",
         "busy": "Too many messages are being answered right now. Please try again shortly.",

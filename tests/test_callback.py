@@ -8,6 +8,7 @@ import time
 import orjson
 import pytest
 
+from services.texts import CATALOGUE
 from services.wecom.crypto import WeComCrypto, pad32
 from tests.conftest import AES_KEY, TOKEN, make_simulator
 
@@ -173,9 +174,14 @@ def test_malformed_message(client, sim, payload):
     assert_error(post(client, *signed(sim, sim.crypto.encrypt(payload))), 400, "invalid_message")
 
 
-def test_unknown_msgtype(client, sim):
-    payload = sim.message("location", {"lat": 1}, userid="u")
-    assert_error(post(client, *sim.envelope(payload)), 400, "unsupported_msgtype")
+def test_an_unknown_message_type_gets_a_finished_bubble_saying_so(client, sim):
+    """Not an HTTP error, which WeCom would retry: a bubble that ends at once."""
+    query, body = sim.envelope(sim.message("location", {"lat": 1, "lng": 2}, userid="u"))
+    response = post(client, query, body)
+    assert response.status_code == 200
+    reply = sim.open_reply(response.get_json(), query["nonce"])
+    assert reply["stream"]["finish"] is True
+    assert reply["stream"]["content"] == CATALOGUE["zh"]["unsupported_message"]
 
 
 def test_oversize_body(make_app, sim):

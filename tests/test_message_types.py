@@ -11,7 +11,7 @@ from PIL import Image
 
 from demo import dify_standin as d
 from services.texts import CATALOGUE
-from tests.conftest import JPEG, KEYS, PNG, make_simulator, wait_until
+from tests.conftest import JPEG, KEYS, PNG, WS_BOT_ID, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 PDF = b"%PDF-1.7\n" + b"1 0 obj << >> endobj\n" * 20
@@ -294,3 +294,10 @@ def test_a_fourth_open_bubble_gets_a_polite_refusal(simulator, dify):
     dify.script(d.answer("room again"))
     assert simulator.ask("q5").text == "room again"
     assert len(dify.chat_requests()) == 5
+
+
+def test_on_a_long_connection_an_unknown_message_type_gets_a_finished_bubble(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    final = wecom.final(wecom.deliver_message(WS_BOT_ID, "location", {"latitude": 1.0, "longitude": 2.0}), timeout=10)
+    assert final["stream"]["content"] == CATALOGUE["zh"]["unsupported_message"]
+    assert dify.chat_requests() == []

@@ -12,7 +12,7 @@ from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.streams.conversations import ConversationStore
 from services.streams.service import StreamService
 from services.texts import Texts
-from services.wecom.messages import Inbound
+from services.wecom.messages import UNSUPPORTED, Inbound
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,12 @@ class MessageIntake:
         self.forms = forms
 
     def take(self, message: Inbound) -> dict:
-        """The plaintext reply to a user's message (text, voice, image, mixed, file, video)."""
+        """The plaintext reply to a user's message (text, voice, image, mixed, file, video; any other type is
+        answered with a finished bubble saying it is not supported)."""
+        if message.msgtype == UNSUPPORTED:
+            self.streams.count("unsupported")
+            logger.info("a message of a type the gateway does not know: answered that it is not supported")
+            return self.streams.finish_at_once(self.texts.say("unsupported_message"))
         text = strip_mention(message.text, self.bot_name) if message.is_group else message.text.strip()
         command = parse_command(text)
         if command is not None:

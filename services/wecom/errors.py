@@ -56,9 +56,5 @@ def invalid_message(detail: str) -> CallbackError:
     return CallbackError("invalid_message", detail)
 
 
-def unsupported_msgtype(msgtype: str) -> CallbackError:
-    return CallbackError("unsupported_msgtype", f"msgtype {msgtype[:32]!r} is not supported")
-
-
 def body_too_large(limit: int) -> CallbackError:
     return CallbackError("body_too_large", f"body exceeds {limit} bytes", 413)

@@ -15,6 +15,9 @@ from services.wecom import errors
 
 MESSAGE_TYPES = frozenset({"text", "image", "mixed", "voice", "file", "video"})
 KNOWN_TYPES = MESSAGE_TYPES | {"stream", "event"}
+# A well-formed message of a type the gateway does not know (a location, a link card, one WeCom adds later): it gets
+# a finished bubble saying so, never an HTTP error WeCom would retry. Its own msgtype is not kept (a metric label).
+UNSUPPORTED = "unsupported"
 # Stream ids are ours (see new_stream_id); anything else cannot be one of our streams and must not reach a key.
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_ID_LENGTH = 256
@@ -48,8 +51,10 @@ class Inbound:
 def parse_inbound(plaintext: str) -> Inbound:
     """Parse decrypted callback JSON.
 
+    An unknown msgtype parses to an UNSUPPORTED message.
+
     Raises:
-        CallbackError: invalid_message for a malformed payload, unsupported_msgtype for an unknown msgtype.
+        CallbackError: invalid_message for a malformed payload.
     """
     try:
         data = orjson.loads(plaintext)
@@ -61,7 +66,7 @@ def parse_inbound(plaintext: str) -> Inbound:
     if not isinstance(msgtype, str) or not msgtype:
         raise errors.invalid_message("msgtype is missing")
     if msgtype not in KNOWN_TYPES:
-        raise errors.unsupported_msgtype(msgtype)
+        msgtype = UNSUPPORTED
 
     sender = data.get("from") if isinstance(data.get("from"), dict) else {}
     common = {
@@ -80,6 +85,8 @@ def parse_inbound(plaintext: str) -> Inbound:
         if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
             raise errors.invalid_message("stream.id is missing or malformed")
         return Inbound(stream_id=stream_id, **common)
+    if msgtype == UNSUPPORTED:
+        return Inbound(**common)
     if msgtype == "event":
         event = data.get("event") if isinstance(data.get("event"), dict) else {}
         event_type = event.get("eventtype")
