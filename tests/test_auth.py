@@ -382,3 +382,27 @@ def test_reads_go_to_the_read_replica_and_fall_back_to_the_primary(user_table, m
     assert [u.userid for u in down.list()] == ["written"]  # and keeps answering without trying the replica again
     assert caplog.text.count("read replica unavailable") == 1
     replica_engine.dispose()
+
+
+def test_an_app_that_declares_the_wecom_context_gets_it(make_app, serve, dify):
+    """wecom_userid, wecom_chatid, wecom_chattype and wecom_bot are filled when the app declares them (whatever
+    the auth mode); an app that does not declare them gets none."""
+    dify.script(d.answer("ok"), times=None)
+    dify.parameters["user_input_form"] = [
+        {"text-input": {"variable": name, "label": name, "required": False}}
+        for name in ("wecom_userid", "wecom_chatid", "wecom_chattype", "wecom_bot")
+    ]
+    declaring = make_simulator(serve(make_app(auth_mode="none")).url)
+    declaring.ask("@bot in the group", userid="bob", chatid="team-1")
+    assert dify.chat_requests()[0]["inputs"] == {
+        "wecom_userid": "bob",
+        "wecom_chatid": "team-1",
+        "wecom_chattype": "group",
+        "wecom_bot": "default",
+    }
+    dify.parameters["user_input_form"] = []
+    silent = make_simulator(serve(make_app(auth_mode="none")).url)  # a new process reads the parameters afresh
+    silent.ask("plain", userid="bob")
+    assert dify.chat_requests()[1]["inputs"] == {}
+    declaring.close()
+    silent.close()

@@ -41,6 +41,15 @@ class StreamJob:
         """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts."""
         return f"wecom:{self.aibotid or 'bot'}:{self.userid}"
 
+    def context_inputs(self, bot: str) -> dict[str, str]:
+        """Where the message came from, as the Dify inputs an app may declare to know it (docs/configuration.md)."""
+        return {
+            "wecom_userid": self.userid,
+            "wecom_chatid": self.chatid,
+            "wecom_chattype": "group" if self.chatid else "single",
+            "wecom_bot": bot,
+        }
+
     def request_fields(self) -> dict[str, str]:
         """What the stream hash keeps so that another replica can restart this job (see `from_meta`)."""
         return {

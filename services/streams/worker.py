@@ -138,6 +138,8 @@ class StreamWorker:
             return
         deps = self.deps
         inputs = through_outage(lambda: self.prepare(job), "authorizing the user")
+        declared = deps.profile.declared_inputs()
+        inputs |= {name: value for name, value in job.context_inputs(self.bot).items() if name in declared}
         files, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
         options = replace(self.options, app_type=deps.profile.app_type())
         conversation_id = ""
