@@ -55,6 +55,7 @@ PER_BOT_FIELDS = frozenset(
         "dify_workflow_input",
         "dify_workflow_output",
         "show_reasoning",
+        "show_citations",
         "dify_files_url",
         "auth_mode",
         "auth_api_url",

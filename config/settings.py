@@ -112,6 +112,7 @@ class Settings:
     dify_workflow_input: str = "query"  # workflow apps: the input variable the question goes into
     dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
     show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
+    show_citations: bool = True  # the knowledge documents an answer drew on, listed at its end
     dify_files_url: str = ""  # where Dify's relative file URLs point ("" = the scheme and host of DIFY_BASE_URL)
 
     # --- files Dify makes, served by signed links (docs/configuration.md) --------------------------------------

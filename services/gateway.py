@@ -307,6 +307,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
     options = AnswerOptions(
         show_reasoning=settings.show_reasoning,
+        show_citations=settings.show_citations,
         workflow_input=settings.dify_workflow_input,
         workflow_output=settings.dify_workflow_output,
     )

@@ -13,7 +13,7 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
-from tests.conftest import make_simulator, wait_until
+from tests.conftest import WS_BOT_ID, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -221,3 +221,38 @@ def test_a_chatflow_answer_goes_on_on_another_replica_after_its_owner_drains(mak
     assert len(dify.chat_requests()) == 1  # never asked twice
     to_owner.close()
     to_other.close()
+
+
+def citing_end(*names: str) -> tuple:
+    """message_end naming the knowledge documents the answer drew on (Dify's retriever_resources)."""
+    resources = [
+        {"position": n, "document_name": name, "dataset_name": "kb", "score": 0.9} for n, name in enumerate(names)
+    ]
+    return d.event("message_end", metadata={"usage": {"total_tokens": 3}, "retriever_resources": resources})
+
+
+def test_the_documents_an_answer_drew_on_are_listed_at_its_end(ask, dify):
+    names = ["员工手册.pdf", "报销制度.docx", "员工手册.pdf", "a.md", "b.md", "c.md", "d.md"]
+    dify.script([d.message("Twelve days a year."), citing_end(*names)])
+    text = ask("how many days off?").text
+    sources = "\n".join(
+        f"{n}. {name}" for n, name in enumerate(["员工手册.pdf", "报销制度.docx", "a.md", "b.md", "c.md"], 1)
+    )
+    assert text == f"Twelve days a year.\n\n{ZH['citations_title']}\n{sources}"  # distinct, at most five
+
+
+def test_no_sources_no_list_and_show_citations_off(make_app, serve, dify):
+    dify.script([d.message("Nothing cited."), citing_end()])
+    dify.script([d.message("Cited, not shown."), citing_end("x.pdf")])
+    on, off = make_simulator(serve(make_app()).url), make_simulator(serve(make_app(show_citations=False)).url)
+    assert on.ask("first").text == "Nothing cited."
+    assert off.ask("second").text == "Cited, not shown."
+    on.close()
+    off.close()
+
+
+def test_on_a_long_connection_the_sources_end_the_answer_too(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script([d.message("From the handbook."), citing_end("员工手册.pdf")])
+    final = wecom.final(wecom.deliver_text(WS_BOT_ID, "days off?"), timeout=10)
+    assert final["stream"]["content"] == f"From the handbook.\n\n{ZH['citations_title']}\n1. 员工手册.pdf"

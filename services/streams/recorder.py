@@ -57,6 +57,7 @@ class AnswerOptions:
 
     app_type: str = "chat"  # the app's type, resolved (never "auto")
     show_reasoning: bool = False  # a model's reasoning before the answer, in a <think> block
+    show_citations: bool = True  # the knowledge documents the answer drew on, listed at its end
     workflow_input: str = "query"  # workflow apps: the input variable the question goes into
     workflow_output: str = ""  # workflow apps: the output read when no text_chunk came ("" = first string)
 
@@ -109,6 +110,7 @@ class Answer:
     images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
     files: list[DifyFile] = field(default_factory=list)  # files Dify made for the answer (services/files)
     usage: dict = field(default_factory=dict)
+    citations: list[str] = field(default_factory=list)  # the knowledge documents the answer drew on, distinct
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
 
@@ -284,6 +286,7 @@ class AnswerRecorder:
                 metadata = event.get("metadata")
                 if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
                     answer.usage = metadata["usage"]
+                answer.citations = cited_documents(metadata) or answer.citations
             elif kind == THOUGHT_EVENT:
                 thought = event.get("thought")
                 if isinstance(thought, str) and thought.strip():
@@ -456,6 +459,21 @@ class AnswerRecorder:
         saved = best_effort(remember, "remembering the conversation", delays=RETRY_DELAYS if retry else ())
         if saved:
             answer.conversation_saved = conversation_id
+
+
+MAX_CITATIONS = 5
+
+
+def cited_documents(metadata) -> list[str]:
+    """The distinct knowledge documents an answer drew on (`message_end.metadata.retriever_resources`), in the
+    order Dify ranks them, at most MAX_CITATIONS."""
+    resources = metadata.get("retriever_resources") if isinstance(metadata, dict) else None
+    names: list[str] = []
+    for resource in resources if isinstance(resources, list) else []:
+        name = resource.get("document_name") if isinstance(resource, dict) else None
+        if isinstance(name, str) and name.strip() and name.strip() not in names:
+            names.append(name.strip())
+    return names[:MAX_CITATIONS]
 
 
 def streamed_outputs(outputs) -> str:

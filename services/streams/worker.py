@@ -281,6 +281,9 @@ class StreamWorker:
         if answer.thinking:  # reasoning with no answer after it
             recorder.write([THINK_CLOSE.rstrip()])
             answer.thinking = False
+        if answer.citations and self.options.show_citations and answer.answered:
+            sources = "\n".join(f"{n}. {name}" for n, name in enumerate(answer.citations, 1))
+            recorder.write([f"\n\n{self.deps.texts.say('citations_title')}\n{sources}"])
         uploads = self._deliver_files(answer, recorder)
         if answer.paused:
             note = answer.form_note or self.deps.texts.say("input_required")
