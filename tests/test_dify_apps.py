@@ -256,3 +256,42 @@ def test_on_a_long_connection_the_sources_end_the_answer_too(ws_gateway, dify):
     dify.script([d.message("From the handbook."), citing_end("员工手册.pdf")])
     final = wecom.final(wecom.deliver_text(WS_BOT_ID, "days off?"), timeout=10)
     assert final["stream"]["content"] == f"From the handbook.\n\n{ZH['citations_title']}\n1. 员工手册.pdf"
+
+
+def slow_step(node_type: str, title: str, seconds: float) -> list[tuple]:
+    """A workflow node that runs `seconds` without text (Dify's node events around it)."""
+    node = {"id": f"exec-{title}", "node_id": title.lower(), "node_type": node_type, "title": title}
+    return [
+        d.event("node_started", data=node),
+        d.sleep(seconds),
+        d.event("node_finished", data={**node, "status": "succeeded"}),
+    ]
+
+
+def test_a_slow_step_shows_a_status_line_that_the_answer_then_replaces(ask, dify):
+    dify.script([d.message("Looking it up. "), *slow_step("tool", "Web search", 4.5), d.message("Found it."), d.end()])
+    conversation = ask("search for it")
+    status = ZH["progress_step"].format(step="Web search")
+    during = [c for c in conversation.contents() if status in c]
+    assert during and all(c.startswith("Looking it up.") for c in during)  # one line, below the text so far
+    assert conversation.text == "Looking it up. Found it."  # the final answer holds no status line
+
+
+def test_a_quick_step_or_a_step_of_no_interest_shows_none(ask, dify):
+    steps = [*slow_step("tool", "Quick", 1.0), *slow_step("template-transform", "Format", 4.0), d.message("Done.")]
+    dify.script([d.message("Start. "), *steps, d.end()])
+    conversation = ask("go")
+    assert not any("⏳" in c for c in conversation.contents())
+    assert conversation.text == "Start. Done."
+
+
+def test_on_a_long_connection_the_status_line_rides_on_the_frames(ws_gateway, dify):
+    _, wecom = ws_gateway()
+    dify.script(
+        [d.message("Checking. "), *slow_step("knowledge-retrieval", "Handbook", 4.5), d.message("Yes."), d.end()]
+    )
+    req_id = wecom.deliver_text(WS_BOT_ID, "is it allowed?")
+    final = wecom.final(req_id, timeout=20)
+    assert final["stream"]["content"] == "Checking. Yes."
+    status = ZH["progress_step"].format(step="Handbook")
+    assert any(status in f["stream"]["content"] for f in wecom.frames(req_id) if not f["stream"].get("finish"))

@@ -31,7 +31,7 @@ _NOT_NOTES = {
     "form_title", "form_choose", "form_choose_typed", "form_type_value", "form_value_noted", "form_then_choose",
     "form_submitted", "form_answered", "form_submit_button", "form_action_question", "form_needs_values",
     "form_not_yours", "form_expired_card", "form_rest", "file_link", "file_original", "file_named",
-    "welcome_title", "suggestions_title", "citations_title",
+    "welcome_title", "suggestions_title", "citations_title", "progress_step",
 }  # fmt: skip
 HEADERS = [CATALOGUE["zh"][key] for key in ("continued", "full_answer", "placeholder")]
 CLEAR_NOTES = {

@@ -28,6 +28,7 @@ WORKFLOW_TEXT = "text_chunk"  # a workflow app's answer delta, in data.text
 RUN_APPS = frozenset({"advanced-chat", "workflow"})  # the app types whose answers are runs (re-attachable)
 WORKFLOW_REPLACE = "text_replace"
 REASONING_EVENT = "reasoning_chunk"
+NODE_STARTED, NODE_FINISHED = "node_started", "node_finished"  # a run's steps (a slow one shows a status line)
 INPUT_REQUIRED = "human_input_required"
 PAUSED = "workflow_paused"  # the run waits for a person's input: the stream ends here
 FORM_FILLED = "human_input_form_filled"  # a re-attached run: the form was answered, the run goes on
@@ -38,8 +39,6 @@ QUIET_EVENTS = frozenset(
         "ping",
         "tts_message",
         "tts_message_end",
-        "node_started",
-        "node_finished",
         "node_retry",
         "iteration_started",
         "iteration_next",

@@ -23,6 +23,8 @@ from services.dify.events import (
     FORM_TIMEOUT,
     INPUT_REQUIRED,
     MESSAGE_EVENT,
+    NODE_FINISHED,
+    NODE_STARTED,
     PAUSED,
     QUIET_EVENTS,
     REASONING_EVENT,
@@ -39,6 +41,7 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
 from services.streams.outage import RETRY_DELAYS, best_effort
+from services.streams.progress import SLOW_STEPS, StepProgress
 from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore
 from services.streams.writer import StreamWriter
 from utils.logging import bind_log_context
@@ -104,6 +107,7 @@ class Answer:
     # the whole answer) or is seen starting again after a form (everything after that is whole).
     holding: bool = False
     held: str = ""
+    progress: StepProgress | None = None  # the status line while a slow step runs without text
     workflow_run_id: str = ""
     last_thought: str = ""
     workflow_error: str = ""
@@ -200,6 +204,8 @@ class TextRelay:
         writer = answer.writer
         if not answer.answered or answer.thinking or answer.detached or answer.echo or answer.holding:
             return False
+        if answer.progress is not None and answer.progress.pending:
+            return False
         if writer.state != WRITTEN or writer.error is not None:
             return False
         if self.cancelled.is_set() or time.monotonic() > self.deadline:
@@ -291,6 +297,9 @@ class AnswerRecorder:
                 thought = event.get("thought")
                 if isinstance(thought, str) and thought.strip():
                     answer.last_thought = thought
+                self._tool_step(event)
+            elif kind in (NODE_STARTED, NODE_FINISHED):
+                self._node_step(kind, event.body)
             elif kind == WORKFLOW_FINISHED:
                 deltas = self._run_finished(deltas, event.body)
             elif kind in (INPUT_REQUIRED, PAUSED):
@@ -322,14 +331,39 @@ class AnswerRecorder:
         self._append(deltas, text)
 
     def _append(self, deltas: list[str], text: str) -> None:
-        """Text for the bubble: after reasoning shown in a <think> block, the block is closed first."""
+        """Text for the bubble: after reasoning shown in a <think> block, the block is closed first; a status line
+        goes."""
         if not text:
             return
+        if self.answer.progress is not None:
+            self.answer.progress.text_came()
         if self.answer.thinking:
             deltas.append(THINK_CLOSE)
             self.answer.thinking = False
         self.answer.answered = True
         deltas.append(text)
+
+    def _node_step(self, kind: str, body: dict) -> None:
+        """A workflow node began or ended: a slow one (a tool, an HTTP request, a retrieval) may show its status."""
+        progress, step = self.answer.progress, str(body.get("id") or body.get("node_id") or "")
+        if progress is None or not step:
+            return
+        if kind == NODE_FINISHED:
+            progress.finished(step)
+        elif body.get("node_type") in SLOW_STEPS:
+            progress.started(step, str(body.get("title") or body.get("node_type")))
+
+    def _tool_step(self, event: DifyEvent) -> None:
+        """An agent's thought: one that calls a tool, with no observation yet, is a step under way; its observation
+        ends it."""
+        progress, tool = self.answer.progress, event.get("tool")
+        if progress is None or not isinstance(tool, str) or not tool:
+            return
+        step = f"tool:{event.get('id') or event.get('position') or tool}"
+        if event.get("observation"):
+            progress.finished(step)
+        else:
+            progress.started(step, tool)
 
     def _reasoning(self, deltas: list[str], event: DifyEvent) -> None:
         """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""

@@ -33,6 +33,7 @@ from services.streams.finisher import Finisher
 from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
 from services.streams.outage import best_effort_value, through_outage
+from services.streams.progress import StepProgress
 from services.streams.recorder import (
     DEFAULT_OPTIONS,
     THINK_CLOSE,
@@ -128,6 +129,9 @@ class StreamWorker:
             except Exception:
                 logger.exception("stream worker failed")
                 self.deps.finisher.finish(job, answer, ERROR, note=texts.say("internal_error"), error="internal_error")
+            finally:
+                if answer.progress is not None:
+                    answer.progress.close()
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         if job.separate:
@@ -150,6 +154,7 @@ class StreamWorker:
         deadline = time.monotonic() + self.max_seconds
         self._count_call(job)
         answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt)
+        answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
         answer.app_type = options.app_type
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
         while True:
@@ -221,6 +226,7 @@ class StreamWorker:
         options = replace(self.options, app_type=deps.profile.app_type())
         chunks = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
         answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=len(chunks))
+        answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
         answer.shown = answer.text = "".join(chunks)
         answer.answered, answer.reattached = bool(answer.shown), True
         answer.app_type, answer.workflow_run_id = options.app_type, run_id
