@@ -231,6 +231,7 @@ class DifyStandIn:
         self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
         self.feedbacks: list[tuple[str, dict]] = []
         self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
+        self.previews: dict[str, tuple[bytes, str]] = {}  # served at /files/<id>/file-preview: knowledge-base files
         self.file_fetches: list[str] = []  # the names of the tool files fetched, in order
         self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
         self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
@@ -261,7 +262,8 @@ class DifyStandIn:
             self.stops.clear()
             self.parameters = default_parameters()
             self.file_fetches.clear()
-            for registry in (self.conversations, self.questions, self.messages, self.uploads, self.files):
+            registries = (self.conversations, self.questions, self.messages, self.uploads, self.files, self.previews)
+            for registry in registries:
                 registry.clear()
             self.completed.clear()
             self.feedbacks.clear()
@@ -293,6 +295,13 @@ class DifyStandIn:
         name = f"{uuid.uuid4().hex}.{extension}"
         self.files[name] = data
         return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
+
+    def host_preview(self, data: bytes, mime: str = "image/png") -> str:
+        """Serve a knowledge-base file as Dify does and return the relative, signed URL Dify writes into answer text
+        (`/files/<id>/file-preview?timestamp=&nonce=&sign=`)."""
+        file_id = str(uuid.uuid4())
+        self.previews[file_id] = (data, mime)
+        return f"/files/{file_id}/file-preview?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
 
     def chat_requests(self) -> list[dict]:
         """Bodies of the chat requests received so far."""
@@ -343,6 +352,8 @@ class DifyStandIn:
             await conn.send(302, b"", headers={"Location": request.query.get("to", "/")})
         elif request.method == "GET" and path.startswith("/files/tools/") and path.rsplit("/", 1)[-1] in self.files:
             await self._tool_file(path.rsplit("/", 1)[-1], request, conn)
+        elif request.method == "GET" and path.endswith(("/file-preview", "/image-preview")) and path.count("/") == 3:
+            await self._preview(path.split("/")[2], request, conn)
         elif request.method == "POST" and path.endswith("/stop") and path.startswith(_STOP_PATHS):
             task_id = path.split("/")[-2]
             self.stops.append((task_id, request.json() or {}))
@@ -639,6 +650,18 @@ class DifyStandIn:
             return
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         await conn.send(200, self.files[name], content_type=mime)
+
+    async def _preview(self, file_id: str, request: Request, conn: Conn) -> None:
+        """A knowledge-base file at its signed preview URL (403 without the signature, 404 unknown)."""
+        with self._lock:
+            self.file_fetches.append(file_id)
+        if not all(request.query.get(part) for part in ("timestamp", "nonce", "sign")):
+            await conn.send(403, {"code": "forbidden", "message": "Invalid request.", "status": 403})
+        elif file_id not in self.previews:
+            await conn.send(404, {"code": "not_found", "message": "File not found.", "status": 404})
+        else:
+            data, mime = self.previews[file_id]
+            await conn.send(200, data, content_type=mime)
 
     async def _suggested(self, message_id: str, request: Request, conn: Conn) -> None:
         """`GET /messages/{id}/suggested?user=`: follow-up questions (400 where the app does not enable them)."""

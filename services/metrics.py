@@ -121,6 +121,12 @@ FILES = Counter(
     "connection), too_large, failed",
     ["bot", "outcome"],
 )
+TEXT_LINKS = Counter(
+    "dify_text_links_total",
+    "Dify-relative links in answer text (a knowledge base's images, file links), by what became of them: inline "
+    "(an image under the bubble, or uploaded), linked (a signed link, or the name alone), failed",
+    ["bot", "outcome"],
+)
 WS_FILES = Counter(
     "wecom_ws_files_total",
     "Long-connection mode: files uploaded and sent after an answer, by result",

@@ -227,3 +227,44 @@ def test_on_a_long_connection_a_file_that_fails_is_one_line(linking_ws_gateway, 
     )
     final = wecom.final(wecom.deliver_text(WS_BOT, "gone"), timeout=20)
     assert final["stream"]["content"] == "Here.\n\n" + ZH["file_failed"].format(name="gone.pdf")
+
+
+# --- Dify-relative links inside answer text (a knowledge base's images and files) --------------------------------
+
+
+def test_a_knowledge_answers_image_goes_inline_and_its_file_link_is_signed(linked, dify):
+    a, b = linked
+    chart, manual = dify.host_preview(noise_png(40, 40)), dify.host_preview(PDF, "application/pdf")
+    text = f"See the chart: ![image]({chart}) and the [manual.pdf]({manual}). Or [the site](https://example.com/x)."
+    dify.script([*d.answer(text, pieces=6)[:-1], d.end()])
+    sim = make_simulator(b.url)
+    conversation = sim.ask("what does the handbook say?")
+    assert not any("/files/" in c and "wecom/files" not in c for c in conversation.contents())  # never the raw path
+    final = conversation.text
+    assert final.startswith("See the chart:  and the 📎 [manual.pdf](https://bot.example.com/wecom/files/")
+    assert final.endswith("Or [the site](https://example.com/x).")  # other hosts' links stay as they are
+    [item] = conversation.last["msg_item"]  # the image, under the bubble
+    assert base64.b64decode(item["image"]["base64"])[:4] == b"\x89PNG"
+    path = links(final)["manual.pdf"]
+    assert httpx.get(f"{a.url}{path}").content == PDF  # any replica serves the link
+    sim.close()
+
+
+def test_a_link_whose_file_cannot_be_fetched_becomes_a_line_and_the_answer_stays_whole(linked, dify):
+    _, b = linked
+    gone = "/files/00000000-0000-0000-0000-000000000000/file-preview?timestamp=1&nonce=n&sign=s"
+    dify.script([d.message(f"Before [old.pdf]({gone}) after."), d.end()])
+    sim = make_simulator(b.url)
+    assert sim.ask("the old file").text == f"Before {ZH['file_failed'].format(name='old.pdf')} after."
+    sim.close()
+
+
+def test_on_a_long_connection_a_knowledge_answers_image_is_uploaded(ws_gateway, dify):
+    _, wecom = ws_gateway(public_base_url=PUBLIC, file_link_secret=SECRET)
+    chart = dify.host_preview(noise_png(40, 40))
+    dify.script([d.message(f"The chart: ![chart.png]({chart})"), d.end()])
+    req_id = wecom.deliver_text(WS_BOT_ID, "show the chart")
+    final = wecom.final(req_id, timeout=15)
+    assert final["stream"]["content"] == "The chart: "
+    assert not any("/files/" in f["stream"]["content"] for f in wecom.frames(req_id))
+    assert wait_until(lambda: any(m.get("msgtype") == "image" for m in wecom.proactive), timeout=15)

@@ -20,6 +20,7 @@ from services.files.fetch import FetchError, FileFetcher
 from services.files.links import LinkSigner
 from services.files.model import DifyFile
 from services.files.store import FileRefs
+from services.files.text_links import dify_links
 from services.media.images import fit_inline_image
 from services.redis_conn import REDIS_FAILURES
 from services.texts import Texts
@@ -61,25 +62,48 @@ class FileDelivery:
         self.max_bytes = max_bytes
         self.long_connection = long_connection
 
-    def deliver(self, files: list[DifyFile]) -> Delivered:
-        delivered = Delivered()
+    def deliver(self, files: list[DifyFile], delivered: Delivered | None = None) -> Delivered:
+        """Each file, once: onto `delivered` (a new one by default; the images of one reply share WeCom's cap)."""
+        delivered = delivered or Delivered()
         seen: set[str] = set()
         for file in files:
             if (file.url or file.file_id) in seen:
                 continue
             seen.add(file.url or file.file_id)
-            try:
-                self._one(file, delivered)
-            except FetchError as exc:
-                self._count("too_large" if exc.reason == "too_large" else "failed")
-                logger.warning("a file Dify made could not be delivered: %s", exc.reason)
-                key = "file_too_large" if exc.reason == "too_large" else "file_failed"
-                delivered.lines.append(self.texts.say(key).format(name=file.name, size=size_text(self.max_bytes)))
-            except REDIS_FAILURES as exc:
-                self._count("failed")
-                logger.warning("a file's link could not be recorded: %s", exc)
-                delivered.lines.append(self.texts.say("file_failed").format(name=file.name))
+            self._try(file, delivered)
         return delivered
+
+    def rewrite_links(self, text: str) -> tuple[str, Delivered]:
+        """`text` with its Dify-relative links resolved (services/files/text_links.py): an image goes inline under
+        the bubble (uploaded, on a long connection) and leaves the text; another file becomes its signed link; one
+        that fails becomes the line saying so, the rest of the answer intact. Returns the text and what goes with
+        the final reply."""
+        delivered = Delivered()
+        for markup, link in {link.markup: link for link in dify_links(text)}.items():
+            part = Delivered(images=delivered.images, uploads=delivered.uploads)
+            before = len(part.images) + len(part.uploads)
+            outcome = "placed" if self._try(link.file, part) else "failed"
+            if outcome == "placed":
+                outcome = "inline" if len(part.images) + len(part.uploads) > before else "linked"
+            metrics.TEXT_LINKS.labels(self.bot, outcome).inc()
+            text = text.replace(markup, "\n".join(part.lines))
+        return text, delivered
+
+    def _try(self, file: DifyFile, delivered: Delivered) -> bool:
+        """Deliver one file onto `delivered`; a failure becomes the line saying so (False)."""
+        try:
+            self._one(file, delivered)
+            return True
+        except FetchError as exc:
+            self._count("too_large" if exc.reason == "too_large" else "failed")
+            logger.warning("a file Dify made could not be delivered: %s", exc.reason)
+            key = "file_too_large" if exc.reason == "too_large" else "file_failed"
+            delivered.lines.append(self.texts.say(key).format(name=file.name, size=size_text(self.max_bytes)))
+        except REDIS_FAILURES as exc:
+            self._count("failed")
+            logger.warning("a file's link could not be recorded: %s", exc)
+            delivered.lines.append(self.texts.say("file_failed").format(name=file.name))
+        return False
 
     def _one(self, file: DifyFile, delivered: Delivered) -> None:
         url = self.fetcher.resolve(file.url)

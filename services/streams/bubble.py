@@ -1,11 +1,14 @@
 """What the user's bubble shows at each stage of a stream.
 
 The poll renders with it, and the worker uses the same functions to learn which part of the answer the bubble
-could not show, so the two always agree on the remainder sent through `response_url`.
+could not show, so the two always agree on the remainder sent through `response_url`. No bubble or message shows a
+link Dify left relative (services/files/text_links.py): the answer's end resolves them, and until then, or when the
+answer fails first, they are hidden from what is shown.
 """
 
 from __future__ import annotations
 
+from services.files.text_links import hide_dify_links
 from services.texts import Texts
 from services.wecom.limits import MAX_CONTENT_BYTES, fit_bubble, fits
 from utils.text import cut_utf8, utf8_len
@@ -22,8 +25,8 @@ class BubbleRenderer:
         """While the answer streams: the text so far (cut to the limit), or the placeholder; below it, the `prompt`
         of a form waiting for its answer."""
         if prompt:
-            return fit_bubble(text, prompt, prompt)[0]
-        return fit_bubble(text, "", self.placeholder)[0]
+            return hide_dify_links(fit_bubble(text, prompt, prompt)[0])
+        return hide_dify_links(fit_bubble(text, "", self.placeholder)[0])
 
     def close_note(self, reason: str, has_response_url: bool) -> str:
         """The note of a bubble closed early (window or overflow), promising the rest only when we can send it."""
@@ -33,14 +36,17 @@ class BubbleRenderer:
 
     def closed(self, text_at_close: str, reason: str, has_response_url: bool) -> tuple[str, int]:
         """A bubble finished early: (content, characters of the text it shows)."""
-        return fit_bubble(text_at_close, self.close_note(reason, has_response_url), self.placeholder)
+        content, shown = fit_bubble(text_at_close, self.close_note(reason, has_response_url), self.placeholder)
+        return hide_dify_links(content), shown
 
     def final(self, text: str, note: str, has_response_url: bool) -> tuple[str, int]:
         """The finished answer with its note; an answer too long for one bubble says the rest follows."""
         if fits(text, note):
-            return fit_bubble(text, note, self.placeholder)
-        overflow = self.close_note(OVERFLOW, has_response_url)
-        return fit_bubble(text, f"{note} {overflow}" if note else overflow, self.placeholder)
+            content, shown = fit_bubble(text, note, self.placeholder)
+        else:
+            overflow = self.close_note(OVERFLOW, has_response_url)
+            content, shown = fit_bubble(text, f"{note} {overflow}" if note else overflow, self.placeholder)
+        return hide_dify_links(content), shown
 
 
 def text_at_close(text: str, closed_bytes: int) -> str:
@@ -62,11 +68,11 @@ def remainder_message(texts: Texts, remainder: str, note: str = "", header_key: 
     if utf8_len(body + tail) > MAX_CONTENT_BYTES:
         tail = f"\n\n{texts.say('remainder_truncated')}{' ' + note if note else ''}"
         body = cut_utf8(body, MAX_CONTENT_BYTES - utf8_len(tail))
-    return body + tail
+    return hide_dify_links(body + tail)
 
 
 def separate_message(texts: Texts, text: str, note: str) -> str:
     """The markdown of an answer that has no bubble (the rest of a run after a form's answer): a header, the text
     and the note, cut to what one message holds."""
     body = "\n\n".join(part for part in (texts.say("form_rest"), text.strip(), note) if part)
-    return cut_utf8(body, MAX_CONTENT_BYTES)
+    return hide_dify_links(cut_utf8(body, MAX_CONTENT_BYTES))

@@ -469,6 +469,10 @@ class AnswerRecorder:
         answer.new_fields = {}
         keep_in_step(answer, self.store, self.job.attempt, self.job.stream_id)
 
+    def replace_text(self, text: str) -> None:
+        """The whole answer becomes `text` (written after what is queued)."""
+        self._replace(text)
+
     def _replace(self, text: str) -> None:
         """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
         self.answer.text = text

@@ -313,11 +313,17 @@ class StreamWorker:
         self.deps.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
 
     def _deliver_files(self, answer: Answer, recorder: AnswerRecorder) -> list[dict]:
-        """The files Dify made: images inline on the final reply, links (or names, or why not) as lines of the
-        answer; in long-connection mode, the uploads the connection's holder makes after the answer."""
-        if not answer.files or self.deps.files is None:
+        """The files Dify made, and the Dify-relative links in the answer's text: images inline on the final reply,
+        links (or names, or why not) in the answer; in long-connection mode, the uploads the connection's holder
+        makes after the answer."""
+        if self.deps.files is None:
             return []
-        delivered = self.deps.files.deliver(answer.files)
+        text, delivered = self.deps.files.rewrite_links(answer.text)
+        if text != answer.text:
+            recorder.replace_text(text)
+        if not answer.files and not delivered.images and not delivered.uploads:
+            return []
+        delivered = self.deps.files.deliver(answer.files, delivered)
         answer.images = delivered.images
         if delivered.lines:
             recorder.write([("\n\n" if answer.text else "") + "\n".join(delivered.lines)])
