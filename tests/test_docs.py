@@ -26,7 +26,8 @@ def anchors(path) -> set[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
 def test_every_relative_link_reaches_a_file_and_heading(page):
-    for target in LINK.findall(page.read_text()):
+    prose = re.sub(r"`[^`\n]*`", "", page.read_text())  # a link written out in `code` is an example, not a link
+    for target in LINK.findall(prose):
         if target.startswith(("http://", "https://", "mailto:")):
             continue
         path, _, anchor = target.partition("#")
