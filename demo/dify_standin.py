@@ -424,6 +424,7 @@ class DifyStandIn:
         problem = "" if isinstance(body.get("user"), str) and body["user"] else "Arg user must be provided."
         if not isinstance(inputs, dict) or not inputs:
             problem = problem or "inputs is required"
+        problem = problem or self._check_files(body)
         if problem:
             await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
             return
@@ -606,7 +607,13 @@ class DifyStandIn:
         )
 
     def _check_files(self, body: dict) -> str:
-        for item in body.get("files") or []:
+        """Dify's check of the uploaded files a request names, in `files` and in `inputs` (a file variable's value:
+        one file object, or a list): each must be the request's own user's upload."""
+        named = list(body.get("files") or [])
+        for value in (body.get("inputs") or {}).values() if isinstance(body.get("inputs"), dict) else []:
+            values = value if isinstance(value, list) else [value]
+            named += [v for v in values if isinstance(v, dict) and "upload_file_id" in v]
+        for item in named:
             upload = self.uploads.get(item.get("upload_file_id", "")) if isinstance(item, dict) else None
             if upload is None or upload["user"] != body["user"] or item.get("transfer_method") != "local_file":
                 return "files: unknown upload_file_id for this user"

@@ -267,7 +267,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
-    media = MediaService(crypto, dify, profile)
+    media = MediaService(crypto, dify, profile, bot=name)
     fetcher = FileFetcher(settings.dify_base_url, settings.dify_files_url)
     files = FileDelivery(
         name,

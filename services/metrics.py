@@ -121,6 +121,12 @@ FILES = Counter(
     "connection), too_large, failed",
     ["bot", "outcome"],
 )
+USER_FILES = Counter(
+    "wecom_user_files_total",
+    "Files, images and videos users sent, by where they went: input (one of the Dify app's file variables), files "
+    "(Dify's sys.files), refused (the app takes none of the kind), failed (could not be read or uploaded)",
+    ["bot", "destination"],
+)
 TEXT_LINKS = Counter(
     "dify_text_links_total",
     "Dify-relative links in answer text (a knowledge base's images, file links), by what became of them: inline "

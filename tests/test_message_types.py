@@ -9,8 +9,10 @@ import threading
 import pytest
 from PIL import Image
 
+from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.texts import CATALOGUE
+from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import JPEG, KEYS, PNG, WS_BOT_ID, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
@@ -301,3 +303,72 @@ def test_on_a_long_connection_an_unknown_message_type_gets_a_finished_bubble(ws_
     final = wecom.final(wecom.deliver_message(WS_BOT_ID, "location", {"latitude": 1.0, "longitude": 2.0}), timeout=10)
     assert final["stream"]["content"] == CATALOGUE["zh"]["unsupported_message"]
     assert dify.chat_requests() == []
+
+
+# --- files into the app's file inputs (a workflow's or chatflow's Start variables of type file) ---------------------
+
+
+def file_input(name: str, *types: str, count: int = 1, extensions: tuple[str, ...] = ()) -> dict:
+    """A Start variable that takes files, as /parameters declares it."""
+    spec = {"variable": name, "label": name, "required": True, "allowed_file_types": list(types)}
+    spec |= {"allowed_file_extensions": list(extensions), "allowed_file_upload_methods": ["local_file"]}
+    return {"file-list": spec | {"max_length": count}} if count > 1 else {"file": spec}
+
+
+def test_a_pdf_alone_starts_a_workflow_whose_input_takes_it(make_app, serve, dify):
+    """The most common document workflow ('analyse this contract'): the file goes into the Start variable, as the
+    run's own user's upload, and the message needs no words."""
+    dify.mode = "workflow"
+    dify.parameters["user_input_form"] = [file_input("contract", "document")]
+    dify.script(apps.workflow_run("The contract runs for two years."))
+    sim = make_simulator(serve(make_app()).url)
+    url = sim.inbox.host(PDF, filename="contract.pdf")
+    conversation = follow_payload(sim, sim.message("file", {"url": url}))
+    assert conversation.text == "The contract runs for two years."
+    [(file_id, upload)] = dify.uploads.items()
+    [request] = dify.chat_requests()
+    assert request["inputs"]["contract"] == {
+        "type": "document",
+        "transfer_method": "local_file",
+        "upload_file_id": file_id,
+    }
+    assert upload["user"] == request["user"] and upload["name"] == "contract.pdf"
+    assert "files" not in request
+    sim.close()
+
+
+def test_the_files_of_a_mixed_message_fill_a_file_list_within_its_count(simulator, dify):
+    dify.mode = "advanced-chat"
+    dify.parameters["user_input_form"] = [file_input("photos", "image", count=2)]
+    items = [{"msgtype": "text", "text": {"content": "which is sharper?"}}]
+    items += [{"msgtype": "image", "image": {"url": simulator.inbox.host(data)}} for data in (PNG, JPEG, PNG)]
+    dify.script(d.answer("the first"))
+    conversation = follow_payload(simulator, simulator.message("mixed", {"msg_item": items}))
+    request = dify.chat_requests()[0]
+    assert [f["type"] for f in request["inputs"]["photos"]] == ["image", "image"]  # two: the input's count
+    assert request["query"] == "which is sharper?"
+    assert len(request["files"]) == 1  # the third went where the app takes images too
+    assert conversation.text == "the first"
+
+
+def test_a_file_the_apps_input_does_not_take_gets_one_clear_reply_and_no_dify_call(simulator, dify):
+    dify.mode = "workflow"
+    dify.parameters["user_input_form"] = [file_input("sheet", "custom", extensions=(".xlsx",))]
+    dify.parameters["file_upload"] = {"enabled": False}
+    conversation = follow_payload(simulator, simulator.message("file", {"url": simulator.inbox.host(PDF)}))
+    assert conversation.text == ZH["files_unsupported"]
+    assert dify.chat_requests() == [] and dify.uploads == {}
+
+
+def test_on_a_long_connection_a_file_goes_into_the_input_too(ws_gateway, dify):
+    """The medium carries its own aeskey there; it is decrypted with it and goes into the input as above."""
+    dify.mode = "workflow"
+    dify.parameters["user_input_form"] = [file_input("contract", "document")]
+    dify.script(apps.workflow_run("Read."))
+    _, wecom = ws_gateway()
+    aeskey = base64.b64encode(bytes(range(32))).decode().rstrip("=")
+    encryptor = media_cipher(aeskey).encryptor()
+    url = dify.server.url + dify.host_file(encryptor.update(pad32(PDF)) + encryptor.finalize(), "bin")
+    final = wecom.final(wecom.deliver_message(WS_BOT_ID, "file", {"url": url, "aeskey": aeskey}), timeout=15)
+    assert final["stream"]["content"] == "Read."
+    assert dify.chat_requests()[0]["inputs"]["contract"]["type"] == "document"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
@@ -14,6 +15,30 @@ from services.dify.errors import DifyError
 logger = logging.getLogger(__name__)
 
 _FORM_TYPES = ("text-input", "paragraph", "select", "number")
+_FILE_TYPES = ("file", "file-list")
+_DEFAULT_FILE_LIST_LENGTH = 5
+
+
+@dataclass(frozen=True, slots=True)
+class FileInput:
+    """A Start variable that takes files (`file`: one; `file-list`: up to `count`), as `/parameters` declares it:
+    Dify's file types (image, document, audio, video, custom) and, for custom, the extensions (`.pdf`)."""
+
+    name: str
+    count: int
+    types: frozenset[str]
+    extensions: frozenset[str]
+    required: bool = False
+
+    @property
+    def is_list(self) -> bool:
+        return self.count > 1
+
+    def takes(self, kind: str, extension: str) -> bool:
+        """Whether a file of Dify type `kind` with `extension` (no dot) may go into this input."""
+        if not self.types:
+            return True
+        return kind in self.types or ("custom" in self.types and f".{extension.lower()}" in self.extensions)
 
 
 class DifyAppProfile:
@@ -74,6 +99,30 @@ class DifyAppProfile:
         """Whether the app offers follow-up questions after each answer (`suggested_questions_after_answer`)."""
         setting = self.parameters().get("suggested_questions_after_answer")
         return isinstance(setting, dict) and setting.get("enabled") is True
+
+    def file_inputs(self) -> list[FileInput]:
+        """The inputs the app takes files into (a workflow's or chatflow's Start variables of type file or
+        file-list), in the form's order."""
+        found: list[FileInput] = []
+        form = self.parameters().get("user_input_form")
+        for item in form if isinstance(form, list) else []:
+            for kind in _FILE_TYPES:
+                spec = item.get(kind) if isinstance(item, dict) else None
+                if not isinstance(spec, dict) or not isinstance(spec.get("variable"), str):
+                    continue
+                length = spec.get("max_length")
+                count = 1 if kind == "file" else length if isinstance(length, int) and length > 0 else 0
+                extensions = {f".{str(e).lower().lstrip('.')}" for e in spec.get("allowed_file_extensions") or []}
+                found.append(
+                    FileInput(
+                        spec["variable"],
+                        count or _DEFAULT_FILE_LIST_LENGTH,
+                        frozenset(str(t) for t in spec.get("allowed_file_types") or []),
+                        frozenset(extensions),
+                        bool(spec.get("required")),
+                    )
+                )
+        return found
 
     def declared_inputs(self) -> dict[str, object]:
         """Variable name -> default for each input the app declares in its user input form."""

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from services.dify.app_profile import DifyAppProfile
+from services import metrics
+from services.dify.app_profile import DifyAppProfile, FileInput
 from services.dify.client import DifyClient
 from services.dify.errors import DifyError
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
@@ -46,11 +47,35 @@ class Declined(Exception):
 
 @dataclass
 class PreparedFiles:
-    """The Dify `files` for a message, and whether some were refused by the app or failed to load."""
+    """What a message's files become for Dify: the `files` (sys.files), the `inputs` of the app's file variables
+    (a file object, or a list of them), and whether some were refused by the app or failed to load."""
 
     files: list[dict] = field(default_factory=list)
+    inputs: dict[str, dict | list[dict]] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
     failed: int = 0
+
+    @property
+    def used(self) -> bool:
+        return bool(self.files or self.inputs)
+
+
+# Dify's file types by extension (what a Start variable's allowed_file_types speak of).
+_DIFY_TYPES = {
+    **dict.fromkeys(("jpg", "jpeg", "png", "gif", "webp", "svg"), IMAGE),
+    **dict.fromkeys(("mp3", "m4a", "wav", "amr", "mpga"), "audio"),
+    **dict.fromkeys(("mp4", "mov", "mpeg", "webm"), VIDEO),
+    **dict.fromkeys(
+        ("pdf", "txt", "md", "markdown", "html", "xlsx", "xls", "docx", "csv", "eml", "msg", "pptx", "ppt", "xml",
+         "epub"),
+        DOCUMENT,
+    ),
+}  # fmt: skip
+
+
+def dify_type(extension: str, kind: str) -> str:
+    """The Dify file type of a file with `extension`, else the kind WeCom sent it as."""
+    return _DIFY_TYPES.get(extension.lower(), kind)
 
 
 def sniff(data: bytes) -> tuple[str, str]:
@@ -101,6 +126,29 @@ def accepts(parameters: dict, kind: str) -> bool:
     return bool(upload.get("enabled")) and (kind in types or "custom" in types)
 
 
+class _InputSlots:
+    """The room left in an app's file inputs while a message's files are placed."""
+
+    def __init__(self, inputs: list[FileInput]):
+        self.inputs = inputs
+        self.left = {each.name: each.count for each in inputs}
+
+    def room(self) -> int:
+        return sum(self.left.values())
+
+    def may_take(self, kind: str) -> bool:
+        """Whether some input could take a file WeCom sent as `kind` (custom types decide by extension, later)."""
+        return any(each.takes(kind, "") or "custom" in each.types for each in self.inputs)
+
+    def take(self, kind: str, extension: str) -> FileInput | None:
+        """The first input with room that takes the file (its room taken), or None."""
+        for each in self.inputs:
+            if self.left[each.name] and each.takes(kind, extension):
+                self.left[each.name] -= 1
+                return each
+        return None
+
+
 class MediaService:
     def __init__(
         self,
@@ -108,10 +156,12 @@ class MediaService:
         dify: DifyClient,
         profile: DifyAppProfile,
         timeout: float = 20.0,
+        bot: str = "default",
     ):
         self.crypto = crypto
         self.dify = dify
         self.profile = profile
+        self.bot = bot
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=5.0),
             follow_redirects=True,
@@ -125,45 +175,67 @@ class MediaService:
     # --- WeCom -> Dify ----------------------------------------------------------------------------------------
 
     def prepare(self, attachments: list[tuple[str, ...]], dify_user: str) -> PreparedFiles:
-        """Download, decrypt and upload each (kind, url[, aeskey]) the app accepts; count refusals and failures."""
+        """Download, decrypt and upload (as the run's `dify_user`) each (kind, url[, aeskey]) the app takes: into the
+        first of its file inputs that takes the file's type and has room, else into `files` where the app accepts
+        them there; count refusals and failures."""
         result = PreparedFiles()
         if not attachments:
             return result
         parameters = self.profile.parameters()
-        for kind, url, *aeskey in attachments[: self._count_limit(parameters)]:
-            if not accepts(parameters, kind):
-                result.refused.add(kind)
+        slots = _InputSlots(self.profile.file_inputs())
+        for kind, url, *aeskey in attachments[: self._count_limit(parameters) + slots.room()]:
+            if not accepts(parameters, kind) and not slots.may_take(kind):
+                self._refuse(result, kind)
                 continue
             try:
                 data, name = self.fetch_inbound(url, self._size_limit(parameters, kind), *aeskey)
                 extension, mime = sniff(data)
-                filename = name or f"{kind}.{extension}"
-                file_id = self.dify.upload_file(data, filename, mime, dify_user)
+                extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
+                target = slots.take(dify_type(extension, kind), extension)
+                if target is None and not accepts(parameters, kind):
+                    self._refuse(result, kind)
+                    continue
+                file_id = self.dify.upload_file(data, name or f"{kind}.{extension}", mime, dify_user)
             except (MediaError, DifyError) as exc:
                 logger.warning("could not pass a %s to Dify: %s", kind, exc)
+                metrics.USER_FILES.labels(self.bot, "failed").inc()
                 result.failed += 1
                 continue
-            result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
+            if target is None:
+                result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
+            else:
+                given = {"type": dify_type(extension, kind), "transfer_method": "local_file", "upload_file_id": file_id}
+                if target.is_list:
+                    result.inputs.setdefault(target.name, []).append(given)
+                else:
+                    result.inputs[target.name] = given
+            metrics.USER_FILES.labels(self.bot, "files" if target is None else "input").inc()
         return result
+
+    def _refuse(self, result: PreparedFiles, kind: str) -> None:
+        result.refused.add(kind)
+        metrics.USER_FILES.labels(self.bot, "refused").inc()
 
     def files_for_question(
         self, attachments: list[tuple[str, ...]], typed_query: bool, dify_user: str
-    ) -> tuple[list[dict], str]:
-        """The Dify `files` for a question's attachments, and the key of a note on what had to be left out ("").
+    ) -> tuple[PreparedFiles, str]:
+        """What a question's attachments become for Dify (PreparedFiles), and the key of a note on what had to be
+        left out ("").
 
         Raises:
-            Declined: nothing usable is left and the user typed no words to ask with.
+            Declined: nothing usable is left and the user typed no words to ask with (a file alone that went into
+                one of the app's file inputs is a question of its own).
         """
         if not attachments:
-            return [], ""
+            return PreparedFiles(), ""
         prepared = self.prepare(attachments, dify_user)
-        if not prepared.files and not typed_query:
+        if not prepared.used and not typed_query:
             if prepared.failed:
                 raise Declined("media_failed", failed=True)
             raise Declined("images_unsupported" if IMAGE in prepared.refused else "files_unsupported")
         if prepared.refused:
-            return prepared.files, "images_ignored" if IMAGE in prepared.refused else "media_partial"
-        return prepared.files, "media_partial" if prepared.failed else ""
+            return prepared, "images_ignored" if IMAGE in prepared.refused else "media_partial"
+        return prepared, "media_partial" if prepared.failed else ""
 
     def fetch_inbound(self, url: str, max_bytes: int, aeskey: str = "") -> tuple[bytes, str | None]:
         """Download a WeCom media URL and decrypt it (with its own `aeskey` in long-connection mode, else with the

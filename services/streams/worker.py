@@ -144,7 +144,8 @@ class StreamWorker:
         inputs = through_outage(lambda: self.prepare(job), "authorizing the user")
         declared = deps.profile.declared_inputs()
         inputs |= {name: value for name, value in job.context_inputs(self.bot).items() if name in declared}
-        files, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
+        given, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
+        inputs |= given.inputs
         options = replace(self.options, app_type=deps.profile.app_type())
         conversation_id = ""
         if options.app_type != WORKFLOW:  # workflows keep no conversations
@@ -163,7 +164,7 @@ class StreamWorker:
                 user=job.dify_user,
                 inputs=inputs,
                 conversation_id=conversation_id,
-                files=files,
+                files=given.files,
                 app_type=options.app_type,
                 workflow_input=options.workflow_input,
             )
