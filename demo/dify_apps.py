@@ -10,7 +10,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from demo.dify_standin import answer, end, event, message, sleep, tool_file
+from demo.dify_standin import answer, end, event, knowledge_text, message, sleep, tool_file
 
 # --- scenario steps ------------------------------------------------------------------------------------------
 
@@ -154,7 +154,9 @@ def demo_workflow(query: str, language: str) -> list[tuple]:
 def demo_extra(query: str, language: str) -> list[tuple] | None:
     """Unscripted demo answers that show the newer events: 'think' (reasoning first: shown with
     SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' or '审批' (a run that waits for a
-    person's approval, shown as a card), 'report' or '报告' (an agent that makes a chart and a PDF)."""
+    person's approval, shown as a card), 'report' or '报告' (an agent that makes a chart and a PDF), 'handbook' or
+    '手册' (a knowledge-base answer with a picture and its sources), 'search' or '搜索' (a slow tool: the status
+    line while it runs)."""
     words = set(re.findall(r"[a-z]+", query.lower()))
     english = language == "en"
     if "think" in words:
@@ -167,7 +169,40 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
         return report_answer(english)
     if "form" in words or "approve" in words or "审批" in query:
         return approval_run("I need an approval first." if english else "需要先审批。", english)
+    if "handbook" in words or "手册" in query:
+        return knowledge_answer(english)
+    if "search" in words or "搜索" in query:
+        return slow_tool_answer(english)
     return None
+
+
+def knowledge_answer(english: bool) -> list[tuple]:
+    """A knowledge-base answer: its text holds the knowledge base's picture as a relative Dify link (the gateway
+    puts the picture under the bubble), and message_end names the documents it drew on (listed as sources)."""
+    text = "Employees get 12 days of annual leave." if english else "根据员工手册，年假为每年 12 天。"
+    names = ["Employee handbook.pdf", "Leave policy.docx"] if english else ["员工手册.pdf", "休假制度.docx"]
+    resources = [{"position": n, "document_name": name, "dataset_name": "HR"} for n, name in enumerate(names, 1)]
+    metadata = {"usage": {"total_tokens": 30, "latency": 0.4}, "retriever_resources": resources}
+    return [
+        *answer(text, pieces=4)[:-1],
+        knowledge_text("\n\n![image]({url})", bar_chart([12, 10, 15, 12])),
+        event("message_end", metadata=metadata),
+    ]
+
+
+def slow_tool_answer(english: bool) -> list[tuple]:
+    """A chatflow that calls a slow tool: after 3 s without text the bubble says which step runs."""
+    title = "Web search" if english else "联网搜索"
+    node = {"id": "exec-search", "node_id": "search", "node_type": "tool", "title": title}
+    before = "Let me look that up." if english else "我来查一下。"
+    after = " Found it: the office opens at 9." if english else "查到了：办公室早上 9 点开门。"
+    return [
+        message(before),
+        event("node_started", data=node),
+        sleep(4.5),
+        event("node_finished", data={**node, "status": "succeeded"}),
+        *answer(after, pieces=3),
+    ]
 
 
 def report_answer(english: bool) -> list[tuple]:

@@ -62,6 +62,12 @@ def message_file(url: str, file_type: str = "image", **fields) -> tuple:
     return event("message_file", type=file_type, belongs_to="assistant", url=url, id=str(uuid.uuid4()), **fields)
 
 
+def knowledge_text(text: str, data: bytes, mime: str = "image/png") -> tuple:
+    """A `message` whose text holds a knowledge-base file's relative link (`{url}` in `text`), as Dify writes one:
+    the stand-in serves the file at its signed preview URL."""
+    return ("knowledge_text", text, data, mime)
+
+
 def tool_file(data: bytes, extension: str, file_type: str = "document", filename: str = "") -> tuple:
     """A file a tool made: the stand-in serves it at a signed relative URL and sends its message_file event."""
     return ("tool_file", data, extension, file_type, filename)
@@ -738,6 +744,9 @@ class DifyStandIn:
             elif kind == "close":
                 await sink.close()
                 return
+            elif kind == "knowledge_text":
+                _, text, data, mime = step
+                await sink.event({"event": "message", "answer": text.replace("{url}", self.host_preview(data, mime))})
             elif kind == "tool_file":
                 _, data, extension, file_type, filename = step
                 fields = {"filename": filename} if filename else {}
@@ -977,7 +986,8 @@ _DEMO_TEXTS = {
         "body": "这是一个流式回答：每个词都是 Dify 的一个 `message` 事件，网关把它们写入 Redis，"
         "企业微信每秒轮询一次，看到的总是到目前为止的完整文本。\n\n"
         "- 发送 `error` 看看出错时的提示\n- 发送 `cut` 看看连接中断时的提示\n- 发送 `slow` 看一个较长的回答\n"
-        "- 发送 `think`、`agent` 或 `form` 看看推理过程、智能体应用和需要填表的应用\n- 发送 `/new` 开始新的对话\n",
+        "- 发送 `think`、`agent` 或 `form` 看看推理过程、智能体应用和需要填表的应用\n"
+        "- 发送 `手册` 或 `搜索` 看看知识库回答（图片与参考资料）和慢工具的进度提示\n- 发送 `/new` 开始新的对话\n",
         "slow": "{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n",
     },
     "en": {
@@ -988,7 +998,8 @@ _DEMO_TEXTS = {
         "and WeCom polls once a second, always seeing the whole text so far.\n\n"
         "- send `error` to see how a failure looks\n- send `cut` to see a broken connection\n"
         "- send `slow` for a longer answer\n- send `think`, `agent` or `form` for reasoning, an agent app and an app "
-        "that needs a form\n- send `/new` to start a new conversation\n",
+        "that needs a form\n- send `handbook` or `search` for a knowledge answer (a picture and its sources) and a "
+        "slow tool's status line\n- send `/new` to start a new conversation\n",
         "slow": "{i}. Paragraph {i} of a longer answer, to watch the bubble grow.\n",
     },
 }

@@ -295,3 +295,15 @@ def test_on_a_long_connection_the_status_line_rides_on_the_frames(ws_gateway, di
     assert final["stream"]["content"] == "Checking. Yes."
     status = ZH["progress_step"].format(step="Handbook")
     assert any(status in f["stream"]["content"] for f in wecom.frames(req_id) if not f["stream"].get("finish"))
+
+
+def test_the_demo_shows_a_knowledge_answer_and_a_slow_tool(ask, dify):
+    """The stand-in's unscripted answers for 手册 and 搜索 (`make demo`): a picture under the bubble and the
+    sources; the status line while the tool runs."""
+    handbook = ask("员工手册怎么说年假？")
+    assert handbook.text.startswith("根据员工手册，年假为每年 12 天。")
+    assert "1. 员工手册.pdf\n2. 休假制度.docx" in handbook.text and "/files/" not in handbook.text
+    assert len(handbook.last["msg_item"]) == 1
+    search = ask("帮我搜索一下开门时间")
+    assert any(ZH["progress_step"].format(step="联网搜索") in c for c in search.contents())
+    assert search.text == "我来查一下。查到了：办公室早上 9 点开门。"
