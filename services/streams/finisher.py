@@ -22,7 +22,7 @@ from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, separate_message, text_at_close
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, best_effort_value, delays_for, through_outage
+from services.streams.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
@@ -175,7 +175,7 @@ class Finisher:
         marked = best_effort_value(
             lambda: self.store.finish(job.stream_id, job.attempt, status, fields),
             "marking the stream as sent through response_url",
-            delays_for(patience),
+            steady_delays(patience),  # once Redis is back, within a second: a poll gives a lost lease 3 s
         )
         if marked is not None and marked.inflight_key:
             logger.info("stream marked as sent through response_url")

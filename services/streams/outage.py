@@ -34,6 +34,12 @@ def delays_for(seconds: float) -> tuple[float, ...]:
     return tuple(delays)
 
 
+def steady_delays(seconds: float, every: float = 1.0) -> tuple[float, ...]:
+    """Waits of `every` second that add up to at least `seconds`: for a write that must land soon after Redis is
+    back (before a poll gives the stream up: STREAM_TAKEOVER_GRACE_SECONDS), not whenever a growing wait ends."""
+    return (every,) * max(1, int(seconds / every) + 1)
+
+
 def through_outage(
     call: Callable[[], T],
     what: str,

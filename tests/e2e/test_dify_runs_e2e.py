@@ -42,6 +42,7 @@ class Deployment:
 
     def __init__(self, dify, wecom, redis_client, replicas: list[GunicornReplica]):
         self.dify, self.wecom, self.redis, self.replicas = dify, wecom, redis_client, replicas
+        self.asked = 0  # long-connection messages sent by ask_beside_the_holder (it may send more than one)
         urls = [r.url for r in replicas]
         self.sims = {
             name: WeComSimulator(urls, f"tok-{name}", key_of(name), callback_path=f"/wecom/callback/{name}")
@@ -68,6 +69,24 @@ class Deployment:
     def holder(self, bot: str) -> GunicornReplica:
         value = self.redis.get(f"bot:ws-{bot}:wecom_ws:{{ws-{bot}}}:lease") or ""
         return next(r for r in self.replicas if r.name == value.rpartition(" ")[0].split(":")[0])
+
+    def holder_pid(self, bot: str) -> int:
+        value = self.redis.get(f"bot:ws-{bot}:wecom_ws:{{ws-{bot}}}:lease") or ""
+        return int(value.rpartition(" ")[0].partition(":")[2] or 0)
+
+    def ask_beside_the_holder(self, bot: str, text: str, ready) -> tuple[str, str]:
+        """(req_id, stream id) of a long-connection message whose answer runs in another process than the one
+        holding the bot's connection, once `ready(req_id)`. Killing the holder's own process before it recorded
+        a frame's ack is another race (issue 35's R5, tested by the fault campaign), so a message the holder's
+        process took is left to go on by itself and another is sent (`self.asked` counts them all)."""
+        for _ in range(8):
+            req_id = self.wecom.deliver_text(f"ws-{bot}", text)
+            self.asked += 1
+            assert wait_until(lambda req_id=req_id: ready(req_id), timeout=15)
+            stream_id = self.wecom.frames(req_id)[0]["stream"]["id"]
+            if self.owner(f"ws-{bot}", stream_id)[1] != self.holder_pid(bot):
+                return req_id, stream_id
+        raise AssertionError("every answer ran in the holder's process")
 
     def close(self) -> None:
         for sim in self.sims.values():
@@ -119,8 +138,8 @@ def seen_on_the_long_connection(deployment: Deployment, req_id: str, timeout: fl
     return "\n".join([bubble, *sent])
 
 
-def assert_one_call_and_submissions(dify, submissions: int) -> None:
-    assert len(dify.chat_requests()) == 1, "one Dify call for the message"
+def assert_one_call_and_submissions(dify, submissions: int, messages: int = 1) -> None:
+    assert len(dify.chat_requests()) == messages, "one Dify call per message"
     assert [s["status"] for s in dify.form_submissions] == [200] * submissions
 
 
@@ -191,9 +210,7 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
         assert conversation.cards == []  # the card came once
     else:
         wecom = deployment.wecom
-        req_id = wecom.deliver_text("ws-hitl", "buy laptops")
-        assert wait_until(lambda: wecom.cards(req_id), timeout=15)
-        stream_id = wecom.frames(req_id)[0]["stream"]["id"]
+        req_id, stream_id = deployment.ask_beside_the_holder("hitl", "buy laptops", wecom.cards)
         deployment.kill_owner("hitl", stream_id)
         assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
         click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve")
@@ -201,7 +218,7 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
         seen = seen_on_the_long_connection(deployment, req_id)
         assert seen.count("APPROVED. comment=looks good") == 1 and seen.count("Waiting for approval...") == 1
     assert any(r["include_state_snapshot"] for r in dify.reattaches)
-    assert_one_call_and_submissions(dify, 1)
+    assert_one_call_and_submissions(dify, 1, deployment.asked or 1)
 
 
 @pytest.mark.parametrize(
@@ -225,14 +242,14 @@ def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployme
         assert sim.follow(first).text == SLOW_WHOLE.format("mid-run")
     else:
         wecom = deployment.wecom
-        req_id = wecom.deliver_text("ws-slow", "mid-run")
-        assert wait_until(lambda: "part one" in str(wecom.frames(req_id)), timeout=15)
-        deployment.kill_owner("slow", wecom.frames(req_id)[0]["stream"]["id"])
+        started = lambda req_id: "part one" in str(wecom.frames(req_id))  # noqa: E731
+        req_id, stream_id = deployment.ask_beside_the_holder("slow", "mid-run", started)
+        deployment.kill_owner("slow", stream_id)
         seen = seen_on_the_long_connection(deployment, req_id, timeout=SLOW_SECONDS + 20)
         assert seen.count("part one (mid-run). ") == 1 and seen.count("SLEPT (part two)") == 1
         assert ZH["orphaned"] not in seen
     assert len(dify.reattaches) == 1
-    assert_one_call_and_submissions(dify, 0)
+    assert_one_call_and_submissions(dify, 0, deployment.asked or 1)
 
 
 def test_a_typed_field_and_a_form_nobody_answers(deployment):

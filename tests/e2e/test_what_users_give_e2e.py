@@ -15,6 +15,7 @@ from services.texts import CATALOGUE
 from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import make_simulator, wait_until
 from tests.e2e.conftest import replica_env
+from tests.test_message_types import file_input
 
 pytestmark = pytest.mark.e2e
 ZH = CATALOGUE["zh"]
@@ -43,8 +44,7 @@ def deployment(dify, wecom_ws, redis_url, tmp_path):
 def test_a_pdf_alone_runs_a_workflow_whose_input_takes_it(deployment, dify):
     sim, _ = deployment
     dify.mode = "workflow"
-    spec = {"variable": "contract", "label": "Contract", "required": True, "allowed_file_types": ["document"]}
-    dify.parameters["user_input_form"] = [{"file": spec}]
+    dify.parameters["user_input_form"] = [file_input("contract", "document")]
     dify.script(apps.workflow_run("Two years, renewable."))
     conversation = sim.follow(sim.send(sim.message("file", {"url": sim.inbox.host(PDF, filename="contract.pdf")})))
     assert conversation.text == "Two years, renewable."
@@ -94,8 +94,7 @@ def test_an_unknown_message_type_gets_a_finished_bubble(deployment, dify, mode):
 def test_a_long_connection_file_with_its_own_key_reaches_the_input(deployment, dify):
     _, wecom = deployment
     dify.mode = "workflow"
-    spec = {"variable": "contract", "label": "Contract", "required": True, "allowed_file_types": ["document"]}
-    dify.parameters["user_input_form"] = [{"file": spec}]
+    dify.parameters["user_input_form"] = [file_input("contract", "document")]
     dify.script(apps.workflow_run("Read it."))
     aeskey = base64.b64encode(os.urandom(32)).decode().rstrip("=")
     encryptor = media_cipher(aeskey).encryptor()
