@@ -191,7 +191,8 @@ class MediaService:
                 data, name = self.fetch_inbound(url, self._size_limit(parameters, kind), *aeskey)
                 extension, mime = sniff(data)
                 extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
-                target = slots.take(dify_type(extension, kind), extension)
+                given_type = dify_type(extension, kind)
+                target = slots.take(given_type, extension)
                 if target is None and not accepts(parameters, kind):
                     self._refuse(result, kind)
                     continue
@@ -204,7 +205,7 @@ class MediaService:
             if target is None:
                 result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
             else:
-                given = {"type": dify_type(extension, kind), "transfer_method": "local_file", "upload_file_id": file_id}
+                given = {"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id}
                 if target.is_list:
                     result.inputs.setdefault(target.name, []).append(given)
                 else:
