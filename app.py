@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
         app.add_url_rule(path, f"callback.{name}", callback, methods=["POST"], defaults={"bot": name})
     app.add_url_rule(FILE_PATH + "<token>", "file_link", file_link)
+    if gateway.push is not None:  # without PUSH_API_TOKEN there is no push API: /api/push answers 404
+        app.add_url_rule("/api/push", "push", push, methods=["POST"])
+        app.add_url_rule("/api/push/<push_id>", "push_status", push_status, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach
@@ -148,6 +151,26 @@ def file_link(token: str):
         if served.error is not None:
             return _json(served.error, served.status)
         return Response(served.body, status=200, headers=served.headers, direct_passthrough=True)
+
+
+def push():
+    """A message to a long-connection bot's chat, sent once through its connection (services/push)."""
+    with log_context(replica=gateway().owner):
+        headers = request.headers
+        body = request.get_data(cache=False)
+        return _answer(gateway().push.accept(headers.get("Authorization"), headers.get("Idempotency-Key"), body))
+
+
+def push_status(push_id: str):
+    """What became of a push: queued, sent or failed."""
+    with log_context(replica=gateway().owner):
+        return _answer(gateway().push.status(request.headers.get("Authorization"), push_id))
+
+
+def _answer(answer) -> Response:
+    response = _json(answer.body, answer.status)
+    response.headers.update(answer.headers)
+    return response
 
 
 def healthz():

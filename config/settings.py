@@ -91,6 +91,9 @@ class Settings:
     wecom_ws_heartbeat_seconds: float = 30.0
     wecom_ws_lease_seconds: int = 10  # the connection holder's lease: a dead holder is replaced within this
     wecom_ws_kick_cooldown_seconds: int = 300  # after a foreign subscriber kicked us: no reconnect for this long
+    # WeCom's limits on the messages of one chat (docs/configuration.md): proactive sends wait within them
+    wecom_send_per_minute: int = 30
+    wecom_send_per_hour: int = 1000
     wecom_token: str = _secret()
     wecom_encoding_aes_key: str = _secret()
     wecom_callback_path: str = "/wecom/callback"
@@ -113,11 +116,13 @@ class Settings:
     dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
     show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
     show_citations: bool = True  # the knowledge documents an answer drew on, listed at its end
+    group_conversation: str = "per_user"  # per_user: each member's own Dify conversation; shared: one per group
     dify_files_url: str = ""  # where Dify's relative file URLs point ("" = the scheme and host of DIFY_BASE_URL)
 
     # --- files Dify makes, served by signed links (docs/configuration.md) --------------------------------------
     public_base_url: str = ""  # where users reach the gateway, e.g. https://bot.example.com ("" = no links)
     file_link_secret: str = _secret()  # signs the links; the same on every replica
+    push_api_token: str = _secret()  # the bearer token of POST /api/push ("" = no push API: it answers 404)
     file_link_ttl_seconds: int = 3600
     file_max_bytes: int = 20 * 1024 * 1024  # the largest file a link serves, or a long connection uploads
 
@@ -176,6 +181,7 @@ class Settings:
         found = [self.wecom_token, self.wecom_encoding_aes_key, self.wecom_bot_secret, self.dify_api_key]
         found.append(self.auth_api_key)
         found.append(self.file_link_secret)
+        found.append(self.push_api_token)
         found.append(self.redis_sentinel_password)
         for url in (self.redis_url, self.database_url, self.database_read_url):
             found.append(_url_password(url))
@@ -260,6 +266,11 @@ def _check_file_links(s: Settings, problems: _Problems) -> None:
         60 <= s.file_link_ttl_seconds <= 7 * 24 * 3600, "FILE_LINK_TTL_SECONDS", "must be between 60 and 604800"
     )
     problems.require(s.file_max_bytes > 0, "FILE_MAX_BYTES", "must be positive")
+    problems.require(
+        not s.push_api_token or len(s.push_api_token) >= 16,
+        "PUSH_API_TOKEN",
+        "must be at least 16 characters (or empty: no push API)",
+    )
 
 
 def _check_bot(s: Settings, problems: _Problems) -> None:
@@ -309,11 +320,18 @@ def _check_long_connection(s: Settings, problems: _Problems) -> None:
     problems.require(s.wecom_ws_heartbeat_seconds > 0, "WECOM_WS_HEARTBEAT_SECONDS", "must be positive")
     problems.require(2 <= s.wecom_ws_lease_seconds <= 60, "WECOM_WS_LEASE_SECONDS", "must be between 2 and 60")
     problems.require(s.wecom_ws_kick_cooldown_seconds >= 0, "WECOM_WS_KICK_COOLDOWN_SECONDS", "must be 0 or more")
+    problems.require(s.wecom_send_per_minute >= 1, "WECOM_SEND_PER_MINUTE", "must be at least 1")
+    problems.require(
+        s.wecom_send_per_hour >= s.wecom_send_per_minute, "WECOM_SEND_PER_HOUR", "must be >= WECOM_SEND_PER_MINUTE"
+    )
 
 
 def _check_dify(s: Settings, problems: _Problems) -> None:
     problems.require(s.dify_app_type in DIFY_APP_TYPES, "DIFY_APP_TYPE", f"must be one of {', '.join(DIFY_APP_TYPES)}")
     problems.require(bool(s.dify_workflow_input), "DIFY_WORKFLOW_INPUT", "must name the workflow's input variable")
+    problems.require(
+        s.group_conversation in ("per_user", "shared"), "GROUP_CONVERSATION", "must be 'per_user' or 'shared'"
+    )
     problems.require(
         _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
     )

@@ -228,6 +228,7 @@ class DifyStandIn:
         self.server = StandInServer(self.handle, host, port, tls)
         self.requests: list[dict] = []
         self.stops: list[tuple[str, dict]] = []
+        self.stop_paths: list[str] = []  # which stop endpoint each of `stops` called
         self.open_streams = 0
         self.parameters = default_parameters()
         self.conversations: dict[str, str] = {}  # conversation id -> the end-user it belongs to
@@ -266,6 +267,7 @@ class DifyStandIn:
             self._scripts.clear()
             self.requests.clear()
             self.stops.clear()
+            self.stop_paths.clear()
             self.parameters = default_parameters()
             self.file_fetches.clear()
             registries = (self.conversations, self.questions, self.messages, self.uploads, self.files, self.previews)
@@ -363,6 +365,7 @@ class DifyStandIn:
         elif request.method == "POST" and path.endswith("/stop") and path.startswith(_STOP_PATHS):
             task_id = path.split("/")[-2]
             self.stops.append((task_id, request.json() or {}))
+            self.stop_paths.append(path)
             await conn.send(200, {"result": "success"})
         else:
             await conn.send(404, {"code": "not_found", "message": "The requested URL was not found", "status": 404})

@@ -3,8 +3,11 @@
 It plays what the live service was seen doing: `aibot_subscribe` acked (853000 for a wrong bot_id or secret, the
 socket left open), one connection per bot (a second subscriber makes the server send the first a
 `disconnected_event` and close it a little later), `ping` acked, every stream frame acked, 846605 for a req_id
-that is not the connection's, 846608 for a frame past the stream's window. Tests deliver messages and events to
-whichever connection holds a bot, and read back the frames each req_id got.
+that is not the connection's, 846608 for a frame past the stream's window, 846609 for anything but a subscription
+on a socket WeCom no longer counts as subscribed (`unsubscribe`), 6000 for a proactive send while a stream of that
+chat is still open (and whatever errcodes a test queues with `refuse_sends`), WeCom's per-chat limits on proactive
+sends (`send_limit`; over them a refusal), and pings left unanswered while `answer_pings` is off (a dead link).
+Tests deliver messages and events to whichever connection holds a bot, and read back the frames each req_id got.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from websockets.exceptions import ConnectionClosed
 
 from demo.wecom_simulator import template_card_event
 
-BAD_CREDENTIALS, DEAD_REQ_ID, STREAM_EXPIRED = 853000, 846605, 846608
+BAD_CREDENTIALS, DEAD_REQ_ID, STREAM_EXPIRED, NOT_SUBSCRIBED = 853000, 846605, 846608, 846609
+COMMAND_CONFLICT = 6000
+OVER_LIMIT = 45009  # WeCom's "over the frequency limit"
 INVALID_UPLOAD = 40009  # a stand-in's code for an upload WeCom would refuse
 UPLOAD_CAPS = {"image": 10 * 2**20, "file": 20 * 2**20, "voice": 2 * 2**20, "video": 10 * 2**20}
 
@@ -64,6 +69,12 @@ class WeComWebSocketStandIn:
         self.media: dict[str, dict] = {}  # media_id -> {type, filename, data, chunks}: uploads finished
         self._uploads: dict[str, dict] = {}  # upload_id -> an upload in progress
         self.pings = 0
+        self.answer_pings = True  # off: pings get no answer (a link that died without closing)
+        self.ack_delay = 0.0  # seconds between showing a stream frame and acking it (WeCom's: about 0.3 s)
+        self.refuse_sends: list[int] = []  # errcodes the next proactive sends get, in order
+        self.send_limit: tuple[int, float] = (30, 60.0)  # proactive sends a chat may get per that many seconds
+        self.refused_sends: list[tuple[dict, int]] = []  # (body, errcode) of every proactive send refused
+        self._sends_by_chat: dict[str, list[float]] = {}
         self._loop = asyncio.new_event_loop()
         self._server = None
         self._ready = threading.Event()
@@ -142,6 +153,10 @@ class WeComWebSocketStandIn:
     def cards(self, req_id: str) -> list[dict]:
         """The template cards that rode on a message's stream frames."""
         return [frame["template_card"] for frame in self.frames(req_id) if "template_card" in frame]
+
+    def unsubscribe(self, bot_id: str) -> None:
+        """WeCom stops counting the bot's connection as subscribed, the socket left open (846609 from now on)."""
+        self.holders.pop(bot_id, None)
 
     def kick(self, bot_id: str) -> None:
         """A subscriber that is not the gateway (an old deployment, a laptop) takes the bot."""
@@ -223,8 +238,12 @@ class WeComWebSocketStandIn:
                 self.subscribes.append((bot_id, time.monotonic()))
                 if previous is not None and previous is not connection:
                     await self._disconnect(previous)
+        elif connection not in self.holders.values():
+            errcode = NOT_SUBSCRIBED
         elif cmd == "ping":
             self.pings += 1
+            if not self.answer_pings:
+                return
         elif cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg", "aibot_respond_update_msg"):
             delivery = self.deliveries.get(req_id)
             if delivery is None or delivery.connection is not connection:
@@ -238,13 +257,37 @@ class WeComWebSocketStandIn:
             else:
                 delivery.frames.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
         elif cmd == "aibot_send_msg":
-            self.proactive.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
+            errcode = self._proactive(body)
         elif cmd.startswith("aibot_upload_media_"):
             errcode, answer = self._upload(cmd, body)
         ack = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": "ok" if not errcode else "refused"}
         if answer:
             ack["body"] = answer
+        if self.ack_delay and cmd == "aibot_respond_msg":
+            asyncio.ensure_future(self._ack_later(connection, ack))
+            return
         await connection.send(_dump(ack))
+
+    async def _ack_later(self, connection: ServerConnection, ack: dict) -> None:
+        await asyncio.sleep(self.ack_delay)
+        try:
+            await connection.send(_dump(ack))
+        except ConnectionClosed:
+            pass
+
+    def _proactive(self, body: dict) -> int:
+        """An aibot_send_msg: taken (0), or refused as a test queued, or over the chat's limit."""
+        chat = str(body.get("chatid", ""))
+        limit, seconds = self.send_limit
+        now = time.monotonic()
+        recent = [t for t in self._sends_by_chat.get(chat, []) if now - t < seconds]
+        errcode = self.refuse_sends.pop(0) if self.refuse_sends else (OVER_LIMIT if len(recent) >= limit else 0)
+        self._sends_by_chat[chat] = recent + [now]  # WeCom counts what it refuses too
+        if errcode:
+            self.refused_sends.append((body, errcode))
+        else:
+            self.proactive.append({**body, "_received_at": time.time()} if self.stamp_frames else body)
+        return errcode
 
     def _upload(self, cmd: str, body: dict) -> tuple[int, dict | None]:
         """The three steps of a media upload (init -> upload_id, chunks of at most 512 KB, finish -> media_id), with

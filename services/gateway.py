@@ -43,8 +43,11 @@ from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
+from services.longconn.pacing import ChatWindow
 from services.longconn.uploads import FileSender
 from services.media.service import MediaService
+from services.push.api import PushApi
+from services.push.pushes import BotPushes
 from services.redis_conn import REDIS_FAILURES, connect_redis
 from services.redis_url import parse_redis_url
 from services.replication import Replication
@@ -54,6 +57,7 @@ from services.streams.finisher import Finisher
 from services.streams.recorder import AnswerOptions
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamService
+from services.streams.stop import AnswerStopper
 from services.streams.store import StreamStore
 from services.streams.worker import StreamWorker, WorkerDeps
 from services.streams.writer import AppendBatcher
@@ -85,6 +89,7 @@ class Bot:
     health: DifyHealth
     files: FileDelivery  # the files Dify makes: inline, linked, or uploaded
     holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
+    pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
     def close(self) -> None:
@@ -118,6 +123,7 @@ class Gateway:
     appender: AppendBatcher
     bots: dict[str, Bot]
     files: FileServer  # serves the signed links to the files Dify makes, for every bot
+    push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
     started: bool = False  # start() ran: this is a serving process
 
     def bot(self, name: str | None = None) -> Bot:
@@ -213,6 +219,10 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         replica_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
     built = {bot.bot_name: _bot(bot, shared) for bot in bots}
+    push = None
+    if settings.push_api_token:
+        pushes = {name: bot.pushes for name, bot in built.items() if bot.pushes is not None}
+        push = PushApi(settings.push_api_token, pushes, {name for name, bot in built.items() if bot.pushes is None})
     return Gateway(
         settings=settings,
         owner=owner,
@@ -226,6 +236,7 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
             _link_signer(settings),
             {name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in built.items()},
         ),
+        push=push,
     )
 
 
@@ -283,6 +294,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     forms = FormService(FormStore(client, keys), dify, texts, name)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
+    stopper = AnswerStopper(store, dify, profile, texts, name)
     deps = WorkerDeps(
         store=store,
         dify=dify,
@@ -303,6 +315,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         profile=profile,
         forms=forms,
         files=files,
+        stopper=stopper,
     )
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
     options = AnswerOptions(
@@ -312,7 +325,17 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         workflow_output=settings.dify_workflow_output,
     )
     worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=name, options=options)
-    streams = StreamService(store, shared.runner, worker, texts, bubble, owner, settings.stream_window_seconds, name)
+    streams = StreamService(
+        store,
+        shared.runner,
+        worker,
+        texts,
+        bubble,
+        owner,
+        settings.stream_window_seconds,
+        name,
+        shared_groups=settings.group_conversation == "shared",
+    )
     forms.go_on_separately = streams.continue_form
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message, name),
@@ -322,7 +345,15 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     callback = CallbackHandler(
         Envelope(crypto, settings.wecom_timestamp_tolerance),
-        MessageIntake(streams, conversations, texts, settings.wecom_bot_name, forms),
+        MessageIntake(
+            streams,
+            conversations,
+            texts,
+            settings.wecom_bot_name,
+            forms,
+            stopper,
+            authorize=authorizer.inputs_for if authorizer is not None else None,
+        ),
         streams,
         events,
         texts,
@@ -346,6 +377,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         files=files,
         consumer=_consumer(settings, shared, keys, streams) if long_connection else None,  # first: the queue
         holder=_holder(settings, shared, keys, callback, files) if long_connection else None,
+        pushes=_pushes(settings, shared, keys, streams) if long_connection else None,  # after: its outbox
     )
 
 
@@ -365,7 +397,14 @@ def _holder(
             settings.bot_name, shared.client, keys, files.refs, files.fetcher, callback.texts, store.meta, session
         )
 
-    return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner, sender)
+    sends = ChatWindow(shared.client, keys.ws_sends, settings.wecom_send_per_minute, settings.wecom_send_per_hour)
+    return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner, sends, sender)
+
+
+def _pushes(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> BotPushes:
+    """A long-connection bot's pushes, sent through the outbox its holder delivers."""
+    quota = ChatWindow(shared.client, keys.push_quota, settings.wecom_send_per_minute, settings.wecom_send_per_hour)
+    return BotPushes(settings.bot_name, shared.client, keys, streams.store, streams.outbox, quota, shared.owner)
 
 
 def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:

@@ -73,6 +73,21 @@ class Keys:
         """Counter bumped at every new holder: the fencing token a holder's frames are checked against."""
         return f"{self.prefix}wecom_ws:{{{bot_id}}}:generation"
 
+    def ws_sends(self, chat: str) -> str:
+        """Sorted set of the proactive messages sent to a chat in the last hour (score: when): WeCom's per-chat
+        limits, kept across replicas (services/longconn/pacing.py)."""
+        return f"{self.prefix}wecom_ws_sends:{chat}"
+
+    # --- the push API (services/push) ---------------------------------------------------------------------------
+
+    def push_quota(self, chat: str) -> str:
+        """Sorted set of the pushes accepted for a chat in the last hour (score: when), against WeCom's limits."""
+        return f"{self.prefix}push_quota:{chat}"
+
+    def push_idempotency(self, idempotency_key: str) -> str:
+        """String: the push id an Idempotency-Key was given (24 h). The name holds the key's SHA-256."""
+        return f"{self.prefix}push_idempotency:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+
     # --- streams (hash + the Redis message list + the owner's lease) ----------------------------------------
 
     def stream(self, stream_id: str) -> str:

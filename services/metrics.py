@@ -183,6 +183,29 @@ DEPENDENCY_UP = Gauge(
     ["dependency"],
     multiprocess_mode="livemostrecent",
 )
+STOPS = Counter(
+    "wecom_stops_total",
+    "/stop commands by outcome: stopped (an answer ended), nothing (no answer was streaming in that chat)",
+    ["bot", "outcome"],
+)
+DIFY_STOPS = Counter(
+    "dify_stop_calls_total", "Calls of Dify's stop endpoint by reason: user, timeout", ["bot", "reason"]
+)
+PUSHES = Counter(
+    "wecom_pushes_total",
+    "Push API messages by outcome: accepted, refused_quota (429), sent, failed (a WeCom refusal; given up after 3)",
+    ["bot", "outcome"],
+)
+WS_MISSED_PONGS = Counter(
+    "wecom_ws_missed_pongs_total",
+    "Long-connection pings WeCom left unanswered; two in a row drop the connection, which is then made again",
+    ["bot"],
+)
+WS_PACED = Counter(
+    "wecom_ws_sends_paced_total",
+    "Proactive sends that waited for their chat's window of WeCom's limits (30 a minute, 1,000 an hour)",
+    ["bot"],
+)
 WS_SUBSCRIBE_REFUSALS = Counter(
     "wecom_ws_subscribe_refusals_total",
     "Long-connection mode: subscriptions WeCom refused (bad bot_id or secret); the deployment backs off",
@@ -207,7 +230,8 @@ DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 RESPONSE_URL_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
-WS_ERRCODES_SEEN = ("846605", "846608")  # a dead req_id, an expired stream (services/longconn/frames.py)
+# a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (services/longconn/frames.py)
+WS_ERRCODES_SEEN = ("846605", "846608", "846609", "6000")
 SENT = ("sent", "failed")
 CARD_KINDS = ("form", "suggestions", "welcome")
 # The writes that wait for a Redis replica (services/replication.py).
@@ -215,6 +239,9 @@ REPLICATED_WRITES = ("msgid_claim", "stream_open", "stream_end", "answer_queue",
 FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
+STOP_OUTCOMES = ("stopped", "nothing")
+PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed")
+DIFY_STOP_REASONS = ("user", "timeout")
 
 
 def initialise(bot: str, long_connection: bool = False) -> None:
@@ -252,10 +279,18 @@ def initialise(bot: str, long_connection: bool = False) -> None:
         FORM_CLICKS.labels(bot, outcome)
     for result in FORM_SUBMISSION_RESULTS:
         FORM_SUBMISSIONS.labels(bot, result)
+    for outcome in STOP_OUTCOMES:
+        STOPS.labels(bot, outcome)
+    for reason in DIFY_STOP_REASONS:
+        DIFY_STOPS.labels(bot, reason)
     if long_connection:
         for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
             metric.labels(bot)
         WS_SUBSCRIBE_REFUSALS.labels(bot)
+        WS_PACED.labels(bot)
+        WS_MISSED_PONGS.labels(bot)
+        for outcome in PUSH_OUTCOMES:
+            PUSHES.labels(bot, outcome)
         for result in SENT:
             WS_OUTBOX.labels(bot, result)
         for errcode in WS_ERRCODES_SEEN:

@@ -56,8 +56,12 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "too_many_in_flight": "你还有 3 条消息正在回答中，请等其中一条完成后再发送。",
         "rate_limited": "你发送消息太频繁了，请稍等一分钟再试。",
         "new_conversation": "好的，已开始新的对话。",
+        "new_group_conversation": "好的，本群已开始新的对话。",
+        "stopped_note": "（已停止回答。）",
+        "stop_done": "好的，已停止回答。",
+        "nothing_to_stop": "当前没有正在进行的回答。",
         "help": "可以直接向我提问，也可以发送图片或语音。\n\n命令：\n"
-        "/new 或 /reset：开始新的对话（之前的上下文不再使用）\n/help：显示本帮助",
+        "/new 或 /reset：开始新的对话（之前的上下文不再使用）\n/stop 或 /停止：停止正在进行的回答\n/help：显示本帮助",
         "image_query": "请看这张图片。",
         "file_query": "请阅读这个文件。",
         "quote_context": "我引用了这条消息：\n{quoted}\n\n{query}",
@@ -135,8 +139,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "too_many_in_flight": "You have 3 questions being answered. Please wait for one to finish before sending more.",
         "rate_limited": "You are sending messages too quickly. Please wait a minute and try again.",
         "new_conversation": "OK, a new conversation has started.",
+        "new_group_conversation": "OK, a new conversation has started for this group.",
+        "stopped_note": "(Stopped.)",
+        "stop_done": "OK, the answer was stopped.",
+        "nothing_to_stop": "No answer is in progress.",
         "help": "Ask me anything, or send a picture or a voice message.\n\nCommands:\n/new or /reset: start a "
-        "new conversation (earlier context is dropped)\n/help: show this help",
+        "new conversation (earlier context is dropped)\n/stop or /cancel: stop the answer in progress\n"
+        "/help: show this help",
         "image_query": "Please look at this image.",
         "file_query": "Please read this file.",
         "quote_context": "I am quoting this message:\n{quoted}\n\n{query}",

@@ -261,6 +261,15 @@ def pair(make_pair) -> tuple[LiveServer, LiveServer]:
 
 
 @pytest.fixture
+def sims(pair):
+    """A WeCom simulator for each replica of `pair` (a module may give `pair` settings of its own)."""
+    made = [make_simulator(server.url) for server in pair]
+    yield made
+    for sim in made:
+        sim.close()
+
+
+@pytest.fixture
 def user_table(mysql_url):
     """The test database's wecom_users table, created if needed and emptied: add the users a test needs."""
     engine = db.make_engine(mysql_url, timeout=3)

@@ -108,7 +108,7 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
         assert store.finish("every-word", attempt, DONE) is not None
         outbox = bot.holder.orphans.outbox
         outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation
-        outbox.shown("every-word", "the whole answer")
+        store.record("every-word", {"ws_shown": "the whole answer"})  # its last frame's ack, from the old holder
         time.sleep(1)
         assert not wecom.proactive  # not in the connection's first seconds: the old holder's acks come first
         assert wait_until(lambda: wecom.proactive, timeout=15)

@@ -29,19 +29,23 @@ def directory(user_table):
     return user_table
 
 
+def external_auth(auth, mysql_url) -> dict:
+    """The settings of AUTH_MODE=external against the auth stand-in and the test database, with short timeouts."""
+    return dict(
+        auth_mode="external",
+        auth_api_url=auth.url,
+        auth_api_key=AUTH_KEY,
+        database_url=mysql_url,
+        auth_timeout=1.0,
+        database_timeout=1.0,
+        auth_token_margin=60,
+    )
+
+
 @pytest.fixture
 def auth_app(make_app, mysql_url, auth, directory):
     def build(**changes):
-        options = dict(
-            auth_mode="external",
-            auth_api_url=auth.url,
-            auth_api_key=AUTH_KEY,
-            database_url=mysql_url,
-            auth_timeout=1.0,
-            database_timeout=1.0,
-            auth_token_margin=60,
-        )
-        return make_app(**{**options, **changes})
+        return make_app(**{**external_auth(auth, mysql_url), **changes})
 
     return build
 

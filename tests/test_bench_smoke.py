@@ -127,3 +127,18 @@ def test_file_links():
 
     result = file_links.main(["--megabytes", "1", "--downloaders", "2", "--rounds", "1"])
     assert result["downloads"] == 2 and result["throughput_mb_per_s"] > 0
+
+
+def test_push():
+    from bench import push
+
+    result = push.main(["--pushes", "20", "--chats", "4", "--clients", "2", "--deliver-timeout", "20"])
+    assert result["delivered_once"] == 20 and result["missing"] == 0 and result["duplicates"] == 0
+
+
+def test_longconn_waits():
+    from bench import longconn_waits
+
+    result = longconn_waits.main(["--messages", "3", "--streams", "2", "--deltas", "4", "--stream-seconds", "1"])
+    assert result["healthy"]["answered"] == 3 and result["no_replica"]["answered"] == 3
+    assert result["healthy"]["complete"] == 2 and result["no_replica"]["complete"] == 2

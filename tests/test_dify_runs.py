@@ -16,14 +16,6 @@ from tests.test_forms import ask_and_click
 ZH = CATALOGUE["zh"]
 
 
-@pytest.fixture
-def sims(pair):
-    made = [make_simulator(server.url) for server in pair]
-    yield made
-    for sim in made:
-        sim.close()
-
-
 def only_grows(contents: list[str]) -> bool:
     """The bubble's text only ever grew (nothing withdrawn, nothing shown twice)."""
     shown = [c for c in contents if c != ZH["placeholder"]]

@@ -20,16 +20,6 @@ ZH = CATALOGUE["zh"]
 DONE = " The request was handled."
 
 
-@pytest.fixture
-def sims(pair):
-    """Simulators for replica a and replica b of one deployment."""
-    a, b = pair
-    made = [make_simulator(a.url), make_simulator(b.url)]
-    yield made
-    for sim in made:
-        sim.close()
-
-
 def approval(**spec) -> list[tuple]:
     return [apps.workflow_started(), d.message("Need approval."), apps.form(**spec)]
 

@@ -179,6 +179,16 @@ CASES = {
         [series("wecom_ws_foreign_kicks_total", "0 0 1 1", bot="ops")],
         {"1m": None, "2m": {"bot": "ops"}},
     ),
+    "a push WeCom refused": case(
+        "WecomGatewayPushesFailing",
+        [series("wecom_pushes_total", "0 0 1 1", bot="ops", outcome="failed")],
+        {"1m": None, "2m": {"bot": "ops"}},
+    ),
+    "pushes sent are quiet": case(
+        "WecomGatewayPushesFailing",
+        [series("wecom_pushes_total", "0 5 10 15", bot="ops", outcome="sent")],
+        {"3m": None},
+    ),
     "writes a replica did not confirm": case(
         "WecomGatewayWritesNotReplicated",
         [series("redis_writes_unreplicated_total", "0 0 2 2", bot="b", write="msgid_claim")],

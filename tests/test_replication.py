@@ -11,6 +11,7 @@ import redis
 from services import metrics
 from services.keys import Keys
 from services.longconn.jobs import JobQueue
+from services.longconn.ledger import AckLedger
 from services.longconn.outbox import Outbox
 from services.redis_conn import connect_redis
 from services.replication import Replication
@@ -64,7 +65,9 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         outbox.track("s1", "req-1", 3, "alice", True)
         queue.submit("s1", owner)
         store.append("s1", owner, ["Hello"], 0)
-        outbox.shown("s1", "Hello")
+        ledger = AckLedger(client, keys, store.durable, outbox.open_key)
+        ledger.shown("s1", "Hello")
+        ledger.flush()
         assert outbox.claim("s1", "holder:1")
         outbox.sent("s1")
         assert store.finish("s1", owner, DONE) is not None

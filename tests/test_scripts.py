@@ -72,6 +72,8 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.release_leases({"s1": "A"})
     store.take("s1", "A", "B")
     store.count_dify_call("s1")
+    store.stop("s1", "stopped")
+    store.claim_dify_stop("s1")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
     names = {source: name for name, source in scripts.ALL.items()}
     assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called

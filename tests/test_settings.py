@@ -102,6 +102,12 @@ def test_production_fails_closed_instead_of_falling_back_to_an_embedded_store(ch
     assert caught.value.problems == [line]
 
 
+def test_a_bad_group_conversation_mode_is_one_line():
+    with pytest.raises(SettingsError) as caught:
+        load({**VALID, "GROUP_CONVERSATION": "everyone"})
+    assert caught.value.problems == ["GROUP_CONVERSATION must be 'per_user' or 'shared'"]
+
+
 def test_every_problem_is_reported_at_once():
     env = {"REDIS_URL": "", "WECOM_TOKEN": "", "DIFY_API_KEY": "", "DIFY_READ_TIMEOUT": "soon", "PORT": "0"}
     with pytest.raises(SettingsError) as caught:

@@ -1,16 +1,28 @@
-"""What a user's message becomes: a command (/new, /reset, /help) answered at once, a polite refusal of an
+"""What a user's message becomes: a command (/new, /reset, /stop, /help) answered at once, a polite refusal of an
 empty message, the typed value of a form that waits for it, or a question (the words, the quote as context, the
 images and files) that opens a stream."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from services.chat.queries import HELP, NEW_CONVERSATION, parse_command, quoted_image_urls, strip_mention, with_quote
+from services.auth.authorizer import AuthError
+from services.chat.queries import (
+    HELP,
+    NEW_CONVERSATION,
+    STOP,
+    parse_command,
+    quoted_image_urls,
+    strip_mention,
+    with_quote,
+)
 from services.forms.service import FormService
 from services.media.service import DOCUMENT, IMAGE, VIDEO
-from services.streams.conversations import ConversationStore
+from services.redis_conn import REDIS_FAILURES
+from services.streams.conversations import ConversationStore, conversation_member
 from services.streams.service import StreamService
+from services.streams.stop import AnswerStopper
 from services.texts import Texts
 from services.wecom.messages import UNSUPPORTED, Inbound
 
@@ -25,7 +37,11 @@ class MessageIntake:
         texts: Texts,
         bot_name: str = "",
         forms: FormService | None = None,
+        stopper: AnswerStopper | None = None,
+        authorize: Callable[[str], object] | None = None,
     ):
+        self.authorize = authorize  # raises AuthError for a user who may not ask the bot (None: everyone may)
+        self.stopper = stopper
         self.streams = streams
         self.conversations = conversations
         self.texts = texts
@@ -46,11 +62,16 @@ class MessageIntake:
             self.streams.count("command")
             if name == HELP:
                 return self.streams.finish_at_once(self.texts.say("help"))
+            if name == STOP and self.stopper is not None:
+                return self._stop(message)
             if name == NEW_CONVERSATION:
-                self.conversations.forget(message.aibotid, message.chatid, message.userid)
-                logger.info("conversation reset by the user")
+                try:
+                    said = self._new_conversation(message)
+                except AuthError as refusal:
+                    logger.info("not starting the group's conversation afresh: %s", refusal.code)
+                    return self.streams.finish_at_once(self.texts.failure_note(refusal))
                 if not text:
-                    return self.streams.finish_at_once(self.texts.say("new_conversation"))
+                    return self.streams.finish_at_once(self.texts.say(said))
 
         form = self.forms.waiting_for(message) if self.forms is not None and text else None
         if form is not None:  # the value of a form's field, or its choice: not a question for Dify
@@ -62,6 +83,28 @@ class MessageIntake:
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)
         return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
+
+    def _new_conversation(self, message: Inbound) -> str:
+        """Forget the conversation the message would continue; returns what to say. A group that shares one is
+        started afresh only by a member who may ask the bot.
+
+        Raises:
+            AuthError: the member may not ask (the group's conversation is left as it is).
+        """
+        shared = self.streams.shared_groups and message.is_group
+        if shared and self.authorize is not None:
+            self.authorize(message.userid)
+        self.conversations.forget(message.aibotid, message.chatid, conversation_member(message.userid, shared))
+        logger.info("conversation reset by the user%s", " for the whole group" if shared else "")
+        return "new_group_conversation" if shared else "new_conversation"
+
+    def _stop(self, message: Inbound) -> dict:
+        try:
+            stopped = self.stopper.stop_in_chat(message.aibotid, message.chatid, message.userid)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not stop the answer: Redis did not answer (%s)", exc)
+            return self.streams.finish_at_once(self.texts.say("store_unavailable"))
+        return self.streams.finish_at_once(self.texts.say("stop_done" if stopped else "nothing_to_stop"))
 
 
 def _attachments(message: Inbound) -> list[tuple[str, ...]]:

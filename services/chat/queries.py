@@ -1,5 +1,5 @@
 """From a WeCom message to the question Dify gets: group @mentions stripped, quoted messages given as context,
-and the bot's own commands recognised (/new, /reset, /help)."""
+and the bot's own commands recognised (/new, /reset, /stop, /help)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ import re
 
 from services.texts import Texts
 
-NEW_CONVERSATION, HELP = "new", "help"
-COMMANDS = {"/new": NEW_CONVERSATION, "/reset": NEW_CONVERSATION, "/help": HELP, "/新对话": NEW_CONVERSATION}
+NEW_CONVERSATION, HELP, STOP = "new", "help", "stop"
+COMMANDS = {
+    "/new": NEW_CONVERSATION,
+    "/reset": NEW_CONVERSATION,
+    "/新对话": NEW_CONVERSATION,
+    "/help": HELP,
+    "/stop": STOP,
+    "/停止": STOP,
+    "/cancel": STOP,
+}
 _LEADING_MENTION = re.compile(r"^\s*@\S+\s*")
 _QUOTED_MARKERS = {"image": "quoted_image", "file": "quoted_file", "video": "quoted_video"}
 
@@ -24,7 +32,7 @@ def strip_mention(text: str, bot_name: str = "") -> str:
 
 
 def parse_command(text: str) -> tuple[str, str] | None:
-    """(command, the rest of the text) for `/new`, `/reset`, `/help`; None for an ordinary question."""
+    """(command, the rest of the text) for `/new`, `/reset`, `/stop`, `/help`; None for an ordinary question."""
     head, _, rest = text.strip().partition(" ")
     command = COMMANDS.get(head.lower())
     return (command, rest.strip()) if command else None

@@ -38,7 +38,8 @@ return {'open', false}
 """
 
 # KEYS: form, stream. ARGV: who, action, values (JSON), now. Returns {outcome, status or way, choice}: unknown; not
-# yours (only the user who asked may answer); already (answered or being answered: its status and choice); expired;
+# yours (only the user who asked may answer); already (answered or being answered: its status and choice); expired
+# (or its answer stopped by its user);
 # claimed, with the way the run goes on: in the bubble while its stream is active and its worker has not given the
 # bubble up, else separately (the claimer goes on).
 _CLAIM = """
@@ -50,7 +51,12 @@ if tonumber(ARGV[4]) >= tonumber(f[3]) then
   redis.call('HSET', KEYS[1], 'status', 'expired')
   return {'expired', 'expired', ''}
 end
-local s = redis.call('HGET', KEYS[2], 'status')
+local s = redis.call('HMGET', KEYS[2], 'status', 'error')
+if s[2] == 'stopped' then  -- its user stopped the answer (/stop): the run is not taken up again
+  redis.call('HSET', KEYS[1], 'status', 'expired')
+  return {'expired', 'expired', ''}
+end
+s = s[1]
 local way = 'bubble'
 if f[4] or (s ~= 'pending' and s ~= 'streaming') then way = 'separately' end
 redis.call('HSET', KEYS[1], 'status', 'claimed', 'choice', ARGV[2], 'values', ARGV[3], 'claimed_at', ARGV[4],

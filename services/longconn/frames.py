@@ -23,6 +23,7 @@ UPLOAD_INIT, UPLOAD_CHUNK, UPLOAD_FINISH = (
 
 BAD_CREDENTIALS = 853000  # wrong bot_id or secret (the server leaves the socket open)
 DEAD_REQ_ID = 846605  # a req_id of another (or an earlier) connection
+NOT_SUBSCRIBED = 846609  # WeCom no longer counts the socket as the bot's subscription: subscribe again
 STREAM_EXPIRED = 846608  # the stream's window is over
 
 

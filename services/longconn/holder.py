@@ -23,6 +23,7 @@ from services.longconn.keeper import ConnectionKeeper
 from services.longconn.lease import BotLease, Holding
 from services.longconn.orphans import OrphanDelivery
 from services.longconn.outbox import Outbox
+from services.longconn.pacing import ChatWindow
 from services.longconn.replies import ReplyPump
 from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, SubscribeRefused
 from services.longconn.uploads import FileSender
@@ -38,6 +39,7 @@ KICK_CHECK = (0.2, 0.5, 1.0, 2.0)
 
 STANDBY_INTERVAL = 0.5  # how often a process standing by tries the lease (one small script call)
 RECONNECT_PAUSE = 1.0  # after a connection that could not be opened
+ACK_SETTLE_SECONDS = 2.0  # a drained holder waits this long at most for the acks of its last frames (about 0.3 s)
 
 
 class ConnectionHolder:
@@ -51,6 +53,7 @@ class ConnectionHolder:
         callback: CallbackHandler,
         outbox: Outbox,
         owner: str,
+        sends: ChatWindow,
         files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
     ):
         self.bot = bot
@@ -63,18 +66,22 @@ class ConnectionHolder:
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
         self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads)
-        self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, uploads)
-        self.inbound = InboundHandler(callback, self.replies, outbox, lambda: (self._session, self._holding))
+        self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
+        self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding))
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Drain: close the connection and hand the lease over at once."""
+        """Drain: let the frames sent have their acks (what each bubble shows is then known to the next holder),
+        close the connection and hand the lease over."""
         self._stop.set()
         session, holding = self._session, self._holding
         if session is not None:
+            if not session.settle(ACK_SETTLE_SECONDS):
+                logger.warning("handing the connection over with frames whose acks did not come")
+            self.replies.flush_acks()
             session.close()
         if holding is not None:
             self._release(holding)
@@ -152,6 +159,7 @@ class ConnectionHolder:
             self._session = None
             metrics.WS_CONNECTED.labels(self.bot).set(0)
             metrics.WS_HOLDING_SINCE.labels(self.bot).set(0)
+            self.replies.flush_acks()  # what the last acks said
             self.replies.clear()  # req_ids die with their connection
         if outcome != KICKED:
             self._release(holding)

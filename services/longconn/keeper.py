@@ -1,5 +1,6 @@
 """The keeper of one held connection, a thread for as long as it lasts: renews the bot's lease (and closes the
-connection at once when the lease is lost), pings WeCom, runs the frame pump and, every few seconds, the outbox."""
+connection at once when the lease is lost), pings WeCom (and drops a connection whose pings go unanswered), runs the
+frame pump and, every few seconds, the outbox."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import threading
 import time
 
+from services import metrics
 from services.longconn import frames
 from services.longconn.lease import BotLease, Holding
 from services.longconn.orphans import OrphanDelivery
@@ -24,6 +26,7 @@ OUTBOX_INTERVAL = 2.0
 # bubble shows, outbox.py) by the old holder a moment later. Sent at once, a rest could repeat what they showed
 # (the fault campaign saw it, FAULTS.md).
 OUTBOX_SETTLE_SECONDS = 3.0
+MISSED_PONGS = 2  # pings in a row left unanswered after which the connection counts as dead (as WeCom's own SDK)
 
 
 class ConnectionKeeper:
@@ -49,6 +52,8 @@ class ConnectionKeeper:
         self._ended = threading.Event()
         self._next_lease = self._next_ping = time.monotonic()
         self._next_outbox = self._next_lease + OUTBOX_SETTLE_SECONDS
+        self._awaiting_pong = False  # a ping went out whose answer has not come
+        self.missed_pongs = 0
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"wecom-ws-keeper-{self.replies.bot}", daemon=True).start()
@@ -71,12 +76,36 @@ class ConnectionKeeper:
                 return
         if now >= self._next_ping:
             self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
-            req_id, ping = frames.ping()
-            self.session.send(ping, req_id)
+            if not self._ping():
+                return
+        self.replies.flush_acks()
         self.replies.pump()
         if now >= self._next_outbox:
             self._next_outbox = now + OUTBOX_INTERVAL
             self.orphans.deliver(self.session, self.holding.generation, self.replies.live_streams())
+
+    def _ping(self) -> bool:
+        """Ping WeCom, and check the last ping was answered: after MISSED_PONGS pings in a row without one, the
+        link is dead although no socket error says so (a NAT or proxy that dropped it), and the connection is
+        dropped (False): the holder connects again through the lease."""
+        if self._awaiting_pong:
+            self.missed_pongs += 1
+            metrics.WS_MISSED_PONGS.labels(self.replies.bot).inc()
+            if self.missed_pongs >= MISSED_PONGS:
+                logger.warning(
+                    "WeCom answered none of the last %d pings: the connection is dead; reconnecting", MISSED_PONGS
+                )
+                self._ended.set()
+                self.session.drop()
+                return False
+        self._awaiting_pong = True
+        req_id, ping = frames.ping()
+        self.session.send(ping, req_id, self._pong)
+        return True
+
+    def _pong(self, ack: dict) -> None:
+        self._awaiting_pong = False
+        self.missed_pongs = 0
 
     def _renew(self) -> bool:
         """Renew the lease; False (and the connection closed) when another process has it now."""

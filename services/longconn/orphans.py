@@ -1,15 +1,19 @@
 """The outbox's sender: the rest of every tracked stream that no live reply of this connection covers (its req_id
 died with another connection, or its window passed) goes out once, as a markdown message (`aibot_send_msg`),
 when the answer is final; a stream whose bubble had shown every word, but never its end, gets a note that nothing
-more follows (its bubble can no longer be finished). The bookkeeping that makes it once lives in outbox.py."""
+more follows (its bubble can no longer be finished). A push (services/push) goes out the same way. Every send takes
+a place in its chat's window of WeCom's limits first (pacing.py), and waits for one. The bookkeeping that makes it
+once lives in outbox.py."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from services import metrics
 from services.longconn import frames
-from services.longconn.outbox import Outbox, rest_of
+from services.longconn.outbox import Outbox, claimant_token, rest_of, shown_of
+from services.longconn.pacing import ChatWindow
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
@@ -19,12 +23,23 @@ from services.streams.service import StreamService
 
 logger = logging.getLogger(__name__)
 
+PUSH_ATTEMPTS = 3  # WeCom refusals (other than a command conflict) after which a push is given up as failed
+
 
 class OrphanDelivery:
     """Sends the rests of a bot's orphaned streams over the connection this process holds."""
 
-    def __init__(self, bot: str, streams: StreamService, outbox: Outbox, owner: str, files: FileSender | None = None):
+    def __init__(
+        self,
+        bot: str,
+        streams: StreamService,
+        outbox: Outbox,
+        owner: str,
+        sends: ChatWindow,
+        files: FileSender | None = None,
+    ):
         self.bot = bot
+        self.sends = sends  # WeCom's per-chat limits, across replicas
         self.files = files  # sends an answer's files once its rest is out
         self.streams = streams
         self.outbox = outbox
@@ -40,30 +55,62 @@ class OrphanDelivery:
         for stream_id, meta in orphans:
             try:
                 polled = self.streams.poll(stream_id)  # also finishes a stream whose replica is gone
-                if not (polled.get("stream") or {}).get("finish") or not self.outbox.claim(stream_id, self.owner):
+                finished = (polled.get("stream") or {}).get("finish")
+                if not finished or not self.outbox.claim(stream_id, claimant_token(self.owner)):
                     continue
             except REDIS_FAILURES:
                 continue
-            rest = rest_of(polled["stream"].get("content", ""), meta.get("ws_shown", ""))
+            shown, finished_there = shown_of(meta)
+            if finished_there:  # its final frame went out before its connection died: nothing is left to send
+                best_effort(partial(self.outbox.sent, stream_id), "recording the delivery", delays=())
+                continue
+            rest = rest_of(polled["stream"].get("content", ""), shown)
             if meta.get("ws_as_is"):  # a message made whole already (an answer's rest the finisher handed over)
                 message = rest
             elif meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
                 message = separate_message(self.streams.texts, rest, "")
             else:
                 message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty
-            req_id, text = frames.send_markdown(meta.get("ws_chat", ""), bool(meta.get("ws_single")), message)
-            if not session.send(text, req_id, self._on_sent(stream_id)):
-                self.outbox.failed(stream_id)
+            chat = meta.get("ws_chat", "")
+            if not self._paced(stream_id, chat):
+                continue
+            req_id, text = frames.send_markdown(chat, bool(meta.get("ws_single")), message)
+            if not session.send(text, req_id, self._on_sent(stream_id, bool(meta.get("push")))):
+                best_effort(partial(self.outbox.failed, stream_id), "releasing the send", delays=())
+                best_effort(partial(self.sends.give_back, chat, stream_id), "releasing the chat's place", delays=())
 
-    def _on_sent(self, stream_id: str):
+    def _paced(self, stream_id: str, chat: str) -> bool:
+        """Take a place in the chat's window of WeCom's limits (across replicas); without one, the send waits for
+        a later pass (its claim let go), nothing dropped."""
+        try:
+            wait = self.sends.take(chat, stream_id)
+            if wait:
+                self.outbox.failed(stream_id)
+        except REDIS_FAILURES:
+            return False  # the claim runs out by itself
+        if wait:
+            metrics.WS_PACED.labels(self.bot).inc()
+            logger.info("the chat is at WeCom's limit of messages: stream %s waits about %ds", stream_id, wait)
+        return not wait
+
+    def _on_sent(self, stream_id: str, push: bool):
         def on_sent(ack: dict) -> None:
-            ok = not int(ack.get("errcode") or 0)
-            metrics.WS_OUTBOX.labels(self.bot, "sent" if ok else "failed").inc()
-            record = self.outbox.sent if ok else self.outbox.failed
+            errcode = int(ack.get("errcode") or 0)
+            metrics.WS_OUTBOX.labels(self.bot, "failed" if errcode else "sent").inc()
+            if errcode:
+                metrics.WS_ERRCODES.labels(self.bot, str(errcode)).inc()
+                # A push is given up after PUSH_ATTEMPTS refusals; the rest of an answer is tried until it is sent.
+                record = partial(self.outbox.refused, stream_id, errcode, PUSH_ATTEMPTS if push else 0)
+            else:
+                record = partial(self.outbox.sent, stream_id)
             # If Redis does not answer, `sending` runs out and the next pass sends again.
-            best_effort(lambda: record(stream_id), "recording the delivery", delays=())
-            if ok and self.files is not None:
+            best_effort(record, "recording the delivery", delays=())
+            if push:
+                metrics.PUSHES.labels(self.bot, "failed" if errcode else "sent").inc()
+            if not errcode and self.files is not None:
                 self.files.after_answer(stream_id)
-            logger.info("rest of stream %s %s through aibot_send_msg", stream_id, "sent" if ok else "NOT sent")
+            what = "push" if push else "rest of stream"
+            outcome = f"NOT sent (errcode {errcode})" if errcode else "sent"
+            logger.info("%s %s %s through aibot_send_msg", what, stream_id, outcome)
 
         return on_sent

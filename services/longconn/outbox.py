@@ -3,11 +3,15 @@ received it (846605: the holder changed) or its window passed (846608). Such a s
 as a proactive markdown message (`aibot_send_msg`) when the answer is final.
 
 Every stream answered over the WebSocket is tracked in the bot's open set, with the generation of the connection
-that answers it and the content its last acknowledged frame showed (in the stream hash). A holder delivers, once
-the answer is final, the rest of every tracked stream that is not one of its own live replies. A marker per stream
-(`sending` for 30 s, then `sent` for a day) makes the delivery happen once across processes; a send that fails
-clears it, so the next pass tries again (a holder that dies between sending and marking may, 30 s later, leave
-the message to be sent a second time: the one window where at-least-once wins over at-most-once).
+that answers it, the content its last acknowledged frame showed, and the content of the last frame handed to the
+socket (in the stream hash). What the bubble shows is the latter: WeCom shows a frame about 0.3 s before its ack
+comes back, and a holder killed in between would otherwise send that text again (the one estimate that can be
+wrong is a frame lost with the socket within moments of its sending, whose text is then missing from the rest).
+A holder delivers, once the answer is final, the rest of every tracked stream that is not one of its own live
+replies. A marker per stream (`sending` for 30 s, then `sent` for a day) makes the delivery happen once across
+processes; a send that fails clears it, so the next pass tries again (a holder that dies between sending and
+marking may, 30 s later, leave the message to be sent a second time: the one window where at-least-once wins over
+at-most-once).
 
 Every record here must outlive a Redis failover (a lost one sends a rest again, or never), so each waits for a
 replica to hold it (services/replication.py).
@@ -15,16 +19,19 @@ replica to hold it (services/replication.py).
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import redis
 
 from services.keys import Keys
 from services.replication import OUTBOX, raise_first_error
-from services.streams.store import StreamStore
+from services.streams.store import DONE, StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
 
 SENDING_SECONDS = 30
+CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: tried again after a back-off
+CONFLICT_BACKOFF_SECONDS = 5
 SENT_SECONDS = 24 * 3600
 MAX_TRACKED_SECONDS = 2 * 3600  # a stream is given up after this (its keys expire too)
 PAGE = 100  # tracked streams read per round trip
@@ -54,21 +61,49 @@ class Outbox:
         self.store.record(stream_id, fields, durable=True)
         self._add(stream_id)
 
+    def post(
+        self, message_id: str, owner: str, markdown: str, chat: str, single: bool, fields: dict, keep_seconds: int = 0
+    ) -> None:
+        """A message of its own (an answer's rest, a push) as a finished stream tracked to be sent once, whole, by
+        the connection's holder; `keep_seconds` keeps it longer than a stream's keys. Each step may be done again,
+        under the same id, by a caller whose earlier try died half-way (see `posted`)."""
+        attempt = first_attempt(owner)
+        self.store.open_stream(message_id, attempt, fields.get("aibotid", ""), fields.get("userid", ""), fields)
+        self.store.replace(message_id, attempt, markdown)
+        self.store.finish(message_id, attempt, DONE, {})
+        if keep_seconds:
+            pipe = self.client.pipeline(transaction=False)
+            for key in (self.keys.stream(message_id), self.keys.stream_chunks(message_id)):
+                pipe.expire(key, keep_seconds)
+            pipe.execute()
+        self.track_separate(message_id, chat, single, as_is=True)
+
+    def posted(self, message_id: str) -> bool:
+        """Whether a message was posted whole (tracked to be sent, being sent, or sent): not to be made again."""
+        return bool(self.marker(message_id)) or self.tracked(message_id)
+
     def _add(self, stream_id: str) -> None:
         commands = [("ZADD", self.open_key, time.time(), stream_id), ("EXPIRE", self.open_key, MAX_TRACKED_SECONDS)]
         self._write(self.open_key, commands)
 
-    def shown(self, stream_id: str, content: str) -> None:
-        """The user's bubble shows `content` (its frame was acknowledged)."""
-        self.store.record(stream_id, {"ws_shown": content}, durable=True)
+    def sending(self, frames: dict[str, tuple[str, bool]]) -> None:
+        """These streams' frames ({stream id: (content, final)}) are about to go out: recorded first, in one round
+        trip, as what the bubble shows once they are sent (`ws_sent`), for a holder that dies before their acks
+        come. (Not waited for by a replica: after a failover the acknowledged content is what is known.)
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        self.store.record_each(
+            {
+                stream_id: {"ws_sent": content, "ws_sent_final": "1" if final else ""}
+                for stream_id, (content, final) in frames.items()
+            }
+        )
 
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""
         self._write(self.open_key, [("ZREM", self.open_key, stream_id)])
-
-    def orphan(self, stream_id: str) -> None:
-        """The stream's req_id can no longer be used (846605, 846608)."""
-        self.store.record(stream_id, {"ws_dead": "1"}, durable=True)
 
     def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[tuple[str, dict]]:
         """Every tracked stream that no live reply of this connection covers: (stream id, its hash). Read a page
@@ -92,11 +127,18 @@ class Outbox:
             self.client.zrem(self.open_key, *gone)
         return found
 
-    def claim(self, stream_id: str, holder: str) -> bool:
-        """Take the sending of a stream's rest (False: sent, or being sent, elsewhere)."""
+    def claim(self, stream_id: str, claimant: str) -> bool:
+        """Take the sending of a stream's rest (False: sent, or being sent, by someone else). `claimant` names this
+        claim alone (claimant_token) and is the same for each try of it: a try whose first attempt was applied but
+        whose reply was lost (redis-py, or the caller, tries again) finds the marker its own, not someone else's.
+
+        Raises:
+            redis.RedisError: Redis did not answer (try again with the same `claimant`).
+        """
         key = self.keys.ws_outbox(stream_id)
-        [claimed] = self._write(key, [("SET", key, f"sending {holder}", "NX", "EX", SENDING_SECONDS)])
-        return bool(claimed)
+        token = f"sending {claimant}"
+        [claimed] = self._write(key, [("SET", key, token, "NX", "EX", SENDING_SECONDS)])
+        return bool(claimed) or self.client.get(key) == token
 
     def sent(self, stream_id: str) -> None:
         key = self.keys.ws_outbox(stream_id)
@@ -106,10 +148,47 @@ class Outbox:
     def failed(self, stream_id: str) -> None:
         self.client.delete(self.keys.ws_outbox(stream_id))
 
+    def refused(self, stream_id: str, errcode: int, give_up_after: int = 0) -> None:
+        """WeCom refused the send with `errcode`. A command conflict (6000-6002: a stream still open in that chat)
+        is tried again after a back-off (the marker is held that long); another refusal at the next pass, or, when
+        `give_up_after` > 0 (a push), given up at that many refusals: marked `failed <errcode>` for a day and taken
+        out of the open set."""
+        key = self.keys.ws_outbox(stream_id)
+        if errcode in CONFLICT_ERRCODES:
+            self._write(key, [("SET", key, "conflict", "EX", CONFLICT_BACKOFF_SECONDS)])
+            return
+        refusals = self.client.hincrby(self.keys.stream(stream_id), "send_refusals", 1)
+        if give_up_after and refusals >= give_up_after:
+            self._write(key, [("SET", key, f"failed {errcode}", "EX", SENT_SECONDS)])
+            self.delivered(stream_id)
+            return
+        self.failed(stream_id)
+
+    def tracked(self, stream_id: str) -> bool:
+        """Whether the stream is in the open set (its delivery is still to come)."""
+        return self.client.zscore(self.open_key, stream_id) is not None
+
+    def marker(self, stream_id: str) -> str | None:
+        """What became of a stream's send: `sending …`, `sent`, `conflict`, `failed <errcode>`, or None."""
+        return self.client.get(self.keys.ws_outbox(stream_id))
+
     def _write(self, key: str, commands: list[tuple]) -> list:
         replies = self.durable.execute(key, commands, OUTBOX)
         raise_first_error(replies)
         return replies
+
+
+def claimant_token(process: str) -> str:
+    """A claimant of an outbox marker no other claim has, even in the same process."""
+    return f"{process} {secrets.token_hex(6)}"
+
+
+def shown_of(meta: dict[str, str]) -> tuple[str, bool]:
+    """What a tracked stream's bubble shows (the last frame handed to the socket, else the last acknowledged one),
+    and whether that frame finished it."""
+    if "ws_sent" in meta:
+        return meta["ws_sent"], bool(meta.get("ws_sent_final"))
+    return meta.get("ws_shown", ""), False
 
 
 def rest_of(final: str, shown: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from services import metrics
 from services.longconn import frames
+from services.longconn.ledger import AckLedger
 from services.longconn.outbox import Outbox
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
@@ -30,6 +31,7 @@ class _Reply:
 
     stream_id: str
     content: str = ""
+    acked: str = ""  # what its last acknowledged frame showed
     pending_since: float = 0.0  # a frame is waiting for its ack
     final_sent: bool = False
 
@@ -49,6 +51,7 @@ class ReplyPump:
         self.files = files  # sends an answer's files once its bubble is finished
         self.streams = streams
         self.outbox = outbox
+        self.ledger = AckLedger(outbox.client, outbox.keys, outbox.durable, outbox.open_key)
         self._session = session  # the connection frames go out on now (None: none)
         self._replies: dict[str, _Reply] = {}
         self._lock = threading.Lock()
@@ -77,6 +80,7 @@ class ReplyPump:
                 for req_id, reply in self._replies.items()
                 if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
             ]
+        changed = []
         for req_id, reply in due:
             try:
                 polled = self.streams.poll(reply.stream_id)
@@ -85,7 +89,20 @@ class ReplyPump:
             stream = polled.get("stream") or {}
             if stream.get("content") == reply.content and not stream.get("finish") and "template_card" not in polled:
                 continue
-            reply.content = stream.get("content", "")
+            changed.append((req_id, reply, polled))
+        if not changed:
+            return
+        try:  # what the bubbles will show, before it goes out (outbox.py: a holder that dies before the acks)
+            self.outbox.sending(
+                {
+                    reply.stream_id: (polled["stream"].get("content", ""), bool(polled["stream"].get("finish")))
+                    for _, reply, polled in changed
+                }
+            )
+        except REDIS_FAILURES:
+            return  # the next pass tries again
+        for req_id, reply, polled in changed:
+            reply.content = polled["stream"].get("content", "")
             self.send(req_id, polled)
 
     def send(self, req_id: str, reply: dict) -> None:
@@ -109,25 +126,33 @@ class ReplyPump:
                 if current is None:
                     return
                 current.pending_since = 0.0
+                if not errcode:
+                    current.acked = content
                 dead = errcode in (frames.DEAD_REQ_ID, frames.STREAM_EXPIRED)
                 if dead or (current.final_sent and not errcode):
                     del self._replies[req_id]
-            self._after_ack(current.stream_id, content, finish, errcode, dead)
+            self._after_ack(current.stream_id, content, finish, errcode, dead, current.acked)
 
         metrics.WS_FRAMES.labels(self.bot).inc()
         session = self._session()
         if session is not None:
             session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack)
 
-    def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool) -> None:
+    def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool, acked: str) -> None:
+        """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's
+        files."""
+        if errcode:  # WeCom did not show it: the bubble shows what the last acknowledged frame did
+            self.ledger.refused(stream_id, acked, dead)
+        elif finish:
+            self.ledger.delivered(stream_id)
+            if self.files is not None:
+                self.files.after_answer(stream_id)
+        else:
+            self.ledger.shown(stream_id, content)
+
+    def flush_acks(self) -> None:
+        """Write what the acks since the last call said (one wait for a replica per Redis node)."""
         try:
-            if dead:
-                self.outbox.orphan(stream_id)
-            elif not errcode and finish:
-                self.outbox.delivered(stream_id)
-                if self.files is not None:
-                    self.files.after_answer(stream_id)
-            elif not errcode:
-                self.outbox.shown(stream_id, content)
+            self.ledger.flush()
         except REDIS_FAILURES as exc:
-            logger.warning("could not update the stream's delivery state: %s", exc)
+            logger.warning("could not record what the bubbles show (kept for the next pass): %s", exc)

@@ -1,12 +1,19 @@
 """One WebSocket connection to WeCom for one bot: subscribe, send frames and match their acks by req_id, hand the
-server's callbacks to the holder, and say why it ended. Built on the `websockets` library's sync client."""
+server's callbacks to the holder, and say why it ended. Built on the `websockets` library's sync client.
+
+The reader thread only reads: what a frame asks for runs elsewhere, so no Redis call (nor a wait for a Redis
+replica, services/replication.py) ever holds up the next frame. A message or event runs on a small pool (each is
+independent, as callbacks are in callback mode); the acks' callbacks run on one thread, in the order the acks came
+(what a bubble shows is recorded in order)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
@@ -31,6 +38,8 @@ class SessionFailed(Exception):
 
 
 KICKED, CLOSED, STOPPED = "kicked", "closed", "stopped"
+RESUBSCRIBE_SECONDS = 5.0
+CALLBACK_THREADS = 16  # messages and events of one connection handled at once, off the reader (they wait on Redis)
 
 
 class Session:
@@ -47,6 +56,11 @@ class Session:
         self._acks: dict[str, deque[Ack | None]] = {}  # req_id -> its frames' callbacks, oldest first
         self._lock = threading.Lock()
         self._stopped = False
+        self._unanswered = 0  # frames sent whose acks have not been handled yet
+        self._answered = threading.Condition(self._lock)
+        self._callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix=f"wecom-ws-in-{bot_id[:12]}")
+        self._acks_in_order = ThreadPoolExecutor(1, thread_name_prefix=f"wecom-ws-acks-{bot_id[:12]}")
+        self._resubscribed_at = -RESUBSCRIBE_SECONDS
 
     def open(self) -> None:
         """Connect and subscribe.
@@ -84,18 +98,33 @@ class Session:
             waiting = self._acks.setdefault(req_id, deque()) if req_id else None
             if waiting is not None:
                 waiting.append(on_ack)
+                self._unanswered += 1
             try:
                 self._ws.send(text)  # under the lock: the order sent is the order registered
             except (ConnectionClosed, OSError, AttributeError):
                 if waiting is not None:
                     waiting.pop()
+                    self._unanswered -= 1
                     if not waiting:
                         del self._acks[req_id]
                 return False
         return True
 
+    def settle(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) until every frame sent has had its ack handled: a holder handing the connection
+        over first learns what the bubbles show. False if some were still unanswered."""
+        with self._answered:
+            return self._answered.wait_for(lambda: self._unanswered <= 0, timeout)
+
     def run(self) -> str:
         """Read frames until the connection ends; returns KICKED, CLOSED or STOPPED."""
+        try:
+            return self._read()
+        finally:  # what was handed over still runs (a message taken is answered, an ack recorded)
+            self._callbacks.shutdown(wait=False)
+            self._acks_in_order.shutdown(wait=False)
+
+    def _read(self) -> str:
         while True:
             try:
                 text = self._ws.recv()
@@ -106,28 +135,75 @@ class Session:
                 continue
             cmd = data.get("cmd")
             if not cmd:
-                on_ack = self._take_ack(frames.req_id_of(data))
-                if on_ack is not None:
-                    on_ack(data)
+                if int(data.get("errcode") or 0) == frames.NOT_SUBSCRIBED:
+                    self._resubscribe()
+                self._answer(frames.req_id_of(data), data)
                 continue
             if cmd == frames.EVENT_CALLBACK and _event_type(data) == "disconnected_event":
                 self.close()
                 return KICKED
             try:
-                self.on_callback(data)
-            except Exception:
-                logger.exception("failed to handle a %s frame", cmd)
+                self._callbacks.submit(self._handle, data)
+            except RuntimeError:  # closed meanwhile: the connection is over
+                return STOPPED if self._stopped else CLOSED
 
-    def _take_ack(self, req_id: str) -> Ack | None:
-        """The callback of the oldest frame of `req_id` still waiting for its ack (None if it has none)."""
+    def _handle(self, data: dict) -> None:
+        try:
+            self.on_callback(data)
+        except Exception:
+            logger.exception("failed to handle a %s frame", data.get("cmd"))
+
+    def _answer(self, req_id: str, ack: dict) -> None:
+        """Have the callback of the oldest frame of `req_id` still waiting for its ack run (if it has one), after
+        those of the acks before it."""
         with self._lock:
             waiting = self._acks.get(req_id)
             if not waiting:
-                return None
+                return
             on_ack = waiting.popleft()
             if not waiting:
                 del self._acks[req_id]
-        return on_ack
+        try:
+            self._acks_in_order.submit(self._acknowledged, on_ack, ack)
+        except RuntimeError:  # closed meanwhile: run it here
+            self._acknowledged(on_ack, ack)
+
+    def _acknowledged(self, on_ack: Ack | None, ack: dict) -> None:
+        try:
+            if on_ack is not None:
+                on_ack(ack)
+        except Exception:
+            logger.exception("failed to handle an ack")
+        finally:
+            with self._answered:
+                self._unanswered -= 1
+                self._answered.notify_all()
+
+    def _resubscribe(self) -> None:
+        """WeCom answered 846609: it no longer counts this socket as the bot's subscription (it happens, without a
+        disconnected_event). Subscribe again on it, at most once per RESUBSCRIBE_SECONDS; a refusal ends the
+        connection (the holder then reconnects through the lease)."""
+        now = time.monotonic()
+        if now - self._resubscribed_at < RESUBSCRIBE_SECONDS:
+            return
+        self._resubscribed_at = now
+        logger.warning("WeCom says the connection is no longer subscribed (846609); subscribing again")
+        req_id, text = frames.subscribe(self.bot_id, self.secret)
+
+        def on_ack(ack: dict) -> None:
+            if int(ack.get("errcode") or 0):
+                logger.warning("subscribing again was refused (errcode %s); reconnecting", ack.get("errcode"))
+                self.drop()
+            else:
+                logger.info("subscribed again")
+
+        self.send(text, req_id, on_ack)
+
+    def drop(self) -> None:
+        """End a connection that no longer works (its pongs stopped, a subscription refused): `run` returns
+        CLOSED, and the holder connects again through the lease."""
+        if self._ws is not None:
+            self._ws.close()
 
     def close(self) -> None:
         self._stopped = True

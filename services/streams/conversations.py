@@ -1,7 +1,8 @@
 """Conversation continuity: which Dify conversation a user's next message in a chat continues.
 
 One conversation per user per chat (a 1:1 chat is "single", a group its chatid), so two people in one group
-never share a thread. The id is remembered as soon as Dify names it, and refreshed on every use.
+never share a thread; or, for a bot with GROUP_CONVERSATION=shared, one per group chat (its member is GROUP), so
+its members continue each other's thread. The id is remembered as soon as Dify names it, and refreshed on every use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import redis
 from services.keys import Keys
 
 SINGLE_CHAT = "single"
+GROUP = "#group"  # the conversation member of a shared group chat: no WeCom userid holds "#"
+
+
+def conversation_member(userid: str, shared_chat: bool) -> str:
+    """Whose conversation in a chat a message continues: the user's, or the whole group's when it shares one."""
+    return GROUP if shared_chat else userid
 
 
 class ConversationStore:

@@ -14,6 +14,7 @@ ends it as interrupted after the user has it whole.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from functools import partial
@@ -67,9 +68,10 @@ class Finisher:
         feedback target). Returns how the bubble ended, or None when another replica or a poll ended it."""
         note = fields.get("note", "")
         patience = job.created_at + self.window_seconds - time.time()  # while WeCom may still poll the bubble
+        finish_id = secrets.token_hex(8)  # every try of this finish carries it: a try whose reply was lost is repeated
         try:
             finished = through_outage(
-                lambda: self._record(job, answer, status, fields),
+                lambda: self._record(job, answer, status, fields, finish_id),
                 "recording the final state of the answer",
                 delays_for(patience),
                 give_up=self.draining,
@@ -104,7 +106,9 @@ class Finisher:
                 "freeing the user's open-bubble slot",
             )
 
-    def _record(self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str]) -> Finished | None:
+    def _record(
+        self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str], finish_id: str
+    ) -> Finished | None:
         """One attempt: flush the writer, then the final state (None if the stream is no longer ours to end).
 
         Raises:
@@ -124,6 +128,7 @@ class Finisher:
             fields,
             images=answer.images,
             feedback=feedback if answer.message_id else None,
+            finish_id=finish_id,
         )
         if finished is not None and finished.orphaned:
             # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from services.streams.conversations import conversation_member
+
 
 @dataclass(slots=True)
 class StreamJob:
@@ -30,6 +32,7 @@ class StreamJob:
     # during a rolling update (they read it); this release no longer needs it (docs/architecture.md, rolling updates).
     forms_answered: tuple[str, ...] = ()
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
+    shared_chat: bool = False  # a group whose members share one Dify conversation (GROUP_CONVERSATION=shared)
 
     @property
     def separate(self) -> bool:
@@ -38,8 +41,16 @@ class StreamJob:
 
     @property
     def dify_user(self) -> str:
-        """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts."""
+        """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts; in a group
+        whose members share a conversation, the group (a WeCom userid has no ":", so the two never meet)."""
+        if self.shared_chat:
+            return f"wecom:{self.aibotid or 'bot'}:group:{self.chatid}"
         return f"wecom:{self.aibotid or 'bot'}:{self.userid}"
+
+    @property
+    def conversation_member(self) -> str:
+        """Whose Dify conversation in the chat the answer continues (services/streams/conversations.py)."""
+        return conversation_member(self.userid, self.shared_chat)
 
     def context_inputs(self, bot: str) -> dict[str, str]:
         """Where the message came from, as the Dify inputs an app may declare to know it (docs/configuration.md)."""
@@ -56,6 +67,7 @@ class StreamJob:
             "query": self.query,
             "typed_query": "1" if self.typed_query else "",
             "attachments": orjson.dumps(self.attachments).decode() if self.attachments else "",
+            "shared_chat": "1" if self.shared_chat else "",
         }
 
     @classmethod
@@ -76,6 +88,7 @@ class StreamJob:
             form_task=meta.get("form_task", ""),
             forms_answered=tuple(meta.get("forms_answered", "").split()),
             card_placed=bool(meta.get("card")),
+            shared_chat=bool(meta.get("shared_chat")),
         )
 
     @classmethod

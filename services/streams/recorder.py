@@ -492,7 +492,7 @@ class AnswerRecorder:
             if self.store.superseded(job.stream_id, job.attempt):
                 logger.info("another attempt answers this stream now; its conversation is not remembered")
                 return
-            self.conversations.remember(job.aibotid, job.chatid, job.userid, conversation_id)
+            self.conversations.remember(job.aibotid, job.chatid, job.conversation_member, conversation_id)
 
         saved = best_effort(remember, "remembering the conversation", delays=RETRY_DELAYS if retry else ())
         if saved:

@@ -160,6 +160,10 @@ class StreamRunner:
                     logger.warning("could not renew %d stream leases: %s", len(batch), exc)
                     return False
                 for stream_id in lost:
-                    logger.warning("stream %s was taken over by another replica; stopping its worker here", stream_id)
+                    logger.warning(
+                        "stream %s is no longer this attempt's (taken over elsewhere, or stopped by its user); "
+                        "its worker stops",
+                        stream_id,
+                    )
                 self.cancel(lost)
         return True

@@ -103,22 +103,29 @@ return 'ok'
 )
 
 # KEYS: stream, chunks, lease, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
-# feedback ttl, image count, images..., field/value pairs... Returns 0 if not ours or not active; 2 if a poll gave it
-# up as orphaned while it was still ours (its lease was gone, e.g. lost in a Redis failover, though its owner lived);
-# else {1, close_reason, closed_bytes, inflight key}: whether the bubble had closed early, and the in-flight set the
-# caller takes the stream out of. The reply images and the feedback mapping are written with the final state, so a
-# finished answer always has both or neither.
+# feedback ttl, finish id ('' for none), image count, images..., field/value pairs... Returns 0 if not ours or not
+# active; 2 if a poll gave it up as orphaned while it was still ours (its lease was gone, e.g. lost in a Redis
+# failover, though its owner lived); else {1, close_reason, closed_bytes, inflight key}: whether the bubble had
+# closed early, and the in-flight set the caller takes the stream out of. The reply images and the feedback mapping
+# are written with the final state, so a finished answer always has both or neither. A retry of one finish (the same
+# finish id) whose first try ran but whose reply was lost (a timeout while Redis was paused: it runs what it had
+# buffered when it resumes) gets the same answer again, so the caller still does what follows it (the rest of an
+# answer whose bubble closed early) once.
 FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error')
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error',
+                     'finish_id')
 if h[2] ~= ARGV[1] then return 0 end
 if h[1] == 'expired' and h[6] == 'owner_lost' then return 2 end
-if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 0 end
-local images = tonumber(ARGV[7])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3],
-           unpack(ARGV, 8 + images))
+if h[1] ~= 'pending' and h[1] ~= 'streaming' then
+  if ARGV[7] ~= '' and h[7] == ARGV[7] then return {1, h[4] or '', h[5] or '', h[3] or ''} end
+  return 0
+end
+local images = tonumber(ARGV[8])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], 'finish_id', ARGV[7],
+           unpack(ARGV, 9 + images))
 if images > 0 then
   redis.call('DEL', KEYS[4])
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 8, 7 + images))
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 9, 8 + images))
 end
 for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 redis.call('EXPIRE', KEYS[4], ARGV[4])
@@ -291,6 +298,29 @@ local calls = redis.call('HINCRBY', KEYS[1], 'dify_calls', 1)
 return {calls, tonumber(redis.call('HGET', KEYS[1], 'restarts')) or 0}
 """
 
+# KEYS: stream, lease. ARGV: now, note. The user stopped the stream's answer: an active stream becomes final at
+# once (`done`, the note after the text so far), owned by no attempt any more, so its worker's next write (and its
+# lease renewal) is refused wherever it runs, and no poll resumes or restarts it. The Dify task is claimed for its
+# stop call here when its id is known already (else its worker claims it when it learns the id: STOP_DIFY).
+# Returns false if the stream was not active; else {the user's in-flight set, the Dify task id to stop or ''}.
+STOP = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'inflight_key', 'task_id')
+if h[1] ~= 'pending' and h[1] ~= 'streaming' then return false end
+redis.call('HSET', KEYS[1], 'status', 'done', 'note', ARGV[2], 'error', 'stopped', 'owner', 'stopped',
+           'finished_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('DEL', KEYS[2])
+local task = ''
+if h[3] and h[3] ~= '' and redis.call('HSETNX', KEYS[1], 'dify_stopped', ARGV[1]) == 1 then task = h[3] end
+return {h[2] or '', task}
+"""
+
+# KEYS: stream. ARGV: now. A worker learnt that its stream was stopped by the user: it calls Dify's stop for the
+# task if nobody has (1), once across every replica.
+STOP_DIFY = """
+if redis.call('HGET', KEYS[1], 'error') ~= 'stopped' then return 0 end
+return redis.call('HSETNX', KEYS[1], 'dify_stopped', ARGV[1])
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -303,4 +333,6 @@ ALL = {
     "RELEASE": RELEASE,
     "TAKE": TAKE,
     "CALLED": CALLED,
+    "STOP": STOP,
+    "STOP_DIFY": STOP_DIFY,
 }

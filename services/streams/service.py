@@ -52,8 +52,10 @@ class StreamService:
         owner: str,
         window_seconds: int,
         bot: str = "default",
+        shared_groups: bool = False,
     ):
         self.bot = bot
+        self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
         self.store = store
         self.runner = runner
         self.worker = worker
@@ -72,7 +74,7 @@ class StreamService:
         if not self.runner.has_capacity():
             existing = self.store.stream_for_msgid(message.msgid)
             if existing:
-                return self._dedup(existing)
+                return self._dedup(existing, message)
             key = "busy" if self.runner.accepting else "shutting_down"
             self.count(key)
             logger.warning("not taking a new stream: %s", key)
@@ -89,6 +91,7 @@ class StreamService:
             response_url=message.response_url,
             attachments=attachments or [],
             attempt=first_attempt(self.owner),
+            shared_chat=self.shared_groups and message.is_group,
         )
         stream_id = job.stream_id
         fields = {
@@ -104,9 +107,12 @@ class StreamService:
             stream_id, message.msgid, job.attempt, message.aibotid, message.userid, fields
         )
         if outcome == EXISTING:
-            return self._dedup(stream_id)
+            return self._dedup(stream_id, message)
         if outcome != CREATED:
             return self._refuse(job, outcome)
+        # Tracked before anyone may answer it: a holder that dies right after queueing it leaves an answer the next
+        # holder's outbox delivers, never one that nobody sends.
+        self._track(stream_id, message)
         if self.queue is not None:
             self.queue.submit(stream_id, job.attempt)  # any replica's consumer takes it (services/longconn/jobs.py)
         else:
@@ -129,6 +135,7 @@ class StreamService:
             response_url="" if self.outbox is not None else response_url,
             attempt=first_attempt(self.owner),
             form_task=form.task_id,
+            shared_chat=self.shared_groups and bool(form.chatid),
         )
         fields = {
             "msgid": job.msgid,
@@ -137,6 +144,7 @@ class StreamService:
             "aibotid": job.aibotid,
             "response_url": job.response_url,
             "form_task": form.task_id,
+            "shared_chat": "1" if job.shared_chat else "",
             "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
         }
         self.store.open_stream(job.stream_id, job.attempt, job.aibotid, job.userid, fields)
@@ -150,19 +158,20 @@ class StreamService:
         """Long connection: send `markdown` (what the bubble of `job` could not show, or the whole answer when its
         stream was lost) as a message of its own, through the outbox (aibot_send_msg by the connection's holder),
         once: the stream's outbox marker is claimed first, so its rest is never also sent by the outbox's own pass.
+        Each try of one attempt's send claims as the same claimant and makes the same message (`rest.<stream id>`),
+        so a try whose writes were applied but whose reply was lost is repeated without a second message.
 
         Raises:
             redis.RedisError: Redis did not answer (the caller tries again while it may).
         """
-        if not self.outbox.claim(job.stream_id, self.owner):
+        if not self.outbox.claim(job.stream_id, f"{self.owner} {job.attempt}"):
             logger.info("the outbox sends this answer's rest already")
             return True
-        message_id, attempt = new_stream_id(), first_attempt(self.owner)
-        fields = {"msgid": f"rest:{job.stream_id}", "userid": job.userid, "chatid": job.chatid, "aibotid": job.aibotid}
-        self.store.open_stream(message_id, attempt, job.aibotid, job.userid, fields)
-        self.store.replace(message_id, attempt, markdown)
-        self.store.finish(message_id, attempt, DONE, {})
-        self.outbox.track_separate(message_id, job.chatid or job.userid, not job.chatid, as_is=True)
+        message_id = f"rest.{job.stream_id}"
+        if not self.outbox.posted(message_id):  # not made by an earlier try
+            fields = {"msgid": f"rest:{job.stream_id}", "userid": job.userid, "chatid": job.chatid}
+            fields["aibotid"] = job.aibotid
+            self.outbox.post(message_id, self.owner, markdown, job.chatid or job.userid, not job.chatid, fields)
         self.outbox.sent(job.stream_id)
         return True
 
@@ -192,12 +201,23 @@ class StreamService:
         self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), attempt))
         return True
 
-    def _dedup(self, stream_id: str) -> dict:
-        """A WeCom retry of a message whose stream exists: the same stream, as far as it has come."""
+    def _dedup(self, stream_id: str, message: Inbound | None = None) -> dict:
+        """A WeCom retry of a message whose stream exists: the same stream, as far as it has come (on a long
+        connection, answered from now on on the retry's req_id: a redelivery comes on a new connection)."""
         self.count("dedup")
         metrics.DEDUP_HITS.labels(self.bot).inc()
         logger.info("repeated msgid; answering with its stream %s", stream_id)
-        return self.poll(stream_id)
+        reply = self.poll(stream_id)
+        if message is not None and not reply["stream"].get("finish"):
+            self._track(stream_id, message)
+        return reply
+
+    def _track(self, stream_id: str, message: Inbound) -> None:
+        """Long connection: the stream is answered on the frame's req_id, of its connection's generation (the
+        outbox delivers its rest if that req_id dies)."""
+        if self.outbox is not None and message.ws_req_id:
+            chat = message.chatid or message.userid
+            self.outbox.track(stream_id, message.ws_req_id, message.ws_generation, chat, not message.chatid)
 
     def _refuse(self, job: StreamJob, outcome: str) -> dict:
         """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of

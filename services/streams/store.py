@@ -144,6 +144,8 @@ class StreamStore:
         self._release = LuaScript(client, scripts.RELEASE)
         self._take = LuaScript(client, scripts.TAKE)
         self._called = LuaScript(client, scripts.CALLED)
+        self._stop = LuaScript(client, scripts.STOP, replication=self.durable, write=replication.STREAM_END)
+        self._stop_dify = LuaScript(client, scripts.STOP_DIFY)
 
     def close(self) -> None:
         """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
@@ -263,6 +265,7 @@ class StreamStore:
         fields: dict[str, str] | None = None,
         images: list[dict] = (),
         feedback: dict[str, str] | None = None,
+        finish_id: str = "",
     ) -> Finished | None:
         """Move an active stream to a final status and drop the lease; with it, keep the reply `images`
         ({base64, md5}) for the final poll and map the stream (its feedback id) to `feedback` ({message_id, user}:
@@ -271,7 +274,8 @@ class StreamStore:
 
         Returns None if it was not ours or not active; `orphaned` if a poll had given it up while it was still
         ours (nothing else is written then); else whether (and with how much text) the bubble had already closed
-        early.
+        early. `finish_id`, the same for every try of one finish, makes a try whose reply was lost safe to repeat:
+        the repeat answers as the try did (scripts.FINISH).
         """
         k = self.keys
         args = [
@@ -281,6 +285,7 @@ class StreamStore:
             self.key_ttl,
             orjson.dumps(feedback).decode() if feedback else "",
             FEEDBACK_TTL_SECONDS,
+            finish_id,
             len(images),
             *(orjson.dumps(image).decode() for image in images),
             *_pairs(fields or {}),
@@ -330,6 +335,30 @@ class StreamStore:
         long-connection outbox's records, which must outlive a failover (services/replication.py)."""
         script = self._record_durably if durable else self._record
         return bool(script(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
+
+    # --- stops (services/streams/stop.py) ---------------------------------------------------------------------
+
+    def stop(self, stream_id: str, note: str) -> tuple[str, str] | None:
+        """End an active stream at its user's word, with `note` after its text so far; None if it was not active.
+        Returns (the user's in-flight set, which the caller frees; the Dify task id whose stop call the caller makes,
+        or "" when it is not known yet or was claimed already)."""
+        row = self._stop(keys=self._lease_keys(stream_id), args=[_now(), note])
+        return (row[0], row[1]) if row else None
+
+    def claim_dify_stop(self, stream_id: str) -> bool:
+        """Whether this caller makes the Dify stop call of a stream its user stopped (once across replicas)."""
+        return bool(self._stop_dify(keys=[self.keys.stream(stream_id)], args=[_now()]))
+
+    def open_streams(self, aibotid: str, userid: str) -> list[str]:
+        """The user's streams whose bubble is still open, oldest first."""
+        key = self.keys.inflight(aibotid, userid)
+        return self.client.zrangebyscore(key, f"{time.time():.3f}", "+inf")
+
+    def record_each(self, fields_by_stream: dict[str, dict[str, str]]) -> None:
+        """Set informational fields on several existing streams, in one round trip (best effort: a failure of
+        one call is not raised)."""
+        calls = [([self.keys.stream(stream_id)], _pairs(fields)) for stream_id, fields in fields_by_stream.items()]
+        self._record.run_each(calls)
 
     # --- polls --------------------------------------------------------------------------------------------------
 

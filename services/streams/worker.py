@@ -44,6 +44,7 @@ from services.streams.recorder import (
     StreamAborted,
     TextRelay,
 )
+from services.streams.stop import AnswerStopper
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
@@ -68,6 +69,7 @@ class WorkerDeps:
     health: DifyHealth
     forms: FormService | None = None  # human-input forms answered in WeCom (None: the bubble says the app waits)
     files: FileDelivery | None = None  # the files Dify makes, delivered at the answer's end
+    stopper: AnswerStopper | None = None  # a user's /stop: Dify's stop call when the stop came before the task id
 
 
 class StreamWorker:
@@ -111,7 +113,11 @@ class StreamWorker:
                 logger.info("this process stops: the form's wait was handed over to another replica")
             except StreamAborted:
                 metrics.STREAM_OUTCOMES.labels(self.bot, "taken_over_elsewhere").inc()
-                logger.info("stream is owned or closed elsewhere now; worker stops")
+                logger.info(
+                    "stream is owned or closed elsewhere now (taken over, or stopped by its user); worker stops"
+                )
+                if self.deps.stopper is not None:
+                    self.deps.stopper.stop_dify_later(job, answer.task_id)
             except AuthError as refusal:
                 logger.info("not asking Dify: %s", refusal.code)
                 self.deps.finisher.finish(job, answer, ERROR, note=texts.failure_note(refusal), error=refusal.code)
@@ -150,7 +156,8 @@ class StreamWorker:
         conversation_id = ""
         if options.app_type != WORKFLOW:  # workflows keep no conversations
             conversation_id = through_outage(
-                lambda: deps.conversations.current(job.aibotid, job.chatid, job.userid), "looking up the conversation"
+                lambda: deps.conversations.current(job.aibotid, job.chatid, job.conversation_member),
+                "looking up the conversation",
             )
         deadline = time.monotonic() + self.max_seconds
         self._count_call(job)
@@ -176,7 +183,7 @@ class StreamWorker:
                     raise
                 logger.info("Dify no longer has the conversation (%s); starting a new one", exc.code)
                 through_outage(
-                    lambda: deps.conversations.forget(job.aibotid, job.chatid, job.userid),
+                    lambda: deps.conversations.forget(job.aibotid, job.chatid, job.conversation_member),
                     "forgetting the conversation",
                 )
                 conversation_id = ""
@@ -273,6 +280,8 @@ class StreamWorker:
         relay = TextRelay(recorder.answer, cancelled, deadline)
         for batch in open_events(relay):
             if cancelled.is_set():
+                for event in batch:  # the task's id, for Dify's stop call when the user stopped the answer
+                    recorder.answer.note_ids(event)
                 raise StreamAborted
             recorder.apply(batch)
             if recorder.answer.ended:
@@ -359,5 +368,6 @@ class StreamWorker:
         logger.warning("Dify failed: %s (%s)", exc.code, exc.message[:200])
         if isinstance(exc, DifyTimeout) and answer.task_id:
             self.deps.dify.stop(answer.task_id, job.dify_user, answer.app_type)
+            metrics.DIFY_STOPS.labels(self.bot, "timeout").inc()
         note = self.deps.texts.failure_note(exc)
         self.deps.finisher.finish(job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")

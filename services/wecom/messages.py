@@ -38,6 +38,9 @@ class Inbound:
     image_urls: tuple[str, ...] = ()
     file_url: str = ""
     media_keys: dict[str, str] = field(default_factory=dict)  # long-connection mode: media url -> its own aeskey
+    # long-connection mode: the frame's req_id and the generation of the connection it came on (the answer's route)
+    ws_req_id: str = ""
+    ws_generation: int = 0
     stream_id: str = ""
     quote: dict | None = None
     event_type: str = ""

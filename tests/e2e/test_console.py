@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+PUSH_TOKEN = "console-push-token-0123456789"
 
 
 @pytest.fixture
@@ -161,7 +162,14 @@ welcome_message = "ops here"
     )
     users = f"sqlite:///{tmp_path / 'users.db'}"  # not the checkout's instance/, which a running demo may use
     app = create_demo_app(
-        settings.replace(demo_mode=True, auth_mode="none", bots_file=str(path), bot_name="", database_url=users)
+        settings.replace(
+            demo_mode=True,
+            auth_mode="none",
+            bots_file=str(path),
+            bot_name="",
+            database_url=users,
+            push_api_token=PUSH_TOKEN,
+        )
     )
     app.extensions["gateway"].start()  # served, as the demo's entry points do: the long-connection bot connects
     yield f"{serve(app).url}/console"
@@ -183,6 +191,27 @@ def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_con
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "strong").text == "WebSocket"
     assert "frames over the WebSocket" in bubble.text
+
+
+def test_the_console_shows_a_push_of_the_push_api(browser, long_connection_console):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    browser.get(long_connection_console)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    base = long_connection_console.removesuffix("/console")
+    answer = httpx.post(
+        f"{base}/api/push",
+        json={"bot": "ops", "userid": "alice", "markdown": "**Deploy** finished"},
+        headers={"Authorization": f"Bearer {PUSH_TOKEN}"},
+    )
+    assert answer.status_code == 202
+    wait_until(
+        browser, "return [...document.querySelectorAll('.msg.bot')].some(m => m.textContent.includes('Deploy'));"
+    )
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
+    assert bubble.find_element(By.TAG_NAME, "strong").text == "Deploy"
+    assert "aibot_send_msg" in bubble.text
 
 
 def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, console_url, dify):

@@ -228,11 +228,7 @@ async function sendOverWebSocket(content) {
       refreshRedis(last.id);
     }
     if (last && last.finish) return;
-    if (proactive.length > proactiveBefore) {  // the req_id died: the rest came as aibot_send_msg
-      const markdown = proactive[proactive.length - 1].markdown.content;
-      addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
-      return;
-    }
+    if (proactive.length > proactiveBefore) return;  // the req_id died: the rest came as aibot_send_msg (shown below)
   }
 }
 
@@ -357,13 +353,12 @@ async function tapCard(element, card, key, selects) {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ event }),
     });
     const sent = await response.json();
-    const proactiveBefore = response.ok ? (await wsFrames(sent.req_id)).proactive.length : 0;
     for (let i = 0; i < 40 && response.ok; i++) {
       await new Promise(resolve => setTimeout(resolve, 125));
       const { update } = await wsFrames(sent.req_id);
       if (update) { drawCard(element, update.template_card); break; }
     }
-    return watchProactive(sent.req_id, proactiveBefore);
+    return;  // a late tap: the rest of the run comes as aibot_send_msg (watchProactiveMessages shows it)
   }
   const payload = basePayload("event");
   delete payload.msgid;
@@ -376,14 +371,21 @@ async function tapCard(element, card, key, selects) {
   watchResponseUrl(responseUrl.code);  // a late tap: the rest of the run comes as a separate message
 }
 
-async function watchProactive(reqId, before) {
-  for (let i = 0; i < 60; i++) {
-    const { proactive } = await wsFrames(reqId);
-    if (proactive.length > before) {
-      const markdown = proactive[proactive.length - 1].markdown.content;
-      return addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
+// Everything a long-connection bot sends on its own (aibot_send_msg): the rest of an answer whose req_id died, a
+// late form's run, a push from the push API. Shown once each, whatever the page was doing.
+let proactiveShown = null;
+
+async function watchProactiveMessages() {
+  for (;;) {
+    if (config.mode === "long_connection") {
+      const { proactive } = await wsFrames("-");
+      for (const message of proactive.slice(proactiveShown ?? proactive.length)) {
+        const markdown = message.markdown.content;
+        addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
+      }
+      proactiveShown = proactive.length;
     }
-    await new Promise(resolve => setTimeout(resolve, 2000));
+    await new Promise(resolve => setTimeout(resolve, 1000));
   }
 }
 
@@ -510,6 +512,7 @@ async function start() {
   });
   document.getElementById("enter").addEventListener("click", enterChat);
   document.body.dataset.ready = "true";
+  watchProactiveMessages();
 }
 
 start();

@@ -1,0 +1,82 @@
+"""What the acks of a connection's frames say, written to Redis in batches: what each bubble shows (`ws_shown`), a
+refused frame (the bubble shows the last one taken; a dead req_id), a bubble finished (out of the open set).
+
+Each of these records must outlive a failover, so it waits for a Redis replica (services/replication.py). Written
+one ack at a time, every ack waited: when no replica answers (a shard without one, after a failover), 200 ms each,
+about five acks a second for the whole bot, and with them the bot's frames. Here the acks only note their record
+(the latest per stream wins), and the connection's keeper writes what was noted once per pass: one round trip and
+one wait per Redis node, however many acks came (BENCHMARKS.md §14)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import redis
+from redis.cluster import RedisCluster
+
+from services.keys import Keys
+from services.replication import OUTBOX, Replication, raise_first_error
+from services.streams import scripts
+
+
+class AckLedger:
+    def __init__(self, client: redis.Redis, keys: Keys, durable: Replication, open_key: str):
+        self.client = client
+        self.keys = keys
+        self.durable = durable
+        self.open_key = open_key  # the bot's open set (outbox.py)
+        self._fields: dict[str, dict[str, str]] = {}
+        self._delivered: set[str] = set()
+        self._lock = threading.Lock()
+
+    def shown(self, stream_id: str, content: str) -> None:
+        """The stream's bubble shows `content` (its frame was acknowledged)."""
+        self._note(stream_id, {"ws_shown": content})
+
+    def refused(self, stream_id: str, acked: str, dead: bool) -> None:
+        """WeCom refused a frame: the bubble shows `acked`; with `dead`, its req_id can no longer be used."""
+        self._note(stream_id, {"ws_sent": acked, "ws_sent_final": "", **({"ws_dead": "1"} if dead else {})})
+
+    def delivered(self, stream_id: str) -> None:
+        """The bubble got its final frame: nothing left to send."""
+        with self._lock:
+            self._delivered.add(stream_id)
+
+    def _note(self, stream_id: str, fields: dict[str, str]) -> None:
+        with self._lock:
+            self._fields.setdefault(stream_id, {}).update(fields)
+
+    def flush(self) -> None:
+        """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
+
+        Raises:
+            redis.RedisError: Redis did not answer (what was noted is kept for the next flush).
+        """
+        with self._lock:
+            fields, delivered = self._fields, self._delivered
+            self._fields, self._delivered = {}, set()
+        if not fields and not delivered:
+            return
+        try:
+            groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
+            for stream_id, values in fields.items():
+                key = self.keys.stream(stream_id)
+                pairs = [item for pair in values.items() for item in pair]
+                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, *pairs))
+            if delivered:
+                self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
+            for key, commands in groups.values():
+                raise_first_error(self.durable.execute(key, commands, OUTBOX))
+        except redis.RedisError:
+            with self._lock:  # noted again, under whatever came meanwhile (newer wins)
+                for stream_id, values in fields.items():
+                    self._fields[stream_id] = {**values, **self._fields.get(stream_id, {})}
+                self._delivered |= delivered
+            raise
+
+    def _add(self, groups: dict, key: str, command: tuple) -> None:
+        """Add `command` (on `key`) to the group of the node holding `key`."""
+        node = self.client.get_node_from_key(key).name if isinstance(self.client, RedisCluster) else None
+        first, commands = groups[node]
+        groups[node] = (first or key, [*commands, command])

@@ -1,0 +1,114 @@
+"""POST /api/push and GET /api/push/<id>, apart from Flask: the bearer token, the request's checks, and the status
+code and short JSON body of every answer (docs/operations.md, "Push API"). Nothing of a token is logged."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+import orjson
+
+from services.push.pushes import BotPushes, OverQuota, Target
+from services.redis_conn import REDIS_FAILURES
+from utils.text import utf8_len
+
+logger = logging.getLogger(__name__)
+
+MAX_MARKDOWN_BYTES = 20480  # WeCom's limit on a markdown message's content
+MAX_IDEMPOTENCY_KEY = 200
+MAX_TARGET = 128
+
+
+@dataclass
+class Answer:
+    """A status code, its JSON body and headers."""
+
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _error(status: int, error: str, message: str, **headers: str) -> Answer:
+    return Answer(status, {"error": error, "message": message}, headers)
+
+
+class PushApi:
+    def __init__(self, token: str, pushes: dict[str, BotPushes], callback_bots: set[str]):
+        self.token = token
+        self.pushes = pushes  # the long-connection bots'
+        self.callback_bots = callback_bots  # WeCom offers no push to these
+
+    def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> Answer:
+        """POST /api/push."""
+        if not self._authorized(authorization):
+            return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "bad_request", "the body must be a JSON object")
+        if not isinstance(request, dict):
+            return _error(400, "bad_request", "the body must be a JSON object")
+        bot = request.get("bot")
+        if not isinstance(bot, str) or not bot:
+            return _error(400, "bad_request", "'bot' must name a bot")
+        if bot in self.callback_bots:
+            return _error(409, "not_long_connection", f"bot {bot!r} is in callback mode: WeCom offers no push there")
+        pushes = self.pushes.get(bot)
+        if pushes is None:
+            return _error(404, "unknown_bot", f"no bot named {bot!r}")
+        target, problem = _target(request)
+        if problem:
+            return _error(400, "bad_request", problem)
+        markdown = request.get("markdown")
+        if not isinstance(markdown, str) or not markdown.strip():
+            return _error(400, "bad_request", "'markdown' must be a non-empty string")
+        if utf8_len(markdown) > MAX_MARKDOWN_BYTES:
+            return _error(400, "bad_request", f"'markdown' is longer than WeCom's {MAX_MARKDOWN_BYTES} bytes")
+        key = idempotency_key or ""
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            return _error(400, "bad_request", f"the Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        try:
+            push_id, new = pushes.push(target, markdown, key)
+        except OverQuota as over:
+            logger.info("push refused: the chat had WeCom's limit of messages")
+            return _error(
+                429,
+                "quota_exceeded",
+                "the chat had WeCom's limit of messages",
+                **{"Retry-After": str(over.retry_after)},
+            )
+        except REDIS_FAILURES as exc:
+            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
+            return _error(
+                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
+            )
+        return Answer(202 if new else 200, {"id": push_id, "status": "queued" if new else "accepted"})
+
+    def status(self, authorization: str | None, push_id: str) -> Answer:
+        """GET /api/push/<id>."""
+        if not self._authorized(authorization):
+            return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
+        try:
+            for pushes in self.pushes.values():
+                found = pushes.status(push_id)
+                if found is not None:
+                    return Answer(200, {"id": push_id, **found})
+        except REDIS_FAILURES:
+            return _error(503, "store_unavailable", "state store unavailable, retry shortly")
+        return _error(404, "not_found", "no push with that id (pushes are kept 24 hours)")
+
+    def _authorized(self, authorization: str | None) -> bool:
+        scheme, _, given = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+
+def _target(request: dict) -> tuple[Target | None, str]:
+    """The chat a push goes to: exactly one of `chatid` (a group) and `userid` (a user's 1:1 chat)."""
+    chatid, userid = request.get("chatid"), request.get("userid")
+    if (chatid is None) == (userid is None):
+        return None, "give exactly one of 'chatid' (a group chat) and 'userid' (a user's 1:1 chat)"
+    value = chatid if chatid is not None else userid
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TARGET:
+        return None, f"'{'chatid' if chatid is not None else 'userid'}' must be a non-empty string"
+    return Target(value.strip(), single=userid is not None), ""

@@ -1,0 +1,119 @@
+"""One long-connection bot's pushes: accepted once per Idempotency-Key, within WeCom's limits for the chat, and
+sent once through the outbox by whichever process holds the bot's connection (services/longconn/orphans.py).
+
+A push is a finished message of its own, as the rest of an answer sent separately is: a stream hash (kept a day)
+with the markdown as its text, tracked in the bot's open set; its id is the stream's. The outbox's marker of that
+stream says what became of it (`sent`, `failed <errcode>`), so the status is read where the delivery is decided,
+on any replica. An Idempotency-Key names its push id for a day; a request that finds its key taken answers with
+that id, and makes again what a request that died half-way left unmade (the same id, the same message), so a
+retry after a lost reply or a dead replica neither loses the message nor sends it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services import metrics
+from services.keys import Keys
+from services.longconn.outbox import MAX_TRACKED_SECONDS, SENT_SECONDS, Outbox
+from services.longconn.pacing import ChatWindow
+from services.streams.service import new_stream_id
+from services.streams.store import StreamStore
+
+logger = logging.getLogger(__name__)
+
+QUEUED, SENT, FAILED = "queued", "sent", "failed"
+
+
+class OverQuota(Exception):
+    """The chat has had WeCom's limit of messages: try again in `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"over the chat's limit; retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a push goes: a group chat, or a user's 1:1 chat (its chatid is the userid)."""
+
+    chat: str
+    single: bool
+
+
+class BotPushes:
+    def __init__(
+        self,
+        bot: str,
+        client: redis.Redis,
+        keys: Keys,
+        store: StreamStore,
+        outbox: Outbox,
+        quota: ChatWindow,
+        owner: str,
+    ):
+        self.bot = bot
+        self.client = client
+        self.keys = keys
+        self.store = store
+        self.outbox = outbox
+        self.quota = quota  # the pushes accepted per chat, against WeCom's limits
+        self.owner = owner
+
+    def push(self, target: Target, markdown: str, idempotency_key: str = "") -> tuple[str, bool]:
+        """Accept a push; returns (its id, whether it is new). A repeated Idempotency-Key gives the first id.
+
+        Raises:
+            OverQuota: the chat had its limit of pushes (nothing accepted; the key stays free).
+            redis.RedisError: Redis did not answer (the caller answers 503; a retry with the key is safe).
+        """
+        push_id = new_stream_id()
+        key = self.keys.push_idempotency(idempotency_key) if idempotency_key else ""
+        if key and not self.client.set(key, push_id, nx=True, ex=SENT_SECONDS):
+            earlier = self.client.get(key)
+            if earlier:
+                self._make_again_if_lost(earlier, target, markdown)
+                return earlier, False
+        wait = self.quota.take(target.chat, push_id)
+        if wait:
+            if key:
+                self.client.delete(key)
+            metrics.PUSHES.labels(self.bot, "refused_quota").inc()
+            raise OverQuota(wait)
+        self._make(push_id, target, markdown)
+        metrics.PUSHES.labels(self.bot, "accepted").inc()
+        logger.info("push %s accepted for a %s chat", push_id, "1:1" if target.single else "group")
+        return push_id, True
+
+    def status(self, push_id: str) -> dict | None:
+        """{"status": queued | sent | failed, "error"?}; None for a push this bot does not know."""
+        marker = self.outbox.marker(push_id)
+        if marker == "sent":
+            return {"status": SENT}
+        if marker and marker.startswith("failed"):
+            errcode = marker.partition(" ")[2]
+            return {"status": FAILED, "error": f"WeCom refused the message (errcode {errcode})"}
+        meta = self.store.meta(push_id)
+        if not meta.get("push"):
+            return None
+        if time.time() - float(meta.get("created_at") or 0) > MAX_TRACKED_SECONDS:
+            return {"status": FAILED, "error": "no connection to WeCom could send it in time"}
+        return {"status": QUEUED}
+
+    def _make(self, push_id: str, target: Target, markdown: str) -> None:
+        """The push as a finished stream of its own, kept a day, tracked for the outbox (each step may be done
+        again)."""
+        fields = {"msgid": f"push:{push_id}", "chatid": "" if target.single else target.chat, "push": "1"}
+        self.outbox.post(push_id, self.owner, markdown, target.chat, target.single, fields, keep_seconds=SENT_SECONDS)
+
+    def _make_again_if_lost(self, push_id: str, target: Target, markdown: str) -> None:
+        """A request with this key died before its push was tracked (or its reply was lost): make what is missing,
+        under the same id, unless it is known already."""
+        if self.outbox.posted(push_id):
+            return
+        logger.warning("push %s was accepted but not made whole; making it now", push_id)
+        self._make(push_id, target, markdown)

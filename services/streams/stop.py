@@ -1,0 +1,79 @@
+"""A user's /stop: the answer streaming in that chat ends now, whichever replica or worker runs it.
+
+The stop is one script on the stream (scripts.STOP): the stream turns final with its text so far and a short note,
+and no attempt owns it any more, so its worker's next write and its next lease renewal are refused wherever it
+runs (it stops within a lease renewal at most, writing nothing), and no poll resumes or restarts it. A poll or a
+long-connection frame shows the note at once. Dify's stop endpoint is called once per stopped answer: here when
+the task id is known, else by the worker when it learns it (`stop_dify_later`). Dify may go on running a chatflow's
+nodes after its stop (dify #40966); the bubble has ended whatever it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from services import metrics
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import DifyClient
+from services.redis_conn import REDIS_FAILURES
+from services.streams.job import StreamJob
+from services.streams.store import ACTIVE_STATUSES, StreamStore
+from services.texts import Texts
+
+logger = logging.getLogger(__name__)
+
+
+class AnswerStopper:
+    def __init__(self, store: StreamStore, dify: DifyClient, profile: DifyAppProfile, texts: Texts, bot: str):
+        self.store = store
+        self.dify = dify
+        self.profile = profile
+        self.texts = texts
+        self.bot = bot
+
+    def stop_in_chat(self, aibotid: str, chatid: str, userid: str) -> int:
+        """Stop the user's answers streaming in this chat (`chatid` "" for the 1:1 chat); returns how many.
+
+        Raises:
+            redis.RedisError: Redis did not answer (the caller says the service is unavailable).
+        """
+        stream_ids = self.store.open_streams(aibotid, userid)
+        note = self.texts.say("stopped_note")
+        stopped = 0
+        for stream_id, meta in zip(stream_ids, self.store.metas(stream_ids), strict=True):
+            if (meta.get("chatid") or "") != (chatid or "") or meta.get("status") not in ACTIVE_STATUSES:
+                continue
+            result = self.store.stop(stream_id, note)
+            if result is None:  # it ended meanwhile
+                continue
+            inflight_key, task_id = result
+            self.store.release_inflight(inflight_key, stream_id)
+            stopped += 1
+            logger.info("stream %s stopped by its user", stream_id)
+            if task_id:
+                self._stop_dify(task_id, StreamJob.from_meta(stream_id, meta, "").dify_user)
+        metrics.STOPS.labels(self.bot, "stopped" if stopped else "nothing").inc()
+        return stopped
+
+    def stop_dify_later(self, job: StreamJob, task_id: str) -> None:
+        """A worker found its stream stopped by the user (its writes refused): it calls Dify's stop for the task
+        when nobody has yet. Never raises."""
+        try:
+            mine = bool(task_id) and self.store.claim_dify_stop(job.stream_id)
+        except REDIS_FAILURES as exc:  # Redis away: the run goes on in Dify, its answer is shown to nobody
+            logger.warning("could not tell whether Dify's task was stopped: %s", type(exc).__name__)
+            return
+        if mine:
+            self.dify.stop(task_id, job.dify_user, self.profile.app_type())
+            metrics.DIFY_STOPS.labels(self.bot, "user").inc()
+
+    def _stop_dify(self, task_id: str, dify_user: str) -> None:
+        """Dify's stop call, off the request thread (the callback's reply, or the WebSocket's reader, waits for
+        nothing)."""
+
+        def call() -> None:
+            self.dify.stop(task_id, dify_user, self.profile.app_type())
+            metrics.DIFY_STOPS.labels(self.bot, "user").inc()
+
+        threading.Thread(target=call, name="dify-stop", daemon=True).start()

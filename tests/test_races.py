@@ -1,0 +1,180 @@
+"""Races that a fault campaign rarely provokes, each forced here on the real Redis, with the fault placed exactly:
+a write that Redis applied but whose reply was lost (a timeout while Redis was paused; Redis runs what it had
+buffered when it resumes), and the retry that follows it (issue 35's R2 and R4: those tests failed before their
+fixes; the third guards the retry those fixes made possible); and a holder that dies at the worst moment (R3)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from demo import dify_standin as d
+from services.gateway import build_gateway
+from services.longconn.outbox import Outbox
+from services.streams.job import StreamJob
+from services.streams.store import StreamStore
+from services.texts import CATALOGUE
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_idle, wait_until
+
+ZH = CATALOGUE["zh"]
+
+
+class LostReply:
+    """Makes one Redis call run and then fail as if its reply never came: the first `times` calls are applied,
+    and raise a timeout after."""
+
+    def __init__(self, call, times: int = 1):
+        self.call = call
+        self.left = times
+
+    def __call__(self, *args, **kwargs):
+        result = self.call(*args, **kwargs)
+        if self.left > 0:
+            self.left -= 1
+            raise redis.TimeoutError("the reply was lost")
+        return result
+
+
+def test_a_finish_applied_whose_reply_was_lost_still_sends_the_promised_rest(make_app, serve, dify, redis_client):
+    """R2: the bubble closed early ("the rest follows"); the final state was written but its reply lost; the retry
+    must not read "already final" as "someone else ended it", or the rest is never sent."""
+    live = serve(make_app(stream_window_seconds=1))
+    store = live.gateway.bot().store
+    store.finish = LostReply(store.finish)
+    dify.script([d.message("shown in the bubble"), d.sleep(1.6), d.message(" and the rest"), d.end()])
+    sim = make_simulator(live.url)
+    payload = sim.text_message("a slow answer")
+    conversation = sim.follow(sim.send(payload))
+    assert conversation.finished and conversation.text.startswith("shown in the bubble")
+    message = sim.inbox.wait_for(payload["response_url"], timeout=8)
+    assert message is not None, "the rest promised by the closed bubble was never sent"
+    assert "and the rest" in message["markdown"]["content"]
+    wait_idle(live)
+    meta = redis_client.hgetall(KEYS.stream(conversation.stream_id))
+    assert meta["status"] == "done" and meta["rest_sent"] == "yes"
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    sim.close()
+
+
+def test_an_outbox_claim_applied_whose_reply_was_lost_is_found_ours_by_its_retry(redis_client):
+    """R4: the marker's SET NX ran, its reply was lost, and the retry's SET NX answers "taken": read as "sent
+    elsewhere", the rest was never sent (or 30 s late)."""
+    store = StreamStore(redis_client, KEYS, 3600, lease_seconds=5)
+    outbox = Outbox(redis_client, KEYS, store, "race-bot")
+    outbox._write = LostReply(outbox._write)
+    with pytest.raises(redis.TimeoutError):
+        outbox.claim("s-r4", "replica-a:1 attempt-1")
+    assert outbox.claim("s-r4", "replica-a:1 attempt-1")  # the same claim, tried again: its own
+    assert not outbox.claim("s-r4", "replica-a:1 attempt-2")  # anyone else's claim: taken
+    assert not outbox.claim("s-r4", "replica-b:7 pass")
+
+
+def test_a_rest_handed_to_the_outbox_twice_by_retries_is_one_message(ws_gateway, dify, redis_client):
+    """The rest of an answer handed to the outbox (its message made and tracked) while marking the stream sent
+    lost its reply: the retry must not make a second message."""
+    gateway, wecom = ws_gateway()
+    streams = gateway.bot().streams
+    job = StreamJob(stream_id="s-rest", msgid="m", userid="alice", aibotid=WS_BOT_ID, attempt="replica-a:1#1")
+    streams.outbox.sent = LostReply(streams.outbox.sent)
+    with pytest.raises(redis.TimeoutError):
+        streams.send_separately(job, "the rest, once")
+    assert streams.send_separately(job, "the rest, once")
+    assert wait_until(lambda: wecom.proactive, timeout=10)
+    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert [m["markdown"]["content"] for m in wecom.proactive] == ["the rest, once"]
+
+
+@pytest.fixture
+def two_processes(settings, wecom_ws, tmp_path):
+    """Two processes of one long-connection bot on one WeCom stand-in (lease 2 s): (the holder, the other, WeCom)."""
+    wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
+    bot = settings.replace(
+        wecom_mode="long_connection",
+        wecom_bot_id=WS_BOT_ID,
+        wecom_bot_secret=WS_BOT_SECRET,
+        wecom_ws_url=wecom.url,
+        wecom_ws_lease_seconds=2,
+    )
+    gateways = []
+    first = build_gateway(bot.replace(replica_id="replica-a"), (bot,), tmp_path)
+    first.start()
+    gateways.append(first)
+    assert wait_until(lambda: wecom.subscribed(WS_BOT_ID) == 1, timeout=10)
+    second = build_gateway(bot.replace(replica_id="replica-b"), (bot,), tmp_path)
+    second.start()
+    gateways.append(second)
+    yield first, second, wecom
+    for gateway in gateways:
+        gateway.drain(2)
+        gateway.close()
+
+
+def die(holder) -> None:
+    """The holder's process dies: no more lease renewals, frames or acks on its connection."""
+    holder._stop.set()
+    holder._session.drop()
+
+
+def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next_holders_outbox(two_processes, dify):
+    """R3: the connection's holder queued a message's answer and died before anything recorded where the answer
+    goes; the answer was made and never sent. The stream is now tracked before it is queued."""
+    first, second, wecom = two_processes
+    holder = first.bot().holder
+    queue = first.bot().streams.queue
+    real_submit = queue.submit
+
+    def submit_and_die(stream_id, attempt):
+        real_submit(stream_id, attempt)
+        die(holder)
+        raise RuntimeError("the holder died right after queueing the answer")
+
+    queue.submit = submit_and_die
+    dify.script([d.message("answered after all"), d.end()])
+    wecom.deliver_text(WS_BOT_ID, "a question at the worst moment")
+    assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
+    assert wait_until(lambda: wecom.proactive, timeout=15), "the answer was made and never sent"
+    time.sleep(2.5)  # a bounded look past one more outbox pass
+    [message] = wecom.proactive
+    assert message["markdown"]["content"].endswith("answered after all")
+    assert len(dify.chat_requests()) == 1
+
+
+def shown_frame(wecom, req_id, text):
+    return any(text in f["stream"]["content"] for f in wecom.frames(req_id))
+
+
+def test_a_frame_wecom_showed_whose_ack_the_dead_holder_never_got_is_not_sent_again(two_processes, dify):
+    """R5: WeCom showed a frame and the holder died before its ack came (WeCom acks about 0.3 s later); the next
+    holder must not send that text again as part of the rest."""
+    first, second, wecom = two_processes
+    wecom.ack_delay = 1.0
+    dify.script([d.message("shown before the death. "), d.sleep(2.5), d.message("The rest."), d.end()])
+    req_id = wecom.deliver_text(WS_BOT_ID, "a question")
+    assert wait_until(lambda: shown_frame(wecom, req_id, "shown before the death."), timeout=10)
+    die(first.bot().holder)  # the frame's ack is still a second away
+    assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    time.sleep(2.5)  # a bounded look past one more outbox pass
+    [message] = wecom.proactive
+    assert message["markdown"]["content"].endswith("The rest.")
+    assert "shown before the death" not in message["markdown"]["content"]
+
+
+def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, dify, redis_client):
+    """A drained holder closed its connection 0.1-0.25 s after its last frames, before their acks: it now waits for
+    them, so what each bubble shows is recorded from WeCom's own word."""
+    first, second, wecom = two_processes
+    wecom.ack_delay = 0.5
+    dify.script([d.message("shown before the drain. "), d.sleep(2.5), d.message("The rest."), d.end()])
+    req_id = wecom.deliver_text(WS_BOT_ID, "a question")
+    assert wait_until(lambda: shown_frame(wecom, req_id, "shown before the drain."), timeout=10)
+    first.bot().holder.stop()
+    stream_id = wecom.frames(req_id)[0]["stream"]["id"]
+    assert "shown before the drain." in redis_client.hget(KEYS.stream(stream_id), "ws_shown")
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    time.sleep(2.5)
+    [message] = wecom.proactive
+    assert message["markdown"]["content"].endswith("The rest.")
+    assert "shown before the drain" not in message["markdown"]["content"]
