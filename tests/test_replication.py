@@ -30,7 +30,7 @@ def replicas_of(kind: str, server) -> list:
     if kind == "sentinel":
         master = server.current_master()
         return [s for s in server.servers if s is not master and s.running]
-    return [node for node in server.nodes if node.client().info("replication")["role"] == "slave"]
+    return [node for node in server.nodes if node.running and node.client().info("replication")["role"] == "slave"]
 
 
 def retried(write, tries: int = 5):

@@ -152,3 +152,64 @@ def test_a_timed_out_command_never_hands_its_late_reply_to_the_next_one(topology
         assert client.get("{t}b") == "B"
     finally:
         client.close()
+
+
+_SET = "return redis.call('SET', KEYS[1], ARGV[1])"
+
+
+def _getkeys_calls(cluster) -> int:
+    """How many COMMAND GETKEYS the running nodes of `cluster` have answered."""
+    stats = [node.client().info("commandstats") for node in cluster.nodes if node.running]
+    return sum(found.get("cmdstat_command|getkeys", {}).get("calls", 0) for found in stats)
+
+
+def test_a_pipelined_script_call_asks_no_node_for_its_keys(redis_cluster):
+    """A script call in a cluster pipeline goes by its first key's slot, as a single call does: redis-py would ask
+    its default node which arguments are keys first (a round trip more per call)."""
+    from services.lua import LuaScript
+    from services.redis_conn import connect_redis
+    from services.replication import raise_first_error
+
+    client = connect_redis(redis_cluster.url)
+    script = LuaScript(client, _SET)
+    calls = [([f"{{k{i}}}x"], ["1"]) for i in range(20)]
+    raise_first_error(script.run_each(calls))  # loads the script
+    before = _getkeys_calls(redis_cluster)
+    raise_first_error(script.run_each(calls))
+    assert _getkeys_calls(redis_cluster) == before
+    client.close()
+
+
+def test_a_pipelined_script_call_follows_the_failover_of_the_clients_default_node(redis_cluster):
+    """The master the client uses for commands without keys dies. Pipelined script calls on its slots fail until a
+    replica takes over, and then go there, as a single command does. (redis-py's pipeline asked that dead node which
+    arguments were keys before anything else, and that error never made the client refresh its map or pick another
+    node: a gateway process failed every stream write for 40 s after a failover its neighbours had followed.)"""
+    from services.lua import LuaScript
+    from services.redis_conn import REDIS_FAILURES, connect_redis
+    from services.replication import raise_first_error
+
+    client = connect_redis(redis_cluster.url, socket_timeout=0.5)
+    script = LuaScript(client, _SET)
+    calls = [([f"{{k{i}}}x"], ["1"]) for i in range(20)]
+    raise_first_error(script.run_each(calls))
+    default = client.get_default_node()
+    killed = next(node for node in redis_cluster.nodes if node.port == default.port)
+    lost_key = next(keys[0] for keys, _ in calls if client.get_node_from_key(keys[0]).port == killed.port)
+    killed.kill()
+    try:
+        with pytest.raises(REDIS_FAILURES):  # meanwhile: no node takes that slot's writes
+            raise_first_error(script.run_each(calls))
+        redis_cluster.wait_for_failover(lost_key, killed)
+
+        def written() -> bool:
+            try:
+                raise_first_error(script.run_each(calls))
+            except REDIS_FAILURES:
+                return False
+            return True
+
+        assert wait_until(written, timeout=5)
+    finally:
+        client.close()
+        redis_cluster.restart(killed)

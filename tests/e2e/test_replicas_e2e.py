@@ -306,34 +306,32 @@ def test_a_master_failover_mid_answer(replicas, dify, e2e_topology, store_client
     claimed_first = sim.send(claimed, replica=0)  # claimed just before the master dies
 
     server = e2e_topology.server
-    if e2e_topology.name == "sentinel":
-        killed = server.kill_master()
-        server.wait_for_failover(killed)
-    else:  # the master holding that claim
-        key = KEYS.wecom_msg(claimed["msgid"])
-        killed = server.kill_master_of(key)
-        server.wait_for_failover(key, killed)
-    retried = sim.send(claimed, replica=1)  # WeCom's retry of that message, after the failover
-    assert retried["stream"]["id"] == claimed_first["stream"]["id"]
+    sentinel, key = e2e_topology.name == "sentinel", KEYS.wecom_msg(claimed["msgid"])
+    killed = server.kill_master() if sentinel else server.kill_master_of(key)  # on a Cluster, the claim's master
+    try:
+        server.wait_for_failover(killed) if sentinel else server.wait_for_failover(key, killed)
+        retried = sim.send(claimed, replica=1)  # WeCom's retry of that message, after the failover
+        assert retried["stream"]["id"] == claimed_first["stream"]["id"]
 
-    results, failures = {}, []
+        results, failures = {}, []
 
-    def follow(i, first):
-        results[i] = follow_like_wecom(sim, first, failures=failures)
+        def follow(i, first):
+            results[i] = follow_like_wecom(sim, first, failures=failures)
 
-    threads = [threading.Thread(target=follow, args=(i, f)) for i, f in enumerate([*firsts, claimed_first])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, payload in enumerate([*payloads, claimed]):
-        final = results[i][1]["stream"]
-        assert final["finish"]
-        if final["content"] != full:  # the bubble was cut short: the whole answer came through response_url
-            message = sim.inbox.wait_for(payload["response_url"], timeout=20)
-            assert message is not None, final["content"]
-            assert message["markdown"]["content"].rstrip().endswith(full[-20:])
-    assert len(dify.chat_requests()) == 5  # no message was asked twice
-    assert [f for f in failures if not f.startswith("HTTP 503")] == []  # polls meanwhile: 503s, never another 5xx
-    server.restart(killed)  # the next test gets the whole topology back
-    sim.close()
+        threads = [threading.Thread(target=follow, args=(i, f)) for i, f in enumerate([*firsts, claimed_first])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, payload in enumerate([*payloads, claimed]):
+            final = results[i][1]["stream"]
+            assert final["finish"]
+            if final["content"] != full:  # the bubble was cut short: the whole answer came through response_url
+                message = sim.inbox.wait_for(payload["response_url"], timeout=20)
+                assert message is not None, final["content"]
+                assert message["markdown"]["content"].rstrip().endswith(full[-20:])
+        assert len(dify.chat_requests()) == 5  # no message was asked twice
+        assert [f for f in failures if not f.startswith("HTTP 503")] == []  # polls meanwhile: 503s, never another 5xx
+    finally:
+        server.restart(killed)  # the next test gets the whole topology back
+        sim.close()
