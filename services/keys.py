@@ -27,6 +27,22 @@ FEEDBACK_TTL_SECONDS = 7 * 24 * 3600
 INFLIGHT_TTL_SECONDS = 420
 # Per-user rate limits count the messages admitted in a sliding window of this length.
 RATE_WINDOW_SECONDS = 60
+# The long-connection outbox: a claim on sending a stream's rest is taken over after this (the sender died);
+OUTBOX_CLAIM_TTL_SECONDS = 30
+# after WeCom refused a send as a conflict (6000-6002) the outbox tries again this much later;
+OUTBOX_CONFLICT_TTL_SECONDS = 5
+# a stream it tracks is given up after this (its keys expire too).
+OUTBOX_TRACKED_TTL_SECONDS = 2 * 3600
+# A record that something went out (a rest, a push, an answer's files), or failed for good: kept long past any retry
+# or take-over that could send it again.
+SENT_TTL_SECONDS = 24 * 3600
+# A claim on uploading an answer's files over the long connection: long enough for a hundred chunks to be acked.
+FILE_UPLOAD_CLAIM_TTL_SECONDS = 600
+# The long connection's answer queue and a bot's lease generation (its fencing token, which must never go back).
+ANSWER_QUEUE_TTL_SECONDS = 24 * 3600
+WS_GENERATION_TTL_SECONDS = 30 * 24 * 3600
+# A form's card state outlives the form's own expiry by this much (a late click still gets "expired").
+FORM_KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)

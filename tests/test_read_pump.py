@@ -86,6 +86,35 @@ def test_what_on_data_raises_reaches_the_waiting_thread_and_the_pump_goes_on(pum
     assert collector.data == b"stop"
 
 
+def test_a_failure_of_the_pump_itself_ends_its_watches_with_an_error_and_it_serves_on(pair, monkeypatch):
+    """Something unexpected in the pump's own work (not in on_data) is a background loop's failure: logged,
+    counted, the waiting threads raise, and the same thread serves the next waits."""
+    from services import metrics
+
+    pump = ReadPump()
+    ours, theirs = pair
+    failures = metrics.BACKGROUND_ERRORS.labels("read_pump")._value.get()
+    real_read = pump._read
+    calls = []
+
+    def read_failing_once(selector, watch):
+        calls.append(watch)
+        if len(calls) == 1:
+            raise OSError("a selector gone wrong")
+        return real_read(selector, watch)
+
+    monkeypatch.setattr(pump, "_read", read_failing_once)
+    theirs.sendall(b"x")
+    with pytest.raises(RuntimeError, match="the read pump failed"):
+        pump.wait(ours, Collector(), idle_timeout=5)
+    assert metrics.BACKGROUND_ERRORS.labels("read_pump")._value.get() == failures + 1
+    collector = Collector()
+    theirs.sendall(b"stop")
+    pump.wait(ours, collector, idle_timeout=5)
+    assert collector.data == b"xstop"
+    assert collector.threads == {"read-pump"}
+
+
 def test_a_broken_connection_raises(pump, pair):
     ours, theirs = pair
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")

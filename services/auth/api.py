@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
-from utils.tls import default_tls_context
+from utils.http import outgoing_client
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,10 @@ class AuthApiClient:
 
     def __init__(self, url: str, api_key: str, timeout: float = 5.0):
         self.url = url
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+        self._http = outgoing_client(
+            httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            follow_redirects=False,
             headers={"Authorization": f"Bearer {api_key}"},
-            trust_env=False,
-            verify=default_tls_context(),
         )
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from services.dify.errors import (
 from services.dify.events import DifyEvent, EventReader
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
 from services.dify.transport.read_pump import ReadPump
+from utils.http import outgoing_client
 from utils.tls import default_tls_context
 
 logger = logging.getLogger(__name__)
@@ -110,13 +111,13 @@ class DifyClient:
             "Accept": "text/event-stream",
         }
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=connect_timeout)
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/") + "/",
+        self._http = outgoing_client(
+            timeout,
+            follow_redirects=False,
             headers={"Authorization": f"Bearer {api_key}"},
-            timeout=timeout,
+            tls=self.tls,
+            base_url=base_url.rstrip("/") + "/",
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,
-            verify=self.tls,
         )
 
     def close(self) -> None:

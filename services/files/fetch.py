@@ -10,7 +10,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from utils.tls import default_tls_context
+from utils.http import outgoing_client
 
 CHUNK_BYTES = 64 * 1024
 _MAX_REDIRECTS = 3
@@ -33,12 +33,7 @@ class FileFetcher:
     def __init__(self, dify_base_url: str, files_url: str = "", timeout: float = 20.0):
         self.files_base = (files_url or origin(dify_base_url)).rstrip("/") + "/"
         self.allowed = {origin(dify_base_url), origin(self.files_base)}
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            follow_redirects=False,
-            trust_env=False,
-            verify=default_tls_context(),
-        )
+        self._http = outgoing_client(httpx.Timeout(timeout, connect=5.0), follow_redirects=False)
 
     def close(self) -> None:
         self._http.close()

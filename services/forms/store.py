@@ -18,14 +18,13 @@ import orjson
 import redis
 
 from services.forms.form import Form
-from services.keys import Keys
+from services.keys import FORM_KEEP_AFTER_EXPIRY_SECONDS, Keys
 from services.lua import LuaScript
 from services.wecom.messages import STREAM_ID_PATTERN
 
 OPEN, CLAIMED, SUBMITTING = "open", "claimed", "submitting"
 SUBMITTED, EXPIRED, FAILED = "submitted", "expired", "failed"
 IN_BUBBLE, SEPARATELY = "bubble", "separately"  # who goes on after the claim: the stream's worker, or the claimer
-KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 _DIGEST = re.compile(r"[0-9a-f]{12}")
 
 # KEYS: form. ARGV: ttl, field/value pairs... A form is written once: a resumed attempt that meets it again gets
@@ -138,7 +137,7 @@ class FormStore:
 
     def open(self, task_id: str, form: Form, fields: dict[str, str]) -> tuple[str, str]:
         """Write the form once; returns (status, way): `open` for a new one, else what became of it."""
-        ttl = max(60, int(form.expires_at - time.time()) + KEEP_AFTER_EXPIRY_SECONDS)
+        ttl = max(60, int(form.expires_at - time.time()) + FORM_KEEP_AFTER_EXPIRY_SECONDS)
         pairs = [item for name, value in fields.items() for item in (name, value)]
         pairs += ["form", form.to_json(), "expires_at", f"{form.expires_at:.3f}", "opened_at", f"{time.time():.3f}"]
         status, way = self._open(keys=[self.key(task_id)], args=[ttl, *pairs])

@@ -28,8 +28,8 @@ from services.longconn.replies import ReplyPump
 from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, SubscribeRefused
 from services.longconn.uploads import FileSender
 from services.loops import run_until
+from services.outage import best_effort, best_effort_value
 from services.redis_conn import REDIS_FAILURES
-from services.streams.outage import best_effort, best_effort_value
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)

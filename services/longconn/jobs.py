@@ -16,11 +16,11 @@ import time
 
 import redis
 
-from services.keys import Keys
+from services.keys import ANSWER_QUEUE_TTL_SECONDS, Keys
 from services.loops import guarded, run_until
+from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.replication import ANSWER_QUEUE, Replication, raise_first_error
-from services.streams.outage import best_effort
 from services.streams.service import StreamService
 from utils.logging import log_context
 
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 GROUP = "answers"
 MAX_JOBS = 10_000  # the Redis Stream is trimmed to about this many entries
-JOBS_TTL_SECONDS = 24 * 3600
 # A consumer idle this long with nothing pending is a process that died without leaving the group.
 DEAD_CONSUMER_IDLE_MS = 3600 * 1000
 
@@ -48,7 +47,7 @@ class JobQueue:
             redis.RedisError: Redis did not answer (the message gets the store-unavailable note).
         """
         entry = ("XADD", self.key, "MAXLEN", "~", MAX_JOBS, "*", "stream", stream_id, "opener", opener)
-        replies = self.durable.execute(self.key, [entry, ("EXPIRE", self.key, JOBS_TTL_SECONDS)], ANSWER_QUEUE)
+        replies = self.durable.execute(self.key, [entry, ("EXPIRE", self.key, ANSWER_QUEUE_TTL_SECONDS)], ANSWER_QUEUE)
         raise_first_error(replies)
 
 
@@ -128,7 +127,7 @@ class JobConsumer:
             if not client.exists(key):  # MKSTREAM, without relying on it (the demo's embedded store lacks it)
                 client.xadd(key, {"created": "1"}, maxlen=MAX_JOBS, approximate=True)
             client.xgroup_create(key, GROUP, id="0")
-            client.expire(key, JOBS_TTL_SECONDS)
+            client.expire(key, ANSWER_QUEUE_TTL_SECONDS)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 logger.warning("could not create the answer queue's group: %s", exc)

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import redis
 
-from services.keys import Keys
+from services.keys import WS_GENERATION_TTL_SECONDS, Keys
 from services.lua import LuaScript
 
-GENERATION_TTL_SECONDS = 30 * 24 * 3600
 # After WeCom refuses the bot's credentials, the whole deployment waits this long before the next try, doubling
 # with each refusal in a row up to the longest (a wrong secret costs WeCom one subscription per interval).
 FIRST_BACKOFF_SECONDS = 15
@@ -120,7 +119,7 @@ class BotLease:
         generation = int(
             self._acquire(
                 keys=[self.lease_key, self.generation_key, self.cooldown_key, self.backoff_key],
-                args=[self.holder, self.lease_ms, GENERATION_TTL_SECONDS, int(time.time() * 1000)],
+                args=[self.holder, self.lease_ms, WS_GENERATION_TTL_SECONDS, int(time.time() * 1000)],
             )
         )
         return Holding(self.holder, generation) if generation else None

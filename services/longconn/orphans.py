@@ -16,9 +16,9 @@ from services.longconn.outbox import Outbox, claimant_token, rest_of, shown_of
 from services.longconn.pacing import ChatWindow
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
+from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import remainder_message, separate_message
-from services.streams.outage import best_effort
 from services.streams.service import StreamService
 
 logger = logging.getLogger(__name__)

@@ -24,16 +24,18 @@ import time
 
 import redis
 
-from services.keys import Keys
+from services.keys import (
+    OUTBOX_CLAIM_TTL_SECONDS,
+    OUTBOX_CONFLICT_TTL_SECONDS,
+    OUTBOX_TRACKED_TTL_SECONDS,
+    SENT_TTL_SECONDS,
+    Keys,
+)
 from services.replication import OUTBOX, raise_first_error
 from services.streams.store import DONE, StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
 
-SENDING_SECONDS = 30
 CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: tried again after a back-off
-CONFLICT_BACKOFF_SECONDS = 5
-SENT_SECONDS = 24 * 3600
-MAX_TRACKED_SECONDS = 2 * 3600  # a stream is given up after this (its keys expire too)
 PAGE = 100  # tracked streams read per round trip
 
 
@@ -83,7 +85,10 @@ class Outbox:
         return bool(self.marker(message_id)) or self.tracked(message_id)
 
     def _add(self, stream_id: str) -> None:
-        commands = [("ZADD", self.open_key, time.time(), stream_id), ("EXPIRE", self.open_key, MAX_TRACKED_SECONDS)]
+        commands = [
+            ("ZADD", self.open_key, time.time(), stream_id),
+            ("EXPIRE", self.open_key, OUTBOX_TRACKED_TTL_SECONDS),
+        ]
         self._write(self.open_key, commands)
 
     def sending(self, frames: dict[str, tuple[str, bool]]) -> None:
@@ -108,7 +113,7 @@ class Outbox:
     def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[tuple[str, dict]]:
         """Every tracked stream that no live reply of this connection covers: (stream id, its hash). Read a page
         at a time (one round trip for a page's hashes), however many streams are open."""
-        self.client.zremrangebyscore(self.open_key, "-inf", time.time() - MAX_TRACKED_SECONDS)
+        self.client.zremrangebyscore(self.open_key, "-inf", time.time() - OUTBOX_TRACKED_TTL_SECONDS)
         found, gone = [], []
         start = 0
         while True:
@@ -137,12 +142,12 @@ class Outbox:
         """
         key = self.keys.ws_outbox(stream_id)
         token = f"sending {claimant}"
-        [claimed] = self._write(key, [("SET", key, token, "NX", "EX", SENDING_SECONDS)])
+        [claimed] = self._write(key, [("SET", key, token, "NX", "EX", OUTBOX_CLAIM_TTL_SECONDS)])
         return bool(claimed) or self.client.get(key) == token
 
     def sent(self, stream_id: str) -> None:
         key = self.keys.ws_outbox(stream_id)
-        self._write(key, [("SET", key, "sent", "EX", SENT_SECONDS)])
+        self._write(key, [("SET", key, "sent", "EX", SENT_TTL_SECONDS)])
         self.delivered(stream_id)
 
     def failed(self, stream_id: str) -> None:
@@ -155,11 +160,11 @@ class Outbox:
         out of the open set."""
         key = self.keys.ws_outbox(stream_id)
         if errcode in CONFLICT_ERRCODES:
-            self._write(key, [("SET", key, "conflict", "EX", CONFLICT_BACKOFF_SECONDS)])
+            self._write(key, [("SET", key, "conflict", "EX", OUTBOX_CONFLICT_TTL_SECONDS)])
             return
         refusals = self.client.hincrby(self.keys.stream(stream_id), "send_refusals", 1)
         if give_up_after and refusals >= give_up_after:
-            self._write(key, [("SET", key, f"failed {errcode}", "EX", SENT_SECONDS)])
+            self._write(key, [("SET", key, f"failed {errcode}", "EX", SENT_TTL_SECONDS)])
             self.delivered(stream_id)
             return
         self.failed(stream_id)

@@ -22,7 +22,7 @@ from services import metrics
 from services.files.delivery import UPLOAD_CAPS
 from services.files.fetch import FetchError, FileFetcher
 from services.files.store import FileRefs
-from services.keys import Keys
+from services.keys import FILE_UPLOAD_CLAIM_TTL_SECONDS, SENT_TTL_SECONDS, Keys
 from services.longconn import frames
 from services.longconn.session import Session
 from services.redis_conn import REDIS_FAILURES
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 512 * 1024  # before base64
 MAX_CHUNKS = 100
 ACK_SECONDS = 15.0
-SENDING_SECONDS = 600
-SENT_SECONDS = 24 * 3600
 
 
 class UploadFailed(Exception):
@@ -70,7 +68,9 @@ class FileSender:
         try:
             meta = self._meta(stream_id)
             files = orjson.loads(meta.get("files") or "[]")
-            if not files or not self.client.set(self.keys.ws_files(stream_id), "sending", nx=True, ex=SENDING_SECONDS):
+            if not files or not self.client.set(
+                self.keys.ws_files(stream_id), "sending", nx=True, ex=FILE_UPLOAD_CLAIM_TTL_SECONDS
+            ):
                 return
         except REDIS_FAILURES as exc:
             logger.warning("could not read the answer's files (%s); the next delivery of the stream tries again", exc)
@@ -91,7 +91,7 @@ class FileSender:
             req_id, text = frames.send_markdown(chat, single, lines)
             session.send(text, req_id)
         try:
-            self.client.set(self.keys.ws_files(stream_id), "sent", ex=SENT_SECONDS)
+            self.client.set(self.keys.ws_files(stream_id), "sent", ex=SENT_TTL_SECONDS)
         except REDIS_FAILURES as exc:
             logger.warning("could not record the files as sent: %s", exc)
 

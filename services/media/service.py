@@ -21,7 +21,7 @@ from services.dify.client import DifyClient
 from services.dify.errors import DifyError
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES
-from utils.tls import default_tls_context
+from utils.http import outgoing_client
 
 logger = logging.getLogger(__name__)
 
@@ -162,12 +162,7 @@ class MediaService:
         self.dify = dify
         self.profile = profile
         self.bot = bot
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            follow_redirects=True,
-            trust_env=False,
-            verify=default_tls_context(),
-        )
+        self._http = outgoing_client(httpx.Timeout(timeout, connect=5.0), follow_redirects=True)
 
     def close(self) -> None:
         self._http.close()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import redis
 
 from services import metrics
-from services.keys import Keys
-from services.longconn.outbox import MAX_TRACKED_SECONDS, SENT_SECONDS, Outbox
+from services.keys import OUTBOX_TRACKED_TTL_SECONDS, SENT_TTL_SECONDS, Keys
+from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
 from services.streams.service import new_stream_id
 from services.streams.store import StreamStore
@@ -73,7 +73,7 @@ class BotPushes:
         """
         push_id = new_stream_id()
         key = self.keys.push_idempotency(idempotency_key) if idempotency_key else ""
-        if key and not self.client.set(key, push_id, nx=True, ex=SENT_SECONDS):
+        if key and not self.client.set(key, push_id, nx=True, ex=SENT_TTL_SECONDS):
             earlier = self.client.get(key)
             if earlier:
                 self._make_again_if_lost(earlier, target, markdown)
@@ -100,7 +100,7 @@ class BotPushes:
         meta = self.store.meta(push_id)
         if not meta.get("push"):
             return None
-        if time.time() - float(meta.get("created_at") or 0) > MAX_TRACKED_SECONDS:
+        if time.time() - float(meta.get("created_at") or 0) > OUTBOX_TRACKED_TTL_SECONDS:
             return {"status": FAILED, "error": "no connection to WeCom could send it in time"}
         return {"status": QUEUED}
 
@@ -108,7 +108,9 @@ class BotPushes:
         """The push as a finished stream of its own, kept a day, tracked for the outbox (each step may be done
         again)."""
         fields = {"msgid": f"push:{push_id}", "chatid": "" if target.single else target.chat, "push": "1"}
-        self.outbox.post(push_id, self.owner, markdown, target.chat, target.single, fields, keep_seconds=SENT_SECONDS)
+        self.outbox.post(
+            push_id, self.owner, markdown, target.chat, target.single, fields, keep_seconds=SENT_TTL_SECONDS
+        )
 
     def _make_again_if_lost(self, push_id: str, target: Target, markdown: str) -> None:
         """A request with this key died before its push was tracked (or its reply was lost): make what is missing,

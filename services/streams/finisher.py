@@ -20,10 +20,10 @@ from collections.abc import Callable
 from functools import partial
 
 from services import metrics
+from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, remainder_message, separate_message, text_at_close
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts

@@ -16,9 +16,9 @@ import orjson
 from services.dify.errors import DifyError
 from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
+from services.outage import best_effort, through_outage
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort, through_outage
 from services.streams.recorder import Answer, AnswerRecorder, HandedOver, StreamAborted
 from services.streams.store import StreamStore
 from services.texts import Texts

@@ -37,10 +37,10 @@ from services.dify.events import (
     DifyEvent,
 )
 from services.files.model import DifyFile, file_of_event, files_in_outputs
+from services.outage import RETRY_DELAYS, best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
-from services.streams.outage import RETRY_DELAYS, best_effort
 from services.streams.progress import SLOW_STEPS, StepProgress
 from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore
 from services.streams.writer import StreamWriter

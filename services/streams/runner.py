@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import metrics
-from services.loops import guarded
+from services.loops import LazyThread, guarded
 from services.redis_conn import REDIS_FAILURES
 from services.streams.job import StreamJob
 from services.streams.store import StreamStore
@@ -45,7 +45,7 @@ class StreamRunner:
         self._active: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._keeper: threading.Thread | None = None
+        self._keeper = LazyThread(self._keep_leases, "lease-keeper")
         self._stopping = threading.Event()
         self.accepting = True
 
@@ -78,7 +78,7 @@ class StreamRunner:
                 logger.error("stream %s already runs in this process; not starting a second attempt", stream_id)
                 return False
             self._active[stream_id] = running
-        self._ensure_keeper()
+        self._keeper.ensure()
         thread = threading.Thread(
             target=self._run, args=(stream_id, work, running), name=f"stream-{stream_id}", daemon=True
         )
@@ -130,14 +130,6 @@ class StreamRunner:
     def stop(self) -> None:
         """Stop the lease keeper (running workers are left to their own ends)."""
         self._stopping.set()
-
-    def _ensure_keeper(self) -> None:
-        if self._keeper is not None and self._keeper.is_alive():
-            return
-        with self._lock:
-            if self._keeper is None or not self._keeper.is_alive():
-                self._keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
-                self._keeper.start()
 
     def _keep_leases(self) -> None:
         interval = self.renew_interval

@@ -27,12 +27,12 @@ from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.forms.service import FormService
 from services.media.service import Declined, MediaService
+from services.outage import best_effort_value, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
-from services.streams.outage import best_effort_value, through_outage
 from services.streams.progress import StepProgress
 from services.streams.recorder import (
     DEFAULT_OPTIONS,

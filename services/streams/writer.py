@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from services.loops import guarded
+from services.loops import LazyThread, guarded
 from services.streams.store import CLOSED, CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ class AppendBatcher:
 
     def __init__(self):
         self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._thread = LazyThread(self._loop, "append-batcher")
         self.batches = 0
         self.appends = 0
 
@@ -149,16 +148,8 @@ class AppendBatcher:
         return StreamWriter(self, store, stream_id, attempt, written)
 
     def submit(self, writer: StreamWriter) -> None:
-        self._ensure_thread()
+        self._thread.ensure()
         self._queue.put(writer)
-
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="append-batcher", daemon=True)
-                self._thread.start()
 
     def _take_batch(self) -> list[tuple[StreamWriter, AppendRequest]]:
         """Every writer queued now (at least one, waiting for it), up to the size limit."""

@@ -7,14 +7,14 @@ import logging
 import httpx
 import orjson
 
-from utils.tls import default_tls_context
+from utils.http import outgoing_client
 
 logger = logging.getLogger(__name__)
 
 
 class ResponseUrlClient:
     def __init__(self, timeout: float = 10.0):
-        self._http = httpx.Client(timeout=timeout, trust_env=False, verify=default_tls_context())
+        self._http = outgoing_client(httpx.Timeout(timeout), follow_redirects=False)
 
     def close(self) -> None:
         self._http.close()

@@ -12,7 +12,6 @@ of its CPU waking up and taking the GIL (BENCHMARKS.md §2); one loop reading al
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import selectors
@@ -22,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-logger = logging.getLogger(__name__)
+from services.loops import LazyThread, guarded
 
 READ_SIZE = 64 * 1024
 _SWEEP_SECONDS = 1.0  # how often idle timeouts are checked (their precision)
@@ -49,8 +48,7 @@ class ReadPump:
 
     def __init__(self) -> None:
         self._requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
-        self._start_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread = LazyThread(self._loop, "read-pump", before_start=self._open_selector)
         self._selector: selectors.BaseSelector | None = None
         self._wake_read = self._wake_write = -1
 
@@ -67,11 +65,11 @@ class ReadPump:
         previous_timeout = sock.gettimeout()
         sock.setblocking(False)
         try:
-            self._ensure_thread()
+            self._thread.ensure()
             self._requests.put(watch)
             self._wake()
             while not watch.done.acquire(timeout=_ALIVE_CHECK_SECONDS):
-                if not self._running():
+                if not self._thread.running():
                     raise RuntimeError("the read pump stopped")
         finally:
             sock.settimeout(previous_timeout)
@@ -80,23 +78,13 @@ class ReadPump:
 
     # --- the pump's thread ------------------------------------------------------------------------------------
 
-    def _running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _ensure_thread(self) -> None:
-        if self._running():
-            return
-        with self._start_lock:
-            if self._running():
-                return
-            # Threads do not survive a fork, so this also gives a forked worker a selector and pipe of its own.
-            self._selector = selectors.DefaultSelector()
-            self._wake_read, self._wake_write = os.pipe()
-            os.set_blocking(self._wake_read, False)
-            os.set_blocking(self._wake_write, False)
-            self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-            self._thread = threading.Thread(target=self._loop, name="read-pump", daemon=True)
-            self._thread.start()
+    def _open_selector(self) -> None:
+        """A selector and a wake-up pipe for a new pump thread (a forked worker's own, too)."""
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
 
     def _wake(self) -> None:
         try:
@@ -105,15 +93,14 @@ class ReadPump:
             pass  # the pipe is full of wake-ups already
 
     def _loop(self) -> None:
+        """Serve until something unexpected fails the pump (logged and counted as every background loop's
+        failure): the watches it held end with an error their threads raise, and the pump serves new ones."""
         selector = self._selector
-        try:
-            self._serve(selector)
-        except BaseException:
-            logger.exception("the read pump stopped")
+        while True:
+            guarded(lambda: self._serve(selector), "read_pump", pause=0.1)
             for key in list(selector.get_map().values()):
                 if key.data is not None:
-                    self._end(None, key.data, RuntimeError("the read pump stopped"))
-            raise
+                    self._end(selector, key.data, RuntimeError("the read pump failed"))
 
     def _serve(self, selector: selectors.BaseSelector) -> None:
         next_sweep = time.monotonic() + _SWEEP_SECONDS

@@ -1,4 +1,5 @@
-"""How a stream worker lives through a Redis outage, in one place.
+"""How the gateway's background work (stream workers, the long connection's holder and queue) lives through a Redis
+outage, in one place.
 
 Every Redis call a worker makes goes through `through_outage` (the call must succeed: a short outage is waited
 out, a longer one raises) or `best_effort` (the answer goes on without it). So a blip never fails an answer that
