@@ -44,6 +44,7 @@ from services.longconn.jobs import JobConsumer, JobQueue
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
+from services.longconn.rests import OutboxRests
 from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.push.api import PushApi
@@ -252,11 +253,28 @@ class _Shared:
     replica_wait_ms: int  # how long a write that must outlive a failover waits for a replica (0: none to wait for)
 
 
+@dataclass
+class _Reach:
+    """A long-connection bot's ways to the user besides a stream's own reply, made before the streams that use
+    them: the answer queue every serving process takes from, and the outbox the connection's holder delivers."""
+
+    queue: JobQueue
+    outbox: Outbox
+    rests: OutboxRests
+
+
+def _reach(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> _Reach | None:
+    if settings.wecom_mode != "long_connection":
+        return None
+    outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
+    return _Reach(JobQueue(store.durable, keys, settings.wecom_bot_id), outbox, OutboxRests(outbox, shared.owner))
+
+
 def _bot(settings: Settings, shared: _Shared) -> Bot:
-    """One bot's services, on the shared resources."""
-    name = settings.bot_name
-    client, owner = shared.client, shared.owner
-    metrics.initialise(name, long_connection=settings.wecom_mode == "long_connection")
+    """One bot's services, on the shared resources, each built after what it uses."""
+    name, client = settings.bot_name, shared.client
+    long_connection = settings.wecom_mode == "long_connection"
+    metrics.initialise(name, long_connection=long_connection)
     texts = Texts(settings.bot_language)
     keys = Keys(settings.redis_key_prefix + bot_keys(name))
     store = StreamStore(
@@ -268,9 +286,9 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         durable=Replication(client, shared.replica_wait_ms, name),
         takeover_grace_seconds=settings.stream_takeover_grace_seconds,
     )
+    reach = _reach(settings, shared, keys, store)
     dify = _dify(settings)
     profile = DifyAppProfile(dify, app_type=settings.dify_app_type)
-    long_connection = settings.wecom_mode == "long_connection"
     crypto = (
         None
         if long_connection
@@ -279,37 +297,28 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
     media = MediaService(crypto, dify, profile, bot=name)
-    fetcher = FileFetcher(settings.dify_base_url, settings.dify_files_url)
-    files = FileDelivery(
-        name,
-        fetcher,
-        FileRefs(client, keys),
-        texts,
-        signer=_link_signer(settings),
-        public_base_url=settings.public_base_url,
-        max_bytes=settings.file_max_bytes,
-        long_connection=long_connection,
-    )
-    feedback = FeedbackService(client, keys, dify)
+    files = _files(settings, client, keys, texts)
     forms = FormService(FormStore(client, keys), dify, texts, name)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
     stopper = AnswerStopper(store, dify, profile, texts, name)
+    finisher = Finisher(
+        store,
+        responder,
+        bubble,
+        texts,
+        name,
+        settings.stream_window_seconds,
+        draining=lambda: not shared.runner.accepting,
+        send_separately=reach.rests.send if reach else None,  # never a response_url on a long connection
+    )
     deps = WorkerDeps(
         store=store,
         dify=dify,
         conversations=conversations,
         media=media,
         appender=shared.appender,
-        finisher=Finisher(
-            store,
-            responder,
-            bubble,
-            texts,
-            name,
-            settings.stream_window_seconds,
-            draining=lambda: not shared.runner.accepting,
-        ),
+        finisher=finisher,
         texts=texts,
         health=DifyHealth(),
         profile=profile,
@@ -317,47 +326,39 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         files=files,
         stopper=stopper,
     )
-    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
-    options = AnswerOptions(
-        show_reasoning=settings.show_reasoning,
-        show_citations=settings.show_citations,
-        workflow_input=settings.dify_workflow_input,
-        workflow_output=settings.dify_workflow_output,
-    )
-    worker = StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=name, options=options)
     streams = StreamService(
         store,
         shared.runner,
-        worker,
+        _worker(settings, deps, shared.owner, authorizer),
         texts,
         bubble,
-        owner,
+        shared.owner,
         settings.stream_window_seconds,
         name,
         shared_groups=settings.group_conversation == "shared",
+        queue=reach.queue if reach else None,
+        outbox=reach.outbox if reach else None,
     )
+    # The one hook set after the fact: a form's card is opened by the worker, and its click starts the rest of the
+    # run on a worker again (a cycle no constructor order can break).
     forms.go_on_separately = streams.continue_form
+    feedback = FeedbackService(client, keys, dify)
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message, name),
         feedback,
         ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
         forms,
     )
-    callback = CallbackHandler(
-        Envelope(crypto, settings.wecom_timestamp_tolerance),
-        MessageIntake(
-            streams,
-            conversations,
-            texts,
-            settings.wecom_bot_name,
-            forms,
-            stopper,
-            authorize=authorizer.inputs_for if authorizer is not None else None,
-        ),
+    intake = MessageIntake(
         streams,
-        events,
+        conversations,
         texts,
+        settings.wecom_bot_name,
+        forms,
+        stopper,
+        authorize=authorizer.inputs_for if authorizer is not None else None,
     )
+    callback = CallbackHandler(Envelope(crypto, settings.wecom_timestamp_tolerance), intake, streams, events, texts)
     return Bot(
         name=name,
         settings=settings,
@@ -375,22 +376,45 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         texts=texts,
         health=deps.health,
         files=files,
-        consumer=_consumer(settings, shared, keys, streams) if long_connection else None,  # first: the queue
-        holder=_holder(settings, shared, keys, callback, files) if long_connection else None,
-        pushes=_pushes(settings, shared, keys, streams) if long_connection else None,  # after: its outbox
+        consumer=_consumer(settings, shared, reach.queue, streams) if reach else None,
+        holder=_holder(settings, shared, keys, reach.outbox, callback, files) if reach else None,
+        pushes=_pushes(settings, shared, keys, store, reach.outbox) if reach else None,
+    )
+
+
+def _worker(settings: Settings, deps: WorkerDeps, owner: str, authorizer: Authorizer | None) -> StreamWorker:
+    """The thread body that answers a stream: with the app's options and, with an auth API, the user's inputs."""
+    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
+    options = AnswerOptions(
+        show_reasoning=settings.show_reasoning,
+        show_citations=settings.show_citations,
+        workflow_input=settings.dify_workflow_input,
+        workflow_output=settings.dify_workflow_output,
+    )
+    return StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=settings.bot_name, options=options)
+
+
+def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts) -> FileDelivery:
+    """The files Dify makes, as the user gets them: inline, behind a signed link, or uploaded."""
+    return FileDelivery(
+        settings.bot_name,
+        FileFetcher(settings.dify_base_url, settings.dify_files_url),
+        FileRefs(client, keys),
+        texts,
+        signer=_link_signer(settings),
+        public_base_url=settings.public_base_url,
+        max_bytes=settings.file_max_bytes,
+        long_connection=settings.wecom_mode == "long_connection",
     )
 
 
 def _holder(
-    settings: Settings, shared: _Shared, keys: Keys, callback: CallbackHandler, files: FileDelivery
+    settings: Settings, shared: _Shared, keys: Keys, outbox: Outbox, callback: CallbackHandler, files: FileDelivery
 ) -> ConnectionHolder:
     """A long-connection bot's connection holder in this process (once started, it stands by until it has the
     lease)."""
     lease = BotLease(shared.client, keys, settings.wecom_bot_id, shared.owner, settings.wecom_ws_lease_seconds)
-    store = callback.streams.store
-    outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
-    callback.streams.outbox = outbox  # answers with no bubble (the rest of a run after a form) go out through it
-    callback.streams.worker.deps.finisher.send_separately = callback.streams.send_separately  # never response_url
+    store = outbox.store
 
     def sender(session) -> FileSender:
         return FileSender(
@@ -401,16 +425,14 @@ def _holder(
     return ConnectionHolder(settings.bot_name, settings, lease, callback, outbox, shared.owner, sends, sender)
 
 
-def _pushes(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> BotPushes:
+def _pushes(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore, outbox: Outbox) -> BotPushes:
     """A long-connection bot's pushes, sent through the outbox its holder delivers."""
     quota = ChatWindow(shared.client, keys.push_quota, settings.wecom_send_per_minute, settings.wecom_send_per_hour)
-    return BotPushes(settings.bot_name, shared.client, keys, streams.store, streams.outbox, quota, shared.owner)
+    return BotPushes(settings.bot_name, shared.client, keys, store, outbox, quota, shared.owner)
 
 
-def _consumer(settings: Settings, shared: _Shared, keys: Keys, streams: StreamService) -> JobConsumer:
+def _consumer(settings: Settings, shared: _Shared, queue: JobQueue, streams: StreamService) -> JobConsumer:
     """A long-connection bot's answer queue: the holder queues, every serving process's consumer runs."""
-    queue = JobQueue(streams.store.durable, keys, settings.wecom_bot_id)
-    streams.queue = queue
     block_ms = max(100, min(1000, int(settings.redis_socket_timeout * 500)))  # well within the socket timeout
     return JobConsumer(queue, streams, shared.owner, block_ms)
 

@@ -290,6 +290,27 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
+def outbox_settled(client: redis.Redis, bot_id: str, timeout: float = 20.0) -> bool:
+    """Wait until the bot's long-connection outbox has nothing left to send: no stream tracked (each was sent whole,
+    or given up) and no claim on one still `sending`. The outbox sends only what it tracks, so what a test counts
+    after this is all it will ever send: a test asserting "once" waits for this, not for a fixed time."""
+    keys = Keys()
+
+    def settled() -> bool:
+        if client.zcard(keys.ws_open(bot_id)):
+            return False
+        claims = client.scan_iter(match=keys.ws_outbox("*"), count=1000)
+        return not any((client.get(key) or "").startswith("sending") for key in claims)
+
+    return wait_until(settled, timeout)
+
+
+def files_sent(client: redis.Redis, stream_id: str, timeout: float = 20.0) -> bool:
+    """Wait until a long-connection answer's files are marked sent: they are uploaded and sent once, under that
+    marker, so nothing more of them can come after it."""
+    return wait_until(lambda: client.get(Keys().ws_files(stream_id)) == "sent", timeout)
+
+
 def wait_idle(*servers: LiveServer, timeout: float = 10.0) -> None:
     """Wait until no stream runs on any of these replicas: every Dify call they will make has been made."""
     assert wait_until(lambda: all(s.gateway.runner.active_count == 0 for s in servers), timeout), "streams still run"

@@ -14,7 +14,7 @@ from demo import dify_standin as d
 from services.gateway import build_gateway
 from services.longconn import jobs
 from services.longconn.jobs import GROUP
-from tests.conftest import wait_until
+from tests.conftest import outbox_settled, wait_until
 
 BOT_ID, SECRET = "queue-bot", "queue-secret"
 
@@ -92,7 +92,9 @@ def names(client, key: str) -> set[str]:
         return set()
 
 
-def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_follows(settings, wecom, tmp_path):
+def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_follows(
+    settings, wecom, tmp_path, redis_client
+):
     """Its req_id died with the holder's connection after the last words, before the final frame: the new holder
     cannot finish the bubble, so the user is told, once, that the answer was complete."""
     from services.streams.store import DONE, first_attempt
@@ -112,7 +114,7 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
         time.sleep(1)
         assert not wecom.proactive  # not in the connection's first seconds: the old holder's acks come first
         assert wait_until(lambda: wecom.proactive, timeout=15)
-        time.sleep(2)  # and never a second time
+        assert outbox_settled(redis_client, BOT_ID)  # and never a second time
         (sent,) = wecom.proactive
         assert sent["chatid"] == "carol"
         assert sent["markdown"]["content"] == CATALOGUE["zh"]["nothing_more"]

@@ -20,7 +20,7 @@ from demo import dify_standin as d
 from services.files.links import LinkSigner
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
-from tests.conftest import DIFY_KEY, WS_BOT_ID, make_simulator, wait_until
+from tests.conftest import DIFY_KEY, WS_BOT_ID, files_sent, make_simulator, wait_until
 
 ZH = CATALOGUE["zh"]
 SECRET = "test-file-link-secret-0123456789"
@@ -194,7 +194,9 @@ def linking_ws_gateway(ws_gateway):
     return ws_gateway(public_base_url=PUBLIC, file_link_secret=SECRET)
 
 
-def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_answer(linking_ws_gateway, dify):
+def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_answer(
+    linking_ws_gateway, dify, redis_client
+):
     _, wecom = linking_ws_gateway
     photo = noise_png(900, 800)  # over 2 MB: four chunks of at most 512 KB
     report = dify.host_file(PDF, "pdf")
@@ -216,7 +218,7 @@ def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_a
     assert image["data"] == photo and image["chunks"] == -(-len(photo) // (512 * 1024)) >= 4
     assert document["data"] == PDF and document["filename"] == "report.pdf"
     assert all(body["chatid"] == "alice" and body["chat_type"] == 1 for body in wecom.proactive)
-    time.sleep(1)
+    assert files_sent(redis_client, final["stream"]["id"])
     assert len(wecom.proactive) == 2  # once
 
 

@@ -13,7 +13,7 @@ from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
 from services.forms.store import FormRecord
 from services.texts import CATALOGUE
-from tests.conftest import WS_BOT_ID, make_simulator, wait_until
+from tests.conftest import WS_BOT_ID, make_simulator, outbox_settled, wait_until
 from tests.dify_captures import capture, form_reply
 
 ZH = CATALOGUE["zh"]
@@ -339,7 +339,7 @@ def test_on_a_long_connection_the_card_rides_on_a_frame_and_the_click_is_answere
     assert wecom.proactive == []
 
 
-def test_on_a_long_connection_a_late_click_sends_the_rest_with_send_msg_once(ws_gateway, dify):
+def test_on_a_long_connection_a_late_click_sends_the_rest_with_send_msg_once(ws_gateway, dify, redis_client):
     _, wecom = ws_gateway(stream_window_seconds=22)
     dify.script(approval())
     message = wecom.deliver_text(WS_BOT, "buy laptops")
@@ -348,7 +348,7 @@ def test_on_a_long_connection_a_late_click_sends_the_rest_with_send_msg_once(ws_
     click = wecom.deliver_card_click(WS_BOT, wecom.cards(message)[0], "reject")
     assert wecom.updated(click)["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Reject")
     assert wait_until(lambda: wecom.proactive, timeout=20)
-    time.sleep(1)
+    assert outbox_settled(redis_client, WS_BOT)
     [sent] = wecom.proactive
     assert sent["msgtype"] == "markdown" and sent["chatid"] == "alice"
     assert sent["markdown"]["content"] == ZH["form_rest"] + "\n\n" + DONE.strip()

@@ -3,15 +3,13 @@ found however many streams are open."""
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from demo import dify_standin as d
 from services.keys import Keys
 from services.longconn.outbox import PAGE, Outbox, rest_of
 from services.streams.store import StreamStore
-from tests.conftest import WS_BOT_ID, wait_until
+from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
 
 
 def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client):
@@ -44,7 +42,7 @@ def test_an_answer_whose_stream_was_lost_reaches_the_user_once_through_send_msg(
     keys = Keys()
     redis_client.delete(keys.stream(stream_id), keys.stream_chunks(stream_id), keys.stream_lease(stream_id))
     assert wait_until(lambda: wecom.proactive, timeout=20)
-    time.sleep(2)
+    assert outbox_settled(redis_client, WS_BOT_ID)
     [sent] = wecom.proactive
     assert sent["msgtype"] == "markdown" and sent["chatid"] == "alice"
     assert sent["markdown"]["content"].endswith("The first words, and the rest.")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, outbox_settled, wait_until
 
 PUSH_TOKEN = "push-token-for-the-tests-0123456789"
 BOT = "default"
@@ -61,7 +61,7 @@ def sent_to(wecom, chat) -> list[str]:
     return [m["markdown"]["content"] for m in wecom.proactive if m["chatid"] == chat]
 
 
-def test_a_push_taken_by_either_replica_is_sent_once_by_the_connection_holder(deployment):
+def test_a_push_taken_by_either_replica_is_sent_once_by_the_connection_holder(deployment, redis_client):
     replicas, wecom = deployment()
     other = next(r for r in replicas if r is not holder_of(replicas))
     answer = post(other, {"bot": BOT, "userid": "alice", "markdown": "**Reminder**: the review is at 3 pm"})
@@ -77,11 +77,11 @@ def test_a_push_taken_by_either_replica_is_sent_once_by_the_connection_holder(de
     assert wait_until(lambda: sent_to(wecom, "group-9") == ["to the group"], timeout=10)
     assert [m["chat_type"] for m in wecom.proactive if m["chatid"] == "group-9"] == [2]
     assert status(replicas[0], group.json()["id"]).json()["status"] in ("queued", "sent")
-    time.sleep(2.5)  # a bounded look past one more outbox pass: nothing goes out twice
+    assert outbox_settled(redis_client, WS_BOT_ID)  # nothing goes out twice
     assert len(wecom.proactive) == 2
 
 
-def test_the_same_idempotency_key_gives_the_same_id_and_one_message(deployment):
+def test_the_same_idempotency_key_gives_the_same_id_and_one_message(deployment, redis_client):
     replicas, wecom = deployment()
     body = {"bot": BOT, "userid": "bob", "markdown": "once only"}
     first = post(replicas[0], body, key="job-42")
@@ -91,7 +91,7 @@ def test_the_same_idempotency_key_gives_the_same_id_and_one_message(deployment):
     assert wait_until(lambda: sent_to(wecom, "bob"), timeout=10)
     third = post(replicas[1], body, key="job-42")  # after it went out, too
     assert third.status_code == 200 and third.json()["id"] == first.json()["id"]
-    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert outbox_settled(redis_client, WS_BOT_ID)
     assert sent_to(wecom, "bob") == ["once only"]
 
 
@@ -113,7 +113,7 @@ def test_a_push_left_half_made_by_a_failure_is_made_whole_by_its_retry(deploymen
     assert status(replicas[0], retried.json()["id"]).json()["status"] == "sent"
 
 
-def test_a_push_is_sent_once_across_the_holders_death(deployment):
+def test_a_push_is_sent_once_across_the_holders_death(deployment, redis_client):
     replicas, wecom = deployment()
     holder = holder_of(replicas)
     survivor = next(r for r in replicas if r is not holder)
@@ -123,7 +123,7 @@ def test_a_push_is_sent_once_across_the_holders_death(deployment):
     assert wait_until(lambda: holder_of([survivor]) is not None, timeout=10)
     assert wait_until(lambda: sent_to(wecom, "carol"), timeout=15)
     assert wait_until(lambda: status(survivor, push_id).json()["status"] == "sent", timeout=5)
-    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert outbox_settled(redis_client, WS_BOT_ID)
     assert sent_to(wecom, "carol") == ["across a holder change"]
 
 
@@ -164,13 +164,13 @@ def test_a_command_conflict_is_tried_again_after_a_back_off(deployment):
     assert status(replicas[1], push_id).json()["status"] == "sent"
 
 
-def test_a_push_wecom_keeps_refusing_is_given_up_as_failed(deployment):
+def test_a_push_wecom_keeps_refusing_is_given_up_as_failed(deployment, redis_client):
     replicas, wecom = deployment()
     wecom.refuse_sends = [93006, 93006, 93006]
     push_id = post(replicas[0], {"bot": BOT, "chatid": "no-such-chat", "markdown": "nobody"}).json()["id"]
     assert wait_until(lambda: status(replicas[1], push_id).json()["status"] == "failed", timeout=20)
     assert "93006" in status(replicas[1], push_id).json()["error"]
-    time.sleep(2.5)  # a bounded look past one more outbox pass: given up, not tried again
+    assert outbox_settled(redis_client, WS_BOT_ID)  # given up, not tried again
     assert len(wecom.refused_sends) == 3 and wecom.proactive == []
 
 

@@ -5,18 +5,17 @@ fixes; the third guards the retry those fixes made possible); and a holder that 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
 from demo import dify_standin as d
 from services.gateway import build_gateway
 from services.longconn.outbox import Outbox
+from services.longconn.rests import OutboxRests
 from services.streams.job import StreamJob
 from services.streams.store import StreamStore
 from services.texts import CATALOGUE
-from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_idle, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, outbox_settled, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -77,17 +76,18 @@ def test_a_rest_handed_to_the_outbox_twice_by_retries_is_one_message(ws_gateway,
     gateway, wecom = ws_gateway()
     streams = gateway.bot().streams
     job = StreamJob(stream_id="s-rest", msgid="m", userid="alice", aibotid=WS_BOT_ID, attempt="replica-a:1#1")
+    rests = OutboxRests(streams.outbox, gateway.owner)
     streams.outbox.sent = LostReply(streams.outbox.sent)
     with pytest.raises(redis.TimeoutError):
-        streams.send_separately(job, "the rest, once")
-    assert streams.send_separately(job, "the rest, once")
+        rests.send(job, "the rest, once")
+    assert rests.send(job, "the rest, once")
     assert wait_until(lambda: wecom.proactive, timeout=10)
-    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert outbox_settled(redis_client, WS_BOT_ID)
     assert [m["markdown"]["content"] for m in wecom.proactive] == ["the rest, once"]
 
 
 @pytest.fixture
-def two_processes(settings, wecom_ws, tmp_path):
+def two_processes(redis_client, settings, wecom_ws, tmp_path):
     """Two processes of one long-connection bot on one WeCom stand-in (lease 2 s): (the holder, the other, WeCom)."""
     wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
     bot = settings.replace(
@@ -117,7 +117,9 @@ def die(holder) -> None:
     holder._session.drop()
 
 
-def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next_holders_outbox(two_processes, dify):
+def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next_holders_outbox(
+    two_processes, dify, redis_client
+):
     """R3: the connection's holder queued a message's answer and died before anything recorded where the answer
     goes; the answer was made and never sent. The stream is now tracked before it is queued."""
     first, second, wecom = two_processes
@@ -135,7 +137,7 @@ def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next
     wecom.deliver_text(WS_BOT_ID, "a question at the worst moment")
     assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
     assert wait_until(lambda: wecom.proactive, timeout=15), "the answer was made and never sent"
-    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive
     assert message["markdown"]["content"].endswith("answered after all")
     assert len(dify.chat_requests()) == 1
@@ -145,7 +147,7 @@ def shown_frame(wecom, req_id, text):
     return any(text in f["stream"]["content"] for f in wecom.frames(req_id))
 
 
-def test_a_frame_wecom_showed_whose_ack_the_dead_holder_never_got_is_not_sent_again(two_processes, dify):
+def test_a_frame_wecom_showed_whose_ack_the_dead_holder_never_got_is_not_sent_again(two_processes, dify, redis_client):
     """R5: WeCom showed a frame and the holder died before its ack came (WeCom acks about 0.3 s later); the next
     holder must not send that text again as part of the rest."""
     first, second, wecom = two_processes
@@ -156,7 +158,7 @@ def test_a_frame_wecom_showed_whose_ack_the_dead_holder_never_got_is_not_sent_ag
     die(first.bot().holder)  # the frame's ack is still a second away
     assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
     assert wait_until(lambda: wecom.proactive, timeout=20)
-    time.sleep(2.5)  # a bounded look past one more outbox pass
+    assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive
     assert message["markdown"]["content"].endswith("The rest.")
     assert "shown before the death" not in message["markdown"]["content"]
@@ -174,7 +176,7 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     stream_id = wecom.frames(req_id)[0]["stream"]["id"]
     assert "shown before the drain." in redis_client.hget(KEYS.stream(stream_id), "ws_shown")
     assert wait_until(lambda: wecom.proactive, timeout=20)
-    time.sleep(2.5)
+    assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive
     assert message["markdown"]["content"].endswith("The rest.")
     assert "shown before the drain" not in message["markdown"]["content"]

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 from services import metrics
 from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
@@ -35,6 +36,13 @@ logger = logging.getLogger(__name__)
 MARK_GRACE_SECONDS = 60.0
 
 
+class SendsSeparately(Protocol):
+    """Long connection: sends a message of an answer's own, once, through the outbox (services/longconn/rests.py);
+    True when handed over. Raises redis.RedisError when Redis did not answer (tried again while it may)."""
+
+    def __call__(self, job: StreamJob, markdown: str) -> bool: ...
+
+
 class Finisher:
     """Records how an answer ended and delivers the rest."""
 
@@ -47,6 +55,7 @@ class Finisher:
         bot: str = "default",
         window_seconds: int = 330,
         draining: Callable[[], bool] = lambda: False,
+        send_separately: SendsSeparately | None = None,
     ):
         self.bot = bot
         self.window_seconds = window_seconds
@@ -56,8 +65,8 @@ class Finisher:
         self.bubble = bubble
         self.texts = texts
         # Long-connection bots: a message of the answer's own goes out through the connection's outbox
-        # (aibot_send_msg), not response_url; set by the gateway (StreamService.send_separately).
-        self.send_separately: Callable[[StreamJob, str], bool] | None = None
+        # (aibot_send_msg), not response_url.
+        self.send_separately = send_separately
 
     def _reachable(self, job: StreamJob) -> bool:
         """Whether anything can reach the user besides the bubble."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
 from services import metrics
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
@@ -39,8 +40,24 @@ def image_items(images: list[dict]) -> list[dict]:
     return [{"msgtype": "image", "image": {"base64": i["base64"], "md5": i["md5"]}} for i in images]
 
 
+class AnswerQueue(Protocol):
+    """Long connection: where a new stream waits for whichever serving process answers it (services/longconn)."""
+
+    def submit(self, stream_id: str, attempt: str) -> None: ...
+
+
+class StreamTracker(Protocol):
+    """Long connection: the outbox, which delivers whatever a stream's own reply cannot (services/longconn)."""
+
+    def track(self, stream_id: str, req_id: str, generation: int, chat: str, single: bool) -> None: ...
+
+    def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None: ...
+
+
 class StreamService:
-    """Opens streams and answers polls; the background work is the StreamWorker's."""
+    """Opens streams and answers polls; the background work is the StreamWorker's. A long-connection bot passes
+    its answer queue (answers then run on whichever replica takes them) and its outbox (which sends the answers
+    that have no bubble)."""
 
     def __init__(
         self,
@@ -53,6 +70,8 @@ class StreamService:
         window_seconds: int,
         bot: str = "default",
         shared_groups: bool = False,
+        queue: AnswerQueue | None = None,
+        outbox: StreamTracker | None = None,
     ):
         self.bot = bot
         self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
@@ -64,8 +83,8 @@ class StreamService:
         self.owner = owner
         self.window_seconds = window_seconds
         self.overflow_bytes = overflow_threshold(bubble)
-        self.queue = None  # long-connection bots: a JobQueue; answers then run on whichever replica takes them
-        self.outbox = None  # long-connection bots: the Outbox, which sends the answers that have no bubble
+        self.queue = queue
+        self.outbox = outbox
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
@@ -153,27 +172,6 @@ class StreamService:
         bind_log_context(stream=job.stream_id)
         logger.info("the run goes on after form %s as a message of its own", form.task_id)
         self._start(job)
-
-    def send_separately(self, job: StreamJob, markdown: str) -> bool:
-        """Long connection: send `markdown` (what the bubble of `job` could not show, or the whole answer when its
-        stream was lost) as a message of its own, through the outbox (aibot_send_msg by the connection's holder),
-        once: the stream's outbox marker is claimed first, so its rest is never also sent by the outbox's own pass.
-        Each try of one attempt's send claims as the same claimant and makes the same message (`rest.<stream id>`),
-        so a try whose writes were applied but whose reply was lost is repeated without a second message.
-
-        Raises:
-            redis.RedisError: Redis did not answer (the caller tries again while it may).
-        """
-        if not self.outbox.claim(job.stream_id, f"{self.owner} {job.attempt}"):
-            logger.info("the outbox sends this answer's rest already")
-            return True
-        message_id = f"rest.{job.stream_id}"
-        if not self.outbox.posted(message_id):  # not made by an earlier try
-            fields = {"msgid": f"rest:{job.stream_id}", "userid": job.userid, "chatid": job.chatid}
-            fields["aibotid"] = job.aibotid
-            self.outbox.post(message_id, self.owner, markdown, job.chatid or job.userid, not job.chatid, fields)
-        self.outbox.sent(job.stream_id)
-        return True
 
     def answer_at_once(self, message: Inbound, answer: Callable[[], str]) -> dict:
         """A finished reply to a message that opens no Dify call (a typed form value), made once per msgid: a WeCom

@@ -14,7 +14,7 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
 from services.wecom.crypto import media_cipher, pad32
-from tests.conftest import PNG, wait_until
+from tests.conftest import PNG, outbox_settled, wait_until
 from tests.e2e.conftest import replica_env
 
 pytestmark = pytest.mark.e2e
@@ -165,14 +165,14 @@ def test_the_welcome_goes_out_within_five_seconds(replicas, wecom):
     assert wecom.welcome(req_id)["text"]["content"] == "Hello from the long connection"
 
 
-def test_a_stream_whose_window_passed_gets_its_rest_once_through_send_msg(replicas, wecom, dify):
+def test_a_stream_whose_window_passed_gets_its_rest_once_through_send_msg(replicas, wecom, dify, redis_client):
     replicas(count=2)
     assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
     wecom.window_seconds = 0.8
     dify.script([d.message("slow "), d.sleep(2), d.message("answer, all of it"), d.end()])
     req_id = wecom.deliver_text(BOT_ID, "slow one", userid="bob")
     assert wait_until(lambda: wecom.proactive, timeout=15)
-    time.sleep(3)  # nothing more comes
+    assert outbox_settled(redis_client, BOT_ID)  # nothing more comes
     (sent,) = wecom.proactive
     assert sent["chatid"] == "bob"
     assert sent["markdown"]["content"].rstrip().endswith("answer, all of it")
@@ -195,7 +195,7 @@ def test_a_killed_holders_answer_is_completed_once_through_send_msg(replicas, we
     holder_replica(started, redis_client).kill()
     assert wait_until(lambda: len(wecom.subscribes) == 2, timeout=15)
     assert wait_until(lambda: wecom.proactive, timeout=30)
-    time.sleep(4)  # and never a second time
+    assert outbox_settled(redis_client, BOT_ID, timeout=30)  # and never a second time
     (sent,) = wecom.proactive
     assert sent["chatid"] == "carol"
     assert sent["markdown"]["content"].rstrip().endswith("part29")
