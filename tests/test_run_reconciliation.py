@@ -10,8 +10,9 @@ import pytest
 from services import metrics
 from services.dify.events import EventReader
 from services.dify.transport.sse import SSEParser
+from services.streams.answer import Answer
 from services.streams.job import StreamJob
-from services.streams.recorder import DEFAULT_OPTIONS, Answer, AnswerOptions, AnswerRecorder
+from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.streams.store import WRITTEN
 from tests.dify_captures import FIXTURES
 

@@ -23,9 +23,9 @@ from typing import Protocol
 from services import metrics
 from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
+from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.bubble import BubbleRenderer, remainder_message, separate_message, text_at_close
 from services.streams.job import StreamJob
-from services.streams.recorder import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
 from services.wecom.response_url import ResponseUrlClient

@@ -17,9 +17,10 @@ from services.dify.errors import DifyError
 from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
 from services.forms.store import SUBMITTED
 from services.outage import best_effort, through_outage
+from services.streams.answer import Answer, HandedOver, StreamAborted
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.recorder import Answer, AnswerRecorder, HandedOver, StreamAborted
+from services.streams.recorder import AnswerRecorder
 from services.streams.store import StreamStore
 from services.texts import Texts
 

@@ -1,17 +1,15 @@
-"""The answer as it is being built: Dify's events of one call applied to the in-memory answer and to the stream's
+"""Dify's events of one call applied to the answer in memory (services/streams/answer.py) and to the stream's
 writer (services/streams/writer.py), which sends them to Redis without making the worker wait.
 
-`TextRelay` handles the common read (plain text deltas) in the read pump's thread; everything else goes through
-`AnswerRecorder.apply` in the stream's own thread. Either way the answer in memory stays whole, so whatever
-happens to Redis or to the bubble, the finisher can still deliver it.
+The common read (plain text deltas) is handled in the read pump's thread (services/streams/text_relay.py);
+everything else goes through `AnswerRecorder.apply` in the stream's own thread, one handler per kind of event.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services import metrics
 from services.dify.client import WORKFLOW
@@ -36,19 +34,16 @@ from services.dify.events import (
     WORKFLOW_TEXT,
     DifyEvent,
 )
-from services.files.model import DifyFile, file_of_event, files_in_outputs
+from services.files.model import file_of_event, files_in_outputs
 from services.outage import RETRY_DELAYS, best_effort
-from services.redis_conn import REDIS_FAILURES
+from services.streams.answer import Answer, keep_in_step, write_whole
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
-from services.streams.progress import SLOW_STEPS, StepProgress
-from services.streams.store import CLOSED, CONFLICT, TAKEN, WRITTEN, StreamStore
-from services.streams.writer import StreamWriter
-from utils.logging import bind_log_context
+from services.streams.progress import SLOW_STEPS
+from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT = 10.0
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 # Workflow statuses that end a run without its answer.
 _FAILED_RUNS = frozenset({"failed", "stopped"})
@@ -66,176 +61,6 @@ class AnswerOptions:
 
 
 DEFAULT_OPTIONS = AnswerOptions()
-
-
-class StreamAborted(Exception):
-    """This replica no longer owns the stream (taken over or closed elsewhere): stop without writing."""
-
-
-class HandedOver(StreamAborted):
-    """This process is stopping and released the stream's lease: another replica's next poll takes it over."""
-
-
-@dataclass(slots=True)
-class Answer:
-    """Everything known about one answer so far."""
-
-    task_id: str = ""
-    message_id: str = ""
-    conversation_id: str = ""
-    writer: StreamWriter | None = None  # this stream's ordered Redis writes
-    text: str = ""  # the whole answer so far
-    outage_since: float | None = None
-    detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url
-    ended: bool = False
-    answered: bool = False  # answer text (not reasoning) has arrived
-    thinking: bool = False  # a <think> block of reasoning is open in the text
-    agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
-    paused: bool = False  # the app asked for a person's input (human_input_required / workflow_paused)
-    form_event: dict | None = None  # the human_input_required data of the pause (its form_token, content...)
-    forms_answered: list[str] = field(default_factory=list)  # tokens of the run's forms answered so far
-    form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
-    form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
-    app_type: str = "chat"
-    resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
-    reattached: bool = False  # the events come from following a run (GET /workflow/{run}/events): reconciled
-    shown: str = ""  # reattached: the text the bubble had when this attempt began
-    echo: str = ""  # text Dify is sending again (a resumed run repeats its answer before the pause): left out
-    earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
-    # Resumed after its replica was lost: Dify relays only what the run publishes from the moment one listens, so
-    # live text may follow a hole. It is held back (`held`) until it can be placed: the run ends (its outputs say
-    # the whole answer) or is seen starting again after a form (everything after that is whole).
-    holding: bool = False
-    held: str = ""
-    progress: StepProgress | None = None  # the status line while a slow step runs without text
-    workflow_run_id: str = ""
-    last_thought: str = ""
-    workflow_error: str = ""
-    images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
-    files: list[DifyFile] = field(default_factory=list)  # files Dify made for the answer (services/files)
-    usage: dict = field(default_factory=dict)
-    citations: list[str] = field(default_factory=list)  # the knowledge documents the answer drew on, distinct
-    new_fields: dict = field(default_factory=dict)
-    conversation_saved: str = ""
-
-    def note_ids(self, event: DifyEvent) -> None:
-        """Take the task, message and conversation ids an event names (new ones go to the hash too)."""
-        for name in ("task_id", "message_id", "conversation_id", "workflow_run_id"):
-            value = event.get(name)
-            if isinstance(value, str) and value and value != getattr(self, name):
-                setattr(self, name, value)
-                self.new_fields[name] = value
-                if name == "task_id":
-                    bind_log_context(task=value)
-
-    def check_writer(self) -> None:
-        """Act on what the writer has learnt: stop at once (taken over), go on without Redis (closed elsewhere),
-        or note a Redis outage (the writer keeps the deltas and sends them when Redis is back).
-
-        Raises:
-            StreamAborted: another replica owns the stream now.
-        """
-        writer = self.writer
-        if writer.state == TAKEN:
-            raise StreamAborted
-        if writer.state == CLOSED and not self.detached:
-            logger.warning("the stream was closed elsewhere; the answer will be sent through response_url")
-            self.detached = True
-        if writer.error is not None and self.outage_since is None:
-            self.outage_since = time.monotonic()
-            logger.warning("Redis unavailable; keeping the answer in memory until it returns: %s", writer.error)
-        elif writer.error is None and self.outage_since is not None:
-            logger.info("Redis is back after %.1fs; answer written", time.monotonic() - self.outage_since)
-            self.outage_since = None
-
-
-def keep_in_step(answer: Answer, store: StreamStore, attempt: str, stream_id: str) -> None:
-    """Act on what the stream's writer has learnt (Answer.check_writer); and when its list lost deltas (a Redis
-    failover: replication is asynchronous, so the new master may lack the last appends), write the answer whole
-    again from memory, so the bubble shows it all, once.
-
-    Raises:
-        StreamAborted: another replica owns the stream now.
-    """
-    answer.check_writer()
-    if answer.writer.state == CONFLICT and not answer.detached:
-        logger.warning("the stream's list lost deltas it had taken (a Redis failover?); writing the answer whole")
-        write_whole(answer, store, attempt, stream_id)
-
-
-def write_whole(answer: Answer, store: StreamStore, attempt: str, stream_id: str) -> None:
-    """Replace the stream's list with the whole answer (`answer.text`), after what is queued. If Redis will not
-    take it, or the stream was closed elsewhere, the answer goes through response_url at the end instead.
-
-    Raises:
-        StreamAborted: another replica owns the stream now.
-    """
-    if answer.detached:
-        return
-    try:
-        answer.writer.flush(FLUSH_TIMEOUT)
-        result = store.replace(stream_id, attempt, answer.text)
-    except REDIS_FAILURES as exc:
-        logger.warning("could not write the answer whole (%s); it will be sent through response_url", exc)
-        answer.detached = True
-        return
-    if result == TAKEN:
-        raise StreamAborted
-    if result == CLOSED:
-        answer.detached = True
-        return
-    answer.writer.reset(1 if answer.text else 0)
-
-
-class TextRelay:
-    """The common case of a read, handled in the read pump's thread without waking the worker: a batch of text
-    deltas (or nothing, like a ping) while all is well. Anything else (new ids, the first delta, another event,
-    a writer that has news, cancellation, the deadline) returns False, and the recorder's `apply` handles it."""
-
-    __slots__ = ("answer", "cancelled", "deadline")
-
-    def __init__(self, answer: Answer, cancelled: threading.Event, deadline: float):
-        self.answer = answer
-        self.cancelled = cancelled
-        self.deadline = deadline
-
-    def __call__(self, batch: list[DifyEvent]) -> bool:
-        answer = self.answer
-        writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or answer.echo or answer.holding:
-            return False
-        if answer.progress is not None and answer.progress.pending:
-            return False
-        if writer.state != WRITTEN or writer.error is not None:
-            return False
-        if self.cancelled.is_set() or time.monotonic() > self.deadline:
-            return False
-        deltas = []
-        for event in batch:
-            data = event.data
-            if _brings_new_ids(data, answer):
-                return False
-            if event.kind == AGENT_MESSAGE_EVENT or (event.kind == MESSAGE_EVENT and not answer.agent_messages):
-                text = data.get("answer")
-            elif event.kind == WORKFLOW_TEXT:
-                text = event.body.get("text")
-            else:
-                return False
-            if text and isinstance(text, str):
-                deltas.append(text)
-        if deltas:
-            answer.text += "".join(deltas)
-            writer.add(deltas)
-        return True
-
-
-def _brings_new_ids(data: dict, answer: Answer) -> bool:
-    return (
-        data.get("task_id", answer.task_id) != answer.task_id
-        or data.get("message_id", answer.message_id) != answer.message_id
-        or data.get("conversation_id", answer.conversation_id) != answer.conversation_id
-        or data.get("workflow_run_id", answer.workflow_run_id) != answer.workflow_run_id
-    )
 
 
 class AnswerRecorder:
@@ -261,64 +86,108 @@ class AnswerRecorder:
 
     def apply(self, batch: list[DifyEvent]) -> None:
         """Record one network read's worth of events: deltas in one append, a replace in its own call."""
-        answer = self.answer
         deltas: list[str] = []
         for event in batch:
-            answer.note_ids(event)
-            kind = event.kind
-            if kind == AGENT_MESSAGE_EVENT:
-                answer.agent_messages = True
-                self._answer_text(deltas, event.answer)
-            elif kind == MESSAGE_EVENT and answer.agent_messages:
-                # Dify's newer agent app closes with one `message` holding the whole answer again.
-                if event.answer and event.answer != self._answer_so_far(deltas):
-                    deltas = self._replace_with(deltas, event.answer)
-            elif kind == MESSAGE_EVENT:
-                self._answer_text(deltas, event.answer)
-            elif kind == FILE_EVENT:
-                # After an assistant file, Dify labels the message's later text chunks message_file.
-                self._answer_text(deltas, event.answer)
-                if (file := file_of_event(event.data)) is not None:
-                    answer.files.append(file)
-            elif kind == WORKFLOW_TEXT:
-                self._answer_text(deltas, str(event.body.get("text") or ""))
-            elif kind in (REPLACE_EVENT, WORKFLOW_REPLACE):
-                text = event.answer if kind == REPLACE_EVENT else str(event.body.get("text") or "")
-                deltas = self._reconcile(deltas, text) if answer.reattached else self._replace_with(deltas, text)
-            elif kind == REASONING_EVENT:
-                self._reasoning(deltas, event)
-            elif kind == END_EVENT:
-                answer.ended = not answer.workflow_run_id  # a run's answer ends at workflow_finished
-                metadata = event.get("metadata")
-                if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
-                    answer.usage = metadata["usage"]
-                answer.citations = cited_documents(metadata) or answer.citations
-            elif kind == THOUGHT_EVENT:
-                thought = event.get("thought")
-                if isinstance(thought, str) and thought.strip():
-                    answer.last_thought = thought
-                self._tool_step(event)
-            elif kind in (NODE_STARTED, NODE_FINISHED):
-                self._node_step(kind, event.body)
-            elif kind == WORKFLOW_FINISHED:
-                deltas = self._run_finished(deltas, event.body)
-            elif kind in (INPUT_REQUIRED, PAUSED):
-                answer.paused = True
-                answer.ended = answer.ended or kind == PAUSED
-                if kind == INPUT_REQUIRED:
-                    answer.form_event = {**event.data, **event.body}
-            elif kind == WORKFLOW_STARTED:
-                if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
-                    answer.echo = self._known(deltas)
-                    answer.holding, answer.held = False, ""  # the repeat then the rest: nothing missing from here
-            elif kind in (FORM_FILLED, FORM_TIMEOUT):
-                answer.echo = ""  # what follows the form's node is new
-                answer.form_timed_out = answer.form_timed_out or kind == FORM_TIMEOUT
-            elif kind not in QUIET_EVENTS:  # a quiet event comes only to name the run (note_ids took it)
-                metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, kind[:40]).inc()
-                logger.debug("ignored Dify event %s", kind)
+            self.answer.note_ids(event)
+            handler = _HANDLERS.get(event.kind)
+            if handler is not None:
+                deltas = handler(self, deltas, event)
+            elif event.kind not in QUIET_EVENTS:  # a quiet event comes only to name the run (note_ids took it)
+                metrics.DIFY_UNKNOWN_EVENTS.labels(self.bot, event.kind[:40]).inc()
+                logger.debug("ignored Dify event %s", event.kind)
         self.write(deltas)
         self.save_conversation(retry=False)
+
+    # --- one handler per kind of event: each takes the deltas not yet written and returns them ------------------
+
+    def _on_agent_message(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        self.answer.agent_messages = True
+        self._answer_text(deltas, event.answer)
+        return deltas
+
+    def _on_message(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        if not self.answer.agent_messages:
+            self._answer_text(deltas, event.answer)
+        # Dify's newer agent app closes with one `message` holding the whole answer again.
+        elif event.answer and event.answer != self._answer_so_far(deltas):
+            return self._replace_with(deltas, event.answer)
+        return deltas
+
+    def _on_file(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        # After an assistant file, Dify labels the message's later text chunks message_file.
+        self._answer_text(deltas, event.answer)
+        if (file := file_of_event(event.data)) is not None:
+            self.answer.files.append(file)
+        return deltas
+
+    def _on_workflow_text(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        self._answer_text(deltas, str(event.body.get("text") or ""))
+        return deltas
+
+    def _on_replace(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        text = event.answer if event.kind == REPLACE_EVENT else str(event.body.get("text") or "")
+        return self._reconcile(deltas, text) if self.answer.reattached else self._replace_with(deltas, text)
+
+    def _on_reasoning(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
+        reasoning = event.body.get("reasoning", event.get("reasoning"))
+        if not self.options.show_reasoning or self.answer.answered or not isinstance(reasoning, str) or not reasoning:
+            return deltas
+        if not self.answer.thinking:
+            deltas.append(THINK_OPEN)
+            self.answer.thinking = True
+        deltas.append(reasoning)
+        return deltas
+
+    def _on_end(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        answer = self.answer
+        answer.ended = not answer.workflow_run_id  # a run's answer ends at workflow_finished
+        metadata = event.get("metadata")
+        if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
+            answer.usage = metadata["usage"]
+        answer.citations = cited_documents(metadata) or answer.citations
+        return deltas
+
+    def _on_thought(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        thought = event.get("thought")
+        if isinstance(thought, str) and thought.strip():
+            self.answer.last_thought = thought
+        self._tool_step(event)
+        return deltas
+
+    def _on_node(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        """A workflow node began or ended: a slow one (a tool, an HTTP request, a retrieval) may show its status."""
+        progress, body = self.answer.progress, event.body
+        step = str(body.get("id") or body.get("node_id") or "")
+        if progress is None or not step:
+            return deltas
+        if event.kind == NODE_FINISHED:
+            progress.finished(step)
+        elif body.get("node_type") in SLOW_STEPS:
+            progress.started(step, str(body.get("title") or body.get("node_type")))
+        return deltas
+
+    def _on_run_finished(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        return self._run_finished(deltas, event.body)
+
+    def _on_pause(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        answer = self.answer
+        answer.paused = True
+        answer.ended = answer.ended or event.kind == PAUSED
+        if event.kind == INPUT_REQUIRED:
+            answer.form_event = {**event.data, **event.body}
+        return deltas
+
+    def _on_run_started(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
+            self.answer.echo = self._known(deltas)
+            self.answer.holding, self.answer.held = False, ""  # the repeat then the rest: nothing missing from here
+        return deltas
+
+    def _on_form_done(self, deltas: list[str], event: DifyEvent) -> list[str]:
+        self.answer.echo = ""  # what follows the form's node is new
+        self.answer.form_timed_out = self.answer.form_timed_out or event.kind == FORM_TIMEOUT
+        return deltas
 
     def _answer_text(self, deltas: list[str], text: str) -> None:
         """Answer text as Dify streams it: what a resumed run sends again (`echo`) is left out, and while
@@ -343,16 +212,6 @@ class AnswerRecorder:
         self.answer.answered = True
         deltas.append(text)
 
-    def _node_step(self, kind: str, body: dict) -> None:
-        """A workflow node began or ended: a slow one (a tool, an HTTP request, a retrieval) may show its status."""
-        progress, step = self.answer.progress, str(body.get("id") or body.get("node_id") or "")
-        if progress is None or not step:
-            return
-        if kind == NODE_FINISHED:
-            progress.finished(step)
-        elif body.get("node_type") in SLOW_STEPS:
-            progress.started(step, str(body.get("title") or body.get("node_type")))
-
     def _tool_step(self, event: DifyEvent) -> None:
         """An agent's thought: one that calls a tool, with no observation yet, is a step under way; its observation
         ends it."""
@@ -364,16 +223,6 @@ class AnswerRecorder:
             progress.finished(step)
         else:
             progress.started(step, tool)
-
-    def _reasoning(self, deltas: list[str], event: DifyEvent) -> None:
-        """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
-        reasoning = event.body.get("reasoning", event.get("reasoning"))
-        if not self.options.show_reasoning or self.answer.answered or not isinstance(reasoning, str) or not reasoning:
-            return
-        if not self.answer.thinking:
-            deltas.append(THINK_OPEN)
-            self.answer.thinking = True
-        deltas.append(reasoning)
 
     def _past_echo(self, text: str) -> str:
         """The part of `text` that is not Dify repeating the answer, compared by text: while `text` is where the
@@ -529,3 +378,24 @@ def workflow_answer(outputs, name: str) -> str:
         value = outputs.get(name)
         return value if isinstance(value, str) else ("" if value is None else str(value))
     return next((value for value in outputs.values() if isinstance(value, str) and value), "")
+
+
+_HANDLERS = {
+    AGENT_MESSAGE_EVENT: AnswerRecorder._on_agent_message,
+    MESSAGE_EVENT: AnswerRecorder._on_message,
+    FILE_EVENT: AnswerRecorder._on_file,
+    WORKFLOW_TEXT: AnswerRecorder._on_workflow_text,
+    REPLACE_EVENT: AnswerRecorder._on_replace,
+    WORKFLOW_REPLACE: AnswerRecorder._on_replace,
+    REASONING_EVENT: AnswerRecorder._on_reasoning,
+    END_EVENT: AnswerRecorder._on_end,
+    THOUGHT_EVENT: AnswerRecorder._on_thought,
+    NODE_STARTED: AnswerRecorder._on_node,
+    NODE_FINISHED: AnswerRecorder._on_node,
+    WORKFLOW_FINISHED: AnswerRecorder._on_run_finished,
+    INPUT_REQUIRED: AnswerRecorder._on_pause,
+    PAUSED: AnswerRecorder._on_pause,
+    WORKFLOW_STARTED: AnswerRecorder._on_run_started,
+    FORM_FILLED: AnswerRecorder._on_form_done,
+    FORM_TIMEOUT: AnswerRecorder._on_form_done,
+}

@@ -29,23 +29,16 @@ from services.forms.service import FormService
 from services.media.service import Declined, MediaService
 from services.outage import best_effort_value, through_outage
 from services.redis_conn import REDIS_FAILURES
+from services.streams.answer import Answer, HandedOver, StreamAborted
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
 from services.streams.progress import StepProgress
-from services.streams.recorder import (
-    DEFAULT_OPTIONS,
-    THINK_CLOSE,
-    Answer,
-    AnswerOptions,
-    AnswerRecorder,
-    HandedOver,
-    StreamAborted,
-    TextRelay,
-)
+from services.streams.recorder import DEFAULT_OPTIONS, THINK_CLOSE, AnswerOptions, AnswerRecorder
 from services.streams.stop import AnswerStopper
 from services.streams.store import DONE, ERROR, StreamStore
+from services.streams.text_relay import TextRelay
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
 from services.wecom.cards import question_card
