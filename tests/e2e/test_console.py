@@ -304,3 +304,29 @@ def test_the_console_shows_a_chart_and_downloads_the_report_through_its_link(bro
     assert saved.read_bytes().startswith(b"%PDF-1.4")
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "console-files.png"))
+
+
+def test_the_console_draws_a_knowledge_picture_its_sources_and_a_slow_steps_status_line(browser, console_with_links):
+    """What Dify knows, as the console draws it: a knowledge answer's picture inline (never its Dify-relative link)
+    with its sources at the end; a slow tool's status line while it runs, gone from the finished answer."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(console_with_links)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    browser.find_element(By.ID, "input").send_keys("员工手册怎么说？")  # the stand-in's knowledge answer
+    browser.find_element(By.ID, "send").click()
+    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
+    assert bubble.find_elements(By.CSS_SELECTOR, "img[alt=image]")  # the knowledge base's picture, inline
+    assert "/files/" not in bubble.text
+    assert "参考资料" in bubble.text and "员工手册.pdf" in bubble.text and "休假制度.docx" in bubble.text
+
+    browser.find_element(By.ID, "input").send_keys("帮我搜索")  # the stand-in's slow tool
+    browser.find_element(By.ID, "send").click()
+    last = "const bs = document.querySelectorAll('.msg.bot'); const b = bs[bs.length - 1]; return bs.length === 2 && "
+    wait_until(browser, last + "b.textContent.includes('正在进行：联网搜索');")
+    wait_until(browser, last + "b.dataset.finished === 'true';")
+    answer = browser.find_elements(By.CSS_SELECTOR, ".msg.bot")[1].text
+    assert "查到了" in answer and "正在进行" not in answer
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "console-knowledge.png"))
