@@ -263,9 +263,7 @@ class _Reach:
     rests: OutboxRests
 
 
-def _reach(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> _Reach | None:
-    if settings.wecom_mode != "long_connection":
-        return None
+def _reach(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> _Reach:
     outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
     return _Reach(JobQueue(store.durable, keys, settings.wecom_bot_id), outbox, OutboxRests(outbox, shared.owner))
 
@@ -286,7 +284,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         durable=Replication(client, shared.replica_wait_ms, name),
         takeover_grace_seconds=settings.stream_takeover_grace_seconds,
     )
-    reach = _reach(settings, shared, keys, store)
+    reach = _reach(settings, shared, keys, store) if long_connection else None
     dify = _dify(settings)
     profile = DifyAppProfile(dify, app_type=settings.dify_app_type)
     crypto = (
@@ -297,7 +295,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
     media = MediaService(crypto, dify, profile, bot=name)
-    files = _files(settings, client, keys, texts)
+    files = _files(settings, client, keys, texts, long_connection)
     forms = FormService(FormStore(client, keys), dify, texts, name)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
@@ -394,7 +392,7 @@ def _worker(settings: Settings, deps: WorkerDeps, owner: str, authorizer: Author
     return StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=settings.bot_name, options=options)
 
 
-def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts) -> FileDelivery:
+def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts, long_connection: bool) -> FileDelivery:
     """The files Dify makes, as the user gets them: inline, behind a signed link, or uploaded."""
     return FileDelivery(
         settings.bot_name,
@@ -404,7 +402,7 @@ def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts) ->
         signer=_link_signer(settings),
         public_base_url=settings.public_base_url,
         max_bytes=settings.file_max_bytes,
-        long_connection=settings.wecom_mode == "long_connection",
+        long_connection=long_connection,
     )
 
 
