@@ -64,16 +64,31 @@ def wait_until(driver, script, timeout=20):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda drv: drv.execute_script(script))
 
 
+def open_console(browser, url: str) -> None:
+    """Load the console and wait until its keys are derived (WebCrypto) and it can send."""
+    browser.get(url)
+    wait_until(browser, "return document.body.dataset.ready === 'true'")
+
+
+def say(browser, text: str) -> None:
+    """Type a message and send it, as a user would."""
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "input").send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+FIRST_BOT_FINISHED = "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';"
+
+
 def test_the_console_chats_through_the_real_callback_endpoint(browser, console_url, dify):
     from selenium.webdriver.common.by import By
 
     dify.script(d.answer("## 你好\n\n这是 **流式** 回答：\n\n- 一\n- 二\n\n`done`", delay=0.05))
-    browser.get(console_url)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("hello console")
-    browser.find_element(By.ID, "send").click()
+    open_console(browser, console_url)
+    say(browser, "hello console")
 
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "h2").text == "你好"
     assert bubble.find_element(By.TAG_NAME, "strong").text == "流式"
@@ -100,11 +115,9 @@ def test_the_console_shows_failures_as_finished_bubbles(browser, console_url, di
     from selenium.webdriver.common.by import By
 
     dify.script([d.message("部分回答"), d.cut()])
-    browser.get(console_url)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("break please")
-    browser.find_element(By.ID, "send").click()
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    open_console(browser, console_url)
+    say(browser, "break please")
+    wait_until(browser, FIRST_BOT_FINISHED)
     text = browser.find_element(By.CSS_SELECTOR, ".msg.bot").text
     assert "部分回答" in text
     assert "回答中断" in text
@@ -116,23 +129,19 @@ AT_THE_END = (
 
 
 def test_the_console_follows_a_growing_answer_unless_the_user_scrolled_up(browser, console_url, dify):
-    from selenium.webdriver.common.by import By
 
     long_answer = "".join(f"{i}. line {i} of a long answer\n\n" for i in range(1, 61))
     dify.script(d.answer(long_answer, pieces=60, delay=0.05))
     dify.script(d.answer(long_answer, pieces=60, delay=0.05))
-    browser.get(console_url)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("a long one")
-    browser.find_element(By.ID, "send").click()
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    open_console(browser, console_url)
+    say(browser, "a long one")
+    wait_until(browser, FIRST_BOT_FINISHED)
     assert browser.execute_script(
         "const m = document.getElementById('messages'); return m.scrollHeight > m.clientHeight;"
     )
     assert browser.execute_script(AT_THE_END)  # followed the answer down as it grew
 
-    browser.find_element(By.ID, "input").send_keys("another long one")
-    browser.find_element(By.ID, "send").click()
+    say(browser, "another long one")
     wait_until(browser, "return document.querySelectorAll('.msg.bot').length === 2;")
     browser.execute_script("document.getElementById('messages').scrollTop = 0;")  # the user scrolls up to read
     wait_until(browser, "return document.querySelectorAll('.msg.bot')[1].dataset.finished === 'true';")
@@ -181,13 +190,11 @@ def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_con
     from selenium.webdriver.common.by import By
 
     dify.script(d.answer("answered over the **WebSocket**", delay=0.05))
-    browser.get(long_connection_console)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    open_console(browser, long_connection_console)
     browser.find_element(By.ID, "enter").click()
     wait_until(browser, "return [...document.querySelectorAll('.msg.system')].some(m => m.textContent === 'ops here');")
-    browser.find_element(By.ID, "input").send_keys("hello ws")
-    browser.find_element(By.ID, "send").click()
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    say(browser, "hello ws")
+    wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "strong").text == "WebSocket"
     assert "frames over the WebSocket" in bubble.text
@@ -197,8 +204,7 @@ def test_the_console_shows_a_push_of_the_push_api(browser, long_connection_conso
     import httpx
     from selenium.webdriver.common.by import By
 
-    browser.get(long_connection_console)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
+    open_console(browser, long_connection_console)
     base = long_connection_console.removesuffix("/console")
     answer = httpx.post(
         f"{base}/api/push",
@@ -217,10 +223,8 @@ def test_the_console_shows_a_push_of_the_push_api(browser, long_connection_conso
 def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, console_url, dify):
     from selenium.webdriver.common.by import By
 
-    browser.get(console_url)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("请审批这个 form")  # the stand-in's approval app
-    browser.find_element(By.ID, "send").click()
+    open_console(browser, console_url)
+    say(browser, "请审批这个 form")  # the stand-in's approval app
     wait_until(browser, "return document.querySelector('.msg.card .card-button') !== null;")
     card = browser.find_element(By.CSS_SELECTOR, ".msg.card")
     assert "采购申请" in card.text
@@ -228,7 +232,7 @@ def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, 
     card.find_elements(By.CSS_SELECTOR, ".card-button")[0].click()  # the tap is a real template_card_event
     wait_until(browser, "return document.querySelector('.msg.card .card-desc') !== null;")
     assert "已提交：同意" in browser.find_element(By.CSS_SELECTOR, ".msg.card .card-desc").text
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)")
     assert "需要先审批" in bubble.text and "已同意" in bubble.text
     assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
@@ -240,15 +244,13 @@ def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, 
 def test_the_console_taps_a_card_of_a_long_connection_bot(browser, long_connection_console, dify):
     from selenium.webdriver.common.by import By
 
-    browser.get(long_connection_console)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("审批 form")
-    browser.find_element(By.ID, "send").click()
+    open_console(browser, long_connection_console)
+    say(browser, "审批 form")
     wait_until(browser, "return document.querySelector('.msg.card .card-button') !== null;")
     browser.find_elements(By.CSS_SELECTOR, ".msg.card .card-button")[1].click()  # 拒绝, over the WebSocket
     wait_until(browser, "return document.querySelector('.msg.card .card-desc') !== null;")
     assert "已提交：拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.card .card-desc").text
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    wait_until(browser, FIRST_BOT_FINISHED)
     assert "已拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)").text
     assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
 
@@ -283,11 +285,9 @@ def test_the_console_shows_a_chart_and_downloads_the_report_through_its_link(bro
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    browser.get(console_with_links)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("季度报告 report")  # the stand-in's agent makes a chart and a PDF
-    browser.find_element(By.ID, "send").click()
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    open_console(browser, console_with_links)
+    say(browser, "季度报告 report")  # the stand-in's agent makes a chart and a PDF
+    wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_elements(By.CSS_SELECTOR, "img[alt=image]")  # the chart, inline
     link = bubble.find_element(By.PARTIAL_LINK_TEXT, "季度报告.pdf")
@@ -311,18 +311,15 @@ def test_the_console_draws_a_knowledge_picture_its_sources_and_a_slow_steps_stat
     with its sources at the end; a slow tool's status line while it runs, gone from the finished answer."""
     from selenium.webdriver.common.by import By
 
-    browser.get(console_with_links)
-    wait_until(browser, "return document.body.dataset.ready === 'true'")
-    browser.find_element(By.ID, "input").send_keys("员工手册怎么说？")  # the stand-in's knowledge answer
-    browser.find_element(By.ID, "send").click()
-    wait_until(browser, "const b = document.querySelector('.msg.bot'); return b && b.dataset.finished === 'true';")
+    open_console(browser, console_with_links)
+    say(browser, "员工手册怎么说？")  # the stand-in's knowledge answer
+    wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_elements(By.CSS_SELECTOR, "img[alt=image]")  # the knowledge base's picture, inline
     assert "/files/" not in bubble.text
     assert "参考资料" in bubble.text and "员工手册.pdf" in bubble.text and "休假制度.docx" in bubble.text
 
-    browser.find_element(By.ID, "input").send_keys("帮我搜索")  # the stand-in's slow tool
-    browser.find_element(By.ID, "send").click()
+    say(browser, "帮我搜索")  # the stand-in's slow tool
     last = "const bs = document.querySelectorAll('.msg.bot'); const b = bs[bs.length - 1]; return bs.length === 2 && "
     wait_until(browser, last + "b.textContent.includes('正在进行：联网搜索');")
     wait_until(browser, last + "b.dataset.finished === 'true';")
