@@ -64,14 +64,26 @@ class Replication:
                 raise
             moved = True
         if moved:
-            # The slot moved, or its node died or became a replica (a failover): the cluster client refreshes its
-            # map and goes to the new master. Without WAIT there, which would run on a connection of its own.
-            replies, replicas = self._pipeline(self.client, commands), 0
+            replies, replicas = self._after_a_move(key, commands)
         wrote = not any(isinstance(reply, BaseException) for reply in replies)  # an error reply wrote nothing
         if wrote and (isinstance(replicas, BaseException) or int(replicas) < 1):
             metrics.UNREPLICATED_WRITES.labels(self.bot, write).inc()
             logger.debug("%s not yet held by a replica after %d ms", write, self.wait_ms)
         return replies
+
+    def _after_a_move(self, key: str, commands: list[tuple]) -> tuple[list, object]:
+        """The slot moved, or its node died or became a replica (a failover): once the cluster client has learnt
+        the slot's new master, the write goes there, with its WAIT on the same connection. While no master holds the
+        slot yet, it goes through the cluster client, which follows the failover itself, without a WAIT (which would
+        run on a connection of its own): unconfirmed, and counted."""
+        try:
+            self.client.nodes_manager.initialize()
+            *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
+            if not any(isinstance(reply, CLUSTER_MOVES) for reply in replies):
+                return replies, replicas
+        except CLUSTER_MOVES as exc:
+            logger.info("the slot's new master is not known yet (%s); writing through the cluster client", exc)
+        return self._pipeline(self.client, commands), 0
 
     def _node_of(self, key: str):
         """A client whose pipeline keeps to one connection, to the node holding `key` (WAIT needs that)."""

@@ -3,11 +3,14 @@ found however many streams are open."""
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from demo import dify_standin as d
 from services.keys import Keys
-from services.longconn.outbox import PAGE, Outbox, rest_of
+from services.longconn.outbox import PAGE, Outbox, rest_of, shown_of
+from services.longconn.replies import ReplyPump
 from services.streams.store import StreamStore
 from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
 
@@ -29,6 +32,83 @@ def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client
     outbox.orphans(7, live=set())
     assert redis_client.zscore(keys.ws_open("bot-1"), "s0001") is None
     assert redis_client.zcard(keys.ws_open("bot-1")) == live_count
+
+
+class _Connection:
+    """Stands in for the WebSocket session: takes frames while `open` (their acks come when the test says)."""
+
+    def __init__(self):
+        self.open = True
+        self.acks = []
+
+    def send(self, text, req_id="", on_ack=None):
+        if self.open:
+            self.acks.append(on_ack)
+        return self.open
+
+
+class _Streams:
+    """Stands in for the stream service's poll (what the bubble of each stream would show now)."""
+
+    def __init__(self):
+        self.bubbles = {}
+
+    def poll(self, stream_id):
+        content, finish = self.bubbles[stream_id]
+        return {"msgtype": "stream", "stream": {"id": stream_id, "content": content, "finish": finish}}
+
+
+def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redis_client):
+    """The pump records what a frame will show before it goes out (a holder may die before the ack). A frame the
+    ended connection did not take must not stand as shown: the next holder sends the rest from the last frame
+    acknowledged (before, a final frame recorded so made it send nothing: a bubble stuck, seen in the campaign)."""
+    keys = Keys()
+    store = StreamStore(redis_client, keys, 3600, lease_seconds=5)
+    outbox = Outbox(redis_client, keys, store, "bot-1")
+    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
+    outbox.track("s1", "req-1", 3, "alice", True)
+    connection, streams = _Connection(), _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.bubbles["s1"] = ("The first words", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})  # WeCom showed "The first words"
+    connection.open = False  # the connection ends (kicked), and the answer finishes
+    streams.bubbles["s1"] = ("The first words, and the rest.", True)
+    pump.pump()
+    pump.flush_acks()
+    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert rest_of("The first words, and the rest.", "The first words") == ", and the rest."
+    assert "s1" not in pump.live_streams()
+
+
+def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown(private_redis):
+    """The pump records frames before they go out. When that record times out against a paused Redis, nothing is
+    sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the
+    bubble shows (before, from the unsent frame: its text never reached the user; seen in the campaign)."""
+    client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
+    keys = Keys()
+    store = StreamStore(client, keys, 3600, lease_seconds=30)
+    outbox = Outbox(client, keys, store, "bot-1")
+    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
+    outbox.track("s1", "req-1", 3, "alice", True)
+    connection, streams = _Connection(), _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.bubbles["s1"] = ("The first words", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})
+    pump.pump()  # nothing changed: nothing sent
+    streams.bubbles["s1"] = ("The first words, and more", False)
+    private_redis.pause()
+    try:
+        pump.pump()  # the record times out: nothing goes out
+    finally:
+        time.sleep(0.3)
+        private_redis.resume()
+    assert connection.acks == []
+    assert wait_until(lambda: store.meta("s1").get("ws_sent") == "The first words, and more")  # it ran late
+    pump.flush_acks()
+    assert shown_of(store.meta("s1")) == ("The first words", False)
+    client.close()
 
 
 def test_an_answer_whose_stream_was_lost_reaches_the_user_once_through_send_msg(ws_gateway, dify, redis_client):

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from services import metrics
+from services import metrics, replication
 from services.keys import Keys
 from services.longconn.jobs import JobQueue
 from services.longconn.ledger import AckLedger
@@ -77,6 +77,33 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
     after = unconfirmed(bot)
     counted = {write: after[write] - before[write] for write in after}
     assert counted == {"msgid_claim": 1, "stream_open": 1, "stream_end": 1, "answer_queue": 1, "outbox": 6}
+    client.close()
+
+
+def test_a_write_whose_slot_moved_still_waits_for_a_replica_of_its_new_master(redis_cluster):
+    """Right after a failover, a client's map still names the old master: its write meets MOVED. It goes to the new
+    master with its WAIT there (before, through the cluster client without one: unconfirmed, just when a second
+    failover would lose it)."""
+    client = connect_redis(redis_cluster.url)
+    durable = Replication(client, 1000, "moved")
+    key = "moved:dify_stream:{s-moved}"
+    master = redis_cluster.node_of(key)
+    assert client.get_node_from_key(key).port == master.port  # the client's map names `master` for the slot
+    replica = next(
+        node
+        for node in redis_cluster.nodes
+        if node.running and node.client().info("replication").get("master_port") == master.port
+    )
+    replica.client().execute_command("CLUSTER FAILOVER")  # a coordinated failover: the roles swap, nothing is lost
+    assert wait_until(lambda: master.client().info("replication")["role"] == "slave", timeout=15)
+    assert wait_until(lambda: master.replicating(), timeout=15)
+    assert wait_until(lambda: redis_cluster.node_of(key).port == replica.port, timeout=15)
+    before = unconfirmed("moved")
+    replies = durable.execute(key, [("HSET", key, "userid", "alice")], replication.STREAM_OPEN)
+    after = unconfirmed("moved")
+    assert replies == [1]
+    assert {write: after[write] - before[write] for write in after} == dict.fromkeys(after, 0)
+    assert replica.client().hget(key, "userid") == "alice"
     client.close()
 
 

@@ -45,7 +45,7 @@ class Bubble:
     def flush(self, timeout):
         return None
 
-    def reset(self, written):
+    def reset(self, written, written_chars):
         return None
 
     def replace(self, stream_id, attempt, text):

@@ -19,6 +19,7 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
 from services.texts import Texts
 from services.wecom.messages import Inbound, parse_inbound, stream_reply
+from utils.callback_clock import callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class CallbackHandler:
             StoreUnavailable: a poll could not reach Redis.
         """
         opened = self.envelope.open(query, body)
+        callback_sent(int(query["timestamp"]))  # checked by the envelope
         message = parse_inbound(opened.plaintext)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype

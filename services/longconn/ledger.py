@@ -1,5 +1,6 @@
 """What the acks of a connection's frames say, written to Redis in batches: what each bubble shows (`ws_shown`), a
-refused frame (the bubble shows the last one taken; a dead req_id), a bubble finished (out of the open set).
+refused frame (the bubble shows the last one taken; a dead req_id), a bubble finished (out of the open set); and
+the undoing of a record of frames that never went out (its reply was lost, so Redis may still run it).
 
 Each of these records must outlive a failover, so it waits for a Redis replica (services/replication.py). Written
 one ack at a time, every ack waited: when no replica answers (a shard without one, after a failover), 200 ms each,
@@ -28,6 +29,7 @@ class AckLedger:
         self.open_key = open_key  # the bot's open set (outbox.py)
         self._fields: dict[str, dict[str, str]] = {}
         self._delivered: set[str] = set()
+        self._unsent: dict[str, tuple[str, str]] = {}  # stream id -> (the record's token, what the bubble shows)
         self._lock = threading.Lock()
 
     def shown(self, stream_id: str, content: str) -> None:
@@ -43,6 +45,12 @@ class AckLedger:
         with self._lock:
             self._delivered.add(stream_id)
 
+    def unsent(self, stream_id: str, token: str, shown: str) -> None:
+        """The frame recorded as about to go out under `token` never went out (the record's reply was lost, so the
+        record may yet land): unless a later record replaced it, the bubble shows `shown`."""
+        with self._lock:
+            self._unsent[stream_id] = (token, shown)
+
     def _note(self, stream_id: str, fields: dict[str, str]) -> None:
         with self._lock:
             self._fields.setdefault(stream_id, {}).update(fields)
@@ -54,12 +62,16 @@ class AckLedger:
             redis.RedisError: Redis did not answer (what was noted is kept for the next flush).
         """
         with self._lock:
-            fields, delivered = self._fields, self._delivered
-            self._fields, self._delivered = {}, set()
-        if not fields and not delivered:
+            fields, delivered, unsent = self._fields, self._delivered, self._unsent
+            self._fields, self._delivered, self._unsent = {}, set(), {}
+        if not fields and not delivered and not unsent:
             return
         try:
             groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
+            for stream_id, (token, shown) in unsent.items():
+                key = self.keys.stream(stream_id)
+                restore = ("ws_sent", shown, "ws_sent_final", "")
+                self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
             for stream_id, values in fields.items():
                 key = self.keys.stream(stream_id)
                 pairs = [item for pair in values.items() for item in pair]
@@ -73,6 +85,7 @@ class AckLedger:
                 for stream_id, values in fields.items():
                     self._fields[stream_id] = {**values, **self._fields.get(stream_id, {})}
                 self._delivered |= delivered
+                self._unsent = {**unsent, **self._unsent}
             raise
 
     def _add(self, groups: dict, key: str, command: tuple) -> None:

@@ -91,17 +91,19 @@ class Outbox:
         ]
         self._write(self.open_key, commands)
 
-    def sending(self, frames: dict[str, tuple[str, bool]]) -> None:
+    def sending(self, frames: dict[str, tuple[str, bool]], token: str) -> None:
         """These streams' frames ({stream id: (content, final)}) are about to go out: recorded first, in one round
         trip, as what the bubble shows once they are sent (`ws_sent`), for a holder that dies before their acks
-        come. (Not waited for by a replica: after a failover the acknowledged content is what is known.)
+        come; `token` names the record (`ws_sent_by`), so that it can be undone if they never go out
+        (AckLedger.unsent). (Not waited for by a replica: after a failover the acknowledged content is what is
+        known.)
 
         Raises:
             redis.RedisError: Redis did not answer.
         """
         self.store.record_each(
             {
-                stream_id: {"ws_sent": content, "ws_sent_final": "1" if final else ""}
+                stream_id: {"ws_sent": content, "ws_sent_final": "1" if final else "", "ws_sent_by": token}
                 for stream_id, (content, final) in frames.items()
             }
         )

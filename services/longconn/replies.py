@@ -6,6 +6,7 @@ shows, a final frame delivered, a req_id that died)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -92,15 +93,22 @@ class ReplyPump:
             changed.append((req_id, reply, polled))
         if not changed:
             return
+        token = secrets.token_hex(6)
         try:  # what the bubbles will show, before it goes out (outbox.py: a holder that dies before the acks)
             self.outbox.sending(
                 {
                     reply.stream_id: (polled["stream"].get("content", ""), bool(polled["stream"].get("finish")))
                     for _, reply, polled in changed
-                }
+                },
+                token,
             )
         except REDIS_FAILURES:
-            return  # the next pass tries again
+            # Nothing goes out this pass (the next tries again); but Redis may still run the record when it resumes
+            # (a pause): it is undone then, unless a later one replaced it (before, the next holder took those
+            # frames for shown, and their text never reached the user).
+            for _, reply, _ in changed:
+                self.ledger.unsent(reply.stream_id, token, reply.content)
+            return
         for req_id, reply, polled in changed:
             reply.content = polled["stream"].get("content", "")
             self.send(req_id, polled)
@@ -135,8 +143,18 @@ class ReplyPump:
 
         metrics.WS_FRAMES.labels(self.bot).inc()
         session = self._session()
-        if session is not None:
-            session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack)
+        if session is None or not session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack):
+            self._not_sent(req_id)
+
+    def _not_sent(self, req_id: str) -> None:
+        """The frame never went out (the connection had ended): the bubble shows what its last acknowledged frame
+        did, not what `pump` recorded before sending, and the req_id died with the connection, so the next holder
+        sends the rest from there (before, a final frame recorded this way said nothing was left to send)."""
+        with self._lock:
+            reply = self._replies.pop(req_id, None)
+        if reply is not None:
+            logger.info("a frame of stream %s did not go out: the connection had ended", reply.stream_id)
+            self.ledger.refused(reply.stream_id, reply.acked, dead=True)
 
     def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool, acked: str) -> None:
         """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's

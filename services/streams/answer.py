@@ -137,4 +137,4 @@ def write_whole(answer: Answer, store: StreamStore, attempt: str, stream_id: str
     if result == CLOSED:
         answer.detached = True
         return
-    answer.writer.reset(1 if answer.text else 0)
+    answer.writer.reset(1 if answer.text else 0, len(answer.text))

@@ -13,7 +13,9 @@ from services.texts import Texts
 from services.wecom.limits import MAX_CONTENT_BYTES, fit_bubble, fits
 from utils.text import cut_utf8, utf8_len
 
-WINDOW, OVERFLOW = "window", "overflow"
+# Why a bubble finished before its answer: WeCom's display window ran out, the text outgrew one bubble, or Redis was
+# away at the answer's end and what the bubble had not shown went out as a message of its own.
+WINDOW, OVERFLOW, SEPARATELY = "window", "overflow", "separately"
 
 
 class BubbleRenderer:
@@ -29,7 +31,10 @@ class BubbleRenderer:
         return hide_dify_links(fit_bubble(text, "", self.placeholder)[0])
 
     def close_note(self, reason: str, has_response_url: bool) -> str:
-        """The note of a bubble closed early (window or overflow), promising the rest only when we can send it."""
+        """The note of a bubble closed early (window or overflow), promising the rest only when we can send it; or
+        saying that the rest was sent."""
+        if reason == SEPARATELY:
+            return self.texts.say("rest_sent_separately")
         if reason == WINDOW:
             return self.texts.say("window_continues" if has_response_url else "window_closed")
         return self.texts.say("overflow_continues" if has_response_url else "overflow_truncated")

@@ -4,11 +4,13 @@ message's response_url, exactly once.
 The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
 window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
 Cluster failover among them (their overlays budget 30 s), costs the user nothing but the wait. If the stream was
-closed elsewhere (its bubble finished by another replica's poll), or Redis stays away past that patience, the
-whole answer goes through response_url instead, so nothing a user was promised is lost (on a long connection, whose
-response_url is not documented, through the connection's outbox: `aibot_send_msg`). The stream is then
-finished, as soon as Redis is back, with a note that the answer was sent separately: no poll resumes, restarts or
-ends it as interrupted after the user has it whole.
+closed elsewhere (its bubble finished by another replica's poll), the whole answer goes through response_url
+instead, so nothing a user was promised is lost (on a long connection, whose response_url is not documented,
+through the connection's outbox: `aibot_send_msg`). If Redis stays away past that patience, what the bubble has not
+shown goes out that way: after the text Redis confirmed holding, when the bubble cannot have closed early at less,
+else the whole answer. The stream is then finished, as soon as Redis is back, at that text, with a note that the
+rest (or the answer) was sent separately: nothing reaches the user twice, and no poll resumes, restarts or ends it as
+interrupted after the user has it whole.
 """
 
 from __future__ import annotations
@@ -24,16 +26,26 @@ from services import metrics
 from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
-from services.streams.bubble import BubbleRenderer, remainder_message, separate_message, text_at_close
+from services.streams.bubble import (
+    SEPARATELY,
+    BubbleRenderer,
+    overflow_threshold,
+    remainder_message,
+    separate_message,
+    text_at_close,
+)
 from services.streams.job import StreamJob
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
 from services.wecom.response_url import ResponseUrlClient
+from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
 
 # How long past the bubble's window the stream is still marked as sent separately, should Redis come back late.
 MARK_GRACE_SECONDS = 60.0
+# A bubble this close to its window's end may be closed early by a poll on another replica's clock.
+WINDOW_MARGIN_SECONDS = 5.0
 
 
 class SendsSeparately(Protocol):
@@ -89,11 +101,8 @@ class Finisher:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            logger.error("Redis stayed unavailable; sending the answer through response_url")
-            if answer.writer is not None:
-                answer.writer.abandon()  # the bubble shows no more of it: the user gets it whole, once
-            if self._send_whole(job, answer, note):
-                self._mark_sent_separately(job, status, fields)
+            logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
+            self._finish_without_redis(job, answer, status, fields, note)
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
@@ -180,11 +189,47 @@ class Finisher:
         logger.info("%s of the answer %s through %s", kind, "sent" if delivered else "NOT sent", way)
         return delivered
 
-    def _mark_sent_separately(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
-        """The answer went out whole through response_url while Redis was away: finish the stream, once Redis is
-        back, with a note saying so (this thread keeps the mark meanwhile, and its lease stays renewed), so that no
-        poll resumes or restarts it, or ends it as interrupted."""
-        fields = {**fields, "note": self.texts.say("sent_separately"), "delivered": "response_url"}
+    def _finish_without_redis(
+        self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str], note: str
+    ) -> None:
+        """Redis stayed away at the answer's end: what the bubble has not shown goes out at once as a message of its
+        own (the whole answer when what it shows is not known), and the stream is finished, as soon as Redis is back,
+        at the text the bubble held, saying so: nothing reaches the user twice, and no poll resumes, restarts or
+        gives up an answer the user has whole."""
+        shown = self._surely_shown(job, answer)
+        if answer.writer is not None:
+            answer.writer.abandon()  # an append in flight is the last; the bubble is closed at `shown` in any case
+        rest = answer.text[shown:]
+        if not shown:
+            if self._send_whole(job, answer, note):
+                self._mark(job, status, {**fields, "note": self.texts.say("sent_separately")})
+        elif not rest.strip():
+            self._mark(job, status, fields)  # the bubble has it all: only its end could not be recorded
+        elif self._respond(job, remainder_message(self.texts, rest, note), "rest"):
+            closed_bytes = str(utf8_len(answer.text[:shown]))
+            note = self.texts.say("rest_sent_separately")
+            self._mark(job, status, {**fields, "note": note, "close_reason": SEPARATELY, "closed_bytes": closed_bytes})
+
+    def _surely_shown(self, job: StreamJob, answer: Answer) -> int:
+        """How many characters at the answer's start its bubble holds for sure, and can show whole with a note:
+        what Redis confirmed holding, provided no poll can have closed the bubble early at less (it is inside its
+        window and shorter than one bubble). 0 when that is not known."""
+        writer = answer.writer
+        confirmed = writer.confirmed_chars() if writer is not None and not answer.detached else None
+        if not confirmed or job.separate:
+            return 0
+        if time.time() > job.created_at + self.window_seconds - WINDOW_MARGIN_SECONDS:
+            return 0
+        shown = answer.text[:confirmed]
+        if utf8_len(shown) > overflow_threshold(self.bubble):
+            return 0
+        return confirmed if self.bubble.closed(shown, SEPARATELY, True)[1] >= len(shown) else 0
+
+    def _mark(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        """The answer went out through response_url while Redis was away: finish the stream with `fields` once
+        Redis is back (this thread keeps trying meanwhile, and its lease stays renewed), so that no poll resumes or
+        restarts it, or ends it as interrupted."""
+        fields = {**fields, "delivered": "response_url"}
         patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
         marked = best_effort_value(
             lambda: self.store.finish(job.stream_id, job.attempt, status, fields),

@@ -135,7 +135,9 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1'
-# when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds. Returns
+# when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this
+# poll's token (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back,
+# CARD_BACK). Returns
 # false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url, event, inflight
 # key, attempt, prompt, card, images...}: `event` names what this call just did (taken_over, resumed, expired,
 # closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the
@@ -228,7 +230,7 @@ local live = (status == 'pending' or status == 'streaming') and reason == ''
 if live then prompt = h[15] or '' end
 if (live or status == 'done') and h[16] and h[16] ~= '' and not h[17] then
   card = h[16]
-  redis.call('HSET', KEYS[1], 'card_shown', ARGV[1])
+  redis.call('HSET', KEYS[1], 'card_shown', ARGV[1], 'card_by', ARGV[9])
 end
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
              prompt, card}
@@ -236,6 +238,31 @@ if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
 return row
+"""
+
+# KEYS: stream. ARGV: the token of a poll whose reply never went out (or came too late), the most times a card is
+# given back. The card it took out is handed out again (by the next poll): 1; 2 if another poll's reply carried it;
+# 0 if no poll has (yet: a paused Redis runs the poll's script when it resumes, maybe after this one); 3 if it was
+# given back that many times already (a clock that tells every reply late must not keep the card from the user).
+CARD_BACK = """
+local by = redis.call('HGET', KEYS[1], 'card_by')
+if by == ARGV[1] then
+  if (tonumber(redis.call('HGET', KEYS[1], 'card_backs')) or 0) >= tonumber(ARGV[2]) then return 3 end
+  redis.call('HINCRBY', KEYS[1], 'card_backs', 1)
+  redis.call('HDEL', KEYS[1], 'card_shown', 'card_by')
+  return 1
+end
+if by then return 2 end
+return 0
+"""
+
+# KEYS: stream. ARGV: the token of a pump pass that recorded the frames it was about to send, then did not send them
+# (the record's reply was lost: a paused Redis may still run it when it resumes), then field/value pairs to restore.
+# Restores them only if that pass's record is the last one (`ws_sent_by`): 1 restored, 0 not.
+UNRECORD_SENT = """
+if redis.call('HGET', KEYS[1], 'ws_sent_by') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
 """
 
 # KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from services import metrics
+from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
+from services.streams.card_returns import CALLBACK_DEADLINE_SECONDS, REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.job import StreamJob
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
+from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class StreamService:
         shared_groups: bool = False,
         queue: AnswerQueue | None = None,
         outbox: StreamTracker | None = None,
+        card_returns: CardReturns | None = None,
     ):
         self.bot = bot
         self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
@@ -85,6 +90,7 @@ class StreamService:
         self.overflow_bytes = overflow_threshold(bubble)
         self.queue = queue
         self.outbox = outbox
+        self.card_returns = card_returns or CardReturns()  # its thread starts on the first poll that needs it
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
@@ -243,14 +249,23 @@ class StreamService:
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
         taker = self.owner if self.runner.has_capacity() else ""
-        snapshot = self.store.poll(
-            stream_id,
-            self.window_seconds,
-            self.overflow_bytes,
-            self.texts.say("orphaned"),
-            taker,
-            taker_runs_it=self.runner.is_running(stream_id),
-        )
+        token, started = secrets.token_hex(6), time.monotonic()
+        try:
+            snapshot = self.store.poll(
+                stream_id,
+                self.window_seconds,
+                self.overflow_bytes,
+                self.texts.say("orphaned"),
+                taker,
+                taker_runs_it=self.runner.is_running(stream_id),
+                token=token,
+            )
+        except REDIS_FAILURES:
+            self.card_returns.later(self.store, stream_id, token)  # its script may yet run: its card comes back
+            raise
+        late = snapshot is not None and snapshot.card and self._late(started)
+        if late and self.card_returns.now(self.store, stream_id, token):  # WeCom may not take this reply
+            snapshot.card = None  # the next poll's carries it
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
         if snapshot.event:
@@ -266,7 +281,7 @@ class StreamService:
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]
-            logger.info("bubble finished early (%s); the answer goes on", snapshot.close_reason)
+            logger.info("bubble finished before its answer did (%s)", snapshot.close_reason)
             return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
         if snapshot.active:
             if snapshot.card:
@@ -275,6 +290,13 @@ class StreamService:
             content = self.bubble.live(snapshot.text, snapshot.prompt)
             return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
         return self._final(stream_id, snapshot)
+
+    @staticmethod
+    def _late(started: float) -> bool:
+        """Whether this reply may come later than WeCom waits for it: the poll took long, or the callback had waited
+        long before it was read (a frozen process, a queue)."""
+        took = time.monotonic() - started
+        return took > REPLY_DEADLINE_SECONDS or seconds_since_callback_sent() > CALLBACK_DEADLINE_SECONDS
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]

@@ -138,6 +138,7 @@ class StreamStore:
         # Polls come from the request threads, thousands a second: a leaner path than the pool's.
         self._poll_connections = HotPathConnections(client)
         self._poll = LuaScript(client, scripts.POLL, self._poll_connections.execute)
+        self._card_back = LuaScript(client, scripts.CARD_BACK)
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
         self._record_durably = LuaScript(client, scripts.RECORD, replication=self.durable, write=replication.OUTBOX)
@@ -370,6 +371,7 @@ class StreamStore:
         orphan_note: str,
         taker: str = "",
         taker_runs_it: bool = False,
+        token: str = "",
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -378,6 +380,7 @@ class StreamStore:
         again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
+        A card this poll hands out is marked with `token` (see `give_card_back`).
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
@@ -390,6 +393,7 @@ class StreamStore:
             self.lease_ms,
             "1" if taker_runs_it else "",
             self.takeover_grace_seconds,
+            token,
         ]
         row = self._poll(keys=keys, args=args)
         if not row and self._poll_connections.follow_failover():
@@ -413,6 +417,12 @@ class StreamStore:
             card=orjson.loads(card) if card else None,
             images=[orjson.loads(image) for image in images],
         )
+
+    def give_card_back(self, stream_id: str, token: str, most: int) -> int:
+        """The reply of poll `token` never reached WeCom: a card it carried goes out with the next poll's reply
+        instead (scripts.CARD_BACK: 1 given back, 2 carried by another poll, 0 not handed out yet, 3 given back
+        `most` times already: it stays with this reply)."""
+        return int(self._card_back(keys=[self.keys.stream(stream_id)], args=[token, most]))
 
     # --- leases -------------------------------------------------------------------------------------------------
 

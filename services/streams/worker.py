@@ -225,17 +225,18 @@ class StreamWorker:
         deps = self.deps
         options = replace(self.options, app_type=deps.profile.app_type())
         chunks = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
-        self._start_writing(job, answer, written=len(chunks))
         answer.shown = answer.text = "".join(chunks)
+        self._start_writing(job, answer, written=len(chunks), written_chars=len(answer.text))
         answer.answered, answer.reattached = bool(answer.shown), True
         answer.app_type, answer.workflow_run_id = options.app_type, run_id
         answer.forms_answered = list(job.forms_answered)
         return AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
 
-    def _start_writing(self, job: StreamJob, answer: Answer, written: int = 0) -> None:
-        """This attempt's writes to the stream (after the `written` chunks it has), and its status line."""
+    def _start_writing(self, job: StreamJob, answer: Answer, written: int = 0, written_chars: int = 0) -> None:
+        """This attempt's writes to the stream (after the `written` chunks it has, of `written_chars` characters),
+        and its status line."""
         deps = self.deps
-        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written=written)
+        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written, written_chars)
         answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
 
     def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:

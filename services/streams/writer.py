@@ -36,12 +36,21 @@ class StreamWriter:
     failover lost the last appends), and nothing more is appended until the owner has rewritten the answer whole
     and called `reset`."""
 
-    def __init__(self, batcher: AppendBatcher, store: StreamStore, stream_id: str, attempt: str, written: int = 0):
+    def __init__(
+        self,
+        batcher: AppendBatcher,
+        store: StreamStore,
+        stream_id: str,
+        attempt: str,
+        written: int = 0,
+        written_chars: int = 0,
+    ):
         self.batcher = batcher
         self.store = store  # its bot's
         self.stream_id = stream_id
         self.attempt = attempt
         self.written = written  # deltas confirmed in the Redis list
+        self.written_chars = written_chars  # the characters of those deltas: the answer's start Redis holds
         self.state = WRITTEN
         self.error: BaseException | None = None  # the last failed append's error, until one succeeds
         self._pending: list[str] = []
@@ -76,14 +85,20 @@ class StreamWriter:
             if self.state == WRITTEN and (self._pending or self._fields):
                 raise self.error or redis.RedisError("appends left unwritten")
 
-    def reset(self, written: int) -> None:
+    def reset(self, written: int, written_chars: int) -> None:
         """After the answer was written whole (a message_replace, or a rewrite after a conflict): the list now
-        holds `written` deltas, and nothing is queued."""
+        holds `written` deltas of `written_chars` characters, and nothing is queued."""
         with self._lock:
-            self.written = written
+            self.written, self.written_chars = written, written_chars
             self._pending.clear()
             if self.state == CONFLICT:
                 self.state, self.error = WRITTEN, None
+
+    def confirmed_chars(self) -> int | None:
+        """How many characters at the start of the answer Redis confirmed holding (a bubble shows no more than
+        that while this writer is the stream's), or None when not known (its list lost deltas: a conflict)."""
+        with self._lock:
+            return None if self.state == CONFLICT else self.written_chars
 
     def abandon(self) -> None:
         """Send nothing more (the answer went out another way): what is queued is dropped, and an append that is in
@@ -125,6 +140,7 @@ class StreamWriter:
                 self.error = None
                 if outcome == WRITTEN:
                     self.written += len(request.deltas)
+                    self.written_chars += sum(len(delta) for delta in request.deltas)
                 else:
                     self.state = outcome  # TAKEN or CLOSED: nothing more goes to Redis
                     self._pending.clear()
@@ -144,8 +160,10 @@ class AppendBatcher:
         self.batches = 0
         self.appends = 0
 
-    def writer(self, store: StreamStore, stream_id: str, attempt: str, written: int = 0) -> StreamWriter:
-        return StreamWriter(self, store, stream_id, attempt, written)
+    def writer(
+        self, store: StreamStore, stream_id: str, attempt: str, written: int = 0, written_chars: int = 0
+    ) -> StreamWriter:
+        return StreamWriter(self, store, stream_id, attempt, written, written_chars)
 
     def submit(self, writer: StreamWriter) -> None:
         self._thread.ensure()

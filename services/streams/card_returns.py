@@ -1,0 +1,103 @@
+"""A template card must reach the user once: WeCom takes one card per message, so the poll script hands a card out
+with one poll's reply only. When that reply never reaches WeCom, the card goes back, to ride on a later poll's:
+
+- the poll's Redis call failed (a timeout during a pause or a failover: Redis may still run the script, and mark the
+  card as handed out, when it resumes): this process gives the card back as soon as Redis answers, in a thread of
+  its own (a poll's request thread answers at once);
+- the reply would come later than WeCom waits for it (the poll took long, or the callback waited before it was
+  read: a frozen process, a queue): it leaves the card out, and gives it back at once. How late is told by the
+  callback's signed timestamp, so a clock far off WeCom's could make every reply late: a card is given back at most
+  `MOST_RETURNS` times, then it rides on the reply whatever the clock says.
+
+Without this, a card whose reply was lost never showed, and the answer behind it waited for a tap that could not
+come (seen in the fault campaign).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+from services.loops import LazyThread, guarded
+from services.redis_conn import REDIS_FAILURES
+from services.streams.store import StreamStore
+
+logger = logging.getLogger(__name__)
+
+# WeCom waits about 5 s for a callback's reply; a reply later than this may not have reached it. The callback's
+# timestamp is in whole seconds, so measured from it, a second more.
+REPLY_DEADLINE_SECONDS = 4.5
+CALLBACK_DEADLINE_SECONDS = 5.5
+MOST_RETURNS = 3
+# How long a card is tried to be given back while Redis does not answer (the bubble's patience is shorter).
+GIVE_UP_SECONDS = 120.0
+# Once Redis answers that no poll handed the card out, how long the poll's script may still run after it (a paused
+# Redis runs what it buffered when it resumes, in any order across connections).
+LATE_SCRIPT_SECONDS = 10.0
+RETRY_SECONDS = 0.5
+
+
+@dataclass
+class _Return:
+    store: StreamStore
+    stream_id: str
+    token: str
+    since: float
+    answered_at: float | None = None  # when Redis first answered "not handed out"
+
+
+class CardReturns:
+    """One per process: gives back the cards of polls whose replies did not reach WeCom."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue[_Return] = queue.SimpleQueue()
+        self._thread = LazyThread(self._loop, "card-returns")
+
+    def later(self, store: StreamStore, stream_id: str, token: str) -> None:
+        """The poll `token` failed against Redis: give back a card it may have taken out, once Redis answers."""
+        self._thread.ensure()
+        self._queue.put(_Return(store, stream_id, token, time.monotonic()))
+
+    def now(self, store: StreamStore, stream_id: str, token: str) -> bool:
+        """The poll `token` took out a card whose reply comes too late: give it back now (or, failing, later).
+        False when it stays with this reply (given back `MOST_RETURNS` times already)."""
+        try:
+            outcome = store.give_card_back(stream_id, token, MOST_RETURNS)
+        except REDIS_FAILURES:
+            self.later(store, stream_id, token)
+            return True
+        if outcome == 3:
+            return False
+        logger.warning("a card's reply would come too late for WeCom; the next poll carries it")
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            guarded(self._step, "card_returns")
+
+    def _step(self) -> None:
+        item = self._queue.get()
+        if not self._try(item):
+            time.sleep(RETRY_SECONDS)
+            self._queue.put(item)
+
+    @staticmethod
+    def _try(item: _Return) -> bool:
+        """One try; True when nothing more is to be done for `item`."""
+        now = time.monotonic()
+        if now - item.since > GIVE_UP_SECONDS:
+            logger.warning("could not give a card back: Redis did not answer")
+            return True
+        try:
+            outcome = item.store.give_card_back(item.stream_id, item.token, MOST_RETURNS)
+        except REDIS_FAILURES:
+            return False
+        if outcome == 1:
+            logger.warning("a poll that failed against Redis had taken out the form's card; the next poll carries it")
+            return True
+        if outcome in (2, 3):
+            return True
+        item.answered_at = item.answered_at or now
+        return now - item.answered_at > LATE_SCRIPT_SECONDS
