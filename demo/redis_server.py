@@ -31,7 +31,9 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 class PrivateRedisServer:
-    """`start()` runs it, `stop()` kills it (its data is gone), `pause()`/`resume()` freeze and thaw it."""
+    """`start()` runs it, `stop()` kills it (its data is gone), `pause()`/`resume()` freeze and thaw it. Without
+    persistence, unless `persistent`: then every write is in its append-only file before it is acknowledged, so a
+    `kill()` and `start()` keep everything (as a one-server deployment that must not lose open answers runs)."""
 
     def __init__(
         self,
@@ -39,8 +41,10 @@ class PrivateRedisServer:
         extra: tuple[str, ...] = (),
         binary: str = "redis-server",
         port: int | None = None,
+        persistent: bool = False,
     ):
         self.port = port or free_port()
+        self.persistent = persistent
         self.extra = extra
         self.binary = binary
         self._made_dir = directory is None  # a directory of our own is removed again by stop()
@@ -59,8 +63,9 @@ class PrivateRedisServer:
         binary = shutil.which(self.binary) or f"/usr/bin/{self.binary}"
         command = [binary, *self.extra, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         if self.binary == "redis-server" and "--sentinel" not in self.extra:
-            # no persistence; a replica's first sync starts at once (not after the default 5 s wait for others)
-            command += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+            # a replica's first sync starts at once (not after the default 5 s wait for others)
+            command += ["--save", "", "--repl-diskless-sync-delay", "0"]
+            command += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         _wait(client.ping, 10, f"{self.binary} did not start on port {self.port}")
@@ -152,6 +157,10 @@ class PrivateSentinelSet:
         command = [binary, *sentinel.extra, "--port", str(sentinel.port), "--bind", "127.0.0.1"]
         sentinel.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(lambda: self.sentinel_client(sentinel).ping(), 10, "a sentinel did not start")
+
+    def restart_sentinel(self, sentinel: PrivateRedisServer) -> None:
+        """Start a killed sentinel again (its configuration file kept what it knew)."""
+        self._start_sentinel(sentinel)
 
     def sentinel_client(self, sentinel: PrivateRedisServer) -> redis.Redis:
         return redis.Redis(

@@ -1,5 +1,6 @@
 """The fault campaign (bench/faults, FAULTS.md): its checker on histories made by hand (pure logic: each count is
-found, and only when it should be), and a 60-second run of the campaign itself, whose counts must all be zero."""
+found, and only when it should be), and short runs of the campaign itself (one Redis server, Sentinel), whose
+counts must all be zero."""
 
 import json
 
@@ -14,10 +15,15 @@ TAG, OTHER = "a1b2c3", "d4e5f6"
 WHOLE = answer_text(TAG, 4)
 
 
-def history(frames: list[tuple[float, str, bool]], posts: list[str] = (), calls: list[float] = (0.1,)) -> list:
+def history(
+    frames: list[tuple[float, str, bool]], posts: list[str] = (), calls: list[float] = (0.1,), dify_fault: str = ""
+) -> list:
     """One message sent at t=0 whose bubble showed `frames` (time, content, finish), with `posts` through its
-    response_url and Dify calls at `calls`."""
-    events = [{"kind": "message", "t": 0.0, "msgid": "m1", "tag": TAG, "sentences": 4, "response_url": "u"}]
+    response_url and Dify calls at `calls`; `dify_fault` is what its Dify call was made to do."""
+    events = [
+        {"kind": "message", "t": 0.0, "msgid": "m1", "tag": TAG, "sentences": 4, "response_url": "u"}
+        | {"dify_fault": dify_fault}
+    ]
     events += [
         {"kind": "poll", "t": t, "msgid": "m1", "ok": True, "stream": "s1", "content": content, "finish": finish}
         for t, content, finish in frames
@@ -44,14 +50,70 @@ def test_the_bubble_and_the_rest_through_response_url_count_nothing():
     assert counts(history([(2.0, answer_text(TAG, 2) + "\n\n（回答较长…）", True)], posts=[rest])) == ZERO
 
 
+def fault(kind: str, start: float, end: float) -> dict:
+    return {"kind": "fault", "t": end, "fault": kind, "start": start, "end": end}
+
+
 def test_a_clear_failure_note_is_not_lost():
     note = CATALOGUE["zh"]["stream_cut"]
-    assert counts(history([(2.0, f"{answer_text(TAG, 2)}\n\n{note}", True)])) == ZERO
+    assert counts(history([(2.0, f"{answer_text(TAG, 2)}\n\n{note}", True)], dify_fault="cut")) == ZERO
     assert "stream_cut" in CLEAR_NOTES
+
+
+def test_a_note_that_promises_the_rest_is_no_ending_unless_the_rest_came():
+    for key in ("window_continues", "overflow_continues", "rest_sent_separately"):
+        bubble = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh'][key]}"
+        result = check(history([(2.0, bubble, True)]))
+        assert result["lost"] == 1 and key in result["problems"][0]["lost"]
+        rest = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE[len(answer_text(TAG, 2)) :]}"
+        assert counts(history([(2.0, bubble, True)], posts=[rest])) == ZERO
+    waiting = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['form_waiting']}"
+    assert counts(history([(2.0, waiting, True)]))["lost"] == 1
+
+
+def test_a_failure_note_on_a_message_no_fault_touched_is_spurious():
+    orphaned = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['orphaned']}"
+    assert counts(history([(2.0, orphaned, True)]))["spurious_notes"] == 1
+    assert counts(history([(2.0, orphaned, True)], dify_fault="stalled"))["spurious_notes"] == 0
+    touched = history([(2.0, orphaned, True)]) + [fault("replica_kill", 0.5, 1.5)]
+    assert counts(touched)["spurious_notes"] == 0
+    just_before = history([(2.0, orphaned, True)]) + [fault("redis_pause", -10.0, -2.0)]  # the topology settling
+    assert counts(just_before)["spurious_notes"] == 0
+    long_before = history([(2.0, orphaned, True)]) + [fault("redis_pause", -60.0, -50.0)]
+    assert counts(long_before)["spurious_notes"] == 1
+
+
+def test_text_a_bubble_showed_and_then_took_back_is_withdrawn():
+    frames = [(1.0, answer_text(TAG, 3), False), (2.0, answer_text(TAG, 2), False), (3.0, WHOLE, True)]
+    assert counts(history(frames))["withdrawn"] == 1
+    assert counts(history([(1.0, answer_text(TAG, 2), False), (3.0, WHOLE, True)]))["withdrawn"] == 0
+
+
+def test_a_second_post_to_a_response_url_is_a_duplicate_even_when_wecom_refused_it():
+    rest = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE[len(answer_text(TAG, 2)) :]}"
+    events = history([(2.0, answer_text(TAG, 2) + CATALOGUE["zh"]["window_continues"], True)], posts=[rest])
+    assert counts(events) == ZERO
+    refused = {"kind": "response_url", "t": 9.5, "msgid": "m1", "content": rest, "accepted": False}
+    assert counts([*events, refused])["duplicate_deliveries"] == 1
+
+
+def test_the_same_note_sent_twice_is_a_duplicate():
+    note = CATALOGUE["zh"]["stream_cut"]
+    events = history([(2.0, WHOLE, True)], posts=[note, note], dify_fault="cut")
+    assert counts(events)["duplicate_deliveries"] == 1
 
 
 def test_a_partial_answer_without_a_note_is_lost():
     assert counts(history([(2.0, answer_text(TAG, 2), True)]))["lost"] == 1
+
+
+def test_a_run_cut_short_and_followed_again_may_end_with_what_the_run_held():
+    """Dify's run ended where its fault cut it: a replica that followed it again shows that whole, with no note."""
+    events = history([(2.0, answer_text(TAG, 2), True)], dify_fault="cut")
+    events[0]["run_sentences"] = 2
+    assert counts(events) == ZERO
+    events[0]["run_sentences"] = 3
+    assert counts(events)["lost"] == 1
 
 
 def test_the_words_of_a_card_or_a_file_line_are_no_failure_note():
@@ -78,12 +140,16 @@ def test_text_of_another_message_is_unexpected():
     assert counts(history([(2.0, WHOLE + answer_text(OTHER, 1), True)]))["unexpected"] == 1
 
 
-def test_a_second_dify_call_is_extra_unless_it_restarted_an_answer_that_had_shown_nothing():
+def test_a_second_dify_call_is_extra_unless_a_fault_restarted_an_answer_that_had_shown_nothing():
+    kill = fault("replica_kill", 1.0, 1.5)
     shown_then_called = history([(1.0, answer_text(TAG, 1), False), (3.0, WHOLE, True)], calls=[0.1, 2.0])
-    assert counts(shown_then_called)["extra_dify_calls"] == 1
+    assert counts([*shown_then_called, kill])["extra_dify_calls"] == 1
     restarted = history([(1.0, "正在思考…", False), (3.0, WHOLE, True)], calls=[0.1, 2.0])
-    assert counts(restarted)["extra_dify_calls"] == 0
-    assert counts(history([(3.0, WHOLE, True)], calls=[0.1, 2.0, 2.5]))["extra_dify_calls"] == 1
+    result = check([*restarted, kill])
+    assert result["extra_dify_calls"] == 0 and result["excused_dify_calls"] == 1
+    assert counts(restarted)["extra_dify_calls"] == 1  # no fault could have cost it its replica: not excused
+    assert counts([*restarted, fault("mariadb_restart", 1.0, 1.5)])["extra_dify_calls"] == 1
+    assert counts([*history([(3.0, WHOLE, True)], calls=[0.1, 2.0, 2.5]), kill])["extra_dify_calls"] == 1
 
 
 def test_a_form_dify_took_twice_is_counted():
@@ -95,19 +161,31 @@ def test_a_form_dify_took_twice_is_counted():
 
 def test_counts_are_broken_down_by_the_faults_active_during_the_message():
     events = history([(2.0, answer_text(TAG, 2), True)])
-    events.append({"kind": "fault", "t": 1.5, "fault": "replica_kill", "start": 1.0, "end": 1.5})
+    events.append(fault("replica_kill", 1.0, 1.5))
     result = check(events)
     assert result["by_fault"]["replica_kill"]["lost"] == 1
     assert result["problems"][0]["faults"] == ["replica_kill"]
 
 
 @pytest.mark.e2e
-def test_a_minute_of_the_campaign_loses_nothing_and_doubles_nothing(tmp_path):
-    """Users on three replicas while the nemesis kills, stops and restarts them and pauses Redis (one server)."""
+@pytest.mark.parametrize(
+    ("topology", "minutes"),
+    # the run's minutes, then up to four more to start the topology and let the last answers finish
+    [
+        pytest.param("standalone", "1", marks=pytest.mark.timeout(5 * 60)),
+        pytest.param("sentinel", "2", marks=pytest.mark.timeout(6 * 60)),
+    ],
+)
+def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes):
+    """Users on three replicas while the nemesis kills, stops and restarts them, pauses Redis (and on Sentinel
+    kills its master) and restarts MariaDB: every count zero, and no traceback in the replicas' logs."""
     out = tmp_path / "result.json"
-    argv = ["--minutes", "1", "--topology", "standalone", "--users", "4", "--window", "60"]
+    argv = ["--minutes", minutes, "--topology", topology, "--users", "4", "--window", "60"]
     result = campaign.main([*argv, "--seed", "7", "--out", str(tmp_path / "run"), "--json", str(out)])
-    standalone = result["standalone"]
-    assert standalone["messages"] >= 8 and standalone["faults"] >= 3
-    assert {name: standalone[name] for name in ZERO} == ZERO, json.dumps(standalone["problems"], indent=1)
-    assert json.loads(out.read_text())["standalone"]["messages"] == standalone["messages"]
+    run = result[topology]
+    assert run["messages"] >= 8 and run["faults"] >= 3
+    assert {name: run[name] for name in ZERO} == ZERO, json.dumps(run["problems"], indent=1)
+    assert json.loads(out.read_text())[topology]["messages"] == run["messages"]
+    assert run["tracebacks_in_logs"] == 0
+    if topology == "standalone":
+        assert not any(run["redis_writes_unreplicated_total"].values())  # one server: no write waits for a replica

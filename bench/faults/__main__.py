@@ -15,13 +15,18 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import harness
 from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.nemesis import Nemesis
-from bench.faults.workload import CHAT, CHATFLOW, FORM, Bot, Users, Workload
+from bench.faults.proxy import FaultyLink
+from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.mariadb_server import PrivateMariaDB
@@ -76,7 +81,11 @@ def bots_file(directory: Path, ws_url: str) -> Path:
 
 
 def start_topology(kind: str):
-    return {"standalone": PrivateRedisServer, "sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind]()
+    """One server runs with its append-only file (a crash and restart keeps what it held); a Sentinel set and a
+    Cluster without persistence (their replicas hold the data)."""
+    if kind == "standalone":
+        return PrivateRedisServer(persistent=True)
+    return {"sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind]()
 
 
 def run_topology(kind: str, options, out_dir: Path) -> dict:
@@ -89,13 +98,19 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0).start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     database = PrivateMariaDB().start()
+    # The network between the replicas and Dify (and one Redis server) runs through proxies the nemesis can cut or
+    # slow; a Sentinel set or a Cluster names its servers' own addresses to clients, so those links stay direct.
+    links = {"dify": FaultyLink(urlsplit(dify.base_url).port).start()}
+    if kind == "standalone":
+        links["redis"] = FaultyLink(topology.port).start()
+    redis_url = f"redis://127.0.0.1:{links['redis'].port}/0" if "redis" in links else topology.url
     auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
     env = {
         "DEMO_MODE": "false",
         "BOTS_FILE": str(bots_file(directory, standin.url)),
-        "DIFY_BASE_URL": dify.base_url,
+        "DIFY_BASE_URL": dify.base_url.replace(f":{urlsplit(dify.base_url).port}", f":{links['dify'].port}"),
         "DIFY_READ_TIMEOUT": "8",
-        "REDIS_URL": topology.url,
+        "REDIS_URL": redis_url,
         "AUTH_MODE": "external",
         "DATABASE_URL": user_database(database, options.users),
         "AUTH_API_URL": auth.url,
@@ -117,9 +132,28 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     ws_simulator = WeComSimulator(urls, "unused", BOTS[0][3])  # only for msgids and its (unused) inbox
     bots.append(Bot("ws", ws_simulator, CHAT, standin=standin, bot_id=WS_BOT))
     history = History()
-    workload = Workload(bots, replicas, dify, history, rng, window_seconds=options.window + 20)
-    users = Users(workload, options.users)
-    nemesis = Nemesis(topology, replicas, history, random.Random(f"{options.seed}:{kind}:nemesis"), lease, database)
+    unready: set[int] = set()  # the nemesis's word on which replicas a load balancer would route nothing to
+    workload = Workload(
+        bots,
+        replicas,
+        dify,
+        history,
+        rng,
+        window_seconds=options.window + 20,
+        long_share=options.long_share,
+        unready=unready,
+    )
+    users = Arrivals(workload, options.users, options.arrivals) if options.arrivals else Users(workload, options.users)
+    nemesis = Nemesis(
+        topology,
+        replicas,
+        history,
+        random.Random(f"{options.seed}:{kind}:nemesis"),
+        lease,
+        database,
+        unready=unready,
+        links=links,
+    )
     started = time.time()
     try:
         users.start()
@@ -128,12 +162,15 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         nemesis.finish()
         users.finish(timeout=options.window + 60)
         collect(history, dify, bots)
+        unreplicated = writes_unreplicated(replicas)
     finally:
         for replica in replicas:
             replica.kill()
         for bot in bots:
             bot.simulator.close()
         dify.stop()
+        for link in links.values():
+            link.stop()
         standin.stop()
         auth.stop()
         database.remove()
@@ -143,6 +180,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     result["took_s"] = round(time.time() - started, 1)
     result["lease_seconds"] = lease
     result["tracebacks_in_logs"] = sum(r.logs().count("Traceback") for r in replicas)
+    result["redis_writes_unreplicated_total"] = unreplicated
     result["history"] = str(directory / "history.jsonl")
     return result
 
@@ -195,6 +233,23 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             history.add("response_url", msgid=by_tag[tag], t=at, content=content, accepted=True)
 
 
+def writes_unreplicated(replicas) -> dict[str, float]:
+    """redis_writes_unreplicated_total by write, summed over the replicas (each since its last start: a replica the
+    nemesis killed lost its count), from their /metrics."""
+    totals: dict[str, float] = {}
+    for replica in replicas:
+        try:
+            text = httpx.get(f"{replica.url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "redis_writes_unreplicated_total":
+                    write = sample.labels.get("write", "?")
+                    totals[write] = totals.get(write, 0.0) + sample.value
+    return dict(sorted(totals.items()))
+
+
 def versions() -> dict:
     redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
     return {"redis": redis, "machine": harness.machine()}
@@ -208,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per replica")
     parser.add_argument("--window", type=int, default=90, help="STREAM_WINDOW_SECONDS (WeCom polls 20 s longer)")
     parser.add_argument("--lease-seconds", type=int, default=0, help="default: 5 on one server, 10 on Sentinel/Cluster")
+    parser.add_argument(
+        "--arrivals", type=float, default=0.0, help="messages per second, open loop (default: closed-loop users)"
+    )
+    parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", help="directory for histories and replica logs (default: a new temporary one)")
     parser.add_argument("--json", help="also write the result to this file")

@@ -14,8 +14,9 @@ def sentence(tag: str, number: int) -> str:
     return f"〔{tag}·{number}〕"
 
 
-def answer_text(tag: str, sentences: int) -> str:
-    return "".join(sentence(tag, n) for n in range(sentences))
+def answer_text(tag: str, sentences: int, padding: str = "") -> str:
+    """The answer of message `tag`: its sentences in order, each followed by `padding` (which no check reads)."""
+    return "".join(sentence(tag, n) + padding for n in range(sentences))
 
 
 def sentences_in(text: str) -> list[tuple[str, int]]:

@@ -2,13 +2,20 @@
 stricter where the gateway promises more (FAULTS.md has the definitions):
 
 - lost: the user got neither the whole answer (the bubble, plus whatever came through response_url) nor a clear
-  note that it failed;
+  note that it failed; a note that promises more ("the rest follows", "the full answer was sent") is no ending
+  unless what it promised came;
 - extra_dify_calls: Dify calls for one message beyond the first, except the one documented restart of an answer
-  whose bubble had shown nothing yet;
-- duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url;
+  whose bubble had shown nothing yet, and only when a fault that can cost a stream its replica was under way
+  (the restarts excused are reported: `excused_dify_calls`);
+- duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url; the
+  same message posted twice (a note too); a second post to a response_url (WeCom refuses it, so it is only seen
+  here: it means the gateway tried to deliver twice);
 - unexpected: text of another message;
 - stuck: the bubble still unfinished when WeCom stopped polling it;
-- extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile).
+- extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile);
+- withdrawn: a bubble that showed some of the answer and later showed less (every frame is judged, not only the
+  last);
+- spurious_notes: a failure note on a message whose Dify call was healthy and that no fault touched.
 
 Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
 also broken down by the faults that were active while the message was open.
@@ -23,7 +30,16 @@ from dataclasses import dataclass, field
 from bench.faults.answers import repeats, sentences_in
 from services.texts import CATALOGUE
 
-COUNTS = ("lost", "extra_dify_calls", "duplicate_deliveries", "unexpected", "stuck", "extra_form_submissions")
+COUNTS = (
+    "lost",
+    "extra_dify_calls",
+    "duplicate_deliveries",
+    "unexpected",
+    "stuck",
+    "extra_form_submissions",
+    "withdrawn",
+    "spurious_notes",
+)
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
 # the texts of cards, headers and prompts, which end nothing (and, short, would match inside any answer).
 _NOT_NOTES = {
@@ -33,12 +49,25 @@ _NOT_NOTES = {
     "form_not_yours", "form_expired_card", "form_rest", "file_link", "file_original", "file_named",
     "welcome_title", "suggestions_title", "citations_title", "progress_step",
 }  # fmt: skip
+# Notes that promise the user more: an ending only when the promise was kept (the answer reached them whole).
+PROMISES = frozenset(
+    {"window_continues", "overflow_continues", "sent_separately", "rest_sent_separately", "form_waiting"}
+)
+# The gateway's admission control (a user with too many answers open, or sending too fast): a right refusal, never
+# spurious.
+ADMISSION = frozenset({"too_many_in_flight", "rate_limited"})
 HEADERS = [CATALOGUE["zh"][key] for key in ("continued", "full_answer", "placeholder")]
 CLEAR_NOTES = {
     key: text.split("{", 1)[0].strip()
     for key, text in CATALOGUE["zh"].items()
     if key not in _NOT_NOTES and text.split("{", 1)[0].strip()
 }
+# Faults that can cost a stream its replica (its lease), and so excuse the documented restart of an answer that had
+# shown nothing; their effect reaches this far past their end (a lease, the takeover grace, a failover settling).
+_NOT_RESTARTING = {"mariadb_restart", "dify_partition", "dify_delay"}
+RESTART_REACH_SECONDS = 30.0
+# A fault this close before a message began still counts as touching it (the topology settling after a heal).
+SETTLE_SECONDS = 5.0
 
 
 @dataclass
@@ -50,6 +79,7 @@ class Verdict:
     problems: dict[str, str] = field(default_factory=dict)  # count name -> what was seen
     notes: list[str] = field(default_factory=list)
     extra_calls: int = 0
+    excused_calls: int = 0
     first_text_s: float | None = None
     last_text_s: float | None = None
 
@@ -91,20 +121,18 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     )
     ended = max([e["t"] for e in frames + kinds["ended"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
+    calls = sorted(calls)[message.get("dify_refusals", 0) :]  # requests Dify refused by design ran nothing
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""
     websocket = message.get("mode") == "long_connection"
     if websocket and not finals and frames:
         final = frames[-1]["content"]  # a stream whose req_id died keeps showing its last frame
-    shown: list[tuple[str, int]] = []
-    for frame in frames:
-        found = sentences_in(frame["content"])
-        if twice := repeats([n for t, n in found if t == tag]):
-            verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
-        shown += found
+    judge_frames(verdict, frames)
+    judge_posts(verdict, kinds["response_url"], posts)
     # what the user has: the bubble's answer, then each message after it (a rest continues where the bubble stopped)
     delivered = sentences_in("".join(answer_part(text) for text in [final, *posts]))
+    shown = [found for frame in frames for found in sentences_in(frame["content"])]
     if others := {t for t, _ in shown + delivered if t != tag}:
         verdict.problems["unexpected"] = f"text of other messages: {sorted(others)}"
     own = [n for t, n in delivered if t == tag]
@@ -112,14 +140,21 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         verdict.problems.setdefault(
             "duplicate_deliveries", f"sentences {twice[:5]} reached the user twice (bubble and response_url)"
         )
-    complete = set(range(expected)) <= set(own)
+    # the whole answer, or (a cut or stalled run, followed again by another replica) the whole of what the run held
+    complete = set(range(expected)) <= set(own) or set(range(message.get("run_sentences", expected))) <= set(own)
     verdict.notes = [key for key, note in CLEAR_NOTES.items() if any(note in text for text in [final, *posts])]
+    endings = [note for note in verdict.notes if note not in PROMISES]
     if not finals and not (websocket and posts):
         # (a long-connection stream whose req_id died with its connection ends with the rest sent proactively)
         verdict.problems["stuck"] = "the bubble never finished while WeCom polled it"
-    if not complete and not verdict.notes:
-        verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences and no note; final bubble {final[:80]!r}"
-    verdict.extra_calls = max(0, len(calls) - allowed_calls(calls, frames, tag))
+    if not complete and not endings:
+        promised = f", though the bubble promised it ({verdict.notes})" if verdict.notes else " and no note"
+        verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences{promised}; final bubble {final[:80]!r}"
+    failures = [note for note in endings if note not in ADMISSION]
+    if failures and not message.get("dify_fault") and verdict.faults == ["none"]:
+        verdict.problems["spurious_notes"] = f"{failures} on a message no fault touched"
+    allowed, verdict.excused_calls = allowed_calls(calls, frames, tag, faults)
+    verdict.extra_calls = max(0, len(calls) - allowed)
     if verdict.extra_calls:
         verdict.problems["extra_dify_calls"] = f"{len(calls)} Dify calls"
     with_text = [e["t"] for e in frames if any(t == tag for t, _ in sentences_in(e["content"]))]
@@ -130,6 +165,31 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     return verdict
 
 
+def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
+    """Every reply a bubble got, in order: none shows a sentence twice, and none takes back a sentence an earlier
+    one showed (a bubble's text only grows, until it ends)."""
+    seen: dict[str, set[int]] = defaultdict(set)  # per bubble (stream id): the sentences shown so far
+    for frame in frames:
+        own = [n for t, n in sentences_in(frame["content"]) if t == verdict.tag]
+        if twice := repeats(own):
+            verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
+        earlier = seen[frame["stream"]]
+        if gone := sorted(earlier - set(own)):
+            verdict.problems.setdefault("withdrawn", f"sentences {gone[:5]} shown, then gone at t={frame['t']}")
+        earlier.update(own)
+
+
+def judge_posts(verdict: Verdict, sent: list[dict], posts: list[str]) -> None:
+    """The messages sent for the answer besides its bubble: the same one twice (a note included) is a duplicate,
+    and so is a post WeCom refused as a response_url's second (the gateway tried to deliver twice)."""
+    if refused := [e for e in sent if not e.get("accepted", True)]:
+        verdict.problems.setdefault(
+            "duplicate_deliveries", f"{len(refused)} more post(s) to a response_url already used"
+        )
+    if len(set(posts)) < len(posts):
+        verdict.problems.setdefault("duplicate_deliveries", "the same message was sent twice")
+
+
 def answer_part(text: str) -> str:
     """`text` without the gateway's notes and headers (what is left is answer text)."""
     for words in [*CLEAR_NOTES.values(), *HEADERS]:
@@ -137,18 +197,29 @@ def answer_part(text: str) -> str:
     return text.strip()
 
 
-def allowed_calls(calls: list[float], frames: list[dict], tag: str) -> int:
-    """One call, and a second (the documented restart) if the bubble had shown nothing of the answer before it."""
+def allowed_calls(calls: list[float], frames: list[dict], tag: str, faults: list[dict]) -> tuple[int, int]:
+    """How many Dify calls the message may have had, and how many of them were excused: one call, and a second (the
+    documented restart) if the bubble had shown nothing of the answer before it and a fault that can cost a stream
+    its replica was under way between the two."""
     if len(calls) < 2:
-        return len(calls) or 1
-    restart_at = sorted(calls)[1]
+        return len(calls) or 1, 0
+    first, restart_at = sorted(calls)[:2]
     shown_before = any(e["t"] < restart_at and any(t == tag for t, _ in sentences_in(e["content"])) for e in frames)
-    return 1 if shown_before else 2
+    restarting = any(
+        f["fault"] not in _NOT_RESTARTING
+        and f.get("start", f["t"]) <= restart_at
+        and f.get("end", f["t"]) + RESTART_REACH_SECONDS >= first
+        for f in faults
+    )
+    return (1, 0) if shown_before or not restarting else (2, 1)
 
 
 def active_faults(faults: list[dict], start: float, end: float) -> list[str]:
-    """The kinds of the faults that overlapped [start, end] (a message's life), or ["none"]."""
-    kinds = sorted({f["fault"] for f in faults if f.get("start", f["t"]) <= end and f.get("end", f["t"]) >= start})
+    """The kinds of the faults that overlapped [start, end] (a message's life, and the settling before it), or
+    ["none"]."""
+    kinds = sorted(
+        {f["fault"] for f in faults if f.get("start", f["t"]) <= end and f.get("end", f["t"]) + SETTLE_SECONDS >= start}
+    )
     return kinds or ["none"]
 
 
@@ -180,6 +251,7 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
         "first_text": _quantiles([v.first_text_s for v in verdicts if v.first_text_s is not None]),
         "last_text": _quantiles([v.last_text_s for v in verdicts if v.last_text_s is not None]),
     }
+    result["excused_dify_calls"] = sum(v.excused_calls for v in verdicts)
     result["faults"] = len(faults)
     result["problems"] = [{"msgid": v.msgid, "faults": v.faults, **v.problems} for v in verdicts if v.problems]
     return result

@@ -1,8 +1,13 @@
-"""The campaign's nemesis: one fault at a time, picked at random (seeded) at random intervals, each logged in the
-history with its start and end. Replica faults: SIGKILL or SIGTERM then a restart, SIGSTOP past the stream leases
-then SIGCONT. Redis faults: the master paused (SIGSTOP) for 2-15 s and, on Sentinel and Cluster, killed (a
-failover) and restarted as a replica. MariaDB (the user table) stopped for 2-8 s and started again. Dify's faults
-are the workload's, per message."""
+"""The campaign's nemesis: faults picked at random (seeded) at random intervals, each logged in the history with its
+start and end. A fault runs in a thread of its own, so the next may begin before it heals: faults overlap, except
+on one target (one gateway replica, the Redis data path, a sentinel, MariaDB), and one gateway replica always
+stays up. Replica faults: SIGKILL or SIGTERM then a restart, SIGSTOP past the stream leases then SIGCONT. Redis
+faults: the master paused (SIGSTOP) for 2-15 s; one server killed and restarted (from its append-only file: the
+campaign runs one server as a deployment that must not lose open answers would); on Sentinel and Cluster the
+master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
+killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
+of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s or slowed for 5-15
+s. Dify's own faults are the workload's, per message."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import threading
 import time
 
 from bench.faults.history import History
+from bench.faults.proxy import FaultyLink
 from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 
@@ -20,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop")
 DATABASE_FAULTS = ("mariadb_restart",)
+# What each fault that is not a replica's works on: two faults on one target never run at once.
+_TARGETS = {
+    "redis_pause": "redis",
+    "redis_crash": "redis",
+    "redis_kill_master": "redis",
+    "redis_kill_replica": "redis",
+    "sentinel_kill": "sentinel",
+    "mariadb_restart": "mariadb",
+    "redis_partition": "redis",
+    "redis_delay": "redis",
+    "dify_partition": "dify",
+    "dify_delay": "dify",
+}
 
 
 class Nemesis:
@@ -32,6 +51,8 @@ class Nemesis:
         lease_seconds: float,
         database: PrivateMariaDB | None = None,
         gap: tuple[float, float] = (3.0, 10.0),
+        unready: set[int] | None = None,
+        links: dict[str, FaultyLink] | None = None,
     ):
         self.topology = topology
         self.replicas = replicas
@@ -40,61 +61,142 @@ class Nemesis:
         self.lease_seconds = lease_seconds
         self.database = database
         self.gap = gap
-        standalone = isinstance(topology, PrivateRedisServer)  # one server has no failover to test
-        self.kinds = [*REPLICA_FAULTS, "redis_pause", *(() if standalone else ("redis_kill_master",))]
+        self.unready = unready if unready is not None else set()  # replicas down or starting: no traffic for them
+        self.links = links or {}  # "dify", "redis": the proxies between the replicas and them (bench/faults/proxy.py)
+        self.kinds = [*REPLICA_FAULTS, "redis_pause"]
+        if isinstance(topology, PrivateRedisServer):
+            self.kinds.append("redis_crash")
+        else:
+            self.kinds += ["redis_kill_master", "redis_kill_replica"]
+        if isinstance(topology, PrivateSentinelSet):
+            self.kinds.append("sentinel_kill")
         self.kinds += DATABASE_FAULTS if database is not None else ()
+        for name in self.links:
+            self.kinds += [f"{name}_partition", f"{name}_delay"]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._faults: list[threading.Thread] = []
 
     def start(self) -> None:
         self.thread.start()
 
     def finish(self) -> None:
-        """No new fault; the one under way ends (and is healed) first."""
+        """No new fault; those under way end (and are healed) first."""
         self.stop.set()
         self.thread.join(120)
+        for fault in self._faults:
+            fault.join(120)
 
     def _run(self) -> None:
         while not self.stop.wait(self.rng.uniform(*self.gap)):
             kind = self.rng.choice(self.kinds)
-            started = time.time()
-            try:
-                target = getattr(self, kind)()
-                self.history.add("fault", fault=kind, target=target, start=started, end=time.time())
-            except Exception as exc:  # a fault that could not be applied is logged, and the run goes on
-                logger.exception("fault %s failed", kind)
-                self.history.add("fault", fault=kind, target="", start=started, end=time.time(), error=str(exc))
+            target = self._claim(kind)
+            if target is None:
+                continue  # its target is under a fault already
+            rng = random.Random(self.rng.getrandbits(64))  # the fault's own, so the schedule stays seeded
+            fault = threading.Thread(target=self._apply, args=(kind, target, rng), name=f"nemesis-{kind}", daemon=True)
+            self._faults.append(fault)
+            fault.start()
+
+    def _claim(self, kind: str) -> str | None:
+        """The target `kind` works on now, marked busy; None if it is busy (or it would take the last replica)."""
+        with self._lock:
+            if kind in REPLICA_FAULTS:
+                free = [f"replica:{i}" for i in range(len(self.replicas)) if f"replica:{i}" not in self._busy]
+                if len(free) < 2:
+                    return None
+                target = self.rng.choice(free)
+            elif (target := _TARGETS[kind]) in self._busy:
+                return None
+            self._busy.add(target)
+            return target
+
+    def _apply(self, kind: str, target: str, rng: random.Random) -> None:
+        started = time.time()
+        try:
+            what = getattr(self, kind)(target, rng)
+            self.history.add("fault", fault=kind, target=what, start=started, end=time.time())
+        except Exception as exc:  # a fault that could not be applied is logged, and the run goes on
+            logger.exception("fault %s failed", kind)
+            self.history.add("fault", fault=kind, target="", start=started, end=time.time(), error=str(exc))
+        finally:
+            with self._lock:
+                self._busy.discard(target)
 
     # --- replicas ---------------------------------------------------------------------------------------------
 
-    def _replica(self):
-        index = self.rng.randrange(len(self.replicas))
+    def _replica(self, target: str):
+        index = int(target.split(":")[1])
         return index, self.replicas[index]
 
-    def replica_kill(self) -> str:
-        index, replica = self._replica()
+    def replica_kill(self, target: str, rng: random.Random) -> str:
+        index, replica = self._replica(target)
         replica.kill()
-        time.sleep(self.rng.uniform(1, 5))
+        self.unready.add(index)  # its readiness probe fails within a few seconds; then it is out until ready again
+        time.sleep(rng.uniform(1, 5))
         replica.start(timeout=60)
+        self.unready.discard(index)
         return f"replica {index}"
 
-    def replica_term(self) -> str:
-        index, replica = self._replica()
+    def replica_term(self, target: str, rng: random.Random) -> str:
+        index, replica = self._replica(target)
+        self.unready.add(index)  # a terminating pod leaves its Service's endpoints at once
         replica.stop(timeout=60)  # SIGTERM: it drains, hands its streams over, exits
         replica.start(timeout=60)
+        self.unready.discard(index)
         return f"replica {index}"
 
-    def replica_stop(self) -> str:
-        index, replica = self._replica()
+    def replica_stop(self, target: str, rng: random.Random) -> str:
+        index, replica = self._replica(target)
         replica.signal(signal.SIGSTOP)
-        time.sleep(self.lease_seconds + self.rng.uniform(1, 5))
+        time.sleep(self.lease_seconds + rng.uniform(1, 5))
         replica.signal(signal.SIGCONT)
         return f"replica {index}"
 
+    # --- the network ------------------------------------------------------------------------------------------
+
+    def _partition(self, name: str, rng: random.Random) -> str:
+        seconds = rng.uniform(2, 8)
+        link = self.links[name]
+        link.partition()
+        try:
+            time.sleep(seconds)
+        finally:
+            link.heal()
+        return f"{name} cut off for {seconds:.1f}s"
+
+    def _delay(self, name: str, rng: random.Random, low: float, high: float) -> str:
+        delay, seconds = rng.uniform(low, high), rng.uniform(5, 15)
+        link = self.links[name]
+        link.delay(delay)
+        try:
+            time.sleep(seconds)
+        finally:
+            link.heal()
+        return f"{name} {delay * 1000:.0f} ms slower for {seconds:.1f}s"
+
+    def dify_partition(self, target: str, rng: random.Random) -> str:
+        """Every connection to Dify cut, and new ones refused, for 2-8 s."""
+        return self._partition("dify", rng)
+
+    def dify_delay(self, target: str, rng: random.Random) -> str:
+        """Everything to and from Dify held 0.3-1.5 s, for 5-15 s."""
+        return self._delay("dify", rng, 0.3, 1.5)
+
+    def redis_partition(self, target: str, rng: random.Random) -> str:
+        """One server: every connection to Redis cut, and new ones refused, for 2-8 s."""
+        return self._partition("redis", rng)
+
+    def redis_delay(self, target: str, rng: random.Random) -> str:
+        """One server: everything to and from Redis held 20-300 ms, for 5-15 s."""
+        return self._delay("redis", rng, 0.02, 0.3)
+
     # --- MariaDB ------------------------------------------------------------------------------------------------
 
-    def mariadb_restart(self) -> str:
-        seconds = self.rng.uniform(2, 8)
+    def mariadb_restart(self, target: str, rng: random.Random) -> str:
+        seconds = rng.uniform(2, 8)
         self.database.stop()
         time.sleep(seconds)
         self.database.start()
@@ -102,17 +204,17 @@ class Nemesis:
 
     # --- Redis --------------------------------------------------------------------------------------------------
 
-    def _master(self) -> tuple[PrivateRedisServer, str]:
+    def _master(self, rng: random.Random) -> tuple[PrivateRedisServer, str]:
         if isinstance(self.topology, PrivateSentinelSet):
             return self.topology.current_master(), ""
         if isinstance(self.topology, PrivateRedisCluster):
-            key = f"dify_stream:{{probe-{self.rng.randrange(1 << 30)}}}"
+            key = f"dify_stream:{{probe-{rng.randrange(1 << 30)}}}"
             return self.topology.node_of(key), key
         return self.topology, ""
 
-    def redis_pause(self) -> str:
-        master, _ = self._master()
-        seconds = self.rng.uniform(2, 15)
+    def redis_pause(self, target: str, rng: random.Random) -> str:
+        master, _ = self._master(rng)
+        seconds = rng.uniform(2, 15)
         master.pause()
         try:
             time.sleep(seconds)
@@ -121,16 +223,45 @@ class Nemesis:
         self._settle()
         return f"redis :{master.port} for {seconds:.1f}s"
 
-    def redis_kill_master(self) -> str:
-        master, key = self._master()
+    def redis_kill_master(self, target: str, rng: random.Random) -> str:
+        master, key = self._master(rng)
         master.kill()
         if isinstance(self.topology, PrivateSentinelSet):
             self.topology.wait_for_failover(master, timeout=60)
         else:
             self.topology.wait_for_failover(key, master, timeout=60)
-        time.sleep(self.rng.uniform(1, 5))
+        time.sleep(rng.uniform(1, 5))
         self.topology.restart(master)
         return f"redis master :{master.port}"
+
+    def redis_kill_replica(self, target: str, rng: random.Random) -> str:
+        """A Redis replica lost for 2-8 s: the writes that wait for a replica wait on the others (or time out)."""
+        if isinstance(self.topology, PrivateSentinelSet):
+            master = self.topology.current_master()
+            replicas = [server for server in self.topology.servers if server is not master and server.running]
+        else:
+            ports = {node.port for node in _cluster_replicas(self.topology)}
+            replicas = [node for node in self.topology.nodes if node.port in ports]
+        replica = rng.choice(replicas)
+        replica.kill()
+        time.sleep(rng.uniform(2, 8))
+        self.topology.restart(replica)
+        return f"redis replica :{replica.port}"
+
+    def redis_crash(self, target: str, rng: random.Random) -> str:
+        """The one server killed (SIGKILL) and started again 1-5 s later, from its append-only file."""
+        self.topology.kill()
+        time.sleep(rng.uniform(1, 5))
+        self.topology.start()
+        return f"redis :{self.topology.port}"
+
+    def sentinel_kill(self, target: str, rng: random.Random) -> str:
+        """One of the three sentinels lost for 2-8 s (the other two still make a quorum)."""
+        sentinel = rng.choice(self.topology.sentinels)
+        sentinel.kill()
+        time.sleep(rng.uniform(2, 8))
+        self.topology.restart_sentinel(sentinel)
+        return f"sentinel :{sentinel.port}"
 
     def _settle(self) -> None:
         """After a pause: on Sentinel or Cluster the paused master may have been failed over; wait until the
@@ -150,3 +281,11 @@ class Nemesis:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not self.topology.healthy():
                 time.sleep(0.5)
+
+
+def _cluster_replicas(cluster: PrivateRedisCluster) -> list:
+    client = cluster.client()
+    try:
+        return client.get_replicas()
+    finally:
+        client.close()

@@ -1,9 +1,12 @@
 """The campaign's users: each sends a message, follows its bubble like WeCom (a poll about once a second, on any
 replica, until it finishes or WeCom's window ends), and sends the next one. WeCom's own behaviour is played too: a
 delivery that fails is retried on another replica, and some deliveries are repeated on another replica although
-the first got through (WeCom retries when a reply is slow). A long-connection bot's messages go down the WebSocket
-of whichever replica holds it (the WeCom stand-in records every frame answered, and every proactive message).
-Some messages get a Dify fault of their own: a slow first byte, a cut stream, a 5xx, a stalled stream. A form bot's
+the first got through (WeCom retries when a reply is slow), on the long connection too (the same msgid in a frame
+of its own). A long-connection bot's messages go down the WebSocket of whichever replica holds it (the WeCom
+stand-in records every frame answered, and every proactive message).
+Some messages get a Dify fault of their own: a slow first byte, a cut stream, a 5xx, a stalled stream, a 429 that
+a retry gets past, a 503 on every try; some answers are longer than a bubble (the rest comes as a message of its
+own); and load may arrive open-loop (`Arrivals`), not paced by the answers. A form bot's
 answers pause halfway for an approval (Dify's Human Input node, after streamed text: the rest only in the run's
 outputs, as Dify 1.14.2 has it), and the user taps the card when it comes, on any replica, tapping again if the tap
 got no answer."""
@@ -16,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bench.faults.answers import answer_text, sentence
+from bench.faults.answers import answer_text, sentence, sentences_in
 from bench.faults.history import History
 from demo import dify_apps as apps
 from demo import dify_standin as d
@@ -24,7 +27,12 @@ from demo.dify_standin import DifyStandIn
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 
-DIFY_FAULTS = ("slow", "cut", "http_500", "stalled")
+DIFY_FAULTS = ("slow", "cut", "http_500", "stalled", "refused_429", "unavailable_503")
+# Dify faults that refuse requests before any run starts: `refused_429` its first (the gateway's retry gets the
+# answer), `unavailable_503` every one (the user gets a note). Refused requests are no Dify calls (nothing ran).
+_REFUSALS = {"refused_429": 1, "unavailable_503": 99}
+# A long answer: sentences padded so that it outgrows one bubble (20 KiB), whose rest must come as a message.
+LONG_SENTENCES, LONG_PADDING = (110, 140), "·" * 100
 
 
 CHAT, CHATFLOW, FORM = "chat", "chatflow", "form"  # a bot's Dify app: its answers are runs; forms pause them
@@ -56,6 +64,10 @@ class Workload:
     window_seconds: float  # how long WeCom polls a bubble
     dify_fault_share: float = 0.15
     retry_share: float = 0.15
+    long_share: float = 0.0  # of the callback bots' messages: answers longer than a bubble
+    # Replicas the load balancer sends nothing to (stopped, or starting and not ready yet: the nemesis keeps this),
+    # as a Kubernetes Service routes only to ready pods. A frozen replica stays in: its probe has not failed yet.
+    unready: set[int] | None = None
     stalled_seconds: float = 20.0  # longer than the gateways' DIFY_READ_TIMEOUT
 
     def __post_init__(self) -> None:
@@ -69,6 +81,12 @@ class Workload:
         with self._lock:
             return self.rng.random() < share
 
+    def routable(self) -> list[int]:
+        """The replicas a callback may go to now (all of them if none is ready, as a balancer with no ready pod
+        still tries)."""
+        ready = [n for n in range(len(self.replicas)) if n not in (self.unready or ())]
+        return ready or list(range(len(self.replicas)))
+
     def uniform(self, low: float, high: float) -> float:
         with self._lock:
             return self.rng.uniform(low, high)
@@ -79,9 +97,15 @@ class Workload:
         """One message of `userid`, from sending it to the end of its bubble."""
         bot = self.pick(self.bots)
         tag = secrets.token_hex(3)
-        sentences = int(self.uniform(8, 24))
+        long = bot.standin is None and bot.app != FORM and self.chance(self.long_share)
+        sentences = int(self.uniform(*LONG_SENTENCES)) if long else int(self.uniform(8, 24))
         fault = self.pick(DIFY_FAULTS) if self.chance(self.dify_fault_share) else ""
-        self.dify.script(self._steps(bot, tag, sentences, fault), match=tag, times=None)
+        scripts = self._scripts(bot, tag, sentences, fault, long)
+        for steps, times in scripts:
+            self.dify.script(steps, match=tag, times=times)
+        # A cut or stalled script ends its run there too: a reader that follows the run again gets that as the run's
+        # whole answer (with no note), which is right.
+        played = {n for t, n in sentences_in(repr(scripts[-1][0])) if t == tag}
         payload = bot.simulator.text_message(f"question {tag}", userid=userid)
         msgid = payload["msgid"]
         self.history.add(
@@ -92,6 +116,9 @@ class Workload:
             bot=bot.name,
             mode=bot.mode,
             dify_fault=fault,
+            dify_refusals=_REFUSALS.get(fault, 0),
+            run_sentences=len(played) if fault in ("cut", "stalled") else sentences,
+            long=long,
             userid=userid,
             response_url=payload["response_url"],
         )
@@ -106,8 +133,17 @@ class Workload:
                 self._follow(bot, msgid, reply, userid)
         self.history.add("ended", msgid=msgid)
 
-    def _steps(self, bot: Bot, tag: str, sentences: int, fault: str) -> list[tuple]:
-        text = answer_text(tag, sentences)
+    def _scripts(self, bot: Bot, tag: str, sentences: int, fault: str, long: bool) -> list[tuple[list, int | None]]:
+        """What Dify plays for the message's requests: (steps, for how many requests; None: every one), in order."""
+        if fault == "refused_429":
+            refusal = d.http_error(429, "too_many_requests", "Too many requests")
+            return [([refusal], 1), (self._steps(bot, tag, sentences, "", long), None)]
+        if fault == "unavailable_503":
+            return [([d.http_error(503, "service_unavailable", "Service Unavailable")], None)]
+        return [(self._steps(bot, tag, sentences, fault, long), None)]
+
+    def _steps(self, bot: Bot, tag: str, sentences: int, fault: str, long: bool = False) -> list[tuple]:
+        text = answer_text(tag, sentences, LONG_PADDING if long else "")
         seconds = self.uniform(3, 15)
         if bot.app == FORM:
             steps = self._form_steps(tag, sentences, seconds)
@@ -136,11 +172,12 @@ class Workload:
 
     def _tap(self, bot: Bot, msgid: str, card: dict, userid: str) -> None:
         """The user taps the card a moment after it shows, on any replica; with no answer (WeCom drops a click that
-        gets none within 5 s), again, three times at most. The tap's response_url is where a rest may come."""
+        gets none within 5 s), again a little later, six times at most (over 10-20 s: a user whose tap did nothing
+        tries again). The tap's response_url is where a rest may come."""
         time.sleep(self.uniform(0.5, 4.0))
-        for attempt in range(3):
+        for attempt in range(6):
             click = bot.simulator.card_click(card, "approve", userid)
-            replica = self.pick(range(len(self.replicas)))
+            replica = self.pick(self.routable())
             ok, reply, error = self._send(bot, click, replica)
             desc = ((reply or {}).get("template_card") or {}).get("main_title", {}).get("desc", "")
             self.history.add(
@@ -149,12 +186,12 @@ class Workload:
             )  # fmt: skip
             if ok and reply is not None:
                 return
-            time.sleep(1.0)
+            time.sleep(self.uniform(1.0, 3.0))
 
     def _deliver(self, bot: Bot, payload: dict, repeat: bool = False) -> dict | None:
         """Deliver the message to a replica, retrying on the others like WeCom behind a load balancer (three tries
         in all, each on another replica); the reply."""
-        order = list(range(len(self.replicas)))
+        order = self.routable()
         with self._lock:
             self.rng.shuffle(order)
         for attempt in range(3):
@@ -182,7 +219,7 @@ class Workload:
         tapping: threading.Thread | None = None
         while not finished and time.monotonic() < deadline:
             time.sleep(1.0)
-            replica = self.pick(range(len(self.replicas)))
+            replica = self.pick(self.routable())
             ok, reply, error = self._send(bot, bot.simulator.poll_message(stream_id, userid), replica)
             self.history.add("poll", msgid=msgid, replica=replica, ok=ok, error=error, **_frame(reply))
             if ok and reply is not None and reply.get("stream"):
@@ -207,9 +244,18 @@ class Workload:
                     return
                 time.sleep(1.0)
         delivered = self.history.add("delivery", msgid=msgid, ok=True, req_id=req_id, stream="", content="")["t"]
+        req_ids = [req_id]
+        if self.chance(self.retry_share):  # WeCom may send a callback again ("可能因为网络等原因重复回调")
+            time.sleep(self.uniform(0.0, 2.0))
+            try:
+                again = bot.standin.deliver_text(bot.bot_id, f"question {tag}", userid=userid, msgid=msgid)
+                self.history.add("delivery", msgid=msgid, ok=True, req_id=again, repeat=True, stream="", content="")
+                req_ids.append(again)
+            except Exception as exc:  # noqa: BLE001 - no replica holds the bot right now: the first stands
+                self.history.add("delivery", msgid=msgid, ok=False, repeat=True, error=str(exc)[:120], stream="")
         deadline = time.monotonic() + self.window_seconds
         while time.monotonic() < deadline:
-            if any(frame.get("stream", {}).get("finish") for frame in bot.standin.frames(req_id)):
+            if any(frame.get("stream", {}).get("finish") for r in req_ids for frame in bot.standin.frames(r)):
                 return
             to_the_user = (b for b in list(bot.standin.proactive) if b.get("chatid") == userid)
             if any(body["_received_at"] >= delivered for body in to_the_user):
@@ -254,3 +300,43 @@ class Users:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout)
+
+
+class Arrivals:
+    """Open-loop load: messages arrive at random (a Poisson process of `per_second`), each from one of `count`
+    users picked at random, whether or not earlier answers have finished (at most `cap` open at once, as a bound on
+    this harness's threads)."""
+
+    def __init__(self, workload: Workload, count: int, per_second: float, cap: int = 60):
+        self.workload = workload
+        self.users = [f"user{n}" for n in range(count)]
+        self.per_second = per_second
+        self.open = threading.BoundedSemaphore(cap)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="arrivals", daemon=True)
+        self.conversations: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(self.workload.rng.getrandbits(64))
+        while not self.stop.wait(rng.expovariate(self.per_second)):
+            if not self.open.acquire(blocking=False):
+                continue  # the harness's bound, not the gateway's: this arrival is skipped
+            conversation = threading.Thread(target=self._converse, args=(rng.choice(self.users),), daemon=True)
+            self.conversations.append(conversation)
+            conversation.start()
+
+    def _converse(self, userid: str) -> None:
+        try:
+            self.workload.converse(userid)
+        finally:
+            self.open.release()
+
+    def finish(self, timeout: float) -> None:
+        """Send nothing new, and wait for the messages in flight to end."""
+        self.stop.set()
+        self.thread.join(timeout)
+        for conversation in self.conversations:
+            conversation.join(timeout)

@@ -1,0 +1,103 @@
+"""A TCP proxy the nemesis controls, between the gateway replicas and a server (Dify, or one Redis server): it
+passes bytes both ways, and on command delays them, or partitions the link (every open connection is cut and new
+ones are refused). It stands in for the network faults `tc netem` would make, without needing the replicas in a
+network namespace of their own.
+
+A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
+bypassed: on those topologies only the link to Dify goes through one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from demo.replicas import free_port
+
+_CHUNK = 65536
+
+
+class FaultyLink:
+    """Listens on 127.0.0.1:`port` (a free one) and forwards to `target_port`; `delay(s)`, `partition()` and
+    `heal()` may be called from any thread."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.delay_seconds = 0.0
+        self.partitioned = False
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"faulty-link-{self.port}", daemon=True)
+
+    def start(self) -> FaultyLink:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def delay(self, seconds: float) -> None:
+        """Hold every chunk this long before passing it on (0: no delay)."""
+        self.delay_seconds = seconds
+
+    def partition(self) -> None:
+        """Cut every open connection and refuse new ones until `heal()`."""
+        self.partitioned = True
+        self._loop.call_soon_threadsafe(self._cut_all)
+
+    def heal(self) -> None:
+        self.partitioned = False
+        self.delay_seconds = 0.0
+
+    # --- the proxy's loop ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", self.port))
+        self._started.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    def _cut_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()  # a reset, as a partition met by a timeout or a dropped route would give
+        self._writers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.partitioned:
+            writer.transport.abort()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, upstream_writer))
+        await asyncio.gather(
+            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
+        )
+        for end in (writer, upstream_writer):
+            self._writers.discard(end)
+            with contextlib.suppress(Exception):
+                end.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(_CHUNK):
+                if self.delay_seconds:
+                    await asyncio.sleep(self.delay_seconds)
+                if self.partitioned:
+                    break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            if not writer.is_closing():
+                with contextlib.suppress(Exception):
+                    writer.write_eof()  # the other side ended: pass the end on
