@@ -7,6 +7,8 @@ that is not the connection's, 846608 for a frame past the stream's window, 84660
 on a socket WeCom no longer counts as subscribed (`unsubscribe`), 6000 for a proactive send while a stream of that
 chat is still open (and whatever errcodes a test queues with `refuse_sends`), WeCom's per-chat limits on proactive
 sends (`send_limit`; over them a refusal), and pings left unanswered while `answer_pings` is off (a dead link).
+For the fault campaign: a connection dropped with no event (`drop`), stream frames shown but neither their acks nor
+pongs sent back while `acks_lost` is on, and every proactive send refused while `busy_errcode` is set.
 Tests deliver messages and events to whichever connection holds a bot, and read back the frames each req_id got.
 """
 
@@ -70,6 +72,8 @@ class WeComWebSocketStandIn:
         self._uploads: dict[str, dict] = {}  # upload_id -> an upload in progress
         self.pings = 0
         self.answer_pings = True  # off: pings get no answer (a link that died without closing)
+        self.acks_lost = False  # on: stream frames are shown, but neither their acks nor pongs come back
+        self.busy_errcode = 0  # while set, every proactive send is refused with it (WeCom busy)
         self.ack_delay = 0.0  # seconds between showing a stream frame and acking it (WeCom's: about 0.3 s)
         self.refuse_sends: list[int] = []  # errcodes the next proactive sends get, in order
         self.send_limit: tuple[int, float] = (30, 60.0)  # proactive sends a chat may get per that many seconds
@@ -162,6 +166,10 @@ class WeComWebSocketStandIn:
         """A subscriber that is not the gateway (an old deployment, a laptop) takes the bot."""
         asyncio.run_coroutine_threadsafe(self._kick(bot_id), self._loop).result(5)
 
+    def drop(self, bot_id: str) -> None:
+        """The bot's connection breaks: its socket is closed with no event and no close frame."""
+        asyncio.run_coroutine_threadsafe(self._drop(bot_id), self._loop).result(5)
+
     def frames(self, req_id: str) -> list[dict]:
         delivery = self.deliveries.get(req_id)
         return list(delivery.frames) if delivery else []
@@ -199,6 +207,11 @@ class WeComWebSocketStandIn:
         connection = self.holders.pop(bot_id, None)
         if connection is not None:
             await self._disconnect(connection)
+
+    async def _drop(self, bot_id: str) -> None:
+        connection = self.holders.pop(bot_id, None)
+        if connection is not None:
+            connection.transport.abort()
 
     async def _disconnect(self, connection: ServerConnection) -> None:
         event = {"msgtype": "event", "event": {"eventtype": "disconnected_event"}}
@@ -242,7 +255,7 @@ class WeComWebSocketStandIn:
             errcode = NOT_SUBSCRIBED
         elif cmd == "ping":
             self.pings += 1
-            if not self.answer_pings:
+            if not self.answer_pings or self.acks_lost:
                 return
         elif cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg", "aibot_respond_update_msg"):
             delivery = self.deliveries.get(req_id)
@@ -263,6 +276,8 @@ class WeComWebSocketStandIn:
         ack = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": "ok" if not errcode else "refused"}
         if answer:
             ack["body"] = answer
+        if self.acks_lost and cmd == "aibot_respond_msg":
+            return
         if self.ack_delay and cmd == "aibot_respond_msg":
             asyncio.ensure_future(self._ack_later(connection, ack))
             return
@@ -281,7 +296,8 @@ class WeComWebSocketStandIn:
         limit, seconds = self.send_limit
         now = time.monotonic()
         recent = [t for t in self._sends_by_chat.get(chat, []) if now - t < seconds]
-        errcode = self.refuse_sends.pop(0) if self.refuse_sends else (OVER_LIMIT if len(recent) >= limit else 0)
+        errcode = self.refuse_sends.pop(0) if self.refuse_sends else self.busy_errcode
+        errcode = errcode or (OVER_LIMIT if len(recent) >= limit else 0)
         self._sends_by_chat[chat] = recent + [now]  # WeCom counts what it refuses too
         if errcode:
             self.refused_sends.append((body, errcode))

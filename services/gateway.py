@@ -36,6 +36,7 @@ from services.files.fetch import FileFetcher
 from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.files.store import FileRefs
+from services.forms.answers import FormAnswers
 from services.forms.service import FormService
 from services.forms.store import FormStore
 from services.keys import Keys
@@ -296,7 +297,8 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
     media = MediaService(crypto, dify, profile, bot=name)
     files = _files(settings, client, keys, texts, long_connection)
-    forms = FormService(FormStore(client, keys), dify, texts, name)
+    form_store = FormStore(client, keys)
+    forms = FormService(form_store, dify, texts, name)
     responder = ResponseUrlClient()
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
     stopper = AnswerStopper(store, dify, profile, texts, name)
@@ -337,22 +339,22 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         queue=reach.queue if reach else None,
         outbox=reach.outbox if reach else None,
     )
-    # The one hook set after the fact: a form's card is opened by the worker, and its click starts the rest of the
-    # run on a worker again (a cycle no constructor order can break).
-    forms.go_on_separately = streams.continue_form
+    # A form's card is opened by the worker (forms), and its answer may start the rest of the run on a worker again
+    # (form_answers, built once streams is).
+    form_answers = FormAnswers(form_store, texts, streams.continue_form, name)
     feedback = FeedbackService(client, keys, dify)
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message, name),
         feedback,
         ReplayGuard(client, keys, 2 * settings.wecom_timestamp_tolerance),
-        forms,
+        form_answers,
     )
     intake = MessageIntake(
         streams,
         conversations,
         texts,
         settings.wecom_bot_name,
-        forms,
+        form_answers,
         stopper,
         authorize=authorizer.inputs_for if authorizer is not None else None,
     )

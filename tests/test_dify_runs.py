@@ -5,6 +5,8 @@ records: one chat call per message, and one form submission per answered form.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from demo import dify_flows as flows
@@ -83,6 +85,40 @@ def test_a_form_nobody_answers_follows_difys_timeout_branch(sims, dify):
         "You said: buy laptops. Waiting for approval... Nobody answered in time.\n\n" + ZH["form_timed_out"]
     )
     assert dify.form_submissions == []
+
+
+def test_a_card_that_never_reached_the_stream_rides_on_the_replica_that_resumes_it(pair, dify):
+    """The replica that opened a form stops before its card reached the stream (the write met Redis away, and the
+    process drained; here the card is dropped from the opened form to stand for that lost write). The replica that
+    resumes the run meets the form again: the card the form was opened with, never shown, rides on its next poll,
+    and a click goes on. (Before, the bubble asked for a tap on a card that never came.)"""
+    dify.serve_flow(flows.hitl_chatflow())
+    owner, other = pair
+    forms = next(iter(owner.gateway.bots.values())).streams.worker.deps.forms
+    opened = forms.open
+
+    def open_then_stop(*args, **kwargs):
+        ticket = opened(*args, **kwargs)
+        assert ticket is not None and ticket.card is not None
+        owner.gateway.runner.accepting = False  # the process drains: the form's wait is handed over at once
+        return replace(ticket, card=None)  # ... and the card's write is lost
+
+    forms.open = open_then_stop
+    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
+    first = to_owner.send(to_owner.text_message("buy laptops"))
+    cards = []
+
+    def card_came() -> bool:
+        reply = to_other.send(to_other.poll_message(first["stream"]["id"]))
+        cards.extend([reply["template_card"]] if "template_card" in reply else [])
+        return bool(cards)
+
+    assert wait_until(card_came, timeout=20)
+    assert any(r["include_state_snapshot"] for r in dify.reattaches)  # the other replica resumed the run
+    to_other.send(to_other.card_click(cards[0], "approve"))
+    conversation = to_other.follow(first)
+    assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
 
 
 def test_a_paused_run_handed_over_by_a_draining_replica_is_resumed_from_its_snapshot(pair, dify):

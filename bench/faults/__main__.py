@@ -153,6 +153,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         database,
         unready=unready,
         links=links,
+        wecom=standin,
+        ws_bot=WS_BOT,
     )
     started = time.time()
     try:

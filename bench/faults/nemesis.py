@@ -7,7 +7,9 @@ campaign runs one server as a deployment that must not lose open answers would);
 master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
 killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
 of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s or slowed for 5-15
-s. Dify's own faults are the workload's, per message."""
+s. WeCom's long connection: the bot's socket dropped, the acks of its frames and its pongs lost for 5-15 s (the
+gateway must notice a link dead downstream), or every proactive send refused (busy) for 5-15 s. Dify's own faults
+are the workload's, per message."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from bench.faults.history import History
 from bench.faults.proxy import FaultyLink
 from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,12 @@ _TARGETS = {
     "redis_delay": "redis",
     "dify_partition": "dify",
     "dify_delay": "dify",
+    "ws_drop": "wecom",
+    "ws_acks_lost": "wecom",
+    "ws_sends_refused": "wecom",
 }
+WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_sends_refused")
+BUSY = -1  # WeCom's "system busy"
 
 
 class Nemesis:
@@ -53,6 +61,8 @@ class Nemesis:
         gap: tuple[float, float] = (3.0, 10.0),
         unready: set[int] | None = None,
         links: dict[str, FaultyLink] | None = None,
+        wecom: WeComWebSocketStandIn | None = None,
+        ws_bot: str = "",
     ):
         self.topology = topology
         self.replicas = replicas
@@ -63,6 +73,7 @@ class Nemesis:
         self.gap = gap
         self.unready = unready if unready is not None else set()  # replicas down or starting: no traffic for them
         self.links = links or {}  # "dify", "redis": the proxies between the replicas and them (bench/faults/proxy.py)
+        self.wecom, self.ws_bot = wecom, ws_bot  # the long connection's stand-in, and the bot on it
         self.kinds = [*REPLICA_FAULTS, "redis_pause"]
         if isinstance(topology, PrivateRedisServer):
             self.kinds.append("redis_crash")
@@ -73,6 +84,7 @@ class Nemesis:
         self.kinds += DATABASE_FAULTS if database is not None else ()
         for name in self.links:
             self.kinds += [f"{name}_partition", f"{name}_delay"]
+        self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
         self._busy: set[str] = set()
@@ -192,6 +204,34 @@ class Nemesis:
     def redis_delay(self, target: str, rng: random.Random) -> str:
         """One server: everything to and from Redis held 20-300 ms, for 5-15 s."""
         return self._delay("redis", rng, 0.02, 0.3)
+
+    # --- WeCom's long connection ------------------------------------------------------------------------------
+
+    def ws_drop(self, target: str, rng: random.Random) -> str:
+        """The bot's WebSocket breaks (no event, no close frame); its holder connects again."""
+        self.wecom.drop(self.ws_bot)
+        time.sleep(rng.uniform(2, 5))  # the fault's time: the holder's reconnection
+        return "bot's socket dropped"
+
+    def ws_acks_lost(self, target: str, rng: random.Random) -> str:
+        """Frames reach WeCom but neither their acks nor pongs come back, for 5-15 s."""
+        seconds = rng.uniform(5, 15)
+        self.wecom.acks_lost = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self.wecom.acks_lost = False
+        return f"acks and pongs lost for {seconds:.1f}s"
+
+    def ws_sends_refused(self, target: str, rng: random.Random) -> str:
+        """Every aibot_send_msg refused as busy for 5-15 s."""
+        seconds = rng.uniform(5, 15)
+        self.wecom.busy_errcode = BUSY
+        try:
+            time.sleep(seconds)
+        finally:
+            self.wecom.busy_errcode = 0
+        return f"proactive sends refused for {seconds:.1f}s"
 
     # --- MariaDB ------------------------------------------------------------------------------------------------
 

@@ -64,6 +64,11 @@ class FaultyLink:
             self._loop.run_forever()
         finally:
             server.close()
+            pending = asyncio.all_tasks(self._loop)  # the links still open: ended here, not left to the collector
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
 
     def _cut_all(self) -> None:
         for writer in list(self._writers):

@@ -12,7 +12,7 @@ import logging
 from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService
-from services.forms.service import FormService
+from services.forms.answers import FormAnswers
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.messages import Inbound
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 class EventHandler:
     def __init__(
-        self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard, forms: FormService | None = None
+        self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard, forms: FormAnswers | None = None
     ):
         self.welcome = welcome
         self.feedback = feedback

@@ -17,7 +17,7 @@ from services.chat.queries import (
     strip_mention,
     with_quote,
 )
-from services.forms.service import FormService
+from services.forms.answers import FormAnswers
 from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore, conversation_member
@@ -36,7 +36,7 @@ class MessageIntake:
         conversations: ConversationStore,
         texts: Texts,
         bot_name: str = "",
-        forms: FormService | None = None,
+        forms: FormAnswers | None = None,
         stopper: AnswerStopper | None = None,
         authorize: Callable[[str], object] | None = None,
     ):

@@ -1,9 +1,10 @@
 """The background side of one answer: authorize, call Dify, record its events, and always leave a final state.
 
 Runs in a thread started by the runner. The steps have their own modules: the events become the answer in
-`recorder.py`, the ending is `finisher.py`'s, Redis outages are met as `outage.py` says. Every outcome ends in a
-final state: `done` with the answer, or `error` with the partial text kept and a short note for the user. If
-another replica took the stream over, the worker stops writing at once, so there are never two answers.
+`recorder.py`, what is added once Dify's answer ended is `completion.py`'s, the ending is `finisher.py`'s, Redis
+outages are met as `outage.py` says. Every outcome ends in a final state: `done` with the answer, or `error` with
+the partial text kept and a short note for the user. If another replica took the stream over, the worker stops
+writing at once, so there are never two answers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
-import orjson
-
 from services import metrics
 from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
-from services.dify.client import COMPLETION, WORKFLOW, ChatRequest, DifyClient
+from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import DifyEvent
 from services.dify.health import DifyHealth
@@ -30,18 +29,18 @@ from services.media.service import Declined, MediaService
 from services.outage import best_effort_value, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.answer import Answer, HandedOver, StreamAborted
+from services.streams.completion import AnswerCompletion
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
 from services.streams.progress import StepProgress
-from services.streams.recorder import DEFAULT_OPTIONS, THINK_CLOSE, AnswerOptions, AnswerRecorder
+from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.streams.stop import AnswerStopper
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.text_relay import TextRelay
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
-from services.wecom.cards import question_card
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
@@ -85,6 +84,9 @@ class StreamWorker:
         self.prepare = prepare or (lambda job: {})
         self.form_steps = (
             FormSteps(deps.forms, deps.store, deps.finisher, deps.texts, self._follow_run) if deps.forms else None
+        )
+        self.completion = AnswerCompletion(
+            deps.texts, deps.finisher, deps.health, deps.dify, deps.profile, deps.files, options.show_citations
         )
 
     def run(self, job: StreamJob, cancelled: threading.Event) -> None:
@@ -181,7 +183,7 @@ class StreamWorker:
                 )
                 conversation_id = ""
         self._through_forms(job, answer, recorder, cancelled)
-        self._complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
+        self.completion.complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
 
     def _resume(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         """Follow again the Dify run of a stream whose replica is gone (a chatflow's or workflow's), from where the
@@ -203,7 +205,7 @@ class StreamWorker:
             self._consume(events, recorder, cancelled, deadline)
         answer.holding = False
         self._through_forms(job, answer, recorder, cancelled)
-        self._complete(job, answer, recorder, "")
+        self.completion.complete(job, answer, recorder, "")
 
     def _continue_form(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         """The rest of a run after a form's answer, as a message of its own (the bubble no longer waited for it):
@@ -217,7 +219,7 @@ class StreamWorker:
         answer.resumed, answer.earlier = bool(answer.shown), record.before
         if self.form_steps.go_on(job, answer, recorder, cancelled, record.task_id, record.form.token):
             self._through_forms(job, answer, recorder, cancelled)
-        self._complete(job, answer, recorder, "")
+        self.completion.complete(job, answer, recorder, "")
 
     def _attach(self, job: StreamJob, answer: Answer, run_id: str) -> AnswerRecorder:
         """Make `answer` follow a Dify run already under way (`run_id`), for this attempt at its stream: it starts
@@ -282,77 +284,6 @@ class StreamWorker:
                 return
             if time.monotonic() > deadline:
                 raise DifyTimeout(f"answer ran past {self.max_seconds:.0f}s", code="total_timeout")
-
-    def _complete(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, note: str) -> None:
-        """Dify's answer ended: a failed run is an error (raised for `run` to finish it); else the final state.
-
-        Raises:
-            DifyStreamError: the chatflow's or workflow's run failed or was stopped.
-        """
-        if answer.workflow_error:
-            raise DifyStreamError(answer.workflow_error, code="workflow_failed")
-        recorder.save_conversation()
-        if answer.thinking:  # reasoning with no answer after it
-            recorder.write([THINK_CLOSE.rstrip()])
-            answer.thinking = False
-        if answer.citations and self.options.show_citations and answer.answered:
-            sources = "\n".join(f"{n}. {name}" for n, name in enumerate(answer.citations, 1))
-            recorder.write([f"\n\n{self.deps.texts.say('citations_title')}\n{sources}"])
-        uploads = self._deliver_files(answer, recorder)
-        if answer.paused:
-            note = answer.form_note or self.deps.texts.say("input_required")
-        elif not answer.answered:
-            if answer.last_thought:
-                # Some agent setups put the whole answer in agent_thought and never stream agent_message.
-                recorder.write([answer.last_thought])
-            elif not answer.images:
-                note = self.deps.texts.say("empty_answer")
-        if answer.form_timed_out:
-            note = "\n".join(filter(None, (self.deps.texts.say("form_timed_out"), note)))
-        fields = {
-            "note": note,
-            "tokens": answer.usage.get("total_tokens", ""),
-            "dify_latency": answer.usage.get("latency", ""),
-            "card": self._suggestions(job, answer),
-            "files": orjson.dumps(uploads).decode() if uploads else "",
-        }
-        logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
-        self.deps.health.answered()
-        self.deps.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
-
-    def _deliver_files(self, answer: Answer, recorder: AnswerRecorder) -> list[dict]:
-        """The files Dify made, and the Dify-relative links in the answer's text: images inline on the final reply,
-        links (or names, or why not) in the answer; in long-connection mode, the uploads the connection's holder
-        makes after the answer."""
-        if self.deps.files is None:
-            return []
-        text, delivered = self.deps.files.rewrite_links(answer.text)
-        if text != answer.text:
-            recorder.replace_text(text)
-        if not answer.files and not delivered.images and not delivered.uploads:
-            return []
-        delivered = self.deps.files.deliver(answer.files, delivered)
-        answer.images = delivered.images
-        if delivered.lines:
-            recorder.write([("\n\n" if answer.text else "") + "\n".join(delivered.lines)])
-            answer.answered = True
-        return delivered.uploads
-
-    def _suggestions(self, job: StreamJob, answer: Answer) -> str:
-        """The follow-up questions Dify suggests after a chat answer, as a card for the final reply (JSON; "" for
-        none): only where the app enables them, the answer has a bubble, and no form's card rode on it."""
-        if answer.paused or not answer.message_id or job.separate or job.card_placed:
-            return ""
-        if answer.app_type in (WORKFLOW, COMPLETION) or not self.deps.profile.suggests_after_answer():
-            return ""
-        try:
-            questions = self.deps.dify.suggested(answer.message_id, job.dify_user)
-        except DifyError as exc:
-            logger.info("no suggested questions: %s", exc.code)
-            return ""
-        if not questions:
-            return ""
-        return orjson.dumps(question_card(self.deps.texts.say("suggestions_title"), "", questions)).decode()
 
     def _fail(self, job: StreamJob, answer: Answer, exc: DifyError) -> None:
         if isinstance(exc, DifyStreamCut) and answer.workflow_error:

@@ -1,0 +1,115 @@
+"""The end of an answer, once Dify's run ended: reasoning closed, the sources cited, the files Dify made delivered
+(and the links it left relative rewritten), the follow-up questions as a card, the note a paused or empty answer
+gets; then the final state, through the finisher."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import COMPLETION, WORKFLOW, DifyClient
+from services.dify.errors import DifyError, DifyStreamError
+from services.dify.health import DifyHealth
+from services.files.delivery import FileDelivery
+from services.streams.answer import Answer
+from services.streams.finisher import Finisher
+from services.streams.job import StreamJob
+from services.streams.recorder import THINK_CLOSE, AnswerRecorder
+from services.streams.store import DONE
+from services.texts import Texts
+from services.wecom.cards import question_card
+
+logger = logging.getLogger(__name__)
+
+
+class AnswerCompletion:
+    def __init__(
+        self,
+        texts: Texts,
+        finisher: Finisher,
+        health: DifyHealth,
+        dify: DifyClient,
+        profile: DifyAppProfile,
+        files: FileDelivery | None,
+        show_citations: bool,
+    ):
+        self.texts = texts
+        self.finisher = finisher
+        self.health = health
+        self.dify = dify
+        self.profile = profile
+        self.files = files
+        self.show_citations = show_citations
+
+    def complete(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, note: str) -> None:
+        """Dify's answer ended: a failed run is an error (raised for `run` to finish it); else the final state.
+
+        Raises:
+            DifyStreamError: the chatflow's or workflow's run failed or was stopped.
+        """
+        if answer.workflow_error:
+            raise DifyStreamError(answer.workflow_error, code="workflow_failed")
+        recorder.save_conversation()
+        if answer.thinking:  # reasoning with no answer after it
+            recorder.write([THINK_CLOSE.rstrip()])
+            answer.thinking = False
+        if answer.citations and self.show_citations and answer.answered:
+            sources = "\n".join(f"{n}. {name}" for n, name in enumerate(answer.citations, 1))
+            recorder.write([f"\n\n{self.texts.say('citations_title')}\n{sources}"])
+        uploads = self._deliver_files(answer, recorder)
+        if answer.paused:
+            note = answer.form_note or self.texts.say("input_required")
+        elif not answer.answered:
+            if answer.last_thought:
+                # Some agent setups put the whole answer in agent_thought and never stream agent_message.
+                recorder.write([answer.last_thought])
+            elif not answer.images:
+                note = self.texts.say("empty_answer")
+        if answer.form_timed_out:
+            note = "\n".join(filter(None, (self.texts.say("form_timed_out"), note)))
+        fields = {
+            "note": note,
+            "tokens": answer.usage.get("total_tokens", ""),
+            "dify_latency": answer.usage.get("latency", ""),
+            "card": self._suggestions(job, answer),
+            "files": orjson.dumps(uploads).decode() if uploads else "",
+        }
+        logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
+        self.health.answered()
+        self.finisher.finish(job, answer, DONE, **{k: v for k, v in fields.items() if v != ""})
+
+    def _deliver_files(self, answer: Answer, recorder: AnswerRecorder) -> list[dict]:
+        """The files Dify made, and the Dify-relative links in the answer's text: images inline on the final reply,
+        links (or names, or why not) in the answer; in long-connection mode, the uploads the connection's holder
+        makes after the answer."""
+        if self.files is None:
+            return []
+        text, delivered = self.files.rewrite_links(answer.text)
+        if text != answer.text:
+            recorder.replace_text(text)
+        if not answer.files and not delivered.images and not delivered.uploads:
+            return []
+        delivered = self.files.deliver(answer.files, delivered)
+        answer.images = delivered.images
+        if delivered.lines:
+            recorder.write([("\n\n" if answer.text else "") + "\n".join(delivered.lines)])
+            answer.answered = True
+        return delivered.uploads
+
+    def _suggestions(self, job: StreamJob, answer: Answer) -> str:
+        """The follow-up questions Dify suggests after a chat answer, as a card for the final reply (JSON; "" for
+        none): only where the app enables them, the answer has a bubble, and no form's card rode on it."""
+        if answer.paused or not answer.message_id or job.separate or job.card_placed:
+            return ""
+        if answer.app_type in (WORKFLOW, COMPLETION) or not self.profile.suggests_after_answer():
+            return ""
+        try:
+            questions = self.dify.suggested(answer.message_id, job.dify_user)
+        except DifyError as exc:
+            logger.info("no suggested questions: %s", exc.code)
+            return ""
+        if not questions:
+            return ""
+        return orjson.dumps(question_card(self.texts.say("suggestions_title"), "", questions)).decode()
