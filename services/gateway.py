@@ -217,7 +217,7 @@ def build_gateway(settings: Settings, bots: tuple[Settings, ...], instance_path:
         users=users,
         owner=owner,
         runner=StreamRunner(settings.stream_max_active, settings.stream_lease_seconds),
-        appender=AppendBatcher(),
+        appender=AppendBatcher(settings.redis_socket_timeout),
         replica_wait_ms=settings.redis_claim_wait_ms if parse_redis_url(settings.redis_url).replicated else 0,
     )
     built = {bot.bot_name: _bot(bot, shared) for bot in bots}

@@ -58,27 +58,32 @@ class Replication:
         cluster = isinstance(self.client, RedisCluster)
         try:
             *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
-            moved = cluster and any(isinstance(reply, CLUSTER_MOVES) for reply in replies)
-        except CLUSTER_MOVES:
+            moves = [reply for reply in replies if isinstance(reply, CLUSTER_MOVES)] if cluster else []
+        except CLUSTER_MOVES as exc:
             if not cluster:
                 raise
-            moved = True
-        if moved:
-            replies, replicas = self._after_a_move(key, commands)
+            moves = [exc]
+        if moves:
+            moved_to = next((move.node_addr for move in moves if isinstance(move, MovedError)), None)
+            replies, replicas = self._after_a_move(key, commands, moved_to)
         wrote = not any(isinstance(reply, BaseException) for reply in replies)  # an error reply wrote nothing
         if wrote and (isinstance(replicas, BaseException) or int(replicas) < 1):
             metrics.UNREPLICATED_WRITES.labels(self.bot, write).inc()
             logger.debug("%s not yet held by a replica after %d ms", write, self.wait_ms)
         return replies
 
-    def _after_a_move(self, key: str, commands: list[tuple]) -> tuple[list, object]:
-        """The slot moved, or its node died or became a replica (a failover): once the cluster client has learnt
-        the slot's new master, the write goes there, with its WAIT on the same connection. While no master holds the
-        slot yet, it goes through the cluster client, which follows the failover itself, without a WAIT (which would
-        run on a connection of its own): unconfirmed, and counted."""
+    def _after_a_move(self, key: str, commands: list[tuple], moved_to: tuple[str, int] | None) -> tuple[list, object]:
+        """The slot moved, or its node died or became a replica (a failover): the write goes to the slot's new
+        master, the node a MOVED reply named (`moved_to`), else the one the cluster client's refreshed map names (a
+        node asked for the map may not know of the failover yet), with its WAIT on the same connection. While no
+        master holds the slot yet, it goes through the cluster client, which follows the failover itself, without a
+        WAIT (which would run on a connection of its own): unconfirmed, and counted."""
         try:
             self.client.nodes_manager.initialize()
-            *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
+            node = self.client.get_node(*moved_to) if moved_to else None
+            node = node or self.client.get_node_from_key(key)
+            connection = self.client.get_redis_connection(node)
+            *replies, replicas = self._pipeline(connection, [*commands, ("WAIT", 1, self.wait_ms)])
             if not any(isinstance(reply, CLUSTER_MOVES) for reply in replies):
                 return replies, replicas
         except CLUSTER_MOVES as exc:

@@ -428,8 +428,9 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     time.sleep(6)  # past the 5 s lease
     private_redis.resume()
     conversation = sim.follow(reply)
-    # The append in flight when Redis paused still runs when it resumes (its reply was lost, not the command), so
-    # the list holds "after" too; the bubble shows no more than the text the response_url message follows.
+    # The appends of "after" sent while Redis was paused ran when it resumed, past their deadlines: refused, so no
+    # poll between the resume and the stream's end can show what the response_url message carries.
+    assert store.lrange(KEYS.stream_chunks(stream_id), 0, -1) == ["before "]
     assert conversation.text == f"before\n\n{ZH['rest_sent_separately']}"
     assert ZH["orphaned"] not in conversation.text
     assert wait_until(lambda: outage_app.gateway.runner.active_count == 0, timeout=10)

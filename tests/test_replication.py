@@ -84,8 +84,8 @@ def test_a_write_whose_slot_moved_still_waits_for_a_replica_of_its_new_master(re
     """Right after a failover, a client's map still names the old master: its write meets MOVED. It goes to the new
     master with its WAIT there (before, through the cluster client without one: unconfirmed, just when a second
     failover would lose it)."""
-    client = connect_redis(redis_cluster.url)
-    durable = Replication(client, 1000, "moved")
+    client = connect_redis(redis_cluster.url, socket_timeout=8)
+    durable = Replication(client, 5000, "moved")  # a replica just reconfigured may take a while on a busy machine
     key = "moved:dify_stream:{s-moved}"
     master = redis_cluster.node_of(key)
     assert client.get_node_from_key(key).port == master.port  # the client's map names `master` for the slot

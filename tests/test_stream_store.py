@@ -11,10 +11,12 @@ from services.streams.store import (
     CLOSED,
     CREATED,
     EXISTING,
+    LATE,
     LIMITED,
     RATE_LIMITED,
     TAKEN,
     WRITTEN,
+    AppendRequest,
     StreamConflict,
     StreamStore,
 )
@@ -113,6 +115,21 @@ def test_only_the_owner_writes(store):
     assert store.replace("s1", "B", "intruder") == TAKEN
     assert store.finish("s1", "B", "done") is None
     assert poll(store).text == ""
+
+
+def test_an_append_redis_runs_past_its_deadline_writes_nothing(store):
+    """An append whose sender stopped waiting for its reply (Redis was paused with it in its socket) is refused
+    when Redis runs it late: it never lands behind the back of a writer that took it for unwritten."""
+    open_stream(store)
+    [late, timely] = store.append_many(
+        [
+            AppendRequest("s1", "A", ["stale"], 0, {"note": "x"}, deadline=time.time() - 0.5),
+            AppendRequest("s1", "A", ["fresh"], 0, {}, deadline=time.time() + 5),
+        ]
+    )
+    assert (late, timely) == (LATE, WRITTEN)
+    assert store.chunks("s1") == ["fresh"]
+    assert "note" not in store.meta("s1")
 
 
 def test_fields_are_set_with_an_append(store, redis_client):
@@ -409,8 +426,6 @@ def test_key_prefix_namespaces_every_key(redis_client):
 
 
 def test_append_many_gives_each_stream_its_own_result(store, redis_client):
-    from services.streams.store import AppendRequest
-
     open_stream(store, "a", "ma")
     open_stream(store, "b", "mb", owner="B")
     open_stream(store, "c", "mc")

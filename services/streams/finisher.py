@@ -196,9 +196,10 @@ class Finisher:
         own (the whole answer when what it shows is not known), and the stream is finished, as soon as Redis is back,
         at the text the bubble held, saying so: nothing reaches the user twice, and no poll resumes, restarts or
         gives up an answer the user has whole."""
-        shown = self._surely_shown(job, answer)
         if answer.writer is not None:
-            answer.writer.abandon()  # an append in flight is the last; the bubble is closed at `shown` in any case
+            answer.writer.wait_settled()  # an append whose reply never came lands by its deadline or never
+            answer.writer.abandon()
+        shown = self._surely_shown(job, answer)
         rest = answer.text[shown:]
         if not shown:
             if self._send_whole(job, answer, note):

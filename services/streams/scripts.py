@@ -59,15 +59,22 @@ local function ownership(owner)
 end
 """
 
-# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, field/value pairs...,
-# deltas... Returns ok, closed, taken or conflict. The expected length makes a retry safe: a call whose reply was
-# lost may still have run (even after a later, longer retry was sent), so deltas already in the list are skipped
-# and only the rest is pushed.
+# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch seconds;
+# 0 for none), field/value pairs..., deltas... Returns ok, closed, taken, conflict or late. The expected length
+# makes a retry safe: a call whose reply was lost may still have run (even after a later, longer retry was sent),
+# so deltas already in the list are skipped and only the rest is pushed. The deadline is when its sender stops
+# waiting for the reply: a call Redis runs later (it was paused, or the call sat in a partitioned link) is refused,
+# so an append its writer counts as unwritten never lands behind the writer's back.
 APPEND = (
     _OWNERSHIP
     + """
 local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local first_delta = 7 + 2 * nf
+local deadline = tonumber(ARGV[7])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline then return 'late' end
+end
+local first_delta = 8 + 2 * nf
 local state = ownership(ARGV[1])
 if state ~= 'ok' then return state end
 local skip = 0
@@ -75,7 +82,7 @@ if nd > 0 then
   skip = redis.call('LLEN', KEYS[2]) - expected
   if skip < 0 or skip > nd then return 'conflict' end
 end
-if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, first_delta - 1)) end
+if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 8, first_delta - 1)) end
 if nd > skip and redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta + skip, first_delta + nd - 1)) == nd - skip then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])

@@ -51,6 +51,7 @@ class AppendRequest:
     deltas: list[str]
     written: int
     fields: dict[str, str]
+    deadline: float = 0.0  # epoch seconds: Redis refuses it (LATE) from then on, when its sender waits no more
 
     @property
     def size(self) -> int:
@@ -94,6 +95,7 @@ ADMITTED, LIMITED, RATE_LIMITED = "admitted", "in_flight_limit", "rate_limited"
 # Outcomes of a write by a stream's owner: written; the stream was closed or lost by someone else (keep the answer
 # and deliver it another way); or another replica has taken it over (stop at once: never two answers).
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
+LATE = "late"  # an append Redis ran past its deadline, and so did not write
 CONFLICT = "conflict"  # a writer's state: the list does not hold what it wrote (services/streams/writer.py)
 
 
@@ -239,12 +241,23 @@ class StreamStore:
 
     def append_many(self, requests: list[AppendRequest]) -> list[str | BaseException]:
         """Several streams' appends in one round trip (one script call per stream): a result per request, in
-        order, each WRITTEN, CLOSED, TAKEN, a StreamConflict, or the Redis error that call met."""
+        order, each WRITTEN, CLOSED, TAKEN, LATE (past its deadline: nothing written), a StreamConflict, or the
+        Redis error that call met."""
         now = _now()
         calls = [
             (
                 [self.keys.stream(r.stream_id), self.keys.stream_chunks(r.stream_id)],
-                [r.owner, self.key_ttl, now, r.written, len(r.fields), len(r.deltas), *_pairs(r.fields), *r.deltas],
+                [
+                    r.owner,
+                    self.key_ttl,
+                    now,
+                    r.written,
+                    len(r.fields),
+                    len(r.deltas),
+                    f"{r.deadline:.3f}",
+                    *_pairs(r.fields),
+                    *r.deltas,
+                ],
             )
             for r in requests
         ]

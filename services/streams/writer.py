@@ -20,7 +20,7 @@ import time
 import redis
 
 from services.loops import LazyThread, guarded
-from services.streams.store import CLOSED, CONFLICT, WRITTEN, AppendRequest, StreamConflict, StreamStore
+from services.streams.store import CLOSED, CONFLICT, LATE, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class StreamWriter:
         self.written_chars = written_chars  # the characters of those deltas: the answer's start Redis holds
         self.state = WRITTEN
         self.error: BaseException | None = None  # the last failed append's error, until one succeeds
+        # When the last append whose outcome is unknown (its reply never came) stops being able to land: its deadline.
+        self.unsettled_until = 0.0
         self._pending: list[str] = []
         self._fields: dict[str, str] = {}
         self._in_flight = False
@@ -100,6 +102,13 @@ class StreamWriter:
         with self._lock:
             return None if self.state == CONFLICT else self.written_chars
 
+    def wait_settled(self) -> None:
+        """Wait until no append whose reply never came can still land (its deadline passed: Redis refuses it from
+        then on), so that `confirmed_chars` is all the stream will ever hold of this writer's."""
+        with self._lock:
+            until = self.unsettled_until
+        time.sleep(max(0.0, until - time.time()))
+
     def abandon(self) -> None:
         """Send nothing more (the answer went out another way): what is queued is dropped, and an append that is in
         flight is the last."""
@@ -123,7 +132,7 @@ class StreamWriter:
             deltas = self._pending[:_MAX_DELTAS_PER_APPEND]
             del self._pending[: len(deltas)]
             fields, self._fields = self._fields, {}
-            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields)
+            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, self.batcher.deadline())
 
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
@@ -132,10 +141,14 @@ class StreamWriter:
                 self.state = CONFLICT  # the owner rewrites the answer whole
                 self._pending.clear()
                 self._fields = {**request.fields, **self._fields}
-            elif isinstance(outcome, BaseException):
+            elif isinstance(outcome, BaseException) or outcome == LATE:
                 self._pending[:0] = request.deltas  # back in front, in order, for the next try
                 self._fields = {**request.fields, **self._fields}
-                self.error = outcome
+                if outcome == LATE:  # surely not written
+                    self.error = redis.TimeoutError("the append reached Redis after its deadline")
+                else:  # it may still run, until its deadline
+                    self.error = outcome
+                    self.unsettled_until = max(self.unsettled_until, request.deadline)
             else:
                 self.error = None
                 if outcome == WRITTEN:
@@ -152,13 +165,25 @@ class StreamWriter:
 
 
 class AppendBatcher:
-    """One per process: sends the pending appends of every stream together (every bot's: one round trip per bot)."""
+    """One per process: sends the pending appends of every stream together (every bot's: one round trip per bot).
 
-    def __init__(self):
+    Each append carries a deadline, `valid_seconds` (the Redis socket timeout: how long its reply is waited for)
+    after it is taken: Redis refuses it from then on, so an append whose reply never came cannot land later, behind
+    the back of a writer that took it for unwritten (Redis paused with the call in its socket, a link that held it).
+    The deadline is read against Redis's clock: a replica whose clock runs that far behind Redis's would find every
+    append refused, so an append refused although its reply came well within the deadline turns deadlines off for
+    the process, with an error in the log."""
+
+    def __init__(self, valid_seconds: float = 0.0):
         self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
         self._thread = LazyThread(self._loop, "append-batcher")
+        self.valid_seconds = valid_seconds  # 0: appends carry no deadline
         self.batches = 0
         self.appends = 0
+
+    def deadline(self) -> float:
+        """The deadline of an append taken now (epoch seconds; 0 for none)."""
+        return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
     def writer(
         self, store: StreamStore, stream_id: str, attempt: str, written: int = 0, written_chars: int = 0
@@ -203,10 +228,18 @@ class AppendBatcher:
 
     def _send(self, group: list[tuple[StreamWriter, AppendRequest]]) -> None:
         """One store's appends in one round trip; each writer learns its own outcome."""
+        sent = time.time()
         try:
             outcomes: list = group[0][0].store.append_many([request for _, request in group])
         except Exception as exc:  # noqa: BLE001 - each writer keeps its deltas and reports the error
             outcomes = [exc] * len(group)
+        if self.valid_seconds and LATE in outcomes and time.time() - sent < self.valid_seconds / 2:
+            logger.error(
+                "Redis refused appends as late that it answered in %.0f ms: its clock runs ahead of this host's by "
+                "more than REDIS_SOCKET_TIMEOUT; appends carry no deadline from now on (check the hosts' NTP)",
+                (time.time() - sent) * 1000,
+            )
+            self.valid_seconds = 0.0
         for (writer, request), outcome in zip(group, outcomes, strict=True):
             if writer.settle(request, outcome):
                 self._queue.put(writer)
