@@ -81,6 +81,24 @@ def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redi
     assert "s1" not in pump.live_streams()
 
 
+def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_once(redis_client):
+    """A message read from a connection just before it ended is taken after the end (the intake runs behind the
+    reader): its first frame goes nowhere. Its req_id is recorded dead at once, not at the next pass of a connection
+    this process may never hold again, so the holder that has the bot now sends the answer through aibot_send_msg
+    (before, the record stayed in memory and the answer reached nobody; seen in the campaign)."""
+    keys = Keys()
+    store = StreamStore(redis_client, keys, 3600, lease_seconds=5)
+    outbox = Outbox(redis_client, keys, store, "bot-1")
+    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
+    outbox.track("s1", "req-1", 3, "alice", True)
+    streams = _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: None)  # no connection any more
+    streams.bubbles["s1"] = ("", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    assert store.meta("s1").get("ws_dead") == "1"
+    assert shown_of(store.meta("s1")) == ("", False)
+
+
 def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown(private_redis):
     """The pump records frames before they go out. When that record times out against a paused Redis, nothing is
     sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the

@@ -113,6 +113,7 @@ class ConnectionHolder:
         if holding is None:
             if self.state != "bad_credentials":
                 self.state = "standby"
+            self.replies.flush_acks()  # what acks and unsent frames said after this process's connection ended
             self._stop.wait(STANDBY_INTERVAL)  # a drained holder's lease is taken within this
             return
         outcome = self._hold(holding)

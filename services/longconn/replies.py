@@ -144,17 +144,21 @@ class ReplyPump:
         metrics.WS_FRAMES.labels(self.bot).inc()
         session = self._session()
         if session is None or not session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack):
-            self._not_sent(req_id)
+            self._not_sent(req_id, connected=session is not None)
 
-    def _not_sent(self, req_id: str) -> None:
+    def _not_sent(self, req_id: str, connected: bool) -> None:
         """The frame never went out (the connection had ended): the bubble shows what its last acknowledged frame
         did, not what `pump` recorded before sending, and the req_id died with the connection, so the next holder
-        sends the rest from there (before, a final frame recorded this way said nothing was left to send)."""
+        sends the rest from there (before, a final frame recorded this way said nothing was left to send). With no
+        connection at all (a message read just before the end, answered after it), that is written at once: no
+        keeper of this process may pass again to write it."""
         with self._lock:
             reply = self._replies.pop(req_id, None)
         if reply is not None:
             logger.info("a frame of stream %s did not go out: the connection had ended", reply.stream_id)
             self.ledger.refused(reply.stream_id, reply.acked, dead=True)
+            if not connected:
+                self.flush_acks()
 
     def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool, acked: str) -> None:
         """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's
