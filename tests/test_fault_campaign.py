@@ -89,6 +89,17 @@ def test_text_a_bubble_showed_and_then_took_back_is_withdrawn():
     assert counts(history([(1.0, answer_text(TAG, 2), False), (3.0, WHOLE, True)]))["withdrawn"] == 0
 
 
+def test_a_redelivered_message_has_a_bubble_of_its_own_that_starts_over():
+    """WeCom sent the message again (same msgid, another req_id): both bubbles show the one stream, the second from
+    where the stream was when it opened; that takes back nothing."""
+    events = history([(1.0, answer_text(TAG, 3), False), (2.0, WHOLE, True)])
+    events[1]["bubble"], events[2]["bubble"] = "req-1", "req-1"
+    again = {"kind": "poll", "msgid": "m1", "ok": True, "stream": "s1", "bubble": "req-2"}
+    events += [again | {"t": 1.5, "content": answer_text(TAG, 1), "finish": False}]
+    events += [again | {"t": 2.5, "content": WHOLE, "finish": True}]
+    assert counts(events) == ZERO
+
+
 def test_a_second_post_to_a_response_url_is_a_duplicate_even_when_wecom_refused_it():
     rest = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE[len(answer_text(TAG, 2)) :]}"
     events = history([(2.0, answer_text(TAG, 2) + CATALOGUE["zh"]["window_continues"], True)], posts=[rest])

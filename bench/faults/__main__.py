@@ -221,7 +221,14 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             content, finish = stream.get("content", ""), bool(stream.get("finish"))
             at = frame["_received_at"]
             history.add(
-                "poll", msgid=delivery["msgid"], t=at, ok=True, stream=stream.get("id"), content=content, finish=finish
+                "poll",
+                msgid=delivery["msgid"],
+                t=at,
+                ok=True,
+                stream=stream.get("id"),
+                bubble=delivery["req_id"],
+                content=content,
+                finish=finish,
             )
     websocket = sorted((m for m in messages if m.get("mode") == "long_connection"), key=lambda m: m["t"])
     by_tag = {message["tag"]: message["msgid"] for message in websocket}

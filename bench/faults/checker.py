@@ -168,12 +168,14 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
 def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
     """Every reply a bubble got, in order: none shows a sentence twice, and none takes back a sentence an earlier
     one showed (a bubble's text only grows, until it ends)."""
-    seen: dict[str, set[int]] = defaultdict(set)  # per bubble (stream id): the sentences shown so far
+    # per bubble (a long connection's req_id: a message WeCom sent again has a bubble of its own on the same stream;
+    # else the stream id): the sentences shown so far
+    seen: dict[str, set[int]] = defaultdict(set)
     for frame in frames:
         own = [n for t, n in sentences_in(frame["content"]) if t == verdict.tag]
         if twice := repeats(own):
             verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
-        earlier = seen[frame["stream"]]
+        earlier = seen[frame.get("bubble") or frame["stream"]]
         if gone := sorted(earlier - set(own)):
             verdict.problems.setdefault("withdrawn", f"sentences {gone[:5]} shown, then gone at t={frame['t']}")
         earlier.update(own)
