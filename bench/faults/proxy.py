@@ -85,9 +85,10 @@ class FaultyLink:
             writer.transport.abort()
             return
         self._writers.update((writer, upstream_writer))
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy stops: the link ends here, quietly
+            await asyncio.gather(
+                self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
+            )
         for end in (writer, upstream_writer):
             self._writers.discard(end)
             with contextlib.suppress(Exception):
