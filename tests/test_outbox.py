@@ -58,15 +58,21 @@ class _Streams:
         return {"msgtype": "stream", "stream": {"id": stream_id, "content": content, "finish": finish}}
 
 
+def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox]:
+    """A store and a bot's outbox on `client`, with stream s1 (message m1, alice's) open and tracked on req-1."""
+    keys = Keys()
+    store = StreamStore(client, keys, 3600, lease_seconds=lease_seconds)
+    outbox = Outbox(client, keys, store, "bot-1")
+    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
+    outbox.track("s1", "req-1", 3, "alice", True)
+    return store, outbox
+
+
 def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redis_client):
     """The pump records what a frame will show before it goes out (a holder may die before the ack). A frame the
     ended connection did not take must not stand as shown: the next holder sends the rest from the last frame
     acknowledged (before, a final frame recorded so made it send nothing: a bubble stuck, seen in the campaign)."""
-    keys = Keys()
-    store = StreamStore(redis_client, keys, 3600, lease_seconds=5)
-    outbox = Outbox(redis_client, keys, store, "bot-1")
-    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
-    outbox.track("s1", "req-1", 3, "alice", True)
+    store, outbox = tracked_stream(redis_client, lease_seconds=5)
     connection, streams = _Connection(), _Streams()
     pump = ReplyPump("bot", streams, outbox, lambda: connection)
     streams.bubbles["s1"] = ("The first words", False)
@@ -86,11 +92,7 @@ def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_on
     reader): its first frame goes nowhere. Its req_id is recorded dead at once, not at the next pass of a connection
     this process may never hold again, so the holder that has the bot now sends the answer through aibot_send_msg
     (before, the record stayed in memory and the answer reached nobody; seen in the campaign)."""
-    keys = Keys()
-    store = StreamStore(redis_client, keys, 3600, lease_seconds=5)
-    outbox = Outbox(redis_client, keys, store, "bot-1")
-    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
-    outbox.track("s1", "req-1", 3, "alice", True)
+    store, outbox = tracked_stream(redis_client, lease_seconds=5)
     streams = _Streams()
     pump = ReplyPump("bot", streams, outbox, lambda: None)  # no connection any more
     streams.bubbles["s1"] = ("", False)
@@ -104,11 +106,7 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the
     bubble shows (before, from the unsent frame: its text never reached the user; seen in the campaign)."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
-    keys = Keys()
-    store = StreamStore(client, keys, 3600, lease_seconds=30)
-    outbox = Outbox(client, keys, store, "bot-1")
-    store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
-    outbox.track("s1", "req-1", 3, "alice", True)
+    store, outbox = tracked_stream(client, lease_seconds=30)
     connection, streams = _Connection(), _Streams()
     pump = ReplyPump("bot", streams, outbox, lambda: connection)
     streams.bubbles["s1"] = ("The first words", False)

@@ -215,23 +215,21 @@ class Nemesis:
 
     def ws_acks_lost(self, target: str, rng: random.Random) -> str:
         """Frames reach WeCom but neither their acks nor pongs come back, for 5-15 s."""
-        seconds = rng.uniform(5, 15)
-        self.wecom.acks_lost = True
-        try:
-            time.sleep(seconds)
-        finally:
-            self.wecom.acks_lost = False
-        return f"acks and pongs lost for {seconds:.1f}s"
+        return f"acks and pongs lost for {self._wecom_while('acks_lost', True, False, rng):.1f}s"
 
     def ws_sends_refused(self, target: str, rng: random.Random) -> str:
         """Every aibot_send_msg refused as busy for 5-15 s."""
+        return f"proactive sends refused for {self._wecom_while('busy_errcode', BUSY, 0, rng):.1f}s"
+
+    def _wecom_while(self, setting: str, faulty: object, healthy: object, rng: random.Random) -> float:
+        """The WebSocket stand-in's `setting` at `faulty` for 5-15 s, then `healthy` again; the seconds it lasted."""
         seconds = rng.uniform(5, 15)
-        self.wecom.busy_errcode = BUSY
+        setattr(self.wecom, setting, faulty)
         try:
             time.sleep(seconds)
         finally:
-            self.wecom.busy_errcode = 0
-        return f"proactive sends refused for {seconds:.1f}s"
+            setattr(self.wecom, setting, healthy)
+        return seconds
 
     # --- MariaDB ------------------------------------------------------------------------------------------------
 
