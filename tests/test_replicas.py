@@ -169,6 +169,17 @@ def test_a_redis_pause_keeps_the_answer_in_memory_and_writes_it_after(outage_app
     sim.close()
 
 
+def card_waiting(sim, private_redis, task_id: str) -> tuple[str, redis.Redis, dict]:
+    """Ask on `sim`; once the answer's first text is written, a card (`task_id`) waits on the stream for the next
+    poll, as a form's does. Returns the stream id, a client of the test's Redis, and the card."""
+    stream_id = sim.send(sim.text_message(f"a question with {task_id}"))["stream"]["id"]
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
+    card = {"card_type": "text_notice", "main_title": {"title": "Approve?"}, "task_id": task_id}
+    store.hset(KEYS.stream(stream_id), "card", json.dumps(card))
+    return stream_id, store, card
+
+
 def test_a_card_whose_reply_came_too_late_for_wecom_rides_on_a_later_poll(make_app, serve, private_redis, dify):
     """WeCom takes one card per message, so a poll hands a card out once; and WeCom waits about 5 s for a reply. A
     poll held up longer (here by a Redis pause shorter than the socket timeout) leaves the card out of its late
@@ -177,12 +188,7 @@ def test_a_card_whose_reply_came_too_late_for_wecom_rides_on_a_later_poll(make_a
     app = serve(make_app(redis_url=private_redis.url, redis_socket_timeout=8, stream_lease_seconds=15))
     dify.script([d.message("before "), d.sleep(10.0), d.message("after"), d.end()])
     sim = make_simulator(app.url, poll_interval=0.2)
-    reply = sim.send(sim.text_message("a card in a pause"))
-    stream_id = reply["stream"]["id"]
-    store = private_redis.client()
-    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
-    card = {"card_type": "text_notice", "main_title": {"title": "Approve?"}, "task_id": "card-in-a-pause"}
-    store.hset(KEYS.stream(stream_id), "card", json.dumps(card))  # as a form's card waits for the next poll
+    stream_id, store, _ = card_waiting(sim, private_redis, "card-in-a-pause")
     impatient = make_simulator(app.url, timeout=4.0)  # WeCom stops waiting for a reply after about 5 s
     private_redis.pause()
     with pytest.raises(httpx.TimeoutException):
@@ -215,12 +221,7 @@ def test_a_card_rides_on_no_reply_that_comes_later_than_wecom_waits(make_app, se
     app = serve(make_app(redis_url=private_redis.url))
     dify.script([d.message("before "), d.sleep(6.0), d.message("after"), d.end()])
     sim = make_simulator(app.url, poll_interval=0.2)
-    reply = sim.send(sim.text_message("a card for a late reply"))
-    stream_id = reply["stream"]["id"]
-    store = private_redis.client()
-    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
-    card = {"card_type": "text_notice", "main_title": {"title": "Approve?"}, "task_id": "card-late"}
-    store.hset(KEYS.stream(stream_id), "card", json.dumps(card))
+    stream_id, store, card = card_waiting(sim, private_redis, "card-late")
     assert "template_card" not in late_poll(sim, stream_id, 8)
     cards = [frame.get("template_card") for frame in (sim.send(sim.poll_message(stream_id)) for _ in range(3))]
     assert [c["task_id"] for c in cards if c][:1] == ["card-late"] and len([c for c in cards if c]) == 1
