@@ -83,19 +83,27 @@ class Branch:
 
 @dataclass(frozen=True)
 class Flow:
-    """A chatflow (`advanced-chat`) or workflow app: its nodes after Start, its environment variables, and for a
-    workflow the Start input that takes the question."""
+    """A chatflow (`advanced-chat`) or workflow app: its nodes after Start, its environment variables, for a
+    workflow the Start input that takes the question, and the Start node's variables as `/parameters` lists them
+    (`user_input_form`; none: the stand-in's own)."""
 
     name: str
     mode: str
     nodes: tuple
     env: dict = field(default_factory=dict)
     query_input: str = "query"
+    start_inputs: tuple[dict, ...] = ()
 
     def steps(self, query: str, inputs: dict | None = None) -> list[tuple]:
-        """A run's scenario steps, for the question `query` (a workflow's inputs in `inputs`)."""
+        """A run's scenario steps, for the question `query` and the run's inputs; a file input's value is the
+        stand-in's account of the file (its attributes: `{{#start.<input>.name#}}`, `.url`, …), as Dify reads a
+        file variable's attributes."""
         scope = {"sys.query": query, **{f"env.{k}": v for k, v in self.env.items()}}
-        scope |= {f"start.{k}": str(v) for k, v in (inputs or {}).items()}
+        for name, value in (inputs or {}).items():
+            if isinstance(value, dict):
+                scope |= {f"start.{name}.{attribute}": str(v) for attribute, v in value.items()}
+            else:
+                scope[f"start.{name}"] = str(value)
         return _Runner(self, scope).run()
 
 
@@ -328,3 +336,27 @@ def slow_chatflow(seconds: float = 40.0) -> Flow:
             Answer("a2", "{{#slowhttp.body#}} (part two)", "Part two"),
         ),
     )
+
+
+# --- apps of ours in the same form (tests/fixtures/dify-1.14.2/apps too), for what the captures did not cover -------
+
+
+def file_variable(name: str, file_type: str) -> dict:
+    """A required Start variable taking one file of `file_type` (document, image, …), as `/parameters` lists it."""
+    spec = {"variable": name, "label": name, "type": "file", "required": True, "allowed_file_types": [file_type]}
+    spec |= {"allowed_file_extensions": [], "allowed_file_upload_methods": ["local_file"], "max_length": 1}
+    return {"file": spec}
+
+
+FILE_WORKFLOW = Flow(
+    "file-workflow",
+    "workflow",
+    (End((("received", "{{#start.contract.name#}}"),)),),
+    start_inputs=(file_variable("contract", "document"),),
+)
+PICTURE_CHATFLOW = Flow(
+    "picture-chatflow",
+    "advanced-chat",
+    (Answer("ans", "Here it is: ![picture]({{#start.picture.url#}})"),),
+    start_inputs=(file_variable("picture", "image"),),
+)

@@ -2,7 +2,7 @@
 (tests/e2e/test_real_dify.py; docs/protocol.md, "Dify versions"). Every request goes through unchanged, streams
 included, except that the API key may be named by an alias (the key a test's bot is configured with); the proxy
 records what the gateway asked for as the stand-in records its own (`requests`, `form_submissions`,
-`reattaches`), so the same assertions read the same records."""
+`reattaches`, `uploads`), so the same assertions read the same records."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class DifyRecorder:
         self.requests: list[dict] = []
         self.form_submissions: list[dict] = []
         self.reattaches: list[dict] = []
+        self.uploads: list[dict] = []
         self.server = StandInServer(self.handle, host, port)
         self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
@@ -77,6 +78,8 @@ class DifyRecorder:
         with self._lock:
             if request.method == "POST" and path in ("/chat-messages", "/workflows/run", "/completion-messages"):
                 self.requests.append({"body": request.json(), "at": at, "status": status})
+            elif request.method == "POST" and path == "/files/upload":
+                self.uploads.append({"status": status, "at": at})
             elif request.method == "POST" and path.startswith("/form/human_input/"):
                 token = path.rsplit("/", 1)[-1]
                 self.form_submissions.append({"token": token, "body": request.json(), "status": status, "at": at})

@@ -304,10 +304,10 @@ class DifyStandIn:
         self.files[name] = data
         return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
 
-    def host_preview(self, data: bytes, mime: str = "image/png") -> str:
-        """Serve a knowledge-base file as Dify does and return the relative, signed URL Dify writes into answer text
-        (`/files/<id>/file-preview?timestamp=&nonce=&sign=`)."""
-        file_id = str(uuid.uuid4())
+    def host_preview(self, data: bytes, mime: str = "image/png", file_id: str = "") -> str:
+        """Serve a knowledge-base file (or an upload, under its own id) as Dify does and return the relative, signed
+        URL Dify writes into answer text (`/files/<id>/file-preview?timestamp=&nonce=&sign=`)."""
+        file_id = file_id or str(uuid.uuid4())
         self.previews[file_id] = (data, mime)
         return f"/files/{file_id}/file-preview?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
 
@@ -349,7 +349,9 @@ class DifyStandIn:
         elif request.method == "GET" and path.startswith("/v1/workflow/") and path.endswith("/events"):
             await self._reattach(path.split("/")[3], request, conn)
         elif request.method == "GET" and path == "/v1/parameters":
-            await conn.send(200, self.parameters)
+            flow = self.flows.get(key)
+            declared = {"user_input_form": list(flow.start_inputs)} if flow is not None and flow.start_inputs else {}
+            await conn.send(200, self.parameters | declared)
         elif request.method == "POST" and path == "/v1/files/upload":
             await self._upload(request, conn)
         elif request.method == "GET" and path.startswith("/v1/messages/") and path.endswith("/suggested"):
@@ -412,7 +414,7 @@ class DifyStandIn:
         flow = self.flows.get(key)
         steps = (
             self._take_script(query)
-            or (flow.steps(query) if flow is not None else None)
+            or (flow.steps(query, self._file_attributes(body.get("inputs"))) if flow is not None else None)
             or demo_extra(query, language)
             or demo_reply(query, self.demo_delay, language, earlier, name)
         )
@@ -446,7 +448,7 @@ class DifyStandIn:
 
             steps = (
                 self._take_script(query)
-                or (flow.steps(query, inputs) if flow is not None else None)
+                or (flow.steps(query, self._file_attributes(inputs)) if flow is not None else None)
                 or demo_workflow(query, self.language)
             )
             await self._play_run(steps, ids, conn, body["user"], WORKFLOW, inputs)
@@ -627,6 +629,26 @@ class DifyStandIn:
             if upload is None or upload["user"] != body["user"] or item.get("transfer_method") != "local_file":
                 return "files: unknown upload_file_id for this user"
         return ""
+
+    def _file_attributes(self, inputs) -> dict:
+        """A run's inputs as a graph reads them: a file variable's value (an upload) becomes the attributes Dify
+        gives it: name, extension, mime_type, size, and url, its signed preview link, relative as a Dify whose
+        FILES_URL is unset writes it."""
+        seen = {}
+        for name, value in (inputs or {}).items():
+            upload = self.uploads.get(value.get("upload_file_id", "")) if isinstance(value, dict) else None
+            if upload is None:
+                seen[name] = value
+                continue
+            extension = "." + upload["name"].rsplit(".", 1)[-1] if "." in upload["name"] else ""
+            seen[name] = {
+                "name": upload["name"],
+                "extension": extension,
+                "mime_type": upload["mime_type"],
+                "size": len(upload["data"]),
+                "url": self.host_preview(upload["data"], upload["mime_type"], value["upload_file_id"]),
+            }
+        return seen
 
     async def _upload(self, request: Request, conn: Conn) -> None:
         fields, file_part = _multipart(request)

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 from demo import dify_flows as flows
 from demo.dify_standin import DifyStandIn
@@ -255,3 +256,22 @@ def test_the_comparison_names_what_differs():
     assert differences(captured, captured[:-1])[0].startswith("event kinds differ")
     replaced = [dict(e, answer="") if isinstance(e, dict) and e["event"] == "message" else e for e in captured]
     assert any("answer is ''" in line for line in differences(captured, replaced))
+
+
+@pytest.mark.parametrize("flow", [flows.FILE_WORKFLOW, flows.PICTURE_CHATFLOW], ids=lambda flow: flow.name)
+def test_our_own_apps_are_the_graphs_their_dsl_files_describe(flow):
+    """The apps of ours that no capture covers (files into inputs, a link in an Answer's text) are the same graph in
+    the stand-in as in the DSL a real Dify imports: the Start variables `/parameters` lists, and each Answer's
+    template or End output (an End names a variable by selector, the stand-in by template)."""
+    dsl = yaml.safe_load((FIXTURES / "apps" / f"{flow.name}.yml").read_text())
+    assert dsl["app"]["mode"] == flow.mode
+    nodes = {node["id"]: node["data"] for node in dsl["workflow"]["graph"]["nodes"]}
+    wanted = ("variable", "type", "required", "allowed_file_types", "max_length")
+    declared = [{name: spec[name] for name in wanted} for spec in nodes["start"]["variables"]]
+    assert declared == [{name: spec[name] for name in wanted} for item in flow.start_inputs for spec in item.values()]
+    for node in flow.nodes:
+        if isinstance(node, flows.Answer):
+            assert nodes[node.id]["answer"] == node.text
+        else:
+            selected = [(o["variable"], ".".join(o["value_selector"])) for o in nodes[node.id]["outputs"]]
+            assert [(name, "{{#" + selector + "#}}") for name, selector in selected] == list(node.outputs)

@@ -3,10 +3,14 @@
 running the captured apps (demo/dify_flows.py): a plain chatflow and its conversation across replicas; a card
 clicked on another replica; the card's replica SIGKILLed before the click; the answer's replica SIGKILLed or
 drained mid-run; the rest after a form that followed streamed text (Dify #38432); a typed field; a form nobody
-answers. Each reads the stand-in's records too: one chat call per message, one submission per answered form."""
+answers; a PDF into a workflow's file input and a picture an Answer node links to (apps of ours in the same form).
+Each reads the stand-in's records too: one chat call per message, one submission per answered form, one upload per
+file given."""
 
 from __future__ import annotations
 
+import base64
+import os
 import signal
 import time
 
@@ -16,6 +20,7 @@ from demo import dify_flows as flows
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from services.texts import CATALOGUE
+from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import wait_until
 from tests.e2e.conftest import replica_env
 
@@ -28,9 +33,15 @@ FLOWS = {
     "slow": flows.slow_chatflow(SLOW_SECONDS),
     "typed": flows.typed_chatflow(),
     "expiring": flows.expiring_chatflow(expires_in=3),
+    "file": flows.FILE_WORKFLOW,
+    "picture": flows.PICTURE_CHATFLOW,
 }
 APPROVED = "You said: {}. Waiting for approval...APPROVED. comment=looks good"
 SLOW_WHOLE = "part one ({}). SLEPT (part two)"
+PDF = b"%PDF-1.7\n" + os.urandom(2000) + b"\n%%EOF\n"
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 def key_of(name: str) -> str:
@@ -273,3 +284,54 @@ def test_a_typed_field_and_a_form_nobody_answers(deployment):
         == "You said: buy laptops. Waiting for approval... Nobody answered in time.\n\n" + ZH["form_timed_out"]
     )
     assert len(dify.chat_requests()) == 2 and len(dify.form_submissions) == 1
+
+
+def given_on_the_long_connection(deployment: Deployment, bot: str, msgtype: str, data: bytes, name: str) -> str:
+    """A long-connection message carrying a file (`msgtype` file or image), encrypted with its own key as WeCom
+    does there; its req_id."""
+    aeskey = base64.b64encode(os.urandom(32)).decode().rstrip("=")
+    encryptor = media_cipher(aeskey).encryptor()
+    sealed = encryptor.update(pad32(data)) + encryptor.finalize()
+    url = deployment.sims[bot].inbox.host(sealed, filename=name, encrypt=False)
+    return deployment.wecom.deliver_message(f"ws-{bot}", msgtype, {"url": url, "aeskey": aeskey})
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_a_pdf_reaches_the_workflow_file_input_once(deployment, mode):
+    """file-workflow (Start: a required document `contract`; End: its name): a PDF alone starts the run with the
+    file in that input, uploaded once as the run's user; the answer is the name Dify read off the file."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["file"]
+        url = sim.inbox.host(PDF, filename="contract.pdf")
+        text = sim.follow(sim.send(sim.message("file", {"url": url}), replica=0)).text
+    else:
+        req_id = given_on_the_long_connection(deployment, "file", "file", PDF, "contract.pdf")
+        text = deployment.wecom.final(req_id, timeout=30)["stream"]["content"]
+    assert text == "contract.pdf"
+    [request] = dify.chat_requests()
+    assert request["inputs"]["contract"]["transfer_method"] == "local_file"
+    assert len(dify.uploads) == 1
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode):
+    """picture-chatflow (Start: a required image `picture`; Answer: `![picture]({{#start.picture.url#}})`): the
+    Answer's Dify-relative link never shows; the picture comes back under the bubble (callback) or as an image
+    message (long connection)."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["picture"]
+        url = sim.inbox.host(PNG, filename="chart.png")
+        conversation = sim.follow(sim.send(sim.message("image", {"url": url}), replica=0))
+        shown, final = conversation.contents(), conversation.text
+        assert [item["msgtype"] for item in conversation.last["msg_item"]] == ["image"]
+    else:
+        wecom = deployment.wecom
+        req_id = given_on_the_long_connection(deployment, "picture", "image", PNG, "chart.png")
+        final = wecom.final(req_id, timeout=30)["stream"]["content"]
+        shown = [frame["stream"]["content"] for frame in wecom.frames(req_id)]
+        assert wait_until(lambda: any(m.get("msgtype") == "image" for m in wecom.proactive), timeout=15)
+    assert final.strip() == "Here it is:"
+    assert not any("/files/" in text for text in shown)
+    assert len(dify.chat_requests()) == 1 and len(dify.uploads) == 1

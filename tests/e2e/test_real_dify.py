@@ -3,15 +3,18 @@ stand-in (docs/protocol.md, "Dify versions"). Import the apps of tests/fixtures/
 ≥ 1.14.2 (console, "Import DSL"; publish each and make it an API key), then set:
 
     DIFY_REAL_URL                  its Service API, e.g. http://127.0.0.1:5001/v1
-    DIFY_REAL_KEY_PLAIN_CHATFLOW   the keys of plain-chatflow.yml, hitl-chatflow.yml and slow-chatflow.yml
-    DIFY_REAL_KEY_HITL_CHATFLOW
+    DIFY_REAL_KEY_PLAIN_CHATFLOW   the keys of plain-chatflow.yml, hitl-chatflow.yml, slow-chatflow.yml,
+    DIFY_REAL_KEY_HITL_CHATFLOW    file-workflow.yml and picture-chatflow.yml
     DIFY_REAL_KEY_SLOW_CHATFLOW
+    DIFY_REAL_KEY_FILE_WORKFLOW
+    DIFY_REAL_KEY_PICTURE_CHATFLOW
     DIFY_REAL_SLOW_PORT            where this tier answers slow-chatflow's HTTP node (default 18769: the DSL's
                                    SLOW_URL default is http://127.0.0.1:18769/slow, so Dify must reach this host)
 
 The gateway's replicas talk to Dify through a recording proxy (demo/dify_recorder.py), so the cases read the same
-records as on the stand-in: one chat call per message, one submission per answered form, how runs were followed.
-Without DIFY_REAL_URL the tier is skipped with one line.
+records as on the stand-in: one chat call per message, one submission per answered form, one upload per file given,
+how runs were followed. picture-chatflow's link is relative (and so resolved through the proxy) where Dify's
+FILES_URL is unset, as in its docker-compose defaults. Without DIFY_REAL_URL the tier is skipped with one line.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 URL = os.environ.get("DIFY_REAL_URL", "")
-APPS = ("plain-chatflow", "hitl-chatflow", "slow-chatflow")
+APPS = ("plain-chatflow", "hitl-chatflow", "slow-chatflow", "file-workflow", "picture-chatflow")
 MISSING = [f"DIFY_REAL_KEY_{app.upper().replace('-', '_')}" for app in APPS]
 MISSING = [name for name in MISSING if not os.environ.get(name)]
 if not URL or MISSING:
@@ -39,6 +42,8 @@ from tests.e2e.test_dify_runs_e2e import (  # noqa: E402, F401 - the cases, run 
     deployment,
     test_a_card_clicked_on_another_replica_goes_on_once,
     test_a_chatflow_answer_and_its_conversation_across_replicas,
+    test_a_pdf_reaches_the_workflow_file_input_once,
+    test_a_picture_an_answer_node_links_to_reaches_the_user,
     test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run,
     test_the_card_still_works_after_the_replica_waiting_for_it_is_killed,
 )
