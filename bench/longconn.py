@@ -80,11 +80,13 @@ def frames_run(env, wecom, options) -> dict:
     env.dify.script(d.clocked_answer(deltas, deltas / options.stream_seconds), match="frames", times=None)
     client = env.redis.client()
     before = int(client.info("stats")["total_commands_processed"])
+    calls_before = _calls(client)
     req_ids = [wecom.deliver_text(BOT_ID, f"frames {i}", userid=f"f{i}") for i in range(options.streams)]
     started = time.monotonic()
     finals = [wecom.final(req_id, timeout=options.stream_seconds * 4 + 60) for req_id in req_ids]
     took = time.monotonic() - started
     commands = int(client.info("stats")["total_commands_processed"]) - before
+    calls = {name: n - calls_before.get(name, 0) for name, n in _calls(client).items()}
     frames = [wecom.frames(req_id) for req_id in req_ids]
     total = sum(len(f) for f in frames)
     latencies = []
@@ -106,7 +108,15 @@ def frames_run(env, wecom, options) -> dict:
         "delta_to_frame_p50_ms": round(harness.percentile(latencies, 50), 1),
         "delta_to_frame_p99_ms": round(harness.percentile(latencies, 99), 1),
         "redis_commands_per_frame": round(commands / max(1, total), 2),
+        "per_frame_by_command": {
+            name: round(n / max(1, total), 2) for name, n in sorted(calls.items(), key=lambda kv: -kv[1]) if n
+        },
     }
+
+
+def _calls(client) -> dict[str, int]:
+    """Calls of each Redis command so far (a script's own calls counted under theirs, as Redis counts them)."""
+    return {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in client.info("commandstats").items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,6 +20,7 @@ from services.streams.store import (
     StreamConflict,
     StreamStore,
 )
+from tests.conftest import wait_until
 
 TTL = 3600
 
@@ -107,6 +108,13 @@ def test_append_is_idempotent_when_a_call_is_retried(store, redis_client):
     assert redis_client.lrange("dify_stream:{s1}:chunks", 0, -1) == ["x", "y"]
     with pytest.raises(StreamConflict):
         store.append("s1", "A", ["z"], 5)
+    assert redis_client.lrange("dify_stream:{s1}:chunks", 0, -1) == ["x", "y"]  # the push was taken back
+    assert store.append("s1", "A", ["y", "z"], 1) == WRITTEN  # a retry that overlaps what is there
+    assert redis_client.lrange("dify_stream:{s1}:chunks", 0, -1) == ["x", "y", "z"]
+    open_stream(store, "s2", "m2", userid="u2")
+    with pytest.raises(StreamConflict):  # a failover lost the list this writer counted
+        store.append("s2", "A", ["lost"], 1)
+    assert not redis_client.exists("dify_stream:{s2}:chunks")
 
 
 def test_only_the_owner_writes(store):
@@ -477,6 +485,32 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
     # deltas that arrived while a stream's append was in flight went out together, in batches of many streams
     assert batcher.appends < 200
     assert batcher.batches < batcher.appends
+
+
+def test_a_paced_writer_appends_at_once_then_at_most_once_per_pace_and_a_flush_goes_at_once(store):
+    """A long connection's bubble gets a frame every half second at most, so its answer's writer is paced: the first
+    delta goes at once (the first frame shows it), what comes within the pace waits for it and goes in one append,
+    and the answer's end (a flush) does not wait."""
+    from services.streams.writer import AppendBatcher
+
+    open_stream(store, "slow", "m1")
+    open_stream(store, "fast", "m2", userid="u2")
+    batcher = AppendBatcher()
+    slow = batcher.writer(store, "slow", "A", pace=30.0)
+    slow.add(["first"])
+    assert wait_until(lambda: slow.written == 1, timeout=5)
+    for delta in ("a", "b", "c"):
+        slow.add([delta])
+    time.sleep(0.3)  # a bounded look: within its 30 s pace, nothing more is written
+    assert store.chunks("slow") == ["first"]
+    slow.flush(5)
+    assert store.chunks("slow") == ["first", "a", "b", "c"]
+    assert batcher.appends == 2
+    fast = batcher.writer(store, "fast", "A", pace=0.2)
+    fast.add(["x"])
+    fast.add(["y"])
+    assert wait_until(lambda: fast.written == 2, timeout=5)  # its pace over, the rest goes without a flush
+    assert store.chunks("fast") == ["x", "y"]
 
 
 def test_a_writer_reports_taken_and_closed(store):

@@ -78,7 +78,6 @@ class ConnectionKeeper:
             self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
             if not self._ping():
                 return
-        self.replies.flush_acks()
         self.replies.pump()
         if now >= self._next_outbox:
             self._next_outbox = now + OUTBOX_INTERVAL

@@ -55,24 +55,30 @@ class AckLedger:
         with self._lock:
             self._fields.setdefault(stream_id, {}).update(fields)
 
-    def flush(self) -> None:
-        """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
+    def flush(self, riding: dict[str, dict[str, str]] | None = None) -> None:
+        """Write what was noted, with `riding` (fields for the streams' records that are not acks: the frames about
+        to go out, outbox.sending_record) in the same records: per Redis node one round trip, its commands
+        followed by one wait for a replica; a stream's ack and its next frame are one record.
 
         Raises:
-            redis.RedisError: Redis did not answer (what was noted is kept for the next flush).
+            redis.RedisError: Redis did not answer (what was noted is kept for the next flush; `riding` is the
+                caller's to undo).
         """
         with self._lock:
             fields, delivered, unsent = self._fields, self._delivered, self._unsent
             self._fields, self._delivered, self._unsent = {}, set(), {}
-        if not fields and not delivered and not unsent:
+        if not fields and not delivered and not unsent and not riding:
             return
+        records = {stream_id: dict(values) for stream_id, values in fields.items()}
+        for stream_id, values in (riding or {}).items():
+            records[stream_id] = {**records.get(stream_id, {}), **values}
         try:
             groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
             for stream_id, (token, shown) in unsent.items():
                 key = self.keys.stream(stream_id)
                 restore = ("ws_sent", shown, "ws_sent_final", "")
                 self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
-            for stream_id, values in fields.items():
+            for stream_id, values in records.items():
                 key = self.keys.stream(stream_id)
                 pairs = [item for pair in values.items() for item in pair]
                 self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, *pairs))

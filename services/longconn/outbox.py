@@ -39,6 +39,13 @@ CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: 
 PAGE = 100  # tracked streams read per round trip
 
 
+def sending_record(content: str, final: bool, token: str) -> dict[str, str]:
+    """What a stream's record says of a frame about to go out: once it is sent, the bubble shows `content` (`ws_sent`),
+    for a holder that dies before its ack comes; `token` names the record (`ws_sent_by`), so that it can be undone if
+    the frame never goes out (AckLedger.unsent). Written with the acks of the same pass (AckLedger.flush)."""
+    return {"ws_sent": content, "ws_sent_final": "1" if final else "", "ws_sent_by": token}
+
+
 class Outbox:
     def __init__(self, client: redis.Redis, keys: Keys, store: StreamStore, bot_id: str):
         self.client = client
@@ -90,23 +97,6 @@ class Outbox:
             ("EXPIRE", self.open_key, OUTBOX_TRACKED_TTL_SECONDS),
         ]
         self._write(self.open_key, commands)
-
-    def sending(self, frames: dict[str, tuple[str, bool]], token: str) -> None:
-        """These streams' frames ({stream id: (content, final)}) are about to go out: recorded first, in one round
-        trip, as what the bubble shows once they are sent (`ws_sent`), for a holder that dies before their acks
-        come; `token` names the record (`ws_sent_by`), so that it can be undone if they never go out
-        (AckLedger.unsent). (Not waited for by a replica: after a failover the acknowledged content is what is
-        known.)
-
-        Raises:
-            redis.RedisError: Redis did not answer.
-        """
-        self.store.record_each(
-            {
-                stream_id: {"ws_sent": content, "ws_sent_final": "1" if final else "", "ws_sent_by": token}
-                for stream_id, (content, final) in frames.items()
-            }
-        )
 
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from services import metrics
 from services.longconn import frames
 from services.longconn.ledger import AckLedger
-from services.longconn.outbox import Outbox
+from services.longconn.outbox import Outbox, sending_record
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
@@ -73,7 +73,8 @@ class ReplyPump:
             return {reply.stream_id for reply in self._replies.values()}
 
     def pump(self) -> None:
-        """One pass over the open replies: a frame for each whose bubble changed and has no frame in flight."""
+        """One pass over the open replies: a frame for each whose bubble changed and has no frame in flight, recorded
+        with what the acks since the last pass said (one write per Redis node)."""
         now = time.monotonic()
         with self._lock:
             due = [
@@ -92,17 +93,19 @@ class ReplyPump:
                 continue
             changed.append((req_id, reply, polled))
         if not changed:
+            self.flush_acks()
             return
         token = secrets.token_hex(6)
-        try:  # what the bubbles will show, before it goes out (outbox.py: a holder that dies before the acks)
-            self.outbox.sending(
-                {
-                    reply.stream_id: (polled["stream"].get("content", ""), bool(polled["stream"].get("finish")))
-                    for _, reply, polled in changed
-                },
-                token,
+        riding = {
+            reply.stream_id: sending_record(
+                polled["stream"].get("content", ""), bool(polled["stream"].get("finish")), token
             )
-        except REDIS_FAILURES:
+            for _, reply, polled in changed
+        }
+        try:  # what the bubbles will show, before it goes out (outbox.py: a holder that dies before the acks)
+            self.ledger.flush(riding)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not record what the bubbles show (kept for the next pass): %s", exc)
             # Nothing goes out this pass (the next tries again); but Redis may still run the record when it resumes
             # (a pause): it is undone then, unless a later one replaced it (before, the next holder took those
             # frames for shown, and their text never reached the user).

@@ -55,7 +55,7 @@ local function ownership(owner)
   if not h[1] then return 'closed' end
   if h[2] ~= owner then return 'taken' end
   if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
-  return 'ok'
+  return 'ok', h[1]
 end
 """
 
@@ -75,19 +75,26 @@ if deadline > 0 then
   if tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline then return 'late' end
 end
 local first_delta = 8 + 2 * nf
-local state = ownership(ARGV[1])
+local state, status = ownership(ARGV[1])
 if state ~= 'ok' then return state end
-local skip = 0
 if nd > 0 then
-  skip = redis.call('LLEN', KEYS[2]) - expected
-  if skip < 0 or skip > nd then return 'conflict' end
+  -- Pushed first, and checked by the length RPUSH answers (a command fewer than asking LLEN before); where the list
+  -- did not hold the `expected` deltas (rare: a retry, a failover), the push is taken back and done right.
+  local before = redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta, first_delta + nd - 1)) - nd
+  if before ~= expected then
+    if before == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, before - 1) end
+    local skip = before - expected
+    if skip < 0 or skip > nd then return 'conflict' end
+    if skip < nd then redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta + skip, first_delta + nd - 1)) end
+  end
+  if before == 0 then
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+  end
 end
-if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 8, first_delta - 1)) end
-if nd > skip and redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta + skip, first_delta + nd - 1)) == nd - skip then
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+if status == 'pending' or nf > 0 then
+  redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3], unpack(ARGV, 8, first_delta - 1))
 end
-redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3])
 return 'ok'
 """
 )
@@ -166,7 +173,7 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 POLL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
-                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown')
+                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls')
 local status = h[1]
 if not status then return false end
 local text = h[3] or ''
@@ -174,7 +181,9 @@ local folded = tonumber(h[2]) or 0
 local fresh = redis.call('LRANGE', KEYS[2], folded, -1)
 if #fresh > 0 then
   text = text .. table.concat(fresh)
-  redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh)
+  redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh, 'polls', (tonumber(h[18]) or 0) + 1)
+else
+  redis.call('HINCRBY', KEYS[1], 'polls', 1)
 end
 local note, reason, closed_bytes, event, attempt = h[4] or '', h[6] or '', h[7] or '', '', ''
 local function next_attempt()
@@ -229,7 +238,6 @@ if status == 'pending' or status == 'streaming' then
     end
   end
 end
-redis.call('HINCRBY', KEYS[1], 'polls', 1)
 local freed = ''
 if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9] or '' end
 local prompt, card = '', ''

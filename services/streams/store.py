@@ -368,12 +368,6 @@ class StreamStore:
         key = self.keys.inflight(aibotid, userid)
         return self.client.zrangebyscore(key, f"{time.time():.3f}", "+inf")
 
-    def record_each(self, fields_by_stream: dict[str, dict[str, str]]) -> None:
-        """Set informational fields on several existing streams, in one round trip (best effort: a failure of
-        one call is not raised)."""
-        calls = [([self.keys.stream(stream_id)], _pairs(fields)) for stream_id, fields in fields_by_stream.items()]
-        self._record.run_each(calls)
-
     # --- polls --------------------------------------------------------------------------------------------------
 
     def poll(

@@ -62,6 +62,7 @@ class WorkerDeps:
     forms: FormService | None = None  # human-input forms answered in WeCom (None: the bubble says the app waits)
     files: FileDelivery | None = None  # the files Dify makes, delivered at the answer's end
     stopper: AnswerStopper | None = None  # a user's /stop: Dify's stop call when the stop came before the task id
+    append_pace: float = 0.0  # at most one append per that many seconds (a long connection's frame interval)
 
 
 class StreamWorker:
@@ -238,7 +239,9 @@ class StreamWorker:
         """This attempt's writes to the stream (after the `written` chunks it has, of `written_chars` characters),
         and its status line."""
         deps = self.deps
-        answer.writer = deps.appender.writer(deps.store, job.stream_id, job.attempt, written, written_chars)
+        answer.writer = deps.appender.writer(
+            deps.store, job.stream_id, job.attempt, written, written_chars, deps.append_pace
+        )
         answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
 
     def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:

@@ -5,13 +5,18 @@ writer and go out together in its next append, so a busy stream's appends grow l
 One AppendBatcher thread per process sends the appends of all streams that have something to write in one round
 trip (a group commit: a pipeline of one script call per stream, since each stream is its own Redis Cluster slot;
 on a cluster, one round trip per node), at most one batch per `BATCH_INTERVAL_SECONDS`: what arrives meanwhile
-joins the next batch without waking the batcher, a delay a 1-second poll interval does not notice. A stream
-worker never waits for Redis while it streams; it reads the writer's state (taken over, closed elsewhere, in
-conflict, Redis failing) and waits once, at the end.
+joins the next batch without waking the batcher, a delay a 1-second poll interval does not notice. A writer may
+also be paced (`pace`: at most one append per that many seconds, the first at once; a flush goes at once): on a
+long connection each bubble gets a frame at most every half second, so appending more often than that only adds
+Redis work (an LLM's 20-50 tokens a second were as many appends). A stream worker never waits for Redis while it
+streams; it reads the writer's state (taken over, closed elsewhere, in conflict, Redis failing) and waits once, at
+the end.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -44,6 +49,7 @@ class StreamWriter:
         attempt: str,
         written: int = 0,
         written_chars: int = 0,
+        pace: float = 0.0,
     ):
         self.batcher = batcher
         self.store = store  # its bot's
@@ -57,7 +63,10 @@ class StreamWriter:
         self.unsettled_until = 0.0
         self._pending: list[str] = []
         self._fields: dict[str, str] = {}
-        self._in_flight = False
+        self._in_flight = False  # an append is queued, waiting for its pace, or being sent
+        self.pace = pace  # seconds between the starts of two appends (0: as soon as the batcher can)
+        self._taken_at = float("-inf")  # when the last append was taken (monotonic)
+        self._paced = False  # waiting in the batcher for its pace (a flush sends it at once)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
@@ -68,6 +77,8 @@ class StreamWriter:
             if fields:
                 self._fields.update(fields)
             submit = self._claim()
+            if submit:
+                self._paced = self.pace > 0
         if submit:
             self.batcher.submit(self)
 
@@ -78,9 +89,10 @@ class StreamWriter:
             redis.RedisError: the last append failed and something is still unwritten, or the wait timed out.
         """
         with self._lock:
-            submit = self._claim()
+            submit = self._claim() or self._paced  # what waits for its pace goes now
+            self._paced = False
         if submit:
-            self.batcher.submit(self)
+            self.batcher.send_now(self)
         with self._idle:
             if not self._idle.wait_for(lambda: not self._in_flight, timeout):
                 raise redis.TimeoutError("appends did not complete in time")
@@ -118,6 +130,17 @@ class StreamWriter:
             if self.state == WRITTEN:
                 self.state = CLOSED
 
+    def due(self) -> float:
+        """When the next append may be taken (monotonic): its pace after the last one."""
+        return self._taken_at + self.pace
+
+    def release_paced(self) -> bool:
+        """The batcher's: the pace of a paced writer is over; True if it still waits for it (a flush did not send it
+        meanwhile: whoever clears the mark queues the writer, so it is queued once)."""
+        with self._lock:
+            waiting, self._paced = self._paced, False
+            return waiting
+
     def _claim(self) -> bool:
         """Under the lock: mark an append in flight if one should start now."""
         if self._in_flight or self.state != WRITTEN or not (self._pending or self._fields):
@@ -129,6 +152,7 @@ class StreamWriter:
 
     def take(self) -> AppendRequest:
         with self._lock:
+            self._taken_at = time.monotonic()
             deltas = self._pending[:_MAX_DELTAS_PER_APPEND]
             del self._pending[: len(deltas)]
             fields, self._fields = self._fields, {}
@@ -161,6 +185,8 @@ class StreamWriter:
             if not again:
                 self._in_flight = False
                 self._idle.notify_all()
+            else:
+                self._paced = self.pace > 0
             return again
 
 
@@ -176,6 +202,9 @@ class AppendBatcher:
 
     def __init__(self, valid_seconds: float = 0.0):
         self._queue: queue.SimpleQueue[StreamWriter] = queue.SimpleQueue()
+        self._paced: list[tuple[float, int, StreamWriter]] = []  # (due, order, writer): a heap
+        self._order = itertools.count()
+        self._paced_lock = threading.Lock()
         self._thread = LazyThread(self._loop, "append-batcher")
         self.valid_seconds = valid_seconds  # 0: appends carry no deadline
         self.batches = 0
@@ -186,23 +215,63 @@ class AppendBatcher:
         return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
     def writer(
-        self, store: StreamStore, stream_id: str, attempt: str, written: int = 0, written_chars: int = 0
+        self,
+        store: StreamStore,
+        stream_id: str,
+        attempt: str,
+        written: int = 0,
+        written_chars: int = 0,
+        pace: float = 0.0,
     ) -> StreamWriter:
-        return StreamWriter(self, store, stream_id, attempt, written, written_chars)
+        return StreamWriter(self, store, stream_id, attempt, written, written_chars, pace)
 
     def submit(self, writer: StreamWriter) -> None:
+        """Queue `writer`'s next append: at once, or a paced writer's when its pace allows."""
+        self._thread.ensure()
+        if not writer.pace:
+            self._queue.put(writer)
+            return
+        with self._paced_lock:
+            heapq.heappush(self._paced, (writer.due(), next(self._order), writer))
+        self._queue.put(None)  # wakes the batcher to see when it is due
+
+    def send_now(self, writer: StreamWriter) -> None:
+        """Queue `writer`'s next append at once, whatever its pace (a flush)."""
         self._thread.ensure()
         self._queue.put(writer)
 
+    def _release_due(self) -> float | None:
+        """Queue the paced writers whose time came; how long until the next one's (None: none waits)."""
+        now = time.monotonic()
+        with self._paced_lock:
+            while self._paced and self._paced[0][0] <= now:
+                writer = heapq.heappop(self._paced)[2]
+                if writer.release_paced():
+                    self._queue.put(writer)
+            return self._paced[0][0] - now if self._paced else None
+
+    def _next_writer(self, wait: bool) -> StreamWriter | None:
+        """The next writer queued (None: none, or with `wait`, none until a paced one's time came)."""
+        while True:
+            until = self._release_due()
+            try:
+                writer = self._queue.get(timeout=until) if wait else self._queue.get_nowait()
+            except queue.Empty:
+                if wait:
+                    continue
+                return None
+            if writer is not None:
+                return writer
+
     def _take_batch(self) -> list[tuple[StreamWriter, AppendRequest]]:
-        """Every writer queued now (at least one, waiting for it), up to the size limit."""
-        first = self._queue.get()
+        """Every writer queued now (at least one, waiting for it or for a paced one's time), up to the size
+        limit."""
+        first = self._next_writer(wait=True)
         batch = [(first, first.take())]
         size = batch[0][1].size
         while size < _MAX_ARGS_PER_BATCH:
-            try:
-                writer = self._queue.get_nowait()
-            except queue.Empty:
+            writer = self._next_writer(wait=False)
+            if writer is None:
                 break
             request = writer.take()
             batch.append((writer, request))
@@ -242,4 +311,4 @@ class AppendBatcher:
             self.valid_seconds = 0.0
         for (writer, request), outcome in zip(group, outcomes, strict=True):
             if writer.settle(request, outcome):
-                self._queue.put(writer)
+                self.submit(writer)
