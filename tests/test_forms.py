@@ -13,7 +13,7 @@ from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
 from services.forms.store import FormRecord
 from services.texts import CATALOGUE
-from tests.conftest import WS_BOT_ID, make_simulator, outbox_settled, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, make_simulator, outbox_settled, wait_until
 from tests.dify_captures import capture, form_reply
 
 ZH = CATALOGUE["zh"]
@@ -66,6 +66,30 @@ def test_the_form_rides_as_a_card_and_a_click_on_the_other_replica_goes_on_in_th
     # While the form waited, the bubble showed what it asks and what to do.
     waiting = [c for c in conversation.contents() if "Approve the purchase" in c]
     assert waiting and ZH["form_choose"] in waiting[-1]
+
+
+def test_a_repeated_delivery_of_the_message_leaves_the_card_to_the_polls(sims, dify, redis_client):
+    """WeCom may deliver a message again although its first delivery was answered, and then keeps the bubble of the
+    first: the repeat's reply shows the stream as far as it has come, but the card (one per message) is left to the
+    next poll. Before, the repeat's reply took it, and a form waited for a tap on a card never shown (the fault
+    campaign)."""
+    dify.script(approval())
+    payload = sims[0].text_message("buy laptops")
+    first = sims[0].send(payload)
+    stream_key = KEYS.stream(first["stream"]["id"])
+    assert wait_until(lambda: redis_client.hget(stream_key, "card"), timeout=10)  # the card waits for a poll
+    repeat = sims[1].send(payload)
+    assert repeat["stream"]["id"] == first["stream"]["id"] and "Approve the purchase" in repeat["stream"]["content"]
+    assert "template_card" not in repeat
+    taps = []
+
+    def tap(frame):
+        if "template_card" in frame:
+            taps.append(sims[1].send(sims[1].card_click(frame["template_card"], "approve")))
+
+    conversation = sims[0].follow(first, on_frame=tap)
+    assert len(conversation.cards) == len(taps) == 1
+    assert conversation.text == "Need approval." + DONE
 
 
 def test_double_clicks_and_other_members_submit_nothing_more(sims, dify):

@@ -19,7 +19,7 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 # The commands the scripts use, each taking one key, in first position.
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
-    "HSET", "HSETNX", "HGET", "HMGET", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN",
+    "HSET", "HSETNX", "HGET", "HMGET", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN", "LTRIM",
     "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZREMRANGEBYSCORE",
 }  # fmt: skip
 
@@ -75,6 +75,7 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.stop("s1", "stopped")
     store.claim_dify_stop("s1")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
+    store.take_unpolled("s0")
     names = {source: name for name, source in scripts.ALL.items()}
     assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called
     for source, keys in calls:

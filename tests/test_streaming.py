@@ -5,6 +5,7 @@ instances, and every failure behind the bubble ending in a finished reply with t
 """
 
 import threading
+import time
 
 import pytest
 
@@ -159,6 +160,37 @@ def test_a_long_answer_fills_one_bubble_and_the_rest_follows_once(simulator, dif
     message = simulator.inbox.wait_for(response_url)
     assert shown + split_remainder(message) == text
     assert len(simulator.inbox.received(response_url)) == 1
+
+
+def test_an_answer_whose_bubble_no_poll_ever_showed_goes_out_through_response_url(simulator, dify, monkeypatch):
+    """Every try of the message's callback was answered too late (frozen replicas, a failover: the fault campaign),
+    so WeCom has no bubble to poll: the answer goes out through response_url once, and a poll that comes after all
+    says it was sent separately, never the answer a second time."""
+    from services.streams import finisher
+
+    monkeypatch.setattr(finisher, "UNPOLLED_SECONDS", 1.0)
+    dify.script([d.message("The whole answer."), d.end()])
+    payload = simulator.text_message("hello")
+    stream_id = simulator.send(payload)["stream"]["id"]  # the reply WeCom never got: nothing polls it
+    message = simulator.inbox.wait_for(payload["response_url"])
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nThe whole answer."
+    late = simulator.send(simulator.poll_message(stream_id))
+    assert late["stream"]["finish"] and late["stream"]["content"] == ZH["sent_separately"]
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
+def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dify, monkeypatch):
+    """An answer that ends before WeCom's first poll waits for it: the bubble shows it, and nothing more is sent."""
+    from services.streams import finisher
+
+    monkeypatch.setattr(finisher, "UNPOLLED_SECONDS", 3.0)
+    dify.script([d.message("Quick."), d.end()])
+    payload = simulator.text_message("hello")
+    first = simulator.send(payload)
+    time.sleep(1.0)  # the answer is done by now, and no poll has come yet
+    assert simulator.follow(first).text == "Quick."
+    time.sleep(3.0)  # a bounded look: past UNPOLLED_SECONDS, nothing went through response_url
+    assert simulator.inbox.received(payload["response_url"]) == []
 
 
 def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):

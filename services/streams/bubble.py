@@ -41,7 +41,9 @@ class BubbleRenderer:
 
     def closed(self, text_at_close: str, reason: str, has_response_url: bool) -> tuple[str, int]:
         """A bubble finished early: (content, characters of the text it shows)."""
-        content, shown = fit_bubble(text_at_close, self.close_note(reason, has_response_url), self.placeholder)
+        whole_elsewhere = reason == SEPARATELY and not text_at_close  # the answer went out whole, separately
+        note = self.texts.say("sent_separately") if whole_elsewhere else self.close_note(reason, has_response_url)
+        content, shown = fit_bubble(text_at_close, note, self.placeholder)
         return hide_dify_links(content), shown
 
     def final(self, text: str, note: str, has_response_url: bool) -> tuple[str, int]:

@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 MARK_GRACE_SECONDS = 60.0
 # A bubble this close to its window's end may be closed early by a poll on another replica's clock.
 WINDOW_MARGIN_SECONDS = 5.0
+# A bubble no poll has shown this long after its message came never reached WeCom: every try of its callback was
+# answered too late (three tries of 5 s; a later try finds the stream open and answers with it, so polls start within
+# about 15 s when any try got through). Its answer goes out through response_url instead.
+UNPOLLED_SECONDS = 20.0
 
 
 class SendsSeparately(Protocol):
@@ -116,6 +120,24 @@ class Finisher:
             # closed elsewhere, or already final: an earlier try of this write ran, and only its reply was lost
             logger.info("stream was already final; final state not written again")
         return finished
+
+    def _unpolled(self, job: StreamJob) -> bool:
+        """Whether no poll ever showed the answer's bubble (callback mode), waited for until UNPOLLED_SECONDS after
+        its message came; then the answer is taken to go through response_url. False when a poll came, Redis does not
+        say, or the process drains (it does not wait: the bubble, final in Redis, shows the answer to a poll that
+        comes, as before this check)."""
+        while True:
+            polls = best_effort_value(lambda: self.store.polls(job.stream_id), "reading whether the bubble was polled")
+            if polls != 0 or self.draining():
+                return False
+            wait = job.created_at + UNPOLLED_SECONDS - time.time()
+            if wait <= 0:
+                break
+            time.sleep(min(0.5, wait))
+        taken = best_effort_value(lambda: self.store.take_unpolled(job.stream_id), "taking an unpolled answer")
+        if taken:
+            logger.warning("no poll ever showed this answer's bubble: WeCom never got its reply; sending it whole")
+        return bool(taken)
 
     def _free_slot(self, job: StreamJob, finished: Finished) -> None:
         if finished.inflight_key:
@@ -249,6 +271,9 @@ class Finisher:
                 self._respond(job, separate_message(self.texts, answer.text, note), "form_rest")
             return
         if not self._reachable(job):
+            return
+        if self.send_separately is None and not finished.close_reason and self._unpolled(job):
+            self._send_whole(job, answer, note)
             return
         if finished.close_reason:
             shown_text = text_at_close(answer.text, finished.closed_bytes)

@@ -151,7 +151,7 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1'
 # when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this
 # poll's token (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back,
-# CARD_BACK). Returns
+# CARD_BACK), '1' to leave a waiting card for a later poll (the reply to a message delivered again). Returns
 # false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url, event, inflight
 # key, attempt, prompt, card, images...}: `event` names what this call just did (taken_over, resumed, expired,
 # closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the
@@ -243,7 +243,7 @@ if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9
 local prompt, card = '', ''
 local live = (status == 'pending' or status == 'streaming') and reason == ''
 if live then prompt = h[15] or '' end
-if (live or status == 'done') and h[16] and h[16] ~= '' and not h[17] then
+if ARGV[10] ~= '1' and (live or status == 'done') and h[16] and h[16] ~= '' and not h[17] then
   card = h[16]
   redis.call('HSET', KEYS[1], 'card_shown', ARGV[1], 'card_by', ARGV[9])
 end
@@ -363,6 +363,17 @@ if redis.call('HGET', KEYS[1], 'error') ~= 'stopped' then return 0 end
 return redis.call('HSETNX', KEYS[1], 'dify_stopped', ARGV[1])
 """
 
+# KEYS: stream. A finished answer whose bubble no poll ever showed (WeCom never got the reply that opened it: every
+# try of its callback timed out, so it has nothing to poll) is taken to go out through response_url, and its bubble,
+# should a poll come after all, says the answer was sent separately. 1 when taken; 0 when a poll came first (or the
+# stream is gone).
+UNPOLLED = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'polls')
+if not h[1] or (tonumber(h[2]) or 0) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'close_reason', 'separately', 'closed_bytes', 0, 'delivered', 'response_url')
+return 1
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -377,4 +388,5 @@ ALL = {
     "CALLED": CALLED,
     "STOP": STOP,
     "STOP_DIFY": STOP_DIFY,
+    "UNPOLLED": UNPOLLED,
 }

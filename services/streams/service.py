@@ -207,11 +207,12 @@ class StreamService:
 
     def _dedup(self, stream_id: str, message: Inbound | None = None) -> dict:
         """A WeCom retry of a message whose stream exists: the same stream, as far as it has come (on a long
-        connection, answered from now on on the retry's req_id: a redelivery comes on a new connection)."""
+        connection, answered from now on on the retry's req_id: a redelivery comes on a new connection). A card that
+        waits is left to the stream's polls: WeCom may keep the first delivery's bubble and drop this reply."""
         self.count("dedup")
         metrics.DEDUP_HITS.labels(self.bot).inc()
         logger.info("repeated msgid; answering with its stream %s", stream_id)
-        reply = self.poll(stream_id)
+        reply = self.poll(stream_id, hand_card=False)
         if message is not None and not reply["stream"].get("finish"):
             self._track(stream_id, message)
         return reply
@@ -243,8 +244,9 @@ class StreamService:
         """A finished reply to a new message that needs no stream (a command, a refusal)."""
         return stream_reply(new_stream_id(), note, finish=True)
 
-    def poll(self, stream_id: str) -> dict:
-        """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done.
+    def poll(self, stream_id: str, hand_card: bool = True) -> dict:
+        """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done (with
+        `hand_card` off, without a card that waits: it is left for a later poll).
 
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
@@ -259,6 +261,7 @@ class StreamService:
                 taker,
                 taker_runs_it=self.runner.is_running(stream_id),
                 token=token,
+                hand_card=hand_card,
             )
         except REDIS_FAILURES:
             self.card_returns.later(self.store, stream_id, token)  # its script may yet run: its card comes back

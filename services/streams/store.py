@@ -149,6 +149,7 @@ class StreamStore:
         self._called = LuaScript(client, scripts.CALLED)
         self._stop = LuaScript(client, scripts.STOP, replication=self.durable, write=replication.STREAM_END)
         self._stop_dify = LuaScript(client, scripts.STOP_DIFY)
+        self._unpolled = LuaScript(client, scripts.UNPOLLED, replication=self.durable, write=replication.STREAM_END)
 
     def close(self) -> None:
         """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
@@ -330,6 +331,15 @@ class StreamStore:
         owner = self.client.hget(self.keys.stream(stream_id), "owner")
         return owner is not None and owner != attempt
 
+    def polls(self, stream_id: str) -> int:
+        """How many polls the stream's bubble had (0: WeCom may never have got the reply that opened it)."""
+        return int(self.client.hget(self.keys.stream(stream_id), "polls") or 0)
+
+    def take_unpolled(self, stream_id: str) -> bool:
+        """Take a finished answer whose bubble no poll ever showed, to send it through response_url (scripts.UNPOLLED:
+        a poll that comes after all says it was sent separately); False when a poll came first."""
+        return bool(int(self._unpolled(keys=[self.keys.stream(stream_id)], args=[])))
+
     def shown_when_given_up(self, stream_id: str) -> str | None:
         """The text a stream's bubble ended with when a poll gave it up as orphaned (its lease was gone); None if
         the stream is gone, or ended some other way."""
@@ -379,6 +389,7 @@ class StreamStore:
         taker: str = "",
         taker_runs_it: bool = False,
         token: str = "",
+        hand_card: bool = True,
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -387,7 +398,8 @@ class StreamStore:
         again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
-        A card this poll hands out is marked with `token` (see `give_card_back`).
+        A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
+        card is left for a later poll.
         """
         k = self.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
@@ -401,6 +413,7 @@ class StreamStore:
             "1" if taker_runs_it else "",
             self.takeover_grace_seconds,
             token,
+            "" if hand_card else "1",
         ]
         row = self._poll(keys=keys, args=args)
         if not row and self._poll_connections.follow_failover():
