@@ -240,7 +240,7 @@ class StreamWorker:
         and its status line."""
         deps = self.deps
         answer.writer = deps.appender.writer(
-            deps.store, job.stream_id, job.attempt, written, written_chars, deps.append_pace
+            deps.store, job.stream_id, job.attempt, written=written, written_chars=written_chars, pace=deps.append_pace
         )
         answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
 

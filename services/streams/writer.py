@@ -214,16 +214,9 @@ class AppendBatcher:
         """The deadline of an append taken now (epoch seconds; 0 for none)."""
         return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
-    def writer(
-        self,
-        store: StreamStore,
-        stream_id: str,
-        attempt: str,
-        written: int = 0,
-        written_chars: int = 0,
-        pace: float = 0.0,
-    ) -> StreamWriter:
-        return StreamWriter(self, store, stream_id, attempt, written, written_chars, pace)
+    def writer(self, store: StreamStore, stream_id: str, attempt: str, **state: float) -> StreamWriter:
+        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars and pace)."""
+        return StreamWriter(self, store, stream_id, attempt, **state)
 
     def submit(self, writer: StreamWriter) -> None:
         """Queue `writer`'s next append: at once, or a paced writer's when its pace allows."""
