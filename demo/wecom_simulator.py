@@ -56,7 +56,8 @@ class Conversation:
 
 class WeComInbox:
     """WeCom's side of the active-reply and media URLs, served locally: `response_url` accepts one message per
-    code (a second use is refused), and `/media/<name>` serves files encrypted with the bot key, like WeCom's COS."""
+    code (a second use is refused; until `busy_until`, every post gets HTTP 503 and is not taken), and
+    `/media/<name>` serves files encrypted with the bot key, like WeCom's COS."""
 
     def __init__(self, crypto: WeComCrypto):
         self.crypto = crypto
@@ -64,6 +65,8 @@ class WeComInbox:
         self.media: dict[str, bytes] = {}
         self.media_headers: dict[str, dict[str, str]] = {}
         self.on_message: Callable[[dict], None] | None = None
+        self.busy_until = 0.0  # time.time() before which WeCom is busy: posts are answered 503
+        self.busy_posts = 0  # posts answered so
         self.server = StandInServer(self.handle)
         self._lock = threading.Lock()
 
@@ -102,6 +105,10 @@ class WeComInbox:
     async def handle(self, request: Request, conn: Conn) -> None:
         if request.method == "POST" and request.path == "/cgi-bin/aibot/response":
             code = request.query.get("response_code", "")
+            if time.time() < self.busy_until:
+                self.busy_posts += 1
+                await conn.send(503, {"errcode": -1, "errmsg": "system busy"})
+                return
             with self._lock:
                 used = code in self.messages
                 body = orjson.loads(request.body) if request.body else {}

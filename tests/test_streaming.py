@@ -193,6 +193,22 @@ def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dif
     assert simulator.inbox.received(payload["response_url"]) == []
 
 
+def test_a_post_to_response_url_that_wecom_was_too_busy_for_is_tried_again_and_lands_once(simulator):
+    """WeCom busy for a moment (HTTP 503) must not lose the rest of an answer: the post is tried again, and lands
+    once; a refusal (an errcode: here the URL's second use) is final."""
+    from services.wecom.response_url import ResponseUrlClient
+
+    client = ResponseUrlClient(retry_delays=(0.3, 0.3, 0.3, 0.3))
+    url = simulator.inbox.new_response_url()
+    simulator.inbox.busy_until = time.time() + 0.5
+    assert client.send_markdown(url, "the rest")
+    assert simulator.inbox.busy_posts >= 1
+    assert [m["markdown"]["content"] for m in simulator.inbox.received(url)] == ["the rest"]
+    assert not client.send_markdown(url, "once more")  # refused, and not tried again
+    assert len(simulator.inbox.received(url)) == 2
+    client.close()
+
+
 def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):
     text = "word " * 5000
     dify.script([d.message(text), d.end()])

@@ -155,6 +155,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         links=links,
         wecom=standin,
         ws_bot=WS_BOT,
+        inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
     )
     started = time.time()
     try:

@@ -8,8 +8,8 @@ master killed (a failover) and restarted as a replica, or a replica killed and r
 killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
 of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s or slowed for 5-15
 s. WeCom's long connection: the bot's socket dropped, the acks of its frames and its pongs lost for 5-15 s (the
-gateway must notice a link dead downstream), or every proactive send refused (busy) for 5-15 s. Dify's own faults
-are the workload's, per message."""
+gateway must notice a link dead downstream), or every proactive send refused (busy) for 5-15 s; in callback mode,
+every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults are the workload's, per message."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from bench.faults.history import History
 from bench.faults.proxy import FaultyLink
 from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
+from demo.wecom_simulator import WeComInbox
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ _TARGETS = {
     "ws_drop": "wecom",
     "ws_acks_lost": "wecom",
     "ws_sends_refused": "wecom",
+    "response_url_busy": "response_url",
 }
 WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_sends_refused")
 BUSY = -1  # WeCom's "system busy"
@@ -63,6 +65,7 @@ class Nemesis:
         links: dict[str, FaultyLink] | None = None,
         wecom: WeComWebSocketStandIn | None = None,
         ws_bot: str = "",
+        inboxes: list[WeComInbox] | None = None,
     ):
         self.topology = topology
         self.replicas = replicas
@@ -74,6 +77,7 @@ class Nemesis:
         self.unready = unready if unready is not None else set()  # replicas down or starting: no traffic for them
         self.links = links or {}  # "dify", "redis": the proxies between the replicas and them (bench/faults/proxy.py)
         self.wecom, self.ws_bot = wecom, ws_bot  # the long connection's stand-in, and the bot on it
+        self.inboxes = inboxes or []  # where the callback bots' response_url posts go
         self.kinds = [*REPLICA_FAULTS, "redis_pause"]
         if isinstance(topology, PrivateRedisServer):
             self.kinds.append("redis_crash")
@@ -85,6 +89,7 @@ class Nemesis:
         for name in self.links:
             self.kinds += [f"{name}_partition", f"{name}_delay"]
         self.kinds += WECOM_FAULTS if wecom is not None else ()
+        self.kinds += ["response_url_busy"] if self.inboxes else []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
         self._busy: set[str] = set()
@@ -220,6 +225,15 @@ class Nemesis:
     def ws_sends_refused(self, target: str, rng: random.Random) -> str:
         """Every aibot_send_msg refused as busy for 5-15 s."""
         return f"proactive sends refused for {self._wecom_while('busy_errcode', BUSY, 0, rng):.1f}s"
+
+    def response_url_busy(self, target: str, rng: random.Random) -> str:
+        """Every response_url post answered HTTP 503 (WeCom busy) for 2-10 s: the gateway tries a post again over
+        about 15 s, so it lands once the busy spell is over."""
+        seconds = rng.uniform(2, 10)
+        for inbox in self.inboxes:
+            inbox.busy_until = time.time() + seconds
+        time.sleep(seconds)
+        return f"response_url busy for {seconds:.1f}s"
 
     def _wecom_while(self, setting: str, faulty: object, healthy: object, rng: random.Random) -> float:
         """The WebSocket stand-in's `setting` at `faulty` for 5-15 s, then `healthy` again; the seconds it lasted."""
