@@ -6,10 +6,11 @@ faults: the master paused (SIGSTOP) for 2-15 s; one server killed and restarted 
 campaign runs one server as a deployment that must not lose open answers would); on Sentinel and Cluster the
 master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
 killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
-of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s or slowed for 5-15
-s. WeCom's long connection: the bot's socket dropped, the acks of its frames and its pongs lost for 5-15 s (the
-gateway must notice a link dead downstream), or every proactive send refused (busy) for 5-15 s; in callback mode,
-every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults are the workload's, per message."""
+of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s, or slowed, or
+losing 1-10 % of its segments, for 5-15 s. WeCom's long connection: the bot's socket dropped, the acks of its frames
+and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), or every proactive send refused
+(busy) for 5-15 s; in callback mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults
+are the workload's, per message."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ _TARGETS = {
     "mariadb_restart": "mariadb",
     "redis_partition": "redis",
     "redis_delay": "redis",
+    "redis_loss": "redis",
     "dify_partition": "dify",
     "dify_delay": "dify",
+    "dify_loss": "dify",
     "ws_drop": "wecom",
     "ws_acks_lost": "wecom",
     "ws_sends_refused": "wecom",
@@ -87,7 +90,7 @@ class Nemesis:
             self.kinds.append("sentinel_kill")
         self.kinds += DATABASE_FAULTS if database is not None else ()
         for name in self.links:
-            self.kinds += [f"{name}_partition", f"{name}_delay"]
+            self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss"]
         self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
         self.stop = threading.Event()
@@ -193,6 +196,24 @@ class Nemesis:
         finally:
             link.heal()
         return f"{name} {delay * 1000:.0f} ms slower for {seconds:.1f}s"
+
+    def _loss(self, name: str, rng: random.Random) -> str:
+        share, seconds = rng.uniform(0.01, 0.1), rng.uniform(5, 15)
+        link = self.links[name]
+        link.lose(share, random.Random(rng.getrandbits(64)))
+        try:
+            time.sleep(seconds)
+        finally:
+            link.heal()
+        return f"{name} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
+
+    def dify_loss(self, target: str, rng: random.Random) -> str:
+        """1-10 % of what goes to and from Dify lost (each held until TCP would have resent it), for 5-15 s."""
+        return self._loss("dify", rng)
+
+    def redis_loss(self, target: str, rng: random.Random) -> str:
+        """One server: 1-10 % of what goes to and from Redis lost, for 5-15 s."""
+        return self._loss("redis", rng)
 
     def dify_partition(self, target: str, rng: random.Random) -> str:
         """Every connection to Dify cut, and new ones refused, for 2-8 s."""

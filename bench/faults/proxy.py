@@ -1,7 +1,8 @@
 """A TCP proxy the nemesis controls, between the gateway replicas and a server (Dify, or one Redis server): it
-passes bytes both ways, and on command delays them, or partitions the link (every open connection is cut and new
-ones are refused). It stands in for the network faults `tc netem` would make, without needing the replicas in a
-network namespace of their own.
+passes bytes both ways, and on command delays them, loses some of them (as TCP shows a lost segment: the bytes
+come late, after a retransmission timeout), or partitions the link (every open connection is cut and new ones are
+refused). It stands in for the network faults `tc netem` would make, without needing the replicas in a network
+namespace of their own.
 
 A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
 bypassed: on those topologies only the link to Dify goes through one.
@@ -11,21 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 
 from demo.replicas import free_port
 
 _CHUNK = 65536
+# What a lost segment costs a TCP connection: Linux's least retransmission timeout, doubled each time the resend is
+# lost too.
+_RETRANSMISSIONS = (0.2, 0.2, 0.2, 0.4, 0.4, 0.8, 1.6)
 
 
 class FaultyLink:
-    """Listens on 127.0.0.1:`port` (a free one) and forwards to `target_port`; `delay(s)`, `partition()` and
-    `heal()` may be called from any thread."""
+    """Listens on 127.0.0.1:`port` (a free one) and forwards to `target_port`; `delay(s)`, `lose(share, rng)`,
+    `partition()` and `heal()` may be called from any thread."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
         self.port = free_port()
         self.delay_seconds = 0.0
+        self.loss_share = 0.0
+        self._rng = random.Random(0)
         self.partitioned = False
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -45,6 +52,10 @@ class FaultyLink:
         """Hold every chunk this long before passing it on (0: no delay)."""
         self.delay_seconds = seconds
 
+    def lose(self, share: float, rng: random.Random) -> None:
+        """Lose `share` of the chunks (0: none): each one lost is passed on only after TCP would have resent it."""
+        self._rng, self.loss_share = rng, share
+
     def partition(self) -> None:
         """Cut every open connection and refuse new ones until `heal()`."""
         self.partitioned = True
@@ -53,6 +64,7 @@ class FaultyLink:
     def heal(self) -> None:
         self.partitioned = False
         self.delay_seconds = 0.0
+        self.loss_share = 0.0
 
     # --- the proxy's loop ---------------------------------------------------------------------------------------
 
@@ -99,6 +111,8 @@ class FaultyLink:
             while data := await reader.read(_CHUNK):
                 if self.delay_seconds:
                     await asyncio.sleep(self.delay_seconds)
+                if self.loss_share and self._rng.random() < self.loss_share:
+                    await asyncio.sleep(self._rng.choice(_RETRANSMISSIONS))
                 if self.partitioned:
                     break
                 writer.write(data)
