@@ -3,12 +3,16 @@ found, and only when it should be), and short runs of the campaign itself (one R
 counts must all be zero."""
 
 import json
+import random
+import socket
+import time
 
 import pytest
 
 from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
+from bench.faults.proxy import FaultyLink
 from services.texts import CATALOGUE
 
 TAG, OTHER = "a1b2c3", "d4e5f6"
@@ -176,6 +180,34 @@ def test_counts_are_broken_down_by_the_faults_active_during_the_message():
     result = check(events)
     assert result["by_fault"]["replica_kill"]["lost"] == 1
     assert result["problems"][0]["faults"] == ["replica_kill"]
+
+
+def test_a_lossy_link_delivers_every_byte_late():
+    """The proxy's packet loss (the nemesis's dify_loss, redis_loss) looks as TCP makes a lost segment look: the bytes
+    all come, in order, after a retransmission timeout."""
+    server = socket.create_server(("127.0.0.1", 0))
+    link = FaultyLink(server.getsockname()[1]).start()
+    client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+    peer, _ = server.accept()
+
+    def round_trip(data: bytes) -> float:
+        started = time.monotonic()
+        client.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            got += peer.recv(65536)
+        assert got == data
+        return time.monotonic() - started
+
+    try:
+        link.lose(1.0, random.Random(1))  # every chunk lost once
+        assert round_trip(b"lost, then resent") >= 0.2
+        link.heal()
+        round_trip(b"healed")  # and after the fault, every byte still
+    finally:
+        for end in (client, peer, server):
+            end.close()
+        link.stop()
 
 
 @pytest.mark.e2e
