@@ -127,6 +127,33 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     client.close()
 
 
+def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(private_redis):
+    """A record of frames carries a deadline, the Redis socket timeout: one whose reply never came (Redis paused
+    with it in its socket) is refused when Redis runs it, so it cannot land after a newer record (seen on Sentinel in
+    the 10-minute campaign: a record from before a pause, run after the record of the frame that followed, made the
+    next holder send two sentences again)."""
+    client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
+    store, outbox = tracked_stream(client, lease_seconds=30)
+    connection, streams = _Connection(), _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection, valid_seconds=0.5)
+    streams.bubbles["s1"] = ("The first words", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})
+    streams.bubbles["s1"] = ("The first words, and more", False)
+    private_redis.pause()
+    try:
+        pump.pump()  # the record times out: nothing goes out
+    finally:
+        time.sleep(0.8)  # past the record's deadline
+        private_redis.resume()
+    time.sleep(0.5)  # a bounded look: Redis has run what it held by now
+    assert store.meta("s1").get("ws_sent") != "The first words, and more"
+    pump.pump()  # the next pass records and sends it
+    assert store.meta("s1")["ws_sent"] == "The first words, and more"
+    assert connection.acks
+    client.close()
+
+
 def test_an_answer_whose_stream_was_lost_reaches_the_user_once_through_send_msg(ws_gateway, dify, redis_client):
     """A failover can lose a stream's hash a moment after it was made (FAULTS.md): its worker, finding the stream
     gone, hands the whole answer to the outbox, never to a response_url that a long connection cannot count on."""

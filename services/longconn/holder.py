@@ -65,7 +65,9 @@ class ConnectionHolder:
         self._session: Session | None = None
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
-        self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads)
+        self.replies = ReplyPump(
+            bot, callback.streams, outbox, lambda: self._session, uploads, settings.redis_socket_timeout
+        )
         self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
         self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding))
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)

@@ -10,7 +10,9 @@ one wait per Redis node, however many acks came (BENCHMARKS.md §14)."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import defaultdict
 
 import redis
@@ -19,11 +21,18 @@ from redis.cluster import RedisCluster
 from services.keys import Keys
 from services.replication import OUTBOX, Replication, raise_first_error
 from services.streams import scripts
+from services.streams.store import LATE
+
+logger = logging.getLogger(__name__)
 
 
 class AckLedger:
-    def __init__(self, client: redis.Redis, keys: Keys, durable: Replication, open_key: str):
+    """`valid_seconds` (the Redis socket timeout) is how long a flush's records may land: Redis refuses one it runs
+    later (scripts.RECORD_UNTIL), so a record whose reply never came cannot overwrite a later one."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, durable: Replication, open_key: str, valid_seconds: float = 0):
         self.client = client
+        self.valid_seconds = valid_seconds
         self.keys = keys
         self.durable = durable
         self.open_key = open_key  # the bot's open set (outbox.py)
@@ -78,14 +87,19 @@ class AckLedger:
                 key = self.keys.stream(stream_id)
                 restore = ("ws_sent", shown, "ws_sent_final", "")
                 self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
+            deadline = f"{time.time() + self.valid_seconds:.3f}" if self.valid_seconds else "0"
             for stream_id, values in records.items():
                 key = self.keys.stream(stream_id)
                 pairs = [item for pair in values.items() for item in pair]
-                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, *pairs))
+                self._add(groups, key, ("EVAL", scripts.RECORD_UNTIL, 1, key, deadline, *pairs))
             if delivered:
                 self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
             for key, commands in groups.values():
-                raise_first_error(self.durable.execute(key, commands, OUTBOX))
+                sent = time.time()
+                replies = self.durable.execute(key, commands, OUTBOX)
+                raise_first_error(replies)
+                if LATE in replies:
+                    self._late(time.time() - sent)
         except redis.RedisError:
             with self._lock:  # noted again, under whatever came meanwhile (newer wins)
                 for stream_id, values in fields.items():
@@ -93,6 +107,18 @@ class AckLedger:
                 self._delivered |= delivered
                 self._unsent = {**unsent, **self._unsent}
             raise
+
+    def _late(self, took: float) -> None:
+        """Redis refused a record as late: nothing of this flush is taken for written. When the reply came well
+        within the deadline, Redis's clock runs ahead of this host's: deadlines go off (else no frame would go)."""
+        if took < self.valid_seconds / 2:
+            logger.error(
+                "Redis refused frame records as late that it answered in %.0f ms: its clock runs ahead of this host's "
+                "by more than REDIS_SOCKET_TIMEOUT; records carry no deadline from now on (check the hosts' NTP)",
+                took * 1000,
+            )
+            self.valid_seconds = 0
+        raise redis.TimeoutError("a record reached Redis after its deadline")
 
     def _add(self, groups: dict, key: str, command: tuple) -> None:
         """Add `command` (on `key`) to the group of the node holding `key`."""

@@ -47,12 +47,13 @@ class ReplyPump:
         outbox: Outbox,
         session: Callable[[], Session | None],
         files: FileSender | None = None,
+        valid_seconds: float = 0,
     ):
         self.bot = bot
         self.files = files  # sends an answer's files once its bubble is finished
         self.streams = streams
         self.outbox = outbox
-        self.ledger = AckLedger(outbox.client, outbox.keys, outbox.durable, outbox.open_key)
+        self.ledger = AckLedger(outbox.client, outbox.keys, outbox.durable, outbox.open_key, valid_seconds)
         self._session = session  # the connection frames go out on now (None: none)
         self._replies: dict[str, _Reply] = {}
         self._lock = threading.Lock()

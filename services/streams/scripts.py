@@ -287,6 +287,21 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
+# KEYS: stream. ARGV: deadline (epoch seconds; 0 for none), field/value pairs. As RECORD, but refused ('late', nothing
+# written) when Redis runs it past the deadline, the moment its writer stops waiting for the reply: a record of a
+# long connection's frames whose reply was lost (a paused Redis runs it on resuming, maybe after newer records on
+# another connection) never overwrites what came after it.
+RECORD_UNTIL = """
+local deadline = tonumber(ARGV[1])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline then return 'late' end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
 # KEYS: stream, lease. ARGV: attempt, lease_ms. Returns 1 if another attempt has taken the stream over, else 0. A
 # lease that ran out (e.g. through a Redis outage) is taken back while the stream is still this attempt's; a stream
 # that is gone or final needs no lease, and its worker learns that on its next write.
