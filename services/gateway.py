@@ -42,6 +42,7 @@ from services.forms.store import FormStore
 from services.keys import Keys
 from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
+from services.longconn.keeper import FRAME_INTERVAL
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
@@ -325,6 +326,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         forms=forms,
         files=files,
         stopper=stopper,
+        append_pace=FRAME_INTERVAL if long_connection else 0.0,  # its bubbles get a frame at most that often
     )
     streams = StreamService(
         store,

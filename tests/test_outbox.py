@@ -196,3 +196,15 @@ def test_the_rest_of_a_bubble_that_showed_a_note_below_its_text_is_only_the_rest
     assert rest_of("Part one.\n\nPart two.", "Part one.\n\nPart") == " two."
     assert rest_of("Thinking done.", "正在思考…") == "Thinking done."  # only the placeholder was shown
     assert rest_of("All of it.", "All of it.") == ""
+
+
+def test_a_long_connection_answer_is_appended_at_most_once_per_frame_interval(ws_gateway, dify):
+    """A bubble on a long connection gets a frame every half second at most, so its answer is written to Redis no
+    more often (an LLM's tokens were an append each): 30 deltas over 1.5 s are a handful of appends, whole."""
+    gateway, wecom = ws_gateway()
+    pieces = [f"w{n} " for n in range(30)]
+    dify.script([step for piece in pieces for step in (d.message(piece), d.sleep(0.05))] + [d.end()])
+    before = gateway.appender.appends
+    final = wecom.final(wecom.deliver_text(WS_BOT_ID, "many tokens"), timeout=20)
+    assert final["stream"]["content"].strip() == "".join(pieces).strip()
+    assert gateway.appender.appends - before <= 6  # the first delta, one per 0.5 s, the end
