@@ -179,33 +179,28 @@ class Nemesis:
 
     def _partition(self, name: str, rng: random.Random) -> str:
         seconds = rng.uniform(2, 8)
-        link = self.links[name]
-        link.partition()
-        try:
-            time.sleep(seconds)
-        finally:
-            link.heal()
+        self._on_link(name, seconds, lambda link: link.partition())
         return f"{name} cut off for {seconds:.1f}s"
 
     def _delay(self, name: str, rng: random.Random, low: float, high: float) -> str:
         delay, seconds = rng.uniform(low, high), rng.uniform(5, 15)
-        link = self.links[name]
-        link.delay(delay)
-        try:
-            time.sleep(seconds)
-        finally:
-            link.heal()
+        self._on_link(name, seconds, lambda link: link.delay(delay))
         return f"{name} {delay * 1000:.0f} ms slower for {seconds:.1f}s"
 
     def _loss(self, name: str, rng: random.Random) -> str:
         share, seconds = rng.uniform(0.01, 0.1), rng.uniform(5, 15)
+        losing = random.Random(rng.getrandbits(64))
+        self._on_link(name, seconds, lambda link: link.lose(share, losing))
+        return f"{name} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
+
+    def _on_link(self, name: str, seconds: float, fault) -> None:
+        """`fault` on the proxied link `name` for `seconds`, then healed."""
         link = self.links[name]
-        link.lose(share, random.Random(rng.getrandbits(64)))
+        fault(link)
         try:
             time.sleep(seconds)
         finally:
             link.heal()
-        return f"{name} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
 
     def dify_loss(self, target: str, rng: random.Random) -> str:
         """1-10 % of what goes to and from Dify lost (each held until TCP would have resent it), for 5-15 s."""
