@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 class AckLedger:
     """`valid_seconds` (the Redis socket timeout) is how long a flush's records may land: Redis refuses one it runs
-    later (scripts.RECORD_UNTIL), so a record whose reply never came cannot overwrite a later one."""
+    later (scripts.RECORD), so a record whose reply never came cannot overwrite a later one."""
 
     def __init__(self, client: redis.Redis, keys: Keys, durable: Replication, open_key: str, valid_seconds: float = 0):
         self.client = client
@@ -91,7 +91,7 @@ class AckLedger:
             for stream_id, values in records.items():
                 key = self.keys.stream(stream_id)
                 pairs = [item for pair in values.items() for item in pair]
-                self._add(groups, key, ("EVAL", scripts.RECORD_UNTIL, 1, key, deadline, *pairs))
+                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, deadline, *pairs))
             if delivered:
                 self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
             for key, commands in groups.values():

@@ -59,6 +59,18 @@ local function ownership(owner)
 end
 """
 
+# Shared by the writes that carry a deadline (epoch seconds; 0 for none): the moment their writer stops waiting for
+# the reply. Redis refuses one it runs later (it was paused with the call in its socket, or a link held it), so a
+# write its writer counts as not done never lands behind its back, after newer ones.
+_DEADLINE = """
+local function late(deadline)
+  deadline = tonumber(deadline)
+  if deadline <= 0 then return false end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline
+end
+"""
+
 # KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch seconds;
 # 0 for none), field/value pairs..., deltas... Returns ok, closed, taken, conflict or late. The expected length
 # makes a retry safe: a call whose reply was lost may still have run (even after a later, longer retry was sent),
@@ -67,13 +79,10 @@ end
 # so an append its writer counts as unwritten never lands behind the writer's back.
 APPEND = (
     _OWNERSHIP
+    + _DEADLINE
     + """
 local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local deadline = tonumber(ARGV[7])
-if deadline > 0 then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline then return 'late' end
-end
+if late(ARGV[7]) then return 'late' end
 local first_delta = 8 + 2 * nf
 local state, status = ownership(ARGV[1])
 if state ~= 'ok' then return state end
@@ -280,27 +289,18 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-# KEYS: stream. ARGV: field/value pairs. Writes only to an existing hash, so no key is ever left without a TTL.
-RECORD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-# KEYS: stream. ARGV: deadline (epoch seconds; 0 for none), field/value pairs. As RECORD, but refused ('late', nothing
-# written) when Redis runs it past the deadline, the moment its writer stops waiting for the reply: a record of a
-# long connection's frames whose reply was lost (a paused Redis runs it on resuming, maybe after newer records on
-# another connection) never overwrites what came after it.
-RECORD_UNTIL = """
-local deadline = tonumber(ARGV[1])
-if deadline > 0 then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline then return 'late' end
-end
+# KEYS: stream. ARGV: deadline (_DEADLINE; 'late' past it, nothing written), field/value pairs. Writes only to an
+# existing hash, so no key is ever left without a TTL. A long connection's frame records carry a deadline: one whose
+# reply was lost in a Redis pause, run on resuming after the record of the next frame, must not overwrite it.
+RECORD = (
+    _DEADLINE
+    + """
+if late(ARGV[1]) then return 'late' end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
+)
 
 # KEYS: stream, lease. ARGV: attempt, lease_ms. Returns 1 if another attempt has taken the stream over, else 0. A
 # lease that ran out (e.g. through a Redis outage) is taken back while the stream is still this attempt's; a stream

@@ -358,7 +358,7 @@ class StreamStore:
         """Set informational fields on an existing stream (no-op if it has expired); `durable` for the
         long-connection outbox's records, which must outlive a failover (services/replication.py)."""
         script = self._record_durably if durable else self._record
-        return bool(script(keys=[self.keys.stream(stream_id)], args=_pairs(fields)))
+        return bool(script(keys=[self.keys.stream(stream_id)], args=["0", *_pairs(fields)]))
 
     # --- stops (services/streams/stop.py) ---------------------------------------------------------------------
 
