@@ -341,11 +341,13 @@ def slow_chatflow(seconds: float = 40.0) -> Flow:
 # --- apps of ours in the same form (tests/fixtures/dify-1.14.2/apps too), for what the captures did not cover -------
 
 
-def file_variable(name: str, file_type: str) -> dict:
-    """A required Start variable taking one file of `file_type` (document, image, …), as `/parameters` lists it."""
-    spec = {"variable": name, "label": name, "type": "file", "required": True, "allowed_file_types": [file_type]}
-    spec |= {"allowed_file_extensions": [], "allowed_file_upload_methods": ["local_file"], "max_length": 1}
-    return {"file": spec}
+def file_variable(name: str, *types: str, count: int = 1, extensions: tuple[str, ...] = ()) -> dict:
+    """A required Start variable taking files of `types` (document, image, …), one (`file`) or up to `count`
+    (`file-list`), as `/parameters` lists it."""
+    kind = "file-list" if count > 1 else "file"
+    spec = {"variable": name, "label": name, "type": kind, "required": True, "allowed_file_types": list(types)}
+    spec |= {"allowed_file_extensions": list(extensions), "allowed_file_upload_methods": ["local_file"]}
+    return {kind: spec | {"max_length": count}}
 
 
 FILE_WORKFLOW = Flow(

@@ -11,6 +11,7 @@ from PIL import Image
 
 from demo import dify_apps as apps
 from demo import dify_standin as d
+from demo.dify_flows import file_variable as file_input
 from services.texts import CATALOGUE
 from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import JPEG, KEYS, PNG, WS_BOT_ID, make_simulator, wait_until
@@ -306,13 +307,6 @@ def test_on_a_long_connection_an_unknown_message_type_gets_a_finished_bubble(ws_
 
 
 # --- files into the app's file inputs (a workflow's or chatflow's Start variables of type file) ---------------------
-
-
-def file_input(name: str, *types: str, count: int = 1, extensions: tuple[str, ...] = ()) -> dict:
-    """A Start variable that takes files, as /parameters declares it."""
-    spec = {"variable": name, "label": name, "required": True, "allowed_file_types": list(types)}
-    spec |= {"allowed_file_extensions": list(extensions), "allowed_file_upload_methods": ["local_file"]}
-    return {"file-list": spec | {"max_length": count}} if count > 1 else {"file": spec}
 
 
 def test_a_pdf_alone_starts_a_workflow_whose_input_takes_it(make_app, serve, dify):
