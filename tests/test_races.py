@@ -5,6 +5,8 @@ fixes; the third guards the retry those fixes made possible); and a holder that 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -180,3 +182,23 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     [message] = wecom.proactive
     assert message["markdown"]["content"].endswith("The rest.")
     assert "shown before the drain" not in message["markdown"]["content"]
+
+
+def test_a_long_connection_message_met_by_a_redis_outage_is_answered_once_redis_is_back(
+    ws_gateway, dify, private_redis
+):
+    """WeCom delivers a long connection's message once (a callback it tries again). One taken while Redis does not
+    answer is taken again until Redis is back, then answered; before, it ended at once with "please ask again" on a
+    req_id that was often dead by then (the 10-minute campaign lost two: a holder frozen with them in its socket woke
+    into a Redis pause, and its connection had moved)."""
+    _, wecom = ws_gateway(redis_url=private_redis.url, redis_socket_timeout=0.5)
+    dify.script([d.message("Answered after the outage."), d.end()])
+    private_redis.pause()
+    try:
+        message = wecom.deliver_text(WS_BOT_ID, "asked in an outage")
+        time.sleep(2.0)
+    finally:
+        private_redis.resume()
+    final = wecom.final(message, timeout=30)
+    assert final["stream"]["content"] == "Answered after the outage."
+    assert ZH["store_unavailable"] not in str(wecom.frames(message))

@@ -15,6 +15,7 @@ from services import metrics
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.chat.intake import MessageIntake
+from services.outage import delays_for, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
 from services.texts import Texts
@@ -73,14 +74,18 @@ class CallbackHandler:
             metrics.POLL_SECONDS.labels(self.bot).observe(time.perf_counter() - started)
         return self.envelope.seal(reply, opened.nonce)
 
-    def dispatch(self, message: Inbound) -> dict | None:
-        """The plaintext reply for an authentic message; failures behind it become finished replies."""
+    def dispatch(self, message: Inbound, patience: float = 0.0) -> dict | None:
+        """The plaintext reply for an authentic message; failures behind it become finished replies. A message is
+        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once),
+        else ended at once with a note (a callback's: WeCom tries it again)."""
         try:
             if message.msgtype == "stream":
                 bind_log_context(stream=message.stream_id)
                 return self.streams.poll(message.stream_id)
             if message.msgtype == "event":
                 return self.events.handle(message)
+            if patience > 0:
+                return through_outage(lambda: self.intake.take(message), "taking a message", delays_for(patience))
             return self.intake.take(message)
         except REDIS_FAILURES as exc:
             if message.msgtype == "stream":

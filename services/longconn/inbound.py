@@ -22,6 +22,12 @@ from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
 
+# How long a message read from the connection is taken again while Redis does not answer: WeCom delivers it once on
+# a long connection (a callback is tried again by WeCom instead), so one met by a Redis restart or failover (their
+# overlays budget 30 s) is answered when Redis is back, not ended with "please ask again". A connection lost
+# meanwhile costs nothing: the stream keeps its route, and the next holder sends the answer (outbox.py).
+INTAKE_PATIENCE_SECONDS = 30.0
+
 
 class InboundHandler:
     """Answers the frames WeCom sends on this process's connection."""
@@ -50,7 +56,7 @@ class InboundHandler:
         if holding is not None:  # the answer's route, which the stream keeps from its creation (StreamService.open)
             message = replace(message, ws_req_id=req_id, ws_generation=holding.generation)
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            reply = self.callback.dispatch(message)
+            reply = self.callback.dispatch(message, patience=INTAKE_PATIENCE_SECONDS)
         if reply is None:
             return
         if message.msgtype == "event":
