@@ -58,6 +58,7 @@ from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.recorder import AnswerOptions
+from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamService
 from services.streams.stop import AnswerStopper
@@ -86,6 +87,7 @@ class Bot:
     media: MediaService
     feedback: FeedbackService
     responder: ResponseUrlClient
+    posts: RestPosts  # what answers owe through response_url (callback mode), swept by every serving process
     streams: StreamService
     callback: CallbackHandler
     texts: Texts
@@ -96,6 +98,7 @@ class Bot:
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
     def close(self) -> None:
+        self.posts.stop()
         if self.consumer is not None:
             self.consumer.stop()
         if self.holder is not None:
@@ -143,7 +146,8 @@ class Gateway:
 
     def start(self) -> None:
         """Start the background work of a serving process: each long-connection bot's answer consumer (first: the
-        holder queues into it) and connection holder. Once only."""
+        holder queues into it) and connection holder; each callback bot's sweep of the response_url posts whose
+        poster died. Once only."""
         if self.started:
             return
         self.started = True
@@ -159,6 +163,8 @@ class Gateway:
             if bot.holder is not None:
                 bot.consumer.start()
                 bot.holder.start()
+            else:
+                bot.posts.start()
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let
@@ -301,11 +307,12 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     form_store = FormStore(client, keys)
     forms = FormService(form_store, dify, texts, name)
     responder = ResponseUrlClient()
+    posts = RestPosts(client, keys, store.durable, responder, shared.owner, name)
     bubble = BubbleRenderer(texts, settings.stream_placeholder)
     stopper = AnswerStopper(store, dify, profile, texts, name)
     finisher = Finisher(
         store,
-        responder,
+        posts,
         bubble,
         texts,
         name,
@@ -373,6 +380,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         media=media,
         feedback=feedback,
         responder=responder,
+        posts=posts,
         streams=streams,
         callback=callback,
         texts=texts,

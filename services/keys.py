@@ -36,6 +36,11 @@ OUTBOX_TRACKED_TTL_SECONDS = 2 * 3600
 # A record that something went out (a rest, a push, an answer's files), or failed for good: kept long past any retry
 # or take-over that could send it again.
 SENT_TTL_SECONDS = 24 * 3600
+# A claim on posting a message owed through a response_url: renewed before each try of the post (tries are at most
+# 18 s apart: a 10 s timeout and an 8 s wait), taken over after it lapses (the poster died or froze).
+REST_POST_CLAIM_TTL_SECONDS = 30
+# A message owed through a response_url is kept, and tried, as long as its URL lives.
+REST_POST_TTL_SECONDS = 3600
 # A claim on uploading an answer's files over the long connection: long enough for a hundred chunks to be acked.
 FILE_UPLOAD_CLAIM_TTL_SECONDS = 600
 # The long connection's answer queue and a bot's lease generation (its fencing token, which must never go back).
@@ -68,6 +73,18 @@ class Keys:
     def ws_refusals(self, bot_id: str) -> str:
         """Counter of WeCom's refusals of the bot's credentials in a row (the back-off grows with it)."""
         return f"{self.prefix}wecom_ws:{{{bot_id}}}:refusals"
+
+    def rest_posts(self) -> str:
+        """Sorted set of the streams owing a message of their own through their response_url (score: when)."""
+        return f"{self.prefix}rest_posts"
+
+    def rest_post(self, stream_id: str) -> str:
+        """Hash of a stream's message owed through its response_url: `url`, `message`."""
+        return f"{self.prefix}rest_post:{{{stream_id}}}"
+
+    def rest_post_claim(self, stream_id: str) -> str:
+        """`sending <claimant>` while one process posts a stream's owed message, then `sent` or `failed`."""
+        return f"{self.prefix}rest_post_claim:{{{stream_id}}}"
 
     def ws_open(self, bot_id: str) -> str:
         """Sorted set of the bot's streams answered over its WebSocket and not yet delivered whole (score: when)."""

@@ -440,3 +440,39 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     assert "resumes" not in meta and "restarts" not in meta
     assert len(dify.chat_requests()) == 1
     sim.close()
+
+
+class _Died(BaseException):
+    """The process is gone: nothing after this runs in the thread that met it."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death, in its thread
+def test_the_rest_of_an_answer_whose_replica_died_while_posting_it_is_posted_by_another(pair, dify, monkeypatch):
+    """A bubble that closed early promised the rest; the replica posting it through response_url died between two
+    tries while WeCom was busy (the 10-minute campaign on one server: 95 of 118 sentences never came). The post was
+    written down first, so another replica makes it, once, when the dead one's claim lapses."""
+    from services.streams import rest_posts
+
+    monkeypatch.setattr(rest_posts, "REST_POST_CLAIM_TTL_SECONDS", 2)
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    first, second = pair
+    tries = []
+
+    def die(url, message, still_ours=None):
+        tries.append(url)
+        raise _Died
+
+    first.gateway.bot().responder.send_markdown = die
+    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
+    dify.script([d.message(text[:3000]), d.message(text[3000:]), d.end()])
+    sim = make_simulator(first.url)
+    payload = sim.text_message("a long one")
+    conversation = sim.follow(sim.send(payload))
+    shown, note = conversation.text.split("\n\n")
+    assert note == ZH["overflow_continues"]
+    message = sim.inbox.wait_for(payload["response_url"], timeout=20)
+    assert tries, "the first replica never tried the post"
+    assert shown + message["markdown"]["content"].removeprefix(ZH["continued"] + "\n\n") == text
+    time.sleep(1.0)  # a bounded look: no second post follows (WeCom would refuse it)
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    sim.close()

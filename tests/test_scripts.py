@@ -12,6 +12,7 @@ from redis.crc import key_slot
 from services.keys import Keys
 from services.lua import LuaScript
 from services.streams import scripts
+from services.streams.rest_posts import RestPosts
 from services.streams.store import AppendRequest, StreamStore
 
 CALL = re.compile(r"redis\.call\(\s*'([A-Z]+)'\s*,\s*([^,)]+)")
@@ -76,6 +77,7 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.claim_dify_stop("s1")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})
     store.take_unpolled("s0")
+    RestPosts(redis_client, Keys("tenant:"), store.durable, None, "A", "bot1").renew("s0", "sending A 1")
     names = {source: name for name, source in scripts.ALL.items()}
     assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called
     for source, keys in calls:

@@ -209,6 +209,47 @@ def test_a_post_to_response_url_that_wecom_was_too_busy_for_is_tried_again_and_l
     client.close()
 
 
+def test_a_post_whose_poster_died_is_made_once_however_many_processes_sweep_at_once(
+    simulator, redis_client, monkeypatch
+):
+    """A response_url post is written down before its first try; when its poster dies, every serving process's sweep
+    finds it once the claim lapses, and exactly one of them makes it (services/streams/rest_posts.py)."""
+    from services.replication import Replication
+    from services.streams import rest_posts
+    from services.wecom.response_url import ResponseUrlClient
+
+    class DiesPosting:
+        def send_markdown(self, url, message, still_ours=None):
+            raise RuntimeError("the poster died")
+
+    monkeypatch.setattr(rest_posts, "REST_POST_CLAIM_TTL_SECONDS", 1)
+    durable = Replication(redis_client)
+    url = simulator.inbox.new_response_url()
+    poster = rest_posts.RestPosts(redis_client, KEYS, durable, DiesPosting(), "dead", "default")
+    with pytest.raises(RuntimeError):
+        poster.send("owed-1", url, "the rest")
+    time.sleep(1.2)  # the dead poster's claim lapses
+    clients = [ResponseUrlClient() for _ in range(4)]
+    sweepers = [rest_posts.RestPosts(redis_client, KEYS, durable, c, f"p{n}", "default") for n, c in enumerate(clients)]
+    taken, start = [], threading.Barrier(len(sweepers))
+
+    def sweep(sweeper):
+        start.wait()
+        taken.append(sweeper.sweep())
+
+    threads = [threading.Thread(target=sweep, args=(s,)) for s in sweepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(taken) == [0, 0, 0, 1]
+    assert [m["markdown"]["content"] for m in simulator.inbox.received(url)] == ["the rest"]
+    assert redis_client.get(KEYS.rest_post_claim("owed-1")) == "sent"
+    assert sweepers[0].sweep() == 0  # nothing is owed any more
+    for client in clients:
+        client.close()
+
+
 def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):
     text = "word " * 5000
     dify.script([d.message(text), d.end()])

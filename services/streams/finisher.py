@@ -35,9 +35,9 @@ from services.streams.bubble import (
     text_at_close,
 )
 from services.streams.job import StreamJob
+from services.streams.rest_posts import RestPosts
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
-from services.wecom.response_url import ResponseUrlClient
 from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Finisher:
     def __init__(
         self,
         store: StreamStore,
-        responder: ResponseUrlClient,
+        posts: RestPosts,
         bubble: BubbleRenderer,
         texts: Texts,
         bot: str = "default",
@@ -77,7 +77,7 @@ class Finisher:
         self.window_seconds = window_seconds
         self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
         self.store = store
-        self.responder = responder
+        self.posts = posts  # callback mode: posts through response_url, made once whatever process dies
         self.bubble = bubble
         self.texts = texts
         # Long-connection bots: a message of the answer's own goes out through the connection's outbox
@@ -206,7 +206,7 @@ class Finisher:
             delivered = bool(best_effort_value(sending, "handing the message to the outbox", delays_for(patience)))
             way = "the outbox (aibot_send_msg)"
         else:
-            delivered, way = self.responder.send_markdown(job.response_url, message), "response_url"
+            delivered, way = self.posts.send(job.stream_id, job.response_url, message), "response_url"
         metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
         logger.info("%s of the answer %s through %s", kind, "sent" if delivered else "NOT sent", way)
         return delivered

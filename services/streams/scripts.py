@@ -389,6 +389,15 @@ redis.call('HSET', KEYS[1], 'close_reason', 'separately', 'closed_bytes', 0, 'de
 return 1
 """
 
+# KEYS: the claim on a message owed through a response_url (services/streams/rest_posts.py). ARGV: the claimant's
+# token, the claim's TTL. Renews the claim if it is still the claimant's: 1; 0 when it lapsed and another took it (the
+# claimant must not post: the other does).
+RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -404,4 +413,5 @@ ALL = {
     "STOP": STOP,
     "STOP_DIFY": STOP_DIFY,
     "UNPOLLED": UNPOLLED,
+    "RENEW_CLAIM": RENEW_CLAIM,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 import orjson
@@ -29,11 +30,15 @@ class ResponseUrlClient:
     def close(self) -> None:
         self._http.close()
 
-    def send_markdown(self, url: str, content: str) -> bool:
-        """Post one markdown message; True if WeCom accepted it (on any try)."""
+    def send_markdown(self, url: str, content: str, still_ours: Callable[[], bool] | None = None) -> bool:
+        """Post one markdown message; True if WeCom accepted it (on any try). With `still_ours`, each try asks it
+        first, and none is made once it says no (another process took the post over)."""
         body = orjson.dumps({"msgtype": "markdown", "markdown": {"content": content}})
         for attempt, delay in enumerate((0.0, *self.retry_delays), start=1):
             time.sleep(delay)
+            if still_ours is not None and not still_ours():
+                logger.warning("another process took this response_url post over; not trying again here")
+                return False
             try:
                 response = self._http.post(url, content=body, headers={"Content-Type": "application/json"})
             except httpx.HTTPError as exc:

@@ -1,0 +1,167 @@
+"""Messages an answer owes its user through the message's response_url (callback mode): the rest of a bubble that
+closed early or overflowed, or the whole answer when no bubble could show it. Such a post is tried for about 15 s
+while WeCom is busy (services/wecom/response_url.py); a process that dies or freezes meanwhile must not take the
+message with it, since the bubble has already promised it.
+
+So before the first try the message is written down (a hash per stream, kept as long as the URL lives), claimed by
+its poster (`sending <claimant>`, renewed before each try) and listed in the bot's set of owed posts. Once WeCom
+took it or refused it for good, the claim says `sent` or `failed` for a day and the listing goes. Every serving
+process sweeps the list every few seconds: a post whose claim lapsed (its poster died, or froze past the claim) is
+claimed and posted there. A post is made by one claimant at a time; a frozen poster that wakes finds its claim gone
+and stops. The one window left is a poster frozen past its claim between renewing it and posting, which then posts
+beside its successor: WeCom takes a response_url once and refuses the second.
+
+When Redis does not answer, the message is posted at once without this record (the finisher's answer to an outage:
+the user is not kept waiting for Redis)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+import redis
+
+from services.keys import REST_POST_CLAIM_TTL_SECONDS, REST_POST_TTL_SECONDS, SENT_TTL_SECONDS, Keys
+from services.loops import run_until
+from services.lua import LuaScript
+from services.outage import best_effort
+from services.redis_conn import REDIS_FAILURES
+from services.replication import OUTBOX, Replication, raise_first_error
+from services.streams import scripts
+from services.wecom.response_url import ResponseUrlClient
+
+logger = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 3.0  # how often each process looks for posts whose poster is gone
+PAGE = 20  # owed posts taken per sweep
+
+
+class RestPosts:
+    """One bot's posts through response_url, durable across the death of the process that made them."""
+
+    def __init__(
+        self, client: redis.Redis, keys: Keys, durable: Replication, responder: ResponseUrlClient, owner: str, bot: str
+    ):
+        self.client = client
+        self.keys = keys
+        self.durable = durable
+        self.responder = responder
+        self.owner = owner
+        self.bot = bot
+        self.owed_key = keys.rest_posts()
+        self._renew = LuaScript(client, scripts.RENEW_CLAIM)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def send(self, stream_id: str, url: str, message: str) -> bool:
+        """Post `message` through `url` for the stream, once: True if WeCom took it (here, or from a process that
+        took the post over)."""
+        token = self._token()
+        try:
+            claimed = self._owe(stream_id, url, message, token)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not write down the response_url post (%s); posting it without a record", exc)
+            return self.responder.send_markdown(url, message)
+        if not claimed:
+            logger.info("the response_url post of this stream was made already; not again")
+            return True
+        return self._post(stream_id, url, message, token)
+
+    def sweep(self) -> int:
+        """Post what is owed and has no living poster (its claim lapsed); returns how many were taken here."""
+        self.client.zremrangebyscore(self.owed_key, "-inf", time.time() - REST_POST_TTL_SECONDS)
+        due = self.client.zrangebyscore(self.owed_key, "-inf", time.time() - REST_POST_CLAIM_TTL_SECONDS, 0, PAGE)
+        taken = 0
+        for stream_id in due:
+            token = self._token()
+            claim_key = self.keys.rest_post_claim(stream_id)
+            [claimed] = self._write(claim_key, [("SET", claim_key, token, "NX", "EX", REST_POST_CLAIM_TTL_SECONDS)])
+            if not claimed:
+                if self.client.get(claim_key) in ("sent", "failed"):
+                    self.client.zrem(self.owed_key, stream_id)  # its poster ended it, and died before this
+                continue
+            owed = self.client.hgetall(self.keys.rest_post(stream_id))
+            if not owed:
+                self._settle(stream_id, "failed")  # expired with its URL
+                continue
+            logger.warning("a response_url post whose poster is gone is taken over here (stream %s)", stream_id)
+            taken += 1
+            self._post(stream_id, owed["url"], owed["message"], token)
+        return taken
+
+    def renew(self, stream_id: str, token: str) -> bool:
+        """Renew the claim `token` on the stream's post; False when it lapsed and another process took it."""
+        return bool(self._renew([self.keys.rest_post_claim(stream_id)], [token, REST_POST_CLAIM_TTL_SECONDS]))
+
+    def _token(self) -> str:
+        """A claim of this process that no other claim has."""
+        return f"sending {self.owner} {secrets.token_hex(6)}"
+
+    def start(self) -> None:
+        """Sweep in a thread of this process until `stop`."""
+        self._thread = threading.Thread(target=self._run, name=f"rest-posts-{self.bot}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        def step() -> None:
+            try:
+                self.sweep()
+            except REDIS_FAILURES as exc:
+                logger.debug("could not sweep the owed response_url posts: %s", exc)
+            self._stop.wait(SWEEP_SECONDS)
+
+        run_until(self._stop, step, "rest_posts")
+
+    def _owe(self, stream_id: str, url: str, message: str, token: str) -> bool:
+        """Write the post down, claimed by `token`, and list it; False if it was claimed (or made) before."""
+        post_key, claim_key = self.keys.rest_post(stream_id), self.keys.rest_post_claim(stream_id)
+        replies = self._write(
+            post_key,
+            [
+                ("SET", claim_key, token, "NX", "EX", REST_POST_CLAIM_TTL_SECONDS),
+                ("HSET", post_key, "url", url, "message", message),
+                ("EXPIRE", post_key, REST_POST_TTL_SECONDS),
+            ],
+        )
+        if not replies[0]:
+            return False
+        self._write(self.owed_key, [("ZADD", self.owed_key, time.time(), stream_id)])
+        return True
+
+    def _post(self, stream_id: str, url: str, message: str, token: str) -> bool:
+        handed_over = []
+
+        def still_ours() -> bool:
+            try:
+                ours = self.renew(stream_id, token)
+            except REDIS_FAILURES:
+                return True  # cannot tell: a claim that lapses meanwhile is found by the next renewal
+            if not ours:
+                handed_over.append(True)
+            return ours
+
+        accepted = self.responder.send_markdown(url, message, still_ours)
+        if handed_over:
+            return True  # another process posts it
+        self._settle(stream_id, "sent" if accepted else "failed")
+        return accepted
+
+    def _settle(self, stream_id: str, state: str) -> None:
+        """The post is over (`sent`, or `failed` for good): no process makes it again."""
+        claim_key = self.keys.rest_post_claim(stream_id)
+
+        def settle() -> None:
+            self._write(claim_key, [("SET", claim_key, state, "EX", SENT_TTL_SECONDS)])
+            self.client.zrem(self.owed_key, stream_id)
+
+        best_effort(settle, f"recording the response_url post as {state}")
+
+    def _write(self, key: str, commands: list[tuple]) -> list:
+        replies = self.durable.execute(key, commands, OUTBOX)
+        raise_first_error(replies)
+        return replies
