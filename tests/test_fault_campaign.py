@@ -75,6 +75,20 @@ def test_a_note_that_promises_the_rest_is_no_ending_unless_the_rest_came():
     assert counts(history([(2.0, waiting, True)]))["lost"] == 1
 
 
+def test_a_note_that_says_the_answer_was_complete_is_no_ending_when_it_was_not():
+    """A long connection's bubble that lost its end is told "the previous answer was complete" only when it showed
+    every word; said of a bubble that did not, the note hides a loss."""
+    note = CATALOGUE["zh"]["nothing_more"]
+    events = history([(1.0, answer_text(TAG, 2), False)], posts=[note])
+    for event in events:
+        event["mode"] = "long_connection"
+    assert counts(events)["lost"] == 1
+    events = history([(1.0, WHOLE, False)], posts=[note])
+    for event in events:
+        event["mode"] = "long_connection"
+    assert counts(events) == ZERO
+
+
 def test_a_failure_note_on_a_message_no_fault_touched_is_spurious():
     orphaned = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['orphaned']}"
     assert counts(history([(2.0, orphaned, True)]))["spurious_notes"] == 1

@@ -49,9 +49,17 @@ _NOT_NOTES = {
     "form_not_yours", "form_expired_card", "form_rest", "file_link", "file_original", "file_named",
     "welcome_title", "suggestions_title", "citations_title", "progress_step",
 }  # fmt: skip
-# Notes that promise the user more: an ending only when the promise was kept (the answer reached them whole).
+# Notes that promise the user more, or tell them they have it all: an ending only when that is true (the answer
+# reached them whole).
 PROMISES = frozenset(
-    {"window_continues", "overflow_continues", "sent_separately", "rest_sent_separately", "form_waiting"}
+    {
+        "window_continues",
+        "overflow_continues",
+        "sent_separately",
+        "rest_sent_separately",
+        "form_waiting",
+        "nothing_more",
+    }
 )
 # The gateway's admission control (a user with too many answers open, or sending too fast): a right refusal, never
 # spurious.
