@@ -19,15 +19,20 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
 
 Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
 also broken down by the faults that were active while the message was open.
+
+A recorded history is checked again with `python -m bench.faults.checker HISTORY.jsonl[.gz]...` (FAULTS.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.faults.answers import repeats, sentences_in
+from bench.faults.history import read
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -276,3 +281,21 @@ def _quantiles(values: list[float]) -> dict:
         "p95": round(ordered[min(len(ordered) - 1, int(0.95 * (len(ordered) - 1) + 0.5))], 2),
         "max": round(ordered[-1], 2),
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Check recorded histories again: each one's counts, and the messages behind every count that is not zero."""
+    parser = argparse.ArgumentParser(description="Check fault-campaign histories again.")
+    parser.add_argument("histories", nargs="+", type=Path, help="history.jsonl files (or gzipped)")
+    results = {}
+    for path in parser.parse_args(argv).histories:
+        result = check(read(path))
+        results[str(path)] = {name: result[name] for name in ("messages", "faults", *COUNTS)}
+        print(f"{path}: {', '.join(f'{name} {value}' for name, value in results[str(path)].items())}")
+        for problem in result["problems"]:
+            print(f"  {problem}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

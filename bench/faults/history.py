@@ -8,6 +8,7 @@ posted to WeCom), `dify_call` (a chat request Dify received for it), `fault` (wh
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from pathlib import Path
@@ -33,3 +34,9 @@ class History:
     def write(self, path: Path) -> None:
         with self._lock:
             path.write_bytes(b"".join(orjson.dumps(event) + b"\n" for event in self.events))
+
+
+def read(path: Path) -> list[dict]:
+    """The events of a history written by `History.write` (or that file gzipped: `*.gz`)."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return [orjson.loads(line) for line in data.splitlines() if line]
