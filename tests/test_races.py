@@ -202,3 +202,35 @@ def test_a_long_connection_message_met_by_a_redis_outage_is_answered_once_redis_
     final = wecom.final(message, timeout=30)
     assert final["stream"]["content"] == "Answered after the outage."
     assert ZH["store_unavailable"] not in str(wecom.frames(message))
+
+
+def test_a_long_connection_answer_ended_in_an_outage_by_a_draining_process_goes_on_from_what_the_bubble_showed(
+    ws_gateway, dify, private_redis
+):
+    """On a long connection the bubble shows what its holder sent, which may be less than Redis holds (here its
+    req_id died with a dropped socket after the first sentence). A draining process that meets Redis away at the
+    answer's end used to send what followed the text Redis confirmed, as it does for callback polls, and close the
+    stream there: the sentence Redis held and no frame showed was lost (the 10-minute Cluster run of seed 12). Only
+    Redis knows what the bubble shows, and nothing reaches a long connection's user without it: the answer's end
+    waits for Redis, and the rest goes out from what the bubble showed."""
+    gateway, wecom = ws_gateway(redis_url=private_redis.url, redis_socket_timeout=0.5)
+    steps = [d.message("Shown. "), d.sleep(1.5), d.message("Written, never shown. "), d.sleep(1.5)]
+    dify.script([*steps, d.message("The end."), d.end()])
+    message = wecom.deliver_text(WS_BOT_ID, "a drop, then an outage while draining")
+    assert wait_until(lambda: "Shown." in str(wecom.frames(message)), timeout=10)
+    stream_id = wecom.frames(message)[0]["stream"]["id"]
+    wecom.drop(WS_BOT_ID)  # the bubble's req_id dies with its socket; the holder connects again
+    store = private_redis.client()
+    assert wait_until(lambda: "Written, never shown. " in store.lrange(KEYS.stream_chunks(stream_id), 0, -1))
+    private_redis.pause()
+    gateway.runner.accepting = False  # the process drains: it waits no longer for Redis to end a callback answer
+    try:
+        time.sleep(3.0)  # the answer ends, and its final state cannot be written
+    finally:
+        private_redis.resume()
+    assert wait_until(lambda: wecom.proactive, timeout=30)
+    assert outbox_settled(store, WS_BOT_ID)
+    shown = "".join(frame["stream"]["content"] for frame in wecom.frames(message))
+    assert "Written" not in shown
+    [rest] = [sent["markdown"]["content"] for sent in wecom.proactive]
+    assert rest.endswith("Written, never shown. The end.")

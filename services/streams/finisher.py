@@ -10,7 +10,8 @@ through the connection's outbox: `aibot_send_msg`). If Redis stays away past tha
 shown goes out that way: after the text Redis confirmed holding, when the bubble cannot have closed early at less,
 else the whole answer. The stream is then finished, as soon as Redis is back, at that text, with a note that the
 rest (or the answer) was sent separately: nothing reaches the user twice, and no poll resumes, restarts or ends it as
-interrupted after the user has it whole.
+interrupted after the user has it whole. A long connection's answer instead waits for Redis through the rest of its
+window: its bubble shows what the holder sent, which only Redis knows, and its frames and rests go through Redis.
 """
 
 from __future__ import annotations
@@ -94,19 +95,31 @@ class Finisher:
         note = fields.get("note", "")
         patience = job.created_at + self.window_seconds - time.time()  # while WeCom may still poll the bubble
         finish_id = secrets.token_hex(8)  # every try of this finish carries it: a try whose reply was lost is repeated
+        record = partial(self._record, job, answer, status, fields, finish_id)
         try:
-            finished = through_outage(
-                lambda: self._record(job, answer, status, fields, finish_id),
-                "recording the final state of the answer",
-                delays_for(patience),
-                give_up=self.draining,
-            )
+            try:
+                finished = through_outage(
+                    record, "recording the final state of the answer", delays_for(patience), give_up=self.draining
+                )
+            except REDIS_FAILURES:
+                if self.send_separately is None:
+                    logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
+                    self._finish_without_redis(job, answer, status, fields, note)
+                    return None
+                # A long connection's bubble shows what its holder sent, which only Redis knows, and its frames and
+                # rests all go through Redis: the end waits for Redis (a process that dies meanwhile leaves the
+                # stream to a takeover, as any death does).
+                logger.error("Redis stayed unavailable at the answer's end; a long connection's answer waits for it")
+                finished = through_outage(
+                    record,
+                    "recording the final state of the answer",
+                    steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS),
+                )
         except StreamAborted:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
-            self._finish_without_redis(job, answer, status, fields, note)
+            logger.error("Redis stayed unavailable past the bubble's window; the answer is left to a takeover")
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
