@@ -147,7 +147,7 @@ class Gateway:
     def start(self) -> None:
         """Start the background work of a serving process: each long-connection bot's answer consumer (first: the
         holder queues into it) and connection holder; each callback bot's sweep of the response_url posts whose
-        poster died. Once only."""
+        poster died and of the bubbles closed before their answers ended. Once only."""
         if self.started:
             return
         self.started = True
@@ -164,7 +164,7 @@ class Gateway:
                 bot.consumer.start()
                 bot.holder.start()
             else:
-                bot.posts.start()
+                bot.posts.start(also=bot.streams.look_after_closed_early)
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let
@@ -347,6 +347,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         shared_groups=settings.group_conversation == "shared",
         queue=reach.queue if reach else None,
         outbox=reach.outbox if reach else None,
+        posts=None if reach else posts,
     )
     # A form's card is opened by the worker (forms), and its answer may start the rest of the run on a worker again
     # (form_answers, built once streams is).

@@ -78,6 +78,11 @@ class Keys:
         """Sorted set of the streams owing a message of their own through their response_url (score: when)."""
         return f"{self.prefix}rest_posts"
 
+    def closed_early(self) -> str:
+        """Sorted set of the streams whose bubble a poll closed before their answer ended (score: when), watched
+        until they end (callback mode: services/streams/service.py)."""
+        return f"{self.prefix}closed_early"
+
     def rest_post(self, stream_id: str) -> str:
         """Hash of a stream's message owed through its response_url: `url`, `message`."""
         return f"{self.prefix}rest_post:{{{stream_id}}}"

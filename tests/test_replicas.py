@@ -476,3 +476,28 @@ def test_the_rest_of_an_answer_whose_replica_died_while_posting_it_is_posted_by_
     time.sleep(1.0)  # a bounded look: no second post follows (WeCom would refuse it)
     assert len(sim.inbox.received(payload["response_url"])) == 1
     sim.close()
+
+
+def test_a_bubble_closed_early_whose_replica_then_died_is_not_left_promising_the_rest(make_pair, dify, monkeypatch):
+    """A bubble that overflowed closed with "the rest follows"; WeCom polls it no more. Its replica then died before
+    the answer ended (the 10-minute Cluster run of seed 12: 95 of 136 sentences never came, and nobody said so). A
+    chat's answer cannot be taken up again: another replica, watching the bubbles closed early, ends it as
+    interrupted and says so through response_url, once."""
+    from services.streams import rest_posts
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    first, second = make_pair(stream_lease_seconds=2, dify_read_timeout=90.0)
+    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
+    dify.script([d.message(text), d.stall(60), d.message("never written"), d.end()])
+    sim = make_simulator(first.url)
+    payload = sim.text_message("a long one, then a death")
+    conversation = sim.follow(sim.send(payload))
+    assert conversation.text.endswith(ZH["overflow_continues"])
+    kill(first)  # its lease runs out while its worker waits for Dify
+    message = sim.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message is not None, "nothing told the user that the promised rest will not come"
+    assert message["markdown"]["content"] == ZH["orphaned"]
+    time.sleep(1.0)  # a bounded look: no second post follows (WeCom would refuse it)
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    assert len(dify.chat_requests()) == 1
+    sim.close()

@@ -20,6 +20,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -54,6 +55,7 @@ class RestPosts:
         self._renew = LuaScript(client, scripts.RENEW_CLAIM)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._also: Callable[[], object] = lambda: None
 
     def send(self, stream_id: str, url: str, message: str) -> bool:
         """Post `message` through `url` for the stream, once: True if WeCom took it (here, or from a process that
@@ -99,8 +101,10 @@ class RestPosts:
         """A claim of this process that no other claim has."""
         return f"sending {self.owner} {secrets.token_hex(6)}"
 
-    def start(self) -> None:
-        """Sweep in a thread of this process until `stop`."""
+    def start(self, also: Callable[[], object] = lambda: None) -> None:
+        """Sweep in a thread of this process until `stop`, calling `also` after each sweep (another watch over
+        what is owed through response_url: the bubbles closed before their answers ended)."""
+        self._also = also
         self._thread = threading.Thread(target=self._run, name=f"rest-posts-{self.bot}", daemon=True)
         self._thread.start()
 
@@ -111,8 +115,9 @@ class RestPosts:
         def step() -> None:
             try:
                 self.sweep()
+                self._also()
             except REDIS_FAILURES as exc:
-                logger.debug("could not sweep the owed response_url posts: %s", exc)
+                logger.debug("could not sweep what is owed through response_url: %s", exc)
             self._stop.wait(SWEEP_SECONDS)
 
         run_until(self._stop, step, "rest_posts")

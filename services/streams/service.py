@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from services import metrics
+from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import CALLBACK_DEADLINE_SECONDS, REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.job import StreamJob
+from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
@@ -28,6 +30,11 @@ from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
+
+# What a poll did when it closed a bubble before its answer ended (scripts.POLL), and how many such bubbles are
+# looked at per pass of look_after_closed_early.
+CLOSING_EVENTS = ("closed_window", "closed_overflow")
+CLOSED_EARLY_PAGE = 50
 
 
 def new_stream_id() -> str:
@@ -77,6 +84,7 @@ class StreamService:
         queue: AnswerQueue | None = None,
         outbox: StreamTracker | None = None,
         card_returns: CardReturns | None = None,
+        posts: RestPosts | None = None,
     ):
         self.bot = bot
         self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
@@ -91,6 +99,8 @@ class StreamService:
         self.queue = queue
         self.outbox = outbox
         self.card_returns = card_returns or CardReturns()  # its thread starts on the first poll that needs it
+        # Callback mode: what answers owe through response_url (a bubble closed early is watched until its answer ends)
+        self.posts = posts
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
@@ -250,6 +260,49 @@ class StreamService:
 
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
+        snapshot = self._look(stream_id, hand_card)
+        if snapshot is None:
+            return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
+        if snapshot.close_reason:
+            shown = text_at_close(snapshot.text, snapshot.closed_bytes)
+            content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]
+            logger.info("bubble finished before its answer did (%s)", snapshot.close_reason)
+            return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
+        if snapshot.active:
+            if snapshot.card:
+                metrics.CARDS.labels(self.bot, "form").inc()
+                logger.info("the form's card goes out with this reply")
+            content = self.bubble.live(snapshot.text, snapshot.prompt)
+            return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
+        return self._final(stream_id, snapshot)
+
+    def look_after_closed_early(self) -> int:
+        """Callback mode: a bubble a poll closed before its answer ended (its window ran out, or it overflowed)
+        promised the rest through response_url, and WeCom polls it no more, so no poll would see its replica die
+        before the answer ends. Each is looked at here as a poll would: once its lease has been gone for the
+        takeover grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot
+        be, ends as interrupted, with that note sent through response_url instead of the rest. Returns how many
+        were found ended (and are watched no more)."""
+        if self.posts is None:
+            return 0
+        ended = 0
+        for stream_id in self.store.closed_early(CLOSED_EARLY_PAGE):
+            snapshot = self._look(stream_id, hand_card=False)
+            if snapshot is not None and snapshot.active:
+                continue
+            if snapshot is not None and snapshot.event == "expired":
+                logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
+                url = self.store.meta(stream_id).get("response_url", "")
+                if url:
+                    self.posts.send(stream_id, url, snapshot.note)
+            self.store.forget_closed_early(stream_id)
+            ended += 1
+        return ended
+
+    def _look(self, stream_id: str, hand_card: bool) -> Snapshot | None:
+        """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
+        replica, a bubble that just closed frees its user's slot (and, closed before its answer ended, is watched
+        until the answer ends). None for an unknown stream."""
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
         try:
@@ -270,29 +323,20 @@ class StreamService:
         if late and self.card_returns.now(self.store, stream_id, token):  # WeCom may not take this reply
             snapshot.card = None  # the next poll's carries it
         if snapshot is None:
-            return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
+            return None
         if snapshot.event:
             metrics.STREAM_OUTCOMES.labels(self.bot, snapshot.event).inc()
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
+        if snapshot.event in CLOSING_EVENTS and self.posts is not None and snapshot.has_response_url:
+            best_effort(lambda: self.store.note_closed_early(stream_id), "listing a bubble closed early")
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))
         elif snapshot.resumed:
             logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
             self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id), snapshot.attempt))
-        if snapshot.close_reason:
-            shown = text_at_close(snapshot.text, snapshot.closed_bytes)
-            content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]
-            logger.info("bubble finished before its answer did (%s)", snapshot.close_reason)
-            return stream_reply(stream_id, content, finish=True, feedback_id=stream_id)
-        if snapshot.active:
-            if snapshot.card:
-                metrics.CARDS.labels(self.bot, "form").inc()
-                logger.info("the form's card goes out with this reply")
-            content = self.bubble.live(snapshot.text, snapshot.prompt)
-            return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
-        return self._final(stream_id, snapshot)
+        return snapshot
 
     @staticmethod
     def _late(started: float) -> bool:

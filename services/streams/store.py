@@ -20,7 +20,14 @@ import orjson
 import redis
 
 from services import replication
-from services.keys import FEEDBACK_TTL_SECONDS, INFLIGHT_TTL_SECONDS, MSGID_TTL_SECONDS, RATE_WINDOW_SECONDS, Keys
+from services.keys import (
+    FEEDBACK_TTL_SECONDS,
+    INFLIGHT_TTL_SECONDS,
+    MSGID_TTL_SECONDS,
+    RATE_WINDOW_SECONDS,
+    REST_POST_TTL_SECONDS,
+    Keys,
+)
 from services.lua import LuaScript
 from services.redis_conn import HotPathConnections
 from services.replication import Replication, raise_first_error
@@ -437,6 +444,21 @@ class StreamStore:
             card=orjson.loads(card) if card else None,
             images=[orjson.loads(image) for image in images],
         )
+
+    # --- bubbles closed before their answers ended ---------------------------------------------------------------
+
+    def note_closed_early(self, stream_id: str) -> None:
+        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more."""
+        self.client.zadd(self.keys.closed_early(), {stream_id: time.time()})
+
+    def closed_early(self, most: int) -> list[str]:
+        """The oldest `most` streams listed by `note_closed_early` (those older than a response_url lives dropped)."""
+        key = self.keys.closed_early()
+        self.client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)
+        return self.client.zrange(key, 0, most - 1)
+
+    def forget_closed_early(self, stream_id: str) -> None:
+        self.client.zrem(self.keys.closed_early(), stream_id)
 
     def give_card_back(self, stream_id: str, token: str, most: int) -> int:
         """The reply of poll `token` never reached WeCom: a card it carried goes out with the next poll's reply
