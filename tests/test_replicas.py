@@ -22,8 +22,12 @@ def pair(make_pair):
 
 
 def kill(replica):
-    """Make a replica look dead to the others: its lease keeper stops, so its leases run out."""
+    """Make a replica look dead to the others: its lease keeper stops, so its leases run out, and so do its watches
+    over what is owed through response_url (alive, it would take back the lease of a stream its worker still runs
+    when it looks at a bubble closed early)."""
     replica.gateway.runner.stop()
+    for bot in replica.gateway.bots.values():
+        bot.posts.stop()
 
 
 def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewhere(pair, dify, redis_client):
