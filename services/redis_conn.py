@@ -206,19 +206,29 @@ class HotPathConnections:
         except (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError):
             return self._client.execute_command(*args)
 
+    @property
+    def under_sentinel(self) -> bool:
+        return self._single is not None and isinstance(self._client.connection_pool, SentinelConnectionPool)
+
     def follow_failover(self) -> bool:
         """Under Sentinel: ask the sentinels where the master is, and disconnect the idle connections that point
         elsewhere (they connect to the master when next used); True if there were any. For a reply that may come
         from a master that was failed over but not yet demoted (paused, cut off): it still answers reads, from its
-        old data set. A round trip to a sentinel, so only for the rare reply that needs it (a stream not found)."""
-        pool = self._client.connection_pool
-        if self._single is None or not isinstance(pool, SentinelConnectionPool):
+        old data set. A round trip to a sentinel: for a reply that needs it (a stream not found, a read that waited
+        out a stall), and now and then from a thread of the caller's."""
+        if not self.under_sentinel:
             return False
         try:
-            host, port = pool.get_master_address()
+            host, port = self._client.connection_pool.get_master_address()
         except redis.ConnectionError:
             return False
         return self._single.disconnect_unless_at((host, int(port)))
+
+    def connected_to(self) -> set[tuple[str, int]]:
+        """The addresses the idle connections are connected to (one server's or a Sentinel master's)."""
+        if self._single is None:
+            return set()
+        return {(c.host, int(c.port)) for c in list(self._single._idle) if c._sock is not None}
 
     def close(self) -> None:
         """Disconnect the idle connections (call when no more commands are coming)."""

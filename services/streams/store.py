@@ -13,6 +13,7 @@ msgid, whatever the topology.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from services.keys import (
     REST_POST_TTL_SECONDS,
     Keys,
 )
+from services.loops import LazyThread, run_until
 from services.lua import LuaScript
 from services.redis_conn import HotPathConnections
 from services.replication import Replication, raise_first_error
@@ -104,6 +106,10 @@ ADMITTED, LIMITED, RATE_LIMITED = "admitted", "in_flight_limit", "rate_limited"
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
 LATE = "late"  # an append Redis ran past its deadline, and so did not write
 CONFLICT = "conflict"  # a writer's state: the list does not hold what it wrote (services/streams/writer.py)
+# Under Sentinel, how often each process asks the sentinels where the master is, for the poll path (_watch_master);
+# and a poll reply slower than this may come from a master that was paused past its failover: the master is asked for.
+MASTER_WATCH_SECONDS = 1.0
+STALLED_READ_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -147,6 +153,10 @@ class StreamStore:
         # Polls come from the request threads, thousands a second: a leaner path than the pool's.
         self._poll_connections = HotPathConnections(client)
         self._poll = LuaScript(client, scripts.POLL, self._poll_connections.execute)
+        self._closed = threading.Event()
+        self._master_watch = (
+            LazyThread(self._watch_master, "redis-master-watch") if self._poll_connections.under_sentinel else None
+        )
         self._card_back = LuaScript(client, scripts.CARD_BACK)
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
@@ -159,7 +169,9 @@ class StreamStore:
         self._unpolled = LuaScript(client, scripts.UNPOLLED, replication=self.durable, write=replication.STREAM_END)
 
     def close(self) -> None:
-        """Disconnect the poll path's connections (the client's pool is its owner's to close)."""
+        """Disconnect the poll path's connections, and end its watch of the master (the client's pool is its
+        owner's to close)."""
+        self._closed.set()
         self._poll_connections.close()
 
     # --- opening a stream -------------------------------------------------------------------------------------
@@ -422,10 +434,15 @@ class StreamStore:
             token,
             "" if hand_card else "1",
         ]
+        if self._master_watch is not None:
+            self._master_watch.ensure()
+        started = time.monotonic()
         row = self._poll(keys=keys, args=args)
-        if not row and self._poll_connections.follow_failover():
-            # A master that came back after its failover still answers reads, from its old data set: ask the new
-            # master before telling the user the answer cannot be found.
+        stalled = time.monotonic() - started > STALLED_READ_SECONDS
+        if (not row or stalled) and self._poll_connections.follow_failover():
+            # A master that came back after its failover still answers reads, from its old data set (a reply that
+            # waited out a pause may come from one): ask the new master before telling the user the answer cannot be
+            # found, or showing a bubble as it was before.
             row = self._poll(keys=keys, args=args)
         if not row:
             return None
@@ -444,6 +461,18 @@ class StreamStore:
             card=orjson.loads(card) if card else None,
             images=[orjson.loads(image) for image in images],
         )
+
+    def _watch_master(self) -> None:
+        """Under Sentinel, every MASTER_WATCH_SECONDS: drop the poll path's idle connections to a master that was
+        failed over. Frozen past its failover, a master comes back a master in its own eyes and answers reads from
+        its old data set until the sentinels demote it: a poll on a connection still at it would show a bubble as
+        it was before the failover, less than the last poll showed (the 10-minute Sentinel run of seed 12)."""
+
+        def step() -> None:
+            self._poll_connections.follow_failover()
+            self._closed.wait(MASTER_WATCH_SECONDS)
+
+        run_until(self._closed, step, "redis_master_watch")
 
     # --- bubbles closed before their answers ended ---------------------------------------------------------------
 
