@@ -4,7 +4,9 @@ found however many streams are open."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
+import pytest
 import redis
 
 from demo import dify_standin as d
@@ -52,6 +54,7 @@ class _Streams:
 
     def __init__(self):
         self.bubbles = {}
+        self.bubble = SimpleNamespace(placeholder="Thinking…")
 
     def poll(self, stream_id):
         content, finish = self.bubbles[stream_id]
@@ -99,6 +102,83 @@ def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_on
     pump.open("req-1", "s1", streams.poll("s1"))
     assert store.meta("s1").get("ws_dead") == "1"
     assert shown_of(store.meta("s1")) == ("", False)
+
+
+@pytest.mark.parametrize("session_left", [False, True], ids=["no-session", "closed-session"])
+def test_a_late_delivery_of_the_message_does_not_take_back_what_its_repeat_showed(redis_client, session_left):
+    """WeCom delivered a message twice. The first delivery's intake was held up by a Redis outage; the repeat opened
+    the stream, and its bubble showed text; then the connection ended. The first delivery, taken at last after the
+    end, answers on its own req_id, whose frame goes nowhere: that marks its req_id dead but leaves what the repeat's
+    bubble showed, so the next holder sends the rest from there (before, from nothing: the user got the text twice;
+    seen in the campaign)."""
+    store, outbox = tracked_stream(redis_client, lease_seconds=5)
+    connection, streams = _Connection(), _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection if connection.open or session_left else None)
+    streams.bubbles["s1"] = ("", False)
+    pump.open("req-2", "s1", streams.poll("s1"))  # the repeat
+    connection.acks.pop()({"errcode": 0})
+    streams.bubbles["s1"] = ("The first words", False)
+    pump.pump()
+    connection.acks.pop()({"errcode": 0})
+    pump.flush_acks()
+    connection.open = False
+    pump.clear()  # the connection ended
+    outbox.track("s1", "req-1", 3, "alice", True)  # the first delivery, taken late
+    streams.bubbles["s1"] = ("The first words and", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    pump.flush_acks()
+    meta = store.meta("s1")
+    assert meta.get("ws_dead") == "1"
+    assert shown_of(meta) == ("The first words", False)
+
+
+def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(redis_client):
+    """WeCom delivered a message again while its answer streamed: the repeat's first frame shows the text so far. It
+    is recorded before it goes out, so when the holder dies before the ack, the next holder sends only what follows
+    (before, the whole answer again: that text reached the user twice; seen in the campaign)."""
+    store, outbox = tracked_stream(redis_client, lease_seconds=5)
+    connection, streams = _Connection(), _Streams()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.bubbles["s1"] = ("", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})  # the placeholder
+    pump.flush_acks()
+    streams.bubbles["s1"] = ("The first words", False)
+    outbox.track("s1", "req-2", 3, "alice", True)
+    pump.open("req-2", "s1", streams.poll("s1"))  # sent; its ack never comes (the holder dies)
+    assert len(connection.acks) == 1
+    assert shown_of(store.meta("s1")) == ("The first words", False)
+
+
+def test_a_pass_its_connection_outlived_records_nothing_and_sends_nothing_on_the_next(redis_client):
+    """A keeper's pass can outlive its connection (a holder frozen mid-pass, polls slowed by a Redis stall) while
+    the process already holds the next one. The pass records nothing more and sends nothing on the new connection,
+    where the old req_id is refused: what the bubble shows stays what it showed (before, the pass recorded its frame
+    as shown and sent it on the new connection, and the next holder's rest began after text the user never saw;
+    seen in the campaign)."""
+    store, outbox = tracked_stream(redis_client, lease_seconds=5)
+    old, new, streams = _Connection(), _Connection(), _Streams()
+    holder = {"session": old}
+    pump = ReplyPump("bot", streams, outbox, lambda: holder["session"])
+    streams.bubbles["s1"] = ("", False)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    old.acks.pop()({"errcode": 0})
+    streams.bubbles["s1"] = ("The first words", False)
+    pump.pump(old)
+    old.acks.pop()({"errcode": 0})
+    pump.flush_acks()
+    streams.bubbles["s1"] = ("The first words, and more", False)
+    polls = streams.poll
+
+    def poll_as_the_connection_ends(stream_id):
+        old.open, holder["session"] = False, new  # the process holds the next connection when the pass goes on
+        return polls(stream_id)
+
+    streams.poll = poll_as_the_connection_ends
+    pump.pump(old)
+    pump.flush_acks()
+    assert new.acks == []
+    assert shown_of(store.meta("s1")) == ("The first words", False)
 
 
 def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown(private_redis):

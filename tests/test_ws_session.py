@@ -11,8 +11,9 @@ import orjson
 import pytest
 from websockets.sync.server import serve
 
+from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.longconn import frames
-from services.longconn.session import Session
+from services.longconn.session import KICKED, Session
 from tests.conftest import wait_until
 
 
@@ -57,3 +58,30 @@ def test_a_late_ack_reaches_its_own_frame(server):
     assert wait_until(lambda: len(acked) == 2, timeout=5), acked
     assert acked == [("first", "ack of first"), ("second", "ack of second")]
     session.close()
+
+
+def test_a_kicked_session_reads_the_acks_of_the_frames_sent_before_the_kick():
+    """WeCom answers every frame sent before a kick, shown (0) or refused (846609: it came after the kick), before
+    it closes the socket. The session reads those acks before it ends, so the pump learns what each bubble shows;
+    and it sends nothing more (before, it ended at the event: a final frame WeCom never showed was taken for shown,
+    and its bubble kept spinning, in the 10-minute one-server run of seed 12)."""
+    standin = WeComWebSocketStandIn({"bot": "secret"}).start()
+    try:
+        standin.ack_delay = 0.3  # WeCom's: the frame is shown, its ack comes a moment later
+        session = Session(standin.url, "bot", "secret", on_callback=lambda data: None)
+        session.open()
+        outcome: list[str] = []
+        reader = threading.Thread(target=lambda: outcome.append(session.run()), daemon=True)
+        reader.start()
+        req_id = standin.deliver_text("bot", "hello")
+        body = {"msgtype": "stream", "stream": {"id": "s1", "finish": True, "content": "The whole answer."}}
+        acked: list[dict] = []
+        assert session.send(frames.frame(frames.RESPOND, req_id, body), req_id, acked.append)
+        assert wait_until(lambda: standin.frames(req_id), timeout=5)
+        standin.kick("bot")
+        reader.join(5)
+        assert outcome == [KICKED]
+        assert [ack["errcode"] for ack in acked] == [0]
+        assert not session.send(frames.frame(frames.RESPOND, req_id, body), req_id, acked.append)
+    finally:
+        standin.stop()

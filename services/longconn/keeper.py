@@ -78,7 +78,7 @@ class ConnectionKeeper:
             self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
             if not self._ping():
                 return
-        self.replies.pump()
+        self.replies.pump(self.session)
         if now >= self._next_outbox:
             self._next_outbox = now + OUTBOX_INTERVAL
             self.orphans.deliver(self.session, self.holding.generation, self.replies.live_streams())

@@ -49,6 +49,10 @@ class AckLedger:
         """WeCom refused a frame: the bubble shows `acked`; with `dead`, its req_id can no longer be used."""
         self._note(stream_id, {"ws_sent": acked, "ws_sent_final": "", **({"ws_dead": "1"} if dead else {})})
 
+    def dead(self, stream_id: str) -> None:
+        """The req_id answering the stream can no longer be used (what its bubble shows is recorded already)."""
+        self._note(stream_id, {"ws_dead": "1"})
+
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""
         with self._lock:
@@ -78,28 +82,8 @@ class AckLedger:
             self._fields, self._delivered, self._unsent = {}, set(), {}
         if not fields and not delivered and not unsent and not riding:
             return
-        records = {stream_id: dict(values) for stream_id, values in fields.items()}
-        for stream_id, values in (riding or {}).items():
-            records[stream_id] = {**records.get(stream_id, {}), **values}
         try:
-            groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
-            for stream_id, (token, shown) in unsent.items():
-                key = self.keys.stream(stream_id)
-                restore = ("ws_sent", shown, "ws_sent_final", "")
-                self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
-            deadline = f"{time.time() + self.valid_seconds:.3f}" if self.valid_seconds else "0"
-            for stream_id, values in records.items():
-                key = self.keys.stream(stream_id)
-                pairs = [item for pair in values.items() for item in pair]
-                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, deadline, *pairs))
-            if delivered:
-                self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
-            for key, commands in groups.values():
-                sent = time.time()
-                replies = self.durable.execute(key, commands, OUTBOX)
-                raise_first_error(replies)
-                if LATE in replies:
-                    self._late(time.time() - sent)
+            self._write(fields, delivered, unsent, riding or {})
         except redis.RedisError:
             with self._lock:  # noted again, under whatever came meanwhile (newer wins)
                 for stream_id, values in fields.items():
@@ -107,6 +91,45 @@ class AckLedger:
                 self._delivered |= delivered
                 self._unsent = {**unsent, **self._unsent}
             raise
+
+    def record(self, riding: dict[str, dict[str, str]]) -> None:
+        """Write `riding` alone, at once (a frame that goes out between two passes), leaving what was noted to the
+        next flush, which may be running in another thread: a record of acks written twice at once could land older
+        last.
+
+        Raises:
+            redis.RedisError: Redis did not answer (`riding` is the caller's to undo).
+        """
+        self._write({}, set(), {}, riding)
+
+    def _write(
+        self,
+        fields: dict[str, dict[str, str]],
+        delivered: set[str],
+        unsent: dict[str, tuple[str, str]],
+        riding: dict[str, dict[str, str]],
+    ) -> None:
+        records = {stream_id: dict(values) for stream_id, values in fields.items()}
+        for stream_id, values in riding.items():
+            records[stream_id] = {**records.get(stream_id, {}), **values}
+        groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
+        for stream_id, (token, shown) in unsent.items():
+            key = self.keys.stream(stream_id)
+            restore = ("ws_sent", shown, "ws_sent_final", "")
+            self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
+        deadline = f"{time.time() + self.valid_seconds:.3f}" if self.valid_seconds else "0"
+        for stream_id, values in records.items():
+            key = self.keys.stream(stream_id)
+            pairs = [item for pair in values.items() for item in pair]
+            self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, deadline, *pairs))
+        if delivered:
+            self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
+        for key, commands in groups.values():
+            sent = time.time()
+            replies = self.durable.execute(key, commands, OUTBOX)
+            raise_first_error(replies)
+            if LATE in replies:
+                self._late(time.time() - sent)
 
     def _late(self, took: float) -> None:
         """Redis refused a record as late: nothing of this flush is taken for written. When the reply came well

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from services import metrics
 from services.longconn import frames
 from services.longconn.ledger import AckLedger
-from services.longconn.outbox import Outbox, sending_record
+from services.longconn.outbox import Outbox, sending_record, shown_of
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
@@ -35,6 +35,14 @@ class _Reply:
     acked: str = ""  # what its last acknowledged frame showed
     pending_since: float = 0.0  # a frame is waiting for its ack
     final_sent: bool = False
+    recorded: bool = False  # a frame of this req_id was recorded as what the stream's bubble shows
+    floor: str = ""  # what another req_id of the stream showed when this one began (open)
+
+    @property
+    def least_shown(self) -> str:
+        """What the bubbles of this stream surely show: this req_id's last acknowledged frame, or what another req_id
+        of the stream showed when it began, whichever is longer."""
+        return self.acked if len(self.acked) >= len(self.floor) else self.floor
 
 
 class ReplyPump:
@@ -59,9 +67,27 @@ class ReplyPump:
         self._lock = threading.Lock()
 
     def open(self, req_id: str, stream_id: str, reply: dict) -> None:
-        """Answer a message's `req_id` with its first stream `reply`, and follow the stream from there."""
+        """Answer a message's `req_id` with its first stream `reply`, and follow the stream from there.
+
+        A first reply that shows answer text is WeCom's repeat of a message whose stream has begun (on a new req_id;
+        the first may still be answered, or dead): it is recorded as what the bubble shows before it goes out, as
+        the pump's frames are, else a holder that dies before its ack leaves the next holder to send that text
+        again. What the stream's record said before (the other req_id's bubble) stays the least this reply may
+        take back: a frame of it that is not shown lowers the record no further (both seen in the campaign)."""
+        stream = reply.get("stream") or {}
+        entry = _Reply(stream_id, content=stream.get("content", ""))
         with self._lock:
-            self._replies[req_id] = _Reply(stream_id, content=(reply.get("stream") or {}).get("content", ""))
+            self._replies[req_id] = entry
+        if entry.content and entry.content != self.streams.bubble.placeholder and self._session() is not None:
+            token = secrets.token_hex(6)
+            try:
+                entry.floor = shown_of(self.outbox.store.meta(stream_id))[0]
+                self.ledger.record({stream_id: sending_record(entry.content, bool(stream.get("finish")), token)})
+            except REDIS_FAILURES as exc:
+                logger.warning("could not record what a bubble shows (its frame waits for the next pass): %s", exc)
+                entry.content = ""  # not sent: the pump sends it, recorded, once Redis answers
+                return
+            entry.recorded = True
         self.send(req_id, reply)
 
     def clear(self) -> None:
@@ -73,9 +99,13 @@ class ReplyPump:
         with self._lock:
             return {reply.stream_id for reply in self._replies.values()}
 
-    def pump(self) -> None:
+    def pump(self, session: Session | None = None) -> None:
         """One pass over the open replies: a frame for each whose bubble changed and has no frame in flight, recorded
-        with what the acks since the last pass said (one write per Redis node)."""
+        with what the acks since the last pass said (one write per Redis node), sent on `session` (the keeper's
+        connection; by default the current one). A pass outlived by its connection (a holder frozen mid-pass, slow
+        polls in a Redis stall) records nothing more, and a frame of it that does not go out has its record undone:
+        its text was taken for shown, and the next holder's rest began after it (seen in the campaign)."""
+        session = session or self._session()
         now = time.monotonic()
         with self._lock:
             due = [
@@ -96,6 +126,8 @@ class ReplyPump:
         if not changed:
             self.flush_acks()
             return
+        if session is None or session is not self._session():
+            return  # the connection ended meanwhile: its replies died with it
         token = secrets.token_hex(6)
         riding = {
             reply.stream_id: sending_record(
@@ -113,12 +145,18 @@ class ReplyPump:
             for _, reply, _ in changed:
                 self.ledger.unsent(reply.stream_id, token, reply.content)
             return
+        undone = False
         for req_id, reply, polled in changed:
-            reply.content = polled["stream"].get("content", "")
-            self.send(req_id, polled)
+            reply.content, reply.recorded = polled["stream"].get("content", ""), True
+            if not self.send(req_id, polled, session):
+                self.ledger.unsent(reply.stream_id, token, reply.least_shown)
+                undone = True
+        if undone and session is not self._session():
+            self.flush_acks()  # no keeper of that connection passes again to write it
 
-    def send(self, req_id: str, reply: dict) -> None:
-        """Send one stream frame on `req_id`; its ack clears the way for the next (and tells the outbox)."""
+    def send(self, req_id: str, reply: dict, session: Session | None = None) -> bool:
+        """Send one stream frame on `req_id` (on `session`, by default the current connection); its ack clears the
+        way for the next (and tells the outbox). False if it did not go out."""
         stream = reply.get("stream") or {}
         finish, content = bool(stream.get("finish")), stream.get("content", "")
         entry = self._replies.get(req_id)
@@ -143,12 +181,14 @@ class ReplyPump:
                 dead = errcode in (frames.DEAD_REQ_ID, frames.STREAM_EXPIRED)
                 if dead or (current.final_sent and not errcode):
                     del self._replies[req_id]
-            self._after_ack(current.stream_id, content, finish, errcode, dead, current.acked)
+            self._after_ack(current, content, finish, errcode, dead)
 
         metrics.WS_FRAMES.labels(self.bot).inc()
-        session = self._session()
+        session = session or self._session()
         if session is None or not session.send(frames.frame(frames.RESPOND, req_id, reply), req_id, on_ack):
             self._not_sent(req_id, connected=session is not None)
+            return False
+        return True
 
     def _not_sent(self, req_id: str, connected: bool) -> None:
         """The frame never went out (the connection had ended): the bubble shows what its last acknowledged frame
@@ -160,15 +200,25 @@ class ReplyPump:
             reply = self._replies.pop(req_id, None)
         if reply is not None:
             logger.info("a frame of stream %s did not go out: the connection had ended", reply.stream_id)
-            self.ledger.refused(reply.stream_id, reply.acked, dead=True)
+            self._refused(reply, dead=True)
             if not connected:
                 self.flush_acks()
 
-    def _after_ack(self, stream_id: str, content: str, finish: bool, errcode: int, dead: bool, acked: str) -> None:
+    def _refused(self, reply: _Reply, dead: bool) -> None:
+        """A frame of `reply` was not shown: its bubble shows what its last acknowledged frame did, and the stream's
+        record says so, but never less than another req_id of the stream showed (`floor`). A req_id that never had
+        a frame recorded (its first, placeholder, frame) leaves the record alone and is only marked dead."""
+        if reply.recorded:
+            self.ledger.refused(reply.stream_id, reply.least_shown, dead)
+        elif dead:
+            self.ledger.dead(reply.stream_id)
+
+    def _after_ack(self, reply: _Reply, content: str, finish: bool, errcode: int, dead: bool) -> None:
         """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's
         files."""
-        if errcode:  # WeCom did not show it: the bubble shows what the last acknowledged frame did
-            self.ledger.refused(stream_id, acked, dead)
+        stream_id = reply.stream_id
+        if errcode:  # WeCom did not show it
+            self._refused(reply, dead)
         elif finish:
             self.ledger.delivered(stream_id)
             if self.files is not None:

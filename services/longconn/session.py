@@ -39,6 +39,10 @@ class SessionFailed(Exception):
 
 KICKED, CLOSED, STOPPED = "kicked", "closed", "stopped"
 RESUBSCRIBE_SECONDS = 5.0
+# After a kick (`disconnected_event`), how long the socket is still read for the acks of frames sent before it: WeCom
+# answers each, shown (0) or refused (846609, it came after the kick), before it closes the socket (2 s to minutes
+# later). A frame closed on unanswered would be taken for shown, and a final one leave its bubble spinning.
+KICK_SETTLE_SECONDS = 1.0
 CALLBACK_THREADS = 16  # messages and events of one connection handled at once, off the reader (they wait on Redis)
 
 
@@ -56,6 +60,7 @@ class Session:
         self._acks: dict[str, deque[Ack | None]] = {}  # req_id -> its frames' callbacks, oldest first
         self._lock = threading.Lock()
         self._stopped = False
+        self._kicked = False  # a disconnected_event came: nothing more is sent, the acks still due are read
         self._unanswered = 0  # frames sent whose acks have not been handled yet
         self._answered = threading.Condition(self._lock)
         self._callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix=f"wecom-ws-in-{bot_id[:12]}")
@@ -95,6 +100,8 @@ class Session:
         the req_id: the acks of one req_id are matched to its frames in the order they were sent, so a late ack
         (one that came after a later frame was sent) reaches its own frame's callback, not the later one's."""
         with self._lock:
+            if self._kicked:
+                return False
             waiting = self._acks.setdefault(req_id, deque()) if req_id else None
             if waiting is not None:
                 waiting.append(on_ack)
@@ -125,23 +132,37 @@ class Session:
             self._acks_in_order.shutdown(wait=False)
 
     def _read(self) -> str:
+        settled_by = 0.0  # after a kick: when to stop waiting for the acks still due
         while True:
+            if self._kicked:
+                remaining = settled_by - time.monotonic()
+                with self._lock:
+                    unanswered = self._unanswered
+                if unanswered <= 0 or remaining <= 0:
+                    self.close()
+                    return KICKED
             try:
-                text = self._ws.recv()
+                text = self._ws.recv(timeout=remaining if self._kicked else None)
+            except TimeoutError:
+                continue
             except (ConnectionClosed, OSError):
+                if self._kicked:
+                    return KICKED
                 return STOPPED if self._stopped else CLOSED
             data = frames.parse(text) if isinstance(text, str) else None
             if data is None:
                 continue
             cmd = data.get("cmd")
             if not cmd:
-                if int(data.get("errcode") or 0) == frames.NOT_SUBSCRIBED:
+                if int(data.get("errcode") or 0) == frames.NOT_SUBSCRIBED and not self._kicked:
                     self._resubscribe()
                 self._answer(frames.req_id_of(data), data)
                 continue
             if cmd == frames.EVENT_CALLBACK and _event_type(data) == "disconnected_event":
-                self.close()
-                return KICKED
+                with self._lock:
+                    self._kicked = True
+                settled_by = time.monotonic() + KICK_SETTLE_SECONDS
+                continue
             try:
                 self._callbacks.submit(self._handle, data)
             except RuntimeError:  # closed meanwhile: the connection is over
