@@ -6,12 +6,14 @@ import json
 import random
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
+from bench.faults.history import read
 from bench.faults.proxy import FaultyLink
 from services.texts import CATALOGUE
 
@@ -99,6 +101,17 @@ def test_a_failure_note_on_a_message_no_fault_touched_is_spurious():
     assert counts(just_before)["spurious_notes"] == 0
     long_before = history([(2.0, orphaned, True)]) + [fault("redis_pause", -60.0, -50.0)]
     assert counts(long_before)["spurious_notes"] == 1
+
+
+def test_a_fault_that_cut_the_promised_rest_after_the_bubble_closed_excuses_its_note():
+    """A bubble that closed early ("the rest follows") still has its answer streaming: a fault that cuts it after
+    the close, before the rest goes out through response_url, touched the message, so the rest's failure note is
+    not spurious (the 10-minute Sentinel run of seed 12 counted one: a Dify partition 0.5 s after the close)."""
+    bubble = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['overflow_continues']}"
+    rest = f"{CATALOGUE['zh']['continued']}\n\n{answer_text(TAG, 3)[len(answer_text(TAG, 2)) :]}"
+    cut = f"{rest}\n\n{CATALOGUE['zh']['stream_cut']}"
+    assert counts(history([(2.0, bubble, True)], posts=[cut]) + [fault("dify_partition", 4.0, 6.0)]) == ZERO
+    assert counts(history([(2.0, bubble, True)], posts=[cut]))["spurious_notes"] == 1
 
 
 def test_text_a_bubble_showed_and_then_took_back_is_withdrawn():
@@ -222,6 +235,20 @@ def test_a_lossy_link_delivers_every_byte_late():
         for end in (client, peer, server):
             end.close()
         link.stop()
+
+
+RECORDED_RUNS = Path(__file__).parent.parent / "bench" / "faults" / "runs"
+
+
+@pytest.mark.parametrize(
+    "recorded", sorted(RECORDED_RUNS.glob("*/*.jsonl.gz")), ids=lambda path: f"{path.parent.name}/{path.name}"
+)
+def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
+    """The histories kept in bench/faults/runs (FAULTS.md's latest runs): checked again, each gives the counts its
+    run reported (so a change to the checker that would judge a recorded run otherwise is seen here)."""
+    written = json.loads((recorded.parent / "counts.json").read_text())[recorded.name.removesuffix(".jsonl.gz")]
+    result = check(read(recorded))
+    assert {name: result[name] for name in written} == written
 
 
 @pytest.mark.e2e

@@ -46,6 +46,8 @@ BOTS = (
 )
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
+# How long no Dify run may be open at the end of a run before the replicas are stopped (wait_for_quiet).
+QUIET_SECONDS = 15.0
 TOKEN_SECONDS = 20  # short-lived tokens: users are looked up in MariaDB again and again, restarts and all
 
 
@@ -164,6 +166,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         time.sleep(options.minutes * 60)
         nemesis.finish()
         users.finish(timeout=options.window + 60)
+        wait_for_quiet(dify)
         collect(history, dify, bots)
         unreplicated = writes_unreplicated(replicas)
     finally:
@@ -186,6 +189,21 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     result["redis_writes_unreplicated_total"] = unreplicated
     result["history"] = str(directory / "history.jsonl")
     return result
+
+
+def wait_for_quiet(dify: DifyStandIn, quiet: float = QUIET_SECONDS, most: float = 120.0) -> None:
+    """A user's loop ends with their bubble, but a bubble that said "the rest follows" ends before its answer does:
+    wait until Dify has had no run open for `quiet` seconds (the rests go out seconds after their answers end), at
+    most `most`, before the replicas are stopped, so that every promise the run counts is one they could keep (the
+    10-minute one-server run of seed 12 counted one lost: its replicas were killed while the answer still streamed)."""
+    quiet_since = time.monotonic()
+    deadline = quiet_since + most
+    while time.monotonic() < deadline:
+        if dify.open_streams:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet:
+            return
+        time.sleep(0.5)
 
 
 def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:

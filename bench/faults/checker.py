@@ -132,7 +132,8 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     frames = sorted(
         [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
     )
-    ended = max([e["t"] for e in frames + kinds["ended"]] + [message["t"]])
+    # A message lives until its last word reached the user: a bubble closed early still has its rest to come.
+    ended = max([e["t"] for e in frames + kinds["ended"] + kinds["response_url"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
     calls = sorted(calls)[message.get("dify_refusals", 0) :]  # requests Dify refused by design ran nothing
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
