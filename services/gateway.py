@@ -57,6 +57,7 @@ from services.replication import Replication
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
+from services.streams.poll_path import PollPath
 from services.streams.recorder import AnswerOptions
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
@@ -112,7 +113,7 @@ class Bot:
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
-        self.store.close()
+        self.streams.poll_path.close()
 
 
 @dataclass
@@ -337,6 +338,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     streams = StreamService(
         store,
+        PollPath(store),
         shared.runner,
         _worker(settings, deps, shared.owner, authorizer),
         texts,

@@ -15,6 +15,7 @@ from services.longconn.ledger import AckLedger
 from services.longconn.outbox import Outbox
 from services.redis_conn import connect_redis
 from services.replication import Replication
+from services.streams.poll_path import PollPath
 from services.streams.store import DONE, StreamStore, first_attempt
 from tests.conftest import SENTINEL_PASSWORD, wait_until
 
@@ -135,26 +136,28 @@ def test_a_process_idle_through_a_failover_polls_the_new_master(sentinel_set):
     writer_client = connect_redis(sentinel_set.url, 2.0, sentinel_password=SENTINEL_PASSWORD)
     reader_client = connect_redis(sentinel_set.url, 2.0, sentinel_password=SENTINEL_PASSWORD)
     writer = StreamStore(writer_client, keys, 3600, 30, durable=Replication(writer_client, WAIT_MS, "idle-writer"))
-    reader = StreamStore(reader_client, keys, 3600, 30, durable=Replication(reader_client, WAIT_MS, "idle-reader"))
+    reader = PollPath(
+        StreamStore(reader_client, keys, 3600, 30, durable=Replication(reader_client, WAIT_MS, "idle-reader"))
+    )
     owner = first_attempt("replica-a:1")
     writer.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"})
     assert retried(lambda: writer.replace("s1", owner, "Before the failover."))
     assert reader.poll("s1", 360, 20_000, "orphaned").text == "Before the failover."
     old = sentinel_set.current_master()
     old_address = ("127.0.0.1", old.port)
-    assert old_address in reader._poll_connections.connected_to()
+    assert old_address in reader._connections.connected_to()
     old.pause()
     try:
         assert wait_until(lambda: int(sentinel_set.master_address()[1]) != old.port, timeout=30)
         assert retried(lambda: writer.replace("s1", owner, "Before the failover. And after it."))
         # MASTER_WATCH_SECONDS after the sentinels named the new master, at most (5 s allowed)
-        assert wait_until(lambda: old_address not in reader._poll_connections.connected_to(), timeout=5)
+        assert wait_until(lambda: old_address not in reader._connections.connected_to(), timeout=5)
     finally:
         old.resume()
     assert reader.poll("s1", 360, 20_000, "orphaned").text == "Before the failover. And after it."
     assert wait_until(lambda: old.client().info("replication")["role"] == "slave", timeout=30)
-    for store, client in ((writer, writer_client), (reader, reader_client)):
-        store.close()
+    reader.close()
+    for client in (writer_client, reader_client):
         client.close()
 
 
@@ -167,9 +170,10 @@ def test_a_master_back_from_a_pause_past_its_failover_loses_no_acknowledged_writ
     client = connect_redis(sentinel_set.url, 2.0, sentinel_password=SENTINEL_PASSWORD)
     keys = Keys("comeback:")
     store = StreamStore(client, keys, 3600, 30, durable=Replication(client, WAIT_MS, "comeback"))
+    polls = PollPath(store)
     owner = first_attempt("replica-a:1")
     store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"})  # the pool now holds a connection to it
-    assert store.poll("s1", 360, 20_000, "orphaned").status == "pending"  # and so does the poll path
+    assert polls.poll("s1", 360, 20_000, "orphaned").status == "pending"  # and so does the poll path
     old = sentinel_set.current_master()
     old.pause()
     try:
@@ -182,9 +186,10 @@ def test_a_master_back_from_a_pause_past_its_failover_loses_no_acknowledged_writ
     assert retried(lambda: store.record("s1", {"ws_shown": "after the failover"}, durable=True))
     assert retried(lambda: store.create("s2", "m2", owner, "bot1", "alice", {"userid": "alice"}))
     assert old.client().info("replication")["role"] == "master"  # not demoted yet: the poll path still points at it
-    snapshot = store.poll("s2", 360, 20_000, "orphaned")
+    snapshot = polls.poll("s2", 360, 20_000, "orphaned")
     assert snapshot is not None and snapshot.status == "pending"
     new = sentinel_set.current_master()
     assert wait_until(lambda: old.client().info("replication")["role"] == "slave", timeout=30)
     assert new.client().hget(keys.stream("s1"), "ws_shown") == "after the failover"
+    polls.close()
     client.close()

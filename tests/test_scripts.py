@@ -12,6 +12,7 @@ from redis.crc import key_slot
 from services.keys import Keys
 from services.lua import LuaScript
 from services.streams import scripts
+from services.streams.poll_path import PollPath
 from services.streams.rest_posts import RestPosts
 from services.streams.store import AppendRequest, StreamStore
 
@@ -67,7 +68,7 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
         store.create(f"s{n}", f"m{n}", "A", "bot1", user, {"userid": user})
     store.append_many([AppendRequest("s0", "A", ["a"], 0, {"task_id": "t"}), AppendRequest("s1", "A", ["b"], 0, {})])
     store.replace("s0", "A", "replaced")
-    store.poll("s0", 330, 20000, "orphan", "A")
+    PollPath(store).poll("s0", 330, 20000, "orphan", "A")
     store.record("s0", {"rest_sent": "yes"})
     store.renew_leases({"s0": "A", "s1": "A"})
     store.release_leases({"s1": "A"})

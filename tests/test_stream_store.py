@@ -7,6 +7,7 @@ import pytest
 import redis
 
 from services.keys import MSGID_TTL_SECONDS, Keys
+from services.streams.poll_path import PollPath
 from services.streams.store import (
     CLOSED,
     CREATED,
@@ -30,6 +31,14 @@ def store(redis_client):
     return StreamStore(redis_client, Keys(), TTL, lease_seconds=2)
 
 
+@pytest.fixture
+def polls(store):
+    """The poll path of `store`'s streams."""
+    path = PollPath(store)
+    yield path
+    path.close()
+
+
 def create(store, stream_id, msgid, owner="A", userid="alice", fields=None):
     return store.create(stream_id, msgid, owner, "bot1", userid, fields or {"userid": userid})
 
@@ -41,7 +50,12 @@ def open_stream(store, stream_id="s1", msgid="m1", owner="A", userid="alice"):
 
 
 def poll(store, stream_id="s1", window=330, overflow=20000):
-    return store.poll(stream_id, window, overflow, "orphan note")
+    """A poll of the stream as a replica makes it, taking nothing over."""
+    path = PollPath(store)
+    try:
+        return path.poll(stream_id, window, overflow, "orphan note")
+    finally:
+        path.close()
 
 
 def test_create_is_deduplicated_by_msgid(store, redis_client):
@@ -205,10 +219,10 @@ def test_finishing_a_stream_a_poll_gave_up_tells_its_owner_so(store, redis_clien
     assert store.finish("s2", "A", "done") is None  # a retried finish whose reply was lost sends nothing again
 
 
-def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, redis_client):
+def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, polls, redis_client):
     open_stream(store, owner="A")
     redis_client.delete("dify_stream:{s1}:lease")
-    snap = store.poll("s1", 330, 20000, "orphan note", taker="B")
+    snap = polls.poll("s1", 330, 20000, "orphan note", taker="B")
     assert snap.taken_over
     assert snap.status == "pending"
     assert snap.text == ""
@@ -221,27 +235,27 @@ def test_a_poll_takes_over_a_dead_owners_stream_when_nothing_was_shown(store, re
     assert store.append("s1", "B#2", ["new owner"], 0) == WRITTEN
 
 
-def test_the_live_owners_own_poll_takes_its_lost_lease_back_and_starts_nothing(store, redis_client):
+def test_the_live_owners_own_poll_takes_its_lost_lease_back_and_starts_nothing(store, polls, redis_client):
     """Its process still runs the stream (it lost only its lease): no take-over, no second attempt beside it."""
     open_stream(store)
     redis_client.delete("dify_stream:{s1}:lease")
-    snap = store.poll("s1", 330, 20000, "orphan note", taker="A", taker_runs_it=True)
+    snap = polls.poll("s1", 330, 20000, "orphan note", taker="A", taker_runs_it=True)
     assert not snap.taken_over and not snap.resumed and snap.event == "" and snap.active
     assert redis_client.get("dify_stream:{s1}:lease") == "A"
     assert "restarts" not in redis_client.hgetall("dify_stream:{s1}")
     redis_client.delete("dify_stream:{s1}:lease")  # another process's poll still takes it over
-    assert store.poll("s1", 330, 20000, "orphan note", taker="B", taker_runs_it=False).taken_over
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="B", taker_runs_it=False).taken_over
 
 
-def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_nothing(store, redis_client):
+def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_nothing(store, polls, redis_client):
     """Fencing: the same process's earlier attempt is refused once a later one took the stream (its token is not
     the process's name, which both share)."""
     open_stream(store, owner="P#1")
     redis_client.delete("dify_stream:{s1}:lease")
-    own_process = store.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=True)
+    own_process = polls.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=True)
     assert own_process.event == "" and redis_client.get("dify_stream:{s1}:lease") == "P#1"  # the same attempt
     redis_client.delete("dify_stream:{s1}:lease")
-    snap = store.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=False)  # P no longer runs it
+    snap = polls.poll("s1", 330, 20000, "orphan note", taker="P", taker_runs_it=False)  # P no longer runs it
     assert snap.taken_over and snap.attempt == "P#2"
     assert store.append("s1", "P#1", ["late"], 0) == TAKEN
     assert store.replace("s1", "P#1", "late") == TAKEN
@@ -253,12 +267,12 @@ def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_noth
     assert store.finish("s1", "P#2", "done") is not None
 
 
-def test_a_superseded_attempt_learns_it_was_taken_even_once_its_successor_finished(store, redis_client):
+def test_a_superseded_attempt_learns_it_was_taken_even_once_its_successor_finished(store, polls, redis_client):
     """Not 'closed' (which would make it send its whole answer through response_url again): its successor
     answered the user."""
     open_stream(store, owner="P#1")
     redis_client.delete("dify_stream:{s1}:lease")
-    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").attempt == "Q#2"
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="Q").attempt == "Q#2"
     assert store.finish("s1", "Q#2", "done") is not None
     assert store.append("s1", "P#1", ["late"], 0) == TAKEN
     assert store.replace("s1", "P#1", "late") == TAKEN
@@ -267,19 +281,20 @@ def test_a_superseded_attempt_learns_it_was_taken_even_once_its_successor_finish
 
 def test_a_missing_lease_is_taken_over_only_after_the_grace_its_living_owner_has_to_take_it_back(redis_client):
     store = StreamStore(redis_client, Keys(), TTL, 2, takeover_grace_seconds=0.5)
+    polls = PollPath(store)
     open_stream(store, owner="P#1")
     redis_client.delete("dify_stream:{s1}:lease")  # a Redis pause outlasted the lease; its owner lives
-    noted = store.poll("s1", 330, 20000, "orphan note", taker="Q")
+    noted = polls.poll("s1", 330, 20000, "orphan note", taker="Q")
     assert noted.event == "" and noted.active
     assert redis_client.hget("dify_stream:{s1}", "lease_missing_at")
     assert store.renew_leases({"s1": "P#1"}) == []  # the owner's keeper takes it back
     assert redis_client.get("dify_stream:{s1}:lease") == "P#1"
     assert not redis_client.hget("dify_stream:{s1}", "lease_missing_at")
     redis_client.delete("dify_stream:{s1}:lease")  # now its owner is dead
-    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""
-    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""  # within the grace
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="Q").event == ""  # within the grace
     time.sleep(0.6)
-    assert store.poll("s1", 330, 20000, "orphan note", taker="Q").taken_over
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="Q").taken_over
 
 
 def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
@@ -291,33 +306,33 @@ def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
     assert store.append("s1", "Q#2", ["taker"], 0) == WRITTEN
 
 
-def test_a_stream_is_restarted_only_once(store, redis_client):
+def test_a_stream_is_restarted_only_once(store, polls, redis_client):
     open_stream(store, owner="A")
     redis_client.delete("dify_stream:{s1}:lease")
-    assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
     redis_client.delete("dify_stream:{s1}:lease")  # B dies too
-    snap = store.poll("s1", 330, 20000, "orphan note", taker="C")
+    snap = polls.poll("s1", 330, 20000, "orphan note", taker="C")
     assert not snap.taken_over
     assert snap.status == "expired"
 
 
-def test_no_takeover_once_something_was_shown(store, redis_client):
+def test_no_takeover_once_something_was_shown(store, polls, redis_client):
     open_stream(store, "s1", "m1")
     store.append("s1", "A", ["shown"], 0)
     redis_client.delete("dify_stream:{s1}:lease")
-    assert store.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
 
 
-def test_a_process_that_takes_no_stream_leaves_an_orphan_to_one_that_does_within_the_window(store, redis_client):
+def test_a_process_that_takes_no_stream_leaves_an_orphan_to_one_that_does_within_the_window(store, polls, redis_client):
     open_stream(store, "s2", "m2")
     redis_client.delete("dify_stream:{s2}:lease")
-    left = store.poll("s2", 330, 20000, "orphan note", taker="")  # draining, or at STREAM_MAX_ACTIVE
+    left = polls.poll("s2", 330, 20000, "orphan note", taker="")  # draining, or at STREAM_MAX_ACTIVE
     assert (left.status, left.event) == ("pending", "")
-    assert store.poll("s2", 330, 20000, "orphan note", taker="C").taken_over
+    assert polls.poll("s2", 330, 20000, "orphan note", taker="C").taken_over
     open_stream(store, "s3", "m3")
     redis_client.delete("dify_stream:{s3}:lease")
     redis_client.hset("dify_stream:{s3}", "created_at", time.time() - 400)  # WeCom stops polling: end it
-    assert store.poll("s3", 330, 20000, "orphan note", taker="").status == "expired"
+    assert polls.poll("s3", 330, 20000, "orphan note", taker="").status == "expired"
 
 
 def test_release_hands_streams_over(store, redis_client):
@@ -557,11 +572,11 @@ def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):
     assert store.chunks("s1") == ["a", "b", "c"]
 
 
-def test_dify_calls_are_counted_by_kind(store, redis_client):
+def test_dify_calls_are_counted_by_kind(store, polls, redis_client):
     open_stream(store, owner="A#1")
     assert store.count_dify_call("s1") == "new"
     redis_client.delete("dify_stream:{s1}:lease")
-    assert store.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
+    assert polls.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
     assert store.count_dify_call("s1") == "restart"  # the documented restart of an answer that showed nothing
     assert store.count_dify_call("s1") == "duplicate"
     assert store.count_dify_call("gone") == "new"  # a stream that is gone keeps no count

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from services.loops import LazyThread, guarded
 from services.redis_conn import REDIS_FAILURES
-from services.streams.store import StreamStore
+from services.streams.poll_path import PollPath
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ RETRY_SECONDS = 0.5
 
 @dataclass
 class _Return:
-    store: StreamStore
+    polls: PollPath
     stream_id: str
     token: str
     since: float
@@ -55,18 +55,18 @@ class CardReturns:
         self._queue: queue.SimpleQueue[_Return] = queue.SimpleQueue()
         self._thread = LazyThread(self._loop, "card-returns")
 
-    def later(self, store: StreamStore, stream_id: str, token: str) -> None:
+    def later(self, polls: PollPath, stream_id: str, token: str) -> None:
         """The poll `token` failed against Redis: give back a card it may have taken out, once Redis answers."""
         self._thread.ensure()
-        self._queue.put(_Return(store, stream_id, token, time.monotonic()))
+        self._queue.put(_Return(polls, stream_id, token, time.monotonic()))
 
-    def now(self, store: StreamStore, stream_id: str, token: str) -> bool:
+    def now(self, polls: PollPath, stream_id: str, token: str) -> bool:
         """The poll `token` took out a card whose reply comes too late: give it back now (or, failing, later).
         False when it stays with this reply (given back `MOST_RETURNS` times already)."""
         try:
-            outcome = store.give_card_back(stream_id, token, MOST_RETURNS)
+            outcome = polls.give_card_back(stream_id, token, MOST_RETURNS)
         except REDIS_FAILURES:
-            self.later(store, stream_id, token)
+            self.later(polls, stream_id, token)
             return True
         if outcome == 3:
             return False
@@ -91,7 +91,7 @@ class CardReturns:
             logger.warning("could not give a card back: Redis did not answer")
             return True
         try:
-            outcome = item.store.give_card_back(item.stream_id, item.token, MOST_RETURNS)
+            outcome = item.polls.give_card_back(item.stream_id, item.token, MOST_RETURNS)
         except REDIS_FAILURES:
             return False
         if outcome == 1:

@@ -97,29 +97,16 @@ class Finisher:
         finish_id = secrets.token_hex(8)  # every try of this finish carries it: a try whose reply was lost is repeated
         record = partial(self._record, job, answer, status, fields, finish_id)
         try:
-            try:
-                finished = through_outage(
-                    record, "recording the final state of the answer", delays_for(patience), give_up=self.draining
-                )
-            except REDIS_FAILURES:
-                if self.send_separately is None:
-                    logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
-                    self._finish_without_redis(job, answer, status, fields, note)
-                    return None
-                # A long connection's bubble shows what its holder sent, which only Redis knows, and its frames and
-                # rests all go through Redis: the end waits for Redis (a process that dies meanwhile leaves the
-                # stream to a takeover, as any death does).
-                logger.error("Redis stayed unavailable at the answer's end; a long connection's answer waits for it")
-                finished = through_outage(
-                    record,
-                    "recording the final state of the answer",
-                    steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS),
-                )
+            finished = self._record_final(record, patience)
         except StreamAborted:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            logger.error("Redis stayed unavailable past the bubble's window; the answer is left to a takeover")
+            if self.send_separately is not None:
+                logger.error("Redis stayed unavailable past the bubble's window; the answer is left to a takeover")
+                return None
+            logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
+            self._finish_without_redis(job, answer, status, fields, note)
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
@@ -223,6 +210,26 @@ class Finisher:
         metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
         logger.info("%s of the answer %s through %s", kind, "sent" if delivered else "NOT sent", way)
         return delivered
+
+    def _record_final(self, record: Callable[[], Finished | None], patience: float) -> Finished | None:
+        """`record()` the answer's final state, through a Redis outage while WeCom may still poll the bubble (a
+        draining process waits no longer). In callback mode a lasting outage is raised then: what the bubble has
+        not shown goes out through response_url. A long connection's bubble shows what its holder sent, which only
+        Redis knows, and its frames and rests all go through Redis: its end waits for Redis through the grace too
+        (a process that dies meanwhile leaves the stream to a takeover, as any death does).
+
+        Raises:
+            StreamAborted: another replica took the stream over.
+            redis.RedisError (or a cluster error): Redis stayed away.
+        """
+        what = "recording the final state of the answer"
+        try:
+            return through_outage(record, what, delays_for(patience), give_up=self.draining)
+        except REDIS_FAILURES:
+            if self.send_separately is None:
+                raise
+            logger.error("Redis stayed unavailable at the answer's end; a long connection's answer waits for it")
+            return through_outage(record, what, steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS))
 
     def _finish_without_redis(
         self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str], note: str

@@ -20,9 +20,10 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import CALLBACK_DEADLINE_SECONDS, REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.job import StreamJob
+from services.streams.poll_path import PollPath, Snapshot
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
-from services.streams.store import CREATED, DONE, EXISTING, LIMITED, Snapshot, StreamStore, first_attempt
+from services.streams.store import CREATED, DONE, EXISTING, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
@@ -73,6 +74,7 @@ class StreamService:
     def __init__(
         self,
         store: StreamStore,
+        poll_path: PollPath,
         runner: StreamRunner,
         worker: StreamWorker,
         texts: Texts,
@@ -89,6 +91,7 @@ class StreamService:
         self.bot = bot
         self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
         self.store = store
+        self.poll_path = poll_path
         self.runner = runner
         self.worker = worker
         self.texts = texts
@@ -286,7 +289,7 @@ class StreamService:
         if self.posts is None:
             return 0
         ended = 0
-        for stream_id in self.store.closed_early(CLOSED_EARLY_PAGE):
+        for stream_id in self.poll_path.closed_early(CLOSED_EARLY_PAGE):
             snapshot = self._look(stream_id, hand_card=False)
             if snapshot is not None and snapshot.active:
                 continue
@@ -295,7 +298,7 @@ class StreamService:
                 url = self.store.meta(stream_id).get("response_url", "")
                 if url:
                     self.posts.send(stream_id, url, snapshot.note)
-            self.store.forget_closed_early(stream_id)
+            self.poll_path.forget_closed_early(stream_id)
             ended += 1
         return ended
 
@@ -306,7 +309,7 @@ class StreamService:
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
         try:
-            snapshot = self.store.poll(
+            snapshot = self.poll_path.poll(
                 stream_id,
                 self.window_seconds,
                 self.overflow_bytes,
@@ -317,10 +320,10 @@ class StreamService:
                 hand_card=hand_card,
             )
         except REDIS_FAILURES:
-            self.card_returns.later(self.store, stream_id, token)  # its script may yet run: its card comes back
+            self.card_returns.later(self.poll_path, stream_id, token)  # its script may yet run: its card comes back
             raise
         late = snapshot is not None and snapshot.card and self._late(started)
-        if late and self.card_returns.now(self.store, stream_id, token):  # WeCom may not take this reply
+        if late and self.card_returns.now(self.poll_path, stream_id, token):  # WeCom may not take this reply
             snapshot.card = None  # the next poll's carries it
         if snapshot is None:
             return None
@@ -329,7 +332,7 @@ class StreamService:
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS and self.posts is not None and snapshot.has_response_url:
-            best_effort(lambda: self.store.note_closed_early(stream_id), "listing a bubble closed early")
+            best_effort(lambda: self.poll_path.note_closed_early(stream_id), "listing a bubble closed early")
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))

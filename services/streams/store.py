@@ -2,7 +2,8 @@
 
 Each operation that touches more than one key, or that reads before it writes, is one Lua script on one entity's
 keys (services/streams/scripts.py), so replicas never race and every topology runs the same calls: only the owner
-may append or finish, and a poll folds the unread deltas into the cumulative text in one round trip.
+may append or finish, and a poll (services/streams/poll_path.py) folds the unread deltas into the cumulative text in
+one round trip.
 
 A new message becomes a stream in three steps, each atomic on its own slot (docs/architecture.md, "Opening a stream
 on any topology"): the stream is created pending, its msgid is claimed (SET NX: one stream per msgid, whoever comes
@@ -13,9 +14,8 @@ msgid, whatever the topology.
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import redis
@@ -26,12 +26,9 @@ from services.keys import (
     INFLIGHT_TTL_SECONDS,
     MSGID_TTL_SECONDS,
     RATE_WINDOW_SECONDS,
-    REST_POST_TTL_SECONDS,
     Keys,
 )
-from services.loops import LazyThread, run_until
 from services.lua import LuaScript
-from services.redis_conn import HotPathConnections
 from services.replication import Replication, raise_first_error
 from services.streams import scripts
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
@@ -68,36 +65,6 @@ class AppendRequest:
         return 3 + 2 * len(self.fields) + len(self.deltas)
 
 
-@dataclass(slots=True)
-class Snapshot:
-    """What a poll sees: status, the cumulative answer, the final note, and whether the bubble closed early."""
-
-    status: str
-    text: str
-    note: str
-    close_reason: str = ""
-    closed_bytes: int = 0
-    has_response_url: bool = False
-    event: str = ""  # what this poll just did: taken_over, resumed, expired, closed_window, closed_overflow, or ""
-    freed_inflight_key: str = ""  # the bubble just closed: the user's in-flight set the stream must leave
-    attempt: str = ""  # taken over or resumed: the fencing token of the attempt the poller must start
-    prompt: str = ""  # shown below a live bubble's text: a form waiting for its answer says what to do
-    card: dict | None = None  # a template card this reply carries (given once per stream)
-    images: list[dict] = field(default_factory=list)
-
-    @property
-    def taken_over(self) -> bool:
-        return self.event == "taken_over"
-
-    @property
-    def resumed(self) -> bool:
-        return self.event == "resumed"
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-
 # What opening a stream came to (create), and admitting its user (admit).
 CREATED, EXISTING = "created", "existing"
 ADMITTED, LIMITED, RATE_LIMITED = "admitted", "in_flight_limit", "rate_limited"
@@ -106,10 +73,6 @@ ADMITTED, LIMITED, RATE_LIMITED = "admitted", "in_flight_limit", "rate_limited"
 WRITTEN, CLOSED, TAKEN = "ok", "closed", "taken"
 LATE = "late"  # an append Redis ran past its deadline, and so did not write
 CONFLICT = "conflict"  # a writer's state: the list does not hold what it wrote (services/streams/writer.py)
-# Under Sentinel, how often each process asks the sentinels where the master is, for the poll path (_watch_master);
-# and a poll reply slower than this may come from a master that was paused past its failover: the master is asked for.
-MASTER_WATCH_SECONDS = 1.0
-STALLED_READ_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -123,7 +86,8 @@ class Finished:
 
 
 class StreamStore:
-    """All Redis operations on streams. Stateless apart from the client and the registered scripts."""
+    """The Redis operations on streams but a poll's (poll_path.py). Stateless apart from the client and the
+    registered scripts."""
 
     def __init__(
         self,
@@ -150,14 +114,6 @@ class StreamStore:
         self._append = LuaScript(client, scripts.APPEND)
         self._replace = LuaScript(client, scripts.REPLACE)
         self._finish = LuaScript(client, scripts.FINISH, replication=self.durable, write=replication.STREAM_END)
-        # Polls come from the request threads, thousands a second: a leaner path than the pool's.
-        self._poll_connections = HotPathConnections(client)
-        self._poll = LuaScript(client, scripts.POLL, self._poll_connections.execute)
-        self._closed = threading.Event()
-        self._master_watch = (
-            LazyThread(self._watch_master, "redis-master-watch") if self._poll_connections.under_sentinel else None
-        )
-        self._card_back = LuaScript(client, scripts.CARD_BACK)
         self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
         self._record_durably = LuaScript(client, scripts.RECORD, replication=self.durable, write=replication.OUTBOX)
@@ -167,12 +123,6 @@ class StreamStore:
         self._stop = LuaScript(client, scripts.STOP, replication=self.durable, write=replication.STREAM_END)
         self._stop_dify = LuaScript(client, scripts.STOP_DIFY)
         self._unpolled = LuaScript(client, scripts.UNPOLLED, replication=self.durable, write=replication.STREAM_END)
-
-    def close(self) -> None:
-        """Disconnect the poll path's connections, and end its watch of the master (the client's pool is its
-        owner's to close)."""
-        self._closed.set()
-        self._poll_connections.close()
 
     # --- opening a stream -------------------------------------------------------------------------------------
 
@@ -198,7 +148,7 @@ class StreamStore:
         """Create a pending stream owned by its first attempt `owner`, with its lease (not yet claimed for a msgid
         nor admitted)."""
         k = self.keys
-        args = [owner, _now(), self.key_ttl, self.lease_ms, k.inflight(aibotid, userid), *_pairs(fields)]
+        args = [owner, script_now(), self.key_ttl, self.lease_ms, k.inflight(aibotid, userid), *_pairs(fields)]
         self._open(keys=[k.stream(stream_id), k.stream_lease(stream_id)], args=args)
 
     def claim_msgid(self, msgid: str, stream_id: str) -> str:
@@ -263,7 +213,7 @@ class StreamStore:
         """Several streams' appends in one round trip (one script call per stream): a result per request, in
         order, each WRITTEN, CLOSED, TAKEN, LATE (past its deadline: nothing written), a StreamConflict, or the
         Redis error that call met."""
-        now = _now()
+        now = script_now()
         calls = [
             (
                 [self.keys.stream(r.stream_id), self.keys.stream_chunks(r.stream_id)],
@@ -288,7 +238,7 @@ class StreamStore:
 
     def replace(self, stream_id: str, owner: str, answer: str) -> str:
         """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""
-        args = [owner, self.key_ttl, _now(), answer]
+        args = [owner, self.key_ttl, script_now(), answer]
         return self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
 
     def finish(
@@ -315,7 +265,7 @@ class StreamStore:
         args = [
             owner,
             status,
-            _now(),
+            script_now(),
             self.key_ttl,
             orjson.dumps(feedback).decode() if feedback else "",
             FEEDBACK_TTL_SECONDS,
@@ -342,7 +292,7 @@ class StreamStore:
         """Take a queued stream over from the attempt that opened it (see scripts.TAKE): the taker's attempt, or
         None if the stream is no longer waiting for someone."""
         keys = [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
-        return self._take(keys=keys, args=[opener, taker, self.lease_ms, _now()]) or None
+        return self._take(keys=keys, args=[opener, taker, self.lease_ms, script_now()]) or None
 
     def superseded(self, stream_id: str, attempt: str) -> bool:
         """Whether another attempt has taken the stream over from `attempt` (a read, for a write outside the
@@ -385,115 +335,17 @@ class StreamStore:
         """End an active stream at its user's word, with `note` after its text so far; None if it was not active.
         Returns (the user's in-flight set, which the caller frees; the Dify task id whose stop call the caller makes,
         or "" when it is not known yet or was claimed already)."""
-        row = self._stop(keys=self._lease_keys(stream_id), args=[_now(), note])
+        row = self._stop(keys=self._lease_keys(stream_id), args=[script_now(), note])
         return (row[0], row[1]) if row else None
 
     def claim_dify_stop(self, stream_id: str) -> bool:
         """Whether this caller makes the Dify stop call of a stream its user stopped (once across replicas)."""
-        return bool(self._stop_dify(keys=[self.keys.stream(stream_id)], args=[_now()]))
+        return bool(self._stop_dify(keys=[self.keys.stream(stream_id)], args=[script_now()]))
 
     def open_streams(self, aibotid: str, userid: str) -> list[str]:
         """The user's streams whose bubble is still open, oldest first."""
         key = self.keys.inflight(aibotid, userid)
         return self.client.zrangebyscore(key, f"{time.time():.3f}", "+inf")
-
-    # --- polls --------------------------------------------------------------------------------------------------
-
-    def poll(
-        self,
-        stream_id: str,
-        window_seconds: int,
-        overflow_bytes: int,
-        orphan_note: str,
-        taker: str = "",
-        taker_runs_it: bool = False,
-        token: str = "",
-        hand_card: bool = True,
-    ) -> Snapshot | None:
-        """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
-
-        An active stream whose lease is gone (its replica died) is taken over by `taker` when nothing was shown yet
-        (`taken_over` is then set and the caller must start a worker), or resumed when its Dify run can be streamed
-        again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
-        An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
-        When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
-        A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
-        card is left for a later poll.
-        """
-        k = self.keys
-        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
-        args = [
-            _now(),
-            window_seconds,
-            overflow_bytes,
-            orphan_note,
-            taker,
-            self.lease_ms,
-            "1" if taker_runs_it else "",
-            self.takeover_grace_seconds,
-            token,
-            "" if hand_card else "1",
-        ]
-        if self._master_watch is not None:
-            self._master_watch.ensure()
-        started = time.monotonic()
-        row = self._poll(keys=keys, args=args)
-        stalled = time.monotonic() - started > STALLED_READ_SECONDS
-        if (not row or stalled) and self._poll_connections.follow_failover():
-            # A master that came back after its failover still answers reads, from its old data set (a reply that
-            # waited out a pause may come from one): ask the new master before telling the user the answer cannot be
-            # found, or showing a bubble as it was before.
-            row = self._poll(keys=keys, args=args)
-        if not row:
-            return None
-        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, *images = row
-        return Snapshot(
-            status=status,
-            text=text,
-            note=note,
-            close_reason=reason,
-            closed_bytes=int(closed_bytes or 0),
-            has_response_url=bool(has_url),
-            event=event,
-            freed_inflight_key=freed,
-            attempt=attempt,
-            prompt=prompt,
-            card=orjson.loads(card) if card else None,
-            images=[orjson.loads(image) for image in images],
-        )
-
-    def _watch_master(self) -> None:
-        """Under Sentinel, every MASTER_WATCH_SECONDS: drop the poll path's idle connections to a master that was
-        failed over. Frozen past its failover, a master comes back a master in its own eyes and answers reads from
-        its old data set until the sentinels demote it: a poll on a connection still at it would show a bubble as
-        it was before the failover, less than the last poll showed (the 10-minute Sentinel run of seed 12)."""
-
-        def step() -> None:
-            self._poll_connections.follow_failover()
-            self._closed.wait(MASTER_WATCH_SECONDS)
-
-        run_until(self._closed, step, "redis_master_watch")
-
-    # --- bubbles closed before their answers ended ---------------------------------------------------------------
-
-    def note_closed_early(self, stream_id: str) -> None:
-        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more."""
-        self.client.zadd(self.keys.closed_early(), {stream_id: time.time()})
-
-    def closed_early(self, most: int) -> list[str]:
-        """The oldest `most` streams listed by `note_closed_early` (those older than a response_url lives dropped)."""
-        key = self.keys.closed_early()
-        self.client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)
-        return self.client.zrange(key, 0, most - 1)
-
-    def forget_closed_early(self, stream_id: str) -> None:
-        self.client.zrem(self.keys.closed_early(), stream_id)
-
-    def give_card_back(self, stream_id: str, token: str, most: int) -> int:
-        """The reply of poll `token` never reached WeCom: a card it carried goes out with the next poll's reply
-        instead (scripts.CARD_BACK: 1 given back, 2 carried by another poll, 0 not handed out yet, 3 given back
-        `most` times already: it stays with this reply)."""
-        return int(self._card_back(keys=[self.keys.stream(stream_id)], args=[token, most]))
 
     # --- leases -------------------------------------------------------------------------------------------------
 
@@ -512,7 +364,7 @@ class StreamStore:
     def release_leases(self, attempts: dict[str, str]) -> int:
         """Give up these attempts' leases ({stream id: attempt}; graceful shutdown): the next poll elsewhere takes
         each stream over."""
-        calls = [(self._lease_keys(stream_id), [attempt, _now()]) for stream_id, attempt in attempts.items()]
+        calls = [(self._lease_keys(stream_id), [attempt, script_now()]) for stream_id, attempt in attempts.items()]
         results = self._release.run_each(calls)
         raise_first_error(results)
         return sum(int(released) for released in results)
@@ -549,7 +401,8 @@ class StreamStore:
         return self.client.lrange(self.keys.stream_chunks(stream_id), 0, -1)
 
 
-def _now() -> str:
+def script_now() -> str:
+    """Epoch seconds as the scripts take them."""
     return f"{time.time():.3f}"
 
 

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
+
+LOG_TAIL_BYTES = 30_000  # of each replica's log, shown under a failed test
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the end of each replica's log (gunicorn's processes write to files in the test's
+    tmp_path, which pytest keeps only for its last few runs): a failure in CI can be read from its output."""
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and tmp_path is not None:
+        for log in sorted(tmp_path.glob("*.log")):
+            data = log.read_bytes()[-LOG_TAIL_BYTES:]
+            report.sections.append((f"replica log {log.name} (its end)", data.decode("utf-8", "replace")))
+    return report
 
 
 def replica_env(dify_url: str, redis_url: str, **settings: str) -> dict[str, str]:

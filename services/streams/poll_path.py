@@ -1,0 +1,175 @@
+"""The poll path: what a poll of a stream does in Redis, one script (scripts.POLL) that folds the unread deltas into
+the bubble's text and, in the same step, closes a bubble past its window or size, takes over or resumes an answer
+whose replica died, and hands out a waiting card. Polls come from the request threads of every replica, thousands a
+second, so they run on connections of their own (redis_conn.HotPathConnections), and under Sentinel a watch of the
+master keeps those connections off a master that was failed over.
+
+Also here: the bubbles a poll closed before their answers ended (WeCom polls them no more, so they are watched until
+their answers end), and the card a poll's lost reply gives back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from services.keys import REST_POST_TTL_SECONDS
+from services.loops import LazyThread, run_until
+from services.lua import LuaScript
+from services.redis_conn import HotPathConnections
+from services.streams import scripts
+from services.streams.store import ACTIVE_STATUSES, StreamStore, script_now
+
+# Under Sentinel, how often each process asks the sentinels where the master is, for the poll path (_watch_master);
+# and a poll reply slower than this may come from a master that was paused past its failover: the master is asked for.
+MASTER_WATCH_SECONDS = 1.0
+STALLED_READ_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a poll sees: status, the cumulative answer, the final note, and whether the bubble closed early."""
+
+    status: str
+    text: str
+    note: str
+    close_reason: str = ""
+    closed_bytes: int = 0
+    has_response_url: bool = False
+    event: str = ""  # what this poll just did: taken_over, resumed, expired, closed_window, closed_overflow, or ""
+    freed_inflight_key: str = ""  # the bubble just closed: the user's in-flight set the stream must leave
+    attempt: str = ""  # taken over or resumed: the fencing token of the attempt the poller must start
+    prompt: str = ""  # shown below a live bubble's text: a form waiting for its answer says what to do
+    card: dict | None = None  # a template card this reply carries (given once per stream)
+    images: list[dict] = field(default_factory=list)
+
+    @property
+    def taken_over(self) -> bool:
+        return self.event == "taken_over"
+
+    @property
+    def resumed(self) -> bool:
+        return self.event == "resumed"
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class PollPath:
+    """The polls of `store`'s streams, and the lists they keep."""
+
+    def __init__(self, store: StreamStore):
+        self.store = store
+        self._connections = HotPathConnections(store.client)
+        self._poll = LuaScript(store.client, scripts.POLL, self._connections.execute)
+        self._card_back = LuaScript(store.client, scripts.CARD_BACK)
+        self._closed = threading.Event()
+        self._master_watch = (
+            LazyThread(self._watch_master, "redis-master-watch") if self._connections.under_sentinel else None
+        )
+
+    def close(self) -> None:
+        """Disconnect the poll path's connections, and end its watch of the master (the client's pool is the
+        store's owner's to close)."""
+        self._closed.set()
+        self._connections.close()
+
+    def poll(
+        self,
+        stream_id: str,
+        window_seconds: int,
+        overflow_bytes: int,
+        orphan_note: str,
+        taker: str = "",
+        taker_runs_it: bool = False,
+        token: str = "",
+        hand_card: bool = True,
+    ) -> Snapshot | None:
+        """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
+
+        An active stream whose lease is gone (its replica died) is taken over by `taker` when nothing was shown yet
+        (`taken_over` is then set and the caller must start a worker), or resumed when its Dify run can be streamed
+        again (`resumed`: the caller starts a worker that re-attaches), else becomes `expired` with `orphan_note`.
+        An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
+        When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
+        A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
+        card is left for a later poll.
+        """
+        k = self.store.keys
+        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
+        args = [
+            script_now(),
+            window_seconds,
+            overflow_bytes,
+            orphan_note,
+            taker,
+            self.store.lease_ms,
+            "1" if taker_runs_it else "",
+            self.store.takeover_grace_seconds,
+            token,
+            "" if hand_card else "1",
+        ]
+        if self._master_watch is not None:
+            self._master_watch.ensure()
+        started = time.monotonic()
+        row = self._poll(keys=keys, args=args)
+        stalled = time.monotonic() - started > STALLED_READ_SECONDS
+        if (not row or stalled) and self._connections.follow_failover():
+            # A master that came back after its failover still answers reads, from its old data set (a reply that
+            # waited out a pause may come from one): ask the new master before telling the user the answer cannot be
+            # found, or showing a bubble as it was before.
+            row = self._poll(keys=keys, args=args)
+        if not row:
+            return None
+        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, *images = row
+        return Snapshot(
+            status=status,
+            text=text,
+            note=note,
+            close_reason=reason,
+            closed_bytes=int(closed_bytes or 0),
+            has_response_url=bool(has_url),
+            event=event,
+            freed_inflight_key=freed,
+            attempt=attempt,
+            prompt=prompt,
+            card=orjson.loads(card) if card else None,
+            images=[orjson.loads(image) for image in images],
+        )
+
+    def _watch_master(self) -> None:
+        """Under Sentinel, every MASTER_WATCH_SECONDS: drop the poll path's idle connections to a master that was
+        failed over. Frozen past its failover, a master comes back a master in its own eyes and answers reads from
+        its old data set until the sentinels demote it: a poll on a connection still at it would show a bubble as
+        it was before the failover, less than the last poll showed (the 10-minute Sentinel run of seed 12)."""
+
+        def step() -> None:
+            self._connections.follow_failover()
+            self._closed.wait(MASTER_WATCH_SECONDS)
+
+        run_until(self._closed, step, "redis_master_watch")
+
+    # --- bubbles closed before their answers ended ---------------------------------------------------------------
+
+    def note_closed_early(self, stream_id: str) -> None:
+        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more."""
+        self.store.client.zadd(self.store.keys.closed_early(), {stream_id: time.time()})
+
+    def closed_early(self, most: int) -> list[str]:
+        """The oldest `most` streams listed by `note_closed_early` (those older than a response_url lives dropped)."""
+        key = self.store.keys.closed_early()
+        self.store.client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)
+        return self.store.client.zrange(key, 0, most - 1)
+
+    def forget_closed_early(self, stream_id: str) -> None:
+        self.store.client.zrem(self.store.keys.closed_early(), stream_id)
+
+    def give_card_back(self, stream_id: str, token: str, most: int) -> int:
+        """The reply of poll `token` never reached WeCom: a card it carried goes out with the next poll's reply
+        instead (scripts.CARD_BACK: 1 given back, 2 carried by another poll, 0 not handed out yet, 3 given back
+        `most` times already: it stays with this reply)."""
+        return int(self._card_back(keys=[self.store.keys.stream(stream_id)], args=[token, most]))
