@@ -85,18 +85,23 @@ class Deployment:
         value = self.redis.get(f"bot:ws-{bot}:wecom_ws:{{ws-{bot}}}:lease") or ""
         return int(value.rpartition(" ")[0].partition(":")[2] or 0)
 
-    def ask_beside_the_holder(self, bot: str, text: str, ready) -> tuple[str, str]:
-        """(req_id, stream id) of a long-connection message whose answer runs in another process than the one
+    def ask_beside_the_holder(self, bot: str, text: str, ready) -> tuple[str, str, str]:
+        """(req_id, stream id, user) of a long-connection message whose answer runs in another process than the one
         holding the bot's connection, once `ready(req_id)`. Killing the holder's own process before it recorded
         a frame's ack is another race (issue 35's R5, tested by the fault campaign), so a message the holder's
-        process took is left to go on by itself and another is sent (`self.asked` counts them all)."""
+        process took is left to go on by itself and another is sent (`self.asked` counts them all), each by a user
+        of its own: the answers left behind stay open (a form waits), and a user may have only
+        MAX_IN_FLIGHT_PER_USER bubbles open: a fourth try of one user's would be refused, and the test would wait
+        in vain for its card (most likely what failed a CI run: its last try was sent about 6 s after the bots
+        subscribed, three quick tries in)."""
         for _ in range(8):
-            req_id = self.wecom.deliver_text(f"ws-{bot}", text)
+            user = f"user-{self.asked}"
+            req_id = self.wecom.deliver_text(f"ws-{bot}", text, userid=user)
             self.asked += 1
             assert wait_until(lambda req_id=req_id: ready(req_id), timeout=15)
             stream_id = self.wecom.frames(req_id)[0]["stream"]["id"]
             if self.owner(f"ws-{bot}", stream_id)[1] != self.holder_pid(bot):
-                return req_id, stream_id
+                return req_id, stream_id, user
         raise AssertionError("every answer ran in the holder's process")
 
     def close(self) -> None:
@@ -221,10 +226,10 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
         assert conversation.cards == []  # the card came once
     else:
         wecom = deployment.wecom
-        req_id, stream_id = deployment.ask_beside_the_holder("hitl", "buy laptops", wecom.cards)
+        req_id, stream_id, user = deployment.ask_beside_the_holder("hitl", "buy laptops", wecom.cards)
         deployment.kill_owner("hitl", stream_id)
         assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
-        click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve")
+        click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve", userid=user)
         assert wecom.updated(click) is not None
         seen = seen_on_the_long_connection(deployment, req_id)
         assert seen.count("APPROVED. comment=looks good") == 1 and seen.count("Waiting for approval...") == 1
@@ -254,7 +259,7 @@ def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployme
     else:
         wecom = deployment.wecom
         started = lambda req_id: "part one" in str(wecom.frames(req_id))  # noqa: E731
-        req_id, stream_id = deployment.ask_beside_the_holder("slow", "mid-run", started)
+        req_id, stream_id, _ = deployment.ask_beside_the_holder("slow", "mid-run", started)
         deployment.kill_owner("slow", stream_id)
         seen = seen_on_the_long_connection(deployment, req_id, timeout=SLOW_SECONDS + 20)
         assert seen.count("part one (mid-run). ") == 1 and seen.count("SLEPT (part two)") == 1
