@@ -97,6 +97,7 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
 ):
     """Its req_id died with the holder's connection after the last words, before the final frame: the new holder
     cannot finish the bubble, so the user is told, once, that the answer was complete."""
+    from services.streams.poll_path import FrameRecord
     from services.streams.store import DONE, first_attempt
     from services.texts import CATALOGUE
 
@@ -107,10 +108,10 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
         store, attempt = bot.store, first_attempt("gone-holder:1")
         store.create("every-word", "m-every-word", attempt, BOT_ID, "carol", {"userid": "carol"})
         store.append("every-word", attempt, ["the whole answer"], 0)
+        bot.streams.frame("every-word", FrameRecord("old-holder", 0))  # its last frame, as the old holder recorded it
         assert store.finish("every-word", attempt, DONE) is not None
         outbox = bot.holder.orphans.outbox
         outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation
-        store.record("every-word", {"ws_shown": "the whole answer"})  # its last frame's ack, from the old holder
         time.sleep(1)
         assert not wecom.proactive  # not in the connection's first seconds: the old holder's acks come first
         assert wait_until(lambda: wecom.proactive, timeout=15)

@@ -13,8 +13,11 @@ from demo import dify_standin as d
 from services.keys import Keys
 from services.longconn.outbox import PAGE, Outbox, rest_of, shown_of
 from services.longconn.replies import ReplyPump
+from services.streams.poll_path import FrameRecord, PollPath
+from services.streams.service import Frame
 from services.streams.store import StreamStore
 from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
+from utils.text import utf8_len
 
 
 def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client):
@@ -50,39 +53,51 @@ class _Connection:
 
 
 class _Streams:
-    """Stands in for the stream service's poll (what the bubble of each stream would show now)."""
+    """Stands in for the stream service: each stream's bubble shows the text the test gives it (written to the
+    stream in Redis), and the pump's frames are polled, and recorded, by the real poll script."""
 
-    def __init__(self):
-        self.bubbles = {}
+    def __init__(self, store: StreamStore):
+        self.store = store
+        self.polls = PollPath(store)
         self.bubble = SimpleNamespace(placeholder="Thinking…")
 
-    def poll(self, stream_id):
-        content, finish = self.bubbles[stream_id]
-        return {"msgtype": "stream", "stream": {"id": stream_id, "content": content, "finish": finish}}
+    def show(self, stream_id: str, text: str, finish: bool = False) -> None:
+        fields = {"text": text, "status": "done" if finish else "streaming"}
+        self.store.client.hset(self.store.keys.stream(stream_id), mapping=fields)
+
+    def poll(self, stream_id: str) -> dict:
+        return self.frame(stream_id, None).reply
+
+    def frame(self, stream_id: str, record: FrameRecord | None) -> Frame:
+        snapshot = self.polls.poll(stream_id, 330, 20000, "", record=record)
+        finish = not snapshot.active
+        reply = {"msgtype": "stream", "stream": {"id": stream_id, "content": snapshot.text, "finish": finish}}
+        return Frame(reply, utf8_len(snapshot.text), snapshot.recorded)
 
 
-def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox]:
-    """A store and a bot's outbox on `client`, with stream s1 (message m1, alice's) open and tracked on req-1."""
+def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox, _Streams]:
+    """A store and a bot's outbox on `client`, with stream s1 (message m1, alice's) open and tracked on req-1, and
+    the stream service standing in for the pump's."""
     keys = Keys()
     store = StreamStore(client, keys, 3600, lease_seconds=lease_seconds)
     outbox = Outbox(client, keys, store, "bot-1")
     store.create("s1", "m1", "holder:1", "bot1", "alice", {"userid": "alice"})
     outbox.track("s1", "req-1", 3, "alice", True)
-    return store, outbox
+    return store, outbox, _Streams(store)
 
 
 def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redis_client):
     """The pump records what a frame will show before it goes out (a holder may die before the ack). A frame the
     ended connection did not take must not stand as shown: the next holder sends the rest from the last frame
     acknowledged (before, a final frame recorded so made it send nothing: a bubble stuck, seen in the campaign)."""
-    store, outbox = tracked_stream(redis_client, lease_seconds=5)
-    connection, streams = _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
     pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})  # WeCom showed "The first words"
     connection.open = False  # the connection ends (kicked), and the answer finishes
-    streams.bubbles["s1"] = ("The first words, and the rest.", True)
+    streams.show("s1", "The first words, and the rest.", True)
     pump.pump()
     pump.flush_acks()
     assert shown_of(store.meta("s1")) == ("The first words", False)
@@ -95,10 +110,9 @@ def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_on
     reader): its first frame goes nowhere. Its req_id is recorded dead at once, not at the next pass of a connection
     this process may never hold again, so the holder that has the bot now sends the answer through aibot_send_msg
     (before, the record stayed in memory and the answer reached nobody; seen in the campaign)."""
-    store, outbox = tracked_stream(redis_client, lease_seconds=5)
-    streams = _Streams()
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
     pump = ReplyPump("bot", streams, outbox, lambda: None)  # no connection any more
-    streams.bubbles["s1"] = ("", False)
+    streams.show("s1", "")
     pump.open("req-1", "s1", streams.poll("s1"))
     assert store.meta("s1").get("ws_dead") == "1"
     assert shown_of(store.meta("s1")) == ("", False)
@@ -111,20 +125,20 @@ def test_a_late_delivery_of_the_message_does_not_take_back_what_its_repeat_showe
     end, answers on its own req_id, whose frame goes nowhere: that marks its req_id dead but leaves what the repeat's
     bubble showed, so the next holder sends the rest from there (before, from nothing: the user got the text twice;
     seen in the campaign)."""
-    store, outbox = tracked_stream(redis_client, lease_seconds=5)
-    connection, streams = _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
     pump = ReplyPump("bot", streams, outbox, lambda: connection if connection.open or session_left else None)
-    streams.bubbles["s1"] = ("", False)
+    streams.show("s1", "")
     pump.open("req-2", "s1", streams.poll("s1"))  # the repeat
     connection.acks.pop()({"errcode": 0})
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     pump.pump()
     connection.acks.pop()({"errcode": 0})
     pump.flush_acks()
     connection.open = False
     pump.clear()  # the connection ended
     outbox.track("s1", "req-1", 3, "alice", True)  # the first delivery, taken late
-    streams.bubbles["s1"] = ("The first words and", False)
+    streams.show("s1", "The first words and")
     pump.open("req-1", "s1", streams.poll("s1"))
     pump.flush_acks()
     meta = store.meta("s1")
@@ -136,14 +150,14 @@ def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(re
     """WeCom delivered a message again while its answer streamed: the repeat's first frame shows the text so far. It
     is recorded before it goes out, so when the holder dies before the ack, the next holder sends only what follows
     (before, the whole answer again: that text reached the user twice; seen in the campaign)."""
-    store, outbox = tracked_stream(redis_client, lease_seconds=5)
-    connection, streams = _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
     pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.bubbles["s1"] = ("", False)
+    streams.show("s1", "")
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})  # the placeholder
     pump.flush_acks()
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     outbox.track("s1", "req-2", 3, "alice", True)
     pump.open("req-2", "s1", streams.poll("s1"))  # sent; its ack never comes (the holder dies)
     assert len(connection.acks) == 1
@@ -156,25 +170,25 @@ def test_a_pass_its_connection_outlived_records_nothing_and_sends_nothing_on_the
     where the old req_id is refused: what the bubble shows stays what it showed (before, the pass recorded its frame
     as shown and sent it on the new connection, and the next holder's rest began after text the user never saw;
     seen in the campaign)."""
-    store, outbox = tracked_stream(redis_client, lease_seconds=5)
-    old, new, streams = _Connection(), _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    old, new = _Connection(), _Connection()
     holder = {"session": old}
     pump = ReplyPump("bot", streams, outbox, lambda: holder["session"])
-    streams.bubbles["s1"] = ("", False)
+    streams.show("s1", "")
     pump.open("req-1", "s1", streams.poll("s1"))
     old.acks.pop()({"errcode": 0})
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     pump.pump(old)
     old.acks.pop()({"errcode": 0})
     pump.flush_acks()
-    streams.bubbles["s1"] = ("The first words, and more", False)
-    polls = streams.poll
+    streams.show("s1", "The first words, and more")
+    frames = streams.frame
 
-    def poll_as_the_connection_ends(stream_id):
+    def poll_as_the_connection_ends(stream_id, record):
         old.open, holder["session"] = False, new  # the process holds the next connection when the pass goes on
-        return polls(stream_id)
+        return frames(stream_id, record)
 
-    streams.poll = poll_as_the_connection_ends
+    streams.frame = poll_as_the_connection_ends
     pump.pump(old)
     pump.flush_acks()
     assert new.acks == []
@@ -186,14 +200,14 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the
     bubble shows (before, from the unsent frame: its text never reached the user; seen in the campaign)."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
-    store, outbox = tracked_stream(client, lease_seconds=30)
-    connection, streams = _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(client, lease_seconds=30)
+    connection = _Connection()
     pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})
     pump.pump()  # nothing changed: nothing sent
-    streams.bubbles["s1"] = ("The first words, and more", False)
+    streams.show("s1", "The first words, and more")
     private_redis.pause()
     try:
         pump.pump()  # the record times out: nothing goes out
@@ -201,7 +215,7 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
         time.sleep(0.3)
         private_redis.resume()
     assert connection.acks == []
-    assert wait_until(lambda: store.meta("s1").get("ws_sent") == "The first words, and more")  # it ran late
+    assert wait_until(lambda: shown_of(store.meta("s1"))[0] == "The first words, and more")  # it ran late
     pump.flush_acks()
     assert shown_of(store.meta("s1")) == ("The first words", False)
     client.close()
@@ -213,13 +227,13 @@ def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(p
     the 10-minute campaign: a record from before a pause, run after the record of the frame that followed, made the
     next holder send two sentences again)."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
-    store, outbox = tracked_stream(client, lease_seconds=30)
-    connection, streams = _Connection(), _Streams()
+    store, outbox, streams = tracked_stream(client, lease_seconds=30)
+    connection = _Connection()
     pump = ReplyPump("bot", streams, outbox, lambda: connection, valid_seconds=0.5)
-    streams.bubbles["s1"] = ("The first words", False)
+    streams.show("s1", "The first words")
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})
-    streams.bubbles["s1"] = ("The first words, and more", False)
+    streams.show("s1", "The first words, and more")
     private_redis.pause()
     try:
         pump.pump()  # the record times out: nothing goes out
@@ -227,9 +241,9 @@ def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(p
         time.sleep(0.8)  # past the record's deadline
         private_redis.resume()
     time.sleep(0.5)  # a bounded look: Redis has run what it held by now
-    assert store.meta("s1").get("ws_sent") != "The first words, and more"
+    assert shown_of(store.meta("s1"))[0] == "The first words"
     pump.pump()  # the next pass records and sends it
-    assert store.meta("s1")["ws_sent"] == "The first words, and more"
+    assert shown_of(store.meta("s1"))[0] == "The first words, and more"
     assert connection.acks
     client.close()
 

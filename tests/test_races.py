@@ -12,7 +12,7 @@ import redis
 
 from demo import dify_standin as d
 from services.gateway import build_gateway
-from services.longconn.outbox import Outbox
+from services.longconn.outbox import Outbox, shown_of
 from services.longconn.rests import OutboxRests
 from services.streams.job import StreamJob
 from services.streams.store import StreamStore
@@ -176,7 +176,7 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     assert wait_until(lambda: shown_frame(wecom, req_id, "shown before the drain."), timeout=10)
     first.bot().holder.stop()
     stream_id = wecom.frames(req_id)[0]["stream"]["id"]
-    assert "shown before the drain." in redis_client.hget(KEYS.stream(stream_id), "ws_shown")
+    assert "shown before the drain." in shown_of(redis_client.hgetall(KEYS.stream(stream_id)))[0]
     assert wait_until(lambda: wecom.proactive, timeout=20)
     assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive

@@ -200,6 +200,7 @@ def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_clien
     open_stream(store)
     store.append("s1", "A", ["partial"], 0)
     redis_client.delete("dify_stream:{s1}:lease")  # the owner died and its lease ran out
+    assert poll(store).status == "streaming"  # text came since the last poll: its writer lived a moment ago
     snap = poll(store)
     assert (snap.status, snap.text, snap.note) == ("expired", "partial", "orphan note")
     assert redis_client.hget("dify_stream:{s1}", "error") == "owner_lost"
@@ -209,6 +210,7 @@ def test_lost_lease_makes_the_stream_expired_on_the_next_poll(store, redis_clien
 def test_finishing_a_stream_a_poll_gave_up_tells_its_owner_so(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["every word"], 0)
+    poll(store)
     redis_client.delete("dify_stream:{s1}:lease")  # lost in a failover, though the owner lives
     assert poll(store).status == "expired"
     assert store.finish("s1", "A", "done").orphaned
@@ -319,6 +321,7 @@ def test_a_stream_is_restarted_only_once(store, polls, redis_client):
 def test_no_takeover_once_something_was_shown(store, polls, redis_client):
     open_stream(store, "s1", "m1")
     store.append("s1", "A", ["shown"], 0)
+    polls.poll("s1", 330, 20000, "orphan note", taker="B")  # it is shown
     redis_client.delete("dify_stream:{s1}:lease")
     assert polls.poll("s1", 330, 20000, "orphan note", taker="B").status == "expired"
 

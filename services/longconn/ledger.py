@@ -1,6 +1,7 @@
-"""What the acks of a connection's frames say, written to Redis in batches: what each bubble shows (`ws_shown`), a
-refused frame (the bubble shows the last one taken; a dead req_id), a bubble finished (out of the open set); and
-the undoing of a record of frames that never went out (its reply was lost, so Redis may still run it).
+"""What the acks of a connection's frames say, written to Redis in batches: a refused frame (the bubble shows the
+last one taken; a dead req_id), a bubble finished (out of the open set); and the undoing of a record of frames that
+never went out (its write's reply was lost, so Redis may still run it). What a frame will show is recorded before it
+goes out, by the poll that makes it (scripts.POLL), so an ack that says it was shown has nothing to add.
 
 Each of these records must outlive a failover, so it waits for a Redis replica (services/replication.py). Written
 one ack at a time, every ack waited: when no replica answers (a shard without one, after a failover), 200 ms each,
@@ -38,16 +39,13 @@ class AckLedger:
         self.open_key = open_key  # the bot's open set (outbox.py)
         self._fields: dict[str, dict[str, str]] = {}
         self._delivered: set[str] = set()
-        self._unsent: dict[str, tuple[str, str]] = {}  # stream id -> (the record's token, what the bubble shows)
+        self._unsent: dict[str, tuple[str, int]] = {}  # stream id -> (the record's token, what the bubble shows)
         self._lock = threading.Lock()
 
-    def shown(self, stream_id: str, content: str) -> None:
-        """The stream's bubble shows `content` (its frame was acknowledged)."""
-        self._note(stream_id, {"ws_shown": content})
-
-    def refused(self, stream_id: str, acked: str, dead: bool) -> None:
-        """WeCom refused a frame: the bubble shows `acked`; with `dead`, its req_id can no longer be used."""
-        self._note(stream_id, {"ws_sent": acked, "ws_sent_final": "", **({"ws_dead": "1"} if dead else {})})
+    def refused(self, stream_id: str, shows: int, dead: bool) -> None:
+        """WeCom refused a frame: the bubble shows `shows` bytes of the stream's text (its last frame taken); with
+        `dead`, its req_id can no longer be used."""
+        self._note(stream_id, {"ws_shows": str(shows), "ws_sent_final": "", **({"ws_dead": "1"} if dead else {})})
 
     def dead(self, stream_id: str) -> None:
         """The req_id answering the stream can no longer be used (what its bubble shows is recorded already)."""
@@ -58,20 +56,20 @@ class AckLedger:
         with self._lock:
             self._delivered.add(stream_id)
 
-    def unsent(self, stream_id: str, token: str, shown: str) -> None:
-        """The frame recorded as about to go out under `token` never went out (the record's reply was lost, so the
-        record may yet land): unless a later record replaced it, the bubble shows `shown`."""
+    def unsent(self, stream_id: str, token: str, shows: int) -> None:
+        """The frame recorded as about to go out under `token` never went out (or the record's reply was lost, so
+        it may yet land): unless a later record replaced it, the bubble shows `shows` bytes of the stream's text."""
         with self._lock:
-            self._unsent[stream_id] = (token, shown)
+            self._unsent[stream_id] = (token, shows)
 
     def _note(self, stream_id: str, fields: dict[str, str]) -> None:
         with self._lock:
             self._fields.setdefault(stream_id, {}).update(fields)
 
     def flush(self, riding: dict[str, dict[str, str]] | None = None) -> None:
-        """Write what was noted, with `riding` (fields for the streams' records that are not acks: the frames about
-        to go out, outbox.sending_record) in the same records: per Redis node one round trip, its commands
-        followed by one wait for a replica; a stream's ack and its next frame are one record.
+        """Write what was noted, with `riding` (fields for the streams' records that are not acks: a frame about to
+        go out, outbox.sending_record) in the same records: per Redis node one round trip, its commands followed by
+        one wait for a replica; a stream's ack and its next frame are one record.
 
         Raises:
             redis.RedisError: Redis did not answer (what was noted is kept for the next flush; `riding` is the
@@ -102,22 +100,41 @@ class AckLedger:
         """
         self._write({}, set(), {}, riding)
 
+    def confirm(self, stream_ids: list[str], token: str) -> None:
+        """Wait until a replica holds the frame records just written, by their polls, for `stream_ids` (pass
+        `token`): per Redis node one small write after them, and a wait for a replica (a replica that holds it
+        holds all that came before it). Nothing to do where no replica is waited for.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        if not self.durable.wait_ms or not stream_ids:
+            return
+        groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
+        for stream_id in stream_ids:
+            key = self.keys.stream(stream_id)
+            node = self.client.get_node_from_key(key).name if isinstance(self.client, RedisCluster) else None
+            if node not in groups:
+                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
+        for key, commands in groups.values():
+            raise_first_error(self.durable.execute(key, commands, OUTBOX))
+
     def _write(
         self,
         fields: dict[str, dict[str, str]],
         delivered: set[str],
-        unsent: dict[str, tuple[str, str]],
+        unsent: dict[str, tuple[str, int]],
         riding: dict[str, dict[str, str]],
     ) -> None:
         records = {stream_id: dict(values) for stream_id, values in fields.items()}
         for stream_id, values in riding.items():
             records[stream_id] = {**records.get(stream_id, {}), **values}
         groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
-        for stream_id, (token, shown) in unsent.items():
+        for stream_id, (token, shows) in unsent.items():
             key = self.keys.stream(stream_id)
-            restore = ("ws_sent", shown, "ws_sent_final", "")
+            restore = ("ws_shows", str(shows), "ws_sent_final", "")
             self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
-        deadline = f"{time.time() + self.valid_seconds:.3f}" if self.valid_seconds else "0"
+        deadline = f"{self.deadline():.3f}"
         for stream_id, values in records.items():
             key = self.keys.stream(stream_id)
             pairs = [item for pair in values.items() for item in pair]
@@ -129,19 +146,24 @@ class AckLedger:
             replies = self.durable.execute(key, commands, OUTBOX)
             raise_first_error(replies)
             if LATE in replies:
-                self._late(time.time() - sent)
+                self.late(time.time() - sent)
+                raise redis.TimeoutError("a record reached Redis after its deadline")
 
-    def _late(self, took: float) -> None:
-        """Redis refused a record as late: nothing of this flush is taken for written. When the reply came well
-        within the deadline, Redis's clock runs ahead of this host's: deadlines go off (else no frame would go)."""
-        if took < self.valid_seconds / 2:
+    def deadline(self) -> float:
+        """The deadline of a record made now (epoch seconds; 0 for none)."""
+        return time.time() + self.valid_seconds if self.valid_seconds else 0.0
+
+    def late(self, took: float) -> None:
+        """Redis refused a record as late, answering in `took` seconds: nothing of it is taken for written. When
+        the reply came well within the deadline, Redis's clock runs ahead of this host's: deadlines go off (else no
+        frame would go)."""
+        if self.valid_seconds and took < self.valid_seconds / 2:
             logger.error(
                 "Redis refused frame records as late that it answered in %.0f ms: its clock runs ahead of this host's "
                 "by more than REDIS_SOCKET_TIMEOUT; records carry no deadline from now on (check the hosts' NTP)",
                 took * 1000,
             )
             self.valid_seconds = 0
-        raise redis.TimeoutError("a record reached Redis after its deadline")
 
     def _add(self, groups: dict, key: str, command: tuple) -> None:
         """Add `command` (on `key`) to the group of the node holding `key`."""

@@ -64,7 +64,8 @@ class OrphanDelivery:
             if finished_there:  # its final frame went out before its connection died: nothing is left to send
                 best_effort(partial(self.outbox.sent, stream_id), "recording the delivery", delays=())
                 continue
-            rest = rest_of(polled["stream"].get("content", ""), shown)
+            seen = self.streams.bubble.live(shown) if shown else ""  # the bubble as its last frame showed it
+            rest = rest_of(polled["stream"].get("content", ""), seen)
             if meta.get("ws_as_is"):  # a message made whole already (an answer's rest the finisher handed over)
                 message = rest
             elif meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble

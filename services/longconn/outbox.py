@@ -3,10 +3,11 @@ received it (846605: the holder changed) or its window passed (846608). Such a s
 as a proactive markdown message (`aibot_send_msg`) when the answer is final.
 
 Every stream answered over the WebSocket is tracked in the bot's open set, with the generation of the connection
-that answers it, the content its last acknowledged frame showed, and the content of the last frame handed to the
-socket (in the stream hash). What the bubble shows is the latter: WeCom shows a frame about 0.3 s before its ack
-comes back, and a holder killed in between would otherwise send that text again (the one estimate that can be
-wrong is a frame lost with the socket within moments of its sending, whose text is then missing from the rest).
+that answers it and, in the stream hash, how much of the stream's text the last frame handed to the socket shows
+(`ws_shows`, bytes; written by the poll that made the frame, before it goes out, scripts.POLL). That is what the
+bubble shows: WeCom shows a frame about 0.3 s before its ack comes back, and a holder killed in between would
+otherwise send that text again (the one estimate that can be wrong is a frame lost with the socket within moments of
+its sending, whose text is then missing from the rest); a frame WeCom refused lowers it to the last one taken.
 A holder delivers, once the answer is final, the rest of every tracked stream that is not one of its own live
 replies. A marker per stream (`sending` for 30 s, then `sent` for a day) makes the delivery happen once across
 processes; a send that fails clears it, so the next pass tries again (a holder that dies between sending and
@@ -34,16 +35,18 @@ from services.keys import (
 from services.replication import OUTBOX, raise_first_error
 from services.streams.store import DONE, StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
+from utils.text import cut_utf8, utf8_len
 
 CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: tried again after a back-off
 PAGE = 100  # tracked streams read per round trip
 
 
-def sending_record(content: str, final: bool, token: str) -> dict[str, str]:
-    """What a stream's record says of a frame about to go out: once it is sent, the bubble shows `content` (`ws_sent`),
-    for a holder that dies before its ack comes; `token` names the record (`ws_sent_by`), so that it can be undone if
-    the frame never goes out (AckLedger.unsent). Written with the acks of the same pass (AckLedger.flush)."""
-    return {"ws_sent": content, "ws_sent_final": "1" if final else "", "ws_sent_by": token}
+def sending_record(shows: int, final: bool, token: str) -> dict[str, str]:
+    """What a stream's record says of a frame about to go out: once it is sent, the bubble shows the first `shows`
+    bytes of the stream's text (`ws_shows`), for a holder that dies before its ack comes; `token` names the record
+    (`ws_sent_by`), so that it can be undone if the frame never goes out (AckLedger.unsent). The frame pump's polls
+    write it themselves (scripts.POLL); this is for a frame made otherwise (a repeated message's first)."""
+    return {"ws_shows": str(shows), "ws_sent_final": "1" if final else "", "ws_sent_by": token}
 
 
 class Outbox:
@@ -181,11 +184,24 @@ def claimant_token(process: str) -> str:
 
 
 def shown_of(meta: dict[str, str]) -> tuple[str, bool]:
-    """What a tracked stream's bubble shows (the last frame handed to the socket, else the last acknowledged one),
-    and whether that frame finished it."""
-    if "ws_sent" in meta:
-        return meta["ws_sent"], bool(meta.get("ws_sent_final"))
-    return meta.get("ws_shown", ""), False
+    """What a tracked stream's bubble shows of its text (the last frame handed to the socket), and whether that
+    frame finished it. Nothing when the bubble showed text the answer no longer has (replaced since). A record
+    written before records counted bytes (`ws_sent`, `ws_shown`: the frame's content) is read as it was meant."""
+    final = bool(meta.get("ws_sent_final"))
+    if "ws_shows" in meta:
+        return cut_utf8(meta.get("text", ""), max(0, int(meta["ws_shows"] or 0))), final
+    return meta.get("ws_sent", meta.get("ws_shown", "")), final
+
+
+def shows_of(content: str, text: str) -> int:
+    """How many bytes of the stream's `text` a bubble of `content` surely shows: their common start (a bubble
+    hides links Dify left relative, and may show a note below the text: what follows them is not counted)."""
+    common = 0
+    for ours, theirs in zip(content, text, strict=False):
+        if ours != theirs:
+            break
+        common += 1
+    return utf8_len(text[:common])
 
 
 def rest_of(final: str, shown: str) -> str:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from services import metrics
 from services.longconn import frames
 from services.longconn.ledger import AckLedger
-from services.longconn.outbox import Outbox, sending_record, shown_of
+from services.longconn.outbox import Outbox, sending_record, shown_of, shows_of
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
+from services.streams.poll_path import FrameRecord
 from services.streams.service import StreamService
+from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +30,23 @@ ACK_TIMEOUT = 5.0
 
 @dataclass
 class _Reply:
-    """One message's stream, answered on its req_id."""
+    """One message's stream, answered on its req_id. What its frames show is counted in bytes of the stream's text
+    (as the stream's record counts it, outbox.py)."""
 
     stream_id: str
-    content: str = ""
-    acked: str = ""  # what its last acknowledged frame showed
+    content: str = ""  # its last frame's content
+    sent: int = 0  # what its last frame handed to the socket shows
+    acked: int = 0  # what its last acknowledged frame showed
     pending_since: float = 0.0  # a frame is waiting for its ack
     final_sent: bool = False
     recorded: bool = False  # a frame of this req_id was recorded as what the stream's bubble shows
-    floor: str = ""  # what another req_id of the stream showed when this one began (open)
+    floor: int = 0  # what another req_id of the stream showed when this one began (open)
 
     @property
-    def least_shown(self) -> str:
+    def least_shown(self) -> int:
         """What the bubbles of this stream surely show: this req_id's last acknowledged frame, or what another req_id
-        of the stream showed when it began, whichever is longer."""
-        return self.acked if len(self.acked) >= len(self.floor) else self.floor
+        of the stream showed when it began, whichever is more."""
+        return max(self.acked, self.floor)
 
 
 class ReplyPump:
@@ -81,14 +85,16 @@ class ReplyPump:
         if entry.content and entry.content != self.streams.bubble.placeholder and self._session() is not None:
             token = secrets.token_hex(6)
             try:
-                entry.floor = shown_of(self.outbox.store.meta(stream_id))[0]
-                self.ledger.record({stream_id: sending_record(entry.content, bool(stream.get("finish")), token)})
+                meta = self.outbox.store.meta(stream_id)
+                entry.floor = utf8_len(shown_of(meta)[0])
+                entry.sent = shows_of(entry.content, meta.get("text", ""))
+                self.ledger.record({stream_id: sending_record(entry.sent, bool(stream.get("finish")), token)})
             except REDIS_FAILURES as exc:
                 logger.warning("could not record what a bubble shows (its frame waits for the next pass): %s", exc)
-                entry.content = ""  # not sent: the pump sends it, recorded, once Redis answers
+                entry.content, entry.sent = "", 0  # not sent: the pump sends it, recorded, once Redis answers
                 return
             entry.recorded = True
-        self.send(req_id, reply)
+        self.send(req_id, reply, entry.sent)
 
     def clear(self) -> None:
         """The connection ended: its req_ids died with it."""
@@ -100,12 +106,16 @@ class ReplyPump:
             return {reply.stream_id for reply in self._replies.values()}
 
     def pump(self, session: Session | None = None) -> None:
-        """One pass over the open replies: a frame for each whose bubble changed and has no frame in flight, recorded
-        with what the acks since the last pass said (one write per Redis node), sent on `session` (the keeper's
-        connection; by default the current one). A pass outlived by its connection (a holder frozen mid-pass, slow
-        polls in a Redis stall) records nothing more, and a frame of it that does not go out has its record undone:
-        its text was taken for shown, and the next holder's rest began after it (seen in the campaign)."""
+        """One pass over the open replies: what the acks since the last pass said is written first, then each reply
+        with no frame in flight is polled, the poll recording what the frame it returns will show (scripts.POLL),
+        and a frame goes out for each whose bubble changed, on `session` (the keeper's connection; by default the
+        current one). A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall)
+        sends nothing, and a frame of it that does not go out has its record undone: its text was taken for shown,
+        and the next holder's rest began after it (seen in the campaign)."""
         session = session or self._session()
+        self.flush_acks()  # before this pass's records, which they must not overwrite
+        if session is None or session is not self._session():
+            return  # the connection ended: its replies died with it
         now = time.monotonic()
         with self._lock:
             due = [
@@ -113,56 +123,54 @@ class ReplyPump:
                 for req_id, reply in self._replies.items()
                 if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
             ]
+        record = FrameRecord(secrets.token_hex(6), self.ledger.deadline())
         changed = []
         for req_id, reply in due:
+            asked = time.time()
             try:
-                polled = self.streams.poll(reply.stream_id)
+                frame = self.streams.frame(reply.stream_id, record)
             except REDIS_FAILURES:
+                self.ledger.unsent(reply.stream_id, record.token, reply.sent)  # its record may still land
                 continue  # the next pass tries again
-            stream = polled.get("stream") or {}
-            if stream.get("content") == reply.content and not stream.get("finish") and "template_card" not in polled:
-                continue
-            changed.append((req_id, reply, polled))
+            if frame.recorded == "late":
+                self.ledger.late(time.time() - asked)
+                continue  # nothing was recorded: no frame goes out
+            stream = frame.reply.get("stream") or {}
+            # An unchanged bubble needs no frame, and its record stands: the text it counts shows as it did.
+            if stream.get("content") != reply.content or stream.get("finish") or "template_card" in frame.reply:
+                changed.append((req_id, reply, frame))
         if not changed:
-            self.flush_acks()
             return
-        if session is None or session is not self._session():
-            return  # the connection ended meanwhile: its replies died with it
-        token = secrets.token_hex(6)
-        riding = {
-            reply.stream_id: sending_record(
-                polled["stream"].get("content", ""), bool(polled["stream"].get("finish")), token
-            )
-            for _, reply, polled in changed
-        }
-        try:  # what the bubbles will show, before it goes out (outbox.py: a holder that dies before the acks)
-            self.ledger.flush(riding)
+        try:  # a replica holds the records before their frames go out (services/replication.py)
+            self.ledger.confirm([reply.stream_id for _, reply, _ in changed], record.token)
+            confirmed = True
         except REDIS_FAILURES as exc:
-            logger.warning("could not record what the bubbles show (kept for the next pass): %s", exc)
-            # Nothing goes out this pass (the next tries again); but Redis may still run the record when it resumes
-            # (a pause): it is undone then, unless a later one replaced it (before, the next holder took those
-            # frames for shown, and their text never reached the user).
-            for _, reply, _ in changed:
-                self.ledger.unsent(reply.stream_id, token, reply.content)
-            return
+            logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
+            confirmed = False
         undone = False
-        for req_id, reply, polled in changed:
-            reply.content, reply.recorded = polled["stream"].get("content", ""), True
-            if not self.send(req_id, polled, session):
-                self.ledger.unsent(reply.stream_id, token, reply.least_shown)
+        for req_id, reply, frame in changed:
+            if not confirmed or session is not self._session():  # the connection ended meanwhile
+                self.ledger.unsent(reply.stream_id, record.token, reply.sent)
+                undone = True
+                continue
+            reply.content, reply.recorded = frame.reply["stream"].get("content", ""), True
+            if not self.send(req_id, frame.reply, frame.shows, session):
+                self.ledger.unsent(reply.stream_id, record.token, reply.least_shown)
                 undone = True
         if undone and session is not self._session():
             self.flush_acks()  # no keeper of that connection passes again to write it
 
-    def send(self, req_id: str, reply: dict, session: Session | None = None) -> bool:
-        """Send one stream frame on `req_id` (on `session`, by default the current connection); its ack clears the
-        way for the next (and tells the outbox). False if it did not go out."""
+    def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None) -> bool:
+        """Send one stream frame on `req_id` (on `session`, by default the current connection), showing `shows` bytes
+        of the stream's text; its ack clears the way for the next (and tells the outbox). False if it did not go
+        out."""
         stream = reply.get("stream") or {}
-        finish, content = bool(stream.get("finish")), stream.get("content", "")
+        finish = bool(stream.get("finish"))
         entry = self._replies.get(req_id)
         if entry is not None:
             entry.pending_since = time.monotonic()
             entry.final_sent = finish
+            entry.sent = shows
         sent_at = time.monotonic()
 
         def on_ack(ack: dict) -> None:
@@ -177,11 +185,13 @@ class ReplyPump:
                     return
                 current.pending_since = 0.0
                 if not errcode:
-                    current.acked = content
+                    current.acked = shows
+                else:  # the bubble shows the last frame taken, and the next pass sends it what it lacks
+                    current.content, current.sent = "", current.least_shown
                 dead = errcode in (frames.DEAD_REQ_ID, frames.STREAM_EXPIRED)
                 if dead or (current.final_sent and not errcode):
                     del self._replies[req_id]
-            self._after_ack(current, content, finish, errcode, dead)
+            self._after_ack(current, finish, errcode, dead)
 
         metrics.WS_FRAMES.labels(self.bot).inc()
         session = session or self._session()
@@ -213,9 +223,9 @@ class ReplyPump:
         elif dead:
             self.ledger.dead(reply.stream_id)
 
-    def _after_ack(self, reply: _Reply, content: str, finish: bool, errcode: int, dead: bool) -> None:
+    def _after_ack(self, reply: _Reply, finish: bool, errcode: int, dead: bool) -> None:
         """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's
-        files."""
+        files. An ack that says a frame was shown adds nothing: it was recorded before it went out."""
         stream_id = reply.stream_id
         if errcode:  # WeCom did not show it
             self._refused(reply, dead)
@@ -223,8 +233,6 @@ class ReplyPump:
             self.ledger.delivered(stream_id)
             if self.files is not None:
                 self.files.after_answer(stream_id)
-        else:
-            self.ledger.shown(stream_id, content)
 
     def flush_acks(self) -> None:
         """Write what the acks since the last call said (one wait for a replica per Redis node)."""

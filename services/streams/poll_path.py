@@ -44,6 +44,7 @@ class Snapshot:
     attempt: str = ""  # taken over or resumed: the fencing token of the attempt the poller must start
     prompt: str = ""  # shown below a live bubble's text: a form waiting for its answer says what to do
     card: dict | None = None  # a template card this reply carries (given once per stream)
+    recorded: str = ""  # the frame record asked of this poll: "yes", "late" (Redis ran it past its deadline), or ""
     images: list[dict] = field(default_factory=list)
 
     @property
@@ -57,6 +58,15 @@ class Snapshot:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRecord:
+    """A poll's record of the frame it returns (a long connection's, scripts.POLL): `token` names it, and Redis
+    writes it only until `deadline` (epoch seconds; 0 for none)."""
+
+    token: str
+    deadline: float
 
 
 class PollPath:
@@ -88,6 +98,7 @@ class PollPath:
         taker_runs_it: bool = False,
         token: str = "",
         hand_card: bool = True,
+        record: FrameRecord | None = None,
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -97,7 +108,8 @@ class PollPath:
         An active stream older than `window_seconds`, or with more than `overflow_bytes` of text, is closed early.
         When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
         A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
-        card is left for a later poll.
+        card is left for a later poll. With a `record`, the poll records what the frame it returns will show
+        (scripts.POLL: a long connection's holder, before it sends that frame).
         """
         k = self.store.keys
         keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
@@ -112,6 +124,8 @@ class PollPath:
             self.store.takeover_grace_seconds,
             token,
             "" if hand_card else "1",
+            record.token if record else "",
+            f"{record.deadline:.3f}" if record else "0",
         ]
         if self._master_watch is not None:
             self._master_watch.ensure()
@@ -125,7 +139,7 @@ class PollPath:
             row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, *images = row
+        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, recorded, *images = row
         return Snapshot(
             status=status,
             text=text,
@@ -138,6 +152,7 @@ class PollPath:
             attempt=attempt,
             prompt=prompt,
             card=orjson.loads(card) if card else None,
+            recorded=recorded,
             images=[orjson.loads(image) for image in images],
         )
 

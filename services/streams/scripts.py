@@ -108,19 +108,25 @@ return 'ok'
 """
 )
 
-# KEYS: stream, chunks. ARGV: owner, ttl, now, answer.
+# KEYS: stream, chunks. ARGV: owner, ttl, now, answer. A long connection's record of what the bubble shows counts
+# bytes of the text (POLL): when the new answer does not begin with what the bubble showed, the record says so
+# (`ws_shows` -1: the bubble showed text the answer no longer has).
 REPLACE = (
     _OWNERSHIP
     + """
 local state = ownership(ARGV[1])
 if state ~= 'ok' then return state end
+local w = redis.call('HMGET', KEYS[1], 'ws_shows', 'text')
+local shown = tonumber(w[1]) or 0
+local record = {}
+if shown > 0 and string.sub(ARGV[4], 1, shown) ~= string.sub(w[2] or '', 1, shown) then record = {'ws_shows', -1} end
 redis.call('DEL', KEYS[2])
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'replaced_at', ARGV[3],
-           'updated_at', ARGV[3])
+           'updated_at', ARGV[3], unpack(record))
 return 'ok'
 """
 )
@@ -160,39 +166,51 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1'
 # when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this
 # poll's token (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back,
-# CARD_BACK), '1' to leave a waiting card for a later poll (the reply to a message delivered again). Returns
-# false for an unknown stream, else {status, text, note, close_reason, closed_bytes, has_response_url, event, inflight
-# key, attempt, prompt, card, images...}: `event` names what this call just did (taken_over, resumed, expired,
-# closed_window, closed_overflow, or ''), the in-flight set is named when the bubble just closed (the caller frees the
-# user's slot), `attempt` is the new attempt's token when the taker must start one (taken_over, resumed), `prompt` is
-# what a live bubble shows below its text (a form waiting for its answer), `card` a template card to send with this
-# reply (a form's, or the questions suggested after a done answer: given once, as WeCom takes one card per message),
-# and the reply images come only once the stream is done. An active stream whose lease is gone (its replica died or
-# handed it over) is taken by the polling replica (`taker`, if not empty): resumed when its Dify run can be streamed
-# again (a chatflow's or workflow's `workflow_run_id` is known; at most 3 times), else restarted when nothing was
-# shown yet and it was never restarted; otherwise it becomes expired with the note. The owner's own process, still
-# running it (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back for
-# that attempt instead: never a second attempt beside the first. A lease found missing is only noted at first
+# CARD_BACK), '1' to leave a waiting card for a later poll (the reply to a message delivered again), a frame record's
+# token ('' for none) and its deadline (_DEADLINE). Returns false for an unknown stream, else {status, text, note,
+# close_reason, closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, images...}:
+# `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''), the
+# in-flight set is named when the bubble just closed (the caller frees the user's slot), `attempt` is the new
+# attempt's token when the taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below its
+# text (a form waiting for its answer), `card` a template card to send with this reply (a form's, or the questions
+# suggested after a done answer: given once, as WeCom takes one card per message), `recorded` says what became of
+# the frame record ('yes', 'late', or '' when none was asked), and the reply images come only once the stream is
+# done. An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica
+# (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
+# `workflow_run_id` is known; at most 3 times), else restarted when nothing was shown yet and it was never
+# restarted; otherwise it becomes expired with the note. The lease is looked at only by a poll that found no new
+# text (text came since the last poll: its writer lived a moment ago; the next poll looks). The owner's own process,
+# still running it (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back
+# for that attempt instead: never a second attempt beside the first. A lease found missing is only noted at first
 # (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is
 # still missing, so that an owner that lived through a Redis pause or failover (its lease ran out while it could not
 # renew it) takes its lease back first. A process that takes no stream now (draining, or at STREAM_MAX_ACTIVE) leaves
 # one it could resume or restart to a poll on another, within the window. One past the window, or longer than a
 # bubble can show, is closed early (the bubble finishes now, the worker goes on and sends the rest through
 # response_url).
-POLL = """
+#
+# The frame record: a long connection's holder records what a bubble will show before the frame that shows it goes
+# out (services/longconn/outbox.py), and its poll does it in the same write as the fold: `ws_shows` (bytes of the
+# text the frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the token, so
+# that a frame that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the record's
+# deadline records nothing and hands out no card (its caller sends no frame).
+POLL = (
+    _DEADLINE
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
                      'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls')
 local status = h[1]
 if not status then return false end
+local recorded = ''
+if ARGV[11] ~= '' then recorded = late(ARGV[12]) and 'late' or 'yes' end
 local text = h[3] or ''
 local folded = tonumber(h[2]) or 0
 local fresh = redis.call('LRANGE', KEYS[2], folded, -1)
+local writes = {'polls', (tonumber(h[18]) or 0) + 1}  -- written once, at the end
 if #fresh > 0 then
   text = text .. table.concat(fresh)
-  redis.call('HSET', KEYS[1], 'text', text, 'folded', folded + #fresh, 'polls', (tonumber(h[18]) or 0) + 1)
-else
-  redis.call('HINCRBY', KEYS[1], 'polls', 1)
+  for _, v in ipairs({'text', text, 'folded', folded + #fresh}) do writes[#writes + 1] = v end
 end
 local note, reason, closed_bytes, event, attempt = h[4] or '', h[6] or '', h[7] or '', '', ''
 local function next_attempt()
@@ -202,7 +220,7 @@ local function next_attempt()
   return attempt
 end
 if status == 'pending' or status == 'streaming' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then
+  if #fresh == 0 and redis.call('EXISTS', KEYS[3]) == 0 then
     local resumes = tonumber(h[12]) or 0
     local taker = ARGV[5] ~= ''
     local resumable = (h[11] or '') ~= '' and resumes < 3
@@ -252,17 +270,26 @@ if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9
 local prompt, card = '', ''
 local live = (status == 'pending' or status == 'streaming') and reason == ''
 if live then prompt = h[15] or '' end
-if ARGV[10] ~= '1' and (live or status == 'done') and h[16] and h[16] ~= '' and not h[17] then
+if ARGV[10] ~= '1' and recorded ~= 'late' and (live or status == 'done') and h[16] and h[16] ~= ''
+   and not h[17] then
   card = h[16]
-  redis.call('HSET', KEYS[1], 'card_shown', ARGV[1], 'card_by', ARGV[9])
+  for _, v in ipairs({'card_shown', ARGV[1], 'card_by', ARGV[9]}) do writes[#writes + 1] = v end
 end
+if recorded == 'yes' then
+  local shows = reason ~= '' and closed_bytes or tostring(#text)
+  for _, v in ipairs({'ws_shows', shows, 'ws_sent_final', live and '' or '1', 'ws_sent_by', ARGV[11]}) do
+    writes[#writes + 1] = v
+  end
+end
+redis.call('HSET', KEYS[1], unpack(writes))
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
-             prompt, card}
+             prompt, card, recorded}
 if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
 return row
 """
+)
 
 # KEYS: stream. ARGV: the token of a poll whose reply never went out (or came too late), the most times a card is
 # given back. The card it took out is handed out again (by the next poll): 1; 2 if another poll's reply carried it;

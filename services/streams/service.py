@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from services import metrics
@@ -20,7 +21,7 @@ from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import CALLBACK_DEADLINE_SECONDS, REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.job import StreamJob
-from services.streams.poll_path import PollPath, Snapshot
+from services.streams.poll_path import FrameRecord, PollPath, Snapshot
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, StreamStore, first_attempt
@@ -29,6 +30,7 @@ from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
 from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
+from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,17 @@ def new_stream_id() -> str:
 def image_items(images: list[dict]) -> list[dict]:
     """msg_item entries for the final reply."""
     return [{"msgtype": "image", "image": {"base64": i["base64"], "md5": i["md5"]}} for i in images]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A long connection's poll of a stream (StreamService.frame): the reply to send, how many bytes of the
+    stream's text it shows, and what became of its record ("yes", or "late": Redis ran it past its deadline, and
+    the frame must not go out)."""
+
+    reply: dict
+    shows: int
+    recorded: str
 
 
 class AnswerQueue(Protocol):
@@ -263,7 +276,18 @@ class StreamService:
 
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
-        snapshot = self._look(stream_id, hand_card)
+        return self._reply(stream_id, self._look(stream_id, hand_card))
+
+    def frame(self, stream_id: str, record: FrameRecord) -> Frame:
+        """A long connection's next frame of a stream: what a poll replies, recorded by the same poll as what the
+        bubble shows once the frame goes out (the holder's frame pump, services/longconn/replies.py)."""
+        snapshot = self._look(stream_id, True, record)
+        if snapshot is None:
+            return Frame(self._reply(stream_id, None), 0, "")
+        shows = snapshot.closed_bytes if snapshot.close_reason else utf8_len(snapshot.text)
+        return Frame(self._reply(stream_id, snapshot), shows, snapshot.recorded)
+
+    def _reply(self, stream_id: str, snapshot: Snapshot | None) -> dict:
         if snapshot is None:
             return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
         if snapshot.close_reason:
@@ -302,7 +326,7 @@ class StreamService:
             ended += 1
         return ended
 
-    def _look(self, stream_id: str, hand_card: bool) -> Snapshot | None:
+    def _look(self, stream_id: str, hand_card: bool, record: FrameRecord | None = None) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
         replica, a bubble that just closed frees its user's slot (and, closed before its answer ended, is watched
         until the answer ends). None for an unknown stream."""
@@ -318,6 +342,7 @@ class StreamService:
                 taker_runs_it=self.runner.is_running(stream_id),
                 token=token,
                 hand_card=hand_card,
+                record=record,
             )
         except REDIS_FAILURES:
             self.card_returns.later(self.poll_path, stream_id, token)  # its script may yet run: its card comes back
