@@ -105,6 +105,64 @@ def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redi
     assert "s1" not in pump.live_streams()
 
 
+def test_a_frame_is_recorded_by_the_poll_that_makes_it_and_counts_bytes_of_the_text(redis_client):
+    """The pump's poll records what its frame will show in the same write as the fold (no record of its own): the
+    bytes of the stream's text the frame shows, under the pass's token; an unchanged bubble sends nothing."""
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.show("s1", "")
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})  # the placeholder
+    streams.show("s1", "你好, world")
+    pump.pump()
+    meta = store.meta("s1")
+    assert meta["ws_shows"] == str(len("你好, world".encode())) and meta["ws_sent_by"]
+    assert shown_of(meta) == ("你好, world", False)
+    connection.acks.pop()({"errcode": 0})
+    pump.pump()  # nothing changed
+    assert connection.acks == []
+    assert shown_of(store.meta("s1")) == ("你好, world", False)
+
+
+def test_a_frame_wecom_refused_goes_out_again_and_the_record_says_what_was_taken_meanwhile(redis_client):
+    """WeCom refused a frame (not for a dead req_id): the bubble shows the last frame it took, and the record says so
+    until the next pass sends that frame again, even when no new text came (before, it waited for new text, and at
+    an answer's end none comes)."""
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.show("s1", "The first words")
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})
+    streams.show("s1", "The first words, and more")
+    pump.pump()
+    connection.acks.pop()({"errcode": 45009, "errmsg": "busy"})
+    pump.flush_acks()
+    assert shown_of(store.meta("s1")) == ("The first words", False)
+    pump.pump()  # sent again, recorded again
+    assert len(connection.acks) == 1
+    assert shown_of(store.meta("s1")) == ("The first words, and more", False)
+
+
+def test_a_replaced_answer_leaves_no_record_of_text_it_no_longer_has(redis_client):
+    """The record counts bytes of the stream's text. Dify replaced the answer (a message_replace): the bubble showed
+    text the answer no longer begins with, so the rest is the whole final answer; an answer written again whole with
+    the same start (after a conflict) keeps its record."""
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    owner = "holder:1"
+    store.append("s1", owner, ["Hello world"], 0)
+    streams.frame("s1", FrameRecord("pass-1", 0))
+    store.replace("s1", owner, "Hello world, again")  # the same start
+    streams.poll("s1")  # the holder's rest is made from the text as a poll folded it
+    assert shown_of(store.meta("s1"))[0] == "Hello world"
+    store.replace("s1", owner, "Something else")
+    streams.poll("s1")
+    assert shown_of(store.meta("s1"))[0] == ""
+    streams.frame("s1", FrameRecord("pass-2", 0))  # the next frame shows the new text
+    assert shown_of(store.meta("s1"))[0] == "Something else"
+
+
 def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_once(redis_client):
     """A message read from a connection just before it ended is taken after the end (the intake runs behind the
     reader): its first frame goes nowhere. Its req_id is recorded dead at once, not at the next pass of a connection

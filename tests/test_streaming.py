@@ -433,6 +433,7 @@ def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_
     store = live.gateway.bot().store
     store.create("orphan01", "msg-orphan", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
+    simulator.send(simulator.poll_message("orphan01"))  # shows it (a poll that found new text looks at no lease)
     redis_client.delete(KEYS.stream_lease("orphan01"))  # the dead replica's lease ran out
     reply = simulator.send(simulator.poll_message("orphan01"))
     assert reply["stream"]["finish"] is True

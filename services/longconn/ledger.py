@@ -113,8 +113,7 @@ class AckLedger:
         groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
         for stream_id in stream_ids:
             key = self.keys.stream(stream_id)
-            node = self.client.get_node_from_key(key).name if isinstance(self.client, RedisCluster) else None
-            if node not in groups:
+            if self._node(key) not in groups:
                 self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
         for key, commands in groups.values():
             raise_first_error(self.durable.execute(key, commands, OUTBOX))
@@ -167,6 +166,10 @@ class AckLedger:
 
     def _add(self, groups: dict, key: str, command: tuple) -> None:
         """Add `command` (on `key`) to the group of the node holding `key`."""
-        node = self.client.get_node_from_key(key).name if isinstance(self.client, RedisCluster) else None
+        node = self._node(key)
         first, commands = groups[node]
         groups[node] = (first or key, [*commands, command])
+
+    def _node(self, key: str) -> str | None:
+        """The name of the Redis node holding `key` (None: there is one)."""
+        return self.client.get_node_from_key(key).name if isinstance(self.client, RedisCluster) else None

@@ -52,13 +52,18 @@ class OrphanDelivery:
             orphans = self.outbox.orphans(generation, live)
         except REDIS_FAILURES:
             return
-        for stream_id, meta in orphans:
+        for stream_id, _ in orphans:
             try:
                 polled = self.streams.poll(stream_id)  # also finishes a stream whose replica is gone
                 finished = (polled.get("stream") or {}).get("finish")
                 if not finished or not self.outbox.claim(stream_id, claimant_token(self.owner)):
                     continue
             except REDIS_FAILURES:
+                continue
+            try:
+                meta = self.outbox.store.meta(stream_id)  # its text as that poll folded it, and its last record
+            except REDIS_FAILURES:
+                best_effort(partial(self.outbox.failed, stream_id), "releasing the send", delays=())
                 continue
             shown, finished_there = shown_of(meta)
             if finished_there:  # its final frame went out before its connection died: nothing is left to send
