@@ -67,7 +67,7 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         queue.submit("s1", owner)
         store.append("s1", owner, ["Hello"], 0)
         ledger = AckLedger(client, keys, store.durable, outbox.open_key)
-        ledger.confirm(["s1"], "pass-1")  # the frame records a pass's polls wrote
+        ledger.flush({"s1"}, "pass-1")  # a pass's frame records, which its polls wrote
         assert outbox.claim("s1", "holder:1")
         outbox.sent("s1")
         assert store.finish("s1", owner, DONE) is not None

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Collection
 
 import redis
 from redis.cluster import RedisCluster
@@ -66,22 +67,32 @@ class AckLedger:
         with self._lock:
             self._fields.setdefault(stream_id, {}).update(fields)
 
-    def flush(self, riding: dict[str, dict[str, str]] | None = None) -> None:
-        """Write what was noted, with `riding` (fields for the streams' records that are not acks: a frame about to
-        go out, outbox.sending_record) in the same records: per Redis node one round trip, its commands followed by
-        one wait for a replica; a stream's ack and its next frame are one record.
+    def flush(self, recorded: Collection[str] = (), token: str = "") -> None:
+        """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
+        `recorded` are the streams whose frames this pass's polls just recorded (scripts.POLL, under `token`),
+        which a replica must hold before the frames go out: their records are newer than the acks noted before, so
+        an ack's word on what such a bubble shows is dropped (a dead req_id is kept), and each of their nodes gets
+        a small write of its own after the polls, for the wait to cover them (a replica that holds it holds all that
+        came before it).
 
         Raises:
-            redis.RedisError: Redis did not answer (what was noted is kept for the next flush; `riding` is the
-                caller's to undo).
+            redis.RedisError: Redis did not answer (what was noted is kept for the next flush; the pass's records
+                are the caller's to undo).
         """
         with self._lock:
             fields, delivered, unsent = self._fields, self._delivered, self._unsent
             self._fields, self._delivered, self._unsent = {}, set(), {}
-        if not fields and not delivered and not unsent and not riding:
+        confirm = list(recorded) if self.durable.wait_ms else []
+        if not fields and not delivered and not unsent and not confirm:
             return
+        written = {
+            stream_id: {name: value for name, value in values.items() if name == "ws_dead"}
+            if stream_id in recorded
+            else values
+            for stream_id, values in fields.items()
+        }
         try:
-            self._write(fields, delivered, unsent, riding or {})
+            self._write({k: v for k, v in written.items() if v}, delivered, unsent, {}, confirm, token)
         except redis.RedisError:
             with self._lock:  # noted again, under whatever came meanwhile (newer wins)
                 for stream_id, values in fields.items():
@@ -91,32 +102,14 @@ class AckLedger:
             raise
 
     def record(self, riding: dict[str, dict[str, str]]) -> None:
-        """Write `riding` alone, at once (a frame that goes out between two passes), leaving what was noted to the
-        next flush, which may be running in another thread: a record of acks written twice at once could land older
-        last.
+        """Write `riding` (fields of the streams' records: a frame about to go out that no poll recorded,
+        outbox.sending_record) alone, at once, leaving what was noted to the next flush, which may be running in
+        another thread: a record of acks written twice at once could land older last.
 
         Raises:
             redis.RedisError: Redis did not answer (`riding` is the caller's to undo).
         """
         self._write({}, set(), {}, riding)
-
-    def confirm(self, stream_ids: list[str], token: str) -> None:
-        """Wait until a replica holds the frame records just written, by their polls, for `stream_ids` (pass
-        `token`): per Redis node one small write after them, and a wait for a replica (a replica that holds it
-        holds all that came before it). Nothing to do where no replica is waited for.
-
-        Raises:
-            redis.RedisError: Redis did not answer.
-        """
-        if not self.durable.wait_ms or not stream_ids:
-            return
-        groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
-        for stream_id in stream_ids:
-            key = self.keys.stream(stream_id)
-            if self._node(key) not in groups:
-                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
-        for key, commands in groups.values():
-            raise_first_error(self.durable.execute(key, commands, OUTBOX))
 
     def _write(
         self,
@@ -124,15 +117,17 @@ class AckLedger:
         delivered: set[str],
         unsent: dict[str, tuple[str, int]],
         riding: dict[str, dict[str, str]],
+        confirm: Collection[str] = (),
+        token: str = "",
     ) -> None:
         records = {stream_id: dict(values) for stream_id, values in fields.items()}
         for stream_id, values in riding.items():
             records[stream_id] = {**records.get(stream_id, {}), **values}
         groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
-        for stream_id, (token, shows) in unsent.items():
+        for stream_id, (undone, shows) in unsent.items():
             key = self.keys.stream(stream_id)
             restore = ("ws_shows", str(shows), "ws_sent_final", "")
-            self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, token, *restore))
+            self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, undone, *restore))
         deadline = f"{self.deadline():.3f}"
         for stream_id, values in records.items():
             key = self.keys.stream(stream_id)
@@ -140,6 +135,12 @@ class AckLedger:
             self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, deadline, *pairs))
         if delivered:
             self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
+        confirming = set()
+        for stream_id in confirm:  # one write per node after the pass's polls, for its wait to cover them
+            key = self.keys.stream(stream_id)
+            if self._node(key) not in confirming:
+                confirming.add(self._node(key))
+                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
         for key, commands in groups.values():
             sent = time.time()
             replies = self.durable.execute(key, commands, OUTBOX)

@@ -106,15 +106,15 @@ class ReplyPump:
             return {reply.stream_id for reply in self._replies.values()}
 
     def pump(self, session: Session | None = None) -> None:
-        """One pass over the open replies: what the acks since the last pass said is written first, then each reply
-        with no frame in flight is polled, the poll recording what the frame it returns will show (scripts.POLL),
-        and a frame goes out for each whose bubble changed, on `session` (the keeper's connection; by default the
-        current one). A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall)
-        sends nothing, and a frame of it that does not go out has its record undone: its text was taken for shown,
-        and the next holder's rest began after it (seen in the campaign)."""
+        """One pass over the open replies: each with no frame in flight is polled, the poll recording what the frame
+        it returns will show (scripts.POLL); what the acks since the last pass said is written with one wait for a
+        replica to hold both (per Redis node); then a frame goes out for each bubble that changed, on `session` (the
+        keeper's connection; by default the current one). A pass outlived by its connection (a holder frozen
+        mid-pass, slow polls in a Redis stall) sends nothing, and a frame of it that does not go out has its record
+        undone: its text was taken for shown, and the next holder's rest began after it (seen in the campaign)."""
         session = session or self._session()
-        self.flush_acks()  # before this pass's records, which they must not overwrite
         if session is None or session is not self._session():
+            self.flush_acks()
             return  # the connection ended: its replies died with it
         now = time.monotonic()
         with self._lock:
@@ -139,10 +139,8 @@ class ReplyPump:
             # An unchanged bubble needs no frame, and its record stands: the text it counts shows as it did.
             if stream.get("content") != reply.content or stream.get("finish") or "template_card" in frame.reply:
                 changed.append((req_id, reply, frame))
-        if not changed:
-            return
         try:  # a replica holds the records before their frames go out (services/replication.py)
-            self.ledger.confirm([reply.stream_id for _, reply, _ in changed], record.token)
+            self.ledger.flush({reply.stream_id for _, reply, _ in changed}, record.token)
             confirmed = True
         except REDIS_FAILURES as exc:
             logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
