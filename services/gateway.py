@@ -335,6 +335,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         files=files,
         stopper=stopper,
         append_pace=FRAME_INTERVAL if long_connection else 0.0,  # its bubbles get a frame at most that often
+        append_deadlines=not long_connection,
     )
     streams = StreamService(
         store,

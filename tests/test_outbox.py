@@ -355,6 +355,7 @@ def test_a_long_connection_answer_is_appended_at_most_once_per_frame_interval(ws
     """A bubble on a long connection gets a frame every half second at most, so its answer is written to Redis no
     more often (an LLM's tokens were an append each): 30 deltas over 1.5 s are a handful of appends, whole."""
     gateway, wecom = ws_gateway()
+    assert not gateway.bot().streams.worker.deps.append_deadlines  # and they carry no deadline (writer.py)
     pieces = [f"w{n} " for n in range(30)]
     dify.script([step for piece in pieces for step in (d.message(piece), d.sleep(0.05))] + [d.end()])
     before = gateway.appender.appends

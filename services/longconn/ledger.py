@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 class AckLedger:
-    """`valid_seconds` (the Redis socket timeout) is how long a flush's records may land: Redis refuses one it runs
-    later (scripts.RECORD), so a record whose reply never came cannot overwrite a later one."""
+    """`valid_seconds` (the Redis socket timeout) is how long a record may land: Redis refuses one it runs later
+    (scripts.RECORD, and a frame's own in scripts.POLL), so a record whose reply never came cannot overwrite a later
+    one, nor stand for a frame that never went out."""
 
     def __init__(self, client: redis.Redis, keys: Keys, durable: Replication, open_key: str, valid_seconds: float = 0):
         self.client = client

@@ -63,6 +63,10 @@ class WorkerDeps:
     files: FileDelivery | None = None  # the files Dify makes, delivered at the answer's end
     stopper: AnswerStopper | None = None  # a user's /stop: Dify's stop call when the stop came before the task id
     append_pace: float = 0.0  # at most one append per that many seconds (a long connection's frame interval)
+    # Appends carry a deadline (writer.py) where an answer's end may go out without Redis, from the text Redis
+    # confirmed holding (callback mode's response_url); a long connection's end waits for Redis instead, and an
+    # append Redis runs late is only text the stream then has, which every frame and rest is counted from.
+    append_deadlines: bool = True
 
 
 class StreamWorker:
@@ -240,7 +244,13 @@ class StreamWorker:
         and its status line."""
         deps = self.deps
         answer.writer = deps.appender.writer(
-            deps.store, job.stream_id, job.attempt, written=written, written_chars=written_chars, pace=deps.append_pace
+            deps.store,
+            job.stream_id,
+            job.attempt,
+            written=written,
+            written_chars=written_chars,
+            pace=deps.append_pace,
+            deadlines=deps.append_deadlines,
         )
         answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
 

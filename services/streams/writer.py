@@ -50,6 +50,7 @@ class StreamWriter:
         written: int = 0,
         written_chars: int = 0,
         pace: float = 0.0,
+        deadlines: bool = True,
     ):
         self.batcher = batcher
         self.store = store  # its bot's
@@ -65,6 +66,7 @@ class StreamWriter:
         self._fields: dict[str, str] = {}
         self._in_flight = False  # an append is queued, waiting for its pace, or being sent
         self.pace = pace  # seconds between the starts of two appends (0: as soon as the batcher can)
+        self.deadlines = deadlines  # its appends carry the batcher's deadline (AppendBatcher)
         self._taken_at = float("-inf")  # when the last append was taken (monotonic)
         self._paced = False  # waiting in the batcher for its pace (a flush sends it at once)
         self._lock = threading.Lock()
@@ -116,7 +118,8 @@ class StreamWriter:
 
     def wait_settled(self) -> None:
         """Wait until no append whose reply never came can still land (its deadline passed: Redis refuses it from
-        then on), so that `confirmed_chars` is all the stream will ever hold of this writer's."""
+        then on), so that `confirmed_chars` is all the stream will ever hold of this writer's. Only a writer whose
+        appends carry deadlines can know that (`deadlines`: the callback mode's, the one that asks)."""
         with self._lock:
             until = self.unsettled_until
         time.sleep(max(0.0, until - time.time()))
@@ -156,7 +159,8 @@ class StreamWriter:
             deltas = self._pending[:_MAX_DELTAS_PER_APPEND]
             del self._pending[: len(deltas)]
             fields, self._fields = self._fields, {}
-            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, self.batcher.deadline())
+            deadline = self.batcher.deadline() if self.deadlines else 0.0
+            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, deadline)
 
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
@@ -215,7 +219,8 @@ class AppendBatcher:
         return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
     def writer(self, store: StreamStore, stream_id: str, attempt: str, **state: float) -> StreamWriter:
-        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars and pace)."""
+        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars, pace and
+        deadlines)."""
         return StreamWriter(self, store, stream_id, attempt, **state)
 
     def submit(self, writer: StreamWriter) -> None:
