@@ -86,16 +86,23 @@ def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox, _St
     return store, outbox, _Streams(store)
 
 
+def answering(client, text: str, lease_seconds: int = 5) -> tuple[StreamStore, _Streams, _Connection, ReplyPump]:
+    """Stream s1 answered on req-1 by a pump on a connection of its own, its first frame (showing `text`, or the
+    placeholder) acknowledged."""
+    store, outbox, streams = tracked_stream(client, lease_seconds)
+    connection = _Connection()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    streams.show("s1", text)
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})
+    return store, streams, connection, pump
+
+
 def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redis_client):
     """The pump records what a frame will show before it goes out (a holder may die before the ack). A frame the
     ended connection did not take must not stand as shown: the next holder sends the rest from the last frame
     acknowledged (before, a final frame recorded so made it send nothing: a bubble stuck, seen in the campaign)."""
-    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.show("s1", "The first words")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})  # WeCom showed "The first words"
+    store, streams, connection, pump = answering(redis_client, "The first words")  # WeCom showed "The first words"
     connection.open = False  # the connection ends (kicked), and the answer finishes
     streams.show("s1", "The first words, and the rest.", True)
     pump.pump()
@@ -108,12 +115,7 @@ def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redi
 def test_a_frame_is_recorded_by_the_poll_that_makes_it_and_counts_bytes_of_the_text(redis_client):
     """The pump's poll records what its frame will show in the same write as the fold (no record of its own): the
     bytes of the stream's text the frame shows, under the pass's token; an unchanged bubble sends nothing."""
-    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.show("s1", "")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})  # the placeholder
+    store, streams, connection, pump = answering(redis_client, "")  # the placeholder
     streams.show("s1", "你好, world")
     pump.pump()
     meta = store.meta("s1")
@@ -129,12 +131,7 @@ def test_a_frame_wecom_refused_goes_out_again_and_the_record_says_what_was_taken
     """WeCom refused a frame (not for a dead req_id): the bubble shows the last frame it took, and the record says so
     until the next pass sends that frame again, even when no new text came (before, it waited for new text, and at
     an answer's end none comes)."""
-    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.show("s1", "The first words")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})
+    store, streams, connection, pump = answering(redis_client, "The first words")
     streams.show("s1", "The first words, and more")
     pump.pump()
     connection.acks.pop()({"errcode": 45009, "errmsg": "busy"})
@@ -208,15 +205,10 @@ def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(re
     """WeCom delivered a message again while its answer streamed: the repeat's first frame shows the text so far. It
     is recorded before it goes out, so when the holder dies before the ack, the next holder sends only what follows
     (before, the whole answer again: that text reached the user twice; seen in the campaign)."""
-    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.show("s1", "")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})  # the placeholder
+    store, streams, connection, pump = answering(redis_client, "")  # the placeholder
     pump.flush_acks()
     streams.show("s1", "The first words")
-    outbox.track("s1", "req-2", 3, "alice", True)
+    pump.outbox.track("s1", "req-2", 3, "alice", True)
     pump.open("req-2", "s1", streams.poll("s1"))  # sent; its ack never comes (the holder dies)
     assert len(connection.acks) == 1
     assert shown_of(store.meta("s1")) == ("The first words", False)
@@ -258,12 +250,7 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the
     bubble shows (before, from the unsent frame: its text never reached the user; seen in the campaign)."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
-    store, outbox, streams = tracked_stream(client, lease_seconds=30)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection)
-    streams.show("s1", "The first words")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})
+    store, streams, connection, pump = answering(client, "The first words", lease_seconds=30)
     pump.pump()  # nothing changed: nothing sent
     streams.show("s1", "The first words, and more")
     polls = int(store.meta("s1")["polls"])
