@@ -86,14 +86,14 @@ class AckLedger:
         confirm = list(recorded) if self.durable.wait_ms else []
         if not fields and not delivered and not unsent and not confirm:
             return
-        written = {
-            stream_id: {name: value for name, value in values.items() if name == "ws_dead"}
-            if stream_id in recorded
-            else values
-            for stream_id, values in fields.items()
-        }
+        written = {}
+        for stream_id, values in fields.items():
+            if stream_id in recorded:  # the pass's poll recorded what its bubble shows, after this ack came
+                values = {"ws_dead": values["ws_dead"]} if "ws_dead" in values else {}
+            if values:
+                written[stream_id] = values
         try:
-            self._write({k: v for k, v in written.items() if v}, delivered, unsent, {}, confirm, token)
+            self._write(written, delivered, unsent, {}, confirm, token)
         except redis.RedisError:
             with self._lock:  # noted again, under whatever came meanwhile (newer wins)
                 for stream_id, values in fields.items():
