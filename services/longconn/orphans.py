@@ -52,7 +52,7 @@ class OrphanDelivery:
             orphans = self.outbox.orphans(generation, live)
         except REDIS_FAILURES:
             return
-        for stream_id, _ in orphans:
+        for stream_id in orphans:
             try:
                 polled = self.streams.poll(stream_id)  # also finishes a stream whose replica is gone
                 finished = (polled.get("stream") or {}).get("finish")

@@ -105,9 +105,9 @@ class Outbox:
         """The bubble got its final frame: nothing left to send."""
         self._write(self.open_key, [("ZREM", self.open_key, stream_id)])
 
-    def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[tuple[str, dict]]:
-        """Every tracked stream that no live reply of this connection covers: (stream id, its hash). Read a page
-        at a time (one round trip for a page's hashes), however many streams are open."""
+    def orphans(self, generation: int, live: set[str], page: int = PAGE) -> list[str]:
+        """Every tracked stream that no live reply of this connection covers. Read a page at a time (one round trip
+        for a page's hashes), however many streams are open."""
         self.client.zremrangebyscore(self.open_key, "-inf", time.time() - OUTBOX_TRACKED_TTL_SECONDS)
         found, gone = [], []
         start = 0
@@ -118,7 +118,7 @@ class Outbox:
                 if not meta:
                     gone.append(stream_id)
                 elif meta.get("ws_generation") != str(generation) or meta.get("ws_dead"):
-                    found.append((stream_id, meta))
+                    found.append(stream_id)
                 # else: being answered on this connection (its reply is registered a moment later)
             if len(ids) < page:
                 break
