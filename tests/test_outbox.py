@@ -17,7 +17,6 @@ from services.streams.poll_path import FrameRecord, PollPath
 from services.streams.service import Frame
 from services.streams.store import StreamStore
 from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
-from utils.text import utf8_len
 
 
 def test_an_orphan_is_found_behind_more_than_a_page_of_live_streams(redis_client):
@@ -72,7 +71,7 @@ class _Streams:
         snapshot = self.polls.poll(stream_id, 330, 20000, "", record=record)
         finish = not snapshot.active
         reply = {"msgtype": "stream", "stream": {"id": stream_id, "content": snapshot.text, "finish": finish}}
-        return Frame(reply, utf8_len(snapshot.text), snapshot.recorded)
+        return Frame(reply, snapshot.shows, snapshot.recorded)
 
 
 def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox, _Streams]:

@@ -173,7 +173,11 @@ def test_fields_are_set_with_an_append(store, redis_client):
     assert meta["status"] == "streaming"
     assert "first_token_at" not in meta
     store.append("s1", "A", ["a"], 0)
-    assert "first_token_at" in store.meta("s1")
+    first = store.meta("s1")["first_token_at"]
+    store.replace("s1", "A", "")  # the list is empty again: the next delta is not the answer's first
+    time.sleep(0.01)
+    store.append("s1", "A", ["b"], 0)
+    assert store.meta("s1")["first_token_at"] == first
 
 
 def test_replace_resets_the_text(store):

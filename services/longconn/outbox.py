@@ -57,12 +57,21 @@ class Outbox:
         self.durable = store.durable
         self.open_key = keys.ws_open(bot_id)
 
+    @staticmethod
+    def tracking(req_id: str, generation: int, chatid: str, single: bool) -> dict[str, str]:
+        """The fields of a stream answered on `req_id` of the connection of `generation` (a new stream is opened
+        with them, then followed; a stream answered again, on a repeat's req_id, is tracked)."""
+        return {
+            "ws_req_id": req_id,
+            "ws_generation": str(generation),
+            "ws_chat": chatid,
+            "ws_single": "1" if single else "",
+        }
+
     def track(self, stream_id: str, req_id: str, generation: int, chatid: str, single: bool) -> None:
-        """A stream is answered on `req_id` of the connection of `generation`."""
-        fields = {"ws_req_id": req_id, "ws_generation": str(generation), "ws_chat": chatid}
-        fields["ws_single"] = "1" if single else ""
-        self.store.record(stream_id, fields, durable=True)
-        self._add(stream_id)
+        """A stream is answered on `req_id` of the connection of `generation`, from now on."""
+        self.store.record(stream_id, self.tracking(req_id, generation, chatid, single), durable=True)
+        self.follow(stream_id)
 
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None:
         """A stream with no bubble (the rest of a run after a form's answer; with `as_is`, a message made whole
@@ -71,7 +80,7 @@ class Outbox:
         if as_is:
             fields["ws_as_is"] = "1"
         self.store.record(stream_id, fields, durable=True)
-        self._add(stream_id)
+        self.follow(stream_id)
 
     def post(
         self, message_id: str, owner: str, markdown: str, chat: str, single: bool, fields: dict, keep_seconds: int = 0
@@ -94,7 +103,8 @@ class Outbox:
         """Whether a message was posted whole (tracked to be sent, being sent, or sent): not to be made again."""
         return bool(self.marker(message_id)) or self.tracked(message_id)
 
-    def _add(self, stream_id: str) -> None:
+    def follow(self, stream_id: str) -> None:
+        """Put the stream in the open set: its delivery is looked after until its bubble is finished."""
         commands = [
             ("ZADD", self.open_key, time.time(), stream_id),
             ("EXPIRE", self.open_key, OUTBOX_TRACKED_TTL_SECONDS),

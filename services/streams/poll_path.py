@@ -45,6 +45,7 @@ class Snapshot:
     prompt: str = ""  # shown below a live bubble's text: a form waiting for its answer says what to do
     card: dict | None = None  # a template card this reply carries (given once per stream)
     recorded: str = ""  # the frame record asked of this poll: "yes", "late" (Redis ran it past its deadline), or ""
+    shows: int = 0  # recorded: how many bytes of the text the frame shows (all, or what showed when it closed early)
     images: list[dict] = field(default_factory=list)
 
     @property
@@ -139,7 +140,22 @@ class PollPath:
             row = self._poll(keys=keys, args=args)
         if not row:
             return None
-        status, text, note, reason, closed_bytes, has_url, event, freed, attempt, prompt, card, recorded, *images = row
+        (
+            status,
+            text,
+            note,
+            reason,
+            closed_bytes,
+            has_url,
+            event,
+            freed,
+            attempt,
+            prompt,
+            card,
+            recorded,
+            shows,
+            *images,
+        ) = row
         return Snapshot(
             status=status,
             text=text,
@@ -153,6 +169,7 @@ class PollPath:
             prompt=prompt,
             card=orjson.loads(card) if card else None,
             recorded=recorded,
+            shows=int(shows or 0),
             images=[orjson.loads(image) for image in images],
         )
 

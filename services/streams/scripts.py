@@ -46,16 +46,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok'; 'taken'
-# when another attempt owns it now (whatever its status: the successor answers, or has answered, the user); 'closed'
-# when it is gone, or final while still this attempt's (a poll gave its bubble up: the answer goes another way).
+# Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok' (with the
+# status, and the value of one more field the caller names, read in the same call); 'taken' when another attempt owns
+# it now (whatever its status: the successor answers, or has answered, the user); 'closed' when it is gone, or final
+# while still this attempt's (a poll gave its bubble up: the answer goes another way).
 _OWNERSHIP = """
-local function ownership(owner)
-  local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+local function ownership(owner, ...)
+  local h = redis.call('HMGET', KEYS[1], 'status', 'owner', ...)
   if not h[1] then return 'closed' end
   if h[2] ~= owner then return 'taken' end
   if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
-  return 'ok', h[1]
+  return 'ok', h[1], h[3]
 end
 """
 
@@ -84,8 +85,10 @@ APPEND = (
 local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if late(ARGV[7]) then return 'late' end
 local first_delta = 8 + 2 * nf
-local state, status = ownership(ARGV[1])
+local state, status, first_token_at = ownership(ARGV[1], 'first_token_at')
 if state ~= 'ok' then return state end
+local writes = {'status', 'streaming', 'updated_at', ARGV[3]}
+for i = 8, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
 if nd > 0 then
   -- Pushed first, and checked by the length RPUSH answers (a command fewer than asking LLEN before); where the list
   -- did not hold the `expected` deltas (rare: a retry, a failover), the push is taken back and done right.
@@ -98,12 +101,13 @@ if nd > 0 then
   end
   if before == 0 then
     redis.call('EXPIRE', KEYS[2], ARGV[2])
-    redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3])
+    if not first_token_at then
+      writes[#writes + 1] = 'first_token_at'
+      writes[#writes + 1] = ARGV[3]
+    end
   end
 end
-if status == 'pending' or nf > 0 then
-  redis.call('HSET', KEYS[1], 'status', 'streaming', 'updated_at', ARGV[3], unpack(ARGV, 8, first_delta - 1))
-end
+if status == 'pending' or #writes > 4 then redis.call('HSET', KEYS[1], unpack(writes)) end
 return 'ok'
 """
 )
@@ -155,9 +159,9 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_
 if images > 0 then
   redis.call('DEL', KEYS[4])
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 9, 8 + images))
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
 end
 for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-redis.call('EXPIRE', KEYS[4], ARGV[4])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6]) end
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
@@ -168,15 +172,16 @@ return {1, h[4] or '', h[5] or '', h[3] or ''}
 # poll's token (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back,
 # CARD_BACK), '1' to leave a waiting card for a later poll (the reply to a message delivered again), a frame record's
 # token ('' for none) and its deadline (_DEADLINE). Returns false for an unknown stream, else {status, text, note,
-# close_reason, closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, images...}:
-# `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''), the
-# in-flight set is named when the bubble just closed (the caller frees the user's slot), `attempt` is the new
-# attempt's token when the taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below its
-# text (a form waiting for its answer), `card` a template card to send with this reply (a form's, or the questions
-# suggested after a done answer: given once, as WeCom takes one card per message), `recorded` says what became of
-# the frame record ('yes', 'late', or '' when none was asked), and the reply images come only once the stream is
-# done. An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica
-# (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
+# close_reason, closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, shows,
+# images...}: `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or
+# ''), the in-flight set is named when the bubble just closed (the caller frees the user's slot), `attempt` is the
+# new attempt's token when the taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below
+# its text (a form waiting for its answer), `card` a template card to send with this reply (a form's, or the
+# questions suggested after a done answer: given once, as WeCom takes one card per message), `recorded` says what
+# became of the frame record ('yes', 'late', or '' when none was asked), `shows` what a recorded frame shows (bytes
+# of the text: all of it, or what the bubble showed when it closed early), and the reply images come only once the
+# stream is done. An active stream whose lease is gone (its replica died or handed it over) is taken by the polling
+# replica (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
 # `workflow_run_id` is known; at most 3 times), else restarted when nothing was shown yet and it was never
 # restarted; otherwise it becomes expired with the note. The lease is looked at only by a poll that found no new
 # text (text came since the last poll: its writer lived a moment ago; the next poll looks). The owner's own process,
@@ -275,15 +280,16 @@ if ARGV[10] ~= '1' and recorded ~= 'late' and (live or status == 'done') and h[1
   card = h[16]
   for _, v in ipairs({'card_shown', ARGV[1], 'card_by', ARGV[9]}) do writes[#writes + 1] = v end
 end
+local shows = ''
 if recorded == 'yes' then
-  local shows = reason ~= '' and closed_bytes or tostring(#text)
+  shows = reason ~= '' and closed_bytes or tostring(#text)
   for _, v in ipairs({'ws_shows', shows, 'ws_sent_final', live and '' or '1', 'ws_sent_by', ARGV[11]}) do
     writes[#writes + 1] = v
   end
 end
 redis.call('HSET', KEYS[1], unpack(writes))
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
-             prompt, card, recorded}
+             prompt, card, recorded, shows}
 if status == 'done' then
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
@@ -366,10 +372,11 @@ return 1
 # `taker` while it is still pending and its opener's. Returns the taker's attempt, or false (taken already, or
 # restarted by a poll after the opener's lease ran out).
 TAKE = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'run')
 if h[1] ~= 'pending' or h[2] ~= ARGV[1] then return false end
-local attempt = ARGV[2] .. '#' .. redis.call('HINCRBY', KEYS[1], 'run', 1)
-redis.call('HSET', KEYS[1], 'owner', attempt, 'updated_at', ARGV[4])
+local run = (tonumber(h[3]) or 0) + 1
+local attempt = ARGV[2] .. '#' .. run
+redis.call('HSET', KEYS[1], 'owner', attempt, 'run', run, 'updated_at', ARGV[4])
 redis.call('SET', KEYS[2], attempt, 'PX', ARGV[3])
 return attempt
 """
@@ -377,9 +384,11 @@ return attempt
 # KEYS: stream. A new Dify call (not a resume) for the stream: counts it; returns {calls so far, restarts}, or
 # {0, 0} for a stream that is gone.
 CALLED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
-local calls = redis.call('HINCRBY', KEYS[1], 'dify_calls', 1)
-return {calls, tonumber(redis.call('HGET', KEYS[1], 'restarts')) or 0}
+local h = redis.call('HMGET', KEYS[1], 'status', 'dify_calls', 'restarts')
+if not h[1] then return {0, 0} end
+local calls = (tonumber(h[2]) or 0) + 1
+redis.call('HSET', KEYS[1], 'dify_calls', calls)
+return {calls, tonumber(h[3]) or 0}
 """
 
 # KEYS: stream, lease. ARGV: now, note. The user stopped the stream's answer: an active stream becomes final at

@@ -30,7 +30,6 @@ from services.texts import Texts
 from services.wecom.messages import Inbound, stream_reply
 from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
-from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +74,10 @@ class StreamTracker(Protocol):
     """Long connection: the outbox, which delivers whatever a stream's own reply cannot (services/longconn)."""
 
     def track(self, stream_id: str, req_id: str, generation: int, chat: str, single: bool) -> None: ...
+
+    def tracking(self, req_id: str, generation: int, chat: str, single: bool) -> dict[str, str]: ...
+
+    def follow(self, stream_id: str) -> None: ...
 
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None: ...
 
@@ -153,6 +156,7 @@ class StreamService:
             "aibotid": message.aibotid,
             "response_url": message.response_url,
             **job.request_fields(),
+            **self._tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
         }
         outcome, stream_id = self.store.create(
             stream_id, message.msgid, job.attempt, message.aibotid, message.userid, fields
@@ -161,9 +165,10 @@ class StreamService:
             return self._dedup(stream_id, message)
         if outcome != CREATED:
             return self._refuse(job, outcome)
-        # Tracked before anyone may answer it: a holder that dies right after queueing it leaves an answer the next
+        # Followed before anyone may answer it: a holder that dies right after queueing it leaves an answer the next
         # holder's outbox delivers, never one that nobody sends.
-        self._track(stream_id, message)
+        if self.outbox is not None and message.ws_req_id:
+            self.outbox.follow(stream_id)
         if self.queue is not None:
             self.queue.submit(stream_id, job.attempt)  # any replica's consumer takes it (services/longconn/jobs.py)
         else:
@@ -247,8 +252,18 @@ class StreamService:
         """Long connection: the stream is answered on the frame's req_id, of its connection's generation (the
         outbox delivers its rest if that req_id dies)."""
         if self.outbox is not None and message.ws_req_id:
-            chat = message.chatid or message.userid
-            self.outbox.track(stream_id, message.ws_req_id, message.ws_generation, chat, not message.chatid)
+            self.outbox.track(stream_id, *self._answered_on(message))
+
+    def _tracking(self, message: Inbound) -> dict[str, str]:
+        """Long connection: the fields of a new stream answered on `message`'s req_id (none in callback mode)."""
+        if self.outbox is None or not message.ws_req_id:
+            return {}
+        return self.outbox.tracking(*self._answered_on(message))
+
+    @staticmethod
+    def _answered_on(message: Inbound) -> tuple[str, int, str, bool]:
+        """The req_id, connection generation and chat a message is answered on, and whether the chat is 1:1."""
+        return message.ws_req_id, message.ws_generation, message.chatid or message.userid, not message.chatid
 
     def _refuse(self, job: StreamJob, outcome: str) -> dict:
         """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of
@@ -284,8 +299,7 @@ class StreamService:
         snapshot = self._look(stream_id, True, record)
         if snapshot is None:
             return Frame(self._reply(stream_id, None), 0, "")
-        shows = snapshot.closed_bytes if snapshot.close_reason else utf8_len(snapshot.text)
-        return Frame(self._reply(stream_id, snapshot), shows, snapshot.recorded)
+        return Frame(self._reply(stream_id, snapshot), snapshot.shows, snapshot.recorded)
 
     def _reply(self, stream_id: str, snapshot: Snapshot | None) -> dict:
         if snapshot is None:
