@@ -274,7 +274,8 @@ class _Reach:
 
 def _reach(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> _Reach:
     outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
-    return _Reach(JobQueue(store.durable, keys, settings.wecom_bot_id), outbox, OutboxRests(outbox, shared.owner))
+    queue = JobQueue(store.durable, keys, settings.wecom_bot_id, outbox)
+    return _Reach(queue, outbox, OutboxRests(outbox, shared.owner))
 
 
 def _bot(settings: Settings, shared: _Shared) -> Bot:

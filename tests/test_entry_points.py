@@ -20,7 +20,9 @@ from config.settings import DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_se
 from services.keys import Keys
 from services.longconn.jobs import GROUP, JobQueue
 from services.longconn.lease import BotLease
+from services.longconn.outbox import Outbox
 from services.replication import Replication
+from services.streams.store import StreamStore
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
 
 BOT_ID, SECRET = "cli-bot", "cli-secret"
@@ -107,7 +109,8 @@ def test_flask_commands_leave_the_lease_and_the_queued_answers_alone(long_connec
     the bot's connection (its lease, a subscription) nor a queued answer."""
     env, wecom = long_connection_bot
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    queue = JobQueue(Replication(client), KEYS, BOT_ID)
+    store = StreamStore(client, KEYS, 3600, 30, durable=Replication(client))
+    queue = JobQueue(store.durable, KEYS, BOT_ID, Outbox(client, KEYS, store, BOT_ID))
     queue.submit("queued-stream", "replica-x:1")
     client.xgroup_create(queue.key, GROUP, id="0")
 

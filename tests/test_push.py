@@ -104,7 +104,7 @@ def test_a_push_left_half_made_by_a_failure_is_made_whole_by_its_retry(deploymen
     def dies(stream_id):
         raise redis.ConnectionError("the replica died here")
 
-    monkeypatch.setattr(replicas[0].gateway.bot().pushes.outbox, "_add", dies)
+    monkeypatch.setattr(replicas[0].gateway.bot().pushes.outbox, "follow", dies)
     body = {"bot": BOT, "userid": "frank", "markdown": "made whole"}
     assert post(replicas[0], body, key="half").status_code == 503
     retried = post(replicas[1], body, key="half")

@@ -54,7 +54,7 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
     keys = Keys(f"durable-{kind}:")
     store = StreamStore(client, keys, 3600, 30, durable=Replication(client, WAIT_MS, bot))
     outbox = Outbox(client, keys, store, "bot-1")
-    queue = JobQueue(store.durable, keys, "bot-1")
+    queue = JobQueue(store.durable, keys, "bot-1", outbox)
     owner = first_attempt("holder:1")
     before = unconfirmed(bot)
     frozen = replicas_of(kind, server)
@@ -62,9 +62,12 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
     for replica in frozen:
         replica.pause()
     try:
-        store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"})
-        outbox.track("s1", "req-1", 3, "alice", True)
+        # A new message on the connection: opened with what it is answered on, then queued and followed at once.
+        store.create(
+            "s1", "m1", owner, "bot1", "alice", {"userid": "alice", **outbox.tracking("req-1", 3, "alice", True)}
+        )
         queue.submit("s1", owner)
+        outbox.track("s1", "req-2", 3, "alice", True)  # WeCom delivered it again, on a new req_id
         store.append("s1", owner, ["Hello"], 0)
         ledger = AckLedger(client, keys, store.durable, outbox.open_key)
         ledger.flush({"s1"}, "pass-1")  # a pass's frame records, which its polls wrote

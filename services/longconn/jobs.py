@@ -17,6 +17,7 @@ import time
 import redis
 
 from services.keys import ANSWER_QUEUE_TTL_SECONDS, Keys
+from services.longconn.outbox import Outbox
 from services.loops import guarded, run_until
 from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
@@ -33,22 +34,25 @@ DEAD_CONSUMER_IDLE_MS = 3600 * 1000
 
 
 class JobQueue:
-    """Where a holder queues the streams it opened."""
+    """Where a holder queues the streams it opened, each followed by the bot's outbox first."""
 
-    def __init__(self, durable: Replication, keys: Keys, bot_id: str):
+    def __init__(self, durable: Replication, keys: Keys, bot_id: str, outbox: Outbox):
         self.durable = durable  # a queued answer must outlive a failover (services/replication.py)
         self.client = durable.client
         self.key = keys.ws_jobs(bot_id)
+        self.outbox = outbox
 
     def submit(self, stream_id: str, opener: str) -> None:
-        """Queue a stream for any replica.
+        """Queue a stream for any replica, in one write with the outbox's following of it (the bot's open set and
+        its queue share a hash tag: one node, one wait for its replica). Followed before anyone may answer it: a
+        holder that dies right after leaves an answer the next holder's outbox delivers, never one nobody sends.
 
         Raises:
             redis.RedisError: Redis did not answer (the message gets the store-unavailable note).
         """
         entry = ("XADD", self.key, "MAXLEN", "~", MAX_JOBS, "*", "stream", stream_id, "opener", opener)
-        replies = self.durable.execute(self.key, [entry, ("EXPIRE", self.key, ANSWER_QUEUE_TTL_SECONDS)], ANSWER_QUEUE)
-        raise_first_error(replies)
+        commands = [*self.outbox.following(stream_id), entry, ("EXPIRE", self.key, ANSWER_QUEUE_TTL_SECONDS)]
+        raise_first_error(self.durable.execute(self.key, commands, ANSWER_QUEUE))
 
 
 class JobConsumer:

@@ -105,11 +105,12 @@ class Outbox:
 
     def follow(self, stream_id: str) -> None:
         """Put the stream in the open set: its delivery is looked after until its bubble is finished."""
-        commands = [
-            ("ZADD", self.open_key, time.time(), stream_id),
-            ("EXPIRE", self.open_key, OUTBOX_TRACKED_TTL_SECONDS),
-        ]
-        self._write(self.open_key, commands)
+        self._write(self.open_key, self.following(stream_id))
+
+    def following(self, stream_id: str) -> list[tuple]:
+        """The commands of `follow`, for a write that carries them with its own (the answer queue's: its key shares
+        the open set's hash tag, so both are one node's, and one wait for its replica covers both)."""
+        return [("ZADD", self.open_key, time.time(), stream_id), ("EXPIRE", self.open_key, OUTBOX_TRACKED_TTL_SECONDS)]
 
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""

@@ -77,8 +77,6 @@ class StreamTracker(Protocol):
 
     def tracking(self, req_id: str, generation: int, chat: str, single: bool) -> dict[str, str]: ...
 
-    def follow(self, stream_id: str) -> None: ...
-
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None: ...
 
 
@@ -165,12 +163,10 @@ class StreamService:
             return self._dedup(stream_id, message)
         if outcome != CREATED:
             return self._refuse(job, outcome)
-        # Followed before anyone may answer it: a holder that dies right after queueing it leaves an answer the next
-        # holder's outbox delivers, never one that nobody sends.
-        if self.outbox is not None and message.ws_req_id:
-            self.outbox.follow(stream_id)
-        if self.queue is not None:
-            self.queue.submit(stream_id, job.attempt)  # any replica's consumer takes it (services/longconn/jobs.py)
+        if (
+            self.queue is not None
+        ):  # any replica's consumer takes it, the outbox following it (services/longconn/jobs.py)
+            self.queue.submit(stream_id, job.attempt)
         else:
             self._start(job)
         self.count("opened")
