@@ -4,11 +4,13 @@ waits for a replica to hold it, and a master that comes back after its failover 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import redis
 
 from services import metrics, replication
+from services.gateway import build_gateway
 from services.keys import Keys
 from services.longconn.jobs import JobQueue
 from services.longconn.ledger import AckLedger
@@ -17,6 +19,7 @@ from services.redis_conn import connect_redis
 from services.replication import Replication
 from services.streams.poll_path import PollPath
 from services.streams.store import DONE, StreamStore, first_attempt
+from services.wecom.messages import Inbound
 from tests.conftest import SENTINEL_PASSWORD, wait_until
 
 WAIT_MS = 100
@@ -195,3 +198,43 @@ def test_a_master_back_from_a_pause_past_its_failover_loses_no_acknowledged_writ
     assert new.client().hget(keys.stream("s1"), "ws_shown") == "after the failover"
     polls.close()
     client.close()
+
+
+def test_a_new_message_on_a_long_connection_waits_for_a_replica_three_times(sentinel_set, settings, wecom_ws, tmp_path):
+    """Its stream is opened with what it is answered on (req_id, connection, chat), its msgid claimed, and its answer
+    queued in the write that puts it in the outbox's open set: three waits, none the outbox's own (a record of the
+    route and a follow of their own each waited before: five, 1.1 s with no replica answering)."""
+    wecom = wecom_ws({"three-bot": "three-secret"})
+    bot_settings = settings.replace(
+        wecom_mode="long_connection",
+        wecom_bot_id="three-bot",
+        wecom_bot_secret="three-secret",
+        wecom_ws_url=wecom.url,
+        redis_url=sentinel_set.url,
+        redis_sentinel_password=SENTINEL_PASSWORD,
+        redis_claim_wait_ms=WAIT_MS,
+        bot_name="three",
+    )
+    gateway = build_gateway(bot_settings, (bot_settings,), tmp_path)  # not started: no holder, no consumer
+    streams = gateway.bot("three").streams
+    message = Inbound("text", msgid="m-three", aibotid="three-bot", userid="zoe", text="hi", ws_req_id="req-7")
+    before = unconfirmed("three")
+    frozen = replicas_of("sentinel", sentinel_set)
+    for replica in frozen:
+        replica.pause()
+    try:
+        reply = streams.open(replace(message, ws_generation=5), "hi")
+    finally:
+        for replica in frozen:
+            replica.resume()
+    after = unconfirmed("three")
+    assert {write: after[write] - before[write] for write in after if after[write] != before[write]} == {
+        "stream_open": 1,
+        "msgid_claim": 1,
+        "answer_queue": 1,
+    }
+    stream_id = reply["stream"]["id"]
+    meta = streams.store.meta(stream_id)
+    assert (meta["ws_req_id"], meta["ws_generation"], meta["ws_chat"], meta["ws_single"]) == ("req-7", "5", "zoe", "1")
+    assert gateway.bot("three").pushes.outbox.tracked(stream_id)
+    gateway.close()
