@@ -236,6 +236,22 @@ def test_a_card_rides_on_no_reply_that_comes_later_than_wecom_waits(make_app, se
     sim.close()
 
 
+def test_a_card_rides_on_no_reply_that_may_come_later_than_wecom_waits(make_app, serve, private_redis, dify):
+    """A callback whose timestamp says it was sent 5.1-5.4 s ago (whole seconds: it may have been sent up to a second
+    later, or not) may be answered after WeCom stopped waiting (5 s): the card stays for a later poll. Before, only
+    a timestamp past 5.5 s held it back, and a replica frozen for 5.1 s gave a form's card to a reply nobody read (the
+    campaign's Sentinel run of seed 12): the user never saw it, and the answer behind it waited for a tap."""
+    app = serve(make_app(redis_url=private_redis.url))
+    dify.script([d.message("before "), d.sleep(6.0), d.message("after"), d.end()])
+    sim = make_simulator(app.url, poll_interval=0.2)
+    stream_id, _, _ = card_waiting(sim, private_redis, "card-maybe-late")
+    assert wait_until(lambda: 0.05 < time.time() % 1 < 0.3, timeout=2)  # its timestamp then says 5.05-5.4 s ago
+    assert "template_card" not in late_poll(sim, stream_id, 5)
+    cards = [frame.get("template_card") for frame in (sim.send(sim.poll_message(stream_id)) for _ in range(3))]
+    assert [c["task_id"] for c in cards if c] == ["card-maybe-late"]
+    sim.close()
+
+
 def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
     """Redis comes back without its data: the bubble learns the stream is gone, the worker sends the whole answer
     through response_url, and new messages work again without a restart of the app."""

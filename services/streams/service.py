@@ -19,7 +19,7 @@ from services import metrics
 from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
-from services.streams.card_returns import CALLBACK_DEADLINE_SECONDS, REPLY_DEADLINE_SECONDS, CardReturns
+from services.streams.card_returns import REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.job import StreamJob
 from services.streams.poll_path import FrameRecord, PollPath, Snapshot
 from services.streams.rest_posts import RestPosts
@@ -381,7 +381,7 @@ class StreamService:
         """Whether this reply may come later than WeCom waits for it: the poll took long, or the callback had waited
         long before it was read (a frozen process, a queue)."""
         took = time.monotonic() - started
-        return took > REPLY_DEADLINE_SECONDS or seconds_since_callback_sent() > CALLBACK_DEADLINE_SECONDS
+        return max(took, seconds_since_callback_sent()) > REPLY_DEADLINE_SECONDS
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
