@@ -163,9 +163,7 @@ class StreamService:
             return self._dedup(stream_id, message)
         if outcome != CREATED:
             return self._refuse(job, outcome)
-        if (
-            self.queue is not None
-        ):  # any replica's consumer takes it, the outbox following it (services/longconn/jobs.py)
+        if self.queue is not None:  # any replica's consumer takes it; the outbox follows it (longconn/jobs.py)
             self.queue.submit(stream_id, job.attempt)
         else:
             self._start(job)
