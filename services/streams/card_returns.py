@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 # WeCom waits about 5 s for a callback's reply; a reply later than this may not have reached it. Measured from the
 # callback's timestamp too, which is in whole seconds and so never less than the callback's real age: a card is held
 # back whenever its reply may come too late, and one WeCom did take may go out again with a later poll (WeCom takes
-# one card per message: at worst it ignores the second). Held back only past 5.5 s, as before, a callback read 5.1 s
-# after it was sent, its timestamp saying 5.3, took the card with a reply WeCom no longer waited for, and the form
-# behind it waited for a tap that could not come (the campaign's Sentinel run of seed 12, a replica frozen 12 s).
+# one card per message; at worst it refuses that refresh, and the next shows the bubble). Held back only past 5.5 s,
+# as before, a callback read 5.1 s after it was sent, its timestamp saying 5.3, took the card with a reply WeCom no
+# longer waited for, and the form behind it waited for a tap that could not come (the campaign's Sentinel run of
+# seed 12, a replica frozen 12 s).
 REPLY_DEADLINE_SECONDS = 4.5
 MOST_RETURNS = 3
 # How long a card is tried to be given back while Redis does not answer (the bubble's patience is shorter).
