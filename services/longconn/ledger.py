@@ -139,8 +139,9 @@ class AckLedger:
         confirming = set()
         for stream_id in confirm:  # one write per node after the pass's polls, for its wait to cover them
             key = self.keys.stream(stream_id)
-            if self._node(key) not in confirming:
-                confirming.add(self._node(key))
+            node = self._node(key)
+            if node not in confirming:
+                confirming.add(node)
                 self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
         for key, commands in groups.values():
             sent = time.time()
