@@ -23,7 +23,7 @@ from config.bots import load_bots, shared_dify_keys
 from config.settings import ENV_FILES, Settings, SettingsError, load_settings
 from services import metrics
 from services.auth import db
-from services.callback.handler import StoreUnavailable
+from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.files.delivery import FILE_PATH
 from services.gateway import Gateway, build_gateway
@@ -62,12 +62,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         exit_with_problems([str(exc)])
     app.extensions["gateway"] = gateway
 
+    callbacks = {}
     for bot in bots:  # each bot at its own path: another bot's signature fails there (invalid_signature)
         if bot.wecom_mode == "long_connection":
             continue  # its messages come over the WebSocket (services/longconn)
         path, name = bot.wecom_callback_path, bot.bot_name
         app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
-        app.add_url_rule(path, f"callback.{name}", callback, methods=["POST"], defaults={"bot": name})
+        callbacks[path] = (name, gateway.bots[name].callback)
+    # the callbacks' POSTs (WeCom's polls among them: most of the traffic) are answered in front of Flask
+    app.wsgi_app = CallbackRoute(app.wsgi_app, callbacks, gateway.owner, settings.wecom_max_body_bytes)
     app.add_url_rule(FILE_PATH + "<token>", "file_link", file_link)
     if gateway.push is not None:  # without PUSH_API_TOKEN there is no push API: /api/push answers 404
         app.add_url_rule("/api/push", "push", push, methods=["POST"])
@@ -129,19 +132,6 @@ def verify_url(bot: str):
         echo = gateway().bots[bot].callback.verify_url(request.args)
         logger.info("callback URL verified")
         return Response(echo, mimetype="text/plain")
-
-
-def callback(bot: str):
-    """A message, stream poll or event for `bot`: answer with the encrypted reply (or an empty body)."""
-    with log_context(replica=gateway().owner, bot=bot):
-        try:
-            body = request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise errors.body_too_large(gateway().settings.wecom_max_body_bytes) from None
-        envelope = gateway().bots[bot].callback.handle(request.args, body)
-        if envelope is None:
-            return Response(b"", status=200)
-        return _json(envelope)
 
 
 def file_link(token: str):
@@ -226,14 +216,7 @@ def metrics_endpoint():
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(CallbackError)
     def _callback_error(exc: CallbackError):
-        bot = (request.view_args or {}).get("bot", "")
-        metrics.CALLBACKS.labels(bot, "invalid", exc.error).inc()
-        logger.warning("rejected callback from %s: %s (%s)", request.remote_addr, exc.error, exc.message)
-        return _json(exc.body(), exc.status)
-
-    @app.errorhandler(StoreUnavailable)
-    def _store_unavailable(exc: StoreUnavailable):
-        return _json({"error": "store_unavailable", "message": "state store unavailable, retry shortly"}, 503)
+        return _json(*rejected(exc, (request.view_args or {}).get("bot", ""), request.remote_addr))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -245,7 +228,7 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         logger.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
-        return _json({"error": "internal_error", "message": "internal error"}, 500)
+        return _json(INTERNAL_ERROR, 500)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,31 @@
 
 * `create_app()`, the framework's ceiling: a bare Flask app whose POST handler returns a constant. Poll
   throughput is reported as a ratio of this app's.
-* `create_floor_app()`, the floor of any poll: Flask reading the request's body and query, plus one Redis round
-  trip (a trivial Lua script, on the cheapest connection path this project has), then a constant. A poll cannot
-  do less: it must read the stream's state from Redis. The distance from this app to the ceiling is one round
-  trip.
+* `create_route_app()`, the ceiling of the route the gateway answers callbacks on (services/callback/wsgi.py, in
+  front of Flask): that route answering a constant. The gateway's ratio to bare Flask is the target's; its ratio
+  to this app says how much of the route's own speed its work leaves.
+* `create_floor_app()`, the floor of any poll: the request's body and query read, one Redis round trip (a trivial
+  Lua script, on the cheapest connection path this project has), then a constant. A poll cannot do less: it must
+  read the stream's state from Redis. The distance from this app to the ceiling is one round trip, and the route.
 * `create_protocol_floor_app()`, the floor plus what WeCom's protocol forces on every poll: check the signature,
   decrypt, and encrypt and sign a (constant) reply. The gateway's distance from this app is what its own work
   costs (the real poll script, the bubble, metrics, logging context, checks).
+
+The route and both floors answer their POSTs on the gateway's own callback route, so they differ from the gateway
+only in the handler behind it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 
 import orjson
-from flask import Flask, Response, request
+from flask import Flask, Response
 
+from services.callback.wsgi import CallbackRoute
 from services.redis_conn import HotPathConnections, connect_redis
 from services.wecom.crypto import WeComCrypto
 
@@ -35,38 +43,45 @@ def create_app() -> Flask:
     return app
 
 
+def create_route_app() -> Flask:
+    constant = orjson.loads(_BODY)
+    return _on_the_callback_route(lambda query, body: constant)
+
+
 def create_floor_app() -> Flask:
     """Needs REDIS_URL."""
-    app = _flask()
     round_trip = _trivial_round_trip()
+    constant = orjson.loads(_BODY)
 
-    @app.post("/wecom/callback")
-    def one_round_trip():
-        request.get_data(cache=False)
-        round_trip(request.args.get("msg_signature", ""))
-        return Response(_BODY, mimetype="application/json")
+    def one_round_trip(query: Mapping[str, str], body: bytes) -> dict:
+        round_trip(query.get("msg_signature", ""))
+        return constant
 
-    return app
+    return _on_the_callback_route(one_round_trip)
 
 
 def create_protocol_floor_app() -> Flask:
     """Needs REDIS_URL, WECOM_TOKEN and WECOM_ENCODING_AES_KEY. What the protocol forces on any poll, and no more:
     check the signature and decrypt the callback, one Redis round trip (the trivial script), then encrypt and sign
     a constant stream reply."""
-    app = _flask()
     round_trip = _trivial_round_trip()
     crypto = WeComCrypto(os.environ["WECOM_TOKEN"], os.environ["WECOM_ENCODING_AES_KEY"])
     reply = orjson.dumps({"msgtype": "stream", "stream": {"id": "x", "finish": False, "content": "constant"}}).decode()
 
-    @app.post("/wecom/callback")
-    def protocol_only():
-        query = request.args
-        encrypted = orjson.loads(request.get_data(cache=False))["encrypt"]
+    def protocol_only(query: Mapping[str, str], body: bytes) -> dict:
+        encrypted = orjson.loads(body)["encrypt"]
         crypto.open_envelope(query["msg_signature"], query["timestamp"], query["nonce"], encrypted)
         round_trip(query["msg_signature"])
-        envelope = crypto.seal_reply(reply, query["nonce"], int(time.time()))
-        return Response(orjson.dumps(envelope), mimetype="application/json")
+        return crypto.seal_reply(reply, query["nonce"], int(time.time()))
 
+    return _on_the_callback_route(protocol_only)
+
+
+def _on_the_callback_route(handle: Callable[[Mapping[str, str], bytes], dict]) -> Flask:
+    """A Flask app whose POST /wecom/callback is answered by `handle(query, body)` on the gateway's callback route."""
+    app = _flask()
+    handler = SimpleNamespace(handle=handle)
+    app.wsgi_app = CallbackRoute(app.wsgi_app, {"/wecom/callback": ("floor", handler)}, "floor", 256 * 1024)
     return app
 
 

