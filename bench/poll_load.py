@@ -62,8 +62,8 @@ def measure(
     return the medians, with every sample kept.
 
     Each round measures the ceiling (bare Flask) first, on a quiet machine, then (with `floor`) the callback route's
-    constant, one Redis round trip on it and the protocol floor, then the gateway, whose live streams write `deltas_per_second` each in
-    the background meanwhile.
+    constant, one Redis round trip on it and the protocol floor, then the gateway, whose live streams write
+    `deltas_per_second` each in the background meanwhile.
     """
     extra = {"GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class}
     name = f"{worker_class}-{workers}x{threads}"
