@@ -2,7 +2,7 @@
 
 WeCom's stream-refresh polls are most of what a replica serves (about one a second for every open answer), and
 Flask's request machinery around a poll (request and app contexts, URL matching, the Request and Response objects)
-cost more of a poll than the gateway's own work: served this way, one replica answers a third more polls on the same
+cost more of a poll than the gateway's own work: served this way, one replica answers a quarter more polls on the same
 CPU (BENCHMARKS.md §1). This route does what Flask did for it and no more: read the query and the body (within
 WECOM_MAX_BODY_BYTES), bind the log context, hand both to the bot's CallbackHandler, and answer its envelope as JSON.
 A refused callback is a 4xx with a short JSON body, Redis down during a poll a 503, anything unexpected a logged 500
