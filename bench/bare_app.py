@@ -44,6 +44,7 @@ def create_app() -> Flask:
 
 
 def create_route_app() -> Flask:
+    """The callback route answering a constant."""
     constant = orjson.loads(_BODY)
     return _on_the_callback_route(lambda query, body: constant)
 

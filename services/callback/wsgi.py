@@ -12,6 +12,7 @@ error handlers refuse and fail with the same bodies (`rejected`, `INTERNAL_ERROR
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
@@ -125,11 +126,6 @@ def _query(raw: str) -> dict[str, str]:
     return query
 
 
-_STATUS_LINES: dict[int, str] = {}
-
-
+@functools.cache
 def _status_line(status: int) -> str:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = f"{status} {HTTPStatus(status).phrase.upper()}"
-    return line
+    return f"{status} {HTTPStatus(status).phrase.upper()}"
