@@ -200,6 +200,42 @@ def test_a_late_delivery_of_the_message_does_not_take_back_what_its_repeat_showe
     assert shown_of(meta) == ("The first words", False)
 
 
+@pytest.mark.parametrize("how", ["connection-replaced", "frame-refused-by-the-socket"])
+def test_what_one_bubble_of_a_stream_was_sent_stands_when_its_other_bubble_s_frame_does_not_go_out(redis_client, how):
+    """WeCom delivered a message twice, both deliveries answered by the one stream: two bubbles, two req_ids. A pass
+    sent one bubble's frame, and the connection ended before the other's went out. What the sent frame shows stands
+    as what the stream's bubbles show, so the next holder's rest begins after it (before, the frame that did not go
+    out undid the pass's record for the whole stream, and the rest repeated what the other bubble had shown; the
+    campaign's one-server run of seed 12, a holder kicked 18 ms after such a frame)."""
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    connection = _Connection()
+    holder = {"session": connection}
+    pump = ReplyPump("bot", streams, outbox, lambda: holder["session"])
+    streams.show("s1", "")
+    pump.open("req-1", "s1", streams.poll("s1"))
+    outbox.track("s1", "req-2", 3, "alice", True)  # the repeat
+    pump.open("req-2", "s1", streams.poll("s1"))
+    for ack in connection.acks:
+        ack({"errcode": 0})  # both placeholders shown
+    connection.acks.clear()
+    pump.flush_acks()
+    streams.show("s1", "The first words")
+    send = connection.send
+
+    def end_after_one_frame(text, req_id="", on_ack=None):
+        taken = send(text, req_id, on_ack)
+        connection.open = False  # the connection ends right after it took one frame
+        if how == "connection-replaced":
+            holder["session"] = _Connection()
+        return taken
+
+    connection.send = end_after_one_frame
+    pump.pump()
+    pump.flush_acks()
+    assert len(connection.acks) == 1  # one bubble's frame went out
+    assert shown_of(store.meta("s1")) == ("The first words", False)
+
+
 def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(redis_client):
     """WeCom delivered a message again while its answer streamed: the repeat's first frame shows the text so far. It
     is recorded before it goes out, so when the holder dies before the ack, the next holder sends only what follows

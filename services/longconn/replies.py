@@ -145,17 +145,23 @@ class ReplyPump:
         except REDIS_FAILURES as exc:
             logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
             confirmed = False
-        undone = False
+        unsent: dict[str, int] = {}  # stream id -> what its bubbles show, for each frame of the pass not sent
+        went_out: set[str] = set()
         for req_id, reply, frame in changed:
             if not confirmed or session is not self._session():  # the connection ended meanwhile
-                self.ledger.unsent(reply.stream_id, record.token, reply.sent)
-                undone = True
+                unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.sent)
                 continue
             reply.content, reply.recorded = frame.reply["stream"].get("content", ""), True
-            if not self.send(req_id, frame.reply, frame.shows, session):
-                self.ledger.unsent(reply.stream_id, record.token, reply.least_shown)
-                undone = True
-        if undone and session is not self._session():
+            if self.send(req_id, frame.reply, frame.shows, session):
+                went_out.add(reply.stream_id)
+            else:
+                unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.least_shown)
+        # A stream's record is undone only if none of its frames went out: one that did (another bubble of the
+        # stream, a repeated delivery's) shows what the record says (seen in the campaign).
+        for stream_id, shows in unsent.items():
+            if stream_id not in went_out:
+                self.ledger.unsent(stream_id, record.token, shows)
+        if unsent and session is not self._session():
             self.flush_acks()  # no keeper of that connection passes again to write it
 
     def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None) -> bool:
@@ -214,10 +220,14 @@ class ReplyPump:
 
     def _refused(self, reply: _Reply, dead: bool) -> None:
         """A frame of `reply` was not shown: its bubble shows what its last acknowledged frame did, and the stream's
-        record says so, but never less than another req_id of the stream showed (`floor`). A req_id that never had
-        a frame recorded (its first, placeholder, frame) leaves the record alone and is only marked dead."""
+        record says so, but never less than another req_id of the stream showed (`floor`), or shows now: a frame
+        of the stream's other bubble, recorded, stands until its own ack says otherwise. A req_id that never had a
+        frame recorded (its first, placeholder, frame) leaves the record alone and is only marked dead."""
         if reply.recorded:
-            self.ledger.refused(reply.stream_id, reply.least_shown, dead)
+            with self._lock:
+                others = [o for o in self._replies.values() if o.stream_id == reply.stream_id and o is not reply]
+            shown = max([reply.least_shown, *(other.sent for other in others if other.recorded)])
+            self.ledger.refused(reply.stream_id, shown, dead)
         elif dead:
             self.ledger.dead(reply.stream_id)
 
