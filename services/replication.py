@@ -100,7 +100,9 @@ class Replication:
     def _pipeline(client, commands: list[tuple]) -> list:
         pipe = client.pipeline(transaction=False)
         for command in commands:
-            pipe.execute_command(*command)
+            # A SET with GET answers the value it replaced; redis-py makes a SET's reply a bool unless told so.
+            replaced = command[0] == "SET" and "GET" in command[3:]
+            pipe.execute_command(*command, **({"get": True} if replaced else {}))
         return pipe.execute(raise_on_error=False)
 
 

@@ -102,6 +102,18 @@ def test_every_key_has_a_ttl(store, redis_client):
     assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
 
 
+def test_a_done_poll_reads_the_images_list_only_when_the_finish_counted_some(store, redis_client):
+    for stream_id, images in (("s1", [{"base64": "AA==", "md5": "x"}]), ("s2", [])):
+        open_stream(store, stream_id, f"m-{stream_id}")
+        store.finish(stream_id, "A", "done", images=images)
+    assert poll(store, "s1").images == [{"base64": "AA==", "md5": "x"}]
+    assert redis_client.hget("dify_stream:{s2}", "images") == "0"
+    redis_client.rpush("dify_stream:{s2}:images", '{"base64": "BB==", "md5": "y"}')
+    assert poll(store, "s2").images == []  # counted none: the list is not read
+    redis_client.hdel("dify_stream:{s2}", "images")  # finished by the release before, which counts none
+    assert poll(store, "s2").images == [{"base64": "BB==", "md5": "y"}]
+
+
 def test_poll_folds_unread_chunks_into_the_cumulative_text(store, redis_client):
     open_stream(store)
     assert poll(store).text == ""
@@ -191,7 +203,7 @@ def test_replace_resets_the_text(store):
     assert store.chunks("s1") == ["[moderated]", " more"]
 
 
-def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client):
+def test_finish_records_the_final_state_and_leaves_the_lease_to_run_out(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["done text"], 0)
     finished = store.finish("s1", "A", "error", {"note": "oops", "error": "stream_cut: x"})
@@ -200,7 +212,7 @@ def test_finish_records_the_final_state_and_drops_the_lease(store, redis_client)
     assert finished.closed_bytes == 0
     snap = poll(store)
     assert (snap.status, snap.text, snap.note, snap.active) == ("error", "done text", "oops", False)
-    assert not redis_client.exists("dify_stream:{s1}:lease")
+    assert 0 < redis_client.pttl("dify_stream:{s1}:lease") <= store.lease_ms  # nothing reads it any more
     assert store.finish("s1", "A", "done") is None
     assert store.append("s1", "A", ["late"], 1) == CLOSED
     assert store.append("never-existed", "A", ["x"], 0) == CLOSED
@@ -365,6 +377,7 @@ def test_release_hands_streams_over(store, redis_client):
 def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
     open_stream(store, "s1", "m1")
     store.finish("s1", "A", "done")
+    redis_client.delete("dify_stream:{s1}:lease")  # a final stream's lease runs out
     assert store.renew_leases({"s1": "A", "gone": "A"}) == []
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert not redis_client.exists("dify_stream:{gone}:lease")
@@ -408,6 +421,21 @@ def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
     store.release_inflight(finished.inflight_key, "s0")
     assert store.in_flight("bot1", "alice") == 2
     assert create(store, "s4", "m4")[0] == CREATED
+
+
+def test_a_refused_stream_leaves_its_user_s_sets_as_they_were(redis_client):
+    store = StreamStore(redis_client, Keys(), TTL, lease_seconds=2, rate_limit=1)
+    redis_client.zadd("ratelimit:{bot1:alice}", {"earlier": time.time()})
+    redis_client.expire("ratelimit:{bot1:alice}", 60)
+    assert create(store, "s1", "m1") == (RATE_LIMITED, "s1")  # counted into the set, then taken out
+    assert not redis_client.exists("inflight:{bot1:alice}")  # the set it created is gone: no key without a TTL
+    for i in range(3):
+        redis_client.zadd("inflight:{bot1:bob}", {f"open{i}": time.time() + 300})
+    redis_client.expire("inflight:{bot1:bob}", 400)
+    assert create(store, "t1", "n1", userid="bob") == (LIMITED, "t1")
+    assert redis_client.zrange("inflight:{bot1:bob}", 0, -1) == ["open0", "open1", "open2"]
+    assert 0 < redis_client.ttl("inflight:{bot1:bob}") <= 400
+    assert all(redis_client.ttl(k) > 0 for k in redis_client.keys("*"))
 
 
 def test_stale_in_flight_entries_expire_by_score(store, redis_client):

@@ -28,11 +28,12 @@ LONGEST_BACKOFF_SECONDS = 300
 # generation `holder` now holds the lease with, or 0 when another process holds it, the bot is cooling down after a
 # foreign kick, or its credentials were refused and the bot-wide back-off has not passed yet. Every acquisition is
 # for a new connection, so it always gets a new generation, even when `holder` still held the lease (its last
-# connection ended and the release did not reach Redis): a connection's req_ids are told apart by it.
+# connection ended and the release did not reach Redis): a connection's req_ids are told apart by it. The holder is
+# read first: the stand-bys try every half second, and while another holds the lease that is all a try costs.
 ACQUIRE = """
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local current = redis.call('GET', KEYS[1])
 if current and string.match(current, '^(.*) %d+$') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local generation = redis.call('INCR', KEYS[2])
 if generation < tonumber(ARGV[4]) then
   generation = tonumber(ARGV[4])

@@ -30,18 +30,28 @@ return 1
 # inflight_ttl, rate_limit (0 = none), rate_window (seconds).
 # Returns 1 admitted, 2 when the user already has max_inflight open bubbles, 3 when the user was admitted rate_limit
 # times in the last rate_window seconds (a sliding window: no burst of twice the limit across a minute's edge).
-# A stream admitted before (a retried call whose reply was lost) is admitted again.
+# A stream admitted before (a retried call whose reply was lost) is admitted again. The stream goes into the set
+# first and is counted with it (ZADD NX answers whether it was there: a command fewer than asking ZSCORE), and comes
+# out again when refused; a set this call created and left empty is gone with that, so no key is left without a TTL.
 ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 2 end
-if tonumber(ARGV[6]) > 0 then
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[4], ARGV[1]) == 0 then return 1 end
+local refused = 0
+if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
+  refused = 2
+elseif tonumber(ARGV[6]) > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[7]))
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 3 end
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[7])
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then
+    refused = 3
+  else
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[7])
+  end
 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+if refused > 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return refused
+end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -135,15 +145,17 @@ return 'ok'
 """
 )
 
-# KEYS: stream, chunks, lease, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
+# KEYS: stream, chunks, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
 # feedback ttl, finish id ('' for none), image count, images..., field/value pairs... Returns 0 if not ours or not
 # active; 2 if a poll gave it up as orphaned while it was still ours (its lease was gone, e.g. lost in a Redis
 # failover, though its owner lived); else {1, close_reason, closed_bytes, inflight key}: whether the bubble had
 # closed early, and the in-flight set the caller takes the stream out of. The reply images and the feedback mapping
-# are written with the final state, so a finished answer always has both or neither. A retry of one finish (the same
-# finish id) whose first try ran but whose reply was lost (a timeout while Redis was paused: it runs what it had
-# buffered when it resumes) gets the same answer again, so the caller still does what follows it (the rest of an
-# answer whose bubble closed early) once.
+# are written with the final state, so a finished answer always has both or neither (`images` counts them: a poll
+# reads the list only when there are some). A retry of one finish (the same finish id) whose first try ran but whose
+# reply was lost (a timeout while Redis was paused: it runs what it had buffered when it resumes) gets the same
+# answer again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. The
+# lease is left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is
+# active), and deleting it cost two commands a message.
 FINISH = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error',
                      'finish_id')
@@ -155,15 +167,14 @@ if h[1] ~= 'pending' and h[1] ~= 'streaming' then
 end
 local images = tonumber(ARGV[8])
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], 'finish_id', ARGV[7],
-           unpack(ARGV, 9 + images))
+           'images', images, unpack(ARGV, 9 + images))
 if images > 0 then
-  redis.call('DEL', KEYS[4])
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 9, 8 + images))
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  redis.call('DEL', KEYS[3])
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 9, 8 + images))
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
 for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6]) end
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
@@ -204,7 +215,7 @@ POLL = (
     + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
-                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls')
+                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls', 'images')
 local status = h[1]
 if not status then return false end
 local recorded = ''
@@ -290,7 +301,7 @@ end
 redis.call('HSET', KEYS[1], unpack(writes))
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
              prompt, card, recorded, shows}
-if status == 'done' then
+if status == 'done' and h[19] ~= '0' then  -- no count: finished by the release before, so the list is read
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end
 return row

@@ -157,11 +157,12 @@ class StreamStore:
 
         Under Sentinel or on a Cluster, a claim is only as durable as its replication: a failover right after it
         could lose it, and a WeCom retry would then open a second stream. So the claim waits for a replica to hold
-        it (services/replication.py; BENCHMARKS.md has the cost).
+        it (services/replication.py; BENCHMARKS.md has the cost). `SET NX GET` (Redis 7.0) answers who held it
+        before in the same command: nothing when this call claimed it.
         """
         key = self.keys.wecom_msg(msgid)
-        commands = [("SET", key, stream_id, "NX", "EX", MSGID_TTL_SECONDS), ("GET", key)]
-        _, holder = self.durable.execute(key, commands, replication.MSGID_CLAIM)
+        commands = [("SET", key, stream_id, "NX", "GET", "EX", MSGID_TTL_SECONDS)]
+        [holder] = self.durable.execute(key, commands, replication.MSGID_CLAIM)
         raise_first_error([holder])
         return holder or stream_id
 
@@ -277,7 +278,6 @@ class StreamStore:
         keys = [
             k.stream(stream_id),
             k.stream_chunks(stream_id),
-            k.stream_lease(stream_id),
             k.stream_images(stream_id),
             k.feedback(stream_id),
         ]
