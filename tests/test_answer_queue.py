@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from demo import dify_standin as d
 from services.gateway import build_gateway
@@ -33,10 +34,22 @@ def served(settings, wecom, tmp_path, **changes):
     return gateway
 
 
+def dify_calls(kind: str) -> float:
+    """dify_calls_total of `kind`, over every bot."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "dify_calls"
+        for sample in metric.samples
+        if sample.name == "dify_calls_total" and sample.labels.get("kind") == kind
+    )
+
+
 @pytest.mark.parametrize("store", ["redis", "embedded"])
 def test_answers_are_queued_and_taken_without_a_warning_on_either_store(store, settings, wecom, dify, tmp_path, caplog):
     changes = {"demo_mode": True, "redis_url": "memory://"} if store == "embedded" else {}
     gateway = served(settings, wecom, tmp_path, **changes)
+    before = {kind: dify_calls(kind) for kind in ("new", "duplicate")}
     try:
         assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
         with caplog.at_level(logging.WARNING, logger="services.longconn"):
@@ -46,6 +59,8 @@ def test_answers_are_queued_and_taken_without_a_warning_on_either_store(store, s
                 assert final is not None and final["stream"]["content"] == f"answer {i}"
         flood = ("could not create the answer queue's group", "XGROUP", "NOGROUP")  # the demo's log flood
         assert not [r for r in caplog.records if any(words in r.getMessage() for words in flood)]
+        # Each queued answer's Dify call was counted once, by its take, as a message's first
+        assert {kind: dify_calls(kind) - before[kind] for kind in before} == {"new": 3, "duplicate": 0}
     finally:
         gateway.drain(5)
         gateway.close()

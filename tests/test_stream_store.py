@@ -327,11 +327,25 @@ def test_a_missing_lease_is_taken_over_only_after_the_grace_its_living_owner_has
 
 def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
     open_stream(store, owner="P#1")
-    assert store.take("s1", "P#1", "Q") == "Q#2"
+    taken = store.take("s1", "P#1", "Q")
+    assert (taken.attempt, taken.counted_call) == ("Q#2", "new")  # the Dify call it makes next, counted
+    assert (taken.meta["userid"], taken.meta["owner"], taken.meta["run"]) == ("alice", "Q#2", "2")
+    stored = redis_client.hgetall("dify_stream:{s1}")
+    assert stored.pop("dify_calls") == "1"
+    assert taken.meta == {**stored, "updated_at": taken.meta["updated_at"]}
+    assert store.count_dify_call("s1") == "duplicate"  # a second new call for the message
     assert store.take("s1", "P#1", "R") is None  # taken already
     assert redis_client.get("dify_stream:{s1}:lease") == "Q#2"
     assert store.append("s1", "P#1", ["opener"], 0) == TAKEN
     assert store.append("s1", "Q#2", ["taker"], 0) == WRITTEN
+
+
+def test_a_queued_form_task_is_taken_without_counting_a_call(store, redis_client):
+    outcome, _ = store.create("s1", "m1", "P#1", "bot1", "alice", {"userid": "alice", "form_task": "t1"})
+    assert outcome == CREATED
+    taken = store.take("s1", "P#1", "Q")
+    assert (taken.attempt, taken.counted_call, taken.meta["form_task"]) == ("Q#2", "", "t1")
+    assert redis_client.hget("dify_stream:{s1}", "dify_calls") is None
 
 
 def test_a_stream_is_restarted_only_once(store, polls, redis_client):

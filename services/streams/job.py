@@ -33,6 +33,7 @@ class StreamJob:
     forms_answered: tuple[str, ...] = ()
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
     shared_chat: bool = False  # a group whose members share one Dify conversation (GROUP_CONVERSATION=shared)
+    counted_call: str = ""  # the kind of its first new Dify call, counted already (a queued stream's take)
 
     @property
     def separate(self) -> bool:

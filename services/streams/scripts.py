@@ -380,16 +380,27 @@ return 1
 
 # KEYS: stream, lease. ARGV: opener (its first attempt), taker (a process), lease_ms, now. A stream opened by one
 # process and queued for any (long-connection mode: the connection holder queues its messages' answers) is taken by
-# `taker` while it is still pending and its opener's. Returns the taker's attempt, or false (taken already, or
-# restarted by a poll after the opener's lease ran out).
+# `taker` while it is still pending and its opener's. Returns false (taken already, or restarted by a poll after the
+# opener's lease ran out), else {the taker's attempt, its Dify calls so far, restarts, the hash's field/value
+# pairs as they were before the take}: the taker answers from what it reads here, and the new Dify call it makes
+# next is counted here (as CALLED would; not for a form's task, which follows a run), three commands fewer a message.
 TAKE = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'run')
-if h[1] ~= 'pending' or h[2] ~= ARGV[1] then return false end
-local run = (tonumber(h[3]) or 0) + 1
+local h = redis.call('HGETALL', KEYS[1])
+local f = {}
+for i = 1, #h, 2 do f[h[i]] = h[i + 1] end
+if f.status ~= 'pending' or f.owner ~= ARGV[1] then return false end
+local run = (tonumber(f.run) or 0) + 1
 local attempt = ARGV[2] .. '#' .. run
-redis.call('HSET', KEYS[1], 'owner', attempt, 'run', run, 'updated_at', ARGV[4])
+local calls = tonumber(f.dify_calls) or 0
+local writes = {'owner', attempt, 'run', run, 'updated_at', ARGV[4]}
+if (f.form_task or '') == '' then
+  calls = calls + 1
+  writes[#writes + 1] = 'dify_calls'
+  writes[#writes + 1] = calls
+end
+redis.call('HSET', KEYS[1], unpack(writes))
 redis.call('SET', KEYS[2], attempt, 'PX', ARGV[3])
-return attempt
+return {attempt, calls, tonumber(f.restarts) or 0, unpack(h)}
 """
 
 # KEYS: stream. A new Dify call (not a resume) for the stream: counts it; returns {calls so far, restarts}, or

@@ -224,10 +224,12 @@ class StreamService:
         waiting for someone."""
         if not self.runner.has_capacity():
             return False
-        attempt = self.store.take(stream_id, opener, self.owner)
-        if attempt is None:
+        taken = self.store.take(stream_id, opener, self.owner)
+        if taken is None:
             return False
-        self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), attempt))
+        job = StreamJob.from_meta(stream_id, taken.meta, taken.attempt)
+        job.counted_call = taken.counted_call
+        self._start(job)
         return True
 
     def _dedup(self, stream_id: str, message: Inbound | None = None) -> dict:

@@ -85,6 +85,16 @@ class Finished:
     orphaned: bool = False  # a poll had given the stream up (its lease was gone) while it was still ours
 
 
+@dataclass(slots=True)
+class Taken:
+    """A queued stream taken over (scripts.TAKE): the taker's attempt, the stream's hash, and the kind of the new
+    Dify call the take counted for it (dify_call_kind; "" when none was counted: a form's task)."""
+
+    attempt: str
+    meta: dict[str, str]
+    counted_call: str
+
+
 class StreamStore:
     """The Redis operations on streams but a poll's (poll_path.py). Stateless apart from the client and the
     registered scripts."""
@@ -288,11 +298,18 @@ class StreamStore:
             return Finished(close_reason="", closed_bytes=0, orphaned=True)
         return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0), inflight_key=row[3])
 
-    def take(self, stream_id: str, opener: str, taker: str) -> str | None:
-        """Take a queued stream over from the attempt that opened it (see scripts.TAKE): the taker's attempt, or
-        None if the stream is no longer waiting for someone."""
+    def take(self, stream_id: str, opener: str, taker: str) -> Taken | None:
+        """Take a queued stream over from the attempt that opened it (see scripts.TAKE), or None if the stream is no
+        longer waiting for someone."""
         keys = [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
-        return self._take(keys=keys, args=[opener, taker, self.lease_ms, script_now()]) or None
+        row = self._take(keys=keys, args=[opener, taker, self.lease_ms, script_now()])
+        if not row:
+            return None
+        attempt, calls, restarts, *pairs = row
+        meta = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        meta.update(owner=attempt, run=attempt.rpartition("#")[2])
+        counted = dify_call_kind(int(calls), int(restarts)) if int(calls) else ""
+        return Taken(attempt, meta, counted)
 
     def superseded(self, stream_id: str, attempt: str) -> bool:
         """Whether another attempt has taken the stream over from `attempt` (a read, for a write outside the
@@ -316,12 +333,9 @@ class StreamStore:
         return text if status == EXPIRED and error == "owner_lost" else None
 
     def count_dify_call(self, stream_id: str) -> str:
-        """Count a new Dify call for the stream (not a resume): "new" for its first, "restart" for the one allowed
-        restart of an answer that had shown nothing, "duplicate" for any other (never expected: an alert)."""
+        """Count a new Dify call for the stream (not a resume): its kind (dify_call_kind)."""
         calls, restarts = (int(n) for n in self._called(keys=[self.keys.stream(stream_id)], args=[]))
-        if calls <= 1:
-            return "new"
-        return "restart" if calls == 2 and restarts == 1 else "duplicate"
+        return dify_call_kind(calls, restarts)
 
     def record(self, stream_id: str, fields: dict[str, str], durable: bool = False) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired); `durable` for the
@@ -399,6 +413,14 @@ class StreamStore:
     def chunks(self, stream_id: str) -> list[str]:
         """Every delta of the stream, in order."""
         return self.client.lrange(self.keys.stream_chunks(stream_id), 0, -1)
+
+
+def dify_call_kind(calls: int, restarts: int) -> str:
+    """What a stream's new Dify call is, counted as its `calls`-th: "new" for its first, "restart" for the one
+    allowed restart of an answer that had shown nothing, "duplicate" for any other (never expected: an alert)."""
+    if calls <= 1:
+        return "new"
+    return "restart" if calls == 2 and restarts == 1 else "duplicate"
 
 
 def script_now() -> str:

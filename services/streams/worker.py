@@ -271,9 +271,11 @@ class StreamWorker:
 
     def _count_call(self, job: StreamJob) -> None:
         """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is
-        counted as a duplicate, which the monitoring bundle alerts on."""
+        counted as a duplicate, which the monitoring bundle alerts on. A queued stream's take counted its first."""
         store = self.deps.store
-        kind = best_effort_value(lambda: store.count_dify_call(job.stream_id), "counting the Dify call", ()) or "new"
+        counted, job.counted_call = job.counted_call, ""
+        kind = counted or best_effort_value(lambda: store.count_dify_call(job.stream_id), "counting the call", ())
+        kind = kind or "new"
         if kind == "duplicate":
             logger.error("a second Dify call for this message (not a documented restart)")
         metrics.DIFY_CALLS.labels(self.bot, kind).inc()
