@@ -7,7 +7,9 @@ import pytest
 import redis
 
 from services.keys import MSGID_TTL_SECONDS, Keys
+from services.streams.job import StreamJob
 from services.streams.poll_path import PollPath
+from services.streams.runner import StreamRunner
 from services.streams.store import (
     CLOSED,
     CREATED,
@@ -492,6 +494,67 @@ def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
     assert lost == ["s3"]
     assert redis_client.get("dify_stream:{s2}:lease") == "A"
     assert redis_client.pttl("dify_stream:{s1}:lease") > 1500
+
+
+def test_an_append_renews_the_lease_when_asked_and_only_its_owner_s(store, redis_client):
+    open_stream(store, "s1", "m1", "A")
+    redis_client.pexpire("dify_stream:{s1}:lease", 100)
+    store.append_many([AppendRequest("s1", "A", ["a"], 0, {}, lease_ms=0)])
+    assert redis_client.pttl("dify_stream:{s1}:lease") <= 100  # not asked: left alone
+    store.append_many([AppendRequest("s1", "A", ["b"], 1, {}, lease_ms=2000)])
+    assert redis_client.pttl("dify_stream:{s1}:lease") > 1500
+    redis_client.delete("dify_stream:{s1}:lease")  # lost in a failover, though its owner lives
+    redis_client.hset("dify_stream:{s1}", "lease_missing_at", time.time())  # and a poll noted it
+    store.append_many([AppendRequest("s1", "A", ["c"], 2, {}, lease_ms=2000)])
+    assert redis_client.get("dify_stream:{s1}:lease") == "A"  # taken back, as the keeper would
+    assert not redis_client.hexists("dify_stream:{s1}", "lease_missing_at")
+    redis_client.set("dify_stream:{s1}:lease", "B#2", px=100)
+    redis_client.hset("dify_stream:{s1}", "owner", "B#2")  # taken over
+    assert store.append_many([AppendRequest("s1", "A", ["d"], 3, {}, lease_ms=2000)]) == [TAKEN]
+    assert redis_client.get("dify_stream:{s1}:lease") == "B#2"
+    assert redis_client.pttl("dify_stream:{s1}:lease") <= 100
+
+
+def test_a_writing_attempt_s_lease_is_renewed_by_its_appends_and_a_quiet_one_s_by_the_keeper(redis_client, monkeypatch):
+    """A 6 s lease is renewed before it is 2 s old (the renewal interval): by the appends from 1.5 s on, by the
+    keeper from 1.8 s on; an attempt that appends every 50 ms renews its own, so a stall of 0.3 s in the appends
+    would be needed for the keeper to come first."""
+    store = StreamStore(redis_client, Keys(), TTL, lease_seconds=6)
+    runner, batcher = StreamRunner(10, lease_seconds=6), AppendBatcher()
+    renewed_by_keeper: list[str] = []
+    real_renew = store.renew_leases
+
+    def renew_leases(attempts):
+        renewed_by_keeper.extend(attempts)
+        return real_renew(attempts)
+
+    monkeypatch.setattr(store, "renew_leases", renew_leases)
+    open_stream(store, "s1", "m1", "A")
+    left: dict[str, list[int]] = {"appending": [], "quiet": []}
+    while_appending: list[str] = []
+
+    def work(cancelled):
+        writer = batcher.writer(store, "s1", "A", lease=job.lease)
+        started = time.monotonic()
+        while time.monotonic() - started < 4.0:  # without a renewal, 2 s would be left of the lease by now
+            writer.add(["x"])
+            writer.flush(2.0)
+            left["appending"].append(redis_client.pttl("dify_stream:{s1}:lease"))
+            time.sleep(0.05)
+        while_appending.extend(renewed_by_keeper)
+        while time.monotonic() - started < 6.5:  # no append (a quiet Dify socket) for longer than an interval
+            left["quiet"].append(redis_client.pttl("dify_stream:{s1}:lease"))
+            time.sleep(0.05)
+
+    job = StreamJob(stream_id="s1", msgid="m1", userid="alice", attempt="A")
+    assert runner.start(job, work, store, "bot1")
+    assert wait_until(lambda: not runner.is_running("s1"), timeout=15)
+    runner.stop()
+    assert while_appending == []  # its appends kept the lease: the keeper had nothing to renew
+    assert min(left["appending"]) > 3500  # renewed by the appends, never older than the interval and a little
+    assert set(renewed_by_keeper) == {"s1"}  # the quiet attempt's
+    assert min(left["quiet"]) > 3500
+    assert len(store.chunks("s1")) == len(left["appending"])
 
 
 def test_key_prefix_namespaces_every_key(redis_client):

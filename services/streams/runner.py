@@ -1,8 +1,11 @@
 """Runs stream workers in background threads and keeps this replica's leases on their streams alive.
 
-One runner per process, for every bot's streams. One keeper thread renews the leases of all running streams every
-third of the lease time (one round trip per bot's store), so a worker blocked on a quiet Dify socket still holds
-its stream, and a dead process loses all of its streams within one lease time. A stream whose lease was lost
+One runner per process, for every bot's streams. A running attempt's lease is renewed before it is one renewal
+interval (a third of the lease time) old: by the attempt's own next append once it is three quarters of that old
+(scripts.APPEND, one command where the keeper's renewal takes three), else by one keeper thread that looks ten
+times an interval and renews, in one round trip per bot's store, each lease nine tenths of that old. So a writing
+attempt keeps its lease with its appends, a worker blocked on a quiet Dify socket still holds its stream through
+the keeper, and a dead process loses all of its streams within one lease time. A stream whose lease was lost
 (another replica took it over) is cancelled.
 """
 
@@ -26,14 +29,33 @@ _RENEW_BATCH = 500
 _RETRY_INTERVAL = 0.5
 
 
+class LeaseClock:
+    """When a running attempt's lease was last set, and whether it is due for renewal: by the attempt's appends
+    (services/streams/writer.py) from `due_after` seconds on, by the runner's keeper from `keeper_after` on (later,
+    so that an attempt that appends renews its own)."""
+
+    def __init__(self, due_after: float, keeper_after: float):
+        self.due_after = due_after
+        self.keeper_after = keeper_after
+        self._set_at = time.monotonic()  # the attempt started just after its lease was set (open, take, poll)
+
+    def due(self, by_keeper: bool = False) -> bool:
+        return time.monotonic() - self._set_at >= (self.keeper_after if by_keeper else self.due_after)
+
+    def renewed(self, sent_at: float) -> None:
+        """A renewal sent at `sent_at` (monotonic) was written."""
+        self._set_at = max(self._set_at, sent_at)
+
+
 @dataclass(slots=True)
 class _Running:
-    """A running attempt at a stream: how to cancel it, its fencing token, and where its lease lives."""
+    """A running attempt at a stream: how to cancel it, its fencing token, where its lease lives, and its age."""
 
     cancelled: threading.Event
     attempt: str
     store: StreamStore
     bot: str
+    lease: LeaseClock
 
 
 class StreamRunner:
@@ -41,7 +63,7 @@ class StreamRunner:
 
     def __init__(self, max_active: int, lease_seconds: int):
         self.max_active = max_active
-        self.renew_interval = max(0.5, lease_seconds / 3)
+        self.renew_interval = max(0.5, lease_seconds / 3)  # the oldest a lease gets before it is renewed
         self._active: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -69,10 +91,11 @@ class StreamRunner:
 
     def start(self, job: StreamJob, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> bool:
         """Run `work(cancelled)`, the job's attempt, in a new thread; `cancelled` is set if the attempt's lease (in
-        `store`) is lost. A process never runs two attempts at one stream: False (and nothing started) while one
-        runs here."""
+        `store`) is lost. The job gets the attempt's lease clock (`job.lease`), for its appends to renew the lease.
+        A process never runs two attempts at one stream: False (and nothing started) while one runs here."""
         stream_id = job.stream_id
-        running = _Running(threading.Event(), job.attempt, store, bot)
+        job.lease = LeaseClock(self.renew_interval * 0.75, self.renew_interval * 0.9)
+        running = _Running(threading.Event(), job.attempt, store, bot, job.lease)
         with self._lock:
             if stream_id in self._active:
                 logger.error("stream %s already runs in this process; not starting a second attempt", stream_id)
@@ -132,25 +155,31 @@ class StreamRunner:
         self._stopping.set()
 
     def _keep_leases(self) -> None:
-        interval = self.renew_interval
+        look = self.renew_interval / 10
+        interval = look
         while not self._stopping.wait(interval):
             renewed = guarded(self._renew_all, "stream_lease_keeper", self._stopping)
             # After a failure (Redis away), try again soon: leases that ran out meanwhile are taken back at once.
-            interval = self.renew_interval if renewed else min(_RETRY_INTERVAL, self.renew_interval)
+            interval = look if renewed else min(_RETRY_INTERVAL, look)
 
     def _renew_all(self) -> bool:
+        """Renew the leases that are due (their appends did not); False if Redis did not answer."""
         with self._lock:
-            by_store: dict[int, tuple[StreamStore, list[tuple[str, str]]]] = {}
+            by_store: dict[int, tuple[StreamStore, list[tuple[str, _Running]]]] = {}
             for stream_id, running in self._active.items():
-                by_store.setdefault(id(running.store), (running.store, []))[1].append((stream_id, running.attempt))
-        for store, attempts in by_store.values():
-            for start in range(0, len(attempts), _RENEW_BATCH):
-                batch = dict(attempts[start : start + _RENEW_BATCH])
+                if running.lease.due(by_keeper=True):
+                    by_store.setdefault(id(running.store), (running.store, []))[1].append((stream_id, running))
+        for store, due in by_store.values():
+            for start in range(0, len(due), _RENEW_BATCH):
+                batch = dict(due[start : start + _RENEW_BATCH])
+                sent = time.monotonic()
                 try:
-                    lost = store.renew_leases(batch)
+                    lost = store.renew_leases({stream_id: running.attempt for stream_id, running in batch.items()})
                 except REDIS_FAILURES as exc:
                     logger.warning("could not renew %d stream leases: %s", len(batch), exc)
                     return False
+                for running in batch.values():
+                    running.lease.renewed(sent)
                 for stream_id in lost:
                     logger.warning(
                         "stream %s is no longer this attempt's (taken over elsewhere, or stopped by its user); "

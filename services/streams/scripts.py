@@ -59,14 +59,15 @@ return 1
 # Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok' (with the
 # status, and the value of one more field the caller names, read in the same call); 'taken' when another attempt owns
 # it now (whatever its status: the successor answers, or has answered, the user); 'closed' when it is gone, or final
-# while still this attempt's (a poll gave its bubble up: the answer goes another way).
+# while still this attempt's (a poll gave its bubble up: the answer goes another way). 'ok' comes with the status
+# and the values of up to two more fields the caller names, read in the same call.
 _OWNERSHIP = """
 local function ownership(owner, ...)
   local h = redis.call('HMGET', KEYS[1], 'status', 'owner', ...)
   if not h[1] then return 'closed' end
   if h[2] ~= owner then return 'taken' end
   if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
-  return 'ok', h[1], h[3]
+  return 'ok', h[1], h[3], h[4]
 end
 """
 
@@ -82,23 +83,30 @@ local function late(deadline)
 end
 """
 
-# KEYS: stream, chunks. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch seconds;
-# 0 for none), field/value pairs..., deltas... Returns ok, closed, taken, conflict or late. The expected length
+# KEYS: stream, chunks, lease. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch
+# seconds; 0 for none), lease_ms (0: the lease is left alone), field/value pairs..., deltas... Returns ok, closed,
+# taken, conflict or late. The expected length
 # makes a retry safe: a call whose reply was lost may still have run (even after a later, longer retry was sent),
 # so deltas already in the list are skipped and only the rest is pushed. The deadline is when its sender stops
 # waiting for the reply: a call Redis runs later (it was paused, or the call sat in a partitioned link) is refused,
-# so an append its writer counts as unwritten never lands behind the writer's back.
+# so an append its writer counts as unwritten never lands behind the writer's back. With lease_ms, the append
+# renews the attempt's lease as RENEW would (taking it back if it ran out while the stream stayed this attempt's):
+# a writer appending anyway renews in one command what the runner's keeper renews in three.
 APPEND = (
     _OWNERSHIP
     + _DEADLINE
     + """
 local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if late(ARGV[7]) then return 'late' end
-local first_delta = 8 + 2 * nf
-local state, status, first_token_at = ownership(ARGV[1], 'first_token_at')
+local first_delta = 9 + 2 * nf
+local state, status, first_token_at, lease_missing = ownership(ARGV[1], 'first_token_at', 'lease_missing_at')
 if state ~= 'ok' then return state end
+if tonumber(ARGV[8]) > 0 then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[8])
+  if lease_missing then redis.call('HDEL', KEYS[1], 'lease_missing_at') end
+end
 local writes = {'status', 'streaming', 'updated_at', ARGV[3]}
-for i = 8, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
+for i = 9, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
 if nd > 0 then
   -- Pushed first, and checked by the length RPUSH answers (a command fewer than asking LLEN before); where the list
   -- did not hold the `expected` deltas (rare: a retry, a failover), the push is taken back and done right.

@@ -58,11 +58,13 @@ class AppendRequest:
     written: int
     fields: dict[str, str]
     deadline: float = 0.0  # epoch seconds: Redis refuses it (LATE) from then on, when its sender waits no more
+    lease_ms: int = 0  # renew the attempt's lease for this long with the append (0: leave it to the keeper)
+    taken_at: float = 0.0  # when its writer took it (monotonic): a lease it renews is that old at most
 
     @property
     def size(self) -> int:
         """How many script arguments it takes."""
-        return 3 + 2 * len(self.fields) + len(self.deltas)
+        return 4 + 2 * len(self.fields) + len(self.deltas)
 
 
 # What opening a stream came to (create), and admitting its user (admit).
@@ -227,7 +229,7 @@ class StreamStore:
         now = script_now()
         calls = [
             (
-                [self.keys.stream(r.stream_id), self.keys.stream_chunks(r.stream_id)],
+                self._append_keys(r.stream_id),
                 [
                     r.owner,
                     self.key_ttl,
@@ -236,6 +238,7 @@ class StreamStore:
                     len(r.fields),
                     len(r.deltas),
                     f"{r.deadline:.3f}",
+                    r.lease_ms,
                     *_pairs(r.fields),
                     *r.deltas,
                 ],
@@ -246,6 +249,11 @@ class StreamStore:
             StreamConflict(r.stream_id) if result == "conflict" else result
             for r, result in zip(requests, self._append.run_each(calls), strict=True)
         ]
+
+    def _append_keys(self, stream_id: str) -> list[str]:
+        """An append's keys: the stream, its list, and its lease (which an append may renew)."""
+        k = self.keys
+        return [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
 
     def replace(self, stream_id: str, owner: str, answer: str) -> str:
         """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""

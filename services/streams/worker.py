@@ -251,6 +251,7 @@ class StreamWorker:
             written_chars=written_chars,
             pace=deps.append_pace,
             deadlines=deps.append_deadlines,
+            lease=job.lease,
         )
         answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
 

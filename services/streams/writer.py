@@ -25,6 +25,7 @@ import time
 import redis
 
 from services.loops import LazyThread, guarded
+from services.streams.runner import LeaseClock
 from services.streams.store import CLOSED, CONFLICT, LATE, WRITTEN, AppendRequest, StreamConflict, StreamStore
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class StreamWriter:
         written_chars: int = 0,
         pace: float = 0.0,
         deadlines: bool = True,
+        lease: LeaseClock | None = None,
     ):
         self.batcher = batcher
         self.store = store  # its bot's
@@ -67,6 +69,7 @@ class StreamWriter:
         self._in_flight = False  # an append is queued, waiting for its pace, or being sent
         self.pace = pace  # seconds between the starts of two appends (0: as soon as the batcher can)
         self.deadlines = deadlines  # its appends carry the batcher's deadline (AppendBatcher)
+        self.lease = lease  # the attempt's lease clock: an append renews the lease when it is due (runner.py)
         self._taken_at = float("-inf")  # when the last append was taken (monotonic)
         self._paced = False  # waiting in the batcher for its pace (a flush sends it at once)
         self._lock = threading.Lock()
@@ -160,7 +163,10 @@ class StreamWriter:
             del self._pending[: len(deltas)]
             fields, self._fields = self._fields, {}
             deadline = self.batcher.deadline() if self.deadlines else 0.0
-            return AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, deadline)
+            lease_ms = self.store.lease_ms if self.lease is not None and self.lease.due() else 0
+            request = AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, deadline, lease_ms)
+            request.taken_at = self._taken_at
+            return request
 
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
@@ -182,6 +188,8 @@ class StreamWriter:
                 if outcome == WRITTEN:
                     self.written += len(request.deltas)
                     self.written_chars += sum(len(delta) for delta in request.deltas)
+                    if request.lease_ms and self.lease is not None:
+                        self.lease.renewed(request.taken_at)
                 else:
                     self.state = outcome  # TAKEN or CLOSED: nothing more goes to Redis
                     self._pending.clear()
@@ -218,9 +226,9 @@ class AppendBatcher:
         """The deadline of an append taken now (epoch seconds; 0 for none)."""
         return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
-    def writer(self, store: StreamStore, stream_id: str, attempt: str, **state: float) -> StreamWriter:
-        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars, pace and
-        deadlines)."""
+    def writer(self, store: StreamStore, stream_id: str, attempt: str, **state) -> StreamWriter:
+        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars, pace,
+        deadlines and lease)."""
         return StreamWriter(self, store, stream_id, attempt, **state)
 
     def submit(self, writer: StreamWriter) -> None:
