@@ -18,6 +18,7 @@ from PIL import Image
 from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.files.links import LinkSigner
+from services.longconn.uploads import FileSender
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
 from tests.conftest import DIFY_KEY, WS_BOT_ID, files_sent, make_simulator, wait_until
@@ -220,6 +221,18 @@ def test_on_a_long_connection_a_photo_is_uploaded_in_chunks_and_sent_after_the_a
     assert all(body["chatid"] == "alice" and body["chat_type"] == 1 for body in wecom.proactive)
     assert files_sent(redis_client, final["stream"]["id"])
     assert len(wecom.proactive) == 2  # once
+
+
+def test_on_a_long_connection_an_answer_without_files_is_not_read_again_for_them(linking_ws_gateway, dify, monkeypatch):
+    _, wecom = linking_ws_gateway
+    looked: list[str] = []
+    monkeypatch.setattr(FileSender, "_send_all", lambda self, stream_id: looked.append(stream_id))
+    dify.script(d.answer("Just words."))
+    final = wecom.final(wecom.deliver_text(WS_BOT, "words only"), timeout=20)
+    assert final["stream"]["content"] == "Just words."
+    dify.script([d.message("A report."), d.message_file(dify.host_file(PDF, "pdf"), "document"), d.end()])
+    with_file = wecom.final(wecom.deliver_text(WS_BOT, "a report"), timeout=20)
+    assert wait_until(lambda: looked == [with_file["stream"]["id"]], timeout=10)  # the final poll said which has some
 
 
 def test_on_a_long_connection_a_file_that_fails_is_one_line(linking_ws_gateway, dify):

@@ -22,7 +22,7 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
     "HSET", "HSETNX", "HGET", "HMGET", "HGETALL", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN", "LTRIM",
-    "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZREMRANGEBYSCORE",
+    "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZCOUNT", "ZREMRANGEBYSCORE",
 }  # fmt: skip
 
 

@@ -5,7 +5,7 @@ Stream; every worker process of every replica reads the bot's stream through one
 queued stream over (its owner and lease, atomically, scripts.TAKE) when it has room, then runs its Dify call there.
 A job read by a process that died before taking it needs no reclaiming: the stream's lease, still the holder's,
 runs out, and the holder's next frame-pump poll restarts the answer itself (as any poll restarts an answer whose
-replica died before showing anything).
+replica died before showing anything). So jobs are read with NOACK: nothing is left pending, and no XACK follows.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class JobConsumer:
         asked = time.monotonic()
         try:
             entries = self.queue.client.xreadgroup(
-                GROUP, self.owner, {self.queue.key: ">"}, count=10, block=self.block_ms
+                GROUP, self.owner, {self.queue.key: ">"}, count=10, block=self.block_ms, noack=True
             )
         except redis.ResponseError:
             # No group (yet, or again: the queue expired when idle). How a store words that differs (NOGROUP on
@@ -113,14 +113,13 @@ class JobConsumer:
             self._stop.wait(max(0.0, self.block_ms / 1000 - (time.monotonic() - asked)))
             return
         for _, messages in entries:
-            for entry_id, fields in messages:
-                self._take(entry_id, fields)
+            for _, fields in messages:
+                self._take(fields)
 
-    def _take(self, entry_id: str, fields: dict) -> None:
+    def _take(self, fields: dict) -> None:
         try:
             if fields.get("stream"):
                 self.streams.run_queued(fields["stream"], fields.get("opener", ""))
-            self.queue.client.xack(self.queue.key, GROUP, entry_id)
         except REDIS_FAILURES as exc:
             logger.warning("could not take a queued answer (%s); its opener's lease will restart it", exc)
 

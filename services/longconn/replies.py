@@ -41,6 +41,7 @@ class _Reply:
     final_sent: bool = False
     recorded: bool = False  # a frame of this req_id was recorded as what the stream's bubble shows
     floor: int = 0  # what another req_id of the stream showed when this one began (open)
+    files: str | None = None  # the finished answer's files (JSON, "" for none), as its final frame's poll said
 
     @property
     def least_shown(self) -> int:
@@ -151,7 +152,7 @@ class ReplyPump:
             if not confirmed or session is not self._session():  # the connection ended meanwhile
                 unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.sent)
                 continue
-            reply.content, reply.recorded = frame.reply["stream"].get("content", ""), True
+            reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
             if self.send(req_id, frame.reply, frame.shows, session):
                 went_out.add(reply.stream_id)
             else:
@@ -240,7 +241,7 @@ class ReplyPump:
         elif finish:
             self.ledger.delivered(stream_id)
             if self.files is not None:
-                self.files.after_answer(stream_id)
+                self.files.after_answer(stream_id, reply.files)
 
     def flush_acks(self) -> None:
         """Write what the acks since the last call said (one wait for a replica per Redis node)."""

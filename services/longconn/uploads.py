@@ -60,8 +60,11 @@ class FileSender:
         self._meta = meta  # a stream's hash
         self._session = session  # the connection this process holds now
 
-    def after_answer(self, stream_id: str) -> None:
-        """The answer's bubble is finished (or its rest was sent): send its files, in a thread of their own."""
+    def after_answer(self, stream_id: str, files: str | None = None) -> None:
+        """The answer's bubble is finished (or its rest was sent): send its files, in a thread of their own. `files`
+        is what the final frame's poll read of them ("" for none: nothing to do); None when not known."""
+        if files == "" or files == "[]":
+            return
         threading.Thread(target=self._send_all, args=(stream_id,), name=f"wecom-files-{stream_id}", daemon=True).start()
 
     def _send_all(self, stream_id: str) -> None:

@@ -46,6 +46,7 @@ class Snapshot:
     card: dict | None = None  # a template card this reply carries (given once per stream)
     recorded: str = ""  # the frame record asked of this poll: "yes", "late" (Redis ran it past its deadline), or ""
     shows: int = 0  # recorded: how many bytes of the text the frame shows (all, or what showed when it closed early)
+    files: str = ""  # a recorded frame of a done stream: the answer's files (JSON), which its holder sends next
     images: list[dict] = field(default_factory=list)
 
     @property
@@ -154,6 +155,7 @@ class PollPath:
             card,
             recorded,
             shows,
+            files,
             *images,
         ) = row
         return Snapshot(
@@ -170,6 +172,7 @@ class PollPath:
             card=orjson.loads(card) if card else None,
             recorded=recorded,
             shows=int(shows or 0),
+            files=files,
             images=[orjson.loads(image) for image in images],
         )
 

@@ -33,11 +33,13 @@ return 1
 # A stream admitted before (a retried call whose reply was lost) is admitted again. The stream goes into the set
 # first and is counted with it (ZADD NX answers whether it was there: a command fewer than asking ZSCORE), and comes
 # out again when refused; a set this call created and left empty is gone with that, so no key is left without a TTL.
+# The set's open bubbles are counted by score (a stale entry, a stream whose replica died before freeing its slot,
+# counts no more once its polling window is over), so stale entries are not deleted first: they go with the set,
+# INFLIGHT_TTL_SECONDS after the user's last message, or with their stream's finish.
 ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZADD', KEYS[1], 'NX', ARGV[4], ARGV[1]) == 0 then return 1 end
 local refused = 0
-if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > tonumber(ARGV[3]) then
   refused = 2
 elseif tonumber(ARGV[6]) > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[7]))
@@ -186,44 +188,44 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
 """
 
-# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1'
-# when the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this
-# poll's token (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back,
-# CARD_BACK), '1' to leave a waiting card for a later poll (the reply to a message delivered again), a frame record's
-# token ('' for none) and its deadline (_DEADLINE). Returns false for an unknown stream, else {status, text, note,
-# close_reason, closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, shows,
-# images...}: `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or
-# ''), the in-flight set is named when the bubble just closed (the caller frees the user's slot), `attempt` is the
-# new attempt's token when the taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below
-# its text (a form waiting for its answer), `card` a template card to send with this reply (a form's, or the
-# questions suggested after a done answer: given once, as WeCom takes one card per message), `recorded` says what
-# became of the frame record ('yes', 'late', or '' when none was asked), `shows` what a recorded frame shows (bytes
-# of the text: all of it, or what the bubble showed when it closed early), and the reply images come only once the
-# stream is done. An active stream whose lease is gone (its replica died or handed it over) is taken by the polling
-# replica (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
-# `workflow_run_id` is known; at most 3 times), else restarted when nothing was shown yet and it was never
-# restarted; otherwise it becomes expired with the note. The lease is looked at only by a poll that found no new
-# text (text came since the last poll: its writer lived a moment ago; the next poll looks). The owner's own process,
-# still running it (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back
-# for that attempt instead: never a second attempt beside the first. A lease found missing is only noted at first
-# (`lease_missing_at`): the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is
-# still missing, so that an owner that lived through a Redis pause or failover (its lease ran out while it could not
-# renew it) takes its lease back first. A process that takes no stream now (draining, or at STREAM_MAX_ACTIVE) leaves
-# one it could resume or restart to a poll on another, within the window. One past the window, or longer than a
-# bubble can show, is closed early (the bubble finishes now, the worker goes on and sends the rest through
-# response_url).
+# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1' when
+# the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this poll's token
+# (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back, CARD_BACK), '1' to
+# leave a waiting card for a later poll (the reply to a message delivered again), a frame record's token ('' for none)
+# and its deadline (_DEADLINE). Returns false for an unknown stream, else {status, text, note, close_reason,
+# closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, shows, images...}: `event` names
+# what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''), the in-flight set is
+# named when the bubble just closed (the caller frees the user's slot), `attempt` is the new attempt's token when the
+# taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below its text (a form waiting for
+# its answer), `card` a template card to send with this reply (a form's, or the questions suggested after a done answer:
+# given once, as WeCom takes one card per message), `recorded` says what became of the frame record ('yes', 'late', or
+# '' when none was asked), `shows` what a recorded frame shows (bytes of the text: all of it, or what the bubble showed
+# when it closed early), `files` the answer's files (JSON; only to a frame's poll once the stream is done: the holder
+# sends them after the bubble, and knows without a read of its own when there are none), and the reply images come only
+# once the stream is done. An active stream whose lease is gone (its replica died or handed it over) is taken by the
+# polling replica (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
+# `workflow_run_id` is known; at most 3 times), else restarted when nothing was shown yet and it was never restarted;
+# otherwise it becomes expired with the note. The lease is looked at only by a poll that found no new text (text came
+# since the last poll: its writer lived a moment ago; the next poll looks). The owner's own process, still running it
+# (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back for that attempt
+# instead: never a second attempt beside the first. A lease found missing is only noted at first (`lease_missing_at`):
+# the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is still missing, so that an
+# owner that lived through a Redis pause or failover (its lease ran out while it could not renew it) takes its lease
+# back first. A process that takes no stream now (draining, or at STREAM_MAX_ACTIVE) leaves one it could resume or
+# restart to a poll on another, within the window. One past the window, or longer than a bubble can show, is closed
+# early (the bubble finishes now, the worker goes on and sends the rest through response_url).
 #
-# The frame record: a long connection's holder records what a bubble will show before the frame that shows it goes
-# out (services/longconn/outbox.py), and its poll does it in the same write as the fold: `ws_shows` (bytes of the
-# text the frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the token, so
-# that a frame that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the record's
-# deadline records nothing and hands out no card (its caller sends no frame).
+# The frame record: a long connection's holder records what a bubble will show before the frame that shows it goes out
+# (services/longconn/outbox.py), and its poll does it in the same write as the fold: `ws_shows` (bytes of the text the
+# frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the token, so that a frame
+# that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the record's deadline records
+# nothing and hands out no card (its caller sends no frame).
 POLL = (
     _DEADLINE
     + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
                      'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
-                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls', 'images')
+                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls', 'images', 'files')
 local status = h[1]
 if not status then return false end
 local recorded = ''
@@ -307,8 +309,10 @@ if recorded == 'yes' then
   end
 end
 redis.call('HSET', KEYS[1], unpack(writes))
+local files = ''
+if recorded ~= '' and status == 'done' then files = h[20] or '' end
 local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
-             prompt, card, recorded, shows}
+             prompt, card, recorded, shows, files}
 if status == 'done' and h[19] ~= '0' then  -- no count: finished by the release before, so the list is read
   for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
 end

@@ -56,12 +56,13 @@ def image_items(images: list[dict]) -> list[dict]:
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A long connection's poll of a stream (StreamService.frame): the reply to send, how many bytes of the
-    stream's text it shows, and what became of its record ("yes", or "late": Redis ran it past its deadline, and
-    the frame must not go out)."""
+    stream's text it shows, what became of its record ("yes", or "late": Redis ran it past its deadline, and
+    the frame must not go out), and a finished answer's files (JSON, "" for none)."""
 
     reply: dict
     shows: int
     recorded: str
+    files: str = ""
 
 
 class AnswerQueue(Protocol):
@@ -295,7 +296,7 @@ class StreamService:
         snapshot = self._look(stream_id, True, record)
         if snapshot is None:
             return Frame(self._reply(stream_id, None), 0, "")
-        return Frame(self._reply(stream_id, snapshot), snapshot.shows, snapshot.recorded)
+        return Frame(self._reply(stream_id, snapshot), snapshot.shows, snapshot.recorded, snapshot.files)
 
     def _reply(self, stream_id: str, snapshot: Snapshot | None) -> dict:
         if snapshot is None:
