@@ -59,10 +59,9 @@ return 1
 """
 
 # Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok' (with the
-# status, and the value of one more field the caller names, read in the same call); 'taken' when another attempt owns
-# it now (whatever its status: the successor answers, or has answered, the user); 'closed' when it is gone, or final
-# while still this attempt's (a poll gave its bubble up: the answer goes another way). 'ok' comes with the status
-# and the values of up to two more fields the caller names, read in the same call.
+# status, and the values of up to two more fields the caller names, read in the same call); 'taken' when another
+# attempt owns it now (whatever its status: the successor answers, or has answered, the user); 'closed' when it is
+# gone, or final while still this attempt's (a poll gave its bubble up: the answer goes another way).
 _OWNERSHIP = """
 local function ownership(owner, ...)
   local h = redis.call('HMGET', KEYS[1], 'status', 'owner', ...)
@@ -85,15 +84,14 @@ local function late(deadline)
 end
 """
 
-# KEYS: stream, chunks, lease. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch
-# seconds; 0 for none), lease_ms (0: the lease is left alone), field/value pairs..., deltas... Returns ok, closed,
-# taken, conflict or late. The expected length
-# makes a retry safe: a call whose reply was lost may still have run (even after a later, longer retry was sent),
-# so deltas already in the list are skipped and only the rest is pushed. The deadline is when its sender stops
-# waiting for the reply: a call Redis runs later (it was paused, or the call sat in a partitioned link) is refused,
-# so an append its writer counts as unwritten never lands behind the writer's back. With lease_ms, the append
-# renews the attempt's lease as RENEW would (taking it back if it ran out while the stream stayed this attempt's):
-# a writer appending anyway renews in one command what the runner's keeper renews in three.
+# KEYS: stream, chunks, lease. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch seconds;
+# 0 for none), lease_ms (0: the lease is left alone), field/value pairs..., deltas... Returns ok, closed, taken,
+# conflict or late. The expected length makes a retry safe: a call whose reply was lost may still have run (even after a
+# later, longer retry was sent), so deltas already in the list are skipped and only the rest is pushed. The deadline is
+# when its sender stops waiting for the reply: a call Redis runs later (it was paused, or the call sat in a partitioned
+# link) is refused, so an append its writer counts as unwritten never lands behind the writer's back. With lease_ms, the
+# append renews the attempt's lease as RENEW would (taking it back if it ran out while the stream stayed this
+# attempt's): a writer appending anyway renews in one command what the runner's keeper renews in three.
 APPEND = (
     _OWNERSHIP
     + _DEADLINE
