@@ -302,6 +302,41 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     client.close()
 
 
+def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(private_redis):
+    """A pass's poll records its frame; Redis then stops answering before the pass's write for a replica, so the
+    frame does not go out; the next pass's poll fails too. When Redis is back, the first record is undone, not only
+    the second pass's (seen in the campaign: only the latest undo per stream was kept, the first record stood, and
+    the next holder's rest began after text the bubble never showed)."""
+    client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
+    store, outbox, streams = tracked_stream(client, lease_seconds=30)
+    connection = _Connection()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection, valid_seconds=0.5)
+    streams.show("s1", "The first words")
+    pump.open("req-1", "s1", streams.poll("s1"))
+    connection.acks.pop()({"errcode": 0})
+    streams.show("s1", "The first words, and more")
+    pump.ledger.dead("another")  # an ack noted earlier, for the pass's write to carry
+    real_flush = pump.ledger.flush
+
+    def flush_in_a_pause(*args, **kwargs):
+        private_redis.pause()  # after the pass's poll recorded its frame
+        pump.ledger.flush = real_flush
+        return real_flush(*args, **kwargs)
+
+    pump.ledger.flush = flush_in_a_pause
+    try:
+        pump.pump()  # recorded, then its write fails: the frame does not go out
+        assert store.client is client and connection.acks == []
+        pump.pump()  # the next pass's poll fails (and Redis refuses it as late when it resumes)
+    finally:
+        time.sleep(0.8)  # past the records' deadline
+        private_redis.resume()
+    pump.flush_acks()
+    assert connection.acks == []
+    assert shown_of(store.meta("s1"))[0] == "The first words"
+    client.close()
+
+
 def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(private_redis):
     """A record of frames carries a deadline, the Redis socket timeout: one whose reply never came (Redis paused
     with it in its socket) is refused when Redis runs it, so it cannot land after a newer record (seen on Sentinel in

@@ -41,7 +41,8 @@ class AckLedger:
         self.open_key = open_key  # the bot's open set (outbox.py)
         self._fields: dict[str, dict[str, str]] = {}
         self._delivered: set[str] = set()
-        self._unsent: dict[str, tuple[str, int]] = {}  # stream id -> (the record's token, what the bubble shows)
+        # stream id -> {the token of a record to undo: what the bubble shows}: every pass whose record may stand
+        self._unsent: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def refused(self, stream_id: str, shows: int, dead: bool) -> None:
@@ -60,9 +61,12 @@ class AckLedger:
 
     def unsent(self, stream_id: str, token: str, shows: int) -> None:
         """The frame recorded as about to go out under `token` never went out (or the record's reply was lost, so
-        it may yet land): unless a later record replaced it, the bubble shows `shows` bytes of the stream's text."""
+        it may yet land): unless a later record replaced it, the bubble shows `shows` bytes of the stream's text.
+        Each pass's is kept until written, not only the latest: a pass whose record landed and whose frame then did
+        not go out (its write for a replica failed), followed by a pass whose poll failed, left the first record
+        standing when only the second was undone (seen in the campaign: the rest skipped what it recorded)."""
         with self._lock:
-            self._unsent[stream_id] = (token, shows)
+            self._unsent.setdefault(stream_id, {})[token] = shows
 
     def _note(self, stream_id: str, fields: dict[str, str]) -> None:
         with self._lock:
@@ -99,7 +103,8 @@ class AckLedger:
                 for stream_id, values in fields.items():
                     self._fields[stream_id] = {**values, **self._fields.get(stream_id, {})}
                 self._delivered |= delivered
-                self._unsent = {**unsent, **self._unsent}
+                for stream_id, undos in unsent.items():
+                    self._unsent[stream_id] = {**undos, **self._unsent.get(stream_id, {})}
             raise
 
     def record(self, riding: dict[str, dict[str, str]]) -> None:
@@ -116,7 +121,7 @@ class AckLedger:
         self,
         fields: dict[str, dict[str, str]],
         delivered: set[str],
-        unsent: dict[str, tuple[str, int]],
+        unsent: dict[str, dict[str, int]],
         riding: dict[str, dict[str, str]],
         confirm: Collection[str] = (),
         token: str = "",
@@ -125,10 +130,11 @@ class AckLedger:
         for stream_id, values in riding.items():
             records[stream_id] = {**records.get(stream_id, {}), **values}
         groups: dict[object, tuple[str, list[tuple]]] = defaultdict(lambda: ("", []))
-        for stream_id, (undone, shows) in unsent.items():
+        for stream_id, undos in unsent.items():
             key = self.keys.stream(stream_id)
-            restore = ("ws_shows", str(shows), "ws_sent_final", "")
-            self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, undone, *restore))
+            for undone, shows in undos.items():  # at most one is the record that stands
+                restore = ("ws_shows", str(shows), "ws_sent_final", "")
+                self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, undone, *restore))
         deadline = f"{self.deadline():.3f}"
         for stream_id, values in records.items():
             key = self.keys.stream(stream_id)

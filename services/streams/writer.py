@@ -164,9 +164,9 @@ class StreamWriter:
             fields, self._fields = self._fields, {}
             deadline = self.batcher.deadline() if self.deadlines else 0.0
             lease_ms = self.store.lease_ms if self.lease is not None and self.lease.due() else 0
-            request = AppendRequest(self.stream_id, self.attempt, deltas, self.written, fields, deadline, lease_ms)
-            request.taken_at = self._taken_at
-            return request
+            return AppendRequest(
+                self.stream_id, self.attempt, deltas, self.written, fields, deadline, lease_ms, self._taken_at
+            )
 
     def settle(self, request: AppendRequest, outcome: str | BaseException) -> bool:
         """Record an append's outcome; True if this writer has more to send right away."""
