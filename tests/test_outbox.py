@@ -302,11 +302,9 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     client.close()
 
 
-def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(private_redis):
-    """A pass's poll records its frame; Redis then stops answering before the pass's write for a replica, so the
-    frame does not go out; the next pass's poll fails too. When Redis is back, the first record is undone, not only
-    the second pass's (seen in the campaign: only the latest undo per stream was kept, the first record stood, and
-    the next holder's rest began after text the bubble never showed)."""
+def growing_past_a_first_frame(private_redis) -> tuple[redis.Redis, StreamStore, _Connection, ReplyPump]:
+    """Stream s1 on a private Redis (a socket timeout of 0.5 s), answered by a pump whose records carry that deadline:
+    its first frame, "The first words", acknowledged, and the stream grown past it since."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
     store, outbox, streams = tracked_stream(client, lease_seconds=30)
     connection = _Connection()
@@ -315,6 +313,15 @@ def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(p
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})
     streams.show("s1", "The first words, and more")
+    return client, store, connection, pump
+
+
+def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(private_redis):
+    """A pass's poll records its frame; Redis then stops answering before the pass's write for a replica, so the
+    frame does not go out; the next pass's poll fails too. When Redis is back, the first record is undone, not only
+    the second pass's (seen in the campaign: only the latest undo per stream was kept, the first record stood, and
+    the next holder's rest began after text the bubble never showed)."""
+    client, store, connection, pump = growing_past_a_first_frame(private_redis)
     pump.ledger.dead("another")  # an ack noted earlier, for the pass's write to carry
     real_flush = pump.ledger.flush
 
@@ -342,14 +349,7 @@ def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(p
     with it in its socket) is refused when Redis runs it, so it cannot land after a newer record (seen on Sentinel in
     the 10-minute campaign: a record from before a pause, run after the record of the frame that followed, made the
     next holder send two sentences again)."""
-    client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
-    store, outbox, streams = tracked_stream(client, lease_seconds=30)
-    connection = _Connection()
-    pump = ReplyPump("bot", streams, outbox, lambda: connection, valid_seconds=0.5)
-    streams.show("s1", "The first words")
-    pump.open("req-1", "s1", streams.poll("s1"))
-    connection.acks.pop()({"errcode": 0})
-    streams.show("s1", "The first words, and more")
+    client, store, connection, pump = growing_past_a_first_frame(private_redis)
     private_redis.pause()
     try:
         pump.pump()  # the record times out: nothing goes out
