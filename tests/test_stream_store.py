@@ -205,6 +205,21 @@ def test_replace_resets_the_text(store):
     assert store.chunks("s1") == ["[moderated]", " more"]
 
 
+def test_a_finished_stream_s_keys_stay_at_least_the_ttl_and_a_quick_finish_renews_nothing(store, redis_client):
+    for stream_id, msgid, age in (("quick", "m-quick", 0), ("slow", "m-slow", TTL // 10 + 1)):
+        open_stream(store, stream_id, msgid)
+        store.append(stream_id, "A", ["text"], 0)
+        if age:  # opened that long ago
+            redis_client.hincrbyfloat(f"dify_stream:{{{stream_id}}}", "created_at", -age)
+            for key in (f"dify_stream:{{{stream_id}}}", f"dify_stream:{{{stream_id}}}:chunks"):
+                redis_client.expire(key, store.open_ttl - age)
+        assert store.finish(stream_id, "A", "done") is not None
+    for suffix in ("", ":chunks"):
+        quick, slow = (redis_client.ttl(f"dify_stream:{{{s}}}{suffix}") for s in ("quick", "slow"))
+        assert TTL < quick <= store.open_ttl  # given at the open, left as it was
+        assert TTL - 5 < slow <= TTL  # past a tenth of the TTL: renewed by the finish
+
+
 def test_finish_records_the_final_state_and_leaves_the_lease_to_run_out(store, redis_client):
     open_stream(store)
     store.append("s1", "A", ["done text"], 0)

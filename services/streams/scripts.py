@@ -163,10 +163,12 @@ return 'ok'
 # reply was lost (a timeout while Redis was paused: it runs what it had buffered when it resumes) gets the same
 # answer again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. The
 # lease is left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is
-# active), and deleting it cost two commands a message.
+# active), and deleting it cost two commands a message. The stream and its chunks were given a tenth more than the
+# ttl when they began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are
+# (at least the ttl still): two commands fewer for most answers.
 FINISH = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error',
-                     'finish_id')
+                     'finish_id', 'created_at')
 if h[2] ~= ARGV[1] then return 0 end
 if h[1] == 'expired' and h[6] == 'owner_lost' then return 2 end
 if h[1] ~= 'pending' and h[1] ~= 'streaming' then
@@ -181,7 +183,9 @@ if images > 0 then
   redis.call('RPUSH', KEYS[3], unpack(ARGV, 9, 8 + images))
   redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
-for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+if tonumber(ARGV[3]) - (tonumber(h[8]) or 0) > tonumber(ARGV[4]) / 10 then
+  for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
 return {1, h[4] or '', h[5] or '', h[3] or ''}
 """

@@ -116,7 +116,10 @@ class StreamStore:
         self.durable = durable or Replication(client)
         self.client = client
         self.keys = keys
-        self.key_ttl = key_ttl
+        self.key_ttl = key_ttl  # how long a final stream's keys stay, at least, after its finish
+        # Given at its open (and to its chunks list when it starts): a tenth more, so that a finish within that tenth
+        # of the open (most answers) still leaves key_ttl and need not renew the TTLs (scripts.FINISH).
+        self.open_ttl = key_ttl + key_ttl // 10
         self.lease_ms = lease_seconds * 1000
         # A lease found missing is taken over only this much later (scripts.POLL): time for a living owner to take
         # it back after a Redis pause or failover. 0 takes over at once.
@@ -160,7 +163,7 @@ class StreamStore:
         """Create a pending stream owned by its first attempt `owner`, with its lease (not yet claimed for a msgid
         nor admitted)."""
         k = self.keys
-        args = [owner, script_now(), self.key_ttl, self.lease_ms, k.inflight(aibotid, userid), *_pairs(fields)]
+        args = [owner, script_now(), self.open_ttl, self.lease_ms, k.inflight(aibotid, userid), *_pairs(fields)]
         self._open(keys=[k.stream(stream_id), k.stream_lease(stream_id)], args=args)
 
     def claim_msgid(self, msgid: str, stream_id: str) -> str:
@@ -232,7 +235,7 @@ class StreamStore:
                 self._append_keys(r.stream_id),
                 [
                     r.owner,
-                    self.key_ttl,
+                    self.open_ttl,
                     now,
                     r.written,
                     len(r.fields),
@@ -257,7 +260,7 @@ class StreamStore:
 
     def replace(self, stream_id: str, owner: str, answer: str) -> str:
         """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""
-        args = [owner, self.key_ttl, script_now(), answer]
+        args = [owner, self.open_ttl, script_now(), answer]
         return self._replace(keys=[self.keys.stream(stream_id), self.keys.stream_chunks(stream_id)], args=args)
 
     def finish(
@@ -270,7 +273,7 @@ class StreamStore:
         feedback: dict[str, str] | None = None,
         finish_id: str = "",
     ) -> Finished | None:
-        """Move an active stream to a final status and drop the lease; with it, keep the reply `images`
+        """Move an active stream to a final status (its lease is left to run out); with it, keep the reply `images`
         ({base64, md5}) for the final poll and map the stream (its feedback id) to `feedback` ({message_id, user}:
         the Dify message a rating of this answer goes to). The caller then frees the user's in-flight slot
         (`Finished.inflight_key`).
