@@ -169,11 +169,13 @@ def healthz():
 
 
 def readyz():
-    """Readiness: 200 only when Redis and (with a bot of AUTH_MODE=external) the user table answer; 503 names what
-    failed. The body lists each bot: one bot's Dify being down makes no replica unready for the others."""
+    """Readiness: 200 only when Redis (7.0 or later) and (with a bot of AUTH_MODE=external) the user table answer; 503
+    names what failed. The body lists each bot: one bot's Dify being down makes no replica unready for the others."""
     failed = {}
     try:
         gateway().redis.ping()
+        if problem := gateway().redis_refuses():
+            failed["redis"] = problem
     except REDIS_FAILURES as exc:
         failed["redis"] = type(exc).__name__
     metrics.DEPENDENCY_UP.labels("redis").set(0 if "redis" in failed else 1)

@@ -51,7 +51,7 @@ from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.push.api import PushApi
 from services.push.pushes import BotPushes
-from services.redis_conn import REDIS_FAILURES, connect_redis
+from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
 from services.replication import Replication
 from services.streams.bubble import BubbleRenderer
@@ -132,6 +132,7 @@ class Gateway:
     files: FileServer  # serves the signed links to the files Dify makes, for every bot
     push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
     started: bool = False  # start() ran: this is a serving process
+    redis_problem: str | None = None  # why Redis cannot serve us ('' for nothing; None until Redis said: redis_refuses)
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -145,6 +146,17 @@ class Gateway:
             name = DEFAULT_BOT
         return self.bots[name]
 
+    def redis_refuses(self) -> str:
+        """Why the Redis we were given cannot serve the gateway ('' when it can: redis_conn.version_problem), asked
+        until every server answered once. One that does not answer now (a Cluster's replica down) is no reason: a
+        PING says whether Redis serves."""
+        if self.redis_problem is None:
+            try:
+                self.redis_problem = version_problem(self.redis)
+            except REDIS_FAILURES:
+                return ""
+        return self.redis_problem
+
     def start(self) -> None:
         """Start the background work of a serving process: each long-connection bot's answer consumer (first: the
         holder queues into it) and connection holder; each callback bot's sweep of the response_url posts whose
@@ -154,6 +166,8 @@ class Gateway:
         self.started = True
         try:
             self.redis.ping()
+            if problem := self.redis_refuses():
+                logger.error("%s (REDIS_URL); GET /readyz says 503", problem)
         except REDIS_FAILURES as exc:  # one line now, rather than a silence that only /readyz explains
             logger.warning(
                 "Redis (REDIS_URL) does not answer: %s. Until it does, polls get 503, new messages a note asking to "

@@ -33,6 +33,46 @@ from services.redis_url import CLUSTER, EMBEDDED, SENTINEL, parse_redis_url
 REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 
 
+# The oldest Redis the gateway runs on: a message's id is claimed with `SET ... NX GET`, which 6.x refuses.
+OLDEST_REDIS = (7, 0)
+
+
+def version_problem(client: redis.Redis) -> str:
+    """Why the Redis behind `client` cannot serve the gateway, in one line; '' when it can, or when it does not
+    say (a proxy that refuses INFO, a version it does not spell as Redis does). On a Cluster, every node its slot map
+    lists is asked (one left at 6.x by an upgrade refuses the messages whose ids hash to it).
+
+    Raises:
+        redis.RedisError: Redis did not answer.
+    """
+    every_node = {"target_nodes": RedisCluster.ALL_NODES} if isinstance(client, RedisCluster) else {}
+    try:
+        info = client.info("server", **every_node)
+    except redis.ResponseError:
+        return ""
+    servers = [info] if "redis_version" in info else [each for each in info.values() if isinstance(each, dict)]
+    too_old = [
+        version
+        for version in (server.get("redis_version", "") for server in servers)
+        if _release(version) < OLDEST_REDIS
+    ]
+    if not too_old:
+        return ""
+    return (
+        f"Redis {min(too_old, key=_release)} is older than {'.'.join(map(str, OLDEST_REDIS))}, which the gateway "
+        "needs (a message's id is claimed with SET NX GET): every new message would get the note asking to resend"
+    )
+
+
+def _release(version: str) -> tuple[int, int]:
+    """'6.2.14' -> (6, 2); one it cannot read counts as new enough (refusing a server on a guess is worse)."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return OLDEST_REDIS
+
+
 class _DroppedConnectionRetry(Retry):
     """Retries a dropped connection a couple of times, never a timeout; but a timed-out command's connection is
     closed too (the failure handler redis-py passes in closes it), for its reply may still come, and the next

@@ -226,6 +226,14 @@ def test_readiness_names_redis_when_it_is_down(make_app):
     assert "redis" in body["failed"]
 
 
+def test_readiness_names_a_redis_too_old_for_the_gateway(make_app):
+    app = make_app()
+    app.extensions["gateway"].redis_problem = "Redis 6.2.14 is older than 7.0, which the gateway needs"
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["failed"]["redis"].startswith("Redis 6.2.14 is older than 7.0")
+
+
 def test_feedback_and_unknown_events_get_an_empty_reply(client, sim):
     for event in ("feedback_event", "some_future_event"):
         response = post(client, *sim.envelope(sim.event_message(event, {"id": "f1", "type": 1})))

@@ -1,5 +1,5 @@
 """HotPathConnections against the real Redis: reuse, one connection per concurrent caller, reconnecting, timeouts,
-closing."""
+closing; and the check of the server's version."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import threading
 import pytest
 import redis
 
-from services.redis_conn import HotPathConnections, connect_redis
+from services import redis_conn
+from services.redis_conn import HotPathConnections, connect_redis, version_problem
 from tests.conftest import wait_until
 
 
@@ -112,3 +113,44 @@ def test_a_stale_port_file_never_attaches_to_another_server(tmp_path, private_re
     assert private_redis.client().get("demo-key") is None  # a store of its own, not the server on that port
     other = connect_redis("memory://", instance_path=tmp_path)  # a second process of this checkout attaches
     assert other.get("demo-key") == "1"
+
+
+def test_the_real_redis_is_new_enough_and_its_version_is_read(client, monkeypatch):
+    assert version_problem(client) == ""
+    monkeypatch.setattr(redis_conn, "OLDEST_REDIS", (99, 0))  # as if it were too old
+    assert version_problem(client).startswith(f"Redis {client.info('server')['redis_version']} is older than 99.0")
+
+
+class _Answers:
+    """What INFO answers (pure logic: the reading of it)."""
+
+    def __init__(self, info):
+        self._info = info
+
+    def info(self, section):
+        if isinstance(self._info, Exception):
+            raise self._info
+        return self._info
+
+
+@pytest.mark.parametrize(
+    ("info", "refused"),
+    [
+        ({"redis_version": "6.2.14"}, "6.2.14"),
+        ({"redis_version": "7.0.15"}, ""),
+        ({"redis_version": "7.2.4"}, ""),
+        ({"redis_version": "8.0.0"}, ""),
+        ({"n1:7000": {"redis_version": "7.2.4"}, "n2:7001": {"redis_version": "6.0.9"}}, "6.0.9"),  # a Cluster's
+        ({"n1:7000": {"redis_version": "7.2.4"}, "n2:7001": {"redis_version": "7.0.0"}}, ""),
+        ({"redis_version": "unknown"}, ""),  # not spelled as Redis does: not refused on a guess
+        ({}, ""),
+        (redis.ResponseError("unknown command 'info'"), ""),  # a proxy, or the demo's embedded store
+    ],
+)
+def test_a_redis_older_than_7_0_is_named_in_one_line(info, refused):
+    problem = version_problem(_Answers(info))
+    if not refused:
+        assert problem == ""
+    else:
+        assert problem.startswith(f"Redis {refused} is older than 7.0")
+        assert "SET NX GET" in problem and "\n" not in problem

@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from demo import dify_standin as d
+from services import redis_conn
+from services.redis_conn import connect_redis
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, SENTINEL_PASSWORD, make_simulator, wait_idle, wait_until
 
@@ -97,6 +99,39 @@ def test_operator_commands_and_readiness(topology, on_topology, dify):
     assert purged.startswith("deleted ")
     assert conversation.stream_id not in runner.invoke(args=["streams", "list"]).output
     assert live.app.test_client().get("/readyz").status_code == 200
+    assert live.app.extensions["gateway"].redis_problem == ""  # new enough
+
+
+def test_a_cluster_replica_down_does_not_make_a_replica_unready_for_the_version_check(redis_cluster, make_app):
+    probe = connect_redis(redis_cluster.url)
+    replica = next(node for node in redis_cluster.nodes if node.port in {n.port for n in probe.get_replicas()})
+    probe.close()
+    replica.kill()
+    try:
+        app = make_app(redis_url=redis_cluster.url, redis_socket_timeout=0.5)
+        # PING answers: Redis serves. (Its version is asked again later: until the cluster marks the node failed,
+        # a few seconds, the slot map lists it and its INFO fails.)
+        assert app.test_client().get("/readyz").status_code == 200
+    finally:
+        redis_cluster.restart(replica)
+    assert app.test_client().get("/readyz").status_code == 200
+    assert app.extensions["gateway"].redis_problem == ""
+
+
+def test_the_version_check_asks_every_node_of_a_cluster(redis_cluster, monkeypatch):
+    def info_calls(node) -> int:
+        return node.client().info("commandstats").get("cmdstat_info", {}).get("calls", 0)
+
+    client = connect_redis(redis_cluster.url)
+    listed = [node for node in redis_cluster.nodes if node.port in {n.port for n in client.get_nodes()}]
+    assert len(listed) >= 3  # the masters, and the replicas the slot map lists (one just restarted may not be yet)
+    before = [info_calls(node) for node in listed]
+    monkeypatch.setattr(redis_conn, "OLDEST_REDIS", (99, 0))  # as if the nodes were too old
+    problem = redis_conn.version_problem(client)
+    assert problem.startswith("Redis 7.") and "is older than 99.0" in problem
+    after = [info_calls(node) for node in listed]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2] * len(listed)  # its INFO, and our count's
+    client.close()
 
 
 def planned_failover(topology: str, server) -> None:
