@@ -8,6 +8,7 @@ process (every `flask` command, the db-init Job) never takes a bot's connection 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,10 @@ class Bot:
         self.streams.poll_path.close()
 
 
+# How often a Redis that did not say its version (a node down) is asked again (Gateway.redis_refuses).
+VERSION_ASKED_EVERY_SECONDS = 60.0
+
+
 @dataclass
 class Gateway:
     """Everything one app instance serves with; reached from Flask as `app.extensions["gateway"]`. What the bots
@@ -133,6 +138,7 @@ class Gateway:
     push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
     started: bool = False  # start() ran: this is a serving process
     redis_problem: str | None = None  # why Redis cannot serve us ('' for nothing; None until Redis said: redis_refuses)
+    redis_version_asked_at: float = -VERSION_ASKED_EVERY_SECONDS  # monotonic: when it was last asked in vain
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -149,11 +155,16 @@ class Gateway:
     def redis_refuses(self) -> str:
         """Why the Redis we were given cannot serve the gateway ('' when it can: redis_conn.version_problem), asked
         until every server answered once. One that does not answer now (a Cluster's replica down) is no reason: a
-        PING says whether Redis serves."""
+        PING says whether Redis serves; and it is asked again only a while later, so that a node whose calls time out
+        slows one readiness check a minute, never two in a row."""
         if self.redis_problem is None:
+            now = time.monotonic()
+            if now - self.redis_version_asked_at < VERSION_ASKED_EVERY_SECONDS:
+                return ""
             try:
                 self.redis_problem = version_problem(self.redis)
             except REDIS_FAILURES:
+                self.redis_version_asked_at = now
                 return ""
         return self.redis_problem
 
