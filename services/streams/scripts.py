@@ -183,7 +183,7 @@ if images > 0 then
   redis.call('RPUSH', KEYS[3], unpack(ARGV, 9, 8 + images))
   redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
-if tonumber(ARGV[3]) - (tonumber(h[8]) or 0) > tonumber(ARGV[4]) / 10 then
+if tonumber(ARGV[3]) - (tonumber(h[8]) or 0) > math.floor(tonumber(ARGV[4]) / 10) then
   for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
