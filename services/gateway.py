@@ -137,8 +137,8 @@ class Gateway:
     files: FileServer  # serves the signed links to the files Dify makes, for every bot
     push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
     started: bool = False  # start() ran: this is a serving process
-    redis_problem: str | None = None  # why Redis cannot serve us ('' for nothing; None until Redis said: redis_refuses)
-    redis_version_asked_at: float = -VERSION_ASKED_EVERY_SECONDS  # monotonic: when it was last asked in vain
+    redis_problem: str | None = None  # why Redis cannot serve us ('': nothing, for good; None: not known yet)
+    redis_version_asked_at: float = -VERSION_ASKED_EVERY_SECONDS  # monotonic: when it was last asked (redis_refuses)
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -153,20 +153,20 @@ class Gateway:
         return self.bots[name]
 
     def redis_refuses(self) -> str:
-        """Why the Redis we were given cannot serve the gateway ('' when it can: redis_conn.version_problem), asked
-        until every server answered once. One that does not answer now (a Cluster's replica down) is no reason: a
-        PING says whether Redis serves; and it is asked again only a while later, so that a node whose calls time out
-        slows one readiness check a minute, never two in a row."""
-        if self.redis_problem is None:
-            now = time.monotonic()
-            if now - self.redis_version_asked_at < VERSION_ASKED_EVERY_SECONDS:
-                return ""
-            try:
-                self.redis_problem = version_problem(self.redis)
-            except REDIS_FAILURES:
-                self.redis_version_asked_at = now
-                return ""
-        return self.redis_problem
+        """Why the Redis we were given cannot serve the gateway ('' when it can: redis_conn.version_problem). Once
+        every server said it can, for good; until then asked at most once a minute: a Redis too old is asked again
+        (it may be upgraded in place: this replica is then ready without a restart), and one that does not answer
+        (a Cluster's replica down) is no reason to be unready (a PING says whether Redis serves), while a node whose
+        calls time out slows one readiness check a minute, never the two in a row that make a pod unready."""
+        now = time.monotonic()
+        if self.redis_problem == "" or now - self.redis_version_asked_at < VERSION_ASKED_EVERY_SECONDS:
+            return self.redis_problem or ""
+        self.redis_version_asked_at = now
+        try:
+            self.redis_problem = version_problem(self.redis)
+        except REDIS_FAILURES:
+            pass  # what it was: not known yet, or too old when last asked
+        return self.redis_problem or ""
 
     def start(self) -> None:
         """Start the background work of a serving process: each long-connection bot's answer consumer (first: the

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from werkzeug.test import EnvironBuilder
 
+from services.gateway import VERSION_ASKED_EVERY_SECONDS
 from services.texts import CATALOGUE
 from services.wecom.crypto import WeComCrypto, pad32
 from tests.conftest import AES_KEY, TOKEN, make_simulator
@@ -226,12 +227,16 @@ def test_readiness_names_redis_when_it_is_down(make_app):
     assert "redis" in body["failed"]
 
 
-def test_readiness_names_a_redis_too_old_for_the_gateway(make_app):
+def test_readiness_names_a_redis_too_old_for_the_gateway_until_it_is_upgraded(make_app):
     app = make_app()
-    app.extensions["gateway"].redis_problem = "Redis 6.2.14 is older than 7.0, which the gateway needs"
+    gateway = app.extensions["gateway"]
+    gateway.redis_problem = "Redis 6.2.14 is older than 7.0, which the gateway needs"  # as the last ask found
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.get_json()["failed"]["redis"].startswith("Redis 6.2.14 is older than 7.0")
+    gateway.redis_version_asked_at -= VERSION_ASKED_EVERY_SECONDS  # a minute later, the server (7.0) asked again
+    assert app.test_client().get("/readyz").status_code == 200
+    assert gateway.redis_problem == ""
 
 
 def test_feedback_and_unknown_events_get_an_empty_reply(client, sim):
