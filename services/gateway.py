@@ -164,8 +164,8 @@ class Gateway:
         self.redis_version_asked_at = now
         try:
             self.redis_problem = version_problem(self.redis)
-        except REDIS_FAILURES:
-            pass  # what it was: not known yet, or too old when last asked
+        except REDIS_FAILURES as exc:  # it stays what it was: not known yet, or too old when last asked
+            logger.info("could not ask every Redis server its version (%s); asking again in a minute", exc)
         return self.redis_problem or ""
 
     def start(self) -> None:
