@@ -272,10 +272,15 @@ class PrivateRedisCluster:
         _wait(self.healthy, 30, "the cluster did not become healthy")
         return self
 
+    def whole(self) -> bool:
+        """Every running node sees every slot served (`cluster_state:ok`): until then, one that does not answers
+        every command with CLUSTERDOWN, whichever slot it is for."""
+        running = [node for node in self.nodes if node.running]
+        return all(node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok" for node in running)
+
     def healthy(self) -> bool:
-        for node in self.nodes:
-            if node.running and node.client().execute_command("CLUSTER INFO")["cluster_state"] != "ok":
-                return False
+        if not self.whole():
+            return False
         client = self.client()
         try:
             replicas = client.get_replicas()
@@ -308,7 +313,9 @@ class PrivateRedisCluster:
         return master
 
     def wait_for_failover(self, key: str, old: PrivateRedisServer, timeout: float = 30) -> PrivateRedisServer:
-        """Wait until another node holds `key`'s slot as a master and takes writes there."""
+        """Wait until another node holds `key`'s slot as a master and takes writes there, and every running node
+        knows the cluster is whole again (a node that still counts the slot as lost refuses the commands for its own
+        slots too: a message's admission, in another shard, failed so after the failover had been waited for)."""
 
         def moved() -> bool:
             client = self.client()
@@ -318,6 +325,7 @@ class PrivateRedisCluster:
                 client.close()
 
         _wait(moved, timeout, "no failover")
+        _wait(self.whole, timeout, "the cluster did not become whole after its failover")
         return self.node_of(key)
 
     def restart(self, node: PrivateRedisServer) -> None:
