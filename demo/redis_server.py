@@ -10,6 +10,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import redis
@@ -40,10 +42,12 @@ class PrivateRedisServer:
         directory: Path | None = None,
         extra: tuple[str, ...] = (),
         binary: str = "redis-server",
-        port: int | None = None,
+        choose_port: Callable[[], int] = free_port,
         persistent: bool = False,
     ):
-        self.port = port or free_port()
+        self._choose_port = choose_port
+        self.port = choose_port()
+        self._started = False  # once started, it keeps its port: its peers know it by that
         self.persistent = persistent
         self.extra = extra
         self.binary = binary
@@ -59,18 +63,37 @@ class PrivateRedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_connect_timeout=0.2)
 
     def start(self) -> PrivateRedisServer:
-        self.dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
+        """Run it. A port chosen free is only known to be free until it is let go, and another process (a parallel
+        test worker's server) may take it first: then our server exits at once (or, a node of a Cluster, when its
+        bus port was taken), and a server starting for the first time tries another port. (A Cluster once failed
+        to form so in a fresh-clone CI run: a sixth node's port answered, but not from the node.)"""
+        for _ in range(5):
+            self.dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
+            self.process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait(self._answered_or_gone, 10, f"{self.binary} did not start on port {self.port}")
+            if self.running:
+                self._started = True
+                return self
+            if self._started:
+                break
+            self.port = self._choose_port()
+        raise RuntimeError(f"{self.binary} could not listen on port {self.port}: another process holds it")
+
+    def _command(self) -> list[str]:
         binary = shutil.which(self.binary) or f"/usr/bin/{self.binary}"
         command = [binary, *self.extra, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         if self.binary == "redis-server" and "--sentinel" not in self.extra:
             # a replica's first sync starts at once (not after the default 5 s wait for others)
             command += ["--save", "", "--repl-diskless-sync-delay", "0"]
             command += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        _wait(client.ping, 10, f"{self.binary} did not start on port {self.port}")
-        client.close()
-        return self
+        return command
+
+    def _answered_or_gone(self) -> bool:
+        """Our process answers on the port (not another one that holds it), or it has exited."""
+        if self.process.poll() is not None:
+            return True
+        with closing(self.client()) as client:
+            return int(client.info("server")["process_id"]) == self.process.pid
 
     @property
     def running(self) -> bool:
@@ -252,7 +275,7 @@ class PrivateRedisCluster:
     def __init__(self, node_timeout_ms: int = 2000):
         self.root = Path(tempfile.mkdtemp(prefix="private-cluster-"))
         options = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms))
-        self.nodes = [PrivateRedisServer(self.root / f"node{i}", options, port=_cluster_port()) for i in range(6)]
+        self.nodes = [PrivateRedisServer(self.root / f"node{i}", options, choose_port=_cluster_port) for i in range(6)]
 
     @property
     def url(self) -> str:

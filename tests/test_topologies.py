@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from demo import dify_standin as d
+from demo.redis_server import PrivateRedisServer
+from demo.replicas import free_port
 from services import redis_conn
 from services.gateway import VERSION_ASKED_EVERY_SECONDS
 from services.redis_conn import connect_redis
@@ -250,3 +252,19 @@ def test_a_pipelined_script_call_follows_the_failover_of_the_clients_default_nod
     finally:
         client.close()
         redis_cluster.restart(killed)
+
+
+def test_a_private_server_whose_port_was_taken_meanwhile_starts_on_another(tmp_path):
+    """The tests' own servers choose free ports, which another worker's server may take before ours binds them (a
+    Cluster once failed to form so): ours then starts on another port, never trusting the server that answers."""
+    holder = PrivateRedisServer(tmp_path / "holder").start()
+    ports = iter([holder.port])
+    server = PrivateRedisServer(tmp_path / "ours", choose_port=lambda: next(ports, None) or free_port())
+    try:
+        assert server.port == holder.port
+        server.start()
+        assert server.port != holder.port
+        assert int(server.client().info("server")["process_id"]) == server.process.pid
+    finally:
+        server.stop()
+        holder.stop()
