@@ -298,8 +298,12 @@ class PrivateRedisCluster:
     def whole(self) -> bool:
         """Every running node sees every slot served (`cluster_state:ok`): until then, one that does not answers
         every command with CLUSTERDOWN, whichever slot it is for."""
-        running = [node for node in self.nodes if node.running]
-        return all(node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok" for node in running)
+        for node in self.nodes:
+            if node.running:
+                with closing(node.client()) as client:
+                    if client.execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                        return False
+        return True
 
     def healthy(self) -> bool:
         if not self.whole():
