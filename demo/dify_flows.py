@@ -1,12 +1,13 @@
-"""Dify apps as small graphs the stand-in runs the way a real Dify 1.14.2 does (demo/dify_runs.py has the run
-itself): the apps whose streams were captured (tests/fixtures/dify-1.14.2/apps), and any like them a test needs.
+"""Dify apps as small graphs the stand-in runs the way a real Dify 1.14.2 and 1.16.0 do (demo/dify_runs.py has the
+run itself): the apps whose streams were captured (tests/fixtures/dify-1.14.2/apps and dify-1.16.0/apps), and any
+like them a test needs.
 
 A graph is a chain of nodes after Start; an If/Else or a Human Input node chooses the chain that follows. Running
 it gives the stand-in's scenario steps, in the order Dify's engine publishes them (read off the captures):
 
 - an Answer's text (a workflow End's outputs, as `text_chunk`s joined by "\\n") streams as soon as the node before
-  it has its outputs: the Start node's before its own `node_started`, an HTTP node's or a form's before their
-  `node_finished`, an If/Else's after it; one `message` per literal part and per variable of the template;
+  it has its outputs: the Start node's before its own `node_started`, an HTTP node's, a form's or an If/Else's
+  before their `node_finished`; one `message` per literal part and per variable of the template;
 - the nodes' `node_started`/`node_finished` follow; a chatflow ends with `message_end`, then `workflow_finished`.
 """
 
@@ -55,7 +56,8 @@ class Wait:
 @dataclass(frozen=True)
 class Approval:
     """A Human Input node: the run pauses for its form; `then` is the chain after any action (`{{#<id>.<input>#}}`
-    and `{{#<id>.__action_id#}}` name what was submitted); `on_timeout` the chain when it expires unanswered."""
+    and `{{#<id>.__action_id#}}` name what was submitted); `on_timeout` the chain when it expires unanswered;
+    `service_api` False: a form Dify delivers only through its own channels (the Service API answers 404)."""
 
     id: str
     content: str
@@ -65,6 +67,7 @@ class Approval:
     on_timeout: tuple = ()
     title: str = "Approval"
     expires_in: float = 3600
+    service_api: bool = True
     type = "human-input"
 
 
@@ -98,13 +101,10 @@ class Flow:
         """A run's scenario steps, for the question `query` and the run's inputs; a file input's value is the
         stand-in's account of the file (its attributes: `{{#start.<input>.name#}}`, `.url`, …), as Dify reads a
         file variable's attributes."""
-        scope = {"sys.query": query, **{f"env.{k}": v for k, v in self.env.items()}}
+        runner = _Runner(self, {"sys.query": query, **{f"env.{k}": v for k, v in self.env.items()}})
         for name, value in (inputs or {}).items():
-            if isinstance(value, dict):
-                scope |= {f"start.{name}.{attribute}": str(v) for attribute, v in value.items()}
-            else:
-                scope[f"start.{name}"] = str(value)
-        return _Runner(self, scope).run()
+            runner._bind(f"start.{name}", value)
+        return runner.run()
 
 
 class _Runner:
@@ -112,6 +112,13 @@ class _Runner:
         self.flow = flow
         self.scope = scope
         self.streamed: set[str] = set()
+
+    def _bind(self, name: str, value) -> None:
+        """A variable's value in the template scope: a file's attributes (`<name>.name`, `.url`, …) or its text."""
+        if isinstance(value, dict):
+            self.scope |= {f"{name}.{attribute}": str(v) for attribute, v in value.items()}
+        else:
+            self.scope[name] = str(value)
 
     def run(self) -> list[tuple]:
         start = {"id": "start", "type": "start", "title": "Start"}
@@ -133,7 +140,8 @@ class _Runner:
                 steps += [_node_started(node), sleep(node.seconds), *self._lead(rest, node.id), _node_finished(node)]
             elif isinstance(node, Branch):
                 chosen = node.then if self.scope.get(node.variable) == node.value else node.otherwise
-                return [*steps, *_node_events(node), *self._lead(chosen, node.id), *self._chain(chosen)]
+                lead = self._lead(chosen, node.id)
+                return [*steps, _node_started(node), *lead, _node_finished(node), *self._chain(chosen)]
             elif isinstance(node, Approval):
                 return [*steps, self._form(node)]
         return steps + self._finish()
@@ -142,7 +150,8 @@ class _Runner:
         def then(chain: tuple) -> Callable[[str, dict], list[tuple]]:
             def after(action: str, values: dict) -> list[tuple]:
                 self.scope[f"{node.id}.__action_id"] = action
-                self.scope |= {f"{node.id}.{name}": str(value) for name, value in values.items()}
+                for name, value in values.items():
+                    self._bind(f"{node.id}.{name}", value)
                 return [*self._lead(chain, node.id), _node_finished(node), *self._chain(chain)]
 
             return after
@@ -155,6 +164,7 @@ class _Runner:
             "title": node.title,
             "node_id": node.id,
             "expires_in": node.expires_in,
+            "service_api": node.service_api,
             "then": then(node.then),
             "timeout": then(node.on_timeout) if node.on_timeout else None,
         }
@@ -259,6 +269,27 @@ def comment_input(default: str = "looks good") -> dict:
     }
 
 
+def select_field(name: str, options: list[str], variable: tuple[str, ...] = ()) -> dict:
+    """A form's select input as Dify 1.15+ describes it: its options a constant list, or (`variable`: the selector
+    of the run variable they come from) resolved by Dify from the run, as its events and form GET give them."""
+    source_type, selector = ("variable", list(variable)) if variable else ("constant", [])
+    source = {"type": source_type, "selector": selector, "value": list(options)}
+    return {"output_variable_name": name, "type": "select", "option_source": source}
+
+
+def file_field(name: str, *types: str, count: int = 0, extensions: tuple[str, ...] = ()) -> dict:
+    """A form's file input as Dify 1.15+ describes it: one file (`file`), or up to `count` (`file-list`), of Dify's
+    file types `types` (and, for `custom`, the `extensions`)."""
+    spec = {
+        "output_variable_name": name,
+        "allowed_file_types": list(types),
+        "allowed_file_extensions": list(extensions),
+        "allowed_file_upload_methods": ["local_file", "remote_url"],
+        "type": "file-list" if count else "file",
+    }
+    return spec | ({"number_limits": count} if count else {})
+
+
 APPROVE_REJECT = (("approve", "Approve", "primary"), ("reject", "Reject", "default"))
 REVIEW = "Please review the request: {{#sys.query#}}"
 INTRO = Answer("answer1", "You said: {{#sys.query#}}. Waiting for approval...", "Intro")
@@ -323,6 +354,26 @@ def hitl_workflow() -> Flow:
     content = "Approve workflow request: {{#start.req#}}"
     approval = Approval("approval", content, APPROVE_REJECT, (comment_input(),), then=(end,))
     return Flow("hitl-workflow", "workflow", (approval,), query_input="req")
+
+
+def hitl_select_file(expires_in: float = 3600, service_api: bool = True) -> Flow:
+    """Start → Human Input (a select `env` of constant options, a document `doc`, a paragraph `comment` with a
+    default) → Answer (`hitl-select-file.yml`, Dify 1.15+)."""
+    text = (
+        "AFTER-RESUME action={{#approval.__action_id#}} env={{#approval.env#}} doc={{#approval.doc.name#}} "
+        "comment={{#approval.comment#}}"
+    )
+    fields = (select_field("env", ["staging", "production"]), file_field("doc", "document"), comment_input())
+    approval = Approval(
+        "approval",
+        "Deploy request: {{#sys.query#}}",
+        APPROVE_REJECT,
+        fields,
+        then=(Answer("answer_ok", text, "Approved"),),
+        expires_in=expires_in,
+        service_api=service_api,
+    )
+    return Flow("hitl-select-file", "advanced-chat", (approval,))
 
 
 def slow_chatflow(seconds: float = 40.0) -> Flow:

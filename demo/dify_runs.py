@@ -1,5 +1,6 @@
-"""Chatflow and workflow runs in the Dify stand-in, as a real Dify 1.14.2 was measured to run them (the captures in
-tests/fixtures/dify-1.14.2; docs/protocol.md, "Dify versions"):
+"""Chatflow and workflow runs in the Dify stand-in, as a real Dify 1.14.2 and 1.16.0 were measured to run them (the
+captures in tests/fixtures/dify-1.14.2 and dify-1.16.0; docs/protocol.md, "Dify versions"; what differs between the
+two is demo/dify_versions.py's):
 
 - a run goes on without its first reader (it runs in Dify's worker, the API only relays its events);
 - only workflow events carry `workflow_run_id`; `message` events carry the message's ids;
@@ -7,11 +8,14 @@ tests/fixtures/dify-1.14.2; docs/protocol.md, "Dify versions"):
   interval); with `include_state_snapshot=true` it first rebuilds the run's past from what Dify saved: one
   `message_replace` with the answer saved at the last pause or end (`""` mid-run), the nodes run, and a pause's
   form with its raw template; a finished run gives its `workflow_finished` alone;
-- a run paused at a form goes on when the form is answered: `workflow_started` (reason `resumption`), the answer
-  streamed before the pause once more, the form node again, `human_input_form_filled`, the rest;
+- a run paused at a form goes on when the form is answered: `workflow_started` (reason `resumption`), (1.14.2) the
+  answer streamed before the pause once more, the form node again, (1.14.2) `human_input_form_filled`, the rest;
 - a chatflow's `message_end` comes before its `workflow_finished`, whose `outputs.answer` is the whole answer;
 - Dify's bug #38432 / #38525 (an Answer streamed before a pause: the answers after the resumption are never
-  streamed as `message` events) is reproduced while `answer_bug` is on, as 1.14.2 has it.
+  streamed as `message` events) is reproduced while `answer_bug` is on, as 1.14.2 has it;
+- `GET /workflows/run/{id}` answers Dify's record of the run (its status, and its outputs once it ended);
+- 1.16.0 only: a subscriber that closes cuts the run's plain listeners; once the first reader went away mid-run, later
+  listeners get only the run's text; a resumed workflow app ends `stopped` after streaming its outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 import uuid
 
 import orjson
+
+from demo.dify_versions import V1_14, DifyVersion
 
 CHATFLOW, WORKFLOW = "advanced-chat", "workflow"
 # The events that carry workflow_run_id (and, in a workflow app, the only ones there are).
@@ -52,11 +58,28 @@ WORKFLOW_EVENTS = frozenset(
 # Message events that name their message in `id` too.
 _WITH_ID = frozenset({"message", "message_end", "message_file", "agent_message", "agent_thought"})
 _FAILED = frozenset({"failed", "stopped"})
+_TEXT_EVENTS = frozenset({"message", "text_chunk"})
 PING = b"event: ping\n\n"
+CUT = object()  # put on a listener's queue: Dify drops its connection there (DifyVersion.closing_cuts_plain_listeners)
+# What Dify 1.16.0 says of a resumed workflow app it ends `stopped` (DifyVersion.resumed_workflow_stops): in the
+# stream, and in its record of the run.
+_STOPPED_LIVE = "Stopped by user."
+_STOPPED_RECORD = "Aborted: Client response stream closed before app execution completed"
 
 
 def frame(data: dict) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class Reader:
+    """One listener of a run's events (`GET /workflow/{run}/events`): its queue, and whether it asked for the
+    snapshot (Dify 1.16.0 cuts only the others when a subscriber closes)."""
+
+    __slots__ = ("queue", "snapshot")
+
+    def __init__(self, snapshot: bool):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.snapshot = snapshot
 
 
 class Run:
@@ -72,6 +95,7 @@ class Run:
         conversation_id: str = "",
         inputs: dict | None = None,
         answer_bug: bool = True,
+        version: DifyVersion = V1_14,
     ):
         self.id = run_id
         self.task_id = task_id
@@ -80,7 +104,8 @@ class Run:
         self.message_id = message_id
         self.conversation_id = conversation_id
         self.inputs = inputs or {}
-        self.answer_bug = answer_bug
+        self.version = version
+        self.answer_bug = answer_bug and version.answer_bug
         self.created_at = int(time.time())
         self.status = "running"  # running, paused, succeeded, failed, stopped
         self.started = False  # workflow_started was published
@@ -93,7 +118,11 @@ class Run:
         self.pause: dict | None = None  # the paused form's human_input_required data, with its raw template
         self.paused_node: dict | None = None  # the node it waits in
         self.finished: dict | None = None  # the workflow_finished event
-        self.readers: set[asyncio.Queue] = set()
+        self.kept_outputs: dict | None = None  # what Dify's record keeps of a run it streamed as stopped (1.16.0)
+        self.finished_at = 0
+        self.resumed = False  # went on after a form
+        self.first_reader_gone = False  # the first reader went away before the run ended
+        self.readers: set[Reader] = set()
         self.frames: list[bytes] = []  # everything published, for tests
 
     @property
@@ -125,6 +154,8 @@ class Run:
         would not stream it (a message after the resumption, with answer_bug)."""
         kind = payload["event"]
         body = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        if self._stops_when_resumed() and kind in ("node_started", "node_finished") and body.get("node_type") == "end":
+            return None  # 1.16.0 ends a resumed workflow before its End node
         if kind == "workflow_started":
             self.started, self.message_ended, self.status = True, False, "running"
             payload = {**payload, "data": self.started_data("initial") | body}
@@ -138,6 +169,8 @@ class Run:
             self.answer = str(payload.get("answer") or "")
         elif kind == "message_end":
             self.message_ended = True
+            if self.version.reasoning_metadata:
+                payload = {**payload, "metadata": {**(payload.get("metadata") or {}), "reasoning": {}}}
         elif kind == "node_started":
             self._node_started(body)
         elif kind == "node_finished":
@@ -159,9 +192,23 @@ class Run:
             self.finished = data
         encoded = frame(data)
         self.frames.append(encoded)
+        if self.version.orphan_relays_only_text and self.first_reader_gone and kind not in _TEXT_EVENTS:
+            return encoded  # 1.16.0: a run whose first reader went away relays only its text to later listeners
         for reader in list(self.readers):
-            reader.put_nowait(data)
+            reader.queue.put_nowait(data)
         return encoded
+
+    def subscriber_closed(self, closing: Reader | None = None) -> None:
+        """A subscriber of the run closed (`closing`, or the first reader's stream: None): Dify 1.16.0 then cuts
+        every other plain listener, after what it was sent already."""
+        if not self.version.closing_cuts_plain_listeners:
+            return
+        for reader in list(self.readers):
+            if reader is not closing and not reader.snapshot:
+                reader.queue.put_nowait(CUT)
+
+    def _stops_when_resumed(self) -> bool:
+        return self.version.resumed_workflow_stops and self.resumed and self.mode == WORKFLOW
 
     def _node_started(self, body: dict) -> None:
         node = {
@@ -188,22 +235,26 @@ class Run:
         """A run's end: what Dify saves (a chatflow's outputs.answer is its whole answer, streamed or not)."""
         self.status = str(body.get("status") or "succeeded")
         self.saved = self.answer
+        self.finished_at = int(time.time())
         outputs = dict(body.get("outputs") or {})
         if self.chatflow:
             outputs["answer"] = self.answer
             outputs.setdefault("files", [])
+        error = body.get("error")
+        if self._stops_when_resumed() and self.status == "succeeded":
+            self.status, self.kept_outputs, outputs, error = "stopped", outputs, {}, _STOPPED_LIVE
         body = {
             "id": self.id,
             "workflow_id": "stand-in-workflow",
             "status": self.status,
             "outputs": outputs,
-            "error": body.get("error"),
+            "error": error,
             "elapsed_time": body.get("elapsed_time", 0.1),
             "total_tokens": body.get("total_tokens", 0),
             "total_steps": len(self.nodes),
             "created_by": {"id": "end-user", "user": self.user},
             "created_at": self.created_at,
-            "finished_at": int(time.time()),
+            "finished_at": self.finished_at,
             "exceptions_count": 0,
             "files": [],
         }
@@ -219,17 +270,20 @@ class Run:
         return [started, required, {"event": "workflow_paused", "data": self._pause_data(form, saved=False)}]
 
     def resumption(self, form: dict, filled: dict) -> list[dict]:
-        """The events of a resumption after `form` was answered (or timed out: `filled` names the event): the run
-        starts again, streams its answer before the pause once more, and runs the form's node again."""
-        self.pause = None
+        """The events of a resumption after `form` was answered (or timed out: `filled` names the event, None when
+        this version sends none): the run starts again, (1.14.2) streams its answer before the pause once more, and
+        runs the form's node again."""
+        self.pause, self.resumed = None, True
         repeat = [
             {"event": "message", "answer": text, "from_variable_selector": selector, "repeat": True}
             for text, selector in self.streamed
         ]
+        if not self.version.repeats_answer_on_resume:
+            repeat = []
         self.muted = self.answer_bug and bool(self.streamed)
         started = {"event": "workflow_started", "data": self.started_data("resumption")}
         node = {"event": "node_started", "data": self._node_data(form["node"])}
-        return [started, *repeat, node, filled]
+        return [started, *repeat, node, *([filled] if filled else [])]
 
     def _node_data(self, node: dict) -> dict:
         return {
@@ -257,7 +311,7 @@ class Run:
     def _pause_data(self, form: dict, saved: bool) -> dict:
         reason = {"TYPE": "human_input_required", **form["event_data"]}
         outputs: dict = {}
-        if saved and self.chatflow:
+        if saved and self.chatflow and self.saved:  # an Answer ran before the pause
             outputs = {"answer": self.saved, "files": {"value_type": "array[file]", "value": []}}
         return {
             "workflow_run_id": self.id,
@@ -286,19 +340,43 @@ class Run:
             if node["status"] != "running":
                 events.append(self.tag({"event": "node_finished", "data": data | {"status": node["status"]}}))
         if self.status == "paused" and form is not None:
-            required = {**form["event_data"], "form_content": form["template"]}
+            required = dict(form["event_data"])
+            if self.version.raw_template_in_snapshot:
+                required["form_content"] = form["template"]
             events.append(self.tag({"event": "human_input_required", "data": required}))
             snapshot_form = {**form, "event_data": required}
             events.append(self.tag({"event": "workflow_paused", "data": self._pause_data(snapshot_form, saved=True)}))
         return events
 
     def finished_alone(self) -> dict:
-        """A finished run's one event for a late reader: workflow_finished, its task_id the run's id."""
+        """A finished run's one event for a late reader: workflow_finished, its task_id the run's id (and a run
+        streamed as stopped: the outputs its record keeps)."""
+        data = self.finished["data"]
+        if self.kept_outputs is not None:
+            data = {**data, "outputs": self.kept_outputs}
+        return {"event": "workflow_finished", "task_id": self.id, "workflow_run_id": self.id, "data": data}
+
+    def record(self) -> dict:
+        """Dify's record of the run (`GET /workflows/run/{id}`): its status, and its outputs once it ended."""
+        outputs: dict = {}
+        error = None
+        if self.finished is not None:
+            outputs = self.finished["data"]["outputs"] if self.kept_outputs is None else self.kept_outputs
+            error = self.finished["data"]["error"] if self.kept_outputs is None else _STOPPED_RECORD
+        elif self.status == "failed":
+            error = "run failed"
         return {
-            "event": "workflow_finished",
-            "task_id": self.id,
-            "workflow_run_id": self.id,
-            "data": self.finished["data"],
+            "id": self.id,
+            "workflow_id": "stand-in-workflow",
+            "status": self.status,
+            "inputs": self.inputs,
+            "outputs": outputs,
+            "error": error,
+            "total_steps": len(self.nodes),
+            "total_tokens": 0,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at or None,
+            "elapsed_time": max(0.0, (self.finished_at or time.time()) - self.created_at),
         }
 
     async def follow(
@@ -312,13 +390,13 @@ class Run:
         idle_timeout: float,
     ) -> None:
         """Serve one reader of the run's events, as Dify's relay does (module docstring)."""
-        await conn.start_stream(headers={"X-Accel-Buffering": "no", "X-Version": "1.14.2"})
+        await conn.start_stream(headers={"X-Accel-Buffering": "no", "X-Version": self.version.name})
         if self.ended and self.finished is not None:
             await conn.write_chunk(frame(self.finished_alone()))
             await conn.end_stream()
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        self.readers.add(queue)  # subscribed before the snapshot is built: nothing falls between the two
+        reader = Reader(snapshot)
+        self.readers.add(reader)  # subscribed before the snapshot is built: nothing falls between the two
         try:
             await conn.write_chunk(PING)
             if snapshot:
@@ -327,14 +405,15 @@ class Run:
                     if data["event"] == "workflow_paused" and not continue_on_pause:
                         await conn.end_stream()
                         return
-            await self._relay(conn, queue, snapshot, continue_on_pause, ping_interval, idle_timeout)
+            await self._relay(conn, reader.queue, snapshot, continue_on_pause, ping_interval, idle_timeout)
         finally:
-            self.readers.discard(queue)
+            self.readers.discard(reader)
+            self.subscriber_closed(reader)
 
     async def _relay(self, conn, queue, snapshot, continue_on_pause, ping_interval, idle_timeout) -> None:
         """The live part: a ping after every quiet interval; closes at a terminal event (without
         continue_on_pause: workflow_finished or workflow_paused; with it and a snapshot: workflow_finished; with it
-        alone: never), or after `idle_timeout` without an event."""
+        alone: never), or after `idle_timeout` without an event; cut, with no last chunk, where Dify cuts it."""
         quiet_since = time.monotonic()
         while True:
             try:
@@ -344,6 +423,9 @@ class Run:
                     break
                 await conn.write_chunk(PING)
                 continue
+            if data is CUT:
+                conn.abort()
+                return
             quiet_since = time.monotonic()
             await conn.write_chunk(frame(data))
             kind = data["event"]

@@ -2,8 +2,9 @@
 
 Each API key may be an app of its own type (`app_types`, else `mode`, default chat): `/info` names it, chat-like
 apps answer `/chat-messages`, workflow apps `/workflows/run`, completion apps `/completion-messages`. The runs of
-chatflow and workflow apps, their re-attaches (`/workflow/{run id}/events`) and their forms behave as a real Dify
-1.14.2 was measured to (demo/dify_runs.py; tests/test_dify_fidelity.py holds them to the captured streams).
+chatflow and workflow apps, their re-attaches (`/workflow/{run id}/events`), their records (`/workflows/run/{id}`) and
+their forms behave as a real Dify 1.14.2 or 1.16.0 was measured to (`version`, from DIFY_STANDIN_VERSION by default:
+demo/dify_versions.py; demo/dify_runs.py; tests/test_dify_fidelity.py holds each to its captured streams).
 
 Events go out as `data: {json}\\n\\n`, keep-alives as the bare `event: ping\\n\\n` frame, each write flushed as
 its own HTTP chunk. Tests script what the next request(s) get with `script([...steps])`: deltas, pings,
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import orjson
 
 from demo.dify_runs import CHATFLOW, PING, WORKFLOW, Run
+from demo.dify_versions import DifyVersion, standin_version
 from demo.http_server import Conn, Request, StandInServer
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -209,7 +211,11 @@ class DifyStandIn:
         tls: ssl.SSLContext | None = None,
         personas: dict[str, tuple[str, str]] | None = None,
         app_types: dict[str, str] | None = None,
+        version: str | DifyVersion | None = None,
     ):
+        # The Dify version played (demo/dify_versions.py); a test may set another, which reset() takes back.
+        self.started_version = version if isinstance(version, DifyVersion) else standin_version(version)
+        self.version = self.started_version
         self.api_key = api_key
         self.app_types = app_types or {}  # API key -> the app's mode, for keys other than `api_key`'s
         self.mode = "chat"  # the mode of `api_key`'s app (and of any key, without `api_key`)
@@ -236,6 +242,9 @@ class DifyStandIn:
         self.completed: set[str] = set()  # conversations Dify reports as ended
         self.messages: dict[str, str] = {}  # message id -> end-user
         self.uploads: dict[str, dict] = {}  # file id -> {name, mime_type, data, user}
+        self.blocked_extensions: set[str] = set()  # Dify's UPLOAD_FILE_EXTENSION_BLACKLIST (empty by default)
+        self.files_url = ""  # Dify's FILES_URL: "" writes links to its files relative, else on this address
+        self.record_reads: list[str] = []  # every GET /workflows/run/{id}: the run ids asked for
         self.feedbacks: list[tuple[str, dict]] = []
         self.files: dict[str, bytes] = {}  # served at /files/tools/<name> for message_file events
         self.previews: dict[str, tuple[bytes, str]] = {}  # served at /files/<id>/file-preview: knowledge-base files
@@ -281,6 +290,10 @@ class DifyStandIn:
                 self.app_types.pop(key, None)
             self.flows.clear()
             self.answer_bug = True
+            self.version = self.started_version
+            self.blocked_extensions = set()
+            self.files_url = ""
+            self.record_reads.clear()
             self.forms.clear()
             self.form_submissions.clear()
             self.suggestions = ["What else can you do?", "Tell me more", "Give an example"]
@@ -303,6 +316,12 @@ class DifyStandIn:
         name = f"{uuid.uuid4().hex}.{extension}"
         self.files[name] = data
         return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
+
+    def file_url(self, path: str, absolute: bool = False) -> str:
+        """A link to one of Dify's files as Dify writes it: relative while its FILES_URL is unset (`files_url`),
+        else on that address; `absolute`: on its own address when FILES_URL is unset (an upload's source_url)."""
+        base = self.files_url or (self.server.url if absolute else "")
+        return base.rstrip("/") + path
 
     def host_preview(self, data: bytes, mime: str = "image/png", file_id: str = "") -> str:
         """Serve a knowledge-base file (or an upload, under its own id) as Dify does and return the relative, signed
@@ -348,6 +367,8 @@ class DifyStandIn:
             await self._form(path.rsplit("/", 1)[-1], request, conn)
         elif request.method == "GET" and path.startswith("/v1/workflow/") and path.endswith("/events"):
             await self._reattach(path.split("/")[3], request, conn)
+        elif request.method == "GET" and path.startswith("/v1/workflows/run/") and path.count("/") == 4:
+            await self._record(path.rsplit("/", 1)[-1], mode, conn)
         elif request.method == "GET" and path == "/v1/parameters":
             flow = self.flows.get(key)
             declared = {"user_input_form": list(flow.start_inputs)} if flow is not None and flow.start_inputs else {}
@@ -470,6 +491,7 @@ class DifyStandIn:
             ids.get("conversation_id", ""),
             inputs,
             self.answer_bug,
+            self.version,
         )
         with self._lock:
             self.runs[run_id] = run
@@ -487,7 +509,8 @@ class DifyStandIn:
         with the node's timeout path, as Dify's Human Input node does). `spec`: content (rendered), template
         (raw; default the content), title, node_id, actions [(id, title, style)], inputs [Dify input objects],
         expires_in, then (action, inputs -> steps) or branches {action id (or "*"): steps}, timeout (steps),
-        bare (the event's data holds the token alone, as in Dify 1.14.0-rc1)."""
+        bare (the event's data holds the token alone, as in Dify 1.14.0-rc1), service_api (False: a form Dify delivers
+        only through its own channels, e-mail or its web app, which the Service API answers 404 for)."""
         token = spec.get("token") or secrets.token_urlsafe(16)[:22]
         expires = time.time() + spec.get("expires_in", 3600)
         actions = [{"id": a, "title": t, "button_style": s} for a, t, s in spec.get("actions", [])]
@@ -513,6 +536,8 @@ class DifyStandIn:
                 "resolved_default_values": {},
                 "expiration_time": int(expires),
             }
+            if self.version.approval_channels:
+                event_data["approval_channels"] = ["console"]
         form = {
             "token": token,
             "run": run,
@@ -523,6 +548,8 @@ class DifyStandIn:
             "actions": [a["id"] for a in actions],
             "titles": {a["id"]: a["title"] for a in actions},
             "input_names": [i.get("output_variable_name") for i in inputs if isinstance(i, dict)],
+            "inputs": [i for i in inputs if isinstance(i, dict)],
+            "service_api": spec.get("service_api", True),
             "expires": expires,
             "then": spec.get("then"),
             "branches": spec.get("branches", {}),
@@ -554,11 +581,12 @@ class DifyStandIn:
 
     async def _form(self, token: str, request: Request, conn: Conn) -> None:
         """`GET /form/human_input/{token}` (the form) and `POST` (its answer: the run goes on a moment later).
-        Errors as Dify 1.14.2 gives them: 404 unknown; 412 answered already (or expired); 400 without `user`,
-        with an unknown action, or with an input left out (even one with a default)."""
+        Errors as Dify gives them: 404 unknown (or not reachable through the Service API); 412 answered already (or
+        expired); 400 without `user`, with an unknown action, an input left out (even one with a default), or
+        (1.15+) a select's value not offered or a file that is not an upload of the right type."""
         form = self.forms.get(token)
         body = (request.json() or {}) if request.method == "POST" else {}
-        status, code, message = _form_refusal(form, request.method, body)
+        status, code, message = _form_refusal(form, request.method, body, self._input_refusal)
         if request.method == "POST":
             with self._lock:
                 self.form_submissions.append({"token": token, "body": body, "status": status, "at": time.time()})
@@ -571,6 +599,7 @@ class DifyStandIn:
         form["status"] = "submitted"
         await conn.send(200, {})
         action, values = body["action"], dict(body.get("inputs") or {})
+        values = {name: self._file_value(value) for name, value in values.items()}
         filled = {
             "event": "human_input_form_filled",
             "data": {
@@ -581,6 +610,8 @@ class DifyStandIn:
                 "submitted_data": values,
             },
         }
+        if not self.version.form_filled_event:
+            filled = None
         then = form["then"]
         steps = then(action, values) if callable(then) else form["branches"].get(action, form["branches"].get("*", []))
         loop = asyncio.get_running_loop()
@@ -592,6 +623,80 @@ class DifyStandIn:
         for payload in form["run"].resumption(form, filled):
             await sink.event(payload)
         await self._play(steps, sink)
+
+    def _input_refusal(self, form: dict, inputs: dict) -> tuple[int, str, str]:
+        """Dify 1.15+'s check of a submission's select and file values, in the form's order: (400, code, message),
+        else (200, "", "")."""
+        for spec in form["inputs"]:
+            name, kind = spec.get("output_variable_name"), spec.get("type")
+            if name not in inputs or kind not in ("select", "file", "file-list"):
+                continue
+            value = inputs[name]
+            problem = ""
+            if kind == "select":
+                source = spec.get("option_source") or {}
+                if not isinstance(value, str):
+                    problem = f"Invalid value for select input '{name}': expected string"
+                elif source.get("type") == "constant" and value not in (source.get("value") or []):
+                    problem = f"Invalid value for select input '{name}': {value}"
+            elif kind == "file":
+                problem = self._file_problem(spec, value if isinstance(value, dict) else None)
+                problem = problem and f"Invalid value for file input '{name}': {problem}"
+            else:
+                values = value if isinstance(value, list) else None
+                problem = "expected list" if values is None else ""
+                limit = spec.get("number_limits") or 0
+                if values is not None and limit and len(values) > limit:
+                    problem = f"Number of files exceeds the maximum limit {limit}"
+                for each in values or []:
+                    problem = problem or self._file_problem(spec, each if isinstance(each, dict) else None)
+                problem = problem and f"Invalid value for file list input '{name}': {problem}"
+            if problem:
+                return 400, "invalid_form_data", problem
+        return 200, "", ""
+
+    def _file_problem(self, spec: dict, mapping: dict | None) -> str:
+        """What Dify finds wrong with one file of a form's submission (an upload of this tenant, of an allowed type
+        and transfer method), or ""."""
+        if mapping is None:
+            return "expected mapping"
+        if mapping.get("transfer_method") not in (spec.get("allowed_file_upload_methods") or ["local_file"]):
+            return "Invalid transfer method"
+        upload = self.uploads.get(str(mapping.get("upload_file_id") or ""))
+        if upload is None:
+            return "Invalid upload file"
+        extension = upload["name"].rsplit(".", 1)[-1].lower() if "." in upload["name"] else ""
+        detected = _FILE_TYPES.get(extension, "custom")
+        specified = mapping.get("type") or detected
+        if specified != "custom" and specified != detected:
+            return "Detected file type does not match the specified type. Please verify the file."
+        allowed = spec.get("allowed_file_types") or []
+        extensions = [e.lower().lstrip(".") for e in spec.get("allowed_file_extensions") or []]
+        if allowed and specified not in allowed and not ("custom" in allowed and extension in extensions):
+            return f"File validation failed for file: {upload['name']}"
+        return ""
+
+    def _file_value(self, value):
+        """A submitted file (or list of files) as the run reads it: the upload's attributes (name, url, ...)."""
+        if isinstance(value, list):
+            return [self._file_value(each) for each in value]
+        if isinstance(value, dict) and value.get("upload_file_id") in self.uploads:
+            upload = self.uploads[value["upload_file_id"]]
+            return {"name": upload["name"], "size": len(upload["data"]), "mime_type": upload["mime_type"]}
+        return value
+
+    async def _record(self, run_id: str, mode: str, conn: Conn) -> None:
+        """`GET /workflows/run/{id}`: Dify's record of a run of this app (any user's)."""
+        with self._lock:
+            self.record_reads.append(run_id)
+        run = self.runs.get(run_id)
+        if mode not in (CHATFLOW, WORKFLOW):
+            message = "Please check if your app mode matches the right API route."
+            await conn.send(400, {"code": "not_workflow_app", "message": message, "status": 400})
+        elif run is None:
+            await conn.send(404, {"code": "not_found", "message": "Workflow run not found.", "status": 404})
+        else:
+            await conn.send(200, run.record())
 
     async def _reattach(self, run_id: str, request: Request, conn: Conn) -> None:
         """`GET /workflow/{run id}/events?user=`: what the run publishes from now on; with
@@ -646,7 +751,7 @@ class DifyStandIn:
                 "extension": extension,
                 "mime_type": upload["mime_type"],
                 "size": len(upload["data"]),
-                "url": self.host_preview(upload["data"], upload["mime_type"], value["upload_file_id"]),
+                "url": self.file_url(self.host_preview(upload["data"], upload["mime_type"], value["upload_file_id"])),
             }
         return seen
 
@@ -660,24 +765,19 @@ class DifyStandIn:
             return
         name, mime_type, data = file_part
         extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-        if extension not in _UPLOAD_EXTENSIONS:
-            await conn.send(415, {"code": "unsupported_file_type", "message": "File type not allowed.", "status": 415})
+        if extension and extension in self.blocked_extensions:
+            message = "The file extension is blocked for security reasons."
+            await conn.send(400, {"code": "file_extension_blocked", "message": message, "status": 400})
             return
         file_id = str(uuid.uuid4())
         with self._lock:
             self.uploads[file_id] = {"name": name, "mime_type": mime_type, "data": data, "user": fields["user"]}
-        await conn.send(
-            201,
-            {
-                "id": file_id,
-                "name": name,
-                "size": len(data),
-                "extension": extension,
-                "mime_type": mime_type,
-                "created_by": fields["user"],
-                "created_at": int(time.time()),
-            },
-        )
+        source_url = self.file_url(self.host_preview(data, mime_type, file_id), absolute=True)
+        reply = {"id": file_id, "reference": None, "name": name, "size": len(data), "extension": extension}
+        reply |= {"mime_type": mime_type, "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, fields["user"]))}
+        reply |= {"created_at": int(time.time()), "preview_url": None, "source_url": source_url}
+        reply |= {"original_url": None, "user_id": None, "tenant_id": "stand-in-tenant", "conversation_id": None}
+        await conn.send(201, reply | {"file_key": None})
 
     async def _tool_file(self, name: str, request: Request, conn: Conn) -> None:
         """A tool-made file at its signed URL (Dify answers 403 without the signature)."""
@@ -765,7 +865,8 @@ class DifyStandIn:
                 await asyncio.sleep(step[1])
             elif kind == "cut":
                 sink.abort()
-                return
+                if not sink.plays_on:
+                    return
             elif kind == "close":
                 await sink.close()
                 return
@@ -799,6 +900,8 @@ class DifyStandIn:
 class _ConnSink:
     """Where a plain chat or completion answer's steps go: straight into its HTTP response."""
 
+    plays_on = False  # a cut connection ends the answer
+
     def __init__(self, conn: Conn, ids: dict):
         self.conn = conn
         self.ids = ids
@@ -827,8 +930,11 @@ class _ConnSink:
 class _RunSink:
     """Where a chatflow's or workflow's steps go: its Run publishes them (and relays them to the readers that
     attached), and the first reader's HTTP response gets them while it is there; a reader that went away (its
-    replica was killed) does not stop the run. The order Dify keeps is kept whatever a script says: a run opens
-    with workflow_started, and a chatflow's message_end comes before its workflow_finished."""
+    replica was killed, or a `cut` step dropped its connection) does not stop the run: Dify's worker runs it to its
+    end. The order Dify keeps is kept whatever a script says: a run opens with workflow_started, and a chatflow's
+    message_end comes before its workflow_finished."""
+
+    plays_on = True  # a cut connection leaves the run going
 
     def __init__(self, run: Run, conn: Conn | None = None):
         self.run = run
@@ -864,11 +970,12 @@ class _RunSink:
     def abort(self) -> None:
         if self.conn is not None:
             self.conn.abort()
-        self.gone = True
+        self._leave()
 
     async def close(self) -> None:
         """The first reader's stream ends (a pause, or a script's clean close); the run does not."""
         await self._guard(lambda: self.conn.end_stream())
+        self._leave()
 
     async def finish(self) -> None:
         """The steps ran out: a run that neither paused nor failed ends as Dify ends one (workflow_finished)."""
@@ -882,7 +989,17 @@ class _RunSink:
         try:
             await write()
         except (ConnectionError, OSError):
-            self.gone = True
+            self._leave()
+
+    def _leave(self) -> None:
+        """The first reader is no longer there: once, the run notes it (gone mid-run, when it had not ended or
+        paused) and its other subscribers hear that it closed."""
+        if self.gone:
+            return
+        self.gone = True
+        if self.run.status == "running" and not self.run.ended:
+            self.run.first_reader_gone = True
+        self.run.subscriber_closed()
 
 
 def _node_fields(form: dict) -> dict:
@@ -892,11 +1009,12 @@ def _node_fields(form: dict) -> dict:
 _REATTACH_FLAGS = ("include_state_snapshot", "continue_on_pause")
 
 
-def _form_refusal(form: dict | None, method: str, body: dict) -> tuple[int, str, str]:
-    """Dify 1.14.2's answer to a form request that it refuses, else (200, "", "")."""
+def _form_refusal(form: dict | None, method: str, body: dict, refuse_inputs) -> tuple[int, str, str]:
+    """Dify's answer to a form request that it refuses, in the order Dify checks (`refuse_inputs(form, inputs)`:
+    the select and file values), else (200, "", "")."""
     if method == "POST" and not body.get("user"):
         return 400, "invalid_param", "Arg user must be provided."
-    if form is None:
+    if form is None or not form["service_api"]:
         return 404, "not_found", "Form not found"
     if form["status"] == "submitted":
         return 412, "human_input_form_submitted", "This form has already been submitted by another user"
@@ -906,9 +1024,12 @@ def _form_refusal(form: dict | None, method: str, body: dict) -> tuple[int, str,
         return 200, "", ""
     if body.get("user") != form["user"]:
         return 404, "not_found", "Form not found"
+    inputs = body.get("inputs") if isinstance(body.get("inputs"), dict) else {}
+    refused = refuse_inputs(form, inputs)
+    if refused[0] != 200:
+        return refused
     if body.get("action") not in form["actions"]:
         return 400, "invalid_form_data", f"Invalid action: {body.get('action')}"
-    inputs = body.get("inputs") if isinstance(body.get("inputs"), dict) else {}
     missing = [name for name in form["input_names"] if name not in inputs]
     if missing:
         return 400, "invalid_form_data", f"Missing required inputs: {', '.join(missing)}"
@@ -937,9 +1058,18 @@ def _family(mode: str) -> str:
     return mode if mode in ("workflow", "completion") else "chat"
 
 
-_UPLOAD_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "png", "gif", "webp", "pdf", "docx", "xlsx", "pptx", "txt", "md", "csv", "mp4", "mov"}
-)
+# Dify's file types by extension, as its api/constants lists them (documents: the default ETL's and Unstructured's);
+# any other extension is of type `custom`.
+_FILE_TYPES = {
+    **dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "svg"), "image"),
+    **dict.fromkeys(("mp4", "mov", "mpeg", "webm"), "video"),
+    **dict.fromkeys(("mp3", "m4a", "wav", "amr", "mpga"), "audio"),
+    **dict.fromkeys(
+        ("txt", "markdown", "md", "mdx", "pdf", "html", "htm", "xlsx", "xls", "vtt", "properties", "doc", "docx",
+         "csv", "eml", "msg", "pptx", "xml", "epub"),
+        "document",
+    ),
+}  # fmt: skip
 
 
 def _multipart(request: Request) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:

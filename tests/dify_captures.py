@@ -1,14 +1,21 @@
-"""The streams and replies of a real Dify 1.14.2, as captured (tests/fixtures/dify-1.14.2), and the comparison of
-a stream with one of them: the same events in the same order, with the fields the gateway reads. Used by the
-fidelity test (the stand-in against the captures) and by the tier against a running real Dify."""
+"""The streams and replies of a real Dify 1.14.2 and 1.16.0, as captured (tests/fixtures/dify-1.14.2 and
+dify-1.16.0), and the comparison of a stream with one of them: the same events in the same order, with the fields
+the gateway reads. Used by the fidelity test (the stand-in against the captures, per version) and by the tier
+against a running real Dify."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-FIXTURES = Path(__file__).parent / "fixtures" / "dify-1.14.2"
+FIXTURE_DIRS = {
+    "1.14": Path(__file__).parent / "fixtures" / "dify-1.14.2",
+    "1.16": Path(__file__).parent / "fixtures" / "dify-1.16.0",
+}
+FIXTURES = FIXTURE_DIRS["1.14"]
 PING = "ping"
+_STAMP = re.compile(r"^\d+\.\d+ ", re.MULTILINE)
 
 # The body fields compared event by event (their values, or for the *_KEYS events the set of names).
 _DATA_VALUES = {
@@ -28,8 +35,11 @@ _TOP_VALUES = ("answer", "reason")
 
 
 def parse_sse(raw: bytes | str) -> list[dict | str]:
-    """A stream's events: `PING` for each keep-alive, the JSON object of each data frame."""
+    """A stream's events: `PING` for each keep-alive, the JSON object of each data frame. A capture that stamps each
+    line with its arrival time (90-92) holds one event a line, without the blank line between them."""
     text = raw.decode() if isinstance(raw, bytes) else raw
+    if _STAMP.match(text):
+        text = "\n\n".join(_STAMP.sub("", text).splitlines())
     events: list[dict | str] = []
     for block in text.replace("\r\n", "\n").split("\n\n"):
         lines = [line for line in block.split("\n") if line]
@@ -44,13 +54,28 @@ def parse_sse(raw: bytes | str) -> list[dict | str]:
     return events
 
 
-def capture(name: str) -> list[dict | str]:
-    return parse_sse((FIXTURES / name).read_bytes())
+def capture(name: str, version: str = "1.14") -> list[dict | str]:
+    return parse_sse((FIXTURE_DIRS[version] / name).read_bytes())
 
 
-def form_reply(name: str = "04-form-get.json") -> dict:
+def form_reply(name: str = "04-form-get.json", version: str = "1.14") -> dict:
     """A captured JSON reply (the file ends with the status line after the body)."""
-    return json.loads((FIXTURES / name).read_text().split("\nHTTP ", 1)[0])
+    return json.loads((FIXTURE_DIRS[version] / name).read_text().split("\nHTTP ", 1)[0])
+
+
+def captured_replies(name: str, version: str = "1.14") -> list[tuple[str, int, dict]]:
+    """The replies a `.out` capture holds, in order: (the heading before it, or "", the status, the JSON body)."""
+    replies, heading = [], ""
+    lines = (FIXTURE_DIRS[version] / name).read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("---"):
+            heading = line.strip("- ").rstrip(":")
+        elif line.startswith("{"):
+            status = next((rest for rest in lines[number + 1 :] if rest.strip()), "").split()
+            if status and status[0] == "HTTP":
+                replies.append((heading, int(status[1]), json.loads(line)))
+                heading = ""
+    return replies
 
 
 def _without_clocked_pings(events: list[dict | str]) -> list[dict | str]:

@@ -285,9 +285,10 @@ def test_upload_and_feedback(client, dify):
     file_id = client.upload_file(b"\x89PNG\r\n\x1a\n" + b"0" * 100, "photo.png", "image/png", "wecom:bot:alice")
     assert dify.uploads[file_id]["name"] == "photo.png"
     assert dify.uploads[file_id]["user"] == "wecom:bot:alice"
+    dify.blocked_extensions = {"exe"}  # Dify's UPLOAD_FILE_EXTENSION_BLACKLIST
     with pytest.raises(DifyHTTPError) as caught:
         client.upload_file(b"MZ...", "tool.exe", "application/octet-stream", "wecom:bot:alice")
-    assert caught.value.status == 415
+    assert (caught.value.status, caught.value.code) == (400, "file_extension_blocked")
 
     dify.script(d.answer("ok"))
     events = run(client)
