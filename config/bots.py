@@ -51,6 +51,7 @@ PER_BOT_FIELDS = frozenset(
         "dify_connect_timeout",
         "dify_read_timeout",
         "dify_max_stream_seconds",
+        "dify_quiet_run_seconds",
         "dify_max_retries",
         "dify_retry_backoff",
         "dify_app_type",

@@ -109,6 +109,8 @@ class Settings:
     dify_connect_timeout: float = 5.0
     dify_read_timeout: float = 60.0
     dify_max_stream_seconds: int = 900
+    # A run's events that bring only pings this long are checked against Dify's record of the run (0 = never)
+    dify_quiet_run_seconds: float = 20.0
     dify_max_retries: int = 2
     dify_retry_backoff: float = 1.0
     dify_app_type: str = "auto"  # docs/protocol.md; auto reads the app's mode from GET /info
@@ -340,6 +342,7 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
     problems.require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
     problems.require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
     problems.require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")
+    problems.require(s.dify_quiet_run_seconds >= 0, "DIFY_QUIET_RUN_SECONDS", "must be 0 (never) or more")
     problems.require(s.dify_max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
     problems.require(s.dify_retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
 

@@ -251,6 +251,7 @@ class DifyStandIn:
         self.file_fetches: list[str] = []  # the names of the tool files fetched, in order
         self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
         self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
+        self.form_refusals: list[str] = []  # tests: the next form POSTs Dify refuses as invalid_form_data, saying so
         self.suggestions: list[str] = ["What else can you do?", "Tell me more", "Give an example"]
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
@@ -296,6 +297,7 @@ class DifyStandIn:
             self.record_reads.clear()
             self.forms.clear()
             self.form_submissions.clear()
+            self.form_refusals.clear()
             self.suggestions = ["What else can you do?", "Tell me more", "Give an example"]
             self.info_requests = 0
             self.mode = "chat"
@@ -456,11 +458,11 @@ class DifyStandIn:
         problem = "" if isinstance(body.get("user"), str) and body["user"] else "Arg user must be provided."
         if not isinstance(inputs, dict) or not inputs:
             problem = problem or "inputs is required"
-        problem = problem or self._check_files(body)
+        flow = self.flows.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        problem = problem or self._check_files(body) or _missing_start_input(flow, inputs)
         if problem:
             await conn.send(400, {"code": "invalid_param", "message": problem, "status": 400})
             return
-        flow = self.flows.get(request.headers.get("authorization", "").removeprefix("Bearer "))
         query_input = flow.query_input if flow is not None else "query"
         query = str(inputs.get(query_input) or next((v for v in inputs.values() if isinstance(v, str)), ""))
         ids = {"task_id": str(uuid.uuid4())}
@@ -587,6 +589,8 @@ class DifyStandIn:
         form = self.forms.get(token)
         body = (request.json() or {}) if request.method == "POST" else {}
         status, code, message = _form_refusal(form, request.method, body, self._input_refusal)
+        if status == 200 and request.method == "POST" and self.form_refusals:
+            status, code, message = 400, "invalid_form_data", self.form_refusals.pop(0)
         if request.method == "POST":
             with self._lock:
                 self.form_submissions.append({"token": token, "body": body, "status": status, "at": time.time()})
@@ -1007,6 +1011,15 @@ def _node_fields(form: dict) -> dict:
 
 
 _REATTACH_FLAGS = ("include_state_snapshot", "continue_on_pause")
+
+
+def _missing_start_input(flow, inputs) -> str:
+    """Dify's refusal of a run without a required Start variable a graph app declares, or ""."""
+    for item in flow.start_inputs if flow is not None else ():
+        for spec in item.values():
+            if spec.get("required") and spec.get("variable") not in (inputs or {}):
+                return f"{spec['variable']} is required in input form"
+    return ""
 
 
 def _form_refusal(form: dict | None, method: str, body: dict, refuse_inputs) -> tuple[int, str, str]:

@@ -133,14 +133,26 @@ class WeComInbox:
 
 def template_card_event(card: dict, action: str = "", selected: dict[str, str] | None = None) -> dict:
     """What WeCom sends when a user taps `card`: the button whose key ends with `#<action>` (the first without
-    one), or for a card with selectors its submit button, with `selected` ({question_key: option id})."""
+    one), or for a card with selectors its submit button; with every selector's option as WeCom reports it (the
+    one `selected` names, {question_key: option id or text}, else the card's selected one, else its first). A
+    `selected` entry the card does not offer is sent as given (a stale or forged click)."""
     if card.get("card_type") == "multiple_interaction":
         key = card["submit_button"]["key"]
     else:
         keys = [b["key"] for b in card["button_list"]]
         key = next((k for k in keys if action and k.endswith(f"#{action}")), keys[0])
     event = {"card_type": card.get("card_type", ""), "event_key": key, "task_id": card.get("task_id", "")}
-    items = [{"question_key": q, "option_ids": {"option_id": [o]}} for q, o in (selected or {}).items()]
+    wanted = dict(selected or {})
+    selectors = card.get("select_list") or ([card["button_selection"]] if card.get("button_selection") else [])
+    chosen = {}
+    for selector in selectors:
+        options = {option["text"]: option["id"] for option in selector["option_list"]}
+        want = wanted.pop(selector["question_key"], None)
+        first = selector["option_list"][0]["id"] if selector["option_list"] else ""
+        default = selector.get("selected_id") or first
+        chosen[selector["question_key"]] = default if want is None else options.get(want, want)
+    chosen |= wanted
+    items = [{"question_key": q, "option_ids": {"option_id": [o]}} for q, o in chosen.items()]
     if items:
         event["selected_items"] = {"selected_item": items}
     return event

@@ -37,6 +37,7 @@ from services.files.fetch import FileFetcher
 from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.files.store import FileRefs
+from services.files.text_links import DifyLinks
 from services.forms.answers import FormAnswers
 from services.forms.service import FormService
 from services.forms.store import FormStore
@@ -330,12 +331,13 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     authorizer = _authorizer(settings, client, keys, shared.users, profile)
     conversations = ConversationStore(client, keys, settings.conversation_ttl_seconds)
     media = MediaService(crypto, dify, profile, bot=name)
-    files = _files(settings, client, keys, texts, long_connection)
+    links = DifyLinks.of(settings.dify_base_url, settings.dify_files_url)
+    files = _files(settings, client, keys, texts, long_connection, links)
     form_store = FormStore(client, keys)
     forms = FormService(form_store, dify, texts, name)
     responder = ResponseUrlClient()
     posts = RestPosts(client, keys, store.durable, responder, shared.owner, name)
-    bubble = BubbleRenderer(texts, settings.stream_placeholder)
+    bubble = BubbleRenderer(texts, settings.stream_placeholder, links)
     stopper = AnswerStopper(store, dify, profile, texts, name)
     finisher = Finisher(
         store,
@@ -380,7 +382,7 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     )
     # A form's card is opened by the worker (forms), and its answer may start the rest of the run on a worker again
     # (form_answers, built once streams is).
-    form_answers = FormAnswers(form_store, texts, streams.continue_form, name)
+    form_answers = FormAnswers(form_store, texts, streams.continue_form, name, media)
     feedback = FeedbackService(client, keys, dify)
     events = EventHandler(
         Welcome(profile, texts, settings.welcome_message, name),
@@ -434,7 +436,9 @@ def _worker(settings: Settings, deps: WorkerDeps, owner: str, authorizer: Author
     return StreamWorker(deps, owner, settings.dify_max_stream_seconds, prepare, bot=settings.bot_name, options=options)
 
 
-def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts, long_connection: bool) -> FileDelivery:
+def _files(
+    settings: Settings, client: redis.Redis, keys: Keys, texts: Texts, long_connection: bool, links: DifyLinks
+) -> FileDelivery:
     """The files Dify makes, as the user gets them: inline, behind a signed link, or uploaded."""
     return FileDelivery(
         settings.bot_name,
@@ -445,6 +449,7 @@ def _files(settings: Settings, client: redis.Redis, keys: Keys, texts: Texts, lo
         public_base_url=settings.public_base_url,
         max_bytes=settings.file_max_bytes,
         long_connection=long_connection,
+        links=links,
     )
 
 
@@ -499,6 +504,7 @@ def _dify(settings: Settings) -> DifyClient:
         read_timeout=settings.dify_read_timeout,
         max_retries=settings.dify_max_retries,
         retry_backoff=settings.dify_retry_backoff,
+        quiet_run_seconds=settings.dify_quiet_run_seconds,
     )
 
 

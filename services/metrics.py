@@ -71,8 +71,9 @@ DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["bot", "cod
 DIFY_CALLS = Counter(
     "dify_calls_total",
     "Dify calls for users' messages: new (a message's first), restart (the one documented restart of an answer "
-    "whose replica died before it showed anything), resume (a run streamed again), duplicate (a second new call for "
-    "one message: never expected)",
+    "whose replica died before it showed anything), resume (a run streamed again), form (a run followed on after its "
+    "form), reattach (a run followed again after its stream was cut), duplicate (a second new call for one "
+    "message: never expected)",
     ["bot", "kind"],
 )
 WS_CONNECTED = Gauge(
@@ -124,7 +125,8 @@ FILES = Counter(
 USER_FILES = Counter(
     "wecom_user_files_total",
     "Files, images and videos users sent, by where they went: input (one of the Dify app's file variables), files "
-    "(Dify's sys.files), refused (the app takes none of the kind), failed (could not be read or uploaded)",
+    "(Dify's sys.files), form (a file field of a paused run's form), refused (the app, or the form's field, takes "
+    "none of the kind), failed (could not be read or uploaded)",
     ["bot", "destination"],
 )
 TEXT_LINKS = Counter(
@@ -146,11 +148,14 @@ CARDS = Counter(
 )
 FORM_CLICKS = Counter(
     "wecom_form_clicks_total",
-    "Clicks on form cards (and typed answers) by outcome: claimed, already, not_yours, expired, unknown, needs_text",
+    "Clicks on form cards (and typed answers) by outcome: claimed, already, not_yours, expired, unknown, "
+    "needs_values, bad_option",
     ["bot", "outcome"],
 )
 FORM_SUBMISSIONS = Counter(
-    "dify_form_submissions_total", "Form submissions to Dify by result: submitted, expired, failed", ["bot", "result"]
+    "dify_form_submissions_total",
+    "Form submissions to Dify by result: submitted, expired, refused (Dify's 400 on the values), failed",
+    ["bot", "result"],
 )
 FORM_WAIT_SECONDS = Histogram(
     "wecom_form_wait_seconds",
@@ -226,7 +231,7 @@ STREAM_EVENTS = (
     "taken_over_elsewhere", "closed_elsewhere",
 )  # fmt: skip
 DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
-DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form")
+DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 RESPONSE_URL_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
@@ -237,8 +242,8 @@ CARD_KINDS = ("form", "suggestions", "welcome")
 # The writes that wait for a Redis replica (services/replication.py).
 REPLICATED_WRITES = ("msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox")
 FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
-FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_text")
-FORM_SUBMISSION_RESULTS = ("submitted", "expired", "failed")
+FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_values", "bad_option")
+FORM_SUBMISSION_RESULTS = ("submitted", "expired", "refused", "failed")
 STOP_OUTCOMES = ("stopped", "nothing")
 PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed")
 DIFY_STOP_REASONS = ("user", "timeout")

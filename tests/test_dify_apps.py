@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from demo import dify_apps as apps
+from demo import dify_flows as flows
 from demo import dify_standin as d
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
@@ -103,14 +104,26 @@ def test_a_named_workflow_output_and_input(ask, dify):
     assert dify.chat_requests()[0]["inputs"] == {"question": "run it"}
 
 
-@pytest.mark.parametrize("status", ["failed", "stopped"])
-def test_a_failed_or_stopped_workflow_ends_the_bubble_with_its_message(ask, dify, status):
+def test_a_failed_workflow_ends_the_bubble_with_its_message(ask, dify):
     dify.mode = "workflow"
     dify.script(
-        [apps.workflow_started(), apps.text_chunk("Half"), apps.workflow_done(status=status, error="node x broke")]
+        [apps.workflow_started(), apps.text_chunk("Half"), apps.workflow_done(status="failed", error="node x broke")]
     )
     conversation = ask("run it")
     assert conversation.text == "Half\n\n" + ZH["workflow_failed"].format(reason="node x broke")
+
+
+def test_a_workflow_dify_stopped_keeps_what_it_streamed_and_never_says_the_user_stopped_it(ask, dify):
+    """Dify's run ends `stopped` with no outputs ("Stopped by user." although nobody here stopped it: a user's /stop
+    ends the answer before Dify's word comes): the text it streamed, and a note that the app stopped the run. Its
+    record is read once for outputs it may have kept."""
+    dify.mode = "workflow"
+    stopped = apps.workflow_done(status="stopped", error="Stopped by user.")
+    dify.script([apps.workflow_started(), apps.text_chunk("Half"), stopped])
+    conversation = ask("run it")
+    assert conversation.text == "Half\n\n" + ZH["run_stopped"]
+    assert "Stopped by user" not in conversation.text
+    assert len(dify.record_reads) == 1
 
 
 def test_a_completion_app_gets_the_question_in_its_inputs(ask, dify):
@@ -187,7 +200,8 @@ def slow_chatflow() -> list[tuple]:
 
 
 def follow_growing(sim, first, stream_id, window=30.0):
-    """Poll until finished, checking that the bubble only ever grows (no text lost, none repeated)."""
+    """Poll until finished, checking that the bubble's answer only ever grows (no text lost, none repeated; a slow
+    step's status line comes and goes)."""
     contents = [first["stream"]["content"]]
     reply = first
     deadline = time.monotonic() + window
@@ -196,8 +210,9 @@ def follow_growing(sim, first, stream_id, window=30.0):
         time.sleep(sim.poll_interval)
         reply = sim.send(sim.poll_message(stream_id))
         contents.append(reply["stream"]["content"])
-    shown = [c for c in contents if c != ZH["placeholder"]]
-    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:], strict=False))
+    status = "\n\n" + ZH["progress_step"].split("{")[0]  # a slow step's status line, which the answer replaces
+    shown = [c.split(status)[0].rstrip() for c in contents if c != ZH["placeholder"]]
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:], strict=False)), shown
     return reply["stream"]["content"]
 
 
@@ -307,3 +322,19 @@ def test_the_demo_shows_a_knowledge_answer_and_a_slow_tool(ask, dify):
     search = ask("帮我搜索一下开门时间")
     assert any(ZH["progress_step"].format(step="联网搜索") in c for c in search.contents())
     assert search.text == "我来查一下。查到了：办公室早上 9 点开门。"
+
+
+def test_a_workflow_whose_only_required_text_input_is_not_query_takes_the_question_there(ask, dify):
+    """DIFY_WORKFLOW_INPUT left at `query`, and the workflow's Start asks for one required text `request`: the
+    question goes into `request` (said once in the log), not into an input Dify would refuse the run without."""
+    dify.serve_flow(
+        flows.Flow(
+            "request-workflow",
+            "workflow",
+            (flows.End((("answer", "handled: {{#start.request#}}"),)),),
+            query_input="request",
+            start_inputs=({"text-input": {"variable": "request", "label": "Request", "required": True}},),
+        )
+    )
+    assert ask("reset my password").text == "handled: reset my password"
+    assert dify.chat_requests()[0]["inputs"] == {"request": "reset my password"}

@@ -1,21 +1,31 @@
-"""Chatflow and workflow runs as a real Dify 1.14.2 runs them, played by the faithful stand-in with the captured
-apps (demo/dify_flows.py), through two gateway replicas on the test Redis (callback mode; gunicorn replicas that
-are killed, and long-connection mode: tests/e2e/test_dify_runs_e2e.py). Every case also reads the stand-in's
+"""Chatflow and workflow runs as a real Dify 1.14.2 and 1.16.0 run them, played by the faithful stand-in with the
+captured apps (demo/dify_flows.py), through two gateway replicas on the test Redis (callback mode; gunicorn replicas
+that are killed, and long-connection mode: tests/e2e/test_dify_runs_e2e.py). Every case also reads the stand-in's
 records: one chat call per message, and one form submission per answered form."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import pytest
 
 from demo import dify_flows as flows
+from demo.dify_runs import CUT
+from demo.dify_versions import standin_version
 from services.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
 from tests.test_dify_apps import follow_growing
 from tests.test_forms import ask_and_click
 
 ZH = CATALOGUE["zh"]
+VERSIONS = pytest.mark.parametrize("version", ["1.14", "1.16"], ids=["dify-1.14.2", "dify-1.16.0"])
+
+
+def play(dify, version: str) -> None:
+    """The stand-in plays this Dify version for the test (reset() takes it back)."""
+    dify.version = standin_version(version)
 
 
 def only_grows(contents: list[str]) -> bool:
@@ -24,11 +34,17 @@ def only_grows(contents: list[str]) -> bool:
     return all(later.startswith(earlier.split("\n\n")[0]) for earlier, later in zip(shown, shown[1:], strict=False))
 
 
-@pytest.mark.parametrize("answer_bug", [True, False], ids=["dify-1.14.2", "bug-fixed"])
-def test_the_rest_after_an_answer_before_the_pause_reaches_the_bubble_once(sims, dify, answer_bug):
-    """hitl-chatflow: Dify #38432 streams nothing after the form (the rest is only in the outputs), and the
-    resumption repeats the answer before the pause; the bubble shows each part once. The text input has a
-    default: it is submitted as Dify gives it, and the user is not asked to type it."""
+@pytest.mark.parametrize(
+    ("version", "answer_bug"),
+    [("1.14", True), ("1.14", False), ("1.16", False)],
+    ids=["dify-1.14.2", "dify-1.14.2-bug-fixed", "dify-1.16.0"],
+)
+def test_the_rest_after_an_answer_before_the_pause_reaches_the_bubble_once(sims, dify, version, answer_bug):
+    """hitl-chatflow: Dify #38432 (1.14.2) streams nothing after the form (the rest is only in the outputs), and the
+    resumption repeats the answer before the pause (1.14.2; 1.16.0 repeats nothing and streams the rest); the bubble
+    shows each part once. The text input has a default: it is submitted as Dify gives it, and the user is not asked
+    to type it."""
+    play(dify, version)
     dify.serve_flow(flows.hitl_chatflow())
     dify.answer_bug = answer_bug
     conversation, reply, _ = ask_and_click(sims[0], sims[1], "buy laptops")
@@ -46,16 +62,22 @@ def test_the_rest_after_an_answer_before_the_pause_reaches_the_bubble_once(sims,
     assert follow["at"] < submission["at"]
 
 
-def test_the_rest_streamed_after_a_form_with_nothing_before_it(sims, dify):
+@VERSIONS
+def test_the_rest_streamed_after_a_form_with_nothing_before_it(sims, dify, version):
     """hitl-chatflow-b: nothing answered before the pause; the rest streams after the form's answer."""
+    play(dify, version)
     dify.serve_flow(flows.hitl_chatflow_b())
     conversation, _, _ = ask_and_click(sims[0], sims[1], "variant b", action="reject")
     assert conversation.text == "AFTER-RESUME action=reject comment=looks good"
     assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
 
 
-def test_a_workflow_apps_form(sims, dify):
-    """hitl-workflow: the End's outputs, streamed as text chunks after the form."""
+@VERSIONS
+def test_a_workflow_apps_form(sims, dify, version):
+    """hitl-workflow: the End's outputs, streamed as text chunks after the form. Dify 1.16.0 then ends the run
+    `stopped` with no outputs (a regression; its record keeps them): the answer is whole all the same, with no note
+    of a failure or of a stop the user never made."""
+    play(dify, version)
     dify.serve_flow(flows.hitl_workflow())
     conversation, _, _ = ask_and_click(sims[0], sims[1], "rotate keys")
     assert conversation.text == "approve\nlooks good"
@@ -149,21 +171,84 @@ def test_a_paused_run_handed_over_by_a_draining_replica_is_resumed_from_its_snap
     to_other.close()
 
 
-def test_a_run_handed_over_mid_run_goes_on_from_what_the_bubble_showed(make_pair, dify):
+@VERSIONS
+def test_a_run_handed_over_mid_run_goes_on_from_what_the_bubble_showed(make_pair, dify, version):
     """slow-chatflow, drained while its HTTP node waits: the other replica attaches (with the snapshot, whose
-    message_replace of "" wipes nothing) and shows the second part once."""
+    message_replace of "" wipes nothing) and shows the second part once. On Dify 1.16.0 that listener gets the
+    rest's text and then only pings (the run's first reader went away): the run is checked against Dify's record
+    after DIFY_QUIET_RUN_SECONDS of pings, and the bubble ends from it within that of the run's end."""
+    play(dify, version)
     dify.serve_flow(flows.slow_chatflow(seconds=3))
-    owner, other = make_pair()
+    owner, other = make_pair(dify_quiet_run_seconds=2)
     to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
     first = to_owner.send(to_owner.text_message("mid-run"))
     stream_id = first["stream"]["id"]
     assert wait_until(lambda: "part one" in to_owner.send(to_owner.poll_message(stream_id))["stream"]["content"])
     owner.gateway.drain(0.01)
     assert follow_growing(to_other, first, stream_id) == "part one (mid-run). SLEPT (part two)"
+    finished = time.time()
     assert [r["include_state_snapshot"] for r in dify.reattaches] == [True]
     assert len(dify.chat_requests()) == 1
+    [run] = dify.runs.values()
+    assert finished - run.finished_at < 2 + 2.5  # the quiet time, a second's precision, the polls
+    if version == "1.16":  # on 1.14.2 too, while the HTTP node is quiet longer than that (it says: running)
+        assert dify.record_reads
     to_owner.close()
     to_other.close()
+
+
+@VERSIONS
+def test_the_rest_after_a_form_begins_as_the_answer_before_it_did(sims, dify, version):
+    """Dify 1.14.2 repeats the answer before the pause when a run resumes, and the gateway leaves the repeat out;
+    1.16.0 repeats nothing, and text after the form that begins as the earlier answer did is new, all of it."""
+    play(dify, version)
+    dify.answer_bug = False
+    before = flows.Answer("a1", "Request {{#sys.query#}} received. ")
+    after = flows.Answer("a2", "Request {{#sys.query#}} approved.")
+    then = (after, flows.Wait("wait", 1.0))  # the run's end comes a second after the text: polls see the text
+    form = flows.Approval("approval", flows.REVIEW, flows.APPROVE_REJECT, (flows.comment_input(),), then=then)
+    dify.serve_flow(flows.Flow("echo-like", "advanced-chat", (before, form)))
+    conversation, _, _ = ask_and_click(sims[0], sims[1], "42")
+    assert conversation.text == "Request 42 received. Request 42 approved."
+    assert only_grows(conversation.contents())  # never a wrong text shown, then replaced at the run's end
+
+
+@VERSIONS
+def test_a_form_followed_after_its_answer_whose_stream_is_cut_is_followed_again(sims, dify, version):
+    """The stream following a run from its form's answer ends without its last chunk (Dify 1.16.0 cuts a plain
+    listener when another subscriber of the run closes; here a snapshot listener of ours, mid-run): the run is
+    followed again from its snapshot, never taken for failed; the rest once, one submission, one chat call."""
+    play(dify, version)
+    dify.serve_flow(flows.hitl_chatflow(wait_seconds=2))
+    cut = []
+
+    def cut_the_listener() -> None:
+        assert wait_until(lambda: dify.form_submissions, timeout=20)
+        time.sleep(0.5)  # the run waits in its HTTP node
+        [run] = dify.runs.values()
+        for reader in list(run.readers):
+            reader.queue.put_nowait(CUT)  # as Dify 1.16.0 does when another subscriber of the run closes
+        cut.append(time.time())
+
+    helper = threading.Thread(target=cut_the_listener, daemon=True)
+    helper.start()
+    conversation, _, _ = ask_and_click(sims[0], sims[1], "buy laptops")
+    helper.join(5)
+    assert cut
+    assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
+    assert [r["include_state_snapshot"] for r in dify.reattaches] == [False, True]
+    assert len(dify.form_submissions) == 1 and len(dify.chat_requests()) == 1
+
+
+@VERSIONS
+def test_a_form_the_service_api_cannot_reach_ends_the_bubble_saying_where_it_waits(sims, dify, version):
+    """A run pauses at a form that Dify delivers only through its own channels (its form GET answers 404): the
+    bubble ends, saying the request awaits approval elsewhere; nothing is submitted."""
+    play(dify, version)
+    dify.serve_flow(flows.hitl_select_file(service_api=False))
+    conversation = sims[0].ask("ship v4")
+    assert conversation.text == ZH["form_elsewhere"]
+    assert conversation.cards == [] and dify.form_submissions == []
 
 
 def test_a_chatflow_conversation_carries_on_on_the_other_replica(sims, dify):

@@ -283,3 +283,44 @@ def test_on_a_long_connection_a_knowledge_answers_image_is_uploaded(ws_gateway, 
     assert final["stream"]["content"] == "The chart: "
     assert not any("/files/" in f["stream"]["content"] for f in wecom.frames(req_id))
     assert wait_until(lambda: any(m.get("msgtype") == "image" for m in wecom.proactive), timeout=15)
+
+
+@pytest.mark.parametrize(
+    "files_url", ["http://api:5001", "dify-base"], ids=["signed-on-a-cluster-address", "on-the-bots-dify-host"]
+)
+def test_links_to_difys_files_written_absolute_are_delivered_as_the_relative_ones(linked, dify, files_url):
+    """Dify with its FILES_URL set writes its own files' links absolute: on an address only its cluster reaches
+    (`http://api:5001/files/…`, signed), or on the host the bot reaches it at. Neither reaches the user: no poll and
+    no final text shows the address; the picture comes under the bubble, fetched from DIFY_FILES_URL (the path
+    only, never the host the text names); the document gets its signed gateway link. An unsigned link to another
+    host's /files/ stays as it is."""
+    _, b = linked
+    dify.files_url = dify.server.url if files_url == "dify-base" else files_url
+    chart = dify.file_url(dify.host_preview(noise_png(40, 40)))
+    manual = dify.file_url(dify.host_preview(PDF, "application/pdf"))
+    other = "https://cdn.example.com/files/brochure.pdf"
+    text = f"The chart: ![chart]({chart}), the [manual.pdf]({manual}), and [a brochure]({other})."
+    dify.script([*d.answer(text, pieces=9)[:-1], d.end()])
+    sim = make_simulator(b.url)
+    conversation = sim.ask("the chart please")
+    shown = " ".join(conversation.contents())
+    assert dify.files_url not in shown and "file-preview" not in shown
+    final = conversation.text
+    assert final.startswith("The chart: , the 📎 [manual.pdf](https://bot.example.com/wecom/files/")
+    assert final.endswith(f"and [a brochure]({other}).")
+    [item] = conversation.last["msg_item"]
+    assert base64.b64decode(item["image"]["base64"])[:4] == b"\x89PNG"
+    sim.close()
+
+
+def test_on_a_long_connection_an_absolute_dify_link_is_never_shown_and_its_image_is_uploaded(ws_gateway, dify):
+    _, wecom = ws_gateway(public_base_url=PUBLIC, file_link_secret=SECRET)
+    dify.files_url = "http://api:5001"
+    chart = dify.file_url(dify.host_preview(noise_png(40, 40)))
+    half = f"![chart.png]({chart[:30]}"  # the link's address split over two deltas
+    dify.script([d.message("The chart: "), d.message(half), d.sleep(1.5), d.message(chart[30:] + ")"), d.end()])
+    req_id = wecom.deliver_text(WS_BOT_ID, "show the chart")
+    final = wecom.final(req_id, timeout=15)
+    assert final["stream"]["content"] == "The chart: "
+    assert not any("api:5001" in f["stream"]["content"] for f in wecom.frames(req_id))  # not even half of it
+    assert wait_until(lambda: any(m.get("msgtype") == "image" for m in wecom.proactive), timeout=15)

@@ -191,17 +191,35 @@ def test_a_click_before_the_text_inputs_asks_for_them_first(sims, dify):
     assert conversation.text == "Need approval." + DONE
 
 
-def test_select_inputs_become_a_multiple_interaction_card(sims, dify):
+def test_one_select_rides_beside_the_buttons_as_their_selection(sims, dify):
+    """A form with one select: a button_interaction card whose `button_selection` offers the options (ids o0, o1:
+    an option may be any text), the actions its buttons; the option's text is submitted."""
     dify.script(approval(inputs=[apps.select_input("size", ["13 inch", "15 inch"], "Size")]))
-    selected = {"size": "15 inch", ACTION_QUESTION: "reject"}
-    conversation, reply, _ = ask_and_click(sims[0], sims[1], selected=selected)
+    conversation, reply, _ = ask_and_click(sims[0], sims[1], action="reject", selected={"size": "15 inch"})
     card = conversation.cards[0]
-    assert card["card_type"] == "multiple_interaction"
-    assert [s["question_key"] for s in card["select_list"]] == ["size", ACTION_QUESTION]
-    assert reply["template_card"]["select_list"][0]["disable"] is True
+    assert card["card_type"] == "button_interaction"
+    assert [o["id"] for o in card["button_selection"]["option_list"]] == ["o0", "o1"]
+    assert [b["text"] for b in card["button_list"]] == ["Approve", "Reject"]
+    assert reply["template_card"]["button_selection"]["disable"] is True
+    assert reply["template_card"]["button_selection"]["selected_id"] == "o1"
     [submission] = dify.form_submissions
     assert submission["body"]["action"] == "reject"
     assert submission["body"]["inputs"] == {"size": "15 inch"}
+
+
+def test_several_selects_become_a_multiple_interaction_card(sims, dify):
+    sizes = apps.select_input("size", ["13 inch", "15 inch"], "Size")
+    colours = apps.select_input("colour", ["灰", "银"])
+    dify.script(approval(inputs=[sizes, colours]))
+    selected = {"size": "15 inch", "colour": "银", ACTION_QUESTION: "reject"}
+    conversation, reply, _ = ask_and_click(sims[0], sims[1], selected=selected)
+    card = conversation.cards[0]
+    assert card["card_type"] == "multiple_interaction"
+    assert [s["question_key"] for s in card["select_list"]] == ["size", "colour", ACTION_QUESTION]
+    assert reply["template_card"]["select_list"][0]["disable"] is True
+    [submission] = dify.form_submissions
+    assert submission["body"]["action"] == "reject"
+    assert submission["body"]["inputs"] == {"size": "15 inch", "colour": "银"}
 
 
 def test_a_click_after_the_bubble_ended_sends_the_rest_through_the_clicks_response_url(make_pair, dify):
@@ -263,7 +281,7 @@ def test_a_draining_replica_hands_a_waiting_form_over_at_once(pair, dify):
 def test_a_form_delivered_by_email_says_so(sims, dify):
     dify.script(apps.input_required(before="I need your approval first."))
     conversation = sims[0].ask("book the trip")
-    assert conversation.text == "I need your approval first.\n\n" + ZH["form_by_email"]
+    assert conversation.text == "I need your approval first.\n\n" + ZH["form_elsewhere"]
 
 
 def test_an_event_with_empty_data_is_read_from_the_form_api(sims, dify):
@@ -294,7 +312,7 @@ def test_read_form_takes_the_form_apis_answer_over_the_events():
     }
     form = read_form(event, fetched, "run-1")
     assert (form.content, form.title, form.expires_at) == ("new", "Step", 2_000_000_000.0)
-    assert form.selects[0].options == (("1", "One"),)
+    assert form.card_selects[0].options == (("1", "One"),)
     assert form.action("ok").title == "OK" and form.action("1").id == "ok" and form.action("ok ").id == "ok"
 
 
@@ -306,9 +324,9 @@ def test_a_snapshots_form_is_read_with_the_rendered_text_and_difys_defaults():
     )
     form = read_form(snapshot["data"], form_reply(), "run-1")
     assert form.content == "Please review the request: deploy v2 to prod"
-    assert [(i.name, i.default) for i in form.texts] == [("comment", "looks good")]
+    assert [(i.name, i.default) for i in form.in_chat] == [("comment", "looks good")]
     record = FormRecord("s@0", form, "open", "alice", "", "", "", "u", "s", values={})
-    assert record.missing_texts == []
+    assert record.missing == []
 
 
 # --- cards beyond forms ------------------------------------------------------------------------------------------

@@ -354,6 +354,20 @@ def test_a_file_the_apps_input_does_not_take_gets_one_clear_reply_and_no_dify_ca
     assert dify.chat_requests() == [] and dify.uploads == {}
 
 
+@pytest.mark.parametrize("files_too", [False, True], ids=["input-only", "files-of-documents-too"])
+def test_a_file_of_a_type_in_none_of_difys_lists_is_refused_before_any_upload(simulator, dify, files_too):
+    """A `.exe` is of Dify's type `custom` (its extension is in none of Dify's lists): a workflow input that takes
+    documents does not take it, nor do the app's files where they take documents. One clear reply, no upload, no
+    Dify call (before, it went into the input as a document, was uploaded and run, and Dify failed it)."""
+    dify.mode = "workflow"
+    dify.parameters["user_input_form"] = [file_input("contract", "document")]
+    dify.parameters["file_upload"] = {"enabled": files_too, "allowed_file_types": ["document"]}
+    url = simulator.inbox.host(b"MZ\x90\x00" + bytes(200), filename="setup.exe")
+    conversation = follow_payload(simulator, simulator.message("file", {"url": url}))
+    assert conversation.text == ZH["files_unsupported"]
+    assert dify.chat_requests() == [] and dify.uploads == {}
+
+
 def test_on_a_long_connection_a_file_goes_into_the_input_too(ws_gateway, dify):
     """The medium carries its own aeskey there; it is decrypted with it and goes into the input as above."""
     dify.mode = "workflow"

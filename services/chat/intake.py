@@ -1,6 +1,6 @@
 """What a user's message becomes: a command (/new, /reset, /stop, /help) answered at once, a polite refusal of an
-empty message, the typed value of a form that waits for it, or a question (the words, the quote as context, the
-images and files) that opens a stream."""
+empty message, the typed value or the file of a form that waits for it, or a question (the words, the quote as
+context, the images and files) that opens a stream."""
 
 from __future__ import annotations
 
@@ -73,10 +73,12 @@ class MessageIntake:
                 if not text:
                     return self.streams.finish_at_once(self.texts.say(said))
 
-        form = self.forms.waiting_for(message) if self.forms is not None and text else None
+        attachments = _attachments(message)
+        form = self.forms.waiting_for(message) if self.forms is not None and (text or attachments) else None
+        if form is not None and attachments:  # a file for a form's field: not a question for Dify
+            return self.streams.answer_at_once(message, lambda: self.forms.given(form, message, attachments))
         if form is not None:  # the value of a form's field, or its choice: not a question for Dify
             return self.streams.answer_at_once(message, lambda: self.forms.typed(form, message, text))
-        attachments = _attachments(message)
         if not text and not attachments:
             self.streams.count("empty")
             return self.streams.finish_at_once(self.texts.say("empty_query"))

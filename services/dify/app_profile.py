@@ -15,6 +15,7 @@ from services.dify.errors import DifyError
 logger = logging.getLogger(__name__)
 
 _FORM_TYPES = ("text-input", "paragraph", "select", "number")
+_TEXT_TYPES = ("text-input", "paragraph")
 _FILE_TYPES = ("file", "file-list")
 _DEFAULT_FILE_LIST_LENGTH = 5
 
@@ -38,7 +39,9 @@ class FileInput:
         """Whether a file of Dify type `kind` with `extension` (no dot) may go into this input."""
         if not self.types:
             return True
-        return kind in self.types or ("custom" in self.types and f".{extension.lower()}" in self.extensions)
+        if kind in self.types and kind != "custom":
+            return True
+        return "custom" in self.types and f".{extension.lower()}" in self.extensions
 
 
 class DifyAppProfile:
@@ -55,6 +58,7 @@ class DifyAppProfile:
         self.retry_seconds = retry_seconds
         self._parameters: dict = {}
         self._next_refresh = 0.0
+        self._question_input_told = ""  # the input the question went into, last said in the log
         self._lock = threading.Lock()
 
     def parameters(self, timeout: float = 10.0) -> dict:
@@ -123,6 +127,30 @@ class DifyAppProfile:
                     )
                 )
         return found
+
+    def question_input(self, configured: str, filled: frozenset[str] = frozenset()) -> str:
+        """The workflow input a question goes into: `configured` (DIFY_WORKFLOW_INPUT) when the app declares it or
+        declares no inputs at all; else the app's only required text input not `filled` otherwise (the user's
+        token, the asker's name), when it has exactly one (said once in the log); else `configured`, which Dify
+        then refuses naming what it misses."""
+        required, declared = [], set()
+        form = self.parameters().get("user_input_form")
+        for item in form if isinstance(form, list) else []:
+            for kind, spec in item.items() if isinstance(item, dict) else ():
+                if isinstance(spec, dict) and isinstance(spec.get("variable"), str):
+                    declared.add(spec["variable"])
+                    if kind in _TEXT_TYPES and spec.get("required") and spec["variable"] not in filled:
+                        required.append(spec["variable"])
+        if configured in declared or not declared or len(required) != 1:
+            return configured
+        if self._question_input_told != required[0]:
+            self._question_input_told = required[0]
+            logger.info(
+                "the workflow has no input %r; the question goes into its only required text input, %r",
+                configured,
+                required[0],
+            )
+        return required[0]
 
     def declared_inputs(self) -> dict[str, object]:
         """Variable name -> default for each input the app declares in its user input form."""

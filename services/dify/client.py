@@ -5,6 +5,11 @@ write each read's deltas to Redis in one batch and check its own deadline betwee
 process's read pump (services/dify/transport): a `relay` callback may handle the plain batches right there, in the
 pump's thread, and only the rest wake the caller. Every way the call can fail raises a `DifyError` subclass
 (services/dify/errors.py); a stream that ends without `message_end` or `error` raises `DifyStreamCut`.
+
+A chatflow's or workflow's run is Dify's own record too (`GET /workflows/run/{id}`), and a run's stream is checked
+against it where the stream alone would mislead: one that brings only pings for `quiet_run_seconds` (Dify 1.16.0
+relays no end to a listener of a run whose first reader went away) ends with the record's `workflow_finished` once
+the run is over, and a run streamed as `stopped` with no outputs takes the outputs its record kept.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import orjson
 
 from services.dify.errors import (
     DifyConnectionError,
+    DifyError,
     DifyHTTPError,
     DifyStreamCut,
     DifyTimeout,
     http_error,
 )
-from services.dify.events import DifyEvent, EventReader
+from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
 from services.dify.transport.read_pump import ReadPump
 from utils.http import outgoing_client
@@ -44,6 +50,23 @@ _MAX_ERROR_BODY = 2048
 
 
 WORKFLOW, COMPLETION = "workflow", "completion"
+_RECORD_TIMEOUT = 10.0
+
+
+class _QuietRun:
+    """When a run's stream that brings only pings is to be checked against Dify's record of the run: once it was
+    quiet for `seconds`, then every half of that while the record says the run goes on."""
+
+    __slots__ = ("seconds", "run_id", "follows_pauses", "checked_at")
+
+    def __init__(self, seconds: float, run_id: str, follows_pauses: bool):
+        self.seconds = seconds
+        self.run_id = run_id
+        self.follows_pauses = follows_pauses  # continue_on_pause: a paused run is waited for, not re-read
+        self.checked_at = float("-inf")
+
+    def due_at(self, reader: EventReader) -> float:
+        return max(reader.last_event_at + self.seconds, self.checked_at + self.seconds / 2)
 
 
 @dataclass(slots=True)
@@ -97,8 +120,10 @@ class DifyClient:
         retry_backoff: float = 1.0,
         pump: ReadPump = PROCESS_PUMP,
         tls: ssl.SSLContext | None = None,
+        quiet_run_seconds: float = 20.0,
     ):
         self.pump = pump
+        self.quiet_run_seconds = quiet_run_seconds  # 0: a run's quiet stream is never checked against its record
         self.tls = tls or default_tls_context()
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
@@ -167,8 +192,20 @@ class DifyClient:
             query["continue_on_pause"] = "true"
         url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode(query)}"
         yield from self._with_retries(
-            lambda: self._stream_once(url, None, EventReader(WORKFLOW), relay, on_open), idempotent=True
+            lambda: self._stream_once(
+                url, None, EventReader(WORKFLOW, run_id), relay, on_open, follows_pauses=continue_on_pause
+            ),
+            idempotent=True,
         )
+
+    def run_record(self, run_id: str, timeout: float = _RECORD_TIMEOUT) -> dict:
+        """Dify's record of a chatflow's or workflow's run (`GET /workflows/run/{id}`): its `status` (running,
+        paused, succeeded, partial-succeeded, failed, stopped), `outputs` once it ended, `error`.
+
+        Raises:
+            DifyHTTPError (404: no such run of this app), DifyConnectionError, DifyTimeout.
+        """
+        return self._get_object(f"workflows/run/{quote(run_id, safe='')}", timeout)
 
     def human_input_form(self, form_token: str, timeout: float = 10.0) -> dict:
         """A paused run's form (`GET /form/human_input/{token}`): form_content, inputs, user_actions,
@@ -220,6 +257,7 @@ class DifyClient:
         reader: EventReader,
         relay: Relay | None,
         on_open: Callable[[], bool] | None = None,
+        follows_pauses: bool = False,
     ) -> Iterator[list[DifyEvent]]:
         try:
             stream = open_event_stream(
@@ -238,9 +276,15 @@ class DifyClient:
                 raise http_error(stream.status, stream.read_body(_MAX_ERROR_BODY))
             if on_open is not None and not on_open():
                 return
+            quiet = None
+            if reader.follows_a_run and self.quiet_run_seconds > 0:
+                quiet = _QuietRun(self.quiet_run_seconds, reader.run_id, follows_pauses)
             try:
                 while not reader.stopped and not stream.complete:
-                    yield self._next_batch(stream, reader, relay)
+                    batch = self._next_batch(stream, reader, relay, quiet.due_at(reader) if quiet else None)
+                    if quiet is not None and not batch and time.monotonic() >= quiet.due_at(reader):
+                        batch = self._ask_record(quiet, reader)
+                    yield self._with_kept_outputs(batch, reader)
             except TimeoutError as exc:
                 raise DifyTimeout("Dify sent nothing within the read timeout") from exc
             except OSError as exc:
@@ -251,9 +295,67 @@ class DifyClient:
                 return
         raise DifyStreamCut(f"Dify closed the stream before {reader.end_name}")
 
+    def _ask_record(self, quiet: _QuietRun, reader: EventReader) -> list[DifyEvent]:
+        """A run's stream brought only pings for a while: Dify's record of the run says whether it is over. Over:
+        its `workflow_finished`, as the record has it (the stream ends here). Paused, where the stream would not
+        follow a pause: the stream missed it, and is taken for cut (the caller re-attaches with the snapshot, which
+        gives the pause's form). Going on, or unknown: nothing (asked again later).
+
+        Raises:
+            DifyStreamCut: the run paused with no word on this stream.
+        """
+        quiet.checked_at = time.monotonic()
+        run_id = quiet.run_id or reader.run_id
+        if not run_id:
+            return []
+        try:
+            record = self.run_record(run_id)
+        except DifyError as exc:
+            logger.info("could not read Dify's record of the run (%s); still following its events", exc.code)
+            return []
+        status = record.get("status")
+        silent = quiet.checked_at - reader.last_event_at
+        if status in RUN_ENDED:
+            logger.warning(
+                "the run's events brought only pings for %.0fs although Dify's record says it ended %s: "
+                "finishing from the record",
+                silent,
+                status,
+            )
+            reader.ended = True
+            data = {k: record.get(k) for k in ("id", "status", "outputs", "error", "elapsed_time", "total_tokens")}
+            event = {"event": WORKFLOW_FINISHED, "workflow_run_id": run_id, "data": data, "from_record": True}
+            return [DifyEvent(WORKFLOW_FINISHED, event)]
+        if status == "paused" and not quiet.follows_pauses:
+            raise DifyStreamCut(f"the run paused with no word on its events stream ({silent:.0f}s of pings)")
+        logger.info("the run's events brought only pings for %.0fs; Dify's record says %s", silent, status)
+        return []
+
+    def _with_kept_outputs(self, batch: list[DifyEvent], reader: EventReader) -> list[DifyEvent]:
+        """A run that ended `stopped` with no outputs in its stream (Dify 1.16.0 so ends a resumed workflow app
+        after making them): the outputs Dify's record kept, if any (`outputs_from_record`)."""
+        if not reader.ended or not batch or batch[-1].kind != WORKFLOW_FINISHED or batch[-1].get("from_record"):
+            return batch
+        body = batch[-1].body
+        if body.get("status") != "stopped" or body.get("outputs") or not reader.run_id:
+            return batch
+        try:
+            kept = self.run_record(reader.run_id).get("outputs")
+        except DifyError as exc:
+            logger.info("could not read Dify's record of the stopped run: %s", exc.code)
+            return batch
+        if isinstance(kept, dict) and kept:
+            logger.warning("Dify streamed the run as stopped with no outputs; its record kept them")
+            data = {**batch[-1].data, "data": {**body, "outputs": kept}, "outputs_from_record": True}
+            batch[-1] = DifyEvent(WORKFLOW_FINISHED, data)
+        return batch
+
     @staticmethod
-    def _next_batch(stream: EventStream, reader: EventReader, relay: Relay | None) -> list[DifyEvent]:
-        """The events of the next read that `relay` does not handle (or of the last read)."""
+    def _next_batch(
+        stream: EventStream, reader: EventReader, relay: Relay | None, wake_at: float | None = None
+    ) -> list[DifyEvent]:
+        """The events of the next read that `relay` does not handle (or of the last read); [] at `wake_at`
+        (time.monotonic()) if nothing else came."""
         head = stream.head_events()
         if head is not None:
             return reader.read(head)
@@ -266,7 +368,7 @@ class DifyClient:
                 return False
             return True
 
-        stream.pump_events(on_events)
+        stream.pump_events(on_events, wake_at)
         return handed_back[0] if handed_back else []
 
     def info(self, timeout: float = 10.0) -> dict:

@@ -5,6 +5,7 @@ chatflow or workflow run; `workflow_paused` for a run that waits for a person) o
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import orjson
@@ -24,6 +25,7 @@ FILE_EVENT = "message_file"
 THOUGHT_EVENT = "agent_thought"
 WORKFLOW_STARTED = "workflow_started"
 WORKFLOW_FINISHED = "workflow_finished"
+RUN_ENDED = frozenset({"succeeded", "partial-succeeded", "failed", "stopped"})  # a run's statuses once it is over
 WORKFLOW_TEXT = "text_chunk"  # a workflow app's answer delta, in data.text
 RUN_APPS = frozenset({"advanced-chat", "workflow"})  # the app types whose answers are runs (re-attachable)
 WORKFLOW_REPLACE = "text_replace"
@@ -102,16 +104,23 @@ class EventReader:
     outputs: docs/protocol.md); a run's stream also stops at `workflow_paused`, where the run waits for a person
     (a reader with `continue_on_pause` would otherwise never see Dify close it). A chatflow stream that closes
     cleanly after `message_end` is still whole (`answer_ended`). Quiet events are left out, except the first one
-    to name the run (`workflow_run_id`, which only workflow events carry)."""
+    to name the run (`workflow_run_id`, which only workflow events carry). `last_event_at` is when the last event
+    that was not a ping came (time.monotonic())."""
 
-    __slots__ = ("ended", "failure", "end_name", "answer_ended", "run_id")
+    __slots__ = ("ended", "failure", "end_name", "answer_ended", "run_id", "last_event_at")
 
-    def __init__(self, app_type: str = "chat") -> None:
+    def __init__(self, app_type: str = "chat", run_id: str = "") -> None:
         self.ended = False
         self.failure: DifyStreamError | None = None
         self.end_name = WORKFLOW_FINISHED if app_type in RUN_APPS else END_EVENT
         self.answer_ended = False  # message_end came
-        self.run_id = ""
+        self.run_id = run_id
+        self.last_event_at = time.monotonic()
+
+    @property
+    def follows_a_run(self) -> bool:
+        """Whether the stream is a chatflow's or workflow's run (which Dify keeps a record of)."""
+        return self.end_name == WORKFLOW_FINISHED
 
     @property
     def stopped(self) -> bool:
@@ -126,6 +135,7 @@ class EventReader:
             event = decode_event(sse.event, sse.data)
             if event is None:
                 continue
+            self.last_event_at = time.monotonic()
             if event.kind == ERROR_EVENT:
                 self.failure = DifyStreamError(
                     str(event.get("message") or "Dify reported an error"),
@@ -133,7 +143,8 @@ class EventReader:
                     status=event.get("status"),
                 )
                 break
-            if event.kind not in QUIET_EVENTS or self._names_the_run(event):
+            names_the_run = self._names_the_run(event)
+            if event.kind not in QUIET_EVENTS or names_the_run:
                 batch.append(event)
             self.answer_ended = self.answer_ended or event.kind == END_EVENT
             if event.kind in (self.end_name, PAUSED):

@@ -20,7 +20,7 @@ from services.files.fetch import FetchError, FileFetcher
 from services.files.links import LinkSigner
 from services.files.model import DifyFile
 from services.files.store import FileRefs
-from services.files.text_links import dify_links
+from services.files.text_links import DifyLinks
 from services.media.images import fit_inline_image
 from services.redis_conn import REDIS_FAILURES
 from services.texts import Texts
@@ -52,8 +52,10 @@ class FileDelivery:
         public_base_url: str,
         max_bytes: int,
         long_connection: bool,
+        links: DifyLinks | None = None,
     ):
         self.bot = bot
+        self.links = links or DifyLinks()  # which links in answer text are to the bot's Dify files
         self.fetcher = fetcher
         self.refs = refs
         self.texts = texts
@@ -74,12 +76,12 @@ class FileDelivery:
         return delivered
 
     def rewrite_links(self, text: str) -> tuple[str, Delivered]:
-        """`text` with its Dify-relative links resolved (services/files/text_links.py): an image goes inline under
+        """`text` with its links to Dify's files resolved (services/files/text_links.py): an image goes inline under
         the bubble (uploaded, on a long connection) and leaves the text; another file becomes its signed link; one
         that fails becomes the line saying so, the rest of the answer intact. Returns the text and what goes with
         the final reply."""
         delivered = Delivered()
-        for markup, link in {link.markup: link for link in dify_links(text)}.items():
+        for markup, link in {link.markup: link for link in self.links.find(text)}.items():
             part = Delivered(images=delivered.images, uploads=delivered.uploads)
             before = len(part.images) + len(part.uploads)
             outcome = "placed" if self._try(link.file, part) else "failed"

@@ -1,7 +1,9 @@
-"""A form's answer, on whichever replica WeCom calls: a click on its card, or a typed value or choice. Either claims
-the form once and answers at once (the click with the updated card within WeCom's 5 s); whoever claims it goes on
-with the run: the worker waiting in the bubble, or, once the bubble is over, a new answer (`go_on_separately`).
-The worker's side (open, wait, submit) is in service.py.
+"""A form's answer, on whichever replica WeCom calls: a click on its card, or a value, a choice or a file the user
+sends in the chat. Each value is stored at once, in one step (services/forms/store.py); a click, or the last value
+of a form with one action, claims the form once, and whoever claims it goes on with the run: the worker waiting in
+the bubble, or, once the bubble is over, a new answer (`go_on_separately`). A click is answered within WeCom's 5 s
+with the card as Dify left it: submitted, refused (the card still usable, Dify's words on it), or expired. The
+worker's side (open, wait, submit) is in service.py.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import time
 from collections.abc import Callable
 
 from services import metrics
+from services.dify.errors import DifyError
 from services.forms.cards import ACTION_QUESTION, DONE_KEY, answered_card, closed_card, form_card, split_key
-from services.forms.service import typed_choices
-from services.forms.store import EXPIRED, OPEN, SEPARATELY, FormRecord, FormStore
+from services.forms.form import FILE_LIST, Input
+from services.forms.service import ask_for, file_kinds, typed_choices
+from services.forms.store import ADD, CLAIMED, CLOSE, EXPIRED, OPEN, SEPARATELY, SET, SUBMITTING, FormRecord, FormStore
+from services.media.service import FileRefused, MediaError, MediaService
 from services.redis_conn import REDIS_FAILURES
 from services.texts import Texts
 from services.wecom.messages import Inbound
@@ -22,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 # Goes on with a form's run as a new message (the bubble is gone): the form, and where the message goes.
 GoOnSeparately = Callable[[FormRecord, str], None]
+# How long a claim's reply waits for Dify's verdict on the submission (the bubble's worker submits it within a
+# moment), well inside the 5 s WeCom waits for a click's answer; past it the reply says "submitted".
+VERDICT_SECONDS = 2.5
+_VERDICT_POLL = 0.1
+# What ends a file list in the chat (besides its being full).
+FILES_DONE = frozenset({"完成", "好了", "好", "done", "ok", "that's all"})
 
 
 def update_reply(card: dict, only_for: str = "") -> dict:
@@ -33,11 +44,19 @@ def update_reply(card: dict, only_for: str = "") -> dict:
 
 
 class FormAnswers:
-    def __init__(self, store: FormStore, texts: Texts, go_on_separately: GoOnSeparately, bot: str = "default"):
+    def __init__(
+        self,
+        store: FormStore,
+        texts: Texts,
+        go_on_separately: GoOnSeparately,
+        bot: str = "default",
+        media: MediaService | None = None,
+    ):
         self.store = store
         self.texts = texts
         self.go_on_separately = go_on_separately  # StreamService.continue_form
         self.bot = bot
+        self.media = media  # fetches a file the user sends for a form, and uploads it to Dify as the run's user
 
     def click(self, message: Inbound) -> dict | None:
         """The reply to a `template_card_event`: the card updated (within WeCom's 5 s), after claiming the form
@@ -55,19 +74,23 @@ class FormAnswers:
             logger.info("click on a card that is not one of ours: ignored")
             return None
         form = record.form
-        if action_id == DONE_KEY or record.status != OPEN:
+        if action_id == DONE_KEY or record.status != OPEN or form.expired():
             return self._after_the_fact(record, message.userid)
         selections = _selections(event)
         action = form.action(selections.pop(ACTION_QUESTION, "") or action_id)
         if action is None:
             self._count("unknown")
             return None
-        values = {**record.values, **{i.name: selections[i.name] for i in form.selects if i.name in selections}}
-        if record.userid == message.userid and record.missing_texts:
-            self._count("needs_text")
-            card = form_card(form, task_id, self.texts)
-            card["main_title"]["desc"] = self.texts.say("form_needs_values").format(label=record.missing_texts[0].label)
-            return update_reply(card, only_for=message.userid)
+        chosen = {i.name: i.option(selections[i.name]) for i in form.card_selects if i.name in selections}
+        if None in chosen.values():  # an option the form does not offer (a stale or forged card): nothing taken
+            self._count("bad_option")
+            status = self.texts.say("form_option_not_offered")
+            return update_reply(form_card(form, task_id, self.texts, status, record.values), message.userid)
+        values = {**record.values, **chosen}
+        if record.userid == message.userid and record.missing:
+            self._count("needs_values")
+            status = self.texts.say("form_needs_values").format(label=record.missing[0].label)
+            return update_reply(form_card(form, task_id, self.texts, status, values), only_for=message.userid)
         return self._claim(record, message, action.id, values)
 
     def _after_the_fact(self, record: FormRecord, who: str) -> dict:
@@ -79,10 +102,17 @@ class FormAnswers:
         return update_reply(self._answered(record, record.choice, record.values, "form_answered"))
 
     def _claim(self, record: FormRecord, message: Inbound, action: str, values: dict) -> dict:
-        """Claim the form for a click, and the card that answers it."""
+        """Claim the form for a click, and the card that answers it: as Dify's verdict on the submission leaves it,
+        when it comes in time."""
         outcome, choice = self._claim_form(record, message, action, values)
         form, task_id = record.form, record.task_id
         if outcome == "claimed":
+            verdict = self._verdict(task_id)
+            if verdict is not None and verdict.status == OPEN:  # Dify refused the values: choose again
+                status = self.texts.say("form_refused").format(reason=verdict.refused[:80])
+                return update_reply(form_card(form, task_id, self.texts, status, verdict.values), message.userid)
+            if verdict is not None and verdict.status == EXPIRED:
+                return update_reply(closed_card(form, task_id, self.texts, self._expired_status()))
             return update_reply(self._answered(record, action, values, "form_submitted"))
         if outcome == "not_yours":
             return update_reply(
@@ -91,6 +121,20 @@ class FormAnswers:
         if outcome == "expired":
             return update_reply(closed_card(form, task_id, self.texts, self._expired_status()))
         return update_reply(self._answered(record, choice, record.values, "form_answered"))
+
+    def _verdict(self, task_id: str) -> FormRecord | None:
+        """The form once its submission was decided (submitted, refused and open again, expired), waiting up to
+        VERDICT_SECONDS; None when it is still being submitted (or Redis is away)."""
+        deadline = time.monotonic() + VERDICT_SECONDS
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(_VERDICT_POLL)
+                status, _ = self.store.status(task_id)
+                if status not in (CLAIMED, SUBMITTING):
+                    return self.store.load(task_id)
+        except REDIS_FAILURES as exc:
+            logger.info("could not read the form's verdict (%s); answering as submitted", exc)
+        return None
 
     def _claim_form(self, record: FormRecord, message: Inbound, action: str, values: dict) -> tuple[str, str]:
         """Claim the form once, for `action` with `values`, by the message's user; whoever claims it first starts
@@ -128,53 +172,143 @@ class FormAnswers:
         except REDIS_FAILURES as exc:
             logger.warning("could not clear the typed-answer pointer (%s); it expires with the form", exc)
 
+    # --- the chat: values, choices and files the user sends ---------------------------------------------------
+
     def waiting_for(self, message: Inbound) -> FormRecord | None:
-        """The form whose values (or choice) this user types in this chat next, if one waits; None: the message is
-        a question.
+        """The form whose values (or choice) this user gives in this chat next, if one waits (or expired a moment
+        ago: the message then hears so); None: the message is a question.
 
         Raises:
             redis.RedisError: Redis did not answer.
         """
         task_id = self.store.typing(message.aibotid, message.chatid or "single", message.userid)
         record = self.store.load(task_id) if task_id else None
-        if record is None or record.status != OPEN or record.form.expired():
+        if record is None or record.status != OPEN:
             if record is not None:
                 self._stop_typing(record)
             return None
         return record
 
     def typed(self, record: FormRecord, message: Inbound, text: str) -> str:
-        """Take a typed answer to `record` (the next missing value, else the choice of an action); the note to
-        reply with.
+        """Take a typed answer to `record` (the next missing value or choice, else the choice of an action); the
+        note to reply with.
 
         Raises:
             redis.RedisError: Redis did not answer.
         """
+        if (expired := self._if_expired(record)) is not None:
+            return expired
         form = record.form
-        missing = record.missing_texts
+        missing = record.missing
         if missing:
-            values = {**record.values, missing[0].name: text}
-            self.store.set_values(record.task_id, values)
-            record.values = values
-            noted = self.texts.say("form_value_noted").format(label=missing[0].label)
-            if len(missing) > 1:
-                return f"{noted}\n\n{self.texts.say('form_type_value').format(label=missing[1].label)}"
-            if len(form.actions) > 1 and record.card_rides:
-                self._stop_typing(record)
-                return f"{noted}\n\n{self.texts.say('form_then_choose')}"
-            if len(form.actions) > 1:
-                return f"{noted}\n\n{typed_choices(form, self.texts)}"
-            return self._typed_claim(record, message, form.actions[0].id, noted)
+            item = missing[0]
+            if item.is_file:
+                if item.kind == FILE_LIST and record.values.get(item.name) and text.casefold() in FILES_DONE:
+                    return self._put(record, message, item, None, CLOSE, "")
+                return ask_for(item, self.texts)  # a file is wanted, not words
+            value = text
+            if item.is_select:
+                value = item.option(text)
+                if value is None:
+                    unknown = self.texts.say("form_option_unknown").format(choice=text[:40], label=item.label)
+                    return f"{unknown}\n\n{ask_for(item, self.texts)}"
+            noted = self.texts.say("form_value_noted").format(label=item.label)
+            return self._put(record, message, item, value, SET, noted)
         action = form.action(text)
         if action is None:
             return typed_choices(form, self.texts)
         return self._typed_claim(record, message, action.id, "")
 
+    def given(self, record: FormRecord, message: Inbound, attachments: list[tuple[str, ...]]) -> str:
+        """Take the file(s) a message brings for `record`'s next missing file input: checked against the input's
+        types before any upload, uploaded as the run's user; the note to reply with (one line for a file the
+        input does not take, one that fails, or a file the form does not wait for).
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        if (expired := self._if_expired(record)) is not None:
+            return expired
+        missing = record.missing
+        item = missing[0] if missing else None
+        if item is None or not item.is_file or self.media is None:
+            step = ask_for(item, self.texts) if item is not None else self._next_step(record)
+            return "\n\n".join(filter(None, (self.texts.say("form_file_not_needed"), step)))
+        notes, took = [], False
+        for kind, url, *aeskey in attachments:
+            if record.filled(item):
+                break
+            try:
+                given, name = self.media.file_for(kind, url, aeskey[0] if aeskey else "", record.dify_user,
+                                                  item.takes_file)  # fmt: skip
+            except FileRefused as refused:
+                kinds = file_kinds(item, self.texts)
+                notes.append(self.texts.say("form_file_refused").format(name=refused.name, label=item.label,
+                                                                        kinds=kinds))  # fmt: skip
+                continue
+            except (MediaError, DifyError) as exc:
+                logger.warning("a file for form %s could not be passed on: %s", record.task_id, exc)
+                notes.append(self.texts.say("form_file_failed"))
+                continue
+            how = ADD if item.kind == FILE_LIST else SET
+            values = self.store.put_value(record.task_id, item.name, given, how, item.max_files)
+            if values is None:  # claimed or expired meanwhile
+                return self.texts.say("form_expired")
+            record.values, took = values, True
+            notes.append(self.texts.say("form_file_noted").format(label=item.label, name=name))
+        if took:
+            return self._after_value(record, message, "\n".join(notes))
+        return "\n".join([*notes, ask_for(item, self.texts)])
+
+    def _put(self, record: FormRecord, message: Inbound, item: Input, value, how: str, noted: str) -> str:
+        """Store one value of the form (atomically: replicas taking the user's messages at once lose none), then
+        the next step."""
+        values = self.store.put_value(record.task_id, item.name, value, how)
+        if values is None:  # claimed or expired meanwhile
+            return self.texts.say("form_expired")
+        record.values = values
+        return self._after_value(record, message, noted)
+
+    def _after_value(self, record: FormRecord, message: Inbound, noted: str) -> str:
+        """After a value: ask for the next one, or for the choice, or (one action, nothing left) claim the form."""
+        form = record.form
+        missing = record.missing
+        if missing:
+            step = ask_for(missing[0], self.texts)
+        elif len(form.actions) > 1 and record.card_rides:
+            if not any(i.is_file for i in form.in_chat):  # a form of files keeps listening: a late file hears why
+                self._stop_typing(record)
+            step = self.texts.say("form_then_choose")
+        elif len(form.actions) > 1:
+            step = typed_choices(form, self.texts)
+        else:
+            return self._typed_claim(record, message, form.actions[0].id, noted)
+        return "\n\n".join(filter(None, (noted, step)))
+
+    def _next_step(self, record: FormRecord) -> str:
+        if record.card_rides:
+            return self.texts.say("form_then_choose")
+        return typed_choices(record.form, self.texts)
+
+    def _if_expired(self, record: FormRecord) -> str | None:
+        """The note for a value sent after the form expired (the user hears it once; nothing is submitted)."""
+        if not record.form.expired():
+            return None
+        self._stop_typing(record)
+        self._count("expired")
+        return self.texts.say("form_expired")
+
     def _typed_claim(self, record: FormRecord, message: Inbound, action: str, noted: str) -> str:
         outcome, _ = self._claim_form(record, message, action, record.values)
         title = record.form.action(action).title
-        done = self.texts.say("form_submitted").format(choice=title) if outcome == "claimed" else ""
-        done = done or self.texts.say("form_expired")
+        if outcome != "claimed":
+            done = self.texts.say("form_expired")
+        elif (verdict := self._verdict(record.task_id)) is not None and verdict.status == OPEN:
+            refused = self.texts.say("form_refused").format(reason=verdict.refused[:200])
+            step = ask_for(verdict.missing[0], self.texts) if verdict.missing else self._next_step(verdict)
+            done = f"{refused}\n\n{step}"
+        else:
+            done = self.texts.say("form_submitted").format(choice=title)
         return f"{noted}\n\n{done}" if noted else done
 
 

@@ -1,16 +1,18 @@
 """A form as WeCom template cards (docs/protocol.md, "Template cards"): the card first shown, and the cards a
 click is answered with. Pure functions of the form and the task id.
 
-The actions become the buttons of a `button_interaction` card; a form with select inputs becomes a
-`multiple_interaction` card, its selects the selectors and, when it has several actions, one more selector for the
-action. Each button's (or the submit button's) key names the card's task and the action, `<task_id>#<action id>`.
+The actions become the buttons of a `button_interaction` card, with the form's one select (if it has one) as its
+`button_selection`; a form with several selects becomes a `multiple_interaction` card, its selects the selectors
+and, when it has several actions, one more selector for the action. Each button's (or the submit button's) key
+names the card's task and the action, `<task_id>#<action id>`; each option's id is `o<n>`, its place in the list
+(an option's value may be any text, and WeCom takes ids of at most 128 bytes).
 """
 
 from __future__ import annotations
 
 import re
 
-from services.forms.form import MAX_SELECTORS, Form
+from services.forms.form import OPTION_PREFIX, Form, Input
 from services.texts import Texts
 from utils.text import cut_utf8
 
@@ -32,26 +34,25 @@ def split_key(key: str) -> tuple[str, str]:
     return (task_id, action_id) if sep else ("", "")
 
 
-def card_selects(form: Form) -> list:
-    """The select inputs a card shows (the rest are asked for in the chat)."""
-    room = MAX_SELECTORS - (1 if len(form.actions) > 1 else 0)
-    return list(form.selects[:room])
-
-
-def form_card(form: Form, task_id: str, texts: Texts) -> dict:
-    """The card a paused run's form is shown as."""
-    head = _head(form, texts, "")
-    selects = card_selects(form)
-    if not selects:
+def form_card(form: Form, task_id: str, texts: Texts, status: str = "", values: dict | None = None) -> dict:
+    """The card a paused run's form is shown as (`status`: a line under its title; `values`: the options chosen so
+    far, selected)."""
+    head = _head(form, texts, status)
+    selects, values = form.card_selects, values or {}
+    if len(selects) <= 1:
         buttons = [
             {"text": cut_utf8(a.title, _BUTTON), "style": _STYLES.get(a.style, 2), "key": button_key(task_id, a.id)}
             for a in form.actions
         ]
-        return {"card_type": "button_interaction", **head, "button_list": buttons, "task_id": task_id}
-    select_list = [_selector(i.name, i.label, i.options, i.default) for i in selects]
+        card = {"card_type": "button_interaction", **head, "button_list": buttons, "task_id": task_id}
+        if selects:
+            card["button_selection"] = _selector(selects[0], str(values.get(selects[0].name) or ""))
+        return card
+    select_list = [_selector(i, str(values.get(i.name) or "")) for i in selects]
     if len(form.actions) > 1:
+        question = texts.say("form_action_question")
         options = tuple((a.id, a.title) for a in form.actions)
-        select_list.append(_selector(ACTION_QUESTION, texts.say("form_action_question"), options, form.actions[0].id))
+        select_list.append(_selector(Input(ACTION_QUESTION, "select", question, options), form.actions[0].id))
     submit = form.actions[0].title if len(form.actions) == 1 else texts.say("form_submit_button")
     return {
         "card_type": "multiple_interaction",
@@ -86,18 +87,16 @@ def notice_card(task_id: str, title: str, status: str) -> dict:
 
 def _spent(form: Form, task_id: str, texts: Texts, status: str, values: dict) -> dict:
     head = _head(form, texts, status)
-    selects = card_selects(form)
-    if not selects:
+    selects = form.card_selects
+    spent = [_disabled(_selector(i, str(values.get(i.name) or i.default))) for i in selects]
+    if len(selects) <= 1:
         button = {"text": cut_utf8(status, _BUTTON), "style": 2, "key": button_key(task_id, DONE_KEY)}
-        return {"card_type": "button_interaction", **head, "button_list": [button], "task_id": task_id}
-    select_list = [
-        {**_selector(i.name, i.label, i.options, str(values.get(i.name) or i.default)), "disable": True}
-        for i in selects
-    ]
+        card = {"card_type": "button_interaction", **head, "button_list": [button], "task_id": task_id}
+        return card | ({"button_selection": spent[0]} if spent else {})
     return {
         "card_type": "multiple_interaction",
         **head,
-        "select_list": select_list,
+        "select_list": spent,
         "submit_button": {"text": cut_utf8(status, _BUTTON), "key": button_key(task_id, DONE_KEY)},
         "task_id": task_id,
     }
@@ -113,12 +112,21 @@ def _head(form: Form, texts: Texts, status: str) -> dict:
     return head
 
 
-def _selector(key: str, title: str, options: tuple[tuple[str, str], ...], selected: str) -> dict:
+def _selector(item: Input, selected: str) -> dict:
+    """A selector of the input's options (the action's selector: the actions by their ids); `selected`: the value
+    (or, for the action, the id) chosen so far."""
+    by_id = item.name == ACTION_QUESTION
+    options = [(value if by_id else f"{OPTION_PREFIX}{n}", value, text) for n, (value, text) in enumerate(item.options)]
     selector = {
-        "question_key": key,
-        "title": cut_utf8(title, _TITLE),
-        "option_list": [{"id": option_id, "text": cut_utf8(text, _OPTION)} for option_id, text in options],
+        "question_key": item.name,
+        "title": cut_utf8(item.label, _TITLE),
+        "option_list": [{"id": option_id, "text": cut_utf8(text, _OPTION)} for option_id, _, text in options],
     }
-    if selected and any(option_id == selected for option_id, _ in options):
-        selector["selected_id"] = selected
+    chosen = next((option_id for option_id, value, _ in options if value == selected), "")
+    if chosen:
+        selector["selected_id"] = chosen
     return selector
+
+
+def _disabled(selector: dict) -> dict:
+    return {**selector, "disable": True}

@@ -1,5 +1,12 @@
 """A paused run's form, as Dify describes it (`human_input_required`, `GET /form/human_input/{token}`), read into
-plain values: what to show, the actions a person may take, and the inputs they fill in."""
+plain values: what to show, the actions a person may take, and the inputs they fill in.
+
+Inputs are Dify's: a paragraph (text), a `select` (Dify 1.15+: its options in `option_source.value`, a constant list
+or resolved by Dify from a run variable; older builds: `options`), a `file` or a `file-list` (Dify 1.15+: allowed
+types, extensions and upload methods, and for a list `number_limits`). A card carries up to three selects of up to
+ten options (`Form.card_selects`); every other input is asked for in the chat (`Form.in_chat`): typed, chosen by
+typing, or sent as files.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,12 @@ from datetime import datetime
 
 import orjson
 
-SELECT = "select"
+SELECT, FILE, FILE_LIST = "select", "file", "file-list"
 MAX_ACTIONS = 6  # a button_interaction card's buttons
 MAX_SELECTORS = 3  # a multiple_interaction card's selectors
 MAX_OPTIONS = 10  # options per selector
 DEFAULT_EXPIRY_SECONDS = 24 * 3600  # a form whose expiry Dify does not say
+OPTION_PREFIX = "o"  # a card's option ids: o0, o1, … (the option's value may be any text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,17 +33,77 @@ class Action:
 
 @dataclass(frozen=True, slots=True)
 class Input:
-    """One value the form asks for: a select (`options`: (id, text)) or a free text the user types."""
+    """One value the form asks for: a select (`options`: (value submitted, text shown)), a file or a list of them
+    (`file_types`: Dify's types; `file_extensions`: `.pdf`…; `max_files`: 0 for no limit), or a free text."""
 
     name: str  # Dify's output_variable_name: the key of the submission's `inputs`
     kind: str
     label: str
     options: tuple[tuple[str, str], ...] = ()
     default: str = ""  # Dify's default: submitted when the user is not asked (a text input with one is not)
+    file_types: tuple[str, ...] = ()
+    file_extensions: tuple[str, ...] = ()
+    max_files: int = 0
+    uploadable: bool = True  # Dify takes an upload here (`local_file` among its allowed upload methods)
 
     @property
     def is_select(self) -> bool:
-        return self.kind == SELECT and bool(self.options)
+        return self.kind == SELECT
+
+    @property
+    def fits_a_selector(self) -> bool:
+        """A select a card can offer: one to ten options."""
+        return self.is_select and 1 <= len(self.options) <= MAX_OPTIONS
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in (FILE, FILE_LIST)
+
+    def option(self, chosen: str) -> str | None:
+        """The value of the option `chosen` names: a card's option id, the option's text or value (any case), or its
+        number in the list (1-based); None when it names none of them."""
+        chosen = chosen.strip()
+        if chosen.startswith(OPTION_PREFIX) and chosen[len(OPTION_PREFIX) :].isdigit():
+            index = int(chosen[len(OPTION_PREFIX) :])
+            if index < len(self.options):
+                return self.options[index][0]
+        for value, text in self.options:
+            if chosen in (value, text) or chosen.casefold() in (value.casefold(), text.casefold()):
+                return value
+        if chosen.isdigit() and 1 <= int(chosen) <= len(self.options):
+            return self.options[int(chosen) - 1][0]
+        return None
+
+    def takes_file(self, dify_type: str, extension: str) -> bool:
+        """Whether a file of Dify type `dify_type` with `extension` (no dot) may fill this input."""
+        if not self.file_types:
+            return True
+        if dify_type in self.file_types and dify_type != "custom":
+            return True
+        return "custom" in self.file_types and f".{extension.lower()}" in self.file_extensions
+
+    def to_list(self) -> list:
+        return [
+            self.name,
+            self.kind,
+            self.label,
+            [list(o) for o in self.options],
+            self.default,
+            list(self.file_types),
+            list(self.file_extensions),
+            self.max_files,
+            self.uploadable,
+        ]
+
+    @classmethod
+    def from_list(cls, item: list) -> Input:
+        """An input as `to_list` wrote it (or as an older release did: its first five fields)."""
+        name, kind, label, options, default, *files = item
+        types, extensions, max_files, uploadable = [*files, [], [], 0, True][:4]
+        return cls(
+            name, kind, label, tuple(tuple(o) for o in options), default, tuple(types), tuple(extensions),
+            int(max_files), bool(uploadable),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +119,20 @@ class Form:
     extra: dict = field(default_factory=dict)
 
     @property
-    def selects(self) -> tuple[Input, ...]:
-        return tuple(i for i in self.inputs if i.is_select)
+    def card_selects(self) -> tuple[Input, ...]:
+        """The selects the card offers: one beside the action buttons (`button_selection`), or up to three
+        selectors (`select_list`; one of them the action's, when there are several actions)."""
+        selects = tuple(i for i in self.inputs if i.fits_a_selector)
+        if len(selects) <= 1:
+            return selects
+        return selects[: MAX_SELECTORS - (1 if len(self.actions) > 1 else 0)]
 
     @property
-    def texts(self) -> tuple[Input, ...]:
-        """The inputs a card cannot ask for: the user types them, one message each."""
-        return tuple(i for i in self.inputs if not i.is_select)
+    def in_chat(self) -> tuple[Input, ...]:
+        """The inputs a card cannot ask for, asked in the chat in the form's order: typed texts, selects chosen by
+        typing, files sent."""
+        on_card = {i.name for i in self.card_selects}
+        return tuple(i for i in self.inputs if i.name not in on_card)
 
     def expired(self, now: float | None = None) -> bool:
         return (now or time.time()) >= self.expires_at
@@ -80,7 +155,7 @@ class Form:
                 "content": self.content,
                 "title": self.title,
                 "actions": [[a.id, a.title, a.style] for a in self.actions],
-                "inputs": [[i.name, i.kind, i.label, [list(o) for o in i.options], i.default] for i in self.inputs],
+                "inputs": [i.to_list() for i in self.inputs],
                 "expires_at": self.expires_at,
                 "node_id": self.node_id,
             }
@@ -95,7 +170,7 @@ class Form:
             content=data["content"],
             title=data["title"],
             actions=tuple(Action(*a) for a in data["actions"]),
-            inputs=tuple(Input(n, k, lab, tuple(tuple(o) for o in opts), d) for n, k, lab, opts, d in data["inputs"]),
+            inputs=tuple(Input.from_list(item) for item in data["inputs"]),
             expires_at=float(data["expires_at"]),
             node_id=data.get("node_id", ""),
         )
@@ -103,7 +178,7 @@ class Form:
 
 def read_form(event: dict, fetched: dict, run_id: str, now: float | None = None) -> Form:
     """The form of a `human_input_required` event's data, completed by `GET /form/human_input/{token}` (`fetched`,
-    which wins: some Dify builds send the event with empty data)."""
+    which wins: some Dify builds send the event with empty data, and the GET has a select's options resolved)."""
     now = now or time.time()
     merged = {**event, **{k: v for k, v in fetched.items() if v not in (None, "", [])}}
     actions = tuple(
@@ -113,9 +188,7 @@ def read_form(event: dict, fetched: dict, run_id: str, now: float | None = None)
     )
     inputs = tuple(_input(raw) for raw in _objects(merged.get("inputs")) if raw.get("output_variable_name"))
     defaults = merged.get("resolved_default_values") if isinstance(merged.get("resolved_default_values"), dict) else {}
-    inputs = tuple(
-        Input(i.name, i.kind, i.label, i.options, str(defaults.get(i.name, i.default) or "")) for i in inputs
-    )
+    inputs = tuple(_with_default(i, str(defaults.get(i.name, i.default) or "")) for i in inputs)
     return Form(
         token=str(merged.get("form_token") or ""),
         run_id=run_id,
@@ -128,19 +201,48 @@ def read_form(event: dict, fetched: dict, run_id: str, now: float | None = None)
     )
 
 
+def _with_default(item: Input, default: str) -> Input:
+    return Input(
+        item.name, item.kind, item.label, item.options, default, item.file_types, item.file_extensions,
+        item.max_files, item.uploadable,
+    )  # fmt: skip
+
+
 def _input(raw: dict) -> Input:
     name = str(raw["output_variable_name"])
     kind = str(raw.get("type") or "text-input")
     label = str(raw.get("label") or raw.get("title") or name)
+    if kind == SELECT:
+        return Input(name, SELECT, label, _options(raw))
+    if kind in (FILE, FILE_LIST):
+        limit = raw.get("number_limits")
+        methods = raw.get("allowed_file_upload_methods")
+        return Input(
+            name,
+            kind,
+            label,
+            file_types=tuple(str(t) for t in raw.get("allowed_file_types") or ()),
+            file_extensions=tuple(f".{str(e).lower().lstrip('.')}" for e in raw.get("allowed_file_extensions") or ()),
+            max_files=1 if kind == FILE else (limit if isinstance(limit, int) and limit > 0 else 0),
+            uploadable=not isinstance(methods, list) or not methods or "local_file" in methods,
+        )
+    return Input(name, kind, label, default=_default(raw))
+
+
+def _options(raw: dict) -> tuple[tuple[str, str], ...]:
+    """A select's options as (value submitted, text shown): Dify 1.15+'s `option_source.value` (strings: the value is
+    the text), or an older build's `options` (strings, or `{value, label}` objects)."""
+    source = raw.get("option_source")
+    listed = source.get("value") if isinstance(source, dict) else raw.get("options")
     options = []
-    for option in raw.get("options") or []:
+    for option in listed if isinstance(listed, list) else []:
         if isinstance(option, str):
             options.append((option, option))
         elif isinstance(option, dict):
             value = option.get("value", option.get("id"))
             if value is not None:
                 options.append((str(value), str(option.get("label") or option.get("text") or value)))
-    return Input(name, SELECT if kind == SELECT else kind, label, tuple(options[:MAX_OPTIONS]), _default(raw))
+    return tuple(options)
 
 
 def _default(raw: dict) -> str:

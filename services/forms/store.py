@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import orjson
 import redis
 
-from services.forms.form import Form
+from services.forms.form import FILE_LIST, Form, Input
 from services.keys import FORM_KEEP_AFTER_EXPIRY_SECONDS, Keys
 from services.lua import LuaScript
 from services.wecom.messages import STREAM_ID_PATTERN
@@ -26,6 +26,11 @@ OPEN, CLAIMED, SUBMITTING = "open", "claimed", "submitting"
 SUBMITTED, EXPIRED, FAILED = "submitted", "expired", "failed"
 IN_BUBBLE, SEPARATELY = "bubble", "separately"  # who goes on after the claim: the stream's worker, or the claimer
 _DIGEST = re.compile(r"[0-9a-f]{12}")
+LISTS_DONE = "__lists_done__"  # in a form's values: the file lists the user said are complete (never submitted)
+SET, ADD, CLOSE = "set", "add", "close"  # how put_value changes a value
+# How long after a form's expiry the user's next message still finds it (and hears that it expired, instead of
+# becoming a question for Dify).
+TYPING_GRACE_SECONDS = 600
 
 # KEYS: form. ARGV: ttl, field/value pairs... A form is written once: a resumed attempt that meets it again gets
 # what became of it. Returns {status, way}.
@@ -61,6 +66,42 @@ if f[4] or (s ~= 'pending' and s ~= 'streaming') then way = 'separately' end
 redis.call('HSET', KEYS[1], 'status', 'claimed', 'choice', ARGV[2], 'values', ARGV[3], 'claimed_at', ARGV[4],
            'way', way)
 return {'claimed', way, ARGV[2]}
+"""
+
+# KEYS: form. ARGV: name, value (JSON), how (set | add | close), limit. One value of an open form: set, or added to
+# its list (`add`; at most `limit` items, 0 for no limit), or its list named complete (`close`). Returns the form's
+# values (JSON), or false when the form is no longer open (claimed, expired).
+_PUT_VALUE = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'values')
+if f[1] ~= 'open' then return false end
+local values = {}
+if f[2] and f[2] ~= '' then values = cjson.decode(f[2]) end
+if ARGV[3] == 'set' then
+  values[ARGV[1]] = cjson.decode(ARGV[2])
+elseif ARGV[3] == 'add' then
+  local list = values[ARGV[1]]
+  if type(list) ~= 'table' then list = {} end
+  if tonumber(ARGV[4]) == 0 or #list < tonumber(ARGV[4]) then table.insert(list, cjson.decode(ARGV[2])) end
+  values[ARGV[1]] = list
+else
+  local done = values['__lists_done__']
+  if type(done) ~= 'table' then done = {} end
+  table.insert(done, ARGV[1])
+  values['__lists_done__'] = done
+end
+local encoded = cjson.encode(values)
+redis.call('HSET', KEYS[1], 'values', encoded)
+return encoded
+"""
+
+# KEYS: form. ARGV: the values (JSON), why (Dify's words). A submission Dify refused as invalid (400): the form is open
+# again, without the values Dify named, for the user to fill in anew. Returns the status it had.
+_REOPEN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'submitting' then return status or '' end
+redis.call('HSET', KEYS[1], 'status', 'open', 'values', ARGV[1], 'refused', ARGV[2])
+redis.call('HDEL', KEYS[1], 'choice', 'claimed_at', 'way')
+return status
 """
 
 # KEYS: form. The stream's worker stops waiting in the bubble (its window is ending): from now on a claim goes on
@@ -115,11 +156,26 @@ class FormRecord:
     before: str = ""  # the run's answer before the pause: a message of its own after the form leaves it out
     opened_at: float = 0.0
     claimed_at: float = 0.0
+    refused: str = ""  # Dify's words on the last submission it refused (the form is open again)
 
     @property
-    def missing_texts(self) -> list:
-        """The typed inputs still without a value, in the form's order (one with a default is not asked for)."""
-        return [i for i in self.form.texts if i.name not in self.values and not i.default]
+    def missing(self) -> list[Input]:
+        """The inputs the chat still asks for, in the form's order: a text without a value or a default, a select
+        without a choice, a file not sent, a file list neither full nor said to be complete."""
+        return [i for i in self.form.in_chat if not self.filled(i)]
+
+    def filled(self, item: Input) -> bool:
+        value = self.values.get(item.name)
+        if item.kind == FILE_LIST:
+            full = bool(item.max_files) and isinstance(value, list) and len(value) >= item.max_files
+            return bool(value) and (full or item.name in self.values.get(LISTS_DONE, ()))
+        return value not in (None, "", []) or bool(item.default and not item.is_select and not item.is_file)
+
+    def submission(self) -> dict:
+        """The inputs to submit: every input (Dify refuses a submission that leaves one out, even one with a
+        default), with its value, else its default."""
+        values = {i.name: i.default for i in self.form.inputs}
+        return values | {k: v for k, v in self.values.items() if k in values}
 
 
 class FormStore:
@@ -130,6 +186,8 @@ class FormStore:
         self._claim = LuaScript(client, _CLAIM)
         self._leave = LuaScript(client, _LEAVE_BUBBLE)
         self._move = LuaScript(client, _MOVE)
+        self._put_value = LuaScript(client, _PUT_VALUE)
+        self._reopen = LuaScript(client, _REOPEN)
 
     def key(self, task_id: str) -> str | None:
         parts = parse_task_id(task_id)
@@ -165,6 +223,7 @@ class FormStore:
             before=data.get("before", ""),
             opened_at=float(data.get("opened_at") or 0),
             claimed_at=float(data.get("claimed_at") or 0),
+            refused=data.get("refused", ""),
         )
 
     def status(self, task_id: str) -> tuple[str, str]:
@@ -187,8 +246,17 @@ class FormStore:
         pairs = [item for name, value in fields.items() for item in (name, value)]
         return self._move(keys=[self.key(task_id)], args=[" ".join(from_statuses), to, *pairs]) or ""
 
-    def set_values(self, task_id: str, values: dict) -> None:
-        self.client.hset(self.key(task_id), "values", orjson.dumps(values).decode())
+    def put_value(self, task_id: str, name: str, value, how: str = SET, limit: int = 0) -> dict | None:
+        """Set one value of an open form (`how`: SET, ADD to its list of at most `limit`, CLOSE its list), in one
+        step however many replicas take the user's messages at once; the form's values, or None when it is no
+        longer open."""
+        encoded = self._put_value(keys=[self.key(task_id)], args=[name, orjson.dumps(value).decode(), how, limit])
+        return orjson.loads(encoded) if encoded else None
+
+    def reopen(self, task_id: str, values: dict, why: str) -> str:
+        """A submission Dify refused as invalid: the form open again with `values` (what Dify named left out) and
+        Dify's words; returns the status it had (only `submitting` is reopened)."""
+        return self._reopen(keys=[self.key(task_id)], args=[orjson.dumps(values).decode(), why]) or ""
 
     # --- the form whose values a user types next ----------------------------------------------------------------
 
@@ -196,7 +264,7 @@ class FormStore:
         return self.client.get(self.keys.form_typing(aibotid, chat, userid)) or ""
 
     def expect_typing(self, record: FormRecord) -> None:
-        ttl = max(1, int(record.form.expires_at - time.time()))
+        ttl = max(1, int(record.form.expires_at - time.time()) + TYPING_GRACE_SECONDS)
         self.client.set(self._typing_key(record), record.task_id, ex=ttl)
 
     def stop_typing(self, record: FormRecord) -> None:

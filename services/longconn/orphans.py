@@ -18,7 +18,6 @@ from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
-from services.streams.bubble import remainder_message, separate_message
 from services.streams.service import StreamService
 
 logger = logging.getLogger(__name__)
@@ -74,9 +73,9 @@ class OrphanDelivery:
             if meta.get("ws_as_is"):  # a message made whole already (an answer's rest the finisher handed over)
                 message = rest
             elif meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
-                message = separate_message(self.streams.texts, rest, "")
+                message = self.streams.bubble.separate(rest, "")
             else:
-                message = remainder_message(self.streams.texts, rest)  # "nothing more" when the rest is empty
+                message = self.streams.bubble.remainder(rest)  # "nothing more" when the rest is empty
             chat = meta.get("ws_chat", "")
             if not self._paced(stream_id, chat):
                 continue

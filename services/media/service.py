@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from urllib.parse import urlsplit
@@ -33,6 +34,15 @@ _LIMIT_FIELDS = {IMAGE: "image_file_size_limit", DOCUMENT: "file_size_limit", VI
 
 class MediaError(Exception):
     """A file could not be fetched or used."""
+
+
+class FileRefused(Exception):
+    """A file a form's input does not take (by Dify's file type and its extension); it was not uploaded. `name`:
+    the file's name."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
 
 
 class Declined(Exception):
@@ -60,22 +70,33 @@ class PreparedFiles:
         return bool(self.files or self.inputs)
 
 
-# Dify's file types by extension (what a Start variable's allowed_file_types speak of).
+CUSTOM = "custom"
+# Dify's file types by extension, as its api/constants lists them (what allowed_file_types speak of; documents: its
+# default ETL's list and Unstructured's). A file whose extension is in none of them is of type `custom`, which only
+# an input's (or the app's) own extension list admits.
 _DIFY_TYPES = {
     **dict.fromkeys(("jpg", "jpeg", "png", "gif", "webp", "svg"), IMAGE),
     **dict.fromkeys(("mp3", "m4a", "wav", "amr", "mpga"), "audio"),
     **dict.fromkeys(("mp4", "mov", "mpeg", "webm"), VIDEO),
     **dict.fromkeys(
-        ("pdf", "txt", "md", "markdown", "html", "xlsx", "xls", "docx", "csv", "eml", "msg", "pptx", "ppt", "xml",
-         "epub"),
+        ("txt", "markdown", "md", "mdx", "pdf", "html", "htm", "xlsx", "xls", "vtt", "properties", "doc", "docx",
+         "csv", "eml", "msg", "pptx", "ppt", "xml", "epub"),
         DOCUMENT,
     ),
 }  # fmt: skip
 
 
 def dify_type(extension: str, kind: str) -> str:
-    """The Dify file type of a file with `extension`, else the kind WeCom sent it as."""
-    return _DIFY_TYPES.get(extension.lower(), kind)
+    """The Dify file type of a file with `extension`: by Dify's lists, `custom` for an extension in none of them,
+    the kind WeCom sent it as for a file with no extension."""
+    if not extension:
+        return kind
+    return _DIFY_TYPES.get(extension.lower(), CUSTOM)
+
+
+def _sized(kind: str) -> str:
+    """The kind whose size limit Dify applies to a file WeCom sent as `kind`."""
+    return kind if kind in _LIMIT_FIELDS else DOCUMENT
 
 
 def sniff(data: bytes) -> tuple[str, str]:
@@ -117,13 +138,21 @@ def _office_type(data: bytes) -> tuple[str, str]:
     return "zip", "application/zip"
 
 
-def accepts(parameters: dict, kind: str) -> bool:
-    """Whether the Dify app takes files of this kind (old `file_upload.image` or newer `allowed_file_types`)."""
+def accepts(parameters: dict, kind: str, extension: str | None = None) -> bool:
+    """Whether the Dify app takes files of Dify type `kind` into `files` (old `file_upload.image` or newer
+    `allowed_file_types`); a `custom` one only by its `extension` (None: not known yet, which may pass)."""
     upload = parameters.get("file_upload") if isinstance(parameters.get("file_upload"), dict) else {}
     if kind == IMAGE and isinstance(upload.get("image"), dict) and upload["image"].get("enabled"):
         return True
     types = upload.get("allowed_file_types") or []
-    return bool(upload.get("enabled")) and (kind in types or "custom" in types)
+    if not upload.get("enabled"):
+        return False
+    if kind in types and kind != CUSTOM:
+        return True
+    if CUSTOM not in types:
+        return False
+    allowed = {f".{str(e).lower().lstrip('.')}" for e in upload.get("allowed_file_extensions") or []}
+    return extension is None or f".{extension.lower()}" in allowed
 
 
 class _InputSlots:
@@ -188,7 +217,8 @@ class MediaService:
                 extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
                 given_type = dify_type(extension, kind)
                 target = slots.take(given_type, extension)
-                if target is None and not accepts(parameters, kind):
+                if target is None and not accepts(parameters, given_type, extension):
+                    logger.info("a file of type %s (.%s) the app takes nowhere: not uploaded", given_type, extension)
                     self._refuse(result, kind)
                     continue
                 file_id = self.dify.upload_file(data, name or f"{kind}.{extension}", mime, dify_user)
@@ -198,7 +228,7 @@ class MediaService:
                 result.failed += 1
                 continue
             if target is None:
-                result.files.append({"type": kind, "transfer_method": "local_file", "upload_file_id": file_id})
+                result.files.append({"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id})
             else:
                 given = {"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id}
                 if target.is_list:
@@ -232,6 +262,29 @@ class MediaService:
         if prepared.refused:
             return prepared, "images_ignored" if IMAGE in prepared.refused else "media_partial"
         return prepared, "media_partial" if prepared.failed else ""
+
+    def file_for(
+        self, kind: str, url: str, aeskey: str, dify_user: str, takes: Callable[[str, str], bool]
+    ) -> tuple[dict, str]:
+        """A file the user sent for a form's input: downloaded and decrypted, checked with `takes(Dify type,
+        extension)` before any upload, uploaded as the run's `dify_user`. Returns its value for the form
+        (`{type, transfer_method, upload_file_id}`) and its name.
+
+        Raises:
+            FileRefused: the input does not take it.
+            MediaError, DifyError: it could not be read or uploaded.
+        """
+        data, name = self.fetch_inbound(url, self._size_limit(self.profile.parameters(), _sized(kind)), aeskey)
+        extension, mime = sniff(data)
+        extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
+        given_type = dify_type(extension, kind)
+        shown = name or f"{kind}.{extension}"
+        if not takes(given_type, extension):
+            metrics.USER_FILES.labels(self.bot, "refused").inc()
+            raise FileRefused(shown)
+        file_id = self.dify.upload_file(data, shown, mime, dify_user)
+        metrics.USER_FILES.labels(self.bot, "form").inc()
+        return {"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id}, shown
 
     def fetch_inbound(self, url: str, max_bytes: int, aeskey: str = "") -> tuple[bytes, str | None]:
         """Download a WeCom media URL and decrypt it (with its own `aeskey` in long-connection mode, else with the

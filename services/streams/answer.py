@@ -64,6 +64,7 @@ class Answer:
     workflow_run_id: str = ""
     last_thought: str = ""
     workflow_error: str = ""
+    run_stopped: bool = False  # Dify stopped the run before it made its outputs: the answer is what it streamed
     images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
     files: list[DifyFile] = field(default_factory=list)  # files Dify made for the answer (services/files)
     usage: dict = field(default_factory=dict)

@@ -2,13 +2,13 @@
 
 The poll renders with it, and the worker uses the same functions to learn which part of the answer the bubble
 could not show, so the two always agree on the remainder sent through `response_url`. No bubble or message shows a
-link Dify left relative (services/files/text_links.py): the answer's end resolves them, and until then, or when the
+link to Dify's own files (services/files/text_links.py): the answer's end resolves them, and until then, or when the
 answer fails first, they are hidden from what is shown.
 """
 
 from __future__ import annotations
 
-from services.files.text_links import hide_dify_links
+from services.files.text_links import DifyLinks
 from services.texts import Texts
 from services.wecom.limits import MAX_CONTENT_BYTES, fit_bubble, fits
 from utils.text import cut_utf8, utf8_len
@@ -19,16 +19,17 @@ WINDOW, OVERFLOW, SEPARATELY = "window", "overflow", "separately"
 
 
 class BubbleRenderer:
-    def __init__(self, texts: Texts, placeholder: str = ""):
+    def __init__(self, texts: Texts, placeholder: str = "", links: DifyLinks | None = None):
         self.texts = texts
         self.placeholder = placeholder or texts.say("placeholder")
+        self.links = links or DifyLinks()  # the bot's Dify file links, never shown
 
     def live(self, text: str, prompt: str = "") -> str:
         """While the answer streams: the text so far (cut to the limit), or the placeholder; below it, the `prompt`
         of a form waiting for its answer."""
         if prompt:
-            return hide_dify_links(fit_bubble(text, prompt, prompt)[0])
-        return hide_dify_links(fit_bubble(text, "", self.placeholder)[0])
+            return self.links.hide(fit_bubble(text, prompt, prompt)[0], live=True)
+        return self.links.hide(fit_bubble(text, "", self.placeholder)[0], live=True)
 
     def close_note(self, reason: str, has_response_url: bool) -> str:
         """The note of a bubble closed early (window or overflow), promising the rest only when we can send it; or
@@ -44,7 +45,7 @@ class BubbleRenderer:
         whole_elsewhere = reason == SEPARATELY and not text_at_close  # the answer went out whole, separately
         note = self.texts.say("sent_separately") if whole_elsewhere else self.close_note(reason, has_response_url)
         content, shown = fit_bubble(text_at_close, note, self.placeholder)
-        return hide_dify_links(content), shown
+        return self.links.hide(content), shown
 
     def final(self, text: str, note: str, has_response_url: bool) -> tuple[str, int]:
         """The finished answer with its note; an answer too long for one bubble says the rest follows."""
@@ -53,7 +54,24 @@ class BubbleRenderer:
         else:
             overflow = self.close_note(OVERFLOW, has_response_url)
             content, shown = fit_bubble(text, f"{note} {overflow}" if note else overflow, self.placeholder)
-        return hide_dify_links(content), shown
+        return self.links.hide(content), shown
+
+    def remainder(self, remainder: str, note: str = "", header_key: str = "continued") -> str:
+        """The markdown sent on its own (response_url, aibot_send_msg): the part the bubble could not show, plus a
+        closing note."""
+        header = self.texts.say(header_key)
+        tail = f"\n\n{note}" if note else ""
+        body = f"{header}\n\n{remainder.lstrip()}" if remainder.strip() else self.texts.say("nothing_more")
+        if utf8_len(body + tail) > MAX_CONTENT_BYTES:
+            tail = f"\n\n{self.texts.say('remainder_truncated')}{' ' + note if note else ''}"
+            body = cut_utf8(body, MAX_CONTENT_BYTES - utf8_len(tail))
+        return self.links.hide(body + tail)
+
+    def separate(self, text: str, note: str) -> str:
+        """The markdown of an answer that has no bubble (the rest of a run after a form's answer): a header, the
+        text and the note, cut to what one message holds."""
+        body = "\n\n".join(part for part in (self.texts.say("form_rest"), text.strip(), note) if part)
+        return self.links.hide(cut_utf8(body, MAX_CONTENT_BYTES))
 
 
 def text_at_close(text: str, closed_bytes: int) -> str:
@@ -65,21 +83,3 @@ def overflow_threshold(renderer: BubbleRenderer) -> int:
     """Bytes of answer a live bubble can show before it must close with the (longest) overflow note."""
     notes = (renderer.close_note(OVERFLOW, True), renderer.close_note(OVERFLOW, False))
     return MAX_CONTENT_BYTES - max(utf8_len("\n\n" + note) for note in notes)
-
-
-def remainder_message(texts: Texts, remainder: str, note: str = "", header_key: str = "continued") -> str:
-    """The markdown sent through response_url: the part the bubble could not show, plus a closing note."""
-    header = texts.say(header_key)
-    tail = f"\n\n{note}" if note else ""
-    body = f"{header}\n\n{remainder.lstrip()}" if remainder.strip() else texts.say("nothing_more")
-    if utf8_len(body + tail) > MAX_CONTENT_BYTES:
-        tail = f"\n\n{texts.say('remainder_truncated')}{' ' + note if note else ''}"
-        body = cut_utf8(body, MAX_CONTENT_BYTES - utf8_len(tail))
-    return hide_dify_links(body + tail)
-
-
-def separate_message(texts: Texts, text: str, note: str) -> str:
-    """The markdown of an answer that has no bubble (the rest of a run after a form's answer): a header, the text
-    and the note, cut to what one message holds."""
-    body = "\n\n".join(part for part in (texts.say("form_rest"), text.strip(), note) if part)
-    return hide_dify_links(cut_utf8(body, MAX_CONTENT_BYTES))

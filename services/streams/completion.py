@@ -61,6 +61,8 @@ class AnswerCompletion:
         uploads = self._deliver_files(answer, recorder)
         if answer.paused:
             note = answer.form_note or self.texts.say("input_required")
+        elif answer.run_stopped:
+            note = "\n".join(filter(None, (note, self.texts.say("run_stopped"))))
         elif not answer.answered:
             if answer.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.

@@ -31,8 +31,6 @@ from services.streams.bubble import (
     SEPARATELY,
     BubbleRenderer,
     overflow_threshold,
-    remainder_message,
-    separate_message,
     text_at_close,
 )
 from services.streams.job import StreamJob
@@ -186,7 +184,7 @@ class Finisher:
         if not text or not answer.text.startswith(text) or not self._reachable(job):
             self._send_whole(job, answer, note)
             return
-        self._respond(job, remainder_message(self.texts, answer.text[len(text) :], note), "rest")
+        self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
@@ -194,7 +192,7 @@ class Finisher:
         if not self._reachable(job):
             logger.warning("the answer could not be delivered: no response_url")
             return False
-        message = remainder_message(self.texts, answer.text, note, header_key="full_answer")
+        message = self.bubble.remainder(answer.text, note, header_key="full_answer")
         return self._respond(job, message, "whole_answer")
 
     def _respond(self, job: StreamJob, message: str, kind: str) -> bool:
@@ -248,7 +246,7 @@ class Finisher:
                 self._mark(job, status, {**fields, "note": self.texts.say("sent_separately")})
         elif not rest.strip():
             self._mark(job, status, fields)  # the bubble has it all: only its end could not be recorded
-        elif self._respond(job, remainder_message(self.texts, rest, note), "rest"):
+        elif self._respond(job, self.bubble.remainder(rest, note), "rest"):
             closed_bytes = str(utf8_len(answer.text[:shown]))
             note = self.texts.say("rest_sent_separately")
             self._mark(job, status, {**fields, "note": note, "close_reason": SEPARATELY, "closed_bytes": closed_bytes})
@@ -288,7 +286,7 @@ class Finisher:
         answer with no bubble (the rest of a run after a form) goes out whole."""
         if job.separate:
             if self.send_separately is None and job.response_url:  # on a long connection the outbox sends it
-                self._respond(job, separate_message(self.texts, answer.text, note), "form_rest")
+                self._respond(job, self.bubble.separate(answer.text, note), "form_rest")
             return
         if not self._reachable(job):
             return
@@ -298,12 +296,12 @@ class Finisher:
         if finished.close_reason:
             shown_text = text_at_close(answer.text, finished.closed_bytes)
             shown = self.bubble.closed(shown_text, finished.close_reason, True)[1]
-            message = remainder_message(self.texts, answer.text[shown:], note)
+            message = self.bubble.remainder(answer.text[shown:], note)
         else:
             shown = self.bubble.final(answer.text, note, True)[1]
             if shown >= len(answer.text):
                 return
-            message = remainder_message(self.texts, answer.text[shown:])
+            message = self.bubble.remainder(answer.text[shown:])
         delivered = self._respond(job, message, "rest")
         best_effort(
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),

@@ -14,9 +14,20 @@ from functools import partial
 import orjson
 
 from services.dify.errors import DifyError
-from services.forms.service import BUBBLE_OVER, CANCELLED, DRAINING, EXPIRED, WINDOW_MARGIN, Asker, FormService
+from services.forms.service import (
+    BUBBLE_OVER,
+    CANCELLED,
+    DRAINING,
+    EXPIRED,
+    REFUSED,
+    WINDOW_MARGIN,
+    Asker,
+    FormNotHere,
+    FormService,
+    Ticket,
+)
 from services.forms.store import SUBMITTED
-from services.outage import best_effort, through_outage
+from services.outage import best_effort, best_effort_value, through_outage
 from services.streams.answer import Answer, HandedOver, StreamAborted
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
@@ -48,10 +59,22 @@ class FormSteps:
             card_allowed = not job.separate and not job.card_placed  # one card per message
             before = answer.earlier + recorder.answer_so_far()
             opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed, before)
-            ticket = through_outage(opening, "opening the form")
-            if ticket is None:
-                answer.form_note = self.texts.say("form_expired" if event.get("form_token") else "form_by_email")
+            try:
+                ticket = through_outage(opening, "opening the form")
+            except FormNotHere as elsewhere:
+                answer.form_note = self.texts.say(elsewhere.note_key)
                 return
+            if ticket is None:
+                answer.form_note = self.texts.say("form_expired")
+                return
+            if not self._answered(job, answer, recorder, cancelled, ticket):
+                return
+
+    def _answered(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, ticket: Ticket) -> bool:
+        """Show the form, wait for its answer while the bubble lasts, and go on with the run from it: True when the
+        run went on (to its end or its next pause), False when the answer ends here (`answer.form_note` says why).
+        A submission Dify refused as invalid opens the form again: the bubble says why and asks anew."""
+        while True:
             fields = {"prompt": ticket.prompt}
             if ticket.card is not None:
                 fields["card"] = orjson.dumps(ticket.card).decode()
@@ -66,44 +89,59 @@ class FormSteps:
                 raise StreamAborted
             if outcome == DRAINING:
                 self._hand_over(job)
-            answered = outcome not in (BUBBLE_OVER, EXPIRED)
-            if answered and self.go_on(job, answer, recorder, cancelled, ticket.task_id, token):
-                continue
+            if outcome not in (BUBBLE_OVER, EXPIRED):
+                result = self.go_on(job, answer, recorder, cancelled, ticket.task_id, token)
+                if result == REFUSED and not job.separate and (again := self._asked_again(ticket)) is not None:
+                    ticket = again  # the run still waits at this form, which is open again
+                    continue
+                return result == SUBMITTED
             if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, token):
-                continue
+                return True
             if outcome == BUBBLE_OVER:
                 waiting = "" if job.separate else self.texts.say("form_waiting")
                 answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
             elif outcome == EXPIRED:
                 answer.form_note = self.texts.say("form_expired")
-            return
+            return False
 
-    def submit(self, answer: Answer, task_id: str) -> bool:
-        """Submit the answered form; False (with the final note saying why) if Dify did not take it."""
+    def _asked_again(self, ticket: Ticket) -> Ticket | None:
+        """The form Dify refused, open again: its new prompt (Dify's words, what to give anew); its card was shown
+        already (once per message), and the click that was refused was answered with it still usable."""
+        record = best_effort_value(lambda: self.forms.store.load(ticket.task_id), "reading the refused form")
+        if record is None:
+            return None
+        return Ticket(record, self.forms.prompt(record), None)
+
+    def submit(self, answer: Answer, task_id: str) -> str:
+        """Submit the answered form; what became of it (SUBMITTED, REFUSED: open again; else the final note says
+        why Dify did not take it)."""
         result = through_outage(lambda: self.forms.submit(task_id), "submitting the form")
-        if result == SUBMITTED:
-            return True
+        if result in (SUBMITTED, REFUSED):
+            if result == REFUSED:
+                answer.paused = True
+                answer.form_note = self.forms.prompt_of(task_id)
+            return result
         answer.paused = True
         answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
-        return False
+        return result
 
     def go_on(
         self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, task_id: str, token: str
-    ) -> bool:
+    ) -> str:
         """Submit the answered form and follow the run on from it, in the same bubble (or message). Dify relays
         only what a run publishes once one listens, and a resumed run may end 0.1 s after the submission: so the
-        run's events are subscribed first, and the form is submitted once Dify answered. False (the final note
-        says why) when Dify did not take the form."""
-        taken: list[bool] = []
+        run's events are subscribed first, and the form is submitted once Dify answered. Returns what became of
+        the submission (SUBMITTED; else the final note says why, "" when Dify was not reached)."""
+        taken: list[str] = []
 
         def submit() -> bool:
             taken.append(self.submit(answer, task_id))
-            if taken[-1]:
+            if taken[-1] == SUBMITTED:
                 self._following(answer, recorder, token)
-            return taken[-1]
+            return taken[-1] == SUBMITTED
 
         self.follow(job, answer, recorder, cancelled, submit)
-        return bool(taken) and taken[-1]
+        return taken[-1] if taken else ""
 
     def _following(self, answer: Answer, recorder: AnswerRecorder, token: str) -> None:
         """The run goes on from the form `token`: the bubble no longer shows its prompt."""

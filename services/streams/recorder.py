@@ -45,8 +45,6 @@ from services.streams.store import StreamStore
 logger = logging.getLogger(__name__)
 
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
-# Workflow statuses that end a run without its answer.
-_FAILED_RUNS = frozenset({"failed", "stopped"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +154,12 @@ class AnswerRecorder:
         return deltas
 
     def _on_node(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        """A workflow node began or ended: a slow one (a tool, an HTTP request, a retrieval) may show its status."""
+        """A workflow node began or ended: a slow one (a tool, an HTTP request, a retrieval) may show its status. A
+        node that begins ends what a resumed run sends again (Dify 1.14.2 repeats the answer before the pause
+        ahead of its first node; 1.16.0 repeats nothing, and its first text after a resumption may begin as the
+        earlier answer did)."""
+        if event.kind == NODE_STARTED:
+            self.answer.echo = ""
         progress, body = self.answer.progress, event.body
         step = str(body.get("id") or body.get("node_id") or "")
         if progress is None or not step:
@@ -168,7 +171,9 @@ class AnswerRecorder:
         return deltas
 
     def _on_run_finished(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        return self._run_finished(deltas, event.body)
+        # Dify's record (services/dify/client.py) speaks for the whole run, like a re-attached one's outputs.
+        from_record = bool(event.get("from_record") or event.get("outputs_from_record"))
+        return self._run_finished(deltas, event.body, from_record)
 
     def _on_pause(self, deltas: list[str], event: DifyEvent) -> list[str]:
         answer = self.answer
@@ -269,11 +274,13 @@ class AnswerRecorder:
         self.answer.thinking = False
         return []
 
-    def _run_finished(self, deltas: list[str], data: dict) -> list[str]:
-        """A chatflow's or workflow's run ended: a failed or stopped run is the answer's error. A run followed
-        after its first reader (a resume, the rest after a form) takes from its outputs what no event carried (Dify
-        #38432 streams nothing after a form that followed streamed text; a late reader missed what came before);
-        a workflow app's answer is its outputs when no text_chunk came. Returns the deltas to write."""
+    def _run_finished(self, deltas: list[str], data: dict, from_record: bool = False) -> list[str]:
+        """A chatflow's or workflow's run ended: a failed run is the answer's error; one stopped before it made its
+        outputs keeps what it streamed (`run_stopped`: the note says so, never that the user stopped it). A run
+        followed after its first reader (a resume, the rest after a form), or finished from Dify's record, takes
+        from its outputs what no event carried (Dify #38432 streams nothing after a form that followed streamed
+        text; a late reader missed what came before); a workflow app's answer is its outputs when no text_chunk
+        came. Returns the deltas to write."""
         answer = self.answer
         status = data.get("status")
         outputs = data.get("outputs")
@@ -281,10 +288,18 @@ class AnswerRecorder:
         answer.ended = True
         if self.options.app_type == WORKFLOW and isinstance(data.get("total_tokens"), int):
             answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
-        if status in _FAILED_RUNS:
-            answer.workflow_error = str(data.get("error") or f"the workflow {status}")[:300]
+        if status == "failed":
+            answer.workflow_error = str(data.get("error") or "the workflow failed")[:300]
             return deltas
-        if answer.reattached:
+        if status == "stopped" and not outputs:
+            logger.warning("Dify stopped the run before it made its outputs (%s)", str(data.get("error"))[:100])
+            answer.run_stopped = True
+            held, answer.holding, answer.held = answer.held, False, ""
+            self._append(deltas, held)  # what came is all there is
+            return deltas
+        if status == "stopped":
+            logger.warning("Dify calls the run stopped, but it made its outputs: the answer is whole")
+        if answer.reattached or from_record:
             whole = self._whole_answer(outputs, bool(self._known(deltas)))
             held, answer.holding, answer.held = answer.held, False, ""
             if not whole and held:  # outputs without the answer: what came is all there is

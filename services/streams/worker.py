@@ -21,10 +21,11 @@ from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
-from services.dify.events import DifyEvent
+from services.dify.events import RUN_APPS, DifyEvent
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.forms.service import FormService
+from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
 from services.outage import best_effort_value, through_outage
 from services.redis_conn import REDIS_FAILURES
@@ -44,6 +45,10 @@ from services.texts import Texts
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
+
+# A run's events stream cut this many times in a row (each re-attached with the run's snapshot) is taken for Dify
+# failing: the answer ends with the note of a cut stream.
+MAX_REATTACHES = 3
 
 
 @dataclass
@@ -153,6 +158,9 @@ class StreamWorker:
         given, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
         inputs |= given.inputs
         options = replace(self.options, app_type=deps.profile.app_type())
+        if options.app_type == WORKFLOW:
+            question_input = deps.profile.question_input(options.workflow_input, frozenset(inputs))
+            options = replace(options, workflow_input=question_input)
         conversation_id = ""
         if options.app_type != WORKFLOW:  # workflows keep no conversations
             conversation_id = through_outage(
@@ -176,7 +184,7 @@ class StreamWorker:
             )
             logger.info("calling Dify%s", " (continuing the conversation)" if conversation_id else "")
             try:
-                self._consume(partial(deps.dify.stream_chat, request), recorder, cancelled, deadline)
+                self._follow(job, partial(deps.dify.stream_chat, request), recorder, cancelled, deadline)
                 break
             except DifyHTTPError as exc:
                 if not conversation_id or not (exc.status == 404 or exc.code == "conversation_completed"):
@@ -195,22 +203,57 @@ class StreamWorker:
         bubble's text stopped. Dify relays only what a run does from the moment one listens, so its saved state
         comes first (`snapshot`): the answer saved at a pause with the pause's form, or a finished run's outputs;
         the recorder compares them with what the bubble shows, by text (AnswerRecorder._reconcile)."""
-        deps = self.deps
         recorder = self._attach(job, answer, job.resume_run)
-        answer.resumed = answer.holding = True
+        answer.resumed = True
         logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
-        deadline = job.created_at + self.max_seconds
-        events = partial(deps.dify.stream_run, job.resume_run, job.dify_user, snapshot=True)
-        self._consume(events, recorder, cancelled, deadline)
+        self._follow_again(job, recorder, cancelled, job.created_at + self.max_seconds)
+        self._through_forms(job, answer, recorder, cancelled)
+        self.completion.complete(job, answer, recorder, "")
+
+    def _follow_again(
+        self, job: StreamJob, recorder: AnswerRecorder, cancelled, deadline: float, cuts_left: int = MAX_REATTACHES
+    ) -> None:
+        """Follow the answer's run from Dify's snapshot of it, then live: the way back to a run after its replica
+        was lost, or after the stream following it was cut. Dify relays only what a run publishes from the moment
+        one listens, so live text may follow a gap: it is held until it can be placed (Answer.holding)."""
+        answer = recorder.answer
+        answer.reattached = answer.holding = True
+        events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True)
+        self._follow(job, events, recorder, cancelled, deadline, cuts_left)
         if answer.paused and answer.held:
             # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
             logger.info("the run paused after text that followed a gap; reading its saved state again")
             answer.paused, answer.ended, answer.held = False, False, ""
-            self._consume(events, recorder, cancelled, deadline)
+            self._follow(job, events, recorder, cancelled, deadline, cuts_left)
         answer.holding = False
-        self._through_forms(job, answer, recorder, cancelled)
-        self.completion.complete(job, answer, recorder, "")
+
+    def _follow(
+        self,
+        job: StreamJob,
+        open_events: Callable[[TextRelay], Iterator[list[DifyEvent]]],
+        recorder: AnswerRecorder,
+        cancelled: threading.Event,
+        deadline: float,
+        cuts_left: int = MAX_REATTACHES,
+    ) -> None:
+        """One Dify call (`open_events(relay)`), recorded to the answer's end. A chatflow's or workflow's run goes
+        on in Dify whatever becomes of the stream that follows it, so a stream cut short (a proxy, the network;
+        Dify 1.16.0 cuts a plain listener when another subscriber of the run closes) is never taken for a failed
+        run: the run is followed again from its snapshot, `cuts_left` times at most.
+
+        Raises:
+            DifyStreamCut: a chat's stream was cut, or a run's more than `cuts_left` times.
+        """
+        try:
+            self._consume(open_events, recorder, cancelled, deadline)
+        except DifyStreamCut as cut:
+            answer = recorder.answer
+            if cuts_left <= 0 or not answer.workflow_run_id or answer.app_type not in RUN_APPS:
+                raise
+            logger.warning("the stream following the run was cut (%s); following it again", cut.message[:120])
+            metrics.DIFY_CALLS.labels(self.bot, "reattach").inc()
+            self._follow_again(job, recorder, cancelled, deadline, cuts_left - 1)
 
     def _continue_form(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         """The rest of a run after a form's answer, as a message of its own (the bubble no longer waited for it):
@@ -222,7 +265,7 @@ class StreamWorker:
             return
         recorder = self._attach(job, answer, record.form.run_id)
         answer.resumed, answer.earlier = bool(answer.shown), record.before
-        if self.form_steps.go_on(job, answer, recorder, cancelled, record.task_id, record.form.token):
+        if self.form_steps.go_on(job, answer, recorder, cancelled, record.task_id, record.form.token) == SUBMITTED:
             self._through_forms(job, answer, recorder, cancelled)
         self.completion.complete(job, answer, recorder, "")
 
@@ -268,7 +311,7 @@ class StreamWorker:
         events = partial(
             self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, continue_on_pause=True, on_open=on_open
         )
-        self._consume(events, recorder, cancelled, time.monotonic() + self.max_seconds)
+        self._follow(job, events, recorder, cancelled, time.monotonic() + self.max_seconds)
 
     def _count_call(self, job: StreamJob) -> None:
         """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is

@@ -65,10 +65,10 @@ class EventStream:
             return None
         return self._parser.feed(self._response.read_some())
 
-    def pump_events(self, on_events: Callable[[list[SSEEvent]], bool]) -> None:
+    def pump_events(self, on_events: Callable[[list[SSEEvent]], bool], wake_at: float | None = None) -> None:
         """Call `on_events` with the events of each network read (possibly none, e.g. a partial frame) in the read
-        pump's thread, until it returns False or the body ends (the read that ends it is passed too). `on_events`
-        must not block: every stream of the process waits for it.
+        pump's thread, until it returns False, the body ends (the read that ends it is passed too) or `wake_at`
+        (time.monotonic()) comes. `on_events` must not block: every stream of the process waits for it.
 
         Raises:
             TimeoutError, OSError: see the class; and whatever `on_events` raised.
@@ -78,7 +78,7 @@ class EventStream:
         def on_data(data: bytes) -> bool:
             return on_events(self._parser.feed(response.feed(data))) and not response.complete
 
-        self._pump.wait(response.socket, on_data, self._read_timeout)
+        self._pump.wait(response.socket, on_data, self._read_timeout, wake_at)
 
 
 def open_event_stream(

@@ -3,9 +3,10 @@
 A stream thread that would block in recv() calls `ReadPump.wait(sock, on_data, idle_timeout)` instead: the pump
 watches the socket (epoll where there is one) with every other waiting stream's, and runs `on_data(data)` in its
 own thread for each recv(). The stream thread sleeps until `on_data` returns False (it wants to handle something
-itself), the connection closes, nothing arrives for `idle_timeout` seconds, or reading fails, and then carries
-on with the socket back in blocking mode. With a thousand streams of 20 reads/s, a thread per stream spent most
-of its CPU waking up and taking the GIL (BENCHMARKS.md §2); one loop reading all of them does not.
+itself), the connection closes, nothing arrives for `idle_timeout` seconds, reading fails, or the time it asked to
+be woken at (`wake_at`) comes, and then carries on with the socket back in blocking mode. With a thousand streams
+of 20 reads/s, a thread per stream spent most of its CPU waking up and taking the GIL (BENCHMARKS.md §2); one loop
+reading all of them does not.
 
 `on_data` runs in the pump's thread and must not block: everything waiting in this process waits for it.
 """
@@ -31,12 +32,15 @@ _ALIVE_CHECK_SECONDS = 10.0  # how often a waiting thread checks that the pump s
 class _Watch:
     """One waiting thread's socket, callback and outcome."""
 
-    __slots__ = ("sock", "on_data", "idle_timeout", "last_read", "error", "done")
+    __slots__ = ("sock", "on_data", "idle_timeout", "wake_at", "last_read", "error", "done")
 
-    def __init__(self, sock: socket.socket, on_data: Callable[[bytes], bool], idle_timeout: float):
+    def __init__(
+        self, sock: socket.socket, on_data: Callable[[bytes], bool], idle_timeout: float, wake_at: float | None
+    ):
         self.sock = sock
         self.on_data = on_data
         self.idle_timeout = idle_timeout
+        self.wake_at = wake_at
         self.last_read = time.monotonic()
         self.error: BaseException | None = None
         self.done = threading.Lock()
@@ -52,16 +56,23 @@ class ReadPump:
         self._selector: selectors.BaseSelector | None = None
         self._wake_read = self._wake_write = -1
 
-    def wait(self, sock: socket.socket, on_data: Callable[[bytes], bool], idle_timeout: float) -> None:
+    def wait(
+        self,
+        sock: socket.socket,
+        on_data: Callable[[bytes], bool],
+        idle_timeout: float,
+        wake_at: float | None = None,
+    ) -> None:
         """Feed what arrives on `sock` to `on_data` until it returns False or the connection closes (it gets b""
-        then), and return. The socket is non-blocking meanwhile and gets its previous timeout back.
+        then), or until `wake_at` (time.monotonic(); to within a second), and return. The socket is non-blocking
+        meanwhile and gets its previous timeout back.
 
         Raises:
             TimeoutError: nothing arrived for `idle_timeout` seconds.
             OSError: reading the socket failed.
             Exception: whatever `on_data` raised.
         """
-        watch = _Watch(sock, on_data, idle_timeout)
+        watch = _Watch(sock, on_data, idle_timeout, wake_at)
         previous_timeout = sock.gettimeout()
         sock.setblocking(False)
         try:
@@ -151,8 +162,12 @@ class ReadPump:
     def _expire_idle(self, selector: selectors.BaseSelector, now: float) -> None:
         for key in list(selector.get_map().values()):
             watch = key.data
-            if watch is not None and now - watch.last_read > watch.idle_timeout:
+            if watch is None:
+                continue
+            if now - watch.last_read > watch.idle_timeout:
                 self._end(selector, watch, TimeoutError(f"nothing arrived for {watch.idle_timeout:g}s"))
+            elif watch.wake_at is not None and now >= watch.wake_at:
+                self._end(selector, watch)
 
     @staticmethod
     def _end(selector: selectors.BaseSelector | None, watch: _Watch, error: BaseException | None = None) -> None:
