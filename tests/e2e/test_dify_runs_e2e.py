@@ -1,11 +1,13 @@
-"""The cases a real Dify 1.14.2 was tried with (docs/protocol.md, "Dify versions"), through two gunicorn replicas
-(two workers each) in production settings, in callback and long-connection mode, on the faithful Dify stand-in
-running the captured apps (demo/dify_flows.py): a plain chatflow and its conversation across replicas; a card
-clicked on another replica; the card's replica SIGKILLed before the click; the answer's replica SIGKILLed or
-drained mid-run; the rest after a form that followed streamed text (Dify #38432); a typed field; a form nobody
-answers; a PDF into a workflow's file input and a picture an Answer node links to (apps of ours in the same form).
-Each reads the stand-in's records too: one chat call per message, one submission per answered form, one upload per
-file given."""
+"""The cases a real Dify was tried with (docs/protocol.md, "Dify versions"), through two gunicorn replicas (two
+workers each) in production settings, in callback and long-connection mode, on the faithful Dify stand-in running
+the captured apps (demo/dify_flows.py), once as Dify 1.14.2 and once as 1.16.0: a plain chatflow and its
+conversation across replicas; a card clicked on another replica; the card's replica SIGKILLed before the click; the
+answer's replica SIGKILLed or drained mid-run (1.16.0: its run's end comes only from Dify's record); the rest after
+a form that followed streamed text (Dify #38432 on 1.14.2); a typed field; a form nobody answers; a workflow app's
+form (1.16.0 ends it `stopped`); a form with a select and a file (Dify 1.15+), its card's replica SIGKILLed before
+the file and the tap; a PDF into a workflow's file input and a picture an Answer node links to (apps of ours in the
+same form), that link written relative or absolute (Dify's FILES_URL set). Each reads the stand-in's records too:
+one chat call per message, one submission per answered form, one upload per file given."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import pytest
 
 from demo import dify_flows as flows
+from demo.dify_versions import standin_version
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from services.texts import CATALOGUE
@@ -35,7 +38,10 @@ FLOWS = {
     "expiring": flows.expiring_chatflow(expires_in=3),
     "file": flows.FILE_WORKFLOW,
     "picture": flows.PICTURE_CHATFLOW,
+    "workflow": flows.hitl_workflow(),
+    "select": flows.hitl_select_file(),
 }
+QUIET_RUN_SECONDS = 3  # DIFY_QUIET_RUN_SECONDS of the replicas: a run's pings-only stream is checked after this
 APPROVED = "You said: {}. Waiting for approval...APPROVED. comment=looks good"
 SLOW_WHOLE = "part one ({}). SLEPT (part two)"
 PDF = b"%PDF-1.7\n" + os.urandom(2000) + b"\n%%EOF\n"
@@ -109,8 +115,9 @@ class Deployment:
             sim.close()
 
 
-@pytest.fixture
-def deployment(dify, wecom_ws, redis_url, redis_client, tmp_path):
+@pytest.fixture(params=["1.14", "1.16"], ids=["dify-1.14.2", "dify-1.16.0"])
+def deployment(request, dify, wecom_ws, redis_url, redis_client, tmp_path):
+    dify.version = standin_version(request.param)
     for name, flow in FLOWS.items():
         dify.serve_flow(flow, key=f"app-{name}")
     wecom = wecom_ws({f"ws-{name}": f"secret-{name}" for name in FLOWS})
@@ -132,9 +139,11 @@ def deployment(dify, wecom_ws, redis_url, redis_client, tmp_path):
         STREAM_TAKEOVER_GRACE_SECONDS="1",
         WECOM_WS_LEASE_SECONDS="3",
         GUNICORN_GRACEFUL_TIMEOUT="6",  # a drain lets answers run 1 s, then hands them over
+        DIFY_QUIET_RUN_SECONDS=str(QUIET_RUN_SECONDS),
     )
     started = [GunicornReplica(env, tmp_path, f"replica-{n}", workers=2).start() for n in range(2)]
     made = Deployment(dify, wecom, redis_client, started)
+    made.version = request.param
     assert wait_until(lambda: all(wecom.subscribed(f"ws-{name}") for name in FLOWS), timeout=20)
     yield made
     made.close()
@@ -265,6 +274,8 @@ def test_an_answer_whose_replica_stops_mid_run_is_finished_from_its_run(deployme
         assert seen.count("part one (mid-run). ") == 1 and seen.count("SLEPT (part two)") == 1
         assert ZH["orphaned"] not in seen
     assert len(dify.reattaches) == 1
+    if deployment.version == "1.16":  # the run's end reached the listener only through Dify's record
+        assert dify.record_reads
     assert_one_call_and_submissions(dify, 0, deployment.asked or 1)
 
 
@@ -291,14 +302,16 @@ def test_a_typed_field_and_a_form_nobody_answers(deployment):
     assert len(dify.chat_requests()) == 2 and len(dify.form_submissions) == 1
 
 
-def given_on_the_long_connection(deployment: Deployment, bot: str, msgtype: str, data: bytes, name: str) -> str:
-    """A long-connection message carrying a file (`msgtype` file or image), encrypted with its own key as WeCom
-    does there; its req_id."""
+def given_on_the_long_connection(
+    deployment: Deployment, bot: str, msgtype: str, data: bytes, name: str, userid: str = "alice"
+) -> str:
+    """A long-connection message of `userid` carrying a file (`msgtype` file or image), encrypted with its own key as
+    WeCom does there; its req_id."""
     aeskey = base64.b64encode(os.urandom(32)).decode().rstrip("=")
     encryptor = media_cipher(aeskey).encryptor()
     sealed = encryptor.update(pad32(data)) + encryptor.finalize()
     url = deployment.sims[bot].inbox.host(sealed, filename=name, encrypt=False)
-    return deployment.wecom.deliver_message(f"ws-{bot}", msgtype, {"url": url, "aeskey": aeskey})
+    return deployment.wecom.deliver_message(f"ws-{bot}", msgtype, {"url": url, "aeskey": aeskey}, userid)
 
 
 @pytest.mark.parametrize("mode", ["callback", "long_connection"])
@@ -320,11 +333,14 @@ def test_a_pdf_reaches_the_workflow_file_input_once(deployment, mode):
 
 
 @pytest.mark.parametrize("mode", ["callback", "long_connection"])
-def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode):
+@pytest.mark.parametrize("files_url", ["", "http://api:5001"], ids=["relative", "absolute"])
+def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode, files_url):
     """picture-chatflow (Start: a required image `picture`; Answer: `![picture]({{#start.picture.url#}})`): the
-    Answer's Dify-relative link never shows; the picture comes back under the bubble (callback) or as an image
-    message (long connection)."""
+    Answer's link to Dify's file never shows, whether Dify writes it relative or, with its FILES_URL set, on an
+    address only its cluster reaches; the picture comes back under the bubble (callback) or as an image message
+    (long connection)."""
     dify = deployment.dify
+    dify.files_url = files_url
     if mode == "callback":
         sim = deployment.sims["picture"]
         url = sim.inbox.host(PNG, filename="chart.png")
@@ -338,5 +354,74 @@ def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode):
         shown = [frame["stream"]["content"] for frame in wecom.frames(req_id)]
         assert wait_until(lambda: any(m.get("msgtype") == "image" for m in wecom.proactive), timeout=15)
     assert final.strip() == "Here it is:"
-    assert not any("/files/" in text for text in shown)
+    assert not any("/files/" in text or "api:5001" in text for text in shown)
     assert len(dify.chat_requests()) == 1 and len(dify.uploads) == 1
+
+
+def test_a_workflow_apps_form_ends_whole(deployment):
+    """hitl-workflow: after the form, the End's outputs stream as text chunks; Dify 1.16.0 then ends the run
+    `stopped` with no outputs (its record keeps them): the answer is whole, with no note of a failure or a stop."""
+    sim = deployment.sims["workflow"]
+    first = sim.send(sim.text_message("rotate keys"), replica=0)
+    clicks = []
+
+    def on_frame(frame):
+        if "template_card" in frame and not clicks:
+            clicks.append(sim.send(sim.card_click(frame["template_card"], "approve"), replica=1))
+
+    assert sim.follow(first, on_frame=on_frame).text == "approve\nlooks good"
+    assert_one_call_and_submissions(deployment.dify, 1)
+
+
+SELECT_FILE_WHOLE = "AFTER-RESUME action=approve env=production doc=notes.pdf comment=looks good"
+
+
+@pytest.mark.parametrize("mode", ["callback", "long_connection"])
+def test_a_select_and_a_file_after_the_cards_replica_is_killed(deployment, mode):
+    """hitl-select-file (Dify 1.15+): the card's replica is SIGKILLed before the file and the tap; the survivor
+    resumes the paused run from its snapshot, the file sent to it fills `doc` (one upload, as the run's user), the
+    tap's option fills `env`, and the rest reaches the user once."""
+    dify = deployment.dify
+    if mode == "callback":
+        sim = deployment.sims["select"]
+        first = sim.send(sim.text_message("ship v3"), replica=0)
+        stream_id = first["stream"]["id"]
+        card = None
+        while card is None:
+            card = sim.send(sim.poll_message(stream_id), replica=0).get("template_card")
+            time.sleep(0.2)
+        victim, _ = deployment.owner("select", stream_id)
+        survivor = 1 - deployment.replicas.index(victim)
+        victim.signal(signal.SIGKILL)
+        sim.urls = [deployment.replicas[survivor].url] * 2
+
+        def resumed() -> bool:
+            sim.send(sim.poll_message(stream_id))  # WeCom polls on; a poll on the survivor takes the stream over
+            return any(r["include_state_snapshot"] for r in dify.reattaches)
+
+        assert wait_until(resumed, timeout=20)
+        url = sim.inbox.host(PDF, filename="notes.pdf")
+        noted = sim.send(sim.message("file", {"url": url}))["stream"]["content"]
+        assert noted.startswith(ZH["form_file_noted"].format(label="doc", name="notes.pdf"))
+        sim.send(sim.card_click(card, "approve", selected={"env": "production"}))
+        conversation = sim.follow(first)
+        assert conversation.text == SELECT_FILE_WHOLE
+        assert conversation.cards == []  # the card came once
+    else:
+        wecom = deployment.wecom
+        req_id, stream_id, user = deployment.ask_beside_the_holder("select", "ship v3", wecom.cards)
+        deployment.kill_owner("select", stream_id)
+        assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
+        noted = wecom.final(given_on_the_long_connection(deployment, "select", "file", PDF, "notes.pdf", user))
+        assert noted["stream"]["content"].startswith(ZH["form_file_noted"].split("「")[0])
+        click = wecom.deliver_card_click(
+            "ws-select", wecom.cards(req_id)[0], "approve", userid=user, selected={"env": "production"}
+        )
+        assert wecom.updated(click) is not None
+        seen = seen_on_the_long_connection(deployment, req_id)
+        assert seen.count("AFTER-RESUME") == 1 and "env=production" in seen and "comment=looks good" in seen
+    [submission] = dify.form_submissions
+    assert submission["status"] == 200 and submission["body"]["inputs"]["env"] == "production"
+    [upload] = dify.uploads.values()
+    assert upload["user"] == submission["body"]["user"]
+    assert len(dify.chat_requests()) == (deployment.asked or 1)
