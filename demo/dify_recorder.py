@@ -2,7 +2,8 @@
 (tests/e2e/test_real_dify.py; docs/protocol.md, "Dify versions"). Every request goes through unchanged, streams
 included, except that the API key may be named by an alias (the key a test's bot is configured with); the proxy
 records what the gateway asked for as the stand-in records its own (`requests`, `form_submissions`,
-`reattaches`, `uploads`), so the same assertions read the same records."""
+`reattaches`, `uploads`, `record_reads`), so the same assertions read the same records, and the Dify version its
+replies name (`version_name`, from `X-Version`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import threading
 import time
 
 import httpx
+import orjson
 
+from demo.dify_standin import parse_multipart
 from demo.http_server import Conn, Request, StandInServer
 
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
@@ -26,7 +29,9 @@ class DifyRecorder:
         self.requests: list[dict] = []
         self.form_submissions: list[dict] = []
         self.reattaches: list[dict] = []
-        self.uploads: list[dict] = []
+        self.uploads: dict[str, dict] = {}  # file id (or the request's place, if refused) -> {user, name, status}
+        self.record_reads: list[str] = []  # GET /workflows/run/{id}: the run ids
+        self.version_name = ""  # X-Version of Dify's replies
         self.server = StandInServer(self.handle, host, port)
         self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
@@ -65,6 +70,7 @@ class DifyRecorder:
             request.method, url, params=request.query, headers=headers, content=request.body
         ) as response:
             self._record(request, path, response.status_code, sent)
+            self.version_name = response.headers.get("x-version", self.version_name)
             content_type = response.headers.get("content-type", "application/octet-stream")
             if content_type.startswith("text/event-stream"):
                 await conn.start_stream(response.status_code, content_type)
@@ -72,17 +78,34 @@ class DifyRecorder:
                     await conn.write_chunk(chunk)
                 await conn.end_stream()
             else:
-                await conn.send(response.status_code, await response.aread(), content_type)
+                body = await response.aread()
+                if request.method == "POST" and path == "/files/upload":
+                    self._record_upload(request, response.status_code, body)
+                await conn.send(response.status_code, body, content_type)
+
+    def _record_upload(self, request: Request, status: int, body: bytes) -> None:
+        fields, file_part = parse_multipart(request)
+        try:
+            file_id = orjson.loads(body).get("id") if status in (200, 201) else None
+        except (orjson.JSONDecodeError, AttributeError):
+            file_id = None
+        with self._lock:
+            key = file_id or f"refused-{len(self.uploads)}"
+            self.uploads[key] = {
+                "user": fields.get("user", ""),
+                "name": file_part[0] if file_part else "",
+                "status": status,
+            }
 
     def _record(self, request: Request, path: str, status: int, at: float) -> None:
         with self._lock:
             if request.method == "POST" and path in ("/chat-messages", "/workflows/run", "/completion-messages"):
                 self.requests.append({"body": request.json(), "at": at, "status": status})
-            elif request.method == "POST" and path == "/files/upload":
-                self.uploads.append({"status": status, "at": at})
             elif request.method == "POST" and path.startswith("/form/human_input/"):
                 token = path.rsplit("/", 1)[-1]
                 self.form_submissions.append({"token": token, "body": request.json(), "status": status, "at": at})
+            elif request.method == "GET" and path.startswith("/workflows/run/"):
+                self.record_reads.append(path.rsplit("/", 1)[-1])
             elif request.method == "GET" and path.startswith("/workflow/") and path.endswith("/events"):
                 flags = {
                     name: request.query.get(name, "false").lower() == "true"

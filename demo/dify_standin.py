@@ -319,6 +319,10 @@ class DifyStandIn:
         self.files[name] = data
         return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
 
+    def use_files_url(self, files_url: str) -> None:
+        """Play a Dify whose FILES_URL is `files_url` ("" = unset: links to its files written relative)."""
+        self.files_url = files_url
+
     def file_url(self, path: str, absolute: bool = False) -> str:
         """A link to one of Dify's files as Dify writes it: relative while its FILES_URL is unset (`files_url`),
         else on that address; `absolute`: on its own address when FILES_URL is unset (an upload's source_url)."""
@@ -760,7 +764,7 @@ class DifyStandIn:
         return seen
 
     async def _upload(self, request: Request, conn: Conn) -> None:
-        fields, file_part = _multipart(request)
+        fields, file_part = parse_multipart(request)
         if file_part is None:
             await conn.send(400, {"code": "no_file_uploaded", "message": "Please upload your file.", "status": 400})
             return
@@ -1085,7 +1089,7 @@ _FILE_TYPES = {
 }  # fmt: skip
 
 
-def _multipart(request: Request) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:
+def parse_multipart(request: Request) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:
     """(form fields, (filename, mime type, bytes) of the `file` part) of a multipart/form-data request."""
     head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + request.body)

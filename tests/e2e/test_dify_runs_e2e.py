@@ -116,8 +116,14 @@ class Deployment:
 
 
 @pytest.fixture(params=["1.14", "1.16"], ids=["dify-1.14.2", "dify-1.16.0"])
-def deployment(request, dify, wecom_ws, redis_url, redis_client, tmp_path):
+def dify_version(request, dify) -> str:
+    """The Dify version the cases run on: the stand-in plays each in turn (the real tier measures its own)."""
     dify.version = standin_version(request.param)
+    return request.param
+
+
+@pytest.fixture
+def deployment(dify_version, dify, wecom_ws, redis_url, redis_client, tmp_path):
     for name, flow in FLOWS.items():
         dify.serve_flow(flow, key=f"app-{name}")
     wecom = wecom_ws({f"ws-{name}": f"secret-{name}" for name in FLOWS})
@@ -143,7 +149,7 @@ def deployment(request, dify, wecom_ws, redis_url, redis_client, tmp_path):
     )
     started = [GunicornReplica(env, tmp_path, f"replica-{n}", workers=2).start() for n in range(2)]
     made = Deployment(dify, wecom, redis_client, started)
-    made.version = request.param
+    made.version = dify_version
     assert wait_until(lambda: all(wecom.subscribed(f"ws-{name}") for name in FLOWS), timeout=20)
     yield made
     made.close()
@@ -340,7 +346,7 @@ def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode, fi
     address only its cluster reaches; the picture comes back under the bubble (callback) or as an image message
     (long connection)."""
     dify = deployment.dify
-    dify.files_url = files_url
+    dify.use_files_url(files_url)
     if mode == "callback":
         sim = deployment.sims["picture"]
         url = sim.inbox.host(PNG, filename="chart.png")
@@ -423,5 +429,5 @@ def test_a_select_and_a_file_after_the_cards_replica_is_killed(deployment, mode)
     [submission] = dify.form_submissions
     assert submission["status"] == 200 and submission["body"]["inputs"]["env"] == "production"
     [upload] = dify.uploads.values()
-    assert upload["user"] == submission["body"]["user"]
+    assert upload["user"] == submission["body"]["user"]  # uploaded as the run's own user
     assert len(dify.chat_requests()) == (deployment.asked or 1)
