@@ -253,18 +253,21 @@ def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    ("topology", "minutes"),
+    ("topology", "minutes", "dify_version"),
     # the run's minutes, then up to four more to start the topology and let the last answers finish
     [
-        pytest.param("standalone", "1", marks=pytest.mark.timeout(5 * 60)),
-        pytest.param("sentinel", "2", marks=pytest.mark.timeout(6 * 60)),
+        pytest.param("standalone", "1", "1.14", marks=pytest.mark.timeout(5 * 60)),
+        pytest.param("sentinel", "2", "1.14", marks=pytest.mark.timeout(6 * 60)),
+        pytest.param("standalone", "1", "1.16", marks=pytest.mark.timeout(5 * 60), id="standalone-dify-1.16"),
     ],
 )
-def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes):
+def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes, dify_version):
     """Users on three replicas while the nemesis kills, stops and restarts them, pauses Redis (and on Sentinel
-    kills its master) and restarts MariaDB: every count zero, and no traceback in the replicas' logs."""
+    kills its master) and restarts MariaDB: every count zero, and no traceback in the replicas' logs. Once with
+    Dify played as 1.16.0 (chatflow runs resumed after kills end from Dify's record of the run)."""
     out = tmp_path / "result.json"
     argv = ["--minutes", minutes, "--topology", topology, "--users", "4", "--window", "60"]
+    argv += ["--dify-version", dify_version]
     result = campaign.main([*argv, "--seed", "7", "--out", str(tmp_path / "run"), "--json", str(out)])
     run = result[topology]
     assert run["messages"] >= 8 and run["faults"] >= 3

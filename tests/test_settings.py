@@ -137,6 +137,8 @@ def test_an_aes_key_of_the_right_length_with_other_characters_says_which_are_all
         ({"DIFY_API_KEY": ""}, "DIFY_API_KEY"),
         ({"DIFY_READ_TIMEOUT": "soon"}, "DIFY_READ_TIMEOUT"),
         ({"DIFY_READ_TIMEOUT": "0"}, "DIFY_READ_TIMEOUT"),
+        ({"DIFY_QUIET_RUN_SECONDS": "-1"}, "DIFY_QUIET_RUN_SECONDS"),
+        ({"DIFY_QUIET_RUN_SECONDS": "a while"}, "DIFY_QUIET_RUN_SECONDS"),
         ({"STREAM_LEASE_SECONDS": "1.5"}, "STREAM_LEASE_SECONDS"),
         ({"STREAM_WINDOW_SECONDS": "400"}, "STREAM_WINDOW_SECONDS"),
         ({"REDIS_URL": "http://redis"}, "REDIS_URL"),

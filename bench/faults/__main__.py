@@ -5,6 +5,7 @@ while a seeded nemesis kills, stops and restarts replicas, pauses or kills Redis
 checker reads the history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
 
     python -m bench.faults --minutes 3 --topology sentinel --json out.json
+    python -m bench.faults --minutes 3 --topology standalone --dify-version 1.16   # Dify played as 1.16.0
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     lease = options.lease_seconds or (5 if kind == "standalone" else 10)
     topology = start_topology(kind).start()
     app_types = {"app-flow": "advanced-chat", "app-form": "advanced-chat", "app-ws": "chat"}
-    dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0).start()
+    dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0, version=options.dify_version)
+    dify.start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     database = PrivateMariaDB().start()
     # The network between the replicas and Dify (and one Redis server) runs through proxies the nemesis can cut or
@@ -213,8 +215,11 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
         requests = list(dify.requests)
         submissions = list(dify.form_submissions)
         reattaches = list(dify.reattaches)
+        record_reads = list(dify.record_reads)
     for reattach in reattaches:  # a run followed again: a resume (with the snapshot) or a form's rest (live)
         history.add("dify_reattach", snapshot=reattach["include_state_snapshot"], t=reattach["at"])
+    for run_id in record_reads:  # a run's quiet stream checked against Dify's record of the run
+        history.add("dify_record_read", run=run_id)
     for request in requests:
         query = request["body"].get("query", "")
         history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])
@@ -296,12 +301,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")
     parser.add_argument("--out", help="directory for histories and replica logs (default: a new temporary one)")
     parser.add_argument("--json", help="also write the result to this file")
     options = parser.parse_args(argv)
     out_dir = Path(options.out or tempfile.mkdtemp(prefix="faults-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"seed": options.seed, "minutes": options.minutes, "users": options.users, **versions()}
+    result["dify"] = options.dify_version
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
         result[kind] = run_topology(kind, options, out_dir)
         counts = ", ".join(f"{name} {result[kind][name]}" for name in COUNTS)

@@ -53,6 +53,9 @@ _NOT_NOTES = {
     "form_submitted", "form_answered", "form_submit_button", "form_action_question", "form_needs_values",
     "form_not_yours", "form_expired_card", "form_rest", "file_link", "file_original", "file_named",
     "welcome_title", "suggestions_title", "citations_title", "progress_step",
+    "form_choose_option", "form_option_unknown", "form_option_not_offered", "form_send_file", "form_send_files",
+    "form_files_limit", "form_file_noted", "form_file_refused", "form_file_failed", "form_file_not_needed",
+    "file_kind_image", "file_kind_document", "file_kind_audio", "file_kind_video", "file_kind_any",
 }  # fmt: skip
 # Notes that promise the user more, or tell them they have it all: an ending only when that is true (the answer
 # reached them whole).
@@ -122,6 +125,7 @@ def check(events: list[dict]) -> dict:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
     result = summarize(verdicts, faults)
     result["runs_followed_again"] = {"resumed": sum(reattaches), "after_a_form": len(reattaches) - sum(reattaches)}
+    result["run_record_reads"] = sum(1 for event in events if event["kind"] == "dify_record_read")
     result["form_submissions"] = sum(taken_by_tag.values())
     return result
 

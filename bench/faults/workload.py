@@ -103,7 +103,8 @@ class Workload:
         scripts = self._scripts(bot, tag, sentences, fault, long)
         for steps, times in scripts:
             self.dify.script(steps, match=tag, times=times)
-        # A cut or stalled script ends its run there too: a reader that follows the run again gets that as the run's
+        # A cut or stalled script ends its run there too (a cut only drops the first reader's connection: the run
+        # plays its steps on, and there are none left): a reader that follows the run again gets that as the run's
         # whole answer (with no note), which is right.
         played = {n for t, n in sentences_in(repr(scripts[-1][0])) if t == tag}
         payload = bot.simulator.text_message(f"question {tag}", userid=userid)
