@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.dify.client import DifyClient
@@ -18,6 +19,17 @@ _FORM_TYPES = ("text-input", "paragraph", "select", "number")
 _TEXT_TYPES = ("text-input", "paragraph")
 _FILE_TYPES = ("file", "file-list")
 _DEFAULT_FILE_LIST_LENGTH = 5
+
+
+def file_allowed(types: Iterable[str], extensions: Iterable[str], kind: str, extension: str) -> bool:
+    """Whether an input that takes Dify file `types` (none: any) and, for `custom`, the `extensions` (`.pdf`) takes a
+    file of Dify type `kind` with `extension` (no dot), as Dify decides it."""
+    types = frozenset(types)
+    if not types:
+        return True
+    if kind in types and kind != "custom":
+        return True
+    return "custom" in types and f".{extension.lower()}" in frozenset(extensions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +49,7 @@ class FileInput:
 
     def takes(self, kind: str, extension: str) -> bool:
         """Whether a file of Dify type `kind` with `extension` (no dot) may go into this input."""
-        if not self.types:
-            return True
-        if kind in self.types and kind != "custom":
-            return True
-        return "custom" in self.types and f".{extension.lower()}" in self.extensions
+        return file_allowed(self.types, self.extensions, kind, extension)
 
 
 class DifyAppProfile:

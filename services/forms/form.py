@@ -16,6 +16,8 @@ from datetime import datetime
 
 import orjson
 
+from services.dify.app_profile import file_allowed
+
 SELECT, FILE, FILE_LIST = "select", "file", "file-list"
 MAX_ACTIONS = 6  # a button_interaction card's buttons
 MAX_SELECTORS = 3  # a multiple_interaction card's selectors
@@ -76,11 +78,7 @@ class Input:
 
     def takes_file(self, dify_type: str, extension: str) -> bool:
         """Whether a file of Dify type `dify_type` with `extension` (no dot) may fill this input."""
-        if not self.file_types:
-            return True
-        if dify_type in self.file_types and dify_type != "custom":
-            return True
-        return "custom" in self.file_types and f".{extension.lower()}" in self.file_extensions
+        return file_allowed(self.file_types, self.file_extensions, dify_type, extension)
 
     def to_list(self) -> list:
         return [

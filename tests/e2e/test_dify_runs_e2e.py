@@ -110,6 +110,43 @@ class Deployment:
                 return req_id, stream_id, user
         raise AssertionError("every answer ran in the holder's process")
 
+    def ask_and_tap(self, bot: str, question: str, action: str = "approve"):
+        """Callback mode: ask `bot` on replica 0 and tap its card on replica 1 when it comes. Returns (the
+        conversation, the tap's reply)."""
+        sim = self.sims[bot]
+        first = sim.send(sim.text_message(question), replica=0)
+        clicks = []
+
+        def on_frame(frame):
+            if "template_card" in frame and not clicks:
+                clicks.append(sim.send(sim.card_click(frame["template_card"], action), replica=1))
+
+        return sim.follow(first, on_frame=on_frame), clicks[0] if clicks else None
+
+    def card_then_kill(self, bot: str, question: str):
+        """Callback mode: ask `bot` on replica 0, poll until the form's card comes, then SIGKILL the replica whose
+        worker waits for it. Returns (the simulator, now aimed at the survivor only; the first reply; the card)."""
+        sim = self.sims[bot]
+        first = sim.send(sim.text_message(question), replica=0)
+        stream_id = first["stream"]["id"]
+        card = None
+        while card is None:
+            card = sim.send(sim.poll_message(stream_id), replica=0).get("template_card")
+            time.sleep(0.2)
+        victim, _ = self.owner(bot, stream_id)
+        survivor = self.replicas[1 - self.replicas.index(victim)]
+        victim.signal(signal.SIGKILL)
+        sim.urls = [survivor.url] * 2
+        return sim, first, card
+
+    def card_then_kill_on_the_long_connection(self, bot: str, question: str) -> tuple[str, str]:
+        """Long connection: ask `bot` beside its holder until the card comes, SIGKILL the process waiting for the
+        tap, and wait until another resumed the paused run from Dify's snapshot. Returns (req_id, the user)."""
+        req_id, stream_id, user = self.ask_beside_the_holder(bot, question, self.wecom.cards)
+        self.kill_owner(bot, stream_id)
+        assert wait_until(lambda: any(r["include_state_snapshot"] for r in self.dify.reattaches), timeout=20)
+        return req_id, user
+
     def close(self) -> None:
         for sim in self.sims.values():
             sim.close()
@@ -196,16 +233,8 @@ def test_a_card_clicked_on_another_replica_goes_on_once(deployment, mode):
     the comment is Dify's default, submitted without asking."""
     dify = deployment.dify
     if mode == "callback":
-        sim = deployment.sims["hitl"]
-        first = sim.send(sim.text_message("buy laptops"), replica=0)
-        clicks = []
-
-        def on_frame(frame):
-            if "template_card" in frame and not clicks:
-                clicks.append(sim.send(sim.card_click(frame["template_card"], "approve"), replica=1))
-
-        conversation = sim.follow(first, on_frame=on_frame)
-        assert clicks[0]["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+        conversation, tap = deployment.ask_and_tap("hitl", "buy laptops")
+        assert tap["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
         assert conversation.text == APPROVED.format("buy laptops")
     else:
         wecom = deployment.wecom
@@ -224,26 +253,14 @@ def test_the_card_still_works_after_the_replica_waiting_for_it_is_killed(deploym
     Dify's snapshot (a plain re-attach would only ever ping), and the click goes on with the same bubble."""
     dify = deployment.dify
     if mode == "callback":
-        sim = deployment.sims["hitl"]
-        first = sim.send(sim.text_message("buy laptops"), replica=0)
-        stream_id = first["stream"]["id"]
-        card = None
-        while card is None:
-            card = sim.send(sim.poll_message(stream_id), replica=0).get("template_card")
-            time.sleep(0.2)
-        victim, _ = deployment.owner("hitl", stream_id)
-        survivor = 1 - deployment.replicas.index(victim)
-        victim.signal(signal.SIGKILL)
-        sim.send(sim.card_click(card, "approve"), replica=survivor)
-        sim.urls = [deployment.replicas[survivor].url] * 2
+        sim, first, card = deployment.card_then_kill("hitl", "buy laptops")
+        sim.send(sim.card_click(card, "approve"))
         conversation = sim.follow(first)
         assert conversation.text == APPROVED.format("buy laptops")
         assert conversation.cards == []  # the card came once
     else:
         wecom = deployment.wecom
-        req_id, stream_id, user = deployment.ask_beside_the_holder("hitl", "buy laptops", wecom.cards)
-        deployment.kill_owner("hitl", stream_id)
-        assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
+        req_id, user = deployment.card_then_kill_on_the_long_connection("hitl", "buy laptops")
         click = wecom.deliver_card_click("ws-hitl", wecom.cards(req_id)[0], "approve", userid=user)
         assert wecom.updated(click) is not None
         seen = seen_on_the_long_connection(deployment, req_id)
@@ -367,15 +384,8 @@ def test_a_picture_an_answer_node_links_to_reaches_the_user(deployment, mode, fi
 def test_a_workflow_apps_form_ends_whole(deployment):
     """hitl-workflow: after the form, the End's outputs stream as text chunks; Dify 1.16.0 then ends the run
     `stopped` with no outputs (its record keeps them): the answer is whole, with no note of a failure or a stop."""
-    sim = deployment.sims["workflow"]
-    first = sim.send(sim.text_message("rotate keys"), replica=0)
-    clicks = []
-
-    def on_frame(frame):
-        if "template_card" in frame and not clicks:
-            clicks.append(sim.send(sim.card_click(frame["template_card"], "approve"), replica=1))
-
-    assert sim.follow(first, on_frame=on_frame).text == "approve\nlooks good"
+    conversation, _ = deployment.ask_and_tap("workflow", "rotate keys")
+    assert conversation.text == "approve\nlooks good"
     assert_one_call_and_submissions(deployment.dify, 1)
 
 
@@ -389,20 +399,10 @@ def test_a_select_and_a_file_after_the_cards_replica_is_killed(deployment, mode)
     tap's option fills `env`, and the rest reaches the user once."""
     dify = deployment.dify
     if mode == "callback":
-        sim = deployment.sims["select"]
-        first = sim.send(sim.text_message("ship v3"), replica=0)
-        stream_id = first["stream"]["id"]
-        card = None
-        while card is None:
-            card = sim.send(sim.poll_message(stream_id), replica=0).get("template_card")
-            time.sleep(0.2)
-        victim, _ = deployment.owner("select", stream_id)
-        survivor = 1 - deployment.replicas.index(victim)
-        victim.signal(signal.SIGKILL)
-        sim.urls = [deployment.replicas[survivor].url] * 2
+        sim, first, card = deployment.card_then_kill("select", "ship v3")
 
         def resumed() -> bool:
-            sim.send(sim.poll_message(stream_id))  # WeCom polls on; a poll on the survivor takes the stream over
+            sim.send(sim.poll_message(first["stream"]["id"]))  # WeCom polls on: a poll on the survivor takes it over
             return any(r["include_state_snapshot"] for r in dify.reattaches)
 
         assert wait_until(resumed, timeout=20)
@@ -415,9 +415,7 @@ def test_a_select_and_a_file_after_the_cards_replica_is_killed(deployment, mode)
         assert conversation.cards == []  # the card came once
     else:
         wecom = deployment.wecom
-        req_id, stream_id, user = deployment.ask_beside_the_holder("select", "ship v3", wecom.cards)
-        deployment.kill_owner("select", stream_id)
-        assert wait_until(lambda: any(r["include_state_snapshot"] for r in dify.reattaches), timeout=20)
+        req_id, user = deployment.card_then_kill_on_the_long_connection("select", "ship v3")
         noted = wecom.final(given_on_the_long_connection(deployment, "select", "file", PDF, "notes.pdf", user))
         assert noted["stream"]["content"].startswith(ZH["form_file_noted"].split("「")[0])
         click = wecom.deliver_card_click(
