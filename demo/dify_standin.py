@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from demo.dify_runs import CHATFLOW, PING, WORKFLOW, Run
+from demo.dify_runs import CHATFLOW, CUT, PING, WORKFLOW, Run
 from demo.dify_versions import DifyVersion, standin_version
 from demo.http_server import Conn, Request, StandInServer
 
@@ -335,6 +335,15 @@ class DifyStandIn:
         file_id = file_id or str(uuid.uuid4())
         self.previews[file_id] = (data, mime)
         return f"/files/{file_id}/file-preview?timestamp={int(time.time())}&nonce={secrets.token_hex(4)}&sign=stand-in"
+
+    def cut_listeners(self, run_id: str) -> int:
+        """Drop every plain (no snapshot) listener of a run, without its body's last chunk, as Dify 1.16.0 does when
+        another subscriber of the run closes; how many there were."""
+        run = self.runs[run_id]
+        listeners = [reader for reader in list(run.readers) if not reader.snapshot]
+        for reader in listeners:
+            reader.queue.put_nowait(CUT)
+        return len(listeners)
 
     def chat_requests(self) -> list[dict]:
         """Bodies of the chat requests received so far."""

@@ -12,7 +12,6 @@ from dataclasses import replace
 import pytest
 
 from demo import dify_flows as flows
-from demo.dify_runs import CUT
 from demo.dify_versions import standin_version
 from services.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
@@ -225,16 +224,14 @@ def test_a_form_followed_after_its_answer_whose_stream_is_cut_is_followed_again(
     def cut_the_listener() -> None:
         assert wait_until(lambda: dify.form_submissions, timeout=20)
         time.sleep(0.5)  # the run waits in its HTTP node
-        [run] = dify.runs.values()
-        for reader in list(run.readers):
-            reader.queue.put_nowait(CUT)  # as Dify 1.16.0 does when another subscriber of the run closes
-        cut.append(time.time())
+        [run_id] = dify.runs
+        cut.append(dify.cut_listeners(run_id))
 
     helper = threading.Thread(target=cut_the_listener, daemon=True)
     helper.start()
     conversation, _, _ = ask_and_click(sims[0], sims[1], "buy laptops")
     helper.join(5)
-    assert cut
+    assert cut == [1]  # the gateway's listener, following the run from the form's answer
     assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
     assert [r["include_state_snapshot"] for r in dify.reattaches] == [False, True]
     assert len(dify.form_submissions) == 1 and len(dify.chat_requests()) == 1

@@ -40,6 +40,15 @@ FLOWS = {
     "picture": flows.PICTURE_CHATFLOW,
     "workflow": flows.hitl_workflow(),
     "select": flows.hitl_select_file(),
+    "elsewhere": flows.hitl_select_file(service_api=False),
+    "wait": flows.hitl_chatflow(wait_seconds=2),
+    "request": flows.Flow(
+        "request-workflow",
+        "workflow",
+        (flows.End((("answer", "handled: {{#start.request#}}"),)),),
+        query_input="request",
+        start_inputs=({"text-input": {"variable": "request", "label": "Request", "required": True}},),
+    ),
 }
 QUIET_RUN_SECONDS = 3  # DIFY_QUIET_RUN_SECONDS of the replicas: a run's pings-only stream is checked after this
 APPROVED = "You said: {}. Waiting for approval...APPROVED. comment=looks good"
@@ -429,3 +438,43 @@ def test_a_select_and_a_file_after_the_cards_replica_is_killed(deployment, mode)
     [upload] = dify.uploads.values()
     assert upload["user"] == submission["body"]["user"]  # uploaded as the run's own user
     assert len(dify.chat_requests()) == (deployment.asked or 1)
+
+
+def test_a_listener_dify_cuts_after_the_form_is_followed_again(deployment):
+    """hitl-chatflow-wait: while the run waits in its HTTP node after the form's answer, the gateway's listener is
+    cut without its last chunk (Dify 1.16.0 does so when another subscriber of the run closes): the run is followed
+    again from its snapshot, and the rest reaches the bubble once, with no note."""
+    dify = deployment.dify
+    cut = []
+
+    def on_frame(frame):
+        if "template_card" in frame and not cut:
+            cut.append(sim.send(sim.card_click(frame["template_card"], "approve"), replica=1))
+            assert wait_until(lambda: dify.form_submissions, timeout=10)
+            time.sleep(0.5)
+            cut.append(dify.cut_listeners(next(iter(dify.runs))))
+
+    sim = deployment.sims["wait"]
+    conversation = sim.follow(sim.send(sim.text_message("buy laptops"), replica=0), on_frame=on_frame)
+    assert cut[1] == 1
+    assert conversation.text == APPROVED.format("buy laptops")
+    assert [r["include_state_snapshot"] for r in dify.reattaches] == [False, True]
+    assert_one_call_and_submissions(dify, 1)
+
+
+def test_what_dify_cannot_take_is_one_line_and_a_workflow_finds_its_question_input(deployment):
+    """A form Dify delivers only through its own channels (its form GET answers 404): the bubble says it awaits
+    approval elsewhere. A `.exe` for a workflow input that takes documents: refused before any upload. A workflow
+    whose only required text input is not `query`: the question goes there."""
+    dify = deployment.dify
+    elsewhere = deployment.sims["elsewhere"]
+    assert elsewhere.follow(elsewhere.send(elsewhere.text_message("ship v4"), replica=0)).text == ZH["form_elsewhere"]
+    files = deployment.sims["file"]
+    url = files.inbox.host(b"MZ\x90\x00" + os.urandom(300), filename="setup.exe")
+    assert files.follow(files.send(files.message("file", {"url": url}), replica=1)).text == ZH["files_unsupported"]
+    assert dify.uploads == {} and dify.form_submissions == []
+    request = deployment.sims["request"]
+    assert request.follow(request.send(request.text_message("reset my password"), replica=1)).text == (
+        "handled: reset my password"
+    )
+    assert len(dify.chat_requests()) == 2  # the form's run and the workflow's; none for the .exe
