@@ -252,6 +252,7 @@ class DifyStandIn:
         self.forms: dict[str, dict] = {}  # form token -> a paused run's form (services/forms: the human-input API)
         self.form_submissions: list[dict] = []  # every POST /form/human_input/{token}: {token, body, status}
         self.form_refusals: list[str] = []  # tests: the next form POSTs Dify refuses as invalid_form_data, saying so
+        self.reattach_refusals: list[int] = []  # tests: the next GET /workflow/{run}/events answer these statuses
         self.suggestions: list[str] = ["What else can you do?", "Tell me more", "Give an example"]
         self._scripts: list[_Script] = []
         self._lock = threading.Lock()
@@ -298,6 +299,7 @@ class DifyStandIn:
             self.forms.clear()
             self.form_submissions.clear()
             self.form_refusals.clear()
+            self.reattach_refusals.clear()
             self.suggestions = ["What else can you do?", "Tell me more", "Give an example"]
             self.info_requests = 0
             self.mode = "chat"
@@ -725,6 +727,10 @@ class DifyStandIn:
             self.reattaches.append({"run_id": run_id, "user": user, "at": time.time(), **flags})
         if not request.query.get("user"):
             await conn.send(400, {"code": "invalid_param", "message": "Arg user must be provided.", "status": 400})
+            return
+        if self.reattach_refusals:
+            status = self.reattach_refusals.pop(0)
+            await conn.send(status, {"code": "not_found", "message": "Workflow run not found", "status": status})
             return
         if run is None or run.user != request.query.get("user"):
             await conn.send(404, {"code": "not_found", "message": "Workflow run not found", "status": 404})

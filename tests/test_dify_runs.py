@@ -11,7 +11,9 @@ from dataclasses import replace
 
 import pytest
 
+from demo import dify_apps as apps
 from demo import dify_flows as flows
+from demo import dify_standin as d
 from demo.dify_versions import standin_version
 from services.texts import CATALOGUE
 from tests.conftest import make_simulator, wait_until
@@ -254,3 +256,17 @@ def test_a_chatflow_conversation_carries_on_on_the_other_replica(sims, dify):
     assert sims[1].ask("two").text == "hello two"
     first, second = dify.chat_requests()
     assert "conversation_id" not in first and second["conversation_id"]
+
+
+def test_a_run_that_cannot_be_followed_again_is_never_asked_again(sims, dify):
+    """A chatflow's stream is cut mid-run in a conversation, and the re-attach is refused (404): the question is not
+    sent again as if Dify had lost the conversation (that 404 is only the question's own); the bubble ends with
+    what it showed and a note."""
+    dify.mode = "advanced-chat"
+    dify.script(apps.chatflow_answer("first answer"))
+    assert sims[0].ask("one").text == "first answer"
+    dify.script([apps.workflow_started(), d.message("half "), d.sleep(0.2), d.cut()])
+    dify.reattach_refusals.extend([404] * 4)
+    conversation = sims[1].ask("two")
+    assert conversation.finished and conversation.text.startswith("half\n\n")  # what it showed, and a note
+    assert len(dify.chat_requests()) == 2  # one per question: never a second for "two"

@@ -187,7 +187,10 @@ class StreamWorker:
                 self._follow(job, partial(deps.dify.stream_chat, request), recorder, cancelled, deadline)
                 break
             except DifyHTTPError as exc:
-                if not conversation_id or not (exc.status == 404 or exc.code == "conversation_completed"):
+                gone = exc.status == 404 or exc.code == "conversation_completed"
+                # Only the question's own POST speaks of the conversation: an error once a run began is a
+                # re-attach's (_follow), and asking the question again would make a second answer.
+                if not conversation_id or not gone or answer.workflow_run_id or answer.text:
                     raise
                 logger.info("Dify no longer has the conversation (%s); starting a new one", exc.code)
                 through_outage(
