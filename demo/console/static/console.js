@@ -305,7 +305,8 @@ function drawCard(element, card) {
       element.appendChild(text);
     }
     const selects = [];
-    for (const selector of card.select_list || []) {
+    const selectors = card.select_list || (card.button_selection ? [card.button_selection] : []);
+    for (const selector of selectors) {
       const label = document.createElement("label");
       label.textContent = `${selector.title || selector.question_key} `;
       const select = document.createElement("select");
