@@ -41,6 +41,12 @@ def rejected(exc: CallbackError, bot: str, remote_addr: str | None) -> tuple[dic
     return exc.body(), exc.status
 
 
+# How much of a body over WECOM_MAX_BODY_BYTES is read and dropped before its 413 (a larger one is cut off: the
+# client may then see a reset instead of the answer), and in what pieces.
+DRAIN_BYTES = 16 * 1024 * 1024
+_DISCARD_PIECE = 64 * 1024
+
+
 class CallbackRoute:
     """WSGI middleware: a POST to a callback-mode bot's path is answered here; every other request goes to `app`.
 
@@ -82,7 +88,8 @@ class CallbackRoute:
 
     def _body(self, environ: dict) -> bytes:
         """The request's body: at most `max_body` bytes, all that its Content-Length says (or, chunked, all there
-        is). CallbackError otherwise."""
+        is). CallbackError otherwise; a body too large is read to its end first (up to DRAIN_BYTES), so the server
+        does not close the connection with it unread and the client reads its 413 instead of a reset."""
         stream = environ["wsgi.input"]
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared:
@@ -90,6 +97,7 @@ class CallbackRoute:
                 raise errors.invalid_body("Content-Length is not a whole number")
             length = int(declared)
             if length > self.max_body:
+                _discard(stream, min(length, DRAIN_BYTES))
                 raise errors.body_too_large(self.max_body)
             body = _read(stream, length)
             if len(body) < length:
@@ -99,8 +107,22 @@ class CallbackRoute:
             return b""  # neither a length nor a chunked body: there is none
         body = _read(stream, self.max_body + 1)
         if len(body) > self.max_body:
+            _discard(stream, DRAIN_BYTES)
             raise errors.body_too_large(self.max_body)
         return body
+
+
+def _discard(stream, most: int) -> None:
+    """Read and drop up to `most` bytes of what is left of a request body."""
+    left = most
+    while left > 0:
+        try:
+            part = stream.read(min(left, _DISCARD_PIECE))
+        except Exception:  # noqa: BLE001 - a client gone, a broken chunked body: nothing left to read then
+            return
+        if not part:
+            return
+        left -= len(part)
 
 
 def _read(stream, most: int) -> bytes:

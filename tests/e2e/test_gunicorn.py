@@ -2,8 +2,10 @@
 conversations from the simulator against the real Redis and the Dify stand-in."""
 
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from demo import dify_standin as d
@@ -122,7 +124,6 @@ def test_the_sync_worker_class_serves_whole_conversations(dify, tmp_path, gunico
 
 
 def test_metrics_add_up_every_worker(replica, dify):
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     dify.script(d.answer("counted", delay=0.01), times=None)
@@ -156,7 +157,6 @@ def test_metrics_add_up_every_worker(replica, dify):
 
 
 def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, redis_client, tmp_path, gunicorn_env):
-    import httpx
 
     metrics_port = free_port()
     env = {**gunicorn_env(), "METRICS_PORT": str(metrics_port)}
@@ -172,3 +172,25 @@ def test_metrics_port_serves_every_worker_and_the_public_port_does_not(dify, red
         assert 'wecom_messages_total{bot="default",outcome="opened"} 1.0' in scraped.text
     finally:
         server.stop()
+
+
+def test_an_oversized_callback_body_gets_its_413_before_the_connection_closes(replica):
+    """A 12 MB POST to a callback path (WECOM_MAX_BODY_BYTES is 256 KiB), written as a client writes it, whole,
+    before it reads: it is all taken, and the client reads the 413 and its short JSON body. Before, the server
+    answered at once and closed with the body unread: the client's write broke (a reset) and the answer could be
+    lost with it."""
+    size = 12 * 1024 * 1024
+    port = int(replica.url.rsplit(":", 1)[1])
+    head = "POST /wecom/callback?msg_signature=x&timestamp=1&nonce=n HTTP/1.1\r\nHost: gateway\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(head.encode())
+        piece = b"A" * 65536
+        for _ in range(size // len(piece)):
+            connection.sendall(piece)  # a reset here is the failure
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            answer += connection.recv(4096)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"] == "body_too_large"
