@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 from dotenv import dotenv_values
 
 from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
+from services.wecom.limits import POLL_WINDOW_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILES = (PROJECT_ROOT / ".env",)  # the production app's
@@ -281,10 +282,11 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     _check_wecom(s, problems)
     _check_dify(s, problems)
     _check_auth(s, problems)
+    longest = POLL_WINDOW_SECONDS - 5  # a bubble's last reply must reach WeCom before it stops polling
     problems.require(
-        1 <= s.stream_window_seconds <= 355,
+        1 <= s.stream_window_seconds <= longest,
         "STREAM_WINDOW_SECONDS",
-        "must be between 1 and 355 (WeCom polls for 360 s)",
+        f"must be between 1 and {longest} (WeCom polls for {POLL_WINDOW_SECONDS} s)",
     )
     problems.require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
     problems.require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")

@@ -75,12 +75,13 @@ class Keys:
         return f"{self.prefix}wecom_ws:{{{bot_id}}}:refusals"
 
     def rest_posts(self) -> str:
-        """Sorted set of the streams owing a message of their own through their response_url (score: when)."""
+        """Sorted set of the streams owing a message of their own through their response_url (score: when; entries
+        older than REST_POST_TTL_SECONDS are dropped, and the set's TTL, renewed with each, is that)."""
         return f"{self.prefix}rest_posts"
 
     def closed_early(self) -> str:
         """Sorted set of the streams whose bubble a poll closed before their answer ended (score: when), watched
-        until they end (callback mode: services/streams/service.py)."""
+        until they end (callback mode: services/streams/service.py); TTL as rest_posts'."""
         return f"{self.prefix}closed_early"
 
     def rest_post(self, stream_id: str) -> str:

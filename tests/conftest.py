@@ -84,12 +84,15 @@ def _check_answers(probe, variable: str) -> None:
 
 @pytest.fixture
 def redis_client(redis_url):
-    """A client on the test DB, flushed before and after the test."""
+    """A client on the test DB, flushed before and after the test. Every key the gateway writes has a TTL
+    (docs/redis-keys.md): one the test leaves behind without one fails it."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushdb()
     yield client
+    forever = sorted(key for key in client.scan_iter(count=1000) if client.ttl(key) == -1)
     client.flushdb()
     client.close()
+    assert not forever, f"keys left behind without a TTL: {forever[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -413,6 +416,14 @@ class Topology:
 
         return connect_redis(self.url, sentinel_password=SENTINEL_PASSWORD)
 
+    def keys_without_ttl(self) -> list[str]:
+        """The keys it holds that would live for ever (on every master of a cluster)."""
+        client = self.client()
+        try:
+            return sorted(key for key in client.scan_iter(count=1000) if client.ttl(key) == -1)
+        finally:
+            client.close()
+
     def flush(self) -> None:
         """Empty it: every master of a private topology, the test database of the shared server."""
         if self.server is not None:
@@ -425,7 +436,8 @@ class Topology:
 
 @pytest.fixture(params=["standalone", "sentinel", "cluster"])
 def topology(request, redis_url) -> Topology:
-    """Each Redis topology in turn, flushed before and after the test."""
+    """Each Redis topology in turn, flushed before and after the test; a key the test leaves without a TTL fails
+    it (docs/redis-keys.md: every key has one)."""
     if request.param == "standalone":
         found = Topology("standalone", redis_url, None)
     elif request.param == "sentinel":
@@ -436,7 +448,9 @@ def topology(request, redis_url) -> Topology:
         found = Topology("cluster", server.url, server)
     found.flush()
     yield found
+    forever = found.keys_without_ttl()
     found.flush()
+    assert not forever, f"keys left behind without a TTL: {forever[:10]}"
 
 
 @dataclass

@@ -22,7 +22,7 @@ def client(redis_url, redis_client):
 
 def test_replies_are_decoded_as_the_clients_are(client):
     connections = HotPathConnections(client)
-    assert connections.execute("SET", "k", "値") == "OK"
+    assert connections.execute("SET", "k", "値", "EX", 60) == "OK"
     assert connections.execute("GET", "k") == client.get("k") == "値"
     with pytest.raises(redis.ResponseError):
         connections.execute("INCR", "k")

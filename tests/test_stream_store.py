@@ -111,6 +111,7 @@ def test_a_done_poll_reads_the_images_list_only_when_the_finish_counted_some(sto
     assert poll(store, "s1").images == [{"base64": "AA==", "md5": "x"}]
     assert redis_client.hget("dify_stream:{s2}", "images") == "0"
     redis_client.rpush("dify_stream:{s2}:images", '{"base64": "BB==", "md5": "y"}')
+    redis_client.expire("dify_stream:{s2}:images", 60)  # as the finish writes it
     assert poll(store, "s2").images == []  # counted none: the list is not read
     redis_client.hdel("dify_stream:{s2}", "images")  # finished by the release before, which counts none
     assert poll(store, "s2").images == [{"base64": "BB==", "md5": "y"}]
@@ -398,7 +399,7 @@ def test_a_process_that_takes_no_stream_leaves_an_orphan_to_one_that_does_within
 def test_release_hands_streams_over(store, redis_client):
     open_stream(store, "s1", "m1", owner="A")
     open_stream(store, "s2", "m2", owner="A")
-    redis_client.set("dify_stream:{s2}:lease", "B")
+    redis_client.set("dify_stream:{s2}:lease", "B", ex=30)
     assert store.release_leases({"s1": "A", "s2": "A"}) == 1
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert redis_client.get("dify_stream:{s2}:lease") == "B"
@@ -504,7 +505,7 @@ def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
     open_stream(store, "s2", "m2", "A")
     open_stream(store, "s3", "m3", "A")
     redis_client.delete("dify_stream:{s2}:lease")  # expired, nobody else took it: ours again
-    redis_client.set("dify_stream:{s3}:lease", "B")  # taken over by replica B
+    redis_client.set("dify_stream:{s3}:lease", "B", ex=30)  # taken over by replica B
     lost = store.renew_leases({"s1": "A", "s2": "A", "s3": "A"})
     assert lost == ["s3"]
     assert redis_client.get("dify_stream:{s2}:lease") == "A"

@@ -183,8 +183,8 @@ def test_a_timed_out_command_never_hands_its_late_reply_to_the_next_one(topology
 
     client = connect_redis(topology.url, socket_timeout=0.3, sentinel_password=SENTINEL_PASSWORD)
     try:
-        client.set("{t}a", "A")
-        client.set("{t}b", "B")
+        client.set("{t}a", "A", ex=60)
+        client.set("{t}b", "B", ex=60)
         with pytest.raises(redis.TimeoutError):
             client.execute_command("BLPOP", "{t}nothing", 1)  # answered (nil) after 1 s, past the 0.3 s timeout
         assert client.get("{t}a") == "A"

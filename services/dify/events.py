@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "message"
 AGENT_MESSAGE_EVENT = "agent_message"
-TEXT_EVENTS = frozenset({MESSAGE_EVENT, AGENT_MESSAGE_EVENT})
 END_EVENT = "message_end"
 ERROR_EVENT = "error"
 REPLACE_EVENT = "message_replace"

@@ -75,16 +75,6 @@ def closed_card(form: Form, task_id: str, texts: Texts, status: str) -> dict:
     return _spent(form, task_id, texts, status, {})
 
 
-def notice_card(task_id: str, title: str, status: str) -> dict:
-    """A plain card for a click that finds no form (unknown or forged task id)."""
-    return {
-        "card_type": "button_interaction",
-        "main_title": {"title": cut_utf8(title, _TITLE), "desc": cut_utf8(status, _DESC)},
-        "button_list": [{"text": cut_utf8(status, _BUTTON), "style": 2, "key": button_key(task_id, DONE_KEY)}],
-        "task_id": task_id,
-    }
-
-
 def _spent(form: Form, task_id: str, texts: Texts, status: str, values: dict) -> dict:
     head = _head(form, texts, status)
     selects = form.card_selects

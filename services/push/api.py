@@ -11,17 +11,17 @@ import orjson
 
 from services.push.pushes import BotPushes, OverQuota, Target
 from services.redis_conn import REDIS_FAILURES
+from services.wecom.limits import MAX_CONTENT_BYTES
 from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
 
-MAX_MARKDOWN_BYTES = 20480  # WeCom's limit on a markdown message's content
 MAX_IDEMPOTENCY_KEY = 200
 MAX_TARGET = 128
 
 
 @dataclass
-class Answer:
+class ApiReply:
     """A status code, its JSON body and headers."""
 
     status: int
@@ -29,8 +29,8 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def _error(status: int, error: str, message: str, **headers: str) -> Answer:
-    return Answer(status, {"error": error, "message": message}, headers)
+def _error(status: int, error: str, message: str, **headers: str) -> ApiReply:
+    return ApiReply(status, {"error": error, "message": message}, headers)
 
 
 class PushApi:
@@ -39,7 +39,7 @@ class PushApi:
         self.pushes = pushes  # the long-connection bots'
         self.callback_bots = callback_bots  # WeCom offers no push to these
 
-    def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> Answer:
+    def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> ApiReply:
         """POST /api/push."""
         if not self._authorized(authorization):
             return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
@@ -63,8 +63,8 @@ class PushApi:
         markdown = request.get("markdown")
         if not isinstance(markdown, str) or not markdown.strip():
             return _error(400, "bad_request", "'markdown' must be a non-empty string")
-        if utf8_len(markdown) > MAX_MARKDOWN_BYTES:
-            return _error(400, "bad_request", f"'markdown' is longer than WeCom's {MAX_MARKDOWN_BYTES} bytes")
+        if utf8_len(markdown) > MAX_CONTENT_BYTES:
+            return _error(400, "bad_request", f"'markdown' is longer than WeCom's {MAX_CONTENT_BYTES} bytes")
         key = idempotency_key or ""
         if len(key) > MAX_IDEMPOTENCY_KEY:
             return _error(400, "bad_request", f"the Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
@@ -83,9 +83,9 @@ class PushApi:
             return _error(
                 503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
             )
-        return Answer(202 if new else 200, {"id": push_id, "status": "queued" if new else "accepted"})
+        return ApiReply(202 if new else 200, {"id": push_id, "status": "queued" if new else "accepted"})
 
-    def status(self, authorization: str | None, push_id: str) -> Answer:
+    def status(self, authorization: str | None, push_id: str) -> ApiReply:
         """GET /api/push/<id>."""
         if not self._authorized(authorization):
             return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
@@ -93,7 +93,7 @@ class PushApi:
             for pushes in self.pushes.values():
                 found = pushes.status(push_id)
                 if found is not None:
-                    return Answer(200, {"id": push_id, **found})
+                    return ApiReply(200, {"id": push_id, **found})
         except REDIS_FAILURES:
             return _error(503, "store_unavailable", "state store unavailable, retry shortly")
         return _error(404, "not_found", "no push with that id (pushes are kept 24 hours)")

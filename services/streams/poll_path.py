@@ -191,8 +191,11 @@ class PollPath:
     # --- bubbles closed before their answers ended ---------------------------------------------------------------
 
     def note_closed_early(self, stream_id: str) -> None:
-        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more."""
-        self.store.client.zadd(self.store.keys.closed_early(), {stream_id: time.time()})
+        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more. The list's
+        entries age out by their score (closed_early); its TTL, renewed with each, ends it when none is left."""
+        key = self.store.keys.closed_early()
+        with self.store.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {stream_id: time.time()}).expire(key, REST_POST_TTL_SECONDS).execute()
 
     def closed_early(self, most: int) -> list[str]:
         """The oldest `most` streams listed by `note_closed_early` (those older than a response_url lives dropped)."""

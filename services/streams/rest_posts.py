@@ -135,7 +135,9 @@ class RestPosts:
         )
         if not replies[0]:
             return False
-        self._write(self.owed_key, [("ZADD", self.owed_key, time.time(), stream_id)])
+        # The list's entries age out by their score; its TTL, renewed with each, ends it when none is left.
+        owed = [("ZADD", self.owed_key, time.time(), stream_id), ("EXPIRE", self.owed_key, REST_POST_TTL_SECONDS)]
+        self._write(self.owed_key, owed)
         return True
 
     def _post(self, stream_id: str, url: str, message: str, token: str) -> bool:

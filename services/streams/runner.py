@@ -75,10 +75,6 @@ class StreamRunner:
     def active_count(self) -> int:
         return len(self._active)
 
-    def active_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._active)
-
     def has_capacity(self) -> bool:
         """True while this process takes new streams (below the cap and not draining)."""
         return self.accepting and len(self._active) < self.max_active

@@ -35,7 +35,6 @@ from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
-FINAL_STATUSES = frozenset({DONE, ERROR, EXPIRED})
 
 
 class StreamConflict(Exception):

@@ -10,10 +10,7 @@ MAX_IN_FLIGHT_PER_USER = 3  # open bubbles per user per bot
 POLL_WINDOW_SECONDS = 360  # WeCom polls a stream this long after the user's message
 MAX_REPLY_IMAGES = 10  # msg_item images, final reply only
 MAX_REPLY_IMAGE_BYTES = 10 * 1024 * 1024  # each, before base64
-MAX_FEEDBACK_ID_BYTES = 256
-MEDIA_URL_LIFETIME_SECONDS = 300  # inbound image/file/video URLs
 MAX_INBOUND_FILE_BYTES = 100 * 1024 * 1024
-RESPONSE_URL_LIFETIME_SECONDS = 3600  # usable once
 
 NOTE_SEPARATOR = "\n\n"
 

@@ -19,11 +19,11 @@ from utils.http import outgoing_client
 logger = logging.getLogger(__name__)
 
 
-RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # between the tries of one post
+POST_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # between the tries of one post
 
 
 class ResponseUrlClient:
-    def __init__(self, timeout: float = 10.0, retry_delays: tuple[float, ...] = RETRY_DELAYS):
+    def __init__(self, timeout: float = 10.0, retry_delays: tuple[float, ...] = POST_RETRY_DELAYS):
         self._http = outgoing_client(httpx.Timeout(timeout), follow_redirects=False)
         self.retry_delays = retry_delays
 
