@@ -418,8 +418,10 @@ def _print_separate_message(body: dict) -> None:
 
 
 def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
-    """Read questions from the terminal and print each answer as it grows."""
-    print(f"Chatting as '{userid}'{' in group ' + chatid if chatid else ''}. Empty line or Ctrl-D to quit.")
+    """Read questions from the terminal and print each answer as it grows. Ctrl-C while an answer streams stops it
+    (it sends `/stop`, as the user would in WeCom); Ctrl-D, `/quit` or Ctrl-C at the prompt ends the chat."""
+    where = f" in group {chatid}" if chatid else ""
+    print(f"Chatting as '{userid}'{where}. Ctrl-C stops an answer; Ctrl-D or /quit ends the chat.")
     simulator.inbox.on_message = _print_separate_message
     while True:
         try:
@@ -427,25 +429,44 @@ def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not question:
+        if question in ("/quit", "/exit"):
             return
+        if not question:
+            continue
         print("bot> ", end="", flush=True)
-        printer, tapper = _GrowingPrinter(), _CardTapper(simulator, userid, chatid)
-
-        def on_frame(frame: dict, printer=printer, tapper=tapper) -> None:
-            printer(frame)
-            tapper(frame)
-
         try:
-            conversation = simulator.ask(question, userid, chatid, on_frame=on_frame)
+            conversation = _answer(simulator, question, userid, chatid)
         except (ReplyError, httpx.HTTPError) as exc:
             print(f"\n[error: {exc}]")
+            continue
+        except KeyboardInterrupt:
+            print("\n[stopped following the answer]")
             continue
         images = len(conversation.last.get("msg_item") or [])
         if images:  # the bubble shows them under its text; a terminal cannot
             print(f"\n[{images} image{'s' if images > 1 else ''} in the bubble: see them in the console, /console]")
         state = "finished" if conversation.finished else "still running when WeCom stopped polling"
         print(f"\n[{state} after {conversation.polls} polls]")
+
+
+def _answer(simulator: WeComSimulator, question: str, userid: str, chatid: str) -> Conversation:
+    """Ask, and follow the bubble to its end; a Ctrl-C meanwhile sends `/stop` and follows the bubble to the note
+    that says so (a second Ctrl-C stops following it)."""
+    printer, tapper = _GrowingPrinter(), _CardTapper(simulator, userid, chatid)
+
+    def on_frame(frame: dict) -> None:
+        printer(frame)
+        tapper(frame)
+
+    first = simulator.send(simulator.text_message(question, userid, chatid))
+    if first is None:
+        raise ReplyError("empty reply to a text message")
+    try:
+        return simulator.follow(first, userid, chatid, on_frame=on_frame)
+    except KeyboardInterrupt:
+        stopped = simulator.send(simulator.text_message("/stop", userid, chatid)) or {}
+        print(f"\n[/stop: {(stopped.get('stream') or {}).get('content', '')}]")
+        return simulator.follow(first, userid, chatid, on_frame=on_frame)
 
 
 def main(argv: list[str] | None = None) -> None:

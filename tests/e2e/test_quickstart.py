@@ -1,6 +1,7 @@
 """The README's first command: `python -m demo` runs the bot on embedded defaults and chats in the terminal."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -111,3 +112,43 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_an_empty_line_asks_nothing_and_ctrl_c_stops_the_answer_not_the_demo():
+    """A newcomer's Enter on an empty prompt keeps the chat going; Ctrl-C while a long answer streams sends /stop
+    (the answer ends with the note that it was stopped) and the demo goes on to the next question."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "demo"],
+        cwd=PROJECT_ROOT,
+        env=demo_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    seen: list[str] = []
+
+    def read_until(text: str) -> bool:
+        while not any(text in line for line in seen):
+            line = demo.stdout.readline()
+            if not line:
+                return False
+            seen.append(line)
+        return True
+
+    try:
+        demo.stdin.write("\n\nslow\n")
+        demo.stdin.flush()
+        assert read_until("1. "), "".join(seen)  # the long answer is streaming
+        demo.send_signal(signal.SIGINT)
+        assert read_until("[finished after"), "".join(seen)
+        demo.stdin.write("hello again\n/quit\n")
+        demo.stdin.flush()
+        out, err = demo.communicate(timeout=60)
+    finally:
+        demo.kill()
+    whole = "".join(seen) + out
+    assert "[/stop: " in whole and "已停止回答" in whole
+    assert "你刚才说：「hello again」" in whole
+    assert demo.returncode == 0, err
