@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from config.bots import bot_keys, load_bots
-from config.settings import PROJECT_ROOT, SettingsError, load_settings
+from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_settings
 
 DEPLOYMENT = {
     "REDIS_URL": "redis://redis:6379/0",
@@ -245,3 +245,18 @@ def test_long_connection_problems_name_the_bot_and_the_key(folder):
     assert problems_of(folder, LONG + LONG.replace("[bots.ops]", "[bots.ops2]")) == [
         "BOTS_FILE bots.ops2: bot_id is bots.ops's already"
     ]
+
+
+def test_the_demos_assistant_talks_to_the_dify_the_environment_names():
+    """`DIFY_BASE_URL=… DIFY_API_KEY=app-mine make demo`: the assistant answers from that app (before, the demo's
+    bots file fixed its key and the newcomer's was silently ignored); the helpdesk and ops bots stay on the
+    stand-in, with their own demo keys. Without them, all three are the stand-in's."""
+    own = {"DIFY_BASE_URL": "https://dify.example.com/v1", "DIFY_API_KEY": "app-mine"}
+    for environ, assistant in ((own, ("https://dify.example.com/v1", "app-mine")), ({}, (STANDIN, "app-demo"))):
+        bots = {bot.bot_name: bot for bot in load_bots(load_settings(environ, env_files=DEMO_ENV_FILES))}
+        assert (bots["assistant"].dify_base_url, bots["assistant"].dify_api_key) == assistant
+        assert (bots["helpdesk"].dify_base_url, bots["helpdesk"].dify_api_key) == (STANDIN, "app-demo-helpdesk")
+        assert (bots["ops"].dify_base_url, bots["ops"].dify_api_key) == (STANDIN, "app-demo-ops")
+
+
+STANDIN = DEMO_DEFAULTS["dify_base_url"]
