@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup setup-demo demo test test-fast test-servers lint format
 
-# The demo needs the runtime and the demo extras only; the tests add their tool chain on top.
+# The demo needs the runtime and the demo extras only; the tests add their tool chain on top. Python 3.11 or newer
+# (tomllib, and the syntax), said in one line before anything is installed.
 $(BIN)/.demo-installed: requirements.txt requirements-demo.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed: \
+	$(PYTHON) is $$($(PYTHON) -V 2>&1). Run make with PYTHON=python3.11 (or newer)."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-demo.txt

@@ -22,6 +22,20 @@ def agent_answer(text: str, pieces: int = 4) -> list[tuple]:
     return [*deltas, message(text), end()]
 
 
+def agent_with_a_tool(english: bool) -> list[tuple]:
+    """The demo's agent: it calls a weather tool that takes a few seconds (the bubble names the tool while it runs),
+    then answers; its closing message, which repeats the whole answer, is shown once."""
+    tool = {"id": "thought-1", "position": 1, "thought": "", "tool": "weather", "tool_input": '{"city": "Shanghai"}'}
+    text = (
+        "Shanghai is sunny today, 22 °C. (The agent called its weather tool: the bubble named it while it ran.)"
+        if english
+        else "上海今天晴，22 °C。（智能体调用了天气工具：工具运行时，气泡显示了它的名字。）"
+    )
+    called = event("agent_thought", **tool, observation="")
+    answered = event("agent_thought", **tool, observation='{"weather": "sunny", "temperature": 22}')
+    return [called, sleep(4.0), answered, *agent_answer(text)]
+
+
 def file_then_text(url: str, text: str, pieces: int = 3) -> list[tuple]:
     """An assistant file first, so every later text chunk of the message arrives labelled `message_file`."""
     size = max(1, -(-len(text) // pieces))
@@ -164,7 +178,7 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
         answer = "Here is the answer after thinking." if english else "这是思考之后的回答。"
         return [reasoning(thought), reasoning("…", final=True), message(answer), end()]
     if "agent" in words:
-        return agent_answer("An agent app's answer, shown once." if english else "智能体应用的回答，只显示一次。")
+        return agent_with_a_tool(english)
     if "report" in words or "报告" in query:
         return report_answer(english)
     if "form" in words or "approve" in words or "审批" in query:

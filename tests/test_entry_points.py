@@ -184,3 +184,20 @@ def test_a_serving_process_says_at_once_when_redis_does_not_answer(settings, cap
         assert line.startswith("Redis (REDIS_URL) does not answer") and "hunter2" not in line
     finally:
         gateway.close()
+
+
+def test_make_says_in_one_line_that_python_3_11_is_needed(tmp_path):
+    """`make demo` (or `make test`) with an older Python stops at once with one line, before any venv or install
+    (Python 3.10 failed later, on tomllib)."""
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = "-V" ] && echo "Python 3.10.13" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    result = subprocess.run(
+        ["make", "-C", str(PROJECT_ROOT), f"PYTHON={old}", f"VENV={tmp_path / 'venv'}", "setup-demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Python 3.11 or newer is needed" in result.stdout and "Python 3.10.13" in result.stdout
+    assert not (tmp_path / "venv").exists()
