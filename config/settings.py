@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 from dotenv import dotenv_values
 
 from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
-from services.wecom.limits import POLL_WINDOW_SECONDS
+from services.wecom.limits import BUBBLE_WINDOW_SECONDS, POLL_WINDOW_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILES = (PROJECT_ROOT / ".env",)  # the production app's
@@ -147,7 +147,7 @@ class Settings:
     database_timeout: float = 5.0
 
     # --- streams --------------------------------------------------------------------------------------------
-    stream_window_seconds: int = 330
+    stream_window_seconds: int = BUBBLE_WINDOW_SECONDS
     stream_key_ttl_seconds: int = 3600
     stream_lease_seconds: int = 15
     stream_takeover_grace_seconds: float = 3.0

@@ -42,13 +42,12 @@ from services.forms.answers import FormAnswers
 from services.forms.service import FormService
 from services.forms.store import FormStore
 from services.keys import Keys
+from services.longconn.delivery import ConnectionDelivery
 from services.longconn.holder import ConnectionHolder
 from services.longconn.jobs import JobConsumer, JobQueue
-from services.longconn.keeper import FRAME_INTERVAL
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
-from services.longconn.rests import OutboxRests
 from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.push.api import PushApi
@@ -58,6 +57,7 @@ from services.redis_url import parse_redis_url
 from services.replication import Replication
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
+from services.streams.delivery import CallbackDelivery, Delivery
 from services.streams.finisher import Finisher
 from services.streams.poll_path import PollPath
 from services.streams.recorder import AnswerOptions
@@ -89,8 +89,7 @@ class Bot:
     conversations: ConversationStore
     media: MediaService
     feedback: FeedbackService
-    responder: ResponseUrlClient
-    posts: RestPosts  # what answers owe through response_url (callback mode), swept by every serving process
+    delivery: Delivery  # how answers reach the user besides their bubbles: one per WeCom mode
     streams: StreamService
     callback: CallbackHandler
     texts: Texts
@@ -101,7 +100,7 @@ class Bot:
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
     def close(self) -> None:
-        self.posts.stop()
+        self.delivery.close()
         if self.consumer is not None:
             self.consumer.stop()
         if self.holder is not None:
@@ -111,7 +110,6 @@ class Bot:
         self.feedback.close()
         self.media.close()
         self.files.fetcher.close()
-        self.responder.close()
         self.dify.close()
         if self.authorizer is not None:
             self.authorizer.api.close()
@@ -170,9 +168,9 @@ class Gateway:
         return self.redis_problem or ""
 
     def start(self) -> None:
-        """Start the background work of a serving process: each long-connection bot's answer consumer (first: the
-        holder queues into it) and connection holder; each callback bot's sweep of the response_url posts whose
-        poster died and of the bubbles closed before their answers ended. Once only."""
+        """Start the background work of a serving process: each bot's delivery watch (a callback bot's sweep of the
+        response_url posts whose poster died and of the bubbles closed before their answers ended); each
+        long-connection bot's answer consumer (first: the holder queues into it) and connection holder. Once only."""
         if self.started:
             return
         self.started = True
@@ -187,11 +185,10 @@ class Gateway:
                 exc,
             )
         for bot in self.bots.values():
+            bot.delivery.start(bot.streams.look)
             if bot.holder is not None:
                 bot.consumer.start()
                 bot.holder.start()
-            else:
-                bot.posts.start(also=bot.streams.look_after_closed_early)
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let
@@ -288,20 +285,15 @@ class _Shared:
     replica_wait_ms: int  # how long a write that must outlive a failover waits for a replica (0: none to wait for)
 
 
-@dataclass
-class _Reach:
-    """A long-connection bot's ways to the user besides a stream's own reply, made before the streams that use
-    them: the answer queue every serving process takes from, and the outbox the connection's holder delivers."""
-
-    queue: JobQueue
-    outbox: Outbox
-    rests: OutboxRests
-
-
-def _reach(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> _Reach:
-    outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
-    queue = JobQueue(store.durable, keys, settings.wecom_bot_id, outbox)
-    return _Reach(queue, outbox, OutboxRests(outbox, shared.owner))
+def _delivery(settings: Settings, shared: _Shared, keys: Keys, store: StreamStore) -> Delivery:
+    """How the bot's answers reach the user besides their bubbles, chosen here once for its WeCom mode: a long
+    connection's answer queue and outbox, or a callback bot's response_url posts."""
+    if settings.wecom_mode == "long_connection":
+        outbox = Outbox(shared.client, keys, store, settings.wecom_bot_id)
+        queue = JobQueue(store.durable, keys, settings.wecom_bot_id, outbox)
+        return ConnectionDelivery(queue, outbox, shared.owner, settings.bot_name)
+    posts = RestPosts(shared.client, keys, store.durable, ResponseUrlClient(), shared.owner, settings.bot_name)
+    return CallbackDelivery(posts, store, settings.bot_name, draining=lambda: not shared.runner.accepting)
 
 
 def _bot(settings: Settings, shared: _Shared) -> Bot:
@@ -320,7 +312,8 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         durable=Replication(client, shared.replica_wait_ms, name),
         takeover_grace_seconds=settings.stream_takeover_grace_seconds,
     )
-    reach = _reach(settings, shared, keys, store) if long_connection else None
+    delivery = _delivery(settings, shared, keys, store)
+    connection = delivery if isinstance(delivery, ConnectionDelivery) else None  # its holder, consumer and pushes
     dify = _dify(settings)
     profile = DifyAppProfile(dify, app_type=settings.dify_app_type)
     crypto = (
@@ -335,19 +328,16 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
     files = _files(settings, client, keys, texts, long_connection, links)
     form_store = FormStore(client, keys)
     forms = FormService(form_store, dify, texts, name)
-    responder = ResponseUrlClient()
-    posts = RestPosts(client, keys, store.durable, responder, shared.owner, name)
     bubble = BubbleRenderer(texts, settings.stream_placeholder, links)
     stopper = AnswerStopper(store, dify, profile, texts, name)
     finisher = Finisher(
         store,
-        posts,
+        delivery,
         bubble,
         texts,
         name,
         settings.stream_window_seconds,
         draining=lambda: not shared.runner.accepting,
-        send_separately=reach.rests.send if reach else None,  # never a response_url on a long connection
     )
     deps = WorkerDeps(
         store=store,
@@ -362,8 +352,8 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         forms=forms,
         files=files,
         stopper=stopper,
-        append_pace=FRAME_INTERVAL if long_connection else 0.0,  # its bubbles get a frame at most that often
-        append_deadlines=not long_connection,
+        append_pace=delivery.append_pace,
+        append_deadlines=delivery.append_deadlines,
     )
     streams = StreamService(
         store,
@@ -374,11 +364,9 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         bubble,
         shared.owner,
         settings.stream_window_seconds,
+        delivery,
         name,
         shared_groups=settings.group_conversation == "shared",
-        queue=reach.queue if reach else None,
-        outbox=reach.outbox if reach else None,
-        posts=None if reach else posts,
     )
     # A form's card is opened by the worker (forms), and its answer may start the rest of the run on a worker again
     # (form_answers, built once streams is).
@@ -411,16 +399,15 @@ def _bot(settings: Settings, shared: _Shared) -> Bot:
         conversations=conversations,
         media=media,
         feedback=feedback,
-        responder=responder,
-        posts=posts,
+        delivery=delivery,
         streams=streams,
         callback=callback,
         texts=texts,
         health=deps.health,
         files=files,
-        consumer=_consumer(settings, shared, reach.queue, streams) if reach else None,
-        holder=_holder(settings, shared, keys, reach.outbox, callback, files) if reach else None,
-        pushes=_pushes(settings, shared, keys, store, reach.outbox) if reach else None,
+        consumer=_consumer(settings, shared, connection.queue, streams) if connection else None,
+        holder=_holder(settings, shared, keys, connection.outbox, callback, files) if connection else None,
+        pushes=_pushes(settings, shared, keys, store, connection.outbox) if connection else None,
     )
 
 

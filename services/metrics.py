@@ -165,7 +165,17 @@ FORM_WAIT_SECONDS = Histogram(
 )
 AUTH_OUTCOMES = Counter("auth_outcomes_total", "User authorizations by outcome", ["bot", "outcome"])
 TOKEN_CACHE = Counter("auth_token_cache_total", "Token cache lookups", ["bot", "result"])
-RESPONSE_URL = Counter("response_url_messages_total", "Messages sent through response_url", ["bot", "kind", "result"])
+RESPONSE_URL = Counter(
+    "response_url_messages_total",
+    "Callback mode: messages of an answer's own (its rest, the whole answer) sent through response_url, by result",
+    ["bot", "kind", "result"],
+)
+WS_SEPARATE = Counter(
+    "wecom_ws_separate_messages_total",
+    "Long-connection mode: messages of an answer's own (its rest, the whole answer) handed to the outbox for "
+    "aibot_send_msg, by result",
+    ["bot", "kind", "result"],
+)
 UNREPLICATED_WRITES = Counter(
     "redis_writes_unreplicated_total",
     "Writes that must outlive a failover (services/replication.py) no replica confirmed within REDIS_CLAIM_WAIT_MS "
@@ -233,7 +243,7 @@ STREAM_EVENTS = (
 DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
 DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
-RESPONSE_URL_KINDS = ("rest", "whole_answer", "form_rest")
+SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
 # a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (services/longconn/frames.py)
 WS_ERRCODES_SEEN = ("846605", "846608", "846609", "6000")
@@ -268,9 +278,9 @@ def initialise(bot: str, long_connection: bool = False) -> None:
         AUTH_OUTCOMES.labels(bot, outcome)
     for result in ("hit", "miss"):
         TOKEN_CACHE.labels(bot, result)
-    for kind in RESPONSE_URL_KINDS:
+    for kind in SEPARATE_KINDS:
         for result in SENT:
-            RESPONSE_URL.labels(bot, kind, result)
+            (WS_SEPARATE if long_connection else RESPONSE_URL).labels(bot, kind, result)
     for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
         metric.labels(bot)
     FORM_WAIT_SECONDS.labels(bot)

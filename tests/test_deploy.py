@@ -249,6 +249,21 @@ def test_no_module_of_the_image_imports_the_demo():
     assert offenders == []
 
 
+def test_the_streams_code_never_asks_which_wecom_mode_it_runs_in():
+    """The mode is the bot's Delivery, chosen where the bot is built (services/streams/delivery.py): an answer's life
+    names neither the mode nor a long connection's parts, so a change to one mode's way is made in one place."""
+    mode_names = {"wecom_mode", "long_connection", "send_separately", "outbox", "ws_req_id", "ws_generation"}
+    offenders = []
+    for path in sorted((PROJECT_ROOT / "services" / "streams").glob("*.py")):
+        if path.name == "delivery.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = getattr(node, "attr", None) or getattr(node, "id", None) or getattr(node, "arg", None)
+            if name in mode_names:
+                offenders.append(f"{path.name}:{node.lineno} {name}")
+    assert offenders == []
+
+
 def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
     """Each `*_file` of the bots file is a key of a bot's Secret mounted at that folder; the Ingress exposes each
     bot's path and no other; and with the Secrets' files in place the file loads (config/bots.py)."""

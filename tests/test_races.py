@@ -13,7 +13,6 @@ import redis
 from demo import dify_standin as d
 from services.gateway import build_gateway
 from services.longconn.outbox import Outbox, shown_of
-from services.longconn.rests import OutboxRests
 from services.streams.job import StreamJob
 from services.streams.store import StreamStore
 from services.texts import CATALOGUE
@@ -78,11 +77,11 @@ def test_a_rest_handed_to_the_outbox_twice_by_retries_is_one_message(ws_gateway,
     gateway, wecom = ws_gateway()
     streams = gateway.bot().streams
     job = StreamJob(stream_id="s-rest", msgid="m", userid="alice", aibotid=WS_BOT_ID, attempt="replica-a:1#1")
-    rests = OutboxRests(streams.outbox, gateway.owner)
-    streams.outbox.sent = LostReply(streams.outbox.sent)
+    delivery = streams.delivery
+    delivery.outbox.sent = LostReply(delivery.outbox.sent)
     with pytest.raises(redis.TimeoutError):
-        rests.send(job, "the rest, once")
-    assert rests.send(job, "the rest, once")
+        delivery._hand_over(job, "the rest, once")
+    assert delivery._hand_over(job, "the rest, once")
     assert wait_until(lambda: wecom.proactive, timeout=10)
     assert outbox_settled(redis_client, WS_BOT_ID)
     assert [m["markdown"]["content"] for m in wecom.proactive] == ["the rest, once"]
@@ -126,7 +125,7 @@ def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next
     goes; the answer was made and never sent. The stream is now tracked before it is queued."""
     first, second, wecom = two_processes
     holder = first.bot().holder
-    queue = first.bot().streams.queue
+    queue = first.bot().streams.delivery.queue
     real_submit = queue.submit
 
     def submit_and_die(stream_id, attempt):

@@ -27,7 +27,7 @@ def kill(replica):
     when it looks at a bubble closed early)."""
     replica.gateway.runner.stop()
     for bot in replica.gateway.bots.values():
-        bot.posts.stop()
+        bot.delivery.posts.stop()
 
 
 def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewhere(pair, dify, redis_client):
@@ -482,7 +482,7 @@ def test_the_rest_of_an_answer_whose_replica_died_while_posting_it_is_posted_by_
         tries.append(url)
         raise _Died
 
-    first.gateway.bot().responder.send_markdown = die
+    first.gateway.bot().delivery.posts.responder.send_markdown = die
     text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
     dify.script([d.message(text[:3000]), d.message(text[3000:]), d.end()])
     sim = make_simulator(first.url)

@@ -166,9 +166,9 @@ def test_an_answer_whose_bubble_no_poll_ever_showed_goes_out_through_response_ur
     """Every try of the message's callback was answered too late (frozen replicas, a failover: the fault campaign),
     so WeCom has no bubble to poll: the answer goes out through response_url once, and a poll that comes after all
     says it was sent separately, never the answer a second time."""
-    from services.streams import finisher
+    from services.streams import delivery
 
-    monkeypatch.setattr(finisher, "UNPOLLED_SECONDS", 1.0)
+    monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 1.0)
     dify.script([d.message("The whole answer."), d.end()])
     payload = simulator.text_message("hello")
     stream_id = simulator.send(payload)["stream"]["id"]  # the reply WeCom never got: nothing polls it
@@ -181,9 +181,9 @@ def test_an_answer_whose_bubble_no_poll_ever_showed_goes_out_through_response_ur
 
 def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dify, monkeypatch):
     """An answer that ends before WeCom's first poll waits for it: the bubble shows it, and nothing more is sent."""
-    from services.streams import finisher
+    from services.streams import delivery
 
-    monkeypatch.setattr(finisher, "UNPOLLED_SECONDS", 3.0)
+    monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 3.0)
     dify.script([d.message("Quick."), d.end()])
     payload = simulator.text_message("hello")
     first = simulator.send(payload)

@@ -1,5 +1,6 @@
-"""The end of every answer: its final state in Redis, and whatever the bubble could not show sent through the
-message's response_url, exactly once.
+"""The end of every answer: its final state in Redis, and whatever the bubble could not show sent as a message of its
+own, exactly once, the way the bot's WeCom mode offers (services/streams/delivery.py: the message's response_url, or a
+long connection's outbox).
 
 The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
 window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
@@ -21,7 +22,6 @@ import secrets
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
 
 from services import metrics
 from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
@@ -33,10 +33,11 @@ from services.streams.bubble import (
     overflow_threshold,
     text_at_close,
 )
+from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
-from services.streams.rest_posts import RestPosts
 from services.streams.store import DONE, Finished, StreamStore
 from services.texts import Texts
+from services.wecom.limits import BUBBLE_WINDOW_SECONDS
 from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,6 @@ logger = logging.getLogger(__name__)
 MARK_GRACE_SECONDS = 60.0
 # A bubble this close to its window's end may be closed early by a poll on another replica's clock.
 WINDOW_MARGIN_SECONDS = 5.0
-# A bubble no poll has shown this long after its message came never reached WeCom: every try of its callback was
-# answered too late (three tries of 5 s; a later try finds the stream open and answers with it, so polls start within
-# about 15 s when any try got through). Its answer goes out through response_url instead.
-UNPOLLED_SECONDS = 20.0
-
-
-class SendsSeparately(Protocol):
-    """Long connection: sends a message of an answer's own, once, through the outbox (services/longconn/rests.py);
-    True when handed over. Raises redis.RedisError when Redis did not answer (tried again while it may)."""
-
-    def __call__(self, job: StreamJob, markdown: str) -> bool: ...
 
 
 class Finisher:
@@ -64,28 +54,20 @@ class Finisher:
     def __init__(
         self,
         store: StreamStore,
-        posts: RestPosts,
+        delivery: Delivery,
         bubble: BubbleRenderer,
         texts: Texts,
         bot: str = "default",
-        window_seconds: int = 330,
+        window_seconds: int = BUBBLE_WINDOW_SECONDS,
         draining: Callable[[], bool] = lambda: False,
-        send_separately: SendsSeparately | None = None,
     ):
         self.bot = bot
         self.window_seconds = window_seconds
         self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
         self.store = store
-        self.posts = posts  # callback mode: posts through response_url, made once whatever process dies
+        self.delivery = delivery  # what the bubble cannot show goes out this way (response_url, or the outbox)
         self.bubble = bubble
         self.texts = texts
-        # Long-connection bots: a message of the answer's own goes out through the connection's outbox
-        # (aibot_send_msg), not response_url.
-        self.send_separately = send_separately
-
-    def _reachable(self, job: StreamJob) -> bool:
-        """Whether anything can reach the user besides the bubble."""
-        return self.send_separately is not None or bool(job.response_url)
 
     def finish(self, job: StreamJob, answer: Answer, status: str, **fields: str) -> Finished | None:
         """Write what is queued and record the final state (with the reply images, and for a done answer its
@@ -100,7 +82,7 @@ class Finisher:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            if self.send_separately is not None:
+            if self.delivery.waits_for_redis:
                 logger.error("Redis stayed unavailable past the bubble's window; the answer is left to a takeover")
                 return None
             logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
@@ -118,24 +100,6 @@ class Finisher:
             # closed elsewhere, or already final: an earlier try of this write ran, and only its reply was lost
             logger.info("stream was already final; final state not written again")
         return finished
-
-    def _unpolled(self, job: StreamJob) -> bool:
-        """Whether no poll ever showed the answer's bubble (callback mode), waited for until UNPOLLED_SECONDS after
-        its message came; then the answer is taken to go through response_url. False when a poll came, Redis does not
-        say, or the process drains (it does not wait: the bubble, final in Redis, shows the answer to a poll that
-        comes, as before this check)."""
-        while True:
-            polls = best_effort_value(lambda: self.store.polls(job.stream_id), "reading whether the bubble was polled")
-            if polls != 0 or self.draining():
-                return False
-            wait = job.created_at + UNPOLLED_SECONDS - time.time()
-            if wait <= 0:
-                break
-            time.sleep(min(0.5, wait))
-        taken = best_effort_value(lambda: self.store.take_unpolled(job.stream_id), "taking an unpolled answer")
-        if taken:
-            logger.warning("no poll ever showed this answer's bubble: WeCom never got its reply; sending it whole")
-        return bool(taken)
 
     def _free_slot(self, job: StreamJob, finished: Finished) -> None:
         if finished.inflight_key:
@@ -181,7 +145,7 @@ class Finisher:
         show, once; the whole answer if what it showed cannot be read (Redis lost it) or is not where the answer
         begins."""
         text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
-        if not text or not answer.text.startswith(text) or not self._reachable(job):
+        if not text or not answer.text.startswith(text) or not self.delivery.reaches(job):
             self._send_whole(job, answer, note)
             return
         self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
@@ -189,25 +153,18 @@ class Finisher:
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
         WeCom took it."""
-        if not self._reachable(job):
+        if not self.delivery.reaches(job):
             logger.warning("the answer could not be delivered: no response_url")
             return False
         message = self.bubble.remainder(answer.text, note, header_key="full_answer")
         return self._respond(job, message, "whole_answer")
 
     def _respond(self, job: StreamJob, message: str, kind: str) -> bool:
-        """Send `message` (the answer's `kind`: rest or whole_answer) through response_url (or, on a long
-        connection, the outbox); True if it went out."""
-        if self.send_separately is not None:
-            patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
-            sending = partial(self.send_separately, job, message)
-            delivered = bool(best_effort_value(sending, "handing the message to the outbox", delays_for(patience)))
-            way = "the outbox (aibot_send_msg)"
-        else:
-            delivered, way = self.posts.send(job.stream_id, job.response_url, message), "response_url"
-        metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
-        logger.info("%s of the answer %s through %s", kind, "sent" if delivered else "NOT sent", way)
-        return delivered
+        """Send `message` (the answer's `kind`: rest or whole_answer) as a message of its own; True if it went out.
+        Where the way goes through Redis (the outbox), it is tried while WeCom may still poll the bubble, and a
+        minute more."""
+        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        return self.delivery.send(job, message, kind, patience)
 
     def _record_final(self, record: Callable[[], Finished | None], patience: float) -> Finished | None:
         """`record()` the answer's final state, through a Redis outage while WeCom may still poll the bubble (a
@@ -224,7 +181,7 @@ class Finisher:
         try:
             return through_outage(record, what, delays_for(patience), give_up=self.draining)
         except REDIS_FAILURES:
-            if self.send_separately is None:
+            if not self.delivery.waits_for_redis:
                 raise
             logger.error("Redis stayed unavailable at the answer's end; a long connection's answer waits for it")
             return through_outage(record, what, steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS))
@@ -282,15 +239,14 @@ class Finisher:
             self._free_slot(job, marked)
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
-        """Send through response_url, once, what the bubble could not show (it closed early or overflowed); an
-        answer with no bubble (the rest of a run after a form) goes out whole."""
+        """Send as a message of its own, once, what the bubble could not show (it closed early or overflowed, or no
+        poll ever showed it); an answer with no bubble (the rest of a run after a form) goes out whole."""
         if job.separate:
-            if self.send_separately is None and job.response_url:  # on a long connection the outbox sends it
-                self._respond(job, self.bubble.separate(answer.text, note), "form_rest")
+            self.delivery.answer_separately(job, self.bubble.separate(answer.text, note))
             return
-        if not self._reachable(job):
+        if not self.delivery.reaches(job):
             return
-        if self.send_separately is None and not finished.close_reason and self._unpolled(job):
+        if not finished.close_reason and self.delivery.bubble_lost(job):
             self._send_whole(job, answer, note)
             return
         if finished.close_reason:

@@ -4,8 +4,7 @@ whose replica died, and hands out a waiting card. Polls come from the request th
 second, so they run on connections of their own (redis_conn.HotPathConnections), and under Sentinel a watch of the
 master keeps those connections off a master that was failed over.
 
-Also here: the bubbles a poll closed before their answers ended (WeCom polls them no more, so they are watched until
-their answers end), and the card a poll's lost reply gives back.
+Also here: the card a poll's lost reply gives back.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from services.keys import REST_POST_TTL_SECONDS
 from services.loops import LazyThread, run_until
 from services.lua import LuaScript
 from services.redis_conn import HotPathConnections
@@ -187,24 +185,6 @@ class PollPath:
             self._closed.wait(MASTER_WATCH_SECONDS)
 
         run_until(self._closed, step, "redis_master_watch")
-
-    # --- bubbles closed before their answers ended ---------------------------------------------------------------
-
-    def note_closed_early(self, stream_id: str) -> None:
-        """List a stream whose bubble a poll just closed before its answer ended: WeCom polls it no more. The list's
-        entries age out by their score (closed_early); its TTL, renewed with each, ends it when none is left."""
-        key = self.store.keys.closed_early()
-        with self.store.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {stream_id: time.time()}).expire(key, REST_POST_TTL_SECONDS).execute()
-
-    def closed_early(self, most: int) -> list[str]:
-        """The oldest `most` streams listed by `note_closed_early` (those older than a response_url lives dropped)."""
-        key = self.store.keys.closed_early()
-        self.store.client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)
-        return self.store.client.zrange(key, 0, most - 1)
-
-    def forget_closed_early(self, stream_id: str) -> None:
-        self.store.client.zrem(self.store.keys.closed_early(), stream_id)
 
     def give_card_back(self, stream_id: str, token: str, most: int) -> int:
         """The reply of poll `token` never reached WeCom: a card it carried goes out with the next poll's reply

@@ -13,16 +13,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from services import metrics
-from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import REPLY_DEADLINE_SECONDS, CardReturns
+from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.poll_path import FrameRecord, PollPath, Snapshot
-from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
@@ -33,10 +31,8 @@ from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
 
-# What a poll did when it closed a bubble before its answer ended (scripts.POLL), and how many such bubbles are
-# looked at per pass of look_after_closed_early.
+# What a poll did when it closed a bubble before its answer ended (scripts.POLL).
 CLOSING_EVENTS = ("closed_window", "closed_overflow")
-CLOSED_EARLY_PAGE = 50
 
 
 def new_stream_id() -> str:
@@ -65,26 +61,9 @@ class Frame:
     files: str = ""
 
 
-class AnswerQueue(Protocol):
-    """Long connection: where a new stream waits for whichever serving process answers it (services/longconn)."""
-
-    def submit(self, stream_id: str, attempt: str) -> None: ...
-
-
-class StreamTracker(Protocol):
-    """Long connection: the outbox, which delivers whatever a stream's own reply cannot (services/longconn)."""
-
-    def track(self, stream_id: str, req_id: str, generation: int, chat: str, single: bool) -> None: ...
-
-    def tracking(self, req_id: str, generation: int, chat: str, single: bool) -> dict[str, str]: ...
-
-    def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None: ...
-
-
 class StreamService:
-    """Opens streams and answers polls; the background work is the StreamWorker's. A long-connection bot passes
-    its answer queue (answers then run on whichever replica takes them) and its outbox (which sends the answers
-    that have no bubble)."""
+    """Opens streams and answers polls; the background work is the StreamWorker's. The bot's `delivery` (one per
+    WeCom mode) says where a new answer runs and how what a bubble cannot show reaches the user."""
 
     def __init__(
         self,
@@ -96,12 +75,10 @@ class StreamService:
         bubble: BubbleRenderer,
         owner: str,
         window_seconds: int,
+        delivery: Delivery,
         bot: str = "default",
         shared_groups: bool = False,
-        queue: AnswerQueue | None = None,
-        outbox: StreamTracker | None = None,
         card_returns: CardReturns | None = None,
-        posts: RestPosts | None = None,
     ):
         self.bot = bot
         self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
@@ -114,11 +91,8 @@ class StreamService:
         self.owner = owner
         self.window_seconds = window_seconds
         self.overflow_bytes = overflow_threshold(bubble)
-        self.queue = queue
-        self.outbox = outbox
+        self.delivery = delivery
         self.card_returns = card_returns or CardReturns()  # its thread starts on the first poll that needs it
-        # Callback mode: what answers owe through response_url (a bubble closed early is watched until its answer ends)
-        self.posts = posts
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
@@ -155,7 +129,7 @@ class StreamService:
             "aibotid": message.aibotid,
             "response_url": message.response_url,
             **job.request_fields(),
-            **self._tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
+            **self.delivery.tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
         }
         outcome, stream_id = self.store.create(
             stream_id, message.msgid, job.attempt, message.aibotid, message.userid, fields
@@ -164,10 +138,7 @@ class StreamService:
             return self._dedup(stream_id, message)
         if outcome != CREATED:
             return self._refuse(job, outcome)
-        if self.queue is not None:  # any replica's consumer takes it; the outbox follows it (longconn/jobs.py)
-            self.queue.submit(stream_id, job.attempt)
-        else:
-            self._start(job)
+        self.delivery.dispatch(job, self._start)
         self.count("opened")
         bind_log_context(stream=stream_id)
         logger.info("stream %s opened", stream_id)
@@ -183,7 +154,7 @@ class StreamService:
             userid=form.userid,
             aibotid=form.aibotid,
             chatid=form.chatid,
-            response_url="" if self.outbox is not None else response_url,
+            response_url=self.delivery.separate_url(response_url),
             attempt=first_attempt(self.owner),
             form_task=form.task_id,
             shared_chat=self.shared_groups and bool(form.chatid),
@@ -199,8 +170,7 @@ class StreamService:
             "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
         }
         self.store.open_stream(job.stream_id, job.attempt, job.aibotid, job.userid, fields)
-        if self.outbox is not None:
-            self.outbox.track_separate(job.stream_id, job.chatid or job.userid, not job.chatid)
+        self.delivery.opened_separately(job)
         bind_log_context(stream=job.stream_id)
         logger.info("the run goes on after form %s as a message of its own", form.task_id)
         self._start(job)
@@ -242,25 +212,8 @@ class StreamService:
         logger.info("repeated msgid; answering with its stream %s", stream_id)
         reply = self.poll(stream_id, hand_card=False)
         if message is not None and not reply["stream"].get("finish"):
-            self._track(stream_id, message)
+            self.delivery.track(stream_id, message)
         return reply
-
-    def _track(self, stream_id: str, message: Inbound) -> None:
-        """Long connection: the stream is answered on the frame's req_id, of its connection's generation (the
-        outbox delivers its rest if that req_id dies)."""
-        if self.outbox is not None and message.ws_req_id:
-            self.outbox.track(stream_id, *self._answered_on(message))
-
-    def _tracking(self, message: Inbound) -> dict[str, str]:
-        """Long connection: the fields of a new stream answered on `message`'s req_id (none in callback mode)."""
-        if self.outbox is None or not message.ws_req_id:
-            return {}
-        return self.outbox.tracking(*self._answered_on(message))
-
-    @staticmethod
-    def _answered_on(message: Inbound) -> tuple[str, int, str, bool]:
-        """The req_id, connection generation and chat a message is answered on, and whether the chat is 1:1."""
-        return message.ws_req_id, message.ws_generation, message.chatid or message.userid, not message.chatid
 
     def _refuse(self, job: StreamJob, outcome: str) -> dict:
         """The user may not open another bubble now: the stream ends at once with the reason, so a WeCom retry of
@@ -314,28 +267,9 @@ class StreamService:
             return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
         return self._final(stream_id, snapshot)
 
-    def look_after_closed_early(self) -> int:
-        """Callback mode: a bubble a poll closed before its answer ended (its window ran out, or it overflowed)
-        promised the rest through response_url, and WeCom polls it no more, so no poll would see its replica die
-        before the answer ends. Each is looked at here as a poll would: once its lease has been gone for the
-        takeover grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot
-        be, ends as interrupted, with that note sent through response_url instead of the rest. Returns how many
-        were found ended (and are watched no more)."""
-        if self.posts is None:
-            return 0
-        ended = 0
-        for stream_id in self.poll_path.closed_early(CLOSED_EARLY_PAGE):
-            snapshot = self._look(stream_id, hand_card=False)
-            if snapshot is not None and snapshot.active:
-                continue
-            if snapshot is not None and snapshot.event == "expired":
-                logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
-                url = self.store.meta(stream_id).get("response_url", "")
-                if url:
-                    self.posts.send(stream_id, url, snapshot.note)
-            self.poll_path.forget_closed_early(stream_id)
-            ended += 1
-        return ended
+    def look(self, stream_id: str) -> Snapshot | None:
+        """A poll's work on a stream, without a reply or a card handed out (a watch over streams no bubble polls)."""
+        return self._look(stream_id, hand_card=False)
 
     def _look(self, stream_id: str, hand_card: bool, record: FrameRecord | None = None) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
@@ -367,8 +301,8 @@ class StreamService:
             metrics.STREAM_OUTCOMES.labels(self.bot, snapshot.event).inc()
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
-        if snapshot.event in CLOSING_EVENTS and self.posts is not None and snapshot.has_response_url:
-            best_effort(lambda: self.poll_path.note_closed_early(stream_id), "listing a bubble closed early")
+        if snapshot.event in CLOSING_EVENTS:
+            self.delivery.closed_early(stream_id, snapshot.has_response_url)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))

@@ -8,6 +8,8 @@ from utils.text import cut_utf8, utf8_len
 MAX_CONTENT_BYTES = 20480  # stream content and response_url markdown, UTF-8 bytes
 MAX_IN_FLIGHT_PER_USER = 3  # open bubbles per user per bot
 POLL_WINDOW_SECONDS = 360  # WeCom polls a stream this long after the user's message
+# Our default for STREAM_WINDOW_SECONDS: a bubble is finished this long after its message, well inside WeCom's window.
+BUBBLE_WINDOW_SECONDS = 330
 MAX_REPLY_IMAGES = 10  # msg_item images, final reply only
 MAX_REPLY_IMAGE_BYTES = 10 * 1024 * 1024  # each, before base64
 MAX_INBOUND_FILE_BYTES = 100 * 1024 * 1024

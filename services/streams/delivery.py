@@ -1,0 +1,182 @@
+"""How a bot's answers reach the user besides a bubble's own replies: one Delivery per WeCom mode, chosen once where
+the bot is built (services/gateway.py), so that the streams code never asks which mode it runs in.
+
+A callback bot's bubbles are polled by WeCom on any replica. What a bubble cannot show goes out through the message's
+response_url, once, whatever process dies (RestPosts); a bubble a poll closed early is watched until its answer ends;
+and a bubble no poll ever showed is taken as lost, its answer sent whole (`CallbackDelivery`, here). A long-connection
+bot's answers wait in a queue for whichever serving process takes them, and everything a bubble cannot show goes
+through the connection's outbox (`ConnectionDelivery`, services/longconn/delivery.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from services import metrics
+from services.keys import REST_POST_TTL_SECONDS
+from services.outage import best_effort, best_effort_value
+from services.streams.job import StreamJob
+from services.streams.poll_path import Snapshot
+from services.streams.rest_posts import RestPosts
+from services.streams.store import StreamStore
+from services.wecom.messages import Inbound
+
+logger = logging.getLogger(__name__)
+
+# A bubble no poll has shown this long after its message came never reached WeCom: every try of its callback was
+# answered too late (three tries of 5 s; a later try finds the stream open and answers with it, so polls start within
+# about 15 s when any try got through). Its answer goes out through response_url instead.
+UNPOLLED_SECONDS = 20.0
+# How many bubbles closed early are looked at per pass of look_after_closed_early.
+CLOSED_EARLY_PAGE = 50
+
+
+class Delivery(Protocol):
+    """The ways of one WeCom mode to the user, besides a bubble's own replies."""
+
+    mode: str  # WECOM_MODE: callback or long_connection
+    waits_for_redis: bool  # an answer's end waits for Redis through its window: only Redis knows what its bubble shows
+    append_pace: float  # seconds between two appends of an answer's text (a connection's bubble gets frames that often)
+    append_deadlines: bool  # an append must land before WeCom's next poll could read a stale text (callback mode)
+
+    def dispatch(self, job: StreamJob, run_here: Callable[[StreamJob], None]) -> None:
+        """Have a new stream answered: `run_here`, or by whichever serving process takes it."""
+
+    def tracking(self, message: Inbound) -> dict[str, str]:
+        """The fields a new stream keeps about how `message` is answered (in the stream's first write)."""
+
+    def track(self, stream_id: str, message: Inbound) -> None:
+        """A retry of `message` found its stream open: the stream is answered on the retry's way from now on."""
+
+    def separate_url(self, response_url: str) -> str:
+        """The response_url a stream no bubble polls keeps (the rest of a run after a form)."""
+
+    def opened_separately(self, job: StreamJob) -> None:
+        """A stream no bubble polls was opened: its answer is owed as a message of its own."""
+
+    def reaches(self, job: StreamJob) -> bool:
+        """Whether anything besides the bubble can reach the user of `job`."""
+
+    def send(self, job: StreamJob, message: str, kind: str, patience: float) -> bool:
+        """Send `message` (the answer's `kind`: rest, whole_answer or form_rest) as a message of its own, once, trying
+        through a Redis outage for up to `patience` seconds where the way goes through Redis; True if it went out."""
+
+    def answer_separately(self, job: StreamJob, message: str) -> None:
+        """The answer of a stream no bubble polls has ended: send it, unless this mode's own watch does."""
+
+    def bubble_lost(self, job: StreamJob) -> bool:
+        """Whether the bubble of an answer that ended never reached WeCom (its answer then goes out whole)."""
+
+    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
+        """A poll closed the stream's bubble before its answer ended: watch the answer until it ends."""
+
+    def start(self, look: Callable[[str], Snapshot | None]) -> None:
+        """Start this mode's watch in a serving process; `look` does a poll's work on a stream, without a reply."""
+
+    def close(self) -> None:
+        """Stop the watch and release what it holds."""
+
+
+class CallbackDelivery:
+    """Callback mode: what a bubble cannot show goes through the message's response_url."""
+
+    mode = "callback"
+    waits_for_redis = False  # the user is not kept waiting for Redis: response_url needs none
+    append_pace = 0.0
+    append_deadlines = True
+
+    def __init__(self, posts: RestPosts, store: StreamStore, bot: str, draining: Callable[[], bool] = lambda: False):
+        self.posts = posts  # made once whatever process dies, and swept by every serving process
+        self.store = store
+        self.bot = bot
+        self.draining = draining
+
+    def dispatch(self, job: StreamJob, run_here: Callable[[StreamJob], None]) -> None:
+        run_here(job)  # WeCom's polls reach any replica: the one that opened the stream answers it
+
+    def tracking(self, message: Inbound) -> dict[str, str]:
+        return {}
+
+    def track(self, stream_id: str, message: Inbound) -> None:
+        return None  # a retried callback is polled as the first one was
+
+    def separate_url(self, response_url: str) -> str:
+        return response_url
+
+    def opened_separately(self, job: StreamJob) -> None:
+        return None  # its finisher posts its answer through its response_url
+
+    def reaches(self, job: StreamJob) -> bool:
+        return bool(job.response_url)
+
+    def send(self, job: StreamJob, message: str, kind: str, patience: float) -> bool:
+        delivered = self.posts.send(job.stream_id, job.response_url, message)  # tried through an outage by RestPosts
+        metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
+        logger.info("%s of the answer %s through response_url", kind, "sent" if delivered else "NOT sent")
+        return delivered
+
+    def answer_separately(self, job: StreamJob, message: str) -> None:
+        if job.response_url:
+            self.send(job, message, "form_rest", 0.0)
+
+    def bubble_lost(self, job: StreamJob) -> bool:
+        """Whether no poll ever showed the answer's bubble, waited for until UNPOLLED_SECONDS after its message came;
+        then the answer is taken to go through response_url. False when a poll came, Redis does not say, or the
+        process drains (it does not wait: the bubble, final in Redis, shows the answer to a poll that comes)."""
+        while True:
+            polls = best_effort_value(lambda: self.store.polls(job.stream_id), "reading whether the bubble was polled")
+            if polls != 0 or self.draining():
+                return False
+            wait = job.created_at + UNPOLLED_SECONDS - time.time()
+            if wait <= 0:
+                break
+            time.sleep(min(0.5, wait))
+        taken = best_effort_value(lambda: self.store.take_unpolled(job.stream_id), "taking an unpolled answer")
+        if taken:
+            logger.warning("no poll ever showed this answer's bubble: WeCom never got its reply; sending it whole")
+        return bool(taken)
+
+    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
+        """List the stream: WeCom polls its bubble no more, which promised the rest through response_url, so no poll
+        would see its replica die before the answer ends. The list's entries age out by their score; its TTL,
+        renewed with each, ends it when none is left."""
+        if not has_response_url:
+            return
+        key = self.store.keys.closed_early()
+
+        def note() -> None:
+            with self.store.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {stream_id: time.time()}).expire(key, REST_POST_TTL_SECONDS).execute()
+
+        best_effort(note, "listing a bubble closed early")
+
+    def look_after_closed_early(self, look: Callable[[str], Snapshot | None]) -> int:
+        """Each bubble closed early is looked at as a poll would: once its lease has been gone for the takeover
+        grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot be, ends
+        as interrupted, with that note sent through response_url instead of the rest. Returns how many were found
+        ended (and are watched no more)."""
+        key, client = self.store.keys.closed_early(), self.store.client
+        client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
+        ended = 0
+        for stream_id in client.zrange(key, 0, CLOSED_EARLY_PAGE - 1):
+            snapshot = look(stream_id)
+            if snapshot is not None and snapshot.active:
+                continue
+            if snapshot is not None and snapshot.event == "expired":
+                logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
+                url = self.store.meta(stream_id).get("response_url", "")
+                if url:
+                    self.posts.send(stream_id, url, snapshot.note)
+            client.zrem(key, stream_id)
+            ended += 1
+        return ended
+
+    def start(self, look: Callable[[str], Snapshot | None]) -> None:
+        self.posts.start(also=lambda: self.look_after_closed_early(look))
+
+    def close(self) -> None:
+        self.posts.stop()
+        self.posts.responder.close()
