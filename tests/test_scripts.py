@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from services.keys import Keys
-from services.lua import LuaScript
+from services.lua import LuaScript, ScriptSpec
 from services.streams import scripts
 from services.streams.poll_path import PollPath
 from services.streams.rest_posts import RestPosts
@@ -83,3 +84,44 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     assert {names[source] for source, _ in calls} == set(scripts.ALL)  # every script was called
     for source, keys in calls:
         assert len({key_slot(key.encode()) for key in keys}) == 1, f"{names[source]}: {keys}"
+
+
+# --- named protocols (services/lua.py: ScriptSpec) ------------------------------------------------------------------
+
+ECHO = ScriptSpec(
+    "ECHO",
+    keys=("hash",),
+    args=("first", "second"),
+    row=("first", "second", "stored"),
+    hash_fields=("a", "missing"),
+    body="""
+redis.call('HSET', K.hash, 'a', A.first)
+local h = redis.call('HMGET', K.hash, HASH_FIELDS)
+if A.second == 'drop' then return row{first = A.first, stored = H.a} end
+local out = row{first = A.first, second = A.second, stored = H.a}
+for i = REST, #ARGV do out[#out + 1] = ARGV[i] end
+return out
+""",
+)
+
+
+def test_a_named_script_takes_and_returns_its_values_by_name(redis_client):
+    script = LuaScript(redis_client, ECHO)
+    reply = script.run({"hash": "spec:{t}"}, {"second": "2", "first": "1"}, ["x", "y"])
+    assert ECHO.fields(reply) == ({"first": "1", "second": "2", "stored": "1"}, ["x", "y"])
+    redis_client.delete("spec:{t}")
+
+
+def test_a_named_script_refuses_a_wrong_name_on_either_side(redis_client):
+    script = LuaScript(redis_client, ECHO)
+    with pytest.raises(TypeError, match="ECHO: wrong arguments \\['secnd', 'second'\\]"):
+        script.run({"hash": "spec:{t}"}, {"first": "1", "secnd": "2"})
+    with pytest.raises(TypeError, match="wrong keys"):
+        script.run({"hsh": "spec:{t}"}, {"first": "1", "second": "2"})
+    with pytest.raises(redis.ResponseError, match="ECHO: its row has no second"):
+        script.run({"hash": "spec:{t}"}, {"first": "1", "second": "drop"})
+    redis_client.delete("spec:{t}")
+    with pytest.raises(ValueError, match="'end' cannot be a Lua field name"):
+        ScriptSpec("BAD", keys=("k",), args=("end",), body="return 1")
+    with pytest.raises(ValueError, match="BAD: no argument named 'secnd'"):  # when the source is made: at import
+        ScriptSpec("BAD", keys=("k",), args=("second",), body="return A.secnd")

@@ -112,65 +112,54 @@ class PollPath:
         (scripts.POLL: a long connection's holder, before it sends that frame).
         """
         k = self.store.keys
-        keys = [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id), k.stream_images(stream_id)]
-        args = [
-            script_now(),
-            window_seconds,
-            overflow_bytes,
-            orphan_note,
-            taker,
-            self.store.lease_ms,
-            "1" if taker_runs_it else "",
-            self.store.takeover_grace_seconds,
-            token,
-            "" if hand_card else "1",
-            record.token if record else "",
-            f"{record.deadline:.3f}" if record else "0",
-        ]
+        keys = {
+            "stream": k.stream(stream_id),
+            "chunks": k.stream_chunks(stream_id),
+            "lease": k.stream_lease(stream_id),
+            "images": k.stream_images(stream_id),
+        }
+        args = {
+            "now": script_now(),
+            "window_seconds": window_seconds,
+            "overflow_bytes": overflow_bytes,
+            "orphan_note": orphan_note,
+            "taker": taker,
+            "lease_ms": self.store.lease_ms,
+            "taker_runs_it": "1" if taker_runs_it else "",
+            "grace_seconds": self.store.takeover_grace_seconds,
+            "token": token,
+            "keep_card": "" if hand_card else "1",
+            "record_token": record.token if record else "",
+            "record_deadline": f"{record.deadline:.3f}" if record else "0",
+        }
         if self._master_watch is not None:
             self._master_watch.ensure()
         started = time.monotonic()
-        row = self._poll(keys=keys, args=args)
+        reply = self._poll.run(keys, args)
         stalled = time.monotonic() - started > STALLED_READ_SECONDS
-        if (not row or stalled) and self._connections.follow_failover():
+        if (not reply or stalled) and self._connections.follow_failover():
             # A master that came back after its failover still answers reads, from its old data set (a reply that
             # waited out a pause may come from one): ask the new master before telling the user the answer cannot be
             # found, or showing a bubble as it was before.
-            row = self._poll(keys=keys, args=args)
-        if not row:
+            reply = self._poll.run(keys, args)
+        if not reply:
             return None
-        (
-            status,
-            text,
-            note,
-            reason,
-            closed_bytes,
-            has_url,
-            event,
-            freed,
-            attempt,
-            prompt,
-            card,
-            recorded,
-            shows,
-            files,
-            *images,
-        ) = row
+        row, images = scripts.POLL.fields(reply)
         return Snapshot(
-            status=status,
-            text=text,
-            note=note,
-            close_reason=reason,
-            closed_bytes=int(closed_bytes or 0),
-            has_response_url=bool(has_url),
-            event=event,
-            freed_inflight_key=freed,
-            attempt=attempt,
-            prompt=prompt,
-            card=orjson.loads(card) if card else None,
-            recorded=recorded,
-            shows=int(shows or 0),
-            files=files,
+            status=row["status"],
+            text=row["text"],
+            note=row["note"],
+            close_reason=row["close_reason"],
+            closed_bytes=int(row["closed_bytes"] or 0),
+            has_response_url=bool(row["has_response_url"]),
+            event=row["event"],
+            freed_inflight_key=row["freed_inflight_key"],
+            attempt=row["attempt"],
+            prompt=row["prompt"],
+            card=orjson.loads(row["card"]) if row["card"] else None,
+            recorded=row["recorded"],
+            shows=int(row["shows"] or 0),
+            files=row["files"],
             images=[orjson.loads(image) for image in images],
         )
 

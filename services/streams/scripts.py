@@ -9,6 +9,8 @@ Work on many streams is a pipeline of one call per stream (StreamStore), one rou
 
 from __future__ import annotations
 
+from services.lua import ScriptSpec
+
 # Fencing. A stream's `owner` is the attempt now answering it, `<process>#<run>`: `run` counts the stream's
 # attempts (1 for the first; each take-over, resume or queued take adds one), so every attempt's token is new, and
 # each writing script refuses a token that is not the current owner. A superseded attempt (its lease lost while it
@@ -84,50 +86,53 @@ local function late(deadline)
 end
 """
 
-# KEYS: stream, chunks, lease. ARGV: owner, ttl, now, expected list length, n_fields, n_deltas, deadline (epoch seconds;
-# 0 for none), lease_ms (0: the lease is left alone), field/value pairs..., deltas... Returns ok, closed, taken,
-# conflict or late. The expected length makes a retry safe: a call whose reply was lost may still have run (even after a
-# later, longer retry was sent), so deltas already in the list are skipped and only the rest is pushed. The deadline is
-# when its sender stops waiting for the reply: a call Redis runs later (it was paused, or the call sat in a partitioned
-# link) is refused, so an append its writer counts as unwritten never lands behind the writer's back. With lease_ms, the
-# append renews the attempt's lease as RENEW would (taking it back if it ran out while the stream stayed this
-# attempt's): a writer appending anyway renews in one command what the runner's keeper renews in three.
-APPEND = (
-    _OWNERSHIP
-    + _DEADLINE
-    + """
-local expected, nf, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if late(ARGV[7]) then return 'late' end
-local first_delta = 9 + 2 * nf
-local state, status, first_token_at, lease_missing = ownership(ARGV[1], 'first_token_at', 'lease_missing_at')
+# An append of deltas (and of field/value pairs) by the attempt `owner`. Arguments past the named ones: the
+# `field_count` field/value pairs, then the `delta_count` deltas. Returns ok, closed, taken, conflict or late. The
+# `expected` list length makes a retry safe: a call whose reply was lost may still have run (even after a later, longer
+# retry was sent), so deltas already in the list are skipped and only the rest is pushed. The `deadline` (epoch
+# seconds; 0 for none) is when its sender stops waiting for the reply: a call Redis runs later (it was paused, or the
+# call sat in a partitioned link) is refused, so an append its writer counts as unwritten never lands behind the
+# writer's back. With `lease_ms` (0: the lease is left alone), the append renews the attempt's lease as RENEW would
+# (taking it back if it ran out while the stream stayed this attempt's): a writer appending anyway renews in one
+# command what the runner's keeper renews in three.
+APPEND = ScriptSpec(
+    "APPEND",
+    keys=("stream", "chunks", "lease"),
+    args=("owner", "ttl", "now", "expected", "field_count", "delta_count", "deadline", "lease_ms"),
+    shared=_OWNERSHIP + _DEADLINE,
+    body="""
+local expected, nf, nd = tonumber(A.expected), tonumber(A.field_count), tonumber(A.delta_count)
+if late(A.deadline) then return 'late' end
+local first_delta = REST + 2 * nf
+local state, status, first_token_at, lease_missing = ownership(A.owner, 'first_token_at', 'lease_missing_at')
 if state ~= 'ok' then return state end
-if tonumber(ARGV[8]) > 0 then
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[8])
-  if lease_missing then redis.call('HDEL', KEYS[1], 'lease_missing_at') end
+if tonumber(A.lease_ms) > 0 then
+  redis.call('SET', K.lease, A.owner, 'PX', A.lease_ms)
+  if lease_missing then redis.call('HDEL', K.stream, 'lease_missing_at') end
 end
-local writes = {'status', 'streaming', 'updated_at', ARGV[3]}
-for i = 9, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
+local writes = {'status', 'streaming', 'updated_at', A.now}
+for i = REST, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
 if nd > 0 then
   -- Pushed first, and checked by the length RPUSH answers (a command fewer than asking LLEN before); where the list
   -- did not hold the `expected` deltas (rare: a retry, a failover), the push is taken back and done right.
-  local before = redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta, first_delta + nd - 1)) - nd
+  local before = redis.call('RPUSH', K.chunks, unpack(ARGV, first_delta, first_delta + nd - 1)) - nd
   if before ~= expected then
-    if before == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, before - 1) end
+    if before == 0 then redis.call('DEL', K.chunks) else redis.call('LTRIM', K.chunks, 0, before - 1) end
     local skip = before - expected
     if skip < 0 or skip > nd then return 'conflict' end
-    if skip < nd then redis.call('RPUSH', KEYS[2], unpack(ARGV, first_delta + skip, first_delta + nd - 1)) end
+    if skip < nd then redis.call('RPUSH', K.chunks, unpack(ARGV, first_delta + skip, first_delta + nd - 1)) end
   end
   if before == 0 then
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', K.chunks, A.ttl)
     if not first_token_at then
       writes[#writes + 1] = 'first_token_at'
-      writes[#writes + 1] = ARGV[3]
+      writes[#writes + 1] = A.now
     end
   end
 end
-if status == 'pending' or #writes > 4 then redis.call('HSET', KEYS[1], unpack(writes)) end
+if status == 'pending' or #writes > 4 then redis.call('HSET', K.stream, unpack(writes)) end
 return 'ok'
-"""
+""",
 )
 
 # KEYS: stream, chunks. ARGV: owner, ttl, now, answer. A long connection's record of what the bubble shows counts
@@ -153,174 +158,193 @@ return 'ok'
 """
 )
 
-# KEYS: stream, chunks, images, feedback. ARGV: owner, status, now, ttl, feedback value ('' for none),
-# feedback ttl, finish id ('' for none), image count, images..., field/value pairs... Returns 0 if not ours or not
-# active; 2 if a poll gave it up as orphaned while it was still ours (its lease was gone, e.g. lost in a Redis
-# failover, though its owner lived); else {1, close_reason, closed_bytes, inflight key}: whether the bubble had
-# closed early, and the in-flight set the caller takes the stream out of. The reply images and the feedback mapping
-# are written with the final state, so a finished answer always has both or neither (`images` counts them: a poll
-# reads the list only when there are some). A retry of one finish (the same finish id) whose first try ran but whose
-# reply was lost (a timeout while Redis was paused: it runs what it had buffered when it resumes) gets the same
-# answer again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. The
-# lease is left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is
-# active), and deleting it cost two commands a message. The stream and its chunks were given a tenth more than the
-# ttl when they began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are
-# (at least the ttl still): two commands fewer for most answers.
-FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'inflight_key', 'close_reason', 'closed_bytes', 'error',
-                     'finish_id', 'created_at')
-if h[2] ~= ARGV[1] then return 0 end
-if h[1] == 'expired' and h[6] == 'owner_lost' then return 2 end
-if h[1] ~= 'pending' and h[1] ~= 'streaming' then
-  if ARGV[7] ~= '' and h[7] == ARGV[7] then return {1, h[4] or '', h[5] or '', h[3] or ''} end
+# The end of an active stream by its attempt `owner`, at `status`. Arguments past the named ones: the `image_count`
+# reply images, then field/value pairs. Returns 0 if not ours or not active; 2 if a poll gave it up as orphaned while
+# it was still ours (its lease was gone, e.g. lost in a Redis failover, though its owner lived); else its row: whether
+# the bubble had closed early (`close_reason`, `closed_bytes`), and the in-flight set the caller takes the stream out
+# of (`inflight_key`). The reply images and the feedback mapping (`feedback`, '' for none, kept `feedback_ttl`) are
+# written with the final state, so a finished answer always has both or neither (`images` counts them: a poll reads
+# the list only when there are some). A retry of one finish (the same `finish_id`) whose first try ran but whose
+# reply was lost (a timeout while Redis was paused: it runs what it had buffered when it resumes) gets the same row
+# again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. The lease is
+# left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is active), and
+# deleting it cost two commands a message. The stream and its chunks were given a tenth more than the ttl when they
+# began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are (at least the
+# ttl still): two commands fewer for most answers.
+FINISH = ScriptSpec(
+    "FINISH",
+    keys=("stream", "chunks", "images", "feedback"),
+    args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count"),
+    hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at"),
+    row=("close_reason", "closed_bytes", "inflight_key"),
+    body="""
+local h = redis.call('HMGET', K.stream, HASH_FIELDS)
+local ended = row{close_reason = H.close_reason or '', closed_bytes = H.closed_bytes or '',
+                  inflight_key = H.inflight_key or ''}
+if H.owner ~= A.owner then return 0 end
+if H.status == 'expired' and H.error == 'owner_lost' then return 2 end
+if H.status ~= 'pending' and H.status ~= 'streaming' then
+  if A.finish_id ~= '' and H.finish_id == A.finish_id then return ended end
   return 0
 end
-local images = tonumber(ARGV[8])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'updated_at', ARGV[3], 'finish_id', ARGV[7],
-           'images', images, unpack(ARGV, 9 + images))
+local images = tonumber(A.image_count)
+redis.call('HSET', K.stream, 'status', A.status, 'finished_at', A.now, 'updated_at', A.now, 'finish_id', A.finish_id,
+           'images', images, unpack(ARGV, REST + images))
 if images > 0 then
-  redis.call('DEL', KEYS[3])
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 9, 8 + images))
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('DEL', K.images)
+  redis.call('RPUSH', K.images, unpack(ARGV, REST, REST + images - 1))
+  redis.call('EXPIRE', K.images, A.ttl)
 end
-if tonumber(ARGV[3]) - (tonumber(h[8]) or 0) > math.floor(tonumber(ARGV[4]) / 10) then
-  for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+if tonumber(A.now) - (tonumber(H.created_at) or 0) > math.floor(tonumber(A.ttl) / 10) then
+  redis.call('EXPIRE', K.stream, A.ttl)
+  redis.call('EXPIRE', K.chunks, A.ttl)
 end
-if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
-return {1, h[4] or '', h[5] or '', h[3] or ''}
-"""
+if A.feedback ~= '' then redis.call('SET', K.feedback, A.feedback, 'EX', A.feedback_ttl) end
+return ended
+""",
+)
 
-# KEYS: stream, chunks, lease, images. ARGV: now, window seconds, overflow bytes, orphan note, taker, lease_ms, '1' when
-# the taker runs this stream already (its own attempt is alive in the polling process), grace seconds, this poll's token
-# (`card_by`: which poll's reply carried the card, so that a reply that never went out gives it back, CARD_BACK), '1' to
-# leave a waiting card for a later poll (the reply to a message delivered again), a frame record's token ('' for none)
-# and its deadline (_DEADLINE). Returns false for an unknown stream, else {status, text, note, close_reason,
-# closed_bytes, has_response_url, event, inflight key, attempt, prompt, card, recorded, shows, images...}: `event` names
-# what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''), the in-flight set is
-# named when the bubble just closed (the caller frees the user's slot), `attempt` is the new attempt's token when the
-# taker must start one (taken_over, resumed), `prompt` is what a live bubble shows below its text (a form waiting for
-# its answer), `card` a template card to send with this reply (a form's, or the questions suggested after a done answer:
-# given once, as WeCom takes one card per message), `recorded` says what became of the frame record ('yes', 'late', or
-# '' when none was asked), `shows` what a recorded frame shows (bytes of the text: all of it, or what the bubble showed
-# when it closed early), `files` the answer's files (JSON; only to a frame's poll once the stream is done: the holder
-# sends them after the bubble, and knows without a read of its own when there are none), and the reply images come only
-# once the stream is done. An active stream whose lease is gone (its replica died or handed it over) is taken by the
-# polling replica (`taker`, if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's
-# `workflow_run_id` is known; at most 3 times), else restarted when nothing was shown yet and it was never restarted;
-# otherwise it becomes expired with the note. The lease is looked at only by a poll that found no new text (text came
-# since the last poll: its writer lived a moment ago; the next poll looks). The owner's own process, still running it
-# (its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back for that attempt
+# A poll of a stream: returns false for an unknown stream, else its row (`images` come after it, only once the stream is
+# done). `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''),
+# `freed_inflight_key` is the user's in-flight set when the bubble just closed (the caller frees the user's slot),
+# `attempt` is the new attempt's token when the `taker` must start one (taken_over, resumed), `prompt` is what a live
+# bubble shows below its text (a form waiting for its answer), `card` a template card to send with this reply (a form's,
+# or the questions suggested after a done answer: given once, as WeCom takes one card per message; marked with this
+# poll's `token`, `card_by`, so that a reply that never went out gives it back, CARD_BACK; with `keep_card` '1' it is
+# left for a later poll: the reply to a message delivered again), `recorded` says what became of the frame record
+# ('yes', 'late', or '' when none was asked), `shows` what a recorded frame shows (bytes of the text: all of it, or what
+# the bubble showed when it closed early), `files` the answer's files (JSON; only to a frame's poll once the stream is
+# done: the holder sends them after the bubble, and knows without a read of its own when there are none).
+#
+# An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica (`taker`,
+# if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known;
+# at most 3 times), else restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired
+# with the `orphan_note`. The lease is looked at only by a poll that found no new text (text came since the last poll:
+# its writer lived a moment ago; the next poll looks). The owner's own process, still running it (`taker_runs_it` '1':
+# its lease was lost while it lived: a failover rolled it back, Redis paused), takes its lease back for that attempt
 # instead: never a second attempt beside the first. A lease found missing is only noted at first (`lease_missing_at`):
-# the stream is taken, restarted or expired by a poll at least `grace` seconds later if it is still missing, so that an
+# the stream is taken, restarted or expired by a poll at least `grace_seconds` later if it is still missing, so that an
 # owner that lived through a Redis pause or failover (its lease ran out while it could not renew it) takes its lease
 # back first. A process that takes no stream now (draining, or at STREAM_MAX_ACTIVE) leaves one it could resume or
-# restart to a poll on another, within the window. One past the window, or longer than a bubble can show, is closed
-# early (the bubble finishes now, the worker goes on and sends the rest through response_url).
+# restart to a poll on another, within the window. One past `window_seconds`, or longer than `overflow_bytes`, is closed
+# early (the bubble finishes now, the worker goes on and sends the rest as a message of its own).
 #
 # The frame record: a long connection's holder records what a bubble will show before the frame that shows it goes out
 # (services/longconn/outbox.py), and its poll does it in the same write as the fold: `ws_shows` (bytes of the text the
-# frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the token, so that a frame
-# that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the record's deadline records
-# nothing and hands out no card (its caller sends no frame).
-POLL = (
-    _DEADLINE
-    + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'folded', 'text', 'note', 'created_at', 'close_reason',
-                     'closed_bytes', 'response_url', 'inflight_key', 'restarts', 'workflow_run_id', 'resumes',
-                     'owner', 'lease_missing_at', 'prompt', 'card', 'card_shown', 'polls', 'images', 'files')
-local status = h[1]
+# frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the `record_token`, so that
+# a frame that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the `record_deadline`
+# (_DEADLINE) records nothing and hands out no card (its caller sends no frame).
+# fmt: off
+POLL = ScriptSpec(
+    "POLL",
+    keys=("stream", "chunks", "lease", "images"),
+    args=("now", "window_seconds", "overflow_bytes", "orphan_note", "taker", "lease_ms", "taker_runs_it",
+          "grace_seconds", "token", "keep_card", "record_token", "record_deadline"),
+    row=("status", "text", "note", "close_reason", "closed_bytes", "has_response_url", "event", "freed_inflight_key",
+         "attempt", "prompt", "card", "recorded", "shows", "files"),
+    hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
+                 "inflight_key", "restarts", "workflow_run_id", "resumes", "owner", "lease_missing_at", "prompt",
+                 "card", "card_shown", "polls", "images", "files"),
+    shared=_DEADLINE,
+    body="""
+local h = redis.call('HMGET', K.stream, HASH_FIELDS)
+local status = H.status
 if not status then return false end
+local now = tonumber(A.now)
 local recorded = ''
-if ARGV[11] ~= '' then recorded = late(ARGV[12]) and 'late' or 'yes' end
-local text = h[3] or ''
-local folded = tonumber(h[2]) or 0
-local fresh = redis.call('LRANGE', KEYS[2], folded, -1)
-local writes = {'polls', (tonumber(h[18]) or 0) + 1}  -- written once, at the end
+if A.record_token ~= '' then recorded = late(A.record_deadline) and 'late' or 'yes' end
+local text = H.text or ''
+local folded = tonumber(H.folded) or 0
+local fresh = redis.call('LRANGE', K.chunks, folded, -1)
+local writes = {'polls', (tonumber(H.polls) or 0) + 1}  -- written once, at the end
 if #fresh > 0 then
   text = text .. table.concat(fresh)
   for _, v in ipairs({'text', text, 'folded', folded + #fresh}) do writes[#writes + 1] = v end
 end
-local note, reason, closed_bytes, event, attempt = h[4] or '', h[6] or '', h[7] or '', '', ''
+local note, reason, closed_bytes, event, attempt = H.note or '', H.close_reason or '', H.closed_bytes or '', '', ''
 local function next_attempt()
-  attempt = ARGV[5] .. '#' .. redis.call('HINCRBY', KEYS[1], 'run', 1)
-  redis.call('SET', KEYS[3], attempt, 'PX', ARGV[6])
-  redis.call('HDEL', KEYS[1], 'lease_missing_at')
+  attempt = A.taker .. '#' .. redis.call('HINCRBY', K.stream, 'run', 1)
+  redis.call('SET', K.lease, attempt, 'PX', A.lease_ms)
+  redis.call('HDEL', K.stream, 'lease_missing_at')
   return attempt
 end
 if status == 'pending' or status == 'streaming' then
-  if #fresh == 0 and redis.call('EXISTS', KEYS[3]) == 0 then
-    local resumes = tonumber(h[12]) or 0
-    local taker = ARGV[5] ~= ''
-    local resumable = (h[11] or '') ~= '' and resumes < 3
-    local restartable = text == '' and reason == '' and (tonumber(h[10]) or 0) == 0
-    local owner = h[13] or ''
-    local ours = taker and (owner == ARGV[5] or string.sub(owner, 1, #ARGV[5] + 1) == ARGV[5] .. '#')
-    if ARGV[7] == '1' and ours then
-      redis.call('SET', KEYS[3], owner, 'PX', ARGV[6])
-      redis.call('HDEL', KEYS[1], 'lease_missing_at')
-    elseif not h[14] and tonumber(ARGV[8]) > 0 then
-      redis.call('HSET', KEYS[1], 'lease_missing_at', ARGV[1])
-    elseif h[14] and tonumber(ARGV[1]) - tonumber(h[14]) < tonumber(ARGV[8]) then
+  if #fresh == 0 and redis.call('EXISTS', K.lease) == 0 then
+    local resumes = tonumber(H.resumes) or 0
+    local taker = A.taker ~= ''
+    local resumable = (H.workflow_run_id or '') ~= '' and resumes < 3
+    local restartable = text == '' and reason == '' and (tonumber(H.restarts) or 0) == 0
+    local owner = H.owner or ''
+    local ours = taker and (owner == A.taker or string.sub(owner, 1, #A.taker + 1) == A.taker .. '#')
+    if A.taker_runs_it == '1' and ours then
+      redis.call('SET', K.lease, owner, 'PX', A.lease_ms)
+      redis.call('HDEL', K.stream, 'lease_missing_at')
+    elseif not H.lease_missing_at and tonumber(A.grace_seconds) > 0 then
+      redis.call('HSET', K.stream, 'lease_missing_at', A.now)
+    elseif H.lease_missing_at and now - tonumber(H.lease_missing_at) < tonumber(A.grace_seconds) then
       -- noted already: its owner has until the grace is over to take its lease back
-    elseif not taker and (resumable or restartable) and tonumber(ARGV[1]) - tonumber(h[5]) < tonumber(ARGV[2]) then
+    elseif not taker and (resumable or restartable) and now - tonumber(H.created_at) < tonumber(A.window_seconds) then
       -- this process takes no stream now (it drains, or runs STREAM_MAX_ACTIVE): a poll on one that can will
     elseif taker and resumable then
-      redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', ARGV[1],
-                 'updated_at', ARGV[1])
+      redis.call('HSET', K.stream, 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', A.now,
+                 'updated_at', A.now)
       event = 'resumed'
     elseif taker and restartable then
-      redis.call('DEL', KEYS[2])
-      redis.call('HSET', KEYS[1], 'owner', next_attempt(), 'status', 'pending', 'restarts', 1, 'folded', 0,
-                 'taken_over_at', ARGV[1], 'updated_at', ARGV[1])
+      redis.call('DEL', K.chunks)
+      redis.call('HSET', K.stream, 'owner', next_attempt(), 'status', 'pending', 'restarts', 1, 'folded', 0,
+                 'taken_over_at', A.now, 'updated_at', A.now)
       status = 'pending'
       event = 'taken_over'
     else
       status = 'expired'
       event = 'expired'
-      note = ARGV[4]
-      redis.call('HSET', KEYS[1], 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', ARGV[1])
+      note = A.orphan_note
+      redis.call('HSET', K.stream, 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', A.now)
     end
   elseif reason == '' then
-    if tonumber(ARGV[1]) - tonumber(h[5]) >= tonumber(ARGV[2]) then
+    if now - tonumber(H.created_at) >= tonumber(A.window_seconds) then
       reason = 'window'
-    elseif #text > tonumber(ARGV[3]) then
+    elseif #text > tonumber(A.overflow_bytes) then
       reason = 'overflow'
     end
     if reason ~= '' then
       event = 'closed_' .. reason
       closed_bytes = tostring(#text)
-      redis.call('HSET', KEYS[1], 'closed_at', ARGV[1], 'close_reason', reason, 'closed_bytes', closed_bytes)
+      redis.call('HSET', K.stream, 'closed_at', A.now, 'close_reason', reason, 'closed_bytes', closed_bytes)
     end
   end
 end
 local freed = ''
-if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = h[9] or '' end
+if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = H.inflight_key or '' end
 local prompt, card = '', ''
 local live = (status == 'pending' or status == 'streaming') and reason == ''
-if live then prompt = h[15] or '' end
-if ARGV[10] ~= '1' and recorded ~= 'late' and (live or status == 'done') and h[16] and h[16] ~= ''
-   and not h[17] then
-  card = h[16]
-  for _, v in ipairs({'card_shown', ARGV[1], 'card_by', ARGV[9]}) do writes[#writes + 1] = v end
+if live then prompt = H.prompt or '' end
+if A.keep_card ~= '1' and recorded ~= 'late' and (live or status == 'done') and H.card and H.card ~= ''
+   and not H.card_shown then
+  card = H.card
+  for _, v in ipairs({'card_shown', A.now, 'card_by', A.token}) do writes[#writes + 1] = v end
 end
 local shows = ''
 if recorded == 'yes' then
   shows = reason ~= '' and closed_bytes or tostring(#text)
-  for _, v in ipairs({'ws_shows', shows, 'ws_sent_final', live and '' or '1', 'ws_sent_by', ARGV[11]}) do
+  for _, v in ipairs({'ws_shows', shows, 'ws_sent_final', live and '' or '1', 'ws_sent_by', A.record_token}) do
     writes[#writes + 1] = v
   end
 end
-redis.call('HSET', KEYS[1], unpack(writes))
+redis.call('HSET', K.stream, unpack(writes))
 local files = ''
-if recorded ~= '' and status == 'done' then files = h[20] or '' end
-local row = {status, text, note, reason, closed_bytes, (h[8] and h[8] ~= '') and '1' or '', event, freed, attempt,
-             prompt, card, recorded, shows, files}
-if status == 'done' and h[19] ~= '0' then  -- no count: finished by the release before, so the list is read
-  for _, image in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do row[#row + 1] = image end
+if recorded ~= '' and status == 'done' then files = H.files or '' end
+local out = row{status = status, text = text, note = note, close_reason = reason, closed_bytes = closed_bytes,
+                has_response_url = (H.response_url and H.response_url ~= '') and '1' or '', event = event,
+                freed_inflight_key = freed, attempt = attempt, prompt = prompt, card = card, recorded = recorded,
+                shows = shows, files = files}
+if status == 'done' and H.images ~= '0' then  -- no count: finished by the release before, so the list is read
+  for _, image in ipairs(redis.call('LRANGE', K.images, 0, -1)) do out[#out + 1] = image end
 end
-return row
-"""
+return out
+""",
 )
+# fmt: on
 
 # KEYS: stream. ARGV: the token of a poll whose reply never went out (or came too late), the most times a card is
 # given back. The card it took out is handed out again (by the next poll): 1; 2 if another poll's reply carried it;
@@ -473,10 +497,10 @@ return 1
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
-    "APPEND": APPEND,
+    "APPEND": APPEND.source,
     "REPLACE": REPLACE,
-    "FINISH": FINISH,
-    "POLL": POLL,
+    "FINISH": FINISH.source,
+    "POLL": POLL.source,
     "RECORD": RECORD,
     "RENEW": RENEW,
     "RELEASE": RELEASE,

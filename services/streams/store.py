@@ -230,20 +230,19 @@ class StreamStore:
         Redis error that call met."""
         now = script_now()
         calls = [
-            (
+            self._append.call_of(
                 self._append_keys(r.stream_id),
-                [
-                    r.owner,
-                    self.open_ttl,
-                    now,
-                    r.written,
-                    len(r.fields),
-                    len(r.deltas),
-                    f"{r.deadline:.3f}",
-                    r.lease_ms,
-                    *_pairs(r.fields),
-                    *r.deltas,
-                ],
+                {
+                    "owner": r.owner,
+                    "ttl": self.open_ttl,
+                    "now": now,
+                    "expected": r.written,
+                    "field_count": len(r.fields),
+                    "delta_count": len(r.deltas),
+                    "deadline": f"{r.deadline:.3f}",
+                    "lease_ms": r.lease_ms,
+                },
+                rest=[*_pairs(r.fields), *r.deltas],
             )
             for r in requests
         ]
@@ -252,10 +251,10 @@ class StreamStore:
             for r, result in zip(requests, self._append.run_each(calls), strict=True)
         ]
 
-    def _append_keys(self, stream_id: str) -> list[str]:
+    def _append_keys(self, stream_id: str) -> dict[str, str]:
         """An append's keys: the stream, its list, and its lease (which an append may renew)."""
         k = self.keys
-        return [k.stream(stream_id), k.stream_chunks(stream_id), k.stream_lease(stream_id)]
+        return {"stream": k.stream(stream_id), "chunks": k.stream_chunks(stream_id), "lease": k.stream_lease(stream_id)}
 
     def replace(self, stream_id: str, owner: str, answer: str) -> str:
         """Replace the whole answer (Dify's message_replace); returns WRITTEN, CLOSED or TAKEN."""
@@ -283,30 +282,34 @@ class StreamStore:
         the repeat answers as the try did (scripts.FINISH).
         """
         k = self.keys
-        args = [
-            owner,
-            status,
-            script_now(),
-            self.key_ttl,
-            orjson.dumps(feedback).decode() if feedback else "",
-            FEEDBACK_TTL_SECONDS,
-            finish_id,
-            len(images),
-            *(orjson.dumps(image).decode() for image in images),
-            *_pairs(fields or {}),
-        ]
-        keys = [
-            k.stream(stream_id),
-            k.stream_chunks(stream_id),
-            k.stream_images(stream_id),
-            k.feedback(stream_id),
-        ]
-        row = self._finish(keys=keys, args=args)
-        if not row:
+        args = {
+            "owner": owner,
+            "status": status,
+            "now": script_now(),
+            "ttl": self.key_ttl,
+            "feedback": orjson.dumps(feedback).decode() if feedback else "",
+            "feedback_ttl": FEEDBACK_TTL_SECONDS,
+            "finish_id": finish_id,
+            "image_count": len(images),
+        }
+        keys = {
+            "stream": k.stream(stream_id),
+            "chunks": k.stream_chunks(stream_id),
+            "images": k.stream_images(stream_id),
+            "feedback": k.feedback(stream_id),
+        }
+        images_then_fields = [*(orjson.dumps(image).decode() for image in images), *_pairs(fields or {})]
+        reply = self._finish.run(keys, args, images_then_fields)
+        if not reply:
             return None
-        if row == 2:
+        if reply == 2:
             return Finished(close_reason="", closed_bytes=0, orphaned=True)
-        return Finished(close_reason=row[1], closed_bytes=int(row[2] or 0), inflight_key=row[3])
+        row, _ = scripts.FINISH.fields(reply)
+        return Finished(
+            close_reason=row["close_reason"],
+            closed_bytes=int(row["closed_bytes"] or 0),
+            inflight_key=row["inflight_key"],
+        )
 
     def take(self, stream_id: str, opener: str, taker: str) -> Taken | None:
         """Take a queued stream over from the attempt that opened it (see scripts.TAKE), or None if the stream is no
