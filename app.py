@@ -15,19 +15,16 @@ from typing import NoReturn
 
 import orjson
 from flask import Flask, Response, current_app, request
-from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
 from config.bots import load_bots, shared_dify_keys
 from config.settings import ENV_FILES, Settings, SettingsError, load_settings
 from services import metrics
-from services.auth import db
 from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.files.delivery import FILE_PATH
 from services.gateway import Gateway, build_gateway
-from services.redis_conn import REDIS_FAILURES
 from services.wecom import errors
 from services.wecom.errors import CallbackError
 from utils.logging import log_context, setup_logging
@@ -171,35 +168,7 @@ def healthz():
 def readyz():
     """Readiness: 200 only when Redis (7.0 or later) and (with a bot of AUTH_MODE=external) the user table answer; 503
     names what failed. The body lists each bot: one bot's Dify being down makes no replica unready for the others."""
-    failed = {}
-    try:
-        gateway().redis.ping()
-        if problem := gateway().redis_refuses():
-            failed["redis"] = problem
-    except REDIS_FAILURES as exc:
-        failed["redis"] = type(exc).__name__
-    metrics.DEPENDENCY_UP.labels("redis").set(0 if "redis" in failed else 1)
-    if any(bot.authorizer is not None for bot in gateway().bots.values()):
-        try:
-            db.check_user_table(gateway().engine)
-        except db.SchemaMissing as exc:
-            failed["database"] = str(exc)
-        except SQLAlchemyError as exc:
-            failed["database"] = type(exc).__name__
-        metrics.DEPENDENCY_UP.labels("database").set(0 if "database" in failed else 1)
-    if not gateway().runner.accepting:
-        failed["shutdown"] = "draining"
-    bots = {
-        name: {
-            "mode": bot.settings.wecom_mode,
-            "path": bot.settings.wecom_callback_path if bot.holder is None else "",
-            **(bot.holder.report() if bot.holder is not None else {}),
-            "auth": bot.settings.auth_mode,
-            **bot.health.report(),
-        }
-        for name, bot in gateway().bots.items()
-    }
-    metrics.READY.set(0 if failed else 1)
+    failed, bots = gateway().readiness()
     if failed:
         message = ", ".join(f"{k}: {v}" for k, v in failed.items())
         return _json({"error": "not_ready", "message": message, "failed": failed, "bots": bots}, 503)

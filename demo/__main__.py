@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     gateway = app.extensions["gateway"]
     if options.bot is not None and options.bot not in gateway.bots:
         parser.error(f"no bot {options.bot!r}: the bots are {', '.join(gateway.bots)}")
-    if options.bot is not None and gateway.bots[options.bot].holder is not None:
+    if options.bot is not None and gateway.bots[options.bot].delivery.mode == "long_connection":
         parser.error(f"{options.bot!r} is a long-connection bot: chat with it in the console (/console)")
-    callback_bots = [each for each in gateway.bots.values() if each.holder is None]
+    callback_bots = [each for each in gateway.bots.values() if each.delivery.mode == "callback"]
     bot = gateway.bots[options.bot] if options.bot else callback_bots[0]
     gateway.start()
     log_path = _log_to_file(Path(app.instance_path) / "demo.log")
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
     for name, each in gateway.bots.items():
-        where = f"at {url}{each.settings.wecom_callback_path}" if each.holder is None else "over WeCom's WebSocket"
+        where = f"at {url}{each.settings.wecom_callback_path}"
+        if each.delivery.mode != "callback":
+            where = "over WeCom's WebSocket"
         print(f"Bot {name!r} {where} (demo mode).")
     print(f"Open the console in a browser to chat there too: {url}/console")
     print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")

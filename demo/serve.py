@@ -20,8 +20,10 @@ def main() -> None:
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
     for name, bot in app.extensions["gateway"].bots.items():
-        where = f"http://{settings.host}:{settings.port}{bot.settings.wecom_callback_path}"
-        print(f"Bot {name!r} {'at ' + where if bot.holder is None else 'over WeCom WebSocket'} (demo mode).")
+        where = f"at http://{settings.host}:{settings.port}{bot.settings.wecom_callback_path}"
+        if bot.delivery.mode != "callback":
+            where = "over WeCom WebSocket"
+        print(f"Bot {name!r} {where} (demo mode).")
     print(f"Console: http://{settings.host}:{settings.port}/console")
     app.run(host=settings.host, port=settings.port, threaded=True)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.bots import DEFAULT_BOT, bot_keys
 from config.settings import Settings
@@ -99,6 +100,16 @@ class Bot:
     pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
 
+    def report(self) -> dict:
+        """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
+        return {
+            "mode": self.delivery.mode,
+            "path": self.settings.wecom_callback_path if self.delivery.mode == "callback" else "",
+            **(self.holder.report() if self.holder is not None else {}),
+            "auth": self.settings.auth_mode,
+            **self.health.report(),
+        }
+
     def close(self) -> None:
         self.delivery.close()
         if self.consumer is not None:
@@ -166,6 +177,31 @@ class Gateway:
         except REDIS_FAILURES as exc:  # it stays what it was: not known yet, or too old when last asked
             logger.info("could not ask every Redis server its version (%s); asking again in a minute", exc)
         return self.redis_problem or ""
+
+    def readiness(self) -> tuple[dict[str, str], dict[str, dict]]:
+        """What keeps this replica from serving, by dependency (Redis, 7.0 or later; the user table, with a bot of
+        AUTH_MODE=external; `shutdown` while it drains), and each bot's state (Bot.report). Kept in gateway_ready
+        and gateway_dependency_up."""
+        failed = {}
+        try:
+            self.redis.ping()
+            if problem := self.redis_refuses():
+                failed["redis"] = problem
+        except REDIS_FAILURES as exc:
+            failed["redis"] = type(exc).__name__
+        metrics.DEPENDENCY_UP.labels("redis").set(0 if "redis" in failed else 1)
+        if any(bot.authorizer is not None for bot in self.bots.values()):
+            try:
+                db.check_user_table(self.engine)
+            except db.SchemaMissing as exc:
+                failed["database"] = str(exc)
+            except SQLAlchemyError as exc:
+                failed["database"] = type(exc).__name__
+            metrics.DEPENDENCY_UP.labels("database").set(0 if "database" in failed else 1)
+        if not self.runner.accepting:
+            failed["shutdown"] = "draining"
+        metrics.READY.set(0 if failed else 1)
+        return failed, {name: bot.report() for name, bot in self.bots.items()}
 
     def start(self) -> None:
         """Start the background work of a serving process: each bot's delivery watch (a callback bot's sweep of the

@@ -44,7 +44,7 @@ def config():
             "mode": bot.settings.wecom_mode,
             "token": bot.settings.wecom_token,
             "encoding_aes_key": bot.settings.wecom_encoding_aes_key,
-            "callback_path": bot.settings.wecom_callback_path if bot.holder is None else "WebSocket",
+            "callback_path": bot.settings.wecom_callback_path if bot.delivery.mode == "callback" else "WebSocket",
             "aibotid": "demo-bot" if len(_gateway().bots) == 1 else f"demo-{bot.name}",
         }
         for bot in _gateway().bots.values()
@@ -57,7 +57,8 @@ def _websocket(bot_name: str):
     from demo.app import websocket_standin  # the demo app imports this blueprint
 
     bot = _gateway().bots.get(bot_name)
-    standin = websocket_standin(bot.settings.wecom_ws_url) if bot is not None and bot.holder is not None else None
+    connected = bot is not None and bot.delivery.mode == "long_connection"
+    standin = websocket_standin(bot.settings.wecom_ws_url) if connected else None
     if standin is None:
         return None, (jsonify(error="not_found", message="no long-connection bot of that name here"), 404)
     return (bot.settings, standin), None
