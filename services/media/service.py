@@ -45,6 +45,21 @@ class FileRefused(Exception):
         self.name = name
 
 
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A file the user sent, read: its bytes, the name it goes to Dify under, its extension, MIME and Dify types."""
+
+    data: bytes
+    name: str
+    extension: str
+    mime: str
+    dify_type: str
+
+    def value(self, upload_file_id: str) -> dict:
+        """The file, once uploaded, as Dify takes it in `files` or a file input."""
+        return {"type": self.dify_type, "transfer_method": "local_file", "upload_file_id": upload_file_id}
+
+
 class Declined(Exception):
     """The message cannot be answered as sent (e.g. a file the app does not take): a note instead, no Dify call.
     `failed` when it went wrong on the way (the file could not be read), not by the app's choice."""
@@ -212,29 +227,26 @@ class MediaService:
                 self._refuse(result, kind)
                 continue
             try:
-                data, name = self.fetch_inbound(url, self._size_limit(parameters, kind), *aeskey)
-                extension, mime = sniff(data)
-                extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
-                given_type = dify_type(extension, kind)
-                target = slots.take(given_type, extension)
-                if target is None and not accepts(parameters, given_type, extension):
-                    logger.info("a file of type %s (.%s) the app takes nowhere: not uploaded", given_type, extension)
+                file = self._receive(kind, url, self._size_limit(parameters, kind), *aeskey)
+                target = slots.take(file.dify_type, file.extension)
+                if target is None and not accepts(parameters, file.dify_type, file.extension):
+                    logger.info(
+                        "a file of type %s (.%s) the app takes nowhere: not uploaded", file.dify_type, file.extension
+                    )
                     self._refuse(result, kind)
                     continue
-                file_id = self.dify.upload_file(data, name or f"{kind}.{extension}", mime, dify_user)
+                given = file.value(self.dify.upload_file(file.data, file.name, file.mime, dify_user))
             except (MediaError, DifyError) as exc:
                 logger.warning("could not pass a %s to Dify: %s", kind, exc)
                 metrics.USER_FILES.labels(self.bot, "failed").inc()
                 result.failed += 1
                 continue
             if target is None:
-                result.files.append({"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id})
+                result.files.append(given)
+            elif target.is_list:
+                result.inputs.setdefault(target.name, []).append(given)
             else:
-                given = {"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id}
-                if target.is_list:
-                    result.inputs.setdefault(target.name, []).append(given)
-                else:
-                    result.inputs[target.name] = given
+                result.inputs[target.name] = given
             metrics.USER_FILES.labels(self.bot, "files" if target is None else "input").inc()
         return result
 
@@ -274,17 +286,21 @@ class MediaService:
             FileRefused: the input does not take it.
             MediaError, DifyError: it could not be read or uploaded.
         """
-        data, name = self.fetch_inbound(url, self._size_limit(self.profile.parameters(), _sized(kind)), aeskey)
+        file = self._receive(kind, url, self._size_limit(self.profile.parameters(), _sized(kind)), aeskey)
+        if not takes(file.dify_type, file.extension):
+            metrics.USER_FILES.labels(self.bot, "refused").inc()
+            raise FileRefused(file.name)
+        given = file.value(self.dify.upload_file(file.data, file.name, file.mime, dify_user))
+        metrics.USER_FILES.labels(self.bot, "form").inc()
+        return given, file.name
+
+    def _receive(self, kind: str, url: str, max_bytes: int, aeskey: str = "") -> _Received:
+        """A file the user sent as `kind`, downloaded, decrypted and identified: by its name's extension, else by
+        its bytes."""
+        data, name = self.fetch_inbound(url, max_bytes, aeskey)
         extension, mime = sniff(data)
         extension = (name.rsplit(".", 1)[-1] if name and "." in name else "") or extension
-        given_type = dify_type(extension, kind)
-        shown = name or f"{kind}.{extension}"
-        if not takes(given_type, extension):
-            metrics.USER_FILES.labels(self.bot, "refused").inc()
-            raise FileRefused(shown)
-        file_id = self.dify.upload_file(data, shown, mime, dify_user)
-        metrics.USER_FILES.labels(self.bot, "form").inc()
-        return {"type": given_type, "transfer_method": "local_file", "upload_file_id": file_id}, shown
+        return _Received(data, name or f"{kind}.{extension}", extension, mime, dify_type(extension, kind))
 
     def fetch_inbound(self, url: str, max_bytes: int, aeskey: str = "") -> tuple[bytes, str | None]:
         """Download a WeCom media URL and decrypt it (with its own `aeskey` in long-connection mode, else with the
