@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import redis
 
@@ -49,9 +50,9 @@ class ScriptSpec:
         for name in (*self.keys, *self.args, *self.row, *self.hash_fields):
             if not _LUA_NAME.fullmatch(name) or name in _LUA_KEYWORDS:
                 raise ValueError(f"{self.name}: {name!r} cannot be a Lua field name")
-        self.source  # noqa: B018 -- a name the spec lacks fails the import, not a call
+        self.source  # noqa: B018 -- made now, once: a name the spec lacks fails the import, not a call
 
-    @property
+    @cached_property
     def source(self) -> str:
         """The script as Redis runs it, every name made the position it stands for."""
         text = self._row_function() + self.shared + self.body
