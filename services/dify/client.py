@@ -57,11 +57,10 @@ class _QuietRun:
     """When a run's stream that brings only pings is to be checked against Dify's record of the run: once it was
     quiet for `seconds`, then every half of that while the record says the run goes on."""
 
-    __slots__ = ("seconds", "run_id", "follows_pauses", "checked_at")
+    __slots__ = ("seconds", "follows_pauses", "checked_at")
 
-    def __init__(self, seconds: float, run_id: str, follows_pauses: bool):
+    def __init__(self, seconds: float, follows_pauses: bool):
         self.seconds = seconds
-        self.run_id = run_id
         self.follows_pauses = follows_pauses  # continue_on_pause: a paused run is waited for, not re-read
         self.checked_at = float("-inf")
 
@@ -278,7 +277,7 @@ class DifyClient:
                 return
             quiet = None
             if reader.follows_a_run and self.quiet_run_seconds > 0:
-                quiet = _QuietRun(self.quiet_run_seconds, reader.run_id, follows_pauses)
+                quiet = _QuietRun(self.quiet_run_seconds, follows_pauses)
             try:
                 while not reader.stopped and not stream.complete:
                     batch = self._next_batch(stream, reader, relay, quiet.due_at(reader) if quiet else None)
@@ -305,7 +304,7 @@ class DifyClient:
             DifyStreamCut: the run paused with no word on this stream.
         """
         quiet.checked_at = time.monotonic()
-        run_id = quiet.run_id or reader.run_id
+        run_id = reader.run_id  # given to a re-attach, else named by the run's first events
         if not run_id:
             return []
         try:
