@@ -9,6 +9,7 @@ command does, starts none.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -18,8 +19,8 @@ from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cli import register_commands
-from config.bots import load_bots, shared_dify_keys
-from config.settings import ENV_FILES, Settings, SettingsError, load_settings
+from config.bots import RUN_DIR_VARIABLE, load_bots, load_bots_keeping_last_good, shared_dify_keys
+from config.settings import ENV_FILES, BotSettings, Settings, SettingsError, load_settings
 from services import metrics
 from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
@@ -37,22 +38,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings define); a bad value exits with one line per problem."""
     if settings is None:
         settings = load_settings_or_exit()
-    bots = load_bots_or_exit(settings)
+    bots, kept = load_bots_or_exit(settings)
     setup_logging(
         settings.log_level,
         settings.log_format or "text",
         settings.instance_id,
-        secrets=[secret for bot in bots for secret in bot.secrets()],
+        secrets=settings.secrets() + [secret for bot in bots for secret in bot.secrets()],
     )
+    for problem in kept:
+        logger.error("configuration error: %s; the bots of BOTS_FILE's last good copy are served", problem)
     for warning in shared_dify_keys(bots):
         logger.warning("%s", warning)
     if settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
-    if not settings.public_base_url:
+    if not settings.files.public_base_url:
         logger.warning("PUBLIC_BASE_URL is not set: files Dify makes are named in answers, not linked")
 
     app = Flask(__name__, instance_relative_config=True)
-    app.config["MAX_CONTENT_LENGTH"] = settings.wecom_max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     try:
         gateway = build_gateway(settings, bots, Path(app.instance_path))
     except EmbeddedStoreUnavailable as exc:
@@ -61,13 +64,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     callbacks = {}
     for bot in bots:  # each bot at its own path: another bot's signature fails there (invalid_signature)
-        if bot.wecom_mode == "long_connection":
+        if bot.long_connection:
             continue  # its messages come over the WebSocket (services/longconn)
-        path, name = bot.wecom_callback_path, bot.bot_name
+        path, name = bot.wecom.callback_path, bot.name
         app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
         callbacks[path] = (name, gateway.bots[name].callback)
     # the callbacks' POSTs (WeCom's polls among them: most of the traffic) are answered in front of Flask
-    app.wsgi_app = CallbackRoute(app.wsgi_app, callbacks, gateway.owner, settings.wecom_max_body_bytes)
+    app.wsgi_app = CallbackRoute(app.wsgi_app, callbacks, gateway.owner, settings.max_body_bytes)
     app.add_url_rule(FILE_PATH + "<token>", "file_link", file_link)
     if gateway.push is not None:  # without PUSH_API_TOKEN there is no push API: /api/push answers 404
         app.add_url_rule("/api/push", "push", push, methods=["POST"])
@@ -79,9 +82,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     _register_error_handlers(app)
     register_commands(app)
     served = ", ".join(
-        f"{bot.bot_name} at {bot.wecom_callback_path}"
-        if bot.wecom_mode == "callback"
-        else f"{bot.bot_name} over WebSocket"
+        f"{bot.name} over WebSocket" if bot.long_connection else f"{bot.name} at {bot.wecom.callback_path}"
         for bot in bots
     )
     logger.info("gateway ready: %s; instance %s", served, settings.instance_id)
@@ -97,10 +98,14 @@ def load_settings_or_exit(env_files=ENV_FILES) -> Settings:
         exit_with_problems(exc.problems)
 
 
-def load_bots_or_exit(settings: Settings) -> tuple[Settings, ...]:
-    """The bots of the deployment (config/bots.py), or one clear line per problem and exit status 2."""
+def load_bots_or_exit(settings: Settings) -> tuple[tuple[BotSettings, ...], list[str]]:
+    """The bots of the deployment (config/bots.py), or one clear line per problem and exit status 2. Under
+    gunicorn, a bad BOTS_FILE gives its last good copy's bots and the file's problems (to be logged)."""
+    run_dir = os.environ.get(RUN_DIR_VARIABLE)
     try:
-        return load_bots(settings)
+        if run_dir:
+            return load_bots_keeping_last_good(settings, Path(run_dir))
+        return load_bots(settings), []
     except SettingsError as exc:
         exit_with_problems(exc.problems)
 

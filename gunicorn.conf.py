@@ -64,19 +64,21 @@ os.environ.setdefault("LOG_FORMAT", "json")
 # Prometheus multiprocess mode: every worker writes its metrics to files here, and /metrics on any worker adds
 # them up. Set before the workers start (they import prometheus_client after the fork).
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
+# The folder the master and its workers share for the last good copy of BOTS_FILE (config/bots.py,
+# load_bots_keeping_last_good): create_app reads it from here.
+os.environ.setdefault(bots.RUN_DIR_VARIABLE, tempfile.mkdtemp(prefix="gateway-run-"))
 
 
 def on_starting(server):
     """Check the settings once in the master, so a bad value is one line and not a worker boot loop."""
     try:
         settings = load_settings()
-        bots.keep_last_good(None)
-        server.gateway_bots = bots.load_bots(settings)
+        bots.load_bots_keeping_last_good(settings, Path(os.environ[bots.RUN_DIR_VARIABLE]))
     except SettingsError as exc:
         _exit_with(*exc.problems)
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()  # an operator-provided directory may hold a previous run's files
-    if settings.redis_url.startswith("memory://") and server.cfg.workers > 1:  # demo mode only (settings)
+    if settings.redis.url.startswith("memory://") and server.cfg.workers > 1:  # demo mode only (settings)
         _exit_with(
             "REDIS_URL=memory:// keeps state inside one process; "
             f"set REDIS_URL to a Redis server to run {server.cfg.workers} workers"
@@ -85,15 +87,16 @@ def on_starting(server):
 
 def on_reload(server):
     """HUP: the new workers read the settings and BOTS_FILE again (the old ones drain as on SIGTERM). A bad file
-    would stop every new worker, and with them the replica: keep serving the last good bots, and say why."""
-    bots.keep_last_good(None)
+    would stop every new worker, and with them the replica: they serve the file's last good copy instead (each
+    says so in its log), and so does this check."""
     try:
-        server.gateway_bots = bots.load_bots(load_settings())
+        _, problems = bots.load_bots_keeping_last_good(load_settings(), Path(os.environ[bots.RUN_DIR_VARIABLE]))
     except SettingsError as exc:
-        for problem in exc.problems:
-            server.log.error("configuration error (HUP): %s", problem)
+        problems = exc.problems
+    for problem in problems:
+        server.log.error("configuration error (HUP): %s", problem)
+    if problems:
         server.log.error("the new settings are not used: the workers keep serving the last good bots")
-        bots.keep_last_good(server.gateway_bots)
 
 
 # Seconds of the graceful timeout kept back for handing unfinished streams over and exiting before the SIGKILL.

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     env = harness.start_environment()
     try:
-        settings = Settings(
+        settings = Settings.of(
             wecom_token=harness.TOKEN,
             wecom_encoding_aes_key=harness.AES_KEY,
             dify_base_url=env.dify.base_url,

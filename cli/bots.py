@@ -24,11 +24,11 @@ def list_command(timeout: float) -> None:
         rows.append(
             (
                 name,
-                settings.wecom_mode,
-                settings.wecom_callback_path,
-                urlsplit(settings.dify_base_url).netloc,
+                settings.wecom.mode,
+                settings.wecom.callback_path,
+                urlsplit(settings.dify.base_url).netloc,
                 _app_type(bot, timeout) if health == "ok" else bot.profile.configured_type,
-                settings.auth_mode,
+                settings.auth.mode,
                 health,
             )
         )

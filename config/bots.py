@@ -7,7 +7,7 @@
     dify_api_key_file = "/run/secrets/hr/dify-api-key"
     bot_language = "zh"
 
-Each bot becomes a whole `Settings`: the per-bot settings of its table (the setting names in lower case, or the
+Each bot becomes a `BotSettings`: the per-bot settings of its table (the setting names in lower case, or the
 short names above; docs/configuration.md), every other one from the environment, as without the file. Without
 `BOTS_FILE` the environment alone defines one bot, `default`, unchanged. A bad file is one line per problem, naming
 the bot and the key. Two bots may not share a WeCom credential (a table without its own takes the environment's).
@@ -15,63 +15,20 @@ the bot and the key. Two bots may not share a WeCom credential (a table without 
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import re
 import tomllib
 from pathlib import Path
 
-from config.settings import Settings, SettingsError
+from config.settings import VARIABLES, BotSettings, Settings, SettingsError
 
 DEFAULT_BOT = "default"
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/console")
 
-# Settings each bot may set for itself; the rest (Redis, the database, the process, logging) is the deployment's.
-PER_BOT_FIELDS = frozenset(
-    {
-        "bot_language",
-        "wecom_mode",
-        "wecom_bot_id",
-        "wecom_bot_secret",
-        "wecom_ws_url",
-        "wecom_ws_heartbeat_seconds",
-        "wecom_ws_lease_seconds",
-        "wecom_ws_kick_cooldown_seconds",
-        "wecom_send_per_minute",
-        "wecom_send_per_hour",
-        "wecom_token",
-        "wecom_encoding_aes_key",
-        "wecom_callback_path",
-        "wecom_receive_id",
-        "wecom_timestamp_tolerance",
-        "wecom_bot_name",
-        "welcome_message",
-        "dify_base_url",
-        "dify_api_key",
-        "dify_connect_timeout",
-        "dify_read_timeout",
-        "dify_max_stream_seconds",
-        "dify_quiet_run_seconds",
-        "dify_max_retries",
-        "dify_retry_backoff",
-        "dify_app_type",
-        "dify_workflow_input",
-        "dify_workflow_output",
-        "show_reasoning",
-        "show_citations",
-        "group_conversation",
-        "dify_files_url",
-        "auth_mode",
-        "auth_api_url",
-        "auth_api_key",
-        "auth_timeout",
-        "auth_token_margin",
-        "stream_window_seconds",
-        "stream_placeholder",
-        "conversation_ttl_seconds",
-        "rate_limit_per_minute",
-    }
-)
+# Settings each bot may set for itself (BotSettings); the rest (Redis, the database, the process, logging) is the
+# deployment's.
+PER_BOT_FIELDS = frozenset(name for name, setting in VARIABLES.items() if setting.per_bot and setting.variable)
 # The short names a bot's table may use (docs/configuration.md), for the settings' own names.
 ALIASES = {
     "mode": "wecom_mode",
@@ -82,8 +39,8 @@ ALIASES = {
     "callback_path": "wecom_callback_path",
 }
 _KEY_OF = {field: alias for alias, field in ALIASES.items()}
-_SECRETS = frozenset(f.name for f in dataclasses.fields(Settings) if not f.repr)
-_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+_SECRETS = frozenset(name for name, setting in VARIABLES.items() if setting.secret)
+_TYPES = {name: setting.kind.__name__ for name, setting in VARIABLES.items()}
 
 
 def bot_keys(name: str) -> str:
@@ -92,31 +49,19 @@ def bot_keys(name: str) -> str:
     return "" if name == DEFAULT_BOT else f"bot:{name}:"
 
 
-# Under gunicorn, the bots of the last good file, set by the master when a HUP found the new file bad: the
-# workers it forks then serve these (see gunicorn.conf.py on_reload) instead of failing to boot, which would stop
-# the whole replica.
-_last_good: tuple[Settings, ...] | None = None
-
-
-def keep_last_good(bots: tuple[Settings, ...] | None) -> None:
-    """Serve `bots` instead of reading the file (None: read the file again)."""
-    global _last_good
-    _last_good = bots
-
-
-def load_bots(settings: Settings) -> tuple[Settings, ...]:
-    """The settings of each bot of the deployment (`settings` alone, as `default`, without BOTS_FILE).
+def load_bots(settings: Settings, text_from: Path | None = None) -> tuple[BotSettings, ...]:
+    """The settings of each bot of the deployment (the environment's one bot, as `default`, without BOTS_FILE).
+    `text_from` reads the tables from another file (a last good copy) than BOTS_FILE, whose folder still anchors
+    the tables' relative secret files.
 
     Raises:
         SettingsError: every problem of the file, one line each, naming the bot and the key.
     """
-    if _last_good is not None:
-        return _last_good
     if not settings.bots_file:
-        return (settings,)
-    tables = _read(settings.bots_file)
+        return (settings.bot,)
+    tables = _read(str(text_from or settings.bots_file))
     problems: list[str] = []
-    bots: list[Settings] = []
+    bots: list[BotSettings] = []
     for name, table in tables.items():
         where = f"BOTS_FILE bots.{name}"
         if not NAME_PATTERN.fullmatch(name):
@@ -129,7 +74,7 @@ def load_bots(settings: Settings) -> tuple[Settings, ...]:
         problems += found
         values.setdefault("wecom_callback_path", f"/wecom/callback/{name}")
         try:
-            bots.append(settings.replace(bot_name=name, **values))
+            bots.append(settings.replace(bot_name=name, **values).bot)
         except SettingsError as exc:
             reported = {_key(field) for field in found.fields}  # e.g. a secret whose file could not be read
             for problem in (_in_file_terms(p) for p in exc.problems):
@@ -141,6 +86,34 @@ def load_bots(settings: Settings) -> tuple[Settings, ...]:
     if problems:
         raise SettingsError(problems)
     return tuple(bots)
+
+
+LAST_GOOD_COPY = "bots.last-good.toml"
+# Names the folder of a replica's processes (set by gunicorn.conf.py for the master and its workers).
+RUN_DIR_VARIABLE = "GATEWAY_RUN_DIR"
+
+
+def load_bots_keeping_last_good(settings: Settings, folder: Path) -> tuple[tuple[BotSettings, ...], list[str]]:
+    """The bots, as `load_bots`, for a process among others of one replica that share `folder` (gunicorn's
+    master and workers): a file that loads is copied there; a file that does not, once a copy exists, gives the
+    copy's bots, and its problems are returned to be logged. So a HUP or a worker's restart after a bad edit
+    keeps the replica serving the bots it had, where failing would stop it.
+
+    Raises:
+        SettingsError: the file's problems, when no good copy of it exists yet (at start-up).
+    """
+    copy = folder / LAST_GOOD_COPY
+    try:
+        bots = load_bots(settings)
+    except SettingsError as exc:
+        if not settings.bots_file or not copy.is_file():
+            raise
+        return load_bots(settings, text_from=copy), exc.problems
+    if settings.bots_file:
+        fresh = copy.with_suffix(f".{os.getpid()}")
+        fresh.write_bytes(Path(settings.bots_file).read_bytes())
+        fresh.replace(copy)  # atomic: another process never reads half a copy
+    return bots, []
 
 
 def _read(path: str) -> dict:
@@ -243,11 +216,18 @@ def _in_file_terms(problem: str) -> str:
 _OWN_SECRETS = {"wecom_token": "token", "wecom_encoding_aes_key": "encoding_aes_key", "wecom_bot_secret": "secret"}
 
 
-def shared_dify_keys(bots: tuple[Settings, ...]) -> list[str]:
+def _value(bot: BotSettings, name: str):
+    value = bot
+    for step in VARIABLES[name].path[1:]:  # the path after "bot"
+        value = getattr(value, step)
+    return value
+
+
+def shared_dify_keys(bots: tuple[BotSettings, ...]) -> list[str]:
     """One line per Dify API key that several bots use (allowed, but usually a table that forgot its own key)."""
     users: dict[tuple[str, str], list[str]] = {}
     for bot in bots:
-        users.setdefault((bot.dify_base_url, bot.dify_api_key), []).append(bot.bot_name)
+        users.setdefault((bot.dify.base_url, bot.dify.api_key), []).append(bot.name)
     return [
         f"bots {', '.join(names)} share one Dify app (the same dify_api_key): set dify_api_key in each bot's table "
         "if that is not meant"
@@ -256,35 +236,37 @@ def shared_dify_keys(bots: tuple[Settings, ...]) -> list[str]:
     ]
 
 
-def _clashes(bots: list[Settings]) -> list[str]:
+def _clashes(bots: list[BotSettings]) -> list[str]:
     """Two bots at one callback path (or one at a path the gateway serves itself), on one BotID, or with one WeCom
     credential."""
     problems = []
     for field, key in _OWN_SECRETS.items():
-        holders: dict[str, Settings] = {}
+        holders: dict[str, BotSettings] = {}
         for bot in bots:
-            secret = getattr(bot, field)
-            if not secret or (field == "wecom_bot_secret") != (bot.wecom_mode == "long_connection"):
+            secret = _value(bot, field)
+            if not secret or (field == "wecom_bot_secret") != (bot.wecom.mode == "long_connection"):
                 continue
             first = holders.setdefault(secret, bot)
-            if first is not bot and not (field == "wecom_bot_secret" and first.wecom_bot_id == bot.wecom_bot_id):
+            if first is not bot and not (
+                field == "wecom_bot_secret" and first.connection.bot_id == bot.connection.bot_id
+            ):
                 problems.append(  # (one BotID twice is named below)
-                    f"BOTS_FILE bots.{bot.bot_name}: {key} is bots.{first.bot_name}'s too (a table without its "
+                    f"BOTS_FILE bots.{bot.name}: {key} is bots.{first.name}'s too (a table without its "
                     f"own {key} takes the environment's): give each bot its own"
                 )
     owners: dict[str, str] = {}
     bot_ids: dict[str, str] = {}
     for bot in bots:
-        if bot.wecom_mode == "long_connection":  # no callback path; one connection per BotID
-            if bot.wecom_bot_id in bot_ids:
-                problems.append(f"BOTS_FILE bots.{bot.bot_name}: bot_id is bots.{bot_ids[bot.wecom_bot_id]}'s already")
-            bot_ids.setdefault(bot.wecom_bot_id, bot.bot_name)
+        if bot.wecom.mode == "long_connection":  # no callback path; one connection per BotID
+            if bot.connection.bot_id in bot_ids:
+                problems.append(f"BOTS_FILE bots.{bot.name}: bot_id is bots.{bot_ids[bot.connection.bot_id]}'s already")
+            bot_ids.setdefault(bot.connection.bot_id, bot.name)
             continue
-        path = bot.wecom_callback_path.rstrip("/") or "/"
+        path = bot.wecom.callback_path.rstrip("/") or "/"
         if path in owners:
-            problems.append(f"BOTS_FILE bots.{bot.bot_name}: callback_path {path} is bots.{owners[path]}'s already")
+            problems.append(f"BOTS_FILE bots.{bot.name}: callback_path {path} is bots.{owners[path]}'s already")
         elif path == "/" or path.startswith(RESERVED_PATHS):
-            problems.append(f"BOTS_FILE bots.{bot.bot_name}: callback_path {path} is the gateway's own")
+            problems.append(f"BOTS_FILE bots.{bot.name}: callback_path {path} is the gateway's own")
         else:
-            owners[path] = bot.bot_name
+            owners[path] = bot.name
     return problems

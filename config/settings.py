@@ -60,11 +60,6 @@ class SettingsError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
-def _secret() -> str:
-    """A string field kept out of repr() so settings can be logged without leaking it."""
-    return field(default="", repr=False)
-
-
 def _default_replica_id() -> str:
     return socket.gethostname()
 
@@ -73,106 +68,204 @@ def _default_replica_id() -> str:
 DIFY_APP_TYPES = ("auto", "chat", "advanced-chat", "agent-chat", "agent", "workflow", "completion")
 
 
+def _var(variable: str, default=None, *, secret: bool = False, factory=None):
+    """A setting read from `variable` (or, for a secret, from the file `<variable>_FILE` names). A secret is kept
+    out of repr() so settings can be logged without leaking it."""
+    metadata = {"variable": variable, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, repr=not secret, metadata=metadata)
+    return field(default="" if default is None else default, repr=not secret, metadata=metadata)
+
+
+# --- one bot's settings (a bots file's table may set these for its bot; config/bots.py) -------------------------
+
+
+@dataclass(frozen=True)
+class WecomSettings:
+    """How WeCom reaches the bot (callback mode: the URL, Token and EncodingAESKey of its API settings)."""
+
+    mode: str = _var("WECOM_MODE", "callback")  # callback, or long_connection (ConnectionSettings)
+    token: str = _var("WECOM_TOKEN", secret=True)
+    encoding_aes_key: str = _var("WECOM_ENCODING_AES_KEY", secret=True)
+    callback_path: str = _var("WECOM_CALLBACK_PATH", "/wecom/callback")
+    receive_id: str = _var("WECOM_RECEIVE_ID")
+    timestamp_tolerance: int = _var("WECOM_TIMESTAMP_TOLERANCE", 300)
+    name: str = _var("WECOM_BOT_NAME")  # the bot's name in WeCom, taken out of a group's @mention
+    welcome_message: str = _var("WELCOME_MESSAGE")
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Long-connection mode: the bot's BotID and Secret, its WebSocket, and WeCom's limits on proactive sends."""
+
+    bot_id: str = _var("WECOM_BOT_ID")
+    bot_secret: str = _var("WECOM_BOT_SECRET", secret=True)
+    ws_url: str = _var("WECOM_WS_URL", "wss://openws.work.weixin.qq.com")
+    heartbeat_seconds: float = _var("WECOM_WS_HEARTBEAT_SECONDS", 30.0)
+    lease_seconds: int = _var("WECOM_WS_LEASE_SECONDS", 10)  # the holder's lease: a dead holder is replaced in this
+    kick_cooldown_seconds: int = _var("WECOM_WS_KICK_COOLDOWN_SECONDS", 300)  # after a foreign subscriber kicked us
+    send_per_minute: int = _var("WECOM_SEND_PER_MINUTE", 30)  # WeCom's limits on the messages of one chat
+    send_per_hour: int = _var("WECOM_SEND_PER_HOUR", 1000)
+
+
+@dataclass(frozen=True)
+class DifySettings:
+    """The bot's Dify app: where it is, how it is called, and how its answers are shown."""
+
+    base_url: str = _var("DIFY_BASE_URL")
+    api_key: str = _var("DIFY_API_KEY", secret=True)
+    connect_timeout: float = _var("DIFY_CONNECT_TIMEOUT", 5.0)
+    read_timeout: float = _var("DIFY_READ_TIMEOUT", 60.0)
+    max_stream_seconds: int = _var("DIFY_MAX_STREAM_SECONDS", 900)
+    # A run's events that bring only pings this long are checked against Dify's record of the run (0 = never)
+    quiet_run_seconds: float = _var("DIFY_QUIET_RUN_SECONDS", 20.0)
+    max_retries: int = _var("DIFY_MAX_RETRIES", 2)
+    retry_backoff: float = _var("DIFY_RETRY_BACKOFF", 1.0)
+    app_type: str = _var("DIFY_APP_TYPE", "auto")  # docs/protocol.md; auto reads the app's mode from GET /info
+    workflow_input: str = _var("DIFY_WORKFLOW_INPUT", "query")  # workflow apps: the question's input variable
+    workflow_output: str = _var("DIFY_WORKFLOW_OUTPUT")  # workflow apps: the answer's output ("" = the first string)
+    show_reasoning: bool = _var("SHOW_REASONING", False)  # a model's reasoning before the answer, in a <think> block
+    show_citations: bool = _var("SHOW_CITATIONS", True)  # the knowledge documents an answer drew on, at its end
+    group_conversation: str = _var("GROUP_CONVERSATION", "per_user")  # per_user, or shared: one per group chat
+    files_url: str = _var("DIFY_FILES_URL")  # where Dify's relative file URLs point ("" = DIFY_BASE_URL's host)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may ask the bot: external (the user table, then the auth API) or none."""
+
+    mode: str = _var("AUTH_MODE", "external")
+    api_url: str = _var("AUTH_API_URL")
+    api_key: str = _var("AUTH_API_KEY", secret=True)
+    timeout: float = _var("AUTH_TIMEOUT", 5.0)
+    token_margin: int = _var("AUTH_TOKEN_MARGIN", 60)
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """The bot's answers: how long a bubble streams, what it shows first, how long a conversation is kept, and how
+    often one user may ask."""
+
+    window_seconds: int = _var("STREAM_WINDOW_SECONDS", BUBBLE_WINDOW_SECONDS)
+    placeholder: str = _var("STREAM_PLACEHOLDER")
+    conversation_ttl_seconds: int = _var("CONVERSATION_TTL_SECONDS", 7 * 24 * 3600)
+    rate_limit_per_minute: int = _var("RATE_LIMIT_PER_MINUTE", 20)
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    """Everything one bot has of its own. `name` is "default" without a bots file, the table's name with one, and
+    "" for a bots file's deployment settings (no bot of their own); it is set by the loaders, never read from the
+    environment."""
+
+    name: str = "default"
+    language: str = _var("BOT_LANGUAGE", "zh")
+    wecom: WecomSettings = field(default_factory=WecomSettings)
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    dify: DifySettings = field(default_factory=DifySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+
+    @property
+    def long_connection(self) -> bool:
+        return self.wecom.mode == "long_connection"
+
+    def secrets(self) -> list[str]:
+        """Every secret of this bot (for the log redactor)."""
+        found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret]
+        found += [self.dify.api_key, self.auth.api_key]
+        return [secret for secret in found if secret]
+
+
+# --- what every bot of the deployment shares --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = _var("REDIS_URL", secret=True)  # demo mode: memory://, the embedded store
+    sentinel_password: str = _var("REDIS_SENTINEL_PASSWORD", secret=True)
+    key_prefix: str = _var("REDIS_KEY_PREFIX")
+    socket_timeout: float = _var("REDIS_SOCKET_TIMEOUT", 2.0)
+    claim_wait_ms: int = _var("REDIS_CLAIM_WAIT_MS", 200)  # Sentinel/Cluster: a replica holds a claim (0 = no wait)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = _var("DATABASE_URL", secret=True)  # demo mode: a SQLite file in the instance folder
+    read_url: str = _var("DATABASE_READ_URL", secret=True)  # a read replica for the user table; "" = the primary
+    timeout: float = _var("DATABASE_TIMEOUT", 5.0)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How long a stream's keys live, how an owner holds its streams, and how many one process runs."""
+
+    key_ttl_seconds: int = _var("STREAM_KEY_TTL_SECONDS", 3600)
+    lease_seconds: int = _var("STREAM_LEASE_SECONDS", 15)
+    takeover_grace_seconds: float = _var("STREAM_TAKEOVER_GRACE_SECONDS", 3.0)
+    max_active: int = _var("STREAM_MAX_ACTIVE", 1000)
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """Files Dify makes, served by signed links (docs/configuration.md)."""
+
+    public_base_url: str = _var("PUBLIC_BASE_URL")  # where users reach the gateway ("" = no links)
+    link_secret: str = _var("FILE_LINK_SECRET", secret=True)  # signs the links; the same on every replica
+    link_ttl_seconds: int = _var("FILE_LINK_TTL_SECONDS", 3600)
+    max_bytes: int = _var("FILE_MAX_BYTES", 20 * 1024 * 1024)  # the largest file a link serves or a connection uploads
+
+
 @dataclass(frozen=True)
 class Settings:
-    """All configuration of one app instance. Tests build it directly; production uses `load_settings()`."""
+    """The deployment's settings, grouped by concern, with the bot the environment defines (`bot`).
 
-    # --- mode -----------------------------------------------------------------------------------------------
-    demo_mode: bool = False
-    bot_language: str = "zh"
-    replica_id: str = field(default_factory=_default_replica_id)
-    host: str = "127.0.0.1"
-    port: int = 8080
+    Build it with `load_settings()` (the environment) or `Settings.of(**values)`, whose names are the variables'
+    in lower case (`dify_api_key=...`), as a bots file's tables spell them.
+    """
 
-    # --- WeCom ----------------------------------------------------------------------------------------------
-    wecom_mode: str = "callback"  # how WeCom reaches the bot: callback, or long_connection (docs/configuration.md)
-    wecom_bot_id: str = ""  # long_connection: the bot's BotID
-    wecom_bot_secret: str = _secret()  # long_connection: the bot's Secret
-    wecom_ws_url: str = "wss://openws.work.weixin.qq.com"
-    wecom_ws_heartbeat_seconds: float = 30.0
-    wecom_ws_lease_seconds: int = 10  # the connection holder's lease: a dead holder is replaced within this
-    wecom_ws_kick_cooldown_seconds: int = 300  # after a foreign subscriber kicked us: no reconnect for this long
-    # WeCom's limits on the messages of one chat (docs/configuration.md): proactive sends wait within them
-    wecom_send_per_minute: int = 30
-    wecom_send_per_hour: int = 1000
-    wecom_token: str = _secret()
-    wecom_encoding_aes_key: str = _secret()
-    wecom_callback_path: str = "/wecom/callback"
-    wecom_receive_id: str = ""
-    wecom_timestamp_tolerance: int = 300
-    wecom_max_body_bytes: int = 256 * 1024
-    wecom_bot_name: str = ""
-    welcome_message: str = ""
-
-    # --- Dify -----------------------------------------------------------------------------------------------
-    dify_base_url: str = ""
-    dify_api_key: str = _secret()
-    dify_connect_timeout: float = 5.0
-    dify_read_timeout: float = 60.0
-    dify_max_stream_seconds: int = 900
-    # A run's events that bring only pings this long are checked against Dify's record of the run (0 = never)
-    dify_quiet_run_seconds: float = 20.0
-    dify_max_retries: int = 2
-    dify_retry_backoff: float = 1.0
-    dify_app_type: str = "auto"  # docs/protocol.md; auto reads the app's mode from GET /info
-    dify_workflow_input: str = "query"  # workflow apps: the input variable the question goes into
-    dify_workflow_output: str = ""  # workflow apps: the output holding the answer ("" = the first string output)
-    show_reasoning: bool = False  # show a model's reasoning before the answer, in a <think> block
-    show_citations: bool = True  # the knowledge documents an answer drew on, listed at its end
-    group_conversation: str = "per_user"  # per_user: each member's own Dify conversation; shared: one per group
-    dify_files_url: str = ""  # where Dify's relative file URLs point ("" = the scheme and host of DIFY_BASE_URL)
-
-    # --- files Dify makes, served by signed links (docs/configuration.md) --------------------------------------
-    public_base_url: str = ""  # where users reach the gateway, e.g. https://bot.example.com ("" = no links)
-    file_link_secret: str = _secret()  # signs the links; the same on every replica
-    push_api_token: str = _secret()  # the bearer token of POST /api/push ("" = no push API: it answers 404)
-    file_link_ttl_seconds: int = 3600
-    file_max_bytes: int = 20 * 1024 * 1024  # the largest file a link serves, or a long connection uploads
-
-    # --- Redis ----------------------------------------------------------------------------------------------
-    redis_url: str = field(default="", repr=False)  # demo mode: memory://, the embedded store
-    redis_sentinel_password: str = _secret()
-    redis_key_prefix: str = ""
-    redis_socket_timeout: float = 2.0
-    redis_claim_wait_ms: int = 200  # Sentinel/Cluster: wait for a replica to hold a durable write (0 = do not)
-
-    # --- database and auth ----------------------------------------------------------------------------------
-    database_url: str = field(default="", repr=False)  # demo mode: a SQLite file in the instance folder
-    database_read_url: str = field(default="", repr=False)  # a read replica for the user table; "" = the primary
-    auth_mode: str = "external"
-    auth_api_url: str = ""
-    auth_api_key: str = _secret()
-    auth_timeout: float = 5.0
-    auth_token_margin: int = 60
-    database_timeout: float = 5.0
-
-    # --- streams --------------------------------------------------------------------------------------------
-    stream_window_seconds: int = BUBBLE_WINDOW_SECONDS
-    stream_key_ttl_seconds: int = 3600
-    stream_lease_seconds: int = 15
-    stream_takeover_grace_seconds: float = 3.0
-    stream_max_active: int = 1000
-    stream_placeholder: str = ""
-    conversation_ttl_seconds: int = 7 * 24 * 3600
-    rate_limit_per_minute: int = 20
-
-    # --- bots (docs/configuration.md) -----------------------------------------------------------------------
-    bots_file: str = ""  # a TOML file of bots (config/bots.py); without it the environment defines one bot
-    # Which bot these settings are ("default" without a bots file); "" for a bots file's deployment settings,
-    # which are no bot of their own. Set by the loaders, never read from the environment.
-    bot_name: str = "default"
-
-    # --- logging and metrics --------------------------------------------------------------------------------
-    log_level: str = "INFO"
-    log_format: str = ""
-    metrics_port: int = 0  # 0: /metrics on the main port; else on this port only
+    demo_mode: bool = _var("DEMO_MODE", False)
+    replica_id: str = _var("REPLICA_ID", factory=_default_replica_id)
+    host: str = _var("HOST", "127.0.0.1")
+    port: int = _var("PORT", 8080)
+    max_body_bytes: int = _var("WECOM_MAX_BODY_BYTES", 256 * 1024)
+    push_api_token: str = _var("PUSH_API_TOKEN", secret=True)  # POST /api/push's bearer token ("" = no push API)
+    bots_file: str = _var("BOTS_FILE")  # a TOML file of bots (config/bots.py); without it the environment's one bot
+    log_level: str = _var("LOG_LEVEL", "INFO")
+    log_format: str = _var("LOG_FORMAT")
+    metrics_port: int = _var("METRICS_PORT", 0)  # 0: /metrics on the main port; else on this port only
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    files: FileSettings = field(default_factory=FileSettings)
+    bot: BotSettings = field(default_factory=BotSettings)
 
     def __post_init__(self) -> None:
-        if self.demo_mode:
-            for name, value in DEMO_DEFAULTS.items():
-                if not getattr(self, name):
-                    object.__setattr__(self, name, value)
         _validate(self)
+
+    @classmethod
+    def of(cls, **values) -> Settings:
+        """Settings from values named as the variables in lower case (`redis_url=...`), validated; in demo mode,
+        what is left empty takes the demo's local defaults.
+
+        Raises:
+            SettingsError: every problem found, one line each.
+            TypeError: a name that is no setting.
+        """
+        unknown = sorted(set(values) - set(VARIABLES))
+        if unknown:
+            raise TypeError(f"no such setting: {', '.join(unknown)}")
+        if values.get("demo_mode"):
+            values = {**values, **{name: value for name, value in DEMO_DEFAULTS.items() if not values.get(name)}}
+        return _build(cls, values, ())
+
+    def values(self) -> dict:
+        """Every setting by its lower-case variable name (the inverse of `of`)."""
+        return {name: _at(self, variable.path) for name, variable in VARIABLES.items()}
+
+    def replace(self, **changes) -> Settings:
+        """A copy with some settings changed, named as in `of` (validated again)."""
+        return Settings.of(**{**self.values(), **changes})
 
     @property
     def instance_id(self) -> str:
@@ -181,18 +274,82 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
-        found = [self.wecom_token, self.wecom_encoding_aes_key, self.wecom_bot_secret, self.dify_api_key]
-        found.append(self.auth_api_key)
-        found.append(self.file_link_secret)
-        found.append(self.push_api_token)
-        found.append(self.redis_sentinel_password)
-        for url in (self.redis_url, self.database_url, self.database_read_url):
+        found = [self.files.link_secret, self.push_api_token, self.redis.sentinel_password]
+        for url in (self.redis.url, self.database.url, self.database.read_url):
             found.append(_url_password(url))
-        return [secret for secret in found if secret]
+        return [secret for secret in found if secret] + self.bot.secrets()
 
-    def replace(self, **changes) -> Settings:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+
+@dataclass(frozen=True)
+class Variable:
+    """One setting: its name (the variable in lower case, as `Settings.of` and a bots file's table spell it), its
+    environment variable ("" for `bot_name`, which no variable sets), where it sits in `Settings`, and its type."""
+
+    name: str
+    variable: str
+    path: tuple[str, ...]
+    kind: type
+    secret: bool
+
+    @property
+    def per_bot(self) -> bool:
+        return self.path[0] == "bot"
+
+
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _variables(cls, path: tuple[str, ...]) -> dict[str, Variable]:
+    found: dict[str, Variable] = {}
+    for f in dataclasses.fields(cls):
+        group = _GROUPS.get(str(f.type))
+        if group is not None:
+            found.update(_variables(group, (*path, f.name)))
+        elif "variable" in f.metadata:
+            variable = f.metadata["variable"]
+            kind = _KINDS[str(f.type)]
+            found[variable.lower()] = Variable(variable.lower(), variable, (*path, f.name), kind, f.metadata["secret"])
+        else:  # BotSettings.name
+            found["bot_name"] = Variable("bot_name", "", (*path, f.name), str, False)
+    return found
+
+
+_GROUPS = {
+    cls.__name__: cls
+    for cls in (
+        WecomSettings,
+        ConnectionSettings,
+        DifySettings,
+        AuthSettings,
+        AnswerSettings,
+        BotSettings,
+        RedisSettings,
+        DatabaseSettings,
+        StreamSettings,
+        FileSettings,
+    )
+}
+VARIABLES: dict[str, Variable] = _variables(Settings, ())
+_NAME_AT = {variable.path: name for name, variable in VARIABLES.items()}
+
+
+def _build(cls, values: dict, path: tuple[str, ...]):
+    """`cls` (Settings or one of its groups) from the values of its settings; the others keep their defaults."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        group = _GROUPS.get(str(f.type))
+        if group is not None:
+            kwargs[f.name] = _build(group, values, (*path, f.name))
+        elif (name := _NAME_AT[(*path, f.name)]) in values:
+            kwargs[f.name] = values[name]
+    return cls(**kwargs)
+
+
+def _at(settings: Settings, path: tuple[str, ...]):
+    value = settings
+    for step in path:
+        value = getattr(value, step)
+    return value
 
 
 class _Problems(list):
@@ -212,7 +369,7 @@ def _validate(s: Settings) -> None:
     """
     problems = _Problems()
     _check_deployment(s, problems)
-    if s.bot_name:
+    if s.bot.name:
         _check_bot(s, problems)
     if problems:
         raise SettingsError(problems)
@@ -225,9 +382,9 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
     problems.require(0 < s.port < 65536, "PORT", "must be a TCP port number")
     problems.require(0 <= s.metrics_port < 65536, "METRICS_PORT", "must be a TCP port number (or 0: none)")
     problems.require(not s.metrics_port or s.metrics_port != s.port, "METRICS_PORT", "must differ from PORT (or be 0)")
-    problems.require(s.wecom_max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
+    problems.require(s.max_body_bytes >= 1024, "WECOM_MAX_BODY_BYTES", "must be at least 1024")
     _check_redis(s, problems, production)
-    for variable, url in (("DATABASE_URL", s.database_url), ("DATABASE_READ_URL", s.database_read_url)):
+    for variable, url in (("DATABASE_URL", s.database.url), ("DATABASE_READ_URL", s.database.read_url)):
         if url:
             problems.require(
                 urlsplit(url).scheme.startswith(("mysql", "sqlite")),
@@ -235,16 +392,16 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
                 "must be mysql+pymysql://... or sqlite:///...",
             )
     problems.require(
-        not s.database_read_url or bool(s.database_url), "DATABASE_READ_URL", "needs DATABASE_URL (the primary)"
+        not s.database.read_url or bool(s.database.url), "DATABASE_READ_URL", "needs DATABASE_URL (the primary)"
     )
-    problems.require(s.database_timeout > 0, "DATABASE_TIMEOUT", "must be positive")
+    problems.require(s.database.timeout > 0, "DATABASE_TIMEOUT", "must be positive")
 
-    problems.require(s.stream_key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
-    problems.require(2 <= s.stream_lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
+    problems.require(s.streams.key_ttl_seconds >= 600, "STREAM_KEY_TTL_SECONDS", "must be at least 600")
+    problems.require(2 <= s.streams.lease_seconds <= 300, "STREAM_LEASE_SECONDS", "must be between 2 and 300")
     problems.require(
-        0 <= s.stream_takeover_grace_seconds <= 60, "STREAM_TAKEOVER_GRACE_SECONDS", "must be between 0 and 60"
+        0 <= s.streams.takeover_grace_seconds <= 60, "STREAM_TAKEOVER_GRACE_SECONDS", "must be between 0 and 60"
     )
-    problems.require(s.stream_max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
+    problems.require(s.streams.max_active > 0, "STREAM_MAX_ACTIVE", "must be positive")
     problems.require(
         s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "LOG_LEVEL",
@@ -256,19 +413,19 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
 
 def _check_file_links(s: Settings, problems: _Problems) -> None:
     problems.require(
-        not s.public_base_url or _is_http_url(s.public_base_url),
+        not s.files.public_base_url or _is_http_url(s.files.public_base_url),
         "PUBLIC_BASE_URL",
         "must be an http(s) URL such as https://bot.example.com",
     )
     problems.require(
-        not s.public_base_url or len(s.file_link_secret) >= 16,
+        not s.files.public_base_url or len(s.files.link_secret) >= 16,
         "FILE_LINK_SECRET",
         "is required with PUBLIC_BASE_URL: at least 16 characters, the same on every replica",
     )
     problems.require(
-        60 <= s.file_link_ttl_seconds <= 7 * 24 * 3600, "FILE_LINK_TTL_SECONDS", "must be between 60 and 604800"
+        60 <= s.files.link_ttl_seconds <= 7 * 24 * 3600, "FILE_LINK_TTL_SECONDS", "must be between 60 and 604800"
     )
-    problems.require(s.file_max_bytes > 0, "FILE_MAX_BYTES", "must be positive")
+    problems.require(s.files.max_bytes > 0, "FILE_MAX_BYTES", "must be positive")
     problems.require(
         not s.push_api_token or len(s.push_api_token) >= 16,
         "PUSH_API_TOKEN",
@@ -278,27 +435,27 @@ def _check_file_links(s: Settings, problems: _Problems) -> None:
 
 def _check_bot(s: Settings, problems: _Problems) -> None:
     """What one bot has of its own: WeCom's credentials, its Dify app, who may ask it, its streams' limits."""
-    problems.require(s.bot_language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
+    problems.require(s.bot.language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
     _check_wecom(s, problems)
     _check_dify(s, problems)
     _check_auth(s, problems)
     longest = POLL_WINDOW_SECONDS - 5  # a bubble's last reply must reach WeCom before it stops polling
     problems.require(
-        1 <= s.stream_window_seconds <= longest,
+        1 <= s.bot.answers.window_seconds <= longest,
         "STREAM_WINDOW_SECONDS",
         f"must be between 1 and {longest} (WeCom polls for {POLL_WINDOW_SECONDS} s)",
     )
-    problems.require(s.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
-    problems.require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
+    problems.require(s.bot.answers.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
+    problems.require(s.bot.answers.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
 
 
 def _check_wecom(s: Settings, problems: _Problems) -> None:
-    if s.wecom_mode == "long_connection":
+    if s.bot.wecom.mode == "long_connection":
         _check_long_connection(s, problems)
         return
-    problems.require(s.wecom_mode == "callback", "WECOM_MODE", "must be 'callback' or 'long_connection'")
-    problems.require(bool(s.wecom_token), "WECOM_TOKEN", "is required (the Token from the bot's API settings)")
-    key = s.wecom_encoding_aes_key
+    problems.require(s.bot.wecom.mode == "callback", "WECOM_MODE", "must be 'callback' or 'long_connection'")
+    problems.require(bool(s.bot.wecom.token), "WECOM_TOKEN", "is required (the Token from the bot's API settings)")
+    key = s.bot.wecom.encoding_aes_key
     if len(key) != 43:
         problems.append(f"WECOM_ENCODING_AES_KEY must be 43 characters (got {len(key)} characters)")
     elif not _AES_KEY_ALPHABET.fullmatch(key):
@@ -307,55 +464,63 @@ def _check_wecom(s: Settings, problems: _Problems) -> None:
             f"WECOM_ENCODING_AES_KEY may hold only the letters A-Z, a-z and the digits 0-9 (found {others!r}); "
             "copy it again from the bot's API settings"
         )
-    problems.require(s.wecom_callback_path.startswith("/"), "WECOM_CALLBACK_PATH", "must start with '/'")
+    problems.require(s.bot.wecom.callback_path.startswith("/"), "WECOM_CALLBACK_PATH", "must start with '/'")
     problems.require(
-        s.wecom_timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds"
+        s.bot.wecom.timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds"
     )
 
 
 def _check_long_connection(s: Settings, problems: _Problems) -> None:
-    problems.require(bool(s.wecom_bot_id), "WECOM_BOT_ID", "is required with WECOM_MODE=long_connection")
-    problems.require(bool(s.wecom_bot_secret), "WECOM_BOT_SECRET", "is required with WECOM_MODE=long_connection")
+    problems.require(bool(s.bot.connection.bot_id), "WECOM_BOT_ID", "is required with WECOM_MODE=long_connection")
     problems.require(
-        urlsplit(s.wecom_ws_url).scheme in ("ws", "wss") and bool(urlsplit(s.wecom_ws_url).hostname),
+        bool(s.bot.connection.bot_secret), "WECOM_BOT_SECRET", "is required with WECOM_MODE=long_connection"
+    )
+    problems.require(
+        urlsplit(s.bot.connection.ws_url).scheme in ("ws", "wss") and bool(urlsplit(s.bot.connection.ws_url).hostname),
         "WECOM_WS_URL",
         "must be a ws:// or wss:// URL",
     )
-    problems.require(s.wecom_ws_heartbeat_seconds > 0, "WECOM_WS_HEARTBEAT_SECONDS", "must be positive")
-    problems.require(2 <= s.wecom_ws_lease_seconds <= 60, "WECOM_WS_LEASE_SECONDS", "must be between 2 and 60")
-    problems.require(s.wecom_ws_kick_cooldown_seconds >= 0, "WECOM_WS_KICK_COOLDOWN_SECONDS", "must be 0 or more")
-    problems.require(s.wecom_send_per_minute >= 1, "WECOM_SEND_PER_MINUTE", "must be at least 1")
+    problems.require(s.bot.connection.heartbeat_seconds > 0, "WECOM_WS_HEARTBEAT_SECONDS", "must be positive")
+    problems.require(2 <= s.bot.connection.lease_seconds <= 60, "WECOM_WS_LEASE_SECONDS", "must be between 2 and 60")
+    problems.require(s.bot.connection.kick_cooldown_seconds >= 0, "WECOM_WS_KICK_COOLDOWN_SECONDS", "must be 0 or more")
+    problems.require(s.bot.connection.send_per_minute >= 1, "WECOM_SEND_PER_MINUTE", "must be at least 1")
     problems.require(
-        s.wecom_send_per_hour >= s.wecom_send_per_minute, "WECOM_SEND_PER_HOUR", "must be >= WECOM_SEND_PER_MINUTE"
+        s.bot.connection.send_per_hour >= s.bot.connection.send_per_minute,
+        "WECOM_SEND_PER_HOUR",
+        "must be >= WECOM_SEND_PER_MINUTE",
     )
 
 
 def _check_dify(s: Settings, problems: _Problems) -> None:
-    problems.require(s.dify_app_type in DIFY_APP_TYPES, "DIFY_APP_TYPE", f"must be one of {', '.join(DIFY_APP_TYPES)}")
-    problems.require(bool(s.dify_workflow_input), "DIFY_WORKFLOW_INPUT", "must name the workflow's input variable")
     problems.require(
-        s.group_conversation in ("per_user", "shared"), "GROUP_CONVERSATION", "must be 'per_user' or 'shared'"
+        s.bot.dify.app_type in DIFY_APP_TYPES, "DIFY_APP_TYPE", f"must be one of {', '.join(DIFY_APP_TYPES)}"
+    )
+    problems.require(bool(s.bot.dify.workflow_input), "DIFY_WORKFLOW_INPUT", "must name the workflow's input variable")
+    problems.require(
+        s.bot.dify.group_conversation in ("per_user", "shared"), "GROUP_CONVERSATION", "must be 'per_user' or 'shared'"
     )
     problems.require(
-        _is_http_url(s.dify_base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
+        _is_http_url(s.bot.dify.base_url), "DIFY_BASE_URL", "must be an http(s) URL such as https://api.dify.ai/v1"
     )
-    problems.require(bool(s.dify_api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
-    problems.require(not s.dify_files_url or _is_http_url(s.dify_files_url), "DIFY_FILES_URL", "must be an http(s) URL")
-    problems.require(s.dify_connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
-    problems.require(s.dify_read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
-    problems.require(s.dify_max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")
-    problems.require(s.dify_quiet_run_seconds >= 0, "DIFY_QUIET_RUN_SECONDS", "must be 0 (never) or more")
-    problems.require(s.dify_max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
-    problems.require(s.dify_retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
+    problems.require(bool(s.bot.dify.api_key), "DIFY_API_KEY", "is required (the Dify app's API key, app-...)")
+    problems.require(
+        not s.bot.dify.files_url or _is_http_url(s.bot.dify.files_url), "DIFY_FILES_URL", "must be an http(s) URL"
+    )
+    problems.require(s.bot.dify.connect_timeout > 0, "DIFY_CONNECT_TIMEOUT", "must be positive")
+    problems.require(s.bot.dify.read_timeout > 0, "DIFY_READ_TIMEOUT", "must be positive")
+    problems.require(s.bot.dify.max_stream_seconds > 0, "DIFY_MAX_STREAM_SECONDS", "must be positive")
+    problems.require(s.bot.dify.quiet_run_seconds >= 0, "DIFY_QUIET_RUN_SECONDS", "must be 0 (never) or more")
+    problems.require(s.bot.dify.max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
+    problems.require(s.bot.dify.retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
 
 
 def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:
     """Outside demo mode, nothing falls back to an embedded store."""
-    if not s.redis_url:
+    if not s.redis.url:
         problems.append("REDIS_URL is required: the Redis every replica shares, e.g. redis://redis:6379/0")
     else:
         try:
-            target = parse_redis_url(s.redis_url)
+            target = parse_redis_url(s.redis.url)
         except RedisUrlError as exc:
             problems.append(f"REDIS_URL {exc}")
         else:
@@ -366,14 +531,14 @@ def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:
                 )
             if target.replicated:  # the claim waits for a replica only on Sentinel and Cluster
                 problems.require(
-                    s.redis_claim_wait_ms < s.redis_socket_timeout * 1000,
+                    s.redis.claim_wait_ms < s.redis.socket_timeout * 1000,
                     "REDIS_CLAIM_WAIT_MS",
                     "must be below REDIS_SOCKET_TIMEOUT (a longer WAIT would time the connection out)",
                 )
-    problems.require(s.redis_socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
-    problems.require(s.redis_claim_wait_ms >= 0, "REDIS_CLAIM_WAIT_MS", "must be 0 (do not wait) or more")
+    problems.require(s.redis.socket_timeout > 0, "REDIS_SOCKET_TIMEOUT", "must be positive")
+    problems.require(s.redis.claim_wait_ms >= 0, "REDIS_CLAIM_WAIT_MS", "must be 0 (do not wait) or more")
     problems.require(
-        not {"{", "}"} & set(s.redis_key_prefix),
+        not {"{", "}"} & set(s.redis.key_prefix),
         "REDIS_KEY_PREFIX",
         "must not contain { or } (they would make one Redis Cluster hash slot of every key)",
     )
@@ -381,22 +546,24 @@ def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:
 
 def _check_auth(s: Settings, problems: _Problems) -> None:
     """Who may ask the bot; with AUTH_MODE=external, outside demo mode, the user table must be a real one."""
-    external = s.auth_mode == "external"
-    problems.require(s.auth_mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
-    if not s.database_url and not s.demo_mode and external:
+    external = s.bot.auth.mode == "external"
+    problems.require(s.bot.auth.mode in ("external", "none"), "AUTH_MODE", "must be 'external' or 'none'")
+    if not s.database.url and not s.demo_mode and external:
         problems.append(
             "DATABASE_URL is required with AUTH_MODE=external: the wecom_users table every replica reads, "
             "e.g. mysql+pymysql://user:pass@mysql/db"
         )
     if external:
-        problems.require(_is_http_url(s.auth_api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external")
         problems.require(
-            bool(s.auth_api_key),
+            _is_http_url(s.bot.auth.api_url), "AUTH_API_URL", "must be an http(s) URL when AUTH_MODE=external"
+        )
+        problems.require(
+            bool(s.bot.auth.api_key),
             "AUTH_API_KEY",
             "is required with AUTH_MODE=external (our credential for the auth API)",
         )
-    problems.require(s.auth_timeout > 0, "AUTH_TIMEOUT", "must be positive")
-    problems.require(s.auth_token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
+    problems.require(s.bot.auth.timeout > 0, "AUTH_TIMEOUT", "must be positive")
+    problems.require(s.bot.auth.token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
 
 
 def _url_password(url: str) -> str:
@@ -432,9 +599,6 @@ def _parse(variable: str, raw: str, kind: type):
     return raw
 
 
-_FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
-
-
 def read_environment(environ: Mapping[str, str] | None = None, env_files=ENV_FILES) -> dict[str, str]:
     """Merge the env files (later files lose to earlier ones) under the real environment, which wins."""
     merged: dict[str, str] = {}
@@ -454,19 +618,18 @@ def load_settings(environ: Mapping[str, str] | None = None, env_files=ENV_FILES)
     values = read_environment(environ, env_files)
     kwargs: dict = {"bot_name": "" if values.get("BOTS_FILE") else "default"}
     problems: list[str] = []
-    for f in dataclasses.fields(Settings):
-        if f.name == "bot_name":
+    for name, setting in VARIABLES.items():
+        if not setting.variable:
             continue
-        variable = f.name.upper()
         try:
-            if not f.repr:
-                _read_secret_file(variable, values)
-            if variable in values:
-                kwargs[f.name] = _parse(variable, values[variable], _FIELD_TYPES[str(f.type)])
+            if setting.secret:
+                _read_secret_file(setting.variable, values)
+            if setting.variable in values:
+                kwargs[name] = _parse(setting.variable, values[setting.variable], setting.kind)
         except SettingsError as exc:
             problems += exc.problems
     try:
-        settings = Settings(**kwargs)
+        settings = Settings.of(**kwargs)
     except SettingsError as exc:
         problems += exc.problems
     if problems:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
     for name, each in gateway.bots.items():
-        where = f"at {url}{each.settings.wecom_callback_path}"
+        where = f"at {url}{each.settings.wecom.callback_path}"
         if each.delivery.mode != "callback":
             where = "over WeCom's WebSocket"
         print(f"Bot {name!r} {where} (demo mode).")
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")
     simulator = WeComSimulator(
         url,
-        bot.settings.wecom_token,
-        bot.settings.wecom_encoding_aes_key,
-        callback_path=bot.settings.wecom_callback_path,
+        bot.settings.wecom.token,
+        bot.settings.wecom.encoding_aes_key,
+        callback_path=bot.settings.wecom.callback_path,
         aibotid=f"demo-{bot.name}",
     )
     print(f"Chatting with {bot.name!r}{' (--bot picks another)' if len(gateway.bots) > 1 else ''}.")

@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The gateway in demo mode, with its stand-ins, demo users and console."""
     settings = settings or gateway_app.load_settings_or_exit(DEMO_ENV_FILES)
     if settings.demo_mode:
-        start_standins(gateway_app.load_bots_or_exit(settings))
+        start_standins(gateway_app.load_bots_or_exit(settings)[0])
     app = gateway_app.create_app(settings)
     gateway: Gateway = app.extensions["gateway"]
     if settings.demo_mode and gateway.users is not None:
@@ -53,22 +53,22 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
     """Start the Dify and auth API stand-ins at the loopback addresses the bots' settings name, unless something
     answers there already (another demo process, or `python -m demo.standins`). The Dify stand-in answers each
     bot (told apart by its API key) as that bot, in its language."""
-    for url in {bot.dify_base_url for bot in bots}:
+    for url in {bot.dify.base_url for bot in bots}:
         if _needs_standin(url):
             host, port = _address(url)
-            personas = {bot.dify_api_key: (bot.bot_name, bot.bot_language) for bot in bots if bot.dify_base_url == url}
+            personas = {bot.dify.api_key: (bot.name, bot.language) for bot in bots if bot.dify.base_url == url}
             _started[url] = DifyStandIn(host=host, port=port, personas=personas).start()
             logger.warning("demo: answering with the built-in Dify stand-in at %s", url)
     for bot in bots:
-        if bot.wecom_mode == "long_connection" and _needs_standin(bot.wecom_ws_url):
-            host, port = _address(bot.wecom_ws_url)
-            standin = WeComWebSocketStandIn({bot.wecom_bot_id: bot.wecom_bot_secret}, host=host, port=port)
-            _started[bot.wecom_ws_url] = standin.start()
-            logger.warning("demo: WeCom's long connection played by the built-in stand-in at %s", bot.wecom_ws_url)
-        if bot.auth_mode == "external" and _needs_standin(bot.auth_api_url):
-            host, port = _address(bot.auth_api_url)
-            _started[bot.auth_api_url] = AuthStandIn(api_key=bot.auth_api_key, host=host, port=port).start()
-            logger.warning("demo: authenticating with the built-in auth stand-in at %s", bot.auth_api_url)
+        if bot.wecom.mode == "long_connection" and _needs_standin(bot.connection.ws_url):
+            host, port = _address(bot.connection.ws_url)
+            standin = WeComWebSocketStandIn({bot.connection.bot_id: bot.connection.bot_secret}, host=host, port=port)
+            _started[bot.connection.ws_url] = standin.start()
+            logger.warning("demo: WeCom's long connection played by the built-in stand-in at %s", bot.connection.ws_url)
+        if bot.auth.mode == "external" and _needs_standin(bot.auth.api_url):
+            host, port = _address(bot.auth.api_url)
+            _started[bot.auth.api_url] = AuthStandIn(api_key=bot.auth.api_key, host=host, port=port).start()
+            logger.warning("demo: authenticating with the built-in auth stand-in at %s", bot.auth.api_url)
 
 
 def websocket_standin(url: str) -> WeComWebSocketStandIn | None:

@@ -20,7 +20,7 @@ def main() -> None:
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
     for name, bot in app.extensions["gateway"].bots.items():
-        where = f"at http://{settings.host}:{settings.port}{bot.settings.wecom_callback_path}"
+        where = f"at http://{settings.host}:{settings.port}{bot.settings.wecom.callback_path}"
         if bot.delivery.mode != "callback":
             where = "over WeCom WebSocket"
         print(f"Bot {name!r} {where} (demo mode).")

@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     from config.settings import DEMO_ENV_FILES, load_settings
 
     settings = load_settings(env_files=DEMO_ENV_FILES)
-    bots = {bot.bot_name: bot for bot in load_bots(settings) if bot.wecom_mode == "callback"}
+    bots = {bot.name: bot for bot in load_bots(settings) if bot.wecom.mode == "callback"}
     parser = argparse.ArgumentParser(description="Chat with a running gateway as WeCom would.")
     parser.add_argument("--bot", default=next(iter(bots)), choices=sorted(bots), help="the callback bot to chat with")
     parser.add_argument(
@@ -489,10 +489,10 @@ def main(argv: list[str] | None = None) -> None:
     bot = bots[options.bot]
     simulator = WeComSimulator(
         options.url.split(","),
-        bot.wecom_token,
-        bot.wecom_encoding_aes_key,
-        callback_path=bot.wecom_callback_path,
-        aibotid=f"demo-{bot.bot_name}",
+        bot.wecom.token,
+        bot.wecom.encoding_aes_key,
+        callback_path=bot.wecom.callback_path,
+        aibotid=f"demo-{bot.name}",
         poll_interval=options.poll_interval,
     )
     chat_loop(simulator, options.user, options.group)

@@ -170,7 +170,7 @@ def dify(dify_server) -> DifyStandIn:
 
 @pytest.fixture
 def settings(redis_url, redis_client, dify) -> Settings:
-    return Settings(
+    return Settings.of(
         wecom_token=TOKEN,
         wecom_encoding_aes_key=AES_KEY,
         dify_base_url=dify.base_url,
@@ -360,7 +360,7 @@ def ws_gateway(settings, wecom_ws, tmp_path):
         wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
         mode = {"wecom_bot_id": WS_BOT_ID, "wecom_bot_secret": WS_BOT_SECRET, "wecom_ws_url": wecom.url}
         bot = settings.replace(wecom_mode="long_connection", **mode, **changes)
-        gateway = build_gateway(bot, (bot,), tmp_path)
+        gateway = build_gateway(bot, (bot.bot,), tmp_path)
         gateway.start()
         started.append(gateway)
         assert wait_until(lambda: wecom.subscribed(WS_BOT_ID) == 1, timeout=10)

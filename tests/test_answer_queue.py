@@ -29,7 +29,7 @@ def served(settings, wecom, tmp_path, **changes):
     bot = settings.replace(
         wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url, **changes
     )
-    gateway = build_gateway(bot, (bot,), tmp_path)  # the embedded store's port file in tmp_path, not the checkout's
+    gateway = build_gateway(bot, (bot.bot,), tmp_path)  # the embedded store's port file in tmp_path, not the checkout's
     gateway.start()
     return gateway
 

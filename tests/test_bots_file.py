@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from config.bots import bot_keys, load_bots
+from config.bots import LAST_GOOD_COPY, bot_keys, load_bots, load_bots_keeping_last_good
 from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, PROJECT_ROOT, SettingsError, load_settings
 
 DEPLOYMENT = {
@@ -57,30 +57,30 @@ def test_without_a_bots_file_the_environment_is_the_one_bot_default():
     env = {**DEPLOYMENT, "WECOM_TOKEN": "t", "WECOM_ENCODING_AES_KEY": "a" * 43, "DIFY_API_KEY": "app-x"}
     settings = load_settings(env, env_files=())
     (bot,) = load_bots(settings)
-    assert bot is settings
-    assert bot.bot_name == "default"
-    assert bot.wecom_callback_path == "/wecom/callback"
-    assert bot_keys(bot.bot_name) == ""  # the single bot keeps today's key names
+    assert bot is settings.bot
+    assert bot.name == "default"
+    assert bot.wecom.callback_path == "/wecom/callback"
+    assert bot_keys(bot.name) == ""  # the single bot keeps today's key names
 
 
 def test_each_bot_gets_its_table_and_the_environment_fills_the_rest(folder):
     hr, it = bots_from(folder, HR + IT, BOT_LANGUAGE="zh", RATE_LIMIT_PER_MINUTE="20")
-    assert (hr.bot_name, it.bot_name) == ("hr", "it")
-    assert hr.wecom_callback_path == "/wecom/callback/hr"  # the default path names the bot
-    assert it.wecom_callback_path == "/wecom/it"
-    assert hr.dify_base_url == "https://dify.example/v1"  # from the environment
-    assert it.dify_base_url == "https://it-dify.example/v1"
-    assert (hr.bot_language, it.bot_language) == ("zh", "en")
-    assert (hr.rate_limit_per_minute, it.rate_limit_per_minute) == (20, 5)
-    assert it.welcome_message == "IT helpdesk"
-    assert it.wecom_mode == "callback"
+    assert (hr.name, it.name) == ("hr", "it")
+    assert hr.wecom.callback_path == "/wecom/callback/hr"  # the default path names the bot
+    assert it.wecom.callback_path == "/wecom/it"
+    assert hr.dify.base_url == "https://dify.example/v1"  # from the environment
+    assert it.dify.base_url == "https://it-dify.example/v1"
+    assert (hr.language, it.language) == ("zh", "en")
+    assert (hr.answers.rate_limit_per_minute, it.answers.rate_limit_per_minute) == (20, 5)
+    assert it.wecom.welcome_message == "IT helpdesk"
+    assert it.wecom.mode == "callback"
     assert bot_keys("it") == "bot:it:"
 
 
 def test_secrets_come_from_files_beside_the_bots_file_and_stay_out_of_repr(folder):
     _, it = bots_from(folder, HR + IT)
-    assert it.wecom_token == "it-token"  # the file's trailing newline is not part of it
-    assert it.dify_api_key == "app-it"
+    assert it.wecom.token == "it-token"  # the file's trailing newline is not part of it
+    assert it.dify.api_key == "app-it"
     assert "app-it" not in repr(it)
     assert "it-token" in it.secrets()
 
@@ -88,7 +88,7 @@ def test_secrets_come_from_files_beside_the_bots_file_and_stay_out_of_repr(folde
 def test_a_secret_missing_from_a_table_comes_from_the_environment(folder):
     table = HR.replace('dify_api_key = "app-hr"\n', "")
     (hr,) = bots_from(folder, table, DIFY_API_KEY="app-from-env")
-    assert hr.dify_api_key == "app-from-env"
+    assert hr.dify.api_key == "app-from-env"
 
 
 def test_two_bots_may_not_share_a_wecom_credential(folder):
@@ -201,10 +201,36 @@ def test_a_missing_file_is_one_line(tmp_path):
     ]
 
 
+def test_a_bad_edit_keeps_the_last_good_copy_for_the_processes_of_a_replica(folder, tmp_path_factory):
+    """gunicorn's master and workers share a folder: a file that loads is copied there, and a worker booted after
+    a bad edit (a HUP, a restart) serves the copy's bots and logs the file's problems; before any good load there
+    is no copy, and a bad file stops the start-up as without one. The copy's relative secret files are still read
+    from the bots file's folder, and `load_bots` itself keeps nothing between calls."""
+    run_dir = tmp_path_factory.mktemp("run")
+    path = folder / "bots.toml"
+    settings = load_settings({**DEPLOYMENT, "BOTS_FILE": str(path)}, env_files=())
+    path.write_text(HR + 'colour = "blue"\n')
+    with pytest.raises(SettingsError):  # nothing good yet: start-up fails, one line per problem
+        load_bots_keeping_last_good(settings, run_dir)
+    assert not (run_dir / LAST_GOOD_COPY).exists()
+
+    path.write_text(HR + IT)
+    bots, problems = load_bots_keeping_last_good(settings, run_dir)
+    assert ([bot.name for bot in bots], problems) == (["hr", "it"], [])
+    assert (run_dir / LAST_GOOD_COPY).read_text() == HR + IT
+
+    path.write_text(HR + 'colour = "blue"\n')
+    kept, problems = load_bots_keeping_last_good(settings, run_dir)
+    assert kept == bots  # the it bot's token and key files read from the bots file's folder, as before
+    assert problems == ["BOTS_FILE bots.hr: unknown key 'colour'"]
+    with pytest.raises(SettingsError):
+        load_bots(settings)  # no hidden state: the file alone says what load_bots returns
+
+
 def test_a_deployment_with_a_bots_file_needs_no_single_bot_variables(folder):
     """WECOM_TOKEN, DIFY_API_KEY, ... are the bots' business then: the deployment's own settings pass without."""
     settings = load_settings({**DEPLOYMENT, "BOTS_FILE": str(folder / "bots.toml")}, env_files=())
-    assert settings.bot_name == ""
+    assert settings.bot.name == ""
 
 
 def test_start_up_with_a_bad_file_prints_one_line_per_problem_and_exits_2(folder):
@@ -232,9 +258,9 @@ dify_api_key = "app-ops"
 
 def test_a_long_connection_bot_needs_its_bot_id_and_secret_not_a_token(folder):
     hr, ops = bots_from(folder, HR + LONG)
-    assert (hr.wecom_mode, ops.wecom_mode) == ("callback", "long_connection")
-    assert ops.wecom_bot_id == "aibot-ops"
-    assert ops.wecom_bot_secret == "ops-secret"
+    assert (hr.wecom.mode, ops.wecom.mode) == ("callback", "long_connection")
+    assert ops.connection.bot_id == "aibot-ops"
+    assert ops.connection.bot_secret == "ops-secret"
     assert "ops-secret" not in repr(ops)
 
 
@@ -253,10 +279,10 @@ def test_the_demos_assistant_talks_to_the_dify_the_environment_names():
     stand-in, with their own demo keys. Without them, all three are the stand-in's."""
     own = {"DIFY_BASE_URL": "https://dify.example.com/v1", "DIFY_API_KEY": "app-mine"}
     for environ, assistant in ((own, ("https://dify.example.com/v1", "app-mine")), ({}, (STANDIN, "app-demo"))):
-        bots = {bot.bot_name: bot for bot in load_bots(load_settings(environ, env_files=DEMO_ENV_FILES))}
-        assert (bots["assistant"].dify_base_url, bots["assistant"].dify_api_key) == assistant
-        assert (bots["helpdesk"].dify_base_url, bots["helpdesk"].dify_api_key) == (STANDIN, "app-demo-helpdesk")
-        assert (bots["ops"].dify_base_url, bots["ops"].dify_api_key) == (STANDIN, "app-demo-ops")
+        bots = {bot.name: bot for bot in load_bots(load_settings(environ, env_files=DEMO_ENV_FILES))}
+        assert (bots["assistant"].dify.base_url, bots["assistant"].dify.api_key) == assistant
+        assert (bots["helpdesk"].dify.base_url, bots["helpdesk"].dify.api_key) == (STANDIN, "app-demo-helpdesk")
+        assert (bots["ops"].dify.base_url, bots["ops"].dify.api_key) == (STANDIN, "app-demo-ops")
 
 
 STANDIN = DEMO_DEFAULTS["dify_base_url"]

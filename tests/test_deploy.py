@@ -3,7 +3,6 @@ kubectl, every object validated against the Kubernetes schemas, and the settings
 the app's own."""
 
 import ast
-import dataclasses
 import hashlib
 import os
 import re
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from config.bots import load_bots
-from config.settings import PROJECT_ROOT, Settings, load_settings
+from config.settings import PROJECT_ROOT, VARIABLES, load_settings
 from services.files.delivery import FILE_PATH
 from services.redis_url import CLUSTER, SENTINEL, parse_redis_url
 
@@ -30,7 +29,7 @@ KUSTOMIZATIONS = [
     "overlays/two-bots",
 ]
 KUBERNETES_VERSIONS = ["1.30.0", "1.32.0"]
-SETTING_NAMES = {f.name.upper() for f in dataclasses.fields(Settings)}
+SETTING_NAMES = {setting.variable for setting in VARIABLES.values() if setting.variable}
 GUNICORN_NAMES = {
     "GUNICORN_WORKERS",
     "GUNICORN_THREADS",
@@ -303,7 +302,7 @@ def test_the_two_bots_overlay_mounts_every_secret_its_bots_file_reads(tmp_path):
     bots = load_bots(load_settings(env, env_files=()))
     ingress = find(objects, "Ingress", "wecom-gateway")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert paths == [(bot.wecom_callback_path, "Exact") for bot in bots] + [(FILE_PATH, "Prefix")]
+    assert paths == [(bot.wecom.callback_path, "Exact") for bot in bots] + [(FILE_PATH, "Prefix")]
 
 
 WALKTHROUGH = PROJECT_ROOT / "docs" / "deployment.md"

@@ -99,11 +99,11 @@ def two_processes(redis_client, settings, wecom_ws, tmp_path):
         wecom_ws_lease_seconds=2,
     )
     gateways = []
-    first = build_gateway(bot.replace(replica_id="replica-a"), (bot,), tmp_path)
+    first = build_gateway(bot.replace(replica_id="replica-a"), (bot.bot,), tmp_path)
     first.start()
     gateways.append(first)
     assert wait_until(lambda: wecom.subscribed(WS_BOT_ID) == 1, timeout=10)
-    second = build_gateway(bot.replace(replica_id="replica-b"), (bot,), tmp_path)
+    second = build_gateway(bot.replace(replica_id="replica-b"), (bot.bot,), tmp_path)
     second.start()
     gateways.append(second)
     yield first, second, wecom

@@ -215,7 +215,7 @@ def test_a_new_message_on_a_long_connection_waits_for_a_replica_three_times(sent
         redis_claim_wait_ms=WAIT_MS,
         bot_name="three",
     )
-    gateway = build_gateway(bot_settings, (bot_settings,), tmp_path)  # not started: no holder, no consumer
+    gateway = build_gateway(bot_settings, (bot_settings.bot,), tmp_path)  # not started: no holder, no consumer
     streams = gateway.bot("three").streams
     message = Inbound("text", msgid="m-three", aibotid="three-bot", userid="zoe", text="hi", ws_req_id="req-7")
     before = unconfirmed("three")

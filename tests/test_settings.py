@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from config.settings import DEMO_DEFAULTS, PROJECT_ROOT, Settings, SettingsError, load_settings
+from config.settings import DEMO_DEFAULTS, PROJECT_ROOT, VARIABLES, Settings, SettingsError, load_settings
 
 VALID = {
     "WECOM_TOKEN": "tok-Secret-1",
@@ -30,21 +30,21 @@ def load(env, files=()):
 def test_valid_production_settings():
     settings = load(VALID)
     assert settings.demo_mode is False
-    assert settings.dify_base_url == "https://dify.example/v1"
-    assert settings.wecom_callback_path == "/wecom/callback"
-    assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.bot.dify.base_url == "https://dify.example/v1"
+    assert settings.bot.wecom.callback_path == "/wecom/callback"
+    assert settings.redis.url == "redis://redis:6379/0"
 
 
 def test_valid_production_settings_with_external_auth():
     settings = load({**VALID, **EXTERNAL_AUTH})
-    assert settings.auth_mode == "external"
-    assert settings.database_url == EXTERNAL_AUTH["DATABASE_URL"]
+    assert settings.bot.auth.mode == "external"
+    assert settings.database.url == EXTERNAL_AUTH["DATABASE_URL"]
 
 
 def test_types_are_parsed():
     settings = load({**VALID, "DIFY_READ_TIMEOUT": "12.5", "STREAM_LEASE_SECONDS": "9", "DEMO_MODE": "no"})
-    assert settings.dify_read_timeout == 12.5
-    assert settings.stream_lease_seconds == 9
+    assert settings.bot.dify.read_timeout == 12.5
+    assert settings.streams.lease_seconds == 9
     assert settings.demo_mode is False
 
 
@@ -55,22 +55,22 @@ def test_dotenv_then_demo_env_and_the_real_environment_wins(tmp_path):
     demo.write_text("DIFY_API_KEY=app-from-demo\nBOT_LANGUAGE=zh\nWECOM_CALLBACK_PATH=/from-demo\n")
     env = {k: v for k, v in VALID.items() if k != "DIFY_API_KEY"}
     settings = load({**env, "BOT_LANGUAGE": "zh"}, files=(dotenv, demo))
-    assert settings.dify_api_key == "app-from-dotenv"  # .env beats demo.env
-    assert settings.bot_language == "zh"  # the real environment beats both
-    assert settings.wecom_callback_path == "/from-demo"  # demo.env fills what nothing else sets
+    assert settings.bot.dify.api_key == "app-from-dotenv"  # .env beats demo.env
+    assert settings.bot.language == "zh"  # the real environment beats both
+    assert settings.bot.wecom.callback_path == "/from-demo"  # demo.env fills what nothing else sets
 
 
 def test_missing_files_are_fine(tmp_path):
-    assert load(VALID, files=(tmp_path / "nope.env",)).wecom_token == "tok-Secret-1"
+    assert load(VALID, files=(tmp_path / "nope.env",)).bot.wecom.token == "tok-Secret-1"
 
 
 def test_demo_mode_fills_credentials_the_embedded_stores_and_the_standins_addresses():
     settings = load({"DEMO_MODE": "true"})
-    assert settings.wecom_token == DEMO_DEFAULTS["wecom_token"]
-    assert settings.redis_url == "memory://"
-    assert settings.database_url == ""  # the gateway puts a SQLite file in its instance folder
-    assert settings.dify_base_url == DEMO_DEFAULTS["dify_base_url"]  # where `python -m demo` starts its stand-in
-    assert settings.auth_api_url == DEMO_DEFAULTS["auth_api_url"]
+    assert settings.bot.wecom.token == DEMO_DEFAULTS["wecom_token"]
+    assert settings.redis.url == "memory://"
+    assert settings.database.url == ""  # the gateway puts a SQLite file in its instance folder
+    assert settings.bot.dify.base_url == DEMO_DEFAULTS["dify_base_url"]  # where `python -m demo` starts its stand-in
+    assert settings.bot.auth.api_url == DEMO_DEFAULTS["auth_api_url"]
 
 
 @pytest.mark.parametrize(
@@ -193,7 +193,7 @@ def test_bad_values_name_the_variable_in_one_line(change, variable):
     ],
 )
 def test_sentinel_and_cluster_urls_are_settings(url):
-    assert load({**VALID, "REDIS_URL": url}).redis_url == url
+    assert load({**VALID, "REDIS_URL": url}).redis.url == url
 
 
 def test_a_bad_redis_url_never_shows_its_password():
@@ -220,7 +220,7 @@ def test_secrets_stay_out_of_repr():
 
 
 def test_instance_id_is_replica_plus_pid():
-    settings = Settings(**{k.lower(): v for k, v in VALID.items()}, replica_id="pod-7")
+    settings = Settings.of(**{k.lower(): v for k, v in VALID.items()}, replica_id="pod-7")
     assert settings.instance_id.startswith("pod-7:")
     assert settings.instance_id.split(":")[1].isdigit()
 
@@ -253,7 +253,7 @@ def test_a_secret_can_come_from_a_mounted_file(tmp_path):
     secret.write_text("app-from-a-secret-volume\n")
     env = {k: v for k, v in VALID.items() if k != "DIFY_API_KEY"}
     settings = load({**env, "DIFY_API_KEY_FILE": str(secret)})
-    assert settings.dify_api_key == "app-from-a-secret-volume"
+    assert settings.bot.dify.api_key == "app-from-a-secret-volume"
     assert "app-from-a-secret-volume" not in repr(settings)
 
 
@@ -278,19 +278,17 @@ def test_a_bad_secret_file_is_one_clear_line(tmp_path, extra, expected):
 def test_only_secrets_can_come_from_files(tmp_path):
     path = tmp_path / "lang"
     path.write_text("en")
-    assert load({**VALID, "BOT_LANGUAGE_FILE": str(path)}).bot_language == "zh"
+    assert load({**VALID, "BOT_LANGUAGE_FILE": str(path)}).bot.language == "zh"
 
 
 def test_every_secret_field_is_handed_to_the_log_redactor():
     """Each setting kept out of repr() is a secret: set each to a value of its own, and secrets() has them all."""
-    import dataclasses
-
     values = {
-        f.name: f"secret-of-{f.name}"
-        for f in dataclasses.fields(Settings)
-        if not f.repr and not f.name.endswith("_url") and f.name != "wecom_encoding_aes_key"  # its form is fixed
+        name: f"secret-of-{name}"
+        for name, setting in VARIABLES.items()
+        if setting.secret and not name.endswith("_url") and name != "wecom_encoding_aes_key"  # its form is fixed
     }
-    settings = Settings(**{k.lower(): v for k, v in VALID.items()}).replace(**values)
+    settings = Settings.of(**{k.lower(): v for k, v in VALID.items()}).replace(**values)
     assert set(values.values()) | {VALID["WECOM_ENCODING_AES_KEY"]} <= set(settings.secrets())
 
 

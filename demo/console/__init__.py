@@ -41,10 +41,10 @@ def config():
     bots = [
         {
             "name": bot.name,
-            "mode": bot.settings.wecom_mode,
-            "token": bot.settings.wecom_token,
-            "encoding_aes_key": bot.settings.wecom_encoding_aes_key,
-            "callback_path": bot.settings.wecom_callback_path if bot.delivery.mode == "callback" else "WebSocket",
+            "mode": bot.settings.wecom.mode,
+            "token": bot.settings.wecom.token,
+            "encoding_aes_key": bot.settings.wecom.encoding_aes_key,
+            "callback_path": bot.settings.wecom.callback_path if bot.delivery.mode == "callback" else "WebSocket",
             "aibotid": "demo-bot" if len(_gateway().bots) == 1 else f"demo-{bot.name}",
         }
         for bot in _gateway().bots.values()
@@ -58,7 +58,7 @@ def _websocket(bot_name: str):
 
     bot = _gateway().bots.get(bot_name)
     connected = bot is not None and bot.delivery.mode == "long_connection"
-    standin = websocket_standin(bot.settings.wecom_ws_url) if connected else None
+    standin = websocket_standin(bot.settings.connection.ws_url) if connected else None
     if standin is None:
         return None, (jsonify(error="not_found", message="no long-connection bot of that name here"), 404)
     return (bot.settings, standin), None
@@ -74,10 +74,10 @@ def ws_message(bot_name: str):
     body = request.get_json(silent=True) or {}
     try:
         if body.get("event") == "enter_chat":
-            req_id = standin.deliver_event(settings.wecom_bot_id, "enter_chat", body.get("userid") or "alice")
+            req_id = standin.deliver_event(settings.connection.bot_id, "enter_chat", body.get("userid") or "alice")
         else:
             req_id = standin.deliver_text(
-                settings.wecom_bot_id, str(body.get("text") or ""), body.get("userid") or "alice"
+                settings.connection.bot_id, str(body.get("text") or ""), body.get("userid") or "alice"
             )
     except RuntimeError:
         return jsonify(error="not_connected", message="the bot has not connected yet; try again in a moment"), 409
@@ -111,7 +111,7 @@ def ws_click(bot_name: str):
     event = body.get("event") if isinstance(body.get("event"), dict) else {}
     try:
         req_id = standin.deliver_event(
-            settings.wecom_bot_id, "template_card_event", body.get("userid") or "alice", payload=event
+            settings.connection.bot_id, "template_card_event", body.get("userid") or "alice", payload=event
         )
     except RuntimeError:
         return jsonify(error="not_connected", message="the bot is not connected"), 409

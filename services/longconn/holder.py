@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from services import metrics
 from services.callback.handler import CallbackHandler
@@ -32,6 +33,9 @@ from services.outage import best_effort, best_effort_value
 from services.redis_conn import REDIS_FAILURES
 from utils.logging import log_context
 
+if TYPE_CHECKING:
+    from config.settings import ConnectionSettings
+
 logger = logging.getLogger(__name__)
 
 # Retries of the kicked holder's look at who took the connection, through a Redis blip (a failover).
@@ -48,26 +52,24 @@ class ConnectionHolder:
     def __init__(
         self,
         bot: str,
-        settings,
+        settings: ConnectionSettings,
+        redis_timeout: float,
         lease: BotLease,
         callback: CallbackHandler,
         outbox: Outbox,
-        owner: str,
         sends: ChatWindow,
         files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
     ):
         self.bot = bot
         self.settings = settings
         self.lease = lease
-        self.owner = owner
+        owner = self.owner = lease.holder
         self.state = "standby"  # standby, connecting, holding, bad_credentials, cooling_down, stopped
         self._stop = threading.Event()
         self._session: Session | None = None
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
-        self.replies = ReplyPump(
-            bot, callback.streams, outbox, lambda: self._session, uploads, settings.redis_socket_timeout
-        )
+        self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads, redis_timeout)
         self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
         self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding))
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)
@@ -133,9 +135,7 @@ class ConnectionHolder:
         """Connect, subscribe and serve until the connection ends or the lease is lost."""
         self._holding = holding
         self.state = "connecting"
-        session = Session(
-            self.settings.wecom_ws_url, self.settings.wecom_bot_id, self.settings.wecom_bot_secret, self.inbound
-        )
+        session = Session(self.settings.ws_url, self.settings.bot_id, self.settings.bot_secret, self.inbound)
         try:
             session.open()
         except SubscribeRefused as exc:
@@ -148,7 +148,7 @@ class ConnectionHolder:
             return CLOSED
         self._session = session
         best_effort(self.lease.accepted, "resetting the credentials' back-off", delays=())
-        self._set_state("holding", self.settings.wecom_ws_lease_seconds * 3)
+        self._set_state("holding", self.settings.lease_seconds * 3)
         metrics.WS_HOLDER_CHANGES.labels(self.bot).inc()
         metrics.WS_CONNECTED.labels(self.bot).set(1)
         metrics.WS_HOLDING_SINCE.labels(self.bot).set(time.time())
@@ -185,7 +185,7 @@ class ConnectionHolder:
             refused.errcode,
             seconds,
         )
-        self._set_state("bad_credentials", seconds + self.settings.wecom_ws_lease_seconds)
+        self._set_state("bad_credentials", seconds + self.settings.lease_seconds)
         if not seconds:  # Redis did not answer: at least this process waits
             self._release(holding)
             self._stop.wait(RECONNECT_PAUSE * 15)
@@ -197,7 +197,7 @@ class ConnectionHolder:
         usually changes holders too), this process stands by as after any lost connection, and a foreign
         subscriber that is really there kicks it again, and is then recognised."""
         self._holding = None
-        cooldown = self.settings.wecom_ws_kick_cooldown_seconds
+        cooldown = self.settings.kick_cooldown_seconds
         cooled = best_effort_value(
             lambda: self.lease.cool_down(holding, cooldown), "checking who took the connection", delays=KICK_CHECK
         )

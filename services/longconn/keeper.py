@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from services import metrics
 from services.longconn import frames
@@ -16,6 +17,9 @@ from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
 from services.loops import guarded
 from services.redis_conn import REDIS_FAILURES
+
+if TYPE_CHECKING:
+    from config.settings import ConnectionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class ConnectionKeeper:
         lease: BotLease,
         replies: ReplyPump,
         orphans: OrphanDelivery,
-        settings,
+        settings: ConnectionSettings,
         stop: threading.Event,
     ):
         self.session = session
@@ -71,11 +75,11 @@ class ConnectionKeeper:
         """One pass: what is due of the lease, the ping, the frames and the outbox."""
         now = time.monotonic()
         if now >= self._next_lease:
-            self._next_lease = now + self.settings.wecom_ws_lease_seconds / 3
+            self._next_lease = now + self.settings.lease_seconds / 3
             if not self._renew():
                 return
         if now >= self._next_ping:
-            self._next_ping = now + self.settings.wecom_ws_heartbeat_seconds
+            self._next_ping = now + self.settings.heartbeat_seconds
             if not self._ping():
                 return
         self.replies.pump(self.session)
@@ -114,7 +118,7 @@ class ConnectionKeeper:
                 self._ended.set()
                 self.session.close()
                 return False
-            self.lease.set_status("holding", self.settings.wecom_ws_lease_seconds * 3)
+            self.lease.set_status("holding", self.settings.lease_seconds * 3)
         except REDIS_FAILURES as exc:
             logger.warning("could not renew the connection lease: %s", exc)
         return True

@@ -16,7 +16,7 @@ def fuzz_settings(redis_url: str, dify_connect_timeout: float) -> Settings:
     """The gateway under fuzzing: Dify unreachable on purpose (opened streams end at once, so the fuzzing stays
     about the callback), no auth, no rate limit, quiet logs."""
     token, aes_key, dify_key = SECRETS
-    return Settings(
+    return Settings.of(
         wecom_token=token,
         wecom_encoding_aes_key=aes_key,
         dify_base_url="http://127.0.0.1:9/v1",

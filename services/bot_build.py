@@ -1,0 +1,417 @@
+"""One bot's services, built by one small builder per feature on what every bot shares (`Shared`). Each builder
+takes the bot's settings group it needs and the parts built before it, and returns a typed part:
+
+    core (keys, stream store, delivery) -> Dify (client, app profile, media) -> files -> forms -> streams
+        -> callback (intake, events) -> the long connection's holder, consumer and pushes (that mode only)
+
+so `build_bot` reads as the order in which a bot comes together, and a new feature is one more builder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from config.bots import bot_keys
+from config.settings import AuthSettings, BotSettings, DifySettings, Settings
+from services import metrics
+from services.auth.api import AuthApiClient
+from services.auth.authorizer import Authorizer
+from services.auth.users import UserDirectory
+from services.callback.envelope import Envelope
+from services.callback.events import EventHandler
+from services.callback.handler import CallbackHandler
+from services.callback.replay_guard import ReplayGuard
+from services.chat.intake import MessageIntake
+from services.chat.welcome import Welcome
+from services.dify.app_profile import DifyAppProfile
+from services.dify.client import DifyClient
+from services.dify.feedback import FeedbackService
+from services.dify.health import DifyHealth
+from services.files.delivery import FileDelivery
+from services.files.fetch import FileFetcher
+from services.files.links import LinkSigner
+from services.files.store import FileRefs
+from services.files.text_links import DifyLinks
+from services.forms.answers import FormAnswers
+from services.forms.service import FormService
+from services.forms.store import FormStore
+from services.keys import Keys
+from services.longconn.delivery import ConnectionDelivery
+from services.longconn.holder import ConnectionHolder
+from services.longconn.jobs import JobConsumer, JobQueue
+from services.longconn.lease import BotLease
+from services.longconn.outbox import Outbox
+from services.longconn.pacing import ChatWindow
+from services.longconn.uploads import FileSender
+from services.media.service import MediaService
+from services.push.pushes import BotPushes
+from services.replication import Replication
+from services.streams.bubble import BubbleRenderer
+from services.streams.conversations import ConversationStore
+from services.streams.delivery import CallbackDelivery, Delivery
+from services.streams.finisher import Finisher
+from services.streams.poll_path import PollPath
+from services.streams.recorder import AnswerOptions
+from services.streams.rest_posts import RestPosts
+from services.streams.runner import StreamRunner
+from services.streams.service import StreamService
+from services.streams.stop import AnswerStopper
+from services.streams.store import StreamStore
+from services.streams.worker import StreamWorker, WorkerDeps
+from services.streams.writer import AppendBatcher
+from services.texts import Texts
+from services.wecom.crypto import WeComCrypto
+from services.wecom.response_url import ResponseUrlClient
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every bot's services are built on: the deployment's settings and clients, and this process."""
+
+    settings: Settings  # the deployment's
+    client: redis.Redis
+    users: UserDirectory | None
+    owner: str
+    runner: StreamRunner
+    appender: AppendBatcher
+    replica_wait_ms: int  # how long a write that must outlive a failover waits for a replica (0: none to wait for)
+    signer: LinkSigner | None  # the links to the files Dify makes (None without PUBLIC_BASE_URL)
+
+    def draining(self) -> bool:
+        return not self.runner.accepting
+
+
+@dataclass
+class Bot:
+    """One bot's services: its WeCom credentials, its Dify app, who may ask it, its keys, streams and callback."""
+
+    name: str
+    settings: BotSettings
+    keys: Keys
+    store: StreamStore
+    dify: DifyClient
+    profile: DifyAppProfile
+    authorizer: Authorizer | None
+    conversations: ConversationStore
+    media: MediaService
+    feedback: FeedbackService
+    delivery: Delivery  # how answers reach the user besides their bubbles: one per WeCom mode
+    streams: StreamService
+    callback: CallbackHandler
+    texts: Texts
+    health: DifyHealth
+    files: FileDelivery  # the files Dify makes: inline, linked, or uploaded
+    holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
+    pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
+    consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
+
+    def report(self) -> dict:
+        """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
+        return {
+            "mode": self.delivery.mode,
+            "path": self.settings.wecom.callback_path if self.delivery.mode == "callback" else "",
+            **(self.holder.report() if self.holder is not None else {}),
+            "auth": self.settings.auth.mode,
+            **self.health.report(),
+        }
+
+    def close(self) -> None:
+        self.delivery.close()
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self.holder is not None:
+            self.holder.stop()
+        if self.consumer is not None:
+            self.consumer.join()  # its last Redis calls before the pool closes
+        self.feedback.close()
+        self.media.close()
+        self.files.fetcher.close()
+        self.dify.close()
+        if self.authorizer is not None:
+            self.authorizer.api.close()
+        self.streams.poll_path.close()
+
+
+def build_bot(bot: BotSettings, shared: Shared) -> Bot:
+    """One bot's services, each part built after the parts it uses."""
+    metrics.initialise(bot.name, long_connection=bot.long_connection)
+    core = _core(bot, shared)
+    dify = _dify(bot, core)
+    authorizer = _authorizer(bot.auth, shared, core, dify.profile)
+    files = _files(bot, shared, core, dify.links)
+    forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
+    streams = _streams(bot, shared, core, dify, files, forms, authorizer)
+    callback = _callback(bot, shared, core, dify, streams, forms, authorizer)
+    connection = _connection(bot, shared, core, streams.service, callback.handler, files)
+    return Bot(
+        name=bot.name,
+        settings=bot,
+        keys=core.keys,
+        store=core.store,
+        dify=dify.client,
+        profile=dify.profile,
+        authorizer=authorizer,
+        conversations=streams.conversations,
+        media=dify.media,
+        feedback=callback.feedback,
+        delivery=core.delivery,
+        streams=streams.service,
+        callback=callback.handler,
+        texts=core.texts,
+        health=dify.health,
+        files=files,
+        holder=connection.holder if connection else None,
+        pushes=connection.pushes if connection else None,
+        consumer=connection.consumer if connection else None,
+    )
+
+
+@dataclass(frozen=True)
+class Core:
+    """What every feature of a bot is built on: its texts, its Redis keys, its streams' store, how its answers
+    reach the user besides their bubbles (one Delivery per WeCom mode), and its callbacks' crypto (callback mode)."""
+
+    name: str
+    texts: Texts
+    keys: Keys
+    store: StreamStore
+    delivery: Delivery
+    crypto: WeComCrypto | None
+
+
+def _core(bot: BotSettings, shared: Shared) -> Core:
+    client, deployment = shared.client, shared.settings
+    keys = Keys(deployment.redis.key_prefix + bot_keys(bot.name))
+    store = StreamStore(
+        client,
+        keys,
+        deployment.streams.key_ttl_seconds,
+        deployment.streams.lease_seconds,
+        bot.answers.rate_limit_per_minute,
+        durable=Replication(client, shared.replica_wait_ms, bot.name),
+        takeover_grace_seconds=deployment.streams.takeover_grace_seconds,
+    )
+    wecom = bot.wecom
+    crypto = None if bot.long_connection else WeComCrypto(wecom.token, wecom.encoding_aes_key, wecom.receive_id)
+    return Core(bot.name, Texts(bot.language), keys, store, _delivery(bot, shared, keys, store), crypto)
+
+
+def _delivery(bot: BotSettings, shared: Shared, keys: Keys, store: StreamStore) -> Delivery:
+    """Chosen here once for the bot's WeCom mode: a long connection's answer queue and outbox, or a callback bot's
+    response_url posts."""
+    if bot.long_connection:
+        outbox = Outbox(shared.client, keys, store, bot.connection.bot_id)
+        queue = JobQueue(store.durable, keys, bot.connection.bot_id, outbox)
+        return ConnectionDelivery(queue, outbox, shared.owner, bot.name)
+    posts = RestPosts(shared.client, keys, store.durable, ResponseUrlClient(), shared.owner, bot.name)
+    return CallbackDelivery(posts, store, bot.name, draining=shared.draining)
+
+
+@dataclass(frozen=True)
+class DifyPart:
+    """The bot's Dify app: its client, what the app is (its type, its inputs), how its links and files are read,
+    and whether it answers."""
+
+    client: DifyClient
+    profile: DifyAppProfile
+    links: DifyLinks
+    media: MediaService  # the files the user sends, given to the app
+    health: DifyHealth
+
+
+def _dify(bot: BotSettings, core: Core) -> DifyPart:
+    client = _dify_client(bot.dify)
+    profile = DifyAppProfile(client, app_type=bot.dify.app_type)
+    links = DifyLinks.of(bot.dify.base_url, bot.dify.files_url)
+    return DifyPart(client, profile, links, MediaService(core.crypto, client, profile, bot=bot.name), DifyHealth())
+
+
+def _dify_client(dify: DifySettings) -> DifyClient:
+    return DifyClient(
+        dify.base_url,
+        dify.api_key,
+        connect_timeout=dify.connect_timeout,
+        read_timeout=dify.read_timeout,
+        max_retries=dify.max_retries,
+        retry_backoff=dify.retry_backoff,
+        quiet_run_seconds=dify.quiet_run_seconds,
+    )
+
+
+def _authorizer(auth: AuthSettings, shared: Shared, core: Core, profile: DifyAppProfile) -> Authorizer | None:
+    """Who may ask (AUTH_MODE=external): the token cache, the user table, then the auth API."""
+    if auth.mode != "external" or shared.users is None:
+        return None
+    return Authorizer(
+        shared.client,
+        core.keys,
+        shared.users,
+        AuthApiClient(auth.api_url, auth.api_key, auth.timeout),
+        auth.token_margin,
+        exchange_timeout=auth.timeout + shared.settings.database.timeout,
+        declared_inputs=profile.declared_inputs,
+        bot=core.name,
+    )
+
+
+def _files(bot: BotSettings, shared: Shared, core: Core, links: DifyLinks) -> FileDelivery:
+    """The files Dify makes, as the user gets them: inline, behind a signed link, or uploaded."""
+    files = shared.settings.files
+    return FileDelivery(
+        bot.name,
+        FileFetcher(bot.dify.base_url, bot.dify.files_url),
+        FileRefs(shared.client, core.keys),
+        core.texts,
+        signer=shared.signer,
+        public_base_url=files.public_base_url,
+        max_bytes=files.max_bytes,
+        long_connection=bot.long_connection,
+        links=links,
+    )
+
+
+@dataclass(frozen=True)
+class StreamsPart:
+    """The bot's answers: the service that starts, runs and polls them, the conversations they continue, and the
+    stopper of `/stop`."""
+
+    service: StreamService
+    conversations: ConversationStore
+    stopper: AnswerStopper
+
+
+def _streams(
+    bot: BotSettings,
+    shared: Shared,
+    core: Core,
+    dify: DifyPart,
+    files: FileDelivery,
+    forms: FormService,
+    authorizer: Authorizer | None,
+) -> StreamsPart:
+    texts, store, window = core.texts, core.store, bot.answers.window_seconds
+    conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds)
+    bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
+    stopper = AnswerStopper(store, dify.client, dify.profile, texts, bot.name)
+    finisher = Finisher(store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining)
+    deps = WorkerDeps(
+        store=store,
+        dify=dify.client,
+        conversations=conversations,
+        media=dify.media,
+        appender=shared.appender,
+        finisher=finisher,
+        texts=texts,
+        health=dify.health,
+        profile=dify.profile,
+        forms=forms,
+        files=files,
+        stopper=stopper,
+        append_pace=core.delivery.append_pace,
+        append_deadlines=core.delivery.append_deadlines,
+    )
+    worker = _worker(bot, deps, shared.owner, authorizer)
+    service = StreamService(
+        store,
+        PollPath(store),
+        shared.runner,
+        worker,
+        texts,
+        bubble,
+        shared.owner,
+        window,
+        core.delivery,
+        bot.name,
+        shared_groups=bot.dify.group_conversation == "shared",
+    )
+    return StreamsPart(service, conversations, stopper)
+
+
+def _worker(bot: BotSettings, deps: WorkerDeps, owner: str, authorizer: Authorizer | None) -> StreamWorker:
+    """The thread body that answers a stream: with the app's options and, with an auth API, the user's inputs."""
+    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
+    options = AnswerOptions(
+        show_reasoning=bot.dify.show_reasoning,
+        show_citations=bot.dify.show_citations,
+        workflow_input=bot.dify.workflow_input,
+        workflow_output=bot.dify.workflow_output,
+    )
+    return StreamWorker(deps, owner, bot.dify.max_stream_seconds, prepare, bot=bot.name, options=options)
+
+
+@dataclass(frozen=True)
+class CallbackPart:
+    """What answers WeCom's callbacks (and a long connection's frames, which carry the same messages)."""
+
+    handler: CallbackHandler
+    feedback: FeedbackService
+
+
+def _callback(
+    bot: BotSettings,
+    shared: Shared,
+    core: Core,
+    dify: DifyPart,
+    streams: StreamsPart,
+    forms: FormService,
+    authorizer: Authorizer | None,
+) -> CallbackPart:
+    texts, wecom = core.texts, bot.wecom
+    # A form's answer may start the rest of its run on a worker again: built once the streams are.
+    form_answers = FormAnswers(forms.store, texts, streams.service.continue_form, bot.name, dify.media)
+    feedback = FeedbackService(shared.client, core.keys, dify.client)
+    events = EventHandler(
+        Welcome(dify.profile, texts, wecom.welcome_message, bot.name),
+        feedback,
+        ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance),
+        form_answers,
+    )
+    intake = MessageIntake(
+        streams.service,
+        streams.conversations,
+        texts,
+        wecom.name,
+        form_answers,
+        streams.stopper,
+        authorize=authorizer.inputs_for if authorizer is not None else None,
+    )
+    envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
+    return CallbackPart(CallbackHandler(envelope, intake, streams.service, events, texts), feedback)
+
+
+@dataclass(frozen=True)
+class ConnectionPart:
+    """A long-connection bot's background work in this process: the holder of its WebSocket (or stand-by), the
+    consumer of its queued answers, and its pushes (sent through the outbox the holder delivers)."""
+
+    holder: ConnectionHolder
+    consumer: JobConsumer
+    pushes: BotPushes
+
+
+def _connection(
+    bot: BotSettings,
+    shared: Shared,
+    core: Core,
+    streams: StreamService,
+    callback: CallbackHandler,
+    files: FileDelivery,
+) -> ConnectionPart | None:
+    if not isinstance(core.delivery, ConnectionDelivery):
+        return None
+    client, keys, outbox, connection = shared.client, core.keys, core.delivery.outbox, bot.connection
+    lease = BotLease(client, keys, connection.bot_id, shared.owner, connection.lease_seconds)
+
+    def sender(session) -> FileSender:
+        return FileSender(bot.name, client, keys, files.refs, files.fetcher, core.texts, core.store.meta, session)
+
+    sends = ChatWindow(client, keys.ws_sends, connection.send_per_minute, connection.send_per_hour)
+    redis_timeout = shared.settings.redis.socket_timeout
+    holder = ConnectionHolder(bot.name, connection, redis_timeout, lease, callback, outbox, sends, sender)
+    block_ms = max(100, min(1000, int(redis_timeout * 500)))  # the consumer's wait: well within the socket timeout
+    consumer = JobConsumer(core.delivery.queue, streams, shared.owner, block_ms)
+    quota = ChatWindow(client, keys.push_quota, connection.send_per_minute, connection.send_per_hour)
+    pushes = BotPushes(bot.name, client, keys, core.store, outbox, quota, shared.owner)
+    return ConnectionPart(holder, consumer, pushes)
