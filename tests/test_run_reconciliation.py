@@ -67,7 +67,9 @@ def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: b
     bubble = Bubble(shown)
     answer = Answer(writer=bubble, text=shown, shown=shown, answered=bool(shown), app_type=app_type)
     answer.reattached, answer.workflow_run_id = reattached, "run" if reattached else ""
-    answer.resumed = answer.holding = resumed
+    answer.resumed = resumed
+    if resumed:
+        answer.gate.hold()
     options = AnswerOptions(app_type=app_type) if app_type != "chat" else DEFAULT_OPTIONS
     job = StreamJob(stream_id="s", msgid="m", userid="u", attempt="a#1")
     return AnswerRecorder(job, answer, bubble, Conversations(), options=options), bubble

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 from services.dify.events import DifyEvent
 from services.files.model import DifyFile
@@ -29,9 +30,91 @@ class HandedOver(StreamAborted):
     """This process is stopping and released the stream's lease: another replica's next poll takes it over."""
 
 
+class Phase(Enum):
+    """Where the answer's Dify call stands. A chat's call streams and ends; a chatflow's or workflow's run may ask
+    for a person's input (a form) while its events go on, pause (its events end, the run waits), and go on after
+    the form's answer. The names of the transitions below are the only ways between them."""
+
+    STREAMING = "streaming"  # the call's events go on
+    FORM_ASKED = "form_asked"  # the run asked for a form (human_input_required); its events go on to the pause
+    PAUSED = "paused"  # the run waits for a form: this call's events are over
+    ENDED = "ended"  # the answer is whole: this call's events are over
+
+    @property
+    def waits_for_form(self) -> bool:
+        return self in (Phase.FORM_ASKED, Phase.PAUSED)
+
+    @property
+    def events_over(self) -> bool:
+        return self in (Phase.PAUSED, Phase.ENDED)
+
+
+_PHASE_OF = {  # (waits for a form, events over)
+    (False, False): Phase.STREAMING,
+    (True, False): Phase.FORM_ASKED,
+    (True, True): Phase.PAUSED,
+    (False, True): Phase.ENDED,
+}
+
+
+@dataclass(slots=True)
+class TextGate:
+    """Where Dify's answer text goes before the bubble, when it cannot go straight there. A resumed run sends the
+    answer before its pause again (`echo`): that repeat is left out, compared by text. A run followed again after
+    its replica was lost may send live text after a hole: while `holding`, it waits in `held` until it can be
+    placed (the run ends, and its outputs say the whole answer; or it starts again after a form)."""
+
+    echo: str = ""
+    holding: bool = False
+    held: str = ""
+
+    @property
+    def open(self) -> bool:
+        """Text goes straight to the bubble (nothing to leave out, nothing held back)."""
+        return not self.echo and not self.holding
+
+    def expect_echo(self, known: str) -> None:
+        """The run starts again after a form: it repeats `known` first, and everything after that is whole."""
+        self.echo, self.holding, self.held = known, False, ""
+
+    def echo_over(self) -> None:
+        """What follows is new (a node began, the form's node finished, the answer was reconciled)."""
+        self.echo = ""
+
+    def hold(self) -> None:
+        """Live text may follow a hole from here: hold it back."""
+        self.holding = True
+
+    def drop_held(self) -> None:
+        """The held text is not wanted: the run's saved state is read again instead."""
+        self.held = ""
+
+    def release(self) -> str:
+        """Stop holding; the text held so far, for the caller to place."""
+        held, self.holding, self.held = self.held, False, ""
+        return held
+
+    def admit(self, text: str) -> str:
+        """What of `text` goes to the bubble now ("" when it is the repeat, or held back)."""
+        if self.echo:
+            text = self._past_echo(text)
+        if self.holding:
+            self.held += text
+            return ""
+        return text
+
+    def _past_echo(self, text: str) -> str:
+        """While `text` is where the repeat is up to, it is left out; once it differs, the repeat is over."""
+        if self.echo.startswith(text):
+            self.echo = self.echo[len(text) :]
+            return ""
+        echo, self.echo = self.echo, ""
+        return text[len(echo) :] if text.startswith(echo) else text
+
+
 @dataclass(slots=True)
 class Answer:
-    """Everything known about one answer so far."""
+    """Everything known about one answer so far. Its `phase` changes only through the transitions below."""
 
     task_id: str = ""
     message_id: str = ""
@@ -40,11 +123,10 @@ class Answer:
     text: str = ""  # the whole answer so far
     outage_since: float | None = None
     detached: bool = False  # the stream was closed elsewhere: the answer goes out through response_url
-    ended: bool = False
+    phase: Phase = Phase.STREAMING
     answered: bool = False  # answer text (not reasoning) has arrived
     thinking: bool = False  # a <think> block of reasoning is open in the text
     agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
-    paused: bool = False  # the app asked for a person's input (human_input_required / workflow_paused)
     form_event: dict | None = None  # the human_input_required data of the pause (its form_token, content...)
     forms_answered: list[str] = field(default_factory=list)  # tokens of the run's forms answered so far
     form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
@@ -53,13 +135,8 @@ class Answer:
     resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
     reattached: bool = False  # the events come from following a run (GET /workflow/{run}/events): reconciled
     shown: str = ""  # reattached: the text the bubble had when this attempt began
-    echo: str = ""  # text Dify is sending again (a resumed run repeats its answer before the pause): left out
     earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
-    # Resumed after its replica was lost: Dify relays only what the run publishes from the moment one listens, so
-    # live text may follow a hole. It is held back (`held`) until it can be placed: the run ends (its outputs say
-    # the whole answer) or is seen starting again after a form (everything after that is whole).
-    holding: bool = False
-    held: str = ""
+    gate: TextGate = field(default_factory=TextGate)  # the repeat left out, the text after a hole held back
     progress: StepProgress | None = None  # the status line while a slow step runs without text
     workflow_run_id: str = ""
     last_thought: str = ""
@@ -71,6 +148,36 @@ class Answer:
     citations: list[str] = field(default_factory=list)  # the knowledge documents the answer drew on, distinct
     new_fields: dict = field(default_factory=dict)
     conversation_saved: str = ""
+
+    @property
+    def paused(self) -> bool:
+        """The app asked for a person's input (human_input_required, or its run paused)."""
+        return self.phase.waits_for_form
+
+    @property
+    def ended(self) -> bool:
+        """This call's events are over: the answer is whole, or its run paused."""
+        return self.phase.events_over
+
+    def form_asked(self) -> None:
+        """The run asks for a form (or a form must be asked again: refused, expired, not followed)."""
+        self.phase = _PHASE_OF[(True, self.ended)]
+
+    def run_paused(self) -> None:
+        """The run paused for its form: this call's events are over."""
+        self.phase = Phase.PAUSED
+
+    def message_ended(self) -> None:
+        """message_end: a chat's answer is whole; a run's ends at workflow_finished, later."""
+        self.phase = _PHASE_OF[(self.paused, not self.workflow_run_id)]
+
+    def run_ended(self) -> None:
+        """workflow_finished (or Dify's record of the run): this call's events are over."""
+        self.phase = _PHASE_OF[(self.paused, True)]
+
+    def goes_on_after_form(self) -> None:
+        """The form was answered (or the held text is dropped for the saved state): the run streams again."""
+        self.phase = Phase.STREAMING
 
     def note_ids(self, event: DifyEvent) -> None:
         """Take the task, message and conversation ids an event names (new ones go to the hash too)."""

@@ -118,10 +118,10 @@ class FormSteps:
         result = through_outage(lambda: self.forms.submit(task_id), "submitting the form")
         if result in (SUBMITTED, REFUSED):
             if result == REFUSED:
-                answer.paused = True
+                answer.form_asked()
                 answer.form_note = self.forms.prompt_of(task_id)
             return result
-        answer.paused = True
+        answer.form_asked()
         answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
         return result
 
@@ -147,7 +147,8 @@ class FormSteps:
         """The run goes on from the form `token`: the bubble no longer shows its prompt."""
         if token not in answer.forms_answered:
             answer.forms_answered.append(token)
-        answer.paused, answer.ended, answer.reattached = False, False, True
+        answer.goes_on_after_form()
+        answer.reattached = True
         recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
 
     def _hand_over(self, job: StreamJob) -> None:
@@ -168,6 +169,7 @@ class FormSteps:
             self.follow(job, answer, recorder, cancelled, lambda: self._following(answer, recorder, token) or True)
         except DifyError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
-            answer.paused, answer.form_timed_out = True, False
+            answer.form_asked()
+            answer.form_timed_out = False
             return False
         return True

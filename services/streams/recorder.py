@@ -139,7 +139,7 @@ class AnswerRecorder:
 
     def _on_end(self, deltas: list[str], event: DifyEvent) -> list[str]:
         answer = self.answer
-        answer.ended = not answer.workflow_run_id  # a run's answer ends at workflow_finished
+        answer.message_ended()
         metadata = event.get("metadata")
         if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
             answer.usage = metadata["usage"]
@@ -159,7 +159,7 @@ class AnswerRecorder:
         ahead of its first node; 1.16.0 repeats nothing, and its first text after a resumption may begin as the
         earlier answer did)."""
         if event.kind == NODE_STARTED:
-            self.answer.echo = ""
+            self.answer.gate.echo_over()
         progress, body = self.answer.progress, event.body
         step = str(body.get("id") or body.get("node_id") or "")
         if progress is None or not step:
@@ -177,32 +177,28 @@ class AnswerRecorder:
 
     def _on_pause(self, deltas: list[str], event: DifyEvent) -> list[str]:
         answer = self.answer
-        answer.paused = True
-        answer.ended = answer.ended or event.kind == PAUSED
+        if event.kind == PAUSED:
+            answer.run_paused()
+        else:
+            answer.form_asked()
         if event.kind == INPUT_REQUIRED:
             answer.form_event = {**event.data, **event.body}
         return deltas
 
     def _on_run_started(self, deltas: list[str], event: DifyEvent) -> list[str]:
         if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
-            self.answer.echo = self._known(deltas)
-            self.answer.holding, self.answer.held = False, ""  # the repeat then the rest: nothing missing from here
+            self.answer.gate.expect_echo(self._known(deltas))  # the repeat then the rest: nothing missing from here
         return deltas
 
     def _on_form_done(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        self.answer.echo = ""  # what follows the form's node is new
+        self.answer.gate.echo_over()  # what follows the form's node is new
         self.answer.form_timed_out = self.answer.form_timed_out or event.kind == FORM_TIMEOUT
         return deltas
 
     def _answer_text(self, deltas: list[str], text: str) -> None:
-        """Answer text as Dify streams it: what a resumed run sends again (`echo`) is left out, and while
-        `holding`, it waits in `held` (Answer.holding)."""
-        if self.answer.echo:
-            text = self._past_echo(text)
-        if self.answer.holding:
-            self.answer.held += text
-            return
-        self._append(deltas, text)
+        """Answer text as Dify streams it, through the answer's gate (TextGate: a resumed run's repeat left out,
+        text after a hole held back)."""
+        self._append(deltas, self.answer.gate.admit(text))
 
     def _append(self, deltas: list[str], text: str) -> None:
         """Text for the bubble: after reasoning shown in a <think> block, the block is closed first; a status line
@@ -229,16 +225,6 @@ class AnswerRecorder:
         else:
             progress.started(step, tool)
 
-    def _past_echo(self, text: str) -> str:
-        """The part of `text` that is not Dify repeating the answer, compared by text: while `text` is where the
-        repeat is up to, it is left out; once it differs, the repeat is over and it is new."""
-        answer = self.answer
-        if answer.echo.startswith(text):
-            answer.echo = answer.echo[len(text) :]
-            return ""
-        echo, answer.echo = answer.echo, ""
-        return text[len(echo) :] if text.startswith(echo) else text
-
     def _reconcile(self, deltas: list[str], text: str) -> list[str]:
         """A followed run's word on its whole answer (a snapshot's message_replace, the outputs at its end) against
         the text so far, compared by text: what it adds is appended; what the bubble has already (the `""` of a
@@ -246,7 +232,7 @@ class AnswerRecorder:
         known, earlier = self._known(deltas), self.answer.earlier
         if known.startswith(text):
             return deltas
-        self.answer.echo = ""
+        self.answer.gate.echo_over()
         if text.startswith(known):
             self._append(deltas, text[len(known) :])
             return deltas
@@ -285,7 +271,7 @@ class AnswerRecorder:
         status = data.get("status")
         outputs = data.get("outputs")
         answer.files += files_in_outputs(outputs)
-        answer.ended = True
+        answer.run_ended()
         if self.options.app_type == WORKFLOW and isinstance(data.get("total_tokens"), int):
             answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
         if status == "failed":
@@ -294,14 +280,13 @@ class AnswerRecorder:
         if status == "stopped" and not outputs:
             logger.warning("Dify stopped the run before it made its outputs (%s)", str(data.get("error"))[:100])
             answer.run_stopped = True
-            held, answer.holding, answer.held = answer.held, False, ""
-            self._append(deltas, held)  # what came is all there is
+            self._append(deltas, answer.gate.release())  # what came is all there is
             return deltas
         if status == "stopped":
             logger.warning("Dify calls the run stopped, but it made its outputs: the answer is whole")
         if answer.reattached or from_record:
             whole = self._whole_answer(outputs, bool(self._known(deltas)))
-            held, answer.holding, answer.held = answer.held, False, ""
+            held = answer.gate.release()
             if not whole and held:  # outputs without the answer: what came is all there is
                 self._append(deltas, held)
             return self._reconcile(deltas, whole)

@@ -25,7 +25,7 @@ class TextRelay:
     def __call__(self, batch: list[DifyEvent]) -> bool:
         answer = self.answer
         writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or answer.echo or answer.holding:
+        if not answer.answered or answer.thinking or answer.detached or not answer.gate.open:
             return False
         if answer.progress is not None and answer.progress.pending:
             return False

@@ -219,17 +219,19 @@ class StreamWorker:
     ) -> None:
         """Follow the answer's run from Dify's snapshot of it, then live: the way back to a run after its replica
         was lost, or after the stream following it was cut. Dify relays only what a run publishes from the moment
-        one listens, so live text may follow a gap: it is held until it can be placed (Answer.holding)."""
+        one listens, so live text may follow a gap: it is held until it can be placed (TextGate)."""
         answer = recorder.answer
-        answer.reattached = answer.holding = True
+        answer.reattached = True
+        answer.gate.hold()
         events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True)
         self._follow(job, events, recorder, cancelled, deadline, cuts_left)
-        if answer.paused and answer.held:
+        if answer.paused and answer.gate.held:
             # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
             logger.info("the run paused after text that followed a gap; reading its saved state again")
-            answer.paused, answer.ended, answer.held = False, False, ""
+            answer.goes_on_after_form()
+            answer.gate.drop_held()
             self._follow(job, events, recorder, cancelled, deadline, cuts_left)
-        answer.holding = False
+        answer.gate.release()
 
     def _follow(
         self,
