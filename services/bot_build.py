@@ -52,11 +52,10 @@ from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.delivery import CallbackDelivery, Delivery
 from services.streams.finisher import Finisher
-from services.streams.poll_path import PollPath
 from services.streams.recorder import AnswerOptions
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
-from services.streams.service import StreamService
+from services.streams.service import StreamPolicy, StreamService
 from services.streams.stop import AnswerStopper
 from services.streams.store import StreamStore
 from services.streams.worker import StreamWorker, WorkerDeps
@@ -313,19 +312,8 @@ def _streams(
         append_deadlines=core.delivery.append_deadlines,
     )
     worker = _worker(bot, deps, shared.owner, authorizer)
-    service = StreamService(
-        store,
-        PollPath(store),
-        shared.runner,
-        worker,
-        texts,
-        bubble,
-        shared.owner,
-        window,
-        core.delivery,
-        bot.name,
-        shared_groups=bot.dify.group_conversation == "shared",
-    )
+    policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
+    service = StreamService(store, shared.runner, worker, texts, bubble, shared.owner, core.delivery, policy)
     return StreamsPart(service, conversations, stopper)
 
 

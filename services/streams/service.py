@@ -25,6 +25,7 @@ from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
+from services.wecom.limits import BUBBLE_WINDOW_SECONDS
 from services.wecom.messages import Inbound, stream_reply
 from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
@@ -61,6 +62,16 @@ class Frame:
     files: str = ""
 
 
+@dataclass(frozen=True)
+class StreamPolicy:
+    """A bot's rules for its streams: its name (metrics, logs), how long its bubbles stream, and whether a group's
+    members share one Dify conversation (GROUP_CONVERSATION=shared)."""
+
+    bot: str = "default"
+    window_seconds: int = BUBBLE_WINDOW_SECONDS
+    shared_groups: bool = False
+
+
 class StreamService:
     """Opens streams and answers polls; the background work is the StreamWorker's. The bot's `delivery` (one per
     WeCom mode) says where a new answer runs and how what a bubble cannot show reaches the user."""
@@ -68,31 +79,27 @@ class StreamService:
     def __init__(
         self,
         store: StreamStore,
-        poll_path: PollPath,
         runner: StreamRunner,
         worker: StreamWorker,
         texts: Texts,
         bubble: BubbleRenderer,
         owner: str,
-        window_seconds: int,
         delivery: Delivery,
-        bot: str = "default",
-        shared_groups: bool = False,
-        card_returns: CardReturns | None = None,
+        policy: StreamPolicy,
     ):
-        self.bot = bot
-        self.shared_groups = shared_groups  # GROUP_CONVERSATION=shared: a group's members share one conversation
+        self.bot = policy.bot
+        self.shared_groups = policy.shared_groups
+        self.window_seconds = policy.window_seconds
         self.store = store
-        self.poll_path = poll_path
+        self.poll_path = PollPath(store)
         self.runner = runner
         self.worker = worker
         self.texts = texts
         self.bubble = bubble
         self.owner = owner
-        self.window_seconds = window_seconds
         self.overflow_bytes = overflow_threshold(bubble)
         self.delivery = delivery
-        self.card_returns = card_returns or CardReturns()  # its thread starts on the first poll that needs it
+        self.card_returns = CardReturns()  # its thread starts on the first poll that needs it
 
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
