@@ -248,6 +248,24 @@ def test_no_module_of_the_image_imports_the_demo():
     assert offenders == []
 
 
+def test_no_module_of_the_services_or_the_settings_imports_one_that_imports_it_back():
+    """No import cycle in production code, annotations included (the runner once set a lease clock on the job,
+    whose type the job imported back from the runner). `cli/` is left out: its package registers its commands'
+    modules, which take their helpers from it."""
+    import grimp
+
+    graph = grimp.build_graph("services", "config", "utils", exclude_type_checking_imports=False)
+    cycles = sorted(
+        {
+            tuple(sorted((module, imported)))
+            for module in graph.modules
+            for imported in graph.find_modules_directly_imported_by(module)
+            if graph.find_shortest_chain(importer=imported, imported=module)
+        }
+    )
+    assert cycles == []
+
+
 def test_the_streams_code_never_asks_which_wecom_mode_it_runs_in():
     """The mode is the bot's Delivery, chosen where the bot is built (services/streams/delivery.py): an answer's life
     names neither the mode nor a long connection's parts, so a change to one mode's way is made in one place."""

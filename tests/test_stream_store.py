@@ -549,8 +549,8 @@ def test_a_writing_attempt_s_lease_is_renewed_by_its_appends_and_a_quiet_one_s_b
     left: dict[str, list[int]] = {"appending": [], "quiet": []}
     while_appending: list[str] = []
 
-    def work(cancelled):
-        writer = batcher.writer(store, "s1", "A", lease=job.lease)
+    def work(cancelled, lease):
+        writer = batcher.writer(store, "s1", "A", lease=lease)
         started = time.monotonic()
         while time.monotonic() - started < 4.0:  # without a renewal, 2 s would be left of the lease by now
             writer.add(["x"])

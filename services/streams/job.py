@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import orjson
 
 from services.streams.conversations import conversation_member
-
-if TYPE_CHECKING:
-    from services.streams.runner import LeaseClock
 
 
 @dataclass(slots=True)
@@ -38,7 +34,6 @@ class StreamJob:
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
     shared_chat: bool = False  # a group whose members share one Dify conversation (GROUP_CONVERSATION=shared)
     counted_call: str = ""  # the kind of its first new Dify call, counted already (a queued stream's take)
-    lease: LeaseClock | None = None  # its attempt's lease clock, given by the runner that runs it
 
     @property
     def separate(self) -> bool:

@@ -47,6 +47,10 @@ class LeaseClock:
         self._set_at = max(self._set_at, sent_at)
 
 
+# An attempt's body: (cancelled, the attempt's lease clock) -> None.
+Work = Callable[[threading.Event, LeaseClock], None]
+
+
 @dataclass(slots=True)
 class _Running:
     """A running attempt at a stream: how to cancel it, its fencing token, where its lease lives, and its age."""
@@ -85,13 +89,13 @@ class StreamRunner:
             running = self._active.get(stream_id)
         return running is not None and not running.cancelled.is_set()
 
-    def start(self, job: StreamJob, work: Callable[[threading.Event], None], store: StreamStore, bot: str) -> bool:
-        """Run `work(cancelled)`, the job's attempt, in a new thread; `cancelled` is set if the attempt's lease (in
-        `store`) is lost. The job gets the attempt's lease clock (`job.lease`), for its appends to renew the lease.
+    def start(self, job: StreamJob, work: Work, store: StreamStore, bot: str) -> bool:
+        """Run `work(cancelled, lease)`, the job's attempt, in a new thread; `cancelled` is set if the attempt's
+        lease (in `store`) is lost, and `lease` is the attempt's lease clock, for its appends to renew the lease.
         A process never runs two attempts at one stream: False (and nothing started) while one runs here."""
         stream_id = job.stream_id
-        job.lease = LeaseClock(self.renew_interval * 0.75, self.renew_interval * 0.9)
-        running = _Running(threading.Event(), job.attempt, store, bot, job.lease)
+        lease = LeaseClock(self.renew_interval * 0.75, self.renew_interval * 0.9)
+        running = _Running(threading.Event(), job.attempt, store, bot, lease)
         with self._lock:
             if stream_id in self._active:
                 logger.error("stream %s already runs in this process; not starting a second attempt", stream_id)
@@ -104,11 +108,11 @@ class StreamRunner:
         thread.start()
         return True
 
-    def _run(self, stream_id: str, work: Callable[[threading.Event], None], running: _Running) -> None:
+    def _run(self, stream_id: str, work: Work, running: _Running) -> None:
         gauge = metrics.ACTIVE_STREAMS.labels(running.bot)
         gauge.inc()
         try:
-            work(running.cancelled)
+            work(running.cancelled, running.lease)
         except Exception:
             # Workers record their own final state; this only guards the bookkeeping below.
             logger.exception("stream worker crashed outside its own error handling")

@@ -236,7 +236,7 @@ class StreamService:
         metrics.MESSAGES.labels(self.bot, outcome).inc()
 
     def _start(self, job: StreamJob) -> None:
-        self.runner.start(job, lambda cancelled: self.worker.run(job, cancelled), self.store, self.bot)
+        self.runner.start(job, lambda cancelled, lease: self.worker.run(job, cancelled, lease), self.store, self.bot)
 
     def finish_at_once(self, note: str) -> dict:
         """A finished reply to a new message that needs no stream (a command, a refusal)."""

@@ -37,6 +37,7 @@ from services.streams.form_steps import FormSteps
 from services.streams.job import StreamJob
 from services.streams.progress import StepProgress
 from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
+from services.streams.runner import LeaseClock
 from services.streams.stop import AnswerStopper
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.text_relay import TextRelay
@@ -99,7 +100,7 @@ class StreamWorker:
             deps.texts, deps.finisher, deps.health, deps.dify, deps.profile, deps.files, options.show_citations
         )
 
-    def run(self, job: StreamJob, cancelled: threading.Event) -> None:
+    def run(self, job: StreamJob, cancelled: threading.Event, lease: LeaseClock | None = None) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
         with log_context(
             replica=self.owner,
@@ -109,7 +110,7 @@ class StreamWorker:
             user=job.userid,
             chat=job.chatid or None,
         ):
-            answer = Answer()
+            answer = self._new_answer(job, lease)
             texts = self.deps.texts
             try:
                 self._answer(job, cancelled, answer)
@@ -169,7 +170,6 @@ class StreamWorker:
             )
         deadline = time.monotonic() + self.max_seconds
         self._count_call(job)
-        self._start_writing(job, answer)
         answer.app_type = options.app_type
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
         while True:
@@ -281,27 +281,26 @@ class StreamWorker:
         options = replace(self.options, app_type=deps.profile.app_type())
         chunks = through_outage(lambda: deps.store.chunks(job.stream_id), "reading the answer so far")
         answer.shown = answer.text = "".join(chunks)
-        self._start_writing(job, answer, written=len(chunks), written_chars=len(answer.text))
+        answer.writer.start_after(len(chunks), len(answer.text))
         answer.answered, answer.reattached = bool(answer.shown), True
         answer.app_type, answer.workflow_run_id = options.app_type, run_id
         answer.forms_answered = list(job.forms_answered)
         return AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
 
-    def _start_writing(self, job: StreamJob, answer: Answer, written: int = 0, written_chars: int = 0) -> None:
-        """This attempt's writes to the stream (after the `written` chunks it has, of `written_chars` characters),
-        and its status line."""
+    def _new_answer(self, job: StreamJob, lease: LeaseClock | None) -> Answer:
+        """This attempt's answer, with its writes to the stream (they renew the attempt's `lease` when it is due)
+        and its status line; an attempt that follows a run already under way starts writing after the stream's
+        chunks (`_attach`)."""
         deps = self.deps
-        answer.writer = deps.appender.writer(
+        writer = deps.appender.writer(
             deps.store,
             job.stream_id,
             job.attempt,
-            written=written,
-            written_chars=written_chars,
             pace=deps.append_pace,
             deadlines=deps.append_deadlines,
-            lease=job.lease,
+            lease=lease,
         )
-        answer.progress = StepProgress(answer.writer, deps.texts.say("progress_step"))
+        return Answer(writer=writer, progress=StepProgress(writer, deps.texts.say("progress_step")))
 
     def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:
         if self.form_steps is not None:

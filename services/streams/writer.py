@@ -75,6 +75,14 @@ class StreamWriter:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
+    def start_after(self, written: int, written_chars: int) -> None:
+        """Write after what the stream holds already: `written` chunks of `written_chars` characters (an attempt
+        that follows a run under way). Only before the first append."""
+        with self._lock:
+            if self._pending or self._in_flight or self.written:
+                raise RuntimeError("start_after once, before anything is written")
+            self.written, self.written_chars = written, written_chars
+
     def add(self, deltas: list[str], fields: dict[str, str] | None = None) -> None:
         """Queue deltas (and fields to set) behind what is already queued; returns at once."""
         with self._lock:
