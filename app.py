@@ -24,7 +24,7 @@ from config.settings import ENV_FILES, BotSettings, Settings, SettingsError, loa
 from services import metrics
 from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
-from services.files.delivery import FILE_PATH
+from services.files.links import FILE_PATH
 from services.gateway import Gateway, build_gateway
 from services.wecom import errors
 from services.wecom.errors import CallbackError

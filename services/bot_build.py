@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from config.bots import bot_keys
-from config.settings import AuthSettings, BotSettings, DifySettings, Settings
+from config.settings import AuthSettings, BotSettings, Settings
 from services import metrics
 from services.auth.api import AuthApiClient
 from services.auth.authorizer import Authorizer
@@ -221,22 +221,10 @@ class DifyPart:
 
 
 def _dify(bot: BotSettings, core: Core) -> DifyPart:
-    client = _dify_client(bot.dify)
+    client = DifyClient(bot.dify)
     profile = DifyAppProfile(client, app_type=bot.dify.app_type)
     links = DifyLinks.of(bot.dify.base_url, bot.dify.files_url)
     return DifyPart(client, profile, links, MediaService(core.crypto, client, profile, bot=bot.name), DifyHealth())
-
-
-def _dify_client(dify: DifySettings) -> DifyClient:
-    return DifyClient(
-        dify.base_url,
-        dify.api_key,
-        connect_timeout=dify.connect_timeout,
-        read_timeout=dify.read_timeout,
-        max_retries=dify.max_retries,
-        retry_backoff=dify.retry_backoff,
-        quiet_run_seconds=dify.quiet_run_seconds,
-    )
 
 
 def _authorizer(auth: AuthSettings, shared: Shared, core: Core, profile: DifyAppProfile) -> Authorizer | None:
@@ -264,7 +252,6 @@ def _files(bot: BotSettings, shared: Shared, core: Core, links: DifyLinks) -> Fi
         FileRefs(shared.client, core.keys),
         core.texts,
         signer=shared.signer,
-        public_base_url=files.public_base_url,
         max_bytes=files.max_bytes,
         long_connection=bot.long_connection,
         links=links,

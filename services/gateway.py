@@ -217,7 +217,7 @@ def _link_signer(files: FileSettings) -> LinkSigner | None:
     """Signs and checks the links to files (the deployment's secret), or None without PUBLIC_BASE_URL: no links."""
     if not files.public_base_url:
         return None
-    return LinkSigner(files.link_secret, files.link_ttl_seconds)
+    return LinkSigner(files.link_secret, files.link_ttl_seconds, files.public_base_url)
 
 
 def _engine(settings: Settings, instance_path: Path) -> Engine | None:

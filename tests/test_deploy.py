@@ -16,7 +16,7 @@ import yaml
 
 from config.bots import load_bots
 from config.settings import PROJECT_ROOT, VARIABLES, load_settings
-from services.files.delivery import FILE_PATH
+from services.files.links import FILE_PATH
 from services.redis_url import CLUSTER, SENTINEL, parse_redis_url
 
 K8S = PROJECT_ROOT / "k8s"

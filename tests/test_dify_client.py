@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from config.settings import DifySettings
 from demo import dify_standin as d
 from demo.dify_standin import DifyStandIn
 from services.dify.client import ChatRequest, DifyClient
@@ -15,7 +16,9 @@ from tests.conftest import DIFY_KEY
 
 @pytest.fixture
 def client(dify):
-    client = DifyClient(dify.base_url, DIFY_KEY, read_timeout=1.0, max_retries=2, retry_backoff=0.01)
+    client = DifyClient(
+        DifySettings(base_url=dify.base_url, api_key=DIFY_KEY, read_timeout=1.0, max_retries=2, retry_backoff=0.01)
+    )
     yield client
     client.close()
 
@@ -226,7 +229,7 @@ def test_retry_succeeds_after_a_429(client, dify):
 
 
 def test_wrong_api_key_is_401(dify):
-    bad = DifyClient(dify.base_url, "app-wrong", read_timeout=1.0)
+    bad = DifyClient(DifySettings(base_url=dify.base_url, api_key="app-wrong", read_timeout=1.0))
     with pytest.raises(DifyHTTPError) as caught:
         run(bad)
     assert caught.value.status == 401
@@ -241,7 +244,7 @@ def test_non_json_error_body_from_a_proxy(client, dify):
 
     server = StandInServer(proxy).start()
     try:
-        proxied = DifyClient(server.url + "/v1", "k", max_retries=0)
+        proxied = DifyClient(DifySettings(base_url=server.url + "/v1", api_key="k", max_retries=0))
         with pytest.raises(DifyHTTPError) as caught:
             run(proxied)
         assert caught.value.status == 502
@@ -252,7 +255,11 @@ def test_non_json_error_body_from_a_proxy(client, dify):
 
 
 def test_unreachable_dify_is_a_connection_error():
-    dead = DifyClient("http://127.0.0.1:9/v1", "k", connect_timeout=0.5, max_retries=1, retry_backoff=0.01)
+    dead = DifyClient(
+        DifySettings(
+            base_url="http://127.0.0.1:9/v1", api_key="k", connect_timeout=0.5, max_retries=1, retry_backoff=0.01
+        )
+    )
     with pytest.raises(DifyConnectionError):
         run(dead)
     dead.close()
@@ -311,11 +318,15 @@ def test_the_streaming_call_over_https_verifies_the_server(tls):
     try:
         assert server.base_url.startswith("https://127.0.0.1:")
         server.script([d.ping(), d.split(d.message("加密的"), parts=5), d.sleep(0.12), *d.answer(" answer")])
-        client = DifyClient(server.base_url, DIFY_KEY, read_timeout=2.0, tls=tls.client_context())
+        client = DifyClient(
+            DifySettings(base_url=server.base_url, api_key=DIFY_KEY, read_timeout=2.0), tls=tls.client_context()
+        )
         assert answer_text(run(client)) == "加密的 answer"
         assert client.parameters()["file_upload"]
         client.close()
-        untrusting = DifyClient(server.base_url, DIFY_KEY, read_timeout=2.0, max_retries=0)
+        untrusting = DifyClient(
+            DifySettings(base_url=server.base_url, api_key=DIFY_KEY, read_timeout=2.0, max_retries=0)
+        )
         with pytest.raises(DifyConnectionError):
             run(untrusting)  # the system's CAs do not know the private one
         untrusting.close()

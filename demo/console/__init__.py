@@ -41,6 +41,7 @@ def config():
     bots = [
         {
             "name": bot.name,
+            "display_name": bot.settings.wecom.name or bot.name,  # as WeCom names the bot in a chat
             "mode": bot.settings.wecom.mode,
             "token": bot.settings.wecom.token,
             "encoding_aes_key": bot.settings.wecom.encoding_aes_key,
@@ -103,16 +104,25 @@ def ws_frames(bot_name: str, req_id: str):
 @console.post("/api/ws/<bot_name>/click")
 def ws_click(bot_name: str):
     """Send a tap on a card (its template_card_event, built by the page) down the long connection."""
+    return _event_over_websocket(bot_name, "template_card_event", "event")
+
+
+@console.post("/api/ws/<bot_name>/feedback")
+def ws_feedback(bot_name: str):
+    """A 👍/👎 on an answer (its feedback_event, built by the page) down the long connection."""
+    return _event_over_websocket(bot_name, "feedback_event", "feedback")
+
+
+def _event_over_websocket(bot_name: str, eventtype: str, field: str):
+    """Deliver the event the page built (the request's `field`) as WeCom's aibot_event_callback; its req_id."""
     found, failure = _websocket(bot_name)
     if failure:
         return failure
     settings, standin = found
     body = request.get_json(silent=True) or {}
-    event = body.get("event") if isinstance(body.get("event"), dict) else {}
+    payload = body.get(field) if isinstance(body.get(field), dict) else {}
     try:
-        req_id = standin.deliver_event(
-            settings.connection.bot_id, "template_card_event", body.get("userid") or "alice", payload=event
-        )
+        req_id = standin.deliver_event(settings.connection.bot_id, eventtype, body.get("userid") or "alice", payload)
     except RuntimeError:
         return jsonify(error="not_connected", message="the bot is not connected"), 409
     return jsonify(req_id=req_id)

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -38,6 +39,9 @@ from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectErro
 from services.dify.transport.read_pump import ReadPump
 from utils.http import outgoing_client
 from utils.tls import default_tls_context
+
+if TYPE_CHECKING:
+    from config.settings import DifySettings
 
 logger = logging.getLogger(__name__)
 
@@ -108,33 +112,23 @@ class DifyClient:
     """One per process; thread-safe. The streaming chat call has its own lean HTTP client (transport/http_stream.py);
     the other endpoints share an httpx connection pool."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        max_retries: int = 2,
-        retry_backoff: float = 1.0,
-        pump: ReadPump = PROCESS_PUMP,
-        tls: ssl.SSLContext | None = None,
-        quiet_run_seconds: float = 20.0,
-    ):
+    def __init__(self, app: DifySettings, *, pump: ReadPump = PROCESS_PUMP, tls: ssl.SSLContext | None = None):
+        """`app`: the Dify app's address and key, and how it is called (timeouts, retries, the quiet-run check)."""
+        base_url, api_key, connect_timeout = app.base_url, app.api_key, app.connect_timeout
         self.pump = pump
-        self.quiet_run_seconds = quiet_run_seconds  # 0: a run's quiet stream is never checked against its record
+        self.quiet_run_seconds = app.quiet_run_seconds  # 0: a run's quiet stream is never checked against its record
         self.tls = tls or default_tls_context()
-        self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
+        self.max_retries = app.max_retries
+        self.retry_backoff = app.retry_backoff
         self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.read_timeout = app.read_timeout
         self._base_url = base_url.rstrip("/")
         self._stream_headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
         }
-        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=connect_timeout)
+        timeout = httpx.Timeout(connect=connect_timeout, read=app.read_timeout, write=10.0, pool=connect_timeout)
         self._http = outgoing_client(
             timeout,
             follow_redirects=False,

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # WeCom's caps on a long connection's uploads, by message type (the official plugin's).
 UPLOAD_CAPS = {"image": 10 * 1024 * 1024, "file": 20 * 1024 * 1024}
-FILE_PATH = "/wecom/files/"
 
 
 @dataclass
@@ -49,7 +48,6 @@ class FileDelivery:
         texts: Texts,
         *,
         signer: LinkSigner | None,
-        public_base_url: str,
         max_bytes: int,
         long_connection: bool,
         links: DifyLinks | None = None,
@@ -59,8 +57,7 @@ class FileDelivery:
         self.fetcher = fetcher
         self.refs = refs
         self.texts = texts
-        self.signer = signer if public_base_url else None
-        self.public_base_url = public_base_url.rstrip("/")
+        self.signer = signer  # None without PUBLIC_BASE_URL: files are named, not linked
         self.max_bytes = max_bytes
         self.long_connection = long_connection
 
@@ -142,7 +139,7 @@ class FileDelivery:
             self._count("named")
             return self.texts.say("file_named").format(name=file.name)
         ref = self.refs.put(file, url, self.signer.ttl_seconds)
-        link = f"{self.public_base_url}{FILE_PATH}{self.signer.sign(self.bot, ref)}"
+        link = self.signer.link(self.bot, ref)
         self._count("linked")
         return self.texts.say(key).format(name=_markdown_text(file.name), url=link)
 

@@ -10,6 +10,7 @@ import hmac
 import re
 import time
 
+FILE_PATH = "/wecom/files/"  # where the gateway serves the files behind its links
 _REF = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _BOT = re.compile(r"[a-z0-9_-]{1,32}")
 
@@ -23,9 +24,16 @@ class LinkRefused(Exception):
 
 
 class LinkSigner:
-    def __init__(self, secret: str, ttl_seconds: int):
+    """Signs links under `public_base_url` (where users reach the gateway) and checks their tokens."""
+
+    def __init__(self, secret: str, ttl_seconds: int, public_base_url: str = ""):
         self._key = hashlib.sha256(b"wecom-file-link\0" + secret.encode()).digest()
         self.ttl_seconds = ttl_seconds
+        self.public_base_url = public_base_url.rstrip("/")
+
+    def link(self, bot: str, ref: str) -> str:
+        """The signed link to the file record `ref` of `bot`, valid for `ttl_seconds`."""
+        return f"{self.public_base_url}{FILE_PATH}{self.sign(bot, ref)}"
 
     def sign(self, bot: str, ref: str, now: float | None = None) -> str:
         expires = int((now or time.time()) + self.ttl_seconds)

@@ -132,36 +132,22 @@ class PollPath:
             "record_token": record.token if record else "",
             "record_deadline": f"{record.deadline:.3f}" if record else "0",
         }
+        reply = self._run_poll(keys, args)
+        return _snapshot(*scripts.POLL.fields(reply)) if reply else None
+
+    def _run_poll(self, keys: dict[str, str], args: dict[str, object]) -> list | None:
+        """scripts.POLL's reply, from the master of now: a master that came back after its failover still answers
+        reads, from its old data set (a reply that waited out a pause may come from one), so a reply that found
+        nothing, or came late, is asked of the new master again before the user is told the answer cannot be found,
+        or shown a bubble as it was before."""
         if self._master_watch is not None:
             self._master_watch.ensure()
         started = time.monotonic()
         reply = self._poll.run(keys, args)
         stalled = time.monotonic() - started > STALLED_READ_SECONDS
         if (not reply or stalled) and self._connections.follow_failover():
-            # A master that came back after its failover still answers reads, from its old data set (a reply that
-            # waited out a pause may come from one): ask the new master before telling the user the answer cannot be
-            # found, or showing a bubble as it was before.
             reply = self._poll.run(keys, args)
-        if not reply:
-            return None
-        row, images = scripts.POLL.fields(reply)
-        return Snapshot(
-            status=row["status"],
-            text=row["text"],
-            note=row["note"],
-            close_reason=row["close_reason"],
-            closed_bytes=int(row["closed_bytes"] or 0),
-            has_response_url=bool(row["has_response_url"]),
-            event=row["event"],
-            freed_inflight_key=row["freed_inflight_key"],
-            attempt=row["attempt"],
-            prompt=row["prompt"],
-            card=orjson.loads(row["card"]) if row["card"] else None,
-            recorded=row["recorded"],
-            shows=int(row["shows"] or 0),
-            files=row["files"],
-            images=[orjson.loads(image) for image in images],
-        )
+        return reply
 
     def _watch_master(self) -> None:
         """Under Sentinel, every MASTER_WATCH_SECONDS: drop the poll path's idle connections to a master that was
@@ -180,3 +166,24 @@ class PollPath:
         instead (scripts.CARD_BACK: 1 given back, 2 carried by another poll, 0 not handed out yet, 3 given back
         `most` times already: it stays with this reply)."""
         return int(self._card_back(keys=[self.store.keys.stream(stream_id)], args=[token, most]))
+
+
+def _snapshot(row: dict[str, str], images: list[str]) -> Snapshot:
+    """A poll's outcome (scripts.POLL's named result) as the Snapshot the stream service reads."""
+    return Snapshot(
+        status=row["status"],
+        text=row["text"],
+        note=row["note"],
+        close_reason=row["close_reason"],
+        closed_bytes=int(row["closed_bytes"] or 0),
+        has_response_url=bool(row["has_response_url"]),
+        event=row["event"],
+        freed_inflight_key=row["freed_inflight_key"],
+        attempt=row["attempt"],
+        prompt=row["prompt"],
+        card=orjson.loads(row["card"]) if row["card"] else None,
+        recorded=row["recorded"],
+        shows=int(row["shows"] or 0),
+        files=row["files"],
+        images=[orjson.loads(image) for image in images],
+    )

@@ -48,8 +48,6 @@ class StreamWriter:
         store: StreamStore,
         stream_id: str,
         attempt: str,
-        written: int = 0,
-        written_chars: int = 0,
         pace: float = 0.0,
         deadlines: bool = True,
         lease: LeaseClock | None = None,
@@ -58,8 +56,8 @@ class StreamWriter:
         self.store = store  # its bot's
         self.stream_id = stream_id
         self.attempt = attempt
-        self.written = written  # deltas confirmed in the Redis list
-        self.written_chars = written_chars  # the characters of those deltas: the answer's start Redis holds
+        self.written = 0  # deltas confirmed in the Redis list (start_after: those it held before this writer)
+        self.written_chars = 0  # the characters of those deltas: the answer's start Redis holds
         self.state = WRITTEN
         self.error: BaseException | None = None  # the last failed append's error, until one succeeds
         # When the last append whose outcome is unknown (its reply never came) stops being able to land: its deadline.
@@ -235,8 +233,7 @@ class AppendBatcher:
         return time.time() + self.valid_seconds if self.valid_seconds else 0.0
 
     def writer(self, store: StreamStore, stream_id: str, attempt: str, **state) -> StreamWriter:
-        """A writer whose appends this batcher sends (`state`: StreamWriter's written, written_chars, pace,
-        deadlines and lease)."""
+        """A writer whose appends this batcher sends (`state`: StreamWriter's pace, deadlines and lease)."""
         return StreamWriter(self, store, stream_id, attempt, **state)
 
     def submit(self, writer: StreamWriter) -> None:

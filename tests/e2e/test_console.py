@@ -4,6 +4,7 @@ A screenshot is kept in test-artifacts/console.png."""
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -93,7 +94,12 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     assert bubble.find_element(By.TAG_NAME, "h2").text == "你好"
     assert bubble.find_element(By.TAG_NAME, "strong").text == "流式"
     assert [li.text for li in bubble.find_elements(By.TAG_NAME, "li")] == ["一", "二"]
+    assert "finished after" not in bubble.text  # the debug footer waits behind its toggle
+    browser.find_element(By.ID, "debug").click()
     assert "finished after" in bubble.text
+    row = browser.find_element(By.CSS_SELECTOR, ".row.theirs")  # as WeCom draws it: avatar, the bot's name, bubble
+    assert row.find_element(By.CSS_SELECTOR, ".who").text == "default"
+    assert browser.find_element(By.CSS_SELECTOR, ".row.mine .who").text == "alice"
     assert "failed" not in bubble.get_attribute("class")
     assert dify.chat_requests()[0]["query"] == "hello console"
 
@@ -197,14 +203,14 @@ def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_con
     wait_until(browser, FIRST_BOT_FINISHED)
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "strong").text == "WebSocket"
+    browser.find_element(By.ID, "debug").click()
     assert "frames over the WebSocket" in bubble.text
 
 
-def test_the_console_shows_a_push_of_the_push_api(browser, long_connection_console):
+def test_the_console_shows_a_push_of_the_push_api_also_one_sent_before_it_opened(browser, long_connection_console):
     import httpx
     from selenium.webdriver.common.by import By
 
-    open_console(browser, long_connection_console)
     base = long_connection_console.removesuffix("/console")
     answer = httpx.post(
         f"{base}/api/push",
@@ -212,12 +218,42 @@ def test_the_console_shows_a_push_of_the_push_api(browser, long_connection_conso
         headers={"Authorization": f"Bearer {PUSH_TOKEN}"},
     )
     assert answer.status_code == 202
+    open_console(browser, long_connection_console)  # after the push: it is still shown, under the ops bot
     wait_until(
         browser, "return [...document.querySelectorAll('.msg.bot')].some(m => m.textContent.includes('Deploy'));"
     )
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot")
     assert bubble.find_element(By.TAG_NAME, "strong").text == "Deploy"
     assert "aibot_send_msg" in bubble.text
+    assert browser.find_element(By.CSS_SELECTOR, ".row.theirs .who").text == "ops"
+
+
+@pytest.mark.parametrize("console", ["console_url", "long_connection_console"])
+def test_thumbs_under_an_answer_send_wecom_feedback_events_that_reach_dify(browser, dify, request, console):
+    """👍 under a finished answer is WeCom's feedback_event (type 1) on the reply's feedback id, and Dify gets a
+    like for that message; a second tap takes it back (type 3: rating null), 👎 is a dislike; in both modes."""
+    from selenium.webdriver.common.by import By
+
+    dify.script(d.answer("rate me", delay=0.02))
+    open_console(browser, request.getfixturevalue(console))
+    say(browser, "a question")
+    wait_until(browser, FIRST_BOT_FINISHED)
+    wait_until(browser, "return document.querySelectorAll('.feedback button').length === 2;")
+    like, dislike = browser.find_elements(By.CSS_SELECTOR, ".feedback button")
+
+    def rated(expected: list) -> bool:
+        deadline = time.monotonic() + 10
+        while [body.get("rating") for _, body in dify.feedbacks] != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [body.get("rating") for _, body in dify.feedbacks] == expected
+
+    like.click()
+    assert rated(["like"])
+    assert "chosen" in like.get_attribute("class")
+    like.click()  # taken back
+    assert rated(["like", None])
+    dislike.click()
+    assert rated(["like", None, "dislike"])
 
 
 def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, console_url, dify):

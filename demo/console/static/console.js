@@ -132,26 +132,53 @@ function changeMessages(change) {
   return result;
 }
 
-function addMessage(kind, html) {
+// A message as WeCom draws it: the sender's avatar and name beside the bubble (yours on the right). A system line
+// (a welcome, a switch of bot) stands alone in the middle. Returns the bubble.
+function addMessage(kind, html, sender) {
   return changeMessages((list) => {
     const element = document.createElement("div");
     element.className = `msg ${kind}`;
     element.innerHTML = html;
-    list.appendChild(element);
+    if (kind.startsWith("system")) {
+      list.appendChild(element);
+      return element;
+    }
+    const mine = kind.startsWith("user");
+    const name = sender || (mine ? currentUser() : config.display_name);
+    const row = document.createElement("div");
+    row.className = `row ${mine ? "mine" : "theirs"}`;
+    const avatar = document.createElement("div");
+    avatar.className = `avatar ${mine ? "person" : "bot"}`;
+    avatar.textContent = mine ? name.slice(0, 1).toUpperCase() : "AI";
+    const column = document.createElement("div");
+    column.className = "column";
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = name;
+    column.append(who, element);
+    row.append(avatar, column);
+    list.appendChild(row);
     return element;
   });
 }
 
-function showBubble(bubble, stream, finished, note) {
-  changeMessages(() => renderBubble(bubble, stream, finished, note));
+function currentUser() {
+  return document.getElementById("userid").value.trim() || "alice";
 }
 
-function renderBubble(bubble, stream, finished, note) {
+// `note` stays under the bubble (a failure, a cut); `debug` (how many polls or frames it took) shows only with
+// "debug details" ticked.
+function showBubble(bubble, stream, finished, note, debug) {
+  changeMessages(() => renderBubble(bubble, stream, finished, note, debug));
+}
+
+function renderBubble(bubble, stream, finished, note, debug) {
   let html = renderMarkdown(stream.content || "");
   for (const item of stream.msg_item || []) {
     if (item.msgtype === "image") html += `<img alt="image" src="data:image/png;base64,${item.image.base64}">`;
   }
   if (note) html += `<div class="status">${escapeHtml(note)}</div>`;
+  if (debug) html += `<div class="status debug">${escapeHtml(debug)}</div>`;
   bubble.innerHTML = html;
   bubble.classList.toggle("streaming", !finished);
   bubble.dataset.finished = finished ? "true" : "false";
@@ -189,13 +216,14 @@ async function send(content) {
       polls += 1;
       finished = next.stream.finish;
       if (next.template_card) showCard(next.template_card, bubble);
-      showBubble(bubble, next.stream, finished, finished ? `finished after ${polls} poll${polls === 1 ? "" : "s"}` : "");
+      showBubble(bubble, next.stream, finished, "", finished ? `finished after ${polls} poll${polls === 1 ? "" : "s"}` : "");
     } catch (error) {
       showBubble(bubble, { id: stream.id, content: bubble.textContent }, false, `poll failed (${error.message}); retrying`);
     }
     refreshRedis(stream.id);
   }
   if (!finished) showBubble(bubble, { id: stream.id, content: bubble.textContent }, true, "WeCom stopped polling (6 minutes)");
+  addFeedback(bubble, stream.feedback && stream.feedback.id);
   refreshRedis(stream.id);
   watchResponseUrl(responseUrl.code);
 }
@@ -224,17 +252,61 @@ async function sendOverWebSocket(content) {
     }
     if (frames.length) {
       last = frames[frames.length - 1].stream;
-      showBubble(bubble, last, last.finish, last.finish ? `${frames.length} frames over the WebSocket` : "");
+      showBubble(bubble, last, last.finish, "", last.finish ? `${frames.length} frames over the WebSocket` : "");
       refreshRedis(last.id);
     }
-    if (last && last.finish) return;
+    if (last && last.finish) {
+      const first = frames[0].stream;
+      return addFeedback(bubble, first.feedback && first.feedback.id);
+    }
     if (proactive.length > proactiveBefore) return;  // the req_id died: the rest came as aibot_send_msg (shown below)
   }
 }
 
-async function wsFrames(reqId) {
-  const url = `/console/api/ws/${encodeURIComponent(config.name)}/frames/${encodeURIComponent(reqId)}`;
+async function wsFrames(reqId, bot = config) {
+  const url = `/console/api/ws/${encodeURIComponent(bot.name)}/frames/${encodeURIComponent(reqId)}`;
   return (await fetch(url)).json();
+}
+
+// --- 👍/👎 under a finished answer: WeCom's feedback_event, on the reply's feedback id ---------------------------
+
+const ACCURATE = 1, INACCURATE = 2, CANCELLED = 3;
+
+function addFeedback(bubble, feedbackId) {
+  const column = bubble.parentElement;
+  if (!feedbackId || !column || column.querySelector(".feedback")) return;
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  let rated = 0;
+  for (const [type, label, title] of [[ACCURATE, "👍", "accurate"], [INACCURATE, "👎", "inaccurate"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.title = title;
+    button.dataset.type = String(type);
+    button.addEventListener("click", async () => {
+      const chosen = rated === type ? CANCELLED : type;  // a second tap takes the rating back, as in WeCom
+      await sendFeedback(feedbackId, chosen);
+      rated = chosen === CANCELLED ? 0 : chosen;
+      for (const each of bar.children) each.classList.toggle("chosen", Number(each.dataset.type) === rated);
+    });
+    bar.appendChild(button);
+  }
+  changeMessages(() => column.appendChild(bar));
+}
+
+async function sendFeedback(id, type) {
+  const feedback = { id, type };
+  if (config.mode === "long_connection") {
+    await fetch(`/console/api/ws/${encodeURIComponent(config.name)}/feedback`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ feedback }),
+    });
+    return;
+  }
+  const payload = basePayload("event");
+  payload.create_time = Math.floor(Date.now() / 1000);
+  payload.event = { eventtype: "feedback_event", feedback_event: feedback };
+  await callback(payload);  // WeCom expects an empty reply
 }
 
 async function watchResponseUrl(code) {
@@ -372,19 +444,26 @@ async function tapCard(element, card, key, selects) {
   watchResponseUrl(responseUrl.code);  // a late tap: the rest of the run comes as a separate message
 }
 
-// Everything a long-connection bot sends on its own (aibot_send_msg): the rest of an answer whose req_id died, a
-// late form's run, a push from the push API. Shown once each, whatever the page was doing.
-let proactiveShown = null;
+// Everything each long-connection bot sends on its own (aibot_send_msg): the rest of an answer whose req_id died,
+// a late form's run, a push from the push API, also one sent before the page opened. Shown once each, under the
+// bot's name, whichever bot the page talks to.
+const proactiveShown = {};
 
 async function watchProactiveMessages() {
   for (;;) {
-    if (config.mode === "long_connection") {
-      const { proactive } = await wsFrames("-");
-      for (const message of proactive.slice(proactiveShown ?? proactive.length)) {
-        const markdown = message.markdown.content;
-        addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>');
+    for (const bot of bots.filter(each => each.mode === "long_connection")) {
+      let proactive = [];
+      try {
+        ({ proactive } = await wsFrames("-", bot));
+      } catch (error) {
+        continue;  // the demo is starting or stopping
       }
-      proactiveShown = proactive.length;
+      for (const message of proactive.slice(proactiveShown[bot.name] || 0)) {
+        const markdown = message.markdown ? message.markdown.content : JSON.stringify(message);
+        addMessage("bot", renderMarkdown(markdown) + '<div class="status">separate message (aibot_send_msg)</div>',
+                   bot.display_name);
+      }
+      proactiveShown[bot.name] = proactive.length;
     }
     await new Promise(resolve => setTimeout(resolve, 1000));
   }
@@ -512,6 +591,9 @@ async function start() {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
   });
   document.getElementById("enter").addEventListener("click", enterChat);
+  document.getElementById("debug").addEventListener("change", event => {
+    document.body.classList.toggle("debug", event.target.checked);
+  });
   document.body.dataset.ready = "true";
   watchProactiveMessages();
 }
