@@ -15,6 +15,9 @@ import pymysql
 
 from demo.replicas import free_port
 
+PORT_TRIES = 5
+PORT_TAKEN = "Address already in use"  # MariaDB's error log, when another process took the port first
+
 MARIADBD = "/usr/sbin/mariadbd"
 MISSING = (
     "{what} is not installed: `make test` installs it when run as root; otherwise run "
@@ -39,6 +42,7 @@ class PrivateMariaDB:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="private-mariadb-"))
         self.process: subprocess.Popen | None = None
+        self._started = False  # once started, it keeps its port
 
     @property
     def url(self) -> str:
@@ -58,43 +62,69 @@ class PrivateMariaDB:
                 capture_output=True,
                 timeout=120,
             )
-        self.process = subprocess.Popen(
-            [
-                server,
-                "--no-defaults",
-                f"--datadir={data}",
-                f"--tmpdir={tmp}",
-                f"--port={self.port}",
-                "--bind-address=127.0.0.1",
-                f"--socket={self.dir / 'mysqld.sock'}",
-                f"--pid-file={self.dir / 'mysqld.pid'}",
-                f"--log-error={self.dir / 'error.log'}",
-                f"--user={user}",
-                "--skip-grant-tables",
-                "--skip-log-bin",
-                "--innodb-buffer-pool-size=64M",
-                "--innodb-flush-log-at-trx-commit=0",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self._wait_ready(60)
-        return self
+        # A port chosen free is only known to be free until it is let go, and another process (a parallel test
+        # worker's server) may take it first: the server then exits at once, and a first start tries another port
+        # (as demo/redis_server.py does). A fresh-clone run once lost a test worker's every database test so.
+        for _ in range(PORT_TRIES):
+            (self.dir / "error.log").unlink(missing_ok=True)
+            self.process = subprocess.Popen(
+                self._command(server, data, tmp, user), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if self._wait_ready(60):
+                self._started = True
+                return self
+            if self._started or PORT_TAKEN not in self._log_tail():
+                break  # a restart keeps its port: its clients know it
+            self.port = free_port()
+        tail = self._log_tail()
+        self.remove()
+        raise RuntimeError(f"the private MariaDB did not start on port {self.port}:\n{tail}")
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _command(self, server: str, data: Path, tmp: Path, user: str) -> list[str]:
+        return [
+            server,
+            "--no-defaults",
+            f"--datadir={data}",
+            f"--tmpdir={tmp}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={self.dir / 'mysqld.sock'}",
+            f"--pid-file={self.dir / 'mysqld.pid'}",
+            f"--log-error={self.dir / 'error.log'}",
+            f"--user={user}",
+            "--skip-grant-tables",
+            "--skip-log-bin",
+            "--innodb-buffer-pool-size=64M",
+            "--innodb-flush-log-at-trx-commit=0",
+        ]
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """Whether our server answers within `timeout` s (False at once when it exits)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                break
+                return False
             try:
-                pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1).close()
-                return
-            except pymysql.MySQLError:
-                time.sleep(0.1)
+                if self._answers_as_ours():
+                    return True
+            except (pymysql.MySQLError, OSError):  # not up yet, or another process's server on the port
+                pass
+            time.sleep(0.1)
+        return False
+
+    def _answers_as_ours(self) -> bool:
+        """Whether the server on our port is ours (its socket file is ours), never trusting whoever answers."""
+        connection = pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1, read_timeout=2)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT @@socket")
+                return cursor.fetchone()[0] == str(self.dir / "mysqld.sock")
+        finally:
+            connection.close()
+
+    def _log_tail(self) -> str:
         log = self.dir / "error.log"
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        self.remove()
-        raise RuntimeError(f"the private MariaDB did not start on port {self.port}:\n{tail}")
+        return log.read_text(errors="replace")[-2000:] if log.exists() else ""
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 30 s); its data stays for a later start()."""

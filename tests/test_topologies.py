@@ -268,3 +268,27 @@ def test_a_private_server_whose_port_was_taken_meanwhile_starts_on_another(tmp_p
     finally:
         server.stop()
         holder.stop()
+
+
+def test_a_private_mariadb_whose_port_was_taken_meanwhile_starts_on_another():
+    """The same race for the tests' MariaDB (a fresh-clone run lost one test worker's every database test to it):
+    a first start whose port another process took moves to another port and answers there."""
+    import socket
+
+    import pymysql
+
+    from demo.mariadb_server import PrivateMariaDB, mariadb_binaries
+
+    if mariadb_binaries() is None:
+        pytest.skip("mariadb-server is not installed")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        server = PrivateMariaDB()
+        server.port = taken = holder.getsockname()[1]
+        try:
+            server.start()
+            assert server.port != taken
+            pymysql.connect(host="127.0.0.1", port=server.port, user="root", connect_timeout=2).close()
+        finally:
+            server.remove()
