@@ -20,7 +20,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from config.settings import VARIABLES, BotSettings, Settings, SettingsError
+from config.settings import VARIABLES, BotSettings, Settings, SettingsError, setting_in
 
 DEFAULT_BOT = "default"
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -49,17 +49,17 @@ def bot_keys(name: str) -> str:
     return "" if name == DEFAULT_BOT else f"bot:{name}:"
 
 
-def load_bots(settings: Settings, text_from: Path | None = None) -> tuple[BotSettings, ...]:
+def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings, ...]:
     """The settings of each bot of the deployment (the environment's one bot, as `default`, without BOTS_FILE).
-    `text_from` reads the tables from another file (a last good copy) than BOTS_FILE, whose folder still anchors
-    the tables' relative secret files.
+    `text` is the file's text when the caller read it already (or a last good copy's); BOTS_FILE's folder anchors
+    the tables' relative secret files either way.
 
     Raises:
         SettingsError: every problem of the file, one line each, naming the bot and the key.
     """
     if not settings.bots_file:
         return (settings.bot,)
-    tables = _read(str(text_from or settings.bots_file))
+    tables = _tables(_read(settings.bots_file) if text is None else text, settings.bots_file)
     problems: list[str] = []
     bots: list[BotSettings] = []
     for name, table in tables.items():
@@ -102,27 +102,34 @@ def load_bots_keeping_last_good(settings: Settings, folder: Path) -> tuple[tuple
     Raises:
         SettingsError: the file's problems, when no good copy of it exists yet (at start-up).
     """
+    if not settings.bots_file:
+        return load_bots(settings), []
     copy = folder / LAST_GOOD_COPY
     try:
-        bots = load_bots(settings)
+        text = _read(settings.bots_file)  # read once: the copy is the text that loaded, whatever the file is now
+        bots = load_bots(settings, text)
     except SettingsError as exc:
-        if not settings.bots_file or not copy.is_file():
+        if not copy.is_file():
             raise
-        return load_bots(settings, text_from=copy), exc.problems
-    if settings.bots_file:
-        fresh = copy.with_suffix(f".{os.getpid()}")
-        fresh.write_bytes(Path(settings.bots_file).read_bytes())
-        fresh.replace(copy)  # atomic: another process never reads half a copy
+        return load_bots(settings, copy.read_text(encoding="utf-8")), exc.problems
+    fresh = copy.with_suffix(f".{os.getpid()}")
+    fresh.write_text(text, encoding="utf-8")
+    fresh.replace(copy)  # atomic: another process never reads half a copy
     return bots, []
 
 
-def _read(path: str) -> dict:
+def _read(path: str) -> str:
     try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"BOTS_FILE cannot be read ({path}: {exc.strerror})") from None
     except UnicodeDecodeError:
         raise SettingsError(f"BOTS_FILE is not UTF-8 text ({path})") from None
+
+
+def _tables(text: str, path: str) -> dict:
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"BOTS_FILE is not valid TOML ({path}: {exc})") from None
     unknown = sorted(set(document) - {"bots"})
@@ -216,13 +223,6 @@ def _in_file_terms(problem: str) -> str:
 _OWN_SECRETS = {"wecom_token": "token", "wecom_encoding_aes_key": "encoding_aes_key", "wecom_bot_secret": "secret"}
 
 
-def _value(bot: BotSettings, name: str):
-    value = bot
-    for step in VARIABLES[name].path[1:]:  # the path after "bot"
-        value = getattr(value, step)
-    return value
-
-
 def shared_dify_keys(bots: tuple[BotSettings, ...]) -> list[str]:
     """One line per Dify API key that several bots use (allowed, but usually a table that forgot its own key)."""
     users: dict[tuple[str, str], list[str]] = {}
@@ -243,7 +243,7 @@ def _clashes(bots: list[BotSettings]) -> list[str]:
     for field, key in _OWN_SECRETS.items():
         holders: dict[str, BotSettings] = {}
         for bot in bots:
-            secret = _value(bot, field)
+            secret = setting_in(bot, VARIABLES[field].path[1:])  # the path after "bot"
             if not secret or (field == "wecom_bot_secret") != (bot.wecom.mode == "long_connection"):
                 continue
             first = holders.setdefault(secret, bot)

@@ -261,7 +261,7 @@ class Settings:
 
     def values(self) -> dict:
         """Every setting by its lower-case variable name (the inverse of `of`)."""
-        return {name: _at(self, variable.path) for name, variable in VARIABLES.items()}
+        return {name: setting_in(self, variable.path) for name, variable in VARIABLES.items()}
 
     def replace(self, **changes) -> Settings:
         """A copy with some settings changed, named as in `of` (validated again)."""
@@ -345,7 +345,8 @@ def _build(cls, values: dict, path: tuple[str, ...]):
     return cls(**kwargs)
 
 
-def _at(settings: Settings, path: tuple[str, ...]):
+def setting_in(settings, path: tuple[str, ...]):
+    """The setting at `path` (a Variable's, or the rest of one) in `settings` or one of its groups."""
     value = settings
     for step in path:
         value = getattr(value, step)
