@@ -25,12 +25,12 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 LONGEST_DELAY = 10.0
 
 
-def delays_for(seconds: float) -> tuple[float, ...]:
+def delays_for(seconds: float, longest: float = LONGEST_DELAY) -> tuple[float, ...]:
     """Waits between attempts that add up to at least `seconds` (and to RETRY_DELAYS at the least), growing from
-    half a second to LONGEST_DELAY: for a write that is worth waiting for as long as it is of use."""
+    half a second to `longest`: for a write that is worth waiting for as long as it is of use."""
     delays, total = list(RETRY_DELAYS), sum(RETRY_DELAYS)
     while total < seconds:
-        delays.append(min(LONGEST_DELAY, delays[-1] * 2))
+        delays.append(min(longest, delays[-1] * 2))
         total += delays[-1]
     return tuple(delays)
 

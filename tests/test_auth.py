@@ -6,6 +6,7 @@ Each outcome is checked in the user's bubble (finished, with the right note) and
 import hashlib
 import logging
 import threading
+import time
 
 import orjson
 import pytest
@@ -410,3 +411,25 @@ def test_an_app_that_declares_the_wecom_context_gets_it(make_app, serve, dify):
     assert dify.chat_requests()[1]["inputs"] == {}
     declaring.close()
     silent.close()
+
+
+def test_an_outage_before_the_answer_starts_is_waited_out_while_the_bubble_can_be_answered(
+    auth_app, serve, private_redis, dify, auth
+):
+    """Redis goes away while the user is being authorized (a Sentinel failover takes 20 s and more), for longer than
+    a blip's retries: the worker waits for it as long as the bubble could still show an answer, and the user gets
+    the whole answer from one Dify call, not a note asking them to send the message again."""
+    live = serve(auth_app(redis_url=private_redis.url, redis_socket_timeout=0.5, stream_lease_seconds=5))
+    auth.delay = 1.0  # the auth API answers once Redis is paused: caching the token and what follows must wait
+    dify.script(d.answer("answered after the outage"))
+    simulator = make_simulator(live.url, poll_interval=0.2)
+    reply = simulator.send(simulator.text_message("hello", userid="alice"))
+    time.sleep(0.3)
+    private_redis.pause()
+    time.sleep(13)  # longer than a blip's retries (services/outage.RETRY_DELAYS with the socket timeouts)
+    private_redis.resume()
+    conversation = simulator.follow(reply)
+    assert conversation.finished
+    assert conversation.text == "answered after the outage"
+    assert len(dify.chat_requests()) == 1
+    simulator.close()

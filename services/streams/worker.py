@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
 
 from services import metrics
 from services.auth.authorizer import AuthError
@@ -27,7 +28,7 @@ from services.files.delivery import FileDelivery
 from services.forms.service import FormService
 from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
-from services.outage import best_effort_value, through_outage
+from services.outage import best_effort_value, delays_for, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.answer import Answer, HandedOver, StreamAborted
 from services.streams.completion import AnswerCompletion
@@ -50,6 +51,13 @@ logger = logging.getLogger(__name__)
 # A run's events stream cut this many times in a row (each re-attached with the run's snapshot) is taken for Dify
 # failing: the answer ends with the note of a cut stream.
 MAX_REATTACHES = 3
+
+# Before an answer starts, Redis away is waited out while the bubble has this long left to show an answer in, trying
+# again every START_RETRY_DELAY seconds at most (worker._before_start).
+ANSWER_ROOM_SECONDS = 60.0
+START_RETRY_DELAY = 2.0
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -153,7 +161,7 @@ class StreamWorker:
             self._resume(job, cancelled, answer)
             return
         deps = self.deps
-        inputs = through_outage(lambda: self.prepare(job), "authorizing the user")
+        inputs = self._before_start(job, cancelled, lambda: self.prepare(job), "authorizing the user")
         declared = deps.profile.declared_inputs()
         inputs |= {name: value for name, value in job.context_inputs(self.bot).items() if name in declared}
         given, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
@@ -164,11 +172,13 @@ class StreamWorker:
             options = replace(options, workflow_input=question_input)
         conversation_id = ""
         if options.app_type != WORKFLOW:  # workflows keep no conversations
-            conversation_id = through_outage(
+            conversation_id = self._before_start(
+                job,
+                cancelled,
                 lambda: deps.conversations.current(job.aibotid, job.chatid, job.conversation_member),
                 "looking up the conversation",
             )
-        deadline = time.monotonic() + self.max_seconds
+        deadline = self._deadline(job)
         self._count_call(job)
         answer.app_type = options.app_type
         recorder = AnswerRecorder(job, answer, deps.store, deps.conversations, self.bot, options)
@@ -201,6 +211,21 @@ class StreamWorker:
         self._through_forms(job, answer, recorder, cancelled)
         self.completion.complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
 
+    def _before_start(self, job: StreamJob, cancelled: threading.Event, call: Callable[[], T], what: str) -> T:
+        """A Redis call the answer cannot start without. Redis away (a failover, a restart) is waited out for as
+        long as an answer could still be made and shown in the bubble, not only for a blip: until ANSWER_ROOM_SECONDS
+        before WeCom stops polling, or the answer's time is up, or the attempt is no longer this process's. The
+        bubble spins meanwhile, and it is answered soon after Redis is back (tries every START_RETRY_DELAY s at
+        most)."""
+        latest = min(self.max_seconds, self.deps.finisher.window_seconds - ANSWER_ROOM_SECONDS)
+        patience = job.created_at + latest - time.time()
+        delays = delays_for(patience, longest=START_RETRY_DELAY)
+        return through_outage(call, what, delays, give_up=cancelled.is_set)
+
+    def _deadline(self, job: StreamJob) -> float:
+        """When the answer's time is up (monotonic): `max_seconds` after the user's message arrived."""
+        return time.monotonic() + max(0.0, job.created_at + self.max_seconds - time.time())
+
     def _resume(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         """Follow again the Dify run of a stream whose replica is gone (a chatflow's or workflow's), from where the
         bubble's text stopped. Dify relays only what a run does from the moment one listens, so its saved state
@@ -210,7 +235,7 @@ class StreamWorker:
         answer.resumed = True
         logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
         metrics.DIFY_CALLS.labels(self.bot, "resume").inc()
-        self._follow_again(job, recorder, cancelled, job.created_at + self.max_seconds)
+        self._follow_again(job, recorder, cancelled, self._deadline(job))
         self._through_forms(job, answer, recorder, cancelled)
         self.completion.complete(job, answer, recorder, "")
 
