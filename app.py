@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if gateway.push is not None:  # without PUSH_API_TOKEN there is no push API: /api/push answers 404
         app.add_url_rule("/api/push", "push", push, methods=["POST"])
         app.add_url_rule("/api/push/<push_id>", "push_status", push_status, methods=["GET"])
+    if gateway.audit_api is not None:  # without AUDIT_API_TOKEN (or with AUDIT off) /api/audit answers 404
+        app.add_url_rule("/api/audit", "audit", audit_rows, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach
@@ -157,6 +159,13 @@ def push_status(push_id: str):
     """What became of a push: queued, sent or failed."""
     with log_context(replica=gateway().owner):
         return _answer(gateway().push.status(request.headers.get("Authorization"), push_id))
+
+
+def audit_rows():
+    """A page of the audit trail's rows (services/audit/api.py)."""
+    with log_context(replica=gateway().owner):
+        page = gateway().audit_api.page(request.headers.get("Authorization"), request.args.to_dict())
+        return Response(page.body, status=page.status, content_type=page.content_type, headers=page.headers)
 
 
 def _answer(answer) -> Response:

@@ -8,11 +8,13 @@ from flask import Flask, current_app
 
 def register_commands(app: Flask) -> None:
     """Attach every command group to the app's CLI."""
+    from cli.audit import audit_cli
     from cli.bots import bots_cli
     from cli.db import db_cli
     from cli.streams import streams_cli
     from cli.users import users_cli
 
+    app.cli.add_command(audit_cli)
     app.cli.add_command(bots_cli)
     app.cli.add_command(db_cli)
     app.cli.add_command(streams_cli)

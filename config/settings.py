@@ -217,6 +217,16 @@ class FileSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail: a row per message in the database (docs/audit.md)."""
+
+    enabled: str = _var("AUDIT")  # on | off; "" = on whenever there is a database (the demo's SQLite too)
+    content: str = _var("AUDIT_CONTENT", "full")  # full | metadata (lengths and SHA-256 of the texts only)
+    retention_days: int = _var("AUDIT_RETENTION_DAYS", 180)  # 0 = rows are kept
+    api_token: str = _var("AUDIT_API_TOKEN", secret=True)  # GET /api/audit's bearer token ("" = no audit API)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The deployment's settings, grouped by concern, with the bot the environment defines (`bot`).
 
@@ -238,6 +248,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     files: FileSettings = field(default_factory=FileSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     bot: BotSettings = field(default_factory=BotSettings)
 
     def __post_init__(self) -> None:
@@ -268,13 +279,20 @@ class Settings:
         return Settings.of(**{**self.values(), **changes})
 
     @property
+    def audit_on(self) -> bool:
+        """Whether messages are recorded: AUDIT=on, or by default whenever there is a database."""
+        if self.audit.enabled:
+            return self.audit.enabled == "on"
+        return bool(self.database.url) or self.demo_mode
+
+    @property
     def instance_id(self) -> str:
         """This process's identity as a stream owner: the replica (pod) name plus the worker's pid."""
         return f"{self.replica_id}:{os.getpid()}"
 
     def secrets(self) -> list[str]:
         """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
-        found = [self.files.link_secret, self.push_api_token, self.redis.sentinel_password]
+        found = [self.files.link_secret, self.push_api_token, self.audit.api_token, self.redis.sentinel_password]
         for url in (self.redis.url, self.database.url, self.database.read_url):
             found.append(_url_password(url))
         return [secret for secret in found if secret] + self.bot.secrets()
@@ -327,6 +345,7 @@ _GROUPS = {
         DatabaseSettings,
         StreamSettings,
         FileSettings,
+        AuditSettings,
     )
 }
 VARIABLES: dict[str, Variable] = _variables(Settings, ())
@@ -410,6 +429,24 @@ def _check_deployment(s: Settings, problems: _Problems) -> None:
     )
     problems.require(s.log_format in ("", "json", "text"), "LOG_FORMAT", "must be 'json' or 'text'")
     _check_file_links(s, problems)
+    _check_audit(s, problems)
+
+
+def _check_audit(s: Settings, problems: _Problems) -> None:
+    audit = s.audit
+    problems.require(audit.enabled in ("", "on", "off"), "AUDIT", "must be 'on' or 'off'")
+    problems.require(
+        audit.enabled != "on" or bool(s.database.url) or s.demo_mode,
+        "AUDIT",
+        "is 'on' but there is no database: set DATABASE_URL (the rows go to its wecom_audit table)",
+    )
+    problems.require(audit.content in ("full", "metadata"), "AUDIT_CONTENT", "must be 'full' or 'metadata'")
+    problems.require(audit.retention_days >= 0, "AUDIT_RETENTION_DAYS", "must be 0 (keep every row) or more")
+    problems.require(
+        not audit.api_token or len(audit.api_token) >= 16,
+        "AUDIT_API_TOKEN",
+        "must be at least 16 characters (or empty: no audit API)",
+    )
 
 
 def _check_file_links(s: Settings, problems: _Problems) -> None:

@@ -16,6 +16,9 @@ import redis
 from config.bots import bot_keys
 from config.settings import AuthSettings, BotSettings, Settings
 from services import metrics
+from services.audit.queue import AuditQueue
+from services.audit.records import AuditRecords
+from services.audit.trail import AuditTrail
 from services.auth.api import AuthApiClient
 from services.auth.authorizer import Authorizer
 from services.auth.users import UserDirectory
@@ -77,6 +80,7 @@ class Shared:
     appender: AppendBatcher
     replica_wait_ms: int  # how long a write that must outlive a failover waits for a replica (0: none to wait for)
     signer: LinkSigner | None  # the links to the files Dify makes (None without PUBLIC_BASE_URL)
+    audit: AuditRecords | None = None  # the audit trail's table (None: AUDIT off)
 
     def draining(self) -> bool:
         return not self.runner.accepting
@@ -105,6 +109,7 @@ class Bot:
     holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
     pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
+    audit: AuditTrail | None = None  # the audit rows this bot owes (None: AUDIT off)
 
     def report(self) -> dict:
         """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
@@ -135,7 +140,7 @@ class Bot:
 
 def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     """One bot's services, each part built after the parts it uses."""
-    metrics.initialise(bot.name, long_connection=bot.long_connection)
+    metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None)
     core = _core(bot, shared)
     dify = _dify(bot, core)
     authorizer = _authorizer(bot.auth, shared, core, dify.profile)
@@ -164,6 +169,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
         holder=connection.holder if connection else None,
         pushes=connection.pushes if connection else None,
         consumer=connection.consumer if connection else None,
+        audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name) if shared.audit else None,
     )
 
 
@@ -191,6 +197,7 @@ def _core(bot: BotSettings, shared: Shared) -> Core:
         bot.answers.rate_limit_per_minute,
         durable=Replication(client, shared.replica_wait_ms, bot.name),
         takeover_grace_seconds=deployment.streams.takeover_grace_seconds,
+        audit=AuditQueue(client, keys, bot.answers.window_seconds) if shared.audit else None,
     )
     wecom = bot.wecom
     crypto = None if bot.long_connection else WeComCrypto(wecom.token, wecom.encoding_aes_key, wecom.receive_id)

@@ -19,11 +19,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.bots import DEFAULT_BOT
 from config.settings import BotSettings, FileSettings, Settings
 from services import metrics
+from services.audit.api import AuditApi
+from services.audit.records import AuditRecords
+from services.audit.sweeper import AuditSweeper
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.bot_build import Bot, Shared, build_bot
 from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
+from services.keys import Keys
 from services.push.api import PushApi
 from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
@@ -52,6 +56,9 @@ class Gateway:
     bots: dict[str, Bot]
     files: FileServer  # serves the signed links to the files Dify makes, for every bot
     push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
+    audit_records: AuditRecords | None = None  # the audit trail's table (None: AUDIT off)
+    audit_sweeper: AuditSweeper | None = None  # writes the rows the bots owe (a serving process's, once started)
+    audit_api: AuditApi | None = None  # GET /api/audit (None without AUDIT_API_TOKEN: the route answers 404)
     started: bool = False  # start() ran: this is a serving process
     redis_problem: str | None = None  # why Redis cannot serve us ('': nothing, for good; None: not known yet)
     redis_version_asked_at: float = -VERSION_ASKED_EVERY_SECONDS  # monotonic: when it was last asked (redis_refuses)
@@ -126,6 +133,8 @@ class Gateway:
                 "resend, and GET /readyz says 503",
                 exc,
             )
+        if self.audit_sweeper is not None:
+            self.audit_sweeper.start()
         for bot in self.bots.values():
             bot.delivery.start(bot.streams.look)
             if bot.holder is not None:
@@ -162,6 +171,8 @@ class Gateway:
     def close(self) -> None:
         """Release pooled connections (running stream threads are left to finish on their own)."""
         self.runner.stop()
+        if self.audit_sweeper is not None:
+            self.audit_sweeper.stop()
         for bot in self.bots.values():
             bot.close()
         if self.users is not None:
@@ -181,6 +192,7 @@ def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_pa
     if engine is not None:
         read_engine = db.make_engine(database.read_url, database.timeout) if database.read_url else None
         users = UserDirectory(engine, read_engine)
+    audit = AuditRecords(engine, settings.audit.content) if settings.audit_on and engine is not None else None
     shared = Shared(
         settings=settings,
         client=client,
@@ -190,6 +202,7 @@ def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_pa
         appender=AppendBatcher(redis_settings.socket_timeout),
         replica_wait_ms=redis_settings.claim_wait_ms if parse_redis_url(redis_settings.url).replicated else 0,
         signer=_link_signer(settings.files),
+        audit=audit,
     )
     built = {bot.name: build_bot(bot, shared) for bot in bots}
     push = None
@@ -210,7 +223,17 @@ def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_pa
             {name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in built.items()},
         ),
         push=push,
+        audit_records=audit,
+        audit_sweeper=_audit_sweeper(settings, shared, built) if audit is not None else None,
+        audit_api=AuditApi(settings.audit.api_token, audit) if audit is not None and settings.audit.api_token else None,
     )
+
+
+def _audit_sweeper(settings: Settings, shared: Shared, bots: dict[str, Bot]) -> AuditSweeper:
+    """The loop that writes every bot's audit rows, and purges the table on one replica at a time."""
+    trails = [bot.audit for bot in bots.values() if bot.audit is not None]
+    lock = Keys(settings.redis.key_prefix).audit_purge()
+    return AuditSweeper(shared.client, trails, shared.audit, settings.audit.retention_days, lock, shared.owner)
 
 
 def _link_signer(files: FileSettings) -> LinkSigner | None:

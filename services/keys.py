@@ -46,6 +46,9 @@ FILE_UPLOAD_CLAIM_TTL_SECONDS = 600
 # The long connection's answer queue and a bot's lease generation (its fencing token, which must never go back).
 ANSWER_QUEUE_TTL_SECONDS = 24 * 3600
 WS_GENERATION_TTL_SECONDS = 30 * 24 * 3600
+# The audit trail's lists in Redis (services/audit): the streams that owe a row, and the rows that wait for the
+# database; each renewed with every entry, so a database outage of up to this long loses no row.
+AUDIT_KEEP_SECONDS = 2 * 24 * 3600
 # A form's card state outlives the form's own expiry by this much (a late click still gets "expired").
 FORM_KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 
@@ -91,6 +94,20 @@ class Keys:
     def rest_post_claim(self, stream_id: str) -> str:
         """`sending <claimant>` while one process posts a stream's owed message, then `sent` or `failed`."""
         return f"{self.prefix}rest_post_claim:{{{stream_id}}}"
+
+    def audit_due(self) -> str:
+        """Sorted set of the streams whose audit row is owed (score: when a sweep looks at it: once it ended, or
+        after its bubble's window); TTL AUDIT_KEEP_SECONDS, renewed with each entry."""
+        return f"{self.prefix}audit_due"
+
+    def audit_pending(self) -> str:
+        """Sorted set of audit rows (JSON) that wait for the database (score: when they began to wait); TTL
+        AUDIT_KEEP_SECONDS, renewed with each entry."""
+        return f"{self.prefix}audit_pending"
+
+    def audit_purge(self) -> str:
+        """`<process>` while one process deletes the audit rows past their term (a deployment's, not a bot's)."""
+        return f"{self.prefix}audit_purge"
 
     def ws_open(self, bot_id: str) -> str:
         """Sorted set of the bot's streams answered over its WebSocket and not yet delivered whole (score: when)."""

@@ -244,7 +244,14 @@ DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
 DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
-BACKGROUND_LOOPS = ("append_batcher", "stream_lease_keeper", "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper")
+BACKGROUND_LOOPS = (
+    "audit_sweeper",
+    "append_batcher",
+    "stream_lease_keeper",
+    "wecom_ws_holder",
+    "wecom_ws_jobs",
+    "wecom_ws_keeper",
+)
 # a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (services/longconn/frames.py)
 WS_ERRCODES_SEEN = ("846605", "846608", "846609", "6000")
 SENT = ("sent", "failed")
@@ -259,10 +266,26 @@ PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed")
 DIFY_STOP_REASONS = ("user", "timeout")
 
 
-def initialise(bot: str, long_connection: bool = False) -> None:
+AUDIT_ROWS = Counter(
+    "wecom_audit_rows_total",
+    "Audit rows written to the database by outcome (answered, note, stopped, blocked, over_quota, busy, error); "
+    "lost (the stream expired first) and dropped (too many waited for the database) count rows never written",
+    ["bot", "outcome"],
+)
+AUDIT_PENDING = Gauge(
+    "wecom_audit_pending", "Audit rows waiting in Redis for the database", ["bot"], multiprocess_mode="max"
+)
+AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
+
+
+def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> None:
     """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
+    if audit:
+        for outcome in AUDIT_ROW_OUTCOMES:
+            AUDIT_ROWS.labels(bot, outcome)
+        AUDIT_PENDING.labels(bot)
     for outcome in MESSAGE_OUTCOMES:
         MESSAGES.labels(bot, outcome)
     for kind in CALLBACK_KINDS:

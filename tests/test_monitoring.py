@@ -189,6 +189,26 @@ CASES = {
         [series("wecom_pushes_total", "0 5 10 15", bot="ops", outcome="sent")],
         {"3m": None},
     ),
+    "audit rows waiting for the database for 15 minutes": case(
+        "WecomGatewayAuditRowsWaiting",
+        [series("wecom_audit_pending", "0 1+1x19", bot="b")],
+        {"10m": None, "17m": {"bot": "b"}},
+    ),
+    "audit rows written at once are quiet": case(
+        "WecomGatewayAuditRowsWaiting",
+        [series("wecom_audit_pending", "0 3 0 2 0 1 0 4 0 1 0 2 0 3 0 1 0 0 0 0", bot="b")],
+        {"19m": None},
+    ),
+    "audit rows lost or dropped": case(
+        "WecomGatewayAuditRowsLost",
+        [series("wecom_audit_rows_total", "0 0 1 1", bot="b", outcome="lost")],
+        {"1m": None, "2m": {"bot": "b"}},
+    ),
+    "audit rows written are quiet": case(
+        "WecomGatewayAuditRowsLost",
+        [series("wecom_audit_rows_total", "0 5 10 15", bot="b", outcome="answered")],
+        {"3m": None},
+    ),
     "writes a replica did not confirm": case(
         "WecomGatewayWritesNotReplicated",
         [series("redis_writes_unreplicated_total", "0 0 2 2", bot="b", write="msgid_claim")],
@@ -340,9 +360,10 @@ def test_the_bundle_builds_with_the_dashboards_as_labelled_config_maps():
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
 
 
-def test_every_metric_the_bundle_uses_is_exported_after_a_conversation(make_pair, make_app, wecom_ws, dify):
-    """Two callback replicas answer a message; a long-connection bot is configured too (its series exist from
-    start-up): every name the rules and dashboards select is in /metrics, or is a rule the bundle records."""
+def test_every_metric_the_bundle_uses_is_exported_after_a_conversation(make_pair, make_app, wecom_ws, dify, tmp_path):
+    """Two callback replicas answer a message, with an audit trail; a long-connection bot is configured too (its
+    series exist from start-up): every name the rules and dashboards select is in /metrics, or is a rule the bundle
+    records."""
     from demo import dify_standin as d
     from tests.conftest import make_simulator
 
@@ -354,7 +375,7 @@ def test_every_metric_the_bundle_uses_is_exported_after_a_conversation(make_pair
         wecom_bot_secret="monitoring-secret",
         wecom_ws_url=wecom.url,
     )
-    first, second = make_pair()
+    first, second = make_pair(database_url=f"sqlite:///{tmp_path / 'audit.db'}")
     dify.script(d.answer("an answer"))
     sim = make_simulator([first.url, second.url])
     assert sim.ask("hello").text == "an answer"

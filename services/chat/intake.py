@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from services.audit.rows import NOTE
+from services.audit.rows import STOP as STOP_ROW
 from services.auth.authorizer import AuthError
 from services.chat.queries import (
     HELP,
@@ -54,14 +56,14 @@ class MessageIntake:
         if message.msgtype == UNSUPPORTED:
             self.streams.count("unsupported")
             logger.info("a message of a type the gateway does not know: answered that it is not supported")
-            return self.streams.finish_at_once(self.texts.say("unsupported_message"))
+            return self.streams.finish_at_once(self.texts.say("unsupported_message"), message, NOTE)
         text = strip_mention(message.text, self.bot_name) if message.is_group else message.text.strip()
         command = parse_command(text)
         if command is not None:
             name, text = command
             self.streams.count("command")
             if name == HELP:
-                return self.streams.finish_at_once(self.texts.say("help"))
+                return self.streams.finish_at_once(self.texts.say("help"), message)
             if name == STOP and self.stopper is not None:
                 return self._stop(message)
             if name == NEW_CONVERSATION:
@@ -69,9 +71,9 @@ class MessageIntake:
                     said = self._new_conversation(message)
                 except AuthError as refusal:
                     logger.info("not starting the group's conversation afresh: %s", refusal.code)
-                    return self.streams.finish_at_once(self.texts.failure_note(refusal))
+                    return self.streams.finish_at_once(self.texts.failure_note(refusal), message, NOTE)
                 if not text:
-                    return self.streams.finish_at_once(self.texts.say(said))
+                    return self.streams.finish_at_once(self.texts.say(said), message)
 
         attachments = _attachments(message)
         form = self.forms.waiting_for(message) if self.forms is not None and (text or attachments) else None
@@ -81,7 +83,7 @@ class MessageIntake:
             return self.streams.answer_at_once(message, lambda: self.forms.typed(form, message, text))
         if not text and not attachments:
             self.streams.count("empty")
-            return self.streams.finish_at_once(self.texts.say("empty_query"))
+            return self.streams.finish_at_once(self.texts.say("empty_query"), message, NOTE)
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)
         return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
@@ -105,8 +107,9 @@ class MessageIntake:
             stopped = self.stopper.stop_in_chat(message.aibotid, message.chatid, message.userid)
         except REDIS_FAILURES as exc:
             logger.warning("could not stop the answer: Redis did not answer (%s)", exc)
-            return self.streams.finish_at_once(self.texts.say("store_unavailable"))
-        return self.streams.finish_at_once(self.texts.say("stop_done" if stopped else "nothing_to_stop"))
+            return self.streams.finish_at_once(self.texts.say("store_unavailable"), message, NOTE, STOP_ROW)
+        said = "stop_done" if stopped else "nothing_to_stop"
+        return self.streams.finish_at_once(self.texts.say(said), message, kind=STOP_ROW)
 
 
 def _attachments(message: Inbound) -> list[tuple[str, ...]]:

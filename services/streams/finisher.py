@@ -127,7 +127,7 @@ class Finisher:
             job.stream_id,
             job.attempt,
             status,
-            fields,
+            {**fields, **_dify_ids(answer)},
             images=answer.images,
             feedback=feedback if answer.message_id else None,
             finish_id=finish_id,
@@ -263,3 +263,9 @@ class Finisher:
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),
             "recording the response_url delivery",
         )
+
+
+def _dify_ids(answer: Answer) -> dict[str, str]:
+    """The Dify ids the answer came with, kept in the final state for its audit row (services/audit)."""
+    ids = {"message_id": answer.message_id, "conversation_id": answer.conversation_id}
+    return {name: value for name, value in ids.items() if value}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import metrics
+from services.audit.rows import ANSWERED, BUSY, MESSAGE, row_of_reply
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import REPLY_DEADLINE_SECONDS, CardReturns
@@ -22,7 +23,7 @@ from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.poll_path import FrameRecord, PollPath, Snapshot
 from services.streams.runner import StreamRunner
-from services.streams.store import CREATED, DONE, EXISTING, LIMITED, StreamStore, first_attempt
+from services.streams.store import CREATED, DONE, EXISTING, EXPIRED, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
@@ -112,7 +113,7 @@ class StreamService:
             key = "busy" if self.runner.accepting else "shutting_down"
             self.count(key)
             logger.warning("not taking a new stream: %s", key)
-            return self.finish_at_once(self.texts.say(key))
+            return self.finish_at_once(self.texts.say(key), message, BUSY)
 
         job = StreamJob(
             stream_id=new_stream_id(),
@@ -133,6 +134,7 @@ class StreamService:
             "userid": message.userid,
             "chatid": message.chatid,
             "chattype": message.chattype,
+            "msgtype": message.msgtype,
             "aibotid": message.aibotid,
             "response_url": message.response_url,
             **job.request_fields(),
@@ -238,8 +240,13 @@ class StreamService:
     def _start(self, job: StreamJob) -> None:
         self.runner.start(job, lambda cancelled, lease: self.worker.run(job, cancelled, lease), self.store, self.bot)
 
-    def finish_at_once(self, note: str) -> dict:
-        """A finished reply to a new message that needs no stream (a command, a refusal)."""
+    def finish_at_once(
+        self, note: str, message: Inbound | None = None, outcome: str = ANSWERED, kind: str = MESSAGE
+    ) -> dict:
+        """A finished reply to a new message that needs no stream (a command, a refusal); with the `message`, its
+        audit row says so (`outcome`; `kind` stop for a /stop)."""
+        if message is not None and self.store.audit is not None:
+            self.store.audit.replied(row_of_reply(self.bot, message, note, outcome, kind, self.owner))
         return stream_reply(new_stream_id(), note, finish=True)
 
     def poll(self, stream_id: str, hand_card: bool = True) -> dict:
@@ -310,6 +317,8 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
             self.delivery.closed_early(stream_id, snapshot.has_response_url)
+        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone
+            self.store.audit.ended(stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))

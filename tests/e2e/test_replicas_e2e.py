@@ -10,10 +10,12 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import select
 
 from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import GunicornReplica
+from services.audit.table import wecom_audit
 from services.texts import CATALOGUE
 from tests.conftest import AUTH_KEY, KEYS, SENTINEL_PASSWORD, Topology, make_simulator, wait_until
 from tests.e2e.conftest import replica_env
@@ -120,13 +122,21 @@ def follow_like_wecom(sim, first, window=60.0, replicas=None, failures=None):
     raise AssertionError(f"stream {stream_id} still open after {window}s: {contents[-1][:200]!r}")
 
 
-def test_retries_and_polls_spread_over_three_replicas(replicas, dify, store_client):
+def audit_rows(engine, payloads: list[dict]) -> list[dict]:
+    """The audit rows (services/audit) of these messages."""
+    query = select(wecom_audit).where(wecom_audit.c.msgid.in_([payload["msgid"] for payload in payloads]))
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def test_retries_and_polls_spread_over_three_replicas(replicas, dify, store_client, user_table):
     sim = make_simulator([r.url for r in replicas], poll_interval=0.1)
     dify.script(d.answer("one answer, polled by every replica", delay=0.05), times=None)
-    results = {}
+    results, payloads = {}, []
 
     def converse(i, userid):
         payload = sim.text_message(f"question from {userid}", userid=userid)
+        payloads.append(payload)
         first = sim.send(payload, replica=i % 3)
         retry = sim.send(payload, replica=(i + 1) % 3)  # WeCom's retry lands on another replica
         assert retry["stream"]["id"] == first["stream"]["id"]
@@ -144,18 +154,24 @@ def test_retries_and_polls_spread_over_three_replicas(replicas, dify, store_clie
     assert len(dify.chat_requests()) == 6  # the retries made no second Dify call
     owners = {owner_replica(store_client, final["stream"]["id"]) for _, final in results.values()}
     assert owners == {"replica-0", "replica-1", "replica-2"}
+    assert wait_until(lambda: len(audit_rows(user_table.engine, payloads)) == 6)  # one row each, retries and all
+    assert {row["replica"] for row in audit_rows(user_table.engine, payloads)} == owners
     sim.close()
 
 
-def test_sigkill_of_a_streams_owner(replicas, dify, store_client):
+def test_sigkill_of_a_streams_owner(replicas, dify, store_client, user_table):
     victim, survivors = replicas[0], replicas[1:]
     sim = make_simulator([r.url for r in replicas], poll_interval=0.2)
     dify.script([d.message("text shown before the crash"), d.sleep(60), d.end()], match="shown-then-killed")
     dify.script([d.sleep(60), d.end()], match="killed-before-anything")
     dify.script(d.answer("answered by a surviving replica"), match="killed-before-anything")
 
-    shown = sim.send(sim.text_message("shown-then-killed", userid="user0"), replica=0)
-    silent = sim.send(sim.text_message("killed-before-anything", userid="user1"), replica=0)
+    payloads = [
+        sim.text_message("shown-then-killed", userid="user0"),
+        sim.text_message("killed-before-anything", userid="user1"),
+    ]
+    shown = sim.send(payloads[0], replica=0)
+    silent = sim.send(payloads[1], replica=0)
     # the victim must have made both Dify calls (taking both slow scripts) before it dies
     assert len(dify.wait_for_requests(2)) == 2
     assert wait_until(lambda: store_client.llen(KEYS.stream_chunks(shown["stream"]["id"])) > 0, timeout=5)
@@ -181,6 +197,13 @@ def test_sigkill_of_a_streams_owner(replicas, dify, store_client):
     assert final["stream"]["content"] == "answered by a surviving replica"
     assert owner_replica(store_client, silent["stream"]["id"]) in ("replica-1", "replica-2")
     assert all(r.process.poll() is None for r in survivors)
+    # One audit row each: the orphaned answer as its bubble ended, the restarted one by the survivor that answered.
+    assert wait_until(lambda: len(audit_rows(user_table.engine, payloads)) == 2)
+    rows = {row["question"]: row for row in audit_rows(user_table.engine, payloads)}
+    assert rows["shown-then-killed"]["outcome"] == "note"
+    assert rows["shown-then-killed"]["answer"] == f"text shown before the crash\n\n{ZH['orphaned']}"
+    assert rows["killed-before-anything"]["outcome"] == "answered"
+    assert rows["killed-before-anything"]["replica"] in ("replica-1", "replica-2")
     sim.close()
 
 

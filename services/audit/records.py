@@ -1,0 +1,138 @@
+"""The audit rows in the database: written once each (the table's unique (bot, msgid, kind) keeps the first of
+two writes), deleted past their term, and read back in pages, oldest first (docs/audit.md)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, and_, delete, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.audit.rows import FULL, AuditRow
+from services.audit.table import ensure_table, wecom_audit
+
+logger = logging.getLogger(__name__)
+
+PURGE_BATCH = 5000  # rows deleted per statement: a year's purge never holds one long lock
+_INSERT_IGNORE = wecom_audit.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which rows an export reads: received in [since, until) (naive UTC), of one bot, of one user."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    bot: str = ""
+    user: str = ""
+
+    def clauses(self) -> list:
+        c = wecom_audit.c
+        found = []
+        if self.since is not None:
+            found.append(c.received_at >= self.since)
+        if self.until is not None:
+            found.append(c.received_at < self.until)
+        if self.bot:
+            found.append(c.bot == self.bot)
+        if self.user:
+            found.append(c.userid == self.user)
+        return found
+
+
+class BadCursor(ValueError):
+    """A page cursor that is not one this gateway made."""
+
+
+class AuditRecords:
+    """The `wecom_audit` table of one database, with the deployment's AUDIT_CONTENT."""
+
+    def __init__(self, engine: Engine, content: str = FULL):
+        self.engine = engine
+        self.content = content
+        self._table_ready = False
+
+    def ready(self) -> bool:
+        """Whether the table is there: created when missing (AUDIT on an existing deployment needs no migration
+        step); False while the database does not answer."""
+        if not self._table_ready:
+            try:
+                if ensure_table(self.engine):
+                    logger.info("created the wecom_audit table")
+                self._table_ready = True
+            except SQLAlchemyError as exc:
+                logger.warning("could not check the wecom_audit table (%s); audit rows wait", type(exc).__name__)
+        return self._table_ready
+
+    def insert(self, rows: list[AuditRow]) -> dict[str, int]:
+        """Write the rows that are not in the table yet, in one transaction; returns how many were new, by outcome.
+
+        Raises:
+            SQLAlchemyError: the database did not take them (none was written).
+        """
+        by_outcome: dict[str, list[dict]] = {}
+        for row in rows:
+            by_outcome.setdefault(row.outcome, []).append(row.values(self.content))
+        new = {}
+        with self.engine.begin() as connection:
+            for outcome, values in by_outcome.items():
+                new[outcome] = max(0, connection.execute(_INSERT_IGNORE, values).rowcount)
+        return new
+
+    def purge(self, older_than_days: int, now: datetime | None = None) -> int:
+        """Delete the rows received more than `older_than_days` days ago, a batch at a time; returns how many."""
+        cutoff = (now or datetime.now(UTC).replace(tzinfo=None)) - timedelta(days=older_than_days)
+        c, deleted = wecom_audit.c, 0
+        while True:
+            with self.engine.begin() as connection:
+                ids = connection.execute(select(c.id).where(c.received_at < cutoff).limit(PURGE_BATCH)).scalars().all()
+                if not ids:
+                    return deleted
+                deleted += connection.execute(delete(wecom_audit).where(c.id.in_(ids))).rowcount
+
+    def page(self, which: AuditFilter, limit: int, cursor: str = "") -> tuple[list[dict], str]:
+        """Up to `limit` rows after `cursor` ('' for the first page), oldest first; and the next page's cursor
+        ('' after the last row).
+
+        Raises:
+            BadCursor: `cursor` is not one `page` made.
+        """
+        c = wecom_audit.c
+        query = select(wecom_audit).where(*which.clauses()).order_by(c.received_at, c.id).limit(limit + 1)
+        if cursor:
+            received_at, row_id = _read_cursor(cursor)
+            query = query.where(or_(c.received_at > received_at, and_(c.received_at == received_at, c.id > row_id)))
+        with self.engine.connect() as connection:
+            rows = [dict(row._mapping) for row in connection.execute(query)]
+        if len(rows) <= limit:
+            return rows, ""
+        rows = rows[:limit]
+        return rows, _cursor(rows[-1]["received_at"], rows[-1]["id"])
+
+    def every(self, which: AuditFilter, page_size: int = 1000) -> Iterator[dict]:
+        """Every row that `which` selects, oldest first, read a page at a time (an export of a year of rows holds one
+        page in memory, never the year)."""
+        cursor = ""
+        while True:
+            rows, cursor = self.page(which, page_size, cursor)
+            yield from rows
+            if not cursor:
+                return
+
+
+def _cursor(received_at: datetime, row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{received_at.isoformat()}|{row_id}".encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        received_at, _, row_id = text.partition("|")
+        return datetime.fromisoformat(received_at), int(row_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadCursor("not a cursor of this export") from None

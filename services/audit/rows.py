@@ -1,0 +1,161 @@
+"""What one audit row says (docs/audit.md), and how it is read from a finished stream's hash and text.
+
+The stream in Redis is the one record every replica shares of how a message ended, whichever of them ended it (its
+worker, a takeover's, a poll that gave it up, a user's /stop): so the row is read from there once the stream is
+final, never from one replica's memory, and a message has one row whoever finished it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from services.wecom.messages import Inbound
+
+# What a row records (`kind`): a user's message; a form's tap, a rating, a /stop, a push (each an event of its own).
+MESSAGE, FORM_ACTION, FEEDBACK, STOP, PUSH = "message", "form_action", "feedback", "stop", "push"
+# How the message ended (`outcome`).
+ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR = (
+    "answered",
+    "note",
+    "stopped",
+    "blocked",
+    "over_quota",
+    "busy",
+    "error",
+)
+OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR)
+FULL, METADATA = "full", "metadata"  # AUDIT_CONTENT: the texts, or their lengths and SHA-256 only
+
+# The stream's `error` field, as an outcome (any other error: the answer ended with a failure note).
+_OUTCOME_OF_ERROR = {
+    "": ANSWERED,
+    "stopped": STOPPED,
+    "in_flight_limit": BUSY,
+    "rate_limited": BUSY,
+    "busy": BUSY,
+    "internal_error": ERROR,
+}
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One row of `wecom_audit`, with the texts in full (`values` keeps what AUDIT_CONTENT allows)."""
+
+    bot: str
+    msgid: str
+    kind: str
+    outcome: str
+    received_at: float  # epoch seconds
+    finished_at: float
+    userid: str = ""
+    chatid: str = ""
+    chattype: str = ""
+    msgtype: str = ""
+    question: str = ""
+    answer: str = ""
+    masked: int = 0
+    dify_conversation_id: str = ""
+    dify_message_id: str = ""
+    dify_run_id: str = ""
+    replica: str = ""
+
+    def values(self, content: str) -> dict:
+        """The row's columns; with `content` METADATA, the texts' lengths and SHA-256 instead of the texts."""
+        values = asdict(self)
+        values["received_at"] = _utc(self.received_at)
+        values["finished_at"] = _utc(self.finished_at)
+        for name in ("question", "answer"):
+            text = values[name]
+            values[f"{name}_len"] = len(text)
+            values[f"{name}_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            if content == METADATA:
+                values[name] = None
+        return values
+
+    def dumps(self) -> str:
+        """The row as JSON, texts in full: how it waits in Redis while the database is away."""
+        return orjson.dumps(asdict(self)).decode()
+
+    @classmethod
+    def loads(cls, raw: str) -> AuditRow:
+        return cls(**orjson.loads(raw))
+
+
+def row_of_reply(bot: str, message: Inbound, reply: str, outcome: str, kind: str, replica: str) -> AuditRow:
+    """The row of a message answered at once, without a stream (a command, a refusal)."""
+    now = time.time()
+    return AuditRow(
+        bot=bot,
+        msgid=message.msgid,
+        kind=kind,
+        outcome=outcome,
+        received_at=now,
+        finished_at=now,
+        userid=message.userid,
+        chatid=message.chatid,
+        chattype=message.chattype,
+        msgtype=message.msgtype,
+        question=message.text,
+        answer=reply,
+        replica=_replica(replica),
+    )
+
+
+def is_active(meta: dict[str, str]) -> bool:
+    """Whether a stream (its hash) is still being answered: pending or streaming, the stream store's active
+    statuses (services/streams/store.py), read here without importing the layer above."""
+    return meta.get("status") in ("pending", "streaming")
+
+
+def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow:
+    """The row of a finished stream: its hash (`meta`) and its text (`chunks`: the whole answer, also what went out
+    as a message of its own after the bubble closed). The answer recorded is that text with its closing note."""
+    text = "".join(chunks)
+    note = meta.get("note", "")
+    answer = f"{text}\n\n{note}" if text and note else (text or note)
+    status, error = meta.get("status", ""), meta.get("error", "")
+    outcome = _OUTCOME_OF_ERROR.get(error, NOTE) if status == "done" else (ERROR if error == "internal_error" else NOTE)
+    form_task = meta.get("form_task", "")
+    return AuditRow(
+        bot=bot,
+        msgid=meta.get("msgid", ""),
+        kind=FORM_ACTION if form_task else MESSAGE,
+        outcome=outcome,
+        received_at=float(meta.get("created_at") or 0),
+        finished_at=float(meta.get("finished_at") or meta.get("updated_at") or meta.get("created_at") or 0),
+        userid=meta.get("userid", ""),
+        chatid=meta.get("chatid", ""),
+        chattype=meta.get("chattype", "") or ("group" if meta.get("chatid") else "single"),
+        msgtype=meta.get("msgtype", "") or ("form" if form_task else ""),
+        question=_question(meta),
+        answer=answer,
+        dify_conversation_id=meta.get("conversation_id", ""),
+        dify_message_id=meta.get("message_id", ""),
+        dify_run_id=meta.get("workflow_run_id", ""),
+        replica=_replica(meta.get("owner", "")),
+    )
+
+
+def _question(meta: dict[str, str]) -> str:
+    """What the user asked: the text, and a mark per file sent with it (`[image]`, `[document]`, `[video]`; WeCom
+    names no file in a callback, and its download links are not kept)."""
+    marks = []
+    if meta.get("attachments"):
+        marks = [f"[{attachment[0]}]" for attachment in orjson.loads(meta["attachments"]) if attachment]
+    return "\n".join(part for part in (meta.get("query", ""), *marks) if part)
+
+
+def _replica(attempt: str) -> str:
+    """The replica of an attempt (`<replica>:<pid>#<run>`), or '' for none (a stream its user stopped)."""
+    process = attempt.partition("#")[0]
+    return process.rpartition(":")[0] if ":" in process else process if attempt != "stopped" else ""
+
+
+def _utc(epoch: float) -> datetime:
+    """A naive UTC datetime (how the table keeps times: DATETIME has no zone)."""
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)

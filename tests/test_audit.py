@@ -1,0 +1,305 @@
+"""The audit trail: one row per message in the real MariaDB (`wecom_audit`), whichever replica ends it and however
+often WeCom repeats it; rows that wait in Redis while the database is cut and go in once after; metadata mode; the
+export (CLI and GET /api/audit) and the retention purge."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import threading
+import time
+from datetime import datetime, timedelta
+
+import orjson
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import make_url
+
+from app import create_app
+from bench.faults.proxy import FaultyLink
+from demo import dify_standin as d
+from services.audit.records import AuditFilter, AuditRecords
+from services.audit.rows import ANSWERED, MESSAGE, STOP, AuditRow
+from services.audit.table import ensure_table, wecom_audit
+from services.audit.trail import AuditTrail
+from services.auth import db
+from services.texts import CATALOGUE
+from tests.conftest import KEYS, make_simulator, wait_until
+
+ZH = CATALOGUE["zh"]
+API_TOKEN = "audit-api-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def audit_url(mysql_databases) -> str:
+    return mysql_databases("audit")
+
+
+@pytest.fixture
+def engine(audit_url):
+    """The audit database's engine, its table there and empty."""
+    made = db.make_engine(audit_url, timeout=3)
+    ensure_table(made)
+    with made.begin() as connection:
+        connection.execute(delete(wecom_audit))
+    yield made
+    made.dispose()
+
+
+def rows(engine, **where) -> list[dict]:
+    query = select(wecom_audit).order_by(wecom_audit.c.id)
+    for name, value in where.items():
+        query = query.where(wecom_audit.c[name] == value)
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def count(engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(wecom_audit)).scalar_one()
+
+
+@pytest.fixture
+def audited(make_pair, engine, audit_url):
+    """Two replicas recording to the audit database."""
+    return make_pair(database_url=audit_url, audit_api_token=API_TOKEN)
+
+
+# --- one row per message -------------------------------------------------------------------------------------
+
+
+def test_a_message_retried_on_the_other_replica_is_one_row_of_what_the_user_was_shown(audited, engine, dify):
+    first, second = audited
+    dify.script(d.answer("第一句。第二句。", pieces=4, delay=0.05))
+    sims = [make_simulator(first.url), make_simulator(second.url)]
+    payload = sims[0].text_message("两句话")
+    reply = sims[0].send(payload)
+    assert sims[1].send(payload)["stream"]["id"] == reply["stream"]["id"]  # WeCom's retry, on the other replica
+    assert sims[1].follow(reply).text == "第一句。第二句。"
+    assert wait_until(lambda: count(engine) == 1)
+    time.sleep(1.5)  # another sweep on each replica: still one row
+    [row] = rows(engine)
+    assert (row["bot"], row["msgid"], row["kind"], row["outcome"]) == ("default", payload["msgid"], MESSAGE, ANSWERED)
+    assert (row["userid"], row["chattype"], row["msgtype"]) == ("alice", "single", "text")
+    assert row["question"] == "两句话" and row["answer"] == "第一句。第二句。"
+    assert row["answer_len"] == len("第一句。第二句。")
+    assert row["answer_sha256"] == hashlib.sha256("第一句。第二句。".encode()).hexdigest()
+    assert row["dify_message_id"] and row["dify_conversation_id"]
+    assert row["replica"] == "replica-a" and row["received_at"] <= row["finished_at"]
+    for sim in sims:
+        sim.close()
+
+
+def test_a_stop_makes_the_answer_a_stopped_row_and_the_command_a_stop_row(audited, engine, dify, redis_client):
+    first, second = audited
+    dify.script([d.message("part one"), d.sleep(0.3), d.message(" part two"), d.sleep(6), d.message(" never"), d.end()])
+    sims = [make_simulator(first.url), make_simulator(second.url)]
+    question = sims[0].text_message("a long story")
+    reply = sims[0].send(question)
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: "".join(redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1)) == "part one part two")
+    stop = sims[1].text_message("/stop")
+    assert sims[1].send(stop)["stream"]["content"] == ZH["stop_done"]
+    assert wait_until(lambda: count(engine) == 2)
+    [answer] = rows(engine, msgid=question["msgid"])
+    assert answer["outcome"] == "stopped" and answer["kind"] == MESSAGE
+    assert answer["answer"] == f"part one part two\n\n{ZH['stopped_note']}"
+    [command] = rows(engine, msgid=stop["msgid"])
+    assert (command["kind"], command["outcome"], command["answer"]) == (STOP, ANSWERED, ZH["stop_done"])
+    for sim in sims:
+        sim.close()
+
+
+def test_a_refusal_and_a_command_are_rows_too(make_app, serve, engine, audit_url, dify):
+    live = serve(make_app(database_url=audit_url, rate_limit_per_minute=1))
+    dify.script(d.answer("ok"), times=None)
+    sim = make_simulator(live.url)
+    assert sim.ask("one").text == "ok"
+    refused = sim.send(sim.text_message("two"))
+    assert refused["stream"]["content"] == ZH["rate_limited"]
+    sim.send(sim.text_message("/help"))
+    assert wait_until(lambda: count(engine) == 3)
+    assert sorted((r["question"], r["outcome"]) for r in rows(engine)) == [
+        ("/help", ANSWERED),
+        ("one", ANSWERED),
+        ("two", "busy"),
+    ]
+    sim.close()
+
+
+def test_two_sweepers_at_once_write_each_row_once(engine, redis_client):
+    """Two processes sweep the same owed streams at the same time (each claims what it reads; a claim that runs
+    out is taken by the other): every stream is one row, none is missed."""
+    records = AuditRecords(engine)
+    trails = [AuditTrail(redis_client, KEYS, records, "default") for _ in range(2)]
+    now = time.time()
+    stream_ids = [f"s{i}" for i in range(300)]
+    for i, stream_id in enumerate(stream_ids):
+        redis_client.hset(
+            KEYS.stream(stream_id),
+            mapping={"status": "done", "msgid": f"m{i}", "userid": "u", "created_at": now, "finished_at": now},
+        )
+        redis_client.expire(KEYS.stream(stream_id), 600)
+    redis_client.zadd(KEYS.audit_due(), dict.fromkeys(stream_ids, now))
+    redis_client.expire(KEYS.audit_due(), 600)
+    barrier = threading.Barrier(2)
+
+    def sweep(trail):
+        barrier.wait()
+        while redis_client.zcount(KEYS.audit_due(), "-inf", time.time()):
+            trail.sweep()
+
+    threads = [threading.Thread(target=sweep, args=(trail,)) for trail in trails]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count(engine) == 300
+    assert sorted(r["msgid"] for r in rows(engine)) == sorted(f"m{i}" for i in range(300))
+    assert redis_client.zcard(KEYS.audit_due()) == 0
+
+
+# --- the database away ---------------------------------------------------------------------------------------
+
+
+def test_rows_wait_in_redis_while_the_database_is_cut_and_go_in_once_after(make_app, serve, engine, audit_url, dify):
+    url = make_url(audit_url)
+    link = FaultyLink(url.port or 3306, url.host).start()
+    try:
+        live = serve(make_app(database_url=url.set(port=link.port).render_as_string(hide_password=False)))
+        gateway = live.gateway
+        dify.script(d.answer("answered while the database is away"), times=None)
+        sim = make_simulator(live.url)
+        assert sim.ask("before").text == "answered while the database is away"
+        assert wait_until(lambda: count(engine) == 1)
+        link.partition()
+        started = time.monotonic()
+        texts = [sim.ask(f"during {i}").text for i in range(3)]
+        assert texts == ["answered while the database is away"] * 3
+        assert time.monotonic() - started < 10  # the answers do not wait for the database
+        pending = gateway.bots["default"].audit.pending
+        assert wait_until(lambda: pending() == 3, timeout=30)
+        assert count(engine) == 1
+        link.heal()
+        assert wait_until(lambda: count(engine) == 4, timeout=30)
+        assert wait_until(lambda: pending() == 0)
+        time.sleep(1.5)
+        assert sorted(r["question"] for r in rows(engine)) == ["before", "during 0", "during 1", "during 2"]
+        sim.close()
+    finally:
+        link.stop()
+
+
+def test_metadata_mode_keeps_lengths_and_hashes_but_no_text(make_app, serve, engine, audit_url, dify):
+    live = serve(make_app(database_url=audit_url, audit_content="metadata"))
+    dify.script(d.answer("秘密的回答"))
+    sim = make_simulator(live.url)
+    assert sim.ask("秘密的问题").text == "秘密的回答"
+    assert wait_until(lambda: count(engine) == 1)
+    [row] = rows(engine)
+    assert row["question"] is None and row["answer"] is None
+    assert (row["question_len"], row["answer_len"]) == (5, 5)
+    assert row["question_sha256"] == hashlib.sha256("秘密的问题".encode()).hexdigest()
+    sim.close()
+
+
+# --- export and retention ------------------------------------------------------------------------------------
+
+
+def seed(engine, how_many: int, start: datetime, bot: str = "default") -> None:
+    records = AuditRecords(engine)
+    made = []
+    for i in range(how_many):
+        at = (start + timedelta(minutes=i)).timestamp()
+        made.append(AuditRow(bot, f"{bot}-{i}", MESSAGE, ANSWERED, at, at + 1, userid=f"u{i % 3}", question=f"q{i}"))
+    records.insert(made)
+
+
+def test_the_api_pages_add_up_to_the_cli_export_oldest_first(audited, engine):
+    seed(engine, 25, datetime(2026, 11, 1, 8, 0))
+    client = audited[0].app.test_client()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    lines, cursor, pages = [], "", 0
+    while True:
+        response = client.get("/api/audit", query_string={"limit": 10, "cursor": cursor}, headers=auth)
+        assert response.status_code == 200
+        lines += response.get_data(as_text=True).splitlines()
+        pages += 1
+        cursor = response.headers.get("X-Next-Cursor", "")
+        if not cursor:
+            break
+    assert pages == 3
+    exported = audited[0].app.test_cli_runner().invoke(args=["audit", "export"])
+    assert exported.exit_code == 0, exported.output
+    assert exported.output.splitlines() == lines
+    assert [orjson.loads(line)["msgid"] for line in lines] == [f"default-{i}" for i in range(25)]
+    assert orjson.loads(lines[0])["received_at"] == "2026-11-01T08:00:00Z"
+
+    one_user = client.get("/api/audit", query_string={"user": "u1", "format": "csv"}, headers=auth)
+    table = list(csv.DictReader(io.StringIO(one_user.get_data(as_text=True))))
+    assert [r["msgid"] for r in table] == [f"default-{i}" for i in range(1, 25, 3)]
+    window = {"since": "2026-11-01T08:05:00Z", "until": "2026-11-01T08:07:00Z"}
+    assert len(client.get("/api/audit", query_string=window, headers=auth).get_data(as_text=True).splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "status"),
+    [
+        ({}, {}, 401),
+        ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, 401),
+        ({"limit": 0}, None, 400),
+        ({"limit": 1001}, None, 400),
+        ({"since": "yesterday"}, None, 400),
+        ({"format": "xml"}, None, 400),
+        ({"cursor": "not-a-cursor"}, None, 400),
+        ({"colour": "red"}, None, 400),
+    ],
+)
+def test_the_api_refuses_clearly(audited, query, headers, status):
+    headers = {"Authorization": f"Bearer {API_TOKEN}"} if headers is None else headers
+    response = audited[0].app.test_client().get("/api/audit", query_string=query, headers=headers)
+    assert response.status_code == status
+    body = response.get_json()
+    assert set(body) == {"error", "message"} and API_TOKEN not in response.get_data(as_text=True)
+
+
+def test_without_a_token_there_is_no_audit_api(make_app, engine, audit_url):
+    app = make_app(database_url=audit_url)
+    assert app.test_client().get("/api/audit").status_code == 404
+
+
+def test_purge_deletes_only_the_rows_past_their_term(settings, engine, audit_url):
+    seed(engine, 3, datetime.now() - timedelta(days=200))
+    seed(engine, 2, datetime.now() - timedelta(days=10), bot="recent")
+    app = create_app(settings.replace(database_url=audit_url, audit_retention_days=180))  # a flask command's app
+    result = app.test_cli_runner().invoke(args=["audit", "purge"])
+    app.extensions["gateway"].close()
+    assert result.exit_code == 0, result.output
+    assert "deleted 3 audit rows older than 180 days" in result.output
+    assert {r["bot"] for r in rows(engine)} == {"recent"}
+    assert AuditRecords(engine).purge(5) == 2
+
+
+def test_the_sweep_purges_on_one_replica_at_a_time(make_pair, engine, audit_url):
+    seed(engine, 4, datetime.now() - timedelta(days=400))
+    seed(engine, 1, datetime.now(), bot="recent")
+    replicas = make_pair(database_url=audit_url)  # each one's sweeper looks at once; one of them takes the hour's turn
+    assert wait_until(lambda: count(engine) == 1)
+    assert sum(replica.gateway.audit_sweeper.purge_if_due() for replica in replicas) == 0  # the turn is taken
+
+
+def test_an_export_streams_a_page_at_a_time(engine):
+    seed(engine, 30, datetime(2026, 1, 1))
+    records = AuditRecords(engine)
+    pages = []
+    original = records.page
+
+    def page(which, limit, cursor=""):
+        found, after = original(which, limit, cursor)
+        pages.append(len(found))
+        return found, after
+
+    records.page = page
+    assert len(list(records.every(AuditFilter(), page_size=7))) == 30
+    assert pages == [7, 7, 7, 7, 2]
