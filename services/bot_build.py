@@ -349,6 +349,9 @@ def _callback(
         feedback,
         ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance),
         form_answers,
+        audit=core.store.audit,
+        bot=bot.name,
+        owner=shared.owner,
     )
     intake = MessageIntake(
         streams.service,

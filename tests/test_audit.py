@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import delete, func, select
@@ -20,12 +21,13 @@ from app import create_app
 from bench.faults.proxy import FaultyLink
 from demo import dify_standin as d
 from services.audit.records import AuditFilter, AuditRecords
-from services.audit.rows import ANSWERED, MESSAGE, STOP, AuditRow
+from services.audit.rows import ANSWERED, FEEDBACK, FORM_ACTION, MESSAGE, PUSH, STOP, AuditRow
 from services.audit.table import ensure_table, wecom_audit
 from services.audit.trail import AuditTrail
 from services.auth import db
 from services.texts import CATALOGUE
-from tests.conftest import KEYS, make_simulator, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_until
+from tests.test_forms import approval, ask_and_click
 
 ZH = CATALOGUE["zh"]
 API_TOKEN = "audit-api-token-0123456789"
@@ -303,3 +305,47 @@ def test_an_export_streams_a_page_at_a_time(engine):
     records.page = page
     assert len(list(records.every(AuditFilter(), page_size=7))) == 30
     assert pages == [7, 7, 7, 7, 2]
+
+
+# --- events and pushes ---------------------------------------------------------------------------------------
+
+
+def test_a_rating_and_a_tap_on_a_forms_card_are_rows_of_their_own(audited, engine, dify):
+    first, second = audited
+    sims = [make_simulator(first.url), make_simulator(second.url)]
+    dify.script(approval())
+    conversation, reply, _ = ask_and_click(sims[0], sims[1])
+    assert reply["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    stream_id = conversation.stream_id
+    rating = {"id": stream_id, "type": 2, "content": "too long", "inaccurate_reason_list": [1]}
+    sims[1].send(sims[1].event_message("feedback_event", rating))
+    assert wait_until(lambda: {r["kind"] for r in rows(engine)} == {MESSAGE, FORM_ACTION, FEEDBACK})
+    [tap] = rows(engine, kind=FORM_ACTION)
+    assert tap["question"].startswith(conversation.cards[0]["task_id"]) and tap["replica"] == "replica-b"
+    [feedback] = rows(engine, kind=FEEDBACK)
+    assert feedback["question"] == "dislike: 内容不相关 (unrelated); too long"
+    [message] = rows(engine, kind=MESSAGE)
+    assert message["question"] == "buy laptops" and message["dify_run_id"]
+    for sim in sims:
+        sim.close()
+
+
+def test_a_push_is_a_row_once_whatever_the_retries(make_pair, wecom_ws, engine, audit_url):
+    wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
+    replicas = make_pair(
+        wecom_mode="long_connection",
+        wecom_bot_id=WS_BOT_ID,
+        wecom_bot_secret=WS_BOT_SECRET,
+        wecom_ws_url=wecom.url,
+        push_api_token=API_TOKEN,
+        database_url=audit_url,
+    )
+    body = {"bot": "default", "userid": "bob", "markdown": "**Reminder**: review at 3 pm"}
+    headers = {"Authorization": f"Bearer {API_TOKEN}", "Idempotency-Key": "job-7"}
+    ids = {httpx.post(f"{r.url}/api/push", json=body, headers=headers, timeout=5).json()["id"] for r in replicas}
+    assert len(ids) == 1
+    assert wait_until(lambda: count(engine) == 1)
+    time.sleep(1.5)
+    [row] = rows(engine)
+    assert (row["kind"], row["msgid"], row["userid"], row["chattype"]) == (PUSH, f"push:{ids.pop()}", "bob", "single")
+    assert row["answer"] == "**Reminder**: review at 3 pm"

@@ -420,11 +420,12 @@ def test_an_outage_before_the_answer_starts_is_waited_out_while_the_bubble_can_b
     a blip's retries: the worker waits for it as long as the bubble could still show an answer, and the user gets
     the whole answer from one Dify call, not a note asking them to send the message again."""
     live = serve(auth_app(redis_url=private_redis.url, redis_socket_timeout=0.5, stream_lease_seconds=5))
-    auth.delay = 1.0  # the auth API answers once Redis is paused: caching the token and what follows must wait
+    # The auth API answers once Redis is paused (within its 1 s timeout): caching the token and what follows wait.
+    auth.delay = 0.6
     dify.script(d.answer("answered after the outage"))
     simulator = make_simulator(live.url, poll_interval=0.2)
     reply = simulator.send(simulator.text_message("hello", userid="alice"))
-    time.sleep(0.3)
+    time.sleep(0.2)
     private_redis.pause()
     time.sleep(13)  # longer than a blip's retries (services/outage.RETRY_DELAYS with the socket timeouts)
     private_redis.resume()

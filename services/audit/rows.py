@@ -106,15 +106,46 @@ def row_of_reply(bot: str, message: Inbound, reply: str, outcome: str, kind: str
     )
 
 
+def row_of_event(bot: str, message: Inbound, kind: str, said: str, replica: str) -> AuditRow:
+    """The row of a user's event: a rating (FEEDBACK) or a tap on a form's card (FORM_ACTION); `said` is what the
+    user did, in words ("like", "dislike: wrong; too long", the card's key and choices)."""
+    now = time.time()
+    return AuditRow(
+        bot=bot,
+        msgid=message.msgid or _event_id(message),
+        kind=kind,
+        outcome=ANSWERED,
+        received_at=now,
+        finished_at=now,
+        userid=message.userid,
+        chatid=message.chatid,
+        chattype=message.chattype,
+        msgtype=message.event_type,
+        question=said,
+        replica=_replica(replica),
+    )
+
+
+def _event_id(message: Inbound) -> str:
+    """An id for an event callback that carries no msgid (a tap on a card): the same for a resend of the same
+    event, so the row is written once."""
+    raw = orjson.dumps([message.userid, message.chatid, message.event], option=orjson.OPT_SORT_KEYS)
+    return f"event:{hashlib.sha256(raw).hexdigest()[:32]}"
+
+
 def is_active(meta: dict[str, str]) -> bool:
     """Whether a stream (its hash) is still being answered: pending or streaming, the stream store's active
     statuses (services/streams/store.py), read here without importing the layer above."""
     return meta.get("status") in ("pending", "streaming")
 
 
-def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow:
+def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow | None:
     """The row of a finished stream: its hash (`meta`) and its text (`chunks`: the whole answer, also what went out
-    as a message of its own after the bubble closed). The answer recorded is that text with its closing note."""
+    as a message of its own after the bubble closed). The answer recorded is that text with its closing note. A
+    push is a row of its own (kind push); the rest of an answer sent as a message of its own is not (`rest_of`: its
+    message's row has the whole answer): None."""
+    if meta.get("rest_of"):
+        return None
     text = "".join(chunks)
     note = meta.get("note", "")
     answer = f"{text}\n\n{note}" if text and note else (text or note)
@@ -124,14 +155,14 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
     return AuditRow(
         bot=bot,
         msgid=meta.get("msgid", ""),
-        kind=FORM_ACTION if form_task else MESSAGE,
+        kind=PUSH if meta.get("push") else FORM_ACTION if form_task else MESSAGE,
         outcome=outcome,
         received_at=float(meta.get("created_at") or 0),
         finished_at=float(meta.get("finished_at") or meta.get("updated_at") or meta.get("created_at") or 0),
         userid=meta.get("userid", ""),
         chatid=meta.get("chatid", ""),
         chattype=meta.get("chattype", "") or ("group" if meta.get("chatid") else "single"),
-        msgtype=meta.get("msgtype", "") or ("form" if form_task else ""),
+        msgtype=meta.get("msgtype", "") or ("form" if form_task else "markdown" if meta.get("push") else ""),
         question=_question(meta),
         answer=answer,
         dify_conversation_id=meta.get("conversation_id", ""),

@@ -98,7 +98,8 @@ class AuditTrail:
             elif is_active(meta):
                 continue  # a takeover answers it still: its end lists it again (else the claim brings it back)
             else:
-                rows.append(row_of_stream(self.bot, meta, chunks))
+                if (row := row_of_stream(self.bot, meta, chunks)) is not None:
+                    rows.append(row)
                 done.append(stream_id)
         if rows and not self._insert(rows):
             self._park(rows)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 
+import orjson
+
+from services.audit.queue import AuditQueue
+from services.audit.rows import FEEDBACK, FORM_ACTION, row_of_event
 from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
-from services.dify.feedback import FeedbackService
+from services.dify.feedback import FeedbackService, rating_in_words
 from services.forms.answers import FormAnswers
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.messages import Inbound
@@ -21,12 +25,22 @@ logger = logging.getLogger(__name__)
 
 class EventHandler:
     def __init__(
-        self, welcome: Welcome, feedback: FeedbackService, replays: ReplayGuard, forms: FormAnswers | None = None
+        self,
+        welcome: Welcome,
+        feedback: FeedbackService,
+        replays: ReplayGuard,
+        forms: FormAnswers | None = None,
+        audit: AuditQueue | None = None,
+        bot: str = "default",
+        owner: str = "",
     ):
         self.welcome = welcome
         self.feedback = feedback
         self.replays = replays
         self.forms = forms
+        self.audit = audit  # a rating and a tap on a form's card are rows of the audit trail (None: AUDIT off)
+        self.bot = bot
+        self.owner = owner
 
     def first_time(self, signature: str) -> bool:
         """False for a repeat of a request already handled (a Redis outage counts as first time)."""
@@ -41,7 +55,15 @@ class EventHandler:
         logger.info("event %s received", message.event_type)
         if message.event_type == "feedback_event":
             self.feedback.submit(message.event)
-        return self._reply(message)
+            self._record(message, FEEDBACK, rating_in_words(message.event))
+        reply = self._reply(message)
+        if message.event_type == "template_card_event":
+            self._record(message, FORM_ACTION, _tap_in_words(message.event))
+        return reply
+
+    def _record(self, message: Inbound, kind: str, said: str) -> None:
+        if self.audit is not None:
+            self.audit.replied(row_of_event(self.bot, message, kind, said, self.owner))
 
     def replayed(self, message: Inbound) -> dict | None:
         """The reply to a repeated event, without its side effects (the welcome is the same; feedback is not
@@ -58,3 +80,10 @@ class EventHandler:
         if message.event_type == "enter_chat":
             return self.welcome.reply()
         return None
+
+
+def _tap_in_words(event: dict) -> str:
+    """A tap on a form's card, as the audit row keeps it: the button's key and the options chosen."""
+    chosen = {key: value for key, value in event.items() if key not in ("task_id", "event_key", "card_type")}
+    words = str(event.get("event_key") or "")
+    return f"{words} {orjson.dumps(chosen, option=orjson.OPT_SORT_KEYS).decode()}" if chosen else words

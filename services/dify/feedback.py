@@ -41,6 +41,14 @@ def feedback_content(event: dict) -> str:
     return "; ".join([*reasons, words] if words else reasons)
 
 
+def rating_in_words(event: dict) -> str:
+    """A feedback_event as the audit trail keeps it: like, dislike (with its reasons and words), or cancelled."""
+    kind = event.get("type")
+    words = _RATINGS.get(kind, f"type {kind}") if kind != CANCELLED else "cancelled"
+    content = feedback_content(event) if kind == INACCURATE else ""
+    return f"{words}: {content}" if content else words
+
+
 class FeedbackService:
     def __init__(self, client: redis.Redis, keys: Keys, dify: DifyClient, workers: int = 4):
         self.redis = client

@@ -79,6 +79,7 @@ class ConnectionDelivery:
         message_id = f"rest.{job.stream_id}"
         if not self.outbox.posted(message_id):  # not made by an earlier try
             fields = {"msgid": f"rest:{job.stream_id}", "userid": job.userid, "chatid": job.chatid}
+            fields["rest_of"] = job.stream_id  # part of that message's answer (and of its audit row)
             fields["aibotid"] = job.aibotid
             self.outbox.post(message_id, self.owner, markdown, job.chatid or job.userid, not job.chatid, fields)
         self.outbox.sent(job.stream_id)

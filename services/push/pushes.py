@@ -107,7 +107,8 @@ class BotPushes:
     def _make(self, push_id: str, target: Target, markdown: str) -> None:
         """The push as a finished stream of its own, kept a day, tracked for the outbox (each step may be done
         again)."""
-        fields = {"msgid": f"push:{push_id}", "chatid": "" if target.single else target.chat, "push": "1"}
+        fields = {"msgid": f"push:{push_id}", "push": "1"}  # a push is one row of the audit trail (kind push)
+        fields |= {"userid": target.chat, "chattype": "single"} if target.single else {"chatid": target.chat}
         self.outbox.post(
             push_id, self.owner, markdown, target.chat, target.single, fields, keep_seconds=SENT_TTL_SECONDS
         )
