@@ -16,7 +16,10 @@ import threading
 from collections import defaultdict
 
 from flask import Blueprint, current_app, jsonify, render_template, request
+from sqlalchemy.exc import SQLAlchemyError
 
+from services.audit.export import plain_row
+from services.audit.rows import MESSAGE
 from services.streams.inspector import StreamInspector
 
 console = Blueprint("console", __name__, url_prefix="/console", static_folder="static", template_folder="templates")
@@ -137,7 +140,21 @@ def stream(stream_id: str):
     if info is None:
         return jsonify(error="not_found", message="no such stream (unknown or expired)"), 404
     info.pop("chunks")
+    info["audit_row"] = _audit_row(bot.name, info)
     return jsonify(info)
+
+
+def _audit_row(bot: str, info: dict) -> dict | str:
+    """The message's row of the audit trail (docs/audit.md), as it stands beside the stream's keys."""
+    records = _gateway().audit_records
+    if records is None:
+        return "the audit trail is off (AUDIT=off)"
+    msgid = info["meta"].get("msgid", "")
+    try:
+        row = records.row(bot, msgid, MESSAGE) if msgid else None
+    except SQLAlchemyError as exc:
+        return f"the database did not answer ({type(exc).__name__})"
+    return plain_row(row) if row is not None else "not written yet: a sweep writes it within a second of the end"
 
 
 @console.post("/api/response-url")

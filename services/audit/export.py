@@ -34,7 +34,12 @@ def lines(rows: Iterable[dict], fmt: str) -> Iterator[str]:
             yield _csv_line([_plain(row[name]) for name in COLUMNS])
         return
     for row in rows:
-        yield orjson.dumps({name: _plain(row[name]) for name in COLUMNS}).decode() + "\n"
+        yield orjson.dumps(plain_row(row)).decode() + "\n"
+
+
+def plain_row(row: dict) -> dict:
+    """A row as JSON shows it: its columns in the table's order, times in ISO 8601 UTC."""
+    return {name: _plain(row[name]) for name in COLUMNS}
 
 
 def _plain(value):

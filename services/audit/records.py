@@ -95,6 +95,14 @@ class AuditRecords:
                     return deleted
                 deleted += connection.execute(delete(wecom_audit).where(c.id.in_(ids))).rowcount
 
+    def row(self, bot: str, msgid: str, kind: str) -> dict | None:
+        """One message's row, or None while it is not written (or when it never will be)."""
+        c = wecom_audit.c
+        query = select(wecom_audit).where(c.bot == bot, c.msgid == msgid, c.kind == kind)
+        with self.engine.connect() as connection:
+            found = connection.execute(query).first()
+        return dict(found._mapping) if found is not None else None
+
     def page(self, which: AuditFilter, limit: int, cursor: str = "") -> tuple[list[dict], str]:
         """Up to `limit` rows after `cursor` ('' for the first page), oldest first; and the next page's cursor
         ('' after the last row).

@@ -54,6 +54,7 @@ def browser(tmp_path):
 def console_url(settings, serve, tmp_path):
     users = f"sqlite:///{tmp_path / 'users.db'}"  # not the checkout's instance/, which a running demo may use
     app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", database_url=users))
+    app.extensions["gateway"].start()  # served, as `make demo` serves it: its background work runs
     yield f"{serve(app).url}/console"
     app.extensions["gateway"].runner.drain(10)
     app.extensions["gateway"].close()
@@ -107,6 +108,9 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     redis_panel = browser.find_element(By.ID, "redis").text
     assert '"status": "done"' in redis_panel
     assert "dify_stream:" in redis_panel
+    # The message's audit row beside its keys (the demo records to its SQLite file), once a sweep has written it.
+    wait_until(browser, "return document.getElementById('redis').textContent.includes('\"outcome\": \"answered\"')")
+    assert '"question": "hello console"' in browser.find_element(By.ID, "redis").text
     exchange = browser.find_element(By.ID, "exchange").text
     assert "→ text" in exchange
     assert "→ stream" in exchange

@@ -7,6 +7,7 @@ const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const POLL_INTERVAL_MS = 1000;
 const POLL_WINDOW_MS = 6 * 60 * 1000;
+const AUDIT_SWEEP_MS = 1500;  // a replica writes a finished message's audit row within a second (docs/audit.md)
 let bots = [];
 let config = null;  // the bot this page talks to (the picker chooses among several)
 let aesKey = null;
@@ -225,6 +226,7 @@ async function send(content) {
   if (!finished) showBubble(bubble, { id: stream.id, content: bubble.textContent }, true, "WeCom stopped polling (6 minutes)");
   addFeedback(bubble, stream.feedback && stream.feedback.id);
   refreshRedis(stream.id);
+  setTimeout(() => refreshRedis(stream.id), AUDIT_SWEEP_MS);  // the message's audit row, written after its end
   watchResponseUrl(responseUrl.code);
 }
 
@@ -257,6 +259,7 @@ async function sendOverWebSocket(content) {
     }
     if (last && last.finish) {
       const first = frames[0].stream;
+      setTimeout(() => refreshRedis(last.id), AUDIT_SWEEP_MS);
       return addFeedback(bubble, first.feedback && first.feedback.id);
     }
     if (proactive.length > proactiveBefore) return;  // the req_id died: the rest came as aibot_send_msg (shown below)
