@@ -142,3 +142,15 @@ def test_longconn_waits():
     result = longconn_waits.main(["--messages", "3", "--streams", "2", "--deltas", "4", "--stream-seconds", "1"])
     assert result["healthy"]["answered"] == 3 and result["no_replica"]["answered"] == 3
     assert result["healthy"]["complete"] == 2 and result["no_replica"]["complete"] == 2
+
+
+@needs_wrk
+def test_audit():
+    from bench import audit
+
+    arguments = ["--seconds", "1", "--rounds", "1", "--message-rate", "10", "--rate", "20", "--answers", "20"]
+    result = audit.main([*arguments, "--export-rows", "200"])
+    assert result["cost"]["polls_per_s_on"] > 0 and result["cost"]["polls_per_s_off"] > 0
+    assert result["rows_under_load"]["missing"] == 0 and result["rows_under_load"]["twice"] == 0
+    assert [e["rows"] for e in result["export"]] == [20, 200]
+    assert all(e["peak_rss_mb"] > 0 for e in result["export"])

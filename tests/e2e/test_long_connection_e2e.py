@@ -9,10 +9,13 @@ import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from demo import dify_apps as apps
 from demo import dify_standin as d
 from demo.replicas import GunicornReplica
+from services.audit.table import wecom_audit
+from services.auth import db
 from services.wecom.crypto import media_cipher, pad32
 from tests.conftest import PNG, outbox_settled, wait_until
 from tests.e2e.conftest import replica_env
@@ -93,8 +96,9 @@ def test_one_process_holds_the_connection_and_answers_stream(replicas, wecom, di
     assert [frame["stream"]["finish"] for frame in wecom.frames(req_id)].count(True) == 1
 
 
-def test_a_redelivered_message_is_answered_once(replicas, wecom, dify):
-    replicas(count=2)
+def test_a_redelivered_message_is_answered_once_and_audited_once(replicas, wecom, dify, mysql_databases):
+    database_url = mysql_databases("long_connection_audit")
+    replicas(count=2, DATABASE_URL=database_url)  # AUDIT is on wherever there is a database
     assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
     dify.script(d.answer("once", delay=0.05))
     first = wecom.deliver_text(BOT_ID, "twice?", msgid="m-redelivered")
@@ -102,6 +106,16 @@ def test_a_redelivered_message_is_answered_once(replicas, wecom, dify):
     assert wecom.final(first)["stream"]["content"] == "once"
     assert wecom.final(second)["stream"]["content"] == "once"
     assert len(dify.chat_requests()) == 1
+    engine = db.make_engine(database_url)
+
+    def rows() -> list:
+        with engine.connect() as connection:
+            return list(connection.execute(select(wecom_audit.c.msgid, wecom_audit.c.answer)))
+
+    assert wait_until(lambda: rows() == [("m-redelivered", "once")], timeout=15)
+    time.sleep(2)  # every process's sweep has run again meanwhile
+    assert rows() == [("m-redelivered", "once")]
+    engine.dispose()
 
 
 def test_a_killed_holder_is_replaced_within_the_lease(replicas, wecom, redis_client):
