@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
@@ -153,6 +154,16 @@ class AnswerSettings:
 
 
 @dataclass(frozen=True)
+class QuotaSettings:
+    """How many questions a user, and a group chat, may ask the bot a day (0 = no limit), counted across replicas;
+    a day ends at midnight in `timezone`."""
+
+    user_messages_per_day: int = _var("QUOTA_USER_MESSAGES_PER_DAY", 0)
+    chat_messages_per_day: int = _var("QUOTA_CHAT_MESSAGES_PER_DAY", 0)
+    timezone: str = _var("QUOTA_TIMEZONE", "Asia/Shanghai")
+
+
+@dataclass(frozen=True)
 class BotSettings:
     """Everything one bot has of its own. `name` is "default" without a bots file, the table's name with one, and
     "" for a bots file's deployment settings (no bot of their own); it is set by the loaders, never read from the
@@ -165,6 +176,7 @@ class BotSettings:
     dify: DifySettings = field(default_factory=DifySettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     answers: AnswerSettings = field(default_factory=AnswerSettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
 
     @property
     def long_connection(self) -> bool:
@@ -340,6 +352,7 @@ _GROUPS = {
         DifySettings,
         AuthSettings,
         AnswerSettings,
+        QuotaSettings,
         BotSettings,
         RedisSettings,
         DatabaseSettings,
@@ -485,6 +498,20 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     )
     problems.require(s.bot.answers.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
     problems.require(s.bot.answers.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
+    _check_quotas(s, problems)
+
+
+def _check_quotas(s: Settings, problems: _Problems) -> None:
+    quotas = s.bot.quotas
+    for variable, value in (
+        ("QUOTA_USER_MESSAGES_PER_DAY", quotas.user_messages_per_day),
+        ("QUOTA_CHAT_MESSAGES_PER_DAY", quotas.chat_messages_per_day),
+    ):
+        problems.require(value >= 0, variable, "must be 0 (no quota) or a whole number of messages")
+    try:
+        ZoneInfo(quotas.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        problems.append(f"QUOTA_TIMEZONE must be a time zone such as Asia/Shanghai (got {quotas.timezone!r})")
 
 
 def _check_wecom(s: Settings, problems: _Problems) -> None:

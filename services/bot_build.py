@@ -27,6 +27,7 @@ from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
 from services.callback.replay_guard import ReplayGuard
 from services.chat.intake import MessageIntake
+from services.chat.quotas import Quotas
 from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
@@ -110,6 +111,7 @@ class Bot:
     pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
     audit: AuditTrail | None = None  # the audit rows this bot owes (None: AUDIT off)
+    quotas: Quotas | None = None  # its daily quotas of questions (None: none)
 
     def report(self) -> dict:
         """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
@@ -147,7 +149,8 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     files = _files(bot, shared, core, dify.links)
     forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
     streams = _streams(bot, shared, core, dify, files, forms, authorizer)
-    callback = _callback(bot, shared, core, dify, streams, forms, authorizer)
+    quotas = _quotas(bot, shared, core)
+    callback = _callback(bot, shared, core, dify, streams, forms, authorizer, quotas)
     connection = _connection(bot, shared, core, streams.service, callback.handler, files)
     return Bot(
         name=bot.name,
@@ -170,6 +173,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
         pushes=connection.pushes if connection else None,
         consumer=connection.consumer if connection else None,
         audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name) if shared.audit else None,
+        quotas=quotas,
     )
 
 
@@ -339,6 +343,7 @@ def _callback(
     streams: StreamsPart,
     forms: FormService,
     authorizer: Authorizer | None,
+    quotas: Quotas | None,
 ) -> CallbackPart:
     texts, wecom = core.texts, bot.wecom
     # A form's answer may start the rest of its run on a worker again: built once the streams are.
@@ -361,9 +366,18 @@ def _callback(
         form_answers,
         streams.stopper,
         authorize=authorizer.inputs_for if authorizer is not None else None,
+        quotas=quotas,
     )
     envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
     return CallbackPart(CallbackHandler(envelope, intake, streams.service, events, texts), feedback)
+
+
+def _quotas(bot: BotSettings, shared: Shared, core: Core) -> Quotas | None:
+    """The bot's daily quotas of questions, or None when it has none."""
+    q = bot.quotas
+    if not (q.user_messages_per_day or q.chat_messages_per_day):
+        return None
+    return Quotas(shared.client, core.keys, q.user_messages_per_day, q.chat_messages_per_day, q.timezone, bot.name)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ WS_GENERATION_TTL_SECONDS = 30 * 24 * 3600
 # The audit trail's lists in Redis (services/audit): the streams that owe a row, and the rows that wait for the
 # database; each renewed with every entry, so a database outage of up to this long loses no row.
 AUDIT_KEEP_SECONDS = 2 * 24 * 3600
+# A day's quota count outlives its day (in any time zone) by a day.
+QUOTA_TTL_SECONDS = 2 * 24 * 3600
 # A form's card state outlives the form's own expiry by this much (a late click still gets "expired").
 FORM_KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 
@@ -94,6 +96,11 @@ class Keys:
     def rest_post_claim(self, stream_id: str) -> str:
         """`sending <claimant>` while one process posts a stream's owed message, then `sent` or `failed`."""
         return f"{self.prefix}rest_post_claim:{{{stream_id}}}"
+
+    def quota(self, scope: str, who: str, day: str) -> str:
+        """Set of the msgids a user (`scope` user) or a group chat (`scope` chat) asked on `day` (YYYYMMDD in
+        QUOTA_TIMEZONE): counted once per message whatever WeCom repeats; TTL QUOTA_TTL_SECONDS."""
+        return f"{self.prefix}quota:{{{scope}:{who}}}:{day}"
 
     def audit_due(self) -> str:
         """Sorted set of the streams whose audit row is owed (score: when a sweep looks at it: once it ended, or

@@ -232,7 +232,7 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 # top when they happen).
 MESSAGE_OUTCOMES = (
     "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
-    "unsupported",
+    "unsupported", "over_quota",
 )  # fmt: skip
 CALLBACK_KINDS = ("text", "stream")
 CALLBACK_OUTCOMES = ("ok", "store_unavailable")
@@ -266,6 +266,9 @@ PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed")
 DIFY_STOP_REASONS = ("user", "timeout")
 
 
+QUOTA_REFUSALS = Counter(
+    "wecom_quota_refusals_total", "Questions refused by a daily quota, by whose quota (user, chat)", ["bot", "scope"]
+)
 AUDIT_ROWS = Counter(
     "wecom_audit_rows_total",
     "Audit rows written to the database by outcome (answered, note, stopped, blocked, over_quota, busy, error); "
@@ -288,6 +291,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
         AUDIT_PENDING.labels(bot)
     for outcome in MESSAGE_OUTCOMES:
         MESSAGES.labels(bot, outcome)
+    for scope in ("user", "chat"):
+        QUOTA_REFUSALS.labels(bot, scope)
     for kind in CALLBACK_KINDS:
         for outcome in CALLBACK_OUTCOMES:
             CALLBACKS.labels(bot, kind, outcome)

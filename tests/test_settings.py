@@ -170,6 +170,15 @@ def test_an_aes_key_of_the_right_length_with_other_characters_says_which_are_all
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"BOT_LANGUAGE": "fr"}, "BOT_LANGUAGE"),
         ({"PORT": "70000"}, "PORT"),
+        ({"QUOTA_USER_MESSAGES_PER_DAY": "ten"}, "QUOTA_USER_MESSAGES_PER_DAY"),
+        ({"QUOTA_USER_MESSAGES_PER_DAY": "-1"}, "QUOTA_USER_MESSAGES_PER_DAY"),
+        ({"QUOTA_CHAT_MESSAGES_PER_DAY": "2.5"}, "QUOTA_CHAT_MESSAGES_PER_DAY"),
+        ({"QUOTA_TIMEZONE": "Mars/Olympus"}, "QUOTA_TIMEZONE"),
+        ({"AUDIT": "maybe"}, "AUDIT"),
+        ({"AUDIT": "on"}, "AUDIT"),  # with no database to write to
+        ({"AUDIT_CONTENT": "some"}, "AUDIT_CONTENT"),
+        ({"AUDIT_RETENTION_DAYS": "-3"}, "AUDIT_RETENTION_DAYS"),
+        ({"AUDIT_API_TOKEN": "short"}, "AUDIT_API_TOKEN"),
     ],
 )
 def test_bad_values_name_the_variable_in_one_line(change, variable):
