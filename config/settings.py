@@ -151,6 +151,8 @@ class AnswerSettings:
     placeholder: str = _var("STREAM_PLACEHOLDER")
     conversation_ttl_seconds: int = _var("CONVERSATION_TTL_SECONDS", 7 * 24 * 3600)
     rate_limit_per_minute: int = _var("RATE_LIMIT_PER_MINUTE", 20)
+    max_active_per_bot: int = _var("MAX_ACTIVE_ANSWERS_PER_BOT", 0)  # Dify calls running at once, all replicas; 0 = any
+    queue_wait_seconds: float = _var("QUEUE_WAIT_SECONDS", 30.0)  # how long a question over that cap waits in line
 
 
 @dataclass(frozen=True)
@@ -499,6 +501,12 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     problems.require(s.bot.answers.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
     problems.require(s.bot.answers.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
     _check_quotas(s, problems)
+    problems.require(
+        s.bot.answers.max_active_per_bot >= 0, "MAX_ACTIVE_ANSWERS_PER_BOT", "must be 0 (no cap) or a whole number"
+    )
+    problems.require(
+        0 <= s.bot.answers.queue_wait_seconds <= 300, "QUEUE_WAIT_SECONDS", "must be between 0 and 300 seconds"
+    )
 
 
 def _check_quotas(s: Settings, problems: _Problems) -> None:

@@ -236,6 +236,8 @@ class DifyStandIn:
         self.stops: list[tuple[str, dict]] = []
         self.stop_paths: list[str] = []  # which stop endpoint each of `stops` called
         self.open_streams = 0
+        self.answering = 0  # chat calls whose answer is streaming now, and the most at once (since reset)
+        self.most_answering = 0
         self.parameters = default_parameters()
         self.conversations: dict[str, str] = {}  # conversation id -> the end-user it belongs to
         self.questions: dict[str, list[str]] = {}  # conversation id -> its questions so far
@@ -296,6 +298,7 @@ class DifyStandIn:
             self.blocked_extensions = set()
             self.files_url = ""
             self.record_reads.clear()
+            self.most_answering = self.answering
             self.forms.clear()
             self.form_submissions.clear()
             self.form_refusals.clear()
@@ -456,11 +459,24 @@ class DifyStandIn:
             or demo_extra(query, language)
             or demo_reply(query, self.demo_delay, language, earlier, name)
         )
-        if mode == CHATFLOW or any(step[0] == "form" for step in steps):  # a run with a Human Input node
-            inputs = {"sys.query": query, "sys.user_id": body["user"], "sys.conversation_id": ids["conversation_id"]}
-            await self._play_run(steps, ids, conn, body["user"], CHATFLOW, inputs)
-        else:
-            await self._play(steps, _ConnSink(conn, ids))
+        self._count_answering(1)
+        try:
+            if mode == CHATFLOW or any(step[0] == "form" for step in steps):  # a run with a Human Input node
+                inputs = {
+                    "sys.query": query,
+                    "sys.user_id": body["user"],
+                    "sys.conversation_id": ids["conversation_id"],
+                }
+                await self._play_run(steps, ids, conn, body["user"], CHATFLOW, inputs)
+            else:
+                await self._play(steps, _ConnSink(conn, ids))
+        finally:
+            self._count_answering(-1)
+
+    def _count_answering(self, change: int) -> None:
+        with self._lock:
+            self.answering += change
+            self.most_answering = max(self.most_answering, self.answering)
 
     async def _run(self, request: Request, conn: Conn, mode: str) -> None:
         """A workflow app's run (`/workflows/run`) or a completion app's answer (`/completion-messages`)."""

@@ -60,6 +60,7 @@ from services.streams.recorder import AnswerOptions
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamPolicy, StreamService
+from services.streams.slots import AnswerSlots
 from services.streams.stop import AnswerStopper
 from services.streams.store import StreamStore
 from services.streams.worker import StreamWorker, WorkerDeps
@@ -112,6 +113,7 @@ class Bot:
     consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
     audit: AuditTrail | None = None  # the audit rows this bot owes (None: AUDIT off)
     quotas: Quotas | None = None  # its daily quotas of questions (None: none)
+    slots: AnswerSlots | None = None  # its cap on answers running at once (None: none)
 
     def report(self) -> dict:
         """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
@@ -131,6 +133,8 @@ class Bot:
             self.holder.stop()
         if self.consumer is not None:
             self.consumer.join()  # its last Redis calls before the pool closes
+        if self.slots is not None:
+            self.slots.stop()
         self.feedback.close()
         self.media.close()
         self.files.fetcher.close()
@@ -174,6 +178,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
         consumer=connection.consumer if connection else None,
         audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name) if shared.audit else None,
         quotas=quotas,
+        slots=streams.slots,
     )
 
 
@@ -277,6 +282,7 @@ class StreamsPart:
     service: StreamService
     conversations: ConversationStore
     stopper: AnswerStopper
+    slots: AnswerSlots | None  # MAX_ACTIVE_ANSWERS_PER_BOT (None: no cap)
 
 
 def _streams(
@@ -308,11 +314,23 @@ def _streams(
         stopper=stopper,
         append_pace=core.delivery.append_pace,
         append_deadlines=core.delivery.append_deadlines,
+        slots=_slots(bot, shared, core),
     )
     worker = _worker(bot, deps, shared.owner, authorizer)
     policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
     service = StreamService(store, shared.runner, worker, texts, bubble, shared.owner, core.delivery, policy)
-    return StreamsPart(service, conversations, stopper)
+    return StreamsPart(service, conversations, stopper, deps.slots)
+
+
+def _slots(bot: BotSettings, shared: Shared, core: Core) -> AnswerSlots | None:
+    """The bot's cap on answers running in Dify at once across replicas, or None without one."""
+    answers = bot.answers
+    if not answers.max_active_per_bot:
+        return None
+    lease = shared.settings.streams.lease_seconds
+    return AnswerSlots(
+        shared.client, core.keys, answers.max_active_per_bot, answers.queue_wait_seconds, lease, bot.name
+    )
 
 
 def _worker(bot: BotSettings, deps: WorkerDeps, owner: str, authorizer: Authorizer | None) -> StreamWorker:

@@ -102,6 +102,19 @@ class Keys:
         QUOTA_TIMEZONE): counted once per message whatever WeCom repeats; TTL QUOTA_TTL_SECONDS."""
         return f"{self.prefix}quota:{{{scope}:{who}}}:{day}"
 
+    def answer_slots(self) -> str:
+        """Sorted set of the bot's answers holding one of its MAX_ACTIVE_ANSWERS_PER_BOT slots (score: when the slot
+        lapses unless renewed); shares its hash tag with the line (services/streams/slots.py); TTL a day, renewed."""
+        return f"{self.prefix}answer_slots:{{slots}}"
+
+    def answer_line(self) -> str:
+        """Sorted set of the bot's answers waiting for a slot (score: when each joined the line); TTL as the slots'."""
+        return f"{self.prefix}answer_line:{{slots}}"
+
+    def answer_line_seen(self) -> str:
+        """Sorted set: when each waiter last asked for its slot (one that stopped asking leaves the line)."""
+        return f"{self.prefix}answer_line_seen:{{slots}}"
+
     def audit_due(self) -> str:
         """Sorted set of the streams whose audit row is owed (score: when a sweep looks at it: once it ended, or
         after its bubble's window); TTL AUDIT_KEEP_SECONDS, renewed with each entry."""

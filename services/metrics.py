@@ -246,6 +246,7 @@ AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_una
 SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = (
     "audit_sweeper",
+    "answer_slots",
     "append_batcher",
     "stream_lease_keeper",
     "wecom_ws_holder",
@@ -268,6 +269,17 @@ DIFY_STOP_REASONS = ("user", "timeout")
 
 QUOTA_REFUSALS = Counter(
     "wecom_quota_refusals_total", "Questions refused by a daily quota, by whose quota (user, chat)", ["bot", "scope"]
+)
+CAP_REFUSALS = Counter(
+    "wecom_answer_cap_refusals_total",
+    "Questions given a busy reply after waiting QUEUE_WAIT_SECONDS for one of the bot's MAX_ACTIVE_ANSWERS_PER_BOT",
+    ["bot"],
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "wecom_answer_queue_wait_seconds",
+    "How long a question waited in line for one of the bot's answer slots (MAX_ACTIVE_ANSWERS_PER_BOT)",
+    labelnames=["bot"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
 )
 AUDIT_ROWS = Counter(
     "wecom_audit_rows_total",
@@ -293,6 +305,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
         MESSAGES.labels(bot, outcome)
     for scope in ("user", "chat"):
         QUOTA_REFUSALS.labels(bot, scope)
+    CAP_REFUSALS.labels(bot)
+    QUEUE_WAIT_SECONDS.labels(bot)
     for kind in CALLBACK_KINDS:
         for outcome in CALLBACK_OUTCOMES:
             CALLBACKS.labels(bot, kind, outcome)

@@ -39,6 +39,7 @@ from services.streams.job import StreamJob
 from services.streams.progress import StepProgress
 from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.streams.runner import LeaseClock
+from services.streams.slots import AnswerSlots
 from services.streams.stop import AnswerStopper
 from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.text_relay import TextRelay
@@ -81,6 +82,11 @@ class WorkerDeps:
     # confirmed holding (callback mode's response_url); a long connection's end waits for Redis instead, and an
     # append Redis runs late is only text the stream then has, which every frame and rest is counted from.
     append_deadlines: bool = True
+    slots: AnswerSlots | None = None  # MAX_ACTIVE_ANSWERS_PER_BOT: a slot before each new Dify call (None: no cap)
+
+
+class NoSlot(Exception):
+    """The question waited QUEUE_WAIT_SECONDS in line and no answer slot came free."""
 
 
 class StreamWorker:
@@ -141,6 +147,10 @@ class StreamWorker:
                 self.deps.finisher.finish(job, answer, status, note=texts.say(declined.note_key), error=error)
             except DifyError as exc:
                 self._fail(job, answer, exc)
+            except NoSlot:
+                logger.info("no answer slot came free within QUEUE_WAIT_SECONDS: a busy reply")
+                metrics.CAP_REFUSALS.labels(self.bot).inc()
+                self.deps.finisher.finish(job, answer, DONE, note=texts.say("queue_busy"), error="busy")
             except REDIS_FAILURES as exc:
                 logger.warning("Redis stayed unavailable before the answer could start: %s", exc)
                 self.deps.finisher.finish(
@@ -152,6 +162,8 @@ class StreamWorker:
             finally:
                 if answer.progress is not None:
                     answer.progress.close()
+                if self.deps.slots is not None:
+                    self.deps.slots.release(job.stream_id)
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         if job.separate:
@@ -178,6 +190,8 @@ class StreamWorker:
                 lambda: deps.conversations.current(job.aibotid, job.chatid, job.conversation_member),
                 "looking up the conversation",
             )
+        if deps.slots is not None:
+            self._take_slot(job, answer, cancelled)
         deadline = self._deadline(job)
         self._count_call(job)
         answer.app_type = options.app_type
@@ -221,6 +235,28 @@ class StreamWorker:
         patience = job.created_at + latest - time.time()
         delays = delays_for(patience, longest=START_RETRY_DELAY)
         return through_outage(call, what, delays, give_up=cancelled.is_set)
+
+    def _take_slot(self, job: StreamJob, answer: Answer, cancelled: threading.Event) -> None:
+        """One of the bot's answer slots (MAX_ACTIVE_ANSWERS_PER_BOT) before the Dify call: over the cap, the
+        question waits in line, its bubble saying how many are ahead.
+
+        Raises:
+            NoSlot: none came free within QUEUE_WAIT_SECONDS.
+        """
+        line = self.deps.texts.say("queued")
+        waited = []
+
+        def waiting(ahead: int) -> None:
+            waited.append(ahead)
+            answer.writer.add([], {"prompt": line.format(ahead=ahead)})
+
+        taken = self._before_start(
+            job, cancelled, lambda: self.deps.slots.take(job.stream_id, cancelled, waiting), "waiting for a slot"
+        )
+        if waited:
+            answer.writer.add([], {"prompt": ""})
+        if not taken:
+            raise NoSlot
 
     def _deadline(self, job: StreamJob) -> float:
         """When the answer's time is up (monotonic): `max_seconds` after the user's message arrived."""
