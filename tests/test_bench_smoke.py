@@ -154,3 +154,11 @@ def test_audit():
     assert result["rows_under_load"]["missing"] == 0 and result["rows_under_load"]["twice"] == 0
     assert [e["rows"] for e in result["export"]] == [20, 200]
     assert all(e["peak_rss_mb"] > 0 for e in result["export"])
+
+
+def test_answer_cap():
+    from bench import answer_cap
+
+    result = answer_cap.main(["--questions", "6", "--cap", "2", "--answer-seconds", "0.5"])
+    assert result["answered"] == 6 and result["dify_calls"] == 6
+    assert result["most_dify_calls_at_once"] <= 2
