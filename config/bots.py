@@ -158,6 +158,12 @@ def _values(table: dict, where: str, folder: Path) -> tuple[dict, _Found]:
     values: dict = {}
     problems = _Found()
     for key, value in table.items():
+        if key in PER_BOT_FIELDS and key.endswith("_file"):  # a setting naming a file (not a secret read from one)
+            if not isinstance(value, str) or not value:
+                problems.add(key, f"{where}: {key} must be a file path")
+            else:
+                values[key] = str(folder / value)  # relative to the bots file's folder; an absolute path stays
+            continue
         from_file = key.endswith("_file")
         name = ALIASES.get(key.removesuffix("_file"), key.removesuffix("_file"))
         if name not in PER_BOT_FIELDS or (from_file and name not in _SECRETS):

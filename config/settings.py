@@ -27,6 +27,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from dotenv import dotenv_values
 
 from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
+from services.rules.file import load as load_rules
+from services.rules.rules import RulesError
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS, POLL_WINDOW_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +155,7 @@ class AnswerSettings:
     rate_limit_per_minute: int = _var("RATE_LIMIT_PER_MINUTE", 20)
     max_active_per_bot: int = _var("MAX_ACTIVE_ANSWERS_PER_BOT", 0)  # Dify calls running at once, all replicas; 0 = any
     queue_wait_seconds: float = _var("QUEUE_WAIT_SECONDS", 30.0)  # how long a question over that cap waits in line
+    content_rules_file: str = _var("CONTENT_RULES_FILE")  # words and patterns refused in questions, masked in answers
 
 
 @dataclass(frozen=True)
@@ -501,12 +504,22 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     problems.require(s.bot.answers.conversation_ttl_seconds >= 60, "CONVERSATION_TTL_SECONDS", "must be at least 60")
     problems.require(s.bot.answers.rate_limit_per_minute >= 0, "RATE_LIMIT_PER_MINUTE", "must be 0 (no limit) or more")
     _check_quotas(s, problems)
+    _check_content_rules(s, problems)
     problems.require(
         s.bot.answers.max_active_per_bot >= 0, "MAX_ACTIVE_ANSWERS_PER_BOT", "must be 0 (no cap) or a whole number"
     )
     problems.require(
         0 <= s.bot.answers.queue_wait_seconds <= 300, "QUEUE_WAIT_SECONDS", "must be between 0 and 300 seconds"
     )
+
+
+def _check_content_rules(s: Settings, problems: _Problems) -> None:
+    if not s.bot.answers.content_rules_file:
+        return
+    try:
+        load_rules(s.bot.answers.content_rules_file)
+    except RulesError as exc:
+        problems.append(f"CONTENT_RULES_FILE {exc}")
 
 
 def _check_quotas(s: Settings, problems: _Problems) -> None:

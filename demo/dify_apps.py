@@ -170,7 +170,7 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
     SHOW_REASONING=true), 'agent' (the agent app's closing message), 'form' or '审批' (a run that waits for a
     person's approval, shown as a card), 'report' or '报告' (an agent that makes a chart and a PDF), 'handbook' or
     '手册' (a knowledge-base answer with a picture and its sources), 'search' or '搜索' (a slow tool: the status
-    line while it runs)."""
+    line while it runs), 'mask' or '屏蔽' (words the demo's content rules mask, one split over two deltas)."""
     words = set(re.findall(r"[a-z]+", query.lower()))
     english = language == "en"
     if "think" in words:
@@ -187,7 +187,22 @@ def demo_extra(query: str, language: str) -> list[tuple] | None:
         return knowledge_answer(english)
     if "search" in words or "搜索" in query:
         return slow_tool_answer(english)
+    if "mask" in words or "屏蔽" in query:
+        return masked_words_answer(english)
     return None
+
+
+def masked_words_answer(english: bool) -> list[tuple]:
+    """An answer naming words of the demo's content rules (demo/content-rules.txt), one split over two deltas: the
+    bubble shows them masked, and never half of one."""
+    if english:
+        parts = ["The file mentions the code name 绝密", "代号 once, ", "and a phone number 138-1234-", "5678. ", "Done."]
+    else:
+        parts = ["文件里提到了绝密", "代号一次，", "还有一个电话 138-1234-", "5678。", "就这些。"]
+    steps = []
+    for part in parts:
+        steps += [message(part), sleep(0.4)]
+    return [*steps, end()]
 
 
 def knowledge_answer(english: bool) -> list[tuple]:

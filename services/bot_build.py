@@ -26,6 +26,7 @@ from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
 from services.callback.replay_guard import ReplayGuard
+from services.chat.admission import Admission
 from services.chat.intake import MessageIntake
 from services.chat.quotas import Quotas
 from services.chat.welcome import Welcome
@@ -52,6 +53,7 @@ from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.push.pushes import BotPushes
 from services.replication import Replication
+from services.rules.file import RulesFile
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.delivery import CallbackDelivery, Delivery
@@ -152,9 +154,11 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     authorizer = _authorizer(bot.auth, shared, core, dify.profile)
     files = _files(bot, shared, core, dify.links)
     forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
-    streams = _streams(bot, shared, core, dify, files, forms, authorizer)
+    rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
+    streams = _streams(bot, shared, core, dify, files, forms, authorizer, rules)
     quotas = _quotas(bot, shared, core)
-    callback = _callback(bot, shared, core, dify, streams, forms, authorizer, quotas)
+    admission = Admission(core.texts, bot.name, rules, quotas) if rules or quotas else None
+    callback = _callback(bot, shared, core, dify, streams, forms, authorizer, admission)
     connection = _connection(bot, shared, core, streams.service, callback.handler, files)
     return Bot(
         name=bot.name,
@@ -293,6 +297,7 @@ def _streams(
     files: FileDelivery,
     forms: FormService,
     authorizer: Authorizer | None,
+    rules: RulesFile | None,
 ) -> StreamsPart:
     texts, store, window = core.texts, core.store, bot.answers.window_seconds
     conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds)
@@ -315,6 +320,7 @@ def _streams(
         append_pace=core.delivery.append_pace,
         append_deadlines=core.delivery.append_deadlines,
         slots=_slots(bot, shared, core),
+        rules=rules,
     )
     worker = _worker(bot, deps, shared.owner, authorizer)
     policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
@@ -361,7 +367,7 @@ def _callback(
     streams: StreamsPart,
     forms: FormService,
     authorizer: Authorizer | None,
-    quotas: Quotas | None,
+    admission: Admission | None,
 ) -> CallbackPart:
     texts, wecom = core.texts, bot.wecom
     # A form's answer may start the rest of its run on a worker again: built once the streams are.
@@ -384,7 +390,7 @@ def _callback(
         form_answers,
         streams.stopper,
         authorize=authorizer.inputs_for if authorizer is not None else None,
-        quotas=quotas,
+        admission=admission,
     )
     envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
     return CallbackPart(CallbackHandler(envelope, intake, streams.service, events, texts), feedback)

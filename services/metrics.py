@@ -232,7 +232,7 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 # top when they happen).
 MESSAGE_OUTCOMES = (
     "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
-    "unsupported", "over_quota",
+    "unsupported", "over_quota", "blocked",
 )  # fmt: skip
 CALLBACK_KINDS = ("text", "stream")
 CALLBACK_OUTCOMES = ("ok", "store_unavailable")
@@ -270,6 +270,15 @@ DIFY_STOP_REASONS = ("user", "timeout")
 QUOTA_REFUSALS = Counter(
     "wecom_quota_refusals_total", "Questions refused by a daily quota, by whose quota (user, chat)", ["bot", "scope"]
 )
+BLOCKED_QUESTIONS = Counter(
+    "wecom_blocked_questions_total", "Questions refused because they match a content rule", ["bot"]
+)
+MASKED_MATCHES = Counter(
+    "wecom_masked_matches_total", "Matches of content rules masked in answers before any poll showed them", ["bot"]
+)
+RULES_RELOADS = Counter(
+    "wecom_content_rules_reloads_total", "Content rules files read again after a change, by result", ["bot", "result"]
+)
 CAP_REFUSALS = Counter(
     "wecom_answer_cap_refusals_total",
     "Questions given a busy reply after waiting QUEUE_WAIT_SECONDS for one of the bot's MAX_ACTIVE_ANSWERS_PER_BOT",
@@ -306,6 +315,10 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     for scope in ("user", "chat"):
         QUOTA_REFUSALS.labels(bot, scope)
     CAP_REFUSALS.labels(bot)
+    BLOCKED_QUESTIONS.labels(bot)
+    MASKED_MATCHES.labels(bot)
+    for result in ("ok", "rejected"):
+        RULES_RELOADS.labels(bot, result)
     QUEUE_WAIT_SECONDS.labels(bot)
     for kind in CALLBACK_KINDS:
         for outcome in CALLBACK_OUTCOMES:

@@ -165,6 +165,7 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
         msgtype=meta.get("msgtype", "") or ("form" if form_task else "markdown" if meta.get("push") else ""),
         question=_question(meta),
         answer=answer,
+        masked=int(meta.get("masked") or 0),
         dify_conversation_id=meta.get("conversation_id", ""),
         dify_message_id=meta.get("message_id", ""),
         dify_run_id=meta.get("workflow_run_id", ""),

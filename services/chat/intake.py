@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from services.audit.rows import NOTE, OVER_QUOTA
+from services.audit.rows import NOTE
 from services.audit.rows import STOP as STOP_ROW
 from services.auth.authorizer import AuthError
+from services.chat.admission import Admission
 from services.chat.queries import (
     HELP,
     NEW_CONVERSATION,
@@ -19,7 +20,6 @@ from services.chat.queries import (
     strip_mention,
     with_quote,
 )
-from services.chat.quotas import OverQuota, Quotas
 from services.forms.answers import FormAnswers
 from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.redis_conn import REDIS_FAILURES
@@ -42,9 +42,9 @@ class MessageIntake:
         forms: FormAnswers | None = None,
         stopper: AnswerStopper | None = None,
         authorize: Callable[[str], object] | None = None,
-        quotas: Quotas | None = None,
+        admission: Admission | None = None,
     ):
-        self.quotas = quotas  # daily quotas of questions (None: none)
+        self.admission = admission  # content rules and quotas (None: every question may be asked)
         self.authorize = authorize  # raises AuthError for a user who may not ask the bot (None: everyone may)
         self.stopper = stopper
         self.streams = streams
@@ -87,17 +87,13 @@ class MessageIntake:
         if not text and not attachments:
             self.streams.count("empty")
             return self.streams.finish_at_once(self.texts.say("empty_query"), message, NOTE)
-        over = self.quotas.take(message) if self.quotas is not None else None
-        if over is not None:
-            self.streams.count("over_quota")
-            return self.streams.finish_at_once(self._over_quota_note(over), message, OVER_QUOTA)
+        refused = self.admission.refusal(message, text) if self.admission is not None else None
+        if refused is not None:
+            self.streams.count(refused.outcome)
+            return self.streams.finish_at_once(refused.note, message, refused.outcome)
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)
         return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
-
-    def _over_quota_note(self, over: OverQuota) -> str:
-        renews = f"{over.renews_at:%Y-%m-%d %H:%M} ({over.renews_at.tzinfo})"
-        return self.texts.say(f"over_quota_{over.scope}").format(limit=over.limit, renews=renews)
 
     def _new_conversation(self, message: Inbound) -> str:
         """Forget the conversation the message would continue; returns what to say. A group that shares one is

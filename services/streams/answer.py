@@ -12,6 +12,7 @@ from enum import Enum
 from services.dify.events import DifyEvent
 from services.files.model import DifyFile
 from services.redis_conn import REDIS_FAILURES
+from services.rules.mask import ContentMask
 from services.streams.progress import StepProgress
 from services.streams.store import CLOSED, CONFLICT, TAKEN, StreamStore
 from services.streams.writer import StreamWriter
@@ -137,6 +138,7 @@ class Answer:
     shown: str = ""  # reattached: the text the bubble had when this attempt began
     earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
     gate: TextGate = field(default_factory=TextGate)  # the repeat left out, the text after a hole held back
+    mask: ContentMask = field(default_factory=ContentMask)  # content rules: matches masked, a possible one held
     progress: StepProgress | None = None  # the status line while a slow step runs without text
     workflow_run_id: str = ""
     last_thought: str = ""

@@ -266,6 +266,8 @@ class Finisher:
 
 
 def _dify_ids(answer: Answer) -> dict[str, str]:
-    """The Dify ids the answer came with, kept in the final state for its audit row (services/audit)."""
+    """The Dify ids the answer came with, and how many matches of content rules it masked: kept in the final state
+    for its audit row (services/audit)."""
     ids = {"message_id": answer.message_id, "conversation_id": answer.conversation_id}
+    ids["masked"] = str(answer.mask.count) if answer.mask.count else ""
     return {name: value for name, value in ids.items() if value}

@@ -229,6 +229,7 @@ class AnswerRecorder:
         """A followed run's word on its whole answer (a snapshot's message_replace, the outputs at its end) against
         the text so far, compared by text: what it adds is appended; what the bubble has already (the `""` of a
         snapshot taken mid-run, what was shown) changes nothing; a different answer (moderation) replaces it."""
+        text = self.answer.mask.apply(text)  # compared with the text let go, masked as it was
         known, earlier = self._known(deltas), self.answer.earlier
         if known.startswith(text):
             return deltas
@@ -309,6 +310,8 @@ class AnswerRecorder:
     def write(self, deltas: list[str]) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""
         answer = self.answer
+        if answer.mask.active:
+            deltas = self._masked(deltas)
         if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
             metrics.FIRST_TOKEN_SECONDS.labels(self.bot).observe(max(0.0, time.time() - self.job.created_at))
         answer.text += "".join(deltas)
@@ -318,13 +321,22 @@ class AnswerRecorder:
         answer.new_fields = {}
         keep_in_step(answer, self.store, self.job.attempt, self.job.stream_id)
 
+    def _masked(self, deltas: list[str]) -> list[str]:
+        """The deltas as the content rules let them go on: masked, a tail that could still become a match held
+        (services/rules/mask.py); all of it once the answer ended or paused for a form."""
+        mask = self.answer.mask
+        text = mask.admit("".join(deltas)) if deltas else mask.due()
+        if self.answer.paused or self.answer.ended:
+            text += mask.flush()
+        return [text] if text else []
+
     def replace_text(self, text: str) -> None:
         """The whole answer becomes `text` (written after what is queued)."""
         self._replace(text)
 
     def _replace(self, text: str) -> None:
         """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
-        self.answer.text = text
+        self.answer.text = self.answer.mask.whole(text)
         write_whole(self.answer, self.store, self.job.attempt, self.job.stream_id)
 
     def save_conversation(self, retry: bool = True) -> None:

@@ -46,6 +46,9 @@ class TextRelay:
                 return False
             if text and isinstance(text, str):
                 deltas.append(text)
+        if answer.mask.active:  # content rules: matches masked, a tail that could become one held (or let go)
+            released = answer.mask.admit("".join(deltas)) if deltas else answer.mask.due()
+            deltas = [released] if released else []
         if deltas:
             answer.text += "".join(deltas)
             writer.add(deltas)

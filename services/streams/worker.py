@@ -30,6 +30,8 @@ from services.forms.store import SUBMITTED
 from services.media.service import Declined, MediaService
 from services.outage import best_effort_value, delays_for, through_outage
 from services.redis_conn import REDIS_FAILURES
+from services.rules.file import RulesFile
+from services.rules.mask import ContentMask
 from services.streams.answer import Answer, HandedOver, StreamAborted
 from services.streams.completion import AnswerCompletion
 from services.streams.conversations import ConversationStore
@@ -83,6 +85,7 @@ class WorkerDeps:
     # append Redis runs late is only text the stream then has, which every frame and rest is counted from.
     append_deadlines: bool = True
     slots: AnswerSlots | None = None  # MAX_ACTIVE_ANSWERS_PER_BOT: a slot before each new Dify call (None: no cap)
+    rules: RulesFile | None = None  # CONTENT_RULES_FILE: its matches masked in the answer (None: none)
 
 
 class NoSlot(Exception):
@@ -164,6 +167,8 @@ class StreamWorker:
                     answer.progress.close()
                 if self.deps.slots is not None:
                     self.deps.slots.release(job.stream_id)
+                if answer.mask.count:
+                    metrics.MASKED_MATCHES.labels(self.bot).inc(answer.mask.count)
 
     def _answer(self, job: StreamJob, cancelled: threading.Event, answer: Answer) -> None:
         if job.separate:
@@ -361,7 +366,8 @@ class StreamWorker:
             deadlines=deps.append_deadlines,
             lease=lease,
         )
-        return Answer(writer=writer, progress=StepProgress(writer, deps.texts.say("progress_step")))
+        mask = ContentMask(deps.rules.current()) if deps.rules is not None else ContentMask()
+        return Answer(writer=writer, progress=StepProgress(writer, deps.texts.say("progress_step")), mask=mask)
 
     def _through_forms(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled) -> None:
         if self.form_steps is not None:
