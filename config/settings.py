@@ -27,8 +27,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from dotenv import dotenv_values
 
 from services.redis_url import EMBEDDED, RedisUrlError, parse_redis_url
-from services.rules.file import load as load_rules
 from services.rules.rules import RulesError
+from services.rules.rules import load as load_rules
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS, POLL_WINDOW_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -196,7 +196,13 @@ def masked_words_answer(english: bool) -> list[tuple]:
     """An answer naming words of the demo's content rules (demo/content-rules.txt), one split over two deltas: the
     bubble shows them masked, and never half of one."""
     if english:
-        parts = ["The file mentions the code name 绝密", "代号 once, ", "and a phone number 138-1234-", "5678. ", "Done."]
+        parts = [
+            "The file mentions the code name 绝密",
+            "代号 once, ",
+            "and a phone number 138-1234-",
+            "5678. ",
+            "Done.",
+        ]
     else:
         parts = ["文件里提到了绝密", "代号一次，", "还有一个电话 138-1234-", "5678。", "就这些。"]
     steps = []

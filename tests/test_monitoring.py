@@ -209,6 +209,26 @@ CASES = {
         [series("wecom_audit_rows_total", "0 5 10 15", bot="b", outcome="answered")],
         {"3m": None},
     ),
+    "a content rules edit refused": case(
+        "WecomGatewayContentRulesRejected",
+        [series("wecom_content_rules_reloads_total", "0 0 1 1", bot="b", result="rejected")],
+        {"1m": None, "2m": {"bot": "b"}},
+    ),
+    "content rules reloaded are quiet": case(
+        "WecomGatewayContentRulesRejected",
+        [series("wecom_content_rules_reloads_total", "0 1 2 3", bot="b", result="ok")],
+        {"3m": None},
+    ),
+    "busy replies from the answer cap": case(
+        "WecomGatewayAnswerCapReached",
+        [series("wecom_answer_cap_refusals_total", "0 0 2 2", bot="b")],
+        {"1m": None, "2m": {"bot": "b"}},
+    ),
+    "no busy replies are quiet": case(
+        "WecomGatewayAnswerCapReached",
+        [series("wecom_answer_cap_refusals_total", "0 0 0 0", bot="b")],
+        {"3m": None},
+    ),
     "writes a replica did not confirm": case(
         "WecomGatewayWritesNotReplicated",
         [series("redis_writes_unreplicated_total", "0 0 2 2", bot="b", write="msgid_claim")],

@@ -9,31 +9,13 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 from services import metrics
-from services.rules.rules import ContentRules, RulesError, parse
+from services.rules.rules import ContentRules, RulesError, load
 
 logger = logging.getLogger(__name__)
 
 CHECK_SECONDS = 5.0
-
-
-def load(path: str) -> ContentRules:
-    """The rules of the file at `path`.
-
-    Raises:
-        RulesError: it cannot be read, is not UTF-8 text, or a rule in it is wrong (one line naming the file).
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise RulesError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RulesError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return parse(text, path)
 
 
 class RulesFile:

@@ -5,6 +5,7 @@ by an Aho-Corasick automaton (pyahocorasick: thousands of words in one pass over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ahocorasick
 import regex
@@ -80,6 +81,23 @@ class ContentRules:
 
 
 NO_RULES = ContentRules()
+
+
+def load(path: str) -> ContentRules:
+    """The rules of the file at `path`.
+
+    Raises:
+        RulesError: it cannot be read, is not UTF-8 text, or a rule in it is wrong (one line naming the file).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RulesError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return parse(text, path)
 
 
 def parse(text: str, source: str) -> ContentRules:
