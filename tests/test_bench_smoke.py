@@ -162,3 +162,13 @@ def test_answer_cap():
     result = answer_cap.main(["--questions", "6", "--cap", "2", "--answer-seconds", "0.5"])
     assert result["answered"] == 6 and result["dify_calls"] == 6
     assert result["most_dify_calls_at_once"] <= 2
+
+
+@needs_wrk
+def test_content_rules():
+    from bench import content_rules
+
+    arguments = ["--rules", "200", "--patterns", "2", "--answer-chars", "500", "--seconds", "1", "--rounds", "1"]
+    result = content_rules.main([*arguments, "--live", "2"])
+    assert result["per_delta"]["rules"] == 200 and result["per_delta"]["us_per_delta_with_rules"] > 0
+    assert result["polls"]["polls_per_s_on"] > 0 and result["polls"]["polls_per_s_off"] > 0

@@ -31,18 +31,21 @@ class ContentMask:
             return text
         waited = len(self.pending)
         self.pending += text
-        cut = self._open_from(self.pending)
+        spans, cut = self.rules.scan(self.pending)
+        cut = _before(spans, cut)  # a match across the cut waits whole
         if self._overdue():  # what waited goes on now, with any match it begins, whole and masked
-            cut = max(cut, self._past_matches(waited))
-        return self._release(cut)
+            cut = _after(spans, max(cut, waited))
+        return self._release(cut, spans)
 
     def due(self) -> str:
         """A read with no text: a tail that waited HOLD_SECONDS goes on as it is (masked where it matches)."""
-        return self._release(len(self.pending)) if self.pending and self._overdue() else ""
+        return self.flush() if self.pending and self._overdue() else ""
 
     def flush(self) -> str:
         """The answer ended (or paused for a form): everything held goes on."""
-        return self._release(len(self.pending)) if self.pending else ""
+        if not self.pending:
+            return ""
+        return self._release(len(self.pending), self.rules.scan(self.pending)[0])
 
     def whole(self, text: str) -> str:
         """A whole answer replacing the text so far (Dify's message_replace), masked; nothing stays held."""
@@ -57,24 +60,11 @@ class ContentMask:
         """`text` masked, for a comparison with what was let go (no count, nothing held)."""
         return self.rules.mask(text)[0] if self.active else text
 
-    def _open_from(self, pending: str) -> int:
-        cut = self.rules.open_from(pending)
-        for start, end in self.rules.matches(pending):  # a match across the cut waits whole
-            if start < cut < end:
-                cut = start
-        return cut
-
-    def _past_matches(self, cut: int) -> int:
-        for start, end in self.rules.matches(self.pending):
-            if start < cut < end:
-                cut = end
-        return cut
-
-    def _release(self, cut: int) -> str:
+    def _release(self, cut: int, spans: list[tuple[int, int]]) -> str:
         pending = self.pending
-        spans = self.rules.matches(pending[:cut]) if cut else []
-        out = masked(pending[:cut], spans)
-        self.count += len(spans)
+        inside = [span for span in spans if span[1] <= cut]
+        out = masked(pending[:cut], inside)
+        self.count += len(inside)
         self.pending = pending[cut:]
         if not self.pending:
             self.held_since = None
@@ -84,3 +74,19 @@ class ContentMask:
 
     def _overdue(self) -> bool:
         return self.held_since is not None and time.monotonic() - self.held_since >= HOLD_SECONDS
+
+
+def _before(spans: list[tuple[int, int]], cut: int) -> int:
+    """`cut` moved back to the start of a match it falls inside."""
+    for start, end in spans:
+        if start < cut < end:
+            return start
+    return cut
+
+
+def _after(spans: list[tuple[int, int]], cut: int) -> int:
+    """`cut` moved on to the end of a match it falls inside."""
+    for start, end in spans:
+        if start < cut < end:
+            return end
+    return cut

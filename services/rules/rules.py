@@ -64,20 +64,28 @@ class ContentRules:
         spans = self.matches(text)
         return masked(text, spans), len(spans)
 
-    def open_from(self, text: str) -> int:
-        """Where the end of `text` could still turn into a match once more text comes: the start of the longest
-        tail that is the beginning of a word, or of a pattern's partial match (len(text) when nothing is open)."""
-        start = len(text)
-        folded = fold(text)
-        for n in range(min(len(text), self._longest - 1), 0, -1):
-            if folded[-n:] in self._prefixes:
-                start = len(text) - n
-                break
+    def scan(self, text: str) -> tuple[list[tuple[int, int]], int]:
+        """One pass of each matcher over `text` (the text an answer holds back): its complete matches (merged, in
+        order), and where its end could still turn into a match once more text comes: the start of the longest tail
+        that begins a word, of a pattern's partial match, or of a complete match at the very end, which may go on
+        (len(text) when nothing is open)."""
+        found: list[tuple[int, int]] = []
+        open_at = len(text)
+        if self._automaton is not None:
+            folded = fold(text)
+            for end, length in self._automaton.iter(folded):
+                found.append((end - length + 1, end + 1))
+            for n in range(min(len(text), self._longest - 1), 0, -1):
+                if folded[-n:] in self._prefixes:
+                    open_at = len(text) - n
+                    break
         for pattern in self.patterns:
             for m in pattern.finditer(text, partial=True):
-                if m.partial or m.end() == len(text):  # a complete match at the end may go on, too
-                    start = min(start, m.start())
-        return start
+                if not m.partial and m.end() > m.start():
+                    found.append(m.span())
+                if m.partial or m.end() == len(text):
+                    open_at = min(open_at, m.start())
+        return merged(found), open_at
 
 
 NO_RULES = ContentRules()
