@@ -102,3 +102,16 @@ def test_the_slot_of_a_process_that_died_comes_back_within_the_lease(capped, dif
     assert 2.0 <= time.monotonic() - taken <= 6.0
     assert wait_until(lambda: redis_client.zcard(KEYS.answer_slots()) == 0)  # and the answer gave its own back
     assert replicas[0].gateway.bot().slots is not None
+
+
+def test_a_stop_while_waiting_in_line_leaves_the_line(capped, dify, redis_client):
+    _, sims = capped()
+    dify.script(slow("long", 3), match="long")
+    sims[0].send(sims[0].text_message("long", userid="bob"))
+    assert dify.wait_for_requests(1)
+    waiting = sims[1].send(sims[1].text_message("in line", userid="carol"))
+    assert wait_until(lambda: redis_client.zcard(KEYS.answer_line()) == 1)
+    assert sims[1].send(sims[1].text_message("/stop", userid="carol"))["stream"]["content"] == ZH["stop_done"]
+    assert sims[1].follow(waiting, userid="carol").text.endswith(ZH["stopped_note"])
+    assert wait_until(lambda: redis_client.zcard(KEYS.answer_line()) == 0)
+    assert len(dify.requests) == 1

@@ -260,6 +260,8 @@ class StreamWorker:
         )
         if waited:
             answer.writer.add([], {"prompt": ""})
+        if not taken and cancelled.is_set():
+            raise StreamAborted  # stopped by its user (or taken elsewhere) while it waited in line
         if not taken:
             raise NoSlot
 
