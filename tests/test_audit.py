@@ -349,3 +349,27 @@ def test_a_push_is_a_row_once_whatever_the_retries(make_pair, wecom_ws, engine, 
     [row] = rows(engine)
     assert (row["kind"], row["msgid"], row["userid"], row["chattype"]) == (PUSH, f"push:{ids.pop()}", "bob", "single")
     assert row["answer"] == "**Reminder**: review at 3 pm"
+
+
+def test_a_forms_rest_sent_after_its_bubble_ended_is_a_row_of_its_own_once(make_pair, engine, audit_url, dify):
+    """The bubble ended while its form waited; the tap came on the other replica, and the run's rest went out as a
+    message of its own: the question is one row (the bubble as it ended), the tap one, the rest one."""
+    a, b = make_pair(stream_window_seconds=22, database_url=audit_url)
+    sim, other = make_simulator(a.url), make_simulator(b.url)
+    dify.script(approval())
+    question = sim.text_message("buy laptops")
+    conversation = sim.follow(sim.send(question))
+    assert ZH["form_waiting"] in conversation.text
+    click = other.card_click(conversation.cards[0], "approve")
+    other.send(click)
+    assert other.inbox.wait_for(click["response_url"], timeout=10) is not None
+    assert wait_until(lambda: count(engine) == 3)
+    time.sleep(1.5)
+    assert count(engine) == 3
+    [message] = rows(engine, kind=MESSAGE)
+    assert message["msgid"] == question["msgid"] and ZH["form_waiting"] in message["answer"]
+    tap, rest = sorted(rows(engine, kind=FORM_ACTION), key=lambda row: row["msgid"].startswith("form:"))
+    assert rest["msgid"] == f"form:{conversation.cards[0]['task_id']}" and rest["replica"] == "replica-b"
+    assert rest["answer"] and tap["question"].startswith(conversation.cards[0]["task_id"])
+    sim.close()
+    other.close()
