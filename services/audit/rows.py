@@ -88,10 +88,21 @@ class AuditRow:
 
 def row_of_reply(bot: str, message: Inbound, reply: str, outcome: str, kind: str, replica: str) -> AuditRow:
     """The row of a message answered at once, without a stream (a command, a refusal)."""
+    return _row_now(bot, message, kind, outcome, replica, question=message.text, answer=reply)
+
+
+def row_of_event(bot: str, message: Inbound, kind: str, said: str, replica: str) -> AuditRow:
+    """The row of a user's event: a rating (FEEDBACK) or a tap on a form's card (FORM_ACTION); `said` is what the
+    user did, in words ("like", "dislike: wrong; too long", the card's key and choices)."""
+    return _row_now(bot, message, kind, ANSWERED, replica, question=said)
+
+
+def _row_now(bot: str, message: Inbound, kind: str, outcome: str, replica: str, question: str, answer: str = ""):
+    """A row of a callback handled at once: received and finished now."""
     now = time.time()
     return AuditRow(
         bot=bot,
-        msgid=message.msgid,
+        msgid=message.msgid or _event_id(message),
         kind=kind,
         outcome=outcome,
         received_at=now,
@@ -99,29 +110,9 @@ def row_of_reply(bot: str, message: Inbound, reply: str, outcome: str, kind: str
         userid=message.userid,
         chatid=message.chatid,
         chattype=message.chattype,
-        msgtype=message.msgtype,
-        question=message.text,
-        answer=reply,
-        replica=_replica(replica),
-    )
-
-
-def row_of_event(bot: str, message: Inbound, kind: str, said: str, replica: str) -> AuditRow:
-    """The row of a user's event: a rating (FEEDBACK) or a tap on a form's card (FORM_ACTION); `said` is what the
-    user did, in words ("like", "dislike: wrong; too long", the card's key and choices)."""
-    now = time.time()
-    return AuditRow(
-        bot=bot,
-        msgid=message.msgid or _event_id(message),
-        kind=kind,
-        outcome=ANSWERED,
-        received_at=now,
-        finished_at=now,
-        userid=message.userid,
-        chatid=message.chatid,
-        chattype=message.chattype,
-        msgtype=message.event_type,
-        question=said,
+        msgtype=message.event_type or message.msgtype,
+        question=question,
+        answer=answer,
         replica=_replica(replica),
     )
 
