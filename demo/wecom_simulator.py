@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -451,22 +452,33 @@ def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
 
 def _answer(simulator: WeComSimulator, question: str, userid: str, chatid: str) -> Conversation:
     """Ask, and follow the bubble to its end; a Ctrl-C meanwhile sends `/stop` and follows the bubble to the note
-    that says so (a second Ctrl-C stops following it)."""
+    that says so (a second Ctrl-C stops following it).
+
+    While the first bubble is followed, Ctrl-C only sets a flag, looked at with each frame: a KeyboardInterrupt
+    raised wherever the signal lands may land in a finalizer the garbage collector runs, which swallows it."""
     printer, tapper = _GrowingPrinter(), _CardTapper(simulator, userid, chatid)
+    pressed = threading.Event()
 
     def on_frame(frame: dict) -> None:
         printer(frame)
         tapper(frame)
+        if pressed.is_set():
+            raise KeyboardInterrupt
 
     first = simulator.send(simulator.text_message(question, userid, chatid))
     if first is None:
         raise ReplyError("empty reply to a text message")
+    default = signal.signal(signal.SIGINT, lambda *_: pressed.set())
     try:
         return simulator.follow(first, userid, chatid, on_frame=on_frame)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, default)
         stopped = simulator.send(simulator.text_message("/stop", userid, chatid)) or {}
         print(f"\n[/stop: {(stopped.get('stream') or {}).get('content', '')}]")
-        return simulator.follow(first, userid, chatid, on_frame=on_frame)
+        pressed.clear()
+        return simulator.follow(first, userid, chatid, on_frame=printer)
+    finally:
+        signal.signal(signal.SIGINT, default)
 
 
 def main(argv: list[str] | None = None) -> None:
