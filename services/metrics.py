@@ -306,20 +306,9 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
-    if audit:
-        for outcome in AUDIT_ROW_OUTCOMES:
-            AUDIT_ROWS.labels(bot, outcome)
-        AUDIT_PENDING.labels(bot)
+    _initialise_controls(bot, audit)
     for outcome in MESSAGE_OUTCOMES:
         MESSAGES.labels(bot, outcome)
-    for scope in ("user", "chat"):
-        QUOTA_REFUSALS.labels(bot, scope)
-    CAP_REFUSALS.labels(bot)
-    BLOCKED_QUESTIONS.labels(bot)
-    MASKED_MATCHES.labels(bot)
-    for result in ("ok", "rejected"):
-        RULES_RELOADS.labels(bot, result)
-    QUEUE_WAIT_SECONDS.labels(bot)
     for kind in CALLBACK_KINDS:
         for outcome in CALLBACK_OUTCOMES:
             CALLBACKS.labels(bot, kind, outcome)
@@ -367,6 +356,20 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
             WS_ERRCODES.labels(bot, errcode)
         for result in SENT:
             WS_FILES.labels(bot, result)
+
+
+def _initialise_controls(bot: str, audit: bool) -> None:
+    """The series of the enterprise's controls: the audit trail (when it is on), content rules, quotas, the cap."""
+    if audit:
+        for outcome in AUDIT_ROW_OUTCOMES:
+            AUDIT_ROWS.labels(bot, outcome)
+        AUDIT_PENDING.labels(bot)
+    for scope in ("user", "chat"):
+        QUOTA_REFUSALS.labels(bot, scope)
+    for result in ("ok", "rejected"):
+        RULES_RELOADS.labels(bot, result)
+    for metric in (CAP_REFUSALS, BLOCKED_QUESTIONS, MASKED_MATCHES, QUEUE_WAIT_SECONDS):
+        metric.labels(bot)
 
 
 def _registry() -> CollectorRegistry:
