@@ -113,7 +113,8 @@ def test_no_poll_on_any_replica_ever_shows_half_of_a_split_word(ruled, dify):
     assert conversation.text == "这是****内容，完。"
     assert len(frames) > 10
     assert not [frame for frame in frames if "机" in frame or "密" in frame]
-    assert all(later.startswith(earlier) for earlier, later in zip(frames[1:], frames[2:], strict=False))
+    shown = [frame for frame in frames if frame != ZH["placeholder"]]  # the polls before the first text
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:], strict=False))
     engine = db.make_engine(audit)
 
     def rows():
