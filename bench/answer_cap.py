@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     arrival = sorted(sent_at, key=sent_at.get)
     call_order = sorted(started, key=started.get)
     waits = sorted(max(0.0, started[q] - sent_at[q]) for q in started)
-    # How far each call started from its place in the line: 0 everywhere is first come, first served.
+    # How far each call started from its place in the line. Answers that take the same time end together, so the
+    # line is let in a wave of `cap` at a time, whose calls race to Dify: first come, first served is each question
+    # in the wave its place in the line puts it in.
     displacement = [abs(call_order.index(q) - arrival.index(q)) for q in started]
+    wrong_wave = [q for q in started if call_order.index(q) // options.cap != arrival.index(q) // options.cap]
     result = {
         "questions": options.questions,
         "cap": options.cap,
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dify_calls": len(started),
         "most_dify_calls_at_once": env.dify.most_answering,
         "calls_out_of_arrival_order": sum(1 for n in displacement if n),
+        "calls_in_another_wave": len(wrong_wave),
         "largest_displacement": max(displacement, default=0),
         "wait_s": {
             "p50": round(harness.percentile(waits, 50), 2),

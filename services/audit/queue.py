@@ -7,20 +7,18 @@ the stream store calls `opened` and `ended`, where every stream opens and ends, 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import redis
 
 from services.audit.rows import AuditRow
 from services.keys import AUDIT_KEEP_SECONDS, Keys
-from services.redis_conn import REDIS_FAILURES
-
-logger = logging.getLogger(__name__)
+from services.outage import best_effort
 
 # A stream nobody said ended is looked at this long after its bubble's window (its process died: a poll gave it
 # up, or a takeover answers it still).
 AFTER_WINDOW_SECONDS = 60.0
+LIST_DELAYS = (0.2, 0.5, 1.0, 2.0)  # the waits between tries of listing a row at an answer's end
 
 
 class AuditQueue:
@@ -34,23 +32,28 @@ class AuditQueue:
         self.window_seconds = window_seconds
 
     def opened(self, stream_id: str, created_at: float) -> None:
-        """A stream opened for a message: its row is owed, looked at after its bubble's window at the latest."""
-        self._list(self.due_key, stream_id, created_at + self.window_seconds + AFTER_WINDOW_SECONDS, only_new=True)
+        """A stream opened for a message: its row is owed, looked at after its bubble's window at the latest. One
+        try (this is the callback's way): its end lists it again."""
+        when = created_at + self.window_seconds + AFTER_WINDOW_SECONDS
+        self._list(self.due_key, stream_id, when, only_new=True, delays=())
 
     def ended(self, stream_id: str) -> None:
-        """The stream is final: the next sweep writes its row."""
+        """The stream is final: the next sweep writes its row (a blip is waited out: the answer's thread has ended)."""
         self._list(self.due_key, stream_id, time.time())
 
     def replied(self, row: AuditRow) -> None:
         """A message answered without a stream: its row, written by the next sweep."""
         self._list(self.pending_key, row.dumps(), time.time())
 
-    def _list(self, key: str, member: str, when: float, only_new: bool = False) -> None:
-        """One round trip, never raised: a stream that could not be listed at its end still is from its opening."""
-        try:
+    def _list(
+        self, key: str, member: str, when: float, only_new: bool = False, delays: tuple[float, ...] = LIST_DELAYS
+    ) -> None:
+        """One round trip (tried again after each of `delays` while Redis fails), never raised."""
+
+        def write() -> None:
             pipe = self.client.pipeline(transaction=False)
             pipe.zadd(key, {member: when}, nx=only_new)
             pipe.expire(key, AUDIT_KEEP_SECONDS)
             pipe.execute()
-        except REDIS_FAILURES as exc:
-            logger.warning("could not list an audit row (%s)", exc)
+
+        best_effort(write, "listing an audit row", delays)
