@@ -10,11 +10,14 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from services.audit.trail import CLAIM_DUE
+from services.chat.quotas import TAKE as QUOTA_TAKE
 from services.keys import Keys
 from services.lua import LuaScript, ScriptSpec
 from services.streams import scripts
 from services.streams.poll_path import PollPath
 from services.streams.rest_posts import RestPosts
+from services.streams.slots import TAKE as SLOT_TAKE
 from services.streams.store import AppendRequest, StreamStore
 
 CALL = re.compile(r"redis\.call\(\s*'([A-Z]+)'\s*,\s*([^,)]+)")
@@ -23,7 +26,8 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
     "HSET", "HSETNX", "HGET", "HMGET", "HGETALL", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN", "LTRIM",
-    "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZCOUNT", "ZREMRANGEBYSCORE",
+    "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZCOUNT", "ZREMRANGEBYSCORE", "ZRANGEBYSCORE", "ZRANK",
+    "SADD", "SCARD", "SISMEMBER",
 }  # fmt: skip
 
 
@@ -53,6 +57,21 @@ def test_every_key_a_script_touches_comes_from_keys(name):
 )
 def test_the_check_finds_keys_that_do_not_come_from_keys(bad):
     assert keys_not_from_keys(bad)
+
+
+@pytest.mark.parametrize("spec", [CLAIM_DUE, SLOT_TAKE, QUOTA_TAKE], ids=lambda spec: spec.name)
+@pytest.mark.parametrize("prefix", ["", "tenant:bot:helpdesk:"])
+def test_the_controls_scripts_touch_their_keys_only_and_in_one_slot(spec, prefix):
+    """The audit's claim, the answer cap's take and a quota's take: KEYS only, and the keys of one call in one slot."""
+    assert keys_not_from_keys(spec.source) == []
+    keys = Keys(prefix)
+    calls = {
+        "CLAIM_DUE": [keys.audit_due()],
+        "SLOT_TAKE": [keys.answer_slots(), keys.answer_line(), keys.answer_line_seen()],
+        "QUOTA_TAKE": [keys.quota("user", "alice", "20261126")],
+    }[spec.name]
+    assert len(calls) == len(spec.keys)
+    assert len({key_slot(key.encode()) for key in calls}) == 1
 
 
 def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):

@@ -46,7 +46,9 @@ for _, id in ipairs(gone) do
   redis.call('ZREM', K.line, id)
   redis.call('ZREM', K.seen, id)
 end
-for _, key in ipairs({K.slots, K.line, K.seen}) do redis.call('EXPIRE', key, A.ttl) end
+redis.call('EXPIRE', K.slots, A.ttl)
+redis.call('EXPIRE', K.line, A.ttl)
+redis.call('EXPIRE', K.seen, A.ttl)
 local lease_end = now + tonumber(A.lease_seconds)
 if redis.call('ZSCORE', K.slots, A.stream) then
   redis.call('ZADD', K.slots, lease_end, A.stream)
