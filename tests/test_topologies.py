@@ -292,3 +292,32 @@ def test_a_private_mariadb_whose_port_was_taken_meanwhile_starts_on_another():
             pymysql.connect(host="127.0.0.1", port=server.port, user="root", connect_timeout=2).close()
         finally:
             server.remove()
+
+
+def test_the_controls_run_on_every_topology(topology, make_pair, dify, tmp_path):
+    """The enterprise's controls on each topology, through two replicas: an answer masked, the cap's slot taken and
+    given back, a quota counted once across the replicas, and one audit row a message (their scripts are one slot
+    each)."""
+    rules = tmp_path / "rules.txt"
+    rules.write_text("机密\n", encoding="utf-8")
+    controls = dict(
+        content_rules_file=str(rules),
+        max_active_answers_per_bot=1,
+        quota_user_messages_per_day=1,
+        database_url=f"sqlite:///{tmp_path / 'audit.db'}",
+    )
+    first, second = make_pair(**topology.settings, **controls)
+    dify.script(d.answer("这是机密的回答", pieces=4, delay=0.05))
+    sims = [make_simulator(first.url), make_simulator(second.url)]
+    question = sims[0].text_message("hi")
+    reply = sims[0].send(question)
+    assert sims[1].send(question)["stream"]["id"] == reply["stream"]["id"]  # a retry: not a second question
+    assert sims[1].follow(reply).text == "这是**的回答"
+    assert "已用完" in sims[1].send(sims[1].text_message("again"))["stream"]["content"]
+    client = topology.client()
+    assert wait_until(lambda: client.zcard(KEYS.answer_slots()) == 0)
+    assert wait_until(lambda: first.gateway.audit_records.row("default", question["msgid"], "message") is not None)
+    assert first.gateway.audit_records.row("default", question["msgid"], "message")["masked"] == 1
+    client.close()
+    for sim in sims:
+        sim.close()
