@@ -5,7 +5,8 @@
 2. `--answers` messages at `--rate` per second (first, on a fresh Redis), answered and polled as WeCom polls them,
    with AUDIT=on: how long until every row is in the table, rows per second, and whether any is missing or there
    twice;
-3. `flask --app app audit export` of `--export-rows` rows (and of a tenth of them): its time and peak RSS, which
+3. one process's sweep alone: `--sweep-streams` finished streams listed as due, written by one AuditTrail;
+4. `flask --app app audit export` of `--export-rows` rows (and of a tenth of them): its time and peak RSS, which
    must not grow with the rows.
 
     python -m bench.audit --seconds 10 --rounds 3 --rate 200 --answers 4000 --export-rows 1000000
@@ -33,7 +34,9 @@ from demo.mariadb_server import PrivateMariaDB
 from services.audit.records import AuditRecords
 from services.audit.rows import ANSWERED, MESSAGE, AuditRow
 from services.audit.table import ensure_table, wecom_audit
+from services.audit.trail import AuditTrail
 from services.auth import db
+from services.keys import Keys
 
 
 def database(server_url: str, name: str) -> str:
@@ -140,6 +143,39 @@ def rows_under_load(env: harness.Environment, database_url: str, options) -> dic
     }
 
 
+def sweep_rate(env: harness.Environment, database_url: str, streams: int) -> dict:
+    """One process's sweep alone: `streams` finished streams listed as due, written by one AuditTrail (the sweeper's
+    work, without the answers): rows per second, and whether each is there once."""
+    client = env.redis.client()
+    keys = Keys("sweep:")
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for i in range(streams):
+        meta = {"status": "done", "msgid": f"sweep-{i}", "userid": f"u{i % 500}", "query": f"question {i}"}
+        pipe.hset(keys.stream(f"s{i}"), mapping={**meta, "created_at": now, "finished_at": now})
+        pipe.rpush(keys.stream_chunks(f"s{i}"), "一段回答，" * 20)
+        pipe.zadd(keys.audit_due(), {f"s{i}": now})
+    pipe.execute()
+    engine = db.make_engine(database_url)
+    ensure_table(engine)
+    trail = AuditTrail(client, keys, AuditRecords(engine), "sweep")
+    started = time.monotonic()
+    while client.zcard(keys.audit_due()):
+        trail.sweep()
+    seconds = time.monotonic() - started
+    with engine.connect() as connection:
+        written = [row.msgid for row in connection.execute(select(wecom_audit.c.msgid))]
+    engine.dispose()
+    client.flushdb()
+    return {
+        "streams": streams,
+        "rows": len(written),
+        "twice": len(written) - len(set(written)),
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(len(written) / seconds),
+    }
+
+
 def seed(engine, count: int) -> None:
     """`count` rows of a year's messages, a few hundred characters each, written 5,000 at a time."""
     records = AuditRecords(engine)
@@ -205,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=200.0, help="finished answers/s for the rows run")
     parser.add_argument("--answers", type=int, default=4000)
     parser.add_argument("--clients", type=int, default=64, help="conversations under way at once, at most")
+    parser.add_argument("--sweep-streams", type=int, default=20_000, help="finished streams for one sweeper alone")
     parser.add_argument("--export-rows", type=int, default=1_000_000)
     parser.add_argument("--json", help="also write the figures to this file")
     options = parser.parse_args(argv)
@@ -212,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     mariadb = PrivateMariaDB().start()
     try:
         result = {"rows_under_load": rows_under_load(env, database(mariadb.url, "bench_rows"), options)}
+        result["sweep"] = sweep_rate(env, database(mariadb.url, "bench_sweep"), options.sweep_streams)
         result["cost"] = cost(env, database(mariadb.url, "bench_cost"), options)
         exports = []
         for rows in (options.export_rows // 10, options.export_rows):

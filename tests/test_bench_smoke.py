@@ -149,7 +149,8 @@ def test_audit():
     from bench import audit
 
     arguments = ["--seconds", "1", "--rounds", "1", "--message-rate", "10", "--rate", "20", "--answers", "20"]
-    result = audit.main([*arguments, "--export-rows", "200"])
+    result = audit.main([*arguments, "--export-rows", "200", "--sweep-streams", "300"])
+    assert result["sweep"]["rows"] == 300 and result["sweep"]["twice"] == 0
     assert result["cost"]["polls_per_s_on"] > 0 and result["cost"]["polls_per_s_off"] > 0
     assert result["rows_under_load"]["missing"] == 0 and result["rows_under_load"]["twice"] == 0
     assert [e["rows"] for e in result["export"]] == [20, 200]
