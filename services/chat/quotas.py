@@ -61,10 +61,6 @@ class Quotas:
         self.bot = bot
         self._take = LuaScript(client, TAKE)
 
-    @property
-    def active(self) -> bool:
-        return any(self.limits.values())
-
     def take(self, message: Inbound) -> OverQuota | None:
         """Count the question against its user's quota and, in a group chat, the chat's; None if both allow it.
 

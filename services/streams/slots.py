@@ -121,10 +121,6 @@ class AnswerSlots:
         except REDIS_FAILURES as exc:
             logger.warning("could not give the answer's slot back (%s); it lapses within the lease", exc)
 
-    def running(self) -> int:
-        """How many slots are held now, across replicas (lapsed ones included until the next take)."""
-        return int(self.client.zcard(self.keys["slots"]))
-
     def stop(self) -> None:
         self._stop.set()
 
