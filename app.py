@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings define); a bad value exits with one line per problem."""
     if settings is None:
         settings = load_settings_or_exit()
-    bots, kept = load_bots_or_exit(settings)
+    bots, kept, run_dir = load_bots_or_exit(settings)
     setup_logging(
         settings.log_level,
         settings.log_format or "text",
@@ -57,20 +57,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     try:
-        gateway = build_gateway(settings, bots, Path(app.instance_path))
+        gateway = build_gateway(settings, bots, Path(app.instance_path), run_dir)
     except EmbeddedStoreUnavailable as exc:
         exit_with_problems([str(exc)])
     app.extensions["gateway"] = gateway
 
-    callbacks = {}
-    for bot in bots:  # each bot at its own path: another bot's signature fails there (invalid_signature)
-        if bot.long_connection:
-            continue  # its messages come over the WebSocket (services/longconn)
-        path, name = bot.wecom.callback_path, bot.name
-        app.add_url_rule(path, f"verify_url.{name}", verify_url, methods=["GET"], defaults={"bot": name})
-        callbacks[path] = (name, gateway.bots[name].callback)
-    # the callbacks' POSTs (WeCom's polls among them: most of the traffic) are answered in front of Flask
-    app.wsgi_app = CallbackRoute(app.wsgi_app, callbacks, gateway.owner, settings.max_body_bytes)
+    # Each callback-mode bot at its own path (another bot's signature fails there: invalid_signature), answered in
+    # front of Flask: WeCom's polls are most of the traffic, and the paths change with BOTS_FILE (Gateway.apply).
+    app.wsgi_app = CallbackRoute(app.wsgi_app, lambda: gateway.paths, gateway.owner, settings.max_body_bytes)
     app.add_url_rule(FILE_PATH + "<token>", "file_link", file_link)
     if gateway.push is not None:  # without PUSH_API_TOKEN there is no push API: /api/push answers 404
         app.add_url_rule("/api/push", "push", push, methods=["POST"])
@@ -100,14 +94,15 @@ def load_settings_or_exit(env_files=ENV_FILES) -> Settings:
         exit_with_problems(exc.problems)
 
 
-def load_bots_or_exit(settings: Settings) -> tuple[tuple[BotSettings, ...], list[str]]:
+def load_bots_or_exit(settings: Settings) -> tuple[tuple[BotSettings, ...], list[str], Path | None]:
     """The bots of the deployment (config/bots.py), or one clear line per problem and exit status 2. Under
-    gunicorn, a bad BOTS_FILE gives its last good copy's bots and the file's problems (to be logged)."""
-    run_dir = os.environ.get(RUN_DIR_VARIABLE)
+    gunicorn, a bad BOTS_FILE gives its last good copy's bots and the file's problems (to be logged); and the
+    folder of that copy (None outside gunicorn)."""
+    run_dir = Path(os.environ[RUN_DIR_VARIABLE]) if os.environ.get(RUN_DIR_VARIABLE) else None
     try:
-        if run_dir:
-            return load_bots_keeping_last_good(settings, Path(run_dir))
-        return load_bots(settings), []
+        if run_dir is not None:
+            return *load_bots_keeping_last_good(settings, run_dir), run_dir
+        return load_bots(settings), [], None
     except SettingsError as exc:
         exit_with_problems(exc.problems)
 
@@ -128,14 +123,6 @@ def _json(body: dict, status: int = 200) -> Response:
 
 
 # --- routes -----------------------------------------------------------------------------------------------------
-
-
-def verify_url(bot: str):
-    """WeCom's URL check: answer the decrypted echostr as plain text."""
-    with log_context(replica=gateway().owner, bot=bot):
-        echo = gateway().bots[bot].callback.verify_url(request.args)
-        logger.info("callback URL verified")
-        return Response(echo, mimetype="text/plain")
 
 
 def file_link(token: str):
@@ -201,7 +188,7 @@ def metrics_endpoint():
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(CallbackError)
     def _callback_error(exc: CallbackError):
-        return _json(*rejected(exc, (request.view_args or {}).get("bot", ""), request.remote_addr))
+        return _json(*rejected(exc, "", request.remote_addr))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

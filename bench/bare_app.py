@@ -81,8 +81,8 @@ def create_protocol_floor_app() -> Flask:
 def _on_the_callback_route(handle: Callable[[Mapping[str, str], bytes], dict]) -> Flask:
     """A Flask app whose POST /wecom/callback is answered by `handle(query, body)` on the gateway's callback route."""
     app = _flask()
-    handler = SimpleNamespace(handle=handle)
-    app.wsgi_app = CallbackRoute(app.wsgi_app, {"/wecom/callback": ("floor", handler)}, "floor", 256 * 1024)
+    paths = {"/wecom/callback": ("floor", SimpleNamespace(handle=handle))}
+    app.wsgi_app = CallbackRoute(app.wsgi_app, lambda: paths, "floor", 256 * 1024)
     return app
 
 

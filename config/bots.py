@@ -106,16 +106,31 @@ def load_bots_keeping_last_good(settings: Settings, folder: Path) -> tuple[tuple
         return load_bots(settings), []
     copy = folder / LAST_GOOD_COPY
     try:
-        text = _read(settings.bots_file)  # read once: the copy is the text that loaded, whatever the file is now
-        bots = load_bots(settings, text)
+        bots, text = read_bots(settings)
     except SettingsError as exc:
         if not copy.is_file():
             raise
         return load_bots(settings, copy.read_text(encoding="utf-8")), exc.problems
-    fresh = copy.with_suffix(f".{os.getpid()}")
-    fresh.write_text(text, encoding="utf-8")
-    fresh.replace(copy)  # atomic: another process never reads half a copy
+    keep_last_good(folder, text)
     return bots, []
+
+
+def read_bots(settings: Settings) -> tuple[tuple[BotSettings, ...], str]:
+    """The bots of BOTS_FILE as it is now, and the text they were read from (read once: a copy of it is the text
+    that loaded, whatever the file is a moment later).
+
+    Raises:
+        SettingsError: as `load_bots`.
+    """
+    text = _read(settings.bots_file)
+    return load_bots(settings, text), text
+
+
+def keep_last_good(folder: Path, text: str) -> None:
+    """Make `text` (a bots file that loaded) the last good copy in `folder`, for the replica's other processes."""
+    fresh = (folder / LAST_GOOD_COPY).with_suffix(f".{os.getpid()}")
+    fresh.write_text(text, encoding="utf-8")
+    fresh.replace(folder / LAST_GOOD_COPY)  # atomic: another process never reads half a copy
 
 
 def _read(path: str) -> str:

@@ -127,6 +127,28 @@ class Bot:
             **self.health.report(),
         }
 
+    def start(self) -> None:
+        """Start the bot's background work in a serving process: its delivery's watch and, with a long connection,
+        its answer consumer (first: the holder queues into it) and connection holder."""
+        self.delivery.start(self.streams.look)
+        if self.holder is not None:
+            self.consumer.start()
+            self.holder.start()
+
+    def retire(self) -> None:
+        """The bot left BOTS_FILE (or a changed copy of it took its place): a new message gets a note and no answer;
+        the answers under way go on, their polls answered, until the gateway closes the bot."""
+        self.callback.intake.retired = True
+
+    def hand_over(self) -> None:
+        """A changed copy of the bot takes its place: stop the background work the copy does from now on (the
+        delivery's watch, the answer consumer, the connection's holder, which hands the WebSocket over to the
+        copy's). What the answers under way use stays open until `close`."""
+        self.delivery.stop_watching()
+        if self.holder is not None:
+            self.consumer.stop()
+            self.holder.stop()
+
     def close(self) -> None:
         self.delivery.close()
         if self.consumer is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.bots import DEFAULT_BOT
-from config.settings import BotSettings, FileSettings, Settings
+from config.settings import BotSettings, FileSettings, Settings, SettingsError
 from services import metrics
 from services.audit.api import AuditApi
 from services.audit.records import AuditRecords
@@ -25,20 +25,36 @@ from services.audit.sweeper import AuditSweeper
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.bot_build import Bot, Shared, build_bot
+from services.bots_watch import BotsFileWatch
+from services.callback.wsgi import CallbackPaths
 from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.keys import Keys
 from services.push.api import PushApi
 from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
+from services.rules.rules import RulesError
 from services.streams.runner import StreamRunner
 from services.streams.writer import AppendBatcher
+from utils.logging import redact_also
 
 logger = logging.getLogger(__name__)
 
 
 # How often a Redis that did not say its version (a node down) is asked again (Gateway.redis_refuses).
 VERSION_ASKED_EVERY_SECONDS = 60.0
+# A bot retired from BOTS_FILE is closed this long after its answers' window: the time in which its last audit rows
+# are looked at (a minute after the window) and written (a sweep's claim lapses in 30 s), with some to spare.
+RETIRED_GRACE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A bot that left BOTS_FILE, or whose changed copy took its place: it finishes its answers under way (its polls
+    are answered at its path while no bot served takes the path) and is closed at `until` (monotonic)."""
+
+    bot: Bot
+    until: float
 
 
 @dataclass
@@ -53,8 +69,9 @@ class Gateway:
     users: UserDirectory | None
     runner: StreamRunner
     appender: AppendBatcher
-    bots: dict[str, Bot]
+    bots: dict[str, Bot]  # the bots served (replaced whole when BOTS_FILE changes: apply)
     files: FileServer  # serves the signed links to the files Dify makes, for every bot
+    shared: Shared | None = None  # what a bot added while the process runs is built on
     push: PushApi | None = None  # POST /api/push (None without PUSH_API_TOKEN: the route answers 404)
     audit_records: AuditRecords | None = None  # the audit trail's table (None: AUDIT off)
     audit_sweeper: AuditSweeper | None = None  # writes the rows the bots owe (a serving process's, once started)
@@ -62,6 +79,9 @@ class Gateway:
     started: bool = False  # start() ran: this is a serving process
     redis_problem: str | None = None  # why Redis cannot serve us ('': nothing, for good; None: not known yet)
     redis_version_asked_at: float = -VERSION_ASKED_EVERY_SECONDS  # monotonic: when it was last asked (redis_refuses)
+    retired: list[Retired] = field(default_factory=list)  # bots that finish their answers, oldest first
+    paths: CallbackPaths = field(default_factory=dict)  # the callback paths served, with their bots (_publish)
+    watch: BotsFileWatch | None = None  # reads BOTS_FILE again in a serving process (None without one)
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -136,17 +156,18 @@ class Gateway:
         if self.audit_sweeper is not None:
             self.audit_sweeper.start()
         for bot in self.bots.values():
-            bot.delivery.start(bot.streams.look)
-            if bot.holder is not None:
-                bot.consumer.start()
-                bot.holder.start()
+            bot.start()
+        if self.watch is not None:
+            self.watch.start()
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let
         running ones finish for up to `timeout` seconds, then hand what remains to the other replicas (a poll there
         resumes it, restarts it, or finishes its bubble with what it showed: docs/architecture.md). Returns the ids
         handed over."""
-        for bot in self.bots.values():  # long-connection bots: another replica holds the connection at once
+        if self.watch is not None:
+            self.watch.stop()  # the bots stay as they are while they drain
+        for bot in self._every_bot():  # long-connection bots: another replica holds the connection at once
             if bot.holder is not None:
                 bot.holder.stop()
                 bot.consumer.stop()
@@ -159,7 +180,7 @@ class Gateway:
         released = 0
         for bot, attempts in self.runner.by_bot(remaining).items():
             try:
-                handed = self.bots[bot].store.release_leases(attempts)
+                handed = self._named(bot).store.release_leases(attempts)
             except REDIS_FAILURES as exc:
                 logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
                 continue
@@ -171,18 +192,101 @@ class Gateway:
     def close(self) -> None:
         """Release pooled connections (running stream threads are left to finish on their own)."""
         self.runner.stop()
+        if self.watch is not None:
+            self.watch.stop()
         if self.audit_sweeper is not None:
             self.audit_sweeper.stop()
-        for bot in self.bots.values():
+        for bot in self._every_bot():
             bot.close()
         if self.users is not None:
             self.users.close()
         self.redis.close()
 
+    # --- bots changed live (services/bots_watch.py) --------------------------------------------------------------
 
-def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_path: Path) -> Gateway:
+    def apply(self, wanted: tuple[BotSettings, ...]) -> None:
+        """Serve `wanted` from now on: a bot new to the file is built (and started in a serving process); a changed
+        one is built again and takes the old one's place, which hands its background work (and a long connection)
+        over to it at once; a bot gone from the file answers new messages with a note. The old and the gone finish
+        their answers under way and are closed by `close_retired`.
+
+        Raises:
+            SettingsError: a bot could not be built (nothing is changed then).
+        """
+        served = self.bots
+        try:
+            built = {
+                bot.name: build_bot(bot, self.shared)
+                for bot in wanted
+                if bot.name not in served or served[bot.name].settings != bot
+            }
+        except RulesError as exc:  # its content rules file went bad between the check and the build
+            raise SettingsError(f"BOTS_FILE: a bot could not be built ({exc})") from None
+        names = {bot.name for bot in wanted}
+        now = time.monotonic()
+        for name, bot in served.items():
+            if name in built or name not in names:
+                bot.retire()
+                if name in built:
+                    bot.hand_over()
+                until = now + bot.settings.answers.window_seconds + RETIRED_GRACE_SECONDS
+                self.retired.append(Retired(bot, until))
+        redact_also([secret for bot in wanted for secret in bot.secrets()])
+        self.bots = {bot.name: built.get(bot.name) or served[bot.name] for bot in wanted}
+        self._publish()
+        if self.started:
+            for bot in built.values():
+                bot.start()
+        added = sorted(built.keys() - served.keys())
+        changed = sorted(built.keys() & served.keys())
+        removed = sorted(served.keys() - names)
+        said = (", ".join(names) or "none" for names in (added, changed, removed))
+        logger.info("BOTS_FILE reloaded: added %s; changed %s; removed %s", *said)
+
+    def close_retired(self) -> None:
+        """Close the retired bots whose time is over (their answers ended long since)."""
+        now = time.monotonic()
+        over = [retired.bot for retired in self.retired if retired.until <= now]
+        if not over:
+            return
+        self.retired = [retired for retired in self.retired if retired.until > now]
+        self._publish()
+        for bot in over:
+            bot.close()
+            logger.info("bot %s retired: closed", bot.name)
+
+    def _publish(self) -> None:
+        """Make what the routes see follow the bots served and retired: the callback paths (a retired bot's as long
+        as no bot served takes it), the files' links, the push API's bots, the audit sweep's trails."""
+        every = self._every_bot()
+        latest = {bot.name: bot for bot in every}  # a retired bot's successor has its keys: one sweep of them
+        self.paths = {
+            bot.settings.wecom.callback_path: (bot.name, bot.callback)
+            for bot in every  # the bots served last: a path they share with a retired bot is theirs
+            if bot.delivery.mode == "callback"
+        }
+        self.files.bots = {
+            name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in latest.items()
+        }
+        if self.push is not None:
+            self.push.serve({name: bot.pushes for name, bot in self.bots.items()})
+        if self.audit_sweeper is not None:
+            self.audit_sweeper.trails = [bot.audit for bot in latest.values() if bot.audit is not None]
+
+    def _every_bot(self) -> list[Bot]:
+        """The retired bots, oldest first, then the bots served."""
+        return [retired.bot for retired in self.retired] + list(self.bots.values())
+
+    def _named(self, name: str) -> Bot:
+        """The bot of that name, served or retired (the streams of both are under the same keys)."""
+        return self.bots.get(name) or next(r.bot for r in reversed(self.retired) if r.bot.name == name)
+
+
+def build_gateway(
+    settings: Settings, bots: tuple[BotSettings, ...], instance_path: Path, run_dir: Path | None = None
+) -> Gateway:
     """Create the clients and services of the deployment (`settings`) and of each bot; `instance_path` holds the
-    demo's embedded stores."""
+    demo's embedded stores, `run_dir` (gunicorn's) the last good copy of BOTS_FILE."""
     redis_settings, database = settings.redis, settings.database
     client = connect_redis(
         redis_settings.url, redis_settings.socket_timeout, instance_path, redis_settings.sentinel_password
@@ -205,11 +309,7 @@ def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_pa
         audit=audit,
     )
     built = {bot.name: build_bot(bot, shared) for bot in bots}
-    push = None
-    if settings.push_api_token:
-        pushes = {name: bot.pushes for name, bot in built.items() if bot.pushes is not None}
-        push = PushApi(settings.push_api_token, pushes, {name for name, bot in built.items() if bot.pushes is None})
-    return Gateway(
+    gateway = Gateway(
         settings=settings,
         owner=shared.owner,
         redis=client,
@@ -218,22 +318,24 @@ def build_gateway(settings: Settings, bots: tuple[BotSettings, ...], instance_pa
         runner=shared.runner,
         appender=shared.appender,
         bots=built,
-        files=FileServer(
-            shared.signer,
-            {name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in built.items()},
-        ),
-        push=push,
+        files=FileServer(shared.signer, {}),
+        shared=shared,
+        push=PushApi(settings.push_api_token) if settings.push_api_token else None,
         audit_records=audit,
-        audit_sweeper=_audit_sweeper(settings, shared, built) if audit is not None else None,
+        audit_sweeper=_audit_sweeper(settings, shared) if audit is not None else None,
         audit_api=AuditApi(settings.audit.api_token, audit) if audit is not None and settings.audit.api_token else None,
     )
+    gateway._publish()
+    if settings.bots_file:
+        gateway.watch = BotsFileWatch(settings, bots, gateway.apply, gateway.close_retired, run_dir)
+    return gateway
 
 
-def _audit_sweeper(settings: Settings, shared: Shared, bots: dict[str, Bot]) -> AuditSweeper:
-    """The loop that writes every bot's audit rows, and purges the table on one replica at a time."""
-    trails = [bot.audit for bot in bots.values() if bot.audit is not None]
+def _audit_sweeper(settings: Settings, shared: Shared) -> AuditSweeper:
+    """The loop that writes every bot's audit rows (its trails are the bots', Gateway._publish), and purges the
+    table on one replica at a time."""
     lock = Keys(settings.redis.key_prefix).audit_purge()
-    return AuditSweeper(shared.client, trails, shared.audit, settings.audit.retention_days, lock, shared.owner)
+    return AuditSweeper(shared.client, [], shared.audit, settings.audit.retention_days, lock, shared.owner)
 
 
 def _link_signer(files: FileSettings) -> LinkSigner | None:

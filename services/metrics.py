@@ -232,7 +232,7 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 # top when they happen).
 MESSAGE_OUTCOMES = (
     "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
-    "unsupported", "over_quota", "blocked",
+    "unsupported", "over_quota", "blocked", "bot_retired",
 )  # fmt: skip
 CALLBACK_KINDS = ("text", "stream")
 CALLBACK_OUTCOMES = ("ok", "store_unavailable")
@@ -246,6 +246,7 @@ AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_una
 SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = (
     "audit_sweeper",
+    "bots_file_watch",
     "answer_slots",
     "append_batcher",
     "stream_lease_keeper",
@@ -279,6 +280,12 @@ MASKED_MATCHES = Counter(
 RULES_RELOADS = Counter(
     "wecom_content_rules_reloads_total", "Content rules files read again after a change, by result", ["bot", "result"]
 )
+BOTS_RELOADS = Counter(
+    "wecom_bots_reloads_total",
+    "BOTS_FILE read again after a change: applied (the new bots are served) or rejected (the file did not load; "
+    "the bots served stay as they were)",
+    ["result"],
+)
 CAP_REFUSALS = Counter(
     "wecom_answer_cap_refusals_total",
     "Questions given a busy reply after waiting QUEUE_WAIT_SECONDS for one of the bot's MAX_ACTIVE_ANSWERS_PER_BOT",
@@ -306,6 +313,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
+    for result in ("applied", "rejected"):
+        BOTS_RELOADS.labels(result)
     _initialise_controls(bot, audit)
     for outcome in MESSAGE_OUTCOMES:
         MESSAGES.labels(bot, outcome)

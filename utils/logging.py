@@ -58,6 +58,9 @@ class _Redactor:
     def __init__(self, secrets: list[str]):
         self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
 
+    def add(self, secrets: list[str]) -> None:
+        self.secrets = sorted({*self.secrets, *(s for s in secrets if s and len(s) >= 6)}, key=len, reverse=True)
+
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             if secret in text:
@@ -109,6 +112,13 @@ def send_logs_to(stream) -> None:
     for handler in logging.getLogger().handlers:
         if handler.get_name() == _HANDLER_NAME:
             handler.setStream(stream)
+
+
+def redact_also(secrets: list[str]) -> None:
+    """Mask these secrets too from now on (a bot added or re-keyed while the process runs: services/bots_watch.py)."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == _HANDLER_NAME and isinstance(handler.formatter, JsonFormatter | TextFormatter):
+            handler.formatter.redact.add(secrets)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", replica_id: str = "", secrets: list[str] = ()) -> None:

@@ -1,4 +1,4 @@
-"""The POST callback of every callback-mode bot, answered on WSGI directly, in front of the Flask app.
+"""The callbacks of every callback-mode bot, answered on WSGI directly, in front of the Flask app.
 
 WeCom's stream-refresh polls are most of what a replica serves (about one a second for every open answer), and
 Flask's request machinery around a poll (request and app contexts, URL matching, the Request and Response objects)
@@ -6,8 +6,10 @@ cost more of a poll than the gateway's own work: served this way, one replica an
 CPU (BENCHMARKS.md §1). This route does what Flask did for it and no more: read the query and the body (within
 WECOM_MAX_BODY_BYTES), bind the log context, hand both to the bot's CallbackHandler, and answer its envelope as JSON.
 A refused callback is a 4xx with a short JSON body, Redis down during a poll a 503, anything unexpected a logged 500
-that says no more than "internal error". Every other request, the URL check's GET included, goes on to Flask, whose
-error handlers refuse and fail with the same bodies (`rejected`, `INTERNAL_ERROR`).
+that says no more than "internal error". WeCom's URL check (a GET on the same path) is answered here too, so the
+paths served can change while the process runs (bots changed live: services/bots_watch.py), which Flask's routes
+cannot once the first request came. Every other request goes on to Flask, whose error handlers refuse and fail with
+the same bodies (`rejected`, `INTERNAL_ERROR`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 STORE_UNAVAILABLE = {"error": "store_unavailable", "message": "state store unavailable, retry shortly"}
 INTERNAL_ERROR = {"error": "internal_error", "message": "internal error"}
+METHOD_NOT_ALLOWED = {"error": "method_not_allowed", "message": "a callback path takes GET (the URL check) and POST"}
 
 WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
 
@@ -47,30 +50,52 @@ DRAIN_BYTES = 16 * 1024 * 1024
 _DISCARD_PIECE = 64 * 1024
 
 
+# The bots served at each callback path: a path's bot name and CallbackHandler (bots changed live swap the map).
+CallbackPaths = Mapping[str, tuple[str, CallbackHandler]]
+
+
 class CallbackRoute:
-    """WSGI middleware: a POST to a callback-mode bot's path is answered here; every other request goes to `app`.
+    """WSGI middleware: a POST (a callback) or a GET (WeCom's URL check) to a callback-mode bot's path is answered
+    here; every other request goes to `app`. `paths` gives the paths served now (Gateway.paths)."""
 
-    `bots` maps each such path to the bot's name and its CallbackHandler.
-    """
-
-    def __init__(self, app: WsgiApp, bots: Mapping[str, tuple[str, CallbackHandler]], owner: str, max_body: int):
+    def __init__(self, app: WsgiApp, paths: Callable[[], CallbackPaths], owner: str, max_body: int):
         self.app = app
-        self.bots = dict(bots)
+        self.paths = paths
         self.owner = owner
         self.max_body = max_body
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        bot = self.bots.get(environ.get("PATH_INFO", "")) if environ["REQUEST_METHOD"] == "POST" else None
+        method = environ["REQUEST_METHOD"]
+        bot = self.paths().get(environ.get("PATH_INFO", ""))
         if bot is None:
             return self.app(environ, start_response)
         name, handler = bot
+        content_type, headers = "application/json", []
         with log_context(replica=self.owner, bot=name):
-            body, status = self._answer(environ, name, handler)
-        headers = [("Content-Length", str(len(body)))]
+            if method == "POST":
+                body, status = self._answer(environ, name, handler)
+            elif method in ("GET", "HEAD"):
+                body, status, content_type = self._verify(environ, name, handler)
+            else:
+                body, status, headers = orjson.dumps(METHOD_NOT_ALLOWED), 405, [("Allow", "GET, HEAD, POST")]
+        headers.append(("Content-Length", str(len(body))))
         if body:
-            headers.append(("Content-Type", "application/json"))
+            headers.append(("Content-Type", content_type))
         start_response(_status_line(status), headers)
-        return [body]
+        return [b""] if method == "HEAD" else [body]
+
+    def _verify(self, environ: dict, name: str, handler: CallbackHandler) -> tuple[bytes, int, str]:
+        """WeCom's URL check: the decrypted echostr as plain text."""
+        try:
+            echo = handler.verify_url(_query(environ.get("QUERY_STRING", "")))
+        except CallbackError as exc:
+            body, status = rejected(exc, name, environ.get("REMOTE_ADDR"))
+            return orjson.dumps(body), status, "application/json"
+        except Exception:
+            logger.exception("unhandled error on GET %s", environ.get("PATH_INFO"))
+            return orjson.dumps(INTERNAL_ERROR), 500, "application/json"
+        logger.info("callback URL verified")
+        return echo.encode(), 200, "text/plain; charset=utf-8"
 
     def _answer(self, environ: dict, name: str, handler: CallbackHandler) -> tuple[bytes, int]:
         """The response body and status for one callback."""

@@ -97,6 +97,9 @@ class ConnectionDelivery:
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         return None  # the holder and the consumer are started with the bot (Gateway.start)
 
+    def stop_watching(self) -> None:
+        return None  # the holder and the consumer are stopped with the bot (Bot.hand_over)
+
     def close(self) -> None:
         return None
 

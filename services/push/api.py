@@ -34,10 +34,16 @@ def _error(status: int, error: str, message: str, **headers: str) -> ApiReply:
 
 
 class PushApi:
-    def __init__(self, token: str, pushes: dict[str, BotPushes], callback_bots: set[str]):
+    def __init__(self, token: str, bots: dict[str, BotPushes | None] | None = None):
         self.token = token
-        self.pushes = pushes  # the long-connection bots'
-        self.callback_bots = callback_bots  # WeCom offers no push to these
+        self.pushes: dict[str, BotPushes] = {}  # the long-connection bots'
+        self.callback_bots: set[str] = set()  # WeCom offers no push to these
+        self.serve(bots or {})
+
+    def serve(self, bots: dict[str, BotPushes | None]) -> None:
+        """The bots pushed to from now on: each bot's pushes (None for a callback-mode bot)."""
+        self.pushes = {name: pushes for name, pushes in bots.items() if pushes is not None}
+        self.callback_bots = {name for name, pushes in bots.items() if pushes is None}
 
     def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> ApiReply:
         """POST /api/push."""

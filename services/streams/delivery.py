@@ -76,6 +76,9 @@ class Delivery(Protocol):
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         """Start this mode's watch in a serving process; `look` does a poll's work on a stream, without a reply."""
 
+    def stop_watching(self) -> None:
+        """Stop the watch (a changed copy of the bot watches in its place); what answers under way use stays open."""
+
     def close(self) -> None:
         """Stop the watch and release what it holds."""
 
@@ -176,6 +179,9 @@ class CallbackDelivery:
 
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         self.posts.start(also=lambda: self.look_after_closed_early(look))
+
+    def stop_watching(self) -> None:
+        self.posts.stop()
 
     def close(self) -> None:
         self.posts.stop()

@@ -1,0 +1,90 @@
+"""Bots changed live: every serving process reads BOTS_FILE again every CHECK_SECONDS and hands the gateway a set of
+bots that differs from the one it serves (Gateway.apply). An edit of the file, Kubernetes swapping a mounted
+ConfigMap's symlink, or a key a table reads from a Secret's file is in effect on every worker of every replica
+within CHECK_SECONDS, without a restart.
+
+The file and the secret files its tables name are read whole each time, not watched by their modification times: a
+mounted Secret changes under the bots file without the bots file changing at all, and the whole read of a file of
+a few bots costs well under a millisecond each time (BENCHMARKS.md, "Bots changed live").
+
+A file that does not load changes nothing: the bots served stay as they were, its problems are logged once (a new
+set of problems once more), counted in wecom_bots_reloads_total{result="rejected"}, and /readyz stays 200. A file
+that loads is also made the replica's last good copy (config/bots.py), so a worker that restarts later serves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from config.bots import keep_last_good, read_bots
+from config.settings import BotSettings, Settings, SettingsError
+from services import metrics
+from services.loops import run_until
+
+logger = logging.getLogger(__name__)
+
+CHECK_SECONDS = 5.0
+
+
+class BotsFileWatch:
+    """Reads BOTS_FILE every CHECK_SECONDS in a thread of a serving process; `apply` gets each new set of bots, and
+    `tick` is called after every check (the gateway closes the bots it retired once their answers are over)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        served: tuple[BotSettings, ...],
+        apply: Callable[[tuple[BotSettings, ...]], object],
+        tick: Callable[[], object] = lambda: None,
+        run_dir: Path | None = None,
+    ):
+        self.settings = settings
+        self.served = served
+        self.apply = apply
+        self.tick = tick
+        self.run_dir = run_dir  # the folder of the replica's last good copy (gunicorn), or None
+        self._refused: list[str] | None = None  # the problems last logged (a file that stays bad is said once)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> str:
+        """Read the file once; 'unchanged', 'applied' (the gateway serves the new bots) or 'rejected'."""
+        try:
+            bots, text = read_bots(self.settings)
+            if bots == self.served:
+                self._refused = None
+                return "unchanged"
+            self.apply(bots)  # SettingsError too: a bot could not be built, and nothing changed
+        except SettingsError as exc:
+            if exc.problems != self._refused:
+                self._refused = exc.problems
+                logger.error("BOTS_FILE not reloaded: %s; the bots served stay as they were", "; ".join(exc.problems))
+                metrics.BOTS_RELOADS.labels("rejected").inc()
+            return "rejected"
+        self._refused = None
+        self.served = bots
+        if self.run_dir is not None:
+            keep_last_good(self.run_dir, text)
+        metrics.BOTS_RELOADS.labels("applied").inc()
+        return "applied"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bots-file-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(CHECK_SECONDS + 1.0)
+
+    def _run(self) -> None:
+        def step() -> None:
+            self._stop.wait(CHECK_SECONDS)
+            if not self._stop.is_set():
+                self.check()
+                self.tick()
+
+        run_until(self._stop, step, "bots_file_watch")
