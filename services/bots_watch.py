@@ -49,9 +49,14 @@ class BotsFileWatch:
         self._refused: list[str] | None = None  # the problems last logged (a file that stays bad is said once)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one check at a time (an operator's command may call one beside the thread)
 
     def check(self) -> str:
         """Read the file once; 'unchanged', 'applied' (the gateway serves the new bots) or 'rejected'."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> str:
         try:
             bots, text = read_bots(self.settings)
             if bots == self.served:
