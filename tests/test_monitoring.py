@@ -219,6 +219,16 @@ CASES = {
         [series("wecom_content_rules_reloads_total", "0 1 2 3", bot="b", result="ok")],
         {"3m": None},
     ),
+    "a bots file edit refused": case(
+        "WecomGatewayBotsFileRejected",
+        [series("wecom_bots_reloads_total", "0 0 4 4", result="rejected")],
+        {"1m": None, "2m": {}},
+    ),
+    "bots file reloads applied are quiet": case(
+        "WecomGatewayBotsFileRejected",
+        [series("wecom_bots_reloads_total", "0 4 8 8", result="applied")],
+        {"3m": None},
+    ),
     "busy replies from the answer cap": case(
         "WecomGatewayAnswerCapReached",
         [series("wecom_answer_cap_refusals_total", "0 0 2 2", bot="b")],
