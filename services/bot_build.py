@@ -136,8 +136,9 @@ class Bot:
             self.holder.start()
 
     def retire(self) -> None:
-        """The bot left BOTS_FILE (or a changed copy of it took its place): a new message gets a note and no answer;
-        the answers under way go on, their polls answered, until the gateway closes the bot."""
+        """The bot left BOTS_FILE (or a changed copy of it took its place): a new message is refused (a callback's
+        404, a long connection's with a note); the answers under way go on, their polls answered, until the gateway
+        closes the bot."""
         self.callback.intake.retired = True
 
     def hand_over(self) -> None:

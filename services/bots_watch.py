@@ -52,7 +52,7 @@ class BotsFileWatch:
         self._lock = threading.Lock()  # one check at a time (an operator's command may call one beside the thread)
 
     def check(self) -> str:
-        """Read the file once; 'unchanged', 'applied' (the gateway serves the new bots) or 'rejected'."""
+        """Read the file once; 'unchanged', 'ok' (the gateway serves the new bots) or 'rejected'."""
         with self._lock:
             return self._check()
 
@@ -73,8 +73,8 @@ class BotsFileWatch:
         self.served = bots
         if self.run_dir is not None:
             keep_last_good(self.run_dir, text)
-        metrics.BOTS_RELOADS.labels("applied").inc()
-        return "applied"
+        metrics.BOTS_RELOADS.labels("ok").inc()
+        return "ok"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bots-file-watch", daemon=True)

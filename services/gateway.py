@@ -207,7 +207,7 @@ class Gateway:
     def apply(self, wanted: tuple[BotSettings, ...]) -> None:
         """Serve `wanted` from now on: a bot new to the file is built (and started in a serving process); a changed
         one is built again and takes the old one's place, which hands its background work (and a long connection)
-        over to it at once; a bot gone from the file answers new messages with a note. The old and the gone finish
+        over to it at once; a bot gone from the file refuses new messages (Bot.retire). The old and the gone finish
         their answers under way and are closed by `close_retired`.
 
         Raises:

@@ -282,7 +282,7 @@ RULES_RELOADS = Counter(
 )
 BOTS_RELOADS = Counter(
     "wecom_bots_reloads_total",
-    "BOTS_FILE read again after a change: applied (the new bots are served) or rejected (the file did not load; "
+    "BOTS_FILE read again after a change: ok (the new bots are served) or rejected (the file did not load; "
     "the bots served stay as they were)",
     ["result"],
 )
@@ -313,7 +313,7 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
-    for result in ("applied", "rejected"):
+    for result in ("ok", "rejected"):
         BOTS_RELOADS.labels(result)
     _initialise_controls(bot, audit)
     for outcome in MESSAGE_OUTCOMES:

@@ -226,7 +226,7 @@ CASES = {
     ),
     "bots file reloads applied are quiet": case(
         "WecomGatewayBotsFileRejected",
-        [series("wecom_bots_reloads_total", "0 4 8 8", result="applied")],
+        [series("wecom_bots_reloads_total", "0 4 8 8", result="ok")],
         {"3m": None},
     ),
     "busy replies from the answer cap": case(

@@ -19,6 +19,7 @@ from services.outage import delays_for, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
 from services.texts import Texts
+from services.wecom import errors
 from services.wecom.messages import Inbound, parse_inbound, stream_reply
 from utils.callback_clock import callback_sent
 from utils.logging import bind_log_context
@@ -51,7 +52,8 @@ class CallbackHandler:
         """The encrypted reply envelope for a POST callback, or None for an empty reply.
 
         Raises:
-            CallbackError: the request is malformed, unsigned, stale or undecryptable.
+            CallbackError: the request is malformed, unsigned, stale or undecryptable; or a new message to a bot
+                removed from BOTS_FILE (404).
             StoreUnavailable: a poll could not reach Redis.
         """
         opened = self.envelope.open(query, body)
@@ -59,6 +61,8 @@ class CallbackHandler:
         message = parse_inbound(opened.plaintext)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
+        if self.intake.retired and message.msgtype not in ("stream", "event"):
+            raise errors.bot_retired()  # its answers' polls (and their cards' taps) are still answered
         if message.msgtype == "event" and not self.events.first_time(opened.signature):
             metrics.CALLBACKS.labels(self.bot, kind, "replayed").inc()
             logger.info("repeated event callback: answered without doing it again")

@@ -52,14 +52,16 @@ class MessageIntake:
         self.texts = texts
         self.bot_name = bot_name
         self.forms = forms
-        self.retired = False  # the bot was removed from BOTS_FILE: its answers under way finish, no new one starts
+        # The bot was removed from BOTS_FILE: its answers under way finish, no new one starts (a callback's new
+        # message is refused 404 before it gets here: CallbackHandler; a long connection's gets a note).
+        self.retired = False
 
     def take(self, message: Inbound) -> dict:
         """The plaintext reply to a user's message (text, voice, image, mixed, file, video; any other type is
         answered with a finished bubble saying it is not supported)."""
         if self.retired:
             self.streams.count("bot_retired")
-            logger.info("a message to a bot removed from BOTS_FILE: answered that it is retired")
+            logger.info("a message over the connection of a bot removed from BOTS_FILE: answered that it is retired")
             return self.streams.finish_at_once(self.texts.say("bot_retired"), message, NOTE)
         if message.msgtype == UNSUPPORTED:
             self.streams.count("unsupported")

@@ -58,3 +58,7 @@ def invalid_message(detail: str) -> CallbackError:
 
 def body_too_large(limit: int) -> CallbackError:
     return CallbackError("body_too_large", f"body exceeds {limit} bytes", 413)
+
+
+def bot_retired() -> CallbackError:
+    return CallbackError("bot_retired", "this bot was removed from the deployment: it takes no new message", 404)

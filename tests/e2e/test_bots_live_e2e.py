@@ -1,8 +1,9 @@
 """Bots changed live, as in production: two gunicorn replicas (two workers each) serve one BOTS_FILE, which the test
 edits while they run. Every worker reads the file again within 5 seconds on its own: a bot added answers (a
-long-connection bot takes its connection), a bot removed finishes the answer it was giving and takes no new message,
-a changed key is the one used next, and a file that does not load changes nothing, is said once by each worker, and
-leaves every replica ready. No worker is restarted for any of it."""
+long-connection bot takes its connection), a bot removed finishes the answer it was giving and takes no new message
+(a callback is refused 404, a message over its connection gets a note), a changed key is the one used next, and a
+file that does not load changes nothing, is said once by each worker, and leaves every replica ready. No worker is
+restarted for any of it."""
 
 import threading
 
@@ -108,6 +109,10 @@ def test_bots_added_to_the_file_answer_on_every_worker_without_a_restart(deploym
     assert reloaded(replicas, 2)
     assert wait_until(lambda: len(wecom.subscribes) > subscribed and wecom.subscribed(DESK_ID) == 1, timeout=15)
     assert wecom.final(wecom.deliver_text(DESK_ID, "after the new secret"))["stream"]["content"] == "it answers"
+
+    path.write_text(hr() + IT)  # desk removed: it keeps its connection for its answers, and takes no new question
+    assert reloaded(replicas, 3)
+    assert wecom.final(wecom.deliver_text(DESK_ID, "still there?"))["stream"]["content"] == ZH["bot_retired"]
     assert said(replicas, "Booting worker") == booted
 
 
@@ -129,8 +134,8 @@ def test_a_removed_bot_finishes_its_answer_and_takes_no_new_message(deployment, 
 
     for replica in replicas:
         late = sims([replica])
-        refused = late.send(late.text_message("one more"))["stream"]
-        assert refused["finish"] and refused["content"] == ZH["bot_retired"]
+        with pytest.raises(ReplyError, match="HTTP 404.*bot_retired"):
+            late.send(late.text_message("one more"))
     assert len(dify.chat_requests()) == 1
 
 
