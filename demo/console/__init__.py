@@ -20,6 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.audit.export import plain_row
 from services.audit.rows import MESSAGE
+from services.chat.quotas import CHAT, USER, Quotas
+from services.redis_conn import REDIS_FAILURES
 from services.streams.inspector import StreamInspector
 
 console = Blueprint("console", __name__, url_prefix="/console", static_folder="static", template_folder="templates")
@@ -141,7 +143,22 @@ def stream(stream_id: str):
         return jsonify(error="not_found", message="no such stream (unknown or expired)"), 404
     info.pop("chunks")
     info["audit_row"] = _audit_row(bot.name, info)
+    info["quota"] = _quota(bot.quotas, info["meta"])
     return jsonify(info)
+
+
+def _quota(quotas: Quotas | None, meta: dict) -> dict | str:
+    """What the message's user (and group chat) asked today against the bot's daily quotas."""
+    if quotas is None:
+        return "no daily quota (QUOTA_USER_MESSAGES_PER_DAY, QUOTA_CHAT_MESSAGES_PER_DAY)"
+    try:
+        return {
+            scope: f"{who}: {quotas.used(scope, who)} of {quotas.limits[scope]} today"
+            for scope, who in ((USER, meta.get("userid", "")), (CHAT, meta.get("chatid", "")))
+            if quotas.limits[scope] and who
+        }
+    except REDIS_FAILURES as exc:
+        return f"Redis did not answer ({type(exc).__name__})"
 
 
 def _audit_row(bot: str, info: dict) -> dict | str:

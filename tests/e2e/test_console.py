@@ -3,6 +3,7 @@ WebCrypto against the real callback endpoint, and shows the finished answer, the
 A screenshot is kept in test-artifacts/console.png."""
 
 import os
+import re
 import shutil
 import time
 
@@ -53,7 +54,8 @@ def browser(tmp_path):
 @pytest.fixture
 def console_url(settings, serve, tmp_path):
     users = f"sqlite:///{tmp_path / 'users.db'}"  # not the checkout's instance/, which a running demo may use
-    app = create_demo_app(settings.replace(demo_mode=True, auth_mode="none", database_url=users))
+    changes = {"demo_mode": True, "auth_mode": "none", "database_url": users, "quota_user_messages_per_day": 200}
+    app = create_demo_app(settings.replace(**changes))
     app.extensions["gateway"].start()  # served, as `make demo` serves it: its background work runs
     yield f"{serve(app).url}/console"
     app.extensions["gateway"].runner.drain(10)
@@ -111,6 +113,7 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     # The message's audit row beside its keys (the demo records to its SQLite file), once a sweep has written it.
     wait_until(browser, "return document.getElementById('redis').textContent.includes('\"outcome\": \"answered\"')")
     assert '"question": "hello console"' in browser.find_element(By.ID, "redis").text
+    assert re.search(r'"user": "\w+: 1 of 200 today"', browser.find_element(By.ID, "redis").text)  # the day's quota
     exchange = browser.find_element(By.ID, "exchange").text
     assert "→ text" in exchange
     assert "→ stream" in exchange

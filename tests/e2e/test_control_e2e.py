@@ -97,3 +97,33 @@ def test_a_push_is_sent_once_when_the_holder_is_killed_right_after(ws_replicas, 
     assert status.json()["status"] in ("queued", "sent")
     time.sleep(4)  # a bounded look past two of the new holder's outbox passes
     assert [m["markdown"]["content"] for m in wecom.proactive] == ["sent once, whoever sends it"]
+
+
+def test_a_cap_slot_of_a_replica_killed_mid_answer_comes_back_within_the_lease(dify, redis_url, redis_client, tmp_path):
+    """MAX_ACTIVE_ANSWERS_PER_BOT=1 over two replicas of two workers: replica-0 runs the one answer allowed and is
+    SIGKILLed (master and workers: nothing gives the slot back); a question on replica-1 waits in line, its bubble
+    saying so, and is answered once the dead slot lapses with its lease, not a busy reply."""
+    env = replica_env(
+        dify.base_url, redis_url, MAX_ACTIVE_ANSWERS_PER_BOT="1", QUEUE_WAIT_SECONDS="30", STREAM_LEASE_SECONDS="3"
+    )
+    replicas = [GunicornReplica(env, tmp_path, f"cap-{n}", workers=2).start() for n in range(2)]
+    sims = [make_simulator(replica.url, poll_interval=0.2) for replica in replicas]
+    try:
+        dify.script([d.message("holding the slot"), d.sleep(30), d.end()], match="first")
+        sims[0].send(sims[0].text_message("first: a long one"))
+        assert wait_until(lambda: redis_client.zcard(KEYS.answer_slots()) == 1, timeout=10)
+        replicas[0].kill()
+        killed_at = time.monotonic()
+
+        dify.script(d.answer("the slot came back"), match="second")
+        second = sims[1].send(sims[1].text_message("second: after the kill"))
+        conversation = sims[1].follow(second)
+        assert conversation.text == "the slot came back"
+        assert time.monotonic() - killed_at < 3 * 3 + 10  # the lease (and its keeper's beat), not QUEUE_WAIT_SECONDS
+        assert ZH["queued"].split("{", 1)[0] in "".join(f["stream"]["content"] for f in conversation.frames)
+        assert wait_until(lambda: redis_client.zcard(KEYS.answer_slots()) == 0, timeout=10)  # none leaked
+    finally:
+        for sim in sims:
+            sim.close()
+        for replica in replicas:
+            replica.kill()
