@@ -83,6 +83,27 @@ def bots_file(directory: Path, ws_url: str) -> Path:
     return path
 
 
+# Content rules that no answer of a campaign matches, but whose beginnings every sentence does ("〔" opens each, and
+# the pattern needs a sentence 999): every delta's tail waits on the mask for the next, so the mask's holding and
+# release run on every answer, while the text the checker reads stays as Dify wrote it.
+CAMPAIGN_RULES = "〔zzzzzz\nre:〔[0-9a-f]{6}·999〕\n"
+
+
+def controls(directory: Path, users: int) -> dict[str, str]:
+    """The enterprise's controls, on and in the way of every message but never refusing one: the content rules above,
+    a daily quota far above what a campaign asks (each message counted once), and a cap per bot of as many answers
+    as there are users (each answer takes a slot and gives it back; a slot leaked by a kill would make questions
+    wait, then end busy, which the checker counts)."""
+    rules = directory / "rules.txt"
+    rules.write_text(CAMPAIGN_RULES, encoding="utf-8")
+    return {
+        "CONTENT_RULES_FILE": str(rules),
+        "QUOTA_USER_MESSAGES_PER_DAY": "100000",
+        "MAX_ACTIVE_ANSWERS_PER_BOT": str(users),
+        "QUEUE_WAIT_SECONDS": "30",
+    }
+
+
 def start_topology(kind: str):
     """One server runs with its append-only file (a crash and restart keeps what it held); a Sentinel set and a
     Cluster without persistence (their replicas hold the data)."""
@@ -124,6 +145,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         "STREAM_LEASE_SECONDS": str(lease),
         "STREAM_WINDOW_SECONDS": str(options.window),
         "GUNICORN_GRACEFUL_TIMEOUT": "20",
+        **(controls(directory, options.users) if options.controls else {}),
     }
     replicas = [GunicornReplica(env, directory, f"replica-{n}", workers=options.workers) for n in range(3)]
     for replica in replicas:
@@ -161,6 +183,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         ws_bot=WS_BOT,
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
     )
+    workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
     started = time.time()
     try:
         users.start()
@@ -301,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")
     parser.add_argument("--out", help="directory for histories and replica logs (default: a new temporary one)")
     parser.add_argument("--json", help="also write the result to this file")
@@ -309,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"seed": options.seed, "minutes": options.minutes, "users": options.users, **versions()}
     result["dify"] = options.dify_version
+    result["controls"] = options.controls
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
         result[kind] = run_topology(kind, options, out_dir)
         counts = ", ".join(f"{name} {result[kind][name]}" for name in COUNTS)
