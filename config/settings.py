@@ -124,6 +124,8 @@ class DifySettings:
     quiet_run_seconds: float = _var("DIFY_QUIET_RUN_SECONDS", 20.0)
     max_retries: int = _var("DIFY_MAX_RETRIES", 2)
     retry_backoff: float = _var("DIFY_RETRY_BACKOFF", 1.0)
+    # A question Dify never took (refused, unreachable) is asked again this long, the bubble waiting (0 = not again)
+    retry_seconds: float = _var("DIFY_RETRY_SECONDS", 60.0)
     app_type: str = _var("DIFY_APP_TYPE", "auto")  # docs/protocol.md; auto reads the app's mode from GET /info
     workflow_input: str = _var("DIFY_WORKFLOW_INPUT", "query")  # workflow apps: the question's input variable
     workflow_output: str = _var("DIFY_WORKFLOW_OUTPUT")  # workflow apps: the answer's output ("" = the first string)
@@ -598,6 +600,7 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
     problems.require(s.bot.dify.quiet_run_seconds >= 0, "DIFY_QUIET_RUN_SECONDS", "must be 0 (never) or more")
     problems.require(s.bot.dify.max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
     problems.require(s.bot.dify.retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
+    problems.require(0 <= s.bot.dify.retry_seconds <= 300, "DIFY_RETRY_SECONDS", "must be between 0 and 300")
 
 
 def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:

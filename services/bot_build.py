@@ -371,7 +371,8 @@ def _worker(bot: BotSettings, deps: WorkerDeps, owner: str, authorizer: Authoriz
         workflow_input=bot.dify.workflow_input,
         workflow_output=bot.dify.workflow_output,
     )
-    return StreamWorker(deps, owner, bot.dify.max_stream_seconds, prepare, bot=bot.name, options=options)
+    patience = bot.dify.retry_seconds
+    return StreamWorker(deps, owner, bot.dify.max_stream_seconds, prepare, bot.name, options, patience)
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,7 @@ STREAM_EVENTS = (
     "taken_over_elsewhere", "closed_elsewhere",
 )  # fmt: skip
 DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
-DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach")
+DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach", "asked_again")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
 BACKGROUND_LOOPS = (

@@ -6,11 +6,14 @@ instances, and every failure behind the bubble ending in a finished reply with t
 
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
+from bench.faults.proxy import FaultyLink
 from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
+from services import metrics
 from services.texts import CATALOGUE
 from services.wecom.limits import MAX_CONTENT_BYTES
 from tests.conftest import KEYS, make_simulator, wait_idle, wait_until
@@ -466,4 +469,59 @@ def test_english_catalogue(make_app, serve, dify):
     sim = make_simulator(live.url)
     dify.script([d.http_error(503, "unavailable")], times=None)
     assert sim.ask("hi").text == CATALOGUE["en"]["dify_unavailable"]
+    sim.close()
+
+
+# --- a question Dify never took is asked again (DIFY_RETRY_SECONDS) -----------------------------------------------
+
+
+def test_a_question_dify_refused_is_asked_again_until_it_is_answered(make_app, serve, dify):
+    live = serve(make_app(dify_retry_seconds=30, dify_max_retries=0))
+    sim = make_simulator(live.url)
+    dify.script([d.http_error(503, "unavailable")], times=2)
+    dify.script([d.http_error(429, "too_many_requests")])
+    dify.script(d.answer("here at last"))
+    asked_again = metrics.DIFY_CALLS.labels("default", "asked_again")._value.get()
+
+    assert sim.ask("are you there?").text == "here at last"  # after 1 + 2 + 4 s of pauses, the bubble waiting
+    assert [r["query"] for r in dify.chat_requests()] == ["are you there?"] * 4
+    assert metrics.DIFY_CALLS.labels("default", "asked_again")._value.get() == asked_again + 3
+    sim.close()
+
+
+def test_dify_unreachable_for_seconds_costs_a_wait_and_not_the_answer(make_app, serve, dify):
+    link = FaultyLink(urlsplit(dify.base_url).port)  # its port is free: nothing listens there until it starts
+    live = serve(make_app(dify_base_url=f"http://127.0.0.1:{link.port}/v1", dify_retry_seconds=30))
+    sim = make_simulator(live.url)
+    dify.script(d.answer("back again"))
+    sent = sim.send(sim.text_message("Dify is restarting"))
+    threading.Timer(2.5, link.start).start()  # Dify comes back
+    try:
+        assert sim.follow(sent).text == "back again"
+        assert len(dify.chat_requests()) == 1
+    finally:
+        link.stop()
+        sim.close()
+
+
+def test_a_question_that_may_have_reached_dify_is_never_asked_again(make_app, serve, dify):
+    live = serve(make_app(dify_retry_seconds=30, dify_max_retries=2))
+    sim = make_simulator(live.url)
+    dify.script([d.http_error(502, "bad_gateway")], times=None)  # a proxy's 502: Dify may have begun to answer
+    ends_with_note(sim.ask("once only"), "", "dify_unavailable")
+    assert len(dify.chat_requests()) == 1
+    sim.close()
+
+
+def test_stop_ends_the_wait_for_a_dify_that_refuses(make_app, serve, dify):
+    live = serve(make_app(dify_retry_seconds=60, dify_max_retries=0))
+    sim = make_simulator(live.url)
+    dify.script([d.http_error(503, "unavailable")], times=None)
+    sent = sim.send(sim.text_message("wait for me"))
+    assert wait_until(lambda: len(dify.chat_requests()) >= 2)  # asked again once already
+    assert sim.ask("/stop").text == ZH["stop_done"]
+    assert sim.follow(sent).text == ZH["stopped_note"]
+    asked = len(dify.chat_requests())
+    assert live.gateway.runner.drain(10) == []  # the worker ended its wait at once
+    assert len(dify.chat_requests()) == asked
     sim.close()

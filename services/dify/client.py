@@ -33,6 +33,7 @@ from services.dify.errors import (
     DifyStreamCut,
     DifyTimeout,
     http_error,
+    never_taken,
 )
 from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
 from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
@@ -45,11 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
-# A POST is retried only when Dify (or its proxy) said it did not take the request: a 502 or 504 from a proxy, or a
-# connection that broke after the request was sent, may come after Dify began to answer it, and a second call
-# would be a second answer (and a second bill).
-_REFUSED_STATUS = frozenset({429, 503})
+_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})  # for a GET; a POST only when it was never taken (errors.py)
 _MAX_ERROR_BODY = 2048
 
 
@@ -230,10 +227,10 @@ class DifyClient:
                 yield from stream()
                 return
             except (DifyHTTPError, DifyConnectionError) as exc:
-                if isinstance(exc, DifyConnectionError):
-                    retryable = idempotent or not exc.request_sent
+                if idempotent:
+                    retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
                 else:
-                    retryable = exc.status in (_RETRYABLE_STATUS if idempotent else _REFUSED_STATUS)
+                    retryable = never_taken(exc)
                 if not retryable or attempt >= self.max_retries:
                     raise
                 attempt += 1

@@ -52,6 +52,20 @@ class DifyStreamCut(DifyError):
     code = "stream_cut"
 
 
+# Statuses by which Dify (or its proxy) says it did not take a request: it is sent again safely. A 502 or 504 from a
+# proxy, or a connection that broke after the request was sent, may come after Dify began to answer it, and a second
+# call would be a second answer (and a second bill).
+REFUSED_STATUS = frozenset({429, 503})
+
+
+def never_taken(exc: DifyError) -> bool:
+    """Whether the failed call provably never reached Dify's app: refused (429, 503), or no connection made or the
+    request not sent. Only such a call of a question's POST may be made again."""
+    if isinstance(exc, DifyConnectionError):
+        return not exc.request_sent
+    return isinstance(exc, DifyHTTPError) and exc.status in REFUSED_STATUS
+
+
 def http_error(status: int, raw: bytes) -> DifyHTTPError:
     """Read Dify's `{code, message, status}` error body (or whatever a proxy sent) into a DifyHTTPError."""
     code, message = "", ""

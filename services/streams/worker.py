@@ -21,7 +21,7 @@ from services import metrics
 from services.auth.authorizer import AuthError
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
-from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
+from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout, never_taken
 from services.dify.events import RUN_APPS, DifyEvent
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
@@ -54,6 +54,12 @@ logger = logging.getLogger(__name__)
 # A run's events stream cut this many times in a row (each re-attached with the run's snapshot) is taken for Dify
 # failing: the answer ends with the note of a cut stream.
 MAX_REATTACHES = 3
+
+# A question Dify never took (refused with 429/503, unreachable: a restart, a partition) is asked again for
+# DIFY_RETRY_SECONDS (this by default) after the first try, the pause between tries growing to PATIENCE_PAUSES[-1]:
+# WeCom waits minutes for the bubble, so an outage of Dify shorter than that costs the user a wait, not the answer.
+DIFY_RETRY_SECONDS = 60.0
+PATIENCE_PAUSES = (1.0, 2.0, 4.0, 5.0)
 
 # Before an answer starts, Redis away is waited out while the bubble has this long left to show an answer in, trying
 # again every START_RETRY_DELAY seconds at most (worker._before_start).
@@ -103,9 +109,11 @@ class StreamWorker:
         prepare: Callable[[StreamJob], dict] | None = None,
         bot: str = "default",
         options: AnswerOptions = DEFAULT_OPTIONS,
+        patience: float = DIFY_RETRY_SECONDS,
     ):
         self.deps = deps
         self.options = options
+        self.patience = patience  # DIFY_RETRY_SECONDS: how long a question Dify never took is asked again
         self.owner = owner
         self.bot = bot
         self.max_seconds = max_seconds
@@ -213,7 +221,7 @@ class StreamWorker:
             )
             logger.info("calling Dify%s", " (continuing the conversation)" if conversation_id else "")
             try:
-                self._follow(job, partial(deps.dify.stream_chat, request), recorder, cancelled, deadline)
+                self._ask(job, request, recorder, cancelled, deadline)
                 break
             except DifyHTTPError as exc:
                 gone = exc.status == 404 or exc.code == "conversation_completed"
@@ -229,6 +237,32 @@ class StreamWorker:
                 conversation_id = ""
         self._through_forms(job, answer, recorder, cancelled)
         self.completion.complete(job, answer, recorder, deps.texts.say(note_key) if note_key else "")
+
+    def _ask(
+        self, job: StreamJob, request: ChatRequest, recorder: AnswerRecorder, cancelled: threading.Event, deadline
+    ) -> None:
+        """The question's Dify call, followed to the answer's end. A call Dify never took (never_taken: refused, or
+        not reached; the client tried it DIFY_MAX_RETRIES times already) is asked again for DIFY_RETRY_SECONDS, as
+        long as the answer has time left, with the bubble showing its placeholder meanwhile. A call that may have
+        reached Dify is never asked again: that would be a second answer.
+
+        Raises:
+            StreamAborted: the answer was stopped, or its process drains, while it waited to ask again.
+        """
+        patience_ends = min(deadline, time.monotonic() + self.patience)
+        for tries in range(1_000_000):
+            try:
+                self._follow(job, partial(self.deps.dify.stream_chat, request), recorder, cancelled, deadline)
+                return
+            except DifyError as exc:
+                pause = PATIENCE_PAUSES[min(tries, len(PATIENCE_PAUSES) - 1)]
+                began = recorder.answer.text or recorder.answer.task_id or recorder.answer.workflow_run_id
+                if not never_taken(exc) or began or time.monotonic() + pause > patience_ends:
+                    raise
+                logger.warning("Dify did not take the question (%s); asking again in %.0fs", exc.code, pause)
+                metrics.DIFY_CALLS.labels(self.bot, "asked_again").inc()
+            if cancelled.wait(pause):
+                raise StreamAborted
 
     def _before_start(self, job: StreamJob, cancelled: threading.Event, call: Callable[[], T], what: str) -> T:
         """A Redis call the answer cannot start without. Redis away (a failover, a restart) is waited out for as
