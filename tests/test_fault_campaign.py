@@ -209,6 +209,54 @@ def test_counts_are_broken_down_by_the_faults_active_during_the_message():
     assert result["problems"][0]["faults"] == ["replica_kill"]
 
 
+def calm(start: float, end: float) -> dict:
+    return {"kind": "calm", "t": end, "start": start, "end": end}
+
+
+def test_a_message_of_a_calm_phase_must_be_answered_whole_and_without_a_note():
+    """The control group: in the nemesis's calm phases no fault runs anywhere, so every message there is answered
+    whole; a note (or anything less than the whole answer) there is a failure, whatever else excuses it."""
+    whole = history([(2.0, WHOLE, True)]) + [calm(-5.0, 30.0)]
+    assert counts(whole) == ZERO
+    assert check(whole)["control"] == {"phases": 1, "messages": 1, "whole": 1, "notes": 0}
+    noted = history([(2.0, f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['dify_unavailable']}", True)])
+    assert counts(noted + [calm(-5.0, 30.0)])["control_failures"] == 1
+    assert check(noted + [calm(-5.0, 30.0)])["control"] == {"phases": 1, "messages": 1, "whole": 0, "notes": 1}
+    assert counts(noted + [calm(10.0, 50.0)])["control_failures"] == 0  # sent before the phase: not of the group
+    touched = noted + [calm(-5.0, 30.0), fault("replica_kill", 0.5, 1.5)]  # a message a fault touched: no control
+    assert counts(touched)["control_failures"] == 0
+
+
+def test_liveness_is_reported_per_fault_kind_and_per_app():
+    cut = history([(2.0, f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['stream_cut']}", True)], dify_fault="cut")
+    cut[0]["app"] = "chatflow"
+    result = check(cut + [fault("dify_partition", 0.5, 1.5), fault("dify_partition", 20.0, 21.0)])
+    assert result["by_app"] == {"chatflow": {"messages": 1, "whole": 0, "notes": 1}}
+    row = result["by_fault"]["dify_partition"]
+    assert (row["runs"], row["messages"], row["whole"], row["notes"]) == (2, 1, 0, 1)
+
+
+def test_a_partitioned_link_refuses_new_connections_until_it_heals():
+    """A partition looks to the client as a route without an endpoint: connecting is refused, so it knows its
+    request never left (the gateway may then send it again); healed, the link passes bytes again."""
+    server = socket.create_server(("127.0.0.1", 0))
+    link = FaultyLink(server.getsockname()[1]).start()
+    try:
+        link.partition()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", link.port), timeout=5)
+        link.heal()
+        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+        peer, _ = server.accept()
+        client.sendall(b"through again")
+        assert peer.recv(100) == b"through again"
+        client.close()
+        peer.close()
+    finally:
+        server.close()
+        link.stop()
+
+
 def test_a_lossy_link_delivers_every_byte_late():
     """The proxy's packet loss (the nemesis's dify_loss, redis_loss) looks as TCP makes a lost segment look: the bytes
     all come, in order, after a retransmission timeout."""

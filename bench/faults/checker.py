@@ -15,7 +15,12 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
 - extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile);
 - withdrawn: a bubble that showed some of the answer and later showed less (every frame is judged, not only the
   last);
-- spurious_notes: a failure note on a message whose Dify call was healthy and that no fault touched.
+- spurious_notes: a failure note on a message whose Dify call was healthy and that no fault touched;
+- control_failures: a message of the control group (sent in one of the nemesis's calm phases, when no fault of any
+  kind ran, and touched by none) that was not answered whole, or ended with a note.
+
+Liveness is reported beside the counts: per fault kind (`by_fault`) and per app type (`by_app`), how many messages
+were answered whole and how many ended with a failure note; and the control group's (`control`).
 
 Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
 also broken down by the faults that were active while the message was open.
@@ -44,6 +49,7 @@ COUNTS = (
     "extra_form_submissions",
     "withdrawn",
     "spurious_notes",
+    "control_failures",
 )
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
 # the texts of cards, headers and prompts, which end nothing (and, short, would match inside any answer).
@@ -96,6 +102,10 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
     extra_calls: int = 0
     excused_calls: int = 0
+    app: str = ""
+    started: float = 0.0
+    whole: bool = False  # every sentence of the answer reached the user
+    noted: bool = False  # it ended with a failure note
     first_text_s: float | None = None
     last_text_s: float | None = None
 
@@ -114,6 +124,7 @@ def check(events: list[dict]) -> dict:
         elif event["kind"] == "form_submission" and event["status"] == 200:
             taken_by_tag[event["tag"]] += 1
     faults = [event for event in events if event["kind"] == "fault"]
+    calms = [(event["start"], event["end"]) for event in events if event["kind"] == "calm"]
     verdicts = [
         judge(kinds["message"][0], kinds, calls_by_tag[kinds["message"][0]["tag"]], faults)
         for kinds in by_msgid.values()
@@ -123,7 +134,13 @@ def check(events: list[dict]) -> dict:
     for verdict in verdicts:
         if (taken := taken_by_tag[verdict.tag]) > 1:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
+    for verdict in verdicts:
+        if in_control(verdict, calms) and (not verdict.whole or verdict.noted):
+            seen = "a failure note" if verdict.noted else "not the whole answer"
+            verdict.problems["control_failures"] = f"{seen} in a calm phase, no fault anywhere"
     result = summarize(verdicts, faults)
+    control = [verdict for verdict in verdicts if in_control(verdict, calms)]
+    result["control"] = {"phases": len(calms), **liveness(control)}
     result["runs_followed_again"] = {"resumed": sum(reattaches), "after_a_form": len(reattaches) - sum(reattaches)}
     result["run_record_reads"] = sum(1 for event in events if event["kind"] == "dify_record_read")
     result["form_submissions"] = sum(taken_by_tag.values())
@@ -139,6 +156,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     # A message lives until its last word reached the user: a bubble closed early still has its rest to come.
     ended = max([e["t"] for e in frames + kinds["ended"] + kinds["response_url"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
+    verdict.app, verdict.started = message.get("app", verdict.bot), message["t"]
     calls = sorted(calls)[message.get("dify_refusals", 0) :]  # requests Dify refused by design ran nothing
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
@@ -169,6 +187,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         promised = f", though the bubble promised it ({verdict.notes})" if verdict.notes else " and no note"
         verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences{promised}; final bubble {final[:80]!r}"
     failures = [note for note in endings if note not in ADMISSION]
+    verdict.whole, verdict.noted = complete, bool(failures)
     if failures and not message.get("dify_fault") and verdict.faults == ["none"]:
         verdict.problems["spurious_notes"] = f"{failures} on a message no fault touched"
     allowed, verdict.excused_calls = allowed_calls(calls, frames, tag, faults)
@@ -234,6 +253,20 @@ def allowed_calls(calls: list[float], frames: list[dict], tag: str, faults: list
     return (1, 0) if shown_before or not restarting else (2, 1)
 
 
+def in_control(verdict: Verdict, calms: list[tuple[float, float]]) -> bool:
+    """Whether the message is of the control group: sent in a calm phase, and touched by no fault."""
+    return verdict.faults == ["none"] and any(start <= verdict.started <= end for start, end in calms)
+
+
+def liveness(verdicts: list[Verdict]) -> dict[str, int]:
+    """How many messages, answered whole, ended with a failure note."""
+    return {
+        "messages": len(verdicts),
+        "whole": sum(v.whole for v in verdicts),
+        "notes": sum(v.noted for v in verdicts),
+    }
+
+
 def active_faults(faults: list[dict], start: float, end: float) -> list[str]:
     """The kinds of the faults that overlapped [start, end] (a message's life, and the settling before it), or
     ["none"]."""
@@ -252,14 +285,24 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
         for note in verdict.notes:
             endings[note] += 1
     result["ended_with_note"] = dict(sorted(endings.items()))
-    by_fault: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
+    by_fault: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"runs": 0, "messages": 0, "whole": 0, "notes": 0, **{name: 0 for name in COUNTS}}
+    )
+    for fault in faults:
+        by_fault[fault["fault"]]["runs"] += 1
     for verdict in verdicts:
         for kind in verdict.faults:
             row = by_fault[kind]
             row["messages"] += 1
+            row["whole"] += verdict.whole
+            row["notes"] += verdict.noted
             for name in COUNTS:
                 row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
     result["by_fault"] = dict(sorted(by_fault.items()))
+    apps: dict[str, list[Verdict]] = defaultdict(list)
+    for verdict in verdicts:
+        apps[verdict.app or "?"].append(verdict)
+    result["by_app"] = {app: liveness(found) for app, found in sorted(apps.items())}
     by_bot: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
     for verdict in verdicts:
         row = by_bot[verdict.bot or "?"]

@@ -52,6 +52,11 @@ _TARGETS = {
 }
 WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_sends_refused")
 BUSY = -1  # WeCom's "system busy"
+# The control group: every CALM_EVERY seconds of faults, the nemesis lets the faults under way end, waits until every
+# replica is ready and CALM_SETTLE more seconds (a lease lapsing, a takeover's grace), and then starts none for
+# CALM_SECONDS, in which the workload injects no Dify fault either (`calm` is set): a message there must be answered
+# whole, with no note (checker.py, `control`).
+CALM_EVERY, CALM_SETTLE, CALM_SECONDS = 90.0, 15.0, 40.0
 
 
 class Nemesis:
@@ -94,6 +99,7 @@ class Nemesis:
         self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
         self.stop = threading.Event()
+        self.calm = threading.Event()  # a control phase: no fault anywhere (the workload reads it too)
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -110,7 +116,12 @@ class Nemesis:
             fault.join(120)
 
     def _run(self) -> None:
+        calm_at = time.monotonic() + CALM_EVERY
         while not self.stop.wait(self.rng.uniform(*self.gap)):
+            if time.monotonic() >= calm_at:
+                self._calm()
+                calm_at = time.monotonic() + CALM_EVERY
+                continue
             kind = self.rng.choice(self.kinds)
             target = self._claim(kind)
             if target is None:
@@ -119,6 +130,23 @@ class Nemesis:
             fault = threading.Thread(target=self._apply, args=(kind, target, rng), name=f"nemesis-{kind}", daemon=True)
             self._faults.append(fault)
             fault.start()
+
+    def _calm(self) -> None:
+        """A control phase (CALM_EVERY): the faults under way end, every replica is ready, then CALM_SECONDS with
+        none, recorded in the history as `calm` from its start to its end."""
+        for fault in self._faults:
+            fault.join(120)
+        deadline = time.monotonic() + 60
+        while self.unready and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.2)
+        self.calm.set()  # no Dify fault from here: the messages sent in the settling start clean
+        if self.stop.wait(CALM_SETTLE):
+            self.calm.clear()
+            return
+        started = time.time()
+        self.stop.wait(CALM_SECONDS)
+        self.history.add("calm", start=started, end=time.time())
+        self.calm.clear()
 
     def _claim(self, kind: str) -> str | None:
         """The target `kind` works on now, marked busy; None if it is busy (or it would take the last replica)."""

@@ -1,8 +1,9 @@
 """A TCP proxy the nemesis controls, between the gateway replicas and a server (Dify, or one Redis server): it
 passes bytes both ways, and on command delays them, loses some of them (as TCP shows a lost segment: the bytes
-come late, after a retransmission timeout), or partitions the link (every open connection is cut and new ones are
-refused). It stands in for the network faults `tc netem` would make, without needing the replicas in a network
-namespace of their own.
+come late, after a retransmission timeout), or partitions the link (every open connection is cut, and the proxy
+stops listening, so a new one is refused as a route without an endpoint refuses it: the client knows its request
+never left, where a connection accepted and reset at once would leave it unsure). It stands in for the network
+faults `tc netem` would make, without needing the replicas in a network namespace of their own.
 
 A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
 bypassed: on those topologies only the link to Dify goes through one.
@@ -37,6 +38,7 @@ class FaultyLink:
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = threading.Event()
+        self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._run, name=f"faulty-link-{self.port}", daemon=True)
 
     def start(self) -> FaultyLink:
@@ -60,22 +62,33 @@ class FaultyLink:
         """Cut every open connection and refuse new ones until `heal()`."""
         self.partitioned = True
         self._loop.call_soon_threadsafe(self._cut_all)
+        asyncio.run_coroutine_threadsafe(self._stop_listening(), self._loop).result(5)
 
     def heal(self) -> None:
+        if self.partitioned:
+            asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         self.partitioned = False
         self.delay_seconds = 0.0
         self.loss_share = 0.0
 
     # --- the proxy's loop ---------------------------------------------------------------------------------------
 
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", self.port))
+        self._loop.run_until_complete(self._listen())
         self._started.set()
         try:
             self._loop.run_forever()
         finally:
-            server.close()
+            self._loop.run_until_complete(self._stop_listening())
             pending = asyncio.all_tasks(self._loop)  # the links still open: ended here, not left to the collector
             for task in pending:
                 task.cancel()

@@ -69,6 +69,7 @@ class Workload:
     # as a Kubernetes Service routes only to ready pods. A frozen replica stays in: its probe has not failed yet.
     unready: set[int] | None = None
     stalled_seconds: float = 20.0  # longer than the gateways' DIFY_READ_TIMEOUT
+    calm: threading.Event | None = None  # set in the nemesis's control phases: no Dify fault is injected then
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -100,6 +101,8 @@ class Workload:
         long = bot.standin is None and bot.app != FORM and self.chance(self.long_share)
         sentences = int(self.uniform(*LONG_SENTENCES)) if long else int(self.uniform(8, 24))
         fault = self.pick(DIFY_FAULTS) if self.chance(self.dify_fault_share) else ""
+        if self.calm is not None and self.calm.is_set():
+            fault = ""  # (the dice are thrown anyway: the seeded schedule stays the same)
         scripts = self._scripts(bot, tag, sentences, fault, long)
         for steps, times in scripts:
             self.dify.script(steps, match=tag, times=times)
@@ -115,6 +118,7 @@ class Workload:
             tag=tag,
             sentences=sentences,
             bot=bot.name,
+            app=bot.app,
             mode=bot.mode,
             dify_fault=fault,
             dify_refusals=_REFUSALS.get(fault, 0),
