@@ -6,8 +6,13 @@
    and sent to its path. Throughput and p99 are reported as ratios to the 1-bot file's, measured in the same round.
 2. Start-up with `--startup-bots` bots (default 100) against 1: from launching gunicorn to /readyz answering 200
    on every worker, the time `load_bots` takes to read and check the file, and the replica's resident memory.
+3. Bots changed live: what one check of an unchanged bots file costs a serving process (services/bots_watch.py reads
+   the stamps of it and of the files its tables name every 5 s in each worker, and reads it only after a change),
+   for files of 1, `--bots` and `--startup-bots` bots, each bot's Token read from a file of its own; and what
+   reading and checking the file again costs after a change.
 
     python -m bench.bots --rounds 3
+    python -m bench.bots --watch-only
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import argparse
 import secrets
 import statistics
 import string
+import tempfile
 import time
 from pathlib import Path
 
 from bench import harness
-from config.bots import load_bots
+from config.bots import load_bots, read_bots
 from config.settings import load_settings
 from demo import dify_standin as d
 from demo.wecom_simulator import WeComSimulator
+from services.bots_watch import CHECK_SECONDS, BotsFileWatch
 
 _KEY_ALPHABET = string.ascii_letters + string.digits
 
@@ -115,6 +122,42 @@ def measure_startup(env: harness.Environment, bots_file: Path, options, round_nu
     return {"ready_s": round(ready, 2), "load_bots_ms": round(loaded * 1000, 1), "rss_mb": round(rss, 1)}
 
 
+def measure_watch(folder: Path, count: int, dify_url: str, checks: int = 200) -> dict:
+    """One check of an unchanged bots file of `count` bots (their Tokens in files of their own): its median time,
+    and the share of one core it takes at one check every CHECK_SECONDS."""
+    bots = bot_credentials(count)
+    secrets_folder = folder / f"watch-{count}"
+    secrets_folder.mkdir(exist_ok=True)
+    tables = []
+    for name, token, key in bots:
+        (secrets_folder / f"{name}.token").write_text(token)
+        tables.append(
+            f'[bots.{name}]\ntoken_file = "{name}.token"\nencoding_aes_key = "{key}"\n'
+            f'dify_base_url = "{dify_url}"\ndify_api_key = "{harness.DIFY_KEY}"\n'
+        )
+    path = secrets_folder / "bots.toml"
+    path.write_text("\n".join(tables))
+    environ = {"BOTS_FILE": str(path), "DEMO_MODE": "false", "REDIS_URL": "redis://127.0.0.1:1/0", "AUTH_MODE": "none"}
+    settings = load_settings(environ, env_files=())
+    watch = BotsFileWatch(settings, load_bots(settings), apply=lambda bots: None)
+    times = []
+    for _ in range(checks):
+        started = time.perf_counter()
+        assert watch.check() == "unchanged"
+        times.append(time.perf_counter() - started)
+    reads = []
+    for _ in range(max(10, checks // 10)):
+        started = time.perf_counter()
+        read_bots(settings)
+        reads.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {
+        "check_ms": round(median * 1000, 3),  # the file and the files it names unchanged: their stamps only
+        "core_share_pct": round(100 * median / CHECK_SECONDS, 4),
+        "read_ms": round(statistics.median(reads) * 1000, 2),  # after a change: the file read and checked again
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -126,8 +169,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--connections", type=int, default=32)
     harness.add_gunicorn_arguments(parser)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--watch-only", action="store_true", help="only the live check of the file (3.)")
     options = parser.parse_args(argv)
     started = time.time()
+    if options.watch_only:
+        folder = Path(tempfile.mkdtemp(prefix="bench-bots-watch-"))
+        result = {
+            f"watch_{count}_bots": measure_watch(folder, count, "http://127.0.0.1:1/v1")
+            for count in (1, options.bots, options.startup_bots)
+        }
+        result["machine"] = harness.machine()
+        harness.report(result, options.json)
+        return result
     env = harness.start_environment()
     env.dify.script(d.answer("A finished answer of moderate length. " * 20), match="finished", times=None)
     one, many, crowd = bot_credentials(1), bot_credentials(options.bots), bot_credentials(options.startup_bots)

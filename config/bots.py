@@ -122,8 +122,34 @@ def read_bots(settings: Settings) -> tuple[tuple[BotSettings, ...], str]:
     Raises:
         SettingsError: as `load_bots`.
     """
-    text = _read(settings.bots_file)
+    text = read_text(settings)
     return load_bots(settings, text), text
+
+
+def read_text(settings: Settings) -> str:
+    """BOTS_FILE's text.
+
+    Raises:
+        SettingsError: it cannot be read, or is not UTF-8 text.
+    """
+    return _read(settings.bots_file)
+
+
+def files_named(settings: Settings, text: str) -> list[str]:
+    """The files a bots file's tables name (secrets read from files, a content rules file), as load_bots reads them:
+    relative to the bots file's folder. A text that does not parse names none."""
+    try:
+        tables = _tables(text, settings.bots_file)
+    except SettingsError:
+        return []
+    folder = Path(settings.bots_file).parent
+    return [
+        str(folder / value)
+        for table in tables.values()
+        if isinstance(table, dict)
+        for key, value in table.items()
+        if key.endswith("_file") and isinstance(value, str) and value
+    ]
 
 
 def keep_last_good(folder: Path, text: str) -> None:

@@ -92,6 +92,18 @@ def test_a_removed_bot_finishes_its_answer_and_takes_no_new_message(live, sim, d
         hr.send(hr.text_message("and now"))
 
 
+def test_a_key_changed_in_its_secret_file_is_the_one_the_next_message_is_checked_with(live, sim, dify):
+    """A Kubernetes Secret's key changes under the bots file, which stays as it was: the file names it, and a change of
+    a file it names is a change of the bots."""
+    (live.path.parent / "hr-token").write_text("from-the-file-1")
+    assert reload(live, HR.replace(f'token = "{TOKEN}"', 'token_file = "hr-token"')) == "ok"
+    (live.path.parent / "hr-token").write_text("from-the-file-22")  # the Secret rotated
+    assert live.gateway.watch.check() == "ok"
+    dify.script(d.answer("with the rotated token"))
+    assert sim("from-the-file-22").ask("after the rotation").text == "with the rotated token"
+    assert live.gateway.watch.check() == "unchanged"
+
+
 def test_a_changed_key_is_the_one_the_next_message_is_checked_with(live, sim, dify):
     old, new = sim(), sim("hr-token-2")
     dify.script(d.answer("with the old token"))
@@ -118,7 +130,7 @@ def test_a_file_that_does_not_load_changes_nothing_and_is_said_once(live, sim, d
     rejected = reloads("rejected")
     with caplog.at_level(logging.ERROR, logger="services.bots_watch"):
         assert reload(live, text) == "rejected"
-        assert live.gateway.watch.check() == "rejected"  # the same file again: not said again
+        assert live.gateway.watch.check() == "unchanged"  # not read again, nor said again, until it changes
     lines = [r.getMessage() for r in caplog.records if r.name == "services.bots_watch"]
     assert len(lines) == 1 and said in lines[0] and "stay as they were" in lines[0]
     assert reloads("rejected") == rejected + 1
