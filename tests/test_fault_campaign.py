@@ -324,3 +324,15 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
     assert run["tracebacks_in_logs"] == 0
     if topology == "standalone":
         assert not any(run["redis_writes_unreplicated_total"].values())  # one server: no write waits for a replica
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(5 * 60)
+@pytest.mark.parametrize(("mutant", "caught_by"), [("dedup_off", "extra_dify_calls"), ("poll_delta", "withdrawn")])
+def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant, caught_by):
+    """The campaign can fail: on a build with one promise broken on purpose (bench/faults/mutants.py), a short run
+    counts it."""
+    argv = ["--minutes", "1", "--topology", "standalone", "--users", "4", "--window", "60", "--seed", "7"]
+    result = campaign.main([*argv, "--mutant", mutant, "--out", str(tmp_path / "run")])
+    assert result["mutant"] == mutant
+    assert result["standalone"][caught_by] > 0, {name: result["standalone"][name] for name in COUNTS}

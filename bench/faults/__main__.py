@@ -25,6 +25,7 @@ from bench import harness
 from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
+from bench.faults.mutants import MUTANTS
 from bench.faults.nemesis import Nemesis
 from bench.faults.proxy import FaultyLink
 from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
@@ -147,7 +148,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         "GUNICORN_GRACEFUL_TIMEOUT": "20",
         **(controls(directory, options.users) if options.controls else {}),
     }
-    replicas = [GunicornReplica(env, directory, f"replica-{n}", workers=options.workers) for n in range(3)]
+    app = f"bench.faults.mutants:create_app({options.mutant!r})" if options.mutant else "app:create_app()"
+    replicas = [GunicornReplica(env, directory, f"replica-{n}", options.workers, app) for n in range(3)]
     for replica in replicas:
         replica.start(timeout=60)
     urls = [replica.url for replica in replicas]
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
+    parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")
     parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")
     parser.add_argument("--out", help="directory for histories and replica logs (default: a new temporary one)")
     parser.add_argument("--json", help="also write the result to this file")
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"seed": options.seed, "minutes": options.minutes, "users": options.users, **versions()}
     result["dify"] = options.dify_version
     result["controls"] = options.controls
+    if options.mutant:
+        result["mutant"] = options.mutant
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
         result[kind] = run_topology(kind, options, out_dir)
         counts = ", ".join(f"{name} {result[kind][name]}" for name in COUNTS)

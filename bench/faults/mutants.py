@@ -1,0 +1,50 @@
+"""Deliberately broken builds of the gateway, so that the fault campaign shows it can fail: `python -m bench.faults
+--mutant NAME` serves every replica from `create_app(NAME)`, which breaks one promise of the gateway in its own
+process (a monkeypatch: the production code has no switch for it) and then builds the app as usual. A campaign whose
+checker counts nothing on a mutant would be one that cannot see that promise broken (tests/test_fault_campaign.py
+runs a short campaign on each and requires a count).
+
+- `dedup_off`: a msgid is never recognised as one already taken, so WeCom's retry of a message (on another replica,
+  or because the reply was slow) opens a second stream and asks Dify a second time (extra_dify_calls).
+- `poll_delta`: a poll shows the newest piece of the answer instead of the text so far, as a gateway that kept
+  only its last delta would (withdrawn: a bubble shows less than it showed before).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flask import Flask
+
+from bench.faults.answers import SENTENCE
+
+
+def _dedup_off() -> None:
+    from services.streams.store import StreamStore
+
+    StreamStore.claim_msgid = lambda self, msgid, stream_id: stream_id  # every try claims the msgid afresh
+
+
+def _poll_delta() -> None:
+    from services.streams import service
+
+    showing = service.stream_reply
+
+    def newest_piece(stream_id: str, content: str, finish: bool = False, **fields) -> dict:
+        if not finish:
+            sentences = SENTENCE.findall(content)
+            content = content[content.rfind("〔") :] if len(sentences) > 1 else content  # the last sentence only
+        return showing(stream_id, content, finish=finish, **fields)
+
+    service.stream_reply = newest_piece
+
+
+MUTANTS: dict[str, Callable[[], None]] = {"dedup_off": _dedup_off, "poll_delta": _poll_delta}
+
+
+def create_app(name: str) -> Flask:
+    """The gateway's app with mutant `name` applied (gunicorn: `bench.faults.mutants:create_app('dedup_off')`)."""
+    MUTANTS[name]()
+    from app import create_app as gateway_app
+
+    return gateway_app()
