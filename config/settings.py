@@ -144,6 +144,8 @@ class AuthSettings:
     api_key: str = _var("AUTH_API_KEY", secret=True)
     timeout: float = _var("AUTH_TIMEOUT", 5.0)
     token_margin: int = _var("AUTH_TOKEN_MARGIN", 60)
+    # The user table or the auth API away is waited out this long before the user gets a note (0 = a note at once)
+    retry_seconds: float = _var("AUTH_RETRY_SECONDS", 60.0)
 
 
 @dataclass(frozen=True)
@@ -653,6 +655,7 @@ def _check_auth(s: Settings, problems: _Problems) -> None:
         )
     problems.require(s.bot.auth.timeout > 0, "AUTH_TIMEOUT", "must be positive")
     problems.require(s.bot.auth.token_margin >= 0, "AUTH_TOKEN_MARGIN", "must be 0 or more")
+    problems.require(0 <= s.bot.auth.retry_seconds <= 300, "AUTH_RETRY_SECONDS", "must be between 0 and 300")
 
 
 def _url_password(url: str) -> str:

@@ -371,7 +371,7 @@ def _worker(bot: BotSettings, deps: WorkerDeps, owner: str, authorizer: Authoriz
         workflow_input=bot.dify.workflow_input,
         workflow_output=bot.dify.workflow_output,
     )
-    patience = bot.dify.retry_seconds
+    patience = (bot.dify.retry_seconds, bot.auth.retry_seconds)
     return StreamWorker(deps, owner, bot.dify.max_stream_seconds, prepare, bot.name, options, patience)
 
 

@@ -183,6 +183,7 @@ def settings(redis_url, redis_client, dify) -> Settings:
         stream_lease_seconds=3,
         stream_takeover_grace_seconds=0,  # take-over tests time it from the lease; the grace has tests of its own
         dify_retry_seconds=0,  # a refused question gets its note at once; asking again has tests of its own
+        auth_retry_seconds=0,  # as a user table or an auth API away
         log_format="text",
     )
 

@@ -434,3 +434,21 @@ def test_an_outage_before_the_answer_starts_is_waited_out_while_the_bubble_can_b
     assert conversation.text == "answered after the outage"
     assert len(dify.chat_requests()) == 1
     simulator.close()
+
+
+def test_an_auth_api_down_for_seconds_costs_a_wait_and_not_the_answer(auth_app, serve, dify, auth):
+    """AUTH_RETRY_SECONDS: a user without a cached token, while the auth API is down, waits (the bubble shows its
+    placeholder) and is answered once it is back; an unknown user is still answered at once."""
+    live = serve(auth_app(auth_retry_seconds=30))
+    simulator = make_simulator(live.url)
+    dify.script(d.answer("answered after the wait"))
+    auth.mode = auth_standin.DOWN
+    sent = simulator.send(simulator.text_message("hi", userid="alice"))
+    assert wait_until(lambda: len(auth.calls) >= 1)
+    threading.Timer(2.0, auth.reset).start()  # the auth API is back
+    assert simulator.follow(sent, userid="alice").text == "answered after the wait"
+    assert len(dify.chat_requests()) == 1
+    started = time.monotonic()
+    finished_with(simulator.ask("hi", userid="mallory"), "unknown_user")  # a refusal waits for nothing
+    assert time.monotonic() - started < 5
+    simulator.close()

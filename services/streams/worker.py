@@ -9,6 +9,7 @@ writing at once, so there are never two answers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from functools import partial
 from typing import TypeVar
 
 from services import metrics
-from services.auth.authorizer import AuthError
+from services.auth.authorizer import AuthError, AuthUnavailable, DirectoryUnavailable
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
 from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout, never_taken
@@ -109,11 +110,13 @@ class StreamWorker:
         prepare: Callable[[StreamJob], dict] | None = None,
         bot: str = "default",
         options: AnswerOptions = DEFAULT_OPTIONS,
-        patience: float = DIFY_RETRY_SECONDS,
+        patience: tuple[float, float] = (DIFY_RETRY_SECONDS, DIFY_RETRY_SECONDS),
     ):
         self.deps = deps
         self.options = options
-        self.patience = patience  # DIFY_RETRY_SECONDS: how long a question Dify never took is asked again
+        # How long a question Dify never took is asked again (DIFY_RETRY_SECONDS), and how long the user table or the
+        # auth API away is waited out (AUTH_RETRY_SECONDS).
+        self.patience, self.auth_patience = patience
         self.owner = owner
         self.bot = bot
         self.max_seconds = max_seconds
@@ -186,7 +189,7 @@ class StreamWorker:
             self._resume(job, cancelled, answer)
             return
         deps = self.deps
-        inputs = self._before_start(job, cancelled, lambda: self.prepare(job), "authorizing the user")
+        inputs = self._authorize(job, cancelled)
         declared = deps.profile.declared_inputs()
         inputs |= {name: value for name, value in job.context_inputs(self.bot).items() if name in declared}
         given, note_key = deps.media.files_for_question(job.attachments, job.typed_query, job.dify_user)
@@ -243,24 +246,48 @@ class StreamWorker:
     ) -> None:
         """The question's Dify call, followed to the answer's end. A call Dify never took (never_taken: refused, or
         not reached; the client tried it DIFY_MAX_RETRIES times already) is asked again for DIFY_RETRY_SECONDS, as
-        long as the answer has time left, with the bubble showing its placeholder meanwhile. A call that may have
-        reached Dify is never asked again: that would be a second answer.
+        long as the answer has time and room left (_room_ends), the bubble showing its placeholder meanwhile. A call
+        that may have reached Dify is never asked again: that would be a second answer.
 
         Raises:
             StreamAborted: the answer was stopped, or its process drains, while it waited to ask again.
         """
-        patience_ends = min(deadline, time.monotonic() + self.patience)
-        for tries in range(1_000_000):
+        patience_ends = min(deadline, self._room_ends(job), time.monotonic() + self.patience)
+        pauses = _pauses()
+        while True:
             try:
                 self._follow(job, partial(self.deps.dify.stream_chat, request), recorder, cancelled, deadline)
                 return
             except DifyError as exc:
-                pause = PATIENCE_PAUSES[min(tries, len(PATIENCE_PAUSES) - 1)]
+                pause = next(pauses)
                 began = recorder.answer.text or recorder.answer.task_id or recorder.answer.workflow_run_id
                 if not never_taken(exc) or began or time.monotonic() + pause > patience_ends:
                     raise
                 logger.warning("Dify did not take the question (%s); asking again in %.0fs", exc.code, pause)
                 metrics.DIFY_CALLS.labels(self.bot, "asked_again").inc()
+            if cancelled.wait(pause):
+                raise StreamAborted
+
+    def _authorize(self, job: StreamJob, cancelled: threading.Event) -> dict:
+        """The user's inputs from the authorizer (AUTH_MODE=external). The user table or the auth API away (a
+        database restart, the API down) is waited out for AUTH_RETRY_SECONDS (`auth_patience`) while there is room
+        (_room_ends), trying again every few seconds, as a Redis outage is (_before_start): WeCom waits minutes for
+        the bubble, so a short outage costs the user a wait, not a note. A refusal (an unknown or disabled user) is
+        final at once.
+
+        Raises:
+            AuthError: the user may not ask, or the outage lasted.
+            StreamAborted: the answer was stopped, or its process drains, while it waited.
+        """
+        patience_ends, pauses = min(self._room_ends(job), time.monotonic() + self.auth_patience), _pauses()
+        while True:
+            try:
+                return self._before_start(job, cancelled, lambda: self.prepare(job), "authorizing the user")
+            except (DirectoryUnavailable, AuthUnavailable) as exc:
+                pause = next(pauses)
+                if time.monotonic() + pause > patience_ends:
+                    raise
+                logger.warning("could not authorize the user (%s); trying again in %.0fs", exc.code, pause)
             if cancelled.wait(pause):
                 raise StreamAborted
 
@@ -270,10 +297,15 @@ class StreamWorker:
         before WeCom stops polling, or the answer's time is up, or the attempt is no longer this process's. The
         bubble spins meanwhile, and it is answered soon after Redis is back (tries every START_RETRY_DELAY s at
         most)."""
-        latest = min(self.max_seconds, self.deps.finisher.window_seconds - ANSWER_ROOM_SECONDS)
-        patience = job.created_at + latest - time.time()
-        delays = delays_for(patience, longest=START_RETRY_DELAY)
+        delays = delays_for(self._room_ends(job) - time.monotonic(), longest=START_RETRY_DELAY)
         return through_outage(call, what, delays, give_up=cancelled.is_set)
+
+    def _room_ends(self, job: StreamJob) -> float:
+        """Until when (monotonic) a dependency away may be waited out before the answer starts: while an answer could
+        still be made and shown in the bubble (ANSWER_ROOM_SECONDS before WeCom stops polling it), and the answer's
+        time is not up."""
+        latest = min(self.max_seconds, self.deps.finisher.window_seconds - ANSWER_ROOM_SECONDS)
+        return time.monotonic() + job.created_at + latest - time.time()
 
     def _take_slot(self, job: StreamJob, answer: Answer, cancelled: threading.Event) -> None:
         """One of the bot's answer slots (MAX_ACTIVE_ANSWERS_PER_BOT) before the Dify call: over the cap, the
@@ -462,3 +494,9 @@ class StreamWorker:
             metrics.DIFY_STOPS.labels(self.bot, "timeout").inc()
         note = self.deps.texts.failure_note(exc)
         self.deps.finisher.finish(job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")
+
+
+def _pauses() -> Iterator[float]:
+    """The waits between tries of a call whose dependency is away: PATIENCE_PAUSES, then its last for ever."""
+    yield from PATIENCE_PAUSES
+    yield from itertools.repeat(PATIENCE_PAUSES[-1])

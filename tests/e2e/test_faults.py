@@ -76,6 +76,8 @@ def replicas(dify_server, auth_server, module_redis, private_db):
         DIFY_READ_TIMEOUT="2",
         DIFY_MAX_RETRIES="1",
         DIFY_RETRY_BACKOFF="0.05",
+        DIFY_RETRY_SECONDS="2",  # a lasting outage: its note after a short wait (a short one is waited out)
+        AUTH_RETRY_SECONDS="2",
         REDIS_SOCKET_TIMEOUT="0.5",
         AUTH_MODE="external",
         AUTH_API_URL=auth_server.url,
