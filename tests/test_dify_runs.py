@@ -270,3 +270,18 @@ def test_a_run_that_cannot_be_followed_again_is_never_asked_again(sims, dify):
     conversation = sims[1].ask("two")
     assert conversation.finished and conversation.text.startswith("half\n\n")  # what it showed, and a note
     assert len(dify.chat_requests()) == 2  # one per question: never a second for "two"
+
+
+def test_a_run_dify_refuses_to_follow_again_for_a_moment_is_followed_once_it_takes_it(make_pair, dify):
+    """A chatflow's stream is cut mid-run while Dify restarts: its first re-attaches are refused (503). Following a
+    run makes nothing, so it is tried again, every 1-5 s (DIFY_RETRY_SECONDS), and the bubble ends with the whole
+    answer, not with what it showed and a note; the question itself was asked once."""
+    pair = make_pair(dify_retry_seconds=20, dify_max_retries=0)
+    sim = make_simulator(pair[0].url)
+    dify.mode = "advanced-chat"
+    rest = [d.sleep(0.3), d.message("and the rest"), apps.workflow_done({"answer": "half and the rest"}), d.end()]
+    dify.script([apps.workflow_started(), d.message("half "), d.sleep(0.2), d.cut(), *rest])
+    dify.reattach_refusals.extend([503] * 2)
+    assert sim.ask("go on").text == "half and the rest"
+    assert len(dify.reattaches) == 3 and len(dify.chat_requests()) == 1
+    sim.close()

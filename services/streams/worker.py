@@ -22,7 +22,15 @@ from services import metrics
 from services.auth.authorizer import AuthError, AuthUnavailable, DirectoryUnavailable
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
-from services.dify.errors import DifyError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout, never_taken
+from services.dify.errors import (
+    DifyConnectionError,
+    DifyError,
+    DifyHTTPError,
+    DifyStreamCut,
+    DifyStreamError,
+    DifyTimeout,
+    never_taken,
+)
 from services.dify.events import RUN_APPS, DifyEvent
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
@@ -245,26 +253,47 @@ class StreamWorker:
         self, job: StreamJob, request: ChatRequest, recorder: AnswerRecorder, cancelled: threading.Event, deadline
     ) -> None:
         """The question's Dify call, followed to the answer's end. A call Dify never took (never_taken: refused, or
-        not reached; the client tried it DIFY_MAX_RETRIES times already) is asked again for DIFY_RETRY_SECONDS, as
-        long as the answer has time and room left (_room_ends), the bubble showing its placeholder meanwhile. A call
-        that may have reached Dify is never asked again: that would be a second answer.
+        not reached; the client tried it DIFY_MAX_RETRIES times already) is asked again for DIFY_RETRY_SECONDS
+        (_patiently). A call that may have reached Dify is never asked again: that would be a second answer."""
+        answer = recorder.answer
+
+        def may_ask_again(exc: DifyError) -> bool:
+            return never_taken(exc) and not (answer.text or answer.task_id or answer.workflow_run_id)
+
+        events = partial(self.deps.dify.stream_chat, request)
+        self._patiently(job, events, recorder, cancelled, deadline, may_ask_again, "asked_again")
+
+    def _patiently(
+        self,
+        job: StreamJob,
+        open_events: Callable[[TextRelay], Iterator[list[DifyEvent]]],
+        recorder: AnswerRecorder,
+        cancelled: threading.Event,
+        deadline: float,
+        may_try_again: Callable[[DifyError], bool],
+        counted_as: str,
+        cuts_left: int = MAX_REATTACHES,
+    ) -> None:
+        """One Dify call followed to its end (`_follow`), made again while it fails in a way `may_try_again` says
+        is safe to repeat, every 1-5 s for DIFY_RETRY_SECONDS, as long as the answer has time and room left
+        (_room_ends), the bubble showing what it showed meanwhile: WeCom waits minutes for it, so a Dify outage
+        shorter than that costs the user a wait, not the answer. Each try again is counted as `counted_as`.
 
         Raises:
-            StreamAborted: the answer was stopped, or its process drains, while it waited to ask again.
+            StreamAborted: the answer was stopped, or its process drains, while it waited to try again.
         """
         patience_ends = min(deadline, self._room_ends(job), time.monotonic() + self.patience)
         pauses = _pauses()
         while True:
             try:
-                self._follow(job, partial(self.deps.dify.stream_chat, request), recorder, cancelled, deadline)
+                self._follow(job, open_events, recorder, cancelled, deadline, cuts_left)
                 return
             except DifyError as exc:
                 pause = next(pauses)
-                began = recorder.answer.text or recorder.answer.task_id or recorder.answer.workflow_run_id
-                if not never_taken(exc) or began or time.monotonic() + pause > patience_ends:
+                if not may_try_again(exc) or time.monotonic() + pause > patience_ends:
                     raise
-                logger.warning("Dify did not take the question (%s); asking again in %.0fs", exc.code, pause)
-                metrics.DIFY_CALLS.labels(self.bot, "asked_again").inc()
+                logger.warning("Dify did not take the call (%s); trying again in %.0fs", exc.code, pause)
+                metrics.DIFY_CALLS.labels(self.bot, counted_as).inc()
             if cancelled.wait(pause):
                 raise StreamAborted
 
@@ -358,7 +387,7 @@ class StreamWorker:
         answer.reattached = True
         answer.gate.hold()
         events = partial(self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True)
-        self._follow(job, events, recorder, cancelled, deadline, cuts_left)
+        self._patiently(job, events, recorder, cancelled, deadline, _unread, "reattach", cuts_left)
         if answer.paused and answer.gate.held:
             # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
             logger.info("the run paused after text that followed a gap; reading its saved state again")
@@ -450,7 +479,7 @@ class StreamWorker:
         events = partial(
             self.deps.dify.stream_run, answer.workflow_run_id, job.dify_user, continue_on_pause=True, on_open=on_open
         )
-        self._follow(job, events, recorder, cancelled, time.monotonic() + self.max_seconds)
+        self._patiently(job, events, recorder, cancelled, time.monotonic() + self.max_seconds, _unread, "form")
 
     def _count_call(self, job: StreamJob) -> None:
         """Count the message's Dify call by kind (dify_calls_total); a second new call for one message is
@@ -500,3 +529,11 @@ def _pauses() -> Iterator[float]:
     """The waits between tries of a call whose dependency is away: PATIENCE_PAUSES, then its last for ever."""
     yield from PATIENCE_PAUSES
     yield from itertools.repeat(PATIENCE_PAUSES[-1])
+
+
+def _unread(exc: DifyError) -> bool:
+    """Whether a call that follows a run (a GET: it makes nothing, and a form is submitted only once its events
+    flow) failed before any of its events came: Dify unreachable, or refusing it for now (429, 502, 503, 504)."""
+    if isinstance(exc, DifyConnectionError):
+        return True
+    return isinstance(exc, DifyHTTPError) and exc.status in (429, 502, 503, 504)
