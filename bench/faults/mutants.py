@@ -5,7 +5,8 @@ checker counts nothing on a mutant would be one that cannot see that promise bro
 runs a short campaign on each and requires a count).
 
 - `dedup_off`: a msgid is never recognised as one already taken, so WeCom's retry of a message (on another replica,
-  or because the reply was slow) opens a second stream and asks Dify a second time (extra_dify_calls).
+  or because the reply was slow) opens a second stream, answered on its own (duplicate_deliveries: the answer
+  reaches the user twice; extra_dify_calls where Dify's second call is told apart).
 - `poll_delta`: a poll shows the newest piece of the answer instead of the text so far, as a gateway that kept
   only its last delta would (withdrawn: a bubble shows less than it showed before).
 """
