@@ -303,11 +303,11 @@ def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("topology", "minutes", "dify_version"),
-    # the run's minutes, then up to four more to start the topology and let the last answers finish
+    # the run's minutes, then up to five more to start the topology and let the last answers finish
     [
-        pytest.param("standalone", "1", "1.14", marks=pytest.mark.timeout(5 * 60)),
-        pytest.param("sentinel", "2", "1.14", marks=pytest.mark.timeout(6 * 60)),
-        pytest.param("standalone", "1", "1.16", marks=pytest.mark.timeout(5 * 60), id="standalone-dify-1.16"),
+        pytest.param("standalone", "1", "1.14", marks=pytest.mark.timeout(6 * 60)),
+        pytest.param("sentinel", "2", "1.14", marks=pytest.mark.timeout(7 * 60)),
+        pytest.param("standalone", "1", "1.16", marks=pytest.mark.timeout(6 * 60), id="standalone-dify-1.16"),
     ],
 )
 def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes, dify_version):
@@ -328,7 +328,7 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(5 * 60)
+@pytest.mark.timeout(6 * 60)
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):
     """The campaign can fail: on a build with one promise broken on purpose (bench/faults/mutants.py), a short run

@@ -49,7 +49,7 @@ BOTS = (
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
 # How long no Dify run may be open at the end of a run before the replicas are stopped (wait_for_quiet).
-QUIET_SECONDS = 15.0
+QUIET_SECONDS = 60.0  # past the 30 s after which a claim of a send lapses and another process may make it
 TOKEN_SECONDS = 20  # short-lived tokens: users are looked up in MariaDB again and again, restarts and all
 
 
@@ -184,6 +184,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         wecom=standin,
         ws_bot=WS_BOT,
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
+        auth=auth,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
     started = time.time()

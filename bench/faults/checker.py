@@ -86,7 +86,10 @@ CLEAR_NOTES = {
 }
 # Faults that can cost a stream its replica (its lease), and so excuse the documented restart of an answer that had
 # shown nothing; their effect reaches this far past their end (a lease, the takeover grace, a failover settling).
-_NOT_RESTARTING = {"mariadb_restart", "dify_partition", "dify_delay", "ws_drop", "ws_acks_lost", "ws_sends_refused"}
+_NOT_RESTARTING = {
+    "mariadb_restart", "dify_partition", "dify_delay", "ws_drop", "ws_acks_lost", "ws_sends_refused", "auth_fault",
+    "replica_stall",  # shorter than the lease: nothing may be taken over
+}  # fmt: skip
 RESTART_REACH_SECONDS = 30.0
 # A fault this close before a message began still counts as touching it (the topology settling after a heal).
 SETTLE_SECONDS = 5.0

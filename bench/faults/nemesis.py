@@ -1,7 +1,9 @@
 """The campaign's nemesis: faults picked at random (seeded) at random intervals, each logged in the history with its
 start and end. A fault runs in a thread of its own, so the next may begin before it heals: faults overlap, except
 on one target (one gateway replica, the Redis data path, a sentinel, MariaDB), and one gateway replica always
-stays up. Replica faults: SIGKILL or SIGTERM then a restart, SIGSTOP past the stream leases then SIGCONT. Redis
+stays up. Replica faults: SIGKILL or SIGTERM then a restart, SIGTERM while the load still reaches the replica for
+1-5 s (a rolling restart, the Service's endpoints lagging), SIGSTOP past the stream leases then SIGCONT, and a stall
+shorter than the lease (a GC pause, CPU throttling). The auth API down for 2-8 s. Redis
 faults: the master paused (SIGSTOP) for 2-15 s; one server killed and restarted (from its append-only file: the
 campaign runs one server as a deployment that must not lose open answers would); on Sentinel and Cluster the
 master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
@@ -22,6 +24,8 @@ import time
 
 from bench.faults.history import History
 from bench.faults.proxy import FaultyLink
+from demo import auth_standin
+from demo.auth_standin import AuthStandIn
 from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.wecom_simulator import WeComInbox
@@ -29,7 +33,7 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 
 logger = logging.getLogger(__name__)
 
-REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop")
+REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop", "replica_stall", "rolling_restart")
 DATABASE_FAULTS = ("mariadb_restart",)
 # What each fault that is not a replica's works on: two faults on one target never run at once.
 _TARGETS = {
@@ -49,6 +53,7 @@ _TARGETS = {
     "ws_acks_lost": "wecom",
     "ws_sends_refused": "wecom",
     "response_url_busy": "response_url",
+    "auth_fault": "auth",
 }
 WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_sends_refused")
 BUSY = -1  # WeCom's "system busy"
@@ -74,6 +79,7 @@ class Nemesis:
         wecom: WeComWebSocketStandIn | None = None,
         ws_bot: str = "",
         inboxes: list[WeComInbox] | None = None,
+        auth: AuthStandIn | None = None,
     ):
         self.topology = topology
         self.replicas = replicas
@@ -86,6 +92,7 @@ class Nemesis:
         self.links = links or {}  # "dify", "redis": the proxies between the replicas and them (bench/faults/proxy.py)
         self.wecom, self.ws_bot = wecom, ws_bot  # the long connection's stand-in, and the bot on it
         self.inboxes = inboxes or []  # where the callback bots' response_url posts go
+        self.auth = auth  # the auth API's stand-in
         self.kinds = [*REPLICA_FAULTS, "redis_pause"]
         if isinstance(topology, PrivateRedisServer):
             self.kinds.append("redis_crash")
@@ -98,6 +105,7 @@ class Nemesis:
             self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss"]
         self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
+        self.kinds += ["auth_fault"] if auth is not None else []
         self.stop = threading.Event()
         self.calm = threading.Event()  # a control phase: no fault anywhere (the workload reads it too)
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
@@ -202,6 +210,38 @@ class Nemesis:
         time.sleep(self.lease_seconds + rng.uniform(1, 5))
         replica.signal(signal.SIGCONT)
         return f"replica {index}"
+
+    def replica_stall(self, target: str, rng: random.Random) -> str:
+        """A stall shorter than the lease (a GC pause, CPU throttling at a limit): nothing may be taken over."""
+        index, replica = self._replica(target)
+        seconds = rng.uniform(0.3, self.lease_seconds * 0.6)
+        replica.signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        replica.signal(signal.SIGCONT)
+        return f"replica {index} stalled {seconds:.1f}s"
+
+    def rolling_restart(self, target: str, rng: random.Random) -> str:
+        """SIGTERM while the load still reaches the replica for 1-5 s, as a Service's endpoints lag a terminating
+        pod: callbacks and polls keep coming to a process that drains."""
+        index, replica = self._replica(target)
+        lag = rng.uniform(1, 5)
+        replica.signal(signal.SIGTERM)
+        time.sleep(lag)
+        self.unready.add(index)
+        replica.stop(timeout=60)  # it exits once drained (stop only waits, and closes its log)
+        replica.start(timeout=60)
+        self.unready.discard(index)
+        return f"replica {index}, routed to {lag:.1f}s after its SIGTERM"
+
+    # --- the auth API -----------------------------------------------------------------------------------------
+
+    def auth_fault(self, target: str, rng: random.Random) -> str:
+        """The auth API down (HTTP 503) for 2-8 s: users whose token is not cached wait for it (AUTH_RETRY_SECONDS)."""
+        seconds = rng.uniform(2, 8)
+        self.auth.mode = auth_standin.DOWN
+        time.sleep(seconds)
+        self.auth.mode = auth_standin.OK
+        return f"auth API down for {seconds:.1f}s"
 
     # --- the network ------------------------------------------------------------------------------------------
 
