@@ -123,8 +123,9 @@ def test_a_changed_key_is_the_one_the_next_message_is_checked_with(live, sim, di
         (HR + 'colour = "blue"\n', "BOTS_FILE bots.hr: unknown key 'colour'"),
         (table("hr", path="/wecom/x") + table("it", path="/wecom/x").replace(TOKEN, "t2"), "/wecom/x"),
         ("", "BOTS_FILE names no bot"),
+        (HR.replace(f'token = "{TOKEN}"', 'token_file = "gone"'), "BOTS_FILE bots.hr: token_file cannot be read"),
     ],
-    ids=["not-toml", "unknown-key", "two-bots-one-path", "no-bot"],
+    ids=["not-toml", "unknown-key", "two-bots-one-path", "no-bot", "a-key-lost"],
 )
 def test_a_file_that_does_not_load_changes_nothing_and_is_said_once(live, sim, dify, caplog, text, said):
     rejected = reloads("rejected")
