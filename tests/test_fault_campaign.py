@@ -233,6 +233,7 @@ def test_liveness_is_reported_per_fault_kind_and_per_app():
     cut[0]["app"] = "chatflow"
     result = check(cut + [fault("dify_partition", 0.5, 1.5), fault("dify_partition", 20.0, 21.0)])
     assert result["by_app"] == {"chatflow": {"messages": 1, "whole": 0, "notes": 1}}
+    assert result["failure_notes"] == {"messages": 1, "dify_fault_injected": 1}  # the note the fault asked for
     row = result["by_fault"]["dify_partition"]
     assert (row["runs"], row["messages"], row["whole"], row["notes"]) == (2, 1, 0, 1)
 

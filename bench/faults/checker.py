@@ -109,6 +109,7 @@ class Verdict:
     started: float = 0.0
     whole: bool = False  # every sentence of the answer reached the user
     noted: bool = False  # it ended with a failure note
+    injected: bool = False  # its Dify call was made to fail (the workload's own fault)
     first_text_s: float | None = None
     last_text_s: float | None = None
 
@@ -160,6 +161,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     ended = max([e["t"] for e in frames + kinds["ended"] + kinds["response_url"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
     verdict.app, verdict.started = message.get("app", verdict.bot), message["t"]
+    verdict.injected = bool(message.get("dify_fault"))
     calls = sorted(calls)[message.get("dify_refusals", 0) :]  # requests Dify refused by design ran nothing
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
@@ -306,6 +308,8 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     for verdict in verdicts:
         apps[verdict.app or "?"].append(verdict)
     result["by_app"] = {app: liveness(found) for app, found in sorted(apps.items())}
+    noted = [verdict for verdict in verdicts if verdict.noted]
+    result["failure_notes"] = {"messages": len(noted), "dify_fault_injected": sum(v.injected for v in noted)}
     by_bot: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
     for verdict in verdicts:
         row = by_bot[verdict.bot or "?"]
