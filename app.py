@@ -27,7 +27,6 @@ from services.embedded_store import EmbeddedStoreUnavailable
 from services.files.links import FILE_PATH
 from services.gateway import Gateway, build_gateway
 from services.wecom import errors
-from services.wecom.errors import CallbackError
 from utils.logging import log_context, setup_logging
 
 logger = logging.getLogger("app")
@@ -186,14 +185,11 @@ def metrics_endpoint():
 
 
 def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(CallbackError)
-    def _callback_error(exc: CallbackError):
-        return _json(*rejected(exc, "", request.remote_addr))
-
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        if isinstance(exc, RequestEntityTooLarge):
-            return _callback_error(errors.body_too_large(app.config["MAX_CONTENT_LENGTH"]))
+        if isinstance(exc, RequestEntityTooLarge):  # refused as a callback's body is (the callback route's bodies)
+            refused = errors.body_too_large(app.config["MAX_CONTENT_LENGTH"])
+            return _json(*rejected(refused, "", request.remote_addr))
         name = (exc.name or "error").lower().replace(" ", "_")
         return _json({"error": name, "message": exc.description or exc.name}, exc.code or 500)
 

@@ -20,8 +20,10 @@ from config.bots import DEFAULT_BOT
 from config.settings import BotSettings, FileSettings, Settings, SettingsError
 from services import metrics
 from services.audit.api import AuditApi
+from services.audit.queue import AFTER_WINDOW_SECONDS
 from services.audit.records import AuditRecords
 from services.audit.sweeper import AuditSweeper
+from services.audit.trail import CLAIM_SECONDS
 from services.auth import db
 from services.auth.users import UserDirectory
 from services.bot_build import Bot, Shared, build_bot
@@ -44,8 +46,8 @@ logger = logging.getLogger(__name__)
 # How often a Redis that did not say its version (a node down) is asked again (Gateway.redis_refuses).
 VERSION_ASKED_EVERY_SECONDS = 60.0
 # A bot retired from BOTS_FILE is closed this long after its answers' window: the time in which its last audit rows
-# are looked at (a minute after the window) and written (a sweep's claim lapses in 30 s), with some to spare.
-RETIRED_GRACE_SECONDS = 120.0
+# are looked at (AFTER_WINDOW_SECONDS) and written (a sweep's claim lapses in CLAIM_SECONDS), with 30 s to spare.
+RETIRED_GRACE_SECONDS = AFTER_WINDOW_SECONDS + CLAIM_SECONDS + 30.0
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ class Gateway:
         added = sorted(built.keys() - served.keys())
         changed = sorted(built.keys() & served.keys())
         removed = sorted(served.keys() - names)
-        said = (", ".join(names) or "none" for names in (added, changed, removed))
+        said = (", ".join(group) or "none" for group in (added, changed, removed))
         logger.info("BOTS_FILE reloaded: added %s; changed %s; removed %s", *said)
 
     def close_retired(self) -> None:

@@ -58,7 +58,7 @@ class DifyStreamCut(DifyError):
 REFUSED_STATUS = frozenset({429, 503})
 
 
-def never_taken(exc: DifyError) -> bool:
+def never_taken(exc: Exception) -> bool:
     """Whether the failed call provably never reached Dify's app: refused (429, 503), or no connection made or the
     request not sent. Only such a call of a question's POST may be made again."""
     if isinstance(exc, DifyConnectionError):

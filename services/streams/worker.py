@@ -257,7 +257,7 @@ class StreamWorker:
         (_patiently). A call that may have reached Dify is never asked again: that would be a second answer."""
         answer = recorder.answer
 
-        def may_ask_again(exc: DifyError) -> bool:
+        def may_ask_again(exc: Exception) -> bool:
             return never_taken(exc) and not (answer.text or answer.task_id or answer.workflow_run_id)
 
         events = partial(self.deps.dify.stream_chat, request)
@@ -270,7 +270,7 @@ class StreamWorker:
         recorder: AnswerRecorder,
         cancelled: threading.Event,
         deadline: float,
-        may_try_again: Callable[[DifyError], bool],
+        may_try_again: Callable[[Exception], bool],
         counted_as: str,
         cuts_left: int = MAX_REATTACHES,
     ) -> None:
@@ -282,20 +282,14 @@ class StreamWorker:
         Raises:
             StreamAborted: the answer was stopped, or its process drains, while it waited to try again.
         """
-        patience_ends = min(deadline, self._room_ends(job), time.monotonic() + self.patience)
-        pauses = _pauses()
-        while True:
-            try:
-                self._follow(job, open_events, recorder, cancelled, deadline, cuts_left)
-                return
-            except DifyError as exc:
-                pause = next(pauses)
-                if not may_try_again(exc) or time.monotonic() + pause > patience_ends:
-                    raise
-                logger.warning("Dify did not take the call (%s); trying again in %.0fs", exc.code, pause)
-                metrics.DIFY_CALLS.labels(self.bot, counted_as).inc()
-            if cancelled.wait(pause):
-                raise StreamAborted
+        _tried_again(
+            lambda: self._follow(job, open_events, recorder, cancelled, deadline, cuts_left),
+            may_try_again,
+            min(deadline, self._room_ends(job), time.monotonic() + self.patience),
+            cancelled,
+            "Dify did not take the call",
+            lambda: metrics.DIFY_CALLS.labels(self.bot, counted_as).inc(),
+        )
 
     def _authorize(self, job: StreamJob, cancelled: threading.Event) -> dict:
         """The user's inputs from the authorizer (AUTH_MODE=external). The user table or the auth API away (a
@@ -308,17 +302,13 @@ class StreamWorker:
             AuthError: the user may not ask, or the outage lasted.
             StreamAborted: the answer was stopped, or its process drains, while it waited.
         """
-        patience_ends, pauses = min(self._room_ends(job), time.monotonic() + self.auth_patience), _pauses()
-        while True:
-            try:
-                return self._before_start(job, cancelled, lambda: self.prepare(job), "authorizing the user")
-            except (DirectoryUnavailable, AuthUnavailable) as exc:
-                pause = next(pauses)
-                if time.monotonic() + pause > patience_ends:
-                    raise
-                logger.warning("could not authorize the user (%s); trying again in %.0fs", exc.code, pause)
-            if cancelled.wait(pause):
-                raise StreamAborted
+        return _tried_again(
+            lambda: self._before_start(job, cancelled, lambda: self.prepare(job), "authorizing the user"),
+            lambda exc: isinstance(exc, (DirectoryUnavailable, AuthUnavailable)),
+            min(self._room_ends(job), time.monotonic() + self.auth_patience),
+            cancelled,
+            "could not authorize the user",
+        )
 
     def _before_start(self, job: StreamJob, cancelled: threading.Event, call: Callable[[], T], what: str) -> T:
         """A Redis call the answer cannot start without. Redis away (a failover, a restart) is waited out for as
@@ -525,13 +515,36 @@ class StreamWorker:
         self.deps.finisher.finish(job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")
 
 
-def _pauses() -> Iterator[float]:
-    """The waits between tries of a call whose dependency is away: PATIENCE_PAUSES, then its last for ever."""
-    yield from PATIENCE_PAUSES
-    yield from itertools.repeat(PATIENCE_PAUSES[-1])
+def _tried_again(
+    call: Callable[[], T],
+    may_try_again: Callable[[Exception], bool],
+    until: float,
+    cancelled: threading.Event,
+    what: str,
+    on_again: Callable[[], object] = lambda: None,
+) -> T:
+    """`call()`, made again while it fails in a way `may_try_again` says may be waited out (a dependency away), the
+    waits between tries PATIENCE_PAUSES then its last, until `until` (monotonic); `on_again` before each new try.
+
+    Raises:
+        Exception: the call's last failure, once `may_try_again` says no or the time is up.
+        StreamAborted: `cancelled` was set while it waited (the answer was stopped, or its process drains).
+    """
+    pauses = itertools.chain(PATIENCE_PAUSES, itertools.repeat(PATIENCE_PAUSES[-1]))
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            pause = next(pauses)
+            if not may_try_again(exc) or time.monotonic() + pause > until:
+                raise
+            logger.warning("%s (%s); trying again in %.0fs", what, getattr(exc, "code", type(exc).__name__), pause)
+            on_again()
+        if cancelled.wait(pause):
+            raise StreamAborted
 
 
-def _unread(exc: DifyError) -> bool:
+def _unread(exc: Exception) -> bool:
     """Whether a call that follows a run (a GET: it makes nothing, and a form is submitted only once its events
     flow) failed before any of its events came: Dify unreachable, or refusing it for now (429, 502, 503, 504)."""
     if isinstance(exc, DifyConnectionError):
