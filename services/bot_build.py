@@ -203,7 +203,9 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
         holder=connection.holder if connection else None,
         pushes=connection.pushes if connection else None,
         consumer=connection.consumer if connection else None,
-        audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name) if shared.audit else None,
+        audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name, core.store.audit.held)
+        if shared.audit and core.store.audit
+        else None,
         quotas=quotas,
         slots=streams.slots,
     )

@@ -28,6 +28,7 @@ from services.auth import db
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_until
 from tests.test_forms import approval, ask_and_click
+from tests.test_replicas import kill
 
 ZH = CATALOGUE["zh"]
 API_TOKEN = "audit-api-token-0123456789"
@@ -191,6 +192,78 @@ def test_rows_wait_in_redis_while_the_database_is_cut_and_go_in_once_after(make_
         sim.close()
     finally:
         link.stop()
+
+
+def test_a_message_answered_while_redis_is_away_is_a_row_too(make_app, serve, engine, audit_url, private_redis):
+    """Redis cut: the message is answered at once with the note, and its row (which Redis cannot list) is held by the
+    process that made it and written by its own sweep; with the database cut as well, it waits in memory until the
+    database is back, though Redis is not."""
+    redis_link = FaultyLink(private_redis.port).start()
+    url = make_url(audit_url)
+    database_link = FaultyLink(url.port or 3306, url.host).start()
+    try:
+        live = serve(
+            make_app(
+                redis_url=f"redis://127.0.0.1:{redis_link.port}/0",
+                redis_socket_timeout=0.5,
+                database_url=url.set(port=database_link.port).render_as_string(hide_password=False),
+            )
+        )
+        sim = make_simulator(live.url)
+        redis_link.partition()
+        started = time.monotonic()
+        away = sim.text_message("asked while Redis is away")
+        assert sim.send(away)["stream"]["content"] == ZH["store_unavailable"]
+        assert time.monotonic() - started < 3  # the note waits on no try of listing the row
+        assert wait_until(lambda: count(engine) == 1, timeout=15)
+        [row] = rows(engine, msgid=away["msgid"])
+        assert (row["kind"], row["outcome"], row["question"]) == (MESSAGE, "error", "asked while Redis is away")
+        assert row["answer"] == ZH["store_unavailable"]
+        database_link.partition()
+        both = sim.text_message("asked while both are away")
+        assert sim.send(both)["stream"]["content"] == ZH["store_unavailable"]
+        trail = live.gateway.bots["default"].audit
+        assert wait_until(lambda: len(trail.held) == 1)
+        time.sleep(2.5)  # sweeps while the database is away: the row stays held
+        assert count(engine) == 1 and len(trail.held) == 1
+        database_link.heal()
+        assert wait_until(lambda: count(engine) == 2, timeout=30)
+        assert not trail.held
+        time.sleep(1.5)
+        assert [r["question"] for r in rows(engine)] == ["asked while Redis is away", "asked while both are away"]
+        redis_link.heal()
+        sim.close()
+    finally:
+        redis_link.stop()
+        database_link.stop()
+
+
+def test_an_answer_its_owner_sent_after_a_poll_gave_it_up_is_recorded_whole(
+    make_pair, engine, audit_url, dify, redis_client
+):
+    """A replica cut off from Redis past its lease: a poll on the other one ends the bubble at "interrupted", and the
+    owner, which had the answer, sends the rest through response_url. The row waits until the owner could no longer
+    send anything (a window and a minute), then says what the user has: the whole answer, with the note."""
+    first, second = make_pair(stream_lease_seconds=2, dify_read_timeout=4.0, database_url=audit_url)
+    dify.script([d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()])
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello")
+    reply = opener.send(payload)
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    assert poller.follow(reply).text == f"part one\n\n{ZH['orphaned']}"
+    opener.inbox.wait_for(payload["response_url"], timeout=8)
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: redis_client.hget(KEYS.stream(stream_id), "answer_given") == "part one and part two")
+    time.sleep(1.5)
+    assert count(engine) == 0  # not read while its owner may still send
+    redis_client.zadd(KEYS.audit_due(), {stream_id: 0})  # (its time come)
+    assert wait_until(lambda: count(engine) == 1)
+    [row] = rows(engine)
+    assert (row["msgid"], row["outcome"]) == (payload["msgid"], "note")
+    assert row["answer"] == f"part one and part two\n\n{ZH['orphaned']}"
+    opener.close()
+    poller.close()
 
 
 def test_metadata_mode_keeps_lengths_and_hashes_but_no_text(make_app, serve, engine, audit_url, dify):

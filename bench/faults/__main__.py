@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from bench import harness
 from bench.faults.answers import sentences_in
@@ -36,6 +37,7 @@ from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSe
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
+from services.audit.table import wecom_audit
 from services.auth import db
 from services.auth.users import UserDirectory
 
@@ -50,6 +52,9 @@ WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
 # How long no Dify run may be open at the end of a run before the replicas are stopped (wait_for_quiet).
 QUIET_SECONDS = 60.0  # past the 30 s after which a claim of a send lapses and another process may make it
+# How long the audit rows of the run's messages may take to reach the table after it (a sweep each second, rows
+# that waited for MariaDB, a stream owed a row only once its bubble's window is over).
+AUDIT_WAIT_SECONDS = 180.0
 TOKEN_SECONDS = 20  # short-lived tokens: users are looked up in MariaDB again and again, restarts and all
 
 
@@ -138,7 +143,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         "DIFY_READ_TIMEOUT": "8",
         "REDIS_URL": redis_url,
         "AUTH_MODE": "external",
-        "DATABASE_URL": user_database(database, options.users),
+        "DATABASE_URL": (database_url := user_database(database, options.users)),
         "AUTH_API_URL": auth.url,
         "AUTH_API_KEY": AUTH_KEY,
         "AUTH_TOKEN_MARGIN": "5",
@@ -196,6 +201,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         users.finish(timeout=options.window + 60)
         wait_for_quiet(dify)
         collect(history, dify, bots)
+        collect_audit(history, database_url)
         unreplicated = writes_unreplicated(replicas)
     finally:
         for replica in replicas:
@@ -290,6 +296,29 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             tags = {earlier[-1]["tag"]} if earlier else set()
         for tag in tags:
             history.add("response_url", msgid=by_tag[tag], t=at, content=content, accepted=True)
+
+
+def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_SECONDS) -> None:
+    """The audit rows of the campaign's messages, as the table holds them once every message has one or `most`
+    seconds passed (rows made while MariaDB was down wait in Redis and go in on a later sweep): an `audit_row` event
+    per row, for the checker to find exactly one per message whose answer is what its user was shown."""
+    wanted = {(message["bot"], message["msgid"]) for message in history.of("message")}
+    engine = db.make_engine(database_url)
+    deadline = time.monotonic() + most
+    try:
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    select(wecom_audit.c.bot, wecom_audit.c.msgid, wecom_audit.c.kind, wecom_audit.c.outcome,
+                           wecom_audit.c.answer)
+                ).all()  # fmt: skip
+            if wanted <= {(row.bot, row.msgid) for row in rows} or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+    finally:
+        engine.dispose()
+    for row in rows:
+        history.add("audit_row", msgid=row.msgid, bot=row.bot, row=row.kind, outcome=row.outcome, answer=row.answer)
 
 
 def writes_unreplicated(replicas) -> dict[str, float]:

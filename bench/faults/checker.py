@@ -17,7 +17,10 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   last);
 - spurious_notes: a failure note on a message whose Dify call was healthy and that no fault touched;
 - control_failures: a message of the control group (sent in one of the nemesis's calm phases, when no fault of any
-  kind ran, and touched by none) that was not answered whole, or ended with a note.
+  kind ran, and touched by none) that was not answered whole, or ended with a note;
+- audit_rows: a message without exactly one row of its own in the audit table, or whose rows (its own, and those of
+  the taps and rests that carried its text) do not say what its user was shown: the same sentences, the same
+  failure notes (checked when the history holds the table's rows).
 
 Liveness is reported beside the counts: per fault kind (`by_fault`) and per app type (`by_app`), how many messages
 were answered whole and how many ended with a failure note; and the control group's (`control`).
@@ -50,6 +53,7 @@ COUNTS = (
     "withdrawn",
     "spurious_notes",
     "control_failures",
+    "audit_rows",
 )
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
 # the texts of cards, headers and prompts, which end nothing (and, short, would match inside any answer).
@@ -112,6 +116,8 @@ class Verdict:
     injected: bool = False  # its Dify call was made to fail (the workload's own fault)
     first_text_s: float | None = None
     last_text_s: float | None = None
+    shown: set[int] = field(default_factory=set)  # the answer's sentences its user has
+    endings: set[str] = field(default_factory=set)  # the notes (not promises) its user was shown
 
 
 def check(events: list[dict]) -> dict:
@@ -135,6 +141,10 @@ def check(events: list[dict]) -> dict:
         if kinds.get("message")
     ]
     reattaches = [event["snapshot"] for event in events if event["kind"] == "dify_reattach"]
+    audit_rows = [event for event in events if event["kind"] == "audit_row"]
+    if audit_rows:
+        for verdict in verdicts:
+            judge_audit(verdict, by_msgid[verdict.msgid], audit_rows)
     for verdict in verdicts:
         if (taken := taken_by_tag[verdict.tag]) > 1:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
@@ -193,6 +203,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
         verdict.problems["lost"] = f"{len(set(own))} of {expected} sentences{promised}; final bubble {final[:80]!r}"
     failures = [note for note in endings if note not in ADMISSION]
     verdict.whole, verdict.noted = complete, bool(failures)
+    verdict.shown, verdict.endings = set(own), set(endings)
     if failures and not message.get("dify_fault") and verdict.faults == ["none"]:
         verdict.problems["spurious_notes"] = f"{failures} on a message no fault touched"
     allowed, verdict.excused_calls = allowed_calls(calls, frames, tag, faults)
@@ -232,6 +243,24 @@ def judge_posts(verdict: Verdict, sent: list[dict], posts: list[str]) -> None:
         )
     if len(set(posts)) < len(posts):
         verdict.problems.setdefault("duplicate_deliveries", "the same message was sent twice")
+
+
+def judge_audit(verdict: Verdict, kinds: dict[str, list[dict]], rows: list[dict]) -> None:
+    """The message's audit rows: one of its own (its bot, msgid and kind `message`), and what its rows say (its own,
+    and any other carrying its text: a tap's, the rest after a form) is what its user was shown."""
+    own = [row for row in kinds["audit_row"] if row["bot"] == verdict.bot and row["row"] == "message"]
+    if len(own) != 1:
+        verdict.problems["audit_rows"] = f"{len(own)} audit rows of its own"
+        return
+    texts = [own[0]["answer"] or ""]
+    texts += [row["answer"] or "" for row in rows if row is not own[0] and verdict.tag in (row["answer"] or "")]
+    said = {n for text in texts for t, n in sentences_in(text) if t == verdict.tag}
+    notes = {key for key, note in CLEAR_NOTES.items() if key not in PROMISES and any(note in text for text in texts)}
+    if said != verdict.shown or notes != verdict.endings:
+        verdict.problems["audit_rows"] = (
+            f"the row says {len(said)} sentences and notes {sorted(notes)}; its user was shown {len(verdict.shown)} "
+            f"and {sorted(verdict.endings)}"
+        )
 
 
 def answer_part(text: str) -> str:

@@ -1,24 +1,35 @@
 """What one bot's audit trail owes, listed in Redis for the sweep that writes it (trail.py): the streams whose row is
 owed, and the rows made without a stream (a command's reply, a refusal).
 
+A row made while Redis is away (the message answered with "service unavailable", or Redis failing through the
+tries) is held in this process instead (`held`), and this process's own sweep writes it to the database: a message
+is recorded even when the store that lists rows was what failed. Only a process that dies while both Redis and the
+database are away loses what it held (counted `lost` on a clean stop).
+
 A stream is listed when it opens, to be looked at once its bubble's window is over, and moved to now when it ends:
 the stream store calls `opened` and `ended`, where every stream opens and ends, so no way of ending one is missed
 (its worker, a takeover's, a /stop; a poll that gave it up is found at the window's end)."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 
 import redis
 
+from services import metrics
 from services.audit.rows import AuditRow
 from services.keys import AUDIT_KEEP_SECONDS, Keys
 from services.outage import best_effort
+
+logger = logging.getLogger(__name__)
 
 # A stream nobody said ended is looked at this long after its bubble's window (its process died: a poll gave it
 # up, or a takeover answers it still).
 AFTER_WINDOW_SECONDS = 60.0
 LIST_DELAYS = (0.2, 0.5, 1.0, 2.0)  # the waits between tries of listing a row at an answer's end
+HELD_MAX = 10_000  # rows one process holds while Redis is away, at most (the oldest go first, counted dropped)
 
 
 class AuditQueue:
@@ -30,6 +41,8 @@ class AuditQueue:
         self.due_key = keys.audit_due()
         self.pending_key = keys.audit_pending()
         self.window_seconds = window_seconds
+        # rows Redis could not take, for this process's sweep to write straight to the database (oldest first)
+        self.held: deque[AuditRow] = deque()
 
     def opened(self, stream_id: str, created_at: float) -> None:
         """A stream opened for a message: its row is owed, looked at after its bubble's window at the latest. One
@@ -41,14 +54,29 @@ class AuditQueue:
         """The stream is final: the next sweep writes its row (a blip is waited out: the answer's thread has ended)."""
         self._list(self.due_key, stream_id, time.time())
 
-    def replied(self, row: AuditRow) -> None:
-        """A message answered without a stream: its row, written by the next sweep."""
-        self._list(self.pending_key, row.dumps(), time.time())
+    def given_up(self, stream_id: str) -> None:
+        """A poll gave the stream up as orphaned: its owner may live on cut off from Redis and send the rest later
+        (recording it in the stream), so its row is read once it no longer could, a window and a minute on."""
+        self._list(self.due_key, stream_id, time.time() + self.window_seconds + AFTER_WINDOW_SECONDS)
+
+    def replied(self, row: AuditRow, redis_away: bool = False) -> None:
+        """A message answered without a stream: its row, written by the next sweep. Held in this process when Redis
+        does not take it, at once when the caller knows it is away (`redis_away`: no reply waits on its tries)."""
+        if redis_away or not self._list(self.pending_key, row.dumps(), time.time()):
+            self.hold(row)
+
+    def hold(self, row: AuditRow) -> None:
+        """Keep `row` for this process's sweep, dropping the oldest held past HELD_MAX."""
+        if len(self.held) >= HELD_MAX:
+            self.held.popleft()
+            logger.error("an audit row dropped: %d were held while Redis was away", HELD_MAX)
+            metrics.AUDIT_ROWS.labels(row.bot, "dropped").inc()
+        self.held.append(row)
 
     def _list(
         self, key: str, member: str, when: float, only_new: bool = False, delays: tuple[float, ...] = LIST_DELAYS
-    ) -> None:
-        """One round trip (tried again after each of `delays` while Redis fails), never raised."""
+    ) -> bool:
+        """One round trip (tried again after each of `delays` while Redis fails), never raised; True if listed."""
 
         def write() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -56,4 +84,4 @@ class AuditQueue:
             pipe.expire(key, AUDIT_KEEP_SECONDS)
             pipe.execute()
 
-        best_effort(write, "listing an audit row", delays)
+        return best_effort(write, "listing an audit row", delays)

@@ -9,6 +9,7 @@ import threading
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from services import metrics
 from services.audit.records import AuditRecords
 from services.audit.trail import AuditTrail, sweep_quietly
 from services.loops import run_until
@@ -50,6 +51,18 @@ class AuditSweeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._last_held()
+
+    def _last_held(self) -> None:
+        """The rows this process held while Redis was away get a last try at the database; what it does not take
+        is lost with the process, and said so."""
+        for trail in self.trails:
+            if trail.held and self.records.ready():
+                trail.write_held()
+            if trail.held:
+                logger.error("%d audit rows lost: Redis and the database were away at the end", len(trail.held))
+                metrics.AUDIT_ROWS.labels(trail.bot, "lost").inc(len(trail.held))
+                trail.held.clear()
 
     def sweep_all(self) -> None:
         """One sweep of every bot's trail, and the purge if it is this process's turn."""

@@ -11,13 +11,15 @@ process that dies after the end, or before it, leaves the stream listed for anot
 Writing never waits in an answer's way: it happens in the sweep, after the bubble finished. While the database is
 down, the rows built go to the bot's `audit_pending` set instead (their text in full, kept AUDIT_KEEP_SECONDS at
 least, at most AUDIT_PENDING_MAX rows), and go in when it is back. A reply made without a stream (a command, a
-refusal) is a row of its own, listed there at once (queue.py).
+refusal) is a row of its own, listed there at once (queue.py); one made while Redis was away is held in the process
+that made it, whose sweep writes it to the database before it asks Redis for anything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -63,11 +65,13 @@ class AuditTrail:
         keys: Keys,
         records: AuditRecords,
         bot: str,
+        held: deque[AuditRow] | None = None,
     ):
         self.client = client
         self.keys = keys
         self.records = records
         self.bot = bot
+        self.held = held if held is not None else deque()  # the queue's rows Redis could not take (queue.py)
         self.due_key = keys.audit_due()
         self.pending_key = keys.audit_pending()
         self._claim = LuaScript(client, CLAIM_DUE)
@@ -80,7 +84,7 @@ class AuditTrail:
         Raises:
             redis.RedisError (or a cluster error): Redis did not answer (nothing is lost: the next sweep goes on).
         """
-        written = 0
+        written = self.write_held()
         for _ in range(PAGES_PER_SWEEP):  # a burst is written at once, a page at a time, up to a bound
             now = time.time()
             claim = {"now": now, "count": PAGE, "again_at": now + CLAIM_SECONDS}
@@ -91,7 +95,17 @@ class AuditTrail:
         return written + self._write_pending()
 
     def pending(self) -> int:
-        return int(self.client.zcard(self.pending_key))
+        return int(self.client.zcard(self.pending_key)) + len(self.held)
+
+    def write_held(self) -> int:
+        """Write the rows this process held while Redis was away straight to the database (they stay held while it
+        is away too); returns how many went in."""
+        rows = list(self.held)[:PAGE]
+        if not rows or not self._insert(rows):
+            return 0
+        for _ in rows:
+            self.held.popleft()  # (only the sweep takes from the left; rows held meanwhile were added on the right)
+        return len(rows)
 
     def _write_streams(self, stream_ids: list[str]) -> int:
         rows, done = [], []

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 
 from services import metrics
+from services.audit.rows import ERROR
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.chat.intake import MessageIntake
@@ -96,7 +97,8 @@ class CallbackHandler:
                 logger.warning("Redis unavailable while answering a poll: %s", exc)
                 raise StoreUnavailable from exc
             logger.warning("Redis unavailable while taking a message: %s", exc)
-            return stream_reply(new_stream_id(), self.texts.say("store_unavailable"), finish=True)
+            note = self.texts.say("store_unavailable")
+            return self.streams.finish_at_once(note, message, ERROR, redis_away=True)  # its audit row is held here
         except Exception:
             logger.exception("failed to handle a %s callback", message.msgtype)
             if message.msgtype == "event":

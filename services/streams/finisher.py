@@ -146,9 +146,13 @@ class Finisher:
         begins."""
         text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
         if not text or not answer.text.startswith(text) or not self.delivery.reaches(job):
-            self._send_whole(job, answer, note)
-            return
-        self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
+            sent = self._send_whole(job, answer, note)
+        else:
+            sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
+        if sent:  # the user has the whole answer after all: its audit row says so (read after the window)
+            best_effort(
+                lambda: self.store.record(job.stream_id, {"answer_given": answer.text}), "recording what was sent"
+            )
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if

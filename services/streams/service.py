@@ -241,12 +241,18 @@ class StreamService:
         self.runner.start(job, lambda cancelled, lease: self.worker.run(job, cancelled, lease), self.store, self.bot)
 
     def finish_at_once(
-        self, note: str, message: Inbound | None = None, outcome: str = ANSWERED, kind: str = MESSAGE
+        self,
+        note: str,
+        message: Inbound | None = None,
+        outcome: str = ANSWERED,
+        kind: str = MESSAGE,
+        redis_away: bool = False,
     ) -> dict:
-        """A finished reply to a new message that needs no stream (a command, a refusal); with the `message`, its
-        audit row says so (`outcome`; `kind` stop for a /stop)."""
+        """A finished reply to a new message that needs no stream (a command, a refusal, Redis away: `redis_away`);
+        with the `message`, its audit row says so (`outcome`; `kind` stop for a /stop)."""
         if message is not None and self.store.audit is not None:
-            self.store.audit.replied(row_of_reply(self.bot, message, note, outcome, kind, self.owner))
+            row = row_of_reply(self.bot, message, note, outcome, kind, self.owner)
+            self.store.audit.replied(row, redis_away=redis_away)
         return stream_reply(new_stream_id(), note, finish=True)
 
     def poll(self, stream_id: str, hand_card: bool = True) -> dict:
@@ -317,8 +323,8 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
             self.delivery.closed_early(stream_id, snapshot.has_response_url)
-        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone
-            self.store.audit.ended(stream_id)
+        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone, or cut off
+            self.store.audit.given_up(stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))
