@@ -71,6 +71,40 @@ def test_silence_past_the_idle_timeout_raises(pump, pair):
     assert time.monotonic() - started < 3
 
 
+def test_bytes_that_came_while_the_pump_was_stalled_are_read_not_taken_for_silence(pair):
+    """The process stalled past a stream's idle timeout (here: the pump held by another stream's on_data; in the
+    campaign, a SIGSTOP longer than DIFY_READ_TIMEOUT) while its bytes arrived: they are read, no timeout."""
+    pump = ReadPump()
+    stalled, stalling = pair
+    ours, theirs = socket.socketpair()
+    errors = []
+
+    def hold_the_pump(data: bytes) -> bool:
+        time.sleep(2.5)
+        return False
+
+    def stall():
+        try:
+            pump.wait(stalled, hold_the_pump, idle_timeout=10)
+        except Exception as exc:
+            errors.append(exc)
+
+    try:
+        collector = Collector()
+        waiting = threading.Thread(target=lambda: pump.wait(ours, collector, idle_timeout=1.0))
+        waiting.start()
+        time.sleep(0.2)
+        threading.Thread(target=stall).start()
+        stalling.sendall(b"x")  # the pump reads it and is held 2.5 s
+        time.sleep(1.5)
+        theirs.sendall(b"stop")  # arrives while the pump is held, 1.7 s after the wait began
+        waiting.join(10)
+        assert collector.data == b"stop" and not errors
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_what_on_data_raises_reaches_the_waiting_thread_and_the_pump_goes_on(pump, pair):
     ours, theirs = pair
 

@@ -135,10 +135,11 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
         as a message of its own after the bubble closed). The answer recorded is that text with its closing note. A
         push is a row of its own (kind push); the rest of an answer sent as a message of its own is not (`rest_of`: its
         message's row has the whole answer): None. An answer whose bubble a poll gave up, and whose owner then sent it
-    whole or its rest, is recorded whole (`answer_given`)."""
+    whole or its rest, is recorded whole, with both notes (`answer_given`)."""
     if meta.get("rest_of"):
         return None
-    text = meta.get("answer_given") or "".join(chunks)  # (the whole answer its owner sent after a poll gave it up)
+    # (the whole answer its owner sent after a poll gave it up, with the note it sent with it)
+    text = meta.get("answer_given") or "".join(chunks)
     note = meta.get("note", "")
     answer = f"{text}\n\n{note}" if text and note else (text or note)
     status, error = meta.get("status", ""), meta.get("error", "")

@@ -149,10 +149,9 @@ class Finisher:
             sent = self._send_whole(job, answer, note)
         else:
             sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
-        if sent:  # the user has the whole answer after all: its audit row says so (read after the window)
-            best_effort(
-                lambda: self.store.record(job.stream_id, {"answer_given": answer.text}), "recording what was sent"
-            )
+        if sent:  # the user has the whole answer after all, and its note: its audit row says so (read after the window)
+            given = f"{answer.text}\n\n{note}" if note else answer.text
+            best_effort(lambda: self.store.record(job.stream_id, {"answer_given": given}), "recording what was sent")
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if

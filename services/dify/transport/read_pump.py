@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import selectors
 import socket
 import ssl
@@ -165,6 +166,8 @@ class ReadPump:
             if watch is None:
                 continue
             if now - watch.last_read > watch.idle_timeout:
+                if _readable(watch.sock):
+                    continue  # bytes wait unread (this process was stalled, a GC pause or a SIGSTOP): read first
                 self._end(selector, watch, TimeoutError(f"nothing arrived for {watch.idle_timeout:g}s"))
             elif watch.wake_at is not None and now >= watch.wake_at:
                 self._end(selector, watch)
@@ -178,3 +181,13 @@ class ReadPump:
                 pass
         watch.error = error
         watch.done.release()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether bytes wait on `sock` now: what arrived while the process could not read is no idle link."""
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
