@@ -14,7 +14,7 @@ from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
-from bench.faults.mutants import MUTANTS
+from bench.faults.mutants import FORGIVING, MUTANTS
 from bench.faults.proxy import FaultyLink
 from services.texts import CATALOGUE
 
@@ -195,6 +195,43 @@ def test_a_second_dify_call_is_extra_unless_a_fault_restarted_an_answer_that_had
     assert counts([*history([(3.0, WHOLE, True)], calls=[0.1, 2.0, 2.5]), kill])["extra_dify_calls"] == 1
 
 
+def worked(replica: int) -> dict:
+    return {"kind": "worked", "t": 0.0, "msgid": "m1", "replica": replica, "first": 0.0, "last": 3.0}
+
+
+def on_replica(kind: str, replica: int, start: float, end: float) -> dict:
+    return fault(kind, start, end) | {"target": f"replica {replica}"}
+
+
+def test_a_note_or_a_restart_is_explained_only_by_a_fault_on_the_messages_own_path():
+    """A replica's fault explains a note or a second Dify call only if that replica worked on the message (the
+    replicas' logs say which did); Redis, MariaDB, the auth API and Dify's link are on every message's path."""
+    noted = history([(2.0, f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['orphaned']}", True)])
+    elsewhere = on_replica("replica_kill", 2, 1.0, 1.5)
+    assert counts([*noted, worked(0), elsewhere])["unexplained_notes"] == 1
+    assert counts([*noted, worked(0), worked(2), elsewhere])["unexplained_notes"] == 0
+    assert counts([*noted, elsewhere])["unexplained_notes"] == 0  # an old history: who worked on it is not known
+    assert counts([*noted, worked(0), fault("redis_pause", 1.0, 1.5)])["unexplained_notes"] == 0
+    assert counts([*noted, worked(0)])["unexplained_notes"] == 1  # and spurious: no fault at all
+    result = check([*noted, worked(0), elsewhere, fault("redis_pause", 1.0, 1.5)])
+    assert result["notes_by_cause"] == {"redis_pause": 1}
+    restarted = history([(1.0, "正在思考…", False), (3.0, WHOLE, True)], calls=[0.1, 2.0])
+    result = check([*restarted, worked(0), elsewhere])
+    assert (result["extra_dify_calls"], result["unexplained_dify_calls"]) == (0, 1)
+    result = check([*restarted, worked(0), worked(2), elsewhere])
+    assert (result["extra_dify_calls"], result["unexplained_dify_calls"]) == (0, 0)
+
+
+def test_a_dify_call_made_as_another_user_is_unexpected_and_conversations_are_followed():
+    events = history([(2.0, WHOLE, True)])
+    events[0]["userid"] = "user1"
+    call = events[-1] | {"user": "wecom:bot:user1", "conversation": "", "app": "app-chat"}
+    assert counts([*events[:-1], call])["unexpected"] == 0
+    assert counts([*events[:-1], call | {"user": "wecom:bot:user2"}])["unexpected"] == 1
+    later = [call | {"t": 5.0, "tag": OTHER, "conversation": "c1"}, call | {"t": 6.0, "tag": OTHER}]
+    assert check([*events[:-1], call, *later])["conversations"] == {"calls": 3, "continued": 1, "started_again": 1}
+
+
 def test_a_form_dify_took_twice_is_counted():
     events = history([(3.0, WHOLE, True)])
     taken = [{"kind": "form_submission", "t": 1.0, "tag": TAG, "status": status} for status in (200, 412, 200)]
@@ -226,6 +263,40 @@ def test_a_message_of_a_calm_phase_must_be_answered_whole_and_without_a_note():
     assert counts(noted + [calm(10.0, 50.0)])["control_failures"] == 0  # sent before the phase: not of the group
     touched = noted + [calm(-5.0, 30.0), fault("replica_kill", 0.5, 1.5)]  # a message a fault touched: no control
     assert counts(touched)["control_failures"] == 0
+
+
+def test_a_forgiving_checker_excuses_what_a_fault_touched_but_not_the_control_group():
+    """The forgive_all mutant's checker: a message a fault touched is excused whatever went wrong, and no note is
+    spurious; a note in a calm phase is still a control failure."""
+    lost = history([(2.0, answer_text(TAG, 2), True)]) + [fault("replica_kill", 1.0, 1.5)]
+    assert counts(lost)["lost"] == 1
+    assert check(lost, forgive=True)["lost"] == 0
+    noted = history([(2.0, f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['dify_unavailable']}", True)])
+    assert counts(noted)["spurious_notes"] == 1
+    assert check(noted, forgive=True)["spurious_notes"] == 0
+    assert check(noted + [calm(-5.0, 30.0)], forgive=True)["control_failures"] == 1
+
+
+def audit_row(answer: str, row: str = "message", msgid: str = "m1") -> dict:
+    return {"kind": "audit_row", "t": 60.0, "msgid": msgid, "bot": "", "row": row, "outcome": "x", "answer": answer}
+
+
+def test_every_message_needs_one_audit_row_saying_what_its_user_was_shown():
+    """Checked when the history holds the table's rows: exactly one row of the message's own, and its rows (its
+    own, and any other carrying its text) hold the sentences and the failure notes its user was shown."""
+    answered = history([(2.0, WHOLE, True)])
+    assert counts(answered) == ZERO  # a history without the table's rows: not checked
+    assert counts([*answered, audit_row(WHOLE)]) == ZERO
+    assert counts([*answered, audit_row(answer_text(TAG, 3))])["audit_rows"] == 1  # says less than was shown
+    assert counts([*answered, audit_row(WHOLE), audit_row(WHOLE, row="stop")])["audit_rows"] == 0
+    assert counts([*answered, audit_row(WHOLE, msgid="m2")])["audit_rows"] == 1  # none of its own
+    cut = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['stream_cut']}"
+    noted = history([(2.0, cut, True)], dify_fault="cut")
+    assert counts([*noted, audit_row(answer_text(TAG, 2))])["audit_rows"] == 1  # the note is missing
+    assert counts([*noted, audit_row(cut)])["audit_rows"] == 0
+    # a form: the message's row has the text before the card, the rest's row (another msgid) the text after it
+    before, after = answer_text(TAG, 4)[: len(WHOLE) // 2], answer_text(TAG, 4)[len(WHOLE) // 2 :]
+    assert counts([*answered, audit_row(before), audit_row(after, row="form_action", msgid="tap")]) == ZERO
 
 
 def test_liveness_is_reported_per_fault_kind_and_per_app():
@@ -306,9 +377,9 @@ def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
     ("topology", "minutes", "dify_version"),
     # the run's minutes, then up to five more to start the topology and let the last answers finish
     [
-        pytest.param("standalone", "1", "1.14", marks=pytest.mark.timeout(6 * 60)),
-        pytest.param("sentinel", "2", "1.14", marks=pytest.mark.timeout(7 * 60)),
-        pytest.param("standalone", "1", "1.16", marks=pytest.mark.timeout(6 * 60), id="standalone-dify-1.16"),
+        pytest.param("standalone", "1", "1.14", marks=pytest.mark.timeout(8 * 60)),
+        pytest.param("sentinel", "2", "1.14", marks=pytest.mark.timeout(9 * 60)),
+        pytest.param("standalone", "1", "1.16", marks=pytest.mark.timeout(8 * 60), id="standalone-dify-1.16"),
     ],
 )
 def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes, dify_version):
@@ -329,13 +400,17 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(6 * 60)
+@pytest.mark.timeout(8 * 60)
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):
     """The campaign can fail: on a build with one promise broken on purpose (bench/faults/mutants.py), a short run
-    counts it (dedup_off: WeCom's retries answered twice; poll_delta: bubbles showing less than before)."""
-    argv = ["--minutes", "1", "--topology", "standalone", "--users", "4", "--window", "60", "--seed", "7"]
+    counts it (dedup_off: WeCom's retries answered twice; poll_delta: bubbles showing less than before; forgive_all:
+    a checker that excuses every fault's harm, over notes made at random, which the control group still finds)."""
+    argv = ["--minutes", "1.5", "--topology", "standalone", "--users", "4", "--window", "60", "--seed", "7"]
+    argv += ["--calm-every", "20"]  # a control phase early in so short a run
     result = campaign.main([*argv, "--mutant", mutant, "--out", str(tmp_path / "run")])
     assert result["mutant"] == mutant
     counted = {name: result["standalone"][name] for name in COUNTS}
     assert sum(counted.values()) > 0, counted
+    if mutant in FORGIVING:
+        assert counted["control_failures"] > 0 and result["standalone"]["control"]["phases"] >= 1, counted

@@ -15,10 +15,12 @@ import random
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
@@ -26,9 +28,9 @@ from bench import harness
 from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
-from bench.faults.mutants import MUTANTS
+from bench.faults.mutants import FORGIVING, MUTANTS
 from bench.faults.nemesis import Nemesis
-from bench.faults.proxy import FaultyLink
+from bench.faults.proxy import FaultyLink, LinkGroup
 from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
@@ -42,6 +44,7 @@ from services.auth import db
 from services.auth.users import UserDirectory
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
+REPLICAS = 3
 # (name, callback path, token, EncodingAESKey, Dify API key, its app): the campaign's own, used nowhere else
 BOTS = (
     ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", CHAT),
@@ -131,17 +134,17 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     database = PrivateMariaDB().start()
     # The network between the replicas and Dify (and one Redis server) runs through proxies the nemesis can cut or
     # slow; a Sentinel set or a Cluster names its servers' own addresses to clients, so those links stay direct.
+    # One server is reached by each replica through a link of its own, so that one replica can be cut off from it.
     links = {"dify": FaultyLink(urlsplit(dify.base_url).port).start()}
     if kind == "standalone":
-        links["redis"] = FaultyLink(topology.port).start()
-    redis_url = f"redis://127.0.0.1:{links['redis'].port}/0" if "redis" in links else topology.url
+        links["redis"] = LinkGroup(topology.port, REPLICAS).start()
     auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
     env = {
         "DEMO_MODE": "false",
         "BOTS_FILE": str(bots_file(directory, standin.url)),
         "DIFY_BASE_URL": dify.base_url.replace(f":{urlsplit(dify.base_url).port}", f":{links['dify'].port}"),
         "DIFY_READ_TIMEOUT": "8",
-        "REDIS_URL": redis_url,
+        "REDIS_URL": topology.url,
         "AUTH_MODE": "external",
         "DATABASE_URL": (database_url := user_database(database, options.users)),
         "AUTH_API_URL": auth.url,
@@ -154,7 +157,10 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         **(controls(directory, options.users) if options.controls else {}),
     }
     app = f"bench.faults.mutants:create_app({options.mutant!r})" if options.mutant else "app:create_app()"
-    replicas = [GunicornReplica(env, directory, f"replica-{n}", options.workers, app) for n in range(3)]
+    replicas = [
+        GunicornReplica(env | redis_link(links, n), directory, f"replica-{n}", options.workers, app)
+        for n in range(REPLICAS)
+    ]
     for replica in replicas:
         replica.start(timeout=60)
     urls = [replica.url for replica in replicas]
@@ -190,6 +196,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         ws_bot=WS_BOT,
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
         auth=auth,
+        calm_every=options.calm_every,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
     started = time.time()
@@ -215,14 +222,22 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         auth.stop()
         database.remove()
         topology.stop()
+    workers_of(history, replicas)
     history.write(directory / "history.jsonl")
-    result = check(history.events)
+    result = check(history.events, forgive=options.mutant in FORGIVING)
     result["took_s"] = round(time.time() - started, 1)
     result["lease_seconds"] = lease
     result["tracebacks_in_logs"] = sum(r.logs().count("Traceback") for r in replicas)
     result["redis_writes_unreplicated_total"] = unreplicated
     result["history"] = str(directory / "history.jsonl")
     return result
+
+
+def redis_link(links: dict, replica: int) -> dict[str, str]:
+    """Replica `replica`'s REDIS_URL through its own link to one server (none: the topology's own addresses)."""
+    if "redis" not in links:
+        return {}
+    return {"REDIS_URL": f"redis://127.0.0.1:{links['redis'].links[replica].port}/0"}
 
 
 def wait_for_quiet(dify: DifyStandIn, quiet: float = QUIET_SECONDS, most: float = 120.0) -> None:
@@ -254,7 +269,15 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
         history.add("dify_record_read", run=run_id)
     for request in requests:
         query = request["body"].get("query", "")
-        history.add("dify_call", tag=query.rsplit(" ", 1)[-1], t=request["at"])
+        body, app_key = request["body"], request["headers"].get("authorization", "").rpartition(" ")[2]
+        history.add(
+            "dify_call",
+            tag=query.rsplit(" ", 1)[-1],
+            t=request["at"],
+            user=body.get("user", ""),
+            conversation=body.get("conversation_id") or "",
+            app=app_key,
+        )
     for submission in submissions:
         content = dify.forms[submission["token"]]["public"]["form_content"]  # "Approve <tag>?"
         tag = content.split()[-1].rstrip("?")
@@ -321,6 +344,26 @@ def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_
         history.add("audit_row", msgid=row.msgid, bot=row.bot, row=row.kind, outcome=row.outcome, answer=row.answer)
 
 
+def workers_of(history: History, replicas) -> None:
+    """Which replica worked on each message, and when (a `worked` event per message and replica: the first and the
+    last of its log lines that name the message), from the replicas' own logs: the checker excuses a second Dify call
+    or a note by a replica fault only when that replica was on the message's path."""
+    spans: dict[tuple[str, int], list[float]] = {}
+    for index, replica in enumerate(replicas):
+        for line in replica.logs().splitlines():
+            if '"msgid"' not in line:
+                continue
+            try:
+                record = orjson.loads(line)
+                at = datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+            except (ValueError, KeyError):
+                continue
+            span = spans.setdefault((record["msgid"], index), [at, at])
+            span[0], span[1] = min(span[0], at), max(span[1], at)
+    for (msgid, index), (first, last) in spans.items():
+        history.add("worked", msgid=msgid, replica=index, first=first, last=last)
+
+
 def writes_unreplicated(replicas) -> dict[str, float]:
     """redis_writes_unreplicated_total by write, summed over the replicas (each since its last start: a replica the
     nemesis killed lost its count), from their /metrics."""
@@ -356,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--calm-every", type=float, default=90.0, help="seconds of faults between control phases")
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")
     parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")

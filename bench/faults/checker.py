@@ -10,7 +10,7 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
 - duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url; the
   same message posted twice (a note too); a second post to a response_url (WeCom refuses it, so it is only seen
   here: it means the gateway tried to deliver twice);
-- unexpected: text of another message;
+- unexpected: text of another message; a Dify call for it made as another user;
 - stuck: the bubble still unfinished when WeCom stopped polling it;
 - extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile);
 - withdrawn: a bubble that showed some of the answer and later showed less (every frame is judged, not only the
@@ -18,6 +18,11 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
 - spurious_notes: a failure note on a message whose Dify call was healthy and that no fault touched;
 - control_failures: a message of the control group (sent in one of the nemesis's calm phases, when no fault of any
   kind ran, and touched by none) that was not answered whole, or ended with a note;
+- unexplained_notes: a failure note on a message no fault on its own path explains: not its Dify call made to fail,
+  no fault of a replica that worked on it (the replicas' logs name them), no fault of Redis, MariaDB, the auth API or
+  Dify's link while it was open, no fault of its WeCom mode's own way (the long connection, response_url);
+- unexplained_dify_calls: a second Dify call the rule above excused, though no fault that can cost a stream its
+  replica was on the message's own path (a replica that worked on it, or Redis);
 - audit_rows: a message without exactly one row of its own in the audit table, or whose rows (its own, and those of
   the taps and rests that carried its text) do not say what its user was shown: the same sentences, the same
   failure notes (checked when the history holds the table's rows).
@@ -34,6 +39,7 @@ A recorded history is checked again with `python -m bench.faults.checker HISTORY
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,6 +59,8 @@ COUNTS = (
     "withdrawn",
     "spurious_notes",
     "control_failures",
+    "unexplained_notes",
+    "unexplained_dify_calls",
     "audit_rows",
 )
 # Notes that tell the user the answer failed (or was cut short) and what to do: any of them is a clear ending. Not
@@ -95,6 +103,15 @@ _NOT_RESTARTING = {
     "replica_stall",  # shorter than the lease: nothing may be taken over
 }  # fmt: skip
 RESTART_REACH_SECONDS = 30.0
+# Where a fault strikes: on the replica its target names, on a long connection's or a callback's own way; any other
+# (Redis, MariaDB, the auth API, Dify's link) on every message's path. Which Redis node holds a message's keys is not
+# told apart: a fault of any node counts as on every message's path.
+REPLICA_KINDS = frozenset(
+    {"replica_kill", "replica_term", "replica_stop", "replica_stall", "rolling_restart", "replica_redis_partition"}
+)
+CONNECTION_KINDS = frozenset({"ws_drop", "ws_acks_lost", "ws_sends_refused"})
+CALLBACK_KINDS = frozenset({"response_url_busy"})
+_REPLICA = re.compile(r"replica (\d+)")
 # A fault this close before a message began still counts as touching it (the topology settling after a heal).
 SETTLE_SECONDS = 5.0
 
@@ -116,21 +133,25 @@ class Verdict:
     injected: bool = False  # its Dify call was made to fail (the workload's own fault)
     first_text_s: float | None = None
     last_text_s: float | None = None
+    causes: list[str] = field(default_factory=list)  # what on its path can explain a note ("injected": its Dify call)
+    unexplained_calls: int = 0
     shown: set[int] = field(default_factory=set)  # the answer's sentences its user has
     endings: set[str] = field(default_factory=set)  # the notes (not promises) its user was shown
 
 
-def check(events: list[dict]) -> dict:
-    """The counts of one campaign run (one topology), with every non-zero one explained."""
+def check(events: list[dict], forgive: bool = False) -> dict:
+    """The counts of one campaign run (one topology), with every non-zero one explained. With `forgive` (the
+    forgive_all mutant), a checker that explains everything away: every problem of a message a fault touched is
+    excused, and no note counts as spurious; only the control group is judged as ever."""
     by_msgid: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for event in events:
         if "msgid" in event:
             by_msgid[event["msgid"]][event["kind"]].append(event)
-    calls_by_tag: dict[str, list[float]] = defaultdict(list)
+    calls_by_tag: dict[str, list[dict]] = defaultdict(list)
     taken_by_tag: dict[str, int] = defaultdict(int)
     for event in events:
         if event["kind"] == "dify_call":
-            calls_by_tag[event["tag"]].append(event["t"])
+            calls_by_tag[event["tag"]].append(event)
         elif event["kind"] == "form_submission" and event["status"] == 200:
             taken_by_tag[event["tag"]] += 1
     faults = [event for event in events if event["kind"] == "fault"]
@@ -148,6 +169,13 @@ def check(events: list[dict]) -> dict:
     for verdict in verdicts:
         if (taken := taken_by_tag[verdict.tag]) > 1:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
+    if forgive:
+        for verdict in verdicts:
+            if verdict.faults != ["none"]:
+                verdict.problems.clear()
+                verdict.extra_calls = verdict.unexplained_calls = 0
+            verdict.problems.pop("spurious_notes", None)
+            verdict.problems.pop("unexplained_notes", None)
     for verdict in verdicts:
         if in_control(verdict, calms) and (not verdict.whole or verdict.noted):
             seen = "a failure note" if verdict.noted else "not the whole answer"
@@ -158,11 +186,28 @@ def check(events: list[dict]) -> dict:
     result["runs_followed_again"] = {"resumed": sum(reattaches), "after_a_form": len(reattaches) - sum(reattaches)}
     result["run_record_reads"] = sum(1 for event in events if event["kind"] == "dify_record_read")
     result["form_submissions"] = sum(taken_by_tag.values())
+    result["conversations"] = conversations([event for event in events if event["kind"] == "dify_call"])
     return result
 
 
-def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], faults: list[dict]) -> Verdict:
-    """One message: what its user was shown, and what Dify was asked."""
+def conversations(calls: list[dict]) -> dict[str, int]:
+    """How each user's Dify calls after their first on an app went on: continuing a conversation, or starting one
+    again (a conversation the gateway lost, or one its user's first call never made: a liveness figure)."""
+    continued = started_again = 0
+    seen: set[tuple[str, str]] = set()
+    for call in sorted(calls, key=lambda call: call["t"]):
+        if "user" not in call:
+            continue  # an old history
+        who = (call.get("app", ""), call["user"])
+        if who in seen:
+            continued += bool(call["conversation"])
+            started_again += not call["conversation"]
+        seen.add(who)
+    return {"calls": len(calls), "continued": continued, "started_again": started_again}
+
+
+def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults: list[dict]) -> Verdict:
+    """One message: what its user was shown, and what Dify was asked (`asked`: its Dify calls, as Dify got them)."""
     tag, expected = message["tag"], message["sentences"]
     frames = sorted(
         [e for e in kinds["delivery"] + kinds["poll"] if e.get("ok") and e.get("stream")], key=lambda e: e["t"]
@@ -170,9 +215,14 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     # A message lives until its last word reached the user: a bubble closed early still has its rest to come.
     ended = max([e["t"] for e in frames + kinds["ended"] + kinds["response_url"]] + [message["t"]])
     verdict = Verdict(message["msgid"], active_faults(faults, message["t"], ended), tag, message.get("bot", ""))
+    workers = {e["replica"] for e in kinds["worked"]} if kinds["worked"] else None  # None: not known (an old history)
+    path = [f for f in faults if touches(f, message["t"], ended) and on_path(f, message, workers)]
+    verdict.causes = (["injected"] if message.get("dify_fault") else []) + sorted({f["fault"] for f in path})
     verdict.app, verdict.started = message.get("app", verdict.bot), message["t"]
     verdict.injected = bool(message.get("dify_fault"))
-    calls = sorted(calls)[message.get("dify_refusals", 0) :]  # requests Dify refused by design ran nothing
+    calls = sorted(e["t"] for e in asked)[message.get("dify_refusals", 0) :]  # refused by design: ran nothing
+    if foreign := {e["user"] for e in asked if e.get("user") and not e["user"].endswith(f":{message['userid']}")}:
+        verdict.problems["unexpected"] = f"Dify asked as another user: {sorted(foreign)}"
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""
@@ -206,10 +256,15 @@ def judge(message: dict, kinds: dict[str, list[dict]], calls: list[float], fault
     verdict.shown, verdict.endings = set(own), set(endings)
     if failures and not message.get("dify_fault") and verdict.faults == ["none"]:
         verdict.problems["spurious_notes"] = f"{failures} on a message no fault touched"
+    if failures and not verdict.causes:
+        verdict.problems["unexplained_notes"] = f"{failures}; faults not on its path: {verdict.faults}"
     allowed, verdict.excused_calls = allowed_calls(calls, frames, tag, faults)
     verdict.extra_calls = max(0, len(calls) - allowed)
     if verdict.extra_calls:
         verdict.problems["extra_dify_calls"] = f"{len(calls)} Dify calls"
+    if verdict.excused_calls and allowed_calls(calls, frames, tag, path)[1] == 0:
+        verdict.unexplained_calls = verdict.excused_calls
+        verdict.problems["unexplained_dify_calls"] = "a restart excused by a fault on no path of this message"
     with_text = [e["t"] for e in frames if any(t == tag for t, _ in sentences_in(e["content"]))]
     if with_text:
         verdict.first_text_s = with_text[0] - message["t"]
@@ -287,6 +342,25 @@ def allowed_calls(calls: list[float], frames: list[dict], tag: str, faults: list
     return (1, 0) if shown_before or not restarting else (2, 1)
 
 
+def touches(fault: dict, start: float, end: float) -> bool:
+    """Whether `fault` overlapped [start, end] (a message's life, and the settling before it)."""
+    return fault.get("start", fault["t"]) <= end and fault.get("end", fault["t"]) + SETTLE_SECONDS >= start
+
+
+def on_path(fault: dict, message: dict, workers: set[int] | None) -> bool:
+    """Whether `fault` strikes the message's own path: its replicas (`workers`; None: not known, any), its WeCom
+    mode's way, or what every message goes through."""
+    kind = fault["fault"]
+    if kind in REPLICA_KINDS:
+        named = _REPLICA.match(fault.get("target", ""))
+        return workers is None or (named is not None and int(named.group(1)) in workers)
+    if kind in CONNECTION_KINDS:
+        return message.get("mode") == "long_connection"
+    if kind in CALLBACK_KINDS:
+        return message.get("mode") != "long_connection"
+    return True
+
+
 def in_control(verdict: Verdict, calms: list[tuple[float, float]]) -> bool:
     """Whether the message is of the control group: sent in a calm phase, and touched by no fault."""
     return verdict.faults == ["none"] and any(start <= verdict.started <= end for start, end in calms)
@@ -304,16 +378,14 @@ def liveness(verdicts: list[Verdict]) -> dict[str, int]:
 def active_faults(faults: list[dict], start: float, end: float) -> list[str]:
     """The kinds of the faults that overlapped [start, end] (a message's life, and the settling before it), or
     ["none"]."""
-    kinds = sorted(
-        {f["fault"] for f in faults if f.get("start", f["t"]) <= end and f.get("end", f["t"]) + SETTLE_SECONDS >= start}
-    )
+    kinds = sorted({f["fault"] for f in faults if touches(f, start, end)})
     return kinds or ["none"]
 
 
 def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     result: dict = {"messages": len(verdicts)}
     for name in COUNTS:
-        result[name] = sum(v.extra_calls if name == "extra_dify_calls" else name in v.problems for v in verdicts)
+        result[name] = sum(_count(v, name) for v in verdicts)
     endings: dict[str, int] = defaultdict(int)
     for verdict in verdicts:
         for note in verdict.notes:
@@ -331,7 +403,7 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
             row["whole"] += verdict.whole
             row["notes"] += verdict.noted
             for name in COUNTS:
-                row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
+                row[name] += _count(verdict, name)
     result["by_fault"] = dict(sorted(by_fault.items()))
     apps: dict[str, list[Verdict]] = defaultdict(list)
     for verdict in verdicts:
@@ -339,12 +411,17 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     result["by_app"] = {app: liveness(found) for app, found in sorted(apps.items())}
     noted = [verdict for verdict in verdicts if verdict.noted]
     result["failure_notes"] = {"messages": len(noted), "dify_fault_injected": sum(v.injected for v in noted)}
+    causes: dict[str, int] = defaultdict(int)
+    for verdict in noted:  # a note with several causes on its path counts under each
+        for cause in verdict.causes or ["unexplained"]:
+            causes[cause] += 1
+    result["notes_by_cause"] = dict(sorted(causes.items()))
     by_bot: dict[str, dict[str, int]] = defaultdict(lambda: {"messages": 0, **{name: 0 for name in COUNTS}})
     for verdict in verdicts:
         row = by_bot[verdict.bot or "?"]
         row["messages"] += 1
         for name in COUNTS:
-            row[name] += verdict.extra_calls if name == "extra_dify_calls" else name in verdict.problems
+            row[name] += _count(verdict, name)
     result["by_bot"] = dict(sorted(by_bot.items()))
     result["latency_s"] = {
         "first_text": _quantiles([v.first_text_s for v in verdicts if v.first_text_s is not None]),
@@ -354,6 +431,15 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     result["faults"] = len(faults)
     result["problems"] = [{"msgid": v.msgid, "faults": v.faults, **v.problems} for v in verdicts if v.problems]
     return result
+
+
+def _count(verdict: Verdict, name: str) -> int:
+    """What `verdict` adds to the count `name`: its Dify calls beyond those allowed or unexplained, else 0 or 1."""
+    if name == "extra_dify_calls":
+        return verdict.extra_calls
+    if name == "unexplained_dify_calls":
+        return verdict.unexplained_calls
+    return int(name in verdict.problems)
 
 
 def _quantiles(values: list[float]) -> dict:

@@ -9,10 +9,14 @@ runs a short campaign on each and requires a count).
   reaches the user twice; extra_dify_calls where Dify's second call is told apart).
 - `poll_delta`: a poll shows the newest piece of the answer instead of the text so far, as a gateway that kept
   only its last delta would (withdrawn: a bubble shows less than it showed before).
+- `forgive_all`: the checker excuses every problem of a message a fault touched, and counts no note spurious (a
+  checker that explains everything away), over a build that ends one question in four with a Dify failure note
+  without asking Dify: only the control group, where no fault ran, is left to catch it (control_failures).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from flask import Flask
@@ -40,7 +44,27 @@ def _poll_delta() -> None:
     service.stream_reply = newest_piece
 
 
-MUTANTS: dict[str, Callable[[], None]] = {"dedup_off": _dedup_off, "poll_delta": _poll_delta}
+def _notes_at_random() -> None:
+    from services.dify.errors import DifyHTTPError
+    from services.streams.worker import StreamWorker
+
+    asking = StreamWorker._ask
+
+    def sometimes_not(self, job, request, recorder, cancelled, deadline) -> None:
+        if int(hashlib.sha256(request.query.encode()).hexdigest(), 16) % 4 == 0:
+            raise DifyHTTPError(500, "internal_server_error", "not asked (the forgive_all mutant)")
+        asking(self, job, request, recorder, cancelled, deadline)
+
+    StreamWorker._ask = sometimes_not
+
+
+MUTANTS: dict[str, Callable[[], None]] = {
+    "dedup_off": _dedup_off,
+    "poll_delta": _poll_delta,
+    "forgive_all": _notes_at_random,
+}
+# Mutants of the checker: it forgives (checker.check(forgive=True)) what it would count.
+FORGIVING = frozenset({"forgive_all"})
 
 
 def create_app(name: str) -> Flask:

@@ -9,7 +9,8 @@ campaign runs one server as a deployment that must not lose open answers would);
 master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
 killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
 of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s, or slowed, or
-losing 1-10 % of its segments, for 5-15 s. WeCom's long connection: the bot's socket dropped, the acks of its frames
+losing 1-10 % of its segments, for 5-15 s; on one server, one replica's own link to Redis cut for 2-8 s while the
+others reach it. WeCom's long connection: the bot's socket dropped, the acks of its frames
 and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), or every proactive send refused
 (busy) for 5-15 s; in callback mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults
 are the workload's, per message."""
@@ -23,7 +24,7 @@ import threading
 import time
 
 from bench.faults.history import History
-from bench.faults.proxy import FaultyLink
+from bench.faults.proxy import FaultyLink, LinkGroup
 from demo import auth_standin
 from demo.auth_standin import AuthStandIn
 from demo.mariadb_server import PrivateMariaDB
@@ -34,6 +35,8 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 logger = logging.getLogger(__name__)
 
 REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop", "replica_stall", "rolling_restart")
+# Faults of one replica's own way to a server, where it has one (LinkGroup: one Redis server).
+REPLICA_LINK_FAULTS = ("replica_redis_partition",)
 DATABASE_FAULTS = ("mariadb_restart",)
 # What each fault that is not a replica's works on: two faults on one target never run at once.
 _TARGETS = {
@@ -80,8 +83,10 @@ class Nemesis:
         ws_bot: str = "",
         inboxes: list[WeComInbox] | None = None,
         auth: AuthStandIn | None = None,
+        calm_every: float = CALM_EVERY,
     ):
         self.topology = topology
+        self.calm_every = calm_every  # seconds of faults between control phases
         self.replicas = replicas
         self.history = history
         self.rng = rng
@@ -103,6 +108,7 @@ class Nemesis:
         self.kinds += DATABASE_FAULTS if database is not None else ()
         for name in self.links:
             self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss"]
+        self.kinds += REPLICA_LINK_FAULTS if isinstance(self.links.get("redis"), LinkGroup) else ()
         self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
         self.kinds += ["auth_fault"] if auth is not None else []
@@ -124,11 +130,11 @@ class Nemesis:
             fault.join(120)
 
     def _run(self) -> None:
-        calm_at = time.monotonic() + CALM_EVERY
+        calm_at = time.monotonic() + self.calm_every
         while not self.stop.wait(self.rng.uniform(*self.gap)):
             if time.monotonic() >= calm_at:
                 self._calm()
-                calm_at = time.monotonic() + CALM_EVERY
+                calm_at = time.monotonic() + self.calm_every
                 continue
             kind = self.rng.choice(self.kinds)
             target = self._claim(kind)
@@ -159,7 +165,7 @@ class Nemesis:
     def _claim(self, kind: str) -> str | None:
         """The target `kind` works on now, marked busy; None if it is busy (or it would take the last replica)."""
         with self._lock:
-            if kind in REPLICA_FAULTS:
+            if kind in REPLICA_FAULTS or kind in REPLICA_LINK_FAULTS:
                 free = [f"replica:{i}" for i in range(len(self.replicas)) if f"replica:{i}" not in self._busy]
                 if len(free) < 2:
                     return None
@@ -289,6 +295,18 @@ class Nemesis:
     def redis_partition(self, target: str, rng: random.Random) -> str:
         """One server: every connection to Redis cut, and new ones refused, for 2-8 s."""
         return self._partition("redis", rng)
+
+    def replica_redis_partition(self, target: str, rng: random.Random) -> str:
+        """One replica's connections to Redis cut, and new ones refused, for 2-8 s, while the others reach it."""
+        index, _ = self._replica(target)
+        seconds = rng.uniform(2, 8)
+        link = self.links["redis"].links[index]
+        link.partition()
+        try:
+            time.sleep(seconds)
+        finally:
+            link.heal()
+        return f"replica {index} cut off from Redis for {seconds:.1f}s"
 
     def redis_delay(self, target: str, rng: random.Random) -> str:
         """One server: everything to and from Redis held 20-300 ms, for 5-15 s."""

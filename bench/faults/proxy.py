@@ -6,7 +6,8 @@ never left, where a connection accepted and reset at once would leave it unsure)
 faults `tc netem` would make, without needing the replicas in a network namespace of their own.
 
 A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
-bypassed: on those topologies only the link to Dify goes through one.
+bypassed: on those topologies only the link to Dify goes through one. One Redis server is reached by each replica
+through a link of its own (LinkGroup), so one replica can be cut off from it alone.
 """
 
 from __future__ import annotations
@@ -134,3 +135,36 @@ class FaultyLink:
             if not writer.is_closing():
                 with contextlib.suppress(Exception):
                     writer.write_eof()  # the other side ended: pass the end on
+
+
+class LinkGroup:
+    """One link per replica to the same server (each replica's own way to one Redis server), faulted all at once like
+    one FaultyLink, or one alone (`links[i]`: that replica cut off while the others are fine)."""
+
+    def __init__(self, target_port: int, count: int):
+        self.links = [FaultyLink(target_port) for _ in range(count)]
+
+    def start(self) -> LinkGroup:
+        for link in self.links:
+            link.start()
+        return self
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
+
+    def delay(self, seconds: float) -> None:
+        for link in self.links:
+            link.delay(seconds)
+
+    def lose(self, share: float, rng: random.Random) -> None:
+        for link in self.links:
+            link.lose(share, random.Random(rng.getrandbits(64)))
+
+    def partition(self) -> None:
+        for link in self.links:
+            link.partition()
+
+    def heal(self) -> None:
+        for link in self.links:
+            link.heal()
