@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -238,12 +239,10 @@ def test_a_message_answered_while_redis_is_away_is_a_row_too(make_app, serve, en
         database_link.stop()
 
 
-def test_an_answer_its_owner_sent_after_a_poll_gave_it_up_is_recorded_whole(
-    make_pair, engine, audit_url, dify, redis_client
-):
-    """A replica cut off from Redis past its lease: a poll on the other one ends the bubble at "interrupted", and the
-    owner, which had the answer, sends the rest through response_url. The row waits until the owner could no longer
-    send anything (a window and a minute), then says what the user has: the whole answer, with the note."""
+def test_an_answer_its_owner_sent_after_a_poll_gave_it_up_is_recorded_whole(make_pair, engine, audit_url, dify):
+    """A replica cut off from Redis past its lease: a poll on the other one ends the bubble at "interrupted" (its row
+    is written, saying so), and the owner, which had the answer, sends the rest through response_url: the row is
+    written again, saying what the user has, the whole answer with the note; still one row."""
     first, second = make_pair(stream_lease_seconds=2, dify_read_timeout=4.0, database_url=audit_url)
     dify.script([d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()])
     opener = make_simulator(first.url)
@@ -252,18 +251,50 @@ def test_an_answer_its_owner_sent_after_a_poll_gave_it_up_is_recorded_whole(
     kill(first)
     poller = make_simulator(second.url, poll_interval=0.2)
     assert poller.follow(reply).text == f"part one\n\n{ZH['orphaned']}"
+    assert wait_until(lambda: [r["answer"] for r in rows(engine)] == [f"part one\n\n{ZH['orphaned']}"])
     opener.inbox.wait_for(payload["response_url"], timeout=8)
-    stream_id = reply["stream"]["id"]
-    assert wait_until(lambda: redis_client.hget(KEYS.stream(stream_id), "answer_given") == "part one and part two")
-    time.sleep(1.5)
-    assert count(engine) == 0  # not read while its owner may still send
-    redis_client.zadd(KEYS.audit_due(), {stream_id: 0})  # (its time come)
-    assert wait_until(lambda: count(engine) == 1)
+    whole = f"part one and part two\n\n{ZH['orphaned']}"
+    assert wait_until(lambda: [r["answer"] for r in rows(engine)] == [whole])
     [row] = rows(engine)
-    assert (row["msgid"], row["outcome"]) == (payload["msgid"], "note")
-    assert row["answer"] == f"part one and part two\n\n{ZH['orphaned']}"
+    assert (row["msgid"], row["outcome"], row["answer_len"]) == (payload["msgid"], "note", len(whole))
     opener.close()
     poller.close()
+
+
+def test_a_retry_answered_in_a_redis_outage_gives_way_to_the_answer(
+    make_app, serve, engine, audit_url, dify, redis_url
+):
+    """WeCom's retry of a message reaches a replica cut off from Redis, which answers "unavailable" and records that
+    at once; the other replica answers the message: its row replaces the retry's, one row of the answer."""
+    parts = urlsplit(redis_url)
+    link = FaultyLink(parts.port, parts.hostname).start()
+    through_link = parts._replace(
+        netloc=parts.netloc.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{link.port}")
+    )
+    try:
+        answering = serve(make_app(database_url=audit_url))
+        cut_off = serve(
+            make_app(
+                replica_id="replica-b",
+                database_url=audit_url,
+                redis_url=through_link.geturl(),
+                redis_socket_timeout=0.5,
+            )
+        )
+        dify.script([d.message("the answer"), d.sleep(2.5), d.end()])
+        sims = [make_simulator(answering.url), make_simulator(cut_off.url)]
+        payload = sims[0].text_message("asked once, delivered twice")
+        reply = sims[0].send(payload)
+        link.partition()
+        assert sims[1].send(payload)["stream"]["content"] == ZH["store_unavailable"]
+        assert wait_until(lambda: [r["outcome"] for r in rows(engine)] == ["error"], timeout=15)
+        assert sims[0].follow(reply).text == "the answer"
+        assert wait_until(lambda: [(r["outcome"], r["answer"]) for r in rows(engine)] == [("answered", "the answer")])
+        link.heal()
+        for sim in sims:
+            sim.close()
+    finally:
+        link.stop()
 
 
 def test_metadata_mode_keeps_lengths_and_hashes_but_no_text(make_app, serve, engine, audit_url, dify):

@@ -54,11 +54,6 @@ class AuditQueue:
         """The stream is final: the next sweep writes its row (a blip is waited out: the answer's thread has ended)."""
         self._list(self.due_key, stream_id, time.time())
 
-    def given_up(self, stream_id: str) -> None:
-        """A poll gave the stream up as orphaned: its owner may live on cut off from Redis and send the rest later
-        (recording it in the stream), so its row is read once it no longer could, a window and a minute on."""
-        self._list(self.due_key, stream_id, time.time() + self.window_seconds + AFTER_WINDOW_SECONDS)
-
     def replied(self, row: AuditRow, redis_away: bool = False) -> None:
         """A message answered without a stream: its row, written by the next sweep. Held in this process when Redis
         does not take it, at once when the caller knows it is away (`redis_away`: no reply waits on its tries)."""

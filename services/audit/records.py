@@ -1,5 +1,6 @@
 """The audit rows in the database: written once each (the table's unique (bot, msgid, kind) keeps the first of
-two writes), deleted past their term, and read back in pages, oldest first (docs/audit.md)."""
+two writes, unless the second supersedes it: a stream's row over one made without it in a Redis outage, the whole
+answer over its bubble's text), deleted past their term, and read back in pages, oldest first (docs/audit.md)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,31 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, and_, delete, or_, select
+from sqlalchemy import Engine, and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.audit.rows import FULL, AuditRow
+from services.audit.rows import ANY, FULL, AuditRow
 from services.audit.table import ensure_table, wecom_audit
 
 logger = logging.getLogger(__name__)
 
 PURGE_BATCH = 5000  # rows deleted per statement: a year's purge never holds one long lock
 _INSERT_IGNORE = wecom_audit.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
+# The columns a superseding row writes over the row it replaces (all but the id and the unique key).
+_REPLACED = [c.name for c in wecom_audit.c if c.name not in ("id", "bot", "msgid", "kind")]
+
+
+def _replace(only_outage_rows: bool):
+    """The UPDATE a superseding row makes of its message's row: of any row, or (`only_outage_rows`) of one made
+    without a stream while Redis was away (outcome error, received and finished at once: rows.row_of_reply)."""
+    c = wecom_audit.c
+    key = [c.bot == bindparam("key_bot"), c.msgid == bindparam("key_msgid"), c.kind == bindparam("key_kind")]
+    if only_outage_rows:
+        key += [c.outcome == "error", c.received_at == c.finished_at]
+    return update(wecom_audit).where(*key).values({name: bindparam(f"new_{name}") for name in _REPLACED})
+
+
+_REPLACE_OUTAGE_ROW, _REPLACE_ANY_ROW = _replace(True), _replace(False)
 
 
 @dataclass(frozen=True)
@@ -71,18 +87,32 @@ class AuditRecords:
 
     def insert(self, rows: list[AuditRow]) -> dict[str, int]:
         """Write the rows that are not in the table yet, in one transaction; returns how many were new, by outcome.
+        A row whose message has one already is dropped, unless it supersedes that one (AuditRow.supersedes): then it
+        is written over it (not counted again).
 
         Raises:
             SQLAlchemyError: the database did not take them (none was written).
         """
-        by_outcome: dict[str, list[dict]] = {}
+        by_outcome: dict[str, list[AuditRow]] = {}
         for row in rows:
-            by_outcome.setdefault(row.outcome, []).append(row.values(self.content))
+            by_outcome.setdefault(row.outcome, []).append(row)
         new = {}
         with self.engine.begin() as connection:
-            for outcome, values in by_outcome.items():
+            for outcome, group in by_outcome.items():
+                values = [row.values(self.content) for row in group]
                 new[outcome] = max(0, connection.execute(_INSERT_IGNORE, values).rowcount)
+                if new[outcome] < len(group) or any(row.supersedes == ANY for row in group):
+                    self._supersede(connection, group, values)  # (rare: a row was there first)
         return new
+
+    @staticmethod
+    def _supersede(connection, rows: list[AuditRow], values: list[dict]) -> None:
+        for row, columns in zip(rows, values, strict=True):
+            if not row.supersedes:
+                continue
+            params = {f"new_{name}": columns[name] for name in _REPLACED}
+            params |= {"key_bot": row.bot, "key_msgid": row.msgid, "key_kind": row.kind}
+            connection.execute(_REPLACE_ANY_ROW if row.supersedes == ANY else _REPLACE_OUTAGE_ROW, params)
 
     def purge(self, older_than_days: int, now: datetime | None = None) -> int:
         """Delete the rows received more than `older_than_days` days ago, a batch at a time; returns how many."""

@@ -30,6 +30,7 @@ ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR = (
 )
 OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR)
 FULL, METADATA = "full", "metadata"  # AUDIT_CONTENT: the texts, or their lengths and SHA-256 only
+OUTAGE, ANY = "outage", "any"  # what a row supersedes (AuditRow.supersedes)
 
 # The stream's `error` field, as an outcome (any other error: the answer ended with a failure note).
 _OUTCOME_OF_ERROR = {
@@ -63,10 +64,15 @@ class AuditRow:
     dify_message_id: str = ""
     dify_run_id: str = ""
     replica: str = ""
+    # Which row of the same message this one replaces if that one is in the table first (records.py): none, one made
+    # without a stream while Redis was away (OUTAGE: a stream's row, the message's own account), or any (ANY: the
+    # fuller account of an answer whose owner sent it after a poll had ended its bubble). Not a column.
+    supersedes: str = ""
 
     def values(self, content: str) -> dict:
         """The row's columns; with `content` METADATA, the texts' lengths and SHA-256 instead of the texts."""
         values = asdict(self)
+        del values["supersedes"]
         values["received_at"] = _utc(self.received_at)
         values["finished_at"] = _utc(self.finished_at)
         for name in ("question", "answer"):
@@ -163,6 +169,7 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
         dify_message_id=meta.get("message_id", ""),
         dify_run_id=meta.get("workflow_run_id", ""),
         replica=_replica(meta.get("owner", "")),
+        supersedes=ANY if meta.get("answer_given") else OUTAGE,
     )
 
 

@@ -149,9 +149,14 @@ class Finisher:
             sent = self._send_whole(job, answer, note)
         else:
             sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
-        if sent:  # the user has the whole answer after all, and its note: its audit row says so (read after the window)
+        if sent:  # the user has the whole answer after all, and its note: its audit row is written again, saying so
             given = f"{answer.text}\n\n{note}" if note else answer.text
-            best_effort(lambda: self.store.record(job.stream_id, {"answer_given": given}), "recording what was sent")
+            best_effort(lambda: self._record_given(job.stream_id, given), "recording what was sent")
+
+    def _record_given(self, stream_id: str, given: str) -> None:
+        self.store.record(stream_id, {"answer_given": given})
+        if self.store.audit is not None:
+            self.store.audit.ended(stream_id)
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if

@@ -323,8 +323,8 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
             self.delivery.closed_early(stream_id, snapshot.has_response_url)
-        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone, or cut off
-            self.store.audit.given_up(stream_id)
+        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone
+            self.store.audit.ended(stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))
