@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta
@@ -295,6 +296,41 @@ def test_a_retry_answered_in_a_redis_outage_gives_way_to_the_answer(
             sim.close()
     finally:
         link.stop()
+
+
+@pytest.fixture(params=["mariadb_utf8", "sqlite"])
+def any_database(request, audit_url, tmp_path):
+    """An engine on a database the audit table was never in: a MariaDB database whose default character set is the
+    3-byte `utf8` an older deployment may have, or the demo's SQLite file."""
+    if request.param == "sqlite":
+        made = db.make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+        yield made
+        made.dispose()
+        return
+    name = f"audit_utf8_{secrets.token_hex(3)}"
+    with db.make_engine(audit_url).begin() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8")
+    made = db.make_engine(make_url(audit_url).set(database=name).render_as_string(hide_password=False))
+    yield made
+    made.dispose()
+    with db.make_engine(audit_url).begin() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE `{name}`")
+
+
+def test_four_byte_characters_and_a_long_answer_are_stored_whole(any_database):
+    """A question with emoji (4 bytes in UTF-8) and a 60 KB answer, in a table the gateway made in a database whose
+    default is the 3-byte utf8: stored whole, never cut (the table is utf8mb4, its texts MEDIUMTEXT)."""
+    assert ensure_table(any_database)
+    question = "能帮我看看这个吗？🙂🎉 𠀋"
+    answer = ("第一段回答，带一个表情 😊。" * 4000)[:20_000]  # 20,000 characters, about 60 KB of UTF-8
+    assert len(answer.encode()) > 55_000
+    now = time.time()
+    row = AuditRow(bot="b", msgid="m-emoji", kind=MESSAGE, outcome=ANSWERED, received_at=now, finished_at=now,
+                   question=question, answer=answer)  # fmt: skip
+    assert AuditRecords(any_database).insert([row]) == {ANSWERED: 1}
+    stored = AuditRecords(any_database).row("b", "m-emoji", MESSAGE)
+    assert stored["question"] == question and stored["answer"] == answer
+    assert stored["answer_len"] == len(answer)
 
 
 def test_metadata_mode_keeps_lengths_and_hashes_but_no_text(make_app, serve, engine, audit_url, dify):
