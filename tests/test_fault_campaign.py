@@ -15,7 +15,7 @@ from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
 from bench.faults.mutants import FORGIVING, MUTANTS
-from bench.faults.proxy import FaultyLink
+from bench.faults.proxy import FaultyLink, LinkGroup
 from services.texts import CATALOGUE
 
 TAG, OTHER = "a1b2c3", "d4e5f6"
@@ -328,6 +328,31 @@ def test_a_partitioned_link_refuses_new_connections_until_it_heals():
     finally:
         server.close()
         link.stop()
+
+
+def test_one_replicas_own_link_is_cut_while_the_others_pass():
+    """One Redis server reached by each replica through a link of its own (LinkGroup): replica_redis_partition cuts
+    one of them alone; a fault of the whole group cuts them all."""
+    server = socket.create_server(("127.0.0.1", 0))
+    group = LinkGroup(server.getsockname()[1], 2).start()
+    try:
+        group.links[0].partition()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", group.links[0].port), timeout=5)
+        client = socket.create_connection(("127.0.0.1", group.links[1].port), timeout=5)
+        peer, _ = server.accept()
+        client.sendall(b"the other replica")
+        assert peer.recv(100) == b"the other replica"
+        for made in (client, peer):
+            made.close()
+        group.heal()
+        group.partition()
+        for link in group.links:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", link.port), timeout=5)
+    finally:
+        server.close()
+        group.stop()
 
 
 def test_a_lossy_link_delivers_every_byte_late():
