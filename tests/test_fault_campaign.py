@@ -228,8 +228,10 @@ def test_a_dify_call_made_as_another_user_is_unexpected_and_conversations_are_fo
     call = events[-1] | {"user": "wecom:bot:user1", "conversation": "", "app": "app-chat"}
     assert counts([*events[:-1], call])["unexpected"] == 0
     assert counts([*events[:-1], call | {"user": "wecom:bot:user2"}])["unexpected"] == 1
-    later = [call | {"t": 5.0, "tag": OTHER, "conversation": "c1"}, call | {"t": 6.0, "tag": OTHER}]
-    assert check([*events[:-1], call, *later])["conversations"] == {"calls": 3, "continued": 1, "started_again": 1}
+    later = [call | {"t": 5.0, "tag": OTHER, "conversation": "c1"}, call | {"t": 6.0, "tag": "e0e0e0"}]
+    again = call | {"t": 0.5}  # the same message's call made again: not another message
+    result = check([*events[:-1], call, again, *later])["conversations"]
+    assert result == {"messages": 3, "continued": 1, "started_again": 1}
 
 
 def test_a_form_dify_took_twice_is_counted():

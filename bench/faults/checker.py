@@ -191,19 +191,22 @@ def check(events: list[dict], forgive: bool = False) -> dict:
 
 
 def conversations(calls: list[dict]) -> dict[str, int]:
-    """How each user's Dify calls after their first on an app went on: continuing a conversation, or starting one
-    again (a conversation the gateway lost, or one its user's first call never made: a liveness figure)."""
+    """How each user's messages after their first on an app went on (each message's first Dify call): continuing a
+    conversation, or starting one again (a conversation the gateway lost, or one an earlier message's failed call
+    never made: a liveness figure)."""
     continued = started_again = 0
     seen: set[tuple[str, str]] = set()
+    asked: set[str] = set()
     for call in sorted(calls, key=lambda call: call["t"]):
-        if "user" not in call:
-            continue  # an old history
+        if "user" not in call or call["tag"] in asked:
+            continue  # an old history; a message's call made again (a refusal waited out) is the same message
+        asked.add(call["tag"])
         who = (call.get("app", ""), call["user"])
         if who in seen:
             continued += bool(call["conversation"])
             started_again += not call["conversation"]
         seen.add(who)
-    return {"calls": len(calls), "continued": continued, "started_again": started_again}
+    return {"messages": len(asked), "continued": continued, "started_again": started_again}
 
 
 def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults: list[dict]) -> Verdict:
