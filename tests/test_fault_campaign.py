@@ -296,6 +296,12 @@ def test_every_message_needs_one_audit_row_saying_what_its_user_was_shown():
     noted = history([(2.0, cut, True)], dify_fault="cut")
     assert counts([*noted, audit_row(answer_text(TAG, 2))])["audit_rows"] == 1  # the note is missing
     assert counts([*noted, audit_row(cut)])["audit_rows"] == 0
+    # a WeCom retry answered "unavailable" in a Redis outage while the message's stream went on: the row is the
+    # stream's, whose ending is its own (here a cut); the outage's row, with outcome error, must say that note
+    unavailable = f"{CATALOGUE['zh']['store_unavailable']}"
+    retried = history([(2.0, unavailable, True)], posts=[cut], dify_fault="cut")
+    assert counts([*retried, audit_row(cut) | {"outcome": "note"}])["audit_rows"] == 0
+    assert counts([*retried, audit_row(cut) | {"outcome": "error"}])["audit_rows"] == 1
     # a form: the message's row has the text before the card, the rest's row (another msgid) the text after it
     before, after = answer_text(TAG, 4)[: len(WHOLE) // 2], answer_text(TAG, 4)[len(WHOLE) // 2 :]
     assert counts([*answered, audit_row(before), audit_row(after, row="form_action", msgid="tap")]) == ZERO

@@ -91,6 +91,7 @@ PROMISES = frozenset(
 # spurious.
 ADMISSION = frozenset({"too_many_in_flight", "rate_limited"})
 HEADERS = [CATALOGUE["zh"][key] for key in ("continued", "full_answer", "placeholder")]
+OUTAGE_NOTE = "store_unavailable"  # a delivery taken while Redis was away
 CLEAR_NOTES = {
     key: text.split("{", 1)[0].strip()
     for key, text in CATALOGUE["zh"].items()
@@ -315,8 +316,11 @@ def judge_audit(verdict: Verdict, kinds: dict[str, list[dict]], rows: list[dict]
     said = {n for text in texts for t, n in sentences_in(text) if t == verdict.tag}
     notes = {key for key, note in CLEAR_NOTES.items() if key not in PROMISES and any(note in text for text in texts)}
     # (a note's words matter where the answer did not reach the user whole: a user who got it whole after a note, a
-    # WeCom retry answered "unavailable" in a Redis outage, has a row of the whole answer)
-    if said != verdict.shown or (notes != verdict.endings and not verdict.whole):
+    # WeCom retry answered "unavailable" in a Redis outage, has a row of the whole answer; and that "unavailable" is
+    # the reply to one delivery, not the answer's ending, where the message had a stream after all: its row is the
+    # stream's, not the outage's, whose outcome is error)
+    endings = verdict.endings - ({OUTAGE_NOTE} if own[0]["outcome"] != "error" else set())
+    if said != verdict.shown or (notes != endings and not verdict.whole):
         verdict.problems["audit_rows"] = (
             f"the row says {len(said)} sentences and notes {sorted(notes)}; its user was shown {len(verdict.shown)} "
             f"and {sorted(verdict.endings)}"
