@@ -3,6 +3,7 @@ replicas on the test Redis, the Dify stand-in serving tool files at signed relat
 (callback mode) and the WebSocket stand-in (long connection)."""
 
 import base64
+import gc
 import io
 import logging
 import os
@@ -173,6 +174,7 @@ def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
     dify.script([d.message("Archive:"), d.message_file(dify.host_file(big, "zip"), "document"), d.end()])
     path = next(iter(links(make_simulator(a.url).ask("archive").text).values()))
     process = psutil.Process()
+    gc.collect()
     before = process.memory_info().rss
     received = 0
     with httpx.stream("GET", a.url + path, timeout=30) as response:
@@ -181,7 +183,10 @@ def test_a_50_mb_download_streams_through_with_flat_memory(make_pair, dify):
             received += len(piece)
     grown = process.memory_info().rss - before
     assert received == len(big)
-    assert grown < 20 * 2**20  # never the whole 50 MB (the server and this client share the process)
+    # Never the whole 50 MB: the server and this client share the process with the Dify stand-in (which serves the
+    # file) and the other tests' threads, whose allocations moved RSS by up to 29 MB in a loaded CI run; a body held
+    # whole would add 50 MB at least.
+    assert grown < 40 * 2**20
 
 
 # --- long-connection mode --------------------------------------------------------------------------------------
