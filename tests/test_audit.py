@@ -299,7 +299,7 @@ def test_a_retry_answered_in_a_redis_outage_gives_way_to_the_answer(
 
 
 @pytest.fixture(params=["mariadb_utf8", "sqlite"])
-def any_database(request, audit_url, tmp_path):
+def any_database(request, engine, audit_url, tmp_path):
     """An engine on a database the audit table was never in: a MariaDB database whose default character set is the
     3-byte `utf8` an older deployment may have, or the demo's SQLite file."""
     if request.param == "sqlite":
@@ -308,12 +308,12 @@ def any_database(request, audit_url, tmp_path):
         made.dispose()
         return
     name = f"audit_utf8_{secrets.token_hex(3)}"
-    with db.make_engine(audit_url).begin() as connection:
+    with engine.begin() as connection:  # (the audit database's, to make another beside it)
         connection.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8")
     made = db.make_engine(make_url(audit_url).set(database=name).render_as_string(hide_password=False))
     yield made
     made.dispose()
-    with db.make_engine(audit_url).begin() as connection:
+    with engine.begin() as connection:
         connection.exec_driver_sql(f"DROP DATABASE `{name}`")
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from bench.faults.answers import repeats, sentences_in
 from bench.faults.history import read
+from bench.faults.nemesis import REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -107,10 +108,8 @@ RESTART_REACH_SECONDS = 30.0
 # Where a fault strikes: on the replica its target names, on a long connection's or a callback's own way; any other
 # (Redis, MariaDB, the auth API, Dify's link) on every message's path. Which Redis node holds a message's keys is not
 # told apart: a fault of any node counts as on every message's path.
-REPLICA_KINDS = frozenset(
-    {"replica_kill", "replica_term", "replica_stop", "replica_stall", "rolling_restart", "replica_redis_partition"}
-)
-CONNECTION_KINDS = frozenset({"ws_drop", "ws_acks_lost", "ws_sends_refused"})
+REPLICA_KINDS = frozenset(REPLICA_FAULTS + REPLICA_LINK_FAULTS)
+CONNECTION_KINDS = frozenset(WECOM_FAULTS)
 CALLBACK_KINDS = frozenset({"response_url_busy"})
 _REPLICA = re.compile(r"replica (\d+)")
 # A fault this close before a message began still counts as touching it (the topology settling after a heal).
