@@ -10,8 +10,10 @@ runs a short campaign on each and requires a count).
 - `poll_delta`: a poll shows the newest piece of the answer instead of the text so far, as a gateway that kept
   only its last delta would (withdrawn: a bubble shows less than it showed before).
 - `forgive_all`: the checker excuses every problem of a message a fault touched, and counts no note spurious (a
-  checker that explains everything away), over a build that ends one question in four with a Dify failure note
-  without asking Dify: only the control group, where no fault ran, is left to catch it (control_failures).
+  checker that explains everything away), over a build that ends one question in two with a Dify failure note
+  without asking Dify: only the control group, where no fault ran, is left to catch it (control_failures). One in two,
+  not fewer: a control phase of a short run holds about a dozen questions, and one in four left all twelve whole in
+  3 % of runs (a fresh-clone CI met it).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _notes_at_random() -> None:
     asking = StreamWorker._ask
 
     def sometimes_not(self, job, request, recorder, cancelled, deadline) -> None:
-        if int(hashlib.sha256(request.query.encode()).hexdigest(), 16) % 4 == 0:
+        if int(hashlib.sha256(request.query.encode()).hexdigest(), 16) % 2 == 0:
             raise DifyHTTPError(500, "internal_server_error", "not asked (the forgive_all mutant)")
         asking(self, job, request, recorder, cancelled, deadline)
 
