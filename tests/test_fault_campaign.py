@@ -14,7 +14,7 @@ from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
-from bench.faults.mutants import FORGIVING, MUTANTS
+from bench.faults.mutants import AIM, FORGIVING, MUTANTS
 from bench.faults.proxy import FaultyLink, LinkGroup
 from services.texts import CATALOGUE
 
@@ -302,6 +302,9 @@ def test_every_message_needs_one_audit_row_saying_what_its_user_was_shown():
     retried = history([(2.0, unavailable, True)], posts=[cut], dify_fault="cut")
     assert counts([*retried, audit_row(cut) | {"outcome": "note"}])["audit_rows"] == 0
     assert counts([*retried, audit_row(cut) | {"outcome": "error"}])["audit_rows"] == 1
+    # ... unless the stream too ended "unavailable" (Redis failed its start): then its row says so
+    twice = history([(2.0, unavailable, True)])
+    assert counts([*twice, audit_row(unavailable) | {"outcome": "note"}])["audit_rows"] == 0
     # a form: the message's row has the text before the card, the rest's row (another msgid) the text after it
     before, after = answer_text(TAG, 4)[: len(WHOLE) // 2], answer_text(TAG, 4)[len(WHOLE) // 2 :]
     assert counts([*answered, audit_row(before), audit_row(after, row="form_action", msgid="tap")]) == ZERO
@@ -315,6 +318,33 @@ def test_liveness_is_reported_per_fault_kind_and_per_app():
     assert result["failure_notes"] == {"messages": 1, "dify_fault_injected": 1}  # the note the fault asked for
     row = result["by_fault"]["dify_partition"]
     assert (row["runs"], row["messages"], row["whole"], row["notes"]) == (2, 1, 0, 1)
+
+
+def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply():
+    """redis_replies_lost, dify_replies_lost: the request reaches the server (a write runs), and its connection
+    breaks as the reply comes back, so a client that retries meets the write it repeats; healed, replies come back."""
+    server = socket.create_server(("127.0.0.1", 0))
+    link = FaultyLink(server.getsockname()[1]).start()
+    try:
+        link.lose_replies(1.0, random.Random(1))
+        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+        peer, _ = server.accept()
+        client.sendall(b"SET x 1")
+        assert peer.recv(100) == b"SET x 1"  # the request went through
+        peer.sendall(b"+OK")
+        assert client.recv(100) == b""  # ... and the connection broke before its reply
+        client.close()
+        peer.close()
+        link.heal()
+        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+        peer, _ = server.accept()
+        peer.sendall(b"+OK")
+        assert client.recv(100) == b"+OK"
+        client.close()
+        peer.close()
+    finally:
+        link.stop()
+        server.close()
 
 
 def test_a_partitioned_link_refuses_new_connections_until_it_heals():
@@ -437,10 +467,11 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):
     """The campaign can fail: on a build with one promise broken on purpose (bench/faults/mutants.py), a short run
-    counts it (dedup_off: WeCom's retries answered twice; poll_delta: bubbles showing less than before; forgive_all:
-    a checker that excuses every fault's harm, over notes made at random, which the control group still finds)."""
+    counts it (dedup_off: WeCom's retries answered twice; poll_delta: bubbles showing less than before;
+    finish_id_off: the rest of an answer never sent when its finish's reply was lost; forgive_all: a checker that
+    excuses every fault's harm, over notes made at random, which the control group still finds)."""
     argv = ["--minutes", "1.5", "--topology", "standalone", "--users", "4", "--window", "60", "--seed", "7"]
-    argv += ["--calm-every", "20"]  # a control phase early in so short a run
+    argv += AIM.get(mutant, [])  # the nemesis aimed at the mutant's window, so short a run reaches it
     result = campaign.main([*argv, "--mutant", mutant, "--out", str(tmp_path / "run")])
     assert result["mutant"] == mutant
     counted = {name: result["standalone"][name] for name in COUNTS}

@@ -253,6 +253,46 @@ def test_a_post_whose_poster_died_is_made_once_however_many_processes_sweep_at_o
         client.close()
 
 
+def test_a_post_whose_claim_ran_but_whose_reply_was_lost_is_still_made_once(simulator, redis_url, redis_client):
+    """The claim of a response_url post runs on Redis and its reply is lost with the connection; the client sends it
+    again on a new one (a dropped connection is retried). That retry must find the claim its own, and post: a
+    bare SET NX answered it as a claim someone else held, and the rest of the answer was never posted (the fault
+    campaign's redis_replies_lost found it)."""
+    import random
+
+    from bench.faults.proxy import FaultyLink
+    from services.redis_conn import connect_redis
+    from services.replication import Replication
+    from services.streams import rest_posts
+    from services.wecom.response_url import ResponseUrlClient
+
+    class FirstReplyLost(random.Random):
+        def __init__(self):
+            super().__init__(0)
+            self.draws = 0
+
+        def random(self):
+            self.draws += 1
+            return 0.0 if self.draws == 1 else 1.0
+
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    link = FaultyLink(port).start()
+    client = connect_redis(redis_url.replace(f":{port}", f":{link.port}"))
+    responder = ResponseUrlClient()
+    try:
+        client.ping()  # connected: the next reply through the link is the claim's
+        link.lose_replies(0.5, FirstReplyLost())
+        url = simulator.inbox.new_response_url()
+        poster = rest_posts.RestPosts(client, KEYS, Replication(client), responder, "p1", "default")
+        assert poster.send("owed-2", url, "the rest")
+        assert [m["markdown"]["content"] for m in simulator.inbox.received(url)] == ["the rest"]
+        assert redis_client.get(KEYS.rest_post_claim("owed-2")) == "sent"
+    finally:
+        link.stop()
+        client.close()
+        responder.close()
+
+
 def test_a_long_answer_without_response_url_is_cut_with_a_note(simulator, dify):
     text = "word " * 5000
     dify.script([d.message(text), d.end()])

@@ -29,7 +29,7 @@ from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.mutants import FORGIVING, MUTANTS
-from bench.faults.nemesis import Nemesis
+from bench.faults.nemesis import ALL_FAULTS, Nemesis
 from bench.faults.proxy import FaultyLink, LinkGroup
 from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
 from demo.auth_standin import AuthStandIn
@@ -197,6 +197,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
         auth=auth,
         calm_every=options.calm_every,
+        only=options.faults,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
     started = time.time()
@@ -400,6 +401,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--calm-every", type=float, default=90.0, help="seconds of faults between control phases")
+    parser.add_argument(
+        "--faults",
+        type=_fault_kinds,
+        default=frozenset(),
+        help="only these kinds of fault, comma-separated (default: every kind the topology has)",
+    )
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")
     parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")
@@ -411,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"seed": options.seed, "minutes": options.minutes, "users": options.users, **versions()}
     result["dify"] = options.dify_version
     result["controls"] = options.controls
+    if options.faults:
+        result["faults_only"] = sorted(options.faults)
     if options.mutant:
         result["mutant"] = options.mutant
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
@@ -419,6 +428,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{kind}: {result[kind]['messages']} messages, {result[kind]['faults']} faults: {counts}", flush=True)
     harness.report(result, options.json)
     return result
+
+
+def _fault_kinds(text: str) -> frozenset[str]:
+    kinds = frozenset(kind.strip() for kind in text.split(",") if kind.strip())
+    if unknown := kinds - ALL_FAULTS:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault {', '.join(sorted(unknown))}; known: {', '.join(sorted(ALL_FAULTS))}"
+        )
+    return kinds
 
 
 if __name__ == "__main__":

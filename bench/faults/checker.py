@@ -101,7 +101,8 @@ CLEAR_NOTES = {
 # Faults that can cost a stream its replica (its lease), and so excuse the documented restart of an answer that had
 # shown nothing; their effect reaches this far past their end (a lease, the takeover grace, a failover settling).
 _NOT_RESTARTING = {
-    "mariadb_restart", "dify_partition", "dify_delay", "ws_drop", "ws_acks_lost", "ws_sends_refused", "auth_fault",
+    "mariadb_restart", "dify_partition", "dify_delay", "dify_replies_lost", "ws_drop", "ws_acks_lost",
+    "ws_sends_refused", "auth_fault",
     "replica_stall",  # shorter than the lease: nothing may be taken over
 }  # fmt: skip
 RESTART_REACH_SECONDS = 30.0
@@ -317,8 +318,9 @@ def judge_audit(verdict: Verdict, kinds: dict[str, list[dict]], rows: list[dict]
     # (a note's words matter where the answer did not reach the user whole: a user who got it whole after a note, a
     # WeCom retry answered "unavailable" in a Redis outage, has a row of the whole answer; and that "unavailable" is
     # the reply to one delivery, not the answer's ending, where the message had a stream after all: its row is the
-    # stream's, not the outage's, whose outcome is error)
-    endings = verdict.endings - ({OUTAGE_NOTE} if own[0]["outcome"] != "error" else set())
+    # stream's, not the outage's, whose outcome is error; unless the stream too ended so, Redis failing its start)
+    stream_row = own[0]["outcome"] != "error" and OUTAGE_NOTE not in notes
+    endings = verdict.endings - ({OUTAGE_NOTE} if stream_row else set())
     if said != verdict.shown or (notes != endings and not verdict.whole):
         verdict.problems["audit_rows"] = (
             f"the row says {len(said)} sentences and notes {sorted(notes)}; its user was shown {len(verdict.shown)} "

@@ -9,6 +9,10 @@ runs a short campaign on each and requires a count).
   reaches the user twice; extra_dify_calls where Dify's second call is told apart).
 - `poll_delta`: a poll shows the newest piece of the answer instead of the text so far, as a gateway that kept
   only its last delta would (withdrawn: a bubble shows less than it showed before).
+- `finish_id_off`: a finish carries no finish id, so a try whose reply was lost (Redis paused past the client's
+  timeout runs the first try when it resumes) is answered as if another replica had ended the stream: the rest of an
+  answer longer than its bubble is never sent, nor its user's open-bubble slot freed (lost: the user never sees the
+  whole answer, and no note says why).
 - `forgive_all`: the checker excuses every problem of a message a fault touched, and counts no note spurious (a
   checker that explains everything away), over a build that ends one question in two with a Dify failure note
   without asking Dify: only the control group, where no fault ran, is left to catch it (control_failures). One in two,
@@ -46,6 +50,17 @@ def _poll_delta() -> None:
     service.stream_reply = newest_piece
 
 
+def _finish_id_off() -> None:
+    from services.streams.store import StreamStore
+
+    finishing = StreamStore.finish
+
+    def without_finish_id(self, *args, finish_id: str = "", **kwargs):
+        return finishing(self, *args, **kwargs)
+
+    StreamStore.finish = without_finish_id
+
+
 def _notes_at_random() -> None:
     from services.dify.errors import DifyHTTPError
     from services.streams.worker import StreamWorker
@@ -63,10 +78,18 @@ def _notes_at_random() -> None:
 MUTANTS: dict[str, Callable[[], None]] = {
     "dedup_off": _dedup_off,
     "poll_delta": _poll_delta,
+    "finish_id_off": _finish_id_off,
     "forgive_all": _notes_at_random,
 }
 # Mutants of the checker: it forgives (checker.check(forgive=True)) what it would count.
 FORGIVING = frozenset({"forgive_all"})
+# What a short run of a mutant adds to its campaign's arguments so that the nemesis reaches the mutant's window within
+# it (the whole nemesis reaches it too, in a longer run): a control phase early in for the checker's mutant; only lost
+# replies of Redis, over answers mostly longer than a bubble, for a finish whose reply was lost.
+AIM: dict[str, list[str]] = {
+    "forgive_all": ["--calm-every", "20"],
+    "finish_id_off": ["--faults", "redis_replies_lost", "--long-share", "0.6"],
+}
 
 
 def create_app(name: str) -> Flask:

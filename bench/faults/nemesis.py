@@ -9,7 +9,8 @@ campaign runs one server as a deployment that must not lose open answers would);
 master killed (a failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel
 killed and restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies
 of bench/faults/proxy.py): the link to Dify, and on one server the link to Redis, cut for 2-8 s, or slowed, or
-losing 1-10 % of its segments, for 5-15 s; on one server, one replica's own link to Redis cut for 2-8 s while the
+losing 1-10 % of its segments, for 5-15 s, or 10-30 % of its replies lost with their connection (the request ran), for
+5-15 s; on one server, one replica's own link to Redis cut for 2-8 s while the
 others reach it. WeCom's long connection: the bot's socket dropped, the acks of its frames
 and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), or every proactive send refused
 (busy) for 5-15 s; in callback mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults
@@ -49,15 +50,19 @@ _TARGETS = {
     "redis_partition": "redis",
     "redis_delay": "redis",
     "redis_loss": "redis",
+    "redis_replies_lost": "redis",
     "dify_partition": "dify",
     "dify_delay": "dify",
     "dify_loss": "dify",
+    "dify_replies_lost": "dify",
     "ws_drop": "wecom",
     "ws_acks_lost": "wecom",
     "ws_sends_refused": "wecom",
     "response_url_busy": "response_url",
     "auth_fault": "auth",
 }
+# Every kind of fault the nemesis knows (a topology runs those it has the parts for).
+ALL_FAULTS = frozenset((*REPLICA_FAULTS, *REPLICA_LINK_FAULTS, *_TARGETS))
 WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_sends_refused")
 BUSY = -1  # WeCom's "system busy"
 # The control group: every CALM_EVERY seconds of faults, the nemesis lets the faults under way end, waits until every
@@ -84,6 +89,7 @@ class Nemesis:
         inboxes: list[WeComInbox] | None = None,
         auth: AuthStandIn | None = None,
         calm_every: float = CALM_EVERY,
+        only: frozenset[str] = frozenset(),
     ):
         self.topology = topology
         self.calm_every = calm_every  # seconds of faults between control phases
@@ -107,11 +113,15 @@ class Nemesis:
             self.kinds.append("sentinel_kill")
         self.kinds += DATABASE_FAULTS if database is not None else ()
         for name in self.links:
-            self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss"]
+            self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss", f"{name}_replies_lost"]
         self.kinds += REPLICA_LINK_FAULTS if isinstance(self.links.get("redis"), LinkGroup) else ()
         self.kinds += WECOM_FAULTS if wecom is not None else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
         self.kinds += ["auth_fault"] if auth is not None else []
+        if only:  # --faults: the nemesis aimed at these kinds alone
+            self.kinds = [kind for kind in self.kinds if kind in only]
+            if not self.kinds:
+                raise ValueError(f"none of the faults {', '.join(sorted(only))} applies to this topology")
         self.stop = threading.Event()
         self.calm = threading.Event()  # a control phase: no fault anywhere (the workload reads it too)
         self.thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
@@ -267,6 +277,12 @@ class Nemesis:
         self._on_link(name, seconds, lambda link: link.lose(share, losing))
         return f"{name} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
 
+    def _replies_lost(self, name: str, rng: random.Random) -> str:
+        share, seconds = rng.uniform(0.1, 0.3), rng.uniform(5, 15)
+        losing = random.Random(rng.getrandbits(64))
+        self._on_link(name, seconds, lambda link: link.lose_replies(share, losing))
+        return f"{name} losing {share * 100:.0f}% of its replies for {seconds:.1f}s"
+
     def _on_link(self, name: str, seconds: float, fault) -> None:
         """`fault` on the proxied link `name` for `seconds`, then healed."""
         link = self.links[name]
@@ -283,6 +299,15 @@ class Nemesis:
     def redis_loss(self, target: str, rng: random.Random) -> str:
         """One server: 1-10 % of what goes to and from Redis lost, for 5-15 s."""
         return self._loss("redis", rng)
+
+    def dify_replies_lost(self, target: str, rng: random.Random) -> str:
+        """10-30 % of the requests reach Dify, and their connection breaks as the reply begins, for 5-15 s."""
+        return self._replies_lost("dify", rng)
+
+    def redis_replies_lost(self, target: str, rng: random.Random) -> str:
+        """One server: 10-30 % of the replies of Redis lost with their connection, for 5-15 s (the command ran): a retry
+        of a write meets the write it repeats."""
+        return self._replies_lost("redis", rng)
 
     def dify_partition(self, target: str, rng: random.Random) -> str:
         """Every connection to Dify cut, and new ones refused, for 2-8 s."""

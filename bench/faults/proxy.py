@@ -1,9 +1,11 @@
-"""A TCP proxy the nemesis controls, between the gateway replicas and a server (Dify, or one Redis server): it
-passes bytes both ways, and on command delays them, loses some of them (as TCP shows a lost segment: the bytes
-come late, after a retransmission timeout), or partitions the link (every open connection is cut, and the proxy
-stops listening, so a new one is refused as a route without an endpoint refuses it: the client knows its request
-never left, where a connection accepted and reset at once would leave it unsure). It stands in for the network
-faults `tc netem` would make, without needing the replicas in a network namespace of their own.
+"""A TCP proxy the nemesis controls, between the gateway replicas and a server (Dify, or one Redis server): it passes
+bytes both ways, and on command delays them, loses some of them (as TCP shows a lost segment: the bytes come late,
+after a retransmission timeout), loses some of the server's replies (the request reaches the server and runs there,
+and the connection breaks before its reply comes back: what a client sees when a link breaks after its write, and
+what makes every retry of a write meet the write it repeats), or partitions the link (every open connection is cut,
+and the proxy stops listening, so a new one is refused as a route without an endpoint refuses it: the client knows
+its request never left, where a connection accepted and reset at once would leave it unsure). It stands in for the
+network faults `tc netem` would make, without needing the replicas in a network namespace of their own.
 
 A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
 bypassed: on those topologies only the link to Dify goes through one. One Redis server is reached by each replica
@@ -36,6 +38,7 @@ class FaultyLink:
         self.loss_share = 0.0
         self._rng = random.Random(0)
         self.partitioned = False
+        self.replies_lost = 0.0  # the share of replies lost with their connection
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = threading.Event()
@@ -59,6 +62,11 @@ class FaultyLink:
         """Lose `share` of the chunks (0: none): each one lost is passed on only after TCP would have resent it."""
         self._rng, self.loss_share = rng, share
 
+    def lose_replies(self, share: float, rng: random.Random) -> None:
+        """Until `heal()`, `share` of the replies are lost with their connection (a reset as the reply comes back):
+        the request ran, unanswered."""
+        self._rng, self.replies_lost = rng, share
+
     def partition(self) -> None:
         """Cut every open connection and refuse new ones until `heal()`."""
         self.partitioned = True
@@ -69,6 +77,7 @@ class FaultyLink:
         if self.partitioned:
             asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         self.partitioned = False
+        self.replies_lost = 0.0
         self.delay_seconds = 0.0
         self.loss_share = 0.0
 
@@ -113,16 +122,21 @@ class FaultyLink:
         self._writers.update((writer, upstream_writer))
         with contextlib.suppress(asyncio.CancelledError):  # the proxy stops: the link ends here, quietly
             await asyncio.gather(
-                self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
+                self._pipe(reader, upstream_writer),
+                self._pipe(upstream_reader, writer, replies=True),
+                return_exceptions=True,
             )
         for end in (writer, upstream_writer):
             self._writers.discard(end)
             with contextlib.suppress(Exception):
                 end.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False) -> None:
         try:
             while data := await reader.read(_CHUNK):
+                if replies and self.replies_lost and self._rng.random() < self.replies_lost:
+                    writer.transport.abort()  # the reply is lost with the connection; the request has run
+                    break
                 if self.delay_seconds:
                     await asyncio.sleep(self.delay_seconds)
                 if self.loss_share and self._rng.random() < self.loss_share:
@@ -160,6 +174,10 @@ class LinkGroup:
     def lose(self, share: float, rng: random.Random) -> None:
         for link in self.links:
             link.lose(share, random.Random(rng.getrandbits(64)))
+
+    def lose_replies(self, share: float, rng: random.Random) -> None:
+        for link in self.links:
+            link.lose_replies(share, random.Random(rng.getrandbits(64)))
 
     def partition(self) -> None:
         for link in self.links:

@@ -64,8 +64,12 @@ class RestPosts:
         try:
             claimed = self._owe(stream_id, url, message, token)
         except REDIS_FAILURES as exc:
+            # Part of the record may have been written (a reply lost after its write ran): once posted, the post
+            # is settled, so that no sweep takes a listing left behind for a post whose poster is gone.
             logger.warning("could not write down the response_url post (%s); posting it without a record", exc)
-            return self.responder.send_markdown(url, message)
+            accepted = self.responder.send_markdown(url, message)
+            self._settle(stream_id, "sent" if accepted else "failed")
+            return accepted
         if not claimed:
             logger.info("the response_url post of this stream was made already; not again")
             return True
@@ -79,9 +83,9 @@ class RestPosts:
         for stream_id in due:
             token = self._token()
             claim_key = self.keys.rest_post_claim(stream_id)
-            [claimed] = self._write(claim_key, [("SET", claim_key, token, "NX", "EX", REST_POST_CLAIM_TTL_SECONDS)])
-            if not claimed:
-                if self.client.get(claim_key) in ("sent", "failed"):
+            [before] = self._write(claim_key, [_claim(claim_key, token)])
+            if before not in (None, token):
+                if before in ("sent", "failed"):
                     self.client.zrem(self.owed_key, stream_id)  # its poster ended it, and died before this
                 continue
             owed = self.client.hgetall(self.keys.rest_post(stream_id))
@@ -128,12 +132,12 @@ class RestPosts:
         replies = self._write(
             post_key,
             [
-                ("SET", claim_key, token, "NX", "EX", REST_POST_CLAIM_TTL_SECONDS),
+                _claim(claim_key, token),
                 ("HSET", post_key, "url", url, "message", message),
                 ("EXPIRE", post_key, REST_POST_TTL_SECONDS),
             ],
         )
-        if not replies[0]:
+        if replies[0] not in (None, token):
             return False
         # The list's entries age out by their score; its TTL, renewed with each, ends it when none is left.
         owed = [("ZADD", self.owed_key, time.time(), stream_id), ("EXPIRE", self.owed_key, REST_POST_TTL_SECONDS)]
@@ -172,3 +176,10 @@ class RestPosts:
         replies = self.durable.execute(key, commands, OUTBOX)
         raise_first_error(replies)
         return replies
+
+
+def _claim(claim_key: str, token: str) -> tuple:
+    """The claim of a post by `token`; its reply is the claim that was there (None: none). A retry of it whose first
+    try ran (a reply lost with its connection: the client sends it again) finds its own token, and still holds the
+    claim; a bare SET NX would answer that retry as a claim someone else holds, and nobody would post."""
+    return ("SET", claim_key, token, "NX", "GET", "EX", REST_POST_CLAIM_TTL_SECONDS)
