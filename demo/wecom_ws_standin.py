@@ -8,7 +8,9 @@ on a socket WeCom no longer counts as subscribed (`unsubscribe`), 6000 for a pro
 chat is still open (and whatever errcodes a test queues with `refuse_sends`), WeCom's per-chat limits on proactive
 sends (`send_limit`; over them a refusal), and pings left unanswered while `answer_pings` is off (a dead link).
 For the fault campaign: a connection dropped with no event (`drop`), stream frames shown but neither their acks nor
-pongs sent back while `acks_lost` is on, and every proactive send refused while `busy_errcode` is set.
+pongs sent back while `acks_lost` is on, stream frames acked `ack_delay` seconds late, proactive sends taken but
+their acks never sent back while `send_acks_lost` is on, and every proactive send refused while `busy_errcode` is
+set.
 Tests deliver messages and events to whichever connection holds a bot, and read back the frames each req_id got.
 """
 
@@ -74,6 +76,7 @@ class WeComWebSocketStandIn:
         self.answer_pings = True  # off: pings get no answer (a link that died without closing)
         self.acks_lost = False  # on: stream frames are shown, but neither their acks nor pongs come back
         self.busy_errcode = 0  # while set, every proactive send is refused with it (WeCom busy)
+        self.send_acks_lost = False  # on: a proactive send is taken (its user has it), and its ack never comes back
         self.ack_delay = 0.0  # seconds between showing a stream frame and acking it (WeCom's: about 0.3 s)
         self.refuse_sends: list[int] = []  # errcodes the next proactive sends get, in order
         self.send_limit: tuple[int, float] = (30, 60.0)  # proactive sends a chat may get per that many seconds
@@ -277,6 +280,8 @@ class WeComWebSocketStandIn:
         if answer:
             ack["body"] = answer
         if self.acks_lost and cmd == "aibot_respond_msg":
+            return
+        if self.send_acks_lost and cmd == "aibot_send_msg" and not errcode:
             return
         if self.ack_delay and cmd == "aibot_respond_msg":
             asyncio.ensure_future(self._ack_later(connection, ack))

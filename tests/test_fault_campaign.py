@@ -347,6 +347,24 @@ def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply(
         server.close()
 
 
+def test_the_nemesis_runs_every_kind_its_topology_has_or_those_it_is_aimed_at(tmp_path):
+    """By default every kind the topology has the parts for, a node's loss included, but not the faults of a window
+    still open (they would fail every run); `--faults` aims it at some kinds, which must apply to the topology."""
+    from bench.faults.history import History
+    from bench.faults.nemesis import OPEN_WINDOW_FAULTS, Nemesis
+    from demo.redis_server import PrivateRedisServer
+
+    server = PrivateRedisServer(tmp_path)  # not started: the nemesis only looks at what it is
+    history = History()
+    every = Nemesis(server, [], history, random.Random(1), 5.0)
+    assert {"node_loss", "redis_crash", "replica_stall"} <= set(every.kinds)
+    assert not OPEN_WINDOW_FAULTS & set(every.kinds) and "sentinel_kill" not in every.kinds
+    aimed = Nemesis(server, [], history, random.Random(1), 5.0, only=frozenset({"redis_pause", "sentinel_kill"}))
+    assert aimed.kinds == ["redis_pause"]
+    with pytest.raises(ValueError, match="sentinel_kill"):
+        Nemesis(server, [], history, random.Random(1), 5.0, only=frozenset({"sentinel_kill"}))
+
+
 def test_a_partitioned_link_refuses_new_connections_until_it_heals():
     """A partition looks to the client as a route without an endpoint: connecting is refused, so it knows its
     request never left (the gateway may then send it again); healed, the link passes bytes again."""

@@ -102,7 +102,7 @@ CLEAR_NOTES = {
 # shown nothing; their effect reaches this far past their end (a lease, the takeover grace, a failover settling).
 _NOT_RESTARTING = {
     "mariadb_restart", "dify_partition", "dify_delay", "dify_replies_lost", "ws_drop", "ws_acks_lost",
-    "ws_sends_refused", "auth_fault",
+    "ws_sends_refused", "ws_ack_delay", "ws_send_acks_lost", "auth_fault",
     "replica_stall",  # shorter than the lease: nothing may be taken over
 }  # fmt: skip
 RESTART_REACH_SECONDS = 30.0
