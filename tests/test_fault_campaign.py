@@ -320,6 +320,20 @@ def test_liveness_is_reported_per_fault_kind_and_per_app():
     assert (row["runs"], row["messages"], row["whole"], row["notes"]) == (2, 1, 0, 1)
 
 
+def exchange(link: FaultyLink, server: socket.socket, request: bytes, reply: bytes) -> tuple[bytes, bytes]:
+    """A request through `link` to `server` and the server's reply: what the server got, and what the client got."""
+    client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+    peer, _ = server.accept()
+    try:
+        client.sendall(request)
+        got = peer.recv(100)
+        peer.sendall(reply)
+        return got, client.recv(100)
+    finally:
+        client.close()
+        peer.close()
+
+
 def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply():
     """redis_replies_lost, dify_replies_lost: the request reaches the server (a write runs), and its connection
     breaks as the reply comes back, so a client that retries meets the write it repeats; healed, replies come back."""
@@ -327,21 +341,9 @@ def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply(
     link = FaultyLink(server.getsockname()[1]).start()
     try:
         link.lose_replies(1.0, random.Random(1))
-        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
-        peer, _ = server.accept()
-        client.sendall(b"SET x 1")
-        assert peer.recv(100) == b"SET x 1"  # the request went through
-        peer.sendall(b"+OK")
-        assert client.recv(100) == b""  # ... and the connection broke before its reply
-        client.close()
-        peer.close()
+        assert exchange(link, server, b"SET x 1", b"+OK") == (b"SET x 1", b"")  # it ran; its reply broke the link
         link.heal()
-        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
-        peer, _ = server.accept()
-        peer.sendall(b"+OK")
-        assert client.recv(100) == b"+OK"
-        client.close()
-        peer.close()
+        assert exchange(link, server, b"GET x", b"$1") == (b"GET x", b"$1")
     finally:
         link.stop()
         server.close()
@@ -375,12 +377,7 @@ def test_a_partitioned_link_refuses_new_connections_until_it_heals():
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", link.port), timeout=5)
         link.heal()
-        client = socket.create_connection(("127.0.0.1", link.port), timeout=5)
-        peer, _ = server.accept()
-        client.sendall(b"through again")
-        assert peer.recv(100) == b"through again"
-        client.close()
-        peer.close()
+        assert exchange(link, server, b"through again", b"back")[0] == b"through again"
     finally:
         server.close()
         link.stop()
