@@ -57,6 +57,9 @@ def deployment(tmp_path, dify, redis_url, redis_client):
     path.write_text(hr())
     env = replica_env(dify.base_url, redis_url, BOTS_FILE=str(path), GUNICORN_GRACEFUL_TIMEOUT="10")
     replicas = [GunicornReplica(env, tmp_path, f"replica-{i}", workers=2).start() for i in range(2)]
+    # A replica is ready when one worker is: a test's change to the file must come after every worker read it first
+    # (a worker still booting under load reads the changed file at its start, and has nothing to reload).
+    assert wait_until(lambda: said(replicas, "gateway ready") >= WORKERS, timeout=60)
     yield replicas, path
     for replica in replicas:
         replica.stop()
