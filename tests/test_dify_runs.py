@@ -110,6 +110,50 @@ def test_a_form_nobody_answers_follows_difys_timeout_branch(sims, dify):
     assert dify.form_submissions == []
 
 
+def test_a_form_wait_handed_over_is_resumed_though_its_run_id_was_still_in_the_writer(pair, dify):
+    """A process that drains hands a form's wait over by releasing the stream's lease; the next poll elsewhere resumes
+    the run, if the stream's record has the run's id. The id rides the answer's writer, which sends without making
+    the worker wait: released first, a poll met a stream with no run id and restarted it, a second Dify call (a
+    fresh-clone CI met it). Here the owner's appends go 3 s late (a loaded machine), so the id is still on its way."""
+    dify.serve_flow(flows.hitl_chatflow())
+    owner, other = pair
+    worker = next(iter(owner.gateway.bots.values())).streams.worker
+    batcher = worker.deps.appender
+    submitting = batcher.submit
+
+    def late(writer) -> None:
+        timer = threading.Timer(3.0, submitting, [writer])
+        timer.daemon = True
+        timer.start()
+
+    batcher.submit = late
+    forms = worker.deps.forms
+    opened = forms.open
+
+    def open_then_drain(*args, **kwargs):
+        ticket = opened(*args, **kwargs)
+        owner.gateway.runner.accepting = False  # the process drains: the form's wait is handed over at once
+        return ticket
+
+    forms.open = open_then_drain
+    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
+    first = to_owner.send(to_owner.text_message("buy laptops"))
+    cards = []
+
+    def card_came() -> bool:
+        reply = to_other.send(to_other.poll_message(first["stream"]["id"]))
+        cards.extend([reply["template_card"]] if "template_card" in reply else [])
+        return bool(cards)
+
+    def resumed() -> bool:
+        to_other.send(to_other.poll_message(first["stream"]["id"]))
+        return any(r["include_state_snapshot"] for r in dify.reattaches)
+
+    assert wait_until(card_came, timeout=20)
+    assert wait_until(resumed, timeout=20)  # the other replica resumed the run ...
+    assert len(dify.chat_requests()) == 1  # ... and never asked Dify again
+
+
 def test_a_card_that_never_reached_the_stream_rides_on_the_replica_that_resumes_it(pair, dify):
     """The replica that opened a form stops before its card reached the stream (the write met Redis away, and the
     process drained; here the card is dropped from the opened form to stand for that lost write). The replica that

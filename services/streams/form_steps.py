@@ -28,7 +28,7 @@ from services.forms.service import (
 )
 from services.forms.store import SUBMITTED
 from services.outage import best_effort, best_effort_value, through_outage
-from services.streams.answer import Answer, HandedOver, StreamAborted
+from services.streams.answer import FLUSH_TIMEOUT, Answer, HandedOver, StreamAborted
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
 from services.streams.recorder import AnswerRecorder
@@ -88,7 +88,7 @@ class FormSteps:
             if outcome == CANCELLED:
                 raise StreamAborted
             if outcome == DRAINING:
-                self._hand_over(job)
+                self._hand_over(job, answer)
             if outcome not in (BUBBLE_OVER, EXPIRED):
                 result = self.go_on(job, answer, recorder, cancelled, ticket.task_id, token)
                 if result == REFUSED and not job.separate and (again := self._asked_again(ticket)) is not None:
@@ -151,14 +151,21 @@ class FormSteps:
         answer.reattached = True
         recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
 
-    def _hand_over(self, job: StreamJob) -> None:
+    def _hand_over(self, job: StreamJob, answer: Answer) -> None:
         """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
-        another replica resumes the run up to its pause and waits there instead.
+        another replica resumes the run up to its pause and waits there instead. What the writer still holds (the
+        run's id above all: a stream without it is restarted, a second Dify call, where it should be resumed) is
+        written first; if Redis does not take it, the lease is left to lapse, which gives the writes that time.
 
         Raises:
             HandedOver: always.
         """
-        best_effort(lambda: self.store.release_leases({job.stream_id: job.attempt}), "handing the form's wait over")
+        flushed = answer.writer is None or best_effort(
+            lambda: answer.writer.flush(FLUSH_TIMEOUT), "writing what the answer holds", delays=()
+        )
+        if flushed:
+            release = partial(self.store.release_leases, {job.stream_id: job.attempt})
+            best_effort(release, "handing the form's wait over")
         raise HandedOver
 
     def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
