@@ -110,15 +110,44 @@ def test_a_form_nobody_answers_follows_difys_timeout_branch(sims, dify):
     assert dify.form_submissions == []
 
 
+def asked_of_a_draining_owner(pair, lose_card: bool = False):
+    """'buy laptops' asked of the first replica of `pair`, which drains as soon as its form opens (the wait handed
+    over at once; with `lose_card`, the card's write lost too): a simulator of the other replica, and the reply."""
+    owner, other = pair
+    forms = next(iter(owner.gateway.bots.values())).streams.worker.deps.forms
+    opened = forms.open
+
+    def open_then_drain(*args, **kwargs):
+        ticket = opened(*args, **kwargs)
+        assert ticket is not None and ticket.card is not None
+        owner.gateway.runner.accepting = False  # the process drains: the form's wait is handed over at once
+        return replace(ticket, card=None) if lose_card else ticket
+
+    forms.open = open_then_drain
+    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
+    return to_other, to_owner.send(to_owner.text_message("buy laptops"))
+
+
+def first_card(sim, stream_id: str) -> dict:
+    """Poll the stream through `sim` until a reply carries a card; that card."""
+    cards = []
+
+    def card_came() -> bool:
+        reply = sim.send(sim.poll_message(stream_id))
+        cards.extend([reply["template_card"]] if "template_card" in reply else [])
+        return bool(cards)
+
+    assert wait_until(card_came, timeout=20)
+    return cards[0]
+
+
 def test_a_form_wait_handed_over_is_resumed_though_its_run_id_was_still_in_the_writer(pair, dify):
     """A process that drains hands a form's wait over by releasing the stream's lease; the next poll elsewhere resumes
     the run, if the stream's record has the run's id. The id rides the answer's writer, which sends without making
     the worker wait: released first, a poll met a stream with no run id and restarted it, a second Dify call (a
     fresh-clone CI met it). Here the owner's appends go 3 s late (a loaded machine), so the id is still on its way."""
     dify.serve_flow(flows.hitl_chatflow())
-    owner, other = pair
-    worker = next(iter(owner.gateway.bots.values())).streams.worker
-    batcher = worker.deps.appender
+    batcher = next(iter(pair[0].gateway.bots.values())).streams.worker.deps.appender
     submitting = batcher.submit
 
     def late(writer) -> None:
@@ -127,29 +156,13 @@ def test_a_form_wait_handed_over_is_resumed_though_its_run_id_was_still_in_the_w
         timer.start()
 
     batcher.submit = late
-    forms = worker.deps.forms
-    opened = forms.open
-
-    def open_then_drain(*args, **kwargs):
-        ticket = opened(*args, **kwargs)
-        owner.gateway.runner.accepting = False  # the process drains: the form's wait is handed over at once
-        return ticket
-
-    forms.open = open_then_drain
-    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
-    first = to_owner.send(to_owner.text_message("buy laptops"))
-    cards = []
-
-    def card_came() -> bool:
-        reply = to_other.send(to_other.poll_message(first["stream"]["id"]))
-        cards.extend([reply["template_card"]] if "template_card" in reply else [])
-        return bool(cards)
+    to_other, first = asked_of_a_draining_owner(pair)
 
     def resumed() -> bool:
         to_other.send(to_other.poll_message(first["stream"]["id"]))
         return any(r["include_state_snapshot"] for r in dify.reattaches)
 
-    assert wait_until(card_came, timeout=20)
+    first_card(to_other, first["stream"]["id"])
     assert wait_until(resumed, timeout=20)  # the other replica resumed the run ...
     assert len(dify.chat_requests()) == 1  # ... and never asked Dify again
 
@@ -160,29 +173,10 @@ def test_a_card_that_never_reached_the_stream_rides_on_the_replica_that_resumes_
     resumes the run meets the form again: the card the form was opened with, never shown, rides on its next poll,
     and a click goes on. (Before, the bubble asked for a tap on a card that never came.)"""
     dify.serve_flow(flows.hitl_chatflow())
-    owner, other = pair
-    forms = next(iter(owner.gateway.bots.values())).streams.worker.deps.forms
-    opened = forms.open
-
-    def open_then_stop(*args, **kwargs):
-        ticket = opened(*args, **kwargs)
-        assert ticket is not None and ticket.card is not None
-        owner.gateway.runner.accepting = False  # the process drains: the form's wait is handed over at once
-        return replace(ticket, card=None)  # ... and the card's write is lost
-
-    forms.open = open_then_stop
-    to_owner, to_other = make_simulator(owner.url), make_simulator(other.url)
-    first = to_owner.send(to_owner.text_message("buy laptops"))
-    cards = []
-
-    def card_came() -> bool:
-        reply = to_other.send(to_other.poll_message(first["stream"]["id"]))
-        cards.extend([reply["template_card"]] if "template_card" in reply else [])
-        return bool(cards)
-
-    assert wait_until(card_came, timeout=20)
+    to_other, first = asked_of_a_draining_owner(pair, lose_card=True)
+    card = first_card(to_other, first["stream"]["id"])
     assert any(r["include_state_snapshot"] for r in dify.reattaches)  # the other replica resumed the run
-    to_other.send(to_other.card_click(cards[0], "approve"))
+    to_other.send(to_other.card_click(card, "approve"))
     conversation = to_other.follow(first)
     assert conversation.text == "You said: buy laptops. Waiting for approval...APPROVED. comment=looks good"
     assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
