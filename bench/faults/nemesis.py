@@ -24,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 
 from bench.faults.history import History
@@ -269,19 +270,8 @@ class Nemesis:
         later: the one server from its append-only file; on Sentinel and Cluster a master, failed over first and
         back as a replica. The answers the replica owned are taken over by the others once Redis answers again."""
         index, replica = self._replica(target)
-        if isinstance(self.topology, PrivateRedisServer):
-            replica.kill()
-            self.topology.kill()
-            server, restart = self.topology, self.topology.start
-        else:
-            server, key = self._master(rng)
-            replica.kill()
-            server.kill()
-            if isinstance(self.topology, PrivateSentinelSet):
-                self.topology.wait_for_failover(server, timeout=60)
-            else:
-                self.topology.wait_for_failover(key, server, timeout=60)
-            restart = partial(self.topology.restart, server)
+        replica.kill()
+        server, restart = self._lose_redis(rng)
         self.unready.add(index)
         time.sleep(rng.uniform(1, 5))
         restart()
@@ -453,15 +443,24 @@ class Nemesis:
         self._settle()
         return f"redis :{master.port} for {seconds:.1f}s"
 
-    def redis_kill_master(self, target: str, rng: random.Random) -> str:
+    def _lose_redis(self, rng: random.Random) -> tuple[PrivateRedisServer, Callable[[], object]]:
+        """SIGKILL a Redis server: the one server, or a master (once failed over); the server, and how to start it
+        again (the one server from its append-only file; a master back as a replica)."""
+        if isinstance(self.topology, PrivateRedisServer):
+            self.topology.kill()
+            return self.topology, self.topology.start
         master, key = self._master(rng)
         master.kill()
         if isinstance(self.topology, PrivateSentinelSet):
             self.topology.wait_for_failover(master, timeout=60)
         else:
             self.topology.wait_for_failover(key, master, timeout=60)
+        return master, partial(self.topology.restart, master)
+
+    def redis_kill_master(self, target: str, rng: random.Random) -> str:
+        master, restart = self._lose_redis(rng)
         time.sleep(rng.uniform(1, 5))
-        self.topology.restart(master)
+        restart()
         return f"redis master :{master.port}"
 
     def redis_kill_replica(self, target: str, rng: random.Random) -> str:
@@ -480,10 +479,10 @@ class Nemesis:
 
     def redis_crash(self, target: str, rng: random.Random) -> str:
         """The one server killed (SIGKILL) and started again 1-5 s later, from its append-only file."""
-        self.topology.kill()
+        server, restart = self._lose_redis(rng)
         time.sleep(rng.uniform(1, 5))
-        self.topology.start()
-        return f"redis :{self.topology.port}"
+        restart()
+        return f"redis :{server.port}"
 
     def sentinel_kill(self, target: str, rng: random.Random) -> str:
         """One of the three sentinels lost for 2-8 s (the other two still make a quorum)."""
