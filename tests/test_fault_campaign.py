@@ -483,7 +483,8 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
 def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):
     """The campaign can fail: on a build with one promise broken on purpose (bench/faults/mutants.py), a short run
     counts it (dedup_off: WeCom's retries answered twice; poll_delta: bubbles showing less than before;
-    finish_id_off: the rest of an answer never sent when its finish's reply was lost; forgive_all: a checker that
+    finish_id_off: the rest of an answer never sent when its finish's reply was lost; record_after_send: what a
+    killed holder's bubble showed sent again by the next; forgive_all: a checker that
     excuses every fault's harm, over notes made at random, which the control group still finds)."""
     argv = ["--minutes", "1.5", "--topology", "standalone", "--users", "4", "--window", "60", "--seed", "7"]
     argv += AIM.get(mutant, [])  # the nemesis aimed at the mutant's window, so short a run reaches it

@@ -13,6 +13,9 @@ runs a short campaign on each and requires a count).
   timeout runs the first try when it resumes) is answered as if another replica had ended the stream: the rest of an
   answer longer than its bubble is never sent, nor its user's open-bubble slot freed (lost: the user never sees the
   whole answer, and no note says why).
+- `record_after_send`: a long connection's frame is recorded as what its bubble shows only after it went out, by a
+  recorder a second behind (the poll records nothing), so a holder that dies in that second leaves the next holder
+  to take the bubble for showing less than it did and send again what it showed (duplicate_deliveries).
 - `forgive_all`: the checker excuses every problem of a message a fault touched, and counts no note spurious (a
   checker that explains everything away), over a build that ends one question in two with a Dify failure note
   without asking Dify: only the control group, where no fault ran, is left to catch it (control_failures). One in two,
@@ -23,6 +26,9 @@ runs a short campaign on each and requires a count).
 from __future__ import annotations
 
 import hashlib
+import logging
+import secrets
+import threading
 from collections.abc import Callable
 
 from flask import Flask
@@ -61,6 +67,37 @@ def _finish_id_off() -> None:
     StreamStore.finish = without_finish_id
 
 
+RECORD_LAG = 1.0  # seconds from a frame handed to the socket to its record (record_after_send)
+
+
+def _record_after_send() -> None:
+    from services.longconn.outbox import sending_record
+    from services.longconn.replies import ReplyPump
+    from services.streams.service import StreamService
+
+    framing = StreamService.frame
+    StreamService.frame = lambda self, stream_id, record: framing(self, stream_id, None)  # the poll records nothing
+    sending = ReplyPump.send
+
+    def send_then_record(self, req_id: str, reply: dict, shows: int, session=None) -> bool:
+        went_out = sending(self, req_id, reply, shows, session)
+        entry = self._replies.get(req_id)
+        if went_out and entry is not None:
+            final = bool((reply.get("stream") or {}).get("finish"))
+            record = {entry.stream_id: sending_record(shows, final, secrets.token_hex(6))}
+            threading.Timer(RECORD_LAG, _record_quietly, args=(self.ledger, record)).start()
+        return went_out
+
+    ReplyPump.send = send_then_record
+
+
+def _record_quietly(ledger, record: dict) -> None:
+    try:
+        ledger.record(record)
+    except Exception as exc:  # noqa: BLE001 - a record the mutant lost is one more way it is broken
+        logging.getLogger(__name__).warning("the mutant's late record failed: %s", type(exc).__name__)
+
+
 def _notes_at_random() -> None:
     from services.dify.errors import DifyHTTPError
     from services.streams.worker import StreamWorker
@@ -79,6 +116,7 @@ MUTANTS: dict[str, Callable[[], None]] = {
     "dedup_off": _dedup_off,
     "poll_delta": _poll_delta,
     "finish_id_off": _finish_id_off,
+    "record_after_send": _record_after_send,
     "forgive_all": _notes_at_random,
 }
 # Mutants of the checker: it forgives (checker.check(forgive=True)) what it would count.
@@ -89,6 +127,7 @@ FORGIVING = frozenset({"forgive_all"})
 AIM: dict[str, list[str]] = {
     "forgive_all": ["--calm-every", "20"],
     "finish_id_off": ["--faults", "redis_replies_lost", "--long-share", "0.6"],
+    "record_after_send": ["--faults", "replica_kill"],
 }
 
 
