@@ -297,15 +297,16 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 
 def outbox_settled(client: redis.Redis, bot_id: str, timeout: float = 20.0) -> bool:
     """Wait until the bot's long-connection outbox has nothing left to send: no stream tracked (each was sent whole,
-    or given up) and no claim on one still `sending`. The outbox sends only what it tracks, so what a test counts
-    after this is all it will ever send: a test asserting "once" waits for this, not for a fixed time."""
+    or given up) and no claim on one still `sending`, nor a send `handed` and not yet settled. The outbox sends only
+    what it tracks, so what a test counts after this is all it will ever send: a test asserting "once" waits for
+    this, not for a fixed time."""
     keys = Keys()
 
     def settled() -> bool:
         if client.zcard(keys.ws_open(bot_id)):
             return False
         claims = client.scan_iter(match=keys.ws_outbox("*"), count=1000)
-        return not any((client.get(key) or "").startswith("sending") for key in claims)
+        return not any((client.get(key) or "").startswith(("sending", "handed")) for key in claims)
 
     return wait_until(settled, timeout)
 

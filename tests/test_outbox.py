@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from demo import dify_standin as d
-from services.keys import Keys
-from services.longconn.outbox import PAGE, Outbox, rest_of, shown_of
+from services.keys import SENT_TTL_SECONDS, Keys
+from services.longconn.orphans import OrphanDelivery
+from services.longconn.outbox import HANDED_WAIT_SECONDS, PAGE, Outbox, claimant_token, rest_of, shown_of
 from services.longconn.replies import ReplyPump
 from services.streams.poll_path import FrameRecord, PollPath
 from services.streams.service import Frame
@@ -419,3 +420,90 @@ def test_a_long_connection_answer_is_appended_at_most_once_per_frame_interval(ws
     final = wecom.final(wecom.deliver_text(WS_BOT_ID, "many tokens"), timeout=20)
     assert final["stream"]["content"].strip() == "".join(pieces).strip()
     assert gateway.appender.appends - before <= 6  # the first delta, one per 0.5 s, the end
+
+
+class _Socket:
+    """Stands in for a connection's session as the outbox's sender sees it: frames numbered as sent, WeCom's
+    reading of them (`read_through`) and the connection's end as the test says."""
+
+    def __init__(self):
+        self.sent: list[str] = []
+        self.read_through = 0
+        self.ended = False
+
+    def send(self, text, req_id="", on_ack=None) -> int:
+        self.sent.append(text)
+        return len(self.sent)
+
+    def received(self, number: int) -> bool:
+        return self.read_through >= number
+
+
+def orphaned_rest(client) -> tuple[Outbox, OrphanDelivery, Keys]:
+    """Stream s1, answered on an earlier connection and now final, left for the outbox's sender of process "p1"."""
+    store, outbox, streams = tracked_stream(client, lease_seconds=5)
+    streams.show("s1", "The whole answer.", finish=True)
+    streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
+    sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
+    return outbox, OrphanDelivery("bot", streams, outbox, "p1", sends), Keys()
+
+
+def test_a_send_whose_ack_was_lost_is_taken_as_made_once_a_later_frame_is_acked(redis_client):
+    """WeCom took the rest and its ack never came: an ack of a frame sent after it says WeCom read it (one socket,
+    read in order), so it is marked sent, and never sent again when its claim would have lapsed."""
+    outbox, sender, keys = orphaned_rest(redis_client)
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1 and outbox.marker("s1").startswith("handed p1 ")
+    assert redis_client.ttl(keys.ws_outbox("s1")) > 3600  # no claim that lapses into a second send
+    sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1 and outbox.marker("s1").startswith("handed")  # no proof yet: it waits
+    socket.read_through = 2  # a later frame (a ping) was acked
+    sender.deliver(socket, generation=4, live=set())
+    assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
+    sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1
+
+
+def test_a_send_whose_connection_ended_before_wecom_read_it_is_sent_again(redis_client):
+    outbox, sender, _ = orphaned_rest(redis_client)
+    first = _Socket()
+    sender.deliver(first, generation=4, live=set())
+    first.ended = True  # the connection broke with the frame in it: no ack, no later frame read
+    second = _Socket()
+    sender.deliver(second, generation=5, live=set())  # settles the first send, then sends on the new connection
+    sender.deliver(second, generation=5, live=set())
+    assert len(first.sent) == 1 and len(second.sent) == 1
+    assert outbox.marker("s1").startswith("handed p1 ")
+
+
+@pytest.mark.parametrize("age", [5, HANDED_WAIT_SECONDS + 1], ids=["just-handed", "handed-long-ago"])
+def test_a_send_a_gone_process_handed_to_its_socket_is_taken_for_made_not_sent_again(redis_client, age):
+    """Process p0 handed the rest to its socket and died before the ack: its socket still sent it. The next holder
+    leaves the marker alone while p0 could still settle it, then takes the send for made."""
+    outbox, sender, keys = orphaned_rest(redis_client)
+    redis_client.set(keys.ws_outbox("s1"), f"handed {claimant_token('p0')}", ex=SENT_TTL_SECONDS - age)
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    assert socket.sent == []
+    if age > HANDED_WAIT_SECONDS:
+        assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
+    else:
+        assert outbox.marker("s1").startswith("handed p0 ") and outbox.tracked("s1")
+
+
+def test_a_proactive_rest_whose_ack_wecom_never_sends_is_sent_once(ws_gateway, dify, redis_client):
+    """WeCom takes an aibot_send_msg and its ack is lost (the campaign's ws_send_acks_lost): the holder, alive and
+    connected, reads its pongs; the rest is not sent again when its claim would have run out (30 s)."""
+    _, wecom = ws_gateway(wecom_ws_heartbeat_seconds=1.0)
+    dify.script([d.message("The first words, "), d.sleep(1.0), d.message("and the rest."), d.end()])
+    message = wecom.deliver_text(WS_BOT_ID, "lose my stream")
+    assert wait_until(lambda: len(wecom.frames(message)) >= 2, timeout=10)
+    stream_id = wecom.frames(message)[0]["stream"]["id"]
+    keys = Keys()
+    wecom.send_acks_lost = True
+    redis_client.delete(keys.stream(stream_id), keys.stream_chunks(stream_id), keys.stream_lease(stream_id))
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    assert outbox_settled(redis_client, WS_BOT_ID)
+    time.sleep(35)  # past the 30 s after which a claim of the send would lapse
+    assert len(wecom.proactive) == 1

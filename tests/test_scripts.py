@@ -13,6 +13,7 @@ from redis.crc import key_slot
 from services.audit.trail import CLAIM_DUE
 from services.chat.quotas import TAKE as QUOTA_TAKE
 from services.keys import Keys
+from services.longconn.outbox import SWAP as OUTBOX_SWAP
 from services.lua import LuaScript, ScriptSpec
 from services.streams import scripts
 from services.streams.poll_path import PollPath
@@ -59,16 +60,18 @@ def test_the_check_finds_keys_that_do_not_come_from_keys(bad):
     assert keys_not_from_keys(bad)
 
 
-@pytest.mark.parametrize("spec", [CLAIM_DUE, SLOT_TAKE, QUOTA_TAKE], ids=lambda spec: spec.name)
+@pytest.mark.parametrize("spec", [CLAIM_DUE, SLOT_TAKE, QUOTA_TAKE, OUTBOX_SWAP], ids=lambda spec: spec.name)
 @pytest.mark.parametrize("prefix", ["", "tenant:bot:helpdesk:"])
 def test_the_controls_scripts_touch_their_keys_only_and_in_one_slot(spec, prefix):
-    """The audit's claim, the answer cap's take and a quota's take: KEYS only, and the keys of one call in one slot."""
+    """The audit's claim, the answer cap's take, a quota's take and the outbox's swap: KEYS only, and the keys of one
+    call in one slot."""
     assert keys_not_from_keys(spec.source) == []
     keys = Keys(prefix)
     calls = {
         "CLAIM_DUE": [keys.audit_due()],
         "SLOT_TAKE": [keys.answer_slots(), keys.answer_line(), keys.answer_line_seen()],
         "QUOTA_TAKE": [keys.quota("user", "alice", "20261126")],
+        "OUTBOX_SWAP": [keys.ws_outbox("s1")],
     }[spec.name]
     assert len(calls) == len(spec.keys)
     assert len({key_slot(key.encode()) for key in calls}) == 1

@@ -8,6 +8,8 @@ once lives in outbox.py."""
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
 from functools import partial
 
 from services import metrics
@@ -23,6 +25,16 @@ from services.streams.service import StreamService
 logger = logging.getLogger(__name__)
 
 PUSH_ATTEMPTS = 3  # WeCom refusals (other than a command conflict) after which a push is given up as failed
+
+
+@dataclass
+class _Handed:
+    """A send handed to a connection's socket whose ack has not come yet."""
+
+    marker: str  # the stream's outbox marker that says so
+    session: Session
+    push: bool
+    number: int = 0  # the frame's number on its connection (0: being sent)
 
 
 class OrphanDelivery:
@@ -43,19 +55,25 @@ class OrphanDelivery:
         self.streams = streams
         self.outbox = outbox
         self.owner = owner
+        self._handed: dict[str, _Handed] = {}  # stream id -> its send waiting for an ack
+        self._lock = threading.Lock()
 
     def deliver(self, session: Session, generation: int, live: set[str]) -> None:
-        """One pass: send, once, the rest of each final orphaned stream (`live`: the streams this connection
-        answers on their own req_ids)."""
+        """One pass: settle the sends whose acks did not come, then send, once, the rest of each final orphaned
+        stream (`live`: the streams this connection answers on their own req_ids)."""
+        self._settle_handed()
         try:
             orphans = self.outbox.orphans(generation, live)
         except REDIS_FAILURES:
             return
         for stream_id in orphans:
+            claimant = claimant_token(self.owner)
             try:
                 polled = self.streams.poll(stream_id)  # also finishes a stream whose replica is gone
-                finished = (polled.get("stream") or {}).get("finish")
-                if not finished or not self.outbox.claim(stream_id, claimant_token(self.owner)):
+                if not (polled.get("stream") or {}).get("finish"):
+                    continue
+                if not self.outbox.claim(stream_id, claimant):
+                    self._take_over_handed(stream_id)
                     continue
             except REDIS_FAILURES:
                 continue
@@ -80,9 +98,69 @@ class OrphanDelivery:
             if not self._paced(stream_id, chat):
                 continue
             req_id, text = frames.send_markdown(chat, bool(meta.get("ws_single")), message)
-            if not session.send(text, req_id, self._on_sent(stream_id, bool(meta.get("push")))):
-                best_effort(partial(self.outbox.failed, stream_id), "releasing the send", delays=())
-                best_effort(partial(self.sends.give_back, chat, stream_id), "releasing the chat's place", delays=())
+            self._send(session, stream_id, claimant, req_id, text, bool(meta.get("push")), chat)
+
+    def _send(self, session: Session, stream_id: str, claimant: str, req_id: str, text: str, push: bool, chat: str):
+        """Mark the send handed, then hand it to the socket; one that does not go out is released at once."""
+        try:
+            marker = self.outbox.hand(stream_id, claimant)
+        except REDIS_FAILURES:
+            marker = ""  # not marked, not sent: the claim runs out and a later pass sends it
+        handed = _Handed(marker, session, push)
+        if marker:
+            with self._lock:
+                self._handed[stream_id] = handed
+            handed.number = session.send(text, req_id, self._on_sent(stream_id, push))
+        if not handed.number:
+            with self._lock:
+                self._handed.pop(stream_id, None)
+            if marker:
+                best_effort(partial(self.outbox.settle, stream_id, marker, False), "releasing the send", delays=())
+            best_effort(partial(self.sends.give_back, chat, stream_id), "releasing the chat's place", delays=())
+
+    def _settle_handed(self) -> None:
+        """Each send whose ack has not come, and whose connection says what became of it: WeCom read it (it acked
+        a frame sent after it: the ack alone was lost) and it is made; or the connection ended without that, and
+        it is sent again."""
+        with self._lock:
+            due = {
+                stream_id: (handed, handed.session.received(handed.number))
+                for stream_id, handed in self._handed.items()
+                if handed.number and (handed.session.ended or handed.session.received(handed.number))
+            }
+            for stream_id in due:  # taken out first: an ack that comes now finds it settled
+                del self._handed[stream_id]
+        for stream_id, (handed, made) in due.items():
+            try:
+                settled = self.outbox.settle(stream_id, handed.marker, made)
+            except REDIS_FAILURES:
+                with self._lock:
+                    self._handed.setdefault(stream_id, handed)  # the next pass tries again
+                continue
+            if settled and made:
+                self._made(stream_id, handed.push, "its ack lost, a later frame's taken")
+            elif settled:
+                logger.info("stream %s: its connection ended before WeCom read its send; sent again", stream_id)
+
+    def _take_over_handed(self, stream_id: str) -> None:
+        """A send another process handed to its socket, and never settled since (it is gone), was made: a killed
+        process's socket still sends what it was handed."""
+        try:
+            marker = self.outbox.handed_elsewhere(stream_id, self.owner)
+            if not marker or not self.outbox.settle(stream_id, marker, True):
+                return
+        except REDIS_FAILURES:
+            return
+        self._made(stream_id, False, "handed by a process now gone")
+
+    def _made(self, stream_id: str, push: bool, how: str) -> None:
+        """A send is made (its ack said so, or what followed it): count it, and send the answer's files."""
+        metrics.WS_OUTBOX.labels(self.bot, "sent").inc()
+        if push:
+            metrics.PUSHES.labels(self.bot, "sent").inc()
+        if self.files is not None:
+            self.files.after_answer(stream_id)
+        logger.info("%s %s sent through aibot_send_msg (%s)", "push" if push else "rest of stream", stream_id, how)
 
     def _paced(self, stream_id: str, chat: str) -> bool:
         """Take a place in the chat's window of WeCom's limits (across replicas); without one, the send waits for
@@ -100,22 +178,23 @@ class OrphanDelivery:
 
     def _on_sent(self, stream_id: str, push: bool):
         def on_sent(ack: dict) -> None:
+            with self._lock:
+                if self._handed.pop(stream_id, None) is None:
+                    return  # settled already, by what a later frame's ack proved
             errcode = int(ack.get("errcode") or 0)
-            metrics.WS_OUTBOX.labels(self.bot, "failed" if errcode else "sent").inc()
-            if errcode:
-                metrics.WS_ERRCODES.labels(self.bot, str(errcode)).inc()
-                # A push is given up after PUSH_ATTEMPTS refusals; the rest of an answer is tried until it is sent.
-                record = partial(self.outbox.refused, stream_id, errcode, PUSH_ATTEMPTS if push else 0)
-            else:
-                record = partial(self.outbox.sent, stream_id)
-            # If Redis does not answer, `sending` runs out and the next pass sends again.
-            best_effort(record, "recording the delivery", delays=())
+            if not errcode:
+                # If Redis does not answer, the handed marker stays, and is taken for sent (`_take_over_handed`).
+                best_effort(partial(self.outbox.sent, stream_id), "recording the delivery", delays=())
+                self._made(stream_id, push, "acked")
+                return
+            metrics.WS_OUTBOX.labels(self.bot, "failed").inc()
+            metrics.WS_ERRCODES.labels(self.bot, str(errcode)).inc()
+            # A push is given up after PUSH_ATTEMPTS refusals; the rest of an answer is tried until it is sent.
+            refused = partial(self.outbox.refused, stream_id, errcode, PUSH_ATTEMPTS if push else 0)
+            best_effort(refused, "recording the refusal", delays=())
             if push:
-                metrics.PUSHES.labels(self.bot, "failed" if errcode else "sent").inc()
-            if not errcode and self.files is not None:
-                self.files.after_answer(stream_id)
+                metrics.PUSHES.labels(self.bot, "failed").inc()
             what = "push" if push else "rest of stream"
-            outcome = f"NOT sent (errcode {errcode})" if errcode else "sent"
-            logger.info("%s %s %s through aibot_send_msg", what, stream_id, outcome)
+            logger.info("%s %s NOT sent through aibot_send_msg (errcode %s)", what, stream_id, errcode)
 
         return on_sent

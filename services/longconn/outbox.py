@@ -9,10 +9,15 @@ bubble shows: WeCom shows a frame about 0.3 s before its ack comes back, and a h
 otherwise send that text again (the one estimate that can be wrong is a frame lost with the socket within moments of
 its sending, whose text is then missing from the rest); a frame WeCom refused lowers it to the last one taken.
 A holder delivers, once the answer is final, the rest of every tracked stream that is not one of its own live
-replies. A marker per stream (`sending` for 30 s, then `sent` for a day) makes the delivery happen once across
-processes; a send that fails clears it, so the next pass tries again (a holder that dies between sending and
-marking may, 30 s later, leave the message to be sent a second time: the one window where at-least-once wins over
-at-most-once).
+replies. A marker per stream makes the delivery happen once across processes: `sending` (30 s) while its claimant makes
+the message, `handed` (for a day) from just before the frame goes to the socket, then `sent` at its ack. A send
+that fails, or is refused, clears it, so the next pass tries again. A handed send whose ack never comes is settled
+by what its connection proves (orphans.py): an ack of a frame sent after it says WeCom read it (one socket reads in
+order), and a connection that ended without that proof sends it again. A holder that dies meanwhile leaves its
+handed markers to the next holder, who takes them for sent once they are HANDED_WAIT_SECONDS old: a killed process's
+socket still sends what it was handed. So a send whose ack was lost is not sent twice, nor one whose holder died;
+the one window left is a connection lost with the frame in it, whose ack can never come (sent again: at-least-once
+there) or a holder lost with its socket (at most once there).
 
 Every record here must outlive a Redis failover (a lost one sends a rest again, or never), so each waits for a
 replica to hold it (services/replication.py).
@@ -32,6 +37,7 @@ from services.keys import (
     SENT_TTL_SECONDS,
     Keys,
 )
+from services.lua import LuaScript, ScriptSpec
 from services.replication import OUTBOX, raise_first_error
 from services.streams.store import DONE, StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
@@ -39,6 +45,29 @@ from utils.text import cut_utf8, utf8_len
 
 CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: tried again after a back-off
 PAGE = 100  # tracked streams read per round trip
+HANDED, SENDING = "handed ", "sending "
+# How old another process's handed marker must be before the next holder takes its send for made: past the ack's
+# wait and the handing process's next outbox pass, so a process that lives has settled it by then.
+HANDED_WAIT_SECONDS = 30
+
+# Compare and set of a stream's outbox marker: set it to `value` (delete it when "") only if it still reads
+# `expected`. Returns 1 when it did.
+SWAP = ScriptSpec(
+    "OUTBOX_SWAP",
+    keys=("marker",),
+    args=("expected", "value", "ttl"),
+    body="""
+if redis.call('GET', K.marker) ~= A.expected then
+  return 0
+end
+if A.value == '' then
+  redis.call('DEL', K.marker)
+else
+  redis.call('SET', K.marker, A.value, 'EX', A.ttl)
+end
+return 1
+""",
+)
 
 
 def sending_record(shows: int, final: bool, token: str) -> dict[str, str]:
@@ -56,6 +85,7 @@ class Outbox:
         self.store = store
         self.durable = store.durable
         self.open_key = keys.ws_open(bot_id)
+        self._swap = LuaScript(client, SWAP, replication=self.durable, write=OUTBOX)
 
     @staticmethod
     def tracking(req_id: str, generation: int, chatid: str, single: bool) -> dict[str, str]:
@@ -147,9 +177,54 @@ class Outbox:
             redis.RedisError: Redis did not answer (try again with the same `claimant`).
         """
         key = self.keys.ws_outbox(stream_id)
-        token = f"sending {claimant}"
+        token = SENDING + claimant
         [claimed] = self._write(key, [("SET", key, token, "NX", "EX", OUTBOX_CLAIM_TTL_SECONDS)])
         return bool(claimed) or self.client.get(key) == token
+
+    def hand(self, stream_id: str, claimant: str) -> str:
+        """Mark the claimed send of a stream's rest as handed to the socket, just before it goes: the marker it
+        wrote ("" when the claim is no longer `claimant`'s: nothing is to be sent).
+
+        Raises:
+            redis.RedisError: Redis did not answer (the claim runs out by itself; nothing was sent).
+        """
+        marker = HANDED + claimant
+        swapped = self._swap.run({"marker": self.keys.ws_outbox(stream_id)}, self._swapping(SENDING + claimant, marker))
+        return marker if swapped else ""
+
+    def settle(self, stream_id: str, marker: str, sent: bool) -> bool:
+        """Settle a handed send whose ack did not say: made (`sent`: marked sent, out of the open set) or to be made
+        again (the marker cleared). False when the marker is no longer `marker` (another holder settled it).
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        value = {"value": "sent", "ttl": SENT_TTL_SECONDS} if sent else {"value": "", "ttl": 0}
+        if not self._swap.run({"marker": self.keys.ws_outbox(stream_id)}, {"expected": marker, **value}):
+            return False
+        if sent:
+            self.delivered(stream_id)
+        return True
+
+    def handed_elsewhere(self, stream_id: str, process: str) -> str:
+        """The marker of a send another process handed to its socket at least HANDED_WAIT_SECONDS ago and never
+        settled (that process is gone: it would have), or "".
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        key = self.keys.ws_outbox(stream_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.ttl(key)
+        marker, ttl = pipe.execute()
+        if not marker or not marker.startswith(HANDED) or handing_process(marker) == process:
+            return ""
+        return marker if 0 <= ttl <= SENT_TTL_SECONDS - HANDED_WAIT_SECONDS else ""
+
+    @staticmethod
+    def _swapping(expected: str, marker: str) -> dict[str, object]:
+        return {"expected": expected, "value": marker, "ttl": SENT_TTL_SECONDS}
 
     def sent(self, stream_id: str) -> None:
         key = self.keys.ws_outbox(stream_id)
@@ -180,7 +255,7 @@ class Outbox:
         return self.client.zscore(self.open_key, stream_id) is not None
 
     def marker(self, stream_id: str) -> str | None:
-        """What became of a stream's send: `sending …`, `sent`, `conflict`, `failed <errcode>`, or None."""
+        """What became of a stream's send: `sending …`, `handed …`, `sent`, `conflict`, `failed <errcode>`, or None."""
         return self.client.get(self.keys.ws_outbox(stream_id))
 
     def _write(self, key: str, commands: list[tuple]) -> list:
@@ -192,6 +267,11 @@ class Outbox:
 def claimant_token(process: str) -> str:
     """A claimant of an outbox marker no other claim has, even in the same process."""
     return f"{process} {secrets.token_hex(6)}"
+
+
+def handing_process(marker: str) -> str:
+    """The process that wrote a handed marker (`handed <process> <token>`)."""
+    return marker[len(HANDED) :].rsplit(" ", 1)[0]
 
 
 def shown_of(meta: dict[str, str]) -> tuple[str, bool]:

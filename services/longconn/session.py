@@ -57,7 +57,10 @@ class Session:
         self.on_callback = on_callback
         self.timeout = timeout
         self._ws: ClientConnection | None = None
-        self._acks: dict[str, deque[Ack | None]] = {}  # req_id -> its frames' callbacks, oldest first
+        self._acks: dict[str, deque[tuple[Ack | None, int]]] = {}  # req_id -> its frames' (callback, number)
+        self._sent = 0  # frames sent, each numbered in order
+        self._read_through = 0  # the highest number of a frame WeCom acked: it read every frame up to it
+        self._over = False  # the connection ended (run returned)
         self._lock = threading.Lock()
         self._stopped = False
         self._kicked = False  # a disconnected_event came: nothing more is sent, the acks still due are read
@@ -93,18 +96,20 @@ class Session:
             self.close()  # WeCom leaves the socket open after 853000: read the ack, then close it ourselves
             raise SubscribeRefused(errcode, str(data.get("errmsg") or ""))
 
-    def send(self, text: str, req_id: str = "", on_ack: Ack | None = None) -> bool:
-        """Send one frame; `on_ack(ack)` runs (in the reader's thread) when its ack arrives. False if closed.
+    def send(self, text: str, req_id: str = "", on_ack: Ack | None = None) -> int:
+        """Send one frame; `on_ack(ack)` runs (in the reader's thread) when its ack arrives. Returns the frame's
+        number on this connection (`received` tells later whether WeCom read it), 0 if it did not go out.
 
         Several frames share a req_id (every frame of one stream reply uses its message's), and an ack names only
         the req_id: the acks of one req_id are matched to its frames in the order they were sent, so a late ack
         (one that came after a later frame was sent) reaches its own frame's callback, not the later one's."""
         with self._lock:
             if self._kicked:
-                return False
+                return 0
+            number = self._sent + 1
             waiting = self._acks.setdefault(req_id, deque()) if req_id else None
             if waiting is not None:
-                waiting.append(on_ack)
+                waiting.append((on_ack, number))
                 self._unanswered += 1
             try:
                 self._ws.send(text)  # under the lock: the order sent is the order registered
@@ -114,8 +119,20 @@ class Session:
                     self._unanswered -= 1
                     if not waiting:
                         del self._acks[req_id]
-                return False
-        return True
+                return 0
+            self._sent = number
+        return number
+
+    def received(self, number: int) -> bool:
+        """Whether WeCom read frame `number`: an ack came for it or for a frame sent after it (one socket, read in
+        order), whatever became of its own ack."""
+        with self._lock:
+            return self._read_through >= number
+
+    @property
+    def ended(self) -> bool:
+        """The connection is over: no ack still due on it will come (its reader stopped)."""
+        return self._over
 
     def settle(self, timeout: float) -> bool:
         """Wait (up to `timeout` s) until every frame sent has had its ack handled: a holder handing the connection
@@ -129,7 +146,11 @@ class Session:
             return self._read()
         finally:  # what was handed over still runs (a message taken is answered, an ack recorded)
             self._callbacks.shutdown(wait=False)
+            self._acks_in_order.submit(self._end)  # after the callbacks of the acks that came
             self._acks_in_order.shutdown(wait=False)
+
+    def _end(self) -> None:
+        self._over = True
 
     def _read(self) -> str:
         settled_by = 0.0  # after a kick: when to stop waiting for the acks still due
@@ -181,15 +202,17 @@ class Session:
             waiting = self._acks.get(req_id)
             if not waiting:
                 return
-            on_ack = waiting.popleft()
+            on_ack, number = waiting.popleft()
             if not waiting:
                 del self._acks[req_id]
         try:
-            self._acks_in_order.submit(self._acknowledged, on_ack, ack)
+            self._acks_in_order.submit(self._acknowledged, on_ack, ack, number)
         except RuntimeError:  # closed meanwhile: run it here
-            self._acknowledged(on_ack, ack)
+            self._acknowledged(on_ack, ack, number)
 
-    def _acknowledged(self, on_ack: Ack | None, ack: dict) -> None:
+    def _acknowledged(self, on_ack: Ack | None, ack: dict, number: int) -> None:
+        """Run a frame's ack callback; only then is it counted as read (`received`), so that the callbacks of the
+        acks that came before it have run too."""
         try:
             if on_ack is not None:
                 on_ack(ack)
@@ -198,6 +221,7 @@ class Session:
         finally:
             with self._answered:
                 self._unanswered -= 1
+                self._read_through = max(self._read_through, number)
                 self._answered.notify_all()
 
     def _resubscribe(self) -> None:
