@@ -197,6 +197,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
         auth=auth,
         calm_every=options.calm_every,
+        replies_lost=options.replies_lost,
         only=options.faults,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
@@ -406,6 +407,12 @@ def main(argv: list[str] | None = None) -> dict:
         type=_fault_kinds,
         default=frozenset(),
         help="only these kinds of fault, comma-separated (default: every kind the topology has)",
+    )
+    parser.add_argument(
+        "--replies-lost",
+        type=float,
+        default=0.0,
+        help="share of replies a *_replies_lost fault loses (default: 10-30 %%, drawn for each)",
     )
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")

@@ -100,9 +100,11 @@ class Nemesis:
         auth: AuthStandIn | None = None,
         calm_every: float = CALM_EVERY,
         only: frozenset[str] = frozenset(),
+        replies_lost: float = 0.0,
     ):
         self.topology = topology
         self.calm_every = calm_every  # seconds of faults between control phases
+        self.replies_lost = replies_lost  # the share of replies a *_replies_lost fault loses (0: 10-30 %, drawn)
         self.replicas = replicas
         self.history = history
         self.rng = rng
@@ -309,6 +311,7 @@ class Nemesis:
 
     def _replies_lost(self, name: str, rng: random.Random) -> str:
         share, seconds = rng.uniform(0.1, 0.3), rng.uniform(5, 15)
+        share = self.replies_lost or share
         losing = random.Random(rng.getrandbits(64))
         self._on_link(name, seconds, lambda link: link.lose_replies(share, losing))
         return f"{name} losing {share * 100:.0f}% of its replies for {seconds:.1f}s"
