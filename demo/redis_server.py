@@ -1,6 +1,11 @@
 """Redis of our own on private loopback ports and temporary directories (no persistence), for the end-to-end tests
 and benchmarks that must stop, pause, restart or fail over Redis without disturbing anyone else's: one server, a
-Sentinel set, or a Cluster. Each `url` is a REDIS_URL the gateway takes (docs/configuration.md)."""
+Sentinel set, or a Cluster. Each `url` is a REDIS_URL the gateway takes (docs/configuration.md).
+
+A Sentinel set or a Cluster may put something in front of each of its servers (`front`: the fault campaign's proxy,
+bench/faults/proxy.py): each server then announces the port in front of it as its address, so the clients the
+sentinels or the cluster direct there reach it that way (on Sentinel, its replicas and the sentinels too; a Cluster's
+nodes still gossip directly on their bus)."""
 
 from __future__ import annotations
 
@@ -54,6 +59,12 @@ class PrivateRedisServer:
         self._made_dir = directory is None  # a directory of our own is removed again by stop()
         self.dir = Path(directory or tempfile.mkdtemp(prefix="private-redis-"))
         self.process: subprocess.Popen | None = None
+        self.front_port = 0  # the port of what stands in front of it, which it announces (0: none)
+
+    @property
+    def address_port(self) -> int:
+        """The port its clients and peers know it by: the one in front of it, if any, else its own."""
+        return self.front_port or self.port
 
     @property
     def url(self) -> str:
@@ -86,6 +97,11 @@ class PrivateRedisServer:
             # a replica's first sync starts at once (not after the default 5 s wait for others)
             command += ["--save", "", "--repl-diskless-sync-delay", "0"]
             command += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        if self.front_port and "--cluster-enabled" in self.extra:
+            command += ["--cluster-announce-port", str(self.front_port)]
+            command += ["--cluster-announce-bus-port", str(self.port + 10000)]
+        elif self.front_port:
+            command += ["--replica-announce-port", str(self.front_port)]
         return command
 
     def _answered_or_gone(self) -> bool:
@@ -131,9 +147,16 @@ DURABLE_WRITES = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"
 class PrivateSentinelSet:
     """A master, two replicas and three sentinels (quorum 2) watching it, with a short `down_after_ms`, so a
     killed master fails over in a few seconds. `sentinel_password` makes the sentinels require one. The servers run
-    as a deployment should (DURABLE_WRITES)."""
+    as a deployment should (DURABLE_WRITES). `front(server)`, if given, puts something in front of each server and
+    returns its port: everyone reaches the server that way, its replicas and the sentinels included."""
 
-    def __init__(self, service_name: str = "gateway", down_after_ms: int = 1000, sentinel_password: str = ""):
+    def __init__(
+        self,
+        service_name: str = "gateway",
+        down_after_ms: int = 1000,
+        sentinel_password: str = "",
+        front: Callable[[PrivateRedisServer], int] | None = None,
+    ):
         self.service_name = service_name
         self.down_after_ms = down_after_ms
         self.sentinel_password = sentinel_password
@@ -141,6 +164,8 @@ class PrivateSentinelSet:
         self.master = PrivateRedisServer(self.root / "master", extra=DURABLE_WRITES)
         self.replicas = [PrivateRedisServer(self.root / f"replica{i}") for i in range(2)]
         self.sentinels: list[PrivateRedisServer] = []
+        for server in self.servers if front is not None else ():
+            server.front_port = front(server)
 
     @property
     def servers(self) -> list[PrivateRedisServer]:
@@ -154,13 +179,13 @@ class PrivateSentinelSet:
     def start(self) -> PrivateSentinelSet:
         self.master.start()
         for replica in self.replicas:
-            replica.extra = (*DURABLE_WRITES, "--replicaof", "127.0.0.1", str(self.master.port))
+            replica.extra = (*DURABLE_WRITES, "--replicaof", "127.0.0.1", str(self.master.address_port))
             replica.start()
         for i in range(3):
             directory = self.root / f"sentinel{i}"
             directory.mkdir()
             lines = [
-                f"sentinel monitor {self.service_name} 127.0.0.1 {self.master.port} 2",
+                f"sentinel monitor {self.service_name} 127.0.0.1 {self.master.address_port} 2",
                 f"sentinel down-after-milliseconds {self.service_name} {self.down_after_ms}",
                 f"sentinel failover-timeout {self.service_name} {max(3000, 3 * self.down_after_ms)}",
                 f"sentinel parallel-syncs {self.service_name} 2",
@@ -213,7 +238,7 @@ class PrivateSentinelSet:
 
     def current_master(self) -> PrivateRedisServer:
         _, port = self.master_address()
-        return next(server for server in self.servers if server.port == int(port))
+        return next(server for server in self.servers if server.address_port == int(port))
 
     def kill_master(self) -> PrivateRedisServer:
         """SIGKILL the current master; returns it (for `restart`)."""
@@ -223,7 +248,7 @@ class PrivateSentinelSet:
 
     def wait_for_failover(self, old: PrivateRedisServer, timeout: float = 30) -> PrivateRedisServer:
         """Wait until the sentinels name another master, and it takes writes."""
-        _wait(lambda: int(self.master_address()[1]) != old.port, timeout, "no failover")
+        _wait(lambda: int(self.master_address()[1]) != old.address_port, timeout, "no failover")
         master = self.current_master()
         _wait(lambda: master.client().set("failover-probe", "1", ex=5), timeout, "the new master took no writes")
         return master
@@ -270,22 +295,25 @@ def _probe_for(key: str) -> str:
 
 class PrivateRedisCluster:
     """A Redis Cluster of three masters, each with one replica (`redis-cli --cluster create`), and a short node
-    timeout, so a killed master fails over in a few seconds."""
+    timeout, so a killed master fails over in a few seconds. `front(node)`, if given, puts something in front of
+    each node and returns its port: clients, and a replica's link to its master, reach the node that way."""
 
-    def __init__(self, node_timeout_ms: int = 2000):
+    def __init__(self, node_timeout_ms: int = 2000, front: Callable[[PrivateRedisServer], int] | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="private-cluster-"))
         options = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms))
         self.nodes = [PrivateRedisServer(self.root / f"node{i}", options, choose_port=_cluster_port) for i in range(6)]
+        for node in self.nodes if front is not None else ():
+            node.front_port = front(node)
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.address_port}" for node in self.nodes[:3])
 
     def start(self) -> PrivateRedisCluster:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        addresses = [f"127.0.0.1:{node.address_port}" for node in self.nodes]
         subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
             check=True,
@@ -316,7 +344,7 @@ class PrivateRedisCluster:
         finally:
             client.close()
         ports = {replica.port for replica in replicas}
-        return all(node.replicating() for node in self.nodes if node.port in ports)
+        return all(node.replicating() for node in self.nodes if node.address_port in ports)
 
     def client(self) -> RedisCluster:
         return RedisCluster(
@@ -332,7 +360,7 @@ class PrivateRedisCluster:
             port = client.get_node_from_key(key).port
         finally:
             client.close()
-        return next(node for node in self.nodes if node.port == port)
+        return next(node for node in self.nodes if node.address_port == port)
 
     def kill_master_of(self, key: str) -> PrivateRedisServer:
         master = self.node_of(key)
@@ -347,7 +375,7 @@ class PrivateRedisCluster:
         def moved() -> bool:
             client = self.client()
             try:
-                return client.get_node_from_key(key).port != old.port and client.set(_probe_for(key), "1", ex=5)
+                return client.get_node_from_key(key).port != old.address_port and client.set(_probe_for(key), "1", ex=5)
             finally:
                 client.close()
 

@@ -6,16 +6,18 @@ import json
 import random
 import socket
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+import redis
 
 from bench.faults import __main__ as campaign
 from bench.faults.answers import answer_text
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
 from bench.faults.mutants import AIM, FORGIVING, MUTANTS
-from bench.faults.proxy import FaultyLink, LinkGroup
+from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
 from services.texts import CATALOGUE
 
 TAG, OTHER = "a1b2c3", "d4e5f6"
@@ -162,6 +164,20 @@ def test_a_run_cut_short_and_followed_again_may_end_with_what_the_run_held():
 def test_the_words_of_a_card_or_a_file_line_are_no_failure_note():
     for words in ("提交", "已过期", "📎 report.pdf", "你好"):  # card texts, a file's line: they end nothing
         assert counts(history([(2.0, f"{answer_text(TAG, 2)}\n\n{words}", True)]))["lost"] == 1
+
+
+def test_a_forms_card_is_counted_once_and_must_be_the_messages_own():
+    """A paused run's form reaches the user as a card with a reply: each card counted; the same card in two replies
+    is a duplicate (WeCom takes one per message), and a card of another message's form is unexpected."""
+    card = {"card": "task-1", "card_text": f"Approve {TAG}? "}
+    events = history([(1.0, answer_text(TAG, 2), False), (2.0, WHOLE, True)])
+    events[1] |= card
+    result = check(events)
+    assert {name: result[name] for name in COUNTS} == ZERO and result["cards"] == {"messages": 1, "shown": 1}
+    events[2] |= card
+    assert counts(events)["duplicate_deliveries"] == 1
+    events[2] |= {"card": "task-2", "card_text": f"Approve {OTHER}? "}
+    assert counts(events) == ZERO | {"unexpected": 1}
 
 
 def test_a_bubble_that_never_finished_is_stuck():
@@ -351,10 +367,11 @@ def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply(
 
 def test_the_nemesis_runs_every_kind_its_topology_has_or_those_it_is_aimed_at(tmp_path):
     """By default every kind the topology has the parts for, a node's loss included, but not the faults of a window
-    still open (they would fail every run); `--faults` aims it at some kinds, which must apply to the topology."""
+    still open (they would fail every run); `--faults` aims it at some kinds, which must apply to the topology. A
+    Sentinel set's servers behind links of their own have the network faults one server has."""
     from bench.faults.history import History
     from bench.faults.nemesis import OPEN_WINDOW_FAULTS, Nemesis
-    from demo.redis_server import PrivateRedisServer
+    from demo.redis_server import PrivateRedisServer, PrivateSentinelSet
 
     server = PrivateRedisServer(tmp_path)  # not started: the nemesis only looks at what it is
     history = History()
@@ -365,6 +382,21 @@ def test_the_nemesis_runs_every_kind_its_topology_has_or_those_it_is_aimed_at(tm
     assert aimed.kinds == ["redis_pause"]
     with pytest.raises(ValueError, match="sentinel_kill"):
         Nemesis(server, [], history, random.Random(1), 5.0, only=frozenset({"sentinel_kill"}))
+    sentinel_set = PrivateSentinelSet()  # its servers behind links of their own: the network faults of one of them
+    try:
+        behind = Nemesis(sentinel_set, [], history, random.Random(1), 5.0, links={"redis": ServerLinks()})
+    finally:
+        sentinel_set.stop()
+    assert {"redis_partition", "redis_delay", "redis_loss", "redis_replies_lost", "sentinel_kill"} <= set(behind.kinds)
+    assert "replica_redis_partition" not in behind.kinds  # (one replica's own way exists to one server only)
+
+
+def test_every_kind_of_fault_either_can_cost_a_stream_its_replica_or_cannot():
+    """The checker excuses a restarted run only under a fault that can cost a stream its replica: a new kind must
+    be put on one side or the other, not fall to one unseen."""
+    from bench.faults.nemesis import ALL_FAULTS, COSTS_LEASES, KEEPS_LEASES
+
+    assert COSTS_LEASES | KEEPS_LEASES == ALL_FAULTS and not COSTS_LEASES & KEEPS_LEASES
 
 
 def test_a_partitioned_link_refuses_new_connections_until_it_heals():
@@ -406,6 +438,70 @@ def test_one_replicas_own_link_is_cut_while_the_others_pass():
     finally:
         server.close()
         group.stop()
+
+
+def test_a_sentinel_masters_link_cut_is_a_partition_its_sentinels_fail_over():
+    """Each server of a Sentinel set behind a link of its own (ServerLinks), announced as its address: clients,
+    replicas and sentinels all reach it that way, so cutting the master's link is a partition of that server, which
+    the sentinels fail over; healed, it serves again as a replica."""
+    from demo.redis_server import PrivateSentinelSet
+
+    links = ServerLinks()
+    topology = PrivateSentinelSet(front=links.front).start()
+    try:
+        master = topology.current_master()
+        assert topology.master_address()[1] == master.front_port != master.port
+        cut = next(link for server, link in links.links if server is master)
+        cut.partition()
+        new = topology.wait_for_failover(master, timeout=30)
+        cut.heal()
+        with closing(new.client()) as client:
+            assert client.set("after-the-partition", "1")
+        _wait_until(lambda: master.replicating(), 30)
+    finally:
+        topology.stop()
+        links.stop()
+
+
+def test_a_cluster_nodes_link_cut_refuses_its_shard_while_the_others_serve():
+    """Each node of a Cluster behind a link of its own, announced as its address: cutting one master's link refuses
+    the commands for its slots, while the other shards serve; healed, its slots are served again, by the same node
+    (the nodes' own bus stays direct: no failover)."""
+    from demo.redis_server import PrivateRedisCluster
+
+    links = ServerLinks()
+    topology = PrivateRedisCluster(front=links.front).start()
+    client = topology.client()
+    try:
+        node = topology.node_of("{a}")
+        other = next(key for key in (f"{{k{i}}}" for i in range(100)) if topology.node_of(key) is not node)
+        cut = next(link for server, link in links.links if server is node)
+        cut.partition()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            client.set("{a}", "1")
+        assert client.set(other, "1")
+        cut.heal()
+        _wait_until(lambda: _sets(topology, "{a}"), 30)
+        assert topology.node_of("{a}") is node
+    finally:
+        client.close()
+        topology.stop()
+        links.stop()
+
+
+def _sets(topology, key: str) -> bool:
+    with closing(topology.client()) as client:
+        try:
+            return bool(client.set(key, "1"))
+        except redis.RedisError:
+            return False
+
+
+def _wait_until(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.2)
 
 
 def test_a_lossy_link_delivers_every_byte_late():

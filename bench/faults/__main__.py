@@ -30,7 +30,7 @@ from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.mutants import FORGIVING, MUTANTS
 from bench.faults.nemesis import ALL_FAULTS, Nemesis
-from bench.faults.proxy import FaultyLink, LinkGroup
+from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
 from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
@@ -113,12 +113,18 @@ def controls(directory: Path, users: int) -> dict[str, str]:
     }
 
 
-def start_topology(kind: str):
-    """One server runs with its append-only file (a crash and restart keeps what it held); a Sentinel set and a
-    Cluster without persistence (their replicas hold the data)."""
+def start_topology(kind: str, links: dict):
+    """Start the Redis of `kind`, reached through proxies the nemesis can fault (`links["redis"]`). One server runs
+    with its append-only file (a crash and restart keeps what it held), and each replica reaches it through a link of
+    its own, so that one replica can be cut off from it; a Sentinel set and a Cluster run without persistence (their
+    replicas hold the data), and each of their servers is reached through the one link in front of it, which it
+    announces as its address."""
     if kind == "standalone":
-        return PrivateRedisServer(persistent=True)
-    return {"sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind]()
+        server = PrivateRedisServer(persistent=True).start()
+        links["redis"] = LinkGroup(server.port, REPLICAS).start()
+        return server
+    links["redis"] = servers = ServerLinks()
+    return {"sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind](front=servers.front).start()
 
 
 def run_topology(kind: str, options, out_dir: Path) -> dict:
@@ -126,18 +132,15 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     directory = out_dir / kind
     directory.mkdir(parents=True, exist_ok=True)
     lease = options.lease_seconds or (5 if kind == "standalone" else 10)
-    topology = start_topology(kind).start()
+    # The network between the replicas and Dify and Redis runs through proxies the nemesis can cut or slow.
+    links: dict = {}
+    topology = start_topology(kind, links)
     app_types = {"app-flow": "advanced-chat", "app-form": "advanced-chat", "app-ws": "chat"}
     dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0, version=options.dify_version)
     dify.start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     database = PrivateMariaDB().start()
-    # The network between the replicas and Dify (and one Redis server) runs through proxies the nemesis can cut or
-    # slow; a Sentinel set or a Cluster names its servers' own addresses to clients, so those links stay direct.
-    # One server is reached by each replica through a link of its own, so that one replica can be cut off from it.
-    links = {"dify": FaultyLink(urlsplit(dify.base_url).port).start()}
-    if kind == "standalone":
-        links["redis"] = LinkGroup(topology.port, REPLICAS).start()
+    links["dify"] = FaultyLink(urlsplit(dify.base_url).port).start()
     auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
     env = {
         "DEMO_MODE": "false",
@@ -236,8 +239,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
 
 
 def redis_link(links: dict, replica: int) -> dict[str, str]:
-    """Replica `replica`'s REDIS_URL through its own link to one server (none: the topology's own addresses)."""
-    if "redis" not in links:
+    """Replica `replica`'s REDIS_URL through its own link to one server (none: the addresses the topology names)."""
+    if not isinstance(links.get("redis"), LinkGroup):
         return {}
     return {"REDIS_URL": f"redis://127.0.0.1:{links['redis'].links[replica].port}/0"}
 

@@ -9,8 +9,8 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   (the restarts excused are reported: `excused_dify_calls`);
 - duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url; the
   same message posted twice (a note too); a second post to a response_url (WeCom refuses it, so it is only seen
-  here: it means the gateway tried to deliver twice);
-- unexpected: text of another message; a Dify call for it made as another user;
+  here: it means the gateway tried to deliver twice); a form's card in two replies (WeCom takes one per message);
+- unexpected: text of another message, or its card; a Dify call for it made as another user;
 - stuck: the bubble still unfinished when WeCom stopped polling it;
 - extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile);
 - withdrawn: a bubble that showed some of the answer and later showed less (every frame is judged, not only the
@@ -47,7 +47,7 @@ from pathlib import Path
 
 from bench.faults.answers import repeats, sentences_in
 from bench.faults.history import read
-from bench.faults.nemesis import REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
+from bench.faults.nemesis import COSTS_LEASES, REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -98,13 +98,8 @@ CLEAR_NOTES = {
     for key, text in CATALOGUE["zh"].items()
     if key not in _NOT_NOTES and text.split("{", 1)[0].strip()
 }
-# Faults that can cost a stream its replica (its lease), and so excuse the documented restart of an answer that had
-# shown nothing; their effect reaches this far past their end (a lease, the takeover grace, a failover settling).
-_NOT_RESTARTING = {
-    "mariadb_restart", "dify_partition", "dify_delay", "dify_replies_lost", "ws_drop", "ws_acks_lost",
-    "ws_sends_refused", "ws_ack_delay", "ws_send_acks_lost", "auth_fault",
-    "replica_stall",  # shorter than the lease: nothing may be taken over
-}  # fmt: skip
+# How far past its end a fault that can cost a stream its replica (nemesis.COSTS_LEASES) still excuses the restart
+# of an answer that had shown nothing: a lease, the takeover grace, a failover settling.
 RESTART_REACH_SECONDS = 30.0
 # Where a fault strikes: on the replica its target names, on a long connection's or a callback's own way; any other
 # (Redis, MariaDB, the auth API, Dify's link) on every message's path. Which Redis node holds a message's keys is not
@@ -138,6 +133,7 @@ class Verdict:
     unexplained_calls: int = 0
     shown: set[int] = field(default_factory=set)  # the answer's sentences its user has
     endings: set[str] = field(default_factory=set)  # the notes (not promises) its user was shown
+    cards: int = 0  # the replies that carried a card (a paused run's form)
 
 
 def check(events: list[dict], forgive: bool = False) -> dict:
@@ -234,6 +230,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     if websocket and not finals and frames:
         final = frames[-1]["content"]  # a stream whose req_id died keeps showing its last frame
     judge_frames(verdict, frames)
+    judge_cards(verdict, frames)
     judge_posts(verdict, kinds["response_url"], posts)
     # what the user has: the bubble's answer, then each message after it (a rest continues where the bubble stopped)
     delivered = sentences_in("".join(answer_part(text) for text in [final, *posts]))
@@ -293,6 +290,16 @@ def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
         earlier.update(own)
 
 
+def judge_cards(verdict: Verdict, frames: list[dict]) -> None:
+    """The cards the message's replies carried (a paused run's form): each the message's own form, and each once."""
+    cards = [frame for frame in frames if frame.get("card")]
+    verdict.cards = len(cards)
+    if foreign := [frame["card_text"] for frame in cards if verdict.tag not in frame.get("card_text", "")]:
+        verdict.problems.setdefault("unexpected", f"a card of another message: {foreign[0][:80]!r}")
+    if twice := repeats([frame["card"] for frame in cards]):
+        verdict.problems.setdefault("duplicate_deliveries", f"the card of form {twice[0]} in two replies")
+
+
 def judge_posts(verdict: Verdict, sent: list[dict], posts: list[str]) -> None:
     """The messages sent for the answer besides its bubble: the same one twice (a note included) is a duplicate,
     and so is a post WeCom refused as a response_url's second (the gateway tried to deliver twice)."""
@@ -344,7 +351,7 @@ def allowed_calls(calls: list[float], frames: list[dict], tag: str, faults: list
     first, restart_at = sorted(calls)[:2]
     shown_before = any(e["t"] < restart_at and any(t == tag for t, _ in sentences_in(e["content"])) for e in frames)
     restarting = any(
-        f["fault"] not in _NOT_RESTARTING
+        f["fault"] in COSTS_LEASES
         and f.get("start", f["t"]) <= restart_at
         and f.get("end", f["t"]) + RESTART_REACH_SECONDS >= first
         for f in faults
@@ -438,6 +445,7 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
         "last_text": _quantiles([v.last_text_s for v in verdicts if v.last_text_s is not None]),
     }
     result["excused_dify_calls"] = sum(v.excused_calls for v in verdicts)
+    result["cards"] = {"messages": sum(v.cards > 0 for v in verdicts), "shown": sum(v.cards for v in verdicts)}
     result["faults"] = len(faults)
     result["problems"] = [{"msgid": v.msgid, "faults": v.faults, **v.problems} for v in verdicts if v.problems]
     return result

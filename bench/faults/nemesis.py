@@ -9,9 +9,10 @@ killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults:
 that must not lose open answers would); on Sentinel and Cluster the master killed (a failover) and restarted as a
 replica, or a replica killed and restarted; on Sentinel, a sentinel killed and restarted. MariaDB (the user table)
 stopped for 2-8 s and started again. The network (through the proxies of bench/faults/proxy.py): the link to Dify,
-and on one server the link to Redis, cut for 2-8 s, or slowed, or losing 1-10 % of its segments, for 5-15 s, or
-10-30 % of its replies lost with their connection (the request ran), for 5-15 s; on one server, one replica's own
-link to Redis cut for 2-8 s while the others reach it. WeCom's long connection: the bot's socket dropped, the acks
+and to Redis (the one server; on Sentinel and Cluster one server's, master or replica, chosen at random), cut for
+2-8 s, or slowed, or losing 1-10 % of its segments, for 5-15 s, or 10-30 % of its replies lost with their connection
+(the request ran), for 5-15 s; on one server, one replica's own link to Redis cut for 2-8 s while the others reach
+it. WeCom's long connection: the bot's socket dropped, the acks
 of its frames and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), its frames acked 0.3-6
 s late, the acks of its proactive sends lost (the sends taken), or every proactive send refused (busy), for 5-15 s;
 in callback mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults are the workload's,
@@ -25,10 +26,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from functools import partial
 
 from bench.faults.history import History
-from bench.faults.proxy import FaultyLink, LinkGroup
+from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
 from demo import auth_standin
 from demo.auth_standin import AuthStandIn
 from demo.mariadb_server import PrivateMariaDB
@@ -68,6 +70,20 @@ _TARGETS = {
     "response_url_busy": "response_url",
     "auth_fault": "auth",
 }
+# Whether a fault can cost a stream its replica (its lease, so that another replica takes the answer over, and may
+# restart a run that had shown nothing): every kind is one or the other (the checker excuses a second Dify call only
+# under the first; tests/test_fault_campaign.py holds every kind to a side).
+KEEPS_LEASES = frozenset({
+    "mariadb_restart", "dify_partition", "dify_delay", "dify_replies_lost", "ws_drop", "ws_acks_lost",
+    "ws_sends_refused", "ws_ack_delay", "ws_send_acks_lost", "auth_fault", "response_url_busy",
+    "replica_stall",  # shorter than the lease: nothing may be taken over
+})  # fmt: skip
+COSTS_LEASES = frozenset({
+    "replica_kill", "replica_term", "replica_stop", "rolling_restart", "replica_redis_partition", "node_loss",
+    "redis_pause", "redis_crash", "redis_kill_master", "redis_kill_replica", "sentinel_kill",
+    "redis_partition", "redis_delay", "redis_loss", "redis_replies_lost",
+    "dify_loss",  # (as the checker has always counted it)
+})  # fmt: skip
 # Faults left out of the default mix, run only when --faults names them: each drives a window the gateway still has
 # open (FAULTS.md, "Open windows"), so in the mix it would fail every run rather than find something new.
 OPEN_WINDOW_FAULTS = frozenset({"ws_send_acks_lost"})
@@ -112,7 +128,7 @@ class Nemesis:
         self.database = database
         self.gap = gap
         self.unready = unready if unready is not None else set()  # replicas down or starting: no traffic for them
-        self.links = links or {}  # "dify", "redis": the proxies between the replicas and them (bench/faults/proxy.py)
+        self.links = links or {}  # "dify", "redis": the proxies in front of them (bench/faults/proxy.py)
         self.wecom, self.ws_bot = wecom, ws_bot  # the long connection's stand-in, and the bot on it
         self.inboxes = inboxes or []  # where the callback bots' response_url posts go
         self.auth = auth  # the auth API's stand-in
@@ -294,31 +310,49 @@ class Nemesis:
     # --- the network ------------------------------------------------------------------------------------------
 
     def _partition(self, name: str, rng: random.Random) -> str:
+        link, what = self._link(name, rng)
         seconds = rng.uniform(2, 8)
-        self._on_link(name, seconds, lambda link: link.partition())
-        return f"{name} cut off for {seconds:.1f}s"
+        self._on_link(link, seconds, lambda link: link.partition())
+        return f"{what} cut off for {seconds:.1f}s"
 
     def _delay(self, name: str, rng: random.Random, low: float, high: float) -> str:
+        link, what = self._link(name, rng)
         delay, seconds = rng.uniform(low, high), rng.uniform(5, 15)
-        self._on_link(name, seconds, lambda link: link.delay(delay))
-        return f"{name} {delay * 1000:.0f} ms slower for {seconds:.1f}s"
+        self._on_link(link, seconds, lambda link: link.delay(delay))
+        return f"{what} {delay * 1000:.0f} ms slower for {seconds:.1f}s"
 
     def _loss(self, name: str, rng: random.Random) -> str:
+        link, what = self._link(name, rng)
         share, seconds = rng.uniform(0.01, 0.1), rng.uniform(5, 15)
         losing = random.Random(rng.getrandbits(64))
-        self._on_link(name, seconds, lambda link: link.lose(share, losing))
-        return f"{name} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
+        self._on_link(link, seconds, lambda link: link.lose(share, losing))
+        return f"{what} losing {share * 100:.0f}% of its segments for {seconds:.1f}s"
 
     def _replies_lost(self, name: str, rng: random.Random) -> str:
+        link, what = self._link(name, rng)
         share, seconds = rng.uniform(0.1, 0.3), rng.uniform(5, 15)
         share = self.replies_lost or share
         losing = random.Random(rng.getrandbits(64))
-        self._on_link(name, seconds, lambda link: link.lose_replies(share, losing))
-        return f"{name} losing {share * 100:.0f}% of its replies for {seconds:.1f}s"
+        self._on_link(link, seconds, lambda link: link.lose_replies(share, losing))
+        return f"{what} losing {share * 100:.0f}% of its replies for {seconds:.1f}s"
 
-    def _on_link(self, name: str, seconds: float, fault) -> None:
-        """`fault` on the proxied link `name` for `seconds`, then healed."""
+    def _link(self, name: str, rng: random.Random) -> tuple[FaultyLink | LinkGroup, str]:
+        """The proxied link a fault of `name` works on, and what to call it: Dify's, the one Redis server's (every
+        replica's way to it), or on Sentinel and Cluster one server's, master or replica, chosen at random."""
         link = self.links[name]
+        if not isinstance(link, ServerLinks):
+            return link, name
+        server, one = link.pick(rng)
+        try:
+            with closing(server.client()) as client:
+                role = {"master": "master", "slave": "replica"}[client.info("replication")["role"]]
+        except Exception:  # noqa: BLE001 - it is down (a fault of another kind): its link is faulted all the same
+            role = "down"
+        return one, f"redis :{server.port} ({role})"
+
+    @staticmethod
+    def _on_link(link: FaultyLink | LinkGroup, seconds: float, fault) -> None:
+        """`fault` on the proxied `link` for `seconds`, then healed."""
         fault(link)
         try:
             time.sleep(seconds)
@@ -330,7 +364,7 @@ class Nemesis:
         return self._loss("dify", rng)
 
     def redis_loss(self, target: str, rng: random.Random) -> str:
-        """One server: 1-10 % of what goes to and from Redis lost, for 5-15 s."""
+        """1-10 % of what goes to and from a Redis server lost, for 5-15 s."""
         return self._loss("redis", rng)
 
     def dify_replies_lost(self, target: str, rng: random.Random) -> str:
@@ -338,8 +372,8 @@ class Nemesis:
         return self._replies_lost("dify", rng)
 
     def redis_replies_lost(self, target: str, rng: random.Random) -> str:
-        """One server: 10-30 % of the replies of Redis lost with their connection, for 5-15 s (the command ran): a retry
-        of a write meets the write it repeats."""
+        """10-30 % of the replies of a Redis server lost with their connection, for 5-15 s (the command ran): a
+        retry of a write meets the write it repeats."""
         return self._replies_lost("redis", rng)
 
     def dify_partition(self, target: str, rng: random.Random) -> str:
@@ -351,7 +385,8 @@ class Nemesis:
         return self._delay("dify", rng, 0.3, 1.5)
 
     def redis_partition(self, target: str, rng: random.Random) -> str:
-        """One server: every connection to Redis cut, and new ones refused, for 2-8 s."""
+        """Every connection to a Redis server cut, and new ones refused, for 2-8 s (on Sentinel, long enough for a
+        master to be failed over)."""
         return self._partition("redis", rng)
 
     def replica_redis_partition(self, target: str, rng: random.Random) -> str:
@@ -367,7 +402,7 @@ class Nemesis:
         return f"replica {index} cut off from Redis for {seconds:.1f}s"
 
     def redis_delay(self, target: str, rng: random.Random) -> str:
-        """One server: everything to and from Redis held 20-300 ms, for 5-15 s."""
+        """Everything to and from a Redis server held 20-300 ms, for 5-15 s."""
         return self._delay("redis", rng, 0.02, 0.3)
 
     # --- WeCom's long connection ------------------------------------------------------------------------------

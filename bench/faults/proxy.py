@@ -7,9 +7,11 @@ and the proxy stops listening, so a new one is refused as a route without an end
 its request never left, where a connection accepted and reset at once would leave it unsure). It stands in for the
 network faults `tc netem` would make, without needing the replicas in a network namespace of their own.
 
-A Sentinel set or a Cluster tells its clients the servers' own addresses, so a proxy in front of them would be
-bypassed: on those topologies only the link to Dify goes through one. One Redis server is reached by each replica
-through a link of its own (LinkGroup), so one replica can be cut off from it alone.
+One Redis server is reached by each replica through a link of its own (LinkGroup), so one replica can be cut off
+from it alone. A Sentinel set or a Cluster tells its clients where its servers are: each server there has one link in
+front of it, which it announces as its address (ServerLinks), so a fault of that link is a fault of the network
+around that server: on Sentinel everyone's way to it (the gateway's, its replicas', the sentinels'), on a Cluster
+the clients' and a replica's link to its master (the nodes' own bus stays direct).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import asyncio
 import contextlib
 import random
 import threading
+from collections.abc import Callable
 
+from demo.redis_server import PrivateRedisServer
 from demo.replicas import free_port
 
 _CHUNK = 65536
@@ -28,11 +32,13 @@ _RETRANSMISSIONS = (0.2, 0.2, 0.2, 0.4, 0.4, 0.8, 1.6)
 
 
 class FaultyLink:
-    """Listens on 127.0.0.1:`port` (a free one) and forwards to `target_port`; `delay(s)`, `lose(share, rng)`,
+    """Listens on 127.0.0.1:`port` (a free one) and forwards to `target_port` (or to the port it returns when a
+    connection comes: a server that may change its port before it first listens); `delay(s)`, `lose(share, rng)`,
     `partition()` and `heal()` may be called from any thread."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
-        self.target = (target_host, target_port)
+    def __init__(self, target_port: int | Callable[[], int], target_host: str = "127.0.0.1"):
+        self.target_host = target_host
+        self._target_port = target_port if callable(target_port) else lambda: target_port
         self.port = free_port()
         self.delay_seconds = 0.0
         self.loss_share = 0.0
@@ -115,7 +121,7 @@ class FaultyLink:
             writer.transport.abort()
             return
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+            upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self._target_port())
         except OSError:
             writer.transport.abort()
             return
@@ -186,3 +192,23 @@ class LinkGroup:
     def heal(self) -> None:
         for link in self.links:
             link.heal()
+
+
+class ServerLinks:
+    """One link in front of each server of a Sentinel set or a Cluster (`front`, given to the topology, makes one
+    for a server and returns the port the server announces); a fault works on one of them (`pick`)."""
+
+    def __init__(self):
+        self.links: list[tuple[PrivateRedisServer, FaultyLink]] = []
+
+    def front(self, server: PrivateRedisServer) -> int:
+        link = FaultyLink(lambda: server.port).start()
+        self.links.append((server, link))
+        return link.port
+
+    def pick(self, rng: random.Random) -> tuple[PrivateRedisServer, FaultyLink]:
+        return rng.choice(self.links)
+
+    def stop(self) -> None:
+        for _, link in self.links:
+            link.stop()

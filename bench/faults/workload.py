@@ -277,8 +277,13 @@ class Workload:
 
 
 def _frame(reply: dict | None) -> dict:
+    """What a reply showed: its bubble's text, and a card that came with it (its task id, title and summary)."""
     stream = (reply or {}).get("stream") or {}
-    return {"stream": stream.get("id", ""), "content": stream.get("content", ""), "finish": bool(stream.get("finish"))}
+    shown = {"stream": stream.get("id", ""), "content": stream.get("content", ""), "finish": bool(stream.get("finish"))}
+    if card := (reply or {}).get("template_card"):
+        title = (card.get("main_title") or {}).get("title", "")
+        shown |= {"card": card.get("task_id", "?"), "card_text": f"{title} {card.get('sub_title_text', '')}"}
+    return shown
 
 
 class Users:
