@@ -154,3 +154,19 @@ def test_an_idle_consumer_on_the_embedded_store_waits_its_block(settings, wecom,
     finally:
         gateway.drain(5)
         gateway.close()
+
+
+def test_a_holder_that_drains_still_takes_a_message_and_another_process_answers_it(make_pair, wecom, dify):
+    """WeCom delivers a long connection's message once, to the process that holds it: one read while that process
+    drains (a rolling restart reaches it before the connection moves) is taken and queued, not refused with
+    "restarting, ask again" on a bubble the next holder may never finish; a serving process answers it at once
+    (the holder's own read of the queue, waiting as its drain began, puts the answer back for it)."""
+    replicas = make_pair(
+        wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url
+    )
+    assert wait_until(lambda: any(r.gateway.bot().holder.state == "holding" for r in replicas), timeout=10)
+    holder = next(r for r in replicas if r.gateway.bot().holder.state == "holding")
+    holder.gateway.runner.accepting = False  # its drain began, and it still reads the socket
+    dify.script(d.answer("answered elsewhere"), match="question while draining")
+    final = wecom.final(wecom.deliver_text(BOT_ID, "question while draining"), timeout=20)
+    assert final is not None and final["stream"]["content"] == "answered elsewhere"

@@ -26,6 +26,9 @@ class ConnectionDelivery:
     """A long-connection bot's ways to the user besides a stream's own frames."""
 
     mode = "long_connection"
+    # WeCom delivers a message once, to the holder: it takes it even while it drains or is full, and the answer waits
+    # in the queue for a serving process
+    runs_here = False
     waits_for_redis = True
     append_pace = FRAME_INTERVAL  # its bubbles get a frame at most that often
     append_deadlines = False  # a frame shows what was recorded, whenever the append lands
@@ -57,23 +60,26 @@ class ConnectionDelivery:
     def reaches(self, job: StreamJob) -> bool:
         return True
 
-    def send(self, job: StreamJob, message: str, kind: str, patience: float) -> bool:
-        handing = partial(self._hand_over, job, message)
+    def send(self, job: StreamJob, message: str, kind: str, patience: float, given_up: bool = False) -> bool:
+        handing = partial(self._hand_over, job, message, given_up)
         delivered = bool(best_effort_value(handing, "handing the message to the outbox", delays_for(patience)))
         metrics.WS_SEPARATE.labels(self.bot, kind, "sent" if delivered else "failed").inc()
         logger.info("%s of the answer %s the outbox (aibot_send_msg)", kind, "handed to" if delivered else "NOT in")
         return delivered
 
-    def _hand_over(self, job: StreamJob, markdown: str) -> bool:
+    def _hand_over(self, job: StreamJob, markdown: str, given_up: bool) -> bool:
         """Hand `markdown` to the outbox as the rest of `job`'s answer, once: the stream's outbox marker is claimed
         first, so the outbox's own pass never also sends its rest. Each try of one attempt claims as the same
         claimant and makes the same message (`rest.<stream id>`), so a try whose writes were applied but whose
-        reply was lost is repeated without a second message.
+        reply was lost is repeated without a second message. Of a stream a poll gave up (`given_up`), what the
+        outbox's pass sends under that marker is the note that it was given up, not the answer: the rest is made
+        all the same (the message's own id keeps it to one).
 
         Raises:
             redis.RedisError: Redis did not answer (the caller tries again while it may).
         """
-        if not self.outbox.claim(job.stream_id, f"{self.owner} {job.attempt}"):
+        claimed = self.outbox.claim(job.stream_id, f"{self.owner} {job.attempt}")
+        if not claimed and not given_up:
             logger.info("the outbox sends this answer's rest already")
             return True
         message_id = f"rest.{job.stream_id}"
@@ -82,7 +88,8 @@ class ConnectionDelivery:
             fields["rest_of"] = job.stream_id  # part of that message's answer (and of its audit row)
             fields["aibotid"] = job.aibotid
             self.outbox.post(message_id, self.owner, markdown, job.chatid or job.userid, not job.chatid, fields)
-        self.outbox.sent(job.stream_id)
+        if claimed:
+            self.outbox.sent(job.stream_id)
         return True
 
     def answer_separately(self, job: StreamJob, message: str) -> None:

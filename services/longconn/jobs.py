@@ -6,6 +6,8 @@ queued stream over (its owner and lease, atomically, scripts.TAKE) when it has r
 A job read by a process that died before taking it needs no reclaiming: the stream's lease, still the holder's,
 runs out, and the holder's next frame-pump poll restarts the answer itself (as any poll restarts an answer whose
 replica died before showing anything). So jobs are read with NOACK: nothing is left pending, and no XACK follows.
+A job read by a process that cannot take it after all (it filled up, or began to drain, while its read waited) is
+put back at once for another.
 """
 
 from __future__ import annotations
@@ -50,9 +52,21 @@ class JobQueue:
         Raises:
             redis.RedisError: Redis did not answer (the message gets the store-unavailable note).
         """
-        entry = ("XADD", self.key, "MAXLEN", "~", MAX_JOBS, "*", "stream", stream_id, "opener", opener)
-        commands = [*self.outbox.following(stream_id), entry, ("EXPIRE", self.key, ANSWER_QUEUE_TTL_SECONDS)]
+        commands = [*self.outbox.following(stream_id), *self._entry(stream_id, opener)]
         raise_first_error(self.durable.execute(self.key, commands, ANSWER_QUEUE))
+
+    def put_back(self, stream_id: str, opener: str) -> None:
+        """Queue again a stream read by a process that cannot take it after all (it filled up, or began to drain,
+        while its read waited), so that another process takes it now, not once its opener's lease has run out.
+
+        Raises:
+            redis.RedisError: Redis did not answer (its opener's lease restarts it).
+        """
+        raise_first_error(self.durable.execute(self.key, self._entry(stream_id, opener), ANSWER_QUEUE))
+
+    def _entry(self, stream_id: str, opener: str) -> list[tuple]:
+        entry = ("XADD", self.key, "MAXLEN", "~", MAX_JOBS, "*", "stream", stream_id, "opener", opener)
+        return [entry, ("EXPIRE", self.key, ANSWER_QUEUE_TTL_SECONDS)]
 
 
 class JobConsumer:
@@ -117,9 +131,12 @@ class JobConsumer:
                 self._take(fields)
 
     def _take(self, fields: dict) -> None:
+        stream_id, opener = fields.get("stream", ""), fields.get("opener", "")
         try:
-            if fields.get("stream"):
-                self.streams.run_queued(fields["stream"], fields.get("opener", ""))
+            if stream_id and not self.streams.runner.has_capacity():
+                self.queue.put_back(stream_id, opener)  # (a read that was waiting as this process filled or drained)
+            elif stream_id:
+                self.streams.run_queued(stream_id, opener)
         except REDIS_FAILURES as exc:
             logger.warning("could not take a queued answer (%s); its opener's lease will restart it", exc)
 

@@ -38,6 +38,7 @@ class Delivery(Protocol):
     """The ways of one WeCom mode to the user, besides a bubble's own replies."""
 
     mode: str  # WECOM_MODE: callback or long_connection
+    runs_here: bool  # a new answer runs in the process that opened it (so one that drains or is full refuses it)
     waits_for_redis: bool  # an answer's end waits for Redis through its window: only Redis knows what its bubble shows
     append_pace: float  # seconds between two appends of an answer's text (a connection's bubble gets frames that often)
     append_deadlines: bool  # an append must land before WeCom's next poll could read a stale text (callback mode)
@@ -60,9 +61,11 @@ class Delivery(Protocol):
     def reaches(self, job: StreamJob) -> bool:
         """Whether anything besides the bubble can reach the user of `job`."""
 
-    def send(self, job: StreamJob, message: str, kind: str, patience: float) -> bool:
+    def send(self, job: StreamJob, message: str, kind: str, patience: float, given_up: bool = False) -> bool:
         """Send `message` (the answer's `kind`: rest, whole_answer or form_rest) as a message of its own, once, trying
-        through a Redis outage for up to `patience` seconds where the way goes through Redis; True if it went out."""
+        through a Redis outage for up to `patience` seconds where the way goes through Redis; True if it went out.
+        `given_up`: the answer's bubble was ended by a poll that gave it up (what it did not show goes out all the
+        same, whatever ended the bubble)."""
 
     def answer_separately(self, job: StreamJob, message: str) -> None:
         """The answer of a stream no bubble polls has ended: send it, unless this mode's own watch does."""
@@ -87,6 +90,7 @@ class CallbackDelivery:
     """Callback mode: what a bubble cannot show goes through the message's response_url."""
 
     mode = "callback"
+    runs_here = True  # WeCom tries a refused callback again, on another replica
     waits_for_redis = False  # the user is not kept waiting for Redis: response_url needs none
     append_pace = 0.0
     append_deadlines = True
@@ -115,7 +119,7 @@ class CallbackDelivery:
     def reaches(self, job: StreamJob) -> bool:
         return bool(job.response_url)
 
-    def send(self, job: StreamJob, message: str, kind: str, patience: float) -> bool:
+    def send(self, job: StreamJob, message: str, kind: str, patience: float, given_up: bool = False) -> bool:
         delivered = self.posts.send(job.stream_id, job.response_url, message)  # tried through an outage by RestPosts
         metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
         logger.info("%s of the answer %s through response_url", kind, "sent" if delivered else "NOT sent")

@@ -105,8 +105,10 @@ class StreamService:
     def open(
         self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
     ) -> dict:
-        """Start answering `message` (or, for a retried msgid, show the stream already started for it)."""
-        if not self.runner.has_capacity():
+        """Start answering `message` (or, for a retried msgid, show the stream already started for it). A process that
+        drains or is full refuses a new answer it would run itself (callback mode: WeCom tries again elsewhere), not
+        one that waits in a queue for any serving process (a long connection's)."""
+        if self.delivery.runs_here and not self.runner.has_capacity():
             existing = self.store.stream_for_msgid(message.msgid)
             if existing:
                 return self._dedup(existing, message)
