@@ -507,3 +507,22 @@ def test_a_proactive_rest_whose_ack_wecom_never_sends_is_sent_once(ws_gateway, d
     assert outbox_settled(redis_client, WS_BOT_ID)
     time.sleep(35)  # past the 30 s after which a claim of the send would lapse
     assert len(wecom.proactive) == 1
+
+
+@pytest.mark.parametrize("given_up", [False, True], ids=["finished-here", "given-up-by-a-poll"])
+def test_the_rest_of_an_answer_a_poll_gave_up_is_made_though_the_outbox_ended_its_bubble(redis_client, given_up):
+    """The outbox's pass holds the stream's marker (it sends what the final bubble did not show). For an answer this
+    process finished, that is the answer's rest: handed over, not made twice. For an answer a poll gave up while
+    its owner still ran (a stall past the lease), what the pass sends is the note that it was given up, not the
+    answer: the owner's rest is made all the same (once: the message's own id), and the hand-over says so."""
+    from services.longconn.delivery import ConnectionDelivery
+    from services.streams.job import StreamJob
+
+    store, outbox, _ = tracked_stream(redis_client, lease_seconds=5)
+    assert outbox.claim("s1", claimant_token("the-pass"))
+    delivery = ConnectionDelivery(SimpleNamespace(), outbox, "p1", "bot")
+    job = StreamJob("s1", "m1", "alice", aibotid="bot1", attempt="holder:1")
+    for _ in range(2):  # a try whose reply was lost is made again: one message still
+        assert delivery.send(job, "the rest", "rest", 5.0, given_up=given_up)
+    assert outbox.posted("rest.s1") is given_up
+    assert outbox.marker("s1").startswith("sending the-pass")  # the pass's marker, settled by the pass

@@ -80,8 +80,8 @@ def test_a_rest_handed_to_the_outbox_twice_by_retries_is_one_message(ws_gateway,
     delivery = streams.delivery
     delivery.outbox.sent = LostReply(delivery.outbox.sent)
     with pytest.raises(redis.TimeoutError):
-        delivery._hand_over(job, "the rest, once")
-    assert delivery._hand_over(job, "the rest, once")
+        delivery._hand_over(job, "the rest, once", False)
+    assert delivery._hand_over(job, "the rest, once", False)
     assert wait_until(lambda: wecom.proactive, timeout=10)
     assert outbox_settled(redis_client, WS_BOT_ID)
     assert [m["markdown"]["content"] for m in wecom.proactive] == ["the rest, once"]

@@ -146,9 +146,9 @@ class Finisher:
         begins."""
         text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
         if not text or not answer.text.startswith(text) or not self.delivery.reaches(job):
-            sent = self._send_whole(job, answer, note)
+            sent = self._send_whole(job, answer, note, given_up=True)
         else:
-            sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest")
+            sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest", given_up=True)
         if sent:  # the user has the whole answer after all, and its note: its audit row is written again, saying so
             given = f"{answer.text}\n\n{note}" if note else answer.text
             best_effort(lambda: self._record_given(job.stream_id, given), "recording what was sent")
@@ -158,21 +158,21 @@ class Finisher:
         if self.store.audit is not None:
             self.store.audit.ended(stream_id)
 
-    def _send_whole(self, job: StreamJob, answer: Answer, note: str) -> bool:
+    def _send_whole(self, job: StreamJob, answer: Answer, note: str, given_up: bool = False) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
         WeCom took it."""
         if not self.delivery.reaches(job):
             logger.warning("the answer could not be delivered: no response_url")
             return False
         message = self.bubble.remainder(answer.text, note, header_key="full_answer")
-        return self._respond(job, message, "whole_answer")
+        return self._respond(job, message, "whole_answer", given_up)
 
-    def _respond(self, job: StreamJob, message: str, kind: str) -> bool:
-        """Send `message` (the answer's `kind`: rest or whole_answer) as a message of its own; True if it went out.
-        Where the way goes through Redis (the outbox), it is tried while WeCom may still poll the bubble, and a
-        minute more."""
+    def _respond(self, job: StreamJob, message: str, kind: str, given_up: bool = False) -> bool:
+        """Send `message` (the answer's `kind`: rest or whole_answer) as a message of its own; True if it went out
+        (`given_up`: a poll gave the bubble up). Where the way goes through Redis (the outbox), it is tried while
+        WeCom may still poll the bubble, and a minute more."""
         patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
-        return self.delivery.send(job, message, kind, patience)
+        return self.delivery.send(job, message, kind, patience, given_up)
 
     def _record_final(self, record: Callable[[], Finished | None], patience: float) -> Finished | None:
         """`record()` the answer's final state, through a Redis outage while WeCom may still poll the bubble (a
