@@ -2,6 +2,7 @@
 graceful draining, and Redis outages (against a redis-server of the test's own that it stops and pauses)."""
 
 import json
+import threading
 import time
 
 import httpx
@@ -249,6 +250,21 @@ def test_a_card_rides_on_no_reply_that_may_come_later_than_wecom_waits(make_app,
     assert "template_card" not in late_poll(sim, stream_id, 5)
     cards = [frame.get("template_card") for frame in (sim.send(sim.poll_message(stream_id)) for _ in range(3))]
     assert [c["task_id"] for c in cards if c] == ["card-maybe-late"]
+    sim.close()
+
+
+def test_a_new_message_met_by_a_redis_blip_is_answered_not_told_to_come_again(outage_app, private_redis, dify):
+    """Redis away for a second as a message comes (a shard's link, a failover's last moments): the callback takes it
+    again until Redis answers, within the seconds WeCom waits for its reply, instead of "please send it again"."""
+    dify.script(d.answer("answered after the blip"))
+    sim = make_simulator(outage_app.url, poll_interval=0.1)
+    private_redis.kill()
+    threading.Timer(1.0, private_redis.start).start()
+    started = time.monotonic()
+    reply = sim.send(sim.text_message("during a blip"))
+    assert time.monotonic() - started < 4.5  # WeCom's 5 s for the reply
+    assert not reply["stream"]["finish"]
+    assert sim.follow(reply).text == "answered after the blip"
     sim.close()
 
 

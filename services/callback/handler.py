@@ -16,7 +16,7 @@ from services.audit.rows import ERROR
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.chat.intake import MessageIntake
-from services.outage import delays_for, through_outage
+from services.outage import delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
 from services.streams.service import StreamService, new_stream_id
 from services.texts import Texts
@@ -26,6 +26,12 @@ from utils.callback_clock import callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
+
+# How long a callback's new message is taken again while Redis does not answer: a blip (one Cluster shard's link, a
+# failover's last seconds) then costs no answer. The last try starts by then plus a pause, and a try that hangs ends
+# at the client's 2 s timeout: the reply still reaches WeCom within the 5 s it waits for one.
+CALLBACK_INTAKE_SECONDS = 2.0
+CALLBACK_INTAKE_PAUSE = 0.5
 
 
 class StoreUnavailable(Exception):
@@ -81,17 +87,15 @@ class CallbackHandler:
 
     def dispatch(self, message: Inbound, patience: float = 0.0) -> dict | None:
         """The plaintext reply for an authentic message; failures behind it become finished replies. A message is
-        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once),
-        else ended at once with a note (a callback's: WeCom tries it again)."""
+        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once), or
+        for as long as WeCom waits for a callback's reply (CALLBACK_INTAKE_SECONDS), then ended with a note."""
         try:
             if message.msgtype == "stream":
                 bind_log_context(stream=message.stream_id)
                 return self.streams.poll(message.stream_id)
             if message.msgtype == "event":
                 return self.events.handle(message)
-            if patience > 0:
-                return through_outage(lambda: self.intake.take(message), "taking a message", delays_for(patience))
-            return self.intake.take(message)
+            return self._take(message, patience)
         except REDIS_FAILURES as exc:
             if message.msgtype == "stream":
                 logger.warning("Redis unavailable while answering a poll: %s", exc)
@@ -104,3 +108,17 @@ class CallbackHandler:
             if message.msgtype == "event":
                 return None
             return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
+
+    def _take(self, message: Inbound, patience: float) -> dict:
+        """Take a new message, again through a Redis outage while that is of use: for `patience` seconds, else
+        until CALLBACK_INTAKE_SECONDS have passed (a try may be made again: a message taken once is found taken).
+
+        Raises:
+            redis.RedisError (or a cluster error): Redis stayed away.
+        """
+        take = lambda: self.intake.take(message)  # noqa: E731 - one call, tried again
+        if patience > 0:
+            return through_outage(take, "taking a message", delays_for(patience))
+        deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS
+        pauses = steady_delays(CALLBACK_INTAKE_SECONDS, CALLBACK_INTAKE_PAUSE)
+        return through_outage(take, "taking a message", pauses, give_up=lambda: time.monotonic() >= deadline)
