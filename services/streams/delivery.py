@@ -163,8 +163,8 @@ class CallbackDelivery:
     def look_after_closed_early(self, look: Callable[[str], Snapshot | None]) -> int:
         """Each bubble closed early is looked at as a poll would: once its lease has been gone for the takeover
         grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot be, ends
-        as interrupted, with that note sent through response_url instead of the rest. Returns how many were found
-        ended (and are watched no more)."""
+        as interrupted: what Redis holds of it past what the bubble showed goes through response_url, and that
+        note after it. Returns how many were found ended (and are watched no more)."""
         key, client = self.store.keys.closed_early(), self.store.client
         client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
         ended = 0
@@ -176,7 +176,7 @@ class CallbackDelivery:
                 logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
                 url = self.store.meta(stream_id).get("response_url", "")
                 if url:
-                    self.posts.send(stream_id, url, snapshot.note)
+                    self.posts.send(stream_id, url, snapshot.owed or snapshot.note)
             client.zrem(key, stream_id)
             ended += 1
         return ended

@@ -46,6 +46,7 @@ class Snapshot:
     shows: int = 0  # recorded: how many bytes of the text the frame shows (all, or what showed when it closed early)
     files: str = ""  # a recorded frame of a done stream: the answer's files (JSON), which its holder sends next
     images: list[dict] = field(default_factory=list)
+    owed: str = ""  # a bubble closed early whose answer was given up: what its response_url owes (StreamService.look)
 
     @property
     def taken_over(self) -> bool:

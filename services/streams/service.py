@@ -290,8 +290,16 @@ class StreamService:
         return self._final(stream_id, snapshot)
 
     def look(self, stream_id: str) -> Snapshot | None:
-        """A poll's work on a stream, without a reply or a card handed out (a watch over streams no bubble polls)."""
-        return self._look(stream_id, hand_card=False)
+        """A poll's work on a stream, without a reply or a card handed out (a watch over streams no bubble polls).
+        A bubble closed early whose answer this look gave up (its replica is gone) is owed, through its
+        response_url, what it did not show of the text Redis holds, and the note that the answer was interrupted
+        (`owed`)."""
+        snapshot = self._look(stream_id, hand_card=False)
+        if snapshot is not None and snapshot.event == EXPIRED and snapshot.close_reason:
+            at_close = text_at_close(snapshot.text, snapshot.closed_bytes)
+            rest = snapshot.text[self.bubble.closed(at_close, snapshot.close_reason, True)[1] :]
+            snapshot.owed = self.bubble.remainder(rest, snapshot.note) if rest.strip() else snapshot.note
+        return snapshot
 
     def _look(self, stream_id: str, hand_card: bool, record: FrameRecord | None = None) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
