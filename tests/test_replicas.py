@@ -259,13 +259,17 @@ def test_a_new_message_met_by_a_redis_blip_is_answered_not_told_to_come_again(ou
     dify.script(d.answer("answered after the blip"))
     sim = make_simulator(outage_app.url, poll_interval=0.1)
     private_redis.kill()
-    threading.Timer(1.0, private_redis.start).start()
-    started = time.monotonic()
-    reply = sim.send(sim.text_message("during a blip"))
-    assert time.monotonic() - started < 4.5  # WeCom's 5 s for the reply
-    assert not reply["stream"]["finish"]
-    assert sim.follow(reply).text == "answered after the blip"
-    sim.close()
+    back = threading.Timer(1.0, private_redis.start)
+    back.start()
+    try:
+        started = time.monotonic()
+        reply = sim.send(sim.text_message("during a blip"))
+        assert time.monotonic() - started < 4.5  # WeCom's 5 s for the reply
+        assert not reply["stream"]["finish"]
+        assert sim.follow(reply).text == "answered after the blip"
+    finally:
+        back.join()  # (before the fixture stops the server: a failed test leaves none behind)
+        sim.close()
 
 
 def test_redis_restarted_empty_mid_answer(outage_app, private_redis, dify):
