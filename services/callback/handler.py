@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from functools import partial
 
 from services import metrics
 from services.audit.rows import ERROR
@@ -116,7 +117,7 @@ class CallbackHandler:
         Raises:
             redis.RedisError (or a cluster error): Redis stayed away.
         """
-        take = lambda: self.intake.take(message)  # noqa: E731 - one call, tried again
+        take = partial(self.intake.take, message)
         if patience > 0:
             return through_outage(take, "taking a message", delays_for(patience))
         deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS

@@ -132,11 +132,11 @@ class JobConsumer:
 
     def _take(self, fields: dict) -> None:
         stream_id, opener = fields.get("stream", ""), fields.get("opener", "")
+        if not stream_id:
+            return
         try:
-            if stream_id and not self.streams.runner.has_capacity():
-                self.queue.put_back(stream_id, opener)  # (a read that was waiting as this process filled or drained)
-            elif stream_id:
-                self.streams.run_queued(stream_id, opener)
+            if not self.streams.run_queued(stream_id, opener) and not self.streams.runner.has_capacity():
+                self.queue.put_back(stream_id, opener)  # (read as this process filled up or began to drain)
         except REDIS_FAILURES as exc:
             logger.warning("could not take a queued answer (%s); its opener's lease will restart it", exc)
 
