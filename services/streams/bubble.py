@@ -47,6 +47,12 @@ class BubbleRenderer:
         content, shown = fit_bubble(text_at_close, note, self.placeholder)
         return self.links.hide(content), shown
 
+    def unshown(self, text: str, closed_bytes: int, reason: str) -> str:
+        """What a bubble closed early (at `closed_bytes` of the answer, for `reason`) did not show of `text`, the
+        answer as it stands now: the part owed as a message of its own."""
+        shown = self.closed(text_at_close(text, closed_bytes), reason, True)[1]
+        return text[shown:]
+
     def final(self, text: str, note: str, has_response_url: bool) -> tuple[str, int]:
         """The finished answer with its note; an answer too long for one bubble says the rest follows."""
         if fits(text, note):

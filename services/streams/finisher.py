@@ -31,7 +31,6 @@ from services.streams.bubble import (
     SEPARATELY,
     BubbleRenderer,
     overflow_threshold,
-    text_at_close,
 )
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
@@ -258,9 +257,8 @@ class Finisher:
             self._send_whole(job, answer, note)
             return
         if finished.close_reason:
-            shown_text = text_at_close(answer.text, finished.closed_bytes)
-            shown = self.bubble.closed(shown_text, finished.close_reason, True)[1]
-            message = self.bubble.remainder(answer.text[shown:], note)
+            unshown = self.bubble.unshown(answer.text, finished.closed_bytes, finished.close_reason)
+            message = self.bubble.remainder(unshown, note)
         else:
             shown = self.bubble.final(answer.text, note, True)[1]
             if shown >= len(answer.text):

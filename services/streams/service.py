@@ -296,8 +296,7 @@ class StreamService:
         (`owed`)."""
         snapshot = self._look(stream_id, hand_card=False)
         if snapshot is not None and snapshot.event == EXPIRED and snapshot.close_reason:
-            at_close = text_at_close(snapshot.text, snapshot.closed_bytes)
-            rest = snapshot.text[self.bubble.closed(at_close, snapshot.close_reason, True)[1] :]
+            rest = self.bubble.unshown(snapshot.text, snapshot.closed_bytes, snapshot.close_reason)
             snapshot.owed = self.bubble.remainder(rest, snapshot.note) if rest.strip() else snapshot.note
         return snapshot
 
