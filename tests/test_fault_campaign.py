@@ -365,6 +365,19 @@ def test_a_link_losing_replies_delivers_the_request_and_breaks_before_the_reply(
         server.close()
 
 
+def test_a_link_losing_the_replies_of_one_script_passes_every_other_reply():
+    """`--replies-lost-of FINISH`: only the replies to requests carrying the script's SHA are lost."""
+    server = socket.create_server(("127.0.0.1", 0))
+    link = FaultyLink(server.getsockname()[1]).start()
+    try:
+        link.lose_replies(1.0, random.Random(1), to=b"49a6")
+        assert exchange(link, server, b"EVALSHA 1234 1 k", b":1") == (b"EVALSHA 1234 1 k", b":1")
+        assert exchange(link, server, b"EVALSHA 49a6 1 k", b":1") == (b"EVALSHA 49a6 1 k", b"")
+    finally:
+        link.stop()
+        server.close()
+
+
 def test_the_nemesis_runs_every_kind_its_topology_has_or_those_it_is_aimed_at(tmp_path):
     """By default every kind the topology has the parts for, a node's loss included, but not the faults of a window
     still open (they would fail every run); `--faults` aims it at some kinds, which must apply to the topology. A

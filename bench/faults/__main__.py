@@ -11,6 +11,7 @@ checker reads the history and counts what was lost, called twice, shown twice, f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import subprocess
 import tempfile
@@ -42,6 +43,8 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
 from services.auth.users import UserDirectory
+from services.lua import ScriptSpec
+from services.streams import scripts as stream_scripts
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
 REPLICAS = 3
@@ -59,6 +62,13 @@ QUIET_SECONDS = 60.0  # past the 30 s after which a claim of a send lapses and a
 # that waited for MariaDB, a stream owed a row only once its bubble's window is over).
 AUDIT_WAIT_SECONDS = 180.0
 TOKEN_SECONDS = 20  # short-lived tokens: users are looked up in MariaDB again and again, restarts and all
+# The streams' Lua scripts by name, whose replies alone `--replies-lost-of` loses.
+STREAM_SCRIPTS = {name: spec for name, spec in vars(stream_scripts).items() if isinstance(spec, ScriptSpec)}
+
+
+def script_sha(name: str | None) -> bytes:
+    """What names the script `name` on the wire (the SHA its EVALSHA carries); b"" for none."""
+    return hashlib.sha1(STREAM_SCRIPTS[name].source.encode()).hexdigest().encode() if name else b""
 
 
 def user_database(server: PrivateMariaDB, users: int) -> str:
@@ -201,6 +211,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         auth=auth,
         calm_every=options.calm_every,
         replies_lost=options.replies_lost,
+        replies_to=script_sha(options.replies_lost_of),
         only=options.faults,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
@@ -416,6 +427,11 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=0.0,
         help="share of replies a *_replies_lost fault loses (default: 10-30 %%, drawn for each)",
+    )
+    parser.add_argument(
+        "--replies-lost-of",
+        choices=sorted(STREAM_SCRIPTS),
+        help="redis_replies_lost loses only the replies of this script of the streams (default: of every command)",
     )
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")

@@ -117,10 +117,12 @@ class Nemesis:
         calm_every: float = CALM_EVERY,
         only: frozenset[str] = frozenset(),
         replies_lost: float = 0.0,
+        replies_to: bytes = b"",
     ):
         self.topology = topology
         self.calm_every = calm_every  # seconds of faults between control phases
         self.replies_lost = replies_lost  # the share of replies a *_replies_lost fault loses (0: 10-30 %, drawn)
+        self.replies_to = replies_to  # redis_replies_lost: only replies to requests carrying these bytes (b"": all)
         self.replicas = replicas
         self.history = history
         self.rng = rng
@@ -333,8 +335,10 @@ class Nemesis:
         share, seconds = rng.uniform(0.1, 0.3), rng.uniform(5, 15)
         share = self.replies_lost or share
         losing = random.Random(rng.getrandbits(64))
-        self._on_link(link, seconds, lambda link: link.lose_replies(share, losing))
-        return f"{what} losing {share * 100:.0f}% of its replies for {seconds:.1f}s"
+        to = self.replies_to if name == "redis" else b""
+        self._on_link(link, seconds, lambda link: link.lose_replies(share, losing, to))
+        which = f" to {to.decode()[:8]}…" if to else ""
+        return f"{what} losing {share * 100:.0f}% of its replies{which} for {seconds:.1f}s"
 
     def _link(self, name: str, rng: random.Random) -> tuple[FaultyLink | LinkGroup, str]:
         """The proxied link a fault of `name` works on, and what to call it: Dify's, the one Redis server's (every

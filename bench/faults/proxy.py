@@ -45,6 +45,7 @@ class FaultyLink:
         self._rng = random.Random(0)
         self.partitioned = False
         self.replies_lost = 0.0  # the share of replies lost with their connection
+        self.replies_to = b""  # if set, only replies to requests carrying these bytes are lost
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = threading.Event()
@@ -68,10 +69,11 @@ class FaultyLink:
         """Lose `share` of the chunks (0: none): each one lost is passed on only after TCP would have resent it."""
         self._rng, self.loss_share = rng, share
 
-    def lose_replies(self, share: float, rng: random.Random) -> None:
+    def lose_replies(self, share: float, rng: random.Random, to: bytes = b"") -> None:
         """Until `heal()`, `share` of the replies are lost with their connection (a reset as the reply comes back):
-        the request ran, unanswered."""
-        self._rng, self.replies_lost = rng, share
+        the request ran, unanswered. With `to`, only replies to the requests that carry it (a Lua script's SHA: one
+        script's replies, so a short run reaches that script's window without every other command failing too)."""
+        self._rng, self.replies_to, self.replies_lost = rng, to, share
 
     def partition(self) -> None:
         """Cut every open connection and refuse new ones until `heal()`."""
@@ -83,7 +85,7 @@ class FaultyLink:
         if self.partitioned:
             asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         self.partitioned = False
-        self.replies_lost = 0.0
+        self.replies_lost, self.replies_to = 0.0, b""
         self.delay_seconds = 0.0
         self.loss_share = 0.0
 
@@ -126,10 +128,11 @@ class FaultyLink:
             writer.transport.abort()
             return
         self._writers.update((writer, upstream_writer))
+        asked = _Asked()
         with contextlib.suppress(asyncio.CancelledError):  # the proxy stops: the link ends here, quietly
             await asyncio.gather(
-                self._pipe(reader, upstream_writer),
-                self._pipe(upstream_reader, writer, replies=True),
+                self._pipe(reader, upstream_writer, asked),
+                self._pipe(upstream_reader, writer, asked, replies=True),
                 return_exceptions=True,
             )
         for end in (writer, upstream_writer):
@@ -137,12 +140,18 @@ class FaultyLink:
             with contextlib.suppress(Exception):
                 end.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, asked: _Asked, replies: bool = False
+    ) -> None:
         try:
             while data := await reader.read(_CHUNK):
-                if replies and self.replies_lost and self._rng.random() < self.replies_lost:
+                if not replies:
+                    asked.marked = asked.marked or bool(self.replies_to and self.replies_to in data)
+                elif self._losing(asked):
                     writer.transport.abort()  # the reply is lost with the connection; the request has run
                     break
+                else:
+                    asked.marked = False
                 if self.delay_seconds:
                     await asyncio.sleep(self.delay_seconds)
                 if self.loss_share and self._rng.random() < self.loss_share:
@@ -155,6 +164,19 @@ class FaultyLink:
             if not writer.is_closing():
                 with contextlib.suppress(Exception):
                     writer.write_eof()  # the other side ended: pass the end on
+
+    def _losing(self, asked: _Asked) -> bool:
+        """Whether the reply now coming back is lost."""
+        if not self.replies_lost or (self.replies_to and not asked.marked):
+            return False
+        return self._rng.random() < self.replies_lost
+
+
+class _Asked:
+    """What one connection's last request carried: whether its reply is one `lose_replies(to=...)` may lose."""
+
+    def __init__(self):
+        self.marked = False
 
 
 class LinkGroup:
@@ -181,9 +203,9 @@ class LinkGroup:
         for link in self.links:
             link.lose(share, random.Random(rng.getrandbits(64)))
 
-    def lose_replies(self, share: float, rng: random.Random) -> None:
+    def lose_replies(self, share: float, rng: random.Random, to: bytes = b"") -> None:
         for link in self.links:
-            link.lose_replies(share, random.Random(rng.getrandbits(64)))
+            link.lose_replies(share, random.Random(rng.getrandbits(64)), to)
 
     def partition(self) -> None:
         for link in self.links:
