@@ -89,6 +89,9 @@ class Shared:
     def draining(self) -> bool:
         return not self.runner.accepting
 
+    def closed(self) -> bool:
+        return self.runner.closed
+
 
 @dataclass
 class Bot:
@@ -328,7 +331,9 @@ def _streams(
     conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds)
     bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
     stopper = AnswerStopper(store, dify.client, dify.profile, texts, bot.name)
-    finisher = Finisher(store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining)
+    finisher = Finisher(
+        store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed
+    )
     deps = WorkerDeps(
         store=store,
         dify=dify.client,

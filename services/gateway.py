@@ -192,8 +192,8 @@ class Gateway:
         return remaining
 
     def close(self) -> None:
-        """Release pooled connections (running stream threads are left to finish on their own)."""
-        self.runner.stop()
+        """Release pooled connections (running stream threads are left to finish on their own, waiting for nothing)."""
+        self.runner.close()
         if self.watch is not None:
             self.watch.stop()
         if self.audit_sweeper is not None:

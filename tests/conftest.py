@@ -190,7 +190,9 @@ def settings(redis_url, redis_client, dify) -> Settings:
 
 @pytest.fixture
 def make_app(settings):
-    """Build app instances (`make_app(replica_id="replica-b", ...)`); all are drained and closed afterwards."""
+    """Build app instances (`make_app(replica_id="replica-b", ...)`); all are drained and closed afterwards, and
+    their answers' threads, told there is nothing left to wait for, are given a few seconds to end (a thread that
+    waited for a Redis the test stopped would count in the next test's `streams_active`)."""
     apps: list[Flask] = []
 
     def factory(**changes) -> Flask:
@@ -205,6 +207,8 @@ def make_app(settings):
         gateway = app.extensions["gateway"]
         gateway.runner.drain(10)
         gateway.close()
+    for app in apps:
+        wait_until(lambda runner=app.extensions["gateway"].runner: runner.active_count == 0, timeout=5)
 
 
 @pytest.fixture

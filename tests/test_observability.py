@@ -66,7 +66,9 @@ def test_metrics_move_with_a_conversation(live, simulator, dify):
     assert moved(before, after, "stream_outcomes_total", outcome="done") == 1
     assert moved(before, after, "stream_outcomes_total", outcome="error") == 1
     assert moved(before, after, "dify_errors_total", code="stream_cut") == 1
-    assert after[("streams_active", (("bot", "default"),))] == 0
+    # back down once its streams ended (a gauge of the process: a thread another test left, still reading a Dify it
+    # stalled, may count on either side)
+    assert moved(before, after, "streams_active", bot="default") <= 0
 
 
 def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client):

@@ -482,6 +482,60 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     sim.close()
 
 
+def test_an_answer_whose_bubble_only_redis_can_tell_waits_for_it_and_sends_what_follows(
+    make_app, serve, private_redis, dify
+):
+    """Redis away as the bubble's window ends, past the finisher's patience: only Redis knows what the bubble showed
+    (a poll on another clock may have closed it at the window at less than Redis confirmed holding), so the finisher
+    waits for Redis instead of sending the whole answer over what the bubble showed. Back, the stream is closed at
+    the window at what the last poll showed, and only what follows goes through response_url, once."""
+    live = serve(
+        make_app(redis_url=private_redis.url, redis_socket_timeout=0.5, stream_lease_seconds=5, stream_window_seconds=4)
+    )
+    dify.script([d.message("shown "), d.sleep(2.0), d.message("never shown"), d.end()])
+    sim = make_simulator(live.url, poll_interval=0.2)
+    payload = sim.text_message("an outage over the window's end")
+    reply = sim.send(payload)
+    stream_id = reply["stream"]["id"]
+    store = private_redis.client()
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
+    assert sim.send(sim.poll_message(stream_id))["stream"]["content"].startswith("shown")  # the bubble shows it
+    private_redis.pause()  # the rest comes, the answer ends and the window closes while Redis is paused
+    time.sleep(12)  # past the finisher's first patience (about 7.5 s) and the 4 s window
+    private_redis.resume()
+    message = sim.inbox.wait_for(payload["response_url"], timeout=15)
+    assert message is not None
+    assert message["markdown"]["content"] == f"{ZH['continued']}\n\nnever shown"  # what follows, not the whole
+    conversation = sim.follow(reply)
+    assert conversation.finished and "never shown" not in conversation.text
+    assert wait_until(lambda: live.gateway.runner.active_count == 0, timeout=10)
+    meta = store.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and meta["close_reason"] == "window" and meta["closed_bytes"] == "6"
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    sim.close()
+
+
+def test_a_given_up_bubble_whose_shown_text_redis_withholds_a_while_gets_only_what_it_did_not_show(pair, dify):
+    """The owner of a bubble a poll gave up finds Redis away when it reads what that bubble showed: it reads again
+    through the outage, within the window and a minute, and sends what followed, never the whole answer over it."""
+    first, second = pair
+    dify.script([d.message("part one"), d.sleep(3.5), d.message(" and part two"), d.end()])
+    store = first.gateway.bot().store
+    store.shown_when_given_up = Blip(store.shown_when_given_up, times=6)  # longer than a best-effort read's 7.5 s
+    opener = make_simulator(first.url)
+    payload = opener.text_message("hello")
+    reply = opener.send(payload)
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    assert poller.follow(reply).text == f"part one\n\n{ZH['orphaned']}"
+    message = opener.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message["markdown"]["content"] == f"{ZH['continued']}\n\nand part two"
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
+    assert len(opener.inbox.received(payload["response_url"])) == 1
+    opener.close()
+    poller.close()
+
+
 class _Died(BaseException):
     """The process is gone: nothing after this runs in the thread that met it."""
 

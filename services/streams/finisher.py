@@ -5,14 +5,16 @@ long connection's outbox).
 The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
 window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
 Cluster failover among them (their overlays budget 30 s), costs the user nothing but the wait. If the stream was
-closed elsewhere (its bubble finished by another replica's poll), the whole answer goes through response_url
-instead, so nothing a user was promised is lost (on a long connection, whose response_url is not documented,
-through the connection's outbox: `aibot_send_msg`). If Redis stays away past that patience, what the bubble has not
-shown goes out that way: after the text Redis confirmed holding, when the bubble cannot have closed early at less,
-else the whole answer. The stream is then finished, as soon as Redis is back, at that text, with a note that the
-rest (or the answer) was sent separately: nothing reaches the user twice, and no poll resumes, restarts or ends it as
-interrupted after the user has it whole. A long connection's answer instead waits for Redis through the rest of its
-window: its bubble shows what the holder sent, which only Redis knows, and its frames and rests go through Redis.
+given up by another replica's poll (its lease was gone), what the bubble did not show goes through response_url
+instead (on a long connection, whose response_url is not documented, through the connection's outbox:
+`aibot_send_msg`). If Redis stays away past that patience, what the bubble has not shown goes out that way when it
+is known without Redis: after the text Redis confirmed holding, when the bubble cannot have closed early at less.
+The stream is then finished, as soon as Redis is back, at that text, with a note that the rest was sent separately:
+nothing reaches the user twice, and no poll resumes, restarts or ends it as interrupted after the user has it whole.
+Where only Redis knows what the bubble shows (a long connection's bubble shows what its holder sent; a callback
+bubble may have closed early at less), the end waits for Redis through the window and a minute more, and then sends
+what follows what the bubble showed. Only an outage that outlasts that sends a callback's answer whole (under its
+"full answer" header), the one case where what the bubble showed may reach the user twice.
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ class Finisher:
         bot: str = "default",
         window_seconds: int = BUBBLE_WINDOW_SECONDS,
         draining: Callable[[], bool] = lambda: False,
+        closed: Callable[[], bool] = lambda: False,
     ):
         self.bot = bot
         self.window_seconds = window_seconds
         self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
+        self.closed = closed  # a process that closed waits for nothing: what only Redis can settle is left to it
         self.store = store
         self.delivery = delivery  # what the bubble cannot show goes out this way (response_url, or the outbox)
         self.bubble = bubble
@@ -76,16 +80,16 @@ class Finisher:
         finish_id = secrets.token_hex(8)  # every try of this finish carries it: a try whose reply was lost is repeated
         record = partial(self._record, job, answer, status, fields, finish_id)
         try:
-            finished = self._record_final(record, patience)
+            finished = self._record_final(record, patience, partial(self._shown_known, job, answer))
         except StreamAborted:
             logger.info("stream was taken over by another replica; final state not written")
             return None
         except REDIS_FAILURES:
-            if self.delivery.waits_for_redis:
+            if self.delivery.waits_for_redis or self.closed():
                 logger.error("Redis stayed unavailable past the bubble's window; the answer is left to a takeover")
                 return None
             logger.error("Redis stayed unavailable; sending what the bubble has not shown through response_url")
-            self._finish_without_redis(job, answer, status, fields, note)
+            self._finish_without_redis(job, answer, status, fields, note)  # (the whole answer: the last resort)
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
@@ -130,6 +134,7 @@ class Finisher:
             images=answer.images,
             feedback=feedback if answer.message_id else None,
             finish_id=finish_id,
+            window_seconds=self.window_seconds,  # (past it, a bubble no poll closed is closed at what it shows)
         )
         if finished is not None and finished.orphaned:
             # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its
@@ -141,9 +146,17 @@ class Finisher:
 
     def _send_unshown(self, job: StreamJob, answer: Answer, note: str) -> None:
         """The bubble was finished by a poll that gave the answer up (its lease was gone): send what it did not
-        show, once; the whole answer if what it showed cannot be read (Redis lost it) or is not where the answer
-        begins."""
-        text = best_effort_value(lambda: self.store.shown_when_given_up(job.stream_id), "reading what was shown")
+        show, once; the whole answer if what it showed is not where the answer begins, or cannot be read (Redis lost
+        it, or stayed away through the bubble's window and a minute: read through an outage until then)."""
+        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        shown = partial(self.store.shown_when_given_up, job.stream_id)
+        try:
+            text = through_outage(shown, "reading what was shown", steady_delays(patience), give_up=self.closed)
+        except REDIS_FAILURES:
+            if self.closed():
+                logger.error("the process closed before Redis said what the given-up bubble showed; nothing sent")
+                return
+            text = None
         if not text or not answer.text.startswith(text) or not self.delivery.reaches(job):
             sent = self._send_whole(job, answer, note, given_up=True)
         else:
@@ -173,12 +186,17 @@ class Finisher:
         patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
         return self.delivery.send(job, message, kind, patience, given_up)
 
-    def _record_final(self, record: Callable[[], Finished | None], patience: float) -> Finished | None:
+    def _record_final(
+        self, record: Callable[[], Finished | None], patience: float, shown_known: Callable[[], bool]
+    ) -> Finished | None:
         """`record()` the answer's final state, through a Redis outage while WeCom may still poll the bubble (a
-        draining process waits no longer). In callback mode a lasting outage is raised then: what the bubble has
-        not shown goes out through response_url. A long connection's bubble shows what its holder sent, which only
-        Redis knows, and its frames and rests all go through Redis: its end waits for Redis through the grace too
-        (a process that dies meanwhile leaves the stream to a takeover, as any death does).
+        draining process waits no longer). In callback mode a lasting outage is raised then, when what the bubble
+        shows is known without Redis (`shown_known()`): what it has not shown goes out through response_url. Where
+        only Redis knows it (a long connection's bubble shows what its holder sent, and its frames and rests all go
+        through Redis; a callback bubble that a poll may have closed early at less), the end waits for Redis
+        through a minute's grace past the window too, draining or not, so that what follows goes out, never the
+        whole answer over what the bubble showed (a process that dies meanwhile leaves the stream to a takeover, as
+        any death does).
 
         Raises:
             StreamAborted: another replica took the stream over.
@@ -188,10 +206,11 @@ class Finisher:
         try:
             return through_outage(record, what, delays_for(patience), give_up=self.draining)
         except REDIS_FAILURES:
-            if not self.delivery.waits_for_redis:
+            if not self.delivery.waits_for_redis and shown_known():
                 raise
-            logger.error("Redis stayed unavailable at the answer's end; a long connection's answer waits for it")
-            return through_outage(record, what, steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS))
+            logger.error("Redis stayed unavailable at the answer's end; waiting for it: only it knows what was shown")
+            delays = steady_delays(max(0.0, patience) + MARK_GRACE_SECONDS)
+            return through_outage(record, what, delays, give_up=self.closed)
 
     def _finish_without_redis(
         self, job: StreamJob, answer: Answer, status: str, fields: dict[str, str], note: str
@@ -214,6 +233,15 @@ class Finisher:
             closed_bytes = str(utf8_len(answer.text[:shown]))
             note = self.texts.say("rest_sent_separately")
             self._mark(job, status, {**fields, "note": note, "close_reason": SEPARATELY, "closed_bytes": closed_bytes})
+
+    def _shown_known(self, job: StreamJob, answer: Answer) -> bool:
+        """Whether what the bubble shows is known without Redis: nothing (the answer has no bubble, or Redis holds
+        none of it), or the text Redis confirmed holding (`_surely_shown`)."""
+        writer = answer.writer
+        if job.separate or writer is None:
+            return True
+        writer.wait_settled()
+        return writer.confirmed_chars() == 0 or self._surely_shown(job, answer) > 0
 
     def _surely_shown(self, job: StreamJob, answer: Answer) -> int:
         """How many characters at the answer's start its bubble holds for sure, and can show whole with a note:

@@ -73,6 +73,7 @@ class StreamRunner:
         self._idle = threading.Condition(self._lock)
         self._keeper = LazyThread(self._keep_leases, "lease-keeper")
         self._stopping = threading.Event()
+        self._closed = threading.Event()
         self.accepting = True
 
     @property
@@ -153,6 +154,15 @@ class StreamRunner:
     def stop(self) -> None:
         """Stop the lease keeper (running workers are left to their own ends)."""
         self._stopping.set()
+
+    def close(self) -> None:
+        """The process closes: stop the lease keeper, and tell running workers there is nothing left to wait for."""
+        self._closed.set()
+        self.stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def _keep_leases(self) -> None:
         look = self.renew_interval / 10

@@ -166,26 +166,37 @@ return 'ok'
 # written with the final state, so a finished answer always has both or neither (`images` counts them: a poll reads
 # the list only when there are some). A retry of one finish (the same `finish_id`) whose first try ran but whose
 # reply was lost (a timeout while Redis was paused: it runs what it had buffered when it resumes) gets the same row
-# again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. The lease is
+# again, so the caller still does what follows it (the rest of an answer whose bubble closed early) once. A stream past
+# its bubble's `window_seconds` (0: not looked at) that no poll closed (Redis was away as the window ended, and the
+# finisher waited for it) is closed at the window now, at what the last poll folded (`text`: what the bubble shows),
+# as a poll would have closed it: the caller sends what follows that, never the whole answer over it. The lease is
 # left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is active), and
 # deleting it cost two commands a message. The stream and its chunks were given a tenth more than the ttl when they
 # began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are (at least the
 # ttl still): two commands fewer for most answers.
+# fmt: off
 FINISH = ScriptSpec(
     "FINISH",
     keys=("stream", "chunks", "images", "feedback"),
-    args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count"),
-    hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at"),
+    args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count", "window_seconds"),
+    hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at",
+                 "text"),
     row=("close_reason", "closed_bytes", "inflight_key"),
     body="""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
-local ended = row{close_reason = H.close_reason or '', closed_bytes = H.closed_bytes or '',
-                  inflight_key = H.inflight_key or ''}
 if H.owner ~= A.owner then return 0 end
 if H.status == 'expired' and H.error == 'owner_lost' then return 2 end
+local reason, closed_bytes = H.close_reason or '', H.closed_bytes or ''
 if H.status ~= 'pending' and H.status ~= 'streaming' then
-  if A.finish_id ~= '' and H.finish_id == A.finish_id then return ended end
+  if A.finish_id ~= '' and H.finish_id == A.finish_id then
+    return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.inflight_key or ''}
+  end
   return 0
+end
+local window = tonumber(A.window_seconds)
+if reason == '' and window > 0 and tonumber(A.now) - (tonumber(H.created_at) or 0) >= window then
+  reason, closed_bytes = 'window', tostring(string.len(H.text or ''))
+  redis.call('HSET', K.stream, 'closed_at', A.now, 'close_reason', reason, 'closed_bytes', closed_bytes)
 end
 local images = tonumber(A.image_count)
 redis.call('HSET', K.stream, 'status', A.status, 'finished_at', A.now, 'updated_at', A.now, 'finish_id', A.finish_id,
@@ -200,9 +211,10 @@ if tonumber(A.now) - (tonumber(H.created_at) or 0) > math.floor(tonumber(A.ttl) 
   redis.call('EXPIRE', K.chunks, A.ttl)
 end
 if A.feedback ~= '' then redis.call('SET', K.feedback, A.feedback, 'EX', A.feedback_ttl) end
-return ended
+return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.inflight_key or ''}
 """,
 )
+# fmt: on
 
 # A poll of a stream: returns false for an unknown stream, else its row (`images` come after it, only once the stream is
 # done). `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''),

@@ -275,6 +275,7 @@ class StreamStore:
         images: list[dict] = (),
         feedback: dict[str, str] | None = None,
         finish_id: str = "",
+        window_seconds: int = 0,
     ) -> Finished | None:
         """Move an active stream to a final status (its lease is left to run out); with it, keep the reply `images`
         ({base64, md5}) for the final poll and map the stream (its feedback id) to `feedback` ({message_id, user}:
@@ -284,7 +285,8 @@ class StreamStore:
         Returns None if it was not ours or not active; `orphaned` if a poll had given it up while it was still
         ours (nothing else is written then); else whether (and with how much text) the bubble had already closed
         early. `finish_id`, the same for every try of one finish, makes a try whose reply was lost safe to repeat:
-        the repeat answers as the try did (scripts.FINISH).
+        the repeat answers as the try did (scripts.FINISH). Past `window_seconds` (0: not looked at) a bubble no
+        poll closed is closed at the window, at what it shows.
         """
         k = self.keys
         args = {
@@ -296,6 +298,7 @@ class StreamStore:
             "feedback_ttl": FEEDBACK_TTL_SECONDS,
             "finish_id": finish_id,
             "image_count": len(images),
+            "window_seconds": window_seconds,
         }
         keys = {
             "stream": k.stream(stream_id),
