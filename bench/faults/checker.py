@@ -366,7 +366,9 @@ def touches(fault: dict, start: float, end: float) -> bool:
 
 def on_path(fault: dict, message: dict, workers: set[int] | None) -> bool:
     """Whether `fault` strikes the message's own path: its replicas (`workers`; None: not known, any), its WeCom
-    mode's way, or what every message goes through."""
+    mode's way, or what every message goes through. Any Redis server's fault is on every path (FAULTS.md: one master
+    holds every key on Sentinel; on the Cluster a message's known keys span all three shards for most messages, and
+    some of its keys, its user's current token's, cannot be known here)."""
     kind = fault["fault"]
     if kind in REPLICA_KINDS:
         named = _REPLICA.match(fault.get("target", ""))
