@@ -427,7 +427,10 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     apps: dict[str, list[Verdict]] = defaultdict(list)
     for verdict in verdicts:
         apps[verdict.app or "?"].append(verdict)
-    result["by_app"] = {app: liveness(found) for app, found in sorted(apps.items())}
+    result["by_app"] = {  # (`asked_whole`: those whose Dify call was not made to fail, the liveness goal's share)
+        app: {**liveness(found), "asked_whole": liveness([v for v in found if not v.injected])}
+        for app, found in sorted(apps.items())
+    }
     noted = [verdict for verdict in verdicts if verdict.noted]
     result["failure_notes"] = {"messages": len(noted), "dify_fault_injected": sum(v.injected for v in noted)}
     causes: dict[str, int] = defaultdict(int)
