@@ -148,7 +148,7 @@ class Finisher:
         """The bubble was finished by a poll that gave the answer up (its lease was gone): send what it did not
         show, once; the whole answer if what it showed is not where the answer begins, or cannot be read (Redis lost
         it, or stayed away through the bubble's window and a minute: read through an outage until then)."""
-        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        patience = self._graced_window(job)
         shown = partial(self.store.shown_when_given_up, job.stream_id)
         try:
             text = through_outage(shown, "reading what was shown", steady_delays(patience), give_up=self.closed)
@@ -183,7 +183,7 @@ class Finisher:
         """Send `message` (the answer's `kind`: rest or whole_answer) as a message of its own; True if it went out
         (`given_up`: a poll gave the bubble up). Where the way goes through Redis (the outbox), it is tried while
         WeCom may still poll the bubble, and a minute more."""
-        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        patience = self._graced_window(job)
         return self.delivery.send(job, message, kind, patience, given_up)
 
     def _record_final(
@@ -234,6 +234,10 @@ class Finisher:
             note = self.texts.say("rest_sent_separately")
             self._mark(job, status, {**fields, "note": note, "close_reason": SEPARATELY, "closed_bytes": closed_bytes})
 
+    def _graced_window(self, job: StreamJob) -> float:
+        """Seconds left of the bubble's window, and a minute past it: how long an end that needs Redis waits for it."""
+        return max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+
     def _shown_known(self, job: StreamJob, answer: Answer) -> bool:
         """Whether what the bubble shows is known without Redis: nothing (the answer has no bubble, or Redis holds
         none of it), or the text Redis confirmed holding (`_surely_shown`)."""
@@ -263,7 +267,7 @@ class Finisher:
         Redis is back (this thread keeps trying meanwhile, and its lease stays renewed), so that no poll resumes or
         restarts it, or ends it as interrupted."""
         fields = {**fields, "delivered": "response_url"}
-        patience = max(0.0, job.created_at + self.window_seconds - time.time()) + MARK_GRACE_SECONDS
+        patience = self._graced_window(job)
         marked = best_effort_value(
             lambda: self.store.finish(job.stream_id, job.attempt, status, fields),
             "marking the stream as sent through response_url",

@@ -174,13 +174,11 @@ return 'ok'
 # deleting it cost two commands a message. The stream and its chunks were given a tenth more than the ttl when they
 # began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are (at least the
 # ttl still): two commands fewer for most answers.
-# fmt: off
 FINISH = ScriptSpec(
     "FINISH",
     keys=("stream", "chunks", "images", "feedback"),
     args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count", "window_seconds"),
-    hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at",
-                 "text"),
+    hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at"),
     row=("close_reason", "closed_bytes", "inflight_key"),
     body="""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
@@ -195,7 +193,7 @@ if H.status ~= 'pending' and H.status ~= 'streaming' then
 end
 local window = tonumber(A.window_seconds)
 if reason == '' and window > 0 and tonumber(A.now) - (tonumber(H.created_at) or 0) >= window then
-  reason, closed_bytes = 'window', tostring(string.len(H.text or ''))
+  reason, closed_bytes = 'window', tostring(redis.call('HSTRLEN', K.stream, 'text'))
   redis.call('HSET', K.stream, 'closed_at', A.now, 'close_reason', reason, 'closed_bytes', closed_bytes)
 end
 local images = tonumber(A.image_count)
@@ -214,7 +212,6 @@ if A.feedback ~= '' then redis.call('SET', K.feedback, A.feedback, 'EX', A.feedb
 return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.inflight_key or ''}
 """,
 )
-# fmt: on
 
 # A poll of a stream: returns false for an unknown stream, else its row (`images` come after it, only once the stream is
 # done). `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''),
