@@ -149,6 +149,15 @@ def test_readiness_turns_503_while_draining(live, dify):
     assert response.get_json()["failed"]["shutdown"] == "draining"
 
 
+def ask_until_written(sim, store, question: str) -> tuple[dict, dict, str]:
+    """Send `question`, and wait until its answer's first delta is in Redis: its payload, reply and stream id."""
+    payload = sim.text_message(question)
+    reply = sim.send(payload)
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
+    return payload, reply, stream_id
+
+
 # --- Redis outages -----------------------------------------------------------------------------------------------
 
 
@@ -410,11 +419,8 @@ def test_a_redis_pause_longer_than_the_retries_at_an_answers_end_delivers_it_onc
     and leaving a bubble that a later poll would end as interrupted (the answer twice, once with 'ask again')."""
     dify.script([d.message("before "), d.sleep(1.0), d.message("after"), d.end()])
     sim = make_simulator(outage_app.url, poll_interval=0.2)
-    payload = sim.text_message("a pause at the end")
-    reply = sim.send(payload)
-    stream_id = reply["stream"]["id"]
     store = private_redis.client()
-    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)  # "before " is written
+    payload, reply, stream_id = ask_until_written(sim, store, "a pause at the end")  # "before " is written
     private_redis.pause()  # the rest, the end and the final state come while Redis is paused
     time.sleep(15)  # past the first retries (about 7.5 s, plus a 0.5 s timeout each) and the 5 s lease
     private_redis.resume()
@@ -462,11 +468,8 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     poll shows more of it, resumes, restarts or ends it as 'interrupted, ask again' after the user has it whole."""
     dify.script([d.message("before "), d.sleep(1.0), d.message("after"), d.end()])
     sim = make_simulator(outage_app.url, poll_interval=0.2)
-    payload = sim.text_message("a pause while draining")
-    reply = sim.send(payload)
-    stream_id = reply["stream"]["id"]
     store = private_redis.client()
-    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)  # "before " is written
+    payload, reply, stream_id = ask_until_written(sim, store, "a pause while draining")  # "before " is written
     private_redis.pause()
     outage_app.gateway.runner.accepting = False  # the process drains: its finisher waits no longer for Redis
     sent = sim.inbox.wait_for(payload["response_url"], timeout=15)
@@ -500,11 +503,8 @@ def test_an_answer_whose_bubble_only_redis_can_tell_waits_for_it_and_sends_what_
     )
     dify.script([d.message("shown "), d.sleep(2.0), d.message("never shown"), d.end()])
     sim = make_simulator(live.url, poll_interval=0.2)
-    payload = sim.text_message("an outage over the window's end")
-    reply = sim.send(payload)
-    stream_id = reply["stream"]["id"]
     store = private_redis.client()
-    assert wait_until(lambda: store.llen(KEYS.stream_chunks(stream_id)) == 1)
+    payload, reply, stream_id = ask_until_written(sim, store, "an outage over the window's end")
     assert sim.send(sim.poll_message(stream_id))["stream"]["content"].startswith("shown")  # the bubble shows it
     private_redis.pause()  # the rest comes, the answer ends and the window closes while Redis is paused
     time.sleep(12)  # past the finisher's first patience (about 7.5 s) and the 4 s window
