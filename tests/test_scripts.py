@@ -27,7 +27,7 @@ KEY_ARGUMENT = re.compile(r"KEYS\[[^\]]+\]")
 # The commands the scripts use, each taking one key, in first position.
 SINGLE_KEY_COMMANDS = {
     "GET", "SET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
-    "HSET", "HSETNX", "HGET", "HMGET", "HGETALL", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN", "LTRIM",
+    "HSET", "HSETNX", "HGET", "HMGET", "HSTRLEN", "HGETALL", "HINCRBY", "HDEL", "RPUSH", "LRANGE", "LLEN", "LTRIM",
     "ZADD", "ZREM", "ZSCORE", "ZCARD", "ZCOUNT", "ZREMRANGEBYSCORE", "ZRANGEBYSCORE", "ZRANK",
     "SADD", "SCARD", "SISMEMBER",
 }  # fmt: skip
