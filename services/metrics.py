@@ -182,6 +182,13 @@ UNREPLICATED_WRITES = Counter(
     "(Sentinel/Cluster), by write: a failover right then could lose them",
     ["bot", "write"],
 )
+POLL_TEXT_UNREPLICATED = Counter(
+    "wecom_poll_text_unreplicated_total",
+    "Polls of a live bubble whose new text no replica confirmed within REDIS_CLAIM_WAIT_MS (Sentinel/Cluster): "
+    "held_back (the bubble showed what a replica held), shown (ahead of the replicas too long: shown all the same)",
+    ["bot", "outcome"],
+)
+POLL_TEXT_OUTCOMES = ("held_back", "shown")
 BACKGROUND_ERRORS = Counter(
     "background_errors_total",
     "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
@@ -339,6 +346,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     FORM_WAIT_SECONDS.labels(bot)
     for write in REPLICATED_WRITES:
         UNREPLICATED_WRITES.labels(bot, write)
+    for outcome in POLL_TEXT_OUTCOMES:
+        POLL_TEXT_UNREPLICATED.labels(bot, outcome)
     for outcome in FILE_OUTCOMES:
         FILES.labels(bot, outcome)
     for kind in CARD_KINDS:

@@ -8,6 +8,7 @@ retry policy, so an outage fails a request fast instead of hanging a thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import hiredis
@@ -206,6 +207,11 @@ def connect_redis(
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=retry, **timeouts)
 
 
+# What follows a command on its connection (HotPathConnections.execute): called with the reply and a function that
+# sends one more command on that connection (None where there is none to keep).
+FollowUp = Callable[[object, Callable[[tuple], object] | None], object]
+
+
 class HotPathConnections:
     """Connections for one hot command path, kept on a stack of their own instead of in the client's pool.
 
@@ -232,10 +238,13 @@ class HotPathConnections:
         self._stacks: dict[str, _ConnectionStack] = {}
         self._single = None if self._cluster else _ConnectionStack(client.connection_pool)
 
-    def execute(self, *args):
-        """Send one command and return its reply (errors as the client raises them)."""
+    def execute(self, *args, then: FollowUp | None = None):
+        """Send one command and return its reply (errors as the client raises them). With `then`, return what
+        `then(reply, send)` returns, where `send(command)` sends a command on the same connection (a WAIT counts
+        the replicas holding what its own connection wrote); through the cluster client (a redirect), `send` is
+        None."""
         if self._single is not None:
-            return self._single.execute(args)
+            return self._single.execute(args, then)
         key = args[3] if args[0] == "EVALSHA" and int(args[2]) > 0 else args[1]
         node = self._client.nodes_manager.get_node_from_slot(self._client.keyslot(key))
         stack = self._stacks.get(node.name)
@@ -243,9 +252,10 @@ class HotPathConnections:
             pool = self._client.get_redis_connection(node).connection_pool
             stack = self._stacks.setdefault(node.name, _ConnectionStack(pool))
         try:
-            return stack.execute(args)
+            return stack.execute(args, then)
         except (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError):
-            return self._client.execute_command(*args)
+            reply = self._client.execute_command(*args)
+            return reply if then is None else then(reply, None)
 
     @property
     def under_sentinel(self) -> bool:
@@ -285,20 +295,21 @@ class _ConnectionStack:
         self._pool = pool
         self._idle: list = []
 
-    def execute(self, args: tuple):
+    def execute(self, args: tuple, then: FollowUp | None = None):
         try:
             connection = self._idle.pop()
         except IndexError:
             connection = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
             try:
-                return self._round_trip(connection, args)
+                reply = self._round_trip(connection, args)
             except redis.ConnectionError:
                 # The socket was closed (a master demoted or gone, a failover's CLIENT KILL): send once more on a
                 # new one. Disconnect first: a Sentinel-managed connection keeps its dead socket after an error,
                 # and connect() on it would return at once.
                 connection.disconnect()
-                return self._round_trip(connection, args)
+                reply = self._round_trip(connection, args)
+            return reply if then is None else then(reply, lambda command: self._follow(connection, command))
         except redis.ResponseError:
             raise  # an error reply: the connection is in step and fit for the next command
         except BaseException:
@@ -317,6 +328,18 @@ class _ConnectionStack:
         for connection in stale:
             connection.disconnect()
         return bool(stale)
+
+    @classmethod
+    def _follow(cls, connection, args: tuple):
+        """A command after the first on `connection`: one that fails leaves it disconnected even when its caller
+        handles the error (a reply still in flight must not be read as the next command's)."""
+        try:
+            return cls._round_trip(connection, args)
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
 
     @staticmethod
     def _round_trip(connection, args: tuple):

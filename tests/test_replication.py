@@ -131,6 +131,52 @@ def test_a_write_whose_slot_moved_still_waits_for_a_replica_of_its_new_master(re
     client.close()
 
 
+@pytest.mark.parametrize("kind", ["sentinel", "cluster"])
+def test_a_live_bubble_shows_only_text_a_replica_holds(kind, request, monkeypatch):
+    """Appends do not wait for a replica; a poll does before it shows new text, so a failover that promotes a replica
+    without the last appends cannot make the next poll show less than this one did. With every replica frozen, the
+    poll shows what a replica held (the text of the poll before), and the rest once a replica has it; text ahead of
+    the replicas for HOLD_BACK_SECONDS is shown all the same (a replica gone for good must not freeze the bubble).
+    Before, the frozen replicas' poll showed "One. Two.", which the next failover could take back."""
+    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
+    client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
+    bot = f"vouch-{kind}"
+    store = StreamStore(client, Keys(f"{bot}:"), 3600, 30, durable=Replication(client, WAIT_MS, bot))
+    polls = PollPath(store)
+    owner = first_attempt("replica-a:1")
+    retried(lambda: store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"}))
+    assert retried(lambda: store.replace("s1", owner, "One."))
+    assert retried(lambda: polls.poll("s1", 360, 20_000, "orphaned")).text == "One."
+    counted = metrics.POLL_TEXT_UNREPLICATED
+
+    def count(outcome: str) -> float:
+        return counted.labels(bot, outcome)._value.get()
+
+    frozen = replicas_of(kind, server)
+    for replica in frozen:
+        replica.pause()
+    try:
+        assert store.replace("s1", owner, "One. Two.")
+        started = time.monotonic()
+        held = polls.poll("s1", 360, 20_000, "orphaned")
+        assert (held.text, held.active) == ("One.", True)
+        assert time.monotonic() - started >= WAIT_MS / 1000
+        assert count("held_back") == 1
+        monkeypatch.setattr("services.streams.poll_path.HOLD_BACK_SECONDS", 0.3)
+        time.sleep(0.4)
+        assert polls.poll("s1", 360, 20_000, "orphaned").text == "One. Two."
+        assert count("shown") == 1
+        monkeypatch.undo()
+        assert store.replace("s1", owner, "One. Two. Three.")
+    finally:
+        for replica in frozen:
+            replica.resume()
+    assert wait_until(lambda: polls.poll("s1", 360, 20_000, "orphaned").text == "One. Two. Three.", timeout=10)
+    assert store.client.hget(store.keys.stream("s1"), "vouched_bytes") == str(len("One. Two. Three."))
+    polls.close()
+    client.close()
+
+
 def test_a_process_idle_through_a_failover_polls_the_new_master(sentinel_set):
     """A process whose polls sat idle while the master was frozen past its failover still holds connections to that
     master, which, back, answers reads from its old data set until the sentinels demote it: a poll there would show

@@ -4,6 +4,15 @@ whose replica died, and hands out a waiting card. Polls come from the request th
 second, so they run on connections of their own (redis_conn.HotPathConnections), and under Sentinel a watch of the
 master keeps those connections off a master that was failed over.
 
+Under Sentinel and Cluster, a live bubble shows only text a replica holds: appends do not wait for a replica, and a
+failover that promoted one without the last of them would make the next poll show less than the last one did. A poll
+whose text ran ahead of what the stream's last confirmed poll showed (`vouched_bytes`) waits for a replica (WAIT, on
+the connection that ran the script: everything the master held when it ran is then on a replica), notes what it shows
+(scripts.VOUCH), and shows it; one that no replica confirms within REDIS_CLAIM_WAIT_MS shows what was vouched for, and
+the rest a second later. Text ahead for HOLD_BACK_SECONDS is shown all the same: a replica that far behind is most
+likely gone for good (a Cluster shard whose replica died), and a bubble that froze would cost more than the window.
+A long connection's frames are not held back (their record of what a frame shows is written by the same script).
+
 Also here: the card a poll's lost reply gives back.
 """
 
@@ -15,9 +24,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from services import metrics
 from services.loops import LazyThread, run_until
 from services.lua import LuaScript
-from services.redis_conn import HotPathConnections
+from services.redis_conn import REDIS_FAILURES, HotPathConnections
 from services.streams import scripts
 from services.streams.store import ACTIVE_STATUSES, StreamStore, script_now
 
@@ -25,6 +35,13 @@ from services.streams.store import ACTIVE_STATUSES, StreamStore, script_now
 # and a poll reply slower than this may come from a master that was paused past its failover: the master is asked for.
 MASTER_WATCH_SECONDS = 1.0
 STALLED_READ_SECONDS = 1.0
+
+# How long a live bubble's text may run ahead of what a replica holds before it is shown all the same (as long as a
+# Sentinel master with min-replicas-max-lag 10 keeps taking writes from a replica that fell behind).
+HOLD_BACK_SECONDS = 10.0
+
+# What a poll found of its text and the replicas (_wait_for_replica): nothing to wait for, a replica holds it, none yet.
+NOTHING_AHEAD, HELD, UNHELD = "", "held", "unheld"
 
 
 @dataclass(slots=True)
@@ -76,7 +93,9 @@ class PollPath:
     def __init__(self, store: StreamStore):
         self.store = store
         self._connections = HotPathConnections(store.client)
-        self._poll = LuaScript(store.client, scripts.POLL, self._connections.execute)
+        self._wait_ms = store.durable.wait_ms  # 0: one server, no replica to wait for
+        self._poll = LuaScript(store.client, scripts.POLL, self._send_poll)
+        self._vouch = LuaScript(store.client, scripts.VOUCH, self._connections.execute)
         self._card_back = LuaScript(store.client, scripts.CARD_BACK)
         self._closed = threading.Event()
         self._master_watch = (
@@ -132,11 +151,54 @@ class PollPath:
             "keep_card": "" if hand_card else "1",
             "record_token": record.token if record else "",
             "record_deadline": f"{record.deadline:.3f}" if record else "0",
+            "vouch": "1" if self._wait_ms and record is None else "",
         }
-        reply = self._run_poll(keys, args)
-        return _snapshot(*scripts.POLL.fields(reply)) if reply else None
+        reply, replica = self._run_poll(keys, args)
+        if not reply:
+            return None
+        snapshot = _snapshot(*scripts.POLL.fields(reply))
+        if replica == HELD and not self._vouched(keys["stream"], snapshot.text):
+            replica = UNHELD
+        if replica == UNHELD:
+            vouched = int(scripts.POLL.fields(reply)[0]["vouched"])
+            snapshot.text = snapshot.text.encode()[:vouched].decode("utf-8", "ignore")
+            metrics.POLL_TEXT_UNREPLICATED.labels(self.store.durable.bot, "held_back").inc()
+        return snapshot
 
-    def _run_poll(self, keys: dict[str, str], args: dict[str, object]) -> list | None:
+    def _send_poll(self, *command) -> tuple[list | None, str]:
+        """scripts.POLL's reply, and what a replica holds of the text it would show (_wait_for_replica)."""
+        if not self._wait_ms:
+            return self._connections.execute(*command), NOTHING_AHEAD
+        return self._connections.execute(*command, then=self._wait_for_replica)
+
+    def _wait_for_replica(self, reply: list | None, send) -> tuple[list | None, str]:
+        """After a poll's script, on its connection (`send`): whether a replica holds what the poll would show, when
+        its text ran ahead of what was vouched for (NOTHING_AHEAD otherwise, or when it has been ahead so long that
+        it is shown all the same)."""
+        ahead_for = scripts.POLL.fields(reply)[0]["ahead_for"] if reply else ""
+        if ahead_for == "":
+            return reply, NOTHING_AHEAD
+        if float(ahead_for) >= HOLD_BACK_SECONDS:
+            metrics.POLL_TEXT_UNREPLICATED.labels(self.store.durable.bot, "shown").inc()
+            return reply, NOTHING_AHEAD
+        if send is None:  # sent through the cluster client: no connection of its own to wait on
+            return reply, UNHELD
+        try:
+            replicas = int(send(("WAIT", 1, self._wait_ms)))
+        except REDIS_FAILURES:
+            return reply, UNHELD
+        return reply, HELD if replicas >= 1 else UNHELD
+
+    def _vouched(self, stream_key: str, text: str) -> bool:
+        """Note that a poll shows `text`, now held by a replica (scripts.VOUCH); False if Redis did not take it (the
+        poll then shows what was vouched for before: a later poll, held back, must not show less than this one)."""
+        try:
+            self._vouch(keys=[stream_key], args=[len(text.encode())])
+        except REDIS_FAILURES:
+            return False
+        return True
+
+    def _run_poll(self, keys: dict[str, str], args: dict[str, object]) -> tuple[list | None, str]:
         """scripts.POLL's reply, from the master of now: a master that came back after its failover still answers
         reads, from its old data set (a reply that waited out a pause may come from one), so a reply that found
         nothing, or came late, is asked of the new master again before the user is told the answer cannot be found,
@@ -144,11 +206,11 @@ class PollPath:
         if self._master_watch is not None:
             self._master_watch.ensure()
         started = time.monotonic()
-        reply = self._poll.run(keys, args)
-        stalled = time.monotonic() - started > STALLED_READ_SECONDS
+        reply, replica = self._poll.run(keys, args)
+        stalled = time.monotonic() - started > STALLED_READ_SECONDS + self._wait_ms / 1000
         if (not reply or stalled) and self._connections.follow_failover():
-            reply = self._poll.run(keys, args)
-        return reply
+            reply, replica = self._poll.run(keys, args)
+        return reply, replica
 
     def _watch_master(self) -> None:
         """Under Sentinel, every MASTER_WATCH_SECONDS: drop the poll path's idle connections to a master that was

@@ -225,6 +225,11 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 # the bubble showed when it closed early), `files` the answer's files (JSON; only to a frame's poll once the stream is
 # done: the holder sends them after the bubble, and knows without a read of its own when there are none).
 #
+# What a replica holds (`vouch` '1': Sentinel or Cluster, a bubble polled through its callback): `vouched` is how many
+# bytes of the text a poll showed once a replica held them (VOUCH), and `ahead_for` how long the text has run ahead of
+# that ('' when it has not, or when the bubble is not live): the caller waits for a replica before it shows more
+# (services/streams/poll_path.py). The script notes when the text first ran ahead (`ahead_since`).
+#
 # An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica (`taker`,
 # if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known;
 # at most 3 times), else restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired
@@ -248,12 +253,12 @@ POLL = ScriptSpec(
     "POLL",
     keys=("stream", "chunks", "lease", "images"),
     args=("now", "window_seconds", "overflow_bytes", "orphan_note", "taker", "lease_ms", "taker_runs_it",
-          "grace_seconds", "token", "keep_card", "record_token", "record_deadline"),
+          "grace_seconds", "token", "keep_card", "record_token", "record_deadline", "vouch"),
     row=("status", "text", "note", "close_reason", "closed_bytes", "has_response_url", "event", "freed_inflight_key",
-         "attempt", "prompt", "card", "recorded", "shows", "files"),
+         "attempt", "prompt", "card", "recorded", "shows", "files", "vouched", "ahead_for"),
     hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
                  "inflight_key", "restarts", "workflow_run_id", "resumes", "owner", "lease_missing_at", "prompt",
-                 "card", "card_shown", "polls", "images", "files"),
+                 "card", "card_shown", "polls", "images", "files", "vouched_bytes", "ahead_since"),
     shared=_DEADLINE,
     body="""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
@@ -340,13 +345,22 @@ if recorded == 'yes' then
     writes[#writes + 1] = v
   end
 end
+local vouched, ahead_for = H.vouched_bytes or '0', ''
+if A.vouch == '1' and live and #text > tonumber(vouched) then
+  if H.ahead_since then
+    ahead_for = tostring(math.max(0, now - tonumber(H.ahead_since)))
+  else
+    ahead_for = '0'
+    for _, v in ipairs({'ahead_since', A.now}) do writes[#writes + 1] = v end
+  end
+end
 redis.call('HSET', K.stream, unpack(writes))
 local files = ''
 if recorded ~= '' and status == 'done' then files = H.files or '' end
 local out = row{status = status, text = text, note = note, close_reason = reason, closed_bytes = closed_bytes,
                 has_response_url = (H.response_url and H.response_url ~= '') and '1' or '', event = event,
                 freed_inflight_key = freed, attempt = attempt, prompt = prompt, card = card, recorded = recorded,
-                shows = shows, files = files}
+                shows = shows, files = files, vouched = vouched, ahead_for = ahead_for}
 if status == 'done' and H.images ~= '0' then  -- no count: finished by the release before, so the list is read
   for _, image in ipairs(redis.call('LRANGE', K.images, 0, -1)) do out[#out + 1] = image end
 end
@@ -503,6 +517,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# KEYS: stream. ARGV: how many bytes of its text a poll is about to show, now that a replica holds them (POLL's
+# `vouch`). Raises the stream's `vouched_bytes` to that (never lowers it: two polls of one bubble may cross), and
+# forgets since when the text ran ahead. Writes only to an existing hash, so no key is ever left without a TTL.
+VOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(ARGV[1]) > (tonumber(redis.call('HGET', KEYS[1], 'vouched_bytes')) or 0) then
+  redis.call('HSET', KEYS[1], 'vouched_bytes', ARGV[1])
+end
+redis.call('HDEL', KEYS[1], 'ahead_since')
+return 1
+"""
+
 ALL = {
     "OPEN": OPEN,
     "ADMIT": ADMIT,
@@ -510,6 +536,7 @@ ALL = {
     "REPLACE": REPLACE,
     "FINISH": FINISH.source,
     "POLL": POLL.source,
+    "VOUCH": VOUCH,
     "RECORD": RECORD,
     "RENEW": RENEW,
     "RELEASE": RELEASE,
