@@ -278,13 +278,14 @@ class WeComSimulator:
             self.url(replica), params=query, content=body, headers={"Content-Type": "application/json"}
         )
 
-    def send(self, payload: dict, replica: int | None = None) -> dict | None:
-        """POST a callback and return the decrypted reply (None for an empty reply).
+    def send(self, payload: dict, replica: int | None = None, timestamp: int | None = None) -> dict | None:
+        """POST a callback and return the decrypted reply (None for an empty reply). `timestamp` (epoch seconds):
+        when WeCom sent it, if not now (a callback read late).
 
         Raises:
             ReplyError: a non-200 status, a bad reply signature or nonce, or a reply that does not decrypt.
         """
-        query, body = self.envelope(payload)
+        query, body = self.envelope(payload, timestamp)
         response = self.http.post(
             self.url(replica), params=query, content=body, headers={"Content-Type": "application/json"}
         )

@@ -182,6 +182,26 @@ def test_an_answer_whose_bubble_no_poll_ever_showed_goes_out_through_response_ur
     assert len(simulator.inbox.received(payload["response_url"])) == 1
 
 
+def test_an_answer_whose_only_poll_came_after_wecom_stopped_waiting_goes_out_through_response_url(
+    simulator, dify, monkeypatch
+):
+    """A WeCom repeat of the message, read by a replica frozen past WeCom's wait, is answered with the stream as far
+    as it has come, but WeCom waits for that reply no more: it does not count as a poll of the bubble, so the answer,
+    which no bubble showed, still goes out through response_url, once. (Counted, it kept the answer from its user,
+    whom the next try told the service was unavailable: the 10-minute Cluster run of seed 12.)"""
+    from services.streams import delivery
+
+    monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 2.0)
+    dify.script([d.message("The whole "), d.sleep(1.0), d.message("answer."), d.end()])
+    payload = simulator.text_message("hello")
+    stream_id = simulator.send(payload)["stream"]["id"]  # the reply WeCom never got: nothing polls it
+    late = simulator.send(payload, timestamp=int(time.time()) - 10)  # the repeat, read 10 s after it was sent
+    assert late["stream"]["id"] == stream_id and not late["stream"]["finish"]
+    message = simulator.inbox.wait_for(payload["response_url"])
+    assert message["markdown"]["content"] == f"{ZH['full_answer']}\n\nThe whole answer."
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
 def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dify, monkeypatch):
     """An answer that ends before WeCom's first poll waits for it: the bubble shows it, and nothing more is sent."""
     from services.streams import delivery

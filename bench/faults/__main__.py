@@ -225,7 +225,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         wait_for_quiet(dify)
         collect(history, dify, bots)
         collect_audit(history, database_url)
-        unreplicated = writes_unreplicated(replicas)
+        unreplicated = counter_by(replicas, "redis_writes_unreplicated_total", "write")
+        polls_unreplicated = counter_by(replicas, "wecom_poll_text_unreplicated_total", "outcome")
     finally:
         for replica in replicas:
             replica.kill()
@@ -245,6 +246,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     result["lease_seconds"] = lease
     result["tracebacks_in_logs"] = sum(r.logs().count("Traceback") for r in replicas)
     result["redis_writes_unreplicated_total"] = unreplicated
+    result["wecom_poll_text_unreplicated_total"] = polls_unreplicated
     result["history"] = str(directory / "history.jsonl")
     return result
 
@@ -380,9 +382,9 @@ def workers_of(history: History, replicas) -> None:
         history.add("worked", msgid=msgid, replica=index, first=first, last=last)
 
 
-def writes_unreplicated(replicas) -> dict[str, float]:
-    """redis_writes_unreplicated_total by write, summed over the replicas (each since its last start: a replica the
-    nemesis killed lost its count), from their /metrics."""
+def counter_by(replicas, name: str, label: str) -> dict[str, float]:
+    """A counter by one of its labels (redis_writes_unreplicated_total by write, say), summed over the replicas (each
+    since its last start: a replica the nemesis killed lost its count), from their /metrics."""
     totals: dict[str, float] = {}
     for replica in replicas:
         try:
@@ -391,9 +393,9 @@ def writes_unreplicated(replicas) -> dict[str, float]:
             continue
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "redis_writes_unreplicated_total":
-                    write = sample.labels.get("write", "?")
-                    totals[write] = totals.get(write, 0.0) + sample.value
+                if sample.name == name:
+                    value = sample.labels.get(label, "?")
+                    totals[value] = totals.get(value, 0.0) + sample.value
     return dict(sorted(totals.items()))
 
 

@@ -119,6 +119,7 @@ class PollPath:
         token: str = "",
         hand_card: bool = True,
         record: FrameRecord | None = None,
+        counted: bool = True,
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -129,7 +130,8 @@ class PollPath:
         When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
         A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
         card is left for a later poll. With a `record`, the poll records what the frame it returns will show
-        (scripts.POLL: a long connection's holder, before it sends that frame).
+        (scripts.POLL: a long connection's holder, before it sends that frame). A poll not `counted` (its reply
+        comes after WeCom stopped waiting) does not make a live bubble count as shown (scripts.UNPOLLED).
         """
         k = self.store.keys
         keys = {
@@ -152,6 +154,7 @@ class PollPath:
             "record_token": record.token if record else "",
             "record_deadline": f"{record.deadline:.3f}" if record else "0",
             "vouch": "1" if self._wait_ms and record is None else "",
+            "counted": "1" if counted else "",
         }
         reply, replica = self._run_poll(keys, args)
         if not reply:

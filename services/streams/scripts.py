@@ -230,6 +230,11 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 # that ('' when it has not, or when the bubble is not live): the caller waits for a replica before it shows more
 # (services/streams/poll_path.py). The script notes when the text first ran ahead (`ahead_since`).
 #
+# Each poll is counted in `polls` (a bubble no poll showed goes out through response_url: UNPOLLED), but one whose
+# reply WeCom surely waits for no more (`counted` '': a callback read long after it was sent, by a process frozen
+# meanwhile) does not count for a live bubble: nobody may ever see it. It notes `late_poll_at` instead, for every poll
+# writes, so that a WAIT after it covers every append before it.
+#
 # An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica (`taker`,
 # if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known;
 # at most 3 times), else restarted when nothing was shown yet and it was never restarted; otherwise it becomes expired
@@ -253,7 +258,7 @@ POLL = ScriptSpec(
     "POLL",
     keys=("stream", "chunks", "lease", "images"),
     args=("now", "window_seconds", "overflow_bytes", "orphan_note", "taker", "lease_ms", "taker_runs_it",
-          "grace_seconds", "token", "keep_card", "record_token", "record_deadline", "vouch"),
+          "grace_seconds", "token", "keep_card", "record_token", "record_deadline", "vouch", "counted"),
     row=("status", "text", "note", "close_reason", "closed_bytes", "has_response_url", "event", "freed_inflight_key",
          "attempt", "prompt", "card", "recorded", "shows", "files", "vouched", "ahead_for"),
     hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
@@ -270,7 +275,7 @@ if A.record_token ~= '' then recorded = late(A.record_deadline) and 'late' or 'y
 local text = H.text or ''
 local folded = tonumber(H.folded) or 0
 local fresh = redis.call('LRANGE', K.chunks, folded, -1)
-local writes = {'polls', (tonumber(H.polls) or 0) + 1}  -- written once, at the end
+local writes = {}  -- written once, at the end
 if #fresh > 0 then
   text = text .. table.concat(fresh)
   for _, v in ipairs({'text', text, 'folded', folded + #fresh}) do writes[#writes + 1] = v end
@@ -353,6 +358,11 @@ if A.vouch == '1' and live and #text > tonumber(vouched) then
     ahead_for = '0'
     for _, v in ipairs({'ahead_since', A.now}) do writes[#writes + 1] = v end
   end
+end
+if A.counted == '1' or not live then
+  for _, v in ipairs({'polls', (tonumber(H.polls) or 0) + 1}) do writes[#writes + 1] = v end
+else
+  for _, v in ipairs({'late_poll_at', A.now}) do writes[#writes + 1] = v end
 end
 redis.call('HSET', K.stream, unpack(writes))
 local files = ''

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 # What a poll did when it closed a bubble before its answer ended (scripts.POLL).
 CLOSING_EVENTS = ("closed_window", "closed_overflow")
+# A callback read this long after its timestamp is answered after WeCom stopped waiting (about 5 s; the timestamp is
+# in whole seconds, so the callback is at most a second younger): its poll does not count as showing a live bubble
+# (scripts.POLL), so an answer whose only "poll" was such a reply still goes out through response_url. A WeCom repeat
+# of a message, held by a frozen replica for 12 s, once made its answer count as shown: its user, told by the next
+# try that the service was unavailable, never got it (the 10-minute Cluster run of 2026-11-27, seed 12).
+SURELY_UNTAKEN_SECONDS = 6.0
 
 
 def new_stream_id() -> str:
@@ -306,6 +312,7 @@ class StreamService:
         until the answer ends). None for an unknown stream."""
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
+        counted = seconds_since_callback_sent() <= SURELY_UNTAKEN_SECONDS
         try:
             snapshot = self.poll_path.poll(
                 stream_id,
@@ -317,6 +324,7 @@ class StreamService:
                 token=token,
                 hand_card=hand_card,
                 record=record,
+                counted=counted,
             )
         except REDIS_FAILURES:
             self.card_returns.later(self.poll_path, stream_id, token)  # its script may yet run: its card comes back
