@@ -49,6 +49,7 @@ from services.longconn.jobs import JobConsumer, JobQueue
 from services.longconn.lease import BotLease
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
+from services.longconn.spool import Spool
 from services.longconn.uploads import FileSender
 from services.media.service import MediaService
 from services.push.pushes import BotPushes
@@ -463,7 +464,9 @@ def _connection(
 
     sends = ChatWindow(client, keys.ws_sends, connection.send_per_minute, connection.send_per_hour)
     redis_timeout = shared.settings.redis.socket_timeout
-    holder = ConnectionHolder(bot.name, connection, redis_timeout, lease, callback, outbox, sends, sender)
+    # a message read while Redis is away is kept in the database, where any process finds it (longconn/spool.py)
+    spool = Spool(shared.users.engine, bot.name, shared.owner) if shared.users is not None else None
+    holder = ConnectionHolder(bot.name, connection, redis_timeout, lease, callback, outbox, sends, sender, spool)
     block_ms = max(100, min(1000, int(redis_timeout * 500)))  # the consumer's wait: well within the socket timeout
     consumer = JobConsumer(core.delivery.queue, streams, shared.owner, block_ms)
     quota = ChatWindow(client, keys.push_quota, connection.send_per_minute, connection.send_per_hour)

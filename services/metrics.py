@@ -189,6 +189,13 @@ POLL_TEXT_UNREPLICATED = Counter(
     ["bot", "outcome"],
 )
 POLL_TEXT_OUTCOMES = ("held_back", "shown")
+WS_SPOOL = Counter(
+    "wecom_ws_spool_total",
+    "Long-connection messages read while Redis was away: kept in the database (not_kept: it was away too), and "
+    "those a process took after their reader was gone (already, answered, replied, malformed, given_up)",
+    ["bot", "outcome"],
+)
+WS_SPOOL_OUTCOMES = ("kept", "not_kept", "already", "answered", "replied", "malformed", "given_up")
 BACKGROUND_ERRORS = Counter(
     "background_errors_total",
     "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
@@ -348,6 +355,9 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
         UNREPLICATED_WRITES.labels(bot, write)
     for outcome in POLL_TEXT_OUTCOMES:
         POLL_TEXT_UNREPLICATED.labels(bot, outcome)
+    if long_connection:
+        for outcome in WS_SPOOL_OUTCOMES:
+            WS_SPOOL.labels(bot, outcome)
     for outcome in FILE_OUTCOMES:
         FILES.labels(bot, outcome)
     for kind in CARD_KINDS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 from services import metrics
@@ -86,17 +86,20 @@ class CallbackHandler:
             metrics.POLL_SECONDS.labels(self.bot).observe(time.perf_counter() - started)
         return self.envelope.seal(reply, opened.nonce)
 
-    def dispatch(self, message: Inbound, patience: float = 0.0) -> dict | None:
+    def dispatch(
+        self, message: Inbound, patience: float = 0.0, on_outage: Callable[[], object] | None = None
+    ) -> dict | None:
         """The plaintext reply for an authentic message; failures behind it become finished replies. A message is
-        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once), or
-        for as long as WeCom waits for a callback's reply (CALLBACK_INTAKE_SECONDS), then ended with a note."""
+        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once;
+        `on_outage` is called when a first try meets the outage), or for as long as WeCom waits for a callback's
+        reply (CALLBACK_INTAKE_SECONDS), then ended with a note."""
         try:
             if message.msgtype == "stream":
                 bind_log_context(stream=message.stream_id)
                 return self.streams.poll(message.stream_id)
             if message.msgtype == "event":
                 return self.events.handle(message)
-            return self._take(message, patience)
+            return self._take(message, patience, on_outage)
         except REDIS_FAILURES as exc:
             if message.msgtype == "stream":
                 logger.warning("Redis unavailable while answering a poll: %s", exc)
@@ -110,7 +113,16 @@ class CallbackHandler:
                 return None
             return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
 
-    def _take(self, message: Inbound, patience: float) -> dict:
+    def take_kept(self, message: Inbound) -> dict:
+        """Take a message kept while Redis was away, once, by a process that did not read it (services/longconn/
+        spool.py): its reply goes nowhere but where the caller sends it.
+
+        Raises:
+            redis.RedisError (or a cluster error): Redis is still away.
+        """
+        return self.intake.take(message)
+
+    def _take(self, message: Inbound, patience: float, on_outage: Callable[[], object] | None = None) -> dict:
         """Take a new message, again through a Redis outage while that is of use: for `patience` seconds, else
         until CALLBACK_INTAKE_SECONDS have passed (a try may be made again: a message taken once is found taken).
 
@@ -119,6 +131,11 @@ class CallbackHandler:
         """
         take = partial(self.intake.take, message)
         if patience > 0:
+            if on_outage is not None:
+                try:
+                    return take()
+                except REDIS_FAILURES:
+                    on_outage()
             return through_outage(take, "taking a message", delays_for(patience))
         deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS
         pauses = steady_delays(CALLBACK_INTAKE_SECONDS, CALLBACK_INTAKE_PAUSE)

@@ -43,7 +43,11 @@ class ConnectionDelivery:
         self.queue.submit(job.stream_id, job.attempt)  # any replica's consumer takes it; the outbox follows it
 
     def tracking(self, message: Inbound) -> dict[str, str]:
-        return self.outbox.tracking(*_answered_on(message)) if message.ws_req_id else {}
+        """Answered on the frame's req_id; a message no frame of this connection carries (one kept while Redis was
+        away by a process now gone, services/longconn/spool.py) is answered as a message of its own."""
+        if message.ws_req_id:
+            return self.outbox.tracking(*_answered_on(message))
+        return self.outbox.separate_tracking(message.chatid or message.userid, not message.chatid)
 
     def track(self, stream_id: str, message: Inbound) -> None:
         """A redelivery comes on a new connection: the stream is answered on its req_id, of its generation (the

@@ -27,6 +27,7 @@ from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
 from services.longconn.replies import ReplyPump
 from services.longconn.session import CLOSED, KICKED, Session, SessionFailed, SubscribeRefused
+from services.longconn.spool import Spool, SpoolDrain
 from services.longconn.uploads import FileSender
 from services.loops import run_until
 from services.outage import best_effort, best_effort_value
@@ -59,6 +60,7 @@ class ConnectionHolder:
         outbox: Outbox,
         sends: ChatWindow,
         files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
+        spool: Spool | None = None,
     ):
         self.bot = bot
         self.settings = settings
@@ -71,16 +73,22 @@ class ConnectionHolder:
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
         self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads, redis_timeout)
         self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
-        self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding))
+        self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding), spool, outbox)
+        # the messages a process gone kept while Redis was away: any process takes them (services/longconn/spool.py)
+        self.spool_drain = SpoolDrain(spool, self.inbound.take_kept, REDIS_FAILURES) if spool is not None else None
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        if self.spool_drain is not None:
+            self.spool_drain.start()
 
     def stop(self) -> None:
         """Drain: let the frames sent have their acks (what each bubble shows is then known to the next holder),
         close the connection and hand the lease over."""
         self._stop.set()
+        if self.spool_drain is not None:
+            self.spool_drain.stop()
         session, holding = self._session, self._holding
         if session is not None:
             if not session.settle(ACK_SETTLE_SECONDS):

@@ -14,8 +14,10 @@ import orjson
 from services.callback.handler import CallbackHandler
 from services.longconn import frames
 from services.longconn.lease import Holding
+from services.longconn.outbox import Outbox
 from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
+from services.longconn.spool import Spool
 from services.wecom.errors import CallbackError
 from services.wecom.messages import parse_inbound
 from utils.logging import log_context
@@ -37,10 +39,14 @@ class InboundHandler:
         callback: CallbackHandler,
         replies: ReplyPump,
         connection: Callable[[], tuple[Session | None, Holding | None]],
+        spool: Spool | None = None,
+        outbox: Outbox | None = None,
     ):
         self.callback = callback
         self.replies = replies
         self._connection = connection  # the session and holding this process has now
+        self.spool = spool  # where a message read while Redis is away is kept (None: no database)
+        self.outbox = outbox
 
     def __call__(self, data: dict) -> None:
         req_id = frames.req_id_of(data)
@@ -55,8 +61,17 @@ class InboundHandler:
         session, holding = self._connection()
         if holding is not None:  # the answer's route, which the stream keeps from its creation (StreamService.open)
             message = replace(message, ws_req_id=req_id, ws_generation=holding.generation)
+        kept = False
+
+        def keep() -> None:  # Redis is away: the message is kept where another process finds it, should this one die
+            nonlocal kept
+            if self.spool is not None and message.msgtype not in ("stream", "event") and message.msgid:
+                kept = self.spool.keep(message.msgid, orjson.dumps(body).decode())
+
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            reply = self.callback.dispatch(message, patience=INTAKE_PATIENCE_SECONDS)
+            reply = self.callback.dispatch(message, patience=INTAKE_PATIENCE_SECONDS, on_outage=keep)
+            if kept:
+                self.spool.drop(message.msgid)
         if reply is None:
             return
         if message.msgtype == "event":
@@ -65,3 +80,40 @@ class InboundHandler:
                 session.send(frames.frame(command, req_id, reply), req_id)
             return
         self.replies.open(req_id, (reply.get("stream") or {}).get("id", ""), reply)
+
+    def take_kept(self, body: str) -> str:
+        """Take a message another process read while Redis was away and kept (services/longconn/spool.py), that
+        process being gone: answered as a message of its own, since the frame it came on is gone too. Returns what
+        became of it: `already` (its msgid was taken: that answer stands), `answered` (an answer runs, which the
+        outbox sends whole when it ends), `replied` (a finished reply, a refusal or a command's, sent as a message),
+        or `malformed`.
+
+        Raises:
+            redis.RedisError (or a cluster error): Redis is still away.
+        """
+        try:
+            message = parse_inbound(body)
+        except CallbackError as exc:
+            logger.warning("dropped a kept message that does not parse: %s", exc.error)
+            return "malformed"
+        with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
+            if self.callback.streams.store.stream_for_msgid(message.msgid):
+                return "already"
+            reply = self.callback.take_kept(message)
+            stream = (reply or {}).get("stream") or {}
+            if not stream.get("finish"):
+                return "answered"
+            message_id = f"kept.{message.msgid}"
+            if self.outbox.posted(message_id):  # by a drain that died after posting it, before dropping the row
+                return "replied"
+            chat, single = message.chatid or message.userid, not message.chatid
+            fields = {"msgid": f"kept:{message.msgid}", "userid": message.userid, "chatid": message.chatid}
+            self.outbox.post(
+                message_id,
+                self.callback.streams.owner,
+                stream.get("content", ""),
+                chat,
+                single,
+                {**fields, "aibotid": message.aibotid},
+            )
+            return "replied"

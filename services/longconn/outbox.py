@@ -103,10 +103,15 @@ class Outbox:
         self.store.record(stream_id, self.tracking(req_id, generation, chatid, single), durable=True)
         self.follow(stream_id)
 
+    @staticmethod
+    def separate_tracking(chatid: str, single: bool) -> dict[str, str]:
+        """The fields of a stream with no bubble: sent whole, once, when final (by aibot_send_msg)."""
+        return {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
+
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None:
         """A stream with no bubble (the rest of a run after a form's answer; with `as_is`, a message made whole
         already, such as an answer's rest): sent whole, once, when final."""
-        fields = {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
+        fields = self.separate_tracking(chatid, single)
         if as_is:
             fields["ws_as_is"] = "1"
         self.store.record(stream_id, fields, durable=True)

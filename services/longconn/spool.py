@@ -1,0 +1,213 @@
+"""A long connection's messages kept in the database while Redis is away.
+
+WeCom delivers a message on a long connection once, and takes no acknowledgement but the reply. A message read while
+Redis does not answer is taken again for a while (services/longconn/inbound.py), in the memory of the process that
+read it; were that process to die meanwhile, the message would be gone. So before that, it is written to the
+`wecom_ws_spool` table of the gateway's database (the user table's, DATABASE_URL), and dropped from it once its
+reader has answered it. A row still there well after its reader's patience ran out (its reader died, or was stopped)
+is taken by any serving process once Redis answers (`SpoolDrain`): the message is taken as new (a msgid some
+process took already is left to that one's answer), and, the frame it came on being gone with its reader, answered
+as a message of its own (aibot_send_msg, through the outbox).
+
+No database, no spool: a message read while Redis is away then lives in its reader's memory alone, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    String,
+    Table,
+    UniqueConstraint,
+    delete,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from services import metrics
+from services.audit.table import LongText, RowId
+from services.auth.db import metadata
+from services.loops import run_until
+
+logger = logging.getLogger(__name__)
+
+# A row is taken by a drain this long after it was written: its reader takes the message again for 30 s
+# (INTAKE_PATIENCE_SECONDS), then answers it or says Redis is away, and drops the row either way.
+STALE_SECONDS = 45.0
+# A drain's claim on a row: a drain that died holding it is taken over this much later.
+CLAIM_SECONDS = 60.0
+# A row nobody could take in this long (Redis away all that time) is given up: its user has long asked again.
+KEEP_SECONDS = 600.0
+SWEEP_SECONDS = 5.0
+PAGE = 20
+
+wecom_ws_spool = Table(
+    "wecom_ws_spool",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("bot", String(64), nullable=False),
+    Column("msgid", String(128), nullable=False),
+    Column("body", LongText, nullable=False),  # the frame's body as WeCom sent it (JSON)
+    Column("received_at", DateTime, nullable=False),
+    Column("taken_by", String(128), nullable=False, server_default=""),
+    Column("taken_at", DateTime),
+    UniqueConstraint("bot", "msgid", name="uq_wecom_ws_spool_message"),
+    mysql_charset="utf8mb4",
+    mysql_engine="InnoDB",
+)
+
+
+def _now() -> datetime:
+    return datetime.utcnow().replace(microsecond=0)
+
+
+class Spool:
+    """One bot's rows of `wecom_ws_spool`, for the process `owner`."""
+
+    def __init__(self, engine: Engine, bot: str, owner: str):
+        self.engine = engine
+        self.bot = bot
+        self.owner = owner
+        self._table_ready = False
+
+    def keep(self, msgid: str, body: str) -> bool:
+        """Write a message read while Redis is away; True if the database has it (a row for its msgid is kept as
+        it is). False, logged, when the database does not answer either."""
+        try:
+            self._ensure_table()
+            with self.engine.begin() as connection:
+                connection.execute(
+                    insert(wecom_ws_spool).values(bot=self.bot, msgid=msgid, body=body, received_at=_now())
+                )
+        except IntegrityError:
+            return True
+        except SQLAlchemyError as exc:
+            logger.warning("could not keep the message in the database either (%s)", type(exc).__name__)
+            metrics.WS_SPOOL.labels(self.bot, "not_kept").inc()
+            return False
+        metrics.WS_SPOOL.labels(self.bot, "kept").inc()
+        return True
+
+    def drop(self, msgid: str) -> None:
+        """The message was answered (or told that Redis is away): its row goes. A row the database keeps meanwhile
+        is taken by a drain later, which finds its msgid taken and leaves it to that answer."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    delete(wecom_ws_spool).where(wecom_ws_spool.c.bot == self.bot, wecom_ws_spool.c.msgid == msgid)
+                )
+        except SQLAlchemyError as exc:
+            logger.warning("could not drop a kept message's row (%s); a drain will", type(exc).__name__)
+
+    def stale(self) -> list[tuple[str, str, datetime]]:
+        """A page of rows whose reader is done with them or gone, and that no living drain holds: (msgid, body,
+        received_at), oldest first."""
+        now = _now()
+        c = wecom_ws_spool.c
+        query = (
+            select(c.msgid, c.body, c.received_at)
+            .where(c.bot == self.bot, c.received_at <= now - timedelta(seconds=STALE_SECONDS))
+            .where((c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS)))
+            .order_by(c.received_at)
+            .limit(PAGE)
+        )
+        self._ensure_table()
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(query)]
+
+    def claim(self, msgid: str, received_at: datetime) -> bool:
+        """Take a stale row for this process; False if another drain took it first."""
+        now = _now()
+        c = wecom_ws_spool.c
+        statement = (
+            update(wecom_ws_spool)
+            .where(c.bot == self.bot, c.msgid == msgid, c.received_at == received_at)
+            .where((c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS)))
+            .values(taken_by=self.owner, taken_at=now)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def release(self, msgid: str) -> None:
+        """Redis is still away: the row waits for the next sweep, of any process."""
+        c = wecom_ws_spool.c
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(wecom_ws_spool)
+                .where(c.bot == self.bot, c.msgid == msgid, c.taken_by == self.owner)
+                .values(taken_by="", taken_at=None)
+            )
+
+    def _ensure_table(self) -> None:
+        if self._table_ready:
+            return
+        with self.engine.connect() as connection:
+            missing = not inspect(connection).has_table(wecom_ws_spool.name)
+        if missing:
+            wecom_ws_spool.create(self.engine, checkfirst=True)
+            logger.info("created the wecom_ws_spool table")
+        self._table_ready = True
+
+
+class SpoolDrain:
+    """Every SWEEP_SECONDS, in every serving process: the stale rows of one bot's spool, each taken by one process,
+    answered through `take` (a callable that takes the message as new and sees it answered on its own, raising a
+    Redis failure while Redis is away)."""
+
+    def __init__(self, spool: Spool, take, redis_failures: tuple[type[BaseException], ...]):
+        self.spool = spool
+        self._take = take
+        self._redis_failures = redis_failures
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"ws-spool-{self.spool.bot}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        def step() -> None:
+            self.sweep()
+            self._stop.wait(SWEEP_SECONDS)
+
+        run_until(self._stop, step, "ws_spool_drain")
+
+    def sweep(self) -> int:
+        """One pass; returns how many rows it answered or gave up."""
+        try:
+            rows = self.spool.stale()
+        except SQLAlchemyError as exc:
+            logger.debug("the spool could not be read (%s)", type(exc).__name__)
+            return 0
+        done = 0
+        for msgid, body, received_at in rows:
+            if self._stop.is_set() or not self.spool.claim(msgid, received_at):
+                continue
+            if _now() - received_at > timedelta(seconds=KEEP_SECONDS):
+                logger.warning("gave up a kept message: Redis stayed away for %d s", KEEP_SECONDS)
+                metrics.WS_SPOOL.labels(self.spool.bot, "given_up").inc()
+            else:
+                try:
+                    outcome = self._take(body)
+                except self._redis_failures as exc:
+                    logger.info("Redis is still away (%s); the kept message waits", type(exc).__name__)
+                    self.spool.release(msgid)
+                    return done
+                metrics.WS_SPOOL.labels(self.spool.bot, outcome).inc()
+                logger.warning("a kept message whose reader is gone was taken here (%s)", outcome)
+            self.spool.drop(msgid)
+            done += 1
+        return done
