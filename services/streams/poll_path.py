@@ -9,7 +9,7 @@ failover that promoted one without the last of them would make the next poll sho
 whose text ran ahead of what the stream's last confirmed poll showed (`vouched_bytes`) waits for a replica (WAIT, on
 the connection that ran the script: everything the master held when it ran is then on a replica), notes what it shows
 (scripts.VOUCH), and shows it; one that no replica confirms within REDIS_CLAIM_WAIT_MS shows what was vouched for, and
-the rest a second later. Text ahead for HOLD_BACK_SECONDS is shown all the same: a replica that far behind is most
+the rest at a later poll. Text ahead for HOLD_BACK_SECONDS is shown all the same: a replica that far behind is most
 likely gone for good (a Cluster shard whose replica died), and a bubble that froze would cost more than the window.
 A long connection's frames are not held back (their record of what a frame shows is written by the same script).
 
@@ -64,6 +64,7 @@ class Snapshot:
     files: str = ""  # a recorded frame of a done stream: the answer's files (JSON), which its holder sends next
     images: list[dict] = field(default_factory=list)
     owed: str = ""  # a bubble closed early whose answer was given up: what its response_url owes (StreamService.look)
+    vouched: int = 0  # Sentinel, Cluster: bytes of the text a poll showed once a replica held them (scripts.VOUCH)
 
     @property
     def taken_over(self) -> bool:
@@ -163,8 +164,7 @@ class PollPath:
         if replica == HELD and not self._vouched(keys["stream"], snapshot.text):
             replica = UNHELD
         if replica == UNHELD:
-            vouched = int(scripts.POLL.fields(reply)[0]["vouched"])
-            snapshot.text = snapshot.text.encode()[:vouched].decode("utf-8", "ignore")
+            snapshot.text = snapshot.text.encode()[: snapshot.vouched].decode("utf-8", "ignore")
             metrics.POLL_TEXT_UNREPLICATED.labels(self.store.durable.bot, "held_back").inc()
         return snapshot
 
@@ -252,4 +252,5 @@ def _snapshot(row: dict[str, str], images: list[str]) -> Snapshot:
         shows=int(row["shows"] or 0),
         files=row["files"],
         images=[orjson.loads(image) for image in images],
+        vouched=int(row["vouched"] or 0),
     )
