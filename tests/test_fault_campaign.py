@@ -331,7 +331,15 @@ def test_liveness_is_reported_per_fault_kind_and_per_app():
     cut[0]["app"] = "chatflow"
     result = check(cut + [fault("dify_partition", 0.5, 1.5), fault("dify_partition", 20.0, 21.0)])
     no_fault_asked = {"messages": 0, "whole": 0, "notes": 0}  # (the one message's Dify call was made to fail)
-    assert result["by_app"] == {"chatflow": {"messages": 1, "whole": 0, "notes": 1, "asked_whole": no_fault_asked}}
+    assert result["by_app"] == {
+        "chatflow": {
+            "messages": 1,
+            "whole": 0,
+            "notes": 1,
+            "asked_whole": no_fault_asked,
+            "under_our_faults": no_fault_asked,
+        }
+    }
     assert result["failure_notes"] == {"messages": 1, "dify_fault_injected": 1}  # the note the fault asked for
     row = result["by_fault"]["dify_partition"]
     assert (row["runs"], row["messages"], row["whole"], row["notes"]) == (2, 1, 0, 1)

@@ -28,7 +28,9 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   answer did not reach them whole the same failure notes (checked when the history holds the table's rows).
 
 Liveness is reported beside the counts: per fault kind (`by_fault`) and per app type (`by_app`), how many messages
-were answered whole and how many ended with a failure note; and the control group's (`control`).
+were answered whole and how many ended with a failure note (per app also of those whose Dify call was not made to
+fail, `asked_whole`, and of those the ones no fault of Dify's link touched, `under_our_faults`); and the control
+group's (`control`).
 
 Messages whose Dify call was made to fail (`dify_fault`) must end with the answer or a clear note. Every count is
 also broken down by the faults that were active while the message was open.
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from bench.faults.answers import repeats, sentences_in
 from bench.faults.history import read
-from bench.faults.nemesis import COSTS_LEASES, REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
+from bench.faults.nemesis import COSTS_LEASES, DIFY_FAULTS, REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -427,8 +429,14 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     apps: dict[str, list[Verdict]] = defaultdict(list)
     for verdict in verdicts:
         apps[verdict.app or "?"].append(verdict)
-    result["by_app"] = {  # (`asked_whole`: those whose Dify call was not made to fail, the liveness goal's share)
-        app: {**liveness(found), "asked_whole": liveness([v for v in found if not v.injected])}
+    # (`asked_whole`: those whose Dify call was not made to fail; `under_our_faults`: of those, the ones no fault of
+    # Dify's link touched either, the answers the liveness goal is set for: whole under replica and Redis faults)
+    result["by_app"] = {
+        app: {
+            **liveness(found),
+            "asked_whole": liveness([v for v in found if not v.injected]),
+            "under_our_faults": liveness([v for v in found if not v.injected and not DIFY_FAULTS & set(v.faults)]),
+        }
         for app, found in sorted(apps.items())
     }
     noted = [verdict for verdict in verdicts if verdict.noted]

@@ -70,6 +70,8 @@ _TARGETS = {
     "response_url_busy": "response_url",
     "auth_fault": "auth",
 }
+# The faults of Dify's side (its link): the liveness goal is set for answers no such fault touched.
+DIFY_FAULTS = frozenset(kind for kind, target in _TARGETS.items() if target == "dify")
 # Whether a fault can cost a stream its replica (its lease, so that another replica takes the answer over, and may
 # restart a run that had shown nothing): every kind is one or the other (the checker excuses a second Dify call only
 # under the first; tests/test_fault_campaign.py holds every kind to a side).
