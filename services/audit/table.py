@@ -58,11 +58,11 @@ wecom_audit = Table(
 )
 
 
-def ensure_table(engine: Engine) -> bool:
-    """Create `wecom_audit` if it is missing (an existing table and its rows are left as they are); True if it was
+def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
+    """Create `table` if it is missing (an existing table and its rows are left as they are); True if it was
     created."""
     with engine.connect() as connection:
-        if inspect(connection).has_table(wecom_audit.name):
+        if inspect(connection).has_table(table.name):
             return False
-    wecom_audit.create(engine, checkfirst=True)
+    table.create(engine, checkfirst=True)
     return True

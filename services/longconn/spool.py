@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
     Column,
@@ -27,14 +27,13 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     insert,
-    inspect,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
-from services.audit.table import LongText, RowId
+from services.audit.table import LongText, RowId, ensure_table
 from services.auth.db import metadata
 from services.loops import run_until
 
@@ -67,7 +66,8 @@ wecom_ws_spool = Table(
 
 
 def _now() -> datetime:
-    return datetime.utcnow().replace(microsecond=0)
+    """Now, as the table keeps times: naive UTC, whole seconds."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 
 
 class Spool:
@@ -148,14 +148,10 @@ class Spool:
             )
 
     def _ensure_table(self) -> None:
-        if self._table_ready:
-            return
-        with self.engine.connect() as connection:
-            missing = not inspect(connection).has_table(wecom_ws_spool.name)
-        if missing:
-            wecom_ws_spool.create(self.engine, checkfirst=True)
-            logger.info("created the wecom_ws_spool table")
-        self._table_ready = True
+        if not self._table_ready:
+            if ensure_table(self.engine, wecom_ws_spool):
+                logger.info("created the wecom_ws_spool table")
+            self._table_ready = True
 
 
 class SpoolDrain:
