@@ -24,6 +24,12 @@ from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
 ZH = CATALOGUE["zh"]
 
 
+def backdate(engine) -> None:
+    """Every kept row written a minute ago: longer than its reader's patience (its reader is gone)."""
+    with engine.begin() as connection:
+        connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+
+
 def kept_rows(engine) -> list[tuple]:
     with engine.connect() as connection:
         return [tuple(row) for row in connection.execute(select(wecom_ws_spool.c.msgid, wecom_ws_spool.c.taken_by))]
@@ -69,8 +75,7 @@ def test_a_kept_message_whose_reader_is_gone_is_answered_once_as_a_message_of_it
     assert gone.keep(
         "orphan-1", orjson.dumps(_message(WS_BOT_ID, "alice", "text", {"content": "hi"}, "orphan-1")).decode()
     )
-    with database.begin() as connection:  # written before its reader died, longer ago than its patience
-        connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+    backdate(database)  # written before its reader died, longer ago than its patience
     gateway, wecom = ws_gateway(database_url=mysql_url)
     assert wait_until(lambda: wecom.proactive, timeout=20)
     assert outbox_settled(redis_client, WS_BOT_ID)
@@ -82,8 +87,7 @@ def test_a_kept_message_whose_reader_is_gone_is_answered_once_as_a_message_of_it
     assert gone.keep(
         "orphan-1", orjson.dumps(_message(WS_BOT_ID, "alice", "text", {"content": "hi"}, "orphan-1")).decode()
     )
-    with database.begin() as connection:
-        connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+    backdate(database)
     assert wait_until(lambda: kept_rows(database) == [], timeout=10)
     time.sleep(1.0)
     assert len(wecom.proactive) == 1  # its msgid was taken: no second answer
@@ -94,8 +98,7 @@ def test_of_every_process_sweeping_at_once_one_takes_a_kept_row(database):
     given back to all when Redis is still away."""
     owners = [Spool(database, "default", f"replica-{n}:1") for n in range(8)]
     assert owners[0].keep("raced", "{}")
-    with database.begin() as connection:
-        connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+    backdate(database)
     [(msgid, _, received_at)] = owners[0].stale()
     with ThreadPoolExecutor(len(owners)) as pool:
         won = list(pool.map(lambda spool: spool.claim(msgid, received_at), owners))
@@ -118,8 +121,7 @@ def test_a_kept_command_whose_reader_is_gone_gets_its_reply_as_a_message_once(
     _, wecom = ws_gateway(database_url=mysql_url)
     for _ in range(2):
         assert gone.keep("stop-1", body)
-        with database.begin() as connection:
-            connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+        backdate(database)
         assert wait_until(lambda: kept_rows(database) == [], timeout=10)
     assert outbox_settled(redis_client, WS_BOT_ID)
     [sent] = wecom.proactive

@@ -75,7 +75,7 @@ class ConnectionHolder:
         self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
         self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding), spool, outbox)
         # the messages a process gone kept while Redis was away: any process takes them (services/longconn/spool.py)
-        self.spool_drain = SpoolDrain(spool, self.inbound.take_kept, REDIS_FAILURES) if spool is not None else None
+        self.spool_drain = SpoolDrain(spool, self.inbound.take_kept) if spool is not None else None
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)
 
     def start(self) -> None:

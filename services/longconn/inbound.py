@@ -63,9 +63,9 @@ class InboundHandler:
             message = replace(message, ws_req_id=req_id, ws_generation=holding.generation)
         kept = False
 
-        def keep() -> None:  # Redis is away: the message is kept where another process finds it, should this one die
+        def keep() -> None:  # a new message met Redis away: kept where another process finds it, should this one die
             nonlocal kept
-            if self.spool is not None and message.msgtype not in ("stream", "event") and message.msgid:
+            if self.spool is not None and message.msgid:
                 kept = self.spool.keep(message.msgid, orjson.dumps(body).decode())
 
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):

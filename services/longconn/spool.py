@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
@@ -36,6 +37,7 @@ from services import metrics
 from services.audit.table import LongText, RowId, ensure_table
 from services.auth.db import metadata
 from services.loops import run_until
+from services.redis_conn import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,12 @@ wecom_ws_spool = Table(
 def _now() -> datetime:
     """Now, as the table keeps times: naive UTC, whole seconds."""
     return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _unclaimed(now: datetime):
+    """The rows no drain holds: never claimed, or claimed by one that died (its claim older than CLAIM_SECONDS)."""
+    c = wecom_ws_spool.c
+    return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS))
 
 
 class Spool:
@@ -115,8 +123,7 @@ class Spool:
         c = wecom_ws_spool.c
         query = (
             select(c.msgid, c.body, c.received_at)
-            .where(c.bot == self.bot, c.received_at <= now - timedelta(seconds=STALE_SECONDS))
-            .where((c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS)))
+            .where(c.bot == self.bot, c.received_at <= now - timedelta(seconds=STALE_SECONDS), _unclaimed(now))
             .order_by(c.received_at)
             .limit(PAGE)
         )
@@ -130,8 +137,7 @@ class Spool:
         c = wecom_ws_spool.c
         statement = (
             update(wecom_ws_spool)
-            .where(c.bot == self.bot, c.msgid == msgid, c.received_at == received_at)
-            .where((c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS)))
+            .where(c.bot == self.bot, c.msgid == msgid, c.received_at == received_at, _unclaimed(now))
             .values(taken_by=self.owner, taken_at=now)
         )
         with self.engine.begin() as connection:
@@ -159,10 +165,9 @@ class SpoolDrain:
     answered through `take` (a callable that takes the message as new and sees it answered on its own, raising a
     Redis failure while Redis is away)."""
 
-    def __init__(self, spool: Spool, take, redis_failures: tuple[type[BaseException], ...]):
+    def __init__(self, spool: Spool, take: Callable[[str], str]):
         self.spool = spool
         self._take = take
-        self._redis_failures = redis_failures
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -198,7 +203,7 @@ class SpoolDrain:
             else:
                 try:
                     outcome = self._take(body)
-                except self._redis_failures as exc:
+                except REDIS_FAILURES as exc:
                     logger.info("Redis is still away (%s); the kept message waits", type(exc).__name__)
                     self.spool.release(msgid)
                     return done

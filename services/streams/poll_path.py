@@ -42,6 +42,7 @@ HOLD_BACK_SECONDS = 10.0
 
 # What a poll found of its text and the replicas (_wait_for_replica): nothing to wait for, a replica holds it, none yet.
 NOTHING_AHEAD, HELD, UNHELD = "", "held", "unheld"
+_AHEAD_FOR = scripts.POLL.row.index("ahead_for")  # the one field read before the reply is made a Snapshot
 
 
 @dataclass(slots=True)
@@ -178,7 +179,7 @@ class PollPath:
         """After a poll's script, on its connection (`send`): whether a replica holds what the poll would show, when
         its text ran ahead of what was vouched for (NOTHING_AHEAD otherwise, or when it has been ahead so long that
         it is shown all the same)."""
-        ahead_for = scripts.POLL.fields(reply)[0]["ahead_for"] if reply else ""
+        ahead_for = reply[_AHEAD_FOR] if reply else ""
         if ahead_for == "":
             return reply, NOTHING_AHEAD
         if float(ahead_for) >= HOLD_BACK_SECONDS:
