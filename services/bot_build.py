@@ -26,6 +26,7 @@ from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
 from services.callback.replay_guard import ReplayGuard
+from services.callback.spool import CallbackSpool
 from services.chat.admission import Admission
 from services.chat.intake import MessageIntake
 from services.chat.quotas import Quotas
@@ -425,7 +426,10 @@ def _callback(
         admission=admission,
     )
     envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
-    return CallbackPart(CallbackHandler(envelope, intake, streams.service, events, texts), feedback)
+    # a new message Redis cannot take waits in the database for its bubble's poll (callback/spool.py)
+    spool = CallbackSpool(shared.users.engine, bot.name, shared.owner) if shared.users is not None else None
+    handler = CallbackHandler(envelope, intake, streams.service, events, texts, spool)
+    return CallbackPart(handler, feedback)
 
 
 def _quotas(bot: BotSettings, shared: Shared, core: Core) -> Quotas | None:

@@ -196,6 +196,14 @@ WS_SPOOL = Counter(
     ["bot", "outcome"],
 )
 WS_SPOOL_OUTCOMES = ("kept", "not_kept", "already", "answered", "replied", "malformed", "given_up")
+CALLBACK_SPOOL = Counter(
+    "wecom_callback_spool_total",
+    "Callback messages Redis could not take within CALLBACK_INTAKE_SECONDS: kept in the database under the bubble "
+    "the reply opened (not_kept: it was away too, the message was ended with a note), and those a poll of that "
+    "bubble took once Redis was back (taken; taken_elsewhere: a process had taken its msgid meanwhile)",
+    ["bot", "outcome"],
+)
+CALLBACK_SPOOL_OUTCOMES = ("kept", "not_kept", "taken", "taken_elsewhere")
 BACKGROUND_ERRORS = Counter(
     "background_errors_total",
     "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
@@ -355,9 +363,9 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
         UNREPLICATED_WRITES.labels(bot, write)
     for outcome in POLL_TEXT_OUTCOMES:
         POLL_TEXT_UNREPLICATED.labels(bot, outcome)
-    if long_connection:
-        for outcome in WS_SPOOL_OUTCOMES:
-            WS_SPOOL.labels(bot, outcome)
+    spool, outcomes = (WS_SPOOL, WS_SPOOL_OUTCOMES) if long_connection else (CALLBACK_SPOOL, CALLBACK_SPOOL_OUTCOMES)
+    for outcome in outcomes:
+        spool.labels(bot, outcome)
     for outcome in FILE_OUTCOMES:
         FILES.labels(bot, outcome)
     for kind in CARD_KINDS:

@@ -196,10 +196,12 @@ def test_rows_wait_in_redis_while_the_database_is_cut_and_go_in_once_after(make_
         link.stop()
 
 
-def test_a_message_answered_while_redis_is_away_is_a_row_too(make_app, serve, engine, audit_url, private_redis):
-    """Redis cut: the message is answered at once with the note, and its row (which Redis cannot list) is held by the
-    process that made it and written by its own sweep; with the database cut as well, it waits in memory until the
-    database is back, though Redis is not."""
+def test_a_message_answered_while_redis_and_the_database_are_away_is_a_row_too(
+    make_app, serve, engine, audit_url, private_redis, dify
+):
+    """Redis cut: the message is kept in the database, its bubble open, and gets its row once a poll takes it (Redis
+    back). With the database cut as well, it is answered at once with the note, and its row (which Redis cannot
+    list) waits in memory until the database is back, though Redis is not."""
     redis_link = FaultyLink(private_redis.port).start()
     url = make_url(audit_url)
     database_link = FaultyLink(url.port or 3306, url.host).start()
@@ -211,29 +213,34 @@ def test_a_message_answered_while_redis_is_away_is_a_row_too(make_app, serve, en
                 database_url=url.set(port=database_link.port).render_as_string(hide_password=False),
             )
         )
-        sim = make_simulator(live.url)
+        sim = make_simulator(live.url, poll_interval=0.2)
         redis_link.partition()
-        started = time.monotonic()
-        away = sim.text_message("asked while Redis is away")
-        assert sim.send(away)["stream"]["content"] == ZH["store_unavailable"]
-        assert time.monotonic() - started < 3  # the note waits on no try of listing the row
-        assert wait_until(lambda: count(engine) == 1, timeout=15)
-        [row] = rows(engine, msgid=away["msgid"])
-        assert (row["kind"], row["outcome"], row["question"]) == (MESSAGE, "error", "asked while Redis is away")
-        assert row["answer"] == ZH["store_unavailable"]
+        kept = sim.send(sim.text_message("asked while Redis is away"))
+        assert kept["stream"]["finish"] is False  # kept: no row until it is taken
         database_link.partition()
         both = sim.text_message("asked while both are away")
+        started = time.monotonic()
         assert sim.send(both)["stream"]["content"] == ZH["store_unavailable"]
+        assert time.monotonic() - started < 4  # the note waits on no try of listing the row
         trail = live.gateway.bots["default"].audit
         assert wait_until(lambda: len(trail.held) == 1)
         time.sleep(2.5)  # sweeps while the database is away: the row stays held
-        assert count(engine) == 1 and len(trail.held) == 1
+        assert count(engine) == 0 and len(trail.held) == 1
         database_link.heal()
-        assert wait_until(lambda: count(engine) == 2, timeout=30)
+        assert wait_until(lambda: count(engine) == 1, timeout=30)
         assert not trail.held
-        time.sleep(1.5)
-        assert [r["question"] for r in rows(engine)] == ["asked while Redis is away", "asked while both are away"]
+        [row] = rows(engine, msgid=both["msgid"])
+        assert (row["kind"], row["outcome"], row["question"]) == (MESSAGE, "error", "asked while both are away")
+        assert row["answer"] == ZH["store_unavailable"]
+        dify.script(d.answer("answered once Redis was back"))
         redis_link.heal()
+        assert sim.follow(kept).text == "answered once Redis was back"
+        assert wait_until(lambda: count(engine) == 2, timeout=15)
+        time.sleep(1.5)
+        assert [(r["question"], r["outcome"]) for r in rows(engine)] == [
+            ("asked while both are away", "error"),
+            ("asked while Redis is away", "answered"),
+        ]
         sim.close()
     finally:
         redis_link.stop()
@@ -262,11 +269,12 @@ def test_an_answer_its_owner_sent_after_a_poll_gave_it_up_is_recorded_whole(make
     poller.close()
 
 
-def test_a_retry_answered_in_a_redis_outage_gives_way_to_the_answer(
+def test_a_retry_kept_in_a_redis_outage_shows_the_answer_the_other_replica_gives(
     make_app, serve, engine, audit_url, dify, redis_url
 ):
-    """WeCom's retry of a message reaches a replica cut off from Redis, which answers "unavailable" and records that
-    at once; the other replica answers the message: its row replaces the retry's, one row of the answer."""
+    """WeCom's retry of a message reaches a replica cut off from Redis, which keeps it in the database with its
+    bubble open; the other replica answers the message. Once Redis is back, the kept bubble shows that answer, and
+    the audit has one row of it."""
     parts = urlsplit(redis_url)
     link = FaultyLink(parts.port, parts.hostname).start()
     through_link = parts._replace(
@@ -288,11 +296,15 @@ def test_a_retry_answered_in_a_redis_outage_gives_way_to_the_answer(
         payload = sims[0].text_message("asked once, delivered twice")
         reply = sims[0].send(payload)
         link.partition()
-        assert sims[1].send(payload)["stream"]["content"] == ZH["store_unavailable"]
-        assert wait_until(lambda: [r["outcome"] for r in rows(engine)] == ["error"], timeout=15)
+        kept = sims[1].send(payload)
+        assert kept["stream"]["finish"] is False and kept["stream"]["id"] != reply["stream"]["id"]
         assert sims[0].follow(reply).text == "the answer"
         assert wait_until(lambda: [(r["outcome"], r["answer"]) for r in rows(engine)] == [("answered", "the answer")])
         link.heal()
+        assert sims[1].follow(kept).text == "the answer"
+        assert len(dify.chat_requests()) == 1
+        time.sleep(1.0)
+        assert [(r["outcome"], r["answer"]) for r in rows(engine)] == [("answered", "the answer")]
         for sim in sims:
             sim.close()
     finally:

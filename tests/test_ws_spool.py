@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from demo import dify_standin as d
 from demo.wecom_ws_standin import _message
 from services.auth.db import make_engine
+from services.callback.spool import utc_now
 from services.longconn import spool as spool_module
 from services.longconn.spool import Spool, wecom_ws_spool
 from services.texts import CATALOGUE
@@ -27,7 +28,7 @@ ZH = CATALOGUE["zh"]
 def backdate(engine) -> None:
     """Every kept row written a minute ago: longer than its reader's patience (its reader is gone)."""
     with engine.begin() as connection:
-        connection.execute(update(wecom_ws_spool).values(received_at=spool_module._now() - timedelta(minutes=1)))
+        connection.execute(update(wecom_ws_spool).values(received_at=utc_now() - timedelta(minutes=1)))
 
 
 def kept_rows(engine) -> list[tuple]:

@@ -515,6 +515,8 @@ class Nemesis:
         else:
             ports = {node.port for node in _cluster_replicas(self.topology)}
             replicas = [node for node in self.topology.nodes if node.port in ports]
+        if not replicas:  # (a failover under way, or its node still down): recorded as a fault that did not run
+            raise RuntimeError("no Redis replica is running")
         replica = rng.choice(replicas)
         replica.kill()
         time.sleep(rng.uniform(2, 8))

@@ -1,8 +1,9 @@
 """The callback endpoint's logic, without Flask: open the envelope, parse, dispatch by msgtype, seal the reply.
 
 Anything wrong with the request itself raises CallbackError (a 4xx). Once a callback is authentic, every failure
-behind it becomes an encrypted, finished stream reply with a short note, so the user's bubble never spins;
-the one exception is a poll while Redis is down, answered 503 so WeCom polls again and the bubble keeps its text.
+behind it becomes an encrypted, finished stream reply with a short note, so the user's bubble never spins; the
+exceptions are a poll while Redis is down, answered 503 so WeCom polls again and the bubble keeps its text, and a new
+message Redis cannot take, kept in the database with its bubble open (services/callback/spool.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 
 from services import metrics
 from services.audit.rows import ERROR
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
+from services.callback.spool import SPOOL_FAILURES, CallbackSpool
 from services.chat.intake import MessageIntake
 from services.outage import delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
@@ -43,8 +46,15 @@ class CallbackHandler:
     """Turns one raw callback into the reply to answer with."""
 
     def __init__(
-        self, envelope: Envelope, intake: MessageIntake, streams: StreamService, events: EventHandler, texts: Texts
+        self,
+        envelope: Envelope,
+        intake: MessageIntake,
+        streams: StreamService,
+        events: EventHandler,
+        texts: Texts,
+        spool: CallbackSpool | None = None,
     ):
+        self.spool = spool  # where a new message Redis cannot take waits for its bubble's poll (None: no database)
         self.envelope = envelope
         self.intake = intake
         self.streams = streams
@@ -77,7 +87,7 @@ class CallbackHandler:
             return self.envelope.seal(self.events.replayed(message), opened.nonce)
         started = time.perf_counter()
         try:
-            reply = self.dispatch(message)
+            reply = self.dispatch(message, kept_body=opened.plaintext)
         except StoreUnavailable:
             metrics.CALLBACKS.labels(self.bot, kind, "store_unavailable").inc()
             raise
@@ -87,24 +97,32 @@ class CallbackHandler:
         return self.envelope.seal(reply, opened.nonce)
 
     def dispatch(
-        self, message: Inbound, patience: float = 0.0, on_outage: Callable[[], object] | None = None
+        self,
+        message: Inbound,
+        patience: float = 0.0,
+        on_outage: Callable[[], object] | None = None,
+        kept_body: str = "",
     ) -> dict | None:
         """The plaintext reply for an authentic message; failures behind it become finished replies. A message is
         taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once;
         `on_outage` is called when a first try meets the outage), or for as long as WeCom waits for a callback's
-        reply (CALLBACK_INTAKE_SECONDS), then ended with a note."""
+        reply (CALLBACK_INTAKE_SECONDS), then kept in the database with its bubble open (a callback's, `kept_body`
+        its JSON) or ended with a note."""
         try:
             if message.msgtype == "stream":
                 bind_log_context(stream=message.stream_id)
-                return self.streams.poll(message.stream_id)
+                return self._poll(message.stream_id)
             if message.msgtype == "event":
                 return self.events.handle(message)
             return self._take(message, patience, on_outage)
-        except REDIS_FAILURES as exc:
+        except (*REDIS_FAILURES, *SPOOL_FAILURES) as exc:
             if message.msgtype == "stream":
-                logger.warning("Redis unavailable while answering a poll: %s", exc)
+                logger.warning("Redis (or the kept messages' database) unavailable while answering a poll: %s", exc)
                 raise StoreUnavailable from exc
             logger.warning("Redis unavailable while taking a message: %s", exc)
+            kept = self._keep(message, kept_body) if kept_body and message.msgtype != "event" else None
+            if kept is not None:
+                return kept
             note = self.texts.say("store_unavailable")
             return self.streams.finish_at_once(note, message, ERROR, redis_away=True)  # its audit row is held here
         except Exception:
@@ -112,6 +130,51 @@ class CallbackHandler:
             if message.msgtype == "event":
                 return None
             return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
+
+    def _keep(self, message: Inbound, body: str) -> dict | None:
+        """Keep a new message Redis could not take, under the stream id of the live bubble replied with; None when
+        it cannot be kept (no database, or it is away too)."""
+        if self.spool is None or not message.msgid:
+            return None
+        stream_id = self.spool.keep(message.msgid, body, new_stream_id())
+        if not stream_id:
+            return None
+        logger.warning("kept the message in the database: the first poll of its bubble Redis answers takes it")
+        return stream_reply(stream_id, self.streams.bubble.live(""), finish=False, feedback_id=stream_id)
+
+    def _poll(self, stream_id: str) -> dict:
+        """A poll's reply; for a stream Redis does not know, a message kept under its id is taken first."""
+        reply = self.streams.poll_known(stream_id)
+        if reply is None and self.spool is not None:
+            reply = self._take_kept_by_poll(stream_id)
+        return reply if reply is not None else self.streams.unknown(stream_id)
+
+    def _take_kept_by_poll(self, stream_id: str) -> dict | None:
+        """Take the message kept under this bubble's id, once, on the process whose claim holds; None if none was
+        kept and Redis does not know the stream.
+
+        Raises:
+            redis.RedisError (or a cluster error): Redis went away again (the row waits for the next poll).
+            sqlalchemy.exc.SQLAlchemyError: the database does not answer (WeCom polls again).
+        """
+        kept = self.spool.find(stream_id)
+        if kept is None:  # none, or just taken by another process, which drops the row once Redis has the stream
+            return self.streams.poll_known(stream_id)
+        if kept.answered_as:  # its msgid had been taken: this bubble shows that stream
+            return _under(self.streams.poll(kept.answered_as), stream_id)
+        if not self.streams.has_room() or not self.spool.claim(stream_id):  # another process is taking it
+            return stream_reply(stream_id, self.streams.bubble.live(""), finish=False, feedback_id=stream_id)
+        message = replace(parse_inbound(kept.body), stream_id=stream_id)
+        bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
+        try:
+            reply = self.intake.take(message)
+        except REDIS_FAILURES:
+            self.spool.release(stream_id)
+            raise
+        answered_as = reply["stream"]["id"]
+        self.spool.taken(stream_id, answered_as)
+        logger.warning("took a message kept while Redis was away (as stream %s)", answered_as)
+        return _under(reply, stream_id)
 
     def take_kept(self, message: Inbound) -> dict:
         """Take a message kept while Redis was away, once, by a process that did not read it (services/longconn/
@@ -140,3 +203,8 @@ class CallbackHandler:
         deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS
         pauses = steady_delays(CALLBACK_INTAKE_SECONDS, CALLBACK_INTAKE_PAUSE)
         return through_outage(take, "taking a message", pauses, give_up=lambda: time.monotonic() >= deadline)
+
+
+def _under(reply: dict, stream_id: str) -> dict:
+    """A stream reply shown in the bubble of `stream_id` (a kept message's, whose msgid another stream answers)."""
+    return {**reply, "stream": {**reply["stream"], "id": stream_id}}

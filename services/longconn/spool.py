@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     Column,
@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from services import metrics
 from services.audit.table import LongText, RowId, ensure_table
 from services.auth.db import metadata
+from services.callback.spool import unclaimed, utc_now
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 
@@ -67,15 +68,9 @@ wecom_ws_spool = Table(
 )
 
 
-def _now() -> datetime:
-    """Now, as the table keeps times: naive UTC, whole seconds."""
-    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-
-
 def _unclaimed(now: datetime):
     """The rows no drain holds: never claimed, or claimed by one that died (its claim older than CLAIM_SECONDS)."""
-    c = wecom_ws_spool.c
-    return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=CLAIM_SECONDS))
+    return unclaimed(wecom_ws_spool, now, CLAIM_SECONDS)
 
 
 class Spool:
@@ -94,7 +89,7 @@ class Spool:
             self._ensure_table()
             with self.engine.begin() as connection:
                 connection.execute(
-                    insert(wecom_ws_spool).values(bot=self.bot, msgid=msgid, body=body, received_at=_now())
+                    insert(wecom_ws_spool).values(bot=self.bot, msgid=msgid, body=body, received_at=utc_now())
                 )
         except IntegrityError:
             return True
@@ -119,7 +114,7 @@ class Spool:
     def stale(self) -> list[tuple[str, str, datetime]]:
         """A page of rows whose reader is done with them or gone, and that no living drain holds: (msgid, body,
         received_at), oldest first."""
-        now = _now()
+        now = utc_now()
         c = wecom_ws_spool.c
         query = (
             select(c.msgid, c.body, c.received_at)
@@ -133,7 +128,7 @@ class Spool:
 
     def claim(self, msgid: str, received_at: datetime) -> bool:
         """Take a stale row for this process; False if another drain took it first."""
-        now = _now()
+        now = utc_now()
         c = wecom_ws_spool.c
         statement = (
             update(wecom_ws_spool)
@@ -187,17 +182,20 @@ class SpoolDrain:
         run_until(self._stop, step, "ws_spool_drain")
 
     def sweep(self) -> int:
-        """One pass; returns how many rows it answered or gave up."""
+        """One pass; returns how many rows it answered or gave up. The database failing midway ends the pass (a
+        row claimed stays so until its claim lapses; one answered and not dropped finds its msgid taken)."""
         try:
-            rows = self.spool.stale()
+            return self._sweep()
         except SQLAlchemyError as exc:
-            logger.debug("the spool could not be read (%s)", type(exc).__name__)
+            logger.info("the spool's database did not answer (%s); the next pass tries again", type(exc).__name__)
             return 0
+
+    def _sweep(self) -> int:
         done = 0
-        for msgid, body, received_at in rows:
+        for msgid, body, received_at in self.spool.stale():
             if self._stop.is_set() or not self.spool.claim(msgid, received_at):
                 continue
-            if _now() - received_at > timedelta(seconds=KEEP_SECONDS):
+            if utc_now() - received_at > timedelta(seconds=KEEP_SECONDS):
                 logger.warning("gave up a kept message: Redis stayed away for %d s", KEEP_SECONDS)
                 metrics.WS_SPOOL.labels(self.spool.bot, "given_up").inc()
             else:

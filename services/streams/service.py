@@ -114,7 +114,7 @@ class StreamService:
         """Start answering `message` (or, for a retried msgid, show the stream already started for it). A process that
         drains or is full refuses a new answer it would run itself (callback mode: WeCom tries again elsewhere), not
         one that waits in a queue for any serving process (a long connection's)."""
-        if self.delivery.runs_here and not self.runner.has_capacity():
+        if not self.has_room():
             existing = self.store.stream_for_msgid(message.msgid)
             if existing:
                 return self._dedup(existing, message)
@@ -124,7 +124,7 @@ class StreamService:
             return self.finish_at_once(self.texts.say(key), message, BUSY)
 
         job = StreamJob(
-            stream_id=new_stream_id(),
+            stream_id=message.stream_id or new_stream_id(),  # a kept message's: its bubble's (callback/spool.py)
             msgid=message.msgid,
             userid=message.userid,
             aibotid=message.aibotid,
@@ -161,6 +161,11 @@ class StreamService:
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
 
+    def has_room(self) -> bool:
+        """Whether a new answer would be taken here now (not by a process that drains or is full, when it would
+        run the answer itself)."""
+        return not self.delivery.runs_here or self.runner.has_capacity()
+
     def continue_form(self, form, response_url: str) -> None:
         """Go on with a run after its form's answer as a message of its own (its bubble no longer waits): a stream
         no WeCom bubble polls, whose answer goes out through `response_url` (callback mode) or the outbox's
@@ -195,7 +200,7 @@ class StreamService:
     def answer_at_once(self, message: Inbound, answer: Callable[[], str]) -> dict:
         """A finished reply to a message that opens no Dify call (a typed form value), made once per msgid: a WeCom
         retry of the message, on any replica, gets the same reply and does nothing again."""
-        stream_id, attempt = new_stream_id(), first_attempt(self.owner)
+        stream_id, attempt = message.stream_id or new_stream_id(), first_attempt(self.owner)
         fields = {"msgid": message.msgid, "userid": message.userid, "chatid": message.chatid}
         self.store.open_stream(stream_id, attempt, message.aibotid, message.userid, fields)
         holder = self.store.claim_msgid(message.msgid, stream_id)
@@ -261,7 +266,7 @@ class StreamService:
         if message is not None and self.store.audit is not None:
             row = row_of_reply(self.bot, message, note, outcome, kind, self.owner)
             self.store.audit.replied(row, redis_away=redis_away)
-        return stream_reply(new_stream_id(), note, finish=True)
+        return stream_reply((message and message.stream_id) or new_stream_id(), note, finish=True)
 
     def poll(self, stream_id: str, hand_card: bool = True) -> dict:
         """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done (with
@@ -270,6 +275,16 @@ class StreamService:
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
         return self._reply(stream_id, self._look(stream_id, hand_card))
+
+    def poll_known(self, stream_id: str) -> dict | None:
+        """A poll's reply, or None for a stream Redis does not know (which may be a kept message's bubble:
+        services/callback/spool.py)."""
+        snapshot = self._look(stream_id, True)
+        return self._reply(stream_id, snapshot) if snapshot is not None else None
+
+    def unknown(self, stream_id: str) -> dict:
+        """The finished reply to a poll of a stream nobody knows (expired, or never ours)."""
+        return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
 
     def frame(self, stream_id: str, record: FrameRecord) -> Frame:
         """A long connection's next frame of a stream: what a poll replies, recorded by the same poll as what the
@@ -281,7 +296,7 @@ class StreamService:
 
     def _reply(self, stream_id: str, snapshot: Snapshot | None) -> dict:
         if snapshot is None:
-            return stream_reply(stream_id, self.texts.say("unknown_stream"), finish=True)
+            return self.unknown(stream_id)
         if snapshot.close_reason:
             shown = text_at_close(snapshot.text, snapshot.closed_bytes)
             content = self.bubble.closed(shown, snapshot.close_reason, snapshot.has_response_url)[0]

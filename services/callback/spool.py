@@ -1,0 +1,183 @@
+"""A callback's new message kept in the database while Redis is away, and taken by the first poll once it is back.
+
+A callback's new message is taken again for CALLBACK_INTAKE_SECONDS while Redis does not answer (a blip, the last
+seconds of a failover); an outage longer than that used to end it with "please send it again". WeCom, though, polls
+the bubble of a reply for six minutes. So the message is written to the `wecom_callback_spool` table of the
+gateway's database (DATABASE_URL) under a fresh stream id, and the reply is a live bubble of that id. Its polls are
+answered 503 while Redis is away (WeCom polls again); the first one Redis answers without knowing the stream claims
+the row (one process, a conditional UPDATE), takes the message as new under that same stream id and answers with
+it; from then on, Redis has the stream. A WeCom repeat of the message meanwhile finds its row and gets the same id.
+A msgid some process took in Redis already (a try that ran though its reply was lost) is answered with that stream,
+under this bubble's id.
+
+No database (or the database away too), no spool: the message is ended with the note, as before. The shared
+helpers of both spools (this and a long connection's, services/longconn/spool.py) are here, the lower layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Column, DateTime, Engine, Index, String, Table, UniqueConstraint, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from services import metrics
+from services.audit.table import LongText, RowId, ensure_table
+from services.auth.db import metadata
+
+logger = logging.getLogger(__name__)
+
+# What a spool's database raises when it does not answer.
+SPOOL_FAILURES = (SQLAlchemyError,)
+# A process that claimed a row and died before taking its message: another takes it over this much later.
+CLAIM_SECONDS = 60.0
+# WeCom polls a bubble for six minutes: a row older than this will not be polled again (swept when a row is kept).
+KEEP_SECONDS = 600.0
+
+wecom_callback_spool = Table(
+    "wecom_callback_spool",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("bot", String(64), nullable=False),
+    Column("msgid", String(128), nullable=False),
+    Column("stream_id", String(64), nullable=False),  # the id of the bubble the reply opened
+    Column("body", LongText, nullable=False),  # the callback's decrypted JSON
+    Column("received_at", DateTime, nullable=False),
+    Column("taken_by", String(128), nullable=False, server_default=""),
+    Column("taken_at", DateTime),
+    Column("answered_as", String(64), nullable=False, server_default=""),  # the msgid's stream, taken elsewhere
+    UniqueConstraint("bot", "msgid", name="uq_wecom_callback_spool_message"),
+    Index("ix_wecom_callback_spool_stream", "stream_id"),
+    mysql_charset="utf8mb4",
+    mysql_engine="InnoDB",
+)
+
+
+def utc_now() -> datetime:
+    """Now, as the spools keep times: naive UTC, whole seconds."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def unclaimed(table: Table, now: datetime, claim_seconds: float):
+    """A spool's rows no process holds: never claimed, or claimed by one that died (its claim older than
+    `claim_seconds`)."""
+    c = table.c
+    return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=claim_seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class KeptMessage:
+    """A kept row, as a poll of its bubble finds it: the callback's JSON, and the stream a process that took the
+    msgid meanwhile answers it with ("" while nobody has)."""
+
+    body: str
+    answered_as: str
+
+
+class CallbackSpool:
+    """One bot's rows of `wecom_callback_spool`, for the process `owner`."""
+
+    def __init__(self, engine: Engine, bot: str, owner: str):
+        self.engine = engine
+        self.bot = bot
+        self.owner = owner
+        self._table_ready = False
+
+    def keep(self, msgid: str, body: str, stream_id: str) -> str:
+        """Write a message Redis could not take; returns the stream id its bubble polls: `stream_id`, or the one a
+        WeCom repeat's row has. "" (logged, counted) when the database does not answer either."""
+        c = wecom_callback_spool.c
+        now = utc_now()
+        try:
+            self._ensure_table()
+            with self.engine.begin() as connection:
+                connection.execute(
+                    delete(wecom_callback_spool).where(c.received_at < now - timedelta(seconds=KEEP_SECONDS))
+                )
+                connection.execute(
+                    insert(wecom_callback_spool).values(
+                        bot=self.bot, msgid=msgid, stream_id=stream_id, body=body, received_at=now
+                    )
+                )
+        except IntegrityError:  # a WeCom repeat: the bubble its first delivery opened
+            kept_as = self._kept_as(msgid)
+        except SQLAlchemyError as exc:
+            logger.warning("could not keep the message in the database either (%s)", type(exc).__name__)
+            kept_as = ""
+        else:
+            kept_as = stream_id
+        metrics.CALLBACK_SPOOL.labels(self.bot, "kept" if kept_as else "not_kept").inc()
+        return kept_as
+
+    def find(self, stream_id: str) -> KeptMessage | None:
+        """The row a bubble's poll stands for, if a message was kept under its id.
+
+        Raises:
+            SQLAlchemyError: the database does not answer.
+        """
+        c = wecom_callback_spool.c
+        query = select(c.body, c.answered_as).where(c.bot == self.bot, c.stream_id == stream_id)
+        self._ensure_table()
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return KeptMessage(row.body, row.answered_as) if row is not None else None
+
+    def claim(self, stream_id: str) -> bool:
+        """Take the row for this process; False if another process holds it (it is taking the message now)."""
+        now = utc_now()
+        c = wecom_callback_spool.c
+        statement = (
+            update(wecom_callback_spool)
+            .where(
+                c.bot == self.bot,
+                c.stream_id == stream_id,
+                c.answered_as == "",
+                unclaimed(wecom_callback_spool, now, CLAIM_SECONDS),
+            )
+            .values(taken_by=self.owner, taken_at=now)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def taken(self, stream_id: str, answered_as: str) -> None:
+        """The message was taken: under its bubble's id (Redis has that stream now: the row goes), or found taken
+        as `answered_as` (the row stays, so each poll of the bubble shows that stream)."""
+        c = wecom_callback_spool.c
+        where = (c.bot == self.bot, c.stream_id == stream_id)
+        try:
+            with self.engine.begin() as connection:
+                if answered_as == stream_id:
+                    connection.execute(delete(wecom_callback_spool).where(*where))
+                else:
+                    connection.execute(update(wecom_callback_spool).where(*where).values(answered_as=answered_as))
+        except SQLAlchemyError as exc:  # its claim lapses; a later poll takes it again, finding the msgid taken
+            logger.warning("could not mark a kept message taken (%s)", type(exc).__name__)
+        metrics.CALLBACK_SPOOL.labels(self.bot, "taken" if answered_as == stream_id else "taken_elsewhere").inc()
+
+    def release(self, stream_id: str) -> None:
+        """Redis went away again: the row waits for the next poll, on any process."""
+        c = wecom_callback_spool.c
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(wecom_callback_spool)
+                .where(c.bot == self.bot, c.stream_id == stream_id, c.taken_by == self.owner)
+                .values(taken_by="", taken_at=None)
+            )
+
+    def _kept_as(self, msgid: str) -> str:
+        c = wecom_callback_spool.c
+        try:
+            with self.engine.connect() as connection:
+                row = connection.execute(select(c.stream_id).where(c.bot == self.bot, c.msgid == msgid)).first()
+        except SQLAlchemyError as exc:
+            logger.warning("could not read a kept message's row (%s)", type(exc).__name__)
+            return ""
+        return row.stream_id if row is not None else ""
+
+    def _ensure_table(self) -> None:
+        if not self._table_ready:
+            if ensure_table(self.engine, wecom_callback_spool):
+                logger.info("created the wecom_callback_spool table")
+            self._table_ready = True
