@@ -511,6 +511,27 @@ def test_a_cluster_nodes_link_cut_refuses_its_shard_while_the_others_serve():
         links.stop()
 
 
+def test_the_nemesis_finds_a_cluster_replica_behind_its_link_to_kill():
+    """The nodes announce their links' ports: the nemesis's `redis_kill_replica` found none of them among the nodes'
+    own ports, and failed on every Cluster run (recorded as a fault that did not run)."""
+    from bench.faults.history import History
+    from bench.faults.nemesis import Nemesis
+    from demo.redis_server import PrivateRedisCluster
+
+    links = ServerLinks()
+    topology = PrivateRedisCluster(front=links.front).start()
+    try:
+        nemesis = Nemesis(topology, [], History(), random.Random(1), 5.0, links={"redis": links})
+        killed = nemesis.redis_kill_replica("redis", random.Random(1))
+        port = int(killed.rsplit(":", 1)[1])
+        [node] = [node for node in topology.nodes if node.port == port]
+        assert node.running and node.front_port != node.port
+        _wait_until(topology.healthy, 30)
+    finally:
+        topology.stop()
+        links.stop()
+
+
 def _sets(topology, key: str) -> bool:
     with closing(topology.client()) as client:
         try:

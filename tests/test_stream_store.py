@@ -24,7 +24,7 @@ from services.streams.store import (
     StreamStore,
 )
 from services.streams.writer import AppendBatcher
-from tests.conftest import wait_until
+from tests.conftest import KEYS, wait_until
 
 TTL = 3600
 
@@ -719,3 +719,52 @@ def test_dify_calls_are_counted_by_kind(store, polls, redis_client):
     assert store.count_dify_call("s1") == "duplicate"
     assert store.count_dify_call("gone") == "new"  # a stream that is gone keeps no count
     assert not redis_client.exists("dify_stream:{gone}")
+
+
+def test_a_card_is_handed_again_to_its_own_poll_run_twice_and_to_no_other(store, polls, redis_client):
+    """A poll whose script ran on Redis and whose reply was lost with its connection is sent again by the client, with
+    the same token: that run must hand out the card again (the first reply, which carried it, never came back), while
+    any other poll finds it given (WeCom takes one card per message). Before, the second run found the card shown, and
+    the form waited for a tap that could not come (the 10-minute Cluster run of 2026-11-27, under
+    `redis_replies_lost`)."""
+    open_stream(store)
+    redis_client.hset(KEYS.stream("s1"), "card", '{"card_type": "button_interaction"}')
+    first = polls.poll("s1", 330, 20000, "orphan note", token="t1")
+    again = polls.poll("s1", 330, 20000, "orphan note", token="t1")
+    other = polls.poll("s1", 330, 20000, "orphan note", token="t2")
+    assert first.card == again.card == {"card_type": "button_interaction"}
+    assert other.card is None
+
+
+def test_a_poll_whose_reply_redis_lost_still_carries_its_card(store, redis_client):
+    """The same through a link that loses the poll's reply: redis-py sends the script again on a new connection."""
+    import random
+
+    from bench.faults.proxy import FaultyLink
+    from services.redis_conn import connect_redis
+
+    class FirstReplyLost(random.Random):
+        def __init__(self):
+            super().__init__(0)
+            self.draws = 0
+
+        def random(self):
+            self.draws += 1
+            return 0.0 if self.draws == 1 else 1.0
+
+    open_stream(store)
+    redis_client.hset(KEYS.stream("s1"), "card", '{"card_type": "button_interaction"}')
+    kwargs = redis_client.connection_pool.connection_kwargs
+    link = FaultyLink(kwargs["port"]).start()
+    client = connect_redis(f"redis://127.0.0.1:{link.port}/{kwargs.get('db', 0)}")
+    path = PollPath(StreamStore(client, Keys(), TTL, lease_seconds=2))
+    try:
+        path.poll("s1", 330, 20000, "orphan note", token="warm")  # connected: the next reply is the poll's
+        redis_client.hdel(KEYS.stream("s1"), "card_shown", "card_by")
+        link.lose_replies(0.5, FirstReplyLost())
+        snapshot = path.poll("s1", 330, 20000, "orphan note", token="t1")
+        assert snapshot.card == {"card_type": "button_interaction"}
+    finally:
+        path.close()
+        link.stop()
+        client.close()

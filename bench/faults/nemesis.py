@@ -513,8 +513,8 @@ class Nemesis:
             master = self.topology.current_master()
             replicas = [server for server in self.topology.servers if server is not master and server.running]
         else:
-            ports = {node.port for node in _cluster_replicas(self.topology)}
-            replicas = [node for node in self.topology.nodes if node.port in ports]
+            ports = {node.port for node in _cluster_replicas(self.topology)}  # as the nodes announce themselves
+            replicas = [node for node in self.topology.nodes if node.address_port in ports and node.running]
         if not replicas:  # (a failover under way, or its node still down): recorded as a fault that did not run
             raise RuntimeError("no Redis replica is running")
         replica = rng.choice(replicas)

@@ -219,7 +219,8 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 # `attempt` is the new attempt's token when the `taker` must start one (taken_over, resumed), `prompt` is what a live
 # bubble shows below its text (a form waiting for its answer), `card` a template card to send with this reply (a form's,
 # or the questions suggested after a done answer: given once, as WeCom takes one card per message; marked with this
-# poll's `token`, `card_by`, so that a reply that never went out gives it back, CARD_BACK; with `keep_card` '1' it is
+# poll's `token`, `card_by`, so that a reply that never went out gives it back, CARD_BACK, and a run of the same poll
+# again, its reply lost with its connection, hands it out again; with `keep_card` '1' it is
 # left for a later poll: the reply to a message delivered again), `recorded` says what became of the frame record
 # ('yes', 'late', or '' when none was asked), `shows` what a recorded frame shows (bytes of the text: all of it, or what
 # the bubble showed when it closed early), `files` the answer's files (JSON; only to a frame's poll once the stream is
@@ -263,7 +264,7 @@ POLL = ScriptSpec(
          "attempt", "prompt", "card", "recorded", "shows", "files", "vouched", "ahead_for"),
     hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
                  "inflight_key", "restarts", "workflow_run_id", "resumes", "owner", "lease_missing_at", "prompt",
-                 "card", "card_shown", "polls", "images", "files", "vouched_bytes", "ahead_since"),
+                 "card", "card_shown", "card_by", "polls", "images", "files", "vouched_bytes", "ahead_since"),
     shared=_DEADLINE,
     body="""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
@@ -338,8 +339,9 @@ if event ~= '' and event ~= 'taken_over' and event ~= 'resumed' then freed = H.i
 local prompt, card = '', ''
 local live = (status == 'pending' or status == 'streaming') and reason == ''
 if live then prompt = H.prompt or '' end
+-- (a card this poll's token holds is handed again: the client ran the script again, its first reply lost)
 if A.keep_card ~= '1' and recorded ~= 'late' and (live or status == 'done') and H.card and H.card ~= ''
-   and not H.card_shown then
+   and (not H.card_shown or (A.token ~= '' and H.card_by == A.token)) then
   card = H.card
   for _, v in ipairs({'card_shown', A.now, 'card_by', A.token}) do writes[#writes + 1] = v end
 end
