@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
+from bench.faults.proxy import FaultyLink
 from demo import dify_standin as d
 from demo.wecom_simulator import ReplyError
 from services.auth.db import make_engine
@@ -115,3 +117,26 @@ def test_a_kept_command_is_answered_under_its_bubble(make_app, serve, database, 
     assert reply["stream"]["content"]
     assert kept_rows(database) == [] and dify.chat_requests() == []
     sim.close()
+
+
+def test_a_kept_bubble_polled_while_the_database_is_away_is_polled_again(make_app, serve, database, mysql_url, dify):
+    """A poll of a stream Redis does not know looks for a kept message in the database: with the database away it is
+    answered 503 (WeCom polls again), not "unknown", and the next poll takes the message."""
+    url = make_url(mysql_url)
+    link = FaultyLink(url.port or 3306, url.host).start()
+    try:
+        live = serve(make_app(database_url=url.set(port=link.port).render_as_string(hide_password=False)))
+        sim = make_simulator(live.url, poll_interval=0.2)
+        dify.script([d.message("Answered once the database was back."), d.end()])
+        payload = sim.text_message("kept, then the database went away")
+        CallbackSpool(database, "default", "gone:1").keep(payload["msgid"], orjson.dumps(payload).decode(), "kept04")
+        link.partition()
+        with pytest.raises(ReplyError, match="HTTP 503"):
+            sim.send(sim.poll_message("kept04"))
+        link.heal()
+        conversation = sim.follow(sim.send(sim.poll_message("kept04")))
+        assert conversation.text == "Answered once the database was back."
+        assert len(dify.chat_requests()) == 1
+        sim.close()
+    finally:
+        link.stop()

@@ -39,7 +39,8 @@ CALLBACK_INTAKE_PAUSE = 0.5
 
 
 class StoreUnavailable(Exception):
-    """Redis did not answer while serving a poll; the route answers 503 and WeCom polls again."""
+    """Redis (or, for a kept message's bubble, the database) did not answer while serving a poll; the route answers
+    503 and WeCom polls again."""
 
 
 class CallbackHandler:
@@ -115,9 +116,11 @@ class CallbackHandler:
             if message.msgtype == "event":
                 return self.events.handle(message)
             return self._take(message, patience, on_outage)
-        except (*REDIS_FAILURES, *SPOOL_FAILURES) as exc:
+        except StoreUnavailable:
+            raise
+        except REDIS_FAILURES as exc:
             if message.msgtype == "stream":
-                logger.warning("Redis (or the kept messages' database) unavailable while answering a poll: %s", exc)
+                logger.warning("Redis unavailable while answering a poll: %s", exc)
                 raise StoreUnavailable from exc
             logger.warning("Redis unavailable while taking a message: %s", exc)
             kept = self._keep(message, kept_body) if kept_body and message.msgtype != "event" else None
@@ -146,7 +149,11 @@ class CallbackHandler:
         """A poll's reply; for a stream Redis does not know, a message kept under its id is taken first."""
         reply = self.streams.poll_known(stream_id)
         if reply is None and self.spool is not None:
-            reply = self._take_kept_by_poll(stream_id)
+            try:
+                reply = self._take_kept_by_poll(stream_id)
+            except SPOOL_FAILURES as exc:
+                logger.warning("the database of kept messages unavailable while answering a poll: %s", exc)
+                raise StoreUnavailable from exc
         return reply if reply is not None else self.streams.unknown(stream_id)
 
     def _take_kept_by_poll(self, stream_id: str) -> dict | None:
@@ -155,7 +162,7 @@ class CallbackHandler:
 
         Raises:
             redis.RedisError (or a cluster error): Redis went away again (the row waits for the next poll).
-            sqlalchemy.exc.SQLAlchemyError: the database does not answer (WeCom polls again).
+            sqlalchemy.exc.SQLAlchemyError: the database does not answer.
         """
         kept = self.spool.find(stream_id)
         if kept is None:  # none, or just taken by another process, which drops the row once Redis has the stream

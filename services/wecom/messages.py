@@ -25,7 +25,9 @@ _MAX_ID_LENGTH = 256
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """One decrypted callback. Text-bearing types fill `text`; a poll fills `stream_id`; an event `event_type`."""
+    """One decrypted callback. Text-bearing types fill `text`; a poll fills `stream_id`; an event `event_type`. A new
+    message kept while Redis was away carries the `stream_id` of the bubble it was answered with, under which it is
+    taken (services/callback/spool.py)."""
 
     msgtype: str
     msgid: str = ""
