@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import random
 import secrets
 import shutil
 import ssl
@@ -287,6 +288,19 @@ def user_table(mysql_url):
         connection.execute(delete(db.wecom_users))
     yield UserDirectory(engine)
     engine.dispose()
+
+
+class FirstReplyLost(random.Random):
+    """The draws of a link's `lose_replies` (bench/faults/proxy.py) that lose the first reply through it, and no
+    other."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.draws = 0
+
+    def random(self):
+        self.draws += 1
+        return 0.0 if self.draws == 1 else 1.0
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:

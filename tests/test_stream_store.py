@@ -24,7 +24,7 @@ from services.streams.store import (
     StreamStore,
 )
 from services.streams.writer import AppendBatcher
-from tests.conftest import KEYS, wait_until
+from tests.conftest import KEYS, FirstReplyLost, wait_until
 
 TTL = 3600
 
@@ -738,19 +738,8 @@ def test_a_card_is_handed_again_to_its_own_poll_run_twice_and_to_no_other(store,
 
 def test_a_poll_whose_reply_redis_lost_still_carries_its_card(store, redis_client):
     """The same through a link that loses the poll's reply: redis-py sends the script again on a new connection."""
-    import random
-
     from bench.faults.proxy import FaultyLink
     from services.redis_conn import connect_redis
-
-    class FirstReplyLost(random.Random):
-        def __init__(self):
-            super().__init__(0)
-            self.draws = 0
-
-        def random(self):
-            self.draws += 1
-            return 0.0 if self.draws == 1 else 1.0
 
     open_stream(store)
     redis_client.hset(KEYS.stream("s1"), "card", '{"card_type": "button_interaction"}')

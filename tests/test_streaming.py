@@ -16,7 +16,7 @@ from demo.wecom_simulator import ReplyError
 from services import metrics
 from services.texts import CATALOGUE
 from services.wecom.limits import MAX_CONTENT_BYTES
-from tests.conftest import KEYS, make_simulator, wait_idle, wait_until
+from tests.conftest import KEYS, FirstReplyLost, make_simulator, wait_idle, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -278,22 +278,11 @@ def test_a_post_whose_claim_ran_but_whose_reply_was_lost_is_still_made_once(simu
     again on a new one (a dropped connection is retried). That retry must find the claim its own, and post: a
     bare SET NX answered it as a claim someone else held, and the rest of the answer was never posted (the fault
     campaign's redis_replies_lost found it)."""
-    import random
-
     from bench.faults.proxy import FaultyLink
     from services.redis_conn import connect_redis
     from services.replication import Replication
     from services.streams import rest_posts
     from services.wecom.response_url import ResponseUrlClient
-
-    class FirstReplyLost(random.Random):
-        def __init__(self):
-            super().__init__(0)
-            self.draws = 0
-
-        def random(self):
-            self.draws += 1
-            return 0.0 if self.draws == 1 else 1.0
 
     port = redis_client.connection_pool.connection_kwargs["port"]
     link = FaultyLink(port).start()

@@ -76,14 +76,38 @@ class KeptMessage:
     answered_as: str
 
 
-class CallbackSpool:
-    """One bot's rows of `wecom_callback_spool`, for the process `owner`."""
+class SpoolRows:
+    """One bot's rows of a spool's `table`, for the process `owner`: what both spools do alike."""
 
-    def __init__(self, engine: Engine, bot: str, owner: str):
+    def __init__(self, engine: Engine, table: Table, bot: str, owner: str):
         self.engine = engine
+        self.table = table
         self.bot = bot
         self.owner = owner
         self._table_ready = False
+
+    def _release(self, column: str, value: str) -> None:
+        """Give back this process's claim on the row whose `column` is `value`: it waits for any process again."""
+        c = self.table.c
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(self.table)
+                .where(c.bot == self.bot, c[column] == value, c.taken_by == self.owner)
+                .values(taken_by="", taken_at=None)
+            )
+
+    def _ensure_table(self) -> None:
+        if not self._table_ready:
+            if ensure_table(self.engine, self.table):
+                logger.info("created the %s table", self.table.name)
+            self._table_ready = True
+
+
+class CallbackSpool(SpoolRows):
+    """One bot's rows of `wecom_callback_spool`, for the process `owner`."""
+
+    def __init__(self, engine: Engine, bot: str, owner: str):
+        super().__init__(engine, wecom_callback_spool, bot, owner)
 
     def keep(self, msgid: str, body: str, stream_id: str) -> str:
         """Write a message Redis could not take; returns the stream id its bubble polls: `stream_id`, or the one a
@@ -158,13 +182,7 @@ class CallbackSpool:
 
     def release(self, stream_id: str) -> None:
         """Redis went away again: the row waits for the next poll, on any process."""
-        c = wecom_callback_spool.c
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(wecom_callback_spool)
-                .where(c.bot == self.bot, c.stream_id == stream_id, c.taken_by == self.owner)
-                .values(taken_by="", taken_at=None)
-            )
+        self._release("stream_id", stream_id)
 
     def _kept_as(self, msgid: str) -> str:
         c = wecom_callback_spool.c
@@ -175,9 +193,3 @@ class CallbackSpool:
             logger.warning("could not read a kept message's row (%s)", type(exc).__name__)
             return ""
         return row.stream_id if row is not None else ""
-
-    def _ensure_table(self) -> None:
-        if not self._table_ready:
-            if ensure_table(self.engine, wecom_callback_spool):
-                logger.info("created the wecom_callback_spool table")
-            self._table_ready = True

@@ -34,9 +34,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
-from services.audit.table import LongText, RowId, ensure_table
+from services.audit.table import LongText, RowId
 from services.auth.db import metadata
-from services.callback.spool import unclaimed, utc_now
+from services.callback.spool import SpoolRows, unclaimed, utc_now
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 
@@ -73,14 +73,11 @@ def _unclaimed(now: datetime):
     return unclaimed(wecom_ws_spool, now, CLAIM_SECONDS)
 
 
-class Spool:
+class Spool(SpoolRows):
     """One bot's rows of `wecom_ws_spool`, for the process `owner`."""
 
     def __init__(self, engine: Engine, bot: str, owner: str):
-        self.engine = engine
-        self.bot = bot
-        self.owner = owner
-        self._table_ready = False
+        super().__init__(engine, wecom_ws_spool, bot, owner)
 
     def keep(self, msgid: str, body: str) -> bool:
         """Write a message read while Redis is away; True if the database has it (a row for its msgid is kept as
@@ -140,19 +137,7 @@ class Spool:
 
     def release(self, msgid: str) -> None:
         """Redis is still away: the row waits for the next sweep, of any process."""
-        c = wecom_ws_spool.c
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(wecom_ws_spool)
-                .where(c.bot == self.bot, c.msgid == msgid, c.taken_by == self.owner)
-                .values(taken_by="", taken_at=None)
-            )
-
-    def _ensure_table(self) -> None:
-        if not self._table_ready:
-            if ensure_table(self.engine, wecom_ws_spool):
-                logger.info("created the wecom_ws_spool table")
-            self._table_ready = True
+        self._release("msgid", msgid)
 
 
 class SpoolDrain:
