@@ -60,13 +60,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 
 
-def unclaimed(table: Table, now: datetime, claim_seconds: float):
-    """A spool's rows no process holds: never claimed, or claimed by one that died (its claim older than
-    `claim_seconds`)."""
-    c = table.c
-    return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=claim_seconds))
-
-
 @dataclass(frozen=True, slots=True)
 class KeptMessage:
     """A kept row, as a poll of its bubble finds it: the callback's JSON, and the stream a process that took the
@@ -77,14 +70,32 @@ class KeptMessage:
 
 
 class SpoolRows:
-    """One bot's rows of a spool's `table`, for the process `owner`: what both spools do alike."""
+    """One bot's rows of a spool's `table`, for the process `owner`: what both spools do alike. A process claims a
+    row before it takes its message; a claim older than `claim_seconds` is that of a process that died."""
 
-    def __init__(self, engine: Engine, table: Table, bot: str, owner: str):
+    def __init__(self, engine: Engine, table: Table, bot: str, owner: str, claim_seconds: float):
         self.engine = engine
         self.table = table
         self.bot = bot
         self.owner = owner
+        self.claim_seconds = claim_seconds
         self._table_ready = False
+
+    def _unclaimed(self, now: datetime):
+        """The rows no living process holds: never claimed, or claimed by one that died."""
+        c = self.table.c
+        return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=self.claim_seconds))
+
+    def _claim(self, *where) -> bool:
+        """Take the row `where` names for this process (a conditional UPDATE); False if a living process holds it."""
+        now = utc_now()
+        statement = (
+            update(self.table)
+            .where(self.table.c.bot == self.bot, *where, self._unclaimed(now))
+            .values(taken_by=self.owner, taken_at=now)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
 
     def _release(self, column: str, value: str) -> None:
         """Give back this process's claim on the row whose `column` is `value`: it waits for any process again."""
@@ -107,7 +118,7 @@ class CallbackSpool(SpoolRows):
     """One bot's rows of `wecom_callback_spool`, for the process `owner`."""
 
     def __init__(self, engine: Engine, bot: str, owner: str):
-        super().__init__(engine, wecom_callback_spool, bot, owner)
+        super().__init__(engine, wecom_callback_spool, bot, owner, CLAIM_SECONDS)
 
     def keep(self, msgid: str, body: str, stream_id: str) -> str:
         """Write a message Redis could not take; returns the stream id its bubble polls: `stream_id`, or the one a
@@ -150,20 +161,8 @@ class CallbackSpool(SpoolRows):
 
     def claim(self, stream_id: str) -> bool:
         """Take the row for this process; False if another process holds it (it is taking the message now)."""
-        now = utc_now()
         c = wecom_callback_spool.c
-        statement = (
-            update(wecom_callback_spool)
-            .where(
-                c.bot == self.bot,
-                c.stream_id == stream_id,
-                c.answered_as == "",
-                unclaimed(wecom_callback_spool, now, CLAIM_SECONDS),
-            )
-            .values(taken_by=self.owner, taken_at=now)
-        )
-        with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+        return self._claim(c.stream_id == stream_id, c.answered_as == "")
 
     def taken(self, stream_id: str, answered_as: str) -> None:
         """The message was taken: under its bubble's id (Redis has that stream now: the row goes), or found taken

@@ -29,14 +29,13 @@ from sqlalchemy import (
     delete,
     insert,
     select,
-    update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
 from services.audit.table import LongText, RowId
 from services.auth.db import metadata
-from services.callback.spool import SpoolRows, unclaimed, utc_now
+from services.callback.spool import SpoolRows, utc_now
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 
@@ -68,16 +67,11 @@ wecom_ws_spool = Table(
 )
 
 
-def _unclaimed(now: datetime):
-    """The rows no drain holds: never claimed, or claimed by one that died (its claim older than CLAIM_SECONDS)."""
-    return unclaimed(wecom_ws_spool, now, CLAIM_SECONDS)
-
-
 class Spool(SpoolRows):
     """One bot's rows of `wecom_ws_spool`, for the process `owner`."""
 
     def __init__(self, engine: Engine, bot: str, owner: str):
-        super().__init__(engine, wecom_ws_spool, bot, owner)
+        super().__init__(engine, wecom_ws_spool, bot, owner, CLAIM_SECONDS)
 
     def keep(self, msgid: str, body: str) -> bool:
         """Write a message read while Redis is away; True if the database has it (a row for its msgid is kept as
@@ -115,7 +109,7 @@ class Spool(SpoolRows):
         c = wecom_ws_spool.c
         query = (
             select(c.msgid, c.body, c.received_at)
-            .where(c.bot == self.bot, c.received_at <= now - timedelta(seconds=STALE_SECONDS), _unclaimed(now))
+            .where(c.bot == self.bot, c.received_at <= now - timedelta(seconds=STALE_SECONDS), self._unclaimed(now))
             .order_by(c.received_at)
             .limit(PAGE)
         )
@@ -125,15 +119,8 @@ class Spool(SpoolRows):
 
     def claim(self, msgid: str, received_at: datetime) -> bool:
         """Take a stale row for this process; False if another drain took it first."""
-        now = utc_now()
         c = wecom_ws_spool.c
-        statement = (
-            update(wecom_ws_spool)
-            .where(c.bot == self.bot, c.msgid == msgid, c.received_at == received_at, _unclaimed(now))
-            .values(taken_by=self.owner, taken_at=now)
-        )
-        with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+        return self._claim(c.msgid == msgid, c.received_at == received_at)
 
     def release(self, msgid: str) -> None:
         """Redis is still away: the row waits for the next sweep, of any process."""
