@@ -8,6 +8,7 @@ import logging
 import time
 
 import pytest
+from markdown_it import MarkdownIt
 from sqlalchemy import select
 
 from config.settings import Settings, SettingsError
@@ -16,6 +17,7 @@ from services.audit.table import wecom_audit
 from services.auth import db
 from services.rules import file as rules_file
 from services.rules.mask import ContentMask
+from services.rules.rules import MASK as M
 from services.rules.rules import RulesError, parse
 from services.texts import CATALOGUE
 from tests.conftest import WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_until
@@ -31,18 +33,18 @@ def test_words_are_case_insensitive_and_patterns_are_regular_expressions():
     rules = parse(RULES, "rules.txt")
     assert len(rules) == 3
     assert rules.blocks("tell me about PROJECT falcon")
-    assert rules.mask("卡号 6222-1234-5678 和 机密文件")[0] == "卡号 ************** 和 ****"
+    assert rules.mask("卡号 6222-1234-5678 和 机密文件")[0] == f"卡号 {M * 14} 和 {M * 4}"
     assert not rules.blocks("a project about falcons")  # "project falcon" is not in it
 
 
 @pytest.mark.parametrize(
     ("deltas", "shown"),
     [
-        (["这是机密", "文件内容"], ["这是", "****内容"]),  # split inside the word: its first half never goes on
-        (["这是机", "密", "文件"], ["这是", "", "****"]),
+        (["这是机密", "文件内容"], ["这是", f"{M * 4}内容"]),  # split inside the word: its first half never goes on
+        (["这是机", "密", "文件"], ["这是", "", f"{M * 4}"]),
         (["这是机密", "报告"], ["这是", "机密报告"]),  # not the word after all: it goes on whole
-        (["card 6222-12", "34-5678 ok"], ["card ", "************** ok"]),
-        (["project fal", "con's"], ["", "**************'s"]),  # a word matches inside longer text too (as in Chinese)
+        (["card 6222-12", "34-5678 ok"], ["card ", f"{M * 14} ok"]),
+        (["project fal", "con's"], ["", f"{M * 14}'s"]),  # a word matches inside longer text too (as in Chinese)
     ],
 )
 def test_a_match_split_over_deltas_is_masked_before_any_of_it_is_shown(deltas, shown):
@@ -58,6 +60,18 @@ def test_a_tail_that_waited_long_enough_goes_on(monkeypatch):
     monkeypatch.setattr("services.rules.mask.HOLD_SECONDS", 0.0)
     assert mask.due() == "机密"
     assert mask.flush() == ""
+
+
+def test_masked_text_renders_as_markdown_without_emphasis():
+    """A mask is no markdown: the masks in a line (here a word and a phone number, as the demo's rules mask them)
+    neither make the text around them bold or italic nor vanish, and each masked character is one mask."""
+    rules = parse("机密\nre:1[3-9]\\d{9}\n", "rules.txt")
+    answer = "文件里提到了机密一次，还有一个电话 13800138000，还有**真的加粗**"
+    shown, count = rules.mask(answer)
+    assert count == 2 and shown.count(M) == len("机密") + len("13800138000")
+    html = MarkdownIt("commonmark").render(shown)
+    assert html.count("<strong>") == 1 and "<strong>真的加粗</strong>" in html  # the answer's own bold, and no other
+    assert "<em>" not in html and html.count(M) == shown.count(M)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +124,7 @@ def test_no_poll_on_any_replica_ever_shows_half_of_a_split_word(ruled, dify):
     first = sims[0].send(sims[0].text_message("给我讲讲"))
     frames = []
     conversation = sims[1].follow(first, on_frame=lambda frame: frames.append(frame["stream"]["content"]))
-    assert conversation.text == "这是****内容，完。"
+    assert conversation.text == f"这是{M * 4}内容，完。"
     assert len(frames) > 10
     assert not [frame for frame in frames if "机" in frame or "密" in frame]
     shown = [frame for frame in frames if frame != ZH["placeholder"]]  # the polls before the first text
@@ -121,7 +135,7 @@ def test_no_poll_on_any_replica_ever_shows_half_of_a_split_word(ruled, dify):
         with engine.connect() as connection:
             return connection.execute(select(wecom_audit.c.answer, wecom_audit.c.masked)).all()
 
-    assert wait_until(lambda: rows() == [("这是****内容，完。", 1)])
+    assert wait_until(lambda: rows() == [(f"这是{M * 4}内容，完。", 1)])
 
 
 def test_a_question_that_names_a_rule_gets_one_reply_and_no_dify_call(ruled, dify):
@@ -161,5 +175,5 @@ def test_a_long_connections_frames_never_show_half_of_a_split_word(make_app, wec
     dify.script([d.message("这是机密"), d.sleep(0.6), d.message("文件内容"), d.end()])
     req_id = wecom.deliver_text(WS_BOT_ID, "给我讲讲")
     final = wecom.final(req_id)
-    assert final["stream"]["content"] == "这是****内容"
+    assert final["stream"]["content"] == f"这是{M * 4}内容"
     assert not [f for f in wecom.frames(req_id) if "机" in f["stream"]["content"]]
