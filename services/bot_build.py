@@ -123,12 +123,14 @@ class Bot:
     slots: AnswerSlots | None = None  # its cap on answers running at once (None: none)
 
     def report(self) -> dict:
-        """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, its Dify."""
+        """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, whether its
+        messages are recorded (the audit trail), its Dify."""
         return {
             "mode": self.delivery.mode,
             "path": self.settings.wecom.callback_path if self.delivery.mode == "callback" else "",
             **(self.holder.report() if self.holder is not None else {}),
             "auth": self.settings.auth.mode,
+            "audit": "on" if self.audit is not None else "off",
             **self.health.report(),
         }
 

@@ -157,10 +157,18 @@ class Gateway:
             )
         if self.audit_sweeper is not None:
             self.audit_sweeper.start()
+        else:
+            logger.warning("the audit trail is off: no message is recorded (%s)", self.audit_off_because())
         for bot in self.bots.values():
             bot.start()
         if self.watch is not None:
             self.watch.start()
+
+    def audit_off_because(self) -> str:
+        """Why there is no audit trail, in the words an operator acts on."""
+        if self.settings.audit.enabled == "off":
+            return "AUDIT=off"
+        return "there is no database: set DATABASE_URL to keep one (AUTH_MODE=none needs none otherwise)"
 
     def drain(self, timeout: float) -> list[str]:
         """Graceful shutdown: hand each long-connection bot's WebSocket over at once, take no new streams, let

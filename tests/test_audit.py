@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import secrets
 import threading
 import time
@@ -417,6 +418,31 @@ def test_the_api_refuses_clearly(audited, query, headers, status):
     assert response.status_code == status
     body = response.get_json()
     assert set(body) == {"error", "message"} and API_TOKEN not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "because"),
+    [({}, "there is no database: set DATABASE_URL"), ({"audit": "off"}, "AUDIT=off")],
+    ids=["no-database", "turned-off"],
+)
+def test_a_gateway_without_an_audit_trail_says_so_at_start_and_in_readiness(
+    make_app, audit_url, caplog, changes, because
+):
+    """AUTH_MODE=none needs no database, and without one nothing is recorded: each serving process says so once, in
+    one WARNING, and /readyz names it per bot, rather than the operator learning it at export time."""
+    if changes:
+        changes["database_url"] = audit_url
+    with caplog.at_level(logging.WARNING, logger="services.gateway"):
+        app = make_app(**changes)
+        app.extensions["gateway"].start()  # once per process: a second start says nothing more
+    said = [r.getMessage() for r in caplog.records if "audit trail is off" in r.getMessage()]
+    assert len(said) == 1 and because in said[0]
+    assert app.test_client().get("/readyz").get_json()["bots"]["default"]["audit"] == "off"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="services.gateway"):
+        recorded = make_app(database_url=audit_url)
+    assert "audit trail is off" not in caplog.text
+    assert recorded.test_client().get("/readyz").get_json()["bots"]["default"]["audit"] == "on"
 
 
 def test_without_a_token_there_is_no_audit_api(make_app, engine, audit_url):
