@@ -65,6 +65,10 @@ CUT = object()  # put on a listener's queue: Dify drops its connection there (Di
 # stream, and in its record of the run.
 _STOPPED_LIVE = "Stopped by user."
 _STOPPED_RECORD = "Aborted: Client response stream closed before app execution completed"
+# DifyVersion.resumed_workflow_outruns_listeners: how long before a resumption a listener must have subscribed to get
+# the resumed run's events, and how long after its end its record holds no outputs.
+NEW_LISTENER_LAG = 0.5
+RECORD_LAG = 1.0
 
 
 def frame(data: dict) -> bytes:
@@ -75,11 +79,12 @@ class Reader:
     """One listener of a run's events (`GET /workflow/{run}/events`): its queue, and whether it asked for the
     snapshot (Dify 1.16.0 cuts only the others when a subscriber closes)."""
 
-    __slots__ = ("queue", "snapshot")
+    __slots__ = ("queue", "snapshot", "since")
 
     def __init__(self, snapshot: bool):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.snapshot = snapshot
+        self.since = time.monotonic()  # when it subscribed
 
 
 class Run:
@@ -120,7 +125,9 @@ class Run:
         self.finished: dict | None = None  # the workflow_finished event
         self.kept_outputs: dict | None = None  # what Dify's record keeps of a run it streamed as stopped (1.16.0)
         self.finished_at = 0
+        self.ended_at = 0.0  # time.monotonic() at workflow_finished
         self.resumed = False  # went on after a form
+        self.resumed_at = 0.0  # time.monotonic() at the last resumption
         self.first_reader_gone = False  # the first reader went away before the run ended
         self.readers: set[Reader] = set()
         self.frames: list[bytes] = []  # everything published, for tests
@@ -195,8 +202,18 @@ class Run:
         if self.version.orphan_relays_only_text and self.first_reader_gone and kind not in _TEXT_EVENTS:
             return encoded  # 1.16.0: a run whose first reader went away relays only its text to later listeners
         for reader in list(self.readers):
-            reader.queue.put_nowait(data)
+            if not self._outruns(reader):
+                reader.queue.put_nowait(data)
         return encoded
+
+    def _outruns(self, reader: Reader) -> bool:
+        """Whether the resumed run's events miss `reader`, which subscribed too shortly before the resumption
+        (DifyVersion.resumed_workflow_outruns_listeners)."""
+        return (
+            self._stops_when_resumed()
+            and self.version.resumed_workflow_outruns_listeners
+            and reader.since > self.resumed_at - NEW_LISTENER_LAG
+        )
 
     def subscriber_closed(self, closing: Reader | None = None) -> None:
         """A subscriber of the run closed (`closing`, or the first reader's stream: None): Dify 1.16.0 then cuts
@@ -235,7 +252,7 @@ class Run:
         """A run's end: what Dify saves (a chatflow's outputs.answer is its whole answer, streamed or not)."""
         self.status = str(body.get("status") or "succeeded")
         self.saved = self.answer
-        self.finished_at = int(time.time())
+        self.finished_at, self.ended_at = int(time.time()), time.monotonic()
         outputs = dict(body.get("outputs") or {})
         if self.chatflow:
             outputs["answer"] = self.answer
@@ -273,7 +290,7 @@ class Run:
         """The events of a resumption after `form` was answered (or timed out: `filled` names the event, None when
         this version sends none): the run starts again, (1.14.2) streams its answer before the pause once more, and
         runs the form's node again."""
-        self.pause, self.resumed = None, True
+        self.pause, self.resumed, self.resumed_at = None, True, time.monotonic()
         repeat = [
             {"event": "message", "answer": text, "from_variable_selector": selector, "repeat": True}
             for text, selector in self.streamed
@@ -353,15 +370,21 @@ class Run:
         streamed as stopped: the outputs its record keeps)."""
         data = self.finished["data"]
         if self.kept_outputs is not None:
-            data = {**data, "outputs": self.kept_outputs}
+            data = {**data, "outputs": self._recorded_outputs()}
         return {"event": "workflow_finished", "task_id": self.id, "workflow_run_id": self.id, "data": data}
+
+    def _recorded_outputs(self) -> dict:
+        """The outputs Dify's record keeps of a run it streamed as stopped: none yet for a moment after its end
+        (DifyVersion.resumed_workflow_outruns_listeners)."""
+        lags = self.version.resumed_workflow_outruns_listeners and time.monotonic() - self.ended_at < RECORD_LAG
+        return {} if lags else dict(self.kept_outputs or {})
 
     def record(self) -> dict:
         """Dify's record of the run (`GET /workflows/run/{id}`): its status, and its outputs once it ended."""
         outputs: dict = {}
         error = None
         if self.finished is not None:
-            outputs = self.finished["data"]["outputs"] if self.kept_outputs is None else self.kept_outputs
+            outputs = self.finished["data"]["outputs"] if self.kept_outputs is None else self._recorded_outputs()
             error = self.finished["data"]["error"] if self.kept_outputs is None else _STOPPED_RECORD
         elif self.status == "failed":
             error = "run failed"

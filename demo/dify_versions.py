@@ -39,6 +39,12 @@ class DifyVersion:
     # A resumed workflow app ends `stopped` (error "Stopped by user.", no outputs, no End node events) after it
     # streamed its End's outputs; Dify's record of the run keeps them (1.16.0, a regression).
     resumed_workflow_stops: bool
+    # Such a run's events reach only listeners that subscribed a moment (NEW_LISTENER_LAG) before it resumed: a
+    # listener attached just before the form's submission, as a gateway's is, gets pings alone; and its record keeps
+    # the outputs only a moment (RECORD_LAG) after the end, `outputs: {}` before (1.16.0: a gateway run against a
+    # real server showed the first output alone, or only the stop note, where the record then held the whole answer;
+    # the mechanism on Dify's side was not traced).
+    resumed_workflow_outruns_listeners: bool
 
 
 V1_14 = DifyVersion(
@@ -52,6 +58,7 @@ V1_14 = DifyVersion(
     closing_cuts_plain_listeners=False,
     orphan_relays_only_text=False,
     resumed_workflow_stops=False,
+    resumed_workflow_outruns_listeners=False,
 )
 V1_16 = DifyVersion(
     name="1.16.0",
@@ -64,6 +71,7 @@ V1_16 = DifyVersion(
     closing_cuts_plain_listeners=True,
     orphan_relays_only_text=True,
     resumed_workflow_stops=True,
+    resumed_workflow_outruns_listeners=True,
 )
 VERSIONS = {"1.14": V1_14, "1.16": V1_16}
 

@@ -13,6 +13,7 @@ import pytest
 
 from demo import dify_apps as apps
 from demo import dify_flows as flows
+from demo import dify_runs
 from demo import dify_standin as d
 from demo.dify_versions import standin_version
 from services.texts import CATALOGUE
@@ -83,6 +84,18 @@ def test_a_workflow_apps_form(sims, dify, version):
     conversation, _, _ = ask_and_click(sims[0], sims[1], "rotate keys")
     assert conversation.text == "approve\nlooks good"
     assert dify.chat_requests()[0]["inputs"] == {"query": "rotate keys"}  # the bot's configured input
+
+
+def test_a_workflow_run_ended_stopped_takes_its_outputs_once_its_record_has_them(sims, dify, monkeypatch):
+    """Dify 1.16.0 ends a resumed workflow app `stopped` with no outputs and writes them to its record a moment
+    later: a listener that heard that end asks the record again for a few seconds, and the answer is whole, with no
+    note of a stop (a single read showed the stop note)."""
+    play(dify, "1.16")
+    monkeypatch.setattr(dify_runs, "NEW_LISTENER_LAG", -60.0)  # the listener hears the run's end this time
+    dify.serve_flow(flows.hitl_workflow())
+    conversation, _, _ = ask_and_click(sims[0], sims[1], "rotate keys")
+    assert conversation.text == "approve\nlooks good"
+    assert len(dify.record_reads) >= 2  # the first read came before the record had the outputs
 
 
 def test_a_text_field_without_a_default_is_typed_in_the_next_message(sims, dify):

@@ -52,21 +52,32 @@ _MAX_ERROR_BODY = 2048
 
 WORKFLOW, COMPLETION = "workflow", "completion"
 _RECORD_TIMEOUT = 10.0
+# A run Dify ended `stopped` with no outputs is asked of its record after each of these waits, while the record has
+# none either: Dify 1.16.0 ends a resumed workflow app so and may write the End's outputs to the record a moment
+# after the stream's end (a real 1.16.0 showed the stop note where its record then held the whole answer).
+STOPPED_RECORD_WAITS = (0.0, 0.5, 1.0, 2.0)
+# A run followed from a form's submission that brings only pings is checked against its record this soon: a resumed
+# run may end 0.1 s after the submission, and a real 1.16.0 relayed none of a resumed workflow app's events to the
+# listener that had just subscribed.
+RESUMED_QUIET_SECONDS = 3.0
 
 
 class _QuietRun:
     """When a run's stream that brings only pings is to be checked against Dify's record of the run: once it was
-    quiet for `seconds`, then every half of that while the record says the run goes on."""
+    quiet for `first` seconds (`seconds` unless the run was just resumed), then every half of `seconds` while the
+    record says the run goes on."""
 
-    __slots__ = ("seconds", "follows_pauses", "checked_at")
+    __slots__ = ("seconds", "first", "follows_pauses", "checked_at")
 
-    def __init__(self, seconds: float, follows_pauses: bool):
+    def __init__(self, seconds: float, follows_pauses: bool, first: float | None = None):
         self.seconds = seconds
+        self.first = seconds if first is None else min(first, seconds)
         self.follows_pauses = follows_pauses  # continue_on_pause: a paused run is waited for, not re-read
         self.checked_at = float("-inf")
 
     def due_at(self, reader: EventReader) -> float:
-        return max(reader.last_event_at + self.seconds, self.checked_at + self.seconds / 2)
+        quiet_for = self.first if self.checked_at == float("-inf") else self.seconds
+        return max(reader.last_event_at + quiet_for, self.checked_at + self.seconds / 2)
 
 
 @dataclass(slots=True)
@@ -268,7 +279,8 @@ class DifyClient:
                 return
             quiet = None
             if reader.follows_a_run and self.quiet_run_seconds > 0:
-                quiet = _QuietRun(self.quiet_run_seconds, follows_pauses)
+                first = RESUMED_QUIET_SECONDS if on_open is not None else None  # on_open resumed the run
+                quiet = _QuietRun(self.quiet_run_seconds, follows_pauses, first)
             try:
                 while not reader.stopped and not stream.complete:
                     batch = self._next_batch(stream, reader, relay, quiet.due_at(reader) if quiet else None)
@@ -322,23 +334,35 @@ class DifyClient:
         return []
 
     def _with_kept_outputs(self, batch: list[DifyEvent], reader: EventReader) -> list[DifyEvent]:
-        """A run that ended `stopped` with no outputs in its stream (Dify 1.16.0 so ends a resumed workflow app
-        after making them): the outputs Dify's record kept, if any (`outputs_from_record`)."""
-        if not reader.ended or not batch or batch[-1].kind != WORKFLOW_FINISHED or batch[-1].get("from_record"):
+        """A run that ended `stopped` with no outputs (in its stream or its record when first read: Dify 1.16.0 so
+        ends a resumed workflow app after making them): the outputs Dify's record keeps, asked again for a few
+        seconds while it has none (`outputs_from_record`)."""
+        if not reader.ended or not batch or batch[-1].kind != WORKFLOW_FINISHED:
             return batch
         body = batch[-1].body
         if body.get("status") != "stopped" or body.get("outputs") or not reader.run_id:
             return batch
-        try:
-            kept = self.run_record(reader.run_id).get("outputs")
-        except DifyError as exc:
-            logger.info("could not read Dify's record of the stopped run: %s", exc.code)
-            return batch
-        if isinstance(kept, dict) and kept:
-            logger.warning("Dify streamed the run as stopped with no outputs; its record kept them")
+        kept = self._kept_outputs(reader.run_id)
+        if kept:
+            logger.warning("Dify ended the run as stopped with no outputs; its record kept them")
             data = {**batch[-1].data, "data": {**body, "outputs": kept}, "outputs_from_record": True}
             batch[-1] = DifyEvent(WORKFLOW_FINISHED, data)
         return batch
+
+    def _kept_outputs(self, run_id: str) -> dict:
+        """The outputs Dify's record keeps of a run it ended `stopped`, once they are there ({} if they never
+        come within STOPPED_RECORD_WAITS, or the record cannot be read)."""
+        for wait in STOPPED_RECORD_WAITS:
+            if wait:
+                time.sleep(wait)
+            try:
+                kept = self.run_record(run_id).get("outputs")
+            except DifyError as exc:
+                logger.info("could not read Dify's record of the stopped run: %s", exc.code)
+                continue
+            if isinstance(kept, dict) and kept:
+                return kept
+        return {}
 
     @staticmethod
     def _next_batch(

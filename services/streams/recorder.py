@@ -296,11 +296,14 @@ class AnswerRecorder:
         return deltas
 
     def _whole_answer(self, outputs, shown: bool) -> str:
-        """The whole answer a run's outputs hold: a chatflow's `answer`; a workflow's outputs as its text chunks
-        spell them (joined by newlines), or, when nothing was shown, the output the bot reads."""
+        """The whole answer a followed run's outputs hold: a chatflow's `answer`; a workflow's outputs as its End
+        streams them in text chunks (joined by newlines), as a listener that missed them would have shown them,
+        unless nothing was shown and the bot reads one output (DIFY_WORKFLOW_OUTPUT)."""
         if self.options.app_type != WORKFLOW:
             return workflow_answer(outputs, "answer")
-        return streamed_outputs(outputs) if shown else workflow_answer(outputs, self.options.workflow_output)
+        if shown or not self.options.workflow_output:
+            return streamed_outputs(outputs)
+        return workflow_answer(outputs, self.options.workflow_output)
 
     def write_fields(self, fields: dict[str, str]) -> None:
         """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card)."""
