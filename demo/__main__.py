@@ -17,8 +17,9 @@ from werkzeug.serving import make_server
 
 from app import load_settings_or_exit
 from config.settings import DEMO_ENV_FILES
-from demo.app import create_app
-from demo.wecom_simulator import WeComSimulator, chat_loop
+from demo.app import announce, create_app
+from demo.terminal_chat import chat_loop
+from demo.wecom_simulator import WeComSimulator
 from utils.logging import send_logs_to
 
 
@@ -48,11 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     server = make_server(settings.host, settings.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{settings.host}:{settings.port}"
-    for name, each in gateway.bots.items():
-        where = f"at {url}{each.settings.wecom.callback_path}"
-        if each.delivery.mode != "callback":
-            where = "over WeCom's WebSocket"
-        print(f"Bot {name!r} {where} (demo mode).")
+    announce(gateway, url)
     print(f"Open the console in a browser to chat there too: {url}/console")
     print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")
     simulator = WeComSimulator(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -371,122 +370,12 @@ class WeComSimulator:
         return self.follow(first, userid, chatid, **kwargs)
 
 
-class _GrowingPrinter:
-    """Prints each frame's new suffix while the bubble grows, or the whole text when it was replaced."""
-
-    def __init__(self) -> None:
-        self.shown = ""
-
-    def __call__(self, frame: dict) -> None:
-        content = frame["stream"].get("content", "")
-        if content.startswith(self.shown):
-            print(content[len(self.shown) :], end="", flush=True)
-        else:
-            print("\n" + content, end="", flush=True)
-        self.shown = content
-
-
-class _CardTapper:
-    """Shows a card that rides on the bubble and taps the button the user picks in the terminal (in WeCom the
-    user would tap it while the bubble waits)."""
-
-    def __init__(self, simulator: WeComSimulator, userid: str, chatid: str):
-        self.simulator, self.userid, self.chatid = simulator, userid, chatid
-
-    def __call__(self, frame: dict) -> None:
-        card = frame.get("template_card")
-        if not card:
-            return
-        title = (card.get("main_title") or {}).get("title", "")
-        print(f"\n[card] {title}\n{card.get('sub_title_text', '')}")
-        buttons = card.get("button_list") or []
-        for number, button in enumerate(buttons, 1):
-            print(f"  {number}. {button['text']}")
-        for jump in card.get("jump_list") or []:
-            print(f"  - {jump['title']}")
-        if not buttons:
-            return
-        choice = input("tap> ").strip()
-        index = int(choice) - 1 if choice.isdigit() and 0 < int(choice) <= len(buttons) else 0
-        action = buttons[index]["key"].rpartition("#")[2]
-        reply = self.simulator.send(self.simulator.card_click(card, action, self.userid, self.chatid))
-        status = ((reply or {}).get("template_card") or {}).get("main_title", {}).get("desc", "")
-        print(f"[card updated: {status}]\nbot> ", end="", flush=True)
-
-
-def _print_separate_message(body: dict) -> None:
-    content = (body.get("markdown") or {}).get("content", "")
-    print(f"\n[separate message through response_url]\n{content}\n", flush=True)
-
-
-def chat_loop(simulator: WeComSimulator, userid: str, chatid: str = "") -> None:
-    """Read questions from the terminal and print each answer as it grows. Ctrl-C while an answer streams stops it
-    (it sends `/stop`, as the user would in WeCom); Ctrl-D, `/quit` or Ctrl-C at the prompt ends the chat."""
-    where = f" in group {chatid}" if chatid else ""
-    print(f"Chatting as '{userid}'{where}. Ctrl-C stops an answer; Ctrl-D or /quit ends the chat.")
-    simulator.inbox.on_message = _print_separate_message
-    while True:
-        try:
-            question = input("\nyou> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if question in ("/quit", "/exit"):
-            return
-        if not question:
-            continue
-        print("bot> ", end="", flush=True)
-        try:
-            conversation = _answer(simulator, question, userid, chatid)
-        except (ReplyError, httpx.HTTPError) as exc:
-            print(f"\n[error: {exc}]")
-            continue
-        except KeyboardInterrupt:
-            print("\n[stopped following the answer]")
-            continue
-        images = len(conversation.last.get("msg_item") or [])
-        if images:  # the bubble shows them under its text; a terminal cannot
-            print(f"\n[{images} image{'s' if images > 1 else ''} in the bubble: see them in the console, /console]")
-        state = "finished" if conversation.finished else "still running when WeCom stopped polling"
-        print(f"\n[{state} after {conversation.polls} polls]")
-
-
-def _answer(simulator: WeComSimulator, question: str, userid: str, chatid: str) -> Conversation:
-    """Ask, and follow the bubble to its end; a Ctrl-C meanwhile sends `/stop` and follows the bubble to the note
-    that says so (a second Ctrl-C stops following it).
-
-    While the first bubble is followed, Ctrl-C only sets a flag, looked at with each frame: a KeyboardInterrupt
-    raised wherever the signal lands may land in a finalizer the garbage collector runs, which swallows it."""
-    printer, tapper = _GrowingPrinter(), _CardTapper(simulator, userid, chatid)
-    pressed = threading.Event()
-
-    def on_frame(frame: dict) -> None:
-        printer(frame)
-        tapper(frame)
-        if pressed.is_set():
-            raise KeyboardInterrupt
-
-    first = simulator.send(simulator.text_message(question, userid, chatid))
-    if first is None:
-        raise ReplyError("empty reply to a text message")
-    default = signal.signal(signal.SIGINT, lambda *_: pressed.set())
-    try:
-        return simulator.follow(first, userid, chatid, on_frame=on_frame)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, default)
-        stopped = simulator.send(simulator.text_message("/stop", userid, chatid)) or {}
-        print(f"\n[/stop: {(stopped.get('stream') or {}).get('content', '')}]")
-        pressed.clear()
-        return simulator.follow(first, userid, chatid, on_frame=printer)
-    finally:
-        signal.signal(signal.SIGINT, default)
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from config.bots import load_bots
     from config.settings import DEMO_ENV_FILES, load_settings
+    from demo.terminal_chat import chat_loop
 
     settings = load_settings(env_files=DEMO_ENV_FILES)
     bots = {bot.name: bot for bot in load_bots(settings) if bot.wecom.mode == "callback"}
