@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 import app as gateway_app
-from config.settings import DEMO_ENV_FILES, Settings
+from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, Settings
 from demo.auth_standin import AuthStandIn
 from demo.console import console
 from demo.dify_standin import DifyStandIn
@@ -39,7 +39,7 @@ _started: dict[str, object] = {}  # url -> the stand-in this process started the
 def create_app(settings: Settings | None = None) -> Flask:
     """The gateway in demo mode, with its stand-ins, demo users and console."""
     settings = settings or gateway_app.load_settings_or_exit(DEMO_ENV_FILES)
-    if settings.demo_mode:
+    if settings.demo_mode and not gateway_app.running_a_command():  # a command asks the demo that runs
         start_standins(gateway_app.load_bots_or_exit(settings)[0])
     app = gateway_app.create_app(settings)
     gateway: Gateway = app.extensions["gateway"]
@@ -50,10 +50,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def start_standins(bots: tuple[Settings, ...]) -> None:
-    """Start the Dify and auth API stand-ins at the loopback addresses the bots' settings name, unless something
-    answers there already (another demo process, or `python -m demo.standins`). The Dify stand-in answers each
-    bot (told apart by its API key) as that bot, in its language."""
-    for url in {bot.dify.base_url for bot in bots}:
+    """Start the Dify and auth API stand-ins at the demo's own loopback addresses (DEMO_DEFAULTS, demo/bots.toml),
+    unless something answers there already (another demo process, or `python -m demo.standins`). The Dify
+    stand-in answers each bot (told apart by its API key) as that bot, in its language. An address of the user's
+    (their own Dify, or a server they meant to start) never gets a stand-in: a bot there answers from it, or says
+    it cannot (announce)."""
+    for url in {bot.dify.base_url for bot in bots if plays_dify(bot)}:
         if _needs_standin(url):
             host, port = _address(url)
             personas = {bot.dify.api_key: (bot.name, bot.language) for bot in bots if bot.dify.base_url == url}
@@ -69,6 +71,27 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
             host, port = _address(bot.auth.api_url)
             _started[bot.auth.api_url] = AuthStandIn(api_key=bot.auth.api_key, host=host, port=port).start()
             logger.warning("demo: authenticating with the built-in auth stand-in at %s", bot.auth.api_url)
+
+
+def plays_dify(bot: Settings) -> bool:
+    """Whether the bot's Dify is the demo's stand-in (its own address), not a Dify of the user's."""
+    return bot.dify.base_url == DEMO_DEFAULTS["dify_base_url"]
+
+
+def announce(gateway: Gateway, url: str) -> None:
+    """Say where each bot listens and which Dify answers it; a Dify of the user's is asked once whether it takes
+    the key, so a wrong key or address is one line now rather than a note at the first message."""
+    for name, bot in gateway.bots.items():
+        where = f"at {url}{bot.settings.wecom.callback_path}"
+        if bot.delivery.mode != "callback":
+            where = "over WeCom's WebSocket (the built-in stand-in)"
+        dify = bot.settings.dify
+        if plays_dify(bot.settings):
+            source = "the built-in Dify stand-in"
+        else:
+            problem = bot.dify.access_problem()
+            source = f"your Dify at {dify.base_url}: " + (problem or "it takes the key")
+        print(f"Bot {name!r} {where}, answered by {source}.")
 
 
 def websocket_standin(url: str) -> WeComWebSocketStandIn | None:

@@ -392,7 +392,7 @@ class DifyStandIn:
         elif request.method == "GET" and path == "/v1/parameters":
             flow = self.flows.get(key)
             declared = {"user_input_form": list(flow.start_inputs)} if flow is not None and flow.start_inputs else {}
-            await conn.send(200, self.parameters | declared)
+            await conn.send(200, self.parameters | self._persona_opening(key) | declared)
         elif request.method == "POST" and path == "/v1/files/upload":
             await self._upload(request, conn)
         elif request.method == "GET" and path.startswith("/v1/messages/") and path.endswith("/suggested"):
@@ -719,6 +719,12 @@ class DifyStandIn:
             upload = self.uploads[value["upload_file_id"]]
             return {"name": upload["name"], "size": len(upload["data"]), "mime_type": upload["mime_type"]}
         return value
+
+    def _persona_opening(self, key: str) -> dict:
+        """A demo bot's app (its key among the personas, no flow served) greets a new chat; other apps say nothing."""
+        if key not in self.personas or key in self.flows:
+            return {}
+        return persona_opening(self.personas[key][1])
 
     async def _record(self, run_id: str, mode: str, conn: Conn) -> None:
         """`GET /workflows/run/{id}`: Dify's record of a run of this app (any user's)."""
@@ -1192,6 +1198,8 @@ _DEMO_TEXTS = {
         "- 发送 `think`、`agent` 或 `form` 看看推理过程、智能体应用和需要填表的应用\n"
         "- 发送 `手册` 或 `搜索` 看看知识库回答（图片与参考资料）和慢工具的进度提示\n- 发送 `/new` 开始新的对话\n",
         "slow": "{i}. 第 {i} 段较长的内容，用来观察逐步增长的气泡。\n",
+        "opening": "你好，我是本地演示的 AI 助手（由 Dify 替身回答）。\n点一个问题试试，或者直接输入。",
+        "suggested": ("你能做什么？", "审批：采购一台笔记本电脑", "slow：一个较长的回答"),
     },
     "en": {
         "intro": "**Local demo answer** (Dify stand-in{app})\n\nYou said: “{query}”\n\n",
@@ -1204,8 +1212,17 @@ _DEMO_TEXTS = {
         "that needs a form\n- send `handbook` or `search` for a knowledge answer (a picture and its sources) and a "
         "slow tool's status line\n- send `/new` to start a new conversation\n",
         "slow": "{i}. Paragraph {i} of a longer answer, to watch the bubble grow.\n",
+        "opening": "Hello, I am the local demo's AI assistant (answered by the Dify stand-in).\nTap a question, "
+        "or type your own.",
+        "suggested": ("What can you do?", "form: approve buying a laptop", "slow: a longer answer"),
     },
 }
+
+
+def persona_opening(language: str) -> dict:
+    """A demo bot's app opening a chat: a greeting, and questions the user taps to ask (the welcome card)."""
+    texts = _DEMO_TEXTS.get(language, _DEMO_TEXTS["zh"])
+    return {"opening_statement": texts["opening"], "suggested_questions": list(texts["suggested"])}
 
 
 def demo_reply(

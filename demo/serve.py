@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from demo.app import create_app
+from demo.app import announce, create_app
 from services import metrics
 
 
@@ -19,11 +19,7 @@ def main() -> None:
     settings = app.extensions["gateway"].settings
     if settings.metrics_port:
         metrics.serve(settings.host, settings.metrics_port)
-    for name, bot in app.extensions["gateway"].bots.items():
-        where = f"at http://{settings.host}:{settings.port}{bot.settings.wecom.callback_path}"
-        if bot.delivery.mode != "callback":
-            where = "over WeCom WebSocket"
-        print(f"Bot {name!r} {where} (demo mode).")
+    announce(app.extensions["gateway"], f"http://{settings.host}:{settings.port}")
     print(f"Console: http://{settings.host}:{settings.port}/console")
     app.run(host=settings.host, port=settings.port, threaded=True)
 

@@ -401,6 +401,23 @@ class DifyClient:
         """
         return self._get_object("parameters", timeout)
 
+    def access_problem(self, timeout: float = 5.0) -> str:
+        """Whether this app answers with this key (`GET /parameters`): "" when it does, else one line saying why
+        not, in the words of the setting to fix (never the key)."""
+        try:
+            self.parameters(timeout)
+        except DifyHTTPError as exc:
+            if exc.status in (401, 403):
+                return f"the key was refused (HTTP {exc.status}): check DIFY_API_KEY"
+            if exc.status == 404:
+                return "HTTP 404: DIFY_BASE_URL should be the app's Service API address, ending in /v1"
+            return f"it answered HTTP {exc.status} ({exc.code})"
+        except DifyTimeout:
+            return f"it did not answer within {timeout:.0f} s"
+        except DifyConnectionError:
+            return "nothing answers there: is Dify running at that address?"
+        return ""
+
     def _get_object(self, name: str, timeout: float) -> dict:
         """`GET /<name>` as a JSON object (empty if it is another JSON value)."""
         response = self._request("GET", name, f"/{name.split('/', 1)[0]}", timeout=timeout)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from config.settings import DEMO_DEFAULTS, PROJECT_ROOT
+from demo.dify_standin import DifyStandIn
 from demo.replicas import free_port
 from demo.wecom_simulator import WeComSimulator
 from tests.conftest import wait_until
@@ -44,6 +45,53 @@ def demo_env(**changes: str) -> dict[str, str]:
     for name in ("REDIS_URL", "DIFY_BASE_URL", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY", "DEMO_MODE", "AUTH_MODE"):
         env.pop(name, None)
     return {**env, **changes}
+
+
+def test_the_demo_never_puts_its_stand_in_on_your_dify_address():
+    """`DIFY_BASE_URL=… make demo` with nothing listening there: the demo says so at start-up, starts no stand-in
+    on that address, and the assistant's answer is the note that Dify is unreachable, not the stand-in's canned
+    text; the other bots say they answer from the stand-in."""
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "demo"],
+        cwd=PROJECT_ROOT,
+        env=demo_env(DIFY_BASE_URL=f"http://127.0.0.1:{port}/v1", DIFY_API_KEY="app-your-own", DIFY_RETRY_SECONDS="0"),
+        input="hello there\n",
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    said = f"Bot 'assistant' at http://127.0.0.1:{demo_port(out)}/wecom/callback, answered by your Dify at "
+    assert f"{said}http://127.0.0.1:{port}/v1: nothing answers there" in out
+    assert "Bot 'helpdesk' at" in out and "answered by the built-in Dify stand-in" in out
+    assert "你刚才说" not in out and "AI 服务暂时不可用" in out
+
+
+def test_the_demo_says_at_start_up_when_your_dify_refuses_the_key():
+    dify = DifyStandIn(api_key="app-the-right-one").start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "demo"],
+            cwd=PROJECT_ROOT,
+            env=demo_env(DIFY_BASE_URL=dify.base_url, DIFY_API_KEY="app-a-wrong-one"),
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        dify.stop()
+    assert result.returncode == 0, result.stderr
+    assert f"answered by your Dify at {dify.base_url}: the key was refused (HTTP 401): check DIFY_API_KEY" in (
+        result.stdout
+    )
+    assert "app-a-wrong-one" not in result.stdout + result.stderr
+
+
+def demo_port(out: str) -> str:
+    return out.split("Open the console in a browser to chat there too: http://127.0.0.1:")[1].split("/")[0]
 
 
 def test_the_demo_answers_in_the_bots_language_and_shows_that_the_conversation_goes_on():
