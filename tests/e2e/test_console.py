@@ -97,9 +97,11 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     assert bubble.find_element(By.TAG_NAME, "h2").text == "你好"
     assert bubble.find_element(By.TAG_NAME, "strong").text == "流式"
     assert [li.text for li in bubble.find_elements(By.TAG_NAME, "li")] == ["一", "二"]
-    assert "finished after" not in bubble.text  # the debug footer waits behind its toggle
+    assert "finished after" not in bubble.text  # the debug footer waits behind its toggle, and so do the panes
+    assert not browser.find_element(By.ID, "details").is_displayed()
     browser.find_element(By.ID, "debug").click()
     assert "finished after" in bubble.text
+    assert browser.find_element(By.ID, "details").is_displayed()
     row = browser.find_element(By.CSS_SELECTOR, ".row.theirs")  # as WeCom draws it: avatar, the bot's name, bubble
     assert row.find_element(By.CSS_SELECTOR, ".who").text == "default"
     assert browser.find_element(By.CSS_SELECTOR, ".row.mine .who").text == "alice"
@@ -122,6 +124,13 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "console.png"))
     assert (ARTIFACTS / "console.png").stat().st_size > 10_000
+    for width in (820, 390):  # narrower windows: every control of the chat stays on the page, none clipped
+        browser.set_window_size(width, 900)
+        for control in ("enter", "send", "userid", "chatid"):
+            assert browser.execute_script(
+                f"const r = document.getElementById('{control}').getBoundingClientRect();"
+                "return r.width > 0 && r.left >= 0 && r.right <= document.documentElement.clientWidth;"
+            ), (control, width)
 
 
 def test_the_console_shows_failures_as_finished_bubbles(browser, console_url, dify):
@@ -204,6 +213,7 @@ def test_the_console_talks_to_a_long_connection_bot(browser, long_connection_con
 
     dify.script(d.answer("answered over the **WebSocket**", delay=0.05))
     open_console(browser, long_connection_console)
+    assert "WebSocket" in browser.find_element(By.ID, "hint").text  # not "the real callback endpoint"
     browser.find_element(By.ID, "enter").click()
     wait_until(browser, "return [...document.querySelectorAll('.msg.system')].some(m => m.textContent === 'ops here');")
     say(browser, "hello ws")
@@ -247,6 +257,7 @@ def test_thumbs_under_an_answer_send_wecom_feedback_events_that_reach_dify(brows
     wait_until(browser, FIRST_BOT_FINISHED)
     wait_until(browser, "return document.querySelectorAll('.feedback button').length === 2;")
     like, dislike = browser.find_elements(By.CSS_SELECTOR, ".feedback button")
+    assert (like.text, dislike.text) == ("👍 有用", "👎 没用")  # words beside the thumbs: no emoji font needed
 
     def rated(expected: list) -> bool:
         deadline = time.monotonic() + 10
@@ -279,6 +290,9 @@ def test_the_console_draws_a_forms_card_and_a_tap_goes_on_with_the_run(browser, 
     bubble = browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)")
     assert "需要先审批" in bubble.text and "已同意" in bubble.text
     assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    [spent] = browser.find_elements(By.CSS_SELECTOR, ".msg.card .card-button")  # the answered card's one button
+    assert "spent" in spent.get_attribute("class") and not spent.is_enabled()
+    browser.find_element(By.ID, "debug").click()
     assert "→ event" in browser.find_element(By.ID, "exchange").text
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "console-card.png"))
@@ -296,6 +310,7 @@ def test_the_console_taps_a_card_of_a_long_connection_bot(browser, long_connecti
     wait_until(browser, FIRST_BOT_FINISHED)
     assert "已拒绝" in browser.find_element(By.CSS_SELECTOR, ".msg.bot:not(.card)").text
     assert [s["body"]["action"] for s in dify.form_submissions] == ["reject"]
+    assert not browser.find_element(By.CSS_SELECTOR, ".msg.card .card-button").is_enabled()
 
 
 @pytest.fixture

@@ -281,7 +281,8 @@ function addFeedback(bubble, feedbackId) {
   const bar = document.createElement("div");
   bar.className = "feedback";
   let rated = 0;
-  for (const [type, label, title] of [[ACCURATE, "👍", "accurate"], [INACCURATE, "👎", "inaccurate"]]) {
+  // The words beside each thumb: a machine without an emoji font still shows what each button does.
+  for (const [type, label, title] of [[ACCURATE, "👍 有用", "accurate"], [INACCURATE, "👎 没用", "inaccurate"]]) {
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = label;
@@ -335,7 +336,7 @@ async function enterChat() {
       const { welcome } = await wsFrames(sent.req_id);
       if (welcome) return showWelcome(welcome);
     }
-    return addMessage("system", sent.message || "(no welcome message configured)");
+    return addMessage("system", sent.message || NO_WELCOME);
   }
   const payload = basePayload("event");
   payload.create_time = Math.floor(Date.now() / 1000);
@@ -343,8 +344,10 @@ async function enterChat() {
   showWelcome(await callback(payload));
 }
 
+const NO_WELCOME = "(this bot says nothing when a chat opens: give it a welcome_message, or its Dify app an opening statement)";
+
 function showWelcome(reply) {
-  if (!reply) return addMessage("system", "(no welcome message configured)");
+  if (!reply) return addMessage("system", NO_WELCOME);
   if (reply.template_card) return showCard(reply.template_card, null);
   return addMessage("system", escapeHtml(reply.text.content));
 }
@@ -357,6 +360,8 @@ function showCard(card, bubble) {
   drawCard(element, card);
   return element;
 }
+
+const SPENT_KEY = "#done";  // the key of an answered card's button (services/forms/cards.py, DONE_KEY)
 
 function drawCard(element, card) {
   changeMessages(() => {
@@ -399,7 +404,12 @@ function drawCard(element, card) {
       button.type = "button";
       button.className = "card-button";
       button.textContent = spec.text;
-      button.addEventListener("click", () => tapCard(element, card, spec.key, selects));
+      if (spec.key.endsWith(SPENT_KEY)) {  // an answered card's one button: it says what was chosen, nothing more
+        button.classList.add("spent");
+        button.disabled = true;
+      } else {
+        button.addEventListener("click", () => tapCard(element, card, spec.key, selects));
+      }
       element.appendChild(button);
     }
     for (const jump of card.jump_list || []) {
@@ -565,7 +575,12 @@ function renderMarkdown(source) {
 
 async function useBot(index) {
   config = bots[index];
-  if (config.mode === "long_connection") return;  // no callback crypto: WeCom's WebSocket carries it
+  const overWebSocket = config.mode === "long_connection";
+  document.getElementById("hint").textContent = overWebSocket
+    ? "local console (demo mode): messages reach this bot as WeCom's WebSocket stand-in delivers them"
+    : "local console (demo mode): this page plays WeCom against the real callback endpoint";
+  document.getElementById("exchange-title").textContent = overWebSocket ? "Callback exchange (other bots)" : "Callback exchange";
+  if (overWebSocket) return;  // no callback crypto: WeCom's WebSocket carries it
   const keyBytes = fromBase64(config.encoding_aes_key + "=");
   aesIv = keyBytes.slice(0, 16);
   aesKey = await crypto.subtle.importKey("raw", keyBytes, "AES-CBC", false, ["encrypt", "decrypt"]);
