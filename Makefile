@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-demo demo test test-fast test-servers lint format
+.PHONY: help setup setup-demo demo test test-fast test-servers lint format
+.DEFAULT_GOAL := help
+
+# `make` or `make help`: the targets, each with the line after its `##`.
+help:
+	@echo "make <target>, where <target> is one of:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 
 # The demo needs the runtime and the demo extras only; the tests add their tool chain on top. Python 3.11 or newer
 # (tomllib, and the syntax), said in one line before anything is installed.
@@ -19,16 +25,16 @@ $(BIN)/.dev-installed: $(BIN)/.demo-installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-setup-demo: $(BIN)/.demo-installed
+setup-demo: $(BIN)/.demo-installed  ## the virtualenv with what the demo needs
 
-setup: $(BIN)/.dev-installed
+setup: $(BIN)/.dev-installed  ## the virtualenv with the test and lint tools too
 
-demo: setup-demo
+demo: setup-demo  ## run the bot on embedded defaults and chat with it in this terminal
 	$(BIN)/python -m demo
 
 # The suite starts its own Redis and MariaDB (demo/mariadb_server.py); this makes sure their programs are installed
 # (with apt-get when run as root), and the tools some tests drive (Chromium, wrk, kubectl, promtool).
-test-servers:
+test-servers:  ## install the servers and tools the tests drive (apt-get, as root)
 	@tests/install_test_tools.sh
 
 # The suite runs on this many pytest-xdist workers, each with private servers of its own (0: in this process).
@@ -38,16 +44,16 @@ PYTEST_WORKERS ?= 3
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 # Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (docs/development.md).
-test: setup lint test-servers
+test: setup lint test-servers  ## lint and the whole suite (docs/development.md)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier: no gunicorn, no end-to-end tests (the `e2e` marker).
-test-fast: setup lint test-servers
+test-fast: setup lint test-servers  ## lint and the suite without its end-to-end tier
 	$(BIN)/python -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
 
 # ruff, and the import layers of services/ (pyproject.toml, [tool.importlinter]).
-lint: setup
+lint: setup  ## ruff, and the import layers of services/
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
-format: setup
+format: setup  ## ruff's fixes and formatting
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

@@ -1,9 +1,10 @@
 """The Flask app: `create_app(settings=None)` and thin routes over the gateway services.
 
-Run locally with `python app.py` (development server); in production with
+Run locally with `.venv/bin/python app.py` (development server); in production with
 `gunicorn -c gunicorn.conf.py 'app:create_app()'`. Those two serve, so they start the gateway's background work
-(`Gateway.start()`: long-connection holders and answer consumers); building the app, as every `flask --app app`
-command does, starts none.
+(`Gateway.start()`: the audit sweep, each bot's delivery watch, each long-connection bot's answer consumer and
+connection holder, and the BOTS_FILE watch); building the app, as every `flask --app app` command does, starts
+none, and a command prints only its own output (logs at WARNING and above).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import click
 import orjson
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -38,8 +40,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings is None:
         settings = load_settings_or_exit()
     bots, kept, run_dir = load_bots_or_exit(settings)
+    serves = not running_a_command()
     setup_logging(
-        settings.log_level,
+        settings.log_level if serves else quieter(settings.log_level),
         settings.log_format or "text",
         settings.instance_id,
         secrets=settings.secrets() + [secret for bot in bots for secret in bot.secrets()],
@@ -48,9 +51,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         logger.error("configuration error: %s; the bots of BOTS_FILE's last good copy are served", problem)
     for warning in shared_dify_keys(bots):
         logger.warning("%s", warning)
-    if settings.demo_mode:
+    if serves and settings.demo_mode:
         logger.warning("DEMO MODE: built-in stand-ins and demo credentials; never use this in production")
-    if not settings.files.public_base_url:
+    if serves and not settings.files.public_base_url:
         logger.warning("PUBLIC_BASE_URL is not set: files Dify makes are named in answers, not linked")
 
     app = Flask(__name__, instance_relative_config=True)
@@ -82,6 +85,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     logger.info("gateway ready: %s; instance %s", served, settings.instance_id)
     return app
+
+
+def running_a_command() -> bool:
+    """Whether the app is built for an operator command (`flask --app app <group> <command>`: Flask's CLI loads it
+    inside its click context), which prints only its own output, rather than to serve (gunicorn, `python app.py`,
+    the demo)."""
+    return click.get_current_context(silent=True) is not None
+
+
+def quieter(level: str) -> str:
+    """An operator command's log level: WARNING, or the configured one if that is higher."""
+    configured = logging.getLevelName(level.upper())
+    return level if isinstance(configured, int) and configured > logging.WARNING else "WARNING"
 
 
 def load_settings_or_exit(env_files=ENV_FILES) -> Settings:

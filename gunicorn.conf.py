@@ -104,7 +104,11 @@ DRAIN_MARGIN_SECONDS = 5
 
 
 def when_ready(server):
-    """With METRICS_PORT set, the master serves every worker's metrics there (and the public port does not)."""
+    """Say where the workers listen (with reuse_port each opens its own socket, so gunicorn's own "Listening at:"
+    line has no address to show); with METRICS_PORT set, the master serves every worker's metrics there (and the
+    public port does not)."""
+    sockets = "each worker on a SO_REUSEPORT socket of its own" if reuse_port else "one socket the workers share"
+    server.log.info("Listening at: http://%s (%s)", bind, sockets)
     port = load_settings().metrics_port  # checked by on_starting
     if port:
         from services import metrics

@@ -71,6 +71,27 @@ def test_a_checkout_with_production_settings_uses_nothing_of_demo_env(demo_mode,
     assert "DEMO MODE" not in listed.stderr + listed.stdout
 
 
+def test_an_operator_command_prints_its_output_and_no_start_up_lines(redis_url, dify):
+    """A `flask` command is no gateway starting: no "gateway ready", no warnings about serving (PUBLIC_BASE_URL,
+    demo mode), no INFO lines; only the command's output (and a WARNING or worse, should there be one). The demo's
+    commands start no stand-ins either."""
+    listed = flask(production(redis_url, dify.base_url, LOG_LEVEL="INFO"), "bots", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    assert listed.stdout.splitlines()[0].split()[0] == "BOT" and "gateway ready" not in listed.stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "demo.app", "bots", "list"],
+        cwd=PROJECT_ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stderr == "" and "demo:" not in demo.stdout and "DEMO MODE" not in demo.stdout
+    assert [line.split()[0] for line in demo.stdout.splitlines()[1:]] == ["assistant", "helpdesk", "ops"]
+
+
 def test_without_settings_the_production_app_refuses_to_start_instead_of_entering_demo_mode():
     """demo.env would have made this a demo (embedded store, demo credentials); the production app says what is
     missing instead."""
