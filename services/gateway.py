@@ -139,9 +139,10 @@ class Gateway:
         return failed, {name: bot.report() for name, bot in self.bots.items()}
 
     def start(self) -> None:
-        """Start the background work of a serving process: each bot's delivery watch (a callback bot's sweep of the
-        response_url posts whose poster died and of the bubbles closed before their answers ended); each
-        long-connection bot's answer consumer (first: the holder queues into it) and connection holder. Once only."""
+        """Start the background work of a serving process, once: the audit trail's sweep (or one WARNING that there
+        is none); each bot's delivery watch (a callback bot's sweep of the response_url posts whose poster died and
+        of the bubbles closed before their answers ended); each long-connection bot's answer consumer (first: the
+        holder queues into it) and connection holder; and the watch of BOTS_FILE, which applies its changes."""
         if self.started:
             return
         self.started = True

@@ -1,5 +1,7 @@
 """How a bot's answers reach the user besides a bubble's own replies: one Delivery per WeCom mode, chosen once where
-the bot is built (services/gateway.py), so that the streams code never asks which mode it runs in.
+the bot is built (services/bot_build.py). The streams code calls its Delivery for what goes out separately and never
+asks which mode it runs in for that; it does tell a message answered in its own right (`StreamJob.separate`: the
+rest after a form, a long connection's message no frame carries) from one that has a bubble.
 
 A callback bot's bubbles are polled by WeCom on any replica. What a bubble cannot show goes out through the message's
 response_url, once, whatever process dies (RestPosts); a bubble a poll closed early is watched until its answer ends;

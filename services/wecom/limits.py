@@ -1,5 +1,6 @@
-"""WeCom's limits on AI-bot replies, in one place (docs/protocol.md), and the arithmetic that
-fits an answer into them."""
+"""WeCom's limits on an AI bot's bubbles and replies (docs/protocol.md), and the arithmetic that fits an answer into
+them. Two kinds of limit live with the code that keeps them: the messages one chat may get (30 a minute, 1,000 an
+hour: services/longconn/pacing.py) and media uploads' chunks and sizes (services/longconn/uploads.py)."""
 
 from __future__ import annotations
 
