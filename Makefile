@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup setup-demo demo test test-fast test-servers lint format
+.PHONY: help setup setup-demo demo test test-fast faults test-servers lint format
 .DEFAULT_GOAL := help
 
 # `make` or `make help`: the targets, each with the line after its `##`.
@@ -40,16 +40,24 @@ test-servers:  ## install the servers and tools the tests drive (apt-get, as roo
 # The suite runs on this many pytest-xdist workers, each with private servers of its own (0: in this process).
 # A test module runs whole on one worker (loadfile): the quickstart tests, which share the demo's fixed ports, never
 # run at once. docs/development.md has the timings.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 4
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
-# Everything: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing (docs/development.md).
-test: setup lint test-servers  ## lint and the whole suite (docs/development.md)
-	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+# Everything but the fault campaigns: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing
+# (docs/development.md).
+test: setup lint test-servers  ## lint and the whole suite but the fault campaigns (docs/development.md)
+	$(BIN)/python -m pytest $(XDIST) -m "not faults" $(PYTEST_ARGS)
 
 # The fast tier: no gunicorn, no end-to-end tests (the `e2e` marker).
 test-fast: setup lint test-servers  ## lint and the suite without its end-to-end tier
 	$(BIN)/python -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
+
+# The fault campaigns (the `faults` marker: a few minutes each, every count zero, and the mutants each counted),
+# spread test by test over FAULT_WORKERS workers: each campaign runs its own replicas, Redis and MariaDB. CI runs
+# them after `make test` (.ci/run).
+FAULT_WORKERS ?= 2
+faults: setup test-servers  ## the fault campaigns and their mutants (FAULTS.md), about 12 minutes
+	$(BIN)/python -m pytest -n $(FAULT_WORKERS) --dist load -m faults $(PYTEST_ARGS)
 
 # ruff, and the import layers of services/ (pyproject.toml, [tool.importlinter]).
 lint: setup  ## ruff, and the import layers of services/

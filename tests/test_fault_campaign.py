@@ -190,6 +190,28 @@ def test_the_answer_in_the_bubble_and_again_through_response_url_is_a_duplicate(
     assert counts(history([(2.0, orphaned, True)], posts=[f"**（完整回答）**\n\n{WHOLE}"]))["duplicate_deliveries"] == 1
 
 
+def long_connection(events: list, bubbles: dict[str, str]) -> list:
+    """`events` of a long-connection message, its frames on the req_ids `bubbles` names (frame index -> req_id)."""
+    events[0]["mode"] = "long_connection"
+    for index, req_id in bubbles.items():
+        events[index]["bubble"] = req_id
+    return events
+
+
+def test_an_unfinished_bubbles_text_again_in_a_later_message_is_a_duplicate():
+    """A long connection's holder died: its req_id's bubble stays on screen unfinished, showing two sentences. The
+    next holder must send what follows them; the whole answer again shows them twice. Also when a repeat of the
+    message has a bubble of its own (whatever that one showed, the dead one is still on screen)."""
+    rest = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE[len(answer_text(TAG, 2)) :]}"
+    whole = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE}"
+    died = long_connection(history([(1.0, answer_text(TAG, 2), False)], posts=[rest]), {1: "req-1"})
+    assert counts(died) == ZERO
+    resent = long_connection(history([(1.0, answer_text(TAG, 2), False)], posts=[whole]), {1: "req-1"})
+    assert counts(resent)["duplicate_deliveries"] == 1
+    both = history([(1.0, answer_text(TAG, 2), False), (2.0, answer_text(TAG, 1), False)], posts=[whole])
+    assert counts(long_connection(both, {1: "req-1", 2: "req-2"}))["duplicate_deliveries"] == 1
+
+
 def test_a_sentence_twice_in_one_bubble_is_a_duplicate():
     twice = answer_text(TAG, 2) + WHOLE
     assert counts(history([(1.0, twice, False), (2.0, WHOLE, True)]))["duplicate_deliveries"] == 1
@@ -590,6 +612,7 @@ def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
 
 
 @pytest.mark.e2e
+@pytest.mark.faults
 @pytest.mark.parametrize(
     ("topology", "minutes", "dify_version"),
     # the run's minutes, then up to five more to start the topology and let the last answers finish
@@ -617,6 +640,7 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
 
 
 @pytest.mark.e2e
+@pytest.mark.faults
 @pytest.mark.timeout(8 * 60)
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):

@@ -11,6 +11,7 @@ import redis
 
 from demo import dify_standin as d
 from services.keys import SENT_TTL_SECONDS, Keys
+from services.longconn import outbox as outbox_module
 from services.longconn.orphans import OrphanDelivery
 from services.longconn.outbox import HANDED_WAIT_SECONDS, PAGE, Outbox, claimant_token, rest_of, shown_of
 from services.longconn.replies import ReplyPump
@@ -492,9 +493,10 @@ def test_a_send_a_gone_process_handed_to_its_socket_is_taken_for_made_not_sent_a
         assert outbox.marker("s1").startswith("handed p0 ") and outbox.tracked("s1")
 
 
-def test_a_proactive_rest_whose_ack_wecom_never_sends_is_sent_once(ws_gateway, dify, redis_client):
+def test_a_proactive_rest_whose_ack_wecom_never_sends_is_sent_once(ws_gateway, dify, redis_client, monkeypatch):
     """WeCom takes an aibot_send_msg and its ack is lost (the campaign's ws_send_acks_lost): the holder, alive and
-    connected, reads its pongs; the rest is not sent again when its claim would have run out (30 s)."""
+    connected, reads its pongs; the rest is not sent again when its claim would have run out (30 s; 2 s here)."""
+    monkeypatch.setattr(outbox_module, "OUTBOX_CLAIM_TTL_SECONDS", 2)
     _, wecom = ws_gateway(wecom_ws_heartbeat_seconds=1.0)
     dify.script([d.message("The first words, "), d.sleep(1.0), d.message("and the rest."), d.end()])
     message = wecom.deliver_text(WS_BOT_ID, "lose my stream")
@@ -505,7 +507,7 @@ def test_a_proactive_rest_whose_ack_wecom_never_sends_is_sent_once(ws_gateway, d
     redis_client.delete(keys.stream(stream_id), keys.stream_chunks(stream_id), keys.stream_lease(stream_id))
     assert wait_until(lambda: wecom.proactive, timeout=20)
     assert outbox_settled(redis_client, WS_BOT_ID)
-    time.sleep(35)  # past the 30 s after which a claim of the send would lapse
+    time.sleep(2 + 2)  # a bounded look: past the claim's 2 s, and an outbox pass after it (a second a pass)
     assert len(wecom.proactive) == 1
 
 

@@ -33,6 +33,7 @@ from bench.faults.mutants import FORGIVING, MUTANTS
 from bench.faults.nemesis import ALL_FAULTS, Nemesis
 from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
 from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
+from config.bots import bot_keys
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.mariadb_server import PrivateMariaDB
@@ -43,6 +44,7 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
 from services.auth.users import UserDirectory
+from services.keys import Keys
 from services.lua import ScriptSpec
 from services.streams import scripts as stream_scripts
 
@@ -186,7 +188,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     history = History()
     unready: set[int] = set()  # the nemesis's word on which replicas a load balancer would route nothing to
     workload = Workload(
-        bots,
+        [bot for bot in bots if not options.bots or bot.name in options.bots],
         replicas,
         dify,
         history,
@@ -207,6 +209,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         links=links,
         wecom=standin,
         ws_bot=WS_BOT,
+        ws_lease_key=Keys(bot_keys("ws")).ws_lease(WS_BOT),
         inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
         auth=auth,
         calm_every=options.calm_every,
@@ -435,6 +438,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=sorted(STREAM_SCRIPTS),
         help="redis_replies_lost loses only the replies of this script of the streams (default: of every command)",
     )
+    parser.add_argument(
+        "--bots",
+        type=_bot_names,
+        default=frozenset(),
+        help="only these bots get messages, comma-separated: chat, flow, form, ws (default: every bot)",
+    )
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")
     parser.add_argument("--dify-version", choices=["1.14", "1.16"], default="1.14", help="the Dify the stand-in plays")
@@ -448,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["controls"] = options.controls
     if options.faults:
         result["faults_only"] = sorted(options.faults)
+    if options.bots:
+        result["bots_only"] = sorted(options.bots)
     if options.mutant:
         result["mutant"] = options.mutant
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
@@ -456,6 +467,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{kind}: {result[kind]['messages']} messages, {result[kind]['faults']} faults: {counts}", flush=True)
     harness.report(result, options.json)
     return result
+
+
+def _bot_names(text: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    known = {name for name, *_ in BOTS} | {"ws"}
+    if unknown := names - known:
+        raise argparse.ArgumentTypeError(f"unknown bot {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return names
 
 
 def _fault_kinds(text: str) -> frozenset[str]:

@@ -49,7 +49,14 @@ from pathlib import Path
 
 from bench.faults.answers import repeats, sentences_in
 from bench.faults.history import read
-from bench.faults.nemesis import COSTS_LEASES, DIFY_FAULTS, REPLICA_FAULTS, REPLICA_LINK_FAULTS, WECOM_FAULTS
+from bench.faults.nemesis import (
+    COSTS_LEASES,
+    DIFY_FAULTS,
+    HOLDER_FAULTS,
+    REPLICA_FAULTS,
+    REPLICA_LINK_FAULTS,
+    WECOM_FAULTS,
+)
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -106,7 +113,7 @@ RESTART_REACH_SECONDS = 30.0
 # Where a fault strikes: on the replica its target names, on a long connection's or a callback's own way; any other
 # (Redis, MariaDB, the auth API, Dify's link) on every message's path. Which Redis node holds a message's keys is not
 # told apart: a fault of any node counts as on every message's path.
-REPLICA_KINDS = frozenset(REPLICA_FAULTS + REPLICA_LINK_FAULTS)
+REPLICA_KINDS = frozenset(REPLICA_FAULTS + HOLDER_FAULTS + REPLICA_LINK_FAULTS)
 CONNECTION_KINDS = frozenset(WECOM_FAULTS)
 CALLBACK_KINDS = frozenset({"response_url_busy"})
 _REPLICA = re.compile(r"replica (\d+)")
@@ -234,6 +241,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     judge_frames(verdict, frames)
     judge_cards(verdict, frames)
     judge_posts(verdict, kinds["response_url"], posts)
+    judge_rests(verdict, frames, kinds["response_url"])
     # what the user has: the bubble's answer, then each message after it (a rest continues where the bubble stopped)
     delivered = sentences_in("".join(answer_part(text) for text in [final, *posts]))
     shown = [found for frame in frames for found in sentences_in(frame["content"])]
@@ -290,6 +298,28 @@ def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
         if gone := sorted(earlier - set(own)):
             verdict.problems.setdefault("withdrawn", f"sentences {gone[:5]} shown, then gone at t={frame['t']}")
         earlier.update(own)
+
+
+def judge_rests(verdict: Verdict, frames: list[dict], sent: list[dict]) -> None:
+    """A bubble that never finished (a long connection's req_id that died with its connection) stays on the user's
+    screen as its last frame left it: a sentence of it in any message sent after that frame (the rest, the whole
+    answer, a note) reaches the user twice, whatever else the message's other bubbles showed."""
+    bubbles: dict[str, list[dict]] = defaultdict(list)
+    for frame in frames:
+        bubbles[frame.get("bubble") or frame["stream"]].append(frame)
+    for shown in bubbles.values():
+        if any(frame["finish"] for frame in shown):
+            continue
+        last = shown[-1]
+        on_screen = {n for t, n in sentences_in(last["content"]) if t == verdict.tag}
+        for message in sent:
+            if message.get("accepted", True) and message["t"] > last["t"]:
+                again = sorted(on_screen & {n for t, n in sentences_in(message["content"]) if t == verdict.tag})
+                if again:
+                    verdict.problems.setdefault(
+                        "duplicate_deliveries",
+                        f"sentences {again[:5]} of an unfinished bubble came again in a later message",
+                    )
 
 
 def judge_cards(verdict: Verdict, frames: list[dict]) -> None:
@@ -372,6 +402,8 @@ def on_path(fault: dict, message: dict, workers: set[int] | None) -> bool:
     holds every key on Sentinel; on the Cluster a message's known keys span all three shards for most messages, and
     some of its keys, its user's current token's, cannot be known here)."""
     kind = fault["fault"]
+    if kind in HOLDER_FAULTS and message.get("mode") == "long_connection":
+        return True  # every bubble of the bot's connection dies with its holder, whoever ran the answer
     if kind in REPLICA_KINDS:
         named = _REPLICA.match(fault.get("target", ""))
         return workers is None or (named is not None and int(named.group(1)) in workers)

@@ -132,7 +132,7 @@ AIM: dict[str, list[str]] = {
         *("--faults", "redis_replies_lost", "--replies-lost-of", "FINISH"),
         *("--long-share", "1.0", "--replies-lost", "0.5"),
     ],
-    "record_after_send": ["--faults", "replica_kill"],
+    "record_after_send": ["--faults", "holder_kill", "--bots", "ws"],
 }
 
 

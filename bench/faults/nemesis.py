@@ -3,7 +3,8 @@ start and end. A fault runs in a thread of its own, so the next may begin before
 one target (one gateway replica, the Redis data path, a sentinel, MariaDB), and one gateway replica always stays up.
 Replica faults: SIGKILL or SIGTERM then a restart, SIGTERM while the load still reaches the replica for 1-5 s (a
 rolling restart, the Service's endpoints lagging), SIGSTOP past the stream leases then SIGCONT, and a stall shorter
-than the lease (a GC pause, CPU throttling). A node lost: a replica and a Redis server (the one server, or a master)
+than the lease (a GC pause, CPU throttling); and the replica holding the long-connection bot's WebSocket killed,
+frozen past its WebSocket lease, or drained, its bubbles half shown. A node lost: a replica and a Redis server (the one server, or a master)
 killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults: the master paused (SIGSTOP) for
 2-15 s; one server killed and restarted (from its append-only file: the campaign runs one server as a deployment
 that must not lose open answers would); on Sentinel and Cluster the master killed (a failover) and restarted as a
@@ -41,6 +42,9 @@ from demo.wecom_ws_standin import WeComWebSocketStandIn
 logger = logging.getLogger(__name__)
 
 REPLICA_FAULTS = ("replica_kill", "replica_term", "replica_stop", "replica_stall", "rolling_restart")
+# The same, aimed at the replica that holds the long-connection bot's WebSocket (its lease names it): a holder that
+# dies, freezes or drains while its bubbles are half shown, whose next holder must send only what they did not show.
+HOLDER_FAULTS = ("holder_kill", "holder_stop", "holder_drain")
 # Faults of one replica's own way to a server, where it has one (LinkGroup: one Redis server).
 REPLICA_LINK_FAULTS = ("replica_redis_partition",)
 DATABASE_FAULTS = ("mariadb_restart",)
@@ -82,6 +86,7 @@ KEEPS_LEASES = frozenset({
 })  # fmt: skip
 COSTS_LEASES = frozenset({
     "replica_kill", "replica_term", "replica_stop", "rolling_restart", "replica_redis_partition", "node_loss",
+    "holder_kill", "holder_stop", "holder_drain",
     "redis_pause", "redis_crash", "redis_kill_master", "redis_kill_replica", "sentinel_kill",
     "redis_partition", "redis_delay", "redis_loss", "redis_replies_lost",
     "dify_loss",  # (as the checker has always counted it)
@@ -90,9 +95,10 @@ COSTS_LEASES = frozenset({
 # open (FAULTS.md, "Open windows"), so in the mix it would fail every run rather than find something new.
 OPEN_WINDOW_FAULTS = frozenset({"ws_send_acks_lost"})
 # Every kind of fault the nemesis knows (a topology runs those it has the parts for).
-ALL_FAULTS = frozenset((*REPLICA_FAULTS, *REPLICA_LINK_FAULTS, *NODE_FAULTS, *_TARGETS))
+ALL_FAULTS = frozenset((*REPLICA_FAULTS, *HOLDER_FAULTS, *REPLICA_LINK_FAULTS, *NODE_FAULTS, *_TARGETS))
 WECOM_FAULTS = ("ws_drop", "ws_acks_lost", "ws_ack_delay", "ws_send_acks_lost", "ws_sends_refused")
 BUSY = -1  # WeCom's "system busy"
+WS_LEASE_SECONDS = 10  # the campaign's WECOM_WS_LEASE_SECONDS (the default): a holder frozen longer is replaced
 # The control group: every CALM_EVERY seconds of faults, the nemesis lets the faults under way end, waits until every
 # replica is ready and CALM_SETTLE more seconds (a lease lapsing, a takeover's grace), and then starts none for
 # CALM_SECONDS, in which the workload injects no Dify fault either (`calm` is set): a message there must be answered
@@ -114,6 +120,7 @@ class Nemesis:
         links: dict[str, FaultyLink] | None = None,
         wecom: WeComWebSocketStandIn | None = None,
         ws_bot: str = "",
+        ws_lease_key: str = "",
         inboxes: list[WeComInbox] | None = None,
         auth: AuthStandIn | None = None,
         calm_every: float = CALM_EVERY,
@@ -134,6 +141,7 @@ class Nemesis:
         self.unready = unready if unready is not None else set()  # replicas down or starting: no traffic for them
         self.links = links or {}  # "dify", "redis": the proxies in front of them (bench/faults/proxy.py)
         self.wecom, self.ws_bot = wecom, ws_bot  # the long connection's stand-in, and the bot on it
+        self.ws_lease_key = ws_lease_key  # the Redis key of that bot's lease (it names its holder)
         self.inboxes = inboxes or []  # where the callback bots' response_url posts go
         self.auth = auth  # the auth API's stand-in
         self.kinds = [*REPLICA_FAULTS, *NODE_FAULTS, "redis_pause"]
@@ -148,6 +156,7 @@ class Nemesis:
             self.kinds += [f"{name}_partition", f"{name}_delay", f"{name}_loss", f"{name}_replies_lost"]
         self.kinds += REPLICA_LINK_FAULTS if isinstance(self.links.get("redis"), LinkGroup) else ()
         self.kinds += WECOM_FAULTS if wecom is not None else ()
+        self.kinds += HOLDER_FAULTS if wecom is not None and ws_lease_key else ()
         self.kinds += ["response_url_busy"] if self.inboxes else []
         self.kinds += ["auth_fault"] if auth is not None else []
         if only:  # --faults: the nemesis aimed at these kinds alone
@@ -208,12 +217,18 @@ class Nemesis:
 
     def _claim(self, kind: str) -> str | None:
         """The target `kind` works on now, marked busy; None if it is busy (or it would take the last replica)."""
+        holder = self._holder() if kind in HOLDER_FAULTS else None
         with self._lock:
-            if kind in REPLICA_FAULTS or kind in REPLICA_LINK_FAULTS or kind in NODE_FAULTS:
+            if kind in REPLICA_FAULTS or kind in REPLICA_LINK_FAULTS or kind in NODE_FAULTS or kind in HOLDER_FAULTS:
                 free = [f"replica:{i}" for i in range(len(self.replicas)) if f"replica:{i}" not in self._busy]
                 if len(free) < 2 or (kind in NODE_FAULTS and "redis" in self._busy):
                     return None
-                target = self.rng.choice(free)
+                if kind in HOLDER_FAULTS:
+                    if holder is None or f"replica:{holder}" not in free:
+                        return None  # no replica holds the connection now, or it is under a fault already
+                    target = f"replica:{holder}"
+                else:
+                    target = self.rng.choice(free)
                 if kind in NODE_FAULTS:
                     self._busy.add("redis")
             elif (target := _TARGETS[kind]) in self._busy:
@@ -264,6 +279,42 @@ class Nemesis:
         time.sleep(self.lease_seconds + rng.uniform(1, 5))
         replica.signal(signal.SIGCONT)
         return f"replica {index}"
+
+    def _holder(self) -> int | None:
+        """The replica that holds the long-connection bot's WebSocket now (its lease names the holding process,
+        `replica-<n>:<pid>`), or None."""
+        try:
+            with closing(self._data_client()) as client:
+                lease = client.get(self.ws_lease_key)
+        except Exception:  # noqa: BLE001 - Redis is under a fault of its own: no holder is known
+            return None
+        owner = (lease.decode() if isinstance(lease, bytes) else lease or "").split(":", 1)[0]
+        number = owner.rpartition("-")[2]
+        return int(number) if number.isdigit() and int(number) < len(self.replicas) else None
+
+    def _data_client(self):
+        """A client of the topology's data (the master of a Sentinel set, the Cluster, the one server)."""
+        if isinstance(self.topology, PrivateSentinelSet):
+            return self.topology.current_master().client()
+        return self.topology.client()
+
+    def holder_kill(self, target: str, rng: random.Random) -> str:
+        """The process holding the bot's WebSocket killed (SIGKILL) with its bubbles half shown: another replica
+        takes the connection, and the rest of each answer goes out as a message of its own."""
+        return self.replica_kill(target, rng) + " (the holder)"
+
+    def holder_stop(self, target: str, rng: random.Random) -> str:
+        """The holder frozen (SIGSTOP) past its WebSocket's lease, so that another replica takes the connection, then
+        thawed: it finds its connection taken and its answers' leases lapsed."""
+        index, replica = self._replica(target)
+        replica.signal(signal.SIGSTOP)
+        time.sleep(max(self.lease_seconds, WS_LEASE_SECONDS) + rng.uniform(1, 5))
+        replica.signal(signal.SIGCONT)
+        return f"replica {index} (the holder)"
+
+    def holder_drain(self, target: str, rng: random.Random) -> str:
+        """The holder drained (SIGTERM, as a rolling update does): it hands the connection over at once."""
+        return self.replica_term(target, rng) + " (the holder)"
 
     def replica_stall(self, target: str, rng: random.Random) -> str:
         """A stall shorter than the lease (a GC pause, CPU throttling at a limit): nothing may be taken over."""
