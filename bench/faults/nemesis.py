@@ -4,8 +4,8 @@ one target (one gateway replica, the Redis data path, a sentinel, MariaDB), and 
 Replica faults: SIGKILL or SIGTERM then a restart, SIGTERM while the load still reaches the replica for 1-5 s (a
 rolling restart, the Service's endpoints lagging), SIGSTOP past the stream leases then SIGCONT, and a stall shorter
 than the lease (a GC pause, CPU throttling); and the replica holding the long-connection bot's WebSocket killed,
-frozen past its WebSocket lease, or drained, its bubbles half shown. A node lost: a replica and a Redis server (the one server, or a master)
-killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults: the master paused (SIGSTOP) for
+frozen past its WebSocket lease, or drained, its bubbles half shown. A node lost: a replica and a Redis server (the
+one server, or a master) killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults: the master paused (SIGSTOP) for
 2-15 s; one server killed and restarted (from its append-only file: the campaign runs one server as a deployment
 that must not lose open answers would); on Sentinel and Cluster the master killed (a failover) and restarted as a
 replica, or a replica killed and restarted; on Sentinel, a sentinel killed and restarted. MariaDB (the user table)
