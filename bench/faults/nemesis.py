@@ -5,19 +5,19 @@ Replica faults: SIGKILL or SIGTERM then a restart, SIGTERM while the load still 
 rolling restart, the Service's endpoints lagging), SIGSTOP past the stream leases then SIGCONT, and a stall shorter
 than the lease (a GC pause, CPU throttling); and the replica holding the long-connection bot's WebSocket killed,
 frozen past its WebSocket lease, or drained, its bubbles half shown. A node lost: a replica and a Redis server (the
-one server, or a master) killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults: the master paused (SIGSTOP) for
-2-15 s; one server killed and restarted (from its append-only file: the campaign runs one server as a deployment
-that must not lose open answers would); on Sentinel and Cluster the master killed (a failover) and restarted as a
-replica, or a replica killed and restarted; on Sentinel, a sentinel killed and restarted. MariaDB (the user table)
-stopped for 2-8 s and started again. The network (through the proxies of bench/faults/proxy.py): the link to Dify,
-and to Redis (the one server; on Sentinel and Cluster one server's, master or replica, chosen at random), cut for
-2-8 s, or slowed, or losing 1-10 % of its segments, for 5-15 s, or 10-30 % of its replies lost with their connection
-(the request ran), for 5-15 s; on one server, one replica's own link to Redis cut for 2-8 s while the others reach
-it. WeCom's long connection: the bot's socket dropped, the acks
-of its frames and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), its frames acked 0.3-6
-s late, the acks of its proactive sends lost (the sends taken), or every proactive send refused (busy), for 5-15 s;
-in callback mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults are the workload's,
-per message."""
+one server, or a master) killed together and back 1-5 s later. The auth API down for 2-8 s. Redis faults: the master
+paused (SIGSTOP) for 2-15 s; one server killed and restarted (from its append-only file: the campaign runs one
+server as a deployment that must not lose open answers would); on Sentinel and Cluster the master killed (a
+failover) and restarted as a replica, or a replica killed and restarted; on Sentinel, a sentinel killed and
+restarted. MariaDB (the user table) stopped for 2-8 s and started again. The network (through the proxies of
+bench/faults/proxy.py): the link to Dify, and to Redis (the one server; on Sentinel and Cluster one server's, master
+or replica, chosen at random), cut for 2-8 s, or slowed, or losing 1-10 % of its segments, for 5-15 s, or 10-30 % of
+its replies lost with their connection (the request ran), for 5-15 s; on one server, one replica's own link to Redis
+cut for 2-8 s while the others reach it. WeCom's long connection: the bot's socket dropped, the acks of its frames
+and its pongs lost for 5-15 s (the gateway must notice a link dead downstream), its frames acked 0.3-6 s late, the
+acks of its proactive sends lost (the sends taken), or every proactive send refused (busy), for 5-15 s; in callback
+mode, every response_url post answered busy (HTTP 503) for 2-10 s. Dify's own faults are the workload's, per
+message."""
 
 from __future__ import annotations
 
