@@ -8,7 +8,7 @@ import click
 from flask.cli import AppGroup
 
 from cli import gateway, table
-from services.dify.errors import DifyError
+from services.transport.errors import BackendError
 
 bots_cli = AppGroup("bots", help="The bots this deployment serves (BOTS_FILE, or the environment's one).")
 
@@ -46,6 +46,6 @@ def _health(bot, timeout: float) -> str:
     """`ok` when the bot's Dify app answers its key (GET /parameters), else why not."""
     try:
         bot.dify.parameters(timeout)
-    except DifyError as exc:
+    except BackendError as exc:
         return f"dify: {exc.code}" + (f" (HTTP {exc.status})" if exc.status else "")
     return "ok"

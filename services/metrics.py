@@ -262,7 +262,7 @@ STREAM_EVENTS = (
     "done", "error", "expired", "taken_over", "resumed", "closed_window", "closed_overflow", "handed_over",
     "taken_over_elsewhere", "closed_elsewhere",
 )  # fmt: skip
-DIFY_ERROR_CODES = ("dify_error", "connect_error", "timeout", "stream_cut")
+DIFY_ERROR_CODES = ("backend_error", "connect_error", "timeout", "stream_cut")
 DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach", "asked_again")
 AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
 SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")

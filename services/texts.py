@@ -7,13 +7,13 @@ the bubble to the short note the user sees; the technical reason goes to the log
 from __future__ import annotations
 
 from services.auth.authorizer import AuthError
-from services.dify.errors import (
-    DifyConnectionError,
-    DifyError,
-    DifyHTTPError,
-    DifyStreamCut,
-    DifyStreamError,
-    DifyTimeout,
+from services.transport.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendHTTPError,
+    BackendStreamCut,
+    BackendStreamError,
+    BackendTimeout,
 )
 
 CATALOGUE: dict[str, dict[str, str]] = {
@@ -263,7 +263,7 @@ class Texts:
 
     def failure_note(self, exc: BaseException) -> str:
         """The note shown to the user for a failure behind the bubble (a failed workflow's says why)."""
-        if isinstance(exc, DifyStreamError) and exc.code == "workflow_failed":
+        if isinstance(exc, BackendStreamError) and exc.code == "workflow_failed":
             return self.say("workflow_failed").format(reason=exc.message[:200])
         return self.say(failure_key(exc))
 
@@ -272,7 +272,7 @@ def failure_key(exc: BaseException) -> str:
     """Which catalogue entry describes `exc` to a user."""
     if isinstance(exc, AuthError):
         return exc.code if exc.code in CATALOGUE["en"] else "auth_unavailable"
-    if isinstance(exc, DifyHTTPError):
+    if isinstance(exc, BackendHTTPError):
         if exc.status == 429 or exc.code in _BUSY_CODES:
             return "dify_busy"
         if exc.status in (401, 403) or exc.code in _CONFIG_CODES:
@@ -280,18 +280,18 @@ def failure_key(exc: BaseException) -> str:
         if exc.status is not None and exc.status >= 500:
             return "dify_unavailable"
         return "dify_failed"
-    if isinstance(exc, DifyConnectionError):
+    if isinstance(exc, BackendConnectionError):
         return "dify_unavailable"
-    if isinstance(exc, DifyTimeout):
+    if isinstance(exc, BackendTimeout):
         return "timeout"
-    if isinstance(exc, DifyStreamCut):
+    if isinstance(exc, BackendStreamCut):
         return "stream_cut"
-    if isinstance(exc, DifyStreamError):
+    if isinstance(exc, BackendStreamError):
         if exc.code in _BUSY_CODES:
             return "dify_busy"
         if exc.code in _CONFIG_CODES:
             return "dify_rejected"
         return "dify_failed"
-    if isinstance(exc, DifyError):
+    if isinstance(exc, BackendError):
         return "dify_failed"
     return "internal_error"

@@ -9,8 +9,14 @@ from config.settings import DifySettings
 from demo import dify_standin as d
 from demo.dify_standin import DifyStandIn
 from services.dify.client import ChatRequest, DifyClient
-from services.dify.errors import DifyConnectionError, DifyHTTPError, DifyStreamCut, DifyStreamError, DifyTimeout
 from services.dify.events import decode_event
+from services.transport.errors import (
+    BackendConnectionError,
+    BackendHTTPError,
+    BackendStreamCut,
+    BackendStreamError,
+    BackendTimeout,
+)
 from tests.conftest import DIFY_KEY
 
 
@@ -146,7 +152,7 @@ def test_garbage_frames_are_skipped(client, dify):
 def test_error_event_raises_after_earlier_deltas(client, dify):
     dify.script([d.message("partial"), d.error("completion_request_error", "model failed", 400)])
     seen = []
-    with pytest.raises(DifyStreamError) as caught:
+    with pytest.raises(BackendStreamError) as caught:
         for batch in client.stream_chat(ChatRequest(query="q", user="u")):
             seen += batch
     assert answer_text(seen) == "partial"
@@ -156,27 +162,27 @@ def test_error_event_raises_after_earlier_deltas(client, dify):
 
 def test_clean_close_without_message_end_is_a_cut(client, dify):
     dify.script([d.message("half"), d.close()])
-    with pytest.raises(DifyStreamCut):
+    with pytest.raises(BackendStreamCut):
         run(client)
 
 
 def test_connection_dropped_mid_stream_is_a_cut(client, dify):
     dify.script([d.message("half"), d.sleep(0.05), d.cut()])
-    with pytest.raises(DifyStreamCut):
+    with pytest.raises(BackendStreamCut):
         run(client)
 
 
 def test_read_stall_is_a_timeout(client, dify):
     dify.script([d.message("x"), d.stall(3)])
     started = time.monotonic()
-    with pytest.raises(DifyTimeout):
+    with pytest.raises(BackendTimeout):
         run(client)
     assert time.monotonic() - started < 2.5
 
 
 def test_slow_first_byte_past_read_timeout(client, dify):
     dify.script([d.first_byte_delay(2.5), *d.answer("late")])
-    with pytest.raises(DifyTimeout):
+    with pytest.raises(BackendTimeout):
         run(client)
 
 
@@ -186,7 +192,7 @@ def test_slow_first_byte_past_read_timeout(client, dify):
 )
 def test_http_errors_are_not_retried_except_gateway_errors(client, dify, status, code):
     dify.script([d.http_error(status, code, "nope")], times=None)
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         run(client)
     assert caught.value.status == status
     assert caught.value.code == code
@@ -196,7 +202,7 @@ def test_http_errors_are_not_retried_except_gateway_errors(client, dify, status,
 @pytest.mark.parametrize("status", [429, 503])
 def test_refusals_are_retried_then_raised(client, dify, status):
     dify.script([d.http_error(status, "too_many_requests" if status == 429 else "unavailable")], times=None)
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         run(client)
     assert caught.value.status == status
     assert len(dify.requests) == 3
@@ -206,7 +212,7 @@ def test_refusals_are_retried_then_raised(client, dify, status):
 def test_a_chat_behind_a_gateway_error_is_not_sent_again(client, dify, status):
     """A proxy's 502/504 may come after Dify took the request: sending it again could make a second answer."""
     dify.script([d.http_error(status, "bad_gateway")], times=None)
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         run(client)
     assert caught.value.status == status
     assert len(dify.requests) == 1
@@ -215,7 +221,7 @@ def test_a_chat_behind_a_gateway_error_is_not_sent_again(client, dify, status):
 def test_a_chat_whose_connection_ends_before_the_answer_is_not_sent_again(client, dify):
     """The whole request went out and the connection closed before any answer: Dify may be answering it."""
     dify.script([d.drop()], times=None)
-    with pytest.raises(DifyConnectionError) as caught:
+    with pytest.raises(BackendConnectionError) as caught:
         run(client)
     assert caught.value.request_sent
     assert len(dify.requests) == 1
@@ -230,7 +236,7 @@ def test_retry_succeeds_after_a_429(client, dify):
 
 def test_wrong_api_key_is_401(dify):
     bad = DifyClient(DifySettings(base_url=dify.base_url, api_key="app-wrong", read_timeout=1.0))
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         run(bad)
     assert caught.value.status == 401
     bad.close()
@@ -245,7 +251,7 @@ def test_non_json_error_body_from_a_proxy(client, dify):
     server = StandInServer(proxy).start()
     try:
         proxied = DifyClient(DifySettings(base_url=server.url + "/v1", api_key="k", max_retries=0))
-        with pytest.raises(DifyHTTPError) as caught:
+        with pytest.raises(BackendHTTPError) as caught:
             run(proxied)
         assert caught.value.status == 502
         assert "Bad Gateway" in caught.value.message
@@ -260,7 +266,7 @@ def test_unreachable_dify_is_a_connection_error():
             base_url="http://127.0.0.1:9/v1", api_key="k", connect_timeout=0.5, max_retries=1, retry_backoff=0.01
         )
     )
-    with pytest.raises(DifyConnectionError):
+    with pytest.raises(BackendConnectionError):
         run(dead)
     dead.close()
 
@@ -282,7 +288,7 @@ def test_decode_event_rules():
 
 def test_unknown_conversation_is_404(client, dify):
     request = ChatRequest(query="q", user="u", conversation_id="0b6b3a1e-5a43-4c2e-9a39-5b7f0a6f2c11")
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         list(client.stream_chat(request))
     assert caught.value.status == 404
     assert caught.value.message == "Conversation Not Exists."
@@ -293,7 +299,7 @@ def test_upload_and_feedback(client, dify):
     assert dify.uploads[file_id]["name"] == "photo.png"
     assert dify.uploads[file_id]["user"] == "wecom:bot:alice"
     dify.blocked_extensions = {"exe"}  # Dify's UPLOAD_FILE_EXTENSION_BLACKLIST
-    with pytest.raises(DifyHTTPError) as caught:
+    with pytest.raises(BackendHTTPError) as caught:
         client.upload_file(b"MZ...", "tool.exe", "application/octet-stream", "wecom:bot:alice")
     assert (caught.value.status, caught.value.code) == (400, "file_extension_blocked")
 
@@ -301,7 +307,7 @@ def test_upload_and_feedback(client, dify):
     events = run(client)
     message_id = events[-1].get("message_id")
     # the feedback's user must be the one who got the message
-    with pytest.raises(DifyHTTPError):
+    with pytest.raises(BackendHTTPError):
         client.feedback(message_id, "like", "someone-else")
     client.feedback(message_id, "like", "wecom:bot:alice")
     assert dify.feedbacks == [(message_id, {"rating": "like", "user": "wecom:bot:alice", "content": ""})]
@@ -312,7 +318,7 @@ def test_parameters(client, dify):
 
 
 def test_the_streaming_call_over_https_verifies_the_server(tls):
-    """The streaming call's own client (services/dify/transport) over TLS: certificate and host name checked,
+    """The streaming call's own client (services/transport) over TLS: certificate and host name checked,
     JSON split across TLS records, pings, a stream; the side endpoints (httpx) trust the same CA."""
     server = DifyStandIn(api_key=DIFY_KEY, ping_interval=0.05, tls=tls.server_context()).start()
     try:
@@ -327,7 +333,7 @@ def test_the_streaming_call_over_https_verifies_the_server(tls):
         untrusting = DifyClient(
             DifySettings(base_url=server.base_url, api_key=DIFY_KEY, read_timeout=2.0, max_retries=0)
         )
-        with pytest.raises(DifyConnectionError):
+        with pytest.raises(BackendConnectionError):
             run(untrusting)  # the system's CAs do not know the private one
         untrusting.close()
     finally:

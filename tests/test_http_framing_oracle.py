@@ -1,4 +1,4 @@
-"""A differential test of the streaming call's own HTTP/1.1 response parsing (services/dify/transport/http_stream.py)
+"""A differential test of the streaming call's own HTTP/1.1 response parsing (services/transport/http_stream.py)
 against h11, the parser httpx uses, as the oracle: the same bytes, cut into the same network reads, must give the
 same status, the same body and the same verdict (complete, or a framing error) from both.
 
@@ -14,7 +14,7 @@ import h11
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dify.transport.http_stream import StreamProtocolError, body_decoder, parse_head, split_head
+from services.transport.http_stream import StreamProtocolError, body_decoder, parse_head, split_head
 
 STATUSES = [200, 201, 400, 401, 404, 429, 500, 502, 503]
 TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-"

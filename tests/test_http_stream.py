@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.dify.transport.http_stream import StreamConnectError, StreamingResponse, StreamProtocolError, post_stream
+from services.transport.http_stream import StreamConnectError, StreamingResponse, StreamProtocolError, post_stream
 
 PAYLOAD = b'data: {"event":"message","answer":"\xe4\xbd\xa0\xe5\xa5\xbd"}\n\n' * 3
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.dify.transport.read_pump import ReadPump
+from services.transport.read_pump import ReadPump
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_tls_through_the_pump_with_records_larger_than_a_read(pump, tls, monkeyp
     record leaves the rest decrypted inside the SSL object where the selector cannot see it: the pump must read
     that before going back to the selector. (With the real 64 KiB reads and records of at most 16 KiB that
     second case is rare; a 64-byte read makes it happen on every record.)"""
-    monkeypatch.setattr("services.dify.transport.read_pump.READ_SIZE", 64)
+    monkeypatch.setattr("services.transport.read_pump.READ_SIZE", 64)
     server_context = tls.server_context()
     client_context = tls.client_context()
     listener = socket.create_server(("127.0.0.1", 0))

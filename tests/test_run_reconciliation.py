@@ -9,11 +9,11 @@ import pytest
 
 from services import metrics
 from services.dify.events import EventReader
-from services.dify.transport.sse import SSEParser
 from services.streams.answer import Answer
 from services.streams.job import StreamJob
 from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.streams.store import WRITTEN
+from services.transport.sse import SSEParser
 from tests.dify_captures import FIXTURES
 
 BEFORE = "You said: deploy v2 to prod. Waiting for approval..."

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.dify.transport.sse import SSEEvent, SSEParser
+from services.transport.sse import SSEEvent, SSEParser
 
 STREAM = (
     "event: ping\n\n"

@@ -99,14 +99,14 @@ def _record_quietly(ledger, record: dict) -> None:
 
 
 def _notes_at_random() -> None:
-    from services.dify.errors import DifyHTTPError
     from services.streams.worker import StreamWorker
+    from services.transport.errors import BackendHTTPError
 
     asking = StreamWorker._ask
 
     def sometimes_not(self, job, request, recorder, cancelled, deadline) -> None:
         if int(hashlib.sha256(request.query.encode()).hexdigest(), 16) % 2 == 0:
-            raise DifyHTTPError(500, "internal_server_error", "not asked (the forgive_all mutant)")
+            raise BackendHTTPError(500, "internal_server_error", "not asked (the forgive_all mutant)")
         asking(self, job, request, recorder, cancelled, deadline)
 
     StreamWorker._ask = sometimes_not

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.dify.client import DifyClient
-from services.dify.errors import DifyError
+from services.transport.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class DifyAppProfile:
             try:
                 self._parameters = self.dify.parameters(timeout)
                 self._next_refresh = now + self.ttl_seconds
-            except DifyError as exc:
+            except BackendError as exc:
                 logger.warning("could not read the Dify app's parameters: %s", exc.code)
                 self._next_refresh = now + self.retry_seconds
             return self._parameters
@@ -96,7 +96,7 @@ class DifyAppProfile:
                 return self._app_type or "chat"
             try:
                 mode = self.dify.info(timeout).get("mode")
-            except DifyError as exc:
+            except BackendError as exc:
                 logger.warning("could not read the Dify app's type from /info (%s); assuming a chat app", exc.code)
                 self._next_info = now + self.retry_seconds
                 return "chat"

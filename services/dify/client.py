@@ -2,9 +2,9 @@
 
 `stream_chat()` yields one list of events per network read (possibly empty, e.g. a ping), so the caller can
 write each read's deltas to Redis in one batch and check its own deadline between reads. Its body is read by the
-process's read pump (services/dify/transport): a `relay` callback may handle the plain batches right there, in the
-pump's thread, and only the rest wake the caller. Every way the call can fail raises a `DifyError` subclass
-(services/dify/errors.py); a stream that ends without `message_end` or `error` raises `DifyStreamCut`.
+process's read pump (services/transport): a `relay` callback may handle the plain batches right there, in the
+pump's thread, and only the rest wake the caller. Every way the call can fail raises a `BackendError` subclass
+(services/dify/errors.py); a stream that ends without `message_end` or `error` raises `BackendStreamCut`.
 
 A chatflow's or workflow's run is Dify's own record too (`GET /workflows/run/{id}`), and a run's stream is checked
 against it where the stream alone would mislead: one that brings only pings for `quiet_run_seconds` (Dify 1.16.0
@@ -26,18 +26,18 @@ from urllib.parse import quote, urlencode
 import httpx
 import orjson
 
-from services.dify.errors import (
-    DifyConnectionError,
-    DifyError,
-    DifyHTTPError,
-    DifyStreamCut,
-    DifyTimeout,
+from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
+from services.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
+from services.transport.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendHTTPError,
+    BackendStreamCut,
+    BackendTimeout,
     http_error,
     never_taken,
 )
-from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
-from services.dify.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
-from services.dify.transport.read_pump import ReadPump
+from services.transport.read_pump import ReadPump
 from utils.http import outgoing_client
 from utils.tls import default_tls_context
 
@@ -157,7 +157,7 @@ class DifyClient:
         returns True it has handled the batch and the caller is not woken for it. It must not block.
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout, DifyStreamError, DifyStreamCut.
+            BackendHTTPError, BackendConnectionError, BackendTimeout, BackendStreamError, BackendStreamCut.
         """
         url, body = self._base_url + request.path, orjson.dumps(request.body())
         yield from self._with_retries(
@@ -183,8 +183,8 @@ class DifyClient:
         submitted there cannot resume the run before we listen; when it returns False, nothing is read.
 
         Raises:
-            DifyHTTPError (404: no such run, or not this user's), DifyConnectionError, DifyTimeout,
-            DifyStreamError, DifyStreamCut.
+            BackendHTTPError (404: no such run, or not this user's), BackendConnectionError, BackendTimeout,
+            BackendStreamError, BackendStreamCut.
         """
         query = {"user": user}
         if snapshot:
@@ -204,7 +204,7 @@ class DifyClient:
         paused, succeeded, partial-succeeded, failed, stopped), `outputs` once it ended, `error`.
 
         Raises:
-            DifyHTTPError (404: no such run of this app), DifyConnectionError, DifyTimeout.
+            BackendHTTPError (404: no such run of this app), BackendConnectionError, BackendTimeout.
         """
         return self._get_object(f"workflows/run/{quote(run_id, safe='')}", timeout)
 
@@ -213,7 +213,7 @@ class DifyClient:
         expiration_time.
 
         Raises:
-            DifyHTTPError (404 unknown; 412 answered or expired), DifyConnectionError, DifyTimeout.
+            BackendHTTPError (404 unknown; 412 answered or expired), BackendConnectionError, BackendTimeout.
         """
         return self._get_object(f"form/human_input/{quote(form_token, safe='')}", timeout)
 
@@ -221,8 +221,8 @@ class DifyClient:
         """Answer a paused run's form (`POST /form/human_input/{token}`) as the run's own `user`; the run goes on.
 
         Raises:
-            DifyHTTPError (412: answered already or expired; 400: an input Dify refused), DifyConnectionError,
-            DifyTimeout.
+            BackendHTTPError (412: answered already or expired; 400: an input Dify refused), BackendConnectionError,
+            BackendTimeout.
         """
         body = {"inputs": inputs, "action": action, "user": user}
         self._request("POST", f"form/human_input/{quote(form_token, safe='')}", "form submission", json=body)
@@ -237,9 +237,9 @@ class DifyClient:
             try:
                 yield from stream()
                 return
-            except (DifyHTTPError, DifyConnectionError) as exc:
+            except (BackendHTTPError, BackendConnectionError) as exc:
                 if idempotent:
-                    retryable = isinstance(exc, DifyConnectionError) or exc.status in _RETRYABLE_STATUS
+                    retryable = isinstance(exc, BackendConnectionError) or exc.status in _RETRYABLE_STATUS
                 else:
                     retryable = never_taken(exc)
                 if not retryable or attempt >= self.max_retries:
@@ -265,11 +265,11 @@ class DifyClient:
                 url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump
             )
         except StreamConnectError as exc:
-            raise DifyConnectionError(f"could not reach Dify: {exc}") from exc
+            raise BackendConnectionError(f"could not reach Dify: {exc}") from exc
         except TimeoutError as exc:
-            raise DifyTimeout("Dify sent no response within the read timeout") from exc
+            raise BackendTimeout("Dify sent no response within the read timeout") from exc
         except OSError as exc:  # the request was sent whole: Dify may be answering it
-            raise DifyConnectionError(
+            raise BackendConnectionError(
                 f"Dify closed the connection before answering: {type(exc).__name__}", request_sent=True
             ) from exc
         with stream:
@@ -288,14 +288,14 @@ class DifyClient:
                         batch = self._ask_record(quiet, reader)
                     yield self._with_kept_outputs(batch, reader)
             except TimeoutError as exc:
-                raise DifyTimeout("Dify sent nothing within the read timeout") from exc
+                raise BackendTimeout("Dify sent nothing within the read timeout") from exc
             except OSError as exc:
-                raise DifyStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
+                raise BackendStreamCut(f"connection to Dify broke mid-stream: {type(exc).__name__}") from exc
             if reader.failure is not None:
                 raise reader.failure
             if reader.ended or reader.answer_ended:  # a chatflow's stream may close right after message_end
                 return
-        raise DifyStreamCut(f"Dify closed the stream before {reader.end_name}")
+        raise BackendStreamCut(f"Dify closed the stream before {reader.end_name}")
 
     def _ask_record(self, quiet: _QuietRun, reader: EventReader) -> list[DifyEvent]:
         """A run's stream brought only pings for a while: Dify's record of the run says whether it is over. Over:
@@ -304,7 +304,7 @@ class DifyClient:
         gives the pause's form). Going on, or unknown: nothing (asked again later).
 
         Raises:
-            DifyStreamCut: the run paused with no word on this stream.
+            BackendStreamCut: the run paused with no word on this stream.
         """
         quiet.checked_at = time.monotonic()
         run_id = reader.run_id  # given to a re-attach, else named by the run's first events
@@ -312,7 +312,7 @@ class DifyClient:
             return []
         try:
             record = self.run_record(run_id)
-        except DifyError as exc:
+        except BackendError as exc:
             logger.info("could not read Dify's record of the run (%s); still following its events", exc.code)
             return []
         status = record.get("status")
@@ -329,7 +329,7 @@ class DifyClient:
             event = {"event": WORKFLOW_FINISHED, "workflow_run_id": run_id, "data": data, "from_record": True}
             return [DifyEvent(WORKFLOW_FINISHED, event)]
         if status == "paused" and not quiet.follows_pauses:
-            raise DifyStreamCut(f"the run paused with no word on its events stream ({silent:.0f}s of pings)")
+            raise BackendStreamCut(f"the run paused with no word on its events stream ({silent:.0f}s of pings)")
         logger.info("the run's events brought only pings for %.0fs; Dify's record says %s", silent, status)
         return []
 
@@ -357,7 +357,7 @@ class DifyClient:
                 time.sleep(wait)
             try:
                 kept = self.run_record(run_id).get("outputs")
-            except DifyError as exc:
+            except BackendError as exc:
                 logger.info("could not read Dify's record of the stopped run: %s", exc.code)
                 continue
             if isinstance(kept, dict) and kept:
@@ -389,7 +389,7 @@ class DifyClient:
         """The app's `/info` (name, description, tags, `mode`: its app type).
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout.
+            BackendHTTPError, BackendConnectionError, BackendTimeout.
         """
         return self._get_object("info", timeout)
 
@@ -397,7 +397,7 @@ class DifyClient:
         """The app's `/parameters` (opening statement, suggested questions, declared inputs, upload limits).
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout.
+            BackendHTTPError, BackendConnectionError, BackendTimeout.
         """
         return self._get_object("parameters", timeout)
 
@@ -406,15 +406,15 @@ class DifyClient:
         not, in the words of the setting to fix (never the key)."""
         try:
             self.parameters(timeout)
-        except DifyHTTPError as exc:
+        except BackendHTTPError as exc:
             if exc.status in (401, 403):
                 return f"the key was refused (HTTP {exc.status}): check DIFY_API_KEY"
             if exc.status == 404:
                 return "HTTP 404: DIFY_BASE_URL should be the app's Service API address, ending in /v1"
             return f"it answered HTTP {exc.status} ({exc.code})"
-        except DifyTimeout:
+        except BackendTimeout:
             return f"it did not answer within {timeout:.0f} s"
-        except DifyConnectionError:
+        except BackendConnectionError:
             return "nothing answers there: is Dify running at that address?"
         return ""
 
@@ -424,14 +424,14 @@ class DifyClient:
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
-            raise DifyHTTPError(response.status_code, "malformed", f"Dify /{name} is not JSON") from None
+            raise BackendHTTPError(response.status_code, "malformed", f"Dify /{name} is not JSON") from None
         return data if isinstance(data, dict) else {}
 
     def upload_file(self, data: bytes, filename: str, mime_type: str, user: str) -> str:
         """Upload a file for `user` (`POST /files/upload`); returns its id for `files[].upload_file_id`.
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout.
+            BackendHTTPError, BackendConnectionError, BackendTimeout.
         """
         response = self._request(
             "POST", "files/upload", "file upload", files={"file": (filename, data, mime_type)}, data={"user": user}
@@ -441,14 +441,14 @@ class DifyClient:
         except (orjson.JSONDecodeError, AttributeError):
             file_id = None
         if not isinstance(file_id, str) or not file_id:
-            raise DifyHTTPError(response.status_code, "malformed", "Dify upload answered without a file id")
+            raise BackendHTTPError(response.status_code, "malformed", "Dify upload answered without a file id")
         return file_id
 
     def suggested(self, message_id: str, user: str, timeout: float = 3.0) -> list[str]:
         """The questions Dify suggests after an answer (`GET /messages/{id}/suggested`), for apps that enable them.
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout.
+            BackendHTTPError, BackendConnectionError, BackendTimeout.
         """
         path = f"messages/{quote(message_id, safe='')}/suggested"
         response = self._request("GET", path, "suggested questions", timeout=timeout, params={"user": user})
@@ -462,7 +462,7 @@ class DifyClient:
         """Rate a message (`like`, `dislike`, or None to withdraw), as the user who got it.
 
         Raises:
-            DifyHTTPError, DifyConnectionError, DifyTimeout.
+            BackendHTTPError, BackendConnectionError, BackendTimeout.
         """
         body = {"rating": rating, "user": user, "content": content}
         self._request("POST", f"messages/{message_id}/feedbacks", "feedback", json=body, timeout=10.0)
@@ -471,14 +471,14 @@ class DifyClient:
         """One plain (non-streaming) call, its failures mapped to our errors.
 
         Raises:
-            DifyHTTPError (any status but 200/201), DifyConnectionError, DifyTimeout.
+            BackendHTTPError (any status but 200/201), BackendConnectionError, BackendTimeout.
         """
         try:
             response = self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.TimeoutException as exc:
-            raise DifyTimeout(f"Dify {what} timed out") from exc
+            raise BackendTimeout(f"Dify {what} timed out") from exc
         except httpx.HTTPError as exc:
-            raise DifyConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
+            raise BackendConnectionError(f"could not reach Dify: {type(exc).__name__}") from exc
         if response.status_code not in (200, 201):
             raise http_error(response.status_code, response.content[:_MAX_ERROR_BODY])
         return response

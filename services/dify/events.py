@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from services.dify.errors import DifyStreamError
-from services.dify.transport import SSEEvent
+from services.transport import SSEEvent
+from services.transport.errors import BackendStreamError
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class EventReader:
 
     def __init__(self, app_type: str = "chat", run_id: str = "") -> None:
         self.ended = False
-        self.failure: DifyStreamError | None = None
+        self.failure: BackendStreamError | None = None
         self.end_name = WORKFLOW_FINISHED if app_type in RUN_APPS else END_EVENT
         self.answer_ended = False  # message_end came
         self.run_id = run_id
@@ -136,7 +136,7 @@ class EventReader:
                 continue
             self.last_event_at = time.monotonic()
             if event.kind == ERROR_EVENT:
-                self.failure = DifyStreamError(
+                self.failure = BackendStreamError(
                     str(event.get("message") or "Dify reported an error"),
                     code=str(event.get("code") or "stream_error"),
                     status=event.get("status"),

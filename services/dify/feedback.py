@@ -14,9 +14,9 @@ import orjson
 import redis
 
 from services.dify.client import DifyClient
-from services.dify.errors import DifyError
 from services.keys import Keys
 from services.redis_conn import REDIS_FAILURES
+from services.transport.errors import BackendError
 from utils.logging import current_log_context, log_context
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class FeedbackService:
         with log_context(**context):
             try:
                 self.forward(event)
-            except (DifyError, *REDIS_FAILURES) as exc:
+            except (BackendError, *REDIS_FAILURES) as exc:
                 logger.warning("feedback not forwarded: %s", exc)
             except Exception:
                 logger.exception("feedback forwarding failed")

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 from services import metrics
-from services.dify.errors import DifyError
 from services.forms.cards import ACTION_QUESTION, DONE_KEY, answered_card, closed_card, form_card, split_key
 from services.forms.form import FILE_LIST, Input
 from services.forms.service import ask_for, file_kinds, typed_choices
@@ -21,6 +20,7 @@ from services.forms.store import ADD, CLAIMED, CLOSE, EXPIRED, OPEN, SEPARATELY,
 from services.media.service import FileRefused, MediaError, MediaService
 from services.redis_conn import REDIS_FAILURES
 from services.texts import Texts
+from services.transport.errors import BackendError
 from services.wecom.messages import Inbound
 
 logger = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class FormAnswers:
                 notes.append(self.texts.say("form_file_refused").format(name=refused.name, label=item.label,
                                                                         kinds=kinds))  # fmt: skip
                 continue
-            except (MediaError, DifyError) as exc:
+            except (MediaError, BackendError) as exc:
                 logger.warning("a file for form %s could not be passed on: %s", record.task_id, exc)
                 notes.append(self.texts.say("form_file_failed"))
                 continue

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from services import metrics
 from services.dify.client import DifyClient
-from services.dify.errors import DifyError, DifyHTTPError
 from services.forms.cards import ACTION_QUESTION, form_card
 from services.forms.form import Form, Input, read_form
 from services.forms.store import (
@@ -32,6 +31,7 @@ from services.forms.store import (
 )
 from services.redis_conn import REDIS_FAILURES
 from services.texts import Texts
+from services.transport.errors import BackendError, BackendHTTPError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class FormService:
 
         Raises:
             FormNotHere: the form cannot be answered here (Dify delivers it elsewhere, or it is gone already).
-            DifyError: the form could not be read.
+            BackendError: the form could not be read.
             redis.RedisError: Redis did not answer.
         """
         token = event.get("form_token")
@@ -137,7 +137,7 @@ class FormService:
             return Ticket(known, self.prompt(known), card if known.status == OPEN else None)
         try:
             fetched = self.dify.human_input_form(token)
-        except DifyHTTPError as exc:
+        except BackendHTTPError as exc:
             if exc.status == 404:
                 logger.info("the paused run's form is not reachable through the Service API: it is answered elsewhere")
                 raise FormNotHere("form_elsewhere") from None
@@ -245,7 +245,7 @@ class FormService:
             try:
                 self.dify.submit_human_input(form.token, record.submission(), record.choice, record.dify_user)
                 return SUBMITTED, ""
-            except DifyHTTPError as exc:
+            except BackendHTTPError as exc:
                 if exc.status == 412:
                     # Answered already (by our own earlier try, if one was cut off) or expired.
                     return (SUBMITTED if (retried or attempt) and not form.expired() else EXPIRED), ""
@@ -255,7 +255,7 @@ class FormService:
                     logger.warning("Dify refused the form's answer: %s %s", exc.status, exc.code)
                     return FAILED, ""
                 failure = exc
-            except DifyError as exc:
+            except BackendError as exc:
                 failure = exc
             logger.warning("form submission failed (%s), try %d of %d", failure.code, attempt + 1, SUBMIT_TRIES)
             time.sleep(0.5 * (attempt + 1))

@@ -19,7 +19,7 @@ import httpx
 from services import metrics
 from services.dify.app_profile import DifyAppProfile, FileInput
 from services.dify.client import DifyClient
-from services.dify.errors import DifyError
+from services.transport.errors import BackendError
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES
 from utils.http import outgoing_client
@@ -236,7 +236,7 @@ class MediaService:
                     self._refuse(result, kind)
                     continue
                 given = file.value(self.dify.upload_file(file.data, file.name, file.mime, dify_user))
-            except (MediaError, DifyError) as exc:
+            except (MediaError, BackendError) as exc:
                 logger.warning("could not pass a %s to Dify: %s", kind, exc)
                 metrics.USER_FILES.labels(self.bot, "failed").inc()
                 result.failed += 1
@@ -284,7 +284,7 @@ class MediaService:
 
         Raises:
             FileRefused: the input does not take it.
-            MediaError, DifyError: it could not be read or uploaded.
+            MediaError, BackendError: it could not be read or uploaded.
         """
         file = self._receive(kind, url, self._size_limit(self.profile.parameters(), _sized(kind)), aeskey)
         if not takes(file.dify_type, file.extension):

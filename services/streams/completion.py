@@ -10,7 +10,6 @@ import orjson
 
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import COMPLETION, WORKFLOW, DifyClient
-from services.dify.errors import DifyError, DifyStreamError
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.streams.answer import Answer
@@ -19,6 +18,7 @@ from services.streams.job import StreamJob
 from services.streams.recorder import THINK_CLOSE, AnswerRecorder
 from services.streams.store import DONE
 from services.texts import Texts
+from services.transport.errors import BackendError, BackendStreamError
 from services.wecom.cards import question_card
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ class AnswerCompletion:
         """Dify's answer ended: a failed run is an error (raised for `run` to finish it); else the final state.
 
         Raises:
-            DifyStreamError: the chatflow's or workflow's run failed or was stopped.
+            BackendStreamError: the chatflow's or workflow's run failed or was stopped.
         """
         if answer.workflow_error:
-            raise DifyStreamError(answer.workflow_error, code="workflow_failed")
+            raise BackendStreamError(answer.workflow_error, code="workflow_failed")
         recorder.save_conversation()
         if answer.thinking:  # reasoning with no answer after it
             recorder.write([THINK_CLOSE.rstrip()])
@@ -109,7 +109,7 @@ class AnswerCompletion:
             return ""
         try:
             questions = self.dify.suggested(answer.message_id, job.dify_user)
-        except DifyError as exc:
+        except BackendError as exc:
             logger.info("no suggested questions: %s", exc.code)
             return ""
         if not questions:

@@ -13,7 +13,6 @@ from functools import partial
 
 import orjson
 
-from services.dify.errors import DifyError
 from services.forms.service import (
     BUBBLE_OVER,
     CANCELLED,
@@ -34,6 +33,7 @@ from services.streams.job import StreamJob
 from services.streams.recorder import AnswerRecorder
 from services.streams.store import StreamStore
 from services.texts import Texts
+from services.transport.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class FormSteps:
         answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
         try:
             self.follow(job, answer, recorder, cancelled, lambda: self._following(answer, recorder, token) or True)
-        except DifyError as exc:
+        except BackendError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
             answer.form_asked()
             answer.form_timed_out = False

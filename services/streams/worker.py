@@ -22,15 +22,6 @@ from services import metrics
 from services.auth.authorizer import AuthError, AuthUnavailable, DirectoryUnavailable
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import WORKFLOW, ChatRequest, DifyClient
-from services.dify.errors import (
-    DifyConnectionError,
-    DifyError,
-    DifyHTTPError,
-    DifyStreamCut,
-    DifyStreamError,
-    DifyTimeout,
-    never_taken,
-)
 from services.dify.events import RUN_APPS, DifyEvent
 from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
@@ -56,6 +47,15 @@ from services.streams.store import DONE, ERROR, StreamStore
 from services.streams.text_relay import TextRelay
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
+from services.transport.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendHTTPError,
+    BackendStreamCut,
+    BackendStreamError,
+    BackendTimeout,
+    never_taken,
+)
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class StreamWorker:
                 logger.info("declined: %s", declined.note_key)
                 status, error = (ERROR, declined.note_key) if declined.failed else (DONE, "")
                 self.deps.finisher.finish(job, answer, status, note=texts.say(declined.note_key), error=error)
-            except DifyError as exc:
+            except BackendError as exc:
                 self._fail(job, answer, exc)
             except NoSlot:
                 logger.info("no answer slot came free within QUEUE_WAIT_SECONDS: a busy reply")
@@ -234,7 +234,7 @@ class StreamWorker:
             try:
                 self._ask(job, request, recorder, cancelled, deadline)
                 break
-            except DifyHTTPError as exc:
+            except BackendHTTPError as exc:
                 gone = exc.status == 404 or exc.code == "conversation_completed"
                 # Only the question's own POST speaks of the conversation: an error once a run began is a
                 # re-attach's (_follow), and asking the question again would make a second answer.
@@ -401,11 +401,11 @@ class StreamWorker:
         run: the run is followed again from its snapshot, `cuts_left` times at most.
 
         Raises:
-            DifyStreamCut: a chat's stream was cut, or a run's more than `cuts_left` times.
+            BackendStreamCut: a chat's stream was cut, or a run's more than `cuts_left` times.
         """
         try:
             self._consume(open_events, recorder, cancelled, deadline)
-        except DifyStreamCut as cut:
+        except BackendStreamCut as cut:
             answer = recorder.answer
             if cuts_left <= 0 or not answer.workflow_run_id or answer.app_type not in RUN_APPS:
                 raise
@@ -500,15 +500,15 @@ class StreamWorker:
             if recorder.answer.ended:
                 return
             if time.monotonic() > deadline:
-                raise DifyTimeout(f"answer ran past {self.max_seconds:.0f}s", code="total_timeout")
+                raise BackendTimeout(f"answer ran past {self.max_seconds:.0f}s", code="total_timeout")
 
-    def _fail(self, job: StreamJob, answer: Answer, exc: DifyError) -> None:
-        if isinstance(exc, DifyStreamCut) and answer.workflow_error:
-            exc = DifyStreamError(answer.workflow_error, code="workflow_failed")
+    def _fail(self, job: StreamJob, answer: Answer, exc: BackendError) -> None:
+        if isinstance(exc, BackendStreamCut) and answer.workflow_error:
+            exc = BackendStreamError(answer.workflow_error, code="workflow_failed")
         metrics.DIFY_ERRORS.labels(self.bot, exc.code).inc()
         self.deps.health.failed(exc.code)
         logger.warning("Dify failed: %s (%s)", exc.code, exc.message[:200])
-        if isinstance(exc, DifyTimeout) and answer.task_id:
+        if isinstance(exc, BackendTimeout) and answer.task_id:
             self.deps.dify.stop(answer.task_id, job.dify_user, answer.app_type)
             metrics.DIFY_STOPS.labels(self.bot, "timeout").inc()
         note = self.deps.texts.failure_note(exc)
@@ -547,6 +547,6 @@ def _tried_again(
 def _unread(exc: Exception) -> bool:
     """Whether a call that follows a run (a GET: it makes nothing, and a form is submitted only once its events
     flow) failed before any of its events came: Dify unreachable, or refusing it for now (429, 502, 503, 504)."""
-    if isinstance(exc, DifyConnectionError):
+    if isinstance(exc, BackendConnectionError):
         return True
-    return isinstance(exc, DifyHTTPError) and exc.status in (429, 502, 503, 504)
+    return isinstance(exc, BackendHTTPError) and exc.status in (429, 502, 503, 504)

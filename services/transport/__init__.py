@@ -1,5 +1,6 @@
-"""The streaming transport of the Dify call, behind one small interface: `open_event_stream()` POSTs the request
-and returns an `EventStream` whose body arrives as Server-Sent Events, read by the process's read pump.
+"""The streaming transport of a backend's call (Dify's, an OpenAI-compatible server's), behind one small interface:
+`open_event_stream()` POSTs the request and returns an `EventStream` whose body arrives as Server-Sent Events, read
+by the process's read pump.
 
 It is hand-written (a lean HTTP/1.1 client, one read-pump thread for all streams, an incremental SSE parser)
 because the benchmarks showed httpx's per-read cost and a thread waking per read to be the largest costs of
@@ -11,9 +12,9 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
-from services.dify.transport.http_stream import StreamConnectError, StreamingResponse, post_stream
-from services.dify.transport.read_pump import ReadPump
-from services.dify.transport.sse import SSEEvent, SSEParser
+from services.transport.http_stream import StreamConnectError, StreamingResponse, post_stream
+from services.transport.read_pump import ReadPump
+from services.transport.sse import SSEEvent, SSEParser
 
 __all__ = ["EventStream", "SSEEvent", "StreamConnectError", "open_event_stream", "PROCESS_PUMP"]
 

@@ -1,0 +1,82 @@
+"""Every way a backend's call (Dify's, an OpenAI-compatible server's) can fail, as one exception family (logs, metrics
+and the user's note key off `code`)."""
+
+from __future__ import annotations
+
+import orjson
+
+
+class BackendError(Exception):
+    """Any failure of a backend's call. `code` is a short machine-readable reason for logs, metrics and the hash."""
+
+    code = "backend_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.status = status
+
+
+class BackendHTTPError(BackendError):
+    """The backend answered the request with a non-2xx status before any stream began."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message, code=code or f"http_{status}", status=status)
+
+
+class BackendConnectionError(BackendError):
+    """The backend could not be reached (DNS, refused, TLS, connect timeout), or (`request_sent`) the connection ended
+    after the whole request was sent and before any answer: the backend may have taken it, so it is not sent again."""
+
+    code = "connect_error"
+
+    def __init__(self, message: str, request_sent: bool = False):
+        super().__init__(message)
+        self.request_sent = request_sent
+
+
+class BackendTimeout(BackendError):
+    """The backend sent nothing for longer than the read timeout, or the answer ran past the total limit."""
+
+    code = "timeout"
+
+
+class BackendStreamError(BackendError):
+    """The backend reported an error mid-stream (the HTTP status was already 200)."""
+
+
+class BackendStreamCut(BackendError):
+    """The stream ended, or the connection broke, before `message_end`."""
+
+    code = "stream_cut"
+
+
+# Statuses by which a backend (or its proxy) says it did not take a request: it is sent again safely. A 502 or 504
+# from a proxy, or a connection that broke after the request was sent, may come after the backend began to answer it,
+# and a second call would be a second answer (and a second bill).
+REFUSED_STATUS = frozenset({429, 503})
+
+
+def never_taken(exc: Exception) -> bool:
+    """Whether the failed call provably never reached the backend: refused (429, 503), or no connection made or the
+    request not sent. Only such a call of a question's POST may be made again."""
+    if isinstance(exc, BackendConnectionError):
+        return not exc.request_sent
+    return isinstance(exc, BackendHTTPError) and exc.status in REFUSED_STATUS
+
+
+def http_error(status: int, raw: bytes) -> BackendHTTPError:
+    """Read a backend's `{code, message, status}` error body (Dify's; an OpenAI-compatible server's `{error: {...}}`;
+    whatever a proxy sent) into a BackendHTTPError."""
+    code, message = "", ""
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):  # OpenAI's shape
+            data = {"code": data["error"].get("code") or data["error"].get("type"), **data["error"]}
+        if isinstance(data, dict):
+            code, message = str(data.get("code") or ""), str(data.get("message") or "")
+    except orjson.JSONDecodeError:
+        message = raw[:200].decode("utf-8", errors="replace").strip()
+    return BackendHTTPError(status, code, message or f"HTTP {status}")
