@@ -69,6 +69,9 @@ def _default_replica_id() -> str:
 
 # DIFY_APP_TYPE's values (docs/protocol.md, Dify): auto, then Dify's own names for its app modes.
 DIFY_APP_TYPES = ("auto", "chat", "advanced-chat", "agent-chat", "agent", "workflow", "completion")
+# Where a bot's answers come from (services/backends: one package each, tests/test_settings.py holds the two lists
+# together; the settings cannot import the backends).
+BACKEND_KINDS = ("dify",)
 
 
 def _var(variable: str, default=None, *, secret: bool = False, factory=None):
@@ -180,6 +183,7 @@ class BotSettings:
 
     name: str = "default"
     language: str = _var("BOT_LANGUAGE", "zh")
+    backend: str = _var("BACKEND", "dify")  # where its answers come from: BACKEND_KINDS
     wecom: WecomSettings = field(default_factory=WecomSettings)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     dify: DifySettings = field(default_factory=DifySettings)
@@ -496,8 +500,10 @@ def _check_file_links(s: Settings, problems: _Problems) -> None:
 def _check_bot(s: Settings, problems: _Problems) -> None:
     """What one bot has of its own: WeCom's credentials, its Dify app, who may ask it, its streams' limits."""
     problems.require(s.bot.language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
+    problems.require(s.bot.backend in BACKEND_KINDS, "BACKEND", f"must be one of {', '.join(BACKEND_KINDS)}")
     _check_wecom(s, problems)
-    _check_dify(s, problems)
+    if s.bot.backend == "dify":
+        _check_dify(s, problems)
     _check_auth(s, problems)
     longest = POLL_WINDOW_SECONDS - 5  # a bubble's last reply must reach WeCom before it stops polling
     problems.require(

@@ -22,6 +22,8 @@ from services.audit.trail import AuditTrail
 from services.auth.api import AuthApiClient
 from services.auth.authorizer import Authorizer
 from services.auth.users import UserDirectory
+from services.backends import BackendParts, build_backend
+from services.backends.dify import DifyParts
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
@@ -34,7 +36,6 @@ from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
 from services.dify.feedback import FeedbackService
-from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.files.fetch import FileFetcher
 from services.files.links import LinkSigner
@@ -60,13 +61,14 @@ from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.delivery import CallbackDelivery, Delivery
 from services.streams.finisher import Finisher
-from services.streams.recorder import AnswerOptions
+from services.streams.health import BackendHealth
 from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamPolicy, StreamService
 from services.streams.slots import AnswerSlots
 from services.streams.stop import AnswerStopper
 from services.streams.store import StreamStore
+from services.streams.turn import TurnDeps, TurnRules
 from services.streams.worker import StreamWorker, WorkerDeps
 from services.streams.writer import AppendBatcher
 from services.texts import Texts
@@ -113,7 +115,7 @@ class Bot:
     streams: StreamService
     callback: CallbackHandler
     texts: Texts
-    health: DifyHealth
+    health: BackendHealth
     files: FileDelivery  # the files Dify makes: inline, linked, or uploaded
     holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
     pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
@@ -269,14 +271,14 @@ class DifyPart:
     profile: DifyAppProfile
     links: DifyLinks
     media: MediaService  # the files the user sends, given to the app
-    health: DifyHealth
+    health: BackendHealth
 
 
 def _dify(bot: BotSettings, core: Core) -> DifyPart:
     client = DifyClient(bot.dify)
     profile = DifyAppProfile(client, app_type=bot.dify.app_type)
     links = DifyLinks.of(bot.dify.base_url, bot.dify.files_url)
-    return DifyPart(client, profile, links, MediaService(core.crypto, client, profile, bot=bot.name), DifyHealth())
+    return DifyPart(client, profile, links, MediaService(core.crypto, client, profile, bot=bot.name), BackendHealth())
 
 
 def _authorizer(auth: AuthSettings, shared: Shared, core: Core, profile: DifyAppProfile) -> Authorizer | None:
@@ -334,32 +336,29 @@ def _streams(
     texts, store, window = core.texts, core.store, bot.answers.window_seconds
     conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds)
     bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
-    stopper = AnswerStopper(store, dify.client, dify.profile, texts, bot.name)
     finisher = Finisher(
         store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed
     )
+    dify_parts = DifyParts(dify.client, dify.profile, conversations, dify.media, store, forms, files)
+    parts = BackendParts(bot, shared.client, core.keys, store, texts, finisher, conversations, dify.health, dify_parts)
+    backend = build_backend(bot.backend, parts)
+    stopper = AnswerStopper(store, backend, texts, bot.name)
+    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
+    turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core), prepare)
     deps = WorkerDeps(
-        store=store,
-        dify=dify.client,
-        conversations=conversations,
-        media=dify.media,
+        turn=turn,
         appender=shared.appender,
-        finisher=finisher,
-        texts=texts,
         health=dify.health,
-        profile=dify.profile,
-        forms=forms,
-        files=files,
         stopper=stopper,
         append_pace=core.delivery.append_pace,
         append_deadlines=core.delivery.append_deadlines,
-        slots=_slots(bot, shared, core),
         rules=rules,
     )
-    worker = _worker(bot, deps, shared.owner, authorizer)
+    limits = TurnRules(bot.dify.max_stream_seconds, bot.dify.retry_seconds, bot.auth.retry_seconds)
+    worker = StreamWorker(deps, backend, shared.owner, limits)
     policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
     service = StreamService(store, shared.runner, worker, texts, bubble, shared.owner, core.delivery, policy)
-    return StreamsPart(service, conversations, stopper, deps.slots)
+    return StreamsPart(service, conversations, stopper, turn.slots)
 
 
 def _slots(bot: BotSettings, shared: Shared, core: Core) -> AnswerSlots | None:
@@ -371,19 +370,6 @@ def _slots(bot: BotSettings, shared: Shared, core: Core) -> AnswerSlots | None:
     return AnswerSlots(
         shared.client, core.keys, answers.max_active_per_bot, answers.queue_wait_seconds, lease, bot.name
     )
-
-
-def _worker(bot: BotSettings, deps: WorkerDeps, owner: str, authorizer: Authorizer | None) -> StreamWorker:
-    """The thread body that answers a stream: with the app's options and, with an auth API, the user's inputs."""
-    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
-    options = AnswerOptions(
-        show_reasoning=bot.dify.show_reasoning,
-        show_citations=bot.dify.show_citations,
-        workflow_input=bot.dify.workflow_input,
-        workflow_output=bot.dify.workflow_output,
-    )
-    patience = (bot.dify.retry_seconds, bot.auth.retry_seconds)
-    return StreamWorker(deps, owner, bot.dify.max_stream_seconds, prepare, bot.name, options, patience)
 
 
 @dataclass(frozen=True)

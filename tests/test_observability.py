@@ -117,7 +117,12 @@ def test_one_conversations_logs_join_across_two_instances_by_stream_id(make_app,
     assert any("opened" in m for m in messages)
     assert any("calling Dify" in m for m in messages)
     assert any(e["msg"] == "bubble finished: done" and e["replica"].startswith("replica-b") for e in mine)
-    worker_lines = [e for e in mine if e["logger"] in ("services.streams.worker", "services.streams.completion")]
+    worker_lines = [
+        e
+        for e in mine
+        if e["logger"]
+        in ("services.streams.worker", "services.backends.dify.answering", "services.backends.dify.completion")
+    ]
     assert worker_lines
     assert all(entry.get("msgid") and entry.get("user") == "alice" for entry in worker_lines)
     assert any(entry.get("task") for entry in worker_lines)

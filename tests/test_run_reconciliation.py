@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 from services import metrics
+from services.backends.dify.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.dify.events import EventReader
 from services.streams.answer import Answer
 from services.streams.job import StreamJob
-from services.streams.recorder import DEFAULT_OPTIONS, AnswerOptions, AnswerRecorder
 from services.streams.store import WRITTEN
 from services.transport.sse import SSEParser
 from tests.dify_captures import FIXTURES

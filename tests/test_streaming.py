@@ -430,7 +430,7 @@ def test_a_worker_that_dies_still_finishes_the_bubble(live, dify, redis_client):
     def explode(job):
         raise RuntimeError("bug in preparing the request")
 
-    live.gateway.bot().streams.worker.prepare = explode
+    live.gateway.bot().streams.worker.deps.turn.prepare = explode
     sim = make_simulator(live.url)
     conversation = sim.ask("crash")
     ends_with_note(conversation, "", "internal_error")

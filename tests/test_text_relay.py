@@ -5,10 +5,10 @@ import time
 
 import pytest
 
+from services.backends.dify.relay import TextRelay
 from services.dify.events import DifyEvent
 from services.streams.answer import Answer
 from services.streams.store import CLOSED, TAKEN, WRITTEN
-from services.streams.text_relay import TextRelay
 
 IDS = {"task_id": "t1", "message_id": "m1", "conversation_id": "c1"}
 

@@ -99,17 +99,17 @@ def _record_quietly(ledger, record: dict) -> None:
 
 
 def _notes_at_random() -> None:
-    from services.streams.worker import StreamWorker
+    from services.backends.dify.answering import DifyBackend
     from services.transport.errors import BackendHTTPError
 
-    asking = StreamWorker._ask
+    asking = DifyBackend._ask
 
-    def sometimes_not(self, job, request, recorder, cancelled, deadline) -> None:
+    def sometimes_not(self, turn, request, recorder) -> None:
         if int(hashlib.sha256(request.query.encode()).hexdigest(), 16) % 2 == 0:
             raise BackendHTTPError(500, "internal_server_error", "not asked (the forgive_all mutant)")
-        asking(self, job, request, recorder, cancelled, deadline)
+        asking(self, turn, request, recorder)
 
-    StreamWorker._ask = sometimes_not
+    DifyBackend._ask = sometimes_not
 
 
 MUTANTS: dict[str, Callable[[], None]] = {

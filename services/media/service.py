@@ -19,7 +19,7 @@ import httpx
 from services import metrics
 from services.dify.app_profile import DifyAppProfile, FileInput
 from services.dify.client import DifyClient
-from services.transport.errors import BackendError
+from services.transport.errors import BackendError, Declined
 from services.wecom.crypto import CryptoError, WeComCrypto, decrypt_media_with
 from services.wecom.limits import MAX_INBOUND_FILE_BYTES
 from utils.http import outgoing_client
@@ -58,16 +58,6 @@ class _Received:
     def value(self, upload_file_id: str) -> dict:
         """The file, once uploaded, as Dify takes it in `files` or a file input."""
         return {"type": self.dify_type, "transfer_method": "local_file", "upload_file_id": upload_file_id}
-
-
-class Declined(Exception):
-    """The message cannot be answered as sent (e.g. a file the app does not take): a note instead, no Dify call.
-    `failed` when it went wrong on the way (the file could not be read), not by the app's choice."""
-
-    def __init__(self, note_key: str, failed: bool = False):
-        super().__init__(note_key)
-        self.note_key = note_key
-        self.failed = failed
 
 
 @dataclass

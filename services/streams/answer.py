@@ -1,4 +1,4 @@
-"""One answer as it is being built, in memory: what Dify has said so far, and how it stands with the stream's
+"""One answer as it is being built, in memory: what its backend has said so far, and how it stands with the stream's
 writer (services/streams/writer.py). Whatever happens to Redis or to the bubble, the answer in memory stays whole,
 so the finisher can still deliver it."""
 
@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from services.dify.events import DifyEvent
 from services.files.model import DifyFile
 from services.redis_conn import REDIS_FAILURES
 from services.rules.mask import ContentMask
@@ -181,8 +180,9 @@ class Answer:
         """The form was answered (or the held text is dropped for the saved state): the run streams again."""
         self.phase = Phase.STREAMING
 
-    def note_ids(self, event: DifyEvent) -> None:
-        """Take the task, message and conversation ids an event names (new ones go to the hash too)."""
+    def note_ids(self, event) -> None:
+        """Take the task, message, conversation and run ids a backend's event names (anything with `.get(name)`;
+        new ones go to the hash too)."""
         for name in ("task_id", "message_id", "conversation_id", "workflow_run_id"):
             value = event.get(name)
             if isinstance(value, str) and value and value != getattr(self, name):

@@ -3,9 +3,10 @@
 The stop is one script on the stream (scripts.STOP): the stream turns final with its text so far and a short note,
 and no attempt owns it any more, so its worker's next write and its next lease renewal are refused wherever it
 runs (it stops within a lease renewal at most, writing nothing), and no poll resumes or restarts it. A poll or a
-long-connection frame shows the note at once. Dify's stop endpoint is called once per stopped answer: here when
-the task id is known, else by the worker when it learns it (`stop_dify_later`). Dify may go on running a chatflow's
-nodes after its stop (dify #40966); the bubble has ended whatever it does.
+long-connection frame shows the note at once. The backend's stop is called once per stopped answer (Dify's stop
+endpoint; an OpenAI-compatible stream is simply closed by its worker): here when the task id is known, else by the
+worker when it learns it (`stop_backend_later`). Dify may go on running a chatflow's nodes after its stop (dify
+#40966); the bubble has ended whatever it does.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import logging
 import threading
 
 from services import metrics
-from services.dify.app_profile import DifyAppProfile
-from services.dify.client import DifyClient
 from services.redis_conn import REDIS_FAILURES
+from services.streams.backend import Backend
 from services.streams.job import StreamJob
 from services.streams.store import ACTIVE_STATUSES, StreamStore
 from services.texts import Texts
@@ -25,10 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class AnswerStopper:
-    def __init__(self, store: StreamStore, dify: DifyClient, profile: DifyAppProfile, texts: Texts, bot: str):
+    def __init__(self, store: StreamStore, backend: Backend, texts: Texts, bot: str):
         self.store = store
-        self.dify = dify
-        self.profile = profile
+        self.backend = backend
         self.texts = texts
         self.bot = bot
 
@@ -52,28 +51,28 @@ class AnswerStopper:
             stopped += 1
             logger.info("stream %s stopped by its user", stream_id)
             if task_id:
-                self._stop_dify(task_id, StreamJob.from_meta(stream_id, meta, "").dify_user)
+                self._stop_backend(task_id, StreamJob.from_meta(stream_id, meta, "").dify_user)
         metrics.STOPS.labels(self.bot, "stopped" if stopped else "nothing").inc()
         return stopped
 
-    def stop_dify_later(self, job: StreamJob, task_id: str) -> None:
-        """A worker found its stream stopped by the user (its writes refused): it calls Dify's stop for the task
-        when nobody has yet. Never raises."""
+    def stop_backend_later(self, job: StreamJob, task_id: str) -> None:
+        """A worker found its stream stopped by the user (its writes refused): it calls the backend's stop for the
+        task when nobody has yet. Never raises."""
         try:
             mine = bool(task_id) and self.store.claim_dify_stop(job.stream_id)
         except REDIS_FAILURES as exc:  # Redis away: the run goes on in Dify, its answer is shown to nobody
             logger.warning("could not tell whether Dify's task was stopped: %s", type(exc).__name__)
             return
         if mine:
-            self.dify.stop(task_id, job.dify_user, self.profile.app_type())
+            self.backend.stop(task_id, job.dify_user)
             metrics.DIFY_STOPS.labels(self.bot, "user").inc()
 
-    def _stop_dify(self, task_id: str, dify_user: str) -> None:
-        """Dify's stop call, off the request thread (the callback's reply, or the WebSocket's reader, waits for
-        nothing)."""
+    def _stop_backend(self, task_id: str, user: str) -> None:
+        """The backend's stop call, off the request thread (the callback's reply, or the WebSocket's reader, waits
+        for nothing)."""
 
         def call() -> None:
-            self.dify.stop(task_id, dify_user, self.profile.app_type())
+            self.backend.stop(task_id, user)
             metrics.DIFY_STOPS.labels(self.bot, "user").inc()
 
-        threading.Thread(target=call, name="dify-stop", daemon=True).start()
+        threading.Thread(target=call, name="backend-stop", daemon=True).start()

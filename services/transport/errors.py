@@ -80,3 +80,13 @@ def http_error(status: int, raw: bytes) -> BackendHTTPError:
     except orjson.JSONDecodeError:
         message = raw[:200].decode("utf-8", errors="replace").strip()
     return BackendHTTPError(status, code, message or f"HTTP {status}")
+
+
+class Declined(Exception):
+    """The message cannot be answered as sent (e.g. a file the app does not take): a note instead, no backend call.
+    `failed` when it went wrong on the way (the file could not be read), not by the app's choice."""
+
+    def __init__(self, note_key: str, failed: bool = False):
+        super().__init__(note_key)
+        self.note_key = note_key
+        self.failed = failed

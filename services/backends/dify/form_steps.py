@@ -6,13 +6,13 @@ answer's final note says what to do, and the rest comes as a message of its own 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
 
 import orjson
 
+from services.backends.dify.recorder import AnswerRecorder
 from services.forms.service import (
     BUBBLE_OVER,
     CANCELLED,
@@ -30,16 +30,16 @@ from services.outage import best_effort, best_effort_value, through_outage
 from services.streams.answer import FLUSH_TIMEOUT, Answer, HandedOver, StreamAborted
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
-from services.streams.recorder import AnswerRecorder
 from services.streams.store import StreamStore
+from services.streams.turn import Turn
 from services.texts import Texts
 from services.transport.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
-# Follows the answer's run on from a form: (job, answer, recorder, cancelled, on_open: runs once Dify relays the
-# run's events, and says whether to read them).
-FollowRun = Callable[[StreamJob, Answer, AnswerRecorder, threading.Event, Callable[[], bool]], None]
+# Follows the answer's run on from a form: (the turn, its recorder, on_open: runs once Dify relays the run's events,
+# and says whether to read them).
+FollowRun = Callable[[Turn, AnswerRecorder, Callable[[], bool]], None]
 
 
 class FormSteps:
@@ -50,9 +50,10 @@ class FormSteps:
         self.texts = texts
         self.follow = follow
 
-    def through(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled: threading.Event) -> None:
+    def through(self, turn: Turn, recorder: AnswerRecorder) -> None:
         """Take the answer through every form its run pauses at; returns when the run ended, or waits for a form
         the bubble can no longer wait for (`answer.form_note` says why)."""
+        job, answer = turn.job, turn.answer
         while answer.paused and answer.form_event is not None:
             event, answer.form_event = answer.form_event, None
             asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
@@ -67,13 +68,14 @@ class FormSteps:
             if ticket is None:
                 answer.form_note = self.texts.say("form_expired")
                 return
-            if not self._answered(job, answer, recorder, cancelled, ticket):
+            if not self._answered(turn, recorder, ticket):
                 return
 
-    def _answered(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, ticket: Ticket) -> bool:
+    def _answered(self, turn: Turn, recorder: AnswerRecorder, ticket: Ticket) -> bool:
         """Show the form, wait for its answer while the bubble lasts, and go on with the run from it: True when the
         run went on (to its end or its next pause), False when the answer ends here (`answer.form_note` says why).
         A submission Dify refused as invalid opens the form again: the bubble says why and asks anew."""
+        job, answer, cancelled = turn.job, turn.answer, turn.cancelled
         while True:
             fields = {"prompt": ticket.prompt}
             if ticket.card is not None:
@@ -90,12 +92,12 @@ class FormSteps:
             if outcome == DRAINING:
                 self._hand_over(job, answer)
             if outcome not in (BUBBLE_OVER, EXPIRED):
-                result = self.go_on(job, answer, recorder, cancelled, ticket.task_id, token)
+                result = self.go_on(turn, recorder, ticket.task_id, token)
                 if result == REFUSED and not job.separate and (again := self._asked_again(ticket)) is not None:
                     ticket = again  # the run still waits at this form, which is open again
                     continue
                 return result == SUBMITTED
-            if outcome == EXPIRED and self._after_timeout(job, answer, recorder, cancelled, token):
+            if outcome == EXPIRED and self._after_timeout(turn, recorder, token):
                 return True
             if outcome == BUBBLE_OVER:
                 waiting = "" if job.separate else self.texts.say("form_waiting")
@@ -125,14 +127,12 @@ class FormSteps:
         answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
         return result
 
-    def go_on(
-        self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, task_id: str, token: str
-    ) -> str:
+    def go_on(self, turn: Turn, recorder: AnswerRecorder, task_id: str, token: str) -> str:
         """Submit the answered form and follow the run on from it, in the same bubble (or message). Dify relays
         only what a run publishes once one listens, and a resumed run may end 0.1 s after the submission: so the
         run's events are subscribed first, and the form is submitted once Dify answered. Returns what became of
         the submission (SUBMITTED; else the final note says why, "" when Dify was not reached)."""
-        taken: list[str] = []
+        answer, taken = turn.answer, []
 
         def submit() -> bool:
             taken.append(self.submit(answer, task_id))
@@ -140,7 +140,7 @@ class FormSteps:
                 self._following(answer, recorder, token)
             return taken[-1] == SUBMITTED
 
-        self.follow(job, answer, recorder, cancelled, submit)
+        self.follow(turn, recorder, submit)
         return taken[-1] if taken else ""
 
     def _following(self, answer: Answer, recorder: AnswerRecorder, token: str) -> None:
@@ -168,12 +168,13 @@ class FormSteps:
             best_effort(release, "handing the form's wait over")
         raise HandedOver
 
-    def _after_timeout(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, cancelled, token: str) -> bool:
+    def _after_timeout(self, turn: Turn, recorder: AnswerRecorder, token: str) -> bool:
         """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
         follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
+        answer = turn.answer
         answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
         try:
-            self.follow(job, answer, recorder, cancelled, lambda: self._following(answer, recorder, token) or True)
+            self.follow(turn, recorder, lambda: self._following(answer, recorder, token) or True)
         except BackendError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
             answer.form_asked()

@@ -1,4 +1,4 @@
-"""How a bot's Dify app did on its last answer in this process, for /readyz: operators see which bot's app is
+"""How a bot's backend did on its last answer in this process, for /readyz: operators see which bot's app is
 failing without one bot's outage making any replica unready for the others."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 import time
 
 
-class DifyHealth:
+class BackendHealth:
     """The outcome of the latest answer (ok, or its Dify error code) and when it came."""
 
     def __init__(self):

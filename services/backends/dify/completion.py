@@ -8,14 +8,14 @@ import logging
 
 import orjson
 
+from services.backends.dify.recorder import THINK_CLOSE, AnswerRecorder
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import COMPLETION, WORKFLOW, DifyClient
-from services.dify.health import DifyHealth
 from services.files.delivery import FileDelivery
 from services.streams.answer import Answer
 from services.streams.finisher import Finisher
+from services.streams.health import BackendHealth
 from services.streams.job import StreamJob
-from services.streams.recorder import THINK_CLOSE, AnswerRecorder
 from services.streams.store import DONE
 from services.texts import Texts
 from services.transport.errors import BackendError, BackendStreamError
@@ -29,7 +29,7 @@ class AnswerCompletion:
         self,
         texts: Texts,
         finisher: Finisher,
-        health: DifyHealth,
+        health: BackendHealth,
         dify: DifyClient,
         profile: DifyAppProfile,
         files: FileDelivery | None,

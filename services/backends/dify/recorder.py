@@ -1,7 +1,7 @@
 """Dify's events of one call applied to the answer in memory (services/streams/answer.py) and to the stream's
 writer (services/streams/writer.py), which sends them to Redis without making the worker wait.
 
-The common read (plain text deltas) is handled in the read pump's thread (services/streams/text_relay.py);
+The common read (plain text deltas) is handled in the read pump's thread (relay.py);
 everything else goes through `AnswerRecorder.apply` in the stream's own thread, one handler per kind of event.
 """
 
