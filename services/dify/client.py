@@ -27,7 +27,7 @@ import httpx
 import orjson
 
 from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
-from services.transport import PROCESS_PUMP, EventStream, StreamConnectError, open_event_stream
+from services.transport import PROCESS_PUMP, open_backend_stream
 from services.transport.errors import (
     BackendConnectionError,
     BackendError,
@@ -260,21 +260,10 @@ class DifyClient:
         on_open: Callable[[], bool] | None = None,
         follows_pauses: bool = False,
     ) -> Iterator[list[DifyEvent]]:
-        try:
-            stream = open_event_stream(
-                url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump
-            )
-        except StreamConnectError as exc:
-            raise BackendConnectionError(f"could not reach Dify: {exc}") from exc
-        except TimeoutError as exc:
-            raise BackendTimeout("Dify sent no response within the read timeout") from exc
-        except OSError as exc:  # the request was sent whole: Dify may be answering it
-            raise BackendConnectionError(
-                f"Dify closed the connection before answering: {type(exc).__name__}", request_sent=True
-            ) from exc
+        stream = open_backend_stream(
+            url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump, "Dify"
+        )
         with stream:
-            if stream.status != 200:
-                raise http_error(stream.status, stream.read_body(_MAX_ERROR_BODY))
             if on_open is not None and not on_open():
                 return
             quiet = None
@@ -283,7 +272,8 @@ class DifyClient:
                 quiet = _QuietRun(self.quiet_run_seconds, follows_pauses, first)
             try:
                 while not reader.stopped and not stream.complete:
-                    batch = self._next_batch(stream, reader, relay, quiet.due_at(reader) if quiet else None)
+                    wake_at = quiet.due_at(reader) if quiet else None
+                    batch = stream.next_batch(reader.read, lambda: reader.stopped, relay, wake_at)
                     if quiet is not None and not batch and time.monotonic() >= quiet.due_at(reader):
                         batch = self._ask_record(quiet, reader)
                     yield self._with_kept_outputs(batch, reader)
@@ -363,27 +353,6 @@ class DifyClient:
             if isinstance(kept, dict) and kept:
                 return kept
         return {}
-
-    @staticmethod
-    def _next_batch(
-        stream: EventStream, reader: EventReader, relay: Relay | None, wake_at: float | None = None
-    ) -> list[DifyEvent]:
-        """The events of the next read that `relay` does not handle (or of the last read); [] at `wake_at`
-        (time.monotonic()) if nothing else came."""
-        head = stream.head_events()
-        if head is not None:
-            return reader.read(head)
-        handed_back: list[list[DifyEvent]] = []
-
-        def on_events(events) -> bool:
-            batch = reader.read(events)
-            if reader.stopped or stream.complete or relay is None or not relay(batch):
-                handed_back.append(batch)
-                return False
-            return True
-
-        stream.pump_events(on_events, wake_at)
-        return handed_back[0] if handed_back else []
 
     def info(self, timeout: float = 10.0) -> dict:
         """The app's `/info` (name, description, tags, `mode`: its app type).

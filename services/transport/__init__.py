@@ -12,13 +12,15 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
+from services.transport.errors import BackendConnectionError, BackendTimeout, http_error
 from services.transport.http_stream import StreamConnectError, StreamingResponse, post_stream
 from services.transport.read_pump import ReadPump
 from services.transport.sse import SSEEvent, SSEParser
 
-__all__ = ["EventStream", "SSEEvent", "StreamConnectError", "open_event_stream", "PROCESS_PUMP"]
+__all__ = ["EventStream", "SSEEvent", "StreamConnectError", "open_backend_stream", "open_event_stream", "PROCESS_PUMP"]
 
 PROCESS_PUMP = ReadPump()
+MAX_ERROR_BODY = 2048  # bytes of an error's body read
 
 
 class EventStream:
@@ -66,6 +68,36 @@ class EventStream:
             return None
         return self._parser.feed(self._response.read_some())
 
+    def next_batch(
+        self,
+        decode: Callable[[list[SSEEvent]], list],
+        done: Callable[[], bool],
+        relay: Callable[[list], bool] | None = None,
+        wake_at: float | None = None,
+    ) -> list:
+        """The `decode`d events of the next read that `relay` does not handle (or of the last read, or once `done()`
+        says the answer is over); [] at `wake_at` (time.monotonic()) if nothing else came. `relay(batch)` runs in
+        the read pump's thread for the plain reads: when it returns True it has handled the batch, and the caller
+        is not woken for it. It must not block.
+
+        Raises:
+            TimeoutError, OSError: see the class.
+        """
+        head = self.head_events()
+        if head is not None:
+            return decode(head)
+        handed_back: list[list] = []
+
+        def on_events(events) -> bool:
+            batch = decode(events)
+            if done() or self.complete or relay is None or not relay(batch):
+                handed_back.append(batch)
+                return False
+            return True
+
+        self.pump_events(on_events, wake_at)
+        return handed_back[0] if handed_back else []
+
     def pump_events(self, on_events: Callable[[list[SSEEvent]], bool], wake_at: float | None = None) -> None:
         """Call `on_events` with the events of each network read (possibly none, e.g. a partial frame) in the read
         pump's thread, until it returns False, the body ends (the read that ends it is passed too) or `wake_at`
@@ -80,6 +112,40 @@ class EventStream:
             return on_events(self._parser.feed(response.feed(data))) and not response.complete
 
         self._pump.wait(response.socket, on_data, self._read_timeout, wake_at)
+
+
+def open_backend_stream(
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    connect_timeout: float,
+    read_timeout: float,
+    tls: ssl.SSLContext | None = None,
+    pump: ReadPump = PROCESS_PUMP,
+    backend: str = "the backend",
+) -> EventStream:
+    """A backend's streaming call, opened: 200 and its body to read, or the backend's error.
+
+    Raises:
+        BackendConnectionError: nothing reached it (retried safely), or (`request_sent`) the connection ended after
+            the request went whole: it may be answering it.
+        BackendTimeout: no response head within the read timeout.
+        BackendHTTPError: any status but 200 (its error body read).
+    """
+    try:
+        stream = open_event_stream(url, body, headers, connect_timeout, read_timeout, tls, pump)
+    except StreamConnectError as exc:
+        raise BackendConnectionError(f"could not reach {backend}: {exc}") from exc
+    except TimeoutError as exc:
+        raise BackendTimeout(f"{backend} sent no response within the read timeout") from exc
+    except OSError as exc:  # the request was sent whole: the backend may be answering it
+        raise BackendConnectionError(
+            f"{backend} closed the connection before answering: {type(exc).__name__}", request_sent=True
+        ) from exc
+    if stream.status != 200:
+        with stream:
+            raise http_error(stream.status, stream.read_body(MAX_ERROR_BODY))
+    return stream
 
 
 def open_event_stream(

@@ -8,7 +8,7 @@ import logging
 
 import orjson
 
-from services.backends.dify.recorder import THINK_CLOSE, AnswerRecorder
+from services.backends.dify.recorder import AnswerRecorder
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import COMPLETION, WORKFLOW, DifyClient
 from services.files.delivery import FileDelivery
@@ -52,9 +52,7 @@ class AnswerCompletion:
         if answer.workflow_error:
             raise BackendStreamError(answer.workflow_error, code="workflow_failed")
         recorder.save_conversation()
-        if answer.thinking:  # reasoning with no answer after it
-            recorder.write([THINK_CLOSE.rstrip()])
-            answer.thinking = False
+        recorder.close_reasoning()  # reasoning with no answer after it
         if answer.citations and self.show_citations and answer.answered:
             sources = "\n".join(f"{n}. {name}" for n, name in enumerate(answer.citations, 1))
             recorder.write([f"\n\n{self.texts.say('citations_title')}\n{sources}"])

@@ -8,7 +8,6 @@ everything else goes through `AnswerRecorder.apply` in the stream's own thread, 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from services import metrics
@@ -36,15 +35,14 @@ from services.dify.events import (
 )
 from services.files.model import file_of_event, files_in_outputs
 from services.outage import RETRY_DELAYS, best_effort
-from services.streams.answer import Answer, keep_in_step, write_whole
+from services.streams.answer import Answer
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
 from services.streams.progress import SLOW_STEPS
+from services.streams.sink import AnswerSink
 from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
-
-THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +59,7 @@ class AnswerOptions:
 DEFAULT_OPTIONS = AnswerOptions()
 
 
-class AnswerRecorder:
+class AnswerRecorder(AnswerSink):
     """Applies one stream's Dify events (every event of Dify's streaming API): deltas to its writer, a replace, ids, the
     agent's thoughts and closing message, reasoning, a workflow's text and outputs, a failed or paused run, usage,
     the files Dify made (services/files delivers them at the end), and the conversation to continue next time."""
@@ -75,11 +73,8 @@ class AnswerRecorder:
         bot: str = "default",
         options: AnswerOptions = DEFAULT_OPTIONS,
     ):
-        self.bot = bot
+        super().__init__(job, answer, store, bot, options.show_reasoning)
         self.options = options
-        self.job = job
-        self.answer = answer
-        self.store = store
         self.conversations = conversations
 
     def apply(self, batch: list[DifyEvent]) -> None:
@@ -107,7 +102,7 @@ class AnswerRecorder:
         if not self.answer.agent_messages:
             self._answer_text(deltas, event.answer)
         # Dify's newer agent app closes with one `message` holding the whole answer again.
-        elif event.answer and event.answer != self._answer_so_far(deltas):
+        elif event.answer and event.answer != self.answer_so_far(deltas):
             return self._replace_with(deltas, event.answer)
         return deltas
 
@@ -129,12 +124,7 @@ class AnswerRecorder:
     def _on_reasoning(self, deltas: list[str], event: DifyEvent) -> list[str]:
         """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
         reasoning = event.body.get("reasoning", event.get("reasoning"))
-        if not self.options.show_reasoning or self.answer.answered or not isinstance(reasoning, str) or not reasoning:
-            return deltas
-        if not self.answer.thinking:
-            deltas.append(THINK_OPEN)
-            self.answer.thinking = True
-        deltas.append(reasoning)
+        self.append_reasoning(deltas, reasoning if isinstance(reasoning, str) else "")
         return deltas
 
     def _on_end(self, deltas: list[str], event: DifyEvent) -> list[str]:
@@ -198,20 +188,7 @@ class AnswerRecorder:
     def _answer_text(self, deltas: list[str], text: str) -> None:
         """Answer text as Dify streams it, through the answer's gate (TextGate: a resumed run's repeat left out,
         text after a hole held back)."""
-        self._append(deltas, self.answer.gate.admit(text))
-
-    def _append(self, deltas: list[str], text: str) -> None:
-        """Text for the bubble: after reasoning shown in a <think> block, the block is closed first; a status line
-        goes."""
-        if not text:
-            return
-        if self.answer.progress is not None:
-            self.answer.progress.text_came()
-        if self.answer.thinking:
-            deltas.append(THINK_CLOSE)
-            self.answer.thinking = False
-        self.answer.answered = True
-        deltas.append(text)
+        self.append_text(deltas, self.answer.gate.admit(text))
 
     def _tool_step(self, event: DifyEvent) -> None:
         """An agent's thought: one that calls a tool, with no observation yet, is a step under way; its observation
@@ -235,28 +212,19 @@ class AnswerRecorder:
             return deltas
         self.answer.gate.echo_over()
         if text.startswith(known):
-            self._append(deltas, text[len(known) :])
+            self.append_text(deltas, text[len(known) :])
             return deltas
         logger.info("the run's answer differs from the text shown; it replaces it")
         return self._replace_with(deltas, text[len(earlier) :] if text.startswith(earlier) else text)
 
     def _known(self, deltas: list[str]) -> str:
         """The run's answer so far as Dify knows it: what came before this message (`earlier`), then its text."""
-        return self.answer.earlier + self._answer_so_far(deltas)
-
-    def answer_so_far(self) -> str:
-        """The answer text written so far (without a <think> block)."""
-        return self._answer_so_far([])
-
-    def _answer_so_far(self, deltas: list[str]) -> str:
-        """The answer text (without a <think> block) including `deltas` not yet written."""
-        text = self.answer.text + "".join(deltas)
-        return text.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in text else text
+        return self.answer.earlier + self.answer_so_far(deltas)
 
     def _replace_with(self, deltas: list[str], text: str) -> list[str]:
         """Write what came before, then replace the whole answer by `text`; returns the (new, empty) deltas."""
         self.write(deltas)
-        self._replace(text)
+        self.replace_text(text)
         self.answer.answered = self.answer.answered or bool(text)
         self.answer.thinking = False
         return []
@@ -281,7 +249,7 @@ class AnswerRecorder:
         if status == "stopped" and not outputs:
             logger.warning("Dify stopped the run before it made its outputs (%s)", str(data.get("error"))[:100])
             answer.run_stopped = True
-            self._append(deltas, answer.gate.release())  # what came is all there is
+            self.append_text(deltas, answer.gate.release())  # what came is all there is
             return deltas
         if status == "stopped":
             logger.warning("Dify calls the run stopped, but it made its outputs: the answer is whole")
@@ -289,7 +257,7 @@ class AnswerRecorder:
             whole = self._whole_answer(outputs, bool(self._known(deltas)))
             held = answer.gate.release()
             if not whole and held:  # outputs without the answer: what came is all there is
-                self._append(deltas, held)
+                self.append_text(deltas, held)
             return self._reconcile(deltas, whole)
         if self.options.app_type == WORKFLOW and not answer.answered:
             self._answer_text(deltas, workflow_answer(outputs, self.options.workflow_output))
@@ -304,43 +272,6 @@ class AnswerRecorder:
         if shown or not self.options.workflow_output:
             return streamed_outputs(outputs)
         return workflow_answer(outputs, self.options.workflow_output)
-
-    def write_fields(self, fields: dict[str, str]) -> None:
-        """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card)."""
-        self.answer.new_fields.update(fields)
-        self.write([])
-
-    def write(self, deltas: list[str]) -> None:
-        """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait."""
-        answer = self.answer
-        if answer.mask.active:
-            deltas = self._masked(deltas)
-        if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
-            metrics.FIRST_TOKEN_SECONDS.labels(self.bot).observe(max(0.0, time.time() - self.job.created_at))
-        answer.text += "".join(deltas)
-        if answer.detached or not (deltas or answer.new_fields):
-            return
-        answer.writer.add(deltas, answer.new_fields)
-        answer.new_fields = {}
-        keep_in_step(answer, self.store, self.job.attempt, self.job.stream_id)
-
-    def _masked(self, deltas: list[str]) -> list[str]:
-        """The deltas as the content rules let them go on: masked, a tail that could still become a match held
-        (services/rules/mask.py); all of it once the answer ended or paused for a form."""
-        mask = self.answer.mask
-        text = mask.admit("".join(deltas)) if deltas else mask.due()
-        if self.answer.paused or self.answer.ended:
-            text += mask.flush()
-        return [text] if text else []
-
-    def replace_text(self, text: str) -> None:
-        """The whole answer becomes `text` (written after what is queued)."""
-        self._replace(text)
-
-    def _replace(self, text: str) -> None:
-        """Dify's message_replace: everything before it is written first, then the whole answer is replaced."""
-        self.answer.text = self.answer.mask.whole(text)
-        write_whole(self.answer, self.store, self.job.attempt, self.job.stream_id)
 
     def save_conversation(self, retry: bool = True) -> None:
         """Remember the conversation Dify named, so the user's next message continues it. Mid-stream one try is
