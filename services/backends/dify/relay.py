@@ -1,39 +1,25 @@
-"""The common case of a Dify read, handled in the read pump's thread without waking the stream's worker."""
+"""The common case of a Dify read (plain text deltas), handled in the read pump's thread without waking the stream's
+worker (services/streams/relay.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 from services.dify.events import AGENT_MESSAGE_EVENT, MESSAGE_EVENT, WORKFLOW_TEXT, DifyEvent
 from services.streams.answer import Answer
-from services.streams.store import WRITTEN
+from services.streams.relay import PlainTextRelay
 
 
-class TextRelay:
-    """The common case of a read, handled in the read pump's thread without waking the worker: a batch of text
-    deltas (or nothing, like a ping) while all is well. Anything else (new ids, the first delta, another event,
-    a writer that has news, cancellation, the deadline) returns False, and the recorder's `apply` handles it."""
+class TextRelay(PlainTextRelay):
+    """A read of Dify's plain text deltas (or nothing, like a ping) while all is well. Anything else (new ids, the
+    first delta, another event, a writer that has news, cancellation, the deadline) returns False, and the
+    recorder's `apply` handles it."""
 
-    __slots__ = ("answer", "cancelled", "deadline")
-
-    def __init__(self, answer: Answer, cancelled: threading.Event, deadline: float):
-        self.answer = answer
-        self.cancelled = cancelled
-        self.deadline = deadline
+    __slots__ = ()
 
     def __call__(self, batch: list[DifyEvent]) -> bool:
+        if not self.ready():
+            return False
         answer = self.answer
-        writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or not answer.gate.open:
-            return False
-        if answer.progress is not None and answer.progress.pending:
-            return False
-        if writer.state != WRITTEN or writer.error is not None:
-            return False
-        if self.cancelled.is_set() or time.monotonic() > self.deadline:
-            return False
-        deltas = []
+        texts = []
         for event in batch:
             data = event.data
             if _brings_new_ids(data, answer):
@@ -45,13 +31,8 @@ class TextRelay:
             else:
                 return False
             if text and isinstance(text, str):
-                deltas.append(text)
-        if answer.mask.active:  # content rules: matches masked, a tail that could become one held (or let go)
-            released = answer.mask.admit("".join(deltas)) if deltas else answer.mask.due()
-            deltas = [released] if released else []
-        if deltas:
-            answer.text += "".join(deltas)
-            writer.add(deltas)
+                texts.append(text)
+        self.take(texts)
         return True
 
 
