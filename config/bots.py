@@ -39,7 +39,7 @@ ALIASES = {
     "callback_path": "wecom_callback_path",
 }
 _KEY_OF = {field: alias for alias, field in ALIASES.items()}
-_SECRETS = frozenset(name for name, setting in VARIABLES.items() if setting.secret)
+_FROM_FILE = frozenset(name for name, setting in VARIABLES.items() if setting.from_file)
 _TYPES = {name: setting.kind.__name__ for name, setting in VARIABLES.items()}
 
 
@@ -207,7 +207,7 @@ def _values(table: dict, where: str, folder: Path) -> tuple[dict, _Found]:
             continue
         from_file = key.endswith("_file")
         name = ALIASES.get(key.removesuffix("_file"), key.removesuffix("_file"))
-        if name not in PER_BOT_FIELDS or (from_file and name not in _SECRETS):
+        if name not in PER_BOT_FIELDS or (from_file and name not in _FROM_FILE):
             problems.append(f"{where}: unknown key {key!r}")
         elif name in values:
             problems.add(name, f"{where}: {key!r} sets {_key(name)!r} a second time")

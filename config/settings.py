@@ -15,6 +15,7 @@ variable. Outside demo mode nothing falls back to an embedded store: a Redis ser
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -71,13 +72,13 @@ def _default_replica_id() -> str:
 DIFY_APP_TYPES = ("auto", "chat", "advanced-chat", "agent-chat", "agent", "workflow", "completion")
 # Where a bot's answers come from (services/backends: one package each, tests/test_settings.py holds the two lists
 # together; the settings cannot import the backends).
-BACKEND_KINDS = ("dify",)
+BACKEND_KINDS = ("dify", "openai")
 
 
-def _var(variable: str, default=None, *, secret: bool = False, factory=None):
-    """A setting read from `variable` (or, for a secret, from the file `<variable>_FILE` names). A secret is kept
-    out of repr() so settings can be logged without leaking it."""
-    metadata = {"variable": variable, "secret": secret}
+def _var(variable: str, default=None, *, secret: bool = False, from_file: bool = False, factory=None):
+    """A setting read from `variable` (or, for a secret and a `from_file` one, from the file `<variable>_FILE`
+    names). A secret is kept out of repr() so settings can be logged without leaking it."""
+    metadata = {"variable": variable, "secret": secret, "from_file": secret or from_file}
     if factory is not None:
         return field(default_factory=factory, repr=not secret, metadata=metadata)
     return field(default="" if default is None else default, repr=not secret, metadata=metadata)
@@ -139,6 +140,22 @@ class DifySettings:
 
 
 @dataclass(frozen=True)
+class OpenAISettings:
+    """The bot's OpenAI-compatible server (BACKEND=openai: LiteLLM, vLLM, Ollama, OpenAI itself...): where it is,
+    the model each request names, and what a request carries besides the question. Its timeouts, patience,
+    reasoning and group conversations are the answers' settings the Dify group holds (DIFY_*_TIMEOUT,
+    DIFY_RETRY_SECONDS, DIFY_MAX_STREAM_SECONDS, SHOW_REASONING, GROUP_CONVERSATION)."""
+
+    base_url: str = _var("OPENAI_BASE_URL")  # e.g. http://litellm.internal/v1
+    api_key: str = _var("OPENAI_API_KEY", secret=True)  # sent as a bearer token ("" = no Authorization header)
+    model: str = _var("OPENAI_MODEL")
+    system_prompt: str = _var("OPENAI_SYSTEM_PROMPT", from_file=True)  # the first message ("" = none)
+    history_turns: int = _var("OPENAI_HISTORY_TURNS", 10)  # earlier turns sent with a question (0 = none)
+    vision: bool = _var("OPENAI_VISION", False)  # a user's image sent as an image_url part
+    extra: str = _var("OPENAI_EXTRA", "{}")  # a JSON object merged into each request (temperature, ...)
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """Who may ask the bot: external (the user table, then the auth API) or none."""
 
@@ -187,6 +204,7 @@ class BotSettings:
     wecom: WecomSettings = field(default_factory=WecomSettings)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     dify: DifySettings = field(default_factory=DifySettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     answers: AnswerSettings = field(default_factory=AnswerSettings)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
@@ -198,7 +216,7 @@ class BotSettings:
     def secrets(self) -> list[str]:
         """Every secret of this bot (for the log redactor)."""
         found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret]
-        found += [self.dify.api_key, self.auth.api_key]
+        found += [self.dify.api_key, self.openai.api_key, self.auth.api_key]
         return [secret for secret in found if secret]
 
 
@@ -333,6 +351,7 @@ class Variable:
     path: tuple[str, ...]
     kind: type
     secret: bool
+    from_file: bool = False  # may be read from the file `<variable>_FILE` (a bots file's `<key>_file`) names
 
     @property
     def per_bot(self) -> bool:
@@ -351,7 +370,10 @@ def _variables(cls, path: tuple[str, ...]) -> dict[str, Variable]:
         elif "variable" in f.metadata:
             variable = f.metadata["variable"]
             kind = _KINDS[str(f.type)]
-            found[variable.lower()] = Variable(variable.lower(), variable, (*path, f.name), kind, f.metadata["secret"])
+            metadata = f.metadata
+            found[variable.lower()] = Variable(
+                variable.lower(), variable, (*path, f.name), kind, metadata["secret"], metadata["from_file"]
+            )
         else:  # BotSettings.name
             found["bot_name"] = Variable("bot_name", "", (*path, f.name), str, False)
     return found
@@ -363,6 +385,7 @@ _GROUPS = {
         WecomSettings,
         ConnectionSettings,
         DifySettings,
+        OpenAISettings,
         AuthSettings,
         AnswerSettings,
         QuotaSettings,
@@ -504,6 +527,8 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     _check_wecom(s, problems)
     if s.bot.backend == "dify":
         _check_dify(s, problems)
+    if s.bot.backend == "openai":
+        _check_openai(s, problems)
     _check_auth(s, problems)
     longest = POLL_WINDOW_SECONDS - 5  # a bubble's last reply must reach WeCom before it stops polling
     problems.require(
@@ -609,6 +634,23 @@ def _check_dify(s: Settings, problems: _Problems) -> None:
     problems.require(s.bot.dify.max_retries >= 0, "DIFY_MAX_RETRIES", "must be 0 or more")
     problems.require(s.bot.dify.retry_backoff >= 0, "DIFY_RETRY_BACKOFF", "must be 0 or more")
     problems.require(0 <= s.bot.dify.retry_seconds <= 300, "DIFY_RETRY_SECONDS", "must be between 0 and 300")
+
+
+def _check_openai(s: Settings, problems: _Problems) -> None:
+    openai = s.bot.openai
+    problems.require(
+        _is_http_url(openai.base_url), "OPENAI_BASE_URL", "must be an http(s) URL such as http://litellm.internal/v1"
+    )
+    problems.require(bool(openai.model), "OPENAI_MODEL", "is required with BACKEND=openai (each request names it)")
+    problems.require(openai.history_turns >= 0, "OPENAI_HISTORY_TURNS", "must be 0 (no history) or more")
+    try:
+        extra = json.loads(openai.extra or "{}")
+    except ValueError:
+        extra = None
+    problems.require(isinstance(extra, dict), "OPENAI_EXTRA", 'must be a JSON object, e.g. {"temperature": 0.2}')
+    if isinstance(extra, dict):
+        fixed = sorted(set(extra) & {"model", "messages", "stream", "stream_options", "user"})
+        problems.require(not fixed, "OPENAI_EXTRA", f"may not set {', '.join(fixed)} (the gateway sets them)")
 
 
 def _check_redis(s: Settings, problems: _Problems, production: bool) -> None:
@@ -720,7 +762,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_files=ENV_FILES)
         if not setting.variable:
             continue
         try:
-            if setting.secret:
+            if setting.from_file:
                 _read_secret_file(setting.variable, values)
             if setting.variable in values:
                 kwargs[name] = _parse(setting.variable, values[setting.variable], setting.kind)

@@ -9,6 +9,7 @@ so `build_bot` reads as the order in which a bot comes together, and a new featu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -183,7 +184,8 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None)
     core = _core(bot, shared)
     dify = _dify(bot, core)
-    authorizer = _authorizer(bot.auth, shared, core, dify.profile)
+    declared = dify.profile.declared_inputs if bot.backend == "dify" else frozenset  # what the app declares
+    authorizer = _authorizer(bot.auth, shared, core, declared)
     files = _files(bot, shared, core, dify.links)
     forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
     rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
@@ -281,8 +283,11 @@ def _dify(bot: BotSettings, core: Core) -> DifyPart:
     return DifyPart(client, profile, links, MediaService(core.crypto, client, profile, bot=bot.name), BackendHealth())
 
 
-def _authorizer(auth: AuthSettings, shared: Shared, core: Core, profile: DifyAppProfile) -> Authorizer | None:
-    """Who may ask (AUTH_MODE=external): the token cache, the user table, then the auth API."""
+def _authorizer(
+    auth: AuthSettings, shared: Shared, core: Core, declared_inputs: Callable[[], frozenset[str]]
+) -> Authorizer | None:
+    """Who may ask (AUTH_MODE=external): the token cache, the user table, then the auth API (with the user's info
+    the bot's app declares inputs for)."""
     if auth.mode != "external" or shared.users is None:
         return None
     return Authorizer(
@@ -292,7 +297,7 @@ def _authorizer(auth: AuthSettings, shared: Shared, core: Core, profile: DifyApp
         AuthApiClient(auth.api_url, auth.api_key, auth.timeout),
         auth.token_margin,
         exchange_timeout=auth.timeout + shared.settings.database.timeout,
-        declared_inputs=profile.declared_inputs,
+        declared_inputs=declared_inputs,
         bot=core.name,
     )
 
@@ -340,7 +345,9 @@ def _streams(
         store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed
     )
     dify_parts = DifyParts(dify.client, dify.profile, conversations, dify.media, store, forms, files)
-    parts = BackendParts(bot, shared.client, core.keys, store, texts, finisher, conversations, dify.health, dify_parts)
+    parts = BackendParts(
+        bot, shared.client, core.keys, store, texts, finisher, conversations, dify.health, dify.media, dify_parts
+    )
     backend = build_backend(bot.backend, parts)
     stopper = AnswerStopper(store, backend, texts, bot.name)
     prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
@@ -395,7 +402,7 @@ def _callback(
     form_answers = FormAnswers(forms.store, texts, streams.service.continue_form, bot.name, dify.media)
     feedback = FeedbackService(shared.client, core.keys, dify.client)
     events = EventHandler(
-        Welcome(dify.profile, texts, wecom.welcome_message, bot.name),
+        Welcome(dify.profile if bot.backend == "dify" else None, texts, wecom.welcome_message, bot.name),
         feedback,
         ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance),
         form_answers,

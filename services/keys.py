@@ -238,6 +238,12 @@ class Keys:
         """String: the Dify conversation_id that continues this user's chat (1:1 chat = "single")."""
         return f"{self.prefix}conversation:{aibotid}:{chat}:{userid}"
 
+    def conversation_turns(self, conversation_id: str) -> str:
+        """List (JSON, oldest first): the turns of a conversation a bot keeps itself (an OpenAI-compatible backend's:
+        services/backends/openai/history.py), each {"q": the question, "a": the answer its user was shown}; it
+        lives as long as the conversation (CONVERSATION_TTL_SECONDS from its last turn)."""
+        return f"{self.prefix}conversation_turns:{{{conversation_id}}}"
+
     def conversation_pattern(self, userid: str) -> str:
         """Pattern matching every conversation key of one user (for SCAN in operator commands)."""
         return f"{self.prefix}conversation:*:*:{userid}"

@@ -29,6 +29,8 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "stream_cut": "（回答中断：与 AI 服务的连接意外断开，请重新提问。）",
         "timeout": "（回答超时：AI 服务长时间没有响应，请稍后再试。）",
         "empty_answer": "（AI 没有返回任何内容。）",
+        "answer_cut_at_limit": "（回答达到了模型的长度上限，到此为止。）",
+        "answer_filtered": "（模型拒绝继续回答这个问题。）",
         "workflow_failed": "（工作流运行失败：{reason}）",
         "run_stopped": "（这次运行在完成前被 AI 应用停止了，以上是停止前的内容。）",
         "input_required": "（这个 AI 应用需要你填写信息后才能继续，本机器人暂时无法提供这一步，"
@@ -136,6 +138,8 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "stream_cut": "(Answer interrupted: the connection to the AI service broke. Please ask again.)",
         "timeout": "(The answer timed out: the AI service stopped responding. Please try again later.)",
         "empty_answer": "(The AI returned no content.)",
+        "answer_cut_at_limit": "(The answer reached the model's length limit and stops here.)",
+        "answer_filtered": "(The model declined to go on with this answer.)",
         "workflow_failed": "(The workflow failed: {reason})",
         "run_stopped": "(The AI app stopped this run before it finished; above is what it gave until then.)",
         "input_required": "(This AI app needs you to fill in a form to go on, which this bot cannot show yet; please "
@@ -246,6 +250,7 @@ _CONFIG_CODES = frozenset(
         "model_currently_not_support",
         "unauthorized",
         "forbidden",
+        "misconfigured",  # an OpenAI-compatible server's 400, 401, 403 or 404 (services/backends/openai)
     }
 )
 _BUSY_CODES = frozenset({"too_many_requests", "rate_limit_error"})

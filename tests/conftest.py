@@ -28,6 +28,7 @@ from config.settings import Settings
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.mariadb_server import MISSING, PrivateMariaDB, mariadb_binaries
+from demo.openai_standin import OpenAIStandIn
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
@@ -167,6 +168,36 @@ def dify(dify_server) -> DifyStandIn:
     dify_server.reset()
     yield dify_server
     dify_server.reset()
+
+
+OPENAI_KEY, OPENAI_MODEL = "sk-test-openai-key-0123456789", "test-model"
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    server = OpenAIStandIn(api_key=OPENAI_KEY, model=OPENAI_MODEL).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai(openai_server) -> OpenAIStandIn:
+    """The OpenAI-compatible stand-in with no scripts and no recorded requests (words 5 ms apart)."""
+    openai_server.reset()
+    openai_server.delay = 0.005
+    yield openai_server
+    openai_server.reset()
+
+
+def openai_settings(server: OpenAIStandIn, **more) -> dict:
+    """The settings of a bot answered by the OpenAI-compatible `server` (make_app's keyword arguments)."""
+    return {
+        "backend": "openai",
+        "openai_base_url": server.base_url,
+        "openai_api_key": OPENAI_KEY,
+        "openai_model": OPENAI_MODEL,
+        **more,
+    }
 
 
 @pytest.fixture

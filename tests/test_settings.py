@@ -313,3 +313,24 @@ def test_every_secret_is_known_to_the_log_redactor():
     )
     expected = {"tok-Secret-1", VALID["WECOM_ENCODING_AES_KEY"], "app-xyz", "redis-pw", "sentinel-pw", "db-pw"}
     assert set(settings.secrets()) == expected | {"replica-pw"}
+
+
+def test_the_settings_name_every_kind_of_backend_there_is():
+    """BACKEND is checked at start-up against the settings' own list (they cannot import the backends): the two lists
+    are one."""
+    from config.settings import BACKEND_KINDS
+    from services.backends import BACKENDS
+
+    assert set(BACKEND_KINDS) == set(BACKENDS)
+
+
+def test_an_openai_backend_needs_its_address_and_model_and_no_dify(settings):
+    with pytest.raises(SettingsError) as caught:
+        settings.replace(backend="openai", dify_api_key="", openai_extra="[1]")
+    problems = caught.value.problems
+    assert any(p.startswith("OPENAI_BASE_URL must be") for p in problems)
+    assert any(p.startswith("OPENAI_MODEL is required") for p in problems)
+    assert any(p.startswith("OPENAI_EXTRA must be a JSON object") for p in problems)
+    assert not any("DIFY_API_KEY" in p for p in problems)
+    ok = settings.replace(backend="openai", openai_base_url="http://llm/v1", openai_model="m", dify_api_key="")
+    assert ok.bot.backend == "openai"

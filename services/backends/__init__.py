@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.backends import dify
+from services.backends import dify, openai
 from services.backends.parts import BackendParts
 from services.streams.backend import Backend
 
@@ -15,6 +15,7 @@ __all__ = ["BACKENDS", "BackendParts", "build_backend"]
 
 BACKENDS: dict[str, Callable[[BackendParts], Backend]] = {
     "dify": dify.build,
+    "openai": openai.build,
 }
 
 

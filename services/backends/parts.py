@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from config.settings import BotSettings
     from services.backends.dify.answering import DifyParts
     from services.keys import Keys
+    from services.media.service import MediaService
     from services.streams.conversations import ConversationStore
     from services.streams.finisher import Finisher
     from services.streams.health import BackendHealth
@@ -32,4 +33,5 @@ class BackendParts:
     finisher: Finisher
     conversations: ConversationStore
     health: BackendHealth
+    media: MediaService
     dify: DifyParts | None = None

@@ -13,7 +13,10 @@ from utils.text import utf8_len
 
 
 class Welcome:
-    def __init__(self, profile: DifyAppProfile, texts: Texts, welcome_message: str = "", bot: str = "default"):
+    """`profile`: the Dify app whose opening statement welcomes a user when WELCOME_MESSAGE is empty (None: a bot
+    whose answers come from elsewhere, which says nothing then)."""
+
+    def __init__(self, profile: DifyAppProfile | None, texts: Texts, welcome_message: str = "", bot: str = "default"):
         self.bot = bot
         self.profile = profile
         self.texts = texts
@@ -23,6 +26,8 @@ class Welcome:
         """The enter_chat reply, or None for none."""
         if self.welcome_message:
             return text_reply(self.welcome_message)
+        if self.profile is None:
+            return None
         parameters = self.profile.parameters(timeout=2.0)
         opening = str(parameters.get("opening_statement") or "").strip()
         questions = [q.strip() for q in parameters.get("suggested_questions") or [] if isinstance(q, str) and q.strip()]
