@@ -339,7 +339,8 @@ def _streams(
     rules: RulesFile | None,
 ) -> StreamsPart:
     texts, store, window = core.texts, core.store, bot.answers.window_seconds
-    conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds)
+    space = "" if bot.backend == "dify" else bot.backend  # another kind's conversations apart from Dify's
+    conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds, space)
     bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
     finisher = Finisher(
         store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed

@@ -23,13 +23,14 @@ from sqlalchemy.engine import make_url
 from app import create_app
 from bench.faults.proxy import FaultyLink
 from demo import dify_standin as d
+from demo import openai_standin as o
 from services.audit.records import AuditFilter, AuditRecords
 from services.audit.rows import ANSWERED, FEEDBACK, FORM_ACTION, MESSAGE, PUSH, STOP, AuditRow
 from services.audit.table import ensure_table, wecom_audit
 from services.audit.trail import AuditTrail
 from services.auth import db
 from services.texts import CATALOGUE
-from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, openai_settings, wait_until
 from tests.test_forms import approval, ask_and_click
 from tests.test_replicas import kill
 
@@ -552,3 +553,65 @@ def test_a_forms_rest_sent_after_its_bubble_ended_is_a_row_of_its_own_once(make_
     assert rest["answer"] and tap["question"].startswith(conversation.cards[0]["task_id"])
     sim.close()
     other.close()
+
+
+def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(audit_url):
+    """The backend, route, model, tokens and trace of a row came with a later release: a serving replica adds them
+    to the table an earlier one made (ALTER TABLE, its rows kept), and writes rows with them."""
+    from sqlalchemy import Column, MetaData, Table, inspect
+
+    engine = db.make_engine(audit_url, timeout=3)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS wecom_audit")
+    newer = {"backend", "route", "model", "prompt_tokens", "completion_tokens", "trace_id"}
+    columns = [
+        Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, server_default=c.server_default)
+        for c in wecom_audit.columns
+        if c.name not in newer
+    ]
+    old = Table("wecom_audit", MetaData(), *columns)
+    old.create(engine)
+    now = datetime.now()
+    with engine.begin() as connection:
+        made = {"bot": "earlier", "msgid": "m-old", "kind": MESSAGE, "outcome": ANSWERED}
+        connection.execute(old.insert(), {**made, "received_at": now, "finished_at": now})
+    assert not ensure_table(engine)  # not made: changed
+    assert newer <= {column["name"] for column in inspect(engine).get_columns("wecom_audit")}
+    records = AuditRecords(engine)
+    at = time.time()
+    trace = "ab" * 16
+    row = AuditRow(
+        "b", "m-new", MESSAGE, ANSWERED, at, at, backend="openai", model="m", prompt_tokens=3, trace_id=trace
+    )
+    records.insert([row])
+    [earlier] = rows(engine, bot="earlier")
+    [new] = rows(engine, msgid="m-new")
+    assert earlier["backend"] == "" and earlier["prompt_tokens"] is None
+    assert (new["backend"], new["model"], new["prompt_tokens"], new["trace_id"]) == ("openai", "m", 3, trace)
+    engine.dispose()
+
+
+def test_an_answers_row_names_its_backend_model_tokens_and_trace(make_app, serve, engine, audit_url, openai, dify):
+    """Both backends: the row says where the answer came from and the trace its calls carried (the headers the
+    servers got: W3C traceparent and X-Trace-Id), and an OpenAI-compatible server's model and tokens."""
+    model_bot = serve(make_app(**openai_settings(openai, database_url=audit_url)))
+    dify_bot = serve(make_app(database_url=audit_url, replica_id="replica-b"))
+    sim_model, sim_dify = make_simulator(model_bot.url), make_simulator(dify_bot.url)
+    openai.script(o.answer("Counted words."))
+    dify.script(d.answer("Dify's words."))
+    first, second = sim_model.ask("count me"), sim_dify.ask("and me")
+    assert wait_until(lambda: count(engine) == 2)
+    by_answer = {row["answer"]: row for row in rows(engine)}
+    model_row, dify_row = by_answer["Counted words."], by_answer["Dify's words."]
+    assert (model_row["backend"], model_row["model"]) == ("openai", "test-model")
+    assert (model_row["prompt_tokens"], model_row["completion_tokens"]) == (12, 2)
+    assert dify_row["backend"] == "dify" and dify_row["dify_message_id"]
+    openai_headers = openai.requests[0]["headers"]
+    dify_headers = dify.requests[0]["headers"]
+    for row, headers in ((model_row, openai_headers), (dify_row, dify_headers)):
+        assert len(row["trace_id"]) == 32 and headers["x-trace-id"] == row["trace_id"]
+        version, trace, span, flags = headers["traceparent"].split("-")
+        assert (version, trace, flags) == ("00", row["trace_id"], "01") and len(span) == 16
+    assert first.stream_id != second.stream_id and model_row["trace_id"] != dify_row["trace_id"]
+    sim_model.close()
+    sim_dify.close()

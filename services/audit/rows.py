@@ -63,6 +63,12 @@ class AuditRow:
     dify_conversation_id: str = ""
     dify_message_id: str = ""
     dify_run_id: str = ""
+    backend: str = ""  # dify | openai: where the answer came from ("" where none was asked)
+    route: str = ""  # the bot's route that took the message ("" the bot's own)
+    model: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    trace_id: str = ""  # the trace its backend calls carried
     replica: str = ""
     # Which row of the same message this one replaces if that one is in the table first (records.py): none, one made
     # without a stream while Redis was away (OUTAGE: a stream's row, the message's own account), or any (ANY: the
@@ -169,6 +175,12 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
         dify_conversation_id=meta.get("conversation_id", ""),
         dify_message_id=meta.get("message_id", ""),
         dify_run_id=meta.get("workflow_run_id", ""),
+        backend=meta.get("backend", ""),
+        route=meta.get("route", ""),
+        model=meta.get("model", ""),
+        prompt_tokens=_count(meta.get("prompt_tokens")),
+        completion_tokens=_count(meta.get("completion_tokens")),
+        trace_id=meta.get("trace_id", ""),
         replica=_replica(meta.get("owner", "")),
         supersedes=ANY if meta.get("answer_given") else OUTAGE,
     )
@@ -181,6 +193,11 @@ def _question(meta: dict[str, str]) -> str:
     if meta.get("attachments"):
         marks = [f"[{attachment[0]}]" for attachment in orjson.loads(meta["attachments"]) if attachment]
     return "\n".join(part for part in (meta.get("query", ""), *marks) if part)
+
+
+def _count(value: str | None) -> int | None:
+    """A token count from the stream's hash (None: not known)."""
+    return int(value) if value and value.isdigit() else None
 
 
 def _replica(attempt: str) -> str:

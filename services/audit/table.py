@@ -15,8 +15,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     inspect,
+    text,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.schema import CreateColumn
 
 from services.auth.db import metadata
 
@@ -47,6 +49,12 @@ wecom_audit = Table(
     Column("dify_conversation_id", String(64), nullable=False, server_default=""),
     Column("dify_message_id", String(64), nullable=False, server_default=""),
     Column("dify_run_id", String(64), nullable=False, server_default=""),
+    Column("backend", String(16), nullable=False, server_default=""),
+    Column("route", String(32), nullable=False, server_default=""),
+    Column("model", String(128), nullable=False, server_default=""),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("trace_id", String(32), nullable=False, server_default=""),
     Column("received_at", DateTime, nullable=False),
     Column("finished_at", DateTime, nullable=False),
     Column("replica", String(128), nullable=False, server_default=""),
@@ -59,10 +67,19 @@ wecom_audit = Table(
 
 
 def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
-    """Create `table` if it is missing (an existing table and its rows are left as they are); True if it was
-    created."""
+    """Create `table` if it is missing, or add the columns a newer release gave it to one made before (each nullable
+    or with a default: its rows are left as they are); True if the table was created."""
     with engine.connect() as connection:
         if inspect(connection).has_table(table.name):
-            return False
-    table.create(engine, checkfirst=True)
-    return True
+            have = {column["name"] for column in inspect(connection).get_columns(table.name)}
+            missing = [column for column in table.columns if column.name not in have]
+        else:
+            missing = None
+    if missing is None:
+        table.create(engine, checkfirst=True)
+        return True
+    with engine.begin() as connection:
+        for column in missing:
+            definition = CreateColumn(column).compile(dialect=engine.dialect)
+            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
+    return False

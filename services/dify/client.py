@@ -38,6 +38,7 @@ from services.transport.errors import (
     never_taken,
 )
 from services.transport.read_pump import ReadPump
+from services.transport.trace import trace_headers
 from utils.http import outgoing_client
 from utils.tls import default_tls_context
 
@@ -149,9 +150,11 @@ class DifyClient:
     def close(self) -> None:
         self._http.close()
 
-    def stream_chat(self, request: ChatRequest, relay: Relay | None = None) -> Iterator[list[DifyEvent]]:
+    def stream_chat(
+        self, request: ChatRequest, relay: Relay | None = None, *, trace_id: str = ""
+    ) -> Iterator[list[DifyEvent]]:
         """Run a streaming chat; yields the events of each network read. Ends after the answer's end (EventReader)
-        or raises.
+        or raises. `trace_id`: the message's trace, carried by each try (services/transport/trace.py).
 
         `relay(batch)`, if given, runs in the read pump's thread for each read before the last one; when it
         returns True it has handled the batch and the caller is not woken for it. It must not block.
@@ -161,7 +164,8 @@ class DifyClient:
         """
         url, body = self._base_url + request.path, orjson.dumps(request.body())
         yield from self._with_retries(
-            lambda: self._stream_once(url, body, EventReader(request.app_type), relay), idempotent=False
+            lambda: self._stream_once(url, body, EventReader(request.app_type), relay, trace_id=trace_id),
+            idempotent=False,
         )
 
     def stream_run(
@@ -173,6 +177,7 @@ class DifyClient:
         snapshot: bool = False,
         continue_on_pause: bool = False,
         on_open: Callable[[], bool] | None = None,
+        trace_id: str = "",
     ) -> Iterator[list[DifyEvent]]:
         """Follow a chatflow's or workflow's run (`GET /workflow/{run_id}/events`), as `stream_chat` otherwise; ends
         at `workflow_finished` or `workflow_paused`. Dify relays only what the run publishes from then on; with
@@ -194,7 +199,13 @@ class DifyClient:
         url = f"{self._base_url}/workflow/{quote(run_id, safe='')}/events?{urlencode(query)}"
         yield from self._with_retries(
             lambda: self._stream_once(
-                url, None, EventReader(WORKFLOW, run_id), relay, on_open, follows_pauses=continue_on_pause
+                url,
+                None,
+                EventReader(WORKFLOW, run_id),
+                relay,
+                on_open,
+                follows_pauses=continue_on_pause,
+                trace_id=trace_id,
             ),
             idempotent=True,
         )
@@ -259,9 +270,11 @@ class DifyClient:
         relay: Relay | None,
         on_open: Callable[[], bool] | None = None,
         follows_pauses: bool = False,
+        trace_id: str = "",
     ) -> Iterator[list[DifyEvent]]:
+        headers = {**self._stream_headers, **trace_headers(trace_id)} if trace_id else self._stream_headers
         stream = open_backend_stream(
-            url, body, self._stream_headers, self.connect_timeout, self.read_timeout, self.tls, self.pump, "Dify"
+            url, body, headers, self.connect_timeout, self.read_timeout, self.tls, self.pump, "Dify"
         )
         with stream:
             if on_open is not None and not on_open():

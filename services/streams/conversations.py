@@ -21,13 +21,19 @@ def conversation_member(userid: str, shared_chat: bool) -> str:
 
 
 class ConversationStore:
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_seconds: int):
+    """The conversations of one bot's backend: `space` keeps another kind's apart ("" for Dify's, whose keys the
+    contract names; a conversation id one backend made means nothing to another, and Dify refuses one that is not
+    its own)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_seconds: int, space: str = ""):
         self.redis = client
         self.keys = keys
         self.ttl_seconds = ttl_seconds
+        self.space = space
 
     def _key(self, aibotid: str, chatid: str, userid: str) -> str:
-        return self.keys.conversation(aibotid or "bot", chatid or SINGLE_CHAT, userid)
+        key = self.keys.conversation(aibotid or "bot", chatid or SINGLE_CHAT, userid)
+        return f"{key}#{self.space}" if self.space else key
 
     def current(self, aibotid: str, chatid: str, userid: str) -> str:
         """The conversation to continue, or "" to start a new one."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from services.streams.conversations import conversation_member
+from services.transport.trace import trace_id_of
 
 
 @dataclass(slots=True)
@@ -47,6 +48,11 @@ class StreamJob:
         if self.shared_chat:
             return f"wecom:{self.aibotid or 'bot'}:group:{self.chatid}"
         return f"wecom:{self.aibotid or 'bot'}:{self.userid}"
+
+    @property
+    def trace_id(self) -> str:
+        """The trace every backend call of this message carries (services/transport/trace.py), and its audit row."""
+        return trace_id_of(self.stream_id)
 
     @property
     def conversation_member(self) -> str:

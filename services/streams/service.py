@@ -145,6 +145,8 @@ class StreamService:
             "msgtype": message.msgtype,
             "aibotid": message.aibotid,
             "response_url": message.response_url,
+            "backend": self.worker.backend.name,
+            "trace_id": job.trace_id,
             **job.request_fields(),
             **self.delivery.tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
         }
@@ -189,6 +191,8 @@ class StreamService:
             "response_url": job.response_url,
             "form_task": form.task_id,
             "shared_chat": "1" if job.shared_chat else "",
+            "backend": self.worker.backend.name,
+            "trace_id": job.trace_id,
             "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
         }
         self.store.open_stream(job.stream_id, job.attempt, job.aibotid, job.userid, fields)

@@ -194,7 +194,7 @@ class DifyBackend:
         def may_ask_again(exc: Exception) -> bool:
             return never_taken(exc) and not (answer.text or answer.task_id or answer.workflow_run_id)
 
-        events = partial(self.parts.client.stream_chat, request)
+        events = partial(self.parts.client.stream_chat, request, trace_id=turn.job.trace_id)
         self._patiently(turn, events, recorder, turn.deadline, may_ask_again, "asked_again")
 
     def _patiently(
@@ -232,7 +232,9 @@ class DifyBackend:
         answer, job = recorder.answer, turn.job
         answer.reattached = True
         answer.gate.hold()
-        events = partial(self.parts.client.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True)
+        events = partial(
+            self.parts.client.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True, trace_id=job.trace_id
+        )
         self._patiently(turn, events, recorder, deadline, _unread, "reattach", cuts_left)
         if answer.paused and answer.gate.held:
             # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
@@ -269,7 +271,12 @@ class DifyBackend:
         metrics.DIFY_CALLS.labels(self.bot, "form").inc()
         answer, job = turn.answer, turn.job
         events = partial(
-            self.parts.client.stream_run, answer.workflow_run_id, job.dify_user, continue_on_pause=True, on_open=on_open
+            self.parts.client.stream_run,
+            answer.workflow_run_id,
+            job.dify_user,
+            continue_on_pause=True,
+            on_open=on_open,
+            trace_id=job.trace_id,
         )
         self._patiently(turn, events, recorder, time.monotonic() + turn.rules.max_seconds, _unread, "form")
 

@@ -72,6 +72,8 @@ class AnswerCompletion:
         fields = {
             "note": note,
             "tokens": answer.usage.get("total_tokens", ""),
+            "prompt_tokens": answer.usage.get("prompt_tokens", ""),
+            "completion_tokens": answer.usage.get("completion_tokens", ""),
             "dify_latency": answer.usage.get("latency", ""),
             "card": self._suggestions(job, answer),
             "files": orjson.dumps(uploads).decode() if uploads else "",

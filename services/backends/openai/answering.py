@@ -33,6 +33,7 @@ from services.streams.sink import AnswerSink
 from services.streams.store import DONE
 from services.streams.turn import Turn
 from services.transport.errors import BackendHTTPError, BackendTimeout, Declined, never_taken
+from services.transport.trace import trace_headers
 
 if TYPE_CHECKING:
     from config.settings import OpenAISettings
@@ -153,7 +154,7 @@ class OpenAIBackend:
         relay = ChunkRelay(answer, cancelled, turn.deadline)
         finish = ""
         try:
-            for batch in self.client.stream_chat(body, relay):
+            for batch in self.client.stream_chat(body, relay, trace_headers(turn.job.trace_id)):
                 if cancelled.is_set():
                     raise StreamAborted
                 deltas: list[str] = []
