@@ -181,7 +181,9 @@ class Bot:
 
 def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     """One bot's services, each part built after the parts it uses."""
-    metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None)
+    metrics.initialise(
+        bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backend=bot.backend
+    )
     core = _core(bot, shared)
     dify = _dify(bot, core)
     declared = dify.profile.declared_inputs if bot.backend == "dify" else frozenset  # what the app declares

@@ -34,8 +34,8 @@ POLL_SECONDS = Histogram(
 )
 FIRST_TOKEN_SECONDS = Histogram(
     "stream_first_token_seconds",
-    "From the user's message to Dify's first delta",
-    labelnames=["bot"],
+    "From the user's message to the backend's first delta",
+    labelnames=["bot", "backend"],
     buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
 )
 STREAM_SECONDS = Histogram(
@@ -67,14 +67,16 @@ STREAM_OUTCOMES = Counter(
     "closed_overflow (bubble finished early)",
     ["bot", "outcome"],
 )
-DIFY_ERRORS = Counter("dify_errors_total", "Dify failures by code", ["bot", "code"])
+DIFY_ERRORS = Counter(
+    "dify_errors_total", "Backend failures (Dify's, an OpenAI-compatible server's) by code", ["bot", "backend", "code"]
+)
 DIFY_CALLS = Counter(
     "dify_calls_total",
     "Dify calls for users' messages: new (a message's first), restart (the one documented restart of an answer "
     "whose replica died before it showed anything), resume (a run streamed again), form (a run followed on after its "
     "form), reattach (a run followed again after its stream was cut), duplicate (a second new call for one "
-    "message: never expected)",
-    ["bot", "kind"],
+    "message: never expected); by the bot's backend (dify, openai: the name stays for the dashboards)",
+    ["bot", "backend", "kind"],
 )
 WS_CONNECTED = Gauge(
     "wecom_ws_connected",
@@ -226,7 +228,7 @@ STOPS = Counter(
     ["bot", "outcome"],
 )
 DIFY_STOPS = Counter(
-    "dify_stop_calls_total", "Calls of Dify's stop endpoint by reason: user, timeout", ["bot", "reason"]
+    "dify_stop_calls_total", "Stops asked of the backend by reason: user, timeout", ["bot", "backend", "reason"]
 )
 PUSHES = Counter(
     "wecom_pushes_total",
@@ -331,8 +333,9 @@ AUDIT_PENDING = Gauge(
 AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
 
 
-def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> None:
-    """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used)."""
+def initialise(bot: str, long_connection: bool = False, audit: bool = False, backend: str = "dify") -> None:
+    """Create every series of `bot` (answered by `backend`) at zero (a labelled series otherwise appears only once
+    it is first used)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
     for result in ("ok", "rejected"):
@@ -346,9 +349,9 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     for event in STREAM_EVENTS:
         STREAM_OUTCOMES.labels(bot, event)
     for code in DIFY_ERROR_CODES:
-        DIFY_ERRORS.labels(bot, code)
+        DIFY_ERRORS.labels(bot, backend, code)
     for kind in DIFY_CALL_KINDS:
-        DIFY_CALLS.labels(bot, kind)
+        DIFY_CALLS.labels(bot, backend, kind)
     for outcome in AUTH_RESULTS:
         AUTH_OUTCOMES.labels(bot, outcome)
     for result in ("hit", "miss"):
@@ -356,8 +359,9 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     for kind in SEPARATE_KINDS:
         for result in SENT:
             (WS_SEPARATE if long_connection else RESPONSE_URL).labels(bot, kind, result)
-    for metric in (POLL_SECONDS, FIRST_TOKEN_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
+    for metric in (POLL_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
         metric.labels(bot)
+    FIRST_TOKEN_SECONDS.labels(bot, backend)
     FORM_WAIT_SECONDS.labels(bot)
     for write in REPLICATED_WRITES:
         UNREPLICATED_WRITES.labels(bot, write)
@@ -377,7 +381,7 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False) -> 
     for outcome in STOP_OUTCOMES:
         STOPS.labels(bot, outcome)
     for reason in DIFY_STOP_REASONS:
-        DIFY_STOPS.labels(bot, reason)
+        DIFY_STOPS.labels(bot, backend, reason)
     if long_connection:
         for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
             metric.labels(bot)

@@ -22,11 +22,14 @@ THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 class AnswerSink:
     """One attempt's writes of its answer."""
 
-    def __init__(self, job: StreamJob, answer: Answer, store: StreamStore, bot: str, show_reasoning: bool = False):
+    def __init__(
+        self, job: StreamJob, answer: Answer, store: StreamStore, bot: str, backend: str, show_reasoning: bool = False
+    ):
         self.job = job
         self.answer = answer
         self.store = store
         self.bot = bot
+        self.backend = backend  # its kind, for the metrics
         self.show_reasoning = show_reasoning
 
     def append_text(self, deltas: list[str], text: str) -> None:
@@ -75,7 +78,8 @@ class AnswerSink:
         if answer.mask.active:
             deltas = self._masked(deltas)
         if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
-            metrics.FIRST_TOKEN_SECONDS.labels(self.bot).observe(max(0.0, time.time() - self.job.created_at))
+            waited = max(0.0, time.time() - self.job.created_at)
+            metrics.FIRST_TOKEN_SECONDS.labels(self.bot, self.backend).observe(waited)
         answer.text += "".join(deltas)
         if answer.detached or not (deltas or answer.new_fields):
             return

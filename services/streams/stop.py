@@ -65,7 +65,7 @@ class AnswerStopper:
             return
         if mine:
             self.backend.stop(task_id, job.dify_user)
-            metrics.DIFY_STOPS.labels(self.bot, "user").inc()
+            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "user").inc()
 
     def _stop_backend(self, task_id: str, user: str) -> None:
         """The backend's stop call, off the request thread (the callback's reply, or the WebSocket's reader, waits
@@ -73,6 +73,6 @@ class AnswerStopper:
 
         def call() -> None:
             self.backend.stop(task_id, user)
-            metrics.DIFY_STOPS.labels(self.bot, "user").inc()
+            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "user").inc()
 
         threading.Thread(target=call, name="backend-stop", daemon=True).start()

@@ -160,7 +160,7 @@ class Turn:
         kind = kind or "new"
         if kind == "duplicate":
             logger.error("a second %s call for this message (not a documented restart)", backend)
-        metrics.DIFY_CALLS.labels(self.bot, kind).inc()
+        metrics.DIFY_CALLS.labels(self.bot, backend, kind).inc()
 
     def tried_again(
         self,

@@ -126,13 +126,13 @@ class StreamWorker:
     def _fail(self, turn: Turn, exc: BackendError) -> None:
         """The backend call failed: the answer ends with the note that says how, its text so far kept; a call that
         ran out of time is stopped at the backend."""
-        metrics.DIFY_ERRORS.labels(self.bot, exc.code).inc()
+        metrics.DIFY_ERRORS.labels(self.bot, self.backend.name, exc.code).inc()
         self.deps.health.failed(exc.code)
         logger.warning("the backend failed: %s (%s)", exc.code, exc.message[:200])
         answer = turn.answer
         if isinstance(exc, BackendTimeout) and answer.task_id:
             self.backend.stop(answer.task_id, turn.job.dify_user)
-            metrics.DIFY_STOPS.labels(self.bot, "timeout").inc()
+            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "timeout").inc()
         note = turn.texts.failure_note(exc)
         turn.finisher.finish(turn.job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")
 

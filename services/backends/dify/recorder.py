@@ -73,7 +73,7 @@ class AnswerRecorder(AnswerSink):
         bot: str = "default",
         options: AnswerOptions = DEFAULT_OPTIONS,
     ):
-        super().__init__(job, answer, store, bot, options.show_reasoning)
+        super().__init__(job, answer, store, bot, "dify", options.show_reasoning)
         self.options = options
         self.conversations = conversations
 

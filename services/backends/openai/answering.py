@@ -104,14 +104,14 @@ class OpenAIBackend:
         turn.take_slot()
         turn.count_call(self.name)
         body = self._request(job, history, images)
-        sink = AnswerSink(job, answer, turn.store, turn.bot, self.show_reasoning)
+        sink = AnswerSink(job, answer, turn.store, turn.bot, self.name, self.show_reasoning)
         logger.info("asking %s (%d earlier turns)", SERVER, len(history))
         finish = turn.tried_again(
             lambda: self._consume(turn, sink, body),
             lambda exc: not answer.text and _not_taken(exc),
             turn.patience_ends(turn.deadline),
             f"{SERVER} did not take the call",
-            lambda: metrics.DIFY_CALLS.labels(turn.bot, "asked_again").inc(),
+            lambda: metrics.DIFY_CALLS.labels(turn.bot, self.name, "asked_again").inc(),
         )
         answer.message_ended()  # the answer is whole: what the content rules held goes on
         sink.close_reasoning()
