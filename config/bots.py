@@ -274,7 +274,8 @@ def shared_dify_keys(bots: tuple[BotSettings, ...]) -> list[str]:
     """One line per Dify API key that several bots use (allowed, but usually a table that forgot its own key)."""
     users: dict[tuple[str, str], list[str]] = {}
     for bot in bots:
-        users.setdefault((bot.dify.base_url, bot.dify.api_key), []).append(bot.name)
+        if bot.backend == "dify":
+            users.setdefault((bot.dify.base_url, bot.dify.api_key), []).append(bot.name)
     return [
         f"bots {', '.join(names)} share one Dify app (the same dify_api_key): set dify_api_key in each bot's table "
         "if that is not meant"

@@ -47,6 +47,8 @@ DEMO_DEFAULTS = {
     "auth_api_key": "demo-auth-key",
     "redis_url": EMBEDDED_REDIS,
     "dify_base_url": "http://127.0.0.1:18081/v1",
+    "openai_base_url": "http://127.0.0.1:18084/v1",
+    "openai_model": "demo-model",
     "auth_api_url": "http://127.0.0.1:18082/auth/token",
     "public_base_url": "http://127.0.0.1:8080",
     "file_link_secret": "demo-file-link-secret-for-local-runs-only",

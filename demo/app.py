@@ -24,6 +24,7 @@ from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, Settings
 from demo.auth_standin import AuthStandIn
 from demo.console import console
 from demo.dify_standin import DifyStandIn
+from demo.openai_standin import OpenAIStandIn
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.auth.users import UserExists
@@ -61,6 +62,11 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
             personas = {bot.dify.api_key: (bot.name, bot.language) for bot in bots if bot.dify.base_url == url}
             _started[url] = DifyStandIn(host=host, port=port, personas=personas).start()
             logger.warning("demo: answering with the built-in Dify stand-in at %s", url)
+    for url in {bot.openai.base_url for bot in bots if plays_model(bot)}:
+        if _needs_standin(url):
+            host, port = _address(url)
+            _started[url] = OpenAIStandIn(model=DEMO_DEFAULTS["openai_model"], host=host, port=port).start()
+            logger.warning("demo: answering with the built-in OpenAI-compatible stand-in at %s", url)
     for bot in bots:
         if bot.wecom.mode == "long_connection" and _needs_standin(bot.connection.ws_url):
             host, port = _address(bot.connection.ws_url)
@@ -75,7 +81,12 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
 
 def plays_dify(bot: Settings) -> bool:
     """Whether the bot's Dify is the demo's stand-in (its own address), not a Dify of the user's."""
-    return bot.dify.base_url == DEMO_DEFAULTS["dify_base_url"]
+    return bot.backend == "dify" and bot.dify.base_url == DEMO_DEFAULTS["dify_base_url"]
+
+
+def plays_model(bot: Settings) -> bool:
+    """Whether the bot's OpenAI-compatible server is the demo's stand-in, not one of the user's."""
+    return bot.backend == "openai" and bot.openai.base_url == DEMO_DEFAULTS["openai_base_url"]
 
 
 def announce(gateway: Gateway, url: str) -> None:
@@ -85,13 +96,21 @@ def announce(gateway: Gateway, url: str) -> None:
         where = f"at {url}{bot.settings.wecom.callback_path}"
         if bot.delivery.mode != "callback":
             where = "over WeCom's WebSocket (the built-in stand-in)"
-        dify = bot.settings.dify
-        if plays_dify(bot.settings):
-            source = "the built-in Dify stand-in"
-        else:
-            problem = bot.dify.access_problem()
-            source = f"your Dify at {dify.base_url}: " + (problem or "it takes the key")
-        print(f"Bot {name!r} {where}, answered by {source}.")
+        source = _source(bot)
+        print(f"Bot {name!r} {where}, answered by {source}{'' if source.endswith(('.', '?')) else '.'}")
+
+
+def _source(bot) -> str:
+    """Which backend answers a demo bot, said as a newcomer reads it; one of the user's is asked whether it answers."""
+    settings = bot.settings
+    if plays_dify(settings):
+        return "the built-in Dify stand-in"
+    if plays_model(settings):
+        return "the built-in OpenAI-compatible stand-in"
+    problem = bot.streams.backend.check()
+    if settings.backend == "openai":
+        return f"your OpenAI-compatible server at {settings.openai.base_url}: " + (problem or "it answers")
+    return f"your Dify at {settings.dify.base_url}: " + (problem or "it takes the key")
 
 
 def websocket_standin(url: str) -> WeComWebSocketStandIn | None:

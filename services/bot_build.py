@@ -186,7 +186,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     )
     core = _core(bot, shared)
     dify = _dify(bot, core)
-    declared = dify.profile.declared_inputs if bot.backend == "dify" else frozenset  # what the app declares
+    declared = dify.profile.declared_inputs if bot.backend == "dify" else dict  # the inputs the app declares
     authorizer = _authorizer(bot.auth, shared, core, declared)
     files = _files(bot, shared, core, dify.links)
     forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
@@ -286,7 +286,7 @@ def _dify(bot: BotSettings, core: Core) -> DifyPart:
 
 
 def _authorizer(
-    auth: AuthSettings, shared: Shared, core: Core, declared_inputs: Callable[[], frozenset[str]]
+    auth: AuthSettings, shared: Shared, core: Core, declared_inputs: Callable[[], dict[str, object]]
 ) -> Authorizer | None:
     """Who may ask (AUTH_MODE=external): the token cache, the user table, then the auth API (with the user's info
     the bot's app declares inputs for)."""

@@ -13,11 +13,12 @@ import pytest
 
 from demo import auth_standin
 from demo import dify_standin as d
+from demo import openai_standin as o
 from services.auth import db
 from services.auth.authorizer import token_ttl
 from services.auth.users import UserDirectory, UserExists
 from services.texts import CATALOGUE
-from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, wait_until
+from tests.conftest import AES_KEY, AUTH_KEY, DIFY_KEY, KEYS, TOKEN, make_simulator, openai_settings, wait_until
 
 ZH = CATALOGUE["zh"]
 
@@ -118,6 +119,20 @@ def test_disabled_user(sim, dify, auth):
     finished_with(sim.ask("hi", userid="dave"), "user_disabled")
     assert dify.chat_requests() == []
     assert auth.calls == []
+
+
+def test_a_bot_on_an_openai_server_lets_in_the_same_users(auth_app, serve, openai, auth):
+    """The user table and the auth API gate a bot whose answers come from an OpenAI-compatible server too (it
+    declares no inputs, so nothing beyond the token is asked for)."""
+    live = serve(auth_app(**openai_settings(openai)))
+    sim = make_simulator(live.url)
+    try:
+        openai.script(o.answer("Hello Alice."))
+        assert sim.ask("hi", userid="alice").text == "Hello Alice."
+        finished_with(sim.ask("hi", userid="mallory"), "unknown_user")
+        assert len(openai.completions()) == 1 and len(auth.calls) == 1
+    finally:
+        sim.close()
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])

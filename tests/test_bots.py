@@ -8,7 +8,7 @@ import pytest
 
 from demo import dify_standin as d
 from demo.wecom_simulator import WeComSimulator
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
+from tests.conftest import AES_KEY, DIFY_KEY, OPENAI_KEY, OPENAI_MODEL, TOKEN
 
 OTHER_TOKEN, OTHER_AES_KEY = "helpdesk-token", "HelpdeskKey0123456789abcdefghijklmnopqrstuv"
 
@@ -75,16 +75,40 @@ def test_every_log_line_of_an_answer_names_its_bot(tmp_path, make_app, serve, di
     assert {entry.get("bot") for entry in mine} == {"hr"}
 
 
-def test_bots_list_shows_each_bot_and_its_dify_health(two_bots):
+def test_bots_list_shows_each_bot_and_its_backends_health(two_bots):
     output = cli(two_bots, "bots", "list", "--timeout", "3").splitlines()
-    assert output[0].split() == ["BOT", "MODE", "PATH", "DIFY", "APP", "AUTH", "HEALTH"]
+    assert output[0].split() == ["BOT", "MODE", "PATH", "BACKEND", "AT", "APP", "AUTH", "HEALTH"]
     helpdesk, hr = (line.split() for line in output[1:])
-    assert helpdesk[:3] == ["helpdesk", "callback", "/wecom/helpdesk"]
-    assert helpdesk[4] == "auto"  # its app could not be asked
-    assert " ".join(helpdesk[6:]) == "dify: unauthorized (HTTP 401)"
-    assert hr[:3] == ["hr", "callback", "/wecom/callback/hr"]
-    assert hr[4:6] == ["auto:", "chat"]
-    assert hr[7] == "ok"
+    assert helpdesk[:4] == ["helpdesk", "callback", "/wecom/helpdesk", "dify"]
+    assert helpdesk[5] == "auto"  # its app could not be asked
+    assert " ".join(helpdesk[7:]).startswith("dify: the key was refused (HTTP 401)")
+    assert hr[:4] == ["hr", "callback", "/wecom/callback/hr", "dify"]
+    assert hr[5:7] == ["auto:", "chat"]
+    assert hr[8] == "ok"
+
+
+def test_bots_check_asks_every_backend_and_fails_when_one_does_not_answer(make_app, tmp_path, dify, openai):
+    """One line per bot, reachable or why not, for both kinds of backend; exit status 1 when any is not."""
+    path = tmp_path / "bots.toml"
+    path.write_text(
+        f'[bots.hr]\ntoken = "{TOKEN}"\nencoding_aes_key = "{AES_KEY}"\ndify_api_key = "{DIFY_KEY}"\n\n'
+        f'[bots.model]\ncallback_path = "/wecom/model"\ntoken = "model-token"\nencoding_aes_key = "{"M" * 43}"\n'
+        f'backend = "openai"\nopenai_base_url = "{openai.base_url}"\nopenai_model = "{OPENAI_MODEL}"\n'
+        f'openai_api_key = "{OPENAI_KEY}"\n'
+    )
+    app = make_app(bots_file=str(path), bot_name="")
+    result = app.test_cli_runner().invoke(args=["bots", "check"])
+    assert result.exit_code == 0, result.output
+    host = openai.base_url.split("//")[1].split("/")[0]
+    assert result.output.splitlines() == [
+        f"hr: dify at {dify.base_url.split('//')[1].split('/')[0]}: reachable",
+        f"model: openai at {host} ({OPENAI_MODEL}): reachable",
+    ]
+    path.write_text(path.read_text().replace(OPENAI_MODEL, "no-such-model"))
+    wrong = make_app(bots_file=str(path), bot_name="")
+    result = wrong.test_cli_runner().invoke(args=["bots", "check", "--bot", "model"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"model: openai at {host} (no-such-model): it offers no model 'no-such-model'")
 
 
 def test_streams_and_users_commands_take_a_bot(two_bots, sims, dify):

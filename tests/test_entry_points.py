@@ -89,7 +89,7 @@ def test_an_operator_command_prints_its_output_and_no_start_up_lines(redis_url, 
     )
     assert demo.returncode == 0, demo.stderr
     assert demo.stderr == "" and "demo:" not in demo.stdout and "DEMO MODE" not in demo.stdout
-    assert [line.split()[0] for line in demo.stdout.splitlines()[1:]] == ["assistant", "helpdesk", "ops"]
+    assert [line.split()[0] for line in demo.stdout.splitlines()[1:]] == ["assistant", "helpdesk", "model", "ops"]
 
 
 def test_without_settings_the_production_app_refuses_to_start_instead_of_entering_demo_mode():

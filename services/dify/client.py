@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import orjson
@@ -146,6 +146,11 @@ class DifyClient:
             base_url=base_url.rstrip("/") + "/",
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
+
+    @property
+    def host(self) -> str:
+        """The Dify API's host (and port), for an operator."""
+        return urlsplit(self._base_url).netloc
 
     def close(self) -> None:
         self._http.close()

@@ -47,3 +47,10 @@ class Backend(Protocol):
 
     def stop(self, task_id: str, user: str) -> None:
         """Ask the backend to stop the task of an answer its user stopped (best effort; never raises)."""
+
+    def check(self, timeout: float = 5.0) -> str:
+        """Whether the backend answers with the bot's settings: "" when it does, else one line saying why not, in
+        the words of the setting to fix (never a key): `flask bots check`, the demo's start-up lines."""
+
+    def where(self) -> str:
+        """Where it is, for an operator (its host; a model's name)."""

@@ -163,6 +163,11 @@ class StreamService:
         logger.info("stream %s opened", stream_id)
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
 
+    @property
+    def backend(self):
+        """The bot's backend (services/streams/backend.py), which its worker asks for answers."""
+        return self.worker.backend
+
     def has_room(self) -> bool:
         """Whether a new answer would be taken here now (not by a process that drains or is full, when it would
         run the answer itself)."""

@@ -90,6 +90,26 @@ def test_the_demo_says_at_start_up_when_your_dify_refuses_the_key():
     assert "app-a-wrong-one" not in result.stdout + result.stderr
 
 
+def test_the_demo_has_a_bot_answered_by_an_openai_compatible_server():
+    """`model` is answered by the built-in stand-in of an OpenAI-compatible server: said at start-up, and the
+    conversation goes on across turns (the history the gateway keeps for it)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "demo", "--bot", "model"],
+        cwd=PROJECT_ROOT,
+        env=demo_env(),
+        input="hello model\nand again\n",
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Bot 'model' at http://127.0.0.1:" in out and "answered by the built-in OpenAI-compatible stand-in" in out
+    first, second = out.split("you> ")[1:3]
+    assert "OpenAI 兼容替身" in first and "你刚才说：「hello model」" in first
+    assert "这是本次对话的第 2 轮" in second
+
+
 def demo_port(out: str) -> str:
     return out.split("Open the console in a browser to chat there too: http://127.0.0.1:")[1].split("/")[0]
 

@@ -183,6 +183,12 @@ class DifyBackend:
     def stop(self, task_id: str, user: str) -> None:
         self.parts.client.stop(task_id, user, self.parts.profile.app_type())
 
+    def check(self, timeout: float = 5.0) -> str:
+        return self.parts.client.access_problem(timeout)
+
+    def where(self) -> str:
+        return self.parts.client.host
+
     # --- the calls -------------------------------------------------------------------------------------------
 
     def _ask(self, turn: Turn, request: ChatRequest, recorder: AnswerRecorder) -> None:

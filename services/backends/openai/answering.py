@@ -16,6 +16,7 @@ import base64
 import logging
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -140,6 +141,12 @@ class OpenAIBackend:
 
     def stop(self, task_id: str, user: str) -> None:
         return None  # its worker closes the stream: the server has nothing more to stop
+
+    def check(self, timeout: float = 5.0) -> str:
+        return self.client.access_problem(self.settings.model, timeout)
+
+    def where(self) -> str:
+        return f"{urlsplit(self.settings.base_url).netloc} ({self.settings.model})"
 
     # --- the call --------------------------------------------------------------------------------------------
 
