@@ -79,7 +79,7 @@ def test_a_stopped_answer_whose_replica_then_dies_is_not_taken_up_again(pair, si
     assert wait_until(lambda: chunks(redis_client, stream_id).startswith("part one"))
     sims[1].send(sims[1].text_message("/stop"))
     first.gateway.runner.stop()  # its lease keeper stops: the other replica would take a live stream over
-    time.sleep(2.5)  # past the lease
+    assert wait_until(lambda: not redis_client.exists(KEYS.stream_lease(stream_id)), timeout=5)  # the lease ends
     conversation = sims[1].follow(reply)
     assert conversation.text.endswith(ZH["stopped_note"])
     assert redis_client.hget(KEYS.stream(stream_id), "run") == "1"  # no second attempt

@@ -1,7 +1,6 @@
 """The connection lease of long-connection mode (services/longconn/lease.py) on every Redis topology, and after a
 real Sentinel failover that loses it: one holder at a time, fencing by generation, a cool-down for all."""
 
-import time
 
 import pytest
 from redis.crc import key_slot
@@ -9,7 +8,7 @@ from redis.crc import key_slot
 from services.keys import Keys
 from services.longconn.lease import ACQUIRE, BACK_OFF, COOL_DOWN, FIRST_BACKOFF_SECONDS, RELEASE, RENEW, BotLease
 from services.redis_conn import connect_redis
-from tests.conftest import SENTINEL_PASSWORD
+from tests.conftest import SENTINEL_PASSWORD, wait_until
 from tests.test_scripts import keys_not_from_keys
 
 KEYS = Keys()
@@ -43,7 +42,7 @@ def test_one_holder_at_a_time_on_every_topology(topology):
 def test_a_lease_that_is_not_renewed_runs_out(topology):
     client, a, b = lease_pair(topology.url, seconds=2)
     assert a.acquire() is not None
-    time.sleep(2.2)
+    assert wait_until(lambda: not client.exists(KEYS.ws_lease(BOT)), timeout=5)  # not renewed: it runs out
     assert b.acquire() is not None
     client.close()
 
@@ -72,7 +71,7 @@ def test_a_cool_down_keeps_every_process_away(topology):
     assert a.cool_down(held, 2)  # the newest holder, kicked by a subscriber that is not ours
     assert a.acquire() is None
     assert b.acquire() is None
-    time.sleep(2.2)
+    assert wait_until(lambda: not client.exists(KEYS.ws_cooldown(BOT)), timeout=5)  # the cool-down ends
     assert b.acquire() is not None
     client.close()
 
