@@ -80,6 +80,7 @@ class OpenAIStandIn:
         self.model = model
         self.delay = 0.03  # between the words of an unscripted answer
         self.requests: list[dict] = []
+        self.open_streams = 0  # answers streaming now
         self.server = StandInServer(self.handle, host, port)
         self._scripts: list[dict] = []
         self._lock = threading.Lock()
@@ -137,7 +138,11 @@ class OpenAIStandIn:
             return
         question = _question(messages[-1])
         steps = self._steps_for(question) or _demo_answer(question, messages, self.delay)
-        await self._play(conn, steps, bool((body.get("stream_options") or {}).get("include_usage")))
+        self.open_streams += 1  # (on the server's one event loop)
+        try:
+            await self._play(conn, steps, bool((body.get("stream_options") or {}).get("include_usage")))
+        finally:
+            self.open_streams -= 1
 
     def _authorized(self, request: Request) -> bool:
         return self.api_key is None or request.headers.get("authorization") == f"Bearer {self.api_key}"

@@ -1,6 +1,7 @@
 """Run the fault campaign: for each Redis topology in turn (one server, Sentinel, Cluster, started on loopback),
-three gateway replicas under gunicorn (two workers each) serve a chat bot and a chatflow bot in callback mode and a
-chat bot in long-connection mode, authorizing users through MariaDB and the auth API stand-in. Users converse
+three gateway replicas under gunicorn (two workers each) serve a chat bot, a chatflow bot, a form bot and a bot
+answered by an OpenAI-compatible server in callback mode and a chat bot in long-connection mode, authorizing users
+through MariaDB and the auth API stand-in. Users converse
 while a seeded nemesis kills, stops and restarts replicas, pauses or kills Redis and restarts MariaDB; then the
 checker reads the history and counts what was lost, called twice, shown twice, foreign or stuck (FAULTS.md).
 
@@ -32,11 +33,12 @@ from bench.faults.history import History
 from bench.faults.mutants import FORGIVING, MUTANTS
 from bench.faults.nemesis import ALL_FAULTS, Nemesis
 from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
-from bench.faults.workload import CHAT, CHATFLOW, FORM, Arrivals, Bot, Users, Workload
+from bench.faults.workload import CHAT, CHATFLOW, FORM, OPENAI, Arrivals, Bot, Users, Workload
 from config.bots import bot_keys
 from demo.auth_standin import AuthStandIn
 from demo.dify_standin import DifyStandIn
 from demo.mariadb_server import PrivateMariaDB
+from demo.openai_standin import OpenAIStandIn
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
@@ -50,12 +52,15 @@ from services.streams import scripts as stream_scripts
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
 REPLICAS = 3
-# (name, callback path, token, EncodingAESKey, Dify API key, its app): the campaign's own, used nowhere else
+# (name, callback path, token, EncodingAESKey, Dify API key, its app): the campaign's own, used nowhere else; the
+# OPENAI bot's answers come from the OpenAI-compatible server's stand-in (it has no Dify key)
 BOTS = (
     ("chat", "/wecom/callback/chat", "faults-chat-token", "FaultsChatKey" + "0123456789" * 3, "app-chat", CHAT),
     ("flow", "/wecom/callback/flow", "faults-flow-token", "FaultsFlowKey" + "0123456789" * 3, "app-flow", CHATFLOW),
     ("form", "/wecom/callback/form", "faults-form-token", "FaultsFormKey" + "0123456789" * 3, "app-form", FORM),
+    ("model", "/wecom/callback/model", "faults-model-token", "FaultsModelKe" + "0123456789" * 3, "", OPENAI),
 )
+MODEL = "faults-model"  # the model the OpenAI-compatible server offers
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
 # How long no Dify run may be open at the end of a run before the replicas are stopped (wait_for_quiet).
@@ -89,12 +94,16 @@ def user_database(server: PrivateMariaDB, users: int) -> str:
     return url
 
 
-def bots_file(directory: Path, ws_url: str) -> Path:
+def bots_file(directory: Path, ws_url: str, openai_url: str) -> Path:
     path = directory / "bots.toml"
     callbacks = "".join(
         f'[bots.{name}]\ncallback_path = "{callback}"\ntoken = "{token}"\nencoding_aes_key = "{key}"\n'
-        f'dify_api_key = "{api_key}"\n\n'
-        for name, callback, token, key, api_key, _ in BOTS
+        + (
+            f'backend = "openai"\nopenai_base_url = "{openai_url}"\nopenai_model = "{MODEL}"\n\n'
+            if app == OPENAI
+            else f'dify_api_key = "{api_key}"\n\n'
+        )
+        for name, callback, token, key, api_key, app in BOTS
     )
     websocket = (
         f'[bots.ws]\nmode = "long_connection"\nbot_id = "{WS_BOT}"\nsecret = "{WS_SECRET}"\n'
@@ -150,14 +159,17 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     app_types = {"app-flow": "advanced-chat", "app-form": "advanced-chat", "app-ws": "chat"}
     dify = DifyStandIn(api_key="app-chat", app_types=app_types, ping_interval=2.0, version=options.dify_version)
     dify.start()
+    openai = OpenAIStandIn(model=MODEL).start()
     standin = WeComWebSocketStandIn({WS_BOT: WS_SECRET}, stamp_frames=True).start()
     database = PrivateMariaDB().start()
-    links["dify"] = FaultyLink(urlsplit(dify.base_url).port).start()
+    # the backends' links, faulted together (a fault of "Dify's link" is one of the OpenAI-compatible server's too)
+    links["dify"] = LinkGroup.of(FaultyLink(urlsplit(dify.base_url).port), FaultyLink(openai.server.port)).start()
+    to_dify, to_openai = (link.port for link in links["dify"].links)
     auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
     env = {
         "DEMO_MODE": "false",
-        "BOTS_FILE": str(bots_file(directory, standin.url)),
-        "DIFY_BASE_URL": dify.base_url.replace(f":{urlsplit(dify.base_url).port}", f":{links['dify'].port}"),
+        "BOTS_FILE": str(bots_file(directory, standin.url, f"http://127.0.0.1:{to_openai}/v1")),
+        "DIFY_BASE_URL": dify.base_url.replace(f":{urlsplit(dify.base_url).port}", f":{to_dify}"),
         "DIFY_READ_TIMEOUT": "8",
         "REDIS_URL": topology.url,
         "AUTH_MODE": "external",
@@ -193,6 +205,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         dify,
         history,
         rng,
+        openai=openai,
         window_seconds=options.window + 20,
         long_share=options.long_share,
         unready=unready,
@@ -225,8 +238,9 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         time.sleep(options.minutes * 60)
         nemesis.finish()
         users.finish(timeout=options.window + 60)
-        wait_for_quiet(dify)
+        wait_for_quiet(dify, openai)
         collect(history, dify, bots)
+        collect_openai(history, openai)
         collect_audit(history, database_url)
         unreplicated = counter_by(replicas, "redis_writes_unreplicated_total", "write")
         polls_unreplicated = counter_by(replicas, "wecom_poll_text_unreplicated_total", "outcome")
@@ -236,6 +250,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         for bot in bots:
             bot.simulator.close()
         dify.stop()
+        openai.stop()
         for link in links.values():
             link.stop()
         standin.stop()
@@ -261,15 +276,16 @@ def redis_link(links: dict, replica: int) -> dict[str, str]:
     return {"REDIS_URL": f"redis://127.0.0.1:{links['redis'].links[replica].port}/0"}
 
 
-def wait_for_quiet(dify: DifyStandIn, quiet: float = QUIET_SECONDS, most: float = 120.0) -> None:
+def wait_for_quiet(dify: DifyStandIn, openai: OpenAIStandIn, quiet: float = QUIET_SECONDS, most: float = 120.0) -> None:
     """A user's loop ends with their bubble, but a bubble that said "the rest follows" ends before its answer does:
-    wait until Dify has had no run open for `quiet` seconds (the rests go out seconds after their answers end), at
-    most `most`, before the replicas are stopped, so that every promise the run counts is one they could keep (the
-    10-minute one-server run of seed 12 counted one lost: its replicas were killed while the answer still streamed)."""
+    wait until neither backend has had an answer open for `quiet` seconds (the rests go out seconds after their
+    answers end), at most `most`, before the replicas are stopped, so that every promise the run counts is one they
+    could keep (the 10-minute one-server run of seed 12 counted one lost: its replicas were killed while the answer
+    still streamed)."""
     quiet_since = time.monotonic()
     deadline = quiet_since + most
     while time.monotonic() < deadline:
-        if dify.open_streams:
+        if dify.open_streams or openai.open_streams:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= quiet:
             return
@@ -340,6 +356,24 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             tags = {earlier[-1]["tag"]} if earlier else set()
         for tag in tags:
             history.add("response_url", msgid=by_tag[tag], t=at, content=content, accepted=True)
+
+
+def collect_openai(history: History, openai: OpenAIStandIn) -> None:
+    """The OpenAI-compatible server's completion requests, as Dify calls of the checker's (one a message may make):
+    its question's tag, its user, and whether it carried earlier turns (a conversation that went on)."""
+    with openai._lock:
+        requests = list(openai.requests)
+    for request in requests:
+        messages = request["body"].get("messages") or [{}]
+        earlier = sum(1 for message in messages[:-1] if message.get("role") == "user")
+        history.add(
+            "dify_call",
+            tag=str(messages[-1].get("content", "")).rsplit(" ", 1)[-1],
+            t=request["at"],
+            user=request["body"].get("user", ""),
+            conversation=f"{earlier} turns" if earlier else "",
+            app=MODEL,
+        )
 
 
 def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_SECONDS) -> None:
@@ -442,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--bots",
         type=_bot_names,
         default=frozenset(),
-        help="only these bots get messages, comma-separated: chat, flow, form, ws (default: every bot)",
+        help="only these bots get messages, comma-separated: chat, flow, form, model, ws (default: every bot)",
     )
     parser.add_argument("--controls", action="store_true", help="content rules, a quota and a cap on (never refusing)")
     parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run a deliberately broken build (mutants.py)")

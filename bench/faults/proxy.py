@@ -180,11 +180,19 @@ class _Asked:
 
 
 class LinkGroup:
-    """One link per replica to the same server (each replica's own way to one Redis server), faulted all at once like
-    one FaultyLink, or one alone (`links[i]`: that replica cut off while the others are fine)."""
+    """Links faulted all at once like one FaultyLink, or one alone (`links[i]`): one per replica to the same server
+    (each replica's own way to one Redis server: `LinkGroup(port, count)`, one replica cut off while the others are
+    fine), or one to each of several servers (the backends' links, Dify's and the OpenAI-compatible server's:
+    `LinkGroup.of(...)`)."""
 
     def __init__(self, target_port: int, count: int):
         self.links = [FaultyLink(target_port) for _ in range(count)]
+
+    @classmethod
+    def of(cls, *links: FaultyLink) -> LinkGroup:
+        group = cls(0, 0)
+        group.links = list(links)
+        return group
 
     def start(self) -> LinkGroup:
         for link in self.links:

@@ -23,7 +23,9 @@ from bench.faults.answers import answer_text, sentence, sentences_in
 from bench.faults.history import History
 from demo import dify_apps as apps
 from demo import dify_standin as d
+from demo import openai_standin as o
 from demo.dify_standin import DifyStandIn
+from demo.openai_standin import OpenAIStandIn
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 
@@ -31,11 +33,15 @@ DIFY_FAULTS = ("slow", "cut", "http_500", "stalled", "refused_429", "unavailable
 # Dify faults that refuse requests before any run starts: `refused_429` its first (the gateway's retry gets the
 # answer), `unavailable_503` every one (the user gets a note). Refused requests are no Dify calls (nothing ran).
 _REFUSALS = {"refused_429": 1, "unavailable_503": 99}
+# An OpenAI-compatible server's 5xx before its stream began is a refusal too (the gateway asks again: nothing was
+# streamed); Dify's 500 is a call (its run may have started).
+_OPENAI_REFUSALS = {**_REFUSALS, "http_500": 99}
 # A long answer: sentences padded so that it outgrows one bubble (20 KiB), whose rest must come as a message.
 LONG_SENTENCES, LONG_PADDING = (110, 140), "·" * 100
 
 
 CHAT, CHATFLOW, FORM = "chat", "chatflow", "form"  # a bot's Dify app: its answers are runs; forms pause them
+OPENAI = "openai"  # a bot answered by an OpenAI-compatible server: an answer is one completion, never resumed
 
 
 @dataclass
@@ -45,7 +51,7 @@ class Bot:
 
     name: str
     simulator: WeComSimulator
-    app: str
+    app: str  # CHAT, CHATFLOW, FORM (Dify apps) or OPENAI
     standin: WeComWebSocketStandIn | None = None
     bot_id: str = ""
 
@@ -62,6 +68,7 @@ class Workload:
     history: History
     rng: random.Random
     window_seconds: float  # how long WeCom polls a bubble
+    openai: OpenAIStandIn | None = None  # the OpenAI-compatible server the OPENAI bots' answers come from
     dify_fault_share: float = 0.15
     retry_share: float = 0.15
     long_share: float = 0.0  # of the callback bots' messages: answers longer than a bubble
@@ -104,8 +111,9 @@ class Workload:
         if self.calm is not None and self.calm.is_set():
             fault = ""  # (the dice are thrown anyway: the seeded schedule stays the same)
         scripts = self._scripts(bot, tag, sentences, fault, long)
+        server = self.openai if bot.app == OPENAI else self.dify
         for steps, times in scripts:
-            self.dify.script(steps, match=tag, times=times)
+            server.script(steps, match=tag, times=times)
         # A cut or stalled script ends its run there too (a cut only drops the first reader's connection: the run
         # plays its steps on, and there are none left): a reader that follows the run again gets that as the run's
         # whole answer (with no note), which is right.
@@ -121,7 +129,7 @@ class Workload:
             app=bot.app,
             mode=bot.mode,
             dify_fault=fault,
-            dify_refusals=_REFUSALS.get(fault, 0),
+            dify_refusals=(_OPENAI_REFUSALS if bot.app == OPENAI else _REFUSALS).get(fault, 0),
             run_sentences=len(played) if fault in ("cut", "stalled") else sentences,
             long=long,
             userid=userid,
@@ -139,7 +147,10 @@ class Workload:
         self.history.add("ended", msgid=msgid)
 
     def _scripts(self, bot: Bot, tag: str, sentences: int, fault: str, long: bool) -> list[tuple[list, int | None]]:
-        """What Dify plays for the message's requests: (steps, for how many requests; None: every one), in order."""
+        """What the backend plays for the message's requests: (steps, for how many requests; None: every one), in
+        order."""
+        if bot.app == OPENAI:
+            return self._openai_scripts(tag, sentences, fault, long)
         if fault == "refused_429":
             refusal = d.http_error(429, "too_many_requests", "Too many requests")
             return [([refusal], 1), (self._steps(bot, tag, sentences, "", long), None)]
@@ -165,6 +176,32 @@ class Workload:
         if fault == "stalled":
             return [*steps[: len(steps) // 3], d.stall(self.stalled_seconds)]
         return steps
+
+    def _openai_scripts(self, tag: str, sentences: int, fault: str, long: bool) -> list[tuple[list, int | None]]:
+        """The same answers and faults as Dify's, as an OpenAI-compatible server streams them (a chunk a sentence)."""
+        if fault == "refused_429":
+            return [
+                ([o.http_error(429, "Rate limit reached", "rate_limit_error")], 1),
+                (self._openai_steps(tag, sentences, "", long), None),
+            ]
+        if fault == "unavailable_503":
+            return [([o.http_error(503, "The server is overloaded", "server_error")], None)]
+        return [(self._openai_steps(tag, sentences, fault, long), None)]
+
+    def _openai_steps(self, tag: str, sentences: int, fault: str, long: bool) -> list[tuple]:
+        delay = self.uniform(3, 15) / sentences
+        pieces = [sentence(tag, n) + (LONG_PADDING if long else "") for n in range(sentences)]
+        steps = [step for piece in pieces for step in (o.text(piece), o.sleep(delay))]
+        ending = [o.finish("stop"), o.usage(completion=sentences)]
+        if fault == "slow":
+            return [o.sleep(self.uniform(2, 6)), *steps, *ending]
+        if fault == "cut":
+            return [*steps[: len(steps) // 2], o.cut()]
+        if fault == "http_500":
+            return [o.http_error(500, "The server had an error", "server_error")]
+        if fault == "stalled":
+            return [*steps[: len(steps) // 3], o.sleep(self.stalled_seconds)]
+        return [*steps, *ending]
 
     def _form_steps(self, tag: str, sentences: int, seconds: float) -> list[tuple]:
         """A chatflow run that streams half its sentences, pauses for an approval, then answers the rest (which,
