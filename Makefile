@@ -25,9 +25,18 @@ $(BIN)/.dev-installed: $(BIN)/.demo-installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+# LiteLLM's proxy, a real OpenAI-compatible server the tests start, lives in a virtualenv of its own (its pins are
+# not the gateway's).
+LITELLM_VENV ?= .venv-litellm
+$(LITELLM_VENV)/.installed: requirements-litellm.txt
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q -r requirements-litellm.txt
+	touch $@
+
 setup-demo: $(BIN)/.demo-installed  ## the virtualenv with what the demo needs
 
-setup: $(BIN)/.dev-installed  ## the virtualenv with the test and lint tools too
+setup: $(BIN)/.dev-installed $(LITELLM_VENV)/.installed  ## the virtualenvs with the test and lint tools too
 
 demo: setup-demo  ## run the bot on embedded defaults and chat with it in this terminal
 	$(BIN)/python -m demo

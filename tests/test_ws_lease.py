@@ -1,7 +1,6 @@
 """The connection lease of long-connection mode (services/longconn/lease.py) on every Redis topology, and after a
 real Sentinel failover that loses it: one holder at a time, fencing by generation, a cool-down for all."""
 
-
 import pytest
 from redis.crc import key_slot
 
