@@ -173,3 +173,15 @@ def test_content_rules():
     result = content_rules.main([*arguments, "--live", "2"])
     assert result["per_delta"]["rules"] == 200 and result["per_delta"]["us_per_delta_with_rules"] > 0
     assert result["polls"]["polls_per_s_on"] > 0 and result["polls"]["polls_per_s_off"] > 0
+
+
+@needs_wrk
+def test_backends():
+    from bench import backends
+
+    result = backends.main(
+        ["--seconds", "1", "--rounds", "1", "--live", "2", "--messages", "3", "--first-token-ms", "20"]
+    )
+    for backend in ("dify", "openai"):
+        assert result["first_text"][backend]["measured"] == 3 and result["first_text"][backend]["direct_p50_ms"] >= 20
+    assert result["polls"]["polls_per_s_openai"] > 0 and result["polls"]["polls_per_s_dify"] > 0
