@@ -32,11 +32,12 @@ from bench.poll_load import open_streams
 from demo import dify_standin as d
 from demo.mariadb_server import PrivateMariaDB
 from services.audit.records import AuditRecords
-from services.audit.rows import ANSWERED, MESSAGE, AuditRow
+from services.audit.rows import AuditRow
 from services.audit.table import ensure_table, wecom_audit
 from services.audit.trail import AuditTrail
 from services.auth import db
 from services.keys import Keys
+from services.streams.life import ANSWERED, MESSAGE
 
 
 def database(server_url: str, name: str) -> str:

@@ -216,9 +216,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
         holder=connection.holder if connection else None,
         pushes=connection.pushes if connection else None,
         consumer=connection.consumer if connection else None,
-        audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name, core.store.audit.held)
-        if shared.audit and core.store.audit
-        else None,
+        audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name, core.audit.held) if core.audit else None,
         quotas=quotas,
         slots=streams.slots,
     )
@@ -227,7 +225,8 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
 @dataclass(frozen=True)
 class Core:
     """What every feature of a bot is built on: its texts, its Redis keys, its streams' store, how its answers
-    reach the user besides their bubbles (one Delivery per WeCom mode), and its callbacks' crypto (callback mode)."""
+    reach the user besides their bubbles (one Delivery per WeCom mode), its callbacks' crypto (callback mode), and
+    the audit rows it owes (None: AUDIT off), listed as its streams' events say."""
 
     name: str
     texts: Texts
@@ -235,6 +234,7 @@ class Core:
     store: StreamStore
     delivery: Delivery
     crypto: WeComCrypto | None
+    audit: AuditQueue | None
 
 
 def _core(bot: BotSettings, shared: Shared) -> Core:
@@ -248,11 +248,11 @@ def _core(bot: BotSettings, shared: Shared) -> Core:
         bot.answers.rate_limit_per_minute,
         durable=Replication(client, shared.replica_wait_ms, bot.name),
         takeover_grace_seconds=deployment.streams.takeover_grace_seconds,
-        audit=AuditQueue(client, keys, bot.answers.window_seconds) if shared.audit else None,
     )
+    audit = AuditQueue(client, keys, bot.answers.window_seconds).follow(store.life) if shared.audit else None
     wecom = bot.wecom
     crypto = None if bot.long_connection else WeComCrypto(wecom.token, wecom.encoding_aes_key, wecom.receive_id)
-    return Core(bot.name, Texts(bot.language), keys, store, _delivery(bot, shared, keys, store), crypto)
+    return Core(bot.name, Texts(bot.language), keys, store, _delivery(bot, shared, keys, store), crypto, audit)
 
 
 def _delivery(bot: BotSettings, shared: Shared, keys: Keys, store: StreamStore) -> Delivery:
@@ -409,7 +409,7 @@ def _callback(
         feedback,
         ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance),
         form_answers,
-        audit=core.store.audit,
+        audit=core.audit,
         bot=bot.name,
         owner=shared.owner,
     )

@@ -25,10 +25,11 @@ from bench.faults.proxy import FaultyLink
 from demo import dify_standin as d
 from demo import openai_standin as o
 from services.audit.records import AuditFilter, AuditRecords
-from services.audit.rows import ANSWERED, FEEDBACK, FORM_ACTION, MESSAGE, PUSH, STOP, AuditRow
+from services.audit.rows import AuditRow
 from services.audit.table import ensure_table, wecom_audit
 from services.audit.trail import AuditTrail
 from services.auth import db
+from services.streams.life import ANSWERED, FEEDBACK, FORM_ACTION, MESSAGE, PUSH, STOP
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, openai_settings, wait_until
 from tests.test_forms import approval, ask_and_click

@@ -7,8 +7,8 @@ is recorded even when the store that lists rows was what failed. Only a process 
 database are away loses what it held (counted `lost` on a clean stop).
 
 A stream is listed when it opens, to be looked at once its bubble's window is over, and moved to now when it ends:
-the stream store calls `opened` and `ended`, where every stream opens and ends, so no way of ending one is missed
-(its worker, a takeover's, a /stop; a poll that gave it up is found at the window's end)."""
+the queue follows the bot's streams' events (`follow`: services/streams/life.py), sent where every stream opens and
+ends, so no way of ending one is missed (its worker, a takeover's, a /stop, a poll that gave it up)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from collections import deque
 import redis
 
 from services import metrics
-from services.audit.rows import AuditRow
+from services.audit.rows import AuditRow, row_of_reply
 from services.keys import AUDIT_KEEP_SECONDS, Keys
 from services.outage import best_effort
+from services.streams.life import Reply, StreamLife
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ class AuditQueue:
         self.window_seconds = window_seconds
         # rows Redis could not take, for this process's sweep to write straight to the database (oldest first)
         self.held: deque[AuditRow] = deque()
+
+    def follow(self, life: StreamLife) -> AuditQueue:
+        """List the rows `life`'s streams owe as they open and end, and the replies made without one."""
+        life.opened.connect(lambda stream_id, at: self.opened(stream_id, at), weak=False)
+        life.ended.connect(lambda stream_id: self.ended(stream_id), weak=False)
+        life.replied.connect(self._replied, weak=False)
+        return self
+
+    def _replied(self, reply: Reply) -> None:
+        row = row_of_reply(reply.bot, reply.message, reply.note, reply.outcome, reply.kind, reply.owner)
+        self.replied(row, redis_away=reply.redis_away)
 
     def opened(self, stream_id: str, created_at: float) -> None:
         """A stream opened for a message: its row is owed, looked at after its bubble's window at the latest. One

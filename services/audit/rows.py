@@ -14,21 +14,9 @@ from datetime import UTC, datetime
 
 import orjson
 
+from services.streams.life import ANSWERED, BUSY, ERROR, FORM_ACTION, MESSAGE, NOTE, PUSH, STOPPED
 from services.wecom.messages import Inbound
 
-# What a row records (`kind`): a user's message; a form's tap, a rating, a /stop, a push (each an event of its own).
-MESSAGE, FORM_ACTION, FEEDBACK, STOP, PUSH = "message", "form_action", "feedback", "stop", "push"
-# How the message ended (`outcome`).
-ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR = (
-    "answered",
-    "note",
-    "stopped",
-    "blocked",
-    "over_quota",
-    "busy",
-    "error",
-)
-OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR)
 FULL, METADATA = "full", "metadata"  # AUDIT_CONTENT: the texts, or their lengths and SHA-256 only
 OUTAGE, ANY = "outage", "any"  # what a row supersedes (AuditRow.supersedes)
 

@@ -12,12 +12,13 @@ import logging
 import orjson
 
 from services.audit.queue import AuditQueue
-from services.audit.rows import FEEDBACK, FORM_ACTION, row_of_event
+from services.audit.rows import row_of_event
 from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService, rating_in_words
 from services.forms.answers import FormAnswers
 from services.redis_conn import REDIS_FAILURES
+from services.streams.life import FEEDBACK, FORM_ACTION
 from services.wecom.messages import Inbound
 
 logger = logging.getLogger(__name__)

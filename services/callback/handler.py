@@ -15,13 +15,13 @@ from dataclasses import replace
 from functools import partial
 
 from services import metrics
-from services.audit.rows import ERROR
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.callback.spool import SPOOL_FAILURES, CallbackSpool
 from services.chat.intake import MessageIntake
 from services.outage import delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
+from services.streams.life import ERROR
 from services.streams.service import StreamService, new_stream_id
 from services.texts import Texts
 from services.wecom import errors

@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass
 
 from services import metrics
-from services.audit.rows import BLOCKED, OVER_QUOTA
 from services.chat.quotas import Quotas
 from services.rules.file import RulesFile
+from services.streams.life import BLOCKED, OVER_QUOTA
 from services.texts import Texts
 from services.wecom.messages import Inbound
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from services.audit.rows import NOTE
-from services.audit.rows import STOP as STOP_ROW
 from services.auth.authorizer import AuthError
 from services.chat.admission import Admission
 from services.chat.queries import (
@@ -24,6 +22,8 @@ from services.forms.answers import FormAnswers
 from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.redis_conn import REDIS_FAILURES
 from services.streams.conversations import ConversationStore, conversation_member
+from services.streams.life import NOTE
+from services.streams.life import STOP as STOP_ROW
 from services.streams.service import StreamService
 from services.streams.stop import AnswerStopper
 from services.texts import Texts

@@ -167,8 +167,7 @@ class Finisher:
 
     def _record_given(self, stream_id: str, given: str) -> None:
         self.store.record(stream_id, {"answer_given": given})
-        if self.store.audit is not None:
-            self.store.audit.ended(stream_id)
+        self.store.life.ended.send(stream_id)
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str, given_up: bool = False) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if

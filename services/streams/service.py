@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import metrics
-from services.audit.rows import ANSWERED, BUSY, MESSAGE, row_of_reply
 from services.redis_conn import REDIS_FAILURES
 from services.streams.bubble import BubbleRenderer, overflow_threshold, text_at_close
 from services.streams.card_returns import REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
+from services.streams.life import ANSWERED, BUSY, MESSAGE, Reply
 from services.streams.poll_path import FrameRecord, PollPath, Snapshot
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, DONE, EXISTING, EXPIRED, LIMITED, StreamStore, first_attempt
@@ -272,9 +272,8 @@ class StreamService:
     ) -> dict:
         """A finished reply to a new message that needs no stream (a command, a refusal, Redis away: `redis_away`);
         with the `message`, its audit row says so (`outcome`; `kind` stop for a /stop)."""
-        if message is not None and self.store.audit is not None:
-            row = row_of_reply(self.bot, message, note, outcome, kind, self.owner)
-            self.store.audit.replied(row, redis_away=redis_away)
+        if message is not None:
+            self.store.life.replied.send(Reply(self.bot, message, note, outcome, kind, self.owner, redis_away))
         return stream_reply((message and message.stream_id) or new_stream_id(), note, finish=True)
 
     def poll(self, stream_id: str, hand_card: bool = True) -> dict:
@@ -364,8 +363,8 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
             self.delivery.closed_early(stream_id, snapshot.has_response_url)
-        if snapshot.event == EXPIRED and self.store.audit is not None:  # given up: its owner is gone
-            self.store.audit.ended(stream_id)
+        if snapshot.event == EXPIRED:  # given up: its owner is gone
+            self.store.life.ended.send(stream_id)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))

@@ -21,7 +21,6 @@ import orjson
 import redis
 
 from services import replication
-from services.audit.queue import AuditQueue
 from services.keys import (
     FEEDBACK_TTL_SECONDS,
     INFLIGHT_TTL_SECONDS,
@@ -32,6 +31,7 @@ from services.keys import (
 from services.lua import LuaScript
 from services.replication import Replication, raise_first_error
 from services.streams import scripts
+from services.streams.life import StreamLife
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
@@ -110,9 +110,9 @@ class StreamStore:
         rate_limit: int = 0,
         durable: Replication | None = None,
         takeover_grace_seconds: float = 0.0,
-        audit: AuditQueue | None = None,
+        life: StreamLife | None = None,
     ):
-        self.audit = audit  # the audit rows owed, listed as streams open and end (None: AUDIT off)
+        self.life = life or StreamLife()  # the streams' events: each opens and ends here (or in a poll giving it up)
         self.rate_limit = rate_limit  # messages per user in any RATE_WINDOW_SECONDS; 0 = no limit
         # The writes that must outlive a failover wait for a replica through this (services/replication.py).
         self.durable = durable or Replication(client)
@@ -158,8 +158,7 @@ class StreamStore:
         if holder != stream_id:
             self.discard(stream_id)
             return EXISTING, holder
-        if self.audit is not None:
-            self.audit.opened(stream_id, time.time())
+        self.life.opened.send(stream_id, at=time.time())
         outcome = self.admit(stream_id, aibotid, userid)
         return (CREATED if outcome == ADMITTED else outcome), stream_id
 
@@ -312,8 +311,7 @@ class StreamStore:
             return None
         if reply == 2:
             return Finished(close_reason="", closed_bytes=0, orphaned=True)
-        if self.audit is not None:
-            self.audit.ended(stream_id)
+        self.life.ended.send(stream_id)
         row, _ = scripts.FINISH.fields(reply)
         return Finished(
             close_reason=row["close_reason"],
@@ -373,8 +371,8 @@ class StreamStore:
         Returns (the user's in-flight set, which the caller frees; the Dify task id whose stop call the caller makes,
         or "" when it is not known yet or was claimed already)."""
         row = self._stop(keys=self._lease_keys(stream_id), args=[script_now(), note])
-        if row and self.audit is not None:
-            self.audit.ended(stream_id)
+        if row:
+            self.life.ended.send(stream_id)
         return (row[0], row[1]) if row else None
 
     def claim_dify_stop(self, stream_id: str) -> bool:
