@@ -54,8 +54,9 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 # Everything but the fault campaigns: lint, unit tests, end-to-end tests with gunicorn replicas, fuzzing
 # (docs/development.md).
+# It names its 20 slowest tests at the end (docs/development.md keeps a measured list).
 test: setup lint test-servers  ## lint and the whole suite but the fault campaigns (docs/development.md)
-	$(BIN)/python -m pytest $(XDIST) -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not faults" --durations=20 $(PYTEST_ARGS)
 
 # The fast tier: no gunicorn, no end-to-end tests (the `e2e` marker).
 test-fast: setup lint test-servers  ## lint and the suite without its end-to-end tier
