@@ -21,14 +21,4 @@ def build(parts: BackendParts) -> OpenAIBackend:
     bot = parts.settings
     client = OpenAIClient(bot.openai, bot.dify.connect_timeout, bot.dify.read_timeout)
     turns = ConversationTurns(parts.client, parts.keys, bot.answers.conversation_ttl_seconds, bot.openai.history_turns)
-    return OpenAIBackend(
-        client,
-        bot.openai,
-        parts.conversations,
-        turns,
-        parts.media,
-        parts.finisher,
-        parts.texts,
-        parts.health,
-        show_reasoning=bot.dify.show_reasoning,
-    )
+    return OpenAIBackend(client, turns, parts)

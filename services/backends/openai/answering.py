@@ -23,11 +23,10 @@ import orjson
 from services import metrics
 from services.backends.openai.client import SERVER, Chunk, OpenAIClient
 from services.backends.openai.history import ConversationTurns, new_conversation_id
-from services.media.service import IMAGE, MediaError, MediaService, sniff
+from services.media.service import IMAGE, MediaError, sniff
 from services.outage import best_effort
 from services.streams.answer import StreamAborted
 from services.streams.backend import Capabilities
-from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
 from services.streams.relay import PlainTextRelay
 from services.streams.sink import AnswerSink
@@ -37,10 +36,7 @@ from services.transport.errors import BackendHTTPError, BackendTimeout, Declined
 from services.transport.trace import trace_headers
 
 if TYPE_CHECKING:
-    from config.settings import OpenAISettings
-    from services.streams.finisher import Finisher
-    from services.streams.health import BackendHealth
-    from services.texts import Texts
+    from services.backends.parts import BackendParts
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +65,17 @@ class OpenAIBackend:
     name = "openai"
     capabilities = Capabilities()
 
-    def __init__(
-        self,
-        client: OpenAIClient,
-        settings: OpenAISettings,
-        conversations: ConversationStore,
-        turns: ConversationTurns,
-        media: MediaService,
-        finisher: Finisher,
-        texts: Texts,
-        health: BackendHealth,
-        show_reasoning: bool = False,
-    ):
+    def __init__(self, client: OpenAIClient, turns: ConversationTurns, parts: BackendParts):
         self.client = client
-        self.settings = settings
-        self.extra = orjson.loads(settings.extra or "{}")
-        self.conversations = conversations
         self.turns = turns
-        self.media = media
-        self.finisher = finisher
-        self.texts = texts
-        self.health = health
-        self.show_reasoning = show_reasoning
+        self.settings = parts.settings.openai
+        self.extra = orjson.loads(self.settings.extra or "{}")
+        self.show_reasoning = parts.settings.dify.show_reasoning  # SHOW_REASONING: the reasoning before the answer
+        self.conversations = parts.conversations
+        self.media = parts.media
+        self.finisher = parts.finisher
+        self.texts = parts.texts
+        self.health = parts.health
 
     def answer(self, turn: Turn) -> None:
         """A new question: who may ask it, the conversation it continues, the call (asked again while the server
