@@ -36,6 +36,7 @@ from services.auth import db
 from services.auth.users import UserDirectory
 from services.gateway import build_gateway
 from services.keys import Keys
+from services.streams.record import FIELDS
 
 # Servers of your choice instead of the private ones the suite starts (demo/); their data is flushed.
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
@@ -92,9 +93,21 @@ def redis_client(redis_url):
     client.flushdb()
     yield client
     forever = sorted(key for key in client.scan_iter(count=1000) if client.ttl(key) == -1)
+    undeclared = undeclared_stream_fields(client)
     client.flushdb()
     client.close()
     assert not forever, f"keys left behind without a TTL: {forever[:10]}"
+    assert not undeclared, f"stream record fields not named in services/streams/record.py: {undeclared}"
+
+
+def undeclared_stream_fields(client: redis.Redis) -> list[str]:
+    """The fields of the stream records in Redis that the record's schema does not name (services/streams/record.py):
+    every test on this client checks what it made, so a field written anywhere but declared nowhere fails one."""
+    found: set[str] = set()
+    for key in client.scan_iter(match="*dify_stream:{*}", count=1000):
+        if client.type(key) == "hash":
+            found |= set(client.hkeys(key)) - FIELDS.keys()
+    return sorted(found)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ Work on many streams is a pipeline of one call per stream (StreamStore), one rou
 from __future__ import annotations
 
 from services.lua import ScriptSpec
+from services.streams.record import lua
 
 # Fencing. A stream's `owner` is the attempt now answering it, `<process>#<run>`: `run` counts the stream's
 # attempts (1 for the first; each take-over, resume or queued take adds one), so every attempt's token is new, and
@@ -20,13 +21,13 @@ from services.lua import ScriptSpec
 # KEYS: stream, lease. ARGV: attempt (the first: `<process>#1`), now, ttl, lease_ms, inflight key (a name kept for
 # later), field/value pairs... A new pending stream, owned by its first attempt. Its msgid is claimed next, and its
 # user's slot admitted after that.
-OPEN = """
-redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', ARGV[1], 'run', 1, 'created_at', ARGV[2],
-           'updated_at', ARGV[2], 'folded', 0, 'text', '', 'inflight_key', ARGV[5], unpack(ARGV, 6))
+OPEN = lua("""
+redis.call('HSET', KEYS[1], F.status, 'pending', F.owner, ARGV[1], F.run, 1, F.created_at, ARGV[2],
+           F.updated_at, ARGV[2], F.folded, 0, F.text, '', F.inflight_key, ARGV[5], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1
-"""
+""")
 
 # KEYS: the user's in-flight set, the user's rate log. ARGV: stream_id, now, max_inflight, inflight_until,
 # inflight_ttl, rate_limit (0 = none), rate_window (seconds).
@@ -38,7 +39,7 @@ return 1
 # The set's open bubbles are counted by score (a stale entry, a stream whose replica died before freeing its slot,
 # counts no more once its polling window is over), so stale entries are not deleted first: they go with the set,
 # INFLIGHT_TTL_SECONDS after the user's last message, or with their stream's finish.
-ADMIT = """
+ADMIT = lua("""
 if redis.call('ZADD', KEYS[1], 'NX', ARGV[4], ARGV[1]) == 0 then return 1 end
 local refused = 0
 if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > tonumber(ARGV[3]) then
@@ -58,33 +59,33 @@ if refused > 0 then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
-"""
+""")
 
 # Shared by the writing scripts, whose KEYS[1] is the stream: may the attempt `owner` write to it? 'ok' (with the
 # status, and the values of up to two more fields the caller names, read in the same call); 'taken' when another
 # attempt owns it now (whatever its status: the successor answers, or has answered, the user); 'closed' when it is
 # gone, or final while still this attempt's (a poll gave its bubble up: the answer goes another way).
-_OWNERSHIP = """
+_OWNERSHIP = lua("""
 local function ownership(owner, ...)
-  local h = redis.call('HMGET', KEYS[1], 'status', 'owner', ...)
+  local h = redis.call('HMGET', KEYS[1], F.status, F.owner, ...)
   if not h[1] then return 'closed' end
   if h[2] ~= owner then return 'taken' end
   if h[1] ~= 'pending' and h[1] ~= 'streaming' then return 'closed' end
   return 'ok', h[1], h[3], h[4]
 end
-"""
+""")
 
 # Shared by the writes that carry a deadline (epoch seconds; 0 for none): the moment their writer stops waiting for
 # the reply. Redis refuses one it runs later (it was paused with the call in its socket, or a link held it), so a
 # write its writer counts as not done never lands behind its back, after newer ones.
-_DEADLINE = """
+_DEADLINE = lua("""
 local function late(deadline)
   deadline = tonumber(deadline)
   if deadline <= 0 then return false end
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000 > deadline
 end
-"""
+""")
 
 # An append of deltas (and of field/value pairs) by the attempt `owner`. Arguments past the named ones: the
 # `field_count` field/value pairs, then the `delta_count` deltas. Returns ok, closed, taken, conflict or late. The
@@ -100,17 +101,17 @@ APPEND = ScriptSpec(
     keys=("stream", "chunks", "lease"),
     args=("owner", "ttl", "now", "expected", "field_count", "delta_count", "deadline", "lease_ms"),
     shared=_OWNERSHIP + _DEADLINE,
-    body="""
+    body=lua("""
 local expected, nf, nd = tonumber(A.expected), tonumber(A.field_count), tonumber(A.delta_count)
 if late(A.deadline) then return 'late' end
 local first_delta = REST + 2 * nf
-local state, status, first_token_at, lease_missing = ownership(A.owner, 'first_token_at', 'lease_missing_at')
+local state, status, first_token_at, lease_missing = ownership(A.owner, F.first_token_at, F.lease_missing_at)
 if state ~= 'ok' then return state end
 if tonumber(A.lease_ms) > 0 then
   redis.call('SET', K.lease, A.owner, 'PX', A.lease_ms)
-  if lease_missing then redis.call('HDEL', K.stream, 'lease_missing_at') end
+  if lease_missing then redis.call('HDEL', K.stream, F.lease_missing_at) end
 end
-local writes = {'status', 'streaming', 'updated_at', A.now}
+local writes = {F.status, 'streaming', F.updated_at, A.now}
 for i = REST, first_delta - 1 do writes[#writes + 1] = ARGV[i] end
 if nd > 0 then
   -- Pushed first, and checked by the length RPUSH answers (a command fewer than asking LLEN before); where the list
@@ -125,38 +126,35 @@ if nd > 0 then
   if before == 0 then
     redis.call('EXPIRE', K.chunks, A.ttl)
     if not first_token_at then
-      writes[#writes + 1] = 'first_token_at'
+      writes[#writes + 1] = F.first_token_at
       writes[#writes + 1] = A.now
     end
   end
 end
 if status == 'pending' or #writes > 4 then redis.call('HSET', K.stream, unpack(writes)) end
 return 'ok'
-""",
+"""),
 )
 
 # KEYS: stream, chunks. ARGV: owner, ttl, now, answer. A long connection's record of what the bubble shows counts
 # bytes of the text (POLL): when the new answer does not begin with what the bubble showed, the record says so
 # (`ws_shows` -1: the bubble showed text the answer no longer has).
-REPLACE = (
-    _OWNERSHIP
-    + """
+REPLACE = _OWNERSHIP + lua("""
 local state = ownership(ARGV[1])
 if state ~= 'ok' then return state end
-local w = redis.call('HMGET', KEYS[1], 'ws_shows', 'text')
+local w = redis.call('HMGET', KEYS[1], F.ws_shows, F.text)
 local shown = tonumber(w[1]) or 0
 local record = {}
-if shown > 0 and string.sub(ARGV[4], 1, shown) ~= string.sub(w[2] or '', 1, shown) then record = {'ws_shows', -1} end
+if shown > 0 and string.sub(ARGV[4], 1, shown) ~= string.sub(w[2] or '', 1, shown) then record = {F.ws_shows, -1} end
 redis.call('DEL', KEYS[2])
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'status', 'streaming', 'folded', 0, 'text', '', 'replaced_at', ARGV[3],
-           'updated_at', ARGV[3], unpack(record))
+redis.call('HSET', KEYS[1], F.status, 'streaming', F.folded, 0, F.text, '', F.replaced_at, ARGV[3],
+           F.updated_at, ARGV[3], unpack(record))
 return 'ok'
-"""
-)
+""")
 
 # The end of an active stream by its attempt `owner`, at `status`. Arguments past the named ones: the `image_count`
 # reply images, then field/value pairs. Returns 0 if not ours or not active; 2 if a poll gave it up as orphaned while
@@ -180,7 +178,7 @@ FINISH = ScriptSpec(
     args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count", "window_seconds"),
     hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at"),
     row=("close_reason", "closed_bytes", "inflight_key"),
-    body="""
+    body=lua("""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
 if H.owner ~= A.owner then return 0 end
 if H.status == 'expired' and H.error == 'owner_lost' then return 2 end
@@ -193,12 +191,12 @@ if H.status ~= 'pending' and H.status ~= 'streaming' then
 end
 local window = tonumber(A.window_seconds)
 if reason == '' and window > 0 and tonumber(A.now) - (tonumber(H.created_at) or 0) >= window then
-  reason, closed_bytes = 'window', tostring(redis.call('HSTRLEN', K.stream, 'text'))
-  redis.call('HSET', K.stream, 'closed_at', A.now, 'close_reason', reason, 'closed_bytes', closed_bytes)
+  reason, closed_bytes = 'window', tostring(redis.call('HSTRLEN', K.stream, F.text))
+  redis.call('HSET', K.stream, F.closed_at, A.now, F.close_reason, reason, F.closed_bytes, closed_bytes)
 end
 local images = tonumber(A.image_count)
-redis.call('HSET', K.stream, 'status', A.status, 'finished_at', A.now, 'updated_at', A.now, 'finish_id', A.finish_id,
-           'images', images, unpack(ARGV, REST + images))
+redis.call('HSET', K.stream, F.status, A.status, F.finished_at, A.now, F.updated_at, A.now, F.finish_id, A.finish_id,
+           F.images, images, unpack(ARGV, REST + images))
 if images > 0 then
   redis.call('DEL', K.images)
   redis.call('RPUSH', K.images, unpack(ARGV, REST, REST + images - 1))
@@ -210,7 +208,7 @@ if tonumber(A.now) - (tonumber(H.created_at) or 0) > math.floor(tonumber(A.ttl) 
 end
 if A.feedback ~= '' then redis.call('SET', K.feedback, A.feedback, 'EX', A.feedback_ttl) end
 return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.inflight_key or ''}
-""",
+"""),
 )
 
 # A poll of a stream: returns false for an unknown stream, else its row (`images` come after it, only once the stream is
@@ -266,7 +264,7 @@ POLL = ScriptSpec(
                  "inflight_key", "restarts", "workflow_run_id", "resumes", "owner", "lease_missing_at", "prompt",
                  "card", "card_shown", "card_by", "polls", "images", "files", "vouched_bytes", "ahead_since"),
     shared=_DEADLINE,
-    body="""
+    body=lua("""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
 local status = H.status
 if not status then return false end
@@ -279,13 +277,13 @@ local fresh = redis.call('LRANGE', K.chunks, folded, -1)
 local writes = {}  -- written once, at the end
 if #fresh > 0 then
   text = text .. table.concat(fresh)
-  for _, v in ipairs({'text', text, 'folded', folded + #fresh}) do writes[#writes + 1] = v end
+  for _, v in ipairs({F.text, text, F.folded, folded + #fresh}) do writes[#writes + 1] = v end
 end
 local note, reason, closed_bytes, event, attempt = H.note or '', H.close_reason or '', H.closed_bytes or '', '', ''
 local function next_attempt()
-  attempt = A.taker .. '#' .. redis.call('HINCRBY', K.stream, 'run', 1)
+  attempt = A.taker .. '#' .. redis.call('HINCRBY', K.stream, F.run, 1)
   redis.call('SET', K.lease, attempt, 'PX', A.lease_ms)
-  redis.call('HDEL', K.stream, 'lease_missing_at')
+  redis.call('HDEL', K.stream, F.lease_missing_at)
   return attempt
 end
 if status == 'pending' or status == 'streaming' then
@@ -298,28 +296,28 @@ if status == 'pending' or status == 'streaming' then
     local ours = taker and (owner == A.taker or string.sub(owner, 1, #A.taker + 1) == A.taker .. '#')
     if A.taker_runs_it == '1' and ours then
       redis.call('SET', K.lease, owner, 'PX', A.lease_ms)
-      redis.call('HDEL', K.stream, 'lease_missing_at')
+      redis.call('HDEL', K.stream, F.lease_missing_at)
     elseif not H.lease_missing_at and tonumber(A.grace_seconds) > 0 then
-      redis.call('HSET', K.stream, 'lease_missing_at', A.now)
+      redis.call('HSET', K.stream, F.lease_missing_at, A.now)
     elseif H.lease_missing_at and now - tonumber(H.lease_missing_at) < tonumber(A.grace_seconds) then
       -- noted already: its owner has until the grace is over to take its lease back
     elseif not taker and (resumable or restartable) and now - tonumber(H.created_at) < tonumber(A.window_seconds) then
       -- this process takes no stream now (it drains, or runs STREAM_MAX_ACTIVE): a poll on one that can will
     elseif taker and resumable then
-      redis.call('HSET', K.stream, 'owner', next_attempt(), 'resumes', resumes + 1, 'resumed_at', A.now,
-                 'updated_at', A.now)
+      redis.call('HSET', K.stream, F.owner, next_attempt(), F.resumes, resumes + 1, F.resumed_at, A.now,
+                 F.updated_at, A.now)
       event = 'resumed'
     elseif taker and restartable then
       redis.call('DEL', K.chunks)
-      redis.call('HSET', K.stream, 'owner', next_attempt(), 'status', 'pending', 'restarts', 1, 'folded', 0,
-                 'taken_over_at', A.now, 'updated_at', A.now)
+      redis.call('HSET', K.stream, F.owner, next_attempt(), F.status, 'pending', F.restarts, 1, F.folded, 0,
+                 F.taken_over_at, A.now, F.updated_at, A.now)
       status = 'pending'
       event = 'taken_over'
     else
       status = 'expired'
       event = 'expired'
       note = A.orphan_note
-      redis.call('HSET', K.stream, 'status', status, 'note', note, 'error', 'owner_lost', 'finished_at', A.now)
+      redis.call('HSET', K.stream, F.status, status, F.note, note, F.error, 'owner_lost', F.finished_at, A.now)
     end
   elseif reason == '' then
     if now - tonumber(H.created_at) >= tonumber(A.window_seconds) then
@@ -330,7 +328,7 @@ if status == 'pending' or status == 'streaming' then
     if reason ~= '' then
       event = 'closed_' .. reason
       closed_bytes = tostring(#text)
-      redis.call('HSET', K.stream, 'closed_at', A.now, 'close_reason', reason, 'closed_bytes', closed_bytes)
+      redis.call('HSET', K.stream, F.closed_at, A.now, F.close_reason, reason, F.closed_bytes, closed_bytes)
     end
   end
 end
@@ -343,12 +341,12 @@ if live then prompt = H.prompt or '' end
 if A.keep_card ~= '1' and recorded ~= 'late' and (live or status == 'done') and H.card and H.card ~= ''
    and (not H.card_shown or (A.token ~= '' and H.card_by == A.token)) then
   card = H.card
-  for _, v in ipairs({'card_shown', A.now, 'card_by', A.token}) do writes[#writes + 1] = v end
+  for _, v in ipairs({F.card_shown, A.now, F.card_by, A.token}) do writes[#writes + 1] = v end
 end
 local shows = ''
 if recorded == 'yes' then
   shows = reason ~= '' and closed_bytes or tostring(#text)
-  for _, v in ipairs({'ws_shows', shows, 'ws_sent_final', live and '' or '1', 'ws_sent_by', A.record_token}) do
+  for _, v in ipairs({F.ws_shows, shows, F.ws_sent_final, live and '' or '1', F.ws_sent_by, A.record_token}) do
     writes[#writes + 1] = v
   end
 end
@@ -358,13 +356,13 @@ if A.vouch == '1' and live and #text > tonumber(vouched) then
     ahead_for = tostring(math.max(0, now - tonumber(H.ahead_since)))
   else
     ahead_for = '0'
-    for _, v in ipairs({'ahead_since', A.now}) do writes[#writes + 1] = v end
+    for _, v in ipairs({F.ahead_since, A.now}) do writes[#writes + 1] = v end
   end
 end
 if A.counted == '1' or not live then
-  for _, v in ipairs({'polls', (tonumber(H.polls) or 0) + 1}) do writes[#writes + 1] = v end
+  for _, v in ipairs({F.polls, (tonumber(H.polls) or 0) + 1}) do writes[#writes + 1] = v end
 else
-  for _, v in ipairs({'late_poll_at', A.now}) do writes[#writes + 1] = v end
+  for _, v in ipairs({F.late_poll_at, A.now}) do writes[#writes + 1] = v end
 end
 redis.call('HSET', K.stream, unpack(writes))
 local files = ''
@@ -377,7 +375,7 @@ if status == 'done' and H.images ~= '0' then  -- no count: finished by the relea
   for _, image in ipairs(redis.call('LRANGE', K.images, 0, -1)) do out[#out + 1] = image end
 end
 return out
-""",
+"""),
 )
 # fmt: on
 
@@ -385,46 +383,41 @@ return out
 # given back. The card it took out is handed out again (by the next poll): 1; 2 if another poll's reply carried it;
 # 0 if no poll has (yet: a paused Redis runs the poll's script when it resumes, maybe after this one); 3 if it was
 # given back that many times already (a clock that tells every reply late must not keep the card from the user).
-CARD_BACK = """
-local by = redis.call('HGET', KEYS[1], 'card_by')
+CARD_BACK = lua("""
+local by = redis.call('HGET', KEYS[1], F.card_by)
 if by == ARGV[1] then
-  if (tonumber(redis.call('HGET', KEYS[1], 'card_backs')) or 0) >= tonumber(ARGV[2]) then return 3 end
-  redis.call('HINCRBY', KEYS[1], 'card_backs', 1)
-  redis.call('HDEL', KEYS[1], 'card_shown', 'card_by')
+  if (tonumber(redis.call('HGET', KEYS[1], F.card_backs)) or 0) >= tonumber(ARGV[2]) then return 3 end
+  redis.call('HINCRBY', KEYS[1], F.card_backs, 1)
+  redis.call('HDEL', KEYS[1], F.card_shown, F.card_by)
   return 1
 end
 if by then return 2 end
 return 0
-"""
+""")
 
 # KEYS: stream. ARGV: the token of a pump pass that recorded the frames it was about to send, then did not send them
 # (the record's reply was lost: a paused Redis may still run it when it resumes), then field/value pairs to restore.
 # Restores them only if that pass's record is the last one (`ws_sent_by`): 1 restored, 0 not.
-UNRECORD_SENT = """
-if redis.call('HGET', KEYS[1], 'ws_sent_by') ~= ARGV[1] then return 0 end
+UNRECORD_SENT = lua("""
+if redis.call('HGET', KEYS[1], F.ws_sent_by) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
-"""
+""")
 
 # KEYS: stream. ARGV: deadline (_DEADLINE; 'late' past it, nothing written), field/value pairs. Writes only to an
 # existing hash, so no key is ever left without a TTL. A long connection's frame records carry a deadline: one whose
 # reply was lost in a Redis pause, run on resuming after the record of the next frame, must not overwrite it.
-RECORD = (
-    _DEADLINE
-    + """
+RECORD = _DEADLINE + lua("""
 if late(ARGV[1]) then return 'late' end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
-"""
-)
+""")
 
 # KEYS: stream, lease. ARGV: attempt, lease_ms. Returns 1 if another attempt has taken the stream over, else 0. A
 # lease that ran out (e.g. through a Redis outage) is taken back while the stream is still this attempt's; a stream
 # that is gone or final needs no lease, and its worker learns that on its next write.
-RENEW = (
-    _OWNERSHIP
-    + """
+RENEW = _OWNERSHIP + lua("""
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -434,22 +427,21 @@ if holder then return 1 end
 local state = ownership(ARGV[1])
 if state == 'ok' then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'lease_missing_at')
+  redis.call('HDEL', KEYS[1], F.lease_missing_at)
   return 0
 end
 if state == 'taken' then return 1 end
 return 0
-"""
-)
+""")
 
 # KEYS: stream, lease. ARGV: attempt, now. Drops this attempt's lease (graceful shutdown), so the next poll on
 # another replica takes the stream over. Returns 1 if released.
-RELEASE = """
+RELEASE = lua("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'handed_over_at', ARGV[2])
+redis.call('HSET', KEYS[1], F.handed_over_at, ARGV[2])
 return 1
-"""
+""")
 
 # KEYS: stream, lease. ARGV: opener (its first attempt), taker (a process), lease_ms, now. A stream opened by one
 # process and queued for any (long-connection mode: the connection holder queues its messages' answers) is taken by
@@ -457,89 +449,89 @@ return 1
 # opener's lease ran out), else {the taker's attempt, its Dify calls so far, restarts, the hash's field/value
 # pairs as they were before the take}: the taker answers from what it reads here, and the new Dify call it makes
 # next is counted here (as CALLED would; not for a form's task, which follows a run), three commands fewer a message.
-TAKE = """
+TAKE = lua("""
 local h = redis.call('HGETALL', KEYS[1])
 local f = {}
 for i = 1, #h, 2 do f[h[i]] = h[i + 1] end
-if f.status ~= 'pending' or f.owner ~= ARGV[1] then return false end
-local run = (tonumber(f.run) or 0) + 1
+if f[F.status] ~= 'pending' or f[F.owner] ~= ARGV[1] then return false end
+local run = (tonumber(f[F.run]) or 0) + 1
 local attempt = ARGV[2] .. '#' .. run
-local calls = tonumber(f.dify_calls) or 0
-local writes = {'owner', attempt, 'run', run, 'updated_at', ARGV[4]}
-if (f.form_task or '') == '' then
+local calls = tonumber(f[F.dify_calls]) or 0
+local writes = {F.owner, attempt, F.run, run, F.updated_at, ARGV[4]}
+if (f[F.form_task] or '') == '' then
   calls = calls + 1
-  writes[#writes + 1] = 'dify_calls'
+  writes[#writes + 1] = F.dify_calls
   writes[#writes + 1] = calls
 end
 redis.call('HSET', KEYS[1], unpack(writes))
 redis.call('SET', KEYS[2], attempt, 'PX', ARGV[3])
-return {attempt, calls, tonumber(f.restarts) or 0, unpack(h)}
-"""
+return {attempt, calls, tonumber(f[F.restarts]) or 0, unpack(h)}
+""")
 
 # KEYS: stream. A new Dify call (not a resume) for the stream: counts it; returns {calls so far, restarts}, or
 # {0, 0} for a stream that is gone.
-CALLED = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'dify_calls', 'restarts')
+CALLED = lua("""
+local h = redis.call('HMGET', KEYS[1], F.status, F.dify_calls, F.restarts)
 if not h[1] then return {0, 0} end
 local calls = (tonumber(h[2]) or 0) + 1
-redis.call('HSET', KEYS[1], 'dify_calls', calls)
+redis.call('HSET', KEYS[1], F.dify_calls, calls)
 return {calls, tonumber(h[3]) or 0}
-"""
+""")
 
 # KEYS: stream, lease. ARGV: now, note. The user stopped the stream's answer: an active stream becomes final at
 # once (`done`, the note after the text so far), owned by no attempt any more, so its worker's next write (and its
 # lease renewal) is refused wherever it runs, and no poll resumes or restarts it. The Dify task is claimed for its
 # stop call here when its id is known already (else its worker claims it when it learns the id: STOP_DIFY).
 # Returns false if the stream was not active; else {the user's in-flight set, the Dify task id to stop or ''}.
-STOP = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'inflight_key', 'task_id')
+STOP = lua("""
+local h = redis.call('HMGET', KEYS[1], F.status, F.inflight_key, F.task_id)
 if h[1] ~= 'pending' and h[1] ~= 'streaming' then return false end
-redis.call('HSET', KEYS[1], 'status', 'done', 'note', ARGV[2], 'error', 'stopped', 'owner', 'stopped',
-           'finished_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('HSET', KEYS[1], F.status, 'done', F.note, ARGV[2], F.error, 'stopped', F.owner, 'stopped',
+           F.finished_at, ARGV[1], F.updated_at, ARGV[1])
 redis.call('DEL', KEYS[2])
 local task = ''
-if h[3] and h[3] ~= '' and redis.call('HSETNX', KEYS[1], 'dify_stopped', ARGV[1]) == 1 then task = h[3] end
+if h[3] and h[3] ~= '' and redis.call('HSETNX', KEYS[1], F.dify_stopped, ARGV[1]) == 1 then task = h[3] end
 return {h[2] or '', task}
-"""
+""")
 
 # KEYS: stream. ARGV: now. A worker learnt that its stream was stopped by the user: it calls Dify's stop for the
 # task if nobody has (1), once across every replica.
-STOP_DIFY = """
-if redis.call('HGET', KEYS[1], 'error') ~= 'stopped' then return 0 end
-return redis.call('HSETNX', KEYS[1], 'dify_stopped', ARGV[1])
-"""
+STOP_DIFY = lua("""
+if redis.call('HGET', KEYS[1], F.error) ~= 'stopped' then return 0 end
+return redis.call('HSETNX', KEYS[1], F.dify_stopped, ARGV[1])
+""")
 
 # KEYS: stream. A finished answer whose bubble no poll ever showed (WeCom never got the reply that opened it: every
 # try of its callback timed out, so it has nothing to poll) is taken to go out through response_url, and its bubble,
 # should a poll come after all, says the answer was sent separately. 1 when taken; 0 when a poll came first (or the
 # stream is gone).
-UNPOLLED = """
-local h = redis.call('HMGET', KEYS[1], 'status', 'polls')
+UNPOLLED = lua("""
+local h = redis.call('HMGET', KEYS[1], F.status, F.polls)
 if not h[1] or (tonumber(h[2]) or 0) > 0 then return 0 end
-redis.call('HSET', KEYS[1], 'close_reason', 'separately', 'closed_bytes', 0, 'delivered', 'response_url')
+redis.call('HSET', KEYS[1], F.close_reason, 'separately', F.closed_bytes, 0, F.delivered, 'response_url')
 return 1
-"""
+""")
 
-# KEYS: the claim on a message owed through a response_url (services/streams/rest_posts.py). ARGV: the claimant's
+# KEYS: the claim on a message owed through a response_url (services/callback/rest_posts.py). ARGV: the claimant's
 # token, the claim's TTL. Renews the claim if it is still the claimant's: 1; 0 when it lapsed and another took it (the
 # claimant must not post: the other does).
-RENEW_CLAIM = """
+RENEW_CLAIM = lua("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
-"""
+""")
 
 # KEYS: stream. ARGV: how many bytes of its text a poll is about to show, now that a replica holds them (POLL's
 # `vouch`). Raises the stream's `vouched_bytes` to that (never lowers it: two polls of one bubble may cross), and
 # forgets since when the text ran ahead. Writes only to an existing hash, so no key is ever left without a TTL.
-VOUCH = """
+VOUCH = lua("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if tonumber(ARGV[1]) > (tonumber(redis.call('HGET', KEYS[1], 'vouched_bytes')) or 0) then
-  redis.call('HSET', KEYS[1], 'vouched_bytes', ARGV[1])
+if tonumber(ARGV[1]) > (tonumber(redis.call('HGET', KEYS[1], F.vouched_bytes)) or 0) then
+  redis.call('HSET', KEYS[1], F.vouched_bytes, ARGV[1])
 end
-redis.call('HDEL', KEYS[1], 'ahead_since')
+redis.call('HDEL', KEYS[1], F.ahead_since)
 return 1
-"""
+""")
 
 ALL = {
     "OPEN": OPEN,
