@@ -25,10 +25,12 @@ from services.auth.authorizer import Authorizer
 from services.auth.users import UserDirectory
 from services.backends import BackendParts, build_backend
 from services.backends.dify import DifyParts
+from services.callback.delivery import CallbackDelivery
 from services.callback.envelope import Envelope
 from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
 from services.callback.replay_guard import ReplayGuard
+from services.callback.rest_posts import RestPosts
 from services.callback.spool import CallbackSpool
 from services.chat.admission import Admission
 from services.chat.intake import MessageIntake
@@ -60,10 +62,9 @@ from services.replication import Replication
 from services.rules.file import RulesFile
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
-from services.streams.delivery import CallbackDelivery, Delivery
+from services.streams.delivery import Delivery
 from services.streams.finisher import Finisher
 from services.streams.health import BackendHealth
-from services.streams.rest_posts import RestPosts
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamPolicy, StreamService
 from services.streams.slots import AnswerSlots
@@ -468,7 +469,7 @@ def _connection(
     redis_timeout = shared.settings.redis.socket_timeout
     # a message read while Redis is away is kept in the database, where any process finds it (longconn/spool.py)
     spool = Spool(shared.users.engine, bot.name, shared.owner) if shared.users is not None else None
-    holder = ConnectionHolder(bot.name, connection, redis_timeout, lease, callback, outbox, sends, sender, spool)
+    holder = ConnectionHolder(connection, redis_timeout, lease, callback, outbox, sends, sender, spool)
     block_ms = max(100, min(1000, int(redis_timeout * 500)))  # the consumer's wait: well within the socket timeout
     consumer = JobConsumer(core.delivery.queue, streams, shared.owner, block_ms)
     quota = ChatWindow(client, keys.push_quota, connection.send_per_minute, connection.send_per_hour)

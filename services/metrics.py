@@ -383,19 +383,22 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False, bac
     for reason in DIFY_STOP_REASONS:
         DIFY_STOPS.labels(bot, backend, reason)
     if long_connection:
-        for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
-            metric.labels(bot)
-        WS_SUBSCRIBE_REFUSALS.labels(bot)
-        WS_PACED.labels(bot)
-        WS_MISSED_PONGS.labels(bot)
-        for outcome in PUSH_OUTCOMES:
-            PUSHES.labels(bot, outcome)
-        for result in SENT:
-            WS_OUTBOX.labels(bot, result)
-        for errcode in WS_ERRCODES_SEEN:
-            WS_ERRCODES.labels(bot, errcode)
-        for result in SENT:
-            WS_FILES.labels(bot, result)
+        _initialise_long_connection(bot)
+
+
+def _initialise_long_connection(bot: str) -> None:
+    """The series of a long-connection bot: its WebSocket, frames, outbox, pushes and files."""
+    for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
+        metric.labels(bot)
+    for metric in (WS_SUBSCRIBE_REFUSALS, WS_PACED, WS_MISSED_PONGS):
+        metric.labels(bot)
+    for outcome in PUSH_OUTCOMES:
+        PUSHES.labels(bot, outcome)
+    for result in SENT:
+        WS_OUTBOX.labels(bot, result)
+        WS_FILES.labels(bot, result)
+    for errcode in WS_ERRCODES_SEEN:
+        WS_ERRCODES.labels(bot, errcode)
 
 
 def _initialise_controls(bot: str, audit: bool) -> None:

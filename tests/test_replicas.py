@@ -530,7 +530,7 @@ def test_the_rest_of_an_answer_whose_replica_died_while_posting_it_is_posted_by_
     """A bubble that closed early promised the rest; the replica posting it through response_url died between two
     tries while WeCom was busy (the 10-minute campaign on one server: 95 of 118 sentences never came). The post was
     written down first, so another replica makes it, once, when the dead one's claim lapses."""
-    from services.streams import rest_posts
+    from services.callback import rest_posts
 
     monkeypatch.setattr(rest_posts, "REST_POST_CLAIM_TTL_SECONDS", 2)
     monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
@@ -563,7 +563,7 @@ def test_a_bubble_closed_early_whose_replica_then_died_is_not_left_promising_the
     chat's answer cannot be taken up again: another replica, watching the bubbles closed early, ends it as
     interrupted and says so through response_url, once, after the text Redis held past what the bubble showed (a
     3-minute run of seed 12: that text was in the audit row, never sent)."""
-    from services.streams import rest_posts
+    from services.callback import rest_posts
 
     monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
     first, second = make_pair(stream_lease_seconds=2, dify_read_timeout=90.0)

@@ -18,7 +18,7 @@ from services.longconn.outbox import SWAP as OUTBOX_SWAP
 from services.lua import LuaScript, ScriptSpec
 from services.streams import scripts
 from services.streams.poll_path import PollPath
-from services.streams.rest_posts import RestPosts
+from services.callback.rest_posts import RestPosts
 from services.streams.slots import TAKE as SLOT_TAKE
 from services.streams.store import AppendRequest, StreamStore
 

@@ -169,7 +169,7 @@ def test_an_answer_whose_bubble_no_poll_ever_showed_goes_out_through_response_ur
     """Every try of the message's callback was answered too late (frozen replicas, a failover: the fault campaign),
     so WeCom has no bubble to poll: the answer goes out through response_url once, and a poll that comes after all
     says it was sent separately, never the answer a second time."""
-    from services.streams import delivery
+    from services.callback import delivery
 
     monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 1.0)
     dify.script([d.message("The whole answer."), d.end()])
@@ -189,7 +189,7 @@ def test_an_answer_whose_only_poll_came_after_wecom_stopped_waiting_goes_out_thr
     as it has come, but WeCom waits for that reply no more: it does not count as a poll of the bubble, so the answer,
     which no bubble showed, still goes out through response_url, once. (Counted, it kept the answer from its user,
     whom the next try told the service was unavailable: the 10-minute Cluster run of seed 12.)"""
-    from services.streams import delivery
+    from services.callback import delivery
 
     monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 2.0)
     dify.script([d.message("The whole "), d.sleep(1.0), d.message("answer."), d.end()])
@@ -204,7 +204,7 @@ def test_an_answer_whose_only_poll_came_after_wecom_stopped_waiting_goes_out_thr
 
 def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dify, monkeypatch):
     """An answer that ends before WeCom's first poll waits for it: the bubble shows it, and nothing more is sent."""
-    from services.streams import delivery
+    from services.callback import delivery
 
     monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 3.0)
     dify.script([d.message("Quick."), d.end()])
@@ -236,9 +236,9 @@ def test_a_post_whose_poster_died_is_made_once_however_many_processes_sweep_at_o
     simulator, redis_client, monkeypatch
 ):
     """A response_url post is written down before its first try; when its poster dies, every serving process's sweep
-    finds it once the claim lapses, and exactly one of them makes it (services/streams/rest_posts.py)."""
+    finds it once the claim lapses, and exactly one of them makes it (services/callback/rest_posts.py)."""
+    from services.callback import rest_posts
     from services.replication import Replication
-    from services.streams import rest_posts
     from services.wecom.response_url import ResponseUrlClient
 
     class DiesPosting:
@@ -279,9 +279,9 @@ def test_a_post_whose_claim_ran_but_whose_reply_was_lost_is_still_made_once(simu
     bare SET NX answered it as a claim someone else held, and the rest of the answer was never posted (the fault
     campaign's redis_replies_lost found it)."""
     from bench.faults.proxy import FaultyLink
+    from services.callback import rest_posts
     from services.redis_conn import connect_redis
     from services.replication import Replication
-    from services.streams import rest_posts
     from services.wecom.response_url import ResponseUrlClient
 
     port = redis_client.connection_pool.connection_kwargs["port"]

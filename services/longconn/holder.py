@@ -52,7 +52,6 @@ class ConnectionHolder:
 
     def __init__(
         self,
-        bot: str,
         settings: ConnectionSettings,
         redis_timeout: float,
         lease: BotLease,
@@ -62,7 +61,7 @@ class ConnectionHolder:
         files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
         spool: Spool | None = None,
     ):
-        self.bot = bot
+        bot = self.bot = callback.bot  # the bot's name (its streams')
         self.settings = settings
         self.lease = lease
         owner = self.owner = lease.holder

@@ -3,37 +3,18 @@ the bot is built (services/bot_build.py). The streams code calls its Delivery fo
 asks which mode it runs in for that; it does tell a message answered in its own right (`StreamJob.separate`: the
 rest after a form, a long connection's message no frame carries) from one that has a bubble.
 
-A callback bot's bubbles are polled by WeCom on any replica. What a bubble cannot show goes out through the message's
-response_url, once, whatever process dies (RestPosts); a bubble a poll closed early is watched until its answer ends;
-and a bubble no poll ever showed is taken as lost, its answer sent whole (`CallbackDelivery`, here). A long-connection
-bot's answers wait in a queue for whichever serving process takes them, and everything a bubble cannot show goes
-through the connection's outbox (`ConnectionDelivery`, services/longconn/delivery.py).
+Each mode's Delivery lives with that mode: callback mode's (response_url) in services/callback/delivery.py, the long
+connection's (its queue and outbox) in services/longconn/delivery.py.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
-from services import metrics
-from services.keys import REST_POST_TTL_SECONDS
-from services.outage import best_effort, best_effort_value
 from services.streams.job import StreamJob
 from services.streams.poll_path import Snapshot
-from services.streams.rest_posts import RestPosts
-from services.streams.store import StreamStore
 from services.wecom.messages import Inbound
-
-logger = logging.getLogger(__name__)
-
-# A bubble no poll has shown this long after its message came never reached WeCom: every try of its callback was
-# answered too late (three tries of 5 s; a later try finds the stream open and answers with it, so polls start within
-# about 15 s when any try got through). Its answer goes out through response_url instead.
-UNPOLLED_SECONDS = 20.0
-# How many bubbles closed early are looked at per pass of look_after_closed_early.
-CLOSED_EARLY_PAGE = 50
 
 
 class Delivery(Protocol):
@@ -86,109 +67,3 @@ class Delivery(Protocol):
 
     def close(self) -> None:
         """Stop the watch and release what it holds."""
-
-
-class CallbackDelivery:
-    """Callback mode: what a bubble cannot show goes through the message's response_url."""
-
-    mode = "callback"
-    runs_here = True  # WeCom tries a refused callback again, on another replica
-    waits_for_redis = False  # the user is not kept waiting for Redis: response_url needs none
-    append_pace = 0.0
-    append_deadlines = True
-
-    def __init__(self, posts: RestPosts, store: StreamStore, bot: str, draining: Callable[[], bool] = lambda: False):
-        self.posts = posts  # made once whatever process dies, and swept by every serving process
-        self.store = store
-        self.bot = bot
-        self.draining = draining
-
-    def dispatch(self, job: StreamJob, run_here: Callable[[StreamJob], None]) -> None:
-        run_here(job)  # WeCom's polls reach any replica: the one that opened the stream answers it
-
-    def tracking(self, message: Inbound) -> dict[str, str]:
-        return {}
-
-    def track(self, stream_id: str, message: Inbound) -> None:
-        return None  # a retried callback is polled as the first one was
-
-    def separate_url(self, response_url: str) -> str:
-        return response_url
-
-    def opened_separately(self, job: StreamJob) -> None:
-        return None  # its finisher posts its answer through its response_url
-
-    def reaches(self, job: StreamJob) -> bool:
-        return bool(job.response_url)
-
-    def send(self, job: StreamJob, message: str, kind: str, patience: float, given_up: bool = False) -> bool:
-        delivered = self.posts.send(job.stream_id, job.response_url, message)  # tried through an outage by RestPosts
-        metrics.RESPONSE_URL.labels(self.bot, kind, "sent" if delivered else "failed").inc()
-        logger.info("%s of the answer %s through response_url", kind, "sent" if delivered else "NOT sent")
-        return delivered
-
-    def answer_separately(self, job: StreamJob, message: str) -> None:
-        if job.response_url:
-            self.send(job, message, "form_rest", 0.0)
-
-    def bubble_lost(self, job: StreamJob) -> bool:
-        """Whether no poll ever showed the answer's bubble, waited for until UNPOLLED_SECONDS after its message came;
-        then the answer is taken to go through response_url. False when a poll came, Redis does not say, or the
-        process drains (it does not wait: the bubble, final in Redis, shows the answer to a poll that comes)."""
-        while True:
-            polls = best_effort_value(lambda: self.store.polls(job.stream_id), "reading whether the bubble was polled")
-            if polls != 0 or self.draining():
-                return False
-            wait = job.created_at + UNPOLLED_SECONDS - time.time()
-            if wait <= 0:
-                break
-            time.sleep(min(0.5, wait))
-        taken = best_effort_value(lambda: self.store.take_unpolled(job.stream_id), "taking an unpolled answer")
-        if taken:
-            logger.warning("no poll ever showed this answer's bubble: WeCom never got its reply; sending it whole")
-        return bool(taken)
-
-    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
-        """List the stream: WeCom polls its bubble no more, which promised the rest through response_url, so no poll
-        would see its replica die before the answer ends. The list's entries age out by their score; its TTL,
-        renewed with each, ends it when none is left."""
-        if not has_response_url:
-            return
-        key = self.store.keys.closed_early()
-
-        def note() -> None:
-            with self.store.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {stream_id: time.time()}).expire(key, REST_POST_TTL_SECONDS).execute()
-
-        best_effort(note, "listing a bubble closed early")
-
-    def look_after_closed_early(self, look: Callable[[str], Snapshot | None]) -> int:
-        """Each bubble closed early is looked at as a poll would: once its lease has been gone for the takeover
-        grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot be, ends
-        as interrupted: what Redis holds of it past what the bubble showed goes through response_url, and that
-        note after it. Returns how many were found ended (and are watched no more)."""
-        key, client = self.store.keys.closed_early(), self.store.client
-        client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
-        ended = 0
-        for stream_id in client.zrange(key, 0, CLOSED_EARLY_PAGE - 1):
-            snapshot = look(stream_id)
-            if snapshot is not None and snapshot.active:
-                continue
-            if snapshot is not None and snapshot.event == "expired":
-                logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
-                url = self.store.meta(stream_id).get("response_url", "")
-                if url:
-                    self.posts.send(stream_id, url, snapshot.owed or snapshot.note)
-            client.zrem(key, stream_id)
-            ended += 1
-        return ended
-
-    def start(self, look: Callable[[str], Snapshot | None]) -> None:
-        self.posts.start(also=lambda: self.look_after_closed_early(look))
-
-    def stop_watching(self) -> None:
-        self.posts.stop()
-
-    def close(self) -> None:
-        self.posts.stop()
-        self.posts.responder.close()

@@ -352,7 +352,7 @@ class StreamService:
         except REDIS_FAILURES:
             self.card_returns.later(self.poll_path, stream_id, token)  # its script may yet run: its card comes back
             raise
-        late = snapshot is not None and snapshot.card and self._late(started)
+        late = snapshot is not None and snapshot.card and _late(started)
         if late and self.card_returns.now(self.poll_path, stream_id, token):  # WeCom may not take this reply
             snapshot.card = None  # the next poll's carries it
         if snapshot is None:
@@ -373,13 +373,6 @@ class StreamService:
             self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id), snapshot.attempt))
         return snapshot
 
-    @staticmethod
-    def _late(started: float) -> bool:
-        """Whether this reply may come later than WeCom waits for it: the poll took long, or the callback had waited
-        long before it was read (a frozen process, a queue)."""
-        took = time.monotonic() - started
-        return max(took, seconds_since_callback_sent()) > REPLY_DEADLINE_SECONDS
-
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
         logger.info("bubble finished: %s", snapshot.status)
@@ -387,3 +380,10 @@ class StreamService:
         if snapshot.card:
             metrics.CARDS.labels(self.bot, "suggestions").inc()
         return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images, card=snapshot.card)
+
+
+def _late(started: float) -> bool:
+    """Whether this reply may come later than WeCom waits for it: the poll took long, or the callback had waited long
+    before it was read (a frozen process, a queue)."""
+    took = time.monotonic() - started
+    return max(took, seconds_since_callback_sent()) > REPLY_DEADLINE_SECONDS
