@@ -86,7 +86,7 @@ class Keys:
 
     def closed_early(self) -> str:
         """Sorted set of the streams whose bubble a poll closed before their answer ended (score: when), watched
-        until they end (callback mode: services/streams/service.py); TTL as rest_posts'."""
+        until they end (callback mode: services/callback/delivery.py); TTL as rest_posts'."""
         return f"{self.prefix}closed_early"
 
     def rest_post(self, stream_id: str) -> str:
