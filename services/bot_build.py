@@ -101,38 +101,37 @@ class Shared:
 
 @dataclass
 class Bot:
-    """One bot's services: its WeCom credentials, its Dify app, who may ask it, its keys, streams and callback."""
+    """One bot's services: its settings, who may ask it, its streams and callback, how its answers reach the user,
+    the files its backend makes, its long connection's work, and the enterprise's controls on it."""
 
-    name: str
     settings: BotSettings
-    keys: Keys
-    store: StreamStore
-    dify: DifyClient
-    profile: DifyAppProfile
+    profile: DifyAppProfile  # what its Dify app is (a bot on another backend: never asked)
     authorizer: Authorizer | None
-    conversations: ConversationStore
-    media: MediaService
-    feedback: FeedbackService
     delivery: Delivery  # how answers reach the user besides their bubbles: one per WeCom mode
     streams: StreamService
     callback: CallbackHandler
-    texts: Texts
     health: BackendHealth
-    files: FileDelivery  # the files Dify makes: inline, linked, or uploaded
-    holder: ConnectionHolder | None = None  # long-connection mode: this process's holder (or stand-by)
-    pushes: BotPushes | None = None  # long-connection mode: the push API's messages to this bot's chats
-    consumer: JobConsumer | None = None  # long-connection mode: takes the bot's queued answers to run here
+    files: FileDelivery  # the files its backend makes: inline, linked, or uploaded
+    connection: ConnectionPart | None = None  # long-connection mode: its holder, answer consumer and pushes here
     audit: AuditTrail | None = None  # the audit rows this bot owes (None: AUDIT off)
     quotas: Quotas | None = None  # its daily quotas of questions (None: none)
-    slots: AnswerSlots | None = None  # its cap on answers running at once (None: none)
+    closers: tuple[Callable[[], None], ...] = ()  # what `close` releases besides the above: clients, pools
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def keys(self) -> Keys:
+        return self.streams.store.keys
 
     def report(self) -> dict:
         """The bot's state for /readyz: its mode and callback path, its connection, its auth mode, whether its
-        messages are recorded (the audit trail), its Dify."""
+        messages are recorded (the audit trail), its backend."""
         return {
             "mode": self.delivery.mode,
             "path": self.settings.wecom.callback_path if self.delivery.mode == "callback" else "",
-            **(self.holder.report() if self.holder is not None else {}),
+            **(self.connection.holder.report() if self.connection is not None else {}),
             "auth": self.settings.auth.mode,
             "audit": "on" if self.audit is not None else "off",
             **self.health.report(),
@@ -142,9 +141,9 @@ class Bot:
         """Start the bot's background work in a serving process: its delivery's watch and, with a long connection,
         its answer consumer (first: the holder queues into it) and connection holder."""
         self.delivery.start(self.streams.look)
-        if self.holder is not None:
-            self.consumer.start()
-            self.holder.start()
+        if self.connection is not None:
+            self.connection.consumer.start()
+            self.connection.holder.start()
 
     def retire(self) -> None:
         """The bot left BOTS_FILE (or a changed copy of it took its place): a new message is refused (a callback's
@@ -157,26 +156,16 @@ class Bot:
         delivery's watch, the answer consumer, the connection's holder, which hands the WebSocket over to the
         copy's). What the answers under way use stays open until `close`."""
         self.delivery.stop_watching()
-        if self.holder is not None:
-            self.consumer.stop()
-            self.holder.stop()
+        if self.connection is not None:
+            self.connection.stop()
 
     def close(self) -> None:
         self.delivery.close()
-        if self.consumer is not None:
-            self.consumer.stop()
-        if self.holder is not None:
-            self.holder.stop()
-        if self.consumer is not None:
-            self.consumer.join()  # its last Redis calls before the pool closes
-        if self.slots is not None:
-            self.slots.stop()
-        self.feedback.close()
-        self.media.close()
-        self.files.fetcher.close()
-        self.dify.close()
-        if self.authorizer is not None:
-            self.authorizer.api.close()
+        if self.connection is not None:
+            self.connection.stop()
+            self.connection.consumer.join()  # its last Redis calls before the pool closes
+        for close in self.closers:
+            close()
         self.streams.poll_path.close()
 
 
@@ -197,29 +186,22 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     admission = Admission(core.texts, bot.name, rules, quotas) if rules or quotas else None
     callback = _callback(bot, shared, core, dify, streams, forms, authorizer, admission)
     connection = _connection(bot, shared, core, streams.service, callback.handler, files)
+    closers = [callback.feedback.close, dify.media.close, files.fetcher.close, dify.client.close]
+    closers += [authorizer.api.close] if authorizer is not None else []
+    closers += [streams.slots.stop] if streams.slots is not None else []
     return Bot(
-        name=bot.name,
         settings=bot,
-        keys=core.keys,
-        store=core.store,
-        dify=dify.client,
         profile=dify.profile,
         authorizer=authorizer,
-        conversations=streams.conversations,
-        media=dify.media,
-        feedback=callback.feedback,
         delivery=core.delivery,
         streams=streams.service,
         callback=callback.handler,
-        texts=core.texts,
         health=dify.health,
         files=files,
-        holder=connection.holder if connection else None,
-        pushes=connection.pushes if connection else None,
-        consumer=connection.consumer if connection else None,
+        connection=connection,
         audit=AuditTrail(shared.client, core.keys, shared.audit, bot.name, core.audit.held) if core.audit else None,
         quotas=quotas,
-        slots=streams.slots,
+        closers=tuple(closers),
     )
 
 
@@ -447,6 +429,11 @@ class ConnectionPart:
     holder: ConnectionHolder
     consumer: JobConsumer
     pushes: BotPushes
+
+    def stop(self) -> None:
+        """Stop taking answers and hand the WebSocket over (the consumer first: the holder queues into it)."""
+        self.consumer.stop()
+        self.holder.stop()
 
 
 def _connection(

@@ -179,9 +179,8 @@ class Gateway:
         if self.watch is not None:
             self.watch.stop()  # the bots stay as they are while they drain
         for bot in self._every_bot():  # long-connection bots: another replica holds the connection at once
-            if bot.holder is not None:
-                bot.holder.stop()
-                bot.consumer.stop()
+            if bot.connection is not None:
+                bot.connection.stop()
         logger.info("draining %d running streams (up to %.0fs)", self.runner.active_count, timeout)
         remaining = self.runner.drain(timeout)
         if not remaining:
@@ -280,7 +279,9 @@ class Gateway:
             name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in latest.items()
         }
         if self.push is not None:
-            self.push.serve({name: bot.pushes for name, bot in self.bots.items()})
+            self.push.serve(
+                {name: bot.connection.pushes if bot.connection else None for name, bot in self.bots.items()}
+            )
         if self.audit_sweeper is not None:
             self.audit_sweeper.trails = [bot.audit for bot in latest.values() if bot.audit is not None]
 

@@ -101,7 +101,7 @@ def test_the_slot_of_a_process_that_died_comes_back_within_the_lease(capped, dif
     assert sims[0].ask("waiting for the dead one's slot").text == "answered after the lapse"
     assert 2.0 <= time.monotonic() - taken <= 6.0
     assert wait_until(lambda: redis_client.zcard(KEYS.answer_slots()) == 0)  # and the answer gave its own back
-    assert replicas[0].gateway.bot().slots is not None
+    assert replicas[0].gateway.bot().streams.worker.deps.turn.slots is not None
 
 
 def test_a_stop_while_waiting_in_line_leaves_the_line(capped, dify, redis_client):

@@ -68,7 +68,7 @@ def test_answers_are_queued_and_taken_without_a_warning_on_either_store(store, s
 
 def test_a_stopping_consumer_leaves_the_group(settings, wecom, tmp_path, redis_client):
     gateway = served(settings, wecom, tmp_path)
-    consumer = gateway.bot().consumer
+    consumer = gateway.bot().connection.consumer
     try:
         assert wait_until(lambda: gateway.owner in names(redis_client, consumer.queue.key))
         consumer.stop()
@@ -83,7 +83,7 @@ def test_consumers_of_dead_processes_are_removed_unless_they_hold_an_answer(
 ):
     monkeypatch.setattr(jobs, "DEAD_CONSUMER_IDLE_MS", -1)  # idle "long enough" at once
     gateway = served(settings, wecom, tmp_path)
-    consumer = gateway.bot().consumer
+    consumer = gateway.bot().connection.consumer
     key = consumer.queue.key
     try:
         assert wait_until(lambda: gateway.owner in names(redis_client, key))
@@ -120,12 +120,12 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
     try:
         assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)
         bot = gateway.bots["default"]
-        store, attempt = bot.store, first_attempt("gone-holder:1")
+        store, attempt = bot.streams.store, first_attempt("gone-holder:1")
         store.create("every-word", "m-every-word", attempt, BOT_ID, "carol", {"userid": "carol"})
         store.append("every-word", attempt, ["the whole answer"], 0)
         bot.streams.frame("every-word", FrameRecord("old-holder", 0))  # its last frame, as the old holder recorded it
         assert store.finish("every-word", attempt, DONE) is not None
-        outbox = bot.holder.orphans.outbox
+        outbox = bot.connection.holder.orphans.outbox
         outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation
         time.sleep(1)
         assert not wecom.proactive  # not in the connection's first seconds: the old holder's acks come first
@@ -144,7 +144,7 @@ def test_an_idle_consumer_on_the_embedded_store_waits_its_block(settings, wecom,
     on it. It now waits out the rest of the block, as Redis would have."""
     gateway = served(settings, wecom, tmp_path, demo_mode=True, redis_url="memory://")
     try:
-        consumer = gateway.bot().consumer
+        consumer = gateway.bot().connection.consumer
         client = consumer.queue.client
         reads = []
         original = client.xreadgroup
@@ -164,8 +164,8 @@ def test_a_holder_that_drains_still_takes_a_message_and_another_process_answers_
     replicas = make_pair(
         wecom_mode="long_connection", wecom_bot_id=BOT_ID, wecom_bot_secret=SECRET, wecom_ws_url=wecom.url
     )
-    assert wait_until(lambda: any(r.gateway.bot().holder.state == "holding" for r in replicas), timeout=10)
-    holder = next(r for r in replicas if r.gateway.bot().holder.state == "holding")
+    assert wait_until(lambda: any(r.gateway.bot().connection.holder.state == "holding" for r in replicas), timeout=10)
+    holder = next(r for r in replicas if r.gateway.bot().connection.holder.state == "holding")
     holder.gateway.runner.accepting = False  # its drain began, and it still reads the socket
     dify.script(d.answer("answered elsewhere"), match="question while draining")
     final = wecom.final(wecom.deliver_text(BOT_ID, "question while draining"), timeout=20)

@@ -93,8 +93,8 @@ def fail_first_call(obj, name: str) -> None:
 @pytest.mark.parametrize(
     ("loop", "inject"),
     [
-        ("wecom_ws_holder", lambda gateway: fail_first_call(gateway.bot().holder.lease, "acquire")),
-        ("wecom_ws_keeper", lambda gateway: fail_first_call(gateway.bot().holder.replies, "pump")),
+        ("wecom_ws_holder", lambda gateway: fail_first_call(gateway.bot().connection.holder.lease, "acquire")),
+        ("wecom_ws_keeper", lambda gateway: fail_first_call(gateway.bot().connection.holder.replies, "pump")),
         ("append_batcher", lambda gateway: fail_first_call(gateway.appender, "_take_batch")),
     ],
     ids=["connection-holder", "connection-keeper", "append-batcher"],
@@ -118,7 +118,7 @@ def test_the_answer_queue_consumer_survives_a_failure(gateway, wecom, dify):
 
 def test_the_stream_lease_keeper_survives_a_failure(gateway, wecom, dify, redis_client):
     """An answer longer than its lease completes once, on this process, though one renewal pass failed."""
-    store = gateway.bot().store
+    store = gateway.bot().streams.store
     store.renew_leases = fail_once(store.renew_leases)
     before = errors("stream_lease_keeper")
     gateway.start()

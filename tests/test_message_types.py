@@ -220,7 +220,7 @@ def test_feedback_reaches_the_right_dify_message_as_the_right_user(simulator, di
 def test_feedback_for_an_unknown_answer_is_dropped(live, simulator, dify):
     reply = simulator.send(simulator.event_message("feedback_event", {"id": "NoSuchAnswer", "type": 1}))
     assert reply is None
-    live.gateway.bot().feedback.close(wait=True)  # the forward it started has finished
+    live.gateway.bot().callback.events.feedback.close(wait=True)  # the forward it started has finished
     assert dify.feedbacks == []
 
 

@@ -74,7 +74,7 @@ def test_metrics_move_with_a_conversation(live, simulator, dify):
 def test_orphan_and_window_events_are_counted_once(live, simulator, redis_client):
     client = live.app.test_client()
     before = scrape(client)
-    store = live.gateway.bot().store
+    store = live.gateway.bot().streams.store
     store.create("orphan02", "msg-orphan-2", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan02", "dead-replica", ["shown"], 0)
     redis_client.delete(KEYS.stream_lease("orphan02"))

@@ -388,7 +388,7 @@ def test_a_kick_redis_cannot_explain_cools_nothing_down(ws_gateway, redis_client
     whether the newcomer is ours must not lock every process out for the cool-down (FAULTS.md: five minutes
     without a holder, 35 messages lost, in a Sentinel run); it stands by, and the connection is held again."""
     gateway, wecom = ws_gateway(wecom_ws_kick_cooldown_seconds=300)
-    lease = gateway.bot().holder.lease
+    lease = gateway.bot().connection.holder.lease
 
     def redis_away(*args, **kwargs):
         raise redis.ConnectionError("Redis unavailable (injected)")

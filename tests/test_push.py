@@ -40,7 +40,7 @@ def deployment(make_pair, wecom_ws):
 
 
 def holder_of(replicas):
-    held = [r for r in replicas if r.gateway.bot().holder.state == "holding"]
+    held = [r for r in replicas if r.gateway.bot().connection.holder.state == "holding"]
     return held[0] if held else None
 
 
@@ -104,7 +104,7 @@ def test_a_push_left_half_made_by_a_failure_is_made_whole_by_its_retry(deploymen
     def dies(stream_id):
         raise redis.ConnectionError("the replica died here")
 
-    monkeypatch.setattr(replicas[0].gateway.bot().pushes.outbox, "follow", dies)
+    monkeypatch.setattr(replicas[0].gateway.bot().connection.pushes.outbox, "follow", dies)
     body = {"bot": BOT, "userid": "frank", "markdown": "made whole"}
     assert post(replicas[0], body, key="half").status_code == 503
     retried = post(replicas[1], body, key="half")

@@ -41,7 +41,7 @@ def test_a_finish_applied_whose_reply_was_lost_still_sends_the_promised_rest(mak
     """R2: the bubble closed early ("the rest follows"); the final state was written but its reply lost; the retry
     must not read "already final" as "someone else ended it", or the rest is never sent."""
     live = serve(make_app(stream_window_seconds=1))
-    store = live.gateway.bot().store
+    store = live.gateway.bot().streams.store
     store.finish = LostReply(store.finish)
     dify.script([d.message("shown in the bubble"), d.sleep(1.6), d.message(" and the rest"), d.end()])
     sim = make_simulator(live.url)
@@ -124,7 +124,7 @@ def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next
     """R3: the connection's holder queued a message's answer and died before anything recorded where the answer
     goes; the answer was made and never sent. The stream is now tracked before it is queued."""
     first, second, wecom = two_processes
-    holder = first.bot().holder
+    holder = first.bot().connection.holder
     queue = first.bot().streams.delivery.queue
     real_submit = queue.submit
 
@@ -136,7 +136,7 @@ def test_a_holder_that_dies_right_after_queueing_an_answer_leaves_it_to_the_next
     queue.submit = submit_and_die
     dify.script([d.message("answered after all"), d.end()])
     wecom.deliver_text(WS_BOT_ID, "a question at the worst moment")
-    assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
+    assert wait_until(lambda: second.bot().connection.holder.state == "holding", timeout=15)
     assert wait_until(lambda: wecom.proactive, timeout=15), "the answer was made and never sent"
     assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive
@@ -156,8 +156,8 @@ def test_a_frame_wecom_showed_whose_ack_the_dead_holder_never_got_is_not_sent_ag
     dify.script([d.message("shown before the death. "), d.sleep(2.5), d.message("The rest."), d.end()])
     req_id = wecom.deliver_text(WS_BOT_ID, "a question")
     assert wait_until(lambda: shown_frame(wecom, req_id, "shown before the death."), timeout=10)
-    die(first.bot().holder)  # the frame's ack is still a second away
-    assert wait_until(lambda: second.bot().holder.state == "holding", timeout=15)
+    die(first.bot().connection.holder)  # the frame's ack is still a second away
+    assert wait_until(lambda: second.bot().connection.holder.state == "holding", timeout=15)
     assert wait_until(lambda: wecom.proactive, timeout=20)
     assert outbox_settled(redis_client, WS_BOT_ID)
     [message] = wecom.proactive
@@ -173,7 +173,7 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     dify.script([d.message("shown before the drain. "), d.sleep(2.5), d.message("The rest."), d.end()])
     req_id = wecom.deliver_text(WS_BOT_ID, "a question")
     assert wait_until(lambda: shown_frame(wecom, req_id, "shown before the drain."), timeout=10)
-    first.bot().holder.stop()
+    first.bot().connection.holder.stop()
     stream_id = wecom.frames(req_id)[0]["stream"]["id"]
     assert "shown before the drain." in shown_of(redis_client.hgetall(KEYS.stream(stream_id)))[0]
     assert wait_until(lambda: wecom.proactive, timeout=20)

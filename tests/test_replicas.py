@@ -98,7 +98,7 @@ def test_a_live_owner_whose_bubble_was_given_up_sends_what_it_did_not_show_once(
     through response_url, what the bubble did not show (the whole answer would show its beginning twice)."""
     first, second = pair
     dify.script(script)
-    store = first.gateway.bot().store
+    store = first.gateway.bot().streams.store
     store.shown_when_given_up = Blip(store.shown_when_given_up, times=withheld)
     opener = make_simulator(first.url)
     payload = opener.text_message("hello")
@@ -333,7 +333,7 @@ def test_a_redis_blip_in_a_side_write_never_fails_an_answer_dify_completed(make_
     gateway = live.gateway
     image = dify.host_file(PNG)
     dify.script([d.message("slow start"), d.sleep(1.5), d.message_file(image), d.message(" and the rest"), d.end()])
-    conversations, store = gateway.bot().conversations, gateway.bot().store
+    conversations, store = gateway.bot().streams.backend.parts.conversations, gateway.bot().streams.store
     conversations.remember = Blip(conversations.remember, times=2)
     store.record = Blip(store.record)
     store.finish = Blip(store.finish)

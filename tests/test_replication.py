@@ -282,5 +282,5 @@ def test_a_new_message_on_a_long_connection_waits_for_a_replica_three_times(sent
     stream_id = reply["stream"]["id"]
     meta = streams.store.meta(stream_id)
     assert (meta["ws_req_id"], meta["ws_generation"], meta["ws_chat"], meta["ws_single"]) == ("req-7", "5", "zoe", "1")
-    assert gateway.bot("three").pushes.outbox.tracked(stream_id)
+    assert gateway.bot("three").connection.pushes.outbox.tracked(stream_id)
     gateway.close()

@@ -12,13 +12,13 @@ import redis
 from redis.crc import key_slot
 
 from services.audit.trail import CLAIM_DUE
+from services.callback.rest_posts import RestPosts
 from services.chat.quotas import TAKE as QUOTA_TAKE
 from services.keys import Keys
 from services.longconn.outbox import SWAP as OUTBOX_SWAP
 from services.lua import LuaScript, ScriptSpec
 from services.streams import scripts
 from services.streams.poll_path import PollPath
-from services.callback.rest_posts import RestPosts
 from services.streams.slots import TAKE as SLOT_TAKE
 from services.streams.store import AppendRequest, StreamStore
 

@@ -56,7 +56,9 @@ def test_a_replayed_feedback_event_is_forwarded_once(live, simulator, dify):
         response = simulator.http.post(url, params={**query, "msg_signature": signature}, content=body)
         assert response.status_code == 200
         assert response.content == b""
-    live.gateway.bot().feedback.close(wait=True)  # every forward the three requests started has finished
+    live.gateway.bot().callback.events.feedback.close(
+        wait=True
+    )  # every forward the three requests started has finished
     assert len(dify.feedbacks) == 1
 
 

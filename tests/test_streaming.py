@@ -482,7 +482,7 @@ def test_without_response_url_the_window_just_closes(make_app, serve, dify):
 
 
 def test_an_orphaned_stream_is_finished_by_whoever_polls(live, simulator, redis_client):
-    store = live.gateway.bot().store
+    store = live.gateway.bot().streams.store
     store.create("orphan01", "msg-orphan", "dead-replica", "demo-bot", "alice", {"userid": "alice"})
     store.append("orphan01", "dead-replica", ["what was said ", "before the crash"], 0)
     simulator.send(simulator.poll_message("orphan01"))  # shows it (a poll that found new text looks at no lease)

@@ -29,7 +29,7 @@ def test_two_missed_pongs_drop_the_connection_and_it_is_made_again(ws_gateway):
     assert answered(wecom)
     time.sleep(1.5)  # a bounded look (five heartbeats): answered pings keep the connection, no loop
     assert len(wecom.subscribes) == 2
-    assert gateway.bot().holder.state == "holding"
+    assert gateway.bot().connection.holder.state == "holding"
 
 
 def test_a_socket_wecom_no_longer_counts_as_subscribed_subscribes_again(ws_gateway):
@@ -40,4 +40,4 @@ def test_a_socket_wecom_no_longer_counts_as_subscribed_subscribes_again(ws_gatew
     assert wecom.subscribed(WS_BOT_ID) == 1
     assert wecom.connections == connections  # on the same socket: no reconnect, no lease change
     assert answered(wecom)
-    assert gateway.bot().holder.state == "holding"
+    assert gateway.bot().connection.holder.state == "holding"
