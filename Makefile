@@ -66,7 +66,7 @@ test-fast: setup lint test-servers  ## lint and the suite without its end-to-end
 # spread test by test over FAULT_WORKERS workers: each campaign runs its own replicas, Redis and MariaDB. CI runs
 # them after `make test` (.ci/run).
 FAULT_WORKERS ?= 2
-faults: setup test-servers  ## the fault campaigns and their mutants (FAULTS.md), about 12 minutes
+faults: setup test-servers  ## the fault campaigns and their mutants (FAULTS.md), about 11 minutes
 	$(BIN)/python -m pytest -n $(FAULT_WORKERS) --dist load -m faults $(PYTEST_ARGS)
 
 # ruff, and the import layers of services/ (pyproject.toml, [tool.importlinter]).
