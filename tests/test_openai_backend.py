@@ -155,3 +155,25 @@ def test_a_bot_on_an_openai_server_asks_dify_nothing(bot, dify):
     silent = bot()
     assert silent.send(silent.event_message("enter_chat")) is None
     assert dify.info_requests == 0 and dify.requests == []
+
+
+def test_a_check_of_a_backends_address_and_key_says_why_in_the_settings_words():
+    """The clients' access_problem, shared: which setting to fix, and never the key."""
+    from services.transport.errors import (
+        BackendConnectionError,
+        BackendHTTPError,
+        BackendStreamCut,
+        BackendTimeout,
+        access_problem_of,
+    )
+
+    def said(exc):
+        return access_problem_of(exc, 5.0, "OPENAI_API_KEY", "OPENAI_BASE_URL should end in /v1", "the server")
+
+    assert said(BackendHTTPError(401, "", "no")) == "the key was refused (HTTP 401): check OPENAI_API_KEY"
+    assert said(BackendHTTPError(404, "", "no")) == "HTTP 404: OPENAI_BASE_URL should end in /v1"
+    assert said(BackendHTTPError(500, "oops", "no")) == "it answered HTTP 500 (oops)"
+    assert said(BackendTimeout("slow")) == "it did not answer within 5 s"
+    assert said(BackendConnectionError("refused")) == "nothing answers there: is the server running at that address?"
+    with pytest.raises(BackendStreamCut):
+        said(BackendStreamCut("cut"))

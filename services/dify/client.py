@@ -34,6 +34,7 @@ from services.transport.errors import (
     BackendHTTPError,
     BackendStreamCut,
     BackendTimeout,
+    access_problem_of,
     http_error,
     never_taken,
 )
@@ -393,16 +394,9 @@ class DifyClient:
         not, in the words of the setting to fix (never the key)."""
         try:
             self.parameters(timeout)
-        except BackendHTTPError as exc:
-            if exc.status in (401, 403):
-                return f"the key was refused (HTTP {exc.status}): check DIFY_API_KEY"
-            if exc.status == 404:
-                return "HTTP 404: DIFY_BASE_URL should be the app's Service API address, ending in /v1"
-            return f"it answered HTTP {exc.status} ({exc.code})"
-        except BackendTimeout:
-            return f"it did not answer within {timeout:.0f} s"
-        except BackendConnectionError:
-            return "nothing answers there: is Dify running at that address?"
+        except (BackendHTTPError, BackendTimeout, BackendConnectionError) as exc:
+            address = "DIFY_BASE_URL should be the app's Service API address, ending in /v1"
+            return access_problem_of(exc, timeout, "DIFY_API_KEY", address, "Dify")
         return ""
 
     def _get_object(self, name: str, timeout: float) -> dict:

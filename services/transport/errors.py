@@ -53,6 +53,24 @@ class BackendStreamCut(BackendError):
     code = "stream_cut"
 
 
+def access_problem_of(exc: BackendError, timeout: float, key: str, address: str, server: str) -> str:
+    """One line for an operator saying why a check of a backend's address and key failed (the clients'
+    `access_problem`), in the words of the setting to fix and never the key itself: `key` names its setting,
+    `address` says what its address should be, `server` what should be running there. A failure of another kind is
+    raised again."""
+    if isinstance(exc, BackendHTTPError):
+        if exc.status in (401, 403):
+            return f"the key was refused (HTTP {exc.status}): check {key}"
+        if exc.status == 404:
+            return f"HTTP 404: {address}"
+        return f"it answered HTTP {exc.status} ({exc.code})"
+    if isinstance(exc, BackendTimeout):
+        return f"it did not answer within {timeout:.0f} s"
+    if isinstance(exc, BackendConnectionError):
+        return f"nothing answers there: is {server} running at that address?"
+    raise exc
+
+
 # Statuses by which a backend (or its proxy) says it did not take a request: it is sent again safely. A 502 or 504
 # from a proxy, or a connection that broke after the request was sent, may come after the backend began to answer it,
 # and a second call would be a second answer (and a second bill).

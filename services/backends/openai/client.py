@@ -20,11 +20,11 @@ import orjson
 from services.transport import PROCESS_PUMP, open_backend_stream
 from services.transport.errors import (
     BackendConnectionError,
-    BackendError,
     BackendHTTPError,
     BackendStreamCut,
     BackendStreamError,
     BackendTimeout,
+    access_problem_of,
     http_error,
 )
 from services.transport.read_pump import ReadPump
@@ -211,16 +211,9 @@ class OpenAIClient:
         not, in the words of the setting to fix (never the key)."""
         try:
             models = self.models(timeout)
-        except BackendHTTPError as exc:
-            if exc.status in (401, 403):
-                return f"the key was refused (HTTP {exc.status}): check OPENAI_API_KEY"
-            if exc.status == 404:
-                return "HTTP 404: OPENAI_BASE_URL should be the API's address, ending in /v1"
-            return f"it answered HTTP {exc.status} ({exc.code})"
-        except BackendTimeout:
-            return f"it did not answer within {timeout:.0f} s"
-        except BackendError:
-            return "nothing answers there: is the server running at that address?"
+        except (BackendHTTPError, BackendTimeout, BackendConnectionError) as exc:
+            address = "OPENAI_BASE_URL should be the API's address, ending in /v1"
+            return access_problem_of(exc, timeout, "OPENAI_API_KEY", address, "the server")
         if models and model not in models:
             return f"it offers no model {model!r} (OPENAI_MODEL; it offers {', '.join(models[:5])})"
         return ""
