@@ -27,12 +27,13 @@ from services.backends import BackendParts, build_backend
 from services.backends.dify import DifyParts
 from services.callback.delivery import CallbackDelivery
 from services.callback.envelope import Envelope
-from services.callback.events import EventHandler
 from services.callback.handler import CallbackHandler
 from services.callback.replay_guard import ReplayGuard
 from services.callback.rest_posts import RestPosts
 from services.callback.spool import CallbackSpool
 from services.chat.admission import Admission
+from services.chat.dispatch import Dispatch
+from services.chat.events import EventHandler
 from services.chat.intake import MessageIntake
 from services.chat.quotas import Quotas
 from services.chat.welcome import Welcome
@@ -185,7 +186,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     quotas = _quotas(bot, shared, core)
     admission = Admission(core.texts, bot.name, rules, quotas) if rules or quotas else None
     callback = _callback(bot, shared, core, dify, streams, forms, authorizer, admission)
-    connection = _connection(bot, shared, core, streams.service, callback.handler, files)
+    connection = _connection(bot, shared, core, streams.service, callback.handler.dispatch, files)
     closers = [callback.feedback.close, dify.media.close, files.fetcher.close, dify.client.close]
     closers += [authorizer.api.close] if authorizer is not None else []
     closers += [streams.slots.stop] if streams.slots is not None else []
@@ -390,7 +391,6 @@ def _callback(
     events = EventHandler(
         Welcome(dify.profile if bot.backend == "dify" else None, texts, wecom.welcome_message, bot.name),
         feedback,
-        ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance),
         form_answers,
         audit=core.audit,
         bot=bot.name,
@@ -409,7 +409,9 @@ def _callback(
     envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
     # a new message Redis cannot take waits in the database for its bubble's poll (callback/spool.py)
     spool = CallbackSpool(shared.users.engine, bot.name, shared.owner) if shared.users is not None else None
-    handler = CallbackHandler(envelope, intake, streams.service, events, texts, spool)
+    dispatch = Dispatch(intake, events, streams.service, texts)  # both modes' messages
+    replays = ReplayGuard(shared.client, core.keys, 2 * wecom.timestamp_tolerance)
+    handler = CallbackHandler(envelope, dispatch, replays, spool)
     return CallbackPart(handler, feedback)
 
 
@@ -441,7 +443,7 @@ def _connection(
     shared: Shared,
     core: Core,
     streams: StreamService,
-    callback: CallbackHandler,
+    dispatch: Dispatch,
     files: FileDelivery,
 ) -> ConnectionPart | None:
     if not isinstance(core.delivery, ConnectionDelivery):
@@ -456,7 +458,7 @@ def _connection(
     redis_timeout = shared.settings.redis.socket_timeout
     # a message read while Redis is away is kept in the database, where any process finds it (longconn/spool.py)
     spool = Spool(shared.users.engine, bot.name, shared.owner) if shared.users is not None else None
-    holder = ConnectionHolder(connection, redis_timeout, lease, callback, outbox, sends, sender, spool)
+    holder = ConnectionHolder(connection, redis_timeout, lease, dispatch, outbox, sends, sender, spool)
     block_ms = max(100, min(1000, int(redis_timeout * 500)))  # the consumer's wait: well within the socket timeout
     consumer = JobConsumer(core.delivery.queue, streams, shared.owner, block_ms)
     quota = ChatWindow(client, keys.push_quota, connection.send_per_minute, connection.send_per_hour)

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from demo import dify_standin as d
 from demo.wecom_ws_standin import _message
 from services.auth.db import make_engine
-from services.callback.spool import utc_now
+from services.chat.spool_rows import utc_now
 from services.longconn import spool as spool_module
 from services.longconn.spool import Spool, wecom_ws_spool
 from services.texts import CATALOGUE

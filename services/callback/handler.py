@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
 
 from services import metrics
 from services.callback.envelope import Envelope
-from services.callback.events import EventHandler
-from services.callback.spool import SPOOL_FAILURES, CallbackSpool
-from services.chat.intake import MessageIntake
-from services.outage import delays_for, steady_delays, through_outage
+from services.callback.replay_guard import ReplayGuard
+from services.callback.spool import CallbackSpool
+from services.chat.dispatch import Dispatch, Patience
+from services.chat.spool_rows import SPOOL_FAILURES
+from services.outage import steady_delays
 from services.redis_conn import REDIS_FAILURES
-from services.streams.life import ERROR
-from services.streams.service import StreamService, new_stream_id
-from services.texts import Texts
+from services.streams.service import new_stream_id
 from services.wecom import errors
 from services.wecom.messages import Inbound, parse_inbound, stream_reply
-from utils.callback_clock import callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
@@ -44,24 +42,20 @@ class StoreUnavailable(Exception):
 
 
 class CallbackHandler:
-    """Turns one raw callback into the reply to answer with."""
+    """Turns one raw callback into the reply to answer with: the envelope opened, a repeated event found, a poll of
+    a bubble answered here, anything else through the mode-neutral dispatch (services/chat/dispatch.py)."""
 
     def __init__(
-        self,
-        envelope: Envelope,
-        intake: MessageIntake,
-        streams: StreamService,
-        events: EventHandler,
-        texts: Texts,
-        spool: CallbackSpool | None = None,
+        self, envelope: Envelope, dispatch: Dispatch, replays: ReplayGuard, spool: CallbackSpool | None = None
     ):
-        self.spool = spool  # where a new message Redis cannot take waits for its bubble's poll (None: no database)
         self.envelope = envelope
-        self.intake = intake
-        self.streams = streams
-        self.bot = streams.bot
-        self.events = events
-        self.texts = texts
+        self.dispatch = dispatch
+        self.replays = replays
+        self.spool = spool  # where a new message Redis cannot take waits for its bubble's poll (None: no database)
+        self.intake = dispatch.intake
+        self.streams = dispatch.streams
+        self.events = dispatch.events
+        self.bot = self.streams.bot
 
     def verify_url(self, query: Mapping[str, str]) -> str:
         """The plaintext echo for WeCom's URL check (CallbackError if it is not authentic)."""
@@ -76,63 +70,46 @@ class CallbackHandler:
             StoreUnavailable: a poll could not reach Redis.
         """
         opened = self.envelope.open(query, body)
-        callback_sent(int(query["timestamp"]))  # checked by the envelope
+        waited = max(0.0, time.time() - int(query["timestamp"]))  # the timestamp is checked by the envelope
         message = parse_inbound(opened.plaintext)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
         if self.intake.retired and message.msgtype not in ("stream", "event"):
             raise errors.bot_retired()  # its answers' polls (and their cards' taps) are still answered
-        if message.msgtype == "event" and not self.events.first_time(opened.signature):
+        if message.msgtype == "event" and not self._first_time(opened.signature):
             metrics.CALLBACKS.labels(self.bot, kind, "replayed").inc()
             logger.info("repeated event callback: answered without doing it again")
             return self.envelope.seal(self.events.replayed(message), opened.nonce)
         started = time.perf_counter()
-        try:
-            reply = self.dispatch(message, kept_body=opened.plaintext)
-        except StoreUnavailable:
-            metrics.CALLBACKS.labels(self.bot, kind, "store_unavailable").inc()
-            raise
-        metrics.CALLBACKS.labels(self.bot, kind, "ok").inc()
         if message.msgtype == "stream":
+            try:
+                reply = self._poll(message.stream_id, waited)
+            except StoreUnavailable:
+                metrics.CALLBACKS.labels(self.bot, kind, "store_unavailable").inc()
+                raise
             metrics.POLL_SECONDS.labels(self.bot).observe(time.perf_counter() - started)
+        else:
+            reply = self.dispatch(message, self._patience(message, opened.plaintext))
+        metrics.CALLBACKS.labels(self.bot, kind, "ok").inc()
         return self.envelope.seal(reply, opened.nonce)
 
-    def dispatch(
-        self,
-        message: Inbound,
-        patience: float = 0.0,
-        on_outage: Callable[[], object] | None = None,
-        kept_body: str = "",
-    ) -> dict | None:
-        """The plaintext reply for an authentic message; failures behind it become finished replies. A message is
-        taken again through a Redis outage for `patience` seconds (a long connection's: WeCom delivers it once;
-        `on_outage` is called when a first try meets the outage), or for as long as WeCom waits for a callback's
-        reply (CALLBACK_INTAKE_SECONDS), then kept in the database with its bubble open (a callback's, `kept_body`
-        its JSON) or ended with a note."""
+    def _first_time(self, signature: str) -> bool:
+        """False for a repeat of a request already handled (a Redis outage counts as first time)."""
         try:
-            if message.msgtype == "stream":
-                bind_log_context(stream=message.stream_id)
-                return self._poll(message.stream_id)
-            if message.msgtype == "event":
-                return self.events.handle(message)
-            return self._take(message, patience, on_outage)
-        except StoreUnavailable:
-            raise
+            return self.replays.first_time(signature)
         except REDIS_FAILURES as exc:
-            if message.msgtype == "stream":
-                logger.warning("Redis unavailable while answering a poll: %s", exc)
-                raise StoreUnavailable from exc
-            logger.warning("Redis unavailable while taking a message: %s", exc)
-            kept = self._keep(message, kept_body) if kept_body and message.msgtype != "event" else None
-            if kept is not None:
-                return kept
-            note = self.texts.say("store_unavailable")
-            return self.streams.finish_at_once(note, message, ERROR, redis_away=True)  # its audit row is held here
-        except Exception:
-            logger.exception("failed to handle a %s callback", message.msgtype)
-            if message.msgtype == "event":
-                return None
-            return stream_reply(message.stream_id or new_stream_id(), self.texts.say("internal_error"), finish=True)
+            logger.warning("replay check unavailable (%s); handling the event", exc)
+            return True
+
+    def _patience(self, message: Inbound, body: str) -> Patience:
+        """A new message is taken again through a Redis outage for as long as WeCom waits for the reply
+        (CALLBACK_INTAKE_SECONDS), then kept in the database with its bubble open (`body` its JSON)."""
+        deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS
+        return Patience(
+            steady_delays(CALLBACK_INTAKE_SECONDS, CALLBACK_INTAKE_PAUSE),
+            give_up=lambda: time.monotonic() >= deadline,
+            kept=partial(self._keep, message, body),
+        )
 
     def _keep(self, message: Inbound, body: str) -> dict | None:
         """Keep a new message Redis could not take, under the stream id of the live bubble replied with; None when
@@ -145,18 +122,30 @@ class CallbackHandler:
         logger.warning("kept the message in the database: the first poll of its bubble Redis answers takes it")
         return stream_reply(stream_id, self.streams.bubble.live(""), finish=False, feedback_id=stream_id)
 
-    def _poll(self, stream_id: str) -> dict:
-        """A poll's reply; for a stream Redis does not know, a message kept under its id is taken first."""
-        reply = self.streams.poll_known(stream_id)
-        if reply is None and self.spool is not None:
-            try:
-                reply = self._take_kept_by_poll(stream_id)
-            except SPOOL_FAILURES as exc:
-                logger.warning("the database of kept messages unavailable while answering a poll: %s", exc)
-                raise StoreUnavailable from exc
-        return reply if reply is not None else self.streams.unknown(stream_id)
+    def _poll(self, stream_id: str, waited: float) -> dict:
+        """A poll's reply (`waited`: how long WeCom's callback had waited before it was read); for a stream Redis
+        does not know, a message kept under its id is taken first.
 
-    def _take_kept_by_poll(self, stream_id: str) -> dict | None:
+        Raises:
+            StoreUnavailable: Redis (or, for a kept message's bubble, the database) did not answer.
+        """
+        bind_log_context(stream=stream_id)
+        try:
+            reply = self.streams.poll_known(stream_id, waited)
+            if reply is None and self.spool is not None:
+                reply = self._take_kept_by_poll(stream_id, waited)
+            return reply if reply is not None else self.streams.unknown(stream_id)
+        except REDIS_FAILURES as exc:
+            logger.warning("Redis unavailable while answering a poll: %s", exc)
+            raise StoreUnavailable from exc
+        except SPOOL_FAILURES as exc:
+            logger.warning("the database of kept messages unavailable while answering a poll: %s", exc)
+            raise StoreUnavailable from exc
+        except Exception:
+            logger.exception("failed to answer a poll")
+            return stream_reply(stream_id, self.dispatch.texts.say("internal_error"), finish=True)
+
+    def _take_kept_by_poll(self, stream_id: str, waited: float) -> dict | None:
         """Take the message kept under this bubble's id, once, on the process whose claim holds; None if none was
         kept and Redis does not know the stream.
 
@@ -166,9 +155,9 @@ class CallbackHandler:
         """
         kept = self.spool.find(stream_id)
         if kept is None:  # none, or just taken by another process, which drops the row once Redis has the stream
-            return self.streams.poll_known(stream_id)
+            return self.streams.poll_known(stream_id, waited)
         if kept.answered_as:  # its msgid had been taken: this bubble shows that stream
-            return _under(self.streams.poll(kept.answered_as), stream_id)
+            return _under(self.streams.poll(kept.answered_as, waited=waited), stream_id)
         if not self.streams.has_room() or not self.spool.claim(stream_id):  # another process is taking it
             return stream_reply(stream_id, self.streams.bubble.live(""), finish=False, feedback_id=stream_id)
         message = replace(parse_inbound(kept.body), stream_id=stream_id)
@@ -182,34 +171,6 @@ class CallbackHandler:
         self.spool.taken(stream_id, answered_as)
         logger.warning("took a message kept while Redis was away (as stream %s)", answered_as)
         return _under(reply, stream_id)
-
-    def take_kept(self, message: Inbound) -> dict:
-        """Take a message kept while Redis was away, once, by a process that did not read it (services/longconn/
-        spool.py): its reply goes nowhere but where the caller sends it.
-
-        Raises:
-            redis.RedisError (or a cluster error): Redis is still away.
-        """
-        return self.intake.take(message)
-
-    def _take(self, message: Inbound, patience: float, on_outage: Callable[[], object] | None = None) -> dict:
-        """Take a new message, again through a Redis outage while that is of use: for `patience` seconds, else
-        until CALLBACK_INTAKE_SECONDS have passed (a try may be made again: a message taken once is found taken).
-
-        Raises:
-            redis.RedisError (or a cluster error): Redis stayed away.
-        """
-        take = partial(self.intake.take, message)
-        if patience > 0:
-            if on_outage is not None:
-                try:
-                    return take()
-                except REDIS_FAILURES:
-                    on_outage()
-            return through_outage(take, "taking a message", delays_for(patience))
-        deadline = time.monotonic() + CALLBACK_INTAKE_SECONDS
-        pauses = steady_delays(CALLBACK_INTAKE_SECONDS, CALLBACK_INTAKE_PAUSE)
-        return through_outage(take, "taking a message", pauses, give_up=lambda: time.monotonic() >= deadline)
 
 
 def _under(reply: dict, stream_id: str) -> dict:

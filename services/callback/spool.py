@@ -10,27 +10,26 @@ it; from then on, Redis has the stream. A WeCom repeat of the message meanwhile 
 A msgid some process took in Redis already (a try that ran though its reply was lost) is answered with that stream,
 under this bubble's id.
 
-No database (or the database away too), no spool: the message is ended with the note, as before. The shared
-helpers of both spools (this and a long connection's, services/longconn/spool.py) are here, the lower layer.
+No database (or the database away too), no spool: the message is ended with the note, as before. What both spools
+(this and a long connection's, services/longconn/spool.py) do alike is services/chat/spool_rows.py.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import Column, DateTime, Engine, Index, String, Table, UniqueConstraint, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
-from services.audit.table import LongText, RowId, ensure_table
+from services.audit.table import LongText, RowId
 from services.auth.db import metadata
+from services.chat.spool_rows import SpoolRows, utc_now
 
 logger = logging.getLogger(__name__)
 
-# What a spool's database raises when it does not answer.
-SPOOL_FAILURES = (SQLAlchemyError,)
 # A process that claimed a row and died before taking its message: another takes it over this much later.
 CLAIM_SECONDS = 60.0
 # WeCom polls a bubble for six minutes: a row older than this will not be polled again (swept when a row is kept).
@@ -55,11 +54,6 @@ wecom_callback_spool = Table(
 )
 
 
-def utc_now() -> datetime:
-    """Now, as the spools keep times: naive UTC, whole seconds."""
-    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-
-
 @dataclass(frozen=True, slots=True)
 class KeptMessage:
     """A kept row, as a poll of its bubble finds it: the callback's JSON, and the stream a process that took the
@@ -67,51 +61,6 @@ class KeptMessage:
 
     body: str
     answered_as: str
-
-
-class SpoolRows:
-    """One bot's rows of a spool's `table`, for the process `owner`: what both spools do alike. A process claims a
-    row before it takes its message; a claim older than `claim_seconds` is that of a process that died."""
-
-    def __init__(self, engine: Engine, table: Table, bot: str, owner: str, claim_seconds: float):
-        self.engine = engine
-        self.table = table
-        self.bot = bot
-        self.owner = owner
-        self.claim_seconds = claim_seconds
-        self._table_ready = False
-
-    def _unclaimed(self, now: datetime):
-        """The rows no living process holds: never claimed, or claimed by one that died."""
-        c = self.table.c
-        return (c.taken_by == "") | (c.taken_at <= now - timedelta(seconds=self.claim_seconds))
-
-    def _claim(self, *where) -> bool:
-        """Take the row `where` names for this process (a conditional UPDATE); False if a living process holds it."""
-        now = utc_now()
-        statement = (
-            update(self.table)
-            .where(self.table.c.bot == self.bot, *where, self._unclaimed(now))
-            .values(taken_by=self.owner, taken_at=now)
-        )
-        with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
-
-    def _release(self, column: str, value: str) -> None:
-        """Give back this process's claim on the row whose `column` is `value`: it waits for any process again."""
-        c = self.table.c
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(self.table)
-                .where(c.bot == self.bot, c[column] == value, c.taken_by == self.owner)
-                .values(taken_by="", taken_at=None)
-            )
-
-    def _ensure_table(self) -> None:
-        if not self._table_ready:
-            if ensure_table(self.engine, self.table):
-                logger.info("created the %s table", self.table.name)
-            self._table_ready = True
 
 
 class CallbackSpool(SpoolRows):

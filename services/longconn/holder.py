@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services import metrics
-from services.callback.handler import CallbackHandler
+from services.chat.dispatch import Dispatch
 from services.longconn.inbound import InboundHandler
 from services.longconn.keeper import ConnectionKeeper
 from services.longconn.lease import BotLease, Holding
@@ -55,13 +55,14 @@ class ConnectionHolder:
         settings: ConnectionSettings,
         redis_timeout: float,
         lease: BotLease,
-        callback: CallbackHandler,
+        dispatch: Dispatch,
         outbox: Outbox,
         sends: ChatWindow,
         files: Callable[[Callable[[], Session | None]], FileSender] | None = None,
         spool: Spool | None = None,
     ):
-        bot = self.bot = callback.bot  # the bot's name (its streams')
+        streams = dispatch.streams
+        bot = self.bot = streams.bot  # the bot's name
         self.settings = settings
         self.lease = lease
         owner = self.owner = lease.holder
@@ -70,9 +71,9 @@ class ConnectionHolder:
         self._session: Session | None = None
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
-        self.replies = ReplyPump(bot, callback.streams, outbox, lambda: self._session, uploads, redis_timeout)
-        self.orphans = OrphanDelivery(bot, callback.streams, outbox, owner, sends, uploads)
-        self.inbound = InboundHandler(callback, self.replies, lambda: (self._session, self._holding), spool, outbox)
+        self.replies = ReplyPump(bot, streams, outbox, lambda: self._session, uploads, redis_timeout)
+        self.orphans = OrphanDelivery(bot, streams, outbox, owner, sends, uploads)
+        self.inbound = InboundHandler(dispatch, self.replies, lambda: (self._session, self._holding), spool, outbox)
         # the messages a process gone kept while Redis was away: any process takes them (services/longconn/spool.py)
         self.spool_drain = SpoolDrain(spool, self.inbound.take_kept) if spool is not None else None
         self._thread = threading.Thread(target=self._run, name=f"wecom-ws-{bot}", daemon=True)

@@ -1,7 +1,7 @@
 """Frames WeCom sends to the held connection (`aibot_msg_callback`, `aibot_event_callback`): each becomes a message
-of the same intake as in callback mode (a stream, the same Redis keys, a worker calling Dify, on any replica),
-answered on the frame's req_id, which the message carries (its stream is tracked for the outbox from its creation,
-services/streams/service.py)."""
+of the same dispatch as in callback mode (services/chat/dispatch.py: a stream, the same Redis keys, a worker calling
+the backend, on any replica), answered on the frame's req_id, which the message carries (its stream is tracked for
+the outbox from its creation, services/streams/service.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from dataclasses import replace
 
 import orjson
 
-from services.callback.handler import CallbackHandler
+from services.chat.dispatch import Dispatch, Patience
 from services.longconn import frames
 from services.longconn.lease import Holding
 from services.longconn.outbox import Outbox
 from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
 from services.longconn.spool import Spool
+from services.outage import delays_for
 from services.wecom.errors import CallbackError
 from services.wecom.messages import parse_inbound
 from utils.logging import log_context
@@ -36,13 +37,14 @@ class InboundHandler:
 
     def __init__(
         self,
-        callback: CallbackHandler,
+        dispatch: Dispatch,
         replies: ReplyPump,
         connection: Callable[[], tuple[Session | None, Holding | None]],
         spool: Spool | None = None,
         outbox: Outbox | None = None,
     ):
-        self.callback = callback
+        self.dispatch = dispatch
+        self.streams = dispatch.streams
         self.replies = replies
         self._connection = connection  # the session and holding this process has now
         self.spool = spool  # where a message read while Redis is away is kept (None: no database)
@@ -69,7 +71,7 @@ class InboundHandler:
                 kept = self.spool.keep(message.msgid, orjson.dumps(body).decode())
 
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            reply = self.callback.dispatch(message, patience=INTAKE_PATIENCE_SECONDS, on_outage=keep)
+            reply = self.dispatch(message, Patience(delays_for(INTAKE_PATIENCE_SECONDS), on_first_failure=keep))
             if kept:
                 self.spool.drop(message.msgid)
         if reply is None:
@@ -97,9 +99,9 @@ class InboundHandler:
             logger.warning("dropped a kept message that does not parse: %s", exc.error)
             return "malformed"
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            if self.callback.streams.store.stream_for_msgid(message.msgid):
+            if self.streams.store.stream_for_msgid(message.msgid):
                 return "already"
-            reply = self.callback.take_kept(message)
+            reply = self.dispatch.intake.take(message)
             stream = (reply or {}).get("stream") or {}
             if not stream.get("finish"):
                 return "answered"
@@ -110,7 +112,7 @@ class InboundHandler:
             fields = {"msgid": f"kept:{message.msgid}", "userid": message.userid, "chatid": message.chatid}
             self.outbox.post(
                 message_id,
-                self.callback.streams.owner,
+                self.streams.owner,
                 stream.get("content", ""),
                 chat,
                 single,

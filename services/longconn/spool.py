@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from services import metrics
 from services.audit.table import LongText, RowId
 from services.auth.db import metadata
-from services.callback.spool import SpoolRows, utc_now
+from services.chat.spool_rows import SpoolRows, utc_now
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 

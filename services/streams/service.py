@@ -28,7 +28,6 @@ from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
 from services.wecom.messages import Inbound, stream_reply
-from utils.callback_clock import seconds_since_callback_sent
 from utils.logging import bind_log_context
 
 logger = logging.getLogger(__name__)
@@ -276,18 +275,20 @@ class StreamService:
             self.store.life.replied.send(Reply(self.bot, message, note, outcome, kind, self.owner, redis_away))
         return stream_reply((message and message.stream_id) or new_stream_id(), note, finish=True)
 
-    def poll(self, stream_id: str, hand_card: bool = True) -> dict:
+    def poll(self, stream_id: str, hand_card: bool = True, waited: float = 0.0) -> dict:
         """The reply to a stream-refresh callback: the full text so far, finish once the bubble is done (with
-        `hand_card` off, without a card that waits: it is left for a later poll).
+        `hand_card` off, without a card that waits: it is left for a later poll). `waited`: how long the callback
+        had waited before it was read (WeCom's signed timestamp on), which a reply carrying a card must not add to
+        past what WeCom waits for it.
 
         A stream whose replica died before showing anything is restarted here, once, if this replica has room.
         """
-        return self._reply(stream_id, self._look(stream_id, hand_card))
+        return self._reply(stream_id, self._look(stream_id, hand_card, waited=waited))
 
-    def poll_known(self, stream_id: str) -> dict | None:
+    def poll_known(self, stream_id: str, waited: float = 0.0) -> dict | None:
         """A poll's reply, or None for a stream Redis does not know (which may be a kept message's bubble:
         services/callback/spool.py)."""
-        snapshot = self._look(stream_id, True)
+        snapshot = self._look(stream_id, True, waited=waited)
         return self._reply(stream_id, snapshot) if snapshot is not None else None
 
     def unknown(self, stream_id: str) -> dict:
@@ -329,13 +330,15 @@ class StreamService:
             snapshot.owed = self.bubble.remainder(rest, snapshot.note) if rest.strip() else snapshot.note
         return snapshot
 
-    def _look(self, stream_id: str, hand_card: bool, record: FrameRecord | None = None) -> Snapshot | None:
+    def _look(
+        self, stream_id: str, hand_card: bool, record: FrameRecord | None = None, waited: float = 0.0
+    ) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
         replica, a bubble that just closed frees its user's slot (and, closed before its answer ended, is watched
         until the answer ends). None for an unknown stream."""
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
-        counted = seconds_since_callback_sent() <= SURELY_UNTAKEN_SECONDS
+        counted = waited <= SURELY_UNTAKEN_SECONDS
         try:
             snapshot = self.poll_path.poll(
                 stream_id,
@@ -352,7 +355,7 @@ class StreamService:
         except REDIS_FAILURES:
             self.card_returns.later(self.poll_path, stream_id, token)  # its script may yet run: its card comes back
             raise
-        late = snapshot is not None and snapshot.card and _late(started)
+        late = snapshot is not None and snapshot.card and _late(started, waited)
         if late and self.card_returns.now(self.poll_path, stream_id, token):  # WeCom may not take this reply
             snapshot.card = None  # the next poll's carries it
         if snapshot is None:
@@ -382,8 +385,8 @@ class StreamService:
         return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images, card=snapshot.card)
 
 
-def _late(started: float) -> bool:
+def _late(started: float, waited: float) -> bool:
     """Whether this reply may come later than WeCom waits for it: the poll took long, or the callback had waited long
-    before it was read (a frozen process, a queue)."""
+    (`waited`) before it was read (a frozen process, a queue)."""
     took = time.monotonic() - started
-    return max(took, seconds_since_callback_sent()) > REPLY_DEADLINE_SECONDS
+    return max(took, waited) > REPLY_DEADLINE_SECONDS

@@ -1,8 +1,9 @@
 """WeCom's event callbacks: `enter_chat` gets the welcome, `feedback_event` goes to Dify, a `template_card_event`
 (a click on a form's card) to the forms, others are noted.
 
-An event with side effects must not happen twice when WeCom resends it or someone replays it: the replay guard
-remembers each signed request, and a repeat gets the same reply without the side effect.
+Events come in both WeCom modes. An event with side effects must not happen twice when WeCom resends a callback or
+someone replays it: the callback's replay guard (services/callback/replay_guard.py) finds the repeat, which gets
+the same reply without the side effect (`replayed`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import orjson
 
 from services.audit.queue import AuditQueue
 from services.audit.rows import row_of_event
-from services.callback.replay_guard import ReplayGuard
 from services.chat.welcome import Welcome
 from services.dify.feedback import FeedbackService, rating_in_words
 from services.forms.answers import FormAnswers
@@ -29,7 +29,6 @@ class EventHandler:
         self,
         welcome: Welcome,
         feedback: FeedbackService,
-        replays: ReplayGuard,
         forms: FormAnswers | None = None,
         audit: AuditQueue | None = None,
         bot: str = "default",
@@ -37,19 +36,10 @@ class EventHandler:
     ):
         self.welcome = welcome
         self.feedback = feedback
-        self.replays = replays
         self.forms = forms
         self.audit = audit  # a rating and a tap on a form's card are rows of the audit trail (None: AUDIT off)
         self.bot = bot
         self.owner = owner
-
-    def first_time(self, signature: str) -> bool:
-        """False for a repeat of a request already handled (a Redis outage counts as first time)."""
-        try:
-            return self.replays.first_time(signature)
-        except REDIS_FAILURES as exc:
-            logger.warning("replay check unavailable (%s); handling the event", exc)
-            return True
 
     def handle(self, message: Inbound) -> dict | None:
         """The reply to an event (only enter_chat has one), after doing what it asks."""
