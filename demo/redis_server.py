@@ -62,6 +62,11 @@ class PrivateRedisServer:
         self.front_port = 0  # the port of what stands in front of it, which it announces (0: none)
 
     @property
+    def log_path(self) -> Path:
+        """Its own log (what a server or sentinel says of failovers, syncs and refusals), kept across restarts."""
+        return self.dir / "server.log"
+
+    @property
     def address_port(self) -> int:
         """The port its clients and peers know it by: the one in front of it, if any, else its own."""
         return self.front_port or self.port
@@ -93,6 +98,7 @@ class PrivateRedisServer:
     def _command(self) -> list[str]:
         binary = shutil.which(self.binary) or f"/usr/bin/{self.binary}"
         command = [binary, *self.extra, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        command += ["--logfile", str(self.log_path)]
         if self.binary == "redis-server" and "--sentinel" not in self.extra:
             # a replica's first sync starts at once (not after the default 5 s wait for others)
             command += ["--save", "", "--repl-diskless-sync-delay", "0"]
@@ -203,6 +209,7 @@ class PrivateSentinelSet:
     def _start_sentinel(self, sentinel: PrivateRedisServer) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         command = [binary, *sentinel.extra, "--port", str(sentinel.port), "--bind", "127.0.0.1"]
+        command += ["--logfile", str(sentinel.log_path)]
         sentinel.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(lambda: self.sentinel_client(sentinel).ping(), 10, "a sentinel did not start")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import shutil
 import subprocess
 import tempfile
 import time
@@ -148,6 +149,22 @@ def start_topology(kind: str, links: dict):
     return {"sentinel": PrivateSentinelSet, "cluster": PrivateRedisCluster}[kind](front=servers.front).start()
 
 
+def keep_redis_logs(topology, into: Path) -> None:
+    """Copy each Redis server's and sentinel's own log beside the history: what they say of failovers, syncs and
+    refusals explains what the replicas saw of them (the topology's directory goes when it stops)."""
+    if isinstance(topology, PrivateRedisServer):
+        named = {"server": topology}
+    elif isinstance(topology, PrivateSentinelSet):
+        named = {f"server-{s.address_port}": s for s in topology.servers}
+        named |= {f"sentinel-{s.port}": s for s in topology.sentinels}
+    else:
+        named = {f"node-{node.address_port}": node for node in topology.nodes}
+    into.mkdir(parents=True, exist_ok=True)
+    for name, server in named.items():
+        if server.log_path.exists():
+            shutil.copyfile(server.log_path, into / f"{name}.log")
+
+
 def run_topology(kind: str, options, out_dir: Path) -> dict:
     rng = random.Random(f"{options.seed}:{kind}")
     directory = out_dir / kind
@@ -256,6 +273,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         standin.stop()
         auth.stop()
         database.remove()
+        keep_redis_logs(topology, directory / "redis-logs")
         topology.stop()
     workers_of(history, replicas)
     history.write(directory / "history.jsonl")
