@@ -66,6 +66,7 @@ from services.streams.conversations import ConversationStore
 from services.streams.delivery import Delivery
 from services.streams.finisher import Finisher
 from services.streams.health import BackendHealth
+from services.streams.life import follow_outcomes
 from services.streams.runner import StreamRunner
 from services.streams.service import StreamPolicy, StreamService
 from services.streams.slots import AnswerSlots
@@ -234,6 +235,7 @@ def _core(bot: BotSettings, shared: Shared) -> Core:
         takeover_grace_seconds=deployment.streams.takeover_grace_seconds,
     )
     audit = AuditQueue(client, keys, bot.answers.window_seconds).follow(store.life) if shared.audit else None
+    follow_outcomes(store.life, lambda event: metrics.STREAM_OUTCOMES.labels(bot.name, event).inc())
     wecom = bot.wecom
     crypto = None if bot.long_connection else WeComCrypto(wecom.token, wecom.encoding_aes_key, wecom.receive_id)
     return Core(bot.name, Texts(bot.language), keys, store, _delivery(bot, shared, keys, store), crypto, audit)
@@ -247,7 +249,7 @@ def _delivery(bot: BotSettings, shared: Shared, keys: Keys, store: StreamStore) 
         queue = JobQueue(store.durable, keys, bot.connection.bot_id, outbox)
         return ConnectionDelivery(queue, outbox, shared.owner, bot.name)
     posts = RestPosts(shared.client, keys, store.durable, ResponseUrlClient(), shared.owner, bot.name)
-    return CallbackDelivery(posts, store, bot.name, draining=shared.draining)
+    return CallbackDelivery(posts, store, bot.name, draining=shared.draining).follow(store.life)
 
 
 @dataclass(frozen=True)
@@ -361,9 +363,11 @@ def _slots(bot: BotSettings, shared: Shared, core: Core) -> AnswerSlots | None:
     if not answers.max_active_per_bot:
         return None
     lease = shared.settings.streams.lease_seconds
-    return AnswerSlots(
+    slots = AnswerSlots(
         shared.client, core.keys, answers.max_active_per_bot, answers.queue_wait_seconds, lease, bot.name
     )
+    core.store.life.left.connect(lambda stream_id: slots.release(stream_id), weak=False)  # however its worker stopped
+    return slots
 
 
 @dataclass(frozen=True)

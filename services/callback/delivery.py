@@ -15,6 +15,7 @@ from services.callback.rest_posts import RestPosts
 from services.keys import REST_POST_TTL_SECONDS
 from services.outage import best_effort, best_effort_value
 from services.streams.job import StreamJob
+from services.streams.life import StreamLife
 from services.streams.poll_path import Snapshot
 from services.streams.store import StreamStore
 from services.wecom.messages import Inbound
@@ -88,6 +89,13 @@ class CallbackDelivery:
         if taken:
             logger.warning("no poll ever showed this answer's bubble: WeCom never got its reply; sending it whole")
         return bool(taken)
+
+    def follow(self, life: StreamLife) -> CallbackDelivery:
+        """Watch each bubble a poll closes early (`life.closed_early`) until its answer ends."""
+        life.closed_early.connect(
+            lambda stream_id, reason, has_response_url: self.closed_early(stream_id, has_response_url), weak=False
+        )
+        return self
 
     def closed_early(self, stream_id: str, has_response_url: bool) -> None:
         """List the stream: WeCom polls its bubble no more, which promised the rest through response_url, so no poll

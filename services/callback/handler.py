@@ -71,7 +71,7 @@ class CallbackHandler:
         """
         opened = self.envelope.open(query, body)
         waited = max(0.0, time.time() - int(query["timestamp"]))  # the timestamp is checked by the envelope
-        message = parse_inbound(opened.plaintext)
+        message = replace(parse_inbound(opened.plaintext), waited=waited)
         bind_log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None)
         kind = f"event:{message.event_type}" if message.msgtype == "event" else message.msgtype
         if self.intake.retired and message.msgtype not in ("stream", "event"):
@@ -83,7 +83,7 @@ class CallbackHandler:
         started = time.perf_counter()
         if message.msgtype == "stream":
             try:
-                reply = self._poll(message.stream_id, waited)
+                reply = self._poll(message.stream_id, message.waited)
             except StoreUnavailable:
                 metrics.CALLBACKS.labels(self.bot, kind, "store_unavailable").inc()
                 raise

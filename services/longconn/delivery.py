@@ -102,9 +102,6 @@ class ConnectionDelivery:
     def bubble_lost(self, job: StreamJob) -> bool:
         return False  # the holder saw its frames go out
 
-    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
-        return None  # the outbox follows every stream until it ends
-
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         return None  # the holder and the consumer are started with the bot (Gateway.start)
 

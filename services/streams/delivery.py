@@ -56,9 +56,6 @@ class Delivery(Protocol):
     def bubble_lost(self, job: StreamJob) -> bool:
         """Whether the bubble of an answer that ended never reached WeCom (its answer then goes out whole)."""
 
-    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
-        """A poll closed the stream's bubble before its answer ended: watch the answer until it ends."""
-
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         """Start this mode's watch in a serving process; `look` does a poll's work on a stream, without a reply."""
 

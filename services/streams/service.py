@@ -240,7 +240,7 @@ class StreamService:
         self.count("dedup")
         metrics.DEDUP_HITS.labels(self.bot).inc()
         logger.info("repeated msgid; answering with its stream %s", stream_id)
-        reply = self.poll(stream_id, hand_card=False)
+        reply = self.poll(stream_id, hand_card=False, waited=message.waited if message is not None else 0.0)
         if message is not None and not reply["stream"].get("finish"):
             self.delivery.track(stream_id, message)
         return reply
@@ -360,14 +360,16 @@ class StreamService:
             snapshot.card = None  # the next poll's carries it
         if snapshot is None:
             return None
-        if snapshot.event:
-            metrics.STREAM_OUTCOMES.labels(self.bot, snapshot.event).inc()
+        life = self.store.life
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
-            self.delivery.closed_early(stream_id, snapshot.has_response_url)
-        if snapshot.event == EXPIRED:  # given up: its owner is gone
-            self.store.life.ended.send(stream_id)
+            life.closed_early.send(stream_id, reason=snapshot.event, has_response_url=snapshot.has_response_url)
+        elif snapshot.event == EXPIRED:  # given up: its owner is gone
+            life.expired.send(stream_id)
+            life.ended.send(stream_id)
+        elif snapshot.taken_over or snapshot.resumed:
+            life.handed_over.send(stream_id, how=snapshot.event)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
             self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))

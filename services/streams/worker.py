@@ -72,14 +72,14 @@ class StreamWorker:
         ):
             answer = self._new_answer(job, lease)
             turn = Turn(job, answer, cancelled, self.rules, self.deps.turn)
-            finisher, texts = turn.finisher, turn.texts
+            finisher, texts, life = turn.finisher, turn.texts, self.deps.turn.store.life
             try:
                 self._answer(turn)
             except HandedOver:
-                metrics.STREAM_OUTCOMES.labels(self.bot, "handed_over").inc()
+                life.handed_over.send(job.stream_id, how="handed_over")
                 logger.info("this process stops: the form's wait was handed over to another replica")
             except StreamAborted:
-                metrics.STREAM_OUTCOMES.labels(self.bot, "taken_over_elsewhere").inc()
+                life.handed_over.send(job.stream_id, how="taken_over_elsewhere")
                 logger.info(
                     "stream is owned or closed elsewhere now (taken over, or stopped by its user); worker stops"
                 )
@@ -107,8 +107,7 @@ class StreamWorker:
             finally:
                 if answer.progress is not None:
                     answer.progress.close()
-                if self.deps.turn.slots is not None:
-                    self.deps.turn.slots.release(job.stream_id)
+                life.left.send(job.stream_id)
                 if answer.mask.count:
                     metrics.MASKED_MATCHES.labels(self.bot).inc(answer.mask.count)
 

@@ -44,6 +44,9 @@ class Inbound:
     ws_req_id: str = ""
     ws_generation: int = 0
     stream_id: str = ""
+    # callback mode: how long the callback had waited before it was read (its signed timestamp on; a frozen process,
+    # a queue): a reply later than WeCom waits for is not a poll WeCom saw, and must not carry a card
+    waited: float = 0.0
     quote: dict | None = None
     event_type: str = ""
     event: dict = field(default_factory=dict)
