@@ -12,7 +12,7 @@ import pytest
 
 from services.lua import ScriptSpec
 from services.streams import scripts
-from services.streams.record import FIELDS, lua
+from services.streams.record import FIELDS, F, lua
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = ROOT / "services" / "streams" / "scripts.py"
@@ -81,9 +81,27 @@ def _is_meta(node: ast.AST) -> bool:
     return isinstance(node, ast.Name) and node.id == "meta"
 
 
-def test_the_python_that_reads_a_record_reads_only_declared_fields():
-    read: dict[str, set[str]] = {}
+def test_the_python_that_reads_a_record_takes_its_field_names_from_the_schema():
+    """A record read as `meta` (or a command on a stream's hash) names its fields as F.<field>, never as a string:
+    a misspelt name is then an error, not a read of nothing."""
+    spelt: dict[str, set[str]] = {}
     for path in (ROOT / "services").rglob("*.py"):
-        for name in _meta_reads(ast.parse(path.read_text())) - FIELDS.keys():
-            read.setdefault(name, set()).add(str(path.relative_to(ROOT)))
-    assert not read, f"fields read from a stream record but not named in services/streams/record.py: {read}"
+        for name in _meta_reads(ast.parse(path.read_text())):
+            spelt.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    assert not spelt, f"write F.<field> (services/streams/record.py) for these names read from a record: {spelt}"
+
+
+def test_every_field_the_python_names_is_the_records():
+    unknown: dict[str, set[str]] = {}
+    for path in (ROOT / "services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "F"
+            if named and node.attr not in FIELDS:
+                unknown.setdefault(node.attr, set()).add(str(path.relative_to(ROOT)))
+    assert not unknown, f"F.<field> names no field of the stream record: {unknown}"
+
+
+def test_a_misspelt_field_name_is_an_error():
+    assert F.status == "status"
+    with pytest.raises(AttributeError, match="'statsu' is not a field of the stream record"):
+        F.statsu  # noqa: B018

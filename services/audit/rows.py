@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import orjson
 
 from services.streams.life import ANSWERED, BUSY, ERROR, FORM_ACTION, MESSAGE, NOTE, PUSH, STOPPED
+from services.streams.record import F
 from services.wecom.messages import Inbound
 
 FULL, METADATA = "full", "metadata"  # AUDIT_CONTENT: the texts, or their lengths and SHA-256 only
@@ -127,7 +128,7 @@ def _event_id(message: Inbound) -> str:
 def is_active(meta: dict[str, str]) -> bool:
     """Whether a stream (its hash) is still being answered: pending or streaming, the stream store's active
     statuses (services/streams/store.py), read here without importing the layer above."""
-    return meta.get("status") in ("pending", "streaming")
+    return meta.get(F.status) in ("pending", "streaming")
 
 
 def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow | None:
@@ -137,40 +138,40 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
     message's row has the whole answer): None. An answer whose bubble a poll gave up, and whose owner then sent it
     whole or its rest, is recorded whole, with both notes (`answer_given`), over the row written when the bubble
     ended (`supersedes`)."""
-    if meta.get("rest_of"):
+    if meta.get(F.rest_of):
         return None
     # (the whole answer its owner sent after a poll gave it up, with the note it sent with it)
-    text = meta.get("answer_given") or "".join(chunks)
-    note = meta.get("note", "")
+    text = meta.get(F.answer_given) or "".join(chunks)
+    note = meta.get(F.note, "")
     answer = f"{text}\n\n{note}" if text and note else (text or note)
-    status, error = meta.get("status", ""), meta.get("error", "")
+    status, error = meta.get(F.status, ""), meta.get(F.error, "")
     outcome = _OUTCOME_OF_ERROR.get(error, NOTE) if status == "done" else (ERROR if error == "internal_error" else NOTE)
-    form_task = meta.get("form_task", "")
+    form_task = meta.get(F.form_task, "")
     return AuditRow(
         bot=bot,
-        msgid=meta.get("msgid", ""),
-        kind=PUSH if meta.get("push") else FORM_ACTION if form_task else MESSAGE,
+        msgid=meta.get(F.msgid, ""),
+        kind=PUSH if meta.get(F.push) else FORM_ACTION if form_task else MESSAGE,
         outcome=outcome,
-        received_at=float(meta.get("created_at") or 0),
-        finished_at=float(meta.get("finished_at") or meta.get("updated_at") or meta.get("created_at") or 0),
-        userid=meta.get("userid", ""),
-        chatid=meta.get("chatid", ""),
-        chattype=meta.get("chattype", "") or ("group" if meta.get("chatid") else "single"),
-        msgtype=meta.get("msgtype", "") or ("form" if form_task else "markdown" if meta.get("push") else ""),
+        received_at=float(meta.get(F.created_at) or 0),
+        finished_at=float(meta.get(F.finished_at) or meta.get(F.updated_at) or meta.get(F.created_at) or 0),
+        userid=meta.get(F.userid, ""),
+        chatid=meta.get(F.chatid, ""),
+        chattype=meta.get(F.chattype, "") or ("group" if meta.get(F.chatid) else "single"),
+        msgtype=meta.get(F.msgtype, "") or ("form" if form_task else "markdown" if meta.get(F.push) else ""),
         question=_question(meta),
         answer=answer,
-        masked=int(meta.get("masked") or 0),
-        dify_conversation_id=meta.get("conversation_id", ""),
-        dify_message_id=meta.get("message_id", ""),
-        dify_run_id=meta.get("workflow_run_id", ""),
-        backend=meta.get("backend", ""),
-        route=meta.get("route", ""),
-        model=meta.get("model", ""),
-        prompt_tokens=_count(meta.get("prompt_tokens")),
-        completion_tokens=_count(meta.get("completion_tokens")),
-        trace_id=meta.get("trace_id", ""),
-        replica=_replica(meta.get("owner", "")),
-        supersedes=ANY if meta.get("answer_given") else OUTAGE,
+        masked=int(meta.get(F.masked) or 0),
+        dify_conversation_id=meta.get(F.conversation_id, ""),
+        dify_message_id=meta.get(F.message_id, ""),
+        dify_run_id=meta.get(F.workflow_run_id, ""),
+        backend=meta.get(F.backend, ""),
+        route=meta.get(F.route, ""),
+        model=meta.get(F.model, ""),
+        prompt_tokens=_count(meta.get(F.prompt_tokens)),
+        completion_tokens=_count(meta.get(F.completion_tokens)),
+        trace_id=meta.get(F.trace_id, ""),
+        replica=_replica(meta.get(F.owner, "")),
+        supersedes=ANY if meta.get(F.answer_given) else OUTAGE,
     )
 
 
@@ -178,9 +179,9 @@ def _question(meta: dict[str, str]) -> str:
     """What the user asked: the text, and a mark per file sent with it (`[image]`, `[document]`, `[video]`; WeCom
     names no file in a callback, and its download links are not kept)."""
     marks = []
-    if meta.get("attachments"):
-        marks = [f"[{attachment[0]}]" for attachment in orjson.loads(meta["attachments"]) if attachment]
-    return "\n".join(part for part in (meta.get("query", ""), *marks) if part)
+    if meta.get(F.attachments):
+        marks = [f"[{attachment[0]}]" for attachment in orjson.loads(meta[F.attachments]) if attachment]
+    return "\n".join(part for part in (meta.get(F.query, ""), *marks) if part)
 
 
 def _count(value: str | None) -> int | None:

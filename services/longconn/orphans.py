@@ -20,6 +20,7 @@ from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.outage import best_effort
 from services.redis_conn import REDIS_FAILURES
+from services.streams.record import F
 from services.streams.service import StreamService
 
 logger = logging.getLogger(__name__)
@@ -88,17 +89,17 @@ class OrphanDelivery:
                 continue
             seen = self.streams.bubble.live(shown) if shown else ""  # the bubble as its last frame showed it
             rest = rest_of(polled["stream"].get("content", ""), seen)
-            if meta.get("ws_as_is"):  # a message made whole already (an answer's rest the finisher handed over)
+            if meta.get(F.ws_as_is):  # a message made whole already (an answer's rest the finisher handed over)
                 message = rest
-            elif meta.get("form_task"):  # the rest of a run after a form's answer: it has no bubble
+            elif meta.get(F.form_task):  # the rest of a run after a form's answer: it has no bubble
                 message = self.streams.bubble.separate(rest, "")
             else:
                 message = self.streams.bubble.remainder(rest)  # "nothing more" when the rest is empty
-            chat = meta.get("ws_chat", "")
+            chat = meta.get(F.ws_chat, "")
             if not self._paced(stream_id, chat):
                 continue
-            req_id, text = frames.send_markdown(chat, bool(meta.get("ws_single")), message)
-            self._send(session, stream_id, claimant, req_id, text, bool(meta.get("push")), chat)
+            req_id, text = frames.send_markdown(chat, bool(meta.get(F.ws_single)), message)
+            self._send(session, stream_id, claimant, req_id, text, bool(meta.get(F.push)), chat)
 
     def _send(self, session: Session, stream_id: str, claimant: str, req_id: str, text: str, push: bool, chat: str):
         """Mark the send handed, then hand it to the socket; one that does not go out is released at once."""

@@ -39,6 +39,7 @@ from services.keys import (
 )
 from services.lua import LuaScript, ScriptSpec
 from services.replication import OUTBOX, raise_first_error
+from services.streams.record import F
 from services.streams.store import DONE, StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
 from utils.text import cut_utf8, utf8_len
@@ -163,7 +164,7 @@ class Outbox:
             for stream_id, meta in zip(waiting, self.store.metas(waiting), strict=True):
                 if not meta:
                     gone.append(stream_id)
-                elif meta.get("ws_generation") != str(generation) or meta.get("ws_dead"):
+                elif meta.get(F.ws_generation) != str(generation) or meta.get(F.ws_dead):
                     found.append(stream_id)
                 # else: being answered on this connection (its reply is registered a moment later)
             if len(ids) < page:
@@ -248,7 +249,7 @@ class Outbox:
         if errcode in CONFLICT_ERRCODES:
             self._write(key, [("SET", key, "conflict", "EX", OUTBOX_CONFLICT_TTL_SECONDS)])
             return
-        refusals = self.client.hincrby(self.keys.stream(stream_id), "send_refusals", 1)
+        refusals = self.client.hincrby(self.keys.stream(stream_id), F.send_refusals, 1)
         if give_up_after and refusals >= give_up_after:
             self._write(key, [("SET", key, f"failed {errcode}", "EX", SENT_TTL_SECONDS)])
             self.delivered(stream_id)
@@ -283,10 +284,10 @@ def shown_of(meta: dict[str, str]) -> tuple[str, bool]:
     """What a tracked stream's bubble shows of its text (the last frame handed to the socket), and whether that
     frame finished it. Nothing when the bubble showed text the answer no longer has (replaced since). A record
     written before records counted bytes (`ws_sent`, `ws_shown`: the frame's content) is read as it was meant."""
-    final = bool(meta.get("ws_sent_final"))
-    if "ws_shows" in meta:
-        return cut_utf8(meta.get("text", ""), max(0, int(meta["ws_shows"] or 0))), final
-    return meta.get("ws_sent", meta.get("ws_shown", "")), final
+    final = bool(meta.get(F.ws_sent_final))
+    if F.ws_shows in meta:
+        return cut_utf8(meta.get(F.text, ""), max(0, int(meta[F.ws_shows] or 0))), final
+    return meta.get(F.ws_sent, meta.get(F.ws_shown, "")), final
 
 
 def shows_of(content: str, text: str) -> int:

@@ -20,6 +20,7 @@ from services.longconn.session import Session
 from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
 from services.streams.poll_path import FrameRecord
+from services.streams.record import F
 from services.streams.service import StreamService
 from utils.text import utf8_len
 
@@ -88,7 +89,7 @@ class ReplyPump:
             try:
                 meta = self.outbox.store.meta(stream_id)
                 entry.floor = utf8_len(shown_of(meta)[0])
-                entry.sent = shows_of(entry.content, meta.get("text", ""))
+                entry.sent = shows_of(entry.content, meta.get(F.text, ""))
                 self.ledger.record({stream_id: sending_record(entry.sent, bool(stream.get("finish")), token)})
             except REDIS_FAILURES as exc:
                 logger.warning("could not record what a bubble shows (its frame waits for the next pass): %s", exc)

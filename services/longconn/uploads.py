@@ -26,6 +26,7 @@ from services.keys import FILE_UPLOAD_CLAIM_TTL_SECONDS, SENT_TTL_SECONDS, Keys
 from services.longconn import frames
 from services.longconn.session import Session
 from services.redis_conn import REDIS_FAILURES
+from services.streams.record import F
 from services.texts import Texts
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class FileSender:
     def _send_all(self, stream_id: str) -> None:
         try:
             meta = self._meta(stream_id)
-            files = orjson.loads(meta.get("files") or "[]")
+            files = orjson.loads(meta.get(F.files) or "[]")
             if not files or not self.client.set(
                 self.keys.ws_files(stream_id), "sending", nx=True, ex=FILE_UPLOAD_CLAIM_TTL_SECONDS
             ):
@@ -79,7 +80,7 @@ class FileSender:
             logger.warning("could not read the answer's files (%s); the next delivery of the stream tries again", exc)
             return
         session = self._session()
-        chat, single = meta.get("ws_chat", ""), bool(meta.get("ws_single"))
+        chat, single = meta.get(F.ws_chat, ""), bool(meta.get(F.ws_single))
         failed = []
         for file in files:
             try:

@@ -21,6 +21,7 @@ from services import metrics
 from services.keys import OUTBOX_TRACKED_TTL_SECONDS, SENT_TTL_SECONDS, Keys
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
+from services.streams.record import F
 from services.streams.service import new_stream_id
 from services.streams.store import StreamStore
 
@@ -98,9 +99,9 @@ class BotPushes:
             errcode = marker.partition(" ")[2]
             return {"status": FAILED, "error": f"WeCom refused the message (errcode {errcode})"}
         meta = self.store.meta(push_id)
-        if not meta.get("push"):
+        if not meta.get(F.push):
             return None
-        if time.time() - float(meta.get("created_at") or 0) > OUTBOX_TRACKED_TTL_SECONDS:
+        if time.time() - float(meta.get(F.created_at) or 0) > OUTBOX_TRACKED_TTL_SECONDS:
             return {"status": FAILED, "error": "no connection to WeCom could send it in time"}
         return {"status": QUEUED}
 

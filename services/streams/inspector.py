@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import redis
 
 from services.keys import Keys
+from services.streams.record import F
 
-_SUMMARY_FIELDS = ("status", "userid", "chatid", "msgid", "owner", "created_at", "finished_at", "error", "polls")
+_SUMMARY_FIELDS = (F.status, F.userid, F.chatid, F.msgid, F.owner, F.created_at, F.finished_at, F.error, F.polls)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class StreamInspector:
         meta, chunks, lease, images, *ttls = pipe.execute()
         if not meta:
             return None
-        created = float(meta.get("created_at") or 0)
+        created = float(meta.get(F.created_at) or 0)
 
         def since_created(name: str) -> float | None:
             return round(float(meta[name]) - created, 3) if meta.get(name) else None
@@ -96,7 +97,7 @@ class StreamInspector:
         return {
             "stream_id": stream_id,
             "meta": {name: value for name, value in meta.items() if name not in ("text", "response_url")},
-            "has_response_url": bool(meta.get("response_url")),
+            "has_response_url": bool(meta.get(F.response_url)),
             "lease_holder": lease,
             "chunks": chunks,
             "text": "".join(chunks),
@@ -116,7 +117,7 @@ class StreamInspector:
         shown: list[str] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = self.redis.hget(self.keys.stream(stream_id), "status")
+            status = self.redis.hget(self.keys.stream(stream_id), F.status)
             if status is None:
                 yield "gone", ""
                 return
@@ -135,7 +136,7 @@ class StreamInspector:
     def purge(self, stream_id: str) -> list[str]:
         """Delete a stream's keys (and its msgid mapping, if it points to this stream); returns the keys deleted."""
         k = self.keys
-        msgid = self.redis.hget(k.stream(stream_id), "msgid")
+        msgid = self.redis.hget(k.stream(stream_id), F.msgid)
         candidates = [
             k.stream(stream_id),
             k.stream_chunks(stream_id),

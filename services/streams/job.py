@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from services.streams.conversations import conversation_member
+from services.streams.record import F
 from services.transport.trace import trace_id_of
 
 
@@ -83,24 +84,24 @@ class StreamJob:
         return cls(
             stream_id=stream_id,
             attempt=attempt,
-            msgid=meta.get("msgid", ""),
-            userid=meta.get("userid", ""),
-            aibotid=meta.get("aibotid", ""),
-            chatid=meta.get("chatid", ""),
-            query=meta.get("query", ""),
-            typed_query=bool(meta.get("typed_query")),
-            response_url=meta.get("response_url", ""),
-            attachments=[tuple(a) for a in orjson.loads(meta["attachments"])] if meta.get("attachments") else [],
-            created_at=float(meta.get("created_at") or time.time()),
-            form_task=meta.get("form_task", ""),
-            forms_answered=tuple(meta.get("forms_answered", "").split()),
-            card_placed=bool(meta.get("card")),
-            shared_chat=bool(meta.get("shared_chat")),
+            msgid=meta.get(F.msgid, ""),
+            userid=meta.get(F.userid, ""),
+            aibotid=meta.get(F.aibotid, ""),
+            chatid=meta.get(F.chatid, ""),
+            query=meta.get(F.query, ""),
+            typed_query=bool(meta.get(F.typed_query)),
+            response_url=meta.get(F.response_url, ""),
+            attachments=[tuple(a) for a in orjson.loads(meta[F.attachments])] if meta.get(F.attachments) else [],
+            created_at=float(meta.get(F.created_at) or time.time()),
+            form_task=meta.get(F.form_task, ""),
+            forms_answered=tuple(meta.get(F.forms_answered, "").split()),
+            card_placed=bool(meta.get(F.card)),
+            shared_chat=bool(meta.get(F.shared_chat)),
         )
 
     @classmethod
     def resumed(cls, stream_id: str, meta: dict[str, str], attempt: str) -> StreamJob:
         """The job of a stream whose Dify run this replica streams again, from where the text stopped."""
         job = cls.from_meta(stream_id, meta, attempt)
-        job.resume_run = meta.get("workflow_run_id", "")
+        job.resume_run = meta.get(F.workflow_run_id, "")
         return job

@@ -1,9 +1,11 @@
 """The stream record, the hash `dify_stream:{id}` (Keys.stream): its fields named once, for the Lua scripts that
 write and read it (scripts.py: `F.<field>` in a script is that field's name, checked when the module loads) and for
-the Python that reads it whole (`meta`: job.py, the audit row, the long connection's outbox and orphans).
+the Python that reads it (`meta[F.status]`, `hget(keys.stream(id), F.owner)`: job.py, the audit row, the inspector,
+the long connection's outbox and orphans; `F` is below).
 
-A field not named here cannot be written in a stream script (tests/test_stream_record.py reads every script and
-every `meta` read in services/ against this table), so a misspelt name fails a test instead of reading nothing.
+A field not named here cannot be written in a stream script nor read in Python (tests/test_stream_record.py fails on
+a field name spelt as a string in either, and on an `F.<field>` this table lacks), so a misspelt name fails a test
+instead of reading nothing.
 """
 
 from __future__ import annotations
@@ -112,3 +114,18 @@ def lua(source: str) -> str:
         return f"'{name}'"
 
     return _FIELD.sub(quoted, source)
+
+
+class _FieldNames:
+    """`F.<field>`: the field's name, for the Python that reads a record (`meta[F.status]`); a name FIELDS does not
+    hold is an AttributeError (and tests/test_stream_record.py finds every `F.<field>` in services/ up front)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> str:
+        if name in FIELDS:
+            return name
+        raise AttributeError(f"{name!r} is not a field of the stream record (record.py)")
+
+
+F = _FieldNames()

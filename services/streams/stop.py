@@ -18,6 +18,7 @@ from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.backend import Backend
 from services.streams.job import StreamJob
+from services.streams.record import F
 from services.streams.store import ACTIVE_STATUSES, StreamStore
 from services.texts import Texts
 
@@ -41,7 +42,7 @@ class AnswerStopper:
         note = self.texts.say("stopped_note")
         stopped = 0
         for stream_id, meta in zip(stream_ids, self.store.metas(stream_ids), strict=True):
-            if (meta.get("chatid") or "") != (chatid or "") or meta.get("status") not in ACTIVE_STATUSES:
+            if (meta.get(F.chatid) or "") != (chatid or "") or meta.get(F.status) not in ACTIVE_STATUSES:
                 continue
             result = self.store.stop(stream_id, note)
             if result is None:  # it ended meanwhile

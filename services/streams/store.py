@@ -32,6 +32,7 @@ from services.lua import LuaScript
 from services.replication import Replication, raise_first_error
 from services.streams import scripts
 from services.streams.life import StreamLife
+from services.streams.record import F
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
 
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
@@ -335,12 +336,12 @@ class StreamStore:
     def superseded(self, stream_id: str, attempt: str) -> bool:
         """Whether another attempt has taken the stream over from `attempt` (a read, for a write outside the
         stream's slot, such as the user's conversation, which no script can fence together with the stream)."""
-        owner = self.client.hget(self.keys.stream(stream_id), "owner")
+        owner = self.client.hget(self.keys.stream(stream_id), F.owner)
         return owner is not None and owner != attempt
 
     def polls(self, stream_id: str) -> int:
         """How many polls the stream's bubble had (0: WeCom may never have got the reply that opened it)."""
-        return int(self.client.hget(self.keys.stream(stream_id), "polls") or 0)
+        return int(self.client.hget(self.keys.stream(stream_id), F.polls) or 0)
 
     def take_unpolled(self, stream_id: str) -> bool:
         """Take a finished answer whose bubble no poll ever showed, to send it through response_url (scripts.UNPOLLED:
@@ -350,7 +351,7 @@ class StreamStore:
     def shown_when_given_up(self, stream_id: str) -> str | None:
         """The text a stream's bubble ended with when a poll gave it up as orphaned (its lease was gone); None if
         the stream is gone, or ended some other way."""
-        status, error, text = self.client.hmget(self.keys.stream(stream_id), "status", "error", "text")
+        status, error, text = self.client.hmget(self.keys.stream(stream_id), F.status, F.error, F.text)
         return text if status == EXPIRED and error == "owner_lost" else None
 
     def count_dify_call(self, stream_id: str) -> str:
