@@ -456,7 +456,7 @@ def _connection(
     lease = BotLease(client, keys, connection.bot_id, shared.owner, connection.lease_seconds)
 
     def sender(session) -> FileSender:
-        return FileSender(bot.name, client, keys, files.refs, files.fetcher, core.texts, core.store.meta, session)
+        return FileSender(bot.name, client, keys, files.refs, files.fetcher, core.texts, core.store.reads.meta, session)
 
     sends = ChatWindow(client, keys.ws_sends, connection.send_per_minute, connection.send_per_hour)
     redis_timeout = shared.settings.redis.socket_timeout

@@ -190,7 +190,7 @@ class Gateway:
         released = 0
         for bot, attempts in self.runner.by_bot(remaining).items():
             try:
-                handed = self._named(bot).streams.store.release_leases(attempts)
+                handed = self._named(bot).streams.store.leases.release(attempts)
             except REDIS_FAILURES as exc:
                 logger.warning("could not release leases (%s); they expire within STREAM_LEASE_SECONDS", exc)
                 continue

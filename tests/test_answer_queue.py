@@ -113,7 +113,8 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
     """Its req_id died with the holder's connection after the last words, before the final frame: the new holder
     cannot finish the bubble, so the user is told, once, that the answer was complete."""
     from services.streams.poll_path import FrameRecord
-    from services.streams.store import DONE, first_attempt
+    from services.streams.record import DONE
+    from services.streams.store import first_attempt
     from services.texts import CATALOGUE
 
     gateway = served(settings, wecom, tmp_path)

@@ -119,7 +119,7 @@ def test_the_answer_queue_consumer_survives_a_failure(gateway, wecom, dify):
 def test_the_stream_lease_keeper_survives_a_failure(gateway, wecom, dify, redis_client):
     """An answer longer than its lease completes once, on this process, though one renewal pass failed."""
     store = gateway.bot().streams.store
-    store.renew_leases = fail_once(store.renew_leases)
+    store.leases.renew = fail_once(store.leases.renew)
     before = errors("stream_lease_keeper")
     gateway.start()
     assert wait_until(lambda: wecom.subscribed(BOT_ID) == 1, timeout=10)

@@ -108,7 +108,7 @@ def test_a_frame_that_never_went_out_is_not_taken_for_what_the_bubble_shows(redi
     streams.show("s1", "The first words, and the rest.", True)
     pump.pump()
     pump.flush_acks()
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
     assert rest_of("The first words, and the rest.", "The first words") == ", and the rest."
     assert "s1" not in pump.live_streams()
 
@@ -119,13 +119,13 @@ def test_a_frame_is_recorded_by_the_poll_that_makes_it_and_counts_bytes_of_the_t
     store, streams, connection, pump = answering(redis_client, "")  # the placeholder
     streams.show("s1", "你好, world")
     pump.pump()
-    meta = store.meta("s1")
+    meta = store.reads.meta("s1")
     assert meta["ws_shows"] == str(len("你好, world".encode())) and meta["ws_sent_by"]
     assert shown_of(meta) == ("你好, world", False)
     connection.acks.pop()({"errcode": 0})
     pump.pump()  # nothing changed
     assert connection.acks == []
-    assert shown_of(store.meta("s1")) == ("你好, world", False)
+    assert shown_of(store.reads.meta("s1")) == ("你好, world", False)
 
 
 def test_a_frame_wecom_refused_goes_out_again_and_the_record_says_what_was_taken_meanwhile(redis_client):
@@ -137,10 +137,10 @@ def test_a_frame_wecom_refused_goes_out_again_and_the_record_says_what_was_taken
     pump.pump()
     connection.acks.pop()({"errcode": 45009, "errmsg": "busy"})
     pump.flush_acks()
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
     pump.pump()  # sent again, recorded again
     assert len(connection.acks) == 1
-    assert shown_of(store.meta("s1")) == ("The first words, and more", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words, and more", False)
 
 
 def test_a_replaced_answer_leaves_no_record_of_text_it_no_longer_has(redis_client):
@@ -153,12 +153,12 @@ def test_a_replaced_answer_leaves_no_record_of_text_it_no_longer_has(redis_clien
     streams.frame("s1", FrameRecord("pass-1", 0))
     store.replace("s1", owner, "Hello world, again")  # the same start
     streams.poll("s1")  # the holder's rest is made from the text as a poll folded it
-    assert shown_of(store.meta("s1"))[0] == "Hello world"
+    assert shown_of(store.reads.meta("s1"))[0] == "Hello world"
     store.replace("s1", owner, "Something else")
     streams.poll("s1")
-    assert shown_of(store.meta("s1"))[0] == ""
+    assert shown_of(store.reads.meta("s1"))[0] == ""
     streams.frame("s1", FrameRecord("pass-2", 0))  # the next frame shows the new text
-    assert shown_of(store.meta("s1"))[0] == "Something else"
+    assert shown_of(store.reads.meta("s1"))[0] == "Something else"
 
 
 def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_once(redis_client):
@@ -170,8 +170,8 @@ def test_a_message_answered_after_its_connection_ended_is_recorded_as_dead_at_on
     pump = ReplyPump("bot", streams, outbox, lambda: None)  # no connection any more
     streams.show("s1", "")
     pump.open("req-1", "s1", streams.poll("s1"))
-    assert store.meta("s1").get("ws_dead") == "1"
-    assert shown_of(store.meta("s1")) == ("", False)
+    assert store.reads.meta("s1").get("ws_dead") == "1"
+    assert shown_of(store.reads.meta("s1")) == ("", False)
 
 
 @pytest.mark.parametrize("session_left", [False, True], ids=["no-session", "closed-session"])
@@ -197,7 +197,7 @@ def test_a_late_delivery_of_the_message_does_not_take_back_what_its_repeat_showe
     streams.show("s1", "The first words and")
     pump.open("req-1", "s1", streams.poll("s1"))
     pump.flush_acks()
-    meta = store.meta("s1")
+    meta = store.reads.meta("s1")
     assert meta.get("ws_dead") == "1"
     assert shown_of(meta) == ("The first words", False)
 
@@ -235,7 +235,7 @@ def test_what_one_bubble_of_a_stream_was_sent_stands_when_its_other_bubble_s_fra
     pump.pump()
     pump.flush_acks()
     assert len(connection.acks) == 1  # one bubble's frame went out
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
 def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(redis_client):
@@ -248,7 +248,7 @@ def test_a_repeat_whose_first_frame_shows_text_is_recorded_before_it_goes_out(re
     pump.outbox.track("s1", "req-2", 3, "alice", True)
     pump.open("req-2", "s1", streams.poll("s1"))  # sent; its ack never comes (the holder dies)
     assert len(connection.acks) == 1
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
 def test_a_pass_its_connection_outlived_records_nothing_and_sends_nothing_on_the_next(redis_client):
@@ -279,7 +279,7 @@ def test_a_pass_its_connection_outlived_records_nothing_and_sends_nothing_on_the
     pump.pump(old)
     pump.flush_acks()
     assert new.acks == []
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
 def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown(private_redis):
@@ -290,7 +290,7 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     store, streams, connection, pump = answering(client, "The first words", lease_seconds=30)
     pump.pump()  # nothing changed: nothing sent
     streams.show("s1", "The first words, and more")
-    polls = int(store.meta("s1")["polls"])
+    polls = int(store.reads.meta("s1")["polls"])
     private_redis.pause()
     try:
         pump.pump()  # the poll that records the frame times out: nothing goes out
@@ -298,9 +298,9 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
         time.sleep(0.3)
         private_redis.resume()
     assert connection.acks == []
-    assert wait_until(lambda: int(store.meta("s1")["polls"]) == polls + 1)  # it ran late, and recorded the frame
+    assert wait_until(lambda: int(store.reads.meta("s1")["polls"]) == polls + 1)  # it ran late, and recorded the frame
     pump.flush_acks()
-    assert shown_of(store.meta("s1")) == ("The first words", False)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
     client.close()
 
 
@@ -342,7 +342,7 @@ def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(p
         private_redis.resume()
     pump.flush_acks()
     assert connection.acks == []
-    assert shown_of(store.meta("s1"))[0] == "The first words"
+    assert shown_of(store.reads.meta("s1"))[0] == "The first words"
     client.close()
 
 
@@ -359,9 +359,9 @@ def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(p
         time.sleep(0.8)  # past the record's deadline
         private_redis.resume()
     time.sleep(0.5)  # a bounded look: Redis has run what it held by now
-    assert shown_of(store.meta("s1"))[0] == "The first words"
+    assert shown_of(store.reads.meta("s1"))[0] == "The first words"
     pump.pump()  # the next pass records and sends it
-    assert shown_of(store.meta("s1"))[0] == "The first words, and more"
+    assert shown_of(store.reads.meta("s1"))[0] == "The first words, and more"
     assert connection.acks
     client.close()
 

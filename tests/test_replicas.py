@@ -99,7 +99,7 @@ def test_a_live_owner_whose_bubble_was_given_up_sends_what_it_did_not_show_once(
     first, second = pair
     dify.script(script)
     store = first.gateway.bot().streams.store
-    store.shown_when_given_up = Blip(store.shown_when_given_up, times=withheld)
+    store.reads.shown_when_given_up = Blip(store.reads.shown_when_given_up, times=withheld)
     opener = make_simulator(first.url)
     payload = opener.text_message("hello")
     reply = opener.send(payload)

@@ -18,7 +18,8 @@ from services.longconn.outbox import Outbox
 from services.redis_conn import connect_redis
 from services.replication import Replication
 from services.streams.poll_path import PollPath
-from services.streams.store import DONE, StreamStore, first_attempt
+from services.streams.record import DONE
+from services.streams.store import StreamStore, first_attempt
 from services.wecom.messages import Inbound
 from tests.conftest import SENTINEL_PASSWORD, wait_until
 
@@ -280,7 +281,7 @@ def test_a_new_message_on_a_long_connection_waits_for_a_replica_three_times(sent
         "answer_queue": 1,
     }
     stream_id = reply["stream"]["id"]
-    meta = streams.store.meta(stream_id)
+    meta = streams.store.reads.meta(stream_id)
     assert (meta["ws_req_id"], meta["ws_generation"], meta["ws_chat"], meta["ws_single"]) == ("req-7", "5", "zoe", "1")
     assert gateway.bot("three").connection.pushes.outbox.tracked(stream_id)
     gateway.close()

@@ -65,7 +65,7 @@ def test_create_is_deduplicated_by_msgid(store, redis_client):
     open_stream(store)
     assert create(store, "s2", "m1", "B") == (EXISTING, "s1")
     assert not redis_client.exists("dify_stream:{s2}")
-    assert store.stream_for_msgid("m1") == "s1"
+    assert store.reads.stream_for_msgid("m1") == "s1"
 
 
 def test_concurrent_creates_for_one_msgid_make_one_stream(store):
@@ -175,24 +175,24 @@ def test_an_append_redis_runs_past_its_deadline_writes_nothing(store):
         ]
     )
     assert (late, timely) == (LATE, WRITTEN)
-    assert store.chunks("s1") == ["fresh"]
-    assert "note" not in store.meta("s1")
+    assert store.reads.chunks("s1") == ["fresh"]
+    assert "note" not in store.reads.meta("s1")
 
 
 def test_fields_are_set_with_an_append(store, redis_client):
     open_stream(store)
     store.append("s1", "A", [], 0, {"task_id": "t-1", "conversation_id": "c-1"})
-    meta = store.meta("s1")
+    meta = store.reads.meta("s1")
     assert meta["task_id"] == "t-1"
     assert meta["conversation_id"] == "c-1"
     assert meta["status"] == "streaming"
     assert "first_token_at" not in meta
     store.append("s1", "A", ["a"], 0)
-    first = store.meta("s1")["first_token_at"]
+    first = store.reads.meta("s1")["first_token_at"]
     store.replace("s1", "A", "")  # the list is empty again: the next delta is not the answer's first
     time.sleep(0.01)
     store.append("s1", "A", ["b"], 0)
-    assert store.meta("s1")["first_token_at"] == first
+    assert store.reads.meta("s1")["first_token_at"] == first
 
 
 def test_replace_resets_the_text(store):
@@ -203,7 +203,7 @@ def test_replace_resets_the_text(store):
     assert poll(store).text == "[moderated]"
     store.append("s1", "A", [" more"], 1)
     assert poll(store).text == "[moderated] more"
-    assert store.chunks("s1") == ["[moderated]", " more"]
+    assert store.reads.chunks("s1") == ["[moderated]", " more"]
 
 
 def test_a_finished_stream_s_keys_stay_at_least_the_ttl_and_a_quick_finish_renews_nothing(store, redis_client):
@@ -305,10 +305,10 @@ def test_each_attempt_has_a_token_of_its_own_and_a_superseded_one_can_write_noth
     assert snap.taken_over and snap.attempt == "P#2"
     assert store.append("s1", "P#1", ["late"], 0) == TAKEN
     assert store.replace("s1", "P#1", "late") == TAKEN
-    assert store.renew_leases({"s1": "P#1"}) == ["s1"]
-    assert store.release_leases({"s1": "P#1"}) == 0
+    assert store.leases.renew({"s1": "P#1"}) == ["s1"]
+    assert store.leases.release({"s1": "P#1"}) == 0
     assert store.finish("s1", "P#1", "done") is None
-    assert store.superseded("s1", "P#1") and not store.superseded("s1", "P#2")
+    assert store.reads.superseded("s1", "P#1") and not store.reads.superseded("s1", "P#2")
     assert store.append("s1", "P#2", ["answer"], 0) == WRITTEN
     assert store.finish("s1", "P#2", "done") is not None
 
@@ -333,7 +333,7 @@ def test_a_missing_lease_is_taken_over_only_after_the_grace_its_living_owner_has
     noted = polls.poll("s1", 330, 20000, "orphan note", taker="Q")
     assert noted.event == "" and noted.active
     assert redis_client.hget("dify_stream:{s1}", "lease_missing_at")
-    assert store.renew_leases({"s1": "P#1"}) == []  # the owner's keeper takes it back
+    assert store.leases.renew({"s1": "P#1"}) == []  # the owner's keeper takes it back
     assert redis_client.get("dify_stream:{s1}:lease") == "P#1"
     assert not redis_client.hget("dify_stream:{s1}", "lease_missing_at")
     redis_client.delete("dify_stream:{s1}:lease")  # now its owner is dead
@@ -400,7 +400,7 @@ def test_release_hands_streams_over(store, redis_client):
     open_stream(store, "s1", "m1", owner="A")
     open_stream(store, "s2", "m2", owner="A")
     redis_client.set("dify_stream:{s2}:lease", "B", ex=30)
-    assert store.release_leases({"s1": "A", "s2": "A"}) == 1
+    assert store.leases.release({"s1": "A", "s2": "A"}) == 1
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert redis_client.get("dify_stream:{s2}:lease") == "B"
     assert redis_client.hget("dify_stream:{s1}", "handed_over_at")
@@ -410,7 +410,7 @@ def test_renewal_ignores_streams_that_are_gone_or_final(store, redis_client):
     open_stream(store, "s1", "m1")
     store.finish("s1", "A", "done")
     redis_client.delete("dify_stream:{s1}:lease")  # a final stream's lease runs out
-    assert store.renew_leases({"s1": "A", "gone": "A"}) == []
+    assert store.leases.renew({"s1": "A", "gone": "A"}) == []
     assert not redis_client.exists("dify_stream:{s1}:lease")
     assert not redis_client.exists("dify_stream:{gone}:lease")
 
@@ -445,13 +445,13 @@ def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
     for i in range(3):
         open_stream(store, f"s{i}", f"m{i}")
     assert create(store, "s3", "m3") == (LIMITED, "s3")  # the stream exists; the caller ends it with the reason
-    assert store.stream_for_msgid("m3") == "s3"  # so a retry of that message gets the same refusal
-    assert store.in_flight("bot1", "alice") == 3
+    assert store.reads.stream_for_msgid("m3") == "s3"  # so a retry of that message gets the same refusal
+    assert store.reads.in_flight("bot1", "alice") == 3
     assert create(store, "s0-again", "m0") == (EXISTING, "s0")  # a retry is never refused
     assert create(store, "t1", "n1", userid="bob")[0] == CREATED  # other users are not affected
     finished = store.finish("s0", "A", "done")
     store.release_inflight(finished.inflight_key, "s0")
-    assert store.in_flight("bot1", "alice") == 2
+    assert store.reads.in_flight("bot1", "alice") == 2
     assert create(store, "s4", "m4")[0] == CREATED
 
 
@@ -506,7 +506,7 @@ def test_lease_renewal_keeps_reacquires_and_reports_lost(store, redis_client):
     open_stream(store, "s3", "m3", "A")
     redis_client.delete("dify_stream:{s2}:lease")  # expired, nobody else took it: ours again
     redis_client.set("dify_stream:{s3}:lease", "B", ex=30)  # taken over by replica B
-    lost = store.renew_leases({"s1": "A", "s2": "A", "s3": "A"})
+    lost = store.leases.renew({"s1": "A", "s2": "A", "s3": "A"})
     assert lost == ["s3"]
     assert redis_client.get("dify_stream:{s2}:lease") == "A"
     assert redis_client.pttl("dify_stream:{s1}:lease") > 1500
@@ -538,13 +538,13 @@ def test_a_writing_attempt_s_lease_is_renewed_by_its_appends_and_a_quiet_one_s_b
     store = StreamStore(redis_client, Keys(), TTL, lease_seconds=6)
     runner, batcher = StreamRunner(10, lease_seconds=6), AppendBatcher()
     renewed_by_keeper: list[str] = []
-    real_renew = store.renew_leases
+    real_renew = store.leases.renew
 
     def renew_leases(attempts):
         renewed_by_keeper.extend(attempts)
         return real_renew(attempts)
 
-    monkeypatch.setattr(store, "renew_leases", renew_leases)
+    monkeypatch.setattr(store.leases, "renew", renew_leases)
     open_stream(store, "s1", "m1", "A")
     left: dict[str, list[int]] = {"appending": [], "quiet": []}
     while_appending: list[str] = []
@@ -570,7 +570,7 @@ def test_a_writing_attempt_s_lease_is_renewed_by_its_appends_and_a_quiet_one_s_b
     assert min(left["appending"]) > 3500  # renewed by the appends, never older than the interval and a little
     assert set(renewed_by_keeper) == {"s1"}  # the quiet attempt's
     assert min(left["quiet"]) > 3500
-    assert len(store.chunks("s1")) == len(left["appending"])
+    assert len(store.reads.chunks("s1")) == len(left["appending"])
 
 
 def test_key_prefix_namespaces_every_key(redis_client):
@@ -603,10 +603,10 @@ def test_append_many_gives_each_stream_its_own_result(store, redis_client):
     assert results[:3] == [WRITTEN, TAKEN, CLOSED]
     assert isinstance(results[3], StreamConflict)
     assert results[4] == CLOSED
-    assert store.chunks("a") == ["a1", "a2"]
+    assert store.reads.chunks("a") == ["a1", "a2"]
     assert redis_client.hget("dify_stream:{a}", "task_id") == "t"
     assert store.append_many(requests[:1]) == [WRITTEN]  # the retry of an applied call changes nothing
-    assert store.chunks("a") == ["a1", "a2"]
+    assert store.reads.chunks("a") == ["a1", "a2"]
 
 
 def test_writers_send_concurrent_streams_together(store, redis_client):
@@ -633,7 +633,7 @@ def test_writers_send_concurrent_streams_together(store, redis_client):
         t.start()
     for t in threads:
         t.join()
-    assert all(store.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
+    assert all(store.reads.chunks(s) == [f"{s}-{n}" for n in range(5)] for s in streams)
     assert redis_client.hget("dify_stream:{s0}", "task_id") == "t0"
     # deltas that arrived while a stream's append was in flight went out together, in batches of many streams
     assert batcher.appends < 200
@@ -655,15 +655,15 @@ def test_a_paced_writer_appends_at_once_then_at_most_once_per_pace_and_a_flush_g
     for delta in ("a", "b", "c"):
         slow.add([delta])
     time.sleep(0.3)  # a bounded look: within its 30 s pace, nothing more is written
-    assert store.chunks("slow") == ["first"]
+    assert store.reads.chunks("slow") == ["first"]
     slow.flush(5)
-    assert store.chunks("slow") == ["first", "a", "b", "c"]
+    assert store.reads.chunks("slow") == ["first", "a", "b", "c"]
     assert batcher.appends == 2
     fast = batcher.writer(store, "fast", "A", pace=0.2)
     fast.add(["x"])
     fast.add(["y"])
     assert wait_until(lambda: fast.written == 2, timeout=5)  # its pace over, the rest goes without a flush
-    assert store.chunks("fast") == ["x", "y"]
+    assert store.reads.chunks("fast") == ["x", "y"]
 
 
 def test_a_writer_reports_taken_and_closed(store):
@@ -680,7 +680,7 @@ def test_a_writer_reports_taken_and_closed(store):
     assert closed.state == CLOSED
     taken.add(["more"])  # nothing more goes to Redis
     taken.flush(5)
-    assert store.chunks("theirs") == []
+    assert store.reads.chunks("theirs") == []
 
 
 def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client, private_redis):
@@ -699,7 +699,7 @@ def test_a_failed_append_keeps_its_deltas_in_order_for_the_next_try(redis_client
     writer.add(["three"])
     private_redis.resume()
     writer.flush(5)
-    assert store.chunks("s1") == ["one ", "two ", "three"]
+    assert store.reads.chunks("s1") == ["one ", "two ", "three"]
     assert writer.error is None
 
 
@@ -707,7 +707,7 @@ def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):
     open_stream(store)
     assert store.append("s1", "A", ["a", "b"], 0) == WRITTEN  # ran, but its reply was lost
     assert store.append("s1", "A", ["a", "b", "c"], 0) == WRITTEN  # the retry carries what arrived meanwhile
-    assert store.chunks("s1") == ["a", "b", "c"]
+    assert store.reads.chunks("s1") == ["a", "b", "c"]
 
 
 def test_dify_calls_are_counted_by_kind(store, polls, redis_client):

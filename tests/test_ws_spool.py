@@ -83,7 +83,7 @@ def test_a_kept_message_whose_reader_is_gone_is_answered_once_as_a_message_of_it
     [sent] = wecom.proactive
     assert sent["chatid"] == "alice" and sent["markdown"]["content"].endswith("The answer a gone process owed.")
     assert wait_until(lambda: kept_rows(database) == [], timeout=5)
-    assert gateway.bot("default").streams.store.stream_for_msgid("orphan-1")
+    assert gateway.bot("default").streams.store.reads.stream_for_msgid("orphan-1")
 
     assert gone.keep(
         "orphan-1", orjson.dumps(_message(WS_BOT_ID, "alice", "text", {"content": "hi"}, "orphan-1")).decode()

@@ -78,7 +78,9 @@ class CallbackDelivery:
         then the answer is taken to go through response_url. False when a poll came, Redis does not say, or the
         process drains (it does not wait: the bubble, final in Redis, shows the answer to a poll that comes)."""
         while True:
-            polls = best_effort_value(lambda: self.store.polls(job.stream_id), "reading whether the bubble was polled")
+            polls = best_effort_value(
+                lambda: self.store.reads.polls(job.stream_id), "reading whether the bubble was polled"
+            )
             if polls != 0 or self.draining():
                 return False
             wait = job.created_at + UNPOLLED_SECONDS - time.time()
@@ -125,7 +127,7 @@ class CallbackDelivery:
                 continue
             if snapshot is not None and snapshot.event == "expired":
                 logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
-                url = self.store.meta(stream_id).get("response_url", "")
+                url = self.store.reads.meta(stream_id).get("response_url", "")
                 if url:
                     self.posts.send(stream_id, url, snapshot.owed or snapshot.note)
             client.zrem(key, stream_id)

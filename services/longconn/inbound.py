@@ -99,7 +99,7 @@ class InboundHandler:
             logger.warning("dropped a kept message that does not parse: %s", exc.error)
             return "malformed"
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            if self.streams.store.stream_for_msgid(message.msgid):
+            if self.streams.store.reads.stream_for_msgid(message.msgid):
                 return "already"
             reply = self.dispatch.intake.take(message)
             stream = (reply or {}).get("stream") or {}

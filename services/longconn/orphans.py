@@ -79,7 +79,7 @@ class OrphanDelivery:
             except REDIS_FAILURES:
                 continue
             try:
-                meta = self.outbox.store.meta(stream_id)  # its text as that poll folded it, and its last record
+                meta = self.outbox.store.reads.meta(stream_id)  # its text as that poll folded it, and its last record
             except REDIS_FAILURES:
                 best_effort(partial(self.outbox.failed, stream_id), "releasing the send", delays=())
                 continue

@@ -39,8 +39,8 @@ from services.keys import (
 )
 from services.lua import LuaScript, ScriptSpec
 from services.replication import OUTBOX, raise_first_error
-from services.streams.record import F
-from services.streams.store import DONE, StreamStore, first_attempt
+from services.streams.record import DONE, F
+from services.streams.store import StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
 from utils.text import cut_utf8, utf8_len
 
@@ -161,7 +161,7 @@ class Outbox:
         while True:
             ids = self.client.zrange(self.open_key, start, start + page - 1)
             waiting = [i for i in ids if i not in live]
-            for stream_id, meta in zip(waiting, self.store.metas(waiting), strict=True):
+            for stream_id, meta in zip(waiting, self.store.reads.metas(waiting), strict=True):
                 if not meta:
                     gone.append(stream_id)
                 elif meta.get(F.ws_generation) != str(generation) or meta.get(F.ws_dead):

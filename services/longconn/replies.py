@@ -87,7 +87,7 @@ class ReplyPump:
         if entry.content and entry.content != self.streams.bubble.placeholder and self._session() is not None:
             token = secrets.token_hex(6)
             try:
-                meta = self.outbox.store.meta(stream_id)
+                meta = self.outbox.store.reads.meta(stream_id)
                 entry.floor = utf8_len(shown_of(meta)[0])
                 entry.sent = shows_of(entry.content, meta.get(F.text, ""))
                 self.ledger.record({stream_id: sending_record(entry.sent, bool(stream.get("finish")), token)})

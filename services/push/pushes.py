@@ -98,7 +98,7 @@ class BotPushes:
         if marker and marker.startswith("failed"):
             errcode = marker.partition(" ")[2]
             return {"status": FAILED, "error": f"WeCom refused the message (errcode {errcode})"}
-        meta = self.store.meta(push_id)
+        meta = self.store.reads.meta(push_id)
         if not meta.get(F.push):
             return None
         if time.time() - float(meta.get(F.created_at) or 0) > OUTBOX_TRACKED_TTL_SECONDS:

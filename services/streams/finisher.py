@@ -36,7 +36,8 @@ from services.streams.bubble import (
 )
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
-from services.streams.store import DONE, Finished, StreamStore
+from services.streams.record import DONE
+from services.streams.store import Finished, StreamStore
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
 from utils.text import utf8_len
@@ -149,7 +150,7 @@ class Finisher:
         show, once; the whole answer if what it showed is not where the answer begins, or cannot be read (Redis lost
         it, or stayed away through the bubble's window and a minute: read through an outage until then)."""
         patience = self._graced_window(job)
-        shown = partial(self.store.shown_when_given_up, job.stream_id)
+        shown = partial(self.store.reads.shown_when_given_up, job.stream_id)
         try:
             text = through_outage(shown, "reading what was shown", steady_delays(patience), give_up=self.closed)
         except REDIS_FAILURES:

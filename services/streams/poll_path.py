@@ -29,7 +29,9 @@ from services.loops import LazyThread, run_until
 from services.lua import LuaScript
 from services.redis_conn import REDIS_FAILURES, HotPathConnections
 from services.streams import scripts
-from services.streams.store import ACTIVE_STATUSES, StreamStore, script_now
+from services.streams.reads import script_now
+from services.streams.record import ACTIVE_STATUSES
+from services.streams.store import StreamStore
 
 # Under Sentinel, how often each process asks the sentinels where the master is, for the poll path (_watch_master);
 # and a poll reply slower than this may come from a master that was paused past its failover: the master is asked for.

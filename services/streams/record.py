@@ -101,6 +101,10 @@ FIELDS: dict[str, str] = {
     "ws_shown": "the same, older still",
 }
 
+# The values of `status`.
+PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
+ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
+
 _FIELD = re.compile(r"\bF\.([a-z_][a-z0-9_]*)")
 
 

@@ -184,7 +184,7 @@ class StreamRunner:
                 batch = dict(due[start : start + _RENEW_BATCH])
                 sent = time.monotonic()
                 try:
-                    lost = store.renew_leases({stream_id: running.attempt for stream_id, running in batch.items()})
+                    lost = store.leases.renew({stream_id: running.attempt for stream_id, running in batch.items()})
                 except REDIS_FAILURES as exc:
                     logger.warning("could not renew %d stream leases: %s", len(batch), exc)
                     return False

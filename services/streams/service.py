@@ -22,8 +22,9 @@ from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.life import ANSWERED, BUSY, MESSAGE, Reply
 from services.streams.poll_path import FrameRecord, PollPath, Snapshot
+from services.streams.record import DONE, EXPIRED
 from services.streams.runner import StreamRunner
-from services.streams.store import CREATED, DONE, EXISTING, EXPIRED, LIMITED, StreamStore, first_attempt
+from services.streams.store import CREATED, EXISTING, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
@@ -114,7 +115,7 @@ class StreamService:
         drains or is full refuses a new answer it would run itself (callback mode: WeCom tries again elsewhere), not
         one that waits in a queue for any serving process (a long connection's)."""
         if not self.has_room():
-            existing = self.store.stream_for_msgid(message.msgid)
+            existing = self.store.reads.stream_for_msgid(message.msgid)
             if existing:
                 return self._dedup(existing, message)
             key = "busy" if self.runner.accepting else "shutting_down"
@@ -372,10 +373,10 @@ class StreamService:
             life.handed_over.send(stream_id, how=snapshot.event)
         if snapshot.taken_over:
             logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
-            self._start(StreamJob.from_meta(stream_id, self.store.meta(stream_id), snapshot.attempt))
+            self._start(StreamJob.from_meta(stream_id, self.store.reads.meta(stream_id), snapshot.attempt))
         elif snapshot.resumed:
             logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
-            self._start(StreamJob.resumed(stream_id, self.store.meta(stream_id), snapshot.attempt))
+            self._start(StreamJob.resumed(stream_id, self.store.reads.meta(stream_id), snapshot.attempt))
         return snapshot
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:

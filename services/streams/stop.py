@@ -18,8 +18,8 @@ from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.backend import Backend
 from services.streams.job import StreamJob
-from services.streams.record import F
-from services.streams.store import ACTIVE_STATUSES, StreamStore
+from services.streams.record import ACTIVE_STATUSES, F
+from services.streams.store import StreamStore
 from services.texts import Texts
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,10 @@ class AnswerStopper:
         Raises:
             redis.RedisError: Redis did not answer (the caller says the service is unavailable).
         """
-        stream_ids = self.store.open_streams(aibotid, userid)
+        stream_ids = self.store.reads.open_streams(aibotid, userid)
         note = self.texts.say("stopped_note")
         stopped = 0
-        for stream_id, meta in zip(stream_ids, self.store.metas(stream_ids), strict=True):
+        for stream_id, meta in zip(stream_ids, self.store.reads.metas(stream_ids), strict=True):
             if (meta.get(F.chatid) or "") != (chatid or "") or meta.get(F.status) not in ACTIVE_STATUSES:
                 continue
             result = self.store.stop(stream_id, note)

@@ -32,11 +32,8 @@ from services.lua import LuaScript
 from services.replication import Replication, raise_first_error
 from services.streams import scripts
 from services.streams.life import StreamLife
-from services.streams.record import F
+from services.streams.reads import StreamLeases, StreamReads, lease_keys, script_now
 from services.wecom.limits import MAX_IN_FLIGHT_PER_USER, POLL_WINDOW_SECONDS
-
-PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
-ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
 
 
 class StreamConflict(Exception):
@@ -132,15 +129,15 @@ class StreamStore:
         self._append = LuaScript(client, scripts.APPEND)
         self._replace = LuaScript(client, scripts.REPLACE)
         self._finish = LuaScript(client, scripts.FINISH, replication=self.durable, write=replication.STREAM_END)
-        self._renew = LuaScript(client, scripts.RENEW)
         self._record = LuaScript(client, scripts.RECORD)
         self._record_durably = LuaScript(client, scripts.RECORD, replication=self.durable, write=replication.OUTBOX)
-        self._release = LuaScript(client, scripts.RELEASE)
         self._take = LuaScript(client, scripts.TAKE)
         self._called = LuaScript(client, scripts.CALLED)
         self._stop = LuaScript(client, scripts.STOP, replication=self.durable, write=replication.STREAM_END)
         self._stop_dify = LuaScript(client, scripts.STOP_DIFY)
         self._unpolled = LuaScript(client, scripts.UNPOLLED, replication=self.durable, write=replication.STREAM_END)
+        self.reads = StreamReads(client, keys)  # what a stream holds now, read without a script
+        self.leases = StreamLeases(client, keys, self.lease_ms)  # its owners' leases, renewed and given up
 
     # --- opening a stream -------------------------------------------------------------------------------------
 
@@ -333,26 +330,10 @@ class StreamStore:
         counted = dify_call_kind(int(calls), int(restarts)) if int(calls) else ""
         return Taken(attempt, meta, counted)
 
-    def superseded(self, stream_id: str, attempt: str) -> bool:
-        """Whether another attempt has taken the stream over from `attempt` (a read, for a write outside the
-        stream's slot, such as the user's conversation, which no script can fence together with the stream)."""
-        owner = self.client.hget(self.keys.stream(stream_id), F.owner)
-        return owner is not None and owner != attempt
-
-    def polls(self, stream_id: str) -> int:
-        """How many polls the stream's bubble had (0: WeCom may never have got the reply that opened it)."""
-        return int(self.client.hget(self.keys.stream(stream_id), F.polls) or 0)
-
     def take_unpolled(self, stream_id: str) -> bool:
         """Take a finished answer whose bubble no poll ever showed, to send it through response_url (scripts.UNPOLLED:
         a poll that comes after all says it was sent separately); False when a poll came first."""
         return bool(int(self._unpolled(keys=[self.keys.stream(stream_id)], args=[])))
-
-    def shown_when_given_up(self, stream_id: str) -> str | None:
-        """The text a stream's bubble ended with when a poll gave it up as orphaned (its lease was gone); None if
-        the stream is gone, or ended some other way."""
-        status, error, text = self.client.hmget(self.keys.stream(stream_id), F.status, F.error, F.text)
-        return text if status == EXPIRED and error == "owner_lost" else None
 
     def count_dify_call(self, stream_id: str) -> str:
         """Count a new Dify call for the stream (not a resume): its kind (dify_call_kind)."""
@@ -371,7 +352,7 @@ class StreamStore:
         """End an active stream at its user's word, with `note` after its text so far; None if it was not active.
         Returns (the user's in-flight set, which the caller frees; the Dify task id whose stop call the caller makes,
         or "" when it is not known yet or was claimed already)."""
-        row = self._stop(keys=self._lease_keys(stream_id), args=[script_now(), note])
+        row = self._stop(keys=lease_keys(self.keys, stream_id), args=[script_now(), note])
         if row:
             self.life.ended.send(stream_id)
         return (row[0], row[1]) if row else None
@@ -380,64 +361,6 @@ class StreamStore:
         """Whether this caller makes the Dify stop call of a stream its user stopped (once across replicas)."""
         return bool(self._stop_dify(keys=[self.keys.stream(stream_id)], args=[script_now()]))
 
-    def open_streams(self, aibotid: str, userid: str) -> list[str]:
-        """The user's streams whose bubble is still open, oldest first."""
-        key = self.keys.inflight(aibotid, userid)
-        return self.client.zrangebyscore(key, f"{time.time():.3f}", "+inf")
-
-    # --- leases -------------------------------------------------------------------------------------------------
-
-    def renew_leases(self, attempts: dict[str, str]) -> list[str]:
-        """Extend the leases of these attempts ({stream id: attempt}, one round trip); returns the ids another
-        attempt has taken over.
-
-        Raises:
-            redis.RedisError: Redis did not answer (for any of them).
-        """
-        calls = [(self._lease_keys(stream_id), [attempt, self.lease_ms]) for stream_id, attempt in attempts.items()]
-        results = self._renew.run_each(calls)
-        raise_first_error(results)
-        return [stream_id for stream_id, lost in zip(attempts, results, strict=True) if int(lost)]
-
-    def release_leases(self, attempts: dict[str, str]) -> int:
-        """Give up these attempts' leases ({stream id: attempt}; graceful shutdown): the next poll elsewhere takes
-        each stream over."""
-        calls = [(self._lease_keys(stream_id), [attempt, script_now()]) for stream_id, attempt in attempts.items()]
-        results = self._release.run_each(calls)
-        raise_first_error(results)
-        return sum(int(released) for released in results)
-
-    def _lease_keys(self, stream_id: str) -> list[str]:
-        return [self.keys.stream(stream_id), self.keys.stream_lease(stream_id)]
-
-    # --- reads --------------------------------------------------------------------------------------------------
-
-    def in_flight(self, aibotid: str, userid: str) -> int:
-        """How many of the user's bubbles are open now."""
-        key = self.keys.inflight(aibotid, userid)
-        return self.client.zcount(key, f"{time.time():.3f}", "+inf")
-
-    def stream_for_msgid(self, msgid: str) -> str | None:
-        """The stream id recorded for a WeCom msgid, if any."""
-        return self.client.get(self.keys.wecom_msg(msgid))
-
-    def metas(self, stream_ids: list[str]) -> list[dict[str, str]]:
-        """The hashes of several streams, in one pipeline (an empty dict for a stream that is gone)."""
-        if not stream_ids:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for stream_id in stream_ids:
-            pipe.hgetall(self.keys.stream(stream_id))
-        return pipe.execute()
-
-    def meta(self, stream_id: str) -> dict[str, str]:
-        """The whole stream hash (empty if unknown)."""
-        return self.client.hgetall(self.keys.stream(stream_id))
-
-    def chunks(self, stream_id: str) -> list[str]:
-        """Every delta of the stream, in order."""
-        return self.client.lrange(self.keys.stream_chunks(stream_id), 0, -1)
-
 
 def dify_call_kind(calls: int, restarts: int) -> str:
     """What a stream's new Dify call is, counted as its `calls`-th: "new" for its first, "restart" for the one
@@ -445,11 +368,6 @@ def dify_call_kind(calls: int, restarts: int) -> str:
     if calls <= 1:
         return "new"
     return "restart" if calls == 2 and restarts == 1 else "duplicate"
-
-
-def script_now() -> str:
-    """Epoch seconds as the scripts take them."""
-    return f"{time.time():.3f}"
 
 
 def _pairs(fields: dict[str, str]) -> list[str]:

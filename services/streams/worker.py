@@ -22,9 +22,9 @@ from services.streams.backend import Backend
 from services.streams.health import BackendHealth
 from services.streams.job import StreamJob
 from services.streams.progress import StepProgress
+from services.streams.record import DONE, ERROR
 from services.streams.runner import LeaseClock
 from services.streams.stop import AnswerStopper
-from services.streams.store import DONE, ERROR
 from services.streams.turn import NoSlot, Turn, TurnDeps, TurnRules
 from services.streams.writer import AppendBatcher
 from services.transport.errors import BackendError, BackendTimeout, Declined

@@ -34,7 +34,8 @@ from services.streams.conversations import ConversationStore
 from services.streams.finisher import Finisher
 from services.streams.health import BackendHealth
 from services.streams.job import StreamJob
-from services.streams.store import DONE, StreamStore
+from services.streams.record import DONE
+from services.streams.store import StreamStore
 from services.streams.turn import Turn
 from services.texts import Texts
 from services.transport.errors import (
@@ -310,7 +311,7 @@ class DifyBackend:
         from the text the stream's chunks hold (what the bubble shows), and its writer goes on after them."""
         parts = self.parts
         options = replace(self.options, app_type=parts.profile.app_type())
-        chunks = through_outage(lambda: parts.store.chunks(job.stream_id), "reading the answer so far")
+        chunks = through_outage(lambda: parts.store.reads.chunks(job.stream_id), "reading the answer so far")
         answer.shown = answer.text = "".join(chunks)
         answer.writer.start_after(len(chunks), len(answer.text))
         answer.answered, answer.reattached = bool(answer.shown), True

@@ -16,7 +16,7 @@ from services.streams.answer import Answer
 from services.streams.finisher import Finisher
 from services.streams.health import BackendHealth
 from services.streams.job import StreamJob
-from services.streams.store import DONE
+from services.streams.record import DONE
 from services.texts import Texts
 from services.transport.errors import BackendError, BackendStreamError
 from services.wecom.cards import question_card

@@ -164,7 +164,7 @@ class FormSteps:
             lambda: answer.writer.flush(FLUSH_TIMEOUT), "writing what the answer holds", delays=()
         )
         if flushed:
-            release = partial(self.store.release_leases, {job.stream_id: job.attempt})
+            release = partial(self.store.leases.release, {job.stream_id: job.attempt})
             best_effort(release, "handing the form's wait over")
         raise HandedOver
 

@@ -284,7 +284,7 @@ class AnswerRecorder(AnswerSink):
 
         def remember() -> None:
             # Only the stream's current attempt: a superseded one's conversation must not replace its successor's.
-            if self.store.superseded(job.stream_id, job.attempt):
+            if self.store.reads.superseded(job.stream_id, job.attempt):
                 logger.info("another attempt answers this stream now; its conversation is not remembered")
                 return
             self.conversations.remember(job.aibotid, job.chatid, job.conversation_member, conversation_id)

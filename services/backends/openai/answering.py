@@ -28,9 +28,9 @@ from services.outage import best_effort
 from services.streams.answer import StreamAborted
 from services.streams.backend import Capabilities
 from services.streams.job import StreamJob
+from services.streams.record import DONE
 from services.streams.relay import PlainTextRelay
 from services.streams.sink import AnswerSink
-from services.streams.store import DONE
 from services.streams.turn import Turn
 from services.transport.errors import BackendHTTPError, BackendTimeout, Declined, never_taken
 from services.transport.trace import trace_headers
