@@ -14,7 +14,7 @@ from services.gateway import build_gateway
 from services.keys import Keys
 from services.longconn.jobs import JobQueue
 from services.longconn.ledger import AckLedger
-from services.longconn.outbox import Outbox
+from services.longconn.outbox import Outbox, tracking
 from services.redis_conn import connect_redis
 from services.replication import Replication
 from services.streams.poll_path import PollPath
@@ -67,9 +67,7 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         replica.pause()
     try:
         # A new message on the connection: opened with what it is answered on, then queued and followed at once.
-        store.create(
-            "s1", "m1", owner, "bot1", "alice", {"userid": "alice", **outbox.tracking("req-1", 3, "alice", True)}
-        )
+        store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice", **tracking("req-1", 3, "alice", True)})
         queue.submit("s1", owner)
         outbox.track("s1", "req-2", 3, "alice", True)  # WeCom delivered it again, on a new req_id
         store.append("s1", owner, ["Hello"], 0)

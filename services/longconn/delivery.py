@@ -13,7 +13,7 @@ from functools import partial
 from services import metrics
 from services.longconn.jobs import JobQueue
 from services.longconn.keeper import FRAME_INTERVAL
-from services.longconn.outbox import Outbox
+from services.longconn.outbox import Outbox, separate_tracking, tracking
 from services.outage import best_effort_value, delays_for
 from services.streams.job import StreamJob
 from services.streams.poll_path import Snapshot
@@ -46,8 +46,8 @@ class ConnectionDelivery:
         """Answered on the frame's req_id; a message no frame of this connection carries (one kept while Redis was
         away by a process now gone, services/longconn/spool.py) is answered as a message of its own."""
         if message.ws_req_id:
-            return self.outbox.tracking(*_answered_on(message))
-        return self.outbox.separate_tracking(message.chatid or message.userid, not message.chatid)
+            return tracking(*_answered_on(message))
+        return separate_tracking(message.chatid or message.userid, not message.chatid)
 
     def track(self, stream_id: str, message: Inbound) -> None:
         """A redelivery comes on a new connection: the stream is answered on its req_id, of its generation (the

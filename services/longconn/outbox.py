@@ -88,31 +88,15 @@ class Outbox:
         self.open_key = keys.ws_open(bot_id)
         self._swap = LuaScript(client, SWAP, replication=self.durable, write=OUTBOX)
 
-    @staticmethod
-    def tracking(req_id: str, generation: int, chatid: str, single: bool) -> dict[str, str]:
-        """The fields of a stream answered on `req_id` of the connection of `generation` (a new stream is opened
-        with them, then followed; a stream answered again, on a repeat's req_id, is tracked)."""
-        return {
-            "ws_req_id": req_id,
-            "ws_generation": str(generation),
-            "ws_chat": chatid,
-            "ws_single": "1" if single else "",
-        }
-
     def track(self, stream_id: str, req_id: str, generation: int, chatid: str, single: bool) -> None:
         """A stream is answered on `req_id` of the connection of `generation`, from now on."""
-        self.store.record(stream_id, self.tracking(req_id, generation, chatid, single), durable=True)
+        self.store.record(stream_id, tracking(req_id, generation, chatid, single), durable=True)
         self.follow(stream_id)
-
-    @staticmethod
-    def separate_tracking(chatid: str, single: bool) -> dict[str, str]:
-        """The fields of a stream with no bubble: sent whole, once, when final (by aibot_send_msg)."""
-        return {"ws_dead": "1", "ws_generation": "0", "ws_chat": chatid, "ws_single": "1" if single else ""}
 
     def track_separate(self, stream_id: str, chatid: str, single: bool, as_is: bool = False) -> None:
         """A stream with no bubble (the rest of a run after a form's answer; with `as_is`, a message made whole
         already, such as an answer's rest): sent whole, once, when final."""
-        fields = self.separate_tracking(chatid, single)
+        fields = separate_tracking(chatid, single)
         if as_is:
             fields["ws_as_is"] = "1"
         self.store.record(stream_id, fields, durable=True)
@@ -195,7 +179,7 @@ class Outbox:
             redis.RedisError: Redis did not answer (the claim runs out by itself; nothing was sent).
         """
         marker = HANDED + claimant
-        swapped = self._swap.run({"marker": self.keys.ws_outbox(stream_id)}, self._swapping(SENDING + claimant, marker))
+        swapped = self._swap.run({"marker": self.keys.ws_outbox(stream_id)}, _swapping(SENDING + claimant, marker))
         return marker if swapped else ""
 
     def settle(self, stream_id: str, marker: str, sent: bool) -> bool:
@@ -227,10 +211,6 @@ class Outbox:
         if not marker or not marker.startswith(HANDED) or handing_process(marker) == process:
             return ""
         return marker if 0 <= ttl <= SENT_TTL_SECONDS - HANDED_WAIT_SECONDS else ""
-
-    @staticmethod
-    def _swapping(expected: str, marker: str) -> dict[str, object]:
-        return {"expected": expected, "value": marker, "ttl": SENT_TTL_SECONDS}
 
     def sent(self, stream_id: str) -> None:
         key = self.keys.ws_outbox(stream_id)
@@ -312,3 +292,23 @@ def rest_of(final: str, shown: str) -> str:
             return final[len(seen) :]
         seen = seen[: max(0, seen.rfind(NOTE_SEPARATOR))]
     return final
+
+
+def tracking(req_id: str, generation: int, chatid: str, single: bool) -> dict[str, str]:
+    """The fields of a stream answered on `req_id` of the connection of `generation` (a new stream is opened
+    with them, then followed; a stream answered again, on a repeat's req_id, is tracked)."""
+    return {
+        F.ws_req_id: req_id,
+        F.ws_generation: str(generation),
+        F.ws_chat: chatid,
+        F.ws_single: "1" if single else "",
+    }
+
+
+def separate_tracking(chatid: str, single: bool) -> dict[str, str]:
+    """The fields of a stream with no bubble: sent whole, once, when final (by aibot_send_msg)."""
+    return {F.ws_dead: "1", F.ws_generation: "0", F.ws_chat: chatid, F.ws_single: "1" if single else ""}
+
+
+def _swapping(expected: str, marker: str) -> dict[str, object]:
+    return {"expected": expected, "value": marker, "ttl": SENT_TTL_SECONDS}

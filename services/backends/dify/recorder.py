@@ -38,7 +38,7 @@ from services.outage import RETRY_DELAYS, best_effort
 from services.streams.answer import Answer
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
-from services.streams.progress import SLOW_STEPS
+from services.streams.progress import SLOW_STEPS, StepProgress
 from services.streams.sink import AnswerSink
 from services.streams.store import StreamStore
 
@@ -140,7 +140,7 @@ class AnswerRecorder(AnswerSink):
         thought = event.get("thought")
         if isinstance(thought, str) and thought.strip():
             self.answer.last_thought = thought
-        self._tool_step(event)
+        _tool_step(self.answer.progress, event)
         return deltas
 
     def _on_node(self, deltas: list[str], event: DifyEvent) -> list[str]:
@@ -189,18 +189,6 @@ class AnswerRecorder(AnswerSink):
         """Answer text as Dify streams it, through the answer's gate (TextGate: a resumed run's repeat left out,
         text after a hole held back)."""
         self.append_text(deltas, self.answer.gate.admit(text))
-
-    def _tool_step(self, event: DifyEvent) -> None:
-        """An agent's thought: one that calls a tool, with no observation yet, is a step under way; its observation
-        ends it."""
-        progress, tool = self.answer.progress, event.get("tool")
-        if progress is None or not isinstance(tool, str) or not tool:
-            return
-        step = f"tool:{event.get('id') or event.get('position') or tool}"
-        if event.get("observation"):
-            progress.finished(step)
-        else:
-            progress.started(step, tool)
 
     def _reconcile(self, deltas: list[str], text: str) -> list[str]:
         """A followed run's word on its whole answer (a snapshot's message_replace, the outputs at its end) against
@@ -254,7 +242,7 @@ class AnswerRecorder(AnswerSink):
         if status == "stopped":
             logger.warning("Dify calls the run stopped, but it made its outputs: the answer is whole")
         if answer.reattached or from_record:
-            whole = self._whole_answer(outputs, bool(self._known(deltas)))
+            whole = _whole_answer(self.options, outputs, bool(self._known(deltas)))
             held = answer.gate.release()
             if not whole and held:  # outputs without the answer: what came is all there is
                 self.append_text(deltas, held)
@@ -262,16 +250,6 @@ class AnswerRecorder(AnswerSink):
         if self.options.app_type == WORKFLOW and not answer.answered:
             self._answer_text(deltas, workflow_answer(outputs, self.options.workflow_output))
         return deltas
-
-    def _whole_answer(self, outputs, shown: bool) -> str:
-        """The whole answer a followed run's outputs hold: a chatflow's `answer`; a workflow's outputs as its End
-        streams them in text chunks (joined by newlines), as a listener that missed them would have shown them,
-        unless nothing was shown and the bot reads one output (DIFY_WORKFLOW_OUTPUT)."""
-        if self.options.app_type != WORKFLOW:
-            return workflow_answer(outputs, "answer")
-        if shown or not self.options.workflow_output:
-            return streamed_outputs(outputs)
-        return workflow_answer(outputs, self.options.workflow_output)
 
     def save_conversation(self, retry: bool = True) -> None:
         """Remember the conversation Dify named, so the user's next message continues it. Mid-stream one try is
@@ -345,3 +323,27 @@ _HANDLERS = {
     FORM_FILLED: AnswerRecorder._on_form_done,
     FORM_TIMEOUT: AnswerRecorder._on_form_done,
 }
+
+
+def _tool_step(progress: StepProgress | None, event: DifyEvent) -> None:
+    """An agent's thought: one that calls a tool, with no observation yet, is a step under way; its observation
+    ends it."""
+    tool = event.get("tool")
+    if progress is None or not isinstance(tool, str) or not tool:
+        return
+    step = f"tool:{event.get('id') or event.get('position') or tool}"
+    if event.get("observation"):
+        progress.finished(step)
+    else:
+        progress.started(step, tool)
+
+
+def _whole_answer(options: AnswerOptions, outputs, shown: bool) -> str:
+    """The whole answer a followed run's outputs hold: a chatflow's `answer`; a workflow's outputs as its End
+    streams them in text chunks (joined by newlines), as a listener that missed them would have shown them,
+    unless nothing was shown and the bot reads one output (DIFY_WORKFLOW_OUTPUT)."""
+    if options.app_type != WORKFLOW:
+        return workflow_answer(outputs, "answer")
+    if shown or not options.workflow_output:
+        return streamed_outputs(outputs)
+    return workflow_answer(outputs, options.workflow_output)
