@@ -12,7 +12,7 @@ from PIL import Image
 from demo import dify_apps as apps
 from demo import dify_flows as flows
 from demo import dify_standin as d
-from services.dify.client import STOPPED_RECORD_WAITS
+from services.dify.run_records import STOPPED_RECORD_WAITS
 from services.media.images import MAX_INLINE_IMAGE_BYTES
 from services.texts import CATALOGUE
 from tests.conftest import WS_BOT_ID, make_simulator, wait_until

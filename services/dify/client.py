@@ -9,7 +9,8 @@ pump's thread, and only the rest wake the caller. Every way the call can fail ra
 A chatflow's or workflow's run is Dify's own record too (`GET /workflows/run/{id}`), and a run's stream is checked
 against it where the stream alone would mislead: one that brings only pings for `quiet_run_seconds` (Dify 1.16.0
 relays no end to a listener of a run whose first reader went away) ends with the record's `workflow_finished` once
-the run is over, and a run streamed as `stopped` with no outputs takes the outputs its record kept.
+the run is over, and a run streamed as `stopped` with no outputs takes the outputs its record kept
+(services/dify/run_records.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 import orjson
 
-from services.dify.events import RUN_ENDED, WORKFLOW_FINISHED, DifyEvent, EventReader
+from services.dify.events import DifyEvent, EventReader
+from services.dify.run_records import QuietRun, RunRecords
 from services.transport import PROCESS_PUMP, open_backend_stream
 from services.transport.errors import (
     BackendConnectionError,
-    BackendError,
     BackendHTTPError,
     BackendStreamCut,
     BackendTimeout,
@@ -54,32 +55,10 @@ _MAX_ERROR_BODY = 2048
 
 WORKFLOW, COMPLETION = "workflow", "completion"
 _RECORD_TIMEOUT = 10.0
-# A run Dify ended `stopped` with no outputs is asked of its record after each of these waits, while the record has
-# none either: Dify 1.16.0 ends a resumed workflow app so and may write the End's outputs to the record a moment
-# after the stream's end (a real 1.16.0 showed the stop note where its record then held the whole answer).
-STOPPED_RECORD_WAITS = (0.0, 0.5, 1.0, 2.0)
 # A run followed from a form's submission that brings only pings is checked against its record this soon: a resumed
 # run may end 0.1 s after the submission, and a real 1.16.0 relayed none of a resumed workflow app's events to the
 # listener that had just subscribed.
 RESUMED_QUIET_SECONDS = 3.0
-
-
-class _QuietRun:
-    """When a run's stream that brings only pings is to be checked against Dify's record of the run: once it was
-    quiet for `first` seconds (`seconds` unless the run was just resumed), then every half of `seconds` while the
-    record says the run goes on."""
-
-    __slots__ = ("seconds", "first", "follows_pauses", "checked_at")
-
-    def __init__(self, seconds: float, follows_pauses: bool, first: float | None = None):
-        self.seconds = seconds
-        self.first = seconds if first is None else min(first, seconds)
-        self.follows_pauses = follows_pauses  # continue_on_pause: a paused run is waited for, not re-read
-        self.checked_at = float("-inf")
-
-    def due_at(self, reader: EventReader) -> float:
-        quiet_for = self.first if self.checked_at == float("-inf") else self.seconds
-        return max(reader.last_event_at + quiet_for, self.checked_at + self.seconds / 2)
 
 
 @dataclass(slots=True)
@@ -127,6 +106,7 @@ class DifyClient:
         base_url, api_key, connect_timeout = app.base_url, app.api_key, app.connect_timeout
         self.pump = pump
         self.quiet_run_seconds = app.quiet_run_seconds  # 0: a run's quiet stream is never checked against its record
+        self.records = RunRecords(self.run_record)  # a run's quiet or outputless stream checked against its record
         self.tls = tls or default_tls_context()
         self.max_retries = app.max_retries
         self.retry_backoff = app.retry_backoff
@@ -288,14 +268,14 @@ class DifyClient:
             quiet = None
             if reader.follows_a_run and self.quiet_run_seconds > 0:
                 first = RESUMED_QUIET_SECONDS if on_open is not None else None  # on_open resumed the run
-                quiet = _QuietRun(self.quiet_run_seconds, follows_pauses, first)
+                quiet = QuietRun(self.quiet_run_seconds, follows_pauses, first)
             try:
                 while not reader.stopped and not stream.complete:
                     wake_at = quiet.due_at(reader) if quiet else None
                     batch = stream.next_batch(reader.read, lambda: reader.stopped, relay, wake_at)
                     if quiet is not None and not batch and time.monotonic() >= quiet.due_at(reader):
-                        batch = self._ask_record(quiet, reader)
-                    yield self._with_kept_outputs(batch, reader)
+                        batch = self.records.checked(quiet, reader)
+                    yield self.records.with_kept_outputs(batch, reader)
             except TimeoutError as exc:
                 raise BackendTimeout("Dify sent nothing within the read timeout") from exc
             except OSError as exc:
@@ -305,73 +285,6 @@ class DifyClient:
             if reader.ended or reader.answer_ended:  # a chatflow's stream may close right after message_end
                 return
         raise BackendStreamCut(f"Dify closed the stream before {reader.end_name}")
-
-    def _ask_record(self, quiet: _QuietRun, reader: EventReader) -> list[DifyEvent]:
-        """A run's stream brought only pings for a while: Dify's record of the run says whether it is over. Over:
-        its `workflow_finished`, as the record has it (the stream ends here). Paused, where the stream would not
-        follow a pause: the stream missed it, and is taken for cut (the caller re-attaches with the snapshot, which
-        gives the pause's form). Going on, or unknown: nothing (asked again later).
-
-        Raises:
-            BackendStreamCut: the run paused with no word on this stream.
-        """
-        quiet.checked_at = time.monotonic()
-        run_id = reader.run_id  # given to a re-attach, else named by the run's first events
-        if not run_id:
-            return []
-        try:
-            record = self.run_record(run_id)
-        except BackendError as exc:
-            logger.info("could not read Dify's record of the run (%s); still following its events", exc.code)
-            return []
-        status = record.get("status")
-        silent = quiet.checked_at - reader.last_event_at
-        if status in RUN_ENDED:
-            logger.warning(
-                "the run's events brought only pings for %.0fs although Dify's record says it ended %s: "
-                "finishing from the record",
-                silent,
-                status,
-            )
-            reader.ended = True
-            data = {k: record.get(k) for k in ("id", "status", "outputs", "error", "elapsed_time", "total_tokens")}
-            event = {"event": WORKFLOW_FINISHED, "workflow_run_id": run_id, "data": data, "from_record": True}
-            return [DifyEvent(WORKFLOW_FINISHED, event)]
-        if status == "paused" and not quiet.follows_pauses:
-            raise BackendStreamCut(f"the run paused with no word on its events stream ({silent:.0f}s of pings)")
-        logger.info("the run's events brought only pings for %.0fs; Dify's record says %s", silent, status)
-        return []
-
-    def _with_kept_outputs(self, batch: list[DifyEvent], reader: EventReader) -> list[DifyEvent]:
-        """A run that ended `stopped` with no outputs (in its stream or its record when first read: Dify 1.16.0 so
-        ends a resumed workflow app after making them): the outputs Dify's record keeps, asked again for a few
-        seconds while it has none (`outputs_from_record`)."""
-        if not reader.ended or not batch or batch[-1].kind != WORKFLOW_FINISHED:
-            return batch
-        body = batch[-1].body
-        if body.get("status") != "stopped" or body.get("outputs") or not reader.run_id:
-            return batch
-        kept = self._kept_outputs(reader.run_id)
-        if kept:
-            logger.warning("Dify ended the run as stopped with no outputs; its record kept them")
-            data = {**batch[-1].data, "data": {**body, "outputs": kept}, "outputs_from_record": True}
-            batch[-1] = DifyEvent(WORKFLOW_FINISHED, data)
-        return batch
-
-    def _kept_outputs(self, run_id: str) -> dict:
-        """The outputs Dify's record keeps of a run it ended `stopped`, once they are there ({} if they never
-        come within STOPPED_RECORD_WAITS, or the record cannot be read)."""
-        for wait in STOPPED_RECORD_WAITS:
-            if wait:
-                time.sleep(wait)
-            try:
-                kept = self.run_record(run_id).get("outputs")
-            except BackendError as exc:
-                logger.info("could not read Dify's record of the stopped run: %s", exc.code)
-                continue
-            if isinstance(kept, dict) and kept:
-                return kept
-        return {}
 
     def info(self, timeout: float = 10.0) -> dict:
         """The app's `/info` (name, description, tags, `mode`: its app type).
