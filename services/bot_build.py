@@ -185,7 +185,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
     streams = _streams(bot, shared, core, dify, files, forms, authorizer, rules)
     quotas = _quotas(bot, shared, core)
-    admission = Admission(core.texts, bot.name, rules, quotas) if rules or quotas else None
+    admission = Admission(core.texts, bot.name, rules, quotas)
     callback = _callback(bot, shared, core, dify, streams, forms, authorizer, admission)
     connection = _connection(bot, shared, core, streams.service, callback.handler.dispatch, files)
     closers = [callback.feedback.close, dify.media.close, files.fetcher.close, dify.client.close]
@@ -386,7 +386,7 @@ def _callback(
     streams: StreamsPart,
     forms: FormService,
     authorizer: Authorizer | None,
-    admission: Admission | None,
+    admission: Admission,
 ) -> CallbackPart:
     texts, wecom = core.texts, bot.wecom
     # A form's answer may start the rest of its run on a worker again: built once the streams are.
@@ -407,8 +407,8 @@ def _callback(
         wecom.name,
         form_answers,
         streams.stopper,
-        authorize=authorizer.inputs_for if authorizer is not None else None,
-        admission=admission,
+        admission,
+        **({"authorize": authorizer.inputs_for} if authorizer is not None else {}),
     )
     envelope = Envelope(core.crypto, wecom.timestamp_tolerance)
     # a new message Redis cannot take waits in the database for its bubble's poll (callback/spool.py)

@@ -38,14 +38,14 @@ class MessageIntake:
         streams: StreamService,
         conversations: ConversationStore,
         texts: Texts,
-        bot_name: str = "",
-        forms: FormAnswers | None = None,
-        stopper: AnswerStopper | None = None,
-        authorize: Callable[[str], object] | None = None,
-        admission: Admission | None = None,
+        bot_name: str,
+        forms: FormAnswers,
+        stopper: AnswerStopper,
+        admission: Admission,
+        authorize: Callable[[str], object] = lambda userid: None,
     ):
-        self.admission = admission  # content rules and quotas (None: every question may be asked)
-        self.authorize = authorize  # raises AuthError for a user who may not ask the bot (None: everyone may)
+        self.admission = admission  # content rules and quotas
+        self.authorize = authorize  # raises AuthError for a user who may not ask the bot (by default everyone may)
         self.stopper = stopper
         self.streams = streams
         self.conversations = conversations
@@ -74,7 +74,7 @@ class MessageIntake:
             self.streams.count("command")
             if name == HELP:
                 return self.streams.finish_at_once(self.texts.say("help"), message)
-            if name == STOP and self.stopper is not None:
+            if name == STOP:
                 return self._stop(message)
             if name == NEW_CONVERSATION:
                 try:
@@ -86,7 +86,7 @@ class MessageIntake:
                     return self.streams.finish_at_once(self.texts.say(said), message)
 
         attachments = _attachments(message)
-        form = self.forms.waiting_for(message) if self.forms is not None and (text or attachments) else None
+        form = self.forms.waiting_for(message) if text or attachments else None
         if form is not None and attachments:  # a file for a form's field: not a question for Dify
             return self.streams.answer_at_once(message, lambda: self.forms.given(form, message, attachments))
         if form is not None:  # the value of a form's field, or its choice: not a question for Dify
@@ -94,7 +94,7 @@ class MessageIntake:
         if not text and not attachments:
             self.streams.count("empty")
             return self.streams.finish_at_once(self.texts.say("empty_query"), message, NOTE)
-        refused = self.admission.refusal(message, text) if self.admission is not None else None
+        refused = self.admission.refusal(message, text)
         if refused is not None:
             self.streams.count(refused.outcome)
             return self.streams.finish_at_once(refused.note, message, refused.outcome)
@@ -110,7 +110,7 @@ class MessageIntake:
             AuthError: the member may not ask (the group's conversation is left as it is).
         """
         shared = self.streams.shared_groups and message.is_group
-        if shared and self.authorize is not None:
+        if shared:
             self.authorize(message.userid)
         self.conversations.forget(message.aibotid, message.chatid, conversation_member(message.userid, shared))
         logger.info("conversation reset by the user%s", " for the whole group" if shared else "")
