@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -460,6 +461,13 @@ class DifyStandIn:
             or demo_reply(query, self.demo_delay, language, earlier, name)
         )
         self._count_answering(1)
+        ended = []
+
+        def answer_ended() -> None:  # once: when its last event goes out (the caller may go on from there), or after
+            if not ended:
+                ended.append(True)
+                self._count_answering(-1)
+
         try:
             if mode == CHATFLOW or any(step[0] == "form" for step in steps):  # a run with a Human Input node
                 inputs = {
@@ -469,9 +477,9 @@ class DifyStandIn:
                 }
                 await self._play_run(steps, ids, conn, body["user"], CHATFLOW, inputs)
             else:
-                await self._play(steps, _ConnSink(conn, ids))
+                await self._play(steps, _ConnSink(conn, ids, answer_ended))
         finally:
-            self._count_answering(-1)
+            answer_ended()
 
     def _count_answering(self, change: int) -> None:
         with self._lock:
@@ -947,14 +955,17 @@ class _ConnSink:
 
     plays_on = False  # a cut connection ends the answer
 
-    def __init__(self, conn: Conn, ids: dict):
+    def __init__(self, conn: Conn, ids: dict, ended: Callable[[], None] = lambda: None):
         self.conn = conn
         self.ids = ids
+        self.ended = ended  # called as the answer's last event goes out
 
     async def start(self) -> None:
         await self.conn.start_stream(headers={"X-Accel-Buffering": "no"})
 
     async def event(self, payload: dict, parts: int = 1, gap: float = 0.0) -> None:
+        if payload.get("event") in ("message_end", "error"):
+            self.ended()
         await _write_split(self.conn, _frame(payload, self.ids), parts, gap)
 
     async def write(self, data: bytes) -> None:

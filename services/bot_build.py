@@ -339,8 +339,9 @@ def _streams(
     )
     backend = build_backend(bot.backend, parts)
     stopper = AnswerStopper(store, backend, texts, bot.name)
-    prepare = (lambda job: authorizer.inputs_for(job.userid)) if authorizer is not None else None
-    turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core), prepare)
+    turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core))
+    if authorizer is not None:
+        turn.prepare = lambda job: authorizer.inputs_for(job.userid)
     deps = WorkerDeps(
         turn=turn,
         appender=shared.appender,

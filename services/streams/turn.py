@@ -95,8 +95,6 @@ class Turn:
             StreamAborted: the answer was stopped, or its process drains, while it waited.
         """
         prepare = self.deps.prepare
-        if prepare is None:
-            return {}
         return self.tried_again(
             lambda: self.before_start(lambda: prepare(self.job), "authorizing the user"),
             lambda exc: isinstance(exc, (DirectoryUnavailable, AuthUnavailable)),
@@ -194,12 +192,12 @@ class Turn:
 
 @dataclass
 class TurnDeps:
-    """What every turn of a bot is made with: its stream store, finisher and texts, its cap on answers at once,
-    and the authorization of its users (None: every user may ask, with no inputs)."""
+    """What every turn of a bot is made with: its stream store, finisher and texts, its cap on answers at once
+    (None: none), and the authorization of its users."""
 
     store: StreamStore
     finisher: Finisher
     texts: Texts
     bot: str
     slots: AnswerSlots | None = None
-    prepare: Callable[[StreamJob], dict] | None = None
+    prepare: Callable[[StreamJob], dict] = lambda job: {}  # the user's authorization (by default: anyone, no inputs)

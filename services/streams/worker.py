@@ -40,7 +40,7 @@ class WorkerDeps:
     turn: TurnDeps  # the stream store, the finisher and texts, the cap, the users' authorization
     appender: AppendBatcher
     health: BackendHealth
-    stopper: AnswerStopper | None = None  # a user's /stop: the backend's stop call when it came before the task id
+    stopper: AnswerStopper  # a user's /stop: the backend's stop call when it came before the task id
     append_pace: float = 0.0  # at most one append per that many seconds (a long connection's frame interval)
     # Appends carry a deadline (writer.py) where an answer's end may go out without Redis, from the text Redis
     # confirmed holding (callback mode's response_url); a long connection's end waits for Redis instead, and an
@@ -83,8 +83,7 @@ class StreamWorker:
                 logger.info(
                     "stream is owned or closed elsewhere now (taken over, or stopped by its user); worker stops"
                 )
-                if self.deps.stopper is not None:
-                    self.deps.stopper.stop_backend_later(job, answer.task_id)
+                self.deps.stopper.stop_backend_later(job, answer.task_id)
             except AuthError as refusal:
                 logger.info("not asking the backend: %s", refusal.code)
                 finisher.finish(job, answer, ERROR, note=texts.failure_note(refusal), error=refusal.code)
