@@ -124,11 +124,10 @@ class _FieldNames:
     """`F.<field>`: the field's name, for the Python that reads a record (`meta[F.status]`); a name FIELDS does not
     hold is an AttributeError (and tests/test_stream_record.py finds every `F.<field>` in services/ up front)."""
 
-    __slots__ = ()
+    def __init__(self) -> None:
+        self.__dict__.update({name: name for name in FIELDS})  # a plain attribute read each
 
-    def __getattr__(self, name: str) -> str:
-        if name in FIELDS:
-            return name
+    def __getattr__(self, name: str) -> str:  # only for a name the schema lacks
         raise AttributeError(f"{name!r} is not a field of the stream record (record.py)")
 
 
