@@ -10,6 +10,7 @@ first answer text closes.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from services import metrics
 from services.streams.answer import Answer, keep_in_step, write_whole
@@ -96,15 +97,20 @@ class AnswerSink:
             text += mask.flush()
         return [text] if text else []
 
-    def replace_text(self, text: str) -> None:
-        """The whole answer becomes `text`: everything before it is written first, then the stream's text is
-        replaced (masked as the rules say).
+    def replace_text(self, text: str, deltas: Sequence[str] = ()) -> list[str]:
+        """The whole answer becomes `text`: what came before (`deltas` not yet written, then everything else) is
+        written first, then the stream's text is replaced (masked as the rules say). Returns the deltas still to
+        write: none.
 
         Raises:
             StreamAborted: another replica owns the stream now.
         """
+        self.write(list(deltas))
         self.answer.text = self.answer.mask.whole(text)
         write_whole(self.answer, self.store, self.job.attempt, self.job.stream_id)
+        self.answer.answered = self.answer.answered or bool(text)
+        self.answer.thinking = False
+        return []
 
     def answer_so_far(self, deltas: list[str] = ()) -> str:
         """The answer text (without a <think> block) including `deltas` not yet written."""

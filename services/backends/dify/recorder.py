@@ -103,7 +103,7 @@ class AnswerRecorder(AnswerSink):
             self._answer_text(deltas, event.answer)
         # Dify's newer agent app closes with one `message` holding the whole answer again.
         elif event.answer and event.answer != self.answer_so_far(deltas):
-            return self._replace_with(deltas, event.answer)
+            return self.replace_text(event.answer, deltas)
         return deltas
 
     def _on_file(self, deltas: list[str], event: DifyEvent) -> list[str]:
@@ -119,7 +119,7 @@ class AnswerRecorder(AnswerSink):
 
     def _on_replace(self, deltas: list[str], event: DifyEvent) -> list[str]:
         text = event.answer if event.kind == REPLACE_EVENT else str(event.body.get("text") or "")
-        return self._reconcile(deltas, text) if self.answer.reattached else self._replace_with(deltas, text)
+        return self._reconcile(deltas, text) if self.answer.reattached else self.replace_text(text, deltas)
 
     def _on_reasoning(self, deltas: list[str], event: DifyEvent) -> list[str]:
         """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
@@ -203,19 +203,11 @@ class AnswerRecorder(AnswerSink):
             self.append_text(deltas, text[len(known) :])
             return deltas
         logger.info("the run's answer differs from the text shown; it replaces it")
-        return self._replace_with(deltas, text[len(earlier) :] if text.startswith(earlier) else text)
+        return self.replace_text(text[len(earlier) :] if text.startswith(earlier) else text, deltas)
 
     def _known(self, deltas: list[str]) -> str:
         """The run's answer so far as Dify knows it: what came before this message (`earlier`), then its text."""
         return self.answer.earlier + self.answer_so_far(deltas)
-
-    def _replace_with(self, deltas: list[str], text: str) -> list[str]:
-        """Write what came before, then replace the whole answer by `text`; returns the (new, empty) deltas."""
-        self.write(deltas)
-        self.replace_text(text)
-        self.answer.answered = self.answer.answered or bool(text)
-        self.answer.thinking = False
-        return []
 
     def _run_finished(self, deltas: list[str], data: dict, from_record: bool = False) -> list[str]:
         """A chatflow's or workflow's run ended: a failed run is the answer's error; one stopped before it made its
