@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.schema import CreateColumn
 
-from services.auth.db import metadata
+from services.auth.db import create_unless_made, metadata
 
 # Long text: MySQL's TEXT holds 64 KiB, less than one long answer with its notes.
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
@@ -76,8 +76,7 @@ def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
         else:
             missing = None
     if missing is None:
-        table.create(engine, checkfirst=True)
-        return True
+        return create_unless_made(engine, table)
     with engine.begin() as connection:
         for column in missing:
             definition = CreateColumn(column).compile(dialect=engine.dialect)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 metadata = MetaData()
 
@@ -63,8 +64,28 @@ def make_engine(url: str, timeout: float = 5.0, pool_size: int = 5) -> Engine:
 
 
 def init_schema(engine: Engine) -> None:
-    """Create the tables that do not exist yet (existing tables and rows are left as they are)."""
-    metadata.create_all(engine, checkfirst=True)
+    """Create the tables that do not exist yet (existing tables and rows are left as they are). A table another
+    process creates meanwhile (a serving gateway makes its audit table on first use) is taken as made."""
+    for table in metadata.sorted_tables:
+        create_unless_made(engine, table)
+
+
+def create_unless_made(engine: Engine, table) -> bool:
+    """Create `table` if it does not exist; False when it did, or another process made it between the look and
+    the CREATE (which then fails, and is not an error).
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the CREATE failed, and the table is not there.
+    """
+    if inspect(engine).has_table(table.name):
+        return False
+    try:
+        table.create(engine)
+    except SQLAlchemyError:
+        if not inspect(engine).has_table(table.name):
+            raise
+        return False
+    return True
 
 
 class SchemaMissing(Exception):
