@@ -15,12 +15,13 @@ the bot and the key. Two bots may not share a WeCom credential (a table without 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from pathlib import Path
 
-from config.settings import VARIABLES, BotSettings, Settings, SettingsError, setting_in
+from config.settings import VARIABLES, BotSettings, RouteSettings, Settings, SettingsError, setting_in
 
 DEFAULT_BOT = "default"
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -70,22 +71,100 @@ def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings,
         if not isinstance(table, dict):
             problems.append(f"{where}: must be a table ([bots.{name}])")
             continue
-        values, found = _values(table, where, Path(settings.bots_file).parent)
+        folder = Path(settings.bots_file).parent
+        route_tables = table.get("routes", [])
+        values, found = _values({k: v for k, v in table.items() if k != "routes"}, where, folder)
         problems += found
         values.setdefault("wecom_callback_path", f"/wecom/callback/{name}")
-        try:
-            bots.append(settings.replace(bot_name=name, **values).bot)
-        except SettingsError as exc:
-            reported = {_key(field) for field in found.fields}  # e.g. a secret whose file could not be read
-            for problem in (_in_file_terms(p) for p in exc.problems):
-                if problem.partition(" ")[0] not in reported:
-                    problems.append(f"{where}: {problem}")
+        bot = _settings_of(settings, {"bot_name": name, **values}, where, found, problems)
+        if bot is not None:
+            routes = _routes(route_tables, settings, {"bot_name": name, **values}, where, folder, problems)
+            bots.append(dataclasses.replace(bot, routes=routes))
     problems += _clashes(bots)
     if not tables:
         problems.append("BOTS_FILE names no bot: add a table such as [bots.hr]")
     if problems:
         raise SettingsError(problems)
     return tuple(bots)
+
+
+def _settings_of(
+    settings: Settings, values: dict, where: str, found: _Found, problems: list[str]
+) -> BotSettings | None:
+    """The bot's settings of a table's `values` on the deployment's, or None with its problems added."""
+    try:
+        return settings.replace(**values).bot
+    except SettingsError as exc:
+        reported = {_key(field) for field in found.fields}  # e.g. a secret whose file could not be read
+        for problem in (_in_file_terms(p) for p in exc.problems):
+            if problem.partition(" ")[0] not in reported:
+                problems.append(f"{where}: {problem}")
+        return None
+
+
+# A route's own keys; the rest of its table is the backend that answers it (ROUTE_SETTINGS), the bot's for any key
+# it does not give. How a bot keeps conversations (GROUP_CONVERSATION) is the bot's, for all of its routes.
+ROUTE_KEYS = ("name", "command", "chats", "users")
+ROUTE_SETTINGS = frozenset(
+    name
+    for name, setting in VARIABLES.items()
+    if setting.path[:2] in (("bot", "dify"), ("bot", "openai")) or name == "backend"
+) - {"group_conversation"}
+# The commands the gateway answers itself (services/chat/queries.py), which no route may take.
+BUILT_IN_COMMANDS = frozenset({"/new", "/reset", "/新对话", "/help", "/stop", "/停止", "/cancel", "/routes"})
+
+
+def _routes(
+    tables, settings: Settings, bot_values: dict, bot_where: str, folder: Path, problems: list[str]
+) -> tuple[RouteSettings, ...]:
+    """A bot's routes, in the file's order (the first that takes a message answers it); their problems added, one
+    line each naming bot, route and key."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        problems.append(f"{bot_where}: routes must be tables ([[bots.<name>.routes]])")
+        return ()
+    routes: list[RouteSettings] = []
+    names: set[str] = set()
+    for number, table in enumerate(tables, start=1):
+        name = table.get("name")
+        where = f"{bot_where} route {name if isinstance(name, str) and name else f'#{number}'}"
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            problems.append(f"{where}: name must be 1 to 32 of a-z, 0-9, _ and -")
+            continue
+        if name in names:
+            problems.append(f"{where}: name is another route's of this bot already")
+            continue
+        names.add(name)
+        given = {k: v for k, v in table.items() if k not in ROUTE_KEYS}
+        unknown = sorted(k for k in given if k.removesuffix("_file") not in ROUTE_SETTINGS)
+        problems += [
+            f"{where}: unknown key {key!r} (a route gives command, chats, users and backend keys)" for key in unknown
+        ]
+        conditions = _conditions(table, where, problems)
+        values, found = _values({k: v for k, v in given.items() if k not in unknown}, where, folder)
+        problems += found
+        answering = _settings_of(settings, {**bot_values, **values}, where, found, problems)
+        if conditions is not None and answering is not None and not unknown:
+            routes.append(RouteSettings(name, answering, *conditions))
+    return tuple(routes)
+
+
+def _conditions(table: dict, where: str, problems: list[str]) -> tuple[str, tuple, tuple] | None:
+    """A route's (command, chats, users), or None with its problems added (at least one must be given)."""
+    command, chats, users = table.get("command", ""), table.get("chats", []), table.get("users", [])
+    bad = len(problems)
+    if not isinstance(command, str) or (command and not re.fullmatch(r"/\S{1,32}", command)):
+        problems.append(f'{where}: command must be one word beginning with / (such as "/hr")')
+    elif command.lower() in BUILT_IN_COMMANDS:
+        problems.append(f"{where}: command {command} is the gateway's own")
+    for key, value in (("chats", chats), ("users", users)):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            problems.append(f"{where}: {key} must be a list of ids")
+    if len(problems) > bad:
+        return None
+    if not (command or chats or users):
+        problems.append(f"{where}: a route needs at least one of command, chats and users")
+        return None
+    return command.lower(), tuple(chats), tuple(users)
 
 
 LAST_GOOD_COPY = "bots.last-good.toml"
@@ -143,10 +222,11 @@ def files_named(settings: Settings, text: str) -> list[str]:
     except SettingsError:
         return []
     folder = Path(settings.bots_file).parent
+    bot_tables = [table for table in tables.values() if isinstance(table, dict)]
+    routes = [r for table in bot_tables if isinstance(table.get("routes"), list) for r in table["routes"]]
     return [
         str(folder / value)
-        for table in tables.values()
-        if isinstance(table, dict)
+        for table in bot_tables + [r for r in routes if isinstance(r, dict)]
         for key, value in table.items()
         if key.endswith("_file") and isinstance(value, str) and value
     ]

@@ -210,6 +210,10 @@ class BotSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     answers: AnswerSettings = field(default_factory=AnswerSettings)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    # Routes (a bots file's [[bots.<name>.routes]]; config/bots.py): the first that takes a message answers it;
+    # none: the bot's own backend, or this reply when it is set.
+    no_route_reply: str = _var("NO_ROUTE_REPLY")
+    routes: tuple[RouteSettings, ...] = ()
 
     @property
     def long_connection(self) -> bool:
@@ -219,7 +223,21 @@ class BotSettings:
         """Every secret of this bot (for the log redactor)."""
         found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret]
         found += [self.dify.api_key, self.openai.api_key, self.auth.api_key]
+        found += [secret for route in self.routes for secret in route.settings.secrets()]
         return [secret for secret in found if secret]
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """One route of a bot: the messages it takes (every condition it gives holds: the message begins with
+    `command`, comes from one of `chats`, from one of `users`) and what answers them: `settings`, its bot's with the
+    route's own backend keys (docs/configuration.md, "Routes")."""
+
+    name: str
+    settings: BotSettings
+    command: str = ""
+    chats: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
 
 # --- what every bot of the deployment shares --------------------------------------------------------------------
@@ -376,7 +394,7 @@ def _variables(cls, path: tuple[str, ...]) -> dict[str, Variable]:
             found[variable.lower()] = Variable(
                 variable.lower(), variable, (*path, f.name), kind, metadata["secret"], metadata["from_file"]
             )
-        else:  # BotSettings.name
+        elif f.name == "name":  # BotSettings.name
             found["bot_name"] = Variable("bot_name", "", (*path, f.name), str, False)
     return found
 
@@ -410,7 +428,7 @@ def _build(cls, values: dict, path: tuple[str, ...]):
         group = _GROUPS.get(str(f.type))
         if group is not None:
             kwargs[f.name] = _build(group, values, (*path, f.name))
-        elif (name := _NAME_AT[(*path, f.name)]) in values:
+        elif (name := _NAME_AT.get((*path, f.name))) in values:  # (a bot's routes: set by config/bots.py)
             kwargs[f.name] = values[name]
     return cls(**kwargs)
 

@@ -107,7 +107,7 @@ def _source(bot) -> str:
         return "the built-in Dify stand-in"
     if plays_model(settings):
         return "the built-in OpenAI-compatible stand-in"
-    problem = bot.streams.backend.check()
+    problem = bot.streams.backends[""].check()
     if settings.backend == "openai":
         return f"your OpenAI-compatible server at {settings.openai.base_url}: " + (problem or "it answers")
     return f"your Dify at {settings.dify.base_url}: " + (problem or "it takes the key")

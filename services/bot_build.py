@@ -36,6 +36,7 @@ from services.chat.dispatch import Dispatch
 from services.chat.events import EventHandler
 from services.chat.intake import MessageIntake
 from services.chat.quotas import Quotas
+from services.chat.routes import OWN, RouteTable, Routing
 from services.chat.welcome import Welcome
 from services.dify.app_profile import DifyAppProfile
 from services.dify.client import DifyClient
@@ -173,22 +174,24 @@ class Bot:
 
 def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     """One bot's services, each part built after the parts it uses."""
-    metrics.initialise(
-        bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backend=bot.backend
-    )
+    backends = {OWN: bot.backend} | {route.name: route.settings.backend for route in bot.routes}
+    metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backends=backends)
     core = _core(bot, shared)
-    dify = _dify(bot, core)
+    apps = {OWN: _dify(bot, core)} | {route.name: _dify(route.settings, core) for route in bot.routes}
+    dify = apps[OWN]
     declared = dify.profile.declared_inputs if bot.backend == "dify" else dict  # the inputs the app declares
     authorizer = _authorizer(bot.auth, shared, core, declared)
     files = _files(bot, shared, core, dify.links)
-    forms = FormService(FormStore(shared.client, core.keys), dify.client, core.texts, bot.name)
+    clients = {route: app.client for route, app in apps.items()}
+    forms = FormService(FormStore(shared.client, core.keys), clients, core.texts, bot.name)
     rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
-    streams = _streams(bot, shared, core, dify, files, forms, authorizer, rules)
+    streams = _streams(bot, shared, core, apps, files, forms, authorizer, rules)
     quotas = _quotas(bot, shared, core)
     admission = Admission(core.texts, bot.name, rules, quotas)
-    callback = _callback(bot, shared, core, dify, streams, forms, authorizer, admission)
+    callback = _callback(bot, shared, core, apps, streams, forms, authorizer, admission)
     connection = _connection(bot, shared, core, streams.service, callback.handler.dispatch, files)
-    closers = [callback.feedback.close, dify.media.close, files.fetcher.close, dify.client.close]
+    closers = [callback.feedback.close, files.fetcher.close]
+    closers += [close for app in apps.values() for close in (app.media.close, app.client.close)]
     closers += [authorizer.api.close] if authorizer is not None else []
     closers += [streams.slots.stop] if streams.slots is not None else []
     return Bot(
@@ -307,11 +310,11 @@ def _files(bot: BotSettings, shared: Shared, core: Core, links: DifyLinks) -> Fi
 
 @dataclass(frozen=True)
 class StreamsPart:
-    """The bot's answers: the service that starts, runs and polls them, the conversations they continue, and the
-    stopper of `/stop`."""
+    """The bot's answers: the service that starts, runs and polls them, its routes and the conversations each
+    continues, and the stopper of `/stop`."""
 
     service: StreamService
-    conversations: ConversationStore
+    routing: Routing
     stopper: AnswerStopper
     slots: AnswerSlots | None  # MAX_ACTIVE_ANSWERS_PER_BOT (None: no cap)
 
@@ -320,42 +323,50 @@ def _streams(
     bot: BotSettings,
     shared: Shared,
     core: Core,
-    dify: DifyPart,
+    apps: dict[str, DifyPart],
     files: FileDelivery,
     forms: FormService,
     authorizer: Authorizer | None,
     rules: RulesFile | None,
 ) -> StreamsPart:
     texts, store, window = core.texts, core.store, bot.answers.window_seconds
-    space = "" if bot.backend == "dify" else bot.backend  # another kind's conversations apart from Dify's
-    conversations = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds, space)
+    dify, health = apps[OWN], apps[OWN].health
     bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
     finisher = Finisher(
         store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed
     )
-    dify_parts = DifyParts(dify.client, dify.profile, conversations, dify.media, store, forms, files)
-    parts = BackendParts(
-        bot, shared.client, core.keys, store, texts, finisher, conversations, dify.health, dify.media, dify_parts
-    )
-    backend = build_backend(bot.backend, parts)
-    stopper = AnswerStopper(store, backend, texts, bot.name)
+    backends, conversations = {}, []
+    for route, settings in [(OWN, bot)] + [(route.name, route.settings) for route in bot.routes]:
+        app = apps[route]
+        # Each route's conversations apart (a conversation one app made means nothing to another), the bot's own
+        # Dify app's under the keys the contract names.
+        space = ".".join(filter(None, (route, "" if settings.backend == "dify" and not route else settings.backend)))
+        talks = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds, space)
+        dify_parts = DifyParts(app.client, app.profile, talks, app.media, store, forms, files)
+        parts = BackendParts(
+            settings, shared.client, core.keys, store, texts, finisher, talks, health, app.media, dify_parts
+        )
+        backends[route] = build_backend(settings.backend, parts)
+        conversations.append(talks)
+    routing = Routing(RouteTable(bot.routes), tuple(conversations), bot.no_route_reply)
+    stopper = AnswerStopper(store, backends, texts, bot.name)
     turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core))
     if authorizer is not None:
         turn.prepare = lambda job: authorizer.inputs_for(job.userid)
     deps = WorkerDeps(
         turn=turn,
         appender=shared.appender,
-        health=dify.health,
+        health=health,
         stopper=stopper,
         append_pace=core.delivery.append_pace,
         append_deadlines=core.delivery.append_deadlines,
         rules=rules,
     )
     limits = TurnRules(bot.dify.max_stream_seconds, bot.dify.retry_seconds, bot.auth.retry_seconds)
-    worker = StreamWorker(deps, backend, shared.owner, limits)
+    worker = StreamWorker(deps, backends, shared.owner, limits)
     policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
     service = StreamService(store, shared.runner, worker, texts, bubble, shared.owner, core.delivery, policy)
-    return StreamsPart(service, conversations, stopper, turn.slots)
+    return StreamsPart(service, routing, stopper, turn.slots)
 
 
 def _slots(bot: BotSettings, shared: Shared, core: Core) -> AnswerSlots | None:
@@ -383,16 +394,17 @@ def _callback(
     bot: BotSettings,
     shared: Shared,
     core: Core,
-    dify: DifyPart,
+    apps: dict[str, DifyPart],
     streams: StreamsPart,
     forms: FormService,
     authorizer: Authorizer | None,
     admission: Admission,
 ) -> CallbackPart:
-    texts, wecom = core.texts, bot.wecom
+    texts, wecom, dify = core.texts, bot.wecom, apps[OWN]
     # A form's answer may start the rest of its run on a worker again: built once the streams are.
-    form_answers = FormAnswers(forms.store, texts, streams.service.continue_form, bot.name, dify.media)
-    feedback = FeedbackService(shared.client, core.keys, dify.client)
+    media = {route: app.media for route, app in apps.items()}
+    form_answers = FormAnswers(forms.store, texts, streams.service.continue_form, bot.name, media)
+    feedback = FeedbackService(shared.client, core.keys, {route: app.client for route, app in apps.items()})
     events = EventHandler(
         Welcome(dify.profile if bot.backend == "dify" else None, texts, wecom.welcome_message, bot.name),
         feedback,
@@ -403,7 +415,7 @@ def _callback(
     )
     intake = MessageIntake(
         streams.service,
-        streams.conversations,
+        streams.routing,
         texts,
         wecom.name,
         form_answers,

@@ -35,13 +35,13 @@ POLL_SECONDS = Histogram(
 FIRST_TOKEN_SECONDS = Histogram(
     "stream_first_token_seconds",
     "From the user's message to the backend's first delta",
-    labelnames=["bot", "backend"],
+    labelnames=["bot", "backend", "route"],
     buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
 )
 STREAM_SECONDS = Histogram(
     "stream_duration_seconds",
     "From the user's message to the answer's final state",
-    labelnames=["bot"],
+    labelnames=["bot", "route"],
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 240, 330, 600, 1200),
 )
 ACTIVE_STREAMS = Gauge(
@@ -68,15 +68,17 @@ STREAM_OUTCOMES = Counter(
     ["bot", "outcome"],
 )
 DIFY_ERRORS = Counter(
-    "dify_errors_total", "Backend failures (Dify's, an OpenAI-compatible server's) by code", ["bot", "backend", "code"]
+    "dify_errors_total",
+    "Backend failures (Dify's, an OpenAI-compatible server's) by code",
+    ["bot", "backend", "code", "route"],
 )
 DIFY_CALLS = Counter(
     "dify_calls_total",
     "Dify calls for users' messages: new (a message's first), restart (the one documented restart of an answer "
     "whose replica died before it showed anything), resume (a run streamed again), form (a run followed on after its "
     "form), reattach (a run followed again after its stream was cut), duplicate (a second new call for one "
-    "message: never expected); by the bot's backend (dify, openai: the name stays for the dashboards)",
-    ["bot", "backend", "kind"],
+    "message: never expected); by the bot's backend (dify, openai: the name stays for the dashboards) and route",
+    ["bot", "backend", "kind", "route"],
 )
 WS_CONNECTED = Gauge(
     "wecom_ws_connected",
@@ -228,7 +230,9 @@ STOPS = Counter(
     ["bot", "outcome"],
 )
 DIFY_STOPS = Counter(
-    "dify_stop_calls_total", "Stops asked of the backend by reason: user, timeout", ["bot", "backend", "reason"]
+    "dify_stop_calls_total",
+    "Stops asked of the backend by reason: user, timeout",
+    ["bot", "backend", "reason", "route"],
 )
 PUSHES = Counter(
     "wecom_pushes_total",
@@ -333,9 +337,11 @@ AUDIT_PENDING = Gauge(
 AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
 
 
-def initialise(bot: str, long_connection: bool = False, audit: bool = False, backend: str = "dify") -> None:
-    """Create every series of `bot` (answered by `backend`) at zero (a labelled series otherwise appears only once
-    it is first used)."""
+def initialise(
+    bot: str, long_connection: bool = False, audit: bool = False, backends: dict[str, str] | None = None
+) -> None:
+    """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used);
+    `backends`: the kind of backend of each of its routes ("": the bot's own; by default Dify)."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
     for result in ("ok", "rejected"):
@@ -348,10 +354,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False, bac
             CALLBACKS.labels(bot, kind, outcome)
     for event in STREAM_EVENTS:
         STREAM_OUTCOMES.labels(bot, event)
-    for code in DIFY_ERROR_CODES:
-        DIFY_ERRORS.labels(bot, backend, code)
-    for kind in DIFY_CALL_KINDS:
-        DIFY_CALLS.labels(bot, backend, kind)
+    for route, backend in (backends or {"": "dify"}).items():
+        _initialise_backend(bot, backend, route)
     for outcome in AUTH_RESULTS:
         AUTH_OUTCOMES.labels(bot, outcome)
     for result in ("hit", "miss"):
@@ -359,9 +363,8 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False, bac
     for kind in SEPARATE_KINDS:
         for result in SENT:
             (WS_SEPARATE if long_connection else RESPONSE_URL).labels(bot, kind, result)
-    for metric in (POLL_SECONDS, STREAM_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
+    for metric in (POLL_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
         metric.labels(bot)
-    FIRST_TOKEN_SECONDS.labels(bot, backend)
     FORM_WAIT_SECONDS.labels(bot)
     for write in REPLICATED_WRITES:
         UNREPLICATED_WRITES.labels(bot, write)
@@ -380,10 +383,20 @@ def initialise(bot: str, long_connection: bool = False, audit: bool = False, bac
         FORM_SUBMISSIONS.labels(bot, result)
     for outcome in STOP_OUTCOMES:
         STOPS.labels(bot, outcome)
-    for reason in DIFY_STOP_REASONS:
-        DIFY_STOPS.labels(bot, backend, reason)
     if long_connection:
         _initialise_long_connection(bot)
+
+
+def _initialise_backend(bot: str, backend: str, route: str) -> None:
+    """The series of the answers of one of a bot's routes, and of its backend's calls."""
+    for code in DIFY_ERROR_CODES:
+        DIFY_ERRORS.labels(bot, backend, code, route)
+    for kind in DIFY_CALL_KINDS:
+        DIFY_CALLS.labels(bot, backend, kind, route)
+    for reason in DIFY_STOP_REASONS:
+        DIFY_STOPS.labels(bot, backend, reason, route)
+    FIRST_TOKEN_SECONDS.labels(bot, backend, route)
+    STREAM_SECONDS.labels(bot, route)
 
 
 def _initialise_long_connection(bot: str) -> None:

@@ -71,7 +71,15 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "stop_done": "好的，已停止回答。",
         "nothing_to_stop": "当前没有正在进行的回答。",
         "help": "可以直接向我提问，也可以发送图片或语音。\n\n命令：\n"
-        "/new 或 /reset：开始新的对话（之前的上下文不再使用）\n/stop 或 /停止：停止正在进行的回答\n/help：显示本帮助",
+        "/new 或 /reset：开始新的对话（之前的上下文不再使用）\n/stop 或 /停止：停止正在进行的回答\n"
+        "/routes：可用的应用命令\n/help：显示本帮助",
+        "route_gone": "（这条回答所属的应用路由已被管理员删除，请重新提问。）",
+        "routes_commands": "可用的命令：\n{commands}",
+        "routes_command": "{command} <问题>：由「{route}」回答",
+        "routes_none": "这里没有可用的应用命令。",
+        "routes_here": "在这里直接提问：由「{route}」回答。",
+        "routes_own": "在这里直接提问：由本机器人的默认应用回答。",
+        "routes_closed": "在这里直接提问不会得到回答，请使用上面的命令。",
         "image_query": "请看这张图片。",
         "file_query": "请阅读这个文件。",
         "quote_context": "我引用了这条消息：\n{quoted}\n\n{query}",
@@ -181,7 +189,14 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "nothing_to_stop": "No answer is in progress.",
         "help": "Ask me anything, or send a picture or a voice message.\n\nCommands:\n/new or /reset: start a "
         "new conversation (earlier context is dropped)\n/stop or /cancel: stop the answer in progress\n"
-        "/help: show this help",
+        "/routes: the app commands you may use\n/help: show this help",
+        "route_gone": "(The route this answer belonged to was removed by an administrator: please ask again.)",
+        "routes_commands": "Commands you may use:\n{commands}",
+        "routes_command": '{command} <question>: answered by "{route}"',
+        "routes_none": "No app commands here.",
+        "routes_here": 'A question asked here without a command: answered by "{route}".',
+        "routes_own": "A question asked here without a command: answered by this bot's own app.",
+        "routes_closed": "A question asked here without a command gets no answer: use a command above.",
         "image_query": "Please look at this image.",
         "file_query": "Please read this file.",
         "quote_context": "I am quoting this message:\n{quoted}\n\n{query}",

@@ -158,4 +158,4 @@ def test_metrics_carry_the_bot(two_bots, sims, dify):
     helpdesk.ask("and me")
     text = two_bots.app.test_client().get("/metrics").get_data(as_text=True)
     assert 'stream_outcomes_total{bot="hr",outcome="done"}' in text
-    assert 'dify_errors_total{backend="dify",bot="helpdesk",code="unauthorized"}' in text
+    assert 'dify_errors_total{backend="dify",bot="helpdesk",code="unauthorized",route=""}' in text

@@ -217,16 +217,16 @@ def test_every_series_of_every_bot_exists_at_zero_from_start_up(make_app):
     """Before any traffic: rates, ratios and absent() in the alerts need the series to exist (k8s/monitoring)."""
     app = make_app(bot_name="fresh-bot")
     samples = scrape(app.test_client())
-    bot, backend = ("bot", "fresh-bot"), ("backend", "dify")
+    bot, backend, own = ("bot", "fresh-bot"), ("backend", "dify"), ("route", "")
     assert samples[("stream_outcomes_total", (bot, ("outcome", "done")))] == 0
     assert samples[("stream_outcomes_total", (bot, ("outcome", "closed_window")))] == 0
-    assert samples[("dify_calls_total", (backend, bot, ("kind", "duplicate")))] == 0
+    assert samples[("dify_calls_total", (backend, bot, ("kind", "duplicate"), own))] == 0
     assert samples[("wecom_messages_total", (bot, ("outcome", "opened")))] == 0
-    assert samples[("dify_errors_total", (backend, bot, ("code", "timeout")))] == 0
+    assert samples[("dify_errors_total", (backend, bot, ("code", "timeout"), own))] == 0
     assert samples[("wecom_callbacks_total", (bot, ("outcome", "store_unavailable"), ("type", "text")))] == 0
     assert samples[("redis_writes_unreplicated_total", (bot, ("write", "msgid_claim")))] == 0
     assert samples[("redis_writes_unreplicated_total", (bot, ("write", "outbox")))] == 0
-    assert samples[("stream_first_token_seconds_count", (backend, bot))] == 0
+    assert samples[("stream_first_token_seconds_count", (backend, bot, own))] == 0
 
 
 def test_dify_calls_are_counted_by_kind(live, dify):

@@ -333,7 +333,7 @@ def test_a_redis_blip_in_a_side_write_never_fails_an_answer_dify_completed(make_
     gateway = live.gateway
     image = dify.host_file(PNG)
     dify.script([d.message("slow start"), d.sleep(1.5), d.message_file(image), d.message(" and the rest"), d.end()])
-    conversations, store = gateway.bot().streams.backend.parts.conversations, gateway.bot().streams.store
+    conversations, store = gateway.bot().streams.backends[""].parts.conversations, gateway.bot().streams.store
     conversations.remember = Blip(conversations.remember, times=2)
     store.record = Blip(store.record)
     store.finish = Blip(store.finish)

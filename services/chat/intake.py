@@ -1,6 +1,6 @@
-"""What a user's message becomes: a command (/new, /reset, /stop, /help) answered at once, a polite refusal of an
-empty message, the typed value or the file of a form that waits for it, or a question (the words, the quote as
-context, the images and files) that opens a stream."""
+"""What a user's message becomes: a command (/new, /reset, /stop, /help, /routes) answered at once, a polite
+refusal of an empty message, the typed value or the file of a form that waits for it, or a question (the words, the
+quote as context, the images and files) that opens a stream on the route that takes it (services/chat/routes.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ from services.chat.admission import Admission
 from services.chat.queries import (
     HELP,
     NEW_CONVERSATION,
+    ROUTES,
     STOP,
     parse_command,
     quoted_image_urls,
     strip_mention,
     with_quote,
 )
+from services.chat.routes import OWN, Routing
 from services.forms.answers import FormAnswers
 from services.media.service import DOCUMENT, IMAGE, VIDEO
 from services.redis_conn import REDIS_FAILURES
-from services.streams.conversations import ConversationStore, conversation_member
+from services.streams.conversations import conversation_member
 from services.streams.life import NOTE
 from services.streams.life import STOP as STOP_ROW
 from services.streams.service import StreamService
@@ -36,7 +38,7 @@ class MessageIntake:
     def __init__(
         self,
         streams: StreamService,
-        conversations: ConversationStore,
+        routing: Routing,
         texts: Texts,
         bot_name: str,
         forms: FormAnswers,
@@ -48,7 +50,7 @@ class MessageIntake:
         self.authorize = authorize  # raises AuthError for a user who may not ask the bot (by default everyone may)
         self.stopper = stopper
         self.streams = streams
-        self.conversations = conversations
+        self.routing = routing  # the bot's routes, and the conversations of each
         self.texts = texts
         self.bot_name = bot_name
         self.forms = forms
@@ -76,6 +78,9 @@ class MessageIntake:
                 return self.streams.finish_at_once(self.texts.say("help"), message)
             if name == STOP:
                 return self._stop(message)
+            if name == ROUTES:
+                said = self.routing.listed(self.texts, message.userid, message.chatid)
+                return self.streams.finish_at_once(said, message)
             if name == NEW_CONVERSATION:
                 try:
                     said = self._new_conversation(message)
@@ -91,6 +96,11 @@ class MessageIntake:
             return self.streams.answer_at_once(message, lambda: self.forms.given(form, message, attachments))
         if form is not None:  # the value of a form's field, or its choice: not a question for Dify
             return self.streams.answer_at_once(message, lambda: self.forms.typed(form, message, text))
+        choice = self.routing.table.choose(text, message.userid, message.chatid)
+        if choice.route == OWN and self.routing.no_route_reply:
+            self.streams.count("no_route")
+            return self.streams.finish_at_once(self.routing.no_route_reply, message, NOTE)
+        text = choice.question
         if not text and not attachments:
             self.streams.count("empty")
             return self.streams.finish_at_once(self.texts.say("empty_query"), message, NOTE)
@@ -100,7 +110,7 @@ class MessageIntake:
             return self.streams.finish_at_once(refused.note, message, refused.outcome)
         query = text or self.texts.say("image_query" if message.image_urls else "file_query")
         query = with_quote(query, message.quote, self.texts)
-        return self.streams.open(message, query, typed_query=bool(text), attachments=attachments)
+        return self.streams.open(message, query, typed_query=bool(text), attachments=attachments, route=choice.route)
 
     def _new_conversation(self, message: Inbound) -> str:
         """Forget the conversation the message would continue; returns what to say. A group that shares one is
@@ -112,7 +122,9 @@ class MessageIntake:
         shared = self.streams.shared_groups and message.is_group
         if shared:
             self.authorize(message.userid)
-        self.conversations.forget(message.aibotid, message.chatid, conversation_member(message.userid, shared))
+        member = conversation_member(message.userid, shared)
+        for conversations in self.routing.conversations:  # the bot's own backend's, and each route's
+            conversations.forget(message.aibotid, message.chatid, member)
         logger.info("conversation reset by the user%s", " for the whole group" if shared else "")
         return "new_group_conversation" if shared else "new_conversation"
 

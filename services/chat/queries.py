@@ -1,5 +1,5 @@
 """From a WeCom message to the question Dify gets: group @mentions stripped, quoted messages given as context,
-and the bot's own commands recognised (/new, /reset, /stop, /help)."""
+and the bot's own commands recognised (/new, /reset, /stop, /help, /routes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 from services.texts import Texts
 
-NEW_CONVERSATION, HELP, STOP = "new", "help", "stop"
+NEW_CONVERSATION, HELP, STOP, ROUTES = "new", "help", "stop", "routes"
 COMMANDS = {
     "/new": NEW_CONVERSATION,
     "/reset": NEW_CONVERSATION,
@@ -16,6 +16,7 @@ COMMANDS = {
     "/stop": STOP,
     "/停止": STOP,
     "/cancel": STOP,
+    "/routes": ROUTES,
 }
 _LEADING_MENTION = re.compile(r"^\s*@\S+\s*")
 _QUOTED_MARKERS = {"image": "quoted_image", "file": "quoted_file", "video": "quoted_video"}
@@ -32,7 +33,7 @@ def strip_mention(text: str, bot_name: str = "") -> str:
 
 
 def parse_command(text: str) -> tuple[str, str] | None:
-    """(command, the rest of the text) for `/new`, `/reset`, `/stop`, `/help`; None for an ordinary question."""
+    """(command, the rest of the text) for `/new`, `/reset`, `/stop`, `/help`, `/routes`; None for a question."""
     head, _, rest = text.strip().partition(" ")
     command = COMMANDS.get(head.lower())
     return (command, rest.strip()) if command else None

@@ -8,6 +8,7 @@ so a later rating reaches the right message as the right user.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
@@ -50,10 +51,10 @@ def rating_in_words(event: dict) -> str:
 
 
 class FeedbackService:
-    def __init__(self, client: redis.Redis, keys: Keys, dify: DifyClient, workers: int = 4):
+    def __init__(self, client: redis.Redis, keys: Keys, apps: Mapping[str, DifyClient], workers: int = 4):
         self.redis = client
         self.keys = keys
-        self.dify = dify
+        self.apps = apps  # the Dify app of each of the bot's routes ("": its own): a rating goes to its answer's
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="feedback")
 
     def close(self, wait: bool = False) -> None:
@@ -85,7 +86,11 @@ class FeedbackService:
             logger.info("feedback for an unknown or expired answer %s", feedback_id)
             return False
         target = orjson.loads(raw)
+        app = self.apps.get(target.get("route", ""))
+        if app is None:
+            logger.info("feedback for an answer of a route no longer in BOTS_FILE: not forwarded")
+            return False
         content = feedback_content(event) if kind == INACCURATE else ""
-        self.dify.feedback(target["message_id"], _RATINGS[kind], target["user"], content)
+        app.feedback(target["message_id"], _RATINGS[kind], target["user"], content)
         logger.info("feedback %s forwarded to Dify", _RATINGS[kind] or "withdrawn")
         return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from services import metrics
 from services.forms.cards import ACTION_QUESTION, DONE_KEY, answered_card, closed_card, form_card, split_key
@@ -50,7 +50,7 @@ class FormAnswers:
         texts: Texts,
         go_on_separately: GoOnSeparately,
         bot: str = "default",
-        media: MediaService | None = None,
+        media: Mapping[str, MediaService] | None = None,
     ):
         self.store = store
         self.texts = texts
@@ -231,7 +231,8 @@ class FormAnswers:
             return expired
         missing = record.missing
         item = missing[0] if missing else None
-        if item is None or not item.is_file or self.media is None:
+        media = self.media.get(record.route) if self.media is not None else None
+        if item is None or not item.is_file or media is None:
             step = ask_for(item, self.texts) if item is not None else self._next_step(record)
             return "\n\n".join(filter(None, (self.texts.say("form_file_not_needed"), step)))
         notes, took = [], False
@@ -239,7 +240,7 @@ class FormAnswers:
             if record.filled(item):
                 break
             try:
-                given, name = self.media.file_for(kind, url, aeskey[0] if aeskey else "", record.dify_user,
+                given, name = media.file_for(kind, url, aeskey[0] if aeskey else "", record.dify_user,
                                                   item.takes_file)  # fmt: skip
             except FileRefused as refused:
                 kinds = file_kinds(item, self.texts)

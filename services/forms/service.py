@@ -9,7 +9,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from services import metrics
@@ -58,6 +58,7 @@ class Asker:
     chatid: str
     aibotid: str
     dify_user: str
+    route: str = ""  # the bot's route whose Dify app ran it: the app its answer goes to
 
 
 @dataclass(slots=True)
@@ -110,9 +111,9 @@ def file_kinds(item: Input, texts: Texts) -> str:
 
 
 class FormService:
-    def __init__(self, store: FormStore, dify: DifyClient, texts: Texts, bot: str = "default"):
+    def __init__(self, store: FormStore, apps: Mapping[str, DifyClient], texts: Texts, bot: str = "default"):
         self.store = store
-        self.dify = dify
+        self.apps = apps  # the Dify app of each of the bot's routes ("": its own): a form's is its run's
         self.texts = texts
         self.bot = bot
 
@@ -136,7 +137,7 @@ class FormService:
             card = form_card(known.form, task_id, self.texts) if card_allowed and known.card_rides else None
             return Ticket(known, self.prompt(known), card if known.status == OPEN else None)
         try:
-            fetched = self.dify.human_input_form(token)
+            fetched = self.apps[asker.route].human_input_form(token)
         except BackendHTTPError as exc:
             if exc.status == 404:
                 logger.info("the paused run's form is not reachable through the Service API: it is answered elsewhere")
@@ -156,6 +157,7 @@ class FormService:
             "aibotid": asker.aibotid,
             "dify_user": asker.dify_user,
             "stream_id": asker.stream_id,
+            "route": asker.route,
             "card_rides": "1" if card else "",
             "before": before,
         }
@@ -240,10 +242,13 @@ class FormService:
 
     def _submit_to_dify(self, record: FormRecord, retried: bool) -> tuple[str, str]:
         """(what became of the submission, Dify's words when it refused the values)."""
-        form = record.form
+        form, app = record.form, self.apps.get(record.route)
+        if app is None:
+            logger.warning("the form's route is no longer in BOTS_FILE: its answer cannot reach the app")
+            return FAILED, ""
         for attempt in range(SUBMIT_TRIES):
             try:
-                self.dify.submit_human_input(form.token, record.submission(), record.choice, record.dify_user)
+                app.submit_human_input(form.token, record.submission(), record.choice, record.dify_user)
                 return SUBMITTED, ""
             except BackendHTTPError as exc:
                 if exc.status == 412:

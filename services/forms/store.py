@@ -157,6 +157,7 @@ class FormRecord:
     opened_at: float = 0.0
     claimed_at: float = 0.0
     refused: str = ""  # Dify's words on the last submission it refused (the form is open again)
+    route: str = ""  # the bot's route whose Dify app ran it ("": the bot's own)
 
     @property
     def missing(self) -> list[Input]:
@@ -216,6 +217,7 @@ class FormStore:
             aibotid=data.get("aibotid", ""),
             dify_user=data.get("dify_user", ""),
             stream_id=data.get("stream_id", ""),
+            route=data.get("route", ""),
             values=orjson.loads(data["values"]) if data.get("values") else {},
             choice=data.get("choice", ""),
             way=data.get("way", ""),

@@ -94,7 +94,7 @@ class Finisher:
             return None
         if finished is not None:
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
-            metrics.STREAM_SECONDS.labels(self.bot).observe(max(0.0, time.time() - job.created_at))
+            metrics.STREAM_SECONDS.labels(self.bot, job.route).observe(max(0.0, time.time() - job.created_at))
             self._free_slot(job, finished)
             self._send_rest(job, answer, finished, note)
         elif answer.detached:
@@ -126,7 +126,9 @@ class Finisher:
             keep_in_step(answer, self.store, job.attempt, job.stream_id)
         if answer.detached:
             return None
-        feedback = {"message_id": answer.message_id, "user": job.dify_user} if status == DONE else None
+        feedback = (
+            {"message_id": answer.message_id, "user": job.dify_user, "route": job.route} if status == DONE else None
+        )
         finished = self.store.finish(
             job.stream_id,
             job.attempt,

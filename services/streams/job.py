@@ -36,6 +36,7 @@ class StreamJob:
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
     shared_chat: bool = False  # a group whose members share one Dify conversation (GROUP_CONVERSATION=shared)
     counted_call: str = ""  # the kind of its first new Dify call, counted already (a queued stream's take)
+    route: str = ""  # the bot's route that takes it, whose backend answers ("": the bot's own)
 
     @property
     def separate(self) -> bool:
@@ -76,6 +77,7 @@ class StreamJob:
             "typed_query": "1" if self.typed_query else "",
             "attachments": orjson.dumps(self.attachments).decode() if self.attachments else "",
             "shared_chat": "1" if self.shared_chat else "",
+            "route": self.route,
         }
 
     @classmethod
@@ -97,6 +99,7 @@ class StreamJob:
             forms_answered=tuple(meta.get(F.forms_answered, "").split()),
             card_placed=bool(meta.get(F.card)),
             shared_chat=bool(meta.get(F.shared_chat)),
+            route=meta.get(F.route, ""),
         )
 
     @classmethod

@@ -109,7 +109,12 @@ class StreamService:
         self.card_returns = CardReturns()  # its thread starts on the first poll that needs it
 
     def open(
-        self, message: Inbound, query: str, typed_query: bool = True, attachments: list[tuple[str, ...]] | None = None
+        self,
+        message: Inbound,
+        query: str,
+        typed_query: bool = True,
+        attachments: list[tuple[str, ...]] | None = None,
+        route: str = "",
     ) -> dict:
         """Start answering `message` (or, for a retried msgid, show the stream already started for it). A process that
         drains or is full refuses a new answer it would run itself (callback mode: WeCom tries again elsewhere), not
@@ -135,6 +140,7 @@ class StreamService:
             attachments=attachments or [],
             attempt=first_attempt(self.owner),
             shared_chat=self.shared_groups and message.is_group,
+            route=route,
         )
         stream_id = job.stream_id
         fields = {
@@ -145,7 +151,7 @@ class StreamService:
             "msgtype": message.msgtype,
             "aibotid": message.aibotid,
             "response_url": message.response_url,
-            "backend": self.worker.backend.name,
+            "backend": self._backend_kind(route),
             "trace_id": job.trace_id,
             **job.request_fields(),
             **self.delivery.tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
@@ -164,9 +170,14 @@ class StreamService:
         return stream_reply(stream_id, self.bubble.live(""), finish=False, feedback_id=stream_id)
 
     @property
-    def backend(self):
-        """The bot's backend (services/streams/backend.py), which its worker asks for answers."""
-        return self.worker.backend
+    def backends(self):
+        """The bot's backends by route ("": its own; services/streams/backend.py), which its worker asks for
+        answers."""
+        return self.worker.backends
+
+    def _backend_kind(self, route: str) -> str:
+        backend = self.worker.backends.get(route)
+        return backend.name if backend is not None else ""  # (a form's run whose route is gone: its worker says so)
 
     def has_room(self) -> bool:
         """Whether a new answer would be taken here now (not by a process that drains or is full, when it would
@@ -187,6 +198,7 @@ class StreamService:
             attempt=first_attempt(self.owner),
             form_task=form.task_id,
             shared_chat=self.shared_groups and bool(form.chatid),
+            route=form.route,
         )
         fields = {
             "msgid": job.msgid,
@@ -196,7 +208,8 @@ class StreamService:
             "response_url": job.response_url,
             "form_task": form.task_id,
             "shared_chat": "1" if job.shared_chat else "",
-            "backend": self.worker.backend.name,
+            "route": job.route,
+            "backend": self._backend_kind(job.route),
             "trace_id": job.trace_id,
             "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
         }

@@ -80,7 +80,7 @@ class AnswerSink:
             deltas = self._masked(deltas)
         if deltas and not answer.text and not answer.resumed:  # the first words (or thoughts) the user sees
             waited = max(0.0, time.time() - self.job.created_at)
-            metrics.FIRST_TOKEN_SECONDS.labels(self.bot, self.backend).observe(waited)
+            metrics.FIRST_TOKEN_SECONDS.labels(self.bot, self.backend, self.job.route).observe(waited)
         answer.text += "".join(deltas)
         if answer.detached or not (deltas or answer.new_fields):
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 from services import metrics
 from services.redis_conn import REDIS_FAILURES
@@ -26,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class AnswerStopper:
-    def __init__(self, store: StreamStore, backend: Backend, texts: Texts, bot: str):
+    def __init__(self, store: StreamStore, backends: Mapping[str, Backend], texts: Texts, bot: str):
         self.store = store
-        self.backend = backend
+        self.backends = backends  # by route ("": the bot's own): an answer's is its route's
         self.texts = texts
         self.bot = bot
 
@@ -52,7 +53,7 @@ class AnswerStopper:
             stopped += 1
             logger.info("stream %s stopped by its user", stream_id)
             if task_id:
-                self._stop_backend(task_id, StreamJob.from_meta(stream_id, meta, "").dify_user)
+                self._stop_backend(StreamJob.from_meta(stream_id, meta, ""), task_id)
         metrics.STOPS.labels(self.bot, "stopped" if stopped else "nothing").inc()
         return stopped
 
@@ -65,15 +66,16 @@ class AnswerStopper:
             logger.warning("could not tell whether Dify's task was stopped: %s", type(exc).__name__)
             return
         if mine:
-            self.backend.stop(task_id, job.dify_user)
-            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "user").inc()
+            self._stop_at_backend(job, task_id)
 
-    def _stop_backend(self, task_id: str, user: str) -> None:
+    def _stop_backend(self, job: StreamJob, task_id: str) -> None:
         """The backend's stop call, off the request thread (the callback's reply, or the WebSocket's reader, waits
         for nothing)."""
+        threading.Thread(target=self._stop_at_backend, args=(job, task_id), name="backend-stop", daemon=True).start()
 
-        def call() -> None:
-            self.backend.stop(task_id, user)
-            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "user").inc()
-
-        threading.Thread(target=call, name="backend-stop", daemon=True).start()
+    def _stop_at_backend(self, job: StreamJob, task_id: str) -> None:
+        backend = self.backends.get(job.route)
+        if backend is None:  # a route the bots file no longer has: its answer ended; its task runs out by itself
+            return
+        backend.stop(task_id, job.dify_user)
+        metrics.DIFY_STOPS.labels(self.bot, backend.name, "user", job.route).inc()

@@ -158,7 +158,11 @@ class Turn:
         kind = kind or "new"
         if kind == "duplicate":
             logger.error("a second %s call for this message (not a documented restart)", backend)
-        metrics.DIFY_CALLS.labels(self.bot, backend, kind).inc()
+        metrics.DIFY_CALLS.labels(self.bot, backend, kind, job.route).inc()
+
+    def count_follow_up(self, backend: str, kind: str) -> None:
+        """Count a call that follows the message's first on (dify_calls_total: resume, form, reattach, ...)."""
+        metrics.DIFY_CALLS.labels(self.bot, backend, kind, self.job.route).inc()
 
     def tried_again(
         self,

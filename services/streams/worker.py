@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services import metrics
@@ -50,21 +51,23 @@ class WorkerDeps:
 
 
 class StreamWorker:
-    """Answers one StreamJob through the bot's `backend`."""
+    """Answers one StreamJob through the backend of its route (`backends`: "" the bot's own)."""
 
-    def __init__(self, deps: WorkerDeps, backend: Backend, owner: str, rules: TurnRules):
+    def __init__(self, deps: WorkerDeps, backends: Mapping[str, Backend], owner: str, rules: TurnRules):
         self.deps = deps
-        self.backend = backend
+        self.backends = backends
         self.owner = owner
         self.rules = rules
         self.bot = deps.turn.bot
 
     def run(self, job: StreamJob, cancelled: threading.Event, lease: LeaseClock | None = None) -> None:
         """Thread entry point: never raises, always leaves a final state unless another replica owns the stream."""
+        backend = self.backends.get(job.route)
         with log_context(
             replica=self.owner,
             bot=self.bot,
-            backend=self.backend.name,
+            backend=backend.name if backend is not None else None,
+            route=job.route or None,
             stream=job.stream_id,
             msgid=job.msgid,
             user=job.userid,
@@ -74,7 +77,9 @@ class StreamWorker:
             turn = Turn(job, answer, cancelled, self.rules, self.deps.turn)
             finisher, texts, life = turn.finisher, turn.texts, self.deps.turn.store.life
             try:
-                self._answer(turn)
+                if backend is None:
+                    raise Declined("route_gone", failed=True)
+                self._answer(turn, backend)
             except HandedOver:
                 life.handed_over.send(job.stream_id, how="handed_over")
                 logger.info("this process stops: the form's wait was handed over to another replica")
@@ -92,7 +97,7 @@ class StreamWorker:
                 status, error = (ERROR, declined.note_key) if declined.failed else (DONE, "")
                 finisher.finish(job, answer, status, note=texts.say(declined.note_key), error=error)
             except BackendError as exc:
-                self._fail(turn, exc)
+                self._fail(turn, backend, exc)
             except NoSlot:
                 logger.info("no answer slot came free within QUEUE_WAIT_SECONDS: a busy reply")
                 metrics.CAP_REFUSALS.labels(self.bot).inc()
@@ -110,10 +115,10 @@ class StreamWorker:
                 if answer.mask.count:
                     metrics.MASKED_MATCHES.labels(self.bot).inc(answer.mask.count)
 
-    def _answer(self, turn: Turn) -> None:
+    def _answer(self, turn: Turn, backend: Backend) -> None:
         """A new question, the run of an answer whose replica is gone, or the rest of a run after a form: each as
         far as the backend can take it (one that cannot follow a run again never gets one: nothing names a run)."""
-        job, backend = turn.job, self.backend
+        job = turn.job
         if job.separate and backend.capabilities.forms:
             backend.continue_form(turn)
         elif job.resume_run and backend.capabilities.resumes:
@@ -121,16 +126,17 @@ class StreamWorker:
         else:
             backend.answer(turn)
 
-    def _fail(self, turn: Turn, exc: BackendError) -> None:
+    def _fail(self, turn: Turn, backend: Backend, exc: BackendError) -> None:
         """The backend call failed: the answer ends with the note that says how, its text so far kept; a call that
         ran out of time is stopped at the backend."""
-        metrics.DIFY_ERRORS.labels(self.bot, self.backend.name, exc.code).inc()
+        route = turn.job.route
+        metrics.DIFY_ERRORS.labels(self.bot, backend.name, exc.code, route).inc()
         self.deps.health.failed(exc.code)
         logger.warning("the backend failed: %s (%s)", exc.code, exc.message[:200])
         answer = turn.answer
         if isinstance(exc, BackendTimeout) and answer.task_id:
-            self.backend.stop(answer.task_id, turn.job.dify_user)
-            metrics.DIFY_STOPS.labels(self.bot, self.backend.name, "timeout").inc()
+            backend.stop(answer.task_id, turn.job.dify_user)
+            metrics.DIFY_STOPS.labels(self.bot, backend.name, "timeout", route).inc()
         note = turn.texts.failure_note(exc)
         turn.finisher.finish(turn.job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")
 

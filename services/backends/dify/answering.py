@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
-from services import metrics
 from services.backends.dify.completion import AnswerCompletion
 from services.backends.dify.form_steps import FormSteps
 from services.backends.dify.recorder import AnswerOptions, AnswerRecorder
@@ -160,7 +159,7 @@ class DifyBackend:
         recorder = self._attach(job, answer, job.resume_run)
         answer.resumed = True
         logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
-        metrics.DIFY_CALLS.labels(self.bot, self.name, "resume").inc()
+        turn.count_follow_up(self.name, "resume")
         with _run_failures(answer):
             self._follow_again(turn, recorder, turn.deadline)
             self._through_forms(turn, recorder)
@@ -227,7 +226,7 @@ class DifyBackend:
             may_try_again,
             turn.patience_ends(deadline),
             "Dify did not take the call",
-            lambda: metrics.DIFY_CALLS.labels(self.bot, self.name, counted_as).inc(),
+            lambda: turn.count_follow_up(self.name, counted_as),
         )
 
     def _follow_again(
@@ -269,13 +268,13 @@ class DifyBackend:
             if cuts_left <= 0 or not answer.workflow_run_id or answer.app_type not in RUN_APPS:
                 raise
             logger.warning("the stream following the run was cut (%s); following it again", cut.message[:120])
-            metrics.DIFY_CALLS.labels(self.bot, self.name, "reattach").inc()
+            turn.count_follow_up(self.name, "reattach")
             self._follow_again(turn, recorder, deadline, cuts_left - 1)
 
     def _follow_run(self, turn: Turn, recorder: AnswerRecorder, on_open: Callable[[], bool]) -> None:
         """Follow the answer's Dify run on from its pause, recording its events: `on_open()` runs once Dify
         relays them (it submits the form), and when it returns False nothing is read."""
-        metrics.DIFY_CALLS.labels(self.bot, self.name, "form").inc()
+        turn.count_follow_up(self.name, "form")
         answer, job = turn.answer, turn.job
         events = partial(
             self.parts.client.stream_run,

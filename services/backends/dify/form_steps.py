@@ -56,7 +56,7 @@ class FormSteps:
         job, answer = turn.job, turn.answer
         while answer.paused and answer.form_event is not None:
             event, answer.form_event = answer.form_event, None
-            asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user)
+            asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user, job.route)
             card_allowed = not job.separate and not job.card_placed  # one card per message
             before = answer.earlier + recorder.answer_so_far()
             opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed, before)

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from services import metrics
 from services.backends.openai.client import SERVER, Chunk, OpenAIClient
 from services.backends.openai.history import ConversationTurns, new_conversation_id
 from services.media.service import IMAGE, MediaError, sniff
@@ -97,7 +96,7 @@ class OpenAIBackend:
             lambda exc: not answer.text and _not_taken(exc),
             turn.patience_ends(turn.deadline),
             f"{SERVER} did not take the call",
-            lambda: metrics.DIFY_CALLS.labels(turn.bot, self.name, "asked_again").inc(),
+            lambda: turn.count_follow_up(self.name, "asked_again"),
         )
         answer.message_ended()  # the answer is whole: what the content rules held goes on
         sink.close_reasoning()
