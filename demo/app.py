@@ -56,13 +56,14 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
     stand-in answers each bot (told apart by its API key) as that bot, in its language. An address of the user's
     (their own Dify, or a server they meant to start) never gets a stand-in: a bot there answers from it, or says
     it cannot (announce)."""
-    for url in {bot.dify.base_url for bot in bots if plays_dify(bot)}:
+    apps = [(bot.name, bot) for bot in bots] + [(f"{b.name} {r.name}", r.settings) for b in bots for r in b.routes]
+    for url in {bot.dify.base_url for _, bot in apps if plays_dify(bot)}:
         if _needs_standin(url):
             host, port = _address(url)
-            personas = {bot.dify.api_key: (bot.name, bot.language) for bot in bots if bot.dify.base_url == url}
+            personas = {bot.dify.api_key: (name, bot.language) for name, bot in apps if plays_dify(bot)}
             _started[url] = DifyStandIn(host=host, port=port, personas=personas).start()
             logger.warning("demo: answering with the built-in Dify stand-in at %s", url)
-    for url in {bot.openai.base_url for bot in bots if plays_model(bot)}:
+    for url in {bot.openai.base_url for _, bot in apps if plays_model(bot)}:
         if _needs_standin(url):
             host, port = _address(url)
             _started[url] = OpenAIStandIn(model=DEMO_DEFAULTS["openai_model"], host=host, port=port).start()
@@ -98,6 +99,9 @@ def announce(gateway: Gateway, url: str) -> None:
             where = "over WeCom's WebSocket (the built-in stand-in)"
         source = _source(bot)
         print(f"Bot {name!r} {where}, answered by {source}{'' if source.endswith(('.', '?')) else '.'}")
+        if bot.settings.routes:
+            routes = ", ".join(f"{r.command or r.name} ({r.settings.backend})" for r in bot.settings.routes)
+            print(f"  Its routes: {routes}; /routes in the chat lists them.")
 
 
 def _source(bot) -> str:

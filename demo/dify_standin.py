@@ -234,6 +234,7 @@ class DifyStandIn:
         self.demo_delay = demo_delay
         self.server = StandInServer(self.handle, host, port, tls)
         self.requests: list[dict] = []
+        self.keyed: list[tuple[str, str, str]] = []  # (method, path, API key) of every request: which app each asked
         self.stops: list[tuple[str, dict]] = []
         self.stop_paths: list[str] = []  # which stop endpoint each of `stops` called
         self.open_streams = 0
@@ -280,6 +281,7 @@ class DifyStandIn:
         with self._lock:
             self._scripts.clear()
             self.requests.clear()
+            self.keyed.clear()
             self.stops.clear()
             self.stop_paths.clear()
             self.parameters = default_parameters()
@@ -373,6 +375,8 @@ class DifyStandIn:
             await conn.send(401, {"code": "unauthorized", "message": "Access token is invalid", "status": 401})
             return
         path = request.path
+        with self._lock:
+            self.keyed.append((request.method, path, key))
         mode = self.app_types.get(key, self.mode)
         if request.method == "POST" and path in _APP_PATHS:
             if _APP_PATHS[path] != _family(mode):

@@ -127,7 +127,7 @@ def asked_of_a_draining_owner(pair, lose_card: bool = False):
     """'buy laptops' asked of the first replica of `pair`, which drains as soon as its form opens (the wait handed
     over at once; with `lose_card`, the card's write lost too): a simulator of the other replica, and the reply."""
     owner, other = pair
-    forms = next(iter(owner.gateway.bots.values())).streams.worker.backend.parts.forms
+    forms = next(iter(owner.gateway.bots.values())).streams.worker.backends[""].parts.forms
     opened = forms.open
 
     def open_then_drain(*args, **kwargs):

@@ -5,6 +5,8 @@ bot served on a real port with real Redis, the Dify stand-in playing two apps an
 each rule, the conversations kept apart, /new, /routes, no_route_reply, the stream record's and the metrics'
 route, and the CLI. Through gunicorn replicas: tests/e2e/test_routes_e2e.py."""
 
+import time
+
 import pytest
 
 from config.bots import BUILT_IN_COMMANDS, load_bots
@@ -14,7 +16,9 @@ from demo.wecom_simulator import WeComSimulator
 from services.chat.queries import COMMANDS
 from services.chat.routes import OWN, RouteTable
 from services.streams.record import F
-from tests.conftest import AES_KEY, DIFY_KEY, OPENAI_KEY, OPENAI_MODEL, TOKEN
+from services.texts import CATALOGUE
+from tests.conftest import AES_KEY, DIFY_KEY, OPENAI_KEY, OPENAI_MODEL, TOKEN, wait_until
+from tests.test_forms import approval, ask_and_click
 
 HR_KEY, IT_KEY, TEAM_CHAT = "app-hr-routed", "app-it-routed", "wrkTeamChat01"
 DEPLOYMENT = {"REDIS_URL": "redis://redis:6379/0", "DIFY_BASE_URL": "https://dify.example/v1", "AUTH_MODE": "none"}
@@ -314,3 +318,54 @@ def test_the_cli_lists_the_routes_and_says_which_a_message_takes(routed):
     assert [line.split(":")[0] for line in checked.output.splitlines()] == [
         "assistant", "assistant route hr", "assistant route gpt", "assistant route team"
     ]  # fmt: skip
+
+
+def test_a_route_removed_while_its_answer_streams_lets_it_finish(tmp_path, make_app, serve, dify):
+    """Live changes rebuild the bot; its old copy finishes the answers it was giving, on the route's app."""
+    dify.app_types[HR_KEY] = "chat"
+    path = tmp_path / "bots.toml"
+    path.write_text(BOT + route("hr", command="/hr", dify_api_key=HR_KEY))
+    live = serve(make_app(bots_file=str(path), bot_name=""))
+    sim = WeComSimulator(live.url, TOKEN, AES_KEY, callback_path="/wecom/callback/assistant", poll_interval=0.05)
+    try:
+        words = [f"w{i} " for i in range(20)]
+        dify.script([step for word in words for step in (d.message(word), d.sleep(0.05))] + [d.end()])
+        first = sim.send(sim.text_message("/hr a long answer, please"))
+        path.write_text(BOT)  # the route is gone while its answer streams
+        assert live.gateway.watch.check() == "ok"
+        assert sim.follow(first).text == "".join(words)
+        dify.script(d.answer("the bot's own"))
+        assert sim.ask("/hr now?").text == "the bot's own"  # no route takes it now: the command stays in the question
+        assert asked_with(dify)[-1][:2] == (DIFY_KEY, "/hr now?")
+    finally:
+        sim.close()
+        dify.app_types.pop(HR_KEY, None)
+
+
+def posted_with(dify, path_part: str) -> list[str]:
+    """The API keys of Dify's POSTs whose path holds `path_part`."""
+    return [key for method, path, key in dify.keyed if method == "POST" and path_part in path]
+
+
+def test_a_routed_answers_form_feedback_and_stop_reach_its_routes_app(routed, dify):
+    """A form's tap, 👍/👎 and /stop belong to their answer: they reach the app of the route that answered."""
+    live, sim = routed
+    dify.app_types[HR_KEY] = "advanced-chat"
+    dify.script(approval())
+    conversation, reply, _ = ask_and_click(sim, sim, question="/hr buy laptops")
+    assert reply["response_type"] == "update_template_card" and conversation.finished
+    assert posted_with(dify, "/form/human_input/") == [HR_KEY]
+
+    dify.app_types[HR_KEY] = "chat"
+    dify.script(d.answer("rate me"))
+    rated = sim.ask("/hr rate this")
+    assert sim.send(sim.event_message("feedback_event", {"id": rated.stream_id, "type": 1})) is None
+    assert wait_until(lambda: posted_with(dify, "/feedbacks") == [HR_KEY])
+
+    dify.script([d.message("a long"), d.sleep(5), d.end()])
+    first = sim.send(sim.text_message("/hr a long one"))
+    assert wait_until(lambda: len([k for k in posted_with(dify, "/chat-messages") if k == HR_KEY]) == 3)
+    time.sleep(0.3)  # Dify has named the task
+    assert sim.ask("/stop").text == CATALOGUE["zh"]["stop_done"]
+    assert sim.follow(first).finished
+    assert wait_until(lambda: posted_with(dify, "/stop") == [HR_KEY])

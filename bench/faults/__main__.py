@@ -62,6 +62,7 @@ BOTS = (
     ("model", "/wecom/callback/model", "faults-model-token", "FaultsModelKe" + "0123456789" * 3, "", OPENAI),
 )
 MODEL = "faults-model"  # the model the OpenAI-compatible server offers
+FLOW_COMMAND, MODEL_COMMAND = "/flow", "/model"  # the chat bot's routes to the chatflow app and to the model
 WS_BOT, WS_SECRET = "faults-ws-bot", "faults-ws-secret"
 AUTH_KEY = "faults-auth-key"
 # How long no Dify run may be open at the end of a run before the replicas are stopped (wait_for_quiet).
@@ -105,6 +106,13 @@ def bots_file(directory: Path, ws_url: str, openai_url: str) -> Path:
             else f'dify_api_key = "{api_key}"\n\n'
         )
         for name, callback, token, key, api_key, app in BOTS
+    )
+    # The chat bot's routes: some of its messages go to the chatflow app and to the OpenAI-compatible server
+    # (Workload: bots of the same name, with a command).
+    callbacks += (
+        f'[[bots.chat.routes]]\nname = "flow"\ncommand = "{FLOW_COMMAND}"\ndify_api_key = "app-flow"\n\n'
+        f'[[bots.chat.routes]]\nname = "model"\ncommand = "{MODEL_COMMAND}"\nbackend = "openai"\n'
+        f'openai_base_url = "{openai_url}"\nopenai_model = "{MODEL}"\n\n'
     )
     websocket = (
         f'[bots.ws]\nmode = "long_connection"\nbot_id = "{WS_BOT}"\nsecret = "{WS_SECRET}"\n'
@@ -211,6 +219,11 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     bots = [
         Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), app)
         for name, callback, token, key, _, app in BOTS
+    ]
+    chat = bots[0]
+    bots += [
+        Bot("chat", chat.simulator, CHATFLOW, command=FLOW_COMMAND),
+        Bot("chat", chat.simulator, OPENAI, command=MODEL_COMMAND),
     ]
     ws_simulator = WeComSimulator(urls, "unused", BOTS[0][3])  # only for msgids and its (unused) inbox
     bots.append(Bot("ws", ws_simulator, CHAT, standin=standin, bot_id=WS_BOT))

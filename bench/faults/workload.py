@@ -54,6 +54,7 @@ class Bot:
     app: str  # CHAT, CHATFLOW, FORM (Dify apps) or OPENAI
     standin: WeComWebSocketStandIn | None = None
     bot_id: str = ""
+    command: str = ""  # a route of the bot takes its messages: they begin with the route's command
 
     @property
     def mode(self) -> str:
@@ -118,7 +119,7 @@ class Workload:
         # plays its steps on, and there are none left): a reader that follows the run again gets that as the run's
         # whole answer (with no note), which is right.
         played = {n for t, n in sentences_in(repr(scripts[-1][0])) if t == tag}
-        payload = bot.simulator.text_message(f"question {tag}", userid=userid)
+        payload = bot.simulator.text_message(f"{bot.command} question {tag}".strip(), userid=userid)
         msgid = payload["msgid"]
         self.history.add(
             "message",
@@ -126,6 +127,7 @@ class Workload:
             tag=tag,
             sentences=sentences,
             bot=bot.name,
+            route=bot.command.lstrip("/"),
             app=bot.app,
             mode=bot.mode,
             dify_fault=fault,

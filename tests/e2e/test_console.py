@@ -107,6 +107,8 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
     assert browser.find_element(By.CSS_SELECTOR, ".row.mine .who").text == "alice"
     assert "failed" not in bubble.get_attribute("class")
     assert dify.chat_requests()[0]["query"] == "hello console"
+    wait_until(browser, "return document.querySelector('.route') !== null")
+    assert browser.find_element(By.CSS_SELECTOR, ".route").text == "the bot's own app · dify"
 
     wait_until(browser, "return document.getElementById('redis').textContent.includes('dify_stream:')")
     redis_panel = browser.find_element(By.ID, "redis").text
@@ -131,6 +133,32 @@ def test_the_console_chats_through_the_real_callback_endpoint(browser, console_u
                 f"const r = document.getElementById('{control}').getBoundingClientRect();"
                 "return r.width > 0 && r.left >= 0 && r.right <= document.documentElement.clientWidth;"
             ), (control, width)
+
+
+def test_the_console_says_under_each_answer_which_route_gave_it(browser, settings, serve, tmp_path, dify):
+    from selenium.webdriver.common.by import By
+
+    dify.app_types["app-console-hr"] = "chat"
+    bots = tmp_path / "bots.toml"
+    bots.write_text(
+        f'[bots.default]\ncallback_path = "/wecom/callback"\ntoken = "{settings.bot.wecom.token}"\n'
+        f'encoding_aes_key = "{settings.bot.wecom.encoding_aes_key}"\n'
+        '[[bots.default.routes]]\nname = "hr"\ncommand = "/hr"\ndify_api_key = "app-console-hr"\n'
+    )
+    changes = {"demo_mode": True, "auth_mode": "none", "bots_file": str(bots), "bot_name": ""}
+    app = create_demo_app(settings.replace(**changes))
+    app.extensions["gateway"].start()
+    try:
+        open_console(browser, f"{serve(app).url}/console")
+        dify.script(d.answer("from hr"), times=1)
+        say(browser, "/hr how many days off?")
+        wait_until(browser, "return document.querySelector('.route') !== null")
+        assert browser.find_element(By.CSS_SELECTOR, ".route").text == "route “hr” · dify"
+        assert dify.chat_requests()[0]["query"] == "how many days off?"
+    finally:
+        dify.app_types.pop("app-console-hr", None)
+        app.extensions["gateway"].runner.drain(10)
+        app.extensions["gateway"].close()
 
 
 def test_the_console_shows_failures_as_finished_bubbles(browser, console_url, dify):

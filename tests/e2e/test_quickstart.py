@@ -222,3 +222,24 @@ def test_an_empty_line_asks_nothing_and_ctrl_c_stops_the_answer_not_the_demo():
     assert "[/stop: " in whole and "已停止回答" in whole, whole
     assert "你刚才说：「hello again」" in whole
     assert demo.returncode == 0, err
+
+
+def test_the_demos_assistant_routes_hr_and_model_questions_to_their_own_apps():
+    """The assistant's `/hr` route is a second Dify app (the stand-in speaks as it), `/model` the OpenAI-compatible
+    stand-in; `/routes` lists them, and a question without a command stays with the assistant's own app."""
+    result = subprocess.run(
+        [sys.executable, "-m", "demo"],
+        cwd=PROJECT_ROOT,
+        env=demo_env(),
+        input="/routes\n/hr how many days off?\n/model hello model\nplain question\n",
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Its routes: /hr (dify), /model (openai); /routes in the chat lists them." in result.stdout
+    listed, hr, model, plain = result.stdout.split("you> ")[1:5]
+    assert "/hr <问题>：由「hr」回答" in listed and "/model <问题>：由「model」回答" in listed
+    assert "（Dify 替身 · assistant hr）" in hr and "你刚才说：「how many days off?」" in hr
+    assert "OpenAI 兼容替身" in model and "你刚才说：「hello model」" in model
+    assert "（Dify 替身 · assistant）" in plain

@@ -225,7 +225,7 @@ async function send(content) {
   }
   if (!finished) showBubble(bubble, { id: stream.id, content: bubble.textContent }, true, "WeCom stopped polling (6 minutes)");
   addFeedback(bubble, stream.feedback && stream.feedback.id);
-  refreshRedis(stream.id);
+  refreshRedis(stream.id, bubble);
   setTimeout(() => refreshRedis(stream.id), AUDIT_SWEEP_MS);  // the message's audit row, written after its end
   watchResponseUrl(responseUrl.code);
 }
@@ -259,6 +259,7 @@ async function sendOverWebSocket(content) {
     }
     if (last && last.finish) {
       const first = frames[0].stream;
+      refreshRedis(last.id, bubble);
       setTimeout(() => refreshRedis(last.id), AUDIT_SWEEP_MS);
       return addFeedback(bubble, first.feedback && first.feedback.id);
     }
@@ -482,9 +483,21 @@ async function watchProactiveMessages() {
   }
 }
 
-async function refreshRedis(streamId) {
+async function refreshRedis(streamId, bubble = null) {
   const response = await fetch(`/console/api/stream/${encodeURIComponent(streamId)}?bot=${encodeURIComponent(config.name)}`);
-  document.getElementById("redis").textContent = JSON.stringify(await response.json(), null, 2);
+  const info = await response.json();
+  document.getElementById("redis").textContent = JSON.stringify(info, null, 2);
+  if (bubble && info.meta) showRoute(bubble, info.meta);
+}
+
+// Under a finished answer: which of the bot's routes gave it (its backend), as `flask bots which` would say.
+function showRoute(bubble, meta) {
+  const column = bubble.parentElement;
+  if (!column || !meta.backend || column.querySelector(".route")) return;
+  const line = document.createElement("div");
+  line.className = "route";
+  line.textContent = meta.route ? `route “${meta.route}” · ${meta.backend}` : `the bot's own app · ${meta.backend}`;
+  changeMessages(() => column.appendChild(line));
 }
 
 function logExchange(payload) {
