@@ -530,11 +530,11 @@ def test_a_question_dify_refused_is_asked_again_until_it_is_answered(make_app, s
     dify.script([d.http_error(503, "unavailable")], times=2)
     dify.script([d.http_error(429, "too_many_requests")])
     dify.script(d.answer("here at last"))
-    asked_again = metrics.DIFY_CALLS.labels("default", "dify", "asked_again")._value.get()
+    asked_again = metrics.DIFY_CALLS.labels("default", "dify", "asked_again", "")._value.get()
 
     assert sim.ask("are you there?").text == "here at last"  # after 1 + 2 + 4 s of pauses, the bubble waiting
     assert [r["query"] for r in dify.chat_requests()] == ["are you there?"] * 4
-    assert metrics.DIFY_CALLS.labels("default", "dify", "asked_again")._value.get() == asked_again + 3
+    assert metrics.DIFY_CALLS.labels("default", "dify", "asked_again", "")._value.get() == asked_again + 3
     sim.close()
 
 

@@ -52,6 +52,12 @@ def new_stream_id() -> str:
             return stream_id
 
 
+def backend_kind(backends, route: str) -> str:
+    """The kind of the backend of `route` ("" for a route no longer there: a form's run, whose worker says so)."""
+    backend = backends.get(route)
+    return backend.name if backend is not None else ""
+
+
 def image_items(images: list[dict]) -> list[dict]:
     """msg_item entries for the final reply."""
     return [{"msgtype": "image", "image": {"base64": i["base64"], "md5": i["md5"]}} for i in images]
@@ -151,7 +157,7 @@ class StreamService:
             "msgtype": message.msgtype,
             "aibotid": message.aibotid,
             "response_url": message.response_url,
-            "backend": self._backend_kind(route),
+            "backend": backend_kind(self.backends, route),
             "trace_id": job.trace_id,
             **job.request_fields(),
             **self.delivery.tracking(message),  # in the stream's first write: it waits for a replica (replication.py)
@@ -174,10 +180,6 @@ class StreamService:
         """The bot's backends by route ("": its own; services/streams/backend.py), which its worker asks for
         answers."""
         return self.worker.backends
-
-    def _backend_kind(self, route: str) -> str:
-        backend = self.worker.backends.get(route)
-        return backend.name if backend is not None else ""  # (a form's run whose route is gone: its worker says so)
 
     def has_room(self) -> bool:
         """Whether a new answer would be taken here now (not by a process that drains or is full, when it would
@@ -209,7 +211,7 @@ class StreamService:
             "form_task": form.task_id,
             "shared_chat": "1" if job.shared_chat else "",
             "route": job.route,
-            "backend": self._backend_kind(job.route),
+            "backend": backend_kind(self.backends, job.route),
             "trace_id": job.trace_id,
             "workflow_run_id": form.form.run_id,  # a poll (the outbox's) may resume it elsewhere
         }
