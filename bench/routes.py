@@ -4,7 +4,8 @@
    third users, some with two conditions), for messages that no route takes (every condition looked at) and
    messages the last route takes; beside it, the same rule read route by route (what the index replaced).
 2. Under gunicorn: poll throughput (wrk) of one bot without routes and of the same bot with `--poll-routes`
-   routes, in alternating rounds of one run; the ratio of each round. Polls never choose a route (a new message
+   routes, in alternating rounds of one run, and the first again (how far apart two runs of one replica are); the
+   ratios to the first in each round. Polls never choose a route (a new message
    does), so this measures what the routes' per-route parts cost a serving process. Also the time from launching
    gunicorn to every worker serving, and the replica's memory, for each.
 
@@ -131,18 +132,21 @@ def main(argv: list[str] | None = None) -> dict:
         env.dify.script(d.answer("A finished answer of moderate length. " * 20), match="finished", times=None)
         files = {"no_routes": bots_file(env.log_dir, env.dify.base_url, 0)}
         files[f"{options.poll_routes}_routes"] = bots_file(env.log_dir, env.dify.base_url, options.poll_routes)
+        files["no_routes_again"] = files["no_routes"]  # the same replica again: how far apart two runs of one are
         rounds: dict[str, list[dict]] = {label: [] for label in files}
         try:
             for round_number in range(options.rounds):
                 for label, path in files.items():
                     rounds[label].append(measure(env, label, path, options, round_number))
         finally:
-            env.stop()
-        with_routes = rounds[f"{options.poll_routes}_routes"]
-        ratios = [r["polls_per_s"] / n["polls_per_s"] for r, n in zip(with_routes, rounds["no_routes"], strict=True)]
+            env.close()
         result["polls"] = rounds
-        result["polls_ratio_by_round"] = [round(ratio, 3) for ratio in ratios]
-        result["polls_ratio_median"] = round(statistics.median(ratios), 3)
+        for label in (f"{options.poll_routes}_routes", "no_routes_again"):
+            ratios = [
+                r["polls_per_s"] / n["polls_per_s"] for r, n in zip(rounds[label], rounds["no_routes"], strict=True)
+            ]
+            result[f"{label}_ratio_by_round"] = [round(ratio, 3) for ratio in ratios]
+            result[f"{label}_ratio_median"] = round(statistics.median(ratios), 3)
     result["machine"] = harness.machine()
     harness.report(result, options.json)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import redis
 
@@ -62,6 +63,7 @@ from services.media.service import MediaService
 from services.push.pushes import BotPushes
 from services.replication import Replication
 from services.rules.file import RulesFile
+from services.streams.backend import Backend
 from services.streams.bubble import BubbleRenderer
 from services.streams.conversations import ConversationStore
 from services.streams.delivery import Delivery
@@ -79,6 +81,7 @@ from services.streams.writer import AppendBatcher
 from services.texts import Texts
 from services.wecom.crypto import WeComCrypto
 from services.wecom.response_url import ResponseUrlClient
+from utils.on_use import Mapped, OnUse
 
 
 @dataclass(frozen=True)
@@ -177,12 +180,13 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     backends = {OWN: bot.backend} | {route.name: route.settings.backend for route in bot.routes}
     metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backends=backends)
     core = _core(bot, shared)
-    apps = {OWN: _dify(bot, core)} | {route.name: _dify(route.settings, core) for route in bot.routes}
+    # Each route's Dify app (its client, profile, media), built the first time one of its messages needs it.
+    apps = OnUse(_answering(bot), lambda route: _dify(_answering(bot)[route], core))
     dify = apps[OWN]
     declared = dify.profile.declared_inputs if bot.backend == "dify" else dict  # the inputs the app declares
     authorizer = _authorizer(bot.auth, shared, core, declared)
     files = _files(bot, shared, core, dify.links)
-    clients = {route: app.client for route, app in apps.items()}
+    clients = Mapped(apps, attrgetter("client"))
     forms = FormService(FormStore(shared.client, core.keys), clients, core.texts, bot.name)
     rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
     streams = _streams(bot, shared, core, apps, files, forms, authorizer, rules)
@@ -190,8 +194,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     admission = Admission(core.texts, bot.name, rules, quotas)
     callback = _callback(bot, shared, core, apps, streams, forms, authorizer, admission)
     connection = _connection(bot, shared, core, streams.service, callback.handler.dispatch, files)
-    closers = [callback.feedback.close, files.fetcher.close]
-    closers += [close for app in apps.values() for close in (app.media.close, app.client.close)]
+    closers = [callback.feedback.close, files.fetcher.close, lambda: _close_apps(apps)]
     closers += [authorizer.api.close] if authorizer is not None else []
     closers += [streams.slots.stop] if streams.slots is not None else []
     return Bot(
@@ -267,6 +270,26 @@ class DifyPart:
     health: BackendHealth
 
 
+def _answering(bot: BotSettings) -> dict[str, BotSettings]:
+    """The settings each of the bot's routes answers with, by route ("": the bot's own)."""
+    return {OWN: bot} | {route.name: route.settings for route in bot.routes}
+
+
+def _conversation_space(route: str, settings: BotSettings) -> str:
+    """Where a route keeps its conversations, apart from the others' (a conversation one app made means nothing to
+    another): the bot's own Dify app's under the keys the contract names, "openai" for a bot's own on that
+    backend, "<route>.<backend>" for a route's."""
+    if not route:
+        return "" if settings.backend == "dify" else settings.backend
+    return f"{route}.{settings.backend}"
+
+
+def _close_apps(apps: OnUse[DifyPart]) -> None:
+    for app in apps.built():
+        app.media.close()
+        app.client.close()
+
+
 def _dify(bot: BotSettings, core: Core) -> DifyPart:
     client = DifyClient(bot.dify)
     profile = DifyAppProfile(client, app_type=bot.dify.app_type)
@@ -323,32 +346,34 @@ def _streams(
     bot: BotSettings,
     shared: Shared,
     core: Core,
-    apps: dict[str, DifyPart],
+    apps: OnUse[DifyPart],
     files: FileDelivery,
     forms: FormService,
     authorizer: Authorizer | None,
     rules: RulesFile | None,
 ) -> StreamsPart:
     texts, store, window = core.texts, core.store, bot.answers.window_seconds
-    dify, health = apps[OWN], apps[OWN].health
+    dify, health, answering = apps[OWN], apps[OWN].health, _answering(bot)
     bubble = BubbleRenderer(texts, bot.answers.placeholder, dify.links)
     finisher = Finisher(
         store, core.delivery, bubble, texts, bot.name, window, draining=shared.draining, closed=shared.closed
     )
-    backends, conversations = {}, []
-    for route, settings in [(OWN, bot)] + [(route.name, route.settings) for route in bot.routes]:
-        app = apps[route]
-        # Each route's conversations apart (a conversation one app made means nothing to another), the bot's own
-        # Dify app's under the keys the contract names.
-        space = ".".join(filter(None, (route, "" if settings.backend == "dify" and not route else settings.backend)))
-        talks = ConversationStore(shared.client, core.keys, bot.answers.conversation_ttl_seconds, space)
+    ttl = bot.answers.conversation_ttl_seconds
+    conversations = {
+        route: ConversationStore(shared.client, core.keys, ttl, _conversation_space(route, settings))
+        for route, settings in answering.items()
+    }
+
+    def backend_of(route: str) -> Backend:
+        settings, app, talks = answering[route], apps[route], conversations[route]
         dify_parts = DifyParts(app.client, app.profile, talks, app.media, store, forms, files)
         parts = BackendParts(
             settings, shared.client, core.keys, store, texts, finisher, talks, health, app.media, dify_parts
         )
-        backends[route] = build_backend(settings.backend, parts)
-        conversations.append(talks)
-    routing = Routing(RouteTable(bot.routes), tuple(conversations), bot.no_route_reply)
+        return build_backend(settings.backend, parts)
+
+    backends = OnUse(answering, backend_of)  # each route's, built the first time one of its messages needs it
+    routing = Routing(RouteTable(bot.routes), tuple(conversations.values()), bot.no_route_reply)
     stopper = AnswerStopper(store, backends, texts, bot.name)
     turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core))
     if authorizer is not None:
@@ -394,7 +419,7 @@ def _callback(
     bot: BotSettings,
     shared: Shared,
     core: Core,
-    apps: dict[str, DifyPart],
+    apps: OnUse[DifyPart],
     streams: StreamsPart,
     forms: FormService,
     authorizer: Authorizer | None,
@@ -402,9 +427,9 @@ def _callback(
 ) -> CallbackPart:
     texts, wecom, dify = core.texts, bot.wecom, apps[OWN]
     # A form's answer may start the rest of its run on a worker again: built once the streams are.
-    media = {route: app.media for route, app in apps.items()}
+    media = Mapped(apps, attrgetter("media"))
     form_answers = FormAnswers(forms.store, texts, streams.service.continue_form, bot.name, media)
-    feedback = FeedbackService(shared.client, core.keys, {route: app.client for route, app in apps.items()})
+    feedback = FeedbackService(shared.client, core.keys, Mapped(apps, attrgetter("client")))
     events = EventHandler(
         Welcome(dify.profile if bot.backend == "dify" else None, texts, wecom.welcome_message, bot.name),
         feedback,

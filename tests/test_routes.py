@@ -273,16 +273,18 @@ def test_metrics_carry_the_route(routed, dify):
     def counted() -> dict[str, float]:
         text = live.app.test_client().get("/metrics").get_data(as_text=True)
         wanted = ('dify_calls_total{backend="dify",bot="assistant",kind="new",route="hr"}',
-                  'dify_calls_total{backend="openai",bot="assistant",kind="duplicate",route="gpt"}',
+                  'dify_calls_total{backend="dify",bot="assistant",kind="new",route=""}',
                   'stream_duration_seconds_count{bot="assistant",route="hr"}')  # fmt: skip
         lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(wanted))
-        return {name: float(lines[name]) for name in wanted}
+        return {name: float(lines.get(name, 0)) for name in wanted}
 
     before = counted()
     dify.script(d.answer("ok"))
     sim.ask("/hr counted")
     after = counted()
     assert [after[name] - before[name] for name in before] == [1, 0, 1]
+    text = live.app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'dify_errors_total{backend="dify",bot="assistant",code="timeout",route=""} 0.0' in text
 
 
 def test_a_message_no_route_takes_gets_the_no_route_reply(tmp_path, make_app, serve, dify):
