@@ -5,6 +5,7 @@ bot served on a real port with real Redis, the Dify stand-in playing two apps an
 each rule, the conversations kept apart, /new, /routes, no_route_reply, the stream record's and the metrics'
 route, and the CLI. Through gunicorn replicas: tests/e2e/test_routes_e2e.py."""
 
+import json
 import time
 
 import pytest
@@ -371,3 +372,28 @@ def test_a_routed_answers_form_feedback_and_stop_reach_its_routes_app(routed, di
     assert sim.ask("/stop").text == CATALOGUE["zh"]["stop_done"]
     assert sim.follow(first).finished
     assert wait_until(lambda: posted_with(dify, "/stop") == [HR_KEY])
+
+
+def test_a_bots_routes_share_its_quota_and_every_routed_log_line_names_the_route(
+    tmp_path, make_app, serve, dify, capsys
+):
+    dify.app_types[HR_KEY] = "chat"
+    path = tmp_path / "bots.toml"
+    path.write_text(BOT + "quota_user_messages_per_day = 2\n" + route("hr", command="/hr", dify_api_key=HR_KEY))
+    live = serve(make_app(bots_file=str(path), bot_name="", log_format="json"))
+    sim = WeComSimulator(live.url, TOKEN, AES_KEY, callback_path="/wecom/callback/assistant", poll_interval=0.05)
+    try:
+        dify.script(d.answer("own"))
+        assert sim.ask("one").text == "own"
+        dify.script(d.answer("hr"))
+        routed = sim.ask("/hr two")
+        assert routed.text == "hr"
+        assert "2" in sim.ask("/hr three").text  # the day's two questions, over the bot's routes together
+        assert len(asked_with(dify)) == 2
+    finally:
+        sim.close()
+        dify.app_types.pop(HR_KEY, None)
+    live.gateway.runner.drain(5)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    answering = [entry for entry in lines if entry.get("stream") == routed.stream_id and entry.get("backend")]
+    assert answering and {entry.get("route") for entry in answering} == {"hr"}
