@@ -253,7 +253,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         wecom=standin,
         ws_bot=WS_BOT,
         ws_lease_key=Keys(bot_keys("ws")).ws_lease(WS_BOT),
-        inboxes=[bot.simulator.inbox for bot in bots if bot.standin is None],
+        inboxes=list({id(bot.simulator): bot.simulator.inbox for bot in bots if bot.standin is None}.values()),
         auth=auth,
         calm_every=options.calm_every,
         replies_lost=options.replies_lost,
@@ -277,8 +277,8 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     finally:
         for replica in replicas:
             replica.kill()
-        for bot in bots:
-            bot.simulator.close()
+        for simulator in {id(bot.simulator): bot.simulator for bot in bots}.values():  # (a bot's routes share its)
+            simulator.close()
         dify.stop()
         openai.stop()
         for link in links.values():
