@@ -235,6 +235,7 @@ class DifyStandIn:
         self.server = StandInServer(self.handle, host, port, tls)
         self.requests: list[dict] = []
         self.keyed: list[tuple[str, str, str]] = []  # (method, path, API key) of every request: which app each asked
+        self.inputs_of: dict[str, list] = {}  # API key -> the inputs its app declares (others: `parameters`')
         self.stops: list[tuple[str, dict]] = []
         self.stop_paths: list[str] = []  # which stop endpoint each of `stops` called
         self.open_streams = 0
@@ -282,6 +283,7 @@ class DifyStandIn:
             self._scripts.clear()
             self.requests.clear()
             self.keyed.clear()
+            self.inputs_of.clear()
             self.stops.clear()
             self.stop_paths.clear()
             self.parameters = default_parameters()
@@ -397,6 +399,8 @@ class DifyStandIn:
         elif request.method == "GET" and path == "/v1/parameters":
             flow = self.flows.get(key)
             declared = {"user_input_form": list(flow.start_inputs)} if flow is not None and flow.start_inputs else {}
+            if key in self.inputs_of:  # an app of its own inputs (tests: a route's app beside the bot's)
+                declared = {"user_input_form": self.inputs_of[key]}
             await conn.send(200, self.parameters | self._persona_opening(key) | declared)
         elif request.method == "POST" and path == "/v1/files/upload":
             await self._upload(request, conn)

@@ -275,6 +275,14 @@ def _answering(bot: BotSettings) -> dict[str, BotSettings]:
     return {OWN: bot} | {route.name: route.settings for route in bot.routes}
 
 
+def _declared_inputs(answering: dict[str, BotSettings], apps: OnUse[DifyPart], route: str) -> Callable[[], dict]:
+    """The inputs the Dify app of `route` declares (the user's details it is given); none for another backend's, or
+    for a route no longer there (its answer says so)."""
+    if route not in answering or answering[route].backend != "dify":
+        return dict
+    return apps[route].profile.declared_inputs
+
+
 def _conversation_space(route: str, settings: BotSettings) -> str:
     """Where a route keeps its conversations, apart from the others' (a conversation one app made means nothing to
     another): the bot's own Dify app's under the keys the contract names, "openai" for a bot's own on that
@@ -377,7 +385,7 @@ def _streams(
     stopper = AnswerStopper(store, backends, texts, bot.name)
     turn = TurnDeps(store, finisher, texts, bot.name, _slots(bot, shared, core))
     if authorizer is not None:
-        turn.prepare = lambda job: authorizer.inputs_for(job.userid)
+        turn.prepare = lambda job: authorizer.inputs_for(job.userid, _declared_inputs(answering, apps, job.route))
     deps = WorkerDeps(
         turn=turn,
         appender=shared.appender,

@@ -246,7 +246,7 @@ def test_a_request_that_takes_the_flight_just_after_the_leader_finished_does_not
     the flight, then the waiter takes the flight. It must use the leader's token, not ask for a second one."""
     authorizer = auth_app().extensions["gateway"].bot().authorizer
     first = authorizer.inputs_for("alice")["user_token"]
-    assert authorizer._exchange_once("alice")["user_token"] == first  # the waiter's path after its cache miss
+    assert authorizer._exchange_once("alice")[0] == first  # the waiter's path after its cache miss
     assert len(auth.calls) == 1
     assert authorizer.token_status("alice")["flight"] is None
 
@@ -467,3 +467,28 @@ def test_an_auth_api_down_for_seconds_costs_a_wait_and_not_the_answer(auth_app, 
     finished_with(simulator.ask("hi", userid="mallory"), "unknown_user")  # a refusal waits for nothing
     assert time.monotonic() - started < 5
     simulator.close()
+
+
+def test_a_routed_question_carries_the_user_details_its_routes_app_declares(auth_app, serve, dify, tmp_path):
+    """The user's details go to an app as the inputs it declares: a route's app is given what it declares, not what
+    the bot's own app does (routes: docs/configuration.md)."""
+    dify.app_types["app-hr-inputs"] = "chat"
+    dify.inputs_of["app-hr-inputs"] = [{"text-input": {"variable": "department", "label": "Dept", "required": False}}]
+    bots = tmp_path / "bots.toml"
+    bots.write_text(
+        f'[bots.default]\ncallback_path = "/wecom/callback"\ntoken = "{TOKEN}"\nencoding_aes_key = "{AES_KEY}"\n'
+        '[[bots.default.routes]]\nname = "hr"\ncommand = "/hr"\ndify_api_key = "app-hr-inputs"\n'
+    )
+    live = serve(auth_app(bots_file=str(bots), bot_name=""))
+    simulator = make_simulator(live.url)
+    try:
+        dify.script(d.answer("own"), times=1)
+        simulator.ask("the bot's own", userid="alice")
+        dify.script(d.answer("hr"), times=1)
+        simulator.ask("/hr and hr's", userid="alice")
+    finally:
+        simulator.close()
+        dify.app_types.pop("app-hr-inputs", None)
+    own, hr = dify.chat_requests()
+    assert "department" not in own["inputs"] and own["inputs"]["user_token"]
+    assert hr["inputs"]["department"] == "R&D" and hr["inputs"]["user_token"] == own["inputs"]["user_token"]

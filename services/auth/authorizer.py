@@ -101,26 +101,25 @@ class Authorizer:
         self.declared_inputs = declared_inputs or (dict)
         self._settle = LuaScript(client, SETTLE_FLIGHT)
 
-    def inputs_for(self, userid: str) -> dict:
-        """The Dify inputs carrying this user's token and account.
+    def inputs_for(self, userid: str, declared_inputs: Callable[[], dict[str, object]] | None = None) -> dict:
+        """The Dify inputs carrying this user's token and account, and the user's details the app declares inputs
+        for (`declared_inputs`: the app's, for a route's; by default the bot's own app's).
 
         Raises:
             AuthError: UnknownUser, UserDisabled, UserRefused, AuthUnavailable or DirectoryUnavailable.
         """
         cached = self._cached(userid)
         metrics.TOKEN_CACHE.labels(self.bot, "hit" if cached is not None else "miss").inc()
-        if cached is not None:
-            metrics.AUTH_OUTCOMES.labels(self.bot, "ok").inc()
-            return self._inputs(*cached)
-        try:
-            inputs = self._exchange_once(userid)
-        except AuthError as exc:
-            metrics.AUTH_OUTCOMES.labels(self.bot, exc.code).inc()
-            raise
+        if cached is None:
+            try:
+                cached = self._exchange_once(userid)
+            except AuthError as exc:
+                metrics.AUTH_OUTCOMES.labels(self.bot, exc.code).inc()
+                raise
         metrics.AUTH_OUTCOMES.labels(self.bot, "ok").inc()
-        return inputs
+        return self._inputs(*cached, declared_inputs or self.declared_inputs)
 
-    def _exchange_once(self, userid: str) -> dict:
+    def _exchange_once(self, userid: str) -> tuple[str, dict]:
         """The single flight: one request per user does the exchange, the others wait for its result."""
         deadline = time.monotonic() + self.wait_seconds
         flight = self.keys.auth_flight(userid)
@@ -130,18 +129,18 @@ class Authorizer:
                 return self._exchange_as_leader(userid, flight, mark)
             outcome = self._await_leader(userid, flight, deadline)
             if isinstance(outcome, tuple):
-                return self._inputs(*outcome)
+                return outcome
             if outcome is not None:
                 raise _BY_CODE.get(outcome, AuthUnavailable)(f"{outcome} (shared outcome)")
         raise AuthUnavailable("timed out waiting for another request's token exchange")
 
-    def _exchange_as_leader(self, userid: str, flight: str, mark: str) -> dict:
+    def _exchange_as_leader(self, userid: str, flight: str, mark: str) -> tuple[str, dict]:
         # A leader that cached its token and let go of the flight between our cache miss and taking the flight
         # has done the work already: a second exchange would issue the user a second token.
         cached = self._cached(userid)
         if cached is not None:
             self._settle_flight(flight, mark)
-            return self._inputs(*cached)
+            return cached
         try:
             token, info = self._exchange(userid)
         except AuthError as exc:
@@ -152,7 +151,7 @@ class Authorizer:
             self._settle_flight(flight, mark)
             raise
         self._settle_flight(flight, mark)
-        return self._inputs(token, info)
+        return token, info
 
     def _settle_flight(self, flight: str, mark: str, outcome: str = "", ttl: int = 0) -> None:
         """Let go of the flight (leaving `outcome` for `ttl` seconds), if it is still ours."""
@@ -211,10 +210,11 @@ class Authorizer:
             return None
         return token, orjson.loads(raw)
 
-    def _inputs(self, token: str, info: dict) -> dict:
+    @staticmethod
+    def _inputs(token: str, info: dict, declared_inputs: Callable[[], dict[str, object]]) -> dict:
         inputs: dict[str, object] = {"user_token": token, "user_account": info.get("account", "")}
         fields = {"display_name": info.get("display_name"), **(info.get("user") or {})}
-        for name, default in self.declared_inputs().items():
+        for name, default in declared_inputs().items():
             if name in inputs:
                 continue
             value = fields.get(name)
