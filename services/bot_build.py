@@ -275,6 +275,16 @@ def _answering(bot: BotSettings) -> dict[str, BotSettings]:
     return {OWN: bot} | {route.name: route.settings for route in bot.routes}
 
 
+def _route_difys(bot: BotSettings) -> tuple[str, ...]:
+    """The addresses of the Difys the bot's routes answer from (and their files'), besides the bot's own."""
+    return tuple(
+        url
+        for r in bot.routes
+        if r.settings.backend == "dify"
+        for url in (r.settings.dify.base_url, r.settings.dify.files_url)
+    )
+
+
 def _declared_inputs(answering: dict[str, BotSettings], apps: OnUse[DifyPart], route: str) -> Callable[[], dict]:
     """The inputs the Dify app of `route` declares (the user's details it is given); none for another backend's, or
     for a route no longer there (its answer says so)."""
@@ -329,7 +339,7 @@ def _files(bot: BotSettings, shared: Shared, core: Core, links: DifyLinks) -> Fi
     files = shared.settings.files
     return FileDelivery(
         bot.name,
-        FileFetcher(bot.dify.base_url, bot.dify.files_url),
+        FileFetcher(bot.dify.base_url, bot.dify.files_url, also=_route_difys(bot)),
         FileRefs(shared.client, core.keys),
         core.texts,
         signer=shared.signer,

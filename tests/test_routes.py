@@ -397,3 +397,20 @@ def test_a_bots_routes_share_its_quota_and_every_routed_log_line_names_the_route
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     answering = [entry for entry in lines if entry.get("stream") == routed.stream_id and entry.get("backend")]
     assert answering and {entry.get("route") for entry in answering} == {"hr"}
+
+
+def test_the_files_of_a_routes_dify_may_be_fetched_and_no_other_hosts(tmp_path):
+    """A bot's file fetcher reads its own Dify's files and its routes' Difys' (their answers' files), and nothing
+    else (a URL in an answer must never make the gateway fetch from anywhere)."""
+    from services.bot_build import _route_difys
+    from services.files.fetch import FileFetcher
+
+    text = BOT + 'dify_base_url = "http://dify.internal/v1"\n'
+    text += route("it", chats=[TEAM_CHAT], dify_base_url="http://dify-it.internal/v1", dify_api_key=IT_KEY)
+    text += route("gpt", users=["bob"], backend="openai", openai_base_url="http://model.internal/v1", openai_model="m")
+    (bot,) = bots_from(tmp_path, text)
+    fetcher = FileFetcher(bot.dify.base_url, bot.dify.files_url, also=_route_difys(bot))
+    try:
+        assert fetcher.allowed == {"http://dify.internal", "http://dify-it.internal"}
+    finally:
+        fetcher.close()

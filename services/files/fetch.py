@@ -30,9 +30,11 @@ def origin(url: str) -> str:
 
 
 class FileFetcher:
-    def __init__(self, dify_base_url: str, files_url: str = "", timeout: float = 20.0):
+    def __init__(self, dify_base_url: str, files_url: str = "", timeout: float = 20.0, also: tuple[str, ...] = ()):
+        """Files are fetched from the Dify at `dify_base_url` (its `files_url`) only, and from the addresses in
+        `also` (the Difys of the bot's routes, whose answers' files carry their full URLs)."""
         self.files_base = (files_url or origin(dify_base_url)).rstrip("/") + "/"
-        self.allowed = {origin(dify_base_url), origin(self.files_base)}
+        self.allowed = {origin(dify_base_url), origin(self.files_base)} | {origin(url) for url in also if url}
         self._http = outgoing_client(httpx.Timeout(timeout, connect=5.0), follow_redirects=False)
 
     def close(self) -> None:
