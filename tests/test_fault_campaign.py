@@ -657,3 +657,15 @@ def test_a_campaign_on_a_broken_build_counts_what_it_broke(tmp_path, mutant):
     assert sum(counted.values()) > 0, counted
     if mutant in FORGIVING:
         assert counted["control_failures"] > 0 and result["standalone"]["control"]["phases"] >= 1, counted
+
+
+def test_a_routed_messages_audit_row_must_name_its_route():
+    """A message a bot's route took (the workload's `route`): its audit row names that route; the bot's own
+    backend's is ""."""
+    routed = history([(2.0, WHOLE, True)])
+    routed[0] |= {"route": "flow"}
+    assert counts([*routed, audit_row(WHOLE) | {"route": "flow"}]) == ZERO
+    assert counts([*routed, audit_row(WHOLE) | {"route": ""}])["audit_rows"] == 1
+    own = history([(2.0, WHOLE, True)])
+    assert counts([*own, audit_row(WHOLE) | {"route": "flow"}])["audit_rows"] == 1
+    assert counts([*own, audit_row(WHOLE) | {"route": ""}]) == ZERO

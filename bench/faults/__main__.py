@@ -419,7 +419,7 @@ def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_
             with engine.connect() as connection:
                 rows = connection.execute(
                     select(wecom_audit.c.bot, wecom_audit.c.msgid, wecom_audit.c.kind, wecom_audit.c.outcome,
-                           wecom_audit.c.answer)
+                           wecom_audit.c.answer, wecom_audit.c.route)
                 ).all()  # fmt: skip
             if wanted <= {(row.bot, row.msgid) for row in rows} or time.monotonic() > deadline:
                 break
@@ -427,7 +427,10 @@ def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_
     finally:
         engine.dispose()
     for row in rows:
-        history.add("audit_row", msgid=row.msgid, bot=row.bot, row=row.kind, outcome=row.outcome, answer=row.answer)
+        history.add(
+            "audit_row", msgid=row.msgid, bot=row.bot, row=row.kind, outcome=row.outcome, answer=row.answer,
+            route=row.route,
+        )  # fmt: skip
 
 
 def workers_of(history: History, replicas) -> None:

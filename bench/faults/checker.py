@@ -132,6 +132,7 @@ class Verdict:
     extra_calls: int = 0
     excused_calls: int = 0
     app: str = ""
+    route: str = ""  # the bot's route its message took ("": the bot's own backend)
     started: float = 0.0
     whole: bool = False  # every sentence of the answer reached the user
     noted: bool = False  # it ended with a failure note
@@ -228,6 +229,7 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     path = [f for f in faults if touches(f, message["t"], ended) and on_path(f, message, workers)]
     verdict.causes = (["injected"] if message.get("dify_fault") else []) + sorted({f["fault"] for f in path})
     verdict.app, verdict.started = message.get("app", verdict.bot), message["t"]
+    verdict.route = message.get("route", "")
     verdict.injected = bool(message.get("dify_fault"))
     calls = sorted(e["t"] for e in asked)[message.get("dify_refusals", 0) :]  # refused by design: ran nothing
     if foreign := {e["user"] for e in asked if e.get("user") and not e["user"].endswith(f":{message['userid']}")}:
@@ -350,6 +352,9 @@ def judge_audit(verdict: Verdict, kinds: dict[str, list[dict]], rows: list[dict]
     if len(own) != 1:
         verdict.problems["audit_rows"] = f"{len(own)} audit rows of its own"
         return
+    if own[0].get("route", verdict.route) != verdict.route:  # (a history before routes has none)
+        verdict.problems["audit_rows"] = f"its row names route {own[0]['route']!r}; the message took {verdict.route!r}"
+        return
     texts = [own[0]["answer"] or ""]
     texts += [row["answer"] or "" for row in rows if row is not own[0] and verdict.tag in (row["answer"] or "")]
     said = {n for text in texts for t, n in sentences_in(text) if t == verdict.tag}
@@ -470,6 +475,12 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
             "under_our_faults": liveness([v for v in found if not v.injected and not DIFY_FAULTS & set(v.faults)]),
         }
         for app, found in sorted(apps.items())
+    }
+    routed = [verdict for verdict in verdicts if verdict.route]
+    result["routed"] = {  # the messages a bot's route took: their counts are among the others', shown apart here
+        "messages": len(routed),
+        **{name: sum(_count(v, name) for v in routed) for name in COUNTS},
+        **liveness(routed),
     }
     noted = [verdict for verdict in verdicts if verdict.noted]
     result["failure_notes"] = {"messages": len(noted), "dify_fault_injected": sum(v.injected for v in noted)}
