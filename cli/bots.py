@@ -15,9 +15,9 @@ bots_cli = AppGroup("bots", help="The bots this deployment serves (BOTS_FILE, or
 @bots_cli.command("list")
 @click.option("--timeout", default=3.0, show_default=True, help="seconds to wait for each bot's backend")
 def list_command(timeout: float) -> None:
-    """Each bot: its mode, callback path, backend (where, and a Dify app's type), who may ask, and whether its
-    backend answers."""
-    rows = [("BOT", "MODE", "PATH", "BACKEND", "AT", "APP", "AUTH", "HEALTH")]
+    """Each bot: its mode, callback path, backend (where, and a Dify app's type), who may ask, how many routes it
+    has, and whether its backend answers."""
+    rows = [("BOT", "MODE", "PATH", "BACKEND", "AT", "APP", "AUTH", "ROUTES", "HEALTH")]
     for name, bot in sorted(gateway().bots.items()):
         settings, backend = bot.settings, bot.streams.backends[OWN]
         problem = backend.check(timeout)
@@ -30,6 +30,7 @@ def list_command(timeout: float) -> None:
                 backend.where(),
                 _app_type(bot, timeout, asked=not problem),
                 settings.auth.mode,
+                str(len(settings.routes)),  # (bots routes lists them)
                 f"{backend.name}: {problem}" if problem else "ok",
             )
         )

@@ -77,14 +77,15 @@ def test_every_log_line_of_an_answer_names_its_bot(tmp_path, make_app, serve, di
 
 def test_bots_list_shows_each_bot_and_its_backends_health(two_bots):
     output = cli(two_bots, "bots", "list", "--timeout", "3").splitlines()
-    assert output[0].split() == ["BOT", "MODE", "PATH", "BACKEND", "AT", "APP", "AUTH", "HEALTH"]
+    assert output[0].split() == ["BOT", "MODE", "PATH", "BACKEND", "AT", "APP", "AUTH", "ROUTES", "HEALTH"]
     helpdesk, hr = (line.split() for line in output[1:])
     assert helpdesk[:4] == ["helpdesk", "callback", "/wecom/helpdesk", "dify"]
     assert helpdesk[5] == "auto"  # its app could not be asked
-    assert " ".join(helpdesk[7:]).startswith("dify: the key was refused (HTTP 401)")
+    assert helpdesk[7] == "0"
+    assert " ".join(helpdesk[8:]).startswith("dify: the key was refused (HTTP 401)")
     assert hr[:4] == ["hr", "callback", "/wecom/callback/hr", "dify"]
     assert hr[5:7] == ["auto:", "chat"]
-    assert hr[8] == "ok"
+    assert hr[8:10] == ["0", "ok"]
 
 
 def test_bots_check_asks_every_backend_and_fails_when_one_does_not_answer(make_app, tmp_path, dify, openai):
