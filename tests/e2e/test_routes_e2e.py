@@ -202,3 +202,19 @@ def test_a_bad_route_at_start_up_is_one_line_naming_bot_route_and_key(tmp_path, 
     assert result.returncode == 2, result.stderr
     assert "BOTS_FILE bots.assistant route team: unknown key 'colour'" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_each_route_keeps_its_conversations_across_replicas_and_new_starts_them_over(deployment, sim, dify):
+    for n, question in enumerate(("own one", "/hr hr one", "own two", "/hr hr two")):
+        dify.script(d.answer("ok", delay=0.01))
+        assert ask(sim, question, f"m-conv-{n}").text == "ok"
+    calls = [(r["headers"].get("authorization", "").removeprefix("Bearer "), r["body"]) for r in dify.requests]
+    (own1, hr1, own2, hr2) = [(key, body.get("conversation_id", "")) for key, body in calls if "query" in body]
+    assert (own1, hr1) == ((DIFY_KEY, ""), (HR_KEY, ""))
+    assert own2[1] and hr2[1] and own2[1] != hr2[1]  # each continues its own, whichever replica took the message
+    assert ask(sim, "/new", "m-conv-new").finished
+    for n, question in enumerate(("own three", "/hr hr three")):
+        dify.script(d.answer("ok", delay=0.01))
+        ask(sim, question, f"m-conv-after-{n}")
+    fresh = [r["body"].get("conversation_id", "") for r in dify.requests if "query" in r["body"]][-2:]
+    assert fresh == ["", ""]  # /new started over the asker's conversations of every route in the chat
