@@ -15,7 +15,7 @@ from config.settings import BotSettings, RouteSettings, SettingsError, load_sett
 from demo import dify_standin as d
 from demo.wecom_simulator import WeComSimulator
 from services.chat.queries import COMMANDS
-from services.chat.routes import OWN, RouteTable
+from services.chat.routes import OWN, Choice, RouteTable
 from services.streams.record import F
 from services.texts import CATALOGUE
 from tests.conftest import AES_KEY, DIFY_KEY, OPENAI_KEY, OPENAI_MODEL, TOKEN, wait_until
@@ -414,3 +414,14 @@ def test_the_files_of_a_routes_dify_may_be_fetched_and_no_other_hosts(tmp_path):
         assert fetcher.allowed == {"http://dify.internal", "http://dify-it.internal"}
     finally:
         fetcher.close()
+
+
+def test_an_answer_whose_route_is_gone_ends_with_a_clear_note(routed, dify, monkeypatch):
+    """A takeover (or a form's rest) on a copy of the bot that no longer has the answer's route: a finished bubble
+    saying so, no backend asked."""
+    live, sim = routed
+    table = live.gateway.bots["assistant"].callback.intake.routing.table
+    monkeypatch.setattr(table, "choose", lambda text, userid, chatid="": Choice("gone", text, "a route since removed"))
+    conversation = sim.ask("anyone?")
+    assert conversation.finished and conversation.text == CATALOGUE["zh"]["route_gone"]
+    assert dify.requests == []
