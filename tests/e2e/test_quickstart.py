@@ -20,15 +20,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_chat_answers_in_the_terminal():
-    result = subprocess.run(
-        [sys.executable, "-m", "demo"],
-        cwd=PROJECT_ROOT,
-        env=demo_env(),
-        input="hello there\nerror\nreport\n\n",
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_in_demo("hello there\nerror\nreport\n\n", demo_env())
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "你刚才说：「hello there」" in out
@@ -37,6 +29,19 @@ def test_quickstart_chat_answers_in_the_terminal():
     assert "[1 image in the bubble" in out  # the report's chart, which a terminal cannot draw
     # once the chat starts, the gateway's log goes to instance/demo.log instead of the terminal
     assert "Dify failed" not in out + result.stderr
+
+
+def chat_in_demo(typed: str, env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m demo` run as a newcomer runs it, `typed` its input: its exit status and what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "demo", *arguments],
+        cwd=PROJECT_ROOT,
+        env=env,
+        input=typed,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def demo_env(**changes: str) -> dict[str, str]:
@@ -52,14 +57,9 @@ def test_the_demo_never_puts_its_stand_in_on_your_dify_address():
     on that address, and the assistant's answer is the note that Dify is unreachable, not the stand-in's canned
     text; the other bots say they answer from the stand-in."""
     port = free_port()
-    result = subprocess.run(
-        [sys.executable, "-m", "demo"],
-        cwd=PROJECT_ROOT,
-        env=demo_env(DIFY_BASE_URL=f"http://127.0.0.1:{port}/v1", DIFY_API_KEY="app-your-own", DIFY_RETRY_SECONDS="0"),
-        input="hello there\n",
-        capture_output=True,
-        text=True,
-        timeout=90,
+    result = chat_in_demo(
+        "hello there\n",
+        demo_env(DIFY_BASE_URL=f"http://127.0.0.1:{port}/v1", DIFY_API_KEY="app-your-own", DIFY_RETRY_SECONDS="0"),
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -72,15 +72,7 @@ def test_the_demo_never_puts_its_stand_in_on_your_dify_address():
 def test_the_demo_says_at_start_up_when_your_dify_refuses_the_key():
     dify = DifyStandIn(api_key="app-the-right-one").start()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "demo"],
-            cwd=PROJECT_ROOT,
-            env=demo_env(DIFY_BASE_URL=dify.base_url, DIFY_API_KEY="app-a-wrong-one"),
-            input="",
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        result = chat_in_demo("", demo_env(DIFY_BASE_URL=dify.base_url, DIFY_API_KEY="app-a-wrong-one"))
     finally:
         dify.stop()
     assert result.returncode == 0, result.stderr
@@ -93,15 +85,7 @@ def test_the_demo_says_at_start_up_when_your_dify_refuses_the_key():
 def test_the_demo_has_a_bot_answered_by_an_openai_compatible_server():
     """`model` is answered by the built-in stand-in of an OpenAI-compatible server: said at start-up, and the
     conversation goes on across turns (the history the gateway keeps for it)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "demo", "--bot", "model"],
-        cwd=PROJECT_ROOT,
-        env=demo_env(),
-        input="hello model\nand again\n",
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_in_demo("hello model\nand again\n", demo_env(), "--bot", "model")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Bot 'model' at http://127.0.0.1:" in out and "answered by the built-in OpenAI-compatible stand-in" in out
@@ -115,15 +99,7 @@ def demo_port(out: str) -> str:
 
 
 def test_the_demo_answers_in_the_bots_language_and_shows_that_the_conversation_goes_on():
-    result = subprocess.run(
-        [sys.executable, "-m", "demo"],
-        cwd=PROJECT_ROOT,
-        env=demo_env(BOT_LANGUAGE="en"),
-        input="hello there\nand then?\n\n",
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_in_demo("hello there\nand then?\n\n", demo_env(BOT_LANGUAGE="en"))
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.split("you> ")[1:3]
     assert "You said: “hello there”" in first
@@ -227,15 +203,7 @@ def test_an_empty_line_asks_nothing_and_ctrl_c_stops_the_answer_not_the_demo():
 def test_the_demos_assistant_routes_hr_and_model_questions_to_their_own_apps():
     """The assistant's `/hr` route is a second Dify app (the stand-in speaks as it), `/model` the OpenAI-compatible
     stand-in; `/routes` lists them, and a question without a command stays with the assistant's own app."""
-    result = subprocess.run(
-        [sys.executable, "-m", "demo"],
-        cwd=PROJECT_ROOT,
-        env=demo_env(),
-        input="/routes\n/hr how many days off?\n/model hello model\nplain question\n",
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_in_demo("/routes\n/hr how many days off?\n/model hello model\nplain question\n", demo_env())
     assert result.returncode == 0, result.stderr
     assert "Its routes: /hr (dify), /model (openai); /routes in the chat lists them." in result.stdout
     listed, hr, model, plain = result.stdout.split("you> ")[1:5]
