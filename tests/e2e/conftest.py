@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+from demo.dify_standin import DifyStandIn
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
 
 LOG_TAIL_BYTES = 30_000  # of each replica's log, shown under a failed test
+
+
+@pytest.fixture
+def another_dify():
+    """Another Dify app, played by a stand-in of its own: `another_dify(api_key)` (stopped after the test)."""
+    started: list[DifyStandIn] = []
+
+    def start(api_key: str) -> DifyStandIn:
+        started.append(DifyStandIn(api_key=api_key, ping_interval=0.2, demo_delay=0.005).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.hookimpl(wrapper=True)

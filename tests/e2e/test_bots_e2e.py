@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from demo import dify_standin as d
-from demo.dify_standin import DifyStandIn
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import ReplyError, WeComSimulator
 from services.texts import CATALOGUE
@@ -64,10 +63,8 @@ dify_api_key = "app-revoked-key"
 
 
 @pytest.fixture
-def it_dify():
-    server = DifyStandIn(api_key=IT_DIFY_KEY, ping_interval=0.2, demo_delay=0.005).start()
-    yield server
-    server.stop()
+def it_dify(another_dify):
+    return another_dify(IT_DIFY_KEY)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from config.settings import PROJECT_ROOT
 from demo import dify_standin as d
-from demo.dify_standin import DifyStandIn
 from demo.replicas import GunicornReplica
 from demo.wecom_simulator import WeComSimulator
 from services.audit.table import wecom_audit
@@ -71,10 +70,8 @@ dify_api_key = "{HR_KEY}"
 
 
 @pytest.fixture
-def team_dify():
-    server = DifyStandIn(api_key=TEAM_KEY, ping_interval=0.2, demo_delay=0.005).start()
-    yield server
-    server.stop()
+def team_dify(another_dify):
+    return another_dify(TEAM_KEY)
 
 
 @pytest.fixture
