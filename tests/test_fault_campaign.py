@@ -669,3 +669,14 @@ def test_a_routed_messages_audit_row_must_name_its_route():
     own = history([(2.0, WHOLE, True)])
     assert counts([*own, audit_row(WHOLE) | {"route": "flow"}])["audit_rows"] == 1
     assert counts([*own, audit_row(WHOLE) | {"route": ""}]) == ZERO
+
+
+def test_a_message_asked_of_another_app_is_unexpected():
+    """The workload names the app each message must reach (`app_key`: a bot's, or its route's): a call to any other
+    (a route mixed up with its bot, one bot's message on another's app) counts."""
+    events = history([(2.0, WHOLE, True)], calls=())
+    events[0] |= {"app_key": "app-flow"}
+    right = [*events, {"kind": "dify_call", "t": 0.1, "tag": TAG, "app": "app-flow"}]
+    wrong = [*events, {"kind": "dify_call", "t": 0.1, "tag": TAG, "app": "app-chat"}]
+    assert counts(right) == ZERO
+    assert counts(wrong)["unexpected"] == 1

@@ -217,16 +217,16 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         replica.start(timeout=60)
     urls = [replica.url for replica in replicas]
     bots = [
-        Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), app)
-        for name, callback, token, key, _, app in BOTS
+        Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), app, app_key=api_key or MODEL)
+        for name, callback, token, key, api_key, app in BOTS
     ]
     chat = bots[0]
     bots += [
-        Bot("chat", chat.simulator, CHATFLOW, command=FLOW_COMMAND),
-        Bot("chat", chat.simulator, OPENAI, command=MODEL_COMMAND),
+        Bot("chat", chat.simulator, CHATFLOW, command=FLOW_COMMAND, app_key="app-flow"),
+        Bot("chat", chat.simulator, OPENAI, command=MODEL_COMMAND, app_key=MODEL),
     ]
     ws_simulator = WeComSimulator(urls, "unused", BOTS[0][3])  # only for msgids and its (unused) inbox
-    bots.append(Bot("ws", ws_simulator, CHAT, standin=standin, bot_id=WS_BOT))
+    bots.append(Bot("ws", ws_simulator, CHAT, standin=standin, bot_id=WS_BOT, app_key="app-ws"))
     history = History()
     unready: set[int] = set()  # the nemesis's word on which replicas a load balancer would route nothing to
     workload = Workload(

@@ -234,6 +234,10 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     calls = sorted(e["t"] for e in asked)[message.get("dify_refusals", 0) :]  # refused by design: ran nothing
     if foreign := {e["user"] for e in asked if e.get("user") and not e["user"].endswith(f":{message['userid']}")}:
         verdict.problems["unexpected"] = f"Dify asked as another user: {sorted(foreign)}"
+    if message.get("app_key") and (
+        others := {e["app"] for e in asked if e.get("app", message["app_key"]) != message["app_key"]}
+    ):
+        verdict.problems["unexpected"] = f"another app asked: {sorted(others)}"  # (a route, or a bot, mixed up)
     posts = [e["content"] for e in kinds["response_url"] if e.get("accepted", True)]
     finals = [e for e in frames if e["finish"]]
     final = finals[-1]["content"] if finals else ""

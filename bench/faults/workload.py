@@ -55,6 +55,7 @@ class Bot:
     standin: WeComWebSocketStandIn | None = None
     bot_id: str = ""
     command: str = ""  # a route of the bot takes its messages: they begin with the route's command
+    app_key: str = ""  # the app its messages must reach: its Dify API key (the model's name for the model's)
 
     @property
     def mode(self) -> str:
@@ -129,6 +130,7 @@ class Workload:
             bot=bot.name,
             route=bot.command.lstrip("/"),
             app=bot.app,
+            app_key=bot.app_key,
             mode=bot.mode,
             dify_fault=fault,
             dify_refusals=(_OPENAI_REFUSALS if bot.app == OPENAI else _REFUSALS).get(fault, 0),
