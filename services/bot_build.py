@@ -181,7 +181,8 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backends=backends)
     core = _core(bot, shared)
     # Each route's Dify app (its client, profile, media), built the first time one of its messages needs it.
-    apps = OnUse(_answering(bot), lambda route: _dify(_answering(bot)[route], core))
+    answering = _answering(bot)
+    apps = OnUse(answering, lambda route: _dify(answering[route], core))
     dify = apps[OWN]
     declared = dify.profile.declared_inputs if bot.backend == "dify" else dict  # the inputs the app declares
     authorizer = _authorizer(bot.auth, shared, core, declared)
@@ -405,7 +406,10 @@ def _streams(
         append_deadlines=core.delivery.append_deadlines,
         rules=rules,
     )
-    limits = TurnRules(bot.dify.max_stream_seconds, bot.dify.retry_seconds, bot.auth.retry_seconds)
+    limits = {  # a route's own DIFY_MAX_STREAM_SECONDS and DIFY_RETRY_SECONDS, if it gives them
+        route: TurnRules(settings.dify.max_stream_seconds, settings.dify.retry_seconds, bot.auth.retry_seconds)
+        for route, settings in answering.items()
+    }
     worker = StreamWorker(deps, backends, shared.owner, limits)
     policy = StreamPolicy(bot.name, window, shared_groups=bot.dify.group_conversation == "shared")
     service = StreamService(store, shared.runner, worker, texts, bubble, shared.owner, core.delivery, policy)

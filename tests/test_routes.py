@@ -37,6 +37,8 @@ def route(name: str, **keys) -> str:
 
 
 def _toml(value) -> str:
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     return f'"{value}"'
@@ -425,3 +427,22 @@ def test_an_answer_whose_route_is_gone_ends_with_a_clear_note(routed, dify, monk
     conversation = sim.ask("anyone?")
     assert conversation.finished and conversation.text == CATALOGUE["zh"]["route_gone"]
     assert dify.requests == []
+
+
+def test_a_route_answers_within_its_own_limits(tmp_path, make_app, serve, dify):
+    """A route's DIFY_MAX_STREAM_SECONDS is its own: its answers stop at it, the bot's own answers do not."""
+    dify.app_types[HR_KEY] = "chat"
+    path = tmp_path / "bots.toml"
+    path.write_text(BOT + route("hr", command="/hr", dify_api_key=HR_KEY, dify_max_stream_seconds=1))
+    live = serve(make_app(bots_file=str(path), bot_name=""))
+    sim = WeComSimulator(live.url, TOKEN, AES_KEY, callback_path="/wecom/callback/assistant", poll_interval=0.05)
+    try:
+        slow = [d.message("slow "), d.sleep(2.5), d.message("end"), d.end()]
+        dify.script(slow)
+        cut = sim.ask("/hr take your time")
+        assert cut.finished and CATALOGUE["zh"]["timeout"] in cut.text and "end" not in cut.text
+        dify.script(slow)
+        assert sim.ask("take your time").text == "slow end"
+    finally:
+        sim.close()
+        dify.app_types.pop(HR_KEY, None)

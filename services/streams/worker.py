@@ -51,9 +51,10 @@ class WorkerDeps:
 
 
 class StreamWorker:
-    """Answers one StreamJob through the backend of its route (`backends`: "" the bot's own)."""
+    """Answers one StreamJob through the backend of its route, within its route's limits (`backends`, `rules`: ""
+    the bot's own)."""
 
-    def __init__(self, deps: WorkerDeps, backends: Mapping[str, Backend], owner: str, rules: TurnRules):
+    def __init__(self, deps: WorkerDeps, backends: Mapping[str, Backend], owner: str, rules: Mapping[str, TurnRules]):
         self.deps = deps
         self.backends = backends
         self.owner = owner
@@ -74,7 +75,8 @@ class StreamWorker:
             chat=job.chatid or None,
         ):
             answer = self._new_answer(job, lease)
-            turn = Turn(job, answer, cancelled, self.rules, self.deps.turn)
+            limits = self.rules.get(job.route, self.rules[""])  # its route's (a route gone: the bot's own)
+            turn = Turn(job, answer, cancelled, limits, self.deps.turn)
             finisher, texts, life = turn.finisher, turn.texts, self.deps.turn.store.life
             try:
                 if backend is None:
