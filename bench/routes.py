@@ -8,8 +8,11 @@
    ratios to the first in each round. Polls never choose a route (a new message
    does), so this measures what the routes' per-route parts cost a serving process. Also the time from launching
    gunicorn to every worker serving, and the replica's memory, for each.
+3. In one process, without sockets but Redis's: the WSGI app of each of the two bots files called directly with
+   the same signed polls, in alternating batches (`--batches` of `--batch` polls each): the time a poll takes with
+   the routes over without, far less noisy than 2. on a small machine.
 
-    python -m bench.routes --rounds 3
+    python -m bench.routes --rounds 5
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import time
 from functools import partial
 from pathlib import Path
 
+from app import create_app
 from bench import harness
 from bench.bots import finished_streams, signed_polls, simulators
-from config.settings import BotSettings, RouteSettings
+from bench.profile_poll import environs, run
+from config.settings import BotSettings, RouteSettings, load_settings
 from demo import dify_standin as d
 from services.chat.routes import OWN, RouteTable
 
@@ -113,6 +118,40 @@ def measure(env: harness.Environment, label: str, path: Path, options, round_num
             "rss_mb": round(rss, 1)}  # fmt: skip
 
 
+def in_process(env: harness.Environment, files: dict[str, Path], options) -> dict:
+    """Microseconds a poll takes in each app (the median over alternating batches), and their ratio by batch."""
+    apps = {}
+    for label, path in files.items():
+        settings = load_settings(env.gateway_env(BOTS_FILE=str(path)), env_files=())
+        apps[label] = create_app(settings)
+    sims = simulators("http://unused", [("bench", harness.TOKEN, harness.AES_KEY)])
+    client = next(iter(apps.values())).test_client()
+    stream_ids = []
+    for i in range(20):  # finished answers, in the keys both apps read (one bot, `bench`)
+        query, body = sims[0].envelope(sims[0].text_message("finished", userid=f"done{i}"))
+        reply = client.post("/wecom/callback/bench", query_string=query, data=body).get_json()
+        stream_ids.append(sims[0].open_reply(reply, query["nonce"])["stream"]["id"])
+    time.sleep(2.0)
+    polls = environs(harness.signed_polls(sims[0], stream_ids, 2000))
+    for app in apps.values():
+        run(app, polls, 500)  # warm
+    times: dict[str, list[float]] = {label: [] for label in apps}
+    for _ in range(options.batches):
+        for label, app in apps.items():
+            times[label].append(run(app, polls, options.batch)[0] * 1e6)
+    for sim in sims:
+        sim.close()
+    for app in apps.values():
+        app.extensions["gateway"].close()
+    base, routed = times["no_routes"], times[f"{options.poll_routes}_routes"]
+    ratios = [b / r for b, r in zip(base, routed, strict=True)]  # polls/s with routes over without
+    return {
+        **{f"{label}_poll_us_median": round(statistics.median(values), 1) for label, values in times.items()},
+        "ratio_by_batch_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
+        "ratio_median": round(statistics.median(ratios), 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routes", type=int, default=1000, help="the most routes a message is chosen among")
@@ -122,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--finished", type=int, default=50)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--choose-only", action="store_true", help="only the cost of choosing (1.)")
+    parser.add_argument("--in-process-only", action="store_true", help="only the polls called in one process (3.)")
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=2000)
     harness.add_gunicorn_arguments(parser)
     parser.add_argument("--json", help="also write the figures to this file")
     options = parser.parse_args(argv)
@@ -132,9 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
         env.dify.script(d.answer("A finished answer of moderate length. " * 20), match="finished", times=None)
         files = {"no_routes": bots_file(env.log_dir, env.dify.base_url, 0)}
         files[f"{options.poll_routes}_routes"] = bots_file(env.log_dir, env.dify.base_url, options.poll_routes)
-        files["no_routes_again"] = files["no_routes"]  # the same replica again: how far apart two runs of one are
-        rounds: dict[str, list[dict]] = {label: [] for label in files}
         try:
+            result["in_process"] = in_process(env, files, options)
+            if options.in_process_only:
+                result["machine"] = harness.machine()
+                harness.report(result, options.json)
+                return result
+            files["no_routes_again"] = files["no_routes"]  # the same replica again: how far apart two runs of one are
+            rounds: dict[str, list[dict]] = {label: [] for label in files}
             for round_number in range(options.rounds):
                 for label, path in files.items():
                     rounds[label].append(measure(env, label, path, options, round_number))
