@@ -128,7 +128,6 @@ class Answer:
     thinking: bool = False  # a <think> block of reasoning is open in the text
     agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
     form_event: dict | None = None  # the human_input_required data of the pause (its form_token, content...)
-    forms_answered: list[str] = field(default_factory=list)  # tokens of the run's forms answered so far
     form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
     form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
     app_type: str = "chat"

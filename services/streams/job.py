@@ -30,9 +30,6 @@ class StreamJob:
     resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
     attempt: str = ""  # this attempt's fencing token, carried by every write it makes (scripts.py, "Fencing")
     form_task: str = ""  # the rest of a run after this form's answer, sent as a message of its own (no bubble)
-    # The tokens of the run's forms answered so far: still written to the hash, for the pods of the release before
-    # during a rolling update (they read it); this release no longer needs it (docs/architecture.md, rolling updates).
-    forms_answered: tuple[str, ...] = ()
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)
     shared_chat: bool = False  # a group whose members share one Dify conversation (GROUP_CONVERSATION=shared)
     counted_call: str = ""  # the kind of its first new Dify call, counted already (a queued stream's take)
@@ -96,7 +93,6 @@ class StreamJob:
             attachments=[tuple(a) for a in orjson.loads(meta[F.attachments])] if meta.get(F.attachments) else [],
             created_at=float(meta.get(F.created_at) or time.time()),
             form_task=meta.get(F.form_task, ""),
-            forms_answered=tuple(meta.get(F.forms_answered, "").split()),
             card_placed=bool(meta.get(F.card)),
             shared_chat=bool(meta.get(F.shared_chat)),
             route=meta.get(F.route, ""),

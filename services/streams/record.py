@@ -76,7 +76,6 @@ FIELDS: dict[str, str] = {
     "message_id": "the backend's message, for feedback",
     "workflow_run_id": "the backend's run, for a resume",
     "form_task": "the form this stream answers (a card's tap)",
-    "forms_answered": "the forms of its run answered so far",
     "model": "the model that answered",
     "prompt_tokens": "tokens of the request",
     "completion_tokens": "tokens of the answer",

@@ -315,7 +315,6 @@ class DifyBackend:
         answer.writer.start_after(len(chunks), len(answer.text))
         answer.answered, answer.reattached = bool(answer.shown), True
         answer.app_type, answer.workflow_run_id = options.app_type, run_id
-        answer.forms_answered = list(job.forms_answered)
         return AnswerRecorder(job, answer, parts.store, parts.conversations, self.bot, options)
 
     def _through_forms(self, turn: Turn, recorder: AnswerRecorder) -> None:

@@ -145,11 +145,9 @@ class FormSteps:
 
     def _following(self, answer: Answer, recorder: AnswerRecorder, token: str) -> None:
         """The run goes on from the form `token`: the bubble no longer shows its prompt."""
-        if token not in answer.forms_answered:
-            answer.forms_answered.append(token)
         answer.goes_on_after_form()
         answer.reattached = True
-        recorder.write_fields({"prompt": "", "forms_answered": " ".join(answer.forms_answered)})
+        recorder.write_fields({"prompt": ""})
 
     def _hand_over(self, job: StreamJob, answer: Answer) -> None:
         """A stopping process waits for no form: it releases the stream's lease at once, and the next poll on
