@@ -262,12 +262,10 @@ def handing_process(marker: str) -> str:
 
 def shown_of(meta: dict[str, str]) -> tuple[str, bool]:
     """What a tracked stream's bubble shows of its text (the last frame handed to the socket), and whether that
-    frame finished it. Nothing when the bubble showed text the answer no longer has (replaced since). A record
-    written before records counted bytes (`ws_sent`, `ws_shown`: the frame's content) is read as it was meant."""
-    final = bool(meta.get(F.ws_sent_final))
-    if F.ws_shows in meta:
-        return cut_utf8(meta.get(F.text, ""), max(0, int(meta[F.ws_shows] or 0))), final
-    return meta.get(F.ws_sent, meta.get(F.ws_shown, "")), final
+    frame finished it. Nothing before its first frame, or when the bubble showed text the answer no longer has
+    (replaced since)."""
+    shows = max(0, int(meta.get(F.ws_shows) or 0))
+    return cut_utf8(meta.get(F.text, ""), shows), bool(meta.get(F.ws_sent_final))
 
 
 def shows_of(content: str, text: str) -> int:

@@ -96,8 +96,6 @@ FIELDS: dict[str, str] = {
     "ws_sent_by": "the pass that recorded that frame",
     "ws_confirmed": "the last pass whose records a replica confirmed",
     "send_refusals": "how often WeCom refused its aibot_send_msg as busy",
-    "ws_sent": "that frame's content, as records of an older version kept it (read on an upgrade)",
-    "ws_shown": "the same, older still",
 }
 
 # The values of `status`.
