@@ -29,7 +29,7 @@ class EventHandler:
         self,
         welcome: Welcome,
         feedback: FeedbackService,
-        forms: FormAnswers | None = None,
+        forms: FormAnswers,
         audit: AuditQueue | None = None,
         bot: str = "default",
         owner: str = "",
@@ -62,7 +62,7 @@ class EventHandler:
         return self._reply(message)
 
     def _reply(self, message: Inbound) -> dict | None:
-        if message.event_type == "template_card_event" and self.forms is not None:
+        if message.event_type == "template_card_event":
             try:
                 return self.forms.click(message)
             except REDIS_FAILURES as exc:

@@ -49,14 +49,14 @@ class FormAnswers:
         store: FormStore,
         texts: Texts,
         go_on_separately: GoOnSeparately,
-        bot: str = "default",
-        media: Mapping[str, MediaService] | None = None,
+        bot: str,
+        media: Mapping[str, MediaService],
     ):
         self.store = store
         self.texts = texts
         self.go_on_separately = go_on_separately  # StreamService.continue_form
         self.bot = bot
-        self.media = media  # fetches a file the user sends for a form, and uploads it to Dify as the run's user
+        self.media = media  # by route: fetches a file the user sends for a form, uploads it to its Dify app
 
     def click(self, message: Inbound) -> dict | None:
         """The reply to a `template_card_event`: the card updated (within WeCom's 5 s), after claiming the form
@@ -231,7 +231,7 @@ class FormAnswers:
             return expired
         missing = record.missing
         item = missing[0] if missing else None
-        media = self.media.get(record.route) if self.media is not None else None
+        media = self.media.get(record.route)
         if item is None or not item.is_file or media is None:
             step = ask_for(item, self.texts) if item is not None else self._next_step(record)
             return "\n\n".join(filter(None, (self.texts.say("form_file_not_needed"), step)))
