@@ -76,9 +76,10 @@ def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings,
         values, found = _values({k: v for k, v in table.items() if k != "routes"}, where, folder)
         problems += found
         values.setdefault("wecom_callback_path", f"/wecom/callback/{name}")
-        bot = _settings_of(settings, {"bot_name": name, **values}, where, found, problems)
+        values["bot_name"] = name
+        bot = _settings_of(settings, values, where, found, problems)
         if bot is not None:
-            routes = _routes(route_tables, settings, {"bot_name": name, **values}, where, folder, problems)
+            routes = _routes(route_tables, settings, values, where, folder, problems)
             bots.append(dataclasses.replace(bot, routes=routes))
     problems += _clashes(bots)
     if not tables:

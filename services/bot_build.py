@@ -177,8 +177,9 @@ class Bot:
 
 def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     """One bot's services, each part built after the parts it uses."""
-    backends = {OWN: bot.backend} | {route.name: route.settings.backend for route in bot.routes}
-    metrics.initialise(bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backends=backends)
+    metrics.initialise(
+        bot.name, long_connection=bot.long_connection, audit=shared.audit is not None, backend=bot.backend
+    )
     core = _core(bot, shared)
     # Each route's Dify app (its client, profile, media), built the first time one of its messages needs it.
     answering = _answering(bot)

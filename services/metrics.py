@@ -337,13 +337,10 @@ AUDIT_PENDING = Gauge(
 AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
 
 
-def initialise(
-    bot: str, long_connection: bool = False, audit: bool = False, backends: dict[str, str] | None = None
-) -> None:
-    """Create every series of `bot` at zero (a labelled series otherwise appears only once it is first used);
-    `backends`: the kind of backend of each of its routes ("": the bot's own; by default Dify). A route's series
-    appear once it answers: the alerts sum over routes, and a thousand routes' series at zero cost each worker
-    16 MB and every scrape their lines (BENCHMARKS.md, "Routes")."""
+def initialise(bot: str, long_connection: bool = False, audit: bool = False, backend: str = "dify") -> None:
+    """Create every series of `bot` (its own backend of kind `backend`) at zero (a labelled series otherwise appears
+    only once it is first used). A route's series appear once it answers: the alerts sum over routes, and a
+    thousand routes' series at zero cost each worker 16 MB and every scrape their lines (BENCHMARKS.md, "Routes")."""
     for loop in BACKGROUND_LOOPS:
         BACKGROUND_ERRORS.labels(loop)
     for result in ("ok", "rejected"):
@@ -356,7 +353,7 @@ def initialise(
             CALLBACKS.labels(bot, kind, outcome)
     for event in STREAM_EVENTS:
         STREAM_OUTCOMES.labels(bot, event)
-    _initialise_backend(bot, (backends or {}).get("", "dify"), "")
+    _initialise_backend(bot, backend, "")  # the bot's own route
     for outcome in AUTH_RESULTS:
         AUTH_OUTCOMES.labels(bot, outcome)
     for result in ("hit", "miss"):

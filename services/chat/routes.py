@@ -55,7 +55,6 @@ class RouteTable:
         self._commands = _Condition([(r.command,) if r.command else () for r in routes])
         self._chats = _Condition([r.chats for r in routes])
         self._users = _Condition([r.users for r in routes])
-        self.commands = tuple(dict.fromkeys(r.command for r in routes if r.command))
 
     def choose(self, text: str, userid: str, chatid: str = "") -> Choice:
         """The route of a message whose text (a group's @mention taken off) is `text`, from `userid` in the group
