@@ -24,6 +24,7 @@ from cli import register_commands
 from config.bots import RUN_DIR_VARIABLE, load_bots, load_bots_keeping_last_good, shared_dify_keys
 from config.settings import ENV_FILES, BotSettings, Settings, SettingsError, load_settings
 from services import metrics
+from services.admin.views import install as install_admin
 from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.files.links import FILE_PATH
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.add_url_rule("/api/push/<push_id>", "push_status", push_status, methods=["GET"])
     if gateway.audit_api is not None:  # without AUDIT_API_TOKEN (or with AUDIT off) /api/audit answers 404
         app.add_url_rule("/api/audit", "audit", audit_rows, methods=["GET"])
+    if settings.admin_token:  # without ADMIN_TOKEN there is no operator's page: /admin answers 404
+        install_admin(app, gateway)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     if not settings.metrics_port:  # else served on METRICS_PORT only, out of the public port's reach

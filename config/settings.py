@@ -303,6 +303,7 @@ class Settings:
     port: int = _var("PORT", 8080)
     max_body_bytes: int = _var("WECOM_MAX_BODY_BYTES", 256 * 1024)
     push_api_token: str = _var("PUSH_API_TOKEN", secret=True)  # POST /api/push's bearer token ("" = no push API)
+    admin_token: str = _var("ADMIN_TOKEN", secret=True)  # signs operators in to /admin ("" = no operator's page)
     bots_file: str = _var("BOTS_FILE")  # a TOML file of bots (config/bots.py); without it the environment's one bot
     log_level: str = _var("LOG_LEVEL", "INFO")
     log_format: str = _var("LOG_FORMAT")
@@ -355,7 +356,8 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret these settings hold, passwords inside URLs included (for the log redactor)."""
-        found = [self.files.link_secret, self.push_api_token, self.audit.api_token, self.redis.sentinel_password]
+        found = [self.files.link_secret, self.push_api_token, self.admin_token, self.audit.api_token]
+        found.append(self.redis.sentinel_password)
         for url in (self.redis.url, self.database.url, self.database.read_url):
             found.append(_url_password(url))
         return [secret for secret in found if secret] + self.bot.secrets()
@@ -537,6 +539,11 @@ def _check_file_links(s: Settings, problems: _Problems) -> None:
         not s.push_api_token or len(s.push_api_token) >= 16,
         "PUSH_API_TOKEN",
         "must be at least 16 characters (or empty: no push API)",
+    )
+    problems.require(
+        not s.admin_token or len(s.admin_token) >= 16,
+        "ADMIN_TOKEN",
+        "must be at least 16 characters (or empty: no operator's page)",
     )
 
 

@@ -18,6 +18,7 @@ import redis
 from config.bots import bot_keys
 from config.settings import AuthSettings, BotSettings, Settings
 from services import metrics
+from services.admin.live import LiveAnswers
 from services.audit.queue import AuditQueue
 from services.audit.records import AuditRecords
 from services.audit.trail import AuditTrail
@@ -243,6 +244,8 @@ def _core(bot: BotSettings, shared: Shared) -> Core:
         takeover_grace_seconds=deployment.streams.takeover_grace_seconds,
     )
     audit = AuditQueue(client, keys, bot.answers.window_seconds).follow(store.life) if shared.audit else None
+    if deployment.admin_token:  # the operator's page lists the answers in flight
+        LiveAnswers(client, keys, bot.name).follow(store.life)
     follow_outcomes(store.life, lambda event: metrics.STREAM_OUTCOMES.labels(bot.name, event).inc())
     wecom = bot.wecom
     crypto = None if bot.long_connection else WeComCrypto(wecom.token, wecom.encoding_aes_key, wecom.receive_id)

@@ -51,6 +51,11 @@ WS_GENERATION_TTL_SECONDS = 30 * 24 * 3600
 AUDIT_KEEP_SECONDS = 2 * 24 * 3600
 # A day's quota count outlives its day (in any time zone) by a day.
 QUOTA_TTL_SECONDS = 2 * 24 * 3600
+# An answer in flight is listed for the operator's page this long at most past its opening (WeCom polls a bubble for
+# 6 minutes; an answer whose end no process saw leaves the list then).
+LIVE_ANSWER_SECONDS = 3600
+# Failed sign-ins to the operator's page are counted per address and minute (a count outlives its minute).
+ADMIN_FAILS_TTL_SECONDS = 120
 # A form's card state outlives the form's own expiry by this much (a late click still gets "expired").
 FORM_KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 
@@ -124,6 +129,16 @@ class Keys:
         """Sorted set of audit rows (JSON) that wait for the database (score: when they began to wait); TTL
         AUDIT_KEEP_SECONDS, renewed with each entry."""
         return f"{self.prefix}audit_pending"
+
+    def live_answers(self) -> str:
+        """Sorted set of the bot's streams in flight (score: when each opened), for the operator's page
+        (services/admin/live.py); TTL LIVE_ANSWER_SECONDS, renewed with each entry."""
+        return f"{self.prefix}live_answers"
+
+    def admin_fails(self, address: str, minute: int) -> str:
+        """Count of failed sign-ins to /admin from `address` in `minute` (epoch minutes): a deployment's, not a
+        bot's; TTL ADMIN_FAILS_TTL_SECONDS."""
+        return f"{self.prefix}admin_fails:{address}:{minute}"
 
     def audit_purge(self) -> str:
         """`<process>` while one process deletes the audit rows past their term (a deployment's, not a bot's)."""

@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.audit.rows import ANY, FULL, AuditRow
+from services.audit.rows import ADMIN, ANY, FULL, AuditRow
 from services.audit.table import ensure_table, wecom_audit
 
 logger = logging.getLogger(__name__)
 
+# A route filter that means the bot's own (its rows have route "").
+OWN_ROUTE = "-"
 PURGE_BATCH = 5000  # rows deleted per statement: a year's purge never holds one long lock
 _INSERT_IGNORE = wecom_audit.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
 # The columns a superseding row writes over the row it replaces (all but the id and the unique key).
@@ -40,12 +42,17 @@ _REPLACE_OUTAGE_ROW, _REPLACE_ANY_ROW = _replace(True), _replace(False)
 
 @dataclass(frozen=True)
 class AuditFilter:
-    """Which rows an export reads: received in [since, until) (naive UTC), of one bot, of one user."""
+    """Which rows an export or a search reads: received in [since, until) (naive UTC), of one bot, one user, one
+    route ("-": the bot's own), one chat, one outcome, and with `text` in the question or the answer (where kept)."""
 
     since: datetime | None = None
     until: datetime | None = None
     bot: str = ""
     user: str = ""
+    route: str = ""
+    chat: str = ""
+    outcome: str = ""
+    text: str = ""
 
     def clauses(self) -> list:
         c = wecom_audit.c
@@ -54,10 +61,17 @@ class AuditFilter:
             found.append(c.received_at >= self.since)
         if self.until is not None:
             found.append(c.received_at < self.until)
-        if self.bot:
-            found.append(c.bot == self.bot)
-        if self.user:
-            found.append(c.userid == self.user)
+        for column, value in ((c.bot, self.bot), (c.userid, self.user), (c.chatid, self.chat)):
+            if value:
+                found.append(column == value)
+        if self.route:
+            found.append(c.route == ("" if self.route == OWN_ROUTE else self.route))
+        if self.outcome:
+            found.append(c.outcome == self.outcome)
+        if self.text:
+            found.append(
+                or_(c.question.contains(self.text, autoescape=True), c.answer.contains(self.text, autoescape=True))
+            )
         return found
 
 
@@ -151,6 +165,33 @@ class AuditRecords:
             return rows, ""
         rows = rows[:limit]
         return rows, _cursor(rows[-1]["received_at"], rows[-1]["id"])
+
+    def latest(self, which: AuditFilter, limit: int) -> list[dict]:
+        """The newest `limit` rows that `which` selects, newest first (the operator's search)."""
+        c = wecom_audit.c
+        query = select(wecom_audit).where(*which.clauses()).order_by(c.received_at.desc(), c.id.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def by_id(self, row_id: int) -> dict | None:
+        """One row by its id, or None."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(wecom_audit).where(wecom_audit.c.id == row_id)).first()
+        return dict(found._mapping) if found is not None else None
+
+    def outcomes_since(self, since: datetime) -> dict[str, dict[str, int]]:
+        """How many messages each bot had since `since` (naive UTC), by outcome (operators' rows left out)."""
+        c = wecom_audit.c
+        query = (
+            select(c.bot, c.outcome, func.count())
+            .where(c.received_at >= since, c.kind != ADMIN)
+            .group_by(c.bot, c.outcome)
+        )
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as connection:
+            for bot, outcome, count in connection.execute(query):
+                counts.setdefault(bot, {})[outcome] = count
+        return counts
 
     def every(self, which: AuditFilter, page_size: int = 1000) -> Iterator[dict]:
         """Every row that `which` selects, oldest first, read a page at a time (an export of a year of rows holds one

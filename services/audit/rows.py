@@ -20,6 +20,9 @@ from services.wecom.messages import Inbound
 
 FULL, METADATA = "full", "metadata"  # AUDIT_CONTENT: the texts, or their lengths and SHA-256 only
 OUTAGE, ANY = "outage", "any"  # what a row supersedes (AuditRow.supersedes)
+# An operator's sign-in or change on /admin (services/admin): `userid` the operator, `question` the action, `answer`
+# what it acted on; kept whatever AUDIT_CONTENT says (none of it is a user's text).
+ADMIN = "admin"
 
 # The stream's `error` field, as an outcome (any other error: the answer ended with a failure note).
 _OUTCOME_OF_ERROR = {
@@ -74,7 +77,7 @@ class AuditRow:
             text = values[name]
             values[f"{name}_len"] = len(text)
             values[f"{name}_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-            if content == METADATA:
+            if content == METADATA and self.kind != ADMIN:
                 values[name] = None
         return values
 

@@ -40,22 +40,36 @@ class AnswerStopper:
             redis.RedisError: Redis did not answer (the caller says the service is unavailable).
         """
         stream_ids = self.store.reads.open_streams(aibotid, userid)
-        note = self.texts.say("stopped_note")
         stopped = 0
         for stream_id, meta in zip(stream_ids, self.store.reads.metas(stream_ids), strict=True):
-            if (meta.get(F.chatid) or "") != (chatid or "") or meta.get(F.status) not in ACTIVE_STATUSES:
-                continue
-            result = self.store.stop(stream_id, note)
-            if result is None:  # it ended meanwhile
-                continue
-            inflight_key, task_id = result
-            self.store.release_inflight(inflight_key, stream_id)
-            stopped += 1
-            logger.info("stream %s stopped by its user", stream_id)
-            if task_id:
-                self._stop_backend(StreamJob.from_meta(stream_id, meta, ""), task_id)
+            if (meta.get(F.chatid) or "") == (chatid or "") and self._stop(stream_id, meta, "its user"):
+                stopped += 1
         metrics.STOPS.labels(self.bot, "stopped" if stopped else "nothing").inc()
         return stopped
+
+    def stop(self, stream_id: str, by: str) -> bool:
+        """Stop one answer as its user's /stop would (the operator's page: `by` names who, for the log); False if it
+        was not streaming.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        stopped = self._stop(stream_id, self.store.reads.meta(stream_id), by)
+        metrics.STOPS.labels(self.bot, "stopped" if stopped else "nothing").inc()
+        return stopped
+
+    def _stop(self, stream_id: str, meta: dict, by: str) -> bool:
+        if meta.get(F.status) not in ACTIVE_STATUSES:
+            return False
+        result = self.store.stop(stream_id, self.texts.say("stopped_note"))
+        if result is None:  # it ended meanwhile
+            return False
+        inflight_key, task_id = result
+        self.store.release_inflight(inflight_key, stream_id)
+        logger.info("stream %s stopped by %s", stream_id, by)
+        if task_id:
+            self._stop_backend(StreamJob.from_meta(stream_id, meta, ""), task_id)
+        return True
 
     def stop_backend_later(self, job: StreamJob, task_id: str) -> None:
         """A worker found its stream stopped by the user (its writes refused): it calls the backend's stop for the
