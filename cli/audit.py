@@ -41,10 +41,11 @@ def _time(ctx, param, value: str | None):
 @click.option("--chat", default="", help="One group chat's rows (its chatid).")
 @click.option("--outcome", default="", help="One outcome's rows (answered, note, stopped, blocked, ...).")
 @click.option("--text", default="", help="Rows whose question or answer holds this text (where kept).")
+@click.option("--kind", default="", help="One kind of row (message, stop, form_action, feedback, push, admin).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
-def export_command(since, until, bot: str, user: str, route: str, chat: str, outcome: str, text: str, fmt: str) -> None:
+def export_command(since, until, bot, user, route, chat, outcome, text, kind, fmt: str) -> None:
     """Write the rows to stdout, oldest first, a page at a time (memory stays flat however many there are)."""
-    rows = _records().every(AuditFilter(since, until, bot, user, route, chat, outcome, text))
+    rows = _records().every(AuditFilter(since, until, bot, user, route, chat, outcome, text, kind))
     try:
         for line in lines(rows, fmt):
             sys.stdout.write(line)

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://{settings.host}:{settings.port}"
     announce(gateway, url)
     print(f"Open the console in a browser to chat there too: {url}/console")
+    if settings.admin_token:
+        print(f"The operator's page (sign in with ADMIN_TOKEN of demo.env and any name): {url}/admin/")
     print(f"The gateway's log (message, stream and Dify task ids, failures): {log_path}")
     simulator = WeComSimulator(
         url,

@@ -21,6 +21,8 @@ def main() -> None:
         metrics.serve(settings.host, settings.metrics_port)
     announce(app.extensions["gateway"], f"http://{settings.host}:{settings.port}")
     print(f"Console: http://{settings.host}:{settings.port}/console")
+    if settings.admin_token:
+        print(f"Operator's page: http://{settings.host}:{settings.port}/admin/ (the token is ADMIN_TOKEN in demo.env)")
     app.run(host=settings.host, port=settings.port, threaded=True)
 
 

@@ -18,11 +18,12 @@ from demo import dify_standin as d
 from services.admin.session import COOKIE, FAILS_PER_MINUTE, AdminSessions
 from services.texts import CATALOGUE
 from tests import test_audit
-from tests.conftest import KEYS, make_simulator, wait_until
+from tests.conftest import KEYS, WS_BOT_ID, WS_BOT_SECRET, make_simulator, wait_until
 from tests.test_audit import count, rows
 
 ZH = CATALOGUE["zh"]
 TOKEN = "admin-token-for-the-tests-0123456789"
+PUSH_TOKEN = "push-token-for-the-admin-tests-0123"
 audit_url, engine = test_audit.audit_url, test_audit.engine  # the audit database's fixtures
 LONG_ANSWER = [d.message("part one"), d.sleep(0.3), d.message(" part two"), d.sleep(8), d.message(" never"), d.end()]
 
@@ -181,3 +182,24 @@ def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engi
     assert client.get("/admin/audit", params={"since": "yesterday"}).text.count("is not a time") == 1
     for sim in sims:
         sim.close()
+
+
+def test_the_latest_pushes_with_their_status_and_no_view_without_the_push_api(make_pair, wecom_ws, engine, audit_url):
+    wecom = wecom_ws({WS_BOT_ID: WS_BOT_SECRET})
+    connection = {"wecom_bot_id": WS_BOT_ID, "wecom_bot_secret": WS_BOT_SECRET, "wecom_ws_url": wecom.url}
+    a, b = make_pair(
+        wecom_mode="long_connection", push_api_token=PUSH_TOKEN, admin_token=TOKEN, database_url=audit_url, **connection
+    )
+    assert wait_until(lambda: wecom.subscribed(WS_BOT_ID) == 1, timeout=10)
+    body = {"bot": "default", "userid": "bob", "markdown": "**Reminder**: review at 3 pm"}
+    headers = {"Authorization": f"Bearer {PUSH_TOKEN}"}
+    assert httpx.post(f"{a.url}/api/push", json=body, headers=headers, timeout=5).status_code == 202
+    assert wait_until(lambda: len(rows(engine, kind="push")) == 1, timeout=10)
+    client = sign_in(b.url)
+    assert wait_until(lambda: "<td>sent" in client.get("/admin/pushes").text, timeout=10)
+    page = client.get("/admin/pushes").text
+    assert "bob" in page and "**Reminder**: review at 3 pm" in page and 'href="/admin/pushes"' in page
+    # a deployment without the push API has no such view, nor a link to it
+    c, _ = make_pair(database_url=audit_url, admin_token=TOKEN)
+    other = sign_in(c.url)
+    assert other.get("/admin/pushes").status_code == 404 and "/admin/pushes" not in other.get("/admin/").text

@@ -558,7 +558,8 @@ def test_a_forms_rest_sent_after_its_bubble_ended_is_a_row_of_its_own_once(make_
 
 def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(audit_url):
     """The backend, route, model, tokens and trace of a row came with a later release: a serving replica adds them
-    to the table an earlier one made (ALTER TABLE, its rows kept), and writes rows with them."""
+    to the table an earlier one made (ALTER TABLE, its rows kept), and writes rows with them; and the indexes a later
+    release searches by."""
     from sqlalchemy import Column, MetaData, Table, inspect
 
     engine = db.make_engine(audit_url, timeout=3)
@@ -578,6 +579,10 @@ def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_
         connection.execute(old.insert(), {**made, "received_at": now, "finished_at": now})
     assert not ensure_table(engine)  # not made: changed
     assert newer <= {column["name"] for column in inspect(engine).get_columns("wecom_audit")}
+    # and the indexes the operator's page searches by
+    assert {index.name for index in wecom_audit.indexes} <= {
+        i["name"] for i in inspect(engine).get_indexes("wecom_audit")
+    }
     records = AuditRecords(engine)
     at = time.time()
     trace = "ab" * 16

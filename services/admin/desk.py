@@ -21,10 +21,12 @@ from services.audit.records import AuditFilter, AuditRecords
 from services.audit.rows import ADMIN, AuditRow
 from services.bot_build import Bot
 from services.redis_conn import REDIS_FAILURES
+from services.streams.life import PUSH
 
 logger = logging.getLogger(__name__)
 
 SEARCH_ROWS = 100  # rows a search shows (the CSV has every row of the filter)
+PUSH_ROWS = 50  # the latest pushes shown
 SIGN_IN, STOP, QUOTA_RESET = "sign_in", "stop", "quota_reset"
 DONE, REFUSED = "done", "refused"  # an admin row's outcome
 
@@ -40,6 +42,13 @@ class BotView:
 
 
 @dataclass(frozen=True)
+class PushView:
+    row: dict  # its audit row
+    status: str  # queued, sent, failed, or unknown (its record in Redis is gone: a day after it was made)
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class QuotaView:
     bot: str
     used: int
@@ -49,11 +58,14 @@ class QuotaView:
 class AdminDesk:
     """The page's work over the bots served (`bots()`, read again at each call: they change with BOTS_FILE)."""
 
-    def __init__(self, bots: Callable[[], dict[str, Bot]], client, records: AuditRecords | None, timezone: str):
+    def __init__(
+        self, bots: Callable[[], dict[str, Bot]], client, records: AuditRecords | None, timezone: str, pushes: bool
+    ):
         self.bots = bots
         self.client = client
         self.records = records
         self.zone = ZoneInfo(timezone)
+        self.pushes_on = pushes and records is not None  # the push API, and the audit rows that list its pushes
 
     # --- bots ---------------------------------------------------------------------------------------------------
 
@@ -124,6 +136,27 @@ class AdminDesk:
     def csv(self, which: AuditFilter) -> Iterator[str]:
         """Every row of `which` as `audit export --format csv` writes it, oldest first."""
         return lines(self.records.every(which), "csv") if self.records is not None else iter(())
+
+    # --- pushes -------------------------------------------------------------------------------------------------
+
+    def pushes(self) -> list[PushView]:
+        """The latest pushes (their audit rows), newest first, each with its status now.
+
+        Raises:
+            SQLAlchemyError: the database did not answer.
+            redis.RedisError: Redis did not answer.
+        """
+        if not self.pushes_on:
+            return []
+        bots, views = self.bots(), []
+        for row in self.records.latest(AuditFilter(kind=PUSH), PUSH_ROWS):
+            bot = bots.get(row["bot"])
+            found = None
+            if bot is not None and bot.connection is not None:
+                found = bot.connection.pushes.status(row["msgid"].removeprefix("push:"))
+            found = found or {"status": "unknown"}
+            views.append(PushView(row, found["status"], found.get("error", "")))
+        return views
 
     # --- quotas -------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ from services.redis_conn import REDIS_FAILURES
 
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
 
-FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text")
+FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", "kind")
+KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
 OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
 HEADERS = {
@@ -44,6 +45,11 @@ HEADERS = {
 
 def _parts() -> tuple[AdminSessions, AdminDesk]:
     return current_app.extensions["admin"]
+
+
+@admin.context_processor
+def _views() -> dict:
+    return {"pushes_on": _parts()[1].pushes_on}  # views of features not built here are absent, not empty
 
 
 @admin.after_request
@@ -154,8 +160,28 @@ def audit():
         except SQLAlchemyError:
             error = "The database did not answer: try again in a moment."
     return render_template(
-        "admin/audit.html", rows=rows, asked=asked, error=error, outcomes=OUTCOMES, page="audit", bots=desk.bots()
+        "admin/audit.html",
+        rows=rows,
+        asked=asked,
+        error=error,
+        outcomes=OUTCOMES,
+        kinds=KINDS,
+        page="audit",
+        bots=desk.bots(),
     )
+
+
+@admin.get("/pushes")
+@signed_in
+def pushes():
+    _, desk = _parts()
+    if not desk.pushes_on:
+        abort(404, "no pushes here: the push API is off (PUSH_API_TOKEN), or the audit trail is")
+    try:
+        views, error = desk.pushes(), ""
+    except (SQLAlchemyError, *REDIS_FAILURES):
+        views, error = [], "The database or Redis did not answer: try again in a moment."
+    return render_template("admin/pushes.html", views=views, error=error, page="pushes")
 
 
 @admin.get("/audit/<int:row_id>")
@@ -233,6 +259,12 @@ def install(app, gateway) -> None:
     """Serve /admin from `app` for `gateway`'s bots (read again at each request: they change with BOTS_FILE)."""
     settings = gateway.settings
     sessions = AdminSessions(settings.admin_token, gateway.redis, Keys(settings.redis.key_prefix))
-    desk = AdminDesk(lambda: gateway.bots, gateway.redis, gateway.audit_records, settings.bot.quotas.timezone)
+    desk = AdminDesk(
+        lambda: gateway.bots,
+        gateway.redis,
+        gateway.audit_records,
+        settings.bot.quotas.timezone,
+        gateway.push is not None,
+    )
     app.extensions["admin"] = (sessions, desk)
     app.register_blueprint(admin)

@@ -43,7 +43,8 @@ _REPLACE_OUTAGE_ROW, _REPLACE_ANY_ROW = _replace(True), _replace(False)
 @dataclass(frozen=True)
 class AuditFilter:
     """Which rows an export or a search reads: received in [since, until) (naive UTC), of one bot, one user, one
-    route ("-": the bot's own), one chat, one outcome, and with `text` in the question or the answer (where kept)."""
+    route ("-": the bot's own), one chat, one outcome, with `text` in the question or the answer (where kept), of
+    one kind (message, push, admin, ...)."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -53,6 +54,7 @@ class AuditFilter:
     chat: str = ""
     outcome: str = ""
     text: str = ""
+    kind: str = ""
 
     def clauses(self) -> list:
         c = wecom_audit.c
@@ -68,6 +70,8 @@ class AuditFilter:
             found.append(c.route == ("" if self.route == OWN_ROUTE else self.route))
         if self.outcome:
             found.append(c.outcome == self.outcome)
+        if self.kind:
+            found.append(c.kind == self.kind)
         if self.text:
             found.append(
                 or_(c.question.contains(self.text, autoescape=True), c.answer.contains(self.text, autoescape=True))

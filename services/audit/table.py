@@ -18,6 +18,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateColumn
 
 from services.auth.db import create_unless_made, metadata
@@ -61,24 +62,38 @@ wecom_audit = Table(
     UniqueConstraint("bot", "msgid", "kind", name="uq_wecom_audit_message"),
     Index("ix_wecom_audit_received", "received_at", "id"),
     Index("ix_wecom_audit_user", "userid", "received_at"),
+    # the operator's page searches newest first by chat, route, outcome, or a bot's outcome (BENCHMARKS.md §23)
+    Index("ix_wecom_audit_chat", "chatid", "received_at"),
+    Index("ix_wecom_audit_route", "route", "received_at"),
+    Index("ix_wecom_audit_outcome", "outcome", "received_at"),
+    Index("ix_wecom_audit_bot_outcome", "bot", "outcome", "received_at"),
     mysql_charset="utf8mb4",
     mysql_engine="InnoDB",
 )
 
 
 def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
-    """Create `table` if it is missing, or add the columns a newer release gave it to one made before (each nullable
-    or with a default: its rows are left as they are); True if the table was created."""
+    """Create `table` if it is missing, or add the columns and indexes a newer release gave it to one made before
+    (each column nullable or with a default: its rows are left as they are; an index is built online); True if the
+    table was created."""
     with engine.connect() as connection:
         if inspect(connection).has_table(table.name):
             have = {column["name"] for column in inspect(connection).get_columns(table.name)}
             missing = [column for column in table.columns if column.name not in have]
+            indexed = {index["name"] for index in inspect(connection).get_indexes(table.name)}
+            unindexed = [index for index in table.indexes if index.name not in indexed]
         else:
-            missing = None
+            missing = unindexed = None
     if missing is None:
         return create_unless_made(engine, table)
     with engine.begin() as connection:
         for column in missing:
             definition = CreateColumn(column).compile(dialect=engine.dialect)
             connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
+    for index in unindexed:
+        try:
+            index.create(engine)
+        except OperationalError as exc:  # another replica made it meanwhile
+            if "Duplicate key name" not in str(exc) and "already exists" not in str(exc):
+                raise
     return False
