@@ -180,6 +180,10 @@ def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engi
     assert exported.exit_code == 0 and downloaded.text == exported.output
     assert len(downloaded.text.strip().splitlines()) == 3  # the header and two rows
     assert client.get("/admin/audit", params={"since": "yesterday"}).text.count("is not a time") == 1
+    # a text search without a user or a chat covers 7 days unless it says, 31 at most (no index narrows a text)
+    wide = {"text": "laptops", "since": "2026-01-01", "until": "2026-06-01"}
+    assert "31 days at most" in client.get("/admin/audit", params=wide).text
+    assert "31 days at most" not in client.get("/admin/audit", params={**wide, "user": "alice"}).text
     for sim in sims:
         sim.close()
 

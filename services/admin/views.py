@@ -5,7 +5,9 @@ the desk's (desk.py), the sign-in the sessions' (session.py). Registered only wi
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from functools import wraps
+from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
@@ -32,6 +34,7 @@ from services.redis_conn import REDIS_FAILURES
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
 
 FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", "kind")
+TEXT_DEFAULT_DAYS, TEXT_MOST_DAYS = 7, 31  # a text search's range without a user or a chat (_filter)
 KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
 OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
@@ -166,6 +169,7 @@ def audit():
         error=error,
         outcomes=OUTCOMES,
         kinds=KINDS,
+        csv_query=urlencode({name: value for name, value in asked.items() if value}),
         page="audit",
         bots=desk.bots(),
     )
@@ -242,7 +246,11 @@ def _who(values) -> tuple[str, str]:
 
 
 def _filter() -> tuple[AuditFilter, dict[str, str], str]:
-    """The audit filter the request's query asks for, the values as asked (for the form), and a problem ("")."""
+    """The audit filter the request's query asks for, the values as asked (for the form), and a problem ("").
+
+    A text is looked for in every row of the range, which no index narrows: without a user or a chat to narrow it,
+    a text search covers TEXT_DEFAULT_DAYS back unless it gives a start, and at most TEXT_MOST_DAYS (BENCHMARKS.md
+    §23: a text anywhere in a million rows outlasts the database's 5 s). `audit export` has no such bound."""
     asked = {name: (request.args.get(name) or "").strip() for name in FILTERS}
     times = {}
     for name in ("since", "until"):
@@ -251,7 +259,14 @@ def _filter() -> tuple[AuditFilter, dict[str, str], str]:
                 times[name] = parse_time(asked[name])
             except ValueError:
                 return AuditFilter(), asked, f"'{name}' is not a time such as 2026-11-01T08:00"
-    values = {name: asked[name] for name in FILTERS if name not in times and name not in ("since", "until")}
+    if asked["text"] and not (asked["user"] or asked["chat"]):
+        until = times.get("until") or datetime.now(UTC).replace(tzinfo=None)
+        since = times.setdefault("since", until - timedelta(days=TEXT_DEFAULT_DAYS))
+        if until - since > timedelta(days=TEXT_MOST_DAYS):
+            problem = f"A text search covers {TEXT_MOST_DAYS} days at most: narrow the range, or name a user or a chat."
+            return AuditFilter(), asked, problem
+        asked["since"] = asked["since"] or since.strftime("%Y-%m-%dT%H:%M")
+    values = {name: asked[name] for name in FILTERS if name not in ("since", "until")}
     return AuditFilter(times.get("since"), times.get("until"), **values), asked, ""
 
 
