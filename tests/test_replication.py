@@ -130,6 +130,20 @@ def test_a_write_whose_slot_moved_still_waits_for_a_replica_of_its_new_master(re
     client.close()
 
 
+def a_bubble_showing_one(kind: str, request, bot: str):
+    """A stream on the Sentinel set or the Cluster whose bubble a poll showed as "One.": (server, client, store, its
+    poll path, its owner)."""
+    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
+    client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
+    store = StreamStore(client, Keys(f"{bot}:"), 3600, 30, durable=Replication(client, WAIT_MS, bot))
+    polls = PollPath(store)
+    owner = first_attempt("replica-a:1")
+    retried(lambda: store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"}))
+    assert retried(lambda: store.replace("s1", owner, "One."))
+    assert retried(lambda: polls.poll("s1", 360, 20_000, "orphaned")).text == "One."
+    return server, client, store, polls, owner
+
+
 @pytest.mark.parametrize("kind", ["sentinel", "cluster"])
 def test_a_live_bubble_shows_only_text_a_replica_holds(kind, request, monkeypatch):
     """Appends do not wait for a replica; a poll does before it shows new text, so a failover that promotes a replica
@@ -137,15 +151,8 @@ def test_a_live_bubble_shows_only_text_a_replica_holds(kind, request, monkeypatc
     poll shows what a replica held (the text of the poll before), and the rest once a replica has it; text ahead of
     the replicas for HOLD_BACK_SECONDS is shown all the same (a replica gone for good must not freeze the bubble).
     Before, the frozen replicas' poll showed "One. Two.", which the next failover could take back."""
-    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
-    client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
+    server, client, store, polls, owner = a_bubble_showing_one(kind, request, f"vouch-{kind}")
     bot = f"vouch-{kind}"
-    store = StreamStore(client, Keys(f"{bot}:"), 3600, 30, durable=Replication(client, WAIT_MS, bot))
-    polls = PollPath(store)
-    owner = first_attempt("replica-a:1")
-    retried(lambda: store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"}))
-    assert retried(lambda: store.replace("s1", owner, "One."))
-    assert retried(lambda: polls.poll("s1", 360, 20_000, "orphaned")).text == "One."
     counted = metrics.POLL_TEXT_UNREPLICATED
 
     def count(outcome: str) -> float:
@@ -183,15 +190,7 @@ def test_a_poll_shows_new_text_only_once_a_replica_holds_its_note_too(kind, requ
     Sentinel run of seed 7: one sentence taken back under `redis_loss`). With the replicas frozen after the poll's
     text reached them but before its note did, the poll shows what was noted before; once they thaw, the rest.
     Before, it showed "One. Two." with a note only the master held."""
-    server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
-    client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
-    bot = f"note-{kind}"
-    store = StreamStore(client, Keys(f"{bot}:"), 3600, 30, durable=Replication(client, WAIT_MS, bot))
-    polls = PollPath(store)
-    owner = first_attempt("replica-a:1")
-    retried(lambda: store.create("s1", "m1", owner, "bot1", "alice", {"userid": "alice"}))
-    assert retried(lambda: store.replace("s1", owner, "One."))
-    assert retried(lambda: polls.poll("s1", 360, 20_000, "orphaned")).text == "One."
+    server, client, store, polls, owner = a_bubble_showing_one(kind, request, f"note-{kind}")
     assert store.replace("s1", owner, "One. Two.")
     frozen, waits = replicas_of(kind, server), []
     execute = polls._connections.execute
