@@ -16,6 +16,7 @@ import orjson
 import redis
 
 from services.keys import ADMIN_FAILS_TTL_SECONDS, Keys
+from services.redis_conn import REDIS_FAILURES
 
 SESSION_SECONDS = 8 * 3600
 FAILS_PER_MINUTE = 5  # failed sign-ins from one address in a minute; the next is refused (429) until it is over
@@ -69,7 +70,7 @@ class AdminSessions:
         """Whether `address` failed FAILS_PER_MINUTE sign-ins this minute (Redis away: not refused)."""
         try:
             count = self.client.get(self.keys.admin_fails(address, int(time.time() // 60)))
-        except redis.RedisError:
+        except REDIS_FAILURES:
             return False
         return int(count or 0) >= FAILS_PER_MINUTE
 
@@ -81,7 +82,7 @@ class AdminSessions:
             pipe.incr(key)
             pipe.expire(key, ADMIN_FAILS_TTL_SECONDS)
             pipe.execute()
-        except redis.RedisError:
+        except REDIS_FAILURES:
             pass  # uncounted: the next attempt is not refused for it
 
     def _sign(self, payload: str) -> str:
