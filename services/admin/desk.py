@@ -22,6 +22,7 @@ from services.audit.rows import ADMIN, AuditRow
 from services.bot_build import Bot
 from services.redis_conn import REDIS_FAILURES
 from services.streams.life import PUSH
+from services.streams.stop import AnswerStopper
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,11 @@ class AdminDesk:
             redis.RedisError: Redis did not answer.
         """
         bot = self.bots().get(bot_name)
-        stopped = bot is not None and bot.streams.stopper.stop(stream_id, f"operator {operator}")
+        stopped = False
+        if bot is not None:  # a stopper of the bot's answers, as its /stop has (it keeps nothing of its own)
+            streams = bot.streams
+            stopper = AnswerStopper(streams.store, streams.backends, streams.texts, bot_name)
+            stopped = stopper.stop(stream_id, f"operator {operator}")
         self.record(operator, STOP, f"{bot_name}/{stream_id}", DONE if stopped else "nothing", bot_name)
         return stopped
 

@@ -181,11 +181,6 @@ class StreamService:
         answers."""
         return self.worker.backends
 
-    @property
-    def stopper(self):
-        """What stops the bot's answers (a user's /stop, an operator's Stop: services/streams/stop.py)."""
-        return self.worker.deps.stopper
-
     def has_room(self) -> bool:
         """Whether a new answer would be taken here now (not by a process that drains or is full, when it would
         run the answer itself)."""
