@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -158,7 +159,7 @@ def test_an_answer_on_one_replica_is_live_on_the_other_and_stopped_from_there(ad
     sim.close()
 
 
-def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engine, audit_url, dify):
+def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engine, audit_url, dify, monkeypatch):
     a, b = make_pair(database_url=audit_url, admin_token=TOKEN)
     dify.script(d.answer("noted"), times=None)
     sims = [make_simulator(a.url), make_simulator(b.url)]
@@ -180,10 +181,18 @@ def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engi
     assert exported.exit_code == 0 and downloaded.text == exported.output
     assert len(downloaded.text.strip().splitlines()) == 3  # the header and two rows
     assert client.get("/admin/audit", params={"since": "yesterday"}).text.count("is not a time") == 1
-    # a text search without a user or a chat covers 7 days unless it says, 31 at most (no index narrows a text)
-    wide = {"text": "laptops", "since": "2026-01-01", "until": "2026-06-01"}
-    assert "31 days at most" in client.get("/admin/audit", params=wide).text
-    assert "31 days at most" not in client.get("/admin/audit", params={**wide, "user": "alice"}).text
+    # without a user or a chat, a text is looked for in the newest TEXT_MOST_ROWS rows of the range, and said so;
+    # the CSV link carries that range
+    monkeypatch.setattr("services.admin.views.TEXT_MOST_ROWS", 2)
+    bounded = client.get("/admin/audit", params={"text": "laptops"}).text
+    assert "question 3 about laptops" in bounded and "newest 2 rows of the range" in bounded
+    link = re.search(r'href="(/admin/audit.csv\?[^"]+)"', bounded).group(1).replace("&amp;", "&")
+    applied = dict(parse_qsl(urlsplit(link).query))
+    assert applied.keys() == {"text", "since", "until"}
+    same = ["audit", "export", "--format", "csv", "--text", "laptops"]
+    same += ["--since", applied["since"], "--until", applied["until"]]
+    assert client.get(link).text == a.app.test_cli_runner().invoke(args=same).output
+    assert client.get("/admin/audit", params={"text": "laptops", "user": "alice"}).text.count("about laptops") == 2
     for sim in sims:
         sim.close()
 

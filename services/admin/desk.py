@@ -135,6 +135,14 @@ class AdminDesk:
         """
         return self.records.latest(which, SEARCH_ROWS) if self.records is not None else []
 
+    def oldest_of_newest(self, until, rows: int):
+        """When the oldest of the newest `rows` rows received before `until` was received (None: fewer rows).
+
+        Raises:
+            SQLAlchemyError: the database did not answer.
+        """
+        return self.records.received_before(until, rows) if self.records is not None else None
+
     def row(self, row_id: int) -> dict | None:
         return self.records.by_id(row_id) if self.records is not None else None
 

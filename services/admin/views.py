@@ -5,7 +5,7 @@ the desk's (desk.py), the sign-in the sessions' (session.py). Registered only wi
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import wraps
 from urllib.parse import urlencode
 
@@ -34,7 +34,7 @@ from services.redis_conn import REDIS_FAILURES
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
 
 FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", "kind")
-TEXT_DEFAULT_DAYS, TEXT_MOST_DAYS = 7, 31  # a text search's range without a user or a chat (_filter)
+TEXT_MOST_ROWS = 40_000  # the rows a text search reads at most without a user or a chat (_filter)
 KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
 OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
@@ -153,13 +153,13 @@ def stop():
 @signed_in
 def audit():
     _, desk = _parts()
-    which, asked, error = _filter()
-    rows = []
+    rows, asked, error, note = [], {name: "" for name in FILTERS}, "", ""
     if desk.records is None:
         error = "The audit trail is off here (AUDIT=off, or no DATABASE_URL)."
-    elif not error:
+    else:
         try:
-            rows = desk.search(which)
+            which, asked, error, note = _filter(desk)
+            rows = [] if error else desk.search(which)
         except SQLAlchemyError:
             error = "The database did not answer: try again in a moment."
     return render_template(
@@ -167,6 +167,7 @@ def audit():
         rows=rows,
         asked=asked,
         error=error,
+        note=note,
         outcomes=OUTCOMES,
         kinds=KINDS,
         csv_query=urlencode({name: value for name, value in asked.items() if value}),
@@ -205,7 +206,10 @@ def audit_row(row_id: int):
 @signed_in
 def audit_csv():
     _, desk = _parts()
-    which, _, error = _filter()
+    try:
+        which, _, error, _ = _filter(desk)
+    except SQLAlchemyError:
+        abort(503, "the database did not answer: try again in a moment")
     if error:
         abort(400, error)
     headers = {"Content-Disposition": 'attachment; filename="audit.csv"'}
@@ -245,12 +249,17 @@ def _who(values) -> tuple[str, str]:
     return (scope if scope in (USER, CHAT) else USER), (values.get("who") or "").strip()
 
 
-def _filter() -> tuple[AuditFilter, dict[str, str], str]:
-    """The audit filter the request's query asks for, the values as asked (for the form), and a problem ("").
+def _filter(desk: AdminDesk) -> tuple[AuditFilter, dict[str, str], str, str]:
+    """The audit filter the request's query asks for, the values as asked (for the form), a problem (""), and a note
+    on what the search left out ("").
 
-    A text is looked for in every row of the range, which no index narrows: without a user or a chat to narrow it,
-    a text search covers TEXT_DEFAULT_DAYS back unless it gives a start, and at most TEXT_MOST_DAYS (BENCHMARKS.md
-    §23: a text anywhere in a million rows outlasts the database's 5 s). `audit export` has no such bound."""
+    No index narrows a text: without a user or a chat, a text search reads the newest TEXT_MOST_ROWS rows of its
+    range at most (its start is moved up to the oldest of them, and its end fixed, so that the CSV link reads the same
+    rows): a text in a million rows outlasted the database's 5 s (BENCHMARKS.md §23). `audit export` has no bound.
+
+    Raises:
+        SQLAlchemyError: the database did not answer.
+    """
     asked = {name: (request.args.get(name) or "").strip() for name in FILTERS}
     times = {}
     for name in ("since", "until"):
@@ -258,16 +267,21 @@ def _filter() -> tuple[AuditFilter, dict[str, str], str]:
             try:
                 times[name] = parse_time(asked[name])
             except ValueError:
-                return AuditFilter(), asked, f"'{name}' is not a time such as 2026-11-01T08:00"
+                return AuditFilter(), asked, f"'{name}' is not a time such as 2026-11-01T08:00", ""
+    note = ""
     if asked["text"] and not (asked["user"] or asked["chat"]):
-        until = times.get("until") or datetime.now(UTC).replace(tzinfo=None)
-        since = times.setdefault("since", until - timedelta(days=TEXT_DEFAULT_DAYS))
-        if until - since > timedelta(days=TEXT_MOST_DAYS):
-            problem = f"A text search covers {TEXT_MOST_DAYS} days at most: narrow the range, or name a user or a chat."
-            return AuditFilter(), asked, problem
-        asked["since"] = asked["since"] or since.strftime("%Y-%m-%dT%H:%M")
+        until = times.setdefault("until", datetime.now(UTC).replace(tzinfo=None, microsecond=0))
+        floor = desk.oldest_of_newest(until, TEXT_MOST_ROWS)
+        if floor is not None and (times.get("since") is None or times["since"] < floor):
+            times["since"] = floor
+            note = (
+                f"The text was looked for in the newest {TEXT_MOST_ROWS:,} rows of the range (from "
+                f"{floor:%Y-%m-%d %H:%M:%S} UTC): name a user or a chat, or move the end back, to look further."
+            )
+        for name, moment in times.items():
+            asked[name] = moment.strftime("%Y-%m-%dT%H:%M:%S")
     values = {name: asked[name] for name in FILTERS if name not in ("since", "until")}
-    return AuditFilter(times.get("since"), times.get("until"), **values), asked, ""
+    return AuditFilter(times.get("since"), times.get("until"), **values), asked, "", note
 
 
 def install(app, gateway) -> None:

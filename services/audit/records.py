@@ -177,6 +177,14 @@ class AuditRecords:
         with self.engine.connect() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
 
+    def received_before(self, until: datetime, rows: int) -> datetime | None:
+        """When the `rows`-th newest row received before `until` was received, or None when there are fewer (read
+        from the index on received_at alone)."""
+        c = wecom_audit.c
+        query = select(c.received_at).where(c.received_at < until).order_by(c.received_at.desc())
+        with self.engine.connect() as connection:
+            return connection.execute(query.offset(rows - 1).limit(1)).scalar()
+
     def by_id(self, row_id: int) -> dict | None:
         """One row by its id, or None."""
         with self.engine.connect() as connection:
