@@ -6,7 +6,8 @@
    AuditRecords.latest as the page calls it: p50 and p95 in ms;
 2. the live view with `--answers` answers in flight among `--other-keys` other keys: one refresh's time and its
    Redis commands (LiveAnswers.now: the bot's sorted set, then one hash read and one length per answer, pipelined),
-   beside what a SCAN of the keyspace (the streams inspector's way) costs for the same answers.
+   beside what a SCAN of the keyspace (the streams inspector's way) costs for the same answers; and what keeping
+   the list costs each message (its entry added as it opens, taken off as it ends: two round trips).
 
     python -m bench.admin_page --rows 1000000 --repeats 30 --answers 1000
 """
@@ -166,12 +167,18 @@ def live_view(answers: int, other_keys: int, repeats: int) -> dict:
             commands = (client.info("stats")["total_commands_processed"] - before - 1) / repeats
             return statistics.median(times), commands, len(listed)
 
+        started = time.perf_counter()
+        for i in range(repeats * 100):  # what each message pays for the list: its entry as it opens and as it ends
+            live.opened(f"m{i}", now)
+            live.ended(f"m{i}")
+        per_message_ms = (time.perf_counter() - started) * 1000 / (repeats * 100)
         live_ms, live_commands, listed = measured(live.now)
         scan_ms, scan_commands, scanned = measured(lambda: inspector.list("streaming", "", answers))
         return {
             "answers": answers,
             "other_keys": other_keys,
             "live_view": {"ms": round(live_ms, 1), "redis_commands": round(live_commands), "listed": listed},
+            "listing_per_message_ms": round(per_message_ms, 3),
             "scan_of_the_keyspace": {
                 "ms": round(scan_ms, 1),
                 "redis_commands": round(scan_commands),
