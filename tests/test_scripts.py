@@ -98,7 +98,8 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.replace("s0", "A", "replaced")
     poll_path = PollPath(store)
     poll_path.poll("s0", 330, 20000, "orphan", "A")
-    poll_path._vouched(store.keys.stream("s0"), "replaced")  # what a replica confirmed (Sentinel, Cluster)
+    # what a replica confirmed (Sentinel, Cluster), on the poll's own connection
+    poll_path._vouch_on(lambda command: redis_client.execute_command(*command), store.keys.stream("s0"), 8)
     store.record("s0", {"rest_sent": "yes"})
     store.leases.renew({"s0": "A", "s1": "A"})
     store.leases.release({"s1": "A"})

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from services import metrics
 from services.loops import LazyThread, run_until
@@ -102,6 +103,7 @@ class PollPath:
         self._wait_ms = store.durable.wait_ms  # 0: one server, no replica to wait for
         self._poll = LuaScript(store.client, scripts.POLL, self._send_poll)
         self._card_back = LuaScript(store.client, scripts.CARD_BACK)
+        self._vouch = LuaScript(store.client, scripts.VOUCH)  # sent on the poll's own connection (_vouch_on)
         self._closed = threading.Event()
         self._master_watch = (
             LazyThread(self._watch_master, "redis-master-watch") if self._connections.under_sentinel else None
@@ -199,10 +201,19 @@ class PollPath:
         try:
             if int(send(("WAIT", 1, self._wait_ms))) < 1:
                 return reply, UNHELD
-            send(("EVAL", scripts.VOUCH, 1, stream_key, shows))
+            self._vouch_on(send, stream_key, shows)
             return reply, HELD if int(send(("WAIT", 1, self._wait_ms))) >= 1 else UNHELD
         except REDIS_FAILURES:
             return reply, UNHELD
+
+    def _vouch_on(self, send, stream_key: str, shows: int) -> None:
+        """Note, on a poll's own connection (`send`), that it shows `shows` bytes of the stream's text
+        (scripts.VOUCH), loading the script where Redis does not know it yet."""
+        try:
+            send(self._vouch.command([stream_key], [shows]))
+        except NoScriptError:
+            self._vouch.load()
+            send(self._vouch.command([stream_key], [shows]))
 
     def _run_poll(self, keys: dict[str, str], args: dict[str, object]) -> tuple[list | None, str]:
         """scripts.POLL's reply, from the master of now: a master that came back after its failover still answers
