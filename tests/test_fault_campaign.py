@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from bench.faults import __main__ as campaign
-from bench.faults.answers import answer_text
+from bench.faults.answers import answer_text, sentences_in
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
 from bench.faults.mutants import AIM, FORGIVING, MUTANTS
@@ -611,6 +611,25 @@ def test_a_recorded_run_checks_again_to_the_counts_written_beside_it(recorded):
     assert {name: result[name] for name in written} == written
 
 
+def story(run: dict, most: int = 60) -> str:
+    """A failed run's problems and, for each message behind one, what its history holds of it (its events in order,
+    texts cut short): a CI machine's history goes with it, so the failure's story must be in the test's output."""
+    events = read(Path(run["history"]))
+    told = [json.dumps(run["problems"], indent=1)]
+    for problem in run["problems"]:
+        own = [event for event in events if event.get("msgid") == problem["msgid"]][:most]
+        told.append(f"--- the history of {problem['msgid']} ({len(own)} events shown)")
+        for event in own:
+            shown = {k: (v[:100] + "…" if isinstance(v, str) and len(v) > 100 else v) for k, v in event.items()}
+            if isinstance(event.get("content"), str):  # a bubble's text: its sentences by number, then its end
+                numbers = [n for _, n in sentences_in(event["content"])]
+                shown["content"] = f"sentences {numbers} … {event['content'][-60:]}"
+            told.append(json.dumps(shown, ensure_ascii=False))
+    faults = [event for event in events if event.get("kind") == "fault"]
+    told.append("--- the faults: " + json.dumps(faults, ensure_ascii=False)[:4000])
+    return "\n".join(told)
+
+
 @pytest.mark.e2e
 @pytest.mark.faults
 @pytest.mark.parametrize(
@@ -632,7 +651,7 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
     result = campaign.main([*argv, "--seed", "7", "--out", str(tmp_path / "run"), "--json", str(out)])
     run = result[topology]
     assert run["messages"] >= 8 and run["faults"] >= 3
-    assert {name: run[name] for name in ZERO} == ZERO, json.dumps(run["problems"], indent=1)
+    assert {name: run[name] for name in ZERO} == ZERO, story(run)
     assert json.loads(out.read_text())[topology]["messages"] == run["messages"]
     assert run["tracebacks_in_logs"] == 0
     if topology == "standalone":

@@ -507,7 +507,12 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     result["excused_dify_calls"] = sum(v.excused_calls for v in verdicts)
     result["cards"] = {"messages": sum(v.cards > 0 for v in verdicts), "shown": sum(v.cards for v in verdicts)}
     result["faults"] = len(faults)
-    result["problems"] = [{"msgid": v.msgid, "faults": v.faults, **v.problems} for v in verdicts if v.problems]
+    # each with its bot, app and route: enough to tell its WeCom mode and backend when the history is gone (a CI run)
+    result["problems"] = [
+        {"msgid": v.msgid, "bot": v.bot, "app": v.app, "route": v.route, "faults": v.faults, **v.problems}
+        for v in verdicts
+        if v.problems
+    ]
     return result
 
 
