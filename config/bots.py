@@ -16,6 +16,7 @@ the bot and the key. Two bots may not share a WeCom credential (a table without 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -38,6 +39,7 @@ ALIASES = {
     "token": "wecom_token",
     "encoding_aes_key": "wecom_encoding_aes_key",
     "callback_path": "wecom_callback_path",
+    "webhooks": "wecom_webhooks",  # a table of its own in a bot's table (_webhooks)
 }
 _KEY_OF = {field: alias for alias, field in ALIASES.items()}
 _FROM_FILE = frozenset(name for name, setting in VARIABLES.items() if setting.from_file)
@@ -73,8 +75,10 @@ def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings,
             continue
         folder = Path(settings.bots_file).parent
         route_tables = table.get("routes", [])
-        values, found = _values({k: v for k, v in table.items() if k != "routes"}, where, folder)
+        values, found = _values({k: v for k, v in table.items() if k not in ("routes", "webhooks")}, where, folder)
         problems += found
+        if "webhooks" in table:
+            values["wecom_webhooks"] = _webhooks(table["webhooks"], where, folder, problems)
         values.setdefault("wecom_callback_path", f"/wecom/callback/{name}")
         values["bot_name"] = name
         bot = _settings_of(settings, values, where, found, problems)
@@ -303,6 +307,27 @@ def _values(table: dict, where: str, folder: Path) -> tuple[dict, _Found]:
         else:
             values[name] = parsed
     return values, problems
+
+
+def _webhooks(table, where: str, folder: Path, problems: list[str]) -> str:
+    """A bot's [bots.<name>.webhooks] table (`name = "<url>"`, or `name_file = "<path>"` of a file holding it) as the
+    JSON object WECOM_WEBHOOKS holds; its problems added, one line each naming bot and webhook."""
+    if not isinstance(table, dict):
+        problems.append(f"{where}: webhooks must be a table ([bots.<name>.webhooks])")
+        return ""
+    urls = {}
+    for key, value in table.items():
+        name = key.removesuffix("_file")
+        url, problem = _secret_from(value, folder) if key.endswith("_file") else (value, "")
+        if problem:
+            problems.append(f"{where}: webhooks.{key} {problem}")
+        elif not isinstance(url, str) or not url:
+            problems.append(f"{where}: webhooks.{key} must be a group robot's webhook URL")
+        elif name in urls:
+            problems.append(f"{where}: webhooks.{key} names {name!r} a second time")
+        else:
+            urls[name] = url
+    return json.dumps(urls)
 
 
 def _secret_from(path, folder: Path) -> tuple[str, str]:

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
@@ -53,6 +53,10 @@ DEMO_DEFAULTS = {
     "public_base_url": "http://127.0.0.1:8080",
     "file_link_secret": "demo-file-link-secret-for-local-runs-only",
 }
+
+# WeCom's HTTP APIs (the group robot's webhook; WECOM_API_BASE moves them, for tests), and a webhook's name.
+WECOM_API = "https://qyapi.weixin.qq.com"
+WEBHOOK_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -101,6 +105,19 @@ class WecomSettings:
     timestamp_tolerance: int = _var("WECOM_TIMESTAMP_TOLERANCE", 300)
     name: str = _var("WECOM_BOT_NAME")  # the bot's name in WeCom, taken out of a group's @mention
     welcome_message: str = _var("WELCOME_MESSAGE")
+    # The group robots the push API reaches for this bot: a JSON object of name -> webhook URL (its key is the whole
+    # credential); a bots file gives them as its [bots.<name>.webhooks] table (config/bots.py).
+    webhooks: str = _var("WECOM_WEBHOOKS", secret=True)
+
+    def webhook_urls(self) -> dict[str, str]:
+        """The webhooks by name ({} for none, or for a value that is not an object of strings: a problem at start)."""
+        try:
+            found = json.loads(self.webhooks) if self.webhooks else {}
+        except ValueError:
+            return {}
+        if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+            return {}
+        return found
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,8 @@ class BotSettings:
 
     def secrets(self) -> list[str]:
         """Every secret of this bot (for the log redactor)."""
-        found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret]
+        found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret, self.wecom.webhooks]
+        found += [*self.wecom.webhook_urls().values(), *map(webhook_key, self.wecom.webhook_urls().values())]
         found += [self.dify.api_key, self.openai.api_key, self.auth.api_key]
         found += [secret for route in self.routes for secret in route.settings.secrets()]
         return [secret for secret in found if secret]
@@ -304,6 +322,7 @@ class Settings:
     max_body_bytes: int = _var("WECOM_MAX_BODY_BYTES", 256 * 1024)
     push_api_token: str = _var("PUSH_API_TOKEN", secret=True)  # POST /api/push's bearer token ("" = no push API)
     admin_token: str = _var("ADMIN_TOKEN", secret=True)  # signs operators in to /admin ("" = no operator's page)
+    wecom_api_base: str = _var("WECOM_API_BASE", WECOM_API)  # where WeCom's HTTP APIs are (a stand-in's, in tests)
     bots_file: str = _var("BOTS_FILE")  # a TOML file of bots (config/bots.py); without it the environment's one bot
     log_level: str = _var("LOG_LEVEL", "INFO")
     log_format: str = _var("LOG_FORMAT")
@@ -540,6 +559,7 @@ def _check_file_links(s: Settings, problems: _Problems) -> None:
         "PUSH_API_TOKEN",
         "must be at least 16 characters (or empty: no push API)",
     )
+    problems.require(_is_http_url(s.wecom_api_base), "WECOM_API_BASE", "must be an http(s) URL")
     problems.require(
         not s.admin_token or len(s.admin_token) >= 16,
         "ADMIN_TOKEN",
@@ -552,6 +572,7 @@ def _check_bot(s: Settings, problems: _Problems) -> None:
     problems.require(s.bot.language in ("zh", "en"), "BOT_LANGUAGE", "must be 'zh' or 'en'")
     problems.require(s.bot.backend in BACKEND_KINDS, "BACKEND", f"must be one of {', '.join(BACKEND_KINDS)}")
     _check_wecom(s, problems)
+    _check_webhooks(s, problems)
     if s.bot.backend == "dify":
         _check_dify(s, problems)
     if s.bot.backend == "openai":
@@ -616,6 +637,26 @@ def _check_wecom(s: Settings, problems: _Problems) -> None:
     problems.require(
         s.bot.wecom.timestamp_tolerance > 0, "WECOM_TIMESTAMP_TOLERANCE", "must be a positive number of seconds"
     )
+
+
+def _check_webhooks(s: Settings, problems: _Problems) -> None:
+    raw = s.bot.wecom.webhooks
+    if not raw:
+        return
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        problems.append(
+            'WECOM_WEBHOOKS must be a JSON object of names and webhook URLs, such as {"ops": "https://..."}'
+        )
+        return
+    for name, url in found.items():
+        if not WEBHOOK_NAME.fullmatch(name):
+            problems.append(f"WECOM_WEBHOOKS names {name!r}: a webhook's name is 1 to 32 of a-z, 0-9, _ and -")
+        elif not isinstance(url, str) or not _is_http_url(url) or not webhook_key(url):
+            problems.append(f"WECOM_WEBHOOKS gives {name!r} no group robot's URL (one with its key=)")
 
 
 def _check_long_connection(s: Settings, problems: _Problems) -> None:
@@ -737,6 +778,11 @@ def _url_password(url: str) -> str:
     """The password in a URL's user info ('' if none), also for the comma-separated hosts of Sentinel/Cluster."""
     userinfo, at, _ = url.partition("://")[2].partition("/")[0].rpartition("@")
     return unquote(userinfo.partition(":")[2]) if at else ""
+
+
+def webhook_key(url: str) -> str:
+    """The key of a group robot's webhook URL ("" for none): the whole credential, kept out of logs."""
+    return dict(parse_qsl(urlsplit(url).query)).get("key", "")
 
 
 def _is_http_url(value: str) -> bool:

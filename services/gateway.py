@@ -12,15 +12,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.bots import DEFAULT_BOT
-from config.settings import BotSettings, FileSettings, Settings, SettingsError
+from config.settings import WECOM_API, BotSettings, FileSettings, Settings, SettingsError
 from services import metrics
 from services.audit.api import AuditApi
-from services.audit.queue import AFTER_WINDOW_SECONDS
+from services.audit.queue import AFTER_WINDOW_SECONDS, AuditQueue
 from services.audit.records import AuditRecords
 from services.audit.sweeper import AuditSweeper
 from services.audit.trail import CLAIM_SECONDS
@@ -33,6 +34,7 @@ from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.keys import Keys
 from services.push.api import PushApi
+from services.push.webhooks import WebhookPushes
 from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
 from services.rules.rules import RulesError
@@ -84,6 +86,7 @@ class Gateway:
     retired: list[Retired] = field(default_factory=list)  # bots that finish their answers, oldest first
     paths: CallbackPaths = field(default_factory=dict)  # the callback paths served, with their bots (_publish)
     watch: BotsFileWatch | None = None  # reads BOTS_FILE again in a serving process (None without one)
+    webhook_http: httpx.Client = field(default_factory=httpx.Client)  # the pushes to group robots' webhooks
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -210,6 +213,7 @@ class Gateway:
             bot.close()
         if self.users is not None:
             self.users.close()
+        self.webhook_http.close()
         self.redis.close()
 
     # --- bots changed live (services/bots_watch.py) --------------------------------------------------------------
@@ -280,10 +284,21 @@ class Gateway:
         }
         if self.push is not None:
             self.push.serve(
-                {name: bot.connection.pushes if bot.connection else None for name, bot in self.bots.items()}
+                {name: bot.connection.pushes if bot.connection else None for name, bot in self.bots.items()},
+                {name: self._webhooks(bot) for name, bot in self.bots.items() if bot.settings.wecom.webhooks},
             )
         if self.audit_sweeper is not None:
             self.audit_sweeper.trails = [bot.audit for bot in latest.values() if bot.audit is not None]
+
+    def _webhooks(self, bot: Bot) -> WebhookPushes:
+        """A bot's group robots for the push API (their URLs at WECOM_API_BASE when they are WeCom's)."""
+        base = self.settings.wecom_api_base.rstrip("/")
+        urls = {
+            name: base + url.removeprefix(WECOM_API) if url.startswith(WECOM_API) else url
+            for name, url in bot.settings.wecom.webhook_urls().items()
+        }
+        audit = AuditQueue(self.redis, bot.keys, 0, bot.audit.held) if bot.audit is not None else None
+        return WebhookPushes(bot.name, self.redis, bot.keys, urls, audit, self.owner, self.webhook_http)
 
     def _every_bot(self) -> list[Bot]:
         """The retired bots, oldest first, then the bots served."""

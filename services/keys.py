@@ -179,6 +179,16 @@ class Keys:
         """String: the push id an Idempotency-Key was given (24 h). The name holds the key's SHA-256."""
         return f"{self.prefix}push_idempotency:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
+    def webhook_push(self, push_id: str) -> str:
+        """Hash of a push to a group robot's webhook (services/push/webhooks.py): `target` (`webhook:<name>`),
+        `status` (sending, sent, failed, unknown), `error`, `created_at`; TTL SENT_TTL_SECONDS."""
+        return f"{self.prefix}webhook_push:{push_id}"
+
+    def webhook_sends(self, name: str) -> str:
+        """Sorted set of the pushes sent to the bot's webhook `name` in the last minute (score: when), against WeCom's
+        20 a minute per robot, across replicas; TTL a minute."""
+        return f"{self.prefix}webhook_sends:{name}"
+
     # --- streams (hash + the Redis message list + the owner's lease) ----------------------------------------
 
     def stream(self, stream_id: str) -> str:

@@ -236,7 +236,8 @@ DIFY_STOPS = Counter(
 )
 PUSHES = Counter(
     "wecom_pushes_total",
-    "Push API messages by outcome: accepted, refused_quota (429), sent, failed (a WeCom refusal; given up after 3)",
+    "Push API messages by outcome: accepted, refused_quota (429), sent, failed (a WeCom refusal; given up after 3), "
+    "unknown (a webhook push whose reply was lost: not sent again)",
     ["bot", "outcome"],
 )
 WS_MISSED_PONGS = Counter(
@@ -292,7 +293,7 @@ FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_values", "bad_option")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "refused", "failed")
 STOP_OUTCOMES = ("stopped", "nothing")
-PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed")
+PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed", "unknown")
 DIFY_STOP_REASONS = ("user", "timeout")
 
 

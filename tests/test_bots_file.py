@@ -286,3 +286,23 @@ def test_the_demos_assistant_talks_to_the_dify_the_environment_names():
 
 
 STANDIN = DEMO_DEFAULTS["dify_base_url"]
+
+
+def test_a_bots_webhooks_are_a_table_of_their_own_secrets_from_files_too(folder):
+    (folder / "secrets" / "sales-webhook").write_text("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=s3cr3t\n")
+    text = HR + (
+        "[bots.hr.webhooks]\n"
+        'ops = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k0"\n'
+        'sales_file = "secrets/sales-webhook"\n'
+    )
+    (hr,) = bots_from(folder, text)
+    assert hr.wecom.webhook_urls() == {
+        "ops": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k0",
+        "sales": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=s3cr3t",
+    }
+    assert "s3cr3t" in hr.secrets() and "s3cr3t" not in repr(hr)
+    bad = HR + '[bots.hr.webhooks]\nOps = "https://x.example/send?key=k"\nsales = "https://x.example/send"\n'
+    assert problems_of(folder, bad) == [
+        "BOTS_FILE bots.hr: webhooks names 'Ops': a webhook's name is 1 to 32 of a-z, 0-9, _ and -",
+        "BOTS_FILE bots.hr: webhooks gives 'sales' no group robot's URL (one with its key=)",
+    ]

@@ -292,13 +292,15 @@ def test_only_secrets_can_come_from_files(tmp_path):
 
 def test_every_secret_field_is_handed_to_the_log_redactor():
     """Each setting kept out of repr() is a secret: set each to a value of its own, and secrets() has them all."""
+    fixed = ("wecom_encoding_aes_key", "wecom_webhooks")  # their forms are fixed: a key, a JSON object
     values = {
         name: f"secret-of-{name}"
         for name, setting in VARIABLES.items()
-        if setting.secret and not name.endswith("_url") and name != "wecom_encoding_aes_key"  # its form is fixed
+        if setting.secret and not name.endswith("_url") and name not in fixed
     }
+    values["wecom_webhooks"] = '{"ops": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=secret-key"}'
     settings = Settings.of(**{k.lower(): v for k, v in VALID.items()}).replace(**values)
-    assert set(values.values()) | {VALID["WECOM_ENCODING_AES_KEY"]} <= set(settings.secrets())
+    assert set(values.values()) | {VALID["WECOM_ENCODING_AES_KEY"], "secret-key"} <= set(settings.secrets())
 
 
 def test_every_secret_is_known_to_the_log_redactor():

@@ -37,13 +37,14 @@ class AuditQueue:
     """One bot's lists of owed audit rows: `audit_due` (streams: when to look at each) and `audit_pending` (rows
     that wait for the database)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, window_seconds: float):
+    def __init__(self, client: redis.Redis, keys: Keys, window_seconds: float, held: deque[AuditRow] | None = None):
         self.client = client
         self.due_key = keys.audit_due()
         self.pending_key = keys.audit_pending()
         self.window_seconds = window_seconds
-        # rows Redis could not take, for this process's sweep to write straight to the database (oldest first)
-        self.held: deque[AuditRow] = deque()
+        # rows Redis could not take, for this process's sweep to write straight to the database (oldest first; a
+        # queue of the same bot's may share them: the webhooks' pushes)
+        self.held: deque[AuditRow] = held if held is not None else deque()
 
     def follow(self, life: StreamLife) -> AuditQueue:
         """List the rows `life`'s streams owe as they open and end, and the replies made without one."""

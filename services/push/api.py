@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from services.push.pushes import BotPushes, OverQuota, Target
+from services.push.webhooks import OverLimit, WebhookMessage, WebhookPushes
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.limits import MAX_CONTENT_BYTES
 from utils.text import utf8_len
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_TARGET = 128
+WEBHOOK_TEXT_BYTES, WEBHOOK_MARKDOWN_BYTES = 2048, 4096  # what a group robot takes
 
 
 @dataclass
@@ -37,13 +39,16 @@ class PushApi:
     def __init__(self, token: str, bots: dict[str, BotPushes | None] | None = None):
         self.token = token
         self.pushes: dict[str, BotPushes] = {}  # the long-connection bots'
-        self.callback_bots: set[str] = set()  # WeCom offers no push to these
+        self.callback_bots: set[str] = set()  # WeCom offers no push to these (but through a webhook)
+        self.webhooks: dict[str, WebhookPushes] = {}  # the bots' group robots, whatever their mode
         self.serve(bots or {})
 
-    def serve(self, bots: dict[str, BotPushes | None]) -> None:
-        """The bots pushed to from now on: each bot's pushes (None for a callback-mode bot)."""
+    def serve(self, bots: dict[str, BotPushes | None], webhooks: dict[str, WebhookPushes] | None = None) -> None:
+        """The bots pushed to from now on: each bot's pushes (None for a callback-mode bot), and the webhooks of
+        those that name group robots."""
         self.pushes = {name: pushes for name, pushes in bots.items() if pushes is not None}
         self.callback_bots = {name for name, pushes in bots.items() if pushes is None}
+        self.webhooks = webhooks or {}
 
     def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> ApiReply:
         """POST /api/push."""
@@ -58,6 +63,11 @@ class PushApi:
         bot = request.get("bot")
         if not isinstance(bot, str) or not bot:
             return _error(400, "bad_request", "'bot' must name a bot")
+        key = idempotency_key or ""
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            return _error(400, "bad_request", f"the Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if "webhook" in request:
+            return self._to_webhook(bot, request, key)
         if bot in self.callback_bots:
             return _error(409, "not_long_connection", f"bot {bot!r} is in callback mode: WeCom offers no push there")
         pushes = self.pushes.get(bot)
@@ -71,9 +81,6 @@ class PushApi:
             return _error(400, "bad_request", "'markdown' must be a non-empty string")
         if utf8_len(markdown) > MAX_CONTENT_BYTES:
             return _error(400, "bad_request", f"'markdown' is longer than WeCom's {MAX_CONTENT_BYTES} bytes")
-        key = idempotency_key or ""
-        if len(key) > MAX_IDEMPOTENCY_KEY:
-            return _error(400, "bad_request", f"the Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         try:
             push_id, new = pushes.push(target, markdown, key)
         except OverQuota as over:
@@ -96,13 +103,39 @@ class PushApi:
         if not self._authorized(authorization):
             return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
         try:
-            for pushes in self.pushes.values():
+            for pushes in [*self.webhooks.values(), *self.pushes.values()]:
                 found = pushes.status(push_id)
                 if found is not None:
                     return ApiReply(200, {"id": push_id, **found})
         except REDIS_FAILURES:
             return _error(503, "store_unavailable", "state store unavailable, retry shortly")
         return _error(404, "not_found", "no push with that id (pushes are kept 24 hours)")
+
+    def _to_webhook(self, bot: str, request: dict, key: str) -> ApiReply:
+        """A push to one of the bot's group robots (`webhook`: its name), sent now, once."""
+        webhooks = self.webhooks.get(bot)
+        if webhooks is None:
+            if bot in self.pushes or bot in self.callback_bots:
+                return _error(409, "no_webhooks", f"bot {bot!r} names no group robot's webhook")
+            return _error(404, "unknown_bot", f"no bot named {bot!r}")
+        name = request.get("webhook")
+        if not isinstance(name, str) or name not in webhooks.urls:
+            return _error(404, "unknown_webhook", f"bot {bot!r} has no webhook named {name!r}")
+        message, problem = _webhook_message(request)
+        if problem:
+            return _error(400, "bad_request", problem)
+        try:
+            push_id, status, new = webhooks.push(name, message, key)
+        except OverLimit as over:
+            logger.info("push refused: the webhook had WeCom's limit of messages a minute")
+            retry = {"Retry-After": str(over.retry_after)}
+            return _error(429, "quota_exceeded", "the webhook had WeCom's limit of 20 messages a minute", **retry)
+        except REDIS_FAILURES as exc:
+            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
+            return _error(
+                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
+            )
+        return ApiReply(200, {"id": push_id, **status, **({} if new else {"repeated": True})})
 
     def _authorized(self, authorization: str | None) -> bool:
         scheme, _, given = (authorization or "").partition(" ")
@@ -118,3 +151,23 @@ def _target(request: dict) -> tuple[Target | None, str]:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TARGET:
         return None, f"'{'chatid' if chatid is not None else 'userid'}' must be a non-empty string"
     return Target(value.strip(), single=userid is not None), ""
+
+
+def _webhook_message(request: dict) -> tuple[WebhookMessage | None, str]:
+    """A webhook push's message: exactly one of `markdown` and `text`; `mentioned_list` (userids, "@all") only with
+    text, as WeCom allows; within WeCom's sizes."""
+    markdown, text, mentions = request.get("markdown"), request.get("text"), request.get("mentioned_list")
+    if (markdown is None) == (text is None):
+        return None, "give exactly one of 'markdown' and 'text'"
+    content = markdown if markdown is not None else text
+    if not isinstance(content, str) or not content.strip():
+        return None, f"'{'markdown' if markdown is not None else 'text'}' must be a non-empty string"
+    most = WEBHOOK_MARKDOWN_BYTES if markdown is not None else WEBHOOK_TEXT_BYTES
+    if utf8_len(content) > most:
+        return None, f"the message is longer than WeCom's {most} bytes"
+    if mentions is not None:
+        if markdown is not None:
+            return None, "'mentioned_list' goes with 'text' only (in markdown, write <@userid>)"
+        if not isinstance(mentions, list) or not all(isinstance(m, str) and m for m in mentions):
+            return None, "'mentioned_list' must be a list of userids (or \"@all\")"
+    return WebhookMessage(content, markdown is not None, tuple(mentions or ())), ""

@@ -1,0 +1,129 @@
+"""Pushes to a bot's group robots (POST /api/push with `webhook`): sent once from whichever replica took the
+request, whatever the bot's WeCom mode; text with mentions or markdown; WeCom's 20 a minute per robot held across
+replicas (429 with Retry-After, nothing sent); the Idempotency-Key across replicas; a reply lost after the message
+went out is `unknown`, never sent again; WeCom's refusals; each push an audit row naming `webhook:<name>`, never the
+URL (its key is the credential), and the key in no log line. Two callback-mode replicas on the test Redis and
+MariaDB; WeCom's webhook API played by demo/wecom_api_standin.py at WECOM_API_BASE."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+
+from config.settings import WECOM_API
+from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
+from tests import test_audit
+from tests.conftest import wait_until
+from tests.test_audit import rows
+
+TOKEN = "push-token-for-the-webhook-tests-01"
+KEY, OTHER = "ops-robot-key-0123456789", "sales-robot-key-9876543210"
+audit_url, engine = test_audit.audit_url, test_audit.engine  # the audit database's fixtures
+
+
+@pytest.fixture
+def wecom_api():
+    standin = WeComApiStandIn(keys=(KEY, OTHER)).start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def replicas(make_pair, wecom_api, audit_url, engine):
+    # the URLs as a group's "add robot" gives them: WeCom's own, moved to the stand-in by WECOM_API_BASE
+    webhooks = {"ops": f"{WECOM_API}/cgi-bin/webhook/send?key={KEY}", "sales": wecom_api.webhook_url(OTHER)}
+    return make_pair(
+        push_api_token=TOKEN,
+        wecom_webhooks=json.dumps(webhooks),
+        wecom_api_base=wecom_api.url,
+        database_url=audit_url,
+    )
+
+
+def push(replica, body: dict, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {TOKEN}", **({"Idempotency-Key": key} if key else {})}
+    return httpx.post(f"{replica.url}/api/push", json={"bot": "default", **body}, headers=headers, timeout=15)
+
+
+def status(replica, push_id: str) -> dict:
+    reply = httpx.get(f"{replica.url}/api/push/{push_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    return reply.json()
+
+
+def test_a_callback_bot_pushes_text_with_mentions_and_markdown_once(replicas, wecom_api, engine, caplog):
+    a, b = replicas
+    caplog.set_level(logging.INFO)
+    said = push(a, {"webhook": "ops", "text": "服务器 CPU 告警", "mentioned_list": ["zhangsan", "@all"]})
+    assert said.status_code == 200 and said.json()["status"] == "sent"
+    shown = push(b, {"webhook": "sales", "markdown": "**日报** 已生成"})
+    assert shown.json()["status"] == "sent"
+    assert wecom_api.to(KEY) == [
+        {"msgtype": "text", "text": {"content": "服务器 CPU 告警", "mentioned_list": ["zhangsan", "@all"]}}
+    ]
+    assert wecom_api.to(OTHER) == [{"msgtype": "markdown", "markdown": {"content": "**日报** 已生成"}}]
+    assert status(b, said.json()["id"]) == {"id": said.json()["id"], "status": "sent"}
+    assert wait_until(lambda: len(rows(engine, kind="push")) == 2, timeout=10)
+    by_target = {row["chatid"]: row for row in rows(engine, kind="push")}
+    assert by_target["webhook:ops"]["answer"] == "服务器 CPU 告警" and by_target["webhook:ops"]["outcome"] == "sent"
+    assert by_target["webhook:sales"]["msgtype"] == "markdown"
+    logged = caplog.text + json.dumps([dict(row) for row in rows(engine)], default=str)
+    assert KEY not in logged and OTHER not in logged
+
+
+def test_the_idempotency_key_sends_once_across_replicas(replicas, wecom_api):
+    a, b = replicas
+    first = push(a, {"webhook": "ops", "markdown": "周报"}, key="weekly-47")
+    again = push(b, {"webhook": "ops", "markdown": "周报"}, key="weekly-47")
+    assert first.json()["id"] == again.json()["id"] and again.json() == {**first.json(), "repeated": True}
+    assert len(wecom_api.to(KEY)) == 1
+
+
+def test_wecoms_limit_a_minute_holds_across_replicas(replicas, wecom_api):
+    a, b = replicas
+    for number in range(PER_MINUTE):
+        assert push((a, b)[number % 2], {"webhook": "ops", "text": f"alert {number}"}).json()["status"] == "sent"
+    refused = push(a, {"webhook": "ops", "text": "one too many"})
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert len(wecom_api.to(KEY)) == PER_MINUTE  # refused before it went out: WeCom never said 45009
+    assert push(b, {"webhook": "sales", "text": "another robot"}).json()["status"] == "sent"  # each its own minute
+
+
+def test_a_lost_reply_is_unknown_and_never_sent_again(replicas, wecom_api):
+    a, b = replicas
+    wecom_api.lose_replies = 1
+    lost = push(a, {"webhook": "ops", "text": "did it arrive?"}, key="job-1")
+    assert lost.status_code == 200 and lost.json()["status"] == "unknown" and "not sent again" in lost.json()["error"]
+    assert push(b, {"webhook": "ops", "text": "did it arrive?"}, key="job-1").json()["status"] == "unknown"
+    assert status(b, lost.json()["id"])["status"] == "unknown"
+    assert len(wecom_api.to(KEY)) == 1  # WeCom has it once
+
+
+def test_wecoms_refusals_and_bad_requests_send_nothing(replicas, wecom_api, make_pair):
+    a, _ = replicas
+    wecom_api.keys.discard(OTHER)  # the robot was removed from its group
+    gone = push(a, {"webhook": "sales", "text": "hello"})
+    assert gone.json()["status"] == "failed" and gone.json()["error"] == "the webhook is invalid or removed"
+    assert push(a, {"webhook": "nope", "text": "x"}).status_code == 404
+    for body in (
+        {"webhook": "ops"},
+        {"webhook": "ops", "text": "x", "markdown": "y"},
+        {"webhook": "ops", "markdown": "x", "mentioned_list": ["a"]},
+        {"webhook": "ops", "text": "x" * 2049},
+        {"webhook": "ops", "text": "x", "mentioned_list": "zhangsan"},
+    ):
+        assert push(a, body).status_code == 400, body
+    assert wecom_api.to(KEY) == []
+    # a bot that names no webhook cannot be pushed to one
+    plain, _ = make_pair(push_api_token=TOKEN)
+    assert push(plain, {"webhook": "ops", "text": "x"}).status_code == 409
+
+
+def test_a_bad_webhook_setting_is_one_line_at_start_up(settings):
+    from config.settings import SettingsError
+
+    with pytest.raises(SettingsError) as raised:
+        settings.replace(wecom_webhooks='{"ops": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"}')
+    assert raised.value.problems == ["WECOM_WEBHOOKS gives 'ops' no group robot's URL (one with its key=)"]
