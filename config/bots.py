@@ -40,6 +40,9 @@ ALIASES = {
     "encoding_aes_key": "wecom_encoding_aes_key",
     "callback_path": "wecom_callback_path",
     "webhooks": "wecom_webhooks",  # a table of its own in a bot's table (_webhooks)
+    "app_corp_id": "wecom_app_corp_id",
+    "app_agent_id": "wecom_app_agent_id",
+    "app_secret": "wecom_app_secret",
 }
 _KEY_OF = {field: alias for alias, field in ALIASES.items()}
 _FROM_FILE = frozenset(name for name, setting in VARIABLES.items() if setting.from_file)

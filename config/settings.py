@@ -108,6 +108,10 @@ class WecomSettings:
     # The group robots the push API reaches for this bot: a JSON object of name -> webhook URL (its key is the whole
     # credential); a bots file gives them as its [bots.<name>.webhooks] table (config/bots.py).
     webhooks: str = _var("WECOM_WEBHOOKS", secret=True)
+    # The self-built app (自建应用) the push API reaches users, departments and tags through (all three, or none).
+    app_corp_id: str = _var("WECOM_APP_CORP_ID")
+    app_agent_id: int = _var("WECOM_APP_AGENT_ID", 0)
+    app_secret: str = _var("WECOM_APP_SECRET", secret=True)
 
     def webhook_urls(self) -> dict[str, str]:
         """The webhooks by name ({} for none, or for a value that is not an object of strings: a problem at start)."""
@@ -239,6 +243,7 @@ class BotSettings:
     def secrets(self) -> list[str]:
         """Every secret of this bot (for the log redactor)."""
         found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret, self.wecom.webhooks]
+        found.append(self.wecom.app_secret)
         found += [*self.wecom.webhook_urls().values(), *map(webhook_key, self.wecom.webhook_urls().values())]
         found += [self.dify.api_key, self.openai.api_key, self.auth.api_key]
         found += [secret for route in self.routes for secret in route.settings.secrets()]
@@ -640,6 +645,14 @@ def _check_wecom(s: Settings, problems: _Problems) -> None:
 
 
 def _check_webhooks(s: Settings, problems: _Problems) -> None:
+    app = s.bot.wecom
+    given = [bool(app.app_corp_id), bool(app.app_agent_id), bool(app.app_secret)]
+    if any(given) and not all(given):
+        problems.append(
+            "WECOM_APP_CORP_ID, WECOM_APP_AGENT_ID and WECOM_APP_SECRET go together (the self-built app's corp id, "
+            "agent id and secret)"
+        )
+    problems.require(app.app_agent_id >= 0, "WECOM_APP_AGENT_ID", "must be the app's AgentId, a positive number")
     raw = s.bot.wecom.webhooks
     if not raw:
         return

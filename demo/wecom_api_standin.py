@@ -1,8 +1,13 @@
 """WeCom's HTTP APIs for proactive messages, as a stand-in over real HTTP (the tests' and the demo's
-`WECOM_API_BASE`): the group robot's webhook, `POST /cgi-bin/webhook/send?key=<key>`, which takes a text (with
-`mentioned_list`) or markdown message and answers `{"errcode": 0, "errmsg": "ok"}`; 93000 for a key it does not
-know, 45009 past 20 messages a minute per robot (as WeCom counts them), and on demand a given errcode, or a reply
-lost after the message was taken (its connection cut: the sender cannot know it arrived)."""
+`WECOM_API_BASE`):
+
+- the group robot's webhook, `POST /cgi-bin/webhook/send?key=<key>`, which takes a text (with `mentioned_list`) or
+  markdown message and answers `{"errcode": 0, "errmsg": "ok"}`; 93000 for a key it does not know, 45009 past 20
+  messages a minute per robot (as WeCom counts them), and on demand a given errcode;
+- the self-built app: `GET /cgi-bin/gettoken?corpid=&corpsecret=` (an access token, 7200 s; 40001 for a wrong
+  secret) and `POST /cgi-bin/message/send?access_token=` (42001 for a token it expired, 40014 for one it never gave;
+  `invaliduser`, `invalidparty`, `invalidtag` for the targets it was told not to know);
+- on demand, a reply lost after a message was taken (its connection cut: the sender cannot know it arrived)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from demo.http_server import Conn, Request, StandInServer
 
 INVALID_WEBHOOK, OVER_LIMIT = 93000, 45009
+BAD_SECRET, INVALID_TOKEN, EXPIRED_TOKEN = 40001, 40014, 42001
 PER_MINUTE = 20  # messages a group robot takes a minute
 
 
@@ -26,8 +32,15 @@ class Sent:
 class WeComApiStandIn:
     """`keys`: the webhook keys it knows. `sent` keeps every message it took, in order."""
 
-    def __init__(self, keys: tuple[str, ...] = (), host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, keys: tuple[str, ...] = (), app: tuple[str, str] = ("", ""), host: str = "127.0.0.1", port: int = 0
+    ):
         self.keys = set(keys)
+        self.app = app  # the self-built app's (corp id, secret)
+        self.tokens: list[str] = []  # the access tokens given, the last one valid
+        self.token_fetches = 0
+        self.app_sent: list[dict] = []  # the app's messages taken, in order
+        self.unknown_targets: set[str] = set()  # users, departments and tags the app's sends report as invalid
         self.sent: list[Sent] = []
         self.errcodes: dict[str, int] = {}  # key -> the errcode every message to it gets
         self.lose_replies = 0  # the next messages taken whose replies are lost (their connection cut)
@@ -54,7 +67,18 @@ class WeComApiStandIn:
         with self._lock:
             return [sent.body for sent in self.sent if sent.key == key]
 
+    def expire_token(self) -> None:
+        """The access token given last expires (its next use gets 42001); the next gettoken gives a new one."""
+        with self._lock:
+            self.tokens.append("")
+
     async def handle(self, request: Request, conn: Conn) -> None:
+        if request.path == "/cgi-bin/gettoken":
+            await conn.send(200, self._token(request.query))
+            return
+        if request.method == "POST" and request.path == "/cgi-bin/message/send":
+            await self._app_send(request, conn)
+            return
         if request.method != "POST" or request.path != "/cgi-bin/webhook/send":
             await conn.send(404, {"errcode": 404, "errmsg": "not found"})
             return
@@ -69,6 +93,34 @@ class WeComApiStandIn:
                     conn.abort()  # taken, and its reply lost with its connection
                     return
         await conn.send(200, {"errcode": errcode, "errmsg": "ok" if not errcode else "refused"})
+
+    def _token(self, query: dict) -> dict:
+        with self._lock:
+            if (query.get("corpid", ""), query.get("corpsecret", "")) != self.app:
+                return {"errcode": BAD_SECRET, "errmsg": "invalid credential"}
+            self.token_fetches += 1
+            self.tokens.append(f"token-{len(self.tokens)}-{time.monotonic_ns()}")
+            return {"errcode": 0, "errmsg": "ok", "access_token": self.tokens[-1], "expires_in": 7200}
+
+    async def _app_send(self, request: Request, conn: Conn) -> None:
+        token, body = request.query.get("access_token", ""), request.json() or {}
+        with self._lock:
+            if not token or token not in self.tokens:
+                reply = {"errcode": INVALID_TOKEN, "errmsg": "invalid access_token"}
+            elif token != self.tokens[-1]:
+                reply = {"errcode": EXPIRED_TOKEN, "errmsg": "access_token expired"}
+            else:
+                self.app_sent.append(body)
+                reply = {"errcode": 0, "errmsg": "ok", "msgid": f"m{len(self.app_sent)}"}
+                for field, prefix in (("touser", "invaliduser"), ("toparty", "invalidparty"), ("totag", "invalidtag")):
+                    unknown = [t for t in str(body.get(field, "")).split("|") if t and t in self.unknown_targets]
+                    if unknown:
+                        reply[prefix] = "|".join(unknown)
+                if self.lose_replies > 0:
+                    self.lose_replies -= 1
+                    conn.abort()
+                    return
+        await conn.send(200, reply)
 
     def _errcode(self, key: str) -> int:
         if key not in self.keys:

@@ -34,6 +34,7 @@ from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.keys import Keys
 from services.push.api import PushApi
+from services.push.app import AppPushes
 from services.push.webhooks import WebhookPushes
 from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
@@ -86,7 +87,7 @@ class Gateway:
     retired: list[Retired] = field(default_factory=list)  # bots that finish their answers, oldest first
     paths: CallbackPaths = field(default_factory=dict)  # the callback paths served, with their bots (_publish)
     watch: BotsFileWatch | None = None  # reads BOTS_FILE again in a serving process (None without one)
-    webhook_http: httpx.Client = field(default_factory=httpx.Client)  # the pushes to group robots' webhooks
+    webhook_http: httpx.Client = field(default_factory=httpx.Client)  # the pushes over WeCom's HTTP APIs
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -286,6 +287,7 @@ class Gateway:
             self.push.serve(
                 {name: bot.connection.pushes if bot.connection else None for name, bot in self.bots.items()},
                 {name: self._webhooks(bot) for name, bot in self.bots.items() if bot.settings.wecom.webhooks},
+                {name: self._app(bot) for name, bot in self.bots.items() if bot.settings.wecom.app_corp_id},
             )
         if self.audit_sweeper is not None:
             self.audit_sweeper.trails = [bot.audit for bot in latest.values() if bot.audit is not None]
@@ -297,8 +299,18 @@ class Gateway:
             name: base + url.removeprefix(WECOM_API) if url.startswith(WECOM_API) else url
             for name, url in bot.settings.wecom.webhook_urls().items()
         }
-        audit = AuditQueue(self.redis, bot.keys, 0, bot.audit.held) if bot.audit is not None else None
-        return WebhookPushes(bot.name, self.redis, bot.keys, urls, audit, self.owner, self.webhook_http)
+        return WebhookPushes(bot.name, self.redis, bot.keys, urls, self._audit_of(bot), self.owner, self.webhook_http)
+
+    def _app(self, bot: Bot) -> AppPushes:
+        """A bot's self-built app for the push API."""
+        wecom = bot.settings.wecom
+        app = (wecom.app_corp_id, wecom.app_agent_id, wecom.app_secret)
+        base = self.settings.wecom_api_base
+        return AppPushes(bot.name, self.redis, bot.keys, app, base, self._audit_of(bot), self.owner, self.webhook_http)
+
+    def _audit_of(self, bot: Bot) -> AuditQueue | None:
+        """Where a bot's pushes list their audit rows (sharing the rows its queue holds while Redis is away)."""
+        return AuditQueue(self.redis, bot.keys, 0, bot.audit.held) if bot.audit is not None else None
 
     def _every_bot(self) -> list[Bot]:
         """The retired bots, oldest first, then the bots served."""

@@ -179,10 +179,20 @@ class Keys:
         """String: the push id an Idempotency-Key was given (24 h). The name holds the key's SHA-256."""
         return f"{self.prefix}push_idempotency:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
-    def webhook_push(self, push_id: str) -> str:
-        """Hash of a push to a group robot's webhook (services/push/webhooks.py): `target` (`webhook:<name>`),
-        `status` (sending, sent, failed, unknown), `error`, `created_at`; TTL SENT_TTL_SECONDS."""
-        return f"{self.prefix}webhook_push:{push_id}"
+    def direct_push(self, push_id: str) -> str:
+        """Hash of a push sent over WeCom's HTTP APIs (a group robot's webhook, the self-built app; services/push/
+        direct.py): `target` (`webhook:<name>`, `user:a|b party:2 tag:3`), `status` (sending, sent, partial, failed,
+        unknown), `error`, `created_at`; TTL SENT_TTL_SECONDS."""
+        return f"{self.prefix}direct_push:{push_id}"
+
+    def app_token(self, corp_id: str, agent_id: int) -> str:
+        """String: the self-built app's access token, shared by every replica (services/push/app.py); TTL a little
+        less than WeCom gives it."""
+        return f"{self.prefix}app_token:{corp_id}:{agent_id}"
+
+    def app_token_fetch(self, corp_id: str, agent_id: int) -> str:
+        """`<process>` while one process fetches the app's access token (the others wait for it); TTL 10 s."""
+        return f"{self.prefix}app_token_fetch:{corp_id}:{agent_id}"
 
     def webhook_sends(self, name: str) -> str:
         """Sorted set of the pushes sent to the bot's webhook `name` in the last minute (score: when), against WeCom's

@@ -299,7 +299,8 @@ def test_every_secret_field_is_handed_to_the_log_redactor():
         if setting.secret and not name.endswith("_url") and name not in fixed
     }
     values["wecom_webhooks"] = '{"ops": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=secret-key"}'
-    settings = Settings.of(**{k.lower(): v for k, v in VALID.items()}).replace(**values)
+    app = {"wecom_app_corp_id": "ww-corp", "wecom_app_agent_id": 1000002}  # the app's secret goes with them
+    settings = Settings.of(**{k.lower(): v for k, v in VALID.items()}).replace(**values, **app)
     assert set(values.values()) | {VALID["WECOM_ENCODING_AES_KEY"], "secret-key"} <= set(settings.secrets())
 
 

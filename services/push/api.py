@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from services.push.app import AppPushes, AppTargets
 from services.push.pushes import BotPushes, OverQuota, Target
 from services.push.webhooks import OverLimit, WebhookMessage, WebhookPushes
 from services.redis_conn import REDIS_FAILURES
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
 MAX_TARGET = 128
 WEBHOOK_TEXT_BYTES, WEBHOOK_MARKDOWN_BYTES = 2048, 4096  # what a group robot takes
+APP_MARKDOWN_BYTES = 2048  # what the app's message/send takes
+APP_TARGETS = ("touser", "toparty", "totag")
+MAX_APP_TARGETS = 4000
 
 
 @dataclass
@@ -41,14 +45,21 @@ class PushApi:
         self.pushes: dict[str, BotPushes] = {}  # the long-connection bots'
         self.callback_bots: set[str] = set()  # WeCom offers no push to these (but through a webhook)
         self.webhooks: dict[str, WebhookPushes] = {}  # the bots' group robots, whatever their mode
+        self.apps: dict[str, AppPushes] = {}  # the bots' self-built apps, whatever their mode
         self.serve(bots or {})
 
-    def serve(self, bots: dict[str, BotPushes | None], webhooks: dict[str, WebhookPushes] | None = None) -> None:
-        """The bots pushed to from now on: each bot's pushes (None for a callback-mode bot), and the webhooks of
-        those that name group robots."""
+    def serve(
+        self,
+        bots: dict[str, BotPushes | None],
+        webhooks: dict[str, WebhookPushes] | None = None,
+        apps: dict[str, AppPushes] | None = None,
+    ) -> None:
+        """The bots pushed to from now on: each bot's pushes (None for a callback-mode bot), the webhooks of those
+        that name group robots, and the apps of those that name a self-built app."""
         self.pushes = {name: pushes for name, pushes in bots.items() if pushes is not None}
         self.callback_bots = {name for name, pushes in bots.items() if pushes is None}
         self.webhooks = webhooks or {}
+        self.apps = apps or {}
 
     def accept(self, authorization: str | None, idempotency_key: str | None, body: bytes) -> ApiReply:
         """POST /api/push."""
@@ -68,6 +79,8 @@ class PushApi:
             return _error(400, "bad_request", f"the Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if "webhook" in request:
             return self._to_webhook(bot, request, key)
+        if any(field in request for field in APP_TARGETS):
+            return self._to_app(bot, request, key)
         if bot in self.callback_bots:
             return _error(409, "not_long_connection", f"bot {bot!r} is in callback mode: WeCom offers no push there")
         pushes = self.pushes.get(bot)
@@ -103,7 +116,7 @@ class PushApi:
         if not self._authorized(authorization):
             return _error(401, "unauthorized", "a valid 'Authorization: Bearer <PUSH_API_TOKEN>' header is required")
         try:
-            for pushes in [*self.webhooks.values(), *self.pushes.values()]:
+            for pushes in [*self.webhooks.values(), *self.apps.values(), *self.pushes.values()]:
                 found = pushes.status(push_id)
                 if found is not None:
                     return ApiReply(200, {"id": push_id, **found})
@@ -130,6 +143,33 @@ class PushApi:
             logger.info("push refused: the webhook had WeCom's limit of messages a minute")
             retry = {"Retry-After": str(over.retry_after)}
             return _error(429, "quota_exceeded", "the webhook had WeCom's limit of 20 messages a minute", **retry)
+        except REDIS_FAILURES as exc:
+            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
+            return _error(
+                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
+            )
+        return ApiReply(200, {"id": push_id, **status, **({} if new else {"repeated": True})})
+
+    def _to_app(self, bot: str, request: dict, key: str) -> ApiReply:
+        """A push to users, departments or tags through the bot's self-built app, sent now, once."""
+        app = self.apps.get(bot)
+        if app is None:
+            if bot in self.pushes or bot in self.callback_bots or bot in self.webhooks:
+                return _error(409, "no_app", f"bot {bot!r} names no self-built app (WECOM_APP_CORP_ID, ...)")
+            return _error(404, "unknown_bot", f"no bot named {bot!r}")
+        ids = {field: request.get(field, "") for field in APP_TARGETS}
+        if not all(isinstance(value, str) and len(value) <= MAX_APP_TARGETS for value in ids.values()):
+            return _error(400, "bad_request", "'touser', 'toparty' and 'totag' are |-separated ids, such as \"a|b\"")
+        if not any(value.strip() for value in ids.values()):
+            return _error(400, "bad_request", "name at least one of 'touser', 'toparty' and 'totag'")
+        markdown = request.get("markdown")
+        if not isinstance(markdown, str) or not markdown.strip():
+            return _error(400, "bad_request", "'markdown' must be a non-empty string")
+        if utf8_len(markdown) > APP_MARKDOWN_BYTES:
+            return _error(400, "bad_request", f"'markdown' is longer than WeCom's {APP_MARKDOWN_BYTES} bytes")
+        targets = AppTargets(ids["touser"].strip(), ids["toparty"].strip(), ids["totag"].strip())
+        try:
+            push_id, status, new = app.push(targets, markdown, key)
         except REDIS_FAILURES as exc:
             logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
             return _error(

@@ -1,16 +1,11 @@
 """Pushes to a bot's group robots (群机器人): `POST <webhook URL>` with a text (its `mentioned_list` too) or markdown
-message, from any replica, whatever the bot's WeCom mode (docs/operations.md, "Push API").
-
-Each push is sent at most once: its id is taken with its Idempotency-Key before anything goes out, a push that
-reached WeCom is never sent again, and one whose reply was lost (its connection cut after the message went out) is
-`unknown`, not tried again: WeCom may have shown it. WeCom takes 20 messages a minute per robot: the sends of the
-last minute are counted in Redis, across replicas, and a push past them is refused with when to try again (429 at
-the API), before it goes out. A webhook's URL holds its key, the whole credential: only its name is logged, kept
-in the push's record and in its audit row (`webhook:<name>`)."""
+message, from any replica, whatever the bot's WeCom mode (docs/operations.md, "Push API"); sent at most once
+(direct.py). WeCom takes 20 messages a minute per robot: the sends of the last minute are counted in Redis, across
+replicas, and a push past them is refused with when to try again (429 at the API), before it goes out. A webhook's
+URL holds its key, the whole credential: only its name is logged, recorded and audited (`webhook:<name>`)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -19,17 +14,11 @@ import redis
 
 from services import metrics
 from services.audit.queue import AuditQueue
-from services.audit.rows import AuditRow
-from services.keys import SENT_TTL_SECONDS, Keys
+from services.keys import Keys
 from services.lua import LuaScript
-from services.streams.life import PUSH
-from services.streams.service import new_stream_id
-
-logger = logging.getLogger(__name__)
+from services.push.direct import FAILED, LOST_REPLY, SENT, UNKNOWN, DirectPushes, post_once
 
 PER_MINUTE = 20  # WeCom's limit per group robot
-SEND_TIMEOUT = 10.0
-SENDING, SENT, FAILED, UNKNOWN = "sending", "sent", "failed", "unknown"
 _ERRORS = {
     45009: "WeCom refused it: the robot's limit of messages a minute",
     93000: "the webhook is invalid or removed",
@@ -51,7 +40,7 @@ return 0
 
 class OverLimit(Exception):
     def __init__(self, retry_after: int):
-        super().__init__(f"over the webhook's limit; retry after {retry_after} s")
+        super().__init__(f"over the limit; retry after {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -70,8 +59,8 @@ class WebhookMessage:
         return {"msgtype": "text", "text": text}
 
 
-class WebhookPushes:
-    """One bot's webhooks (`urls`: name -> URL, moved to `api_base` when it is WeCom's own)."""
+class WebhookPushes(DirectPushes):
+    """One bot's webhooks (`urls`: name -> URL)."""
 
     def __init__(
         self,
@@ -83,18 +72,13 @@ class WebhookPushes:
         owner: str,
         http: httpx.Client,
     ):
-        self.bot = bot
-        self.client = client
-        self.keys = keys
+        super().__init__(bot, client, keys, audit, owner)
         self.urls = urls
-        self.audit = audit
-        self.owner = owner
         self.http = http
         self._take_place = LuaScript(client, _TAKE_PLACE)
 
     def push(self, name: str, message: WebhookMessage, idempotency_key: str = "") -> tuple[str, dict, bool]:
-        """Send `message` to the webhook `name` once; returns (the push's id, its status, whether it is new). A
-        repeated Idempotency-Key gives the first push's id and status, and sends nothing.
+        """Send `message` to the webhook `name` once; returns (the push's id, its status, whether it is new).
 
         Raises:
             KeyError: the bot has no webhook of that name.
@@ -102,69 +86,28 @@ class WebhookPushes:
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         url = self.urls[name]
-        push_id = new_stream_id()
-        key = self.keys.push_idempotency(idempotency_key) if idempotency_key else ""
-        if key and not self.client.set(key, push_id, nx=True, ex=SENT_TTL_SECONDS):
-            earlier = self.client.get(key)
-            if earlier:
-                return earlier, self.status(earlier) or {"status": UNKNOWN}, False
+        push_id, earlier = self.claim(idempotency_key)
+        if earlier is not None:
+            return push_id, earlier, False
         wait = int(self._take_place([self.keys.webhook_sends(name)], [push_id, f"{time.time():.3f}", PER_MINUTE]))
         if wait:
-            if key:
-                self.client.delete(key)
+            self.release(idempotency_key)
             metrics.PUSHES.labels(self.bot, "refused_quota").inc()
             raise OverLimit(wait)
-        record = self.keys.webhook_push(push_id)
         target = f"webhook:{name}"
-        self.client.hset(record, mapping={"target": target, "status": SENDING, "created_at": f"{time.time():.3f}"})
-        self.client.expire(record, SENT_TTL_SECONDS)
-        status, error = self._send(url, message)
-        self.client.hset(record, mapping={"status": status, "error": error})
-        metrics.PUSHES.labels(self.bot, status).inc()
-        logger.info("push %s to %s: %s%s", push_id, target, status, f" ({error})" if error else "")
-        self._record(push_id, target, message, status)
-        return push_id, {"status": status, **({"error": error} if error else {})}, True
+        self.opened(push_id, target)
+        reply, lost = post_once(self.http, url, message.body())
+        status, error = _outcome(reply, lost)
+        msgtype = "markdown" if message.markdown else "text"
+        return push_id, self.closed(push_id, target, status, error, message.content, msgtype), True
 
-    def status(self, push_id: str) -> dict | None:
-        """{"status": sending | sent | failed | unknown, "error"?}; None for a push this bot's webhooks did not have."""
-        found = self.client.hgetall(self.keys.webhook_push(push_id))
-        if not found:
-            return None
-        return {"status": found["status"], **({"error": found["error"]} if found.get("error") else {})}
 
-    def _send(self, url: str, message: WebhookMessage) -> tuple[str, str]:
-        """POST the message once: (status, error). Nothing is tried again: a message whose reply was lost may be
-        shown already."""
-        try:
-            reply = self.http.post(url, json=message.body(), timeout=SEND_TIMEOUT)
-        except httpx.ConnectError:  # never reached WeCom
-            return FAILED, "WeCom could not be reached"
-        except httpx.HTTPError:  # sent, and its reply lost: WeCom may show it, so it is not sent again
-            return UNKNOWN, "the reply was lost: WeCom may have shown it, and it is not sent again"
-        try:
-            errcode = int(reply.json().get("errcode", -1)) if reply.status_code == 200 else -1
-        except ValueError:
-            errcode = -1
-        if errcode == 0:
-            return SENT, ""
-        if errcode == -1:
-            return FAILED, f"WeCom answered HTTP {reply.status_code}"
-        return FAILED, _ERRORS.get(errcode, f"WeCom refused it (errcode {errcode})")
-
-    def _record(self, push_id: str, target: str, message: WebhookMessage, status: str) -> None:
-        if self.audit is None:
-            return
-        now = time.time()
-        row = AuditRow(
-            self.bot,
-            f"push:{push_id}",
-            PUSH,
-            status,
-            now,
-            now,
-            chatid=target,
-            msgtype="markdown" if message.markdown else "text",
-            answer=message.content,
-            replica=self.owner,
-        )
-        self.audit.replied(row)
+def _outcome(reply: dict | None, lost: str) -> tuple[str, str]:
+    if reply is None:
+        return lost, LOST_REPLY if lost == UNKNOWN else "WeCom could not be reached"
+    errcode = int(reply.get("errcode", -1))
+    if errcode == 0:
+        return SENT, ""
+    if errcode == -1:
+        return FAILED, f"WeCom answered HTTP {reply.get('http', '?')}"
+    return FAILED, _ERRORS.get(errcode, f"WeCom refused it (errcode {errcode})")

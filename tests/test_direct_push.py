@@ -1,9 +1,11 @@
-"""Pushes to a bot's group robots (POST /api/push with `webhook`): sent once from whichever replica took the
+"""Pushes over WeCom's HTTP APIs: to a bot's group robots (POST /api/push with `webhook`) and, below, to users,
+departments and tags through its self-built app (one access token for every replica, fetched again once when
+WeCom calls it expired; `partial` for targets WeCom does not know). Sent once from whichever replica took the
 request, whatever the bot's WeCom mode; text with mentions or markdown; WeCom's 20 a minute per robot held across
 replicas (429 with Retry-After, nothing sent); the Idempotency-Key across replicas; a reply lost after the message
 went out is `unknown`, never sent again; WeCom's refusals; each push an audit row naming `webhook:<name>`, never the
 URL (its key is the credential), and the key in no log line. Two callback-mode replicas on the test Redis and
-MariaDB; WeCom's webhook API played by demo/wecom_api_standin.py at WECOM_API_BASE."""
+MariaDB; WeCom's APIs played by demo/wecom_api_standin.py at WECOM_API_BASE."""
 
 from __future__ import annotations
 
@@ -127,3 +129,87 @@ def test_a_bad_webhook_setting_is_one_line_at_start_up(settings):
     with pytest.raises(SettingsError) as raised:
         settings.replace(wecom_webhooks='{"ops": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"}')
     assert raised.value.problems == ["WECOM_WEBHOOKS gives 'ops' no group robot's URL (one with its key=)"]
+    with pytest.raises(SettingsError) as raised:
+        settings.replace(wecom_app_corp_id=CORP)
+    assert raised.value.problems == [
+        "WECOM_APP_CORP_ID, WECOM_APP_AGENT_ID and WECOM_APP_SECRET go together (the self-built app's corp id, "
+        "agent id and secret)"
+    ]
+
+
+# --- users, departments and tags through the bot's self-built app ----------------------------------------------------
+
+CORP, AGENT, APP_SECRET = "ww-corp-7", 1000002, "app-secret-for-the-tests-0123"
+
+
+@pytest.fixture
+def app_api():
+    standin = WeComApiStandIn(app=(CORP, APP_SECRET)).start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def app_replicas(make_pair, app_api, audit_url, engine):
+    app = {"wecom_app_corp_id": CORP, "wecom_app_agent_id": AGENT, "wecom_app_secret": APP_SECRET}
+    return make_pair(push_api_token=TOKEN, wecom_api_base=app_api.url, database_url=audit_url, **app)
+
+
+def test_the_app_reaches_users_departments_and_tags_with_one_token_for_every_replica(app_replicas, app_api, engine):
+    a, b = app_replicas
+    for number, replica in enumerate((a, b, a, b)):
+        reply = push(replica, {"touser": "zhangsan|lisi", "toparty": "2", "markdown": f"**日报** {number}"})
+        assert reply.status_code == 200 and reply.json()["status"] == "sent", reply.json()
+    assert app_api.token_fetches == 1  # fetched once, shared by both replicas
+    assert [body["markdown"]["content"] for body in app_api.app_sent] == [f"**日报** {n}" for n in range(4)]
+    first = app_api.app_sent[0]
+    assert (first["touser"], first["toparty"], first["agentid"], first["msgtype"]) == (
+        "zhangsan|lisi",
+        "2",
+        AGENT,
+        "markdown",
+    )
+    assert wait_until(lambda: len(rows(engine, kind="push")) == 4, timeout=10)
+    assert {row["chatid"] for row in rows(engine, kind="push")} == {"user:zhangsan|lisi party:2"}
+
+
+def test_an_expired_token_is_fetched_again_once_and_the_message_sent_once(app_replicas, app_api):
+    a, b = app_replicas
+    assert push(a, {"touser": "zhangsan", "markdown": "one"}).json()["status"] == "sent"
+    app_api.expire_token()
+    assert push(b, {"touser": "zhangsan", "markdown": "two"}).json()["status"] == "sent"
+    assert push(a, {"touser": "zhangsan", "markdown": "three"}).json()["status"] == "sent"
+    assert app_api.token_fetches == 2 and [m["markdown"]["content"] for m in app_api.app_sent] == [
+        "one",
+        "two",
+        "three",
+    ]
+
+
+def test_targets_wecom_does_not_know_make_a_push_partial_and_a_lost_reply_unknown(app_replicas, app_api):
+    a, b = app_replicas
+    app_api.unknown_targets = {"ghost", "99"}
+    partial = push(a, {"touser": "zhangsan|ghost", "toparty": "99", "markdown": "hi"}).json()
+    assert partial["status"] == "partial" and partial["error"] == "WeCom does not know users ghost, departments 99"
+    assert status(b, partial["id"])["status"] == "partial"
+    app_api.lose_replies = 1
+    lost = push(a, {"touser": "zhangsan", "markdown": "did it arrive?"}, key="job-9").json()
+    again = push(b, {"touser": "zhangsan", "markdown": "did it arrive?"}, key="job-9").json()
+    assert lost["status"] == again["status"] == "unknown" and again["repeated"]
+    assert len(app_api.app_sent) == 2  # the partial one, and the lost reply's once
+
+
+def test_a_wrong_app_secret_fails_the_push_and_sends_nothing(make_pair, app_api):
+    a, _ = make_pair(
+        push_api_token=TOKEN,
+        wecom_api_base=app_api.url,
+        wecom_app_corp_id=CORP,
+        wecom_app_agent_id=AGENT,
+        wecom_app_secret="not-the-apps-secret-0000",
+    )
+    failed = push(a, {"touser": "zhangsan", "markdown": "hi"}).json()
+    assert failed["status"] == "failed" and "errcode 40001" in failed["error"]
+    assert app_api.app_sent == []
+    assert push(a, {"touser": "", "markdown": "hi"}).status_code == 400
+    plain, _ = make_pair(push_api_token=TOKEN)
+    assert push(plain, {"touser": "zhangsan", "markdown": "hi"}).status_code == 409

@@ -1,0 +1,99 @@
+"""What every push over WeCom's HTTP APIs shares (a group robot's webhook: webhooks.py; the self-built app: app.py):
+sent at most once, and said so. A push's id is taken with its Idempotency-Key before anything goes out (a repeat
+gets the first id and status and sends nothing); its record in Redis says what became of it, read by any replica
+(`GET /api/push/<id>`); a send whose reply was lost is `unknown`, never tried again (WeCom may show it). Each push
+is one audit row of kind `push`, whose `chatid` names its targets (never a URL or a secret) and whose `outcome` is
+its status."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import httpx
+import redis
+
+from services import metrics
+from services.audit.queue import AuditQueue
+from services.audit.rows import AuditRow
+from services.keys import SENT_TTL_SECONDS, Keys
+from services.streams.life import PUSH
+from services.streams.service import new_stream_id
+
+logger = logging.getLogger(__name__)
+
+SEND_TIMEOUT = 10.0
+SENDING, SENT, PARTIAL, FAILED, UNKNOWN = "sending", "sent", "partial", "failed", "unknown"
+LOST_REPLY = "the reply was lost: WeCom may have shown it, and it is not sent again"
+
+
+class DirectPushes:
+    """One bot's pushes over one of WeCom's HTTP APIs."""
+
+    def __init__(self, bot: str, client: redis.Redis, keys: Keys, audit: AuditQueue | None, owner: str):
+        self.bot = bot
+        self.client = client
+        self.keys = keys
+        self.audit = audit
+        self.owner = owner
+
+    def status(self, push_id: str) -> dict | None:
+        """{"status", "error"?}; None for a push this bot did not make this way (or more than a day ago)."""
+        found = self.client.hgetall(self.keys.direct_push(push_id))
+        if not found:
+            return None
+        return {"status": found["status"], **({"error": found["error"]} if found.get("error") else {})}
+
+    def claim(self, idempotency_key: str) -> tuple[str, dict | None]:
+        """A new push's id, or (a repeated Idempotency-Key) the first push's id and its status.
+
+        Raises:
+            redis.RedisError: Redis did not answer (nothing sent).
+        """
+        push_id = new_stream_id()
+        key = self.keys.push_idempotency(idempotency_key) if idempotency_key else ""
+        if key and not self.client.set(key, push_id, nx=True, ex=SENT_TTL_SECONDS):
+            earlier = self.client.get(key)
+            if earlier:
+                return earlier, self.status(earlier) or {"status": UNKNOWN}
+        return push_id, None
+
+    def release(self, idempotency_key: str) -> None:
+        """A claimed push that was refused before it went out: its Idempotency-Key is free again."""
+        if idempotency_key:
+            self.client.delete(self.keys.push_idempotency(idempotency_key))
+
+    def opened(self, push_id: str, target: str) -> None:
+        """The push is about to go out (from now on, it is never sent a second time)."""
+        record = self.keys.direct_push(push_id)
+        self.client.hset(record, mapping={"target": target, "status": SENDING, "created_at": f"{time.time():.3f}"})
+        self.client.expire(record, SENT_TTL_SECONDS)
+
+    def closed(self, push_id: str, target: str, status: str, error: str, content: str, msgtype: str) -> dict:
+        """What became of the push: recorded, counted, logged and audited; returns its status for the API."""
+        self.client.hset(self.keys.direct_push(push_id), mapping={"status": status, "error": error})
+        metrics.PUSHES.labels(self.bot, status).inc()
+        logger.info("push %s to %s: %s%s", push_id, target, status, f" ({error})" if error else "")
+        if self.audit is not None:
+            now = time.time()
+            row = AuditRow(
+                self.bot, f"push:{push_id}", PUSH, status, now, now, chatid=target, msgtype=msgtype, answer=content
+            )
+            self.audit.replied(row)
+        return {"status": status, **({"error": error} if error else {})}
+
+
+def post_once(http: httpx.Client, url: str, body: dict, params: dict | None = None) -> tuple[dict | None, str]:
+    """POST `body` once: (WeCom's reply, "") or (None, the push's status: failed when it never reached WeCom,
+    unknown when its reply was lost). Nothing is tried again."""
+    try:
+        reply = http.post(url, json=body, params=params, timeout=SEND_TIMEOUT)
+    except httpx.ConnectError:
+        return None, FAILED
+    except httpx.HTTPError:
+        return None, UNKNOWN
+    try:
+        found = reply.json() if reply.status_code == 200 else None
+    except ValueError:
+        found = None
+    return (found, "") if isinstance(found, dict) else ({"errcode": -1, "http": reply.status_code}, "")
