@@ -19,9 +19,11 @@ from config.settings import WECOM_API
 from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
 from tests import test_audit
 from tests.conftest import wait_until
+from tests.test_admin import sign_in
 from tests.test_audit import rows
 
 TOKEN = "push-token-for-the-webhook-tests-01"
+ADMIN_TOKEN = "admin-token-for-the-push-tests-0123"
 KEY, OTHER = "ops-robot-key-0123456789", "sales-robot-key-9876543210"
 audit_url, engine = test_audit.audit_url, test_audit.engine  # the audit database's fixtures
 
@@ -42,6 +44,7 @@ def replicas(make_pair, wecom_api, audit_url, engine):
         wecom_webhooks=json.dumps(webhooks),
         wecom_api_base=wecom_api.url,
         database_url=audit_url,
+        admin_token=ADMIN_TOKEN,
     )
 
 
@@ -73,6 +76,9 @@ def test_a_callback_bot_pushes_text_with_mentions_and_markdown_once(replicas, we
     assert by_target["webhook:sales"]["msgtype"] == "markdown"
     logged = caplog.text + json.dumps([dict(row) for row in rows(engine)], default=str)
     assert KEY not in logged and OTHER not in logged
+    # and the operator's page lists them, each with its status
+    page = sign_in(b.url, token=ADMIN_TOKEN).get("/admin/pushes").text
+    assert page.count("<td>sent") == 2 and "webhook:ops" in page and KEY not in page
 
 
 def test_the_idempotency_key_sends_once_across_replicas(replicas, wecom_api):

@@ -20,6 +20,7 @@ from services.audit.queue import AuditQueue
 from services.audit.records import AuditFilter, AuditRecords
 from services.audit.rows import ADMIN, AuditRow
 from services.bot_build import Bot
+from services.push.direct import FAILED, PARTIAL, SENT, UNKNOWN
 from services.redis_conn import REDIS_FAILURES
 from services.streams.life import PUSH
 from services.streams.stop import AnswerStopper
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SEARCH_ROWS = 100  # rows a search shows (the CSV has every row of the filter)
 PUSH_ROWS = 50  # the latest pushes shown
+DIRECT_OUTCOMES = (SENT, PARTIAL, FAILED, UNKNOWN)  # a push over WeCom's HTTP APIs: its row's outcome is its status
 SIGN_IN, STOP, QUOTA_RESET = "sign_in", "stop", "quota_reset"
 DONE, REFUSED = "done", "refused"  # an admin row's outcome
 
@@ -163,9 +165,12 @@ class AdminDesk:
             return []
         bots, views = self.bots(), []
         for row in self.records.latest(AuditFilter(kind=PUSH), PUSH_ROWS):
+            if row["outcome"] in DIRECT_OUTCOMES:  # a webhook's or the app's: written once it was sent, or not
+                views.append(PushView(row, row["outcome"]))
+                continue
             bot = bots.get(row["bot"])
             found = None
-            if bot is not None and bot.connection is not None:
+            if bot is not None and bot.connection is not None:  # through the long connection: its outbox says
                 found = bot.connection.pushes.status(row["msgid"].removeprefix("push:"))
             found = found or {"status": "unknown"}
             views.append(PushView(row, found["status"], found.get("error", "")))

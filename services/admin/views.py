@@ -37,6 +37,7 @@ FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", 
 TEXT_MOST_ROWS = 40_000  # the rows a text search reads at most without a user or a chat (_filter)
 KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
 OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
+OUTCOMES += ("sent", "partial", "failed", "unknown")  # a push over WeCom's HTTP APIs
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
