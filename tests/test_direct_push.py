@@ -18,7 +18,7 @@ import pytest
 from config.settings import WECOM_API
 from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
 from tests import test_audit
-from tests.conftest import wait_until
+from tests.conftest import KEYS, wait_until
 from tests.test_admin import sign_in
 from tests.test_audit import rows
 
@@ -219,3 +219,14 @@ def test_a_wrong_app_secret_fails_the_push_and_sends_nothing(make_pair, app_api)
     assert push(a, {"touser": "", "markdown": "hi"}).status_code == 400
     plain, _ = make_pair(push_api_token=TOKEN)
     assert push(plain, {"touser": "zhangsan", "markdown": "hi"}).status_code == 409
+
+
+def test_a_retry_after_a_request_that_failed_before_sending_sends_it_once(replicas, wecom_api, redis_client):
+    """The first request took its Idempotency-Key, then Redis failed before the push was opened (503): nothing
+    went out, so the retry sends it, under the first id, once; a third request finds it sent."""
+    a, b = replicas
+    redis_client.set(KEYS.push_idempotency("nightly-3"), "first-push-id", ex=3600)
+    retried = push(a, {"webhook": "ops", "text": "nightly report"}, key="nightly-3").json()
+    assert retried["id"] == "first-push-id" and retried["status"] == "sent"
+    assert push(b, {"webhook": "ops", "text": "nightly report"}, key="nightly-3").json()["repeated"]
+    assert len(wecom_api.to(KEY)) == 1

@@ -19,7 +19,7 @@ import redis
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.push.direct import FAILED, LOST_REPLY, PARTIAL, SENT, UNKNOWN, DirectPushes, post_once
+from services.push.direct import FAILED, LOST_REPLY, PARTIAL, SENDING, SENT, UNKNOWN, DirectPushes, post_once
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class AppPushes(DirectPushes):
         if earlier is not None:
             return push_id, earlier, False
         target = to.label()
-        self.opened(push_id, target)
+        if not self.opened(push_id, target):
+            return push_id, self.status(push_id) or {"status": SENDING}, False
         body = {"touser": to.users, "toparty": to.parties, "totag": to.tags, "msgtype": "markdown"}
         body |= {"agentid": self.agent_id, "markdown": {"content": markdown}}
         try:

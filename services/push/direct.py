@@ -45,7 +45,9 @@ class DirectPushes:
         return {"status": found["status"], **({"error": found["error"]} if found.get("error") else {})}
 
     def claim(self, idempotency_key: str) -> tuple[str, dict | None]:
-        """A new push's id, or (a repeated Idempotency-Key) the first push's id and its status.
+        """A push's id, and None; or (a repeated Idempotency-Key whose push went out, or is going out) the first
+        push's id and its status. A repeat whose first request never opened its push (it failed before: Redis away)
+        gets the first id and None: this request sends it (`opened` decides, should both try at once).
 
         Raises:
             redis.RedisError: Redis did not answer (nothing sent).
@@ -55,7 +57,7 @@ class DirectPushes:
         if key and not self.client.set(key, push_id, nx=True, ex=SENT_TTL_SECONDS):
             earlier = self.client.get(key)
             if earlier:
-                return earlier, self.status(earlier) or {"status": UNKNOWN}
+                return earlier, self.status(earlier)
         return push_id, None
 
     def release(self, idempotency_key: str) -> None:
@@ -63,11 +65,21 @@ class DirectPushes:
         if idempotency_key:
             self.client.delete(self.keys.push_idempotency(idempotency_key))
 
-    def opened(self, push_id: str, target: str) -> None:
-        """The push is about to go out (from now on, it is never sent a second time)."""
+    def opened(self, push_id: str, target: str) -> bool:
+        """The push is about to go out: True if this request opened it (from now on, it is never sent again); False
+        if another request with its key opened it first.
+
+        Raises:
+            redis.RedisError: Redis did not answer (nothing sent).
+        """
         record = self.keys.direct_push(push_id)
-        self.client.hset(record, mapping={"target": target, "status": SENDING, "created_at": f"{time.time():.3f}"})
-        self.client.expire(record, SENT_TTL_SECONDS)
+        if not self.client.hsetnx(record, "status", SENDING):
+            return False
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(record, mapping={"target": target, "created_at": f"{time.time():.3f}"})
+        pipe.expire(record, SENT_TTL_SECONDS)
+        pipe.execute()
+        return True
 
     def closed(self, push_id: str, target: str, status: str, error: str, content: str, msgtype: str) -> dict:
         """What became of the push: recorded, counted, logged and audited; returns its status for the API."""

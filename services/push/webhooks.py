@@ -16,7 +16,7 @@ from services import metrics
 from services.audit.queue import AuditQueue
 from services.keys import Keys
 from services.lua import LuaScript
-from services.push.direct import FAILED, LOST_REPLY, SENT, UNKNOWN, DirectPushes, post_once
+from services.push.direct import FAILED, LOST_REPLY, SENDING, SENT, UNKNOWN, DirectPushes, post_once
 
 PER_MINUTE = 20  # WeCom's limit per group robot
 _ERRORS = {
@@ -95,7 +95,8 @@ class WebhookPushes(DirectPushes):
             metrics.PUSHES.labels(self.bot, "refused_quota").inc()
             raise OverLimit(wait)
         target = f"webhook:{name}"
-        self.opened(push_id, target)
+        if not self.opened(push_id, target):
+            return push_id, self.status(push_id) or {"status": SENDING}, False
         reply, lost = post_once(self.http, url, message.body())
         status, error = _outcome(reply, lost)
         msgtype = "markdown" if message.markdown else "text"
