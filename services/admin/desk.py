@@ -130,12 +130,12 @@ class AdminDesk:
     # --- the audit trail ----------------------------------------------------------------------------------------
 
     def search(self, which: AuditFilter) -> list[dict]:
-        """The newest rows of `which` (SEARCH_ROWS at most).
+        """The newest rows of `which` (SEARCH_ROWS at most). The audit's methods need the audit trail (`records`).
 
         Raises:
             SQLAlchemyError: the database did not answer.
         """
-        return self.records.latest(which, SEARCH_ROWS) if self.records is not None else []
+        return self.records.latest(which, SEARCH_ROWS)
 
     def oldest_of_newest(self, until, rows: int):
         """When the oldest of the newest `rows` rows received before `until` was received (None: fewer rows).
@@ -143,14 +143,14 @@ class AdminDesk:
         Raises:
             SQLAlchemyError: the database did not answer.
         """
-        return self.records.received_before(until, rows) if self.records is not None else None
+        return self.records.received_before(until, rows)
 
     def row(self, row_id: int) -> dict | None:
-        return self.records.by_id(row_id) if self.records is not None else None
+        return self.records.by_id(row_id)
 
     def csv(self, which: AuditFilter) -> Iterator[str]:
         """Every row of `which` as `audit export --format csv` writes it, oldest first."""
-        return lines(self.records.every(which), "csv") if self.records is not None else iter(())
+        return lines(self.records.every(which), "csv")
 
     # --- pushes -------------------------------------------------------------------------------------------------
 

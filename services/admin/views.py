@@ -5,7 +5,7 @@ the desk's (desk.py), the sign-in the sessions' (session.py). Registered only wi
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from urllib.parse import urlencode
 
@@ -34,6 +34,7 @@ from services.redis_conn import REDIS_FAILURES
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
 
 FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", "kind")
+AUDIT_OFF = "The audit trail is off here (AUDIT=off, or no DATABASE_URL)."
 TEXT_MOST_ROWS = 40_000  # the rows a text search reads at most without a user or a chat (_filter)
 KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
 OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
@@ -156,7 +157,7 @@ def audit():
     _, desk = _parts()
     rows, asked, error, note = [], {name: "" for name in FILTERS}, "", ""
     if desk.records is None:
-        error = "The audit trail is off here (AUDIT=off, or no DATABASE_URL)."
+        error = AUDIT_OFF
     else:
         try:
             which, asked, error, note = _filter(desk)
@@ -194,6 +195,8 @@ def pushes():
 @signed_in
 def audit_row(row_id: int):
     _, desk = _parts()
+    if desk.records is None:
+        abort(404, AUDIT_OFF)
     try:
         row = desk.row(row_id)
     except SQLAlchemyError:
@@ -207,6 +210,8 @@ def audit_row(row_id: int):
 @signed_in
 def audit_csv():
     _, desk = _parts()
+    if desk.records is None:
+        abort(404, AUDIT_OFF)
     try:
         which, _, error, _ = _filter(desk)
     except SQLAlchemyError:
@@ -271,7 +276,8 @@ def _filter(desk: AdminDesk) -> tuple[AuditFilter, dict[str, str], str, str]:
                 return AuditFilter(), asked, f"'{name}' is not a time such as 2026-11-01T08:00", ""
     note = ""
     if asked["text"] and not (asked["user"] or asked["chat"]):
-        until = times.setdefault("until", datetime.now(UTC).replace(tzinfo=None, microsecond=0))
+        # (the end is fixed a little past now: the table keeps whole seconds, and MySQL rounds them up)
+        until = times.setdefault("until", datetime.now(UTC).replace(tzinfo=None, microsecond=0) + timedelta(seconds=2))
         floor = desk.oldest_of_newest(until, TEXT_MOST_ROWS)
         if floor is not None and (times.get("since") is None or times["since"] < floor):
             times["since"] = floor

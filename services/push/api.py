@@ -196,18 +196,19 @@ def _target(request: dict) -> tuple[Target | None, str]:
 def _webhook_message(request: dict) -> tuple[WebhookMessage | None, str]:
     """A webhook push's message: exactly one of `markdown` and `text`; `mentioned_list` (userids, "@all") only with
     text, as WeCom allows; within WeCom's sizes."""
-    markdown, text, mentions = request.get("markdown"), request.get("text"), request.get("mentioned_list")
-    if (markdown is None) == (text is None):
+    given = [kind for kind in ("markdown", "text") if kind in request]
+    if len(given) != 1:
         return None, "give exactly one of 'markdown' and 'text'"
-    content = markdown if markdown is not None else text
+    kind = given[0]
+    content, markdown = request[kind], kind == "markdown"
     if not isinstance(content, str) or not content.strip():
-        return None, f"'{'markdown' if markdown is not None else 'text'}' must be a non-empty string"
-    most = WEBHOOK_MARKDOWN_BYTES if markdown is not None else WEBHOOK_TEXT_BYTES
+        return None, f"'{kind}' must be a non-empty string"
+    most = WEBHOOK_MARKDOWN_BYTES if markdown else WEBHOOK_TEXT_BYTES
     if utf8_len(content) > most:
         return None, f"the message is longer than WeCom's {most} bytes"
-    if mentions is not None:
-        if markdown is not None:
-            return None, "'mentioned_list' goes with 'text' only (in markdown, write <@userid>)"
-        if not isinstance(mentions, list) or not all(isinstance(m, str) and m for m in mentions):
-            return None, "'mentioned_list' must be a list of userids (or \"@all\")"
-    return WebhookMessage(content, markdown is not None, tuple(mentions or ())), ""
+    mentions = request.get("mentioned_list", [])
+    if mentions and markdown:
+        return None, "'mentioned_list' goes with 'text' only (in markdown, write <@userid>)"
+    if not isinstance(mentions, list) or not all(isinstance(m, str) and m for m in mentions):
+        return None, "'mentioned_list' must be a list of userids (or \"@all\")"
+    return WebhookMessage(content, markdown, tuple(mentions)), ""
