@@ -11,7 +11,7 @@ import orjson
 
 from services.push.app import AppPushes, AppTargets
 from services.push.pushes import BotPushes, OverQuota, Target
-from services.push.webhooks import OverLimit, WebhookMessage, WebhookPushes
+from services.push.webhooks import WebhookMessage, WebhookPushes
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.limits import MAX_CONTENT_BYTES
 from utils.text import utf8_len
@@ -139,7 +139,7 @@ class PushApi:
             return _error(400, "bad_request", problem)
         try:
             push_id, status, new = webhooks.push(name, message, key)
-        except OverLimit as over:
+        except OverQuota as over:
             logger.info("push refused: the webhook had WeCom's limit of messages a minute")
             retry = {"Retry-After": str(over.retry_after)}
             return _error(429, "quota_exceeded", "the webhook had WeCom's limit of 20 messages a minute", **retry)

@@ -17,6 +17,7 @@ from services.audit.queue import AuditQueue
 from services.keys import Keys
 from services.lua import LuaScript
 from services.push.direct import FAILED, LOST_REPLY, SENDING, SENT, UNKNOWN, DirectPushes, post_once
+from services.push.pushes import OverQuota
 
 PER_MINUTE = 20  # WeCom's limit per group robot
 _ERRORS = {
@@ -36,12 +37,6 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], 61)
 return 0
 """
-
-
-class OverLimit(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"over the limit; retry after {retry_after} s")
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class WebhookPushes(DirectPushes):
 
         Raises:
             KeyError: the bot has no webhook of that name.
-            OverLimit: the webhook had its messages of the minute (nothing sent; the key stays free).
+            OverQuota: the webhook had its messages of the minute (nothing sent; the key stays free).
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         url = self.urls[name]
@@ -93,7 +88,7 @@ class WebhookPushes(DirectPushes):
         if wait:
             self.release(idempotency_key)
             metrics.PUSHES.labels(self.bot, "refused_quota").inc()
-            raise OverLimit(wait)
+            raise OverQuota(wait)
         target = f"webhook:{name}"
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
