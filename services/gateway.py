@@ -310,7 +310,7 @@ class Gateway:
 
     def _audit_of(self, bot: Bot) -> AuditQueue | None:
         """Where a bot's pushes list their audit rows (sharing the rows its queue holds while Redis is away)."""
-        return AuditQueue(self.redis, bot.keys, 0, bot.audit.held) if bot.audit is not None else None
+        return bot.audit.queue() if bot.audit is not None else None
 
     def _every_bot(self) -> list[Bot]:
         """The retired bots, oldest first, then the bots served."""

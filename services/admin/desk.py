@@ -16,7 +16,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.admin.live import LiveAnswer, LiveAnswers
 from services.audit.export import lines
-from services.audit.queue import AuditQueue
 from services.audit.records import AuditFilter, AuditRecords
 from services.audit.rows import ADMIN, AuditRow
 from services.bot_build import Bot
@@ -217,6 +216,6 @@ class AdminDesk:
             self.records.insert([row])
         except SQLAlchemyError as exc:
             logger.warning("the database did not take an operator's audit row (%s); it waits in Redis", exc)
-            any_bot = next(iter(self.bots().values()), None)
-            if any_bot is not None:
-                AuditQueue(self.client, any_bot.keys, 0).replied(row)
+            trail = next((bot.audit for bot in self.bots().values() if bot.audit is not None), None)
+            if trail is not None:
+                trail.queue().replied(row)

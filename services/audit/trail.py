@@ -26,6 +26,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from services import metrics
+from services.audit.queue import AuditQueue
 from services.audit.records import AuditRecords
 from services.audit.rows import AuditRow, is_active, row_of_stream
 from services.keys import AUDIT_KEEP_SECONDS, Keys
@@ -75,6 +76,10 @@ class AuditTrail:
         self.due_key = keys.audit_due()
         self.pending_key = keys.audit_pending()
         self._claim = LuaScript(client, CLAIM_DUE)
+
+    def queue(self) -> AuditQueue:
+        """A queue listing rows for this trail (a push's, an operator's), holding them here while Redis is away."""
+        return AuditQueue(self.client, self.keys, 0, self.held)
 
     # --- the sweep --------------------------------------------------------------------------------------------
 

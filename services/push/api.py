@@ -105,10 +105,7 @@ class PushApi:
                 **{"Retry-After": str(over.retry_after)},
             )
         except REDIS_FAILURES as exc:
-            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
-            return _error(
-                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
-            )
+            return _store_unavailable(exc)
         return ApiReply(202 if new else 200, {"id": push_id, "status": "queued" if new else "accepted"})
 
     def status(self, authorization: str | None, push_id: str) -> ApiReply:
@@ -144,11 +141,8 @@ class PushApi:
             retry = {"Retry-After": str(over.retry_after)}
             return _error(429, "quota_exceeded", "the webhook had WeCom's limit of 20 messages a minute", **retry)
         except REDIS_FAILURES as exc:
-            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
-            return _error(
-                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
-            )
-        return ApiReply(200, {"id": push_id, **status, **({} if new else {"repeated": True})})
+            return _store_unavailable(exc)
+        return _sent_now(push_id, status, new)
 
     def _to_app(self, bot: str, request: dict, key: str) -> ApiReply:
         """A push to users, departments or tags through the bot's self-built app, sent now, once."""
@@ -171,15 +165,22 @@ class PushApi:
         try:
             push_id, status, new = app.push(targets, markdown, key)
         except REDIS_FAILURES as exc:
-            logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
-            return _error(
-                503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)"
-            )
-        return ApiReply(200, {"id": push_id, **status, **({} if new else {"repeated": True})})
+            return _store_unavailable(exc)
+        return _sent_now(push_id, status, new)
 
     def _authorized(self, authorization: str | None) -> bool:
         scheme, _, given = (authorization or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+
+def _store_unavailable(exc: Exception) -> ApiReply:
+    logger.warning("push not accepted: Redis did not answer (%s)", type(exc).__name__)
+    return _error(503, "store_unavailable", "state store unavailable, retry shortly (with the same Idempotency-Key)")
+
+
+def _sent_now(push_id: str, status: dict, new: bool) -> ApiReply:
+    """A push sent in the request (a webhook's, the app's): its status, or the first one's for a repeated key."""
+    return ApiReply(200, {"id": push_id, **status, **({} if new else {"repeated": True})})
 
 
 def _target(request: dict) -> tuple[Target | None, str]:

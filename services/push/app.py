@@ -19,7 +19,7 @@ import redis
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.push.direct import FAILED, LOST_REPLY, PARTIAL, SENDING, SENT, UNKNOWN, DirectPushes, post_once
+from services.push.direct import FAILED, PARTIAL, SENDING, SENT, DirectPushes, outcome, post_once
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,9 @@ class AppPushes(DirectPushes):
         if reply is not None and int(reply.get("errcode", -1)) in STALE_TOKEN:
             logger.info("WeCom refused the app's access token (errcode %s); fetching a new one", reply["errcode"])
             reply, lost = post_once(self.http, url, body, {"access_token": self._token(stale=token)})
-        if reply is None:
-            return lost, LOST_REPLY if lost == UNKNOWN else "WeCom could not be reached"
-        errcode = int(reply.get("errcode", -1))
-        if errcode == -1:
-            return FAILED, f"WeCom answered HTTP {reply.get('http', '?')}"
-        if errcode:
-            return FAILED, _ERRORS.get(errcode, f"WeCom refused it (errcode {errcode})")
+        status, error = outcome(reply, lost, _ERRORS)
+        if status != SENT:
+            return status, error
         unknown = [f"{kind} {reply[field]}" for kind, field in _INVALID if reply.get(field)]
         return (PARTIAL, "WeCom does not know " + ", ".join(unknown)) if unknown else (SENT, "")
 

@@ -95,6 +95,19 @@ class DirectPushes:
         return {"status": status, **({"error": error} if error else {})}
 
 
+def outcome(reply: dict | None, lost: str, errors: dict[int, str]) -> tuple[str, str]:
+    """A push's status and error from `post_once`'s answer: sent, or failed with WeCom's refusal said in `errors`'
+    words (or its errcode), or, with no reply, `lost` (failed: never reached WeCom; unknown: its reply was lost)."""
+    if reply is None:
+        return lost, LOST_REPLY if lost == UNKNOWN else "WeCom could not be reached"
+    errcode = int(reply.get("errcode", -1))
+    if errcode == 0:
+        return SENT, ""
+    if errcode == -1:
+        return FAILED, f"WeCom answered HTTP {reply.get('http', '?')}"
+    return FAILED, errors.get(errcode, f"WeCom refused it (errcode {errcode})")
+
+
 def post_once(http: httpx.Client, url: str, body: dict, params: dict | None = None) -> tuple[dict | None, str]:
     """POST `body` once: (WeCom's reply, "") or (None, the push's status: failed when it never reached WeCom,
     unknown when its reply was lost). Nothing is tried again."""

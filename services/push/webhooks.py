@@ -16,7 +16,7 @@ from services import metrics
 from services.audit.queue import AuditQueue
 from services.keys import Keys
 from services.lua import LuaScript
-from services.push.direct import FAILED, LOST_REPLY, SENDING, SENT, UNKNOWN, DirectPushes, post_once
+from services.push.direct import SENDING, DirectPushes, outcome, post_once
 from services.push.pushes import OverQuota
 
 PER_MINUTE = 20  # WeCom's limit per group robot
@@ -93,17 +93,6 @@ class WebhookPushes(DirectPushes):
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         reply, lost = post_once(self.http, url, message.body())
-        status, error = _outcome(reply, lost)
+        status, error = outcome(reply, lost, _ERRORS)
         msgtype = "markdown" if message.markdown else "text"
         return push_id, self.closed(push_id, target, status, error, message.content, msgtype), True
-
-
-def _outcome(reply: dict | None, lost: str) -> tuple[str, str]:
-    if reply is None:
-        return lost, LOST_REPLY if lost == UNKNOWN else "WeCom could not be reached"
-    errcode = int(reply.get("errcode", -1))
-    if errcode == 0:
-        return SENT, ""
-    if errcode == -1:
-        return FAILED, f"WeCom answered HTTP {reply.get('http', '?')}"
-    return FAILED, _ERRORS.get(errcode, f"WeCom refused it (errcode {errcode})")
