@@ -23,22 +23,37 @@ from flask import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.admin.desk import DONE, REFUSED, SIGN_IN, AdminDesk
+from services.admin.desk import DIRECT_OUTCOMES, DONE, REFUSED, SIGN_IN, AdminDesk
 from services.admin.session import COOKIE, NAME_MAX, SESSION_SECONDS, AdminSessions
 from services.audit.export import parse_time
 from services.audit.records import AuditFilter
+from services.audit.rows import ADMIN
 from services.chat.quotas import CHAT, USER
 from services.keys import Keys
 from services.redis_conn import REDIS_FAILURES
+from services.streams.life import (
+    ANSWERED,
+    BLOCKED,
+    BUSY,
+    ERROR,
+    FEEDBACK,
+    FORM_ACTION,
+    MESSAGE,
+    NOTE,
+    OVER_QUOTA,
+    PUSH,
+    STOP,
+    STOPPED,
+)
 
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
 
 FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", "kind")
 AUDIT_OFF = "The audit trail is off here (AUDIT=off, or no DATABASE_URL)."
 TEXT_MOST_ROWS = 40_000  # the rows a text search reads at most without a user or a chat (_filter)
-KINDS = ("message", "stop", "form_action", "feedback", "push", "admin")
-OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "done", "refused")
-OUTCOMES += ("sent", "partial", "failed", "unknown")  # a push over WeCom's HTTP APIs
+# what the audit search offers, named where they are made
+KINDS = (MESSAGE, STOP, FORM_ACTION, FEEDBACK, PUSH, ADMIN)
+OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR, DONE, REFUSED, *DIRECT_OUTCOMES)
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
