@@ -244,7 +244,8 @@ class BotSettings:
         """Every secret of this bot (for the log redactor)."""
         found = [self.wecom.token, self.wecom.encoding_aes_key, self.connection.bot_secret, self.wecom.webhooks]
         found.append(self.wecom.app_secret)
-        found += [*self.wecom.webhook_urls().values(), *map(webhook_key, self.wecom.webhook_urls().values())]
+        urls = self.wecom.webhook_urls().values()
+        found += [*urls, *map(webhook_key, urls)]
         found += [self.dify.api_key, self.openai.api_key, self.auth.api_key]
         found += [secret for route in self.routes for secret in route.settings.secrets()]
         return [secret for secret in found if secret]
