@@ -172,7 +172,9 @@ def ask(sim: WeComSimulator, text: str, userid: str):
 
 
 def test_an_answer_streams_through_litellm_polled_on_either_replica_and_is_audited(sim, deployment, origin):
-    origin.script(o.answer("A real proxy streamed this answer to the bubble.", delay=0.08))
+    # nine words 0.3 s apart: the answer streams for about 3 s, so polls a second apart see it grow (at 0.08 s the
+    # whole answer fit between two polls now and then: one fresh-clone CI saw one bubble text only)
+    origin.script(o.answer("A real proxy streamed this answer to the bubble.", delay=0.3))
     payload = sim.text_message("stream it", userid="e2e-alice")
     conversation = sim.follow(sim.send(payload, replica=0), userid="e2e-alice", window=60)
     assert conversation.finished
