@@ -12,6 +12,7 @@ def register_commands(app: Flask) -> None:
     from cli.bots import bots_cli
     from cli.db import db_cli
     from cli.quota import quota_cli
+    from cli.schedules import schedules_cli
     from cli.streams import streams_cli
     from cli.users import users_cli
 
@@ -19,6 +20,7 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(bots_cli)
     app.cli.add_command(db_cli)
     app.cli.add_command(quota_cli)
+    app.cli.add_command(schedules_cli)
     app.cli.add_command(streams_cli)
     app.cli.add_command(users_cli)
 

@@ -22,6 +22,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from config.schedules import load_schedules
 from config.settings import VARIABLES, BotSettings, RouteSettings, Settings, SettingsError, setting_in
 
 DEFAULT_BOT = "default"
@@ -78,7 +79,8 @@ def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings,
             continue
         folder = Path(settings.bots_file).parent
         route_tables = table.get("routes", [])
-        values, found = _values({k: v for k, v in table.items() if k not in ("routes", "webhooks")}, where, folder)
+        own = {k: v for k, v in table.items() if k not in ("routes", "webhooks", "schedules")}
+        values, found = _values(own, where, folder)
         problems += found
         if "webhooks" in table:
             values["wecom_webhooks"] = _webhooks(table["webhooks"], where, folder, problems)
@@ -86,8 +88,9 @@ def load_bots(settings: Settings, text: str | None = None) -> tuple[BotSettings,
         values["bot_name"] = name
         bot = _settings_of(settings, values, where, found, problems)
         if bot is not None:
-            routes = _routes(route_tables, settings, values, where, folder, problems)
-            bots.append(dataclasses.replace(bot, routes=routes))
+            bot = dataclasses.replace(bot, routes=_routes(route_tables, settings, values, where, folder, problems))
+            schedules = load_schedules(table.get("schedules", []), bot, where, problems)
+            bots.append(dataclasses.replace(bot, schedules=schedules))
     problems += _clashes(bots)
     if not tables:
         problems.append("BOTS_FILE names no bot: add a table such as [bots.hr]")

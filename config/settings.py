@@ -235,6 +235,9 @@ class BotSettings:
     # none: the bot's own backend, or this reply when it is set.
     no_route_reply: str = _var("NO_ROUTE_REPLY")
     routes: tuple[RouteSettings, ...] = ()
+    # Schedules (a bots file's [[bots.<name>.schedules]]; config/schedules.py): questions asked on a timetable,
+    # their answers pushed (services/schedules).
+    schedules: tuple[ScheduleSettings, ...] = ()
 
     @property
     def long_connection(self) -> bool:
@@ -262,6 +265,23 @@ class RouteSettings:
     command: str = ""
     chats: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """One schedule of a bot: a question asked of its backend (`route`'s: "" the bot's own) at each tick of a
+    five-field `cron` in `timezone`, with a workflow's `inputs`, its answer pushed to each of `targets`
+    (`webhook:<name>`, `chat:<chatid>`, `user:<userid>`, `party:<id>`, `tag:<id>`); a tick found at most
+    `catch_up_seconds` late runs, a later one is skipped (docs/configuration.md, "Schedules")."""
+
+    name: str
+    cron: str
+    timezone: str
+    question: str
+    targets: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...] = ()
+    route: str = ""
+    catch_up_seconds: int = 300
 
 
 # --- what every bot of the deployment shares --------------------------------------------------------------------

@@ -39,6 +39,11 @@ from services.push.webhooks import WebhookPushes
 from services.redis_conn import REDIS_FAILURES, connect_redis, version_problem
 from services.redis_url import parse_redis_url
 from services.rules.rules import RulesError
+from services.schedules.answers import TickAnswers
+from services.schedules.scheduler import ScheduledBot, Scheduler
+from services.schedules.targets import Pushers
+from services.schedules.ticks import TickBook
+from services.schedules.timetable import Timetable
 from services.streams.runner import StreamRunner
 from services.streams.writer import AppendBatcher
 from utils.logging import redact_also
@@ -88,6 +93,7 @@ class Gateway:
     paths: CallbackPaths = field(default_factory=dict)  # the callback paths served, with their bots (_publish)
     watch: BotsFileWatch | None = None  # reads BOTS_FILE again in a serving process (None without one)
     webhook_http: httpx.Client = field(default_factory=httpx.Client)  # the pushes over WeCom's HTTP APIs
+    scheduler: Scheduler = field(default_factory=Scheduler)  # the bots' schedules (run in a serving process)
 
     def bot(self, name: str | None = None) -> Bot:
         """The bot of that name; without one, the deployment's only bot (or `default`).
@@ -168,6 +174,8 @@ class Gateway:
             bot.start()
         if self.watch is not None:
             self.watch.start()
+        if self.scheduler.bots:
+            self.scheduler.start()
 
     def audit_off_because(self) -> str:
         """Why there is no audit trail, in the words an operator acts on."""
@@ -182,6 +190,7 @@ class Gateway:
         handed over."""
         if self.watch is not None:
             self.watch.stop()  # the bots stay as they are while they drain
+        self.scheduler.stop()  # a tick under way here is taken over elsewhere once its lease lapses
         for bot in self._every_bot():  # long-connection bots: another replica holds the connection at once
             if bot.connection is not None:
                 bot.connection.stop()
@@ -206,6 +215,7 @@ class Gateway:
     def close(self) -> None:
         """Release pooled connections (running stream threads are left to finish on their own, waiting for nothing)."""
         self.runner.close()
+        self.scheduler.stop()
         if self.watch is not None:
             self.watch.stop()
         if self.audit_sweeper is not None:
@@ -252,6 +262,8 @@ class Gateway:
         if self.started:
             for bot in built.values():
                 bot.start()
+            if self.scheduler.bots:
+                self.scheduler.start()
         added = sorted(built.keys() - served.keys())
         changed = sorted(built.keys() & served.keys())
         removed = sorted(served.keys() - names)
@@ -283,12 +295,21 @@ class Gateway:
         self.files.bots = {
             name: BotFiles(bot.files.refs, bot.files.fetcher, bot.files.max_bytes) for name, bot in latest.items()
         }
+        webhooks = {name: self._webhooks(bot) for name, bot in self.bots.items() if bot.settings.wecom.webhooks}
+        apps = {name: self._app(bot) for name, bot in self.bots.items() if bot.settings.wecom.app_corp_id}
         if self.push is not None:
             self.push.serve(
                 {name: bot.connection.pushes if bot.connection else None for name, bot in self.bots.items()},
-                {name: self._webhooks(bot) for name, bot in self.bots.items() if bot.settings.wecom.webhooks},
-                {name: self._app(bot) for name, bot in self.bots.items() if bot.settings.wecom.app_corp_id},
+                webhooks,
+                apps,
             )
+        self.scheduler.serve(
+            {
+                name: self._scheduled(bot, Pushers(webhooks.get(name), apps.get(name)))
+                for name, bot in self.bots.items()
+                if bot.settings.schedules
+            }
+        )
         if self.audit_sweeper is not None:
             self.audit_sweeper.trails = [bot.audit for bot in latest.values() if bot.audit is not None]
 
@@ -307,6 +328,19 @@ class Gateway:
         app = (wecom.app_corp_id, wecom.app_agent_id, wecom.app_secret)
         base = self.settings.wecom_api_base
         return AppPushes(bot.name, self.redis, bot.keys, app, base, self._audit_of(bot), self.owner, self.webhook_http)
+
+    def _scheduled(self, bot: Bot, pushers: Pushers) -> ScheduledBot:
+        """What a bot's schedules run with: their timetables, its ticks, answers and ways to push."""
+        chats = bot.connection.pushes if bot.connection is not None else None
+        return ScheduledBot(
+            bot.name,
+            {schedule.name: Timetable(schedule) for schedule in bot.settings.schedules},
+            TickBook(self.redis, bot.keys, self.owner),
+            TickAnswers(bot.name, bot.streams),
+            Pushers(pushers.webhooks, pushers.app, chats),
+            self._audit_of(bot),
+            self.settings.streams.lease_seconds,
+        )
 
     def _audit_of(self, bot: Bot) -> AuditQueue | None:
         """Where a bot's pushes list their audit rows (sharing the rows its queue holds while Redis is away)."""

@@ -56,6 +56,12 @@ QUOTA_TTL_SECONDS = 2 * 24 * 3600
 LIVE_ANSWER_SECONDS = 3600
 # Failed sign-ins to the operator's page are counted per address and minute (a count outlives its minute).
 ADMIN_FAILS_TTL_SECONDS = 120
+# A schedule's tick is kept this long (a tick is run or skipped once: catch_up_seconds is at most a day), the time of
+# the latest tick it ran this long (a schedule unseen for longer starts afresh: services/schedules/ticks.py).
+SCHEDULE_TICK_TTL_SECONDS = 2 * 24 * 3600
+SCHEDULE_LAST_TTL_SECONDS = 30 * 24 * 3600
+# A claim on pushing a tick's answer: renewed before each target, taken over after it lapses.
+SCHEDULE_PUSH_CLAIM_TTL_SECONDS = 30
 # A form's card state outlives the form's own expiry by this much (a late click still gets "expired").
 FORM_KEEP_AFTER_EXPIRY_SECONDS = 24 * 3600
 
@@ -198,6 +204,30 @@ class Keys:
         """Sorted set of the pushes sent to the bot's webhook `name` in the last minute (score: when), against WeCom's
         20 a minute per robot, across replicas; TTL a minute."""
         return f"{self.prefix}webhook_sends:{name}"
+
+    # --- schedules (services/schedules): a bot's schedule keys share one Cluster slot --------------------------
+
+    def _schedules(self) -> str:
+        return f"{self.prefix}schedule:{{{self.prefix}schedules}}"
+
+    def schedule_tick(self, name: str, tick: int) -> str:
+        """Hash of one tick of the schedule `name` (`tick`: its epoch second): `status` (running, pushing, pushed,
+        partial, failed, skipped), `tries`, `owner`, `stream` (the try's stream), `claimed_at`, `why`, and
+        `to:<targets>` per push made (its status, and error); TTL SCHEDULE_TICK_TTL_SECONDS."""
+        return f"{self._schedules()}:{name}:{tick}"
+
+    def schedule_last(self, name: str) -> str:
+        """String: the latest tick of the schedule run or skipped (epoch second); TTL SCHEDULE_LAST_TTL_SECONDS."""
+        return f"{self._schedules()}:{name}:last"
+
+    def schedule_open(self) -> str:
+        """Sorted set of the bot's ticks not yet settled (`<schedule>:<tick>`, score the tick), which every serving
+        process looks at; TTL SCHEDULE_TICK_TTL_SECONDS."""
+        return f"{self._schedules()}:open"
+
+    def schedule_push_claim(self, name: str, tick: int) -> str:
+        """`<process>` while it pushes the tick's answer; TTL SCHEDULE_PUSH_CLAIM_TTL_SECONDS."""
+        return f"{self._schedules()}:{name}:{tick}:pushing"
 
     # --- streams (hash + the Redis message list + the owner's lease) ----------------------------------------
 

@@ -234,6 +234,12 @@ DIFY_STOPS = Counter(
     "Stops asked of the backend by reason: user, timeout",
     ["bot", "backend", "reason", "route"],
 )
+SCHEDULE_RUNS = Counter(
+    "wecom_schedule_runs_total",
+    "Schedules' ticks by outcome: pushed (to every target), partial (some target not), failed (the answer failed or "
+    "was empty, or its processes died: nothing pushed), skipped (found past catch_up_seconds)",
+    ["bot", "schedule", "outcome"],
+)
 PUSHES = Counter(
     "wecom_pushes_total",
     "Push API messages by outcome: accepted, refused_quota (429), sent, failed (a WeCom refusal; given up after 3), "

@@ -138,10 +138,10 @@ def row_of_stream(bot: str, meta: dict[str, str], chunks: list[str]) -> AuditRow
     """The row of a finished stream: its hash (`meta`) and its text (`chunks`: the whole answer, also what went out
     as a message of its own after the bubble closed). The answer recorded is that text with its closing note. A
     push is a row of its own (kind push); the rest of an answer sent as a message of its own is not (`rest_of`: its
-    message's row has the whole answer): None. An answer whose bubble a poll gave up, and whose owner then sent it
-    whole or its rest, is recorded whole, with both notes (`answer_given`), over the row written when the bubble
-    ended (`supersedes`)."""
-    if meta.get(F.rest_of):
+    message's row has the whole answer), nor is a schedule's tick's (services/schedules writes the tick's row):
+    None. An answer whose bubble a poll gave up, and whose owner then sent it whole or its rest, is recorded whole,
+    with both notes (`answer_given`), over the row written when the bubble ended (`supersedes`)."""
+    if meta.get(F.rest_of) or meta.get(F.schedule):  # (a schedule's tick is one row of its own, kind schedule)
         return None
     # (the whole answer its owner sent after a poll gave it up, with the note it sent with it)
     text = meta.get(F.answer_given) or "".join(chunks)

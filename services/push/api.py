@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from services.push.app import AppPushes, AppTargets
+from services.push.app import APP_MARKDOWN_BYTES, AppPushes, AppTargets
 from services.push.pushes import BotPushes, OverQuota, Target
-from services.push.webhooks import WebhookMessage, WebhookPushes
+from services.push.webhooks import WEBHOOK_MARKDOWN_BYTES, WEBHOOK_TEXT_BYTES, WebhookMessage, WebhookPushes
 from services.redis_conn import REDIS_FAILURES
 from services.wecom.limits import MAX_CONTENT_BYTES
 from utils.text import utf8_len
@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_TARGET = 128
-WEBHOOK_TEXT_BYTES, WEBHOOK_MARKDOWN_BYTES = 2048, 4096  # what a group robot takes
-APP_MARKDOWN_BYTES = 2048  # what the app's message/send takes
 APP_TARGETS = ("touser", "toparty", "totag")
 MAX_APP_TARGETS = 4000
 

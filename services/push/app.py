@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_EARLY_SECONDS = 300  # a token is fetched again this long before WeCom says it expires
 TOKEN_WAIT_SECONDS = 10.0  # how long a process waits for another's fetch of the token
+APP_MARKDOWN_BYTES = 2048  # what the app's message/send takes
 STALE_TOKEN = (40014, 42001)  # invalid, expired: fetch a new token and send again, once
 _ERRORS = {
     45009: "WeCom refused it: the app's limit of messages",

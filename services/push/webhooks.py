@@ -20,6 +20,7 @@ from services.push.direct import SENDING, DirectPushes, outcome, post_once
 from services.push.pushes import OverQuota
 
 PER_MINUTE = 20  # WeCom's limit per group robot
+WEBHOOK_TEXT_BYTES, WEBHOOK_MARKDOWN_BYTES = 2048, 4096  # what a group robot takes
 _ERRORS = {
     45009: "WeCom refused it: the robot's limit of messages a minute",
     93000: "the webhook is invalid or removed",

@@ -43,7 +43,10 @@ class StreamJob:
     @property
     def dify_user(self) -> str:
         """The Dify end-user: the WeCom userid namespaced by bot, stable across messages and restarts; in a group
-        whose members share a conversation, the group (a WeCom userid has no ":", so the two never meet)."""
+        whose members share a conversation, the group; a schedule's own user, `schedule:<bot>:<name>`, as it is (a
+        WeCom userid has no ":", so none of these meet)."""
+        if self.userid.startswith("schedule:"):
+            return self.userid
         if self.shared_chat:
             return f"wecom:{self.aibotid or 'bot'}:group:{self.chatid}"
         return f"wecom:{self.aibotid or 'bot'}:{self.userid}"

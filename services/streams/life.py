@@ -30,8 +30,9 @@ from blinker import Namespace
 
 from services.wecom.messages import Inbound
 
-# What a record is of (`kind`): a user's message; a form's tap, a rating, a /stop, a push (each an event of its own).
-MESSAGE, FORM_ACTION, FEEDBACK, STOP, PUSH = "message", "form_action", "feedback", "stop", "push"
+# What a record is of (`kind`): a user's message; a form's tap, a rating, a /stop, a push (each an event of its own);
+# a schedule's tick (its question, answer and pushes).
+MESSAGE, FORM_ACTION, FEEDBACK, STOP, PUSH, SCHEDULE = "message", "form_action", "feedback", "stop", "push", "schedule"
 # How the message ended (`outcome`).
 ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR = (
     "answered",

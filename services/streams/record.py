@@ -28,6 +28,7 @@ FIELDS: dict[str, str] = {
     "response_url": "WeCom's single-use URL for a message after the bubble",
     "push": "'1': a push, not an answer to a message",
     "rest_of": "the stream whose answer's rest this message carries",
+    "schedule": "a schedule's tick the stream answers, <schedule>:<tick>: pushed, not shown (services/schedules)",
     "trace_id": "the W3C trace of the user's message",
     "backend": "the backend that answers (dify, openai)",
     "route": "the route that chose it",

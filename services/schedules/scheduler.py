@@ -1,0 +1,319 @@
+"""Schedules: a bot's backend asked on a timetable, its answer pushed (docs/operations.md, "Schedules").
+
+Every serving process runs one Scheduler, which once a second (`step`) fires the ticks that fell due and follows the
+ticks not yet settled, whichever process started them:
+
+- **Fire.** Each schedule's next tick is known in the process, so a second with nothing due costs one Redis call
+  per bot (its open ticks). A tick due is claimed once across every process (services/schedules/ticks.py): the
+  claimer starts its answer; a tick found later than its `catch_up_seconds` is skipped instead, and said so. A
+  schedule never seen before counts its ticks from its next one (a new schedule is not late for the ones before).
+- **Follow.** A try whose process died (its stream's lease lapsed before it ended) is taken over: the old stream is
+  ended, the backend asked again in a new try (at most MOST_TRIES). An answer that ended is pushed to each target
+  by one process at a time, each target once (services/schedules/targets.py); a failed or empty answer pushes
+  nothing and says why. Each tick is one audit row (kind `schedule`), a count in wecom_schedule_runs_total and a
+  log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from services import metrics
+from services.audit.queue import AuditQueue
+from services.audit.rows import AuditRow, row_of_stream
+from services.loops import run_until
+from services.redis_conn import REDIS_FAILURES
+from services.schedules.answers import TickAnswers
+from services.schedules.targets import Pushers, Waiting, groups, push_group
+from services.schedules.ticks import FAILED, PARTIAL, PUSHED, PUSHING, RUNNING, SETTLED, TickBook, TickState
+from services.schedules.timetable import Timetable
+from services.streams.life import SCHEDULE
+from services.streams.record import DONE, F
+
+logger = logging.getLogger(__name__)
+
+STEP_SECONDS = 1.0
+WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit is tried again this long past its tick, then failed
+TAKEN_OVER_NOTE = "(this try's process stopped; the schedule asked again)"
+
+
+@dataclass
+class ScheduledBot:
+    """What one bot's schedules run with."""
+
+    name: str
+    timetables: dict[str, Timetable]  # by schedule name
+    book: TickBook
+    answers: TickAnswers
+    pushers: Pushers
+    audit: AuditQueue | None
+    lease_seconds: float  # a try whose stream has no lease this long after its claim is taken over
+    due: dict[str, int] = field(default_factory=dict)  # each schedule's next tick, as this process knows it
+
+
+def wall_clock() -> float:
+    """Now, in epoch seconds: what a Scheduler's clock reads unless it is given another (tests move it)."""
+    return time.time()
+
+
+class Scheduler:
+    """This process's schedules, of every bot served (`serve`)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        self.clock = clock or (lambda: wall_clock())  # (looked up at each call)
+        self.bots: dict[str, ScheduledBot] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def serve(self, bots: dict[str, ScheduledBot]) -> None:
+        """The bots whose schedules run from now on (a bots file changed: a bot's schedules as the file says, each
+        schedule's next tick kept where its timetable did not change)."""
+        for name, bot in bots.items():
+            before = self.bots.get(name)
+            if before is not None:
+                bot.due = {
+                    schedule: due
+                    for schedule, due in before.due.items()
+                    if schedule in bot.timetables
+                    and bot.timetables[schedule].schedule == before.timetables[schedule].schedule
+                }
+        self.bots = bots
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="schedules", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        run_until(self._stop, self._step_and_wait, "schedules")
+
+    def _step_and_wait(self) -> None:
+        started = time.monotonic()
+        self.step()
+        self._stop.wait(max(0.05, STEP_SECONDS - (time.monotonic() - started)))
+
+    def step(self) -> None:
+        """Fire the ticks due and follow the open ones, for every bot (one bot's Redis away delays only it)."""
+        for bot in list(self.bots.values()):
+            try:
+                self._fire(bot, self.clock())
+                self._follow(bot, self.clock())
+            except REDIS_FAILURES as exc:
+                logger.warning("schedules of bot %s wait for Redis (%s)", bot.name, type(exc).__name__)
+
+    # --- firing ------------------------------------------------------------------------------------------------
+
+    def _fire(self, bot: ScheduledBot, now: float) -> None:
+        due = [name for name in bot.timetables if bot.due.get(name, 0) <= now]
+        if not due or not bot.answers.has_room():
+            return
+        last = bot.book.last(due)
+        for name in due:
+            timetable = bot.timetables[name]
+            tick = timetable.latest(now)
+            bot.due[name] = timetable.next(now).at
+            late = now - tick.at
+            if last[name] is None:  # first seen: its ticks count from the next one on
+                bot.book.seen(name, tick.at)
+                last[name] = tick.at
+            if tick.at <= last[name]:
+                continue
+            if late > timetable.schedule.catch_up_seconds:
+                why = f"found {late:.0f} s late, past catch_up_seconds ({timetable.schedule.catch_up_seconds})"
+                if bot.book.claim(name, tick.at, skipped_because=why):
+                    self._skipped(bot, name, tick.at, why)
+            elif bot.book.claim(name, tick.at):
+                self._start_try(bot, name, tick.at, 1)
+
+    def run_now(self, bot_name: str, schedule: str) -> int:
+        """One tick of `schedule` now, as its timetable would run it (`flask schedules run`): claimed, started here,
+        followed by this process to its end; its tick (epoch second)."""
+        bot = self.bots[bot_name]
+        if schedule not in bot.timetables:
+            raise KeyError(schedule)
+        tick = int(self.clock())
+        while not bot.book.claim(schedule, tick, by_hand=True):
+            tick += 1
+        self._start_try(bot, schedule, tick, 1)
+        return tick
+
+    def _start_try(self, bot: ScheduledBot, name: str, tick: int, tries: int) -> None:
+        timetable = bot.timetables[name]
+        at = timetable.at(tick)
+        question, inputs = timetable.question(at), timetable.inputs(at)
+        stream = bot.answers.start(name, tick, tries, question, inputs, timetable.schedule.route)
+        if not bot.book.name_stream(name, tick, stream):
+            bot.answers.give_up(stream, TAKEN_OVER_NOTE)  # another process took the try over meanwhile
+            return
+        logger.info(
+            "schedule %s of bot %s: tick %s, try %d, answering in stream %s", name, bot.name, tick, tries, stream
+        )
+
+    # --- following ---------------------------------------------------------------------------------------------
+
+    def _follow(self, bot: ScheduledBot, now: float) -> None:
+        for name, tick in bot.book.open_ticks():
+            self._follow_tick(bot, name, tick, now)
+
+    def _follow_tick(self, bot: ScheduledBot, name: str, tick: int, now: float) -> TickState | None:
+        """Take the tick one step on (its answer pushed, its dead try taken over); its state as read."""
+        state = bot.book.state(name, tick)
+        if state is None or state.status in SETTLED or name not in bot.timetables:
+            if state is not None and state.status not in SETTLED:
+                logger.warning("schedule %s of bot %s left the bots file: tick %s not followed", name, bot.name, tick)
+            bot.book.forget_open(name, tick)
+        elif state.status == PUSHING or (state.status == RUNNING and state.stream and bot.answers.end(state.stream)):
+            self._push(bot, name, tick, state, now)
+        elif state.status == RUNNING and not self._alive(bot, state, now):
+            self._take_over(bot, name, tick, state)
+        return state
+
+    def settle(self, bot_name: str, name: str, tick: int, timeout: float) -> TickState | None:
+        """Follow one tick here until it is settled or `timeout` seconds pass (`flask schedules run`); its state."""
+        bot, deadline = self.bots[bot_name], time.monotonic() + timeout
+        while True:
+            self._follow_tick(bot, name, tick, self.clock())
+            state = bot.book.state(name, tick)
+            if state is None or state.status in SETTLED or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
+    def report(self) -> list[dict[str, str]]:
+        """Each schedule of each bot: its timetable, its next tick, its latest tick and what became of it."""
+        now, rows = self.clock(), []
+        for bot in self.bots.values():
+            last = bot.book.last(list(bot.timetables))
+            for name, timetable in bot.timetables.items():
+                schedule = timetable.schedule
+                state = bot.book.state(name, last[name]) if last[name] else None
+                outcome = f"{state.status}{f' ({state.why})' if state.why else ''}" if state else "none yet"
+                rows.append(
+                    {
+                        "bot": bot.name,
+                        "schedule": name,
+                        "cron": f"{schedule.cron} {schedule.timezone}",
+                        "next": _local(timetable.next(now).local),
+                        "last": _local(timetable.at(last[name]).local) if state else "",
+                        "outcome": outcome,
+                    }
+                )
+        return rows
+
+    def _alive(self, bot: ScheduledBot, state: TickState, now: float) -> bool:
+        """Whether the tick's try still runs somewhere: in this process, or with its stream's lease held (a try not
+        yet given a stream: within the lease of its claim)."""
+        if not state.stream:
+            return now - state.claimed_at < bot.lease_seconds
+        return bot.answers.runs_here(state.stream) or bot.answers.alive(state.stream)
+
+    def _take_over(self, bot: ScheduledBot, name: str, tick: int, state: TickState) -> None:
+        if not bot.answers.has_room():
+            return
+        taken = bot.book.take_over(name, tick, state.stream)
+        if taken is None:
+            return
+        bot.answers.give_up(state.stream, TAKEN_OVER_NOTE)
+        if taken == FAILED:
+            logger.error(
+                "schedule %s of bot %s: tick %s failed: its processes died %d times", name, bot.name, tick, state.tries
+            )
+            self._record(bot, name, tick, FAILED, "its processes died", {}, {}, "")
+            bot.book.forget_open(name, tick)
+            return
+        logger.warning("schedule %s of bot %s: tick %s taken over (its try's process stopped)", name, bot.name, tick)
+        self._start_try(bot, name, tick, int(taken))
+
+    # --- pushing -----------------------------------------------------------------------------------------------
+
+    def _push(self, bot: ScheduledBot, name: str, tick: int, state: TickState, now: float) -> None:
+        """Push the tick's answer to each target not pushed yet, holding the claim on its pushing; settle it."""
+        ended = bot.answers.end(state.stream) if state.stream else None
+        if ended is None or not bot.book.claim_push(name, tick):
+            return
+        meta, text = ended
+        why = _why_not_pushed(meta, text)
+        if why:
+            bot.book.settle(name, tick, FAILED, why)
+            logger.warning("schedule %s of bot %s: tick %s pushes nothing: %s", name, bot.name, tick, why)
+            self._record(bot, name, tick, FAILED, why, meta, {}, text)
+            return
+        pushed = dict(state.pushed)
+        for group in groups(bot.timetables[name].schedule.targets):
+            label = " ".join(group)
+            if label in pushed:
+                continue
+            if not bot.book.claim_push(name, tick):
+                return  # (another process took the pushing over: it goes on from what is recorded)
+            try:
+                said = push_group(bot.pushers, group, text, f"schedule:{bot.name}:{name}:{tick}")
+            except Waiting as waiting:
+                if now - tick < WAIT_LIMIT_SECONDS:
+                    logger.info(
+                        "schedule %s: %s is at WeCom's limit; trying again in %d s", name, label, waiting.retry_after
+                    )
+                    return
+                said = "failed: WeCom's limit of messages held it past 10 minutes"
+            bot.book.pushed(name, tick, label, said)
+            pushed[label] = said
+        outcome = PUSHED if all(s.partition(":")[0] in ("sent", "queued") for s in pushed.values()) else PARTIAL
+        bot.book.settle(name, tick, outcome)
+        logger.info("schedule %s of bot %s: tick %s %s (%s)", name, bot.name, tick, outcome, _summary(pushed))
+        self._record(bot, name, tick, outcome, "", meta, pushed, text)
+
+    def _skipped(self, bot: ScheduledBot, name: str, tick: int, why: str) -> None:
+        logger.warning("schedule %s of bot %s: tick %s skipped: %s", name, bot.name, tick, why)
+        self._record(bot, name, tick, "skipped", why, {}, {}, "")
+
+    def _record(
+        self, bot: ScheduledBot, name: str, tick: int, outcome: str, why: str, meta: dict, pushed: dict, text: str
+    ) -> None:
+        """The tick's count and audit row: its question, its answer (or why nothing was pushed), its targets."""
+        metrics.SCHEDULE_RUNS.labels(bot.name, name, outcome).inc()
+        if bot.audit is None:
+            return
+        timetable = bot.timetables[name]
+        question = meta.get(F.query) or timetable.question(timetable.at(tick))
+        targets = _summary(pushed) if pushed else " ".join(timetable.schedule.targets)
+        found = row_of_stream(bot.name, {**meta, F.schedule: ""}, [text]) if meta else None
+        row = found or AuditRow(bot.name, "", SCHEDULE, outcome, tick, time.time())
+        row = replace(
+            row,
+            msgid=f"schedule:{name}:{tick}",
+            kind=SCHEDULE,
+            outcome=outcome,
+            received_at=float(tick),
+            finished_at=time.time(),
+            userid=f"schedule:{bot.name}:{name}",
+            chatid=targets[:128],
+            chattype="",
+            msgtype="markdown",
+            question=question,
+            answer=text if outcome in (PUSHED, PARTIAL) else why,
+            supersedes="",
+        )
+        bot.audit.replied(row)
+
+
+def _why_not_pushed(meta: dict[str, str], text: str) -> str:
+    """Why a tick's ended answer is not pushed ("": it is)."""
+    if meta.get(F.status) != DONE or meta.get(F.error):
+        return f"the answer failed ({meta.get(F.error) or meta.get(F.status)})"
+    if not text.strip():
+        return "the answer was empty"
+    return ""
+
+
+def _local(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _summary(pushed: dict[str, str]) -> str:
+    """Each target with what became of its push: `webhook:ops=sent user:a|b=partial`."""
+    return " ".join(f"{label.replace(' ', ',')}={said.partition(':')[0]}" for label, said in pushed.items())

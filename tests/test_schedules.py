@@ -1,0 +1,273 @@
+"""Schedules: a bot's backend asked on a timetable, its answer pushed once to each target, across replicas.
+
+Two callback-mode replicas (each with its scheduler's loop running, once a second, as in a serving process) on the
+test Redis and MariaDB, the Dify stand-in, WeCom's HTTP APIs played by demo/wecom_api_standin.py. The replicas
+share one clock the test moves (a schedule's minute is not waited for); everything else runs as it would: each
+tick claimed once across the replicas, its answer made in a stream by the bot's stream core, pushed by one of them
+to each target once, one audit row; a tick found past its catch-up skipped and counted; the replica running a slow
+tick closed mid-answer (its lease lapses) and the tick taken over by the other, asked again and pushed once; a
+failed or empty answer pushing nothing; `flask schedules run` and `list`; the bots file's problems, one line each."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from config.bots import load_bots
+from config.settings import SettingsError
+from demo import dify_standin as d
+from demo.wecom_api_standin import WeComApiStandIn
+from services import metrics
+from services.schedules import scheduler as scheduler_module
+from tests import test_audit
+from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
+from tests.test_audit import rows
+
+KEY = "ops-robot-key-for-schedules-0123"
+CORP, SECRET, AGENT = "ww-corp-schedules", "app-secret-for-schedules", 1000002
+ZONE = ZoneInfo("Asia/Shanghai")
+NINE = datetime(2026, 11, 27, 9, 0, tzinfo=ZONE).timestamp()  # a Friday, 09:00
+audit_url, engine = test_audit.audit_url, test_audit.engine  # the audit database's fixtures
+
+
+class Clock:
+    """The replicas' shared clock: now is `at` plus the real seconds since it was set."""
+
+    def __init__(self, at: float):
+        self.set(at)
+
+    def set(self, at: float) -> None:
+        self.at, self.since = at, time.monotonic()
+
+    def __call__(self) -> float:
+        return self.at + time.monotonic() - self.since
+
+
+@pytest.fixture
+def wecom_api():
+    standin = WeComApiStandIn(keys=(KEY,), app=(CORP, SECRET)).start()
+    yield standin
+    standin.stop()
+
+
+def bots_file(tmp_path, wecom_api, schedules: str) -> str:
+    path = tmp_path / "bots.toml"
+    path.write_text(
+        f"""
+[bots.assistant]
+token = "{TOKEN}"
+encoding_aes_key = "{AES_KEY}"
+dify_api_key = "{DIFY_KEY}"
+app_corp_id = "{CORP}"
+app_agent_id = {AGENT}
+app_secret = "{SECRET}"
+
+[bots.assistant.webhooks]
+ops = "{wecom_api.webhook_url(KEY)}"
+{schedules}
+"""
+    )
+    return str(path)
+
+
+DAILY = """
+[[bots.assistant.schedules]]
+name = "daily"
+cron = "0 9 * * 1-5"
+timezone = "Asia/Shanghai"
+question = "今天的销售日报 {date}"
+inputs = { report_date = "{date}" }
+to = ["webhook:ops", "user:zhangsan", "party:2"]
+catch_up_seconds = 120
+"""
+
+
+@pytest.fixture
+def start(tmp_path, make_app, wecom_api, audit_url, monkeypatch):
+    """`start(schedules, at=...)`: two replicas of the bots file with `schedules`, their clock at `at`."""
+
+    def started(schedules: str = DAILY, at: float = NINE - 5, **changes):
+        clock = Clock(at)
+        monkeypatch.setattr(scheduler_module, "wall_clock", clock)
+        path = bots_file(tmp_path, wecom_api, schedules)
+        made = []
+        for name in "ab":
+            app = make_app(
+                bots_file=path,
+                bot_name="",
+                replica_id=f"replica-{name}",
+                wecom_api_base=wecom_api.url,
+                database_url=audit_url,
+                **changes,
+            )
+            made.append(app)
+        return clock, made
+
+    return started
+
+
+def runs(outcome: str, schedule: str = "daily") -> float:
+    return metrics.SCHEDULE_RUNS.labels("assistant", schedule, outcome)._value.get()
+
+
+def test_a_tick_is_answered_once_and_pushed_once_to_each_target_across_replicas(start, dify, wecom_api, engine):
+    dify.script(d.answer("本日销售额 120 万，环比 +8%。"))
+    pushed = runs("pushed")
+    clock, _ = start()
+    assert wait_until(lambda: runs("pushed") == pushed + 1, timeout=15)
+    assert len(dify.chat_requests()) == 1
+    request = dify.chat_requests()[0]
+    assert request["query"] == "今天的销售日报 2026-11-27"
+    assert request["inputs"]["report_date"] == "2026-11-27"
+    assert request["user"] == "schedule:assistant:daily"
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "本日销售额 120 万，环比 +8%。"}}]
+    assert [(m["touser"], m["toparty"]) for m in wecom_api.app_sent] == [("zhangsan", "2")]
+    time.sleep(2.5)  # both replicas' loops go on looking: nothing more is asked or sent
+    assert len(dify.chat_requests()) == 1 and len(wecom_api.to(KEY)) == 1 and len(wecom_api.app_sent) == 1
+    assert wait_until(lambda: len(rows(engine, kind="schedule")) == 1, timeout=10)
+    row = rows(engine, kind="schedule")[0]
+    assert row["outcome"] == "pushed" and row["userid"] == "schedule:assistant:daily"
+    assert row["question"] == "今天的销售日报 2026-11-27" and row["answer"] == "本日销售额 120 万，环比 +8%。"
+    assert row["chatid"] == "webhook:ops=sent user:zhangsan,party:2=sent"
+    assert rows(engine, kind="message") == []  # the tick's stream is no message of its own
+
+
+def test_each_tick_of_an_every_minute_schedule_is_pushed_once(start, dify, wecom_api):
+    every_minute = DAILY.replace('"0 9 * * 1-5"', '"* * * * *"').replace(', "user:zhangsan", "party:2"', "")
+    dify.script(d.answer("tick report"), times=None)
+    clock, _ = start(every_minute, at=NINE - 2)
+    for minute in range(3):
+        if minute:
+            clock.set(NINE + 60 * minute - 2)
+        assert wait_until(lambda n=minute: len(wecom_api.to(KEY)) == n + 1, timeout=15), minute
+    time.sleep(2.5)  # (09:02:05 at most: the next tick is 09:03)
+    assert len(wecom_api.to(KEY)) == 3 and len(dify.chat_requests()) == 3
+    assert len({r["inputs"]["report_date"] for r in dify.chat_requests()}) == 1  # the same day, three ticks
+
+
+def test_a_tick_found_past_its_catch_up_is_skipped_and_said(start, dify, wecom_api, engine):
+    clock, _ = start(at=NINE - 90)  # seen before 09:00: its ticks count from then on
+    time.sleep(1.5)
+    skipped = runs("skipped")
+    clock.set(NINE + 600)  # no replica looked between 09:00 and 09:10 (catch-up: 120 s)
+    assert wait_until(lambda: runs("skipped") == skipped + 1, timeout=10)
+    time.sleep(1.5)
+    assert runs("skipped") == skipped + 1 and dify.chat_requests() == [] and wecom_api.to(KEY) == []
+    assert wait_until(lambda: len(rows(engine, kind="schedule")) == 1, timeout=10)
+    row = rows(engine, kind="schedule")[0]
+    assert row["outcome"] == "skipped" and "past catch_up_seconds" in row["answer"]
+
+
+def test_a_schedule_new_to_the_file_is_not_late_for_the_ticks_before_it(start, dify, wecom_api):
+    skipped, pushed = runs("skipped"), runs("pushed")
+    start(at=NINE + 3 * 3600)  # first seen at noon: 09:00 was before its time
+    time.sleep(2.5)
+    assert runs("skipped") == skipped and runs("pushed") == pushed and dify.chat_requests() == []
+
+
+def test_the_replica_running_a_slow_tick_dies_and_the_other_pushes_it_once(start, dify, wecom_api):
+    dify.script(d.answer("first try, never finished", pieces=5, delay=2.0))
+    dify.script(d.answer("second try's whole report"))
+    clock, (a, b) = start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: len(dify.chat_requests()) == 1, timeout=15)
+    runner = next(app for app in (a, b) if app.extensions["gateway"].runner.active_count)
+    other = b if runner is a else a
+    gateway = runner.extensions["gateway"]
+    gateway.scheduler.stop()
+    gateway.runner.cancel(list(gateway.runner._active))  # as a process gone: its lease stops being renewed
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=30)
+    time.sleep(2.5)
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "second try's whole report"}}]
+    assert len(dify.chat_requests()) == 2
+    assert other.extensions["gateway"].runner.active_count == 0
+
+
+def test_a_failed_or_empty_answer_pushes_nothing_and_says_why(start, dify, wecom_api, engine):
+    dify.script([d.error("provider_not_initialize", "no model", 400)])
+    failed = runs("failed")
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: runs("failed") == failed + 1, timeout=15)
+    time.sleep(1.5)
+    assert wecom_api.to(KEY) == []
+    assert wait_until(lambda: len(rows(engine, kind="schedule")) == 1, timeout=10)
+    row = rows(engine, kind="schedule")[0]
+    assert row["outcome"] == "failed" and row["answer"].startswith("the answer failed")
+
+
+def test_schedules_run_and_list_from_the_command_line(start, dify, wecom_api):
+    dify.script(d.answer("report on demand"))
+    _, (a, _) = start(at=NINE + 3600)
+    runner = a.test_cli_runner()
+    ran = runner.invoke(args=["schedules", "run", "daily"])
+    assert ran.exit_code == 0, ran.output
+    assert "webhook:ops: sent" in ran.output and ran.output.strip().endswith(": pushed")
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "report on demand"}}]
+    listed = runner.invoke(args=["schedules", "list"])
+    assert listed.exit_code == 0 and "daily" in listed.output and "2026-11-30 09:00" in listed.output
+    assert runner.invoke(args=["schedules", "run", "nope"]).exit_code != 0
+
+
+def test_a_long_answer_goes_to_a_webhook_in_parts_each_once(start, dify, wecom_api):
+    lines = [f"第 {n} 行：" + "销售数据" * 40 for n in range(60)]  # about 30 KB
+    dify.script(d.answer("\n".join(lines)))
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: runs("pushed") and len(wecom_api.to(KEY)) >= 8, timeout=20)
+    time.sleep(1.5)
+    parts = [m["markdown"]["content"] for m in wecom_api.to(KEY)]
+    assert "".join(parts) == "\n".join(lines)
+    assert all(len(part.encode()) <= 4096 for part in parts)
+
+
+@pytest.mark.parametrize(
+    "schedule, problem",
+    [
+        ('name = "x"\ncron = "0 9 * *"\nquestion = "q"\nto = ["webhook:ops"]', "cron must be five fields"),
+        ('name = "x"\ncron = "0 9 * * *"\ntimezone = "Mars/Base"\nquestion = "q"\nto = ["webhook:ops"]', "timezone"),
+        ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nto = ["webhook:nope"]', "names no webhook"),
+        ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nto = ["chat:wrk1"]', "callback mode"),
+        ('name = "x"\ncron = "0 9 * * *"\nquestion = "q {when}"\nto = ["webhook:ops"]', "{date} and {datetime}"),
+        ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nroute = "sales"\nto = ["webhook:ops"]', "no route"),
+        ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nto = []', "to must list"),
+    ],
+)
+def test_a_bad_schedule_is_one_line_naming_bot_schedule_and_key(tmp_path, wecom_api, settings, schedule, problem):
+    path = bots_file(tmp_path, wecom_api, f"[[bots.assistant.schedules]]\n{schedule}\n")
+    with pytest.raises(SettingsError) as raised:
+        load_bots(settings.replace(bots_file=path, bot_name=""))
+    assert any(p.startswith("BOTS_FILE bots.assistant schedule x:") and problem in p for p in raised.value.problems)
+
+
+def test_ticks_are_claimed_once_by_processes_racing_for_them(start, dify, wecom_api):
+    """Many processes' schedulers stepping at the same instant: one claim per tick."""
+    every_minute = DAILY.replace('"0 9 * * 1-5"', '"* * * * *"').replace(', "user:zhangsan", "party:2"', "")
+    dify.script(d.answer("raced"), times=None)
+    clock, apps = start(every_minute, at=NINE - 1)
+    schedulers = [app.extensions["gateway"].scheduler for app in apps]
+    for scheduler in schedulers:
+        scheduler.stop()
+    clock.set(NINE + 1)
+    go = threading.Barrier(len(schedulers) * 4)
+
+    def race(scheduler):
+        go.wait()
+        scheduler.step()
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in schedulers * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    def followed() -> bool:  # every process follows the open tick, as its loop would
+        for scheduler in schedulers:
+            scheduler.step()
+        time.sleep(0.2)
+        return len(wecom_api.to(KEY)) >= 1
+
+    assert wait_until(followed, timeout=15)
+    for _ in range(3):
+        followed()
+    assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
