@@ -20,11 +20,12 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 import app as gateway_app
-from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, Settings
+from config.settings import DEMO_DEFAULTS, DEMO_ENV_FILES, Settings, webhook_key
 from demo.auth_standin import AuthStandIn
 from demo.console import console
 from demo.dify_standin import DifyStandIn
 from demo.openai_standin import OpenAIStandIn
+from demo.wecom_api_standin import WeComApiStandIn
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.auth import db
 from services.auth.users import UserExists
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The gateway in demo mode, with its stand-ins, demo users and console."""
     settings = settings or gateway_app.load_settings_or_exit(DEMO_ENV_FILES)
     if settings.demo_mode and not gateway_app.running_a_command():  # a command asks the demo that runs
-        start_standins(gateway_app.load_bots_or_exit(settings)[0])
+        start_standins(gateway_app.load_bots_or_exit(settings)[0], settings.wecom_api_base)
     app = gateway_app.create_app(settings)
     gateway: Gateway = app.extensions["gateway"]
     if settings.demo_mode and gateway.users is not None:
@@ -50,12 +51,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def start_standins(bots: tuple[Settings, ...]) -> None:
+def start_standins(bots: tuple[Settings, ...], wecom_api_base: str = "") -> None:
     """Start the Dify and auth API stand-ins at the demo's own loopback addresses (DEMO_DEFAULTS, demo/bots.toml),
     unless something answers there already (another demo process, or `python -m demo.standins`). The Dify
     stand-in answers each bot (told apart by its API key) as that bot, in its language. An address of the user's
     (their own Dify, or a server they meant to start) never gets a stand-in: a bot there answers from it, or says
-    it cannot (announce)."""
+    it cannot (announce). WeCom's HTTP APIs (the bots' group robots) get one at `wecom_api_base`, a loopback
+    address."""
     apps = [(bot.name, bot) for bot in bots] + [(f"{b.name} {r.name}", r.settings) for b in bots for r in b.routes]
     for url in {bot.dify.base_url for _, bot in apps if plays_dify(bot)}:
         if _needs_standin(url):
@@ -78,6 +80,11 @@ def start_standins(bots: tuple[Settings, ...]) -> None:
             host, port = _address(bot.auth.api_url)
             _started[bot.auth.api_url] = AuthStandIn(api_key=bot.auth.api_key, host=host, port=port).start()
             logger.warning("demo: authenticating with the built-in auth stand-in at %s", bot.auth.api_url)
+    robots = tuple(webhook_key(url) for bot in bots for url in bot.wecom.webhook_urls().values())
+    if robots and wecom_api_base and _needs_standin(wecom_api_base):
+        host, port = _address(wecom_api_base)
+        _started[wecom_api_base] = WeComApiStandIn(keys=robots, host=host, port=port).start()
+        logger.warning("demo: WeCom's group robots played by the built-in stand-in at %s", wecom_api_base)
 
 
 def plays_dify(bot: Settings) -> bool:
@@ -122,6 +129,12 @@ def websocket_standin(url: str) -> WeComWebSocketStandIn | None:
     through it)."""
     standin = _started.get(url)
     return standin if isinstance(standin, WeComWebSocketStandIn) else None
+
+
+def robot_messages() -> list[dict]:
+    """What the group robots' stand-in this process started took, in order (the console shows them)."""
+    found = [standin for standin in _started.values() if isinstance(standin, WeComApiStandIn)]
+    return [{"key": sent.key, "body": sent.body, "at": sent.at} for standin in found for sent in standin.sent]
 
 
 def seed_demo_users(gateway: Gateway) -> None:

@@ -344,6 +344,15 @@ AUDIT_PENDING = Gauge(
 AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
 
 
+SCHEDULE_OUTCOMES = ("pushed", "partial", "failed", "skipped")
+
+
+def initialise_schedule(bot: str, schedule: str) -> None:
+    """Create a schedule's series at zero (its alert then sees its first failure as an increase)."""
+    for outcome in SCHEDULE_OUTCOMES:
+        SCHEDULE_RUNS.labels(bot, schedule, outcome)
+
+
 def initialise(bot: str, long_connection: bool = False, audit: bool = False, backend: str = "dify") -> None:
     """Create every series of `bot` (its own backend of kind `backend`) at zero (a labelled series otherwise appears
     only once it is first used). A route's series appear once it answers: the alerts sum over routes, and a

@@ -189,6 +189,21 @@ CASES = {
         [series("wecom_pushes_total", "0 5 10 15", bot="ops", outcome="sent")],
         {"3m": None},
     ),
+    "a schedule's tick that failed": case(
+        "WecomGatewayScheduleNotPushed",
+        [series("wecom_schedule_runs_total", "0 0 1 1", bot="b", schedule="daily", outcome="failed")],
+        {"1m": None, "2m": {"bot": "b", "schedule": "daily", "outcome": "failed"}},
+    ),
+    "a schedule's tick skipped": case(
+        "WecomGatewayScheduleNotPushed",
+        [series("wecom_schedule_runs_total", "0 0 1 1", bot="b", schedule="daily", outcome="skipped")],
+        {"2m": {"bot": "b", "schedule": "daily", "outcome": "skipped"}},
+    ),
+    "schedules pushed are quiet": case(
+        "WecomGatewayScheduleNotPushed",
+        [series("wecom_schedule_runs_total", "0 1 2 3", bot="b", schedule="daily", outcome="pushed")],
+        {"3m": None},
+    ),
     "audit rows waiting for the database for 15 minutes": case(
         "WecomGatewayAuditRowsWaiting",
         [series("wecom_audit_pending", "0 1+1x19", bot="b")],
@@ -395,7 +410,7 @@ def test_every_metric_the_bundle_uses_is_exported_after_a_conversation(make_pair
     series exist from start-up): every name the rules and dashboards select is in /metrics, or is a rule the bundle
     records."""
     from demo import dify_standin as d
-    from tests.conftest import make_simulator
+    from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, make_simulator
 
     wecom = wecom_ws({"monitoring-bot": "monitoring-secret"})
     make_app(
@@ -405,6 +420,13 @@ def test_every_metric_the_bundle_uses_is_exported_after_a_conversation(make_pair
         wecom_bot_secret="monitoring-secret",
         wecom_ws_url=wecom.url,
     )
+    scheduled = tmp_path / "bots.toml"  # a bot with a schedule (its series exist from start-up)
+    scheduled.write_text(
+        f'[bots.reports]\ntoken = "{TOKEN}"\nencoding_aes_key = "{AES_KEY}"\ndify_api_key = "{DIFY_KEY}"\n'
+        '[bots.reports.webhooks]\nops = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k"\n'
+        '[[bots.reports.schedules]]\nname = "daily"\ncron = "0 9 * * *"\nquestion = "q"\nto = ["webhook:ops"]\n'
+    )
+    make_app(bots_file=str(scheduled), bot_name="")
     first, second = make_pair(database_url=f"sqlite:///{tmp_path / 'audit.db'}")
     dify.script(d.answer("an answer"))
     sim = make_simulator([first.url, second.url])

@@ -261,6 +261,7 @@ def test_ticks_are_claimed_once_by_processes_racing_for_them(start, dify, wecom_
         thread.start()
     for thread in threads:
         thread.join()
+
     def followed() -> bool:  # every process follows the open tick, as its loop would
         for scheduler in schedulers:
             scheduler.step()

@@ -6,7 +6,8 @@ This blueprint only serves the page, the demo credentials, the Redis keys of a s
 stand-in for WeCom's response_url (so "the rest follows" messages show up in the chat too). Template cards are
 drawn with their buttons, selectors and questions; a tap goes back as WeCom sends it (a `template_card_event`). A
 long-connection bot has no callback URL: the page hands its messages (and taps) to the WeCom WebSocket stand-in the
-demo started, and reads back the frames the bot sent on each req_id.
+demo started, and reads back the frames the bot sent on each req_id. What a bot's group robot says in its group (a
+push, a schedule's report) is shown as the group's message.
 """
 
 from __future__ import annotations
@@ -131,6 +132,22 @@ def _event_over_websocket(bot_name: str, eventtype: str, field: str):
     except RuntimeError:
         return jsonify(error="not_connected", message="the bot is not connected"), 409
     return jsonify(req_id=req_id)
+
+
+@console.get("/api/robots")
+def robots():
+    """What the bots' group robots said in their groups (the demo's stand-in of WeCom's webhook took it): a push,
+    a schedule's report. Each with the robot's name as its bot's table names it."""
+    from config.settings import webhook_key
+    from demo.app import robot_messages  # the demo app imports this blueprint
+
+    names = {
+        webhook_key(url): f"{bot.name} · {name}"
+        for bot in _gateway().bots.values()
+        for name, url in bot.settings.wecom.webhook_urls().items()
+    }
+    said = [{"robot": names.get(m["key"], "robot"), "body": m["body"], "at": m["at"]} for m in robot_messages()]
+    return jsonify(messages=said)
 
 
 @console.get("/api/stream/<stream_id>")

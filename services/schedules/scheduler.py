@@ -73,6 +73,8 @@ class Scheduler:
         """The bots whose schedules run from now on (a bots file changed: a bot's schedules as the file says, each
         schedule's next tick kept where its timetable did not change)."""
         for name, bot in bots.items():
+            for schedule in bot.timetables:
+                metrics.initialise_schedule(name, schedule)
             before = self.bots.get(name)
             if before is not None:
                 bot.due = {

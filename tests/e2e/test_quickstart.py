@@ -131,6 +131,20 @@ def test_operator_commands_reach_the_running_demos_streams(tmp_path):
         assert conversation.stream_id in listed.stdout
         assert "XGROUP" not in listed.stderr  # the long-connection bot's queue works on the embedded store
 
+        ran = subprocess.run(  # the demo's schedule, now: its report reaches the group robot, the console shows it
+            [sys.executable, "-m", "flask", "--app", "demo.app", "schedules", "run", "daily-report"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert "webhook:team: sent" in ran.stdout and ran.stdout.strip().endswith(": pushed")
+        said = httpx.get(f"{url}/console/api/robots", timeout=5).json()["messages"]
+        assert [m["robot"] for m in said] == ["assistant · team"]
+        assert "今天的工作日报" in said[0]["body"]["markdown"]["content"]
+
         second = subprocess.run(  # a second demo next to this one says what to do instead
             [sys.executable, "-m", "demo", "--bot", "helpdesk"],
             cwd=PROJECT_ROOT,

@@ -483,6 +483,27 @@ async function watchProactiveMessages() {
   }
 }
 
+// What the bots' group robots say in their groups (the push API's webhooks, a schedule's report), shown once each.
+let robotShown = 0;
+
+async function watchRobotMessages() {
+  for (;;) {
+    try {
+      const { messages } = await (await fetch("/console/api/robots")).json();
+      for (const message of messages.slice(robotShown)) {
+        const body = message.body;
+        const content = body.markdown ? body.markdown.content : (body.text ? body.text.content : JSON.stringify(body));
+        addMessage("bot", renderMarkdown(content) + '<div class="status">group robot (webhook)</div>',
+                   `🤖 ${message.robot}`);
+      }
+      robotShown = messages.length;
+    } catch (error) {
+      // the demo is starting or stopping
+    }
+    await new Promise(resolve => setTimeout(resolve, 1000));
+  }
+}
+
 async function refreshRedis(streamId, bubble = null) {
   const response = await fetch(`/console/api/stream/${encodeURIComponent(streamId)}?bot=${encodeURIComponent(config.name)}`);
   const info = await response.json();
@@ -627,6 +648,7 @@ async function start() {
   });
   document.body.dataset.ready = "true";
   watchProactiveMessages();
+  watchRobotMessages();
 }
 
 start();
