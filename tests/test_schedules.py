@@ -272,3 +272,15 @@ def test_ticks_are_claimed_once_by_processes_racing_for_them(start, dify, wecom_
     for _ in range(3):
         followed()
     assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
+
+
+def test_a_tick_runs_though_redis_lost_the_schedules_record_meanwhile(start, dify, wecom_api, redis_client):
+    """A failover (or a flush) loses the record of the schedule's latest tick while the replicas watch it: the tick
+    they waited for still runs, once (a schedule is new only to a process that never saw it)."""
+    dify.script(d.answer("still on time"))
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""), at=NINE - 4)
+    time.sleep(1.5)  # the replicas have seen the schedule (its latest tick recorded)
+    redis_client.flushdb()
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
+    time.sleep(1.5)
+    assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1

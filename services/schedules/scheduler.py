@@ -6,7 +6,8 @@ ticks not yet settled, whichever process started them:
 - **Fire.** Each schedule's next tick is known in the process, so a second with nothing due costs one Redis call
   per bot (its open ticks). A tick due is claimed once across every process (services/schedules/ticks.py): the
   claimer starts its answer; a tick found later than its `catch_up_seconds` is skipped instead, and said so. A
-  schedule never seen before counts its ticks from its next one (a new schedule is not late for the ones before).
+  schedule never seen before counts its ticks from its next one (a new schedule is not late for the ones before);
+  a process that watched it already runs the tick it waited for, should Redis have lost the schedule's record.
 - **Follow.** A try whose process died (its stream's lease lapsed before it ended) is taken over: the old stream is
   ended, the backend asked again in a new try (at most MOST_TRIES). An answer that ended is pushed to each target
   by one process at a time, each target once (services/schedules/targets.py); a failed or empty answer pushes
@@ -120,11 +121,14 @@ class Scheduler:
         for name in due:
             timetable = bot.timetables[name]
             tick = timetable.latest(now)
+            watched = name in bot.due  # this process knew the schedule before the tick (its record may be lost)
             bot.due[name] = timetable.next(now).at
             late = now - tick.at
-            if last[name] is None:  # first seen: its ticks count from the next one on
+            if last[name] is None and not watched:  # new: its ticks count from the next one on
                 bot.book.seen(name, tick.at)
                 last[name] = tick.at
+            elif last[name] is None:
+                last[name] = tick.at - 1
             if tick.at <= last[name]:
                 continue
             if late > timetable.schedule.catch_up_seconds:
