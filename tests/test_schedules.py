@@ -284,3 +284,18 @@ def test_a_tick_runs_though_redis_lost_the_schedules_record_meanwhile(start, dif
     assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
     time.sleep(1.5)
     assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
+
+
+def test_a_schedule_added_to_the_bots_file_runs_on_every_replica_without_a_restart(start, dify, wecom_api, tmp_path):
+    dify.script(d.answer("the half-hour report"))
+    clock, apps = start(at=NINE + 3600)  # 10:00
+    half_hourly = (
+        '[[bots.assistant.schedules]]\nname = "half"\ncron = "30 * * * *"\nquestion = "q"\nto = ["webhook:ops"]'
+    )
+    bots_file(tmp_path, wecom_api, DAILY + half_hourly)
+    served = [app.extensions["gateway"].scheduler for app in apps]
+    assert wait_until(lambda: all("half" in s.bots["assistant"].timetables for s in served), timeout=20)
+    clock.set(NINE + 3600 + 30 * 60 - 2)  # 10:29:58
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
+    time.sleep(1.5)
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "the half-hour report"}}]

@@ -31,6 +31,7 @@ from services.audit.rows import ADMIN
 from services.chat.quotas import CHAT, USER
 from services.keys import Keys
 from services.redis_conn import REDIS_FAILURES
+from services.schedules.ticks import PUSHED, SKIPPED
 from services.streams.life import (
     ANSWERED,
     BLOCKED,
@@ -42,6 +43,7 @@ from services.streams.life import (
     NOTE,
     OVER_QUOTA,
     PUSH,
+    SCHEDULE,
     STOP,
     STOPPED,
 )
@@ -52,8 +54,8 @@ FILTERS = ("since", "until", "bot", "route", "user", "chat", "outcome", "text", 
 AUDIT_OFF = "The audit trail is off here (AUDIT=off, or no DATABASE_URL)."
 TEXT_MOST_ROWS = 40_000  # the rows a text search reads at most without a user or a chat (_filter)
 # what the audit search offers, named where they are made
-KINDS = (MESSAGE, STOP, FORM_ACTION, FEEDBACK, PUSH, ADMIN)
-OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR, DONE, REFUSED, *DIRECT_OUTCOMES)
+KINDS = (MESSAGE, STOP, FORM_ACTION, FEEDBACK, PUSH, SCHEDULE, ADMIN)
+OUTCOMES = (ANSWERED, NOTE, STOPPED, BLOCKED, OVER_QUOTA, BUSY, ERROR, DONE, REFUSED, *DIRECT_OUTCOMES, PUSHED, SKIPPED)
 # No script or style from anywhere else, no framing: the page works offline and cannot be embedded.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",

@@ -134,6 +134,10 @@ class TickAnswers:
             return None
         return meta, "".join(self.store.reads.chunks(stream_id))
 
+    def known(self, stream_id: str) -> bool:
+        """Whether the try's stream is still in Redis."""
+        return bool(stream_id) and bool(self.store.client.exists(self.store.keys.stream(stream_id)))
+
     def alive(self, stream_id: str) -> bool:
         """Whether some process still answers the try (its stream is active and its lease held)."""
         meta = self.store.reads.meta(stream_id)

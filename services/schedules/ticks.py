@@ -150,11 +150,26 @@ class TickBook:
     def claim(self, name: str, tick: int, skipped_because: str = "", by_hand: bool = False) -> bool:
         """Create the tick, running (or skipped, saying why); False when another process did first. A tick run
         `by_hand` (`schedules run`) leaves the timetable's ticks as they were."""
-        keys = [self.keys.schedule_tick(name, tick), self.keys.schedule_last(name), self.keys.schedule_open()]
-        status = SKIPPED if skipped_because else RUNNING
-        args = [tick, self.owner, f"{time.time():.3f}", status, skipped_because]
-        ttls = [SCHEDULE_TICK_TTL_SECONDS, SCHEDULE_LAST_TTL_SECONDS]
-        return bool(self._claim(keys, [*args, *ttls, f"{name}:{tick}", "" if by_hand else "1"]))
+        return self.claim_each([(name, tick, skipped_because)], by_hand)[0]
+
+    def claim_each(self, ticks: list[tuple[str, int, str]], by_hand: bool = False) -> list[bool]:
+        """Claim each (schedule, tick, why it is skipped or "") in one round trip: whether this process did, each.
+
+        Raises:
+            redis.RedisError: Redis did not answer (a claim may have been made: its tick runs, taken over).
+        """
+        calls = []
+        for name, tick, skipped_because in ticks:
+            keys = [self.keys.schedule_tick(name, tick), self.keys.schedule_last(name), self.keys.schedule_open()]
+            status = SKIPPED if skipped_because else RUNNING
+            args = [tick, self.owner, f"{time.time():.3f}", status, skipped_because]
+            ttls = [SCHEDULE_TICK_TTL_SECONDS, SCHEDULE_LAST_TTL_SECONDS]
+            calls.append((keys, [*args, *ttls, f"{name}:{tick}", "" if by_hand else "1"]))
+        results = self._claim.run_each(calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [bool(result) for result in results]
 
     def open_ticks(self) -> list[tuple[str, int]]:
         """The bot's ticks not yet settled: (schedule, tick), oldest first."""
