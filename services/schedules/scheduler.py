@@ -124,10 +124,11 @@ class Scheduler:
         last = bot.book.last(due)
         wanted: list[tuple[str, int, str]] = []
         for name in due:
-            timetable = bot.timetables[name]
-            tick = timetable.latest(now)
-            watched = name in bot.due  # this process knew the schedule before the tick (its record may be lost)
-            bot.due[name] = timetable.next(now).at
+            timetable, waited_for = bot.timetables[name], bot.due.get(name)
+            watched = waited_for is not None  # this process knew the schedule before the tick (its record may be lost)
+            # the tick waited for, unless a later one fell since (ticks are a minute apart at least)
+            tick = timetable.at(waited_for) if watched and now - waited_for < 60 else timetable.latest(now)
+            bot.due[name] = timetable.next(tick.at).at
             late = now - tick.at
             if last[name] is None and not watched:  # new: its ticks count from the next one on
                 bot.book.seen(name, tick.at)
