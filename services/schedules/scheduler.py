@@ -71,6 +71,7 @@ class Scheduler:
         self.bots: dict[str, ScheduledBot] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stepping = threading.Lock()
 
     def serve(self, bots: dict[str, ScheduledBot]) -> None:
         """The bots whose schedules run from now on (a bots file changed: a bot's schedules as the file says, each
@@ -107,7 +108,12 @@ class Scheduler:
         self._stop.wait(max(0.05, math.floor(now) + STEP_SECONDS + STEP_OFFSET_SECONDS - now))
 
     def step(self) -> None:
-        """Fire the ticks due and follow the open ones, for every bot (one bot's Redis away delays only it)."""
+        """Fire the ticks due and follow the open ones, for every bot (one bot's Redis away delays only it). One
+        step at a time in a process (what it knows of each schedule's next tick is its own)."""
+        with self._stepping:
+            self._step()
+
+    def _step(self) -> None:
         for bot in list(self.bots.values()):
             try:
                 self._fire(bot, self.clock())
@@ -127,7 +133,7 @@ class Scheduler:
             timetable, waited_for = bot.timetables[name], bot.due.get(name)
             watched = waited_for is not None  # this process knew the schedule before the tick (its record may be lost)
             # the tick waited for, unless a later one fell since (ticks are a minute apart at least)
-            tick = timetable.at(waited_for) if watched and now - waited_for < 60 else timetable.latest(now)
+            tick = timetable.at(waited_for) if watched and 0 <= now - waited_for < 60 else timetable.latest(now)
             bot.due[name] = timetable.next(tick.at).at
             late = now - tick.at
             if last[name] is None and not watched:  # new: its ticks count from the next one on
@@ -194,7 +200,8 @@ class Scheduler:
         """Follow one tick here until it is settled or `timeout` seconds pass (`flask schedules run`); its state."""
         bot, deadline = self.bots[bot_name], time.monotonic() + timeout
         while True:
-            self._follow_tick(bot, name, tick, self.clock())
+            with self._stepping:
+                self._follow_tick(bot, name, tick, self.clock())
             state = bot.book.state(name, tick)
             if state is None or state.status in SETTLED or time.monotonic() > deadline:
                 return state
