@@ -100,16 +100,20 @@ def firing(env, options, wecom: WeComApiStandIn, folder: Path) -> dict:
         first += 60
     ticks = [first + 60 * n for n in range(options.ticks)]
     time.sleep(max(0.0, ticks[-1] + 30 - time.time()))
-    claimed, late_claims, late_pushes, duplicates = 0, [], [], 0
+    claimed, late_claims, late_pushes, duplicates, earlier = 0, [], [], 0, 0
+    candidates = [tick for tick in range(first - 180, ticks[-1] + 60, 60)]  # (a tick may fall while they start)
     for n in range(options.schedules):
-        for tick in ticks:
+        ran = []
+        for tick in candidates:
             record = client.hgetall(f"{PREFIX}schedule:{{{PREFIX}schedules}}:s{n}:{tick}")
             if record:
-                claimed += 1
+                ran.append(tick)
+                claimed += tick in ticks
+                earlier += tick < first
                 late_claims.append(float(record["claimed_at"]) - tick)
-        sent = [s for s in wecom.sent if s.key == f"robot-{n}"]
-        duplicates += max(0, len(sent) - len(ticks))
-        late_pushes += [s.at - tick for s, tick in zip(sent, ticks, strict=False)]
+        sent = sorted(s.at for s in wecom.sent if s.key == f"robot-{n}")
+        duplicates += max(0, len(sent) - len(ran))
+        late_pushes += [at - tick for at, tick in zip(sent, ran, strict=False)]
     questions = [r["body"].get("query", "") for r in env.dify.requests if isinstance(r["body"], dict)]
     for replica in replicas:
         env.stop_gateway(replica)
@@ -119,6 +123,7 @@ def firing(env, options, wecom: WeComApiStandIn, folder: Path) -> dict:
         "ticks": len(ticks),
         "ticks_claimed": claimed,
         "ticks_expected": options.schedules * len(ticks),
+        "ticks_before_the_measured_ones": earlier,  # (one fell while the replicas started: run once too)
         "dify_calls": len(questions),
         "dify_calls_distinct": len(set(questions)),
         "robot_messages": len(wecom.sent),

@@ -299,3 +299,17 @@ def test_a_schedule_added_to_the_bots_file_runs_on_every_replica_without_a_resta
     assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
     time.sleep(1.5)
     assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "the half-hour report"}}]
+
+
+def test_a_try_whose_answer_just_ended_is_not_taken_over(start, dify, wecom_api, redis_client):
+    """A process looking at a tick between its answer's end and the push sees an ended try as alive (the next look
+    pushes it), never as lost: bench/schedules.py once saw a tick asked twice so, its answer ended meanwhile."""
+    dify.script(d.answer("once"))
+    _, (a, _) = start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
+    scheduled = a.extensions["gateway"].scheduler.bots["assistant"]
+    assert wait_until(lambda: scheduled.book.state("daily", int(NINE)).status == "pushed", timeout=5)
+    state = scheduled.book.state("daily", int(NINE))
+    assert scheduled.answers.alive(state.stream)
+    redis_client.delete(f"bot:assistant:dify_stream:{{{state.stream}}}")
+    assert not scheduled.answers.alive(state.stream)  # (a stream gone is lost: its tick is asked again)

@@ -139,10 +139,13 @@ class TickAnswers:
         return bool(stream_id) and bool(self.store.client.exists(self.store.keys.stream(stream_id)))
 
     def alive(self, stream_id: str) -> bool:
-        """Whether some process still answers the try (its stream is active and its lease held)."""
+        """Whether the try is not lost: its stream is there and ended (since it was last looked at: the next look
+        pushes it), or some process still answers it (its lease held)."""
         meta = self.store.reads.meta(stream_id)
-        if meta.get(F.status) not in ACTIVE_STATUSES:
+        if not meta:
             return False
+        if meta.get(F.status) not in ACTIVE_STATUSES:
+            return True
         return bool(self.store.client.exists(self.store.keys.stream_lease(stream_id)))
 
     def give_up(self, stream_id: str, note: str) -> None:
