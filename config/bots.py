@@ -24,6 +24,7 @@ from pathlib import Path
 
 from config.schedules import load_schedules
 from config.settings import VARIABLES, BotSettings, RouteSettings, Settings, SettingsError, setting_in
+from config.tables import named_tables
 
 DEFAULT_BOT = "default"
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -130,21 +131,8 @@ def _routes(
 ) -> tuple[RouteSettings, ...]:
     """A bot's routes, in the file's order (the first that takes a message answers it); their problems added, one
     line each naming bot, route and key."""
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        problems.append(f"{bot_where}: routes must be tables ([[bots.<name>.routes]])")
-        return ()
     routes: list[RouteSettings] = []
-    names: set[str] = set()
-    for number, table in enumerate(tables, start=1):
-        name = table.get("name")
-        where = f"{bot_where} route {name if isinstance(name, str) and name else f'#{number}'}"
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            problems.append(f"{where}: name must be 1 to 32 of a-z, 0-9, _ and -")
-            continue
-        if name in names:
-            problems.append(f"{where}: name is another route's of this bot already")
-            continue
-        names.add(name)
+    for name, where, table in named_tables(tables, bot_where, "route", problems):
         given = {k: v for k, v in table.items() if k not in ROUTE_KEYS}
         unknown = sorted(k for k in given if k.removesuffix("_file") not in ROUTE_SETTINGS)
         problems += [

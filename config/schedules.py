@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from config.settings import WEBHOOK_NAME, BotSettings, ScheduleSettings
+from config.settings import BotSettings, ScheduleSettings
+from config.tables import named_tables
 
 SCHEDULE_KEYS = ("name", "cron", "timezone", "question", "inputs", "route", "to", "catch_up_seconds")
-SCHEDULE_NAME = WEBHOOK_NAME  # 1 to 32 of a-z, 0-9, _ and -
 TARGET = re.compile(r"(webhook|chat|user|party|tag):([^\s|]{1,128})")
 DEFAULT_CATCH_UP_SECONDS = 300
 MOST_CATCH_UP_SECONDS = 24 * 3600  # a tick's record is kept two days (services/keys.py)
@@ -22,21 +22,8 @@ PLACEHOLDERS = re.compile(r"\{(?!date\}|datetime\})[^{}]*\}")  # a {...} that is
 def load_schedules(tables, bot: BotSettings, where: str, problems: list[str]) -> tuple[ScheduleSettings, ...]:
     """The schedules of `bot` (its routes, webhooks, self-built app and WeCom mode known), in the file's order;
     their problems added to `problems`."""
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        problems.append(f"{where}: schedules must be tables ([[bots.<name>.schedules]])")
-        return ()
     schedules: list[ScheduleSettings] = []
-    names: set[str] = set()
-    for number, table in enumerate(tables, start=1):
-        name = table.get("name")
-        here = f"{where} schedule {name if isinstance(name, str) and name else f'#{number}'}"
-        if not isinstance(name, str) or not SCHEDULE_NAME.fullmatch(name):
-            problems.append(f"{here}: name must be 1 to 32 of a-z, 0-9, _ and -")
-            continue
-        if name in names:
-            problems.append(f"{here}: name is another schedule's of this bot already")
-            continue
-        names.add(name)
+    for _, here, table in named_tables(tables, where, "schedule", problems):
         found: list[str] = []
         schedule = _schedule(table, bot, found)
         problems += [f"{here}: {problem}" for problem in found]
