@@ -20,7 +20,7 @@ import pytest
 from config.bots import load_bots
 from config.settings import SettingsError
 from demo import dify_standin as d
-from demo.wecom_api_standin import WeComApiStandIn
+from demo.wecom_api_standin import Sent, WeComApiStandIn
 from services import metrics
 from services.schedules import scheduler as scheduler_module
 from tests import test_audit
@@ -313,3 +313,22 @@ def test_a_try_whose_answer_just_ended_is_not_taken_over(start, dify, wecom_api,
     assert scheduled.answers.alive(state.stream)
     redis_client.delete(f"bot:assistant:dify_stream:{{{state.stream}}}")
     assert not scheduled.answers.alive(state.stream)  # (a stream gone is lost: its tick is asked again)
+
+
+def test_a_tick_waits_for_its_webhooks_minute_then_pushes_once(start, dify, wecom_api, redis_client):
+    from services.push.webhooks import WebhookMessage
+
+    dify.script(d.answer("after the wait"))
+    _, (a, _) = start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    scheduled = a.extensions["gateway"].scheduler.bots["assistant"]
+    for number in range(20):  # the robot's minute is full (WeCom takes 20)
+        scheduled.pushers.webhooks.push("ops", WebhookMessage(f"alert {number}", False))
+    assert wait_until(lambda: getattr(scheduled.book.state("daily", int(NINE)), "status", "") == "pushing", 15)
+    time.sleep(1.5)
+    assert len(wecom_api.to(KEY)) == 20  # held back, not refused by WeCom
+    # the minute has passed, for the gateway's count and WeCom's
+    redis_client.delete("bot:assistant:webhook_sends:ops")
+    wecom_api.sent[:] = [Sent(sent.key, sent.body, sent.at - 60) for sent in wecom_api.sent]
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 21, timeout=10)
+    assert wait_until(lambda: scheduled.book.state("daily", int(NINE)).status == "pushed", timeout=5)
+    assert wecom_api.to(KEY)[-1] == {"msgtype": "markdown", "markdown": {"content": "after the wait"}}

@@ -28,9 +28,10 @@ from services import metrics
 from services.audit.queue import AuditQueue
 from services.audit.rows import AuditRow, row_of_stream
 from services.loops import run_until
+from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.schedules.answers import TickAnswers
-from services.schedules.targets import Pushers, Waiting, groups, push_group
+from services.schedules.targets import Pushers, groups, push_group
 from services.schedules.ticks import FAILED, PARTIAL, PUSHED, PUSHING, RUNNING, SETTLED, TickBook, TickState
 from services.schedules.timetable import Timetable
 from services.streams.life import SCHEDULE
@@ -277,7 +278,7 @@ class Scheduler:
                 return  # (another process took the pushing over: it goes on from what is recorded)
             try:
                 said = push_group(bot.pushers, group, text, f"schedule:{bot.name}:{name}:{tick}")
-            except Waiting as waiting:
+            except OverQuota as waiting:
                 if now - tick < WAIT_LIMIT_SECONDS:
                     logger.info(
                         "schedule %s: %s is at WeCom's limit; trying again in %d s", name, label, waiting.retry_after

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from services.push.app import APP_MARKDOWN_BYTES, AppPushes, AppTargets
 from services.push.direct import SENDING, UNKNOWN
-from services.push.pushes import BotPushes, OverQuota, Target
+from services.push.pushes import BotPushes, Target
 from services.push.webhooks import WEBHOOK_MARKDOWN_BYTES, WebhookMessage, WebhookPushes
 from services.wecom.limits import MAX_CONTENT_BYTES
 from utils.text import cut_utf8, utf8_len
@@ -19,14 +19,6 @@ from utils.text import cut_utf8, utf8_len
 logger = logging.getLogger(__name__)
 
 APP_KINDS = ("user", "party", "tag")
-
-
-class Waiting(Exception):
-    """A target had its limit of messages: try it again in `retry_after` seconds (nothing was sent)."""
-
-    def __init__(self, retry_after: int):
-        super().__init__(f"over the target's limit; retry in {retry_after}s")
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -65,24 +57,19 @@ def push_group(pushers: Pushers, group: tuple[str, ...], text: str, key: str) ->
     Idempotency-Key is `key`, the group and the part's number.
 
     Raises:
-        Waiting: a webhook had WeCom's 20 a minute (the parts before went out; a later pass sends the rest).
+        OverQuota: a webhook had WeCom's 20 a minute, or a chat its limit (the parts before went out; a later pass
+            sends the rest).
         redis.RedisError: Redis did not answer (a later pass goes on: what went out is not sent again).
     """
     kind, _, value = group[0].partition(":")
     said = []
     if kind == "webhook":
         for number, part in enumerate(parts(text, WEBHOOK_MARKDOWN_BYTES)):
-            try:
-                _, status, _ = pushers.webhooks.push(value, WebhookMessage(part, True), f"{key}:{group[0]}:{number}")
-            except OverQuota as over:
-                raise Waiting(over.retry_after) from None
+            _, status, _ = pushers.webhooks.push(value, WebhookMessage(part, True), f"{key}:{group[0]}:{number}")
             said.append(_said(status))
     elif kind == "chat":
         for number, part in enumerate(parts(text, MAX_CONTENT_BYTES)):
-            try:
-                pushers.chats.push(Target(value, single=False), part, f"{key}:{group[0]}:{number}")
-            except OverQuota as over:
-                raise Waiting(over.retry_after) from None
+            pushers.chats.push(Target(value, single=False), part, f"{key}:{group[0]}:{number}")
             said.append("queued")
     else:
         ids = {k: "|".join(t.partition(":")[2] for t in group if t.startswith(f"{k}:")) for k in APP_KINDS}
