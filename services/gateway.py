@@ -335,7 +335,7 @@ class Gateway:
         return ScheduledBot(
             bot.name,
             {schedule.name: Timetable(schedule) for schedule in bot.settings.schedules},
-            TickBook(self.redis, bot.keys, self.owner),
+            TickBook(self.redis, bot.keys, self.owner, bot.streams.store.durable),
             TickAnswers(bot.name, bot.streams),
             Pushers(pushers.webhooks, pushers.app, chats),
             self._audit_of(bot),

@@ -8,7 +8,8 @@ a few it does:
 - a stream's opening and its end: the new master would hold no stream, or an open one a poll would give up;
 - a long-connection answer queued for the workers: nobody would run it;
 - the long-connection outbox's records: what a bubble showed, that its answer was delivered, that a rest was sent
-  or is being sent; without them, the rest goes out again.
+  or is being sent; without them, the rest goes out again;
+- a schedule's tick claimed: another process would run the tick again.
 
 `Replication.execute` sends such a write, then `WAIT 1 <wait_ms>` on the same connection (WAIT counts the replicas
 holding what that connection wrote), so it returns once a replica holds the write. Sentinel promotes the replica
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, redis.TimeoutError)
 
 # The writes that wait for a replica (the `write` label of redis_writes_unreplicated_total).
-MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX = metrics.REPLICATED_WRITES
+MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX, SCHEDULE_CLAIM = metrics.REPLICATED_WRITES
 
 
 class Replication:

@@ -332,3 +332,16 @@ def test_a_tick_waits_for_its_webhooks_minute_then_pushes_once(start, dify, weco
     assert wait_until(lambda: len(wecom_api.to(KEY)) == 21, timeout=10)
     assert wait_until(lambda: scheduled.book.state("daily", int(NINE)).status == "pushed", timeout=5)
     assert wecom_api.to(KEY)[-1] == {"msgtype": "markdown", "markdown": {"content": "after the wait"}}
+
+
+def test_a_tick_is_claimed_and_pushed_once_on_every_topology(topology, start, dify, wecom_api):
+    """On Sentinel and Cluster the claims wait for a replica (a claim a failover lost would run the tick twice): a
+    bot's schedule keys share one slot, and its claims go in one round trip with their WAIT."""
+    dify.script(d.answer("on every topology"))
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""), **topology.settings)
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=20)
+    time.sleep(1.5)
+    assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
+    client = topology.client()
+    assert client.hget("bot:assistant:schedule:{bot:assistant:schedules}:daily:" + str(int(NINE)), "status") == "pushed"
+    client.close()

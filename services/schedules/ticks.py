@@ -24,6 +24,7 @@ from services.keys import (
     Keys,
 )
 from services.lua import LuaScript
+from services.replication import SCHEDULE_CLAIM, Replication
 
 RUNNING, PUSHING, PUSHED, PARTIAL, FAILED, SKIPPED = "running", "pushing", "pushed", "partial", "failed", "skipped"
 SETTLED = (PUSHED, PARTIAL, FAILED, SKIPPED)
@@ -126,10 +127,11 @@ class TickState:
 class TickBook:
     """One bot's ticks, in Redis."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, owner: str):
+    def __init__(self, client: redis.Redis, keys: Keys, owner: str, durable: Replication):
         self.client = client
         self.keys = keys
         self.owner = owner
+        self.durable = durable  # the claims wait for a replica (services/replication.py)
         self._claim = LuaScript(client, _CLAIM)
         self._take_over = LuaScript(client, _TAKE_OVER)
         self._name_stream = LuaScript(client, _NAME_STREAM)
@@ -165,11 +167,23 @@ class TickBook:
             args = [tick, self.owner, f"{time.time():.3f}", status, skipped_because]
             ttls = [SCHEDULE_TICK_TTL_SECONDS, SCHEDULE_LAST_TTL_SECONDS]
             calls.append((keys, [*args, *ttls, f"{name}:{tick}", "" if by_hand else "1"]))
-        results = self._claim.run_each(calls)
+        results = self._durable_claims(calls)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return [bool(result) for result in results]
+
+    def _durable_claims(self, calls: list[tuple[list[str], list]]) -> list:
+        """The claims in one round trip that waits for a replica to hold them (Sentinel, Cluster: a claim a
+        failover lost would let a second process run the tick); NOSCRIPT: the script loaded, the claims sent again."""
+        if not calls:
+            return []
+        commands = [self._claim.command(keys, args) for keys, args in calls]
+        results = self.durable.execute(self.keys.schedule_open(), commands, SCHEDULE_CLAIM)
+        if any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
+            self._claim.load()
+            results = self.durable.execute(self.keys.schedule_open(), commands, SCHEDULE_CLAIM)
+        return results
 
     def open_ticks(self) -> list[tuple[str, int]]:
         """The bot's ticks not yet settled: (schedule, tick), oldest first."""
