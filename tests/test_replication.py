@@ -17,6 +17,7 @@ from services.longconn.ledger import AckLedger
 from services.longconn.outbox import Outbox, tracking
 from services.redis_conn import connect_redis
 from services.replication import Replication
+from services.schedules.ticks import TickBook
 from services.streams.poll_path import PollPath
 from services.streams.record import DONE
 from services.streams.store import StreamStore, first_attempt
@@ -76,12 +77,20 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         assert outbox.claim("s1", "holder:1")
         outbox.sent("s1")
         assert store.finish("s1", owner, DONE) is not None
+        assert TickBook(client, keys, "holder:1", store.durable).claim("daily", 1795741200)  # a schedule's tick
     finally:
         for replica in frozen:
             replica.resume()
     after = unconfirmed(bot)
     counted = {write: after[write] - before[write] for write in after}
-    assert counted == {"msgid_claim": 1, "stream_open": 1, "stream_end": 1, "answer_queue": 1, "outbox": 6}
+    assert counted == {
+        "msgid_claim": 1,
+        "stream_open": 1,
+        "stream_end": 1,
+        "answer_queue": 1,
+        "outbox": 6,
+        "schedule_claim": 1,
+    }
     client.close()
 
 
