@@ -305,7 +305,7 @@ class Gateway:
             )
         self.scheduler.serve(
             {
-                name: self._scheduled(bot, Pushers(webhooks.get(name), apps.get(name)))
+                name: self._scheduled(bot, webhooks.get(name), apps.get(name))
                 for name, bot in self.bots.items()
                 if bot.settings.schedules
             }
@@ -329,7 +329,7 @@ class Gateway:
         base = self.settings.wecom_api_base
         return AppPushes(bot.name, self.redis, bot.keys, app, base, self._audit_of(bot), self.owner, self.webhook_http)
 
-    def _scheduled(self, bot: Bot, pushers: Pushers) -> ScheduledBot:
+    def _scheduled(self, bot: Bot, webhooks: WebhookPushes | None, app: AppPushes | None) -> ScheduledBot:
         """What a bot's schedules run with: their timetables, its ticks, answers and ways to push."""
         chats = bot.connection.pushes if bot.connection is not None else None
         return ScheduledBot(
@@ -337,7 +337,7 @@ class Gateway:
             {schedule.name: Timetable(schedule) for schedule in bot.settings.schedules},
             TickBook(self.redis, bot.keys, self.owner, bot.streams.store.durable),
             TickAnswers(bot.name, bot.streams),
-            Pushers(pushers.webhooks, pushers.app, chats),
+            Pushers(webhooks, app, chats),
             self._audit_of(bot),
             self.settings.streams.lease_seconds,
         )

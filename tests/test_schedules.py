@@ -310,9 +310,10 @@ def test_a_try_whose_answer_just_ended_is_not_taken_over(start, dify, wecom_api,
     scheduled = a.extensions["gateway"].scheduler.bots["assistant"]
     assert wait_until(lambda: scheduled.book.state("daily", int(NINE)).status == "pushed", timeout=5)
     state = scheduled.book.state("daily", int(NINE))
-    assert scheduled.answers.alive(state.stream)
+    assert scheduled.answers.alive(state.stream, scheduled.answers.record(state.stream))
     redis_client.delete(f"bot:assistant:dify_stream:{{{state.stream}}}")
-    assert not scheduled.answers.alive(state.stream)  # (a stream gone is lost: its tick is asked again)
+    gone = scheduled.answers.record(state.stream)
+    assert not scheduled.answers.alive(state.stream, gone)  # (a stream gone is lost: its tick is asked again)
 
 
 def test_a_tick_waits_for_its_webhooks_minute_then_pushes_once(start, dify, wecom_api, redis_client):

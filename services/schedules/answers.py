@@ -24,6 +24,11 @@ from services.wecom.messages import Inbound
 logger = logging.getLogger(__name__)
 
 
+def has_ended(record: dict[str, str]) -> bool:
+    """Whether a try's stream (its hash) is final: done, error, or no longer there to be answered."""
+    return bool(record) and record.get(F.status) not in ACTIVE_STATUSES
+
+
 class NoBubble:
     """The Delivery of a tick's answer: nothing reaches a user but through the tick's pushes."""
 
@@ -127,26 +132,20 @@ class TickAnswers:
         self.streams.runner.start(job, lambda cancelled, lease: self._run(job, cancelled, lease), self.store, self.bot)
         return job.stream_id
 
-    def end(self, stream_id: str) -> tuple[dict[str, str], str] | None:
-        """A try's stream once it ended: its hash and its text; None while it is still being answered."""
-        meta = self.store.reads.meta(stream_id)
-        if not meta or meta.get(F.status) in ACTIVE_STATUSES:
-            return None
-        return meta, "".join(self.store.reads.chunks(stream_id))
+    def record(self, stream_id: str) -> dict[str, str]:
+        """A try's stream's hash ({} for no stream, or one gone)."""
+        return self.store.reads.meta(stream_id) if stream_id else {}
 
-    def known(self, stream_id: str) -> bool:
-        """Whether the try's stream is still in Redis."""
-        return bool(stream_id) and bool(self.store.client.exists(self.store.keys.stream(stream_id)))
+    def text(self, stream_id: str) -> str:
+        return "".join(self.store.reads.chunks(stream_id))
 
-    def alive(self, stream_id: str) -> bool:
-        """Whether the try is not lost: its stream is there and ended (since it was last looked at: the next look
-        pushes it), or some process still answers it (its lease held)."""
-        meta = self.store.reads.meta(stream_id)
-        if not meta:
+    def alive(self, stream_id: str, record: dict[str, str]) -> bool:
+        """Whether the try (its stream's hash as just read: `record`) is not lost: it ended (the next look pushes
+        it), or some process still holds its lease (a finished answer's lease is left to run out, so one that ends
+        after the read is not mistaken for lost); a stream gone is lost."""
+        if not record:
             return False
-        if meta.get(F.status) not in ACTIVE_STATUSES:
-            return True
-        return bool(self.store.client.exists(self.store.keys.stream_lease(stream_id)))
+        return has_ended(record) or bool(self.store.client.exists(self.store.keys.stream_lease(stream_id)))
 
     def give_up(self, stream_id: str, note: str) -> None:
         """End a try whose process died (or froze: its writes are refused from now on), and stop its backend's task

@@ -30,7 +30,7 @@ from services.audit.rows import AuditRow, row_of_stream
 from services.loops import run_until
 from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
-from services.schedules.answers import TickAnswers
+from services.schedules.answers import TickAnswers, has_ended
 from services.schedules.targets import Pushers, groups, push_group
 from services.schedules.ticks import FAILED, PARTIAL, PUSHED, PUSHING, RUNNING, SETTLED, TickBook, TickState
 from services.schedules.timetable import Timetable
@@ -184,18 +184,19 @@ class Scheduler:
         for name, tick in bot.book.open_ticks():
             self._follow_tick(bot, name, tick, now)
 
-    def _follow_tick(self, bot: ScheduledBot, name: str, tick: int, now: float) -> TickState | None:
-        """Take the tick one step on (its answer pushed, its dead try taken over); its state as read."""
+    def _follow_tick(self, bot: ScheduledBot, name: str, tick: int, now: float) -> None:
+        """Take the tick one step on: its ended answer pushed, its lost try taken over."""
         state = bot.book.state(name, tick)
         if state is None or state.status in SETTLED or name not in bot.timetables:
             if state is not None and state.status not in SETTLED:
                 logger.warning("schedule %s of bot %s left the bots file: tick %s not followed", name, bot.name, tick)
             bot.book.forget_open(name, tick)
-        elif state.status == PUSHING or (state.status == RUNNING and state.stream and bot.answers.end(state.stream)):
-            self._push(bot, name, tick, state, now)
-        elif state.status == RUNNING and not self._alive(bot, state, now):
+            return
+        record = bot.answers.record(state.stream)  # (read once a look)
+        if state.status == PUSHING or (state.status == RUNNING and has_ended(record)):
+            self._push(bot, name, tick, state, record, now)
+        elif state.status == RUNNING and not self._alive(bot, state, record, now):
             self._take_over(bot, name, tick, state)
-        return state
 
     def settle(self, bot_name: str, name: str, tick: int, timeout: float) -> TickState | None:
         """Follow one tick here until it is settled or `timeout` seconds pass (`flask schedules run`); its state."""
@@ -229,12 +230,12 @@ class Scheduler:
                 )
         return rows
 
-    def _alive(self, bot: ScheduledBot, state: TickState, now: float) -> bool:
+    def _alive(self, bot: ScheduledBot, state: TickState, record: dict[str, str], now: float) -> bool:
         """Whether the tick's try still runs somewhere: in this process, or with its stream's lease held (a try not
         yet given a stream: within the lease of its claim)."""
         if not state.stream:
             return now - state.claimed_at < bot.lease_seconds
-        return bot.answers.runs_here(state.stream) or bot.answers.alive(state.stream)
+        return bot.answers.runs_here(state.stream) or bot.answers.alive(state.stream, record)
 
     def _take_over(self, bot: ScheduledBot, name: str, tick: int, state: TickState) -> None:
         if not bot.answers.has_room():
@@ -255,14 +256,14 @@ class Scheduler:
 
     # --- pushing -----------------------------------------------------------------------------------------------
 
-    def _push(self, bot: ScheduledBot, name: str, tick: int, state: TickState, now: float) -> None:
-        """Push the tick's answer to each target not pushed yet, holding the claim on its pushing; settle it."""
-        ended = bot.answers.end(state.stream) if state.stream else None
-        if ended is None and state.status == PUSHING and not bot.answers.known(state.stream):
-            ended = ({F.status: "gone", F.error: "its record expired before it was pushed"}, "")
-        if ended is None or not bot.book.claim_push(name, tick):
+    def _push(self, bot: ScheduledBot, name: str, tick: int, state: TickState, meta: dict, now: float) -> None:
+        """Push the tick's answer (its stream's hash: `meta`) to each target not pushed yet, holding the claim on its
+        pushing; settle it."""
+        if not meta and state.status == PUSHING:
+            meta = {F.status: "gone", F.error: "its record expired before it was pushed"}
+        if not has_ended(meta) or not bot.book.claim_push(name, tick):
             return
-        meta, text = ended
+        text = bot.answers.text(state.stream)
         why = _why_not_pushed(meta, text)
         if why:
             bot.book.settle(name, tick, FAILED, why)
