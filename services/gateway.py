@@ -320,14 +320,16 @@ class Gateway:
             name: base + url.removeprefix(WECOM_API) if url.startswith(WECOM_API) else url
             for name, url in bot.settings.wecom.webhook_urls().items()
         }
-        return WebhookPushes(bot.name, self.redis, bot.keys, urls, self._audit_of(bot), self.owner, self.webhook_http)
+        durable = bot.streams.store.durable
+        return WebhookPushes(bot.name, durable, bot.keys, urls, self._audit_of(bot), self.owner, self.webhook_http)
 
     def _app(self, bot: Bot) -> AppPushes:
         """A bot's self-built app for the push API."""
         wecom = bot.settings.wecom
         app = (wecom.app_corp_id, wecom.app_agent_id, wecom.app_secret)
         base = self.settings.wecom_api_base
-        return AppPushes(bot.name, self.redis, bot.keys, app, base, self._audit_of(bot), self.owner, self.webhook_http)
+        durable = bot.streams.store.durable
+        return AppPushes(bot.name, durable, bot.keys, app, base, self._audit_of(bot), self.owner, self.webhook_http)
 
     def _scheduled(self, bot: Bot, webhooks: WebhookPushes | None, app: AppPushes | None) -> ScheduledBot:
         """What a bot's schedules run with: their timetables, its ticks, answers and ways to push."""

@@ -294,7 +294,9 @@ WS_ERRCODES_SEEN = ("846605", "846608", "846609", "6000")
 SENT = ("sent", "failed")
 CARD_KINDS = ("form", "suggestions", "welcome")
 # The writes that wait for a Redis replica (services/replication.py).
-REPLICATED_WRITES = ("msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox", "schedule_claim")
+REPLICATED_WRITES = (
+    "msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox", "schedule_claim", "push_claim", "push_open",
+)  # fmt: skip
 FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
 FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_values", "bad_option")
 FORM_SUBMISSION_RESULTS = ("submitted", "expired", "refused", "failed")

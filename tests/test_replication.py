@@ -15,6 +15,7 @@ from services.keys import Keys
 from services.longconn.jobs import JobQueue
 from services.longconn.ledger import AckLedger
 from services.longconn.outbox import Outbox, tracking
+from services.push.direct import DirectPushes
 from services.redis_conn import connect_redis
 from services.replication import Replication
 from services.schedules.ticks import TickBook
@@ -78,6 +79,9 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         outbox.sent("s1")
         assert store.finish("s1", owner, DONE) is not None
         assert TickBook(client, keys, "holder:1", store.durable).claim("daily", 1795741200)  # a schedule's tick
+        pushes = DirectPushes(bot, store.durable, keys, None, "holder:1")  # a push's key, then its opening
+        push_id, earlier = pushes.claim("report-1")
+        assert earlier is None and pushes.opened(push_id, "webhook:ops")
     finally:
         for replica in frozen:
             replica.resume()
@@ -90,6 +94,8 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         "answer_queue": 1,
         "outbox": 6,
         "schedule_claim": 1,
+        "push_claim": 1,
+        "push_open": 1,
     }
     client.close()
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import redis
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
 from services.push.direct import FAILED, PARTIAL, SENDING, SENT, DirectPushes, outcome, post_once
+from services.replication import Replication
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class AppPushes(DirectPushes):
     def __init__(
         self,
         bot: str,
-        client: redis.Redis,
+        durable: Replication,
         keys: Keys,
         app: tuple[str, int, str],
         api_base: str,
@@ -63,7 +63,7 @@ class AppPushes(DirectPushes):
         owner: str,
         http: httpx.Client,
     ):
-        super().__init__(bot, client, keys, audit, owner)
+        super().__init__(bot, durable, keys, audit, owner)
         self.corp_id, self.agent_id, self._secret = app
         self.api_base = api_base.rstrip("/")
         self.http = http

@@ -17,6 +17,7 @@ from services import metrics
 from services.audit.queue import AuditQueue
 from services.audit.rows import AuditRow
 from services.keys import SENT_TTL_SECONDS, Keys
+from services.replication import PUSH_CLAIM, PUSH_OPEN, Replication, raise_first_error
 from services.streams.life import PUSH
 from services.streams.service import new_stream_id
 
@@ -28,11 +29,13 @@ LOST_REPLY = "the reply was lost: WeCom may have shown it, and it is not sent ag
 
 
 class DirectPushes:
-    """One bot's pushes over one of WeCom's HTTP APIs."""
+    """One bot's pushes over one of WeCom's HTTP APIs. A push's claim of its Idempotency-Key and its opening wait
+    for a replica (`durable`, services/replication.py): a failover that lost either would let a retry send it again."""
 
-    def __init__(self, bot: str, client: redis.Redis, keys: Keys, audit: AuditQueue | None, owner: str):
+    def __init__(self, bot: str, durable: Replication, keys: Keys, audit: AuditQueue | None, owner: str):
         self.bot = bot
-        self.client = client
+        self.durable = durable
+        self.client: redis.Redis = durable.client
         self.keys = keys
         self.audit = audit
         self.owner = owner
@@ -53,11 +56,15 @@ class DirectPushes:
             redis.RedisError: Redis did not answer (nothing sent).
         """
         push_id = new_stream_id()
-        key = self.keys.push_idempotency(idempotency_key) if idempotency_key else ""
-        if key and not self.client.set(key, push_id, nx=True, ex=SENT_TTL_SECONDS):
-            earlier = self.client.get(key)
-            if earlier:
-                return earlier, self.status(earlier)
+        if not idempotency_key:
+            return push_id, None
+        key = self.keys.push_idempotency(idempotency_key)
+        taken, earlier = self.durable.execute(
+            key, [("SET", key, push_id, "NX", "EX", SENT_TTL_SECONDS), ("GET", key)], PUSH_CLAIM
+        )
+        raise_first_error([taken, earlier])
+        if not taken and earlier:
+            return _text(earlier), self.status(_text(earlier))
         return push_id, None
 
     def release(self, idempotency_key: str) -> None:
@@ -73,13 +80,18 @@ class DirectPushes:
             redis.RedisError: Redis did not answer (nothing sent).
         """
         record = self.keys.direct_push(push_id)
-        if not self.client.hsetnx(record, "status", SENDING):
-            return False
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(record, mapping={"target": target, "created_at": f"{time.time():.3f}"})
-        pipe.expire(record, SENT_TTL_SECONDS)
-        pipe.execute()
-        return True
+        replies = self.durable.execute(
+            record,
+            [
+                ("HSETNX", record, "status", SENDING),
+                ("HSETNX", record, "target", target),
+                ("HSETNX", record, "created_at", f"{time.time():.3f}"),
+                ("EXPIRE", record, SENT_TTL_SECONDS),
+            ],
+            PUSH_OPEN,
+        )
+        raise_first_error(replies)
+        return bool(replies[0])
 
     def closed(self, push_id: str, target: str, status: str, error: str, content: str, msgtype: str) -> dict:
         """What became of the push: recorded, counted, logged and audited; returns its status for the API."""
@@ -93,6 +105,10 @@ class DirectPushes:
             )
             self.audit.replied(row)
         return {"status": status, **({"error": error} if error else {})}
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def outcome(reply: dict | None, lost: str, errors: dict[int, str]) -> tuple[str, str]:

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import redis
 
 from services import metrics
 from services.audit.queue import AuditQueue
@@ -18,6 +17,7 @@ from services.keys import Keys
 from services.lua import LuaScript
 from services.push.direct import SENDING, DirectPushes, outcome, post_once
 from services.push.pushes import OverQuota
+from services.replication import Replication
 
 PER_MINUTE = 20  # WeCom's limit per group robot
 WEBHOOK_TEXT_BYTES, WEBHOOK_MARKDOWN_BYTES = 2048, 4096  # what a group robot takes
@@ -61,17 +61,17 @@ class WebhookPushes(DirectPushes):
     def __init__(
         self,
         bot: str,
-        client: redis.Redis,
+        durable: Replication,
         keys: Keys,
         urls: dict[str, str],
         audit: AuditQueue | None,
         owner: str,
         http: httpx.Client,
     ):
-        super().__init__(bot, client, keys, audit, owner)
+        super().__init__(bot, durable, keys, audit, owner)
         self.urls = urls
         self.http = http
-        self._take_place = LuaScript(client, _TAKE_PLACE)
+        self._take_place = LuaScript(self.client, _TAKE_PLACE)
 
     def push(self, name: str, message: WebhookMessage, idempotency_key: str = "") -> tuple[str, dict, bool]:
         """Send `message` to the webhook `name` once; returns (the push's id, its status, whether it is new).
