@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 
 import httpx
 import pytest
+import redis
 
+from bench.faults.proxy import FaultyLink
 from config.settings import WECOM_API
 from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
+from services.push import direct
+from services.push.webhooks import WebhookMessage, WebhookPushes
+from services.redis_conn import connect_redis
+from services.replication import Replication
 from tests import test_audit
 from tests.conftest import KEYS, wait_until
 from tests.test_admin import sign_in
@@ -230,3 +238,46 @@ def test_a_retry_after_a_request_that_failed_before_sending_sends_it_once(replic
     assert retried["id"] == "first-push-id" and retried["status"] == "sent"
     assert push(b, {"webhook": "ops", "text": "nightly report"}, key="nightly-3").json()["repeated"]
     assert len(wecom_api.to(KEY)) == 1
+
+
+def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(wecom_api, redis_url, redis_client):
+    """Redis ran the push's opening and its reply was lost (every try of it, a reset each time): the request fails
+    before sending (503 at the API). It undoes its own opening on a connection that answers, so the retry with its
+    key sends the push, under the first id, once; not `sending` until it reads `unknown`."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    link = FaultyLink(port).start()
+    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    with httpx.Client() as http:
+        pushes = WebhookPushes(
+            "default", Replication(client), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, "r", http
+        )
+        link.lose_replies(1.0, random.Random(1), to=b"HSETNX")  # (only the opening's script carries it)
+        with pytest.raises(redis.RedisError):
+            pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-4")
+        link.heal()
+        assert wecom_api.to(KEY) == []
+        first = redis_client.get(KEYS.push_idempotency("nightly-4"))
+        assert first and not redis_client.exists(KEYS.direct_push(first))  # the key kept, its opening undone
+        push_id, found, new = pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-4")
+        assert (push_id, found["status"], new) == (first, "sent", True)
+        assert pushes.push("ops", WebhookMessage("again", markdown=True), "nightly-4")[1:] == (
+            {"status": "sent"},
+            False,
+        )
+    assert len(wecom_api.to(KEY)) == 1
+    client.close()
+    link.stop()
+
+
+def test_a_push_whose_sender_died_mid_send_reads_unknown(replicas, redis_client):
+    """A push opened and never closed (its replica died mid-send) reads `sending`, then, once older than any send
+    could take, `unknown`: it is never sent again."""
+    a, _ = replicas
+    redis_client.hset(KEYS.direct_push("dead-send"), mapping={"status": "sending", "created_at": f"{time.time():.3f}"})
+    redis_client.expire(KEYS.direct_push("dead-send"), 3600)
+    assert status(a, "dead-send")["status"] == "sending"
+    redis_client.hset(
+        KEYS.direct_push("dead-send"), "created_at", f"{time.time() - direct.SENDING_STALE_SECONDS - 1:.3f}"
+    )
+    found = status(a, "dead-send")
+    assert found["status"] == "unknown" and "stopped" in found["error"]

@@ -17,6 +17,8 @@ from services import metrics
 from services.audit.queue import AuditQueue
 from services.audit.rows import AuditRow
 from services.keys import SENT_TTL_SECONDS, Keys
+from services.lua import LuaScript
+from services.redis_conn import REDIS_FAILURES
 from services.replication import PUSH_CLAIM, PUSH_OPEN, Replication, raise_first_error
 from services.streams.life import PUSH
 from services.streams.service import new_stream_id
@@ -26,6 +28,27 @@ logger = logging.getLogger(__name__)
 SEND_TIMEOUT = 10.0
 SENDING, SENT, PARTIAL, FAILED, UNKNOWN = "sending", "sent", "partial", "failed", "unknown"
 LOST_REPLY = "the reply was lost: WeCom may have shown it, and it is not sent again"
+# A push still `sending` this long after it opened outlived every send its process could make (the app's: a token
+# fetched, a send, the send again with a new token): that process stopped mid-send, and the push reads `unknown`.
+SENDING_STALE_SECONDS = 4 * SEND_TIMEOUT
+# KEYS: the push's record. ARGV: the opener (this request), the target, now, the record's TTL. 1 if this request
+# opened the push (also when it runs again, its first reply lost with a dropped connection), 0 if another did.
+_OPEN = """
+if redis.call('HSETNX', KEYS[1], 'status', 'sending') == 0 then
+  return redis.call('HGET', KEYS[1], 'opener') == ARGV[1] and 1 or 0
+end
+redis.call('HSET', KEYS[1], 'opener', ARGV[1], 'target', ARGV[2], 'created_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# KEYS: the push's record. ARGV: the opener, 'sending'. Forgets an opening this request made and then did not send.
+_UNDO_OPENING = """
+if redis.call('HGET', KEYS[1], 'opener') == ARGV[1] and redis.call('HGET', KEYS[1], 'status') == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+STOPPED_MID_SEND = "the process sending it stopped: WeCom may have shown it, and it is not sent again"
 
 
 class DirectPushes:
@@ -39,12 +62,15 @@ class DirectPushes:
         self.keys = keys
         self.audit = audit
         self.owner = owner
+        self._undo_opening = LuaScript(self.client, _UNDO_OPENING)
 
     def status(self, push_id: str) -> dict | None:
         """{"status", "error"?}; None for a push this bot did not make this way (or more than a day ago)."""
         found = self.client.hgetall(self.keys.direct_push(push_id))
         if not found:
             return None
+        if found["status"] == SENDING and time.time() - float(found.get("created_at") or 0) > SENDING_STALE_SECONDS:
+            return {"status": UNKNOWN, "error": STOPPED_MID_SEND}
         return {"status": found["status"], **({"error": found["error"]} if found.get("error") else {})}
 
     def claim(self, idempotency_key: str) -> tuple[str, dict | None]:
@@ -77,25 +103,29 @@ class DirectPushes:
         if another request with its key opened it first.
 
         Raises:
-            redis.RedisError: Redis did not answer (nothing sent).
+            redis.RedisError: Redis did not answer (nothing sent). The opening may have been written all the same
+                (its reply lost): it is undone where Redis answers again at once, so that a retry with the key sends
+                the push rather than find it `sending` until it reads `unknown`.
         """
-        record = self.keys.direct_push(push_id)
-        replies = self.durable.execute(
-            record,
-            [
-                ("HSETNX", record, "status", SENDING),
-                ("HSETNX", record, "target", target),
-                ("HSETNX", record, "created_at", f"{time.time():.3f}"),
-                ("EXPIRE", record, SENT_TTL_SECONDS),
-            ],
-            PUSH_OPEN,
-        )
-        raise_first_error(replies)
+        record, opener = self.keys.direct_push(push_id), new_stream_id()
+        opening = ("EVAL", _OPEN, 1, record, opener, target, f"{time.time():.3f}", SENT_TTL_SECONDS)
+        try:
+            replies = self.durable.execute(record, [opening], PUSH_OPEN)
+            raise_first_error(replies)
+        except REDIS_FAILURES:
+            try:
+                self._undo_opening([record], [opener, SENDING])
+            except REDIS_FAILURES:
+                logger.warning("push %s: its opening could not be undone (Redis away): it reads unknown", push_id)
+            raise
         return bool(replies[0])
 
     def closed(self, push_id: str, target: str, status: str, error: str, content: str, msgtype: str) -> dict:
         """What became of the push: recorded, counted, logged and audited; returns its status for the API."""
-        self.client.hset(self.keys.direct_push(push_id), mapping={"status": status, "error": error})
+        try:
+            self.client.hset(self.keys.direct_push(push_id), mapping={"status": status, "error": error})
+        except REDIS_FAILURES as exc:  # (its status reads `unknown` once its sending is old: never sent again)
+            logger.warning("push %s: its status %s not recorded (Redis: %s)", push_id, status, type(exc).__name__)
         metrics.PUSHES.labels(self.bot, status).inc()
         logger.info("push %s to %s: %s%s", push_id, target, status, f" ({error})" if error else "")
         if self.audit is not None:
