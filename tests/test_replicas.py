@@ -114,6 +114,32 @@ def test_a_live_owner_whose_bubble_was_given_up_sends_what_it_did_not_show_once(
     poller.close()
 
 
+def test_an_owner_whose_closed_bubble_was_given_up_does_not_claim_the_rest_it_could_not_send(pair, dify, redis_client):
+    """The bubble closed early (the answer outgrew it) and its owner then lost its lease: the replica watching the
+    bubble gave the answer up and posted, through response_url, the rest Redis held with the note that the answer was
+    interrupted. The owner, alive, ends its answer later: its own fuller rest cannot go (the URL takes one post), and
+    the stream must not record it as given (it did: the audit row then held sentences no user saw; the fault
+    campaign found it)."""
+    first, second = pair
+    long = "".join(f"句子 {n} " + "长" * 60 + "\n" for n in range(150))  # past what a bubble shows
+    dify.script([d.message(long), d.sleep(8), d.message("the last words"), d.end()])
+    opener = make_simulator(first.url)
+    payload = opener.text_message("a long one")
+    reply = opener.send(payload)
+    stream_id = reply["stream"]["id"]
+    poller = make_simulator(second.url, poll_interval=0.2)
+    poller.follow(reply)  # the bubble closes early on `second`, which watches it until the answer ends
+    assert redis_client.hget(KEYS.stream(stream_id), "close_reason") == "overflow"
+    kill(first)
+    posted = opener.inbox.wait_for(payload["response_url"], timeout=30)["markdown"]["content"]
+    assert posted.endswith(ZH["orphaned"]) and "the last words" not in posted
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=20)
+    assert len(opener.inbox.received(payload["response_url"])) == 1
+    assert not redis_client.hget(KEYS.stream(stream_id), "answer_given")
+    opener.close()
+    poller.close()
+
+
 def test_drain_lets_short_answers_finish(live, simulator, dify):
     dify.script(d.answer("finished during the drain", delay=0.05))
     first = simulator.send(simulator.text_message("quick"))

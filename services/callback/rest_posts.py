@@ -59,10 +59,11 @@ class RestPosts:
 
     def send(self, stream_id: str, url: str, message: str) -> bool:
         """Post `message` through `url` for the stream, once: True if WeCom took it (here, or from a process that
-        took the post over)."""
+        took the post over); False too when another message went that way first (a poll that gave the bubble up
+        posted what it knew of the answer)."""
         token = self._token()
         try:
-            claimed = self._owe(stream_id, url, message, token)
+            claimed, earlier = self._owe(stream_id, url, message, token)
         except REDIS_FAILURES as exc:
             # Part of the record may have been written (a reply lost after its write ran): once posted, the post
             # is settled, so that no sweep takes a listing left behind for a post whose poster is gone.
@@ -70,6 +71,11 @@ class RestPosts:
             accepted = self.responder.send_markdown(url, message)
             self._settle(stream_id, "sent" if accepted else "failed")
             return accepted
+        if not claimed and earlier != message:
+            # (a poll gave the bubble up and posted the rest it knew, with the note that the answer was interrupted:
+            # the URL takes one post, so this later, fuller one cannot go, and the user has what that one said)
+            logger.warning("another message went through this stream's response_url already; this one cannot")
+            return False
         if not claimed:
             logger.info("the response_url post of this stream was made already; not again")
             return True
@@ -126,23 +132,25 @@ class RestPosts:
 
         run_until(self._stop, step, "rest_posts")
 
-    def _owe(self, stream_id: str, url: str, message: str, token: str) -> bool:
-        """Write the post down, claimed by `token`, and list it; False if it was claimed (or made) before."""
+    def _owe(self, stream_id: str, url: str, message: str, token: str) -> tuple[bool, str | None]:
+        """Write the post down, claimed by `token`, and list it: (True, None); (False, the message written down
+        before) if it was claimed (or made) before."""
         post_key, claim_key = self.keys.rest_post(stream_id), self.keys.rest_post_claim(stream_id)
         replies = self._write(
             post_key,
             [
+                ("HGET", post_key, "message"),
                 _claim(claim_key, token),
                 ("HSET", post_key, "url", url, "message", message),
                 ("EXPIRE", post_key, REST_POST_TTL_SECONDS),
             ],
         )
-        if replies[0] not in (None, token):
-            return False
+        if replies[1] not in (None, token):
+            return False, replies[0]
         # The list's entries age out by their score; its TTL, renewed with each, ends it when none is left.
         owed = [("ZADD", self.owed_key, time.time(), stream_id), ("EXPIRE", self.owed_key, REST_POST_TTL_SECONDS)]
         self._write(self.owed_key, owed)
-        return True
+        return True, None
 
     def _post(self, stream_id: str, url: str, message: str, token: str) -> bool:
         handed_over = []
