@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from bench.faults import __main__ as campaign
+from bench.faults import proactive
 from bench.faults.answers import answer_text, sentences_in
 from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
@@ -643,7 +644,8 @@ def story(run: dict, most: int = 60) -> str:
 )
 def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, minutes, dify_version):
     """Users on three replicas while the nemesis kills, stops and restarts them, pauses Redis (and on Sentinel
-    kills its master) and restarts MariaDB: every count zero, and no traceback in the replicas' logs. Once with
+    kills its master) and restarts MariaDB, with pushes and a schedule's ticks to robots whose link it faults too:
+    every count zero, and no traceback in the replicas' logs. Once with
     Dify played as 1.16.0 (chatflow runs resumed after kills end from Dify's record of the run)."""
     out = tmp_path / "result.json"
     argv = ["--minutes", minutes, "--topology", topology, "--users", "4", "--window", "60"]
@@ -651,6 +653,7 @@ def test_a_campaign_run_loses_nothing_and_doubles_nothing(tmp_path, topology, mi
     result = campaign.main([*argv, "--seed", "7", "--out", str(tmp_path / "run"), "--json", str(out)])
     run = result[topology]
     assert run["messages"] >= 8 and run["faults"] >= 3
+    assert sum(run["proactive"]["pushes"].values()) >= 5 and sum(run["proactive"]["ticks"].values()) >= 1
     assert {name: run[name] for name in ZERO} == ZERO, story(run)
     assert json.loads(out.read_text())[topology]["messages"] == run["messages"]
     assert run["tracebacks_in_logs"] == 0
@@ -699,3 +702,66 @@ def test_a_message_asked_of_another_app_is_unexpected():
     wrong = [*events, {"kind": "dify_call", "t": 0.1, "tag": TAG, "app": "app-chat"}]
     assert counts(right) == ZERO
     assert counts(wrong)["unexpected"] == 1
+
+
+# --- pushes and a schedule's ticks (bench/faults/proactive.py) -------------------------------------------------------
+
+PUSH_KEY, TICK_KEY, TICK = proactive.PUSH_ROBOT, proactive.TICK_ROBOT, 1795741200  # (2026-11-27 01:00 UTC)
+ANOTHER_ROW = {"kind": "audit_row", "t": 3.0, "msgid": "m9", "row": "message", "outcome": "ok"}  # (rows read)
+
+
+def pushed(final: str, shown: int, rows: list[str] | None = None, error: str = "") -> list[dict]:
+    """Push 1, answered `final`, taken by its robot `shown` times, with audit rows of these outcomes (default: one
+    saying `final`)."""
+    events = [{"kind": "push", "t": 1.0, "n": 1, "replies": [], "final": final, "id": "p1", "error": error}]
+    events += [{"kind": "robot_message", "t": 2.0, "robot": PUSH_KEY, "content": "push〔1〕 …"}] * shown
+    outcomes = [final] if rows is None else rows
+    events += [{"kind": "audit_row", "t": 3.0, "msgid": "push:p1", "row": "push", "outcome": o} for o in outcomes]
+    return [*events, ANOTHER_ROW]
+
+
+def test_a_push_is_shown_once_when_said_sent_and_never_when_said_failed():
+    assert counts(pushed("sent", 1)) == ZERO
+    assert counts(pushed("sent", 2))["duplicate_deliveries"] == 1
+    assert counts(pushed("sent", 0))["lost"] == 1
+    assert counts(pushed("failed", 1))["unexpected"] == 1
+    assert counts(pushed("failed", 0)) == ZERO
+    assert counts(pushed("unknown", 1)) == ZERO and counts(pushed("unknown", 0)) == ZERO  # (WeCom may show it)
+    assert counts(pushed("", 0, rows=[]))["stuck"] == 1  # no status in the client's patience
+    assert counts(pushed("sent", 1, rows=[]))["audit_rows"] == 1
+    assert counts(pushed("sent", 1, rows=["unknown"]))["audit_rows"] == 1
+    stopped = pushed("unknown", 1, rows=[], error=proactive.STOPPED_MID_SEND + ": WeCom may have shown it")
+    assert counts(stopped) == ZERO  # its replica died mid-send, with the row it would have written
+
+
+def ticked(shown: int, rows: list[str], still_open: bool = False) -> list[dict]:
+    """The tick at TICK due, taken by its robot `shown` times, with audit rows of these outcomes."""
+    events = [{"kind": "tick_due", "t": 1.0, "tick": TICK}]
+    content = "您问的是:tick-time 2026-11-27 01:00 asked"
+    events += [{"kind": "robot_message", "t": 2.0, "robot": TICK_KEY, "content": content}] * shown
+    events += [
+        {"kind": "audit_row", "t": 3.0, "msgid": f"schedule:minutely:{TICK}", "row": "schedule", "outcome": o}
+        for o in rows
+    ]
+    events += [{"kind": "tick_open", "t": 4.0, "member": f"minutely:{TICK}"}] if still_open else []
+    return [*events, ANOTHER_ROW]
+
+
+def test_each_tick_due_is_pushed_once_or_said_why_not():
+    assert counts(ticked(1, ["pushed"])) == ZERO
+    assert check(ticked(1, ["pushed"]))["proactive"]["ticks"] == {"pushed": 1}
+    assert counts(ticked(2, ["pushed"]))["duplicate_deliveries"] == 1
+    assert counts(ticked(0, ["pushed"]))["lost"] == 1
+    assert counts(ticked(0, []))["lost"] == 1  # neither pushed nor said why
+    assert counts(ticked(0, ["skipped"])) == ZERO and counts(ticked(0, ["failed"])) == ZERO
+    assert counts(ticked(1, ["failed"]))["unexpected"] == 1
+    assert counts(ticked(0, [], still_open=True))["stuck"] == 1
+    assert counts(ticked(1, ["pushed", "pushed"]))["audit_rows"] == 1
+    assert counts(ticked(1, []))["audit_rows"] == 1
+
+
+def test_a_fault_of_wecoms_http_apis_explains_no_users_note():
+    """The pushes' and ticks' link is on no user message's path: a note under such a fault alone is unexplained."""
+    note = CLEAR_NOTES["dify_unavailable"]
+    events = [*history([(2.0, note, True)]), fault("wecom_api_partition", 0.5, 1.5)]
+    assert counts(events)["unexplained_notes"] == 1

@@ -28,11 +28,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from bench import harness
+from bench.faults import proactive
 from bench.faults.answers import sentences_in
 from bench.faults.checker import COUNTS, check
 from bench.faults.history import History
 from bench.faults.mutants import FORGIVING, MUTANTS
-from bench.faults.nemesis import ALL_FAULTS, Nemesis
+from bench.faults.nemesis import ALL_FAULTS, Nemesis, data_client
 from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
 from bench.faults.workload import CHAT, CHATFLOW, FORM, OPENAI, Arrivals, Bot, Users, Workload
 from config.bots import bot_keys
@@ -42,6 +43,7 @@ from demo.mariadb_server import PrivateMariaDB
 from demo.openai_standin import OpenAIStandIn
 from demo.redis_server import PrivateRedisCluster, PrivateRedisServer, PrivateSentinelSet
 from demo.replicas import GunicornReplica
+from demo.wecom_api_standin import WeComApiStandIn
 from demo.wecom_simulator import WeComSimulator
 from demo.wecom_ws_standin import WeComWebSocketStandIn
 from services.audit.table import wecom_audit
@@ -96,7 +98,7 @@ def user_database(server: PrivateMariaDB, users: int) -> str:
     return url
 
 
-def bots_file(directory: Path, ws_url: str, openai_url: str) -> Path:
+def bots_file(directory: Path, ws_url: str, openai_url: str, wecom_api: str) -> Path:
     path = directory / "bots.toml"
     callbacks = "".join(
         f'[bots.{name}]\ncallback_path = "{callback}"\ntoken = "{token}"\nencoding_aes_key = "{key}"\n'
@@ -114,6 +116,7 @@ def bots_file(directory: Path, ws_url: str, openai_url: str) -> Path:
         f'[[bots.chat.routes]]\nname = "model"\ncommand = "{MODEL_COMMAND}"\nbackend = "openai"\n'
         f'openai_base_url = "{openai_url}"\nopenai_model = "{MODEL}"\n\n'
     )
+    callbacks += proactive.bot_entries(wecom_api)  # its robots, and a schedule's ticks pushed to one
     websocket = (
         f'[bots.ws]\nmode = "long_connection"\nbot_id = "{WS_BOT}"\nsecret = "{WS_SECRET}"\n'
         f'wecom_ws_url = "{ws_url}"\ndify_api_key = "app-ws"\n'
@@ -191,9 +194,13 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     links["dify"] = LinkGroup.of(FaultyLink(urlsplit(dify.base_url).port), FaultyLink(openai.server.port)).start()
     to_dify, to_openai = (link.port for link in links["dify"].links)
     auth = AuthStandIn(api_key=AUTH_KEY, expires_in=TOKEN_SECONDS).start()
+    wecom_api = WeComApiStandIn(keys=(proactive.PUSH_ROBOT, proactive.TICK_ROBOT)).start()
+    links["wecom_api"] = FaultyLink(wecom_api.server.port).start()
+    wecom_api_url = f"http://127.0.0.1:{links['wecom_api'].port}"
     env = {
         "DEMO_MODE": "false",
-        "BOTS_FILE": str(bots_file(directory, standin.url, f"http://127.0.0.1:{to_openai}/v1")),
+        "BOTS_FILE": str(bots_file(directory, standin.url, f"http://127.0.0.1:{to_openai}/v1", wecom_api_url)),
+        "PUSH_API_TOKEN": proactive.PUSH_API_TOKEN,
         "DIFY_BASE_URL": dify.base_url.replace(f":{urlsplit(dify.base_url).port}", f":{to_dify}"),
         "DIFY_READ_TIMEOUT": "8",
         "REDIS_URL": topology.url,
@@ -215,6 +222,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
     ]
     for replica in replicas:
         replica.start(timeout=60)
+    replicas_up = time.time()
     urls = [replica.url for replica in replicas]
     bots = [
         Bot(name, WeComSimulator(urls, token, key, callback_path=callback, timeout=5.0), app, app_key=api_key or MODEL)
@@ -261,16 +269,22 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         only=options.faults,
     )
     workload.calm = nemesis.calm  # no Dify fault of the workload's in the nemesis's control phases either
+    pusher = proactive.Pusher(replicas, history, random.Random(f"{options.seed}:{kind}:pushes"), unready)
     started = time.time()
     try:
         users.start()
+        pusher.start()
         nemesis.start()
         time.sleep(options.minutes * 60)
         nemesis.finish()
+        pusher.stop.set()
         users.finish(timeout=options.window + 60)
+        pusher.finish()
         wait_for_quiet(dify, openai)
         collect(history, dify, bots)
         collect_openai(history, openai)
+        open_ticks = Keys(bot_keys("chat")).schedule_open()
+        proactive.collect(history, wecom_api, data_client(topology), open_ticks, replicas_up)
         collect_audit(history, database_url)
         unreplicated = counter_by(replicas, "redis_writes_unreplicated_total", "write")
         polls_unreplicated = counter_by(replicas, "wecom_poll_text_unreplicated_total", "outcome")
@@ -285,6 +299,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
             link.stop()
         standin.stop()
         auth.stop()
+        wecom_api.stop()
         database.remove()
         keep_redis_logs(topology, directory / "redis-logs")
         topology.stop()
@@ -412,6 +427,7 @@ def collect_audit(history: History, database_url: str, most: float = AUDIT_WAIT_
     seconds passed (rows made while MariaDB was down wait in Redis and go in on a later sweep): an `audit_row` event
     per row, for the checker to find exactly one per message whose answer is what its user was shown."""
     wanted = {(message["bot"], message["msgid"]) for message in history.of("message")}
+    wanted |= proactive.audit_wanted(history)  # the ticks'
     engine = db.make_engine(database_url)
     deadline = time.monotonic() + most
     try:

@@ -27,6 +27,11 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   the taps and rests that carried its text) do not say what its user was shown: the same sentences, and where the
   answer did not reach them whole the same failure notes (checked when the history holds the table's rows).
 
+Pushes and a schedule's ticks are messages of the checker too (bench/faults/proactive.py): shown at their robot twice
+is `duplicate_deliveries`; said sent (pushed) and never shown, or a tick due that was neither pushed nor said why, is
+`lost`; said failed (skipped) yet shown is `unexpected`; a push left without a status, or a tick still open at the
+end, is `stuck`; a row that does not say what became of it is `audit_rows`.
+
 Liveness is reported beside the counts: per fault kind (`by_fault`) and per app type (`by_app`), how many messages
 were answered whole and how many ended with a failure note (per app also of those whose Dify call was not made to
 fail, `asked_whole`, and of those the ones no fault of Dify's link touched, `under_our_faults`); and the control
@@ -55,8 +60,10 @@ from bench.faults.nemesis import (
     HOLDER_FAULTS,
     REPLICA_FAULTS,
     REPLICA_LINK_FAULTS,
+    WECOM_API_FAULTS,
     WECOM_FAULTS,
 )
+from bench.faults.proactive import check as check_proactive
 from services.texts import CATALOGUE
 
 COUNTS = (
@@ -188,6 +195,11 @@ def check(events: list[dict], forgive: bool = False) -> dict:
             seen = "a failure note" if verdict.noted else "not the whole answer"
             verdict.problems["control_failures"] = f"{seen} in a calm phase, no fault anywhere"
     result = summarize(verdicts, faults)
+    proactive = check_proactive(events)  # the pushes and the schedule's ticks (bench/faults/proactive.py)
+    for name, count in proactive.pop("counts").items():
+        result[name] += count
+    result["problems"] += proactive.pop("problems")
+    result["proactive"] = proactive
     control = [verdict for verdict in verdicts if in_control(verdict, calms)]
     result["control"] = {"phases": len(calms), **liveness(control)}
     result["runs_followed_again"] = {"resumed": sum(reattaches), "after_a_form": len(reattaches) - sum(reattaches)}
@@ -420,7 +432,7 @@ def on_path(fault: dict, message: dict, workers: set[int] | None) -> bool:
         return message.get("mode") == "long_connection"
     if kind in CALLBACK_KINDS:
         return message.get("mode") != "long_connection"
-    return True
+    return kind not in WECOM_API_FAULTS  # (only the pushes and the ticks go that way)
 
 
 def in_control(verdict: Verdict, calms: list[tuple[float, float]]) -> bool:

@@ -73,7 +73,13 @@ _TARGETS = {
     "ws_send_acks_lost": "wecom",
     "response_url_busy": "response_url",
     "auth_fault": "auth",
+    "wecom_api_partition": "wecom_api",
+    "wecom_api_delay": "wecom_api",
+    "wecom_api_loss": "wecom_api",
+    "wecom_api_replies_lost": "wecom_api",
 }
+# The faults of WeCom's HTTP APIs' link (the pushes' and the schedule's robots): on no user message's path.
+WECOM_API_FAULTS = frozenset(kind for kind, target in _TARGETS.items() if target == "wecom_api")
 # The faults of Dify's side (its link): the liveness goal is set for answers no such fault touched.
 DIFY_FAULTS = frozenset(kind for kind, target in _TARGETS.items() if target == "dify")
 # Whether a fault can cost a stream its replica (its lease, so that another replica takes the answer over, and may
@@ -83,6 +89,7 @@ KEEPS_LEASES = frozenset({
     "mariadb_restart", "dify_partition", "dify_delay", "dify_replies_lost", "ws_drop", "ws_acks_lost",
     "ws_sends_refused", "ws_ack_delay", "ws_send_acks_lost", "auth_fault", "response_url_busy",
     "replica_stall",  # shorter than the lease: nothing may be taken over
+    *WECOM_API_FAULTS,
 })  # fmt: skip
 COSTS_LEASES = frozenset({
     "replica_kill", "replica_term", "replica_stop", "rolling_restart", "replica_redis_partition", "node_loss",
@@ -104,6 +111,13 @@ WS_LEASE_SECONDS = 10  # the campaign's WECOM_WS_LEASE_SECONDS (the default): a 
 # CALM_SECONDS, in which the workload injects no Dify fault either (`calm` is set): a message there must be answered
 # whole, with no note (checker.py, `control`).
 CALM_EVERY, CALM_SETTLE, CALM_SECONDS = 90.0, 15.0, 40.0
+
+
+def data_client(topology):
+    """A client of the topology's data (the master of a Sentinel set, the Cluster, the one server)."""
+    if isinstance(topology, PrivateSentinelSet):
+        return topology.current_master().client()
+    return topology.client()
 
 
 class Nemesis:
@@ -284,19 +298,13 @@ class Nemesis:
         """The replica that holds the long-connection bot's WebSocket now (its lease names the holding process,
         `replica-<n>:<pid>`), or None."""
         try:
-            with closing(self._data_client()) as client:
+            with closing(data_client(self.topology)) as client:
                 lease = client.get(self.ws_lease_key)
         except Exception:  # noqa: BLE001 - Redis is under a fault of its own: no holder is known
             return None
         owner = (lease.decode() if isinstance(lease, bytes) else lease or "").split(":", 1)[0]
         number = owner.rpartition("-")[2]
         return int(number) if number.isdigit() and int(number) < len(self.replicas) else None
-
-    def _data_client(self):
-        """A client of the topology's data (the master of a Sentinel set, the Cluster, the one server)."""
-        if isinstance(self.topology, PrivateSentinelSet):
-            return self.topology.current_master().client()
-        return self.topology.client()
 
     def holder_kill(self, target: str, rng: random.Random) -> str:
         """The process holding the bot's WebSocket killed (SIGKILL) with its bubbles half shown: another replica
@@ -461,6 +469,25 @@ class Nemesis:
     def redis_delay(self, target: str, rng: random.Random) -> str:
         """Everything to and from a Redis server held 20-300 ms, for 5-15 s."""
         return self._delay("redis", rng, 0.02, 0.3)
+
+    # --- WeCom's HTTP APIs (the robots the pushes and the schedule's ticks go to) -------------------------------
+
+    def wecom_api_partition(self, target: str, rng: random.Random) -> str:
+        """Every connection to WeCom's HTTP APIs cut, and new ones refused, for 2-8 s: a push then fails, unsent."""
+        return self._partition("wecom_api", rng)
+
+    def wecom_api_delay(self, target: str, rng: random.Random) -> str:
+        """Everything to and from WeCom's HTTP APIs held 0.3-1.5 s, for 5-15 s."""
+        return self._delay("wecom_api", rng, 0.3, 1.5)
+
+    def wecom_api_loss(self, target: str, rng: random.Random) -> str:
+        """1-10 % of what goes to and from WeCom's HTTP APIs lost, for 5-15 s."""
+        return self._loss("wecom_api", rng)
+
+    def wecom_api_replies_lost(self, target: str, rng: random.Random) -> str:
+        """10-30 % of the pushes reach the robot, and their reply is lost with the connection, for 5-15 s: such a
+        push is `unknown`, never sent again."""
+        return self._replies_lost("wecom_api", rng)
 
     # --- WeCom's long connection ------------------------------------------------------------------------------
 
