@@ -71,12 +71,12 @@ class RestPosts:
             accepted = self.responder.send_markdown(url, message)
             self._settle(stream_id, "sent" if accepted else "failed")
             return accepted
-        if not claimed and earlier != message:
-            # (a poll gave the bubble up and posted the rest it knew, with the note that the answer was interrupted:
-            # the URL takes one post, so this later, fuller one cannot go, and the user has what that one said)
-            logger.warning("another message went through this stream's response_url already; this one cannot")
-            return False
         if not claimed:
+            if earlier != message:
+                # (a poll gave the bubble up and posted the rest it knew, with the note that the answer was
+                # interrupted: the URL takes one post, so this later, fuller one cannot go)
+                logger.warning("another message went through this stream's response_url already; this one cannot")
+                return False
             logger.info("the response_url post of this stream was made already; not again")
             return True
         return self._post(stream_id, url, message, token)

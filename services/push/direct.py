@@ -41,9 +41,9 @@ redis.call('HSET', KEYS[1], 'opener', ARGV[1], 'target', ARGV[2], 'created_at', 
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-# KEYS: the push's record. ARGV: the opener, 'sending'. Forgets an opening this request made and then did not send.
+# KEYS: the push's record. ARGV: the opener. Forgets an opening this request made and then did not send.
 _UNDO_OPENING = """
-if redis.call('HGET', KEYS[1], 'opener') == ARGV[1] and redis.call('HGET', KEYS[1], 'status') == ARGV[2] then
+if redis.call('HGET', KEYS[1], 'opener') == ARGV[1] and redis.call('HGET', KEYS[1], 'status') == 'sending' then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -85,12 +85,11 @@ class DirectPushes:
         if not idempotency_key:
             return push_id, None
         key = self.keys.push_idempotency(idempotency_key)
-        taken, earlier = self.durable.execute(
-            key, [("SET", key, push_id, "NX", "EX", SENT_TTL_SECONDS), ("GET", key)], PUSH_CLAIM
-        )
-        raise_first_error([taken, earlier])
-        if not taken and earlier:
-            return _text(earlier), self.status(_text(earlier))
+        replies = self.durable.execute(key, [("SET", key, push_id, "NX", "GET", "EX", SENT_TTL_SECONDS)], PUSH_CLAIM)
+        raise_first_error(replies)
+        earlier = replies[0]  # (the key's push before this call; this one's own when a dropped connection re-ran it)
+        if earlier and earlier != push_id:
+            return earlier, self.status(earlier)
         return push_id, None
 
     def release(self, idempotency_key: str) -> None:
@@ -114,7 +113,7 @@ class DirectPushes:
             raise_first_error(replies)
         except REDIS_FAILURES:
             try:
-                self._undo_opening([record], [opener, SENDING])
+                self._undo_opening([record], [opener])
             except REDIS_FAILURES:
                 logger.warning("push %s: its opening could not be undone (Redis away): it reads unknown", push_id)
             raise
@@ -135,10 +134,6 @@ class DirectPushes:
             )
             self.audit.replied(row)
         return {"status": status, **({"error": error} if error else {})}
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def outcome(reply: dict | None, lost: str, errors: dict[int, str]) -> tuple[str, str]:
