@@ -7,6 +7,8 @@
 - the self-built app: `GET /cgi-bin/gettoken?corpid=&corpsecret=` (an access token, 7200 s; 40001 for a wrong
   secret) and `POST /cgi-bin/message/send?access_token=` (42001 for a token it expired, 40014 for one it never gave;
   `invaliduser`, `invalidparty`, `invalidtag` for the targets it was told not to know);
+- the app's 30 messages a minute to one member, past which WeCom drops a member's copy without an error (kept in
+  `app_dropped` as (userid, message));
 - on demand, a reply lost after a message was taken (its connection cut: the sender cannot know it arrived)."""
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from demo.http_server import Conn, Request, StandInServer
 INVALID_WEBHOOK, OVER_LIMIT = 93000, 45009
 BAD_SECRET, INVALID_TOKEN, EXPIRED_TOKEN = 40001, 40014, 42001
 PER_MINUTE = 20  # messages a group robot takes a minute
+APP_PER_MEMBER_MINUTE = 30  # an app's messages one member gets a minute (the rest dropped, without an error)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class WeComApiStandIn:
         self.tokens: list[str] = []  # the access tokens given, the last one valid
         self.token_fetches = 0
         self.app_sent: list[dict] = []  # the app's messages taken, in order
+        self.app_dropped: list[tuple[str, dict]] = []  # (userid, message): a member's copies over WeCom's limit
+        self._app_got: list[tuple[str, float]] = []  # (userid, when) of every copy a member got
         self.unknown_targets: set[str] = set()  # users, departments and tags the app's sends report as invalid
         self.sent: list[Sent] = []
         self.errcodes: dict[str, int] = {}  # key -> the errcode every message to it gets
@@ -111,6 +116,7 @@ class WeComApiStandIn:
                 reply = {"errcode": EXPIRED_TOKEN, "errmsg": "access_token expired"}
             else:
                 self.app_sent.append(body)
+                self._deliver_to_members(body)
                 reply = {"errcode": 0, "errmsg": "ok", "msgid": f"m{len(self.app_sent)}"}
                 for field, prefix in (("touser", "invaliduser"), ("toparty", "invalidparty"), ("totag", "invalidtag")):
                     unknown = [t for t in str(body.get(field, "")).split("|") if t and t in self.unknown_targets]
@@ -121,6 +127,16 @@ class WeComApiStandIn:
                     conn.abort()
                     return
         await conn.send(200, reply)
+
+    def _deliver_to_members(self, body: dict) -> None:
+        now = time.time()
+        for user in str(body.get("touser", "")).split("|"):
+            if not user or user == "@all":
+                continue
+            if sum(1 for got, at in self._app_got if got == user and now - at < 60) >= APP_PER_MEMBER_MINUTE:
+                self.app_dropped.append((user, body))
+            else:
+                self._app_got.append((user, now))
 
     def _errcode(self, key: str) -> int:
         if key not in self.keys:

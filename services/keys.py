@@ -200,6 +200,12 @@ class Keys:
         """`<process>` while one process fetches the app's access token (the others wait for it); TTL 10 s."""
         return f"{self.prefix}app_token_fetch:{corp_id}:{agent_id}"
 
+    def app_sends(self, corp_id: str, agent_id: int, target: str) -> str:
+        """Sorted set of the pushes the self-built app sent to `target` (`user:<id>`, `party:<id>`, `tag:<id>`) in the
+        last hour (score: when), against WeCom's 30 a minute and 1,000 an hour per member, across replicas; an app's
+        share one Cluster slot (a push to several targets takes its places in one script); TTL an hour."""
+        return f"{self.prefix}app_sends:{{{corp_id}:{agent_id}}}:{target}"
+
     def webhook_sends(self, name: str) -> str:
         """Sorted set of the pushes sent to the bot's webhook `name` in the last minute (score: when), against WeCom's
         20 a minute per robot, across replicas; TTL a minute."""

@@ -20,7 +20,7 @@ import redis
 
 from bench.faults.proxy import FaultyLink
 from config.settings import WECOM_API
-from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
+from demo.wecom_api_standin import APP_PER_MEMBER_MINUTE, PER_MINUTE, WeComApiStandIn
 from services.push import direct
 from services.push.webhooks import WebhookMessage, WebhookPushes
 from services.redis_conn import connect_redis
@@ -198,6 +198,32 @@ def test_an_expired_token_is_fetched_again_once_and_the_message_sent_once(app_re
         "two",
         "three",
     ]
+
+
+def test_wecoms_limits_per_member_hold_across_replicas_before_it_drops_a_copy(app_replicas, app_api, redis_client):
+    """WeCom drops, without an error, an app's 31st message of a minute to one member (and its 1,001st of an hour):
+    the gateway counts them across replicas and answers 429 with Retry-After instead, sending nothing."""
+    a, b = app_replicas
+    for number in range(APP_PER_MEMBER_MINUTE):
+        reply = push((a, b)[number % 2], {"touser": "zhangsan", "markdown": f"告警 {number}"})
+        assert reply.json()["status"] == "sent", reply.json()
+    refused = push(a, {"touser": "zhangsan|lisi", "markdown": "one too many for zhangsan"}, key="alert-31")
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"] == "quota_exceeded"
+    assert push(b, {"touser": "lisi", "markdown": "lisi has room"}).json()["status"] == "sent"
+    assert push(b, {"toparty": "2", "markdown": "a department counts as one member"}).json()["status"] == "sent"
+    assert len(app_api.app_sent) == APP_PER_MEMBER_MINUTE + 2 and app_api.app_dropped == []
+    # an hour's thousand, sent two minutes ago: the next is refused until the oldest is an hour old
+    hour = KEYS.app_sends(CORP, AGENT, "user:wangwu")
+    then = time.time() - 120
+    redis_client.zadd(hour, {f"earlier-{n}": then + n / 1000 for n in range(1000)})
+    redis_client.expire(hour, 3600)
+    late = push(a, {"touser": "wangwu", "markdown": "the hour is full"})
+    assert late.status_code == 429 and 3470 <= int(late.headers["retry-after"]) <= 3481
+    # the refused key is free again: once zhangsan's minute has room, the retry sends it
+    redis_client.delete(KEYS.app_sends(CORP, AGENT, "user:zhangsan"))
+    retried = push(a, {"touser": "zhangsan|lisi", "markdown": "one too many for zhangsan"}, key="alert-31")
+    assert retried.json()["status"] == "sent" and len(app_api.app_sent) == APP_PER_MEMBER_MINUTE + 3
 
 
 def test_targets_wecom_does_not_know_make_a_push_partial_and_a_lost_reply_unknown(app_replicas, app_api):

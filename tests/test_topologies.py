@@ -5,14 +5,19 @@ same on all three."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
+import httpx
 import pytest
 import redis
+from redis.crc import key_slot
 
 from demo import dify_standin as d
 from demo.redis_server import PrivateRedisServer
 from demo.replicas import free_port
+from demo.wecom_api_standin import WeComApiStandIn
 from services import redis_conn
 from services.gateway import VERSION_ASKED_EVERY_SECONDS
 from services.redis_conn import connect_redis
@@ -322,3 +327,43 @@ def test_the_controls_run_on_every_topology(topology, make_pair, dify, tmp_path)
     client.close()
     for sim in sims:
         sim.close()
+
+
+PUSH_TOKEN = "push-token-for-the-topology-test-0"
+
+
+def post_push(replica, body: dict, key: str = ""):
+    headers = {"Authorization": f"Bearer {PUSH_TOKEN}", **({"Idempotency-Key": key} if key else {})}
+    return httpx.post(f"{replica.url}/api/push", json=body, headers=headers, timeout=15)
+
+
+def test_pushes_through_wecoms_http_apis_run_on_every_topology(topology, make_pair):
+    """A push to several members and a department through the app, and one to a group robot: each takes its places
+    among its targets' recent sends in one script (one slot: the app's targets share a hash tag), its Idempotency-Key
+    holds across the replicas, and a member whose minute is full refuses the push whole."""
+    api = WeComApiStandIn(keys=("topology-robot",), app=("ww-topology", "topology-app-secret")).start()
+    try:
+        app = {"wecom_app_corp_id": "ww-topology", "wecom_app_agent_id": 1000009}
+        first, second = make_pair(
+            **topology.settings,
+            **app,
+            wecom_app_secret="topology-app-secret",
+            push_api_token=PUSH_TOKEN,
+            wecom_api_base=api.url,
+            wecom_webhooks=json.dumps({"ops": api.webhook_url("topology-robot")}),
+        )
+        to_app = {"bot": "default", "touser": "zhangsan|lisi", "toparty": "2", "markdown": "**周报**"}
+        sent = [post_push(replica, to_app, key="weekly") for replica in (first, second)]
+        assert [reply.json()["status"] for reply in sent] == ["sent", "sent"] and sent[1].json()["repeated"]
+        assert post_push(second, {"bot": "default", "webhook": "ops", "text": "hi"}).json()["status"] == "sent"
+        client = topology.client()
+        slots = {key_slot(key.encode()) for key in client.scan_iter(match="*app_sends*")}
+        assert len(slots) == 1 and client.zcard(KEYS.app_sends("ww-topology", 1000009, "user:lisi")) == 1
+        full = KEYS.app_sends("ww-topology", 1000009, "user:zhangsan")
+        client.zadd(full, {f"earlier-{n}": time.time() - 1 for n in range(30)})
+        assert post_push(first, {**to_app, "markdown": "again"}).status_code == 429
+        assert client.zcard(KEYS.app_sends("ww-topology", 1000009, "user:lisi")) == 1  # no place taken for lisi
+        assert len(api.app_sent) == 1 and len(api.to("topology-robot")) == 1
+        client.close()
+    finally:
+        api.stop()

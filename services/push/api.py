@@ -162,6 +162,11 @@ class PushApi:
         targets = AppTargets(ids["touser"].strip(), ids["toparty"].strip(), ids["totag"].strip())
         try:
             push_id, status, new = app.push(targets, markdown, key)
+        except OverQuota as over:
+            logger.info("push refused: a target had WeCom's limit of the app's messages")
+            retry = {"Retry-After": str(over.retry_after)}
+            limit = "a target had WeCom's limit of the app's messages (30 a minute, 1,000 an hour per member)"
+            return _error(429, "quota_exceeded", limit, **retry)
         except REDIS_FAILURES as exc:
             return _store_unavailable(exc)
         return _sent_now(push_id, status, new)

@@ -27,6 +27,9 @@ TOKEN_EARLY_SECONDS = 300  # a token is fetched again this long before WeCom say
 TOKEN_WAIT_SECONDS = 10.0  # how long a process waits for another's fetch of the token
 APP_MARKDOWN_BYTES = 2048  # what the app's message/send takes
 STALE_TOKEN = (40014, 42001)  # invalid, expired: fetch a new token and send again, once
+# WeCom's limits on an app's messages to one member: 30 a minute, 1,000 an hour; what goes past them is dropped
+# without an error, so they are counted here (a department's or a tag's pushes as those of one member).
+PER_MEMBER = ((60, 30), (3600, 1000))
 _ERRORS = {
     45009: "WeCom refused it: the app's limit of messages",
     60020: "this host is not among the app's trusted IPs",
@@ -44,6 +47,11 @@ class AppTargets:
     users: str = ""
     parties: str = ""
     tags: str = ""
+
+    def each(self) -> list[str]:
+        """Every target on its own: `user:<id>` (or `user:@all`), `party:<id>`, `tag:<id>`."""
+        named = (("user", self.users), ("party", self.parties), ("tag", self.tags))
+        return sorted({f"{kind}:{one}" for kind, ids in named for one in ids.split("|") if one})
 
     def label(self) -> str:
         """How the push's record and audit row name its targets (`user:a|b party:2 tag:3`)."""
@@ -72,11 +80,14 @@ class AppPushes(DirectPushes):
         """Send `markdown` to `to` once; returns (the push's id, its status, whether it is new).
 
         Raises:
+            OverQuota: a target had WeCom's limit of the app's messages (nothing sent; the key stays free).
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         push_id, earlier = self.claim(idempotency_key)
         if earlier is not None:
             return push_id, earlier, False
+        sends = [self.keys.app_sends(self.corp_id, self.agent_id, one) for one in to.each()]
+        self.take_places(sends, push_id, idempotency_key, PER_MEMBER)
         target = to.label()
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
@@ -86,6 +97,7 @@ class AppPushes(DirectPushes):
             status, error = self._send(body)
         except TokenUnavailable as exc:
             status, error = FAILED, str(exc)
+        self.counted_from_now(sends, push_id)
         return push_id, self.closed(push_id, target, status, error, markdown, "markdown"), True
 
     def _send(self, body: dict) -> tuple[str, str]:

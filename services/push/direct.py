@@ -18,6 +18,7 @@ from services.audit.queue import AuditQueue
 from services.audit.rows import AuditRow
 from services.keys import SENT_TTL_SECONDS, Keys
 from services.lua import LuaScript
+from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.replication import PUSH_CLAIM, PUSH_OPEN, Replication, raise_first_error
 from services.streams.life import PUSH
@@ -49,6 +50,29 @@ end
 return 0
 """
 STOPPED_MID_SEND = "the process sending it stopped: WeCom may have shown it, and it is not sent again"
+# KEYS: the recent sends of each target (sorted sets, score: when). ARGV: the push id, now, then pairs of (a window
+# in seconds, the sends WeCom takes in it). Takes a place for the push in every set (0), or says how many seconds
+# until every set has one free (a set's oldest send within a full window leaves it then).
+_TAKE_PLACES = """
+local now, longest, wait = tonumber(ARGV[2]), 0, 0
+for i = 3, #ARGV, 2 do longest = math.max(longest, tonumber(ARGV[i])) end
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - longest)
+  for i = 3, #ARGV, 2 do
+    local window = tonumber(ARGV[i])
+    if redis.call('ZCOUNT', key, now - window, '+inf') >= tonumber(ARGV[i + 1]) then
+      local oldest = redis.call('ZRANGEBYSCORE', key, now - window, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      wait = math.max(wait, 1, math.ceil(tonumber(oldest[2]) + window - now))
+    end
+  end
+end
+if wait > 0 then return wait end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[2], ARGV[1])
+  redis.call('EXPIRE', key, longest + 1)
+end
+return 0
+"""
 
 
 class DirectPushes:
@@ -63,6 +87,7 @@ class DirectPushes:
         self.audit = audit
         self.owner = owner
         self._undo_opening = LuaScript(self.client, _UNDO_OPENING)
+        self._take_places = LuaScript(self.client, _TAKE_PLACES)
 
     def status(self, push_id: str) -> dict | None:
         """{"status", "error"?}; None for a push this bot did not make this way (or more than a day ago)."""
@@ -96,6 +121,29 @@ class DirectPushes:
         """A claimed push that was refused before it went out: its Idempotency-Key is free again."""
         if idempotency_key:
             self.client.delete(self.keys.push_idempotency(idempotency_key))
+
+    def take_places(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
+        """A place for the push among each target's recent sends (`sends`, sorted sets of one Cluster slot), under
+        WeCom's `limits` ((window seconds, sends), ...), counted across replicas before it goes out.
+
+        Raises:
+            OverQuota: a target had its sends of a window (nothing sent; the Idempotency-Key is free again).
+            redis.RedisError: Redis did not answer (nothing sent).
+        """
+        limits_argv = [number for limit in limits for number in limit]
+        wait = int(self._take_places(sends, [push_id, f"{time.time():.3f}", *limits_argv]))
+        if wait:
+            self.release(idempotency_key)
+            metrics.PUSHES.labels(self.bot, "refused_quota").inc()
+            raise OverQuota(wait)
+
+    def counted_from_now(self, sends: list[str], push_id: str) -> None:
+        """The push's places count from its reply on: WeCom took it at some moment before, so a window from the reply
+        is a window from WeCom's count too (counted from the claim, a slow send let another in within WeCom's)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in sends:
+                pipe.zadd(key, {push_id: f"{time.time():.3f}"}, xx=True)
+            pipe.execute()
 
     def opened(self, push_id: str, target: str) -> bool:
         """The push is about to go out: True if this request opened it (from now on, it is never sent again); False

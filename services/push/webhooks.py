@@ -6,17 +6,13 @@ URL holds its key, the whole credential: only its name is logged, recorded and a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import httpx
 
-from services import metrics
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.lua import LuaScript
 from services.push.direct import SENDING, DirectPushes, outcome, post_once
-from services.push.pushes import OverQuota
 from services.replication import Replication
 
 PER_MINUTE = 20  # WeCom's limit per group robot
@@ -25,19 +21,6 @@ _ERRORS = {
     45009: "WeCom refused it: the robot's limit of messages a minute",
     93000: "the webhook is invalid or removed",
 }
-
-# KEYS: the webhook's sends of the last minute. ARGV: the push id, now, the limit. Takes a place for the push (0), or
-# says how many seconds until one frees (the oldest send of the minute is a minute old).
-_TAKE_PLACE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - 60)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return math.max(1, math.ceil(tonumber(oldest[2]) + 60 - tonumber(ARGV[2])))
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], 61)
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -71,7 +54,6 @@ class WebhookPushes(DirectPushes):
         super().__init__(bot, durable, keys, audit, owner)
         self.urls = urls
         self.http = http
-        self._take_place = LuaScript(self.client, _TAKE_PLACE)
 
     def push(self, name: str, message: WebhookMessage, idempotency_key: str = "") -> tuple[str, dict, bool]:
         """Send `message` to the webhook `name` once; returns (the push's id, its status, whether it is new).
@@ -85,18 +67,13 @@ class WebhookPushes(DirectPushes):
         push_id, earlier = self.claim(idempotency_key)
         if earlier is not None:
             return push_id, earlier, False
-        wait = int(self._take_place([self.keys.webhook_sends(name)], [push_id, f"{time.time():.3f}", PER_MINUTE]))
-        if wait:
-            self.release(idempotency_key)
-            metrics.PUSHES.labels(self.bot, "refused_quota").inc()
-            raise OverQuota(wait)
+        sends = [self.keys.webhook_sends(name)]
+        self.take_places(sends, push_id, idempotency_key, ((60, PER_MINUTE),))
         target = f"webhook:{name}"
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         reply, lost = post_once(self.http, url, message.body())
-        # The send counts from its reply on: WeCom took it at some moment before, so a minute from the reply is a
-        # minute from WeCom's count too (counted from the claim, a slow send let the 21st in within WeCom's minute).
-        self.client.zadd(self.keys.webhook_sends(name), {push_id: f"{time.time():.3f}"}, xx=True)
+        self.counted_from_now(sends, push_id)
         status, error = outcome(reply, lost, _ERRORS)
         msgtype = "markdown" if message.markdown else "text"
         return push_id, self.closed(push_id, target, status, error, message.content, msgtype), True

@@ -57,8 +57,8 @@ def push_group(pushers: Pushers, group: tuple[str, ...], text: str, key: str) ->
     Idempotency-Key is `key`, the group and the part's number.
 
     Raises:
-        OverQuota: a webhook had WeCom's 20 a minute, or a chat its limit (the parts before went out; a later pass
-            sends the rest).
+        OverQuota: a webhook had WeCom's 20 a minute, a target of the app its 30, or a chat its limit (the parts
+            before went out; a later pass sends the rest).
         redis.RedisError: Redis did not answer (a later pass goes on: what went out is not sent again).
     """
     kind, _, value = group[0].partition(":")

@@ -4,7 +4,7 @@ demo/wecom_api_standin.py at WECOM_API_BASE. A callback-mode bot pushes to a gro
 app; a long-connection bot to a group robot of its own. Requests go to both replicas at once, so the workers race:
 a webhook's text with mentions and markdown, one access token for the four processes and fetched again once after
 WeCom expires it, `partial`, a lost reply `unknown` and never sent again, one Idempotency-Key sent once, WeCom's 20
-a minute per robot held across the processes, and each push its audit row."""
+a minute per robot and the app's 30 a minute per member held across the processes, and each push its audit row."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from demo.replicas import GunicornReplica
-from demo.wecom_api_standin import PER_MINUTE, WeComApiStandIn
+from demo.wecom_api_standin import APP_PER_MEMBER_MINUTE, PER_MINUTE, WeComApiStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
@@ -183,3 +183,13 @@ def test_wecoms_twenty_a_minute_per_robot_hold_across_four_processes(deployment,
     assert all(reply.json()["status"] == "sent" for reply in replies if reply.status_code == 200)
     desk = push(replicas[0], {"bot": "desk", "webhook": "ops", "text": "another robot, its own minute"})
     assert desk.json()["status"] == "sent"
+
+
+def test_the_apps_thirty_a_minute_per_member_hold_across_four_processes(deployment, wecom_api):
+    """WeCom would drop a member's 31st message of a minute from the app without an error: the processes count
+    them together and refuse the rest with 429, so no copy is dropped."""
+    replicas, _ = deployment
+    replies = at_once(replicas, [{"touser": "zhangsan", "markdown": f"告警 {n}"} for n in range(36)])
+    codes = sorted(reply.status_code for reply in replies)
+    assert codes == [200] * APP_PER_MEMBER_MINUTE + [429] * 6
+    assert len(wecom_api.app_sent) == APP_PER_MEMBER_MINUTE and wecom_api.app_dropped == []
