@@ -544,6 +544,7 @@ def test_the_nemesis_finds_a_cluster_replica_behind_its_link_to_kill():
     links = ServerLinks()
     topology = PrivateRedisCluster(front=links.front).start()
     try:
+        _wait_until(topology.healthy, 30)  # every replica known as one (a CI run once found none yet)
         nemesis = Nemesis(topology, [], History(), random.Random(1), 5.0, links={"redis": links})
         killed = nemesis.redis_kill_replica("redis", random.Random(1))
         port = int(killed.rsplit(":", 1)[1])
