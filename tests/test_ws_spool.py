@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from demo import dify_standin as d
 from demo.wecom_ws_standin import _message
 from services.auth.db import make_engine
+from services.chat.intake import MessageIntake
 from services.chat.spool_rows import utc_now
 from services.longconn import spool as spool_module
 from services.longconn.spool import Spool, wecom_ws_spool
@@ -127,3 +128,49 @@ def test_a_kept_command_whose_reader_is_gone_gets_its_reply_as_a_message_once(
     assert outbox_settled(redis_client, WS_BOT_ID)
     [sent] = wecom.proactive
     assert sent["markdown"]["content"] == ZH["nothing_to_stop"]
+
+
+def test_a_message_whose_intake_is_slow_is_kept_and_answered_though_its_reader_dies_in_it(
+    ws_gateway, database, mysql_url, dify, redis_client, monkeypatch
+):
+    """Redis slow, not away: an intake that has run for a quarter of a second keeps its message, dropped once the
+    intake ends. Before, a holder SIGKILLed 1.5 s into an intake under a Redis 189 ms slower took the message with
+    it (the fault campaign's one-server run of 2026-11-28). Here the first message's intake is slow and ends; the
+    second's reader "dies" in it (its intake never opens a stream), and a serving process answers it once."""
+    monkeypatch.setattr(spool_module, "SWEEP_SECONDS", 0.3)
+    taken, seen = MessageIntake.take, []
+
+    def slow_take(intake, message):
+        time.sleep(1.0)
+        seen.append(kept_rows(database))
+        if message.msgid == "dies-1":
+            raise SystemExit("the reader dies before the stream opens")
+        return taken(intake, message)
+
+    monkeypatch.setattr(MessageIntake, "take", slow_take)
+    dify.script([d.message("Answered, slowly."), d.end()])
+    dify.script([d.message("Answered by another process."), d.end()])
+    _, wecom = ws_gateway(database_url=mysql_url)
+    req_id = wecom.deliver_text(WS_BOT_ID, "asked while Redis is slow", msgid="slow-1")
+    final = wecom.final(req_id, timeout=20)
+    assert final is not None and "Answered, slowly." in final["stream"]["content"]
+    assert seen == [[("slow-1", "")]] and kept_rows(database) == []  # kept while taken, dropped once answered
+
+    wecom.deliver_text(WS_BOT_ID, "asked of a reader that dies", msgid="dies-1")
+    assert wait_until(lambda: kept_rows(database) == [("dies-1", "")], timeout=10)
+    monkeypatch.setattr(MessageIntake, "take", taken)
+    backdate(database)
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    assert outbox_settled(redis_client, WS_BOT_ID)
+    [sent] = wecom.proactive
+    assert sent["markdown"]["content"].endswith("Answered by another process.")
+    assert wait_until(lambda: kept_rows(database) == [], timeout=5)
+
+
+def test_a_message_taken_at_once_is_never_written_to_the_spool(ws_gateway, database, mysql_url, dify, monkeypatch):
+    writes = []
+    monkeypatch.setattr(Spool, "keep", lambda spool, msgid, body: writes.append(msgid) or True)
+    dify.script([d.message("At once."), d.end()])
+    _, wecom = ws_gateway(database_url=mysql_url)
+    final = wecom.final(wecom.deliver_text(WS_BOT_ID, "hello", msgid="fast-1"), timeout=20)
+    assert final is not None and "At once." in final["stream"]["content"] and writes == []

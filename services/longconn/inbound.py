@@ -17,7 +17,7 @@ from services.longconn.lease import Holding
 from services.longconn.outbox import Outbox
 from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
-from services.longconn.spool import Spool
+from services.longconn.spool import KeptWhileTaken, Spool
 from services.outage import delays_for
 from services.wecom.errors import CallbackError
 from services.wecom.messages import parse_inbound
@@ -63,17 +63,16 @@ class InboundHandler:
         session, holding = self._connection()
         if holding is not None:  # the answer's route, which the stream keeps from its creation (StreamService.open)
             message = replace(message, ws_req_id=req_id, ws_generation=holding.generation)
-        kept = False
-
-        def keep() -> None:  # a new message met Redis away: kept where another process finds it, should this one die
-            nonlocal kept
-            if self.spool is not None and message.msgid:
-                kept = self.spool.keep(message.msgid, orjson.dumps(body).decode())
-
+        # a user's message, kept where another process finds it, should this one die, once its intake is slow or
+        # meets Redis away (an event is not: a drain answers a message, and a card's click can be made again)
+        kept = None
+        if self.spool is not None and message.msgid and message.msgtype != "event":
+            kept = KeptWhileTaken(self.spool, message.msgid, orjson.dumps(body).decode())
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            reply = self.dispatch(message, Patience(delays_for(INTAKE_PATIENCE_SECONDS), on_first_failure=keep))
-            if kept:
-                self.spool.drop(message.msgid)
+            patience = Patience(delays_for(INTAKE_PATIENCE_SECONDS), on_first_failure=kept.keep if kept else None)
+            reply = self.dispatch(message, patience)
+            if kept is not None:  # (an intake that raised leaves its row, if any, to a drain)
+                kept.done()
         if reply is None:
             return
         if message.msgtype == "event":

@@ -9,6 +9,10 @@ is taken by any serving process once Redis answers (`SpoolDrain`): the message i
 process took already is left to that one's answer), and, the frame it came on being gone with its reader, answered
 as a message of its own (aibot_send_msg, through the outbox).
 
+A message whose intake is slow (Redis slow to answer, not away) is kept too, once its intake has run for
+KEEP_AFTER_SECONDS (`KeptWhileTaken`): a reader that died in the second its intake took under a slow Redis took the
+message with it (found by the fault campaign: the holder SIGKILLed 1.5 s into an intake under Redis 189 ms slower).
+
 No database, no spool: a message read while Redis is away then lives in its reader's memory alone, as before.
 """
 
@@ -50,6 +54,9 @@ CLAIM_SECONDS = 60.0
 KEEP_SECONDS = 600.0
 SWEEP_SECONDS = 5.0
 PAGE = 20
+# A message whose intake has not ended this long after it was read is kept, as one that met Redis away is (an
+# intake takes a few milliseconds when Redis answers at once: nearly every message is never written).
+KEEP_AFTER_SECONDS = 0.25
 
 wecom_ws_spool = Table(
     "wecom_ws_spool",
@@ -125,6 +132,34 @@ class Spool(SpoolRows):
     def release(self, msgid: str) -> None:
         """Redis is still away: the row waits for the next sweep, of any process."""
         self._release("msgid", msgid)
+
+
+class KeptWhileTaken:
+    """One message's row in the spool for as long as its intake runs: written once the intake has run for
+    KEEP_AFTER_SECONDS or met Redis away (`keep`, whichever comes first; tried again on the other if the database
+    did not take it), dropped when the intake ends (`done`)."""
+
+    def __init__(self, spool: Spool, msgid: str, body: str, after: float = KEEP_AFTER_SECONDS):
+        self.spool = spool
+        self.msgid = msgid
+        self.body = body
+        self._lock = threading.Lock()
+        self._kept = self._done = False
+        self._timer = threading.Timer(after, self.keep)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def keep(self) -> None:
+        with self._lock:
+            if not self._kept and not self._done:
+                self._kept = self.spool.keep(self.msgid, self.body)
+
+    def done(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            if self._kept:
+                self.spool.drop(self.msgid)
 
 
 class SpoolDrain:
