@@ -19,6 +19,7 @@ from bench.faults.checker import CLEAR_NOTES, COUNTS, check
 from bench.faults.history import read
 from bench.faults.mutants import AIM, FORGIVING, MUTANTS
 from bench.faults.proxy import FaultyLink, LinkGroup, ServerLinks
+from bench.faults.workload import Workload
 from services.texts import CATALOGUE
 
 TAG, OTHER = "a1b2c3", "d4e5f6"
@@ -49,6 +50,17 @@ def counts(events: list) -> dict:
 
 
 ZERO = dict.fromkeys(COUNTS, 0)
+
+
+def test_two_messages_of_one_tag_are_refused_not_judged():
+    """Calls and audit rows are told apart by the message's tag: a history where two messages share one cannot be
+    checked (a Sentinel run drew one tag twice and counted one message's calls and row as the other's)."""
+    twice = history([(2.0, WHOLE, True)]) + [{**history([])[0], "msgid": "m2"}]
+    with pytest.raises(ValueError, match="share the tags"):
+        check(twice)
+    first = Workload.__new__(Workload)
+    first.__post_init__()
+    assert len({first.new_tag() for _ in range(5000)}) == 5000
 
 
 def test_an_answer_shown_whole_counts_nothing():

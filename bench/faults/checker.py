@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +161,9 @@ def check(events: list[dict], forgive: bool = False) -> dict:
     for event in events:
         if "msgid" in event:
             by_msgid[event["msgid"]][event["kind"]].append(event)
+    tags = Counter(kinds["message"][0]["tag"] for kinds in by_msgid.values() if kinds.get("message"))
+    if shared := sorted(tag for tag, count in tags.items() if count > 1):
+        raise ValueError(f"messages share the tags {shared}: their calls and rows cannot be told apart")
     calls_by_tag: dict[str, list[dict]] = defaultdict(list)
     taken_by_tag: dict[str, int] = defaultdict(int)
     for event in events:
