@@ -52,3 +52,31 @@ def replica_env(dify_url: str, redis_url: str, **settings: str) -> dict[str, str
         "LOG_LEVEL": "INFO",
         **settings,
     }
+
+
+def callback_bot(name: str, dify_url: str, **fields) -> str:
+    """A callback-mode bot's table for a BOTS_FILE, on the test's token, EncodingAESKey and Dify app; `fields` add
+    keys of its own (strings quoted, numbers as they are)."""
+    return _bot_table(
+        name, token=TOKEN, encoding_aes_key=AES_KEY, dify_base_url=dify_url, dify_api_key=DIFY_KEY, **fields
+    )
+
+
+def connection_bot(name: str, bot_id: str, secret: str, ws_url: str, dify_url: str, **fields) -> str:
+    """A long-connection bot's table for a BOTS_FILE (its lease 3 s, so a killed holder's is taken over soon)."""
+    return _bot_table(
+        name,
+        mode="long_connection",
+        bot_id=bot_id,
+        secret=secret,
+        wecom_ws_url=ws_url,
+        wecom_ws_lease_seconds=3,
+        dify_base_url=dify_url,
+        dify_api_key=DIFY_KEY,
+        **fields,
+    )
+
+
+def _bot_table(name: str, **fields) -> str:
+    lines = [f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}" for key, value in fields.items()]
+    return "\n".join([f"[bots.{name}]", *lines, ""]) + "\n"

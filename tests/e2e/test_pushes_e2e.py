@@ -19,8 +19,8 @@ from demo.replicas import GunicornReplica
 from demo.wecom_api_standin import APP_PER_MEMBER_MINUTE, PER_MINUTE, WeComApiStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
-from tests.e2e.conftest import replica_env
+from tests.conftest import wait_until
+from tests.e2e.conftest import callback_bot, connection_bot, replica_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 PUSH_TOKEN = "e2e-push-api-token-0123456789"
@@ -30,27 +30,13 @@ DESK_ID, DESK_SECRET = "lc-push-desk", "lc-push-desk-secret"
 
 
 def bots_file(dify: str, api: WeComApiStandIn, ws_url: str) -> str:
+    app = {"app_corp_id": CORP, "app_agent_id": AGENT, "app_secret": SECRET}
     return f"""
-[bots.assistant]
-token = "{TOKEN}"
-encoding_aes_key = "{AES_KEY}"
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-app_corp_id = "{CORP}"
-app_agent_id = {AGENT}
-app_secret = "{SECRET}"
-
+{callback_bot("assistant", dify, **app)}
 [bots.assistant.webhooks]
 ops = "{api.webhook_url(OPS)}"
 
-[bots.desk]
-mode = "long_connection"
-bot_id = "{DESK_ID}"
-secret = "{DESK_SECRET}"
-wecom_ws_url = "{ws_url}"
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-
+{connection_bot("desk", DESK_ID, DESK_SECRET, ws_url, dify)}
 [bots.desk.webhooks]
 ops = "{api.webhook_url(DESK_OPS)}"
 """

@@ -17,7 +17,7 @@ from demo.wecom_simulator import WeComSimulator
 from services.audit.table import wecom_audit
 from services.auth import db
 from tests.conftest import AES_KEY, DIFY_KEY, OPENAI_KEY, OPENAI_MODEL, TOKEN, wait_until
-from tests.e2e.conftest import replica_env
+from tests.e2e.conftest import callback_bot, connection_bot, replica_env
 
 pytestmark = pytest.mark.e2e
 WORKERS = 4
@@ -27,12 +27,7 @@ DESK_ID, DESK_SECRET = "lc-routed", "lc-routed-secret"
 
 def bots_file(dify: str, team_dify: str, openai: str, ws_url: str, hr_command: str = "/hr", extra: str = "") -> str:
     return f"""
-[bots.assistant]
-token = "{TOKEN}"
-encoding_aes_key = "{AES_KEY}"
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-
+{callback_bot("assistant", dify)}
 [[bots.assistant.routes]]
 name = "hr"
 command = "{hr_command}"
@@ -53,15 +48,7 @@ chats = ["{TEAM_CHAT}"]
 dify_base_url = "{team_dify}"
 dify_api_key = "{TEAM_KEY}"
 {extra}
-[bots.desk]
-mode = "long_connection"
-bot_id = "{DESK_ID}"
-secret = "{DESK_SECRET}"
-wecom_ws_url = "{ws_url}"
-wecom_ws_lease_seconds = 3
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-
+{connection_bot("desk", DESK_ID, DESK_SECRET, ws_url, dify)}
 [[bots.desk.routes]]
 name = "hr"
 command = "/hr"

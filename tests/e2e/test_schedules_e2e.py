@@ -17,8 +17,8 @@ from demo.replicas import GunicornReplica
 from demo.wecom_api_standin import WeComApiStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
-from tests.e2e.conftest import replica_env
+from tests.conftest import wait_until
+from tests.e2e.conftest import callback_bot, connection_bot, replica_env
 
 pytestmark = pytest.mark.e2e
 KEY, CORP, SECRET = "e2e-ops-robot-key", "ww-e2e-corp", "e2e-app-secret"
@@ -28,15 +28,7 @@ LEASE_SECONDS = 4
 
 def bots_file(dify: str, webhook: str, ws_url: str) -> str:
     return f"""
-[bots.assistant]
-token = "{TOKEN}"
-encoding_aes_key = "{AES_KEY}"
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-app_corp_id = "{CORP}"
-app_agent_id = 1000002
-app_secret = "{SECRET}"
-
+{callback_bot("assistant", dify, app_corp_id=CORP, app_agent_id=1000002, app_secret=SECRET)}
 [bots.assistant.webhooks]
 ops = "{webhook}"
 
@@ -47,15 +39,7 @@ question = "每分钟报告 {{datetime}}"
 to = ["webhook:ops", "user:zhangsan", "party:2"]
 catch_up_seconds = 30
 
-[bots.desk]
-mode = "long_connection"
-bot_id = "{DESK_ID}"
-secret = "{DESK_SECRET}"
-wecom_ws_url = "{ws_url}"
-wecom_ws_lease_seconds = 3
-dify_base_url = "{dify}"
-dify_api_key = "{DIFY_KEY}"
-
+{connection_bot("desk", DESK_ID, DESK_SECRET, ws_url, dify)}
 [[bots.desk.schedules]]
 name = "minutely"
 cron = "* * * * *"
