@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from demo.dify_standin import DifyStandIn
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN
+from demo.replicas import GunicornReplica
+from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
 
 LOG_TAIL_BYTES = 30_000  # of each replica's log, shown under a failed test
 
@@ -80,3 +81,14 @@ def connection_bot(name: str, bot_id: str, secret: str, ws_url: str, dify_url: s
 def _bot_table(name: str, **fields) -> str:
     lines = [f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}" for key, value in fields.items()]
     return "\n".join([f"[bots.{name}]", *lines, ""]) + "\n"
+
+
+def ready_replicas(env: dict[str, str], tmp_path, count: int = 2, workers: int = 2) -> list[GunicornReplica]:
+    """`count` gunicorn replicas of `workers` each on `env`, once every worker has said it is ready."""
+    replicas = [GunicornReplica(env, tmp_path, f"replica-{i}", workers=workers).start() for i in range(count)]
+    assert wait_until(lambda: _readies(replicas) >= count * workers, timeout=60)
+    return replicas
+
+
+def _readies(replicas: list[GunicornReplica]) -> int:
+    return sum(replica.logs().count("gateway ready") for replica in replicas)

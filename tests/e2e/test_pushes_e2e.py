@@ -15,12 +15,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from demo.replicas import GunicornReplica
 from demo.wecom_api_standin import APP_PER_MEMBER_MINUTE, PER_MINUTE, WeComApiStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
 from tests.conftest import wait_until
-from tests.e2e.conftest import callback_bot, connection_bot, replica_env
+from tests.e2e.conftest import callback_bot, connection_bot, ready_replicas, replica_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 PUSH_TOKEN = "e2e-push-api-token-0123456789"
@@ -65,8 +64,7 @@ def deployment(tmp_path, dify, wecom_api, wecom_ws, redis_url, redis_client, mys
         WECOM_API_BASE=wecom_api.url,
         PUSH_API_TOKEN=PUSH_TOKEN,
     )
-    replicas = [GunicornReplica(env, tmp_path, f"replica-{i}", workers=2).start() for i in range(2)]
-    assert wait_until(lambda: sum(r.logs().count("gateway ready") for r in replicas) >= 4, timeout=60)
+    replicas = ready_replicas(env, tmp_path)
     yield replicas, database_url
     for replica in replicas:
         replica.stop()

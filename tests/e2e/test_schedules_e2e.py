@@ -13,12 +13,11 @@ import pytest
 from sqlalchemy import select
 
 from demo import dify_standin as d
-from demo.replicas import GunicornReplica
 from demo.wecom_api_standin import WeComApiStandIn
 from services.audit.table import wecom_audit
 from services.auth import db
 from tests.conftest import wait_until
-from tests.e2e.conftest import callback_bot, connection_bot, replica_env
+from tests.e2e.conftest import callback_bot, connection_bot, ready_replicas, replica_env
 
 pytestmark = pytest.mark.e2e
 KEY, CORP, SECRET = "e2e-ops-robot-key", "ww-e2e-corp", "e2e-app-secret"
@@ -71,8 +70,7 @@ def deployment(tmp_path, dify, wecom_api, wecom_ws, redis_url, mysql_databases):
         WECOM_API_BASE=wecom_api.url,
         STREAM_LEASE_SECONDS=str(LEASE_SECONDS),
     )
-    replicas = [GunicornReplica(env, tmp_path, f"replica-{i}", workers=2).start() for i in range(2)]
-    assert wait_until(lambda: sum(r.logs().count("gateway ready") for r in replicas) >= 4, timeout=60)
+    replicas = ready_replicas(env, tmp_path)
     yield replicas, database_url, wecom
     for replica in replicas:
         replica.stop()
