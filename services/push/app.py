@@ -18,7 +18,7 @@ import httpx
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.push.direct import FAILED, PARTIAL, SENDING, SENT, DirectPushes, outcome, post_once
+from services.push.direct import FAILED, PARTIAL, SENT, DirectPushes, outcome, post_once
 from services.replication import Replication
 
 logger = logging.getLogger(__name__)
@@ -83,22 +83,17 @@ class AppPushes(DirectPushes):
             OverQuota: a target had WeCom's limit of the app's messages (nothing sent; the key stays free).
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
-        push_id, earlier = self.claim(idempotency_key)
-        if earlier is not None:
-            return push_id, earlier, False
-        sends = [self.keys.app_sends(self.corp_id, self.agent_id, one) for one in to.each()]
-        self.take_places(sends, push_id, idempotency_key, PER_MEMBER)
-        target = to.label()
-        if not self.opened(push_id, target):
-            return push_id, self.status(push_id) or {"status": SENDING}, False
         body = {"touser": to.users, "toparty": to.parties, "totag": to.tags, "msgtype": "markdown"}
         body |= {"agentid": self.agent_id, "markdown": {"content": markdown}}
-        try:
-            status, error = self._send(body)
-        except TokenUnavailable as exc:
-            status, error = FAILED, str(exc)
-        self.counted_from_now(sends, push_id)
-        return push_id, self.closed(push_id, target, status, error, markdown, "markdown"), True
+
+        def send() -> tuple[str, str]:
+            try:
+                return self._send(body)
+            except TokenUnavailable as exc:
+                return FAILED, str(exc)
+
+        sends = [self.keys.app_sends(self.corp_id, self.agent_id, one) for one in to.each()]
+        return self.once(idempotency_key, to.label(), sends, PER_MEMBER, send, (markdown, "markdown"))
 
     def _send(self, body: dict) -> tuple[str, str]:
         url = f"{self.api_base}/cgi-bin/message/send"

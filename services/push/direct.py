@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 import redis
@@ -122,7 +123,29 @@ class DirectPushes:
         if idempotency_key:
             self.client.delete(self.keys.push_idempotency(idempotency_key))
 
-    def take_places(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
+    def once(
+        self, key: str, target: str, sends: list[str], limits: tuple, send: Callable[[], tuple[str, str]], shown: tuple
+    ) -> tuple[str, dict, bool]:
+        """A push made at most once: its Idempotency-Key `key` claimed, a place taken among its targets' recent
+        `sends` under WeCom's `limits`, the push opened, then `send()` (its status and error), its places counted
+        from the reply, and the push closed; `shown` is (its content, its msgtype) for the record and the audit.
+        Returns (the push's id, its status, whether it is new).
+
+        Raises:
+            OverQuota: a target had its sends of a window (nothing sent; the key stays free).
+            redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
+        """
+        push_id, earlier = self.claim(key)
+        if earlier is not None:
+            return push_id, earlier, False
+        self._take_places_or_refuse(sends, push_id, key, limits)
+        if not self.opened(push_id, target):
+            return push_id, self.status(push_id) or {"status": SENDING}, False
+        status, error = send()
+        self._counted_from_now(sends, push_id)
+        return push_id, self.closed(push_id, target, status, error, *shown), True
+
+    def _take_places_or_refuse(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
         """A place for the push among each target's recent sends (`sends`, sorted sets of one Cluster slot), under
         WeCom's `limits` ((window seconds, sends), ...), counted across replicas before it goes out.
 
@@ -137,7 +160,7 @@ class DirectPushes:
             metrics.PUSHES.labels(self.bot, "refused_quota").inc()
             raise OverQuota(wait)
 
-    def counted_from_now(self, sends: list[str], push_id: str) -> None:
+    def _counted_from_now(self, sends: list[str], push_id: str) -> None:
         """The push's places count from its reply on: WeCom took it at some moment before, so a window from the reply
         is a window from WeCom's count too (counted from the claim, a slow send let another in within WeCom's)."""
         with self.client.pipeline(transaction=False) as pipe:

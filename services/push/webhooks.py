@@ -12,7 +12,7 @@ import httpx
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.push.direct import SENDING, DirectPushes, outcome, post_once
+from services.push.direct import DirectPushes, outcome, post_once
 from services.replication import Replication
 
 PER_MINUTE = 20  # WeCom's limit per group robot
@@ -64,16 +64,10 @@ class WebhookPushes(DirectPushes):
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         url = self.urls[name]
-        push_id, earlier = self.claim(idempotency_key)
-        if earlier is not None:
-            return push_id, earlier, False
-        sends = [self.keys.webhook_sends(name)]
-        self.take_places(sends, push_id, idempotency_key, ((60, PER_MINUTE),))
-        target = f"webhook:{name}"
-        if not self.opened(push_id, target):
-            return push_id, self.status(push_id) or {"status": SENDING}, False
-        reply, lost = post_once(self.http, url, message.body())
-        self.counted_from_now(sends, push_id)
-        status, error = outcome(reply, lost, _ERRORS)
-        msgtype = "markdown" if message.markdown else "text"
-        return push_id, self.closed(push_id, target, status, error, message.content, msgtype), True
+
+        def send() -> tuple[str, str]:
+            reply, lost = post_once(self.http, url, message.body())
+            return outcome(reply, lost, _ERRORS)
+
+        sends, shown = [self.keys.webhook_sends(name)], (message.content, "markdown" if message.markdown else "text")
+        return self.once(idempotency_key, f"webhook:{name}", sends, ((60, PER_MINUTE),), send, shown)
