@@ -9,6 +9,7 @@ its values to files there and /metrics, on any worker, adds them up (prometheus-
 
 from __future__ import annotations
 
+import itertools
 import os
 
 from prometheus_client import (
@@ -192,14 +193,12 @@ POLL_TEXT_UNREPLICATED = Counter(
     "held_back (the bubble showed what a replica held), shown (ahead of the replicas too long: shown all the same)",
     ["bot", "outcome"],
 )
-POLL_TEXT_OUTCOMES = ("held_back", "shown")
 WS_SPOOL = Counter(
     "wecom_ws_spool_total",
     "Long-connection messages read while Redis was away: kept in the database (not_kept: it was away too), and "
     "those a process took after their reader was gone (already, answered, replied, malformed, given_up)",
     ["bot", "outcome"],
 )
-WS_SPOOL_OUTCOMES = ("kept", "not_kept", "already", "answered", "replied", "malformed", "given_up")
 CALLBACK_SPOOL = Counter(
     "wecom_callback_spool_total",
     "Callback messages Redis could not take within CALLBACK_INTAKE_SECONDS: kept in the database under the bubble "
@@ -207,7 +206,6 @@ CALLBACK_SPOOL = Counter(
     "bubble took once Redis was back (taken; taken_elsewhere: a process had taken its msgid meanwhile)",
     ["bot", "outcome"],
 )
-CALLBACK_SPOOL_OUTCOMES = ("kept", "not_kept", "taken", "taken_elsewhere")
 BACKGROUND_ERRORS = Counter(
     "background_errors_total",
     "Unexpected exceptions in a background loop, which logged them and went on (services/loops.py)",
@@ -263,48 +261,6 @@ WS_SUBSCRIBE_REFUSALS = Counter(
 )
 
 
-# The label values each bot's series start with (the values the code counts; codes from Dify's HTTP errors come on
-# top when they happen).
-MESSAGE_OUTCOMES = (
-    "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty", "form_value",
-    "unsupported", "over_quota", "blocked", "bot_retired",
-)  # fmt: skip
-CALLBACK_KINDS = ("text", "stream")
-CALLBACK_OUTCOMES = ("ok", "store_unavailable")
-STREAM_EVENTS = (
-    "done", "error", "expired", "taken_over", "resumed", "closed_window", "closed_overflow", "handed_over",
-    "taken_over_elsewhere", "closed_elsewhere",
-)  # fmt: skip
-DIFY_ERROR_CODES = ("backend_error", "connect_error", "timeout", "stream_cut")
-DIFY_CALL_KINDS = ("new", "restart", "resume", "duplicate", "form", "reattach", "asked_again")
-AUTH_RESULTS = ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")
-SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
-BACKGROUND_LOOPS = (
-    "audit_sweeper",
-    "bots_file_watch",
-    "answer_slots",
-    "append_batcher",
-    "stream_lease_keeper",
-    "wecom_ws_holder",
-    "wecom_ws_jobs",
-    "wecom_ws_keeper",
-)
-# a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (services/longconn/frames.py)
-WS_ERRCODES_SEEN = ("846605", "846608", "846609", "6000")
-SENT = ("sent", "failed")
-CARD_KINDS = ("form", "suggestions", "welcome")
-# The writes that wait for a Redis replica (services/replication.py).
-REPLICATED_WRITES = (
-    "msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox", "schedule_claim", "push_claim", "push_open",
-)  # fmt: skip
-FILE_OUTCOMES = ("inline", "linked", "named", "uploaded", "too_large", "failed")
-FORM_CLICK_OUTCOMES = ("claimed", "already", "not_yours", "expired", "unknown", "needs_values", "bad_option")
-FORM_SUBMISSION_RESULTS = ("submitted", "expired", "refused", "failed")
-STOP_OUTCOMES = ("stopped", "nothing")
-PUSH_OUTCOMES = ("accepted", "refused_quota", "sent", "failed", "unknown")
-DIFY_STOP_REASONS = ("user", "timeout")
-
-
 QUOTA_REFUSALS = Counter(
     "wecom_quota_refusals_total", "Questions refused by a daily quota, by whose quota (user, chat)", ["bot", "scope"]
 )
@@ -343,105 +299,91 @@ AUDIT_ROWS = Counter(
 AUDIT_PENDING = Gauge(
     "wecom_audit_pending", "Audit rows waiting in Redis for the database", ["bot"], multiprocess_mode="max"
 )
-AUDIT_ROW_OUTCOMES = ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")
 
 
-SCHEDULE_OUTCOMES = ("pushed", "partial", "failed", "skipped")
-
-
-def initialise_schedule(bot: str, schedule: str) -> None:
-    """Create a schedule's series at zero (its alert then sees its first failure as an increase)."""
-    for outcome in SCHEDULE_OUTCOMES:
-        SCHEDULE_RUNS.labels(bot, schedule, outcome)
+# Which bots a metric's series start for: every bot, a bot of one WeCom mode, a bot whose audit trail is on; or once
+# for the deployment (no `bot` label).
+EVERY, CALLBACK, CONNECTION, AUDIT, DEPLOYMENT = "every", "callback", "connection", "audit", "deployment"
+ITS_BACKEND = ("<the bot's backend>",)  # stands for the kind of the bot's backend
+OWN_ROUTE = ("",)  # the bot's own route (another route's series appear once it answers)
+SENT = ("sent", "failed")
+SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
+# The writes that wait for a Redis replica (services/replication.py).
+REPLICATED_WRITES = (
+    "msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox", "schedule_claim", "push_claim", "push_open",
+)  # fmt: skip
+# Each metric whose series start at zero, for which bots, with the values the code counts of its labels after `bot`
+# (codes of a backend's HTTP errors come on top when they happen).
+_STARTS = (
+    (CALLBACKS, EVERY, ("text", "stream"), ("ok", "store_unavailable")),
+    (MESSAGES, EVERY, (
+        "opened", "dedup", "in_flight_limit", "rate_limited", "busy", "shutting_down", "command", "empty",
+        "form_value", "unsupported", "over_quota", "blocked", "bot_retired",
+    )),
+    (STREAM_OUTCOMES, EVERY, (
+        "done", "error", "expired", "taken_over", "resumed", "closed_window", "closed_overflow", "handed_over",
+        "taken_over_elsewhere", "closed_elsewhere",
+    )),
+    (DIFY_ERRORS, EVERY, ITS_BACKEND, ("backend_error", "connect_error", "timeout", "stream_cut"), OWN_ROUTE),
+    (DIFY_CALLS, EVERY, ITS_BACKEND, ("new", "restart", "resume", "duplicate", "form", "reattach", "asked_again"),
+     OWN_ROUTE),
+    (DIFY_STOPS, EVERY, ITS_BACKEND, ("user", "timeout"), OWN_ROUTE),
+    (FIRST_TOKEN_SECONDS, EVERY, ITS_BACKEND, OWN_ROUTE),
+    (STREAM_SECONDS, EVERY, OWN_ROUTE),
+    (AUTH_OUTCOMES, EVERY,
+     ("ok", "unknown_user", "user_disabled", "auth_refused", "auth_unavailable", "database_unavailable")),
+    (TOKEN_CACHE, EVERY, ("hit", "miss")),
+    (UNREPLICATED_WRITES, EVERY, REPLICATED_WRITES),
+    (POLL_TEXT_UNREPLICATED, EVERY, ("held_back", "shown")),
+    (FILES, EVERY, ("inline", "linked", "named", "uploaded", "too_large", "failed")),
+    (CARDS, EVERY, ("form", "suggestions", "welcome")),
+    (FORM_CLICKS, EVERY, ("claimed", "already", "not_yours", "expired", "unknown", "needs_values", "bad_option")),
+    (FORM_SUBMISSIONS, EVERY, ("submitted", "expired", "refused", "failed")),
+    (STOPS, EVERY, ("stopped", "nothing")),
+    (QUOTA_REFUSALS, EVERY, ("user", "chat")),
+    (RULES_RELOADS, EVERY, ("ok", "rejected")),
+    *((metric, EVERY) for metric in (POLL_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, FORM_WAIT_SECONDS, CAP_REFUSALS)),
+    *((metric, EVERY) for metric in (BLOCKED_QUESTIONS, MASKED_MATCHES, QUEUE_WAIT_SECONDS)),
+    (RESPONSE_URL, CALLBACK, SEPARATE_KINDS, SENT),
+    (CALLBACK_SPOOL, CALLBACK, ("kept", "not_kept", "taken", "taken_elsewhere")),
+    (WS_SEPARATE, CONNECTION, SEPARATE_KINDS, SENT),
+    (WS_SPOOL, CONNECTION, ("kept", "not_kept", "already", "answered", "replied", "malformed", "given_up")),
+    (PUSHES, CONNECTION, ("accepted", "refused_quota", "sent", "failed", "unknown")),
+    (WS_OUTBOX, CONNECTION, SENT),
+    (WS_FILES, CONNECTION, SENT),
+    # a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (longconn/frames.py)
+    (WS_ERRCODES, CONNECTION, ("846605", "846608", "846609", "6000")),
+    *((metric, CONNECTION) for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS)),
+    *((metric, CONNECTION) for metric in (WS_FRAMES, WS_ACK_SECONDS, WS_SUBSCRIBE_REFUSALS, WS_PACED)),
+    (WS_MISSED_PONGS, CONNECTION),
+    (AUDIT_ROWS, AUDIT, ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")),
+    (AUDIT_PENDING, AUDIT),
+    (BOTS_RELOADS, DEPLOYMENT, ("ok", "rejected")),
+    (BACKGROUND_ERRORS, DEPLOYMENT, (
+        "audit_sweeper", "bots_file_watch", "answer_slots", "append_batcher", "stream_lease_keeper",
+        "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper",
+    )),
+)  # fmt: skip
 
 
 def initialise(bot: str, long_connection: bool = False, audit: bool = False, backend: str = "dify") -> None:
     """Create every series of `bot` (its own backend of kind `backend`) at zero (a labelled series otherwise appears
-    only once it is first used). A route's series appear once it answers: the alerts sum over routes, and a
-    thousand routes' series at zero cost each worker 16 MB and every scrape their lines (BENCHMARKS.md, "Routes")."""
-    for loop in BACKGROUND_LOOPS:
-        BACKGROUND_ERRORS.labels(loop)
-    for result in ("ok", "rejected"):
-        BOTS_RELOADS.labels(result)
-    _initialise_controls(bot, audit)
-    for outcome in MESSAGE_OUTCOMES:
-        MESSAGES.labels(bot, outcome)
-    for kind in CALLBACK_KINDS:
-        for outcome in CALLBACK_OUTCOMES:
-            CALLBACKS.labels(bot, kind, outcome)
-    for event in STREAM_EVENTS:
-        STREAM_OUTCOMES.labels(bot, event)
-    _initialise_backend(bot, backend, "")  # the bot's own route
-    for outcome in AUTH_RESULTS:
-        AUTH_OUTCOMES.labels(bot, outcome)
-    for result in ("hit", "miss"):
-        TOKEN_CACHE.labels(bot, result)
-    for kind in SEPARATE_KINDS:
-        for result in SENT:
-            (WS_SEPARATE if long_connection else RESPONSE_URL).labels(bot, kind, result)
-    for metric in (POLL_SECONDS, ACTIVE_STREAMS, DEDUP_HITS):
-        metric.labels(bot)
-    FORM_WAIT_SECONDS.labels(bot)
-    for write in REPLICATED_WRITES:
-        UNREPLICATED_WRITES.labels(bot, write)
-    for outcome in POLL_TEXT_OUTCOMES:
-        POLL_TEXT_UNREPLICATED.labels(bot, outcome)
-    spool, outcomes = (WS_SPOOL, WS_SPOOL_OUTCOMES) if long_connection else (CALLBACK_SPOOL, CALLBACK_SPOOL_OUTCOMES)
-    for outcome in outcomes:
-        spool.labels(bot, outcome)
-    for outcome in FILE_OUTCOMES:
-        FILES.labels(bot, outcome)
-    for kind in CARD_KINDS:
-        CARDS.labels(bot, kind)
-    for outcome in FORM_CLICK_OUTCOMES:
-        FORM_CLICKS.labels(bot, outcome)
-    for result in FORM_SUBMISSION_RESULTS:
-        FORM_SUBMISSIONS.labels(bot, result)
-    for outcome in STOP_OUTCOMES:
-        STOPS.labels(bot, outcome)
-    if long_connection:
-        _initialise_long_connection(bot)
+    only once it is first used): those `_STARTS` names, of the bot's WeCom mode, the audit trail's when it is on. A
+    route's series appear once it answers: the alerts sum over routes, and a thousand routes' series at zero cost each
+    worker 16 MB and every scrape their lines (BENCHMARKS.md, "Routes")."""
+    skipped = {CALLBACK if long_connection else CONNECTION} | (set() if audit else {AUDIT})
+    for metric, mode, *values in _STARTS:
+        if mode in skipped:
+            continue
+        values = [(backend,) if each is ITS_BACKEND else each for each in values]
+        for combination in itertools.product(*values):
+            metric.labels(*(combination if mode == DEPLOYMENT else (bot, *combination)))
 
 
-def _initialise_backend(bot: str, backend: str, route: str) -> None:
-    """The series of the answers of one of a bot's routes, and of its backend's calls."""
-    for code in DIFY_ERROR_CODES:
-        DIFY_ERRORS.labels(bot, backend, code, route)
-    for kind in DIFY_CALL_KINDS:
-        DIFY_CALLS.labels(bot, backend, kind, route)
-    for reason in DIFY_STOP_REASONS:
-        DIFY_STOPS.labels(bot, backend, reason, route)
-    FIRST_TOKEN_SECONDS.labels(bot, backend, route)
-    STREAM_SECONDS.labels(bot, route)
-
-
-def _initialise_long_connection(bot: str) -> None:
-    """The series of a long-connection bot: its WebSocket, frames, outbox, pushes and files."""
-    for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS):
-        metric.labels(bot)
-    for metric in (WS_SUBSCRIBE_REFUSALS, WS_PACED, WS_MISSED_PONGS):
-        metric.labels(bot)
-    for outcome in PUSH_OUTCOMES:
-        PUSHES.labels(bot, outcome)
-    for result in SENT:
-        WS_OUTBOX.labels(bot, result)
-        WS_FILES.labels(bot, result)
-    for errcode in WS_ERRCODES_SEEN:
-        WS_ERRCODES.labels(bot, errcode)
-
-
-def _initialise_controls(bot: str, audit: bool) -> None:
-    """The series of the enterprise's controls: the audit trail (when it is on), content rules, quotas, the cap."""
-    if audit:
-        for outcome in AUDIT_ROW_OUTCOMES:
-            AUDIT_ROWS.labels(bot, outcome)
-        AUDIT_PENDING.labels(bot)
-    for scope in ("user", "chat"):
-        QUOTA_REFUSALS.labels(bot, scope)
-    for result in ("ok", "rejected"):
-        RULES_RELOADS.labels(bot, result)
-    for metric in (CAP_REFUSALS, BLOCKED_QUESTIONS, MASKED_MATCHES, QUEUE_WAIT_SECONDS):
-        metric.labels(bot)
+def initialise_schedule(bot: str, schedule: str) -> None:
+    """Create a schedule's series at zero (its alert then sees its first failure as an increase)."""
+    for outcome in ("pushed", "partial", "failed", "skipped"):
+        SCHEDULE_RUNS.labels(bot, schedule, outcome)
 
 
 def _registry() -> CollectorRegistry:
