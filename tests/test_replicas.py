@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from demo import dify_standin as d
+from services.audit.rows import row_of_stream
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, PNG, make_simulator, wait_idle, wait_until
 
@@ -513,6 +514,10 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     meta = store.hgetall(KEYS.stream(stream_id))
     assert meta["status"] == "done" and meta["delivered"] == "response_url" and meta["close_reason"] == "separately"
     assert "resumes" not in meta and "restarts" not in meta
+    # Its audit row records what the user has, the bubble and the message together, not only what Redis holds
+    # (the 10-minute campaign on a Cluster, seed 14: a row with 17 of the 20 sentences the user was shown).
+    row = row_of_stream("default", meta, store.lrange(KEYS.stream_chunks(stream_id), 0, -1))
+    assert row.answer == f"before after\n\n{ZH['rest_sent_separately']}"
     assert len(dify.chat_requests()) == 1
     sim.close()
 

@@ -226,15 +226,16 @@ class Finisher:
             answer.writer.abandon()
         shown = self._surely_shown(job, answer)
         rest = answer.text[shown:]
+        # What the user has, the bubble and the message together: the audit row's answer (Redis holds the shown part)
+        given = {"answer_given": f"{answer.text}\n\n{note}" if note else answer.text}
         if not shown:
             if self._send_whole(job, answer, note):
-                self._mark(job, status, {**fields, "note": self.texts.say("sent_separately")})
+                self._mark(job, status, {**fields, **given, "note": self.texts.say("sent_separately")})
         elif not rest.strip():
             self._mark(job, status, fields)  # the bubble has it all: only its end could not be recorded
         elif self._respond(job, self.bubble.remainder(rest, note), "rest"):
-            closed_bytes = str(utf8_len(answer.text[:shown]))
-            note = self.texts.say("rest_sent_separately")
-            self._mark(job, status, {**fields, "note": note, "close_reason": SEPARATELY, "closed_bytes": closed_bytes})
+            closed = {"close_reason": SEPARATELY, "closed_bytes": str(utf8_len(answer.text[:shown]))}
+            self._mark(job, status, {**fields, **given, "note": self.texts.say("rest_sent_separately"), **closed})
 
     def _graced_window(self, job: StreamJob) -> float:
         """Seconds left of the bubble's window, and a minute past it: how long an end that needs Redis waits for it."""
