@@ -342,8 +342,10 @@ _STARTS = (
     (STOPS, EVERY, ("stopped", "nothing")),
     (QUOTA_REFUSALS, EVERY, ("user", "chat")),
     (RULES_RELOADS, EVERY, ("ok", "rejected")),
-    *((metric, EVERY) for metric in (POLL_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, FORM_WAIT_SECONDS, CAP_REFUSALS)),
-    *((metric, EVERY) for metric in (BLOCKED_QUESTIONS, MASKED_MATCHES, QUEUE_WAIT_SECONDS)),
+    *((metric, EVERY) for metric in (
+        POLL_SECONDS, ACTIVE_STREAMS, DEDUP_HITS, FORM_WAIT_SECONDS, CAP_REFUSALS, BLOCKED_QUESTIONS, MASKED_MATCHES,
+        QUEUE_WAIT_SECONDS,
+    )),
     (RESPONSE_URL, CALLBACK, SEPARATE_KINDS, SENT),
     (CALLBACK_SPOOL, CALLBACK, ("kept", "not_kept", "taken", "taken_elsewhere")),
     (WS_SEPARATE, CONNECTION, SEPARATE_KINDS, SENT),
@@ -353,9 +355,10 @@ _STARTS = (
     (WS_FILES, CONNECTION, SENT),
     # a dead req_id, an expired stream, a socket no longer subscribed, a command conflict (longconn/frames.py)
     (WS_ERRCODES, CONNECTION, ("846605", "846608", "846609", "6000")),
-    *((metric, CONNECTION) for metric in (WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS)),
-    *((metric, CONNECTION) for metric in (WS_FRAMES, WS_ACK_SECONDS, WS_SUBSCRIBE_REFUSALS, WS_PACED)),
-    (WS_MISSED_PONGS, CONNECTION),
+    *((metric, CONNECTION) for metric in (
+        WS_CONNECTED, WS_HOLDING_SINCE, WS_HOLDER_CHANGES, WS_FOREIGN_KICKS, WS_FRAMES, WS_ACK_SECONDS,
+        WS_SUBSCRIBE_REFUSALS, WS_PACED, WS_MISSED_PONGS,
+    )),
     (AUDIT_ROWS, AUDIT, ("answered", "note", "stopped", "blocked", "over_quota", "busy", "error", "lost", "dropped")),
     (AUDIT_PENDING, AUDIT),
     (BOTS_RELOADS, DEPLOYMENT, ("ok", "rejected")),
