@@ -165,8 +165,7 @@ class Finisher:
         else:
             sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest", given_up=True)
         if sent:  # the user has the whole answer after all, and its note: its audit row is written again, saying so
-            given = f"{answer.text}\n\n{note}" if note else answer.text
-            best_effort(lambda: self._record_given(job.stream_id, given), "recording what was sent")
+            best_effort(lambda: self._record_given(job.stream_id, _given(answer, note)), "recording what was sent")
 
     def _record_given(self, stream_id: str, given: str) -> None:
         self.store.record(stream_id, {"answer_given": given})
@@ -227,7 +226,7 @@ class Finisher:
         shown = self._surely_shown(job, answer)
         rest = answer.text[shown:]
         # What the user has, the bubble and the message together: the audit row's answer (Redis holds the shown part)
-        given = {"answer_given": f"{answer.text}\n\n{note}" if note else answer.text}
+        given = {"answer_given": _given(answer, note)}
         if not shown:
             if self._send_whole(job, answer, note):
                 self._mark(job, status, {**fields, **given, "note": self.texts.say("sent_separately")})
@@ -304,6 +303,11 @@ class Finisher:
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),
             "recording the response_url delivery",
         )
+
+
+def _given(answer: Answer, note: str) -> str:
+    """The whole answer a user got in more than its bubble, with its note (`answer_given`: its audit row's answer)."""
+    return f"{answer.text}\n\n{note}" if note else answer.text
 
 
 def _dify_ids(answer: Answer) -> dict[str, str]:
