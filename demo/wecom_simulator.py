@@ -177,7 +177,9 @@ class WeComSimulator:
         self.callback_path = callback_path
         self.aibotid = aibotid
         self.poll_interval = poll_interval
-        self.http = httpx.Client(timeout=timeout, trust_env=False)
+        # Idle connections are dropped well before gunicorn's keepalive (5 s) closes them: at httpx's default, 5 s
+        # as well, a poll could go out on a connection the replica was closing, and get no response at all.
+        self.http = httpx.Client(timeout=timeout, trust_env=False, limits=httpx.Limits(keepalive_expiry=2.0))
         self._next_url = itertools.cycle(range(len(self.urls)))
         self.inbox = WeComInbox(self.crypto).start()
 
