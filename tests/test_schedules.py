@@ -186,6 +186,22 @@ def test_the_replica_running_a_slow_tick_dies_and_the_other_pushes_it_once(start
     assert other.extensions["gateway"].runner.active_count == 0
 
 
+def test_a_daily_tick_in_the_hour_the_clocks_repeat_is_pushed_once(start, dify, wecom_api):
+    """New York's clocks go back from 02:00 to 01:00 on 2026-11-01: 01:30 comes twice, an hour apart; a report due
+    at 01:30 is asked and pushed once, as cron runs it (before, twice)."""
+    york = ZoneInfo("America/New_York")
+    nightly = DAILY.replace('"0 9 * * 1-5"', '"30 1 * * *"').replace('"Asia/Shanghai"', '"America/New_York"')
+    dify.script(d.answer("nightly report"), times=None)
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=york).timestamp()
+    clock, _ = start(nightly.replace(', "user:zhangsan", "party:2"', ""), at=first - 3)
+    assert wait_until(lambda: len(wecom_api.to(KEY)) == 1, timeout=15)
+    again = datetime(2026, 11, 1, 1, 30, fold=1, tzinfo=york).timestamp()
+    assert again == first + 3600
+    clock.set(again - 3)
+    time.sleep(5)
+    assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
+
+
 def test_a_failed_or_empty_answer_pushes_nothing_and_says_why(start, dify, wecom_api, engine):
     dify.script([d.error("provider_not_initialize", "no model", 400)])
     failed = runs("failed")
