@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from config.settings import BotSettings, ScheduleSettings
 from config.tables import named_tables
@@ -41,6 +41,8 @@ def _schedule(table: dict, bot: BotSettings, problems: list[str]) -> ScheduleSet
     cron, zone, question = table.get("cron"), table.get("timezone", bot.quotas.timezone), table.get("question")
     if not isinstance(cron, str) or len(cron.split()) != 5 or not croniter.is_valid(cron):
         problems.append(f'cron must be five fields, such as "0 9 * * 1-5" (got {cron!r})')
+    elif not _falls_due(cron):
+        problems.append(f"cron names no day that comes, such as the 30th of February (got {cron!r})")
     try:
         ZoneInfo(zone)
     except (TypeError, ValueError, ZoneInfoNotFoundError):
@@ -81,6 +83,16 @@ def _schedule(table: dict, bot: BotSettings, problems: list[str]) -> ScheduleSet
         route=route,
         catch_up_seconds=catch_up,
     )
+
+
+def _falls_due(cron: str) -> bool:
+    """Does the cron have a next tick and a latest one? ("0 9 30 2 *" has neither: its every lookup would raise.)"""
+    try:
+        croniter(cron).get_next()
+        croniter(cron).get_prev()
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def _target_problem(target: str, bot: BotSettings) -> str:

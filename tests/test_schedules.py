@@ -242,6 +242,7 @@ def test_a_long_answer_goes_to_a_webhook_in_parts_each_once(start, dify, wecom_a
     "schedule, problem",
     [
         ('name = "x"\ncron = "0 9 * *"\nquestion = "q"\nto = ["webhook:ops"]', "cron must be five fields"),
+        ('name = "x"\ncron = "0 9 30 2 *"\nquestion = "q"\nto = ["webhook:ops"]', "no day that comes"),
         ('name = "x"\ncron = "0 9 * * *"\ntimezone = "Mars/Base"\nquestion = "q"\nto = ["webhook:ops"]', "timezone"),
         ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nto = ["webhook:nope"]', "names no webhook"),
         ('name = "x"\ncron = "0 9 * * *"\nquestion = "q"\nto = ["chat:wrk1"]', "callback mode"),
