@@ -11,6 +11,7 @@ import redis
 
 from demo import dify_standin as d
 from services.audit.rows import row_of_stream
+from services.streams.turn import Turn
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, PNG, make_simulator, wait_idle, wait_until
 
@@ -54,6 +55,40 @@ def test_a_stream_whose_replica_died_before_showing_anything_is_restarted_elsewh
     assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
     assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"
     assert "".join(redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1)) == "answered after the takeover"
+    opener.close()
+    poller.close()
+
+
+def test_a_process_frozen_between_opening_a_stream_and_calling_dify_makes_no_second_call(
+    pair, dify, redis_client, monkeypatch
+):
+    """The opener's process freezes after opening the stream, before its worker calls Dify (a SIGSTOP, a stalled
+    node); its lease runs out and a poll on the other replica restarts the answer. When the opener wakes, its worker
+    must not call Dify too: the call's count is fenced by the attempt (the one-server run of seed 16 counted an
+    extra Dify call from such a wake)."""
+    first, second = pair
+    dify.script(d.answer("answered by the restart"), times=None)
+    woken = threading.Event()
+    take_slot = Turn.take_slot
+
+    def frozen_on_the_opener(turn):
+        if turn.job.attempt.startswith("replica-a:"):
+            woken.wait(15)
+        take_slot(turn)
+
+    monkeypatch.setattr(Turn, "take_slot", frozen_on_the_opener)
+    opener = make_simulator(first.url)
+    reply = opener.send(opener.text_message("hello", msgid="frozen-opener-1"))
+    stream_id = reply["stream"]["id"]
+    kill(first)
+    poller = make_simulator(second.url, poll_interval=0.2)
+    assert poller.follow(reply).text == "answered by the restart"
+    woken.set()
+    assert wait_until(lambda: first.gateway.runner.active_count == 0, timeout=10)
+    time.sleep(0.5)
+    assert len(dify.chat_requests()) == 1
+    meta = redis_client.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and meta["dify_calls"] == "1" and meta["owner"].startswith("replica-b:")
     opener.close()
     poller.close()
 

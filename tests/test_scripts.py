@@ -104,7 +104,7 @@ def test_every_call_of_the_store_stays_in_one_slot(redis_client, monkeypatch):
     store.leases.renew({"s0": "A", "s1": "A"})
     store.leases.release({"s1": "A"})
     store.take("s1", "A", "B")
-    store.count_dify_call("s1")
+    store.count_dify_call("s1", "B#2")
     store.stop("s1", "stopped")
     store.claim_dify_stop("s1")
     store.finish("s0", "A", "done", images=[{"base64": "AA==", "md5": "x"}], feedback={"message_id": "m", "user": "u"})

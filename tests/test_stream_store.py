@@ -351,7 +351,8 @@ def test_a_queued_stream_is_taken_once_with_a_new_token(store, redis_client):
     stored = redis_client.hgetall("dify_stream:{s1}")
     assert stored.pop("dify_calls") == "1"
     assert taken.meta == {**stored, "updated_at": taken.meta["updated_at"]}
-    assert store.count_dify_call("s1") == "duplicate"  # a second new call for the message
+    assert store.count_dify_call("s1", "Q#2") == "duplicate"  # a second new call for the message
+    assert store.count_dify_call("s1", "P#1") == TAKEN  # the opener's: no call (its process froze, and woke)
     assert store.take("s1", "P#1", "R") is None  # taken already
     assert redis_client.get("dify_stream:{s1}:lease") == "Q#2"
     assert store.append("s1", "P#1", ["opener"], 0) == TAKEN
@@ -712,12 +713,14 @@ def test_a_retry_that_grew_skips_what_the_lost_call_already_wrote(store):
 
 def test_dify_calls_are_counted_by_kind(store, polls, redis_client):
     open_stream(store, owner="A#1")
-    assert store.count_dify_call("s1") == "new"
+    assert store.count_dify_call("s1", "A#1") == "new"
     redis_client.delete("dify_stream:{s1}:lease")
     assert polls.poll("s1", 330, 20000, "orphan note", taker="B").taken_over
-    assert store.count_dify_call("s1") == "restart"  # the documented restart of an answer that showed nothing
-    assert store.count_dify_call("s1") == "duplicate"
-    assert store.count_dify_call("gone") == "new"  # a stream that is gone keeps no count
+    taker = redis_client.hget("dify_stream:{s1}", "owner")
+    assert store.count_dify_call("s1", "A#1") == TAKEN  # the superseded attempt makes no call, and none is counted
+    assert store.count_dify_call("s1", taker) == "restart"  # the documented restart of an answer that showed nothing
+    assert store.count_dify_call("s1", taker) == "duplicate"
+    assert store.count_dify_call("gone", "A#1") == "new"  # a stream that is gone keeps no count
     assert not redis_client.exists("dify_stream:{gone}")
 
 

@@ -335,10 +335,11 @@ class StreamStore:
         a poll that comes after all says it was sent separately); False when a poll came first."""
         return bool(int(self._unpolled(keys=[self.keys.stream(stream_id)], args=[])))
 
-    def count_dify_call(self, stream_id: str) -> str:
-        """Count a new Dify call for the stream (not a resume): its kind (dify_call_kind)."""
-        calls, restarts = (int(n) for n in self._called(keys=[self.keys.stream(stream_id)], args=[]))
-        return dify_call_kind(calls, restarts)
+    def count_dify_call(self, stream_id: str, attempt: str) -> str:
+        """Count a new Dify call that `attempt` is about to make for the stream (not a resume): its kind
+        (dify_call_kind), or TAKEN when the stream is another attempt's now (or stopped), and no call is to be made."""
+        calls, restarts = (int(n) for n in self._called(keys=[self.keys.stream(stream_id)], args=[attempt]))
+        return TAKEN if calls < 0 else dify_call_kind(calls, restarts)
 
     def record(self, stream_id: str, fields: dict[str, str], durable: bool = False) -> bool:
         """Set informational fields on an existing stream (no-op if it has expired); `durable` for the

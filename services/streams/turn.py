@@ -20,7 +20,7 @@ from services.streams.answer import Answer, StreamAborted
 from services.streams.finisher import Finisher
 from services.streams.job import StreamJob
 from services.streams.slots import AnswerSlots
-from services.streams.store import StreamStore
+from services.streams.store import TAKEN, StreamStore
 from services.texts import Texts
 
 logger = logging.getLogger(__name__)
@@ -150,12 +150,21 @@ class Turn:
             raise NoSlot
 
     def count_call(self, backend: str) -> None:
-        """Count the message's backend call by kind (dify_calls_total); a second new call for one message is
-        counted as a duplicate, which the monitoring bundle alerts on. A queued stream's take counted its first."""
+        """Count the message's backend call by kind (dify_calls_total), just before it is made; a second new call
+        for one message is counted as a duplicate, which the monitoring bundle alerts on. A queued stream's take
+        counted its first.
+
+        Raises:
+            StreamAborted: the stream is another attempt's now, or its user stopped it: no call is made.
+        """
         job, store = self.job, self.store
         counted, job.counted_call = job.counted_call, ""
-        kind = counted or best_effort_value(lambda: store.count_dify_call(job.stream_id), "counting the call", ())
+        kind = counted or best_effort_value(
+            lambda: store.count_dify_call(job.stream_id, job.attempt), "counting the call", ()
+        )
         kind = kind or "new"
+        if kind == TAKEN:
+            raise StreamAborted
         if kind == "duplicate":
             logger.error("a second %s call for this message (not a documented restart)", backend)
         metrics.DIFY_CALLS.labels(self.bot, backend, kind, job.route).inc()
