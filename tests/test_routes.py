@@ -14,7 +14,7 @@ from config.bots import BUILT_IN_COMMANDS, load_bots
 from config.settings import BotSettings, RouteSettings, SettingsError, load_settings
 from demo import dify_standin as d
 from demo.wecom_simulator import WeComSimulator
-from services.chat.queries import COMMANDS
+from services.chat.queries import COMMANDS, parse_command
 from services.chat.routes import OWN, Choice, RouteTable
 from services.streams.record import F
 from services.texts import CATALOGUE
@@ -138,6 +138,16 @@ def test_a_command_is_a_whole_word_at_the_start_and_is_taken_off():
     assert routes.choose("/hrx leave", "u").route == OWN
     assert routes.choose("ask /hr later", "u").route == OWN
     assert routes.choose("ask /hr later", "u").question == "ask /hr later"
+
+
+def test_a_chinese_keyboards_solidus_and_spaces_begin_and_end_a_command_as_ascii_ones_do():
+    routes = table(r("hr", "/hr"))
+    assert routes.choose("／hr　年假还剩几天？", "u") == routes.choose("/hr 年假还剩几天？", "u")
+    assert routes.choose("／hr　年假还剩几天？", "u").question == "年假还剩几天？"
+    assert parse_command("／停止") == ("stop", "")
+    assert parse_command("/新对话　换个话题") == ("new", "换个话题")
+    assert parse_command("/NEW\nhello") == ("new", "hello")
+    assert parse_command("／ 停止") is None and parse_command("请 /stop") is None
 
 
 def test_chats_users_and_both_and_the_first_match_wins():

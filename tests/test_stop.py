@@ -29,7 +29,7 @@ def chunks(redis_client, stream_id: str) -> str:
     return "".join(redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1))
 
 
-@pytest.mark.parametrize("command", ["/stop", "/停止", "/cancel", "/STOP"])
+@pytest.mark.parametrize("command", ["/stop", "/停止", "/cancel", "/STOP", "／停止"])  # (／: a Chinese keyboard's)
 def test_a_stop_sent_to_the_other_replica_ends_the_answer_there_with_a_note(pair, sims, dify, redis_client, command):
     first, second = pair
     dify.script(LONG_ANSWER)

@@ -32,11 +32,21 @@ def strip_mention(text: str, bot_name: str = "") -> str:
     return _LEADING_MENTION.sub("", text, count=1).strip()
 
 
+def first_word(text: str) -> tuple[str, str]:
+    """A message's first word, lower-cased, and the rest. A word ends at any space (a full-width one, a line break),
+    and a full-width solidus begins a command as "/" does: `／停止` and `/新对话　你好` are typed so on a Chinese
+    keyboard."""
+    head, rest = (text.split(maxsplit=1) + ["", ""])[:2]
+    if head.startswith("／"):
+        head = "/" + head[1:]
+    return head.lower(), rest.strip()
+
+
 def parse_command(text: str) -> tuple[str, str] | None:
     """(command, the rest of the text) for `/new`, `/reset`, `/stop`, `/help`, `/routes`; None for a question."""
-    head, _, rest = text.strip().partition(" ")
-    command = COMMANDS.get(head.lower())
-    return (command, rest.strip()) if command else None
+    head, rest = first_word(text)
+    command = COMMANDS.get(head)
+    return (command, rest) if command else None
 
 
 def quoted_summary(quote: dict, texts: Texts) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.chat.queries import first_word
+
 if TYPE_CHECKING:
     from config.settings import RouteSettings
     from services.streams.conversations import ConversationStore
@@ -59,8 +61,8 @@ class RouteTable:
     def choose(self, text: str, userid: str, chatid: str = "") -> Choice:
         """The route of a message whose text (a group's @mention taken off) is `text`, from `userid` in the group
         `chatid` ("" for a 1:1 chat)."""
-        head, rest = (text.split(maxsplit=1) + ["", ""])[:2]
-        command = head.lower() if head.startswith("/") else ""
+        head, rest = first_word(text)
+        command = head if head.startswith("/") else ""
         routes = self._commands.passing(command) & self._chats.passing(chatid) & self._users.passing(userid)
         if not routes:
             return Choice(OWN, text, "no route takes it")
