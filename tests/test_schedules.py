@@ -23,6 +23,7 @@ from demo import dify_standin as d
 from demo.wecom_api_standin import Sent, WeComApiStandIn
 from services import metrics
 from services.schedules import scheduler as scheduler_module
+from services.schedules.ticks import MOST_TRIES
 from tests import test_audit
 from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
 from tests.test_audit import rows
@@ -212,6 +213,32 @@ def test_a_failed_or_empty_answer_pushes_nothing_and_says_why(start, dify, wecom
     assert wait_until(lambda: len(rows(engine, kind="schedule")) == 1, timeout=10)
     row = rows(engine, kind="schedule")[0]
     assert row["outcome"] == "failed" and row["answer"].startswith("the answer failed")
+
+
+def test_a_tick_whose_answer_broke_on_the_way_is_asked_again_and_pushed_once(start, dify, wecom_api, monkeypatch):
+    """Dify's connection breaks mid-answer (or Dify is away): nobody saw that answer, so the tick asks again (after
+    ASK_AGAIN_AFTER_SECONDS, within its catch-up, at most MOST_TRIES tries in all) and pushes the new one, once;
+    before, the report was failed and pushed nothing. A failure of the question itself is not asked again (the test
+    below)."""
+    monkeypatch.setattr(scheduler_module, "ASK_AGAIN_AFTER_SECONDS", 0.5)
+    dify.script([d.message("half a rep"), d.cut()])
+    dify.script(d.answer("the whole report"))
+    retried = runs("pushed")
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: runs("pushed") == retried + 1, timeout=20)
+    time.sleep(2)
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "the whole report"}}]
+    assert len(dify.chat_requests()) == 2
+
+
+def test_a_tick_whose_answer_keeps_breaking_fails_after_its_tries(start, dify, wecom_api, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "ASK_AGAIN_AFTER_SECONDS", 0.2)
+    dify.script([d.message("never whole"), d.cut()], times=None)
+    failed = runs("failed")
+    start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    assert wait_until(lambda: runs("failed") == failed + 1, timeout=30)
+    time.sleep(1.5)
+    assert wecom_api.to(KEY) == [] and len(dify.chat_requests()) == MOST_TRIES
 
 
 def test_schedules_run_and_list_from_the_command_line(start, dify, wecom_api):

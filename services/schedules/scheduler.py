@@ -32,7 +32,17 @@ from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.schedules.answers import TickAnswers, has_ended
 from services.schedules.targets import Pushers, groups, push_group
-from services.schedules.ticks import FAILED, PARTIAL, PUSHED, PUSHING, RUNNING, SETTLED, TickBook, TickState
+from services.schedules.ticks import (
+    FAILED,
+    MOST_TRIES,
+    PARTIAL,
+    PUSHED,
+    PUSHING,
+    RUNNING,
+    SETTLED,
+    TickBook,
+    TickState,
+)
 from services.schedules.timetable import Timetable
 from services.streams.life import SCHEDULE
 from services.streams.record import DONE, F
@@ -43,6 +53,19 @@ STEP_SECONDS = 1.0
 STEP_OFFSET_SECONDS = 0.005  # a step comes this long after a whole second
 WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit is tried again this long past its tick, then failed
 TAKEN_OVER_NOTE = "(this try's process stopped; the schedule asked again)"
+# An answer that failed on the way, not on the question (the backend's link broke or timed out, it was busy or
+# away, Redis was), is asked again this long after it ended, while its tick is within catch_up_seconds and has had
+# fewer than MOST_TRIES tries: nobody has seen it, so a new try costs a backend call and nothing else.
+ASK_AGAIN_AFTER_SECONDS = 20.0
+PASSING_FAILURES = (
+    "stream_cut",
+    "timeout",
+    "connect_error",
+    "redis_unavailable",
+    "too_many_requests",
+    "http_429",
+    "http_5",
+)
 
 
 @dataclass
@@ -193,7 +216,9 @@ class Scheduler:
             bot.book.forget_open(name, tick)
             return
         record = bot.answers.record(state.stream)  # (read once a look)
-        if state.status == PUSHING or (state.status == RUNNING and has_ended(record)):
+        if state.status == RUNNING and has_ended(record) and _failed_in_passing(record):
+            self._ask_again(bot, name, tick, state, record, now)
+        elif state.status == PUSHING or (state.status == RUNNING and has_ended(record)):
             self._push(bot, name, tick, state, record, now)
         elif state.status == RUNNING and not self._alive(bot, state, record, now):
             self._take_over(bot, name, tick, state)
@@ -252,6 +277,27 @@ class Scheduler:
             bot.book.forget_open(name, tick)
             return
         logger.warning("schedule %s of bot %s: tick %s taken over (its try's process stopped)", name, bot.name, tick)
+        self._start_try(bot, name, tick, int(taken))
+
+    def _ask_again(self, bot: ScheduledBot, name: str, tick: int, state: TickState, record: dict, now: float) -> None:
+        """The try's answer failed in passing: a new try once ASK_AGAIN_AFTER_SECONDS have passed (one process takes
+        it, as it takes over a dead try's), or, past the tick's catch-up or its tries, the failure pushed as it is."""
+        if state.tries >= MOST_TRIES or now - tick > bot.timetables[name].schedule.catch_up_seconds:
+            self._push(bot, name, tick, state, record, now)
+            return
+        if time.time() - float(record.get(F.finished_at) or 0) < ASK_AGAIN_AFTER_SECONDS or not bot.answers.has_room():
+            return
+        taken = bot.book.take_over(name, tick, state.stream)
+        if taken is None or taken == FAILED:  # (another process asked again first; FAILED: past MOST_TRIES)
+            return
+        logger.warning(
+            "schedule %s of bot %s: tick %s asked again (try %s): the answer failed (%s)",
+            name,
+            bot.name,
+            tick,
+            taken,
+            record.get(F.error, "").partition(":")[0],
+        )
         self._start_try(bot, name, tick, int(taken))
 
     # --- pushing -----------------------------------------------------------------------------------------------
@@ -325,6 +371,12 @@ class Scheduler:
             supersedes="",
         )
         bot.audit.replied(row)
+
+
+def _failed_in_passing(meta: dict[str, str]) -> bool:
+    """Did the answer fail on the way to it (PASSING_FAILURES), not on the question?"""
+    code = meta.get(F.error, "").partition(":")[0]
+    return meta.get(F.status) != DONE and code.startswith(PASSING_FAILURES)
 
 
 def _why_not_pushed(meta: dict[str, str], text: str) -> str:
