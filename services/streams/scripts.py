@@ -470,8 +470,7 @@ return {attempt, calls, tonumber(f[F.restarts]) or 0, unpack(h)}
 
 # KEYS: stream. ARGV: attempt. A new Dify call (not a resume) for the stream, about to be made by `attempt`: counts
 # it; returns {calls so far, restarts}, {0, 0} for a stream that is gone, or {-1, 0} when another attempt owns the
-# stream (or its user stopped it): then no call is made. An attempt's process frozen after opening its stream wakes
-# with its worker about to call, after a poll on another replica restarted the stream (the one-server run of seed 16).
+# stream (or its user stopped it), so that a process woken after its stream was restarted elsewhere calls nothing.
 CALLED = lua("""
 local h = redis.call('HMGET', KEYS[1], F.status, F.dify_calls, F.restarts, F.owner)
 if not h[1] then return {0, 0} end
