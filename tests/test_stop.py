@@ -61,6 +61,8 @@ def test_a_stop_sent_to_the_other_replica_ends_the_answer_there_with_a_note(pair
 def test_a_stop_before_dify_named_its_task_calls_dify_stop_once_when_the_worker_learns_it(sims, dify, redis_client):
     dify.script([d.stall(1.0), d.message("too late"), d.sleep(3), d.end()])
     reply = sims[0].send(sims[0].text_message("slow to start"))
+    # Dify has the call (a stop before it would mean no call at all: test_stream_store) and names no task for 1 s.
+    assert wait_until(lambda: dify.chat_requests())
     answer = sims[1].send(sims[1].text_message("/stop"))
     assert answer["stream"]["content"] == ZH["stop_done"]
     conversation = sims[1].follow(reply)

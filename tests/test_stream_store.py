@@ -724,6 +724,12 @@ def test_dify_calls_are_counted_by_kind(store, polls, redis_client):
     assert not redis_client.exists("dify_stream:{gone}")
 
 
+def test_a_stream_its_user_stopped_before_the_call_makes_none(store):
+    open_stream(store, owner="A#1")
+    assert store.stop("s1", "stopped") is not None
+    assert store.count_dify_call("s1", "A#1") == TAKEN
+
+
 def test_a_card_is_handed_again_to_its_own_poll_run_twice_and_to_no_other(store, polls, redis_client):
     """A poll whose script ran on Redis and whose reply was lost with its connection is sent again by the client, with
     the same token: that run must hand out the card again (the first reply, which carried it, never came back), while

@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import threading
 from collections.abc import Callable
 
 from demo.redis_server import PrivateRedisServer
-from demo.replicas import free_port
 
 _CHUNK = 65536
 # What a lost segment costs a TCP connection: Linux's least retransmission timeout, doubled each time the resend is
@@ -39,7 +39,8 @@ class FaultyLink:
     def __init__(self, target_port: int | Callable[[], int], target_host: str = "127.0.0.1"):
         self.target_host = target_host
         self._target_port = target_port if callable(target_port) else lambda: target_port
-        self.port = free_port()
+        self._reserved = _reserve_port(0)  # bound, not listening: refused, and no one else's until the link listens
+        self.port = self._reserved.getsockname()[1]
         self.delay_seconds = 0.0
         self.loss_share = 0.0
         self._rng = random.Random(0)
@@ -58,8 +59,12 @@ class FaultyLink:
         return self
 
     def stop(self) -> None:
+        if not self._thread.is_alive():  # never started (or already stopped): only the port to give back
+            self._release_port()
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._release_port()
 
     def delay(self, seconds: float) -> None:
         """Hold every chunk this long before passing it on (0: no delay)."""
@@ -92,12 +97,19 @@ class FaultyLink:
     # --- the proxy's loop ---------------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+        sock, self._reserved = self._reserved, None
+        self._server = await asyncio.start_server(self._accept, sock=sock or _reserve_port(self.port))
 
     async def _stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+            self._reserved = _reserve_port(self.port)  # refused while partitioned, as before, and still ours
+
+    def _release_port(self) -> None:
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -170,6 +182,15 @@ class FaultyLink:
         if not self.replies_lost or (self.replies_to and not asked.marked):
             return False
         return self._rng.random() < self.replies_lost
+
+
+def _reserve_port(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:`port` (0: a free one) and not listening: a connection to it is refused, as to a
+    port where nothing listens, but no other test's server can take the port while the link is down or not started."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
 
 
 class _Asked:
