@@ -311,6 +311,7 @@ SEPARATE_KINDS = ("rest", "whole_answer", "form_rest")
 # The writes that wait for a Redis replica (services/replication.py).
 REPLICATED_WRITES = (
     "msgid_claim", "stream_open", "stream_end", "answer_queue", "outbox", "schedule_claim", "push_claim", "push_open",
+    "form",
 )  # fmt: skip
 # Each metric whose series start at zero, for which bots, with the values the code counts of its labels after `bot`
 # (codes of a backend's HTTP errors come on top when they happen).

@@ -10,7 +10,8 @@ a few it does:
 - the long-connection outbox's records: what a bubble showed, that its answer was delivered, that a rest was sent
   or is being sent; without them, the rest goes out again;
 - a schedule's tick claimed: another process would run the tick again;
-- a push's Idempotency-Key claimed, and the push opened (about to go out): a retry would send it again.
+- a push's Idempotency-Key claimed, and the push opened (about to go out): a retry would send it again;
+- a form's prompt and card in its stream: the user could not answer it (no later write finds them missing).
 
 `Replication.execute` sends such a write, then `WAIT 1 <wait_ms>` on the same connection (WAIT counts the replicas
 holding what that connection wrote), so it returns once a replica holds the write. Sentinel promotes the replica
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, redis.TimeoutError)
 
 # The writes that wait for a replica (the `write` label of redis_writes_unreplicated_total).
-MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX, SCHEDULE_CLAIM, PUSH_CLAIM, PUSH_OPEN = (
+MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX, SCHEDULE_CLAIM, PUSH_CLAIM, PUSH_OPEN, FORM = (
     metrics.REPLICATED_WRITES
 )
 

@@ -429,6 +429,24 @@ def test_deltas_a_failover_lost_are_written_again_from_memory(live, dify, redis_
     assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"
 
 
+def test_an_answers_last_deltas_a_failover_lost_after_its_last_append_are_written_before_it_ends(
+    live, dify, redis_client, caplog
+):
+    """The failover loses the last appends and none follows to find the list short: the finish does (seed 19's
+    Sentinel run ended a bubble two sentences short), and the answer is written whole before it ends."""
+    dify.script([d.message("one "), d.message("two"), d.sleep(1.0), d.end()])
+    sim = make_simulator(live.url)
+    reply = sim.send(sim.text_message("survive a failover at the end"))
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: "".join(redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1)) == "one two")
+    redis_client.delete(KEYS.stream_chunks(stream_id))  # the promoted replica had none of them
+    redis_client.hset(KEYS.stream(stream_id), mapping={"folded": 0, "text": ""})
+    conversation = sim.follow(reply)
+    assert conversation.text == "one two"
+    assert "lacked deltas it had taken" in caplog.text
+    assert redis_client.hget(KEYS.stream(stream_id), "status") == "done"
+
+
 def test_a_poll_on_the_live_owner_whose_lease_was_lost_starts_no_second_answer(live, dify, redis_client):
     """The lease is lost while its owner lives (a failover rolling it back, a Redis pause, a stopped process) and
     WeCom's next poll lands on the owner's own process: it takes its lease back instead of restarting the answer

@@ -21,7 +21,7 @@ from services.replication import Replication
 from services.schedules.ticks import TickBook
 from services.streams.poll_path import PollPath
 from services.streams.record import DONE
-from services.streams.store import StreamStore, first_attempt
+from services.streams.store import WRITTEN, StreamStore, first_attempt
 from services.wecom.messages import Inbound
 from tests.conftest import SENTINEL_PASSWORD, wait_until
 
@@ -73,6 +73,7 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         queue.submit("s1", owner)
         outbox.track("s1", "req-2", 3, "alice", True)  # WeCom delivered it again, on a new req_id
         store.append("s1", owner, ["Hello"], 0)
+        assert store.set_durably("s1", owner, {"prompt": "Approve?"}) == WRITTEN  # a form's prompt and card
         ledger = AckLedger(client, keys, store.durable, outbox.open_key)
         ledger.flush({"s1"}, "pass-1")  # a pass's frame records, which its polls wrote
         assert outbox.claim("s1", "holder:1")
@@ -96,6 +97,7 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         "schedule_claim": 1,
         "push_claim": 1,
         "push_open": 1,
+        "form": 1,
     }
     client.close()
 

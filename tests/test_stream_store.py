@@ -236,6 +236,16 @@ def test_finish_records_the_final_state_and_leaves_the_lease_to_run_out(store, r
     assert store.append("never-existed", "A", ["x"], 0) == CLOSED
 
 
+def test_a_finish_whose_list_lacks_confirmed_deltas_writes_nothing(store, redis_client):
+    open_stream(store)
+    assert store.append("s1", "A", ["one ", "two"], 0) == WRITTEN
+    redis_client.rpop("dify_stream:{s1}:chunks")  # a failover lost the last append after Redis confirmed it
+    with pytest.raises(StreamConflict):
+        store.finish("s1", "A", "done", chunks=2)
+    assert redis_client.hget("dify_stream:{s1}", "status") == "streaming"
+    assert store.finish("s1", "A", "done", chunks=1) is not None
+
+
 def test_unknown_stream_polls_as_none(store):
     assert poll(store, "nope") is None
 

@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+import redis
+
 from services import metrics
 from services.outage import best_effort, best_effort_value, delays_for, steady_delays, through_outage
 from services.redis_conn import REDIS_FAILURES
-from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step
+from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step, write_whole
 from services.streams.bubble import (
     SEPARATELY,
     BubbleRenderer,
@@ -37,7 +39,7 @@ from services.streams.bubble import (
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.record import DONE
-from services.streams.store import Finished, StreamStore
+from services.streams.store import Finished, StreamConflict, StreamStore
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
 from utils.text import utf8_len
@@ -129,7 +131,8 @@ class Finisher:
         feedback = (
             {"message_id": answer.message_id, "user": job.dify_user, "route": job.route} if status == DONE else None
         )
-        finished = self.store.finish(
+        finish = partial(
+            self.store.finish,
             job.stream_id,
             job.attempt,
             status,
@@ -139,6 +142,21 @@ class Finisher:
             finish_id=finish_id,
             window_seconds=self.window_seconds,  # (past it, a bubble no poll closed is closed at what it shows)
         )
+        try:
+            finished = finish(chunks=_confirmed_deltas(answer))
+        except StreamConflict:
+            # Appends Redis had confirmed are gone and none came after to find it (a failover lost them): the list is
+            # written whole first, as an append's conflict would have it (seed 19's Sentinel run lost two sentences).
+            logger.warning(
+                "at the answer's end its list lacked deltas it had taken (a Redis failover?); writing it whole"
+            )
+            write_whole(answer, self.store, job.attempt, job.stream_id)
+            if answer.detached:
+                return None
+            try:
+                finished = finish(chunks=_confirmed_deltas(answer))
+            except StreamConflict as exc:  # changed again under us: the outage loop tries the whole end again
+                raise redis.RedisError("the stream's list changed while its answer was written whole") from exc
         if finished is not None and finished.orphaned:
             # The bubble ended with "interrupted, ask again", yet this replica has the answer: it lost only its
             # lease (a Redis failover can roll one back). Closed elsewhere, then: the whole answer goes out.
@@ -308,6 +326,11 @@ class Finisher:
 def _given(answer: Answer, note: str) -> str:
     """The whole answer a user got in more than its bubble, with its note (`answer_given`: its audit row's answer)."""
     return f"{answer.text}\n\n{note}" if note else answer.text
+
+
+def _confirmed_deltas(answer: Answer) -> int:
+    """How many deltas the stream's list holds if every append its writer confirmed is still there (-1: no writer)."""
+    return -1 if answer.writer is None else answer.writer.written
 
 
 def _dify_ids(answer: Answer) -> dict[str, str]:

@@ -171,11 +171,15 @@ return 'ok'
 # left to run out: nothing reads the lease of a final stream (a poll looks at it only while the stream is active), and
 # deleting it cost two commands a message. The stream and its chunks were given a tenth more than the ttl when they
 # began (StreamStore.open_ttl), so a finish within that tenth of the open leaves their TTLs as they are (at least the
-# ttl still): two commands fewer for most answers.
+# ttl still): two commands fewer for most answers. With `chunks` (-1: not looked at), the deltas the owner's writer
+# had confirmed: a list that no longer holds that many (a failover lost appends no later append found wanting) is not
+# finished (3): the owner writes the answer whole first.
+# fmt: off
 FINISH = ScriptSpec(
     "FINISH",
     keys=("stream", "chunks", "images", "feedback"),
-    args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count", "window_seconds"),
+    args=("owner", "status", "now", "ttl", "feedback", "feedback_ttl", "finish_id", "image_count", "window_seconds",
+          "chunks"),
     hash_fields=("status", "owner", "inflight_key", "close_reason", "closed_bytes", "error", "finish_id", "created_at"),
     row=("close_reason", "closed_bytes", "inflight_key"),
     body=lua("""
@@ -189,6 +193,7 @@ if H.status ~= 'pending' and H.status ~= 'streaming' then
   end
   return 0
 end
+if tonumber(A.chunks) >= 0 and redis.call('LLEN', K.chunks) ~= tonumber(A.chunks) then return 3 end
 local window = tonumber(A.window_seconds)
 if reason == '' and window > 0 and tonumber(A.now) - (tonumber(H.created_at) or 0) >= window then
   reason, closed_bytes = 'window', tostring(redis.call('HSTRLEN', K.stream, F.text))
@@ -210,6 +215,7 @@ if A.feedback ~= '' then redis.call('SET', K.feedback, A.feedback, 'EX', A.feedb
 return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.inflight_key or ''}
 """),
 )
+# fmt: on
 
 # A poll of a stream: returns false for an unknown stream, else its row (`images` come after it, only once the stream is
 # done). `event` names what this call just did (taken_over, resumed, expired, closed_window, closed_overflow, or ''),

@@ -9,13 +9,17 @@ first answer text closes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
 from services import metrics
-from services.streams.answer import Answer, keep_in_step, write_whole
+from services.redis_conn import REDIS_FAILURES
+from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step, write_whole
 from services.streams.job import StreamJob
-from services.streams.store import StreamStore
+from services.streams.store import TAKEN, StreamStore
+
+logger = logging.getLogger(__name__)
 
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 
@@ -64,10 +68,30 @@ class AnswerSink:
             self.write([THINK_CLOSE.rstrip()])
             self.answer.thinking = False
 
-    def write_fields(self, fields: dict[str, str]) -> None:
-        """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card)."""
+    def write_fields(self, fields: dict[str, str], durable: bool = False) -> None:
+        """Set fields of the stream hash, in order with the deltas before them (a form's prompt and card). `durable`:
+        once everything before them is written, they are set again in a write a replica holds before this returns
+        (StreamStore.set_durably): a form's card a failover lost would leave the user nothing to answer.
+
+        Raises:
+            StreamAborted: another replica owns the stream now.
+        """
         self.answer.new_fields.update(fields)
         self.write([])
+        if durable and not self.answer.detached:
+            self._set_durably(fields)
+
+    def _set_durably(self, fields: dict[str, str]) -> None:
+        answer, job = self.answer, self.job
+        try:
+            answer.writer.flush(FLUSH_TIMEOUT)
+            keep_in_step(answer, self.store, job.attempt, job.stream_id)
+            if answer.detached or self.store.set_durably(job.stream_id, job.attempt, fields) != TAKEN:
+                return
+        except REDIS_FAILURES as exc:  # the writer still holds them, and sends them when Redis is back
+            logger.warning("could not wait for a replica to hold %s (%s)", "/".join(fields), exc)
+            return
+        raise StreamAborted
 
     def write(self, deltas: list[str]) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait.

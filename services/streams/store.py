@@ -127,6 +127,7 @@ class StreamStore:
         self._open = LuaScript(client, scripts.OPEN, replication=self.durable, write=replication.STREAM_OPEN)
         self._admit = LuaScript(client, scripts.ADMIT)
         self._append = LuaScript(client, scripts.APPEND)
+        self._append_durably = LuaScript(client, scripts.APPEND, replication=self.durable, write=replication.FORM)
         self._replace = LuaScript(client, scripts.REPLACE)
         self._finish = LuaScript(client, scripts.FINISH, replication=self.durable, write=replication.STREAM_END)
         self._record = LuaScript(client, scripts.RECORD)
@@ -226,6 +227,18 @@ class StreamStore:
             raise result
         return result
 
+    def set_durably(self, stream_id: str, owner: str, fields: dict[str, str]) -> str:
+        """Set fields of the attempt's active stream in a write a replica holds before this returns (a form's prompt
+        and card: a failover that lost them would leave the user nothing to answer, and no later write finds them
+        missing as an append finds a lost delta). Returns WRITTEN, CLOSED or TAKEN.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        args = {"owner": owner, "ttl": self.open_ttl, "now": script_now(), "expected": 0, "field_count": len(fields)}
+        args |= {"delta_count": 0, "deadline": 0, "lease_ms": 0}
+        return self._append_durably.run(self._append_keys(stream_id), args, _pairs(fields))
+
     def append_many(self, requests: list[AppendRequest]) -> list[str | BaseException]:
         """Several streams' appends in one round trip (one script call per stream): a result per request, in
         order, each WRITTEN, CLOSED, TAKEN, LATE (past its deadline: nothing written), a StreamConflict, or the
@@ -273,6 +286,7 @@ class StreamStore:
         feedback: dict[str, str] | None = None,
         finish_id: str = "",
         window_seconds: int = 0,
+        chunks: int = -1,
     ) -> Finished | None:
         """Move an active stream to a final status (its lease is left to run out); with it, keep the reply `images`
         ({base64, md5}) for the final poll and map the stream (its feedback id) to `feedback` ({message_id, user}:
@@ -284,6 +298,10 @@ class StreamStore:
         early. `finish_id`, the same for every try of one finish, makes a try whose reply was lost safe to repeat:
         the repeat answers as the try did (scripts.FINISH). Past `window_seconds` (0: not looked at) a bubble no
         poll closed is closed at the window, at what it shows.
+
+        Raises:
+            StreamConflict: the list does not hold the `chunks` deltas the owner's writer confirmed (-1: not looked
+                at); nothing was written.
         """
         k = self.keys
         args = {
@@ -296,6 +314,7 @@ class StreamStore:
             "finish_id": finish_id,
             "image_count": len(images),
             "window_seconds": window_seconds,
+            "chunks": chunks,
         }
         keys = {
             "stream": k.stream(stream_id),
@@ -309,6 +328,8 @@ class StreamStore:
             return None
         if reply == 2:
             return Finished(close_reason="", closed_bytes=0, orphaned=True)
+        if reply == 3:
+            raise StreamConflict(stream_id)
         self.life.ended.send(stream_id)
         row, _ = scripts.FINISH.fields(reply)
         return Finished(

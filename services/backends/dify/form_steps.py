@@ -81,7 +81,7 @@ class FormSteps:
             if ticket.card is not None:
                 fields["card"] = orjson.dumps(ticket.card).decode()
                 job.card_placed = True
-            recorder.write_fields(fields)
+            recorder.write_fields(fields, durable=True)
             waited = time.time()
             until = 0.0 if job.separate else job.created_at + self.finisher.window_seconds - WINDOW_MARGIN
             outcome = self.forms.wait(ticket, until, cancelled, self.finisher.draining)
