@@ -173,7 +173,8 @@ class Scheduler:
         claimed = bot.book.claim_each(wanted)  # (one round trip for every tick due: a thousand at 9:00 sharp)
         for (name, tick, why), mine in zip(wanted, claimed, strict=True):
             if mine and why:
-                self._skipped(bot, name, tick, why)
+                logger.warning("schedule %s of bot %s: tick %s skipped: %s", name, bot.name, tick, why)
+                self._record(bot, name, tick, "skipped", why, {}, {}, "")
             elif mine:
                 self._start_try(bot, name, tick, 1)
 
@@ -338,10 +339,6 @@ class Scheduler:
         bot.book.settle(name, tick, outcome)
         logger.info("schedule %s of bot %s: tick %s %s (%s)", name, bot.name, tick, outcome, _summary(pushed))
         self._record(bot, name, tick, outcome, "", meta, pushed, text)
-
-    def _skipped(self, bot: ScheduledBot, name: str, tick: int, why: str) -> None:
-        logger.warning("schedule %s of bot %s: tick %s skipped: %s", name, bot.name, tick, why)
-        self._record(bot, name, tick, "skipped", why, {}, {}, "")
 
     def _record(
         self, bot: ScheduledBot, name: str, tick: int, outcome: str, why: str, meta: dict, pushed: dict, text: str

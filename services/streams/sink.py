@@ -17,7 +17,7 @@ from services import metrics
 from services.redis_conn import REDIS_FAILURES
 from services.streams.answer import FLUSH_TIMEOUT, Answer, StreamAborted, keep_in_step, write_whole
 from services.streams.job import StreamJob
-from services.streams.store import TAKEN, StreamStore
+from services.streams.store import CLOSED, TAKEN, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ class AnswerSink:
         try:
             answer.writer.flush(FLUSH_TIMEOUT)
             keep_in_step(answer, self.store, job.attempt, job.stream_id)
-            if answer.detached or self.store.set_durably(job.stream_id, job.attempt, fields) != TAKEN:
-                return
+            result = CLOSED if answer.detached else self.store.set_durably(job.stream_id, job.attempt, fields)
         except REDIS_FAILURES as exc:  # the writer still holds them, and sends them when Redis is back
             logger.warning("could not wait for a replica to hold %s (%s)", "/".join(fields), exc)
             return
-        raise StreamAborted
+        if result == TAKEN:
+            raise StreamAborted
 
     def write(self, deltas: list[str]) -> None:
         """Hand deltas (and new fields) to the stream's writer, which sends them without making us wait.

@@ -332,11 +332,7 @@ class StreamStore:
             raise StreamConflict(stream_id)
         self.life.ended.send(stream_id)
         row, _ = scripts.FINISH.fields(reply)
-        return Finished(
-            close_reason=row["close_reason"],
-            closed_bytes=int(row["closed_bytes"] or 0),
-            inflight_key=row["inflight_key"],
-        )
+        return Finished(row["close_reason"], int(row["closed_bytes"] or 0), inflight_key=row["inflight_key"])
 
     def take(self, stream_id: str, opener: str, taker: str) -> Taken | None:
         """Take a queued stream over from the attempt that opened it (see scripts.TAKE), or None if the stream is no
