@@ -390,3 +390,30 @@ def test_a_tick_is_claimed_and_pushed_once_on_every_topology(topology, start, di
     client = topology.client()
     assert client.hget("bot:assistant:schedule:{bot:assistant:schedules}:daily:" + str(int(NINE)), "status") == "pushed"
     client.close()
+
+
+class _Book:
+    """A stand-in for a bot's tick book (pure logic): it lists no open tick, or raises something unexpected."""
+
+    def __init__(self, fails: bool):
+        self.fails, self.looked = fails, 0
+
+    def open_ticks(self) -> list:
+        self.looked += 1
+        if self.fails:
+            raise RuntimeError("a surprise")
+        return []
+
+
+def test_a_surprise_in_one_bots_step_holds_back_no_other(caplog):
+    books = {"broken": _Book(fails=True), "sound": _Book(fails=False)}
+    scheduler = scheduler_module.Scheduler(clock=lambda: NINE)
+    scheduler.bots = {
+        name: scheduler_module.ScheduledBot(name, {}, book, None, None, None, 30.0) for name, book in books.items()
+    }
+    errors = metrics.BACKGROUND_ERRORS.labels("schedules")
+    before = errors._value.get()
+    scheduler.step()
+    assert books["sound"].looked == 1  # in the same step, not a second later
+    assert errors._value.get() == before + 1
+    assert "background loop schedules failed unexpectedly" in caplog.text

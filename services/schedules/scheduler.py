@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from services import metrics
 from services.audit.queue import AuditQueue
 from services.audit.rows import AuditRow, row_of_stream
-from services.loops import run_until
+from services.loops import guarded, run_until
 from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.schedules.answers import TickAnswers, has_ended
@@ -132,18 +133,19 @@ class Scheduler:
         self._stop.wait(max(0.05, math.floor(now) + STEP_SECONDS + STEP_OFFSET_SECONDS - now))
 
     def step(self) -> None:
-        """Fire the ticks due and follow the open ones, for every bot (one bot's Redis away delays only it). One
-        step at a time in a process (what it knows of each schedule's next tick is its own)."""
+        """Fire the ticks due and follow the open ones, for every bot: one bot's Redis away, or a surprise in its
+        step (logged with its traceback and counted), holds back no other. One step at a time in a process (what it
+        knows of each schedule's next tick is its own)."""
         with self._stepping:
-            self._step()
+            for bot in list(self.bots.values()):
+                guarded(partial(self._step_bot, bot), "schedules", pause=0.0)
 
-    def _step(self) -> None:
-        for bot in list(self.bots.values()):
-            try:
-                self._fire(bot, self.clock())
-                self._follow(bot, self.clock())
-            except REDIS_FAILURES as exc:
-                logger.warning("schedules of bot %s wait for Redis (%s)", bot.name, type(exc).__name__)
+    def _step_bot(self, bot: ScheduledBot) -> None:
+        try:
+            self._fire(bot, self.clock())
+            self._follow(bot, self.clock())
+        except REDIS_FAILURES as exc:
+            logger.warning("schedules of bot %s wait for Redis (%s)", bot.name, type(exc).__name__)
 
     # --- firing ------------------------------------------------------------------------------------------------
 
