@@ -190,7 +190,7 @@ def build_bot(bot: BotSettings, shared: Shared) -> Bot:
     authorizer = _authorizer(bot.auth, shared, core, declared)
     files = _files(bot, shared, core, dify.links)
     clients = Mapped(apps, attrgetter("client"))
-    forms = FormService(FormStore(shared.client, core.keys), clients, core.texts, bot.name)
+    forms = FormService(FormStore(shared.client, core.keys, core.store.durable), clients, core.texts, bot.name)
     rules = RulesFile(bot.answers.content_rules_file, bot.name) if bot.answers.content_rules_file else None
     streams = _streams(bot, shared, core, apps, files, forms, authorizer, rules)
     quotas = _quotas(bot, shared, core)

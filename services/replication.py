@@ -11,7 +11,8 @@ a few it does:
   or is being sent; without them, the rest goes out again;
 - a schedule's tick claimed: another process would run the tick again;
 - a push's Idempotency-Key claimed, and the push opened (about to go out): a retry would send it again;
-- a form's prompt and card in its stream: the user could not answer it (no later write finds them missing).
+- a form's record, and its prompt and card in its stream: the user could not answer it (no later write finds
+  them missing; a worker waiting for a form whose record is gone writes it again).
 
 `Replication.execute` sends such a write, then `WAIT 1 <wait_ms>` on the same connection (WAIT counts the replicas
 holding what that connection wrote), so it returns once a replica holds the write. Sentinel promotes the replica

@@ -11,7 +11,7 @@ from demo import dify_apps as apps
 from demo import dify_standin as d
 from services.forms.cards import ACTION_QUESTION
 from services.forms.form import read_form
-from services.forms.store import FormRecord
+from services.forms.store import FormRecord, parse_task_id
 from services.texts import CATALOGUE
 from tests.conftest import KEYS, WS_BOT_ID, make_simulator, outbox_settled, wait_until
 from tests.dify_captures import capture, form_reply
@@ -111,6 +111,26 @@ def test_double_clicks_and_other_members_submit_nothing_more(sims, dify):
     assert "userids" not in first
     for later in (second, third):
         assert later["template_card"]["main_title"]["desc"] == ZH["form_answered"].format(choice="Approve")
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    assert conversation.text == "Need approval." + DONE
+
+
+def test_a_form_a_failover_took_back_is_open_again_for_the_tap_on_its_card(sims, dify, redis_client):
+    """The form's record was lost after its card went out (a failover before a replica held it): the waiting worker
+    writes it again, and the user's tap goes on in the bubble instead of meeting "not one of ours"."""
+    dify.script(approval())
+    clicks = []
+
+    def on_frame(frame):
+        if "template_card" in frame and not clicks:
+            card = frame["template_card"]
+            key = KEYS.form(*parse_task_id(card["task_id"]))
+            redis_client.delete(key)
+            assert wait_until(lambda: redis_client.hget(key, "status") == "open", timeout=5)
+            clicks.append(sims[1].send(sims[1].card_click(card, "approve", "alice")))
+
+    conversation = sims[0].ask("buy laptops", "alice", on_frame=on_frame)
+    assert clicks[0]["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
     assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
     assert conversation.text == "Need approval." + DONE
 

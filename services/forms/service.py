@@ -151,17 +151,7 @@ class FormService:
             logger.info("the form asks for a file Dify takes only by URL: it is answered elsewhere")
             raise FormNotHere("form_elsewhere")
         card = form_card(form, task_id, self.texts) if card_allowed else None
-        fields = {
-            "userid": asker.userid,
-            "chatid": asker.chatid,
-            "aibotid": asker.aibotid,
-            "dify_user": asker.dify_user,
-            "stream_id": asker.stream_id,
-            "route": asker.route,
-            "card_rides": "1" if card else "",
-            "before": before,
-        }
-        status, _ = self.store.open(task_id, form, fields)
+        status, _ = self.store.open(task_id, form, _opening(asker, bool(card), before))
         record = self.store.load(task_id)
         if record is None:
             return None
@@ -206,6 +196,10 @@ class FormService:
                     return BUBBLE_OVER if way == SEPARATELY else CLAIMED
                 if status == EXPIRED or time.time() >= expires_at:
                     return EXPIRED
+                if not status:  # a failover took the form back before a replica held it: a tap would find none
+                    logger.warning("form %s was gone from Redis (a failover?); it is open again", task_id)
+                    record = ticket.record
+                    self.store.open(task_id, record.form, _opening(record, record.card_rides, record.before))
                 if time.time() >= until:
                     status = self.store.leave_bubble(task_id)
                     return CLAIMED if status in (CLAIMED, SUBMITTING, SUBMITTED) else BUBBLE_OVER
@@ -265,6 +259,13 @@ class FormService:
             logger.warning("form submission failed (%s), try %d of %d", failure.code, attempt + 1, SUBMIT_TRIES)
             time.sleep(0.5 * (attempt + 1))
         return FAILED, ""
+
+
+def _opening(asked: Asker | FormRecord, card_rides: bool, before: str) -> dict[str, str]:
+    """The fields a form is opened with: who asked it (its Asker, or the record of the form opened before), whether
+    its card rides on the stream, and the run's answer before the pause."""
+    who = ("userid", "chatid", "aibotid", "dify_user", "stream_id", "route")
+    return {**{name: getattr(asked, name) for name in who}, "card_rides": "1" if card_rides else "", "before": before}
 
 
 def _without_named(values: dict, why: str) -> dict:

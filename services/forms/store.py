@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import orjson
 import redis
 
+from services import replication
 from services.forms.form import FILE_LIST, Form, Input
 from services.keys import FORM_KEEP_AFTER_EXPIRY_SECONDS, Keys
 from services.lua import LuaScript
+from services.replication import Replication
 from services.wecom.messages import STREAM_ID_PATTERN
 
 OPEN, CLAIMED, SUBMITTING = "open", "claimed", "submitting"
@@ -180,10 +182,11 @@ class FormRecord:
 
 
 class FormStore:
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: redis.Redis, keys: Keys, durable: Replication | None = None):
         self.client = client
         self.keys = keys
-        self._open = LuaScript(client, _OPEN)
+        # A form's opening waits for a replica (services/replication.py): a tap on its card must find it.
+        self._open = LuaScript(client, _OPEN, replication=durable, write=replication.FORM)
         self._claim = LuaScript(client, _CLAIM)
         self._leave = LuaScript(client, _LEAVE_BUBBLE)
         self._move = LuaScript(client, _MOVE)
