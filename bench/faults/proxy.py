@@ -59,11 +59,9 @@ class FaultyLink:
         return self
 
     def stop(self) -> None:
-        if not self._thread.is_alive():  # never started (or already stopped): only the port to give back
-            self._release_port()
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._thread.is_alive():  # (a link never started has only its port to give back)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
         self._release_port()
 
     def delay(self, seconds: float) -> None:
