@@ -131,26 +131,35 @@ class LuaScript:
         self._write = write
 
     def __call__(self, keys: list[str], args: list) -> object:
+        return self._sent(keys, args)[0]
+
+    def run(self, keys: Mapping[str, str], args: Mapping[str, object], rest: Iterable[object] = ()) -> object:
+        """One call of a named script (ScriptSpec), its keys and arguments by name."""
+        return self(self.spec.key_list(keys), self.spec.arg_list(args, rest))
+
+    def run_held(
+        self, keys: Mapping[str, str], args: Mapping[str, object], rest: Iterable[object] = ()
+    ) -> tuple[object, bool]:
+        """`run`, and whether a replica holds what it wrote (services/replication.py)."""
+        return self._sent(self.spec.key_list(keys), self.spec.arg_list(args, rest))
+
+    def _sent(self, keys: list[str], args: list) -> tuple[object, bool]:
         try:
             return self._send(keys, args)
         except redis.exceptions.NoScriptError:
             self.load()
             return self._send(keys, args)
 
-    def run(self, keys: Mapping[str, str], args: Mapping[str, object], rest: Iterable[object] = ()) -> object:
-        """One call of a named script (ScriptSpec), its keys and arguments by name."""
-        return self(self.spec.key_list(keys), self.spec.arg_list(args, rest))
-
     def call_of(self, keys: Mapping[str, str], args: Mapping[str, object], rest: Iterable[object] = ()) -> tuple:
         """The (keys, args) of one call of a named script, for `run_each`."""
         return self.spec.key_list(keys), self.spec.arg_list(args, rest)
 
-    def _send(self, keys: list[str], args: list) -> object:
+    def _send(self, keys: list[str], args: list) -> tuple[object, bool]:
         if self._replication is None:
-            return self._execute(*self.command(keys, args))
-        replies = self._replication.execute(keys[0], [self.command(keys, args)], self._write)
+            return self._execute(*self.command(keys, args)), True
+        replies, held = self._replication.execute_held(keys[0], [self.command(keys, args)], self._write)
         raise_first_error(replies)
-        return replies[0]
+        return replies[0], held
 
     def command(self, keys: list[str], args: list) -> tuple:
         """The EVALSHA command of one call (for a pipeline)."""

@@ -365,7 +365,7 @@ _STARTS = (
     (BOTS_RELOADS, DEPLOYMENT, ("ok", "rejected")),
     (BACKGROUND_ERRORS, DEPLOYMENT, (
         "audit_sweeper", "bots_file_watch", "answer_slots", "append_batcher", "stream_lease_keeper",
-        "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper",
+        "wecom_ws_holder", "wecom_ws_jobs", "wecom_ws_keeper", "writes_again",
     )),
 )  # fmt: skip
 

@@ -20,17 +20,30 @@ that is furthest ahead, and a Cluster master has its own replica, so the write s
 replica confirmed within `wait_ms` stands all the same, unconfirmed, and is counted
 (`redis_writes_unreplicated_total`): waiting longer would only stall the message. With `wait_ms` 0 (one server,
 the demo's embedded store), a write is an ordinary pipeline.
+
+A write no replica confirmed may be lost by a failover in the next moments, and for some no later write finds it
+missing: an answer's end, say, after which nothing is written to its stream. Its caller hands such a write to
+`Replication.until_held`, which makes it again off the answer's path (it must be safe to repeat) until a replica
+holds it: a failover in between that promoted a replica without it finds it made again on the new master.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
 
 import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError
 
 from services import metrics
+from services.loops import LazyThread, guarded
+from services.redis_conn import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +54,12 @@ CLUSTER_MOVES = (MovedError, AskError, ClusterDownError, redis.ConnectionError, 
 MSGID_CLAIM, STREAM_OPEN, STREAM_END, ANSWER_QUEUE, OUTBOX, SCHEDULE_CLAIM, PUSH_CLAIM, PUSH_OPEN, FORM = (
     metrics.REPLICATED_WRITES
 )
+# The waits before each try of making again a write no replica confirmed (about two minutes in all: a failover
+# with Sentinel's usual down-after of 30 s, and its election, is over well before).
+AGAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+# Writes that wait to be made again, at most, per bot: past it (replicas that lag for minutes, which the alert on
+# redis_writes_unreplicated_total names), a new one is not waited for.
+AGAIN_MAX = 2_000
 
 
 class Replication:
@@ -50,6 +69,7 @@ class Replication:
         self.client = client
         self.wait_ms = wait_ms  # 0: do not wait (no replicas)
         self.bot = bot  # whose writes these are (metrics)
+        self._again = Again(bot)
 
     def execute(self, key: str, commands: list[tuple], write: str) -> list:
         """Send `commands` (each a tuple of a command's words, all on `key`'s slot) in one round trip and wait for
@@ -59,8 +79,12 @@ class Replication:
         Raises:
             redis.RedisError: Redis did not answer.
         """
+        return self.execute_held(key, commands, write)[0]
+
+    def execute_held(self, key: str, commands: list[tuple], write: str) -> tuple[list, bool]:
+        """`execute`, and whether a replica holds the write (always, where there is none to wait for)."""
         if not self.wait_ms:
-            return self._pipeline(self.client, commands)
+            return self._pipeline(self.client, commands), True
         cluster = isinstance(self.client, RedisCluster)
         try:
             *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
@@ -73,10 +97,16 @@ class Replication:
             moved_to = next((move.node_addr for move in moves if isinstance(move, MovedError)), None)
             replies, replicas = self._after_a_move(key, commands, moved_to)
         wrote = not any(isinstance(reply, BaseException) for reply in replies)  # an error reply wrote nothing
-        if wrote and (isinstance(replicas, BaseException) or int(replicas) < 1):
+        held = not isinstance(replicas, BaseException) and int(replicas) >= 1
+        if wrote and not held:
             metrics.UNREPLICATED_WRITES.labels(self.bot, write).inc()
             logger.debug("%s not yet held by a replica after %d ms", write, self.wait_ms)
-        return replies
+        return replies, held or not wrote
+
+    def until_held(self, again: Callable[[], bool], what: str) -> None:
+        """Make a write no replica confirmed again, off the caller's path, until a replica holds it: `again()` makes
+        it (safe to repeat) and says whether one does now, or that it need not (the stream is no longer ours)."""
+        self._again.add(again, what)
 
     def _after_a_move(self, key: str, commands: list[tuple], moved_to: tuple[str, int] | None) -> tuple[list, object]:
         """The slot moved, or its node died or became a replica (a failover): the write goes to the slot's new
@@ -110,6 +140,54 @@ class Replication:
             replaced = command[0] == "SET" and "GET" in command[3:]
             pipe.execute_command(*command, **({"get": True} if replaced else {}))
         return pipe.execute(raise_on_error=False)
+
+
+class Again:
+    """One bot's writes that wait to be made again (`Replication.until_held`): each is tried after each of
+    AGAIN_DELAYS in turn until it says a replica holds it, on a thread of its own started on first use."""
+
+    def __init__(self, bot: str):
+        self.bot = bot
+        self._due: list[tuple[float, int, int, Callable[[], bool], str]] = []  # (when, order, tries, again, what)
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread = LazyThread(self._run, f"writes-again-{bot}")
+
+    def add(self, again: Callable[[], bool], what: str, tries: int = 0) -> None:
+        with self._changed:
+            if not tries and len(self._due) >= AGAIN_MAX:
+                logger.warning("%d writes no replica holds wait to be made again; %s is not", AGAIN_MAX, what)
+                return
+            when = time.monotonic() + AGAIN_DELAYS[tries]
+            heapq.heappush(self._due, (when, next(self._order), tries, again, what))
+            self._changed.notify()
+        self._thread.ensure()
+
+    def waiting(self) -> int:
+        return len(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, tries, again, what = heapq.heappop(self._due)
+            if guarded(partial(self._held, again), "writes_again", pause=0.0):
+                continue
+            if tries + 1 < len(AGAIN_DELAYS):
+                self.add(again, what, tries + 1)
+            else:
+                logger.error(
+                    "no replica holds %s after %.0f s of tries; a failover could still lose it", what, sum(AGAIN_DELAYS)
+                )
+
+    @staticmethod
+    def _held(again: Callable[[], bool]) -> bool:
+        try:
+            return again()
+        except REDIS_FAILURES as exc:
+            logger.info("a write made again met Redis failing (%s); tried later", type(exc).__name__)
+            return False
 
 
 def raise_first_error(replies: list) -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import redis
 
+from demo import dify_standin as d
 from services import metrics, replication
 from services.gateway import build_gateway
 from services.keys import Keys
@@ -23,7 +24,7 @@ from services.streams.poll_path import PollPath
 from services.streams.record import DONE
 from services.streams.store import WRITTEN, StreamStore, first_attempt
 from services.wecom.messages import Inbound
-from tests.conftest import SENTINEL_PASSWORD, wait_until
+from tests.conftest import SENTINEL_PASSWORD, make_simulator, wait_until
 
 WAIT_MS = 100
 
@@ -349,3 +350,94 @@ def test_a_new_message_on_a_long_connection_waits_for_a_replica_three_times(sent
     assert (meta["ws_req_id"], meta["ws_generation"], meta["ws_chat"], meta["ws_single"]) == ("req-7", "5", "zoe", "1")
     assert gateway.bot("three").connection.pushes.outbox.tracked(stream_id)
     gateway.close()
+
+
+class CutOff:
+    """A master whose replicas lost their link and cannot sync again, so that no replica gets what it writes from
+    now on, which it acknowledges all the same (as a slow master does while its lagging replicas are within
+    min-replicas-max-lag); then `fail_over`: it freezes, and the sentinels promote one of the replicas that lack
+    its last writes; `back` resumes it, to become a replica of the new master."""
+
+    def __init__(self, sentinel_set):
+        self.sentinel_set = sentinel_set
+        self.old = sentinel_set.current_master()
+        self.replicas = replicas_of("sentinel", sentinel_set)
+        self.old.client().config_set("min-replicas-to-write", 0)
+        for replica in self.replicas:
+            replica.client().config_set("masterauth", "not-the-masters")
+        self.old.client().client_kill_filter(_type="replica")
+
+    def fail_over(self):
+        self.old.pause()
+        for replica in self.replicas:
+            replica.client().config_set("masterauth", "")
+        assert wait_until(lambda: int(self.sentinel_set.master_address()[1]) != self.old.port, timeout=30)
+        return self.sentinel_set.current_master()
+
+    def back(self) -> None:
+        self.old.resume()
+        assert wait_until(lambda: self.old.client().info("replication")["role"] == "slave", timeout=30)
+        self.old.client().config_set("min-replicas-to-write", 1)
+
+
+def sentinel_app(make_app, serve, sentinel_set, prefix: str):
+    app = make_app(
+        redis_url=sentinel_set.url,
+        redis_sentinel_password=SENTINEL_PASSWORD,
+        redis_claim_wait_ms=WAIT_MS,
+        redis_key_prefix=prefix,
+    )
+    return serve(app), app.extensions["gateway"].bot("default").streams.store
+
+
+def test_an_answers_end_a_failover_took_back_is_made_again_on_the_new_master(sentinel_set, make_app, serve, dify):
+    """No replica held an answer's end when the sentinels failed its slow master over (the aimed Sentinel run of
+    seed 19): the new master held the stream open after its bubble had finished, nothing wrote to it again, and its
+    audit row was lost. The end is made again, off the answer's path, until a replica holds it."""
+    live, store = sentinel_app(make_app, serve, sentinel_set, "end-again:")
+    keys = store.keys
+    dify.script([d.message("The whole answer."), d.sleep(1.5), d.end()])
+    sim = make_simulator(live.url)
+    stream_id = sim.send(sim.text_message("end me", msgid="end-again-1"))["stream"]["id"]
+    client = connect_redis(sentinel_set.url, 2.0, sentinel_password=SENTINEL_PASSWORD)
+    assert wait_until(lambda: client.lrange(keys.stream_chunks(stream_id), 0, -1) == ["The whole answer."])
+    time.sleep(0.3)  # the replicas take the text in
+    ends = unconfirmed("default")["stream_end"]
+    cut = CutOff(sentinel_set)
+    try:
+        assert wait_until(lambda: unconfirmed("default")["stream_end"] > ends, timeout=10)  # the finisher has it
+        assert cut.old.client().hget(keys.stream(stream_id), "status") == DONE
+        assert all(replica.client().hget(keys.stream(stream_id), "status") != DONE for replica in cut.replicas)
+        new = cut.fail_over()
+        assert wait_until(lambda: new.client().hget(keys.stream(stream_id), "status") == DONE, timeout=30)
+    finally:
+        cut.back()
+    assert wait_until(lambda: store.durable._again.waiting() == 0)
+    sim.close()
+    client.close()
+
+
+def test_an_answer_whose_opening_a_failover_took_back_is_recorded_by_its_worker(sentinel_set, make_app, serve, dify):
+    """No replica held a message's opening (its stream, its msgid's claim) when the master was failed over: its
+    worker finds the stream gone, and sends the answer whole through response_url. Its audit row, read from the
+    stream once it ends, was lost; the worker records it itself."""
+    live, store = sentinel_app(make_app, serve, sentinel_set, "open-again:")
+    replies = []
+    store.life.replied.connect(replies.append, weak=False)
+    dify.script([d.sleep(1.0), d.message("The answer, sent whole."), d.end()])
+    sim = make_simulator(live.url)
+    cut = CutOff(sentinel_set)
+    message = sim.text_message("open me", msgid="open-again-1")
+    try:
+        stream_id = sim.send(message)["stream"]["id"]
+        assert cut.old.client().exists(store.keys.stream(stream_id))
+        new = cut.fail_over()
+        assert not new.client().exists(store.keys.stream(stream_id))
+        assert wait_until(lambda: replies, timeout=30)
+    finally:
+        cut.back()
+    [reply] = replies
+    assert (reply.message.msgid, reply.message.userid, reply.message.text) == ("open-again-1", "alice", "open me")
+    assert (reply.note, reply.outcome, reply.kind) == ("The answer, sent whole.", "answered", "message")
+    assert "The answer, sent whole." in str(sim.inbox.wait_for(message["response_url"]))
+    sim.close()

@@ -38,10 +38,12 @@ from services.streams.bubble import (
 )
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
+from services.streams.life import ANSWERED, MESSAGE, Reply
 from services.streams.record import DONE
 from services.streams.store import Finished, StreamConflict, StreamStore
 from services.texts import Texts
 from services.wecom.limits import BUBBLE_WINDOW_SECONDS
+from services.wecom.messages import Inbound
 from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class Finisher:
             self._finish_without_redis(job, answer, status, fields, note)  # (the whole answer: the last resort)
             return None
         if finished is not None:
+            if not finished.held:  # a failover could take the end back, and nothing written later would find it
+                self.store.durable.until_held(partial(self._ended_again, record), "an answer's end")
             metrics.STREAM_OUTCOMES.labels(self.bot, status).inc()
             metrics.STREAM_SECONDS.labels(self.bot, job.route).observe(max(0.0, time.time() - job.created_at))
             self._free_slot(job, finished)
@@ -106,6 +110,21 @@ class Finisher:
             # closed elsewhere, or already final: an earlier try of this write ran, and only its reply was lost
             logger.info("stream was already final; final state not written again")
         return finished
+
+    @staticmethod
+    def _ended_again(record: Callable[[], Finished | None]) -> bool:
+        """The answer's end made again (the same finish: a stream that holds it answers as before), the list
+        written whole first if a failover took deltas back with it; True once a replica holds it, or the stream is
+        no longer this answer's to end.
+
+        Raises:
+            redis.RedisError (or a cluster error): Redis did not answer (it is tried again later).
+        """
+        try:
+            finished = record()
+        except StreamAborted:
+            return True
+        return finished is None or finished.held
 
     def _free_slot(self, job: StreamJob, finished: Finished) -> None:
         if finished.inflight_key:
@@ -183,11 +202,16 @@ class Finisher:
         else:
             sent = self._respond(job, self.bubble.remainder(answer.text[len(text) :], note), "rest", given_up=True)
         if sent:  # the user has the whole answer after all, and its note: its audit row is written again, saying so
-            best_effort(lambda: self._record_given(job.stream_id, _given(answer, note)), "recording what was sent")
+            best_effort(lambda: self._record_given(job, _given(answer, note)), "recording what was sent")
 
-    def _record_given(self, stream_id: str, given: str) -> None:
-        self.store.record(stream_id, {"answer_given": given})
-        self.store.life.ended.send(stream_id)
+    def _record_given(self, job: StreamJob, given: str) -> None:
+        if self.store.record(job.stream_id, {"answer_given": given}):
+            self.store.life.ended.send(job.stream_id)
+            return
+        # The stream is gone: a failover took back its opening, which no replica held (its worker found it gone
+        # and sent the answer whole). Its record is then what this worker knows, as a reply's.
+        logger.warning("the answer's stream was gone at its end (a Redis failover?); its record is this worker's")
+        self.store.life.replied.send(Reply(self.bot, _message_of(job), given, ANSWERED, MESSAGE, job.attempt))
 
     def _send_whole(self, job: StreamJob, answer: Answer, note: str, given_up: bool = False) -> bool:
         """The bubble was finished by someone else (or cannot be updated): send the whole answer once. True if
@@ -321,6 +345,13 @@ class Finisher:
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),
             "recording the response_url delivery",
         )
+
+
+def _message_of(job: StreamJob) -> Inbound:
+    """The user's message, as far as its job keeps it."""
+    kind = job.attachments[0][0] if job.attachments and job.attachments[0] else "text"
+    chattype = "group" if job.chatid else "single"
+    return Inbound(kind, job.msgid, job.aibotid, chattype, job.chatid, job.userid, job.response_url, job.query)
 
 
 def _given(answer: Answer, note: str) -> str:

@@ -83,6 +83,7 @@ class Finished:
     closed_bytes: int
     inflight_key: str = ""  # the user's in-flight set, which the stream must now leave
     orphaned: bool = False  # a poll had given the stream up (its lease was gone) while it was still ours
+    held: bool = True  # a replica holds the end (else a failover could take it back: services/replication.py)
 
 
 @dataclass(slots=True)
@@ -295,8 +296,9 @@ class StreamStore:
 
         Returns None if it was not ours or not active; `orphaned` if a poll had given it up while it was still
         ours (nothing else is written then); else whether (and with how much text) the bubble had already closed
-        early. `finish_id`, the same for every try of one finish, makes a try whose reply was lost safe to repeat:
-        the repeat answers as the try did (scripts.FINISH). Past `window_seconds` (0: not looked at) a bubble no
+        early, and whether a replica holds the end. `finish_id`, the same for every try of one finish, makes a try
+        whose reply was lost, or that no replica held, safe to repeat: the repeat answers as the try did
+        (scripts.FINISH). Past `window_seconds` (0: not looked at) a bubble no
         poll closed is closed at the window, at what it shows.
 
         Raises:
@@ -323,7 +325,7 @@ class StreamStore:
             "feedback": k.feedback(stream_id),
         }
         images_then_fields = [*(orjson.dumps(image).decode() for image in images), *_pairs(fields or {})]
-        reply = self._finish.run(keys, args, images_then_fields)
+        reply, held = self._finish.run_held(keys, args, images_then_fields)
         if not reply:
             return None
         if reply == 2:
@@ -332,7 +334,7 @@ class StreamStore:
             raise StreamConflict(stream_id)
         self.life.ended.send(stream_id)
         row, _ = scripts.FINISH.fields(reply)
-        return Finished(row["close_reason"], int(row["closed_bytes"] or 0), inflight_key=row["inflight_key"])
+        return Finished(row["close_reason"], int(row["closed_bytes"] or 0), row["inflight_key"], held=held)
 
     def take(self, stream_id: str, opener: str, taker: str) -> Taken | None:
         """Take a queued stream over from the attempt that opened it (see scripts.TAKE), or None if the stream is no
