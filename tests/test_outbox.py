@@ -429,11 +429,13 @@ class _Socket:
 
     def __init__(self):
         self.sent: list[str] = []
+        self.acks: list = []  # each frame's on_ack, for the test to answer
         self.read_through = 0
         self.ended = False
 
     def send(self, text, req_id="", on_ack=None) -> int:
         self.sent.append(text)
+        self.acks.append(on_ack)
         return len(self.sent)
 
     def received(self, number: int) -> bool:
@@ -464,6 +466,28 @@ def test_a_send_whose_ack_was_lost_is_taken_as_made_once_a_later_frame_is_acked(
     assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
     sender.deliver(socket, generation=4, live=set())
     assert len(socket.sent) == 1
+
+
+def test_a_send_wecom_refused_while_redis_was_away_is_sent_again_not_taken_for_made(redis_client, monkeypatch):
+    """WeCom refused the rest (busy) as the Redis master was cut off (seed 19's Sentinel run at ab4e2eb): the
+    refusal was not recorded, the marker still said `handed`, and the next holder took the rest for made; the user
+    never had it. The marker is cleared at a later pass, and the rest goes out again."""
+    outbox, sender, _ = orphaned_rest(redis_client)
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1
+
+    def redis_away(*args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting: Connection refused.")
+
+    with monkeypatch.context() as away:
+        away.setattr(outbox, "refused", redis_away)
+        socket.acks[0]({"errcode": -1, "errmsg": "system busy"})
+    assert outbox.marker("s1").startswith("handed p1 ")
+    sender.deliver(socket, generation=4, live=set())  # Redis is back
+    assert len(socket.sent) == 2 and outbox.marker("s1").startswith("handed p1 ")
+    socket.acks[1]({"errcode": 0})
+    assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
 
 
 def test_a_send_whose_connection_ended_before_wecom_read_it_is_sent_again(redis_client):

@@ -57,6 +57,9 @@ class OrphanDelivery:
         self.outbox = outbox
         self.owner = owner
         self._handed: dict[str, _Handed] = {}  # stream id -> its send waiting for an ack
+        # stream id -> the marker of a send not made (refused, or never out) that Redis could not clear then: left
+        # saying `handed`, a later holder would take it for made, and nobody would send it (cleared at a later pass)
+        self._unmade: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def deliver(self, session: Session, generation: int, live: set[str]) -> None:
@@ -116,13 +119,24 @@ class OrphanDelivery:
             with self._lock:
                 self._handed.pop(stream_id, None)
             if marker:
-                best_effort(partial(self.outbox.settle, stream_id, marker, False), "releasing the send", delays=())
+                self._release(stream_id, marker)
             best_effort(partial(self.sends.give_back, chat, stream_id), "releasing the chat's place", delays=())
+
+    def _release(self, stream_id: str, marker: str) -> None:
+        """A handed send was not made: its marker cleared, so that it is sent again (at a later pass if Redis is
+        away now)."""
+        if not best_effort(partial(self.outbox.settle, stream_id, marker, False), "releasing the send", delays=()):
+            with self._lock:
+                self._unmade[stream_id] = marker
 
     def _settle_handed(self) -> None:
         """Each send whose ack has not come, and whose connection says what became of it: WeCom read it (it acked
         a frame sent after it: the ack alone was lost) and it is made; or the connection ended without that, and
-        it is sent again."""
+        it is sent again. First, the sends not made whose markers Redis could not clear before."""
+        with self._lock:
+            unmade, self._unmade = self._unmade, {}
+        for stream_id, marker in unmade.items():
+            self._release(stream_id, marker)
         with self._lock:
             due = {
                 stream_id: (handed, handed.session.received(handed.number))
@@ -180,8 +194,9 @@ class OrphanDelivery:
     def _on_sent(self, stream_id: str, push: bool):
         def on_sent(ack: dict) -> None:
             with self._lock:
-                if self._handed.pop(stream_id, None) is None:
-                    return  # settled already, by what a later frame's ack proved
+                handed = self._handed.pop(stream_id, None)
+            if handed is None:
+                return  # settled already, by what a later frame's ack proved
             errcode = int(ack.get("errcode") or 0)
             if not errcode:
                 # If Redis does not answer, the handed marker stays, and is taken for sent (`_take_over_handed`).
@@ -192,7 +207,9 @@ class OrphanDelivery:
             metrics.WS_ERRCODES.labels(self.bot, str(errcode)).inc()
             # A push is given up after PUSH_ATTEMPTS refusals; the rest of an answer is tried until it is sent.
             refused = partial(self.outbox.refused, stream_id, errcode, PUSH_ATTEMPTS if push else 0)
-            best_effort(refused, "recording the refusal", delays=())
+            if not best_effort(refused, "recording the refusal", delays=()):
+                with self._lock:  # (seed 19's Sentinel run: a rest taken for made after WeCom refused it)
+                    self._unmade[stream_id] = handed.marker
             if push:
                 metrics.PUSHES.labels(self.bot, "failed").inc()
             what = "push" if push else "rest of stream"
