@@ -147,7 +147,6 @@ class Again:
     AGAIN_DELAYS in turn until it says a replica holds it, on a thread of its own started on first use."""
 
     def __init__(self, bot: str):
-        self.bot = bot
         self._due: list[tuple[float, int, int, Callable[[], bool], str]] = []  # (when, order, tries, again, what)
         self._order = itertools.count()
         self._changed = threading.Condition()
