@@ -125,6 +125,8 @@ def test_a_bubble_that_showed_every_word_but_lost_its_end_is_told_nothing_more_f
         store.create("every-word", "m-every-word", attempt, BOT_ID, "carol", {"userid": "carol"})
         store.append("every-word", attempt, ["the whole answer"], 0)
         bot.streams.frame("every-word", FrameRecord("old-holder", 0))  # its last frame, as the old holder recorded it
+        acked = {"ws_confirmed": "old-holder", "ws_acked_by": "old-holder"}  # then sent, and WeCom acked it
+        redis_client.hset(store.keys.stream("every-word"), mapping=acked)
         assert store.finish("every-word", attempt, DONE) is not None
         outbox = bot.connection.holder.orphans.outbox
         outbox.track("every-word", "dead-req-id", 1, "carol", True)  # an earlier connection's generation

@@ -76,6 +76,12 @@ class _Streams:
         return Frame(reply, snapshot.shows, snapshot.recorded)
 
 
+def sent_in_a_pass(streams: _Streams, stream_id: str, token: str) -> None:
+    """A frame of the stream recorded by a pump's pass (`token`), which then confirmed it and sent it."""
+    streams.frame(stream_id, FrameRecord(token, 0))
+    streams.store.client.hset(streams.store.keys.stream(stream_id), "ws_confirmed", token)
+
+
 def tracked_stream(client, lease_seconds: int) -> tuple[StreamStore, Outbox, _Streams]:
     """A store and a bot's outbox on `client`, with stream s1 (message m1, alice's) open and tracked on req-1, and
     the stream service standing in for the pump's."""
@@ -150,14 +156,14 @@ def test_a_replaced_answer_leaves_no_record_of_text_it_no_longer_has(redis_clien
     store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
     owner = "holder:1"
     store.append("s1", owner, ["Hello world"], 0)
-    streams.frame("s1", FrameRecord("pass-1", 0))
+    sent_in_a_pass(streams, "s1", "pass-1")
     store.replace("s1", owner, "Hello world, again")  # the same start
     streams.poll("s1")  # the holder's rest is made from the text as a poll folded it
     assert shown_of(store.reads.meta("s1"))[0] == "Hello world"
     store.replace("s1", owner, "Something else")
     streams.poll("s1")
     assert shown_of(store.reads.meta("s1"))[0] == ""
-    streams.frame("s1", FrameRecord("pass-2", 0))  # the next frame shows the new text
+    sent_in_a_pass(streams, "s1", "pass-2")  # the next frame shows the new text
     assert shown_of(store.reads.meta("s1"))[0] == "Something else"
 
 
@@ -449,6 +455,74 @@ def orphaned_rest(client) -> tuple[Outbox, OrphanDelivery, Keys]:
     streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
     sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
     return outbox, OrphanDelivery("bot", streams, outbox, "p1", sends), Keys()
+
+
+def _sender_beside(pump: ReplyPump, record_wait: float) -> OrphanDelivery:
+    """The outbox's sender of another process, "p2", that took the connection of `pump`'s holder."""
+    streams = pump.streams
+    streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
+    sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
+    return OrphanDelivery("bot", streams, pump.outbox, "p2", sends, record_wait=record_wait)
+
+
+def test_a_rest_waits_for_a_frozen_holder_to_undo_a_frame_it_recorded_and_never_sent(redis_client):
+    """Seed 21's one-server run: a holder recorded its pass's frames, then froze (14 s, past its lease) before it
+    wrote them to its socket. A new holder took the connection and sent each answer's rest from those records, 2 s
+    before the frozen one woke to undo them: two users missed what those frames would have shown. A record no ack
+    confirmed is left that long to its holder, then taken as it stands."""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    sender = _sender_beside(pump, record_wait=30)
+    socket = _Socket()
+    seen_while_frozen = []
+
+    def frozen_before_the_write(text, req_id="", on_ack=None):
+        connection.open = False  # its lease ran out while it was frozen: another holder took the connection
+        streams.show("s1", "The first words, and more. The end.", finish=True)
+        sender.deliver(socket, generation=4, live=set())
+        seen_while_frozen.extend(socket.sent)
+        return False  # it wakes: the connection has ended
+
+    streams.show("s1", "The first words, and more")
+    connection.send = frozen_before_the_write
+    pump.pump()  # records the frame, then "freezes" in the write
+    pump.flush_acks()  # its keeper writes the undo
+    assert seen_while_frozen == []
+    sender.deliver(socket, generation=4, live=set())
+    assert socket.sent and ", and more. The end." in socket.sent[0]
+
+
+@pytest.mark.parametrize("passes", [1, 2], ids=["one-pass", "after-a-pass-whose-write-failed"])
+def test_a_rest_skips_no_text_of_frames_recorded_by_a_pass_its_holder_never_finished(redis_client, passes):
+    """Seed 21's Sentinel run: a holder killed with its last frame recorded, and the user missed what it would have
+    shown. A pass's polls record its frames, and the frames go out only once the pass has confirmed them: a record
+    with no confirmation never went out (its holder died mid-pass, here after `passes` such passes), and the rest
+    begins after the last frame that did."""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    for number in range(passes):
+        streams.show("s1", "The first words, and more" + " more" * number)
+        streams.frame("s1", FrameRecord(f"pass-{number}", pump.ledger.deadline()))  # its confirmation never comes
+    streams.show("s1", "The first words, and more more. The end.", finish=True)
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
+    socket = _Socket()
+    _sender_beside(pump, record_wait=0).deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1 and ", and more more. The end." in socket.sent[0]
+
+
+@pytest.mark.parametrize("acked", [False, True], ids=["record-left-to-its-wait", "record-its-ack-confirmed"])
+def test_a_rest_is_sent_from_a_frame_record_its_holder_left_once_it_is_sure(redis_client, acked):
+    """A holder killed with a frame recorded leaves no one to undo it: once the wait is over (here none), or at once
+    when WeCom's ack of that frame was recorded, the rest begins after what the record says the bubble shows."""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    streams.show("s1", "The first words, and more")
+    pump.pump()
+    if acked:
+        connection.acks.pop()({"errcode": 0})
+        pump.flush_acks()
+    streams.show("s1", "The first words, and more. The end.", finish=True)  # the holder is killed meanwhile
+    sender = _sender_beside(pump, record_wait=0 if not acked else 30)
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1 and ". The end." in socket.sent[0] and "and more" not in socket.sent[0]
 
 
 def test_a_send_whose_ack_was_lost_is_taken_as_made_once_a_later_frame_is_acked(redis_client):

@@ -79,8 +79,8 @@ def _record_after_send() -> None:
     StreamService.frame = lambda self, stream_id, record: framing(self, stream_id, None)  # the poll records nothing
     sending = ReplyPump.send
 
-    def send_then_record(self, req_id: str, reply: dict, shows: int, session=None) -> bool:
-        went_out = sending(self, req_id, reply, shows, session)
+    def send_then_record(self, req_id: str, reply: dict, shows: int, session=None, token: str = "") -> bool:
+        went_out = sending(self, req_id, reply, shows, session)  # recorded by nothing: no token
         entry = self._replies.get(req_id)
         if went_out and entry is not None:
             final = bool((reply.get("stream") or {}).get("finish"))

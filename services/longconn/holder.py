@@ -72,7 +72,8 @@ class ConnectionHolder:
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
         self.replies = ReplyPump(bot, streams, outbox, lambda: self._session, uploads, redis_timeout)
-        self.orphans = OrphanDelivery(bot, streams, outbox, owner, sends, uploads)
+        # a frame record no ack confirmed is left this long to a holder that may be frozen, to undo (orphans.py)
+        self.orphans = OrphanDelivery(bot, streams, outbox, owner, sends, uploads, 2 * settings.lease_seconds)
         self.inbound = InboundHandler(dispatch, self.replies, lambda: (self._session, self._holding), spool, outbox)
         # the messages a process gone kept while Redis was away: any process takes them (services/longconn/spool.py)
         self.spool_drain = SpoolDrain(spool, self.inbound.take_kept) if spool is not None else None

@@ -1,7 +1,8 @@
 """What the acks of a connection's frames say, written to Redis in batches: a refused frame (the bubble shows the
 last one taken; a dead req_id), a bubble finished (out of the open set); and the undoing of a record of frames that
 never went out (its write's reply was lost, so Redis may still run it). What a frame will show is recorded before it
-goes out, by the poll that makes it (scripts.POLL), so an ack that says it was shown has nothing to add.
+goes out, by the poll that makes it (scripts.POLL), so an ack that says it was shown only makes that record sure
+(`ws_acked_by`: a next holder need not wait before it takes the record for shown, orphans.py).
 
 Each of these records must outlive a failover, so it waits for a Redis replica (services/replication.py). Written
 one ack at a time, every ack waited: when no replica answers (a shard without one, after a failover), 200 ms each,
@@ -23,6 +24,7 @@ from redis.cluster import RedisCluster
 from services.keys import Keys
 from services.replication import OUTBOX, Replication, raise_first_error
 from services.streams import scripts
+from services.streams.record import F
 from services.streams.store import LATE
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class AckLedger:
         self.open_key = open_key  # the bot's open set (outbox.py)
         self._fields: dict[str, dict[str, str]] = {}
         self._delivered: set[str] = set()
+        self._acked: dict[str, str] = {}  # stream id -> the token of its frame WeCom last acknowledged
         # stream id -> {the token of a record to undo: what the bubble shows}: every pass whose record may stand
         self._unsent: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
@@ -48,11 +51,18 @@ class AckLedger:
     def refused(self, stream_id: str, shows: int, dead: bool) -> None:
         """WeCom refused a frame: the bubble shows `shows` bytes of the stream's text (its last frame taken); with
         `dead`, its req_id can no longer be used."""
-        self._note(stream_id, {"ws_shows": str(shows), "ws_sent_final": "", **({"ws_dead": "1"} if dead else {})})
+        fields = {"ws_shows": str(shows), "ws_sent_final": "", F.ws_sent_at: "", **({"ws_dead": "1"} if dead else {})}
+        self._note(stream_id, fields)
 
     def dead(self, stream_id: str) -> None:
         """The req_id answering the stream can no longer be used (what its bubble shows is recorded already)."""
         self._note(stream_id, {"ws_dead": "1"})
+
+    def shown(self, stream_id: str, token: str) -> None:
+        """WeCom acknowledged the frame recorded under `token` as shown: the record is sure, and a next holder need
+        not wait for this one to undo it (orphans.py). Dropped when a later record of the stream comes first."""
+        with self._lock:
+            self._acked[stream_id] = token
 
     def delivered(self, stream_id: str) -> None:
         """The bubble got its final frame: nothing left to send."""
@@ -76,18 +86,21 @@ class AckLedger:
         """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
         `recorded` are the streams whose frames this pass's polls just recorded (scripts.POLL, under `token`),
         which a replica must hold before the frames go out: their records are newer than the acks noted before, so
-        an ack's word on what such a bubble shows is dropped (a dead req_id is kept), and each of their nodes gets
-        a small write of its own after the polls, for the wait to cover them (a replica that holds it holds all that
-        came before it).
+        an ack's word on what such a bubble shows is dropped (a dead req_id is kept), and each gets `ws_confirmed`
+        after the polls: the wait covers all before it (a replica that holds it holds all that came before it), and
+        the frames go out only once it is written, so a next holder takes a record its pass never confirmed for one
+        whose frame never went out (outbox.shown_of: a holder killed mid-pass, seed 21's Sentinel run).
 
         Raises:
             redis.RedisError: Redis did not answer (what was noted is kept for the next flush; the pass's records
                 are the caller's to undo).
         """
         with self._lock:
-            fields, delivered, unsent = self._fields, self._delivered, self._unsent
-            self._fields, self._delivered, self._unsent = {}, set(), {}
-        confirm = list(recorded) if self.durable.wait_ms else []
+            fields, delivered, unsent, acked = self._fields, self._delivered, self._unsent, self._acked
+            self._fields, self._delivered, self._unsent, self._acked = {}, set(), {}, {}
+        for stream_id, acked_token in acked.items():
+            fields[stream_id] = {F.ws_acked_by: acked_token, **fields.get(stream_id, {})}
+        confirm = list(recorded)
         if not fields and not delivered and not unsent and not confirm:
             return
         written = {}
@@ -133,7 +146,7 @@ class AckLedger:
         for stream_id, undos in unsent.items():
             key = self.keys.stream(stream_id)
             for undone, shows in undos.items():  # at most one is the record that stands
-                restore = ("ws_shows", str(shows), "ws_sent_final", "")
+                restore = ("ws_shows", str(shows), "ws_sent_final", "", F.ws_sent_at, "")
                 self._add(groups, key, ("EVAL", scripts.UNRECORD_SENT, 1, key, undone, *restore))
         deadline = f"{self.deadline():.3f}"
         for stream_id, values in records.items():
@@ -142,13 +155,9 @@ class AckLedger:
             self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, deadline, *pairs))
         if delivered:
             self._add(groups, self.open_key, ("ZREM", self.open_key, *delivered))
-        confirming = set()
-        for stream_id in confirm:  # one write per node after the pass's polls, for its wait to cover them
+        for stream_id in confirm:  # after the pass's polls: its wait covers them, and its frames go out only after
             key = self.keys.stream(stream_id)
-            node = self._node(key)
-            if node not in confirming:
-                confirming.add(node)
-                self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", "ws_confirmed", token))
+            self._add(groups, key, ("EVAL", scripts.RECORD, 1, key, "0", F.ws_confirmed, token))
         for key, commands in groups.values():
             sent = time.time()
             replies = self.durable.execute(key, commands, OUTBOX)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -49,8 +50,10 @@ class OrphanDelivery:
         owner: str,
         sends: ChatWindow,
         files: FileSender | None = None,
+        record_wait: float = 0,
     ):
         self.bot = bot
+        self.record_wait = record_wait  # how long a frame record no ack confirmed may still be undone
         self.sends = sends  # WeCom's per-chat limits, across replicas
         self.files = files  # sends an answer's files once its rest is out
         self.streams = streams
@@ -75,6 +78,8 @@ class OrphanDelivery:
             try:
                 polled = self.streams.poll(stream_id)  # also finishes a stream whose replica is gone
                 if not (polled.get("stream") or {}).get("finish"):
+                    continue
+                if self._record_in_doubt(self.outbox.store.reads.meta(stream_id)):
                     continue
                 if not self.outbox.claim(stream_id, claimant):
                     self._take_over_handed(stream_id)
@@ -103,6 +108,16 @@ class OrphanDelivery:
                 continue
             req_id, text = frames.send_markdown(chat, bool(meta.get(F.ws_single)), message)
             self._send(session, stream_id, claimant, req_id, text, bool(meta.get(F.push)), chat)
+
+    def _record_in_doubt(self, meta: dict[str, str]) -> bool:
+        """Whether the stream's last frame record may yet be undone: no ack confirmed it, and it is younger than
+        `record_wait`. A holder records a frame before it writes it to its socket; one frozen in between (seed 21's
+        one-server run: 14 s, past its lease) wakes to find its connection taken and undoes the record, and a next
+        holder that sent the rest from it before then left out what that frame would have shown."""
+        recorded_at = meta.get(F.ws_sent_at)
+        if not recorded_at or meta.get(F.ws_acked_by) == meta.get(F.ws_sent_by):
+            return False
+        return time.time() - float(recorded_at) < self.record_wait
 
     def _send(self, session: Session, stream_id: str, claimant: str, req_id: str, text: str, push: bool, chat: str):
         """Mark the send handed, then hand it to the socket; one that does not go out is released at once."""

@@ -39,6 +39,7 @@ from services.keys import (
 )
 from services.lua import LuaScript, ScriptSpec
 from services.replication import OUTBOX, raise_first_error
+from services.streams.reads import script_now as now
 from services.streams.record import DONE, F
 from services.streams.store import StreamStore, first_attempt
 from services.wecom.limits import NOTE_SEPARATOR
@@ -76,7 +77,13 @@ def sending_record(shows: int, final: bool, token: str) -> dict[str, str]:
     bytes of the stream's text (`ws_shows`), for a holder that dies before its ack comes; `token` names the record
     (`ws_sent_by`), so that it can be undone if the frame never goes out (AckLedger.unsent). The frame pump's polls
     write it themselves (scripts.POLL); this is for a frame made otherwise (a repeated message's first)."""
-    return {"ws_shows": str(shows), "ws_sent_final": "1" if final else "", "ws_sent_by": token}
+    return {
+        "ws_shows": str(shows),
+        "ws_sent_final": "1" if final else "",
+        "ws_sent_by": token,
+        F.ws_sent_at: now(),
+        F.ws_confirmed: token,  # its frame goes out as soon as this is written
+    }
 
 
 class Outbox:
@@ -263,9 +270,20 @@ def handing_process(marker: str) -> str:
 def shown_of(meta: dict[str, str]) -> tuple[str, bool]:
     """What a tracked stream's bubble shows of its text (the last frame handed to the socket), and whether that
     frame finished it. Nothing before its first frame, or when the bubble showed text the answer no longer has
-    (replaced since)."""
-    shows = max(0, int(meta.get(F.ws_shows) or 0))
-    return cut_utf8(meta.get(F.text, ""), shows), bool(meta.get(F.ws_sent_final))
+    (replaced since). A frame whose pass was never confirmed never went out (its holder died first, mid-pass): the
+    bubble shows what the record before it said."""
+    if record_sure(meta):
+        shows, final = int(meta.get(F.ws_shows) or 0), bool(meta.get(F.ws_sent_final))
+    else:
+        shows, final = int(meta.get(F.ws_shows_before) or 0), False
+    return cut_utf8(meta.get(F.text, ""), max(0, shows)), final
+
+
+def record_sure(meta: dict[str, str]) -> bool:
+    """Whether a stream's last frame record says what its bubble shows: its fate is known (shown, refused, undone),
+    or its pass was confirmed (the frame went out then, unless its holder died in that instant), or WeCom acked it."""
+    token = meta.get(F.ws_sent_by)
+    return not meta.get(F.ws_sent_at) or token in (meta.get(F.ws_confirmed), meta.get(F.ws_acked_by))
 
 
 def shows_of(content: str, text: str) -> int:

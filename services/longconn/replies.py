@@ -84,6 +84,7 @@ class ReplyPump:
         entry = _Reply(stream_id, content=stream.get("content", ""))
         with self._lock:
             self._replies[req_id] = entry
+        token = ""  # its record's, when it shows answer text
         if entry.content and entry.content != self.streams.bubble.placeholder and self._session() is not None:
             token = secrets.token_hex(6)
             try:
@@ -96,7 +97,7 @@ class ReplyPump:
                 entry.content, entry.sent = "", 0  # not sent: the pump sends it, recorded, once Redis answers
                 return
             entry.recorded = True
-        self.send(req_id, reply, entry.sent)
+        self.send(req_id, reply, entry.sent, token=token)
 
     def clear(self) -> None:
         """The connection ended: its req_ids died with it."""
@@ -154,7 +155,7 @@ class ReplyPump:
                 unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.sent)
                 continue
             reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
-            if self.send(req_id, frame.reply, frame.shows, session):
+            if self.send(req_id, frame.reply, frame.shows, session, record.token):
                 went_out.add(reply.stream_id)
             else:
                 unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.least_shown)
@@ -166,10 +167,10 @@ class ReplyPump:
         if unsent and session is not self._session():
             self.flush_acks()  # no keeper of that connection passes again to write it
 
-    def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None) -> bool:
+    def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None, token: str = "") -> bool:
         """Send one stream frame on `req_id` (on `session`, by default the current connection), showing `shows` bytes
-        of the stream's text; its ack clears the way for the next (and tells the outbox). False if it did not go
-        out."""
+        of the stream's text, as recorded under `token` ("": not recorded); its ack clears the way for the next (and
+        tells the outbox). False if it did not go out."""
         stream = reply.get("stream") or {}
         finish = bool(stream.get("finish"))
         entry = self._replies.get(req_id)
@@ -197,7 +198,7 @@ class ReplyPump:
                 dead = errcode in (frames.DEAD_REQ_ID, frames.STREAM_EXPIRED)
                 if dead or (current.final_sent and not errcode):
                     del self._replies[req_id]
-            self._after_ack(current, finish, errcode, dead)
+            self._after_ack(current, finish, errcode, dead, token)
 
         metrics.WS_FRAMES.labels(self.bot).inc()
         session = session or self._session()
@@ -233,13 +234,17 @@ class ReplyPump:
         elif dead:
             self.ledger.dead(reply.stream_id)
 
-    def _after_ack(self, reply: _Reply, finish: bool, errcode: int, dead: bool) -> None:
+    def _after_ack(self, reply: _Reply, finish: bool, errcode: int, dead: bool, token: str) -> None:
         """Note what the ack says for the ledger's next write (the keeper's pass), and send a finished answer's
-        files. An ack that says a frame was shown adds nothing: it was recorded before it went out."""
+        files. A frame shown was recorded before it went out: its ack only says that record is sure (`token`), so
+        that a next holder need not wait for this one to undo it (orphans.py)."""
         stream_id = reply.stream_id
         if errcode:  # WeCom did not show it
             self._refused(reply, dead)
-        elif finish:
+            return
+        if token:
+            self.ledger.shown(stream_id, token)
+        if finish:
             self.ledger.delivered(stream_id)
             if self.files is not None:
                 self.files.after_answer(stream_id, reply.files)

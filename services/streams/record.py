@@ -95,7 +95,10 @@ FIELDS: dict[str, str] = {
     "ws_shows": "the bytes of text its last frame showed (-1: text the answer no longer has)",
     "ws_sent_final": "'1' when that frame finished the bubble",
     "ws_sent_by": "the pass that recorded that frame",
-    "ws_confirmed": "the last pass whose records a replica confirmed",
+    "ws_sent_at": "when that frame was recorded ('' once its fate is known: shown, refused or never sent)",
+    "ws_acked_by": "the pass whose frame WeCom last acknowledged as shown",
+    "ws_shows_before": "what the record before said (the bubble shows it until this frame's pass is confirmed)",
+    "ws_confirmed": "the last pass whose records were confirmed (its frames go out only then)",
     "send_refusals": "how often WeCom refused its aibot_send_msg as busy",
 }
 

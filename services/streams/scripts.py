@@ -256,8 +256,11 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 # The frame record: a long connection's holder records what a bubble will show before the frame that shows it goes out
 # (services/longconn/outbox.py), and its poll does it in the same write as the fold: `ws_shows` (bytes of the text the
 # frame shows), `ws_sent_final` ('1' when the frame finishes the bubble) and `ws_sent_by` (the `record_token`, so that
-# a frame that did not go out has its record undone: UNRECORD_SENT). A poll Redis runs past the `record_deadline`
-# (_DEADLINE) records nothing and hands out no card (its caller sends no frame).
+# a frame that did not go out has its record undone: UNRECORD_SENT), `ws_shows_before` (what the record it replaces
+# said: its frame goes out only once its pass is confirmed, `ws_confirmed`, so a holder killed before that leaves the
+# bubble showing this) and `ws_sent_at` (`now`: until an ack says that frame was shown, the next holder waits before it
+# takes the record for shown, services/longconn/orphans.py). A poll Redis runs past the `record_deadline` (_DEADLINE)
+# records nothing and hands out no card (its caller sends no frame).
 # fmt: off
 POLL = ScriptSpec(
     "POLL",
@@ -268,7 +271,8 @@ POLL = ScriptSpec(
          "attempt", "prompt", "card", "recorded", "shows", "files", "vouched", "ahead_for"),
     hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
                  "inflight_key", "restarts", "workflow_run_id", "resumes", "owner", "lease_missing_at", "prompt",
-                 "card", "card_shown", "card_by", "polls", "images", "files", "vouched_bytes", "ahead_since"),
+                 "card", "card_shown", "card_by", "polls", "images", "files", "vouched_bytes", "ahead_since",
+                 "ws_shows", "ws_shows_before", "ws_sent_at", "ws_sent_by", "ws_confirmed", "ws_acked_by"),
     shared=_DEADLINE,
     body=lua("""
 local h = redis.call('HMGET', K.stream, HASH_FIELDS)
@@ -352,7 +356,13 @@ end
 local shows = ''
 if recorded == 'yes' then
   shows = reason ~= '' and closed_bytes or tostring(#text)
-  for _, v in ipairs({F.ws_shows, shows, F.ws_sent_final, live and '' or '1', F.ws_sent_by, A.record_token}) do
+  -- what the bubble surely shows before this frame: the last record's, unless its pass was never confirmed
+  local before = H.ws_shows or ''
+  if (H.ws_sent_at or '') ~= '' and H.ws_sent_by ~= H.ws_confirmed and H.ws_sent_by ~= H.ws_acked_by then
+    before = H.ws_shows_before or ''
+  end
+  for _, v in ipairs({F.ws_shows, shows, F.ws_sent_final, live and '' or '1', F.ws_sent_by, A.record_token,
+                      F.ws_sent_at, A.now, F.ws_shows_before, before}) do
     writes[#writes + 1] = v
   end
 end
