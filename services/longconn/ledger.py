@@ -86,10 +86,12 @@ class AckLedger:
         """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
         `recorded` are the streams whose frames this pass's polls just recorded (scripts.POLL, under `token`),
         which a replica must hold before the frames go out: their records are newer than the acks noted before, so
-        an ack's word on what such a bubble shows is dropped (a dead req_id is kept), and each gets `ws_confirmed`
-        after the polls: the wait covers all before it (a replica that holds it holds all that came before it), and
-        the frames go out only once it is written, so a next holder takes a record its pass never confirmed for one
-        whose frame never went out (outbox.shown_of: a holder killed mid-pass, seed 21's Sentinel run).
+        an ack's word on what such a bubble shows is dropped (a dead req_id is kept), and, where there is a replica
+        to wait for, each gets `ws_confirmed` after the polls: the wait covers all before it (a replica that holds
+        it holds all that came before it), and the frames go out only once it is written, so a next holder takes a
+        record its pass never confirmed for one whose frame never went out (outbox.shown_of: a holder killed
+        mid-pass, seed 21's Sentinel run). On one server each poll confirmed its own record (FrameRecord.confirmed):
+        a write per stream here would cost Redis three commands a frame (BENCHMARKS.md §10).
 
         Raises:
             redis.RedisError: Redis did not answer (what was noted is kept for the next flush; the pass's records
@@ -100,7 +102,7 @@ class AckLedger:
             self._fields, self._delivered, self._unsent, self._acked = {}, set(), {}, {}
         for stream_id, acked_token in acked.items():
             fields[stream_id] = {F.ws_acked_by: acked_token, **fields.get(stream_id, {})}
-        confirm = list(recorded)
+        confirm = list(recorded) if self.durable.wait_ms else []  # one server: each poll confirmed its own
         if not fields and not delivered and not unsent and not confirm:
             return
         written = {}

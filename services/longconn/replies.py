@@ -126,7 +126,8 @@ class ReplyPump:
                 for req_id, reply in self._replies.items()
                 if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
             ]
-        record = FrameRecord(secrets.token_hex(6), self.ledger.deadline())
+        # one server: nothing to wait for between the polls and the sends, and each poll confirms its own record
+        record = FrameRecord(secrets.token_hex(6), self.ledger.deadline(), confirmed=not self.outbox.durable.wait_ms)
         changed = []
         for req_id, reply in due:
             asked = time.time()

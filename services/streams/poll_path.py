@@ -88,10 +88,12 @@ class Snapshot:
 @dataclass(frozen=True, slots=True)
 class FrameRecord:
     """A poll's record of the frame it returns (a long connection's, scripts.POLL): `token` names it, and Redis
-    writes it only until `deadline` (epoch seconds; 0 for none)."""
+    writes it only until `deadline` (epoch seconds; 0 for none). With `confirmed` the poll confirms it itself (one
+    server: no replica to wait for before the frame goes out); else the pass confirms it once a replica holds it."""
 
     token: str
     deadline: float
+    confirmed: bool = False
 
 
 class PollPath:
@@ -160,6 +162,7 @@ class PollPath:
             "keep_card": "" if hand_card else "1",
             "record_token": record.token if record else "",
             "record_deadline": f"{record.deadline:.3f}" if record else "0",
+            "record_confirmed": "1" if record and record.confirmed else "",
             "vouch": "1" if self._wait_ms and record is None else "",
             "counted": "1" if counted else "",
         }

@@ -266,7 +266,8 @@ POLL = ScriptSpec(
     "POLL",
     keys=("stream", "chunks", "lease", "images"),
     args=("now", "window_seconds", "overflow_bytes", "orphan_note", "taker", "lease_ms", "taker_runs_it",
-          "grace_seconds", "token", "keep_card", "record_token", "record_deadline", "vouch", "counted"),
+          "grace_seconds", "token", "keep_card", "record_token", "record_deadline", "record_confirmed", "vouch",
+          "counted"),
     row=("status", "text", "note", "close_reason", "closed_bytes", "has_response_url", "event", "freed_inflight_key",
          "attempt", "prompt", "card", "recorded", "shows", "files", "vouched", "ahead_for"),
     hash_fields=("status", "folded", "text", "note", "created_at", "close_reason", "closed_bytes", "response_url",
@@ -364,6 +365,9 @@ if recorded == 'yes' then
   for _, v in ipairs({F.ws_shows, shows, F.ws_sent_final, live and '' or '1', F.ws_sent_by, A.record_token,
                       F.ws_sent_at, A.now, F.ws_shows_before, before}) do
     writes[#writes + 1] = v
+  end
+  if A.record_confirmed == '1' then
+    for _, v in ipairs({F.ws_confirmed, A.record_token}) do writes[#writes + 1] = v end
   end
 end
 local vouched, ahead_for = H.vouched_bytes or '0', ''
