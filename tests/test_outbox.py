@@ -448,21 +448,23 @@ class _Socket:
         return self.read_through >= number
 
 
+def _sender(streams: _Streams, outbox: Outbox, owner: str, record_wait: float = 0) -> OrphanDelivery:
+    """The outbox's sender of process `owner`, its bubbles' text as is and every chat's window open."""
+    streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
+    sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
+    return OrphanDelivery("bot", streams, outbox, owner, sends, record_wait=record_wait)
+
+
 def orphaned_rest(client) -> tuple[Outbox, OrphanDelivery, Keys]:
     """Stream s1, answered on an earlier connection and now final, left for the outbox's sender of process "p1"."""
     store, outbox, streams = tracked_stream(client, lease_seconds=5)
     streams.show("s1", "The whole answer.", finish=True)
-    streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
-    sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
-    return outbox, OrphanDelivery("bot", streams, outbox, "p1", sends), Keys()
+    return outbox, _sender(streams, outbox, "p1"), Keys()
 
 
 def _sender_beside(pump: ReplyPump, record_wait: float) -> OrphanDelivery:
     """The outbox's sender of another process, "p2", that took the connection of `pump`'s holder."""
-    streams = pump.streams
-    streams.bubble = SimpleNamespace(placeholder="Thinking…", live=lambda text: text, remainder=lambda rest: rest)
-    sends = SimpleNamespace(take=lambda chat, stream_id: 0, give_back=lambda chat, stream_id: None)
-    return OrphanDelivery("bot", streams, pump.outbox, "p2", sends, record_wait=record_wait)
+    return _sender(pump.streams, pump.outbox, "p2", record_wait)
 
 
 def test_a_rest_waits_for_a_frozen_holder_to_undo_a_frame_it_recorded_and_never_sent(redis_client):
