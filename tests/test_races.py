@@ -5,6 +5,7 @@ fixes; the third guards the retry those fixes made possible); and a holder that 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -181,6 +182,43 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     [message] = wecom.proactive
     assert message["markdown"]["content"].endswith("The rest.")
     assert "shown before the drain" not in message["markdown"]["content"]
+
+
+def test_a_drained_holder_lets_its_pass_under_way_end_before_it_closes_the_connection(
+    two_processes, dify, redis_client
+):
+    """A holder drained while its keeper's pass was between recording a frame and sending it closed the connection
+    under that pass: the frame never went out, and its record was undone only by the keeper thread after the drain,
+    or never, when the process exited first. The record stood, and the next holder's rest began after text no frame
+    showed (a 2-minute Sentinel campaign, one message). The drain now waits for the pass: when it returns, the
+    record says what WeCom was shown."""
+    first, second, wecom = two_processes
+    holder = first.bot().connection.holder
+    steps = [d.message("Shown first. "), d.sleep(1.5), d.message("Pumped during the drain. "), d.sleep(3.0)]
+    dify.script([*steps, d.message("The rest."), d.end()])
+    req_id = wecom.deliver_text(WS_BOT_ID, "a question")
+    assert wait_until(lambda: shown_frame(wecom, req_id, "Shown first."), timeout=10)
+    stream_id = wecom.frames(req_id)[0]["stream"]["id"]
+    assert wait_until(lambda: "Pumped during the drain. " in redis_client.lrange(KEYS.stream_chunks(stream_id), 0, -1))
+    in_pass, flush = threading.Event(), holder.replies.ledger.flush
+
+    def slow_flush(recorded=(), token=""):  # the pass's wait for a replica, after its polls recorded the frames
+        if recorded and not in_pass.is_set():
+            in_pass.set()
+            time.sleep(1.0)
+        flush(recorded, token)
+
+    holder.replies.ledger.flush = slow_flush
+    assert in_pass.wait(5)
+    holder.stop()  # the process may exit as soon as this returns
+    shown = shown_of(redis_client.hgetall(KEYS.stream(stream_id)))[0]
+    assert ("Pumped during the drain." in shown) == shown_frame(wecom, req_id, "Pumped during the drain.")
+    assert wait_until(lambda: wecom.proactive, timeout=20)
+    assert outbox_settled(redis_client, WS_BOT_ID)
+    [message] = wecom.proactive
+    assert message["markdown"]["content"].endswith("The rest.")
+    bubble = wecom.frames(req_id)[-1]["stream"]["content"]
+    assert ("Pumped during the drain." in bubble) != ("Pumped during the drain." in message["markdown"]["content"])
 
 
 def test_a_long_connection_message_met_by_a_redis_outage_is_answered_once_redis_is_back(

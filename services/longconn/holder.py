@@ -45,6 +45,7 @@ KICK_CHECK = (0.2, 0.5, 1.0, 2.0)
 STANDBY_INTERVAL = 0.5  # how often a process standing by tries the lease (one small script call)
 RECONNECT_PAUSE = 1.0  # after a connection that could not be opened
 ACK_SETTLE_SECONDS = 2.0  # a drained holder waits this long at most for the acks of its last frames (about 0.3 s)
+PASS_SETTLE_SECONDS = 3.0  # and first this long at most for its keeper's pass under way (a Redis round trip or two)
 
 
 class ConnectionHolder:
@@ -69,6 +70,7 @@ class ConnectionHolder:
         self.state = "standby"  # standby, connecting, holding, bad_credentials, cooling_down, stopped
         self._stop = threading.Event()
         self._session: Session | None = None
+        self._keeper: ConnectionKeeper | None = None
         self._holding: Holding | None = None
         uploads = files(lambda: self._session) if files is not None else None  # the answers' files, sent after them
         self.replies = ReplyPump(bot, streams, outbox, lambda: self._session, uploads, redis_timeout)
@@ -85,12 +87,17 @@ class ConnectionHolder:
             self.spool_drain.start()
 
     def stop(self) -> None:
-        """Drain: let the frames sent have their acks (what each bubble shows is then known to the next holder),
-        close the connection and hand the lease over."""
+        """Drain: let the keeper's pass under way end and the frames sent have their acks (what each bubble shows
+        is then known to the next holder), close the connection and hand the lease over. A pass left running would
+        find the connection closed, and its undo of the records of the frames it could not send come after this
+        process's last flush, or never, when the process exits first: those records would stand, and the next
+        holder's rest start after text no frame showed (a campaign's drained holder, one message: FAULTS.md)."""
         self._stop.set()
         if self.spool_drain is not None:
             self.spool_drain.stop()
-        session, holding = self._session, self._holding
+        session, holding, keeper = self._session, self._holding, self._keeper
+        if keeper is not None and not keeper.wait_for_pass(PASS_SETTLE_SECONDS):
+            logger.warning("handing the connection over during a frame pass that has not ended")
         if session is not None:
             if not session.settle(ACK_SETTLE_SECONDS):
                 logger.warning("handing the connection over with frames whose acks did not come")
@@ -163,12 +170,13 @@ class ConnectionHolder:
         metrics.WS_HOLDING_SINCE.labels(self.bot).set(time.time())
         logger.info("holding the bot's WeCom connection (generation %d)", holding.generation)
         keeper = ConnectionKeeper(session, holding, self.lease, self.replies, self.orphans, self.settings, self._stop)
+        self._keeper = keeper
         keeper.start()
         try:
             outcome = session.run()
         finally:
             keeper.end()
-            self._session = None
+            self._session, self._keeper = None, None
             metrics.WS_CONNECTED.labels(self.bot).set(0)
             metrics.WS_HOLDING_SINCE.labels(self.bot).set(0)
             self.replies.flush_acks()  # what the last acks said

@@ -54,17 +54,24 @@ class ConnectionKeeper:
         self.settings = settings
         self._stop = stop
         self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"wecom-ws-keeper-{replies.bot}", daemon=True)
         self._next_lease = self._next_ping = time.monotonic()
         self._next_outbox = self._next_lease + OUTBOX_SETTLE_SECONDS
         self._awaiting_pong = False  # a ping went out whose answer has not come
         self.missed_pongs = 0
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name=f"wecom-ws-keeper-{self.replies.bot}", daemon=True).start()
+        self._thread.start()
 
     def end(self) -> None:
         """The connection ended: stop keeping it."""
         self._ended.set()
+
+    def wait_for_pass(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) until the pass under way has ended, once `stop` is set: its frames are then on
+        the socket, or their records undone (replies.py). False if it had not ended by then."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while not (self._ended.is_set() or self._stop.is_set()):
