@@ -170,8 +170,8 @@ class ConnectionHolder:
         metrics.WS_HOLDING_SINCE.labels(self.bot).set(time.time())
         logger.info("holding the bot's WeCom connection (generation %d)", holding.generation)
         keeper = ConnectionKeeper(session, holding, self.lease, self.replies, self.orphans, self.settings, self._stop)
-        self._keeper = keeper
         keeper.start()
+        self._keeper = keeper  # (started first: a drain joins its thread)
         try:
             outcome = session.run()
         finally:
