@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from services.auth.authorizer import AuthError
 from services.transport.errors import (
+    BUSY_CODES,
     BackendConnectionError,
     BackendError,
     BackendHTTPError,
@@ -268,7 +269,6 @@ _CONFIG_CODES = frozenset(
         "misconfigured",  # an OpenAI-compatible server's 400, 401, 403 or 404 (services/backends/openai)
     }
 )
-_BUSY_CODES = frozenset({"too_many_requests", "rate_limit_error"})
 
 
 class Texts:
@@ -293,7 +293,7 @@ def failure_key(exc: BaseException) -> str:
     if isinstance(exc, AuthError):
         return exc.code if exc.code in CATALOGUE["en"] else "auth_unavailable"
     if isinstance(exc, BackendHTTPError):
-        if exc.status == 429 or exc.code in _BUSY_CODES:
+        if exc.status == 429 or exc.code in BUSY_CODES:
             return "dify_busy"
         if exc.status in (401, 403) or exc.code in _CONFIG_CODES:
             return "dify_rejected"
@@ -307,7 +307,7 @@ def failure_key(exc: BaseException) -> str:
     if isinstance(exc, BackendStreamCut):
         return "stream_cut"
     if isinstance(exc, BackendStreamError):
-        if exc.code in _BUSY_CODES:
+        if exc.code in BUSY_CODES:
             return "dify_busy"
         if exc.code in _CONFIG_CODES:
             return "dify_rejected"

@@ -215,20 +215,33 @@ def test_a_failed_or_empty_answer_pushes_nothing_and_says_why(start, dify, wecom
     assert row["outcome"] == "failed" and row["answer"].startswith("the answer failed")
 
 
-def test_a_tick_whose_answer_broke_on_the_way_is_asked_again_and_pushed_once(start, dify, wecom_api, monkeypatch):
-    """Dify's connection breaks mid-answer (or Dify is away): nobody saw that answer, so the tick asks again (after
-    ASK_AGAIN_AFTER_SECONDS, within its catch-up, at most MOST_TRIES tries in all) and pushes the new one, once;
-    before, the report was failed and pushed nothing. A failure of the question itself is not asked again (the test
-    below)."""
+@pytest.mark.parametrize(
+    ("failure", "calls"),
+    [
+        pytest.param([d.message("half a rep"), d.cut()], 1, id="cut mid-answer"),
+        # refused each time its client asked (DIFY_MAX_RETRIES 2 here), with the code in Dify's body, not the status
+        pytest.param([d.http_error(503, "unavailable")], 3, id="503 with a code"),
+        # an OpenAI-compatible server's word for busy, mid-stream
+        pytest.param([d.message("half"), d.error("rate_limit_error", "slow down", 429)], 1, id="busy mid-stream"),
+    ],
+)
+def test_a_tick_whose_answer_broke_on_the_way_is_asked_again_and_pushed_once(
+    start, dify, wecom_api, monkeypatch, failure, calls
+):
+    """Dify's connection breaks mid-answer, or Dify is away or busy: nobody saw that answer, so the tick asks again
+    (after ASK_AGAIN_AFTER_SECONDS, within its catch-up, at most MOST_TRIES tries in all) and pushes the new one,
+    once; before, the report was failed and pushed nothing. A 503 whose body named a code of Dify's, and a busy error
+    in an OpenAI server's words, were taken for failures of the question (their codes were read, not what they
+    mean). A failure of the question itself is not asked again (the test below)."""
     monkeypatch.setattr(scheduler_module, "ASK_AGAIN_AFTER_SECONDS", 0.5)
-    dify.script([d.message("half a rep"), d.cut()])
+    dify.script(failure, times=calls)
     dify.script(d.answer("the whole report"))
     retried = runs("pushed")
     start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
     assert wait_until(lambda: runs("pushed") == retried + 1, timeout=20)
     time.sleep(2)
     assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "the whole report"}}]
-    assert len(dify.chat_requests()) == 2
+    assert len(dify.chat_requests()) == calls + 1
 
 
 def test_a_tick_whose_answer_keeps_breaking_fails_after_its_tries(start, dify, wecom_api, monkeypatch):

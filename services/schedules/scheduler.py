@@ -56,7 +56,8 @@ WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit is tried again this long
 TAKEN_OVER_NOTE = "(this try's process stopped; the schedule asked again)"
 # An answer that failed on the way, not on the question (the backend's link broke or timed out, it was busy or
 # away, Redis was), is asked again this long after it ended, while its tick is within catch_up_seconds and has had
-# fewer than MOST_TRIES tries: nobody has seen it, so a new try costs a backend call and nothing else.
+# fewer than MOST_TRIES tries: nobody has seen it, so a new try costs a backend call and nothing else. Codes as the
+# stream's record keeps them (services/transport/errors.py, record_code): a refusal by its HTTP status.
 ASK_AGAIN_AFTER_SECONDS = 20.0
 PASSING_FAILURES = (
     "stream_cut",

@@ -28,7 +28,7 @@ from services.streams.runner import LeaseClock
 from services.streams.stop import AnswerStopper
 from services.streams.turn import NoSlot, Turn, TurnDeps, TurnRules
 from services.streams.writer import AppendBatcher
-from services.transport.errors import BackendError, BackendTimeout, Declined
+from services.transport.errors import BackendError, BackendTimeout, Declined, record_code
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ class StreamWorker:
             backend.stop(answer.task_id, turn.job.dify_user)
             metrics.DIFY_STOPS.labels(self.bot, backend.name, "timeout", route).inc()
         note = turn.texts.failure_note(exc)
-        turn.finisher.finish(turn.job, answer, ERROR, note=note, error=f"{exc.code}: {exc.message[:200]}")
+        code = record_code(exc)
+        error = f"{code}: {exc.message[:200]}" if code == exc.code else f"{code}: {exc.code}: {exc.message[:200]}"
+        turn.finisher.finish(turn.job, answer, ERROR, note=note, error=error)
 
     def _new_answer(self, job: StreamJob, lease: LeaseClock | None) -> Answer:
         """This attempt's answer, with its writes to the stream (they renew the attempt's `lease` when it is due)

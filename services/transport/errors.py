@@ -53,6 +53,21 @@ class BackendStreamCut(BackendError):
     code = "stream_cut"
 
 
+# A backend's words for "busy" (Dify's, an OpenAI-compatible server's), whatever status they came with.
+BUSY_CODES = frozenset({"too_many_requests", "rate_limit_error"})
+
+
+def record_code(exc: BackendError) -> str:
+    """The failure's code as a stream's record keeps it (`error`, before the message): an HTTP refusal by its
+    status, whatever code its body named (`http_503`), a busy backend by one word (`too_many_requests`), else the
+    error's own code. What a schedule asks again for keys off it (services/schedules/scheduler.py)."""
+    if isinstance(exc, BackendHTTPError) and exc.status and exc.status >= 400:
+        return f"http_{exc.status}"
+    if exc.code in BUSY_CODES:
+        return "too_many_requests"
+    return exc.code
+
+
 def access_problem_of(exc: BackendError, timeout: float, key: str, address: str, server: str) -> str:
     """One line for an operator saying why a check of a backend's address and key failed (the clients'
     `access_problem`), in the words of the setting to fix and never the key itself: `key` names its setting,
