@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 STEP_SECONDS = 1.0
 STEP_OFFSET_SECONDS = 0.005  # a step comes this long after a whole second
+STOP_WAIT_SECONDS = 5.0  # how long a stopping scheduler waits for its step under way (a Redis round trip or a few)
 WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit is tried again this long past its tick, then failed
 TAKEN_OVER_NOTE = "(this try's process stopped; the schedule asked again)"
 # An answer that failed on the way, not on the question (the backend's link broke or timed out, it was busy or
@@ -121,7 +122,11 @@ class Scheduler:
             self._thread.start()
 
     def stop(self) -> None:
+        """No step starts after this, and the one under way is given up to STOP_WAIT_SECONDS to end: a process that
+        drains leaves no step half made behind it (and a test's clock, put back after, is read by none)."""
         self._stop.set()
+        if self._stepping.acquire(timeout=STOP_WAIT_SECONDS):
+            self._stepping.release()
 
     def _loop(self) -> None:
         run_until(self._stop, self._step_and_wait, "schedules")
