@@ -24,6 +24,7 @@ WORKDIR /app
 COPY app.py gunicorn.conf.py ./
 COPY config/ config/
 COPY services/ services/
+COPY web/ web/
 COPY utils/ utils/
 COPY cli/ cli/
 # The instance folder holds the embedded SQLite default; on Kubernetes it is an emptyDir (read-only root fs).

@@ -24,13 +24,13 @@ from cli import register_commands
 from config.bots import RUN_DIR_VARIABLE, load_bots, load_bots_keeping_last_good, shared_dify_keys
 from config.settings import ENV_FILES, BotSettings, Settings, SettingsError, load_settings
 from services import metrics
-from services.admin.views import install as install_admin
-from services.callback.wsgi import INTERNAL_ERROR, CallbackRoute, rejected
 from services.embedded_store import EmbeddedStoreUnavailable
 from services.files.links import FILE_PATH
 from services.gateway import Gateway, build_gateway
 from services.wecom import errors
 from utils.logging import log_context, setup_logging
+from web.admin import install as install_admin
+from web.callback_route import INTERNAL_ERROR, CallbackRoute, rejected
 
 logger = logging.getLogger("app")
 

@@ -28,7 +28,6 @@ from bench.audit import database
 from demo.mariadb_server import PrivateMariaDB
 from demo.redis_server import PrivateRedisServer
 from services.admin.live import LiveAnswers
-from services.admin.views import TEXT_MOST_ROWS
 from services.audit.records import AuditFilter, AuditRecords
 from services.audit.rows import AuditRow
 from services.audit.table import ensure_table
@@ -37,6 +36,7 @@ from services.keys import Keys
 from services.streams.inspector import StreamInspector
 from services.streams.life import ANSWERED, BLOCKED, BUSY, ERROR, MESSAGE, NOTE, OVER_QUOTA, STOPPED
 from services.streams.record import F
+from web.admin import TEXT_MOST_ROWS
 
 BOTS = ("default", "hr", "it", "sales")
 ROUTES = ("", "", "", "", "", "flow", "model", "legal")  # most messages take the bot's own

@@ -2,7 +2,7 @@
 
 * `create_app()`, the framework's ceiling: a bare Flask app whose POST handler returns a constant. Poll
   throughput is reported as a ratio of this app's.
-* `create_route_app()`, the ceiling of the route the gateway answers callbacks on (services/callback/wsgi.py, in
+* `create_route_app()`, the ceiling of the route the gateway answers callbacks on (web/callback_route.py, in
   front of Flask): that route answering a constant. The gateway's ratio to bare Flask is the target's; its ratio
   to this app says how much of the route's own speed its work leaves.
 * `create_floor_app()`, the floor of any poll: the request's body and query read, one Redis round trip (a trivial
@@ -26,9 +26,9 @@ from types import SimpleNamespace
 import orjson
 from flask import Flask, Response
 
-from services.callback.wsgi import CallbackRoute
 from services.redis_conn import HotPathConnections, connect_redis
 from services.wecom.crypto import WeComCrypto
+from web.callback_route import CallbackRoute
 
 _BODY = b'{"encrypt":"constant","msgsignature":"0","timestamp":0,"nonce":"0"}'
 

@@ -29,7 +29,7 @@ from services.auth import db
 from services.auth.users import UserDirectory
 from services.bot_build import Bot, Shared, build_bot
 from services.bots_watch import BotsFileWatch
-from services.callback.wsgi import CallbackPaths
+from services.callback.handler import CallbackPaths
 from services.files.links import LinkSigner
 from services.files.server import BotFiles, FileServer
 from services.keys import Keys

@@ -183,7 +183,7 @@ def test_the_audit_search_and_its_csv_say_what_audit_export_says(make_pair, engi
     assert client.get("/admin/audit", params={"since": "yesterday"}).text.count("is not a time") == 1
     # without a user or a chat, a text is looked for in the newest TEXT_MOST_ROWS rows of the range, and said so;
     # the CSV link carries that range
-    monkeypatch.setattr("services.admin.views.TEXT_MOST_ROWS", 2)
+    monkeypatch.setattr("web.admin.TEXT_MOST_ROWS", 2)
     bounded = client.get("/admin/audit", params={"text": "laptops"}).text
     assert "question 3 about laptops" in bounded and "newest 2 rows of the range" in bounded
     link = re.search(r'href="(/admin/audit.csv\?[^"]+)"', bounded).group(1).replace("&amp;", "&")

@@ -246,7 +246,7 @@ def test_feedback_and_unknown_events_get_an_empty_reply(client, sim):
         assert response.data == b""
 
 
-# --- the POST route, answered in front of Flask (services/callback/wsgi.py) -----------------------------------------
+# --- the POST route, answered in front of Flask (web/callback_route.py) -----------------------------------------
 
 
 def call_wsgi(app, query, body: bytes, **environ_changes) -> tuple[str, dict, bytes]:

@@ -248,13 +248,27 @@ def test_no_module_of_the_image_imports_the_demo():
     assert offenders == []
 
 
+def test_no_module_of_the_services_answers_http_requests():
+    """Routes live in app.py and web/: they parse a request, call the services and render. No module of services/
+    imports Flask or werkzeug, so the work can run, and be tested, without a request."""
+    offenders = []
+    for path in sorted((PROJECT_ROOT / "services").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(name.split(".")[0] in ("flask", "werkzeug") for name in names):
+                offenders.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
 def test_no_module_of_the_services_or_the_settings_imports_one_that_imports_it_back():
     """No import cycle in production code, annotations included (the runner once set a lease clock on the job,
     whose type the job imported back from the runner). `cli/` is left out: its package registers its commands'
     modules, which take their helpers from it."""
     import grimp
 
-    graph = grimp.build_graph("services", "config", "utils", exclude_type_checking_imports=False)
+    graph = grimp.build_graph("web", "services", "config", "utils", exclude_type_checking_imports=False)
     cycles = sorted(
         {
             tuple(sorted((module, imported)))

@@ -83,12 +83,12 @@ def test_every_path_a_page_names_exists(page):
 
 
 def test_the_code_layout_names_every_module_of_services():
-    """docs/development.md's tree of the code names every package and module of services/."""
+    """docs/development.md's tree of the code names every package and module of services/ and web/."""
     text = (PROJECT_ROOT / "docs" / "development.md").read_text()
     layout = text[text.index("## The code") :]
-    services = PROJECT_ROOT / "services"
-    modules = [p for p in services.rglob("*.py") if p.name != "__init__.py"]
-    packages = [p for p in services.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    roots = (PROJECT_ROOT / "services", PROJECT_ROOT / "web")
+    modules = [p for root in roots for p in root.rglob("*.py") if p.name != "__init__.py"]
+    packages = [p for root in roots for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__"]
     missing = [str(p.relative_to(PROJECT_ROOT)) for p in modules if p.name not in layout]
     missing += [str(p.relative_to(PROJECT_ROOT)) for p in packages if f"{p.name}/" not in layout]
     assert missing == [], f"docs/development.md's layout does not name: {missing}"

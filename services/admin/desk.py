@@ -1,6 +1,7 @@
-"""What the operator's page shows and does, apart from Flask (views.py): each bot's state, the answers in flight and
-their Stop, the audit trail's search, quotas and their Reset; every sign-in and change is an audit row of its own
-(kind `admin`: the operator in `userid`, the action in `question`, what it acted on in `answer`)."""
+"""What the operator's page shows and does, apart from Flask (its routes: web/admin.py): each bot's state, the
+answers in flight and their Stop, the audit trail's search, quotas and their Reset; every sign-in and change is an
+audit row of its own (kind `admin`: the operator in `userid`, the action in `question`, what it acted on in
+`answer`)."""
 
 from __future__ import annotations
 

@@ -176,3 +176,7 @@ class CallbackHandler:
 def _under(reply: dict, stream_id: str) -> dict:
     """A stream reply shown in the bubble of `stream_id` (a kept message's, whose msgid another stream answers)."""
     return {**reply, "stream": {**reply["stream"], "id": stream_id}}
+
+
+# The bots served at each callback path: a path's bot name and CallbackHandler (bots changed live swap the map).
+CallbackPaths = Mapping[str, tuple[str, CallbackHandler]]

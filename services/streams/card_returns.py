@@ -1,16 +1,10 @@
-"""A template card must reach the user once: WeCom takes one card per message, so the poll script hands a card out
-with one poll's reply only. When that reply never reaches WeCom, the card goes back, to ride on a later poll's:
+"""A template card must reach the user once: the poll script hands a card out with one poll's reply only (WeCom
+takes one card per message), so a card whose reply never reached WeCom goes back, to ride on a later poll's:
 
-- the poll's Redis call failed (a timeout during a pause or a failover: Redis may still run the script, and mark the
-  card as handed out, when it resumes): this process gives the card back as soon as Redis answers, in a thread of
-  its own (a poll's request thread answers at once);
-- the reply would come later than WeCom waits for it (the poll took long, or the callback waited before it was
-  read: a frozen process, a queue): it leaves the card out, and gives it back at once. How late is told by the
-  callback's signed timestamp, so a clock far off WeCom's could make every reply late: a card is given back at most
-  `MOST_RETURNS` times, then it rides on the reply whatever the clock says.
-
-Without this, a card whose reply was lost never showed, and the answer behind it waited for a tap that could not
-come (seen in the fault campaign).
+- the poll's Redis call failed (Redis may still run the script when it resumes): the card is given back once Redis
+  answers, in a thread of its own;
+- the reply comes later than WeCom waits (judged by the callback's signed timestamp): the card is left out and given
+  back at once, at most `MOST_RETURNS` times (a clock far off WeCom's would otherwise hold it back for ever).
 """
 
 from __future__ import annotations
@@ -26,13 +20,9 @@ from services.streams.poll_path import PollPath
 
 logger = logging.getLogger(__name__)
 
-# WeCom waits about 5 s for a callback's reply; a reply later than this may not have reached it. Measured from the
-# callback's timestamp too, which is in whole seconds and so never less than the callback's real age: a card is held
-# back whenever its reply may come too late, and one WeCom did take may go out again with a later poll (WeCom takes
-# one card per message; at worst it refuses that refresh, and the next shows the bubble). Held back only past 5.5 s,
-# as before, a callback read 5.1 s after it was sent, its timestamp saying 5.3, took the card with a reply WeCom no
-# longer waited for, and the form behind it waited for a tap that could not come (the campaign's Sentinel run of
-# seed 12, a replica frozen 12 s).
+# WeCom waits about 5 s for a callback's reply. The callback's timestamp is in whole seconds, so its age is never
+# underestimated; a card that WeCom did take may go out again with a later poll (WeCom refuses that refresh, and the
+# next shows the bubble): late is judged early, as a late reply's card is a form that waits for a tap (FAULTS.md).
 REPLY_DEADLINE_SECONDS = 4.5
 MOST_RETURNS = 3
 # How long a card is tried to be given back while Redis does not answer (the bubble's patience is shorter).

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
 import orjson
 
 from services import metrics
-from services.callback.handler import CallbackHandler, StoreUnavailable
+from services.callback.handler import CallbackHandler, CallbackPaths, StoreUnavailable
 from services.wecom import errors
 from services.wecom.errors import CallbackError
 from utils.logging import log_context
@@ -48,10 +48,6 @@ def rejected(exc: CallbackError, bot: str, remote_addr: str | None) -> tuple[dic
 # client may then see a reset instead of the answer), and in what pieces.
 DRAIN_BYTES = 16 * 1024 * 1024
 _DISCARD_PIECE = 64 * 1024
-
-
-# The bots served at each callback path: a path's bot name and CallbackHandler (bots changed live swap the map).
-CallbackPaths = Mapping[str, tuple[str, CallbackHandler]]
 
 
 class CallbackRoute:
