@@ -60,7 +60,9 @@ def test_no_file_cites_a_document_outside_the_repository():
 
 
 DOCS = [*PAGES, PROJECT_ROOT / "BENCHMARKS.md", PROJECT_ROOT / "FAULTS.md"]
-REPO_PATH = re.compile(r"`((?:services|demo|tests|bench|docs|k8s|config|utils|cli|\.ci)/[^`\s<>{}*…]*)`")
+REPO_PATH = re.compile(r"`((?:services|web|demo|tests|bench|docs|k8s|config|utils|cli|\.ci)/[^`\s<>{}*…]*)`")
+# A path the code's docstrings and comments name, backticked or not.
+CODE_PATH = re.compile(r"\b((?:services|web|demo|tests|bench|docs|config|utils|cli)/[\w/]+\.(?:py|md|toml|lua|html))\b")
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
@@ -92,3 +94,19 @@ def test_the_code_layout_names_every_module_of_services():
     missing = [str(p.relative_to(PROJECT_ROOT)) for p in modules if p.name not in layout]
     missing += [str(p.relative_to(PROJECT_ROOT)) for p in packages if f"{p.name}/" not in layout]
     assert missing == [], f"docs/development.md's layout does not name: {missing}"
+
+
+def test_every_path_the_code_names_exists():
+    """A file the production code's docstrings and comments point a reader to is there (a module that moved or was
+    merged left such pointers behind)."""
+    sources = [
+        PROJECT_ROOT / "app.py",
+        *[p for d in ("services", "web", "config", "utils", "cli") for p in (PROJECT_ROOT / d).rglob("*.py")],
+    ]
+    missing = sorted(
+        f"{source.relative_to(PROJECT_ROOT)} names {named}"
+        for source in sources
+        for named in set(CODE_PATH.findall(source.read_text()))
+        if not (PROJECT_ROOT / named).exists()
+    )
+    assert missing == []

@@ -1,10 +1,9 @@
 """One bot's audit trail in Redis: which messages owe a row, and the rows that wait for the database.
 
-A message's row is owed from the moment its stream opens: the stream store lists it in the bot's `audit_due` set, to
-be looked at once its bubble's window is over, and moves it to now when it ends, whoever ends it (its worker, a
-takeover's, a /stop: services/streams/audit_due.py). Every serving process sweeps the set (`sweep`): a final
-stream's row is read from its hash and text (rows.row_of_stream) and written to the database, then the stream
-leaves the set. So a row is neither lost (a
+A message's row is owed from the moment its stream opens: the bot's `audit_due` set lists it, to be looked at once
+its bubble's window is over, and moves it to now when it ends, whoever ends it (queue.py follows the streams'
+events). Every serving process sweeps the set (`sweep`): a final stream's row is read from its hash and text
+(rows.row_of_stream) and written to the database, then the stream leaves the set. So a row is neither lost (a
 process that dies after the end, or before it, leaves the stream listed for another) nor doubled (the table keeps
 (bot, msgid, kind) unique; two sweeps of one stream write one row).
 

@@ -4,7 +4,7 @@
 write each read's deltas to Redis in one batch and check its own deadline between reads. Its body is read by the
 process's read pump (services/transport): a `relay` callback may handle the plain batches right there, in the
 pump's thread, and only the rest wake the caller. Every way the call can fail raises a `BackendError` subclass
-(services/dify/errors.py); a stream that ends without `message_end` or `error` raises `BackendStreamCut`.
+(services/transport/errors.py); a stream that ends without `message_end` or `error` raises `BackendStreamCut`.
 
 A chatflow's or workflow's run is Dify's own record too (`GET /workflows/run/{id}`), and a run's stream is checked
 against it where the stream alone would mislead: one that brings only pings for `quiet_run_seconds` (Dify 1.16.0
