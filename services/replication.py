@@ -29,11 +29,7 @@ holds it: a failover in between that promoted a replica without it finds it made
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import threading
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -42,7 +38,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError
 
 from services import metrics
-from services.loops import LazyThread, guarded
+from services.loops import Retries
 from services.redis_conn import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
@@ -69,7 +65,7 @@ class Replication:
         self.client = client
         self.wait_ms = wait_ms  # 0: do not wait (no replicas)
         self.bot = bot  # whose writes these are (metrics)
-        self._again = Again(bot)
+        self._again = Retries("writes_again", f"writes-again-{bot}", AGAIN_MAX)
 
     def execute(self, key: str, commands: list[tuple], write: str) -> list:
         """Send `commands` (each a tuple of a command's words, all on `key`'s slot) in one round trip and wait for
@@ -106,7 +102,8 @@ class Replication:
     def until_held(self, again: Callable[[], bool], what: str) -> None:
         """Make a write no replica confirmed again, off the caller's path, until a replica holds it: `again()` makes
         it (safe to repeat) and says whether one does now, or that it need not (the stream is no longer ours)."""
-        self._again.add(again, what)
+        if not self._again.add(partial(_held, again), AGAIN_DELAYS, partial(_never_held, what)):
+            logger.warning("%d writes no replica holds wait to be made again; %s is not", AGAIN_MAX, what)
 
     def _after_a_move(self, key: str, commands: list[tuple], moved_to: tuple[str, int] | None) -> tuple[list, object]:
         """The slot moved, or its node died or became a replica (a failover): the write goes to the slot's new
@@ -142,51 +139,16 @@ class Replication:
         return pipe.execute(raise_on_error=False)
 
 
-class Again:
-    """One bot's writes that wait to be made again (`Replication.until_held`): each is tried after each of
-    AGAIN_DELAYS in turn until it says a replica holds it, on a thread of its own started on first use."""
+def _held(again: Callable[[], bool]) -> bool:
+    try:
+        return again()
+    except REDIS_FAILURES as exc:
+        logger.info("a write made again met Redis failing (%s); tried later", type(exc).__name__)
+        return False
 
-    def __init__(self, bot: str):
-        self._due: list[tuple[float, int, int, Callable[[], bool], str]] = []  # (when, order, tries, again, what)
-        self._order = itertools.count()
-        self._changed = threading.Condition()
-        self._thread = LazyThread(self._run, f"writes-again-{bot}")
 
-    def add(self, again: Callable[[], bool], what: str, tries: int = 0) -> None:
-        with self._changed:
-            if not tries and len(self._due) >= AGAIN_MAX:
-                logger.warning("%d writes no replica holds wait to be made again; %s is not", AGAIN_MAX, what)
-                return
-            when = time.monotonic() + AGAIN_DELAYS[tries]
-            heapq.heappush(self._due, (when, next(self._order), tries, again, what))
-            self._changed.notify()
-        self._thread.ensure()
-
-    def waiting(self) -> int:
-        return len(self._due)
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, tries, again, what = heapq.heappop(self._due)
-            if guarded(partial(self._held, again), "writes_again", pause=0.0):
-                continue
-            if tries + 1 < len(AGAIN_DELAYS):
-                self.add(again, what, tries + 1)
-            else:
-                logger.error(
-                    "no replica holds %s after %.0f s of tries; a failover could still lose it", what, sum(AGAIN_DELAYS)
-                )
-
-    @staticmethod
-    def _held(again: Callable[[], bool]) -> bool:
-        try:
-            return again()
-        except REDIS_FAILURES as exc:
-            logger.info("a write made again met Redis failing (%s); tried later", type(exc).__name__)
-            return False
+def _never_held(what: str) -> None:
+    logger.error("no replica holds %s after %.0f s of tries; a failover could still lose it", what, sum(AGAIN_DELAYS))
 
 
 def raise_first_error(replies: list) -> None:

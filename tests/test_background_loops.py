@@ -13,7 +13,7 @@ import pytest
 from app import create_app
 from demo import dify_standin as d
 from services import metrics
-from services.loops import run_until
+from services.loops import Retries, run_until
 from tests.conftest import wait_until
 
 BOT_ID, SECRET = "loops-bot", "loops-secret"
@@ -84,6 +84,26 @@ def test_run_until_logs_counts_and_goes_on(caplog):
     assert errors("test_loop") == before + 1
     [record] = [r for r in caplog.records if "test_loop" in r.getMessage()]
     assert record.exc_info is not None  # the traceback is in the log
+
+
+def test_retries_try_after_each_delay_until_done_and_a_failure_is_counted_and_tried_again():
+    """A try that is not done waits for its next delay; one that raises is logged, counted and tried at its next
+    delay too; one whose delays ran out gives up once; past `most` waiting, a new one is refused."""
+    before = errors("test_retries")
+    retries = Retries("test_retries", "test-retries", most=2)
+    tries, gave_up = [], []
+
+    def attempt():
+        tries.append(1)
+        if len(tries) == 2:
+            raise RuntimeError("injected failure")
+        return len(tries) == 3
+
+    assert retries.add(attempt, (0.5, 0.01, 0.01, 0.01), lambda: gave_up.append("done"))
+    assert retries.add(lambda: False, (0.5, 0.01), lambda: gave_up.append("never"))
+    assert not retries.add(lambda: True, (0.0,), lambda: None)  # two wait already
+    assert wait_until(lambda: len(tries) == 3 and gave_up == ["never"] and retries.waiting() == 0)
+    assert errors("test_retries") == before + 1
 
 
 def fail_first_call(obj, name: str) -> None:

@@ -10,11 +10,11 @@ takes one card per message), so a card whose reply never reached WeCom goes back
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from dataclasses import dataclass
+from functools import partial
 
-from services.loops import LazyThread, guarded
+from services.loops import Retries
 from services.redis_conn import REDIS_FAILURES
 from services.streams.poll_path import PollPath
 
@@ -31,6 +31,8 @@ GIVE_UP_SECONDS = 120.0
 # Redis runs what it buffered when it resumes, in any order across connections).
 LATE_SCRIPT_SECONDS = 10.0
 RETRY_SECONDS = 0.5
+RETRIES = (0.0,) + (RETRY_SECONDS,) * int(GIVE_UP_SECONDS / RETRY_SECONDS)
+MOST_WAITING = 10_000
 
 
 @dataclass
@@ -46,13 +48,14 @@ class CardReturns:
     """One per process: gives back the cards of polls whose replies did not reach WeCom."""
 
     def __init__(self):
-        self._queue: queue.SimpleQueue[_Return] = queue.SimpleQueue()
-        self._thread = LazyThread(self._loop, "card-returns")
+        self._retries = Retries("card_returns", "card-returns", MOST_WAITING)
 
     def later(self, polls: PollPath, stream_id: str, token: str) -> None:
         """The poll `token` failed against Redis: give back a card it may have taken out, once Redis answers."""
-        self._thread.ensure()
-        self._queue.put(_Return(polls, stream_id, token, time.monotonic()))
+        if not self._retries.add(
+            partial(self._try, _Return(polls, stream_id, token, time.monotonic())), RETRIES, _gave_up
+        ):
+            logger.warning("%d cards wait to be given back; this one is not", MOST_WAITING)
 
     def now(self, polls: PollPath, stream_id: str, token: str) -> bool:
         """The poll `token` took out a card whose reply comes too late: give it back now (or, failing, later).
@@ -67,22 +70,12 @@ class CardReturns:
         logger.warning("a card's reply would come too late for WeCom; the next poll carries it")
         return True
 
-    def _loop(self) -> None:
-        while True:
-            guarded(self._step, "card_returns")
-
-    def _step(self) -> None:
-        item = self._queue.get()
-        if not self._try(item):
-            time.sleep(RETRY_SECONDS)
-            self._queue.put(item)
-
     @staticmethod
     def _try(item: _Return) -> bool:
         """One try; True when nothing more is to be done for `item`."""
         now = time.monotonic()
         if now - item.since > GIVE_UP_SECONDS:
-            logger.warning("could not give a card back: Redis did not answer")
+            _gave_up()
             return True
         try:
             outcome = item.polls.give_card_back(item.stream_id, item.token, MOST_RETURNS)
@@ -95,3 +88,7 @@ class CardReturns:
             return True
         item.answered_at = item.answered_at or now
         return now - item.answered_at > LATE_SCRIPT_SECONDS
+
+
+def _gave_up() -> None:
+    logger.warning("could not give a card back: Redis did not answer")
