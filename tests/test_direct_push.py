@@ -20,6 +20,7 @@ import redis
 
 from bench.faults.proxy import FaultyLink
 from config.settings import WECOM_API
+from demo.replicas import free_port
 from demo.wecom_api_standin import APP_PER_MEMBER_MINUTE, PER_MINUTE, WeComApiStandIn
 from services.push import direct
 from services.push.webhooks import WebhookMessage, WebhookPushes
@@ -264,6 +265,36 @@ def test_a_retry_after_a_request_that_failed_before_sending_sends_it_once(replic
     assert retried["id"] == "first-push-id" and retried["status"] == "sent"
     assert push(b, {"webhook": "ops", "text": "nightly report"}, key="nightly-3").json()["repeated"]
     assert len(wecom_api.to(KEY)) == 1
+
+
+def test_a_push_wecom_could_not_be_reached_for_sent_nothing_and_its_retry_sends_it_once(make_pair, audit_url, engine):
+    """WeCom's API cannot be reached: the push fails and says it sent nothing. A retry with its Idempotency-Key, on
+    the other replica once WeCom answers, sends it under the first id, once; a third request is a repeat. The
+    audit trail keeps one row of it, sent (it replaces the failed one)."""
+    port = free_port()  # nothing listens there yet
+    a, b = make_pair(
+        push_api_token=TOKEN,
+        wecom_webhooks=json.dumps({"ops": f"{WECOM_API}/cgi-bin/webhook/send?key={KEY}"}),
+        wecom_api_base=f"http://127.0.0.1:{port}",
+        database_url=audit_url,
+    )
+    failed = push(a, {"webhook": "ops", "markdown": "the nightly report"}, key="nightly-5").json()
+    assert failed["status"] == "failed" and failed["sent_nothing"] is True and failed["error"] == direct.UNREACHED
+    assert status(b, failed["id"]) == {
+        "id": failed["id"],
+        "status": "failed",
+        "error": direct.UNREACHED,
+        "sent_nothing": True,
+    }
+    wecom_api = WeComApiStandIn(keys=(KEY,), port=port).start()
+    try:
+        sent = push(b, {"webhook": "ops", "markdown": "the nightly report"}, key="nightly-5").json()
+        assert sent == {"id": failed["id"], "status": "sent"}
+        assert push(a, {"webhook": "ops", "markdown": "the nightly report"}, key="nightly-5").json()["repeated"]
+        assert len(wecom_api.to(KEY)) == 1
+    finally:
+        wecom_api.stop()
+    assert wait_until(lambda: [r["outcome"] for r in rows(engine, kind="push")] == ["sent"], timeout=10)
 
 
 def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(wecom_api, redis_url, redis_client):

@@ -396,6 +396,22 @@ def test_a_tick_waits_for_its_webhooks_minute_then_pushes_once(start, dify, weco
     assert wecom_api.to(KEY)[-1] == {"msgtype": "markdown", "markdown": {"content": "after the wait"}}
 
 
+def test_a_tick_whose_webhook_could_not_be_reached_is_pushed_once_it_can_be(start, dify, wecom_api, monkeypatch):
+    """WeCom cannot be reached when the tick's answer is ready: its push sent nothing, so it is tried again (every
+    SEND_AGAIN_SECONDS, within WAIT_LIMIT_SECONDS of the tick), with the same Idempotency-Key, and goes out once."""
+    monkeypatch.setattr(scheduler_module, "SEND_AGAIN_SECONDS", 1.0)
+    failed_before = metrics.PUSHES.labels("assistant", "failed")._value.get()
+    dify.script(d.answer("sent once WeCom is back"))
+    wecom_api.stop()
+    _, (a, _) = start(DAILY.replace(', "user:zhangsan", "party:2"', ""))
+    scheduled = a.extensions["gateway"].scheduler.bots["assistant"]
+    assert wait_until(lambda: metrics.PUSHES.labels("assistant", "failed")._value.get() >= failed_before + 2, 20)
+    assert scheduled.book.state("daily", int(NINE)).status == "pushing"  # not given up
+    wecom_api.start()
+    assert wait_until(lambda: scheduled.book.state("daily", int(NINE)).status == "pushed", timeout=15)
+    assert wecom_api.to(KEY) == [{"msgtype": "markdown", "markdown": {"content": "sent once WeCom is back"}}]
+
+
 def test_a_tick_is_claimed_and_pushed_once_on_every_topology(topology, start, dify, wecom_api):
     """On Sentinel and Cluster the claims wait for a replica (a claim a failover lost would run the tick twice): a
     bot's schedule keys share one slot, and its claims go in one round trip with their WAIT."""

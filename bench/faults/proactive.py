@@ -3,7 +3,8 @@ the WeCom API stand-in, whose link the nemesis cuts, slows and loses replies of 
 
 - The workload's side (`Pusher`): a client of the push API sending a numbered markdown push every few seconds to
   the `chat` bot's robot `pushes`, to any ready replica, asking again with the same Idempotency-Key (on another
-  replica) until it has the push's status, and reading a push still `sending` until it is not.
+  replica) until it has the push's status, reading a push still `sending` until it is not, and sending again, with
+  its key, a push that failed having sent nothing (`sent_nothing`), as the API's docs tell a client to.
 - The collector's side (`collect`): what each robot took, and, once no tick is open any more or a minute passed,
   which ticks were due in the run and which are still open.
 - The checker's side (`check`): each push and each due tick shown at its robot at most once, shown when said `sent`
@@ -73,11 +74,11 @@ class Pusher:
         event = self.history.add("push", n=number, replies=[], final="", id="", error="")
         body = {"bot": "chat", "webhook": "pushes", "markdown": f"push〔{number}〕 from the fault campaign"}
         key = f"faults-push-{number}"
-        deadline = time.monotonic() + PUSH_PATIENCE_SECONDS
+        deadline, send_again = time.monotonic() + PUSH_PATIENCE_SECONDS, False
         while time.monotonic() < deadline:
             replica = self._replica()
             try:
-                if event["id"]:  # its id is known: its status, from any replica
+                if event["id"] and not send_again:  # its id is known: its status, from any replica
                     reply = self.http.get(f"{replica.url}/api/push/{event['id']}")
                 else:
                     reply = self.http.post(f"{replica.url}/api/push", json=body, headers={"Idempotency-Key": key})
@@ -91,10 +92,12 @@ class Pusher:
                 event["id"] = found.get("id", event["id"])
                 if found.get("status") != "sending":
                     event.update(final=found.get("status", ""), error=found.get("error", ""), end=time.time())
-                    return
+                    send_again = bool(found.get("sent_nothing"))
+                    if not send_again:
+                        return
             wait = float(reply.headers.get("Retry-After", "1")) if reply.status_code == 429 else 1.0
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-        event["end"] = time.time()
+        event.setdefault("end", time.time())
 
     def _replica(self):
         ready = [replica for index, replica in enumerate(self.replicas) if index not in self.unready]

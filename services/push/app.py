@@ -18,7 +18,7 @@ import httpx
 
 from services.audit.queue import AuditQueue
 from services.keys import Keys
-from services.push.direct import FAILED, PARTIAL, SENT, DirectPushes, outcome, post_once
+from services.push.direct import PARTIAL, SENT, UNSENT, DirectPushes, outcome, post_once
 from services.replication import Replication
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class AppPushes(DirectPushes):
         def send() -> tuple[str, str]:
             try:
                 return self._send(body)
-            except TokenUnavailable as exc:
-                return FAILED, str(exc)
+            except TokenUnavailable as exc:  # (nothing went out: a repeat with the key sends it)
+                return UNSENT, str(exc)
 
         sends = [self.keys.app_sends(self.corp_id, self.agent_id, one) for one in to.each()]
         return self.once(idempotency_key, to.label(), sends, PER_MEMBER, send, (markdown, "markdown"))

@@ -1,22 +1,24 @@
 """What every push over WeCom's HTTP APIs shares (a group robot's webhook: webhooks.py; the self-built app: app.py):
 sent at most once, and said so. A push's id is taken with its Idempotency-Key before anything goes out (a repeat
 gets the first id and status and sends nothing); its record in Redis says what became of it, read by any replica
-(`GET /api/push/<id>`); a send whose reply was lost is `unknown`, never tried again (WeCom may show it). Each push
-is one audit row of kind `push`, whose `chatid` names its targets (never a URL or a secret) and whose `outcome` is
-its status."""
+(`GET /api/push/<id>`); a send whose reply was lost is `unknown`, never tried again (WeCom may show it). A push that
+failed before anything went out (WeCom could not be reached, or gave no access token) says so (`sent_nothing`), and
+a repeat with its Idempotency-Key sends it, under its first id, once. Each push is one audit row of kind `push`,
+whose `chatid` names its targets (never a URL or a secret) and whose `outcome` is its status."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import redis
 
 from services import metrics
 from services.audit.queue import AuditQueue
-from services.audit.rows import AuditRow
+from services.audit.rows import ANY, AuditRow
 from services.keys import SENT_TTL_SECONDS, Keys
 from services.lua import LuaScript
 from services.push.pushes import OverQuota
@@ -29,15 +31,24 @@ logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 10.0
 SENDING, SENT, PARTIAL, FAILED, UNKNOWN = "sending", "sent", "partial", "failed", "unknown"
+# What a send says of a push that failed before anything went out: recorded as `failed` with `sent_nothing`, and sent
+# by a repeat with its Idempotency-Key.
+UNSENT = "unsent"
+UNREACHED = "WeCom could not be reached"
 LOST_REPLY = "the reply was lost: WeCom may have shown it, and it is not sent again"
 # A push still `sending` this long after it opened outlived every send its process could make (the app's: a token
 # fetched, a send, the send again with a new token): that process stopped mid-send, and the push reads `unknown`.
 SENDING_STALE_SECONDS = 4 * SEND_TIMEOUT
 # KEYS: the push's record. ARGV: the opener (this request), the target, now, the record's TTL. 1 if this request
-# opened the push (also when it runs again, its first reply lost with a dropped connection), 0 if another did.
+# opened the push (also when it runs again, its first reply lost with a dropped connection, and when its last send
+# sent nothing), 0 if another did.
 _OPEN = """
 if redis.call('HSETNX', KEYS[1], 'status', 'sending') == 0 then
-  return redis.call('HGET', KEYS[1], 'opener') == ARGV[1] and 1 or 0
+  local found = redis.call('HMGET', KEYS[1], 'opener', 'sent_nothing')
+  if found[1] == ARGV[1] then return 1 end
+  if found[2] ~= '1' then return 0 end
+  redis.call('HDEL', KEYS[1], 'sent_nothing', 'error')
+  redis.call('HSET', KEYS[1], 'status', 'sending')
 end
 redis.call('HSET', KEYS[1], 'opener', ARGV[1], 'target', ARGV[2], 'created_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -97,12 +108,13 @@ class DirectPushes:
             return None
         if found["status"] == SENDING and time.time() - float(found.get("created_at") or 0) > SENDING_STALE_SECONDS:
             return {"status": UNKNOWN, "error": STOPPED_MID_SEND}
-        return {"status": found["status"], **({"error": found["error"]} if found.get("error") else {})}
+        return _said(found["status"], found.get("error", ""), found.get("sent_nothing") == "1")
 
     def claim(self, idempotency_key: str) -> tuple[str, dict | None]:
         """A push's id, and None; or (a repeated Idempotency-Key whose push went out, or is going out) the first
         push's id and its status. A repeat whose first request never opened its push (it failed before: Redis away)
-        gets the first id and None: this request sends it (`opened` decides, should both try at once).
+        gets the first id and None, and one whose push sent nothing its status: this request sends it (`opened`
+        decides, should both try at once).
 
         Raises:
             redis.RedisError: Redis did not answer (nothing sent).
@@ -136,14 +148,14 @@ class DirectPushes:
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         push_id, earlier = self.claim(key)
-        if earlier is not None:
+        if earlier is not None and not earlier.get("sent_nothing"):
             return push_id, earlier, False
         self._take_places_or_refuse(sends, push_id, key, limits)
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         status, error = send()
         self._counted_from_now(sends, push_id)
-        return push_id, self.closed(push_id, target, status, error, *shown), True
+        return push_id, self.closed(push_id, target, (status, error), shown, again=earlier is not None), True
 
     def _take_places_or_refuse(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
         """A place for the push among each target's recent sends (`sends`, sorted sets of one Cluster slot), under
@@ -190,10 +202,15 @@ class DirectPushes:
             raise
         return bool(replies[0])
 
-    def closed(self, push_id: str, target: str, status: str, error: str, content: str, msgtype: str) -> dict:
-        """What became of the push: recorded, counted, logged and audited; returns its status for the API."""
+    def closed(self, push_id: str, target: str, said: tuple[str, str], shown: tuple, again: bool = False) -> dict:
+        """What became of the push (`said`: its status and error; `shown`: its content and msgtype): recorded,
+        counted, logged and audited (`again`: sent again after a try that sent nothing, whose row this one replaces);
+        returns its status for the API."""
+        (status, error), (content, msgtype) = said, shown
+        sent_nothing, status = status == UNSENT, FAILED if status == UNSENT else status
+        record = {"status": status, "error": error, **({"sent_nothing": "1"} if sent_nothing else {})}
         try:
-            self.client.hset(self.keys.direct_push(push_id), mapping={"status": status, "error": error})
+            self.client.hset(self.keys.direct_push(push_id), mapping=record)
         except REDIS_FAILURES as exc:  # (its status reads `unknown` once its sending is old: never sent again)
             logger.warning("push %s: its status %s not recorded (Redis: %s)", push_id, status, type(exc).__name__)
         metrics.PUSHES.labels(self.bot, status).inc()
@@ -203,15 +220,21 @@ class DirectPushes:
             row = AuditRow(
                 self.bot, f"push:{push_id}", PUSH, status, now, now, chatid=target, msgtype=msgtype, answer=content
             )
+            row = replace(row, supersedes=ANY) if again else row
             self.audit.replied(row)
-        return {"status": status, **({"error": error} if error else {})}
+        return _said(status, error, sent_nothing)
+
+
+def _said(status: str, error: str, sent_nothing: bool) -> dict:
+    """A push's status as the API says it."""
+    return {"status": status, **({"error": error} if error else {}), **({"sent_nothing": True} if sent_nothing else {})}
 
 
 def outcome(reply: dict | None, lost: str, errors: dict[int, str]) -> tuple[str, str]:
     """A push's status and error from `post_once`'s answer: sent, or failed with WeCom's refusal said in `errors`'
-    words (or its errcode), or, with no reply, `lost` (failed: never reached WeCom; unknown: its reply was lost)."""
+    words (or its errcode), or, with no reply, `lost` (unsent: never reached WeCom; unknown: its reply was lost)."""
     if reply is None:
-        return lost, LOST_REPLY if lost == UNKNOWN else "WeCom could not be reached"
+        return lost, LOST_REPLY if lost == UNKNOWN else UNREACHED
     errcode = int(reply.get("errcode", -1))
     if errcode == 0:
         return SENT, ""
@@ -221,12 +244,12 @@ def outcome(reply: dict | None, lost: str, errors: dict[int, str]) -> tuple[str,
 
 
 def post_once(http: httpx.Client, url: str, body: dict, params: dict | None = None) -> tuple[dict | None, str]:
-    """POST `body` once: (WeCom's reply, "") or (None, the push's status: failed when it never reached WeCom,
+    """POST `body` once: (WeCom's reply, "") or (None, the push's status: unsent when it never reached WeCom,
     unknown when its reply was lost). Nothing is tried again."""
     try:
         reply = http.post(url, json=body, params=params, timeout=SEND_TIMEOUT)
     except httpx.ConnectError:
-        return None, FAILED
+        return None, UNSENT
     except httpx.HTTPError:
         return None, UNKNOWN
     try:

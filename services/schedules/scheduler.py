@@ -32,7 +32,7 @@ from services.loops import guarded, run_until
 from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.schedules.answers import TickAnswers, has_ended
-from services.schedules.targets import Pushers, groups, push_group
+from services.schedules.targets import Pushers, SentNothing, groups, push_group
 from services.schedules.ticks import (
     FAILED,
     MOST_TRIES,
@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 STEP_SECONDS = 1.0
 STEP_OFFSET_SECONDS = 0.005  # a step comes this long after a whole second
 STOP_WAIT_SECONDS = 5.0  # how long a stopping scheduler waits for its step under way (a Redis round trip or a few)
-WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit is tried again this long past its tick, then failed
+WAIT_LIMIT_SECONDS = 600  # a target over WeCom's limit, or not reached, is tried again this long past its tick
+SEND_AGAIN_SECONDS = 30.0  # how long a target WeCom could not be reached for waits before it is tried again
 TAKEN_OVER_NOTE = "(this try's process stopped; the schedule asked again)"
 # An answer that failed on the way, not on the question (the backend's link broke or timed out, it was busy or
 # away, Redis was), is asked again this long after it ended, while its tick is within catch_up_seconds and has had
@@ -99,6 +100,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
+        self._send_again_at: dict[tuple[str, str, int, str], float] = {}  # a target that sent nothing: when to try
 
     def serve(self, bots: dict[str, ScheduledBot]) -> None:
         """The bots whose schedules run from now on (a bots file changed: a bot's schedules as the file says, each
@@ -145,6 +147,9 @@ class Scheduler:
         with self._stepping:
             for bot in list(self.bots.values()):
                 guarded(partial(self._step_bot, bot), "schedules", pause=0.0)
+            if self._send_again_at:  # (a tick another process pushed leaves its entry here)
+                stale = time.monotonic() - WAIT_LIMIT_SECONDS
+                self._send_again_at = {k: at for k, at in self._send_again_at.items() if at > stale}
 
     def _step_bot(self, bot: ScheduledBot) -> None:
         try:
@@ -330,6 +335,8 @@ class Scheduler:
             label = " ".join(group)
             if label in pushed:
                 continue
+            if self._send_again_at.get((bot.name, name, tick, label), 0.0) > time.monotonic():
+                return
             if not bot.book.claim_push(name, tick):
                 return  # (another process took the pushing over: it goes on from what is recorded)
             try:
@@ -341,6 +348,13 @@ class Scheduler:
                     )
                     return
                 said = "failed: WeCom's limit of messages held it past 10 minutes"
+            except SentNothing as unsent:
+                if now - tick < WAIT_LIMIT_SECONDS:
+                    logger.warning("schedule %s: %s sent nothing (%s); trying again in 30 s", name, label, unsent)
+                    self._send_again_at[(bot.name, name, tick, label)] = time.monotonic() + SEND_AGAIN_SECONDS
+                    return
+                said = f"failed: {unsent}"
+            self._send_again_at.pop((bot.name, name, tick, label), None)
             bot.book.pushed(name, tick, label, said)
             pushed[label] = said
         outcome = PUSHED if all(s.partition(":")[0] in ("sent", "queued") for s in pushed.values()) else PARTIAL

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 APP_KINDS = ("user", "party", "tag")
 
 
+class SentNothing(Exception):
+    """A part's push failed before anything went out (WeCom could not be reached): the same keys send it later."""
+
+
 @dataclass(frozen=True)
 class Pushers:
     """A bot's ways to push (None: the bot has none of that kind)."""
@@ -59,6 +63,8 @@ def push_group(pushers: Pushers, group: tuple[str, ...], text: str, key: str) ->
     Raises:
         OverQuota: a webhook had WeCom's 20 a minute, a target of the app its 30, or a chat its limit (the parts
             before went out; a later pass sends the rest).
+        SentNothing: a part failed before anything of it went out (the parts before went out; a later pass with
+            the same keys sends the rest).
         redis.RedisError: Redis did not answer (a later pass goes on: what went out is not sent again).
     """
     kind, _, value = group[0].partition(":")
@@ -81,7 +87,13 @@ def push_group(pushers: Pushers, group: tuple[str, ...], text: str, key: str) ->
 
 
 def _said(status: dict) -> str:
-    """A push's status as a tick records it; a push still `sending` when its process died is `unknown`."""
+    """A push's status as a tick records it; a push still `sending` when its process died is `unknown`.
+
+    Raises:
+        SentNothing: the push sent nothing.
+    """
+    if status.get("sent_nothing"):
+        raise SentNothing(status.get("error", ""))
     found = UNKNOWN if status["status"] == SENDING else status["status"]
     return f"{found}: {status['error']}" if status.get("error") else found
 
