@@ -248,7 +248,7 @@ def post_once(http: httpx.Client, url: str, body: dict, params: dict | None = No
     unknown when its reply was lost). Nothing is tried again."""
     try:
         reply = http.post(url, json=body, params=params, timeout=SEND_TIMEOUT)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ConnectTimeout):  # (no connection: nothing of it went out)
         return None, UNSENT
     except httpx.HTTPError:
         return None, UNKNOWN
