@@ -23,6 +23,7 @@ def fuzz_settings(redis_url: str, dify_connect_timeout: float) -> Settings:
         dify_api_key=dify_key,
         dify_connect_timeout=dify_connect_timeout,
         dify_max_retries=0,
+        dify_retry_seconds=0,  # (not asked again while the bubble waits: a stream left running outlives its test)
         redis_url=redis_url,
         auth_mode="none",
         log_level="ERROR",
