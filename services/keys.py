@@ -188,7 +188,7 @@ class Keys:
     def direct_push(self, push_id: str) -> str:
         """Hash of a push sent over WeCom's HTTP APIs (a group robot's webhook, the self-built app; services/push/
         direct.py): `target` (`webhook:<name>`, `user:a|b party:2 tag:3`), `status` (sending, sent, partial, failed,
-        unknown), `error`, `created_at`; TTL SENT_TTL_SECONDS."""
+        unknown), `error`, `created_at`, `opener`, `sent_nothing` (a retry sends it); TTL SENT_TTL_SECONDS."""
         return f"{self.prefix}direct_push:{push_id}"
 
     def app_token(self, corp_id: str, agent_id: int) -> str:
