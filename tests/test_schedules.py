@@ -22,10 +22,11 @@ from config.settings import SettingsError
 from demo import dify_standin as d
 from demo.wecom_api_standin import Sent, WeComApiStandIn
 from services import metrics
+from services.replication import Replication
 from services.schedules import scheduler as scheduler_module
-from services.schedules.ticks import MOST_TRIES
+from services.schedules.ticks import MOST_TRIES, TickBook
 from tests import test_audit
-from tests.conftest import AES_KEY, DIFY_KEY, TOKEN, wait_until
+from tests.conftest import AES_KEY, DIFY_KEY, KEYS, TOKEN, wait_until
 from tests.test_audit import rows
 
 KEY = "ops-robot-key-for-schedules-0123"
@@ -333,6 +334,23 @@ def test_ticks_are_claimed_once_by_processes_racing_for_them(start, dify, wecom_
     for _ in range(3):
         followed()
     assert len(wecom_api.to(KEY)) == 1 and len(dify.chat_requests()) == 1
+
+
+def test_a_try_that_never_named_its_stream_is_taken_over_once_by_processes_racing(redis_client):
+    """A try whose process died before it named its stream (or whose naming met Redis away) reads stream '' before a
+    take-over and after it, until the new try names its own: the try's number fences it, so of the processes that
+    read it at once one takes it over; the others find it taken. (Before, each took it over in turn, and the third
+    gave the tick up as failed while two tries ran: a 10-minute one-server run of seed 29.)"""
+
+    def book(owner: str) -> TickBook:
+        return TickBook(redis_client, KEYS, owner, Replication(redis_client))
+
+    tick = int(NINE)
+    assert book("a").claim("daily", tick)
+    seen = book("a").state("daily", tick)
+    assert (seen.status, seen.tries, seen.stream) == ("running", 1, "")
+    assert [book(owner).take_over("daily", tick, seen) for owner in "bcd"] == ["2", None, None]
+    assert book("a").state("daily", tick).owner == "b"
 
 
 def test_a_tick_runs_though_redis_lost_the_schedules_record_meanwhile(start, dify, wecom_api, redis_client):

@@ -279,7 +279,7 @@ class Scheduler:
     def _take_over(self, bot: ScheduledBot, name: str, tick: int, state: TickState) -> None:
         if not bot.answers.has_room():
             return
-        taken = bot.book.take_over(name, tick, state.stream)
+        taken = bot.book.take_over(name, tick, state)
         if taken is None:
             return
         bot.answers.give_up(state.stream, TAKEN_OVER_NOTE)
@@ -301,7 +301,7 @@ class Scheduler:
             return
         if time.time() - float(record.get(F.finished_at) or 0) < ASK_AGAIN_AFTER_SECONDS or not bot.answers.has_room():
             return
-        taken = bot.book.take_over(name, tick, state.stream)
+        taken = bot.book.take_over(name, tick, state)
         if taken is None or taken == FAILED:  # (another process asked again first; FAILED: past MOST_TRIES)
             return
         logger.warning(

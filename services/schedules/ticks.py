@@ -60,11 +60,13 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 
-# KEYS: tick. ARGV: the try's stream as the taker saw it ('' for none), owner, now, most tries. The try is the
-# taker's (its new number), or the tick is given up past the most tries ('failed'); false when another took it first.
+# KEYS: tick. ARGV: the try's stream as the taker saw it ('' for none), owner, now, most tries, the try's number as
+# the taker saw it. The try is the taker's (its new number), or the tick is given up past the most tries ('failed');
+# false when another took it first. (The number fences a try that never named a stream: its stream reads '' before
+# a take-over and after it, until the new try names its own.)
 _TAKE_OVER = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'stream', 'tries')
-if h[1] ~= 'running' or (h[2] or '') ~= ARGV[1] then return false end
+if h[1] ~= 'running' or (h[2] or '') ~= ARGV[1] or (h[3] or '0') ~= ARGV[5] then return false end
 local tries = (tonumber(h[3]) or 0) + 1
 if tries > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'why', 'the processes running it died ' .. h[3] .. ' times')
@@ -193,10 +195,11 @@ class TickBook:
     def state(self, name: str, tick: int) -> TickState | None:
         return TickState.of(self.client.hgetall(self.keys.schedule_tick(name, tick)))
 
-    def take_over(self, name: str, tick: int, stream: str) -> str | None:
-        """Take the tick's try over from a process that died (`stream`: its try's stream as seen, '' for none): the
-        new try's number as text, FAILED when the tick has had its tries, None when another process took it."""
-        found = self._take_over([self.keys.schedule_tick(name, tick)], [stream, self.owner, time.time(), MOST_TRIES])
+    def take_over(self, name: str, tick: int, seen: TickState) -> str | None:
+        """Take the tick's try over from a process that died (`seen`: the tick as the taker read it): the new try's
+        number as text, FAILED when the tick has had its tries, None when another process took it."""
+        args = [seen.stream, self.owner, time.time(), MOST_TRIES, seen.tries]
+        found = self._take_over([self.keys.schedule_tick(name, tick)], args)
         return found or None
 
     def name_stream(self, name: str, tick: int, stream: str) -> bool:
