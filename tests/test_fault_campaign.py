@@ -773,6 +773,22 @@ def test_each_tick_due_is_pushed_once_or_said_why_not():
     assert counts(ticked(1, []))["audit_rows"] == 1
 
 
+def test_two_tries_of_a_tick_begun_at_once_are_an_extra_call():
+    """A try is taken over only once its lease lapsed, and asked again 20 s after it failed: two tries of one tick
+    whose first log lines (any replica's) are less than a second apart ran at once (three processes once took one
+    try over together, and the third failed the tick)."""
+
+    def tried(*firsts: float) -> list[dict]:
+        worked = [
+            {"kind": "worked", "t": 9.0, "msgid": f"schedule:minutely:{TICK}#{n}", "replica": n % 3, "first": at}
+            for n, at in enumerate(firsts, start=1)
+        ]
+        return [*ticked(0, ["failed"]), *worked]
+
+    assert counts(tried(TICK + 0.01, TICK + 6.01)) == ZERO  # a try taken over once its lease lapsed
+    assert counts(tried(TICK + 0.01, TICK + 6.01, TICK + 6.02))["extra_dify_calls"] == 1
+
+
 def test_a_fault_of_wecoms_http_apis_explains_no_users_note():
     """The pushes' and ticks' link is on no user message's path: a note under such a fault alone is unexplained."""
     note = CLEAR_NOTES["dify_unavailable"]

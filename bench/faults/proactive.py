@@ -29,6 +29,9 @@ PUSH_ROBOT, TICK_ROBOT = "faults-pushes", "faults-ticks"  # the robots' webhook 
 PUSH_API_TOKEN = "faults-push-api-token-0123456789"
 SCHEDULE = "minutely"
 PUSH_PATIENCE_SECONDS = 90.0  # how long the client asks again for one push (past the 40 s a `sending` may last)
+# Two tries of one tick asked closer than this ran at once: a try is taken over only once its lease lapsed, and asked
+# again 20 s after it failed.
+TRIES_APART_SECONDS = 1.0
 PUSH_EVERY = (3.0, 6.0)  # seconds between pushes: about 13 a minute, below a robot's 20
 OPEN_TICKS_WAIT_SECONDS = 60.0
 _PUSH = re.compile(r"push〔(\d+)〕")
@@ -151,10 +154,14 @@ def check(events: list[dict]) -> dict:
     problems: list[dict] = []
     pushes = [_judge_push(push, shown[PUSH_ROBOT][str(push["n"])], rows, audited) for push in by_kind["push"]]
     open_ticks = {event["member"].rpartition(":")[2] for event in by_kind["tick_open"]}
+    at_once = _tries_at_once(by_kind["worked"])
     ticks = [
         _judge_tick(event["tick"], shown[TICK_ROBOT], rows, audited, str(event["tick"]) in open_ticks)
         for event in by_kind["tick_due"]
     ]
+    for tick, _, found in ticks:
+        if at_once[tick]:
+            found["extra_dify_calls"] = f"{at_once[tick]} tries began while another had just begun"
     for what, verdicts in (("push", pushes), ("tick", ticks)):
         problems += [{"msgid": f"{what}:{ident}", "bot": "chat", **found} for ident, _, found in verdicts if found]
     counts = Counter(name for _, _, found in pushes + ticks for name in found)
@@ -164,6 +171,22 @@ def check(events: list[dict]) -> dict:
         "pushes": dict(Counter(outcome for _, outcome, _ in pushes)),
         "ticks": dict(Counter(outcome for _, outcome, _ in ticks)),
     }
+
+
+def _tries_at_once(worked: list[dict]) -> Counter:
+    """For each tick, its tries that began less than TRIES_APART_SECONDS after another of its tries (by the first
+    log line naming each try's msgid, `schedule:<name>:<tick>#<try>`, on any replica): tries that ran at once."""
+    prefix, began = f"schedule:{SCHEDULE}:", defaultdict(dict)
+    for event in worked:
+        msgid = event["msgid"]
+        if msgid.startswith(prefix) and "#" in msgid:
+            tries = began[int(msgid[len(prefix) :].partition("#")[0])]
+            tries[msgid] = min(event["first"], tries.get(msgid, event["first"]))
+    found: Counter = Counter()
+    for tick, tries in began.items():
+        times = sorted(tries.values())
+        found[tick] = sum(after - before < TRIES_APART_SECONDS for before, after in zip(times, times[1:], strict=False))
+    return found
 
 
 def _judge_push(push: dict, shown: int, rows: dict[str, list[dict]], audited: bool) -> tuple[int, str, dict]:
