@@ -335,7 +335,8 @@ class Scheduler:
             label = " ".join(group)
             if label in pushed:
                 continue
-            if self._send_again_at.get((bot.name, name, tick, label), 0.0) > time.monotonic():
+            waiting = (bot.name, name, tick, label)
+            if self._send_again_at.get(waiting, 0.0) > time.monotonic():
                 return
             if not bot.book.claim_push(name, tick):
                 return  # (another process took the pushing over: it goes on from what is recorded)
@@ -350,11 +351,17 @@ class Scheduler:
                 said = "failed: WeCom's limit of messages held it past 10 minutes"
             except SentNothing as unsent:
                 if now - tick < WAIT_LIMIT_SECONDS:
-                    logger.warning("schedule %s: %s sent nothing (%s); trying again in 30 s", name, label, unsent)
-                    self._send_again_at[(bot.name, name, tick, label)] = time.monotonic() + SEND_AGAIN_SECONDS
+                    logger.warning(
+                        "schedule %s: %s sent nothing (%s); trying again in %.0f s",
+                        name,
+                        label,
+                        unsent,
+                        SEND_AGAIN_SECONDS,
+                    )
+                    self._send_again_at[waiting] = time.monotonic() + SEND_AGAIN_SECONDS
                     return
                 said = f"failed: {unsent}"
-            self._send_again_at.pop((bot.name, name, tick, label), None)
+            self._send_again_at.pop(waiting, None)
             bot.book.pushed(name, tick, label, said)
             pushed[label] = said
         outcome = PUSHED if all(s.partition(":")[0] in ("sent", "queued") for s in pushed.values()) else PARTIAL
