@@ -174,6 +174,7 @@ class Bot:
         for close in self.closers:
             close()
         self.streams.poll_path.close()
+        self.streams.card_returns.close()
 
 
 def build_bot(bot: BotSettings, shared: Shared) -> Bot:

@@ -96,6 +96,12 @@ class Retries:
     def waiting(self) -> int:
         return len(self._due)
 
+    def clear(self) -> None:
+        """Drop every try that waits (what they tried against is closing)."""
+        with self._changed:
+            self._due.clear()
+            self._changed.notify()
+
     def _run(self) -> None:
         while True:
             with self._changed:

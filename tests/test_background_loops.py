@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -104,6 +105,10 @@ def test_retries_try_after_each_delay_until_done_and_a_failure_is_counted_and_tr
     assert not retries.add(lambda: True, (0.0,), lambda: None)  # two wait already
     assert wait_until(lambda: len(tries) == 3 and gave_up == ["never"] and retries.waiting() == 0)
     assert errors("test_retries") == before + 1
+    assert retries.add(lambda: tries.append("late") or True, (0.3,), lambda: None)
+    retries.clear()  # (what it tried against closes)
+    time.sleep(0.5)
+    assert retries.waiting() == 0 and "late" not in tries
 
 
 def fail_first_call(obj, name: str) -> None:

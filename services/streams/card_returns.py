@@ -57,6 +57,10 @@ class CardReturns:
         ):
             logger.warning("%d cards wait to be given back; this one is not", MOST_WAITING)
 
+    def close(self) -> None:
+        """The bot closes: the cards still waiting to be given back are not (their Redis is closing too)."""
+        self._retries.clear()
+
     def now(self, polls: PollPath, stream_id: str, token: str) -> bool:
         """The poll `token` took out a card whose reply comes too late: give it back now (or, failing, later).
         False when it stays with this reply (given back `MOST_RETURNS` times already)."""
