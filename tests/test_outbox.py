@@ -493,6 +493,21 @@ def test_a_rest_waits_for_a_frozen_holder_to_undo_a_frame_it_recorded_and_never_
     assert socket.sent and ", and more. The end." in socket.sent[0]
 
 
+def test_a_record_made_this_millisecond_is_not_in_doubt_to_a_sender_that_waits_for_none(redis_client):
+    """A record's time is its maker's clock rounded to the millisecond, so one made a moment ago may read ahead of
+    the sender's clock (by half a millisecond on one host, more across hosts): its age counts as 0, and with no wait
+    for records (`record_wait` 0) it is not in doubt and the rest goes. (A run of the suite at e1a797d once sent
+    nothing in the test below: a negative age was less than a wait of 0.)"""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    streams.frame("s1", FrameRecord("pass-0", 0))  # never confirmed, never acked
+    streams.show("s1", "The first words, and more. The end.", finish=True)
+    ahead = f"{time.time() + 0.2:.3f}"
+    store.client.hset(store.keys.stream("s1"), "ws_sent_at", ahead)
+    socket = _Socket()
+    _sender_beside(pump, record_wait=0).deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1 and ", and more. The end." in socket.sent[0]
+
+
 @pytest.mark.parametrize("passes", [1, 2], ids=["one-pass", "after-a-pass-whose-write-failed"])
 def test_a_rest_skips_no_text_of_frames_recorded_by_a_pass_its_holder_never_finished(redis_client, passes):
     """Seed 21's Sentinel run: a holder killed with its last frame recorded, and the user missed what it would have

@@ -117,7 +117,8 @@ class OrphanDelivery:
         recorded_at = meta.get(F.ws_sent_at)
         if not recorded_at or meta.get(F.ws_acked_by) == meta.get(F.ws_sent_by):
             return False
-        return time.time() - float(recorded_at) < self.record_wait
+        # (a record's time is rounded to the millisecond: one made just now may read a little ahead of this clock)
+        return max(0.0, time.time() - float(recorded_at)) < self.record_wait
 
     def _send(self, session: Session, stream_id: str, claimant: str, req_id: str, text: str, push: bool, chat: str):
         """Mark the send handed, then hand it to the socket; one that does not go out is released at once."""
