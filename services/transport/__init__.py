@@ -1,6 +1,6 @@
 """The streaming transport of a backend's call (Dify's, an OpenAI-compatible server's), behind one small interface:
-`open_event_stream()` POSTs the request and returns an `EventStream` whose body arrives as Server-Sent Events, read
-by the process's read pump.
+`open_backend_stream()` POSTs the request and returns an `EventStream` whose body arrives as Server-Sent Events, read
+by the process's read pump, or raises the backend's error.
 
 It is hand-written (a lean HTTP/1.1 client, one read-pump thread for all streams, an incremental SSE parser)
 because the benchmarks showed httpx's per-read cost and a thread waking per read to be the largest costs of
@@ -17,7 +17,7 @@ from services.transport.http_stream import StreamConnectError, StreamingResponse
 from services.transport.read_pump import ReadPump
 from services.transport.sse import SSEEvent, SSEParser
 
-__all__ = ["EventStream", "SSEEvent", "StreamConnectError", "open_backend_stream", "open_event_stream", "PROCESS_PUMP"]
+__all__ = ["EventStream", "SSEEvent", "StreamConnectError", "open_backend_stream", "PROCESS_PUMP"]
 
 PROCESS_PUMP = ReadPump()
 MAX_ERROR_BODY = 2048  # bytes of an error's body read
@@ -124,7 +124,8 @@ def open_backend_stream(
     pump: ReadPump = PROCESS_PUMP,
     backend: str = "the backend",
 ) -> EventStream:
-    """A backend's streaming call, opened: 200 and its body to read, or the backend's error.
+    """A backend's streaming call (a POST of `body`, a GET when it is None), opened once the response head is in:
+    200 and its body to read, or the backend's error.
 
     Raises:
         BackendConnectionError: nothing reached it (retried safely), or (`request_sent`) the connection ended after
@@ -133,7 +134,7 @@ def open_backend_stream(
         BackendHTTPError: any status but 200 (its error body read).
     """
     try:
-        stream = open_event_stream(url, body, headers, connect_timeout, read_timeout, tls, pump)
+        stream = EventStream(post_stream(url, body, headers, connect_timeout, read_timeout, tls), read_timeout, pump)
     except StreamConnectError as exc:
         raise BackendConnectionError(f"could not reach {backend}: {exc}") from exc
     except TimeoutError as exc:
@@ -146,22 +147,3 @@ def open_backend_stream(
         with stream:
             raise http_error(stream.status, stream.read_body(MAX_ERROR_BODY))
     return stream
-
-
-def open_event_stream(
-    url: str,
-    body: bytes | None,
-    headers: dict[str, str],
-    connect_timeout: float,
-    read_timeout: float,
-    tls: ssl.SSLContext | None = None,
-    pump: ReadPump = PROCESS_PUMP,
-) -> EventStream:
-    """POST `body` (GET when it is None) and return the response once its head is in.
-
-    Raises:
-        StreamConnectError: nothing reached the server (connect, TLS or sending failed).
-        TimeoutError: the response head did not arrive within the read timeout.
-        OSError: the connection broke, or the response head is malformed.
-    """
-    return EventStream(post_stream(url, body, headers, connect_timeout, read_timeout, tls), read_timeout, pump)
