@@ -20,13 +20,11 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Column, DateTime, Engine, Index, String, Table, UniqueConstraint, delete, insert, select, update
+from sqlalchemy import Column, Engine, Index, String, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
-from services.audit.table import LongText, RowId
-from services.auth.db import metadata
-from services.chat.spool_rows import SpoolRows, utc_now
+from services.chat.spool_rows import SpoolRows, spool_table, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +33,11 @@ CLAIM_SECONDS = 60.0
 # WeCom polls a bubble for six minutes: a row older than this will not be polled again (swept when a row is kept).
 KEEP_SECONDS = 600.0
 
-wecom_callback_spool = Table(
+wecom_callback_spool = spool_table(
     "wecom_callback_spool",
-    metadata,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("bot", String(64), nullable=False),
-    Column("msgid", String(128), nullable=False),
     Column("stream_id", String(64), nullable=False),  # the id of the bubble the reply opened
-    Column("body", LongText, nullable=False),  # the callback's decrypted JSON
-    Column("received_at", DateTime, nullable=False),
-    Column("taken_by", String(128), nullable=False, server_default=""),
-    Column("taken_at", DateTime),
     Column("answered_as", String(64), nullable=False, server_default=""),  # the msgid's stream, taken elsewhere
-    UniqueConstraint("bot", "msgid", name="uq_wecom_callback_spool_message"),
     Index("ix_wecom_callback_spool_stream", "stream_id"),
-    mysql_charset="utf8mb4",
-    mysql_engine="InnoDB",
 )
 
 

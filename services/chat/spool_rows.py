@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, Table, update
+from sqlalchemy import Column, DateTime, Engine, String, Table, UniqueConstraint, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.audit.table import ensure_table
+from services.audit.table import LongText, RowId, ensure_table
+from services.auth.db import metadata
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,26 @@ SPOOL_FAILURES = (SQLAlchemyError,)
 def utc_now() -> datetime:
     """Now, as the spools keep times: naive UTC, whole seconds."""
     return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def spool_table(name: str, *extra) -> Table:
+    """A spool's table: a bot's message (`body`, its JSON as WeCom sent it), once per msgid, when it came, and the
+    process that claimed it (`taken_by`, `taken_at`: SpoolRows' claims); `extra`, the columns and indexes of its own."""
+    return Table(
+        name,
+        metadata,
+        Column("id", RowId, primary_key=True, autoincrement=True),
+        Column("bot", String(64), nullable=False),
+        Column("msgid", String(128), nullable=False),
+        Column("body", LongText, nullable=False),
+        Column("received_at", DateTime, nullable=False),
+        Column("taken_by", String(128), nullable=False, server_default=""),
+        Column("taken_at", DateTime),
+        *extra,
+        UniqueConstraint("bot", "msgid", name=f"uq_{name}_message"),
+        mysql_charset="utf8mb4",
+        mysql_engine="InnoDB",
+    )
 
 
 class SpoolRows:

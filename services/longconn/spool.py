@@ -23,23 +23,11 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Engine,
-    String,
-    Table,
-    UniqueConstraint,
-    delete,
-    insert,
-    select,
-)
+from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services import metrics
-from services.audit.table import LongText, RowId
-from services.auth.db import metadata
-from services.chat.spool_rows import SpoolRows, utc_now
+from services.chat.spool_rows import SpoolRows, spool_table, utc_now
 from services.loops import run_until
 from services.redis_conn import REDIS_FAILURES
 
@@ -58,20 +46,7 @@ PAGE = 20
 # intake takes a few milliseconds when Redis answers at once: nearly every message is never written).
 KEEP_AFTER_SECONDS = 0.25
 
-wecom_ws_spool = Table(
-    "wecom_ws_spool",
-    metadata,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("bot", String(64), nullable=False),
-    Column("msgid", String(128), nullable=False),
-    Column("body", LongText, nullable=False),  # the frame's body as WeCom sent it (JSON)
-    Column("received_at", DateTime, nullable=False),
-    Column("taken_by", String(128), nullable=False, server_default=""),
-    Column("taken_at", DateTime),
-    UniqueConstraint("bot", "msgid", name="uq_wecom_ws_spool_message"),
-    mysql_charset="utf8mb4",
-    mysql_engine="InnoDB",
-)
+wecom_ws_spool = spool_table("wecom_ws_spool")
 
 
 class Spool(SpoolRows):
