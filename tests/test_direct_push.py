@@ -294,7 +294,11 @@ def test_a_push_wecom_could_not_be_reached_for_sent_nothing_and_its_retry_sends_
         assert len(wecom_api.to(KEY)) == 1
     finally:
         wecom_api.stop()
-    assert wait_until(lambda: [r["outcome"] for r in rows(engine, kind="push")] == ["sent"], timeout=10)
+
+    def outcomes() -> list[str]:
+        return [r["outcome"] for r in rows(engine, kind="push")]
+
+    assert wait_until(lambda: outcomes() == ["sent"], timeout=10), outcomes()
 
 
 def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(wecom_api, redis_url, redis_client):
