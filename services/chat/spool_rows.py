@@ -25,8 +25,9 @@ def utc_now() -> datetime:
 
 
 def spool_table(name: str, *extra) -> Table:
-    """A spool's table: a bot's message (`body`, its JSON as WeCom sent it), once per msgid, when it came, and the
-    process that claimed it (`taken_by`, `taken_at`: SpoolRows' claims); `extra`, the columns and indexes of its own."""
+    """A spool's table: a bot's message (`body`: its JSON, decrypted where WeCom encrypted it), once per msgid, when
+    it came, and the process that claimed it (`taken_by`, `taken_at`: SpoolRows' claims); `extra`, the columns and
+    indexes of its own."""
     return Table(
         name,
         metadata,
