@@ -145,6 +145,7 @@ def test_a_write_whose_slot_moved_still_waits_for_a_replica_of_its_new_master(re
     assert replies == [1]
     assert {write: after[write] - before[write] for write in after} == dict.fromkeys(after, 0)
     assert replica.client().hget(key, "userid") == "alice"
+    assert wait_until(redis_cluster.healthy, timeout=30)  # the next test finds every node serving every slot
     client.close()
 
 
@@ -152,6 +153,8 @@ def a_bubble_showing_one(kind: str, request, bot: str):
     """A stream on the Sentinel set or the Cluster whose bubble a poll showed as "One.": (server, client, store, its
     poll path, its owner)."""
     server = request.getfixturevalue("sentinel_set" if kind == "sentinel" else "redis_cluster")
+    if kind == "cluster":  # an earlier test's failover may leave a node counting a slot as lost for a while (CI)
+        assert wait_until(server.healthy, timeout=30)
     client = connect_redis(server.url, sentinel_password=SENTINEL_PASSWORD)
     store = StreamStore(client, Keys(f"{bot}:"), 3600, 30, durable=Replication(client, WAIT_MS, bot))
     polls = PollPath(store)
