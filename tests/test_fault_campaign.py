@@ -334,6 +334,33 @@ def audit_row(answer: str, row: str = "message", msgid: str = "m1") -> dict:
     return {"kind": "audit_row", "t": 60.0, "msgid": msgid, "bot": "", "row": row, "outcome": "x", "answer": answer}
 
 
+def test_a_long_connection_message_its_holder_took_in_its_intake_is_counted_apart():
+    """A long-connection message of which nothing was made anywhere, delivered within INTAKE_WINDOW of its holder's
+    SIGKILL, is the window FAULTS.md names (`lost_in_intake`, beside the counts); lost any other way it is `lost`:
+    its holder killed after its intake kept it, a replica that did not hold the connection killed, some replica
+    having logged it, or a callback message."""
+
+    def delivered(killed_after: float, target: str = "replica 1 (the holder)", mode: str = "long_connection"):
+        return [
+            {"kind": "message", "t": 0.0, "msgid": "m1", "tag": TAG, "sentences": 4, "response_url": "u", "mode": mode},
+            {"kind": "delivery", "t": 0.01, "msgid": "m1", "ok": True, "req_id": "r1", "stream": "", "content": ""},
+            {"kind": "ended", "t": 60.0, "msgid": "m1"},
+            {"kind": "fault", "t": 3.0, "fault": "holder_kill", "target": target, "start": 0.01 + killed_after},
+            audit_row(WHOLE, msgid="m2"),  # (the table's rows are in the history: none is the message's)
+        ]
+
+    for killed_after in (-0.003, 0.029, 0.07, 0.3):  # (the three met so far, and the window's far end)
+        result = check(delivered(killed_after))
+        assert {name: result[name] for name in COUNTS} == ZERO and result["lost_in_intake"] == 1, killed_after
+        assert "holder_kill of replica 1 (the holder)" in result["problems"][0]["lost_in_intake"]
+    assert check(delivered(0.5))["lost"] == 1  # its intake had kept it by then
+    assert check(delivered(0.03, target="replica 2"))["lost"] == 1
+    assert check([*delivered(0.03), {"kind": "worked", "t": 0.05, "msgid": "m1", "replica": 1}])["lost"] == 1
+    assert check(delivered(0.03, mode="callback"))["lost"] == 1
+    again = {"kind": "delivery", "t": 5.0, "msgid": "m1", "ok": True, "req_id": "r2", "stream": "", "content": ""}
+    assert check([*delivered(0.03), again])["lost"] == 1  # WeCom's repeat reached a holder that lived
+
+
 def test_every_message_needs_one_audit_row_saying_what_its_user_was_shown():
     """Checked when the history holds the table's rows: exactly one row of the message's own, and its rows (its
     own, and any other carrying its text) hold the sentences and the failure notes its user was shown."""

@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["mutant"] = options.mutant
     for kind in TOPOLOGIES if options.topology == "all" else (options.topology,):
         result[kind] = run_topology(kind, options, out_dir)
-        counts = ", ".join(f"{name} {result[kind][name]}" for name in COUNTS)
+        counts = ", ".join(f"{name} {result[kind][name]}" for name in (*COUNTS, "lost_in_intake"))
         print(f"{kind}: {result[kind]['messages']} messages, {result[kind]['faults']} faults: {counts}", flush=True)
     harness.report(result, options.json)
     return result

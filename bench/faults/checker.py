@@ -27,6 +27,12 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   the taps and rests that carried its text) do not say what its user was shown: the same sentences, and where the
   answer did not reach them whole the same failure notes (checked when the history holds the table's rows).
 
+One window is counted apart, as `lost_in_intake` beside the counts (FAULTS.md, "Windows that remain"): a
+long-connection message of which nothing was made anywhere (no stream, frame, message, audit row, nor a line of any
+replica's log), whose every delivery met its holder's SIGKILL within INTAKE_WINDOW. WeCom takes no acknowledgement
+of such a message but its reply and does not send it again, so a holder killed before its intake kept the message
+takes it along. A message lost any other way, or so lost with its holder killed later, is `lost`.
+
 Pushes and a schedule's ticks are messages of the checker too (bench/faults/proactive.py): shown at their robot twice
 is `duplicate_deliveries`; said sent (pushed) and never shown, or a tick due that was neither pushed nor said why, is
 `lost`; said failed (skipped) yet shown is `unexpected`; a push left without a status, or a tick still open at the
@@ -127,6 +133,13 @@ CALLBACK_KINDS = frozenset({"response_url_busy"})
 _REPLICA = re.compile(r"replica (\d+)")
 # A fault this close before a message began still counts as touching it (the topology settling after a heal).
 SETTLE_SECONDS = 5.0
+# A long-connection message is kept (its stream opened in Redis, or its body in the database's spool) within its
+# intake's first quarter second (services/longconn/spool.py, KEEP_AFTER_SECONDS): the window in which its holder's
+# death takes it along, measured from its delivery, with a tenth of a second either side for the frame's reading
+# (a kill just before the stand-in's send returned) and the database's write.
+INTAKE_WINDOW = (-0.1, 0.35)
+KILLS = frozenset({"holder_kill", "replica_kill", "node_loss"})  # the faults that SIGKILL a replica
+HOLDER = "(the holder)"  # in a kill's target: the replica held the long connection then (nemesis.py)
 
 
 @dataclass
@@ -185,6 +198,8 @@ def check(events: list[dict], forgive: bool = False) -> dict:
         for verdict in verdicts:
             judge_audit(verdict, by_msgid[verdict.msgid], audit_rows)
     for verdict in verdicts:
+        if why := lost_in_intake(by_msgid[verdict.msgid], faults):
+            verdict.problems = {"lost_in_intake": why}  # (its `lost`, `stuck` and `audit_rows` are that window)
         if (taken := taken_by_tag[verdict.tag]) > 1:
             verdict.problems["extra_form_submissions"] = f"Dify took the form {taken} times"
     if forgive:
@@ -304,6 +319,28 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     if complete and finals:
         verdict.last_text_s = finals[-1]["t"] - message["t"]
     return verdict
+
+
+def lost_in_intake(kinds: dict[str, list[dict]], faults: list[dict]) -> str:
+    """What killed a long-connection message's holder in its intake, if that is all that became of the message (no
+    trace of it anywhere, every delivery within INTAKE_WINDOW of a holder's kill), else ""."""
+    message = kinds["message"][0]
+    if message.get("mode") != "long_connection" or kinds["worked"] or kinds["response_url"] or kinds["audit_row"]:
+        return ""
+    if any(event.get("stream") for event in kinds["delivery"] + kinds["poll"]):
+        return ""
+    delivered = [event["t"] for event in kinds["delivery"] if event.get("ok")]
+    kills = [fault for fault in faults if fault["fault"] in KILLS and HOLDER in fault.get("target", "")]
+    before, after = INTAKE_WINDOW
+    why = []
+    for at in delivered:
+        killed = [fault for fault in kills if at + before <= fault.get("start", fault["t"]) <= at + after]
+        if not killed:
+            return ""
+        why.append(
+            f"{killed[0]['fault']} of {killed[0]['target']} {killed[0].get('start', killed[0]['t']) - at:+.3f} s"
+        )
+    return "delivered, then its holder killed: " + "; ".join(why) if why else ""
 
 
 def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
@@ -523,6 +560,7 @@ def summarize(verdicts: list[Verdict], faults: list[dict]) -> dict:
     result["excused_dify_calls"] = sum(v.excused_calls for v in verdicts)
     result["cards"] = {"messages": sum(v.cards > 0 for v in verdicts), "shown": sum(v.cards for v in verdicts)}
     result["faults"] = len(faults)
+    result["lost_in_intake"] = sum("lost_in_intake" in v.problems for v in verdicts)
     # each with its bot, app and route: enough to tell its WeCom mode and backend when the history is gone (a CI run)
     result["problems"] = [
         {"msgid": v.msgid, "bot": v.bot, "app": v.app, "route": v.route, "faults": v.faults, **v.problems}
@@ -559,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results = {}
     for path in parser.parse_args(argv).histories:
         result = check(read(path))
-        results[str(path)] = {name: result[name] for name in ("messages", "faults", *COUNTS)}
+        results[str(path)] = {name: result[name] for name in ("messages", "faults", *COUNTS, "lost_in_intake")}
         print(f"{path}: {', '.join(f'{name} {value}' for name, value in results[str(path)].items())}")
         for problem in result["problems"]:
             print(f"  {problem}")

@@ -272,12 +272,19 @@ class Nemesis:
 
     def replica_kill(self, target: str, rng: random.Random) -> str:
         index, replica = self._replica(target)
-        replica.kill()
+        held = self._kill(index, replica)
         self.unready.add(index)  # its readiness probe fails within a few seconds; then it is out until ready again
         time.sleep(rng.uniform(1, 5))
         replica.start(timeout=60)
         self.unready.discard(index)
-        return f"replica {index}"
+        return f"replica {index}{held}"
+
+    def _kill(self, index: int, replica) -> str:
+        """SIGKILL the replica; " (the holder)" if it held the long-connection bot's WebSocket (the checker tells a
+        message its holder's death took in its intake by it). The lease is read after the kill, which it outlives, so
+        that a Redis under a fault of its own delays the reading, not the kill."""
+        replica.kill()
+        return " (the holder)" if self._holder() == index else ""
 
     def replica_term(self, target: str, rng: random.Random) -> str:
         index, replica = self._replica(target)
@@ -309,7 +316,8 @@ class Nemesis:
     def holder_kill(self, target: str, rng: random.Random) -> str:
         """The process holding the bot's WebSocket killed (SIGKILL) with its bubbles half shown: another replica
         takes the connection, and the rest of each answer goes out as a message of its own."""
-        return self.replica_kill(target, rng) + " (the holder)"
+        named = self.replica_kill(target, rng)
+        return named if named.endswith("(the holder)") else named + " (the holder)"  # (Redis away: not read back)
 
     def holder_stop(self, target: str, rng: random.Random) -> str:
         """The holder frozen (SIGSTOP) past its WebSocket's lease, so that another replica takes the connection, then
@@ -351,14 +359,14 @@ class Nemesis:
         later: the one server from its append-only file; on Sentinel and Cluster a master, failed over first and
         back as a replica. The answers the replica owned are taken over by the others once Redis answers again."""
         index, replica = self._replica(target)
-        replica.kill()
+        held = self._kill(index, replica)
         server, restart = self._lose_redis(rng)
         self.unready.add(index)
         time.sleep(rng.uniform(1, 5))
         restart()
         replica.start(timeout=60)
         self.unready.discard(index)
-        return f"replica {index} and redis :{server.port}"
+        return f"replica {index}{held} and redis :{server.port}"
 
     # --- the auth API -----------------------------------------------------------------------------------------
 
