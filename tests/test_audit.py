@@ -556,7 +556,7 @@ def test_a_forms_rest_sent_after_its_bubble_ended_is_a_row_of_its_own_once(make_
     other.close()
 
 
-def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(audit_url):
+def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(audit_url, caplog):
     """The backend, route, model, tokens and trace of a row came with a later release: a serving replica adds them
     to the table an earlier one made (ALTER TABLE, its rows kept), and writes rows with them; and the indexes a later
     release searches by."""
@@ -580,7 +580,9 @@ def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_
     with engine.begin() as connection:
         made = {"bot": "earlier", "msgid": "m-old", "kind": MESSAGE, "outcome": ANSWERED}
         connection.execute(old.insert(), {**made, "received_at": now, "finished_at": now})
-    assert not ensure_table(engine)  # not made: changed
+    with caplog.at_level(logging.WARNING, logger="services.audit.table"):
+        assert not ensure_table(engine)  # not made: changed
+    assert not caplog.records  # its unique key is there
     assert newer <= {column["name"] for column in inspect(engine).get_columns("wecom_audit")}
     # and the indexes the operator's page searches by
     assert {index.name for index in wecom_audit.indexes} <= {
@@ -597,6 +599,26 @@ def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_
     [new] = rows(engine, msgid="m-new")
     assert earlier["backend"] == "" and earlier["prompt_tokens"] is None
     assert (new["backend"], new["model"], new["prompt_tokens"], new["trace_id"]) == ("openai", "m", 3, trace)
+    engine.dispose()
+
+
+def test_a_table_made_by_hand_without_its_unique_key_is_said_at_start_up(audit_url, caplog):
+    """One row per (bot, msgid, kind) is the database's to keep: a table made without that key would keep a row
+    written twice (a retry, a takeover) twice. It is said, with the key's name, and the table is used as it is (rows
+    written twice may be in it already, so no key is added behind the operator's back)."""
+    from sqlalchemy import Column, MetaData, Table
+
+    engine = db.make_engine(audit_url, timeout=3)
+    wecom_audit.drop(engine, checkfirst=True)
+    columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in wecom_audit.columns]
+    Table("wecom_audit", MetaData(), *columns).create(engine)
+    with caplog.at_level(logging.WARNING, logger="services.audit.table"):
+        assert not ensure_table(engine)
+    assert [record.getMessage() for record in caplog.records] == [
+        "the wecom_audit table has no unique key on (bot, msgid, kind): a row written twice is kept twice; add it "
+        "(uq_wecom_audit_message)"
+    ]
+    wecom_audit.drop(engine)
     engine.dispose()
 
 

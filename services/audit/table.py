@@ -3,6 +3,8 @@ row written twice (a retry, a takeover, two replicas sweeping at once) is kept o
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -22,6 +24,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateColumn
 
 from services.auth.db import create_unless_made, metadata
+
+logger = logging.getLogger(__name__)
 
 # Long text: MySQL's TEXT holds 64 KiB, less than one long answer with its notes.
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
@@ -75,17 +79,28 @@ wecom_audit = Table(
 def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
     """Create `table` if it is missing, or add the columns and indexes a newer release gave it to one made before
     (each column nullable or with a default: its rows are left as they are; an index is built online); True if the
-    table was created."""
+    table was created. A table made by hand without a unique key the release's has is said at start-up, not
+    mended: rows written twice may already be in it."""
     with engine.connect() as connection:
         if inspect(connection).has_table(table.name):
             have = {column["name"] for column in inspect(connection).get_columns(table.name)}
             missing = [column for column in table.columns if column.name not in have]
-            indexed = {index["name"] for index in inspect(connection).get_indexes(table.name)}
-            unindexed = [index for index in table.indexes if index.name not in indexed]
+            indexes = inspect(connection).get_indexes(table.name)
+            unindexed = [index for index in table.indexes if index.name not in {found["name"] for found in indexes}]
+            unique = {tuple(found["column_names"]) for found in indexes if found["unique"]}
+            unique |= {tuple(found["column_names"]) for found in inspect(connection).get_unique_constraints(table.name)}
         else:
             missing = unindexed = None
     if missing is None:
         return create_unless_made(engine, table)
+    for key in table.constraints:
+        if isinstance(key, UniqueConstraint) and tuple(key.columns.keys()) not in unique:
+            logger.warning(
+                "the %s table has no unique key on (%s): a row written twice is kept twice; add it (%s)",
+                table.name,
+                ", ".join(key.columns.keys()),
+                key.name,
+            )
     with engine.begin() as connection:
         for column in missing:
             definition = CreateColumn(column).compile(dialect=engine.dialect)
