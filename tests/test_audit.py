@@ -602,7 +602,7 @@ def test_a_table_made_by_an_earlier_release_gains_the_new_columns_and_keeps_its_
     engine.dispose()
 
 
-def test_a_table_made_by_hand_without_its_unique_key_is_said_at_start_up(audit_url, caplog):
+def test_a_table_made_by_hand_without_its_unique_key_is_said_when_first_opened(audit_url, caplog):
     """One row per (bot, msgid, kind) is the database's to keep: a table made without that key would keep a row
     written twice (a retry, a takeover) twice. It is said, with the key's name, and the table is used as it is (rows
     written twice may be in it already, so no key is added behind the operator's back)."""

@@ -79,7 +79,7 @@ wecom_audit = Table(
 def ensure_table(engine: Engine, table: Table = wecom_audit) -> bool:
     """Create `table` if it is missing, or add the columns and indexes a newer release gave it to one made before
     (each column nullable or with a default: its rows are left as they are; an index is built online); True if the
-    table was created. A table made by hand without a unique key the release's has is said at start-up, not
+    table was created. A table made by hand without a unique key the release's has is said (once a process), not
     mended: rows written twice may already be in it."""
     with engine.connect() as connection:
         if inspect(connection).has_table(table.name):
