@@ -216,6 +216,50 @@ def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dif
     assert simulator.inbox.received(payload["response_url"]) == []
 
 
+def test_the_rest_a_bubble_closed_early_promised_comes_though_its_finisher_died_after_the_end(
+    simulator, dify, monkeypatch
+):
+    """An answer longer than its bubble ends in two writes: its end, then its rest written down (RestPosts), which
+    any process makes should its poster die. An owner killed between the two (the 10-minute Sentinel run of seed 43:
+    95 of 113 sentences, "the rest follows", and the rest never sent) left a done stream whose rest nobody owed. The
+    watch on bubbles closed early makes it, once, when none was written down REST_UNMADE_SECONDS after the end. Here
+    the finisher sends no rest, as if its process had died right after the end."""
+    from services.callback import delivery, rest_posts
+    from services.streams.finisher import Finisher
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    monkeypatch.setattr(delivery, "REST_UNMADE_SECONDS", 1.5)
+    monkeypatch.setattr(Finisher, "_send_rest", lambda *args: None)
+    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
+    dify.script([d.message(text), d.sleep(2.0), d.end()])  # a poll closes the bubble before the answer ends
+    payload = simulator.text_message("a long one, then a death")
+    conversation = simulator.follow(simulator.send(payload))
+    assert conversation.text.endswith(ZH["overflow_continues"])
+    message = simulator.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message is not None, "the rest the bubble promised never came"
+    shown = conversation.text.removesuffix(f"\n\n{ZH['overflow_continues']}")
+    assert shown + message["markdown"]["content"].removeprefix(f"{ZH['continued']}\n\n") == text
+    time.sleep(1.5)  # a bounded look: no second post follows (WeCom would refuse it)
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
+def test_a_rest_its_finisher_wrote_down_is_not_made_again_by_the_watch(simulator, dify, monkeypatch):
+    """The watch on bubbles closed early leaves an ended answer whose rest its finisher wrote down (or sent) alone:
+    one post, however long it looks."""
+    from services.callback import delivery, rest_posts
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    monkeypatch.setattr(delivery, "REST_UNMADE_SECONDS", 0.0)
+    text = "汉字" * 4000
+    dify.script([d.message(text), d.sleep(2.0), d.end()])
+    payload = simulator.text_message("a long one")
+    conversation = simulator.follow(simulator.send(payload))
+    assert conversation.text.endswith(ZH["overflow_continues"])
+    assert simulator.inbox.wait_for(payload["response_url"], timeout=20) is not None
+    time.sleep(2.0)  # several passes of the watch
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
 def test_a_post_to_response_url_that_wecom_was_too_busy_for_is_tried_again_and_lands_once(simulator):
     """WeCom busy for a moment (HTTP 503) must not lose the rest of an answer: the post is tried again, and lands
     once; a refusal (an errcode: here the URL's second use) is final."""

@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 from services import metrics
 from services.callback.rest_posts import RestPosts
-from services.keys import REST_POST_TTL_SECONDS
+from services.keys import REST_POST_CLAIM_TTL_SECONDS, REST_POST_TTL_SECONDS
 from services.outage import best_effort, best_effort_value
+from services.streams.bubble import SEPARATELY
 from services.streams.job import StreamJob
-from services.streams.life import StreamLife
+from services.streams.life import STOPPED, StreamLife
 from services.streams.poll_path import Snapshot
+from services.streams.record import F
 from services.streams.store import StreamStore
 from services.wecom.messages import Inbound
 
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 UNPOLLED_SECONDS = 20.0
 # How many bubbles closed early are looked at per pass of look_after_closed_early.
 CLOSED_EARLY_PAGE = 50
+# An answer whose bubble closed early has its rest written down (RestPosts) by its finisher right after its end; one
+# found ended this long with no rest written down nor sent lost its finisher in between (its process died), and the
+# watch makes the rest itself. (As long as a post's claim: a finisher waiting out Redis meanwhile posts without it.)
+REST_UNMADE_SECONDS = float(REST_POST_CLAIM_TTL_SECONDS)
 
 
 class CallbackDelivery:
@@ -117,7 +123,9 @@ class CallbackDelivery:
         """Each bubble closed early is looked at as a poll would: once its lease has been gone for the takeover
         grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot be, ends
         as interrupted: what Redis holds of it past what the bubble showed goes through response_url, and that
-        note after it. Returns how many were found ended (and are watched no more)."""
+        note after it. An answer found ended is watched until its rest was written down or sent: one whose
+        finisher died in between has it made here (REST_UNMADE_SECONDS). Returns how many were found ended (and are
+        watched no more)."""
         key, client = self.store.keys.closed_early(), self.store.client
         client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
         ended = 0
@@ -130,9 +138,27 @@ class CallbackDelivery:
                 url = self.store.reads.meta(stream_id).get("response_url", "")
                 if url:
                     self.posts.send(stream_id, url, snapshot.owed or snapshot.note)
+            elif snapshot is not None and (unmade := self._rest_unmade(stream_id)) is not None:
+                ended_at, url = unmade
+                if time.time() - ended_at < REST_UNMADE_SECONDS:
+                    continue  # its finisher writes it down at once: looked at again next pass
+                logger.warning("an answer's end was written, not the rest its bubble promised; sending it from here")
+                self.posts.send(stream_id, url, snapshot.owed)
             client.zrem(key, stream_id)
             ended += 1
         return ended
+
+    def _rest_unmade(self, stream_id: str) -> tuple[float, str] | None:
+        """(when the stream ended, its response_url) if its rest was neither written down nor sent, nor went
+        another way (the whole answer sent separately, a stop); else None."""
+        keys = self.store.keys
+        with self.store.client.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.stream(stream_id), [F.finished_at, F.response_url, F.rest_sent, F.close_reason, F.error])
+            pipe.exists(keys.rest_post(stream_id), keys.rest_post_claim(stream_id))
+            (ended_at, url, rest_sent, reason, error), recorded = pipe.execute()
+        if recorded or rest_sent or reason == SEPARATELY or error == STOPPED or not (ended_at and url):
+            return None
+        return float(ended_at), url
 
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
         self.posts.start(also=lambda: self.look_after_closed_early(look))

@@ -337,13 +337,16 @@ class StreamService:
 
     def look(self, stream_id: str) -> Snapshot | None:
         """A poll's work on a stream, without a reply or a card handed out (a watch over streams no bubble polls).
-        A bubble closed early whose answer this look gave up (its replica is gone) is owed, through its
-        response_url, what it did not show of the text Redis holds, and the note that the answer was interrupted
-        (`owed`)."""
+        A bubble closed early whose answer ended is owed, through its response_url, what it did not show of the
+        text Redis holds (`owed`): given up (its replica is gone), with the note that the answer was interrupted;
+        ended by its owner, what that owner's finisher sends (Finisher._send_rest)."""
         snapshot = self._look(stream_id, hand_card=False)
-        if snapshot is not None and snapshot.event == EXPIRED and snapshot.close_reason:
+        if snapshot is not None and snapshot.close_reason and not snapshot.active:
             rest = self.bubble.unshown(snapshot.text, snapshot.closed_bytes, snapshot.close_reason)
-            snapshot.owed = self.bubble.remainder(rest, snapshot.note) if rest.strip() else snapshot.note
+            given_up = EXPIRED in (snapshot.event, snapshot.status)
+            snapshot.owed = (
+                self.bubble.remainder(rest, snapshot.note) if rest.strip() or not given_up else snapshot.note
+            )
         return snapshot
 
     def _look(
