@@ -243,6 +243,52 @@ def test_the_rest_a_bubble_closed_early_promised_comes_though_its_finisher_died_
     assert len(simulator.inbox.received(payload["response_url"])) == 1
 
 
+def test_the_rest_a_live_bubble_promised_at_its_end_comes_though_its_finisher_died_after_the_end(
+    simulator, dify, monkeypatch
+):
+    """Item 14's twin: an answer that ends while its bubble is still live, but longer than the bubble holds, has a
+    final reply saying the rest follows, and its rest written down only after its end. No poll closed the bubble,
+    so nothing listed it for the watch: its finisher lists it before writing the end, and the watch makes the rest
+    when none was written down REST_UNMADE_SECONDS after it. Here the finisher sends no rest, as if its process
+    had died right after the end."""
+    from services.callback import delivery, rest_posts
+    from services.streams.finisher import Finisher
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    monkeypatch.setattr(delivery, "REST_UNMADE_SECONDS", 1.5)
+    monkeypatch.setattr(Finisher, "_send_rest", lambda *args: None)
+    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
+    dify.script([d.message(text), d.end()])
+    payload = simulator.text_message("a long one at once, then a death")
+    first = simulator.send(payload)
+    time.sleep(1.0)  # the answer ended before the first poll: the bubble was live at its end
+    conversation = simulator.follow(first)
+    assert conversation.text.endswith(ZH["overflow_continues"])
+    message = simulator.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message is not None, "the rest the final bubble promised never came"
+    shown = conversation.text.removesuffix(f"\n\n{ZH['overflow_continues']}")
+    assert shown + message["markdown"]["content"].removeprefix(f"{ZH['continued']}\n\n") == text
+    time.sleep(1.5)  # a bounded look: no second post follows (WeCom would refuse it)
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
+def test_the_watch_over_a_long_answer_does_not_pass_for_a_poll_of_its_bubble(simulator, dify, monkeypatch):
+    """The watch looks at a long answer's stream as a poll would, but WeCom may never have had its bubble (every try
+    of the callback answered too late): the watch's looks do not count as polls, so such an answer still goes out
+    whole through response_url, once."""
+    from services.callback import delivery, rest_posts
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    monkeypatch.setattr(delivery, "UNPOLLED_SECONDS", 6.0)  # the watch looks at it many times meanwhile
+    dify.script([d.message("汉字" * 4000), d.end()])
+    payload = simulator.text_message("a long one nobody polls")
+    simulator.send(payload)  # the reply WeCom never got: nothing polls it
+    message = simulator.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message is not None and message["markdown"]["content"].startswith(ZH["full_answer"])
+    time.sleep(1.5)  # several passes of the watch
+    assert len(simulator.inbox.received(payload["response_url"])) == 1
+
+
 def test_a_rest_its_finisher_wrote_down_is_not_made_again_by_the_watch(simulator, dify, monkeypatch):
     """The watch on bubbles closed early leaves an ended answer whose rest its finisher wrote down (or sent) alone:
     one post, however long it looks."""

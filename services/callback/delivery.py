@@ -1,7 +1,7 @@
 """Callback mode's Delivery (services/streams/delivery.py). A callback bot's bubbles are polled by WeCom on any
 replica. What a bubble cannot show goes out through the message's response_url, once, whatever process dies
-(rest_posts.py); a bubble a poll closed early is watched until its answer ends; and a bubble no poll ever showed is
-taken as lost, its answer sent whole.
+(rest_posts.py); a bubble a poll closed early, or one whose answer ends longer than it shows, is watched until that
+rest has gone out; and a bubble no poll ever showed is taken as lost, its answer sent whole.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from services import metrics
 from services.callback.rest_posts import RestPosts
 from services.keys import REST_POST_CLAIM_TTL_SECONDS, REST_POST_TTL_SECONDS
-from services.outage import best_effort, best_effort_value
+from services.outage import RETRY_DELAYS, best_effort, best_effort_value
 from services.streams.bubble import SEPARATELY
 from services.streams.job import StreamJob
 from services.streams.life import STOPPED, StreamLife
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 UNPOLLED_SECONDS = 20.0
 # How many bubbles closed early are looked at per pass of look_after_closed_early.
 CLOSED_EARLY_PAGE = 50
+# An answer about to end is listed before its end is written, which waits through an outage anyway: a try or two.
+BEFORE_THE_END_DELAYS = (0.5, 1.0)
 # An answer whose bubble closed early has its rest written down (RestPosts) by its finisher right after its end; one
 # found ended this long with no rest written down nor sent lost its finisher in between (its process died), and the
 # watch makes the rest itself. (As long as a post's claim: a finisher waiting out Redis meanwhile posts without it.)
@@ -99,33 +101,34 @@ class CallbackDelivery:
         return bool(taken)
 
     def follow(self, life: StreamLife) -> CallbackDelivery:
-        """Watch each bubble a poll closes early (`life.closed_early`) until its answer ends."""
+        """Watch each bubble a poll closes early (`life.closed_early`), and each answer about to end longer than its
+        live bubble (`life.rest_owed`), until its rest has gone out."""
         life.closed_early.connect(
-            lambda stream_id, reason, has_response_url: self.closed_early(stream_id, has_response_url), weak=False
+            lambda stream_id, reason, has_response_url: self.watch(stream_id) if has_response_url else None, weak=False
         )
+        life.rest_owed.connect(lambda stream_id: self.watch(stream_id, BEFORE_THE_END_DELAYS), weak=False)
         return self
 
-    def closed_early(self, stream_id: str, has_response_url: bool) -> None:
-        """List the stream: WeCom polls its bubble no more, which promised the rest through response_url, so no poll
-        would see its replica die before the answer ends. The list's entries age out by their score; its TTL,
-        renewed with each, ends it when none is left."""
-        if not has_response_url:
-            return
+    def watch(self, stream_id: str, delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+        """List the stream: its bubble promised the rest through response_url, and WeCom polls it no more (it
+        closed early, or is about to end), so no poll would see its replica die before that rest goes out. The
+        list's entries age out by their score; its TTL, renewed with each, ends it when none is left."""
         key = self.store.keys.closed_early()
 
         def note() -> None:
             with self.store.client.pipeline(transaction=False) as pipe:
                 pipe.zadd(key, {stream_id: time.time()}).expire(key, REST_POST_TTL_SECONDS).execute()
 
-        best_effort(note, "listing a bubble closed early")
+        best_effort(note, "listing a bubble whose rest follows", delays)
 
     def look_after_closed_early(self, look: Callable[[str], Snapshot | None]) -> int:
-        """Each bubble closed early is looked at as a poll would: once its lease has been gone for the takeover
-        grace, a chatflow's run is resumed (its finisher sends the rest), and a chat's answer, which cannot be, ends
-        as interrupted: what Redis holds of it past what the bubble showed goes through response_url, and that
-        note after it. An answer found ended is watched until its rest was written down or sent: one whose
-        finisher died in between has it made here (REST_UNMADE_SECONDS). Returns how many were found ended (and are
-        watched no more)."""
+        """Each watched stream (its bubble closed early, or its answer about to end longer than its bubble) is
+        looked at as a poll would: once its lease has been gone for the takeover grace, a chatflow's run is resumed
+        (its finisher sends the rest), and a chat's answer, which cannot be, ends as interrupted: what Redis holds
+        of it past what the closed bubble showed goes through response_url, and that note after it (a live bubble
+        shows that note itself). An answer found ended is watched until its rest was written down or sent: one
+        whose finisher died in between has it made here (REST_UNMADE_SECONDS). Returns how many were found ended
+        (and are watched no more)."""
         key, client = self.store.keys.closed_early(), self.store.client
         client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
         ended = 0
@@ -133,12 +136,12 @@ class CallbackDelivery:
             snapshot = look(stream_id)
             if snapshot is not None and snapshot.active:
                 continue
-            if snapshot is not None and snapshot.event == "expired":
+            if snapshot is not None and snapshot.event == "expired" and snapshot.close_reason:
                 logger.warning("the answer of a bubble closed early lost its replica; saying so through response_url")
                 url = self.store.reads.meta(stream_id).get("response_url", "")
                 if url:
                     self.posts.send(stream_id, url, snapshot.owed or snapshot.note)
-            elif snapshot is not None and (unmade := self._rest_unmade(stream_id)) is not None:
+            elif snapshot is not None and snapshot.owed and (unmade := self._rest_unmade(stream_id)) is not None:
                 ended_at, url = unmade
                 if time.time() - ended_at < REST_UNMADE_SECONDS:
                     continue  # its finisher writes it down at once: looked at again next pass

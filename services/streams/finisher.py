@@ -42,7 +42,7 @@ from services.streams.life import ANSWERED, MESSAGE, Reply
 from services.streams.record import DONE
 from services.streams.store import Finished, StreamConflict, StreamStore
 from services.texts import Texts
-from services.wecom.limits import BUBBLE_WINDOW_SECONDS
+from services.wecom.limits import BUBBLE_WINDOW_SECONDS, fits
 from services.wecom.messages import Inbound
 from utils.text import utf8_len
 
@@ -84,6 +84,8 @@ class Finisher:
         patience = job.created_at + self.window_seconds - time.time()  # while WeCom may still poll the bubble
         finish_id = secrets.token_hex(8)  # every try of this finish carries it: a try whose reply was lost is repeated
         record = partial(self._record, job, answer, status, fields, finish_id)
+        if self._rest_follows(job, answer, note):  # said before the end: a death right after it loses no rest
+            self.store.life.rest_owed.send(job.stream_id)
         try:
             finished = self._record_final(record, patience, partial(self._shown_known, job, answer))
         except StreamAborted:
@@ -110,6 +112,10 @@ class Finisher:
             # closed elsewhere, or already final: an earlier try of this write ran, and only its reply was lost
             logger.info("stream was already final; final state not written again")
         return finished
+
+    def _rest_follows(self, job: StreamJob, answer: Answer, note: str) -> bool:
+        """Whether the answer's bubble cannot show it whole, so that its rest goes out as a message of its own."""
+        return not job.separate and self.delivery.reaches(job) and not fits(answer.text, note)
 
     @staticmethod
     def _ended_again(record: Callable[[], Finished | None]) -> bool:

@@ -5,6 +5,8 @@
   up). The audit trail follows these (services/audit/queue.py).
 - `closed_early`: a poll closed a bubble before its answer ended (its window or size ran out): callback mode's
   watch follows the answer to its end (services/callback/delivery.py).
+- `rest_owed`: an answer is about to end longer than its bubble shows, its bubble still live: the final reply says
+  the rest follows, as a message of its own after the end, and the same watch sees that it does.
 - `expired`: a poll gave a stream up, its replica gone with text shown that cannot be taken again.
 - `handed_over`: the stream's work moved between processes: `taken_over` or `resumed` here by a poll, or stopped
   here (`handed_over` by a draining process, `taken_over_elsewhere`).
@@ -62,13 +64,13 @@ class Reply:
 class StreamLife:
     """One bot's streams' events. The sender is the stream id, but for `replied` (a Reply); keyword arguments:
     `opened` `at` (epoch seconds), `closed_early` `reason` (closed_window, closed_overflow) and
-    `has_response_url`, `expired` none, `handed_over` `how`, `left`
-    none, `ended` none."""
+    `has_response_url`, `rest_owed` none, `expired` none, `handed_over` `how`, `left` none, `ended` none."""
 
     def __init__(self) -> None:
         signals = Namespace()
         self.opened = signals.signal("opened")
         self.closed_early = signals.signal("closed_early")
+        self.rest_owed = signals.signal("rest_owed")
         self.expired = signals.signal("expired")
         self.handed_over = signals.signal("handed_over")
         self.left = signals.signal("left")

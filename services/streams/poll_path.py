@@ -46,6 +46,10 @@ HOLD_BACK_SECONDS = 10.0
 
 # What a poll found of its text and the replicas (_wait_for_replica): nothing to wait for, a replica holds it, none yet.
 NOTHING_AHEAD, HELD, UNHELD = "", "held", "unheld"
+# Whether a poll counts as one of its bubble (`polls`: a bubble no poll showed goes out whole, UNPOLLED): WeCom's, that
+# it waits for; LATE, read after WeCom stopped waiting (it counts once the bubble is no longer live); NEVER, a look of
+# our own (a watch's), which WeCom may never have made.
+COUNTED, LATE, NEVER = "1", "", "never"
 # the fields read before the reply is made a Snapshot
 _AHEAD_FOR, _TEXT = scripts.POLL.row.index("ahead_for"), scripts.POLL.row.index("text")
 
@@ -69,7 +73,7 @@ class Snapshot:
     shows: int = 0  # recorded: how many bytes of the text the frame shows (all, or what showed when it closed early)
     files: str = ""  # a recorded frame of a done stream: the answer's files (JSON), which its holder sends next
     images: list[dict] = field(default_factory=list)
-    owed: str = ""  # a bubble closed early whose answer was given up: what its response_url owes (StreamService.look)
+    owed: str = ""  # an ended answer: what its response_url owes of what its bubble did not show (StreamService.look)
     vouched: int = 0  # Sentinel, Cluster: bytes of the text a poll showed once a replica held them (scripts.VOUCH)
 
     @property
@@ -128,7 +132,7 @@ class PollPath:
         token: str = "",
         hand_card: bool = True,
         record: FrameRecord | None = None,
-        counted: bool = True,
+        counted: str = COUNTED,
     ) -> Snapshot | None:
         """Fold unread deltas into the text and return the snapshot; None for an unknown or expired stream id.
 
@@ -139,9 +143,9 @@ class PollPath:
         When `taker_runs_it` (the stream's worker is alive in the taker's process), a lost lease is only taken back.
         A card this poll hands out is marked with `token` (see `give_card_back`); with `hand_card` off, a waiting
         card is left for a later poll. With a `record`, the poll records what the frame it returns will show
-        (scripts.POLL: a long connection's holder, before it sends that frame). A poll not `counted` (its reply
-        comes after WeCom stopped waiting) does not make a live bubble count as shown (scripts.UNPOLLED).
-        """
+        (scripts.POLL: a long connection's holder, before it sends that frame). A poll `counted` LATE (its reply
+        comes after WeCom stopped waiting) does not make a live bubble count as shown (scripts.UNPOLLED), nor does
+        one counted NEVER (a watch's look) make any bubble."""
         k = self.store.keys
         keys = {
             "stream": k.stream(stream_id),
@@ -164,7 +168,7 @@ class PollPath:
             "record_deadline": f"{record.deadline:.3f}" if record else "0",
             "record_confirmed": "1" if record and record.confirmed else "",
             "vouch": "1" if self._wait_ms and record is None else "",
-            "counted": "1" if counted else "",
+            "counted": counted,
         }
         reply, replica = self._run_poll(keys, args)
         if not reply:

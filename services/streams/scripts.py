@@ -237,7 +237,8 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 #
 # Each poll is counted in `polls` (a bubble no poll showed goes out through response_url: UNPOLLED), but one whose
 # reply WeCom surely waits for no more (`counted` '': a callback read long after it was sent, by a process frozen
-# meanwhile) does not count for a live bubble: nobody may ever see it. It notes `late_poll_at` instead, for every poll
+# meanwhile) does not count for a live bubble: nobody may ever see it; and a look of our own (`counted` 'never': the
+# watch over answers whose rest follows) counts for none. Such a poll notes `late_poll_at` instead, for every poll
 # writes, so that a WAIT after it covers every append before it.
 #
 # An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica (`taker`,
@@ -379,7 +380,7 @@ if A.vouch == '1' and live and #text > tonumber(vouched) then
     for _, v in ipairs({F.ahead_since, A.now}) do writes[#writes + 1] = v end
   end
 end
-if A.counted == '1' or not live then
+if A.counted == '1' or (A.counted == '' and not live) then
   for _, v in ipairs({F.polls, (tonumber(H.polls) or 0) + 1}) do writes[#writes + 1] = v end
 else
   for _, v in ipairs({F.late_poll_at, A.now}) do writes[#writes + 1] = v end

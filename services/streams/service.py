@@ -21,7 +21,7 @@ from services.streams.card_returns import REPLY_DEADLINE_SECONDS, CardReturns
 from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.life import ANSWERED, BUSY, MESSAGE, Reply
-from services.streams.poll_path import FrameRecord, PollPath, Snapshot
+from services.streams.poll_path import COUNTED, LATE, NEVER, FrameRecord, PollPath, Snapshot
 from services.streams.record import DONE, EXPIRED
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, EXISTING, LIMITED, StreamStore, first_attempt
@@ -336,28 +336,40 @@ class StreamService:
         return self._final(stream_id, snapshot)
 
     def look(self, stream_id: str) -> Snapshot | None:
-        """A poll's work on a stream, without a reply or a card handed out (a watch over streams no bubble polls).
-        A bubble closed early whose answer ended is owed, through its response_url, what it did not show of the
-        text Redis holds (`owed`): given up (its replica is gone), with the note that the answer was interrupted;
-        ended by its owner, what that owner's finisher sends (Finisher._send_rest)."""
-        snapshot = self._look(stream_id, hand_card=False)
-        if snapshot is not None and snapshot.close_reason and not snapshot.active:
+        """A poll's work on a stream, without a reply or a card handed out (a watch over streams whose rest goes out
+        as a message of its own); not counted as a poll of its bubble, which WeCom may never have made. An ended
+        answer is owed, through its response_url, what its bubble did not show of the text Redis holds (`owed`):
+        closed early and given up (its replica is gone), that with the note that the answer was interrupted; ended
+        by its owner, what that owner's finisher sends (Finisher._send_rest); '' when the bubble showed it all."""
+        snapshot = self._look(stream_id, hand_card=False, counted=NEVER)
+        if snapshot is None or snapshot.active:
+            return snapshot
+        given_up = EXPIRED in (snapshot.event, snapshot.status)
+        if snapshot.close_reason:
             rest = self.bubble.unshown(snapshot.text, snapshot.closed_bytes, snapshot.close_reason)
-            given_up = EXPIRED in (snapshot.event, snapshot.status)
             snapshot.owed = (
                 self.bubble.remainder(rest, snapshot.note) if rest.strip() or not given_up else snapshot.note
             )
+        elif not given_up:
+            shown = self.bubble.final(snapshot.text, snapshot.note, True)[1]
+            snapshot.owed = self.bubble.remainder(snapshot.text[shown:]) if shown < len(snapshot.text) else ""
         return snapshot
 
     def _look(
-        self, stream_id: str, hand_card: bool, record: FrameRecord | None = None, waited: float = 0.0
+        self,
+        stream_id: str,
+        hand_card: bool,
+        record: FrameRecord | None = None,
+        waited: float = 0.0,
+        counted: str = COUNTED,
     ) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
         replica, a bubble that just closed frees its user's slot (and, closed before its answer ended, is watched
-        until the answer ends). None for an unknown stream."""
+        until the answer ends). A poll read long after it came (`waited`) is counted LATE. None for an unknown
+        stream."""
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
-        counted = waited <= SURELY_UNTAKEN_SECONDS
+        counted = LATE if counted == COUNTED and waited > SURELY_UNTAKEN_SECONDS else counted
         try:
             snapshot = self.poll_path.poll(
                 stream_id,
