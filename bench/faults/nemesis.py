@@ -425,9 +425,9 @@ class Nemesis:
 
     @staticmethod
     def _on_link(link: FaultyLink | LinkGroup, seconds: float, fault) -> None:
-        """`fault` on the proxied `link` for `seconds`, then healed."""
-        fault(link)
+        """`fault` on the proxied `link` for `seconds`, then healed (a fault that failed half-way too)."""
         try:
+            fault(link)
             time.sleep(seconds)
         finally:
             link.heal()

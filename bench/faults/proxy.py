@@ -21,6 +21,7 @@ import contextlib
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from demo.redis_server import PrivateRedisServer
@@ -182,12 +183,26 @@ class FaultyLink:
         return self._rng.random() < self.replies_lost
 
 
-def _reserve_port(port: int) -> socket.socket:
+def _reserve_port(port: int, tries: int = 40) -> socket.socket:
     """A socket bound to 127.0.0.1:`port` (0: a free one) and not listening: a connection to it is refused, as to a
-    port where nothing listens, but no other test's server can take the port while the link is down or not started."""
+    port where nothing listens, but no other test's server can take the port while the link is down or not started.
+    Taken again once its listener closed, the port can be refused for a moment (EADDRINUSE: met once in a 10-minute
+    Sentinel run, in a dify_partition): it is asked for again, every 50 ms for `tries`."""
+    for _ in range(tries - 1):
+        with contextlib.suppress(OSError):
+            return _bound(port)
+        time.sleep(0.05)
+    return _bound(port)
+
+
+def _bound(port: int) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 

@@ -16,9 +16,9 @@ from services.keys import REST_POST_CLAIM_TTL_SECONDS, REST_POST_TTL_SECONDS
 from services.outage import RETRY_DELAYS, best_effort, best_effort_value
 from services.streams.bubble import SEPARATELY
 from services.streams.job import StreamJob
-from services.streams.life import STOPPED, StreamLife
+from services.streams.life import StreamLife
 from services.streams.poll_path import Snapshot
-from services.streams.record import F
+from services.streams.record import STOPPED_BY_USER, F
 from services.streams.store import StreamStore
 from services.wecom.messages import Inbound
 
@@ -159,7 +159,7 @@ class CallbackDelivery:
             pipe.hmget(keys.stream(stream_id), [F.finished_at, F.response_url, F.rest_sent, F.close_reason, F.error])
             pipe.exists(keys.rest_post(stream_id), keys.rest_post_claim(stream_id))
             (ended_at, url, rest_sent, reason, error), recorded = pipe.execute()
-        if recorded or rest_sent or reason == SEPARATELY or error == STOPPED or not (ended_at and url):
+        if recorded or rest_sent or reason == SEPARATELY or error == STOPPED_BY_USER or not (ended_at and url):
             return None
         return float(ended_at), url
 

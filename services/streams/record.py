@@ -105,6 +105,8 @@ FIELDS: dict[str, str] = {
 # The values of `status`.
 PENDING, STREAMING, DONE, ERROR, EXPIRED = "pending", "streaming", "done", "error", "expired"
 ACTIVE_STATUSES = frozenset({PENDING, STREAMING})
+# The `error` of an answer a /stop ended (scripts.STOP writes it, as 'stopped').
+STOPPED_BY_USER = "stopped"
 
 _FIELD = re.compile(r"\bF\.([a-z_][a-z0-9_]*)")
 
