@@ -238,8 +238,9 @@ return row{close_reason = reason, closed_bytes = closed_bytes, inflight_key = H.
 # Each poll is counted in `polls` (a bubble no poll showed goes out through response_url: UNPOLLED), but one whose
 # reply WeCom surely waits for no more (`counted` '': a callback read long after it was sent, by a process frozen
 # meanwhile) does not count for a live bubble: nobody may ever see it; and a look of our own (`counted` 'never': the
-# watch over answers whose rest follows) counts for none. Such a poll notes `late_poll_at` instead, for every poll
-# writes, so that a WAIT after it covers every append before it.
+# watch over answers whose rest follows) counts for none, nor closes a bubble (what WeCom's polls show decides that).
+# Such a poll notes `late_poll_at` instead, for every poll writes, so that a WAIT after it covers every append before
+# it.
 #
 # An active stream whose lease is gone (its replica died or handed it over) is taken by the polling replica (`taker`,
 # if not empty): resumed when its Dify run can be streamed again (a chatflow's or workflow's `workflow_run_id` is known;
@@ -331,7 +332,7 @@ if status == 'pending' or status == 'streaming' then
       note = A.orphan_note
       redis.call('HSET', K.stream, F.status, status, F.note, note, F.error, 'owner_lost', F.finished_at, A.now)
     end
-  elseif reason == '' then
+  elseif reason == '' and A.counted ~= 'never' then
     if now - tonumber(H.created_at) >= tonumber(A.window_seconds) then
       reason = 'window'
     elseif #text > tonumber(A.overflow_bytes) then
