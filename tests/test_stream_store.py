@@ -452,6 +452,27 @@ def test_overflow_closes_the_bubble(store):
     assert (snap.close_reason, snap.closed_bytes) == ("overflow", 110)
 
 
+def test_a_watch_s_look_neither_closes_a_live_bubble_nor_counts_as_its_poll(store, redis_client):
+    """The watch over answers whose rest follows looks at live bubbles too (counted NEVER): what WeCom's polls show
+    decides when a bubble closes, and whether any poll ever showed it."""
+    from services.streams.poll_path import NEVER
+
+    open_stream(store)
+    store.append("s1", "A", ["x" * 150], 0)
+    path = PollPath(store)
+    try:
+        look = path.poll("s1", 330, 100, "orphan note", counted=NEVER)
+        assert (look.close_reason, look.text) == ("", "x" * 150)
+        assert store.reads.polls("s1") == 0
+        store.finish("s1", "A", "done")
+        assert path.poll("s1", 330, 100, "orphan note", counted=NEVER).status == "done"
+        assert store.reads.polls("s1") == 0  # an ended bubble's look neither
+    finally:
+        path.close()
+    assert poll(store, overflow=100).close_reason == ""  # ended live: WeCom's poll shows it whole with its note
+    assert store.reads.polls("s1") == 1
+
+
 def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
     for i in range(3):
         open_stream(store, f"s{i}", f"m{i}")
