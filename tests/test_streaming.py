@@ -216,14 +216,17 @@ def test_an_answer_done_before_its_first_poll_stays_in_its_bubble(simulator, dif
     assert simulator.inbox.received(payload["response_url"]) == []
 
 
-def test_the_rest_a_bubble_closed_early_promised_comes_though_its_finisher_died_after_the_end(
-    simulator, dify, monkeypatch
+@pytest.mark.parametrize("closed_early", [True, False], ids=["closed_early", "live_at_its_end"])
+def test_the_rest_a_bubble_promised_comes_though_its_finisher_died_after_the_end(
+    simulator, dify, monkeypatch, closed_early
 ):
     """An answer longer than its bubble ends in two writes: its end, then its rest written down (RestPosts), which
     any process makes should its poster die. An owner killed between the two (the 10-minute Sentinel run of seed 43:
     95 of 113 sentences, "the rest follows", and the rest never sent) left a done stream whose rest nobody owed. The
-    watch on bubbles closed early makes it, once, when none was written down REST_UNMADE_SECONDS after the end. Here
-    the finisher sends no rest, as if its process had died right after the end."""
+    watch on bubbles whose rest follows makes it, once, when none was written down REST_UNMADE_SECONDS after the
+    end: a bubble a poll closed early is listed by that poll; one still live at the answer's end (its final reply
+    says the rest follows: item 14's twin) by its finisher, before the end. Here the finisher sends no rest, as if
+    its process had died right after the end."""
     from services.callback import delivery, rest_posts
     from services.streams.finisher import Finisher
 
@@ -231,41 +234,16 @@ def test_the_rest_a_bubble_closed_early_promised_comes_though_its_finisher_died_
     monkeypatch.setattr(delivery, "REST_UNMADE_SECONDS", 1.5)
     monkeypatch.setattr(Finisher, "_send_rest", lambda *args: None)
     text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
-    dify.script([d.message(text), d.sleep(2.0), d.end()])  # a poll closes the bubble before the answer ends
+    # a poll closes the bubble before the answer ends; or the answer ends before the first poll
+    dify.script([d.message(text), d.sleep(2.0), d.end()] if closed_early else [d.message(text), d.end()])
     payload = simulator.text_message("a long one, then a death")
-    conversation = simulator.follow(simulator.send(payload))
-    assert conversation.text.endswith(ZH["overflow_continues"])
-    message = simulator.inbox.wait_for(payload["response_url"], timeout=20)
-    assert message is not None, "the rest the bubble promised never came"
-    shown = conversation.text.removesuffix(f"\n\n{ZH['overflow_continues']}")
-    assert shown + message["markdown"]["content"].removeprefix(f"{ZH['continued']}\n\n") == text
-    time.sleep(1.5)  # a bounded look: no second post follows (WeCom would refuse it)
-    assert len(simulator.inbox.received(payload["response_url"])) == 1
-
-
-def test_the_rest_a_live_bubble_promised_at_its_end_comes_though_its_finisher_died_after_the_end(
-    simulator, dify, monkeypatch
-):
-    """Item 14's twin: an answer that ends while its bubble is still live, but longer than the bubble holds, has a
-    final reply saying the rest follows, and its rest written down only after its end. No poll closed the bubble,
-    so nothing listed it for the watch: its finisher lists it before writing the end, and the watch makes the rest
-    when none was written down REST_UNMADE_SECONDS after it. Here the finisher sends no rest, as if its process
-    had died right after the end."""
-    from services.callback import delivery, rest_posts
-    from services.streams.finisher import Finisher
-
-    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
-    monkeypatch.setattr(delivery, "REST_UNMADE_SECONDS", 1.5)
-    monkeypatch.setattr(Finisher, "_send_rest", lambda *args: None)
-    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
-    dify.script([d.message(text), d.end()])
-    payload = simulator.text_message("a long one at once, then a death")
     first = simulator.send(payload)
-    time.sleep(1.0)  # the answer ended before the first poll: the bubble was live at its end
+    if not closed_early:
+        time.sleep(1.0)
     conversation = simulator.follow(first)
     assert conversation.text.endswith(ZH["overflow_continues"])
     message = simulator.inbox.wait_for(payload["response_url"], timeout=20)
-    assert message is not None, "the rest the final bubble promised never came"
+    assert message is not None, "the rest the bubble promised never came"
     shown = conversation.text.removesuffix(f"\n\n{ZH['overflow_continues']}")
     assert shown + message["markdown"]["content"].removeprefix(f"{ZH['continued']}\n\n") == text
     time.sleep(1.5)  # a bounded look: no second post follows (WeCom would refuse it)
