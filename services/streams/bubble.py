@@ -62,6 +62,15 @@ class BubbleRenderer:
             content, shown = fit_bubble(text, f"{note} {overflow}" if note else overflow, self.placeholder)
         return self.links.hide(content), shown
 
+    def rest(self, text: str, note: str, close_reason: str = "", closed_bytes: int = 0) -> str:
+        """What the bubble of an ended answer (`text`, its `note`) did not show, as the message sent on its own: after
+        what it showed when it closed early, with the note; or after what its final reply showed; '' when that
+        showed it all."""
+        if close_reason:
+            return self.remainder(self.unshown(text, closed_bytes, close_reason), note)
+        shown = self.final(text, note, True)[1]
+        return self.remainder(text[shown:]) if shown < len(text) else ""
+
     def remainder(self, remainder: str, note: str = "", header_key: str = "continued") -> str:
         """The markdown sent on its own (response_url, aibot_send_msg): the part the bubble could not show, plus a
         closing note."""

@@ -338,14 +338,9 @@ class Finisher:
         if not finished.close_reason and self.delivery.bubble_lost(job):
             self._send_whole(job, answer, note)
             return
-        if finished.close_reason:
-            unshown = self.bubble.unshown(answer.text, finished.closed_bytes, finished.close_reason)
-            message = self.bubble.remainder(unshown, note)
-        else:
-            shown = self.bubble.final(answer.text, note, True)[1]
-            if shown >= len(answer.text):
-                return
-            message = self.bubble.remainder(answer.text[shown:])
+        message = self.bubble.rest(answer.text, note, finished.close_reason, finished.closed_bytes)
+        if not message:
+            return
         delivered = self._respond(job, message, "rest")
         best_effort(
             lambda: self.store.record(job.stream_id, {"rest_sent": "yes" if delivered else "failed"}),

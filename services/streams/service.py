@@ -344,15 +344,12 @@ class StreamService:
         snapshot = self._look(stream_id, hand_card=False, counted=NEVER)
         if snapshot is None or snapshot.active:
             return snapshot
-        given_up = EXPIRED in (snapshot.event, snapshot.status)
-        if snapshot.close_reason:
-            rest = self.bubble.unshown(snapshot.text, snapshot.closed_bytes, snapshot.close_reason)
-            snapshot.owed = (
-                self.bubble.remainder(rest, snapshot.note) if rest.strip() or not given_up else snapshot.note
-            )
-        elif not given_up:
-            shown = self.bubble.final(snapshot.text, snapshot.note, True)[1]
-            snapshot.owed = self.bubble.remainder(snapshot.text[shown:]) if shown < len(snapshot.text) else ""
+        text, note, reason = snapshot.text, snapshot.note, snapshot.close_reason
+        if EXPIRED not in (snapshot.event, snapshot.status):
+            snapshot.owed = self.bubble.rest(text, note, reason, snapshot.closed_bytes)
+        elif reason:  # given up: the note alone when nothing is left unshown (a live bubble shows it itself)
+            unshown = self.bubble.unshown(text, snapshot.closed_bytes, reason)
+            snapshot.owed = self.bubble.remainder(unshown, note) if unshown.strip() else note
         return snapshot
 
     def _look(
