@@ -96,8 +96,9 @@ class Keys:
         return f"{self.prefix}rest_posts"
 
     def closed_early(self) -> str:
-        """Sorted set of the streams whose bubble a poll closed before their answer ended (score: when), watched
-        until they end (callback mode: services/callback/delivery.py); TTL as rest_posts'."""
+        """Sorted set of the streams whose rest goes out on its own (score: when listed): a bubble a poll closed
+        before its answer ended, or an answer about to end longer than its live bubble; watched until that rest has
+        gone out (callback mode: services/callback/delivery.py); TTL as rest_posts'. (Named for its first use.)"""
         return f"{self.prefix}closed_early"
 
     def rest_post(self, stream_id: str) -> str:

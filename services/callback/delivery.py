@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 # answered too late (three tries of 5 s; a later try finds the stream open and answers with it, so polls start within
 # about 15 s when any try got through). Its answer goes out through response_url instead.
 UNPOLLED_SECONDS = 20.0
-# How many bubbles closed early are looked at per pass of look_after_closed_early.
-CLOSED_EARLY_PAGE = 50
+# How many watched streams are looked at per pass of look_after_watched.
+WATCHED_PAGE = 50
 # An answer about to end is listed before its end is written, which waits through an outage anyway: a try or two.
 BEFORE_THE_END_DELAYS = (0.5, 1.0)
 # An answer whose bubble closed early has its rest written down (RestPosts) by its finisher right after its end; one
@@ -121,7 +121,7 @@ class CallbackDelivery:
 
         best_effort(note, "listing a bubble whose rest follows", delays)
 
-    def look_after_closed_early(self, look: Callable[[str], Snapshot | None]) -> int:
+    def look_after_watched(self, look: Callable[[str], Snapshot | None]) -> int:
         """Each watched stream (its bubble closed early, or its answer about to end longer than its bubble) is
         looked at as a poll would: once its lease has been gone for the takeover grace, a chatflow's run is resumed
         (its finisher sends the rest), and a chat's answer, which cannot be, ends as interrupted: what Redis holds
@@ -132,7 +132,7 @@ class CallbackDelivery:
         key, client = self.store.keys.closed_early(), self.store.client
         client.zremrangebyscore(key, "-inf", time.time() - REST_POST_TTL_SECONDS)  # its response_url is gone
         ended = 0
-        for stream_id in client.zrange(key, 0, CLOSED_EARLY_PAGE - 1):
+        for stream_id in client.zrange(key, 0, WATCHED_PAGE - 1):
             snapshot = look(stream_id)
             if snapshot is not None and snapshot.active:
                 continue
@@ -164,7 +164,7 @@ class CallbackDelivery:
         return float(ended_at), url
 
     def start(self, look: Callable[[str], Snapshot | None]) -> None:
-        self.posts.start(also=lambda: self.look_after_closed_early(look))
+        self.posts.start(also=lambda: self.look_after_watched(look))
 
     def stop_watching(self) -> None:
         self.posts.stop()
