@@ -9,6 +9,7 @@ the same reply without the side effect (`replayed`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import orjson
 
@@ -24,22 +25,14 @@ from services.wecom.messages import Inbound
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class EventHandler:
-    def __init__(
-        self,
-        welcome: Welcome,
-        feedback: FeedbackService,
-        forms: FormAnswers,
-        audit: AuditQueue | None = None,
-        bot: str = "default",
-        owner: str = "",
-    ):
-        self.welcome = welcome
-        self.feedback = feedback
-        self.forms = forms
-        self.audit = audit  # a rating and a tap on a form's card are rows of the audit trail (None: AUDIT off)
-        self.bot = bot
-        self.owner = owner
+    welcome: Welcome
+    feedback: FeedbackService
+    forms: FormAnswers
+    audit: AuditQueue | None = None  # a rating and a tap on a form's card are rows of the audit trail (None: AUDIT off)
+    bot: str = "default"
+    owner: str = ""
 
     def handle(self, message: Inbound) -> dict | None:
         """The reply to an event (only enter_chat has one), after doing what it asks."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from services import metrics
 from services.forms.cards import ACTION_QUESTION, DONE_KEY, answered_card, closed_card, form_card, split_key
@@ -43,20 +44,13 @@ def update_reply(card: dict, only_for: str = "") -> dict:
     return reply
 
 
+@dataclass(eq=False)
 class FormAnswers:
-    def __init__(
-        self,
-        store: FormStore,
-        texts: Texts,
-        go_on_separately: GoOnSeparately,
-        bot: str,
-        media: Mapping[str, MediaService],
-    ):
-        self.store = store
-        self.texts = texts
-        self.go_on_separately = go_on_separately  # StreamService.continue_form
-        self.bot = bot
-        self.media = media  # by route: fetches a file the user sends for a form, uploads it to its Dify app
+    store: FormStore
+    texts: Texts
+    go_on_separately: GoOnSeparately  # StreamService.continue_form
+    bot: str
+    media: Mapping[str, MediaService]  # by route: fetches a file the user sends for a form, uploads it to its Dify app
 
     def click(self, message: Inbound) -> dict | None:
         """The reply to a `template_card_event`: the card updated (within WeCom's 5 s), after claiming the form

@@ -1,12 +1,7 @@
-"""One long-connection bot's pushes: accepted once per Idempotency-Key, within WeCom's limits for the chat, and
-sent once through the outbox by whichever process holds the bot's connection (services/longconn/orphans.py).
-
-A push is a finished message of its own, as the rest of an answer sent separately is: a stream hash (kept a day)
-with the markdown as its text, tracked in the bot's open set; its id is the stream's. The outbox's marker of that
-stream says what became of it (`sent`, `failed <errcode>`), so the status is read where the delivery is decided,
-on any replica. An Idempotency-Key names its push id for a day; a request that finds its key taken answers with
-that id, and makes again what a request that died half-way left unmade (the same id, the same message), so a
-retry after a lost reply or a dead replica neither loses the message nor sends it twice.
+"""One long-connection bot's pushes: accepted once per Idempotency-Key (a day), within WeCom's limits for the chat,
+kept as a finished stream of their own tracked in the bot's open set, and sent once by the outbox of whichever
+process holds the connection (services/longconn/orphans.py), whose marker says what became of them.
+docs/architecture.md, "Long-connection mode" ("Pushes").
 """
 
 from __future__ import annotations
@@ -46,24 +41,15 @@ class Target:
     single: bool
 
 
+@dataclass(eq=False)
 class BotPushes:
-    def __init__(
-        self,
-        bot: str,
-        client: redis.Redis,
-        keys: Keys,
-        store: StreamStore,
-        outbox: Outbox,
-        quota: ChatWindow,
-        owner: str,
-    ):
-        self.bot = bot
-        self.client = client
-        self.keys = keys
-        self.store = store
-        self.outbox = outbox
-        self.quota = quota  # the pushes accepted per chat, against WeCom's limits
-        self.owner = owner
+    bot: str
+    client: redis.Redis
+    keys: Keys
+    store: StreamStore
+    outbox: Outbox
+    quota: ChatWindow  # the pushes accepted per chat, against WeCom's limits
+    owner: str
 
     def push(self, target: Target, markdown: str, idempotency_key: str = "") -> tuple[str, bool]:
         """Accept a push; returns (its id, whether it is new). A repeated Idempotency-Key gives the first id.

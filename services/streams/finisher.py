@@ -1,20 +1,7 @@
-"""The end of every answer: its final state in Redis, and whatever the bubble could not show sent as a message of its
-own, exactly once, the way the bot's WeCom mode offers (services/streams/delivery.py: the message's response_url, or a
-long connection's outbox).
-
-The final state is retried through a Redis outage for as long as WeCom may still poll the bubble (the rest of its
-window, and at least about 7.5 s; a draining process stops waiting): an outage that ends in time, a Sentinel or
-Cluster failover among them (their overlays budget 30 s), costs the user nothing but the wait. If the stream was
-given up by another replica's poll (its lease was gone), what the bubble did not show goes through response_url
-instead (on a long connection, whose response_url is not documented, through the connection's outbox:
-`aibot_send_msg`). If Redis stays away past that patience, what the bubble has not shown goes out that way when it
-is known without Redis: after the text Redis confirmed holding, when the bubble cannot have closed early at less.
-The stream is then finished, as soon as Redis is back, at that text, with a note that the rest was sent separately:
-nothing reaches the user twice, and no poll resumes, restarts or ends it as interrupted after the user has it whole.
-Where only Redis knows what the bubble shows (a long connection's bubble shows what its holder sent; a callback
-bubble may have closed early at less), the end waits for Redis through the window and a minute more, and then sends
-what follows what the bubble showed. Only an outage that outlasts that sends a callback's answer whole (under its
-"full answer" header), the one case where what the bubble showed may reach the user twice.
+"""The end of every answer: its final state in Redis, and what the bubble could not show sent once as a message of
+its own, the way the bot's WeCom mode offers (services/streams/delivery.py). The final state is retried through a
+Redis outage while WeCom may still poll the bubble; what happens past that patience, and why nothing then reaches
+the user twice: docs/architecture.md, "Many replicas" ("Redis stalls or restarts").
 """
 
 from __future__ import annotations
@@ -23,6 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import redis
@@ -54,28 +42,20 @@ MARK_GRACE_SECONDS = 60.0
 WINDOW_MARGIN_SECONDS = 5.0
 
 
+@dataclass(eq=False)
 class Finisher:
     """Records how an answer ended and delivers the rest."""
 
-    def __init__(
-        self,
-        store: StreamStore,
-        delivery: Delivery,
-        bubble: BubbleRenderer,
-        texts: Texts,
-        bot: str = "default",
-        window_seconds: int = BUBBLE_WINDOW_SECONDS,
-        draining: Callable[[], bool] = lambda: False,
-        closed: Callable[[], bool] = lambda: False,
-    ):
-        self.bot = bot
-        self.window_seconds = window_seconds
-        self.draining = draining  # a process that is stopping waits no longer for Redis: the answer goes out now
-        self.closed = closed  # a process that closed waits for nothing: what only Redis can settle is left to it
-        self.store = store
-        self.delivery = delivery  # what the bubble cannot show goes out this way (response_url, or the outbox)
-        self.bubble = bubble
-        self.texts = texts
+    store: StreamStore
+    delivery: Delivery  # what the bubble cannot show goes out this way (response_url, or the outbox)
+    bubble: BubbleRenderer
+    texts: Texts
+    bot: str = "default"
+    window_seconds: int = BUBBLE_WINDOW_SECONDS
+    # A process that is stopping waits no longer for Redis (the answer goes out now); one that closed waits for
+    # nothing (what only Redis can settle is left to it).
+    draining: Callable[[], bool] = lambda: False
+    closed: Callable[[], bool] = lambda: False
 
     def finish(self, job: StreamJob, answer: Answer, status: str, **fields: str) -> Finished | None:
         """Write what is queued and record the final state (with the reply images, and for a done answer its

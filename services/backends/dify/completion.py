@@ -5,6 +5,7 @@ gets; then the final state, through the finisher."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import orjson
 
@@ -24,24 +25,15 @@ from services.wecom.cards import question_card
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class AnswerCompletion:
-    def __init__(
-        self,
-        texts: Texts,
-        finisher: Finisher,
-        health: BackendHealth,
-        dify: DifyClient,
-        profile: DifyAppProfile,
-        files: FileDelivery | None,
-        show_citations: bool,
-    ):
-        self.texts = texts
-        self.finisher = finisher
-        self.health = health
-        self.dify = dify
-        self.profile = profile
-        self.files = files
-        self.show_citations = show_citations
+    texts: Texts
+    finisher: Finisher
+    health: BackendHealth
+    dify: DifyClient
+    profile: DifyAppProfile
+    files: FileDelivery | None
+    show_citations: bool
 
     def complete(self, job: StreamJob, answer: Answer, recorder: AnswerRecorder, note: str) -> None:
         """Dify's answer ended: a failed run is an error (raised for `run` to finish it); else the final state.
