@@ -1,10 +1,6 @@
-"""One bot's services, built by one small builder per feature on what every bot shares (`Shared`). Each builder
-takes the bot's settings group it needs and the parts built before it, and returns a typed part:
-
-    core (keys, stream store, delivery) -> Dify (client, app profile, media) -> files -> forms -> streams
-        -> callback (intake, events) -> the long connection's holder, consumer and pushes (that mode only)
-
-so `build_bot` reads as the order in which a bot comes together, and a new feature is one more builder.
+"""One bot's services, built by one small builder per feature on what every bot shares (`Shared`), so `build_bot`
+reads as the order in which a bot comes together: core -> Dify -> files -> forms -> streams -> callback -> the long
+connection's parts (that mode only). A new feature is one more builder.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""Bots changed live: every serving process reads BOTS_FILE again every CHECK_SECONDS and hands the gateway a set of
-bots that differs from the one it serves (Gateway.apply). An edit of the file, Kubernetes swapping a mounted
-ConfigMap's symlink, or a key a table reads from a Secret's file is in effect on every worker of every replica
-within CHECK_SECONDS, without a restart.
-
-Each check first compares the stamps (inode, modification time, size, following symlinks) of the file and of every
-file its tables name (a mounted Secret changes under the bots file without the bots file changing at all): only when
-one changed is the file read and checked again. The stamps cost a few stat calls, where reading and checking a file of
-100 bots takes tens of milliseconds (BENCHMARKS.md §19).
-
-A file that does not load changes nothing: the bots served stay as they were, its problems are logged once (a new
-set of problems once more), counted in wecom_bots_reloads_total{result="rejected"}, and /readyz stays 200. A file
-that loads is also made the replica's last good copy (config/bots.py), so a worker that restarts later serves it.
+"""Bots changed live: every serving process checks BOTS_FILE (and the files its tables name) every CHECK_SECONDS by
+their stamps, reads it again only when one changed (BENCHMARKS.md §19), and hands the gateway a set of bots that
+differs (Gateway.apply). A file that does not load changes nothing and is logged once (docs/configuration.md,
+"Several bots in one deployment").
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""The only place that knows Redis key names (docs/redis-keys.md) and the fixed TTLs; every key has a TTL.
-
-Keys are namespaced by the optional REDIS_KEY_PREFIX. Other modules call these functions and never format a
-key string themselves.
-
-Keys that one script touches together share a hash tag (the part in braces), so they hash to one Redis Cluster
-slot (docs/configuration.md): a stream's keys and its feedback mapping are tagged with the stream id
-(`dify_stream:{<id>}`, `dify_stream:{<id>}:chunks`, ...), a user's admission keys with the bot and user
-(`inflight:{<bot>:<user>}`, `ratelimit:{<bot>:<user>}`). Every other key is used alone.
+"""The only place that knows Redis key names (docs/redis-keys.md) and the fixed TTLs; every key has a TTL and the
+optional REDIS_KEY_PREFIX. Keys one script touches together share a hash tag (the part in braces: a stream's id, a
+bot and user), so they hash to one Cluster slot; every other key is used alone.
 """
 
 from __future__ import annotations

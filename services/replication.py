@@ -1,30 +1,7 @@
-"""Writes that must outlive a failover.
-
-Sentinel and Cluster replicate asynchronously: a master acknowledges a write before any replica holds it, and when
-the master dies or is demoted, a replica takes over without its last writes. For most of the gateway's writes that
-does no harm: a lease is renewed again within seconds, and a lost delta is met as a conflict and written again. For
-a few it does:
-- a msgid claim: a WeCom retry would open a second answer;
-- a stream's opening and its end: the new master would hold no stream, or an open one a poll would give up;
-- a long-connection answer queued for the workers: nobody would run it;
-- the long-connection outbox's records: what a bubble showed, that its answer was delivered, that a rest was sent
-  or is being sent; without them, the rest goes out again;
-- a schedule's tick claimed: another process would run the tick again;
-- a push's Idempotency-Key claimed, and the push opened (about to go out): a retry would send it again;
-- a form's record, and its prompt and card in its stream: the user could not answer it (no later write finds
-  them missing; a worker waiting for a form whose record is gone writes it again).
-
-`Replication.execute` sends such a write, then `WAIT 1 <wait_ms>` on the same connection (WAIT counts the replicas
-holding what that connection wrote), so it returns once a replica holds the write. Sentinel promotes the replica
-that is furthest ahead, and a Cluster master has its own replica, so the write survives a failover. A write no
-replica confirmed within `wait_ms` stands all the same, unconfirmed, and is counted
-(`redis_writes_unreplicated_total`): waiting longer would only stall the message. With `wait_ms` 0 (one server,
-the demo's embedded store), a write is an ordinary pipeline.
-
-A write no replica confirmed may be lost by a failover in the next moments, and for some no later write finds it
-missing: an answer's end, say, after which nothing is written to its stream. Its caller hands such a write to
-`Replication.until_held`, which makes it again off the answer's path (it must be safe to repeat) until a replica
-holds it: a failover in between that promoted a replica without it finds it made again on the new master.
+"""Writes that must outlive a failover: `Replication.execute` follows such a write with `WAIT 1 <wait_ms>` on its
+connection, so it returns once a replica holds it (or counts it in redis_writes_unreplicated_total and goes on), and
+`until_held` makes a write no replica confirmed again, off the answer's path, until one does. Which writes wait and
+why: docs/architecture.md, "Opening a stream on any topology".
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""One bot's audit trail in Redis: which messages owe a row, and the rows that wait for the database.
-
-A message's row is owed from the moment its stream opens: the bot's `audit_due` set lists it, to be looked at once
-its bubble's window is over, and moves it to now when it ends, whoever ends it (queue.py follows the streams'
-events). Every serving process sweeps the set (`sweep`): a final stream's row is read from its hash and text
-(rows.row_of_stream) and written to the database, then the stream leaves the set. So a row is neither lost (a
-process that dies after the end, or before it, leaves the stream listed for another) nor doubled (the table keeps
-(bot, msgid, kind) unique; two sweeps of one stream write one row).
-
-Writing never waits in an answer's way: it happens in the sweep, after the bubble finished. While the database is
-down, the rows built go to the bot's `audit_pending` set instead (their text in full, kept AUDIT_KEEP_SECONDS at
-least, at most AUDIT_PENDING_MAX rows), and go in when it is back. A reply made without a stream (a command, a
-refusal) is a row of its own, listed there at once (queue.py); one made while Redis was away is held in the process
-that made it, whose sweep writes it to the database before it asks Redis for anything.
+"""One bot's audit trail in Redis: the messages that owe a row (`audit_due`), swept into the database by every
+serving process after the bubble finished, and the rows that wait for it while it is down (`audit_pending`). A row
+is neither lost nor doubled: docs/audit.md, "Exactly one row per message".
 """
 
 from __future__ import annotations

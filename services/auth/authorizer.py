@@ -1,11 +1,5 @@
-"""Who may ask, and with which token: Redis token cache -> MySQL user table -> external auth API (docs/protocol.md).
-
-A cached token answers without touching the database or the auth API, so users with a live token keep working
-through an outage of either. On a miss, one request per user (on any replica) does the exchange while the
-others wait for its result: the `authorization:flight:{userid}` key is the lock (`running <leader's own mark>`), and
-afterwards briefly holds a refusal or outage so the rest of a burst shares that outcome instead of asking again.
-A leader settles the flight only while it is still its own: one whose lock ran out during a slow exchange never
-deletes or overwrites the next leader's.
+"""Who may ask, and with which token: Redis token cache -> MySQL user table -> external auth API, one exchange per
+user at a time across replicas, its outcome shared with the burst behind it (docs/protocol.md, "The auth API").
 """
 
 from __future__ import annotations

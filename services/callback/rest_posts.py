@@ -1,18 +1,8 @@
-"""Messages an answer owes its user through the message's response_url (callback mode): the rest of a bubble that
-closed early or overflowed, or the whole answer when no bubble could show it. Such a post is tried for about 15 s
-while WeCom is busy (services/wecom/response_url.py); a process that dies or freezes meanwhile must not take the
-message with it, since the bubble has already promised it.
-
-So before the first try the message is written down (a hash per stream, kept as long as the URL lives), claimed by
-its poster (`sending <claimant>`, renewed before each try) and listed in the bot's set of owed posts. Once WeCom
-took it or refused it for good, the claim says `sent` or `failed` for a day and the listing goes. Every serving
-process sweeps the list every few seconds: a post whose claim lapsed (its poster died, or froze past the claim) is
-claimed and posted there. A post is made by one claimant at a time; a frozen poster that wakes finds its claim gone
-and stops. The one window left is a poster frozen past its claim between renewing it and posting, which then posts
-beside its successor: WeCom takes a response_url once and refuses the second.
-
-When Redis does not answer, the message is posted at once without this record (the finisher's answer to an outage:
-the user is not kept waiting for Redis)."""
+"""Messages an answer owes its user through the message's response_url (callback mode): written down, claimed by
+their poster and listed before the first try, so that a poster that dies or freezes leaves them to another process's
+sweep, and made once (docs/architecture.md, "Many replicas"). When Redis does not answer, the message is posted at
+once without this record.
+"""
 
 from __future__ import annotations
 

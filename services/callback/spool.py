@@ -1,17 +1,6 @@
-"""A callback's new message kept in the database while Redis is away, and taken by the first poll once it is back.
-
-A callback's new message is taken again for CALLBACK_INTAKE_SECONDS while Redis does not answer (a blip, the last
-seconds of a failover); an outage longer than that used to end it with "please send it again". WeCom, though, polls
-the bubble of a reply for six minutes. So the message is written to the `wecom_callback_spool` table of the
-gateway's database (DATABASE_URL) under a fresh stream id, and the reply is a live bubble of that id. Its polls are
-answered 503 while Redis is away (WeCom polls again); the first one Redis answers without knowing the stream claims
-the row (one process, a conditional UPDATE), takes the message as new under that same stream id and answers with
-it; from then on, Redis has the stream. A WeCom repeat of the message meanwhile finds its row and gets the same id.
-A msgid some process took in Redis already (a try that ran though its reply was lost) is answered with that stream,
-under this bubble's id.
-
-No database (or the database away too), no spool: the message is ended with the note, as before. What both spools
-(this and a long connection's, services/longconn/spool.py) do alike is services/chat/spool_rows.py.
+"""A callback's new message kept in the database's `wecom_callback_spool` while Redis is away, under the id of the
+live bubble it is answered with; the first poll of that bubble Redis answers takes it as new (docs/architecture.md,
+"Many replicas"). What both spools share is services/chat/spool_rows.py.
 """
 
 from __future__ import annotations

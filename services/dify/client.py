@@ -1,16 +1,7 @@
-"""Dify Service API client: the streaming chat call turned into typed events, and the small side endpoints.
-
-`stream_chat()` yields one list of events per network read (possibly empty, e.g. a ping), so the caller can
-write each read's deltas to Redis in one batch and check its own deadline between reads. Its body is read by the
-process's read pump (services/transport): a `relay` callback may handle the plain batches right there, in the
-pump's thread, and only the rest wake the caller. Every way the call can fail raises a `BackendError` subclass
-(services/transport/errors.py); a stream that ends without `message_end` or `error` raises `BackendStreamCut`.
-
-A chatflow's or workflow's run is Dify's own record too (`GET /workflows/run/{id}`), and a run's stream is checked
-against it where the stream alone would mislead: one that brings only pings for `quiet_run_seconds` (Dify 1.16.0
-relays no end to a listener of a run whose first reader went away) ends with the record's `workflow_finished` once
-the run is over, and a run streamed as `stopped` with no outputs takes the outputs its record kept
-(services/dify/run_records.py).
+"""Dify Service API client: the streaming chat call turned into typed events (one list per network read, read by
+the process's read pump), and the small side endpoints. Every failure raises a `BackendError` subclass; a stream
+that ends without `message_end` or `error` raises `BackendStreamCut`. A run's stream is checked against Dify's run
+record where the stream alone would mislead (services/dify/run_records.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""What becomes of each file of an answer (docs/architecture.md, "Files Dify makes").
-
-Callback mode: an image goes inline on the final reply (shrunk under WeCom's 512 KB if it must be, its original
-then linked too); any other file becomes a line in the answer with a signed link to the gateway
-(`PUBLIC_BASE_URL/wecom/files/<token>`), or its name alone without PUBLIC_BASE_URL. Long-connection mode: a file
-within WeCom's caps is left to the connection holder to upload and send after the answer (`uploads`); a larger one
-is linked. A file that cannot be fetched, or is over FILE_MAX_BYTES, becomes one line saying so; the answer itself
-always completes, and every other file still goes out.
+"""What becomes of each file of an answer: inline, linked, named, or uploaded by the connection holder; a file that
+cannot be had becomes one line saying so, and the answer always completes (docs/architecture.md, "Files Dify
+makes").
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""Exactly one holder per bot: a lease in Redis with a generation number as fencing token.
-
-A process takes the lease when nobody holds it, which bumps the bot's generation; it keeps the lease by renewing it
-with that generation, and a renewal that finds another holder or generation fails, so the process stops sending at
-once. Asynchronous replication (Sentinel, Cluster) can roll the lease and the counter back after a failover, so
-two processes may briefly both believe they hold it: WeCom then kicks the older connection, and the kicked process
-compares generations (`cool_down`, which cools down only for a subscriber that is not ours) to recognise its own
-successor and yield, never a kick loop. A generation is
-never below the current time in milliseconds, so one issued after a rollback is still newer than the lost ones.
+"""Exactly one holder per bot: a lease in Redis with a generation as fencing token, never below the clock in
+milliseconds, so that after a failover rolled it back the newer holder still has the larger one and the older yields
+instead of kicking back (`cool_down`). docs/architecture.md, "Long-connection mode".
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
-"""Answers whose stream can no longer be updated over the WebSocket: its req_id died with the connection that
-received it (846605: the holder changed) or its window passed (846608). Such a stream's rest reaches the user once,
-as a proactive markdown message (`aibot_send_msg`) when the answer is final.
-
-Every stream answered over the WebSocket is tracked in the bot's open set, with the generation of the connection
-that answers it and, in the stream hash, how much of the stream's text the last frame handed to the socket shows
-(`ws_shows`, bytes; written by the poll that made the frame, before it goes out, scripts.POLL). That is what the
-bubble shows: WeCom shows a frame about 0.3 s before its ack comes back, and a holder killed in between would
-otherwise send that text again (the one estimate that can be wrong is a frame lost with the socket within moments of
-its sending, whose text is then missing from the rest); a frame WeCom refused lowers it to the last one taken.
-A holder delivers, once the answer is final, the rest of every tracked stream that is not one of its own live
-replies. A marker per stream makes the delivery happen once across processes: `sending` (30 s) while its claimant makes
-the message, `handed` (for a day) from just before the frame goes to the socket, then `sent` at its ack. A send
-that fails, or is refused, clears it, so the next pass tries again. A handed send whose ack never comes is settled
-by what its connection proves (orphans.py): an ack of a frame sent after it says WeCom read it (one socket reads in
-order), and a connection that ended without that proof sends it again. A holder that dies meanwhile leaves its
-handed markers to the next holder, who takes them for sent once they are HANDED_WAIT_SECONDS old: a killed process's
-socket still sends what it was handed. So a send whose ack was lost is not sent twice, nor one whose holder died;
-the one window left is a connection lost with the frame in it, whose ack can never come (sent again: at-least-once
-there) or a holder lost with its socket (at most once there).
-
-Every record here must outlive a Redis failover (a lost one sends a rest again, or never), so each waits for a
-replica to hold it (services/replication.py).
+"""The long connection's outbox: the rest of an answer whose req_id died (846605, 846608) goes out once as
+`aibot_send_msg` when the answer is final, counted from what the last frame handed to the socket showed (`ws_shows`).
+A marker per stream makes it once across processes: `sending` while claimed, `handed` from just before the frame
+goes out, `sent` at its ack; a handed send whose ack never came is settled by orphans.py. Every record waits for a
+replica (services/replication.py). docs/architecture.md, "Long-connection mode", tells the whole of it.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
-"""A long connection's messages kept in the database while Redis is away.
-
-WeCom delivers a message on a long connection once, and takes no acknowledgement but the reply. A message read while
-Redis does not answer is taken again for a while (services/longconn/inbound.py), in the memory of the process that
-read it; were that process to die meanwhile, the message would be gone. So before that, it is written to the
-`wecom_ws_spool` table of the gateway's database (the user table's, DATABASE_URL), and dropped from it once its
-reader has answered it. A row still there well after its reader's patience ran out (its reader died, or was stopped)
-is taken by any serving process once Redis answers (`SpoolDrain`): the message is taken as new (a msgid some
-process took already is left to that one's answer), and, the frame it came on being gone with its reader, answered
-as a message of its own (aibot_send_msg, through the outbox).
-
-A message whose intake is slow (Redis slow to answer, not away) is kept too, once its intake has run for
-KEEP_AFTER_SECONDS (`KeptWhileTaken`): a reader that died in the second its intake took under a slow Redis took the
-message with it (found by the fault campaign: the holder SIGKILLed 1.5 s into an intake under Redis 189 ms slower).
-
-No database, no spool: a message read while Redis is away then lives in its reader's memory alone, as before.
+"""A long connection's messages kept in the database's `wecom_ws_spool` while Redis is away (WeCom delivers such a
+message once and takes no acknowledgement), or once its intake has run KEEP_AFTER_SECONDS under a slow Redis; a row
+whose reader died is answered by any serving process once Redis is back, through the outbox (`SpoolDrain`). No
+database, no spool. docs/architecture.md, "Many replicas" ("Redis stalls or restarts").
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""Schedules: a bot's backend asked on a timetable, its answer pushed (docs/operations.md, "Schedules").
-
-Every serving process runs one Scheduler, which once a second (`step`) fires the ticks that fell due and follows the
-ticks not yet settled, whichever process started them:
-
-- **Fire.** Each schedule's next tick is known in the process, so a second with nothing due costs one Redis call
-  per bot (its open ticks). A tick due is claimed once across every process (services/schedules/ticks.py): the
-  claimer starts its answer; a tick found later than its `catch_up_seconds` is skipped instead, and said so. A
-  schedule never seen before counts its ticks from its next one (a new schedule is not late for the ones before);
-  a process that watched it already runs the tick it waited for, should Redis have lost the schedule's record.
-- **Follow.** A try whose process died (its stream's lease lapsed before it ended) is taken over: the old stream is
-  ended, the backend asked again in a new try (at most MOST_TRIES). An answer that ended is pushed to each target
-  by one process at a time, each target once (services/schedules/targets.py); a failed or empty answer pushes
-  nothing and says why. Each tick is one audit row (kind `schedule`), a count in wecom_schedule_runs_total and a
-  log line.
+"""Schedules: a bot's backend asked on a timetable, its answer pushed (docs/operations.md, "Schedules"). Every
+serving process runs one Scheduler, which once a second fires the ticks that fell due (each claimed once across
+processes: ticks.py; one later than `catch_up_seconds` is skipped) and follows the ticks not yet settled, whichever
+process started them: a try whose process died is tried again (at most MOST_TRIES), and an answer that ended is
+pushed to each target once (targets.py).
 """
 
 from __future__ import annotations

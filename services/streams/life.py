@@ -1,26 +1,7 @@
-"""A stream's life as events, for the features that follow streams without the stream core naming them:
-
-- `opened`: a stream opened for a message; `replied`: a message answered without one (a command, a refusal, Redis
-  away); `ended`: a stream became final, however it ended (its worker, a takeover's, a /stop, a poll that gave it
-  up). The audit trail follows these (services/audit/queue.py).
-- `closed_early`: a poll closed a bubble before its answer ended (its window or size ran out): callback mode's
-  watch follows the answer to its end (services/callback/delivery.py).
-- `rest_owed`: an answer is about to end longer than its bubble shows, its bubble still live: the final reply says
-  the rest follows, as a message of its own after the end, and the same watch sees that it does.
-- `expired`: a poll gave a stream up, its replica gone with text shown that cannot be taken again.
-- `handed_over`: the stream's work moved between processes: `taken_over` or `resumed` here by a poll, or stopped
-  here (`handed_over` by a draining process, `taken_over_elsewhere`).
-- `left`: the stream's worker in this process stopped, however (its answer slot goes back: services/streams/
-  slots.py).
-
-The metrics count closings, expiries and hand-overs (`follow_outcomes` below). A bot without a feature has no
-subscriber for its event, and sending costs a lookup.
-
-The signals are blinker's, one set per bot (`StreamLife()`); a receiver takes the sender (the stream id, or the
-`Reply`) and the keyword arguments named below, and must not raise (it runs on the stream's own path).
-
-How a message ended and what a record is of are named here once: the stream core says them, the audit trail
-records them.
+"""A stream's life as blinker signals, one set per bot (`StreamLife()`), so that the features that follow streams
+(the audit trail, callback mode's watch, the answer slots, the metrics) subscribe and the stream core names none of
+them. Each signal's meaning and arguments are beside it below; a receiver must not raise (it runs on the stream's
+own path). How a message ended and what a record is of are named here once.
 """
 
 from __future__ import annotations
@@ -68,14 +49,14 @@ class StreamLife:
 
     def __init__(self) -> None:
         signals = Namespace()
-        self.opened = signals.signal("opened")
-        self.closed_early = signals.signal("closed_early")
-        self.rest_owed = signals.signal("rest_owed")
-        self.expired = signals.signal("expired")
-        self.handed_over = signals.signal("handed_over")
-        self.left = signals.signal("left")
-        self.ended = signals.signal("ended")
-        self.replied = signals.signal("replied")
+        self.opened = signals.signal("opened")  # for a message (the audit trail follows it, and ended, replied)
+        self.closed_early = signals.signal("closed_early")  # a poll closed its bubble first: window or size ran out
+        self.rest_owed = signals.signal("rest_owed")  # about to end longer than its live bubble shows
+        self.expired = signals.signal("expired")  # a poll gave it up: its replica gone with text shown
+        self.handed_over = signals.signal("handed_over")  # taken_over, resumed, handed_over, taken_over_elsewhere
+        self.left = signals.signal("left")  # its worker here stopped, however (its answer slot goes back)
+        self.ended = signals.signal("ended")  # it became final, however it ended
+        self.replied = signals.signal("replied")  # a message answered without a stream (a command, a refusal)
 
 
 def follow_outcomes(life: StreamLife, count: Callable[[str], object]) -> None:

@@ -1,20 +1,8 @@
-"""The poll path: what a poll of a stream does in Redis, one script (scripts.POLL) that folds the unread deltas into
-the bubble's text and, in the same step, closes a bubble past its window or size, takes over or resumes an answer
-whose replica died, and hands out a waiting card. Polls come from the request threads of every replica, thousands a
-second, so they run on connections of their own (redis_conn.HotPathConnections), and under Sentinel a watch of the
-master keeps those connections off a master that was failed over.
-
-Under Sentinel and Cluster, a live bubble shows only text a replica holds: appends do not wait for a replica, and a
-failover that promoted one without the last of them would make the next poll show less than the last one did. A poll
-whose text ran ahead of what the stream's last confirmed poll showed (`vouched_bytes`) waits for a replica (WAIT, on
-the connection that ran the script: everything the master held when it ran is then on a replica), notes what it shows
-(scripts.VOUCH) and waits for a replica again, so that the note outlives a failover too, and shows it; one that no
-replica confirms within REDIS_CLAIM_WAIT_MS (either time) shows what was vouched for, and the rest at a later poll.
-Text ahead for HOLD_BACK_SECONDS is shown all the same: a replica that far behind is most likely gone for good (a
-Cluster shard whose replica died), and a bubble that froze would cost more than the window.
-A long connection's frames are not held back (their record of what a frame shows is written by the same script).
-
-Also here: the card a poll's lost reply gives back.
+"""The poll path: one script (scripts.POLL) folds a stream's unread deltas into the bubble's text and, in the same
+step, closes a bubble past its window or size, takes over or resumes an answer whose replica died, and hands out a
+waiting card. Polls run on connections of their own (redis_conn.HotPathConnections). Under Sentinel and Cluster a
+live bubble shows only text a replica holds (`vouched_bytes`, HOLD_BACK_SECONDS): docs/architecture.md, "Opening a
+stream on any topology". Also here: the card a poll's lost reply gives back.
 """
 
 from __future__ import annotations

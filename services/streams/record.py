@@ -1,11 +1,6 @@
-"""The stream record, the hash `dify_stream:{id}` (Keys.stream): its fields named once, for the Lua scripts that
-write and read it (scripts.py: `F.<field>` in a script is that field's name, checked when the module loads) and for
-the Python that reads it (`meta[F.status]`, `hget(keys.stream(id), F.owner)`: job.py, the audit row, the inspector,
-the long connection's outbox and orphans; `F` is below).
-
-A field not named here cannot be written in a stream script nor read in Python (tests/test_stream_record.py fails on
-a field name spelt as a string in either, and on an `F.<field>` this table lacks), so a misspelt name fails a test
-instead of reading nothing.
+"""The stream record, the hash `dify_stream:{id}` (Keys.stream): its fields named once (`F`, below), for the Lua
+scripts (`F.<field>` in a script, checked when the module loads) and for the Python that reads it. A field name
+spelt elsewhere fails tests/test_stream_record.py.
 """
 
 from __future__ import annotations

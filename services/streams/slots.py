@@ -1,12 +1,6 @@
-"""A cap on the answers one bot has running in Dify at once, across every replica (MAX_ACTIVE_ANSWERS_PER_BOT), with a
-line to wait in (QUEUE_WAIT_SECONDS).
-
-Before its Dify call, an answer takes one of the bot's slots (`take`); over the cap it joins the bot's line and
-waits, its bubble saying how many are ahead, until a slot is free for it (first come, first served: the line is
-ordered by arrival, on whichever replica each question came in) or its wait runs out (the user gets a busy reply).
-A slot is given back when the answer ends, is stopped or fails (`release`); a slot whose process died (SIGKILL)
-lapses: each process renews the slots of its running answers every few seconds, and a slot not renewed for
-STREAM_LEASE_SECONDS is taken away, as is the place in line of a waiter that stopped asking.
+"""A cap on the answers one bot has running at once across every replica (MAX_ACTIVE_ANSWERS_PER_BOT), with a line
+to wait in, first come first served (QUEUE_WAIT_SECONDS). A slot comes back when its answer ends (`release`), or
+lapses when its process stops renewing it (docs/architecture.md, "The enterprise's controls on a message's way").
 """
 
 from __future__ import annotations

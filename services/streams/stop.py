@@ -1,12 +1,6 @@
-"""A user's /stop: the answer streaming in that chat ends now, whichever replica or worker runs it.
-
-The stop is one script on the stream (scripts.STOP): the stream turns final with its text so far and a short note,
-and no attempt owns it any more, so its worker's next write and its next lease renewal are refused wherever it
-runs (it stops within a lease renewal at most, writing nothing), and no poll resumes or restarts it. A poll or a
-long-connection frame shows the note at once. The backend's stop is called once per stopped answer (Dify's stop
-endpoint; an OpenAI-compatible stream is simply closed by its worker): here when the task id is known, else by the
-worker when it learns it (`stop_backend_later`). Dify may go on running a chatflow's nodes after its stop (dify
-#40966); the bubble has ended whatever it does.
+"""A user's /stop: the answer streaming in that chat ends now, whichever replica runs it, in one script on the stream
+(scripts.STOP); the backend's stop is called once (docs/architecture.md, "Stopping an answer from any replica").
+Dify may go on running a chatflow's nodes after its stop (dify #40966); the bubble has ended whatever it does.
 """
 
 from __future__ import annotations
