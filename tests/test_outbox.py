@@ -310,7 +310,9 @@ def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown
     client.close()
 
 
-def growing_past_a_first_frame(private_redis) -> tuple[redis.Redis, StreamStore, _Connection, ReplyPump]:
+def growing_past_a_first_frame(
+    private_redis, wait_ms: int = 0
+) -> tuple[redis.Redis, StreamStore, _Connection, ReplyPump]:
     """Stream s1 on a private Redis (a socket timeout of 0.5 s), answered by a pump whose records carry that deadline:
     its first frame, "The first words", acknowledged, and the stream grown past it since."""
     client = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=0.5)
@@ -321,15 +323,17 @@ def growing_past_a_first_frame(private_redis) -> tuple[redis.Redis, StreamStore,
     pump.open("req-1", "s1", streams.poll("s1"))
     connection.acks.pop()({"errcode": 0})
     streams.show("s1", "The first words, and more")
+    store.durable.wait_ms = wait_ms  # from here on, the pump's passes wait for a replica (Sentinel, Cluster)
     return client, store, connection, pump
 
 
 def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(private_redis):
-    """A pass's poll records its frame; Redis then stops answering before the pass's write for a replica, so the
-    frame does not go out; the next pass's poll fails too. When Redis is back, the first record is undone, not only
-    the second pass's (seen in the campaign: only the latest undo per stream was kept, the first record stood, and
-    the next holder's rest began after text the bubble never showed)."""
-    client, store, connection, pump = growing_past_a_first_frame(private_redis)
+    """Where the pass waits for a replica (Sentinel, Cluster), a pass's poll records its frame; Redis then stops
+    answering before the pass's write for a replica, so the frame does not go out; the next pass's poll fails too.
+    When Redis is back, the first record is undone, not only the second pass's (seen in the campaign: only the latest
+    undo per stream was kept, the first record stood, and the next holder's rest began after text the bubble never
+    showed)."""
+    client, store, connection, pump = growing_past_a_first_frame(private_redis, wait_ms=50)
     pump.ledger.dead("another")  # an ack noted earlier, for the pass's write to carry
     real_flush = pump.ledger.flush
 
@@ -350,6 +354,36 @@ def test_a_record_whose_undo_waited_behind_a_later_failed_pass_is_still_undone(p
     assert connection.acks == []
     assert shown_of(store.reads.meta("s1"))[0] == "The first words"
     client.close()
+
+
+def test_on_one_server_no_call_of_the_pass_stands_between_a_frame_s_record_and_its_frame(redis_client):
+    """On one server each poll confirms its own record, and its frame went out only after the pass's other polls
+    and its write of the acks: a reply Redis lost in between held the pass for the socket timeout, and a holder
+    killed then left a record that no frame followed, so the next holder's rest skipped that text and said nothing
+    more followed (seed 46's one-server run). Now the frame goes out before the pass asks Redis anything else."""
+    store, outbox, streams = tracked_stream(redis_client, lease_seconds=5)
+    store.create("s2", "m2", "holder:1", "bot1", "bob", {"userid": "bob"})
+    outbox.track("s2", "req-2", 3, "bob", True)
+    connection = _Connection()
+    pump = ReplyPump("bot", streams, outbox, lambda: connection)
+    for stream_id in ("s1", "s2"):
+        pump.open(f"req-{stream_id[1]}", stream_id, streams.poll(stream_id))
+        connection.acks.pop()({"errcode": 0})
+    streams.show("s1", "The first words")
+    streams.show("s2", "Other words")
+    out_when_blocked = []
+    polled = streams.frame
+
+    def frame(stream_id: str, record: FrameRecord | None) -> Frame:
+        if stream_id == "s2":  # its reply is lost: the holder waits, and is killed while it waits
+            out_when_blocked.append(len(connection.acks))
+            raise redis.TimeoutError("Timeout reading from socket")
+        return polled(stream_id, record)
+
+    streams.frame = frame
+    pump.pump()
+    assert out_when_blocked == [1]  # s1's frame, recorded and confirmed by its poll, was out by then
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
 def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(private_redis):

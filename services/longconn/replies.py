@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services import metrics
 from services.longconn import frames
@@ -21,7 +21,7 @@ from services.longconn.uploads import FileSender
 from services.redis_conn import REDIS_FAILURES
 from services.streams.poll_path import FrameRecord
 from services.streams.record import F
-from services.streams.service import StreamService
+from services.streams.service import Frame, StreamService
 from utils.text import utf8_len
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,17 @@ class _Reply:
         """What the bubbles of this stream surely show: this req_id's last acknowledged frame, or what another req_id
         of the stream showed when it began, whichever is more."""
         return max(self.acked, self.floor)
+
+
+@dataclass
+class _Pass:
+    """What one pass of the pump did with its frames: the streams whose frame went out, and what the bubbles of those
+    whose frame did not go out show."""
+
+    session: Session
+    token: str
+    went_out: set[str] = field(default_factory=set)
+    unsent: dict[str, int] = field(default_factory=dict)
 
 
 class ReplyPump:
@@ -110,11 +121,15 @@ class ReplyPump:
 
     def pump(self, session: Session | None = None) -> None:
         """One pass over the open replies: each with no frame in flight is polled, the poll recording what the frame
-        it returns will show (scripts.POLL); what the acks since the last pass said is written with one wait for a
-        replica to hold both (per Redis node); then a frame goes out for each bubble that changed, on `session` (the
-        keeper's connection; by default the current one). A pass outlived by its connection (a holder frozen
-        mid-pass, slow polls in a Redis stall) sends nothing, and a frame of it that does not go out has its record
-        undone: its text was taken for shown, and the next holder's rest began after it (seen in the campaign)."""
+        it returns will show (scripts.POLL), and a frame goes out for each bubble that changed, on `session` (the
+        keeper's connection; by default the current one). Where there is a replica to wait for, the pass's records
+        are confirmed together once one holds them (with what the acks since the last pass said), and only then do
+        the frames go out; on one server each poll confirms its own record and its frame goes out at once, so no
+        other call of the pass (a reply Redis lost blocks it for the socket timeout) stands between a record and its
+        frame (seed 46's one-server run: a holder killed in such a wait left a record its frame never followed).
+        A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall) sends nothing, and
+        a frame of it that does not go out has its record undone: its text was taken for shown, and the next
+        holder's rest began after it (seen in the campaign)."""
         session = session or self._session()
         if session is None or session is not self._session():
             self.flush_acks()
@@ -126,8 +141,11 @@ class ReplyPump:
                 for req_id, reply in self._replies.items()
                 if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
             ]
-        # one server: nothing to wait for between the polls and the sends, and each poll confirms its own record
-        record = FrameRecord(secrets.token_hex(6), self.ledger.deadline(), confirmed=not self.outbox.durable.wait_ms)
+        one_server = not self.outbox.durable.wait_ms
+        if one_server and not self.flush_acks():  # what the acks said goes before the records the polls make
+            return
+        record = FrameRecord(secrets.token_hex(6), self.ledger.deadline(), confirmed=one_server)
+        pass_ = _Pass(session, record.token)
         changed = []
         for req_id, reply in due:
             asked = time.time()
@@ -142,31 +160,43 @@ class ReplyPump:
             stream = frame.reply.get("stream") or {}
             # An unchanged bubble needs no frame, and its record stands: the text it counts shows as it did.
             if stream.get("content") != reply.content or stream.get("finish") or "template_card" in frame.reply:
-                changed.append((req_id, reply, frame))
-        try:  # a replica holds the records before their frames go out (services/replication.py)
-            self.ledger.flush({reply.stream_id for _, reply, _ in changed}, record.token)
-            confirmed = True
-        except REDIS_FAILURES as exc:
-            logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
-            confirmed = False
-        unsent: dict[str, int] = {}  # stream id -> what its bubbles show, for each frame of the pass not sent
-        went_out: set[str] = set()
-        for req_id, reply, frame in changed:
-            if not confirmed or session is not self._session():  # the connection ended meanwhile
-                unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.sent)
-                continue
-            reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
-            if self.send(req_id, frame.reply, frame.shows, session, record.token):
-                went_out.add(reply.stream_id)
-            else:
-                unsent[reply.stream_id] = max(unsent.get(reply.stream_id, 0), reply.least_shown)
+                if one_server:
+                    self._send_frame(pass_, req_id, reply, frame)
+                else:
+                    changed.append((req_id, reply, frame))
+        if not one_server:
+            self._confirm_and_send(pass_, changed)
         # A stream's record is undone only if none of its frames went out: one that did (another bubble of the
         # stream, a repeated delivery's) shows what the record says (seen in the campaign).
-        for stream_id, shows in unsent.items():
-            if stream_id not in went_out:
+        for stream_id, shows in pass_.unsent.items():
+            if stream_id not in pass_.went_out:
                 self.ledger.unsent(stream_id, record.token, shows)
-        if unsent and session is not self._session():
+        if pass_.unsent and session is not self._session():
             self.flush_acks()  # no keeper of that connection passes again to write it
+
+    def _confirm_and_send(self, pass_: _Pass, changed: list[tuple[str, _Reply, Frame]]) -> None:
+        """Write what the acks said with the pass's confirmations, and wait once for a replica to hold them and the
+        records before them (per Redis node); then send the pass's frames. None goes out when that write fails."""
+        try:  # a replica holds the records before their frames go out (services/replication.py)
+            self.ledger.flush({reply.stream_id for _, reply, _ in changed}, pass_.token)
+        except REDIS_FAILURES as exc:
+            logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
+            for _, reply, _ in changed:
+                pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.sent)
+            return
+        for req_id, reply, frame in changed:
+            self._send_frame(pass_, req_id, reply, frame)
+
+    def _send_frame(self, pass_: _Pass, req_id: str, reply: _Reply, frame: Frame) -> None:
+        """Send a frame of the pass, recorded under its token; note what became of it."""
+        if pass_.session is not self._session():  # the connection ended meanwhile
+            pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.sent)
+            return
+        reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
+        if self.send(req_id, frame.reply, frame.shows, pass_.session, pass_.token):
+            pass_.went_out.add(reply.stream_id)
+        else:
+            pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.least_shown)
 
     def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None, token: str = "") -> bool:
         """Send one stream frame on `req_id` (on `session`, by default the current connection), showing `shows` bytes
@@ -250,9 +280,12 @@ class ReplyPump:
             if self.files is not None:
                 self.files.after_answer(stream_id, reply.files)
 
-    def flush_acks(self) -> None:
-        """Write what the acks since the last call said (one wait for a replica per Redis node)."""
+    def flush_acks(self) -> bool:
+        """Write what the acks since the last call said (one wait for a replica per Redis node); False when Redis did
+        not take it (it is kept for the next call)."""
         try:
             self.ledger.flush()
         except REDIS_FAILURES as exc:
             logger.warning("could not record what the bubbles show (kept for the next pass): %s", exc)
+            return False
+        return True
