@@ -386,6 +386,25 @@ def test_on_one_server_no_call_of_the_pass_stands_between_a_frame_s_record_and_i
     assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
+def test_on_one_server_a_refusal_that_came_before_the_pass_s_write_is_not_taken_for_old_news(redis_client):
+    """On one server a pass's frames go out before its write of the acks, which drops what earlier acks said of the
+    bubbles the pass recorded anew. A refusal of the pass's own frame may be among them: it stands, and the record
+    says the bubble shows what WeCom last took (else the next holder's rest would skip the refused frame's text)."""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    streams.show("s1", "The first words, and more")
+    taking = connection.send
+
+    def refused_at_once(text, req_id="", on_ack=None):
+        went_out = taking(text, req_id, on_ack)
+        connection.acks.pop()({"errcode": 40058, "errmsg": "refused"})
+        return went_out
+
+    connection.send = refused_at_once
+    pump.pump()
+    pump.flush_acks()
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
+
+
 def test_a_record_of_frames_redis_runs_after_its_writer_gave_up_writes_nothing(private_redis):
     """A record of frames carries a deadline, the Redis socket timeout: one whose reply never came (Redis paused
     with it in its socket) is refused when Redis runs it, so it cannot land after a newer record (seen on Sentinel in

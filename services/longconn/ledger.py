@@ -44,15 +44,18 @@ class AckLedger:
         self._fields: dict[str, dict[str, str]] = {}
         self._delivered: set[str] = set()
         self._acked: dict[str, str] = {}  # stream id -> the token of its frame WeCom last acknowledged
+        self._refused_by: dict[str, str] = {}  # stream id -> the token of its frame WeCom last refused
         # stream id -> {the token of a record to undo: what the bubble shows}: every pass whose record may stand
         self._unsent: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
-    def refused(self, stream_id: str, shows: int, dead: bool) -> None:
-        """WeCom refused a frame: the bubble shows `shows` bytes of the stream's text (its last frame taken); with
-        `dead`, its req_id can no longer be used."""
+    def refused(self, stream_id: str, shows: int, dead: bool, token: str = "") -> None:
+        """WeCom refused a frame (recorded under `token`): the bubble shows `shows` bytes of the stream's text (its
+        last frame taken); with `dead`, its req_id can no longer be used."""
         fields = {"ws_shows": str(shows), "ws_sent_final": "", F.ws_sent_at: "", **({"ws_dead": "1"} if dead else {})}
         self._note(stream_id, fields)
+        with self._lock:
+            self._refused_by[stream_id] = token
 
     def dead(self, stream_id: str) -> None:
         """The req_id answering the stream can no longer be used (what its bubble shows is recorded already)."""
@@ -82,7 +85,7 @@ class AckLedger:
         with self._lock:
             self._fields.setdefault(stream_id, {}).update(fields)
 
-    def flush(self, recorded: Collection[str] = (), token: str = "") -> None:
+    def flush(self, recorded: Collection[str] = (), token: str = "", frames_out: bool = False) -> None:
         """Write what was noted: per Redis node one round trip, its commands followed by one wait for a replica.
         `recorded` are the streams whose frames this pass's polls just recorded (scripts.POLL, under `token`),
         which a replica must hold before the frames go out: their records are newer than the acks noted before, so
@@ -91,7 +94,9 @@ class AckLedger:
         it holds all that came before it), and the frames go out only once it is written, so a next holder takes a
         record its pass never confirmed for one whose frame never went out (outbox.shown_of: a holder killed
         mid-pass, seed 21's Sentinel run). On one server each poll confirmed its own record (FrameRecord.confirmed):
-        a write per stream here would cost Redis three commands a frame (BENCHMARKS.md §10).
+        a write per stream here would cost Redis three commands a frame (BENCHMARKS.md §10). There the pass's frames
+        went out before this write (`frames_out`), so WeCom may have refused one of them already: that refusal is
+        kept, and what their records replaced is not noted again when the write fails.
 
         Raises:
             redis.RedisError: Redis did not answer (what was noted is kept for the next flush; the pass's records
@@ -99,6 +104,7 @@ class AckLedger:
         """
         with self._lock:
             fields, delivered, unsent, acked = self._fields, self._delivered, self._unsent, self._acked
+            refused_by, self._refused_by = self._refused_by, {}
             self._fields, self._delivered, self._unsent, self._acked = {}, set(), {}, {}
         for stream_id, acked_token in acked.items():
             fields[stream_id] = {F.ws_acked_by: acked_token, **fields.get(stream_id, {})}
@@ -107,7 +113,8 @@ class AckLedger:
             return
         written = {}
         for stream_id, values in fields.items():
-            if stream_id in recorded:  # the pass's poll recorded what its bubble shows, after this ack came
+            # the pass's poll recorded what its bubble shows, after this ack came (unless it refused that frame)
+            if stream_id in recorded and (not token or refused_by.get(stream_id) != token):
                 values = {"ws_dead": values["ws_dead"]} if "ws_dead" in values else {}
             if values:
                 written[stream_id] = values
@@ -115,7 +122,8 @@ class AckLedger:
             self._write(written, delivered, unsent, {}, confirm, token)
         except redis.RedisError:
             with self._lock:  # noted again, under whatever came meanwhile (newer wins)
-                for stream_id, values in fields.items():
+                self._refused_by = {**refused_by, **self._refused_by}
+                for stream_id, values in (written if frames_out else fields).items():
                     self._fields[stream_id] = {**values, **self._fields.get(stream_id, {})}
                 self._delivered |= delivered
                 for stream_id, undos in unsent.items():

@@ -53,11 +53,12 @@ class _Reply:
 
 @dataclass
 class _Pass:
-    """What one pass of the pump did with its frames: the streams whose frame went out, and what the bubbles of those
-    whose frame did not go out show."""
+    """What one pass of the pump did with its frames: the streams it recorded a frame of to go out, those whose frame
+    went out, and what the bubbles of those whose frame did not go out show."""
 
     session: Session
     token: str
+    sent: set[str] = field(default_factory=set)  # a frame of it was recorded to go out
     went_out: set[str] = field(default_factory=set)
     unsent: dict[str, int] = field(default_factory=dict)
 
@@ -142,8 +143,6 @@ class ReplyPump:
                 if not reply.pending_since or now - reply.pending_since > ACK_TIMEOUT
             ]
         one_server = not self.outbox.durable.wait_ms
-        if one_server and not self.flush_acks():  # what the acks said goes before the records the polls make
-            return
         record = FrameRecord(secrets.token_hex(6), self.ledger.deadline(), confirmed=one_server)
         pass_ = _Pass(session, record.token)
         changed = []
@@ -164,7 +163,9 @@ class ReplyPump:
                     self._send_frame(pass_, req_id, reply, frame)
                 else:
                     changed.append((req_id, reply, frame))
-        if not one_server:
+        if one_server:  # what the acks said; those of frames this pass replaced are dropped (AckLedger.flush)
+            self.flush_acks(pass_.sent, pass_.token)
+        else:
             self._confirm_and_send(pass_, changed)
         # A stream's record is undone only if none of its frames went out: one that did (another bubble of the
         # stream, a repeated delivery's) shows what the record says (seen in the campaign).
@@ -189,6 +190,7 @@ class ReplyPump:
 
     def _send_frame(self, pass_: _Pass, req_id: str, reply: _Reply, frame: Frame) -> None:
         """Send a frame of the pass, recorded under its token; note what became of it."""
+        pass_.sent.add(reply.stream_id)
         if pass_.session is not self._session():  # the connection ended meanwhile
             pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.sent)
             return
@@ -252,7 +254,7 @@ class ReplyPump:
             if not connected:
                 self.flush_acks()
 
-    def _refused(self, reply: _Reply, dead: bool) -> None:
+    def _refused(self, reply: _Reply, dead: bool, token: str = "") -> None:
         """A frame of `reply` was not shown: its bubble shows what its last acknowledged frame did, and the stream's
         record says so, but never less than another req_id of the stream showed (`floor`), or shows now: a frame
         of the stream's other bubble, recorded, stands until its own ack says otherwise. A req_id that never had a
@@ -261,7 +263,7 @@ class ReplyPump:
             with self._lock:
                 others = [o for o in self._replies.values() if o.stream_id == reply.stream_id and o is not reply]
             shown = max([reply.least_shown, *(other.sent for other in others if other.recorded)])
-            self.ledger.refused(reply.stream_id, shown, dead)
+            self.ledger.refused(reply.stream_id, shown, dead, token)
         elif dead:
             self.ledger.dead(reply.stream_id)
 
@@ -271,7 +273,7 @@ class ReplyPump:
         that a next holder need not wait for this one to undo it (orphans.py)."""
         stream_id = reply.stream_id
         if errcode:  # WeCom did not show it
-            self._refused(reply, dead)
+            self._refused(reply, dead, token)
             return
         if token:
             self.ledger.shown(stream_id, token)
@@ -280,12 +282,10 @@ class ReplyPump:
             if self.files is not None:
                 self.files.after_answer(stream_id, reply.files)
 
-    def flush_acks(self) -> bool:
-        """Write what the acks since the last call said (one wait for a replica per Redis node); False when Redis did
-        not take it (it is kept for the next call)."""
+    def flush_acks(self, recorded: set[str] = frozenset(), token: str = "") -> None:
+        """Write what the acks since the last call said (one wait for a replica per Redis node), but what they said
+        of the frames `recorded` replaced under `token` (AckLedger.flush)."""
         try:
-            self.ledger.flush()
+            self.ledger.flush(recorded, token, frames_out=bool(recorded))
         except REDIS_FAILURES as exc:
             logger.warning("could not record what the bubbles show (kept for the next pass): %s", exc)
-            return False
-        return True
