@@ -125,9 +125,10 @@ class ReplyPump:
         it returns will show (scripts.POLL), and a frame goes out for each bubble that changed, on `session` (the
         keeper's connection; by default the current one). Where there is a replica to wait for, the pass's records
         are confirmed together once one holds them (with what the acks since the last pass said), and only then do
-        the frames go out; on one server each poll confirms its own record and its frame goes out at once, so no
-        other call of the pass (a reply Redis lost blocks it for the socket timeout) stands between a record and its
-        frame (seed 46's one-server run: a holder killed in such a wait left a record its frame never followed).
+        the frames go out; on one server each poll confirms its own record and its frame goes out at once, the acks
+        written after the pass, so no other call of the pass (a reply Redis lost blocks it for the socket timeout)
+        stands between a record and its frame (seed 46's one-server run: a holder killed in such a wait left a
+        record its frame never followed).
         A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall) sends nothing, and
         a frame of it that does not go out has its record undone: its text was taken for shown, and the next
         holder's rest began after it (seen in the campaign)."""
