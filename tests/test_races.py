@@ -185,14 +185,16 @@ def test_a_drained_holder_hands_over_once_its_frames_acks_came(two_processes, di
     assert "shown before the drain" not in message["markdown"]["content"]
 
 
+@pytest.mark.parametrize("redis_topology", ["one_server", "with_replica"])
 def test_a_drained_holder_lets_its_pass_under_way_end_before_it_closes_the_connection(
-    two_processes, dify, redis_client
+    two_processes, dify, redis_client, redis_topology
 ):
     """A holder drained while its keeper's pass was between recording a frame and sending it closed the connection
     under that pass: the frame never went out, and its record was undone only by the keeper thread after the drain,
     or never, when the process exited first. The record stood, and the next holder's rest began after text no frame
     showed (a 2-minute Sentinel campaign, one message). The drain now waits for the pass: when it returns, the
-    record says what WeCom was shown."""
+    record says what WeCom was shown. The pass is held where it stands between a record and its frame: on one
+    server, right after the poll that recorded it; where the pass waits for a replica, in that write."""
     first, second, wecom = two_processes
     holder = first.bot().connection.holder
     steps = [d.message("Shown first. "), d.sleep(2.5), d.message("Pumped during the drain. "), d.sleep(3.0)]
@@ -200,16 +202,35 @@ def test_a_drained_holder_lets_its_pass_under_way_end_before_it_closes_the_conne
     req_id = wecom.deliver_text(WS_BOT_ID, "a question")
     assert wait_until(lambda: shown_frame(wecom, req_id, "Shown first."), timeout=10)
     stream_id = wecom.frames(req_id)[0]["stream"]["id"]
-    in_pass, flush = threading.Event(), holder.replies.ledger.flush
+    in_pass = threading.Event()
 
-    def slow_flush(recorded=(), token=""):  # the pass's wait for a replica, after its polls recorded the frames
+    def hold_the_pass() -> None:  # once, for the pass whose frame first shows the sentence
         folded = redis_client.hget(KEYS.stream(stream_id), F.text) or ""
-        if recorded and "Pumped during the drain." in folded and not in_pass.is_set():
-            in_pass.set()  # this pass's frame shows the sentence, and no frame did before
+        if "Pumped during the drain." in folded and not in_pass.is_set():
+            in_pass.set()
             time.sleep(1.0)
-        flush(recorded, token)
 
-    holder.replies.ledger.flush = slow_flush
+    replies = holder.replies
+    if redis_topology == "one_server":
+        poll = replies.streams.frame
+
+        def slow_poll(polled: str, record):
+            made = poll(polled, record)
+            if record is not None and polled == stream_id:
+                hold_the_pass()
+            return made
+
+        replies.streams.frame = slow_poll
+    else:
+        replies.outbox.durable.wait_ms = 50  # the pass confirms its records in its write for a replica
+        flush = replies.ledger.flush
+
+        def slow_flush(recorded=(), token="", **rest):
+            if recorded:
+                hold_the_pass()
+            flush(recorded, token, **rest)
+
+        replies.ledger.flush = slow_flush
     assert in_pass.wait(10)
     assert not shown_frame(wecom, req_id, "Pumped during the drain.")
     holder.stop()  # the process may exit as soon as this returns
