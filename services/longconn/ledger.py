@@ -114,7 +114,7 @@ class AckLedger:
         written = {}
         for stream_id, values in fields.items():
             # the pass's poll recorded what its bubble shows, after this ack came (unless it refused that frame)
-            if stream_id in recorded and (not token or refused_by.get(stream_id) != token):
+            if stream_id in recorded and refused_by.get(stream_id) != token:
                 values = {"ws_dead": values["ws_dead"]} if "ws_dead" in values else {}
             if values:
                 written[stream_id] = values

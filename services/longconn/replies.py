@@ -53,14 +53,21 @@ class _Reply:
 
 @dataclass
 class _Pass:
-    """What one pass of the pump did with its frames: the streams it recorded a frame of to go out, those whose frame
-    went out, and what the bubbles of those whose frame did not go out show."""
+    """What one pass of the pump did with its frames: the streams whose frame went out, and what the bubbles of those
+    whose frame did not go out show."""
 
     session: Session
     token: str
-    sent: set[str] = field(default_factory=set)  # a frame of it was recorded to go out
     went_out: set[str] = field(default_factory=set)
     unsent: dict[str, int] = field(default_factory=dict)
+
+    def not_sent(self, stream_id: str, shows: int) -> None:
+        """A frame of the stream did not go out: its bubbles show `shows` bytes (the most any of them does)."""
+        self.unsent[stream_id] = max(self.unsent.get(stream_id, 0), shows)
+
+    def recorded(self) -> set[str]:
+        """The streams whose frame this pass recorded and meant to send, whether it went out or not."""
+        return self.went_out | set(self.unsent)
 
 
 class ReplyPump:
@@ -165,7 +172,7 @@ class ReplyPump:
                 else:
                     changed.append((req_id, reply, frame))
         if one_server:  # what the acks said; those of frames this pass replaced are dropped (AckLedger.flush)
-            self.flush_acks(pass_.sent, pass_.token)
+            self.flush_acks(pass_.recorded(), pass_.token)
         else:
             self._confirm_and_send(pass_, changed)
         # A stream's record is undone only if none of its frames went out: one that did (another bubble of the
@@ -184,22 +191,21 @@ class ReplyPump:
         except REDIS_FAILURES as exc:
             logger.warning("could not record what the bubbles show (their frames wait for the next pass): %s", exc)
             for _, reply, _ in changed:
-                pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.sent)
+                pass_.not_sent(reply.stream_id, reply.sent)
             return
         for req_id, reply, frame in changed:
             self._send_frame(pass_, req_id, reply, frame)
 
     def _send_frame(self, pass_: _Pass, req_id: str, reply: _Reply, frame: Frame) -> None:
         """Send a frame of the pass, recorded under its token; note what became of it."""
-        pass_.sent.add(reply.stream_id)
         if pass_.session is not self._session():  # the connection ended meanwhile
-            pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.sent)
+            pass_.not_sent(reply.stream_id, reply.sent)
             return
         reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
         if self.send(req_id, frame.reply, frame.shows, pass_.session, pass_.token):
             pass_.went_out.add(reply.stream_id)
         else:
-            pass_.unsent[reply.stream_id] = max(pass_.unsent.get(reply.stream_id, 0), reply.least_shown)
+            pass_.not_sent(reply.stream_id, reply.least_shown)
 
     def send(self, req_id: str, reply: dict, shows: int, session: Session | None = None, token: str = "") -> bool:
         """Send one stream frame on `req_id` (on `session`, by default the current connection), showing `shows` bytes
