@@ -1,11 +1,13 @@
-"""An answer's phase changes only through its named transitions (services/streams/answer.py), and its text gate
-leaves a resumed run's repeat out and holds text after a hole until it can be placed. Pure logic: no Redis."""
+"""An answer's phase changes only through its named transitions (services/streams/answer.py), and a Dify run's
+text gate (services/backends/dify/run.py) leaves a resumed run's repeat out and holds text after a hole until it can
+be placed. Pure logic: no Redis."""
 
 from dataclasses import fields
 
 import pytest
 
-from services.streams.answer import Answer, Phase, TextGate
+from services.backends.dify.run import TextGate
+from services.streams.answer import Answer, Phase
 
 
 def test_a_chat_streams_then_ends_at_message_end():

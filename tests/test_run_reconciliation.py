@@ -69,14 +69,16 @@ def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: b
     """A recorder for an answer whose bubble shows `shown`: following a run (`reattached`), and with `resumed`,
     as a replica that took a lost stream over (its live text held until it can be placed)."""
     bubble = Bubble(shown)
-    answer = Answer(writer=bubble, text=shown, shown=shown, answered=bool(shown), app_type=app_type)
-    answer.reattached, answer.workflow_run_id = reattached, "run" if reattached else ""
+    answer = Answer(writer=bubble, text=shown, answered=bool(shown))
+    answer.workflow_run_id = "run" if reattached else ""
     answer.resumed = resumed
-    if resumed:
-        answer.gate.hold()
     options = AnswerOptions(app_type=app_type) if app_type != "chat" else DEFAULT_OPTIONS
     job = StreamJob(stream_id="s", msgid="m", userid="u", attempt="a#1")
-    return AnswerRecorder(job, answer, bubble, Conversations(), options=options), bubble
+    recorder = AnswerRecorder(job, answer, bubble, Conversations(), options=options)
+    recorder.run.shown, recorder.run.reattached = shown, reattached
+    if resumed:
+        recorder.run.gate.hold()
+    return recorder, bubble
 
 
 def play(recorder: AnswerRecorder, capture: str, app_type: str = "workflow", drop: str = "") -> EventReader:
@@ -115,7 +117,7 @@ def test_a_snapshot_of_a_paused_run_completes_the_bubble_and_brings_its_form(sho
     play(recorder, "03-events-paused-snapshot.sse")
     assert bubble.text == BEFORE and bubble.replaced == 0
     assert recorder.answer.paused
-    assert recorder.answer.form_event["form_token"] == "XjJIX1Q2PiL6cHZwph6CmS"
+    assert recorder.run.form_event["form_token"] == "XjJIX1Q2PiL6cHZwph6CmS"
 
 
 @pytest.mark.parametrize(
@@ -191,4 +193,4 @@ def test_the_first_chat_stream_of_a_paused_run_stops_at_the_pause():
     recorder, bubble = recorder_for(reattached=False)
     reader = play(recorder, "20-chat-messages.sse", app_type="advanced-chat")
     assert reader.ended and recorder.answer.paused and bubble.text == ""
-    assert recorder.answer.form_event["form_content"] == "Please review the request: variant b"
+    assert recorder.run.form_event["form_content"] == "Please review the request: variant b"

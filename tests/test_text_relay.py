@@ -6,6 +6,7 @@ import time
 import pytest
 
 from services.backends.dify.relay import TextRelay
+from services.backends.dify.run import DifyRun
 from services.dify.events import DifyEvent
 from services.streams.answer import Answer
 from services.streams.store import CLOSED, TAKEN, WRITTEN
@@ -32,7 +33,7 @@ def relay():
     answer = Answer(
         task_id="t1", message_id="m1", conversation_id="c1", writer=RecordingWriter(), text="Hi", answered=True
     )
-    return TextRelay(answer, threading.Event(), time.monotonic() + 60)
+    return TextRelay(answer, DifyRun(), threading.Event(), time.monotonic() + 60)
 
 
 def test_plain_deltas_go_straight_to_the_writer(relay):
@@ -92,7 +93,7 @@ def test_a_workflows_text_chunks_are_relayed(relay):
 
 def test_after_agent_messages_a_message_wakes_the_worker(relay):
     """The newer agent app's closing `message` repeats the whole answer: the recorder decides what it is."""
-    relay.answer.agent_messages = True
+    relay.run.agent_messages = True
     assert not relay([message("Hi")])
     assert relay.answer.text == "Hi"
 

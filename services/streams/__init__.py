@@ -1,2 +1,2 @@
-"""An answer's life: the stream in Redis (store, scripts), its owner's worker calling Dify, the batched appends,
+"""An answer's life: the stream in Redis (store, scripts), its owner's worker asking its backend, the batched appends,
 the finish, and the poll that any replica answers."""

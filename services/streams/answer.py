@@ -31,7 +31,7 @@ class HandedOver(StreamAborted):
 
 
 class Phase(Enum):
-    """Where the answer's Dify call stands. A chat's call streams and ends; a chatflow's or workflow's run may ask
+    """Where the answer's backend call stands. A chat's call streams and ends; a run (a Dify chatflow's) may ask
     for a person's input (a form) while its events go on, pause (its events end, the run waits), and go on after
     the form's answer. The names of the transitions below are the only ways between them."""
 
@@ -58,61 +58,6 @@ _PHASE_OF = {  # (waits for a form, events over)
 
 
 @dataclass(slots=True)
-class TextGate:
-    """Where Dify's answer text goes before the bubble, when it cannot go straight there. A resumed run sends the
-    answer before its pause again (`echo`): that repeat is left out, compared by text. A run followed again after
-    its replica was lost may send live text after a hole: while `holding`, it waits in `held` until it can be
-    placed (the run ends, and its outputs say the whole answer; or it starts again after a form)."""
-
-    echo: str = ""
-    holding: bool = False
-    held: str = ""
-
-    @property
-    def open(self) -> bool:
-        """Text goes straight to the bubble (nothing to leave out, nothing held back)."""
-        return not self.echo and not self.holding
-
-    def expect_echo(self, known: str) -> None:
-        """The run starts again after a form: it repeats `known` first, and everything after that is whole."""
-        self.echo, self.holding, self.held = known, False, ""
-
-    def echo_over(self) -> None:
-        """What follows is new (a node began, the form's node finished, the answer was reconciled)."""
-        self.echo = ""
-
-    def hold(self) -> None:
-        """Live text may follow a hole from here: hold it back."""
-        self.holding = True
-
-    def drop_held(self) -> None:
-        """The held text is not wanted: the run's saved state is read again instead."""
-        self.held = ""
-
-    def release(self) -> str:
-        """Stop holding; the text held so far, for the caller to place."""
-        held, self.holding, self.held = self.held, False, ""
-        return held
-
-    def admit(self, text: str) -> str:
-        """What of `text` goes to the bubble now ("" when it is the repeat, or held back)."""
-        if self.echo:
-            text = self._past_echo(text)
-        if self.holding:
-            self.held += text
-            return ""
-        return text
-
-    def _past_echo(self, text: str) -> str:
-        """While `text` is where the repeat is up to, it is left out; once it differs, the repeat is over."""
-        if self.echo.startswith(text):
-            self.echo = self.echo[len(text) :]
-            return ""
-        echo, self.echo = self.echo, ""
-        return text[len(echo) :] if text.startswith(echo) else text
-
-
-@dataclass(slots=True)
 class Answer:
     """Everything known about one answer so far. Its `phase` changes only through the transitions below."""
 
@@ -126,22 +71,10 @@ class Answer:
     phase: Phase = Phase.STREAMING
     answered: bool = False  # answer text (not reasoning) has arrived
     thinking: bool = False  # a <think> block of reasoning is open in the text
-    agent_messages: bool = False  # the answer came as agent_message deltas (so a closing message repeats it)
-    form_event: dict | None = None  # the human_input_required data of the pause (its form_token, content...)
-    form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
-    form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
-    app_type: str = "chat"
-    resumed: bool = False  # this replica streams the Dify run again after the stream's replica was lost
-    reattached: bool = False  # the events come from following a run (GET /workflow/{run}/events): reconciled
-    shown: str = ""  # reattached: the text the bubble had when this attempt began
-    earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
-    gate: TextGate = field(default_factory=TextGate)  # the repeat left out, the text after a hole held back
+    resumed: bool = False  # this attempt follows the backend's run again after the stream's replica was lost
     mask: ContentMask = field(default_factory=ContentMask)  # content rules: matches masked, a possible one held
     progress: StepProgress | None = None  # the status line while a slow step runs without text
-    workflow_run_id: str = ""
-    last_thought: str = ""
-    workflow_error: str = ""
-    run_stopped: bool = False  # Dify stopped the run before it made its outputs: the answer is what it streamed
+    workflow_run_id: str = ""  # the backend's run, where it can be followed again (a Dify chatflow's or workflow's)
     images: list[dict] = field(default_factory=list)  # msg_item payloads, written with the final state
     files: list[DifyFile] = field(default_factory=list)  # files Dify made for the answer (services/files)
     usage: dict = field(default_factory=dict)

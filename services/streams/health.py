@@ -8,7 +8,7 @@ import time
 
 
 class BackendHealth:
-    """The outcome of the latest answer (ok, or its Dify error code) and when it came."""
+    """The outcome of the latest answer (ok, or its backend's error code) and when it came."""
 
     def __init__(self):
         self._lock = threading.Lock()

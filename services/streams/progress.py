@@ -1,7 +1,8 @@
-"""The status line of a bubble while Dify works without text (CONTRACT: progress): when a slow step (a tool call,
-an HTTP request, a knowledge retrieval, an agent node) has run for PROGRESS_AFTER_SECONDS and no answer text came
-meanwhile, the live bubble shows one line naming it, below its text (the stream's `prompt` field, which only a
-live bubble shows); the next text, or the step's end, takes it away. The final answer never holds it.
+"""The status line of a bubble while the backend works without text (CONTRACT: progress): when a slow step (a
+tool call, an HTTP request, a knowledge retrieval, an agent node: the backend names it) has run for
+PROGRESS_AFTER_SECONDS and no answer text came meanwhile, the live bubble shows one line naming it, below its text
+(the stream's `prompt` field, which only a live bubble shows); the next text, or the step's end, takes it away. The
+final answer never holds it.
 
 A step's wait is a `threading.Timer`: steps are few and far apart next to text deltas, and a timer costs nothing
 once cancelled; the stream's writer is thread-safe, so the timer's thread may set the field."""
@@ -13,8 +14,6 @@ import threading
 from services.streams.writer import StreamWriter
 
 PROGRESS_AFTER_SECONDS = 3.0
-# Dify's node types that may run for a while before any text comes (a workflow's or chatflow's `node_started`).
-SLOW_STEPS = frozenset({"tool", "http-request", "knowledge-retrieval", "agent"})
 _MAX_STEP_NAME = 60
 
 

@@ -13,8 +13,8 @@ from services.streams.store import WRITTEN
 
 class PlainTextRelay:
     """Takes a read's plain text straight to the stream's writer, or declines it (False): before the first answer
-    text (it starts the answer), with reasoning open, with the answer detached or its text gated (a resumed run's
-    repeat), with a status line to take away, a writer with news, the answer stopped, or its time up."""
+    text (it starts the answer), with reasoning open, with the answer detached, with a status line to take away, a
+    writer with news, the answer stopped, or its time up (a backend's relay may decline more: `ready`)."""
 
     __slots__ = ("answer", "cancelled", "deadline")
 
@@ -27,7 +27,7 @@ class PlainTextRelay:
         """Whether plain text may go straight to the writer now."""
         answer = self.answer
         writer = answer.writer
-        if not answer.answered or answer.thinking or answer.detached or not answer.gate.open:
+        if not answer.answered or answer.thinking or answer.detached:
             return False
         if answer.progress is not None and answer.progress.pending:
             return False

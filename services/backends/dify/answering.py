@@ -118,9 +118,8 @@ class DifyBackend:
             )
         turn.take_slot()
         turn.count_call(self.name)
-        answer.app_type = options.app_type
         recorder = AnswerRecorder(job, answer, parts.store, parts.conversations, self.bot, options)
-        with _run_failures(answer):
+        with _run_failures(recorder):
             while True:
                 request = ChatRequest(
                     query=job.query,
@@ -158,9 +157,9 @@ class DifyBackend:
         job, answer = turn.job, turn.answer
         recorder = self._attach(job, answer, job.resume_run)
         answer.resumed = True
-        logger.info("following the Dify run again, after the %d characters shown", len(answer.shown))
+        logger.info("following the Dify run again, after the %d characters shown", len(recorder.run.shown))
         turn.count_follow_up(self.name, "resume")
-        with _run_failures(answer):
+        with _run_failures(recorder):
             self._follow_again(turn, recorder, turn.deadline)
             self._through_forms(turn, recorder)
         self.completion.complete(job, answer, recorder, "")
@@ -174,8 +173,8 @@ class DifyBackend:
             turn.finisher.finish(job, answer, DONE, note=turn.texts.say("form_expired"))
             return
         recorder = self._attach(job, answer, record.form.run_id)
-        answer.resumed, answer.earlier = bool(answer.shown), record.before
-        with _run_failures(answer):
+        answer.resumed, recorder.run.earlier = bool(recorder.run.shown), record.before
+        with _run_failures(recorder):
             if self.form_steps.go_on(turn, recorder, record.task_id, record.form.token) == SUBMITTED:
                 self._through_forms(turn, recorder)
         self.completion.complete(job, answer, recorder, "")
@@ -235,20 +234,20 @@ class DifyBackend:
         """Follow the answer's run from Dify's snapshot of it, then live: the way back to a run after its replica
         was lost, or after the stream following it was cut. Dify relays only what a run publishes from the moment
         one listens, so live text may follow a gap: it is held until it can be placed (TextGate)."""
-        answer, job = recorder.answer, turn.job
-        answer.reattached = True
-        answer.gate.hold()
+        answer, run, job = recorder.answer, recorder.run, turn.job
+        run.reattached = True
+        run.gate.hold()
         events = partial(
             self.parts.client.stream_run, answer.workflow_run_id, job.dify_user, snapshot=True, trace_id=job.trace_id
         )
         self._patiently(turn, events, recorder, deadline, _unread, "reattach", cuts_left)
-        if answer.paused and answer.gate.held:
+        if answer.paused and run.gate.held:
             # It paused after live text that could not be placed: the answer Dify saved at the pause says it all.
             logger.info("the run paused after text that followed a gap; reading its saved state again")
             answer.goes_on_after_form()
-            answer.gate.drop_held()
+            run.gate.drop_held()
             self._follow(turn, events, recorder, deadline, cuts_left)
-        answer.gate.release()
+        run.gate.release()
 
     def _follow(
         self, turn: Turn, open_events: OpenEvents, recorder: AnswerRecorder, deadline: float, cuts_left: int
@@ -264,8 +263,7 @@ class DifyBackend:
         try:
             self._consume(turn, open_events, recorder, deadline)
         except BackendStreamCut as cut:
-            answer = recorder.answer
-            if cuts_left <= 0 or not answer.workflow_run_id or answer.app_type not in RUN_APPS:
+            if cuts_left <= 0 or not recorder.answer.workflow_run_id or recorder.options.app_type not in RUN_APPS:
                 raise
             logger.warning("the stream following the run was cut (%s); following it again", cut.message[:120])
             turn.count_follow_up(self.name, "reattach")
@@ -293,7 +291,7 @@ class DifyBackend:
             BackendTimeout: the answer ran past `deadline` (monotonic).
         """
         cancelled = turn.cancelled
-        relay = TextRelay(recorder.answer, cancelled, deadline)
+        relay = TextRelay(recorder.answer, recorder.run, cancelled, deadline)
         for batch in open_events(relay):
             if cancelled.is_set():
                 for event in batch:  # the task's id, for Dify's stop call when the user stopped the answer
@@ -311,11 +309,12 @@ class DifyBackend:
         parts = self.parts
         options = replace(self.options, app_type=parts.profile.app_type())
         chunks = through_outage(lambda: parts.store.reads.chunks(job.stream_id), "reading the answer so far")
-        answer.shown = answer.text = "".join(chunks)
+        answer.text = "".join(chunks)
         answer.writer.start_after(len(chunks), len(answer.text))
-        answer.answered, answer.reattached = bool(answer.shown), True
-        answer.app_type, answer.workflow_run_id = options.app_type, run_id
-        return AnswerRecorder(job, answer, parts.store, parts.conversations, self.bot, options)
+        answer.answered, answer.workflow_run_id = bool(answer.text), run_id
+        recorder = AnswerRecorder(job, answer, parts.store, parts.conversations, self.bot, options)
+        recorder.run.shown, recorder.run.reattached = answer.text, True
+        return recorder
 
     def _through_forms(self, turn: Turn, recorder: AnswerRecorder) -> None:
         if self.form_steps is not None:
@@ -323,15 +322,15 @@ class DifyBackend:
 
 
 @contextmanager
-def _run_failures(answer: Answer):
+def _run_failures(recorder: AnswerRecorder):
     """A run's stream cut after the run said it failed is the run's failure, with its reason (the user's note says
     why), not a cut."""
     try:
         yield
     except BackendStreamCut as cut:
-        if not answer.workflow_error:
+        if not recorder.run.error:
             raise
-        raise BackendStreamError(answer.workflow_error, code="workflow_failed") from cut
+        raise BackendStreamError(recorder.run.error, code="workflow_failed") from cut
 
 
 def _unread(exc: Exception) -> bool:

@@ -41,8 +41,9 @@ class AnswerCompletion:
         Raises:
             BackendStreamError: the chatflow's or workflow's run failed or was stopped.
         """
-        if answer.workflow_error:
-            raise BackendStreamError(answer.workflow_error, code="workflow_failed")
+        run = recorder.run
+        if run.error:
+            raise BackendStreamError(run.error, code="workflow_failed")
         recorder.save_conversation()
         recorder.close_reasoning()  # reasoning with no answer after it
         if answer.citations and self.show_citations and answer.answered:
@@ -50,16 +51,16 @@ class AnswerCompletion:
             recorder.write([f"\n\n{self.texts.say('citations_title')}\n{sources}"])
         uploads = self._deliver_files(answer, recorder)
         if answer.paused:
-            note = answer.form_note or self.texts.say("input_required")
-        elif answer.run_stopped:
+            note = run.form_note or self.texts.say("input_required")
+        elif run.stopped:
             note = "\n".join(filter(None, (note, self.texts.say("run_stopped"))))
         elif not answer.answered:
-            if answer.last_thought:
+            if run.last_thought:
                 # Some agent setups put the whole answer in agent_thought and never stream agent_message.
-                recorder.write([answer.last_thought])
+                recorder.write([run.last_thought])
             elif not answer.images:
                 note = self.texts.say("empty_answer")
-        if answer.form_timed_out:
+        if run.form_timed_out:
             note = "\n".join(filter(None, (self.texts.say("form_timed_out"), note)))
         fields = {
             "note": note,
@@ -67,7 +68,7 @@ class AnswerCompletion:
             "prompt_tokens": answer.usage.get("prompt_tokens", ""),
             "completion_tokens": answer.usage.get("completion_tokens", ""),
             "dify_latency": answer.usage.get("latency", ""),
-            "card": self._suggestions(job, answer),
+            "card": self._suggestions(job, answer, recorder.options.app_type),
             "files": orjson.dumps(uploads).decode() if uploads else "",
         }
         logger.info("answer complete (%s tokens)", fields["tokens"] or "?")
@@ -92,12 +93,12 @@ class AnswerCompletion:
             answer.answered = True
         return delivered.uploads
 
-    def _suggestions(self, job: StreamJob, answer: Answer) -> str:
+    def _suggestions(self, job: StreamJob, answer: Answer, app_type: str) -> str:
         """The follow-up questions Dify suggests after a chat answer, as a card for the final reply (JSON; "" for
         none): only where the app enables them, the answer has a bubble, and no form's card rode on it."""
         if answer.paused or not answer.message_id or job.separate or job.card_placed:
             return ""
-        if answer.app_type in (WORKFLOW, COMPLETION) or not self.profile.suggests_after_answer():
+        if app_type in (WORKFLOW, COMPLETION) or not self.profile.suggests_after_answer():
             return ""
         try:
             questions = self.dify.suggested(answer.message_id, job.dify_user)

@@ -52,30 +52,30 @@ class FormSteps:
 
     def through(self, turn: Turn, recorder: AnswerRecorder) -> None:
         """Take the answer through every form its run pauses at; returns when the run ended, or waits for a form
-        the bubble can no longer wait for (`answer.form_note` says why)."""
-        job, answer = turn.job, turn.answer
-        while answer.paused and answer.form_event is not None:
-            event, answer.form_event = answer.form_event, None
+        the bubble can no longer wait for (`DifyRun.form_note` says why)."""
+        job, answer, run = turn.job, turn.answer, recorder.run
+        while answer.paused and run.form_event is not None:
+            event, run.form_event = run.form_event, None
             asker = Asker(job.stream_id, job.userid, job.chatid, job.aibotid, job.dify_user, job.route)
             card_allowed = not job.separate and not job.card_placed  # one card per message
-            before = answer.earlier + recorder.answer_so_far()
+            before = run.earlier + recorder.answer_so_far()
             opening = partial(self.forms.open, asker, event, answer.workflow_run_id, card_allowed, before)
             try:
                 ticket = through_outage(opening, "opening the form")
             except FormNotHere as elsewhere:
-                answer.form_note = self.texts.say(elsewhere.note_key)
+                run.form_note = self.texts.say(elsewhere.note_key)
                 return
             if ticket is None:
-                answer.form_note = self.texts.say("form_expired")
+                run.form_note = self.texts.say("form_expired")
                 return
             if not self._answered(turn, recorder, ticket):
                 return
 
     def _answered(self, turn: Turn, recorder: AnswerRecorder, ticket: Ticket) -> bool:
         """Show the form, wait for its answer while the bubble lasts, and go on with the run from it: True when the
-        run went on (to its end or its next pause), False when the answer ends here (`answer.form_note` says why).
+        run went on (to its end or its next pause), False when the answer ends here (`DifyRun.form_note` says why).
         A submission Dify refused as invalid opens the form again: the bubble says why and asks anew."""
-        job, answer, cancelled = turn.job, turn.answer, turn.cancelled
+        job, cancelled = turn.job, turn.cancelled
         while True:
             fields = {"prompt": ticket.prompt}
             if ticket.card is not None:
@@ -90,7 +90,7 @@ class FormSteps:
             if outcome == CANCELLED:
                 raise StreamAborted
             if outcome == DRAINING:
-                self._hand_over(job, answer)
+                self._hand_over(job, turn.answer)
             if outcome not in (BUBBLE_OVER, EXPIRED):
                 result = self.go_on(turn, recorder, ticket.task_id, token)
                 if result == REFUSED and not job.separate and (again := self._asked_again(ticket)) is not None:
@@ -101,9 +101,9 @@ class FormSteps:
                 return True
             if outcome == BUBBLE_OVER:
                 waiting = "" if job.separate else self.texts.say("form_waiting")
-                answer.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
+                recorder.run.form_note = "\n\n".join(filter(None, (ticket.prompt, waiting)))
             elif outcome == EXPIRED:
-                answer.form_note = self.texts.say("form_expired")
+                recorder.run.form_note = self.texts.say("form_expired")
             return False
 
     def _asked_again(self, ticket: Ticket) -> Ticket | None:
@@ -114,17 +114,17 @@ class FormSteps:
             return None
         return Ticket(record, self.forms.prompt(record), None)
 
-    def submit(self, answer: Answer, task_id: str) -> str:
+    def submit(self, recorder: AnswerRecorder, task_id: str) -> str:
         """Submit the answered form; what became of it (SUBMITTED, REFUSED: open again; else the final note says
         why Dify did not take it)."""
         result = through_outage(lambda: self.forms.submit(task_id), "submitting the form")
         if result in (SUBMITTED, REFUSED):
             if result == REFUSED:
-                answer.form_asked()
-                answer.form_note = self.forms.prompt_of(task_id)
+                recorder.answer.form_asked()
+                recorder.run.form_note = self.forms.prompt_of(task_id)
             return result
-        answer.form_asked()
-        answer.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
+        recorder.answer.form_asked()
+        recorder.run.form_note = self.texts.say("form_expired" if result == EXPIRED else "form_submit_failed")
         return result
 
     def go_on(self, turn: Turn, recorder: AnswerRecorder, task_id: str, token: str) -> str:
@@ -132,21 +132,21 @@ class FormSteps:
         only what a run publishes once one listens, and a resumed run may end 0.1 s after the submission: so the
         run's events are subscribed first, and the form is submitted once Dify answered. Returns what became of
         the submission (SUBMITTED; else the final note says why, "" when Dify was not reached)."""
-        answer, taken = turn.answer, []
+        taken = []
 
         def submit() -> bool:
-            taken.append(self.submit(answer, task_id))
+            taken.append(self.submit(recorder, task_id))
             if taken[-1] == SUBMITTED:
-                self._following(answer, recorder, token)
+                self._following(recorder, token)
             return taken[-1] == SUBMITTED
 
         self.follow(turn, recorder, submit)
         return taken[-1] if taken else ""
 
-    def _following(self, answer: Answer, recorder: AnswerRecorder, token: str) -> None:
+    def _following(self, recorder: AnswerRecorder, token: str) -> None:
         """The run goes on from the form `token`: the bubble no longer shows its prompt."""
-        answer.goes_on_after_form()
-        answer.reattached = True
+        recorder.answer.goes_on_after_form()
+        recorder.run.reattached = True
         recorder.write_fields({"prompt": ""})
 
     def _hand_over(self, job: StreamJob, answer: Answer) -> None:
@@ -169,13 +169,12 @@ class FormSteps:
     def _after_timeout(self, turn: Turn, recorder: AnswerRecorder, token: str) -> bool:
         """A form expired while its bubble waited: Dify goes on with the node's timeout path, which the bubble
         follows (human_input_form_timeout, then the rest). False when Dify sends nothing of it."""
-        answer = turn.answer
-        answer.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
+        recorder.run.form_timed_out = True  # said in the final note, even if the run ended before the re-attach
         try:
-            self.follow(turn, recorder, lambda: self._following(answer, recorder, token) or True)
+            self.follow(turn, recorder, lambda: self._following(recorder, token) or True)
         except BackendError as exc:
             logger.info("no timeout path followed the expired form: %s", exc.code)
-            answer.form_asked()
-            answer.form_timed_out = False
+            recorder.answer.form_asked()
+            recorder.run.form_timed_out = False
             return False
         return True

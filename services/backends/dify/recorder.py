@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from services import metrics
+from services.backends.dify.run import DifyRun
 from services.dify.client import WORKFLOW
 from services.dify.events import (
     AGENT_MESSAGE_EVENT,
@@ -38,11 +39,14 @@ from services.outage import RETRY_DELAYS, best_effort
 from services.streams.answer import Answer
 from services.streams.conversations import ConversationStore
 from services.streams.job import StreamJob
-from services.streams.progress import SLOW_STEPS, StepProgress
+from services.streams.progress import StepProgress
 from services.streams.sink import AnswerSink
 from services.streams.store import StreamStore
 
 logger = logging.getLogger(__name__)
+
+# The node types that may run for a while before any text comes (a workflow's or chatflow's `node_started`).
+SLOW_STEPS = frozenset({"tool", "http-request", "knowledge-retrieval", "agent"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class AnswerRecorder(AnswerSink):
         super().__init__(job, answer, store, bot, "dify", options.show_reasoning)
         self.options = options
         self.conversations = conversations
+        self.run = DifyRun()
 
     def apply(self, batch: list[DifyEvent]) -> None:
         """Record one network read's worth of events: deltas in one append, a replace in its own call."""
@@ -94,12 +99,12 @@ class AnswerRecorder(AnswerSink):
     # --- one handler per kind of event: each takes the deltas not yet written and returns them ------------------
 
     def _on_agent_message(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        self.answer.agent_messages = True
+        self.run.agent_messages = True
         self._answer_text(deltas, event.answer)
         return deltas
 
     def _on_message(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        if not self.answer.agent_messages:
+        if not self.run.agent_messages:
             self._answer_text(deltas, event.answer)
         # Dify's newer agent app closes with one `message` holding the whole answer again.
         elif event.answer and event.answer != self.answer_so_far(deltas):
@@ -119,7 +124,7 @@ class AnswerRecorder(AnswerSink):
 
     def _on_replace(self, deltas: list[str], event: DifyEvent) -> list[str]:
         text = event.answer if event.kind == REPLACE_EVENT else str(event.body.get("text") or "")
-        return self._reconcile(deltas, text) if self.answer.reattached else self.replace_text(text, deltas)
+        return self._reconcile(deltas, text) if self.run.reattached else self.replace_text(text, deltas)
 
     def _on_reasoning(self, deltas: list[str], event: DifyEvent) -> list[str]:
         """A model's reasoning: never part of the answer; with SHOW_REASONING, shown before it in <think>."""
@@ -139,7 +144,7 @@ class AnswerRecorder(AnswerSink):
     def _on_thought(self, deltas: list[str], event: DifyEvent) -> list[str]:
         thought = event.get("thought")
         if isinstance(thought, str) and thought.strip():
-            self.answer.last_thought = thought
+            self.run.last_thought = thought
         _tool_step(self.answer.progress, event)
         return deltas
 
@@ -149,7 +154,7 @@ class AnswerRecorder(AnswerSink):
         ahead of its first node; 1.16.0 repeats nothing, and its first text after a resumption may begin as the
         earlier answer did)."""
         if event.kind == NODE_STARTED:
-            self.answer.gate.echo_over()
+            self.run.gate.echo_over()
         progress, body = self.answer.progress, event.body
         step = str(body.get("id") or body.get("node_id") or "")
         if progress is None or not step:
@@ -172,33 +177,33 @@ class AnswerRecorder(AnswerSink):
         else:
             answer.form_asked()
         if event.kind == INPUT_REQUIRED:
-            answer.form_event = {**event.data, **event.body}
+            self.run.form_event = {**event.data, **event.body}
         return deltas
 
     def _on_run_started(self, deltas: list[str], event: DifyEvent) -> list[str]:
         if event.body.get("reason") == "resumption":  # Dify streams the answer before the pause again
-            self.answer.gate.expect_echo(self._known(deltas))  # the repeat then the rest: nothing missing from here
+            self.run.gate.expect_echo(self._known(deltas))  # the repeat then the rest: nothing missing from here
         return deltas
 
     def _on_form_done(self, deltas: list[str], event: DifyEvent) -> list[str]:
-        self.answer.gate.echo_over()  # what follows the form's node is new
-        self.answer.form_timed_out = self.answer.form_timed_out or event.kind == FORM_TIMEOUT
+        self.run.gate.echo_over()  # what follows the form's node is new
+        self.run.form_timed_out = self.run.form_timed_out or event.kind == FORM_TIMEOUT
         return deltas
 
     def _answer_text(self, deltas: list[str], text: str) -> None:
         """Answer text as Dify streams it, through the answer's gate (TextGate: a resumed run's repeat left out,
         text after a hole held back)."""
-        self.append_text(deltas, self.answer.gate.admit(text))
+        self.append_text(deltas, self.run.gate.admit(text))
 
     def _reconcile(self, deltas: list[str], text: str) -> list[str]:
         """A followed run's word on its whole answer (a snapshot's message_replace, the outputs at its end) against
         the text so far, compared by text: what it adds is appended; what the bubble has already (the `""` of a
         snapshot taken mid-run, what was shown) changes nothing; a different answer (moderation) replaces it."""
         text = self.answer.mask.apply(text)  # compared with the text let go, masked as it was
-        known, earlier = self._known(deltas), self.answer.earlier
+        known, earlier = self._known(deltas), self.run.earlier
         if known.startswith(text):
             return deltas
-        self.answer.gate.echo_over()
+        self.run.gate.echo_over()
         if text.startswith(known):
             self.append_text(deltas, text[len(known) :])
             return deltas
@@ -207,11 +212,11 @@ class AnswerRecorder(AnswerSink):
 
     def _known(self, deltas: list[str]) -> str:
         """The run's answer so far as Dify knows it: what came before this message (`earlier`), then its text."""
-        return self.answer.earlier + self.answer_so_far(deltas)
+        return self.run.earlier + self.answer_so_far(deltas)
 
     def _run_finished(self, deltas: list[str], data: dict, from_record: bool = False) -> list[str]:
         """A chatflow's or workflow's run ended: a failed run is the answer's error; one stopped before it made its
-        outputs keeps what it streamed (`run_stopped`: the note says so, never that the user stopped it). A run
+        outputs keeps what it streamed (`DifyRun.stopped`: the note says so, never that the user stopped it). A run
         followed after its first reader (a resume, the rest after a form), or finished from Dify's record, takes
         from its outputs what no event carried (Dify #38432 streams nothing after a form that followed streamed
         text; a late reader missed what came before); a workflow app's answer is its outputs when no text_chunk
@@ -224,18 +229,18 @@ class AnswerRecorder(AnswerSink):
         if self.options.app_type == WORKFLOW and isinstance(data.get("total_tokens"), int):
             answer.usage = {"total_tokens": data["total_tokens"], "latency": data.get("elapsed_time", "")}
         if status == "failed":
-            answer.workflow_error = str(data.get("error") or "the workflow failed")[:300]
+            self.run.error = str(data.get("error") or "the workflow failed")[:300]
             return deltas
         if status == "stopped" and not outputs:
             logger.warning("Dify stopped the run before it made its outputs (%s)", str(data.get("error"))[:100])
-            answer.run_stopped = True
-            self.append_text(deltas, answer.gate.release())  # what came is all there is
+            self.run.stopped = True
+            self.append_text(deltas, self.run.gate.release())  # what came is all there is
             return deltas
         if status == "stopped":
             logger.warning("Dify calls the run stopped, but it made its outputs: the answer is whole")
-        if answer.reattached or from_record:
+        if self.run.reattached or from_record:
             whole = _whole_answer(self.options, outputs, bool(self._known(deltas)))
-            held = answer.gate.release()
+            held = self.run.gate.release()
             if not whole and held:  # outputs without the answer: what came is all there is
                 self.append_text(deltas, held)
             return self._reconcile(deltas, whole)
