@@ -353,6 +353,26 @@ def test_a_try_that_never_named_its_stream_is_taken_over_once_by_processes_racin
     assert book("a").state("daily", tick).owner == "b"
 
 
+def test_a_try_taken_over_after_its_answer_was_read_is_not_pushed_nor_settled_for_it(redis_client):
+    """A process reads a try as its stream's answer ended (the take-over ends the old stream, as the user's stop
+    would), while another takes the try over: the reader's push of that ended answer claims nothing, so it neither
+    settles the tick as failed nor keeps the new try from naming its stream. (Before, the push was claimed on the
+    tick alone: the tick was settled `failed (stopped)`, and the new try was given up, in a CI run of
+    tests/e2e/test_schedules_e2e.py.)"""
+
+    def book(owner: str) -> TickBook:
+        return TickBook(redis_client, KEYS, owner, Replication(redis_client))
+
+    tick = int(NINE)
+    assert book("a").claim("daily", tick) and book("a").name_stream("daily", tick, "first")
+    seen = book("b").state("daily", tick)  # b looks at the try, then reads its stream: ended by c's take-over
+    assert book("c").take_over("daily", tick, seen) == "2"
+    assert not book("b").claim_push("daily", tick, seen.stream)
+    assert book("c").name_stream("daily", tick, "second")
+    assert book("c").state("daily", tick).status == "running"
+    assert book("c").claim_push("daily", tick, "second")  # the new try's answer is pushed as ever
+
+
 def test_a_tick_runs_though_redis_lost_the_schedules_record_meanwhile(start, dify, wecom_api, redis_client):
     """A failover (or a flush) loses the record of the schedule's latest tick while the replicas watch it: the tick
     they waited for still runs, once (a schedule is new only to a process that never saw it)."""

@@ -311,7 +311,7 @@ class Scheduler:
         pushing; settle it."""
         if not meta and state.status == PUSHING:
             meta = {F.status: "gone", F.error: "its record expired before it was pushed"}
-        if not has_ended(meta) or not bot.book.claim_push(name, tick):
+        if not has_ended(meta) or not bot.book.claim_push(name, tick, state.stream):
             return
         text = bot.answers.text(state.stream)
         why = _why_not_pushed(meta, text)
@@ -328,7 +328,7 @@ class Scheduler:
             waiting = (bot.name, name, tick, label)
             if self._send_again_at.get(waiting, 0.0) > time.monotonic():
                 return
-            if not bot.book.claim_push(name, tick):
+            if not bot.book.claim_push(name, tick, state.stream):
                 return  # (another process took the pushing over: it goes on from what is recorded)
             try:
                 said = push_group(bot.pushers, group, text, f"schedule:{bot.name}:{name}:{tick}")

@@ -84,11 +84,13 @@ redis.call('HSET', KEYS[1], 'stream', ARGV[2])
 return 1
 """
 
-# KEYS: tick, push claim. ARGV: owner, claim TTL. Claims (or renews) the pushing of an answer that ended: 1 if this
-# owner pushes now, 0 if another does or the tick is settled.
+# KEYS: tick, push claim. ARGV: owner, claim TTL, the try's stream as the pusher read it. Claims (or renews) the
+# pushing of an answer that ended: 1 if this owner pushes now, 0 if another does, the tick is settled, or its try is
+# no longer that stream's (taken over since it was read: the take-over ended the old stream, whose end is no answer).
 _CLAIM_PUSH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' and status ~= 'pushing' then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'status', 'stream')
+local status = h[1]
+if (status ~= 'running' and status ~= 'pushing') or (h[2] or '') ~= ARGV[3] then return 0 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
@@ -206,10 +208,11 @@ class TickBook:
         """Record the stream of this process's try; False if the try is no longer this process's."""
         return bool(self._name_stream([self.keys.schedule_tick(name, tick)], [self.owner, stream]))
 
-    def claim_push(self, name: str, tick: int) -> bool:
-        """Claim (or renew) the pushing of the tick's answer for SCHEDULE_PUSH_CLAIM_TTL_SECONDS."""
+    def claim_push(self, name: str, tick: int, stream: str) -> bool:
+        """Claim (or renew) the pushing of the answer of the tick's try in `stream` for
+        SCHEDULE_PUSH_CLAIM_TTL_SECONDS."""
         keys = [self.keys.schedule_tick(name, tick), self.keys.schedule_push_claim(name, tick)]
-        return bool(self._claim_push(keys, [self.owner, SCHEDULE_PUSH_CLAIM_TTL_SECONDS]))
+        return bool(self._claim_push(keys, [self.owner, SCHEDULE_PUSH_CLAIM_TTL_SECONDS, stream]))
 
     def pushed(self, name: str, tick: int, target: str, said: str) -> None:
         """A target's push settled: `said` is its status, or "status: error"."""
