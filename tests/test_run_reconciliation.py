@@ -75,7 +75,7 @@ def recorder_for(shown: str = "", app_type: str = "advanced-chat", reattached: b
     options = AnswerOptions(app_type=app_type) if app_type != "chat" else DEFAULT_OPTIONS
     job = StreamJob(stream_id="s", msgid="m", userid="u", attempt="a#1")
     recorder = AnswerRecorder(job, answer, bubble, Conversations(), options=options)
-    recorder.run.shown, recorder.run.reattached = shown, reattached
+    recorder.run.reattached = reattached
     if resumed:
         recorder.run.gate.hold()
     return recorder, bubble

@@ -157,7 +157,7 @@ class DifyBackend:
         job, answer = turn.job, turn.answer
         recorder = self._attach(job, answer, job.resume_run)
         answer.resumed = True
-        logger.info("following the Dify run again, after the %d characters shown", len(recorder.run.shown))
+        logger.info("following the Dify run again, after the %d characters shown", len(answer.text))
         turn.count_follow_up(self.name, "resume")
         with _run_failures(recorder):
             self._follow_again(turn, recorder, turn.deadline)
@@ -173,7 +173,7 @@ class DifyBackend:
             turn.finisher.finish(job, answer, DONE, note=turn.texts.say("form_expired"))
             return
         recorder = self._attach(job, answer, record.form.run_id)
-        answer.resumed, recorder.run.earlier = bool(recorder.run.shown), record.before
+        answer.resumed, recorder.run.earlier = bool(answer.text), record.before
         with _run_failures(recorder):
             if self.form_steps.go_on(turn, recorder, record.task_id, record.form.token) == SUBMITTED:
                 self._through_forms(turn, recorder)
@@ -313,7 +313,7 @@ class DifyBackend:
         answer.writer.start_after(len(chunks), len(answer.text))
         answer.answered, answer.workflow_run_id = bool(answer.text), run_id
         recorder = AnswerRecorder(job, answer, parts.store, parts.conversations, self.bot, options)
-        recorder.run.shown, recorder.run.reattached = answer.text, True
+        recorder.run.reattached = True
         return recorder
 
     def _through_forms(self, turn: Turn, recorder: AnswerRecorder) -> None:

@@ -71,7 +71,6 @@ class DifyRun:
     form_note: str = ""  # how the last form ended, for the final note (waits, expired, by e-mail)
     form_timed_out: bool = False  # a form expired unanswered and the run went on with its timeout path
     reattached: bool = False  # the events come from following a run (GET /workflow/{run}/events): reconciled
-    shown: str = ""  # reattached: the text the bubble had when this attempt began
     earlier: str = ""  # a message of its own after a form: the run's answer before the form, which it leaves out
     gate: TextGate = field(default_factory=TextGate)  # the repeat left out, the text after a hole held back
     last_thought: str = ""  # an agent's last thought (the answer, for setups that stream no agent_message)
