@@ -26,6 +26,7 @@ from services.backends.dify import DifyParts
 from services.callback.delivery import CallbackDelivery
 from services.callback.envelope import Envelope
 from services.callback.handler import CallbackHandler
+from services.callback.kept_ends import KeptEnds
 from services.callback.replay_guard import ReplayGuard
 from services.callback.rest_posts import RestPosts
 from services.callback.spool import CallbackSpool
@@ -257,7 +258,8 @@ def _delivery(bot: BotSettings, shared: Shared, keys: Keys, store: StreamStore) 
         queue = JobQueue(store.durable, keys, bot.connection.bot_id, outbox)
         return ConnectionDelivery(queue, outbox, shared.owner, bot.name)
     posts = RestPosts(shared.client, keys, store.durable, ResponseUrlClient(), shared.owner, bot.name)
-    return CallbackDelivery(posts, store, bot.name, draining=shared.draining).follow(store.life)
+    ends = KeptEnds(shared.users.engine, bot.name) if shared.users is not None else None
+    return CallbackDelivery(posts, store, bot.name, draining=shared.draining, ends=ends).follow(store.life)
 
 
 @dataclass(frozen=True)

@@ -575,6 +575,69 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
     sim.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the exit, in its thread
+def test_a_rest_sent_by_a_process_that_exited_before_redis_came_back_is_not_shown_again(
+    make_app, serve, private_redis, mysql_url, dify, monkeypatch
+):
+    """A chatflow's answer ends in a draining process while Redis is away: the rest goes through response_url at
+    once, and the process exits before Redis is back to mark the stream so (the 10-minute campaign on one server,
+    seed 48: its drain ended 0.8 s before Redis came back). The end was kept in the database first: the poll that
+    takes the stream over on another replica ends it so, instead of following the run again and showing in the
+    bubble the rest the user was sent (the campaign counted it twice)."""
+    from demo import dify_flows as flows
+    from services.auth.db import make_engine
+    from services.callback.kept_ends import wecom_kept_ends
+
+    engine = make_engine(mysql_url)
+    wecom_kept_ends.drop(engine, checkfirst=True)  # no row of another test's
+    dify.serve_flow(flows.slow_chatflow(seconds=2))
+    first, second = (
+        serve(
+            make_app(
+                replica_id=f"replica-{name}",
+                redis_url=private_redis.url,
+                redis_socket_timeout=0.5,
+                stream_lease_seconds=5,
+                database_url=mysql_url,
+            )
+        )
+        for name in "ab"
+    )
+    delivery = first.gateway.bot().delivery
+    keep_end = delivery.keep_end
+
+    def keep_and_exit(*args):
+        keep_end(*args)
+        kill(first)
+        raise _Died  # the process exits with its drain: nothing after this runs
+
+    monkeypatch.setattr(delivery, "keep_end", keep_and_exit)
+    sim = make_simulator(first.url, poll_interval=0.2)
+    payload = sim.text_message("drained")
+    reply = sim.send(payload)
+    stream_id = reply["stream"]["id"]
+    assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id))["stream"]["content"])
+    private_redis.pause()
+    first.gateway.runner.accepting = False  # it drains: its finisher waits no longer for Redis
+    sent = sim.inbox.wait_for(payload["response_url"], timeout=15)
+    assert sent is not None and sent["markdown"]["content"] == f"{ZH['continued']}\n\nSLEPT (part two)"
+    time.sleep(6)  # past the 5 s lease
+    private_redis.resume()
+    store = private_redis.client()
+    poller = make_simulator(second.url, poll_interval=0.2)
+    conversation = poller.follow(reply)
+    assert conversation.text == f"part one (drained).\n\n{ZH['rest_sent_separately']}"
+    assert wait_until(lambda: second.gateway.runner.active_count == 0, timeout=10)
+    assert dify.reattaches == [] and len(dify.chat_requests()) == 1
+    meta = store.hgetall(KEYS.stream(stream_id))
+    assert meta["status"] == "done" and meta["delivered"] == "response_url" and meta["close_reason"] == "separately"
+    assert meta["owner"].startswith("replica-b:")
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    engine.dispose()
+    sim.close()
+    poller.close()
+
+
 def test_an_answer_whose_bubble_only_redis_can_tell_waits_for_it_and_sends_what_follows(
     make_app, serve, private_redis, dify
 ):

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from services import metrics
+from services.callback.kept_ends import KeptEnds
 from services.callback.rest_posts import RestPosts
 from services.keys import REST_POST_CLAIM_TTL_SECONDS, REST_POST_TTL_SECONDS
 from services.outage import RETRY_DELAYS, best_effort, best_effort_value
@@ -47,11 +48,19 @@ class CallbackDelivery:
     append_pace = 0.0
     append_deadlines = True
 
-    def __init__(self, posts: RestPosts, store: StreamStore, bot: str, draining: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        posts: RestPosts,
+        store: StreamStore,
+        bot: str,
+        draining: Callable[[], bool] = lambda: False,
+        ends: KeptEnds | None = None,
+    ):
         self.posts = posts  # made once whatever process dies, and swept by every serving process
         self.store = store
         self.bot = bot
         self.draining = draining
+        self.ends = ends  # where there is a database: the ends that went out while Redis was away
 
     def dispatch(self, job: StreamJob, run_here: Callable[[StreamJob], None]) -> None:
         run_here(job)  # WeCom's polls reach any replica: the one that opened the stream answers it
@@ -80,6 +89,13 @@ class CallbackDelivery:
     def answer_separately(self, job: StreamJob, message: str) -> None:
         if job.response_url:
             self.send(job, message, "form_rest", 0.0)
+
+    def keep_end(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        if self.ends is not None:
+            self.ends.keep(job.stream_id, status, fields)
+
+    def kept_end(self, stream_id: str) -> tuple[str, dict[str, str]] | None:
+        return self.ends.find(stream_id) if self.ends is not None else None
 
     def bubble_lost(self, job: StreamJob) -> bool:
         """Whether no poll ever showed the answer's bubble, waited for until UNPOLLED_SECONDS after its message came;

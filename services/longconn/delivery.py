@@ -55,6 +55,12 @@ class ConnectionDelivery:
         if message.ws_req_id:
             self.outbox.track(stream_id, *_answered_on(message))
 
+    def keep_end(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        return None  # an end here waits for Redis: none goes out without it
+
+    def kept_end(self, stream_id: str) -> tuple[str, dict[str, str]] | None:
+        return None
+
     def separate_url(self, response_url: str) -> str:
         return ""  # never a response_url on a long connection
 

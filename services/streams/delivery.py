@@ -53,6 +53,13 @@ class Delivery(Protocol):
     def answer_separately(self, job: StreamJob, message: str) -> None:
         """The answer of a stream no bubble polls has ended: send it, unless this mode's own watch does."""
 
+    def keep_end(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        """The answer's end went out while Redis was away: keep it where a takeover of the stream finds it, should
+        this process exit before Redis is back (a mode whose ends wait for Redis keeps nothing)."""
+
+    def kept_end(self, stream_id: str) -> tuple[str, dict[str, str]] | None:
+        """The end an earlier attempt kept for the stream (`keep_end`), (status, fields), or None."""
+
     def bubble_lost(self, job: StreamJob) -> bool:
         """Whether the bubble of an answer that ended never reached WeCom (its answer then goes out whole)."""
 

@@ -295,8 +295,10 @@ class Finisher:
     def _mark(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
         """The answer went out through response_url while Redis was away: finish the stream with `fields` once
         Redis is back (this thread keeps trying meanwhile, and its lease stays renewed), so that no poll resumes or
-        restarts it, or ends it as interrupted."""
+        restarts it, or ends it as interrupted. The end is kept by the delivery first: should this process exit
+        before Redis is back, the stream's takeover ends it so (`finish_kept_end`)."""
         fields = {**fields, "delivered": "response_url"}
+        self.delivery.keep_end(job, status, fields)
         patience = self._graced_window(job)
         marked = best_effort_value(
             lambda: self.store.finish(job.stream_id, job.attempt, status, fields),
@@ -306,6 +308,18 @@ class Finisher:
         if marked is not None and marked.inflight_key:
             logger.info("stream marked as sent through response_url")
             self._free_slot(job, marked)
+
+    def finish_kept_end(self, job: StreamJob) -> bool:
+        """A takeover's first look: an earlier attempt sent this answer's end out while Redis was away, and its
+        process exited before Redis came back to mark the stream so (`_mark`). The stream is ended as that attempt
+        would have (True), and nothing is asked again: the user has the answer."""
+        kept = self.delivery.kept_end(job.stream_id)
+        if kept is None:
+            return False
+        logger.warning("this answer's end went out while Redis was away, from a process now gone; ending it so")
+        status, fields = kept
+        self._mark(job, status, fields)
+        return True
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
         """Send as a message of its own, once, what the bubble could not show (it closed early or overflowed, or no

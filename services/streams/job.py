@@ -28,6 +28,7 @@ class StreamJob:
     attachments: list[tuple[str, ...]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)  # when the user's message arrived
     resume_run: str = ""  # a Dify run to stream again (its first reader's replica is gone), not a new call
+    taken_over: bool = False  # an attempt after one whose replica is gone (a poll took the stream over)
     attempt: str = ""  # this attempt's fencing token, carried by every write it makes (scripts.py, "Fencing")
     form_task: str = ""  # the rest of a run after this form's answer, sent as a message of its own (no bubble)
     card_placed: bool = False  # a form's card went on this stream already (WeCom takes one per message)

@@ -398,12 +398,16 @@ class StreamService:
             life.ended.send(stream_id)
         elif snapshot.taken_over or snapshot.resumed:
             life.handed_over.send(stream_id, how=snapshot.event)
-        if snapshot.taken_over:
-            logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
-            self._start(StreamJob.from_meta(stream_id, self.store.reads.meta(stream_id), snapshot.attempt))
-        elif snapshot.resumed:
-            logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
-            self._start(StreamJob.resumed(stream_id, self.store.reads.meta(stream_id), snapshot.attempt))
+        if snapshot.taken_over or snapshot.resumed:
+            meta = self.store.reads.meta(stream_id)
+            if snapshot.taken_over:
+                logger.warning("stream %s lost its replica before showing anything; restarting it here", stream_id)
+                job = StreamJob.from_meta(stream_id, meta, snapshot.attempt)
+            else:
+                logger.warning("stream %s lost its replica; streaming its Dify run again here", stream_id)
+                job = StreamJob.resumed(stream_id, meta, snapshot.attempt)
+            job.taken_over = True
+            self._start(job)
         return snapshot
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:

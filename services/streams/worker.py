@@ -119,8 +119,11 @@ class StreamWorker:
 
     def _answer(self, turn: Turn, backend: Backend) -> None:
         """A new question, the run of an answer whose replica is gone, or the rest of a run after a form: each as
-        far as the backend can take it (one that cannot follow a run again never gets one: nothing names a run)."""
+        far as the backend can take it (one that cannot follow a run again never gets one: nothing names a run).
+        A taken-over answer whose end went out before its replica was gone is only ended."""
         job = turn.job
+        if job.taken_over and turn.finisher.finish_kept_end(job):
+            return
         if job.separate and backend.capabilities.forms:
             backend.continue_form(turn)
         elif job.resume_run and backend.capabilities.resumes:
