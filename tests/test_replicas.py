@@ -576,21 +576,28 @@ def test_an_answer_ended_in_an_outage_reaches_the_user_once(outage_app, private_
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the exit, in its thread
+@pytest.mark.parametrize("app", ["chatflow", "chat"])
 def test_a_rest_sent_by_a_process_that_exited_before_redis_came_back_is_not_shown_again(
-    make_app, serve, private_redis, mysql_url, dify, monkeypatch
+    make_app, serve, private_redis, mysql_url, dify, monkeypatch, app
 ):
-    """A chatflow's answer ends in a draining process while Redis is away: the rest goes through response_url at
-    once, and the process exits before Redis is back to mark the stream so (the 10-minute campaign on one server,
-    seed 48: its drain ended 0.8 s before Redis came back). The end was kept in the database first: the poll that
-    takes the stream over on another replica ends it so, instead of following the run again and showing in the
-    bubble the rest the user was sent (the campaign counted it twice)."""
+    """An answer ends in a draining process while Redis is away: the rest goes through response_url at once, and
+    the process exits before Redis is back to mark the stream so (the 10-minute campaign on one server, seed 48:
+    its drain ended 0.8 s before Redis came back). The end was kept in the database first. The poll that finds the
+    stream's lease gone on another replica ends it so: a chatflow's run is not followed again into the bubble,
+    which showed the user the rest a second time (the campaign's count); a chat's answer, which cannot be, is not
+    ended as "interrupted, ask again" under the rest the user has."""
     from demo import dify_flows as flows
     from services.auth.db import make_engine
     from services.callback.kept_ends import wecom_kept_ends
 
     engine = make_engine(mysql_url)
     wecom_kept_ends.drop(engine, checkfirst=True)  # no row of another test's
-    dify.serve_flow(flows.slow_chatflow(seconds=2))
+    if app == "chatflow":
+        dify.serve_flow(flows.slow_chatflow(seconds=2))
+        shown, rest = "part one (drained).", "SLEPT (part two)"
+    else:
+        dify.script([d.message("before "), d.sleep(2.0), d.message("after"), d.end()])
+        shown, rest = "before", "after"
     first, second = (
         serve(
             make_app(
@@ -616,23 +623,24 @@ def test_a_rest_sent_by_a_process_that_exited_before_redis_came_back_is_not_show
     payload = sim.text_message("drained")
     reply = sim.send(payload)
     stream_id = reply["stream"]["id"]
-    assert wait_until(lambda: "part one" in sim.send(sim.poll_message(stream_id))["stream"]["content"])
+    assert wait_until(lambda: shown in sim.send(sim.poll_message(stream_id))["stream"]["content"])
     private_redis.pause()
     first.gateway.runner.accepting = False  # it drains: its finisher waits no longer for Redis
     sent = sim.inbox.wait_for(payload["response_url"], timeout=15)
-    assert sent is not None and sent["markdown"]["content"] == f"{ZH['continued']}\n\nSLEPT (part two)"
+    assert sent is not None and sent["markdown"]["content"] == f"{ZH['continued']}\n\n{rest}"
     time.sleep(6)  # past the 5 s lease
     private_redis.resume()
     store = private_redis.client()
     poller = make_simulator(second.url, poll_interval=0.2)
     conversation = poller.follow(reply)
-    assert conversation.text == f"part one (drained).\n\n{ZH['rest_sent_separately']}"
+    assert conversation.text == f"{shown}\n\n{ZH['rest_sent_separately']}"
     assert wait_until(lambda: second.gateway.runner.active_count == 0, timeout=10)
     assert dify.reattaches == [] and len(dify.chat_requests()) == 1
     meta = store.hgetall(KEYS.stream(stream_id))
     assert meta["status"] == "done" and meta["delivered"] == "response_url" and meta["close_reason"] == "separately"
-    assert meta["owner"].startswith("replica-b:")
     assert len(sim.inbox.received(payload["response_url"])) == 1
+    row = row_of_stream("default", meta, store.lrange(KEYS.stream_chunks(stream_id), 0, -1))
+    assert row.answer == f"{shown} {rest}\n\n{ZH['rest_sent_separately']}"  # what the user has
     engine.dispose()
     sim.close()
     poller.close()

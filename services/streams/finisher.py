@@ -297,7 +297,7 @@ class Finisher:
         Redis is back (this thread keeps trying meanwhile, and its lease stays renewed), so that no poll resumes or
         restarts it, or ends it as interrupted. The end is kept by the delivery first: should this process exit
         before Redis is back, the stream's takeover ends it so (`finish_kept_end`)."""
-        fields = {**fields, "delivered": "response_url"}
+        fields = {**fields, "delivered": "response_url", "rest_sent": "yes"}  # (no watch makes it again)
         self.delivery.keep_end(job, status, fields)
         patience = self._graced_window(job)
         marked = best_effort_value(

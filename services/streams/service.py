@@ -22,7 +22,7 @@ from services.streams.delivery import Delivery
 from services.streams.job import StreamJob
 from services.streams.life import ANSWERED, BUSY, MESSAGE, Reply
 from services.streams.poll_path import COUNTED, LATE, NEVER, FrameRecord, PollPath, Snapshot
-from services.streams.record import DONE, EXPIRED
+from services.streams.record import DONE, EXPIRED, F
 from services.streams.runner import StreamRunner
 from services.streams.store import CREATED, EXISTING, LIMITED, StreamStore, first_attempt
 from services.streams.worker import StreamWorker
@@ -394,7 +394,8 @@ class StreamService:
         if snapshot.event in CLOSING_EVENTS:
             life.closed_early.send(stream_id, reason=snapshot.event, has_response_url=snapshot.has_response_url)
         elif snapshot.event == EXPIRED:  # given up: its owner is gone
-            life.expired.send(stream_id)
+            if not self._ended_as_kept(stream_id, snapshot):
+                life.expired.send(stream_id)
             life.ended.send(stream_id)
         elif snapshot.taken_over or snapshot.resumed:
             life.handed_over.send(stream_id, how=snapshot.event)
@@ -409,6 +410,19 @@ class StreamService:
             job.taken_over = True
             self._start(job)
         return snapshot
+
+    def _ended_as_kept(self, stream_id: str, snapshot: Snapshot) -> bool:
+        """A stream this poll gave up (its owner is gone, and its answer cannot be followed again) whose end had gone
+        out while Redis was away, from a process that exited before Redis came back (Finisher.finish_kept_end): it
+        ends as that process would have ended it, and so does this poll's reply (True), not as interrupted."""
+        kept = self.delivery.kept_end(stream_id)
+        if kept is None:
+            return False
+        logger.warning("stream %s lost its replica after its end went out without Redis; ending it so", stream_id)
+        status, fields = kept
+        self.store.record(stream_id, {**fields, F.status: status, F.error: ""})
+        snapshot.event, snapshot.status, snapshot.note = "", status, fields.get(F.note, "")  # (nothing more is owed)
+        return True
 
     def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
         content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
