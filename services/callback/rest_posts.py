@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import redis
 
@@ -46,6 +47,7 @@ class RestPosts:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._also: Callable[[], object] = lambda: None
+        self._unsettled: dict[str, str] = {}  # posts made without a record, and how they ended, to settle in Redis
 
     def send(self, stream_id: str, url: str, message: str) -> bool:
         """Post `message` through `url` for the stream, once: True if WeCom took it (here, or from a process that
@@ -55,11 +57,13 @@ class RestPosts:
         try:
             claimed, earlier = self._owe(stream_id, url, message, token)
         except REDIS_FAILURES as exc:
-            # Part of the record may have been written (a reply lost after its write ran): once posted, the post
-            # is settled, so that no sweep takes a listing left behind for a post whose poster is gone.
+            # Part of the record may have been written (a reply lost after its write ran, or a write Redis runs
+            # when it wakes): once posted, the post is settled, so that no sweep takes a listing left behind for a
+            # post whose poster is gone. That waits for Redis in this process's sweep, not in the caller, whose
+            # answer's end must be kept at once where no outage reaches (Finisher._mark).
             logger.warning("could not write down the response_url post (%s); posting it without a record", exc)
             accepted = self.responder.send_markdown(url, message)
-            self._settle(stream_id, "sent" if accepted else "failed")
+            self._unsettled[stream_id] = "sent" if accepted else "failed"
             return accepted
         if not claimed:
             if earlier != message:
@@ -114,6 +118,7 @@ class RestPosts:
     def _run(self) -> None:
         def step() -> None:
             try:
+                self._settle_unsettled()
                 self.sweep()
                 self._also()
             except REDIS_FAILURES as exc:
@@ -160,15 +165,20 @@ class RestPosts:
         self._settle(stream_id, "sent" if accepted else "failed")
         return accepted
 
+    def _settle_unsettled(self) -> None:
+        """Settle the posts made without a record, now that Redis answers (raises while it does not)."""
+        for stream_id, state in list(self._unsettled.items()):
+            self._settle_now(stream_id, state)
+            del self._unsettled[stream_id]
+
     def _settle(self, stream_id: str, state: str) -> None:
         """The post is over (`sent`, or `failed` for good): no process makes it again."""
+        best_effort(partial(self._settle_now, stream_id, state), f"recording the response_url post as {state}")
+
+    def _settle_now(self, stream_id: str, state: str) -> None:
         claim_key = self.keys.rest_post_claim(stream_id)
-
-        def settle() -> None:
-            self._write(claim_key, [("SET", claim_key, state, "EX", SENT_TTL_SECONDS)])
-            self.client.zrem(self.owed_key, stream_id)
-
-        best_effort(settle, f"recording the response_url post as {state}")
+        self._write(claim_key, [("SET", claim_key, state, "EX", SENT_TTL_SECONDS)])
+        self.client.zrem(self.owed_key, stream_id)
 
     def _write(self, key: str, commands: list[tuple]) -> list:
         replies = self.durable.execute(key, commands, OUTBOX)
