@@ -333,7 +333,12 @@ class StreamService:
                 logger.info("the form's card goes out with this reply")
             content = self.bubble.live(snapshot.text, snapshot.prompt)
             return stream_reply(stream_id, content, finish=False, feedback_id=stream_id, card=snapshot.card)
-        return self._final(stream_id, snapshot)
+        content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
+        logger.info("bubble finished: %s", snapshot.status)
+        if snapshot.card:
+            metrics.CARDS.labels(self.bot, "suggestions").inc()
+        images = image_items(snapshot.images)
+        return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images, card=snapshot.card)
 
     def look(self, stream_id: str) -> Snapshot | None:
         """A poll's work on a stream, without a reply or a card handed out (a watch over streams whose rest goes out
@@ -423,14 +428,6 @@ class StreamService:
         self.store.record(stream_id, {**fields, F.status: status, F.error: ""})
         snapshot.event, snapshot.status, snapshot.note = "", status, fields.get(F.note, "")  # (nothing more is owed)
         return True
-
-    def _final(self, stream_id: str, snapshot: Snapshot) -> dict:
-        content = self.bubble.final(snapshot.text, snapshot.note, snapshot.has_response_url)[0]
-        logger.info("bubble finished: %s", snapshot.status)
-        images = image_items(snapshot.images)
-        if snapshot.card:
-            metrics.CARDS.labels(self.bot, "suggestions").inc()
-        return stream_reply(stream_id, content, finish=True, feedback_id=stream_id, images=images, card=snapshot.card)
 
 
 def _late(started: float, waited: float) -> bool:
