@@ -299,6 +299,10 @@ class Finisher:
         before Redis is back, the stream's takeover ends it so (`finish_kept_end`)."""
         fields = {**fields, "delivered": "response_url", "rest_sent": "yes"}  # (no watch makes it again)
         self.delivery.keep_end(job, status, fields)
+        self._write_mark(job, status, fields)
+
+    def _write_mark(self, job: StreamJob, status: str, fields: dict[str, str]) -> None:
+        """Finish the stream with a marked end, tried while WeCom may poll the bubble, and a minute more."""
         patience = self._graced_window(job)
         marked = best_effort_value(
             lambda: self.store.finish(job.stream_id, job.attempt, status, fields),
@@ -318,7 +322,7 @@ class Finisher:
             return False
         logger.warning("this answer's end went out while Redis was away, from a process now gone; ending it so")
         status, fields = kept
-        self._mark(job, status, fields)
+        self._write_mark(job, status, fields)
         return True
 
     def _send_rest(self, job: StreamJob, answer: Answer, finished: Finished, note: str) -> None:
