@@ -135,6 +135,32 @@ def test_a_form_a_failover_took_back_is_open_again_for_the_tap_on_its_card(sims,
     assert conversation.text == "Need approval." + DONE
 
 
+def test_a_form_whose_card_a_failover_took_back_before_any_poll_is_shown_again(sims, dify, redis_client, monkeypatch):
+    """A failover in the second the form was opened took back its record and, with it, the stream's prompt and card,
+    though a replica had answered each write (the 10-minute Sentinel run of seed 50: another replica was promoted).
+    Before, the waiting worker opened the form again but nothing placed its card again: no reply carried one, and
+    the bubble ended asking for it (`lost` 1). Finding the form gone, the worker now writes both again."""
+    from services.forms.service import FormService
+
+    dify.script(approval())
+    wait, lost = FormService.wait, []
+
+    def failover_then_wait(self, ticket, *args, **kwargs):
+        if not lost:  # the failover: the form's record, and what the stream showed of it, are gone
+            stream_id, _ = parse_task_id(ticket.task_id)
+            redis_client.delete(KEYS.form(*parse_task_id(ticket.task_id)))
+            lost.append(redis_client.hdel(KEYS.stream(stream_id), "card", "prompt"))
+        return wait(self, ticket, *args, **kwargs)
+
+    monkeypatch.setattr(FormService, "wait", failover_then_wait)
+    conversation, reply, _ = ask_and_click(sims[0], sims[1])
+    assert lost == [2]
+    assert len(conversation.cards) == 1
+    assert reply["template_card"]["main_title"]["desc"] == ZH["form_submitted"].format(choice="Approve")
+    assert [s["body"]["action"] for s in dify.form_submissions] == ["approve"]
+    assert conversation.text == "Need approval." + DONE
+
+
 def test_a_form_that_expired_updates_the_card_and_submits_nothing(sims, dify):
     dropped = " Nobody approved; the request was dropped."
     timeout_path = [d.message(dropped), apps.workflow_done({"answer": dropped}), d.end()]

@@ -180,11 +180,21 @@ class FormService:
         record = self.store.load(task_id)
         return self.prompt(record) if record is not None else ""
 
-    def wait(self, ticket: Ticket, until: float, cancelled: threading.Event, draining: Callable[[], bool]) -> str:
+    def wait(
+        self,
+        ticket: Ticket,
+        until: float,
+        cancelled: threading.Event,
+        draining: Callable[[], bool],
+        reopened: Callable[[], object] = lambda: None,
+    ) -> str:
         """Wait for the form's answer while the bubble lasts (`until`, epoch seconds): CLAIMED (this worker goes
         on: submit, then the rest of the run), EXPIRED, BUBBLE_OVER (a claim from now on goes on separately),
-        CANCELLED (this attempt must stop: taken over), or DRAINING (this process stops: the wait is handed over)."""
+        CANCELLED (this attempt must stop: taken over), or DRAINING (this process stops: the wait is handed over).
+        A form a failover took back is opened again, and `reopened()` then writes again what the stream showed of
+        it (its prompt and card, which that failover may have taken back too), until it once went through."""
         task_id, expires_at = ticket.task_id, ticket.record.form.expires_at
+        shown_again = True
         while True:
             if cancelled.is_set():
                 return CANCELLED
@@ -200,6 +210,10 @@ class FormService:
                     logger.warning("form %s was gone from Redis (a failover?); it is open again", task_id)
                     record = ticket.record
                     self.store.open(task_id, record.form, _opening(record, record.card_rides, record.before))
+                    shown_again = False
+                if not shown_again:
+                    reopened()
+                    shown_again = True
                 if time.time() >= until:
                     status = self.store.leave_bubble(task_id)
                     return CLAIMED if status in (CLAIMED, SUBMITTING, SUBMITTED) else BUBBLE_OVER

@@ -84,7 +84,8 @@ class FormSteps:
             recorder.write_fields(fields, durable=True)
             waited = time.time()
             until = 0.0 if job.separate else job.created_at + self.finisher.window_seconds - WINDOW_MARGIN
-            outcome = self.forms.wait(ticket, until, cancelled, self.finisher.draining)
+            shown = partial(recorder.write_fields, fields, durable=True)  # again, should a failover take it back
+            outcome = self.forms.wait(ticket, until, cancelled, self.finisher.draining, shown)
             logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
             token = ticket.record.form.token
             if outcome == CANCELLED:
