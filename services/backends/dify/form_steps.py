@@ -81,10 +81,10 @@ class FormSteps:
             if ticket.card is not None:
                 fields["card"] = orjson.dumps(ticket.card).decode()
                 job.card_placed = True
-            recorder.write_fields(fields, durable=True)
+            shown = partial(recorder.write_fields, fields, durable=True)  # (again, should a failover take it back)
+            shown()
             waited = time.time()
             until = 0.0 if job.separate else job.created_at + self.finisher.window_seconds - WINDOW_MARGIN
-            shown = partial(recorder.write_fields, fields, durable=True)  # again, should a failover take it back
             outcome = self.forms.wait(ticket, until, cancelled, self.finisher.draining, shown)
             logger.info("form %s: %s after %.1fs", ticket.task_id, outcome, time.time() - waited)
             token = ticket.record.form.token
