@@ -246,6 +246,20 @@ def test_a_second_dify_call_is_extra_unless_a_fault_restarted_an_answer_that_had
     assert counts([*history([(3.0, WHOLE, True)], calls=[0.1, 2.0, 2.5]), kill])["extra_dify_calls"] == 1
 
 
+def test_a_second_dify_call_in_a_trace_of_its_own_is_never_a_restart():
+    """A trace is named by its stream, and a restart keeps its stream: calls of one message in two traces are two
+    streams, a WeCom retry taken as a message of its own (the dedup_off mutant), whatever fault was under way."""
+    kill = fault("replica_kill", 1.0, 1.5)
+    restarted = history([(1.0, "正在思考…", False), (3.0, WHOLE, True)], calls=[0.1, 2.0])
+    calls = [event for event in restarted if event["kind"] == "dify_call"]
+    calls[0]["trace"] = calls[1]["trace"] = "t1"
+    assert counts([*restarted, kill])["extra_dify_calls"] == 0
+    calls[1]["trace"] = "t2"
+    result = check([*restarted, kill])
+    assert result["extra_dify_calls"] == 1 and result["excused_dify_calls"] == 0
+    assert "in 2 traces" in result["problems"][0]["extra_dify_calls"]
+
+
 def worked(replica: int) -> dict:
     return {"kind": "worked", "t": 0.0, "msgid": "m1", "replica": replica, "first": 0.0, "last": 3.0}
 

@@ -246,6 +246,7 @@ def run_topology(kind: str, options, out_dir: Path) -> dict:
         openai=openai,
         window_seconds=options.window + 20,
         long_share=options.long_share,
+        retry_share=options.retry_share,
         unready=unready,
     )
     users = Arrivals(workload, options.users, options.arrivals) if options.arrivals else Users(workload, options.users)
@@ -360,6 +361,7 @@ def collect(history: History, dify: DifyStandIn, bots: list[Bot]) -> None:
             user=body.get("user", ""),
             conversation=body.get("conversation_id") or "",
             app=app_key,
+            trace=request["headers"].get("x-trace-id", ""),
         )
     for submission in submissions:
         content = dify.forms[submission["token"]]["public"]["form_content"]  # "Approve <tag>?"
@@ -419,6 +421,7 @@ def collect_openai(history: History, openai: OpenAIStandIn) -> None:
             user=request["body"].get("user", ""),
             conversation=f"{earlier} turns" if earlier else "",
             app=MODEL,
+            trace=request["headers"].get("x-trace-id", ""),
         )
 
 
@@ -503,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--arrivals", type=float, default=0.0, help="messages per second, open loop (default: closed-loop users)"
     )
     parser.add_argument("--long-share", type=float, default=0.1, help="answers longer than a bubble (callback bots)")
+    parser.add_argument("--retry-share", type=float, default=0.15, help="messages WeCom delivers a second time")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--calm-every", type=float, default=90.0, help="seconds of faults between control phases")
     parser.add_argument(

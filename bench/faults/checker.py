@@ -6,7 +6,8 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   unless what it promised came;
 - extra_dify_calls: Dify calls for one message beyond the first, except the one documented restart of an answer
   whose bubble had shown nothing yet, and only when a fault that can cost a stream its replica was under way
-  (the restarts excused are reported: `excused_dify_calls`);
+  (the restarts excused are reported: `excused_dify_calls`); never excused where the calls carry two trace ids (a
+  trace is named by its stream: a restart keeps it, a WeCom retry taken as a message of its own does not);
 - duplicate_deliveries: some of the answer shown twice, in one bubble or across the bubble and response_url; the
   same message posted twice (a note too); a second post to a response_url (WeCom refuses it, so it is only seen
   here: it means the gateway tried to deliver twice); a form's card in two replies (WeCom takes one per message);
@@ -307,9 +308,13 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     if failures and not verdict.causes:
         verdict.problems["unexplained_notes"] = f"{failures}; faults not on its path: {verdict.faults}"
     allowed, verdict.excused_calls = allowed_calls(calls, frames, tag, faults)
+    if len(traces := {e["trace"] for e in asked if e.get("trace")}) > 1:
+        allowed, verdict.excused_calls = 1, 0  # taken as two messages (a trace is a stream's): no restart of one
     verdict.extra_calls = max(0, len(calls) - allowed)
     if verdict.extra_calls:
-        verdict.problems["extra_dify_calls"] = f"{len(calls)} Dify calls"
+        verdict.problems["extra_dify_calls"] = f"{len(calls)} Dify calls" + (
+            f", in {len(traces)} traces: its tries opened a stream each" if len(traces) > 1 else ""
+        )
     if verdict.excused_calls and allowed_calls(calls, frames, tag, path)[1] == 0:
         verdict.unexplained_calls = verdict.excused_calls
         verdict.problems["unexplained_dify_calls"] = "a restart excused by a fault on no path of this message"
