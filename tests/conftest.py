@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import random
 import secrets
@@ -45,10 +46,18 @@ TOKEN = "test-token-Zq8"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DIFY_KEY = "app-test-key-0001"
 AUTH_KEY = "svc-auth-key-0001"
+RUN_LOG_LEVEL = logging.getLogger().level
 KEYS = Keys()  # the key names, as the gateway builds them (no prefix)
 # File heads the gateway sniffs (services/media/service.py), with bodies of no meaning.
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 JPEG = b"\xff\xd8\xff\xe0" + b"\x10JFIF" + bytes(500)
+
+
+@pytest.fixture(autouse=True)
+def root_log_level_restored():
+    """Each test starts at the log level the run began with: an app built with LOG_LEVEL=ERROR (the fuzz checks')
+    leaves the root logger there, and a later test in the same worker would capture no warning."""
+    logging.getLogger().setLevel(RUN_LOG_LEVEL)
 
 
 @pytest.fixture(scope="session")
