@@ -51,12 +51,7 @@ class StreamReads:
     def open_streams(self, aibotid: str, userid: str) -> list[str]:
         """The user's streams whose bubble is still open, oldest first."""
         key = self.keys.inflight(aibotid, userid)
-        return self.client.zrangebyscore(key, f"{time.time():.3f}", "+inf")
-
-    def in_flight(self, aibotid: str, userid: str) -> int:
-        """How many of the user's bubbles are open now."""
-        key = self.keys.inflight(aibotid, userid)
-        return self.client.zcount(key, f"{time.time():.3f}", "+inf")
+        return self.client.zrangebyscore(key, script_now(), "+inf")
 
     def stream_for_msgid(self, msgid: str) -> str | None:
         """The stream id recorded for a WeCom msgid, if any."""
