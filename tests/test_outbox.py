@@ -634,6 +634,44 @@ def test_a_send_wecom_refused_while_redis_was_away_is_sent_again_not_taken_for_m
     assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
 
 
+class _MarkRepliesLost:
+    """The outbox's compare-and-set as a lost reply leaves it: the mark of a send as handed is made, and its reply
+    lost; then redis-py sends it again on a new connection (`again`: it finds the mark made, and answers 0), or the
+    caller is told Redis failed."""
+
+    def __init__(self, swap, again: bool):
+        self.swap, self.again, self.lost = swap, again, 0
+
+    def run(self, keys, args):
+        reply = self.swap.run(keys, args)
+        if not args["expected"].startswith("sending ") or self.lost:
+            return reply
+        self.lost += 1
+        if self.again:
+            return self.swap.run(keys, args)
+        raise redis.ConnectionError("Connection closed by server.")
+
+
+@pytest.mark.parametrize("again", [True, False], ids=["tried-again", "redis-failed"])
+def test_a_rest_whose_mark_as_handed_lost_its_reply_is_still_sent_once(redis_client, monkeypatch, again):
+    """The one-server run of seed 53: the holder marked the rest of an answer handed to its socket as Redis lost
+    the reply. Its retry found the mark made and took the claim for someone else's, so nothing went out; the mark,
+    left saying `handed`, was taken for made by the next holder, and the user never had the rest. Now the holder
+    knows its own mark, and sends (tried again) or clears it at its next pass and sends then (Redis failed)."""
+    outbox, sender, _ = orphaned_rest(redis_client)
+    monkeypatch.setattr(outbox, "_swap", _MarkRepliesLost(outbox._swap, again))
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    assert outbox._swap.lost == 1
+    if not again:
+        assert socket.sent == [] and outbox.marker("s1").startswith("handed p1 ")
+        sender.deliver(socket, generation=4, live=set())  # Redis answers: the mark cleared, the claim let go
+        sender.deliver(socket, generation=4, live=set())
+    assert len(socket.sent) == 1
+    socket.acks[0]({"errcode": 0})
+    assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
+
+
 def test_a_send_whose_connection_ended_before_wecom_read_it_is_sent_again(redis_client):
     outbox, sender, _ = orphaned_rest(redis_client)
     first = _Socket()

@@ -15,7 +15,7 @@ from functools import partial
 
 from services import metrics
 from services.longconn import frames
-from services.longconn.outbox import Outbox, claimant_token, rest_of, shown_of
+from services.longconn.outbox import HANDED, Outbox, claimant_token, rest_of, shown_of
 from services.longconn.pacing import ChatWindow
 from services.longconn.session import Session
 from services.longconn.uploads import FileSender
@@ -124,8 +124,10 @@ class OrphanDelivery:
         """Mark the send handed, then hand it to the socket; one that does not go out is released at once."""
         try:
             marker = self.outbox.hand(stream_id, claimant)
-        except REDIS_FAILURES:
-            marker = ""  # not marked, not sent: the claim runs out and a later pass sends it
+        except REDIS_FAILURES:  # not sent; marked, maybe (a reply lost): cleared at a later pass, then sent
+            marker = ""
+            with self._lock:
+                self._unmade[stream_id] = HANDED + claimant
         handed = _Handed(marker, session, push)
         if marker:
             with self._lock:
