@@ -293,7 +293,7 @@ class RedisSettings:
     sentinel_password: str = _var("REDIS_SENTINEL_PASSWORD", secret=True)
     key_prefix: str = _var("REDIS_KEY_PREFIX")
     socket_timeout: float = _var("REDIS_SOCKET_TIMEOUT", 2.0)
-    claim_wait_ms: int = _var("REDIS_CLAIM_WAIT_MS", 200)  # Sentinel/Cluster: a replica holds a claim (0 = no wait)
+    claim_wait_ms: int = _var("REDIS_CLAIM_WAIT_MS", 200)  # Sentinel/Cluster: the replicas hold a claim (0 = no wait)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,19 @@
-"""Writes that must outlive a failover: `Replication.execute` follows such a write with `WAIT 1 <wait_ms>` on its
-connection, so it returns once a replica holds it (or counts it in redis_writes_unreplicated_total and goes on), and
-`until_held` makes a write no replica confirmed again, off the answer's path, until one does. Which writes wait and
-why: docs/architecture.md, "Opening a stream on any topology".
+"""Writes that must outlive a failover: `Replication.execute` follows such a write with `WAIT <replicas> <wait_ms>`
+on its connection, so it returns once every replica of the master holds it, or at most after `wait_ms` (a write no
+replica holds is counted in redis_writes_unreplicated_total), and `until_held` makes a write no replica confirmed
+again, off the answer's path, until one does. Which writes wait and why: docs/architecture.md, "Opening a stream on
+any topology".
+
+Every replica, not one: Sentinel promotes the replica whose offset it last read is the highest, read once a second
+at best, so a write only one of two replicas held can lose to the other (how, we think, the Sentinel run of seed 50
+lost a form's card). How many replicas the master has is its ROLE's answer, asked with a write at most every
+ROLE_EVERY_SECONDS; a replica that lags past `wait_ms` is not waited for again until then.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -33,6 +40,8 @@ AGAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 # Writes that wait to be made again, at most, per bot: past it (replicas that lag for minutes, which the alert on
 # redis_writes_unreplicated_total names), a new one is not waited for.
 AGAIN_MAX = 2_000
+# How often a durable write asks its master, in the same round trip, how many replicas it has (ROLE).
+ROLE_EVERY_SECONDS = 5.0
 
 
 class Replication:
@@ -43,6 +52,22 @@ class Replication:
         self.wait_ms = wait_ms  # 0: do not wait (no replicas)
         self.bot = bot  # whose writes these are (metrics)
         self._again = Retries("writes_again", f"writes-again-{bot}", AGAIN_MAX)
+        self._replicas = 1  # how many replicas a write waits for: the master's, less one that lagged past the wait
+        self._replicas_read_at = -ROLE_EVERY_SECONDS  # when the master's ROLE last said how many (monotonic)
+
+    def wait_command(self) -> tuple:
+        """The WAIT that follows a durable write (and a poll's text) on its connection."""
+        return ("WAIT", self._replicas, self.wait_ms)
+
+    def held(self, wait: tuple, acknowledged) -> bool:
+        """Whether a replica holds a write that `acknowledged` replicas confirmed (WAIT's reply; an error: none) after
+        `wait` (a `wait_command()`). Fewer than it waited for: one lagged past the wait, and the writes after it wait
+        for as many as answered, until the master's ROLE is asked again."""
+        if isinstance(acknowledged, BaseException):
+            return False
+        if int(acknowledged) < wait[1]:
+            self._replicas = max(1, int(acknowledged))
+        return int(acknowledged) >= 1
 
     def execute(self, key: str, commands: list[tuple], write: str) -> list:
         """Send `commands` (each a tuple of a command's words, all on `key`'s slot) in one round trip and wait for
@@ -60,7 +85,7 @@ class Replication:
             return self._pipeline(self.client, commands), True
         cluster = isinstance(self.client, RedisCluster)
         try:
-            *replies, replicas = self._pipeline(self._node_of(key), [*commands, ("WAIT", 1, self.wait_ms)])
+            replies, held = self._waited(self._node_of(key), commands)
             moves = [reply for reply in replies if isinstance(reply, CLUSTER_MOVES)] if cluster else []
         except CLUSTER_MOVES as exc:
             if not cluster:
@@ -68,9 +93,8 @@ class Replication:
             moves = [exc]
         if moves:
             moved_to = next((move.node_addr for move in moves if isinstance(move, MovedError)), None)
-            replies, replicas = self._after_a_move(key, commands, moved_to)
+            replies, held = self._after_a_move(key, commands, moved_to)
         wrote = not any(isinstance(reply, BaseException) for reply in replies)  # an error reply wrote nothing
-        held = not isinstance(replicas, BaseException) and int(replicas) >= 1
         if wrote and not held:
             metrics.UNREPLICATED_WRITES.labels(self.bot, write).inc()
             logger.debug("%s not yet held by a replica after %d ms", write, self.wait_ms)
@@ -82,7 +106,7 @@ class Replication:
         if not self._again.add(partial(_held, again), AGAIN_DELAYS, partial(_never_held, what)):
             logger.warning("%d writes no replica holds wait to be made again; %s is not", AGAIN_MAX, what)
 
-    def _after_a_move(self, key: str, commands: list[tuple], moved_to: tuple[str, int] | None) -> tuple[list, object]:
+    def _after_a_move(self, key: str, commands: list[tuple], moved_to: tuple[str, int] | None) -> tuple[list, bool]:
         """The slot moved, or its node died or became a replica (a failover): the write goes to the slot's new
         master, the node a MOVED reply named (`moved_to`), else the one the cluster client's refreshed map names (a
         node asked for the map may not know of the failover yet), with its WAIT on the same connection. While no
@@ -93,12 +117,27 @@ class Replication:
             node = self.client.get_node(*moved_to) if moved_to else None
             node = node or self.client.get_node_from_key(key)
             connection = self.client.get_redis_connection(node)
-            *replies, replicas = self._pipeline(connection, [*commands, ("WAIT", 1, self.wait_ms)])
+            replies, held = self._waited(connection, commands)
             if not any(isinstance(reply, CLUSTER_MOVES) for reply in replies):
-                return replies, replicas
+                return replies, held
         except CLUSTER_MOVES as exc:
             logger.info("the slot's new master is not known yet (%s); writing through the cluster client", exc)
-        return self._pipeline(self.client, commands), 0
+        return self._pipeline(self.client, commands), False
+
+    def _waited(self, client, commands: list[tuple]) -> tuple[list, bool]:
+        """`commands`' replies, in one round trip on one connection with their WAIT, and whether a replica holds
+        them; the master's ROLE too when it is due, read into how many replicas the next writes wait for (those in
+        sync: a replica still loading its first copy has acknowledged no offset yet)."""
+        now = time.monotonic()
+        role_due = now - self._replicas_read_at >= ROLE_EVERY_SECONDS
+        wait = self.wait_command()
+        *replies, acknowledged = self._pipeline(client, [*commands, wait, *([("ROLE",)] if role_due else [])])
+        if role_due:
+            acknowledged, role = replies.pop(), acknowledged
+            if isinstance(role, list) and role and role[0] in ("master", b"master"):
+                in_sync = [replica for replica in role[2] if int(replica[2]) > 0]
+                self._replicas, self._replicas_read_at = max(1, len(in_sync)), now
+        return replies, self.held(wait, acknowledged)
 
     def _node_of(self, key: str):
         """A client whose pipeline keeps to one connection, to the node holding `key` (WAIT needs that)."""

@@ -3,6 +3,7 @@ waits for a replica to hold it, and a master that comes back after its failover 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 
@@ -100,6 +101,55 @@ def test_every_write_a_failover_must_not_lose_waits_for_a_replica(kind, request)
         "push_open": 1,
         "form": 1,
     }
+    client.close()
+
+
+def test_a_durable_write_waits_for_every_replica_of_its_master(sentinel_set):
+    """Sentinel promotes the replica furthest ahead as far as it last read, so a write one of two replicas held could
+    lose to the other: a durable write returns once both hold it (before, once the first did, with the other frozen
+    for half a second)."""
+    client = connect_redis(sentinel_set.url, sentinel_password=SENTINEL_PASSWORD)
+    durable = Replication(client, 3000, "every-replica")
+    durable.execute("every:0", [("SET", "every:0", "0")], replication.STREAM_OPEN)  # asks the master's ROLE too
+    replicas = replicas_of("sentinel", sentinel_set)
+    assert len(replicas) == 2
+    lagging, woken = replicas[0], threading.Event()
+
+    def wake() -> None:
+        time.sleep(0.5)
+        woken.set()
+        lagging.resume()
+
+    lagging.pause()
+    waker = threading.Thread(target=wake)
+    waker.start()
+    try:
+        assert durable.execute_held("every:1", [("SET", "every:1", "1")], replication.STREAM_OPEN)[1]
+        assert woken.is_set()  # it returned once the frozen replica, woken, held the write too
+    finally:
+        waker.join()
+    assert lagging.client().get("every:1") in ("1", b"1")
+    client.close()
+
+
+def test_a_replica_that_lags_past_the_wait_holds_up_one_write_not_each(sentinel_set):
+    """A replica frozen past the wait costs the next write the wait (the other replica holds it), and the writes after
+    it wait for the replica that answered only, until the master is asked again how many it has."""
+    client = connect_redis(sentinel_set.url, sentinel_password=SENTINEL_PASSWORD)
+    durable = Replication(client, 300, "lagging-replica")
+    durable.execute("lag:0", [("SET", "lag:0", "0")], replication.STREAM_OPEN)
+    lagging = replicas_of("sentinel", sentinel_set)[0]
+    took = []
+    lagging.pause()
+    try:
+        for n in (1, 2):
+            started = time.monotonic()
+            assert durable.execute_held(f"lag:{n}", [("SET", f"lag:{n}", "1")], replication.STREAM_OPEN)[1]
+            took.append(time.monotonic() - started)
+    finally:
+        lagging.resume()
+    assert took[0] >= 0.3  # waited out the frozen replica: the other held it
+    assert took[1] < 0.3  # not again
     client.close()
 
 

@@ -194,12 +194,17 @@ class PollPath:
         text = reply[_TEXT]
         shows = len(text.encode() if isinstance(text, str) else text)
         try:
-            if int(send(("WAIT", 1, self._wait_ms))) < 1:
+            if not self._replicas_hold(send):
                 return reply, UNHELD
             self._vouch_on(send, stream_key, shows)
-            return reply, HELD if int(send(("WAIT", 1, self._wait_ms))) >= 1 else UNHELD
+            return reply, HELD if self._replicas_hold(send) else UNHELD
         except REDIS_FAILURES:
             return reply, UNHELD
+
+    def _replicas_hold(self, send) -> bool:
+        """Wait, on the poll's connection (`send`), for the replicas to hold what it wrote; whether one does."""
+        wait = self.store.durable.wait_command()
+        return self.store.durable.held(wait, send(wait))
 
     def _vouch_on(self, send, stream_key: str, shows: int) -> None:
         """Note, on a poll's own connection (`send`), that it shows `shows` bytes of the stream's text
