@@ -132,11 +132,11 @@ class Replication:
         role_due = now - self._replicas_read_at >= ROLE_EVERY_SECONDS
         wait = self.wait_command()
         *replies, acknowledged = self._pipeline(client, [*commands, wait, *([("ROLE",)] if role_due else [])])
-        if role_due:
+        if role_due:  # (a ROLE refused, as a managed service may refuse it, leaves the count as it was)
             acknowledged, role = replies.pop(), acknowledged
+            self._replicas_read_at = now
             if isinstance(role, list) and role and role[0] in ("master", b"master"):
-                in_sync = [replica for replica in role[2] if int(replica[2]) > 0]
-                self._replicas, self._replicas_read_at = max(1, len(in_sync)), now
+                self._replicas = max(1, sum(1 for replica in role[2] if int(replica[2]) > 0))
         return replies, self.held(wait, acknowledged)
 
     def _node_of(self, key: str):
