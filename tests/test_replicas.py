@@ -769,3 +769,35 @@ def test_a_bubble_closed_early_whose_replica_then_died_is_not_left_promising_the
     assert len(sim.inbox.received(payload["response_url"])) == 1
     assert len(dify.chat_requests()) == 1
     sim.close()
+
+
+def test_a_bubble_closed_by_a_poll_whose_reply_was_lost_is_watched_all_the_same(make_pair, dify, monkeypatch):
+    """A 4-minute one-server run of seed 55: the poll that closed an overflowing bubble met Redis losing its reply
+    (the script ran, the poll failed), so no process heard of the closing and nobody watched the bubble; WeCom's
+    next poll got it closed, "the rest follows", and its replica died before the answer ended. 95 of 133 sentences
+    never came, and nobody said so. A poll that finds a bubble closed under an answer still running lists it too."""
+    from services.callback import rest_posts
+
+    monkeypatch.setattr(rest_posts, "SWEEP_SECONDS", 0.3)
+    first, second = make_pair(stream_lease_seconds=2, dify_read_timeout=90.0)
+    text = "汉字" * 4000  # 24000 bytes: more than a bubble holds
+    dify.script([d.message(text), d.stall(60), d.message("never written"), d.end()])
+    sim = make_simulator(first.url)
+    payload = sim.text_message("a long one, a lost reply, then a death")
+    reply = sim.send(payload)
+    streams = first.gateway.bot().streams
+
+    def closed_by_a_lost_poll() -> bool:  # the poll's script runs; what it said never reaches the gateway
+        polled = streams.poll_path.poll(reply["stream"]["id"], 360, streams.overflow_bytes, ZH["orphaned"])
+        return polled.event == "closed_overflow"
+
+    assert wait_until(closed_by_a_lost_poll, timeout=10)
+    conversation = sim.follow(reply)  # WeCom polls again, and gets the bubble closed
+    assert conversation.text.endswith(ZH["overflow_continues"])
+    kill(first)  # its lease runs out while its worker waits for Dify
+    message = sim.inbox.wait_for(payload["response_url"], timeout=20)
+    assert message is not None, "nothing told the user that the promised rest will not come"
+    assert message["markdown"]["content"].endswith(ZH["orphaned"])
+    time.sleep(1.0)  # a bounded look: no second post follows
+    assert len(sim.inbox.received(payload["response_url"])) == 1
+    sim.close()

@@ -44,7 +44,8 @@ class Reply:
 
 class StreamLife:
     """One bot's streams' events. The sender is the stream id, but for `replied` (a Reply); keyword arguments:
-    `opened` `at` (epoch seconds), `closed_early` `reason` (closed_window, closed_overflow) and
+    `opened` `at` (epoch seconds), `closed_early` `reason` (closed_window, closed_overflow; "" when a later poll
+    found it closed under an answer still running, in case the poll that closed it lost its reply) and
     `has_response_url`, `rest_owed` none, `expired` none, `handed_over` `how`, `left` none, `ended` none."""
 
     def __init__(self) -> None:
@@ -62,6 +63,6 @@ class StreamLife:
 def follow_outcomes(life: StreamLife, count: Callable[[str], object]) -> None:
     """Count each closing, expiry and hand-over of `life`'s streams by what it was (`count(event)`:
     stream_outcomes_total)."""
-    life.closed_early.connect(lambda _, reason, **__: count(reason), weak=False)
+    life.closed_early.connect(lambda _, reason, **__: count(reason) if reason else None, weak=False)
     life.expired.connect(lambda _: count("expired"), weak=False)
     life.handed_over.connect(lambda _, how: count(how), weak=False)

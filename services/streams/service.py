@@ -398,6 +398,10 @@ class StreamService:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
         if snapshot.event in CLOSING_EVENTS:
             life.closed_early.send(stream_id, reason=snapshot.event, has_response_url=snapshot.has_response_url)
+        elif snapshot.close_reason and snapshot.active and counted != NEVER:
+            # Closed by an earlier poll under an answer still running: that poll's reply may have been lost (Redis
+            # ran its script, and no process heard of the closing), so the bubble is watched from here too.
+            life.closed_early.send(stream_id, reason="", has_response_url=snapshot.has_response_url)
         elif snapshot.event == EXPIRED:  # given up: its owner is gone
             if not self._ended_as_kept(stream_id, snapshot):
                 life.expired.send(stream_id)
