@@ -367,8 +367,8 @@ class StreamService:
     ) -> Snapshot | None:
         """A poll's work in Redis and what follows from it here: a stream taken over or resumed starts on this
         replica, a bubble that just closed frees its user's slot (and, closed before its answer ended, is watched
-        until the answer ends). A poll read long after it came (`waited`) is counted LATE. None for an unknown
-        stream."""
+        until the answer ends; so is one a poll finds closed under a running answer, in case the poll that closed it
+        lost its reply). A poll read long after it came (`waited`) is counted LATE. None for an unknown stream."""
         taker = self.owner if self.runner.has_capacity() else ""
         token, started = secrets.token_hex(6), time.monotonic()
         counted = LATE if counted == COUNTED and waited > SURELY_UNTAKEN_SECONDS else counted
@@ -396,12 +396,9 @@ class StreamService:
         life = self.store.life
         if snapshot.freed_inflight_key:
             self.store.release_inflight(snapshot.freed_inflight_key, stream_id)
-        if snapshot.event in CLOSING_EVENTS:
-            life.closed_early.send(stream_id, reason=snapshot.event, has_response_url=snapshot.has_response_url)
-        elif snapshot.close_reason and snapshot.active and counted != NEVER:
-            # Closed by an earlier poll under an answer still running: that poll's reply may have been lost (Redis
-            # ran its script, and no process heard of the closing), so the bubble is watched from here too.
-            life.closed_early.send(stream_id, reason="", has_response_url=snapshot.has_response_url)
+        if snapshot.event in CLOSING_EVENTS or (snapshot.close_reason and snapshot.active and counted != NEVER):
+            reason = snapshot.event if snapshot.event in CLOSING_EVENTS else ""  # "": found closed, maybe unheard of
+            life.closed_early.send(stream_id, reason=reason, has_response_url=snapshot.has_response_url)
         elif snapshot.event == EXPIRED:  # given up: its owner is gone
             if not self._ended_as_kept(stream_id, snapshot):
                 life.expired.send(stream_id)
