@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import orjson
 import pytest
+import redis
 from sqlalchemy import select, update
 
 from demo import dify_standin as d
@@ -18,9 +19,11 @@ from demo.wecom_ws_standin import _message
 from services.auth.db import make_engine
 from services.chat.intake import MessageIntake
 from services.chat.spool_rows import utc_now
+from services.keys import Keys
 from services.longconn import spool as spool_module
 from services.longconn.spool import Spool, wecom_ws_spool
 from services.texts import CATALOGUE
+from services.wecom.messages import parse_inbound
 from tests.conftest import WS_BOT_ID, outbox_settled, wait_until
 
 ZH = CATALOGUE["zh"]
@@ -93,6 +96,38 @@ def test_a_kept_message_whose_reader_is_gone_is_answered_once_as_a_message_of_it
     assert wait_until(lambda: kept_rows(database) == [], timeout=10)
     time.sleep(1.0)
     assert len(wecom.proactive) == 1  # its msgid was taken: no second answer
+
+
+def test_a_kept_message_whose_stream_a_gone_try_opened_and_never_queued_is_answered_once(
+    ws_gateway, database, mysql_url, dify, redis_client, monkeypatch
+):
+    """A 4-minute one-server run of seed 55: the holder's first try at a message claimed its msgid and met Redis
+    losing its replies before it queued the stream; its tries again found the message taken, and the holder was
+    killed before it followed that stream. The kept row's drain found the msgid taken and left it to that answer,
+    which nobody ran: no answer, no note. Now the drain has the outbox follow such a stream, once."""
+    monkeypatch.setattr(spool_module, "SWEEP_SECONDS", 0.3)
+    dify.script([d.message("The answer nobody ran."), d.end()])
+    body = orjson.dumps(_message(WS_BOT_ID, "alice", "text", {"content": "hi"}, "unqueued-1")).decode()
+    gateway, wecom = ws_gateway(database_url=mysql_url, stream_takeover_grace_seconds=0.5)
+    bot = gateway.bot("default")
+
+    def redis_failed(*args, **kwargs):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    with monkeypatch.context() as failing:  # the try that claimed the msgid, then failed to queue the stream
+        failing.setattr(bot.delivery, "dispatch", redis_failed)
+        with pytest.raises(redis.ConnectionError):
+            bot.streams.open(parse_inbound(body), "hi")
+    stream_id = bot.streams.store.reads.stream_for_msgid("unqueued-1")
+    redis_client.delete(Keys().stream_lease(stream_id))  # its process is gone
+    assert Spool(database, "default", "gone-replica:1").keep("unqueued-1", body)
+    backdate(database)
+    assert wait_until(lambda: wecom.proactive, timeout=20), "nobody answered the message"
+    assert outbox_settled(redis_client, WS_BOT_ID)
+    [sent] = wecom.proactive
+    assert sent["chatid"] == "alice" and sent["markdown"]["content"].endswith("The answer nobody ran.")
+    time.sleep(1.0)  # a bounded look: no second answer
+    assert len(wecom.proactive) == 1 and len(dify.chat_requests()) == 1
 
 
 def test_of_every_process_sweeping_at_once_one_takes_a_kept_row(database):

@@ -19,8 +19,9 @@ from services.longconn.replies import ReplyPump
 from services.longconn.session import Session
 from services.longconn.spool import KeptWhileTaken, Spool
 from services.outage import delays_for
+from services.streams.record import ACTIVE_STATUSES, F
 from services.wecom.errors import CallbackError
-from services.wecom.messages import parse_inbound
+from services.wecom.messages import Inbound, parse_inbound
 from utils.logging import log_context
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,18 @@ class InboundHandler:
             return
         self.replies.open(req_id, (reply.get("stream") or {}).get("id", ""), reply)
 
+    def _follow_if_nobody_does(self, stream_id: str, message: Inbound) -> None:
+        """The msgid's stream stands, but may have been left by a try that died before it queued and followed it:
+        its first try claimed the msgid and met Redis failing, its tries again found the message taken, and the
+        process died before it followed the stream (a one-server run of seed 55: no answer, no note). A stream
+        still unended that the outbox does not follow is answered by nobody: followed now as a message of its own,
+        its frame being gone (a poll of the outbox takes it over once its opener's lease is gone)."""
+        meta = self.streams.store.reads.meta(stream_id)
+        if not meta or meta.get(F.status) not in ACTIVE_STATUSES or self.outbox.followed(stream_id):
+            return
+        logger.warning("a kept message's stream %s was never queued; the outbox answers it", stream_id)
+        self.outbox.track_separate(stream_id, message.chatid or message.userid, not message.chatid)
+
     def take_kept(self, body: str) -> str:
         """Take a message another process read while Redis was away and kept (services/longconn/spool.py), that
         process being gone: answered as a message of its own, since the frame it came on is gone too. Returns what
@@ -98,7 +111,8 @@ class InboundHandler:
             logger.warning("dropped a kept message that does not parse: %s", exc.error)
             return "malformed"
         with log_context(msgid=message.msgid or None, user=message.userid or None, chat=message.chatid or None):
-            if self.streams.store.reads.stream_for_msgid(message.msgid):
+            if taken := self.streams.store.reads.stream_for_msgid(message.msgid):
+                self._follow_if_nobody_does(taken, message)
                 return "already"
             reply = self.dispatch.intake.take(message)
             stream = (reply or {}).get("stream") or {}
