@@ -478,12 +478,12 @@ def test_in_flight_limit_is_three_open_bubbles_per_user(store, redis_client):
         open_stream(store, f"s{i}", f"m{i}")
     assert create(store, "s3", "m3") == (LIMITED, "s3")  # the stream exists; the caller ends it with the reason
     assert store.reads.stream_for_msgid("m3") == "s3"  # so a retry of that message gets the same refusal
-    assert store.reads.in_flight("bot1", "alice") == 3
+    assert len(store.reads.open_streams("bot1", "alice")) == 3
     assert create(store, "s0-again", "m0") == (EXISTING, "s0")  # a retry is never refused
     assert create(store, "t1", "n1", userid="bob")[0] == CREATED  # other users are not affected
     finished = store.finish("s0", "A", "done")
     store.release_inflight(finished.inflight_key, "s0")
-    assert store.reads.in_flight("bot1", "alice") == 2
+    assert len(store.reads.open_streams("bot1", "alice")) == 2
     assert create(store, "s4", "m4")[0] == CREATED
 
 
