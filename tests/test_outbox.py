@@ -607,7 +607,7 @@ def test_a_send_whose_ack_was_lost_is_taken_as_made_once_a_later_frame_is_acked(
     assert len(socket.sent) == 1 and outbox.marker("s1").startswith("handed")  # no proof yet: it waits
     socket.read_through = 2  # a later frame (a ping) was acked
     sender.deliver(socket, generation=4, live=set())
-    assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
+    assert outbox.marker("s1").startswith("sent ") and not outbox.tracked("s1")
     sender.deliver(socket, generation=4, live=set())
     assert len(socket.sent) == 1
 
@@ -672,6 +672,37 @@ def test_a_rest_whose_mark_as_handed_lost_its_reply_is_still_sent_once(redis_cli
     assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
 
 
+class _SettleRepliesLost:
+    """The outbox's compare-and-set as a lost reply leaves it when a handed send is settled as made: the mark is
+    made, its reply lost, and redis-py sends it again on a new connection, which finds the marker swapped."""
+
+    def __init__(self, swap):
+        self.swap, self.lost = swap, 0
+
+    def run(self, keys, args):
+        reply = self.swap.run(keys, args)
+        if not args["expected"].startswith("handed ") or self.lost:
+            return reply
+        self.lost += 1
+        return self.swap.run(keys, args)
+
+
+def test_a_made_send_whose_settling_lost_its_reply_still_sends_its_files_once(redis_client, monkeypatch):
+    """A send settled as made while Redis lost the reply: the retry found the marker already `sent` and took it
+    for another holder's settling, so the answer's files were never uploaded. The settling knows its own mark."""
+    outbox, sender, _ = orphaned_rest(redis_client)
+    uploaded: list[str] = []
+    sender.files = SimpleNamespace(after_answer=uploaded.append)
+    monkeypatch.setattr(outbox, "_swap", _SettleRepliesLost(outbox._swap))
+    socket = _Socket()
+    sender.deliver(socket, generation=4, live=set())
+    socket.read_through = 2  # its ack lost, a later frame's taken
+    sender.deliver(socket, generation=4, live=set())
+    sender.deliver(socket, generation=4, live=set())
+    assert outbox._swap.lost == 1 and uploaded == ["s1"] and len(socket.sent) == 1
+    assert outbox.marker("s1").startswith("sent ") and not outbox.tracked("s1")
+
+
 def test_a_send_whose_connection_ended_before_wecom_read_it_is_sent_again(redis_client):
     outbox, sender, _ = orphaned_rest(redis_client)
     first = _Socket()
@@ -694,7 +725,7 @@ def test_a_send_a_gone_process_handed_to_its_socket_is_taken_for_made_not_sent_a
     sender.deliver(socket, generation=4, live=set())
     assert socket.sent == []
     if age > HANDED_WAIT_SECONDS:
-        assert outbox.marker("s1") == "sent" and not outbox.tracked("s1")
+        assert outbox.marker("s1").startswith("sent ") and not outbox.tracked("s1")
     else:
         assert outbox.marker("s1").startswith("handed p0 ") and outbox.tracked("s1")
 

@@ -73,6 +73,8 @@ def test_a_push_taken_by_either_replica_is_sent_once_by_the_connection_holder(de
     assert message["chat_type"] == 1 and message["msgtype"] == "markdown"
     assert message["markdown"]["content"] == "**Reminder**: the review is at 3 pm"
     assert wait_until(lambda: status(other, push_id).json()["status"] == "sent", timeout=5)
+    redis_client.set(KEYS.ws_outbox(push_id), "sent 0a1b2c3d4e5f", ex=60)  # as settled when its ack was lost
+    assert status(other, push_id).json()["status"] == "sent"
     group = post(other, {"bot": BOT, "chatid": "group-9", "markdown": "to the group"})
     assert wait_until(lambda: sent_to(wecom, "group-9") == ["to the group"], timeout=10)
     assert [m["chat_type"] for m in wecom.proactive if m["chatid"] == "group-9"] == [2]

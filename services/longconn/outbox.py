@@ -29,7 +29,7 @@ from utils.text import cut_utf8, utf8_len
 
 CONFLICT_ERRCODES = frozenset({6000, 6001, 6002})  # WeCom's command conflicts: tried again after a back-off
 PAGE = 100  # tracked streams read per round trip
-HANDED, SENDING = "handed ", "sending "
+HANDED, SENDING, SENT = "handed ", "sending ", "sent"  # SENT alone (its ack came) or `sent <settling>`
 # How old another process's handed marker must be before the next holder takes its send for made: past the ack's
 # wait and the handing process's next outbox pass, so a process that lives has settled it by then.
 HANDED_WAIT_SECONDS = 30
@@ -179,14 +179,18 @@ class Outbox:
         return marker if swapped or self.client.get(key) == marker else ""
 
     def settle(self, stream_id: str, marker: str, sent: bool) -> bool:
-        """Settle a handed send whose ack did not say: made (`sent`: marked sent, out of the open set) or to be made
-        again (the marker cleared). False when the marker is no longer `marker` (another holder settled it).
+        """Settle a handed send whose ack did not say: made (`sent`: marked sent by this settling, out of the open
+        set) or to be made again (the marker cleared). False when the marker is no longer `marker` (another holder
+        settled it).
 
         Raises:
             redis.RedisError: Redis did not answer.
         """
-        value = {"value": "sent", "ttl": SENT_TTL_SECONDS} if sent else {"value": "", "ttl": 0}
-        if not self._swap.run({"marker": self.keys.ws_outbox(stream_id)}, {"expected": marker, **value}):
+        key, value = self.keys.ws_outbox(stream_id), (f"{SENT} {secrets.token_hex(6)}" if sent else "")
+        swapped = self._swap.run({"marker": key}, {"expected": marker, "value": value, "ttl": SENT_TTL_SECONDS})
+        # A retry of a settling whose reply was lost finds its own mark: before, it took it for another holder's,
+        # and the answer's files were never sent.
+        if not (swapped or (sent and self.client.get(key) == value)):
             return False
         if sent:
             self.delivered(stream_id)
@@ -210,7 +214,7 @@ class Outbox:
 
     def sent(self, stream_id: str) -> None:
         key = self.keys.ws_outbox(stream_id)
-        self._write(key, [("SET", key, "sent", "EX", SENT_TTL_SECONDS)])
+        self._write(key, [("SET", key, SENT, "EX", SENT_TTL_SECONDS)])
         self.delivered(stream_id)
 
     def failed(self, stream_id: str) -> None:
@@ -237,7 +241,8 @@ class Outbox:
         return self.client.zscore(self.open_key, stream_id) is not None
 
     def marker(self, stream_id: str) -> str | None:
-        """What became of a stream's send: `sending …`, `handed …`, `sent`, `conflict`, `failed <errcode>`, or None."""
+        """What became of a stream's send: `sending …`, `handed …`, `sent[ …]`, `conflict`, `failed <errcode>`, or
+        None."""
         return self.client.get(self.keys.ws_outbox(stream_id))
 
     def _write(self, key: str, commands: list[tuple]) -> list:

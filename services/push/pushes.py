@@ -79,7 +79,7 @@ class BotPushes:
     def status(self, push_id: str) -> dict | None:
         """{"status": queued | sent | failed, "error"?}; None for a push this bot does not know."""
         marker = self.outbox.marker(push_id)
-        if marker == "sent":
+        if marker and marker.partition(" ")[0] == "sent":
             return {"status": SENT}
         if marker and marker.startswith("failed"):
             errcode = marker.partition(" ")[2]
