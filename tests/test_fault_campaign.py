@@ -198,6 +198,19 @@ def test_a_bubble_that_never_finished_is_stuck():
     assert result["stuck"] == 1 and result["lost"] == 1
 
 
+def test_a_message_whose_every_delivery_failed_has_no_bubble_to_be_stuck():
+    """Seed 58's aimed one-server run: each of WeCom's three deliveries met a frozen replica and timed out, so WeCom
+    never had a bubble. The first replica woke, answered, and, no poll ever having come, sent the whole answer
+    through response_url: the user had it all, and no bubble spun. Without that post, the answer is lost."""
+    failed = [
+        {"kind": "delivery", "t": t, "msgid": "m1", "ok": False, "error": "ReadTimeout", "stream": "", "finish": False}
+        for t in (5.0, 11.0, 17.0)
+    ]
+    whole = f"**（完整回答）**\n\n{WHOLE}"
+    assert counts([*history([], posts=[whole]), *failed]) == ZERO
+    assert counts([*history([]), *failed]) == ZERO | {"lost": 1}
+
+
 def test_the_answer_in_the_bubble_and_again_through_response_url_is_a_duplicate():
     orphaned = f"{answer_text(TAG, 2)}\n\n{CATALOGUE['zh']['orphaned']}"
     assert counts(history([(2.0, orphaned, True)], posts=[f"**（完整回答）**\n\n{WHOLE}"]))["duplicate_deliveries"] == 1

@@ -12,7 +12,8 @@ stricter where the gateway promises more (FAULTS.md has the definitions):
   same message posted twice (a note too); a second post to a response_url (WeCom refuses it, so it is only seen
   here: it means the gateway tried to deliver twice); a form's card in two replies (WeCom takes one per message);
 - unexpected: text of another message, or its card; a Dify call for it made as another user;
-- stuck: the bubble still unfinished when WeCom stopped polling it;
+- stuck: the bubble still unfinished when WeCom stopped polling it (a message none of whose deliveries WeCom took
+  has no bubble: its answer reached the user whole through response_url, or it is lost);
 - extra_form_submissions: a form Dify took more than once (clicks on any replica, replicas killed meanwhile);
 - withdrawn: a bubble that showed some of the answer and later showed less (every frame is judged, not only the
   last);
@@ -294,8 +295,9 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     complete = set(range(expected)) <= set(own) or set(range(message.get("run_sentences", expected))) <= set(own)
     verdict.notes = [key for key, note in CLEAR_NOTES.items() if any(note in text for text in [final, *posts])]
     endings = [note for note in verdict.notes if note not in PROMISES]
-    if not finals and not (websocket and posts):
-        # (a long-connection stream whose req_id died with its connection ends with the rest sent proactively)
+    if frames and not finals and not (websocket and posts):
+        # (a long-connection stream whose req_id died with its connection ends with the rest sent proactively; no
+        # delivery WeCom took, no bubble: its answer is whole through response_url, or lost)
         verdict.problems["stuck"] = "the bubble never finished while WeCom polled it"
     if not complete and not endings:
         promised = f", though the bubble promised it ({verdict.notes})" if verdict.notes else " and no note"
