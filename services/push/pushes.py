@@ -14,6 +14,7 @@ import redis
 
 from services import metrics
 from services.keys import OUTBOX_TRACKED_TTL_SECONDS, SENT_TTL_SECONDS, Keys
+from services.longconn.outbox import SENT as MARKED_SENT
 from services.longconn.outbox import Outbox
 from services.longconn.pacing import ChatWindow
 from services.streams.record import F
@@ -79,7 +80,7 @@ class BotPushes:
     def status(self, push_id: str) -> dict | None:
         """{"status": queued | sent | failed, "error"?}; None for a push this bot does not know."""
         marker = self.outbox.marker(push_id)
-        if marker and marker.partition(" ")[0] == "sent":
+        if marker and marker.partition(" ")[0] == MARKED_SENT:  # `sent`, or `sent <settling>`
             return {"status": SENT}
         if marker and marker.startswith("failed"):
             errcode = marker.partition(" ")[2]
