@@ -238,6 +238,19 @@ def test_an_unfinished_bubbles_text_again_in_a_later_message_is_a_duplicate():
     assert counts(long_connection(both, {1: "req-1", 2: "req-2"}))["duplicate_deliveries"] == 1
 
 
+def test_a_rest_continues_the_bubble_that_showed_the_most_whichever_came_last():
+    """Seed 59's aimed Cluster run: a long-connection message WeCom sent again has two bubbles on one stream, both
+    req_ids dead. The first showed a sentence and the start of the next, the repeat's only the placeholder; the rest
+    continued the first, mid-sentence. The user has every sentence once: the checker read the repeat's bubble as
+    the one the rest continues, and counted two sentences lost."""
+    cut = len(answer_text(TAG, 1)) + 1  # into the second sentence
+    rest = f"{CATALOGUE['zh']['continued']}\n\n{WHOLE[cut:]}"
+    both = history([(1.0, WHOLE[:cut], False), (2.0, "正在思考…", False)], posts=[rest])
+    assert counts(long_connection(both, {1: "req-1", 2: "req-2"})) == ZERO
+    short = history([(1.0, WHOLE[:cut], False), (2.0, "正在思考…", False)], posts=[f"{CATALOGUE['zh']['continued']}"])
+    assert counts(long_connection(short, {1: "req-1", 2: "req-2"}))["lost"] == 1
+
+
 def test_a_sentence_twice_in_one_bubble_is_a_duplicate():
     twice = answer_text(TAG, 2) + WHOLE
     assert counts(history([(1.0, twice, False), (2.0, WHOLE, True)]))["duplicate_deliveries"] == 1

@@ -276,7 +276,10 @@ def judge(message: dict, kinds: dict[str, list[dict]], asked: list[dict], faults
     final = finals[-1]["content"] if finals else ""
     websocket = message.get("mode") == "long_connection"
     if websocket and not finals and frames:
-        final = frames[-1]["content"]  # a stream whose req_id died keeps showing its last frame
+        # a stream whose req_id died keeps showing its last frame; of a message WeCom sent again, each bubble does,
+        # and the rest continues the one that showed the most (the latest, of those that showed as much)
+        lasts = [shown[-1]["content"] for shown in bubbles_of(frames).values()]
+        final = max(reversed(lasts), key=lambda content: len(answer_part(content)))
     judge_frames(verdict, frames)
     judge_cards(verdict, frames)
     judge_posts(verdict, kinds["response_url"], posts)
@@ -370,10 +373,7 @@ def judge_rests(verdict: Verdict, frames: list[dict], sent: list[dict]) -> None:
     """A bubble that never finished (a long connection's req_id that died with its connection) stays on the user's
     screen as its last frame left it: a sentence of it in any message sent after that frame (the rest, the whole
     answer, a note) reaches the user twice, whatever else the message's other bubbles showed."""
-    bubbles: dict[str, list[dict]] = defaultdict(list)
-    for frame in frames:
-        bubbles[frame.get("bubble") or frame["stream"]].append(frame)
-    for shown in bubbles.values():
+    for shown in bubbles_of(frames).values():
         if any(frame["finish"] for frame in shown):
             continue
         last = shown[-1]
@@ -386,6 +386,15 @@ def judge_rests(verdict: Verdict, frames: list[dict], sent: list[dict]) -> None:
                         "duplicate_deliveries",
                         f"sentences {again[:5]} of an unfinished bubble came again in a later message",
                     )
+
+
+def bubbles_of(frames: list[dict]) -> dict[str, list[dict]]:
+    """The frames by bubble, each in order: a long connection's req_id (a message WeCom sent again has a bubble of its
+    own on the same stream), else the stream id."""
+    bubbles: dict[str, list[dict]] = defaultdict(list)
+    for frame in frames:
+        bubbles[frame.get("bubble") or frame["stream"]].append(frame)
+    return bubbles
 
 
 def judge_cards(verdict: Verdict, frames: list[dict]) -> None:
