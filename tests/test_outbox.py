@@ -288,6 +288,31 @@ def test_a_pass_its_connection_outlived_records_nothing_and_sends_nothing_on_the
     assert shown_of(store.reads.meta("s1")) == ("The first words", False)
 
 
+def test_a_pass_that_outlived_its_lease_sends_nothing_though_its_connection_seems_open(redis_client):
+    """Seed 59's aimed Cluster run: the holder was frozen (SIGSTOP) in a pass, after its poll recorded a frame and
+    before the frame went out, for longer than its lease; another process took the connection. It woke, and its
+    pass wrote the frame to its old socket before its reader heard that the socket was closed: taken for sent, the
+    record stood, and the next holder's rest began after a sentence the user never saw. A pass sends only while the
+    lease it last renewed still runs, and undoes the records of the frames it holds back."""
+    store, streams, connection, pump = answering(redis_client, "The first words")
+    streams.show("s1", "The first words, and more")
+    frames = streams.frame
+
+    def frozen_after_the_poll(stream_id, record):
+        framed = frames(stream_id, record)
+        time.sleep(0.3)  # frozen past the lease, which still runs as far as the connection knows
+        return framed
+
+    streams.frame = frozen_after_the_poll
+    pump.pump(held_until=time.monotonic() + 0.1)
+    pump.flush_acks()
+    assert connection.acks == []
+    assert shown_of(store.reads.meta("s1")) == ("The first words", False)
+    streams.frame = frames
+    pump.pump(held_until=time.monotonic() + 10)  # its lease renewed: the frame goes out
+    assert len(connection.acks) == 1
+
+
 def test_frames_recorded_in_a_redis_pause_and_never_sent_are_not_taken_for_shown(private_redis):
     """The pump records frames before they go out. When that record times out against a paused Redis, nothing is
     sent, yet Redis runs the record when it resumes: it is undone, so the next holder sends the rest from what the

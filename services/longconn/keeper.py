@@ -58,6 +58,7 @@ class ConnectionKeeper:
         self._next_lease = self._next_ping = time.monotonic()
         self._next_outbox = self._next_lease + OUTBOX_SETTLE_SECONDS
         self._awaiting_pong = False  # a ping went out whose answer has not come
+        self.held_until = 0.0  # time.monotonic() at which the lease last renewed may run out: no frame goes after
         self.missed_pongs = 0
 
     def start(self) -> None:
@@ -89,7 +90,7 @@ class ConnectionKeeper:
             self._next_ping = now + self.settings.heartbeat_seconds
             if not self._ping():
                 return
-        self.replies.pump(self.session)
+        self.replies.pump(self.session, self.held_until)
         if now >= self._next_outbox:
             self._next_outbox = now + OUTBOX_INTERVAL
             self.orphans.deliver(self.session, self.holding.generation, self.replies.live_streams())
@@ -119,12 +120,14 @@ class ConnectionKeeper:
 
     def _renew(self) -> bool:
         """Renew the lease; False (and the connection closed) when another process has it now."""
+        asked = time.monotonic()
         try:
             if not self.lease.renew(self.holding):
                 logger.warning("the connection lease is another process's now; closing this connection")
                 self._ended.set()
                 self.session.close()
                 return False
+            self.held_until = asked + self.settings.lease_seconds
             self.lease.set_status("holding", self.settings.lease_seconds * 3)
         except REDIS_FAILURES as exc:
             logger.warning("could not renew the connection lease: %s", exc)

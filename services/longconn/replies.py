@@ -6,6 +6,7 @@ shows, a final frame delivered, a req_id that died)."""
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -58,6 +59,7 @@ class _Pass:
 
     session: Session
     token: str
+    held_until: float  # time.monotonic() at which the lease this pass sends under may have run out
     went_out: set[str] = field(default_factory=set)
     unsent: dict[str, int] = field(default_factory=dict)
 
@@ -127,7 +129,7 @@ class ReplyPump:
         with self._lock:
             return {reply.stream_id for reply in self._replies.values()}
 
-    def pump(self, session: Session | None = None) -> None:
+    def pump(self, session: Session | None = None, held_until: float = math.inf) -> None:
         """One pass over the open replies: each with no frame in flight is polled, the poll recording what the frame
         it returns will show (scripts.POLL), and a frame goes out for each bubble that changed, on `session` (the
         keeper's connection; by default the current one). Where there is a replica to wait for, the pass's records
@@ -136,9 +138,11 @@ class ReplyPump:
         written after the pass, so no other call of the pass (a reply Redis lost blocks it for the socket timeout)
         stands between a record and its frame (seed 46's one-server run: a holder killed in such a wait left a
         record its frame never followed).
-        A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall) sends nothing, and
-        a frame of it that does not go out has its record undone: its text was taken for shown, and the next
-        holder's rest began after it (seen in the campaign)."""
+        A pass outlived by its connection (a holder frozen mid-pass, slow polls in a Redis stall), or by the lease
+        it sends under (`held_until`, by time.monotonic(): frozen past it, the holder may wake before it hears that
+        its socket was closed, and write the frame to it: seed 59's Cluster run), sends nothing, and a frame of it
+        that does not go out has its record undone: its text was taken for shown, and the next holder's rest began
+        after it (seen in the campaign)."""
         session = session or self._session()
         if session is None or session is not self._session():
             self.flush_acks()
@@ -152,7 +156,7 @@ class ReplyPump:
             ]
         one_server = not self.outbox.durable.wait_ms
         record = FrameRecord(secrets.token_hex(6), self.ledger.deadline(), confirmed=one_server)
-        pass_ = _Pass(session, record.token)
+        pass_ = _Pass(session, record.token, held_until)
         changed = []
         for req_id, reply in due:
             asked = time.time()
@@ -198,7 +202,7 @@ class ReplyPump:
 
     def _send_frame(self, pass_: _Pass, req_id: str, reply: _Reply, frame: Frame) -> None:
         """Send a frame of the pass, recorded under its token; note what became of it."""
-        if pass_.session is not self._session():  # the connection ended meanwhile
+        if pass_.session is not self._session() or time.monotonic() >= pass_.held_until:  # ended, or may have
             pass_.not_sent(reply.stream_id, reply.sent)
             return
         reply.content, reply.recorded, reply.files = frame.reply["stream"].get("content", ""), True, frame.files
