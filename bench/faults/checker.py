@@ -356,14 +356,13 @@ def lost_in_intake(kinds: dict[str, list[dict]], faults: list[dict]) -> str:
 def judge_frames(verdict: Verdict, frames: list[dict]) -> None:
     """Every reply a bubble got, in order: none shows a sentence twice, and none takes back a sentence an earlier
     one showed (a bubble's text only grows, until it ends)."""
-    # per bubble (a long connection's req_id: a message WeCom sent again has a bubble of its own on the same stream;
-    # else the stream id): the sentences shown so far
+    # per bubble (bubble_of): the sentences shown so far
     seen: dict[str, set[int]] = defaultdict(set)
     for frame in frames:
         own = [n for t, n in sentences_in(frame["content"]) if t == verdict.tag]
         if twice := repeats(own):
             verdict.problems.setdefault("duplicate_deliveries", f"one bubble reply showed sentences {twice} twice")
-        earlier = seen[frame.get("bubble") or frame["stream"]]
+        earlier = seen[bubble_of(frame)]
         if gone := sorted(earlier - set(own)):
             verdict.problems.setdefault("withdrawn", f"sentences {gone[:5]} shown, then gone at t={frame['t']}")
         earlier.update(own)
@@ -388,12 +387,17 @@ def judge_rests(verdict: Verdict, frames: list[dict], sent: list[dict]) -> None:
                     )
 
 
+def bubble_of(frame: dict) -> str:
+    """The bubble a frame went to: a long connection's req_id (a message WeCom sent again has a bubble of its own on
+    the same stream), else the stream id."""
+    return frame.get("bubble") or frame["stream"]
+
+
 def bubbles_of(frames: list[dict]) -> dict[str, list[dict]]:
-    """The frames by bubble, each in order: a long connection's req_id (a message WeCom sent again has a bubble of its
-    own on the same stream), else the stream id."""
+    """The frames by bubble (bubble_of), each in order."""
     bubbles: dict[str, list[dict]] = defaultdict(list)
     for frame in frames:
-        bubbles[frame.get("bubble") or frame["stream"]].append(frame)
+        bubbles[bubble_of(frame)].append(frame)
     return bubbles
 
 

@@ -90,7 +90,7 @@ class InboundHandler:
         still unended that the outbox does not follow is answered by nobody: followed now as a message of its own,
         its frame being gone (a poll of the outbox takes it over once its opener's lease is gone)."""
         meta = self.streams.store.reads.meta(stream_id)
-        if not meta or meta.get(F.status) not in ACTIVE_STATUSES or self.outbox.followed(stream_id):
+        if not meta or meta.get(F.status) not in ACTIVE_STATUSES or self.outbox.tracked(stream_id):
             return
         logger.warning("a kept message's stream %s was never queued; the outbox answers it", stream_id)
         self.outbox.track_separate(stream_id, message.chatid or message.userid, not message.chatid)

@@ -116,10 +116,6 @@ class Outbox:
         """Put the stream in the open set: its delivery is looked after until its bubble is finished."""
         self._write(self.open_key, self.following(stream_id))
 
-    def followed(self, stream_id: str) -> bool:
-        """Whether the stream is in the open set (its bubble not yet finished, or its message not yet sent)."""
-        return self.client.zscore(self.open_key, stream_id) is not None
-
     def following(self, stream_id: str) -> list[tuple]:
         """The commands of `follow`, for a write that carries them with its own (the answer queue's: its key shares
         the open set's hash tag, so both are one node's, and one wait for its replica covers both)."""
