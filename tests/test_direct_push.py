@@ -330,6 +330,48 @@ def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(weco
     link.stop()
 
 
+def test_an_opening_redis_kept_while_away_for_its_undo_is_sent_by_a_retry_in_its_process_once(
+    wecom_api, redis_url, redis_client
+):
+    """Redis ran the push's opening and lost its reply, then was away for the undo (a scheduled tick's push met
+    this in a campaign: its retry found the push `sending`, and the tick said `unknown` for a push that never went
+    out). The record stays `sending`; a retry in the same process, which knows nothing went out, opens it again as
+    its own and sends it once; another process finds it `sending`, never sends it, and neither does a third try."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    link = FaultyLink(port).start()
+    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    with httpx.Client() as http:
+        pushes, elsewhere = (
+            WebhookPushes("default", Replication(c), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, name, http)
+            for c, name in ((client, "r"), (redis_client, "s"))
+        )
+        undo = pushes._undo_opening
+
+        def undo_while_redis_is_away(keys, args):
+            link.partition()
+            return undo(keys, args)
+
+        pushes._undo_opening = undo_while_redis_is_away
+        link.lose_replies(1.0, random.Random(1), to=b"HSETNX")
+        with pytest.raises(redis.RedisError):
+            pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-6")
+        link.heal()
+        pushes._undo_opening = undo
+        first = redis_client.get(KEYS.push_idempotency("nightly-6"))
+        assert redis_client.hget(KEYS.direct_push(first), "status") == "sending" and wecom_api.to(KEY) == []
+        assert elsewhere.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-6")[1:] == (
+            {"status": "sending"},
+            False,
+        )
+        push_id, found, new = pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-6")
+        assert (push_id, found["status"], new) == (first, "sent", True)
+        again = pushes.push("ops", WebhookMessage("again", markdown=True), "nightly-6")
+        assert again[1:] == ({"status": "sent"}, False)
+    assert len(wecom_api.to(KEY)) == 1
+    client.close()
+    link.stop()
+
+
 def test_a_push_whose_sender_died_mid_send_reads_unknown(replicas, redis_client):
     """A push opened and never closed (its replica died mid-send) reads `sending`, then, once older than any send
     could take, `unknown`: it is never sent again."""

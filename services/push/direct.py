@@ -62,6 +62,7 @@ end
 return 0
 """
 STOPPED_MID_SEND = "the process sending it stopped: WeCom may have shown it, and it is not sent again"
+UNSENT_OPENINGS_KEPT = 1000  # the openings not undone that a process keeps for its retries (a Redis outage's)
 # KEYS: the recent sends of each target (sorted sets, score: when). ARGV: the push id, now, then pairs of (a window
 # in seconds, the sends WeCom takes in it). Takes a place for the push in every set (0), or says how many seconds
 # until every set has one free (a set's oldest send within a full window leaves it then).
@@ -100,6 +101,9 @@ class DirectPushes:
         self.owner = owner
         self._undo_opening = LuaScript(self.client, _UNDO_OPENING)
         self._take_places = LuaScript(self.client, _TAKE_PLACES)
+        # push id -> the opener of an opening this process made, did not send, and could not undo (Redis away): its
+        # record reads `sending`, so only a retry here, which knows that nothing went out, opens it again as its own
+        self._unsent_openings: dict[str, str] = {}
 
     def status(self, push_id: str) -> dict | None:
         """{"status", "error"?}; None for a push this bot did not make this way (or more than a day ago)."""
@@ -148,14 +152,15 @@ class DirectPushes:
             redis.RedisError: Redis did not answer (nothing sent; a retry with the key is safe).
         """
         push_id, earlier = self.claim(key)
-        if earlier is not None and not earlier.get("sent_nothing"):
+        again = earlier is not None and bool(earlier.get("sent_nothing"))
+        if earlier is not None and not again and push_id not in self._unsent_openings:
             return push_id, earlier, False
         self._take_places_or_refuse(sends, push_id, key, limits)
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         status, error = send()
         self._counted_from_now(sends, push_id)
-        return push_id, self.closed(push_id, target, (status, error), shown, again=earlier is not None), True
+        return push_id, self.closed(push_id, target, (status, error), shown, again=again), True
 
     def _take_places_or_refuse(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
         """A place for the push among each target's recent sends (`sends`, sorted sets of one Cluster slot), under
@@ -187,9 +192,12 @@ class DirectPushes:
         Raises:
             redis.RedisError: Redis did not answer (nothing sent). The opening may have been written all the same
                 (its reply lost): it is undone where Redis answers again at once, so that a retry with the key sends
-                the push rather than find it `sending` until it reads `unknown`.
+                the push rather than find it `sending` until it reads `unknown`; where Redis is away for the undo
+                too, a retry in this process opens it again with the same opener (a scheduled tick's, which this
+                process goes on pushing), and one elsewhere finds it `sending`, then `unknown`.
         """
-        record, opener = self.keys.direct_push(push_id), new_stream_id()
+        record = self.keys.direct_push(push_id)
+        opener = self._unsent_openings.pop(push_id, "") or new_stream_id()  # (popped: one retry takes it)
         opening = ("EVAL", _OPEN, 1, record, opener, target, f"{time.time():.3f}", SENT_TTL_SECONDS)
         try:
             replies = self.durable.execute(record, [opening], PUSH_OPEN)
@@ -198,7 +206,9 @@ class DirectPushes:
             try:
                 self._undo_opening([record], [opener])
             except REDIS_FAILURES:
-                logger.warning("push %s: its opening could not be undone (Redis away): it reads unknown", push_id)
+                logger.warning("push %s: its opening could not be undone (Redis away): a retry here sends it", push_id)
+                if len(self._unsent_openings) < UNSENT_OPENINGS_KEPT:
+                    self._unsent_openings[push_id] = opener
             raise
         return bool(replies[0])
 
