@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 
 import httpx
@@ -368,6 +369,31 @@ def test_an_opening_redis_kept_while_away_for_its_undo_is_sent_by_a_retry_in_its
         again = pushes.push("ops", WebhookMessage("again", markdown=True), "nightly-6")
         assert again[1:] == ({"status": "sent"}, False)
     assert len(wecom_api.to(KEY)) == 1
+    client.close()
+    link.stop()
+
+
+def test_a_push_that_went_out_as_redis_went_away_still_records_its_status(wecom_api, redis_url, redis_client):
+    """The push went out, then Redis lost the replies to what follows the send (its sends counted from WeCom's
+    reply; seed 63 met it): the push still says `sent`, once Redis answers, and its record (with its audit row) says
+    so, where it used to fail with 503, its record left `sending` until it read `unknown`, "the process sending it
+    stopped", and no audit row."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    link = FaultyLink(port).start()
+    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    with httpx.Client() as http:
+        pushes = WebhookPushes(
+            "default", Replication(client), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, "r", http
+        )
+        pushes.push("ops", WebhookMessage("a first push, its scripts loaded", markdown=True), "nightly-7")
+        link.lose_replies(1.0, random.Random(1), to=b"ZADD")  # (only the counting after the send carries it)
+        healing = threading.Timer(1.0, link.heal)
+        healing.start()
+        push_id, found, new = pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-8")
+        healing.join()
+        assert (found, new) == ({"status": "sent"}, True)
+        assert redis_client.hget(KEYS.direct_push(push_id), "status") == "sent"
+    assert [body["markdown"]["content"] for body in wecom_api.to(KEY)][1:] == ["the nightly report"]
     client.close()
     link.stop()
 

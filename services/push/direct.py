@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import httpx
 import redis
@@ -21,6 +22,7 @@ from services.audit.queue import AuditQueue
 from services.audit.rows import ANY, AuditRow
 from services.keys import SENT_TTL_SECONDS, Keys
 from services.lua import LuaScript
+from services.outage import best_effort
 from services.push.pushes import OverQuota
 from services.redis_conn import REDIS_FAILURES
 from services.replication import PUSH_CLAIM, PUSH_OPEN, Replication, raise_first_error
@@ -159,7 +161,8 @@ class DirectPushes:
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         status, error = send()
-        self._counted_from_now(sends, push_id)
+        # (it went out, or may have: Redis away now must not keep it from its status and its audit row)
+        best_effort(partial(self._counted_from_now, sends, push_id), f"counting push {push_id}'s sends from its reply")
         return push_id, self.closed(push_id, target, (status, error), shown, again=again), True
 
     def _take_places_or_refuse(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
@@ -219,10 +222,9 @@ class DirectPushes:
         (status, error), (content, msgtype) = said, shown
         sent_nothing, status = status == UNSENT, FAILED if status == UNSENT else status
         record = {"status": status, "error": error, **({"sent_nothing": "1"} if sent_nothing else {})}
-        try:
-            self.client.hset(self.keys.direct_push(push_id), mapping=record)
-        except REDIS_FAILURES as exc:  # (its status reads `unknown` once its sending is old: never sent again)
-            logger.warning("push %s: its status %s not recorded (Redis: %s)", push_id, status, type(exc).__name__)
+        # (not recorded, it reads `unknown` once its sending is old: never sent again)
+        recording = partial(self.client.hset, self.keys.direct_push(push_id), mapping=record)
+        best_effort(recording, f"recording push {push_id}'s status")
         metrics.PUSHES.labels(self.bot, status).inc()
         logger.info("push %s to %s: %s%s", push_id, target, status, f" ({error})" if error else "")
         if self.audit is not None:
