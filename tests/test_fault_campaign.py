@@ -811,7 +811,19 @@ def test_a_push_is_shown_once_when_said_sent_and_never_when_said_failed():
     assert counts(pushed("sent", 1, rows=[]))["audit_rows"] == 1
     assert counts(pushed("sent", 1, rows=["unknown"]))["audit_rows"] == 1
     stopped = pushed("unknown", 1, rows=[], error=proactive.STOPPED_MID_SEND + ": WeCom may have shown it")
-    assert counts(stopped) == ZERO  # its replica died mid-send, with the row it would have written
+    kill = {"kind": "fault", "t": 1.5, "fault": "replica_kill", "target": "replica 1", "start": 0.9, "end": 1.5}
+    assert counts([*stopped, kill]) == ZERO  # its replica died mid-send, with the row it would have written
+
+
+def test_a_push_said_stopped_mid_send_while_no_sender_stopped_owes_its_audit_row():
+    """Seed 63: a push went out, Redis lost what followed the send, and the push's record read "the process sending
+    it stopped" with no audit row, though every replica lived. Only a fault that can stop a sender, while the push
+    was asked for, excuses its row; another fault, or one before, does not."""
+    stopped = pushed("unknown", 1, rows=[], error=proactive.STOPPED_MID_SEND + ": WeCom may have shown it")
+    redis = {"kind": "fault", "t": 1.5, "fault": "redis_replies_lost", "target": "redis", "start": 0.5, "end": 1.5}
+    kill_before = {"kind": "fault", "t": 0.5, "fault": "replica_kill", "target": "replica 1", "start": 0.4, "end": 0.5}
+    assert counts([*stopped, redis])["audit_rows"] == 1
+    assert counts([*stopped, kill_before])["audit_rows"] == 1
 
 
 def ticked(shown: int, rows: list[str], still_open: bool = False) -> list[dict]:

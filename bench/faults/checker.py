@@ -38,7 +38,8 @@ takes it along. A message lost any other way, or so lost with its holder killed 
 Pushes and a schedule's ticks are messages of the checker too (bench/faults/proactive.py): shown at their robot twice
 is `duplicate_deliveries`; said sent (pushed) and never shown, or a tick due that was neither pushed nor said why, is
 `lost`; said failed (skipped) yet shown is `unexpected`; a push left without a status, or a tick still open at the
-end, is `stuck`; a row that does not say what became of it is `audit_rows`; two tries of a tick begun within a second
+end, is `stuck`; a row that does not say what became of it is `audit_rows` (a push said stopped mid-send is excused
+its row only where a fault that can stop its sender ran meanwhile); two tries of a tick begun within a second
 of each other (by the replicas' logs) ran at once, each an `extra_dify_calls`.
 
 Liveness is reported beside the counts: per fault kind (`by_fault`) and per app type (`by_app`), how many messages

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import httpx
 
 from bench.faults.history import History
+from bench.faults.nemesis import HOLDER_FAULTS, NODE_FAULTS, REPLICA_FAULTS
 
 PUSH_ROBOT, TICK_ROBOT = "faults-pushes", "faults-ticks"  # the robots' webhook keys at the stand-in
 PUSH_API_TOKEN = "faults-push-api-token-0123456789"
@@ -37,6 +38,8 @@ OPEN_TICKS_WAIT_SECONDS = 60.0
 _PUSH = re.compile(r"push〔(\d+)〕")
 _TICK = re.compile(r"tick-time (\d{4}-\d\d-\d\d \d\d:\d\d) asked")
 STOPPED_MID_SEND = "the process sending it stopped"  # (services/push/direct.py: no audit row can say so)
+# What can stop a push's sender mid-send: a replica's process killed, ended, frozen or stalled, or its node lost.
+STOPPING = frozenset(REPLICA_FAULTS + HOLDER_FAULTS + NODE_FAULTS)
 
 
 def bot_entries(api_base: str) -> str:
@@ -152,7 +155,8 @@ def check(events: list[dict]) -> dict:
             rows[row["msgid"]].append(row)
     audited = bool(by_kind["audit_row"])
     problems: list[dict] = []
-    pushes = [_judge_push(push, shown[PUSH_ROBOT][str(push["n"])], rows, audited) for push in by_kind["push"]]
+    stops = [fault for fault in by_kind["fault"] if fault["fault"] in STOPPING]
+    pushes = [_judge_push(push, shown[PUSH_ROBOT][str(push["n"])], rows, audited, stops) for push in by_kind["push"]]
     open_ticks = {event["member"].rpartition(":")[2] for event in by_kind["tick_open"]}
     at_once = _tries_at_once(by_kind["worked"])
     ticks = [
@@ -189,7 +193,11 @@ def _tries_at_once(worked: list[dict]) -> Counter:
     return found
 
 
-def _judge_push(push: dict, shown: int, rows: dict[str, list[dict]], audited: bool) -> tuple[int, str, dict]:
+def _judge_push(
+    push: dict, shown: int, rows: dict[str, list[dict]], audited: bool, stops: list[dict]
+) -> tuple[int, str, dict]:
+    """A push's counts. One said stopped mid-send is excused its audit row only where a fault that can stop its
+    sender (`stops`) ran while it was asked for: a push that went out while its sender lived owes its row."""
     found: dict[str, str] = {}
     final = push.get("final") or "no answer"
     if shown > 1:
@@ -201,7 +209,8 @@ def _judge_push(push: dict, shown: int, rows: dict[str, list[dict]], audited: bo
     if final == "no answer":
         found["stuck"] = f"no status in {PUSH_PATIENCE_SECONDS:.0f} s: {push['replies'][-5:]}"
     own = rows.get(f"push:{push['id']}", []) if push.get("id") else []
-    stopped = STOPPED_MID_SEND in push.get("error", "")
+    asked = (push["t"], push.get("end", push["t"]))
+    stopped = STOPPED_MID_SEND in push.get("error", "") and any(_during(fault, *asked) for fault in stops)
     if audited and final != "no answer" and not stopped and [row["outcome"] for row in own] != [final]:
         found["audit_rows"] = f"said {final}; its rows say {[row['outcome'] for row in own]}"
     return push["n"], final, found
@@ -225,6 +234,10 @@ def _judge_tick(
     if audited and (len(own) > 1 or (times and not own)):
         found["audit_rows"] = f"{len(own)} rows for the tick ({own}), taken {times} times"
     return tick, outcome, found
+
+
+def _during(fault: dict, start: float, end: float) -> bool:
+    return fault.get("start", fault["t"]) <= end and fault.get("end", fault["t"]) >= start
 
 
 def _json(reply: httpx.Response) -> dict:
