@@ -302,17 +302,28 @@ def test_a_push_wecom_could_not_be_reached_for_sent_nothing_and_its_retry_sends_
     assert wait_until(lambda: outcomes() == ["sent"], timeout=10), outcomes()
 
 
-def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(wecom_api, redis_url, redis_client):
+@pytest.fixture
+def linked(redis_url):
+    """A link the test faults, in front of the test Redis, and a client through it: (the link, the client)."""
+    link = FaultyLink(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    yield link, client
+    client.close()
+    link.stop()
+
+
+def webhook_pushes(client: redis.Redis, wecom_api: WeComApiStandIn, http: httpx.Client, owner: str = "r"):
+    """The `ops` robot's pushes, made with `client`, as a process named `owner` makes them."""
+    return WebhookPushes("default", Replication(client), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, owner, http)
+
+
+def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(wecom_api, linked, redis_client):
     """Redis ran the push's opening and its reply was lost (every try of it, a reset each time): the request fails
     before sending (503 at the API). It undoes its own opening on a connection that answers, so the retry with its
     key sends the push, under the first id, once; not `sending` until it reads `unknown`."""
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    link = FaultyLink(port).start()
-    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    link, client = linked
     with httpx.Client() as http:
-        pushes = WebhookPushes(
-            "default", Replication(client), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, "r", http
-        )
+        pushes = webhook_pushes(client, wecom_api, http)
         link.lose_replies(1.0, random.Random(1), to=b"HSETNX")  # (only the opening's script carries it)
         with pytest.raises(redis.RedisError):
             pushes.push("ops", WebhookMessage("the nightly report", markdown=True), "nightly-4")
@@ -327,25 +338,18 @@ def test_an_opening_whose_reply_was_lost_is_undone_and_the_retry_sends_once(weco
             False,
         )
     assert len(wecom_api.to(KEY)) == 1
-    client.close()
-    link.stop()
 
 
 def test_an_opening_redis_kept_while_away_for_its_undo_is_sent_by_a_retry_in_its_process_once(
-    wecom_api, redis_url, redis_client
+    wecom_api, linked, redis_client
 ):
     """Redis ran the push's opening and lost its reply, then was away for the undo (a scheduled tick's push met
     this in a campaign: its retry found the push `sending`, and the tick said `unknown` for a push that never went
     out). The record stays `sending`; a retry in the same process, which knows nothing went out, opens it again as
     its own and sends it once; another process finds it `sending`, never sends it, and neither does a third try."""
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    link = FaultyLink(port).start()
-    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    link, client = linked
     with httpx.Client() as http:
-        pushes, elsewhere = (
-            WebhookPushes("default", Replication(c), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, name, http)
-            for c, name in ((client, "r"), (redis_client, "s"))
-        )
+        pushes, elsewhere = webhook_pushes(client, wecom_api, http), webhook_pushes(redis_client, wecom_api, http, "s")
         undo = pushes._undo_opening
 
         def undo_while_redis_is_away(keys, args):
@@ -369,22 +373,16 @@ def test_an_opening_redis_kept_while_away_for_its_undo_is_sent_by_a_retry_in_its
         again = pushes.push("ops", WebhookMessage("again", markdown=True), "nightly-6")
         assert again[1:] == ({"status": "sent"}, False)
     assert len(wecom_api.to(KEY)) == 1
-    client.close()
-    link.stop()
 
 
-def test_a_push_that_went_out_as_redis_went_away_still_records_its_status(wecom_api, redis_url, redis_client):
+def test_a_push_that_went_out_as_redis_went_away_still_records_its_status(wecom_api, linked, redis_client):
     """The push went out, then Redis lost the replies to what follows the send (its sends counted from WeCom's
     reply; seed 63 met it): the push still says `sent`, once Redis answers, and its record (with its audit row) says
     so, where it used to fail with 503, its record left `sending` until it read `unknown`, "the process sending it
     stopped", and no audit row."""
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    link = FaultyLink(port).start()
-    client = connect_redis(f"redis://127.0.0.1:{link.port}/15")
+    link, client = linked
     with httpx.Client() as http:
-        pushes = WebhookPushes(
-            "default", Replication(client), KEYS, {"ops": wecom_api.webhook_url(KEY)}, None, "r", http
-        )
+        pushes = webhook_pushes(client, wecom_api, http)
         pushes.push("ops", WebhookMessage("a first push, its scripts loaded", markdown=True), "nightly-7")
         link.lose_replies(1.0, random.Random(1), to=b"ZADD")  # (only the counting after the send carries it)
         healing = threading.Timer(1.0, link.heal)
@@ -394,8 +392,6 @@ def test_a_push_that_went_out_as_redis_went_away_still_records_its_status(wecom_
         assert (found, new) == ({"status": "sent"}, True)
         assert redis_client.hget(KEYS.direct_push(push_id), "status") == "sent"
     assert [body["markdown"]["content"] for body in wecom_api.to(KEY)][1:] == ["the nightly report"]
-    client.close()
-    link.stop()
 
 
 def test_a_push_whose_sender_died_mid_send_reads_unknown(replicas, redis_client):
