@@ -161,8 +161,10 @@ class DirectPushes:
         if not self.opened(push_id, target):
             return push_id, self.status(push_id) or {"status": SENDING}, False
         status, error = send()
-        # (it went out, or may have: Redis away now must not keep it from its status and its audit row)
-        best_effort(partial(self._counted_from_now, sends, push_id), f"counting push {push_id}'s sends from its reply")
+        # (it went out, or may have: Redis away now must not keep it from its status and its audit row; its places,
+        # not counted from the reply, count from its claim)
+        counting = partial(self._counted_from_now, sends, push_id)
+        best_effort(counting, f"counting push {push_id}'s sends from its reply", delays=(0.5,))
         return push_id, self.closed(push_id, target, (status, error), shown, again=again), True
 
     def _take_places_or_refuse(self, sends: list[str], push_id: str, idempotency_key: str, limits: tuple) -> None:
