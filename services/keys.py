@@ -136,10 +136,10 @@ class Keys:
         (services/admin/live.py); TTL LIVE_ANSWER_SECONDS, renewed with each entry."""
         return f"{self.prefix}live_answers"
 
-    def admin_fails(self, address: str, minute: int) -> str:
-        """Count of failed sign-ins to /admin from `address` in `minute` (epoch minutes): a deployment's, not a
-        bot's; TTL ADMIN_FAILS_TTL_SECONDS."""
-        return f"{self.prefix}admin_fails:{address}:{minute}"
+    def admin_fails(self, address: str) -> str:
+        """Sorted set of the failed sign-ins to /admin from `address` in the last minute (score: when): a
+        deployment's, not a bot's; TTL ADMIN_FAILS_TTL_SECONDS, renewed with each."""
+        return f"{self.prefix}admin_fails:{address}"
 
     def audit_purge(self) -> str:
         """`<process>` while one process deletes the audit rows past their term (a deployment's, not a bot's)."""

@@ -92,8 +92,22 @@ def test_failed_sign_ins_are_counted_across_replicas_then_refused(admin_pair, en
     refused = httpx.post(a.url + "/admin/sign-in", data={"name": "anna", "token": TOKEN}, timeout=5)
     assert refused.status_code == 429 and COOKIE not in refused.headers.get("set-cookie", "")
     assert [r["outcome"] for r in admin_rows(engine)] == ["refused"] * FAILS_PER_MINUTE
-    for key in redis_client.scan_iter(match=KEYS.admin_fails("*", 0).rsplit(":", 2)[0] + ":*"):
+    for key in redis_client.scan_iter(match=KEYS.admin_fails("*")):
         redis_client.delete(key)  # the next test's sign-ins come from the same address
+
+
+def test_failed_sign_ins_are_counted_over_a_sliding_minute_not_a_calendar_one(redis_client):
+    """Four failures in the last second of a minute and one in the first of the next are five in a minute: the
+    next is refused (a count per calendar minute let ten through across its edge, and made the test above fail
+    when its sign-ins crossed one). A minute after the fifth, none is left to refuse."""
+    sessions, edge = AdminSessions(TOKEN, redis_client, KEYS), 1_800_000_000.0  # (a whole minute)
+    for moment in (edge - 0.8, edge - 0.6, edge - 0.4, edge - 0.2):
+        sessions.failed("192.0.2.7", now=moment)
+    assert not sessions.refused("192.0.2.7", now=edge - 0.1)
+    sessions.failed("192.0.2.7", now=edge + 0.1)
+    assert sessions.refused("192.0.2.7", now=edge + 0.2) and sessions.refused("192.0.2.7", now=edge + 59.1)
+    assert not sessions.refused("192.0.2.7", now=edge + 60.2)
+    redis_client.delete(KEYS.admin_fails("192.0.2.7"))
 
 
 def test_a_cookie_made_before_a_token_change_is_refused(admin_pair, make_app, serve, audit_url):

@@ -1,7 +1,7 @@
 """Signing operators in to /admin: ADMIN_TOKEN and the operator's name give an 8-hour session, kept in a cookie that
 every replica accepts (signed with a key made from the token, so a new token ends every session made with the old
-one) and carrying the CSRF token each change must send back; failed sign-ins are counted per address and minute in
-Redis, across replicas. Nothing of the token is logged or put in a page."""
+one) and carrying the CSRF token each change must send back; failed sign-ins are counted per address over a sliding
+minute in Redis, across replicas. Nothing of the token is logged or put in a page."""
 
 from __future__ import annotations
 
@@ -66,20 +66,23 @@ class AdminSessions:
     def csrf_ok(operator: Operator, given: str | None) -> bool:
         return hmac.compare_digest((given or "").encode(), operator.csrf.encode())
 
-    def refused(self, address: str) -> bool:
-        """Whether `address` failed FAILS_PER_MINUTE sign-ins this minute (Redis away: not refused)."""
+    def refused(self, address: str, now: float | None = None) -> bool:
+        """Whether `address` failed FAILS_PER_MINUTE sign-ins in the last minute, a sliding one: no burst of twice
+        the limit across a minute's edge (Redis away: not refused)."""
+        now = time.time() if now is None else now
         try:
-            count = self.client.get(self.keys.admin_fails(address, int(time.time() // 60)))
+            count = self.client.zcount(self.keys.admin_fails(address), f"({now - 60}", "+inf")
         except REDIS_FAILURES:
             return False
-        return int(count or 0) >= FAILS_PER_MINUTE
+        return count >= FAILS_PER_MINUTE
 
-    def failed(self, address: str) -> None:
-        """Count a failed sign-in from `address`."""
-        key = self.keys.admin_fails(address, int(time.time() // 60))
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Count a failed sign-in from `address`, forgetting those more than a minute old."""
+        now, key = time.time() if now is None else now, self.keys.admin_fails(address)
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.incr(key)
+            pipe.zadd(key, {f"{now:.6f} {secrets.token_hex(4)}": now})
+            pipe.zremrangebyscore(key, "-inf", now - 60)
             pipe.expire(key, ADMIN_FAILS_TTL_SECONDS)
             pipe.execute()
         except REDIS_FAILURES:
