@@ -15,3 +15,30 @@ def test_the_services_keep_their_shape():
     assert [c for c in classes if c[0] > 20] == []
     assert [f for f in shape["longest functions (lines)"] if f[0] > 60] == []
     assert [c for c in shape["constructors (parameters)"] if c[0] > 8] == []
+
+
+def test_the_lines_are_told_apart_by_kind(tmp_path):
+    """Code, docstrings, comments and blank lines add up to the lines; the least lines keep one line of each
+    docstring and the blank lines ruff's format requires (two before a top-level definition, one before each method
+    but a class's first with no docstring above it)."""
+    (tmp_path / "module.py").write_text(
+        '"""A module,\n\nin three lines."""\n'
+        "\n"
+        "# why\n"
+        "VALUE = 1\n"
+        "\n"
+        "\n"
+        "class Thing:\n"
+        '    """One line."""\n'
+        "\n"
+        "    def first(self):\n"
+        "        return VALUE  # a trailing comment is code's line\n"
+        "\n"
+        "    def second(self):\n"
+        '        """Two\n        lines."""\n'
+        "        return 2\n"
+    )
+    shape = measure(tmp_path)
+    kinds = {kind.strip(): count for kind, count in shape.items() if kind.startswith("  ")}
+    assert kinds == {"code": 6, "docstrings": 6, "comments": 1, "blank": 5, "least lines": 6 + 3 + 2 + 2}
+    assert shape["lines"] == sum(kinds[k] for k in ("code", "docstrings", "comments", "blank"))
