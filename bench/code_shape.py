@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _line_kinds(text: str, tree: ast.Module) -> dict[str, int]:
-    """How many of a module's lines are code, docstrings, comments and blank; and its least lines (module doc)."""
+    """How many of a module's lines are code, docstrings, comments and blank, and its least lines (as above)."""
     docstrings = [
         node.body[0]
         for node in ast.walk(tree)
@@ -75,7 +75,7 @@ def measure(root: Path, most: int = 8) -> dict:
                 functions.append((node.end_lineno - node.lineno + 1, f"{path}:{node.name}"))
     return {
         "lines": lines,
-        **{f"  {kind}": count for kind, count in kinds.items()},
+        "lines by kind": kinds,
         "largest classes (methods)": sorted(classes, reverse=True)[:most],
         "longest functions (lines)": sorted(functions, reverse=True)[:most],
         "constructors (parameters)": sorted(constructors, reverse=True)[:most],
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {value}")
             continue
         print(f"{name}:")
+        if isinstance(value, dict):
+            for kind, count in value.items():
+                print(f"  {kind}: {count}")
+            continue
         for count, where in value:
             print(f"  {count:4d}  {where}")
 
