@@ -21,14 +21,11 @@ from pathlib import Path
 
 def _line_kinds(text: str, tree: ast.Module) -> dict[str, int]:
     """How many of a module's lines are code, docstrings, comments and blank, and its least lines (as above)."""
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     docstrings = [
         node.body[0]
         for node in ast.walk(tree)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.body
-        and isinstance(node.body[0], ast.Expr)
-        and isinstance(node.body[0].value, ast.Constant)
-        and isinstance(node.body[0].value.value, str)
+        if isinstance(node, documented) and ast.get_docstring(node, clean=False) is not None
     ]
     in_docstring = {n for doc in docstrings for n in range(doc.lineno, doc.end_lineno + 1)}
     kinds = {"code": 0, "docstrings": len(in_docstring), "comments": 0, "blank": 0}
